@@ -1,0 +1,15 @@
+//! fleetgate: an MQTT gateway for device fleets.
+//!
+//! # Layout
+//!
+//! - [`broker`]: our acceptor (TCP/TLS, Link CONNECT auth, topic ACL) in front of rumqttd's router.
+//! - [`registry`]: the only owner of device state (DashMap), rebuilt from [`store`] at start.
+//! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
+//! - [`ingest`]: turns device traffic into registry changes and replies.
+//! - [`api`]: the operator HTTP API (axum).
+//! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
+//! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
+//! - [`metrics`]: Prometheus metrics shared by every component.
+
+pub mod broker;
+pub mod metrics;
