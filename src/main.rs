@@ -1,1 +1,134 @@
-fn main() {}
+//! The `fleetgate` binary: parse the command line, set up logging, start the application.
+//! Everything else lives in the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleetgate::app::Application;
+use fleetgate::config::{Overrides, Settings};
+use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fleetgate", version, about = "MQTT device-fleet gateway (Alibaba IoT Link protocol)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (embedded broker, registry, API).
+    Serve(ServeArgs),
+    /// Print the MQTT CONNECT credentials (client id, username, password) of a device, as a
+    /// Link SDK would compute them — handy for mosquitto_pub and other generic clients.
+    DeviceCredentials {
+        #[arg(long)]
+        product_key: String,
+        #[arg(long)]
+        device_name: String,
+        #[arg(long, env = "FLEETGATE_DEVICE_SECRET")]
+        device_secret: String,
+        /// hmacsha1, hmacsha256 or hmacmd5.
+        #[arg(long, default_value = "hmacsha256")]
+        sign_method: SignMethod,
+        /// Add a timestamp (milliseconds) to the signed content.
+        #[arg(long)]
+        timestamp: bool,
+        /// Print as shell variable assignments.
+        #[arg(long)]
+        shell: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML settings file (see README "Configuration").
+    #[arg(long, env = "FLEETGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT (plain TCP) listen address [default 0.0.0.0:1883].
+    #[arg(long, env = "FLEETGATE_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// MQTT over TLS listen address [default 0.0.0.0:8883 when a certificate is given].
+    #[arg(long, env = "FLEETGATE_MQTT_TLS_LISTEN")]
+    mqtt_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener.
+    #[arg(long, env = "FLEETGATE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    #[arg(long, env = "FLEETGATE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// HTTP API listen address [default 0.0.0.0:8080].
+    #[arg(long, env = "FLEETGATE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Data directory [default ./fleetgate-data].
+    #[arg(long, env = "FLEETGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// RabbitMQ URL; AMQP forwarding is off without it.
+    #[arg(long, env = "FLEETGATE_AMQP_URL", hide_env_values = true)]
+    amqp_url: Option<String>,
+    /// Admin API token; without it one is created in the data dir on first start.
+    #[arg(long, env = "FLEETGATE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Base URL of this gateway's HTTP side as devices reach it (firmware download links).
+    #[arg(long, env = "FLEETGATE_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "FLEETGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::DeviceCredentials {
+            product_key,
+            device_name,
+            device_secret,
+            sign_method,
+            timestamp,
+            shell,
+        } => {
+            let ts = timestamp.then(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis().to_string())
+                    .unwrap_or_default()
+            });
+            let c = LinkCredentials::new(&product_key, &device_name, &device_secret, sign_method, 3, ts);
+            if shell {
+                println!("CLIENT_ID='{}'\nUSERNAME='{}'\nPASSWORD='{}'", c.client_id, c.username, c.password);
+            } else {
+                println!("client id: {}\nusername:  {}\npassword:  {}", c.client_id, c.username, c.password);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    fleetgate::telemetry::init(args.log_json);
+    let settings = Settings::load(
+        args.config.as_deref(),
+        Overrides {
+            mqtt_listen: args.mqtt_listen,
+            mqtt_tls_listen: args.mqtt_tls_listen,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            http_listen: args.http_listen,
+            data_dir: args.data_dir,
+            amqp_url: args.amqp_url,
+            api_token: args.api_token,
+            public_url: args.public_url,
+        },
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let app = Application::build(settings).await?;
+        app.run_until_stopped().await
+    })
+}

@@ -1,0 +1,340 @@
+//! The settings tree: built-in defaults, then a TOML file (`--config`), then `FLEETGATE_…`
+//! environment variables and command-line flags (clap merges those two, flags winning).
+//!
+//! Everything here is plain data; [`crate::app::Application`] turns it into running parts.
+//! Secrets (API tokens) never appear in `Debug` output.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Top of the settings tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the store and the API token live.
+    pub data_dir: PathBuf,
+    pub mqtt: MqttSettings,
+    pub http: HttpSettings,
+    pub amqp: AmqpSettings,
+    pub api: ApiSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./fleetgate-data"),
+            mqtt: MqttSettings::default(),
+            http: HttpSettings::default(),
+            amqp: AmqpSettings::default(),
+            api: ApiSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Plain TCP listener (securemode=3). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Optional TLS listener (securemode=2).
+    pub tls: Option<TlsSettings>,
+    pub max_connections: usize,
+    /// Seconds a new socket may take to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Largest MQTT packet accepted, bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            tls: None,
+            max_connections: 100_000,
+            connect_timeout_secs: 10,
+            max_payload_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    /// Base URL devices use to reach this gateway's HTTP side (firmware download links).
+    /// Defaults to `http://{listen}` with the bound address.
+    pub public_url: Option<String>,
+    /// Largest request body, bytes.
+    pub body_limit_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            public_url: None,
+            body_limit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
+    pub url: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// The admin token. Without it, the first start creates one in the data dir and prints it.
+    pub token: Option<Secret>,
+    /// Further tokens with their roles.
+    pub tokens: Vec<TokenSetting>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSetting {
+    pub token: Secret,
+    /// `admin`, `operator` or `viewer`.
+    pub role: String,
+}
+
+/// A string that `Debug` and `Display` never show.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid setting {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// Values from flags or environment variables; `None` leaves the file/default value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub mqtt_listen: Option<SocketAddr>,
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub amqp_url: Option<String>,
+    pub api_token: Option<String>,
+    pub public_url: Option<String>,
+}
+
+impl Settings {
+    /// Defaults, then the file (if any), then the overrides.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigError> {
+        let mut settings = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => Settings::default(),
+        };
+        settings.apply(overrides)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        if let Some(v) = o.mqtt_listen {
+            self.mqtt.listen = v;
+        }
+        if let Some(v) = o.http_listen {
+            self.http.listen = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = o.amqp_url {
+            self.amqp.url = Some(Secret(v));
+        }
+        if let Some(v) = o.api_token {
+            self.api.token = Some(Secret(v));
+        }
+        if let Some(v) = o.public_url {
+            self.http.public_url = Some(v);
+        }
+        match (o.mqtt_tls_listen, o.tls_cert, o.tls_key) {
+            (None, None, None) => {}
+            (listen, cert, key) => {
+                let current = self.mqtt.tls.take();
+                let listen = listen
+                    .or(current.as_ref().map(|t| t.listen))
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8883)));
+                let cert = cert.or(current.as_ref().map(|t| t.cert.clone()));
+                let key = key.or(current.as_ref().map(|t| t.key.clone()));
+                match (cert, key) {
+                    (Some(cert), Some(key)) => self.mqtt.tls = Some(TlsSettings { listen, cert, key }),
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            field: "mqtt.tls",
+                            message: "the TLS listener needs both a certificate and a key".into(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.mqtt.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_connections",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_payload_bytes",
+                message: "must be at least 1024".into(),
+            });
+        }
+        if let Some(url) = &self.http.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    field: "http.public_url",
+                    message: format!("`{url}` is not an http(s) URL"),
+                });
+            }
+        }
+        if let Some(url) = &self.amqp.url {
+            let u = url.expose();
+            if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+                return Err(ConfigError::Invalid {
+                    field: "amqp.url",
+                    message: "must start with amqp:// or amqps://".into(),
+                });
+            }
+        }
+        for t in &self.api.tokens {
+            if !matches!(t.role.as_str(), "admin" | "operator" | "viewer") {
+                return Err(ConfigError::Invalid {
+                    field: "api.tokens.role",
+                    message: format!("unknown role `{}` (admin, operator, viewer)", t.role),
+                });
+            }
+            if t.token.expose().len() < 16 {
+                return Err(ConfigError::Invalid {
+                    field: "api.tokens.token",
+                    message: "tokens must be at least 16 characters".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let s = Settings::load(None, Overrides::default()).unwrap();
+        assert_eq!(s.mqtt.listen.port(), 1883);
+        assert_eq!(s.http.listen.port(), 8080);
+        assert_eq!(s.data_dir, PathBuf::from("./fleetgate-data"));
+        assert!(s.amqp.url.is_none());
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/var/lib/fg\"\n[mqtt]\nlisten = \"127.0.0.1:1999\"\n[http]\nlisten = \"127.0.0.1:8999\"\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let s = Settings::load(Some(&path), o).unwrap();
+        assert_eq!(s.mqtt.listen, "127.0.0.1:1999".parse().unwrap());
+        assert_eq!(s.http.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(s.data_dir, PathBuf::from("/var/lib/fg"));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(&path, "[mqtt]\nlisten = \"nope\"\n").unwrap();
+        assert!(matches!(Settings::load(Some(&path), Overrides::default()), Err(ConfigError::Parse { .. })));
+        std::fs::write(&path, "[mqtt]\nlistn = \"127.0.0.1:1\"\n").unwrap();
+        assert!(matches!(Settings::load(Some(&path), Overrides::default()), Err(ConfigError::Parse { .. })));
+        let o = Overrides {
+            amqp_url: Some("http://x".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Settings::load(None, o),
+            Err(ConfigError::Invalid { field: "amqp.url", .. })
+        ));
+        let o = Overrides {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Settings::load(None, o),
+            Err(ConfigError::Invalid { field: "mqtt.tls", .. })
+        ));
+    }
+
+    #[test]
+    fn secrets_do_not_leak_in_debug() {
+        let o = Overrides {
+            api_token: Some("super-secret-token-value".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(None, o).unwrap();
+        assert!(!format!("{s:?}").contains("super-secret"));
+    }
+}

@@ -1,0 +1,241 @@
+//! `spawn_app()` and the `TestApp` handle every integration test uses: an in-process gateway on
+//! ephemeral ports (127.0.0.1:0) with its own temporary data dir, an HTTP client that speaks
+//! the operator API, and signed rumqttc devices.
+
+use fleetgate::app::Application;
+use fleetgate::config::{Overrides, Secret, Settings, TokenSetting};
+use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tempfile::TempDir;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
+/// Upper bound for anything a test waits on; only there so a broken build fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestApp {
+    app: Option<Application>,
+    settings: Settings,
+    pub data_dir: TempDir,
+    pub http: reqwest::Client,
+}
+
+pub async fn spawn_app() -> TestApp {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = Settings::load(
+        None,
+        Overrides {
+            mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: Some(data_dir.path().to_owned()),
+            api_token: Some(ADMIN_TOKEN.into()),
+            ..Default::default()
+        },
+    )
+    .expect("settings");
+    settings.api.tokens.push(TokenSetting {
+        token: Secret::new(VIEWER_TOKEN),
+        role: "viewer".into(),
+    });
+    let app = Application::build(settings.clone()).await.expect("app starts");
+    TestApp {
+        app: Some(app),
+        settings,
+        data_dir,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl TestApp {
+    pub fn app(&self) -> &Application {
+        self.app.as_ref().expect("app running")
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.app().mqtt_addr()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.app().http_addr(), path)
+    }
+
+    /// Stop the gateway cleanly and start it again on the same data dir (new ports).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let app = Application::build(self.settings.clone()).await.expect("app restarts");
+        self.app = Some(app);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, path, None, Some(ADMIN_TOKEN)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::POST, path, Some(body), Some(ADMIN_TOKEN)).await
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// Create a product and return its key.
+    pub async fn create_product(&self, name: &str) -> String {
+        let (status, body) = self.post("/api/v1/products", json!({ "name": name })).await;
+        assert_eq!(status, 201, "{body}");
+        body["product_key"].as_str().expect("product_key").to_owned()
+    }
+
+    /// Create a device and return its secret.
+    pub async fn create_device(&self, pk: &str, dn: &str) -> String {
+        let (status, body) = self
+            .post(&format!("/api/v1/products/{pk}/devices"), json!({ "device_name": dn }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["device_secret"].as_str().expect("device_secret").to_owned()
+    }
+
+    pub async fn device(&self, pk: &str, dn: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/products/{pk}/devices/{dn}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Poll a device until `pred` holds (the gateway applies MQTT events asynchronously).
+    pub async fn wait_device(&self, pk: &str, dn: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let d = self.device(pk, dn).await;
+            if pred(&d) {
+                return d;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("device {pk}/{dn} never got {what}: {d}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+/// A connected rumqttc device whose event loop runs in the background.
+pub struct Device {
+    pub client: AsyncClient,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<Packet>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn options(addr: SocketAddr, creds: &LinkCredentials) -> MqttOptions {
+    let mut opts = MqttOptions::new(creds.client_id.clone(), addr.ip().to_string(), addr.port());
+    opts.set_credentials(creds.username.clone(), creds.password.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts
+}
+
+pub fn credentials(pk: &str, dn: &str, secret: &str) -> LinkCredentials {
+    LinkCredentials::new(pk, dn, secret, SignMethod::HmacSha256, 3, None)
+}
+
+/// Connect and wait for the CONNACK: `Ok(device)` or `Err(return code)`.
+pub async fn try_connect(addr: SocketAddr, creds: &LinkCredentials) -> Result<Device, ConnectReturnCode> {
+    let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
+    let first = tokio::time::timeout(WAIT, eventloop.poll()).await.expect("CONNACK in time");
+    match first {
+        Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {}
+        Ok(Event::Incoming(Packet::ConnAck(ack))) => return Err(ack.code),
+        Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    Ok(spawn_eventloop(client, eventloop))
+}
+
+pub async fn connect(addr: SocketAddr, creds: &LinkCredentials) -> Device {
+    match try_connect(addr, creds).await {
+        Ok(d) => d,
+        Err(code) => panic!("device refused: {code:?}"),
+    }
+}
+
+fn spawn_eventloop(client: AsyncClient, mut eventloop: EventLoop) -> Device {
+    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    let _ = tx.send(p);
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    Device { client, incoming, task }
+}
+
+impl Device {
+    /// The next incoming PUBLISH (skipping acks and pings).
+    pub async fn next_publish(&mut self) -> rumqttc::Publish {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(Packet::Publish(p))) => return p,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("device connection closed"),
+                Err(_) => panic!("no PUBLISH within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Wait for a packet matching `pred`.
+    pub async fn wait_packet(&mut self, what: &str, pred: impl Fn(&Packet) -> bool) -> Packet {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(p)) if pred(&p) => return p,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("device connection closed while waiting for {what}"),
+                Err(_) => panic!("no {what} within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// True when the event loop has ended (connection closed by the gateway).
+    pub async fn closed_within(&mut self, d: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the whole gateway in-process on ephemeral ports, driven as a device
+//! (rumqttc, the vendor's Python SDK) and as an operator (HTTP).
+
+mod device_auth;
+mod helpers;
+mod interop;
+mod isolation;
+mod operator_api;
+mod registry_flow;
