@@ -113,7 +113,10 @@ impl Catalog {
     /// The entry of `kind` (every kind has one: [`Catalog::parse`] checks it).
     pub fn get(&self, kind: TopicKind) -> &TopicSpec {
         // Sorted by kind and complete, so the kind's position in ALL is its index.
-        let i = TopicKind::ALL.iter().position(|k| *k == kind).unwrap_or_default();
+        let i = TopicKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_default();
         &self.topics[i]
     }
 
@@ -128,7 +131,8 @@ pub fn catalog() -> &'static Catalog {
     static CATALOG: OnceLock<Catalog> = OnceLock::new();
     CATALOG.get_or_init(|| {
         // A compile-time constant checked by the tests below, never input from the network.
-        Catalog::parse(CATALOG_TOML).unwrap_or_else(|e| panic!("embedded topics/catalog.toml is invalid: {e}"))
+        Catalog::parse(CATALOG_TOML)
+            .unwrap_or_else(|e| panic!("embedded topics/catalog.toml is invalid: {e}"))
     })
 }
 
@@ -153,7 +157,9 @@ mod tests {
             TopicKind::FirmwareGet => FirmwareGetRequest::parse(bytes).map(|p| p.to_vec()),
             TopicKind::FirmwareGetReply => FirmwareGetReply::parse(bytes).map(|p| p.to_vec()),
             TopicKind::PropertyPost => PropertyPostRequest::parse(bytes).map(|p| p.to_vec()),
-            TopicKind::PropertyPostReply | TopicKind::EventPostReply => Reply::parse(bytes).map(|p| p.to_vec()),
+            TopicKind::PropertyPostReply | TopicKind::EventPostReply => {
+                Reply::parse(bytes).map(|p| p.to_vec())
+            }
             TopicKind::EventPost => EventPostRequest::parse(bytes).and_then(|p| {
                 p.check_identifier(SAMPLE_IDENTIFIER)?;
                 Ok(p.to_vec())
@@ -225,7 +231,11 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{} example {ex} should parse: {e}", spec.name));
                 // What we send parses back to the same bytes.
                 let again = parse_as(spec.name, &out).unwrap_or_else(|e| {
-                    panic!("{} re-serialised example {} fails: {e}", spec.name, String::from_utf8_lossy(&out))
+                    panic!(
+                        "{} re-serialised example {} fails: {e}",
+                        spec.name,
+                        String::from_utf8_lossy(&out)
+                    )
                 });
                 assert_eq!(again, out, "{}", spec.name);
             }
@@ -268,16 +278,37 @@ mod tests {
             .iter()
             .map(|k| one(k.as_str(), k.template(), k.direction().as_str(), 0))
             .collect();
-        assert!(matches!(Catalog::parse(&missing), Err(CatalogError::Missing(TopicKind::Inform))));
-        let dup = format!("{full}{}", one("inform", "/ota/device/inform/{pk}/{dn}", "up", 1));
-        assert!(matches!(Catalog::parse(&dup), Err(CatalogError::Duplicate(TopicKind::Inform))));
+        assert!(matches!(
+            Catalog::parse(&missing),
+            Err(CatalogError::Missing(TopicKind::Inform))
+        ));
+        let dup = format!(
+            "{full}{}",
+            one("inform", "/ota/device/inform/{pk}/{dn}", "up", 1)
+        );
+        assert!(matches!(
+            Catalog::parse(&dup),
+            Err(CatalogError::Duplicate(TopicKind::Inform))
+        ));
         let bad_qos = full.replacen("qos = 0", "qos = 2", 1);
-        assert!(matches!(Catalog::parse(&bad_qos), Err(CatalogError::Qos(_))));
+        assert!(matches!(
+            Catalog::parse(&bad_qos),
+            Err(CatalogError::Qos(_))
+        ));
         let bad_dir = full.replacen("direction = \"up\"", "direction = \"down\"", 1);
-        assert!(matches!(Catalog::parse(&bad_dir), Err(CatalogError::Direction(_))));
+        assert!(matches!(
+            Catalog::parse(&bad_dir),
+            Err(CatalogError::Direction(_))
+        ));
         let bad_tpl = full.replacen("/ota/device/inform/{pk}/{dn}", "/ota/inform/{pk}/{dn}", 1);
-        assert!(matches!(Catalog::parse(&bad_tpl), Err(CatalogError::Template { .. })));
+        assert!(matches!(
+            Catalog::parse(&bad_tpl),
+            Err(CatalogError::Template { .. })
+        ));
         let unknown = full.replacen("name = \"inform\"", "name = \"reboot\"", 1);
-        assert!(matches!(Catalog::parse(&unknown), Err(CatalogError::Toml(_))));
+        assert!(matches!(
+            Catalog::parse(&unknown),
+            Err(CatalogError::Toml(_))
+        ));
     }
 }

@@ -121,8 +121,16 @@ impl PayloadError {
 /// Deserialises `bytes` as one JSON document, with the failing field's path in the error.
 fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, PayloadError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| PayloadError::from_path_error(e, ""))?;
-    de.end().map_err(|e| PayloadError::MalformedJson(e.to_string()))?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // A shape error can hide a syntax error further on (`{"id":"1"} trailing`): malformed
+        // JSON must be reported as such, so check the whole document on this (rare) path.
+        if let Err(syntax) = serde_json::from_slice::<de::IgnoredAny>(bytes) {
+            return PayloadError::MalformedJson(syntax.to_string());
+        }
+        PayloadError::from_path_error(e, "")
+    })?;
+    de.end()
+        .map_err(|e| PayloadError::MalformedJson(e.to_string()))?;
     Ok(value)
 }
 
@@ -238,7 +246,10 @@ impl<'de> Deserialize<'de> for MessageId {
         impl Visitor<'_> for V {
             type Value = MessageId;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a non-empty id string (at most {MAX_ID_LEN} bytes) or a non-negative integer")
+                write!(
+                    f,
+                    "a non-empty id string (at most {MAX_ID_LEN} bytes) or a non-negative integer"
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<MessageId, E> {
                 if v.is_empty() || v.len() > MAX_ID_LEN {
@@ -303,7 +314,9 @@ fn de_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         return Err(de::Error::custom("must not be empty"));
     }
     if s.len() > MAX_NAME_LEN {
-        return Err(de::Error::custom(format_args!("longer than {MAX_NAME_LEN} bytes")));
+        return Err(de::Error::custom(format_args!(
+            "longer than {MAX_NAME_LEN} bytes"
+        )));
     }
     Ok(s)
 }
@@ -348,7 +361,11 @@ pub struct InformParams {
 }
 
 impl InformRequest {
-    pub fn new(id: impl Into<MessageId>, version: impl Into<String>, module: impl Into<String>) -> Self {
+    pub fn new(
+        id: impl Into<MessageId>,
+        version: impl Into<String>,
+        module: impl Into<String>,
+    ) -> Self {
         InformRequest {
             id: id.into(),
             params: InformParams {
@@ -489,7 +506,8 @@ impl<'de> Deserialize<'de> for ProgressStep {
                 f.write_str(EXPECTED)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ProgressStep, E> {
-                ProgressStep::from_code(v).ok_or_else(|| E::invalid_value(de::Unexpected::Signed(v), &EXPECTED))
+                ProgressStep::from_code(v)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Signed(v), &EXPECTED))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<ProgressStep, E> {
                 i64::try_from(v)
@@ -525,7 +543,12 @@ pub struct ProgressParams {
 }
 
 impl ProgressRequest {
-    pub fn new(id: impl Into<MessageId>, step: ProgressStep, desc: Option<String>, module: impl Into<String>) -> Self {
+    pub fn new(
+        id: impl Into<MessageId>,
+        step: ProgressStep,
+        desc: Option<String>,
+        module: impl Into<String>,
+    ) -> Self {
         ProgressRequest {
             id: id.into(),
             params: ProgressParams {
@@ -584,7 +607,10 @@ impl FromStr for FirmwareSignMethod {
         } else if s.eq_ignore_ascii_case("md5") {
             Ok(FirmwareSignMethod::Md5)
         } else {
-            Err(PayloadError::invalid("signMethod", format!("`{s}` is neither SHA256 nor Md5")))
+            Err(PayloadError::invalid(
+                "signMethod",
+                format!("`{s}` is neither SHA256 nor Md5"),
+            ))
         }
     }
 }
@@ -622,7 +648,8 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             if v.starts_with('+') {
                 return Err(E::invalid_value(de::Unexpected::Str(v), &self));
             }
-            v.parse().map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+            v.parse()
+                .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
         }
     }
     d.deserialize_any(V)
@@ -709,7 +736,11 @@ impl UpgradeMessage {
         if m.code != codes::UPGRADE_PUSH {
             return Err(PayloadError::invalid(
                 "code",
-                format!("`{}` is not the upgrade code {}", m.code, codes::UPGRADE_PUSH),
+                format!(
+                    "`{}` is not the upgrade code {}",
+                    m.code,
+                    codes::UPGRADE_PUSH
+                ),
             ));
         }
         m.data.validate("data.")?;
@@ -786,9 +817,18 @@ impl FirmwareGetRequest {
 /// for a refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirmwareGetReply {
-    Upgrade { id: String, data: UpgradeData },
-    NoUpgrade { id: String },
-    Error { id: String, code: i32, message: String },
+    Upgrade {
+        id: String,
+        data: UpgradeData,
+    },
+    NoUpgrade {
+        id: String,
+    },
+    Error {
+        id: String,
+        code: i32,
+        message: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -852,9 +892,10 @@ impl FirmwareGetReply {
 impl Serialize for FirmwareGetReply {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (data, message) = match self {
-            FirmwareGetReply::Upgrade { data, .. } => {
-                (serde_json::to_value(data).map_err(serde::ser::Error::custom)?, "success")
-            }
+            FirmwareGetReply::Upgrade { data, .. } => (
+                serde_json::to_value(data).map_err(serde::ser::Error::custom)?,
+                "success",
+            ),
             FirmwareGetReply::NoUpgrade { .. } => (empty_object(), "no upgrade pending"),
             FirmwareGetReply::Error { message, .. } => (empty_object(), message.as_str()),
         };
@@ -1078,14 +1119,16 @@ impl<'de> Deserialize<'de> for EventParams {
         let vendor_form = matches!(m.get("value"), Some(Value::Object(_)))
             && m.keys().all(|k| k == "value" || k == "time");
         if !vendor_form {
-            return Ok(EventParams { value: m, time: None });
+            return Ok(EventParams {
+                value: m,
+                time: None,
+            });
         }
         let time = match m.get("time") {
             None | Some(Value::Null) => None,
-            Some(t) => Some(
-                t.as_u64()
-                    .ok_or_else(|| de::Error::custom("`time` must be a non-negative integer (milliseconds)"))?,
-            ),
+            Some(t) => Some(t.as_u64().ok_or_else(|| {
+                de::Error::custom("`time` must be a non-negative integer (milliseconds)")
+            })?),
         };
         match m.into_iter().find(|(k, _)| k == "value") {
             Some((_, Value::Object(value))) => Ok(EventParams { value, time }),
@@ -1114,7 +1157,12 @@ impl EventPostRequest {
         format!("thing.event.{identifier}.post")
     }
 
-    pub fn new(id: impl Into<MessageId>, identifier: &str, value: Map<String, Value>, time: Option<u64>) -> Self {
+    pub fn new(
+        id: impl Into<MessageId>,
+        identifier: &str,
+        value: Map<String, Value>,
+        time: Option<u64>,
+    ) -> Self {
         EventPostRequest {
             id: id.into(),
             version: Some("1.0".to_owned()),
@@ -1130,7 +1178,9 @@ impl EventPostRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, PayloadError> {
         let r: EventPostRequest = from_json(bytes)?;
         if let Some(m) = &r.method {
-            let ident = m.strip_prefix("thing.event.").and_then(|s| s.strip_suffix(".post"));
+            let ident = m
+                .strip_prefix("thing.event.")
+                .and_then(|s| s.strip_suffix(".post"));
             match ident {
                 Some(id) if !id.is_empty() && id != "property" && !id.contains('.') => {}
                 _ => {
@@ -1224,5 +1274,580 @@ impl Reply {
 
     pub fn to_vec(&self) -> Vec<u8> {
         to_json_vec(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field_of(e: PayloadError) -> String {
+        match e {
+            PayloadError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    const MD5: &str = "93230c3bde425a9d7984a594ac55ea1e";
+    const SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn upgrade_data() -> UpgradeData {
+        UpgradeData {
+            size: 4096,
+            version: "2.0.0".into(),
+            url: "http://127.0.0.1:8080/fw/1".into(),
+            sign_method: FirmwareSignMethod::Sha256,
+            sign: SHA256.into(),
+            md5: MD5.into(),
+            module: "MCU".into(),
+            ext_data: None,
+        }
+    }
+
+    #[test]
+    fn message_id_string_or_number_serialised_as_string() {
+        for (raw, id) in [
+            (r#"{"id":"17","params":{"version":"1"}}"#, "17"),
+            (r#"{"id":17,"params":{"version":"1"}}"#, "17"),
+            (
+                r#"{"id":4294967295,"params":{"version":"1"}}"#,
+                "4294967295",
+            ),
+            (r#"{"id":"req-a","params":{"version":"1"}}"#, "req-a"),
+        ] {
+            let r = InformRequest::parse(raw.as_bytes()).unwrap();
+            assert_eq!(r.id.as_str(), id);
+            let out: Value = serde_json::from_slice(&r.to_vec()).unwrap();
+            assert_eq!(out["id"], json!(id));
+        }
+        for bad in [
+            r#"{"id":-3,"params":{"version":"1"}}"#,
+            r#"{"id":1.5,"params":{"version":"1"}}"#,
+            r#"{"id":"","params":{"version":"1"}}"#,
+            r#"{"id":null,"params":{"version":"1"}}"#,
+            r#"{"id":true,"params":{"version":"1"}}"#,
+            r#"{"id":["1"],"params":{"version":"1"}}"#,
+        ] {
+            assert_eq!(
+                field_of(InformRequest::parse(bad.as_bytes()).unwrap_err()),
+                "id",
+                "{bad}"
+            );
+        }
+        let long = format!(
+            r#"{{"id":"{}","params":{{"version":"1"}}}}"#,
+            "9".repeat(MAX_ID_LEN + 1)
+        );
+        assert!(InformRequest::parse(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn inform_module_defaults() {
+        for raw in [
+            r#"{"id":"1","params":{"version":"1.0.1"}}"#,
+            r#"{"id":"1","params":{"version":"1.0.1","module":null}}"#,
+            r#"{"id":"1","params":{"version":"1.0.1","module":""}}"#,
+        ] {
+            assert_eq!(
+                InformRequest::parse(raw.as_bytes()).unwrap().params.module,
+                DEFAULT_MODULE
+            );
+        }
+        let r = InformRequest::parse(
+            br#"{"id":"1","params":{"version":"1.0.1","module":"MCU"},"extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r, InformRequest::new("1", "1.0.1", "MCU"));
+        let long_module = format!(
+            r#"{{"id":"1","params":{{"version":"1","module":"{}"}}}}"#,
+            "m".repeat(65)
+        );
+        assert_eq!(
+            field_of(InformRequest::parse(long_module.as_bytes()).unwrap_err()),
+            "params.module"
+        );
+        assert_eq!(
+            field_of(InformRequest::parse(br#"{"id":"1","params":{"version":""}}"#).unwrap_err()),
+            "params.version"
+        );
+        assert_eq!(
+            field_of(InformRequest::parse(br#"{"id":"1","params":{"version":2}}"#).unwrap_err()),
+            "params.version"
+        );
+        // Missing field: the path is the enclosing object.
+        let e = InformRequest::parse(br#"{"id":"1","params":{}}"#).unwrap_err();
+        assert!(e.to_string().contains("version"), "{e}");
+        assert_eq!(field_of(e), "params");
+    }
+
+    #[test]
+    fn progress_steps() {
+        let step = |raw: &str| {
+            ProgressRequest::parse(format!(r#"{{"id":"1","params":{{"step":{raw}}}}}"#).as_bytes())
+                .map(|r| r.params.step)
+        };
+        assert_eq!(step(r#""42""#), Ok(ProgressStep::Percent(42)));
+        assert_eq!(step("42"), Ok(ProgressStep::Percent(42)));
+        assert_eq!(step(r#""0""#), Ok(ProgressStep::Percent(0)));
+        assert_eq!(step("100"), Ok(ProgressStep::Percent(100)));
+        for (raw, code) in [
+            (r#""-1""#, FailureCode::UpdateFailed),
+            ("-2", FailureCode::DownloadFailed),
+            (r#""-3""#, FailureCode::VerifyFailed),
+            ("-4", FailureCode::WriteFailed),
+        ] {
+            assert_eq!(step(raw), Ok(ProgressStep::Failed(code)), "{raw}");
+        }
+        for bad in [
+            "101",
+            r#""101""#,
+            "-5",
+            r#""-5""#,
+            "255",
+            "-1000000000000",
+            "18446744073709551615",
+            "42.0",
+            r#""42.5""#,
+            r#""""#,
+            r#"" 42""#,
+            r#""abc""#,
+            "null",
+            "true",
+            "[42]",
+        ] {
+            let e = step(bad).unwrap_err();
+            assert_eq!(e.reply_code(), codes::PARAM_ERROR);
+            assert_eq!(field_of(e), "params.step", "{bad}");
+        }
+        let r = ProgressRequest::parse(
+            br#"{"id":9,"params":{"step":"-3","desc":"bad sign","module":"MCU"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.params.step.failure(), Some(FailureCode::VerifyFailed));
+        assert_eq!(r.params.step.code(), -3);
+        assert_eq!(r.params.desc.as_deref(), Some("bad sign"));
+        // Sent as a string, like the vendor SDKs.
+        let out: Value = serde_json::from_slice(&r.to_vec()).unwrap();
+        assert_eq!(
+            out,
+            json!({"id":"9","params":{"step":"-3","desc":"bad sign","module":"MCU"}})
+        );
+        assert_eq!(
+            ProgressRequest::new("1", ProgressStep::Percent(5), None, "default").to_vec(),
+            br#"{"id":"1","params":{"step":"5","module":"default"}}"#
+        );
+    }
+
+    #[test]
+    fn failure_codes_are_distinct_and_round_trip() {
+        for f in FailureCode::ALL {
+            assert_eq!(FailureCode::from_code(i64::from(f.code())), Some(f));
+            assert_eq!(
+                ProgressStep::from_code(i64::from(f.code())),
+                Some(ProgressStep::Failed(f))
+            );
+            assert_eq!(serde_json::to_value(f).unwrap(), json!(f.as_str()));
+        }
+        assert_eq!(FailureCode::ALL.map(|f| f.code()), [-1, -2, -3, -4]);
+        assert_eq!(FailureCode::from_code(0), None);
+        assert_eq!(ProgressStep::from_code(-5), None);
+        assert_eq!(ProgressStep::from_code(101), None);
+    }
+
+    #[test]
+    fn upgrade_message_round_trip_and_size_forms() {
+        let m = UpgradeMessage::new(7, upgrade_data());
+        let bytes = m.to_vec();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        // Vendor field names and types.
+        assert_eq!(v["code"], json!("1000"));
+        assert_eq!(v["id"], json!(7));
+        assert_eq!(v["message"], json!("success"));
+        assert_eq!(v["data"]["signMethod"], json!("SHA256"));
+        assert_eq!(v["data"]["size"], json!(4096));
+        assert!(v["data"].get("extData").is_none());
+        assert_eq!(UpgradeMessage::parse(&bytes).unwrap(), m);
+
+        let mut with_string_size = v.clone();
+        with_string_size["data"]["size"] = json!("4096");
+        let parsed =
+            UpgradeMessage::parse(&serde_json::to_vec(&with_string_size).unwrap()).unwrap();
+        assert_eq!(parsed.data.size, 4096);
+        for bad_size in [
+            json!("-1"),
+            json!(-1),
+            json!("4k"),
+            json!(""),
+            json!("+4"),
+            json!(4.5),
+            json!(null),
+        ] {
+            let mut b = v.clone();
+            b["data"]["size"] = bad_size.clone();
+            let e = UpgradeMessage::parse(&serde_json::to_vec(&b).unwrap()).unwrap_err();
+            assert_eq!(field_of(e), "data.size", "{bad_size}");
+        }
+        // signMethod spelled as the vendor API does elsewhere; always sent back as the push spelling.
+        let mut md5 = v.clone();
+        md5["data"]["signMethod"] = json!("MD5");
+        md5["data"]["sign"] = json!(MD5);
+        md5["data"]["extData"] = json!({"k": "v"});
+        let parsed = UpgradeMessage::parse(&serde_json::to_vec(&md5).unwrap()).unwrap();
+        assert_eq!(parsed.data.sign_method, FirmwareSignMethod::Md5);
+        assert_eq!(parsed.data.ext_data.as_ref().unwrap()["k"], json!("v"));
+        let back: Value = serde_json::from_slice(&parsed.to_vec()).unwrap();
+        assert_eq!(back["data"]["signMethod"], json!("Md5"));
+        assert_eq!(back["data"]["extData"], json!({"k": "v"}));
+    }
+
+    #[test]
+    fn upgrade_message_strictness() {
+        let v = serde_json::to_value(UpgradeMessage::new(7, upgrade_data())).unwrap();
+        let check = |mutate: &dyn Fn(&mut Value), field: &str| {
+            let mut b = v.clone();
+            mutate(&mut b);
+            let e = UpgradeMessage::parse(&serde_json::to_vec(&b).unwrap()).unwrap_err();
+            assert_eq!(field_of(e), field);
+        };
+        check(&|b| b["code"] = json!("1001"), "code");
+        check(&|b| b["code"] = json!(1000), "code");
+        check(&|b| b["id"] = json!("7"), "id");
+        check(
+            &|b| b["data"]["signMethod"] = json!("CRC32"),
+            "data.signMethod",
+        );
+        check(&|b| b["data"]["sign"] = json!(MD5), "data.sign"); // MD5-length digest under SHA256
+        check(&|b| b["data"]["sign"] = json!("zz"), "data.sign");
+        check(&|b| b["data"]["md5"] = json!(SHA256), "data.md5");
+        check(&|b| b["data"]["url"] = json!(""), "data.url");
+        check(&|b| b["data"]["extData"] = json!([1]), "data.extData");
+        check(&|b| b["data"]["version"] = json!(""), "data.version");
+        let mut no_module = v.clone();
+        no_module["data"].as_object_mut().unwrap().remove("module");
+        assert_eq!(
+            UpgradeMessage::parse(&serde_json::to_vec(&no_module).unwrap())
+                .unwrap()
+                .data
+                .module,
+            DEFAULT_MODULE
+        );
+    }
+
+    #[test]
+    fn firmware_get_request() {
+        let r = FirmwareGetRequest::parse(
+            br#"{"id":"1","params":{"module":"MCU"},"method":"thing.ota.firmware.get"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.module(), "MCU");
+        assert_eq!(
+            FirmwareGetRequest::parse(br#"{"id":1}"#).unwrap().module(),
+            DEFAULT_MODULE
+        );
+        assert_eq!(
+            FirmwareGetRequest::parse(br#"{"id":1,"params":{"module":""}}"#)
+                .unwrap()
+                .module(),
+            DEFAULT_MODULE
+        );
+        let e = FirmwareGetRequest::parse(br#"{"id":"1","method":"thing.ota.firmware.put"}"#)
+            .unwrap_err();
+        assert!(matches!(e, PayloadError::WrongMethod { .. }));
+        assert_eq!(e.reply_code(), codes::PARAM_ERROR);
+        let built = FirmwareGetRequest::new(5u64, Some("MCU".into()));
+        assert_eq!(FirmwareGetRequest::parse(&built.to_vec()).unwrap(), built);
+    }
+
+    #[test]
+    fn firmware_get_reply_variants() {
+        let up = FirmwareGetReply::Upgrade {
+            id: "1".into(),
+            data: upgrade_data(),
+        };
+        let v: Value = serde_json::from_slice(&up.to_vec()).unwrap();
+        assert_eq!(v["code"], json!(200));
+        assert_eq!(v["id"], json!("1"));
+        assert_eq!(v["data"]["md5"], json!(MD5));
+        assert_eq!(FirmwareGetReply::parse(&up.to_vec()).unwrap(), up);
+
+        let none = FirmwareGetReply::NoUpgrade { id: "2".into() };
+        let v: Value = serde_json::from_slice(&none.to_vec()).unwrap();
+        assert_eq!(v["code"], json!(codes::NO_UPGRADE));
+        assert_eq!(v["data"], json!({}));
+        assert_eq!(FirmwareGetReply::parse(&none.to_vec()).unwrap(), none);
+        // The vendor's way of saying "nothing pending".
+        assert_eq!(
+            FirmwareGetReply::parse(br#"{"code":200,"data":{},"id":"2","message":"success"}"#)
+                .unwrap(),
+            none
+        );
+        assert_eq!(
+            FirmwareGetReply::parse(br#"{"code":200,"id":2,"message":"success"}"#).unwrap(),
+            none
+        );
+
+        let err = FirmwareGetReply::Error {
+            id: "".into(),
+            code: codes::REQUEST_ERROR,
+            message: "malformed JSON".into(),
+        };
+        assert_eq!(FirmwareGetReply::parse(&err.to_vec()).unwrap(), err);
+        assert_eq!(err.code(), 400);
+        let e = FirmwareGetReply::parse(
+            br#"{"code":200,"data":{"size":1},"id":"1","message":"success"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(field_of(e), "data");
+    }
+
+    #[test]
+    fn property_params_in_both_forms() {
+        let r = PropertyPostRequest::parse(
+            br#"{"id":"1","version":"1.0","params":{
+                "Temp":{"value":21.5,"time":1700000000000},
+                "Hum":40,
+                "Mode":"eco",
+                "Loc":{"lat":1.0,"lon":2.0},
+                "Late":{"value":true},
+                "Struct":{"value":1,"unit":"C"}
+            },"method":"thing.event.property.post"}"#,
+        )
+        .unwrap();
+        let items = r.items(42);
+        assert_eq!(
+            items["Temp"],
+            Item {
+                value: json!(21.5),
+                time: 1_700_000_000_000
+            }
+        );
+        assert_eq!(
+            items["Hum"],
+            Item {
+                value: json!(40),
+                time: 42
+            }
+        );
+        assert_eq!(
+            items["Mode"],
+            Item {
+                value: json!("eco"),
+                time: 42
+            }
+        );
+        assert_eq!(
+            items["Loc"],
+            Item {
+                value: json!({"lat":1.0,"lon":2.0}),
+                time: 42
+            }
+        );
+        assert_eq!(
+            items["Late"],
+            Item {
+                value: json!(true),
+                time: 42
+            }
+        );
+        // Keys other than value/time: a struct value, not the timed form.
+        assert_eq!(
+            items["Struct"],
+            Item {
+                value: json!({"value":1,"unit":"C"}),
+                time: 42
+            }
+        );
+        assert_eq!(r.clone().into_items(42), items);
+        assert!(r.wants_reply());
+        let forwarded = serde_json::to_value(&items).unwrap();
+        assert_eq!(forwarded["Hum"], json!({"value":40,"time":42}));
+
+        let built = PropertyPostRequest::new("5", items.clone());
+        let reparsed = PropertyPostRequest::parse(&built.to_vec()).unwrap();
+        assert_eq!(reparsed.items(0), items);
+    }
+
+    #[test]
+    fn property_post_strictness() {
+        let parse = |s: &str| PropertyPostRequest::parse(s.as_bytes());
+        assert_eq!(
+            parse(r#"{"id":"1","params":{}}"#),
+            Err(PayloadError::EmptyParams)
+        );
+        assert_eq!(
+            field_of(parse(r#"{"id":"1","params":[]}"#).unwrap_err()),
+            "params"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"id":"1","params":"Temp"}"#).unwrap_err()),
+            "params"
+        );
+        assert_eq!(field_of(parse(r#"{"id":"1"}"#).unwrap_err()), "payload");
+        assert_eq!(
+            field_of(parse(r#"{"id":"1","params":{"Temp":null}}"#).unwrap_err()),
+            "params.Temp"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"id":"1","params":{"Temp":{"value":null}}}"#).unwrap_err()),
+            "params.Temp"
+        );
+        for bad_time in [r#""1700""#, "-1", "1.5", "[]"] {
+            let s = format!(r#"{{"id":"1","params":{{"Temp":{{"value":1,"time":{bad_time}}}}}}}"#);
+            assert_eq!(
+                field_of(parse(&s).unwrap_err()),
+                "params.Temp",
+                "{bad_time}"
+            );
+        }
+        assert_eq!(
+            field_of(parse(r#"{"id":"1","params":{"":1}}"#).unwrap_err()),
+            "params"
+        );
+        assert!(matches!(
+            parse(r#"{"id":"1","params":{"T":1},"method":"thing.event.alarm.post"}"#),
+            Err(PayloadError::WrongMethod { .. })
+        ));
+        let many: Map<String, Value> = (0..=MAX_PROPERTIES)
+            .map(|i| (format!("p{i}"), json!(i)))
+            .collect();
+        let s = json!({"id":"1","params":many}).to_string();
+        assert_eq!(
+            parse(&s),
+            Err(PayloadError::TooManyProperties(MAX_PROPERTIES + 1))
+        );
+        assert!(!parse(r#"{"id":"1","params":{"T":1},"sys":{"ack":0}}"#)
+            .unwrap()
+            .wants_reply());
+        assert!(parse(r#"{"id":"1","params":{"T":1},"sys":{"ack":1}}"#)
+            .unwrap()
+            .wants_reply());
+    }
+
+    #[test]
+    fn event_params_in_both_forms() {
+        let r = EventPostRequest::parse(
+            br#"{"id":"1","version":"1.0","params":{"value":{"Level":3},"time":1700000000000},"method":"thing.event.alarm.post"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.params.value["Level"], json!(3));
+        assert_eq!(r.time_or(5), 1_700_000_000_000);
+        assert!(r.check_identifier("alarm").is_ok());
+        assert!(matches!(
+            r.check_identifier("fault"),
+            Err(PayloadError::WrongMethod { .. })
+        ));
+
+        let bare = EventPostRequest::parse(br#"{"id":2,"params":{"Level":1,"time":5}}"#).unwrap();
+        assert_eq!(
+            bare.params.value,
+            json!({"Level":1,"time":5}).as_object().unwrap().clone()
+        );
+        assert_eq!(bare.time_or(77), 77);
+        // No method: any identifier is fine.
+        assert!(bare.check_identifier("whatever").is_ok());
+        // `value` that is not an object: a bare output parameter called "value".
+        let odd = EventPostRequest::parse(br#"{"id":2,"params":{"value":7}}"#).unwrap();
+        assert_eq!(odd.params.value["value"], json!(7));
+
+        let built = EventPostRequest::new("3", "alarm", bare.params.value.clone(), Some(9));
+        let back = EventPostRequest::parse(&built.to_vec()).unwrap();
+        assert_eq!(back, built);
+        let v: Value = serde_json::from_slice(&built.to_vec()).unwrap();
+        assert_eq!(v["method"], json!("thing.event.alarm.post"));
+        assert_eq!(v["params"]["time"], json!(9));
+
+        for (bad, field) in [
+            (r#"{"id":"1","params":[]}"#, "params"),
+            (r#"{"id":"1","params":5}"#, "params"),
+            (r#"{"id":"1","params":{"value":{},"time":"x"}}"#, "params"),
+        ] {
+            assert_eq!(
+                field_of(EventPostRequest::parse(bad.as_bytes()).unwrap_err()),
+                field,
+                "{bad}"
+            );
+        }
+        for method in [
+            "thing.event.property.post",
+            "thing.event..post",
+            "thing.service.x.post",
+            "thing.event.a.b.post",
+        ] {
+            let s = format!(r#"{{"id":"1","params":{{}},"method":"{method}"}}"#);
+            assert!(
+                matches!(
+                    EventPostRequest::parse(s.as_bytes()),
+                    Err(PayloadError::WrongMethod { .. })
+                ),
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_json_and_error_replies() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{\"id\":\"1\",",
+            b"not json",
+            b"{\"id\":\"1\"} trailing",
+            b"\xff\xfe",
+            b"{\"id\":\"\xff\"}",
+        ] {
+            let e = PropertyPostRequest::parse(bad).unwrap_err();
+            assert!(
+                matches!(e, PayloadError::MalformedJson(_)),
+                "{bad:?}: {e:?}"
+            );
+            assert_eq!(e.reply_code(), codes::REQUEST_ERROR);
+            let reply = Reply::from_error(loose_id(bad), &e);
+            assert_eq!(reply.id, "");
+            assert_eq!(reply.code, codes::REQUEST_ERROR);
+        }
+        // Top-level JSON of the wrong kind is a shape error, not malformed JSON.
+        for wrong in [&b"[]"[..], b"42", b"\"x\"", b"null"] {
+            assert_eq!(
+                field_of(InformRequest::parse(wrong).unwrap_err()),
+                "payload"
+            );
+        }
+        // Valid JSON with bad params: the id is still echoed.
+        let raw = br#"{"id":"77","params":{}}"#;
+        let e = PropertyPostRequest::parse(raw).unwrap_err();
+        let reply = Reply::from_error(loose_id(raw), &e);
+        assert_eq!(reply.id, "77");
+        assert_eq!(reply.code, codes::PARAM_ERROR);
+        assert_eq!(loose_id(br#"{"id":77}"#), "77");
+        assert_eq!(loose_id(br#"{"id":-7}"#), "-7");
+        assert_eq!(loose_id(br#"{"id":1.5}"#), "");
+        assert_eq!(loose_id(br#"{"id":{"a":1}}"#), "");
+        assert_eq!(loose_id(br#"[1,2]"#), "");
+        assert_eq!(
+            loose_id(format!(r#"{{"id":"{}"}}"#, "x".repeat(100)).as_bytes()),
+            ""
+        );
+    }
+
+    #[test]
+    fn replies() {
+        let ok = Reply::success("1");
+        assert_eq!(
+            ok.to_vec(),
+            br#"{"code":200,"data":{},"id":"1","message":"success","version":"1.0"}"#
+        );
+        assert!(ok.is_success());
+        assert_eq!(Reply::parse(&ok.to_vec()).unwrap(), ok);
+        let err = Reply::error("2", codes::TSL_VIOLATION, "Temp: not in TSL");
+        assert!(!err.is_success());
+        assert_eq!(Reply::parse(&err.to_vec()).unwrap(), err);
+        // Loose reply forms: numeric id, no version/data.
+        let r = Reply::parse(br#"{"code":200,"id":3,"message":"success"}"#).unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.version.as_str(), &r.data),
+            ("3", "1.0", &json!({}))
+        );
+        assert!(Reply::parse(br#"{"code":"200","id":"1"}"#).is_err());
     }
 }

@@ -191,13 +191,14 @@ impl<'a> Topic<'a> {
             n += 1;
         }
         let b = Cow::Borrowed;
-        let t = match &seg[..n] {
+        // Matching the slice by value copies the `&'a str`s out, keeping the input's lifetime.
+        let t = match seg[..n] {
             ["", "ota", "device", kind, pk, dn] => {
                 if !valid_segment(pk) || !valid_segment(dn) {
                     return None;
                 }
-                let (pk, dn) = (b(*pk), b(*dn));
-                match *kind {
+                let (pk, dn) = (b(pk), b(dn));
+                match kind {
                     "inform" => Topic::OtaInform { pk, dn },
                     "progress" => Topic::OtaProgress { pk, dn },
                     "upgrade" => Topic::OtaUpgrade { pk, dn },
@@ -208,8 +209,8 @@ impl<'a> Topic<'a> {
                 if !valid_segment(pk) || !valid_segment(dn) {
                     return None;
                 }
-                let (pk, dn) = (b(*pk), b(*dn));
-                match (*a, *c, *d) {
+                let (pk, dn) = (b(pk), b(dn));
+                match (a, c, d) {
                     ("ota", "firmware", "get") => Topic::FirmwareGet { pk, dn },
                     ("ota", "firmware", "get_reply") => Topic::FirmwareGetReply { pk, dn },
                     ("event", "property", "post") => Topic::PropertyPost { pk, dn },
@@ -279,13 +280,34 @@ impl<'a> Topic<'a> {
             Cow::Owned(c.into_owned())
         }
         match self {
-            Topic::OtaInform { pk, dn } => Topic::OtaInform { pk: o(pk), dn: o(dn) },
-            Topic::OtaProgress { pk, dn } => Topic::OtaProgress { pk: o(pk), dn: o(dn) },
-            Topic::OtaUpgrade { pk, dn } => Topic::OtaUpgrade { pk: o(pk), dn: o(dn) },
-            Topic::FirmwareGet { pk, dn } => Topic::FirmwareGet { pk: o(pk), dn: o(dn) },
-            Topic::FirmwareGetReply { pk, dn } => Topic::FirmwareGetReply { pk: o(pk), dn: o(dn) },
-            Topic::PropertyPost { pk, dn } => Topic::PropertyPost { pk: o(pk), dn: o(dn) },
-            Topic::PropertyPostReply { pk, dn } => Topic::PropertyPostReply { pk: o(pk), dn: o(dn) },
+            Topic::OtaInform { pk, dn } => Topic::OtaInform {
+                pk: o(pk),
+                dn: o(dn),
+            },
+            Topic::OtaProgress { pk, dn } => Topic::OtaProgress {
+                pk: o(pk),
+                dn: o(dn),
+            },
+            Topic::OtaUpgrade { pk, dn } => Topic::OtaUpgrade {
+                pk: o(pk),
+                dn: o(dn),
+            },
+            Topic::FirmwareGet { pk, dn } => Topic::FirmwareGet {
+                pk: o(pk),
+                dn: o(dn),
+            },
+            Topic::FirmwareGetReply { pk, dn } => Topic::FirmwareGetReply {
+                pk: o(pk),
+                dn: o(dn),
+            },
+            Topic::PropertyPost { pk, dn } => Topic::PropertyPost {
+                pk: o(pk),
+                dn: o(dn),
+            },
+            Topic::PropertyPostReply { pk, dn } => Topic::PropertyPostReply {
+                pk: o(pk),
+                dn: o(dn),
+            },
             Topic::EventPost { pk, dn, identifier } => Topic::EventPost {
                 pk: o(pk),
                 dn: o(dn),
@@ -326,9 +348,8 @@ impl<'a> Topic<'a> {
             | Topic::FirmwareGetReply { pk, dn }
             | Topic::PropertyPost { pk, dn }
             | Topic::PropertyPostReply { pk, dn } => (pk, dn, None),
-            Topic::EventPost { pk, dn, identifier } | Topic::EventPostReply { pk, dn, identifier } => {
-                (pk, dn, Some(identifier))
-            }
+            Topic::EventPost { pk, dn, identifier }
+            | Topic::EventPostReply { pk, dn, identifier } => (pk, dn, Some(identifier)),
         }
     }
 
@@ -400,12 +421,27 @@ mod tests {
             ("/ota/device/inform/pk1/dn1", TopicKind::Inform),
             ("/ota/device/progress/pk1/dn1", TopicKind::Progress),
             ("/ota/device/upgrade/pk1/dn1", TopicKind::Upgrade),
-            ("/sys/pk1/dn1/thing/ota/firmware/get", TopicKind::FirmwareGet),
-            ("/sys/pk1/dn1/thing/ota/firmware/get_reply", TopicKind::FirmwareGetReply),
-            ("/sys/pk1/dn1/thing/event/property/post", TopicKind::PropertyPost),
-            ("/sys/pk1/dn1/thing/event/property/post_reply", TopicKind::PropertyPostReply),
+            (
+                "/sys/pk1/dn1/thing/ota/firmware/get",
+                TopicKind::FirmwareGet,
+            ),
+            (
+                "/sys/pk1/dn1/thing/ota/firmware/get_reply",
+                TopicKind::FirmwareGetReply,
+            ),
+            (
+                "/sys/pk1/dn1/thing/event/property/post",
+                TopicKind::PropertyPost,
+            ),
+            (
+                "/sys/pk1/dn1/thing/event/property/post_reply",
+                TopicKind::PropertyPostReply,
+            ),
             ("/sys/pk1/dn1/thing/event/alarm/post", TopicKind::EventPost),
-            ("/sys/pk1/dn1/thing/event/alarm/post_reply", TopicKind::EventPostReply),
+            (
+                "/sys/pk1/dn1/thing/event/alarm/post_reply",
+                TopicKind::EventPostReply,
+            ),
         ];
         for (s, kind) in cases {
             let t = parse_ok(s);
@@ -436,8 +472,14 @@ mod tests {
 
     #[test]
     fn property_is_never_an_event_identifier() {
-        assert_eq!(parse_ok("/sys/p/d/thing/event/property/post").kind(), TopicKind::PropertyPost);
-        assert_eq!(Topic::from_kind(TopicKind::EventPost, "p", "d", Some("property")), None);
+        assert_eq!(
+            parse_ok("/sys/p/d/thing/event/property/post").kind(),
+            TopicKind::PropertyPost
+        );
+        assert_eq!(
+            Topic::from_kind(TopicKind::EventPost, "p", "d", Some("property")),
+            None
+        );
     }
 
     #[test]
@@ -445,20 +487,20 @@ mod tests {
         for bad in [
             "",
             "/",
-            "ota/device/inform/pk/dn",           // no leading slash
-            "/ota/device/inform/pk",             // too few segments
-            "/ota/device/inform/pk/dn/extra",    // too many
-            "/ota/device/inform/pk/dn/",         // trailing slash = empty segment
-            "/ota/device/inform//dn",            // empty pk
-            "/ota/device/inform/pk/",            // empty dn
-            "/ota/device/inform/+/dn",           // wildcard pk
-            "/ota/device/inform/pk/#",           // wildcard dn
-            "/ota/device/inform/p+k/dn",         // wildcard inside a segment
-            "/ota/device/reboot/pk/dn",          // unknown OTA topic
+            "ota/device/inform/pk/dn",        // no leading slash
+            "/ota/device/inform/pk",          // too few segments
+            "/ota/device/inform/pk/dn/extra", // too many
+            "/ota/device/inform/pk/dn/",      // trailing slash = empty segment
+            "/ota/device/inform//dn",         // empty pk
+            "/ota/device/inform/pk/",         // empty dn
+            "/ota/device/inform/+/dn",        // wildcard pk
+            "/ota/device/inform/pk/#",        // wildcard dn
+            "/ota/device/inform/p+k/dn",      // wildcard inside a segment
+            "/ota/device/reboot/pk/dn",       // unknown OTA topic
             "/ota/device/+/pk/dn",
-            "/sys/pk/dn/thing/event/+/post",     // wildcard identifier
+            "/sys/pk/dn/thing/event/+/post", // wildcard identifier
             "/sys/pk/dn/thing/event/#",
-            "/sys/pk/dn/thing/event//post",      // empty identifier
+            "/sys/pk/dn/thing/event//post", // empty identifier
             "/sys//dn/thing/event/property/post",
             "/sys/pk/dn/thing/event/property/post/x/y/z",
             "/sys/pk/dn/thing/event/property",
@@ -468,7 +510,7 @@ mod tests {
             "/sys/pk/dn/thing/ota/firmware/get_reply2",
             "/sys/pk/dn/other/event/property/post",
             "//ota/device/inform/pk/dn",
-            "/OTA/device/inform/pk/dn",          // case matters
+            "/OTA/device/inform/pk/dn", // case matters
             "/ota/device/inform/pk/d\0n",
             "#",
             "+/+/+",
@@ -480,7 +522,10 @@ mod tests {
     #[test]
     fn reply_topics() {
         let get = parse_ok("/sys/p/d/thing/ota/firmware/get");
-        assert_eq!(get.reply_topic().unwrap().to_string(), "/sys/p/d/thing/ota/firmware/get_reply");
+        assert_eq!(
+            get.reply_topic().unwrap().to_string(),
+            "/sys/p/d/thing/ota/firmware/get_reply"
+        );
         let prop = parse_ok("/sys/p/d/thing/event/property/post");
         assert_eq!(
             prop.reply_topic().unwrap().to_string(),
@@ -544,7 +589,10 @@ mod tests {
         for &k in TopicKind::ALL {
             assert_eq!(k.as_str().parse::<TopicKind>(), Ok(k));
             // serde uses the same label (the catalog is deserialised with it).
-            assert_eq!(serde_json::to_value(k).unwrap(), serde_json::json!(k.as_str()));
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                serde_json::json!(k.as_str())
+            );
         }
         assert!("nope".parse::<TopicKind>().is_err());
     }
