@@ -1,0 +1,169 @@
+//! Ingest: what the gateway does with device traffic. Implements the broker's
+//! [`DeviceHooks`]: credentials and connection events go to the registry; every upstream
+//! publish is parsed with the shared protocol crate, applied to the registry and answered on
+//! its `_reply` topic where the protocol has one.
+//!
+//! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publish`] returns, so a version
+//! report that was acknowledged is durable. Malformed payloads are counted, answered with an
+//! error code where there is a reply topic, and change nothing.
+
+use crate::broker::{DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, Session};
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use bytes::Bytes;
+use fleetgate_topics::{
+    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest, PayloadError,
+    ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
+};
+use std::sync::Arc;
+
+/// The gateway's [`DeviceHooks`].
+pub struct Ingest {
+    registry: Arc<Registry>,
+    downlink: Downlink,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    pub fn new(registry: Arc<Registry>, downlink: Downlink, metrics: Arc<Metrics>) -> Self {
+        Ingest {
+            registry,
+            downlink,
+            metrics,
+        }
+    }
+
+    fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
+        self.metrics.malformed_messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        tracing::debug!(
+            pk = %session.device.product_key,
+            dn = %session.device.device_name,
+            kind = kind.as_str(),
+            %error,
+            "malformed message"
+        );
+    }
+
+    fn reply(&self, topic: &Topic<'_>, body: Vec<u8>) {
+        let Some(reply_topic) = topic.reply_topic() else {
+            return;
+        };
+        if let Err(error) = self.downlink.publish(reply_topic.to_string(), body) {
+            tracing::warn!(%error, topic = %reply_topic, "cannot publish reply");
+        }
+    }
+
+    async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
+        let kind = topic.kind();
+        match kind {
+            TopicKind::Inform => match InformRequest::parse(payload) {
+                Ok(req) => {
+                    let p = &req.params;
+                    if let Err(error) = self
+                        .registry
+                        .report_version(topic.product_key(), topic.device_name(), &p.module, &p.version, now_ms())
+                        .await
+                    {
+                        tracing::warn!(%error, pk = topic.product_key(), dn = topic.device_name(), "version report not stored");
+                    }
+                }
+                Err(e) => self.malformed(kind, session, &e),
+            },
+            TopicKind::Progress => {
+                // Validated and counted; the OTA engine (not built yet) is where progress matters.
+                if let Err(e) = ProgressRequest::parse(payload) {
+                    self.malformed(kind, session, &e);
+                }
+            }
+            TopicKind::FirmwareGet => {
+                let reply = match FirmwareGetRequest::parse(payload) {
+                    // No OTA engine yet, so no device has a pending upgrade.
+                    Ok(req) => FirmwareGetReply::NoUpgrade {
+                        id: req.id.as_str().to_owned(),
+                    },
+                    Err(e) => {
+                        self.malformed(kind, session, &e);
+                        FirmwareGetReply::Error {
+                            id: loose_id(payload),
+                            code: e.reply_code(),
+                            message: e.to_string(),
+                        }
+                    }
+                };
+                self.reply(&topic, reply.to_vec());
+            }
+            TopicKind::PropertyPost => {
+                let reply = match PropertyPostRequest::parse(payload) {
+                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
+                    Err(e) => {
+                        self.malformed(kind, session, &e);
+                        Some(Reply::from_error(loose_id(payload), &e))
+                    }
+                };
+                if let Some(reply) = reply {
+                    self.reply(&topic, reply.to_vec());
+                }
+            }
+            TopicKind::EventPost => {
+                let identifier = topic.identifier().unwrap_or_default();
+                let parsed = EventPostRequest::parse(payload).and_then(|req| req.check_identifier(identifier).map(|()| req));
+                let reply = match parsed {
+                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
+                    Err(e) => {
+                        self.malformed(kind, session, &e);
+                        Some(Reply::from_error(loose_id(payload), &e))
+                    }
+                };
+                if let Some(reply) = reply {
+                    self.reply(&topic, reply.to_vec());
+                }
+            }
+            // Down kinds never reach here (see on_publish).
+            TopicKind::Upgrade | TopicKind::FirmwareGetReply | TopicKind::PropertyPostReply | TopicKind::EventPostReply => {}
+        }
+    }
+}
+
+impl DeviceHooks for Ingest {
+    fn credentials(&self, product_key: &str, device_name: &str) -> Option<DeviceCredentials> {
+        self.registry.credentials(product_key, device_name)
+    }
+
+    fn on_connect(&self, session: &Session) {
+        let d = &session.device;
+        self.registry.device_connected(
+            &d.product_key,
+            &d.device_name,
+            session.conn_id,
+            session.client_ip(),
+            session.connected_at_ms,
+        );
+    }
+
+    fn on_disconnect(&self, session: &Session, reason: DisconnectReason) {
+        let d = &session.device;
+        tracing::debug!(pk = %d.product_key, dn = %d.device_name, ?reason, "device disconnected");
+        self.registry
+            .device_disconnected(&d.product_key, &d.device_name, session.conn_id, now_ms());
+    }
+
+    async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
+        let Some(parsed) = Topic::parse(topic) else {
+            // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
+            self.metrics.messages.get_or_create(&[("kind", "other")]).inc();
+            return;
+        };
+        let kind = parsed.kind();
+        self.metrics.messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        // The ACL already guarantees the topic is the session's own; a device publishing on a
+        // gateway-to-device topic is ignored.
+        if kind.direction() != Direction::Up
+            || parsed.product_key() != session.device.product_key
+            || parsed.device_name() != session.device.device_name
+        {
+            return;
+        }
+        self.handle(session, parsed, &payload).await;
+    }
+}
