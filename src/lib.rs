@@ -13,3 +13,5 @@
 
 pub mod broker;
 pub mod metrics;
+pub mod registry;
+pub mod store;
