@@ -10,7 +10,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "fleetgate", version, about = "MQTT device-fleet gateway (Alibaba IoT Link protocol)")]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "MQTT device-fleet gateway (Alibaba IoT Link protocol)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,11 +100,24 @@ fn main() -> anyhow::Result<()> {
                     .map(|d| d.as_millis().to_string())
                     .unwrap_or_default()
             });
-            let c = LinkCredentials::new(&product_key, &device_name, &device_secret, sign_method, 3, ts);
+            let c = LinkCredentials::new(
+                &product_key,
+                &device_name,
+                &device_secret,
+                sign_method,
+                3,
+                ts,
+            );
             if shell {
-                println!("CLIENT_ID='{}'\nUSERNAME='{}'\nPASSWORD='{}'", c.client_id, c.username, c.password);
+                println!(
+                    "CLIENT_ID='{}'\nUSERNAME='{}'\nPASSWORD='{}'",
+                    c.client_id, c.username, c.password
+                );
             } else {
-                println!("client id: {}\nusername:  {}\npassword:  {}", c.client_id, c.username, c.password);
+                println!(
+                    "client id: {}\nusername:  {}\npassword:  {}",
+                    c.client_id, c.username, c.password
+                );
             }
             Ok(())
         }

@@ -55,16 +55,56 @@ impl Metrics {
             http_requests: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("connected_devices", "Devices with an open MQTT session", m.connected_devices.clone());
-        registry.register("mqtt_connects", "Accepted MQTT CONNECTs", m.connects.clone());
-        registry.register("mqtt_connects_refused", "Refused MQTT CONNECTs by reason", m.connects_refused.clone());
-        registry.register("mqtt_acl_denied", "Device packets refused by the topic ACL", m.acl_denied.clone());
-        registry.register("mqtt_messages", "Upstream device messages by topic kind", m.messages.clone());
-        registry.register("mqtt_malformed_messages", "Upstream messages that failed to parse, by topic kind", m.malformed_messages.clone());
-        registry.register("mqtt_downlink_messages", "Messages published to devices", m.downlink_messages.clone());
-        registry.register("store_write_seconds", "Store transaction commit latency", m.store_write_seconds.clone());
-        registry.register("store_batch_size", "Operations per store transaction", m.store_batch_size.clone());
-        registry.register("http_requests", "HTTP requests by status class", m.http_requests.clone());
+        registry.register(
+            "connected_devices",
+            "Devices with an open MQTT session",
+            m.connected_devices.clone(),
+        );
+        registry.register(
+            "mqtt_connects",
+            "Accepted MQTT CONNECTs",
+            m.connects.clone(),
+        );
+        registry.register(
+            "mqtt_connects_refused",
+            "Refused MQTT CONNECTs by reason",
+            m.connects_refused.clone(),
+        );
+        registry.register(
+            "mqtt_acl_denied",
+            "Device packets refused by the topic ACL",
+            m.acl_denied.clone(),
+        );
+        registry.register(
+            "mqtt_messages",
+            "Upstream device messages by topic kind",
+            m.messages.clone(),
+        );
+        registry.register(
+            "mqtt_malformed_messages",
+            "Upstream messages that failed to parse, by topic kind",
+            m.malformed_messages.clone(),
+        );
+        registry.register(
+            "mqtt_downlink_messages",
+            "Messages published to devices",
+            m.downlink_messages.clone(),
+        );
+        registry.register(
+            "store_write_seconds",
+            "Store transaction commit latency",
+            m.store_write_seconds.clone(),
+        );
+        registry.register(
+            "store_batch_size",
+            "Operations per store transaction",
+            m.store_batch_size.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by status class",
+            m.http_requests.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -89,10 +129,15 @@ mod tests {
     #[test]
     fn encodes_labelled_counters() {
         let m = Metrics::new();
-        m.connects_refused.get_or_create(&[("reason", "bad_signature")]).inc();
+        m.connects_refused
+            .get_or_create(&[("reason", "bad_signature")])
+            .inc();
         m.connected_devices.set(3);
         let text = m.encode();
-        assert!(text.contains(r#"fleetgate_mqtt_connects_refused_total{reason="bad_signature"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"fleetgate_mqtt_connects_refused_total{reason="bad_signature"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("fleetgate_connected_devices 3"), "{text}");
     }
 }

@@ -73,7 +73,12 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason);
     /// An upstream PUBLISH that passed the ACL. The QoS1 PUBACK is written only after the
     /// returned future completes, so "acknowledged" means "processed".
-    fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) -> impl Future<Output = ()> + Send;
+    fn on_publish(
+        &self,
+        session: &Session,
+        topic: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// TLS listener settings (securemode=2).

@@ -901,6 +901,13 @@ impl crate::store::StoreBackend for FlakyBackend {
         self.inner.load()
     }
 
+    fn load_documents(
+        &mut self,
+        kind: &str,
+    ) -> std::result::Result<Vec<(String, String)>, StoreError> {
+        self.inner.load_documents(kind)
+    }
+
     fn commit(
         &mut self,
         submissions: &[&[Op]],

@@ -158,6 +158,16 @@ pub enum Op {
         version: String,
         reported_at_ms: i64,
     },
+    /// Insert or replace a JSON document of a module's own (`kind` names the collection, e.g.
+    /// `ota.job`). Modules that own their state (OTA, migration, export) persist through these
+    /// so they need no schema step or writer change of their own.
+    PutDoc {
+        kind: &'static str,
+        id: String,
+        body: String,
+    },
+    /// Delete a document; a missing one is a no-op.
+    DeleteDoc { kind: &'static str, id: String },
 }
 
 /// A durable storage engine. Implemented by [`SqliteBackend`]; a PostgreSQL backend implements
@@ -165,6 +175,9 @@ pub enum Op {
 pub trait StoreBackend: Send + 'static {
     /// Reads everything (used at start).
     fn load(&mut self) -> Result<Snapshot, StoreError>;
+
+    /// Every document of one `kind` as `(id, body)`, ordered by id.
+    fn load_documents(&mut self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
 
     /// Applies `submissions` in ONE transaction. Each submission is atomic on its own: one that
     /// fails is rolled back alone and its slot in the returned vector is `Err`, the others still
@@ -219,6 +232,10 @@ pub(crate) enum Msg {
         reply: Reply,
     },
     Load(mpsc::SyncSender<Result<Snapshot, StoreError>>),
+    LoadDocuments(
+        String,
+        mpsc::SyncSender<Result<Vec<(String, String)>, StoreError>>,
+    ),
     /// Commit everything queued before this, then exit.
     Shutdown,
 }
@@ -343,6 +360,17 @@ impl Store {
         self.inner
             .tx
             .send(Msg::Load(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Every document of `kind` (see [`Op::PutDoc`]) as `(id, body)`, after everything queued
+    /// before the call committed. Blocking: for start-up.
+    pub fn load_documents(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inner
+            .tx
+            .send(Msg::LoadDocuments(kind.to_owned(), tx))
             .map_err(|_| StoreError::Closed)?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
     }

@@ -28,10 +28,23 @@ use std::time::Duration;
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Schema steps; step `i` brings the database to version `i + 1`. Append only.
-const MIGRATIONS: &[Migration] = &[v1_registry];
+const MIGRATIONS: &[Migration] = &[v1_registry, v2_documents];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Documents of modules that own their state (OTA jobs and tasks, migrations, export jobs):
+/// JSON bodies keyed by `(kind, id)`, written through [`Op::PutDoc`].
+fn v2_documents(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE documents (
+             kind TEXT NOT NULL,
+             id   TEXT NOT NULL,
+             body TEXT NOT NULL,
+             PRIMARY KEY (kind, id)
+         ) WITHOUT ROWID;",
+    )
+}
 
 fn v1_registry(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(
@@ -230,11 +243,31 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![product_key, device_name, module, version, reported_at_ms])?;
         }
+        Op::PutDoc { kind, id, body } => {
+            conn.prepare_cached(
+                "INSERT INTO documents (kind, id, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+            )?
+            .execute(params![kind, id, body])?;
+        }
+        Op::DeleteDoc { kind, id } => {
+            conn.prepare_cached("DELETE FROM documents WHERE kind = ?1 AND id = ?2")?
+                .execute(params![kind, id])?;
+        }
     }
     Ok(())
 }
 
 impl StoreBackend for SqliteBackend {
+    fn load_documents(&mut self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let docs = self
+            .conn
+            .prepare_cached("SELECT id, body FROM documents WHERE kind = ?1 ORDER BY id")?
+            .query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(docs)
+    }
+
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let conn = &self.conn;
         let instances = conn

@@ -121,7 +121,55 @@ async fn write_close_reopen_loads_everything_back() {
 
     let backend = SqliteBackend::open(&path, Synchronous::Normal).unwrap();
     assert_eq!(backend.schema_version().unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 1);
+    assert_eq!(SCHEMA_VERSION, 2);
+}
+
+#[tokio::test]
+async fn documents_round_trip_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::db_path(dir.path());
+    let store = Store::open(&path, metrics()).unwrap();
+    let put = |kind: &'static str, id: &str, body: &str| Op::PutDoc {
+        kind,
+        id: id.to_owned(),
+        body: body.to_owned(),
+    };
+    store
+        .submit(vec![
+            put("ota.job", "j2", "{\"n\":2}"),
+            put("ota.job", "j1", "{}"),
+            put("ota.task", "t1", "[]"),
+        ])
+        .await
+        .unwrap();
+    store
+        .submit(vec![put("ota.job", "j1", "{\"n\":1}")])
+        .await
+        .unwrap();
+    store
+        .submit(vec![
+            Op::DeleteDoc {
+                kind: "ota.task",
+                id: "t1".into(),
+            },
+            Op::DeleteDoc {
+                kind: "ota.task",
+                id: "nope".into(),
+            },
+        ])
+        .await
+        .unwrap();
+    store.close();
+    let store = Store::open(&path, metrics()).unwrap();
+    assert_eq!(
+        store.load_documents("ota.job").unwrap(),
+        vec![
+            ("j1".to_owned(), "{\"n\":1}".to_owned()),
+            ("j2".to_owned(), "{\"n\":2}".to_owned())
+        ]
+    );
+    assert!(store.load_documents("ota.task").unwrap().is_empty());
+    store.close();
 }
 
 #[tokio::test]

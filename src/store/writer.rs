@@ -32,6 +32,9 @@ pub(super) fn run<B: StoreBackend>(mut backend: B, rx: Receiver<Msg>, metrics: A
             Msg::Load(reply) => {
                 let _ = reply.send(backend.load());
             }
+            Msg::LoadDocuments(kind, reply) => {
+                let _ = reply.send(backend.load_documents(&kind));
+            }
             Msg::Submit { ops, reply } => {
                 let mut op_count = ops.len();
                 let mut batch = vec![(ops, reply)];

@@ -16,9 +16,14 @@ async fn every_sign_method_connects() {
     for method in SignMethod::ALL {
         for ts in [None, Some(secs.clone()), Some(millis.clone())] {
             for secure_mode in [2, 3] {
-                let creds = LinkCredentials::new(&pk, "dev-auth", &secret, method, secure_mode, ts.clone());
+                let creds =
+                    LinkCredentials::new(&pk, "dev-auth", &secret, method, secure_mode, ts.clone());
                 let dev = try_connect(app.mqtt_addr(), &creds).await;
-                assert!(dev.is_ok(), "{method} ts={ts:?} securemode={secure_mode}: {:?}", dev.err());
+                assert!(
+                    dev.is_ok(),
+                    "{method} ts={ts:?} securemode={secure_mode}: {:?}",
+                    dev.err()
+                );
                 let dev = dev.unwrap();
                 dev.client.disconnect().await.unwrap();
             }
@@ -44,21 +49,35 @@ async fn refusals_have_real_codes_and_are_counted() {
 
     // Wrong secret.
     let bad = credentials(&pk, "dev-ok", "not-the-secret");
-    assert_eq!(try_connect(app.mqtt_addr(), &bad).await.err(), Some(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(
+        try_connect(app.mqtt_addr(), &bad).await.err(),
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
     // Unknown device.
     let unknown = credentials(&pk, "dev-nobody", &secret);
-    assert_eq!(try_connect(app.mqtt_addr(), &unknown).await.err(), Some(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(
+        try_connect(app.mqtt_addr(), &unknown).await.err(),
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
     // Disabled device with its right secret.
     let d = app.device(&pk, "dev-off").await;
     let off = credentials(&pk, "dev-off", d["device_secret"].as_str().unwrap());
-    assert_eq!(try_connect(app.mqtt_addr(), &off).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        try_connect(app.mqtt_addr(), &off).await.err(),
+        Some(ConnectReturnCode::NotAuthorized)
+    );
     // Malformed client id (no |params|).
     let mut malformed = credentials(&pk, "dev-ok", &secret);
     malformed.client_id = "just-a-client-id".into();
     assert!(try_connect(app.mqtt_addr(), &malformed).await.is_err());
 
     let m = app.metrics().await;
-    for reason in ["bad_signature", "unknown_device", "disabled_device", "malformed_client_id"] {
+    for reason in [
+        "bad_signature",
+        "unknown_device",
+        "disabled_device",
+        "malformed_client_id",
+    ] {
         let line = format!("fleetgate_mqtt_connects_refused_total{{reason=\"{reason}\"}} 1");
         assert!(m.contains(&line), "missing `{line}` in\n{m}");
     }

@@ -5,7 +5,9 @@
 use fleetgate::app::Application;
 use fleetgate::config::{Overrides, Secret, Settings, TokenSetting};
 use fleetgate_topics::sign::{LinkCredentials, SignMethod};
-use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
+};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -40,7 +42,9 @@ pub async fn spawn_app() -> TestApp {
         token: Secret::new(VIEWER_TOKEN),
         role: "viewer".into(),
     });
-    let app = Application::build(settings.clone()).await.expect("app starts");
+    let app = Application::build(settings.clone())
+        .await
+        .expect("app starts");
     TestApp {
         app: Some(app),
         settings,
@@ -65,7 +69,9 @@ impl TestApp {
     /// Stop the gateway cleanly and start it again on the same data dir (new ports).
     pub async fn restart(&mut self) {
         self.stop().await;
-        let app = Application::build(self.settings.clone()).await.expect("app restarts");
+        let app = Application::build(self.settings.clone())
+            .await
+            .expect("app restarts");
         self.app = Some(app);
     }
 
@@ -76,14 +82,22 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.request(reqwest::Method::GET, path, None, Some(ADMIN_TOKEN)).await
+        self.request(reqwest::Method::GET, path, None, Some(ADMIN_TOKEN))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.request(reqwest::Method::POST, path, Some(body), Some(ADMIN_TOKEN)).await
+        self.request(reqwest::Method::POST, path, Some(body), Some(ADMIN_TOKEN))
+            .await
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -102,26 +116,43 @@ impl TestApp {
     pub async fn create_product(&self, name: &str) -> String {
         let (status, body) = self.post("/api/v1/products", json!({ "name": name })).await;
         assert_eq!(status, 201, "{body}");
-        body["product_key"].as_str().expect("product_key").to_owned()
+        body["product_key"]
+            .as_str()
+            .expect("product_key")
+            .to_owned()
     }
 
     /// Create a device and return its secret.
     pub async fn create_device(&self, pk: &str, dn: &str) -> String {
         let (status, body) = self
-            .post(&format!("/api/v1/products/{pk}/devices"), json!({ "device_name": dn }))
+            .post(
+                &format!("/api/v1/products/{pk}/devices"),
+                json!({ "device_name": dn }),
+            )
             .await;
         assert_eq!(status, 201, "{body}");
-        body["device_secret"].as_str().expect("device_secret").to_owned()
+        body["device_secret"]
+            .as_str()
+            .expect("device_secret")
+            .to_owned()
     }
 
     pub async fn device(&self, pk: &str, dn: &str) -> Value {
-        let (status, body) = self.get(&format!("/api/v1/products/{pk}/devices/{dn}")).await;
+        let (status, body) = self
+            .get(&format!("/api/v1/products/{pk}/devices/{dn}"))
+            .await;
         assert_eq!(status, 200, "{body}");
         body
     }
 
     /// Poll a device until `pred` holds (the gateway applies MQTT events asynchronously).
-    pub async fn wait_device(&self, pk: &str, dn: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_device(
+        &self,
+        pk: &str,
+        dn: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let d = self.device(pk, dn).await;
@@ -136,7 +167,14 @@ impl TestApp {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -165,9 +203,14 @@ pub fn credentials(pk: &str, dn: &str, secret: &str) -> LinkCredentials {
 }
 
 /// Connect and wait for the CONNACK: `Ok(device)` or `Err(return code)`.
-pub async fn try_connect(addr: SocketAddr, creds: &LinkCredentials) -> Result<Device, ConnectReturnCode> {
+pub async fn try_connect(
+    addr: SocketAddr,
+    creds: &LinkCredentials,
+) -> Result<Device, ConnectReturnCode> {
     let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
-    let first = tokio::time::timeout(WAIT, eventloop.poll()).await.expect("CONNACK in time");
+    let first = tokio::time::timeout(WAIT, eventloop.poll())
+        .await
+        .expect("CONNACK in time");
     match first {
         Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {}
         Ok(Event::Incoming(Packet::ConnAck(ack))) => return Err(ack.code),
@@ -197,7 +240,11 @@ fn spawn_eventloop(client: AsyncClient, mut eventloop: EventLoop) -> Device {
             }
         }
     });
-    Device { client, incoming, task }
+    Device {
+        client,
+        incoming,
+        task,
+    }
 }
 
 impl Device {

@@ -38,7 +38,14 @@ async fn vendor_python_sdk_connects_reports_and_posts() {
         std::time::Duration::from_secs(60),
         tokio::process::Command::new(&python)
             .arg(&script)
-            .args(["127.0.0.1", &addr.port().to_string(), &pk, "py-dev-1", &secret, "4.5.6"])
+            .args([
+                "127.0.0.1",
+                &addr.port().to_string(),
+                &pk,
+                "py-dev-1",
+                &secret,
+                "4.5.6",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output(),
@@ -48,11 +55,25 @@ async fn vendor_python_sdk_connects_reports_and_posts() {
     .expect("SDK script runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK script failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    assert!(stdout.contains(r#""step": "property_post_reply", "code": 200"#), "{stdout}");
+    assert!(
+        out.status.success(),
+        "SDK script failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains(r#""step": "property_post_reply", "code": 200"#),
+        "{stdout}"
+    );
 
-    let d = app.wait_device(&pk, "py-dev-1", "the SDK's version", |d| d["versions"]["default"] == "4.5.6").await;
+    let d = app
+        .wait_device(&pk, "py-dev-1", "the SDK's version", |d| {
+            d["versions"]["default"] == "4.5.6"
+        })
+        .await;
     assert!(d["last_seen_ms"].as_i64().unwrap_or(0) > 0, "{d}");
     let m = app.metrics().await;
-    assert!(m.contains(r#"fleetgate_mqtt_messages_total{kind="property_post"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"fleetgate_mqtt_messages_total{kind="property_post"} 1"#),
+        "{m}"
+    );
 }

@@ -15,7 +15,12 @@ async fn a_device_cannot_report_for_or_listen_to_another() {
 
     // A publishes B's version report: ignored.
     a.client
-        .publish(format!("/ota/device/inform/{pk}/dev-b"), QoS::AtLeastOnce, false, r#"{"id":1,"params":{"version":"6.6.6"}}"#)
+        .publish(
+            format!("/ota/device/inform/{pk}/dev-b"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":1,"params":{"version":"6.6.6"}}"#,
+        )
         .await
         .unwrap();
     a.client
@@ -29,12 +34,26 @@ async fn a_device_cannot_report_for_or_listen_to_another() {
         .unwrap();
     // Then its own: processed. Once A's own report shows, B's would have too.
     a.client
-        .publish(format!("/ota/device/inform/{pk}/dev-a"), QoS::AtLeastOnce, false, r#"{"id":2,"params":{"version":"1.0.0"}}"#)
+        .publish(
+            format!("/ota/device/inform/{pk}/dev-a"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":2,"params":{"version":"1.0.0"}}"#,
+        )
         .await
         .unwrap();
-    app.wait_device(&pk, "dev-a", "own version", |d| d["versions"]["default"] == "1.0.0").await;
+    app.wait_device(&pk, "dev-a", "own version", |d| {
+        d["versions"]["default"] == "1.0.0"
+    })
+    .await;
     let b = app.device(&pk, "dev-b").await;
-    assert!(b["versions"].as_object().map(|v| v.is_empty()).unwrap_or(true), "{b}");
+    assert!(
+        b["versions"]
+            .as_object()
+            .map(|v| v.is_empty())
+            .unwrap_or(true),
+        "{b}"
+    );
 
     // A cannot subscribe to B's upgrade topic, nor to wildcards spanning devices.
     for filter in [
@@ -43,15 +62,33 @@ async fn a_device_cannot_report_for_or_listen_to_another() {
         "#".to_owned(),
     ] {
         a.client.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
-        let ack = a.wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
-        let Packet::SubAck(ack) = ack else { unreachable!() };
-        assert_eq!(ack.return_codes, vec![SubscribeReasonCode::Failure], "{filter}");
+        let ack = a
+            .wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_)))
+            .await;
+        let Packet::SubAck(ack) = ack else {
+            unreachable!()
+        };
+        assert_eq!(
+            ack.return_codes,
+            vec![SubscribeReasonCode::Failure],
+            "{filter}"
+        );
     }
     // Its own upgrade topic is fine.
-    a.client.subscribe(format!("/ota/device/upgrade/{pk}/dev-a"), QoS::AtLeastOnce).await.unwrap();
-    let ack = a.wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
-    let Packet::SubAck(ack) = ack else { unreachable!() };
-    assert!(matches!(ack.return_codes[0], SubscribeReasonCode::Success(_)));
+    a.client
+        .subscribe(format!("/ota/device/upgrade/{pk}/dev-a"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let ack = a
+        .wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_)))
+        .await;
+    let Packet::SubAck(ack) = ack else {
+        unreachable!()
+    };
+    assert!(matches!(
+        ack.return_codes[0],
+        SubscribeReasonCode::Success(_)
+    ));
 
     let m = app.metrics().await;
     assert!(m.contains("fleetgate_mqtt_acl_denied_total"), "{m}");

@@ -6,24 +6,52 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 fn assert_error_body(body: &Value, code_prefix: &str) {
-    assert!(body["error_code"].as_str().unwrap_or("").starts_with(code_prefix), "{body}");
-    assert!(body["error_msg"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error_code"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(code_prefix),
+        "{body}"
+    );
+    assert!(
+        body["error_msg"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(body.get("error_ext_msg").is_some(), "{body}");
-    assert!(body["request_id"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["request_id"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
 }
 
 #[tokio::test]
 async fn auth_is_required_and_roles_are_enforced() {
     let app = spawn_app().await;
-    let (s, body) = app.request(Method::GET, "/api/v1/products", None, None).await;
+    let (s, body) = app
+        .request(Method::GET, "/api/v1/products", None, None)
+        .await;
     assert_eq!(s, 401);
     assert_error_body(&body, "FG.");
-    let (s, _) = app.request(Method::GET, "/api/v1/products", None, Some("wrong-token-wrong-token")).await;
+    let (s, _) = app
+        .request(
+            Method::GET,
+            "/api/v1/products",
+            None,
+            Some("wrong-token-wrong-token"),
+        )
+        .await;
     assert_eq!(s, 401);
-    let (s, _) = app.request(Method::GET, "/api/v1/products", None, Some(VIEWER_TOKEN)).await;
+    let (s, _) = app
+        .request(Method::GET, "/api/v1/products", None, Some(VIEWER_TOKEN))
+        .await;
     assert_eq!(s, 200);
     let (s, body) = app
-        .request(Method::POST, "/api/v1/products", Some(json!({"name": "x"})), Some(VIEWER_TOKEN))
+        .request(
+            Method::POST,
+            "/api/v1/products",
+            Some(json!({"name": "x"})),
+            Some(VIEWER_TOKEN),
+        )
         .await;
     assert_eq!(s, 403);
     assert_error_body(&body, "FG.");
@@ -55,16 +83,31 @@ async fn errors_use_the_standard_body() {
     assert_error_body(&body, "FG.");
 
     let pk = app.create_product("errs").await;
-    let (s, body) = app.get(&format!("/api/v1/products/{pk}/devices/nobody")).await;
+    let (s, body) = app
+        .get(&format!("/api/v1/products/{pk}/devices/nobody"))
+        .await;
     assert_eq!(s, 404);
     assert_error_body(&body, "FG.");
 
-    let (s, body) = app.post(&format!("/api/v1/products/{pk}/devices"), json!({"device_name": "x"})).await;
+    let (s, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/devices"),
+            json!({"device_name": "x"}),
+        )
+        .await;
     assert_eq!(s, 400);
-    assert!(body["error_msg"].as_str().unwrap().contains("device_name"), "{body}");
+    assert!(
+        body["error_msg"].as_str().unwrap().contains("device_name"),
+        "{body}"
+    );
 
     app.create_device(&pk, "dup-1").await;
-    let (s, body) = app.post(&format!("/api/v1/products/{pk}/devices"), json!({"device_name": "dup-1"})).await;
+    let (s, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/devices"),
+            json!({"device_name": "dup-1"}),
+        )
+        .await;
     assert_eq!(s, 409);
     assert_error_body(&body, "FG.");
 }
@@ -94,7 +137,11 @@ async fn paging_and_batch_create() {
     assert_eq!(body["created"], 25, "{body}");
     assert_eq!(body["failed"], 2, "{body}");
 
-    let (s, page2) = app.get(&format!("/api/v1/products/{pk}/devices?page=2&page_size=10")).await;
+    let (s, page2) = app
+        .get(&format!(
+            "/api/v1/products/{pk}/devices?page=2&page_size=10"
+        ))
+        .await;
     assert_eq!(s, 200, "{page2}");
     assert_eq!(page2["total"], 25);
     assert_eq!(page2["items"].as_array().unwrap().len(), 10);
@@ -102,14 +149,25 @@ async fn paging_and_batch_create() {
     // Lists never carry secrets.
     assert!(page2["items"][0].get("device_secret").is_none(), "{page2}");
 
-    let (s, body) = app.get(&format!("/api/v1/products/{pk}/devices?page_size=1000")).await;
+    let (s, body) = app
+        .get(&format!("/api/v1/products/{pk}/devices?page_size=1000"))
+        .await;
     assert_eq!(s, 400, "{body}");
 
     // More than 10,000 rows is refused as a whole.
-    let rows: Vec<Value> = (0..10_001).map(|i| json!({"device_name": format!("big-{i:05}")})).collect();
-    let (s, body) = app.post(&format!("/api/v1/products/{pk}/devices/batch"), json!({ "devices": rows })).await;
+    let rows: Vec<Value> = (0..10_001)
+        .map(|i| json!({"device_name": format!("big-{i:05}")}))
+        .collect();
+    let (s, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/devices/batch"),
+            json!({ "devices": rows }),
+        )
+        .await;
     assert!(s == 400 || s == 413, "{s} {body}");
-    let (_, list) = app.get(&format!("/api/v1/products/{pk}/devices?page_size=1")).await;
+    let (_, list) = app
+        .get(&format!("/api/v1/products/{pk}/devices?page_size=1"))
+        .await;
     assert_eq!(list["total"], 25);
 }
 
@@ -119,7 +177,8 @@ async fn disabling_a_device_drops_its_session() {
     let pk = app.create_product("kick").await;
     let secret = app.create_device(&pk, "k-0001").await;
     let mut dev = connect(app.mqtt_addr(), &credentials(&pk, "k-0001", &secret)).await;
-    app.wait_device(&pk, "k-0001", "online", |d| d["online"] == true).await;
+    app.wait_device(&pk, "k-0001", "online", |d| d["online"] == true)
+        .await;
     let (s, body) = app
         .request(
             Method::PATCH,
@@ -130,5 +189,6 @@ async fn disabling_a_device_drops_its_session() {
         .await;
     assert_eq!(s, 200, "{body}");
     assert!(dev.closed_within(WAIT).await, "session survived disabling");
-    app.wait_device(&pk, "k-0001", "offline", |d| d["online"] == false).await;
+    app.wait_device(&pk, "k-0001", "offline", |d| d["online"] == false)
+        .await;
 }

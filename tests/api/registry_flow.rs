@@ -14,13 +14,20 @@ async fn online_offline_and_versions_are_visible_and_survive_restart() {
     assert_eq!(d["online"], false);
 
     let dev = connect(app.mqtt_addr(), &credentials(&pk, "t-0001", &secret)).await;
-    let d = app.wait_device(&pk, "t-0001", "online", |d| d["online"] == true).await;
+    let d = app
+        .wait_device(&pk, "t-0001", "online", |d| d["online"] == true)
+        .await;
     assert_eq!(d["client_ip"], "127.0.0.1");
     assert!(d["last_seen_ms"].as_i64().unwrap() > 0);
 
     // Version reports: default module and a named one, id as number and as string.
     dev.client
-        .publish(format!("/ota/device/inform/{pk}/t-0001"), QoS::AtLeastOnce, false, r#"{"id":1,"params":{"version":"1.0.0"}}"#)
+        .publish(
+            format!("/ota/device/inform/{pk}/t-0001"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":1,"params":{"version":"1.0.0"}}"#,
+        )
         .await
         .unwrap();
     dev.client
@@ -38,7 +45,8 @@ async fn online_offline_and_versions_are_visible_and_survive_restart() {
     .await;
 
     dev.client.disconnect().await.unwrap();
-    app.wait_device(&pk, "t-0001", "offline", |d| d["online"] == false).await;
+    app.wait_device(&pk, "t-0001", "offline", |d| d["online"] == false)
+        .await;
 
     app.restart().await;
     let d = app.device(&pk, "t-0001").await;
@@ -48,7 +56,8 @@ async fn online_offline_and_versions_are_visible_and_survive_restart() {
     assert!(d["last_seen_ms"].as_i64().unwrap() > 0);
     // The same secret still works after the restart.
     connect(app.mqtt_addr(), &credentials(&pk, "t-0001", &secret)).await;
-    app.wait_device(&pk, "t-0001", "online again", |d| d["online"] == true).await;
+    app.wait_device(&pk, "t-0001", "online again", |d| d["online"] == true)
+        .await;
 }
 
 #[tokio::test]
@@ -58,8 +67,12 @@ async fn property_posts_are_answered_on_their_reply_topic() {
     let secret = app.create_device(&pk, "m-0001").await;
     let mut dev = connect(app.mqtt_addr(), &credentials(&pk, "m-0001", &secret)).await;
     let reply_topic = format!("/sys/{pk}/m-0001/thing/event/property/post_reply");
-    dev.client.subscribe(&reply_topic, QoS::AtLeastOnce).await.unwrap();
-    dev.wait_packet("SUBACK", |p| matches!(p, rumqttc::Packet::SubAck(_))).await;
+    dev.client
+        .subscribe(&reply_topic, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    dev.wait_packet("SUBACK", |p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await;
 
     let post = format!("/sys/{pk}/m-0001/thing/event/property/post");
     dev.client
@@ -73,10 +86,16 @@ async fn property_posts_are_answered_on_their_reply_topic() {
     assert_eq!(body["id"], "7");
 
     // Malformed JSON gets an error code, never a 200, and is counted.
-    dev.client.publish(&post, QoS::AtLeastOnce, false, "{not json").await.unwrap();
+    dev.client
+        .publish(&post, QoS::AtLeastOnce, false, "{not json")
+        .await
+        .unwrap();
     let reply = dev.next_publish().await;
     let body: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_ne!(body["code"], 200, "{body}");
     let m = app.metrics().await;
-    assert!(m.contains(r#"fleetgate_mqtt_malformed_messages_total{kind="property_post"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"fleetgate_mqtt_malformed_messages_total{kind="property_post"} 1"#),
+        "{m}"
+    );
 }
