@@ -152,6 +152,64 @@ pub(crate) fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::routing::get;
+    use axum::Router;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    use tower_http::catch_panic::CatchPanicLayer;
+
+    /// The same outer layers as `api::router`, around routes that misbehave.
+    fn layered(metrics: Arc<Metrics>) -> Router {
+        Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("secret detail");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route(
+                "/bare",
+                get(|| async { (StatusCode::TOO_MANY_REQUESTS, "slow down") }),
+            )
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(axum::middleware::from_fn_with_state(metrics, observe))
+    }
+
+    async fn call(router: Router, uri: &str) -> (StatusCode, HeaderValue, serde_json::Value) {
+        let req = axum::http::Request::get(uri).body(Body::empty()).unwrap();
+        let resp = router.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let rid = resp.headers()[&REQUEST_ID_HEADER].clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, rid, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_a_500_in_the_standard_body_without_the_detail() {
+        let metrics = Arc::new(Metrics::new());
+        let (status, rid, body) = call(layered(metrics.clone()), "/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error_code"], "FG.0500");
+        assert_eq!(body["request_id"], rid.to_str().unwrap());
+        assert!(!body.to_string().contains("secret detail"), "{body}");
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"fleetgate_http_requests_total{class="5xx"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bare_error_responses_get_the_standard_body() {
+        let metrics = Arc::new(Metrics::new());
+        let (status, rid, body) = call(layered(metrics), "/bare").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body["error_code"], "FG.0429");
+        assert_eq!(body["request_id"], rid.to_str().unwrap());
+    }
 
     #[test]
     fn request_ids_are_sanitised() {
