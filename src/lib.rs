@@ -14,3 +14,5 @@
 pub mod api;
 pub mod broker;
 pub mod metrics;
+pub mod registry;
+pub mod store;

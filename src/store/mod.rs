@@ -1,0 +1,358 @@
+//! Durable persistence: one writer thread, group-committed transactions, rebuild on start.
+//!
+//! # Shape
+//!
+//! ```text
+//! registry / ota / migration ──Store::submit(Vec<Op>)──► channel ──► writer thread ──► StoreBackend
+//!          ▲                                                           (one transaction per drain)
+//!          └──────────── Ticket resolves once the transaction committed ◄──┘
+//! ```
+//!
+//! - [`Store`] is a cheap, cloneable handle. It owns ONE writer thread that owns the backend
+//!   (the SQLite connection); nobody else touches the database, so there is no lock contention
+//!   and no `SQLITE_BUSY`.
+//! - Callers submit a *submission* (a `Vec<Op>`) and get a [`Ticket`]. A submission is atomic:
+//!   all of its ops commit or none do. The writer drains everything queued when it wakes up and
+//!   commits it in one transaction (group commit): under load one fsync covers hundreds of
+//!   submissions, so "acknowledge only once durable" stays cheap.
+//! - A submission that fails (e.g. a foreign key) is rolled back alone through a savepoint; the
+//!   others in the same transaction still commit.
+//! - Order is FIFO: a ticket resolving means everything submitted before it is committed too,
+//!   which is what [`Store::flush`] relies on. Callers that need per-key ordering (the registry)
+//!   submit while holding that key's in-memory lock, so log order = memory order.
+//!
+//! # Extending (OTA jobs, migrations, outbox)
+//!
+//! Ops are a closed enum ([`Op`]) on purpose: every write is typed, reviewed SQL lives in one
+//! place per backend, and a PostgreSQL backend is a second `match` rather than a SQL dialect
+//! translation of free-form statements. A new module adds (1) a schema step to
+//! `sqlite::MIGRATIONS` (append-only, numbered), (2) its variants to [`Op`] with a match arm in
+//! each backend, and (3) its fields to [`Snapshot`] filled by `load`. The writer, the tickets and
+//! group commit are untouched.
+//!
+//! This module knows nothing of the registry's in-memory model; it stores plain records.
+
+mod sqlite;
+mod writer;
+
+pub use sqlite::{SqliteBackend, Synchronous, SCHEMA_VERSION};
+
+use crate::metrics::Metrics;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use tokio::sync::oneshot;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE_NAME: &str = "fleetgate.db";
+
+/// Errors of the store. Cloneable because one failed transaction fails every ticket in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(Arc<rusqlite::Error>),
+    #[error("cannot create data directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    #[error("database schema version {found} is newer than this build supports ({supported})")]
+    SchemaTooNew { found: u32, supported: u32 },
+    #[error("corrupt stored value in {what}: {message}")]
+    Corrupt { what: &'static str, message: String },
+    #[error("cannot start the store writer thread: {0}")]
+    Spawn(Arc<std::io::Error>),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(Arc::new(e))
+    }
+}
+
+/// An instance as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub instance_id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+/// A product as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductRecord {
+    pub product_key: String,
+    pub product_secret: String,
+    pub name: String,
+    pub instance_id: String,
+    pub description: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// The operator-configured part of a device ([`Op::PutDevice`] writes exactly these columns;
+/// connection state and versions have their own ops so they never overwrite each other).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub product_key: String,
+    pub device_name: String,
+    pub device_secret: String,
+    pub instance_id: String,
+    pub enabled: bool,
+    pub tags: BTreeMap<String, String>,
+    pub created_at_ms: i64,
+}
+
+/// A device as loaded: its record plus the state the gateway observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDevice {
+    pub record: DeviceRecord,
+    pub last_seen_ms: Option<i64>,
+    pub client_ip: Option<String>,
+    /// module -> last reported version.
+    pub versions: BTreeMap<String, String>,
+}
+
+/// Everything in the store, read once at start to rebuild the in-memory state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub instances: Vec<InstanceRecord>,
+    pub products: Vec<ProductRecord>,
+    pub devices: Vec<StoredDevice>,
+}
+
+/// One write. Extend this enum (and each backend's `match`) for new tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or update an instance.
+    PutInstance(InstanceRecord),
+    /// Insert or update a product (never touches its devices).
+    PutProduct(ProductRecord),
+    /// Delete a product; fails (foreign key) while it still has devices.
+    DeleteProduct { product_key: String },
+    /// Insert or update a device's configured columns (secret, instance, enabled, tags).
+    PutDevice(DeviceRecord),
+    /// Delete a device and its reported versions.
+    DeleteDevice {
+        product_key: String,
+        device_name: String,
+    },
+    /// Last connection event: `last_seen_ms` and the client address. A missing device is a no-op
+    /// (it may have been deleted while connected).
+    SetConnection {
+        product_key: String,
+        device_name: String,
+        last_seen_ms: i64,
+        client_ip: Option<String>,
+    },
+    /// A device reported `version` for `module`.
+    SetVersion {
+        product_key: String,
+        device_name: String,
+        module: String,
+        version: String,
+        reported_at_ms: i64,
+    },
+}
+
+/// A durable storage engine. Implemented by [`SqliteBackend`]; a PostgreSQL backend implements
+/// the same two calls. Only the writer thread calls them, so `&mut self` needs no locking.
+pub trait StoreBackend: Send + 'static {
+    /// Reads everything (used at start).
+    fn load(&mut self) -> Result<Snapshot, StoreError>;
+
+    /// Applies `submissions` in ONE transaction. Each submission is atomic on its own: one that
+    /// fails is rolled back alone and its slot in the returned vector is `Err`, the others still
+    /// commit. `Err` from the call itself means the transaction as a whole did not commit.
+    fn commit(&mut self, submissions: &[&[Op]]) -> Result<Vec<Result<(), StoreError>>, StoreError>;
+}
+
+/// Resolves once the transaction holding the submission committed (or failed).
+///
+/// Dropping a ticket does not cancel the write; fire-and-forget callers simply drop it.
+#[must_use = "a ticket does nothing unless awaited; drop it explicitly for fire-and-forget writes"]
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+impl Future for Ticket {
+    type Output = Result<(), StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
+/// How the writer reports a submission's outcome.
+pub(crate) enum Reply {
+    /// Async caller awaiting a [`Ticket`].
+    Ticket(oneshot::Sender<Result<(), StoreError>>),
+    /// Synchronous caller blocked on a std channel (usable inside or outside a runtime).
+    Blocking(mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), StoreError>) {
+        // The caller may have gone away (dropped ticket); that is fine.
+        match self {
+            Reply::Ticket(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// Messages to the writer thread.
+pub(crate) enum Msg {
+    Submit {
+        ops: Vec<Op>,
+        reply: Reply,
+    },
+    Load(mpsc::SyncSender<Result<Snapshot, StoreError>>),
+    /// Commit everything queued before this, then exit.
+    Shutdown,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            let _ = self.tx.send(Msg::Shutdown);
+            if handle.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Handle to the store: cheap to clone; the last clone dropped (or [`Store::close`]) commits
+/// whatever is queued and joins the writer thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// `{data_dir}/fleetgate.db`.
+    pub fn db_path(data_dir: &Path) -> PathBuf {
+        data_dir.join(DB_FILE_NAME)
+    }
+
+    /// Opens (creating if needed, with its parent directory) the SQLite database at `path`,
+    /// migrates its schema and starts the writer.
+    pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                path: dir.to_path_buf(),
+                source: Arc::new(e),
+            })?;
+        }
+        let backend = SqliteBackend::open(path, Synchronous::Full)?;
+        Store::with_backend(backend, metrics)
+    }
+
+    /// A private in-memory SQLite database (tests, dry runs). Gone when the store closes.
+    pub fn open_in_memory(metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        Store::with_backend(SqliteBackend::open_in_memory()?, metrics)
+    }
+
+    /// Starts the writer thread over any backend.
+    pub fn with_backend<B: StoreBackend>(
+        backend: B,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("fleetgate-store".into())
+            .spawn(move || writer::run(backend, rx, metrics))
+            .map_err(|e| StoreError::Spawn(Arc::new(e)))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                tx,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// Queues `ops` as one atomic submission. Never blocks; the ticket resolves once committed.
+    pub fn submit(&self, ops: Vec<Op>) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        // If the writer is gone the reply sender is dropped with the message, so the ticket
+        // resolves to `Closed`.
+        let _ = self.inner.tx.send(Msg::Submit {
+            ops,
+            reply: Reply::Ticket(tx),
+        });
+        Ticket { rx }
+    }
+
+    /// Queues `ops` and blocks the calling thread until committed. Safe inside a tokio runtime
+    /// (it does not use tokio's blocking primitives) but it does block that worker: use it only
+    /// at start-up.
+    pub fn submit_blocking(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inner
+            .tx
+            .send(Msg::Submit {
+                ops,
+                reply: Reply::Blocking(tx),
+            })
+            .map_err(|_| StoreError::Closed)?;
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Resolves once everything submitted before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.submit(Vec::new()).await
+    }
+
+    /// Reads everything, after committing whatever is queued. Blocks the calling thread (start-up).
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inner
+            .tx
+            .send(Msg::Load(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Commits everything queued, stops and joins the writer. Later submissions through other
+    /// clones of this handle fail with [`StoreError::Closed`].
+    pub fn close(self) {
+        self.inner.shutdown();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
