@@ -338,3 +338,36 @@ pub async fn delete_device(
     (state.on_device_revoked)(&pk, &dn);
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `batch` is a valid device name, but the static `…/devices/batch` route wins over
+/// `…/devices/{dn}`; these give such a device its GET/PATCH/DELETE back (same handlers, same
+/// role checks), so only `POST …/devices/batch` means "batch create".
+pub(crate) mod named_batch {
+    use super::*;
+
+    const NAME: &str = "batch";
+
+    pub async fn get(
+        state: State<ApiState>,
+        ApiPath(pk): ApiPath<String>,
+    ) -> Result<Json<Device>, ApiError> {
+        get_device(state, ApiPath((pk, NAME.to_owned()))).await
+    }
+
+    pub async fn patch(
+        op: RequireOperator,
+        state: State<ApiState>,
+        ApiPath(pk): ApiPath<String>,
+        body: ApiJson<UpdateDeviceRequest>,
+    ) -> Result<Json<Device>, ApiError> {
+        update_device(op, state, ApiPath((pk, NAME.to_owned())), body).await
+    }
+
+    pub async fn delete(
+        op: RequireOperator,
+        state: State<ApiState>,
+        ApiPath(pk): ApiPath<String>,
+    ) -> Result<StatusCode, ApiError> {
+        delete_device(op, state, ApiPath((pk, NAME.to_owned()))).await
+    }
+}

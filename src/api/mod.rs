@@ -153,7 +153,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         )
         .route(
             "/api/v1/products/{pk}/devices/batch",
-            post(batch::batch_create_devices),
+            post(batch::batch_create_devices)
+                .get(devices::named_batch::get)
+                .patch(devices::named_batch::patch)
+                .delete(devices::named_batch::delete),
         )
         .route(
             "/api/v1/products/{pk}/devices/{dn}",

@@ -31,18 +31,25 @@ fn test_app_with(body_limit: usize) -> TestApp {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).expect("store");
     let registry = Registry::open(store, metrics.clone()).expect("registry");
-    let tokens = Arc::new(TokenSet::new([
-        (ADMIN, Role::Admin),
-        (OPERATOR, Role::Operator),
-        (VIEWER, Role::Viewer),
-    ]));
+    // Built the way the app builds it: config tokens folded in by role name, the state as a
+    // struct literal with plain closures.
+    let tokens = [(OPERATOR, "operator"), (VIEWER, "viewer")]
+        .into_iter()
+        .try_fold(TokenSet::new([(ADMIN, Role::Admin)]), |set, (t, role)| {
+            set.with_token(t, role)
+        })
+        .expect("valid roles");
     let revoked: Revoked = Arc::default();
     let sink = revoked.clone();
-    let state = ApiState::new(registry, metrics.clone(), tokens)
-        .with_health(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"}))
-        .with_device_revoked_hook(move |pk, dn| {
+    let state = ApiState {
+        registry,
+        metrics: metrics.clone(),
+        tokens: Arc::new(tokens),
+        health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
+        on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
-        });
+        }),
+    };
     TestApp {
         router: router(state, body_limit),
         metrics,
