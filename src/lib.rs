@@ -11,6 +11,7 @@
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
 //! - [`metrics`]: Prometheus metrics shared by every component.
 
+pub mod api;
 pub mod broker;
 pub mod metrics;
 pub mod registry;

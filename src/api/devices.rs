@@ -1,0 +1,373 @@
+//! `/api/v1/products/{pk}/devices`: create, list, get, update, enable/disable, delete devices.
+//!
+//! Disabling or deleting a device calls [`ApiState::on_device_revoked`] after the registry
+//! accepted the change, so the broker drops a session the device may no longer hold.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::RequireOperator;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::{ApiState, ItemsPage};
+use crate::registry::{Device, DeviceFilter, DeviceUpdate, NewDevice, Page};
+
+/// Body of `POST /api/v1/products/{pk}/devices` (and one row of a JSON batch).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeviceRequest {
+    pub device_name: String,
+    /// Generated when absent; returned in the response either way.
+    #[serde(default)]
+    pub device_secret: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl From<CreateDeviceRequest> for NewDevice {
+    fn from(r: CreateDeviceRequest) -> Self {
+        NewDevice {
+            device_name: r.device_name,
+            device_secret: r.device_secret,
+            tags: r.tags,
+        }
+    }
+}
+
+/// Body of `PATCH …/devices/{dn}`; absent fields stay as they are, `tags` replaces the set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDeviceRequest {
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// A device in a list: everything but the secret.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeviceSummary {
+    pub product_key: String,
+    pub device_name: String,
+    pub instance_id: String,
+    pub enabled: bool,
+    pub tags: BTreeMap<String, String>,
+    pub online: bool,
+    /// Last connect or disconnect, ms since the Unix epoch.
+    pub last_seen_ms: Option<i64>,
+    pub client_ip: Option<String>,
+    /// module -> last reported firmware version.
+    pub versions: BTreeMap<String, String>,
+    pub created_at_ms: i64,
+}
+
+impl From<Device> for DeviceSummary {
+    fn from(d: Device) -> Self {
+        DeviceSummary {
+            product_key: d.product_key,
+            device_name: d.device_name,
+            instance_id: d.instance_id,
+            enabled: d.enabled,
+            tags: d.tags,
+            online: d.online,
+            last_seen_ms: d.last_seen_ms,
+            client_ip: d.client_ip,
+            versions: d.versions,
+            created_at_ms: d.created_at_ms,
+        }
+    }
+}
+
+/// `GET …/devices` query.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeviceListQuery {
+    /// 1-based page number (default 1).
+    pub page: Option<u32>,
+    /// Items per page, 1..=100 (default 20).
+    pub page_size: Option<u32>,
+    /// Only devices that are (true) or are not (false) connected.
+    pub online: Option<bool>,
+    /// `key` (devices having the tag) or `key:value` (tag with that value).
+    pub tag: Option<String>,
+}
+
+impl DeviceListQuery {
+    fn filter(&self) -> Result<DeviceFilter, ApiError> {
+        let (tag_key, tag_value) = match self.tag.as_deref() {
+            None => (None, None),
+            Some(tag) => {
+                let (k, v) = match tag.split_once(':') {
+                    Some((k, v)) => (k, Some(v.to_owned())),
+                    None => (tag, None),
+                };
+                if k.is_empty() {
+                    return Err(ApiError::invalid_field(
+                        "tag",
+                        "expected key or key:value with a non-empty key",
+                    ));
+                }
+                (Some(k.to_owned()), v)
+            }
+        };
+        Ok(DeviceFilter {
+            online: self.online,
+            tag_key,
+            tag_value,
+        })
+    }
+}
+
+/// Create one device; the response carries its `device_secret`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/products/{pk}/devices",
+    tag = "devices",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = CreateDeviceRequest,
+    responses(
+        (status = 201, description = "Created", body = Device),
+        (status = 400, description = "Invalid field", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Viewer token", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002)", body = ErrorBody),
+        (status = 409, description = "Device exists (FG.2103)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_device(
+    _op: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath(pk): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateDeviceRequest>,
+) -> Result<(StatusCode, Json<Device>), ApiError> {
+    let device = state.registry.create_device(&pk, req.into()).await?;
+    Ok((StatusCode::CREATED, Json(device)))
+}
+
+/// List a product's devices (without secrets), by name.
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{pk}/devices",
+    tag = "devices",
+    params(("pk" = String, Path, description = "Product key"), DeviceListQuery),
+    responses(
+        (status = 200, description = "One page of devices", body = ItemsPage<DeviceSummary>),
+        (status = 400, description = "Invalid query parameter", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_devices(
+    State(state): State<ApiState>,
+    ApiPath(pk): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeviceListQuery>,
+) -> Result<Json<ItemsPage<DeviceSummary>>, ApiError> {
+    let page = Page::new(
+        q.page.unwrap_or(1),
+        q.page_size.unwrap_or(Page::default().page_size),
+    )?;
+    let filter = q.filter()?;
+    let paged = state.registry.list_devices(&pk, &filter, page)?;
+    Ok(Json(ItemsPage::from_paged(paged, DeviceSummary::from)))
+}
+
+/// Get one device, with its secret.
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{pk}/devices/{dn}",
+    tag = "devices",
+    params(
+        ("pk" = String, Path, description = "Product key"),
+        ("dn" = String, Path, description = "Device name"),
+    ),
+    responses(
+        (status = 200, description = "The device", body = Device),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002) or device (FG.2003)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_device(
+    State(state): State<ApiState>,
+    ApiPath((pk, dn)): ApiPath<(String, String)>,
+) -> Result<Json<Device>, ApiError> {
+    Ok(Json(state.registry.get_device(&pk, &dn)?))
+}
+
+/// Update `enabled` and/or replace `tags`. Disabling drops the device's MQTT session.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/products/{pk}/devices/{dn}",
+    tag = "devices",
+    params(
+        ("pk" = String, Path, description = "Product key"),
+        ("dn" = String, Path, description = "Device name"),
+    ),
+    request_body = UpdateDeviceRequest,
+    responses(
+        (status = 200, description = "The updated device", body = Device),
+        (status = 400, description = "Invalid field", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Viewer token", body = ErrorBody),
+        (status = 404, description = "No such product or device", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn update_device(
+    _op: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath((pk, dn)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<UpdateDeviceRequest>,
+) -> Result<Json<Device>, ApiError> {
+    apply_update(
+        &state,
+        &pk,
+        &dn,
+        DeviceUpdate {
+            enabled: req.enabled,
+            tags: req.tags,
+        },
+    )
+    .await
+    .map(Json)
+}
+
+/// Enable a device (same as `PATCH {"enabled":true}`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/products/{pk}/devices/{dn}/enable",
+    tag = "devices",
+    params(
+        ("pk" = String, Path, description = "Product key"),
+        ("dn" = String, Path, description = "Device name"),
+    ),
+    responses(
+        (status = 200, description = "The updated device", body = Device),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Viewer token", body = ErrorBody),
+        (status = 404, description = "No such product or device", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn enable_device(
+    _op: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath((pk, dn)): ApiPath<(String, String)>,
+) -> Result<Json<Device>, ApiError> {
+    let update = DeviceUpdate {
+        enabled: Some(true),
+        tags: None,
+    };
+    apply_update(&state, &pk, &dn, update).await.map(Json)
+}
+
+/// Disable a device and drop its MQTT session (same as `PATCH {"enabled":false}`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/products/{pk}/devices/{dn}/disable",
+    tag = "devices",
+    params(
+        ("pk" = String, Path, description = "Product key"),
+        ("dn" = String, Path, description = "Device name"),
+    ),
+    responses(
+        (status = 200, description = "The updated device", body = Device),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Viewer token", body = ErrorBody),
+        (status = 404, description = "No such product or device", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn disable_device(
+    _op: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath((pk, dn)): ApiPath<(String, String)>,
+) -> Result<Json<Device>, ApiError> {
+    let update = DeviceUpdate {
+        enabled: Some(false),
+        tags: None,
+    };
+    apply_update(&state, &pk, &dn, update).await.map(Json)
+}
+
+async fn apply_update(
+    state: &ApiState,
+    pk: &str,
+    dn: &str,
+    update: DeviceUpdate,
+) -> Result<Device, ApiError> {
+    let disabling = update.enabled == Some(false);
+    let device = state.registry.update_device(pk, dn, update).await?;
+    if disabling {
+        (state.on_device_revoked)(pk, dn);
+    }
+    Ok(device)
+}
+
+/// Delete a device and drop its MQTT session.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/products/{pk}/devices/{dn}",
+    tag = "devices",
+    params(
+        ("pk" = String, Path, description = "Product key"),
+        ("dn" = String, Path, description = "Device name"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Viewer token", body = ErrorBody),
+        (status = 404, description = "No such product or device", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_device(
+    _op: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath((pk, dn)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.registry.delete_device(&pk, &dn).await?;
+    (state.on_device_revoked)(&pk, &dn);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `batch` is a valid device name, but the static `…/devices/batch` route wins over
+/// `…/devices/{dn}`; these give such a device its GET/PATCH/DELETE back (same handlers, same
+/// role checks), so only `POST …/devices/batch` means "batch create".
+pub(crate) mod named_batch {
+    use super::*;
+
+    const NAME: &str = "batch";
+
+    pub async fn get(
+        state: State<ApiState>,
+        ApiPath(pk): ApiPath<String>,
+    ) -> Result<Json<Device>, ApiError> {
+        get_device(state, ApiPath((pk, NAME.to_owned()))).await
+    }
+
+    pub async fn patch(
+        op: RequireOperator,
+        state: State<ApiState>,
+        ApiPath(pk): ApiPath<String>,
+        body: ApiJson<UpdateDeviceRequest>,
+    ) -> Result<Json<Device>, ApiError> {
+        update_device(op, state, ApiPath((pk, NAME.to_owned())), body).await
+    }
+
+    pub async fn delete(
+        op: RequireOperator,
+        state: State<ApiState>,
+        ApiPath(pk): ApiPath<String>,
+    ) -> Result<StatusCode, ApiError> {
+        delete_device(op, state, ApiPath((pk, NAME.to_owned()))).await
+    }
+}

@@ -1,0 +1,452 @@
+//! The one HTTP error type of the API and its stable code table.
+//!
+//! Every failure a client can see — handler errors, extractor rejections, unknown routes, auth —
+//! becomes an [`ApiError`] and is rendered as
+//! `{"error_code":"FG.xxxx","error_msg":"…","error_ext_msg":null,"request_id":"…"}` (the DCS-style
+//! body of the vendor seeds). `error_ext_msg` carries the offending field's path when one field is
+//! to blame and is `null` otherwise. Internal failures are logged with the request id and shown
+//! to the client only as "internal error".
+//!
+//! Codes are a public contract: never renumber one, only add.
+
+use std::fmt;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::registry::RegistryError;
+
+/// The stable error codes. `FG.0xxx` mirror the HTTP status; `FG.1xxx` are request-shape errors;
+/// `FG.2xxx` name the resource that is missing or already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// FG.0400: the request is wrong in a way no more specific code describes.
+    BadRequest,
+    /// FG.0401: no bearer token, or one the gateway does not know.
+    Unauthenticated,
+    /// FG.0403: the token's role may not do this.
+    Forbidden,
+    /// FG.0404: no such route or resource.
+    NotFound,
+    /// FG.0405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// FG.0409: the request conflicts with the current state.
+    Conflict,
+    /// FG.0413: the body is larger than the configured limit.
+    PayloadTooLarge,
+    /// FG.0429: rate limited.
+    TooManyRequests,
+    /// FG.0500: the gateway failed; details are in its log under the request id.
+    Internal,
+    /// FG.1000: the body is not valid JSON/CSV.
+    MalformedBody,
+    /// FG.1001: a field (body, query or path) has an invalid value; the field is named.
+    InvalidField,
+    /// FG.1002: a required field is missing; the field is named.
+    MissingField,
+    /// FG.1003: more items than one request may carry (e.g. >10,000 batch rows).
+    TooManyItems,
+    /// FG.1004: the body's Content-Type is not one this endpoint accepts.
+    UnsupportedMediaType,
+    /// FG.2001: no such instance.
+    InstanceNotFound,
+    /// FG.2002: no such product.
+    ProductNotFound,
+    /// FG.2003: no such device.
+    DeviceNotFound,
+    /// FG.2101: an instance with this id exists.
+    InstanceExists,
+    /// FG.2102: a product with this key exists.
+    ProductExists,
+    /// FG.2103: a device with this name exists in the product.
+    DeviceExists,
+}
+
+impl ErrorCode {
+    /// Every code, in table order (the OpenAPI description and the tests walk it).
+    pub const ALL: [ErrorCode; 20] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Conflict,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::TooManyRequests,
+        ErrorCode::Internal,
+        ErrorCode::MalformedBody,
+        ErrorCode::InvalidField,
+        ErrorCode::MissingField,
+        ErrorCode::TooManyItems,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InstanceNotFound,
+        ErrorCode::ProductNotFound,
+        ErrorCode::DeviceNotFound,
+        ErrorCode::InstanceExists,
+        ErrorCode::ProductExists,
+        ErrorCode::DeviceExists,
+    ];
+
+    /// The wire form, e.g. `FG.1001`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "FG.0400",
+            ErrorCode::Unauthenticated => "FG.0401",
+            ErrorCode::Forbidden => "FG.0403",
+            ErrorCode::NotFound => "FG.0404",
+            ErrorCode::MethodNotAllowed => "FG.0405",
+            ErrorCode::Conflict => "FG.0409",
+            ErrorCode::PayloadTooLarge => "FG.0413",
+            ErrorCode::TooManyRequests => "FG.0429",
+            ErrorCode::Internal => "FG.0500",
+            ErrorCode::MalformedBody => "FG.1000",
+            ErrorCode::InvalidField => "FG.1001",
+            ErrorCode::MissingField => "FG.1002",
+            ErrorCode::TooManyItems => "FG.1003",
+            ErrorCode::UnsupportedMediaType => "FG.1004",
+            ErrorCode::InstanceNotFound => "FG.2001",
+            ErrorCode::ProductNotFound => "FG.2002",
+            ErrorCode::DeviceNotFound => "FG.2003",
+            ErrorCode::InstanceExists => "FG.2101",
+            ErrorCode::ProductExists => "FG.2102",
+            ErrorCode::DeviceExists => "FG.2103",
+        }
+    }
+
+    /// The HTTP status this code is always sent with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest
+            | ErrorCode::MalformedBody
+            | ErrorCode::InvalidField
+            | ErrorCode::MissingField
+            | ErrorCode::UnsupportedMediaType => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound
+            | ErrorCode::InstanceNotFound
+            | ErrorCode::ProductNotFound
+            | ErrorCode::DeviceNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Conflict
+            | ErrorCode::InstanceExists
+            | ErrorCode::ProductExists
+            | ErrorCode::DeviceExists => StatusCode::CONFLICT,
+            ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// One line for the code table in the OpenAPI description.
+    pub fn description(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::Unauthenticated => "missing or unknown bearer token",
+            ErrorCode::Forbidden => "the token's role may not do this",
+            ErrorCode::NotFound => "no such route or resource",
+            ErrorCode::MethodNotAllowed => "method not allowed on this route",
+            ErrorCode::Conflict => "conflicts with the current state",
+            ErrorCode::PayloadTooLarge => "request body too large",
+            ErrorCode::TooManyRequests => "too many requests",
+            ErrorCode::Internal => "internal error (see the gateway log for the request id)",
+            ErrorCode::MalformedBody => "malformed JSON or CSV body",
+            ErrorCode::InvalidField => "invalid field value (field named in error_ext_msg)",
+            ErrorCode::MissingField => "missing required field (field named in error_ext_msg)",
+            ErrorCode::TooManyItems => "too many items in one request",
+            ErrorCode::UnsupportedMediaType => "unsupported Content-Type",
+            ErrorCode::InstanceNotFound => "instance not found",
+            ErrorCode::ProductNotFound => "product not found",
+            ErrorCode::DeviceNotFound => "device not found",
+            ErrorCode::InstanceExists => "instance already exists",
+            ErrorCode::ProductExists => "product already exists",
+            ErrorCode::DeviceExists => "device already exists",
+        }
+    }
+
+    /// The code table as Markdown, for the OpenAPI description.
+    pub fn markdown_table() -> String {
+        let mut out = String::from("| error_code | HTTP | meaning |\n|---|---|---|\n");
+        for code in Self::ALL {
+            out.push_str(&format!(
+                "| `{}` | {} | {} |\n",
+                code.as_str(),
+                code.status().as_u16(),
+                code.description()
+            ));
+        }
+        out
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error body every non-2xx response carries.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable code, e.g. `FG.1001`.
+    #[schema(example = "FG.1001")]
+    pub error_code: String,
+    /// Human-readable message; names the field when one is to blame.
+    #[schema(example = "invalid device_name: must be 4..=32 characters")]
+    pub error_msg: String,
+    /// The offending field's path when one field is to blame, else null.
+    #[schema(example = "device_name")]
+    pub error_ext_msg: Option<String>,
+    /// Same as the `x-request-id` response header; quote it when reporting a problem.
+    pub request_id: String,
+}
+
+/// Marks a response whose body is already the standard error body, so the outer middleware
+/// leaves it alone (it rewrites bare error responses produced by layers into this shape).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StandardErrorBody;
+
+/// An API failure: a code from the table, a client-facing message, optionally the field to
+/// blame, and (for internal errors only) a detail that is logged, never sent.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    msg: String,
+    field: Option<String>,
+    internal: Option<String>,
+    challenge: Option<HeaderValue>,
+}
+
+impl ApiError {
+    /// An error with `code` and message `msg`.
+    pub fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            msg: msg.into(),
+            field: None,
+            internal: None,
+            challenge: None,
+        }
+    }
+
+    /// Names `field` as the culprit (`error_ext_msg`).
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.msg
+    }
+
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, msg)
+    }
+
+    /// FG.1001 naming `field` in both the message and `error_ext_msg`.
+    pub fn invalid_field(field: impl Into<String>, why: impl fmt::Display) -> Self {
+        let field = field.into();
+        Self::new(ErrorCode::InvalidField, format!("invalid {field}: {why}")).with_field(field)
+    }
+
+    /// FG.1002 naming `field`.
+    pub fn missing_field(field: impl Into<String>) -> Self {
+        let field = field.into();
+        Self::new(ErrorCode::MissingField, format!("missing field {field}")).with_field(field)
+    }
+
+    /// FG.1003: `field` carries more than `max` items.
+    pub fn too_many_items(field: impl Into<String>, max: usize) -> Self {
+        let field = field.into();
+        Self::new(
+            ErrorCode::TooManyItems,
+            format!("{field}: at most {max} items per request"),
+        )
+        .with_field(field)
+    }
+
+    pub fn unsupported_media_type(expected: &str) -> Self {
+        Self::new(
+            ErrorCode::UnsupportedMediaType,
+            format!("unsupported Content-Type, expected {expected}"),
+        )
+    }
+
+    pub fn malformed(msg: impl Into<String>) -> Self {
+        Self::new(ErrorCode::MalformedBody, msg)
+    }
+
+    pub fn payload_too_large() -> Self {
+        Self::new(ErrorCode::PayloadTooLarge, "request body too large")
+    }
+
+    /// 401 with the RFC 6750 challenge; `invalid` says a token was sent but is not known.
+    pub fn unauthenticated(invalid: bool) -> Self {
+        let (msg, challenge) = if invalid {
+            (
+                "invalid bearer token",
+                r#"Bearer realm="fleetgate", error="invalid_token""#,
+            )
+        } else {
+            ("missing bearer token", r#"Bearer realm="fleetgate""#)
+        };
+        let mut e = Self::new(ErrorCode::Unauthenticated, msg);
+        e.challenge = Some(HeaderValue::from_static(challenge));
+        e
+    }
+
+    pub fn forbidden(msg: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, msg)
+    }
+
+    pub fn route_not_found() -> Self {
+        Self::new(ErrorCode::NotFound, "no such route")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            ErrorCode::MethodNotAllowed,
+            "method not allowed on this route",
+        )
+    }
+
+    /// A failure of the gateway itself: `detail` goes to the log (with the request id, which the
+    /// request span carries), the client sees only "internal error".
+    pub fn internal(detail: impl fmt::Display) -> Self {
+        let mut e = Self::new(ErrorCode::Internal, "internal error");
+        e.internal = Some(detail.to_string());
+        e
+    }
+
+    /// The standard body for this error, stamped with `request_id`.
+    pub fn body(&self, request_id: String) -> ErrorBody {
+        ErrorBody {
+            error_code: self.code.as_str().to_owned(),
+            error_msg: self.msg.clone(),
+            error_ext_msg: self.field.clone(),
+            request_id,
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.msg)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = super::middleware::current_request_id().unwrap_or_default();
+        if let Some(detail) = &self.internal {
+            tracing::error!(request_id = %request_id, error = %detail, "internal error");
+        }
+        let mut resp = (self.code.status(), Json(self.body(request_id))).into_response();
+        if let Some(challenge) = self.challenge {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        resp.extensions_mut().insert(StandardErrorBody);
+        resp
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound { kind, id } => {
+                let code = match kind {
+                    "instance" => ErrorCode::InstanceNotFound,
+                    "product" => ErrorCode::ProductNotFound,
+                    "device" => ErrorCode::DeviceNotFound,
+                    _ => ErrorCode::NotFound,
+                };
+                ApiError::new(code, format!("{kind} {id} not found"))
+            }
+            RegistryError::AlreadyExists { kind, id } => {
+                let code = match kind {
+                    "instance" => ErrorCode::InstanceExists,
+                    "product" => ErrorCode::ProductExists,
+                    "device" => ErrorCode::DeviceExists,
+                    _ => ErrorCode::Conflict,
+                };
+                ApiError::new(code, format!("{kind} {id} already exists"))
+            }
+            RegistryError::Invalid { field, message } => ApiError::invalid_field(field, message),
+            RegistryError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
+            RegistryError::TooMany { field, max } => ApiError::too_many_items(field, max),
+            e @ RegistryError::Store(_) => ApiError::internal(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_and_statuses_are_in_the_contract_set() {
+        let allowed = [400, 401, 403, 404, 405, 409, 413, 429, 500];
+        let mut seen = HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "duplicate {code}");
+            assert!(code.as_str().starts_with("FG.") && code.as_str().len() == 7);
+            assert!(allowed.contains(&code.status().as_u16()), "{code}");
+        }
+        // The table is a contract: spot-check a few fixed points.
+        assert_eq!(ErrorCode::InvalidField.as_str(), "FG.1001");
+        assert_eq!(ErrorCode::DeviceNotFound.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            ErrorCode::TooManyItems.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert!(ErrorCode::markdown_table().contains("| `FG.2103` | 409 |"));
+    }
+
+    #[test]
+    fn registry_errors_map_to_specific_codes() {
+        let e: ApiError = RegistryError::NotFound {
+            kind: "device",
+            id: "pk/dn".into(),
+        }
+        .into();
+        assert_eq!(e.code(), ErrorCode::DeviceNotFound);
+        let e: ApiError = RegistryError::Invalid {
+            field: "device_name",
+            message: "too long".into(),
+        }
+        .into();
+        assert_eq!(e.code(), ErrorCode::InvalidField);
+        assert_eq!(e.field(), Some("device_name"));
+        assert!(e.message().contains("device_name"), "{}", e.message());
+        let e: ApiError = RegistryError::TooMany {
+            field: "devices",
+            max: 10_000,
+        }
+        .into();
+        assert_eq!(e.code().status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn internal_detail_is_not_sent() {
+        let e = ApiError::internal("disk on fire at /var/secret");
+        let body = e.body("rid".into());
+        assert_eq!(body.error_msg, "internal error");
+        assert_eq!(body.error_code, "FG.0500");
+        assert!(body.error_ext_msg.is_none());
+    }
+}

@@ -1,0 +1,194 @@
+//! The operator HTTP API (axum): routes, auth, error bodies, request ids, OpenAPI.
+//!
+//! Owns nothing but request handling: every state change goes through [`Registry`] methods
+//! (and, for dropping MQTT sessions, through the [`ApiState::on_device_revoked`] hook the app
+//! wires to the broker). Conventions (design §7):
+//!
+//! - JSON under `/api/v1`, `Authorization: Bearer <token>` (see [`auth`] for the roles);
+//!   `/healthz`, `/metrics` and `/api/v1/openapi.json` are open.
+//! - Every error is `{"error_code","error_msg","error_ext_msg","request_id"}` ([`error`]).
+//! - Every response carries `x-request-id`; every request gets a tracing span and is counted in
+//!   `fleetgate_http_requests_total{class}`.
+//! - Lists are `{"items","total","page","page_size"}`; secrets appear on create and on a single
+//!   GET, never in lists.
+//!
+//! Tests drive [`router`] with `tower::ServiceExt::oneshot`.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod middleware;
+
+mod batch;
+mod devices;
+mod instances;
+mod openapi;
+mod products;
+mod system;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::ToSchema;
+
+pub use auth::{Caller, Role, TokenSet};
+pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use openapi::ApiDoc;
+
+use crate::metrics::Metrics;
+use crate::registry::{Paged, Registry};
+
+/// Default request body limit: generous for a 10,000-row CSV batch, small enough to refuse a
+/// stray upload of a disk image.
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Extra `/healthz` fields supplied by the app (listeners, AMQP status, …).
+pub type HealthFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Called with `(product_key, device_name)` after a device was disabled or deleted (also for
+/// every device of a deleted product), so the app can drop its MQTT session.
+pub type DeviceRevokedFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Everything the handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Arc<TokenSet>,
+    /// Extra fields for `/healthz`; an object's keys are merged after `"status":"ok"`.
+    pub health: HealthFn,
+    /// See [`DeviceRevokedFn`].
+    pub on_device_revoked: DeviceRevokedFn,
+}
+
+impl ApiState {
+    /// A state with no extra health fields and no revocation hook.
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, tokens: Arc<TokenSet>) -> Self {
+        ApiState {
+            registry,
+            metrics,
+            tokens,
+            health: Arc::new(|| serde_json::Value::Object(Default::default())),
+            on_device_revoked: Arc::new(|_, _| {}),
+        }
+    }
+
+    pub fn with_health(
+        mut self,
+        health: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.health = Arc::new(health);
+        self
+    }
+
+    pub fn with_device_revoked_hook(
+        mut self,
+        hook: impl Fn(&str, &str) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_device_revoked = Arc::new(hook);
+        self
+    }
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("registry", &self.registry)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One page of a list, as every list endpoint returns it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ItemsPage<T> {
+    pub items: Vec<T>,
+    /// Matching items over all pages.
+    pub total: u64,
+    /// 1-based page number.
+    pub page: u32,
+    pub page_size: u32,
+}
+
+impl<T> ItemsPage<T> {
+    pub(crate) fn from_paged<U>(p: Paged<U>, f: impl FnMut(U) -> T) -> Self {
+        ItemsPage {
+            items: p.items.into_iter().map(f).collect(),
+            total: p.total,
+            page: p.page,
+            page_size: p.page_size,
+        }
+    }
+}
+
+/// The whole HTTP API as a router ready for `axum::serve` (or `oneshot` in tests). Bodies
+/// larger than `body_limit` bytes are refused with 413 `FG.0413` ([`DEFAULT_BODY_LIMIT`] is a
+/// sensible value).
+pub fn router(state: ApiState, body_limit: usize) -> Router {
+    // Everything here needs a token; the middleware also refuses viewer writes.
+    let protected = Router::new()
+        .route(
+            "/api/v1/instances",
+            post(instances::create_instance).get(instances::list_instances),
+        )
+        .route("/api/v1/instances/{iid}", get(instances::get_instance))
+        .route(
+            "/api/v1/products",
+            post(products::create_product).get(products::list_products),
+        )
+        .route(
+            "/api/v1/products/{pk}",
+            get(products::get_product).delete(products::delete_product),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices",
+            post(devices::create_device).get(devices::list_devices),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/batch",
+            post(batch::batch_create_devices)
+                .get(devices::named_batch::get)
+                .patch(devices::named_batch::patch)
+                .delete(devices::named_batch::delete),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}",
+            get(devices::get_device)
+                .patch(devices::update_device)
+                .delete(devices::delete_device),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/enable",
+            post(devices::enable_device),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/disable",
+            post(devices::disable_device),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.tokens.clone(),
+            auth::authenticate,
+        ));
+
+    Router::new()
+        .route("/healthz", get(system::healthz))
+        .route("/metrics", get(system::metrics))
+        .route("/api/v1/openapi.json", get(system::openapi_json))
+        .merge(protected)
+        .fallback(system::not_found)
+        .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
+}

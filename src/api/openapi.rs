@@ -1,0 +1,103 @@
+//! The OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations and the
+//! request/response types' `ToSchema` derives. A new endpoint is listed by adding its handler
+//! to `paths(...)` below; the test in `api::tests` checks every routed path appears.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::auth::Role;
+use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
+use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
+use super::error::{ErrorBody, ErrorCode};
+use super::instances::CreateInstanceRequest;
+use super::products::{CreateProductRequest, ProductSummary};
+use super::{batch, devices, instances, products, system};
+use crate::registry::{Device, Instance, Product};
+
+/// The fleetgate operator API document (served at `/api/v1/openapi.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fleetgate operator API",
+        description = "Operator API of the fleetgate MQTT device-fleet gateway."
+    ),
+    paths(
+        system::healthz,
+        system::metrics,
+        system::openapi_json,
+        instances::create_instance,
+        instances::list_instances,
+        instances::get_instance,
+        products::create_product,
+        products::list_products,
+        products::get_product,
+        products::delete_product,
+        devices::create_device,
+        devices::list_devices,
+        devices::get_device,
+        devices::update_device,
+        devices::delete_device,
+        devices::enable_device,
+        devices::disable_device,
+        batch::batch_create_devices,
+    ),
+    components(schemas(
+        ErrorBody,
+        Role,
+        Instance,
+        Product,
+        Device,
+        CreateInstanceRequest,
+        CreateProductRequest,
+        ProductSummary,
+        CreateDeviceRequest,
+        UpdateDeviceRequest,
+        DeviceSummary,
+        BatchCreateRequest,
+        BatchCreateResponse,
+        BatchRowResult,
+        RowStatus,
+    )),
+    modifiers(&Conventions),
+    tags(
+        (name = "system", description = "Health, metrics and this document (no token needed)"),
+        (name = "instances", description = "Instances: owners of products and data routing"),
+        (name = "products", description = "Products: classes of devices sharing a product_key"),
+        (name = "devices", description = "Devices: identities, secrets, tags, online state"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Adds the bearer scheme and the prose that cannot come from annotations: roles and the
+/// error-code table (generated from [`ErrorCode`], so it cannot drift).
+struct Conventions;
+
+impl Modify for Conventions {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API token: `Authorization: Bearer <token>`"))
+                    .build(),
+            ),
+        );
+        let base = openapi.info.description.clone().unwrap_or_default();
+        openapi.info.description = Some(format!(
+            "{base}\n\n## Authentication\n\n`/healthz`, `/metrics` and `/api/v1/openapi.json` \
+             are open; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
+             read (GET); `operator` may also manage devices (create, batch, update, \
+             enable/disable, delete); `admin` may do everything, including creating instances \
+             and creating/deleting products (403 otherwise).\n\n## Errors\n\nEvery error \
+             response has the body `{{\"error_code\":\"FG.xxxx\",\"error_msg\":\"…\",\
+             \"error_ext_msg\":null,\"request_id\":\"…\"}}`; `error_ext_msg` names the \
+             offending field when there is one, and `request_id` equals the `x-request-id` \
+             response header.\n\n{}\n## Lists\n\nLists take `page` (1-based) and `page_size` \
+             (1..=100, default 20) and return `{{\"items\",\"total\",\"page\",\"page_size\"}}`. \
+             Secrets appear on create and on single GETs, never in lists.",
+            ErrorCode::markdown_table()
+        ));
+    }
+}

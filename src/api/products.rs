@@ -1,0 +1,155 @@
+//! `/api/v1/products`: create and delete (admin), list and get.
+//!
+//! The product secret is returned on create and on a single GET, never in lists.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::RequireAdmin;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::instances::PageQuery;
+use super::{ApiState, ItemsPage};
+use crate::registry::{NewProduct, Product};
+
+/// Body of `POST /api/v1/products`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProductRequest {
+    pub name: String,
+    /// Generated when absent.
+    #[serde(default)]
+    pub product_key: Option<String>,
+    /// Owning instance; `default` when absent.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A product in a list: everything but the secret.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProductSummary {
+    pub product_key: String,
+    pub name: String,
+    pub instance_id: String,
+    pub description: Option<String>,
+    pub created_at_ms: i64,
+    pub device_count: u64,
+}
+
+impl From<Product> for ProductSummary {
+    fn from(p: Product) -> Self {
+        ProductSummary {
+            product_key: p.product_key,
+            name: p.name,
+            instance_id: p.instance_id,
+            description: p.description,
+            created_at_ms: p.created_at_ms,
+            device_count: p.device_count,
+        }
+    }
+}
+
+/// Create a product (admin). The response carries the `product_secret`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/products",
+    tag = "products",
+    request_body = CreateProductRequest,
+    responses(
+        (status = 201, description = "Created", body = Product),
+        (status = 400, description = "Invalid field", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such instance (FG.2001)", body = ErrorBody),
+        (status = 409, description = "Product key taken (FG.2102)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_product(
+    _admin: RequireAdmin,
+    State(state): State<ApiState>,
+    ApiJson(req): ApiJson<CreateProductRequest>,
+) -> Result<(StatusCode, Json<Product>), ApiError> {
+    let product = state
+        .registry
+        .create_product(NewProduct {
+            name: req.name,
+            product_key: req.product_key,
+            instance_id: req.instance_id,
+            description: req.description,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(product)))
+}
+
+/// List products (without secrets).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products",
+    tag = "products",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "One page of products", body = ItemsPage<ProductSummary>),
+        (status = 400, description = "Invalid page or page_size", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_products(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<ItemsPage<ProductSummary>>, ApiError> {
+    let page = q.page()?;
+    let paged = state.registry.list_products(page);
+    Ok(Json(ItemsPage::from_paged(paged, ProductSummary::from)))
+}
+
+/// Get one product, with its secret.
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{pk}",
+    tag = "products",
+    params(("pk" = String, Path, description = "Product key")),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_product(
+    State(state): State<ApiState>,
+    ApiPath(pk): ApiPath<String>,
+) -> Result<Json<Product>, ApiError> {
+    Ok(Json(state.registry.get_product(&pk)?))
+}
+
+/// Delete a product (admin). Refused with 409 while it still has devices: delete those first
+/// (which drops their MQTT sessions), so no session outlives its product.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/products/{pk}",
+    tag = "products",
+    params(("pk" = String, Path, description = "Product key")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002)", body = ErrorBody),
+        (status = 409, description = "The product still has devices (FG.0409)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_product(
+    _admin: RequireAdmin,
+    State(state): State<ApiState>,
+    ApiPath(pk): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    state.registry.delete_product(&pk).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,1024 @@
+//! Router-level tests: the whole API over `oneshot`, on a registry backed by a tempdir store.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::*;
+use crate::registry::Registry;
+use crate::store::Store;
+
+const ADMIN: &str = "admin-secret-token";
+const OPERATOR: &str = "operator-secret-token";
+const VIEWER: &str = "viewer-secret-token";
+
+type Revoked = Arc<Mutex<Vec<(String, String)>>>;
+
+struct TestApp {
+    router: Router,
+    metrics: Arc<Metrics>,
+    revoked: Revoked,
+    _dir: tempfile::TempDir,
+}
+
+fn test_app_with(body_limit: usize) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).expect("store");
+    let registry = Registry::open(store, metrics.clone()).expect("registry");
+    // Built the way the app builds it: config tokens folded in by role name, the state as a
+    // struct literal with plain closures.
+    let tokens = [(OPERATOR, "operator"), (VIEWER, "viewer")]
+        .into_iter()
+        .try_fold(TokenSet::new([(ADMIN, Role::Admin)]), |set, (t, role)| {
+            set.with_token(t, role)
+        })
+        .expect("valid roles");
+    let revoked: Revoked = Arc::default();
+    let sink = revoked.clone();
+    let state = ApiState {
+        registry,
+        metrics: metrics.clone(),
+        tokens: Arc::new(tokens),
+        health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
+        on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
+            sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
+        }),
+    };
+    TestApp {
+        router: router(state, body_limit),
+        metrics,
+        revoked,
+        _dir: dir,
+    }
+}
+
+fn test_app() -> TestApp {
+    test_app_with(DEFAULT_BODY_LIMIT)
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Asserts the standard error body with `status` and `code`; returns the body.
+    fn error(&self, status: StatusCode, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text);
+        let body = self.json();
+        assert_eq!(body["error_code"], code, "{body}");
+        assert!(
+            body["error_msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert!(body.get("error_ext_msg").is_some(), "{body}");
+        let rid = self.headers["x-request-id"].to_str().unwrap();
+        assert_eq!(
+            body["request_id"], rid,
+            "body and header request ids differ"
+        );
+        body
+    }
+}
+
+impl TestApp {
+    async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some((ct, bytes)) => req
+                .header(header::CONTENT_TYPE, ct)
+                .body(Body::from(bytes))
+                .unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(
+            headers.contains_key("x-request-id"),
+            "every response has x-request-id"
+        );
+        Reply {
+            status,
+            headers,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, uri: &str, token: Option<&str>) -> Reply {
+        self.send(Method::GET, uri, token, None, &[]).await
+    }
+
+    async fn post_json(&self, uri: &str, token: Option<&str>, body: Value) -> Reply {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        self.send(
+            Method::POST,
+            uri,
+            token,
+            Some(("application/json", bytes)),
+            &[],
+        )
+        .await
+    }
+
+    async fn product(&self, key: &str) {
+        let r = self
+            .post_json(
+                "/api/v1/products",
+                Some(ADMIN),
+                json!({"name": format!("product {key}"), "product_key": key}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+
+    async fn device(&self, pk: &str, dn: &str) -> Value {
+        let r = self
+            .post_json(
+                &format!("/api/v1/products/{pk}/devices"),
+                Some(OPERATOR),
+                json!({"device_name": dn}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json()
+    }
+}
+
+#[tokio::test]
+async fn healthz_metrics_and_openapi_need_no_token() {
+    let app = test_app();
+    let r = app.get("/healthz", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let body = r.json();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["amqp"], "disabled");
+    assert_eq!(body["mqtt"], "127.0.0.1:1883");
+
+    let r = app.get("/metrics", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    // The /healthz request above is already counted.
+    assert!(
+        r.text
+            .contains(r#"fleetgate_http_requests_total{class="2xx"}"#),
+        "{}",
+        r.text
+    );
+
+    let r = app.get("/api/v1/openapi.json", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+}
+
+#[tokio::test]
+async fn http_requests_are_counted_by_class() {
+    let app = test_app();
+    app.get("/healthz", None).await;
+    app.get("/api/v1/products", None).await; // 401
+    app.get("/no/such/route", None).await; // 404
+    let text = app.metrics.encode();
+    assert!(
+        text.contains(r#"fleetgate_http_requests_total{class="2xx"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"fleetgate_http_requests_total{class="4xx"} 2"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_or_generated() {
+    let app = test_app();
+    let r = app
+        .send(
+            Method::GET,
+            "/healthz",
+            None,
+            None,
+            &[("x-request-id", "abc-123.x")],
+        )
+        .await;
+    assert_eq!(r.headers["x-request-id"], "abc-123.x");
+
+    let r = app
+        .send(
+            Method::GET,
+            "/api/v1/products",
+            None,
+            None,
+            &[("x-request-id", "trace-42")],
+        )
+        .await;
+    let body = r.error(StatusCode::UNAUTHORIZED, "FG.0401");
+    assert_eq!(body["request_id"], "trace-42");
+
+    // A header that could inject into logs is replaced by a fresh UUID.
+    let r = app
+        .send(
+            Method::GET,
+            "/healthz",
+            None,
+            None,
+            &[("x-request-id", "a b;c")],
+        )
+        .await;
+    let rid = r.headers["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(rid).is_ok(), "{rid}");
+
+    let a = app.get("/healthz", None).await;
+    let b = app.get("/healthz", None).await;
+    assert_ne!(a.headers["x-request-id"], b.headers["x-request-id"]);
+}
+
+#[tokio::test]
+async fn missing_or_bad_token_is_401_with_challenge() {
+    let app = test_app();
+    let r = app.get("/api/v1/products", None).await;
+    r.error(StatusCode::UNAUTHORIZED, "FG.0401");
+    assert!(r.headers[header::WWW_AUTHENTICATE]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+
+    let r = app.get("/api/v1/products", Some("wrong-token")).await;
+    r.error(StatusCode::UNAUTHORIZED, "FG.0401");
+    assert!(r.headers[header::WWW_AUTHENTICATE]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+
+    let r = app
+        .send(
+            Method::GET,
+            "/api/v1/products",
+            None,
+            None,
+            &[("authorization", "Basic YWRtaW46YWRtaW4=")],
+        )
+        .await;
+    r.error(StatusCode::UNAUTHORIZED, "FG.0401");
+
+    // Writes are refused before the body is even looked at.
+    let r = app
+        .post_json("/api/v1/products", None, json!({"name": "x"}))
+        .await;
+    r.error(StatusCode::UNAUTHORIZED, "FG.0401");
+    let r = app.get("/api/v1/products", Some(VIEWER)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
+#[tokio::test]
+async fn roles_split() {
+    let app = test_app();
+    // Products and instances are admin business.
+    let r = app
+        .post_json("/api/v1/products", Some(OPERATOR), json!({"name": "p"}))
+        .await;
+    r.error(StatusCode::FORBIDDEN, "FG.0403");
+    let r = app
+        .post_json("/api/v1/instances", Some(OPERATOR), json!({"name": "i"}))
+        .await;
+    r.error(StatusCode::FORBIDDEN, "FG.0403");
+    app.product("pk1").await;
+    let r = app
+        .send(
+            Method::DELETE,
+            "/api/v1/products/pk1",
+            Some(OPERATOR),
+            None,
+            &[],
+        )
+        .await;
+    r.error(StatusCode::FORBIDDEN, "FG.0403");
+
+    // Viewers only read.
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices",
+            Some(VIEWER),
+            json!({"device_name": "dev-0001"}),
+        )
+        .await;
+    r.error(StatusCode::FORBIDDEN, "FG.0403");
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(VIEWER),
+            Some(("text/csv", b"DeviceName\ndev-0001\n".to_vec())),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::FORBIDDEN, "FG.0403");
+
+    // Operators run the fleet.
+    app.device("pk1", "dev-0001").await;
+    let r = app
+        .send(
+            Method::PATCH,
+            "/api/v1/products/pk1/devices/dev-0001",
+            Some(VIEWER),
+            Some(("application/json", br#"{"enabled":false}"#.to_vec())),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::FORBIDDEN, "FG.0403");
+    let r = app
+        .get("/api/v1/products/pk1/devices/dev-0001", Some(VIEWER))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app
+        .send(
+            Method::DELETE,
+            "/api/v1/products/pk1/devices/dev-0001",
+            Some(OPERATOR),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let r = app
+        .send(
+            Method::DELETE,
+            "/api/v1/products/pk1",
+            Some(ADMIN),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+}
+
+#[tokio::test]
+async fn bad_json_names_the_field() {
+    let app = test_app();
+    app.product("pk1").await;
+    let uri = "/api/v1/products/pk1/devices";
+
+    let r = app
+        .send(
+            Method::POST,
+            uri,
+            Some(OPERATOR),
+            Some(("application/json", br#"{"device_name": "#.to_vec())),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::BAD_REQUEST, "FG.1000");
+
+    let r = app
+        .post_json(uri, Some(OPERATOR), json!({"tags": {}}))
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1002");
+    assert_eq!(body["error_ext_msg"], "device_name");
+    assert!(body["error_msg"].as_str().unwrap().contains("device_name"));
+
+    let r = app
+        .post_json(
+            uri,
+            Some(OPERATOR),
+            json!({"device_name": "dev-0001", "tags": {"k": 1}}),
+        )
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "tags.k");
+
+    let r = app
+        .post_json(
+            uri,
+            Some(OPERATOR),
+            json!({"device_name": "dev-0001", "colour": "red"}),
+        )
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "colour");
+
+    let r = app
+        .send(
+            Method::POST,
+            uri,
+            Some(OPERATOR),
+            Some(("text/plain", br#"{"device_name":"dev-0001"}"#.to_vec())),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::BAD_REQUEST, "FG.1004");
+}
+
+#[tokio::test]
+async fn registry_validation_names_the_field() {
+    let app = test_app();
+    app.product("pk1").await;
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices",
+            Some(OPERATOR),
+            json!({"device_name": "no spaces allowed"}),
+        )
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "device_name");
+    assert!(
+        body["error_msg"].as_str().unwrap().contains("device_name"),
+        "{body}"
+    );
+
+    let r = app
+        .get("/api/v1/products/pk1/devices?page_size=1000", Some(VIEWER))
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "page_size");
+
+    let r = app
+        .get("/api/v1/products/pk1/devices?page=two", Some(VIEWER))
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "page");
+
+    let r = app
+        .get("/api/v1/products/pk1/devices?pagesize=10", Some(VIEWER))
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "pagesize");
+}
+
+#[tokio::test]
+async fn unknown_route_and_wrong_method_use_the_standard_body() {
+    let app = test_app();
+    app.get("/nope", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.0404");
+    app.get("/api/v1/nope", Some(ADMIN))
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.0404");
+    let r = app
+        .send(Method::PUT, "/api/v1/products", Some(ADMIN), None, &[])
+        .await;
+    r.error(StatusCode::METHOD_NOT_ALLOWED, "FG.0405");
+    let r = app.send(Method::POST, "/healthz", None, None, &[]).await;
+    r.error(StatusCode::METHOD_NOT_ALLOWED, "FG.0405");
+}
+
+#[tokio::test]
+async fn not_found_and_conflict_codes() {
+    let app = test_app();
+    app.get("/api/v1/products/nope", Some(VIEWER))
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.2002");
+    app.product("pk1").await;
+    app.get("/api/v1/products/pk1/devices/dev-0404", Some(VIEWER))
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.2003");
+    app.get("/api/v1/instances/nope", Some(VIEWER))
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.2001");
+
+    app.device("pk1", "dev-0001").await;
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices",
+            Some(OPERATOR),
+            json!({"device_name": "dev-0001"}),
+        )
+        .await;
+    r.error(StatusCode::CONFLICT, "FG.2103");
+    let r = app
+        .post_json(
+            "/api/v1/products",
+            Some(ADMIN),
+            json!({"name": "again", "product_key": "pk1"}),
+        )
+        .await;
+    r.error(StatusCode::CONFLICT, "FG.2102");
+    // A product with devices cannot be deleted.
+    let r = app
+        .send(
+            Method::DELETE,
+            "/api/v1/products/pk1",
+            Some(ADMIN),
+            None,
+            &[],
+        )
+        .await;
+    r.error(StatusCode::CONFLICT, "FG.0409");
+}
+
+#[tokio::test]
+async fn instances_create_list_get() {
+    let app = test_app();
+    let r = app
+        .post_json(
+            "/api/v1/instances",
+            Some(ADMIN),
+            json!({"instance_id": "iot-eu", "name": "Europe"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.json()["instance_id"], "iot-eu");
+    let r = app
+        .post_json(
+            "/api/v1/instances",
+            Some(ADMIN),
+            json!({"instance_id": "iot-eu", "name": "Europe"}),
+        )
+        .await;
+    r.error(StatusCode::CONFLICT, "FG.2101");
+
+    let r = app.get("/api/v1/instances", Some(VIEWER)).await;
+    let body = r.json();
+    assert_eq!(body["total"], 2, "default + iot-eu: {body}");
+    let ids: Vec<&str> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"default") && ids.contains(&"iot-eu"),
+        "{ids:?}"
+    );
+    let r = app
+        .get("/api/v1/instances?page=2&page_size=1", Some(VIEWER))
+        .await;
+    let body = r.json();
+    assert_eq!(
+        (
+            body["total"].as_u64(),
+            body["items"].as_array().unwrap().len()
+        ),
+        (Some(2), 1)
+    );
+    let r = app.get("/api/v1/instances/iot-eu", Some(VIEWER)).await;
+    assert_eq!(r.json()["name"], "Europe");
+}
+
+#[tokio::test]
+async fn secrets_on_create_and_single_get_only() {
+    let app = test_app();
+    let r = app
+        .post_json("/api/v1/products", Some(ADMIN), json!({"name": "meters"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let product = r.json();
+    let pk = product["product_key"].as_str().unwrap().to_owned();
+    assert!(product["product_secret"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    let r = app
+        .get(&format!("/api/v1/products/{pk}"), Some(VIEWER))
+        .await;
+    assert_eq!(r.json()["product_secret"], product["product_secret"]);
+    let r = app.get("/api/v1/products", Some(VIEWER)).await;
+    let list = r.json();
+    assert_eq!(list["total"], 1);
+    assert!(list["items"][0].get("product_secret").is_none(), "{list}");
+
+    let created = app.device(&pk, "dev-0001").await;
+    let secret = created["device_secret"].as_str().unwrap();
+    assert!(!secret.is_empty());
+    let r = app
+        .get(
+            &format!("/api/v1/products/{pk}/devices/dev-0001"),
+            Some(VIEWER),
+        )
+        .await;
+    assert_eq!(r.json()["device_secret"], secret);
+    let r = app
+        .get(&format!("/api/v1/products/{pk}/devices"), Some(VIEWER))
+        .await;
+    let list = r.json();
+    assert_eq!(list["items"][0]["device_name"], "dev-0001");
+    assert!(list["items"][0].get("device_secret").is_none(), "{list}");
+}
+
+#[tokio::test]
+async fn device_paging_and_filters() {
+    let app = test_app();
+    app.product("pk1").await;
+    for i in 0..25 {
+        let r = app
+            .post_json(
+                "/api/v1/products/pk1/devices",
+                Some(OPERATOR),
+                json!({"device_name": format!("dev-{i:04}"),
+                       "tags": if i % 5 == 0 { json!({"floor": "3"}) } else { json!({"floor": "1"}) }}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    let r = app
+        .get(
+            "/api/v1/products/pk1/devices?page=2&page_size=10",
+            Some(VIEWER),
+        )
+        .await;
+    let body = r.json();
+    assert_eq!(body["total"], 25);
+    assert_eq!(body["page"], 2);
+    assert_eq!(body["page_size"], 10);
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 10);
+    assert_eq!(items[0]["device_name"], "dev-0010");
+    let r = app
+        .get(
+            "/api/v1/products/pk1/devices?page=3&page_size=10",
+            Some(VIEWER),
+        )
+        .await;
+    assert_eq!(r.json()["items"].as_array().unwrap().len(), 5);
+    let r = app.get("/api/v1/products/pk1/devices", Some(VIEWER)).await;
+    assert_eq!(r.json()["page_size"], 20, "default page size");
+
+    let r = app
+        .get("/api/v1/products/pk1/devices?tag=floor:3", Some(VIEWER))
+        .await;
+    assert_eq!(r.json()["total"], 5);
+    let r = app
+        .get("/api/v1/products/pk1/devices?tag=floor", Some(VIEWER))
+        .await;
+    assert_eq!(r.json()["total"], 25);
+    let r = app
+        .get("/api/v1/products/pk1/devices?online=true", Some(VIEWER))
+        .await;
+    assert_eq!(r.json()["total"], 0);
+    let r = app
+        .get(
+            "/api/v1/products/pk1/devices?online=false&page_size=1",
+            Some(VIEWER),
+        )
+        .await;
+    assert_eq!(r.json()["total"], 25);
+    let r = app
+        .get("/api/v1/products/pk1/devices?tag=:x", Some(VIEWER))
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "tag");
+}
+
+#[tokio::test]
+async fn disable_and_delete_revoke_the_session() {
+    let app = test_app();
+    app.product("pk1").await;
+    app.device("pk1", "dev-0001").await;
+    app.device("pk1", "dev-0002").await;
+
+    let r = app
+        .send(
+            Method::PATCH,
+            "/api/v1/products/pk1/devices/dev-0001",
+            Some(OPERATOR),
+            Some(("application/json", br#"{"tags":{"a":"b"}}"#.to_vec())),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["tags"]["a"], "b");
+    assert!(
+        app.revoked.lock().unwrap().is_empty(),
+        "tag change keeps the session"
+    );
+
+    let r = app
+        .send(
+            Method::PATCH,
+            "/api/v1/products/pk1/devices/dev-0001",
+            Some(OPERATOR),
+            Some(("application/json", br#"{"enabled":false}"#.to_vec())),
+            &[],
+        )
+        .await;
+    assert_eq!(r.json()["enabled"], false);
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/dev-0001/enable",
+            Some(OPERATOR),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.json()["enabled"], true);
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/dev-0002/disable",
+            Some(OPERATOR),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.json()["enabled"], false);
+    let r = app
+        .send(
+            Method::DELETE,
+            "/api/v1/products/pk1/devices/dev-0001",
+            Some(OPERATOR),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // A failed delete revokes nothing.
+    let r = app
+        .send(
+            Method::DELETE,
+            "/api/v1/products/pk1/devices/dev-0001",
+            Some(OPERATOR),
+            None,
+            &[],
+        )
+        .await;
+    r.error(StatusCode::NOT_FOUND, "FG.2003");
+
+    let pair = |dn: &str| ("pk1".to_owned(), dn.to_owned());
+    assert_eq!(
+        *app.revoked.lock().unwrap(),
+        vec![pair("dev-0001"), pair("dev-0002"), pair("dev-0001")]
+    );
+}
+
+#[tokio::test]
+async fn batch_json_reports_per_row() {
+    let app = test_app();
+    app.product("pk1").await;
+    app.device("pk1", "dev-0001").await;
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            json!({"devices": [
+                {"device_name": "dev-0002"},
+                {"device_name": "dev-0001"},
+                {"device_name": "x"},
+                {"device_name": "dev-0003", "device_secret": "given-secret"},
+                {"device_name": "dev-0002"},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let body = r.json();
+    assert_eq!(
+        (body["created"].as_u64(), body["failed"].as_u64()),
+        (Some(2), Some(3)),
+        "{body}"
+    );
+    let rows = body["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[0]["status"], "created");
+    assert!(rows[0]["device_secret"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert_eq!(rows[1]["error_code"], "FG.2103");
+    assert_eq!(rows[1]["row"], 2);
+    assert_eq!(rows[2]["error_code"], "FG.1001");
+    assert!(rows[2]["error_msg"]
+        .as_str()
+        .unwrap()
+        .contains("device_name"));
+    assert_eq!(rows[3]["device_secret"], "given-secret");
+    assert_eq!(rows[4]["status"], "failed", "duplicate within the batch");
+
+    // The bare-list form, and a shape error naming the row's field.
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            json!([{"device_name": "dev-0004"}]),
+        )
+        .await;
+    assert_eq!(r.json()["created"], 1);
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            json!([{"device_name": "dev-0005"}, {"device_nam": "dev-0006"}]),
+        )
+        .await;
+    let body = r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    assert_eq!(body["error_ext_msg"], "devices[1].device_nam");
+
+    let r = app.get("/api/v1/products/pk1/devices", Some(VIEWER)).await;
+    assert_eq!(
+        r.json()["total"],
+        4,
+        "dev-0001..0004; nothing from the refused request"
+    );
+
+    let r = app
+        .post_json(
+            "/api/v1/products/nope/devices/batch",
+            Some(OPERATOR),
+            json!([{"device_name": "dev-0001"}]),
+        )
+        .await;
+    r.error(StatusCode::NOT_FOUND, "FG.2002");
+}
+
+#[tokio::test]
+async fn batch_csv_reports_per_row() {
+    let app = test_app();
+    app.product("pk1").await;
+    let csv = "DeviceName,DeviceSecret\r\nmeter-0001,\r\nmeter-0002,s3cret\r\nbad name,\r\nmeter-0003,a,b\r\nmeter-0001,\r\n";
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("text/csv; charset=utf-8", csv.as_bytes().to_vec())),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let body = r.json();
+    assert_eq!(
+        (body["created"].as_u64(), body["failed"].as_u64()),
+        (Some(2), Some(3)),
+        "{body}"
+    );
+    let rows = body["results"].as_array().unwrap();
+    let summary: Vec<(u64, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["row"].as_u64().unwrap(),
+                r["device_name"].as_str().unwrap(),
+                r["error_code"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (1, "meter-0001", "-"),
+            (2, "meter-0002", "-"),
+            (3, "bad name", "FG.1001"),
+            (4, "meter-0003", "FG.1001"),
+            (5, "meter-0001", "FG.1001"),
+        ]
+    );
+    assert_eq!(rows[1]["device_secret"], "s3cret");
+
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("text/csv", b"Name\nmeter-0009\n".to_vec())),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::BAD_REQUEST, "FG.1001");
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("application/xml", b"<devices/>".to_vec())),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::BAD_REQUEST, "FG.1004");
+}
+
+#[tokio::test]
+async fn batch_over_10000_rows_is_refused_whole() {
+    let app = test_app();
+    app.product("pk1").await;
+    let mut csv = String::from("DeviceName\n");
+    for i in 0..=MAX_ROWS_FOR_TEST {
+        csv.push_str(&format!("dev-{i:05}\n"));
+    }
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("text/csv", csv.into_bytes())),
+            &[],
+        )
+        .await;
+    let body = r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.1003");
+    assert!(
+        body["error_msg"].as_str().unwrap().contains("10000"),
+        "{body}"
+    );
+
+    let rows: Vec<Value> = (0..=MAX_ROWS_FOR_TEST)
+        .map(|i| json!({"device_name": format!("dev-{i:05}")}))
+        .collect();
+    let r = app
+        .post_json(
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            json!({ "devices": rows }),
+        )
+        .await;
+    r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.1003");
+    let r = app.get("/api/v1/products/pk1/devices", Some(VIEWER)).await;
+    assert_eq!(r.json()["total"], 0);
+}
+
+const MAX_ROWS_FOR_TEST: usize = 10_000;
+
+#[tokio::test]
+async fn body_limit_gives_413_in_standard_body() {
+    let app = test_app_with(1024);
+    app.product("pk1").await;
+    let big = json!({"device_name": "dev-0001", "tags": {"note": "x".repeat(2000)}});
+    let r = app
+        .post_json("/api/v1/products/pk1/devices", Some(OPERATOR), big)
+        .await;
+    r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.0413");
+}
+
+#[tokio::test]
+async fn openapi_lists_every_path_and_schema() {
+    let app = test_app();
+    let doc = app.get("/api/v1/openapi.json", None).await.json();
+    let paths = doc["paths"].as_object().expect("paths");
+    let expected = [
+        ("/healthz", "get"),
+        ("/metrics", "get"),
+        ("/api/v1/openapi.json", "get"),
+        ("/api/v1/instances", "post"),
+        ("/api/v1/instances", "get"),
+        ("/api/v1/instances/{iid}", "get"),
+        ("/api/v1/products", "post"),
+        ("/api/v1/products", "get"),
+        ("/api/v1/products/{pk}", "get"),
+        ("/api/v1/products/{pk}", "delete"),
+        ("/api/v1/products/{pk}/devices", "post"),
+        ("/api/v1/products/{pk}/devices", "get"),
+        ("/api/v1/products/{pk}/devices/batch", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}", "patch"),
+        ("/api/v1/products/{pk}/devices/{dn}", "delete"),
+        ("/api/v1/products/{pk}/devices/{dn}/enable", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}/disable", "post"),
+    ];
+    for (path, method) in expected {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing from openapi.json"
+        );
+    }
+    assert_eq!(
+        paths.len(),
+        12,
+        "a routed path is missing from this test: {:?}",
+        paths.keys()
+    );
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for s in [
+        "ErrorBody",
+        "Device",
+        "Product",
+        "Instance",
+        "BatchCreateResponse",
+        "DeviceSummary",
+    ] {
+        assert!(schemas.contains_key(s), "schema {s} missing");
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert!(doc["info"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("FG.1001"));
+    // Protected operations declare the bearer requirement, open ones do not.
+    assert!(doc["paths"]["/api/v1/products"]["get"]["security"][0]
+        .get("bearer")
+        .is_some());
+}
