@@ -56,7 +56,9 @@ pub fn topic_allowed(product_key: &str, device_name: &str, topic: &str) -> bool 
 
 /// Whether a device may subscribe to (or unsubscribe from) `filter`.
 pub fn filter_allowed(product_key: &str, device_name: &str, filter: &str) -> bool {
-    valid_filter(filter) && !filter.starts_with('$') && owned(product_key, device_name, filter, true)
+    valid_filter(filter)
+        && !filter.starts_with('$')
+        && owned(product_key, device_name, filter, true)
 }
 
 /// What may follow the `{pk}/{dn}` segments.
@@ -205,17 +207,29 @@ mod tests {
             ("", false),
         ];
         for (filter, expected) in table {
-            assert_eq!(filter_allowed(PK, DN, filter), *expected, "filter {filter:?}");
+            assert_eq!(
+                filter_allowed(PK, DN, filter),
+                *expected,
+                "filter {filter:?}"
+            );
         }
     }
 
     #[test]
     fn reserved_product_keys_do_not_get_bare_topics() {
         // Product `sys` must not own device `x`'s system topics of product `dev1`.
-        assert!(!topic_allowed("sys", "dev1", "/sys/dev1/thing/event/property/post"));
+        assert!(!topic_allowed(
+            "sys",
+            "dev1",
+            "/sys/dev1/thing/event/property/post"
+        ));
         assert!(!filter_allowed("sys", "dev1", "/sys/dev1/#"));
         // Its own system topics still work.
-        assert!(topic_allowed("sys", "dev1", "/sys/sys/dev1/thing/event/property/post"));
+        assert!(topic_allowed(
+            "sys",
+            "dev1",
+            "/sys/sys/dev1/thing/event/property/post"
+        ));
         // Other products never use a reserved first segment as a bare product key.
         assert!(!topic_allowed("a1", "dev1", "/ota/a1/dev1"));
     }

@@ -26,12 +26,16 @@ pub(crate) struct UpPublish {
 #[derive(Debug)]
 pub(crate) enum Frame {
     Publish(UpPublish),
-    Other(Packet),
+    /// Boxed: rumqttd's `Packet` is ~400 bytes, most packets are small PUBLISHes.
+    Other(Box<Packet>),
 }
 
 /// Takes the next complete packet out of `buf`. `Ok(None)`: more bytes needed (and reserved).
 /// Any error means the peer sent something that is not MQTT 3.1.1 within `max_size`.
-pub(crate) fn next_frame(buf: &mut BytesMut, max_size: usize) -> Result<Option<Frame>, protocol::Error> {
+pub(crate) fn next_frame(
+    buf: &mut BytesMut,
+    max_size: usize,
+) -> Result<Option<Frame>, protocol::Error> {
     let header = match v4::check(buf.iter(), max_size) {
         Ok(header) => header,
         Err(protocol::Error::InsufficientBytes(n)) => {
@@ -42,12 +46,18 @@ pub(crate) fn next_frame(buf: &mut BytesMut, max_size: usize) -> Result<Option<F
     };
     if header.byte1 >> 4 == 3 {
         let frame = buf.split_to(header.frame_length()).freeze();
-        return decode_publish(header.byte1, header.fixed_header_len, frame).map(|p| Some(Frame::Publish(p)));
+        return decode_publish(header.byte1, header.fixed_header_len, frame)
+            .map(|p| Some(Frame::Publish(p)));
     }
-    V4.read_mut(buf, max_size).map(|p| Some(Frame::Other(p)))
+    V4.read_mut(buf, max_size)
+        .map(|p| Some(Frame::Other(Box::new(p))))
 }
 
-fn decode_publish(byte1: u8, header_len: usize, mut frame: Bytes) -> Result<UpPublish, protocol::Error> {
+fn decode_publish(
+    byte1: u8,
+    header_len: usize,
+    mut frame: Bytes,
+) -> Result<UpPublish, protocol::Error> {
     let qos = (byte1 >> 1) & 0b11;
     if qos > 2 {
         return Err(protocol::Error::InvalidQoS(qos));
@@ -116,7 +126,8 @@ pub(crate) fn publish_meta(bytes: &[u8]) -> Option<(u8, u16)> {
         i += 1;
     }
     let topic_len_at = i + 1;
-    let topic_len = u16::from_be_bytes([*bytes.get(topic_len_at)?, *bytes.get(topic_len_at + 1)?]) as usize;
+    let topic_len =
+        u16::from_be_bytes([*bytes.get(topic_len_at)?, *bytes.get(topic_len_at + 1)?]) as usize;
     let pkid_at = topic_len_at + 2 + topic_len;
     let pkid = u16::from_be_bytes([*bytes.get(pkid_at)?, *bytes.get(pkid_at + 1)?]);
     Some((qos, pkid))
@@ -162,7 +173,10 @@ mod tests {
             let Some(Frame::Publish(p)) = next_frame(&mut buf, 1024).unwrap() else {
                 panic!("not a publish");
             };
-            assert_eq!((p.qos, p.pkid, &p.topic[..], p.payload.len()), (qos, pkid, &b"/a/b"[..], 300));
+            assert_eq!(
+                (p.qos, p.pkid, &p.topic[..], p.payload.len()),
+                (qos, pkid, &b"/a/b"[..], 300)
+            );
             assert!(buf.is_empty());
         }
     }
@@ -172,7 +186,10 @@ mod tests {
         let bytes = publish_bytes(1, 1, "/t", b"hello");
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
-            assert!(next_frame(&mut buf, 1024).unwrap().is_none(), "cut at {cut}");
+            assert!(
+                next_frame(&mut buf, 1024).unwrap().is_none(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -203,10 +220,15 @@ mod tests {
     #[test]
     fn rejects_mqtt5_connect() {
         // CONNECT, protocol "MQTT", level 5, flags 0x02, keep-alive 60, properties len 0, id "a".
-        let body = [0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00, 0x01, b'a'];
+        let body = [
+            0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00, 0x01, b'a',
+        ];
         let mut bytes = vec![0x10, body.len() as u8];
         bytes.extend_from_slice(&body);
         let mut buf = BytesMut::from(&bytes[..]);
-        assert!(matches!(next_frame(&mut buf, 1024), Err(protocol::Error::InvalidProtocolLevel(5))));
+        assert!(matches!(
+            next_frame(&mut buf, 1024),
+            Err(protocol::Error::InvalidProtocolLevel(5))
+        ));
     }
 }

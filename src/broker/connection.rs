@@ -21,8 +21,9 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
-    self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+    self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    Unsubscribe,
 };
 use rumqttd::Notification;
 use std::collections::{HashSet, VecDeque};
@@ -65,7 +66,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     async fn read_frame(&mut self) -> Result<Frame, ReadError> {
         loop {
-            if let Some(frame) = codec::next_frame(&mut self.rbuf, self.max_packet).map_err(ReadError::Protocol)? {
+            if let Some(frame) =
+                codec::next_frame(&mut self.rbuf, self.max_packet).map_err(ReadError::Protocol)?
+            {
                 return Ok(frame);
             }
             match self.fill().await {
@@ -110,18 +113,24 @@ pub(crate) async fn serve<S, H>(
         r = tokio::time::timeout(shared.config.connect_timeout, conn.read_frame()) => r,
         _ = super::stopping(&mut shutdown) => return,
     };
-    let (connect, will, login) = match first {
+    let packet = match first {
         Err(_elapsed) => return refuse_silently(&shared, "timeout"),
-        Ok(Ok(Frame::Other(Packet::Connect(connect, _, will, _, login)))) => (connect, will, login),
-        Ok(Err(ReadError::Protocol(protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol))) => {
+        Ok(Ok(Frame::Other(packet))) => *packet,
+        Ok(Err(ReadError::Protocol(
+            protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol,
+        ))) => {
             // MQTT 5 or 3.1: the 3.1.1 way to say "not this version" (a v5 client reads it too).
             return refuse(&shared, &mut conn, Refusal::Protocol).await;
         }
-        // Garbage, a first packet that is not CONNECT, or a socket closed early.
-        Ok(Err(ReadError::Protocol(_)) | Ok(Frame::Publish(_) | Frame::Other(_))) => {
+        // Garbage or a PUBLISH before CONNECT.
+        Ok(Err(ReadError::Protocol(_)) | Ok(Frame::Publish(_))) => {
             return refuse_silently(&shared, "protocol")
         }
+        // Closed before sending anything complete.
         Ok(Err(ReadError::Io)) => return,
+    };
+    let Packet::Connect(connect, _, will, _, login) = packet else {
+        return refuse_silently(&shared, "protocol");
     };
 
     let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks) {
@@ -129,7 +138,9 @@ pub(crate) async fn serve<S, H>(
         Err(refusal) => return refuse(&shared, &mut conn, refusal).await,
     };
     let device = auth.device;
-    if shared.table.sessions.len() >= shared.config.max_connections && !shared.table.sessions.contains_key(&device) {
+    if shared.table.sessions.len() >= shared.config.max_connections
+        && !shared.table.sessions.contains_key(&device)
+    {
         return refuse(&shared, &mut conn, Refusal::Limit).await;
     }
     // The router never sees the will (its will handling is private to rumqttd's own server): we
@@ -139,15 +150,20 @@ pub(crate) async fn serve<S, H>(
             Some((topic.to_owned(), w.message))
         }
         _ => {
-            shared.metrics.acl_denied.get_or_create(&[("kind", "will")]).inc();
+            shared
+                .metrics
+                .acl_denied
+                .get_or_create(&[("kind", "will")])
+                .inc();
             None
         }
     });
 
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    tracing::Span::current()
-        .record("conn", conn_id)
-        .record("device", format!("{}/{}", device.product_key, device.device_name));
+    tracing::Span::current().record("conn", conn_id).record(
+        "device",
+        format!("{}/{}", device.product_key, device.device_name),
+    );
     let handle = Arc::new(SessionHandle::new(conn_id));
     let session = Session {
         device: device.clone(),
@@ -166,7 +182,11 @@ pub(crate) async fn serve<S, H>(
         local_reason: DisconnectReason::ConnectionLost,
     };
 
-    if let Some(previous) = shared.table.sessions.insert(device.clone(), Arc::clone(&handle)) {
+    if let Some(previous) = shared
+        .table
+        .sessions
+        .insert(device.clone(), Arc::clone(&handle))
+    {
         previous.retire(DisconnectReason::TakenOver);
         // Its link must be settled (live-then-disconnected, or never registered) before ours is
         // registered: otherwise the router would drop it on its own and reuse its id.
@@ -177,7 +197,9 @@ pub(crate) async fn serve<S, H>(
     let build_shared = Arc::clone(&shared);
     let router_id = auth.router_client_id;
     let clean = connect.clean_session;
-    let built = tokio::task::spawn_blocking(move || build_shared.router.build_link(&router_id, clean)).await;
+    let built =
+        tokio::task::spawn_blocking(move || build_shared.router.build_link(&router_id, clean))
+            .await;
     let (mut link_rx, session_present) = match built {
         Ok(Ok((link_tx, link_rx, ack))) => {
             if !handle.install(link_tx) {
@@ -218,7 +240,8 @@ pub(crate) async fn serve<S, H>(
         return;
     }
 
-    let keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     live.local_reason = run(&mut conn, &mut link_rx, &live, &mut shutdown, keep_alive).await;
 }
 
@@ -243,8 +266,9 @@ where
                 None => std::future::pending().await,
             }
         };
+        // Unbiased on purpose (like rumqttd's RemoteLink): a chatty socket must not starve
+        // downstream delivery, nor the other way round.
         tokio::select! {
-            biased;
             _ = live.handle.stopped() => return live.handle.reason().unwrap_or(DisconnectReason::Kicked),
             _ = super::stopping(shutdown) => return DisconnectReason::Kicked,
             read = conn.fill() => match read {
@@ -291,7 +315,11 @@ struct Flow {
 }
 
 /// Handles every complete packet in the read buffer. `Err` ends the session.
-async fn on_socket_data<S, H>(conn: &mut Conn<S>, live: &Live<H>, flow: &mut Flow) -> Result<(), DisconnectReason>
+async fn on_socket_data<S, H>(
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    flow: &mut Flow,
+) -> Result<(), DisconnectReason>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: DeviceHooks,
@@ -339,9 +367,12 @@ where
 {
     let lost = |_| DisconnectReason::ConnectionLost;
     let device = &live.session.device;
-    match frame {
-        Frame::Publish(publish) => on_publish(publish, conn, live, flow).await,
-        Frame::Other(Packet::PubRel(rel, _)) => {
+    let packet = match frame {
+        Frame::Publish(publish) => return on_publish(publish, conn, live, flow).await,
+        Frame::Other(packet) => *packet,
+    };
+    match packet {
+        Packet::PubRel(rel, _) => {
             flow.incoming_qos2.remove(&rel.pkid);
             let comp = PubComp {
                 pkid: rel.pkid,
@@ -349,7 +380,7 @@ where
             };
             conn.queue(Packet::PubComp(comp, None)).map_err(lost)
         }
-        Frame::Other(Packet::Subscribe(subscribe, _)) => {
+        Packet::Subscribe(subscribe, _) => {
             let allowed: Vec<bool> = subscribe
                 .filters
                 .iter()
@@ -357,7 +388,11 @@ where
                 .collect();
             let denied = allowed.iter().filter(|ok| !**ok).count();
             if denied > 0 {
-                live.shared.metrics.acl_denied.get_or_create(&[("kind", "subscribe")]).inc_by(denied as u64);
+                live.shared
+                    .metrics
+                    .acl_denied
+                    .get_or_create(&[("kind", "subscribe")])
+                    .inc_by(denied as u64);
                 tracing::debug!(denied, "subscription refused by ACL");
             }
             if denied == allowed.len() {
@@ -383,7 +418,7 @@ where
             flow.pending_subacks.push_back((subscribe.pkid, allowed));
             Ok(())
         }
-        Frame::Other(Packet::Unsubscribe(unsubscribe, _)) => {
+        Packet::Unsubscribe(unsubscribe, _) => {
             // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
             // for a filter that was not subscribed, so we always answer ourselves (and drop the
             // router's UNSUBACKs).
@@ -407,14 +442,14 @@ where
             };
             conn.queue(Packet::UnsubAck(unsuback, None)).map_err(lost)
         }
-        Frame::Other(Packet::PingReq(_)) => conn.queue(Packet::PingResp(PingResp)).map_err(lost),
-        Frame::Other(Packet::PubAck(ack, _)) => ack_downstream(&mut flow.awaiting_ack, ack.pkid, 1, || {
+        Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp)).map_err(lost),
+        Packet::PubAck(ack, _) => ack_downstream(&mut flow.awaiting_ack, ack.pkid, 1, || {
             to_link.push(Packet::PubAck(ack, None))
         }),
-        Frame::Other(Packet::PubRec(rec, _)) => ack_downstream(&mut flow.awaiting_ack, rec.pkid, 2, || {
+        Packet::PubRec(rec, _) => ack_downstream(&mut flow.awaiting_ack, rec.pkid, 2, || {
             to_link.push(Packet::PubRec(rec, None))
         }),
-        Frame::Other(Packet::PubComp(comp, _)) => {
+        Packet::PubComp(comp, _) => {
             match flow.awaiting_comp.iter().position(|id| *id == comp.pkid) {
                 Some(0) => {
                     flow.awaiting_comp.pop_front();
@@ -425,8 +460,8 @@ where
                 None => Ok(()),
             }
         }
-        Frame::Other(Packet::Disconnect(..)) => Err(DisconnectReason::ClientDisconnect),
-        Frame::Other(other) => {
+        Packet::Disconnect(..) => Err(DisconnectReason::ClientDisconnect),
+        other => {
             tracing::debug!(packet = ?other, "unexpected packet");
             Err(DisconnectReason::ConnectionLost)
         }
@@ -437,7 +472,12 @@ where
 /// on an unsolicited or out-of-order ack, and then reuses its id: so only the expected next ack
 /// is forwarded, a duplicate (not awaited at all) is ignored, and an out-of-order one ends the
 /// connection here, cleanly.
-fn ack_downstream(awaiting: &mut VecDeque<(u16, u8)>, pkid: u16, qos: u8, forward: impl FnOnce()) -> Result<(), DisconnectReason> {
+fn ack_downstream(
+    awaiting: &mut VecDeque<(u16, u8)>,
+    pkid: u16,
+    qos: u8,
+    forward: impl FnOnce(),
+) -> Result<(), DisconnectReason> {
     match awaiting.iter().position(|(id, _)| *id == pkid) {
         Some(0) if awaiting.front().is_some_and(|(_, q)| *q == qos) => {
             awaiting.pop_front();
@@ -455,7 +495,12 @@ fn ack_downstream(awaiting: &mut VecDeque<(u16, u8)>, pkid: u16, qos: u8, forwar
 /// An upstream PUBLISH: ACL, `on_publish`, then our own ack ("acknowledged means processed").
 /// A publish on a topic the device does not own is dropped and counted, and still acked like the
 /// vendor broker does (a silent drop; closing would only make the device reconnect and retry).
-async fn on_publish<S, H>(publish: UpPublish, conn: &mut Conn<S>, live: &Live<H>, flow: &mut Flow) -> Result<(), DisconnectReason>
+async fn on_publish<S, H>(
+    publish: UpPublish,
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    flow: &mut Flow,
+) -> Result<(), DisconnectReason>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: DeviceHooks,
@@ -469,9 +514,15 @@ where
     let duplicate = publish.qos == 2 && flow.incoming_qos2.contains(&publish.pkid);
     if !duplicate {
         if acl::topic_allowed(&device.product_key, &device.device_name, topic) {
-            live.hooks.on_publish(&live.session, topic, publish.payload.clone()).await;
+            live.hooks
+                .on_publish(&live.session, topic, publish.payload.clone())
+                .await;
         } else {
-            live.shared.metrics.acl_denied.get_or_create(&[("kind", "publish")]).inc();
+            live.shared
+                .metrics
+                .acl_denied
+                .get_or_create(&[("kind", "publish")])
+                .inc();
             tracing::debug!(topic, "publish refused by ACL");
         }
     }
@@ -543,7 +594,11 @@ where
                 conn.queue(Packet::PubRel(rel, None)).map_err(lost)?;
             }
             Some(Packet::SubAck(ack, _)) => {
-                let codes = match flow.pending_subacks.iter().position(|(id, _)| *id == ack.pkid) {
+                let codes = match flow
+                    .pending_subacks
+                    .iter()
+                    .position(|(id, _)| *id == ack.pkid)
+                {
                     Some(i) => {
                         let (_, allowed) = flow.pending_subacks.remove(i).unwrap_or_default();
                         merge_suback(&allowed, ack.return_codes)
@@ -573,7 +628,10 @@ where
 
 /// The device's SUBACK: the router's codes for the filters that passed the ACL, in their places,
 /// and failure (0x80) for the others.
-fn merge_suback(allowed: &[bool], router_codes: Vec<SubscribeReasonCode>) -> Vec<SubscribeReasonCode> {
+fn merge_suback(
+    allowed: &[bool],
+    router_codes: Vec<SubscribeReasonCode>,
+) -> Vec<SubscribeReasonCode> {
     let mut router_codes = router_codes.into_iter();
     allowed
         .iter()
@@ -585,8 +643,16 @@ fn merge_suback(allowed: &[bool], router_codes: Vec<SubscribeReasonCode>) -> Vec
 }
 
 /// Answers a refused CONNECT with its return code, counts it, closes.
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, conn: &mut Conn<S>, refusal: Refusal) {
-    shared.metrics.connects_refused.get_or_create(&[("reason", refusal.reason())]).inc();
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    refusal: Refusal,
+) {
+    shared
+        .metrics
+        .connects_refused
+        .get_or_create(&[("reason", refusal.reason())])
+        .inc();
     tracing::debug!(reason = refusal.reason(), "connect refused");
     let ack = ConnAck {
         session_present: false,
@@ -604,7 +670,11 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, conn: &mut C
 
 /// Counts a connection dropped before a valid CONNECT.
 fn refuse_silently(shared: &Shared, reason: &'static str) {
-    shared.metrics.connects_refused.get_or_create(&[("reason", reason)]).inc();
+    shared
+        .metrics
+        .connects_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
     tracing::debug!(reason, "connection dropped before CONNECT");
 }
 
@@ -627,7 +697,10 @@ impl<H: DeviceHooks> Drop for Live<H> {
         let reason = self.handle.reason().unwrap_or(self.local_reason);
         let device: &DeviceKey = &self.session.device;
         let conn_id = self.session.conn_id;
-        self.shared.table.sessions.remove_if(device, |_, h| h.conn_id == conn_id);
+        self.shared
+            .table
+            .sessions
+            .remove_if(device, |_, h| h.conn_id == conn_id);
         if self.handle.is_online() {
             self.shared.metrics.connected_devices.dec();
             tracing::debug!(?reason, "disconnected");
@@ -664,7 +737,9 @@ pub(crate) async fn serve_in_span<S, H>(
     H: DeviceHooks,
 {
     let span = tracing::info_span!("mqtt", %peer, tls, conn = tracing::field::Empty, device = tracing::field::Empty);
-    serve(io, peer, tls, shared, hooks, shutdown).instrument(span).await
+    serve(io, peer, tls, shared, hooks, shutdown)
+        .instrument(span)
+        .await
 }
 
 #[cfg(test)]

@@ -57,7 +57,12 @@ impl std::fmt::Debug for Downlink {
 
 impl Downlink {
     /// Starts the gateway link's threads.
-    pub(crate) fn start(link_tx: LinkTx, link_rx: LinkRx, table: Arc<SessionTable>, metrics: Arc<Metrics>) -> Result<Downlink, BrokerError> {
+    pub(crate) fn start(
+        link_tx: LinkTx,
+        link_rx: LinkRx,
+        table: Arc<SessionTable>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Downlink, BrokerError> {
         let (tx, rx) = sync_channel(DOWNLINK_QUEUE);
         std::thread::Builder::new()
             .name("fleetgate-downlink".into())
@@ -74,7 +79,11 @@ impl Downlink {
     /// QoS (a device that subscribed with QoS 1 gets it as QoS 1 and must PUBACK it). Returns once
     /// the message is queued; it never blocks. Messages to a device that is offline with a
     /// persistent session (clean_session = false) are delivered when it reconnects.
-    pub fn publish(&self, topic: impl Into<String>, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
+    pub fn publish(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BrokerError> {
         let topic = topic.into();
         if !acl::valid_topic_name(&topic) {
             return Err(BrokerError::InvalidTopic(topic));
@@ -97,7 +106,11 @@ impl Downlink {
     /// Returns whether there was one.
     pub fn kick(&self, device: &DeviceKey) -> bool {
         // Clone the handle out: retiring sends to the router and must not hold a map shard lock.
-        let handle = self.table.sessions.get(device).map(|h| Arc::clone(h.value()));
+        let handle = self
+            .table
+            .sessions
+            .get(device)
+            .map(|h| Arc::clone(h.value()));
         match handle {
             Some(handle) => {
                 handle.retire(DisconnectReason::Kicked);
@@ -109,7 +122,10 @@ impl Downlink {
 
     /// Whether the device has an authenticated session right now.
     pub fn is_connected(&self, device: &DeviceKey) -> bool {
-        self.table.sessions.get(device).is_some_and(|h| h.is_online())
+        self.table
+            .sessions
+            .get(device)
+            .is_some_and(|h| h.is_online())
     }
 
     /// How many devices have an authenticated session.
@@ -142,9 +158,11 @@ fn feed(link_tx: &mut LinkTx, rx: Receiver<DownMessage>) {
             }
         }
         let Some(last) = batch.pop() else { continue };
-        link_tx
-            .buffer()
-            .extend(batch.into_iter().map(|m| Packet::Publish(Publish::new(m.topic, m.payload, false), None)));
+        link_tx.buffer().extend(
+            batch
+                .into_iter()
+                .map(|m| Packet::Publish(Publish::new(m.topic, m.payload, false), None)),
+        );
         if let Err(e) = link_tx.publish(last.topic, last.payload) {
             tracing::error!(error = %e, "router is gone, downlink stops");
             return;

@@ -98,7 +98,10 @@ pub enum BrokerError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("router refused the gateway link: {0}")]
@@ -167,7 +170,12 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason);
     /// An upstream PUBLISH that passed the ACL. The QoS1 PUBACK is written only after the
     /// returned future completes, so "acknowledged" means "processed".
-    fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) -> impl Future<Output = ()> + Send;
+    fn on_publish(
+        &self,
+        session: &Session,
+        topic: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// TLS listener settings (securemode=2).

@@ -7,7 +7,7 @@
 //! dropped [`Broker`](super::Broker) leaves one idle thread blocked on its channel.
 
 use super::BrokerConfig;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig, SegmentConfig};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -37,10 +37,11 @@ pub(crate) fn router_config(config: &BrokerConfig) -> RouterConfig {
         max_segment_size: segment,
         max_segment_count: MAX_SEGMENTS,
     };
-    let custom: HashMap<String, SegmentConfig> = ["/ota/#", "/sys/#", "/ext/#", "/shadow/#", "/+/+/#"]
-        .into_iter()
-        .map(|f| (f.to_owned(), per_device.clone()))
-        .collect();
+    let custom: HashMap<String, SegmentConfig> =
+        ["/ota/#", "/sys/#", "/ext/#", "/shadow/#", "/+/+/#"]
+            .into_iter()
+            .map(|f| (f.to_owned(), per_device.clone()))
+            .collect();
     RouterConfig {
         max_connections: config.max_connections.saturating_add(ROUTER_SLACK),
         max_outgoing_packet_count: 200,
@@ -52,7 +53,15 @@ pub(crate) fn router_config(config: &BrokerConfig) -> RouterConfig {
     }
 }
 
-type BuildFn = dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync;
+/// The router did not register a link (connection limit, invalid client id, router gone).
+/// rumqttd's own `LinkError` is ~800 bytes (it embeds flume errors with events), so only its text
+/// is kept.
+#[derive(Debug, thiserror::Error)]
+#[error("router refused the link: {0}")]
+pub(crate) struct LinkRefused(String);
+
+type Link = (LinkTx, LinkRx, Notification);
+type BuildFn = dyn Fn(&str, bool) -> Result<Link, LinkRefused> + Send + Sync;
 
 /// A registered router: builds links and tells whether its inbound channel is full.
 pub(crate) struct RouterHandle {
@@ -67,7 +76,10 @@ impl RouterHandle {
         let full_tx = tx.clone();
         RouterHandle {
             build: Box::new(move |client_id, clean| {
-                LinkBuilder::new(client_id, tx.clone()).clean_session(clean).build()
+                LinkBuilder::new(client_id, tx.clone())
+                    .clean_session(clean)
+                    .build()
+                    .map_err(|e| LinkRefused(e.to_string()))
             }),
             is_full: Box::new(move || full_tx.is_full()),
         }
@@ -76,7 +88,11 @@ impl RouterHandle {
     /// Registers a link. Blocks until the router answered: call it from a blocking thread.
     /// Returns the link and its CONNACK notification. Fails when the router refuses the link
     /// (connection limit, invalid client id).
-    pub(crate) fn build_link(&self, client_id: &str, clean_session: bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    pub(crate) fn build_link(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+    ) -> Result<Link, LinkRefused> {
         (self.build)(client_id, clean_session)
     }
 

@@ -155,7 +155,13 @@ impl BrokerHandle {
         for task in self.accept_tasks.drain(..) {
             let _ = task.await;
         }
-        let sessions: Vec<_> = self.shared.table.sessions.iter().map(|e| Arc::clone(e.value())).collect();
+        let sessions: Vec<_> = self
+            .shared
+            .table
+            .sessions
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
         for session in sessions {
             session.retire(DisconnectReason::Kicked);
         }
@@ -168,7 +174,12 @@ impl BrokerHandle {
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
     let bind_err = |source| BrokerError::Bind { addr, source };
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_err)?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
     socket.set_reuseaddr(true).map_err(bind_err)?;
     socket.bind(addr).map_err(bind_err)?;
     socket.listen(BACKLOG).map_err(bind_err)
@@ -210,24 +221,40 @@ async fn accept_loop<H: DeviceHooks>(
             None => {
                 tokio::spawn(async move {
                     let _task = task;
-                    super::connection::serve_in_span(stream, peer, false, shared, hooks, shutdown).await;
+                    super::connection::serve_in_span(stream, peer, false, shared, hooks, shutdown)
+                        .await;
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let _task = task;
-                    let handshake = tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(stream)).await;
+                    let handshake = tokio::time::timeout(
+                        shared.config.connect_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
                     match handshake {
                         Ok(Ok(stream)) => {
-                            super::connection::serve_in_span(stream, peer, true, shared, hooks, shutdown).await
+                            super::connection::serve_in_span(
+                                stream, peer, true, shared, hooks, shutdown,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => {
-                            shared.metrics.connects_refused.get_or_create(&[("reason", "tls")]).inc();
+                            shared
+                                .metrics
+                                .connects_refused
+                                .get_or_create(&[("reason", "tls")])
+                                .inc();
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         }
                         Err(_) => {
-                            shared.metrics.connects_refused.get_or_create(&[("reason", "timeout")]).inc();
+                            shared
+                                .metrics
+                                .connects_refused
+                                .get_or_create(&[("reason", "timeout")])
+                                .inc();
                         }
                     }
                 });
@@ -240,17 +267,24 @@ async fn accept_loop<H: DeviceHooks>(
 /// a process default when more than one provider is compiled in.
 fn tls_acceptor(config: &TlsConfig) -> Result<TlsAcceptor, BrokerError> {
     let tls_err = |what: &str, e: &dyn std::fmt::Display| BrokerError::Tls(format!("{what}: {e}"));
-    let cert_pem = std::fs::read(&config.cert_path).map_err(|e| tls_err(&config.cert_path.display().to_string(), &e))?;
-    let key_pem = std::fs::read(&config.key_path).map_err(|e| tls_err(&config.key_path.display().to_string(), &e))?;
+    let cert_pem = std::fs::read(&config.cert_path)
+        .map_err(|e| tls_err(&config.cert_path.display().to_string(), &e))?;
+    let key_pem = std::fs::read(&config.key_path)
+        .map_err(|e| tls_err(&config.key_path.display().to_string(), &e))?;
     let certs = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| tls_err("certificate PEM", &e))?;
     if certs.is_empty() {
-        return Err(BrokerError::Tls(format!("no certificate in {}", config.cert_path.display())));
+        return Err(BrokerError::Tls(format!(
+            "no certificate in {}",
+            config.cert_path.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|e| tls_err("key PEM", &e))?
-        .ok_or_else(|| BrokerError::Tls(format!("no private key in {}", config.key_path.display())))?;
+        .ok_or_else(|| {
+            BrokerError::Tls(format!("no private key in {}", config.key_path.display()))
+        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
