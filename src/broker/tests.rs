@@ -544,12 +544,21 @@ async fn downlink_reaches_subscribed_devices_at_their_qos_and_no_one_else() {
     // until it is woken, which the connection task must do.
     const BURST: usize = 2000;
     for i in 0..BURST {
-        downlink.publish(upgrade_topic("dev1"), format!("b{i}")).unwrap();
+        downlink
+            .publish(upgrade_topic("dev1"), format!("b{i}"))
+            .unwrap();
     }
     for i in 0..BURST {
-        assert_eq!(dev1.next_publish().await.payload, format!("b{i}").into_bytes(), "burst {i}");
+        assert_eq!(
+            dev1.next_publish().await.payload,
+            format!("b{i}").into_bytes(),
+            "burst {i}"
+        );
     }
-    assert!(tb.metric(&format!("fleetgate_mqtt_downlink_messages_total {}", N + BURST + 2)));
+    assert!(tb.metric(&format!(
+        "fleetgate_mqtt_downlink_messages_total {}",
+        N + BURST + 2
+    )));
 
     assert!(matches!(
         downlink.publish("/a/+/b", "x"),
@@ -942,23 +951,40 @@ async fn unsubscribe_is_acked_and_stops_delivery() {
     let mut dev = connect(tb.addr(), "dev1").await;
     tb.expect_connect("dev1").await;
     let custom = format!("/{PK}/dev1/user/get");
-    dev.client.subscribe(upgrade_topic("dev1"), QoS::AtLeastOnce).await.unwrap();
+    dev.client
+        .subscribe(upgrade_topic("dev1"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
     dev.suback().await;
-    dev.client.subscribe(&custom, QoS::AtMostOnce).await.unwrap();
+    dev.client
+        .subscribe(&custom, QoS::AtMostOnce)
+        .await
+        .unwrap();
     dev.suback().await;
     dev.client.unsubscribe(upgrade_topic("dev1")).await.unwrap();
-    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(())).await;
+    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
     // Never subscribed, or not even its own: still answered (rumqttd alone would stay silent).
-    dev.client.unsubscribe(format!("/{PK}/dev1/user/never")).await.unwrap();
-    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(())).await;
+    dev.client
+        .unsubscribe(format!("/{PK}/dev1/user/never"))
+        .await
+        .unwrap();
+    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
     dev.client.unsubscribe(upgrade_topic("dev2")).await.unwrap();
-    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(())).await;
+    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
 
     let downlink = tb.handle.downlink();
-    downlink.publish(upgrade_topic("dev1"), "not any more").unwrap();
+    downlink
+        .publish(upgrade_topic("dev1"), "not any more")
+        .unwrap();
     downlink.publish(&custom, "still").unwrap();
     let p = dev.next_publish().await;
-    assert_eq!((p.topic.as_str(), &p.payload[..]), (custom.as_str(), &b"still"[..]));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        (custom.as_str(), &b"still"[..])
+    );
 }
 
 #[tokio::test]
@@ -974,6 +1000,9 @@ async fn connection_limit_refuses_new_devices_but_allows_takeover() {
     );
     assert!(tb.metric(r#"fleetgate_mqtt_connects_refused_total{reason="limit"} 1"#));
     let _again = connect(tb.addr(), "dev1").await;
-    assert_eq!(tb.expect_disconnect("dev1").await.1, DisconnectReason::TakenOver);
+    assert_eq!(
+        tb.expect_disconnect("dev1").await.1,
+        DisconnectReason::TakenOver
+    );
     tb.expect_connect("dev1").await;
 }
