@@ -30,7 +30,7 @@
 //!
 //! - `Broker::new` spawns the router thread and registers the gateway link; `Broker::start`
 //!   binds the listeners (port 0 works, backlog 4096) and spawns the accept tasks.
-//! - A connection task reads CONNECT within `connect_timeout`, authenticates it ([`auth`]),
+//! - A connection task reads CONNECT within `connect_timeout`, authenticates it (`auth.rs`),
 //!   retires a previous session of the same device (takeover), registers its router link on a
 //!   blocking thread (`LinkBuilder::build` blocks), calls `on_connect`, writes the CONNACK, then
 //!   selects over socket reads, link notifications, a retire signal, shutdown and keep-alive.
