@@ -78,13 +78,13 @@ mod session;
 mod tests;
 
 pub use downlink::Downlink;
+pub use server::{Broker, BrokerHandle};
 
 /// Resolves when the broker shuts down (the flag turns true, or its sender is gone).
 async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     // The borrow guard is dropped at once: it must not live across an await (it is not Send).
     let _ = shutdown.wait_for(|stop| *stop).await.map(drop);
 }
-pub use server::{Broker, BrokerHandle};
 
 use bytes::Bytes;
 use std::future::Future;
