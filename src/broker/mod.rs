@@ -2,20 +2,117 @@
 //!
 //! We own the TCP/TLS listeners and the MQTT handshake: every CONNECT is authenticated with the
 //! Alibaba Link signature ([`fleetgate_topics::sign`]) and answered with a real CONNACK code;
-//! every PUBLISH/SUBSCRIBE is checked against the device's own `{pk}/{dn}` (topic isolation).
-//! Upstream device publishes are handed to [`DeviceHooks::on_publish`] and acknowledged
+//! every PUBLISH/SUBSCRIBE is checked against the device's own `{pk}/{dn}` (topic isolation,
+//! [`acl`]). Upstream device publishes are handed to [`DeviceHooks::on_publish`] and acknowledged
 //! (PUBACK) only after it returns. rumqttd's router does what it is good at: sessions,
 //! subscriptions, QoS and fan-out of downstream messages, which the gateway injects through
 //! [`Downlink`].
 //!
 //! This module owns sockets and the router; it knows nothing of the registry beyond
 //! [`DeviceHooks`].
+//!
+//! # Threads, tasks and channels
+//!
+//! ```text
+//!                 accept task (TCP)  accept task (TLS)        -- tokio, one per listener
+//!                        \               /
+//!                 connection task, one per socket             -- tokio
+//!                 (CONNECT, auth, ACL, on_publish, acks)
+//!                   |  LinkTx (buffer + router channel)  ^ LinkRx (notify channel + buffer)
+//!                   v                                    |
+//!   router-0 thread: rumqttd Router (bounded flume channel, 1000 events)
+//!                   ^                                    |
+//!                   | LinkTx "fleetgate-gateway"         v LinkRx
+//!   fleetgate-downlink thread                  fleetgate-downlink-rx thread
+//!   (fed by Downlink::publish through          (drains, answers Unschedule
+//!    a bounded std channel, try_send)           with ready())
+//! ```
+//!
+//! - `Broker::new` spawns the router thread and registers the gateway link; `Broker::start`
+//!   binds the listeners (port 0 works, backlog 4096) and spawns the accept tasks.
+//! - A connection task reads CONNECT within `connect_timeout`, authenticates it (`auth.rs`),
+//!   retires a previous session of the same device (takeover), registers its router link on a
+//!   blocking thread (`LinkBuilder::build` blocks), calls `on_connect`, writes the CONNACK, then
+//!   selects over socket reads, link notifications, a retire signal, shutdown and keep-alive.
+//! - The session table (`DashMap<DeviceKey, SessionHandle>`) is how kick, takeover and shutdown
+//!   reach a session. A session's `LinkTx` lives in its handle behind a mutex so that retiring it
+//!   (send DISCONNECT to the router, then forget the `LinkTx`) is atomic: rumqttd reuses a
+//!   connection id right after it dropped a link, and a late send would hit another client.
+//! - Router sends from tasks first wait asynchronously for room in the router's channel, then use
+//!   rumqttd's (blocking) send, which therefore returns at once in practice.
+//!
+//! # Behaviour decisions
+//!
+//! - **securemode**: 2 (TLS) and 3 (TCP) are both accepted on both listeners; it is not signed
+//!   and the transport is what it is.
+//! - **ACL-denied PUBLISH**: dropped, counted (`acl_denied{kind="publish"}`), and still acked
+//!   (PUBACK/PUBREC) like the vendor broker: closing would only cause reconnect-and-retry loops.
+//!   Denied SUBSCRIBE filters get return code 0x80 in their place of the one SUBACK.
+//! - **QoS 2 upstream**: PUBREC after `on_publish`, a retransmission with the same packet id is
+//!   acknowledged without being processed again, PUBREL gets PUBCOMP. Retain flags are ignored.
+//! - **Last will**: never given to rumqttd (its will handling is private to its own server); on
+//!   any end other than a client DISCONNECT, the will is published through the [`Downlink`] if
+//!   its topic belongs to the device (else dropped, `acl_denied{kind="will"}`).
+//! - **Persistent sessions**: `clean_session = false` is passed to rumqttd, which keeps the
+//!   subscriptions and the read position of an offline device in memory (not across restarts):
+//!   downstream messages published meanwhile are delivered on reconnect, CONNACK says
+//!   `session_present`.
+//! - **Keep-alive**: the session ends after 1.5 × keep-alive without bytes from the client;
+//!   keep-alive 0 means no timeout, as MQTT says.
+//! - **Packet size**: a packet's remaining length may not exceed `max_payload_size`.
+//! - **MQTT 5** is not supported: a v5 (or 3.1) CONNECT is answered with the 3.1.1 CONNACK
+//!   "unacceptable protocol version" (1) and counted as `connects_refused{reason="protocol"}`.
+//!   No v5 packet ever reaches rumqttd (its v5 paths have known panics).
+//! - **Limits**: at `max_connections` authenticated sessions a new device gets CONNACK "server
+//!   unavailable" (3), counted as `limit`; a takeover of a connected device is always allowed.
+
+pub mod acl;
+mod auth;
+mod codec;
+mod connection;
+mod downlink;
+mod router;
+mod server;
+mod session;
+#[cfg(test)]
+mod tests;
+
+pub use downlink::Downlink;
+pub use server::{Broker, BrokerHandle};
+
+/// Resolves when the broker shuts down (the flag turns true, or its sender is gone).
+async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // The borrow guard is dropped at once: it must not live across an await (it is not Send).
+    let _ = shutdown.wait_for(|stop| *stop).await.map(drop);
+}
 
 use bytes::Bytes;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Broker errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("router refused the gateway link: {0}")]
+    Router(String),
+    #[error("invalid topic name {0:?}")]
+    InvalidTopic(String),
+    #[error("downlink queue is full")]
+    DownlinkFull,
+    #[error("the broker is shut down")]
+    Closed,
+}
 
 /// A device's identity: `(product_key, device_name)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

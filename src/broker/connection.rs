@@ -1,0 +1,781 @@
+//! One MQTT connection, from the first byte to `on_disconnect`: one tokio task per socket.
+//!
+//! 1. Read CONNECT within `connect_timeout` and authenticate it ([`super::auth`]); a refusal
+//!    gets a CONNACK with a real return code and is counted by reason.
+//! 2. Take over a previous session of the same device (it is retired first, so the router sees
+//!    its DISCONNECT before the new link's CONNECT), register the router link on a blocking
+//!    thread, call `on_connect`, write the CONNACK the router produced (`session_present`).
+//! 3. Loop over socket reads, the link's notifications, a retire signal, broker shutdown and the
+//!    keep-alive deadline (like rumqttd's `RemoteLink::start`, batching reads and writes).
+//!
+//! Upstream traffic never reaches the router: PUBLISHes pass the ACL and go to
+//! `on_publish`, after which *we* acknowledge them; only SUBSCRIBE/UNSUBSCRIBE and the acks of
+//! downstream messages go to the link. Anything malformed or unexpected ends the connection.
+
+use super::auth::{authenticate, Refusal};
+use super::codec::{self, Frame, UpPublish};
+use super::server::Shared;
+use super::session::{Phase, SessionHandle};
+use super::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use rumqttd::local::LinkRx;
+use rumqttd::protocol::{
+    self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    Unsubscribe,
+};
+use rumqttd::Notification;
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// How long a new session waits for the session it replaces to finish `on_disconnect`, so the
+/// hooks see offline-then-online in that order. Past it the new session goes ahead anyway.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// Most router notifications handled per wake-up (one socket write).
+const NOTIFICATION_BATCH: usize = 256;
+/// Initial read buffer: enough for a CONNECT and small packets; it grows on demand.
+const READ_BUFFER: usize = 1024;
+
+/// A socket with its read and write buffers.
+struct Conn<S> {
+    io: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_packet: usize,
+}
+
+enum ReadError {
+    Io,
+    Protocol(protocol::Error),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Reads whatever the socket has. Cancel-safe: bytes read are kept in `rbuf`.
+    async fn fill(&mut self) -> io::Result<usize> {
+        self.io.read_buf(&mut self.rbuf).await
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            if let Some(frame) =
+                codec::next_frame(&mut self.rbuf, self.max_packet).map_err(ReadError::Protocol)?
+            {
+                return Ok(frame);
+            }
+            match self.fill().await {
+                Ok(0) | Err(_) => return Err(ReadError::Io),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn queue(&mut self, packet: Packet) -> Result<(), protocol::Error> {
+        codec::encode(packet, &mut self.wbuf)
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.io.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        self.io.flush().await
+    }
+}
+
+/// Serves one accepted socket until the session ends.
+pub(crate) async fn serve<S, H>(
+    io: S,
+    peer: SocketAddr,
+    tls: bool,
+    shared: Arc<Shared>,
+    hooks: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let mut conn = Conn {
+        io,
+        rbuf: BytesMut::with_capacity(READ_BUFFER),
+        wbuf: BytesMut::new(),
+        max_packet: shared.config.max_payload_size,
+    };
+    let first = tokio::select! {
+        r = tokio::time::timeout(shared.config.connect_timeout, conn.read_frame()) => r,
+        _ = super::stopping(&mut shutdown) => return,
+    };
+    let packet = match first {
+        Err(_elapsed) => return refuse_silently(&shared, "timeout"),
+        Ok(Ok(Frame::Other(packet))) => *packet,
+        Ok(Err(ReadError::Protocol(
+            protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol,
+        ))) => {
+            // MQTT 5 or 3.1: the 3.1.1 way to say "not this version" (a v5 client reads it too).
+            return refuse(&shared, &mut conn, Refusal::Protocol).await;
+        }
+        // Garbage or a PUBLISH before CONNECT.
+        Ok(Err(ReadError::Protocol(_)) | Ok(Frame::Publish(_))) => {
+            return refuse_silently(&shared, "protocol")
+        }
+        // Closed before sending anything complete.
+        Ok(Err(ReadError::Io)) => return,
+    };
+    let Packet::Connect(connect, _, will, _, login) = packet else {
+        return refuse_silently(&shared, "protocol");
+    };
+
+    let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks) {
+        Ok(auth) => auth,
+        Err(refusal) => return refuse(&shared, &mut conn, refusal).await,
+    };
+    let device = auth.device;
+    if shared.table.sessions.len() >= shared.config.max_connections
+        && !shared.table.sessions.contains_key(&device)
+    {
+        return refuse(&shared, &mut conn, Refusal::Limit).await;
+    }
+    // The router never sees the will (its will handling is private to rumqttd's own server): we
+    // publish it ourselves on an unclean end, and only on a topic the device owns.
+    let will = will.and_then(|w| match std::str::from_utf8(&w.topic) {
+        Ok(topic) if acl::topic_allowed(&device.product_key, &device.device_name, topic) => {
+            Some((topic.to_owned(), w.message))
+        }
+        _ => {
+            shared
+                .metrics
+                .acl_denied
+                .get_or_create(&[("kind", "will")])
+                .inc();
+            None
+        }
+    });
+
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    tracing::Span::current().record("conn", conn_id).record(
+        "device",
+        format!("{}/{}", device.product_key, device.device_name),
+    );
+    let handle = Arc::new(SessionHandle::new(conn_id));
+    let session = Session {
+        device: device.clone(),
+        conn_id,
+        client_id: connect.client_id.clone(),
+        client_addr: peer,
+        tls,
+        connected_at_ms: now_ms(),
+    };
+    let mut live = Live {
+        handle: Arc::clone(&handle),
+        shared: Arc::clone(&shared),
+        hooks: Arc::clone(&hooks),
+        session,
+        will,
+        local_reason: DisconnectReason::ConnectionLost,
+    };
+
+    if let Some(previous) = shared
+        .table
+        .sessions
+        .insert(device.clone(), Arc::clone(&handle))
+    {
+        previous.retire(DisconnectReason::TakenOver);
+        // Its link must be settled (live-then-disconnected, or never registered) before ours is
+        // registered: otherwise the router would drop it on its own and reuse its id.
+        previous.wait_phase(Phase::Settled).await;
+        let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
+    }
+
+    let build_shared = Arc::clone(&shared);
+    let router_id = auth.router_client_id;
+    let clean = connect.clean_session;
+    let built =
+        tokio::task::spawn_blocking(move || build_shared.router.build_link(&router_id, clean))
+            .await;
+    let (mut link_rx, session_present) = match built {
+        Ok(Ok((link_tx, link_rx, ack))) => {
+            if !handle.install(link_tx) {
+                // Replaced or kicked while registering: end without ever having been online.
+                return;
+            }
+            let present = match Option::<Packet>::from(ack) {
+                Some(Packet::ConnAck(ack, _)) => ack.session_present,
+                _ => false,
+            };
+            (link_rx, present)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "router refused the link");
+            handle.link_failed();
+            return refuse(&shared, &mut conn, Refusal::Limit).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "link registration task failed");
+            handle.link_failed();
+            return refuse(&shared, &mut conn, Refusal::Limit).await;
+        }
+    };
+
+    handle.set_online();
+    shared.metrics.connects.inc();
+    shared.metrics.connected_devices.inc();
+    hooks.on_connect(&live.session);
+    tracing::debug!(session_present, clean, "connected");
+    let connack = Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        None,
+    );
+    if conn.queue(connack).is_err() || conn.flush().await.is_err() {
+        return;
+    }
+
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    live.local_reason = run(&mut conn, &mut link_rx, &live, &mut shutdown, keep_alive).await;
+}
+
+/// The established session's loop. Returns why it ended (from this side).
+async fn run<S, H>(
+    conn: &mut Conn<S>,
+    link_rx: &mut LinkRx,
+    live: &Live<H>,
+    shutdown: &mut watch::Receiver<bool>,
+    keep_alive: Option<Duration>,
+) -> DisconnectReason
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let mut flow = Flow::default();
+    let mut last_read = Instant::now();
+    loop {
+        let keep_alive_expired = async {
+            match keep_alive {
+                Some(period) => tokio::time::sleep_until(last_read + period).await,
+                None => std::future::pending().await,
+            }
+        };
+        // Unbiased on purpose (like rumqttd's RemoteLink): a chatty socket must not starve
+        // downstream delivery, nor the other way round.
+        tokio::select! {
+            _ = live.handle.stopped() => return live.handle.reason().unwrap_or(DisconnectReason::Kicked),
+            _ = super::stopping(shutdown) => return DisconnectReason::Kicked,
+            read = conn.fill() => match read {
+                Ok(0) | Err(_) => return DisconnectReason::ConnectionLost,
+                Ok(_) => {
+                    last_read = Instant::now();
+                    if let Err(reason) = on_socket_data(conn, live, &mut flow).await {
+                        return reason;
+                    }
+                }
+            },
+            notification = link_rx.next() => match notification {
+                Ok(first) => {
+                    if let Err(reason) = on_notifications(first, conn, link_rx, live, &mut flow).await {
+                        return reason;
+                    }
+                }
+                Err(_) => {
+                    // The router dropped the link by itself: its id may already be reused.
+                    live.handle.forget_link(DisconnectReason::ConnectionLost);
+                    return DisconnectReason::ConnectionLost;
+                }
+            },
+            _ = keep_alive_expired => {
+                tracing::debug!("keep-alive expired");
+                return DisconnectReason::ConnectionLost;
+            }
+        }
+    }
+}
+
+/// Per-connection protocol bookkeeping.
+#[derive(Default)]
+struct Flow {
+    /// Downstream QoS 1/2 PUBLISHes written to the device, awaiting PUBACK/PUBREC, in order
+    /// (rumqttd only accepts in-order acks and drops the link otherwise).
+    awaiting_ack: VecDeque<(u16, u8)>,
+    /// PUBRELs written to the device, awaiting PUBCOMP, in order.
+    awaiting_comp: VecDeque<u16>,
+    /// Upstream QoS 2 packet ids processed and PUBREC'd, until their PUBREL.
+    incoming_qos2: HashSet<u16>,
+    /// SUBSCRIBEs forwarded to the router: packet id and which filters passed the ACL.
+    pending_subacks: VecDeque<(u16, Vec<bool>)>,
+}
+
+/// Handles every complete packet in the read buffer. `Err` ends the session.
+async fn on_socket_data<S, H>(
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    flow: &mut Flow,
+) -> Result<(), DisconnectReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let mut to_link = Vec::new();
+    let mut outcome = Ok(());
+    loop {
+        let frame = match codec::next_frame(&mut conn.rbuf, conn.max_packet) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed packet");
+                outcome = Err(DisconnectReason::ConnectionLost);
+                break;
+            }
+        };
+        if let Err(reason) = on_frame(frame, conn, live, flow, &mut to_link).await {
+            outcome = Err(reason);
+            break;
+        }
+    }
+    // What was handled before an error or a DISCONNECT still gets its acks.
+    if !to_link.is_empty() {
+        live.shared.router.wait_capacity().await;
+        if !live.handle.send(to_link) {
+            return Err(DisconnectReason::ConnectionLost);
+        }
+    }
+    if conn.flush().await.is_err() {
+        return Err(DisconnectReason::ConnectionLost);
+    }
+    outcome
+}
+
+async fn on_frame<S, H>(
+    frame: Frame,
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    flow: &mut Flow,
+    to_link: &mut Vec<Packet>,
+) -> Result<(), DisconnectReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let lost = |_| DisconnectReason::ConnectionLost;
+    let device = &live.session.device;
+    let packet = match frame {
+        Frame::Publish(publish) => return on_publish(publish, conn, live, flow).await,
+        Frame::Other(packet) => *packet,
+    };
+    match packet {
+        Packet::PubRel(rel, _) => {
+            flow.incoming_qos2.remove(&rel.pkid);
+            let comp = PubComp {
+                pkid: rel.pkid,
+                reason: PubCompReason::Success,
+            };
+            conn.queue(Packet::PubComp(comp, None)).map_err(lost)
+        }
+        Packet::Subscribe(subscribe, _) => {
+            let allowed: Vec<bool> = subscribe
+                .filters
+                .iter()
+                .map(|f| acl::filter_allowed(&device.product_key, &device.device_name, &f.path))
+                .collect();
+            let denied = allowed.iter().filter(|ok| !**ok).count();
+            if denied > 0 {
+                live.shared
+                    .metrics
+                    .acl_denied
+                    .get_or_create(&[("kind", "subscribe")])
+                    .inc_by(denied as u64);
+                tracing::debug!(denied, "subscription refused by ACL");
+            }
+            if denied == allowed.len() {
+                let suback = SubAck {
+                    pkid: subscribe.pkid,
+                    return_codes: vec![SubscribeReasonCode::Failure; denied],
+                };
+                return conn.queue(Packet::SubAck(suback, None)).map_err(lost);
+            }
+            let filters = subscribe
+                .filters
+                .into_iter()
+                .zip(&allowed)
+                .filter_map(|(f, ok)| ok.then_some(f))
+                .collect();
+            to_link.push(Packet::Subscribe(
+                Subscribe {
+                    pkid: subscribe.pkid,
+                    filters,
+                },
+                None,
+            ));
+            flow.pending_subacks.push_back((subscribe.pkid, allowed));
+            Ok(())
+        }
+        Packet::Unsubscribe(unsubscribe, _) => {
+            // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
+            // for a filter that was not subscribed, so we always answer ourselves (and drop the
+            // router's UNSUBACKs).
+            let owned: Vec<String> = unsubscribe
+                .filters
+                .into_iter()
+                .filter(|f| acl::filter_allowed(&device.product_key, &device.device_name, f))
+                .collect();
+            if !owned.is_empty() {
+                to_link.push(Packet::Unsubscribe(
+                    Unsubscribe {
+                        pkid: unsubscribe.pkid,
+                        filters: owned,
+                    },
+                    None,
+                ));
+            }
+            let unsuback = UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons: vec![],
+            };
+            conn.queue(Packet::UnsubAck(unsuback, None)).map_err(lost)
+        }
+        Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp)).map_err(lost),
+        Packet::PubAck(ack, _) => ack_downstream(&mut flow.awaiting_ack, ack.pkid, 1, || {
+            to_link.push(Packet::PubAck(ack, None))
+        }),
+        Packet::PubRec(rec, _) => ack_downstream(&mut flow.awaiting_ack, rec.pkid, 2, || {
+            to_link.push(Packet::PubRec(rec, None))
+        }),
+        Packet::PubComp(comp, _) => {
+            match flow.awaiting_comp.iter().position(|id| *id == comp.pkid) {
+                Some(0) => {
+                    flow.awaiting_comp.pop_front();
+                    to_link.push(Packet::PubComp(comp, None));
+                    Ok(())
+                }
+                Some(_) => Err(DisconnectReason::ConnectionLost),
+                None => Ok(()),
+            }
+        }
+        Packet::Disconnect(..) => Err(DisconnectReason::ClientDisconnect),
+        other => {
+            tracing::debug!(packet = ?other, "unexpected packet");
+            Err(DisconnectReason::ConnectionLost)
+        }
+    }
+}
+
+/// A device's PUBACK (QoS 1) or PUBREC (QoS 2) for a downstream message. rumqttd drops a link
+/// on an unsolicited or out-of-order ack, and then reuses its id: so only the expected next ack
+/// is forwarded, a duplicate (not awaited at all) is ignored, and an out-of-order one ends the
+/// connection here, cleanly.
+fn ack_downstream(
+    awaiting: &mut VecDeque<(u16, u8)>,
+    pkid: u16,
+    qos: u8,
+    forward: impl FnOnce(),
+) -> Result<(), DisconnectReason> {
+    match awaiting.iter().position(|(id, _)| *id == pkid) {
+        Some(0) if awaiting.front().is_some_and(|(_, q)| *q == qos) => {
+            awaiting.pop_front();
+            forward();
+            Ok(())
+        }
+        Some(_) => {
+            tracing::debug!(pkid, "out-of-order or mismatched ack");
+            Err(DisconnectReason::ConnectionLost)
+        }
+        None => Ok(()),
+    }
+}
+
+/// An upstream PUBLISH: ACL, `on_publish`, then our own ack ("acknowledged means processed").
+/// A publish on a topic the device does not own is dropped and counted, and still acked like the
+/// vendor broker does (a silent drop; closing would only make the device reconnect and retry).
+async fn on_publish<S, H>(
+    publish: UpPublish,
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    flow: &mut Flow,
+) -> Result<(), DisconnectReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let lost = |_| DisconnectReason::ConnectionLost;
+    let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+        return Err(DisconnectReason::ConnectionLost);
+    };
+    let device = &live.session.device;
+    // A QoS 2 retransmission (same id before its PUBREL) is acknowledged, not processed again.
+    let duplicate = publish.qos == 2 && flow.incoming_qos2.contains(&publish.pkid);
+    if !duplicate {
+        if acl::topic_allowed(&device.product_key, &device.device_name, topic) {
+            live.hooks
+                .on_publish(&live.session, topic, publish.payload.clone())
+                .await;
+        } else {
+            live.shared
+                .metrics
+                .acl_denied
+                .get_or_create(&[("kind", "publish")])
+                .inc();
+            tracing::debug!(topic, "publish refused by ACL");
+        }
+    }
+    match publish.qos {
+        1 => {
+            let ack = PubAck {
+                pkid: publish.pkid,
+                reason: PubAckReason::Success,
+            };
+            conn.queue(Packet::PubAck(ack, None)).map_err(lost)
+        }
+        2 => {
+            flow.incoming_qos2.insert(publish.pkid);
+            let rec = PubRec {
+                pkid: publish.pkid,
+                reason: PubRecReason::Success,
+            };
+            conn.queue(Packet::PubRec(rec, None)).map_err(lost)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes a batch of router notifications to the device.
+async fn on_notifications<S, H>(
+    first: Option<Notification>,
+    conn: &mut Conn<S>,
+    link_rx: &mut LinkRx,
+    live: &Live<H>,
+    flow: &mut Flow,
+) -> Result<(), DisconnectReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let mut batch: Vec<Notification> = first.into_iter().collect();
+    while batch.len() < NOTIFICATION_BATCH {
+        match link_rx.next().now_or_never() {
+            Some(Ok(Some(n))) => batch.push(n),
+            // Nothing ready, or an error the next `next()` will report again.
+            _ => break,
+        }
+    }
+    let lost = |_| DisconnectReason::ConnectionLost;
+    let mut unscheduled = false;
+    for notification in batch {
+        let packet = match notification {
+            Notification::Unschedule => {
+                unscheduled = true;
+                continue;
+            }
+            Notification::Disconnect(..) => {
+                // The router is dropping this link (it then reuses the id): do not answer it.
+                live.handle.forget_link(DisconnectReason::ConnectionLost);
+                return Err(DisconnectReason::ConnectionLost);
+            }
+            other => Option::<Packet>::from(other),
+        };
+        match packet {
+            Some(Packet::Publish(publish, _)) => {
+                let at = conn.wbuf.len();
+                conn.queue(Packet::Publish(publish, None)).map_err(lost)?;
+                if let Some((qos @ 1..=2, pkid)) = codec::publish_meta(&conn.wbuf[at..]) {
+                    flow.awaiting_ack.push_back((pkid, qos));
+                }
+            }
+            Some(Packet::PubRel(rel, _)) => {
+                flow.awaiting_comp.push_back(rel.pkid);
+                conn.queue(Packet::PubRel(rel, None)).map_err(lost)?;
+            }
+            Some(Packet::SubAck(ack, _)) => {
+                let codes = match flow
+                    .pending_subacks
+                    .iter()
+                    .position(|(id, _)| *id == ack.pkid)
+                {
+                    Some(i) => {
+                        let (_, allowed) = flow.pending_subacks.remove(i).unwrap_or_default();
+                        merge_suback(&allowed, ack.return_codes)
+                    }
+                    None => ack.return_codes,
+                };
+                let suback = SubAck {
+                    pkid: ack.pkid,
+                    return_codes: codes,
+                };
+                conn.queue(Packet::SubAck(suback, None)).map_err(lost)?;
+            }
+            // Answered by us already (UNSUBACK, PINGRESP) or not expected on a device link
+            // (acks of upstream publishes, which never go to the router).
+            Some(_) | None => {}
+        }
+    }
+    if conn.flush().await.is_err() {
+        return Err(DisconnectReason::ConnectionLost);
+    }
+    if unscheduled && link_rx.wake().await.is_err() {
+        live.handle.forget_link(DisconnectReason::ConnectionLost);
+        return Err(DisconnectReason::ConnectionLost);
+    }
+    Ok(())
+}
+
+/// The device's SUBACK: the router's codes for the filters that passed the ACL, in their places,
+/// and failure (0x80) for the others.
+fn merge_suback(
+    allowed: &[bool],
+    router_codes: Vec<SubscribeReasonCode>,
+) -> Vec<SubscribeReasonCode> {
+    let mut router_codes = router_codes.into_iter();
+    allowed
+        .iter()
+        .map(|ok| match ok {
+            true => router_codes.next().unwrap_or(SubscribeReasonCode::Failure),
+            false => SubscribeReasonCode::Failure,
+        })
+        .collect()
+}
+
+/// Answers a refused CONNECT with its return code, counts it, closes.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    refusal: Refusal,
+) {
+    shared
+        .metrics
+        .connects_refused
+        .get_or_create(&[("reason", refusal.reason())])
+        .inc();
+    tracing::debug!(reason = refusal.reason(), "connect refused");
+    let ack = ConnAck {
+        session_present: false,
+        code: refusal.code(),
+    };
+    if conn.queue(Packet::ConnAck(ack, None)).is_ok() {
+        // Best effort, bounded: a peer that does not read must not keep the task alive.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = conn.flush().await;
+            let _ = conn.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// Counts a connection dropped before a valid CONNECT.
+fn refuse_silently(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .connects_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+    tracing::debug!(reason, "connection dropped before CONNECT");
+}
+
+/// An authenticated session. Dropping it ends the session exactly once, whatever the path
+/// (return, error, panic in a hook): link retired, table entry removed, `on_disconnect` called
+/// if `on_connect` was, the will published on an unclean end.
+struct Live<H: DeviceHooks> {
+    handle: Arc<SessionHandle>,
+    shared: Arc<Shared>,
+    hooks: Arc<H>,
+    session: Session,
+    will: Option<(String, Bytes)>,
+    /// Why the connection task ended, unless someone retired the session first.
+    local_reason: DisconnectReason,
+}
+
+impl<H: DeviceHooks> Drop for Live<H> {
+    fn drop(&mut self) {
+        self.handle.retire(self.local_reason);
+        let reason = self.handle.reason().unwrap_or(self.local_reason);
+        let device: &DeviceKey = &self.session.device;
+        let conn_id = self.session.conn_id;
+        self.shared
+            .table
+            .sessions
+            .remove_if(device, |_, h| h.conn_id == conn_id);
+        if self.handle.is_online() {
+            self.shared.metrics.connected_devices.dec();
+            tracing::debug!(?reason, "disconnected");
+            self.hooks.on_disconnect(&self.session, reason);
+            if reason != DisconnectReason::ClientDisconnect {
+                if let Some((topic, payload)) = self.will.take() {
+                    if let Err(e) = self.shared.downlink.publish(topic, payload) {
+                        tracing::warn!(error = %e, "last will not published");
+                    }
+                }
+            }
+        }
+        self.handle.set_done();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs `serve` inside a span carrying the connection's fields.
+pub(crate) async fn serve_in_span<S, H>(
+    io: S,
+    peer: SocketAddr,
+    tls: bool,
+    shared: Arc<Shared>,
+    hooks: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    let span = tracing::info_span!("mqtt", %peer, tls, conn = tracing::field::Empty, device = tracing::field::Empty);
+    serve(io, peer, tls, shared, hooks, shutdown)
+        .instrument(span)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suback_codes_keep_their_places() {
+        let merged = merge_suback(
+            &[true, false, true, false],
+            vec![SubscribeReasonCode::QoS1, SubscribeReasonCode::QoS0],
+        );
+        assert_eq!(
+            merged,
+            vec![
+                SubscribeReasonCode::QoS1,
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::QoS0,
+                SubscribeReasonCode::Failure
+            ]
+        );
+    }
+
+    #[test]
+    fn downstream_acks_in_order_only() {
+        let mut awaiting: VecDeque<(u16, u8)> = [(1, 1), (2, 1), (3, 2)].into_iter().collect();
+        let mut forwarded = 0;
+        // Not awaited: a duplicate, ignored.
+        assert!(ack_downstream(&mut awaiting, 9, 1, || forwarded += 1).is_ok());
+        assert!(ack_downstream(&mut awaiting, 1, 1, || forwarded += 1).is_ok());
+        assert_eq!(forwarded, 1);
+        // Out of order: ends the connection.
+        assert!(ack_downstream(&mut awaiting, 3, 2, || forwarded += 1).is_err());
+        // Wrong kind (PUBREC for a QoS 1 message).
+        assert!(ack_downstream(&mut awaiting, 2, 2, || forwarded += 1).is_err());
+        assert!(ack_downstream(&mut awaiting, 2, 1, || forwarded += 1).is_ok());
+        assert_eq!(forwarded, 2);
+    }
+}

@@ -1,0 +1,186 @@
+//! The gateway's way into the router: [`Downlink`] publishes to devices, kicks and queries
+//! sessions.
+//!
+//! The gateway's link (`fleetgate-gateway`) is owned by two dedicated OS threads, because
+//! rumqttd's local link API blocks:
+//!
+//! - `fleetgate-downlink` owns the `LinkTx`. [`Downlink::publish`] hands it messages through a
+//!   bounded std channel (`try_send`, so an async caller never blocks; a full channel is an
+//!   error the caller sees). The thread takes everything queued, puts it into the link buffer
+//!   and notifies the router once per batch.
+//! - `fleetgate-downlink-rx` drains the link's `LinkRx` (the gateway never subscribes, so only
+//!   scheduling notifications arrive) and answers `Unschedule` with `ready()`, which rumqttd
+//!   requires or the link stalls.
+
+use super::session::SessionHandle;
+use super::{acl, BrokerError, DeviceKey, DisconnectReason};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use dashmap::DashMap;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use rumqttd::Notification;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+
+/// How many downstream messages may wait for the downlink thread.
+const DOWNLINK_QUEUE: usize = 65_536;
+/// Most messages handed to the router in one event.
+const BATCH: usize = 1024;
+
+/// A message for devices.
+pub(crate) struct DownMessage {
+    topic: Bytes,
+    payload: Bytes,
+}
+
+/// State shared by the broker, its connection tasks and every [`Downlink`].
+pub(crate) struct SessionTable {
+    pub sessions: DashMap<DeviceKey, Arc<SessionHandle>>,
+}
+
+/// Publishes to devices and controls their sessions. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct Downlink {
+    tx: SyncSender<DownMessage>,
+    table: Arc<SessionTable>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Downlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downlink")
+            .field("sessions", &self.table.sessions.len())
+            .finish()
+    }
+}
+
+impl Downlink {
+    /// Starts the gateway link's threads.
+    pub(crate) fn start(
+        link_tx: LinkTx,
+        link_rx: LinkRx,
+        table: Arc<SessionTable>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Downlink, BrokerError> {
+        let (tx, rx) = sync_channel(DOWNLINK_QUEUE);
+        std::thread::Builder::new()
+            .name("fleetgate-downlink".into())
+            .spawn(move || feed_router(link_tx, rx))
+            .map_err(BrokerError::Io)?;
+        std::thread::Builder::new()
+            .name("fleetgate-downlink-rx".into())
+            .spawn(move || drain(link_rx))
+            .map_err(BrokerError::Io)?;
+        Ok(Downlink { tx, table, metrics })
+    }
+
+    /// Publishes `payload` on `topic` to every device subscribed to it, at each subscription's
+    /// QoS (a device that subscribed with QoS 1 gets it as QoS 1 and must PUBACK it). Returns once
+    /// the message is queued; it never blocks. Messages to a device that is offline with a
+    /// persistent session (clean_session = false) are delivered when it reconnects.
+    pub fn publish(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BrokerError> {
+        let topic = topic.into();
+        if !acl::valid_topic_name(&topic) {
+            return Err(BrokerError::InvalidTopic(topic));
+        }
+        let message = DownMessage {
+            topic: Bytes::from(topic),
+            payload: payload.into(),
+        };
+        match self.tx.try_send(message) {
+            Ok(()) => {
+                self.metrics.downlink_messages.inc();
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(BrokerError::DownlinkFull),
+            Err(TrySendError::Disconnected(_)) => Err(BrokerError::Closed),
+        }
+    }
+
+    /// Closes the device's session, if it has one (`on_disconnect` with [`DisconnectReason::Kicked`]).
+    /// Returns whether there was one.
+    pub fn kick(&self, device: &DeviceKey) -> bool {
+        // Clone the handle out: retiring sends to the router and must not hold a map shard lock.
+        let handle = self
+            .table
+            .sessions
+            .get(device)
+            .map(|h| Arc::clone(h.value()));
+        match handle {
+            Some(handle) => {
+                handle.retire(DisconnectReason::Kicked);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the device has an authenticated session right now.
+    pub fn is_connected(&self, device: &DeviceKey) -> bool {
+        self.table
+            .sessions
+            .get(device)
+            .is_some_and(|h| h.is_online())
+    }
+
+    /// How many devices have an authenticated session.
+    pub fn connected_count(&self) -> usize {
+        self.table.sessions.iter().filter(|h| h.is_online()).count()
+    }
+}
+
+/// The `fleetgate-downlink` thread: moves queued messages into the router, batch by batch.
+fn feed_router(mut link_tx: LinkTx, rx: Receiver<DownMessage>) {
+    feed(&mut link_tx, rx);
+    // Every Downlink is gone (the broker was dropped): unregister the gateway link, which also
+    // ends the drain thread (its LinkRx errors once the router forgets the link).
+    let disconnect = Packet::Disconnect(
+        rumqttd::protocol::Disconnect {
+            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let _ = futures_util::FutureExt::now_or_never(link_tx.send(disconnect));
+}
+
+fn feed(link_tx: &mut LinkTx, rx: Receiver<DownMessage>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let Some(last) = batch.pop() else { continue };
+        link_tx.buffer().extend(
+            batch
+                .into_iter()
+                .map(|m| Packet::Publish(Publish::new(m.topic, m.payload, false), None)),
+        );
+        if let Err(e) = link_tx.publish(last.topic, last.payload) {
+            tracing::error!(error = %e, "router is gone, downlink stops");
+            return;
+        }
+    }
+}
+
+/// The `fleetgate-downlink-rx` thread: keeps the gateway link schedulable.
+fn drain(mut link_rx: LinkRx) {
+    loop {
+        match link_rx.recv() {
+            Ok(Some(Notification::Unschedule)) => {
+                if link_rx.ready().is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! rumqttd's router: its configuration and a type-erased handle to register links with it.
+//!
+//! `Router::spawn` returns a `flume::Sender<(ConnectionId, Event)>` whose `Event` lives in a
+//! private rumqttd module, so the sender cannot be named in a struct field. [`RouterHandle`]
+//! keeps it inside closures instead. The router runs on its own OS thread (`router-0`) for the
+//! life of the process: rumqttd has no way to stop it (it keeps a clone of its own sender), so a
+//! dropped [`Broker`](super::Broker) leaves one idle thread blocked on its channel.
+
+use super::BrokerConfig;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig, SegmentConfig};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The gateway's own link. Device links are named by
+/// [`router_client_id`](super::auth::router_client_id), which always contains exactly one `&`,
+/// so no device can take this name over.
+pub(crate) const GATEWAY_LINK_ID: &str = "fleetgate-gateway";
+
+/// Extra router slots beyond `max_connections`: the gateway link, and old sessions whose
+/// DISCONNECT the router has not processed yet while their replacement registers.
+const ROUTER_SLACK: usize = 64;
+
+/// The router configuration for a broker. Every filter in this router is a per-device filter (the
+/// gateway never subscribes: upstream traffic reaches it through the hooks), carrying few and
+/// small downstream messages, so segments are small: acked messages stay in a filter's log until
+/// its segments rotate, and there is one log per distinct filter ever subscribed. One segment
+/// still holds at least one maximum-size message (a segment may overflow by its last message),
+/// and a device must lag by more than `MAX_SEGMENTS` segments before it skips messages.
+pub(crate) fn router_config(config: &BrokerConfig) -> RouterConfig {
+    const MIN_SEGMENT: usize = 64 * 1024;
+    const MAX_SEGMENTS: usize = 4;
+    let segment = config.max_payload_size.max(MIN_SEGMENT);
+    // The same sizes for every device topic family, stated explicitly so that a future gateway
+    // subscription (e.g. a wildcard tap) falls back to the larger default below.
+    let per_device = SegmentConfig {
+        max_segment_size: segment,
+        max_segment_count: MAX_SEGMENTS,
+    };
+    let custom: HashMap<String, SegmentConfig> =
+        ["/ota/#", "/sys/#", "/ext/#", "/shadow/#", "/+/+/#"]
+            .into_iter()
+            .map(|f| (f.to_owned(), per_device.clone()))
+            .collect();
+    RouterConfig {
+        max_connections: config.max_connections.saturating_add(ROUTER_SLACK),
+        max_outgoing_packet_count: 200,
+        max_segment_size: (16 * segment).max(1024 * 1024),
+        max_segment_count: 10,
+        custom_segment: Some(custom),
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// The router did not register a link (connection limit, invalid client id, router gone).
+/// rumqttd's own `LinkError` is ~800 bytes (it embeds flume errors with events), so only its text
+/// is kept.
+#[derive(Debug, thiserror::Error)]
+#[error("router refused the link: {0}")]
+pub(crate) struct LinkRefused(String);
+
+type Link = (LinkTx, LinkRx, Notification);
+type BuildFn = dyn Fn(&str, bool) -> Result<Link, LinkRefused> + Send + Sync;
+
+/// A registered router: builds links and tells whether its inbound channel is full.
+pub(crate) struct RouterHandle {
+    build: Box<BuildFn>,
+    is_full: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl RouterHandle {
+    /// Spawns rumqttd's router thread.
+    pub(crate) fn spawn(config: RouterConfig) -> RouterHandle {
+        let tx = Router::new(0, config).spawn();
+        let full_tx = tx.clone();
+        RouterHandle {
+            build: Box::new(move |client_id, clean| {
+                LinkBuilder::new(client_id, tx.clone())
+                    .clean_session(clean)
+                    .build()
+                    .map_err(|e| LinkRefused(e.to_string()))
+            }),
+            is_full: Box::new(move || full_tx.is_full()),
+        }
+    }
+
+    /// Registers a link. Blocks until the router answered: call it from a blocking thread.
+    /// Returns the link and its CONNACK notification. Fails when the router refuses the link
+    /// (connection limit, invalid client id).
+    pub(crate) fn build_link(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+    ) -> Result<Link, LinkRefused> {
+        (self.build)(client_id, clean_session)
+    }
+
+    /// Waits (asynchronously) until the router's bounded inbound channel has room, so that the
+    /// blocking `LinkTx::send` that follows does not park a runtime worker. Best effort: another
+    /// sender may take the slot first, then the send blocks only until the router drains one
+    /// event (it drains hundreds per loop).
+    pub(crate) async fn wait_capacity(&self) {
+        while (self.is_full)() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! [`Broker`] (router + gateway link, not listening yet) and [`BrokerHandle`] (listening).
+//!
+//! `start` binds the listeners itself (port 0 works, backlog 4096) and runs one accept task per
+//! listener; each accepted socket gets its own task ([`super::connection`]). Shutdown is a
+//! `watch<bool>`: accept tasks stop, every session is retired (`on_disconnect` with `Kicked`),
+//! and `shutdown` returns once every connection task has finished — each holds a clone of an
+//! `mpsc::Sender<()>` that is never sent on, so `recv()` returning `None` means "all gone".
+
+use super::downlink::{Downlink, SessionTable};
+use super::router::{router_config, RouterHandle, GATEWAY_LINK_ID};
+use super::{BrokerConfig, BrokerError, DeviceHooks, DisconnectReason, TlsConfig};
+use crate::metrics::Metrics;
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+
+/// Listen backlog: tokio's default (128) overflows under connect storms.
+const BACKLOG: u32 = 4096;
+
+/// What every connection task shares (not generic over the hooks).
+pub(crate) struct Shared {
+    pub config: BrokerConfig,
+    pub metrics: Arc<Metrics>,
+    pub router: RouterHandle,
+    pub table: Arc<SessionTable>,
+    pub downlink: Downlink,
+    /// Source of [`Session::conn_id`](super::Session::conn_id): unique for the process lifetime.
+    pub next_conn_id: AtomicU64,
+}
+
+/// The embedded broker before it listens: rumqttd's router and the gateway's link are running,
+/// so [`Downlink`]s can be handed out (e.g. to engines built before the listeners open).
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Spawns rumqttd's router thread and registers the gateway's link (blocks briefly while the
+    /// router answers). Nothing listens yet.
+    pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
+        let router = RouterHandle::spawn(router_config(&config));
+        let (link_tx, link_rx, _connack) = router
+            .build_link(GATEWAY_LINK_ID, true)
+            .map_err(|e| BrokerError::Router(e.to_string()))?;
+        let table = Arc::new(SessionTable {
+            sessions: DashMap::new(),
+        });
+        let downlink = Downlink::start(link_tx, link_rx, Arc::clone(&table), Arc::clone(&metrics))?;
+        Ok(Broker {
+            shared: Arc::new(Shared {
+                config,
+                metrics,
+                router,
+                table,
+                downlink,
+                next_conn_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// A handle to publish to devices and control their sessions.
+    pub fn downlink(&self) -> Downlink {
+        self.shared.downlink.clone()
+    }
+
+    /// Binds the MQTT listener (and the TLS one, if configured) and starts accepting.
+    pub async fn start<H: DeviceHooks>(self, hooks: Arc<H>) -> Result<BrokerHandle, BrokerError> {
+        let config = &self.shared.config;
+        let tls = match &config.tls {
+            Some(tls) => Some((tls.listen, tls_acceptor(tls)?)),
+            None => None,
+        };
+        let plain = bind(config.listen)?;
+        let mqtt_addr = plain.local_addr()?;
+        let tls = match tls {
+            Some((addr, acceptor)) => {
+                let listener = bind(addr)?;
+                Some((listener.local_addr()?, listener, acceptor))
+            }
+            None => None,
+        };
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (tasks_tx, tasks_rx) = mpsc::channel(1);
+        let mut accept_tasks = vec![tokio::spawn(accept_loop(
+            plain,
+            None,
+            Arc::clone(&self.shared),
+            Arc::clone(&hooks),
+            shutdown_rx.clone(),
+            tasks_tx.clone(),
+        ))];
+        let tls_addr = tls.map(|(addr, listener, acceptor)| {
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                Some(acceptor),
+                Arc::clone(&self.shared),
+                Arc::clone(&hooks),
+                shutdown_rx.clone(),
+                tasks_tx.clone(),
+            )));
+            addr
+        });
+        tracing::info!(%mqtt_addr, tls_addr = ?tls_addr, "MQTT broker listening");
+        Ok(BrokerHandle {
+            mqtt_addr,
+            tls_addr,
+            shared: self.shared,
+            shutdown_tx,
+            accept_tasks,
+            tasks_tx,
+            tasks_rx,
+        })
+    }
+}
+
+/// A running broker. Dropping it stops accepting and closes every session without waiting;
+/// [`BrokerHandle::shutdown`] does the same and waits.
+pub struct BrokerHandle {
+    mqtt_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    tasks_tx: mpsc::Sender<()>,
+    tasks_rx: mpsc::Receiver<()>,
+}
+
+impl BrokerHandle {
+    /// The bound plain-TCP address (the real port when configured with port 0).
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The bound TLS address, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    pub fn downlink(&self) -> Downlink {
+        self.shared.downlink.clone()
+    }
+
+    /// Stops accepting, closes every session (each gets `on_disconnect` with
+    /// [`DisconnectReason::Kicked`]) and returns once every connection task has finished.
+    pub async fn shutdown(mut self) {
+        self.shutdown_tx.send_replace(true);
+        for task in self.accept_tasks.drain(..) {
+            let _ = task.await;
+        }
+        let sessions: Vec<_> = self
+            .shared
+            .table
+            .sessions
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        for session in sessions {
+            session.retire(DisconnectReason::Kicked);
+        }
+        let (closed_tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tasks_tx, closed_tx));
+        while self.tasks_rx.recv().await.is_some() {}
+        tracing::info!("MQTT broker stopped");
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
+    let bind_err = |source| BrokerError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    socket.listen(BACKLOG).map_err(bind_err)
+}
+
+async fn accept_loop<H: DeviceHooks>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    hooks: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+    tasks: mpsc::Sender<()>,
+) {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = super::stopping(&mut shutdown) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(1);
+                accepted
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let task = tasks.clone();
+        let shared = Arc::clone(&shared);
+        let hooks = Arc::clone(&hooks);
+        let shutdown = shutdown.clone();
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    let _task = task;
+                    super::connection::serve_in_span(stream, peer, false, shared, hooks, shutdown)
+                        .await;
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _task = task;
+                    let handshake = tokio::time::timeout(
+                        shared.config.connect_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            super::connection::serve_in_span(
+                                stream, peer, true, shared, hooks, shutdown,
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => {
+                            shared
+                                .metrics
+                                .connects_refused
+                                .get_or_create(&[("reason", "tls")])
+                                .inc();
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            shared
+                                .metrics
+                                .connects_refused
+                                .get_or_create(&[("reason", "timeout")])
+                                .inc();
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A rustls acceptor from PEM files. The provider is chosen explicitly (ring): rustls cannot pick
+/// a process default when more than one provider is compiled in.
+fn tls_acceptor(config: &TlsConfig) -> Result<TlsAcceptor, BrokerError> {
+    let tls_err = |what: &str, e: &dyn std::fmt::Display| BrokerError::Tls(format!("{what}: {e}"));
+    let cert_pem = std::fs::read(&config.cert_path)
+        .map_err(|e| tls_err(&config.cert_path.display().to_string(), &e))?;
+    let key_pem = std::fs::read(&config.key_path)
+        .map_err(|e| tls_err(&config.key_path.display().to_string(), &e))?;
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err("certificate PEM", &e))?;
+    if certs.is_empty() {
+        return Err(BrokerError::Tls(format!(
+            "no certificate in {}",
+            config.cert_path.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| tls_err("key PEM", &e))?
+        .ok_or_else(|| {
+            BrokerError::Tls(format!("no private key in {}", config.key_path.display()))
+        })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err("protocol versions", &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_err("certificate/key", &e))?;
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
