@@ -138,11 +138,20 @@ impl fmt::Debug for Secret {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid setting {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// Values from flags or environment variables; `None` leaves the file/default value.
@@ -209,7 +218,9 @@ impl Settings {
                 let cert = cert.or(current.as_ref().map(|t| t.cert.clone()));
                 let key = key.or(current.as_ref().map(|t| t.key.clone()));
                 match (cert, key) {
-                    (Some(cert), Some(key)) => self.mqtt.tls = Some(TlsSettings { listen, cert, key }),
+                    (Some(cert), Some(key)) => {
+                        self.mqtt.tls = Some(TlsSettings { listen, cert, key })
+                    }
                     _ => {
                         return Err(ConfigError::Invalid {
                             field: "mqtt.tls",
@@ -307,16 +318,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fg.toml");
         std::fs::write(&path, "[mqtt]\nlisten = \"nope\"\n").unwrap();
-        assert!(matches!(Settings::load(Some(&path), Overrides::default()), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Parse { .. })
+        ));
         std::fs::write(&path, "[mqtt]\nlistn = \"127.0.0.1:1\"\n").unwrap();
-        assert!(matches!(Settings::load(Some(&path), Overrides::default()), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Parse { .. })
+        ));
         let o = Overrides {
             amqp_url: Some("http://x".into()),
             ..Default::default()
         };
         assert!(matches!(
             Settings::load(None, o),
-            Err(ConfigError::Invalid { field: "amqp.url", .. })
+            Err(ConfigError::Invalid {
+                field: "amqp.url",
+                ..
+            })
         ));
         let o = Overrides {
             tls_cert: Some("c.pem".into()),
@@ -324,7 +344,10 @@ mod tests {
         };
         assert!(matches!(
             Settings::load(None, o),
-            Err(ConfigError::Invalid { field: "mqtt.tls", .. })
+            Err(ConfigError::Invalid {
+                field: "mqtt.tls",
+                ..
+            })
         ));
     }
 

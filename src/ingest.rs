@@ -13,8 +13,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use bytes::Bytes;
 use fleetgate_topics::{
-    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest, PayloadError,
-    ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
+    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
+    PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
 };
 use std::sync::Arc;
 
@@ -35,7 +35,10 @@ impl Ingest {
     }
 
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
-        self.metrics.malformed_messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        self.metrics
+            .malformed_messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
         tracing::debug!(
             pk = %session.device.product_key,
             dn = %session.device.device_name,
@@ -62,7 +65,13 @@ impl Ingest {
                     let p = &req.params;
                     if let Err(error) = self
                         .registry
-                        .report_version(topic.product_key(), topic.device_name(), &p.module, &p.version, now_ms())
+                        .report_version(
+                            topic.product_key(),
+                            topic.device_name(),
+                            &p.module,
+                            &p.version,
+                            now_ms(),
+                        )
                         .await
                     {
                         tracing::warn!(%error, pk = topic.product_key(), dn = topic.device_name(), "version report not stored");
@@ -107,7 +116,8 @@ impl Ingest {
             }
             TopicKind::EventPost => {
                 let identifier = topic.identifier().unwrap_or_default();
-                let parsed = EventPostRequest::parse(payload).and_then(|req| req.check_identifier(identifier).map(|()| req));
+                let parsed = EventPostRequest::parse(payload)
+                    .and_then(|req| req.check_identifier(identifier).map(|()| req));
                 let reply = match parsed {
                     Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
                     Err(e) => {
@@ -120,7 +130,10 @@ impl Ingest {
                 }
             }
             // Down kinds never reach here (see on_publish).
-            TopicKind::Upgrade | TopicKind::FirmwareGetReply | TopicKind::PropertyPostReply | TopicKind::EventPostReply => {}
+            TopicKind::Upgrade
+            | TopicKind::FirmwareGetReply
+            | TopicKind::PropertyPostReply
+            | TopicKind::EventPostReply => {}
         }
     }
 }
@@ -144,18 +157,28 @@ impl DeviceHooks for Ingest {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason) {
         let d = &session.device;
         tracing::debug!(pk = %d.product_key, dn = %d.device_name, ?reason, "device disconnected");
-        self.registry
-            .device_disconnected(&d.product_key, &d.device_name, session.conn_id, now_ms());
+        self.registry.device_disconnected(
+            &d.product_key,
+            &d.device_name,
+            session.conn_id,
+            now_ms(),
+        );
     }
 
     async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
         let Some(parsed) = Topic::parse(topic) else {
             // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
-            self.metrics.messages.get_or_create(&[("kind", "other")]).inc();
+            self.metrics
+                .messages
+                .get_or_create(&[("kind", "other")])
+                .inc();
             return;
         };
         let kind = parsed.kind();
-        self.metrics.messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        self.metrics
+            .messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
         // The ACL already guarantees the topic is the session's own; a device publishing on a
         // gateway-to-device topic is ignored.
         if kind.direction() != Direction::Up
