@@ -40,7 +40,8 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(&settings.data_dir.join("fleetgate.db"), metrics.clone())
             .context("cannot open the store")?;
-        let registry = Registry::open(store, metrics.clone()).context("cannot load the registry")?;
+        let registry =
+            Registry::open(store, metrics.clone()).context("cannot load the registry")?;
 
         let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
             &settings.data_dir,
@@ -70,8 +71,15 @@ impl Application {
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
-        let ingest = Arc::new(Ingest::new(registry.clone(), downlink.clone(), metrics.clone()));
-        let broker = broker.start(ingest).await.context("cannot start the MQTT listeners")?;
+        let ingest = Arc::new(Ingest::new(
+            registry.clone(),
+            downlink.clone(),
+            metrics.clone(),
+        ));
+        let broker = broker
+            .start(ingest)
+            .await
+            .context("cannot start the MQTT listeners")?;
 
         let listener = tokio::net::TcpListener::bind(settings.http.listen)
             .await
@@ -108,18 +116,21 @@ impl Application {
                     downlink.kick(&crate::broker::DeviceKey {
                         product_key: pk.to_owned(),
                         device_name: dn.to_owned(),
-                    })
+                    });
                 })
             },
         };
         let router = api::router(state, settings.http.body_limit_bytes);
         let (http_stop, stop_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
         });
 
         tracing::info!(
@@ -196,7 +207,10 @@ impl Application {
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
-        self.registry.flush().await.context("cannot flush the store")?;
+        self.registry
+            .flush()
+            .await
+            .context("cannot flush the store")?;
         tracing::info!("stopped");
         Ok(())
     }

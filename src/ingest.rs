@@ -13,8 +13,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use bytes::Bytes;
 use fleetgate_topics::{
-    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest, PayloadError,
-    ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
+    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
+    PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
 };
 use std::sync::Arc;
 
@@ -35,7 +35,10 @@ impl Ingest {
     }
 
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
-        self.metrics.malformed_messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        self.metrics
+            .malformed_messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
         tracing::debug!(
             pk = %session.device.product_key,
             dn = %session.device.device_name,
@@ -54,6 +57,27 @@ impl Ingest {
         }
     }
 
+    /// Replies to a property/event post: success when it parsed (unless the device asked for no
+    /// reply), the error code otherwise.
+    fn answer_post(
+        &self,
+        session: &Session,
+        topic: &Topic<'_>,
+        payload: &[u8],
+        parsed: Result<(bool, String), PayloadError>,
+    ) {
+        let reply = match parsed {
+            Ok((wants_reply, id)) => wants_reply.then(|| Reply::success(id)),
+            Err(e) => {
+                self.malformed(topic.kind(), session, &e);
+                Some(Reply::from_error(loose_id(payload), &e))
+            }
+        };
+        if let Some(reply) = reply {
+            self.reply(topic, reply.to_vec());
+        }
+    }
+
     async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
         let kind = topic.kind();
         match kind {
@@ -62,7 +86,13 @@ impl Ingest {
                     let p = &req.params;
                     if let Err(error) = self
                         .registry
-                        .report_version(topic.product_key(), topic.device_name(), &p.module, &p.version, now_ms())
+                        .report_version(
+                            topic.product_key(),
+                            topic.device_name(),
+                            &p.module,
+                            &p.version,
+                            now_ms(),
+                        )
                         .await
                     {
                         tracing::warn!(%error, pk = topic.product_key(), dn = topic.device_name(), "version report not stored");
@@ -94,33 +124,23 @@ impl Ingest {
                 self.reply(&topic, reply.to_vec());
             }
             TopicKind::PropertyPost => {
-                let reply = match PropertyPostRequest::parse(payload) {
-                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        Some(Reply::from_error(loose_id(payload), &e))
-                    }
-                };
-                if let Some(reply) = reply {
-                    self.reply(&topic, reply.to_vec());
-                }
+                let parsed = PropertyPostRequest::parse(payload)
+                    .map(|req| (req.wants_reply(), req.id.into_string()));
+                self.answer_post(session, &topic, payload, parsed);
             }
             TopicKind::EventPost => {
                 let identifier = topic.identifier().unwrap_or_default();
-                let parsed = EventPostRequest::parse(payload).and_then(|req| req.check_identifier(identifier).map(|()| req));
-                let reply = match parsed {
-                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        Some(Reply::from_error(loose_id(payload), &e))
-                    }
-                };
-                if let Some(reply) = reply {
-                    self.reply(&topic, reply.to_vec());
-                }
+                let parsed = EventPostRequest::parse(payload).and_then(|req| {
+                    req.check_identifier(identifier)?;
+                    Ok((req.wants_reply(), req.id.into_string()))
+                });
+                self.answer_post(session, &topic, payload, parsed);
             }
             // Down kinds never reach here (see on_publish).
-            TopicKind::Upgrade | TopicKind::FirmwareGetReply | TopicKind::PropertyPostReply | TopicKind::EventPostReply => {}
+            TopicKind::Upgrade
+            | TopicKind::FirmwareGetReply
+            | TopicKind::PropertyPostReply
+            | TopicKind::EventPostReply => {}
         }
     }
 }
@@ -144,18 +164,28 @@ impl DeviceHooks for Ingest {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason) {
         let d = &session.device;
         tracing::debug!(pk = %d.product_key, dn = %d.device_name, ?reason, "device disconnected");
-        self.registry
-            .device_disconnected(&d.product_key, &d.device_name, session.conn_id, now_ms());
+        self.registry.device_disconnected(
+            &d.product_key,
+            &d.device_name,
+            session.conn_id,
+            now_ms(),
+        );
     }
 
     async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
         let Some(parsed) = Topic::parse(topic) else {
             // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
-            self.metrics.messages.get_or_create(&[("kind", "other")]).inc();
+            self.metrics
+                .messages
+                .get_or_create(&[("kind", "other")])
+                .inc();
             return;
         };
         let kind = parsed.kind();
-        self.metrics.messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        self.metrics
+            .messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
         // The ACL already guarantees the topic is the session's own; a device publishing on a
         // gateway-to-device topic is ignored.
         if kind.direction() != Direction::Up

@@ -13,10 +13,13 @@
 //! - [`metrics`]: Prometheus metrics shared by every component.
 
 pub mod api;
+pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod ingest;
 pub mod metrics;
 pub mod ota;
 pub mod registry;
 pub mod store;
+pub mod telemetry;
