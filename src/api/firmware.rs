@@ -375,16 +375,10 @@ pub async fn get_download_url(
             format!("must be between 1 and {MAX_LINK_TTL_SECS}"),
         ));
     }
-    let url = state
+    let (url, expires) = state
         .firmware
-        .download_url(&fid, Duration::from_secs(ttl))
+        .download_link(&fid, Duration::from_secs(ttl))
         .ok_or(FirmwareError::NotFound(fid))?;
-    // The URL's own query is the source of truth for `expires`.
-    let expires = url
-        .split_once("expires=")
-        .and_then(|(_, rest)| rest.split('&').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_default();
     Ok(Json(DownloadUrl { url, expires }))
 }
 

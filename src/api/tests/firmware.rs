@@ -122,7 +122,11 @@ impl TestApp {
             )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        let url = r.json()["url"].as_str().unwrap().to_owned();
+        let body = r.json();
+        let url = body["url"].as_str().unwrap().to_owned();
+        let expires = body["expires"].as_u64().unwrap();
+        assert!(url.contains(&format!("?expires={expires}&token=")), "{url}");
+        assert!((now_secs() + 3590..=now_secs() + 3610).contains(&expires));
         url.strip_prefix(PUBLIC_URL)
             .unwrap_or_else(|| panic!("{url} is not under {PUBLIC_URL}"))
             .to_owned()
@@ -584,6 +588,9 @@ async fn download_full_ranges_and_conditionals() {
         .await;
     r.error(StatusCode::RANGE_NOT_SATISFIABLE, "FG.0416");
     assert_eq!(r.header("content-range"), "bytes */100000");
+
+    let r = app.raw(Method::GET, &link, &[("range", "bytes=abc")]).await;
+    r.error(StatusCode::RANGE_NOT_SATISFIABLE, "FG.0416");
 
     // Several ranges: the whole file.
     let r = app
