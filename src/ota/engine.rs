@@ -882,6 +882,15 @@ impl OtaEngine {
             self.emit(&p, note);
         }
         self.rearm(&p.key, job);
+        let ramps_on_success = job
+            .rate
+            .as_ref()
+            .and_then(|r| r.spec.ramp.as_ref())
+            .is_some_and(|r| r.every_succeeded.is_some());
+        if p.to == TaskStatus::Succeeded && ramps_on_success {
+            // The rate may have stepped up: look at the queue again now.
+            self.arm_push(job, p.at_ms);
+        }
         if p.effects.contains(&Effect::Finished) {
             if p.to == TaskStatus::Failed {
                 self.check_abort(job, p.at_ms).await;
