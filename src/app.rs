@@ -2,14 +2,17 @@
 //! until ctrl-c/SIGTERM (or [`Application::shutdown`]) and stops cleanly: listeners closed,
 //! sessions ended, the store flushed.
 //!
-//! Start order: store → registry (rebuilt from the store) → broker router → ingest → listeners.
-//! Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
+//! default base of firmware download links) → firmware repository → broker router → ingest →
+//! listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be
+//! stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::ota::FirmwareRepo;
 use crate::registry::Registry;
 use crate::store::Store;
 use anyhow::Context;
@@ -24,6 +27,7 @@ pub struct Application {
     settings: Settings,
     broker: BrokerHandle,
     registry: Arc<Registry>,
+    firmware: Arc<FirmwareRepo>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
@@ -42,6 +46,24 @@ impl Application {
             .context("cannot open the store")?;
         let registry =
             Registry::open(store, metrics.clone()).context("cannot load the registry")?;
+
+        // Bound before the firmware repository: download links default to this address.
+        let listener = tokio::net::TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
+        let http_addr = listener.local_addr()?;
+        let public_url = settings
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| default_public_url(http_addr));
+        let firmware = FirmwareRepo::open(
+            &settings.data_dir,
+            registry.store().clone(),
+            public_url,
+            settings.ota.max_firmware_bytes,
+        )
+        .context("cannot open the firmware repository")?;
 
         let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
             &settings.data_dir,
@@ -81,11 +103,6 @@ impl Application {
             .await
             .context("cannot start the MQTT listeners")?;
 
-        let listener = tokio::net::TcpListener::bind(settings.http.listen)
-            .await
-            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
-        let http_addr = listener.local_addr()?;
-
         let amqp_state = if settings.amqp.url.is_some() {
             "configured (forwarder not built yet)"
         } else {
@@ -109,6 +126,7 @@ impl Application {
             registry: registry.clone(),
             metrics: metrics.clone(),
             tokens: Arc::new(tokens),
+            firmware: firmware.clone(),
             health: Arc::new(health_info),
             on_device_revoked: {
                 let downlink = downlink.clone();
@@ -137,6 +155,7 @@ impl Application {
             mqtt = %broker.mqtt_addr(),
             mqtt_tls = ?broker.tls_addr(),
             http = %http_addr,
+            public_url = %firmware.public_url(),
             data_dir = %settings.data_dir.display(),
             "fleetgate listening"
         );
@@ -153,6 +172,7 @@ impl Application {
             settings,
             broker,
             registry,
+            firmware,
             metrics,
             http_addr,
             http_stop,
@@ -180,6 +200,10 @@ impl Application {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub fn firmware(&self) -> &Arc<FirmwareRepo> {
+        &self.firmware
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -234,5 +258,33 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind
+/// address (`0.0.0.0`, `::`) is not something a device can connect to, so it becomes loopback.
+fn default_public_url(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    // SocketAddr's Display brackets IPv6 addresses, as URLs need.
+    format!("http://{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_public_url_replaces_unspecified_addresses() {
+        let url = |s: &str| default_public_url(s.parse().unwrap());
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080");
+        assert_eq!(url("[::]:8080"), "http://[::1]:8080");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80");
+        assert_eq!(url("[fe80::1]:9000"), "http://[fe80::1]:9000");
     }
 }

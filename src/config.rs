@@ -19,6 +19,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub amqp: AmqpSettings,
     pub api: ApiSettings,
+    pub ota: OtaSettings,
 }
 
 impl Default for Settings {
@@ -29,6 +30,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             amqp: AmqpSettings::default(),
             api: ApiSettings::default(),
+            ota: OtaSettings::default(),
         }
     }
 }
@@ -86,6 +88,25 @@ impl Default for HttpSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             public_url: None,
             body_limit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[ota]`: firmware packages and upgrade pushes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaSettings {
+    /// Largest firmware package accepted by an upload, bytes (default 256 MiB).
+    pub max_firmware_bytes: u64,
+    /// How long a firmware download link sent to a device stays valid, seconds (default 24 h).
+    pub download_url_ttl_secs: u64,
+}
+
+impl Default for OtaSettings {
+    fn default() -> Self {
+        OtaSettings {
+            max_firmware_bytes: 256 * 1024 * 1024,
+            download_url_ttl_secs: 24 * 3600,
         }
     }
 }
@@ -254,6 +275,18 @@ impl Settings {
                 });
             }
         }
+        if self.ota.max_firmware_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "ota.max_firmware_bytes",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.ota.download_url_ttl_secs < 60 {
+            return Err(ConfigError::Invalid {
+                field: "ota.download_url_ttl_secs",
+                message: "must be at least 60 (devices need time to start the download)".into(),
+            });
+        }
         if let Some(url) = &self.amqp.url {
             let u = url.expose();
             if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
@@ -292,6 +325,38 @@ mod tests {
         assert_eq!(s.http.listen.port(), 8080);
         assert_eq!(s.data_dir, PathBuf::from("./fleetgate-data"));
         assert!(s.amqp.url.is_none());
+        assert_eq!(s.ota.max_firmware_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.ota.download_url_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn ota_section_from_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[ota]\nmax_firmware_bytes = 1048576\ndownload_url_ttl_secs = 600\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.ota.max_firmware_bytes, 1_048_576);
+        assert_eq!(s.ota.download_url_ttl_secs, 600);
+        std::fs::write(&path, "[ota]\ndownload_url_ttl_secs = 5\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "ota.download_url_ttl_secs",
+                ..
+            })
+        ));
+        std::fs::write(&path, "[ota]\nmax_firmware_bytes = 0\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "ota.max_firmware_bytes",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -57,6 +57,27 @@ impl Ingest {
         }
     }
 
+    /// Replies to a property/event post: success when it parsed (unless the device asked for no
+    /// reply), the error code otherwise.
+    fn answer_post(
+        &self,
+        session: &Session,
+        topic: &Topic<'_>,
+        payload: &[u8],
+        parsed: Result<(bool, String), PayloadError>,
+    ) {
+        let reply = match parsed {
+            Ok((wants_reply, id)) => wants_reply.then(|| Reply::success(id)),
+            Err(e) => {
+                self.malformed(topic.kind(), session, &e);
+                Some(Reply::from_error(loose_id(payload), &e))
+            }
+        };
+        if let Some(reply) = reply {
+            self.reply(topic, reply.to_vec());
+        }
+    }
+
     async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
         let kind = topic.kind();
         match kind {
@@ -103,31 +124,17 @@ impl Ingest {
                 self.reply(&topic, reply.to_vec());
             }
             TopicKind::PropertyPost => {
-                let reply = match PropertyPostRequest::parse(payload) {
-                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        Some(Reply::from_error(loose_id(payload), &e))
-                    }
-                };
-                if let Some(reply) = reply {
-                    self.reply(&topic, reply.to_vec());
-                }
+                let parsed = PropertyPostRequest::parse(payload)
+                    .map(|req| (req.wants_reply(), req.id.into_string()));
+                self.answer_post(session, &topic, payload, parsed);
             }
             TopicKind::EventPost => {
                 let identifier = topic.identifier().unwrap_or_default();
-                let parsed = EventPostRequest::parse(payload)
-                    .and_then(|req| req.check_identifier(identifier).map(|()| req));
-                let reply = match parsed {
-                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        Some(Reply::from_error(loose_id(payload), &e))
-                    }
-                };
-                if let Some(reply) = reply {
-                    self.reply(&topic, reply.to_vec());
-                }
+                let parsed = EventPostRequest::parse(payload).and_then(|req| {
+                    req.check_identifier(identifier)?;
+                    Ok((req.wants_reply(), req.id.into_string()))
+                });
+                self.answer_post(session, &topic, payload, parsed);
             }
             // Down kinds never reach here (see on_publish).
             TopicKind::Upgrade

@@ -557,23 +557,20 @@ impl FirmwareRepo {
             message: e.to_string(),
         })?;
 
+        // Every create and delete holds the gate, so the identity checked here stays free
+        // until the package is inserted below (a concurrent upload of it gets 409 and installs
+        // nothing).
         let _gate = self.blob_gate.lock().await;
-        // Claim the identity first so a concurrent upload of the same version gets 409 and
-        // does not install anything.
-        {
-            let mut index = self.write();
-            if let Some(existing) = index.by_identity.get(&identity(&package)) {
-                return Err(FirmwareError::AlreadyExists {
-                    product_key: package.product_key,
-                    module: package.module,
-                    version: package.version,
-                    existing: existing.clone(),
-                });
-            }
-            index.insert(package.clone());
+        if let Some(existing) = self.read().by_identity.get(&identity(&package)) {
+            return Err(FirmwareError::AlreadyExists {
+                product_key: package.product_key,
+                module: package.module,
+                version: package.version,
+                existing: existing.clone(),
+            });
         }
         // Bytes durable under their address before any metadata refers to them.
-        let installed = tokio::task::spawn_blocking(move || staged.install())
+        tokio::task::spawn_blocking(move || staged.install())
             .await
             .map_err(|e| {
                 FirmwareError::Blob(BlobError::Io {
@@ -581,21 +578,18 @@ impl FirmwareRepo {
                     path: self.blob_dir.clone(),
                     source: std::io::Error::other(e.to_string()),
                 })
-            })
-            .and_then(|r| r.map_err(FirmwareError::from));
-        let result = match installed {
-            Ok(_) => self
-                .store
-                .submit(vec![Op::PutDoc {
-                    kind: DOC_KIND,
-                    id: package.firmware_id.clone(),
-                    body,
-                }])
-                .await
-                .map_err(FirmwareError::from),
-            Err(e) => Err(e),
+            })??;
+        let ticket = {
+            let mut index = self.write();
+            index.insert(package.clone());
+            // Submitted under the lock, like `set_status`: store order = memory order.
+            self.store.submit(vec![Op::PutDoc {
+                kind: DOC_KIND,
+                id: package.firmware_id.clone(),
+                body,
+            }])
         };
-        if let Err(e) = result {
+        if let Err(e) = ticket.await {
             let shared = {
                 let mut index = self.write();
                 index.remove(&package.firmware_id);
@@ -605,7 +599,7 @@ impl FirmwareRepo {
             if !shared {
                 blob::remove_blob(&self.blob_dir, &package.sha256);
             }
-            return Err(e);
+            return Err(e.into());
         }
         tracing::info!(
             firmware_id = %package.firmware_id,
@@ -717,20 +711,27 @@ impl FirmwareRepo {
         self.blob_dir.join(&package.sha256)
     }
 
-    fn signed_url(&self, firmware_id: &str, ttl: Duration) -> String {
+    /// The signed URL and its `expires` (unix seconds).
+    fn signed_url(&self, firmware_id: &str, ttl: Duration) -> (String, u64) {
         // Round up so a ttl under a second still yields a usable link.
         let ttl_secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let expires = now_secs().saturating_add(ttl_secs);
         let token = self.key.sign(firmware_id, expires);
-        format!(
+        let url = format!(
             "{}/firmware/{firmware_id}/download?expires={expires}&token={token}",
             self.public_url
-        )
+        );
+        (url, expires)
     }
 
     /// Absolute URL with an expiring signed token:
     /// `{public_url}/firmware/{id}/download?expires={unix s}&token={hex hmac}`.
     pub fn download_url(&self, firmware_id: &str, ttl: Duration) -> Option<String> {
+        self.download_link(firmware_id, ttl).map(|(url, _)| url)
+    }
+
+    /// [`download_url`](Self::download_url) with its expiry (unix seconds).
+    pub fn download_link(&self, firmware_id: &str, ttl: Duration) -> Option<(String, u64)> {
         self.read()
             .packages
             .contains_key(firmware_id)
@@ -752,7 +753,7 @@ impl FirmwareRepo {
         UpgradeData {
             size: package.size,
             version: package.version.clone(),
-            url: self.signed_url(&package.firmware_id, ttl),
+            url: self.signed_url(&package.firmware_id, ttl).0,
             sign_method: package.sign_method,
             sign: package.sign.clone(),
             md5: package.md5.clone(),
