@@ -37,6 +37,8 @@
 mod device;
 mod jobs;
 mod query;
+
+pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
 #[cfg(test)]
 mod tests;
 

@@ -50,6 +50,8 @@ pub enum OtaError {
     TooMany { field: &'static str, max: usize },
     #[error("job {0:?} not found")]
     JobNotFound(String),
+    #[error("device {device_name:?} has no task in job {job_id:?}")]
+    TaskNotFound { job_id: String, device_name: String },
     #[error("firmware {0:?} not found")]
     FirmwareNotFound(String),
     /// An UPGRADE_FIRMWARE job for a package that is not VERIFIED, without `force`.

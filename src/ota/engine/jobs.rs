@@ -43,7 +43,7 @@ pub(crate) fn target_matches(job: &Job, device: &Device) -> bool {
     let spec = &job.spec;
     match spec.target {
         TargetKind::All => true,
-        TargetKind::Specific => spec.device_names.iter().any(|d| *d == device.device_name),
+        TargetKind::Specific => spec.device_names.contains(&device.device_name),
         TargetKind::Gray => {
             let p = spec.gray_percent.unwrap_or(0.0);
             // Stable per (job, device): DYNAMIC jobs decide newcomers the same way.

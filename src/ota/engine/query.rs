@@ -207,12 +207,14 @@ impl OtaEngine {
     pub fn get_task(&self, job_id: &str, device_name: &str) -> Result<TaskView, OtaError> {
         let entry = self.entry_or_not_found(job_id)?;
         let key = TaskKey::new(job_id, &entry.product_key, device_name);
-        let slot = self.inner.tasks.get(&key).ok_or_else(|| {
-            OtaError::invalid(
-                "device_name",
-                format!("{device_name:?} has no task in job {job_id}"),
-            )
-        })?;
+        let slot = self
+            .inner
+            .tasks
+            .get(&key)
+            .ok_or_else(|| OtaError::TaskNotFound {
+                job_id: job_id.to_owned(),
+                device_name: device_name.to_owned(),
+            })?;
         Ok(Self::task_view(&entry, &key, &slot, true))
     }
 
@@ -280,7 +282,7 @@ impl OtaEngine {
                 entry: h.clone(),
             }));
         }
-        out.sort_by(|a, b| a.entry.at_ms.cmp(&b.entry.at_ms));
+        out.sort_by_key(|a| a.entry.at_ms);
         out
     }
 
