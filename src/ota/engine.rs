@@ -45,7 +45,9 @@ mod tests;
 use super::clock::Clock;
 use super::events::{TaskEvent, TaskEventSink};
 use super::firmware::FirmwareRepo;
-use super::model::{HistoryEntry, Job, JobStatus, Selection, TaskRecord, MAX_HISTORY};
+use super::model::{
+    AbortSpec, HistoryEntry, Job, JobStatus, JobType, Selection, TaskRecord, MAX_HISTORY,
+};
 use super::rate::{PushLimiter, RatePlan};
 use super::task::{
     next_deadline, transition, Effect, Event, FailureReason, Note, QueueReason, TaskPolicy,
@@ -244,6 +246,12 @@ pub(crate) struct JobEntry {
     pub product_key: String,
     pub firmware_id: String,
     pub selection: Selection,
+    /// Immutable parts of the job, copied out so hot paths never clone the whole [`Job`]
+    /// (a SPECIFIC job's spec may list 10,000 device names).
+    pub job_type: JobType,
+    pub created_at_ms: i64,
+    pub start_at_ms: Option<i64>,
+    abort: Option<AbortSpec>,
     rate: Option<RatePlan>,
     counters: [AtomicU64; 7],
     failures: [AtomicU64; 9],
@@ -267,6 +275,10 @@ impl JobEntry {
             product_key: job.product_key.clone(),
             firmware_id: job.spec.firmware_id.clone(),
             selection: job.spec.selection,
+            job_type: job.spec.job_type,
+            created_at_ms: job.created_at_ms,
+            start_at_ms: job.spec.start_at_ms,
+            abort: job.spec.abort.clone(),
             rate,
             counters: Default::default(),
             failures: Default::default(),
@@ -980,6 +992,8 @@ impl OtaEngine {
             return;
         }
         let mut batch: Vec<TaskKey> = Vec::new();
+        // Queue entries may repeat (a device that went offline and came back): one push each.
+        let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut offline: Vec<TaskKey> = Vec::new();
         let mut next: Option<i64> = None;
         {
@@ -991,19 +1005,13 @@ impl OtaEngine {
                 let level = plan.level(started, now, succeeded);
                 let per_minute = plan.per_minute(level);
                 let burst = plan.burst(per_minute);
-                match &q.limiter {
-                    Some(l) if q.level == level => {
-                        let _ = l;
-                    }
-                    Some(l) => {
-                        let rebuilt = l.with_rate(per_minute, burst);
-                        q.limiter = Some(rebuilt);
-                        q.level = level;
-                    }
-                    None => {
-                        q.limiter = Some(PushLimiter::new(per_minute, burst, []));
-                        q.level = level;
-                    }
+                if q.limiter.is_none() || q.level != level {
+                    let rebuilt = match &q.limiter {
+                        Some(l) => l.with_rate(per_minute, burst),
+                        None => PushLimiter::new(per_minute, burst, []),
+                    };
+                    q.limiter = Some(rebuilt);
+                    q.level = level;
                 }
                 if !q.ready.is_empty() {
                     if let Some(step) = plan.next_step_at(started, level) {
@@ -1021,7 +1029,7 @@ impl OtaEngine {
                     Some(s) => (s.state.is_ready(), s.ready_at),
                     None => (false, 0),
                 };
-                if !ready || batch.iter().any(|k| k.dn == dn) {
+                if !ready || !taken.insert(dn.clone()) {
                     q.ready.pop_front();
                     continue;
                 }
@@ -1043,11 +1051,9 @@ impl OtaEngine {
                 q.ready.pop_front();
                 batch.push(key);
             }
-            if q.ready.is_empty() && batch.len() < PUSH_BATCH {
+            if q.ready.is_empty() {
                 // Nothing waits: a ramp step alone is no reason to wake up.
-                if next.is_some_and(|n| n > now) && q.ready.is_empty() {
-                    next = None;
-                }
+                next = None;
             }
         }
         for key in offline {

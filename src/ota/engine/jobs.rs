@@ -141,7 +141,11 @@ impl OtaEngine {
         let mut selected: Vec<Device> = devices
             .into_iter()
             .filter(|d| version_matches(&job, d))
-            .filter(|d| job.spec.target == TargetKind::Gray || target_matches(&job, d))
+            // SPECIFIC devices were looked up by name; GRAY is decided below.
+            .filter(|d| {
+                matches!(job.spec.target, TargetKind::Gray | TargetKind::Specific)
+                    || target_matches(&job, d)
+            })
             .collect();
         if job.spec.target == TargetKind::Gray {
             if job.spec.selection == Selection::Static {
@@ -621,7 +625,7 @@ impl OtaEngine {
 
     /// The abort rule: cancel or pause the job once enough tasks failed.
     pub(crate) async fn check_abort(&self, entry: &Arc<JobEntry>, now: i64) {
-        let Some(rule) = entry.job().spec.abort.clone() else {
+        let Some(rule) = entry.abort.clone() else {
             return;
         };
         if !matches!(entry.status(), JobStatus::InProgress) {
@@ -687,9 +691,11 @@ impl OtaEngine {
         if entry.unfinished() > 0 {
             return;
         }
-        let job = entry.job();
-        if job.status.is_finished() || job.status == JobStatus::Planned || job.dynamic_active {
-            return;
+        {
+            let job = lock(&entry.job);
+            if job.status.is_finished() || job.status == JobStatus::Planned || job.dynamic_active {
+                return;
+            }
         }
         let done = self
             .update_job(entry, |job| {
@@ -756,13 +762,17 @@ impl OtaEngine {
         };
         let now = self.now();
         for entry in candidates {
+            let matches = {
+                let job = lock(&entry.job);
+                job.dynamic_active
+                    && !job.status.is_finished()
+                    && target_matches(&job, &device)
+                    && version_matches(&job, &device)
+            };
+            if !matches {
+                continue;
+            }
             let job = entry.job();
-            if !job.dynamic_active || job.status.is_finished() {
-                continue;
-            }
-            if !(target_matches(&job, &device) && version_matches(&job, &device)) {
-                continue;
-            }
             if self
                 .inner
                 .active

@@ -89,9 +89,7 @@ impl OtaEngine {
     fn task_view(entry: &JobEntry, key: &TaskKey, slot: &TaskSlot, with_history: bool) -> TaskView {
         let s = &slot.state;
         let scheduled_at_ms = match s.queue_reason {
-            Some(QueueReason::Scheduled) => {
-                s.scheduled_at_ms.or_else(|| entry.job().spec.start_at_ms)
-            }
+            Some(QueueReason::Scheduled) => s.scheduled_at_ms.or(entry.start_at_ms),
             _ => None,
         };
         TaskView {
@@ -154,7 +152,7 @@ impl OtaEngine {
                     .is_none_or(|p| *p == j.product_key)
             })
             .filter(|j| filter.status.is_none_or(|s| s == j.status()))
-            .map(|j| (j.job().created_at_ms, j.job_id.clone(), j))
+            .map(|j| (j.created_at_ms, j.job_id.clone(), j))
             .collect();
         entries.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let paged = page_of(entries, page);
@@ -235,16 +233,17 @@ impl OtaEngine {
             let Some(slot) = self.inner.tasks.get(&key) else {
                 continue;
             };
-            let job = entry.job();
+            let task = Self::task_view(&entry, &key, &slot, false);
+            drop(slot);
             out.push(DeviceJob {
                 job_id,
                 firmware_id: entry.firmware_id.clone(),
-                job_type: job.spec.job_type,
-                job_status: job.status,
-                module: job.module.clone(),
-                dest_version: job.dest_version.clone(),
-                created_at_ms: job.created_at_ms,
-                task: Self::task_view(&entry, &key, &slot, false),
+                job_type: entry.job_type,
+                job_status: entry.status(),
+                module: entry.policy.module.clone(),
+                dest_version: entry.policy.dest_version.clone(),
+                created_at_ms: entry.created_at_ms,
+                task,
             });
         }
         out.sort_by(|a, b| {

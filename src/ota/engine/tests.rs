@@ -120,6 +120,18 @@ impl H {
         self.engine.start();
     }
 
+    /// Simulates `kill -9`: no shutdown, no flush of coalesced progress; only what was
+    /// submitted to the store survives.
+    fn crash(&mut self) {
+        let (registry, firmware, engine, metrics) = open(&self.dir, &self.clock, &self.pusher);
+        lock(&self.pusher.connected).clear();
+        self.registry = registry;
+        self.firmware = firmware;
+        self.engine = engine;
+        self.metrics = metrics;
+        self.engine.start();
+    }
+
     async fn device(&self, dn: &str, version: Option<&str>, tags: &[(&str, &str)]) {
         self.registry
             .create_device(
@@ -1048,6 +1060,50 @@ async fn restart_resumes_timers_and_does_not_push_twice() {
 }
 
 #[tokio::test]
+async fn a_crash_keeps_every_noted_transition_and_its_timers() {
+    let mut h = H::new().await;
+    h.devices(3, "1.0").await;
+    for dn in ["dev-0000", "dev-0001", "dev-0002"] {
+        h.connect(dn).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.stall_seconds = Some(120);
+    spec.retry_count = Some(1);
+    spec.retry_interval_seconds = Some(60);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", 10).await; // noted (durable before the call returns)
+    h.progress("dev-0000", 70).await; // coalesced: lost in a crash, harmlessly
+    h.progress("dev-0001", -2).await; // retry at +60 s
+    h.crash();
+    let t0 = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t0.status, TaskStatus::InProgress);
+    assert_eq!(t0.progress, Some(10));
+    let t1 = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t1.next_retry_at_ms, Some(T0 + 60_000));
+    assert_eq!(h.status(&jid, "dev-0002"), TaskStatus::Notified);
+    // The retry re-pushes when due, though the device is offline now: deferred to its connect.
+    h.advance(60_000).await;
+    assert!(h
+        .engine
+        .get_task(&jid, "dev-0001")
+        .unwrap()
+        .history
+        .unwrap()
+        .iter()
+        .any(|e| e.event == "push_deferred"));
+    let before = h.pusher.pushes_to("dev-0001");
+    h.connect("dev-0001").await;
+    h.report("dev-0001", "1.0").await;
+    assert_eq!(h.pusher.pushes_to("dev-0001"), before + 1);
+    // The stall deadline comes from the persisted last progress.
+    h.advance(60_000).await;
+    let t0 = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t0.failure, Some(FailureReason::Timeout));
+}
+
+#[tokio::test]
 async fn version_distribution_and_firmware_statistics() {
     let h = H::new().await;
     h.devices(3, "1.0").await;
@@ -1067,4 +1123,97 @@ async fn version_distribution_and_firmware_statistics() {
         "the device at the target is not a task"
     );
     assert!(h.engine.firmware_in_use(&fid));
+}
+
+/// Throughput of progress reports through the state machine into the store (run with
+/// `cargo test --release -p fleetgate --lib bench_progress -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_progress_throughput() {
+    const DEVICES: usize = 10_000;
+    const ROUNDS: u8 = 50;
+    let h = H::new().await;
+    let mut rows = Vec::with_capacity(DEVICES);
+    for i in 0..DEVICES {
+        rows.push(NewDevice {
+            device_name: format!("dev-{i:05}"),
+            device_secret: None,
+            tags: Default::default(),
+        });
+    }
+    h.registry.batch_create_devices(&h.pk, rows).await.unwrap();
+    for i in 0..DEVICES {
+        lock(&h.pusher.connected).insert(format!("dev-{i:05}"));
+    }
+    let fid = h.firmware("2.0", true).await;
+    let started = std::time::Instant::now();
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    println!("create job with {DEVICES} tasks: {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    h.engine.run_due().await;
+    println!(
+        "push {DEVICES}: {:?} ({} published)",
+        started.elapsed(),
+        h.pusher.total()
+    );
+
+    // First progress of every device: a noted transition, awaited (write-ahead).
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let engine = h.engine.clone();
+        let pk = h.pk.clone();
+        set.spawn(async move {
+            for i in (w..DEVICES).step_by(8) {
+                engine
+                    .on_progress(
+                        &pk,
+                        &format!("dev-{i:05}"),
+                        "default",
+                        ProgressStep::Percent(1),
+                    )
+                    .await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let e = started.elapsed();
+    println!(
+        "first progress (durable, 8 sequential workers): {:.0}/s",
+        DEVICES as f64 / e.as_secs_f64()
+    );
+
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let engine = h.engine.clone();
+        let pk = h.pk.clone();
+        set.spawn(async move {
+            for round in 2..ROUNDS + 2 {
+                for i in (w..DEVICES).step_by(4) {
+                    engine
+                        .on_progress(
+                            &pk,
+                            &format!("dev-{i:05}"),
+                            "default",
+                            ProgressStep::Percent(round),
+                        )
+                        .await;
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let e = started.elapsed();
+    let n = DEVICES * ROUNDS as usize;
+    h.engine.flush_dirty().await;
+    println!(
+        "progress updates: {n} in {e:?} = {:.0}/s (+ flush {:?})",
+        n as f64 / e.as_secs_f64(),
+        started.elapsed() - e
+    );
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().counters.in_progress,
+        DEVICES as u64
+    );
 }
