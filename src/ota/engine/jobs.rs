@@ -11,6 +11,7 @@ use crate::ota::model::{
 use crate::ota::task::{splitmix, Event, FailureReason, QueueReason, TaskState, TaskStatus};
 use crate::ota::OtaError;
 use crate::registry::{Device, DeviceFilter, Page};
+use dashmap::mapref::entry::Entry;
 use rand::Rng;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -253,18 +254,46 @@ impl OtaEngine {
         let seed = stable_hash(&[&job.job_id, pk, dn]);
         let src = device.versions.get(&job.module).cloned();
         let claim = (pk.clone(), dn.clone(), job.module.clone());
-        // The other job's unfinished task on this device and module, if any.
-        let other = self.inner.active.get(&claim).map(|j| j.value().clone());
+        // Claim the device's module atomically; another job's unfinished task is a conflict,
+        // or is overwritten (then the claim is tried again: someone may have been quicker).
         let mut conflict: Option<String> = None;
-        if let Some(other_job) = other.filter(|j| *j != job.job_id) {
-            let other_key = TaskKey::new(&other_job, pk, dn);
+        for _ in 0..3 {
+            let other = match self.inner.active.entry(claim.clone()) {
+                Entry::Vacant(v) => {
+                    v.insert(job.job_id.clone());
+                    conflict = None;
+                    break;
+                }
+                Entry::Occupied(o) if *o.get() == job.job_id => {
+                    conflict = None;
+                    break;
+                }
+                Entry::Occupied(o) => o.get().clone(),
+            };
+            let other_key = TaskKey::new(&other, pk, dn);
             let other_status = self.inner.tasks.get(&other_key).map(|s| s.state.status);
             if other_status == Some(TaskStatus::InProgress) {
-                conflict = Some(format!("{other_job} is IN_PROGRESS on this device"));
+                conflict = Some(format!("{other} is IN_PROGRESS on this device"));
+                break;
             } else if !job.spec.overwrite {
-                conflict = Some(format!("{other_job} has an unfinished task on this device"));
+                conflict = Some(format!("{other} has an unfinished task on this device"));
+                break;
             } else if !self.apply(&other_key, Event::Overwrite, now).await {
-                conflict = Some(format!("{other_job} could not be overwritten"));
+                let finished = self
+                    .inner
+                    .tasks
+                    .get(&other_key)
+                    .is_none_or(|s| s.state.status.is_terminal());
+                if !finished {
+                    // It started meanwhile: never overwrite IN_PROGRESS.
+                    conflict = Some(format!("{other} is IN_PROGRESS on this device"));
+                    break;
+                }
+                // A stale claim (its task already finished): take it back and retry.
+                conflict = Some(format!("{other} could not be overwritten"));
+                self.inner.active.remove_if(&claim, |_, j| *j == other);
+            } else {
+                conflict = Some(format!("{other} was overwritten, then claimed again"));
             }
         }
         let (state, note) = match conflict {
@@ -274,7 +303,6 @@ impl OtaEngine {
                 format!("CONFLICT: {why}"),
             ),
             None => {
-                self.inner.active.insert(claim, job.job_id.clone());
                 let state = if job.spec.need_confirm {
                     TaskState::new(TaskStatus::Confirm, None, src, seed, now)
                 } else if job.status == JobStatus::Planned {
