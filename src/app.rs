@@ -3,8 +3,8 @@
 //! sessions ended, the store flushed.
 //!
 //! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
-//! default base of firmware download links) → firmware repository → broker router → ingest →
-//! listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be
+//! default base of firmware download links) → firmware repository → broker router → OTA engine
+//! (jobs and tasks reloaded, every timer re-armed) → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be
 //! stored.
 
 use crate::api::{self, ApiState, TokenSet};
@@ -12,7 +12,7 @@ use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::ota::FirmwareRepo;
+use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
 use crate::registry::Registry;
 use crate::store::Store;
 use anyhow::Context;
@@ -28,6 +28,7 @@ pub struct Application {
     broker: BrokerHandle,
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
+    ota: OtaEngine,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
@@ -93,11 +94,24 @@ impl Application {
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
-        let ingest = Arc::new(Ingest::new(
+        let ota = OtaEngine::open(
             registry.clone(),
-            downlink.clone(),
+            firmware.clone(),
+            Arc::new(downlink.clone()),
+            Arc::new(SystemClock),
+            EngineConfig {
+                connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
+                download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
+                progress_flush_ms: settings.ota.progress_flush_ms as i64,
+                ..EngineConfig::default()
+            },
             metrics.clone(),
-        ));
+        )
+        .context("cannot load the OTA jobs")?;
+        ota.start();
+        let ingest = Arc::new(
+            Ingest::new(registry.clone(), downlink.clone(), metrics.clone()).with_ota(ota.clone()),
+        );
         let broker = broker
             .start(ingest)
             .await
@@ -127,6 +141,7 @@ impl Application {
             metrics: metrics.clone(),
             tokens: Arc::new(tokens),
             firmware: firmware.clone(),
+            ota: Some(ota.clone()),
             health: Arc::new(health_info),
             on_device_revoked: {
                 let downlink = downlink.clone();
@@ -173,6 +188,7 @@ impl Application {
             broker,
             registry,
             firmware,
+            ota,
             metrics,
             http_addr,
             http_stop,
@@ -206,6 +222,11 @@ impl Application {
         &self.firmware
     }
 
+    /// The OTA engine (jobs, tasks, task events for the forwarder).
+    pub fn ota(&self) -> &OtaEngine {
+        &self.ota
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -231,6 +252,8 @@ impl Application {
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
+        // After the broker: no device event can reach the engine any more.
+        self.ota.shutdown().await;
         self.registry
             .flush()
             .await

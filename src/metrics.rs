@@ -37,6 +37,18 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     /// HTTP requests by status class (`2xx`, `4xx`, `5xx`).
     pub http_requests: Family<Labels, Counter>,
+    /// OTA tasks by status (`CONFIRM`, `QUEUED`, …, `CANCELED`).
+    pub ota_tasks: Family<Labels, Gauge>,
+    /// OTA upgrade deliveries by kind (`push`, `pull`); re-pushes count as `push`.
+    pub ota_pushes: Family<Labels, Counter>,
+    /// OTA tasks that FAILED, by reason (`DOWNLOAD_FAILED`, `TIMEOUT`, …).
+    pub ota_failures: Family<Labels, Counter>,
+    /// OTA tasks that failed with TIMEOUT (including stalls).
+    pub ota_timeouts: Counter,
+    /// OTA retries scheduled.
+    pub ota_retries: Counter,
+    /// OTA progress reports by outcome (`applied`, `ignored`, `no_task`).
+    pub ota_progress: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -53,6 +65,12 @@ impl Metrics {
             store_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             http_requests: Family::default(),
+            ota_tasks: Family::default(),
+            ota_pushes: Family::default(),
+            ota_failures: Family::default(),
+            ota_timeouts: Counter::default(),
+            ota_retries: Counter::default(),
+            ota_progress: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +122,32 @@ impl Metrics {
             "http_requests",
             "HTTP requests by status class",
             m.http_requests.clone(),
+        );
+        registry.register("ota_tasks", "OTA tasks by status", m.ota_tasks.clone());
+        registry.register(
+            "ota_pushes",
+            "OTA upgrade deliveries by kind (push, pull)",
+            m.ota_pushes.clone(),
+        );
+        registry.register(
+            "ota_failures",
+            "OTA tasks failed, by reason",
+            m.ota_failures.clone(),
+        );
+        registry.register(
+            "ota_timeouts",
+            "OTA tasks failed with TIMEOUT (including stalls)",
+            m.ota_timeouts.clone(),
+        );
+        registry.register(
+            "ota_retries",
+            "OTA retries scheduled",
+            m.ota_retries.clone(),
+        );
+        registry.register(
+            "ota_progress",
+            "OTA progress reports by outcome",
+            m.ota_progress.clone(),
         );
         Metrics { registry, ..m }
     }
