@@ -17,16 +17,24 @@ fn interop_python() -> Option<PathBuf> {
     venv.exists().then_some(venv)
 }
 
-#[tokio::test]
-async fn vendor_python_sdk_connects_reports_and_posts() {
-    let Some(python) = interop_python() else {
+/// The interpreter to run, or `None` (test skipped, message printed) outside CI.
+fn python_or_skip(test: &str) -> Option<PathBuf> {
+    let python = interop_python();
+    if python.is_none() {
         if std::env::var_os("CI").is_some() {
             panic!("CI: no Python with aliyun-iot-linkkit (FLEETGATE_INTEROP_PYTHON unset and no tests/interop/.venv)");
         }
         eprintln!(
-            "SKIPPED vendor_python_sdk_connects_reports_and_posts: create tests/interop/.venv \
+            "SKIPPED {test}: create tests/interop/.venv \
              (python3 -m venv tests/interop/.venv && tests/interop/.venv/bin/pip install -r tests/interop/requirements.txt)"
         );
+    }
+    python
+}
+
+#[tokio::test]
+async fn vendor_python_sdk_connects_reports_and_posts() {
+    let Some(python) = python_or_skip("vendor_python_sdk_connects_reports_and_posts") else {
         return;
     };
     let app = spawn_app().await;
@@ -76,4 +84,90 @@ async fn vendor_python_sdk_connects_reports_and_posts() {
         m.contains(r#"fleetgate_mqtt_messages_total{kind="property_post"} 1"#),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn vendor_python_sdk_takes_an_ota_update() {
+    let Some(python) = python_or_skip("vendor_python_sdk_takes_an_ota_update") else {
+        return;
+    };
+    let app = spawn_app().await;
+    let pk = app.create_product("linkkit-ota").await;
+    let secret = app.create_device(&pk, "py-ota-1").await;
+    // A real multipart upload, as an operator does it.
+    let image: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(image.clone()).file_name("fw.bin"),
+        )
+        .text("product_key", pk.clone())
+        .text("version", "2.0.0")
+        .text("sign_method", "SHA256");
+    let resp = app
+        .http
+        .post(app.url("/api/v1/firmware"))
+        .bearer_auth(ADMIN_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let fw: serde_json::Value = resp.json().await.unwrap();
+    let fid = fw["firmware_id"].as_str().unwrap().to_owned();
+    let (status, job) = app
+        .post(
+            "/api/v1/ota/jobs",
+            serde_json::json!({"firmware_id": fid, "target": "SPECIFIC", "device_names": ["py-ota-1"],
+                               "force": true, "timeout_seconds": 120}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let jid = job["job_id"].as_str().unwrap().to_owned();
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/linkkit_ota.py");
+    let port = app.mqtt_addr().port().to_string();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(90),
+        tokio::process::Command::new(&python)
+            .arg(&script)
+            .args(["127.0.0.1", &port, &pk, "py-ota-1", &secret, "1.0.0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("SDK script finished in time")
+    .expect("SDK script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (_, task) = app
+        .get(&format!("/api/v1/ota/jobs/{jid}/tasks/py-ota-1"))
+        .await;
+    assert!(
+        out.status.success(),
+        "task {task}\nSDK OTA script failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains(r#""step": "downloaded", "rc": "ErrorCode.SUCCESS", "bytes": 300000"#),
+        "{stdout}"
+    );
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, task) = app
+            .get(&format!("/api/v1/ota/jobs/{jid}/tasks/py-ota-1"))
+            .await;
+        if task["status"] == "SUCCEEDED" || task["state"] == "SUCCEEDED" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task never SUCCEEDED: {task}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let d = app.device(&pk, "py-ota-1").await;
+    assert_eq!(d["versions"]["default"], "2.0.0", "{d}");
 }
