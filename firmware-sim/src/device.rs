@@ -53,7 +53,11 @@ pub(crate) struct DeviceRecord {
 }
 
 impl DeviceRecord {
-    pub fn new(spec: DeviceSpec, sign_method: SignMethod, versions: BTreeMap<String, String>) -> Self {
+    pub fn new(
+        spec: DeviceSpec,
+        sign_method: SignMethod,
+        versions: BTreeMap<String, String>,
+    ) -> Self {
         let outcome = DeviceOutcome {
             product_key: spec.product_key.clone(),
             device_name: spec.device_name.clone(),
@@ -411,16 +415,16 @@ impl Device {
             return None;
         }
         let phase = self.rng.gen_range(0.0..period);
-        let mut i = interval_at(
-            tokio::time::Instant::now() + secs(phase),
-            secs(period),
-        );
+        let mut i = interval_at(tokio::time::Instant::now() + secs(phase), secs(period));
         i.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Some(i)
     }
 
     fn publish(&self, client: &AsyncClient, topic: String, kind: TopicKind, payload: Vec<u8>) {
-        if client.try_publish(topic, qos(kind), false, payload).is_err() {
+        if client
+            .try_publish(topic, qos(kind), false, payload)
+            .is_err()
+        {
             self.sh.stats.publish_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -432,7 +436,8 @@ impl Device {
         if !self.connected_once {
             self.connected_once = true;
             st.ever_connected.fetch_add(1, Relaxed);
-            st.last_first_connect_ms.fetch_max(self.sh.now_ms(), Relaxed);
+            st.last_first_connect_ms
+                .fetch_max(self.sh.now_ms(), Relaxed);
         }
         self.first_attempt();
         self.backoff = self.sh.mqtt.reconnect_backoff_secs[0];
@@ -528,7 +533,8 @@ impl Device {
 
     fn on_publish(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
         let Some(t) = Topic::parse(topic) else { return };
-        if t.product_key() != self.rec.spec.product_key || t.device_name() != self.rec.spec.device_name
+        if t.product_key() != self.rec.spec.product_key
+            || t.device_name() != self.rec.spec.device_name
         {
             return;
         }
@@ -1099,19 +1105,32 @@ impl Job {
         points.sort_by_key(|(o, _)| *o);
         let mut points: VecDeque<(u64, Point)> = points.into();
 
-        let mut dl = Download::new(sh.http.clone(), data.url.clone(), size, ota.download_retries);
+        let mut dl = Download::new(
+            sh.http.clone(),
+            data.url.clone(),
+            size,
+            ota.download_retries,
+        );
         rep.step(1, "downloading").await;
         let every = i32::from(ota.progress_every_pct);
         let mut last_step = 1;
         loop {
             while points.front().is_some_and(|(o, _)| *o <= dl.received()) {
-                let Some((_, point)) = points.pop_front() else { break };
+                let Some((_, point)) = points.pop_front() else {
+                    break;
+                };
                 match point {
                     Point::Malformed => rep.malformed(sh).await,
                     Point::Interrupt => dl.interrupt(),
                     Point::Offline(d) => {
                         let (resume, back) = oneshot::channel();
-                        let _ = self.tx.send(Cmd::Offline { duration: d, resume }).await;
+                        let _ = self
+                            .tx
+                            .send(Cmd::Offline {
+                                duration: d,
+                                resume,
+                            })
+                            .await;
                         // The device answers once it is connected again; if it is gone, so
                         // is this upgrade (it is aborted with it).
                         if back.await.is_err() {
@@ -1152,11 +1171,9 @@ impl Job {
             if let Some(bps) = f.slow_bytes_per_sec {
                 tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
             }
-            let pct = if size == 0 {
-                100
-            } else {
-                (dl.received() * 100 / size).min(100) as i32
-            };
+            let pct = (dl.received() * 100)
+                .checked_div(size)
+                .map_or(100, |p| p.min(100) as i32);
             let step = (1 + pct * 89 / 100).clamp(1, 90);
             if step >= last_step + every {
                 rep.step(step, "downloading").await;

@@ -69,8 +69,8 @@ pub fn load(path: &Path) -> Result<Vec<DeviceSpec>, DeviceListError> {
         path: path.to_owned(),
         message,
     };
-    let is_json = path.extension().is_some_and(|e| e == "json")
-        || text.trim_start().starts_with(['[', '{']);
+    let is_json =
+        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with(['[', '{']);
     let devices = if is_json {
         parse_json(&text).map_err(invalid)?
     } else {
@@ -112,7 +112,10 @@ fn check(d: &DeviceSpec, row: &str) -> Result<(), String> {
             return Err(format!("{row}: {field} is empty"));
         }
     }
-    for (field, v) in [("ProductKey", &d.product_key), ("DeviceName", &d.device_name)] {
+    for (field, v) in [
+        ("ProductKey", &d.product_key),
+        ("DeviceName", &d.device_name),
+    ] {
         if v.contains(['/', '+', '#', '&', '\0']) {
             return Err(format!("{row}: {field} `{v}` contains / + # & or NUL"));
         }

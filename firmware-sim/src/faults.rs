@@ -227,7 +227,12 @@ impl FaultRule {
         }
         let [lo, hi] = self.at_percent;
         if lo == 0 || hi > 99 || lo > hi {
-            return Err(FaultError::AtPercent { index, kind, lo, hi });
+            return Err(FaultError::AtPercent {
+                index,
+                kind,
+                lo,
+                hi,
+            });
         }
         if kind == FaultKind::Offline && !(self.offline_secs > 0.0 && self.offline_secs.is_finite())
         {
@@ -587,11 +592,14 @@ mod tests {
         let retries: Vec<UpgradeFaults> = names.iter().map(|n| a.for_upgrade(&ctx(n, 1))).collect();
         assert_ne!(draw(&a), retries);
         // Telemetry draws too.
-        let t = FaultPlan::new(7, vec![{
-            let mut r = FaultRule::new(FaultKind::MalformedJson, 0.5);
-            r.on = FaultTarget::Telemetry;
-            r
-        }])
+        let t = FaultPlan::new(
+            7,
+            vec![{
+                let mut r = FaultRule::new(FaultKind::MalformedJson, 0.5);
+                r.on = FaultTarget::Telemetry;
+                r
+            }],
+        )
         .unwrap();
         let seqs: Vec<bool> = (0..100).map(|s| t.malformed_post("d", &[], s)).collect();
         let again: Vec<bool> = (0..100).map(|s| t.malformed_post("d", &[], s)).collect();
@@ -621,7 +629,9 @@ mod tests {
         let mut tel = FaultRule::new(FaultKind::MalformedJson, 0.1);
         tel.on = FaultTarget::Telemetry;
         let plan = FaultPlan::new(9, vec![tel]).unwrap();
-        let hits = (0..n).filter(|&s| plan.malformed_post("dev", &[], s)).count();
+        let hits = (0..n)
+            .filter(|&s| plan.malformed_post("dev", &[], s))
+            .count();
         assert!((hits as f64 / n as f64 - 0.1).abs() < 0.02, "{hits}");
         // 0 and 1 are exact.
         let never = FaultPlan::new(1, vec![FaultRule::new(FaultKind::Hang, 0.0)]).unwrap();
@@ -670,7 +680,10 @@ mod tests {
         // An OTA malformed rule never fires on telemetry and vice versa.
         let ota = FaultPlan::new(3, vec![FaultRule::new(FaultKind::MalformedJson, 1.0)]).unwrap();
         assert!(!ota.malformed_post("x", &[], 0));
-        assert!(!plan.for_upgrade(&ctx("x", 0)).kinds().contains(&FaultKind::MalformedJson));
+        assert!(!plan
+            .for_upgrade(&ctx("x", 0))
+            .kinds()
+            .contains(&FaultKind::MalformedJson));
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct Download {
     size: u64,
     hasher: Hasher,
     response: Option<reqwest::Response>,
+    /// The part of the last chunk beyond the caller's limit, served first by the next call.
+    leftover: Option<bytes::Bytes>,
     /// Network errors so far (each one costs a retry).
     errors: u32,
     max_retries: u32,
@@ -157,6 +159,7 @@ impl Download {
             size,
             hasher: Hasher::default(),
             response: None,
+            leftover: None,
             errors: 0,
             max_retries,
             resumes: 0,
@@ -184,12 +187,16 @@ impl Download {
     /// [`next_chunk`]: Download::next_chunk
     pub fn interrupt(&mut self) {
         self.response = None;
+        self.leftover = None;
     }
 
-    /// Receives the next chunk, accepting at most `limit` bytes of it (the rest is discarded, as
-    /// if the connection had died mid-chunk; pass `u64::MAX` for all). Returns the number of
-    /// bytes accepted, or `None` when the package is complete.
+    /// Receives the next chunk, accepting at most `limit` bytes of it (the rest is kept for the
+    /// next call, so a caller can stop at an exact offset; pass `u64::MAX` for all). Returns the
+    /// number of bytes accepted, or `None` when the package is complete.
     pub async fn next_chunk(&mut self, limit: u64) -> Result<Option<u64>, FirmwareError> {
+        if let Some(bytes) = self.leftover.take() {
+            return self.accept(bytes, limit).map(Some);
+        }
         loop {
             if self.response.is_none() {
                 if self.size > 0 && self.received() >= self.size {
@@ -208,21 +215,8 @@ impl Download {
                 continue;
             };
             match resp.chunk().await {
-                Ok(Some(bytes)) => {
-                    let take = (bytes.len() as u64).min(limit) as usize;
-                    let bytes = &bytes[..take];
-                    if self.size > 0 && self.received() + bytes.len() as u64 > self.size {
-                        return Err(FirmwareError::TooLong {
-                            url: self.url.clone(),
-                            size: self.size,
-                        });
-                    }
-                    self.hasher.update(bytes);
-                    if take == 0 {
-                        continue;
-                    }
-                    return Ok(Some(take as u64));
-                }
+                Ok(Some(bytes)) if bytes.is_empty() => continue,
+                Ok(Some(bytes)) => return self.accept(bytes, limit).map(Some),
                 Ok(None) => {
                     self.response = None;
                     if self.size == 0 || self.received() >= self.size {
@@ -242,6 +236,21 @@ impl Download {
                 }
             }
         }
+    }
+
+    fn accept(&mut self, mut bytes: bytes::Bytes, limit: u64) -> Result<u64, FirmwareError> {
+        let take = (bytes.len() as u64).min(limit.max(1)) as usize;
+        if take < bytes.len() {
+            self.leftover = Some(bytes.split_off(take));
+        }
+        if self.size > 0 && self.received() + bytes.len() as u64 > self.size {
+            return Err(FirmwareError::TooLong {
+                url: self.url.clone(),
+                size: self.size,
+            });
+        }
+        self.hasher.update(&bytes);
+        Ok(take as u64)
     }
 
     /// The digests of what was received; call after [`next_chunk`](Self::next_chunk) gave `None`.

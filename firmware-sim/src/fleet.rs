@@ -177,8 +177,13 @@ impl Fleet {
         let mut seen = HashSet::new();
         for d in &config.devices {
             let label = format!("{}/{}", d.product_key, d.device_name);
-            if Topic::from_kind(TopicKind::Inform, d.product_key.as_str(), d.device_name.as_str(), None)
-                .is_none()
+            if Topic::from_kind(
+                TopicKind::Inform,
+                d.product_key.as_str(),
+                d.device_name.as_str(),
+                None,
+            )
+            .is_none()
             {
                 return Err(FleetError::BadDevice(
                     label,
@@ -187,7 +192,10 @@ impl Fleet {
             }
             if let Some(m) = &d.sign_method {
                 if d.sign_method().is_none() {
-                    return Err(FleetError::BadDevice(label, format!("unknown sign method `{m}`")));
+                    return Err(FleetError::BadDevice(
+                        label,
+                        format!("unknown sign method `{m}`"),
+                    ));
                 }
             }
             if !seen.insert((&d.product_key, &d.device_name)) {
@@ -244,8 +252,12 @@ impl Fleet {
         let mut records = Vec::with_capacity(config.devices.len());
         let mut tasks = Vec::with_capacity(config.devices.len());
         for spec in config.devices {
-            let (versions, method) =
-                identity(config.seed, &spec, &config.versions, config.mqtt.sign_method);
+            let (versions, method) = identity(
+                config.seed,
+                &spec,
+                &config.versions,
+                config.mqtt.sign_method,
+            );
             let rec = Arc::new(DeviceRecord::new(spec, method, versions));
             tasks.push(tokio::spawn(device::run(
                 rec.clone(),

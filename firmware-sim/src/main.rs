@@ -46,7 +46,12 @@ struct Args {
     #[arg(long, value_name = "URL")]
     api: Option<String>,
     /// API token for --provision.
-    #[arg(long, env = "FLEETGATE_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FLEETGATE_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     api_token: Option<String>,
 
     /// MQTT broker host:port [scenario default: 127.0.0.1:1883].

@@ -34,11 +34,16 @@ pub enum UpgradeResult {
     /// Rebooted and reported the target version.
     Succeeded,
     /// Reported a negative progress step.
-    Failed { code: i32, reason: String },
+    Failed {
+        code: i32,
+        reason: String,
+    },
     /// Went silent on purpose (fault `hang`).
     Hung,
     /// Rebooted and reported a version that is neither source nor target (fault `wrong_version`).
-    WrongVersion { reported: String },
+    WrongVersion {
+        reported: String,
+    },
     /// A newer push for the same module replaced it.
     Superseded,
     /// The fleet stopped while it was running.
@@ -139,7 +144,10 @@ impl Stats {
     pub fn count_reply(&self, code: i32) {
         // A poisoned lock only means another device task panicked mid-increment; the counts
         // are still usable.
-        let mut m = self.replies_by_code.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self
+            .replies_by_code
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         *m.entry(code).or_default() += 1;
     }
 
@@ -151,7 +159,10 @@ impl Stats {
     }
 
     pub fn count_failure(&self, code: i32) {
-        if let Some(c) = usize::try_from(-code - 1).ok().and_then(|i| self.failed.get(i)) {
+        if let Some(c) = usize::try_from(-code - 1)
+            .ok()
+            .and_then(|i| self.failed.get(i))
+        {
             c.fetch_add(1, Relaxed);
         }
     }

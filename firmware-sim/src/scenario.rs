@@ -338,7 +338,8 @@ impl TelemetrySettings {
             if p.name.is_empty() {
                 return bad("a telemetry property has an empty name".into());
             }
-            if matches!(p.kind, PropertyKind::Choice | PropertyKind::Constant) && p.values.is_empty()
+            if matches!(p.kind, PropertyKind::Choice | PropertyKind::Constant)
+                && p.values.is_empty()
             {
                 return bad(format!("property `{}` needs `values`", p.name));
             }
@@ -443,7 +444,9 @@ impl Scenario {
         }
         validate_versions(&self.fleet.versions)?;
         if self.mqtt.connect_rate == 0 {
-            return Err(ScenarioError::Invalid("mqtt.connect_rate must be > 0".into()));
+            return Err(ScenarioError::Invalid(
+                "mqtt.connect_rate must be > 0".into(),
+            ));
         }
         let [lo, hi] = self.mqtt.reconnect_backoff_secs;
         if !(lo > 0.0 && hi >= lo) {
@@ -511,7 +514,10 @@ mod tests {
         let s = Scenario::from_toml("").unwrap();
         assert_eq!(s, Scenario::default());
         assert_eq!(s.mqtt.address, "127.0.0.1:1883");
-        assert_eq!(s.fleet.versions, [VersionWeight::new("default", "1.0.0", 1)]);
+        assert_eq!(
+            s.fleet.versions,
+            [VersionWeight::new("default", "1.0.0", 1)]
+        );
     }
 
     #[test]
