@@ -311,8 +311,9 @@ impl Device {
         }
         loop {
             self.set_state(DeviceState::Connecting);
+            let slot = self.sh.pacer.reserve();
             tokio::select! {
-                _ = self.sh.limiter.until_ready() => {}
+                _ = tokio::time::sleep_until(slot) => {}
                 _ = shutdown.changed() => return,
             }
             if *shutdown.borrow() {

@@ -263,6 +263,7 @@ impl Snapshot {
 pub struct ConnectSummary {
     pub devices: usize,
     pub ever_connected: u64,
+    /// Devices online just before the fleet was stopped.
     pub online_at_end: i64,
     pub connects: u64,
     pub connect_failures: u64,
@@ -313,12 +314,16 @@ pub struct OtaSummary {
     pub bytes_downloaded: u64,
 }
 
-/// Process memory from `/proc/self/status` (Linux; `None` elsewhere).
+/// Process memory from `/proc/self/status` (Linux; `None` elsewhere), taken while the fleet
+/// still runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemorySummary {
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
     pub rss_per_device_bytes: Option<u64>,
+    /// CPU time (user + system) this process used so far, in seconds: with the run's elapsed
+    /// time it tells whether the simulator or the broker was the bottleneck.
+    pub cpu_secs: Option<f64>,
 }
 
 /// The final report of a run.
@@ -475,12 +480,16 @@ impl Summary {
         };
         let _ = writeln!(
             s,
-            "  memory:    RSS {} (peak {}), {} per device",
+            "  process:   RSS {} (peak {}), {} per device; {} CPU",
             mb(self.memory.rss_bytes),
             mb(self.memory.peak_rss_bytes),
             self.memory
                 .rss_per_device_bytes
                 .map(|b| format!("{:.1} KiB", b as f64 / 1024.0))
+                .unwrap_or_else(|| "n/a".into()),
+            self.memory
+                .cpu_secs
+                .map(|c| format!("{c:.1} s"))
                 .unwrap_or_else(|| "n/a".into())
         );
         s
@@ -505,7 +514,20 @@ pub fn memory(devices: usize) -> MemorySummary {
         rss_bytes: rss,
         peak_rss_bytes: field("VmHWM:"),
         rss_per_device_bytes: rss.and_then(|r| r.checked_div(devices as u64)),
+        cpu_secs: cpu_secs(),
     }
+}
+
+/// utime + stime from `/proc/self/stat`, assuming the usual 100 clock ticks per second.
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces: count fields after its closing `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the file are the 12th and 13th after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 #[cfg(test)]
@@ -540,6 +562,7 @@ mod tests {
             assert!(m.rss_bytes.unwrap() > 0);
             assert!(m.peak_rss_bytes.unwrap() >= m.rss_bytes.unwrap());
             assert_eq!(m.rss_per_device_bytes, Some(m.rss_bytes.unwrap() / 10));
+            assert!(m.cpu_secs.unwrap() >= 0.0);
         }
     }
 }
