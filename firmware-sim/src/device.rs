@@ -1,0 +1,1229 @@
+//! One simulated device: a tokio task owning its MQTT connection, with a small state machine
+//! (starting → connecting → online ⇄ offline/rebooting → stopped), telemetry, and at most one
+//! upgrade per module running as a child task.
+//!
+//! The device task owns the connection; an upgrade task never touches it. Upgrades talk to
+//! their device through [`Cmd`]s (publish this, go offline, I am done — reboot), so a reboot or
+//! an injected outage is simply the device task ending one session and starting the next. Every
+//! topic and payload comes from `fleetgate_topics`; nothing here writes a topic string.
+//!
+//! Shared state is limited to [`DeviceRecord`] (the device's outcome, behind a std mutex that is
+//! never held across an `.await`) and the fleet's atomic counters.
+
+use crate::faults::{device_rng, TerminalFault, UpgradeContext, UpgradeFaults};
+use crate::firmware::{self, Download};
+use crate::fleet::Shared;
+use crate::report::{
+    DeviceOutcome, DeviceState, UpgradeRecord, UpgradeResult, MAX_UPGRADE_RECORDS,
+};
+use crate::scenario::PropertyKind;
+use crate::DeviceSpec;
+use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+use fleetgate_topics::{
+    catalog, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest, Item,
+    ProgressRequest, ProgressStep, PropertyPostRequest, Reply, Topic, TopicKind, UpgradeData,
+    UpgradeMessage,
+};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
+    QoS, SubscribeFilter,
+};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::{interval_at, Interval, MissedTickBehavior};
+
+/// RNG salt of a device's own choices (jitter, telemetry values).
+pub(crate) const SALT_DEVICE: u64 = 0x4445_5649_4345_3031;
+
+/// Pending replies kept per device; older ones count as missing when more are outstanding.
+const MAX_PENDING_REPLIES: usize = 256;
+
+/// What is shared between a device task, its upgrade tasks and the fleet handle.
+pub(crate) struct DeviceRecord {
+    pub spec: DeviceSpec,
+    pub sign_method: SignMethod,
+    outcome: Mutex<DeviceOutcome>,
+    next_id: AtomicU32,
+}
+
+impl DeviceRecord {
+    pub fn new(
+        spec: DeviceSpec,
+        sign_method: SignMethod,
+        versions: BTreeMap<String, String>,
+    ) -> Self {
+        let outcome = DeviceOutcome {
+            product_key: spec.product_key.clone(),
+            device_name: spec.device_name.clone(),
+            sign_method: sign_method.as_str().to_owned(),
+            state: DeviceState::Starting,
+            connects: 0,
+            connect_failures: 0,
+            connect_refused: 0,
+            versions,
+            upgrades: Vec::new(),
+            property_posts: 0,
+            event_posts: 0,
+            replies_ok: 0,
+            replies_error: 0,
+            replies_missing: 0,
+            last_error: None,
+        };
+        DeviceRecord {
+            spec,
+            sign_method,
+            outcome: Mutex::new(outcome),
+            next_id: AtomicU32::new(1),
+        }
+    }
+
+    /// A copy of the device's outcome so far.
+    pub fn outcome(&self) -> DeviceOutcome {
+        self.with(|o| o.clone())
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut DeviceOutcome) -> R) -> R {
+        // Poisoning only means a device task panicked while holding it: the data is still a
+        // valid outcome, so keep reporting it.
+        let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    fn with_upgrade(&self, seq: u32, f: impl FnOnce(&mut UpgradeRecord)) {
+        self.with(|o| {
+            if let Some(u) = o.upgrades.iter_mut().rev().find(|u| u.seq == seq) {
+                f(u)
+            }
+        })
+    }
+
+    /// A fresh Alink message id.
+    fn next_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    fn topic(&self, kind: TopicKind, identifier: Option<&str>) -> String {
+        // Device names are validated when the fleet starts, so this never comes out empty.
+        Topic::from_kind(
+            kind,
+            self.spec.product_key.as_str(),
+            self.spec.device_name.as_str(),
+            identifier,
+        )
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+    }
+}
+
+/// Messages from an upgrade task to its device task.
+enum Cmd {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        ota: bool,
+    },
+    /// Drop the connection, stay away for `duration`, then reconnect and answer `resume`.
+    Offline {
+        duration: Duration,
+        resume: oneshot::Sender<()>,
+    },
+    /// The upgrade ended; `reboot` carries the version to boot into.
+    Done {
+        seq: u32,
+        module: String,
+        result: UpgradeResult,
+        reboot: Option<String>,
+    },
+}
+
+/// How one MQTT session ended.
+enum SessionEnd {
+    Shutdown,
+    /// Connection error: retry after the delay.
+    Error(Duration),
+    /// Injected outage.
+    Offline(Duration),
+    /// Rebooting into new firmware.
+    Reboot(Duration),
+}
+
+struct Active {
+    seq: u32,
+    push_id: u64,
+    to_version: String,
+    started: Instant,
+    abort: AbortHandle,
+}
+
+/// Runs one device until the fleet's shutdown signal.
+pub(crate) async fn run(rec: Arc<DeviceRecord>, sh: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    let mut d = Device::new(rec, sh);
+    let mut shutdown = shutdown;
+    d.run(&mut shutdown).await;
+    d.finish();
+}
+
+struct Device {
+    rec: Arc<DeviceRecord>,
+    sh: Arc<Shared>,
+    rng: ChaCha8Rng,
+    state: DeviceState,
+    versions: BTreeMap<String, String>,
+    /// Current numeric value of each random-walk/counter property.
+    values: Vec<f64>,
+    pending: VecDeque<(String, Instant)>,
+    post_seq: u64,
+    active: HashMap<String, Active>,
+    attempts: HashMap<(String, String), u32>,
+    upgrade_seq: u32,
+    cmd_tx: Option<mpsc::Sender<Cmd>>,
+    cmd_rx: Option<mpsc::Receiver<Cmd>>,
+    resume: Vec<oneshot::Sender<()>>,
+    /// Upgrades that end once the device is back from its reboot and has reported its version.
+    after_reboot: Vec<(u32, UpgradeResult, Instant)>,
+    connected_once: bool,
+    first_attempt_done: bool,
+    backoff: f64,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn qos(kind: TopicKind) -> QoS {
+    match catalog().qos(kind) {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Sleeps unless the fleet stops first; `false` = stopping.
+async fn sleep_or_stop(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+async fn tick(i: &mut Option<Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv(rx: &mut Option<mpsc::Receiver<Cmd>>) -> Option<Cmd> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Device {
+    fn new(rec: Arc<DeviceRecord>, sh: Arc<Shared>) -> Self {
+        let mut rng = device_rng(sh.seed, &rec.spec.device_name, SALT_DEVICE);
+        let values = sh
+            .telemetry
+            .properties
+            .iter()
+            .map(|p| match p.kind {
+                // Devices do not all start at the same reading.
+                PropertyKind::RandomWalk if p.step > 0.0 => {
+                    (p.start + rng.gen_range(-3.0..=3.0) * p.step).clamp(p.min, p.max)
+                }
+                _ => p.start,
+            })
+            .collect();
+        let versions = rec.with(|o| o.versions.clone());
+        let backoff = sh.mqtt.reconnect_backoff_secs[0];
+        Device {
+            rec,
+            sh,
+            rng,
+            state: DeviceState::Starting,
+            versions,
+            values,
+            pending: VecDeque::new(),
+            post_seq: 0,
+            active: HashMap::new(),
+            attempts: HashMap::new(),
+            upgrade_seq: 0,
+            cmd_tx: None,
+            cmd_rx: None,
+            resume: Vec::new(),
+            after_reboot: Vec::new(),
+            connected_once: false,
+            first_attempt_done: false,
+            backoff,
+        }
+    }
+
+    fn set_state(&mut self, new: DeviceState) {
+        let old = self.state;
+        if old == new {
+            return;
+        }
+        if old == DeviceState::Online {
+            self.sh.stats.online.fetch_sub(1, Relaxed);
+        }
+        if new == DeviceState::Online {
+            self.sh.stats.online.fetch_add(1, Relaxed);
+        }
+        self.state = new;
+        self.rec.with(|o| o.state = new);
+    }
+
+    fn first_attempt(&mut self) {
+        if !self.first_attempt_done {
+            self.first_attempt_done = true;
+            self.sh.stats.first_attempts_done.fetch_add(1, Relaxed);
+        }
+    }
+
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        let jitter = self.sh.mqtt.start_jitter_secs;
+        let wait = if jitter > 0.0 {
+            self.rng.gen_range(0.0..jitter)
+        } else {
+            0.0
+        };
+        if !sleep_or_stop(secs(wait), shutdown).await {
+            return;
+        }
+        loop {
+            self.set_state(DeviceState::Connecting);
+            let slot = self.sh.pacer.reserve();
+            tokio::select! {
+                _ = tokio::time::sleep_until(slot) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let (client, mut el) = self.connection();
+            let end = self.session(&client, &mut el, shutdown).await;
+            let pause = match end {
+                SessionEnd::Shutdown => {
+                    disconnect(&client, &mut el).await;
+                    return;
+                }
+                SessionEnd::Error(delay) => {
+                    self.set_state(DeviceState::Offline);
+                    delay
+                }
+                SessionEnd::Offline(d) => {
+                    // A network loss: no DISCONNECT, the socket just goes away.
+                    drop(el);
+                    self.set_state(DeviceState::Offline);
+                    d
+                }
+                SessionEnd::Reboot(d) => {
+                    disconnect(&client, &mut el).await;
+                    self.set_state(DeviceState::Rebooting);
+                    d
+                }
+            };
+            if !sleep_or_stop(pause, shutdown).await {
+                return;
+            }
+        }
+    }
+
+    fn connection(&self) -> (AsyncClient, EventLoop) {
+        let m = &self.sh.mqtt;
+        let spec = &self.rec.spec;
+        let ts = m.timestamp.then(|| unix_ms().to_string());
+        let c = LinkCredentials::new(
+            &spec.product_key,
+            &spec.device_name,
+            &spec.device_secret,
+            self.rec.sign_method,
+            3,
+            ts,
+        );
+        let mut o = MqttOptions::new(c.client_id, self.sh.host.clone(), self.sh.port);
+        o.set_credentials(c.username, c.password);
+        o.set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(1)));
+        o.set_clean_session(true);
+        // Few messages are ever in flight per device; the default (100) costs ~10 KB each.
+        o.set_inflight(16);
+        o.set_max_packet_size(64 * 1024, 64 * 1024);
+        let (client, mut el) = AsyncClient::new(o, 32);
+        let mut net = NetworkOptions::new();
+        net.set_connection_timeout(m.connect_timeout_secs.max(1));
+        el.set_network_options(net);
+        (client, el)
+    }
+
+    async fn session(
+        &mut self,
+        client: &AsyncClient,
+        el: &mut EventLoop,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let mut online = false;
+        let mut telemetry: Option<Interval> = None;
+        let mut pull: Option<Interval> = None;
+        loop {
+            // Ticks and upgrade commands wait until the device is online: cancelling `poll`
+            // mid-connect would only restart the handshake.
+            tokio::select! {
+                _ = shutdown.changed() => return SessionEnd::Shutdown,
+                ev = el.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        online = true;
+                        self.on_connected(client);
+                        telemetry = self.interval(self.sh.telemetry.interval_secs);
+                        pull = self.interval(self.sh.ota.pull_interval_secs);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(client, &p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => return self.on_error(e, online),
+                },
+                _ = tick(&mut telemetry), if online => self.post_telemetry(client),
+                _ = tick(&mut pull), if online => self.pull(client),
+                cmd = recv(&mut self.cmd_rx), if online => {
+                    if let Some(end) = cmd.and_then(|c| self.on_cmd(client, c)) {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A periodic timer with a random phase, so devices do not post in lockstep.
+    fn interval(&mut self, period: f64) -> Option<Interval> {
+        if period <= 0.0 {
+            return None;
+        }
+        let phase = self.rng.gen_range(0.0..period);
+        let mut i = interval_at(tokio::time::Instant::now() + secs(phase), secs(period));
+        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Some(i)
+    }
+
+    fn publish(&self, client: &AsyncClient, topic: String, kind: TopicKind, payload: Vec<u8>) {
+        if client
+            .try_publish(topic, qos(kind), false, payload)
+            .is_err()
+        {
+            self.sh.stats.publish_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn on_connected(&mut self, client: &AsyncClient) {
+        let st = &self.sh.stats;
+        st.connects.fetch_add(1, Relaxed);
+        self.rec.with(|o| o.connects += 1);
+        if !self.connected_once {
+            self.connected_once = true;
+            st.ever_connected.fetch_add(1, Relaxed);
+            st.last_first_connect_ms
+                .fetch_max(self.sh.now_ms(), Relaxed);
+        }
+        self.first_attempt();
+        self.backoff = self.sh.mqtt.reconnect_backoff_secs[0];
+        self.set_state(DeviceState::Online);
+
+        // Clean sessions: subscribe again on every connect. Only what this device will use, as
+        // every filter costs the broker memory.
+        let mut filters = vec![SubscribeFilter::new(
+            self.rec.topic(TopicKind::Upgrade, None),
+            QoS::AtLeastOnce,
+        )];
+        let sh = self.sh.clone();
+        let ota = &sh.ota;
+        if ota.pull_on_connect || ota.pull_interval_secs > 0.0 {
+            filters.push(SubscribeFilter::new(
+                self.rec.topic(TopicKind::FirmwareGetReply, None),
+                QoS::AtMostOnce,
+            ));
+        }
+        let tel = &self.sh.telemetry;
+        if tel.interval_secs > 0.0 && tel.reply_timeout_secs > 0.0 {
+            filters.push(SubscribeFilter::new(
+                self.rec.topic(TopicKind::PropertyPostReply, None),
+                QoS::AtMostOnce,
+            ));
+            for e in &tel.events {
+                filters.push(SubscribeFilter::new(
+                    self.rec
+                        .topic(TopicKind::EventPostReply, Some(&e.identifier)),
+                    QoS::AtMostOnce,
+                ));
+            }
+        }
+        if client.try_subscribe_many(filters).is_err() {
+            self.sh.stats.publish_dropped.fetch_add(1, Relaxed);
+        }
+
+        // Like the Link SDK: report every module's version after connecting.
+        for (module, version) in &self.versions {
+            let p = InformRequest::new(self.rec.next_id(), version.clone(), module.clone());
+            self.publish(
+                client,
+                self.rec.topic(TopicKind::Inform, None),
+                TopicKind::Inform,
+                p.to_vec(),
+            );
+        }
+        let now = self.sh.now_ms();
+        for (seq, result, started) in std::mem::take(&mut self.after_reboot) {
+            self.sh.stats.ota_activity(now);
+            self.end_upgrade(seq, result, started);
+        }
+        for r in self.resume.drain(..) {
+            let _ = r.send(());
+        }
+        if ota.pull_on_connect {
+            self.pull(client);
+        }
+    }
+
+    fn on_error(&mut self, e: ConnectionError, was_online: bool) -> SessionEnd {
+        let st = &self.sh.stats;
+        let msg = match &e {
+            ConnectionError::ConnectionRefused(code) => {
+                st.connect_refused.fetch_add(1, Relaxed);
+                self.rec.with(|o| o.connect_refused += 1);
+                format!("CONNACK refused: {code:?}")
+            }
+            e if was_online => {
+                st.disconnects.fetch_add(1, Relaxed);
+                format!("connection lost: {e}")
+            }
+            e => {
+                st.connect_failures.fetch_add(1, Relaxed);
+                self.rec.with(|o| o.connect_failures += 1);
+                format!("connect failed: {e}")
+            }
+        };
+        tracing::debug!(device = %self.rec.spec.device_name, %msg);
+        self.rec.with(|o| o.last_error = Some(msg));
+        self.first_attempt();
+        let [lo, hi] = self.sh.mqtt.reconnect_backoff_secs;
+        let delay = if was_online {
+            lo
+        } else {
+            let d = self.backoff;
+            self.backoff = (self.backoff * 2.0).min(hi);
+            d
+        };
+        // ±25 % so that a fleet dropped at once does not come back at once.
+        SessionEnd::Error(secs(delay * self.rng.gen_range(0.75..1.25)))
+    }
+
+    fn on_publish(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        let Some(t) = Topic::parse(topic) else { return };
+        if t.product_key() != self.rec.spec.product_key
+            || t.device_name() != self.rec.spec.device_name
+        {
+            return;
+        }
+        let st = &self.sh.stats;
+        match t.kind() {
+            TopicKind::Upgrade => {
+                st.pushes_received.fetch_add(1, Relaxed);
+                st.ota_activity(self.sh.now_ms());
+                match UpgradeMessage::parse(payload) {
+                    Ok(m) => self.start_upgrade(client, m.data, m.id, "push"),
+                    Err(e) => {
+                        st.bad_pushes.fetch_add(1, Relaxed);
+                        self.rec
+                            .with(|o| o.last_error = Some(format!("bad upgrade push: {e}")));
+                    }
+                }
+            }
+            TopicKind::FirmwareGetReply => {
+                st.ota_activity(self.sh.now_ms());
+                match FirmwareGetReply::parse(payload) {
+                    Ok(FirmwareGetReply::Upgrade { id, data }) => {
+                        st.get_replies_upgrade.fetch_add(1, Relaxed);
+                        self.start_upgrade(client, data, id.parse().unwrap_or(0), "pull");
+                    }
+                    Ok(_) => {
+                        st.get_replies_none.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => {
+                        st.bad_pushes.fetch_add(1, Relaxed);
+                        self.rec
+                            .with(|o| o.last_error = Some(format!("bad get_reply: {e}")));
+                    }
+                }
+            }
+            TopicKind::PropertyPostReply | TopicKind::EventPostReply => self.on_reply(payload),
+            _ => {}
+        }
+    }
+
+    fn pull(&mut self, client: &AsyncClient) {
+        let modules: Vec<String> = self.versions.keys().cloned().collect();
+        for module in modules {
+            let req = FirmwareGetRequest::new(self.rec.next_id(), Some(module));
+            self.publish(
+                client,
+                self.rec.topic(TopicKind::FirmwareGet, None),
+                TopicKind::FirmwareGet,
+                req.to_vec(),
+            );
+            self.sh.stats.get_requests.fetch_add(1, Relaxed);
+        }
+        self.sh.stats.ota_activity(self.sh.now_ms());
+    }
+
+    fn start_upgrade(&mut self, client: &AsyncClient, data: UpgradeData, push_id: u64, via: &str) {
+        let module = data.module.clone();
+        let sh = self.sh.clone();
+        let st = &sh.stats;
+        if let Some(a) = self.active.get(&module) {
+            if a.push_id == push_id && a.to_version == data.version {
+                // A redelivery (QoS1) or a repeated pull answer: already on it.
+                st.duplicate_pushes.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        if let Some(a) = self.active.remove(&module) {
+            a.abort.abort();
+            self.end_upgrade(a.seq, UpgradeResult::Superseded, a.started);
+        }
+        let from = self.versions.get(&module).cloned();
+        if from.as_deref() == Some(data.version.as_str()) {
+            // Already running the target: say so again, which is what ends the task upstream.
+            let p = InformRequest::new(self.rec.next_id(), data.version.clone(), module);
+            self.publish(
+                client,
+                self.rec.topic(TopicKind::Inform, None),
+                TopicKind::Inform,
+                p.to_vec(),
+            );
+            return;
+        }
+        let attempt = {
+            let n = self
+                .attempts
+                .entry((module.clone(), data.version.clone()))
+                .or_insert(0);
+            *n += 1;
+            *n - 1
+        };
+        let faults = self.sh.plan.for_upgrade(&UpgradeContext {
+            device_name: &self.rec.spec.device_name,
+            module: &module,
+            from_version: from.as_deref(),
+            to_version: &data.version,
+            attempt,
+        });
+        let seq = self.upgrade_seq;
+        self.upgrade_seq += 1;
+        let record = UpgradeRecord {
+            seq,
+            module: module.clone(),
+            from_version: from,
+            to_version: data.version.clone(),
+            push_id,
+            via: via.to_owned(),
+            faults: faults.kinds(),
+            last_step: 0,
+            range_resumes: 0,
+            result: UpgradeResult::InProgress,
+            elapsed_ms: 0,
+        };
+        self.rec.with(|o| {
+            if o.upgrades.len() >= MAX_UPGRADE_RECORDS {
+                o.upgrades.remove(0);
+            }
+            o.upgrades.push(record);
+        });
+        st.upgrades_started.fetch_add(1, Relaxed);
+        st.updating.fetch_add(1, Relaxed);
+        tracing::debug!(device = %self.rec.spec.device_name, %module, to = %data.version, faults = ?faults.kinds(), "upgrade");
+
+        let tx = match &self.cmd_tx {
+            Some(tx) => tx.clone(),
+            None => {
+                // Created on the first upgrade: most devices of a soak never need one.
+                let (tx, rx) = mpsc::channel(32);
+                self.cmd_tx = Some(tx.clone());
+                self.cmd_rx = Some(rx);
+                tx
+            }
+        };
+        let job = Job {
+            rec: self.rec.clone(),
+            sh: self.sh.clone(),
+            tx,
+            seq,
+            data: data.clone(),
+            faults,
+        };
+        let handle = tokio::spawn(job.run());
+        self.active.insert(
+            module,
+            Active {
+                seq,
+                push_id,
+                to_version: data.version,
+                started: Instant::now(),
+                abort: handle.abort_handle(),
+            },
+        );
+    }
+
+    /// Records an upgrade's final result and updates the counters.
+    fn end_upgrade(&mut self, seq: u32, result: UpgradeResult, started: Instant) {
+        let st = &self.sh.stats;
+        match &result {
+            UpgradeResult::Succeeded => {
+                st.succeeded.fetch_add(1, Relaxed);
+            }
+            UpgradeResult::Failed { code, .. } => st.count_failure(*code),
+            UpgradeResult::Hung => {
+                st.hung.fetch_add(1, Relaxed);
+            }
+            UpgradeResult::WrongVersion { .. } => {
+                st.wrong_version.fetch_add(1, Relaxed);
+            }
+            UpgradeResult::Superseded => {
+                st.superseded.fetch_add(1, Relaxed);
+            }
+            UpgradeResult::Interrupted | UpgradeResult::InProgress => {}
+        }
+        st.updating.fetch_sub(1, Relaxed);
+        let elapsed = started.elapsed().as_millis() as u64;
+        self.rec.with_upgrade(seq, |u| {
+            u.result = result;
+            u.elapsed_ms = elapsed;
+        });
+    }
+
+    fn on_cmd(&mut self, client: &AsyncClient, cmd: Cmd) -> Option<SessionEnd> {
+        match cmd {
+            Cmd::Publish {
+                topic,
+                payload,
+                ota,
+            } => {
+                if ota {
+                    self.sh.stats.progress_sent.fetch_add(1, Relaxed);
+                    self.sh.stats.ota_activity(self.sh.now_ms());
+                }
+                self.publish(client, topic, TopicKind::Progress, payload);
+                None
+            }
+            Cmd::Offline { duration, resume } => {
+                self.resume.push(resume);
+                Some(SessionEnd::Offline(duration))
+            }
+            Cmd::Done {
+                seq,
+                module,
+                result,
+                reboot,
+            } => {
+                let started = match self.active.get(&module) {
+                    Some(a) if a.seq == seq => self.active.remove(&module).map(|a| a.started),
+                    // Superseded meanwhile; its end is already recorded.
+                    _ => return None,
+                }?;
+                self.sh.stats.ota_activity(self.sh.now_ms());
+                let Some(version) = reboot else {
+                    self.end_upgrade(seq, result, started);
+                    return None;
+                };
+                // Rebooting stops whatever else was being updated.
+                for (_, a) in std::mem::take(&mut self.active) {
+                    a.abort.abort();
+                    self.end_upgrade(a.seq, UpgradeResult::Interrupted, a.started);
+                }
+                self.versions.insert(module.clone(), version.clone());
+                self.rec.with(|o| {
+                    o.versions.insert(module, version);
+                });
+                self.after_reboot.push((seq, result, started));
+                Some(SessionEnd::Reboot(secs(self.sh.ota.reboot_secs)))
+            }
+        }
+    }
+
+    fn expire_pending(&mut self) {
+        let timeout = secs(self.sh.telemetry.reply_timeout_secs);
+        let mut missing = 0;
+        while let Some((_, at)) = self.pending.front() {
+            if at.elapsed() < timeout && self.pending.len() <= MAX_PENDING_REPLIES {
+                break;
+            }
+            self.pending.pop_front();
+            missing += 1;
+        }
+        if missing > 0 {
+            self.sh.stats.replies_missing.fetch_add(missing, Relaxed);
+            self.rec.with(|o| o.replies_missing += missing);
+        }
+    }
+
+    fn on_reply(&mut self, payload: &[u8]) {
+        let st = &self.sh.stats;
+        let Ok(r) = Reply::parse(payload) else {
+            st.replies_unmatched.fetch_add(1, Relaxed);
+            return;
+        };
+        st.count_reply(r.code);
+        match self.pending.iter().position(|(id, _)| *id == r.id) {
+            Some(i) => {
+                self.pending.remove(i);
+                let ok = r.is_success();
+                self.rec.with(|o| {
+                    if ok {
+                        o.replies_ok += 1
+                    } else {
+                        o.replies_error += 1
+                    }
+                });
+            }
+            // An empty id answers a post that could not be read (our malformed ones).
+            None if r.id.is_empty() => {}
+            None => {
+                st.replies_unmatched.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn next_value(&mut self, i: usize) -> serde_json::Value {
+        let p = &self.sh.telemetry.properties[i];
+        let round = |v: f64| {
+            let f = 10f64.powi(i32::from(p.decimals));
+            serde_json::Number::from_f64((v * f).round() / f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null)
+        };
+        match p.kind {
+            PropertyKind::RandomWalk => {
+                let step = if p.step > 0.0 {
+                    self.rng.gen_range(-p.step..=p.step)
+                } else {
+                    0.0
+                };
+                self.values[i] = (self.values[i] + step).clamp(p.min, p.max);
+                round(self.values[i])
+            }
+            PropertyKind::Counter => {
+                let v = self.values[i];
+                self.values[i] += p.step;
+                if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                    serde_json::Value::from(v as i64)
+                } else {
+                    round(v)
+                }
+            }
+            PropertyKind::Choice => {
+                let k = self.rng.gen_range(0..p.values.len().max(1));
+                p.values.get(k).cloned().unwrap_or_default()
+            }
+            PropertyKind::Constant => p.values.first().cloned().unwrap_or_default(),
+        }
+    }
+
+    fn post_telemetry(&mut self, client: &AsyncClient) {
+        self.expire_pending();
+        let now = unix_ms();
+        let items: BTreeMap<String, Item> = (0..self.sh.telemetry.properties.len())
+            .map(|i| {
+                let value = self.next_value(i);
+                let name = self.sh.telemetry.properties[i].name.clone();
+                (name, Item { value, time: now })
+            })
+            .collect();
+        let id = self.rec.next_id().to_string();
+        let mut payload = PropertyPostRequest::new(id.clone(), items).to_vec();
+        let seq = self.post_seq;
+        self.post_seq += 1;
+        let plan = &self.sh.plan;
+        let check_replies = self.sh.telemetry.reply_timeout_secs > 0.0;
+        let malformed = plan.has_telemetry_rules() && {
+            let versions: Vec<(&str, &str)> = self
+                .versions
+                .iter()
+                .map(|(m, v)| (m.as_str(), v.as_str()))
+                .collect();
+            plan.malformed_post(&self.rec.spec.device_name, &versions, seq)
+        };
+        if malformed {
+            payload.truncate(payload.len() / 2);
+            self.sh.stats.malformed_sent.fetch_add(1, Relaxed);
+        } else if check_replies {
+            self.pending.push_back((id, Instant::now()));
+        }
+        self.publish(
+            client,
+            self.rec.topic(TopicKind::PropertyPost, None),
+            TopicKind::PropertyPost,
+            payload,
+        );
+        self.sh.stats.property_posts.fetch_add(1, Relaxed);
+
+        let mut events = 0;
+        for e in &self.sh.telemetry.events {
+            if !self.rng.gen_bool(e.probability) {
+                continue;
+            }
+            let id = self.rec.next_id().to_string();
+            let req = EventPostRequest::new(id.clone(), &e.identifier, e.value.clone(), Some(now));
+            if check_replies {
+                self.pending.push_back((id, Instant::now()));
+            }
+            self.publish(
+                client,
+                self.rec.topic(TopicKind::EventPost, Some(&e.identifier)),
+                TopicKind::EventPost,
+                req.to_vec(),
+            );
+            events += 1;
+        }
+        self.sh.stats.event_posts.fetch_add(events, Relaxed);
+        self.rec.with(|o| {
+            o.property_posts += 1;
+            o.event_posts += events;
+        });
+    }
+
+    /// After the run: stop child upgrades, count replies that are overdue by now.
+    fn finish(&mut self) {
+        for (_, a) in std::mem::take(&mut self.active) {
+            a.abort.abort();
+            self.end_upgrade(a.seq, UpgradeResult::Interrupted, a.started);
+        }
+        for (seq, result, started) in std::mem::take(&mut self.after_reboot) {
+            // Stopped while rebooting: the new version was never reported.
+            let _ = result;
+            self.end_upgrade(seq, UpgradeResult::Interrupted, started);
+        }
+        let timeout = secs(self.sh.telemetry.reply_timeout_secs);
+        self.pending.retain(|(_, at)| at.elapsed() >= timeout);
+        let missing = self.pending.len() as u64;
+        if missing > 0 {
+            self.sh.stats.replies_missing.fetch_add(missing, Relaxed);
+            self.rec.with(|o| o.replies_missing += missing);
+        }
+        self.set_state(DeviceState::Stopped);
+    }
+}
+
+/// Sends DISCONNECT and gives the event loop a moment to write it.
+async fn disconnect(client: &AsyncClient, el: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// One upgrade attempt, run as a child task of its device.
+struct Job {
+    rec: Arc<DeviceRecord>,
+    sh: Arc<Shared>,
+    tx: mpsc::Sender<Cmd>,
+    seq: u32,
+    data: UpgradeData,
+    faults: UpgradeFaults,
+}
+
+/// What can strike during the download, at a byte offset.
+#[derive(Debug)]
+enum Point {
+    Malformed,
+    Interrupt,
+    Offline(Duration),
+    UpdateFailed,
+    DownloadFailed,
+    Hang,
+}
+
+/// Sends progress messages, applying the message-level faults.
+struct Reporter {
+    tx: mpsc::Sender<Cmd>,
+    rec: Arc<DeviceRecord>,
+    seq: u32,
+    topic: String,
+    module: String,
+    duplicate: bool,
+    out_of_order: bool,
+    held: Option<Vec<u8>>,
+}
+
+impl Reporter {
+    async fn emit(&self, payload: Vec<u8>) {
+        let n = if self.duplicate { 2 } else { 1 };
+        for _ in 0..n {
+            let _ = self
+                .tx
+                .send(Cmd::Publish {
+                    topic: self.topic.clone(),
+                    payload: payload.clone(),
+                    ota: true,
+                })
+                .await;
+        }
+    }
+
+    async fn step(&mut self, step: i32, desc: &str) {
+        let Some(ps) = ProgressStep::from_code(i64::from(step)) else {
+            return;
+        };
+        let payload = ProgressRequest::new(
+            self.rec.next_id(),
+            ps,
+            Some(desc.to_owned()),
+            self.module.clone(),
+        )
+        .to_vec();
+        self.rec.with_upgrade(self.seq, |u| u.last_step = step);
+        if self.out_of_order && ps.percent().is_some_and(|p| p < 100) {
+            match self.held.take() {
+                None => self.held = Some(payload),
+                Some(prev) => {
+                    self.emit(payload).await;
+                    self.emit(prev).await;
+                }
+            }
+            return;
+        }
+        if let Some(prev) = self.held.take() {
+            self.emit(prev).await;
+        }
+        self.emit(payload).await;
+    }
+
+    /// A progress message cut in half: not JSON.
+    async fn malformed(&self, sh: &Shared) {
+        let mut payload = ProgressRequest::new(
+            self.rec.next_id(),
+            ProgressStep::Percent(50),
+            Some("malformed".into()),
+            self.module.clone(),
+        )
+        .to_vec();
+        payload.truncate(payload.len() / 2);
+        sh.stats.malformed_sent.fetch_add(1, Relaxed);
+        let _ = self
+            .tx
+            .send(Cmd::Publish {
+                topic: self.topic.clone(),
+                payload,
+                ota: true,
+            })
+            .await;
+    }
+}
+
+impl Job {
+    async fn run(self) {
+        let (result, reboot) = self.upgrade().await;
+        let _ = self
+            .tx
+            .send(Cmd::Done {
+                seq: self.seq,
+                module: self.data.module.clone(),
+                result,
+                reboot,
+            })
+            .await;
+    }
+
+    fn failed(code: i32, reason: impl Into<String>) -> (UpgradeResult, Option<String>) {
+        (
+            UpgradeResult::Failed {
+                code,
+                reason: reason.into(),
+            },
+            None,
+        )
+    }
+
+    async fn upgrade(&self) -> (UpgradeResult, Option<String>) {
+        let sh = &self.sh;
+        let ota = &sh.ota;
+        let data = &self.data;
+        let f = &self.faults;
+        let mut rep = Reporter {
+            tx: self.tx.clone(),
+            rec: self.rec.clone(),
+            seq: self.seq,
+            topic: self.rec.topic(TopicKind::Progress, None),
+            module: data.module.clone(),
+            duplicate: f.duplicate_progress,
+            out_of_order: f.out_of_order_progress,
+            held: None,
+        };
+        let size = data.size;
+        let at = |p: u8| size * u64::from(p) / 100;
+        let mut points: Vec<(u64, Point)> = Vec::new();
+        if let Some(p) = f.malformed_at_percent {
+            points.push((at(p), Point::Malformed));
+        }
+        if let Some(p) = f.interrupt_at_percent {
+            points.push((at(p), Point::Interrupt));
+        }
+        if let Some((p, d)) = f.offline {
+            points.push((at(p), Point::Offline(d)));
+        }
+        match &f.terminal {
+            Some(TerminalFault::UpdateFailed { at_percent }) => {
+                points.push((at(*at_percent), Point::UpdateFailed))
+            }
+            Some(TerminalFault::DownloadFailed { at_percent }) => {
+                points.push((at(*at_percent), Point::DownloadFailed))
+            }
+            Some(TerminalFault::Hang { at_percent }) => points.push((at(*at_percent), Point::Hang)),
+            _ => {}
+        }
+        // Stable: at equal offsets the order above holds (terminal points last).
+        points.sort_by_key(|(o, _)| *o);
+        let mut points: VecDeque<(u64, Point)> = points.into();
+
+        let mut dl = Download::new(
+            sh.http.clone(),
+            data.url.clone(),
+            size,
+            ota.download_retries,
+        );
+        rep.step(1, "downloading").await;
+        let every = i32::from(ota.progress_every_pct);
+        let mut last_step = 1;
+        loop {
+            while points.front().is_some_and(|(o, _)| *o <= dl.received()) {
+                let Some((_, point)) = points.pop_front() else {
+                    break;
+                };
+                match point {
+                    Point::Malformed => rep.malformed(sh).await,
+                    Point::Interrupt => dl.interrupt(),
+                    Point::Offline(d) => {
+                        let (resume, back) = oneshot::channel();
+                        let _ = self
+                            .tx
+                            .send(Cmd::Offline {
+                                duration: d,
+                                resume,
+                            })
+                            .await;
+                        // The device answers once it is connected again; if it is gone, so
+                        // is this upgrade (it is aborted with it).
+                        if back.await.is_err() {
+                            return (UpgradeResult::Interrupted, None);
+                        }
+                        // The download's connection did not survive the outage either.
+                        dl.interrupt();
+                    }
+                    Point::UpdateFailed => {
+                        rep.step(-1, "update failed (injected)").await;
+                        return Self::failed(-1, "injected update failure");
+                    }
+                    Point::DownloadFailed => {
+                        rep.step(-2, "download failed (injected)").await;
+                        return Self::failed(-2, "injected download failure");
+                    }
+                    Point::Hang => {
+                        // Silence from here on: whatever was held back is never sent either.
+                        return (UpgradeResult::Hung, None);
+                    }
+                }
+            }
+            let limit = points
+                .front()
+                .map(|(o, _)| o.saturating_sub(dl.received()).max(1))
+                .unwrap_or(u64::MAX);
+            let n = match dl.next_chunk(limit).await {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    self.note_resumes(&dl);
+                    let msg = e.to_string();
+                    rep.step(-2, &format!("download failed: {msg}")).await;
+                    return Self::failed(-2, msg);
+                }
+            };
+            sh.stats.bytes_downloaded.fetch_add(n, Relaxed);
+            if let Some(bps) = f.slow_bytes_per_sec {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
+            }
+            let pct = (dl.received() * 100)
+                .checked_div(size)
+                .map_or(100, |p| p.min(100) as i32);
+            let step = (1 + pct * 89 / 100).clamp(1, 90);
+            if step >= last_step + every {
+                rep.step(step, "downloading").await;
+                last_step = step;
+            }
+        }
+        self.note_resumes(&dl);
+        let digests = dl.finish();
+        if last_step < 90 {
+            rep.step(90, "downloaded").await;
+        }
+        tokio::time::sleep(secs(ota.verify_secs)).await;
+        if let Err(e) = firmware::verify(&digests, size, data.sign_method, &data.sign, &data.md5) {
+            let msg = format!("verification failed: {e}");
+            rep.step(-3, &msg).await;
+            return Self::failed(-3, msg);
+        }
+        if matches!(f.terminal, Some(TerminalFault::VerifyFailed)) {
+            rep.step(-3, "verification failed (injected)").await;
+            return Self::failed(-3, "injected verification failure");
+        }
+        rep.step(93, "verified").await;
+        tokio::time::sleep(secs(ota.write_secs / 2.0)).await;
+        if matches!(f.terminal, Some(TerminalFault::WriteFailed)) {
+            rep.step(-4, "write failed (injected)").await;
+            return Self::failed(-4, "injected write failure");
+        }
+        rep.step(96, "writing").await;
+        tokio::time::sleep(secs(ota.write_secs / 2.0)).await;
+        rep.step(100, "written, rebooting").await;
+        if let Some(prev) = rep.held.take() {
+            rep.emit(prev).await;
+        }
+        match &f.terminal {
+            Some(TerminalFault::WrongVersion { version }) => (
+                UpgradeResult::WrongVersion {
+                    reported: version.clone(),
+                },
+                Some(version.clone()),
+            ),
+            _ => (UpgradeResult::Succeeded, Some(data.version.clone())),
+        }
+    }
+
+    fn note_resumes(&self, dl: &Download) {
+        let r = dl.resumes();
+        if r > 0 {
+            self.sh.stats.range_resumes.fetch_add(u64::from(r), Relaxed);
+        }
+        self.rec.with_upgrade(self.seq, |u| u.range_resumes = r);
+    }
+}
