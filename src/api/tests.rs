@@ -64,6 +64,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
         tokens: Arc::new(tokens),
         firmware: firmware.clone(),
         ota: None,
+        export: None,
         health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
