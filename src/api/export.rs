@@ -81,11 +81,11 @@ fn err_response(e: ExportError) -> Response {
     }
 }
 
-fn service(state: &ApiState) -> Result<&ExportService, Response> {
+fn service(state: &ApiState) -> Result<&ExportService, ApiError> {
     state
         .export
         .as_ref()
-        .ok_or_else(|| ApiError::internal("export service not configured").into_response())
+        .ok_or_else(|| ApiError::internal("export service not configured"))
 }
 
 /// `?expand=objects`.
@@ -149,7 +149,7 @@ pub async fn start_export(
 ) -> Response {
     let svc = match service(&state) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(l) = svc.limiter().check_start() {
         return too_many(l);
@@ -167,7 +167,7 @@ pub async fn start_export(
 async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> Response {
     let svc = match service(state) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
@@ -185,7 +185,7 @@ async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> 
 async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Response {
     let svc = match service(state) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
@@ -260,7 +260,7 @@ pub async fn export_package(
 ) -> Response {
     let svc = match service(&state) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
@@ -369,7 +369,7 @@ pub async fn start_import(
 ) -> Response {
     let svc = match service(&state) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(l) = svc.limiter().check_start() {
         return too_many(l);

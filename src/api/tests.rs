@@ -1028,6 +1028,13 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/devices/{dn}/ota/jobs", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/ota/timeline", "get"),
         ("/api/v1/products/{pk}/ota/versions", "get"),
+        ("/api/v1/export", "post"),
+        ("/api/v1/export/{id}", "get"),
+        ("/api/v1/export/{id}/log", "get"),
+        ("/api/v1/export/{id}/package", "get"),
+        ("/api/v1/import", "post"),
+        ("/api/v1/import/{id}", "get"),
+        ("/api/v1/import/{id}/log", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -1037,7 +1044,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        31,
+        38,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

@@ -528,30 +528,27 @@ impl ExportService {
             return false;
         };
         let key = (ObjectType::Product.rank(), pk.to_owned());
-        if !out.contains_key(&key) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(key) {
             let instance_name = reg
                 .get_instance(&p.instance_id)
                 .map(|i| i.name)
                 .unwrap_or_else(|_| p.instance_id.clone());
-            out.insert(
-                key,
-                ExportItem {
-                    id: pk.to_owned(),
-                    object_type: ObjectType::Product,
-                    name: p.name.clone(),
-                    path: format!("/{}/{pk}", p.instance_id),
-                    data: json!({
-                        "product_key": p.product_key,
-                        "name": p.name,
-                        "description": p.description,
-                        "instance_id": p.instance_id,
-                        "instance_name": instance_name,
-                        "created_at_ms": p.created_at_ms,
-                    }),
-                    secrets: include_secrets.then(|| json!({ "product_secret": p.product_secret })),
-                    blob: None,
-                },
-            );
+            slot.insert(ExportItem {
+                id: pk.to_owned(),
+                object_type: ObjectType::Product,
+                name: p.name.clone(),
+                path: format!("/{}/{pk}", p.instance_id),
+                data: json!({
+                    "product_key": p.product_key,
+                    "name": p.name,
+                    "description": p.description,
+                    "instance_id": p.instance_id,
+                    "instance_name": instance_name,
+                    "created_at_ms": p.created_at_ms,
+                }),
+                secrets: include_secrets.then(|| json!({ "product_secret": p.product_secret })),
+                blob: None,
+            });
         }
         if with_children && expanded.insert(pk.to_owned()) {
             let mut page = 1;
