@@ -4,12 +4,13 @@
 //!
 //! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
 //! default base of firmware download links) → firmware repository → broker router → OTA engine
-//! (jobs and tasks reloaded, every timer re-armed) → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be
+//! (jobs and tasks reloaded, every timer re-armed) → export/import jobs → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be
 //! stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
+use crate::export::ExportService;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
@@ -109,6 +110,14 @@ impl Application {
         )
         .context("cannot load the OTA jobs")?;
         ota.start();
+        let export = ExportService::open(
+            &settings.data_dir,
+            registry.clone(),
+            firmware.clone(),
+            Some(ota.clone()),
+            settings.export.clone(),
+        )
+        .context("cannot load the export/import jobs")?;
         let ingest = Arc::new(
             Ingest::new(registry.clone(), downlink.clone(), metrics.clone()).with_ota(ota.clone()),
         );
@@ -142,6 +151,7 @@ impl Application {
             tokens: Arc::new(tokens),
             firmware: firmware.clone(),
             ota: Some(ota.clone()),
+            export: Some(export),
             health: Arc::new(health_info),
             on_device_revoked: {
                 let downlink = downlink.clone();

@@ -20,6 +20,7 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     pub api: ApiSettings,
     pub ota: OtaSettings,
+    pub export: ExportSettings,
 }
 
 impl Default for Settings {
@@ -31,6 +32,7 @@ impl Default for Settings {
             amqp: AmqpSettings::default(),
             api: ApiSettings::default(),
             ota: OtaSettings::default(),
+            export: ExportSettings::default(),
         }
     }
 }
@@ -114,6 +116,42 @@ impl Default for OtaSettings {
             download_url_ttl_secs: 24 * 3600,
             connect_push_delay_ms: 1_000,
             progress_flush_ms: 200,
+        }
+    }
+}
+
+/// `[export]`: export/import jobs (see docs/EXPORT.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportSettings {
+    /// Export/import starts per minute (governor bucket refill).
+    pub start_per_minute: u32,
+    /// Starts allowed at once before the rate applies.
+    pub start_burst: u32,
+    /// Status/log/package reads per second.
+    pub reads_per_second: u32,
+    pub reads_burst: u32,
+    /// Jobs running at once; more starts get 429.
+    pub max_jobs_in_flight: usize,
+    /// Package bytes held by running jobs; more gets 429.
+    pub max_bytes_in_flight: u64,
+    /// Largest import upload, bytes (default 512 MiB; imports are verified in memory).
+    pub max_package_bytes: u64,
+    /// PBKDF2 iterations for the secrets key of new packages.
+    pub kdf_iterations: u32,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        ExportSettings {
+            start_per_minute: 30,
+            start_burst: 10,
+            reads_per_second: 50,
+            reads_burst: 200,
+            max_jobs_in_flight: 4,
+            max_bytes_in_flight: 1024 * 1024 * 1024,
+            max_package_bytes: 512 * 1024 * 1024,
+            kdf_iterations: 100_000,
         }
     }
 }

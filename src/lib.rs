@@ -7,6 +7,7 @@
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
 //! - [`ota`]: firmware packages (content-addressed blobs, signed downloads) and upgrade jobs.
+//! - [`export`]: export/import jobs (ZIP packages with checksums, encrypted secrets).
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
@@ -17,6 +18,7 @@ pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod export;
 pub mod ingest;
 pub mod metrics;
 pub mod ota;

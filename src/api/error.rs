@@ -81,11 +81,21 @@ pub enum ErrorCode {
     OtaTaskNotFound,
     /// FG.3103: an UPGRADE_FIRMWARE job for a package that is not VERIFIED, without `force`.
     FirmwareNotVerified,
+    /// FG.4001: no such export job.
+    ExportNotFound,
+    /// FG.4002: no such import job.
+    ImportNotFound,
+    /// FG.4003: the export's package is not available (job IN_PROGRESS or FAILED).
+    PackageNotReady,
+    /// FG.4004: the import package is damaged or tampered with (bad ZIP, checksum mismatch).
+    PackageInvalid,
+    /// FG.4005: the secrets_key does not open the package's secrets.
+    WrongSecretsKey,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -115,6 +125,11 @@ impl ErrorCode {
         ErrorCode::OtaJobNotFound,
         ErrorCode::OtaTaskNotFound,
         ErrorCode::FirmwareNotVerified,
+        ErrorCode::ExportNotFound,
+        ErrorCode::ImportNotFound,
+        ErrorCode::PackageNotReady,
+        ErrorCode::PackageInvalid,
+        ErrorCode::WrongSecretsKey,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -149,6 +164,11 @@ impl ErrorCode {
             ErrorCode::OtaJobNotFound => "FG.3101",
             ErrorCode::OtaTaskNotFound => "FG.3102",
             ErrorCode::FirmwareNotVerified => "FG.3103",
+            ErrorCode::ExportNotFound => "FG.4001",
+            ErrorCode::ImportNotFound => "FG.4002",
+            ErrorCode::PackageNotReady => "FG.4003",
+            ErrorCode::PackageInvalid => "FG.4004",
+            ErrorCode::WrongSecretsKey => "FG.4005",
         }
     }
 
@@ -159,7 +179,9 @@ impl ErrorCode {
             | ErrorCode::MalformedBody
             | ErrorCode::InvalidField
             | ErrorCode::MissingField
-            | ErrorCode::UnsupportedMediaType => StatusCode::BAD_REQUEST,
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::PackageInvalid
+            | ErrorCode::WrongSecretsKey => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden | ErrorCode::DownloadForbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound
@@ -168,7 +190,9 @@ impl ErrorCode {
             | ErrorCode::DeviceNotFound
             | ErrorCode::FirmwareNotFound
             | ErrorCode::OtaJobNotFound
-            | ErrorCode::OtaTaskNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::OtaTaskNotFound
+            | ErrorCode::ExportNotFound
+            | ErrorCode::ImportNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
@@ -176,7 +200,8 @@ impl ErrorCode {
             | ErrorCode::DeviceExists
             | ErrorCode::FirmwareExists
             | ErrorCode::FirmwareInUse
-            | ErrorCode::FirmwareNotVerified => StatusCode::CONFLICT,
+            | ErrorCode::FirmwareNotVerified
+            | ErrorCode::PackageNotReady => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems | ErrorCode::FirmwareTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -224,6 +249,13 @@ impl ErrorCode {
             ErrorCode::FirmwareNotVerified => {
                 "firmware not VERIFIED (verify it or set force: true)"
             }
+            ErrorCode::ExportNotFound => "export job not found",
+            ErrorCode::ImportNotFound => "import job not found",
+            ErrorCode::PackageNotReady => "export package not available (job running or failed)",
+            ErrorCode::PackageInvalid => {
+                "package damaged or tampered with (bad ZIP, checksum mismatch)"
+            }
+            ErrorCode::WrongSecretsKey => "secrets_key does not open the package's secrets",
         }
     }
 

@@ -1,7 +1,7 @@
 //! The operator HTTP API (axum): routes, auth, error bodies, request ids, OpenAPI.
 //!
 //! Owns nothing but request handling: every state change goes through [`Registry`] or
-//! [`FirmwareRepo`] methods (and, for dropping MQTT sessions, through the
+//! [`FirmwareRepo`] methods (export/import through [`ExportService`]) (and, for dropping MQTT sessions, through the
 //! [`ApiState::on_device_revoked`] hook the app wires to the broker). Conventions (design §7):
 //!
 //! - JSON under `/api/v1`, `Authorization: Bearer <token>` (see [`auth`] for the roles);
@@ -22,6 +22,7 @@ pub mod middleware;
 
 mod batch;
 mod devices;
+mod export;
 mod firmware;
 mod instances;
 mod openapi;
@@ -45,6 +46,7 @@ pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;
 
+use crate::export::ExportService;
 use crate::metrics::Metrics;
 use crate::ota::{FirmwareRepo, OtaEngine};
 use crate::registry::{Paged, Registry};
@@ -71,6 +73,8 @@ pub struct ApiState {
     /// OTA jobs and tasks; `None` only in API tests that do not use OTA (the `/api/v1/ota`
     /// routes then answer 500).
     pub ota: Option<OtaEngine>,
+    /// Export/import jobs; `None` in API tests that do not use them (the routes then answer 500).
+    pub export: Option<ExportService>,
     /// Extra fields for `/healthz`; an object's keys are merged after `"status":"ok"`.
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
@@ -91,6 +95,7 @@ impl ApiState {
             tokens,
             firmware,
             ota: None,
+            export: None,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
         }
@@ -99,6 +104,12 @@ impl ApiState {
     /// Serves the OTA routes with `ota`.
     pub fn with_ota(mut self, ota: OtaEngine) -> Self {
         self.ota = Some(ota);
+        self
+    }
+
+    /// Serves the export/import routes with `export`.
+    pub fn with_export(mut self, export: ExportService) -> Self {
+        self.export = Some(export);
         self
     }
 
@@ -162,6 +173,14 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             .saturating_add(firmware::UPLOAD_OVERHEAD_BYTES),
     )
     .unwrap_or(usize::MAX);
+    let import_limit = state
+        .export
+        .as_ref()
+        .map(|e| {
+            usize::try_from(e.settings().max_package_bytes.saturating_add(64 * 1024))
+                .unwrap_or(usize::MAX)
+        })
+        .unwrap_or(body_limit);
     // Everything here needs a token; the middleware also refuses viewer writes.
     let protected = Router::new()
         .route(
@@ -252,6 +271,16 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             "/api/v1/firmware/{fid}/download-url",
             get(firmware::get_download_url),
         )
+        .route("/api/v1/export", post(export::start_export))
+        .route("/api/v1/export/{id}", get(export::get_export))
+        .route("/api/v1/export/{id}/log", get(export::export_log))
+        .route("/api/v1/export/{id}/package", get(export::export_package))
+        .route(
+            "/api/v1/import",
+            post(export::start_import).layer(DefaultBodyLimit::max(import_limit)),
+        )
+        .route("/api/v1/import/{id}", get(export::get_import))
+        .route("/api/v1/import/{id}/log", get(export::import_log))
         .route_layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::authenticate,

@@ -9,6 +9,7 @@ use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
 use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
 use super::error::{ErrorBody, ErrorCode};
+use super::export::ImportForm;
 use super::firmware::{DownloadUrl, FirmwareUploadForm};
 use super::instances::CreateInstanceRequest;
 use super::ota::{
@@ -16,7 +17,11 @@ use super::ota::{
     JobUploadForm,
 };
 use super::products::{CreateProductRequest, ProductSummary};
-use super::{batch, devices, firmware, instances, ota, products, system};
+use super::{batch, devices, export, firmware, instances, ota, products, system};
+use crate::export::{
+    ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,
+    JobState, ObjectRequest, ObjectType, Status as ExportStatus,
+};
 use crate::ota::engine::{DeviceJob, FirmwareStatistics, TimelineEntry};
 use crate::ota::model::{
     AbortAction, AbortSpec, HistoryEntry, Job, JobSpec, JobStatistics, JobStatus, JobType, JobView,
@@ -58,6 +63,13 @@ use crate::registry::{Device, Instance, Product};
         firmware::get_firmware,
         firmware::get_download_url,
         firmware::download_firmware,
+        export::start_export,
+        export::get_export,
+        export::export_log,
+        export::export_package,
+        export::start_import,
+        export::get_import,
+        export::import_log,
         ota::delete_firmware,
         ota::create_job,
         ota::list_jobs,
@@ -78,6 +90,18 @@ use crate::registry::{Device, Instance, Product};
     ),
     components(schemas(
         ErrorBody,
+        ExportRequest,
+        ObjectRequest,
+        ObjectType,
+        ExportJob,
+        JobObject,
+        JobKind,
+        JobState,
+        ExportStatus,
+        ImportResult,
+        ImportSummary,
+        ConflictPolicy,
+        ImportForm,
         Role,
         Instance,
         Product,
@@ -135,6 +159,7 @@ use crate::registry::{Device, Instance, Product};
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
         (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
+        (name = "export", description = "Export/import jobs: move products, devices (secrets encrypted), firmware and OTA jobs between gateways as ZIP packages"),
         (name = "ota", description = "OTA jobs: per-device tasks with timeouts, retries, push rate, cancel/confirm, statistics"),
     )
 )]

@@ -64,6 +64,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
         tokens: Arc::new(tokens),
         firmware: firmware.clone(),
         ota: None,
+        export: None,
         health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
@@ -1027,6 +1028,13 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/devices/{dn}/ota/jobs", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/ota/timeline", "get"),
         ("/api/v1/products/{pk}/ota/versions", "get"),
+        ("/api/v1/export", "post"),
+        ("/api/v1/export/{id}", "get"),
+        ("/api/v1/export/{id}/log", "get"),
+        ("/api/v1/export/{id}/package", "get"),
+        ("/api/v1/import", "post"),
+        ("/api/v1/import/{id}", "get"),
+        ("/api/v1/import/{id}/log", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -1036,7 +1044,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        31,
+        38,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

@@ -30,6 +30,7 @@
 //! After a restart everything but `online` is back; nobody is online at start.
 
 mod model;
+mod restore;
 mod validate;
 
 pub use model::*;

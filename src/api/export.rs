@@ -1,0 +1,507 @@
+//! `/api/v1/export…` and `/api/v1/import…`: export/import jobs (design §7, the export-jobs
+//! seed). Everything goes through [`ExportService`]; every route is rate limited there
+//! (429 `FG.0429` "too many requests" with `Retry-After`).
+
+use axum::body::Body;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::{Multipart, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::{Caller, RequireOperator};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::ApiState;
+use crate::export::{
+    ConflictPolicy, ExportError, ExportJob, ExportRequest, ExportService, JobKind, JobRecord,
+    Limited, PackageError,
+};
+
+impl From<ExportError> for ApiError {
+    fn from(e: ExportError) -> Self {
+        match e {
+            ExportError::NotFound { kind: "import", .. } => {
+                ApiError::new(ErrorCode::ImportNotFound, e.to_string())
+            }
+            ExportError::NotFound { .. } => ApiError::new(ErrorCode::ExportNotFound, e.to_string()),
+            ExportError::NotReady { .. } => {
+                ApiError::new(ErrorCode::PackageNotReady, e.to_string())
+            }
+            ExportError::Invalid { field, message } => ApiError::invalid_field(field, message),
+            ExportError::Missing(field) => {
+                let mut err = ApiError::missing_field(field);
+                if field == "secrets_key" {
+                    err = ApiError::new(
+                        ErrorCode::MissingField,
+                        "missing field secrets_key: secrets are exported only encrypted; give a secrets_key (at least 12 characters) or set include_secrets: false",
+                    )
+                    .with_field(field);
+                }
+                err
+            }
+            ExportError::UnknownObjects(_) => {
+                ApiError::new(ErrorCode::InvalidField, e.to_string()).with_field("objects")
+            }
+            ExportError::TooMany { .. } => {
+                ApiError::new(ErrorCode::TooManyItems, e.to_string()).with_field("objects")
+            }
+            ExportError::Package(PackageError::MissingKey) => {
+                ApiError::new(ErrorCode::MissingField, e.to_string()).with_field("secrets_key")
+            }
+            ExportError::Package(PackageError::WrongKey) => {
+                ApiError::new(ErrorCode::WrongSecretsKey, e.to_string()).with_field("secrets_key")
+            }
+            ExportError::Package(PackageError::Io(io)) => ApiError::internal(io),
+            ExportError::Package(_) => {
+                ApiError::new(ErrorCode::PackageInvalid, e.to_string()).with_field("package")
+            }
+            ExportError::Limited(l) => ApiError::new(ErrorCode::TooManyRequests, l.reason),
+            ExportError::Store(_) | ExportError::Internal(_) => ApiError::internal(e),
+        }
+    }
+}
+
+/// A 429 in the standard body with `Retry-After` (whole seconds, at least 1).
+fn too_many(l: Limited) -> Response {
+    let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
+    let mut resp = ApiError::new(ErrorCode::TooManyRequests, l.reason).into_response();
+    if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+fn err_response(e: ExportError) -> Response {
+    match e {
+        ExportError::Limited(l) => too_many(l),
+        e => ApiError::from(e).into_response(),
+    }
+}
+
+fn service(state: &ApiState) -> Result<&ExportService, ApiError> {
+    state
+        .export
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("export service not configured"))
+}
+
+/// `?expand=objects`.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ExpandQuery {
+    /// `objects` adds the per-object status list.
+    pub expand: Option<String>,
+}
+
+fn expand_objects(q: &ExpandQuery) -> Result<bool, ApiError> {
+    match q.expand.as_deref() {
+        None | Some("") => Ok(false),
+        Some(v) if v.split(',').all(|p| p.trim() == "objects") => Ok(true),
+        Some(_) => Err(ApiError::invalid_field(
+            "expand",
+            "only `objects` is supported",
+        )),
+    }
+}
+
+fn role_name(caller: &Option<Extension<Caller>>) -> String {
+    caller
+        .as_ref()
+        .map(|c| c.0.role.as_str().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn accepted(job: &JobRecord, kind: &str) -> Response {
+    let mut resp = (StatusCode::ACCEPTED, Json(job.view(false))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/{kind}/{}", job.id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Start an export job (operator).
+///
+/// Answers at once with the job (IN_PROGRESS); poll `GET /api/v1/export/{id}` until
+/// SUCCESSFUL, then download `…/package`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/export",
+    tag = "export",
+    request_body = ExportRequest,
+    responses(
+        (status = 202, description = "Started", body = ExportJob),
+        (status = 400, description = "Unknown object ids (named), missing secrets_key, invalid field", body = ErrorBody),
+        (status = 403, description = "Not an operator", body = ErrorBody),
+        (status = 413, description = "More than 1,000 objects (FG.1003)", body = ErrorBody),
+        (status = 429, description = "Too many requests (Retry-After)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn start_export(
+    _operator: RequireOperator,
+    State(state): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    body: Result<ApiJson<ExportRequest>, ApiError>,
+) -> Response {
+    let svc = match service(&state) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(l) = svc.limiter().check_start() {
+        return too_many(l);
+    }
+    let ApiJson(req) = match body {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match svc.start_export(req, &role_name(&caller)).await {
+        Ok(job) => accepted(&job, "export"),
+        Err(e) => err_response(e),
+    }
+}
+
+async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> Response {
+    let svc = match service(state) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(l) = svc.limiter().check_read() {
+        return too_many(l);
+    }
+    let expand = match expand_objects(q) {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    match svc.get(kind, id) {
+        Ok(job) => Json(job.view(expand)).into_response(),
+        Err(e) => err_response(e),
+    }
+}
+
+async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Response {
+    let svc = match service(state) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(l) = svc.limiter().check_read() {
+        return too_many(l);
+    }
+    match svc.get(kind, id) {
+        Ok(job) => {
+            let mut text = String::new();
+            for line in &job.log {
+                text.push_str(&line.render());
+                text.push('\n');
+            }
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+        }
+        Err(e) => err_response(e),
+    }
+}
+
+/// An export job's status (`?expand=objects` adds per-object status).
+#[utoipa::path(
+    get,
+    path = "/api/v1/export/{id}",
+    tag = "export",
+    params(("id" = String, Path, description = "Export job id"), ExpandQuery),
+    responses(
+        (status = 200, description = "The job", body = ExportJob),
+        (status = 404, description = "No such export (FG.4001)", body = ErrorBody),
+        (status = 429, description = "Too many requests", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_export(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ExpandQuery>,
+) -> Response {
+    get_job(&state, JobKind::Export, &id, &q).await
+}
+
+/// An export job's log (text/plain, one `> CODE LEVEL TIME message` line per event).
+#[utoipa::path(
+    get,
+    path = "/api/v1/export/{id}/log",
+    tag = "export",
+    params(("id" = String, Path, description = "Export job id")),
+    responses(
+        (status = 200, description = "The log", body = String, content_type = "text/plain"),
+        (status = 404, description = "No such export (FG.4001)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn export_log(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Response {
+    get_log(&state, JobKind::Export, &id).await
+}
+
+/// Download an export's package (application/zip; operator: it holds encrypted secrets).
+#[utoipa::path(
+    get,
+    path = "/api/v1/export/{id}/package",
+    tag = "export",
+    params(("id" = String, Path, description = "Export job id")),
+    responses(
+        (status = 200, description = "The ZIP package", content_type = "application/zip"),
+        (status = 404, description = "No such export (FG.4001)", body = ErrorBody),
+        (status = 409, description = "Not ready: IN_PROGRESS or FAILED (FG.4003)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn export_package(
+    _operator: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
+    let svc = match service(&state) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(l) = svc.limiter().check_read() {
+        return too_many(l);
+    }
+    let path = match svc.package_path(&id) {
+        Ok(p) => p,
+        Err(e) => return err_response(e),
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return ApiError::internal(format!("package {} unreadable: {e}", path.display()))
+                .into_response()
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let stream = tokio_util_stream(file);
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zip"),
+    );
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{id}.zip\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    resp
+}
+
+/// The file as a stream of chunks (no extra dependency for `ReaderStream`).
+fn tokio_util_stream(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> {
+    futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}
+
+/// The multipart form of `POST /api/v1/import`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct ImportForm {
+    /// The ZIP from `GET /api/v1/export/{id}/package`.
+    #[schema(value_type = String, format = Binary)]
+    pub package: Vec<u8>,
+    /// The passphrase the export used (required when the package holds secrets).
+    pub secrets_key: Option<String>,
+    /// `skip` (default), `overwrite` or `fail`.
+    pub conflict_policy: Option<String>,
+    pub name: Option<String>,
+}
+
+fn multipart_error(e: MultipartError) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "the package is larger than export.max_package_bytes",
+        )
+        .with_field("package")
+        .into_response()
+    } else {
+        ApiError::bad_request(format!(
+            "could not read the multipart body: {}",
+            e.body_text()
+        ))
+        .into_response()
+    }
+}
+
+/// Start an import job (operator).
+///
+/// The package is verified completely first (ZIP, every checksum, manifest MAC, every secret
+/// with `secrets_key`); a damaged, tampered or wrongly keyed package is refused with 400 and
+/// nothing changes. Then the job runs asynchronously; poll `GET /api/v1/import/{id}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/import",
+    tag = "export",
+    request_body(content = ImportForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 202, description = "Verified and started", body = ExportJob),
+        (status = 400, description = "Damaged/tampered package (FG.4004), wrong key (FG.4005), missing field", body = ErrorBody),
+        (status = 413, description = "Package larger than export.max_package_bytes", body = ErrorBody),
+        (status = 429, description = "Too many requests or too many bytes in flight (Retry-After)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn start_import(
+    _operator: RequireOperator,
+    State(state): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Response {
+    let svc = match service(&state) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(l) = svc.limiter().check_start() {
+        return too_many(l);
+    }
+    // A body announcing more than the gateway may hold in flight is refused before it is read.
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced {
+        if len > svc.settings().max_bytes_in_flight {
+            return too_many(Limited {
+                retry_after: std::time::Duration::from_secs(5),
+                reason: format!(
+                    "too many requests: a {len}-byte package is more than the {} bytes export/import may hold in flight",
+                    svc.settings().max_bytes_in_flight
+                ),
+            });
+        }
+    }
+    let mut multipart = match multipart {
+        Ok(m) => m,
+        Err(_) => return ApiError::unsupported_media_type("multipart/form-data").into_response(),
+    };
+    let max = svc.settings().max_package_bytes;
+    let mut package: Option<Vec<u8>> = None;
+    let mut key = None;
+    let mut policy = ConflictPolicy::Skip;
+    let mut name = None;
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return multipart_error(e),
+        };
+        let field_name = field.name().unwrap_or_default().to_owned();
+        let limit = if field_name == "package" { max } else { 4096 };
+        let mut buf = Vec::new();
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (buf.len() + chunk.len()) as u64 > limit {
+                        return if field_name == "package" {
+                            ApiError::new(
+                                ErrorCode::PayloadTooLarge,
+                                format!(
+                                    "the package is larger than export.max_package_bytes ({max})"
+                                ),
+                            )
+                            .with_field("package")
+                            .into_response()
+                        } else {
+                            ApiError::invalid_field(field_name, "too long").into_response()
+                        };
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return multipart_error(e),
+            }
+        }
+        let text = || String::from_utf8(buf.clone()).map(|s| s.trim().to_owned());
+        match field_name.as_str() {
+            "package" => package = Some(buf),
+            "secrets_key" => match text() {
+                Ok(k) if !k.is_empty() => key = Some(k),
+                Ok(_) => {}
+                Err(_) => {
+                    return ApiError::invalid_field("secrets_key", "not UTF-8").into_response()
+                }
+            },
+            "conflict_policy" => match text().ok().as_deref().and_then(ConflictPolicy::parse) {
+                Some(p) => policy = p,
+                None => {
+                    return ApiError::invalid_field(
+                        "conflict_policy",
+                        "must be skip, overwrite or fail",
+                    )
+                    .into_response()
+                }
+            },
+            "name" => name = text().ok(),
+            other => {
+                return ApiError::invalid_field(other.to_owned(), "unknown form field")
+                    .into_response()
+            }
+        }
+    }
+    let Some(package) = package.filter(|p| !p.is_empty()) else {
+        return ApiError::missing_field("package").into_response();
+    };
+    match svc
+        .start_import(package, key, policy, name, &role_name(&caller))
+        .await
+    {
+        Ok(job) => accepted(&job, "import"),
+        Err(e) => err_response(e),
+    }
+}
+
+/// An import job with per-object results (`?expand=objects`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/import/{id}",
+    tag = "export",
+    params(("id" = String, Path, description = "Import job id"), ExpandQuery),
+    responses(
+        (status = 200, description = "The job", body = ExportJob),
+        (status = 404, description = "No such import (FG.4002)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_import(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ExpandQuery>,
+) -> Response {
+    get_job(&state, JobKind::Import, &id, &q).await
+}
+
+/// An import job's log (text/plain).
+#[utoipa::path(
+    get,
+    path = "/api/v1/import/{id}/log",
+    tag = "export",
+    params(("id" = String, Path, description = "Import job id")),
+    responses(
+        (status = 200, description = "The log", body = String, content_type = "text/plain"),
+        (status = 404, description = "No such import (FG.4002)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn import_log(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Response {
+    get_log(&state, JobKind::Import, &id).await
+}

@@ -1,0 +1,674 @@
+//! The import half: verify (before any job exists), plan every object against this gateway,
+//! then write in dependency order (products → devices → firmware → OTA jobs).
+//!
+//! Identity on the target: a product by key, a device by `pk/dn`, a firmware package by
+//! (product, module, version) — its id is new on this gateway — and an OTA job by its content
+//! (a job with the same name and the same spec on the same firmware is "identical"; any other
+//! job is created anew with a new id). Products are compared on name, description, instance
+//! and (when the package carries it) secret; devices on secret, enabled and tags; firmware on
+//! its SHA-256.
+
+use std::collections::HashMap;
+
+use super::package::{PackageObject, VerifiedPackage};
+use super::*;
+use crate::ota::firmware::NewFirmware;
+use crate::ota::{FirmwarePackage, FirmwareStatus, Job};
+use crate::registry::{NewDevice, NewInstance, NewProduct};
+
+/// What the plan found for one object.
+#[derive(Debug, Clone, PartialEq)]
+enum Plan {
+    Create,
+    Identical,
+    Conflict(String),
+    Invalid(String),
+}
+
+fn str_field<'a>(v: &'a serde_json::Value, k: &str) -> Option<&'a str> {
+    v.get(k).and_then(|x| x.as_str())
+}
+
+impl ExportService {
+    /// Verifies `bytes` (refusing a damaged, tampered or wrongly keyed package before anything
+    /// happens), records an import job and starts it. Answers at once.
+    pub async fn start_import(
+        &self,
+        bytes: Vec<u8>,
+        secrets_key: Option<String>,
+        policy: ConflictPolicy,
+        name: Option<String>,
+        started_by: &str,
+    ) -> Result<JobRecord, ExportError> {
+        let size = bytes.len() as u64;
+        let slot = self
+            .inner
+            .limiter
+            .reserve(size)
+            .map_err(ExportError::Limited)?;
+        let verified = tokio::task::spawn_blocking(move || {
+            package::read_package(&bytes, secrets_key.as_deref())
+        })
+        .await
+        .map_err(|e| ExportError::Internal(format!("verify task failed: {e}")))??;
+        let created = now();
+        let mut job = JobRecord {
+            id: new_id("imp"),
+            kind: JobKind::Import,
+            name: name
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| format!("import-{created}")),
+            created_at_ms: created,
+            updated_at_ms: created,
+            started_at_ms: Some(created),
+            ended_at_ms: None,
+            status: Status::new(JobState::InProgress, "In Progress"),
+            objects: verified
+                .objects
+                .iter()
+                .map(|o| JobObject {
+                    id: o.meta.id.clone(),
+                    name: o.meta.name.clone(),
+                    path: o.meta.path.clone(),
+                    object_type: o.meta.object_type,
+                    status: Status {
+                        state: JobState::InProgress,
+                        message: None,
+                    },
+                    result: None,
+                    target_id: None,
+                })
+                .collect(),
+            log: Vec::new(),
+            package_size: Some(size),
+            secrets_included: verified.manifest.encryption.is_some(),
+            conflict_policy: Some(policy),
+            started_by: Some(started_by.to_owned()),
+        };
+        job.log(
+            "INFO",
+            "FGI_002",
+            format!(
+                "Starting import operation. Job Name: {} Source job: {} ({}) Source gateway version: {} Objects: {} Conflict policy: {policy:?} Started by: {started_by}",
+                job.name,
+                verified.manifest.job_name,
+                verified.manifest.job_id,
+                verified.manifest.gateway_version,
+                verified.objects.len(),
+            ),
+        );
+        job.log(
+            "INFO",
+            "FGI_006",
+            format!(
+                "Package verified: {} files, checksums match{}",
+                verified.manifest.files.len(),
+                if verified.manifest.encryption.is_some() {
+                    ", manifest MAC and secrets authenticate"
+                } else {
+                    ""
+                }
+            ),
+        );
+        self.save(job.clone()).await?;
+        let this = self.clone();
+        let id = job.id.clone();
+        tokio::spawn(async move {
+            this.run_import(id, verified, policy).await;
+            drop(slot);
+        });
+        Ok(job)
+    }
+
+    async fn run_import(&self, id: String, pkg: VerifiedPackage, policy: ConflictPolicy) {
+        let Ok(mut job) = self.get(JobKind::Import, &id) else {
+            return;
+        };
+        // Dependency order; `job.objects` follows the manifest's order, so index by key.
+        let mut order: Vec<usize> = (0..pkg.objects.len()).collect();
+        order.sort_by_key(|&i| (pkg.objects[i].meta.object_type.rank(), i));
+
+        let plans: Vec<Plan> = pkg.objects.iter().map(|o| self.plan(o, &pkg)).collect();
+        let conflicts = plans
+            .iter()
+            .filter(|p| matches!(p, Plan::Conflict(_)))
+            .count();
+        if policy == ConflictPolicy::Fail && conflicts > 0 {
+            for (o, plan) in job.objects.iter_mut().zip(&plans) {
+                match plan {
+                    Plan::Conflict(why) => {
+                        o.result = Some(ImportResult::Conflict);
+                        o.status = Status::new(JobState::Failed, why.clone());
+                    }
+                    _ => {
+                        o.result = Some(ImportResult::Failed);
+                        o.status = Status::new(
+                            JobState::Failed,
+                            "not imported: conflict_policy is fail and other objects conflict",
+                        );
+                    }
+                }
+            }
+            let lines: Vec<String> = job
+                .objects
+                .iter()
+                .filter(|o| o.result == Some(ImportResult::Conflict))
+                .map(|o| {
+                    format!(
+                        "Conflict on object [{}] of type [{}] id [{}]: {}",
+                        o.path,
+                        o.object_type.as_str(),
+                        o.id,
+                        o.status.message.clone().unwrap_or_default()
+                    )
+                })
+                .collect();
+            for l in lines {
+                job.log("ERROR", "FGI_007", l);
+            }
+            let msg = format!(
+                "{conflicts} object(s) conflict and conflict_policy is fail: nothing was imported"
+            );
+            self.finish_import(job, JobState::Failed, msg).await;
+            return;
+        }
+
+        let mut fw_map: HashMap<String, String> = HashMap::new();
+        for i in order {
+            let obj = &pkg.objects[i];
+            let (result, message, target_id) = match &plans[i] {
+                Plan::Invalid(why) => (ImportResult::Failed, Some(why.clone()), None),
+                Plan::Identical => {
+                    let target = self.identical_target(obj);
+                    if let (ObjectType::Firmware, Some(t)) = (obj.meta.object_type, &target) {
+                        fw_map.insert(obj.meta.id.clone(), t.clone());
+                    }
+                    (ImportResult::SkippedIdentical, None, target)
+                }
+                Plan::Conflict(why) if policy != ConflictPolicy::Overwrite => (
+                    ImportResult::Conflict,
+                    Some(format!("kept this gateway's object: {why}")),
+                    None,
+                ),
+                Plan::Conflict(why) => match self.overwrite(obj, &pkg, &mut fw_map).await {
+                    Ok(target) => (ImportResult::Overwritten, Some(why.clone()), target),
+                    Err(e) => (ImportResult::Failed, Some(e), None),
+                },
+                Plan::Create => match self.create(obj, &pkg, &mut fw_map).await {
+                    Ok(target) => (ImportResult::Created, None, target),
+                    Err(e) => (ImportResult::Failed, Some(e), None),
+                },
+            };
+            let o = &mut job.objects[i];
+            o.result = Some(result);
+            o.target_id = target_id.filter(|t| *t != o.id);
+            o.status = Status {
+                state: if result == ImportResult::Failed {
+                    JobState::Failed
+                } else {
+                    JobState::Successful
+                },
+                message: message.clone(),
+            };
+            let (level, code, verb) = match result {
+                ImportResult::Created => ("INFO", "FGI_004", "Created"),
+                ImportResult::SkippedIdentical => ("INFO", "FGI_004", "Skipped identical"),
+                ImportResult::Overwritten => ("WARN", "FGI_004", "Overwrote"),
+                ImportResult::Conflict => ("WARN", "FGI_007", "Conflict on"),
+                ImportResult::Failed => ("ERROR", "FGI_005", "Failed to import"),
+            };
+            let line = format!(
+                "{verb} object [{}] of type [{}] id [{}]{}",
+                o.path,
+                o.object_type.as_str(),
+                o.id,
+                message.map(|m| format!(": {m}")).unwrap_or_default()
+            );
+            job.log(level, code, line);
+        }
+        let s = job.summary();
+        let (state, msg) = if s.failed == 0 {
+            (
+                JobState::Successful,
+                format!(
+                    "Import completed: {} created, {} skipped as identical, {} overwritten, {} conflicts kept.",
+                    s.created, s.skipped_identical, s.overwritten, s.conflict
+                ),
+            )
+        } else {
+            (
+                JobState::Failed,
+                format!(
+                    "Import finished with {} failed object(s): {} created, {} skipped as identical, {} overwritten, {} conflicts kept.",
+                    s.failed, s.created, s.skipped_identical, s.overwritten, s.conflict
+                ),
+            )
+        };
+        self.finish_import(job, state, msg).await;
+    }
+
+    async fn finish_import(&self, mut job: JobRecord, state: JobState, msg: String) {
+        let end = now();
+        job.ended_at_ms = Some(end);
+        job.status = Status::new(state, msg);
+        let line = format!(
+            "Finished import operation. Job Name: {} Start Time: {} End Time: {} Started by: {} Start Method: API Status: {}",
+            job.name,
+            rfc3339_ms(job.started_at_ms.unwrap_or(job.created_at_ms)),
+            rfc3339_ms(end),
+            job.started_by.clone().unwrap_or_default(),
+            state_str(state)
+        );
+        job.log("INFO", "FGI_003", line);
+        let id = job.id.clone();
+        if let Err(e) = self.save(job).await {
+            tracing::error!(job_id = %id, error = %e, "cannot persist import job");
+        }
+    }
+
+    // ----- plan (reads only) -----
+
+    fn plan(&self, o: &PackageObject, pkg: &VerifiedPackage) -> Plan {
+        let reg = &self.inner.registry;
+        let d = &o.data;
+        match o.meta.object_type {
+            ObjectType::Product => {
+                let Some(pk) = str_field(d, "product_key") else {
+                    return Plan::Invalid("product without product_key".into());
+                };
+                let Ok(p) = reg.get_product(pk) else {
+                    return Plan::Create;
+                };
+                let mut diffs = Vec::new();
+                if str_field(d, "name") != Some(p.name.as_str()) {
+                    diffs.push("name");
+                }
+                if str_field(d, "description") != p.description.as_deref() {
+                    diffs.push("description");
+                }
+                if str_field(d, "instance_id") != Some(p.instance_id.as_str()) {
+                    diffs.push("instance_id");
+                }
+                if let Some(s) = o
+                    .secrets
+                    .as_ref()
+                    .and_then(|s| str_field(s, "product_secret"))
+                {
+                    if s != p.product_secret {
+                        diffs.push("product_secret");
+                    }
+                }
+                if diffs.is_empty() {
+                    Plan::Identical
+                } else {
+                    Plan::Conflict(format!(
+                        "product {pk} exists with a different {}",
+                        diffs.join(", ")
+                    ))
+                }
+            }
+            ObjectType::Device => {
+                let (Some(pk), Some(dn)) =
+                    (str_field(d, "product_key"), str_field(d, "device_name"))
+                else {
+                    return Plan::Invalid("device without product_key/device_name".into());
+                };
+                let in_package = pkg
+                    .objects
+                    .iter()
+                    .any(|p| p.meta.object_type == ObjectType::Product && p.meta.id == pk);
+                if reg.get_product(pk).is_err() && !in_package {
+                    return Plan::Invalid(format!(
+                        "product {pk} is neither on this gateway nor in the package"
+                    ));
+                }
+                let Ok(dev) = reg.get_device(pk, dn) else {
+                    return Plan::Create;
+                };
+                let mut diffs = Vec::new();
+                if let Some(s) = o
+                    .secrets
+                    .as_ref()
+                    .and_then(|s| str_field(s, "device_secret"))
+                {
+                    if s != dev.device_secret {
+                        diffs.push("device_secret");
+                    }
+                }
+                if d.get("enabled").and_then(|v| v.as_bool()) != Some(dev.enabled) {
+                    diffs.push("enabled");
+                }
+                let tags: BTreeMap<String, String> = d
+                    .get("tags")
+                    .cloned()
+                    .and_then(|t| serde_json::from_value(t).ok())
+                    .unwrap_or_default();
+                if tags != dev.tags {
+                    diffs.push("tags");
+                }
+                if diffs.is_empty() {
+                    Plan::Identical
+                } else {
+                    Plan::Conflict(format!(
+                        "device {pk}/{dn} exists with a different {}",
+                        diffs.join(", ")
+                    ))
+                }
+            }
+            ObjectType::Firmware => {
+                let f: FirmwarePackage = match serde_json::from_value(d.clone()) {
+                    Ok(f) => f,
+                    Err(e) => return Plan::Invalid(format!("bad firmware object: {e}")),
+                };
+                let in_package = pkg.objects.iter().any(|p| {
+                    p.meta.object_type == ObjectType::Product && p.meta.id == f.product_key
+                });
+                if reg.get_product(&f.product_key).is_err() && !in_package {
+                    return Plan::Invalid(format!(
+                        "product {} is neither on this gateway nor in the package",
+                        f.product_key
+                    ));
+                }
+                if f.size > self.inner.firmware.max_size() {
+                    return Plan::Invalid(format!(
+                        "firmware of {} bytes is larger than this gateway's ota.max_firmware_bytes",
+                        f.size
+                    ));
+                }
+                match self
+                    .inner
+                    .firmware
+                    .find(&f.product_key, &f.module, &f.version)
+                {
+                    None => Plan::Create,
+                    Some(existing) if existing.sha256 == f.sha256 => Plan::Identical,
+                    Some(existing) => Plan::Conflict(format!(
+                        "firmware {} ({} {} of {}) exists with different bytes (sha256 {})",
+                        existing.firmware_id, f.module, f.version, f.product_key, existing.sha256
+                    )),
+                }
+            }
+            ObjectType::OtaJob => {
+                if self.ota().is_none() {
+                    return Plan::Invalid("OTA is not available on this gateway".into());
+                }
+                match self.identical_job(o) {
+                    Some(_) => Plan::Identical,
+                    None => Plan::Create,
+                }
+            }
+            ObjectType::MigrationTask => {
+                Plan::Invalid("MIGRATION_TASK objects are not supported by this build yet".into())
+            }
+        }
+    }
+
+    /// The id on this gateway of an object planned as identical.
+    fn identical_target(&self, o: &PackageObject) -> Option<String> {
+        match o.meta.object_type {
+            ObjectType::Firmware => {
+                let f: FirmwarePackage = serde_json::from_value(o.data.clone()).ok()?;
+                self.inner
+                    .firmware
+                    .find(&f.product_key, &f.module, &f.version)
+                    .map(|p| p.firmware_id)
+            }
+            ObjectType::OtaJob => self.identical_job(o),
+            _ => Some(o.meta.id.clone()),
+        }
+    }
+
+    /// A job on this gateway with the same name, target and spec (firmware by identity).
+    fn identical_job(&self, o: &PackageObject) -> Option<String> {
+        let ota = self.ota()?;
+        let src: Job = serde_json::from_value(o.data.get("job")?.clone()).ok()?;
+        filter_jobs(ota, &src.product_key)
+            .into_iter()
+            .find_map(|j| {
+                let mut a = j.spec.clone();
+                let mut b = src.spec.clone();
+                a.firmware_id.clear();
+                b.firmware_id.clear();
+                (j.module == src.module && j.dest_version == src.dest_version && a == b)
+                    .then_some(j.job_id)
+            })
+    }
+
+    // ----- writes -----
+
+    async fn create(
+        &self,
+        o: &PackageObject,
+        pkg: &VerifiedPackage,
+        fw_map: &mut HashMap<String, String>,
+    ) -> Result<Option<String>, String> {
+        let reg = &self.inner.registry;
+        let d = &o.data;
+        match o.meta.object_type {
+            ObjectType::Product => {
+                let pk = str_field(d, "product_key").unwrap_or_default().to_owned();
+                let iid = str_field(d, "instance_id").unwrap_or("default").to_owned();
+                if reg.get_instance(&iid).is_err() {
+                    let name = str_field(d, "instance_name").unwrap_or(&iid).to_owned();
+                    reg.create_instance(NewInstance {
+                        instance_id: Some(iid.clone()),
+                        name,
+                    })
+                    .await
+                    .map_err(|e| format!("cannot create instance {iid}: {e}"))?;
+                }
+                let secret = o
+                    .secrets
+                    .as_ref()
+                    .and_then(|s| str_field(s, "product_secret"))
+                    .map(str::to_owned);
+                reg.restore_product(
+                    NewProduct {
+                        name: str_field(d, "name").unwrap_or(&pk).to_owned(),
+                        product_key: Some(pk.clone()),
+                        instance_id: Some(iid),
+                        description: str_field(d, "description").map(str::to_owned),
+                    },
+                    secret,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(Some(pk))
+            }
+            ObjectType::Device => {
+                let pk = str_field(d, "product_key").unwrap_or_default();
+                let dn = str_field(d, "device_name").unwrap_or_default();
+                let tags: BTreeMap<String, String> = d
+                    .get("tags")
+                    .cloned()
+                    .and_then(|t| serde_json::from_value(t).ok())
+                    .unwrap_or_default();
+                let secret = o
+                    .secrets
+                    .as_ref()
+                    .and_then(|s| str_field(s, "device_secret"))
+                    .map(str::to_owned);
+                reg.create_device(
+                    pk,
+                    NewDevice {
+                        device_name: dn.to_owned(),
+                        device_secret: secret,
+                        tags,
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                if d.get("enabled").and_then(|v| v.as_bool()) == Some(false) {
+                    reg.update_device(
+                        pk,
+                        dn,
+                        crate::registry::DeviceUpdate {
+                            enabled: Some(false),
+                            tags: None,
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                }
+                Ok(Some(format!("{pk}/{dn}")))
+            }
+            ObjectType::Firmware => {
+                let new_id = self.create_firmware(o, pkg).await?;
+                fw_map.insert(o.meta.id.clone(), new_id.clone());
+                Ok(Some(new_id))
+            }
+            ObjectType::OtaJob => self.create_job(o, fw_map).await.map(Some),
+            ObjectType::MigrationTask => Err("not supported by this build yet".into()),
+        }
+    }
+
+    async fn create_firmware(
+        &self,
+        o: &PackageObject,
+        pkg: &VerifiedPackage,
+    ) -> Result<String, String> {
+        let f: FirmwarePackage = serde_json::from_value(o.data.clone())
+            .map_err(|e| format!("bad firmware object: {e}"))?;
+        let blob_name = o.meta.blob.as_deref().unwrap_or_default();
+        let bytes = pkg
+            .blobs
+            .get(blob_name)
+            .ok_or_else(|| format!("missing firmware bytes {blob_name}"))?;
+        let created = self
+            .inner
+            .firmware
+            .create_from_bytes(
+                NewFirmware {
+                    product_key: f.product_key.clone(),
+                    version: f.version.clone(),
+                    module: Some(f.module.clone()),
+                    name: Some(f.name.clone()),
+                    sign_method: Some(f.sign_method),
+                    src_versions: f.src_versions.clone(),
+                    description: f.description.clone(),
+                },
+                bytes,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if created.sha256 != f.sha256 {
+            // Cannot happen after verification; never leave a package with other bytes behind.
+            let _ = self
+                .inner
+                .firmware
+                .delete(&created.firmware_id, false)
+                .await;
+            return Err("firmware bytes do not match the object's sha256".into());
+        }
+        // A package verified on the source stays verified: the bytes are the same.
+        if f.status == FirmwareStatus::Verified {
+            self.inner
+                .firmware
+                .set_status(&created.firmware_id, FirmwareStatus::Verified)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(created.firmware_id)
+    }
+
+    async fn create_job(
+        &self,
+        o: &PackageObject,
+        fw_map: &HashMap<String, String>,
+    ) -> Result<String, String> {
+        let ota = self.ota().ok_or("OTA is not available on this gateway")?;
+        let src: Job = o
+            .data
+            .get("job")
+            .cloned()
+            .and_then(|j| serde_json::from_value(j).ok())
+            .ok_or("bad OTA job object")?;
+        let target_fw = match fw_map.get(&src.spec.firmware_id) {
+            Some(id) => id.clone(),
+            None => {
+                // Not in the package (exported without dependencies): same bytes by identity.
+                let fw = o
+                    .data
+                    .get("firmware")
+                    .ok_or("the job's firmware is unknown")?;
+                let (pk, module, version, sha) = (
+                    str_field(fw, "product_key").unwrap_or_default(),
+                    str_field(fw, "module").unwrap_or_default(),
+                    str_field(fw, "version").unwrap_or_default(),
+                    str_field(fw, "sha256").unwrap_or_default(),
+                );
+                match self.inner.firmware.find(pk, module, version) {
+                    Some(p) if p.sha256 == sha => p.firmware_id,
+                    _ => {
+                        return Err(format!(
+                            "its firmware ({module} {version} of {pk}) was not imported and is not on this gateway"
+                        ))
+                    }
+                }
+            }
+        };
+        let mut spec = src.spec.clone();
+        spec.firmware_id = target_fw;
+        let view = ota.create_job(spec).await.map_err(|e| e.to_string())?;
+        Ok(view.job.job_id)
+    }
+
+    async fn overwrite(
+        &self,
+        o: &PackageObject,
+        pkg: &VerifiedPackage,
+        fw_map: &mut HashMap<String, String>,
+    ) -> Result<Option<String>, String> {
+        let reg = &self.inner.registry;
+        let d = &o.data;
+        match o.meta.object_type {
+            ObjectType::Device => {
+                let pk = str_field(d, "product_key").unwrap_or_default();
+                let dn = str_field(d, "device_name").unwrap_or_default();
+                let tags: BTreeMap<String, String> = d
+                    .get("tags")
+                    .cloned()
+                    .and_then(|t| serde_json::from_value(t).ok())
+                    .unwrap_or_default();
+                let secret = o
+                    .secrets
+                    .as_ref()
+                    .and_then(|s| str_field(s, "device_secret"))
+                    .map(str::to_owned);
+                let enabled = d.get("enabled").and_then(|v| v.as_bool()).unwrap_or(true);
+                reg.overwrite_device(pk, dn, secret, enabled, tags)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(format!("{pk}/{dn}")))
+            }
+            ObjectType::Firmware => {
+                let f: FirmwarePackage = serde_json::from_value(d.clone())
+                    .map_err(|e| format!("bad firmware object: {e}"))?;
+                let existing = self
+                    .inner
+                    .firmware
+                    .find(&f.product_key, &f.module, &f.version)
+                    .ok_or("the conflicting firmware disappeared meanwhile")?;
+                let in_use = self
+                    .ota()
+                    .is_some_and(|ota| ota.firmware_in_use(&existing.firmware_id));
+                self.inner
+                    .firmware
+                    .delete(&existing.firmware_id, in_use)
+                    .await
+                    .map_err(|e| format!("cannot replace {}: {e}", existing.firmware_id))?;
+                let new_id = self.create_firmware(o, pkg).await?;
+                fw_map.insert(o.meta.id.clone(), new_id.clone());
+                Ok(Some(new_id))
+            }
+            // Products are immutable in the registry (their devices hang off them); a product
+            // that differs is reported, and its devices and firmware are still imported.
+            ObjectType::Product => Err(
+                "products cannot be overwritten in place (name, description, instance and secret are fixed at creation); this gateway's product was kept".into(),
+            ),
+            ObjectType::OtaJob | ObjectType::MigrationTask => {
+                Err("this object type never conflicts".into())
+            }
+        }
+    }
+}

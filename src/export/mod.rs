@@ -1,0 +1,761 @@
+//! Export and import jobs (design §7, the export-jobs seed): move products, devices (with
+//! their secrets, encrypted), firmware packages and OTA jobs between gateways as ZIP packages.
+//!
+//! # Shape
+//!
+//! - [`ExportService::start_export`] resolves the requested ids (and their dependencies)
+//!   against the registry, firmware repository and OTA engine *in the request*, so unknown ids
+//!   fail it; then it records an IN_PROGRESS job, answers, and a tokio task writes the package
+//!   to `{data_dir}/exports/{id}.zip` ([`package::write_package`], on a blocking thread).
+//! - [`ExportService::start_import`] verifies the whole package first ([`package::read_package`]:
+//!   archive, checksums of every file, manifest MAC, every secret) and refuses a bad one before
+//!   any job exists; a task then plans every object against this gateway (created / identical /
+//!   conflict) and only then writes, in dependency order. With `conflict_policy=fail` a single
+//!   conflict means nothing is written.
+//! - Jobs are `export.job` / `import.job` store documents (status, per-object status, log),
+//!   written at start and end; a job a restart interrupted is marked FAILED when loaded.
+//! - [`limit`]: the 429 "too many requests" checks the API applies to these routes.
+//!
+//! This module changes registry, firmware and OTA state only through their public methods.
+
+pub mod crypto;
+pub mod limit;
+pub mod model;
+pub mod package;
+
+mod import;
+
+pub use limit::{ExportLimiter, Limited};
+pub use model::*;
+pub use package::PackageError;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde_json::json;
+
+use crate::config::ExportSettings;
+use crate::ota::engine::JobFilter;
+use crate::ota::{FirmwareRepo, OtaEngine};
+use crate::registry::{DeviceFilter, Page, Registry};
+use crate::store::{Op, Store, StoreError};
+use package::ExportItem;
+
+/// Store document kinds.
+pub const EXPORT_DOC: &str = "export.job";
+pub const IMPORT_DOC: &str = "import.job";
+/// Directory of finished packages inside the data dir.
+pub const EXPORT_DIR: &str = "exports";
+
+/// Errors of export/import requests.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{kind} job {id:?} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("the package of export {id:?} is not available: the job is {state}")]
+    NotReady { id: String, state: &'static str },
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("missing field {0}")]
+    Missing(&'static str),
+    #[error("unknown objects: {}", .0.join(", "))]
+    UnknownObjects(Vec<String>),
+    #[error("objects: at most {max} objects per export job (got {got})")]
+    TooMany { max: usize, got: usize },
+    #[error("the package was refused: {0}")]
+    Package(#[from] PackageError),
+    #[error("{}", .0.reason)]
+    Limited(Limited),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn now() -> i64 {
+    crate::clock::now_ms()
+}
+
+fn new_id(prefix: &str) -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    format!(
+        "{prefix}-{}",
+        Alphanumeric
+            .sample_string(&mut rand::thread_rng(), 16)
+            .to_ascii_lowercase()
+    )
+}
+
+struct Inner {
+    registry: Arc<Registry>,
+    firmware: Arc<FirmwareRepo>,
+    ota: Option<OtaEngine>,
+    store: Store,
+    dir: PathBuf,
+    settings: ExportSettings,
+    jobs: DashMap<String, JobRecord>,
+    limiter: Arc<ExportLimiter>,
+}
+
+/// Export/import jobs. Cheap to clone.
+#[derive(Clone)]
+pub struct ExportService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ExportService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportService")
+            .field("dir", &self.inner.dir)
+            .field("jobs", &self.inner.jobs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExportService {
+    /// Loads the jobs (marking interrupted ones FAILED) and creates `{data_dir}/exports`.
+    /// Blocking: start-up only.
+    pub fn open(
+        data_dir: &std::path::Path,
+        registry: Arc<Registry>,
+        firmware: Arc<FirmwareRepo>,
+        ota: Option<OtaEngine>,
+        settings: ExportSettings,
+    ) -> Result<ExportService, ExportError> {
+        let dir = data_dir.join(EXPORT_DIR);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ExportError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let store = registry.store().clone();
+        let jobs = DashMap::new();
+        let mut ops = Vec::new();
+        for kind in [EXPORT_DOC, IMPORT_DOC] {
+            for (id, body) in store.load_documents(kind)? {
+                let mut job: JobRecord = match serde_json::from_str(&body) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        tracing::error!(id = %id, error = %e, "corrupt export/import job skipped");
+                        continue;
+                    }
+                };
+                if job.status.state == JobState::InProgress {
+                    let msg = "interrupted by a gateway restart";
+                    job.status = Status::new(JobState::Failed, msg);
+                    job.ended_at_ms = Some(now());
+                    job.log("ERROR", "FGX_009", msg);
+                    ops.push(doc_op(&job));
+                }
+                jobs.insert(id, job);
+            }
+        }
+        if !ops.is_empty() {
+            store.submit_blocking(ops)?;
+        }
+        let limiter = Arc::new(ExportLimiter::new(&settings));
+        Ok(ExportService {
+            inner: Arc::new(Inner {
+                registry,
+                firmware,
+                ota,
+                store,
+                dir,
+                settings,
+                jobs,
+                limiter,
+            }),
+        })
+    }
+
+    pub fn limiter(&self) -> &Arc<ExportLimiter> {
+        &self.inner.limiter
+    }
+
+    pub fn settings(&self) -> &ExportSettings {
+        &self.inner.settings
+    }
+
+    /// A job of `kind` by id.
+    pub fn get(&self, kind: JobKind, id: &str) -> Result<JobRecord, ExportError> {
+        self.inner
+            .jobs
+            .get(id)
+            .map(|j| j.value().clone())
+            .filter(|j| j.kind == kind)
+            .ok_or_else(|| ExportError::NotFound {
+                kind: kind_name(kind),
+                id: id.to_owned(),
+            })
+    }
+
+    /// Path of a finished export's package; `NotReady` while running or after a failure.
+    pub fn package_path(&self, id: &str) -> Result<PathBuf, ExportError> {
+        let job = self.get(JobKind::Export, id)?;
+        match job.status.state {
+            JobState::Successful => Ok(self.package_file(id)),
+            JobState::InProgress => Err(ExportError::NotReady {
+                id: id.to_owned(),
+                state: "IN_PROGRESS",
+            }),
+            JobState::Failed => Err(ExportError::NotReady {
+                id: id.to_owned(),
+                state: "FAILED",
+            }),
+        }
+    }
+
+    fn package_file(&self, id: &str) -> PathBuf {
+        self.inner.dir.join(format!("{id}.zip"))
+    }
+
+    /// Stores `job` in memory and durably.
+    async fn save(&self, job: JobRecord) -> Result<(), StoreError> {
+        let ticket = {
+            // Submitted while the entry is held: store order = memory order.
+            let op = doc_op(&job);
+            let id = job.id.clone();
+            let mut slot = self.inner.jobs.entry(id).or_insert_with(|| job.clone());
+            *slot = job;
+            self.inner.store.submit(vec![op])
+        };
+        ticket.await
+    }
+
+    // ----- export -----
+
+    /// Validates and resolves the request, records the job and starts it. Answers at once.
+    pub async fn start_export(
+        &self,
+        req: ExportRequest,
+        started_by: &str,
+    ) -> Result<JobRecord, ExportError> {
+        if req.objects.is_empty() {
+            return Err(ExportError::Invalid {
+                field: "objects",
+                message: "name at least one object".into(),
+            });
+        }
+        if req.objects.len() > MAX_REQUESTED_OBJECTS {
+            return Err(ExportError::TooMany {
+                max: MAX_REQUESTED_OBJECTS,
+                got: req.objects.len(),
+            });
+        }
+        let created = now();
+        let name = match req.name.as_deref().map(str::trim) {
+            None | Some("") => format!("job-{created}"),
+            Some(n) if n.chars().count() > 128 || n.chars().any(char::is_control) => {
+                return Err(ExportError::Invalid {
+                    field: "name",
+                    message: "at most 128 characters without control characters".into(),
+                })
+            }
+            Some(n) => n.to_owned(),
+        };
+        if let Some(o) = req
+            .objects
+            .iter()
+            .find(|o| o.object_type == ObjectType::MigrationTask)
+        {
+            return Err(ExportError::Invalid {
+                field: "objects",
+                message: format!(
+                    "MIGRATION_TASK {} cannot be exported by this build yet (products, devices, firmware and OTA jobs can)",
+                    o.id
+                ),
+            });
+        }
+        let include_secrets = req.include_secrets.unwrap_or(true);
+        let items = self.resolve(&req.objects, include_secrets)?;
+        let has_secrets = items.iter().any(|i| i.secrets.is_some());
+        let key = match (&req.secrets_key, has_secrets) {
+            (_, false) => None,
+            (None, true) => return Err(ExportError::Missing("secrets_key")),
+            (Some(k), true) if k.chars().count() < crypto::MIN_KEY_CHARS => {
+                return Err(ExportError::Invalid {
+                    field: "secrets_key",
+                    message: format!("at least {} characters", crypto::MIN_KEY_CHARS),
+                })
+            }
+            (Some(k), true) => Some(k.clone()),
+        };
+        let blob_bytes: u64 = items
+            .iter()
+            .filter_map(|i| {
+                i.data
+                    .get("size")
+                    .and_then(|s| s.as_u64())
+                    .filter(|_| i.blob.is_some())
+            })
+            .sum();
+        let slot = self
+            .inner
+            .limiter
+            .reserve(blob_bytes)
+            .map_err(ExportError::Limited)?;
+
+        let mut job = JobRecord {
+            id: new_id("exp"),
+            kind: JobKind::Export,
+            name,
+            created_at_ms: created,
+            updated_at_ms: created,
+            started_at_ms: Some(created),
+            ended_at_ms: None,
+            status: Status::new(JobState::InProgress, "In Progress"),
+            objects: items
+                .iter()
+                .map(|i| JobObject {
+                    id: i.id.clone(),
+                    name: i.name.clone(),
+                    path: i.path.clone(),
+                    object_type: i.object_type,
+                    status: Status {
+                        state: JobState::InProgress,
+                        message: None,
+                    },
+                    result: None,
+                    target_id: None,
+                })
+                .collect(),
+            log: Vec::new(),
+            package_size: None,
+            secrets_included: has_secrets,
+            conflict_policy: None,
+            started_by: Some(started_by.to_owned()),
+        };
+        job.log(
+            "INFO",
+            "FGX_002",
+            format!(
+                "Starting export operation. Job Name: {} Job Id: {} Objects: {} (requested {}) Secrets: {} Started by: {started_by}",
+                job.name,
+                job.id,
+                items.len(),
+                req.objects.len(),
+                if has_secrets { "encrypted" } else { "not included" },
+            ),
+        );
+        self.save(job.clone()).await?;
+        let this = self.clone();
+        let id = job.id.clone();
+        tokio::spawn(async move {
+            this.run_export(id, items, key).await;
+            drop(slot);
+        });
+        Ok(job)
+    }
+
+    async fn run_export(&self, id: String, items: Vec<ExportItem>, key: Option<String>) {
+        let Ok(mut job) = self.get(JobKind::Export, &id) else {
+            return;
+        };
+        let dest = self.package_file(&id);
+        let iterations = self.inner.settings.kdf_iterations.max(1);
+        let (job_id, job_name, created) = (job.id.clone(), job.name.clone(), job.created_at_ms);
+        let written = tokio::task::spawn_blocking(move || {
+            let key = key.as_deref().map(|k| (k, iterations));
+            package::write_package(&dest, (&job_id, &job_name, created), &items, key)
+        })
+        .await;
+        let outcome = match written {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("export task failed: {e}")),
+        };
+        let mut failed = 0usize;
+        match outcome {
+            Ok((size, per_item)) => {
+                for (o, r) in job.objects.iter_mut().zip(per_item) {
+                    match r {
+                        Ok(()) => {
+                            o.status = Status {
+                                state: JobState::Successful,
+                                message: None,
+                            }
+                        }
+                        Err(msg) => {
+                            failed += 1;
+                            o.status = Status::new(JobState::Failed, msg);
+                        }
+                    }
+                }
+                let lines: Vec<(String, String, String)> = job
+                    .objects
+                    .iter()
+                    .map(|o| match o.status.state {
+                        JobState::Successful => (
+                            "INFO".to_owned(),
+                            "FGX_004".to_owned(),
+                            format!(
+                                "Successfully exported object [{}] of type [{}] id [{}]",
+                                o.path,
+                                o.object_type.as_str(),
+                                o.id
+                            ),
+                        ),
+                        _ => (
+                            "ERROR".to_owned(),
+                            "FGX_005".to_owned(),
+                            format!(
+                                "Failed to export object [{}] of type [{}] id [{}]: {}",
+                                o.path,
+                                o.object_type.as_str(),
+                                o.id,
+                                o.status.message.clone().unwrap_or_default()
+                            ),
+                        ),
+                    })
+                    .collect();
+                for (level, code, msg) in lines {
+                    job.log(&level, &code, msg);
+                }
+                if failed == 0 {
+                    job.package_size = Some(size);
+                    job.status =
+                        Status::new(JobState::Successful, "Export completed successfully.");
+                } else {
+                    let _ = std::fs::remove_file(self.package_file(&id));
+                    job.status = Status::new(
+                        JobState::Failed,
+                        format!("{failed} object(s) could not be exported"),
+                    );
+                }
+            }
+            Err(msg) => {
+                for o in &mut job.objects {
+                    o.status = Status::new(JobState::Failed, "not exported");
+                }
+                job.log("ERROR", "FGX_005", format!("Export failed: {msg}"));
+                job.status = Status::new(JobState::Failed, format!("Export failed: {msg}"));
+            }
+        }
+        let end = now();
+        job.ended_at_ms = Some(end);
+        let msg = format!(
+            "Finished export operation. Job Name: {} Start Time: {} End Time: {} Started by: {} Start Method: API Status: {}",
+            job.name,
+            rfc3339_ms(job.started_at_ms.unwrap_or(job.created_at_ms)),
+            rfc3339_ms(end),
+            job.started_by.clone().unwrap_or_default(),
+            state_str(job.status.state)
+        );
+        job.log("INFO", "FGX_003", msg);
+        if let Err(e) = self.save(job).await {
+            tracing::error!(job_id = %id, error = %e, "cannot persist export job");
+        }
+    }
+
+    /// The requested objects plus dependencies, in import order (products first).
+    fn resolve(
+        &self,
+        requested: &[ObjectRequest],
+        include_secrets: bool,
+    ) -> Result<Vec<ExportItem>, ExportError> {
+        let mut out: BTreeMap<(u8, String), ExportItem> = BTreeMap::new();
+        let mut unknown = Vec::new();
+        let mut expanded_products: HashSet<String> = HashSet::new();
+        for r in requested {
+            let deps = r.include_dependencies.unwrap_or(true);
+            let found = match r.object_type {
+                ObjectType::Product => self.add_product(
+                    &mut out,
+                    &r.id,
+                    include_secrets,
+                    deps,
+                    &mut expanded_products,
+                ),
+                ObjectType::Device => match r.id.split_once('/') {
+                    Some((pk, dn)) => {
+                        let ok = self.add_device(&mut out, pk, dn, include_secrets);
+                        if ok && deps {
+                            self.add_product(
+                                &mut out,
+                                pk,
+                                include_secrets,
+                                false,
+                                &mut expanded_products,
+                            );
+                        }
+                        ok
+                    }
+                    None => false,
+                },
+                ObjectType::Firmware => {
+                    let pk = self.add_firmware(&mut out, &r.id);
+                    if let (Some(pk), true) = (&pk, deps) {
+                        self.add_product(
+                            &mut out,
+                            pk,
+                            include_secrets,
+                            false,
+                            &mut expanded_products,
+                        );
+                    }
+                    pk.is_some()
+                }
+                ObjectType::OtaJob => self.add_job(
+                    &mut out,
+                    &r.id,
+                    include_secrets,
+                    deps,
+                    &mut expanded_products,
+                ),
+                ObjectType::MigrationTask => false,
+            };
+            if !found {
+                unknown.push(format!("{} {}", r.object_type.as_str(), r.id));
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(ExportError::UnknownObjects(unknown));
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn add_product(
+        &self,
+        out: &mut BTreeMap<(u8, String), ExportItem>,
+        pk: &str,
+        include_secrets: bool,
+        with_children: bool,
+        expanded: &mut HashSet<String>,
+    ) -> bool {
+        let reg = &self.inner.registry;
+        let Ok(p) = reg.get_product(pk) else {
+            return false;
+        };
+        let key = (ObjectType::Product.rank(), pk.to_owned());
+        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(key) {
+            let instance_name = reg
+                .get_instance(&p.instance_id)
+                .map(|i| i.name)
+                .unwrap_or_else(|_| p.instance_id.clone());
+            slot.insert(ExportItem {
+                id: pk.to_owned(),
+                object_type: ObjectType::Product,
+                name: p.name.clone(),
+                path: format!("/{}/{pk}", p.instance_id),
+                data: json!({
+                    "product_key": p.product_key,
+                    "name": p.name,
+                    "description": p.description,
+                    "instance_id": p.instance_id,
+                    "instance_name": instance_name,
+                    "created_at_ms": p.created_at_ms,
+                }),
+                secrets: include_secrets.then(|| json!({ "product_secret": p.product_secret })),
+                blob: None,
+            });
+        }
+        if with_children && expanded.insert(pk.to_owned()) {
+            let mut page = 1;
+            loop {
+                let Ok(pg) = Page::new(page, 100) else { break };
+                let Ok(devices) = reg.list_devices(pk, &DeviceFilter::default(), pg) else {
+                    break;
+                };
+                let n = devices.items.len();
+                for d in devices.items {
+                    self.add_device(out, pk, &d.device_name, include_secrets);
+                }
+                if n < 100 {
+                    break;
+                }
+                page += 1;
+            }
+            let mut page = 1;
+            loop {
+                let Ok(pg) = Page::new(page, 100) else { break };
+                let list = self.inner.firmware.list(Some(pk), pg);
+                let n = list.items.len();
+                for f in list.items {
+                    self.add_firmware(out, &f.firmware_id);
+                }
+                if n < 100 {
+                    break;
+                }
+                page += 1;
+            }
+        }
+        true
+    }
+
+    fn add_device(
+        &self,
+        out: &mut BTreeMap<(u8, String), ExportItem>,
+        pk: &str,
+        dn: &str,
+        include_secrets: bool,
+    ) -> bool {
+        let Ok(d) = self.inner.registry.get_device(pk, dn) else {
+            return false;
+        };
+        let id = format!("{pk}/{dn}");
+        out.entry((ObjectType::Device.rank(), id.clone()))
+            .or_insert_with(|| ExportItem {
+                id,
+                object_type: ObjectType::Device,
+                name: dn.to_owned(),
+                path: format!("/{}/{pk}/{dn}", d.instance_id),
+                data: json!({
+                    "product_key": pk,
+                    "device_name": dn,
+                    "enabled": d.enabled,
+                    "tags": d.tags,
+                    "created_at_ms": d.created_at_ms,
+                }),
+                secrets: include_secrets.then(|| json!({ "device_secret": d.device_secret })),
+                blob: None,
+            });
+        true
+    }
+
+    /// Adds a firmware package; returns its product key.
+    fn add_firmware(
+        &self,
+        out: &mut BTreeMap<(u8, String), ExportItem>,
+        fid: &str,
+    ) -> Option<String> {
+        let f = self.inner.firmware.get(fid)?;
+        let pk = f.product_key.clone();
+        let instance = self
+            .inner
+            .registry
+            .get_product(&pk)
+            .map(|p| p.instance_id)
+            .unwrap_or_default();
+        let blob = self.inner.firmware.blob_path(&f);
+        out.entry((ObjectType::Firmware.rank(), fid.to_owned()))
+            .or_insert_with(|| ExportItem {
+                id: fid.to_owned(),
+                object_type: ObjectType::Firmware,
+                name: f.name.clone(),
+                path: format!("/{instance}/{pk}/firmware/{}/{}", f.module, f.version),
+                data: serde_json::to_value(&f).unwrap_or_default(),
+                secrets: None,
+                blob: Some((f.sha256.clone(), blob)),
+            });
+        Some(pk)
+    }
+
+    fn add_job(
+        &self,
+        out: &mut BTreeMap<(u8, String), ExportItem>,
+        jid: &str,
+        include_secrets: bool,
+        deps: bool,
+        expanded: &mut HashSet<String>,
+    ) -> bool {
+        let Some(ota) = &self.inner.ota else {
+            return false;
+        };
+        let Ok(view) = ota.get_job(jid) else {
+            return false;
+        };
+        let job = view.job;
+        let fw = self.inner.firmware.get(&job.spec.firmware_id);
+        let instance = self
+            .inner
+            .registry
+            .get_product(&job.product_key)
+            .map(|p| p.instance_id)
+            .unwrap_or_default();
+        if deps {
+            self.add_product(out, &job.product_key, include_secrets, false, expanded);
+            self.add_firmware(out, &job.spec.firmware_id);
+            for dn in &job.spec.device_names {
+                self.add_device(out, &job.product_key, dn, include_secrets);
+            }
+        }
+        out.entry((ObjectType::OtaJob.rank(), jid.to_owned()))
+            .or_insert_with(|| ExportItem {
+                id: jid.to_owned(),
+                object_type: ObjectType::OtaJob,
+                name: job.spec.name.clone().unwrap_or_else(|| jid.to_owned()),
+                path: format!("/{instance}/{}/ota/{jid}", job.product_key),
+                data: json!({
+                    "job": job,
+                    "firmware": fw.map(|f| json!({
+                        "firmware_id": f.firmware_id,
+                        "product_key": f.product_key,
+                        "module": f.module,
+                        "version": f.version,
+                        "sha256": f.sha256,
+                    })),
+                }),
+                secrets: None,
+                blob: None,
+            });
+        true
+    }
+
+    /// Every job of `kind`, newest first (for listings).
+    pub fn list(&self, kind: JobKind) -> Vec<JobRecord> {
+        let mut all: Vec<JobRecord> = self
+            .inner
+            .jobs
+            .iter()
+            .filter(|j| j.kind == kind)
+            .map(|j| j.value().clone())
+            .collect();
+        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(a.id.cmp(&b.id)));
+        all
+    }
+
+    /// Used by [`filter_jobs`] in the import.
+    fn ota(&self) -> Option<&OtaEngine> {
+        self.inner.ota.as_ref()
+    }
+}
+
+/// Jobs of `pk` on this gateway (every page).
+fn filter_jobs(ota: &OtaEngine, pk: &str) -> Vec<crate::ota::Job> {
+    let mut out = Vec::new();
+    let mut page = 1;
+    loop {
+        let Ok(pg) = Page::new(page, 100) else { break };
+        let list = ota.list_jobs(
+            &JobFilter {
+                product_key: Some(pk.to_owned()),
+                ..JobFilter::default()
+            },
+            pg,
+        );
+        let n = list.items.len();
+        out.extend(list.items.into_iter().map(|v| v.job));
+        if n < 100 {
+            break;
+        }
+        page += 1;
+    }
+    out
+}
+
+pub(crate) fn state_str(s: JobState) -> &'static str {
+    match s {
+        JobState::InProgress => "IN_PROGRESS",
+        JobState::Successful => "SUCCESSFUL",
+        JobState::Failed => "FAILED",
+    }
+}
+
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Export => "export",
+        JobKind::Import => "import",
+    }
+}
+
+fn doc_op(job: &JobRecord) -> Op {
+    Op::PutDoc {
+        kind: match job.kind {
+            JobKind::Export => EXPORT_DOC,
+            JobKind::Import => IMPORT_DOC,
+        },
+        id: job.id.clone(),
+        body: serde_json::to_string(job).unwrap_or_default(),
+    }
+}

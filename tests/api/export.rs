@@ -1,0 +1,564 @@
+//! Export/import jobs end to end: two in-process gateways, packages moved between them over
+//! HTTP, devices reconnecting with their old secrets, tampering and wrong keys refused with
+//! nothing changed, conflict policies, rate limiting.
+
+use crate::helpers::{connect, credentials, spawn_app, try_connect, TestApp, ADMIN_TOKEN, WAIT};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+
+const KEY: &str = "correct horse battery staple";
+
+async fn upload_firmware(t: &TestApp, pk: &str, version: &str, data: &[u8]) -> Value {
+    let form = reqwest::multipart::Form::new()
+        .text("product_key", pk.to_owned())
+        .text("version", version.to_owned())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(data.to_vec()).file_name("fw.bin"),
+        );
+    let resp = t
+        .http
+        .post(t.url("/api/v1/firmware"))
+        .bearer_auth(ADMIN_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status().as_u16(), 201);
+    resp.json().await.unwrap()
+}
+
+/// Polls a job until it leaves IN_PROGRESS and returns it with its objects.
+async fn wait_job(t: &TestApp, kind: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, job) = t.get(&format!("/api/v1/{kind}/{id}?expand=objects")).await;
+        assert_eq!(status, 200, "{job}");
+        if job["status"]["state"] != "IN_PROGRESS" {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} still running: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn log_text(t: &TestApp, kind: &str, id: &str) -> String {
+    let resp = t
+        .http
+        .get(t.url(&format!("/api/v1/{kind}/{id}/log")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    resp.text().await.unwrap()
+}
+
+/// Runs an export to completion and returns (job, package bytes).
+async fn export(t: &TestApp, body: Value) -> (Value, Vec<u8>) {
+    let (status, job) = t.post("/api/v1/export", body).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["status"]["state"], "IN_PROGRESS");
+    assert!(job["objects"].is_null());
+    let id = job["id"].as_str().unwrap().to_owned();
+    let job = wait_job(t, "export", &id).await;
+    assert_eq!(job["status"]["state"], "SUCCESSFUL", "{job}");
+    let resp = t
+        .http
+        .get(t.url(&format!("/api/v1/export/{id}/package")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/zip");
+    (job, resp.bytes().await.unwrap().to_vec())
+}
+
+/// `POST /api/v1/import`; returns (status, body).
+async fn import(t: &TestApp, package: &[u8], key: Option<&str>, policy: &str) -> (u16, Value) {
+    let mut form = reqwest::multipart::Form::new()
+        .text("conflict_policy", policy.to_owned())
+        .part(
+            "package",
+            reqwest::multipart::Part::bytes(package.to_vec()).file_name("p.zip"),
+        );
+    if let Some(k) = key {
+        form = form.text("secrets_key", k.to_owned());
+    }
+    let resp = t
+        .http
+        .post(t.url("/api/v1/import"))
+        .bearer_auth(ADMIN_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn import_done(t: &TestApp, package: &[u8], key: Option<&str>, policy: &str) -> Value {
+    let (status, job) = import(t, package, key, policy).await;
+    assert_eq!(status, 202, "{job}");
+    wait_job(t, "import", job["id"].as_str().unwrap()).await
+}
+
+fn result_of<'a>(job: &'a Value, id: &str) -> &'a Value {
+    job["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == id)
+        .unwrap_or_else(|| panic!("no object {id} in {job}"))
+}
+
+/// A source gateway with a product, two devices, a firmware package and an OTA job.
+struct Source {
+    t: TestApp,
+    pk: String,
+    secrets: Vec<(String, String)>,
+    fw: Value,
+    fw_bytes: Vec<u8>,
+    job_id: String,
+}
+
+async fn source() -> Source {
+    let t = spawn_app().await;
+    let pk = t.create_product("export product").await;
+    let mut secrets = Vec::new();
+    for dn in ["dev-one", "dev-two"] {
+        secrets.push((dn.to_owned(), t.create_device(&pk, dn).await));
+    }
+    let (s, _) = t
+        .request(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/products/{pk}/devices/dev-two"),
+            Some(json!({"tags": {"region": "eu"}})),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let fw_bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let fw = upload_firmware(&t, &pk, "2.0.0", &fw_bytes).await;
+    let (s, job) = t
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": fw["firmware_id"], "target": "SPECIFIC",
+                   "device_names": ["dev-one"], "force": true, "name": "roll 2.0.0"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{job}");
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    Source {
+        t,
+        pk,
+        secrets,
+        fw,
+        fw_bytes,
+        job_id,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_moves_devices_with_their_secrets_and_firmware_with_its_bytes() {
+    let src = source().await;
+    let (job, package) = export(
+        &src.t,
+        json!({"name": "move-it", "secrets_key": KEY,
+               "objects": [{"id": src.pk, "type": "PRODUCT"}, {"id": src.job_id, "type": "OTA_JOB"}]}),
+    )
+    .await;
+    // Per-object status: the product brought its devices and firmware.
+    let objects = job["objects"].as_array().unwrap();
+    assert_eq!(objects.len(), 5, "{job}");
+    for o in objects {
+        assert_eq!(o["status"]["state"], "SUCCESSFUL", "{o}");
+        assert!(o["path"].as_str().unwrap().starts_with("/default/"), "{o}");
+    }
+    let dev = result_of(&job, &format!("{}/dev-two", src.pk));
+    assert_eq!(dev["type"], "DEVICE");
+    assert_eq!(dev["name"], "dev-two");
+    assert_eq!(job["name"], "move-it");
+    assert_eq!(job["secrets_included"], true);
+    let log = log_text(&src.t, "export", job["id"].as_str().unwrap()).await;
+    assert!(log.contains("FGX_002 INFO"), "{log}");
+    assert!(log.contains("FGX_003 INFO"), "{log}");
+    assert!(log.contains("Status: SUCCESSFUL"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "Successfully exported object [/default/{}/dev-one] of type [DEVICE] id [{}/dev-one]",
+            src.pk, src.pk
+        )),
+        "{log}"
+    );
+    // Lines carry RFC 3339 timestamps: `> CODE LEVEL 2025-…Z message`.
+    let first = log.lines().next().unwrap();
+    let ts = first.split(' ').nth(3).unwrap();
+    assert!(ts.ends_with('Z') && ts.len() == 24, "{first}");
+
+    // The package: a manifest with checksums, secrets never in clear text.
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&package)).unwrap();
+    let mut manifest = String::new();
+    zip.by_name("manifest.json")
+        .unwrap()
+        .read_to_string(&mut manifest)
+        .unwrap();
+    let manifest: Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(manifest["format_version"], 1);
+    assert_eq!(manifest["encryption"]["cipher"], "AES-256-GCM");
+    assert!(manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["path"] == format!("firmware/{}", src.fw["sha256"].as_str().unwrap())));
+    let text = String::from_utf8_lossy(&package);
+    for (_, secret) in &src.secrets {
+        assert!(!text.contains(secret.as_str()));
+    }
+
+    // A fresh gateway imports it.
+    let dst = spawn_app().await;
+    let imported = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(imported["status"]["state"], "SUCCESSFUL", "{imported}");
+    assert_eq!(imported["summary"]["created"], 5, "{imported}");
+    let log = log_text(&dst, "import", imported["id"].as_str().unwrap()).await;
+    assert!(
+        log.contains("FGI_004 INFO") && log.contains("Created object"),
+        "{log}"
+    );
+
+    // Devices connect to the new gateway with their OLD secrets.
+    for (dn, secret) in &src.secrets {
+        let _device = connect(dst.mqtt_addr(), &credentials(&src.pk, dn, secret)).await;
+    }
+    assert!(try_connect(
+        dst.mqtt_addr(),
+        &credentials(&src.pk, "dev-one", "wrong-secret-0000")
+    )
+    .await
+    .is_err());
+    let d = dst.device(&src.pk, "dev-two").await;
+    assert_eq!(d["tags"]["region"], "eu");
+    let p = dst.get(&format!("/api/v1/products/{}", src.pk)).await.1;
+    let p_src = src.t.get(&format!("/api/v1/products/{}", src.pk)).await.1;
+    assert_eq!(p["product_secret"], p_src["product_secret"]);
+
+    // The firmware downloads with the same checksum.
+    let new_fid = result_of(&imported, src.fw["firmware_id"].as_str().unwrap())["target_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, link) = dst
+        .get(&format!("/api/v1/firmware/{new_fid}/download-url"))
+        .await;
+    assert_eq!(s, 200, "{link}");
+    let url = link["url"].as_str().unwrap();
+    let body = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.len(), src.fw_bytes.len());
+    assert_eq!(hex::encode(Sha256::digest(&body)), src.fw["sha256"]);
+
+    // The OTA job was re-created against the new firmware id.
+    let new_jid = result_of(&imported, &src.job_id)["target_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, j) = dst.get(&format!("/api/v1/ota/jobs/{new_jid}")).await;
+    assert_eq!(s, 200, "{j}");
+    assert_eq!(j["spec"]["firmware_id"], new_fid.as_str());
+    assert_eq!(j["spec"]["name"], "roll 2.0.0");
+
+    // Importing the same package again changes nothing: everything is identical.
+    let again = import_done(&dst, &package, Some(KEY), "fail").await;
+    assert_eq!(again["status"]["state"], "SUCCESSFUL", "{again}");
+    assert_eq!(again["summary"]["skipped_identical"], 5, "{again}");
+}
+
+/// Rewrites `package` with one byte of `file` changed (checksums in the manifest untouched).
+fn tamper(package: &[u8], file_pred: impl Fn(&str) -> bool) -> Vec<u8> {
+    let mut zin = zip::ZipArchive::new(std::io::Cursor::new(package)).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let mut changed = false;
+    for i in 0..zin.len() {
+        let mut f = zin.by_index(i).unwrap();
+        let name = f.name().to_owned();
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        if !changed && file_pred(&name) {
+            let at = data.len() / 2;
+            data[at] ^= 0x01;
+            changed = true;
+        }
+        out.start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        out.write_all(&data).unwrap();
+    }
+    assert!(changed);
+    out.finish().unwrap().into_inner()
+}
+
+async fn product_count(t: &TestApp) -> u64 {
+    t.get("/api/v1/products").await.1["total"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn tampered_damaged_or_wrongly_keyed_packages_are_refused_and_change_nothing() {
+    let src = source().await;
+    let (_, package) = export(
+        &src.t,
+        json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT"}]}),
+    )
+    .await;
+    let dst = spawn_app().await;
+
+    // One byte of one device's JSON changed.
+    let bad = tamper(&package, |n| n.starts_with("objects/device/"));
+    let (s, e) = import(&dst, &bad, Some(KEY), "overwrite").await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error_code"], "FG.4004");
+    assert!(
+        e["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("checksum mismatch"),
+        "{e}"
+    );
+
+    // One byte of the firmware.
+    let bad = tamper(&package, |n| n.starts_with("firmware/"));
+    let (s, e) = import(&dst, &bad, Some(KEY), "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (400, Some("FG.4004")), "{e}");
+
+    // The manifest rewritten (its MAC no longer matches).
+    let bad = tamper(&package, |n| n == "manifest.json");
+    let (s, e) = import(&dst, &bad, Some(KEY), "skip").await;
+    assert_eq!(s, 400, "{e}");
+
+    // Not a ZIP at all, or truncated.
+    let (s, e) = import(&dst, b"definitely not a zip file", Some(KEY), "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (400, Some("FG.4004")), "{e}");
+    let (s, _) = import(&dst, &package[..package.len() / 2], Some(KEY), "skip").await;
+    assert_eq!(s, 400);
+
+    // Wrong key, and no key.
+    let (s, e) = import(&dst, &package, Some("not the right key at all"), "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (400, Some("FG.4005")), "{e}");
+    assert_eq!(e["error_ext_msg"], "secrets_key");
+    let (s, e) = import(&dst, &package, None, "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (400, Some("FG.1002")), "{e}");
+
+    // Nothing changed on the target.
+    assert_eq!(product_count(&dst).await, 0);
+    assert_eq!(
+        dst.get("/api/v1/firmware").await.1["total"].as_u64(),
+        Some(0)
+    );
+    // And the intact package still imports.
+    let ok = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(ok["status"]["state"], "SUCCESSFUL", "{ok}");
+}
+
+#[tokio::test]
+async fn conflict_policies_skip_fail_and_overwrite() {
+    let src = source().await;
+    let (_, package) = export(
+        &src.t,
+        json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT", "include_dependencies": true}]}),
+    )
+    .await;
+    let dst = spawn_app().await;
+    // First only the product, so the target has it identical...
+    let (_, product_only) = export(
+        &src.t,
+        json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT", "include_dependencies": false}]}),
+    )
+    .await;
+    let first = import_done(&dst, &product_only, Some(KEY), "skip").await;
+    assert_eq!(first["summary"]["created"], 1, "{first}");
+    // ...then a device of the same name with another secret: a conflict.
+    let (s, local) = dst
+        .post(
+            &format!("/api/v1/products/{}/devices", src.pk),
+            json!({"device_name": "dev-one", "device_secret": "local-secret-0123456789"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{local}");
+    let dev_one = format!("{}/dev-one", src.pk);
+    let dev_two = format!("{}/dev-two", src.pk);
+
+    // fail: nothing is written, not even the non-conflicting objects.
+    let failed = import_done(&dst, &package, Some(KEY), "fail").await;
+    assert_eq!(failed["status"]["state"], "FAILED", "{failed}");
+    assert_eq!(result_of(&failed, &dev_one)["result"], "conflict");
+    assert_eq!(result_of(&failed, &dev_two)["result"], "failed");
+    let (s, _) = dst
+        .get(&format!("/api/v1/products/{}/devices/dev-two", src.pk))
+        .await;
+    assert_eq!(s, 404, "fail policy must not create anything");
+    assert_eq!(dst.get("/api/v1/firmware").await.1["total"], 0);
+    let log = log_text(&dst, "import", failed["id"].as_str().unwrap()).await;
+    assert!(
+        log.contains("FGI_007 ERROR") && log.contains("Status: FAILED"),
+        "{log}"
+    );
+
+    // skip: the conflict is kept, the rest imported.
+    let skipped = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(skipped["status"]["state"], "SUCCESSFUL", "{skipped}");
+    assert_eq!(result_of(&skipped, &dev_one)["result"], "conflict");
+    assert_eq!(result_of(&skipped, &dev_two)["result"], "created");
+    assert_eq!(result_of(&skipped, &src.pk)["result"], "skipped_identical");
+    assert_eq!(
+        dst.device(&src.pk, "dev-one").await["device_secret"],
+        "local-secret-0123456789"
+    );
+
+    // overwrite: the package's secret wins; the old device connects with it.
+    let over = import_done(&dst, &package, Some(KEY), "overwrite").await;
+    assert_eq!(over["status"]["state"], "SUCCESSFUL", "{over}");
+    assert_eq!(result_of(&over, &dev_one)["result"], "overwritten");
+    assert_eq!(result_of(&over, &dev_two)["result"], "skipped_identical");
+    let old_secret = &src.secrets[0].1;
+    assert_eq!(
+        dst.device(&src.pk, "dev-one").await["device_secret"],
+        *old_secret
+    );
+    let _d = connect(
+        dst.mqtt_addr(),
+        &credentials(&src.pk, "dev-one", old_secret),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn export_requests_are_validated_up_front() {
+    let t = spawn_app().await;
+    let pk = t.create_product("validated").await;
+    t.create_device(&pk, "dev-one").await;
+
+    // Unknown ids fail the request, naming them.
+    let (s, e) = t
+        .post(
+            "/api/v1/export",
+            json!({"secrets_key": KEY, "objects": [{"id": pk, "type": "PRODUCT"},
+                {"id": "nope123", "type": "PRODUCT"}, {"id": format!("{pk}/ghost"), "type": "DEVICE"}]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+    let msg = e["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("PRODUCT nope123") && msg.contains("ghost"),
+        "{msg}"
+    );
+    assert_eq!(e["error_ext_msg"], "objects");
+
+    // 1,001 objects: refused with a clear error.
+    let objects: Vec<Value> = (0..1001)
+        .map(|i| json!({"id": format!("p{i}"), "type": "PRODUCT"}))
+        .collect();
+    let (s, e) = t.post("/api/v1/export", json!({"objects": objects})).await;
+    assert_eq!(s, 413, "{e}");
+    assert_eq!(e["error_code"], "FG.1003");
+    assert!(e["error_msg"].as_str().unwrap().contains("1000"), "{e}");
+
+    // Secrets need a key, unless explicitly left out.
+    let (s, e) = t
+        .post(
+            "/api/v1/export",
+            json!({"objects": [{"id": pk, "type": "PRODUCT"}]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error_ext_msg"], "secrets_key");
+    let (job, package) = export(
+        &t,
+        json!({"include_secrets": false, "objects": [{"id": format!("{pk}/dev-one"), "type": "DEVICE"}]}),
+    )
+    .await;
+    assert_eq!(job["secrets_included"], false);
+    assert_eq!(
+        job["objects"].as_array().unwrap().len(),
+        2,
+        "device brings its product"
+    );
+    assert!(job["name"].as_str().unwrap().starts_with("job-"));
+    // Without secrets no key is needed to import; new secrets are generated.
+    let dst = spawn_app().await;
+    let imported = import_done(&dst, &package, None, "skip").await;
+    assert_eq!(imported["summary"]["created"], 2, "{imported}");
+    let old = t.device(&pk, "dev-one").await["device_secret"].clone();
+    assert_ne!(dst.device(&pk, "dev-one").await["device_secret"], old);
+
+    // Unknown jobs: 404; the viewer cannot start one.
+    let (s, e) = t.get("/api/v1/export/exp-nothere").await;
+    assert_eq!((s, e["error_code"].as_str()), (404, Some("FG.4001")));
+    let (s, _) = t.get("/api/v1/export/exp-nothere/package").await;
+    assert_eq!(s, 404);
+    let (s, e) = t.get("/api/v1/import/imp-nothere").await;
+    assert_eq!((s, e["error_code"].as_str()), (404, Some("FG.4002")));
+    let (s, _) = t
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/export",
+            Some(json!({"include_secrets": false, "objects": [{"id": pk, "type": "PRODUCT"}]})),
+            Some(crate::helpers::VIEWER_TOKEN),
+        )
+        .await;
+    assert_eq!(s, 403);
+}
+
+#[tokio::test]
+async fn a_burst_of_starts_gets_429_with_retry_after() {
+    let t = spawn_app().await;
+    let pk = t.create_product("burst").await;
+    let body = json!({"include_secrets": false, "objects": [{"id": pk, "type": "PRODUCT"}]});
+    let sends = (0..40).map(|_| {
+        t.http
+            .post(t.url("/api/v1/export"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    });
+    let responses = futures_util::future::join_all(sends).await;
+    let mut accepted = 0;
+    let mut limited = 0;
+    for r in responses {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            202 => accepted += 1,
+            429 => {
+                limited += 1;
+                let retry: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(retry >= 1);
+                let e: Value = r.json().await.unwrap();
+                assert_eq!(e["error_code"], "FG.0429");
+                assert!(
+                    e["error_msg"]
+                        .as_str()
+                        .unwrap()
+                        .contains("too many requests"),
+                    "{e}"
+                );
+                assert!(e["request_id"].is_string());
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(accepted >= 1, "some starts pass");
+    assert!(
+        limited >= 1,
+        "a burst of 40 exceeds the default burst of 10"
+    );
+}
