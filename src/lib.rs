@@ -6,6 +6,7 @@
 //! - [`registry`]: the only owner of device state (DashMap), rebuilt from [`store`] at start.
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
+//! - [`forwarder`]: AMQP forwarding to RabbitMQ consumer groups through a durable outbox.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod forwarder;
 pub mod metrics;
 pub mod registry;
 pub mod store;
