@@ -17,6 +17,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::forwarder::ForwarderError;
 use crate::registry::RegistryError;
 
 /// The stable error codes. `FG.0xxx` mirror the HTTP status; `FG.1xxx` are request-shape errors;
@@ -57,17 +58,21 @@ pub enum ErrorCode {
     ProductNotFound,
     /// FG.2003: no such device.
     DeviceNotFound,
+    /// FG.2004: no such consumer group in the instance.
+    ConsumerGroupNotFound,
     /// FG.2101: an instance with this id exists.
     InstanceExists,
     /// FG.2102: a product with this key exists.
     ProductExists,
     /// FG.2103: a device with this name exists in the product.
     DeviceExists,
+    /// FG.2104: a consumer group with this id exists in the instance.
+    ConsumerGroupExists,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -85,9 +90,11 @@ impl ErrorCode {
         ErrorCode::InstanceNotFound,
         ErrorCode::ProductNotFound,
         ErrorCode::DeviceNotFound,
+        ErrorCode::ConsumerGroupNotFound,
         ErrorCode::InstanceExists,
         ErrorCode::ProductExists,
         ErrorCode::DeviceExists,
+        ErrorCode::ConsumerGroupExists,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -110,9 +117,11 @@ impl ErrorCode {
             ErrorCode::InstanceNotFound => "FG.2001",
             ErrorCode::ProductNotFound => "FG.2002",
             ErrorCode::DeviceNotFound => "FG.2003",
+            ErrorCode::ConsumerGroupNotFound => "FG.2004",
             ErrorCode::InstanceExists => "FG.2101",
             ErrorCode::ProductExists => "FG.2102",
             ErrorCode::DeviceExists => "FG.2103",
+            ErrorCode::ConsumerGroupExists => "FG.2104",
         }
     }
 
@@ -129,12 +138,14 @@ impl ErrorCode {
             ErrorCode::NotFound
             | ErrorCode::InstanceNotFound
             | ErrorCode::ProductNotFound
-            | ErrorCode::DeviceNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::DeviceNotFound
+            | ErrorCode::ConsumerGroupNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
             | ErrorCode::ProductExists
-            | ErrorCode::DeviceExists => StatusCode::CONFLICT,
+            | ErrorCode::DeviceExists
+            | ErrorCode::ConsumerGroupExists => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -161,9 +172,11 @@ impl ErrorCode {
             ErrorCode::InstanceNotFound => "instance not found",
             ErrorCode::ProductNotFound => "product not found",
             ErrorCode::DeviceNotFound => "device not found",
+            ErrorCode::ConsumerGroupNotFound => "consumer group not found",
             ErrorCode::InstanceExists => "instance already exists",
             ErrorCode::ProductExists => "product already exists",
             ErrorCode::DeviceExists => "device already exists",
+            ErrorCode::ConsumerGroupExists => "consumer group already exists",
         }
     }
 
@@ -389,6 +402,32 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
             RegistryError::TooMany { field, max } => ApiError::too_many_items(field, max),
             e @ RegistryError::Store(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<ForwarderError> for ApiError {
+    fn from(e: ForwarderError) -> Self {
+        match e {
+            ForwarderError::InstanceNotFound(id) => {
+                ApiError::new(ErrorCode::InstanceNotFound, format!("instance {id} not found"))
+            }
+            ForwarderError::GroupNotFound {
+                instance_id,
+                group_id,
+            } => ApiError::new(
+                ErrorCode::ConsumerGroupNotFound,
+                format!("consumer group {group_id} not found in instance {instance_id}"),
+            ),
+            ForwarderError::GroupExists {
+                instance_id,
+                group_id,
+            } => ApiError::new(
+                ErrorCode::ConsumerGroupExists,
+                format!("consumer group {group_id} already exists in instance {instance_id}"),
+            ),
+            ForwarderError::Invalid { field, message } => ApiError::invalid_field(field, message),
+            other => ApiError::internal(other),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod extract;
 pub mod middleware;
 
 mod batch;
+mod consumer_groups;
 mod devices;
 mod instances;
 mod openapi;
@@ -42,6 +43,7 @@ pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;
 
+use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::registry::{Paged, Registry};
 
@@ -66,6 +68,10 @@ pub struct ApiState {
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
     pub on_device_revoked: DeviceRevokedFn,
+    /// The AMQP forwarder (consumer groups). The app always sets it — it exists even with
+    /// forwarding off; `None` only in API states built for tests, where the consumer-group
+    /// endpoints answer 500.
+    pub forwarder: Option<Arc<Forwarder>>,
 }
 
 impl ApiState {
@@ -77,7 +83,13 @@ impl ApiState {
             tokens,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
+            forwarder: None,
         }
+    }
+
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = Some(forwarder);
+        self
     }
 
     pub fn with_health(
@@ -139,6 +151,14 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             post(instances::create_instance).get(instances::list_instances),
         )
         .route("/api/v1/instances/{iid}", get(instances::get_instance))
+        .route(
+            "/api/v1/instances/{iid}/consumer-groups",
+            post(consumer_groups::create_group).get(consumer_groups::list_groups),
+        )
+        .route(
+            "/api/v1/instances/{iid}/consumer-groups/{gid}",
+            get(consumer_groups::get_group).delete(consumer_groups::delete_group),
+        )
         .route(
             "/api/v1/products",
             post(products::create_product).get(products::list_products),

@@ -49,6 +49,7 @@ fn test_app_with(body_limit: usize) -> TestApp {
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
         }),
+        forwarder: None,
     };
     TestApp {
         router: router(state, body_limit),
@@ -973,6 +974,10 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/instances", "post"),
         ("/api/v1/instances", "get"),
         ("/api/v1/instances/{iid}", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups", "post"),
+        ("/api/v1/instances/{iid}/consumer-groups", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups/{gid}", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups/{gid}", "delete"),
         ("/api/v1/products", "post"),
         ("/api/v1/products", "get"),
         ("/api/v1/products/{pk}", "get"),
@@ -994,7 +999,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        12,
+        14,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );
