@@ -570,3 +570,119 @@ async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
     fwd.shutdown().await;
     fx.cleanup(&["g"]).await;
 }
+
+/// Throughput benchmark (ignored; run with
+/// `cargo test -p fleetgate --release --lib forwarder::amqp_tests::bench_throughput -- --ignored --nocapture`).
+/// Prints, in one run: (a) a bare lapin publisher with 1,000 persistent publishes in flight,
+/// (b) the forwarder from enqueue (64 concurrent "devices") to broker-confirmed, and (c) the
+/// outbox drain rate after an outage. `FG_BENCH_N` (default 50,000) messages each;
+/// `FG_BENCH_WINDOW` sets the forwarder's in-flight window (default 256).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_throughput() {
+    let Some(rabbit) = rabbit_or_skip("bench_throughput").await else {
+        return;
+    };
+    let n: usize = std::env::var("FG_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let window: usize = std::env::var("FG_BENCH_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let fx = Fixture::new(rabbit, 64).await;
+    let body = fx.post(0, 0).body;
+
+    // (a) bare lapin: 1,000 confirms in flight, persistent, into a durable queue.
+    let bare_queue = format!("{}.bare", fx.prefix);
+    let ch = fx.rabbit.conn.create_channel().await.unwrap();
+    ch.queue_declare(bare_queue.as_str().into(), lapin::options::QueueDeclareOptions::durable(), FieldTable::default())
+        .await
+        .unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+    let started = Instant::now();
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
+    let mut acked = 0usize;
+    for _ in 0..n {
+        if inflight.len() >= 1000 {
+            if let Some(c) = inflight.next().await {
+                let c: lapin::Result<lapin::Confirmation> = c;
+                assert!(c.unwrap().is_ack());
+                acked += 1;
+            }
+        }
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                bare_queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        inflight.push(confirm);
+    }
+    while let Some(c) = inflight.next().await {
+        assert!(c.unwrap().is_ack());
+        acked += 1;
+    }
+    let bare = n as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(acked, n);
+    let _ = ch.queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default()).await;
+
+    // (b) forwarder, enqueue → confirmed.
+    let mut config = fx.config(&fx.rabbit.url.clone());
+    config.inflight_window = window;
+    let fwd = Forwarder::open(config.clone(), fx.dir.path(), fx.registry.clone(), fx.metrics.clone()).unwrap();
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "bench").await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let fx = Arc::new(fx);
+    for d in 0..64 {
+        let fwd = fwd.clone();
+        let fx = fx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (d..n).step_by(64) {
+                fwd.enqueue(fx.post(d, i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let enqueue_rate = n as f64 / started.elapsed().as_secs_f64();
+    let published_before = fx.metrics.forwarder_published.get();
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    let end_to_end = n as f64 / started.elapsed().as_secs_f64();
+    assert!(published_before <= n as u64);
+    fwd.shutdown().await;
+    drop(fwd);
+
+    // (c) outage: fill the outbox while the broker is unreachable, then measure the drain.
+    let proxy = Proxy::start(fx.rabbit.addr).await;
+    proxy.cut();
+    let mut cut_config = config.clone();
+    cut_config.url = Some(fx.rabbit.url_via(proxy.addr));
+    let fwd = Forwarder::open(cut_config, fx.dir.path(), fx.registry.clone(), fx.metrics.clone()).unwrap();
+    let mut tasks = Vec::new();
+    for d in 0..64 {
+        let fwd = fwd.clone();
+        let fx = fx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (d..n).step_by(64) {
+                fwd.enqueue(fx.post(d, i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(fwd.outbox().unwrap().len(), n as u64);
+    let started = Instant::now();
+    proxy.restore();
+    eventually("outbox drained after the outage", || fwd.outbox().unwrap().is_empty()).await;
+    let drain = n as f64 / started.elapsed().as_secs_f64();
+    fwd.shutdown().await;
+
+    println!(
+        "BENCH n={n} window={window}\n  (a) bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  (b) forwarder enqueue (64 devices, durable outbox): {enqueue_rate:.0} msg/s; enqueue → broker-confirmed: {end_to_end:.0} msg/s\n  (c) outbox drain after an outage ({n} queued): {drain:.0} msg/s"
+    );
+    fx.cleanup(&["bench"]).await;
+}
