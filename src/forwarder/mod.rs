@@ -334,7 +334,7 @@ pub struct Forwarder {
     limits: Mutex<HashMap<String, Option<Arc<Limiter>>>>,
     /// Confirmed publishes per target instance (feeds the consume-rate estimate).
     published: Mutex<HashMap<String, u64>>,
-    last_drop_log_ms: AtomicI64,
+    last_drop_log_ms: Arc<AtomicI64>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -416,7 +416,7 @@ impl Forwarder {
             route_hook: RwLock::new(None),
             limits: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
-            last_drop_log_ms: AtomicI64::new(0),
+            last_drop_log_ms: Arc::new(AtomicI64::new(0)),
             stop,
             tasks: Mutex::new(Vec::new()),
         });
@@ -538,72 +538,98 @@ impl Forwarder {
     }
 
     /// Stores `msg` durably in the outbox for every target (see [`targets`](Self::targets)).
-    /// Resolves once committed — the device's PUBACK may go out then. Routing is decided now,
-    /// at call time, not when the future is polled.
+    /// Resolves once committed — the device's PUBACK may go out then.
+    ///
+    /// Routing is decided and, when the outbox has room, the rows are handed to the writer
+    /// during this call, so messages keep the order of the `enqueue` calls even when the
+    /// returned futures are awaited elsewhere (e.g. a spawned status message).
     ///
     /// - Forwarding off: resolves `Ok` at once, nothing stored.
     /// - Unknown device (deleted meanwhile): `Ok`, nothing stored, counted as
     ///   `dropped{reason="unknown_device"}`.
-    /// - Outbox full for longer than `outbox_full_wait_ms`: [`ForwarderError::OutboxFull`], the
-    ///   message is dropped, logged (at most once a second) and counted.
+    /// - Outbox full: waits up to `outbox_full_wait_ms` for space (back-pressure); still full,
+    ///   [`ForwarderError::OutboxFull`]: dropped, counted as `dropped{reason="outbox_full"}`
+    ///   and logged (at most once a second).
     pub fn enqueue(
         &self,
         msg: ForwardMessage,
     ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
-        let outbox = self.outbox.clone();
-        let targets = if outbox.is_some() {
-            self.targets(&msg.product_key, &msg.device_name)
-        } else {
-            Vec::new()
-        };
+        enum Prepared {
+            Nothing,
+            Sent(tokio::sync::oneshot::Receiver<Result<(), OutboxError>>, u64),
+            Wait(Outbox, Vec<NewRow>, u64),
+        }
         let metrics = self.metrics.clone();
         let full_wait = Duration::from_millis(self.config.outbox_full_wait_ms);
-        let log_drop = {
-            let now = now_ms();
-            let last = self.last_drop_log_ms.load(Ordering::Relaxed);
-            now - last >= 1000
-                && self
-                    .last_drop_log_ms
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-        };
-        async move {
-            let Some(outbox) = outbox else {
-                return Ok(());
-            };
-            if targets.is_empty() {
-                metrics
-                    .forwarder_dropped
-                    .get_or_create(&[("reason", "unknown_device")])
-                    .inc();
-                return Ok(());
-            }
-            let now = now_ms();
-            let msg = Arc::new(msg);
-            let rows: Vec<NewRow> = targets
-                .into_iter()
-                .map(|target| NewRow {
-                    target,
-                    enqueued_at_ms: now,
-                    msg: msg.clone(),
-                })
-                .collect();
-            let size: u64 = rows.iter().map(NewRow::size).sum();
-            if let Err(e) = outbox.admit(size, full_wait).await {
-                metrics
-                    .forwarder_dropped
-                    .get_or_create(&[("reason", "outbox_full")])
-                    .inc_by(rows.len() as u64);
-                if log_drop {
-                    tracing::warn!(error = %e, pk = %msg.product_key, dn = %msg.device_name,
-                        kind = msg.kind.as_str(), "forwarding outbox full: message dropped");
+        let prepared = match &self.outbox {
+            None => Prepared::Nothing,
+            Some(outbox) => {
+                let targets = self.targets(&msg.product_key, &msg.device_name);
+                if targets.is_empty() {
+                    metrics
+                        .forwarder_dropped
+                        .get_or_create(&[("reason", "unknown_device")])
+                        .inc();
+                    Prepared::Nothing
+                } else {
+                    let now = now_ms();
+                    let msg = Arc::new(msg);
+                    let rows: Vec<NewRow> = targets
+                        .into_iter()
+                        .map(|target| NewRow {
+                            target,
+                            enqueued_at_ms: now,
+                            msg: msg.clone(),
+                        })
+                        .collect();
+                    let size: u64 = rows.iter().map(NewRow::size).sum();
+                    if outbox.try_admit(size) {
+                        let n = rows.len() as u64;
+                        Prepared::Sent(outbox.send_insert(rows), n)
+                    } else {
+                        Prepared::Wait(outbox.clone(), rows, size)
+                    }
                 }
-                return Err(ForwarderError::OutboxFull);
             }
-            let n = rows.len() as u64;
-            outbox.insert(rows).await?;
+        };
+        let may_log = self.may_log_drop();
+        async move {
+            let (rx, n) = match prepared {
+                Prepared::Nothing => return Ok(()),
+                Prepared::Sent(rx, n) => (rx, n),
+                Prepared::Wait(outbox, rows, size) => {
+                    if let Err(e) = outbox.admit(size, full_wait).await {
+                        metrics
+                            .forwarder_dropped
+                            .get_or_create(&[("reason", "outbox_full")])
+                            .inc_by(rows.len() as u64);
+                        if may_log() {
+                            let m = &rows[0].msg;
+                            tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
+                                kind = m.kind.as_str(), "forwarding outbox full: message dropped");
+                        }
+                        return Err(ForwarderError::OutboxFull);
+                    }
+                    let n = rows.len() as u64;
+                    (outbox.send_insert(rows), n)
+                }
+            };
+            rx.await.unwrap_or(Err(OutboxError::Closed))?;
             metrics.forwarder_enqueued.inc_by(n);
             Ok(())
+        }
+    }
+
+    /// A closure saying whether a drop may be logged now (at most one log line a second).
+    fn may_log_drop(&self) -> impl FnOnce() -> bool + Send + 'static {
+        let last = Arc::clone(&self.last_drop_log_ms);
+        move || {
+            let now = now_ms();
+            let prev = last.load(Ordering::Relaxed);
+            now - prev >= 1000
+                && last
+                    .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
         }
     }
 

@@ -325,14 +325,24 @@ impl Outbox {
         }
     }
 
-    /// Inserts rows whose space was [`admit`](Self::admit)ted; resolves once committed.
-    pub(crate) async fn insert(&self, rows: Vec<NewRow>) -> Result<(), OutboxError> {
+    /// Reserves `size` bytes now if they fit; never waits.
+    pub(crate) fn try_admit(&self, size: u64) -> bool {
+        self.shared.try_reserve(size)
+    }
+
+    /// Hands rows whose space was admitted to the writer, in call order; the receiver resolves
+    /// once they are committed.
+    pub(crate) fn send_insert(&self, rows: Vec<NewRow>) -> oneshot::Receiver<Result<(), OutboxError>> {
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(WriterMsg::Insert { rows, reply })
-            .map_err(|_| OutboxError::Closed)?;
-        rx.await.unwrap_or(Err(OutboxError::Closed))
+        // If the writer is gone the reply sender is dropped and the receiver reports Closed.
+        let _ = self.inner.tx.send(WriterMsg::Insert { rows, reply });
+        rx
+    }
+
+    /// Inserts rows whose space was [`admit`](Self::admit)ted; resolves once committed.
+    #[cfg(test)]
+    pub(crate) async fn insert(&self, rows: Vec<NewRow>) -> Result<(), OutboxError> {
+        self.send_insert(rows).await.unwrap_or(Err(OutboxError::Closed))
     }
 
     /// Deletes delivered (or dropped) rows; `bytes` is their total [`OutboxRow::size`].
