@@ -2,14 +2,18 @@
 //! until ctrl-c/SIGTERM (or [`Application::shutdown`]) and stops cleanly: listeners closed,
 //! sessions ended, the store flushed.
 //!
-//! Start order: store → registry (rebuilt from the store) → broker router → ingest → listeners.
-//! Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
+//! default base of firmware download links) → firmware repository → forwarder (consumer groups;
+//! with an AMQP URL also its outbox and publisher) → broker router → ingest → listeners and HTTP
+//! serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
+use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::ota::FirmwareRepo;
 use crate::registry::Registry;
 use crate::store::Store;
 use anyhow::Context;
@@ -24,6 +28,8 @@ pub struct Application {
     settings: Settings,
     broker: BrokerHandle,
     registry: Arc<Registry>,
+    firmware: Arc<FirmwareRepo>,
+    forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
@@ -40,7 +46,26 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(&settings.data_dir.join("fleetgate.db"), metrics.clone())
             .context("cannot open the store")?;
-        let registry = Registry::open(store, metrics.clone()).context("cannot load the registry")?;
+        let registry =
+            Registry::open(store, metrics.clone()).context("cannot load the registry")?;
+
+        // Bound before the firmware repository: download links default to this address.
+        let listener = tokio::net::TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
+        let http_addr = listener.local_addr()?;
+        let public_url = settings
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| default_public_url(http_addr));
+        let firmware = FirmwareRepo::open(
+            &settings.data_dir,
+            registry.store().clone(),
+            public_url,
+            settings.ota.max_firmware_bytes,
+        )
+        .context("cannot open the firmware repository")?;
 
         let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
             &settings.data_dir,
@@ -53,6 +78,15 @@ impl Application {
             .iter()
             .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
             .context("invalid api.tokens")?;
+
+        // Always built: consumer groups are managed (and persisted) with forwarding off too.
+        let forwarder = Forwarder::open(
+            settings.amqp.forwarder_config(),
+            &settings.data_dir,
+            registry.clone(),
+            metrics.clone(),
+        )
+        .context("cannot start the AMQP forwarder")?;
 
         let broker = Broker::new(
             BrokerConfig {
@@ -70,37 +104,39 @@ impl Application {
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
-        let ingest = Arc::new(Ingest::new(registry.clone(), downlink.clone(), metrics.clone()));
-        let broker = broker.start(ingest).await.context("cannot start the MQTT listeners")?;
-
-        let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        let ingest = Arc::new(
+            Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
+                .with_forwarder(forwarder.clone()),
+        );
+        let broker = broker
+            .start(ingest)
             .await
-            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
-        let http_addr = listener.local_addr()?;
+            .context("cannot start the MQTT listeners")?;
 
-        let amqp_state = if settings.amqp.url.is_some() {
-            "configured (forwarder not built yet)"
-        } else {
-            "disabled (no --amqp-url / FLEETGATE_AMQP_URL)"
-        };
         let health_info = {
             let mqtt = broker.mqtt_addr();
             let tls = broker.tls_addr();
             let registry = registry.clone();
+            let forwarder = forwarder.clone();
             move || {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "mqtt": mqtt.to_string(),
                     "mqtt_tls": tls.map(|a| a.to_string()),
                     "http": http_addr.to_string(),
-                    "amqp": amqp_state,
                     "online_devices": registry.online_count(),
-                })
+                });
+                // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
+                if let (Some(v), serde_json::Value::Object(amqp)) = (v.as_object_mut(), forwarder.health()) {
+                    v.extend(amqp);
+                }
+                v
             }
         };
         let state = ApiState {
             registry: registry.clone(),
             metrics: metrics.clone(),
             tokens: Arc::new(tokens),
+            firmware: firmware.clone(),
             health: Arc::new(health_info),
             on_device_revoked: {
                 let downlink = downlink.clone();
@@ -108,28 +144,37 @@ impl Application {
                     downlink.kick(&crate::broker::DeviceKey {
                         product_key: pk.to_owned(),
                         device_name: dn.to_owned(),
-                    })
+                    });
                 })
             },
+            forwarder: Some(forwarder.clone()),
         };
         let router = api::router(state, settings.http.body_limit_bytes);
         let (http_stop, stop_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
         });
 
         tracing::info!(
             mqtt = %broker.mqtt_addr(),
             mqtt_tls = ?broker.tls_addr(),
             http = %http_addr,
+            public_url = %firmware.public_url(),
             data_dir = %settings.data_dir.display(),
             "fleetgate listening"
         );
-        tracing::info!(amqp = amqp_state, "AMQP forwarding");
+        if forwarder.enabled() {
+            tracing::info!(outbox_messages = forwarder.outbox().map_or(0, |o| o.len()), "AMQP forwarding on");
+        } else {
+            tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
+        }
         if let Some(token) = &created_admin_token {
             // Printed once, on the start that created it; it is stored in the data dir.
             println!(
@@ -142,6 +187,8 @@ impl Application {
             settings,
             broker,
             registry,
+            firmware,
+            forwarder,
             metrics,
             http_addr,
             http_stop,
@@ -171,8 +218,16 @@ impl Application {
         &self.registry
     }
 
+    pub fn firmware(&self) -> &Arc<FirmwareRepo> {
+        &self.firmware
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
     }
 
     pub fn settings(&self) -> &Settings {
@@ -186,7 +241,7 @@ impl Application {
         self.shutdown().await
     }
 
-    /// Stop accepting, end every session, flush the store.
+    /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http_stop.send(());
         self.broker.shutdown().await;
@@ -196,7 +251,13 @@ impl Application {
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
-        self.registry.flush().await.context("cannot flush the store")?;
+        // After the broker: no device can enqueue any more. Confirms in flight get a few
+        // seconds; whatever is left stays in the outbox for the next start.
+        self.forwarder.shutdown().await;
+        self.registry
+            .flush()
+            .await
+            .context("cannot flush the store")?;
         tracing::info!("stopped");
         Ok(())
     }
@@ -220,5 +281,33 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind
+/// address (`0.0.0.0`, `::`) is not something a device can connect to, so it becomes loopback.
+fn default_public_url(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    // SocketAddr's Display brackets IPv6 addresses, as URLs need.
+    format!("http://{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_public_url_replaces_unspecified_addresses() {
+        let url = |s: &str| default_public_url(s.parse().unwrap());
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080");
+        assert_eq!(url("[::]:8080"), "http://[::1]:8080");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80");
+        assert_eq!(url("[fe80::1]:9000"), "http://[fe80::1]:9000");
     }
 }

@@ -6,15 +6,23 @@
 //! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publish`] returns, so a version
 //! report that was acknowledged is durable. Malformed payloads are counted, answered with an
 //! error code where there is a reply topic, and change nothing.
+//!
+//! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
+//! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
+//! only once the message is durable in the outbox (design §5). Online/offline status messages
+//! are enqueued from the connection callbacks (which must not wait) and committed in the
+//! background; they keep their order relative to the device's posts because the forwarder
+//! hands rows to its writer at call time.
 
 use crate::broker::{DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, Session};
 use crate::clock::now_ms;
+use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use bytes::Bytes;
 use fleetgate_topics::{
-    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest, PayloadError,
-    ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
+    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
+    PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
 };
 use std::sync::Arc;
 
@@ -23,6 +31,8 @@ pub struct Ingest {
     registry: Arc<Registry>,
     downlink: Downlink,
     metrics: Arc<Metrics>,
+    /// Present and enabled only when AMQP forwarding is on.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl Ingest {
@@ -31,11 +41,59 @@ impl Ingest {
             registry,
             downlink,
             metrics,
+            forwarder: None,
         }
     }
 
+    /// Forwards device data through `forwarder` (ignored while forwarding is off).
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = forwarder.enabled().then_some(forwarder);
+        self
+    }
+
+    /// Enqueues `msg` and waits until it is durable (the caller's PUBACK depends on it). A
+    /// full outbox drops the message (the forwarder counts and logs it); the device is still
+    /// acknowledged, since sending it again could not help.
+    async fn forward(&self, msg: impl FnOnce() -> ForwardMessage) {
+        let Some(fwd) = &self.forwarder else {
+            return;
+        };
+        match fwd.enqueue(msg()).await {
+            Ok(()) | Err(ForwarderError::OutboxFull) => {}
+            Err(error) => tracing::error!(%error, "cannot store a message for forwarding"),
+        }
+    }
+
+    /// Status messages from the (synchronous) connection callbacks: routed and handed to the
+    /// outbox writer now, committed in the background.
+    fn forward_status(&self, session: &Session, online: bool, at_ms: i64, last_ms: Option<i64>) {
+        let Some(fwd) = &self.forwarder else {
+            return;
+        };
+        let d = &session.device;
+        let ip = session.client_ip().to_string();
+        let pending = fwd.enqueue(ForwardMessage::status(
+            &d.product_key,
+            &d.device_name,
+            online,
+            Some(&ip),
+            at_ms,
+            last_ms,
+        ));
+        tokio::spawn(async move {
+            if let Err(error) = pending.await {
+                if !matches!(error, ForwarderError::OutboxFull) {
+                    tracing::error!(%error, "cannot store a status message for forwarding");
+                }
+            }
+        });
+    }
+
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
-        self.metrics.malformed_messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        self.metrics
+            .malformed_messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
         tracing::debug!(
             pk = %session.device.product_key,
             dn = %session.device.device_name,
@@ -54,6 +112,27 @@ impl Ingest {
         }
     }
 
+    /// Replies to a property/event post: success when it parsed (unless the device asked for no
+    /// reply), the error code otherwise.
+    fn answer_post(
+        &self,
+        session: &Session,
+        topic: &Topic<'_>,
+        payload: &[u8],
+        parsed: Result<(bool, String), PayloadError>,
+    ) {
+        let reply = match parsed {
+            Ok((wants_reply, id)) => wants_reply.then(|| Reply::success(id)),
+            Err(e) => {
+                self.malformed(topic.kind(), session, &e);
+                Some(Reply::from_error(loose_id(payload), &e))
+            }
+        };
+        if let Some(reply) = reply {
+            self.reply(topic, reply.to_vec());
+        }
+    }
+
     async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
         let kind = topic.kind();
         match kind {
@@ -62,7 +141,13 @@ impl Ingest {
                     let p = &req.params;
                     if let Err(error) = self
                         .registry
-                        .report_version(topic.product_key(), topic.device_name(), &p.module, &p.version, now_ms())
+                        .report_version(
+                            topic.product_key(),
+                            topic.device_name(),
+                            &p.module,
+                            &p.version,
+                            now_ms(),
+                        )
                         .await
                     {
                         tracing::warn!(%error, pk = topic.product_key(), dn = topic.device_name(), "version report not stored");
@@ -94,33 +179,42 @@ impl Ingest {
                 self.reply(&topic, reply.to_vec());
             }
             TopicKind::PropertyPost => {
-                let reply = match PropertyPostRequest::parse(payload) {
-                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        Some(Reply::from_error(loose_id(payload), &e))
-                    }
-                };
-                if let Some(reply) = reply {
-                    self.reply(&topic, reply.to_vec());
+                let received = now_ms();
+                let parsed = PropertyPostRequest::parse(payload);
+                let answer = parsed
+                    .as_ref()
+                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
+                    .map_err(Clone::clone);
+                self.answer_post(session, &topic, payload, answer);
+                if let Ok(req) = parsed {
+                    let (pk, dn) = (topic.product_key(), topic.device_name());
+                    self.forward(|| ForwardMessage::property_post(pk, dn, &req, received))
+                        .await;
                 }
             }
             TopicKind::EventPost => {
+                let received = now_ms();
                 let identifier = topic.identifier().unwrap_or_default();
-                let parsed = EventPostRequest::parse(payload).and_then(|req| req.check_identifier(identifier).map(|()| req));
-                let reply = match parsed {
-                    Ok(req) => req.wants_reply().then(|| Reply::success(req.id.as_str())),
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        Some(Reply::from_error(loose_id(payload), &e))
-                    }
-                };
-                if let Some(reply) = reply {
-                    self.reply(&topic, reply.to_vec());
+                let parsed = EventPostRequest::parse(payload).and_then(|req| {
+                    req.check_identifier(identifier)?;
+                    Ok(req)
+                });
+                let answer = parsed
+                    .as_ref()
+                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
+                    .map_err(Clone::clone);
+                self.answer_post(session, &topic, payload, answer);
+                if let Ok(req) = parsed {
+                    let (pk, dn) = (topic.product_key(), topic.device_name());
+                    self.forward(|| ForwardMessage::event_post(pk, dn, identifier, &req, received))
+                        .await;
                 }
             }
             // Down kinds never reach here (see on_publish).
-            TopicKind::Upgrade | TopicKind::FirmwareGetReply | TopicKind::PropertyPostReply | TopicKind::EventPostReply => {}
+            TopicKind::Upgrade
+            | TopicKind::FirmwareGetReply
+            | TopicKind::PropertyPostReply
+            | TopicKind::EventPostReply => {}
         }
     }
 }
@@ -132,6 +226,15 @@ impl DeviceHooks for Ingest {
 
     fn on_connect(&self, session: &Session) {
         let d = &session.device;
+        if self.forwarder.is_some() {
+            // lastTime: the previous contact, read before the connect overwrites it.
+            let last = self
+                .registry
+                .get_device(&d.product_key, &d.device_name)
+                .ok()
+                .and_then(|dev| dev.last_seen_ms);
+            self.forward_status(session, true, session.connected_at_ms, last);
+        }
         self.registry.device_connected(
             &d.product_key,
             &d.device_name,
@@ -144,18 +247,29 @@ impl DeviceHooks for Ingest {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason) {
         let d = &session.device;
         tracing::debug!(pk = %d.product_key, dn = %d.device_name, ?reason, "device disconnected");
+        let at = now_ms();
+        // A session taken over by a new connection of the same device: the device stays online.
+        if reason != DisconnectReason::TakenOver {
+            self.forward_status(session, false, at, Some(at));
+        }
         self.registry
-            .device_disconnected(&d.product_key, &d.device_name, session.conn_id, now_ms());
+            .device_disconnected(&d.product_key, &d.device_name, session.conn_id, at);
     }
 
     async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
         let Some(parsed) = Topic::parse(topic) else {
             // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
-            self.metrics.messages.get_or_create(&[("kind", "other")]).inc();
+            self.metrics
+                .messages
+                .get_or_create(&[("kind", "other")])
+                .inc();
             return;
         };
         let kind = parsed.kind();
-        self.metrics.messages.get_or_create(&[("kind", kind.as_str())]).inc();
+        self.metrics
+            .messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
         // The ACL already guarantees the topic is the session's own; a device publishing on a
         // gateway-to-device topic is ignored.
         if kind.direction() != Direction::Up

@@ -7,14 +7,21 @@
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
 //! - [`forwarder`]: AMQP forwarding to RabbitMQ consumer groups through a durable outbox.
+//! - [`ota`]: firmware packages (content-addressed blobs, signed downloads) and upgrade jobs.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
 //! - [`metrics`]: Prometheus metrics shared by every component.
 
 pub mod api;
+pub mod app;
 pub mod broker;
+pub mod clock;
+pub mod config;
 pub mod forwarder;
+pub mod ingest;
 pub mod metrics;
+pub mod ota;
 pub mod registry;
 pub mod store;
+pub mod telemetry;

@@ -142,6 +142,7 @@ mod tests {
     use super::*;
     use crate::api::{router, Role, TokenSet, DEFAULT_BODY_LIMIT};
     use crate::metrics::Metrics;
+    use crate::ota::FirmwareRepo;
     use crate::registry::{NewInstance, Registry};
     use crate::store::Store;
     use axum::body::Body;
@@ -153,13 +154,14 @@ mod tests {
     const OP: &str = "operator-token-0123456789";
     const VIEW: &str = "viewer-token-0123456789";
 
-    async fn app() -> (axum::Router, Arc<Registry>, Store) {
+    async fn app(dir: &std::path::Path) -> (axum::Router, Arc<Registry>, Store) {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open_in_memory(metrics.clone()).unwrap();
         let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
         let fwd = Forwarder::disabled(registry.clone(), metrics.clone()).unwrap();
+        let firmware = FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
-        let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens)).with_forwarder(fwd);
+        let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens), firmware).with_forwarder(fwd);
         (router(state, DEFAULT_BODY_LIMIT), registry, store)
     }
 
@@ -188,7 +190,8 @@ mod tests {
 
     #[tokio::test]
     async fn crud_works_with_forwarding_off_and_is_persisted() {
-        let (app, registry, store) = app().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (app, registry, store) = app(dir.path()).await;
         registry
             .create_instance(NewInstance {
                 instance_id: Some("iot-a".into()),

@@ -9,10 +9,12 @@ use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
 use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
 use super::error::{ErrorBody, ErrorCode};
+use super::firmware::{DownloadUrl, FirmwareUploadForm};
 use super::instances::CreateInstanceRequest;
 use super::products::{CreateProductRequest, ProductSummary};
-use super::{batch, consumer_groups, devices, instances, products, system};
+use super::{batch, consumer_groups, devices, firmware, instances, products, system};
 use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
+use crate::ota::{FirmwarePackage, FirmwareStatus};
 use crate::registry::{Device, Instance, Product};
 
 /// The fleetgate operator API document (served at `/api/v1/openapi.json`).
@@ -45,6 +47,11 @@ use crate::registry::{Device, Instance, Product};
         devices::enable_device,
         devices::disable_device,
         batch::batch_create_devices,
+        firmware::upload_firmware,
+        firmware::list_firmware,
+        firmware::get_firmware,
+        firmware::get_download_url,
+        firmware::download_firmware,
     ),
     components(schemas(
         ErrorBody,
@@ -65,6 +72,10 @@ use crate::registry::{Device, Instance, Product};
         BatchCreateResponse,
         BatchRowResult,
         RowStatus,
+        FirmwarePackage,
+        FirmwareStatus,
+        FirmwareUploadForm,
+        DownloadUrl,
     )),
     modifiers(&Conventions),
     tags(
@@ -73,6 +84,7 @@ use crate::registry::{Device, Instance, Product};
         (name = "consumer-groups", description = "AMQP consumer groups: one RabbitMQ queue per group on the instance's exchange; every group gets every message of the instance's devices"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
+        (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
     )
 )]
 pub struct ApiDoc;
@@ -96,9 +108,10 @@ impl Modify for Conventions {
         let base = openapi.info.description.clone().unwrap_or_default();
         openapi.info.description = Some(format!(
             "{base}\n\n## Authentication\n\n`/healthz`, `/metrics` and `/api/v1/openapi.json` \
-             are open; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
+             are open, and `/firmware/{{fid}}/download` checks its signed link (`expires`, \
+             `token`) instead of a bearer token; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
              read (GET); `operator` may also manage devices (create, batch, update, \
-             enable/disable, delete); `admin` may do everything, including creating instances \
+             enable/disable, delete) and upload firmware; `admin` may do everything, including creating instances \
              and creating/deleting products (403 otherwise); consumer groups need `operator` to create or delete.\n\n## Errors\n\nEvery error \
              response has the body `{{\"error_code\":\"FG.xxxx\",\"error_msg\":\"…\",\
              \"error_ext_msg\":null,\"request_id\":\"…\"}}`; `error_ext_msg` names the \

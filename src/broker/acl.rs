@@ -23,7 +23,7 @@
 //! keys anyway.
 
 /// First segments that are namespaces of their own and never a product key.
-const RESERVED_FIRST_SEGMENTS: [&str; 6] = ["sys", "ota", "ext", "shadow", "as", "broadcast"];
+pub const RESERVED_FIRST_SEGMENTS: [&str; 6] = ["sys", "ota", "ext", "shadow", "as", "broadcast"];
 
 /// Whether `topic` is a valid topic name to publish on: non-empty, no wildcard, no NUL and not a
 /// `$`-prefixed broker topic.

@@ -65,6 +65,8 @@ pub(crate) struct Authenticated {
     pub device: DeviceKey,
     /// The name the device's link has in rumqttd's router (see [`router_client_id`]).
     pub router_client_id: String,
+    /// The client id carried `_ss=1`: subscribe the device to its system topics ourselves.
+    pub auto_subscribe: bool,
 }
 
 /// Checks a CONNECT's credentials. Order matters for what an attacker can learn: the signature
@@ -90,6 +92,7 @@ pub(crate) fn authenticate<H: DeviceHooks + ?Sized>(
     };
     Ok(Authenticated {
         router_client_id: router_client_id(&device),
+        auto_subscribe: link_id.auto_subscribe,
         device,
     })
 }

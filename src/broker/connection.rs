@@ -21,9 +21,9 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
-    self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    Unsubscribe,
+    self, ConnAck, ConnectReturnCode, Filter, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, QoS, RetainForwardRule, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttd::Notification;
 use std::collections::{HashSet, VecDeque};
@@ -226,7 +226,6 @@ pub(crate) async fn serve<S, H>(
 
     handle.set_online();
     shared.metrics.connects.inc();
-    shared.metrics.connected_devices.inc();
     hooks.on_connect(&live.session);
     tracing::debug!(session_present, clean, "connected");
     let connack = Packet::ConnAck(
@@ -238,6 +237,31 @@ pub(crate) async fn serve<S, H>(
     );
     if conn.queue(connack).is_err() || conn.flush().await.is_err() {
         return;
+    }
+
+    if auth.auto_subscribe {
+        // `_ss=1`: the vendor SDKs rely on the server subscribing them to their system topics.
+        // Packet id 0 never comes from a client, so its SUBACK is recognised and swallowed.
+        let filter = |path: String, qos: QoS| Filter {
+            path,
+            qos,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::Never,
+        };
+        let (pk, dn) = (&device.product_key, &device.device_name);
+        let subscribe = Subscribe {
+            pkid: AUTO_SUBSCRIBE_PKID,
+            filters: vec![
+                filter(format!("/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
+                filter(format!("/ota/device/upgrade/{pk}/{dn}"), QoS::AtLeastOnce),
+                filter(format!("/ext/rrpc/+/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
+            ],
+        };
+        shared.router.wait_capacity().await;
+        if !live.handle.send(vec![Packet::Subscribe(subscribe, None)]) {
+            return;
+        }
     }
 
     let keep_alive = (connect.keep_alive > 0)
@@ -299,6 +323,10 @@ where
         }
     }
 }
+
+/// Packet id of the server-side subscription made for `_ss=1` clients (never a client's: MQTT
+/// packet ids are non-zero).
+const AUTO_SUBSCRIBE_PKID: u16 = 0;
 
 /// Per-connection protocol bookkeeping.
 #[derive(Default)]
@@ -593,6 +621,8 @@ where
                 flow.awaiting_comp.push_back(rel.pkid);
                 conn.queue(Packet::PubRel(rel, None)).map_err(lost)?;
             }
+            // The answer to our own `_ss=1` subscription: not the device's business.
+            Some(Packet::SubAck(ack, _)) if ack.pkid == AUTO_SUBSCRIBE_PKID => {}
             Some(Packet::SubAck(ack, _)) => {
                 let codes = match flow
                     .pending_subacks
@@ -702,7 +732,6 @@ impl<H: DeviceHooks> Drop for Live<H> {
             .sessions
             .remove_if(device, |_, h| h.conn_id == conn_id);
         if self.handle.is_online() {
-            self.shared.metrics.connected_devices.dec();
             tracing::debug!(?reason, "disconnected");
             self.hooks.on_disconnect(&self.session, reason);
             if reason != DisconnectReason::ClientDisconnect {

@@ -46,7 +46,8 @@ pub fn device_name(value: &str) -> Result<()> {
     )
 }
 
-/// 1..=32 ASCII letters and digits.
+/// 1..=32 ASCII letters and digits, and not a topic namespace (`sys`, `ota`, …): a product
+/// called `sys` would own other devices' `/sys/…` topics under the `/{pk}/{dn}/…` ACL rule.
 pub fn product_key(value: &str) -> Result<()> {
     check(
         "product_key",
@@ -55,7 +56,17 @@ pub fn product_key(value: &str) -> Result<()> {
         32,
         |c| c.is_ascii_alphanumeric(),
         "A-Z a-z 0-9",
-    )
+    )?;
+    if crate::broker::acl::RESERVED_FIRST_SEGMENTS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(value))
+    {
+        return Err(invalid(
+            "product_key",
+            format!("`{value}` is reserved (a topic namespace)"),
+        ));
+    }
+    Ok(())
 }
 
 /// 1..=64 of `[A-Za-z0-9_-]`.

@@ -21,7 +21,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestApp {
     app: Option<Application>,
     settings: Settings,
-    pub data_dir: TempDir,
+    /// Kept so the data dir lives as long as the app.
+    _data_dir: TempDir,
     pub http: reqwest::Client,
 }
 
@@ -48,7 +49,7 @@ pub async fn spawn_app() -> TestApp {
     TestApp {
         app: Some(app),
         settings,
-        data_dir,
+        _data_dir: data_dir,
         http: reqwest::Client::new(),
     }
 }

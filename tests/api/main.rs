@@ -2,6 +2,7 @@
 //! (rumqttc, the vendor's Python SDK) and as an operator (HTTP).
 
 mod device_auth;
+mod firmware;
 mod helpers;
 mod interop;
 mod isolation;

@@ -55,7 +55,7 @@ async fn online_offline_and_versions_are_visible_and_survive_restart() {
     assert_eq!(d["online"], false);
     assert!(d["last_seen_ms"].as_i64().unwrap() > 0);
     // The same secret still works after the restart.
-    connect(app.mqtt_addr(), &credentials(&pk, "t-0001", &secret)).await;
+    let _dev = connect(app.mqtt_addr(), &credentials(&pk, "t-0001", &secret)).await;
     app.wait_device(&pk, "t-0001", "online again", |d| d["online"] == true)
         .await;
 }
@@ -98,4 +98,47 @@ async fn property_posts_are_answered_on_their_reply_topic() {
         m.contains(r#"fleetgate_mqtt_malformed_messages_total{kind="property_post"} 1"#),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn ss1_devices_are_subscribed_to_their_system_topics_by_the_server() {
+    // The vendor SDKs send `_ss=1` and subscribe to nothing themselves.
+    let app = spawn_app().await;
+    let pk = app.create_product("ss").await;
+    let secret = app.create_device(&pk, "ss-0001").await;
+    let id = fleetgate_topics::sign::LinkClientId {
+        client_id: format!("{pk}&ss-0001"),
+        secure_mode: 3,
+        sign_method: fleetgate_topics::sign::SignMethod::HmacSha1,
+        timestamp: Some("1700000000000".into()),
+        auto_subscribe: true,
+    };
+    let creds = fleetgate_topics::sign::LinkCredentials {
+        client_id: id.to_client_id_string(),
+        username: format!("ss-0001&{pk}"),
+        password: id.password(&pk, "ss-0001", &secret),
+    };
+    let mut dev = connect(app.mqtt_addr(), &creds).await;
+    dev.client
+        .publish(
+            format!("/sys/{pk}/ss-0001/thing/event/property/post"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":"9","params":{"Temp":{"value":20.5,"time":1700000000000}}}"#,
+        )
+        .await
+        .unwrap();
+    let reply = dev.next_publish().await;
+    assert_eq!(
+        reply.topic,
+        format!("/sys/{pk}/ss-0001/thing/event/property/post_reply")
+    );
+    let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(
+        (body["code"].as_i64(), body["id"].as_str()),
+        (Some(200), Some("9")),
+        "{body}"
+    );
+    // The server's SUBACK for its own subscription never reaches the device.
+    assert!(dev.incoming.try_recv().is_err());
 }

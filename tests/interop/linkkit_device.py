@@ -47,7 +47,7 @@ def say(step, **kw):
 
 
 lk = linkkit.LinkKit(host_name=host, product_key=pk, device_name=dn, device_secret=secret)
-lk.enable_logger(40)  # logging.ERROR
+lk.enable_logger(int(os.environ.get("LK_LOG","40")))  # logging.ERROR
 lk.config_mqtt(port=port, secure="", keep_alive=60, auto_reconnect_max_sec=2)
 lk.thing_setup(tsl_file.name)
 

@@ -96,6 +96,10 @@ pub struct LinkClientId {
     pub sign_method: SignMethod,
     /// Exactly as sent (seconds or milliseconds): it is signed as text.
     pub timestamp: Option<String>,
+    /// `_ss=1`: the device expects the server to subscribe it to its own system topics
+    /// (replies, OTA pushes) — the vendor SDKs send it and then subscribe to nothing themselves.
+    /// Not signed.
+    pub auto_subscribe: bool,
 }
 
 impl LinkClientId {
@@ -105,6 +109,7 @@ impl LinkClientId {
         let mut secure_mode = None;
         let mut sign_method = None;
         let mut timestamp = None;
+        let mut auto_subscribe = false;
         for kv in params.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = kv
                 .split_once('=')
@@ -126,6 +131,7 @@ impl LinkClientId {
                     }
                     timestamp = Some(t.to_owned());
                 }
+                "_ss" => auto_subscribe = v.trim() == "1",
                 // The SDKs add more (lan, _v, gw, ext, authtype, …): they are not signed.
                 _ => {}
             }
@@ -136,6 +142,7 @@ impl LinkClientId {
             secure_mode: secure_mode.unwrap_or(3),
             sign_method: sign_method.ok_or(SignError::MissingSignMethod)?,
             timestamp,
+            auto_subscribe,
         })
     }
 
@@ -148,6 +155,9 @@ impl LinkClientId {
         if let Some(t) = &self.timestamp {
             s.push_str(",timestamp=");
             s.push_str(t);
+        }
+        if self.auto_subscribe {
+            s.push_str(",_ss=1");
         }
         s.push('|');
         s
@@ -224,6 +234,7 @@ impl LinkCredentials {
             secure_mode,
             sign_method,
             timestamp,
+            auto_subscribe: false,
         };
         LinkCredentials {
             client_id: id.to_client_id_string(),

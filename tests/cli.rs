@@ -1,0 +1,151 @@
+//! The `fleetgate` binary as an operator runs it: first start creates and prints the admin
+//! token, ports 0 work and are logged, SIGTERM shuts down cleanly, and a second start on the
+//! same data dir keeps everything.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Gateway {
+    child: Child,
+    stderr: BufReader<ChildStderr>,
+    http: String,
+}
+
+/// Starts the binary; on a first start (`first`), reads the token line it prints.
+fn start(data_dir: &std::path::Path, first: bool) -> (Gateway, Option<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--log-json",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("FLEETGATE_API_TOKEN")
+        .env_remove("FLEETGATE_AMQP_URL")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fleetgate starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut http = None;
+    let mut line = String::new();
+    while http.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no `fleetgate listening` log line"
+        );
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("fleetgate exited before listening");
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v["fields"]["message"] == "fleetgate listening" {
+                http = v["fields"]["http"].as_str().map(str::to_owned);
+                let mqtt: std::net::SocketAddr =
+                    v["fields"]["mqtt"].as_str().unwrap().parse().unwrap();
+                assert_ne!(mqtt.port(), 0, "the bound MQTT port is logged");
+            }
+        }
+    }
+    // The token line (first start only) is printed right after the listening line is logged.
+    let mut token = None;
+    if first {
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("Created the admin API token"), "{line}");
+        token = line.rsplit(": ").next().map(|t| t.trim().to_owned());
+    }
+    (
+        Gateway {
+            child,
+            stderr,
+            http: format!("http://{}", http.unwrap()),
+        },
+        token,
+    )
+}
+
+fn sigterm_and_wait(mut gw: Gateway) -> String {
+    let status = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = gw.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status after SIGTERM: {status:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 20 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut gw.stderr, &mut rest);
+    rest
+}
+
+#[tokio::test]
+async fn first_start_token_sigterm_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, token) = start(dir.path(), true);
+    let token = token.expect("first start prints the admin token");
+    assert!(token.starts_with("fg_"), "{token}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("api-token"))
+            .unwrap()
+            .trim(),
+        token
+    );
+
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/api/v1/products", gw.http))
+        .bearer_auth(&token)
+        .json(&json!({"name": "cli"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let pk = resp.json::<Value>().await.unwrap()["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let resp = client
+        .post(format!("{}/api/v1/products/{pk}/devices", gw.http))
+        .bearer_auth(&token)
+        .json(&json!({"device_name": "cli-0001"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    let log = sigterm_and_wait(gw);
+    assert!(
+        log.contains("\"stopped\""),
+        "no clean-stop log line:\n{log}"
+    );
+
+    let (gw, second_token) = start(dir.path(), false);
+    assert!(second_token.is_none());
+    let resp = client
+        .get(format!("{}/api/v1/products/{pk}/devices/cli-0001", gw.http))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "device kept across the restart");
+    sigterm_and_wait(gw);
+}
