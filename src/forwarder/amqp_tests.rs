@@ -51,46 +51,25 @@ impl Rabbit {
     }
 }
 
-/// Connects to the test broker, or reports it missing: `None` (after printing `SKIPPED {test}`)
-/// when it is unreachable, a panic instead when env `CI` is set.
+/// Connects to the test broker, or reports it missing (see [`super::testing::amqp_url_or_skip`]).
 pub(crate) async fn rabbit_or_skip(test: &str) -> Option<Rabbit> {
-    let url = std::env::var("FLEETGATE_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let uri: Result<lapin::uri::AMQPUri, _> = url.parse();
-    let attempt = async {
-        let uri = uri.map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(&url, ConnectionProperties::default()),
-        )
+    let url = super::testing::amqp_url_or_skip(test).await?;
+    let uri: lapin::uri::AMQPUri = url.parse().expect("FLEETGATE_AMQP_URL parses");
+    let conn = Connection::connect(&url, ConnectionProperties::default()).await.expect("connect");
+    let host = if uri.authority.host == "localhost" { "127.0.0.1".to_string() } else { uri.authority.host.clone() };
+    let addr = tokio::net::lookup_host((host.as_str(), uri.authority.port))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-        let host = if uri.authority.host == "localhost" { "127.0.0.1".to_string() } else { uri.authority.host.clone() };
-        let addr = tokio::net::lookup_host((host.as_str(), uri.authority.port))
-            .await
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or("no address")?;
-        Ok::<_, String>(Rabbit {
-            url: url.clone(),
-            conn,
-            addr,
-            user: uri.authority.userinfo.username.clone(),
-            pass: uri.authority.userinfo.password.clone(),
-            vhost: uri.vhost.clone(),
-        })
-    };
-    match attempt.await {
-        Ok(r) => Some(r),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("RabbitMQ unreachable (FLEETGATE_AMQP_URL) and CI is set: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: RabbitMQ unreachable (set FLEETGATE_AMQP_URL): {e}");
-            None
-        }
-    }
+        .expect("resolve the broker")
+        .next()
+        .expect("an address");
+    Some(Rabbit {
+        url,
+        conn,
+        addr,
+        user: uri.authority.userinfo.username.clone(),
+        pass: uri.authority.userinfo.password.clone(),
+        vhost: uri.vhost.clone(),
+    })
 }
 
 /// A TCP proxy 127.0.0.1:0 ↔ RabbitMQ that can be cut (every connection closed, new ones

@@ -42,6 +42,9 @@ mod message;
 mod outbox;
 mod publisher;
 
+#[doc(hidden)]
+pub mod testing;
+
 #[cfg(test)]
 mod amqp_tests;
 #[cfg(test)]

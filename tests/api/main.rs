@@ -3,6 +3,7 @@
 
 mod device_auth;
 mod firmware;
+mod forwarding;
 mod helpers;
 mod interop;
 mod isolation;
