@@ -126,7 +126,9 @@ impl Application {
                     "online_devices": registry.online_count(),
                 });
                 // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
-                if let (Some(v), serde_json::Value::Object(amqp)) = (v.as_object_mut(), forwarder.health()) {
+                if let (Some(v), serde_json::Value::Object(amqp)) =
+                    (v.as_object_mut(), forwarder.health())
+                {
                     v.extend(amqp);
                 }
                 v
@@ -171,7 +173,10 @@ impl Application {
             "fleetgate listening"
         );
         if forwarder.enabled() {
-            tracing::info!(outbox_messages = forwarder.outbox().map_or(0, |o| o.len()), "AMQP forwarding on");
+            tracing::info!(
+                outbox_messages = forwarder.outbox().map_or(0, |o| o.len()),
+                "AMQP forwarding on"
+            );
         } else {
             tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
         }

@@ -483,11 +483,17 @@ mod tests {
         assert_eq!((f.outbox_max_bytes, f.inflight_window), (1_048_576, 512));
         assert_eq!(f.rate_limit_msgs_per_sec, Some(100));
         assert_eq!(f.exchange_prefix, "fg");
-        assert_eq!(f.reconnect_max_ms, ForwarderConfig::default().reconnect_max_ms);
+        assert_eq!(
+            f.reconnect_max_ms,
+            ForwarderConfig::default().reconnect_max_ms
+        );
         std::fs::write(&path, "[amqp]\ninflight_window = 0\n").unwrap();
         assert!(matches!(
             Settings::load(Some(&path), Overrides::default()),
-            Err(ConfigError::Invalid { field: "amqp.inflight_window", .. })
+            Err(ConfigError::Invalid {
+                field: "amqp.inflight_window",
+                ..
+            })
         ));
     }
 

@@ -159,13 +159,21 @@ mod tests {
         let store = Store::open_in_memory(metrics.clone()).unwrap();
         let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
         let fwd = Forwarder::disabled(registry.clone(), metrics.clone()).unwrap();
-        let firmware = FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
+        let firmware =
+            FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
-        let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens), firmware).with_forwarder(fwd);
+        let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens), firmware)
+            .with_forwarder(fwd);
         (router(state, DEFAULT_BODY_LIMIT), registry, store)
     }
 
-    async fn call(app: &axum::Router, method: &str, uri: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        app: &axum::Router,
+        method: &str,
+        uri: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
@@ -200,20 +208,57 @@ mod tests {
             .await
             .unwrap();
         let base = "/api/v1/instances/iot-a/consumer-groups";
-        let (s, g) = call(&app, "POST", base, OP, Some(json!({"group_id": "g1", "name": "Analytics"}))).await;
+        let (s, g) = call(
+            &app,
+            "POST",
+            base,
+            OP,
+            Some(json!({"group_id": "g1", "name": "Analytics"})),
+        )
+        .await;
         assert_eq!(s, StatusCode::CREATED, "{g}");
         assert_eq!(g["group_id"], "g1");
         let (s, g2) = call(&app, "POST", base, OP, Some(json!({"name": "Billing"}))).await;
         assert_eq!(s, StatusCode::CREATED);
         assert_eq!(g2["group_id"].as_str().unwrap().len(), 20);
-        let (s, e) = call(&app, "POST", base, OP, Some(json!({"group_id": "g1", "name": "dup"}))).await;
-        assert_eq!((s, e["error_code"].as_str()), (StatusCode::CONFLICT, Some("FG.2104")));
-        let (s, e) = call(&app, "POST", base, OP, Some(json!({"group_id": "bad.id", "name": "x"}))).await;
-        assert_eq!((s, e["error_ext_msg"].as_str()), (StatusCode::BAD_REQUEST, Some("group_id")));
+        let (s, e) = call(
+            &app,
+            "POST",
+            base,
+            OP,
+            Some(json!({"group_id": "g1", "name": "dup"})),
+        )
+        .await;
+        assert_eq!(
+            (s, e["error_code"].as_str()),
+            (StatusCode::CONFLICT, Some("FG.2104"))
+        );
+        let (s, e) = call(
+            &app,
+            "POST",
+            base,
+            OP,
+            Some(json!({"group_id": "bad.id", "name": "x"})),
+        )
+        .await;
+        assert_eq!(
+            (s, e["error_ext_msg"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("group_id"))
+        );
         let (s, _) = call(&app, "POST", base, VIEW, Some(json!({"name": "x"}))).await;
         assert_eq!(s, StatusCode::FORBIDDEN);
-        let (s, e) = call(&app, "POST", "/api/v1/instances/nope/consumer-groups", OP, Some(json!({"name": "x"}))).await;
-        assert_eq!((s, e["error_code"].as_str()), (StatusCode::NOT_FOUND, Some("FG.2001")));
+        let (s, e) = call(
+            &app,
+            "POST",
+            "/api/v1/instances/nope/consumer-groups",
+            OP,
+            Some(json!({"name": "x"})),
+        )
+        .await;
+        assert_eq!(
+            (s, e["error_code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("FG.2001"))
+        );
 
         let (s, list) = call(&app, "GET", base, VIEW, None).await;
         assert_eq!(s, StatusCode::OK);
@@ -234,7 +279,10 @@ mod tests {
         let (s, _) = call(&app, "DELETE", &format!("{base}/g1"), OP, None).await;
         assert_eq!(s, StatusCode::NO_CONTENT);
         let (s, e) = call(&app, "GET", &format!("{base}/g1"), VIEW, None).await;
-        assert_eq!((s, e["error_code"].as_str()), (StatusCode::NOT_FOUND, Some("FG.2004")));
+        assert_eq!(
+            (s, e["error_code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("FG.2004"))
+        );
         let fwd3 = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
         assert_eq!(fwd3.list_groups("iot-a").unwrap().len(), 1);
     }

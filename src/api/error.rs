@@ -449,9 +449,10 @@ impl From<RegistryError> for ApiError {
 impl From<ForwarderError> for ApiError {
     fn from(e: ForwarderError) -> Self {
         match e {
-            ForwarderError::InstanceNotFound(id) => {
-                ApiError::new(ErrorCode::InstanceNotFound, format!("instance {id} not found"))
-            }
+            ForwarderError::InstanceNotFound(id) => ApiError::new(
+                ErrorCode::InstanceNotFound,
+                format!("instance {id} not found"),
+            ),
             ForwarderError::GroupNotFound {
                 instance_id,
                 group_id,

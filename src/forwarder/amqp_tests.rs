@@ -12,7 +12,8 @@ use crate::store::Store;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -55,8 +56,14 @@ impl Rabbit {
 pub(crate) async fn rabbit_or_skip(test: &str) -> Option<Rabbit> {
     let url = super::testing::amqp_url_or_skip(test).await?;
     let uri: lapin::uri::AMQPUri = url.parse().expect("FLEETGATE_AMQP_URL parses");
-    let conn = Connection::connect(&url, ConnectionProperties::default()).await.expect("connect");
-    let host = if uri.authority.host == "localhost" { "127.0.0.1".to_string() } else { uri.authority.host.clone() };
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let host = if uri.authority.host == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        uri.authority.host.clone()
+    };
     let addr = tokio::net::lookup_host((host.as_str(), uri.authority.port))
         .await
         .expect("resolve the broker")
@@ -105,7 +112,12 @@ impl Proxy {
                 }
             })
         };
-        Proxy { addr, up, conns, accept }
+        Proxy {
+            addr,
+            up,
+            conns,
+            accept,
+        }
     }
 
     /// Closes every proxied connection and refuses new ones.
@@ -182,7 +194,13 @@ impl Fixture {
         for i in 0..devices {
             let dn = format!("dev{i:04}");
             registry
-                .create_device(&pk, NewDevice { device_name: dn.clone(), ..Default::default() })
+                .create_device(
+                    &pk,
+                    NewDevice {
+                        device_name: dn.clone(),
+                        ..Default::default()
+                    },
+                )
                 .await
                 .unwrap();
             names.push(dn);
@@ -211,7 +229,13 @@ impl Fixture {
     }
 
     pub fn open(&self, url: &str) -> Arc<Forwarder> {
-        Forwarder::open(self.config(url), self.dir.path(), self.registry.clone(), self.metrics.clone()).unwrap()
+        Forwarder::open(
+            self.config(url),
+            self.dir.path(),
+            self.registry.clone(),
+            self.metrics.clone(),
+        )
+        .unwrap()
     }
 
     pub fn queue(&self, gid: &str) -> String {
@@ -224,28 +248,48 @@ impl Fixture {
             format!(r#"{{"id":"{i}","params":{{"Seq":{i}}}}}"#).as_bytes(),
         )
         .unwrap();
-        ForwardMessage::property_post(&self.pk, &self.devices[d], &req, 1_700_000_000_000 + i as i64)
+        ForwardMessage::property_post(
+            &self.pk,
+            &self.devices[d],
+            &req,
+            1_700_000_000_000 + i as i64,
+        )
     }
 
     /// Deletes the test's queues and exchange.
     pub async fn cleanup(&self, groups: &[&str]) {
         let ch = self.rabbit.conn.create_channel().await.unwrap();
         for g in groups {
-            let _ = ch.queue_delete(self.queue(g).into(), QueueDeleteOptions::default()).await;
+            let _ = ch
+                .queue_delete(self.queue(g).into(), QueueDeleteOptions::default())
+                .await;
         }
         let _ = ch
-            .exchange_delete(format!("{}.{}", self.prefix, self.iid).into(), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                format!("{}.{}", self.prefix, self.iid).into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await;
     }
 }
 
 /// A consumer on `queue` (direct to RabbitMQ) that acks and forwards every delivery as
 /// `(consumer tag, delivery)`.
-pub(crate) async fn consume(conn: &Connection, queue: &str, tag: &str, tx: mpsc::UnboundedSender<(String, Delivery)>) {
+pub(crate) async fn consume(
+    conn: &Connection,
+    queue: &str,
+    tag: &str,
+    tx: mpsc::UnboundedSender<(String, Delivery)>,
+) {
     let ch = conn.create_channel().await.unwrap();
     ch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
     let mut consumer = ch
-        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let tag = tag.to_owned();
@@ -261,7 +305,10 @@ pub(crate) async fn consume(conn: &Connection, queue: &str, tag: &str, tx: mpsc:
 }
 
 /// Receives until `n` distinct message ids arrived; returns every delivery (duplicates too).
-pub(crate) async fn collect(rx: &mut mpsc::UnboundedReceiver<(String, Delivery)>, n: usize) -> Vec<(String, Delivery)> {
+pub(crate) async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<(String, Delivery)>,
+    n: usize,
+) -> Vec<(String, Delivery)> {
     let mut all = Vec::new();
     let mut ids = HashSet::new();
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -278,7 +325,11 @@ pub(crate) async fn collect(rx: &mut mpsc::UnboundedReceiver<(String, Delivery)>
 }
 
 pub(crate) fn message_id(d: &Delivery) -> String {
-    d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default()
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
 }
 
 fn header(d: &Delivery, key: &str) -> Option<AMQPValue> {
@@ -300,7 +351,10 @@ fn body(d: &Delivery) -> Value {
 /// `(device, requestId)` of a property-post delivery.
 fn key(d: &Delivery) -> (String, u64) {
     let b = body(d);
-    (b["deviceName"].as_str().unwrap().to_owned(), b["requestId"].as_str().unwrap().parse().unwrap())
+    (
+        b["deviceName"].as_str().unwrap().to_owned(),
+        b["requestId"].as_str().unwrap().parse().unwrap(),
+    )
 }
 
 /// Each device's requestIds, in the order of first arrival, must be increasing.
@@ -319,12 +373,22 @@ fn assert_in_order_per_device(deliveries: &[(String, Delivery)]) {
 }
 
 async fn group(fwd: &Forwarder, iid: &str, gid: &str) {
-    fwd.create_group(iid, NewConsumerGroup { group_id: Some(gid.into()), name: gid.into() }).await.unwrap();
+    fwd.create_group(
+        iid,
+        NewConsumerGroup {
+            group_id: Some(gid.into()),
+            name: gid.into(),
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn two_groups_each_receive_every_message_with_vendor_headers() {
-    let Some(rabbit) = rabbit_or_skip("two_groups_each_receive_every_message_with_vendor_headers").await else {
+    let Some(rabbit) =
+        rabbit_or_skip("two_groups_each_receive_every_message_with_vendor_headers").await
+    else {
         return;
     };
     let fx = Fixture::new(rabbit, 3).await;
@@ -343,7 +407,8 @@ async fn two_groups_each_receive_every_message_with_vendor_headers() {
     }
     let got1 = collect(&mut rx1, N).await;
     let got2 = collect(&mut rx2, N).await;
-    let ids = |v: &[(String, Delivery)]| v.iter().map(|(_, d)| message_id(d)).collect::<HashSet<_>>();
+    let ids =
+        |v: &[(String, Delivery)]| v.iter().map(|(_, d)| message_id(d)).collect::<HashSet<_>>();
     assert_eq!(ids(&got1), ids(&got2), "both groups got the same messages");
     assert_in_order_per_device(&got1);
     assert_in_order_per_device(&got2);
@@ -351,20 +416,37 @@ async fn two_groups_each_receive_every_message_with_vendor_headers() {
     // Envelope and body of one message.
     let d = &got1[0].1;
     let (dn, i) = key(d);
-    assert_eq!(header_str(d, "topic"), format!("/{}/{dn}/thing/event/property/post", fx.pk));
+    assert_eq!(
+        header_str(d, "topic"),
+        format!("/{}/{dn}/thing/event/property/post", fx.pk)
+    );
     assert_eq!(header_str(d, "messageId"), message_id(d));
     assert_eq!(header_str(d, "productKey"), fx.pk);
     assert_eq!(header_str(d, "deviceName"), dn);
     assert_eq!(header_str(d, "instanceId"), fx.iid);
-    assert_eq!(header(d, "generateTime"), Some(AMQPValue::LongLongInt(1_700_000_000_000 + i as i64)));
+    assert_eq!(
+        header(d, "generateTime"),
+        Some(AMQPValue::LongLongInt(1_700_000_000_000 + i as i64))
+    );
     assert_eq!(*d.properties.delivery_mode(), Some(2));
-    assert_eq!(d.properties.content_type().as_ref().map(|s| s.to_string()).as_deref(), Some("application/json"));
-    assert!(message_id(d).parse::<u64>().is_ok(), "numeric like the vendor's: {}", message_id(d));
+    assert_eq!(
+        d.properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some("application/json")
+    );
+    assert!(
+        message_id(d).parse::<u64>().is_ok(),
+        "numeric like the vendor's: {}",
+        message_id(d)
+    );
     let b = body(d);
     assert_eq!(b["productKey"], fx.pk.as_str());
     assert_eq!(b["iotId"], iot_id(&fx.pk, &dn));
-    assert_eq!(b["items"]["Seq"]["value"], i as u64);
-    assert_eq!(b["items"]["Seq"]["time"], 1_700_000_000_000u64 + i as u64);
+    assert_eq!(b["items"]["Seq"]["value"], i);
+    assert_eq!(b["items"]["Seq"]["time"], 1_700_000_000_000u64 + i);
 
     eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
     assert!(fx.metrics.forwarder_published.get() >= N as u64);
@@ -395,7 +477,10 @@ async fn two_consumers_in_one_group_share_the_stream() {
         *per.entry(tag.clone()).or_default() += 1;
     }
     assert_eq!(got.len(), N, "no duplicates without failures");
-    assert!(per.get("a").copied().unwrap_or(0) > 0 && per.get("b").copied().unwrap_or(0) > 0, "{per:?}");
+    assert!(
+        per.get("a").copied().unwrap_or(0) > 0 && per.get("b").copied().unwrap_or(0) > 0,
+        "{per:?}"
+    );
     let details = fwd.group_details(&fx.iid, "shared").await.unwrap();
     assert_eq!(details.consumers, Some(2));
     fwd.shutdown().await;
@@ -404,7 +489,8 @@ async fn two_consumers_in_one_group_share_the_stream() {
 
 #[tokio::test]
 async fn broker_outage_loses_nothing_and_keeps_device_order() {
-    let Some(rabbit) = rabbit_or_skip("broker_outage_loses_nothing_and_keeps_device_order").await else {
+    let Some(rabbit) = rabbit_or_skip("broker_outage_loses_nothing_and_keeps_device_order").await
+    else {
         return;
     };
     let fx = Fixture::new(rabbit, 5).await;
@@ -422,14 +508,19 @@ async fn broker_outage_loses_nothing_and_keeps_device_order() {
         }
         if i == 1000 {
             // Messages enqueued while the broker is away accumulate durably.
-            eventually("disconnect noticed", || fwd.status() != AmqpStatus::Connected).await;
+            eventually("disconnect noticed", || {
+                fwd.status() != AmqpStatus::Connected
+            })
+            .await;
             assert!(!fwd.outbox().unwrap().is_empty());
             proxy.restore();
         }
         fwd.enqueue(fx.post(i % 5, i)).await.unwrap();
     }
     let got = collect(&mut rx, N).await;
-    let want: HashSet<(String, u64)> = (0..N).map(|i| (fx.devices[i % 5].clone(), i as u64)).collect();
+    let want: HashSet<(String, u64)> = (0..N)
+        .map(|i| (fx.devices[i % 5].clone(), i as u64))
+        .collect();
     let have: HashSet<(String, u64)> = got.iter().map(|(_, d)| key(d)).collect();
     assert_eq!(have, want, "every message arrived");
     assert_in_order_per_device(&got);
@@ -477,7 +568,9 @@ async fn restart_with_a_full_outbox_delivers_the_rest() {
 
 #[tokio::test]
 async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
-    let Some(rabbit) = rabbit_or_skip("group_less_instance_drops_returned_messages_and_groups_show_backlog").await else {
+    let Some(rabbit) =
+        rabbit_or_skip("group_less_instance_drops_returned_messages_and_groups_show_backlog").await
+    else {
         return;
     };
     let fx = Fixture::new(rabbit, 1).await;
@@ -487,9 +580,18 @@ async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
     for i in 0..10 {
         fwd.enqueue(fx.post(0, i)).await.unwrap();
     }
-    eventually("returned messages dropped", || fwd.outbox().unwrap().is_empty()).await;
+    eventually("returned messages dropped", || {
+        fwd.outbox().unwrap().is_empty()
+    })
+    .await;
     assert_eq!(fx.metrics.forwarder_returns.get(), 10);
-    assert_eq!(fx.metrics.forwarder_dropped.get_or_create(&[("reason", "no_route")]).get(), 10);
+    assert_eq!(
+        fx.metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "no_route")])
+            .get(),
+        10
+    );
 
     // With a group and no consumer the messages wait in its queue: backlog.
     group(&fwd, &fx.iid, "idle").await;
@@ -498,8 +600,16 @@ async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
     }
     eventually("confirmed", || fwd.outbox().unwrap().is_empty()).await;
     let d = fwd.group_details(&fx.iid, "idle").await.unwrap();
-    assert_eq!((d.backlog, d.consumers, d.amqp.as_str()), (Some(20), Some(0), "connected"));
-    let gauge = || fx.metrics.forwarder_group_backlog.get_or_create(&[("group", format!("{}/idle", fx.iid))]).get();
+    assert_eq!(
+        (d.backlog, d.consumers, d.amqp.as_str()),
+        (Some(20), Some(0), "connected")
+    );
+    let gauge = || {
+        fx.metrics
+            .forwarder_group_backlog
+            .get_or_create(&[("group", format!("{}/idle", fx.iid))])
+            .get()
+    };
     eventually("sampled backlog gauge", || gauge() == 20).await;
 
     // A consumer takes them: the sampler sees a positive consume rate.
@@ -527,14 +637,21 @@ async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
 
 #[tokio::test]
 async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
-    let Some(rabbit) = rabbit_or_skip("rate_limit_throttles_the_publisher_not_the_enqueue").await else {
+    let Some(rabbit) = rabbit_or_skip("rate_limit_throttles_the_publisher_not_the_enqueue").await
+    else {
         return;
     };
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
     group(&fwd, &fx.iid, "g").await;
-    fwd.set_rate_limit(&fx.iid, Some(RateLimit { msgs_per_sec: NonZeroU32::new(20), bytes_per_sec: None }));
+    fwd.set_rate_limit(
+        &fx.iid,
+        Some(RateLimit {
+            msgs_per_sec: NonZeroU32::new(20),
+            bytes_per_sec: None,
+        }),
+    );
     let (tx, mut rx) = mpsc::unbounded_channel();
     consume(&fx.rabbit.conn, &fx.queue("g"), "c", tx).await;
     const N: usize = 60;
@@ -562,18 +679,30 @@ async fn bench_throughput() {
     let Some(rabbit) = rabbit_or_skip("bench_throughput").await else {
         return;
     };
-    let n: usize = std::env::var("FG_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
-    let window: usize = std::env::var("FG_BENCH_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let n: usize = std::env::var("FG_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let window: usize = std::env::var("FG_BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
     let fx = Fixture::new(rabbit, 64).await;
     let body = fx.post(0, 0).body;
 
     // (a) bare lapin: 1,000 confirms in flight, persistent, into a durable queue.
     let bare_queue = format!("{}.bare", fx.prefix);
     let ch = fx.rabbit.conn.create_channel().await.unwrap();
-    ch.queue_declare(bare_queue.as_str().into(), lapin::options::QueueDeclareOptions::durable(), FieldTable::default())
+    ch.queue_declare(
+        bare_queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
     let started = Instant::now();
     let mut inflight = futures_util::stream::FuturesUnordered::new();
     let mut acked = 0usize;
@@ -603,12 +732,20 @@ async fn bench_throughput() {
     }
     let bare = n as f64 / started.elapsed().as_secs_f64();
     assert_eq!(acked, n);
-    let _ = ch.queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
 
     // (b) forwarder, enqueue → confirmed.
     let mut config = fx.config(&fx.rabbit.url.clone());
     config.inflight_window = window;
-    let fwd = Forwarder::open(config.clone(), fx.dir.path(), fx.registry.clone(), fx.metrics.clone()).unwrap();
+    let fwd = Forwarder::open(
+        config.clone(),
+        fx.dir.path(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
     group(&fwd, &fx.iid, "bench").await;
     let started = Instant::now();
@@ -639,7 +776,13 @@ async fn bench_throughput() {
     proxy.cut();
     let mut cut_config = config.clone();
     cut_config.url = Some(fx.rabbit.url_via(proxy.addr));
-    let fwd = Forwarder::open(cut_config, fx.dir.path(), fx.registry.clone(), fx.metrics.clone()).unwrap();
+    let fwd = Forwarder::open(
+        cut_config,
+        fx.dir.path(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
     let mut tasks = Vec::new();
     for d in 0..64 {
         let fwd = fwd.clone();
@@ -656,7 +799,10 @@ async fn bench_throughput() {
     assert_eq!(fwd.outbox().unwrap().len(), n as u64);
     let started = Instant::now();
     proxy.restore();
-    eventually("outbox drained after the outage", || fwd.outbox().unwrap().is_empty()).await;
+    eventually("outbox drained after the outage", || {
+        fwd.outbox().unwrap().is_empty()
+    })
+    .await;
     let drain = n as f64 / started.elapsed().as_secs_f64();
     fwd.shutdown().await;
 

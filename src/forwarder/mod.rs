@@ -157,7 +157,10 @@ impl ForwarderConfig {
             return invalid("amqp.stats_interval_secs", "must be at least 1");
         }
         if self.rate_limit_msgs_per_sec == Some(0) || self.rate_limit_bytes_per_sec == Some(0) {
-            return invalid("amqp.rate_limit", "a rate limit must be at least 1 (omit it for none)");
+            return invalid(
+                "amqp.rate_limit",
+                "a rate limit must be at least 1 (omit it for none)",
+            );
         }
         Ok(())
     }
@@ -265,7 +268,8 @@ pub(crate) struct Limiter {
 impl Limiter {
     fn new(limit: RateLimit) -> Self {
         let clock = DefaultClock::default();
-        let make = |n: NonZeroU32| RateLimiter::direct_with_clock(Quota::per_second(n), clock.clone());
+        let make =
+            |n: NonZeroU32| RateLimiter::direct_with_clock(Quota::per_second(n), clock.clone());
         Limiter {
             msgs: limit.msgs_per_sec.map(make),
             bytes: limit.bytes_per_sec.map(make),
@@ -276,7 +280,8 @@ impl Limiter {
     /// Takes one message of `size` bytes, or says how long to wait.
     pub fn check(&self, size: u64) -> Result<(), Duration> {
         if let Some(m) = &self.msgs {
-            m.check().map_err(|nu| nu.wait_time_from(self.clock.now()))?;
+            m.check()
+                .map_err(|nu| nu.wait_time_from(self.clock.now()))?;
         }
         if let Some(b) = &self.bytes {
             let n = NonZeroU32::new(size.clamp(1, u64::from(u32::MAX)) as u32)
@@ -296,6 +301,9 @@ impl Limiter {
 /// Extra targets for a device's data: `(product_key, device_name, owner_instance) -> instances`.
 /// The owner is always a target; duplicates are ignored.
 pub type RouteHook = Arc<dyn Fn(&str, &str, &str) -> Vec<String> + Send + Sync>;
+
+/// `(instance_id, group_id, exchange, queue)` of a group to declare on a new connection.
+type GroupToDeclare = (String, String, String, String);
 
 /// The broker connection while it is up, shared with the API (group create/delete/inspect).
 pub(crate) struct AmqpLink {
@@ -494,7 +502,10 @@ impl Forwarder {
 
     /// Installs the hook that adds targets beyond the owner (migration data sync).
     pub fn set_route_hook(&self, hook: Option<RouteHook>) {
-        *self.route_hook.write().unwrap_or_else(PoisonError::into_inner) = hook;
+        *self
+            .route_hook
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = hook;
     }
 
     /// Sets (or with `None` removes, falling back to the configured default) the rate limit of
@@ -675,7 +686,7 @@ impl Forwarder {
     fn attach_link(
         &self,
         link: Arc<AmqpLink>,
-    ) -> (Vec<(String, String, String, String)>, Vec<(String, String)>) {
+    ) -> (Vec<GroupToDeclare>, Vec<(String, String)>) {
         let mut st = lock(&self.groups);
         st.link = Some(link);
         let groups = st
@@ -896,7 +907,11 @@ impl Forwarder {
 
     /// Deletes a group: its document now, its queue (with whatever it still holds) in RabbitMQ
     /// now if connected, else on the next connection (tombstone).
-    pub async fn delete_group(&self, instance_id: &str, group_id: &str) -> Result<(), ForwarderError> {
+    pub async fn delete_group(
+        &self,
+        instance_id: &str,
+        group_id: &str,
+    ) -> Result<(), ForwarderError> {
         self.check_instance(instance_id)?;
         self.group(instance_id, group_id)?;
         let id = groups::doc_id(instance_id, group_id);
@@ -928,7 +943,9 @@ impl Forwarder {
         if let Some(link) = link {
             match delete_on(&link, &queue).await {
                 Ok(()) => self.forget_tombstone(&id).await?,
-                Err(e) => tracing::warn!(error = %e, %queue, "queue not deleted yet; retried on the next connection"),
+                Err(e) => {
+                    tracing::warn!(error = %e, %queue, "queue not deleted yet; retried on the next connection")
+                }
             }
         }
         Ok(())
@@ -966,13 +983,24 @@ where
 }
 
 async fn declare_on(link: &AmqpLink, exchange: &str, queue: &str) -> Result<(), lapin::Error> {
-    with_channel(link, |ch| async move { groups::declare_group(&ch, exchange, queue).await }).await
+    with_channel(link, |ch| async move {
+        groups::declare_group(&ch, exchange, queue).await
+    })
+    .await
 }
 
 async fn delete_on(link: &AmqpLink, queue: &str) -> Result<(), lapin::Error> {
-    with_channel(link, |ch| async move { groups::delete_queue(&ch, queue).await }).await
+    with_channel(
+        link,
+        |ch| async move { groups::delete_queue(&ch, queue).await },
+    )
+    .await
 }
 
 async fn inspect_on(link: &AmqpLink, queue: &str) -> Result<(u32, u32), lapin::Error> {
-    with_channel(link, |ch| async move { groups::inspect_queue(&ch, queue).await }).await
+    with_channel(
+        link,
+        |ch| async move { groups::inspect_queue(&ch, queue).await },
+    )
+    .await
 }

@@ -76,8 +76,11 @@ impl NewRow {
 
 /// Bytes a row counts against the bound.
 pub(crate) fn row_size(target: &str, msg: &ForwardMessage) -> u64 {
-    (msg.body.len() + msg.topic.len() + msg.product_key.len() + msg.device_name.len() + target.len())
-        as u64
+    (msg.body.len()
+        + msg.topic.len()
+        + msg.product_key.len()
+        + msg.device_name.len()
+        + target.len()) as u64
         + ROW_OVERHEAD
 }
 
@@ -112,7 +115,10 @@ enum WriterMsg {
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
     /// Rows the broker acknowledged (or that are dropped), with their total size.
-    Delete { seqs: Vec<i64>, bytes: u64 },
+    Delete {
+        seqs: Vec<i64>,
+        bytes: u64,
+    },
     /// Resolves once everything sent before it committed.
     Flush(oneshot::Sender<()>),
     Shutdown,
@@ -332,7 +338,10 @@ impl Outbox {
 
     /// Hands rows whose space was admitted to the writer, in call order; the receiver resolves
     /// once they are committed.
-    pub(crate) fn send_insert(&self, rows: Vec<NewRow>) -> oneshot::Receiver<Result<(), OutboxError>> {
+    pub(crate) fn send_insert(
+        &self,
+        rows: Vec<NewRow>,
+    ) -> oneshot::Receiver<Result<(), OutboxError>> {
         let (reply, rx) = oneshot::channel();
         // If the writer is gone the reply sender is dropped and the receiver reports Closed.
         let _ = self.inner.tx.send(WriterMsg::Insert { rows, reply });
@@ -342,7 +351,9 @@ impl Outbox {
     /// Inserts rows whose space was [`admit`](Self::admit)ted; resolves once committed.
     #[cfg(test)]
     pub(crate) async fn insert(&self, rows: Vec<NewRow>) -> Result<(), OutboxError> {
-        self.send_insert(rows).await.unwrap_or(Err(OutboxError::Closed))
+        self.send_insert(rows)
+            .await
+            .unwrap_or(Err(OutboxError::Closed))
     }
 
     /// Deletes delivered (or dropped) rows; `bytes` is their total [`OutboxRow::size`].
@@ -376,7 +387,11 @@ pub(crate) struct OutboxReader {
 
 impl OutboxReader {
     /// Up to `limit` rows with `seq > after`, in seq order (on a blocking thread).
-    pub async fn read_after(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
@@ -416,6 +431,9 @@ fn read_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<OutboxR
     Ok(rows)
 }
 
+/// Rows of one enqueue with the sender that reports their commit.
+type PendingInsert = (Vec<NewRow>, oneshot::Sender<Result<(), OutboxError>>);
+
 /// Most rows one transaction carries, to bound commit latency.
 const MAX_ROWS_PER_TX: usize = 8192;
 
@@ -429,7 +447,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
                 Err(_) => return,
             },
         };
-        let mut inserts: Vec<(Vec<NewRow>, oneshot::Sender<Result<(), OutboxError>>)> = Vec::new();
+        let mut inserts: Vec<PendingInsert> = Vec::new();
         let mut deletes: Vec<i64> = Vec::new();
         let mut freed = 0u64;
         let mut flushes = Vec::new();
@@ -459,7 +477,6 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
                 Err(_) => break,
             }
         }
-        drop(take);
         let started = std::time::Instant::now();
         let inserted: usize = inserts.iter().map(|(r, _)| r.len()).sum();
         let result = commit(&mut conn, &inserts, &deletes);
@@ -509,7 +526,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
 /// One transaction: every insert, then every delete. Returns the number of rows deleted.
 fn commit(
     conn: &mut Connection,
-    inserts: &[(Vec<NewRow>, oneshot::Sender<Result<(), OutboxError>>)],
+    inserts: &[PendingInsert],
     deletes: &[i64],
 ) -> Result<u64, OutboxError> {
     if inserts.is_empty() && deletes.is_empty() {

@@ -108,7 +108,11 @@ async fn session(
     let result = session_on(fwd, outbox, &link, stop, reached_publishing).await;
     let conn = &link.conn;
     if conn.status().connected() {
-        let reason = if result.is_ok() { "shutdown" } else { "reconnecting" };
+        let reason = if result.is_ok() {
+            "shutdown"
+        } else {
+            "reconnecting"
+        };
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, reason.into())).await;
     }
     result
@@ -230,7 +234,10 @@ impl Deletes {
 
     fn flush(&mut self, outbox: &Outbox) {
         if !self.seqs.is_empty() {
-            outbox.delete(std::mem::take(&mut self.seqs), std::mem::take(&mut self.bytes));
+            outbox.delete(
+                std::mem::take(&mut self.seqs),
+                std::mem::take(&mut self.bytes),
+            );
         }
     }
 }
@@ -435,8 +442,12 @@ pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>)
                         .forwarder_group_consumers
                         .get_or_create(&label)
                         .set(i64::from(consumers));
-                    if let Some(e) = super::lock(&fwd.groups).groups.get_mut(&(iid.clone(), gid.clone())) {
-                        e.rate.record(Instant::now(), super::now_ms(), ready, published);
+                    if let Some(e) = super::lock(&fwd.groups)
+                        .groups
+                        .get_mut(&(iid.clone(), gid.clone()))
+                    {
+                        e.rate
+                            .record(Instant::now(), super::now_ms(), ready, published);
                     }
                 }
                 Err(e) => {
@@ -446,7 +457,9 @@ pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>)
                     tracing::info!(error = %e, %queue, "consumer group queue missing; declaring it");
                     let exchange = fwd.topology.exchange(&iid);
                     // Still a group? It may have been deleted while we looked.
-                    let exists = super::lock(&fwd.groups).groups.contains_key(&(iid.clone(), gid.clone()));
+                    let exists = super::lock(&fwd.groups)
+                        .groups
+                        .contains_key(&(iid.clone(), gid.clone()));
                     if exists && super::declare_on(&link, &exchange, &queue).await.is_ok() {
                         fwd.mark_declared(&iid, &gid);
                     }

@@ -18,8 +18,14 @@ fn body(m: &ForwardMessage) -> Value {
 #[test]
 fn times_render_like_the_vendor() {
     assert_eq!(format_time(0, false), "1970-01-01 00:00:00.000");
-    assert_eq!(format_time(1_700_000_000_123, true), "2023-11-14T22:13:20.123Z");
-    assert_eq!(format_time(951_782_400_000, false), "2000-02-29 00:00:00.000");
+    assert_eq!(
+        format_time(1_700_000_000_123, true),
+        "2023-11-14T22:13:20.123Z"
+    );
+    assert_eq!(
+        format_time(951_782_400_000, false),
+        "2000-02-29 00:00:00.000"
+    );
     assert_eq!(format_time(-1, true), "1969-12-31T23:59:59.999Z");
 }
 
@@ -40,8 +46,14 @@ fn property_post_body_uses_timed_items() {
     assert_eq!(b["productKey"], "pk1");
     assert_eq!(b["deviceName"], "dev1");
     assert_eq!(b["gmtCreate"], 1_700_000_000_500i64);
-    assert_eq!(b["items"]["Temp"], json!({"value": 21.5, "time": 1_700_000_000_500u64}));
-    assert_eq!(b["items"]["Hum"], json!({"value": 40, "time": 1_700_000_000_000u64}));
+    assert_eq!(
+        b["items"]["Temp"],
+        json!({"value": 21.5, "time": 1_700_000_000_500u64})
+    );
+    assert_eq!(
+        b["items"]["Hum"],
+        json!({"value": 40, "time": 1_700_000_000_000u64})
+    );
     assert_ne!(iot_id("pk1", "dev1"), iot_id("pk1", "dev2"));
 }
 
@@ -60,7 +72,14 @@ fn event_status_and_ota_bodies() {
     assert_eq!(b["requestId"], "7");
     assert_eq!(b["type"], "info");
 
-    let s = ForwardMessage::status("pk", "dn", false, Some("10.0.0.9"), 1_700_000_000_000, Some(1_699_999_999_000));
+    let s = ForwardMessage::status(
+        "pk",
+        "dn",
+        false,
+        Some("10.0.0.9"),
+        1_700_000_000_000,
+        Some(1_699_999_999_000),
+    );
     assert_eq!(s.topic, "/as/mqtt/status/pk/dn");
     let b = body(&s);
     assert_eq!(b["status"], "offline");
@@ -86,7 +105,14 @@ fn event_status_and_ota_bodies() {
     );
     assert_eq!(o.topic, "/pk/dn/ota/task/state");
     let b = body(&o);
-    assert_eq!((b["jobId"].as_str(), b["status"].as_str(), b["step"].as_i64()), (Some("j1"), Some("IN_PROGRESS"), Some(42)));
+    assert_eq!(
+        (
+            b["jobId"].as_str(),
+            b["status"].as_str(),
+            b["step"].as_i64()
+        ),
+        (Some("j1"), Some("IN_PROGRESS"), Some(42))
+    );
 }
 
 fn msg(dn: &str, i: usize, body_len: usize) -> ForwardMessage {
@@ -136,7 +162,11 @@ async fn outbox_rows_survive_reopen_in_order_with_stable_ids() {
 
     let outbox = Outbox::open(&path, 1 << 20, metrics).unwrap();
     assert_eq!(outbox.len(), 7);
-    assert_eq!(outbox.bytes(), used, "byte accounting is rebuilt from the file");
+    assert_eq!(
+        outbox.bytes(),
+        used,
+        "byte accounting is rebuilt from the file"
+    );
     let again = outbox.reader().unwrap().read_after(0, 100).await.unwrap();
     assert_eq!(again, rows[3..].to_vec());
     assert_eq!(
@@ -148,7 +178,12 @@ async fn outbox_rows_survive_reopen_in_order_with_stable_ids() {
     let r = row("d", 99, 10);
     outbox.admit(r.size(), Duration::ZERO).await.unwrap();
     outbox.insert(vec![r]).await.unwrap();
-    let last = outbox.reader().unwrap().read_after(seqs[9], 10).await.unwrap();
+    let last = outbox
+        .reader()
+        .unwrap()
+        .read_after(seqs[9], 10)
+        .await
+        .unwrap();
     assert_eq!(last.len(), 1);
     assert!(last[0].seq > seqs[9]);
 }
@@ -156,7 +191,12 @@ async fn outbox_rows_survive_reopen_in_order_with_stable_ids() {
 #[tokio::test]
 async fn full_outbox_applies_back_pressure_then_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(&dir.path().join(OUTBOX_FILE_NAME), 1000, Arc::new(Metrics::new())).unwrap();
+    let outbox = Outbox::open(
+        &dir.path().join(OUTBOX_FILE_NAME),
+        1000,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
     let first = row("d", 0, 600);
     let size = first.size();
     outbox.admit(size, Duration::ZERO).await.unwrap();
@@ -165,7 +205,10 @@ async fn full_outbox_applies_back_pressure_then_refuses() {
     // Full: a second admit waits…
     let waiting = outbox.admit(size, Duration::from_secs(60));
     tokio::pin!(waiting);
-    assert!(waiting.as_mut().now_or_never().is_none(), "the second message must wait for space");
+    assert!(
+        waiting.as_mut().now_or_never().is_none(),
+        "the second message must wait for space"
+    );
     // …until the first is delivered and deleted.
     let rows = outbox.reader().unwrap().read_after(0, 10).await.unwrap();
     outbox.delete(vec![rows[0].seq], rows[0].size());
@@ -173,12 +216,20 @@ async fn full_outbox_applies_back_pressure_then_refuses() {
     assert_eq!(outbox.bytes(), size);
 
     // Still full and nothing gets delivered: refused after the (short) wait.
-    let err = outbox.admit(size, Duration::from_millis(10)).await.unwrap_err();
+    let err = outbox
+        .admit(size, Duration::from_millis(10))
+        .await
+        .unwrap_err();
     assert!(matches!(err, OutboxError::Full { max: 1000, .. }), "{err}");
 
     // A message larger than the whole bound still fits into an empty outbox.
     let dir2 = tempfile::tempdir().unwrap();
-    let empty = Outbox::open(&dir2.path().join(OUTBOX_FILE_NAME), 100, Arc::new(Metrics::new())).unwrap();
+    let empty = Outbox::open(
+        &dir2.path().join(OUTBOX_FILE_NAME),
+        100,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
     empty.admit(5000, Duration::ZERO).await.unwrap();
 }
 
@@ -244,14 +295,23 @@ async fn routing_follows_the_owner_and_the_hook_and_drops_when_full() {
     fwd.set_route_hook(Some(Arc::new(|_pk: &str, _dn: &str, owner: &str| {
         vec![owner.to_string(), "iot-b".to_string()]
     })));
-    assert_eq!(fwd.targets("pk", "dev1"), vec!["iot-a".to_string(), "iot-b".to_string()]);
+    assert_eq!(
+        fwd.targets("pk", "dev1"),
+        vec!["iot-a".to_string(), "iot-b".to_string()]
+    );
 
     fwd.enqueue(msg("dev1", 0, 100)).await.unwrap();
     let outbox = fwd.outbox().unwrap();
     assert_eq!(outbox.len(), 2, "one row per target");
     fwd.set_route_hook(None);
     fwd.enqueue(msg("ghost", 0, 100)).await.unwrap();
-    assert_eq!(metrics.forwarder_dropped.get_or_create(&[("reason", "unknown_device")]).get(), 1);
+    assert_eq!(
+        metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "unknown_device")])
+            .get(),
+        1
+    );
 
     // Fill the outbox: enqueues succeed until the bound, then one waits 20 ms and is dropped.
     let mut stored = 0;
@@ -263,7 +323,13 @@ async fn routing_follows_the_owner_and_the_hook_and_drops_when_full() {
         assert!(stored < 100, "the bound was never reached");
     };
     assert!(matches!(err, ForwarderError::OutboxFull), "{err}");
-    assert_eq!(metrics.forwarder_dropped.get_or_create(&[("reason", "outbox_full")]).get(), 1);
+    assert_eq!(
+        metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "outbox_full")])
+            .get(),
+        1
+    );
     assert!(metrics.forwarder_backpressure_waits.get() >= 1);
     assert!(outbox.bytes() <= 64 * 1024);
     assert_eq!(outbox.len(), 2 + stored as u64);
@@ -278,10 +344,34 @@ fn config_is_validated_with_named_fields() {
         Err(ForwarderError::Invalid { field, .. }) => field,
         other => panic!("{other:?}"),
     };
-    assert_eq!(bad(ForwarderConfig { url: Some("http://x".into()), ..Default::default() }), "amqp.url");
-    assert_eq!(bad(ForwarderConfig { inflight_window: 0, ..Default::default() }), "amqp.inflight_window");
-    assert_eq!(bad(ForwarderConfig { exchange_prefix: "a b".into(), ..Default::default() }), "amqp.exchange_prefix");
-    assert_eq!(bad(ForwarderConfig { rate_limit_msgs_per_sec: Some(0), ..Default::default() }), "amqp.rate_limit");
+    assert_eq!(
+        bad(ForwarderConfig {
+            url: Some("http://x".into()),
+            ..Default::default()
+        }),
+        "amqp.url"
+    );
+    assert_eq!(
+        bad(ForwarderConfig {
+            inflight_window: 0,
+            ..Default::default()
+        }),
+        "amqp.inflight_window"
+    );
+    assert_eq!(
+        bad(ForwarderConfig {
+            exchange_prefix: "a b".into(),
+            ..Default::default()
+        }),
+        "amqp.exchange_prefix"
+    );
+    assert_eq!(
+        bad(ForwarderConfig {
+            rate_limit_msgs_per_sec: Some(0),
+            ..Default::default()
+        }),
+        "amqp.rate_limit"
+    );
 }
 
 #[test]

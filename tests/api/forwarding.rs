@@ -14,7 +14,12 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 fn header(d: &lapin::message::Delivery, key: &str) -> String {
-    match d.properties.headers().as_ref().and_then(|h| h.inner().get(key)) {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key))
+    {
         Some(AMQPValue::LongString(s)) => s.to_string(),
         other => panic!("header {key}: {other:?}"),
     }
@@ -40,7 +45,10 @@ async fn device_traffic_reaches_a_consumer_group() {
         if health["amqp"] == "connected" {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never connected: {health}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never connected: {health}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (status, group) = app
@@ -51,11 +59,18 @@ async fn device_traffic_reaches_a_consumer_group() {
         .await;
     assert_eq!(status, 201, "{group}");
 
-    let rabbit = Connection::connect(&url, ConnectionProperties::default()).await.unwrap();
+    let rabbit = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = rabbit.create_channel().await.unwrap();
     let queue = format!("{prefix}.default.e2e");
     let mut consumer = ch
-        .basic_consume(queue.as_str().into(), "e2e".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            "e2e".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
 
@@ -72,7 +87,9 @@ async fn device_traffic_reaches_a_consumer_group() {
         )
         .await
         .unwrap();
-    device.wait_packet("PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    device
+        .wait_packet("PUBACK", |p| matches!(p, Packet::PubAck(_)))
+        .await;
     device
         .client
         .publish(
@@ -83,7 +100,9 @@ async fn device_traffic_reaches_a_consumer_group() {
         )
         .await
         .unwrap();
-    device.wait_packet("PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    device
+        .wait_packet("PUBACK", |p| matches!(p, Packet::PubAck(_)))
+        .await;
     device.client.disconnect().await.unwrap();
 
     let mut got: Vec<(String, Value)> = Vec::new();
@@ -97,7 +116,10 @@ async fn device_traffic_reaches_a_consumer_group() {
         assert_eq!(header(&d, "productKey"), pk);
         assert_eq!(header(&d, "deviceName"), "sensor01");
         assert_eq!(header(&d, "instanceId"), "default");
-        got.push((header(&d, "topic"), serde_json::from_slice(&d.data).unwrap()));
+        got.push((
+            header(&d, "topic"),
+            serde_json::from_slice(&d.data).unwrap(),
+        ));
     }
     let topics: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(
@@ -118,18 +140,31 @@ async fn device_traffic_reaches_a_consumer_group() {
     assert_eq!(got[2].1["value"], json!({"t": 99}));
     assert_eq!(got[3].1["status"], "offline");
 
-    let (status, details) = app.get("/api/v1/instances/default/consumer-groups/e2e").await;
+    let (status, details) = app
+        .get("/api/v1/instances/default/consumer-groups/e2e")
+        .await;
     assert_eq!(status, 200, "{details}");
     assert_eq!(details["consumers"], 1);
     assert_eq!(details["backlog"], 0);
     let metrics = app.metrics().await;
-    assert!(metrics.contains("fleetgate_forwarder_published_total"), "{metrics}");
+    assert!(
+        metrics.contains("fleetgate_forwarder_published_total"),
+        "{metrics}"
+    );
 
     let (status, _) = app
-        .request(reqwest::Method::DELETE, "/api/v1/instances/default/consumer-groups/e2e", None, Some(ADMIN_TOKEN))
+        .request(
+            reqwest::Method::DELETE,
+            "/api/v1/instances/default/consumer-groups/e2e",
+            None,
+            Some(ADMIN_TOKEN),
+        )
         .await;
     assert_eq!(status, 204);
     let _ = ch
-        .exchange_delete(format!("{prefix}.default").into(), ExchangeDeleteOptions::default())
+        .exchange_delete(
+            format!("{prefix}.default").into(),
+            ExchangeDeleteOptions::default(),
+        )
         .await;
 }
