@@ -683,10 +683,7 @@ impl Forwarder {
     /// `(exchange, queue)` and every tombstone `(doc id, queue)`. Done under the groups lock so a
     /// group created concurrently is either in this snapshot or sees the link and declares
     /// itself.
-    fn attach_link(
-        &self,
-        link: Arc<AmqpLink>,
-    ) -> (Vec<GroupToDeclare>, Vec<(String, String)>) {
+    fn attach_link(&self, link: Arc<AmqpLink>) -> (Vec<GroupToDeclare>, Vec<(String, String)>) {
         let mut st = lock(&self.groups);
         st.link = Some(link);
         let groups = st
