@@ -19,8 +19,10 @@
 //!   is full it waits (back-pressure, up to `full_wait`) for deletes to free space, then refuses
 //!   (the caller drops the message and counts it). A message larger than the whole bound is
 //!   still admitted into an empty outbox, so nothing is unforwardable by size alone.
-//! - Durability: `synchronous=FULL`, so "enqueue resolved" survives power loss too, which is
-//!   what lets the broker PUBACK the device after it.
+//! - Durability: `synchronous=FULL` for every transaction holding inserts, so "enqueue resolved"
+//!   survives power loss too, which is what lets the broker PUBACK the device after it.
+//!   Transactions of deletes only use `NORMAL` (no WAL fsync): losing one on power loss just
+//!   means those rows are delivered again, which at-least-once allows.
 
 use super::message::{ForwardMessage, MessageKind};
 use crate::metrics::Metrics;
@@ -439,6 +441,8 @@ const MAX_ROWS_PER_TX: usize = 8192;
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Shared>) {
     let mut carried: Option<WriterMsg> = None;
+    // `synchronous` currently set on the connection (FULL at open).
+    let mut full_sync = true;
     loop {
         let first = match carried.take() {
             Some(m) => m,
@@ -479,7 +483,23 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
         }
         let started = std::time::Instant::now();
         let inserted: usize = inserts.iter().map(|(r, _)| r.len()).sum();
-        let result = commit(&mut conn, &inserts, &deletes);
+        // Inserts need FULL (an enqueue resolving means durable even on power loss). A
+        // transaction of deletes only may be lost on power loss without harm — the rows are
+        // then simply delivered again (at-least-once) — so it skips the WAL fsync.
+        let want_full = !inserts.is_empty();
+        let mut sync_error = None;
+        if want_full != full_sync {
+            let level = if want_full { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", level) {
+                Ok(()) => full_sync = want_full,
+                Err(e) => sync_error = Some(OutboxError::from(e)),
+            }
+        }
+        let result = match sync_error {
+            // Never commit an insert with less than FULL; a deletes-only batch may go either way.
+            Some(e) if want_full => Err(e),
+            _ => commit(&mut conn, &inserts, &deletes),
+        };
         shared
             .metrics
             .forwarder_outbox_commit_seconds
