@@ -4,8 +4,9 @@
 //!
 //! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
 //! default base of firmware download links) → firmware repository → forwarder (consumer groups;
-//! with an AMQP URL also its outbox and publisher) → broker router → ingest → listeners and HTTP
-//! serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
+//! reloaded, every timer re-armed) → ingest → listeners and HTTP serving. Stop order is the
+//! reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
@@ -13,7 +14,7 @@ use crate::config::Settings;
 use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::ota::FirmwareRepo;
+use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
 use crate::registry::Registry;
 use crate::store::Store;
 use anyhow::Context;
@@ -30,6 +31,7 @@ pub struct Application {
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
     forwarder: Arc<Forwarder>,
+    ota: OtaEngine,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
@@ -104,8 +106,26 @@ impl Application {
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
+        let ota = OtaEngine::open(
+            registry.clone(),
+            firmware.clone(),
+            Arc::new(downlink.clone()),
+            Arc::new(SystemClock),
+            EngineConfig {
+                connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
+                download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
+                progress_flush_ms: settings.ota.progress_flush_ms as i64,
+                ..EngineConfig::default()
+            },
+            metrics.clone(),
+        )
+        .context("cannot load the OTA jobs")?;
+        // OTA task state changes are forwarded to consumer groups (no-op with forwarding off).
+        ota.set_event_sink(forwarder.ota_event_sink());
+        ota.start();
         let ingest = Arc::new(
             Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
+                .with_ota(ota.clone())
                 .with_forwarder(forwarder.clone()),
         );
         let broker = broker
@@ -139,6 +159,7 @@ impl Application {
             metrics: metrics.clone(),
             tokens: Arc::new(tokens),
             firmware: firmware.clone(),
+            ota: Some(ota.clone()),
             health: Arc::new(health_info),
             on_device_revoked: {
                 let downlink = downlink.clone();
@@ -194,6 +215,7 @@ impl Application {
             registry,
             firmware,
             forwarder,
+            ota,
             metrics,
             http_addr,
             http_stop,
@@ -227,6 +249,11 @@ impl Application {
         &self.firmware
     }
 
+    /// The OTA engine (jobs, tasks, task events for the forwarder).
+    pub fn ota(&self) -> &OtaEngine {
+        &self.ota
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -256,8 +283,10 @@ impl Application {
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
-        // After the broker: no device can enqueue any more. Confirms in flight get a few
-        // seconds; whatever is left stays in the outbox for the next start.
+        // After the broker: no device event can reach the engine any more.
+        self.ota.shutdown().await;
+        // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
+        // get a few seconds; whatever is left stays in the outbox for the next start.
         self.forwarder.shutdown().await;
         self.registry
             .flush()

@@ -101,6 +101,11 @@ pub struct OtaSettings {
     pub max_firmware_bytes: u64,
     /// How long a firmware download link sent to a device stays valid, seconds (default 24 h).
     pub download_url_ttl_secs: u64,
+    /// After a device connects, wait this long before pushing an upgrade to it, ms (it
+    /// subscribes after the CONNACK; a version report from the device ends the wait early).
+    pub connect_push_delay_ms: u64,
+    /// Progress-percent updates are written in batches this often, ms.
+    pub progress_flush_ms: u64,
 }
 
 impl Default for OtaSettings {
@@ -108,6 +113,8 @@ impl Default for OtaSettings {
         OtaSettings {
             max_firmware_bytes: 256 * 1024 * 1024,
             download_url_ttl_secs: 24 * 3600,
+            connect_push_delay_ms: 1_000,
+            progress_flush_ms: 200,
         }
     }
 }
@@ -340,6 +347,18 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 field: "ota.download_url_ttl_secs",
                 message: "must be at least 60 (devices need time to start the download)".into(),
+            });
+        }
+        if self.ota.connect_push_delay_ms > 60_000 {
+            return Err(ConfigError::Invalid {
+                field: "ota.connect_push_delay_ms",
+                message: "must be at most 60000".into(),
+            });
+        }
+        if !(10..=10_000).contains(&self.ota.progress_flush_ms) {
+            return Err(ConfigError::Invalid {
+                field: "ota.progress_flush_ms",
+                message: "must be 10..=10000".into(),
             });
         }
         if let Err(ForwarderError::Invalid { field, message }) =

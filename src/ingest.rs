@@ -3,8 +3,13 @@
 //! publish is parsed with the shared protocol crate, applied to the registry and answered on
 //! its `_reply` topic where the protocol has one.
 //!
+//! OTA (when an [`OtaEngine`] is attached with [`Ingest::with_ota`]): a version report goes to
+//! the registry, then to the engine (success, wrong version, DYNAMIC jobs); progress goes to the
+//! engine; `firmware/get` is answered with the device's pending upgrade; a connect releases
+//! pushes queued while the device was offline.
+//!
 //! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publish`] returns, so a version
-//! report that was acknowledged is durable. Malformed payloads are counted, answered with an
+//! report (or an OTA state change from a progress report) that was acknowledged is durable. Malformed payloads are counted, answered with an
 //! error code where there is a reply topic, and change nothing.
 //!
 //! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
@@ -18,6 +23,7 @@ use crate::broker::{DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, 
 use crate::clock::now_ms;
 use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
 use crate::metrics::Metrics;
+use crate::ota::OtaEngine;
 use crate::registry::Registry;
 use bytes::Bytes;
 use fleetgate_topics::{
@@ -33,6 +39,7 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     /// Present and enabled only when AMQP forwarding is on.
     forwarder: Option<Arc<Forwarder>>,
+    ota: Option<OtaEngine>,
 }
 
 impl Ingest {
@@ -42,7 +49,14 @@ impl Ingest {
             downlink,
             metrics,
             forwarder: None,
+            ota: None,
         }
+    }
+
+    /// Routes OTA traffic (version reports, progress, `firmware/get`, connects) to `ota`.
+    pub fn with_ota(mut self, ota: OtaEngine) -> Self {
+        self.ota = Some(ota);
+        self
     }
 
     /// Forwards device data through `forwarder` (ignored while forwarding is off).
@@ -72,7 +86,7 @@ impl Ingest {
         };
         let d = &session.device;
         let ip = session.client_ip().to_string();
-        let pending = fwd.enqueue(ForwardMessage::status(
+        fwd.enqueue_detached(ForwardMessage::status(
             &d.product_key,
             &d.device_name,
             online,
@@ -80,13 +94,6 @@ impl Ingest {
             at_ms,
             last_ms,
         ));
-        tokio::spawn(async move {
-            if let Err(error) = pending.await {
-                if !matches!(error, ForwarderError::OutboxFull) {
-                    tracing::error!(%error, "cannot store a status message for forwarding");
-                }
-            }
-        });
     }
 
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
@@ -151,22 +158,52 @@ impl Ingest {
                         .await
                     {
                         tracing::warn!(%error, pk = topic.product_key(), dn = topic.device_name(), "version report not stored");
+                    } else if let Some(ota) = &self.ota {
+                        ota.on_version(
+                            topic.product_key(),
+                            topic.device_name(),
+                            &p.module,
+                            &p.version,
+                        )
+                        .await;
                     }
                 }
                 Err(e) => self.malformed(kind, session, &e),
             },
-            TopicKind::Progress => {
-                // Validated and counted; the OTA engine (not built yet) is where progress matters.
-                if let Err(e) = ProgressRequest::parse(payload) {
-                    self.malformed(kind, session, &e);
+            TopicKind::Progress => match ProgressRequest::parse(payload) {
+                Ok(req) => {
+                    if let Some(ota) = &self.ota {
+                        ota.on_progress(
+                            topic.product_key(),
+                            topic.device_name(),
+                            &req.params.module,
+                            req.params.step,
+                        )
+                        .await;
+                    }
                 }
-            }
+                Err(e) => self.malformed(kind, session, &e),
+            },
             TopicKind::FirmwareGet => {
                 let reply = match FirmwareGetRequest::parse(payload) {
-                    // No OTA engine yet, so no device has a pending upgrade.
-                    Ok(req) => FirmwareGetReply::NoUpgrade {
-                        id: req.id.as_str().to_owned(),
-                    },
+                    Ok(req) => {
+                        let pending = match &self.ota {
+                            Some(ota) => {
+                                ota.pending_upgrade(
+                                    topic.product_key(),
+                                    topic.device_name(),
+                                    req.module(),
+                                )
+                                .await
+                            }
+                            None => None,
+                        };
+                        let id = req.id.as_str().to_owned();
+                        match pending {
+                            Some(data) => FirmwareGetReply::Upgrade { id, data },
+                            None => FirmwareGetReply::NoUpgrade { id },
+                        }
+                    }
                     Err(e) => {
                         self.malformed(kind, session, &e);
                         FirmwareGetReply::Error {
@@ -242,6 +279,12 @@ impl DeviceHooks for Ingest {
             session.client_ip(),
             session.connected_at_ms,
         );
+        if let Some(ota) = &self.ota {
+            // Off the connection's path: the CONNACK must not wait for OTA bookkeeping.
+            let ota = ota.clone();
+            let (pk, dn) = (d.product_key.clone(), d.device_name.clone());
+            tokio::spawn(async move { ota.device_online(&pk, &dn).await });
+        }
     }
 
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason) {

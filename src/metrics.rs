@@ -68,6 +68,18 @@ pub struct Metrics {
     pub forwarder_group_backlog: Family<[(&'static str, String); 1], Gauge>,
     /// Consumers attached to each consumer group's queue, sampled periodically.
     pub forwarder_group_consumers: Family<[(&'static str, String); 1], Gauge>,
+    /// OTA tasks by status (`CONFIRM`, `QUEUED`, …, `CANCELED`).
+    pub ota_tasks: Family<Labels, Gauge>,
+    /// OTA upgrade deliveries by kind (`push`, `pull`); re-pushes count as `push`.
+    pub ota_pushes: Family<Labels, Counter>,
+    /// OTA tasks that FAILED, by reason (`DOWNLOAD_FAILED`, `TIMEOUT`, …).
+    pub ota_failures: Family<Labels, Counter>,
+    /// OTA tasks that failed with TIMEOUT (including stalls).
+    pub ota_timeouts: Counter,
+    /// OTA retries scheduled.
+    pub ota_retries: Counter,
+    /// OTA progress reports by outcome (`applied`, `ignored`, `no_task`).
+    pub ota_progress: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -99,6 +111,12 @@ impl Metrics {
             forwarder_rate_limited: Counter::default(),
             forwarder_group_backlog: Family::default(),
             forwarder_group_consumers: Family::default(),
+            ota_tasks: Family::default(),
+            ota_pushes: Family::default(),
+            ota_failures: Family::default(),
+            ota_timeouts: Counter::default(),
+            ota_retries: Counter::default(),
+            ota_progress: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -225,6 +243,32 @@ impl Metrics {
             "forwarder_group_consumers",
             "Consumers attached to each consumer group's queue",
             m.forwarder_group_consumers.clone(),
+        );
+        registry.register("ota_tasks", "OTA tasks by status", m.ota_tasks.clone());
+        registry.register(
+            "ota_pushes",
+            "OTA upgrade deliveries by kind (push, pull)",
+            m.ota_pushes.clone(),
+        );
+        registry.register(
+            "ota_failures",
+            "OTA tasks failed, by reason",
+            m.ota_failures.clone(),
+        );
+        registry.register(
+            "ota_timeouts",
+            "OTA tasks failed with TIMEOUT (including stalls)",
+            m.ota_timeouts.clone(),
+        );
+        registry.register(
+            "ota_retries",
+            "OTA retries scheduled",
+            m.ota_retries.clone(),
+        );
+        registry.register(
+            "ota_progress",
+            "OTA progress reports by outcome",
+            m.ota_progress.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -80,11 +80,17 @@ pub enum ErrorCode {
     DownloadForbidden,
     /// FG.3005: the firmware package is used by an unfinished OTA job.
     FirmwareInUse,
+    /// FG.3101: no such OTA job.
+    OtaJobNotFound,
+    /// FG.3102: the device has no task in this OTA job.
+    OtaTaskNotFound,
+    /// FG.3103: an UPGRADE_FIRMWARE job for a package that is not VERIFIED, without `force`.
+    FirmwareNotVerified,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -113,6 +119,9 @@ impl ErrorCode {
         ErrorCode::FirmwareExists,
         ErrorCode::DownloadForbidden,
         ErrorCode::FirmwareInUse,
+        ErrorCode::OtaJobNotFound,
+        ErrorCode::OtaTaskNotFound,
+        ErrorCode::FirmwareNotVerified,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -146,6 +155,9 @@ impl ErrorCode {
             ErrorCode::FirmwareExists => "FG.3003",
             ErrorCode::DownloadForbidden => "FG.3004",
             ErrorCode::FirmwareInUse => "FG.3005",
+            ErrorCode::OtaJobNotFound => "FG.3101",
+            ErrorCode::OtaTaskNotFound => "FG.3102",
+            ErrorCode::FirmwareNotVerified => "FG.3103",
         }
     }
 
@@ -164,7 +176,9 @@ impl ErrorCode {
             | ErrorCode::ProductNotFound
             | ErrorCode::DeviceNotFound
             | ErrorCode::ConsumerGroupNotFound
-            | ErrorCode::FirmwareNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::FirmwareNotFound
+            | ErrorCode::OtaJobNotFound
+            | ErrorCode::OtaTaskNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
@@ -172,7 +186,8 @@ impl ErrorCode {
             | ErrorCode::DeviceExists
             | ErrorCode::ConsumerGroupExists
             | ErrorCode::FirmwareExists
-            | ErrorCode::FirmwareInUse => StatusCode::CONFLICT,
+            | ErrorCode::FirmwareInUse
+            | ErrorCode::FirmwareNotVerified => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems | ErrorCode::FirmwareTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -217,6 +232,11 @@ impl ErrorCode {
                 "firmware download link missing its token, tampered with or expired"
             }
             ErrorCode::FirmwareInUse => "firmware package used by an unfinished OTA job",
+            ErrorCode::OtaJobNotFound => "OTA job not found",
+            ErrorCode::OtaTaskNotFound => "the device has no task in this OTA job",
+            ErrorCode::FirmwareNotVerified => {
+                "firmware not VERIFIED (verify it or set force: true)"
+            }
         }
     }
 

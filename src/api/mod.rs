@@ -26,6 +26,7 @@ mod devices;
 mod firmware;
 mod instances;
 mod openapi;
+mod ota;
 mod products;
 mod system;
 #[cfg(test)]
@@ -47,7 +48,7 @@ pub use openapi::ApiDoc;
 
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
-use crate::ota::FirmwareRepo;
+use crate::ota::{FirmwareRepo, OtaEngine};
 use crate::registry::{Paged, Registry};
 
 /// Default request body limit: generous for a 10,000-row CSV batch, small enough to refuse a
@@ -69,6 +70,9 @@ pub struct ApiState {
     pub tokens: Arc<TokenSet>,
     /// Firmware packages and their signed downloads.
     pub firmware: Arc<FirmwareRepo>,
+    /// OTA jobs and tasks; `None` only in API tests that do not use OTA (the `/api/v1/ota`
+    /// routes then answer 500).
+    pub ota: Option<OtaEngine>,
     /// Extra fields for `/healthz`; an object's keys are merged after `"status":"ok"`.
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
@@ -92,6 +96,7 @@ impl ApiState {
             metrics,
             tokens,
             firmware,
+            ota: None,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
             forwarder: None,
@@ -100,6 +105,12 @@ impl ApiState {
 
     pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
         self.forwarder = Some(forwarder);
+        self
+    }
+
+    /// Serves the OTA routes with `ota`.
+    pub fn with_ota(mut self, ota: OtaEngine) -> Self {
+        self.ota = Some(ota);
         self
     }
 
@@ -217,7 +228,46 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
                 .layer(DefaultBodyLimit::max(upload_limit))
                 .get(firmware::list_firmware),
         )
-        .route("/api/v1/firmware/{fid}", get(firmware::get_firmware))
+        .route(
+            "/api/v1/firmware/{fid}",
+            get(firmware::get_firmware).delete(ota::delete_firmware),
+        )
+        .route("/api/v1/firmware/{fid}/jobs", get(ota::jobs_by_firmware))
+        .route(
+            "/api/v1/firmware/{fid}/statistics",
+            get(ota::firmware_statistics),
+        )
+        .route(
+            "/api/v1/ota/jobs",
+            post(ota::create_job).get(ota::list_jobs),
+        )
+        .route("/api/v1/ota/jobs/{jid}", get(ota::get_job))
+        .route("/api/v1/ota/jobs/{jid}/tasks", get(ota::list_tasks))
+        .route(
+            "/api/v1/ota/jobs/{jid}/tasks/cancel",
+            post(ota::cancel_tasks),
+        )
+        .route("/api/v1/ota/jobs/{jid}/tasks/{dn}", get(ota::get_task))
+        .route("/api/v1/ota/jobs/{jid}/cancel", post(ota::cancel_job))
+        .route("/api/v1/ota/jobs/{jid}/confirm", post(ota::confirm))
+        .route("/api/v1/ota/jobs/{jid}/pause", post(ota::pause_job))
+        .route("/api/v1/ota/jobs/{jid}/resume", post(ota::resume_job))
+        .route(
+            "/api/v1/ota/jobs/{jid}/statistics",
+            get(ota::job_statistics),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/ota/jobs",
+            get(ota::jobs_by_device),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/ota/timeline",
+            get(ota::device_timeline),
+        )
+        .route(
+            "/api/v1/products/{pk}/ota/versions",
+            get(ota::version_distribution),
+        )
         .route(
             "/api/v1/firmware/{fid}/download-url",
             get(firmware::get_download_url),

@@ -11,9 +11,20 @@ use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
 use super::error::{ErrorBody, ErrorCode};
 use super::firmware::{DownloadUrl, FirmwareUploadForm};
 use super::instances::CreateInstanceRequest;
+use super::ota::{
+    CancelJobRequest, CancelTasksRequest, ChangedCount, ConfirmRequest, JobStatisticsView,
+    JobUploadForm,
+};
 use super::products::{CreateProductRequest, ProductSummary};
-use super::{batch, consumer_groups, devices, firmware, instances, products, system};
+use super::{batch, consumer_groups, devices, firmware, instances, ota, products, system};
 use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
+use crate::ota::engine::{DeviceJob, FirmwareStatistics, TimelineEntry};
+use crate::ota::model::{
+    AbortAction, AbortSpec, HistoryEntry, Job, JobSpec, JobStatistics, JobStatus, JobType, JobView,
+    RampSpec, RateSpec, Selection, TagFilter, TargetKind, TaskCounters, TaskView, VersionCount,
+    VersionDistribution,
+};
+use crate::ota::{FailureReason, QueueReason, TaskEvent, TaskStatus};
 use crate::ota::{FirmwarePackage, FirmwareStatus};
 use crate::registry::{Device, Instance, Product};
 
@@ -52,6 +63,23 @@ use crate::registry::{Device, Instance, Product};
         firmware::get_firmware,
         firmware::get_download_url,
         firmware::download_firmware,
+        ota::delete_firmware,
+        ota::create_job,
+        ota::list_jobs,
+        ota::get_job,
+        ota::list_tasks,
+        ota::get_task,
+        ota::cancel_job,
+        ota::confirm,
+        ota::pause_job,
+        ota::resume_job,
+        ota::cancel_tasks,
+        ota::job_statistics,
+        ota::jobs_by_firmware,
+        ota::firmware_statistics,
+        ota::jobs_by_device,
+        ota::device_timeline,
+        ota::version_distribution,
     ),
     components(schemas(
         ErrorBody,
@@ -76,6 +104,37 @@ use crate::registry::{Device, Instance, Product};
         FirmwareStatus,
         FirmwareUploadForm,
         DownloadUrl,
+        JobSpec,
+        JobType,
+        Selection,
+        TargetKind,
+        TagFilter,
+        RateSpec,
+        RampSpec,
+        AbortSpec,
+        AbortAction,
+        Job,
+        JobStatus,
+        JobView,
+        TaskCounters,
+        TaskView,
+        TaskStatus,
+        QueueReason,
+        FailureReason,
+        HistoryEntry,
+        JobStatistics,
+        JobStatisticsView,
+        FirmwareStatistics,
+        DeviceJob,
+        TimelineEntry,
+        VersionDistribution,
+        VersionCount,
+        TaskEvent,
+        JobUploadForm,
+        CancelJobRequest,
+        CancelTasksRequest,
+        ConfirmRequest,
+        ChangedCount,
     )),
     modifiers(&Conventions),
     tags(
@@ -85,6 +144,7 @@ use crate::registry::{Device, Instance, Product};
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
         (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
+        (name = "ota", description = "OTA jobs: per-device tasks with timeouts, retries, push rate, cancel/confirm, statistics"),
     )
 )]
 pub struct ApiDoc;

@@ -63,6 +63,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
         metrics: metrics.clone(),
         tokens: Arc::new(tokens),
         firmware: firmware.clone(),
+        ota: None,
         health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
@@ -1014,6 +1015,23 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/firmware/{fid}", "get"),
         ("/api/v1/firmware/{fid}/download-url", "get"),
         ("/firmware/{fid}/download", "get"),
+        ("/api/v1/firmware/{fid}", "delete"),
+        ("/api/v1/firmware/{fid}/jobs", "get"),
+        ("/api/v1/firmware/{fid}/statistics", "get"),
+        ("/api/v1/ota/jobs", "post"),
+        ("/api/v1/ota/jobs", "get"),
+        ("/api/v1/ota/jobs/{jid}", "get"),
+        ("/api/v1/ota/jobs/{jid}/tasks", "get"),
+        ("/api/v1/ota/jobs/{jid}/tasks/{dn}", "get"),
+        ("/api/v1/ota/jobs/{jid}/tasks/cancel", "post"),
+        ("/api/v1/ota/jobs/{jid}/cancel", "post"),
+        ("/api/v1/ota/jobs/{jid}/confirm", "post"),
+        ("/api/v1/ota/jobs/{jid}/pause", "post"),
+        ("/api/v1/ota/jobs/{jid}/resume", "post"),
+        ("/api/v1/ota/jobs/{jid}/statistics", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}/ota/jobs", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}/ota/timeline", "get"),
+        ("/api/v1/products/{pk}/ota/versions", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -1023,7 +1041,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        18,
+        33,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

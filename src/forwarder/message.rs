@@ -7,11 +7,12 @@
 //! | property post | `/{pk}/{dn}/thing/event/property/post` | `{iotId, requestId, productKey, deviceName, gmtCreate, deviceType, items:{Prop:{value,time}}}` |
 //! | event post | `/{pk}/{dn}/thing/event/{identifier}/post` | `{identifier, name, type, value:{…}, time, iotId, productKey, deviceName, requestId, gmtCreate}` |
 //! | online/offline | `/as/mqtt/status/{pk}/{dn}` | `{status, iotId, productKey, deviceName, time, utcTime, lastTime, utcLastTime, clientIp}` |
-//! | OTA task state | `/{pk}/{dn}/ota/task/state` (fleetgate's own; the vendor pushes OTA state on a region topic) | `{iotId, productKey, deviceName, jobId, taskId, moduleName, status, srcVersion, destVersion, step, desc, gmtCreate}` |
+//! | OTA task state | `/{pk}/{dn}/ota/task/state` (fleetgate's own; the vendor pushes OTA state on a region topic) | `{iotId, productKey, deviceName, jobId, firmwareId, moduleName, destVersion, fromStatus, status, event, desc, step, attempt, gmtCreate}` |
 //!
 //! The AMQP-level envelope (message id, headers, delivery mode) is added by the publisher from
 //! the outbox row, see `publisher::properties`.
 
+use crate::ota::TaskEvent;
 use fleetgate_topics::{EventPostRequest, PropertyPostRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -71,21 +72,51 @@ pub fn iot_id(product_key: &str, device_name: &str) -> String {
     hex::encode(&digest[..10])
 }
 
-/// An OTA task state change, as the OTA engine reports it to the forwarder.
+/// An OTA task state change, as the forwarder sends it (built from the OTA engine's
+/// [`TaskEvent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct OtaTaskStateChange {
     pub job_id: String,
-    pub task_id: String,
+    pub firmware_id: String,
     /// Firmware module (`default` when the device named none).
     pub module: String,
-    /// The task state, e.g. `QUEUED`, `NOTIFIED`, `IN_PROGRESS`, `SUCCEEDED`, `FAILED`, `CANCELED`.
-    pub status: String,
-    pub src_version: Option<String>,
     pub dest_version: String,
-    /// Last progress step the device reported (1..100, or -1..-4 for failures).
-    pub step: Option<i32>,
-    /// Free text: failure reason or the device's progress description.
-    pub desc: Option<String>,
+    /// The state before (`CONFIRM`, `QUEUED`, `NOTIFIED`, `IN_PROGRESS`, …).
+    pub from_status: String,
+    /// The state now.
+    pub status: String,
+    /// What happened (`pushed`, `failed`, `retry_scheduled`, …).
+    pub event: String,
+    /// Failure or queue reason, or free text.
+    pub reason: Option<String>,
+    /// Last progress percent the device reported.
+    pub progress: Option<u8>,
+    pub attempt: u32,
+}
+
+impl From<&TaskEvent> for OtaTaskStateChange {
+    fn from(e: &TaskEvent) -> Self {
+        let coded =
+            |v: serde_json::Result<Value>| v.ok().and_then(|v| v.as_str().map(str::to_owned));
+        let reason = e
+            .failure
+            .map(|f| coded(serde_json::to_value(f)))
+            .or_else(|| e.queue_reason.map(|q| coded(serde_json::to_value(q))))
+            .flatten()
+            .or_else(|| e.reason.clone());
+        OtaTaskStateChange {
+            job_id: e.job_id.clone(),
+            firmware_id: e.firmware_id.clone(),
+            module: e.module.clone(),
+            dest_version: e.dest_version.clone(),
+            from_status: e.from_state.as_str().to_owned(),
+            status: e.to_state.as_str().to_owned(),
+            event: e.event.clone(),
+            reason,
+            progress: e.progress,
+            attempt: e.attempt,
+        }
+    }
 }
 
 impl ForwardMessage {
@@ -204,7 +235,7 @@ impl ForwardMessage {
         )
     }
 
-    /// An OTA task of the device changed state.
+    /// An OTA task of the device changed state (see [`ForwardMessage::ota_task_event`]).
     pub fn ota_task_state(
         product_key: &str,
         device_name: &str,
@@ -216,13 +247,15 @@ impl ForwardMessage {
             "productKey": product_key,
             "deviceName": device_name,
             "jobId": change.job_id,
-            "taskId": change.task_id,
+            "firmwareId": change.firmware_id,
             "moduleName": change.module,
-            "status": change.status,
-            "srcVersion": change.src_version,
             "destVersion": change.dest_version,
-            "step": change.step,
-            "desc": change.desc,
+            "fromStatus": change.from_status,
+            "status": change.status,
+            "event": change.event,
+            "desc": change.reason,
+            "step": change.progress,
+            "attempt": change.attempt,
             "gmtCreate": at_ms,
         });
         Self::new(
@@ -233,6 +266,13 @@ impl ForwardMessage {
             at_ms,
             body,
         )
+    }
+}
+
+impl ForwardMessage {
+    /// The message for one OTA engine event.
+    pub fn ota_task_event(e: &TaskEvent) -> Self {
+        Self::ota_task_state(&e.product_key, &e.device_name, &e.into(), e.at_ms)
     }
 }
 

@@ -634,6 +634,38 @@ impl Forwarder {
         }
     }
 
+    /// Enqueues `msg` from synchronous code that must not wait (connection callbacks, the OTA
+    /// engine's event sink): the rows reach the outbox writer during the call (when it has
+    /// room), the commit and any back-pressure wait finish in a spawned task.
+    pub fn enqueue_detached(&self, msg: ForwardMessage) {
+        if !self.enabled() {
+            return;
+        }
+        let pending = self.enqueue(msg);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    match pending.await {
+                        Ok(()) | Err(ForwarderError::OutboxFull) => {}
+                        Err(error) => {
+                            tracing::error!(%error, "cannot store a message for forwarding")
+                        }
+                    }
+                });
+            }
+            Err(_) => tracing::error!("enqueue_detached outside a tokio runtime; message dropped"),
+        }
+    }
+
+    /// The OTA engine's event sink (`OtaEngine::set_event_sink`): every task state change is
+    /// forwarded as an OTA task-state message. Does nothing while forwarding is off.
+    pub fn ota_event_sink(self: &Arc<Self>) -> crate::ota::TaskEventSink {
+        let fwd = Arc::clone(self);
+        Arc::new(move |e: &crate::ota::TaskEvent| {
+            fwd.enqueue_detached(ForwardMessage::ota_task_event(e))
+        })
+    }
+
     /// A closure saying whether a drop may be logged now (at most one log line a second).
     fn may_log_drop(&self) -> impl FnOnce() -> bool + Send + 'static {
         let last = Arc::clone(&self.last_drop_log_ms);

@@ -93,13 +93,15 @@ fn event_status_and_ota_bodies() {
         "dn",
         &OtaTaskStateChange {
             job_id: "j1".into(),
-            task_id: "t1".into(),
+            firmware_id: "f1".into(),
             module: "MCU".into(),
-            status: "IN_PROGRESS".into(),
-            src_version: Some("1.0".into()),
             dest_version: "2.0".into(),
-            step: Some(42),
-            desc: None,
+            from_status: "NOTIFIED".into(),
+            status: "IN_PROGRESS".into(),
+            event: "progress".into(),
+            reason: None,
+            progress: Some(42),
+            attempt: 1,
         },
         5,
     );
@@ -113,6 +115,40 @@ fn event_status_and_ota_bodies() {
         ),
         (Some("j1"), Some("IN_PROGRESS"), Some(42))
     );
+}
+
+#[test]
+fn ota_engine_events_become_task_state_messages() {
+    use crate::ota::{FailureReason, TaskEvent, TaskStatus};
+    let e = TaskEvent {
+        job_id: "job1".into(),
+        firmware_id: "fw1".into(),
+        product_key: "pk".into(),
+        device_name: "dn".into(),
+        module: "MCU".into(),
+        dest_version: "2.0".into(),
+        from_state: TaskStatus::InProgress,
+        to_state: TaskStatus::Failed,
+        event: "failed".into(),
+        reason: Some("device said -1".into()),
+        queue_reason: None,
+        failure: Some(FailureReason::UpdateFailed),
+        progress: Some(40),
+        attempt: 2,
+        retries_used: 1,
+        at_ms: 1_700_000_000_000,
+    };
+    let m = ForwardMessage::ota_task_event(&e);
+    assert_eq!(m.kind, MessageKind::OtaTaskState);
+    assert_eq!(m.topic, "/pk/dn/ota/task/state");
+    assert_eq!(m.generate_time_ms, 1_700_000_000_000);
+    let b = body(&m);
+    assert_eq!(b["jobId"], "job1");
+    assert_eq!(b["fromStatus"], "IN_PROGRESS");
+    assert_eq!(b["status"], "FAILED");
+    assert_eq!(b["desc"], "UPDATE_FAILED");
+    assert_eq!(b["step"], 40);
+    assert_eq!(b["destVersion"], "2.0");
 }
 
 fn msg(dn: &str, i: usize, body_len: usize) -> ForwardMessage {

@@ -8,4 +8,5 @@ mod helpers;
 mod interop;
 mod isolation;
 mod operator_api;
+mod ota;
 mod registry_flow;

@@ -1,0 +1,1147 @@
+//! [`OtaEngine`]: owns every OTA job and per-device task, drives them with ONE deadline task,
+//! and persists each change before acting on it.
+//!
+//! # State and locking
+//!
+//! - `jobs`: `DashMap<job_id, Arc<JobEntry>>`; a [`JobEntry`] holds the job record behind a
+//!   short std mutex, its immutable [`TaskPolicy`], atomic counters per task status and per
+//!   failure reason, its device names (sorted, for paging) and its push queue + limiter.
+//! - `tasks`: `DashMap<TaskKey, TaskSlot>`: the task state, its history and bookkeeping.
+//! - `active`: `DashMap<(pk, dn, module), job_id>`: the one unfinished task of a device's
+//!   module, the hot-path index for progress and version reports.
+//! - `device_jobs`: `DashMap<(pk, dn), Vec<job_id>>`: every job that has a task for a device.
+//!
+//! A task is changed only inside [`transition`](super::task::transition), under its `tasks`
+//! shard guard; the store op is submitted while the guard is held (store order = memory order)
+//! and the guard is dropped before any `.await`. Lock order: a push queue may take a task
+//! shard (to check readiness); nothing takes a push queue while holding a task shard.
+//!
+//! # Durability (write-ahead)
+//!
+//! Every noted transition (status change, push, retry, failure…) is submitted as a `PutDoc` of
+//! the whole task document and AWAITED before its effects run: a push is published only after
+//! NOTIFIED is durable; events are emitted only after the change is durable. Plain progress
+//! percent updates are coalesced: the task is marked dirty and written by the next flush
+//! (every `progress_flush_ms`), so 50,000 progress messages/s do not mean 50,000 writes/s.
+//!
+//! # The deadline task
+//!
+//! One `BTreeSet<(ms, Due)>` + `Notify`: task deadlines (retry, re-push, timeout, stall), job
+//! pushes (next rate slot, ramp step), job start and finish-by. Entries may be stale; firing one
+//! re-runs the pure machine, which ignores what is not due, and re-arms the real next deadline.
+//! Each task has at most one armed entry that is not later than its real deadline
+//! (`TaskSlot::armed`), so a progress message that moves the stall deadline later touches no
+//! global lock. Every deadline is computed from persisted timestamps, so [`OtaEngine::open`]
+//! re-arms them all after a restart (even `kill -9`).
+
+mod device;
+mod jobs;
+mod query;
+
+pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
+#[cfg(test)]
+mod tests;
+
+use super::clock::Clock;
+use super::events::{TaskEvent, TaskEventSink};
+use super::firmware::FirmwareRepo;
+use super::model::{
+    AbortSpec, HistoryEntry, Job, JobStatus, JobType, Selection, TaskRecord, MAX_HISTORY,
+};
+use super::rate::{PushLimiter, RatePlan};
+use super::task::{
+    next_deadline, transition, Effect, Event, FailureReason, Note, QueueReason, TaskPolicy,
+    TaskState, TaskStatus,
+};
+use super::OtaError;
+use crate::broker::{DeviceKey, Downlink};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{Op, Store, Ticket};
+use dashmap::DashMap;
+use fleetgate_topics::UpgradeMessage;
+use serde::Serialize;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, Notify};
+
+/// Store document kind of jobs.
+pub const JOB_DOC: &str = "ota.job";
+/// Store document kind of tasks (id `{job_id}/{pk}/{dn}`, history included).
+pub const TASK_DOC: &str = "ota.task";
+
+/// Most pushes one pass of the deadline task makes for one job before yielding.
+const PUSH_BATCH: usize = 512;
+
+/// How the engine reaches devices. The app uses the broker's [`Downlink`]; tests use a fake.
+pub trait Pusher: Send + Sync + 'static {
+    fn is_connected(&self, product_key: &str, device_name: &str) -> bool;
+    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String>;
+}
+
+impl Pusher for Downlink {
+    fn is_connected(&self, product_key: &str, device_name: &str) -> bool {
+        Downlink::is_connected(
+            self,
+            &DeviceKey {
+                product_key: product_key.to_owned(),
+                device_name: device_name.to_owned(),
+            },
+        )
+    }
+
+    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        Downlink::publish(self, topic, payload).map_err(|e| e.to_string())
+    }
+}
+
+/// Engine settings (from `[ota]` in the config).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// After a device connects, wait this long before pushing to it (it subscribes after the
+    /// CONNACK); a version report from the device ends the wait early.
+    pub connect_push_delay_ms: i64,
+    /// How long the download URL in a push stays valid.
+    pub download_url_ttl: Duration,
+    /// Interval of the coalesced write of progress-percent updates.
+    pub progress_flush_ms: i64,
+    /// Capacity of the task-event broadcast channel.
+    pub event_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            connect_push_delay_ms: 1_000,
+            download_url_ttl: Duration::from_secs(24 * 3600),
+            progress_flush_ms: 200,
+            event_capacity: 4096,
+        }
+    }
+}
+
+/// `(job_id, product_key, device_name)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct TaskKey {
+    pub job_id: String,
+    pub pk: String,
+    pub dn: String,
+}
+
+impl TaskKey {
+    fn new(job_id: &str, pk: &str, dn: &str) -> Self {
+        TaskKey {
+            job_id: job_id.to_owned(),
+            pk: pk.to_owned(),
+            dn: dn.to_owned(),
+        }
+    }
+
+    fn doc_id(&self) -> String {
+        format!("{}/{}/{}", self.job_id, self.pk, self.dn)
+    }
+}
+
+/// What the deadline task waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Due {
+    Task(TaskKey),
+    JobPush(String),
+    JobStart(String),
+    JobFinish(String),
+}
+
+pub(crate) struct TaskSlot {
+    pub state: TaskState,
+    pub history: Vec<HistoryEntry>,
+    pub history_dropped: u64,
+    /// The earliest deadline entry armed for this task (in memory only).
+    armed: Option<i64>,
+    /// Changed since it was last written (progress percent only).
+    dirty: bool,
+    /// A QUEUED task is not pushed before this (in memory: the device has just connected).
+    ready_at: i64,
+}
+
+impl TaskSlot {
+    fn new(state: TaskState, history: Vec<HistoryEntry>, history_dropped: u64) -> Self {
+        TaskSlot {
+            state,
+            history,
+            history_dropped,
+            armed: None,
+            dirty: false,
+            ready_at: 0,
+        }
+    }
+
+    fn record_note(&mut self, at_ms: i64, note: &Note, from: TaskStatus) {
+        self.history.push(HistoryEntry {
+            at_ms,
+            event: note.event.to_owned(),
+            from_status: from,
+            to_status: self.state.status,
+            reason: note.reason.clone(),
+        });
+        if self.history.len() > MAX_HISTORY {
+            let excess = self.history.len() - MAX_HISTORY;
+            self.history.drain(..excess);
+            self.history_dropped += excess as u64;
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TaskRecordRef<'a> {
+    job_id: &'a str,
+    product_key: &'a str,
+    device_name: &'a str,
+    state: &'a TaskState,
+    history: &'a [HistoryEntry],
+    history_dropped: u64,
+}
+
+fn task_doc(key: &TaskKey, slot: &TaskSlot) -> Op {
+    let body = serde_json::to_string(&TaskRecordRef {
+        job_id: &key.job_id,
+        product_key: &key.pk,
+        device_name: &key.dn,
+        state: &slot.state,
+        history: &slot.history,
+        history_dropped: slot.history_dropped,
+    })
+    .unwrap_or_default();
+    Op::PutDoc {
+        kind: TASK_DOC,
+        id: key.doc_id(),
+        body,
+    }
+}
+
+fn job_doc(job: &Job) -> Op {
+    Op::PutDoc {
+        kind: JOB_DOC,
+        id: job.job_id.clone(),
+        body: serde_json::to_string(job).unwrap_or_default(),
+    }
+}
+
+/// A job's push queue and rate bucket.
+#[derive(Default)]
+struct PushQueue {
+    /// Device names in push order (entries may be stale: checked when popped).
+    ready: VecDeque<String>,
+    limiter: Option<PushLimiter>,
+    level: u32,
+    /// The JobPush entry armed in the deadline set.
+    armed: Option<i64>,
+}
+
+pub(crate) struct JobEntry {
+    job: Mutex<Job>,
+    pub policy: Arc<TaskPolicy>,
+    pub job_id: String,
+    pub product_key: String,
+    pub firmware_id: String,
+    pub selection: Selection,
+    /// Immutable parts of the job, copied out so hot paths never clone the whole [`Job`]
+    /// (a SPECIFIC job's spec may list 10,000 device names).
+    pub job_type: JobType,
+    pub created_at_ms: i64,
+    pub start_at_ms: Option<i64>,
+    abort: Option<AbortSpec>,
+    rate: Option<RatePlan>,
+    counters: [AtomicU64; 7],
+    failures: [AtomicU64; 9],
+    retries: AtomicU64,
+    pushes: AtomicU64,
+    /// Device names with a task in this job, sorted.
+    members: RwLock<BTreeSet<String>>,
+    push: Mutex<PushQueue>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl JobEntry {
+    fn new(job: Job, policy: TaskPolicy) -> Self {
+        let rate = job.spec.rate.clone().map(|spec| RatePlan { spec });
+        JobEntry {
+            policy: Arc::new(policy),
+            job_id: job.job_id.clone(),
+            product_key: job.product_key.clone(),
+            firmware_id: job.spec.firmware_id.clone(),
+            selection: job.spec.selection,
+            job_type: job.spec.job_type,
+            created_at_ms: job.created_at_ms,
+            start_at_ms: job.spec.start_at_ms,
+            abort: job.spec.abort.clone(),
+            rate,
+            counters: Default::default(),
+            failures: Default::default(),
+            retries: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
+            members: RwLock::new(BTreeSet::new()),
+            push: Mutex::new(PushQueue::default()),
+            job: Mutex::new(job),
+        }
+    }
+
+    pub fn job(&self) -> Job {
+        lock(&self.job).clone()
+    }
+
+    pub fn status(&self) -> JobStatus {
+        lock(&self.job).status
+    }
+
+    pub fn counters(&self) -> [u64; 7] {
+        std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
+    }
+
+    pub fn failures(&self) -> [u64; 9] {
+        std::array::from_fn(|i| self.failures[i].load(Ordering::Relaxed))
+    }
+
+    fn unfinished(&self) -> u64 {
+        let c = self.counters();
+        c[0] + c[1] + c[2] + c[3]
+    }
+
+    fn count(&self, status: TaskStatus, delta: i64) {
+        let c = &self.counters[status.index()];
+        if delta >= 0 {
+            c.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            c.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn members(&self) -> Vec<String> {
+        self.members
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn has_member(&self, dn: &str) -> bool {
+        self.members
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(dn)
+    }
+
+    fn add_member(&self, dn: &str) {
+        self.members
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dn.to_owned());
+    }
+
+    /// Pushes go out in these job states (a canceled DYNAMIC job lets its tasks finish).
+    fn pushes_allowed(&self) -> bool {
+        !matches!(self.status(), JobStatus::Planned | JobStatus::Paused)
+    }
+
+    /// The current push rate (devices/min), if the job has one.
+    pub fn current_rate(&self, now: i64) -> Option<f64> {
+        let plan = self.rate.as_ref()?;
+        let started = lock(&self.job).started_at_ms.unwrap_or(now);
+        let succeeded = self.counters[TaskStatus::Succeeded.index()].load(Ordering::Relaxed);
+        Some(plan.per_minute(plan.level(started, now, succeeded)))
+    }
+}
+
+/// A transition applied in memory and submitted, whose effects wait for durability.
+struct Pending {
+    key: TaskKey,
+    job: Arc<JobEntry>,
+    from: TaskStatus,
+    to: TaskStatus,
+    effects: Vec<Effect>,
+    note: Option<Note>,
+    state: TaskState,
+    ticket: Option<Ticket>,
+    at_ms: i64,
+}
+
+/// How a delivery reaches the device.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Publish on the upgrade topic.
+    Push,
+    /// The device pulled it (`firmware/get`): the reply carries the data.
+    Pull,
+}
+
+pub(crate) struct Inner {
+    registry: Arc<Registry>,
+    store: Store,
+    firmware: Arc<FirmwareRepo>,
+    pusher: Arc<dyn Pusher>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    jobs: DashMap<String, Arc<JobEntry>>,
+    tasks: DashMap<TaskKey, TaskSlot>,
+    active: DashMap<(String, String, String), String>,
+    device_jobs: DashMap<(String, String), Vec<String>>,
+    deadlines: Mutex<BTreeSet<(i64, Due)>>,
+    wake: Notify,
+    dirty_tx: mpsc::UnboundedSender<TaskKey>,
+    dirty_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<TaskKey>>,
+    events: broadcast::Sender<TaskEvent>,
+    sink: RwLock<Option<TaskEventSink>>,
+    next_message_id: AtomicU64,
+    stopping: AtomicBool,
+    stop: Notify,
+    last_flush: std::sync::atomic::AtomicI64,
+}
+
+/// The OTA engine. Cheap to clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct OtaEngine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for OtaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtaEngine")
+            .field("jobs", &self.inner.jobs.len())
+            .field("tasks", &self.inner.tasks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OtaEngine {
+    /// Loads every job and task from the registry's store and re-arms every timer. Blocking
+    /// (start-up). Call [`OtaEngine::start`] afterwards to run the deadline task.
+    pub fn open(
+        registry: Arc<Registry>,
+        firmware: Arc<FirmwareRepo>,
+        pusher: Arc<dyn Pusher>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<OtaEngine, OtaError> {
+        let store = registry.store().clone();
+        let (dirty_tx, dirty_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(config.event_capacity.max(16));
+        let now = clock.now_ms();
+        let inner = Arc::new(Inner {
+            registry,
+            store,
+            firmware,
+            pusher,
+            clock,
+            config,
+            metrics,
+            jobs: DashMap::new(),
+            tasks: DashMap::new(),
+            active: DashMap::new(),
+            device_jobs: DashMap::new(),
+            deadlines: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+            dirty_tx,
+            dirty_rx: tokio::sync::Mutex::new(dirty_rx),
+            events,
+            sink: RwLock::new(None),
+            next_message_id: AtomicU64::new((now.max(0) as u64) % 1_000_000_000 * 1000),
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
+            last_flush: std::sync::atomic::AtomicI64::new(now),
+        });
+        let engine = OtaEngine { inner };
+        engine.load()?;
+        Ok(engine)
+    }
+
+    fn load(&self) -> Result<(), OtaError> {
+        let inner = &self.inner;
+        let now = inner.clock.now_ms();
+        for (id, body) in inner.store.load_documents(JOB_DOC)? {
+            let job: Job = serde_json::from_str(&body).map_err(|e| OtaError::Corrupt {
+                id: id.clone(),
+                message: e.to_string(),
+            })?;
+            let policy = self.policy_for(&job);
+            let entry = Arc::new(JobEntry::new(job, policy));
+            inner.jobs.insert(id, entry);
+        }
+        let mut push_times: std::collections::HashMap<String, Vec<i64>> = Default::default();
+        let mut loaded = 0usize;
+        for (id, body) in inner.store.load_documents(TASK_DOC)? {
+            let rec: TaskRecord = serde_json::from_str(&body).map_err(|e| OtaError::Corrupt {
+                id: id.clone(),
+                message: e.to_string(),
+            })?;
+            let Some(job) = inner.jobs.get(&rec.job_id).map(|j| Arc::clone(j.value())) else {
+                tracing::warn!(task = %id, "task of an unknown job skipped");
+                continue;
+            };
+            let key = TaskKey::new(&rec.job_id, &rec.product_key, &rec.device_name);
+            let status = rec.state.status;
+            job.count(status, 1);
+            if let Some(f) = rec.state.failure {
+                job.failures[f as usize].fetch_add(1, Ordering::Relaxed);
+            }
+            job.retries
+                .fetch_add(u64::from(rec.state.retries_used), Ordering::Relaxed);
+            job.pushes
+                .fetch_add(u64::from(rec.state.pushes), Ordering::Relaxed);
+            if let Some(t) = rec.state.notified_at_ms {
+                push_times.entry(rec.job_id.clone()).or_default().push(t);
+            }
+            job.add_member(&rec.device_name);
+            inner
+                .device_jobs
+                .entry((rec.product_key.clone(), rec.device_name.clone()))
+                .or_default()
+                .push(rec.job_id.clone());
+            if !status.is_terminal() {
+                inner.active.insert(
+                    (
+                        rec.product_key.clone(),
+                        rec.device_name.clone(),
+                        job.policy.module.clone(),
+                    ),
+                    rec.job_id.clone(),
+                );
+            }
+            let mut slot = TaskSlot::new(rec.state, rec.history, rec.history_dropped);
+            if slot.state.is_ready() {
+                lock(&job.push).ready.push_back(rec.device_name.clone());
+            }
+            if let Some(d) = next_deadline(&slot.state, &job.policy) {
+                slot.armed = Some(d);
+                lock(&inner.deadlines).insert((d, Due::Task(key.clone())));
+            }
+            inner
+                .metrics
+                .ota_tasks
+                .get_or_create(&[("state", status.as_str())])
+                .inc();
+            inner.tasks.insert(key, slot);
+            loaded += 1;
+        }
+        // Job-level timers and push buckets.
+        for e in inner.jobs.iter() {
+            let job = e.value();
+            let j = job.job();
+            if let Some(plan) = &job.rate {
+                let started = j.started_at_ms.unwrap_or(now);
+                let succeeded = job.counters()[TaskStatus::Succeeded.index()];
+                let level = plan.level(started, now, succeeded);
+                let per_minute = plan.per_minute(level);
+                let times = push_times.remove(&job.job_id).unwrap_or_default();
+                let mut q = lock(&job.push);
+                q.level = level;
+                q.limiter = Some(PushLimiter::new(per_minute, plan.burst(per_minute), times));
+            }
+            if j.status == JobStatus::Planned {
+                if let Some(at) = j.spec.start_at_ms {
+                    self.arm(at, Due::JobStart(job.job_id.clone()));
+                }
+            }
+            if !j.status.is_finished() || j.spec.selection == Selection::Dynamic {
+                if let Some(at) = j.spec.finish_by_ms {
+                    if !j.status.is_finished() {
+                        self.arm(at, Due::JobFinish(job.job_id.clone()));
+                    }
+                }
+            }
+            if !lock(&job.push).ready.is_empty() {
+                self.arm_push(job, now);
+            }
+        }
+        tracing::info!(jobs = inner.jobs.len(), tasks = loaded, "OTA jobs loaded");
+        Ok(())
+    }
+
+    fn policy_for(&self, job: &Job) -> TaskPolicy {
+        TaskPolicy {
+            module: job.module.clone(),
+            dest_version: job.dest_version.clone(),
+            src_versions: job.src_versions.clone(),
+            timeout_ms: job.spec.timeout_seconds.map(|s| s as i64 * 1000),
+            stall_ms: job.spec.stall_seconds.map(|s| s as i64 * 1000),
+            retry: job.spec.retry_policy(),
+            connect_push_delay_ms: self.inner.config.connect_push_delay_ms,
+        }
+    }
+
+    /// Runs the deadline task (and the progress flusher) on the current tokio runtime. With a
+    /// manual clock nothing is spawned: the test drives [`OtaEngine::run_due`].
+    pub fn start(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let engine = self.clone();
+        // Jobs whose last task finished just before a crash are completed now.
+        let now = self.inner.clock.now_ms();
+        let ids: Vec<String> = self.inner.jobs.iter().map(|e| e.key().clone()).collect();
+        let completer = self.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                if let Some(job) = completer.job_entry(&id) {
+                    completer.check_job_done(&job, now).await;
+                }
+            }
+        });
+        if self.inner.clock.is_manual() {
+            return None;
+        }
+        Some(tokio::spawn(async move { engine.run().await }))
+    }
+
+    /// Stops the deadline task and writes every pending progress update.
+    pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.stop.notify_waiters();
+        self.inner.wake.notify_one();
+        self.flush_dirty().await;
+        if let Err(e) = self.inner.store.flush().await {
+            tracing::warn!(error = %e, "OTA flush failed");
+        }
+    }
+
+    async fn run(&self) {
+        let flush_every = self.inner.config.progress_flush_ms.max(10);
+        loop {
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            self.run_due().await;
+            let now = self.inner.clock.now_ms();
+            let next = lock(&self.inner.deadlines).first().map(|(t, _)| *t);
+            // Wake at the next deadline, at the next progress flush, or when poked.
+            let wait_ms = next
+                .map(|t| (t - now).clamp(0, flush_every))
+                .unwrap_or(flush_every);
+            if wait_ms == 0 {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                _ = self.inner.wake.notified() => {}
+                _ = self.inner.stop.notified() => return,
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
+            }
+        }
+    }
+
+    /// Processes every deadline due now (and the coalesced progress writes when their
+    /// interval passed). Returns how many deadlines fired. The deadline task calls it; tests
+    /// with a manual clock call it after moving the clock.
+    pub async fn run_due(&self) -> usize {
+        let now = self.inner.clock.now_ms();
+        let mut fired = 0;
+        loop {
+            let due: Vec<Due> = {
+                let mut set = lock(&self.inner.deadlines);
+                let mut out = Vec::new();
+                while let Some(first) = set.first() {
+                    if first.0 > now || out.len() >= 4096 {
+                        break;
+                    }
+                    if let Some((_, d)) = set.pop_first() {
+                        out.push(d);
+                    }
+                }
+                out
+            };
+            if due.is_empty() {
+                break;
+            }
+            fired += due.len();
+            for d in due {
+                self.fire(d, now).await;
+            }
+        }
+        let last = self.inner.last_flush.load(Ordering::Relaxed);
+        if now - last >= self.inner.config.progress_flush_ms || self.inner.clock.is_manual() {
+            self.inner.last_flush.store(now, Ordering::Relaxed);
+            self.flush_dirty().await;
+        }
+        fired
+    }
+
+    async fn fire(&self, due: Due, now: i64) {
+        match due {
+            Due::Task(key) => {
+                let Some(job) = self.job_entry(&key.job_id) else {
+                    return;
+                };
+                if let Some(mut slot) = self.inner.tasks.get_mut(&key) {
+                    slot.armed = None;
+                }
+                self.apply(&key, Event::Deadline, now).await;
+                let repush = self
+                    .inner
+                    .tasks
+                    .get(&key)
+                    .is_some_and(|s| s.state.repush_due(now));
+                if repush {
+                    self.repush(&job, &key, now).await;
+                }
+                self.rearm(&key, &job);
+            }
+            Due::JobPush(job_id) => {
+                if let Some(job) = self.job_entry(&job_id) {
+                    lock(&job.push).armed = None;
+                    self.push_pass(&job, now).await;
+                }
+            }
+            Due::JobStart(job_id) => {
+                if let Some(job) = self.job_entry(&job_id) {
+                    self.start_job(&job, now).await;
+                }
+            }
+            Due::JobFinish(job_id) => {
+                if let Some(job) = self.job_entry(&job_id) {
+                    self.finish_by_reached(&job, now).await;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn job_entry(&self, job_id: &str) -> Option<Arc<JobEntry>> {
+        self.inner.jobs.get(job_id).map(|e| Arc::clone(e.value()))
+    }
+
+    fn arm(&self, at: i64, due: Due) {
+        let earliest = {
+            let mut set = lock(&self.inner.deadlines);
+            set.insert((at, due));
+            set.first().map(|(t, _)| *t)
+        };
+        if earliest == Some(at) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Arms the task's real next deadline unless an earlier entry is already armed.
+    fn rearm(&self, key: &TaskKey, job: &JobEntry) {
+        let at = {
+            let Some(mut slot) = self.inner.tasks.get_mut(key) else {
+                return;
+            };
+            let Some(next) = next_deadline(&slot.state, &job.policy) else {
+                return;
+            };
+            if slot.armed.is_some_and(|a| a <= next) {
+                return;
+            }
+            slot.armed = Some(next);
+            next
+        };
+        self.arm(at, Due::Task(key.clone()));
+    }
+
+    fn arm_push(&self, job: &JobEntry, at: i64) {
+        {
+            let mut q = lock(&job.push);
+            if q.armed.is_some_and(|a| a <= at) {
+                return;
+            }
+            q.armed = Some(at);
+        }
+        self.arm(at, Due::JobPush(job.job_id.clone()));
+    }
+
+    // ----- applying events -----
+
+    /// Runs the state machine for one task in memory and submits its document. `None` when
+    /// the event is ignored (or the task is unknown).
+    fn apply_sync(&self, key: &TaskKey, event: Event<'_>, now: i64) -> Option<Pending> {
+        self.apply_sync_as(key, event, now, None)
+    }
+
+    /// [`Self::apply_sync`], naming the history entry `note_as` instead of the machine's name
+    /// (a pull is a push the device asked for).
+    fn apply_sync_as(
+        &self,
+        key: &TaskKey,
+        event: Event<'_>,
+        now: i64,
+        note_as: Option<&'static str>,
+    ) -> Option<Pending> {
+        let job = self.job_entry(&key.job_id)?;
+        let mut slot = self.inner.tasks.get_mut(key)?;
+        let t = match transition(&slot.state, &job.policy, event, now) {
+            Ok(t) => t,
+            Err(ignored) => {
+                tracing::trace!(job = %key.job_id, dn = %key.dn, event = event.name(), why = ignored.0, "event ignored");
+                return None;
+            }
+        };
+        let from = slot.state.status;
+        let to = t.state.status;
+        slot.state = t.state;
+        let mut t_note = t.note;
+        if let (Some(n), Some(name)) = (t_note.as_mut(), note_as) {
+            n.event = name;
+        }
+        let ticket = if let Some(note) = &t_note {
+            slot.record_note(now, note, from);
+            slot.dirty = false;
+            Some(self.inner.store.submit(vec![task_doc(key, &slot)]))
+        } else if from != to {
+            slot.dirty = false;
+            Some(self.inner.store.submit(vec![task_doc(key, &slot)]))
+        } else {
+            if !slot.dirty {
+                slot.dirty = true;
+                let _ = self.inner.dirty_tx.send(key.clone());
+            }
+            None
+        };
+        let state = slot.state.clone();
+        drop(slot);
+        if from != to {
+            job.count(from, -1);
+            job.count(to, 1);
+            let m = &self.inner.metrics.ota_tasks;
+            m.get_or_create(&[("state", from.as_str())]).dec();
+            m.get_or_create(&[("state", to.as_str())]).inc();
+        }
+        Some(Pending {
+            key: key.clone(),
+            job,
+            from,
+            to,
+            effects: t.effects,
+            note: t_note,
+            state,
+            ticket,
+            at_ms: now,
+        })
+    }
+
+    /// Awaits durability, then carries out the effects. Returns whether the change is durable.
+    async fn complete(&self, mut p: Pending, delivery: Delivery) -> bool {
+        if let Some(ticket) = p.ticket.take() {
+            if let Err(e) = ticket.await {
+                // Memory is ahead of the disk; the next write of this task carries the state.
+                // Acting now (a push) would break write-ahead, so do not.
+                tracing::error!(error = %e, job = %p.key.job_id, dn = %p.key.dn, "task change not stored");
+                return false;
+            }
+        }
+        let job = &p.job;
+        let m = &self.inner.metrics;
+        if let Some(note) = &p.note {
+            match note.event {
+                "retry_scheduled" => {
+                    job.retries.fetch_add(1, Ordering::Relaxed);
+                    m.ota_retries.inc();
+                }
+                "pushed" | "repushed" | "pulled" => {
+                    job.pushes.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        if p.to == TaskStatus::Failed && p.from != TaskStatus::Failed {
+            if let Some(f) = p.state.failure {
+                job.failures[f as usize].fetch_add(1, Ordering::Relaxed);
+                m.ota_failures
+                    .get_or_create(&[("reason", f.as_str())])
+                    .inc();
+                if f == FailureReason::Timeout {
+                    m.ota_timeouts.inc();
+                }
+            }
+        }
+        for effect in &p.effects {
+            match effect {
+                Effect::Enqueue => {
+                    lock(&job.push).ready.push_back(p.key.dn.clone());
+                    let ready_at = self
+                        .inner
+                        .tasks
+                        .get(&p.key)
+                        .map(|s| s.ready_at)
+                        .unwrap_or(0);
+                    self.arm_push(job, ready_at.max(p.at_ms));
+                }
+                // Stale queue entries are skipped when popped.
+                Effect::Dequeue => {}
+                Effect::Deliver => {
+                    let kind = if delivery == Delivery::Push {
+                        "push"
+                    } else {
+                        "pull"
+                    };
+                    m.ota_pushes.get_or_create(&[("kind", kind)]).inc();
+                    if delivery == Delivery::Push {
+                        self.deliver(job, &p.key);
+                    }
+                }
+                Effect::Finished => {
+                    self.inner.active.remove_if(
+                        &(
+                            p.key.pk.clone(),
+                            p.key.dn.clone(),
+                            job.policy.module.clone(),
+                        ),
+                        |_, j| *j == p.key.job_id,
+                    );
+                }
+            }
+        }
+        if let Some(note) = &p.note {
+            self.emit(&p, note);
+        }
+        self.rearm(&p.key, job);
+        let ramps_on_success = job
+            .rate
+            .as_ref()
+            .and_then(|r| r.spec.ramp.as_ref())
+            .is_some_and(|r| r.every_succeeded.is_some());
+        if p.to == TaskStatus::Succeeded && ramps_on_success {
+            // The rate may have stepped up: look at the queue again now.
+            self.arm_push(job, p.at_ms);
+        }
+        if p.effects.contains(&Effect::Finished) {
+            if p.to == TaskStatus::Failed {
+                self.check_abort(job, p.at_ms).await;
+            }
+            self.check_job_done(job, p.at_ms).await;
+        }
+        true
+    }
+
+    /// Applies one event and its effects. Returns whether something changed.
+    pub(crate) async fn apply(&self, key: &TaskKey, event: Event<'_>, now: i64) -> bool {
+        match self.apply_sync(key, event, now) {
+            Some(p) => self.complete(p, Delivery::Push).await,
+            None => false,
+        }
+    }
+
+    fn emit(&self, p: &Pending, note: &Note) {
+        let event = TaskEvent {
+            job_id: p.key.job_id.clone(),
+            firmware_id: p.job.firmware_id.clone(),
+            product_key: p.key.pk.clone(),
+            device_name: p.key.dn.clone(),
+            module: p.job.policy.module.clone(),
+            dest_version: p.job.policy.dest_version.clone(),
+            from_state: p.from,
+            to_state: p.to,
+            event: note.event.to_owned(),
+            reason: note.reason.clone(),
+            queue_reason: p.state.queue_reason,
+            failure: p.state.failure,
+            progress: p.state.progress,
+            attempt: p.state.attempt,
+            retries_used: p.state.retries_used,
+            at_ms: p.at_ms,
+        };
+        let sink = self
+            .inner
+            .sink
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(sink) = sink {
+            sink(&event);
+        }
+        // No receiver is fine.
+        let _ = self.inner.events.send(event);
+    }
+
+    /// Publishes the upgrade message of `key`'s job to the device (state already durable).
+    fn deliver(&self, job: &JobEntry, key: &TaskKey) {
+        let Some(package) = self.inner.firmware.get(&job.firmware_id) else {
+            tracing::error!(job = %job.job_id, firmware = %job.firmware_id, "firmware of a running job is gone; push skipped");
+            return;
+        };
+        let data = self
+            .inner
+            .firmware
+            .upgrade_data(&package, self.inner.config.download_url_ttl);
+        let id = self.inner.next_message_id.fetch_add(1, Ordering::Relaxed);
+        let payload = UpgradeMessage::new(id, data).to_vec();
+        let topic = format!("/ota/device/upgrade/{}/{}", key.pk, key.dn);
+        if let Err(e) = self.inner.pusher.publish(topic, payload) {
+            // The task is NOTIFIED; a reconnect or a firmware/get recovers it.
+            tracing::warn!(error = %e, job = %job.job_id, dn = %key.dn, "upgrade push not published");
+        }
+    }
+
+    /// A due re-push: publish when connected, otherwise wait for the device.
+    async fn repush(&self, job: &Arc<JobEntry>, key: &TaskKey, now: i64) {
+        let event = if self.inner.pusher.is_connected(&key.pk, &key.dn) && job.pushes_allowed() {
+            Event::Repushed
+        } else {
+            Event::PushDeferred
+        };
+        self.apply(key, event, now).await;
+    }
+
+    // ----- pushing -----
+
+    /// One pass over a job's push queue: pushes as many ready tasks as the rate allows now,
+    /// marks offline ones OFFLINE, and arms the next pass.
+    async fn push_pass(&self, job: &Arc<JobEntry>, now: i64) {
+        if !job.pushes_allowed() {
+            return;
+        }
+        let mut batch: Vec<TaskKey> = Vec::new();
+        // Queue entries may repeat (a device that went offline and came back): one push each.
+        let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut offline: Vec<TaskKey> = Vec::new();
+        let mut next: Option<i64> = None;
+        {
+            let mut q = lock(&job.push);
+            // Ramp: rebuild the bucket when the level changes.
+            if let Some(plan) = &job.rate {
+                let started = lock(&job.job).started_at_ms.unwrap_or(now);
+                let succeeded = job.counters()[TaskStatus::Succeeded.index()];
+                let level = plan.level(started, now, succeeded);
+                let per_minute = plan.per_minute(level);
+                let burst = plan.burst(per_minute);
+                if q.limiter.is_none() || q.level != level {
+                    let rebuilt = match &q.limiter {
+                        Some(l) => l.with_rate(per_minute, burst),
+                        None => PushLimiter::new(per_minute, burst, []),
+                    };
+                    q.limiter = Some(rebuilt);
+                    q.level = level;
+                }
+                if !q.ready.is_empty() {
+                    if let Some(step) = plan.next_step_at(started, level) {
+                        next = Some(step);
+                    }
+                }
+            }
+            while let Some(dn) = q.ready.front().cloned() {
+                if batch.len() >= PUSH_BATCH {
+                    next = Some(now);
+                    break;
+                }
+                let key = TaskKey::new(&job.job_id, &job.product_key, &dn);
+                let (ready, ready_at) = match self.inner.tasks.get(&key) {
+                    Some(s) => (s.state.is_ready(), s.ready_at),
+                    None => (false, 0),
+                };
+                if !ready || !taken.insert(dn.clone()) {
+                    q.ready.pop_front();
+                    continue;
+                }
+                if ready_at > now {
+                    next = Some(next.map_or(ready_at, |n| n.min(ready_at)));
+                    break;
+                }
+                if !self.inner.pusher.is_connected(&job.product_key, &dn) {
+                    q.ready.pop_front();
+                    offline.push(key);
+                    continue;
+                }
+                if let Some(limiter) = q.limiter.as_mut() {
+                    if let Err(at) = limiter.try_take(now) {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                        break;
+                    }
+                }
+                q.ready.pop_front();
+                batch.push(key);
+            }
+            if q.ready.is_empty() {
+                // Nothing waits: a ramp step alone is no reason to wake up.
+                next = None;
+            }
+        }
+        for key in offline {
+            self.apply(&key, Event::Queue(QueueReason::Offline), now)
+                .await;
+        }
+        // Write-ahead: every NOTIFIED is submitted, the one group commit awaited, then each
+        // push is published.
+        let pending: Vec<Pending> = batch
+            .iter()
+            .filter_map(|k| self.apply_sync(k, Event::Pushed, now))
+            .collect();
+        for p in pending {
+            self.complete(p, Delivery::Push).await;
+        }
+        if let Some(at) = next {
+            self.arm_push(job, at);
+        }
+    }
+
+    // ----- events API -----
+
+    /// A receiver of every task event from now on (see [`super::events`]).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<TaskEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Sets the synchronous event sink (see [`super::events`]); replaces an earlier one.
+    pub fn set_event_sink(&self, sink: TaskEventSink) {
+        *self
+            .inner
+            .sink
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sink);
+    }
+
+    /// Writes every coalesced progress update now.
+    pub async fn flush_dirty(&self) {
+        let keys: Vec<TaskKey> = {
+            let mut rx = self.inner.dirty_rx.lock().await;
+            let mut keys = Vec::new();
+            while let Ok(k) = rx.try_recv() {
+                keys.push(k);
+            }
+            keys
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(mut slot) = self.inner.tasks.get_mut(&key) {
+                if slot.dirty {
+                    slot.dirty = false;
+                    ops.push(task_doc(&key, &slot));
+                }
+            }
+        }
+        if !ops.is_empty() {
+            // One submission: the writer commits it in one transaction.
+            if let Err(e) = self.inner.store.submit(ops).await {
+                tracing::warn!(error = %e, "progress updates not stored");
+            }
+        }
+    }
+
+    pub(crate) fn now(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    pub(crate) fn firmware(&self) -> &Arc<FirmwareRepo> {
+        &self.inner.firmware
+    }
+
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+}
+
+impl OtaEngine {
+    /// [`OtaEngine::apply`] behind a box: the abort rule applies events from inside the
+    /// effects of another event, which an `async fn` cannot do without indirection.
+    pub(crate) fn apply_boxed<'a>(
+        &'a self,
+        key: &'a TaskKey,
+        event: Event<'a>,
+        now: i64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(self.apply(key, event, now))
+    }
+}

@@ -1,0 +1,149 @@
+//! What devices do to OTA tasks (called by `ingest`): connect, progress, version reports and
+//! `firmware/get` (pull mode).
+
+use super::{lock, Delivery, OtaEngine, TaskKey};
+use crate::ota::model::JobStatus;
+use crate::ota::task::{Event, QueueReason, TaskStatus};
+use fleetgate_topics::{ProgressStep, UpgradeData};
+
+impl OtaEngine {
+    /// The device's unfinished task for `module`.
+    fn active_task(&self, pk: &str, dn: &str, module: &str) -> Option<TaskKey> {
+        let job_id = self
+            .inner
+            .active
+            .get(&(pk.to_owned(), dn.to_owned(), module.to_owned()))
+            .map(|j| j.value().clone())?;
+        Some(TaskKey::new(&job_id, pk, dn))
+    }
+
+    /// Keys of the device's unfinished tasks (every module).
+    fn unfinished_tasks(&self, pk: &str, dn: &str) -> Vec<TaskKey> {
+        let Some(jobs) = self
+            .inner
+            .device_jobs
+            .get(&(pk.to_owned(), dn.to_owned()))
+            .map(|j| j.value().clone())
+        else {
+            return Vec::new();
+        };
+        jobs.into_iter()
+            .map(|j| TaskKey::new(&j, pk, dn))
+            .filter(|k| {
+                self.inner
+                    .tasks
+                    .get(k)
+                    .is_some_and(|s| !s.state.status.is_terminal())
+            })
+            .collect()
+    }
+
+    /// The device connected: OFFLINE tasks queue for a push (after the connect delay, or
+    /// earlier when the device reports its version), a push the device may have missed is
+    /// repeated, and DYNAMIC jobs consider the device.
+    pub async fn device_online(&self, pk: &str, dn: &str) {
+        let now = self.now();
+        let delay = self.inner.config.connect_push_delay_ms.max(0);
+        for key in self.unfinished_tasks(pk, dn) {
+            if let Some(mut slot) = self.inner.tasks.get_mut(&key) {
+                slot.ready_at = now + delay;
+            }
+            self.apply(&key, Event::DeviceOnline, now).await;
+        }
+        self.dynamic_join(pk, dn).await;
+    }
+
+    /// A progress report (`/ota/device/progress`).
+    pub async fn on_progress(&self, pk: &str, dn: &str, module: &str, step: ProgressStep) {
+        let Some(key) = self.active_task(pk, dn, module) else {
+            self.inner
+                .metrics
+                .ota_progress
+                .get_or_create(&[("outcome", "no_task")])
+                .inc();
+            return;
+        };
+        let changed = self
+            .apply(&key, Event::Progress { module, step }, self.now())
+            .await;
+        self.inner
+            .metrics
+            .ota_progress
+            .get_or_create(&[("outcome", if changed { "applied" } else { "ignored" })])
+            .inc();
+    }
+
+    /// A version report (`/ota/device/inform`), after the registry stored it.
+    pub async fn on_version(&self, pk: &str, dn: &str, module: &str, version: &str) {
+        let now = self.now();
+        if let Some(key) = self.active_task(pk, dn, module) {
+            self.apply(&key, Event::Version { module, version }, now)
+                .await;
+            let repush = self
+                .inner
+                .tasks
+                .get(&key)
+                .is_some_and(|s| s.state.repush_due(now));
+            if let (true, Some(job)) = (repush, self.job_entry(&key.job_id)) {
+                self.repush(&job, &key, now).await;
+            }
+        }
+        // The device is up and subscribed (SDKs report after subscribing): a first push
+        // waiting for the connect delay may go now.
+        for key in self.unfinished_tasks(pk, dn) {
+            let promote = match self.inner.tasks.get_mut(&key) {
+                Some(mut slot) if slot.ready_at > now => {
+                    slot.ready_at = now;
+                    slot.state.is_ready()
+                }
+                _ => false,
+            };
+            if let (true, Some(job)) = (promote, self.job_entry(&key.job_id)) {
+                self.arm_push(&job, now);
+            }
+        }
+        self.dynamic_join(pk, dn).await;
+    }
+
+    /// `firmware/get`: the upgrade waiting for this device's module, if any. A QUEUED task
+    /// becomes NOTIFIED (the reply is its delivery; it takes a slot of the job's rate without
+    /// waiting for one); a NOTIFIED / IN_PROGRESS task gets its data again.
+    pub async fn pending_upgrade(&self, pk: &str, dn: &str, module: &str) -> Option<UpgradeData> {
+        let key = self.active_task(pk, dn, module)?;
+        let job = self.job_entry(&key.job_id)?;
+        let status = self.inner.tasks.get(&key).map(|s| s.state.status)?;
+        let job_status = job.status();
+        match status {
+            TaskStatus::Queued => {
+                if matches!(job_status, JobStatus::Planned | JobStatus::Paused) {
+                    return None;
+                }
+                let now = self.now();
+                let p = self.apply_sync_as(&key, Event::Pushed, now, Some("pulled"))?;
+                if !self.complete(p, Delivery::Pull).await {
+                    return None;
+                }
+                if let Some(l) = lock(&job.push).limiter.as_mut() {
+                    l.consume(now);
+                }
+            }
+            TaskStatus::Notified | TaskStatus::InProgress => {}
+            _ => return None,
+        }
+        let package = self.firmware().get(&job.firmware_id)?;
+        Some(
+            self.firmware()
+                .upgrade_data(&package, self.inner.config.download_url_ttl),
+        )
+    }
+
+    /// Whether a queued OFFLINE task exists for the device (tests, tools).
+    pub fn has_offline_task(&self, pk: &str, dn: &str) -> bool {
+        self.unfinished_tasks(pk, dn).iter().any(|k| {
+            self.inner.tasks.get(k).is_some_and(|s| {
+                s.state.status == TaskStatus::Queued
+                    && s.state.queue_reason == Some(QueueReason::Offline)
+            })
+        })
+    }
+}

@@ -1,0 +1,846 @@
+//! Job lifecycle: create (device selection, conflicts, overwrite), start at the schedule,
+//! finish-by, cancel (STATIC vs DYNAMIC), confirm, pause/resume, the abort rule, completion
+//! and the VERIFY_FIRMWARE outcome.
+
+use super::{job_doc, lock, task_doc, Due, JobEntry, OtaEngine, TaskKey, TaskSlot};
+use crate::ota::firmware::FirmwareStatus;
+use crate::ota::model::{
+    AbortAction, HistoryEntry, Job, JobSpec, JobStatus, JobType, JobView, Selection, TargetKind,
+    TaskCounters,
+};
+use crate::ota::task::{splitmix, Event, FailureReason, QueueReason, TaskState, TaskStatus};
+use crate::ota::OtaError;
+use crate::registry::{Device, DeviceFilter, Page};
+use dashmap::mapref::entry::Entry;
+use rand::Rng;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A stable 64-bit hash (jitter seeds, GRAY selection): the same after a restart.
+pub(crate) fn stable_hash(parts: &[&str]) -> u64 {
+    // FNV-1a, then mixed: std's SipHash keys are random per process.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    splitmix(h)
+}
+
+fn generate_job_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let tail: String = (0..16)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("job-{tail}")
+}
+
+/// Whether `device` is a target of the job, ignoring versions.
+pub(crate) fn target_matches(job: &Job, device: &Device) -> bool {
+    let spec = &job.spec;
+    match spec.target {
+        TargetKind::All => true,
+        TargetKind::Specific => spec.device_names.contains(&device.device_name),
+        TargetKind::Gray => {
+            let p = spec.gray_percent.unwrap_or(0.0);
+            // Stable per (job, device): DYNAMIC jobs decide newcomers the same way.
+            let h = stable_hash(&[&job.job_id, &device.device_name]) % 1_000_000;
+            (h as f64) < p * 10_000.0
+        }
+        TargetKind::Tag => {
+            let mut by_key: BTreeMap<&str, Vec<Option<&str>>> = BTreeMap::new();
+            for t in &spec.target_tags {
+                by_key.entry(&t.key).or_default().push(t.value.as_deref());
+            }
+            by_key.iter().all(|(k, values)| match device.tags.get(*k) {
+                None => false,
+                Some(v) => values.iter().any(|want| want.is_none_or(|w| w == v)),
+            })
+        }
+    }
+}
+
+/// Whether the device's reported version makes it a candidate (not at the target; a source
+/// version when the job names some).
+pub(crate) fn version_matches(job: &Job, device: &Device) -> bool {
+    let current = device.versions.get(&job.module);
+    if current.is_some_and(|v| *v == job.dest_version) {
+        return false;
+    }
+    job.src_versions.is_empty() || current.is_some_and(|v| job.src_versions.contains(v))
+}
+
+impl OtaEngine {
+    /// Creates a job: validates, selects devices, resolves conflicts, persists the job and
+    /// all its tasks in one transaction, and starts pushing (or waits for `start_at_ms`).
+    pub async fn create_job(&self, mut spec: JobSpec) -> Result<JobView, OtaError> {
+        let now = self.now();
+        spec.validate(now)?;
+        let package = self
+            .firmware()
+            .get(&spec.firmware_id)
+            .ok_or_else(|| OtaError::FirmwareNotFound(spec.firmware_id.clone()))?;
+        if spec.job_type == JobType::UpgradeFirmware
+            && package.status != FirmwareStatus::Verified
+            && !spec.force
+        {
+            return Err(OtaError::FirmwareNotVerified {
+                firmware_id: package.firmware_id,
+                status: package.status,
+            });
+        }
+        // The product must still exist.
+        self.registry().get_product(&package.product_key)?;
+        let src_versions = spec
+            .src_versions
+            .clone()
+            .unwrap_or_else(|| package.src_versions.clone());
+        let planned = spec.start_at_ms.is_some_and(|t| t > now);
+        let job = Job {
+            job_id: generate_job_id(),
+            product_key: package.product_key.clone(),
+            module: package.module.clone(),
+            dest_version: package.version.clone(),
+            src_versions,
+            status: if planned {
+                JobStatus::Planned
+            } else {
+                JobStatus::InProgress
+            },
+            status_reason: None,
+            dynamic_active: spec.selection == Selection::Dynamic,
+            spec,
+            created_at_ms: now,
+            started_at_ms: (!planned).then_some(now),
+            finished_at_ms: None,
+            updated_at_ms: now,
+        };
+
+        // Candidates.
+        let devices: Vec<Device> = match job.spec.target {
+            TargetKind::Specific => {
+                let mut out = Vec::with_capacity(job.spec.device_names.len());
+                for (i, dn) in job.spec.device_names.iter().enumerate() {
+                    match self.registry().get_device(&job.product_key, dn) {
+                        Ok(d) => out.push(d),
+                        Err(_) => {
+                            return Err(OtaError::invalid(
+                                format!("device_names[{i}]"),
+                                format!("no device {dn:?} in product {}", job.product_key),
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+            _ => self.all_devices(&job.product_key)?,
+        };
+        let mut selected: Vec<Device> = devices
+            .into_iter()
+            .filter(|d| version_matches(&job, d))
+            // SPECIFIC devices were looked up by name; GRAY is decided below.
+            .filter(|d| {
+                matches!(job.spec.target, TargetKind::Gray | TargetKind::Specific)
+                    || target_matches(&job, d)
+            })
+            .collect();
+        if job.spec.target == TargetKind::Gray {
+            if job.spec.selection == Selection::Static {
+                // Exactly ceil(n × p) devices, picked by a stable hash.
+                let p = job.spec.gray_percent.unwrap_or(0.0);
+                let n = ((selected.len() as f64) * p / 100.0).ceil() as usize;
+                selected.sort_by_key(|d| stable_hash(&[&job.job_id, &d.device_name]));
+                selected.truncate(n);
+            } else {
+                selected.retain(|d| target_matches(&job, d));
+            }
+        }
+        if job.spec.job_type == JobType::VerifyFirmware && selected.is_empty() {
+            return Err(OtaError::invalid(
+                "device_names",
+                "no listed device can take this package (already at the target or not at a source version)",
+            ));
+        }
+
+        let policy = self.policy_for(&job);
+        let entry = Arc::new(JobEntry::new(job.clone(), policy));
+        let mut ops = vec![job_doc(&job)];
+        let mut created: Vec<(TaskKey, TaskSlot)> = Vec::with_capacity(selected.len());
+        for device in &selected {
+            if let Some((key, slot)) = self.new_task(&entry, &job, device, now).await {
+                ops.push(task_doc(&key, &slot));
+                created.push((key, slot));
+            }
+        }
+        // Submitted before the tasks become visible: any later write of a task is ordered
+        // after its creation.
+        let ticket = self.inner.store.submit(ops);
+        self.inner
+            .jobs
+            .insert(job.job_id.clone(), Arc::clone(&entry));
+        let mut ready = Vec::new();
+        for (key, slot) in created {
+            self.install(&entry, key, slot, now, &mut ready);
+        }
+        if let Err(e) = ticket.await {
+            self.forget_job(&entry);
+            return Err(e.into());
+        }
+        if job.spec.job_type == JobType::VerifyFirmware {
+            if let Err(e) = self
+                .firmware()
+                .set_status(&job.spec.firmware_id, FirmwareStatus::Verifying)
+                .await
+            {
+                tracing::warn!(error = %e, "firmware status not set to VERIFYING");
+            }
+        }
+        self.arm_job_timers(&entry, now);
+        if !ready.is_empty() {
+            self.arm_push(&entry, now);
+        }
+        tracing::info!(
+            job = %job.job_id,
+            firmware = %job.spec.firmware_id,
+            tasks = entry.counters().iter().sum::<u64>(),
+            "OTA job created"
+        );
+        // A job whose every task was born finished (conflicts only) is complete at once.
+        self.check_job_done(&entry, now).await;
+        Ok(self.view(&entry, now))
+    }
+
+    fn arm_job_timers(&self, entry: &JobEntry, _now: i64) {
+        let job = entry.job();
+        if job.status == JobStatus::Planned {
+            if let Some(at) = job.spec.start_at_ms {
+                self.arm(at, Due::JobStart(job.job_id.clone()));
+            }
+        }
+        if let Some(at) = job.spec.finish_by_ms {
+            self.arm(at, Due::JobFinish(job.job_id.clone()));
+        }
+    }
+
+    /// Every device of a product (one call: the registry pages over its sorted index).
+    pub(crate) fn all_devices(&self, pk: &str) -> Result<Vec<Device>, OtaError> {
+        let page = Page {
+            page: 1,
+            page_size: u32::MAX,
+        };
+        Ok(self
+            .registry()
+            .list_devices(pk, &DeviceFilter::default(), page)?
+            .items)
+    }
+
+    /// Builds the task of `device` in a new job (claiming the device's module), resolving a
+    /// conflict with another job's unfinished task. `None` when a DYNAMIC job should skip the
+    /// device for now.
+    pub(crate) async fn new_task(
+        &self,
+        entry: &Arc<JobEntry>,
+        job: &Job,
+        device: &Device,
+        now: i64,
+    ) -> Option<(TaskKey, TaskSlot)> {
+        let pk = &job.product_key;
+        let dn = &device.device_name;
+        let key = TaskKey::new(&job.job_id, pk, dn);
+        let seed = stable_hash(&[&job.job_id, pk, dn]);
+        let src = device.versions.get(&job.module).cloned();
+        let claim = (pk.clone(), dn.clone(), job.module.clone());
+        // Claim the device's module atomically; another job's unfinished task is a conflict,
+        // or is overwritten (then the claim is tried again: someone may have been quicker).
+        let mut conflict: Option<String> = None;
+        for _ in 0..3 {
+            let other = match self.inner.active.entry(claim.clone()) {
+                Entry::Vacant(v) => {
+                    v.insert(job.job_id.clone());
+                    conflict = None;
+                    break;
+                }
+                Entry::Occupied(o) if *o.get() == job.job_id => {
+                    conflict = None;
+                    break;
+                }
+                Entry::Occupied(o) => o.get().clone(),
+            };
+            let other_key = TaskKey::new(&other, pk, dn);
+            let other_status = self.inner.tasks.get(&other_key).map(|s| s.state.status);
+            if other_status == Some(TaskStatus::InProgress) {
+                conflict = Some(format!("{other} is IN_PROGRESS on this device"));
+                break;
+            } else if !job.spec.overwrite {
+                conflict = Some(format!("{other} has an unfinished task on this device"));
+                break;
+            } else if !self.apply(&other_key, Event::Overwrite, now).await {
+                let finished = self
+                    .inner
+                    .tasks
+                    .get(&other_key)
+                    .is_none_or(|s| s.state.status.is_terminal());
+                if !finished {
+                    // It started meanwhile: never overwrite IN_PROGRESS.
+                    conflict = Some(format!("{other} is IN_PROGRESS on this device"));
+                    break;
+                }
+                // A stale claim (its task already finished): take it back and retry.
+                conflict = Some(format!("{other} could not be overwritten"));
+                self.inner.active.remove_if(&claim, |_, j| *j == other);
+            } else {
+                conflict = Some(format!("{other} was overwritten, then claimed again"));
+            }
+        }
+        let (state, note) = match conflict {
+            Some(_) if job.spec.selection == Selection::Dynamic => return None,
+            Some(why) => (
+                TaskState::failed_at_birth(FailureReason::Conflict, why.clone(), src, seed, now),
+                format!("CONFLICT: {why}"),
+            ),
+            None => {
+                let state = if job.spec.need_confirm {
+                    TaskState::new(TaskStatus::Confirm, None, src, seed, now)
+                } else if job.status == JobStatus::Planned {
+                    let mut s = TaskState::new(
+                        TaskStatus::Queued,
+                        Some(QueueReason::Scheduled),
+                        src,
+                        seed,
+                        now,
+                    );
+                    s.scheduled_at_ms = job.spec.start_at_ms;
+                    s
+                } else if self.inner.pusher.is_connected(pk, dn) {
+                    TaskState::new(
+                        TaskStatus::Queued,
+                        Some(QueueReason::RateLimited),
+                        src,
+                        seed,
+                        now,
+                    )
+                } else {
+                    TaskState::new(
+                        TaskStatus::Queued,
+                        Some(QueueReason::Offline),
+                        src,
+                        seed,
+                        now,
+                    )
+                };
+                let reason = match (state.status, state.queue_reason) {
+                    (TaskStatus::Queued, Some(r)) => r.as_str().to_owned(),
+                    (s, _) => s.as_str().to_owned(),
+                };
+                (state, reason)
+            }
+        };
+        let _ = entry;
+        let history = vec![HistoryEntry {
+            at_ms: now,
+            event: "created".into(),
+            from_status: state.status,
+            to_status: state.status,
+            reason: Some(note),
+        }];
+        Some((key, TaskSlot::new(state, history, 0)))
+    }
+
+    /// Makes a new task visible: maps, counters, push queue, deadline.
+    pub(crate) fn install(
+        &self,
+        entry: &Arc<JobEntry>,
+        key: TaskKey,
+        slot: TaskSlot,
+        _now: i64,
+        ready: &mut Vec<String>,
+    ) {
+        let status = slot.state.status;
+        entry.count(status, 1);
+        if let Some(f) = slot.state.failure {
+            entry.failures[f as usize].fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .ota_failures
+                .get_or_create(&[("reason", f.as_str())])
+                .inc();
+        }
+        self.inner
+            .metrics
+            .ota_tasks
+            .get_or_create(&[("state", status.as_str())])
+            .inc();
+        entry.add_member(&key.dn);
+        let mut jobs = self
+            .inner
+            .device_jobs
+            .entry((key.pk.clone(), key.dn.clone()))
+            .or_default();
+        if !jobs.contains(&key.job_id) {
+            jobs.push(key.job_id.clone());
+        }
+        drop(jobs);
+        if slot.state.is_ready() {
+            lock(&entry.push).ready.push_back(key.dn.clone());
+            ready.push(key.dn.clone());
+        }
+        self.inner.tasks.insert(key, slot);
+    }
+
+    /// Takes a job whose creation did not commit back out of memory.
+    fn forget_job(&self, entry: &JobEntry) {
+        for dn in entry.members() {
+            let key = TaskKey::new(&entry.job_id, &entry.product_key, &dn);
+            self.inner.tasks.remove(&key);
+            self.inner.active.remove_if(
+                &(
+                    entry.product_key.clone(),
+                    dn.clone(),
+                    entry.policy.module.clone(),
+                ),
+                |_, j| *j == entry.job_id,
+            );
+            if let Some(mut jobs) = self
+                .inner
+                .device_jobs
+                .get_mut(&(entry.product_key.clone(), dn.clone()))
+            {
+                jobs.retain(|j| *j != entry.job_id);
+            }
+        }
+        self.inner.jobs.remove(&entry.job_id);
+    }
+
+    /// Persists a job change made by `change`; returns the job after it.
+    async fn update_job(
+        &self,
+        entry: &JobEntry,
+        change: impl FnOnce(&mut Job) -> Result<(), OtaError>,
+    ) -> Result<Job, OtaError> {
+        let now = self.now();
+        let (job, ticket) = {
+            let mut job = lock(&entry.job);
+            let before = job.clone();
+            if let Err(e) = change(&mut job) {
+                *job = before;
+                return Err(e);
+            }
+            job.updated_at_ms = now;
+            let ticket = self.inner.store.submit(vec![job_doc(&job)]);
+            (job.clone(), ticket)
+        };
+        ticket.await?;
+        Ok(job)
+    }
+
+    /// The schedule's start: PLANNED → IN_PROGRESS, SCHEDULED tasks join the push queue.
+    pub(crate) async fn start_job(&self, entry: &Arc<JobEntry>, now: i64) {
+        let started = self
+            .update_job(entry, |job| {
+                if job.status != JobStatus::Planned {
+                    return Err(OtaError::Conflict("not planned".into()));
+                }
+                job.status = JobStatus::InProgress;
+                job.started_at_ms = Some(now);
+                Ok(())
+            })
+            .await;
+        if started.is_err() {
+            return;
+        }
+        tracing::info!(job = %entry.job_id, "OTA job started");
+        for dn in entry.members() {
+            let key = TaskKey::new(&entry.job_id, &entry.product_key, &dn);
+            let reason = if self.inner.pusher.is_connected(&entry.product_key, &dn) {
+                QueueReason::RateLimited
+            } else {
+                QueueReason::Offline
+            };
+            self.apply(&key, Event::Queue(reason), now).await;
+        }
+        self.arm_push(entry, now);
+    }
+
+    /// finish_by reached: tasks not started yet are canceled, a DYNAMIC policy ends.
+    pub(crate) async fn finish_by_reached(&self, entry: &Arc<JobEntry>, now: i64) {
+        let res = self
+            .update_job(entry, |job| {
+                if job.status.is_finished() && !job.dynamic_active {
+                    return Err(OtaError::Conflict("finished".into()));
+                }
+                job.dynamic_active = false;
+                if job.status == JobStatus::Planned {
+                    job.status = JobStatus::InProgress;
+                    job.started_at_ms = Some(now);
+                }
+                job.status_reason = Some("finish_by reached".into());
+                Ok(())
+            })
+            .await;
+        if res.is_err() {
+            return;
+        }
+        for dn in entry.members() {
+            let key = TaskKey::new(&entry.job_id, &entry.product_key, &dn);
+            self.apply(&key, Event::Cancel { force: false }, now).await;
+        }
+        self.check_job_done(entry, now).await;
+    }
+
+    /// Cancels a job. STATIC: every unfinished task is canceled (IN_PROGRESS too). DYNAMIC: the
+    /// policy stops (no device joins any more); unfinished tasks are canceled only with
+    /// `cancel_in_progress`, otherwise they run to their end.
+    pub async fn cancel_job(
+        &self,
+        job_id: &str,
+        cancel_in_progress: bool,
+    ) -> Result<JobView, OtaError> {
+        let entry = self
+            .job_entry(job_id)
+            .ok_or_else(|| OtaError::JobNotFound(job_id.to_owned()))?;
+        let now = self.now();
+        let job = self
+            .update_job(&entry, |job| {
+                if job.status.is_finished() {
+                    return Err(OtaError::Conflict(format!(
+                        "job {} is already {}",
+                        job.job_id,
+                        job.status.as_str()
+                    )));
+                }
+                job.status = JobStatus::Canceled;
+                job.dynamic_active = false;
+                job.finished_at_ms = Some(now);
+                job.status_reason = Some("canceled by an operator".into());
+                Ok(())
+            })
+            .await?;
+        let cancel_tasks = job.spec.selection == Selection::Static || cancel_in_progress;
+        if cancel_tasks {
+            for dn in entry.members() {
+                let key = TaskKey::new(&entry.job_id, &entry.product_key, &dn);
+                self.apply(&key, Event::Cancel { force: true }, now).await;
+            }
+        }
+        self.verify_outcome(&job, None).await;
+        tracing::info!(job = %job_id, cancel_tasks, "OTA job canceled");
+        Ok(self.view(&entry, now))
+    }
+
+    /// Cancels the tasks of some devices of a job (not the job). IN_PROGRESS ones only with
+    /// `cancel_in_progress`. Returns how many were canceled.
+    pub async fn cancel_tasks(
+        &self,
+        job_id: &str,
+        device_names: &[String],
+        cancel_in_progress: bool,
+    ) -> Result<usize, OtaError> {
+        let entry = self
+            .job_entry(job_id)
+            .ok_or_else(|| OtaError::JobNotFound(job_id.to_owned()))?;
+        let now = self.now();
+        let mut n = 0;
+        for (i, dn) in device_names.iter().enumerate() {
+            if !entry.has_member(dn) {
+                return Err(OtaError::invalid(
+                    format!("device_names[{i}]"),
+                    format!("{dn:?} has no task in job {job_id}"),
+                ));
+            }
+        }
+        for dn in device_names {
+            let key = TaskKey::new(job_id, &entry.product_key, dn);
+            if self
+                .apply(
+                    &key,
+                    Event::Cancel {
+                        force: cancel_in_progress,
+                    },
+                    now,
+                )
+                .await
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Confirms CONFIRM tasks (the listed devices, or all). Returns how many were confirmed.
+    pub async fn confirm(
+        &self,
+        job_id: &str,
+        device_names: Option<&[String]>,
+    ) -> Result<usize, OtaError> {
+        let entry = self
+            .job_entry(job_id)
+            .ok_or_else(|| OtaError::JobNotFound(job_id.to_owned()))?;
+        let status = entry.status();
+        if status.is_finished() {
+            return Err(OtaError::Conflict(format!(
+                "job {job_id} is {}",
+                status.as_str()
+            )));
+        }
+        let names = match device_names {
+            Some(list) => {
+                for (i, dn) in list.iter().enumerate() {
+                    if !entry.has_member(dn) {
+                        return Err(OtaError::invalid(
+                            format!("device_names[{i}]"),
+                            format!("{dn:?} has no task in job {job_id}"),
+                        ));
+                    }
+                }
+                list.to_vec()
+            }
+            None => entry.members(),
+        };
+        let now = self.now();
+        let mut n = 0;
+        for dn in names {
+            let key = TaskKey::new(job_id, &entry.product_key, &dn);
+            let queue = if status == JobStatus::Planned {
+                QueueReason::Scheduled
+            } else if self.inner.pusher.is_connected(&entry.product_key, &dn) {
+                QueueReason::RateLimited
+            } else {
+                QueueReason::Offline
+            };
+            if self.apply(&key, Event::Confirm { queue }, now).await {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Holds (`pause = true`) or releases the job's pushes.
+    pub async fn set_paused(&self, job_id: &str, pause: bool) -> Result<JobView, OtaError> {
+        let entry = self
+            .job_entry(job_id)
+            .ok_or_else(|| OtaError::JobNotFound(job_id.to_owned()))?;
+        let now = self.now();
+        self.update_job(&entry, |job| {
+            match (pause, job.status) {
+                (true, JobStatus::InProgress) => {
+                    job.status = JobStatus::Paused;
+                    job.status_reason = Some("paused by an operator".into());
+                }
+                (false, JobStatus::Paused) => {
+                    job.status = JobStatus::InProgress;
+                    job.status_reason = None;
+                }
+                (_, s) => {
+                    return Err(OtaError::Conflict(format!(
+                        "job {} is {}",
+                        job.job_id,
+                        s.as_str()
+                    )))
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        if !pause {
+            self.arm_push(&entry, now);
+        }
+        Ok(self.view(&entry, now))
+    }
+
+    /// The abort rule: cancel or pause the job once enough tasks failed.
+    pub(crate) async fn check_abort(&self, entry: &Arc<JobEntry>, now: i64) {
+        let Some(rule) = entry.abort.clone() else {
+            return;
+        };
+        if !matches!(entry.status(), JobStatus::InProgress) {
+            return;
+        }
+        let c = entry.counters();
+        let finished = c[TaskStatus::Succeeded.index()]
+            + c[TaskStatus::Failed.index()]
+            + c[TaskStatus::Canceled.index()];
+        if finished < u64::from(rule.min_finished) {
+            return;
+        }
+        let failures = entry.failures();
+        let failed: u64 = FailureReason::ALL
+            .into_iter()
+            .filter(|r| {
+                if rule.failure_reasons.is_empty() {
+                    r.device_caused()
+                } else {
+                    rule.failure_reasons.contains(r)
+                }
+            })
+            .map(|r| failures[r as usize])
+            .sum();
+        let percent = failed as f64 * 100.0 / finished as f64;
+        if percent < rule.failure_percent {
+            return;
+        }
+        let reason = format!(
+            "abort rule: {failed} of {finished} finished tasks failed ({percent:.1}% ≥ {}%)",
+            rule.failure_percent
+        );
+        let res = self
+            .update_job(entry, |job| {
+                if job.status != JobStatus::InProgress {
+                    return Err(OtaError::Conflict("not running".into()));
+                }
+                match rule.action {
+                    AbortAction::Cancel => {
+                        job.status = JobStatus::Canceled;
+                        job.finished_at_ms = Some(now);
+                        job.dynamic_active = false;
+                    }
+                    AbortAction::Pause => job.status = JobStatus::Paused,
+                }
+                job.status_reason = Some(reason.clone());
+                Ok(())
+            })
+            .await;
+        let Ok(job) = res else { return };
+        tracing::warn!(job = %entry.job_id, %reason, action = ?rule.action, "OTA abort rule fired");
+        if rule.action == AbortAction::Cancel {
+            for dn in entry.members() {
+                let key = TaskKey::new(&entry.job_id, &entry.product_key, &dn);
+                self.apply_boxed(&key, Event::Abort, now).await;
+            }
+            self.verify_outcome(&job, None).await;
+        }
+    }
+
+    /// Completes a job whose tasks are all finished (STATIC, or DYNAMIC whose policy ended).
+    pub(crate) async fn check_job_done(&self, entry: &Arc<JobEntry>, now: i64) {
+        if entry.unfinished() > 0 {
+            return;
+        }
+        {
+            let job = lock(&entry.job);
+            if job.status.is_finished() || job.status == JobStatus::Planned || job.dynamic_active {
+                return;
+            }
+        }
+        let done = self
+            .update_job(entry, |job| {
+                if job.status.is_finished() || job.dynamic_active {
+                    return Err(OtaError::Conflict("not done".into()));
+                }
+                job.status = JobStatus::Completed;
+                job.finished_at_ms = Some(now);
+                Ok(())
+            })
+            .await;
+        if let Ok(job) = done {
+            tracing::info!(job = %job.job_id, "OTA job completed");
+            let c = TaskCounters::from_array(entry.counters());
+            self.verify_outcome(&job, Some(c)).await;
+        }
+    }
+
+    /// A VERIFY_FIRMWARE job's verdict: all tasks succeeded → VERIFIED, otherwise
+    /// VERIFY_FAILED; canceled → back to UNVERIFIED.
+    async fn verify_outcome(&self, job: &Job, counters: Option<TaskCounters>) {
+        if job.spec.job_type != JobType::VerifyFirmware {
+            return;
+        }
+        let status = match &counters {
+            Some(c) if c.total > 0 && c.succeeded == c.total => FirmwareStatus::Verified,
+            Some(_) => FirmwareStatus::VerifyFailed,
+            None => FirmwareStatus::Unverified,
+        };
+        let current = self.firmware().get(&job.spec.firmware_id).map(|p| p.status);
+        // Never undo a verdict another job reached.
+        if counters.is_none() && current != Some(FirmwareStatus::Verifying) {
+            return;
+        }
+        match self
+            .firmware()
+            .set_status(&job.spec.firmware_id, status)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(firmware = %job.spec.firmware_id, ?status, "firmware verification finished")
+            }
+            Err(e) => tracing::warn!(error = %e, "firmware status not updated"),
+        }
+    }
+
+    /// DYNAMIC jobs: creates a task for a device that now matches (new device, new version).
+    pub(crate) async fn dynamic_join(&self, pk: &str, dn: &str) {
+        let candidates: Vec<Arc<JobEntry>> = self
+            .inner
+            .jobs
+            .iter()
+            .filter(|e| {
+                let j = e.value();
+                j.selection == Selection::Dynamic && j.product_key == pk && !j.has_member(dn)
+            })
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let Ok(device) = self.registry().get_device(pk, dn) else {
+            return;
+        };
+        let now = self.now();
+        for entry in candidates {
+            let matches = {
+                let job = lock(&entry.job);
+                job.dynamic_active
+                    && !job.status.is_finished()
+                    && target_matches(&job, &device)
+                    && version_matches(&job, &device)
+            };
+            if !matches {
+                continue;
+            }
+            let job = entry.job();
+            if self
+                .inner
+                .active
+                .get(&(pk.to_owned(), dn.to_owned(), job.module.clone()))
+                .is_some_and(|j| *j == job.job_id)
+            {
+                continue;
+            }
+            let Some((key, slot)) = self.new_task(&entry, &job, &device, now).await else {
+                continue;
+            };
+            let ticket = self.inner.store.submit(vec![task_doc(&key, &slot)]);
+            let mut ready = Vec::new();
+            self.install(&entry, key, slot, now, &mut ready);
+            if let Err(e) = ticket.await {
+                tracing::error!(error = %e, job = %job.job_id, dn, "dynamic task not stored");
+                continue;
+            }
+            tracing::debug!(job = %job.job_id, dn, "device joined a dynamic job");
+            if !ready.is_empty() {
+                self.arm_push(&entry, now);
+            }
+        }
+    }
+
+    /// Device names of a job whose tasks are in `statuses` (for tests and tools).
+    pub fn task_devices(&self, job_id: &str, statuses: &[TaskStatus]) -> Vec<String> {
+        let Some(entry) = self.job_entry(job_id) else {
+            return Vec::new();
+        };
+        let set: HashSet<TaskStatus> = statuses.iter().copied().collect();
+        entry
+            .members()
+            .into_iter()
+            .filter(|dn| {
+                self.inner
+                    .tasks
+                    .get(&TaskKey::new(job_id, &entry.product_key, dn))
+                    .is_some_and(|s| set.contains(&s.state.status))
+            })
+            .collect()
+    }
+}

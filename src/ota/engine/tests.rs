@@ -1,0 +1,1219 @@
+//! Engine tests on a manual clock: nothing sleeps, time moves when a test moves it and the
+//! test runs the deadline task's work with `run_due`. Devices are a fake [`Pusher`] (who is
+//! connected, what was published) plus direct calls of the device hooks.
+
+use super::*;
+use crate::ota::clock::ManualClock;
+use crate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
+use crate::ota::model::{
+    AbortAction, AbortSpec, JobSpec, JobType, RampSpec, RateSpec, Selection, TagFilter, TargetKind,
+};
+use crate::ota::task::{FailureReason, QueueReason, TaskStatus};
+use crate::registry::{NewDevice, NewProduct, Page};
+use fleetgate_topics::{FailureCode, ProgressStep, UpgradeMessage};
+use std::collections::{BTreeMap, HashSet};
+use tempfile::TempDir;
+
+const T0: i64 = 1_700_000_000_000;
+
+#[derive(Default)]
+struct FakePusher {
+    connected: Mutex<HashSet<String>>,
+    published: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl Pusher for FakePusher {
+    fn is_connected(&self, _pk: &str, dn: &str) -> bool {
+        lock(&self.connected).contains(dn)
+    }
+    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        lock(&self.published).push((topic, payload));
+        Ok(())
+    }
+}
+
+impl FakePusher {
+    fn pushes_to(&self, dn: &str) -> usize {
+        lock(&self.published)
+            .iter()
+            .filter(|(t, _)| t.ends_with(&format!("/{dn}")))
+            .count()
+    }
+    fn total(&self) -> usize {
+        lock(&self.published).len()
+    }
+}
+
+struct H {
+    dir: TempDir,
+    clock: ManualClock,
+    pusher: Arc<FakePusher>,
+    registry: Arc<Registry>,
+    firmware: Arc<FirmwareRepo>,
+    engine: OtaEngine,
+    metrics: Arc<Metrics>,
+    pk: String,
+}
+
+fn open(
+    dir: &TempDir,
+    clock: &ManualClock,
+    pusher: &Arc<FakePusher>,
+) -> (Arc<Registry>, Arc<FirmwareRepo>, OtaEngine, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).unwrap();
+    let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
+    let firmware = FirmwareRepo::open(dir.path(), store, "http://gw.test".into(), 1 << 20).unwrap();
+    let config = EngineConfig {
+        connect_push_delay_ms: 1_000,
+        ..EngineConfig::default()
+    };
+    let engine = OtaEngine::open(
+        registry.clone(),
+        firmware.clone(),
+        pusher.clone(),
+        Arc::new(clock.clone()),
+        config,
+        metrics.clone(),
+    )
+    .unwrap();
+    (registry, firmware, engine, metrics)
+}
+
+impl H {
+    async fn new() -> H {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let pusher = Arc::new(FakePusher::default());
+        let (registry, firmware, engine, metrics) = open(&dir, &clock, &pusher);
+        let pk = registry
+            .create_product(NewProduct {
+                name: "meter".into(),
+                product_key: None,
+                instance_id: None,
+                description: None,
+            })
+            .await
+            .unwrap()
+            .product_key;
+        H {
+            dir,
+            clock,
+            pusher,
+            registry,
+            firmware,
+            engine,
+            metrics,
+            pk,
+        }
+    }
+
+    /// Simulates a restart: a new registry, firmware repo and engine on the same data dir.
+    async fn restart(&mut self) {
+        self.engine.shutdown().await;
+        let (registry, firmware, engine, metrics) = open(&self.dir, &self.clock, &self.pusher);
+        lock(&self.pusher.connected).clear();
+        self.registry = registry;
+        self.firmware = firmware;
+        self.engine = engine;
+        self.metrics = metrics;
+        self.engine.start();
+    }
+
+    /// Simulates `kill -9`: no shutdown, no flush of coalesced progress; only what was
+    /// submitted to the store survives.
+    fn crash(&mut self) {
+        let (registry, firmware, engine, metrics) = open(&self.dir, &self.clock, &self.pusher);
+        lock(&self.pusher.connected).clear();
+        self.registry = registry;
+        self.firmware = firmware;
+        self.engine = engine;
+        self.metrics = metrics;
+        self.engine.start();
+    }
+
+    async fn device(&self, dn: &str, version: Option<&str>, tags: &[(&str, &str)]) {
+        self.registry
+            .create_device(
+                &self.pk,
+                NewDevice {
+                    device_name: dn.into(),
+                    device_secret: None,
+                    tags: tags
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                },
+            )
+            .await
+            .unwrap();
+        if let Some(v) = version {
+            self.registry
+                .report_version(&self.pk, dn, "default", v, T0)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn devices(&self, n: usize, version: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for i in 0..n {
+            let dn = format!("dev-{i:04}");
+            self.device(&dn, Some(version), &[]).await;
+            names.push(dn);
+        }
+        names
+    }
+
+    async fn connect(&self, dn: &str) {
+        lock(&self.pusher.connected).insert(dn.to_owned());
+        self.engine.device_online(&self.pk, dn).await;
+    }
+
+    fn disconnect(&self, dn: &str) {
+        lock(&self.pusher.connected).remove(dn);
+    }
+
+    async fn firmware(&self, version: &str, verified: bool) -> String {
+        let mut new = NewFirmware::new(self.pk.clone(), version);
+        new.src_versions = vec![];
+        let p = self
+            .firmware
+            .create_from_bytes(new, format!("firmware {version}").as_bytes())
+            .await
+            .unwrap();
+        if verified {
+            self.firmware
+                .set_status(&p.firmware_id, FirmwareStatus::Verified)
+                .await
+                .unwrap();
+        }
+        p.firmware_id
+    }
+
+    fn spec(&self, fid: &str) -> JobSpec {
+        JobSpec {
+            firmware_id: fid.into(),
+            job_type: JobType::UpgradeFirmware,
+            selection: Selection::Static,
+            target: TargetKind::All,
+            device_names: vec![],
+            gray_percent: None,
+            target_tags: vec![],
+            src_versions: None,
+            rate: None,
+            start_at_ms: None,
+            finish_by_ms: None,
+            timeout_seconds: None,
+            stall_seconds: None,
+            retry_interval_seconds: None,
+            retry_count: None,
+            retry_backoff: None,
+            retry_max_interval_seconds: None,
+            retry_jitter_percent: None,
+            overwrite: false,
+            need_confirm: false,
+            force: false,
+            abort: None,
+            tags: BTreeMap::new(),
+            name: None,
+            description: None,
+        }
+    }
+
+    async fn advance(&self, ms: i64) {
+        self.clock.advance_ms(ms);
+        self.engine.run_due().await;
+    }
+
+    fn status(&self, job: &str, dn: &str) -> TaskStatus {
+        self.engine.get_task(job, dn).unwrap().status
+    }
+
+    async fn progress(&self, dn: &str, step: i64) {
+        self.engine
+            .on_progress(
+                &self.pk,
+                dn,
+                "default",
+                ProgressStep::from_code(step).unwrap(),
+            )
+            .await;
+    }
+
+    async fn report(&self, dn: &str, version: &str) {
+        self.registry
+            .report_version(&self.pk, dn, "default", version, self.clock.now_ms())
+            .await
+            .unwrap();
+        self.engine
+            .on_version(&self.pk, dn, "default", version)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_push_has_the_vendor_shape_and_the_target_version_means_success() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut events = h.engine.subscribe_events();
+    let job = h.engine.create_job(h.spec(&fid)).await.unwrap();
+    let jid = job.job.job_id.clone();
+    assert_eq!(job.counters.queued, 2);
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 2);
+    let (topic, payload) = lock(&h.pusher.published)[0].clone();
+    assert_eq!(topic, format!("/ota/device/upgrade/{}/dev-0000", h.pk));
+    let msg = UpgradeMessage::parse(&payload).expect("vendor shape");
+    assert_eq!(msg.code, "1000");
+    assert_eq!(msg.data.version, "2.0");
+    assert!(msg
+        .data
+        .url
+        .starts_with(&format!("http://gw.test/firmware/{fid}/download?expires=")));
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Notified);
+
+    h.progress("dev-0000", 30).await;
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::InProgress);
+    h.progress("dev-0000", 100).await;
+    assert_eq!(
+        h.status(&jid, "dev-0000"),
+        TaskStatus::InProgress,
+        "100% is not success"
+    );
+    h.report("dev-0000", "2.0").await;
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Succeeded);
+    // The second device goes straight from NOTIFIED to SUCCEEDED.
+    h.report("dev-0001", "2.0").await;
+    let view = h.engine.get_job(&jid).unwrap();
+    assert_eq!(view.counters.succeeded, 2);
+    assert_eq!(view.job.status, JobStatus::Completed);
+    let stats = h.engine.job_statistics(&jid).unwrap();
+    assert_eq!(stats.success_rate, Some(1.0));
+    assert_eq!(stats.pushes, 2);
+
+    // Events, in order, after durability.
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if e.device_name == "dev-0000" {
+            seen.push((e.event.clone(), e.to_state));
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("pushed".to_owned(), TaskStatus::Notified),
+            ("progress_started".to_owned(), TaskStatus::InProgress),
+            ("succeeded".to_owned(), TaskStatus::Succeeded),
+        ]
+    );
+    let timeline = h.engine.timeline(&h.pk, "dev-0000", None);
+    let names: Vec<&str> = timeline.iter().map(|t| t.entry.event.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["created", "pushed", "progress_started", "succeeded"]
+    );
+    assert!(h
+        .metrics
+        .encode()
+        .contains(r#"fleetgate_ota_tasks{state="SUCCEEDED"} 2"#));
+}
+
+#[tokio::test]
+async fn unverified_firmware_needs_force_and_validation_names_fields() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    let fid = h.firmware("2.0", false).await;
+    let err = h.engine.create_job(h.spec(&fid)).await.unwrap_err();
+    assert!(matches!(err, OtaError::FirmwareNotVerified { .. }), "{err}");
+    let mut spec = h.spec(&fid);
+    spec.force = true;
+    assert!(h.engine.create_job(spec).await.is_ok());
+    let mut spec = h.spec(&fid);
+    spec.force = true;
+    spec.retry_count = Some(2);
+    match h.engine.create_job(spec).await.unwrap_err() {
+        OtaError::Invalid { field, .. } => assert_eq!(field, "retry_interval_seconds"),
+        e => panic!("{e}"),
+    }
+    let mut spec = h.spec(&fid);
+    spec.force = true;
+    spec.rate = Some(RateSpec {
+        per_minute: 10,
+        burst: None,
+        ramp: Some(RampSpec {
+            factor: 9.0,
+            every_seconds: Some(1),
+            every_succeeded: None,
+            max_per_minute: 20,
+        }),
+    });
+    match h.engine.create_job(spec).await.unwrap_err() {
+        OtaError::Invalid { field, .. } => assert_eq!(field, "rate.ramp.factor"),
+        e => panic!("{e}"),
+    }
+    assert!(matches!(
+        h.engine.create_job(h.spec("fw-nope")).await.unwrap_err(),
+        OtaError::FirmwareNotFound(_)
+    ));
+}
+
+#[tokio::test]
+async fn offline_device_is_pushed_after_it_connects() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    let fid = h.firmware("2.0", true).await;
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(
+        (t.status, t.queue_reason),
+        (TaskStatus::Queued, Some(QueueReason::Offline))
+    );
+    h.advance(60_000).await;
+    assert_eq!(h.pusher.total(), 0);
+    h.connect("dev-0000").await;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 0, "waits for the device to subscribe");
+    // A version report says the device is ready: the push goes at once.
+    h.report("dev-0000", "1.0").await;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 1);
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Notified);
+}
+
+#[tokio::test]
+async fn offline_device_is_pushed_after_the_connect_delay() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    let fid = h.firmware("2.0", true).await;
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    h.connect("dev-0000").await;
+    h.advance(999).await;
+    assert_eq!(h.pusher.total(), 0);
+    h.advance(1).await;
+    assert_eq!(h.pusher.total(), 1);
+    // Reconnecting before any progress re-pushes (the push may have been lost); after
+    // progress it does not.
+    h.disconnect("dev-0000");
+    h.connect("dev-0000").await;
+    h.advance(1_000).await;
+    assert_eq!(h.pusher.total(), 2);
+    assert_eq!(h.engine.get_task(&jid, "dev-0000").unwrap().pushes, 2);
+    h.progress("dev-0000", 10).await;
+    h.disconnect("dev-0000");
+    h.connect("dev-0000").await;
+    h.advance(5_000).await;
+    assert_eq!(h.pusher.total(), 2);
+}
+
+#[tokio::test]
+async fn timeout_and_stall_fail_with_timeout_and_are_never_retried() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.timeout_seconds = Some(60);
+    spec.stall_seconds = Some(20);
+    spec.retry_count = Some(3);
+    spec.retry_interval_seconds = Some(0);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", 1).await;
+    h.progress("dev-0001", 1).await;
+    // dev-0000 keeps reporting (no stall) but never finishes: TIMEOUT at 60 s.
+    for _ in 0..5 {
+        h.advance(10_000).await;
+        h.progress("dev-0000", 50).await;
+    }
+    // dev-0001 went silent: stall after 20 s.
+    let t1 = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t1.status, TaskStatus::Failed);
+    assert_eq!(t1.failure, Some(FailureReason::Timeout));
+    assert!(t1.failure_detail.unwrap().contains("stalled"));
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::InProgress);
+    h.advance(10_000).await;
+    let t0 = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t0.failure, Some(FailureReason::Timeout));
+    assert_eq!(t0.retries_used, 0, "TIMEOUT is never retried");
+    assert!(h
+        .metrics
+        .encode()
+        .contains("fleetgate_ota_timeouts_total 2"));
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().job.status,
+        JobStatus::Completed
+    );
+}
+
+#[tokio::test]
+async fn each_failure_code_is_kept_and_retries_back_off() {
+    let h = H::new().await;
+    h.devices(4, "1.0").await;
+    for i in 0..4 {
+        h.connect(&format!("dev-{i:04}")).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    for (i, code) in FailureCode::ALL.iter().enumerate() {
+        h.progress(&format!("dev-{i:04}"), i64::from(code.code()))
+            .await;
+    }
+    let stats = h.engine.job_statistics(&jid).unwrap();
+    for code in FailureCode::ALL {
+        assert_eq!(stats.failures.get(code.as_str()), Some(&1), "{code}");
+    }
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t.failure_code, Some(-2));
+    assert_eq!(stats.success_rate, Some(0.0));
+}
+
+#[tokio::test]
+async fn retry_then_success_and_retry_exhausted() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.retry_count = Some(2);
+    spec.retry_interval_seconds = Some(60);
+    spec.retry_backoff = Some(2.0);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 2);
+    // dev-0000: fails once, then succeeds on the retry.
+    h.progress("dev-0000", 20).await;
+    h.progress("dev-0000", -2).await;
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(
+        t.status,
+        TaskStatus::InProgress,
+        "visible state kept during the retry"
+    );
+    assert_eq!(t.next_retry_at_ms, Some(T0 + 60_000));
+    h.advance(59_999).await;
+    assert_eq!(h.pusher.pushes_to("dev-0000"), 1);
+    h.advance(1).await;
+    assert_eq!(
+        h.pusher.pushes_to("dev-0000"),
+        2,
+        "re-pushed at the retry time"
+    );
+    h.progress("dev-0000", 50).await;
+    h.report("dev-0000", "2.0").await;
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Succeeded);
+
+    // dev-0001: wrong version, then failures until the retries run out (60 s, then 120 s).
+    h.progress("dev-0001", 10).await;
+    h.report("dev-0001", "9.9").await;
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t.retries_used, 1);
+    h.advance(60_000).await;
+    assert_eq!(h.pusher.pushes_to("dev-0001"), 2);
+    h.progress("dev-0001", -4).await;
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(
+        t.next_retry_at_ms,
+        Some(h.clock.now_ms() + 120_000),
+        "backoff doubles"
+    );
+    h.advance(120_000).await;
+    assert_eq!(h.pusher.pushes_to("dev-0001"), 3);
+    h.progress("dev-0001", -1).await;
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.failure, Some(FailureReason::UpdateFailed));
+    assert_eq!(t.retries_used, 2);
+    let history = t.history.unwrap();
+    assert!(
+        history
+            .iter()
+            .filter(|h| h.event == "retry_scheduled")
+            .count()
+            == 2
+    );
+    assert!(history
+        .last()
+        .unwrap()
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("retries exhausted"));
+    assert_eq!(h.engine.job_statistics(&jid).unwrap().retries, 3);
+}
+
+#[tokio::test]
+async fn push_rate_is_honoured_with_its_burst() {
+    let h = H::new().await;
+    let names = h.devices(200, "1.0").await;
+    for dn in &names {
+        lock(&h.pusher.connected).insert(dn.clone());
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: Some(5),
+        ramp: None,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 5, "the burst");
+    let t = h.engine.get_task(&jid, "dev-0100").unwrap();
+    assert_eq!(t.queue_reason, Some(QueueReason::RateLimited));
+    // One minute in 250 ms steps: 60 more.
+    for _ in 0..240 {
+        h.advance(250).await;
+    }
+    let n = h.pusher.total();
+    assert!((64..=66).contains(&n), "{n} pushes in the first minute");
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().current_rate_per_minute,
+        Some(60.0)
+    );
+}
+
+#[tokio::test]
+async fn ramp_grows_the_rate_by_successes() {
+    let h = H::new().await;
+    let names = h.devices(100, "1.0").await;
+    for dn in &names {
+        lock(&h.pusher.connected).insert(dn.clone());
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 6,
+        burst: Some(1),
+        ramp: Some(RampSpec {
+            factor: 10.0_f64.min(5.0),
+            every_seconds: None,
+            every_succeeded: Some(2),
+            max_per_minute: 600,
+        }),
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 1);
+    h.advance(10_000).await;
+    assert_eq!(h.pusher.total(), 2);
+    h.report("dev-0000", "2.0").await;
+    h.report("dev-0001", "2.0").await;
+    // Two successes: 6 → 30 per minute (one per 2 s).
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().current_rate_per_minute,
+        Some(30.0)
+    );
+    h.advance(2_000).await;
+    h.advance(2_000).await;
+    h.advance(2_000).await;
+    let n = h.pusher.total();
+    assert!((4..=5).contains(&n), "{n}");
+}
+
+#[tokio::test]
+async fn cancel_static_cancels_everything_dynamic_only_stops_the_policy() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    let fid = h.firmware("2.0", true).await;
+    let static_job = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", 5).await;
+    let v = h.engine.cancel_job(&static_job, false).await.unwrap();
+    assert_eq!(v.job.status, JobStatus::Canceled);
+    assert_eq!(v.counters.canceled, 2, "IN_PROGRESS included for STATIC");
+    assert!(
+        h.engine.cancel_job(&static_job, false).await.is_err(),
+        "twice is a conflict"
+    );
+
+    let fid3 = h.firmware("3.0", true).await;
+    let mut spec = h.spec(&fid3);
+    spec.selection = Selection::Dynamic;
+    let dynamic = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", 5).await;
+    let v = h.engine.cancel_job(&dynamic, false).await.unwrap();
+    assert_eq!(v.job.status, JobStatus::Canceled);
+    assert!(!v.job.dynamic_active);
+    assert_eq!(
+        h.status(&dynamic, "dev-0000"),
+        TaskStatus::InProgress,
+        "in-flight tasks continue"
+    );
+    assert_eq!(h.status(&dynamic, "dev-0001"), TaskStatus::Queued);
+    // The offline device still gets its push when it connects; new devices do not join.
+    h.connect("dev-0001").await;
+    h.advance(1_000).await;
+    assert_eq!(h.status(&dynamic, "dev-0001"), TaskStatus::Notified);
+    h.device("dev-new", Some("1.0"), &[]).await;
+    h.connect("dev-new").await;
+    assert!(h.engine.get_task(&dynamic, "dev-new").is_err());
+
+    // A second DYNAMIC job canceled with cancel_in_progress.
+    let fid4 = h.firmware("4.0", true).await;
+    let mut spec = h.spec(&fid4);
+    spec.selection = Selection::Dynamic;
+    spec.overwrite = true;
+    spec.target = TargetKind::Specific;
+    spec.device_names = vec!["dev-new".into()];
+    let d2 = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.advance(1_000).await;
+    h.progress("dev-new", 1).await;
+    let v = h.engine.cancel_job(&d2, true).await.unwrap();
+    assert_eq!(v.counters.canceled, 1);
+}
+
+#[tokio::test]
+async fn dynamic_jobs_take_devices_that_come_to_match() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    h.device("late-1", Some("0.5"), &[]).await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.selection = Selection::Dynamic;
+    spec.src_versions = Some(vec!["1.0".into()]);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    assert_eq!(h.engine.get_job(&jid).unwrap().counters.total, 1);
+    // "late" reaches a source version: it joins.
+    h.report("late-1", "1.0").await;
+    assert_eq!(h.status(&jid, "late-1"), TaskStatus::Queued);
+    // A new device connecting with a source version joins too.
+    h.device("newcomer", Some("1.0"), &[]).await;
+    h.connect("newcomer").await;
+    assert_eq!(h.engine.get_job(&jid).unwrap().counters.total, 3);
+    // The job never completes by itself while the policy runs.
+    for dn in ["dev-0000", "late-1", "newcomer"] {
+        h.report(dn, "2.0").await;
+    }
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().job.status,
+        JobStatus::InProgress
+    );
+}
+
+#[tokio::test]
+async fn confirm_flow() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.need_confirm = true;
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 0);
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Confirm);
+    // Pull does not bypass confirmation.
+    assert!(h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0000", "default")
+        .await
+        .is_none());
+    assert_eq!(
+        h.engine
+            .confirm(&jid, Some(&["dev-0000".into()]))
+            .await
+            .unwrap(),
+        1
+    );
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 1);
+    assert_eq!(h.status(&jid, "dev-0001"), TaskStatus::Confirm);
+    assert_eq!(h.engine.confirm(&jid, None).await.unwrap(), 1);
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t.queue_reason, Some(QueueReason::Offline));
+    assert!(matches!(
+        h.engine
+            .confirm(&jid, Some(&["ghost".into()]))
+            .await
+            .unwrap_err(),
+        OtaError::Invalid { .. }
+    ));
+}
+
+#[tokio::test]
+async fn overwrite_and_conflict_between_jobs() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    let fid2 = h.firmware("2.0", true).await;
+    let first = h.engine.create_job(h.spec(&fid2)).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", 10).await; // IN_PROGRESS: never overwritten
+    let fid3 = h.firmware("3.0", true).await;
+    // Without overwrite: both conflict.
+    let second = h.engine.create_job(h.spec(&fid3)).await.unwrap();
+    assert_eq!(second.counters.failed, 2);
+    assert_eq!(second.job.status, JobStatus::Completed);
+    let t = h.engine.get_task(&second.job.job_id, "dev-0001").unwrap();
+    assert_eq!(t.failure, Some(FailureReason::Conflict));
+    // With overwrite: the QUEUED task is replaced, the IN_PROGRESS one still conflicts.
+    let mut spec = h.spec(&fid3);
+    spec.overwrite = true;
+    let third = h.engine.create_job(spec).await.unwrap().job.job_id;
+    assert_eq!(
+        h.engine.get_task(&first, "dev-0001").unwrap().failure,
+        Some(FailureReason::Overwritten)
+    );
+    assert_eq!(h.status(&third, "dev-0001"), TaskStatus::Queued);
+    assert_eq!(
+        h.engine.get_task(&third, "dev-0000").unwrap().failure,
+        Some(FailureReason::Conflict)
+    );
+    assert_eq!(h.status(&first, "dev-0000"), TaskStatus::InProgress);
+    let jobs = h.engine.jobs_by_device(&h.pk, "dev-0001", Page::default());
+    assert_eq!(jobs.total, 3);
+}
+
+#[tokio::test]
+async fn abort_rule_cancels_after_the_failure_threshold() {
+    let h = H::new().await;
+    let names = h.devices(10, "1.0").await;
+    for dn in &names {
+        h.connect(dn).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: Some(4),
+        ramp: None,
+    });
+    spec.abort = Some(AbortSpec {
+        min_finished: 3,
+        failure_percent: 50.0,
+        failure_reasons: vec![FailureReason::DownloadFailed],
+        action: AbortAction::Cancel,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.advance(1_000).await;
+    let pushed = h.engine.task_devices(&jid, &[TaskStatus::Notified]);
+    assert_eq!(pushed.len(), 4);
+    h.report(&pushed[0], "2.0").await;
+    h.progress(&pushed[1], -2).await;
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().job.status,
+        JobStatus::InProgress,
+        "below min_finished"
+    );
+    h.progress(&pushed[2], 5).await;
+    h.progress(&pushed[2], -2).await;
+    let v = h.engine.get_job(&jid).unwrap();
+    assert_eq!(v.job.status, JobStatus::Canceled);
+    assert!(v.job.status_reason.unwrap().contains("abort rule"));
+    // Not yet pushed tasks failed ABORTED; the NOTIFIED one too.
+    assert_eq!(v.counters.failed, 2 + 7);
+    assert_eq!(
+        h.engine.get_task(&jid, &pushed[3]).unwrap().failure,
+        Some(FailureReason::Aborted)
+    );
+}
+
+#[tokio::test]
+async fn abort_rule_can_pause_and_resume() {
+    let h = H::new().await;
+    let names = h.devices(4, "1.0").await;
+    for dn in &names {
+        h.connect(dn).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: Some(1),
+        ramp: None,
+    });
+    spec.abort = Some(AbortSpec {
+        min_finished: 1,
+        failure_percent: 100.0,
+        failure_reasons: vec![],
+        action: AbortAction::Pause,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", -3).await;
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().job.status,
+        JobStatus::Paused
+    );
+    h.advance(10_000).await;
+    assert_eq!(h.pusher.total(), 1, "paused: no pushes");
+    h.engine.set_paused(&jid, false).await.unwrap();
+    h.advance(1_000).await;
+    assert_eq!(h.pusher.total(), 2);
+}
+
+#[tokio::test]
+async fn pull_mode_delivers_the_pending_upgrade() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    let fid = h.firmware("2.0", true).await;
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    assert!(h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0000", "other")
+        .await
+        .is_none());
+    let data = h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0000", "default")
+        .await
+        .unwrap();
+    assert_eq!(data.version, "2.0");
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t.status, TaskStatus::Notified);
+    assert_eq!(t.history.unwrap().last().unwrap().event, "pulled");
+    assert_eq!(h.pusher.total(), 0, "the reply is the delivery");
+    // Asking again returns the same package without a state change.
+    assert!(h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0000", "default")
+        .await
+        .is_some());
+}
+
+#[tokio::test]
+async fn targets_gray_tag_specific_and_source_filter() {
+    let h = H::new().await;
+    for i in 0..20 {
+        let region = if i % 2 == 0 { "eu" } else { "us" };
+        h.device(
+            &format!("dv{i:02}"),
+            Some(if i < 15 { "1.0" } else { "0.1" }),
+            &[("region", region)],
+        )
+        .await;
+    }
+    h.device("at-target", Some("2.0"), &[("region", "eu")])
+        .await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.target = TargetKind::Gray;
+    spec.gray_percent = Some(50.0);
+    let v = h.engine.create_job(spec).await.unwrap();
+    assert_eq!(
+        v.counters.total, 10,
+        "ceil(20 × 50%), the device at the target excluded"
+    );
+    h.engine.cancel_job(&v.job.job_id, true).await.unwrap();
+
+    let mut spec = h.spec(&fid);
+    spec.target = TargetKind::Tag;
+    spec.target_tags = vec![TagFilter {
+        key: "region".into(),
+        value: Some("eu".into()),
+    }];
+    spec.src_versions = Some(vec!["1.0".into()]);
+    let v = h.engine.create_job(spec).await.unwrap();
+    assert_eq!(v.counters.total, 8, "eu devices dv00..dv14 even");
+    h.engine.cancel_job(&v.job.job_id, true).await.unwrap();
+
+    let mut spec = h.spec(&fid);
+    spec.target = TargetKind::Specific;
+    spec.device_names = vec!["dv01".into(), "nope-nope".into()];
+    match h.engine.create_job(spec).await.unwrap_err() {
+        OtaError::Invalid { field, .. } => assert_eq!(field, "device_names[1]"),
+        e => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn verify_job_marks_the_package() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", false).await;
+    let mut spec = h.spec(&fid);
+    spec.job_type = JobType::VerifyFirmware;
+    spec.target = TargetKind::Specific;
+    spec.device_names = vec!["dev-0000".into(), "dev-0001".into()];
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    assert_eq!(
+        h.firmware.get(&fid).unwrap().status,
+        FirmwareStatus::Verifying
+    );
+    h.engine.run_due().await;
+    h.report("dev-0000", "2.0").await;
+    h.report("dev-0001", "2.0").await;
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().job.status,
+        JobStatus::Completed
+    );
+    assert_eq!(
+        h.firmware.get(&fid).unwrap().status,
+        FirmwareStatus::Verified
+    );
+    // Now an upgrade job needs no force.
+    assert!(h.engine.create_job(h.spec(&fid)).await.is_ok());
+
+    let bad = h.firmware("3.0", false).await;
+    let mut spec = h.spec(&bad);
+    spec.job_type = JobType::VerifyFirmware;
+    spec.target = TargetKind::Specific;
+    spec.device_names = vec!["dev-0000".into()];
+    spec.overwrite = true;
+    h.engine.create_job(spec).await.unwrap();
+    h.advance(1_000).await;
+    h.progress("dev-0000", -3).await;
+    assert_eq!(
+        h.firmware.get(&bad).unwrap().status,
+        FirmwareStatus::VerifyFailed
+    );
+}
+
+#[tokio::test]
+async fn schedule_and_finish_by() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.start_at_ms = Some(T0 + 3_600_000);
+    spec.finish_by_ms = Some(T0 + 7_200_000);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    let v = h.engine.get_job(&jid).unwrap();
+    assert_eq!(v.job.status, JobStatus::Planned);
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t.queue_reason, Some(QueueReason::Scheduled));
+    assert_eq!(t.scheduled_at_ms, Some(T0 + 3_600_000));
+    h.advance(3_599_999).await;
+    assert_eq!(h.pusher.total(), 0);
+    h.advance(1).await;
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().job.status,
+        JobStatus::InProgress
+    );
+    assert_eq!(h.pusher.total(), 1);
+    assert_eq!(
+        h.engine.get_task(&jid, "dev-0001").unwrap().queue_reason,
+        Some(QueueReason::Offline)
+    );
+    h.advance(3_600_000).await;
+    let v = h.engine.get_job(&jid).unwrap();
+    assert_eq!(v.counters.canceled, 2, "not started by finish_by: canceled");
+    assert_eq!(v.job.status, JobStatus::Completed);
+}
+
+#[tokio::test]
+async fn restart_resumes_timers_and_does_not_push_twice() {
+    let mut h = H::new().await;
+    let names = h.devices(6, "1.0").await;
+    for dn in &names {
+        h.connect(dn).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.timeout_seconds = Some(600);
+    spec.retry_count = Some(1);
+    spec.retry_interval_seconds = Some(300);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: Some(3),
+        ramp: None,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 3);
+    h.progress("dev-0000", 10).await; // timeout at +600 s
+    h.progress("dev-0001", -2).await; // retry at +300 s
+    h.progress("dev-0002", 40).await; // a coalesced update only
+    h.progress("dev-0002", 41).await;
+    h.restart().await;
+    h.engine.run_due().await;
+    assert_eq!(
+        h.pusher.total(),
+        3,
+        "nothing re-pushed by the restart itself"
+    );
+    assert_eq!(
+        h.engine.get_task(&jid, "dev-0002").unwrap().progress,
+        Some(41),
+        "coalesced progress was flushed"
+    );
+    // The bucket remembers the burst: one more slot after a second, not three at once.
+    for dn in &names {
+        h.connect(dn).await;
+    }
+    h.report("dev-0003", "1.0").await;
+    h.report("dev-0004", "1.0").await;
+    h.advance(1_000).await;
+    let after = h.pusher.total();
+    assert!((4..=5).contains(&after), "{after}: rate after restart");
+    // The retry fires at its persisted time, the timeout at its own.
+    h.advance(300_000).await;
+    assert!(h.pusher.pushes_to("dev-0001") >= 2);
+    h.advance(300_000).await;
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t.failure, Some(FailureReason::Timeout));
+    let counters = h.engine.get_job(&jid).unwrap().counters;
+    assert_eq!(counters.total, 6, "no task lost");
+}
+
+#[tokio::test]
+async fn a_crash_keeps_every_noted_transition_and_its_timers() {
+    let mut h = H::new().await;
+    h.devices(3, "1.0").await;
+    for dn in ["dev-0000", "dev-0001", "dev-0002"] {
+        h.connect(dn).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.stall_seconds = Some(120);
+    spec.retry_count = Some(1);
+    spec.retry_interval_seconds = Some(60);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    h.progress("dev-0000", 10).await; // noted (durable before the call returns)
+    h.progress("dev-0000", 70).await; // coalesced: lost in a crash, harmlessly
+    h.progress("dev-0001", -2).await; // retry at +60 s
+    h.crash();
+    let t0 = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t0.status, TaskStatus::InProgress);
+    assert_eq!(t0.progress, Some(10));
+    let t1 = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(t1.next_retry_at_ms, Some(T0 + 60_000));
+    assert_eq!(h.status(&jid, "dev-0002"), TaskStatus::Notified);
+    // The retry re-pushes when due, though the device is offline now: deferred to its connect.
+    h.advance(60_000).await;
+    assert!(h
+        .engine
+        .get_task(&jid, "dev-0001")
+        .unwrap()
+        .history
+        .unwrap()
+        .iter()
+        .any(|e| e.event == "push_deferred"));
+    let before = h.pusher.pushes_to("dev-0001");
+    h.connect("dev-0001").await;
+    h.report("dev-0001", "1.0").await;
+    assert_eq!(h.pusher.pushes_to("dev-0001"), before + 1);
+    // The stall deadline comes from the persisted last progress.
+    h.advance(60_000).await;
+    let t0 = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t0.failure, Some(FailureReason::Timeout));
+}
+
+#[tokio::test]
+async fn version_distribution_and_firmware_statistics() {
+    let h = H::new().await;
+    h.devices(3, "1.0").await;
+    h.device("dev-x", Some("2.0"), &[]).await;
+    h.device("dev-y", None, &[]).await;
+    let d = h.engine.version_distribution(&h.pk, "default").unwrap();
+    assert_eq!(d.total_devices, 5);
+    assert_eq!(d.unknown, 1);
+    assert_eq!(d.versions[0].version, "1.0");
+    assert_eq!(d.versions[0].devices, 3);
+    let fid = h.firmware("2.0", true).await;
+    h.engine.create_job(h.spec(&fid)).await.unwrap();
+    let s = h.engine.firmware_statistics(&fid);
+    assert_eq!(s.jobs, 1);
+    assert_eq!(
+        s.stats.counters.total, 4,
+        "the device at the target is not a task"
+    );
+    assert!(h.engine.firmware_in_use(&fid));
+}
+
+/// Throughput of progress reports through the state machine into the store (run with
+/// `cargo test --release -p fleetgate --lib bench_progress -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_progress_throughput() {
+    const DEVICES: usize = 10_000;
+    const ROUNDS: u8 = 50;
+    let h = H::new().await;
+    let mut rows = Vec::with_capacity(DEVICES);
+    for i in 0..DEVICES {
+        rows.push(NewDevice {
+            device_name: format!("dev-{i:05}"),
+            device_secret: None,
+            tags: Default::default(),
+        });
+    }
+    h.registry.batch_create_devices(&h.pk, rows).await.unwrap();
+    for i in 0..DEVICES {
+        lock(&h.pusher.connected).insert(format!("dev-{i:05}"));
+    }
+    let fid = h.firmware("2.0", true).await;
+    let started = std::time::Instant::now();
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    println!("create job with {DEVICES} tasks: {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    h.engine.run_due().await;
+    println!(
+        "push {DEVICES}: {:?} ({} published)",
+        started.elapsed(),
+        h.pusher.total()
+    );
+
+    // First progress of every device: a noted transition, awaited (write-ahead).
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let engine = h.engine.clone();
+        let pk = h.pk.clone();
+        set.spawn(async move {
+            for i in (w..DEVICES).step_by(8) {
+                engine
+                    .on_progress(
+                        &pk,
+                        &format!("dev-{i:05}"),
+                        "default",
+                        ProgressStep::Percent(1),
+                    )
+                    .await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let e = started.elapsed();
+    println!(
+        "first progress (durable, 8 sequential workers): {:.0}/s",
+        DEVICES as f64 / e.as_secs_f64()
+    );
+
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let engine = h.engine.clone();
+        let pk = h.pk.clone();
+        set.spawn(async move {
+            for round in 2..ROUNDS + 2 {
+                for i in (w..DEVICES).step_by(4) {
+                    engine
+                        .on_progress(
+                            &pk,
+                            &format!("dev-{i:05}"),
+                            "default",
+                            ProgressStep::Percent(round),
+                        )
+                        .await;
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let e = started.elapsed();
+    let n = DEVICES * ROUNDS as usize;
+    h.engine.flush_dirty().await;
+    println!(
+        "progress updates: {n} in {e:?} = {:.0}/s (+ flush {:?})",
+        n as f64 / e.as_secs_f64(),
+        started.elapsed() - e
+    );
+    assert_eq!(
+        h.engine.get_job(&jid).unwrap().counters.in_progress,
+        DEVICES as u64
+    );
+}

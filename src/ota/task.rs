@@ -1,0 +1,865 @@
+//! The per-device upgrade task state machine, as a pure function.
+//!
+//! [`transition`] takes a task's [`TaskState`], its job's [`TaskPolicy`], one [`Event`] and
+//! the current time, and returns either the next state with the [`Effect`]s the engine must
+//! carry out (and a history [`Note`]), or [`Ignored`] with the reason the event does not apply.
+//! It does no I/O and reads no clock, so every (state, event) pair is unit-tested
+//! (`task_tests.rs`) and every timer is a pure function of persisted timestamps
+//! ([`next_deadline`]): after a restart the engine recomputes the same deadlines.
+//!
+//! # States (Alibaba's names, design §4)
+//!
+//! | status | meaning | leaves by |
+//! |---|---|---|
+//! | CONFIRM | waits for an operator | confirm → QUEUED; cancel; overwrite; abort |
+//! | QUEUED (OFFLINE, SCHEDULED, RATE_LIMITED) | push not sent yet | pushed → NOTIFIED; target version reported → SUCCEEDED (nothing to push); cancel; overwrite; abort |
+//! | NOTIFIED | push delivered, no progress yet | progress ≥ 0 → IN_PROGRESS; target version → SUCCEEDED; failure code → retry or FAILED; cancel; overwrite; abort |
+//! | IN_PROGRESS | the device reports progress | target version → SUCCEEDED; failure code / wrong version → retry or FAILED; timeout / stall → FAILED(TIMEOUT); forced cancel |
+//! | SUCCEEDED, FAILED, CANCELED | terminal: every event is ignored | — |
+//!
+//! # Retries
+//!
+//! A device failure (progress -1..-4) or a wrong version, while retries are left, keeps the
+//! visible status (NOTIFIED or IN_PROGRESS, as the vendor does) and arms `retry_at_ms` =
+//! now + interval × backoff^(n-1) (capped) + deterministic jitter. When it is due the attempt
+//! counter grows, the attempt's timers reset and a re-push becomes due (`repush_at_ms`). While
+//! a retry is pending, progress and failure reports of the failed attempt are ignored; the
+//! target version still means SUCCEEDED. TIMEOUT (including a stall), cancel, overwrite and
+//! abort are never retried.
+//!
+//! # Timers
+//!
+//! - timeout: `first_progress_at_ms + timeout` of the current attempt (IN_PROGRESS only);
+//! - stall: `max(last_progress_at_ms, attempt_started_at_ms) + stall` (IN_PROGRESS only) —
+//!   counts as TIMEOUT with the detail "stalled";
+//! - retry: `retry_at_ms`; re-push: `repush_at_ms` (set by a due retry, or by the device coming
+//!   online while the current attempt's push may have been lost).
+
+use fleetgate_topics::{FailureCode, ProgressStep};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The visible status of a task.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskStatus {
+    Confirm,
+    Queued,
+    Notified,
+    InProgress,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 7] = [
+        TaskStatus::Confirm,
+        TaskStatus::Queued,
+        TaskStatus::Notified,
+        TaskStatus::InProgress,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Confirm => "CONFIRM",
+            TaskStatus::Queued => "QUEUED",
+            TaskStatus::Notified => "NOTIFIED",
+            TaskStatus::InProgress => "IN_PROGRESS",
+            TaskStatus::Succeeded => "SUCCEEDED",
+            TaskStatus::Failed => "FAILED",
+            TaskStatus::Canceled => "CANCELED",
+        }
+    }
+
+    /// Position in [`TaskStatus::ALL`] (counter arrays are indexed by it).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Canceled
+        )
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+impl std::fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a QUEUED task has not been pushed yet.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum QueueReason {
+    /// The device is offline; the push goes out when it connects.
+    Offline,
+    /// The job starts later (`scheduled_at_ms`).
+    Scheduled,
+    /// Waiting for a slot of the job's push rate.
+    RateLimited,
+}
+
+impl QueueReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueReason::Offline => "OFFLINE",
+            QueueReason::Scheduled => "SCHEDULED",
+            QueueReason::RateLimited => "RATE_LIMITED",
+        }
+    }
+}
+
+/// Why a task FAILED (or why a retry was scheduled).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailureReason {
+    /// Progress -1.
+    UpdateFailed,
+    /// Progress -2.
+    DownloadFailed,
+    /// Progress -3.
+    VerifyFailed,
+    /// Progress -4.
+    WriteFailed,
+    /// No target version within `timeout_seconds` of the first progress, or no progress for
+    /// `stall_seconds` while IN_PROGRESS.
+    Timeout,
+    /// A version that is neither source nor target while IN_PROGRESS.
+    WrongVersion,
+    /// Replaced by a later job with `overwrite`.
+    Overwritten,
+    /// The device had an unfinished task of another job and this job does not overwrite (or
+    /// that task was IN_PROGRESS).
+    Conflict,
+    /// The job's abort rule stopped the job before this task was pushed or started.
+    Aborted,
+}
+
+impl FailureReason {
+    pub const ALL: [FailureReason; 9] = [
+        FailureReason::UpdateFailed,
+        FailureReason::DownloadFailed,
+        FailureReason::VerifyFailed,
+        FailureReason::WriteFailed,
+        FailureReason::Timeout,
+        FailureReason::WrongVersion,
+        FailureReason::Overwritten,
+        FailureReason::Conflict,
+        FailureReason::Aborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::UpdateFailed => "UPDATE_FAILED",
+            FailureReason::DownloadFailed => "DOWNLOAD_FAILED",
+            FailureReason::VerifyFailed => "VERIFY_FAILED",
+            FailureReason::WriteFailed => "WRITE_FAILED",
+            FailureReason::Timeout => "TIMEOUT",
+            FailureReason::WrongVersion => "WRONG_VERSION",
+            FailureReason::Overwritten => "OVERWRITTEN",
+            FailureReason::Conflict => "CONFLICT",
+            FailureReason::Aborted => "ABORTED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FailureReason> {
+        FailureReason::ALL
+            .into_iter()
+            .find(|r| r.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// The device's progress code (-1..-4) for device-reported failures.
+    pub fn step_code(self) -> Option<i32> {
+        match self {
+            FailureReason::UpdateFailed => Some(-1),
+            FailureReason::DownloadFailed => Some(-2),
+            FailureReason::VerifyFailed => Some(-3),
+            FailureReason::WriteFailed => Some(-4),
+            _ => None,
+        }
+    }
+
+    /// Failures a retry may cure (the vendor's rule: device codes and wrong version).
+    pub fn retryable(self) -> bool {
+        self.step_code().is_some() || self == FailureReason::WrongVersion
+    }
+
+    /// Failures the device caused (what abort rules count by default).
+    pub fn device_caused(self) -> bool {
+        self.retryable() || self == FailureReason::Timeout
+    }
+}
+
+impl From<FailureCode> for FailureReason {
+    fn from(c: FailureCode) -> Self {
+        match c {
+            FailureCode::UpdateFailed => FailureReason::UpdateFailed,
+            FailureCode::DownloadFailed => FailureReason::DownloadFailed,
+            FailureCode::VerifyFailed => FailureReason::VerifyFailed,
+            FailureCode::WriteFailed => FailureReason::WriteFailed,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a job retries failed attempts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0 = none).
+    pub count: u32,
+    /// Wait before the first retry.
+    pub interval_ms: i64,
+    /// Each further retry waits `factor` times longer (1.0 = the vendor's fixed interval).
+    pub backoff: f64,
+    /// Cap of one wait (before jitter); 0 = no cap.
+    pub max_interval_ms: i64,
+    /// Up to this percent of the wait is added at random (deterministic per task and retry).
+    pub jitter_percent: u32,
+}
+
+impl RetryPolicy {
+    /// Wait before retry number `n` (1-based) of a task with `seed`.
+    pub fn delay_ms(&self, n: u32, seed: u64) -> i64 {
+        let factor = if self.backoff > 1.0 {
+            self.backoff.powi(n.saturating_sub(1).min(64) as i32)
+        } else {
+            1.0
+        };
+        let mut base = (self.interval_ms as f64 * factor).min(i64::MAX as f64 / 4.0) as i64;
+        if self.max_interval_ms > 0 {
+            base = base.min(self.max_interval_ms);
+        }
+        let jitter = if self.jitter_percent > 0 && base > 0 {
+            let u = (splitmix(seed ^ u64::from(n)) % 10_000) as f64 / 10_000.0;
+            (base as f64 * f64::from(self.jitter_percent) / 100.0 * u) as i64
+        } else {
+            0
+        };
+        base.saturating_add(jitter)
+    }
+}
+
+/// A deterministic 64-bit mix (jitter must be the same after a restart).
+pub(crate) fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// What a job decides for each of its tasks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TaskPolicy {
+    /// The module the job upgrades; events of other modules are ignored.
+    pub module: String,
+    /// The target version: reporting it means SUCCEEDED.
+    pub dest_version: String,
+    /// Accepted source versions (besides the task's own `src_version`).
+    pub src_versions: Vec<String>,
+    /// From the first progress of an attempt to the target version.
+    pub timeout_ms: Option<i64>,
+    /// Longest silence while IN_PROGRESS.
+    pub stall_ms: Option<i64>,
+    pub retry: RetryPolicy,
+    /// After a device connects, wait this long before re-pushing (it subscribes after CONNACK).
+    pub connect_push_delay_ms: i64,
+}
+
+/// Everything the state machine knows about one task. Persisted as part of the task document.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
+pub struct TaskState {
+    pub status: TaskStatus,
+    /// Set while QUEUED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_reason: Option<QueueReason>,
+    /// When a SCHEDULED task's job starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at_ms: Option<i64>,
+    /// The device's version of the module when the task was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_version: Option<String>,
+    /// Last progress percent of the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
+    /// Set when FAILED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureReason>,
+    /// Human-readable detail of the failure (or of the failure being retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_detail: Option<String>,
+    /// The failure a pending or past retry answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<FailureReason>,
+    /// Upgrade messages delivered (pushes, re-pushes and pulls).
+    #[serde(default)]
+    pub pushes: u32,
+    /// Current attempt (0 before the first push).
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub retries_used: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repush_at_ms: Option<i64>,
+    /// A (re)push was due while the device was offline.
+    #[serde(default)]
+    pub push_on_connect: bool,
+    /// Seed of this task's retry jitter.
+    #[serde(default)]
+    pub seed: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_started_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_progress_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+}
+
+impl TaskState {
+    /// A new task in `status` (CONFIRM, QUEUED with `queue`, or FAILED(CONFLICT) at birth).
+    pub fn new(
+        status: TaskStatus,
+        queue: Option<QueueReason>,
+        src_version: Option<String>,
+        seed: u64,
+        now: i64,
+    ) -> Self {
+        TaskState {
+            status,
+            queue_reason: if status == TaskStatus::Queued {
+                queue
+            } else {
+                None
+            },
+            scheduled_at_ms: None,
+            src_version,
+            progress: None,
+            failure: None,
+            failure_detail: None,
+            last_failure: None,
+            pushes: 0,
+            attempt: 0,
+            retries_used: 0,
+            retry_at_ms: None,
+            repush_at_ms: None,
+            push_on_connect: false,
+            seed,
+            created_at_ms: now,
+            updated_at_ms: now,
+            notified_at_ms: None,
+            attempt_started_at_ms: None,
+            first_progress_at_ms: None,
+            last_progress_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+
+    /// A task born FAILED (CONFLICT).
+    pub fn failed_at_birth(
+        reason: FailureReason,
+        detail: String,
+        src_version: Option<String>,
+        seed: u64,
+        now: i64,
+    ) -> Self {
+        let mut t = TaskState::new(TaskStatus::Failed, None, src_version, seed, now);
+        t.failure = Some(reason);
+        t.failure_detail = Some(detail);
+        t.finished_at_ms = Some(now);
+        t
+    }
+
+    /// Waiting in its job's push queue (the only tasks the push scheduler looks at).
+    pub fn is_ready(&self) -> bool {
+        self.status == TaskStatus::Queued && self.queue_reason == Some(QueueReason::RateLimited)
+    }
+
+    /// The current attempt was pushed but the device has not started it: a push lost to a
+    /// disconnect is possible, so a reconnect re-pushes.
+    fn awaiting_first_progress(&self) -> bool {
+        self.attempt_started_at_ms.is_some()
+            && self.first_progress_at_ms.is_none()
+            && self.retry_at_ms.is_none()
+    }
+
+    fn is_active(&self) -> bool {
+        matches!(self.status, TaskStatus::Notified | TaskStatus::InProgress)
+    }
+
+    /// A re-push is due at `now`.
+    pub fn repush_due(&self, now: i64) -> bool {
+        self.is_active() && self.repush_at_ms.is_some_and(|t| t <= now)
+    }
+
+    fn clear_timers(&mut self) {
+        self.retry_at_ms = None;
+        self.repush_at_ms = None;
+        self.push_on_connect = false;
+    }
+}
+
+/// One input of the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// An operator confirmed the task; `queue` is where it waits now (OFFLINE or RATE_LIMITED).
+    Confirm { queue: QueueReason },
+    /// The engine moved a QUEUED task to another queue reason (job started, device went away).
+    Queue(QueueReason),
+    /// The first push of the task is about to be published (or the device pulled it).
+    Pushed,
+    /// A due re-push of the current attempt is about to be published.
+    Repushed,
+    /// A re-push was due but the device is offline: push when it connects.
+    PushDeferred,
+    /// The device connected.
+    DeviceOnline,
+    /// The device reported progress for `module`.
+    Progress { module: &'a str, step: ProgressStep },
+    /// The device reported `version` of `module`.
+    Version { module: &'a str, version: &'a str },
+    /// A deadline of this task may be due (stale deadlines are ignored).
+    Deadline,
+    /// Cancel; `force` also cancels an IN_PROGRESS task.
+    Cancel { force: bool },
+    /// A later job with `overwrite` takes the device.
+    Overwrite,
+    /// The job's abort rule fired.
+    Abort,
+}
+
+impl Event<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Confirm { .. } => "confirm",
+            Event::Queue(_) => "queue",
+            Event::Pushed => "pushed",
+            Event::Repushed => "repushed",
+            Event::PushDeferred => "push_deferred",
+            Event::DeviceOnline => "device_online",
+            Event::Progress { .. } => "progress",
+            Event::Version { .. } => "version",
+            Event::Deadline => "deadline",
+            Event::Cancel { .. } => "cancel",
+            Event::Overwrite => "overwrite",
+            Event::Abort => "abort",
+        }
+    }
+}
+
+/// What the engine must do after persisting the new state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// The task entered its job's push queue.
+    Enqueue,
+    /// The task left its job's push queue.
+    Dequeue,
+    /// Publish the upgrade message to the device now (after the state is durable).
+    Deliver,
+    /// The task reached a terminal status.
+    Finished,
+}
+
+/// A history entry worth keeping (every state change, push, retry and failure; not every
+/// progress percent). A transition without a note may be persisted lazily.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub event: &'static str,
+    pub reason: Option<String>,
+}
+
+/// The next state and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub state: TaskState,
+    pub effects: Vec<Effect>,
+    pub note: Option<Note>,
+}
+
+/// Why an event changed nothing (illegal in this state, stale, or for another module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ignored(pub &'static str);
+
+fn note(event: &'static str, reason: Option<String>) -> Option<Note> {
+    Some(Note { event, reason })
+}
+
+/// The state machine. Pure: the result depends only on the arguments.
+pub fn transition(
+    state: &TaskState,
+    policy: &TaskPolicy,
+    event: Event<'_>,
+    now: i64,
+) -> Result<Transition, Ignored> {
+    if state.status.is_terminal() {
+        return Err(Ignored("task is finished"));
+    }
+    let mut s = state.clone();
+    let mut effects = Vec::new();
+    let mut n: Option<Note> = None;
+    use TaskStatus as S;
+    match event {
+        Event::Confirm { queue } => {
+            if s.status != S::Confirm {
+                return Err(Ignored("not waiting for confirmation"));
+            }
+            s.status = S::Queued;
+            s.queue_reason = Some(queue);
+            n = note("confirmed", None);
+        }
+        Event::Queue(reason) => {
+            if s.status != S::Queued {
+                return Err(Ignored("not queued"));
+            }
+            if s.queue_reason == Some(reason) {
+                return Err(Ignored("already queued for that reason"));
+            }
+            s.queue_reason = Some(reason);
+            if reason != QueueReason::Scheduled {
+                s.scheduled_at_ms = None;
+            }
+            n = note("queued", Some(reason.as_str().to_owned()));
+        }
+        Event::Pushed => {
+            if s.status != S::Queued {
+                return Err(Ignored("not queued"));
+            }
+            s.status = S::Notified;
+            s.queue_reason = None;
+            s.scheduled_at_ms = None;
+            s.pushes += 1;
+            s.attempt = 1;
+            s.notified_at_ms = Some(now);
+            s.attempt_started_at_ms = Some(now);
+            effects.push(Effect::Deliver);
+            n = note("pushed", None);
+        }
+        Event::Repushed => {
+            if !s.is_active() || !(s.repush_at_ms.is_some() || s.push_on_connect) {
+                return Err(Ignored("no re-push pending"));
+            }
+            s.pushes += 1;
+            s.repush_at_ms = None;
+            s.push_on_connect = false;
+            s.attempt_started_at_ms = Some(now);
+            effects.push(Effect::Deliver);
+            n = note("repushed", Some(format!("attempt {}", s.attempt)));
+        }
+        Event::PushDeferred => {
+            if !s.is_active() || s.repush_at_ms.is_none() {
+                return Err(Ignored("no re-push pending"));
+            }
+            s.repush_at_ms = None;
+            s.push_on_connect = true;
+            n = note("push_deferred", Some("device offline".into()));
+        }
+        Event::DeviceOnline => match s.status {
+            S::Queued if s.queue_reason == Some(QueueReason::Offline) => {
+                s.queue_reason = Some(QueueReason::RateLimited);
+                n = note("queued", Some("device online".into()));
+            }
+            S::Notified | S::InProgress if s.push_on_connect || s.awaiting_first_progress() => {
+                s.push_on_connect = false;
+                s.repush_at_ms = Some(now + policy.connect_push_delay_ms.max(0));
+                n = note(
+                    "repush_scheduled",
+                    Some("device reconnected before starting".into()),
+                );
+            }
+            _ => return Err(Ignored("nothing to do when the device connects")),
+        },
+        Event::Progress { module, step } => {
+            if module != policy.module {
+                return Err(Ignored("another module"));
+            }
+            if !s.is_active() {
+                return Err(Ignored("not notified"));
+            }
+            if s.retry_at_ms.is_some() {
+                return Err(Ignored("waiting for a retry"));
+            }
+            match step {
+                ProgressStep::Percent(p) => {
+                    let started = s.first_progress_at_ms.is_none();
+                    let was = s.status;
+                    s.status = S::InProgress;
+                    s.first_progress_at_ms.get_or_insert(now);
+                    s.last_progress_at_ms = Some(now);
+                    s.progress = Some(p);
+                    s.repush_at_ms = None;
+                    s.push_on_connect = false;
+                    if was != S::InProgress || started {
+                        n = note("progress_started", Some(format!("{p}%")));
+                    }
+                }
+                ProgressStep::Failed(code) => {
+                    let reason = FailureReason::from(code);
+                    n = fail_or_retry(
+                        &mut s,
+                        policy,
+                        reason,
+                        format!("device reported {}", code.code()),
+                        now,
+                    );
+                }
+            }
+        }
+        Event::Version { module, version } => {
+            if module != policy.module {
+                return Err(Ignored("another module"));
+            }
+            if version == policy.dest_version {
+                match s.status {
+                    S::Queued | S::Notified | S::InProgress => {
+                        let already = s.status == S::Queued;
+                        s.status = S::Succeeded;
+                        s.queue_reason = None;
+                        s.scheduled_at_ms = None;
+                        s.progress = Some(100);
+                        s.finished_at_ms = Some(now);
+                        s.clear_timers();
+                        n = note(
+                            "succeeded",
+                            Some(if already {
+                                format!("already at {version}")
+                            } else {
+                                format!("reported {version}")
+                            }),
+                        );
+                    }
+                    _ => return Err(Ignored("not confirmed yet")),
+                }
+            } else if s.status == S::InProgress
+                && s.retry_at_ms.is_none()
+                && s.src_version.as_deref() != Some(version)
+                && !policy.src_versions.iter().any(|v| v == version)
+            {
+                n = fail_or_retry(
+                    &mut s,
+                    policy,
+                    FailureReason::WrongVersion,
+                    format!("reported {version}, expected {}", policy.dest_version),
+                    now,
+                );
+            } else if s.is_active() && s.repush_at_ms.is_some_and(|t| t > now) {
+                // The device is up and subscribed (SDKs report after subscribing): the re-push
+                // waiting for the connect delay can go now.
+                s.repush_at_ms = Some(now);
+            } else {
+                return Err(Ignored("not the target version"));
+            }
+        }
+        Event::Deadline => {
+            if let Some(at) = s.retry_at_ms.filter(|t| *t <= now) {
+                let _ = at;
+                s.retry_at_ms = None;
+                s.attempt += 1;
+                s.first_progress_at_ms = None;
+                s.last_progress_at_ms = None;
+                s.progress = None;
+                s.repush_at_ms = Some(now);
+                n = note(
+                    "retrying",
+                    Some(format!(
+                        "attempt {} after {}",
+                        s.attempt,
+                        s.last_failure
+                            .map(FailureReason::as_str)
+                            .unwrap_or("failure")
+                    )),
+                );
+            } else if s.status == S::InProgress && s.retry_at_ms.is_none() {
+                let timeout_at = policy
+                    .timeout_ms
+                    .zip(s.first_progress_at_ms)
+                    .map(|(t, first)| first + t);
+                let stall_at = stall_at(&s, policy);
+                if timeout_at.is_some_and(|t| t <= now) {
+                    let secs = policy.timeout_ms.unwrap_or(0) / 1000;
+                    finish_failed(
+                        &mut s,
+                        FailureReason::Timeout,
+                        format!("no target version within {secs} s of the first progress"),
+                        now,
+                    );
+                    n = note(
+                        "failed",
+                        Some(format!("TIMEOUT: no target version within {secs} s")),
+                    );
+                } else if stall_at.is_some_and(|t| t <= now) {
+                    let secs = policy.stall_ms.unwrap_or(0) / 1000;
+                    finish_failed(
+                        &mut s,
+                        FailureReason::Timeout,
+                        format!("stalled: no progress for {secs} s"),
+                        now,
+                    );
+                    n = note(
+                        "failed",
+                        Some(format!("TIMEOUT: stalled, no progress for {secs} s")),
+                    );
+                } else {
+                    return Err(Ignored("not due"));
+                }
+            } else {
+                return Err(Ignored("not due"));
+            }
+        }
+        Event::Cancel { force } => {
+            if s.status == S::InProgress && !force {
+                return Err(Ignored("IN_PROGRESS is only canceled when forced"));
+            }
+            s.status = S::Canceled;
+            s.queue_reason = None;
+            s.scheduled_at_ms = None;
+            s.finished_at_ms = Some(now);
+            s.clear_timers();
+            n = note("canceled", None);
+        }
+        Event::Overwrite | Event::Abort => {
+            if s.status == S::InProgress {
+                return Err(Ignored(
+                    "an IN_PROGRESS task is never overwritten or aborted",
+                ));
+            }
+            let (reason, detail) = if event == Event::Overwrite {
+                (
+                    FailureReason::Overwritten,
+                    "replaced by a job with overwrite",
+                )
+            } else {
+                (FailureReason::Aborted, "the job's abort rule fired")
+            };
+            finish_failed(&mut s, reason, detail.to_owned(), now);
+            n = note("failed", Some(format!("{reason}: {detail}")));
+        }
+    }
+    s.updated_at_ms = now;
+    if !state.is_ready() && s.is_ready() {
+        effects.push(Effect::Enqueue);
+    } else if state.is_ready() && !s.is_ready() {
+        effects.push(Effect::Dequeue);
+    }
+    if s.status.is_terminal() {
+        effects.push(Effect::Finished);
+    }
+    Ok(Transition {
+        state: s,
+        effects,
+        note: n,
+    })
+}
+
+fn stall_at(s: &TaskState, policy: &TaskPolicy) -> Option<i64> {
+    let since = match (s.last_progress_at_ms, s.attempt_started_at_ms) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    policy.stall_ms.zip(since).map(|(stall, t)| t + stall)
+}
+
+fn finish_failed(s: &mut TaskState, reason: FailureReason, detail: String, now: i64) {
+    s.status = TaskStatus::Failed;
+    s.queue_reason = None;
+    s.scheduled_at_ms = None;
+    s.failure = Some(reason);
+    s.failure_detail = Some(detail);
+    s.finished_at_ms = Some(now);
+    s.clear_timers();
+}
+
+fn fail_or_retry(
+    s: &mut TaskState,
+    policy: &TaskPolicy,
+    reason: FailureReason,
+    detail: String,
+    now: i64,
+) -> Option<Note> {
+    if reason.retryable() && s.retries_used < policy.retry.count {
+        s.retries_used += 1;
+        let at = now + policy.retry.delay_ms(s.retries_used, s.seed);
+        s.retry_at_ms = Some(at);
+        s.repush_at_ms = None;
+        s.push_on_connect = false;
+        s.last_failure = Some(reason);
+        s.failure_detail = Some(detail.clone());
+        note(
+            "retry_scheduled",
+            Some(format!(
+                "{reason} ({detail}); retry {}/{} at {at}",
+                s.retries_used, policy.retry.count
+            )),
+        )
+    } else {
+        let exhausted = reason.retryable() && policy.retry.count > 0;
+        finish_failed(s, reason, detail.clone(), now);
+        note(
+            "failed",
+            Some(if exhausted {
+                format!("{reason} ({detail}); retries exhausted")
+            } else {
+                format!("{reason} ({detail})")
+            }),
+        )
+    }
+}
+
+/// When this task next needs the deadline task (retry, re-push, timeout or stall); `None`
+/// when only a device or an operator can move it.
+pub fn next_deadline(s: &TaskState, policy: &TaskPolicy) -> Option<i64> {
+    if s.status.is_terminal() {
+        return None;
+    }
+    let mut next: Option<i64> = None;
+    let mut consider = |t: Option<i64>| {
+        if let Some(t) = t {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+    };
+    consider(s.retry_at_ms);
+    if s.is_active() {
+        consider(s.repush_at_ms);
+    }
+    if s.status == TaskStatus::InProgress && s.retry_at_ms.is_none() {
+        consider(
+            policy
+                .timeout_ms
+                .zip(s.first_progress_at_ms)
+                .map(|(t, f)| f + t),
+        );
+        consider(stall_at(s, policy));
+    }
+    next
+}
+
+#[cfg(test)]
+#[path = "task_tests.rs"]
+mod tests;
