@@ -3,14 +3,16 @@
 //! sessions ended, the store flushed.
 //!
 //! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
-//! default base of firmware download links) → firmware repository → broker router → OTA engine
-//! (jobs and tasks reloaded, every timer re-armed) → export/import jobs → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be
-//! stored.
+//! default base of firmware download links) → firmware repository → forwarder (consumer groups;
+//! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
+//! reloaded, every timer re-armed) → export/import jobs → ingest → listeners and HTTP serving.
+//! Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
 use crate::export::ExportService;
+use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
@@ -29,6 +31,7 @@ pub struct Application {
     broker: BrokerHandle,
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
+    forwarder: Arc<Forwarder>,
     ota: OtaEngine,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
@@ -79,6 +82,15 @@ impl Application {
             .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
             .context("invalid api.tokens")?;
 
+        // Always built: consumer groups are managed (and persisted) with forwarding off too.
+        let forwarder = Forwarder::open(
+            settings.amqp.forwarder_config(),
+            &settings.data_dir,
+            registry.clone(),
+            metrics.clone(),
+        )
+        .context("cannot start the AMQP forwarder")?;
+
         let broker = Broker::new(
             BrokerConfig {
                 listen: settings.mqtt.listen,
@@ -109,6 +121,8 @@ impl Application {
             metrics.clone(),
         )
         .context("cannot load the OTA jobs")?;
+        // OTA task state changes are forwarded to consumer groups (no-op with forwarding off).
+        ota.set_event_sink(forwarder.ota_event_sink());
         ota.start();
         let export = ExportService::open(
             &settings.data_dir,
@@ -119,30 +133,34 @@ impl Application {
         )
         .context("cannot load the export/import jobs")?;
         let ingest = Arc::new(
-            Ingest::new(registry.clone(), downlink.clone(), metrics.clone()).with_ota(ota.clone()),
+            Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
+                .with_ota(ota.clone())
+                .with_forwarder(forwarder.clone()),
         );
         let broker = broker
             .start(ingest)
             .await
             .context("cannot start the MQTT listeners")?;
 
-        let amqp_state = if settings.amqp.url.is_some() {
-            "configured (forwarder not built yet)"
-        } else {
-            "disabled (no --amqp-url / FLEETGATE_AMQP_URL)"
-        };
         let health_info = {
             let mqtt = broker.mqtt_addr();
             let tls = broker.tls_addr();
             let registry = registry.clone();
+            let forwarder = forwarder.clone();
             move || {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "mqtt": mqtt.to_string(),
                     "mqtt_tls": tls.map(|a| a.to_string()),
                     "http": http_addr.to_string(),
-                    "amqp": amqp_state,
                     "online_devices": registry.online_count(),
-                })
+                });
+                // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
+                if let (Some(v), serde_json::Value::Object(amqp)) =
+                    (v.as_object_mut(), forwarder.health())
+                {
+                    v.extend(amqp);
+                }
+                v
             }
         };
         let state = ApiState {
@@ -162,6 +180,7 @@ impl Application {
                     });
                 })
             },
+            forwarder: Some(forwarder.clone()),
         };
         let router = api::router(state, settings.http.body_limit_bytes);
         let (http_stop, stop_rx) = oneshot::channel::<()>();
@@ -184,7 +203,14 @@ impl Application {
             data_dir = %settings.data_dir.display(),
             "fleetgate listening"
         );
-        tracing::info!(amqp = amqp_state, "AMQP forwarding");
+        if forwarder.enabled() {
+            tracing::info!(
+                outbox_messages = forwarder.outbox().map_or(0, |o| o.len()),
+                "AMQP forwarding on"
+            );
+        } else {
+            tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
+        }
         if let Some(token) = &created_admin_token {
             // Printed once, on the start that created it; it is stored in the data dir.
             println!(
@@ -198,6 +224,7 @@ impl Application {
             broker,
             registry,
             firmware,
+            forwarder,
             ota,
             metrics,
             http_addr,
@@ -241,6 +268,10 @@ impl Application {
         &self.metrics
     }
 
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -252,7 +283,7 @@ impl Application {
         self.shutdown().await
     }
 
-    /// Stop accepting, end every session, flush the store.
+    /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http_stop.send(());
         self.broker.shutdown().await;
@@ -264,6 +295,9 @@ impl Application {
         }
         // After the broker: no device event can reach the engine any more.
         self.ota.shutdown().await;
+        // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
+        // get a few seconds; whatever is left stays in the outbox for the next start.
+        self.forwarder.shutdown().await;
         self.registry
             .flush()
             .await

@@ -4,6 +4,7 @@
 //! Everything here is plain data; [`crate::app::Application`] turns it into running parts.
 //! Secrets (API tokens) never appear in `Debug` output.
 
+use crate::forwarder::{ForwarderConfig, ForwarderError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
@@ -156,11 +157,65 @@ impl Default for ExportSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[amqp]`: forwarding to RabbitMQ consumer groups (see [`crate::forwarder`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
     pub url: Option<Secret>,
+    /// Exchanges are `{prefix}.{instance_id}`, queues `{prefix}.{instance_id}.{group_id}`.
+    pub exchange_prefix: String,
+    /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
+    pub outbox_max_bytes: u64,
+    /// How long a device message waits for outbox space before it is dropped (and counted).
+    pub outbox_full_wait_ms: u64,
+    /// Publishes awaiting a broker confirm at once.
+    pub inflight_window: usize,
+    /// First reconnect delay; doubles up to `reconnect_max_ms`.
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// How often consumer-group backlog, consumers and consume rate are sampled.
+    pub stats_interval_secs: u64,
+    /// Default rate limit per target instance (messages/s); none when absent.
+    pub rate_limit_msgs_per_sec: Option<u32>,
+    /// Default rate limit per target instance (bytes/s); none when absent.
+    pub rate_limit_bytes_per_sec: Option<u32>,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        let d = ForwarderConfig::default();
+        AmqpSettings {
+            url: None,
+            exchange_prefix: d.exchange_prefix,
+            outbox_max_bytes: d.outbox_max_bytes,
+            outbox_full_wait_ms: d.outbox_full_wait_ms,
+            inflight_window: d.inflight_window,
+            reconnect_initial_ms: d.reconnect_initial_ms,
+            reconnect_max_ms: d.reconnect_max_ms,
+            stats_interval_secs: d.stats_interval_secs,
+            rate_limit_msgs_per_sec: d.rate_limit_msgs_per_sec,
+            rate_limit_bytes_per_sec: d.rate_limit_bytes_per_sec,
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// The forwarder's configuration.
+    pub fn forwarder_config(&self) -> ForwarderConfig {
+        ForwarderConfig {
+            url: self.url.as_ref().map(|u| u.expose().to_owned()),
+            exchange_prefix: self.exchange_prefix.clone(),
+            outbox_max_bytes: self.outbox_max_bytes,
+            outbox_full_wait_ms: self.outbox_full_wait_ms,
+            inflight_window: self.inflight_window,
+            reconnect_initial_ms: self.reconnect_initial_ms,
+            reconnect_max_ms: self.reconnect_max_ms,
+            stats_interval_secs: self.stats_interval_secs,
+            rate_limit_msgs_per_sec: self.rate_limit_msgs_per_sec,
+            rate_limit_bytes_per_sec: self.rate_limit_bytes_per_sec,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -344,14 +399,10 @@ impl Settings {
                 message: "must be 10..=10000".into(),
             });
         }
-        if let Some(url) = &self.amqp.url {
-            let u = url.expose();
-            if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
-                return Err(ConfigError::Invalid {
-                    field: "amqp.url",
-                    message: "must start with amqp:// or amqps://".into(),
-                });
-            }
+        if let Err(ForwarderError::Invalid { field, message }) =
+            self.amqp.forwarder_config().validate()
+        {
+            return Err(ConfigError::Invalid { field, message });
         }
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "admin" | "operator" | "viewer") {
@@ -468,6 +519,36 @@ mod tests {
             Settings::load(None, o),
             Err(ConfigError::Invalid {
                 field: "mqtt.tls",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn amqp_section_reaches_the_forwarder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[amqp]\nurl = \"amqp://u:p@127.0.0.1:5672/%2f\"\noutbox_max_bytes = 1048576\n\
+             inflight_window = 512\nrate_limit_msgs_per_sec = 100\nexchange_prefix = \"fg\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        let f = s.amqp.forwarder_config();
+        assert_eq!(f.url.as_deref(), Some("amqp://u:p@127.0.0.1:5672/%2f"));
+        assert_eq!((f.outbox_max_bytes, f.inflight_window), (1_048_576, 512));
+        assert_eq!(f.rate_limit_msgs_per_sec, Some(100));
+        assert_eq!(f.exchange_prefix, "fg");
+        assert_eq!(
+            f.reconnect_max_ms,
+            ForwarderConfig::default().reconnect_max_ms
+        );
+        std::fs::write(&path, "[amqp]\ninflight_window = 0\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "amqp.inflight_window",
                 ..
             })
         ));

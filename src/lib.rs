@@ -6,6 +6,7 @@
 //! - [`registry`]: the only owner of device state (DashMap), rebuilt from [`store`] at start.
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
+//! - [`forwarder`]: AMQP forwarding to RabbitMQ consumer groups through a durable outbox.
 //! - [`ota`]: firmware packages (content-addressed blobs, signed downloads) and upgrade jobs.
 //! - [`export`]: export/import jobs (ZIP packages with checksums, encrypted secrets).
 //! - [`api`]: the operator HTTP API (axum).
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod export;
+pub mod forwarder;
 pub mod ingest;
 pub mod metrics;
 pub mod ota;

@@ -17,6 +17,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::forwarder::ForwarderError;
 use crate::registry::RegistryError;
 
 /// The stable error codes. `FG.0xxx` mirror the HTTP status; `FG.1xxx` are request-shape errors;
@@ -59,12 +60,16 @@ pub enum ErrorCode {
     ProductNotFound,
     /// FG.2003: no such device.
     DeviceNotFound,
+    /// FG.2004: no such consumer group in the instance.
+    ConsumerGroupNotFound,
     /// FG.2101: an instance with this id exists.
     InstanceExists,
     /// FG.2102: a product with this key exists.
     ProductExists,
     /// FG.2103: a device with this name exists in the product.
     DeviceExists,
+    /// FG.2104: a consumer group with this id exists in the instance.
+    ConsumerGroupExists,
     /// FG.3001: no such firmware package.
     FirmwareNotFound,
     /// FG.3002: the firmware package is larger than `ota.max_firmware_bytes`.
@@ -95,7 +100,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 36] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -114,9 +119,11 @@ impl ErrorCode {
         ErrorCode::InstanceNotFound,
         ErrorCode::ProductNotFound,
         ErrorCode::DeviceNotFound,
+        ErrorCode::ConsumerGroupNotFound,
         ErrorCode::InstanceExists,
         ErrorCode::ProductExists,
         ErrorCode::DeviceExists,
+        ErrorCode::ConsumerGroupExists,
         ErrorCode::FirmwareNotFound,
         ErrorCode::FirmwareTooLarge,
         ErrorCode::FirmwareExists,
@@ -153,9 +160,11 @@ impl ErrorCode {
             ErrorCode::InstanceNotFound => "FG.2001",
             ErrorCode::ProductNotFound => "FG.2002",
             ErrorCode::DeviceNotFound => "FG.2003",
+            ErrorCode::ConsumerGroupNotFound => "FG.2004",
             ErrorCode::InstanceExists => "FG.2101",
             ErrorCode::ProductExists => "FG.2102",
             ErrorCode::DeviceExists => "FG.2103",
+            ErrorCode::ConsumerGroupExists => "FG.2104",
             ErrorCode::FirmwareNotFound => "FG.3001",
             ErrorCode::FirmwareTooLarge => "FG.3002",
             ErrorCode::FirmwareExists => "FG.3003",
@@ -188,6 +197,7 @@ impl ErrorCode {
             | ErrorCode::InstanceNotFound
             | ErrorCode::ProductNotFound
             | ErrorCode::DeviceNotFound
+            | ErrorCode::ConsumerGroupNotFound
             | ErrorCode::FirmwareNotFound
             | ErrorCode::OtaJobNotFound
             | ErrorCode::OtaTaskNotFound
@@ -198,6 +208,7 @@ impl ErrorCode {
             | ErrorCode::InstanceExists
             | ErrorCode::ProductExists
             | ErrorCode::DeviceExists
+            | ErrorCode::ConsumerGroupExists
             | ErrorCode::FirmwareExists
             | ErrorCode::FirmwareInUse
             | ErrorCode::FirmwareNotVerified
@@ -232,9 +243,11 @@ impl ErrorCode {
             ErrorCode::InstanceNotFound => "instance not found",
             ErrorCode::ProductNotFound => "product not found",
             ErrorCode::DeviceNotFound => "device not found",
+            ErrorCode::ConsumerGroupNotFound => "consumer group not found",
             ErrorCode::InstanceExists => "instance already exists",
             ErrorCode::ProductExists => "product already exists",
             ErrorCode::DeviceExists => "device already exists",
+            ErrorCode::ConsumerGroupExists => "consumer group already exists",
             ErrorCode::FirmwareNotFound => "firmware package not found",
             ErrorCode::FirmwareTooLarge => "firmware package larger than ota.max_firmware_bytes",
             ErrorCode::FirmwareExists => {
@@ -481,6 +494,33 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
             RegistryError::TooMany { field, max } => ApiError::too_many_items(field, max),
             e @ RegistryError::Store(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<ForwarderError> for ApiError {
+    fn from(e: ForwarderError) -> Self {
+        match e {
+            ForwarderError::InstanceNotFound(id) => ApiError::new(
+                ErrorCode::InstanceNotFound,
+                format!("instance {id} not found"),
+            ),
+            ForwarderError::GroupNotFound {
+                instance_id,
+                group_id,
+            } => ApiError::new(
+                ErrorCode::ConsumerGroupNotFound,
+                format!("consumer group {group_id} not found in instance {instance_id}"),
+            ),
+            ForwarderError::GroupExists {
+                instance_id,
+                group_id,
+            } => ApiError::new(
+                ErrorCode::ConsumerGroupExists,
+                format!("consumer group {group_id} already exists in instance {instance_id}"),
+            ),
+            ForwarderError::Invalid { field, message } => ApiError::invalid_field(field, message),
+            other => ApiError::internal(other),
         }
     }
 }

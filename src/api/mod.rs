@@ -21,6 +21,7 @@ pub mod extract;
 pub mod middleware;
 
 mod batch;
+mod consumer_groups;
 mod devices;
 mod export;
 mod firmware;
@@ -47,6 +48,7 @@ pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;
 
 use crate::export::ExportService;
+use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::ota::{FirmwareRepo, OtaEngine};
 use crate::registry::{Paged, Registry};
@@ -79,6 +81,10 @@ pub struct ApiState {
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
     pub on_device_revoked: DeviceRevokedFn,
+    /// The AMQP forwarder (consumer groups). The app always sets it — it exists even with
+    /// forwarding off; `None` only in API states built for tests, where the consumer-group
+    /// endpoints answer 500.
+    pub forwarder: Option<Arc<Forwarder>>,
 }
 
 impl ApiState {
@@ -98,7 +104,13 @@ impl ApiState {
             export: None,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
+            forwarder: None,
         }
+    }
+
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = Some(forwarder);
+        self
     }
 
     /// Serves the OTA routes with `ota`.
@@ -188,6 +200,14 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             post(instances::create_instance).get(instances::list_instances),
         )
         .route("/api/v1/instances/{iid}", get(instances::get_instance))
+        .route(
+            "/api/v1/instances/{iid}/consumer-groups",
+            post(consumer_groups::create_group).get(consumer_groups::list_groups),
+        )
+        .route(
+            "/api/v1/instances/{iid}/consumer-groups/{gid}",
+            get(consumer_groups::get_group).delete(consumer_groups::delete_group),
+        )
         .route(
             "/api/v1/products",
             post(products::create_product).get(products::list_products),

@@ -17,11 +17,14 @@ use super::ota::{
     JobUploadForm,
 };
 use super::products::{CreateProductRequest, ProductSummary};
-use super::{batch, devices, export, firmware, instances, ota, products, system};
+use super::{
+    batch, consumer_groups, devices, export, firmware, instances, ota, products, system,
+};
 use crate::export::{
     ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,
     JobState, ObjectRequest, ObjectType, Status as ExportStatus,
 };
+use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
 use crate::ota::engine::{DeviceJob, FirmwareStatistics, TimelineEntry};
 use crate::ota::model::{
     AbortAction, AbortSpec, HistoryEntry, Job, JobSpec, JobStatistics, JobStatus, JobType, JobView,
@@ -46,6 +49,10 @@ use crate::registry::{Device, Instance, Product};
         instances::create_instance,
         instances::list_instances,
         instances::get_instance,
+        consumer_groups::create_group,
+        consumer_groups::list_groups,
+        consumer_groups::get_group,
+        consumer_groups::delete_group,
         products::create_product,
         products::list_products,
         products::get_product,
@@ -107,6 +114,9 @@ use crate::registry::{Device, Instance, Product};
         Product,
         Device,
         CreateInstanceRequest,
+        ConsumerGroup,
+        NewConsumerGroup,
+        ConsumerGroupDetails,
         CreateProductRequest,
         ProductSummary,
         CreateDeviceRequest,
@@ -156,6 +166,7 @@ use crate::registry::{Device, Instance, Product};
     tags(
         (name = "system", description = "Health, metrics and this document (no token needed)"),
         (name = "instances", description = "Instances: owners of products and data routing"),
+        (name = "consumer-groups", description = "AMQP consumer groups: one RabbitMQ queue per group on the instance's exchange; every group gets every message of the instance's devices"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
         (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
@@ -188,7 +199,7 @@ impl Modify for Conventions {
              `token`) instead of a bearer token; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
              read (GET); `operator` may also manage devices (create, batch, update, \
              enable/disable, delete) and upload firmware; `admin` may do everything, including creating instances \
-             and creating/deleting products (403 otherwise).\n\n## Errors\n\nEvery error \
+             and creating/deleting products (403 otherwise); consumer groups need `operator` to create or delete.\n\n## Errors\n\nEvery error \
              response has the body `{{\"error_code\":\"FG.xxxx\",\"error_msg\":\"…\",\
              \"error_ext_msg\":null,\"request_id\":\"…\"}}`; `error_ext_msg` names the \
              offending field when there is one, and `request_id` equals the `x-request-id` \

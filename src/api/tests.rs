@@ -69,6 +69,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
         }),
+        forwarder: None,
     };
     TestApp {
         router: router(state, body_limit),
@@ -994,6 +995,10 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/instances", "post"),
         ("/api/v1/instances", "get"),
         ("/api/v1/instances/{iid}", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups", "post"),
+        ("/api/v1/instances/{iid}/consumer-groups", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups/{gid}", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups/{gid}", "delete"),
         ("/api/v1/products", "post"),
         ("/api/v1/products", "get"),
         ("/api/v1/products/{pk}", "get"),
@@ -1044,7 +1049,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        38,
+        40,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

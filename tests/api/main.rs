@@ -4,6 +4,7 @@
 mod device_auth;
 mod export;
 mod firmware;
+mod forwarding;
 mod helpers;
 mod interop;
 mod isolation;
