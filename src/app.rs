@@ -10,6 +10,7 @@ use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::registry::Registry;
 use crate::store::Store;
 use anyhow::Context;
@@ -25,6 +26,7 @@ pub struct Application {
     broker: BrokerHandle,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    migration: Arc<MigrationEngine>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
     http_task: JoinHandle<std::io::Result<()>>,
@@ -81,6 +83,26 @@ impl Application {
             .await
             .context("cannot start the MQTT listeners")?;
 
+        // After the broker, so a task resumed at start can already kick connected devices.
+        let migration = MigrationEngine::start(
+            registry.clone(),
+            metrics.clone(),
+            settings.migration,
+            MigrationHooks {
+                kick: {
+                    let downlink = downlink.clone();
+                    Arc::new(move |pk: &str, dn: &str| {
+                        downlink.kick(&crate::broker::DeviceKey {
+                            product_key: pk.to_owned(),
+                            device_name: dn.to_owned(),
+                        });
+                    })
+                },
+                ..MigrationHooks::default()
+            },
+        )
+        .context("cannot start the migration engine")?;
+
         let listener = tokio::net::TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
@@ -119,6 +141,7 @@ impl Application {
                     });
                 })
             },
+            migration: Some(migration.clone()),
         };
         let router = api::router(state, settings.http.body_limit_bytes);
         let (http_stop, stop_rx) = oneshot::channel::<()>();
@@ -154,6 +177,7 @@ impl Application {
             broker,
             registry,
             metrics,
+            migration,
             http_addr,
             http_stop,
             http_task,
@@ -186,6 +210,10 @@ impl Application {
         &self.metrics
     }
 
+    pub fn migration(&self) -> &Arc<MigrationEngine> {
+        &self.migration
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -200,6 +228,8 @@ impl Application {
     /// Stop accepting, end every session, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http_stop.send(());
+        // Before the broker and the store: the batch in flight finishes and is durable.
+        self.migration.shutdown().await;
         self.broker.shutdown().await;
         match tokio::time::timeout(Duration::from_secs(10), self.http_task).await {
             Ok(Ok(Ok(()))) => {}

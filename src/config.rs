@@ -19,6 +19,8 @@ pub struct Settings {
     pub http: HttpSettings,
     pub amqp: AmqpSettings,
     pub api: ApiSettings,
+    /// Instance migration (`[migration]`: `devices_per_sec`, `batch_size`).
+    pub migration: crate::migration::EngineConfig,
 }
 
 impl Default for Settings {
@@ -29,6 +31,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             amqp: AmqpSettings::default(),
             api: ApiSettings::default(),
+            migration: crate::migration::EngineConfig::default(),
         }
     }
 }
@@ -262,6 +265,12 @@ impl Settings {
                     message: "must start with amqp:// or amqps://".into(),
                 });
             }
+        }
+        if self.migration.batch_size == 0 || self.migration.batch_size > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "migration.batch_size",
+                message: "must be 1..=10000".into(),
+            });
         }
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "admin" | "operator" | "viewer") {

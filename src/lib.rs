@@ -6,6 +6,7 @@
 //! - [`registry`]: the only owner of device state (DashMap), rebuilt from [`store`] at start.
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
+//! - [`migration`]: instance migration tasks (canary, full, pause, rollback, data sync).
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod migration;
 pub mod registry;
 pub mod store;
 pub mod telemetry;

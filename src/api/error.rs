@@ -63,11 +63,19 @@ pub enum ErrorCode {
     ProductExists,
     /// FG.2103: a device with this name exists in the product.
     DeviceExists,
+    /// FG.4001: no such migration task.
+    MigrationTaskNotFound,
+    /// FG.4002: the product already has a migration task.
+    MigrationTaskExists,
+    /// FG.4003: the migration task's state does not allow this (the message names the state).
+    MigrationStateConflict,
+    /// FG.4004: rollback refused: the product no longer exists in the source instance.
+    MigrationSourceProductGone,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -88,6 +96,10 @@ impl ErrorCode {
         ErrorCode::InstanceExists,
         ErrorCode::ProductExists,
         ErrorCode::DeviceExists,
+        ErrorCode::MigrationTaskNotFound,
+        ErrorCode::MigrationTaskExists,
+        ErrorCode::MigrationStateConflict,
+        ErrorCode::MigrationSourceProductGone,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -113,6 +125,10 @@ impl ErrorCode {
             ErrorCode::InstanceExists => "FG.2101",
             ErrorCode::ProductExists => "FG.2102",
             ErrorCode::DeviceExists => "FG.2103",
+            ErrorCode::MigrationTaskNotFound => "FG.4001",
+            ErrorCode::MigrationTaskExists => "FG.4002",
+            ErrorCode::MigrationStateConflict => "FG.4003",
+            ErrorCode::MigrationSourceProductGone => "FG.4004",
         }
     }
 
@@ -129,12 +145,16 @@ impl ErrorCode {
             ErrorCode::NotFound
             | ErrorCode::InstanceNotFound
             | ErrorCode::ProductNotFound
-            | ErrorCode::DeviceNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::DeviceNotFound
+            | ErrorCode::MigrationTaskNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
             | ErrorCode::ProductExists
-            | ErrorCode::DeviceExists => StatusCode::CONFLICT,
+            | ErrorCode::DeviceExists
+            | ErrorCode::MigrationTaskExists
+            | ErrorCode::MigrationStateConflict
+            | ErrorCode::MigrationSourceProductGone => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -164,6 +184,14 @@ impl ErrorCode {
             ErrorCode::InstanceExists => "instance already exists",
             ErrorCode::ProductExists => "product already exists",
             ErrorCode::DeviceExists => "device already exists",
+            ErrorCode::MigrationTaskNotFound => "migration task not found",
+            ErrorCode::MigrationTaskExists => "the product already has a migration task",
+            ErrorCode::MigrationStateConflict => {
+                "not allowed in the migration task's current state (named in error_msg)"
+            }
+            ErrorCode::MigrationSourceProductGone => {
+                "rollback refused: the product no longer exists in the source instance"
+            }
         }
     }
 

@@ -22,6 +22,7 @@ pub mod middleware;
 mod batch;
 mod devices;
 mod instances;
+mod migrations;
 mod openapi;
 mod products;
 mod system;
@@ -43,6 +44,7 @@ pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;
 
 use crate::metrics::Metrics;
+use crate::migration::MigrationEngine;
 use crate::registry::{Paged, Registry};
 
 /// Default request body limit: generous for a 10,000-row CSV batch, small enough to refuse a
@@ -66,6 +68,9 @@ pub struct ApiState {
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
     pub on_device_revoked: DeviceRevokedFn,
+    /// The migration engine. The app always sets it; `None` only in API states built for
+    /// tests, where the migration endpoints answer 500.
+    pub migration: Option<Arc<MigrationEngine>>,
 }
 
 impl ApiState {
@@ -77,7 +82,13 @@ impl ApiState {
             tokens,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
+            migration: None,
         }
+    }
+
+    pub fn with_migration(mut self, engine: Arc<MigrationEngine>) -> Self {
+        self.migration = Some(engine);
+        self
     }
 
     pub fn with_health(
@@ -172,6 +183,38 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             "/api/v1/products/{pk}/devices/{dn}/disable",
             post(devices::disable_device),
         )
+        .route(
+            "/api/v1/migrations",
+            post(migrations::create_migration).get(migrations::list_migrations),
+        )
+        .route(
+            "/api/v1/migrations/{tid}",
+            get(migrations::get_migration).delete(migrations::delete_migration),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/config",
+            axum::routing::put(migrations::put_config),
+        )
+        .route("/api/v1/migrations/{tid}/canary", post(migrations::canary))
+        .route("/api/v1/migrations/{tid}/full", post(migrations::full))
+        .route("/api/v1/migrations/{tid}/pause", post(migrations::pause))
+        .route(
+            "/api/v1/migrations/{tid}/continue",
+            post(migrations::resume),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/rollback",
+            post(migrations::rollback),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/data-sync",
+            post(migrations::data_sync),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/devices",
+            get(migrations::list_devices),
+        )
+        .route("/api/v1/migrations/{tid}/log", get(migrations::get_log))
         .route_layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::authenticate,

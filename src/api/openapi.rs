@@ -10,8 +10,16 @@ use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowS
 use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
 use super::error::{ErrorBody, ErrorCode};
 use super::instances::CreateInstanceRequest;
+use super::migrations::{
+    ConfigRequest, ConfigResponse, CreateMigrationRequest, DataSyncRequest, SelectionRequest,
+    SelectionResponse,
+};
 use super::products::{CreateProductRequest, ProductSummary};
-use super::{batch, devices, instances, products, system};
+use super::{batch, devices, instances, migrations, products, system};
+use crate::migration::{
+    Actor, DataSyncView, DeviceMigration, DeviceStatus, DeviceTotals, LogEntry, MigrationConfig,
+    MigrationMethod, RejectedRow, ResumeMode, SummaryStatus, TaskDetails, TaskState,
+};
 use crate::registry::{Device, Instance, Product};
 
 /// The fleetgate operator API document (served at `/api/v1/openapi.json`).
@@ -40,6 +48,19 @@ use crate::registry::{Device, Instance, Product};
         devices::enable_device,
         devices::disable_device,
         batch::batch_create_devices,
+        migrations::create_migration,
+        migrations::list_migrations,
+        migrations::get_migration,
+        migrations::delete_migration,
+        migrations::put_config,
+        migrations::canary,
+        migrations::full,
+        migrations::pause,
+        migrations::resume,
+        migrations::rollback,
+        migrations::data_sync,
+        migrations::list_devices,
+        migrations::get_log,
     ),
     components(schemas(
         ErrorBody,
@@ -57,6 +78,25 @@ use crate::registry::{Device, Instance, Product};
         BatchCreateResponse,
         BatchRowResult,
         RowStatus,
+        CreateMigrationRequest,
+        ConfigRequest,
+        ConfigResponse,
+        SelectionRequest,
+        SelectionResponse,
+        DataSyncRequest,
+        TaskDetails,
+        TaskState,
+        SummaryStatus,
+        DeviceStatus,
+        DeviceTotals,
+        DeviceMigration,
+        DataSyncView,
+        MigrationConfig,
+        MigrationMethod,
+        ResumeMode,
+        RejectedRow,
+        LogEntry,
+        Actor,
     )),
     modifiers(&Conventions),
     tags(
@@ -64,6 +104,7 @@ use crate::registry::{Device, Instance, Product};
         (name = "instances", description = "Instances: owners of products and data routing"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
+        (name = "migrations", description = "Instance migration: per-product tasks moving devices to a target instance (canary, full, pause/continue, rollback, data sync)"),
     )
 )]
 pub struct ApiDoc;

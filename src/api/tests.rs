@@ -49,6 +49,7 @@ fn test_app_with(body_limit: usize) -> TestApp {
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
         }),
+        migration: None,
     };
     TestApp {
         router: router(state, body_limit),
@@ -985,6 +986,19 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/devices/{dn}", "delete"),
         ("/api/v1/products/{pk}/devices/{dn}/enable", "post"),
         ("/api/v1/products/{pk}/devices/{dn}/disable", "post"),
+        ("/api/v1/migrations", "post"),
+        ("/api/v1/migrations", "get"),
+        ("/api/v1/migrations/{tid}", "get"),
+        ("/api/v1/migrations/{tid}", "delete"),
+        ("/api/v1/migrations/{tid}/config", "put"),
+        ("/api/v1/migrations/{tid}/canary", "post"),
+        ("/api/v1/migrations/{tid}/full", "post"),
+        ("/api/v1/migrations/{tid}/pause", "post"),
+        ("/api/v1/migrations/{tid}/continue", "post"),
+        ("/api/v1/migrations/{tid}/rollback", "post"),
+        ("/api/v1/migrations/{tid}/data-sync", "post"),
+        ("/api/v1/migrations/{tid}/devices", "get"),
+        ("/api/v1/migrations/{tid}/log", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -994,7 +1008,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        12,
+        23,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

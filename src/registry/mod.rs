@@ -990,6 +990,14 @@ impl Registry {
         Ok(())
     }
 
+    /// The instance that owns a device (the forwarder's routing lookup: no clone of tags or
+    /// versions); `None` for unknown devices.
+    pub fn device_instance(&self, pk: &str, dn: &str) -> Option<String> {
+        let entry = self.product(pk)?;
+        let d = entry.devices.get(dn)?;
+        Some(d.instance_id.clone())
+    }
+
     /// Devices currently online.
     pub fn online_count(&self) -> usize {
         self.online.load(Ordering::Relaxed)
