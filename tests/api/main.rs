@@ -5,5 +5,6 @@ mod device_auth;
 mod helpers;
 mod interop;
 mod isolation;
+mod migration;
 mod operator_api;
 mod registry_flow;
