@@ -2,15 +2,20 @@
 //! until ctrl-c/SIGTERM (or [`Application::shutdown`]) and stops cleanly: listeners closed,
 //! sessions ended, the store flushed.
 //!
-//! Start order: store → registry (rebuilt from the store) → broker router → ingest → listeners.
-//! Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
+//! default base of firmware download links) → firmware repository → forwarder (consumer groups;
+//! with an AMQP URL also its outbox and publisher) → broker router → migration engine (kicks via
+//! the router, data-sync routes and limits into the forwarder) → ingest → listeners and HTTP
+//! serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
 use crate::config::Settings;
+use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
+use crate::ota::FirmwareRepo;
 use crate::registry::Registry;
 use crate::store::Store;
 use anyhow::Context;
@@ -25,8 +30,10 @@ pub struct Application {
     settings: Settings,
     broker: BrokerHandle,
     registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+    firmware: Arc<FirmwareRepo>,
+    forwarder: Arc<Forwarder>,
     migration: Arc<MigrationEngine>,
+    metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
     http_task: JoinHandle<std::io::Result<()>>,
@@ -45,6 +52,24 @@ impl Application {
         let registry =
             Registry::open(store, metrics.clone()).context("cannot load the registry")?;
 
+        // Bound before the firmware repository: download links default to this address.
+        let listener = tokio::net::TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
+        let http_addr = listener.local_addr()?;
+        let public_url = settings
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| default_public_url(http_addr));
+        let firmware = FirmwareRepo::open(
+            &settings.data_dir,
+            registry.store().clone(),
+            public_url,
+            settings.ota.max_firmware_bytes,
+        )
+        .context("cannot open the firmware repository")?;
+
         let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
             &settings.data_dir,
             settings.api.token.as_ref().map(|t| t.expose().to_owned()),
@@ -56,6 +81,15 @@ impl Application {
             .iter()
             .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
             .context("invalid api.tokens")?;
+
+        // Always built: consumer groups are managed (and persisted) with forwarding off too.
+        let forwarder = Forwarder::open(
+            settings.amqp.forwarder_config(),
+            &settings.data_dir,
+            registry.clone(),
+            metrics.clone(),
+        )
+        .context("cannot start the AMQP forwarder")?;
 
         let broker = Broker::new(
             BrokerConfig {
@@ -73,17 +107,8 @@ impl Application {
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
-        let ingest = Arc::new(Ingest::new(
-            registry.clone(),
-            downlink.clone(),
-            metrics.clone(),
-        ));
-        let broker = broker
-            .start(ingest)
-            .await
-            .context("cannot start the MQTT listeners")?;
 
-        // After the broker, so a task resumed at start can already kick connected devices.
+        // Before ingest starts: the data-sync routes must be in place for the first message.
         let migration = MigrationEngine::start(
             registry.clone(),
             metrics.clone(),
@@ -98,39 +123,69 @@ impl Application {
                         });
                     })
                 },
-                ..MigrationHooks::default()
+                set_rate_limit: {
+                    let forwarder = forwarder.clone();
+                    Arc::new(move |instance_id: &str, bytes_per_sec: Option<u64>| {
+                        let limit = bytes_per_sec.map(|b| crate::forwarder::RateLimit {
+                            msgs_per_sec: None,
+                            // 10,240 MB/s does not fit governor's u32; that much is unlimited
+                            // in practice.
+                            bytes_per_sec: std::num::NonZeroU32::new(
+                                u32::try_from(b).unwrap_or(u32::MAX),
+                            ),
+                        });
+                        forwarder.set_rate_limit(instance_id, limit);
+                    })
+                },
             },
         )
         .context("cannot start the migration engine")?;
+        {
+            // Weak: the engine's hooks hold the forwarder; no reference cycle.
+            let engine = Arc::downgrade(&migration);
+            forwarder.set_route_hook(Some(Arc::new(move |pk: &str, dn: &str, owner: &str| {
+                engine
+                    .upgrade()
+                    .map(|e| e.extra_targets(pk, dn, owner))
+                    .unwrap_or_default()
+            })));
+        }
 
-        let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        let ingest = Arc::new(
+            Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
+                .with_forwarder(forwarder.clone()),
+        );
+        let broker = broker
+            .start(ingest)
             .await
-            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
-        let http_addr = listener.local_addr()?;
+            .context("cannot start the MQTT listeners")?;
 
-        let amqp_state = if settings.amqp.url.is_some() {
-            "configured (forwarder not built yet)"
-        } else {
-            "disabled (no --amqp-url / FLEETGATE_AMQP_URL)"
-        };
         let health_info = {
             let mqtt = broker.mqtt_addr();
             let tls = broker.tls_addr();
             let registry = registry.clone();
+            let forwarder = forwarder.clone();
             move || {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "mqtt": mqtt.to_string(),
                     "mqtt_tls": tls.map(|a| a.to_string()),
                     "http": http_addr.to_string(),
-                    "amqp": amqp_state,
                     "online_devices": registry.online_count(),
-                })
+                });
+                // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
+                if let (Some(v), serde_json::Value::Object(amqp)) =
+                    (v.as_object_mut(), forwarder.health())
+                {
+                    v.extend(amqp);
+                }
+                v
             }
         };
         let state = ApiState {
             registry: registry.clone(),
             metrics: metrics.clone(),
             tokens: Arc::new(tokens),
+            firmware: firmware.clone(),
             health: Arc::new(health_info),
             on_device_revoked: {
                 let downlink = downlink.clone();
@@ -141,6 +196,7 @@ impl Application {
                     });
                 })
             },
+            forwarder: Some(forwarder.clone()),
             migration: Some(migration.clone()),
         };
         let router = api::router(state, settings.http.body_limit_bytes);
@@ -160,10 +216,18 @@ impl Application {
             mqtt = %broker.mqtt_addr(),
             mqtt_tls = ?broker.tls_addr(),
             http = %http_addr,
+            public_url = %firmware.public_url(),
             data_dir = %settings.data_dir.display(),
             "fleetgate listening"
         );
-        tracing::info!(amqp = amqp_state, "AMQP forwarding");
+        if forwarder.enabled() {
+            tracing::info!(
+                outbox_messages = forwarder.outbox().map_or(0, |o| o.len()),
+                "AMQP forwarding on"
+            );
+        } else {
+            tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
+        }
         if let Some(token) = &created_admin_token {
             // Printed once, on the start that created it; it is stored in the data dir.
             println!(
@@ -176,8 +240,10 @@ impl Application {
             settings,
             broker,
             registry,
-            metrics,
+            firmware,
+            forwarder,
             migration,
+            metrics,
             http_addr,
             http_stop,
             http_task,
@@ -206,8 +272,16 @@ impl Application {
         &self.registry
     }
 
+    pub fn firmware(&self) -> &Arc<FirmwareRepo> {
+        &self.firmware
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
     }
 
     pub fn migration(&self) -> &Arc<MigrationEngine> {
@@ -225,7 +299,7 @@ impl Application {
         self.shutdown().await
     }
 
-    /// Stop accepting, end every session, flush the store.
+    /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http_stop.send(());
         // Before the broker and the store: the batch in flight finishes and is durable.
@@ -237,6 +311,9 @@ impl Application {
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
+        // After the broker: no device can enqueue any more. Confirms in flight get a few
+        // seconds; whatever is left stays in the outbox for the next start.
+        self.forwarder.shutdown().await;
         self.registry
             .flush()
             .await
@@ -264,5 +341,33 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind
+/// address (`0.0.0.0`, `::`) is not something a device can connect to, so it becomes loopback.
+fn default_public_url(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    // SocketAddr's Display brackets IPv6 addresses, as URLs need.
+    format!("http://{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_public_url_replaces_unspecified_addresses() {
+        let url = |s: &str| default_public_url(s.parse().unwrap());
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080");
+        assert_eq!(url("[::]:8080"), "http://[::1]:8080");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80");
+        assert_eq!(url("[fe80::1]:9000"), "http://[fe80::1]:9000");
     }
 }

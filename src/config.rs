@@ -4,6 +4,7 @@
 //! Everything here is plain data; [`crate::app::Application`] turns it into running parts.
 //! Secrets (API tokens) never appear in `Debug` output.
 
+use crate::forwarder::{ForwarderConfig, ForwarderError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ pub struct Settings {
     pub api: ApiSettings,
     /// Instance migration (`[migration]`: `devices_per_sec`, `batch_size`).
     pub migration: crate::migration::EngineConfig,
+    pub ota: OtaSettings,
 }
 
 impl Default for Settings {
@@ -32,6 +34,7 @@ impl Default for Settings {
             amqp: AmqpSettings::default(),
             api: ApiSettings::default(),
             migration: crate::migration::EngineConfig::default(),
+            ota: OtaSettings::default(),
         }
     }
 }
@@ -93,11 +96,84 @@ impl Default for HttpSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[ota]`: firmware packages and upgrade pushes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaSettings {
+    /// Largest firmware package accepted by an upload, bytes (default 256 MiB).
+    pub max_firmware_bytes: u64,
+    /// How long a firmware download link sent to a device stays valid, seconds (default 24 h).
+    pub download_url_ttl_secs: u64,
+}
+
+impl Default for OtaSettings {
+    fn default() -> Self {
+        OtaSettings {
+            max_firmware_bytes: 256 * 1024 * 1024,
+            download_url_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+/// `[amqp]`: forwarding to RabbitMQ consumer groups (see [`crate::forwarder`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
     pub url: Option<Secret>,
+    /// Exchanges are `{prefix}.{instance_id}`, queues `{prefix}.{instance_id}.{group_id}`.
+    pub exchange_prefix: String,
+    /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
+    pub outbox_max_bytes: u64,
+    /// How long a device message waits for outbox space before it is dropped (and counted).
+    pub outbox_full_wait_ms: u64,
+    /// Publishes awaiting a broker confirm at once.
+    pub inflight_window: usize,
+    /// First reconnect delay; doubles up to `reconnect_max_ms`.
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// How often consumer-group backlog, consumers and consume rate are sampled.
+    pub stats_interval_secs: u64,
+    /// Default rate limit per target instance (messages/s); none when absent.
+    pub rate_limit_msgs_per_sec: Option<u32>,
+    /// Default rate limit per target instance (bytes/s); none when absent.
+    pub rate_limit_bytes_per_sec: Option<u32>,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        let d = ForwarderConfig::default();
+        AmqpSettings {
+            url: None,
+            exchange_prefix: d.exchange_prefix,
+            outbox_max_bytes: d.outbox_max_bytes,
+            outbox_full_wait_ms: d.outbox_full_wait_ms,
+            inflight_window: d.inflight_window,
+            reconnect_initial_ms: d.reconnect_initial_ms,
+            reconnect_max_ms: d.reconnect_max_ms,
+            stats_interval_secs: d.stats_interval_secs,
+            rate_limit_msgs_per_sec: d.rate_limit_msgs_per_sec,
+            rate_limit_bytes_per_sec: d.rate_limit_bytes_per_sec,
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// The forwarder's configuration.
+    pub fn forwarder_config(&self) -> ForwarderConfig {
+        ForwarderConfig {
+            url: self.url.as_ref().map(|u| u.expose().to_owned()),
+            exchange_prefix: self.exchange_prefix.clone(),
+            outbox_max_bytes: self.outbox_max_bytes,
+            outbox_full_wait_ms: self.outbox_full_wait_ms,
+            inflight_window: self.inflight_window,
+            reconnect_initial_ms: self.reconnect_initial_ms,
+            reconnect_max_ms: self.reconnect_max_ms,
+            stats_interval_secs: self.stats_interval_secs,
+            rate_limit_msgs_per_sec: self.rate_limit_msgs_per_sec,
+            rate_limit_bytes_per_sec: self.rate_limit_bytes_per_sec,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -257,14 +333,22 @@ impl Settings {
                 });
             }
         }
-        if let Some(url) = &self.amqp.url {
-            let u = url.expose();
-            if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
-                return Err(ConfigError::Invalid {
-                    field: "amqp.url",
-                    message: "must start with amqp:// or amqps://".into(),
-                });
-            }
+        if self.ota.max_firmware_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "ota.max_firmware_bytes",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.ota.download_url_ttl_secs < 60 {
+            return Err(ConfigError::Invalid {
+                field: "ota.download_url_ttl_secs",
+                message: "must be at least 60 (devices need time to start the download)".into(),
+            });
+        }
+        if let Err(ForwarderError::Invalid { field, message }) =
+            self.amqp.forwarder_config().validate()
+        {
+            return Err(ConfigError::Invalid { field, message });
         }
         if self.migration.batch_size == 0 || self.migration.batch_size > 10_000 {
             return Err(ConfigError::Invalid {
@@ -301,6 +385,38 @@ mod tests {
         assert_eq!(s.http.listen.port(), 8080);
         assert_eq!(s.data_dir, PathBuf::from("./fleetgate-data"));
         assert!(s.amqp.url.is_none());
+        assert_eq!(s.ota.max_firmware_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.ota.download_url_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn ota_section_from_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[ota]\nmax_firmware_bytes = 1048576\ndownload_url_ttl_secs = 600\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.ota.max_firmware_bytes, 1_048_576);
+        assert_eq!(s.ota.download_url_ttl_secs, 600);
+        std::fs::write(&path, "[ota]\ndownload_url_ttl_secs = 5\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "ota.download_url_ttl_secs",
+                ..
+            })
+        ));
+        std::fs::write(&path, "[ota]\nmax_firmware_bytes = 0\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "ota.max_firmware_bytes",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -355,6 +471,36 @@ mod tests {
             Settings::load(None, o),
             Err(ConfigError::Invalid {
                 field: "mqtt.tls",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn amqp_section_reaches_the_forwarder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[amqp]\nurl = \"amqp://u:p@127.0.0.1:5672/%2f\"\noutbox_max_bytes = 1048576\n\
+             inflight_window = 512\nrate_limit_msgs_per_sec = 100\nexchange_prefix = \"fg\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        let f = s.amqp.forwarder_config();
+        assert_eq!(f.url.as_deref(), Some("amqp://u:p@127.0.0.1:5672/%2f"));
+        assert_eq!((f.outbox_max_bytes, f.inflight_window), (1_048_576, 512));
+        assert_eq!(f.rate_limit_msgs_per_sec, Some(100));
+        assert_eq!(f.exchange_prefix, "fg");
+        assert_eq!(
+            f.reconnect_max_ms,
+            ForwarderConfig::default().reconnect_max_ms
+        );
+        std::fs::write(&path, "[amqp]\ninflight_window = 0\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "amqp.inflight_window",
                 ..
             })
         ));

@@ -6,9 +6,17 @@
 //! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publish`] returns, so a version
 //! report that was acknowledged is durable. Malformed payloads are counted, answered with an
 //! error code where there is a reply topic, and change nothing.
+//!
+//! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
+//! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
+//! only once the message is durable in the outbox (design §5). Online/offline status messages
+//! are enqueued from the connection callbacks (which must not wait) and committed in the
+//! background; they keep their order relative to the device's posts because the forwarder
+//! hands rows to its writer at call time.
 
 use crate::broker::{DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, Session};
 use crate::clock::now_ms;
+use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use bytes::Bytes;
@@ -23,6 +31,8 @@ pub struct Ingest {
     registry: Arc<Registry>,
     downlink: Downlink,
     metrics: Arc<Metrics>,
+    /// Present and enabled only when AMQP forwarding is on.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl Ingest {
@@ -31,7 +41,52 @@ impl Ingest {
             registry,
             downlink,
             metrics,
+            forwarder: None,
         }
+    }
+
+    /// Forwards device data through `forwarder` (ignored while forwarding is off).
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = forwarder.enabled().then_some(forwarder);
+        self
+    }
+
+    /// Enqueues `msg` and waits until it is durable (the caller's PUBACK depends on it). A
+    /// full outbox drops the message (the forwarder counts and logs it); the device is still
+    /// acknowledged, since sending it again could not help.
+    async fn forward(&self, msg: impl FnOnce() -> ForwardMessage) {
+        let Some(fwd) = &self.forwarder else {
+            return;
+        };
+        match fwd.enqueue(msg()).await {
+            Ok(()) | Err(ForwarderError::OutboxFull) => {}
+            Err(error) => tracing::error!(%error, "cannot store a message for forwarding"),
+        }
+    }
+
+    /// Status messages from the (synchronous) connection callbacks: routed and handed to the
+    /// outbox writer now, committed in the background.
+    fn forward_status(&self, session: &Session, online: bool, at_ms: i64, last_ms: Option<i64>) {
+        let Some(fwd) = &self.forwarder else {
+            return;
+        };
+        let d = &session.device;
+        let ip = session.client_ip().to_string();
+        let pending = fwd.enqueue(ForwardMessage::status(
+            &d.product_key,
+            &d.device_name,
+            online,
+            Some(&ip),
+            at_ms,
+            last_ms,
+        ));
+        tokio::spawn(async move {
+            if let Err(error) = pending.await {
+                if !matches!(error, ForwarderError::OutboxFull) {
+                    tracing::error!(%error, "cannot store a status message for forwarding");
+                }
+            }
+        });
     }
 
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
@@ -124,17 +179,36 @@ impl Ingest {
                 self.reply(&topic, reply.to_vec());
             }
             TopicKind::PropertyPost => {
-                let parsed = PropertyPostRequest::parse(payload)
-                    .map(|req| (req.wants_reply(), req.id.into_string()));
-                self.answer_post(session, &topic, payload, parsed);
+                let received = now_ms();
+                let parsed = PropertyPostRequest::parse(payload);
+                let answer = parsed
+                    .as_ref()
+                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
+                    .map_err(Clone::clone);
+                self.answer_post(session, &topic, payload, answer);
+                if let Ok(req) = parsed {
+                    let (pk, dn) = (topic.product_key(), topic.device_name());
+                    self.forward(|| ForwardMessage::property_post(pk, dn, &req, received))
+                        .await;
+                }
             }
             TopicKind::EventPost => {
+                let received = now_ms();
                 let identifier = topic.identifier().unwrap_or_default();
                 let parsed = EventPostRequest::parse(payload).and_then(|req| {
                     req.check_identifier(identifier)?;
-                    Ok((req.wants_reply(), req.id.into_string()))
+                    Ok(req)
                 });
-                self.answer_post(session, &topic, payload, parsed);
+                let answer = parsed
+                    .as_ref()
+                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
+                    .map_err(Clone::clone);
+                self.answer_post(session, &topic, payload, answer);
+                if let Ok(req) = parsed {
+                    let (pk, dn) = (topic.product_key(), topic.device_name());
+                    self.forward(|| ForwardMessage::event_post(pk, dn, identifier, &req, received))
+                        .await;
+                }
             }
             // Down kinds never reach here (see on_publish).
             TopicKind::Upgrade
@@ -152,6 +226,15 @@ impl DeviceHooks for Ingest {
 
     fn on_connect(&self, session: &Session) {
         let d = &session.device;
+        if self.forwarder.is_some() {
+            // lastTime: the previous contact, read before the connect overwrites it.
+            let last = self
+                .registry
+                .get_device(&d.product_key, &d.device_name)
+                .ok()
+                .and_then(|dev| dev.last_seen_ms);
+            self.forward_status(session, true, session.connected_at_ms, last);
+        }
         self.registry.device_connected(
             &d.product_key,
             &d.device_name,
@@ -164,12 +247,13 @@ impl DeviceHooks for Ingest {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason) {
         let d = &session.device;
         tracing::debug!(pk = %d.product_key, dn = %d.device_name, ?reason, "device disconnected");
-        self.registry.device_disconnected(
-            &d.product_key,
-            &d.device_name,
-            session.conn_id,
-            now_ms(),
-        );
+        let at = now_ms();
+        // A session taken over by a new connection of the same device: the device stays online.
+        if reason != DisconnectReason::TakenOver {
+            self.forward_status(session, false, at, Some(at));
+        }
+        self.registry
+            .device_disconnected(&d.product_key, &d.device_name, session.conn_id, at);
     }
 
     async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {

@@ -7,6 +7,8 @@
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
 //! - [`migration`]: instance migration tasks (canary, full, pause, rollback, data sync).
+//! - [`forwarder`]: AMQP forwarding to RabbitMQ consumer groups through a durable outbox.
+//! - [`ota`]: firmware packages (content-addressed blobs, signed downloads) and upgrade jobs.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
@@ -17,9 +19,11 @@ pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod forwarder;
 pub mod ingest;
 pub mod metrics;
 pub mod migration;
+pub mod ota;
 pub mod registry;
 pub mod store;
 pub mod telemetry;

@@ -46,6 +46,37 @@ pub struct Metrics {
     pub migration_faults: Counter,
     /// Migration tasks in a running state.
     pub migration_running_tasks: Gauge,
+    /// Rows in the forwarder's durable outbox (waiting for a broker ack).
+    pub forwarder_outbox_messages: Gauge,
+    /// Bytes the outbox holds (what its bound counts).
+    pub forwarder_outbox_bytes: Gauge,
+    /// Outbox transaction commit latency, seconds.
+    pub forwarder_outbox_commit_seconds: Histogram,
+    /// Messages made durable in the outbox (one per target instance).
+    pub forwarder_enqueued: Counter,
+    /// Messages the broker confirmed (acked and routed to at least one queue).
+    pub forwarder_published: Counter,
+    /// Publish → broker confirm latency, seconds.
+    pub forwarder_confirm_seconds: Histogram,
+    /// Publishes the broker nacked (re-queued).
+    pub forwarder_nacks: Counter,
+    /// Publishes returned unroutable (no consumer group bound to the instance's exchange).
+    pub forwarder_returns: Counter,
+    /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`, `too_large`).
+    pub forwarder_dropped: Family<Labels, Counter>,
+    /// Enqueues that had to wait for outbox space (back-pressure).
+    pub forwarder_backpressure_waits: Counter,
+    /// Connections to the broker lost or failed (each one is followed by a reconnect attempt).
+    pub forwarder_reconnects: Counter,
+    /// 1 while connected to the broker.
+    pub forwarder_connected: Gauge,
+    /// Times the publisher held a message back because its target's rate limit was reached.
+    pub forwarder_rate_limited: Counter,
+    /// Messages ready in each consumer group's queue (`group` = `{instance_id}/{group_id}`),
+    /// sampled periodically.
+    pub forwarder_group_backlog: Family<[(&'static str, String); 1], Gauge>,
+    /// Consumers attached to each consumer group's queue, sampled periodically.
+    pub forwarder_group_consumers: Family<[(&'static str, String); 1], Gauge>,
 }
 
 impl Metrics {
@@ -66,6 +97,21 @@ impl Metrics {
             migration_kicks: Counter::default(),
             migration_faults: Counter::default(),
             migration_running_tasks: Gauge::default(),
+            forwarder_outbox_messages: Gauge::default(),
+            forwarder_outbox_bytes: Gauge::default(),
+            forwarder_outbox_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            forwarder_enqueued: Counter::default(),
+            forwarder_published: Counter::default(),
+            forwarder_confirm_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
+            forwarder_nacks: Counter::default(),
+            forwarder_returns: Counter::default(),
+            forwarder_dropped: Family::default(),
+            forwarder_backpressure_waits: Counter::default(),
+            forwarder_reconnects: Counter::default(),
+            forwarder_connected: Gauge::default(),
+            forwarder_rate_limited: Counter::default(),
+            forwarder_group_backlog: Family::default(),
+            forwarder_group_consumers: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,6 +183,81 @@ impl Metrics {
             "migration_running_tasks",
             "Migration tasks in a running state",
             m.migration_running_tasks.clone(),
+        );
+        registry.register(
+            "forwarder_outbox_messages",
+            "Messages in the AMQP outbox waiting for a broker ack",
+            m.forwarder_outbox_messages.clone(),
+        );
+        registry.register(
+            "forwarder_outbox_bytes",
+            "Bytes held by the AMQP outbox",
+            m.forwarder_outbox_bytes.clone(),
+        );
+        registry.register(
+            "forwarder_outbox_commit_seconds",
+            "Outbox transaction commit latency",
+            m.forwarder_outbox_commit_seconds.clone(),
+        );
+        registry.register(
+            "forwarder_enqueued",
+            "Messages made durable in the outbox",
+            m.forwarder_enqueued.clone(),
+        );
+        registry.register(
+            "forwarder_published",
+            "Messages confirmed by the AMQP broker",
+            m.forwarder_published.clone(),
+        );
+        registry.register(
+            "forwarder_confirm_seconds",
+            "AMQP publish to broker confirm latency",
+            m.forwarder_confirm_seconds.clone(),
+        );
+        registry.register(
+            "forwarder_nacks",
+            "AMQP publishes nacked by the broker (re-queued)",
+            m.forwarder_nacks.clone(),
+        );
+        registry.register(
+            "forwarder_returns",
+            "AMQP publishes returned unroutable (no consumer group)",
+            m.forwarder_returns.clone(),
+        );
+        registry.register(
+            "forwarder_dropped",
+            "Forwarded messages dropped, by reason",
+            m.forwarder_dropped.clone(),
+        );
+        registry.register(
+            "forwarder_backpressure_waits",
+            "Enqueues that waited for outbox space",
+            m.forwarder_backpressure_waits.clone(),
+        );
+        registry.register(
+            "forwarder_reconnects",
+            "AMQP connections lost or failed",
+            m.forwarder_reconnects.clone(),
+        );
+        registry.register(
+            "forwarder_connected",
+            "1 while connected to the AMQP broker",
+            m.forwarder_connected.clone(),
+        );
+        registry.register(
+            "forwarder_rate_limited",
+            "Publishes held back by a target's rate limit",
+            m.forwarder_rate_limited.clone(),
+        );
+        registry.register(
+            "forwarder_group_backlog",
+            "Messages ready in each consumer group's queue",
+            m.forwarder_group_backlog.clone(),
+        );
+        registry.register(
+            "forwarder_group_consumers",
+            "Consumers attached to each consumer group's queue",
+            m.forwarder_group_consumers.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -17,10 +17,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::forwarder::ForwarderError;
 use crate::registry::RegistryError;
 
 /// The stable error codes. `FG.0xxx` mirror the HTTP status; `FG.1xxx` are request-shape errors;
-/// `FG.2xxx` name the resource that is missing or already exists.
+/// `FG.2xxx` name the resource that is missing or already exists; `FG.3xxx` are firmware/OTA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// FG.0400: the request is wrong in a way no more specific code describes.
@@ -37,6 +38,8 @@ pub enum ErrorCode {
     Conflict,
     /// FG.0413: the body is larger than the configured limit.
     PayloadTooLarge,
+    /// FG.0416: the `Range` of a download lies outside the file.
+    RangeNotSatisfiable,
     /// FG.0429: rate limited.
     TooManyRequests,
     /// FG.0500: the gateway failed; details are in its log under the request id.
@@ -57,12 +60,26 @@ pub enum ErrorCode {
     ProductNotFound,
     /// FG.2003: no such device.
     DeviceNotFound,
+    /// FG.2004: no such consumer group in the instance.
+    ConsumerGroupNotFound,
     /// FG.2101: an instance with this id exists.
     InstanceExists,
     /// FG.2102: a product with this key exists.
     ProductExists,
     /// FG.2103: a device with this name exists in the product.
     DeviceExists,
+    /// FG.2104: a consumer group with this id exists in the instance.
+    ConsumerGroupExists,
+    /// FG.3001: no such firmware package.
+    FirmwareNotFound,
+    /// FG.3002: the firmware package is larger than `ota.max_firmware_bytes`.
+    FirmwareTooLarge,
+    /// FG.3003: the product already has a package with this module and version.
+    FirmwareExists,
+    /// FG.3004: a firmware download link is missing its token, tampered with or expired.
+    DownloadForbidden,
+    /// FG.3005: the firmware package is used by an unfinished OTA job.
+    FirmwareInUse,
     /// FG.4001: no such migration task.
     MigrationTaskNotFound,
     /// FG.4002: the product already has a migration task.
@@ -75,7 +92,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -83,6 +100,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::Conflict,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::RangeNotSatisfiable,
         ErrorCode::TooManyRequests,
         ErrorCode::Internal,
         ErrorCode::MalformedBody,
@@ -93,9 +111,16 @@ impl ErrorCode {
         ErrorCode::InstanceNotFound,
         ErrorCode::ProductNotFound,
         ErrorCode::DeviceNotFound,
+        ErrorCode::ConsumerGroupNotFound,
         ErrorCode::InstanceExists,
         ErrorCode::ProductExists,
         ErrorCode::DeviceExists,
+        ErrorCode::ConsumerGroupExists,
+        ErrorCode::FirmwareNotFound,
+        ErrorCode::FirmwareTooLarge,
+        ErrorCode::FirmwareExists,
+        ErrorCode::DownloadForbidden,
+        ErrorCode::FirmwareInUse,
         ErrorCode::MigrationTaskNotFound,
         ErrorCode::MigrationTaskExists,
         ErrorCode::MigrationStateConflict,
@@ -112,6 +137,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "FG.0405",
             ErrorCode::Conflict => "FG.0409",
             ErrorCode::PayloadTooLarge => "FG.0413",
+            ErrorCode::RangeNotSatisfiable => "FG.0416",
             ErrorCode::TooManyRequests => "FG.0429",
             ErrorCode::Internal => "FG.0500",
             ErrorCode::MalformedBody => "FG.1000",
@@ -122,9 +148,16 @@ impl ErrorCode {
             ErrorCode::InstanceNotFound => "FG.2001",
             ErrorCode::ProductNotFound => "FG.2002",
             ErrorCode::DeviceNotFound => "FG.2003",
+            ErrorCode::ConsumerGroupNotFound => "FG.2004",
             ErrorCode::InstanceExists => "FG.2101",
             ErrorCode::ProductExists => "FG.2102",
             ErrorCode::DeviceExists => "FG.2103",
+            ErrorCode::ConsumerGroupExists => "FG.2104",
+            ErrorCode::FirmwareNotFound => "FG.3001",
+            ErrorCode::FirmwareTooLarge => "FG.3002",
+            ErrorCode::FirmwareExists => "FG.3003",
+            ErrorCode::DownloadForbidden => "FG.3004",
+            ErrorCode::FirmwareInUse => "FG.3005",
             ErrorCode::MigrationTaskNotFound => "FG.4001",
             ErrorCode::MigrationTaskExists => "FG.4002",
             ErrorCode::MigrationStateConflict => "FG.4003",
@@ -141,21 +174,29 @@ impl ErrorCode {
             | ErrorCode::MissingField
             | ErrorCode::UnsupportedMediaType => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::DownloadForbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound
             | ErrorCode::InstanceNotFound
             | ErrorCode::ProductNotFound
             | ErrorCode::DeviceNotFound
+            | ErrorCode::ConsumerGroupNotFound
+            | ErrorCode::FirmwareNotFound
             | ErrorCode::MigrationTaskNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
             | ErrorCode::ProductExists
             | ErrorCode::DeviceExists
+            | ErrorCode::ConsumerGroupExists
+            | ErrorCode::FirmwareExists
+            | ErrorCode::FirmwareInUse
             | ErrorCode::MigrationTaskExists
             | ErrorCode::MigrationStateConflict
             | ErrorCode::MigrationSourceProductGone => StatusCode::CONFLICT,
-            ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems | ErrorCode::FirmwareTooLarge => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -171,6 +212,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method not allowed on this route",
             ErrorCode::Conflict => "conflicts with the current state",
             ErrorCode::PayloadTooLarge => "request body too large",
+            ErrorCode::RangeNotSatisfiable => "requested byte range lies outside the file",
             ErrorCode::TooManyRequests => "too many requests",
             ErrorCode::Internal => "internal error (see the gateway log for the request id)",
             ErrorCode::MalformedBody => "malformed JSON or CSV body",
@@ -181,9 +223,20 @@ impl ErrorCode {
             ErrorCode::InstanceNotFound => "instance not found",
             ErrorCode::ProductNotFound => "product not found",
             ErrorCode::DeviceNotFound => "device not found",
+            ErrorCode::ConsumerGroupNotFound => "consumer group not found",
             ErrorCode::InstanceExists => "instance already exists",
             ErrorCode::ProductExists => "product already exists",
             ErrorCode::DeviceExists => "device already exists",
+            ErrorCode::ConsumerGroupExists => "consumer group already exists",
+            ErrorCode::FirmwareNotFound => "firmware package not found",
+            ErrorCode::FirmwareTooLarge => "firmware package larger than ota.max_firmware_bytes",
+            ErrorCode::FirmwareExists => {
+                "the product already has a package with this module and version"
+            }
+            ErrorCode::DownloadForbidden => {
+                "firmware download link missing its token, tampered with or expired"
+            }
+            ErrorCode::FirmwareInUse => "firmware package used by an unfinished OTA job",
             ErrorCode::MigrationTaskNotFound => "migration task not found",
             ErrorCode::MigrationTaskExists => "the product already has a migration task",
             ErrorCode::MigrationStateConflict => {
@@ -421,6 +474,33 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<ForwarderError> for ApiError {
+    fn from(e: ForwarderError) -> Self {
+        match e {
+            ForwarderError::InstanceNotFound(id) => ApiError::new(
+                ErrorCode::InstanceNotFound,
+                format!("instance {id} not found"),
+            ),
+            ForwarderError::GroupNotFound {
+                instance_id,
+                group_id,
+            } => ApiError::new(
+                ErrorCode::ConsumerGroupNotFound,
+                format!("consumer group {group_id} not found in instance {instance_id}"),
+            ),
+            ForwarderError::GroupExists {
+                instance_id,
+                group_id,
+            } => ApiError::new(
+                ErrorCode::ConsumerGroupExists,
+                format!("consumer group {group_id} already exists in instance {instance_id}"),
+            ),
+            ForwarderError::Invalid { field, message } => ApiError::invalid_field(field, message),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,7 +508,7 @@ mod tests {
 
     #[test]
     fn codes_are_unique_and_statuses_are_in_the_contract_set() {
-        let allowed = [400, 401, 403, 404, 405, 409, 413, 429, 500];
+        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500];
         let mut seen = HashSet::new();
         for code in ErrorCode::ALL {
             assert!(seen.insert(code.as_str()), "duplicate {code}");

@@ -1,11 +1,12 @@
 //! The operator HTTP API (axum): routes, auth, error bodies, request ids, OpenAPI.
 //!
-//! Owns nothing but request handling: every state change goes through [`Registry`] methods
-//! (and, for dropping MQTT sessions, through the [`ApiState::on_device_revoked`] hook the app
-//! wires to the broker). Conventions (design §7):
+//! Owns nothing but request handling: every state change goes through [`Registry`] or
+//! [`FirmwareRepo`] methods (and, for dropping MQTT sessions, through the
+//! [`ApiState::on_device_revoked`] hook the app wires to the broker). Conventions (design §7):
 //!
 //! - JSON under `/api/v1`, `Authorization: Bearer <token>` (see [`auth`] for the roles);
-//!   `/healthz`, `/metrics` and `/api/v1/openapi.json` are open.
+//!   `/healthz`, `/metrics` and `/api/v1/openapi.json` are open, and so is the device-facing
+//!   `/firmware/{fid}/download`, which checks its signed link instead ([`firmware`]).
 //! - Every error is `{"error_code","error_msg","error_ext_msg","request_id"}` ([`error`]).
 //! - Every response carries `x-request-id`; every request gets a tracing span and is counted in
 //!   `fleetgate_http_requests_total{class}`.
@@ -20,7 +21,9 @@ pub mod extract;
 pub mod middleware;
 
 mod batch;
+mod consumer_groups;
 mod devices;
+mod firmware;
 mod instances;
 mod migrations;
 mod openapi;
@@ -43,8 +46,10 @@ pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;
 
+use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::migration::MigrationEngine;
+use crate::ota::FirmwareRepo;
 use crate::registry::{Paged, Registry};
 
 /// Default request body limit: generous for a 10,000-row CSV batch, small enough to refuse a
@@ -64,6 +69,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub tokens: Arc<TokenSet>,
+    /// Firmware packages and their signed downloads.
+    pub firmware: Arc<FirmwareRepo>,
     /// Extra fields for `/healthz`; an object's keys are merged after `"status":"ok"`.
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
@@ -71,23 +78,39 @@ pub struct ApiState {
     /// The migration engine. The app always sets it; `None` only in API states built for
     /// tests, where the migration endpoints answer 500.
     pub migration: Option<Arc<MigrationEngine>>,
+    /// The AMQP forwarder (consumer groups). The app always sets it — it exists even with
+    /// forwarding off; `None` only in API states built for tests, where the consumer-group
+    /// endpoints answer 500.
+    pub forwarder: Option<Arc<Forwarder>>,
 }
 
 impl ApiState {
     /// A state with no extra health fields and no revocation hook.
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, tokens: Arc<TokenSet>) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        tokens: Arc<TokenSet>,
+        firmware: Arc<FirmwareRepo>,
+    ) -> Self {
         ApiState {
             registry,
             metrics,
             tokens,
+            firmware,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
             migration: None,
+            forwarder: None,
         }
     }
 
     pub fn with_migration(mut self, engine: Arc<MigrationEngine>) -> Self {
         self.migration = Some(engine);
+        self
+    }
+
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = Some(forwarder);
         self
     }
 
@@ -113,6 +136,7 @@ impl std::fmt::Debug for ApiState {
         f.debug_struct("ApiState")
             .field("registry", &self.registry)
             .field("tokens", &self.tokens)
+            .field("firmware", &self.firmware)
             .finish_non_exhaustive()
     }
 }
@@ -141,8 +165,15 @@ impl<T> ItemsPage<T> {
 
 /// The whole HTTP API as a router ready for `axum::serve` (or `oneshot` in tests). Bodies
 /// larger than `body_limit` bytes are refused with 413 `FG.0413` ([`DEFAULT_BODY_LIMIT`] is a
-/// sensible value).
+/// sensible value), except firmware uploads, whose limit follows the repository's `max_size`.
 pub fn router(state: ApiState, body_limit: usize) -> Router {
+    let upload_limit = usize::try_from(
+        state
+            .firmware
+            .max_size()
+            .saturating_add(firmware::UPLOAD_OVERHEAD_BYTES),
+    )
+    .unwrap_or(usize::MAX);
     // Everything here needs a token; the middleware also refuses viewer writes.
     let protected = Router::new()
         .route(
@@ -150,6 +181,14 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             post(instances::create_instance).get(instances::list_instances),
         )
         .route("/api/v1/instances/{iid}", get(instances::get_instance))
+        .route(
+            "/api/v1/instances/{iid}/consumer-groups",
+            post(consumer_groups::create_group).get(consumer_groups::list_groups),
+        )
+        .route(
+            "/api/v1/instances/{iid}/consumer-groups/{gid}",
+            get(consumer_groups::get_group).delete(consumer_groups::delete_group),
+        )
         .route(
             "/api/v1/products",
             post(products::create_product).get(products::list_products),
@@ -215,6 +254,17 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             get(migrations::list_devices),
         )
         .route("/api/v1/migrations/{tid}/log", get(migrations::get_log))
+        .route(
+            "/api/v1/firmware",
+            post(firmware::upload_firmware)
+                .layer(DefaultBodyLimit::max(upload_limit))
+                .get(firmware::list_firmware),
+        )
+        .route("/api/v1/firmware/{fid}", get(firmware::get_firmware))
+        .route(
+            "/api/v1/firmware/{fid}/download-url",
+            get(firmware::get_download_url),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::authenticate,
@@ -224,6 +274,8 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/api/v1/openapi.json", get(system::openapi_json))
+        // Devices authenticate downloads with the signed link, not a bearer token.
+        .route("/firmware/{fid}/download", get(firmware::download_firmware))
         .merge(protected)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)

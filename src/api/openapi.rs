@@ -9,17 +9,20 @@ use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
 use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
 use super::error::{ErrorBody, ErrorCode};
+use super::firmware::{DownloadUrl, FirmwareUploadForm};
 use super::instances::CreateInstanceRequest;
 use super::migrations::{
     ConfigRequest, ConfigResponse, CreateMigrationRequest, DataSyncRequest, SelectionRequest,
     SelectionResponse,
 };
 use super::products::{CreateProductRequest, ProductSummary};
-use super::{batch, devices, instances, migrations, products, system};
+use super::{batch, consumer_groups, devices, firmware, instances, migrations, products, system};
+use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
 use crate::migration::{
     Actor, DataSyncView, DeviceMigration, DeviceStatus, DeviceTotals, LogEntry, MigrationConfig,
     MigrationMethod, RejectedRow, ResumeMode, SummaryStatus, TaskDetails, TaskState,
 };
+use crate::ota::{FirmwarePackage, FirmwareStatus};
 use crate::registry::{Device, Instance, Product};
 
 /// The fleetgate operator API document (served at `/api/v1/openapi.json`).
@@ -36,6 +39,10 @@ use crate::registry::{Device, Instance, Product};
         instances::create_instance,
         instances::list_instances,
         instances::get_instance,
+        consumer_groups::create_group,
+        consumer_groups::list_groups,
+        consumer_groups::get_group,
+        consumer_groups::delete_group,
         products::create_product,
         products::list_products,
         products::get_product,
@@ -61,6 +68,11 @@ use crate::registry::{Device, Instance, Product};
         migrations::data_sync,
         migrations::list_devices,
         migrations::get_log,
+        firmware::upload_firmware,
+        firmware::list_firmware,
+        firmware::get_firmware,
+        firmware::get_download_url,
+        firmware::download_firmware,
     ),
     components(schemas(
         ErrorBody,
@@ -69,6 +81,9 @@ use crate::registry::{Device, Instance, Product};
         Product,
         Device,
         CreateInstanceRequest,
+        ConsumerGroup,
+        NewConsumerGroup,
+        ConsumerGroupDetails,
         CreateProductRequest,
         ProductSummary,
         CreateDeviceRequest,
@@ -97,14 +112,20 @@ use crate::registry::{Device, Instance, Product};
         RejectedRow,
         LogEntry,
         Actor,
+        FirmwarePackage,
+        FirmwareStatus,
+        FirmwareUploadForm,
+        DownloadUrl,
     )),
     modifiers(&Conventions),
     tags(
         (name = "system", description = "Health, metrics and this document (no token needed)"),
         (name = "instances", description = "Instances: owners of products and data routing"),
+        (name = "consumer-groups", description = "AMQP consumer groups: one RabbitMQ queue per group on the instance's exchange; every group gets every message of the instance's devices"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
         (name = "migrations", description = "Instance migration: per-product tasks moving devices to a target instance (canary, full, pause/continue, rollback, data sync)"),
+        (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
     )
 )]
 pub struct ApiDoc;
@@ -128,10 +149,11 @@ impl Modify for Conventions {
         let base = openapi.info.description.clone().unwrap_or_default();
         openapi.info.description = Some(format!(
             "{base}\n\n## Authentication\n\n`/healthz`, `/metrics` and `/api/v1/openapi.json` \
-             are open; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
+             are open, and `/firmware/{{fid}}/download` checks its signed link (`expires`, \
+             `token`) instead of a bearer token; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
              read (GET); `operator` may also manage devices (create, batch, update, \
-             enable/disable, delete); `admin` may do everything, including creating instances \
-             and creating/deleting products (403 otherwise).\n\n## Errors\n\nEvery error \
+             enable/disable, delete) and upload firmware; `admin` may do everything, including creating instances \
+             and creating/deleting products (403 otherwise); consumer groups need `operator` to create or delete.\n\n## Errors\n\nEvery error \
              response has the body `{{\"error_code\":\"FG.xxxx\",\"error_msg\":\"…\",\
              \"error_ext_msg\":null,\"request_id\":\"…\"}}`; `error_ext_msg` names the \
              offending field when there is one, and `request_id` equals the `x-request-id` \

@@ -10,8 +10,11 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use super::*;
+use crate::ota::FirmwareRepo;
 use crate::registry::Registry;
 use crate::store::Store;
+
+mod firmware;
 
 const ADMIN: &str = "admin-secret-token";
 const OPERATOR: &str = "operator-secret-token";
@@ -23,13 +26,27 @@ struct TestApp {
     router: Router,
     metrics: Arc<Metrics>,
     revoked: Revoked,
-    _dir: tempfile::TempDir,
+    firmware: Arc<FirmwareRepo>,
+    dir: tempfile::TempDir,
 }
 
+/// Base of the download links the test app mints.
+const PUBLIC_URL: &str = "http://fleetgate.test:8080";
+
 fn test_app_with(body_limit: usize) -> TestApp {
-    let dir = tempfile::tempdir().expect("tempdir");
+    test_app_in(
+        tempfile::tempdir().expect("tempdir"),
+        body_limit,
+        crate::ota::firmware::DEFAULT_MAX_SIZE,
+    )
+}
+
+/// An app over the data dir `dir` (reopening one keeps its state) with a firmware size limit.
+fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> TestApp {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).expect("store");
+    let firmware = FirmwareRepo::open(dir.path(), store.clone(), PUBLIC_URL.into(), max_firmware)
+        .expect("firmware repo");
     let registry = Registry::open(store, metrics.clone()).expect("registry");
     // Built the way the app builds it: config tokens folded in by role name, the state as a
     // struct literal with plain closures.
@@ -45,17 +62,20 @@ fn test_app_with(body_limit: usize) -> TestApp {
         registry,
         metrics: metrics.clone(),
         tokens: Arc::new(tokens),
+        firmware: firmware.clone(),
         health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
         }),
         migration: None,
+        forwarder: None,
     };
     TestApp {
         router: router(state, body_limit),
         metrics,
         revoked,
-        _dir: dir,
+        firmware,
+        dir,
     }
 }
 
@@ -974,6 +994,10 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/instances", "post"),
         ("/api/v1/instances", "get"),
         ("/api/v1/instances/{iid}", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups", "post"),
+        ("/api/v1/instances/{iid}/consumer-groups", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups/{gid}", "get"),
+        ("/api/v1/instances/{iid}/consumer-groups/{gid}", "delete"),
         ("/api/v1/products", "post"),
         ("/api/v1/products", "get"),
         ("/api/v1/products/{pk}", "get"),
@@ -999,6 +1023,11 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/migrations/{tid}/data-sync", "post"),
         ("/api/v1/migrations/{tid}/devices", "get"),
         ("/api/v1/migrations/{tid}/log", "get"),
+        ("/api/v1/firmware", "post"),
+        ("/api/v1/firmware", "get"),
+        ("/api/v1/firmware/{fid}", "get"),
+        ("/api/v1/firmware/{fid}/download-url", "get"),
+        ("/firmware/{fid}/download", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -1008,7 +1037,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        23,
+        29,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );
@@ -1020,6 +1049,8 @@ async fn openapi_lists_every_path_and_schema() {
         "Instance",
         "BatchCreateResponse",
         "DeviceSummary",
+        "FirmwarePackage",
+        "FirmwareStatus",
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }

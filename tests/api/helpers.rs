@@ -27,6 +27,11 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// [`spawn_app`] with settings adjusted by `adjust` first (e.g. an AMQP URL).
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let data_dir = tempfile::tempdir().expect("tempdir");
     let mut settings = Settings::load(
         None,
@@ -43,6 +48,7 @@ pub async fn spawn_app() -> TestApp {
         token: Secret::new(VIEWER_TOKEN),
         role: "viewer".into(),
     });
+    adjust(&mut settings);
     let app = Application::build(settings.clone())
         .await
         .expect("app starts");

@@ -2,6 +2,8 @@
 //! (rumqttc, the vendor's Python SDK) and as an operator (HTTP).
 
 mod device_auth;
+mod firmware;
+mod forwarding;
 mod helpers;
 mod interop;
 mod isolation;

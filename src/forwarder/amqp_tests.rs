@@ -1,0 +1,813 @@
+//! Tests against a real RabbitMQ at `FLEETGATE_AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). When it is unreachable a test prints a
+//! `SKIPPED …` line and returns — unless `CI` is set, then it fails ([`rabbit_or_skip`]).
+//!
+//! Every test uses its own exchange prefix (`fgtest-{random}`), so names never collide, and
+//! deletes its exchanges and queues at the end. Broker outages are simulated with an in-test
+//! TCP proxy ([`Proxy`]) between the forwarder and RabbitMQ.
+
+use super::*;
+use crate::registry::{NewDevice, NewInstance, NewProduct};
+use crate::store::Store;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use rand::Rng;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Generous bound for anything that should happen "soon" (only to avoid hanging).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+pub(crate) struct Rabbit {
+    pub url: String,
+    pub conn: Connection,
+    pub addr: SocketAddr,
+    user: String,
+    pass: String,
+    vhost: String,
+}
+
+impl Rabbit {
+    /// The broker's URL with host and port replaced (to go through a [`Proxy`]).
+    pub fn url_via(&self, addr: SocketAddr) -> String {
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        format!(
+            "amqp://{}:{}@{}/{}",
+            enc(&self.user),
+            enc(&self.pass),
+            addr,
+            enc(&self.vhost)
+        )
+    }
+}
+
+/// Connects to the test broker, or reports it missing (see [`super::testing::amqp_url_or_skip`]).
+pub(crate) async fn rabbit_or_skip(test: &str) -> Option<Rabbit> {
+    let url = super::testing::amqp_url_or_skip(test).await?;
+    let uri: lapin::uri::AMQPUri = url.parse().expect("FLEETGATE_AMQP_URL parses");
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let host = if uri.authority.host == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        uri.authority.host.clone()
+    };
+    let addr = tokio::net::lookup_host((host.as_str(), uri.authority.port))
+        .await
+        .expect("resolve the broker")
+        .next()
+        .expect("an address");
+    Some(Rabbit {
+        url,
+        conn,
+        addr,
+        user: uri.authority.userinfo.username.clone(),
+        pass: uri.authority.userinfo.password.clone(),
+        vhost: uri.vhost.clone(),
+    })
+}
+
+/// A TCP proxy 127.0.0.1:0 ↔ RabbitMQ that can be cut (every connection closed, new ones
+/// refused) and restored.
+pub(crate) struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let up = up.clone();
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    lock(&conns).push(task);
+                }
+            })
+        };
+        Proxy {
+            addr,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for t in lock(&self.conns).drain(..) {
+            t.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Polls `f` until it holds; panics after [`PATIENCE`] (only to avoid hanging).
+pub(crate) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A registry with one instance, one product and `devices` devices, plus unique names.
+pub(crate) struct Fixture {
+    pub rabbit: Rabbit,
+    pub dir: tempfile::TempDir,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub iid: String,
+    pub pk: String,
+    pub devices: Vec<String>,
+    pub prefix: String,
+}
+
+impl Fixture {
+    pub async fn new(rabbit: Rabbit, devices: usize) -> Fixture {
+        let suffix: String = rand::thread_rng()
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(8)
+            .map(char::from)
+            .collect::<String>()
+            .to_lowercase();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open_in_memory(metrics.clone()).unwrap();
+        let registry = Registry::open(store, metrics.clone()).unwrap();
+        let iid = format!("inst-{suffix}");
+        registry
+            .create_instance(NewInstance {
+                instance_id: Some(iid.clone()),
+                name: "test".into(),
+            })
+            .await
+            .unwrap();
+        let pk = format!("pk{suffix}");
+        registry
+            .create_product(NewProduct {
+                name: "P".into(),
+                product_key: Some(pk.clone()),
+                instance_id: Some(iid.clone()),
+                description: None,
+            })
+            .await
+            .unwrap();
+        let mut names = Vec::new();
+        for i in 0..devices {
+            let dn = format!("dev{i:04}");
+            registry
+                .create_device(
+                    &pk,
+                    NewDevice {
+                        device_name: dn.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            names.push(dn);
+        }
+        Fixture {
+            rabbit,
+            dir: tempfile::tempdir().unwrap(),
+            registry,
+            metrics,
+            iid,
+            pk,
+            devices: names,
+            prefix: format!("fgtest-{suffix}"),
+        }
+    }
+
+    pub fn config(&self, url: &str) -> ForwarderConfig {
+        ForwarderConfig {
+            url: Some(url.to_owned()),
+            exchange_prefix: self.prefix.clone(),
+            reconnect_initial_ms: 50,
+            reconnect_max_ms: 500,
+            stats_interval_secs: 1,
+            ..Default::default()
+        }
+    }
+
+    pub fn open(&self, url: &str) -> Arc<Forwarder> {
+        Forwarder::open(
+            self.config(url),
+            self.dir.path(),
+            self.registry.clone(),
+            self.metrics.clone(),
+        )
+        .unwrap()
+    }
+
+    pub fn queue(&self, gid: &str) -> String {
+        format!("{}.{}.{gid}", self.prefix, self.iid)
+    }
+
+    /// A property post from device `d` whose `requestId` is `i`.
+    pub fn post(&self, d: usize, i: usize) -> ForwardMessage {
+        let req = fleetgate_topics::PropertyPostRequest::parse(
+            format!(r#"{{"id":"{i}","params":{{"Seq":{i}}}}}"#).as_bytes(),
+        )
+        .unwrap();
+        ForwardMessage::property_post(
+            &self.pk,
+            &self.devices[d],
+            &req,
+            1_700_000_000_000 + i as i64,
+        )
+    }
+
+    /// Deletes the test's queues and exchange.
+    pub async fn cleanup(&self, groups: &[&str]) {
+        let ch = self.rabbit.conn.create_channel().await.unwrap();
+        for g in groups {
+            let _ = ch
+                .queue_delete(self.queue(g).into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(
+                format!("{}.{}", self.prefix, self.iid).into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+}
+
+/// A consumer on `queue` (direct to RabbitMQ) that acks and forwards every delivery as
+/// `(consumer tag, delivery)`.
+pub(crate) async fn consume(
+    conn: &Connection,
+    queue: &str,
+    tag: &str,
+    tx: mpsc::UnboundedSender<(String, Delivery)>,
+) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let tag = tag.to_owned();
+    tokio::spawn(async move {
+        let _keep_channel = ch;
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = d.ack(BasicAckOptions::default()).await;
+            if tx.send((tag.clone(), d)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Receives until `n` distinct message ids arrived; returns every delivery (duplicates too).
+pub(crate) async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<(String, Delivery)>,
+    n: usize,
+) -> Vec<(String, Delivery)> {
+    let mut all = Vec::new();
+    let mut ids = HashSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while ids.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((tag, d))) => {
+                ids.insert(message_id(&d));
+                all.push((tag, d));
+            }
+            _ => panic!("only {} of {n} distinct messages arrived", ids.len()),
+        }
+    }
+    all
+}
+
+pub(crate) fn message_id(d: &Delivery) -> String {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+fn header(d: &Delivery, key: &str) -> Option<AMQPValue> {
+    d.properties.headers().as_ref()?.inner().get(key).cloned()
+}
+
+fn header_str(d: &Delivery, key: &str) -> String {
+    match header(d, key) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        other => panic!("header {key}: {other:?}"),
+    }
+}
+
+fn body(d: &Delivery) -> Value {
+    serde_json::from_slice(&d.data).unwrap()
+}
+
+/// `(device, requestId)` of a property-post delivery.
+fn key(d: &Delivery) -> (String, u64) {
+    let b = body(d);
+    (
+        b["deviceName"].as_str().unwrap().to_owned(),
+        b["requestId"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+/// Each device's requestIds, in the order of first arrival, must be increasing.
+fn assert_in_order_per_device(deliveries: &[(String, Delivery)]) {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for (_, d) in deliveries {
+        if !seen.insert(message_id(d)) {
+            continue; // a redelivered duplicate
+        }
+        let (dn, i) = key(d);
+        if let Some(prev) = last.insert(dn.clone(), i) {
+            assert!(i > prev, "device {dn}: {i} arrived after {prev}");
+        }
+    }
+}
+
+async fn group(fwd: &Forwarder, iid: &str, gid: &str) {
+    fwd.create_group(
+        iid,
+        NewConsumerGroup {
+            group_id: Some(gid.into()),
+            name: gid.into(),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn two_groups_each_receive_every_message_with_vendor_headers() {
+    let Some(rabbit) =
+        rabbit_or_skip("two_groups_each_receive_every_message_with_vendor_headers").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 3).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "g1").await;
+    group(&fwd, &fx.iid, "g2").await;
+    let (tx1, mut rx1) = mpsc::unbounded_channel();
+    let (tx2, mut rx2) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &fx.queue("g1"), "c1", tx1).await;
+    consume(&fx.rabbit.conn, &fx.queue("g2"), "c2", tx2).await;
+
+    const N: usize = 300;
+    for i in 0..N {
+        fwd.enqueue(fx.post(i % 3, i)).await.unwrap();
+    }
+    let got1 = collect(&mut rx1, N).await;
+    let got2 = collect(&mut rx2, N).await;
+    let ids =
+        |v: &[(String, Delivery)]| v.iter().map(|(_, d)| message_id(d)).collect::<HashSet<_>>();
+    assert_eq!(ids(&got1), ids(&got2), "both groups got the same messages");
+    assert_in_order_per_device(&got1);
+    assert_in_order_per_device(&got2);
+
+    // Envelope and body of one message.
+    let d = &got1[0].1;
+    let (dn, i) = key(d);
+    assert_eq!(
+        header_str(d, "topic"),
+        format!("/{}/{dn}/thing/event/property/post", fx.pk)
+    );
+    assert_eq!(header_str(d, "messageId"), message_id(d));
+    assert_eq!(header_str(d, "productKey"), fx.pk);
+    assert_eq!(header_str(d, "deviceName"), dn);
+    assert_eq!(header_str(d, "instanceId"), fx.iid);
+    assert_eq!(
+        header(d, "generateTime"),
+        Some(AMQPValue::LongLongInt(1_700_000_000_000 + i as i64))
+    );
+    assert_eq!(*d.properties.delivery_mode(), Some(2));
+    assert_eq!(
+        d.properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some("application/json")
+    );
+    assert!(
+        message_id(d).parse::<u64>().is_ok(),
+        "numeric like the vendor's: {}",
+        message_id(d)
+    );
+    let b = body(d);
+    assert_eq!(b["productKey"], fx.pk.as_str());
+    assert_eq!(b["iotId"], iot_id(&fx.pk, &dn));
+    assert_eq!(b["items"]["Seq"]["value"], i);
+    assert_eq!(b["items"]["Seq"]["time"], 1_700_000_000_000u64 + i);
+
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    assert!(fx.metrics.forwarder_published.get() >= N as u64);
+    assert_eq!(fx.metrics.forwarder_returns.get(), 0);
+    fwd.shutdown().await;
+    fx.cleanup(&["g1", "g2"]).await;
+}
+
+#[tokio::test]
+async fn two_consumers_in_one_group_share_the_stream() {
+    let Some(rabbit) = rabbit_or_skip("two_consumers_in_one_group_share_the_stream").await else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 2).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "shared").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &fx.queue("shared"), "a", tx.clone()).await;
+    consume(&fx.rabbit.conn, &fx.queue("shared"), "b", tx).await;
+    const N: usize = 400;
+    for i in 0..N {
+        fwd.enqueue(fx.post(i % 2, i)).await.unwrap();
+    }
+    let got = collect(&mut rx, N).await;
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for (tag, _) in &got {
+        *per.entry(tag.clone()).or_default() += 1;
+    }
+    assert_eq!(got.len(), N, "no duplicates without failures");
+    assert!(
+        per.get("a").copied().unwrap_or(0) > 0 && per.get("b").copied().unwrap_or(0) > 0,
+        "{per:?}"
+    );
+    let details = fwd.group_details(&fx.iid, "shared").await.unwrap();
+    assert_eq!(details.consumers, Some(2));
+    fwd.shutdown().await;
+    fx.cleanup(&["shared"]).await;
+}
+
+#[tokio::test]
+async fn broker_outage_loses_nothing_and_keeps_device_order() {
+    let Some(rabbit) = rabbit_or_skip("broker_outage_loses_nothing_and_keeps_device_order").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 5).await;
+    let proxy = Proxy::start(fx.rabbit.addr).await;
+    let fwd = fx.open(&fx.rabbit.url_via(proxy.addr));
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "g").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &fx.queue("g"), "c", tx).await;
+
+    const N: usize = 1500;
+    for i in 0..N {
+        if i == 400 {
+            proxy.cut();
+        }
+        if i == 1000 {
+            // Messages enqueued while the broker is away accumulate durably.
+            eventually("disconnect noticed", || {
+                fwd.status() != AmqpStatus::Connected
+            })
+            .await;
+            assert!(!fwd.outbox().unwrap().is_empty());
+            proxy.restore();
+        }
+        fwd.enqueue(fx.post(i % 5, i)).await.unwrap();
+    }
+    let got = collect(&mut rx, N).await;
+    let want: HashSet<(String, u64)> = (0..N)
+        .map(|i| (fx.devices[i % 5].clone(), i as u64))
+        .collect();
+    let have: HashSet<(String, u64)> = got.iter().map(|(_, d)| key(d)).collect();
+    assert_eq!(have, want, "every message arrived");
+    assert_in_order_per_device(&got);
+    assert!(fx.metrics.forwarder_reconnects.get() >= 1);
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    fwd.shutdown().await;
+    fx.cleanup(&["g"]).await;
+}
+
+#[tokio::test]
+async fn restart_with_a_full_outbox_delivers_the_rest() {
+    let Some(rabbit) = rabbit_or_skip("restart_with_a_full_outbox_delivers_the_rest").await else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 4).await;
+    let proxy = Proxy::start(fx.rabbit.addr).await;
+    proxy.cut();
+    const N: usize = 800;
+    {
+        // First life: the broker is unreachable, the group is created meanwhile (persisted,
+        // not declared) and everything piles up in the outbox.
+        let fwd = fx.open(&fx.rabbit.url_via(proxy.addr));
+        group(&fwd, &fx.iid, "g").await;
+        for i in 0..N {
+            fwd.enqueue(fx.post(i % 4, i)).await.unwrap();
+        }
+        assert_eq!(fwd.outbox().unwrap().len(), N as u64);
+        assert_ne!(fwd.status(), AmqpStatus::Connected);
+        fwd.shutdown().await;
+    }
+    // Second life, with the broker back: the group is declared, then the outbox drained.
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    assert_eq!(fwd.outbox().unwrap().len(), N as u64);
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &fx.queue("g"), "c", tx).await;
+    let got = collect(&mut rx, N).await;
+    let have: HashSet<u64> = got.iter().map(|(_, d)| key(d).1).collect();
+    assert_eq!(have, (0..N as u64).collect::<HashSet<_>>());
+    assert_in_order_per_device(&got);
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    fwd.shutdown().await;
+    fx.cleanup(&["g"]).await;
+}
+
+#[tokio::test]
+async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
+    let Some(rabbit) =
+        rabbit_or_skip("group_less_instance_drops_returned_messages_and_groups_show_backlog").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 1).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    // No group: mandatory publishes come back unroutable, are counted and leave the outbox.
+    for i in 0..10 {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    eventually("returned messages dropped", || {
+        fwd.outbox().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(fx.metrics.forwarder_returns.get(), 10);
+    assert_eq!(
+        fx.metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "no_route")])
+            .get(),
+        10
+    );
+
+    // With a group and no consumer the messages wait in its queue: backlog.
+    group(&fwd, &fx.iid, "idle").await;
+    for i in 10..30 {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    eventually("confirmed", || fwd.outbox().unwrap().is_empty()).await;
+    let d = fwd.group_details(&fx.iid, "idle").await.unwrap();
+    assert_eq!(
+        (d.backlog, d.consumers, d.amqp.as_str()),
+        (Some(20), Some(0), "connected")
+    );
+    let gauge = || {
+        fx.metrics
+            .forwarder_group_backlog
+            .get_or_create(&[("group", format!("{}/idle", fx.iid))])
+            .get()
+    };
+    eventually("sampled backlog gauge", || gauge() == 20).await;
+
+    // A consumer takes them: the sampler sees a positive consume rate.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &fx.queue("idle"), "c", tx).await;
+    collect(&mut rx, 20).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let d = fwd.group_details(&fx.iid, "idle").await.unwrap();
+        if d.consume_rate_per_minute.is_some_and(|r| r > 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no consume rate: {d:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deleting the group deletes its queue.
+    fwd.delete_group(&fx.iid, "idle").await.unwrap();
+    let ch = fx.rabbit.conn.create_channel().await.unwrap();
+    let gone = groups::inspect_queue(&ch, &fx.queue("idle")).await;
+    assert!(gone.is_err(), "queue still exists: {gone:?}");
+    fwd.shutdown().await;
+    fx.cleanup(&["idle"]).await;
+}
+
+#[tokio::test]
+async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
+    let Some(rabbit) = rabbit_or_skip("rate_limit_throttles_the_publisher_not_the_enqueue").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 1).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "g").await;
+    fwd.set_rate_limit(
+        &fx.iid,
+        Some(RateLimit {
+            msgs_per_sec: NonZeroU32::new(20),
+            bytes_per_sec: None,
+        }),
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &fx.queue("g"), "c", tx).await;
+    const N: usize = 60;
+    for i in 0..N {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    // Every enqueue resolved although the limit lets only ~20 a second through.
+    assert!(fx.metrics.forwarder_published.get() < N as u64);
+    let got = collect(&mut rx, N).await;
+    assert_in_order_per_device(&got);
+    assert!(fx.metrics.forwarder_rate_limited.get() > 0);
+    fwd.shutdown().await;
+    fx.cleanup(&["g"]).await;
+}
+
+/// Throughput benchmark (ignored; run with
+/// `cargo test -p fleetgate --release --lib forwarder::amqp_tests::bench_throughput -- --ignored --nocapture`).
+/// Prints, in one run: (a) a bare lapin publisher with 1,000 persistent publishes in flight,
+/// (b) the forwarder from enqueue (64 concurrent "devices") to broker-confirmed, and (c) the
+/// outbox drain rate after an outage. `FG_BENCH_N` (default 50,000) messages each;
+/// `FG_BENCH_WINDOW` sets the forwarder's in-flight window (default 256).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_throughput() {
+    let Some(rabbit) = rabbit_or_skip("bench_throughput").await else {
+        return;
+    };
+    let n: usize = std::env::var("FG_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let window: usize = std::env::var("FG_BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let fx = Fixture::new(rabbit, 64).await;
+    let body = fx.post(0, 0).body;
+
+    // (a) bare lapin: 1,000 confirms in flight, persistent, into a durable queue.
+    let bare_queue = format!("{}.bare", fx.prefix);
+    let ch = fx.rabbit.conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        bare_queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
+    let mut acked = 0usize;
+    for _ in 0..n {
+        if inflight.len() >= 1000 {
+            if let Some(c) = inflight.next().await {
+                let c: lapin::Result<lapin::Confirmation> = c;
+                assert!(c.unwrap().is_ack());
+                acked += 1;
+            }
+        }
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                bare_queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        inflight.push(confirm);
+    }
+    while let Some(c) = inflight.next().await {
+        assert!(c.unwrap().is_ack());
+        acked += 1;
+    }
+    let bare = n as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(acked, n);
+    let _ = ch
+        .queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+
+    // (b) forwarder, enqueue → confirmed.
+    let mut config = fx.config(&fx.rabbit.url.clone());
+    config.inflight_window = window;
+    let fwd = Forwarder::open(
+        config.clone(),
+        fx.dir.path(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "bench").await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let fx = Arc::new(fx);
+    for d in 0..64 {
+        let fwd = fwd.clone();
+        let fx = fx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (d..n).step_by(64) {
+                fwd.enqueue(fx.post(d, i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let enqueue_rate = n as f64 / started.elapsed().as_secs_f64();
+    let published_before = fx.metrics.forwarder_published.get();
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    let end_to_end = n as f64 / started.elapsed().as_secs_f64();
+    assert!(published_before <= n as u64);
+    fwd.shutdown().await;
+    drop(fwd);
+
+    // (c) outage: fill the outbox while the broker is unreachable, then measure the drain.
+    let proxy = Proxy::start(fx.rabbit.addr).await;
+    proxy.cut();
+    let mut cut_config = config.clone();
+    cut_config.url = Some(fx.rabbit.url_via(proxy.addr));
+    let fwd = Forwarder::open(
+        cut_config,
+        fx.dir.path(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
+    let mut tasks = Vec::new();
+    for d in 0..64 {
+        let fwd = fwd.clone();
+        let fx = fx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (d..n).step_by(64) {
+                fwd.enqueue(fx.post(d, i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(fwd.outbox().unwrap().len(), n as u64);
+    let started = Instant::now();
+    proxy.restore();
+    eventually("outbox drained after the outage", || {
+        fwd.outbox().unwrap().is_empty()
+    })
+    .await;
+    let drain = n as f64 / started.elapsed().as_secs_f64();
+    fwd.shutdown().await;
+
+    println!(
+        "BENCH n={n} window={window}\n  (a) bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  (b) forwarder enqueue (64 devices, durable outbox): {enqueue_rate:.0} msg/s; enqueue → broker-confirmed: {end_to_end:.0} msg/s\n  (c) outbox drain after an outage ({n} queued): {drain:.0} msg/s"
+    );
+    fx.cleanup(&["bench"]).await;
+}

@@ -1,0 +1,229 @@
+//! Consumer groups: the model, RabbitMQ names and the broker-side operations on them.
+//!
+//! Topology (design §5): one durable **fanout** exchange per instance,
+//! `{prefix}.{instance_id}`, and one durable queue per consumer group,
+//! `{prefix}.{instance_id}.{group_id}`, bound to it. Fanout gives the vendor's semantics:
+//! every group gets every message, and the clients consuming one group's queue compete for
+//! its messages. `prefix` is `amqp.exchange_prefix` (default `fleetgate`).
+//!
+//! Groups are persisted as store documents (`kind = "amqp.group"`, id `{iid}/{gid}`) so they
+//! exist while forwarding is off and are declared once a broker is reachable. A group deleted
+//! while the broker is unreachable leaves a tombstone (`kind = "amqp.group_deleted"`) whose
+//! queue is deleted on the next connection.
+//!
+//! There is no implicit `DEFAULT_GROUP`: a queue nobody reads would grow without bound in
+//! RabbitMQ, so operators create the groups their applications consume (one may be called
+//! `DEFAULT_GROUP`).
+
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Store document kind of a consumer group.
+pub const GROUP_DOC_KIND: &str = "amqp.group";
+/// Store document kind of a group whose queue still has to be deleted in RabbitMQ.
+pub const TOMBSTONE_DOC_KIND: &str = "amqp.group_deleted";
+
+/// A consumer group of an instance.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
+pub struct ConsumerGroup {
+    pub instance_id: String,
+    pub group_id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+/// Request to create a consumer group; `group_id` is generated (20 characters) when absent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewConsumerGroup {
+    #[serde(default)]
+    pub group_id: Option<String>,
+    pub name: String,
+}
+
+/// A consumer group with its queue's live numbers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
+pub struct ConsumerGroupDetails {
+    #[serde(flatten)]
+    pub group: ConsumerGroup,
+    /// The instance's exchange.
+    pub exchange: String,
+    /// This group's queue (what consumers read).
+    pub queue: String,
+    /// The forwarder's broker connection: `disabled`, `connecting`, `connected`, `disconnected`.
+    pub amqp: String,
+    /// Messages ready in the queue (not yet delivered to a consumer); null without a broker.
+    pub backlog: Option<u32>,
+    /// Consumers attached to the queue; null without a broker.
+    pub consumers: Option<u32>,
+    /// Messages per minute taken by this group's consumers, averaged over the last sampling
+    /// interval: `(published to the instance + backlog before − backlog now) / interval`.
+    /// Null until two samples exist.
+    pub consume_rate_per_minute: Option<f64>,
+    /// When `consume_rate_per_minute` was last computed (ms since the epoch).
+    pub rate_sampled_at_ms: Option<i64>,
+}
+
+/// Exchange and queue names.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn exchange(&self, instance_id: &str) -> String {
+        format!("{}.{instance_id}", self.prefix)
+    }
+
+    pub fn queue(&self, instance_id: &str, group_id: &str) -> String {
+        format!("{}.{instance_id}.{group_id}", self.prefix)
+    }
+}
+
+/// Store document id of a group.
+pub fn doc_id(instance_id: &str, group_id: &str) -> String {
+    format!("{instance_id}/{group_id}")
+}
+
+/// `group_id`: 1..=64 of `A-Z a-z 0-9 _ -` (it becomes part of a queue name).
+pub fn validate_group_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err("must be 1..=64 characters".into());
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err("may contain only A-Z a-z 0-9 _ -".into());
+    }
+    Ok(())
+}
+
+/// `name`: 1..=64 printable characters, not blank.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.chars().count() > 64 {
+        return Err("must be at most 64 characters".into());
+    }
+    if name.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// A fresh group id (vendor-like: 20 alphanumerics).
+pub fn generate_group_id() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(20)
+        .map(char::from)
+        .collect()
+}
+
+/// Declares the instance's exchange (durable fanout).
+pub(crate) async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declares the exchange, the group's durable queue and the binding (all idempotent).
+pub(crate) async fn declare_group(
+    ch: &Channel,
+    exchange: &str,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    declare_exchange(ch, exchange).await?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Deletes a group's queue (and the messages in it). A missing queue is not an error.
+pub(crate) async fn delete_queue(ch: &Channel, queue: &str) -> Result<(), lapin::Error> {
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .map(|_| ())
+}
+
+/// `(messages ready, consumers)` of a queue through a passive declare. A missing queue closes
+/// the channel (404), so callers use a channel they can throw away.
+pub(crate) async fn inspect_queue(ch: &Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable().passive(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
+/// Consume-rate bookkeeping of one group, fed by the periodic sampler.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RateSampler {
+    last: Option<Sample>,
+    pub rate_per_minute: Option<f64>,
+    pub sampled_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: std::time::Instant,
+    ready: u32,
+    published: u64,
+}
+
+impl RateSampler {
+    /// Records a sample: `ready` messages in the queue and `published` messages confirmed to the
+    /// instance's exchange so far.
+    pub fn record(&mut self, now: std::time::Instant, now_ms: i64, ready: u32, published: u64) {
+        if let Some(last) = self.last {
+            let secs = now.duration_since(last.at).as_secs_f64();
+            if secs > 0.0 {
+                let taken = published.saturating_sub(last.published) as f64 + f64::from(last.ready)
+                    - f64::from(ready);
+                self.rate_per_minute = Some((taken.max(0.0) / secs * 60.0 * 100.0).round() / 100.0);
+                self.sampled_at_ms = Some(now_ms);
+            }
+        }
+        self.last = Some(Sample {
+            at: now,
+            ready,
+            published,
+        });
+    }
+}

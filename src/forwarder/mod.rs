@@ -1,0 +1,1003 @@
+//! The AMQP forwarder: mirrors device data into RabbitMQ consumer groups of the instance that
+//! owns each device (design §5), at least once, through a durable outbox.
+//!
+//! # Shape
+//!
+//! ```text
+//! ingest ──enqueue(ForwardMessage).await──► outbox.db (own SQLite file + writer, group commit)
+//!   (PUBACK after it resolves)                   │ read in seq order
+//!                                                ▼
+//!                        publisher task ── lapin, confirms, ≤ window in flight ──► RabbitMQ
+//!                          │  ack → delete row; return (no group) → count, delete;      exchange {prefix}.{iid} (fanout)
+//!                          │  nack → drain, re-read from the oldest unacked;              └► queue {prefix}.{iid}.{gid} per group
+//!                          │  channel/connection error → reconnect with backoff, re-read everything left
+//!                          ▼
+//!                        sampler task ── passive queue_declare per group ──► backlog, consumers, consume rate
+//! ```
+//!
+//! - [`Forwarder`] always exists (the API's consumer-group CRUD needs it); forwarding itself is
+//!   on only with an AMQP URL. Off, [`Forwarder::enqueue`] resolves at once without storing
+//!   anything and `/healthz` says `disabled`; groups are still created, persisted and listed,
+//!   and declared once a broker is configured.
+//! - Routing: a message goes to the exchange of the instance owning the device at enqueue time,
+//!   plus whatever the route hook ([`Forwarder::set_route_hook`]) adds (the migration engine's
+//!   data sync). Each target is its own outbox row, acked and deleted on its own.
+//! - Order: the publisher publishes in outbox order over one channel and, after any failure,
+//!   starts again from the oldest row not acked; RabbitMQ keeps one channel's publishes in
+//!   order, so each device's messages arrive in order (with possible duplicates of the
+//!   unconfirmed tail, which consumers drop by `messageId`). The one exception is a broker
+//!   `nack` of a single message while later ones were acked: the nacked one is re-sent after them.
+//! - Returned messages (`mandatory`, no queue bound: the instance has no consumer group) are
+//!   counted and dropped, like the vendor, which forwards only to existing subscriptions.
+//! - Rate limits ([`Forwarder::set_rate_limit`], or the configured default per target) are
+//!   applied by the publisher, never on the enqueue path, so MQTT ingest is never slowed by them.
+//!   A rate-limited target's rows wait in the publisher's read buffer while other targets' rows
+//!   pass them; when that buffer is full of one target's rows everything waits.
+//!
+//! This module owns `outbox.db`, the AMQP connection and the consumer-group documents; it reads
+//! the registry (device ownership, instances) and never changes it.
+
+mod groups;
+mod message;
+mod outbox;
+mod publisher;
+
+#[doc(hidden)]
+pub mod testing;
+
+#[cfg(test)]
+mod amqp_tests;
+#[cfg(test)]
+mod tests;
+
+pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology};
+pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
+pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError};
+use crate::store::{Op, StoreError};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use groups::{RateSampler, GROUP_DOC_KIND, TOMBSTONE_DOC_KIND};
+use outbox::NewRow;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Forwarder settings (the `[amqp]` section of the configuration).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwarderConfig {
+    /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
+    pub url: Option<String>,
+    /// Exchanges are `{prefix}.{instance_id}`, queues `{prefix}.{instance_id}.{group_id}`.
+    pub exchange_prefix: String,
+    /// Bound of the durable outbox, bytes (bodies plus a small per-row overhead).
+    pub outbox_max_bytes: u64,
+    /// How long an enqueue waits for outbox space (back-pressure on the device's PUBACK) before
+    /// the message is dropped and counted.
+    pub outbox_full_wait_ms: u64,
+    /// Publishes awaiting a broker confirm at once.
+    pub inflight_window: usize,
+    /// First reconnect delay; doubles per failed attempt up to `reconnect_max_ms` (±20 % jitter).
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// How often each group's backlog, consumers and consume rate are sampled.
+    pub stats_interval_secs: u64,
+    /// Default rate limit per target instance, messages per second (none when absent).
+    pub rate_limit_msgs_per_sec: Option<u32>,
+    /// Default rate limit per target instance, bytes per second (none when absent).
+    pub rate_limit_bytes_per_sec: Option<u32>,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        ForwarderConfig {
+            url: None,
+            exchange_prefix: "fleetgate".into(),
+            outbox_max_bytes: 256 * 1024 * 1024,
+            outbox_full_wait_ms: 2_000,
+            inflight_window: 256,
+            reconnect_initial_ms: 200,
+            reconnect_max_ms: 30_000,
+            stats_interval_secs: 10,
+            rate_limit_msgs_per_sec: None,
+            rate_limit_bytes_per_sec: None,
+        }
+    }
+}
+
+impl ForwarderConfig {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<(), ForwarderError> {
+        let invalid = |field, message: &str| {
+            Err(ForwarderError::Invalid {
+                field,
+                message: message.into(),
+            })
+        };
+        if let Some(url) = &self.url {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return invalid("amqp.url", "must start with amqp:// or amqps://");
+            }
+        }
+        if self.exchange_prefix.is_empty()
+            || self.exchange_prefix.len() > 64
+            || !self
+                .exchange_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return invalid(
+                "amqp.exchange_prefix",
+                "must be 1..=64 of A-Z a-z 0-9 _ - .",
+            );
+        }
+        if self.outbox_max_bytes < 64 * 1024 {
+            return invalid("amqp.outbox_max_bytes", "must be at least 65536");
+        }
+        if !(1..=65_535).contains(&self.inflight_window) {
+            return invalid("amqp.inflight_window", "must be 1..=65535");
+        }
+        if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
+            return invalid(
+                "amqp.reconnect_initial_ms",
+                "must be ≥ 1 and ≤ reconnect_max_ms",
+            );
+        }
+        if self.stats_interval_secs == 0 {
+            return invalid("amqp.stats_interval_secs", "must be at least 1");
+        }
+        if self.rate_limit_msgs_per_sec == Some(0) || self.rate_limit_bytes_per_sec == Some(0) {
+            return invalid(
+                "amqp.rate_limit",
+                "a rate limit must be at least 1 (omit it for none)",
+            );
+        }
+        Ok(())
+    }
+
+    fn default_rate_limit(&self) -> Option<RateLimit> {
+        let limit = RateLimit {
+            msgs_per_sec: self.rate_limit_msgs_per_sec.and_then(NonZeroU32::new),
+            bytes_per_sec: self.rate_limit_bytes_per_sec.and_then(NonZeroU32::new),
+        };
+        (limit.msgs_per_sec.is_some() || limit.bytes_per_sec.is_some()).then_some(limit)
+    }
+}
+
+/// Errors of the forwarder.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    /// The outbox stayed full for the whole back-pressure wait; the message was dropped (and
+    /// counted in `fleetgate_forwarder_dropped_total{reason="outbox_full"}`).
+    #[error("the forwarding outbox is full; message dropped")]
+    OutboxFull,
+    #[error("outbox: {0}")]
+    Outbox(#[from] OutboxError),
+    #[error("instance {0:?} not found")]
+    InstanceNotFound(String),
+    #[error("consumer group {group_id:?} not found in instance {instance_id:?}")]
+    GroupNotFound {
+        instance_id: String,
+        group_id: String,
+    },
+    #[error("consumer group {group_id:?} already exists in instance {instance_id:?}")]
+    GroupExists {
+        instance_id: String,
+        group_id: String,
+    },
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("corrupt consumer group document {id}: {message}")]
+    Corrupt { id: String, message: String },
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("cannot start the forwarder: {0}")]
+    Spawn(String),
+}
+
+/// State of the broker connection, as `/healthz` and the group details show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpStatus {
+    /// No AMQP URL configured: nothing is forwarded.
+    Disabled,
+    Connecting,
+    Connected,
+    /// Lost or never established; the outbox accumulates and a reconnect is scheduled.
+    Disconnected,
+}
+
+impl AmqpStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AmqpStatus::Disabled => "disabled",
+            AmqpStatus::Connecting => "connecting",
+            AmqpStatus::Connected => "connected",
+            AmqpStatus::Disconnected => "disconnected",
+        }
+    }
+
+    fn from_u8(v: u8) -> AmqpStatus {
+        match v {
+            1 => AmqpStatus::Connecting,
+            2 => AmqpStatus::Connected,
+            3 => AmqpStatus::Disconnected,
+            _ => AmqpStatus::Disabled,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            AmqpStatus::Disabled => 0,
+            AmqpStatus::Connecting => 1,
+            AmqpStatus::Connected => 2,
+            AmqpStatus::Disconnected => 3,
+        }
+    }
+}
+
+/// A rate limit for one target instance. Either or both bounds may be set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub msgs_per_sec: Option<NonZeroU32>,
+    pub bytes_per_sec: Option<NonZeroU32>,
+}
+
+/// GCRA limiters (governor) of one target. Bursts are one second's worth.
+pub(crate) struct Limiter {
+    clock: DefaultClock,
+    msgs: Option<DefaultDirectRateLimiter>,
+    bytes: Option<DefaultDirectRateLimiter>,
+}
+
+impl Limiter {
+    fn new(limit: RateLimit) -> Self {
+        let clock = DefaultClock::default();
+        let make =
+            |n: NonZeroU32| RateLimiter::direct_with_clock(Quota::per_second(n), clock.clone());
+        Limiter {
+            msgs: limit.msgs_per_sec.map(make),
+            bytes: limit.bytes_per_sec.map(make),
+            clock,
+        }
+    }
+
+    /// Takes one message of `size` bytes, or says how long to wait.
+    pub fn check(&self, size: u64) -> Result<(), Duration> {
+        if let Some(m) = &self.msgs {
+            m.check()
+                .map_err(|nu| nu.wait_time_from(self.clock.now()))?;
+        }
+        if let Some(b) = &self.bytes {
+            let n = NonZeroU32::new(size.clamp(1, u64::from(u32::MAX)) as u32)
+                .unwrap_or(NonZeroU32::MIN);
+            match b.check_n(n) {
+                Ok(Ok(())) => {}
+                Ok(Err(nu)) => return Err(nu.wait_time_from(self.clock.now())),
+                // Larger than a whole second's budget: it can never conform, so let it pass
+                // rather than block the target forever.
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Extra targets for a device's data: `(product_key, device_name, owner_instance) -> instances`.
+/// The owner is always a target; duplicates are ignored.
+pub type RouteHook = Arc<dyn Fn(&str, &str, &str) -> Vec<String> + Send + Sync>;
+
+/// `(instance_id, group_id, exchange, queue)` of a group to declare on a new connection.
+type GroupToDeclare = (String, String, String, String);
+
+/// The broker connection while it is up, shared with the API (group create/delete/inspect).
+pub(crate) struct AmqpLink {
+    pub conn: lapin::Connection,
+}
+
+struct GroupEntry {
+    group: ConsumerGroup,
+    /// Declared on the current connection.
+    declared: bool,
+    rate: RateSampler,
+}
+
+#[derive(Default)]
+struct GroupState {
+    groups: BTreeMap<(String, String), GroupEntry>,
+    /// Deleted groups whose queues are still to be deleted in RabbitMQ: doc id → queue name.
+    tombstones: BTreeMap<String, String>,
+    link: Option<Arc<AmqpLink>>,
+}
+
+/// Bound on one broker-side admin operation (declare, delete, inspect).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The forwarder. Share it as `Arc<Forwarder>`.
+pub struct Forwarder {
+    config: ForwarderConfig,
+    topology: Topology,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    outbox: Option<Outbox>,
+    status: AtomicU8,
+    groups: Mutex<GroupState>,
+    route_hook: RwLock<Option<RouteHook>>,
+    limits: Mutex<HashMap<String, Option<Arc<Limiter>>>>,
+    /// Confirmed publishes per target instance (feeds the consume-rate estimate).
+    published: Mutex<HashMap<String, u64>>,
+    last_drop_log_ms: Arc<AtomicI64>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("status", &self.status())
+            .field("outbox", &self.outbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// Loads the consumer groups and, when `config.url` is set, opens
+    /// `{data_dir}/outbox.db` and starts the publisher and the sampler (so it must then be
+    /// called inside a tokio runtime). Blocks briefly reading the store (start-up).
+    pub fn open(
+        config: ForwarderConfig,
+        data_dir: &Path,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Forwarder>, ForwarderError> {
+        config.validate()?;
+        let outbox = match &config.url {
+            Some(_) => Some(Outbox::open(
+                &data_dir.join(OUTBOX_FILE_NAME),
+                config.outbox_max_bytes,
+                metrics.clone(),
+            )?),
+            None => None,
+        };
+        Self::build(config, outbox, registry, metrics)
+    }
+
+    /// A forwarder with forwarding off (consumer groups still work). Blocks briefly reading the
+    /// store.
+    pub fn disabled(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Forwarder>, ForwarderError> {
+        Self::build(ForwarderConfig::default(), None, registry, metrics)
+    }
+
+    fn build(
+        config: ForwarderConfig,
+        outbox: Option<Outbox>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Forwarder>, ForwarderError> {
+        let mut state = GroupState::default();
+        for (id, body) in registry.store().load_documents(GROUP_DOC_KIND)? {
+            let group: ConsumerGroup =
+                serde_json::from_str(&body).map_err(|e| ForwarderError::Corrupt {
+                    id: id.clone(),
+                    message: e.to_string(),
+                })?;
+            state.groups.insert(
+                (group.instance_id.clone(), group.group_id.clone()),
+                GroupEntry {
+                    group,
+                    declared: false,
+                    rate: RateSampler::default(),
+                },
+            );
+        }
+        for (id, body) in registry.store().load_documents(TOMBSTONE_DOC_KIND)? {
+            state.tombstones.insert(id, body);
+        }
+        let (stop, _) = watch::channel(false);
+        let forwarder = Arc::new(Forwarder {
+            topology: Topology::new(config.exchange_prefix.clone()),
+            status: AtomicU8::new(AmqpStatus::Disabled.to_u8()),
+            config,
+            registry,
+            metrics,
+            outbox,
+            groups: Mutex::new(state),
+            route_hook: RwLock::new(None),
+            limits: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
+            last_drop_log_ms: Arc::new(AtomicI64::new(0)),
+            stop,
+            tasks: Mutex::new(Vec::new()),
+        });
+        match (&forwarder.outbox, &forwarder.config.url) {
+            (Some(outbox), Some(url)) => {
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(ForwarderError::Spawn(
+                        "forwarding needs a tokio runtime".into(),
+                    ));
+                }
+                forwarder.set_status(AmqpStatus::Connecting);
+                let publisher = tokio::spawn(publisher::run(
+                    forwarder.clone(),
+                    outbox.clone(),
+                    url.clone(),
+                    forwarder.stop.subscribe(),
+                ));
+                let sampler = tokio::spawn(publisher::sample(
+                    forwarder.clone(),
+                    forwarder.stop.subscribe(),
+                ));
+                lock(&forwarder.tasks).extend([publisher, sampler]);
+                tracing::info!(
+                    groups = lock(&forwarder.groups).groups.len(),
+                    outbox_messages = outbox.len(),
+                    "AMQP forwarding on"
+                );
+            }
+            _ => tracing::info!("AMQP forwarding off (no AMQP URL); consumer groups are kept"),
+        }
+        Ok(forwarder)
+    }
+
+    /// Forwarding is on (an AMQP URL is configured).
+    pub fn enabled(&self) -> bool {
+        self.outbox.is_some()
+    }
+
+    pub fn status(&self) -> AmqpStatus {
+        AmqpStatus::from_u8(self.status.load(Ordering::Relaxed))
+    }
+
+    fn set_status(&self, s: AmqpStatus) {
+        self.status.store(s.to_u8(), Ordering::Relaxed);
+        self.metrics
+            .forwarder_connected
+            .set(i64::from(s == AmqpStatus::Connected));
+    }
+
+    pub fn config(&self) -> &ForwarderConfig {
+        &self.config
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The outbox (none while forwarding is off).
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.outbox.as_ref()
+    }
+
+    /// `/healthz` fields: `{"amqp": status, "amqp_outbox_messages": n, "amqp_outbox_bytes": b}`.
+    pub fn health(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "amqp": self.status().as_str() });
+        if let Some(o) = &self.outbox {
+            v["amqp_outbox_messages"] = o.len().into();
+            v["amqp_outbox_bytes"] = o.bytes().into();
+        }
+        v
+    }
+
+    /// Installs the hook that adds targets beyond the owner (migration data sync).
+    pub fn set_route_hook(&self, hook: Option<RouteHook>) {
+        *self
+            .route_hook
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = hook;
+    }
+
+    /// Sets (or with `None` removes, falling back to the configured default) the rate limit of
+    /// messages forwarded to `instance_id`.
+    pub fn set_rate_limit(&self, instance_id: &str, limit: Option<RateLimit>) {
+        let limiter = limit
+            .or_else(|| self.config.default_rate_limit())
+            .map(|l| Arc::new(Limiter::new(l)));
+        lock(&self.limits).insert(instance_id.to_owned(), limiter);
+    }
+
+    pub(crate) fn limiter(&self, target: &str) -> Option<Arc<Limiter>> {
+        let mut limits = lock(&self.limits);
+        if let Some(l) = limits.get(target) {
+            return l.clone();
+        }
+        let l = self
+            .config
+            .default_rate_limit()
+            .map(|l| Arc::new(Limiter::new(l)));
+        limits.insert(target.to_owned(), l.clone());
+        l
+    }
+
+    /// The instances a device's data goes to now: its owner, then the hook's extras.
+    pub fn targets(&self, product_key: &str, device_name: &str) -> Vec<String> {
+        let Some(owner) = self.registry.device_instance(product_key, device_name) else {
+            return Vec::new();
+        };
+        let hook = self
+            .route_hook
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut targets = vec![owner];
+        if let Some(hook) = hook {
+            for t in hook(product_key, device_name, &targets[0]) {
+                if !targets.contains(&t) {
+                    targets.push(t);
+                }
+            }
+        }
+        targets
+    }
+
+    /// Stores `msg` durably in the outbox for every target (see [`targets`](Self::targets)).
+    /// Resolves once committed — the device's PUBACK may go out then.
+    ///
+    /// Routing is decided and, when the outbox has room, the rows are handed to the writer
+    /// during this call, so messages keep the order of the `enqueue` calls even when the
+    /// returned futures are awaited elsewhere (e.g. a spawned status message).
+    ///
+    /// - Forwarding off: resolves `Ok` at once, nothing stored.
+    /// - Unknown device (deleted meanwhile): `Ok`, nothing stored, counted as
+    ///   `dropped{reason="unknown_device"}`.
+    /// - Outbox full: waits up to `outbox_full_wait_ms` for space (back-pressure); still full,
+    ///   [`ForwarderError::OutboxFull`]: dropped, counted as `dropped{reason="outbox_full"}`
+    ///   and logged (at most once a second).
+    pub fn enqueue(
+        &self,
+        msg: ForwardMessage,
+    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
+        enum Prepared {
+            Nothing,
+            Sent(tokio::sync::oneshot::Receiver<Result<(), OutboxError>>, u64),
+            Wait(Outbox, Vec<NewRow>, u64),
+        }
+        let metrics = self.metrics.clone();
+        let full_wait = Duration::from_millis(self.config.outbox_full_wait_ms);
+        let prepared = match &self.outbox {
+            None => Prepared::Nothing,
+            Some(outbox) => {
+                let targets = self.targets(&msg.product_key, &msg.device_name);
+                if targets.is_empty() {
+                    metrics
+                        .forwarder_dropped
+                        .get_or_create(&[("reason", "unknown_device")])
+                        .inc();
+                    Prepared::Nothing
+                } else {
+                    let now = now_ms();
+                    let msg = Arc::new(msg);
+                    let rows: Vec<NewRow> = targets
+                        .into_iter()
+                        .map(|target| NewRow {
+                            target,
+                            enqueued_at_ms: now,
+                            msg: msg.clone(),
+                        })
+                        .collect();
+                    let size: u64 = rows.iter().map(NewRow::size).sum();
+                    if outbox.try_admit(size) {
+                        let n = rows.len() as u64;
+                        Prepared::Sent(outbox.send_insert(rows), n)
+                    } else {
+                        Prepared::Wait(outbox.clone(), rows, size)
+                    }
+                }
+            }
+        };
+        let may_log = self.may_log_drop();
+        async move {
+            let (rx, n) = match prepared {
+                Prepared::Nothing => return Ok(()),
+                Prepared::Sent(rx, n) => (rx, n),
+                Prepared::Wait(outbox, rows, size) => {
+                    if let Err(e) = outbox.admit(size, full_wait).await {
+                        metrics
+                            .forwarder_dropped
+                            .get_or_create(&[("reason", "outbox_full")])
+                            .inc_by(rows.len() as u64);
+                        if may_log() {
+                            let m = &rows[0].msg;
+                            tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
+                                kind = m.kind.as_str(), "forwarding outbox full: message dropped");
+                        }
+                        return Err(ForwarderError::OutboxFull);
+                    }
+                    let n = rows.len() as u64;
+                    (outbox.send_insert(rows), n)
+                }
+            };
+            rx.await.unwrap_or(Err(OutboxError::Closed))?;
+            metrics.forwarder_enqueued.inc_by(n);
+            Ok(())
+        }
+    }
+
+    /// A closure saying whether a drop may be logged now (at most one log line a second).
+    fn may_log_drop(&self) -> impl FnOnce() -> bool + Send + 'static {
+        let last = Arc::clone(&self.last_drop_log_ms);
+        move || {
+            let now = now_ms();
+            let prev = last.load(Ordering::Relaxed);
+            now - prev >= 1000
+                && last
+                    .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        }
+    }
+
+    pub(crate) fn count_published(&self, target: &str) {
+        let mut p = lock(&self.published);
+        match p.get_mut(target) {
+            Some(n) => *n += 1,
+            None => {
+                p.insert(target.to_owned(), 1);
+            }
+        }
+    }
+
+    fn published_to(&self, instance_id: &str) -> u64 {
+        lock(&self.published).get(instance_id).copied().unwrap_or(0)
+    }
+
+    /// Stops the publisher (waiting a few seconds for confirms in flight), closes the broker
+    /// connection and commits the outbox. Undelivered messages stay for the next start.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks: Vec<_> = lock(&self.tasks).drain(..).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Some(o) = &self.outbox {
+            o.flush().await;
+        }
+        if self.enabled() {
+            self.set_status(AmqpStatus::Disconnected);
+        }
+    }
+
+    // ----- link management (publisher) -----
+
+    /// Publishes the new connection and returns what must be declared on it: every group's
+    /// `(exchange, queue)` and every tombstone `(doc id, queue)`. Done under the groups lock so a
+    /// group created concurrently is either in this snapshot or sees the link and declares
+    /// itself.
+    fn attach_link(&self, link: Arc<AmqpLink>) -> (Vec<GroupToDeclare>, Vec<(String, String)>) {
+        let mut st = lock(&self.groups);
+        st.link = Some(link);
+        let groups = st
+            .groups
+            .values()
+            .map(|e| {
+                let g = &e.group;
+                (
+                    g.instance_id.clone(),
+                    g.group_id.clone(),
+                    self.topology.exchange(&g.instance_id),
+                    self.topology.queue(&g.instance_id, &g.group_id),
+                )
+            })
+            .collect();
+        let tombstones = st
+            .tombstones
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (groups, tombstones)
+    }
+
+    fn detach_link(&self) {
+        let mut st = lock(&self.groups);
+        st.link = None;
+        for e in st.groups.values_mut() {
+            e.declared = false;
+        }
+    }
+
+    fn link(&self) -> Option<Arc<AmqpLink>> {
+        lock(&self.groups).link.clone()
+    }
+
+    fn mark_declared(&self, instance_id: &str, group_id: &str) {
+        if let Some(e) = lock(&self.groups)
+            .groups
+            .get_mut(&(instance_id.to_owned(), group_id.to_owned()))
+        {
+            e.declared = true;
+        }
+    }
+
+    async fn forget_tombstone(&self, id: &str) -> Result<(), ForwarderError> {
+        self.registry
+            .store()
+            .submit(vec![Op::DeleteDoc {
+                kind: TOMBSTONE_DOC_KIND,
+                id: id.to_owned(),
+            }])
+            .await?;
+        lock(&self.groups).tombstones.remove(id);
+        Ok(())
+    }
+
+    // ----- consumer groups (API) -----
+
+    fn check_instance(&self, instance_id: &str) -> Result<(), ForwarderError> {
+        match self.registry.get_instance(instance_id) {
+            Ok(_) => Ok(()),
+            Err(RegistryError::NotFound { .. }) => {
+                Err(ForwarderError::InstanceNotFound(instance_id.to_owned()))
+            }
+            Err(RegistryError::Store(e)) => Err(e.into()),
+            Err(e) => Err(ForwarderError::Invalid {
+                field: "instance_id",
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Creates a consumer group: persisted (durable when this returns), then declared in
+    /// RabbitMQ if connected (otherwise on the next connection).
+    pub async fn create_group(
+        &self,
+        instance_id: &str,
+        new: NewConsumerGroup,
+    ) -> Result<ConsumerGroup, ForwarderError> {
+        self.check_instance(instance_id)?;
+        groups::validate_name(&new.name).map_err(|message| ForwarderError::Invalid {
+            field: "name",
+            message,
+        })?;
+        let group_id = match new.group_id {
+            Some(id) => {
+                groups::validate_group_id(&id).map_err(|message| ForwarderError::Invalid {
+                    field: "group_id",
+                    message,
+                })?;
+                id
+            }
+            None => groups::generate_group_id(),
+        };
+        let key = (instance_id.to_owned(), group_id.clone());
+        let exists = || ForwarderError::GroupExists {
+            instance_id: instance_id.to_owned(),
+            group_id: group_id.clone(),
+        };
+        if lock(&self.groups).groups.contains_key(&key) {
+            return Err(exists());
+        }
+        let group = ConsumerGroup {
+            instance_id: instance_id.to_owned(),
+            group_id: group_id.clone(),
+            name: new.name,
+            created_at_ms: now_ms(),
+        };
+        let id = groups::doc_id(instance_id, &group_id);
+        let body = serde_json::to_string(&group).map_err(|e| ForwarderError::Corrupt {
+            id: id.clone(),
+            message: e.to_string(),
+        })?;
+        // A re-created group cancels the pending deletion of its old queue (it is the same queue).
+        self.registry
+            .store()
+            .submit(vec![
+                Op::PutDoc {
+                    kind: GROUP_DOC_KIND,
+                    id: id.clone(),
+                    body,
+                },
+                Op::DeleteDoc {
+                    kind: TOMBSTONE_DOC_KIND,
+                    id: id.clone(),
+                },
+            ])
+            .await?;
+        let link = {
+            let mut st = lock(&self.groups);
+            if st.groups.contains_key(&key) {
+                // Lost a race with an identical create; ours wrote the same document.
+                return Err(exists());
+            }
+            st.tombstones.remove(&id);
+            st.groups.insert(
+                key,
+                GroupEntry {
+                    group: group.clone(),
+                    declared: false,
+                    rate: RateSampler::default(),
+                },
+            );
+            st.link.clone()
+        };
+        if let Some(link) = link {
+            let exchange = self.topology.exchange(instance_id);
+            let queue = self.topology.queue(instance_id, &group_id);
+            match declare_on(&link, &exchange, &queue).await {
+                Ok(()) => self.mark_declared(instance_id, &group_id),
+                // The sampler re-declares groups whose queue is missing.
+                Err(e) => tracing::warn!(error = %e, %queue, "consumer group not declared yet"),
+            }
+        }
+        Ok(group)
+    }
+
+    /// The instance's consumer groups, by group id.
+    pub fn list_groups(&self, instance_id: &str) -> Result<Vec<ConsumerGroup>, ForwarderError> {
+        self.check_instance(instance_id)?;
+        Ok(lock(&self.groups)
+            .groups
+            .range((instance_id.to_owned(), String::new())..)
+            .take_while(|((iid, _), _)| iid == instance_id)
+            .map(|(_, e)| e.group.clone())
+            .collect())
+    }
+
+    fn group(&self, instance_id: &str, group_id: &str) -> Result<ConsumerGroup, ForwarderError> {
+        lock(&self.groups)
+            .groups
+            .get(&(instance_id.to_owned(), group_id.to_owned()))
+            .map(|e| e.group.clone())
+            .ok_or_else(|| ForwarderError::GroupNotFound {
+                instance_id: instance_id.to_owned(),
+                group_id: group_id.to_owned(),
+            })
+    }
+
+    /// A group with its queue's backlog and consumers (live, when connected) and consume rate
+    /// (from the sampler).
+    pub async fn group_details(
+        &self,
+        instance_id: &str,
+        group_id: &str,
+    ) -> Result<ConsumerGroupDetails, ForwarderError> {
+        self.check_instance(instance_id)?;
+        let group = self.group(instance_id, group_id)?;
+        let exchange = self.topology.exchange(instance_id);
+        let queue = self.topology.queue(instance_id, group_id);
+        let mut backlog = None;
+        let mut consumers = None;
+        if let Some(link) = self.link() {
+            match inspect_on(&link, &queue).await {
+                Ok((ready, c)) => {
+                    backlog = Some(ready);
+                    consumers = Some(c);
+                }
+                Err(e) => tracing::warn!(error = %e, %queue, "cannot inspect consumer group queue"),
+            }
+        }
+        let (rate, sampled_at) = lock(&self.groups)
+            .groups
+            .get(&(instance_id.to_owned(), group_id.to_owned()))
+            .map(|e| (e.rate.rate_per_minute, e.rate.sampled_at_ms))
+            .unwrap_or((None, None));
+        Ok(ConsumerGroupDetails {
+            group,
+            exchange,
+            queue,
+            amqp: self.status().as_str().to_owned(),
+            backlog,
+            consumers,
+            consume_rate_per_minute: rate,
+            rate_sampled_at_ms: sampled_at,
+        })
+    }
+
+    /// Deletes a group: its document now, its queue (with whatever it still holds) in RabbitMQ
+    /// now if connected, else on the next connection (tombstone).
+    pub async fn delete_group(
+        &self,
+        instance_id: &str,
+        group_id: &str,
+    ) -> Result<(), ForwarderError> {
+        self.check_instance(instance_id)?;
+        self.group(instance_id, group_id)?;
+        let id = groups::doc_id(instance_id, group_id);
+        let queue = self.topology.queue(instance_id, group_id);
+        self.registry
+            .store()
+            .submit(vec![
+                Op::DeleteDoc {
+                    kind: GROUP_DOC_KIND,
+                    id: id.clone(),
+                },
+                Op::PutDoc {
+                    kind: TOMBSTONE_DOC_KIND,
+                    id: id.clone(),
+                    body: queue.clone(),
+                },
+            ])
+            .await?;
+        let link = {
+            let mut st = lock(&self.groups);
+            st.groups
+                .remove(&(instance_id.to_owned(), group_id.to_owned()));
+            st.tombstones.insert(id.clone(), queue.clone());
+            st.link.clone()
+        };
+        let label = [("group", id.clone())];
+        self.metrics.forwarder_group_backlog.remove(&label);
+        self.metrics.forwarder_group_consumers.remove(&label);
+        if let Some(link) = link {
+            match delete_on(&link, &queue).await {
+                Ok(()) => self.forget_tombstone(&id).await?,
+                Err(e) => {
+                    tracing::warn!(error = %e, %queue, "queue not deleted yet; retried on the next connection")
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn timed_out() -> lapin::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "AMQP operation timed out").into()
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs one admin operation on a throwaway channel (a failed passive declare closes it).
+async fn with_channel<T, F, Fut>(link: &AmqpLink, f: F) -> Result<T, lapin::Error>
+where
+    F: FnOnce(lapin::Channel) -> Fut,
+    Fut: Future<Output = Result<T, lapin::Error>>,
+{
+    let ch = tokio::time::timeout(ADMIN_TIMEOUT, link.conn.create_channel())
+        .await
+        .map_err(|_| timed_out())??;
+    let out = tokio::time::timeout(ADMIN_TIMEOUT, f(ch.clone()))
+        .await
+        .map_err(|_| timed_out())?;
+    if ch.status().connected() {
+        let _ = tokio::time::timeout(ADMIN_TIMEOUT, ch.close(200, "done".into())).await;
+    }
+    out
+}
+
+async fn declare_on(link: &AmqpLink, exchange: &str, queue: &str) -> Result<(), lapin::Error> {
+    with_channel(link, |ch| async move {
+        groups::declare_group(&ch, exchange, queue).await
+    })
+    .await
+}
+
+async fn delete_on(link: &AmqpLink, queue: &str) -> Result<(), lapin::Error> {
+    with_channel(
+        link,
+        |ch| async move { groups::delete_queue(&ch, queue).await },
+    )
+    .await
+}
+
+async fn inspect_on(link: &AmqpLink, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    with_channel(
+        link,
+        |ch| async move { groups::inspect_queue(&ch, queue).await },
+    )
+    .await
+}

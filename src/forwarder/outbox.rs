@@ -1,0 +1,565 @@
+//! The durable outbox: `{data_dir}/outbox.db`, its own SQLite file (WAL) and its own writer
+//! thread, so forwarded data never contends with the registry's store.
+//!
+//! # Shape
+//!
+//! ```text
+//! enqueue ──admit (bytes)──► channel ──► writer thread ── one transaction per drain ──► outbox.db
+//!    ▲                                     │  (inserts + deletes, group commit)          │
+//!    └── resolves once committed ◄─────────┘                                             │
+//! publisher ◄── reads `seq > cursor ORDER BY seq` on its own read connection ◄──────────┘
+//!           ── Delete(seqs) after the broker's ack ──► writer
+//! ```
+//!
+//! - Rows are `(seq AUTOINCREMENT, target instance, device, topic, body, …)`; one row per
+//!   target, so a message mirrored to two instances is two rows, each deleted on its own ack.
+//!   `AUTOINCREMENT` never reuses a seq, so the AMQP message id derived from it
+//!   ([`OutboxRow::message_id`]) is unique and stable across redelivery and restarts.
+//! - Bounded by bytes ([`row_size`]): [`Outbox::admit`] reserves space first; when the outbox
+//!   is full it waits (back-pressure, up to `full_wait`) for deletes to free space, then refuses
+//!   (the caller drops the message and counts it). A message larger than the whole bound is
+//!   still admitted into an empty outbox, so nothing is unforwardable by size alone.
+//! - Durability: `synchronous=FULL`, so "enqueue resolved" survives power loss too, which is
+//!   what lets the broker PUBACK the device after it.
+
+use super::message::{ForwardMessage, MessageKind};
+use crate::metrics::Metrics;
+use rusqlite::{params, Connection};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+/// File name of the outbox inside the data directory.
+pub const OUTBOX_FILE_NAME: &str = "outbox.db";
+
+/// Fixed per-row overhead counted against the byte bound (ids, timestamps, index entries).
+const ROW_OVERHEAD: u64 = 64;
+
+/// Errors of the outbox.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox database error: {0}")]
+    Sqlite(Arc<rusqlite::Error>),
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    #[error("the outbox is full ({used} of {max} bytes) and stayed full")]
+    Full { used: u64, max: u64 },
+    #[error("the outbox is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        OutboxError::Sqlite(Arc::new(e))
+    }
+}
+
+/// A message bound for one target instance, before it has a seq.
+#[derive(Debug, Clone)]
+pub(crate) struct NewRow {
+    pub target: String,
+    pub enqueued_at_ms: i64,
+    pub msg: Arc<ForwardMessage>,
+}
+
+impl NewRow {
+    pub fn size(&self) -> u64 {
+        row_size(&self.target, &self.msg)
+    }
+}
+
+/// Bytes a row counts against the bound.
+pub(crate) fn row_size(target: &str, msg: &ForwardMessage) -> u64 {
+    (msg.body.len()
+        + msg.topic.len()
+        + msg.product_key.len()
+        + msg.device_name.len()
+        + target.len()) as u64
+        + ROW_OVERHEAD
+}
+
+/// A stored row as the publisher reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub enqueued_at_ms: i64,
+    /// Instance whose exchange receives the row.
+    pub target: String,
+    pub msg: ForwardMessage,
+}
+
+impl OutboxRow {
+    /// The AMQP `message_id` (and vendor `messageId`): `(enqueued_at_ms << 20) | (seq mod 2^20)`
+    /// as a decimal string, like the vendor's 19-digit ids. Derived only from stored columns, so
+    /// a redelivery carries the same id; unique because seqs are never reused and no million
+    /// rows share one millisecond.
+    pub fn message_id(&self) -> String {
+        let ms = self.enqueued_at_ms.max(0) as u64;
+        ((ms << 20) | (self.seq as u64 & 0xF_FFFF)).to_string()
+    }
+
+    pub fn size(&self) -> u64 {
+        row_size(&self.target, &self.msg)
+    }
+}
+
+enum WriterMsg {
+    Insert {
+        rows: Vec<NewRow>,
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
+    /// Rows the broker acknowledged (or that are dropped), with their total size.
+    Delete {
+        seqs: Vec<i64>,
+        bytes: u64,
+    },
+    /// Resolves once everything sent before it committed.
+    Flush(oneshot::Sender<()>),
+    Shutdown,
+}
+
+/// Counters shared by the handle, the writer and the publisher.
+pub(crate) struct Shared {
+    /// Bytes reserved by admitted rows not yet deleted.
+    used: AtomicU64,
+    /// Rows committed and not yet deleted.
+    rows: AtomicU64,
+    max_bytes: u64,
+    /// Signalled (one permit) after a commit that inserted rows: the publisher waits on it.
+    pub new_rows: Notify,
+    /// Signalled (all waiters) after deletes freed space: back-pressured enqueues wait on it.
+    space: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn publish_gauges(&self) {
+        self.metrics
+            .forwarder_outbox_bytes
+            .set(self.used.load(Ordering::Relaxed) as i64);
+        self.metrics
+            .forwarder_outbox_messages
+            .set(self.rows.load(Ordering::Relaxed) as i64);
+    }
+
+    /// Reserves `size` bytes if they fit (or the outbox is empty).
+    fn try_reserve(&self, size: u64) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used != 0 && used.saturating_add(size) > self.max_bytes {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + size,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn release(&self, size: u64) {
+        // Saturating: never wrap even if accounting were off by a row.
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(size))
+            });
+        self.space.notify_waiters();
+    }
+}
+
+struct Inner {
+    tx: mpsc::Sender<WriterMsg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            let _ = self.tx.send(WriterMsg::Shutdown);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Handle to the outbox; cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+    pub(crate) shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.path)
+            .field("rows", &self.len())
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, OutboxError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl Outbox {
+    /// Opens (creating) `path`, counts what is in it and starts the writer thread.
+    pub fn open(path: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> Result<Outbox, OutboxError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| OutboxError::Io {
+                path: dir.to_path_buf(),
+                source: Arc::new(e),
+            })?;
+        }
+        let conn = open_connection(path)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS outbox (
+                 seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+                 enqueued_at_ms   INTEGER NOT NULL,
+                 target           TEXT NOT NULL,
+                 kind             TEXT NOT NULL,
+                 product_key      TEXT NOT NULL,
+                 device_name      TEXT NOT NULL,
+                 topic            TEXT NOT NULL,
+                 generate_time_ms INTEGER NOT NULL,
+                 body             BLOB NOT NULL
+             );",
+        )?;
+        let (rows, bytes): (i64, Option<i64>) = conn.query_row(
+            "SELECT COUNT(*), SUM(length(body) + length(topic) + length(product_key)
+                                  + length(device_name) + length(target) + ?1) FROM outbox",
+            [ROW_OVERHEAD as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let shared = Arc::new(Shared {
+            used: AtomicU64::new(bytes.unwrap_or(0).max(0) as u64),
+            rows: AtomicU64::new(rows.max(0) as u64),
+            max_bytes,
+            new_rows: Notify::new(),
+            space: Notify::new(),
+            metrics,
+        });
+        shared.publish_gauges();
+        if rows > 0 {
+            tracing::info!(rows, bytes = bytes.unwrap_or(0), path = %path.display(), "outbox holds undelivered messages");
+        }
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("fleetgate-outbox".into())
+            .spawn(move || writer(conn, rx, writer_shared))
+            .map_err(|e| OutboxError::Io {
+                path: path.to_path_buf(),
+                source: Arc::new(e),
+            })?;
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                tx,
+                writer: Mutex::new(Some(handle)),
+            }),
+            shared,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Rows waiting for delivery.
+    pub fn len(&self) -> u64 {
+        self.shared.rows.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes reserved (committed or about to be).
+    pub fn bytes(&self) -> u64 {
+        self.shared.used.load(Ordering::Relaxed)
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.shared.max_bytes
+    }
+
+    /// Reserves room for `size` bytes, waiting up to `full_wait` for the publisher to free
+    /// space. `Err(Full)` means the caller must drop the message.
+    pub async fn admit(&self, size: u64, full_wait: Duration) -> Result<(), OutboxError> {
+        let shared = &self.shared;
+        if shared.try_reserve(size) {
+            return Ok(());
+        }
+        shared.metrics.forwarder_backpressure_waits.inc();
+        let deadline = tokio::time::Instant::now() + full_wait;
+        loop {
+            let notified = shared.space.notified();
+            tokio::pin!(notified);
+            // Register before checking so a release between check and wait is not missed.
+            notified.as_mut().enable();
+            if shared.try_reserve(size) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                // One last chance: space may have been freed exactly at the deadline.
+                if shared.try_reserve(size) {
+                    return Ok(());
+                }
+                return Err(OutboxError::Full {
+                    used: shared.used.load(Ordering::Relaxed),
+                    max: shared.max_bytes,
+                });
+            }
+        }
+    }
+
+    /// Reserves `size` bytes now if they fit; never waits.
+    pub(crate) fn try_admit(&self, size: u64) -> bool {
+        self.shared.try_reserve(size)
+    }
+
+    /// Hands rows whose space was admitted to the writer, in call order; the receiver resolves
+    /// once they are committed.
+    pub(crate) fn send_insert(
+        &self,
+        rows: Vec<NewRow>,
+    ) -> oneshot::Receiver<Result<(), OutboxError>> {
+        let (reply, rx) = oneshot::channel();
+        // If the writer is gone the reply sender is dropped and the receiver reports Closed.
+        let _ = self.inner.tx.send(WriterMsg::Insert { rows, reply });
+        rx
+    }
+
+    /// Inserts rows whose space was [`admit`](Self::admit)ted; resolves once committed.
+    #[cfg(test)]
+    pub(crate) async fn insert(&self, rows: Vec<NewRow>) -> Result<(), OutboxError> {
+        self.send_insert(rows)
+            .await
+            .unwrap_or(Err(OutboxError::Closed))
+    }
+
+    /// Deletes delivered (or dropped) rows; `bytes` is their total [`OutboxRow::size`].
+    pub(crate) fn delete(&self, seqs: Vec<i64>, bytes: u64) {
+        if !seqs.is_empty() {
+            let _ = self.inner.tx.send(WriterMsg::Delete { seqs, bytes });
+        }
+    }
+
+    /// Resolves once everything sent to the writer before the call is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(WriterMsg::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// A read connection for the publisher (WAL: readers never block the writer).
+    pub(crate) fn reader(&self) -> Result<OutboxReader, OutboxError> {
+        Ok(OutboxReader {
+            conn: Arc::new(Mutex::new(open_connection(&self.path)?)),
+        })
+    }
+}
+
+/// The publisher's read side.
+#[derive(Clone)]
+pub(crate) struct OutboxReader {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl OutboxReader {
+    /// Up to `limit` rows with `seq > after`, in seq order (on a blocking thread).
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            read_after(&conn, after, limit)
+        })
+        .await
+        .unwrap_or(Err(OutboxError::Closed))
+    }
+}
+
+fn read_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, enqueued_at_ms, target, kind, product_key, device_name, topic,
+                generate_time_ms, body
+         FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![after, limit as i64], |r| {
+            let kind: String = r.get(3)?;
+            Ok(OutboxRow {
+                seq: r.get(0)?,
+                enqueued_at_ms: r.get(1)?,
+                target: r.get(2)?,
+                msg: ForwardMessage {
+                    // Written by this module only; an unknown kind (a newer build's row) is
+                    // forwarded as what it most likely is rather than lost.
+                    kind: MessageKind::parse(&kind).unwrap_or(MessageKind::PropertyPost),
+                    product_key: r.get(4)?,
+                    device_name: r.get(5)?,
+                    topic: r.get(6)?,
+                    generate_time_ms: r.get(7)?,
+                    body: r.get(8)?,
+                },
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Rows of one enqueue with the sender that reports their commit.
+type PendingInsert = (Vec<NewRow>, oneshot::Sender<Result<(), OutboxError>>);
+
+/// Most rows one transaction carries, to bound commit latency.
+const MAX_ROWS_PER_TX: usize = 8192;
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Shared>) {
+    let mut carried: Option<WriterMsg> = None;
+    loop {
+        let first = match carried.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+        };
+        let mut inserts: Vec<PendingInsert> = Vec::new();
+        let mut deletes: Vec<i64> = Vec::new();
+        let mut freed = 0u64;
+        let mut flushes = Vec::new();
+        let mut shutdown = false;
+        let mut count = 0usize;
+        let mut take = |m: WriterMsg, count: &mut usize| match m {
+            WriterMsg::Insert { rows, reply } => {
+                *count += rows.len();
+                inserts.push((rows, reply));
+            }
+            WriterMsg::Delete { seqs, bytes } => {
+                *count += seqs.len();
+                deletes.extend(seqs);
+                freed += bytes;
+            }
+            WriterMsg::Flush(tx) => flushes.push(tx),
+            WriterMsg::Shutdown => shutdown = true,
+        };
+        take(first, &mut count);
+        while count < MAX_ROWS_PER_TX {
+            match rx.try_recv() {
+                Ok(WriterMsg::Shutdown) => {
+                    carried = Some(WriterMsg::Shutdown);
+                    break;
+                }
+                Ok(m) => take(m, &mut count),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let inserted: usize = inserts.iter().map(|(r, _)| r.len()).sum();
+        let result = commit(&mut conn, &inserts, &deletes);
+        shared
+            .metrics
+            .forwarder_outbox_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(deleted) => {
+                shared.rows.fetch_add(inserted as u64, Ordering::Relaxed);
+                let _ = shared
+                    .rows
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                        Some(r.saturating_sub(deleted))
+                    });
+                for (_, reply) in inserts {
+                    let _ = reply.send(Ok(()));
+                }
+                if freed > 0 {
+                    shared.release(freed);
+                }
+                if inserted > 0 {
+                    shared.new_rows.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "outbox transaction failed");
+                let mut unreserve = 0;
+                for (rows, reply) in inserts {
+                    unreserve += rows.iter().map(NewRow::size).sum::<u64>();
+                    let _ = reply.send(Err(e.clone()));
+                }
+                // Failed deletes stay in the outbox and are redelivered; their bytes stay counted.
+                shared.release(unreserve);
+            }
+        }
+        shared.publish_gauges();
+        for tx in flushes {
+            let _ = tx.send(());
+        }
+        if shutdown {
+            return;
+        }
+    }
+}
+
+/// One transaction: every insert, then every delete. Returns the number of rows deleted.
+fn commit(
+    conn: &mut Connection,
+    inserts: &[PendingInsert],
+    deletes: &[i64],
+) -> Result<u64, OutboxError> {
+    if inserts.is_empty() && deletes.is_empty() {
+        return Ok(0);
+    }
+    let tx = conn.transaction()?;
+    let mut deleted = 0u64;
+    {
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO outbox (enqueued_at_ms, target, kind, product_key, device_name, topic,
+                                 generate_time_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for (rows, _) in inserts {
+            for row in rows {
+                let m = &row.msg;
+                ins.execute(params![
+                    row.enqueued_at_ms,
+                    row.target,
+                    m.kind.as_str(),
+                    m.product_key,
+                    m.device_name,
+                    m.topic,
+                    m.generate_time_ms,
+                    m.body
+                ])?;
+            }
+        }
+        let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+        for seq in deletes {
+            deleted += del.execute([seq])? as u64;
+        }
+    }
+    tx.commit()?;
+    Ok(deleted)
+}

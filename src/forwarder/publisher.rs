@@ -1,0 +1,470 @@
+//! The publisher task (outbox → RabbitMQ) and the group sampler task.
+//!
+//! One connection, one confirm-mode channel for data, throwaway channels for admin work. The
+//! supervisor loop is ours rather than lapin's auto-recovery: on any connection or channel
+//! failure everything in flight is simply forgotten, the connection is dropped and, after an
+//! exponential backoff, a new session re-declares the topology and re-reads the outbox from its
+//! oldest row. Every row still in the outbox is by definition unacknowledged, so "re-queue from
+//! the oldest failed" needs no bookkeeping beyond "delete on ack".
+
+use super::groups::{self, declare_exchange};
+use super::outbox::{Outbox, OutboxReader, OutboxRow};
+use super::{AmqpLink, AmqpStatus, Forwarder};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use rand::Rng;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Rows read from the outbox per query.
+const READ_BATCH: usize = 512;
+/// Most rows held in memory waiting to be published (rate-limited targets park rows here).
+const MAX_PENDING: usize = 4 * READ_BATCH;
+/// How long a stopping publisher waits for confirms in flight.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a nack before re-sending, so a broker refusing everything is not hammered.
+const NACK_PAUSE: Duration = Duration::from_millis(200);
+/// Connect (TCP + AMQP handshake) timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("outbox: {0}")]
+    Outbox(#[from] super::OutboxError),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("broker answered without publisher confirms")]
+    ConfirmsOff,
+    #[error("connection or channel closed")]
+    Closed,
+}
+
+enum SessionEnd {
+    Stopped,
+}
+
+/// The supervisor: connect, run a session, back off, repeat until stopped.
+pub(super) async fn run(
+    fwd: Arc<Forwarder>,
+    outbox: Outbox,
+    url: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let initial = Duration::from_millis(fwd.config.reconnect_initial_ms);
+    let max = Duration::from_millis(fwd.config.reconnect_max_ms);
+    let mut backoff = initial;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        fwd.set_status(AmqpStatus::Connecting);
+        let mut reached_publishing = false;
+        let outcome = session(&fwd, &outbox, &url, &mut stop, &mut reached_publishing).await;
+        fwd.detach_link();
+        match outcome {
+            Ok(SessionEnd::Stopped) => break,
+            Err(e) => {
+                fwd.metrics.forwarder_reconnects.inc();
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "AMQP connection lost or failed");
+            }
+        }
+        fwd.set_status(AmqpStatus::Disconnected);
+        if reached_publishing {
+            backoff = initial;
+        }
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        let pause = backoff.mul_f64(jitter);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => break,
+        }
+        backoff = (backoff * 2).min(max);
+    }
+    fwd.set_status(AmqpStatus::Disconnected);
+}
+
+async fn session(
+    fwd: &Arc<Forwarder>,
+    outbox: &Outbox,
+    url: &str,
+    stop: &mut watch::Receiver<bool>,
+    reached_publishing: &mut bool,
+) -> Result<SessionEnd, SessionError> {
+    let props = ConnectionProperties::default().with_connection_name("fleetgate-forwarder".into());
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props));
+    let conn = tokio::select! {
+        r = connect => r.map_err(|_| SessionError::ConnectTimeout)??,
+        _ = stop.changed() => return Ok(SessionEnd::Stopped),
+    };
+    let link = Arc::new(AmqpLink { conn });
+    let result = session_on(fwd, outbox, &link, stop, reached_publishing).await;
+    let conn = &link.conn;
+    if conn.status().connected() {
+        let reason = if result.is_ok() {
+            "shutdown"
+        } else {
+            "reconnecting"
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, reason.into())).await;
+    }
+    result
+}
+
+async fn session_on(
+    fwd: &Arc<Forwarder>,
+    outbox: &Outbox,
+    link: &Arc<AmqpLink>,
+    stop: &mut watch::Receiver<bool>,
+    reached_publishing: &mut bool,
+) -> Result<SessionEnd, SessionError> {
+    // Declare everything known before publishing: a message published before its groups'
+    // queues are bound would come back unroutable and be dropped.
+    let conn = &link.conn;
+    let (to_declare, tombstones) = fwd.attach_link(link.clone());
+    let admin = conn.create_channel().await?;
+    for (iid, gid, exchange, queue) in to_declare {
+        groups::declare_group(&admin, &exchange, &queue).await?;
+        fwd.mark_declared(&iid, &gid);
+    }
+    for (id, queue) in tombstones {
+        groups::delete_queue(&admin, &queue).await?;
+        if let Err(e) = fwd.forget_tombstone(&id).await {
+            tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
+        }
+    }
+    let _ = admin.close(200, "setup done".into()).await;
+
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    // Deletes of the previous session must be committed before the outbox is re-read, or
+    // rows acked just before the failure would be sent again.
+    outbox.flush().await;
+    let reader = outbox.reader()?;
+    fwd.set_status(AmqpStatus::Connected);
+    tracing::info!(outbox_messages = outbox.len(), "AMQP connected; forwarding");
+    *reached_publishing = true;
+    publish_loop(fwd, outbox, &reader, conn, &ch, stop).await
+}
+
+/// What travels with a publish until its confirm arrives.
+struct Sent {
+    seq: i64,
+    size: u64,
+    target: String,
+    started: Instant,
+}
+
+type ConfirmFuture = BoxFuture<'static, (Sent, lapin::Result<Confirmation>)>;
+
+/// The AMQP properties of a row: vendor application headers plus a persistent JSON envelope.
+pub(crate) fn properties(row: &OutboxRow) -> BasicProperties {
+    let m = &row.msg;
+    let message_id = row.message_id();
+    let mut headers = FieldTable::default();
+    let mut put = |k: &str, v: &str| {
+        headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    };
+    put("topic", &m.topic);
+    put("messageId", &message_id);
+    put("productKey", &m.product_key);
+    put("deviceName", &m.device_name);
+    put("instanceId", &row.target);
+    put("kind", m.kind.as_str());
+    headers.insert(
+        "generateTime".into(),
+        AMQPValue::LongLongInt(m.generate_time_ms),
+    );
+    BasicProperties::default()
+        .with_message_id(message_id.into())
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_app_id("fleetgate".into())
+        .with_timestamp((m.generate_time_ms.max(0) / 1000) as u64)
+        .with_headers(headers)
+}
+
+/// Index of the next row to publish: the oldest one whose target is not rate-limited (rows of
+/// a limited target keep their order because the target is skipped as a whole). Sets `wake`
+/// to when a limited target may go again.
+fn pick(
+    fwd: &Forwarder,
+    pending: &VecDeque<OutboxRow>,
+    wake: &mut Option<tokio::time::Instant>,
+) -> Option<usize> {
+    let mut blocked: Vec<&str> = Vec::new();
+    for (i, row) in pending.iter().enumerate() {
+        if blocked.contains(&row.target.as_str()) {
+            continue;
+        }
+        let Some(limiter) = fwd.limiter(&row.target) else {
+            return Some(i);
+        };
+        match limiter.check(row.size()) {
+            Ok(()) => return Some(i),
+            Err(wait) => {
+                fwd.metrics.forwarder_rate_limited.inc();
+                let at = tokio::time::Instant::now() + wait;
+                *wake = Some(wake.map_or(at, |w| w.min(at)));
+                blocked.push(&row.target);
+            }
+        }
+    }
+    None
+}
+
+#[derive(Default)]
+struct Deletes {
+    seqs: Vec<i64>,
+    bytes: u64,
+}
+
+impl Deletes {
+    fn push(&mut self, sent: &Sent) {
+        self.seqs.push(sent.seq);
+        self.bytes += sent.size;
+    }
+
+    fn flush(&mut self, outbox: &Outbox) {
+        if !self.seqs.is_empty() {
+            outbox.delete(
+                std::mem::take(&mut self.seqs),
+                std::mem::take(&mut self.bytes),
+            );
+        }
+    }
+}
+
+/// Handles one confirm. `Ok(true)` = a nack (the caller drains and re-reads).
+fn on_confirm(
+    fwd: &Forwarder,
+    sent: Sent,
+    result: lapin::Result<Confirmation>,
+    deletes: &mut Deletes,
+) -> Result<bool, SessionError> {
+    let m = &fwd.metrics;
+    match result? {
+        Confirmation::Ack(None) => {
+            m.forwarder_published.inc();
+            m.forwarder_confirm_seconds
+                .observe(sent.started.elapsed().as_secs_f64());
+            fwd.count_published(&sent.target);
+            deletes.push(&sent);
+            Ok(false)
+        }
+        Confirmation::Ack(Some(returned)) => {
+            // No queue bound to the instance's exchange: no consumer group exists, and only
+            // existing subscriptions receive data (vendor semantics). Count and drop.
+            m.forwarder_returns.inc();
+            m.forwarder_dropped
+                .get_or_create(&[("reason", "no_route")])
+                .inc();
+            tracing::debug!(target_instance = %sent.target, reply = %returned.reply_text, "message returned unroutable; dropped");
+            deletes.push(&sent);
+            Ok(false)
+        }
+        Confirmation::Nack(_) => {
+            m.forwarder_nacks.inc();
+            tracing::warn!(seq = sent.seq, target_instance = %sent.target, "broker nacked a message; it will be re-sent");
+            Ok(true)
+        }
+        Confirmation::NotRequested => Err(SessionError::ConfirmsOff),
+    }
+}
+
+async fn publish_loop(
+    fwd: &Arc<Forwarder>,
+    outbox: &Outbox,
+    reader: &OutboxReader,
+    conn: &Connection,
+    ch: &Channel,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    let window = fwd.config.inflight_window.max(1);
+    let mut cursor = 0i64;
+    let mut pending: VecDeque<OutboxRow> = VecDeque::new();
+    let mut caught_up = false;
+    let mut inflight: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+    let mut declared: HashSet<String> = HashSet::new();
+    let mut draining = false;
+    let mut deletes = Deletes::default();
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        if !draining && !caught_up && pending.len() < MAX_PENDING - READ_BATCH {
+            let rows = reader.read_after(cursor, READ_BATCH).await?;
+            if rows.len() < READ_BATCH {
+                caught_up = true;
+            }
+            if let Some(last) = rows.last() {
+                cursor = last.seq;
+            }
+            pending.extend(rows);
+        }
+
+        let mut wake = None;
+        while !draining && inflight.len() < window {
+            let Some(i) = pick(fwd, &pending, &mut wake) else {
+                break;
+            };
+            let Some(row) = pending.remove(i) else {
+                break;
+            };
+            if !declared.contains(&row.target) {
+                declare_exchange(ch, &fwd.topology.exchange(&row.target)).await?;
+                declared.insert(row.target.clone());
+            }
+            let exchange = ShortString::try_new(fwd.topology.exchange(&row.target))
+                .unwrap_or_else(|_| ShortString::from(""));
+            // Fanout ignores the routing key; it carries the topic for tools that show it.
+            let routing_key =
+                ShortString::try_new(row.msg.topic.clone()).unwrap_or_else(|_| "".into());
+            let confirm = ch
+                .basic_publish(
+                    exchange,
+                    routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &row.msg.body,
+                    properties(&row),
+                )
+                .await?;
+            let sent = Sent {
+                seq: row.seq,
+                size: row.size(),
+                target: row.target,
+                started: Instant::now(),
+            };
+            inflight.push(async move { (sent, confirm.await) }.boxed());
+            if pending.len() < READ_BATCH && !caught_up {
+                // Refill before the buffer runs dry.
+                break;
+            }
+        }
+
+        if draining && inflight.is_empty() {
+            // A nack: everything not acked is still in the outbox; start over from the oldest.
+            deletes.flush(outbox);
+            outbox.flush().await;
+            cursor = 0;
+            pending.clear();
+            caught_up = false;
+            draining = false;
+            tokio::time::sleep(NACK_PAUSE).await;
+            continue;
+        }
+        deletes.flush(outbox);
+
+        let can_publish_more = !draining && inflight.len() < window;
+        if can_publish_more && !caught_up && pending.len() < MAX_PENDING - READ_BATCH {
+            continue;
+        }
+        if can_publish_more && !pending.is_empty() && wake.is_none() {
+            continue;
+        }
+
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                let deadline = tokio::time::Instant::now() + STOP_GRACE;
+                while let Ok(Some((sent, res))) = tokio::time::timeout_at(deadline, inflight.next()).await {
+                    if on_confirm(fwd, sent, res, &mut deletes).is_err() {
+                        break;
+                    }
+                }
+                deletes.flush(outbox);
+                outbox.flush().await;
+                return Ok(SessionEnd::Stopped);
+            }
+            Some((sent, res)) = inflight.next(), if !inflight.is_empty() => {
+                draining |= on_confirm(fwd, sent, res, &mut deletes)?;
+                // Take every confirm already resolved before publishing again.
+                while let Some(Some((sent, res))) = inflight.next().now_or_never() {
+                    draining |= on_confirm(fwd, sent, res, &mut deletes)?;
+                }
+            }
+            _ = outbox.shared.new_rows.notified(), if caught_up && !draining => {
+                caught_up = false;
+            }
+            _ = sleep_until_opt(wake), if wake.is_some() => {}
+            _ = health.tick() => {
+                if !conn.status().connected() || !ch.status().connected() {
+                    return Err(SessionError::Closed);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The sampler: every `stats_interval_secs`, a passive declare per group feeds the backlog and
+/// consumer gauges and the consume-rate estimate; a group whose queue has gone missing (deleted
+/// behind our back, or declared while the broker was failing) is declared again.
+pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(fwd.config.stats_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(link) = fwd.link() else {
+            continue;
+        };
+        let keys: Vec<(String, String)> = super::lock(&fwd.groups).groups.keys().cloned().collect();
+        for (iid, gid) in keys {
+            let queue = fwd.topology.queue(&iid, &gid);
+            let published = fwd.published_to(&iid);
+            match super::inspect_on(&link, &queue).await {
+                Ok((ready, consumers)) => {
+                    let label = [("group", super::groups::doc_id(&iid, &gid))];
+                    fwd.metrics
+                        .forwarder_group_backlog
+                        .get_or_create(&label)
+                        .set(i64::from(ready));
+                    fwd.metrics
+                        .forwarder_group_consumers
+                        .get_or_create(&label)
+                        .set(i64::from(consumers));
+                    if let Some(e) = super::lock(&fwd.groups)
+                        .groups
+                        .get_mut(&(iid.clone(), gid.clone()))
+                    {
+                        e.rate
+                            .record(Instant::now(), super::now_ms(), ready, published);
+                    }
+                }
+                Err(e) => {
+                    if !link.conn.status().connected() {
+                        break;
+                    }
+                    tracing::info!(error = %e, %queue, "consumer group queue missing; declaring it");
+                    let exchange = fwd.topology.exchange(&iid);
+                    // Still a group? It may have been deleted while we looked.
+                    let exists = super::lock(&fwd.groups)
+                        .groups
+                        .contains_key(&(iid.clone(), gid.clone()));
+                    if exists && super::declare_on(&link, &exchange, &queue).await.is_ok() {
+                        fwd.mark_declared(&iid, &gid);
+                    }
+                }
+            }
+        }
+    }
+}

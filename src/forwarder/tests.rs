@@ -1,0 +1,411 @@
+//! Tests that need no broker: message formats, the outbox (durability, bound, back-pressure,
+//! drop), routing, rate-limit and consume-rate arithmetic. RabbitMQ tests are in `amqp_tests`.
+
+use super::groups::RateSampler;
+use super::outbox::NewRow;
+use super::*;
+use crate::registry::{NewDevice, NewInstance, NewProduct};
+use crate::store::Store;
+use fleetgate_topics::{EventPostRequest, PropertyPostRequest};
+use futures_util::FutureExt;
+use serde_json::{json, Value};
+use std::time::Instant;
+
+fn body(m: &ForwardMessage) -> Value {
+    serde_json::from_slice(&m.body).unwrap()
+}
+
+#[test]
+fn times_render_like_the_vendor() {
+    assert_eq!(format_time(0, false), "1970-01-01 00:00:00.000");
+    assert_eq!(
+        format_time(1_700_000_000_123, true),
+        "2023-11-14T22:13:20.123Z"
+    );
+    assert_eq!(
+        format_time(951_782_400_000, false),
+        "2000-02-29 00:00:00.000"
+    );
+    assert_eq!(format_time(-1, true), "1969-12-31T23:59:59.999Z");
+}
+
+#[test]
+fn property_post_body_uses_timed_items() {
+    let req = PropertyPostRequest::parse(
+        br#"{"id":"42","params":{"Temp":21.5,"Hum":{"value":40,"time":1700000000000}},"method":"thing.event.property.post"}"#,
+    )
+    .unwrap();
+    let m = ForwardMessage::property_post("pk1", "dev1", &req, 1_700_000_000_500);
+    assert_eq!(m.kind, MessageKind::PropertyPost);
+    assert_eq!(m.topic, "/pk1/dev1/thing/event/property/post");
+    assert_eq!(m.generate_time_ms, 1_700_000_000_500);
+    let b = body(&m);
+    assert_eq!(b["iotId"], iot_id("pk1", "dev1"));
+    assert_eq!(b["iotId"].as_str().unwrap().len(), 20);
+    assert_eq!(b["requestId"], "42");
+    assert_eq!(b["productKey"], "pk1");
+    assert_eq!(b["deviceName"], "dev1");
+    assert_eq!(b["gmtCreate"], 1_700_000_000_500i64);
+    assert_eq!(
+        b["items"]["Temp"],
+        json!({"value": 21.5, "time": 1_700_000_000_500u64})
+    );
+    assert_eq!(
+        b["items"]["Hum"],
+        json!({"value": 40, "time": 1_700_000_000_000u64})
+    );
+    assert_ne!(iot_id("pk1", "dev1"), iot_id("pk1", "dev2"));
+}
+
+#[test]
+fn event_status_and_ota_bodies() {
+    let req = EventPostRequest::parse(
+        br#"{"id":"7","params":{"value":{"code":3},"time":1700000000001},"method":"thing.event.alarm.post"}"#,
+    )
+    .unwrap();
+    let e = ForwardMessage::event_post("pk", "dn", "alarm", &req, 1_700_000_000_900);
+    assert_eq!(e.topic, "/pk/dn/thing/event/alarm/post");
+    let b = body(&e);
+    assert_eq!(b["identifier"], "alarm");
+    assert_eq!(b["value"], json!({"code": 3}));
+    assert_eq!(b["time"], 1_700_000_000_001u64);
+    assert_eq!(b["requestId"], "7");
+    assert_eq!(b["type"], "info");
+
+    let s = ForwardMessage::status(
+        "pk",
+        "dn",
+        false,
+        Some("10.0.0.9"),
+        1_700_000_000_000,
+        Some(1_699_999_999_000),
+    );
+    assert_eq!(s.topic, "/as/mqtt/status/pk/dn");
+    let b = body(&s);
+    assert_eq!(b["status"], "offline");
+    assert_eq!(b["clientIp"], "10.0.0.9");
+    assert_eq!(b["utcTime"], "2023-11-14T22:13:20.000Z");
+    assert_eq!(b["time"], "2023-11-14 22:13:20.000");
+    assert_eq!(b["utcLastTime"], "2023-11-14T22:13:19.000Z");
+
+    let o = ForwardMessage::ota_task_state(
+        "pk",
+        "dn",
+        &OtaTaskStateChange {
+            job_id: "j1".into(),
+            task_id: "t1".into(),
+            module: "MCU".into(),
+            status: "IN_PROGRESS".into(),
+            src_version: Some("1.0".into()),
+            dest_version: "2.0".into(),
+            step: Some(42),
+            desc: None,
+        },
+        5,
+    );
+    assert_eq!(o.topic, "/pk/dn/ota/task/state");
+    let b = body(&o);
+    assert_eq!(
+        (
+            b["jobId"].as_str(),
+            b["status"].as_str(),
+            b["step"].as_i64()
+        ),
+        (Some("j1"), Some("IN_PROGRESS"), Some(42))
+    );
+}
+
+fn msg(dn: &str, i: usize, body_len: usize) -> ForwardMessage {
+    ForwardMessage {
+        kind: MessageKind::PropertyPost,
+        product_key: "pk".into(),
+        device_name: dn.into(),
+        topic: format!("/pk/{dn}/thing/event/property/post"),
+        generate_time_ms: i as i64,
+        body: vec![b'x'; body_len],
+    }
+}
+
+fn row(dn: &str, i: usize, body_len: usize) -> NewRow {
+    NewRow {
+        target: "inst".into(),
+        enqueued_at_ms: 1_700_000_000_000,
+        msg: Arc::new(msg(dn, i, body_len)),
+    }
+}
+
+#[tokio::test]
+async fn outbox_rows_survive_reopen_in_order_with_stable_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(OUTBOX_FILE_NAME);
+    let metrics = Arc::new(Metrics::new());
+    let outbox = Outbox::open(&path, 1 << 20, metrics.clone()).unwrap();
+    for i in 0..10 {
+        let r = row("d", i, 10);
+        outbox.admit(r.size(), Duration::ZERO).await.unwrap();
+        outbox.insert(vec![r]).await.unwrap();
+    }
+    assert_eq!(outbox.len(), 10);
+    let rows = outbox.reader().unwrap().read_after(0, 100).await.unwrap();
+    let ids: Vec<String> = rows.iter().map(OutboxRow::message_id).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), 10);
+    // Deliver (delete) the first three, then "restart".
+    let bytes: u64 = rows[..3].iter().map(OutboxRow::size).sum();
+    outbox.delete(seqs[..3].to_vec(), bytes);
+    outbox.flush().await;
+    assert_eq!(outbox.len(), 7);
+    let used = outbox.bytes();
+    drop(outbox);
+
+    let outbox = Outbox::open(&path, 1 << 20, metrics).unwrap();
+    assert_eq!(outbox.len(), 7);
+    assert_eq!(
+        outbox.bytes(),
+        used,
+        "byte accounting is rebuilt from the file"
+    );
+    let again = outbox.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(again, rows[3..].to_vec());
+    assert_eq!(
+        again.iter().map(OutboxRow::message_id).collect::<Vec<_>>(),
+        ids[3..].to_vec(),
+        "message ids are stable across restarts"
+    );
+    // New rows never reuse a delivered seq.
+    let r = row("d", 99, 10);
+    outbox.admit(r.size(), Duration::ZERO).await.unwrap();
+    outbox.insert(vec![r]).await.unwrap();
+    let last = outbox
+        .reader()
+        .unwrap()
+        .read_after(seqs[9], 10)
+        .await
+        .unwrap();
+    assert_eq!(last.len(), 1);
+    assert!(last[0].seq > seqs[9]);
+}
+
+#[tokio::test]
+async fn full_outbox_applies_back_pressure_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(
+        &dir.path().join(OUTBOX_FILE_NAME),
+        1000,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let first = row("d", 0, 600);
+    let size = first.size();
+    outbox.admit(size, Duration::ZERO).await.unwrap();
+    outbox.insert(vec![first]).await.unwrap();
+
+    // Full: a second admit waits…
+    let waiting = outbox.admit(size, Duration::from_secs(60));
+    tokio::pin!(waiting);
+    assert!(
+        waiting.as_mut().now_or_never().is_none(),
+        "the second message must wait for space"
+    );
+    // …until the first is delivered and deleted.
+    let rows = outbox.reader().unwrap().read_after(0, 10).await.unwrap();
+    outbox.delete(vec![rows[0].seq], rows[0].size());
+    waiting.await.unwrap();
+    assert_eq!(outbox.bytes(), size);
+
+    // Still full and nothing gets delivered: refused after the (short) wait.
+    let err = outbox
+        .admit(size, Duration::from_millis(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OutboxError::Full { max: 1000, .. }), "{err}");
+
+    // A message larger than the whole bound still fits into an empty outbox.
+    let dir2 = tempfile::tempdir().unwrap();
+    let empty = Outbox::open(
+        &dir2.path().join(OUTBOX_FILE_NAME),
+        100,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    empty.admit(5000, Duration::ZERO).await.unwrap();
+}
+
+async fn registry_with_device() -> (Arc<Registry>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open_in_memory(metrics.clone()).unwrap();
+    let registry = Registry::open(store, metrics.clone()).unwrap();
+    registry
+        .create_instance(NewInstance {
+            instance_id: Some("iot-a".into()),
+            name: "A".into(),
+        })
+        .await
+        .unwrap();
+    registry
+        .create_product(NewProduct {
+            name: "P".into(),
+            product_key: Some("pk".into()),
+            instance_id: Some("iot-a".into()),
+            description: None,
+        })
+        .await
+        .unwrap();
+    registry
+        .create_device(
+            "pk",
+            NewDevice {
+                device_name: "dev1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    (registry, metrics)
+}
+
+#[tokio::test]
+async fn disabled_forwarder_stores_nothing() {
+    let (registry, metrics) = registry_with_device().await;
+    let fwd = Forwarder::disabled(registry, metrics.clone()).unwrap();
+    assert!(!fwd.enabled());
+    assert_eq!(fwd.status(), AmqpStatus::Disabled);
+    assert_eq!(fwd.health()["amqp"], "disabled");
+    fwd.enqueue(msg("dev1", 0, 10)).await.unwrap();
+    assert!(fwd.outbox().is_none());
+    assert_eq!(metrics.forwarder_enqueued.get(), 0);
+}
+
+#[tokio::test]
+async fn routing_follows_the_owner_and_the_hook_and_drops_when_full() {
+    let (registry, metrics) = registry_with_device().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ForwarderConfig {
+        // Nothing listens on port 1: the publisher keeps retrying and the outbox fills.
+        url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
+        outbox_max_bytes: 64 * 1024,
+        outbox_full_wait_ms: 20,
+        ..Default::default()
+    };
+    let fwd = Forwarder::open(config, dir.path(), registry, metrics.clone()).unwrap();
+    assert_eq!(fwd.targets("pk", "dev1"), vec!["iot-a".to_string()]);
+    assert!(fwd.targets("pk", "ghost").is_empty());
+    fwd.set_route_hook(Some(Arc::new(|_pk: &str, _dn: &str, owner: &str| {
+        vec![owner.to_string(), "iot-b".to_string()]
+    })));
+    assert_eq!(
+        fwd.targets("pk", "dev1"),
+        vec!["iot-a".to_string(), "iot-b".to_string()]
+    );
+
+    fwd.enqueue(msg("dev1", 0, 100)).await.unwrap();
+    let outbox = fwd.outbox().unwrap();
+    assert_eq!(outbox.len(), 2, "one row per target");
+    fwd.set_route_hook(None);
+    fwd.enqueue(msg("ghost", 0, 100)).await.unwrap();
+    assert_eq!(
+        metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "unknown_device")])
+            .get(),
+        1
+    );
+
+    // Fill the outbox: enqueues succeed until the bound, then one waits 20 ms and is dropped.
+    let mut stored = 0;
+    let err = loop {
+        match fwd.enqueue(msg("dev1", stored, 8 * 1024)).await {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 100, "the bound was never reached");
+    };
+    assert!(matches!(err, ForwarderError::OutboxFull), "{err}");
+    assert_eq!(
+        metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "outbox_full")])
+            .get(),
+        1
+    );
+    assert!(metrics.forwarder_backpressure_waits.get() >= 1);
+    assert!(outbox.bytes() <= 64 * 1024);
+    assert_eq!(outbox.len(), 2 + stored as u64);
+    assert_ne!(fwd.status(), AmqpStatus::Connected);
+    fwd.shutdown().await;
+}
+
+#[test]
+fn config_is_validated_with_named_fields() {
+    assert!(ForwarderConfig::default().validate().is_ok());
+    let bad = |c: ForwarderConfig| match c.validate() {
+        Err(ForwarderError::Invalid { field, .. }) => field,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        bad(ForwarderConfig {
+            url: Some("http://x".into()),
+            ..Default::default()
+        }),
+        "amqp.url"
+    );
+    assert_eq!(
+        bad(ForwarderConfig {
+            inflight_window: 0,
+            ..Default::default()
+        }),
+        "amqp.inflight_window"
+    );
+    assert_eq!(
+        bad(ForwarderConfig {
+            exchange_prefix: "a b".into(),
+            ..Default::default()
+        }),
+        "amqp.exchange_prefix"
+    );
+    assert_eq!(
+        bad(ForwarderConfig {
+            rate_limit_msgs_per_sec: Some(0),
+            ..Default::default()
+        }),
+        "amqp.rate_limit"
+    );
+}
+
+#[test]
+fn limiter_bounds_messages_and_bytes() {
+    let l = Limiter::new(RateLimit {
+        msgs_per_sec: NonZeroU32::new(5),
+        bytes_per_sec: None,
+    });
+    let passed = (0..20).filter(|_| l.check(10).is_ok()).count();
+    assert!((5..=6).contains(&passed), "burst of one second: {passed}");
+    let wait = l.check(10).unwrap_err();
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+
+    let b = Limiter::new(RateLimit {
+        msgs_per_sec: None,
+        bytes_per_sec: NonZeroU32::new(1000),
+    });
+    assert!(b.check(600).is_ok());
+    assert!(b.check(600).is_err());
+    // Larger than a whole second's budget: let through rather than blocked forever.
+    assert!(b.check(5000).is_ok());
+}
+
+#[test]
+fn consume_rate_counts_what_left_the_queue() {
+    let mut r = RateSampler::default();
+    let t0 = Instant::now();
+    r.record(t0, 0, 100, 1000);
+    assert_eq!(r.rate_per_minute, None);
+    // 10 s later: 50 more published, backlog 100 → 30: 120 consumed in 10 s = 720/min.
+    r.record(t0 + Duration::from_secs(10), 10_000, 30, 1050);
+    assert_eq!(r.rate_per_minute, Some(720.0));
+    assert_eq!(r.sampled_at_ms, Some(10_000));
+    // Backlog grew more than was published (e.g. another publisher): never negative.
+    r.record(t0 + Duration::from_secs(20), 20_000, 500, 1050);
+    assert_eq!(r.rate_per_minute, Some(0.0));
+}
