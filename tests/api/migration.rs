@@ -3,8 +3,14 @@
 //! with the engine's clock moved 30 days, a restart in the middle, and every refusal.
 
 use crate::helpers::*;
+use fleetgate::forwarder::testing::amqp_url_or_skip;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use rand::Rng;
 use reqwest::Method;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet, QoS};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +21,7 @@ const TARGET: &str = "iot-enterprise";
 
 /// A device that reconnects by itself (like the Link SDKs), counting successful CONNACKs.
 struct Reconnecting {
-    _client: AsyncClient,
+    client: AsyncClient,
     connects: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -44,7 +50,7 @@ fn reconnecting(addr: SocketAddr, pk: &str, dn: &str, secret: &str) -> Reconnect
         }
     });
     Reconnecting {
-        _client: client,
+        client,
         connects,
         task,
     }
@@ -814,4 +820,193 @@ async fn restart_in_the_middle_of_a_full_migration() {
         .await;
     assert_eq!(devices["total"], 150);
     assert_eq!(devices["items"][0]["instance_id"], TARGET);
+}
+
+fn header(d: &lapin::message::Delivery, key: &str) -> String {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key))
+    {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("header {key}: {other:?}"),
+    }
+}
+
+/// The next property post in a consumer group's queue: `(device_name, request id)`; status
+/// messages are skipped.
+async fn next_post(consumer: &mut lapin::Consumer) -> (String, String) {
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("a forwarded message in time")
+            .expect("consumer open")
+            .expect("delivery");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        if header(&d, "topic").ends_with("/thing/event/property/post") {
+            let body: Value = serde_json::from_slice(&d.data).unwrap();
+            return (
+                header(&d, "deviceName"),
+                body["requestId"].as_str().unwrap_or_default().to_owned(),
+            );
+        }
+    }
+}
+
+async fn post_property(client: &AsyncClient, pk: &str, dn: &str, id: &str) {
+    client
+        .publish(
+            format!("/sys/{pk}/{dn}/thing/event/property/post"),
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"id":"{id}","version":"1.0","params":{{"Temp":1}},"method":"thing.event.property.post"}}"#),
+        )
+        .await
+        .unwrap();
+}
+
+/// Data sync with a real RabbitMQ: while on, a not-yet-migrated device's data reaches the
+/// consumer groups of both instances; a migrated device's data reaches the target only; off,
+/// the source only.
+#[tokio::test]
+async fn data_sync_mirrors_to_both_instances_groups_and_migrated_devices_go_to_the_target_only() {
+    let test = "data_sync_mirrors_to_both_instances_groups";
+    let Some(url) = amqp_url_or_skip(test).await else {
+        return;
+    };
+    let prefix = format!("fgmig-{:08x}", rand::thread_rng().gen::<u32>());
+    let app = {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        spawn_app_with(move |s| {
+            s.amqp.url = Some(fleetgate::config::Secret::new(url));
+            s.amqp.exchange_prefix = prefix;
+        })
+        .await
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, health) = app.get("/healthz").await;
+        if health["amqp"] == "connected" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never connected: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.target_instance().await;
+    for (iid, gid) in [("default", "src"), (TARGET, "dst")] {
+        let (s, b) = app
+            .post(
+                &format!("/api/v1/instances/{iid}/consumer-groups"),
+                json!({"group_id": gid, "name": gid}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let rabbit = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = rabbit.create_channel().await.unwrap();
+    let consume = |queue: String| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_consume(
+                queue.as_str().into(),
+                format!("migration-test-{queue}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let mut src = consume(format!("{prefix}.default.src")).await;
+    let mut dst = consume(format!("{prefix}.{TARGET}.dst")).await;
+
+    let (pk, secrets) = app.product_with(2).await;
+    let moving = reconnecting(app.mqtt_addr(), &pk, "d000", &secrets[0]);
+    let staying = reconnecting(app.mqtt_addr(), &pk, "d001", &secrets[1]);
+    for dn in ["d000", "d001"] {
+        app.wait_device(&pk, dn, "online", |d| d["online"] == true)
+            .await;
+    }
+    let tid = app.new_task(&pk).await;
+    let (s, b) = app
+        .put(
+            &format!("/api/v1/migrations/{tid}/config"),
+            json!({"migration_method": "full_migration", "resume_mode": "auto", "bandwidth_limit_mb": 64}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+
+    // Data sync off (the default): the source's group only.
+    post_property(&staying.client, &pk, "d001", "1").await;
+    assert_eq!(next_post(&mut src).await, ("d001".into(), "1".into()));
+    // On: both instances' groups.
+    let t = app.ok(&tid, "data-sync", json!({"enabled": true})).await;
+    assert_eq!(t["data_sync"]["enabled"], true);
+    post_property(&staying.client, &pk, "d001", "2").await;
+    assert_eq!(next_post(&mut src).await, ("d001".into(), "2".into()));
+    assert_eq!(
+        next_post(&mut dst).await,
+        ("d001".into(), "2".into()),
+        "the unmigrated device's data is mirrored into the target"
+    );
+
+    // Migrate d000 (canary): it is kicked, reconnects, and its data goes to the target only.
+    app.ok(&tid, "canary", json!({"device_names": ["d000"]}))
+        .await;
+    app.wait_state(&tid, "CANARY_COMPLETED").await;
+    wait_for("d000 reconnects", || {
+        moving.connects.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    app.wait_device(&pk, "d000", "online in the target", |d| {
+        d["online"] == true && d["instance_id"] == TARGET
+    })
+    .await;
+    post_property(&moving.client, &pk, "d000", "3").await;
+    assert_eq!(next_post(&mut dst).await, ("d000".into(), "3".into()));
+    // d001's marker follows d000's post through the same ordered outbox: if d000's post had
+    // gone to the source it would come first.
+    post_property(&staying.client, &pk, "d001", "4").await;
+    assert_eq!(
+        next_post(&mut src).await,
+        ("d001".into(), "4".into()),
+        "the migrated device's data did not go to the source"
+    );
+    assert_eq!(next_post(&mut dst).await, ("d001".into(), "4".into()));
+
+    // Off again: the unmigrated device's data stays in the source.
+    app.ok(&tid, "data-sync", json!({"enabled": false})).await;
+    post_property(&staying.client, &pk, "d001", "5").await;
+    post_property(&moving.client, &pk, "d000", "6").await;
+    assert_eq!(next_post(&mut src).await, ("d001".into(), "5".into()));
+    assert_eq!(
+        next_post(&mut dst).await,
+        ("d000".into(), "6".into()),
+        "no mirrored copy of d001 once data sync is off"
+    );
+
+    drop((moving, staying));
+    for iid in ["default", TARGET] {
+        let gid = if iid == "default" { "src" } else { "dst" };
+        let _ = app
+            .request(
+                Method::DELETE,
+                &format!("/api/v1/instances/{iid}/consumer-groups/{gid}"),
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        let _ = ch
+            .exchange_delete(
+                format!("{prefix}.{iid}").into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
 }
