@@ -11,6 +11,7 @@
 //!   requests, device moves at a governed rate, data-sync expiry, fault retries) and a shared
 //!   read view for the API; [`MigrationEngine::extra_targets`] is the forwarder's data-sync
 //!   routing hook.
+//! - `worker`: the actor behind the engine: device moves, finishing states, faults, expiry.
 //! - [`clock`]: the engine's wall clock, which tests move forward.
 //!
 //! # What it owns and what it must not touch
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod engine;
 pub mod machine;
 pub mod model;
+mod worker;
 
 #[cfg(test)]
 mod tests;
