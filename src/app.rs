@@ -5,8 +5,9 @@
 //! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
 //! default base of firmware download links) → firmware repository → forwarder (consumer groups;
 //! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
-//! reloaded, every timer re-armed) → export/import jobs → ingest → listeners and HTTP serving.
-//! Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! reloaded, every timer re-armed) → export/import jobs → migration engine (kicks via the
+//! router, data-sync routes and limits into the forwarder) → ingest → listeners and HTTP
+//! serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
@@ -15,6 +16,7 @@ use crate::export::ExportService;
 use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
 use crate::registry::Registry;
 use crate::store::Store;
@@ -33,6 +35,7 @@ pub struct Application {
     firmware: Arc<FirmwareRepo>,
     forwarder: Arc<Forwarder>,
     ota: OtaEngine,
+    migration: Arc<MigrationEngine>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
@@ -132,6 +135,50 @@ impl Application {
             settings.export.clone(),
         )
         .context("cannot load the export/import jobs")?;
+
+        // Before ingest starts: the data-sync routes must be in place for the first message.
+        let migration = MigrationEngine::start(
+            registry.clone(),
+            metrics.clone(),
+            settings.migration,
+            MigrationHooks {
+                kick: {
+                    let downlink = downlink.clone();
+                    Arc::new(move |pk: &str, dn: &str| {
+                        downlink.kick(&crate::broker::DeviceKey {
+                            product_key: pk.to_owned(),
+                            device_name: dn.to_owned(),
+                        });
+                    })
+                },
+                set_rate_limit: {
+                    let forwarder = forwarder.clone();
+                    Arc::new(move |instance_id: &str, bytes_per_sec: Option<u64>| {
+                        let limit = bytes_per_sec.map(|b| crate::forwarder::RateLimit {
+                            msgs_per_sec: None,
+                            // 10,240 MB/s does not fit governor's u32; that much is unlimited
+                            // in practice.
+                            bytes_per_sec: std::num::NonZeroU32::new(
+                                u32::try_from(b).unwrap_or(u32::MAX),
+                            ),
+                        });
+                        forwarder.set_rate_limit(instance_id, limit);
+                    })
+                },
+            },
+        )
+        .context("cannot start the migration engine")?;
+        {
+            // Weak: the engine's hooks hold the forwarder; no reference cycle.
+            let engine = Arc::downgrade(&migration);
+            forwarder.set_route_hook(Some(Arc::new(move |pk: &str, dn: &str, owner: &str| {
+                engine
+                    .upgrade()
+                    .map(|e| e.extra_targets(pk, dn, owner))
+                    .unwrap_or_default()
+            })));
+        }
+
         let ingest = Arc::new(
             Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
                 .with_ota(ota.clone())
@@ -181,6 +228,7 @@ impl Application {
                 })
             },
             forwarder: Some(forwarder.clone()),
+            migration: Some(migration.clone()),
         };
         let router = api::router(state, settings.http.body_limit_bytes);
         let (http_stop, stop_rx) = oneshot::channel::<()>();
@@ -226,6 +274,7 @@ impl Application {
             firmware,
             forwarder,
             ota,
+            migration,
             metrics,
             http_addr,
             http_stop,
@@ -272,6 +321,10 @@ impl Application {
         &self.forwarder
     }
 
+    pub fn migration(&self) -> &Arc<MigrationEngine> {
+        &self.migration
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -286,6 +339,8 @@ impl Application {
     /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http_stop.send(());
+        // Before the broker and the store: the batch in flight finishes and is durable.
+        self.migration.shutdown().await;
         self.broker.shutdown().await;
         match tokio::time::timeout(Duration::from_secs(10), self.http_task).await {
             Ok(Ok(Ok(()))) => {}

@@ -20,6 +20,8 @@ pub struct Settings {
     pub http: HttpSettings,
     pub amqp: AmqpSettings,
     pub api: ApiSettings,
+    /// Instance migration (`[migration]`: `devices_per_sec`, `batch_size`).
+    pub migration: crate::migration::EngineConfig,
     pub ota: OtaSettings,
     pub export: ExportSettings,
 }
@@ -32,6 +34,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             amqp: AmqpSettings::default(),
             api: ApiSettings::default(),
+            migration: crate::migration::EngineConfig::default(),
             ota: OtaSettings::default(),
             export: ExportSettings::default(),
         }
@@ -403,6 +406,12 @@ impl Settings {
             self.amqp.forwarder_config().validate()
         {
             return Err(ConfigError::Invalid { field, message });
+        }
+        if self.migration.batch_size == 0 || self.migration.batch_size > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "migration.batch_size",
+                message: "must be 1..=10000".into(),
+            });
         }
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "admin" | "operator" | "viewer") {

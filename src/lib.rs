@@ -6,6 +6,7 @@
 //! - [`registry`]: the only owner of device state (DashMap), rebuilt from [`store`] at start.
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
+//! - [`migration`]: instance migration tasks (canary, full, pause, rollback, data sync).
 //! - [`forwarder`]: AMQP forwarding to RabbitMQ consumer groups through a durable outbox.
 //! - [`ota`]: firmware packages (content-addressed blobs, signed downloads) and upgrade jobs.
 //! - [`export`]: export/import jobs (ZIP packages with checksums, encrypted secrets).
@@ -23,6 +24,7 @@ pub mod export;
 pub mod forwarder;
 pub mod ingest;
 pub mod metrics;
+pub mod migration;
 pub mod ota;
 pub mod registry;
 pub mod store;

@@ -37,6 +37,15 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     /// HTTP requests by status class (`2xx`, `4xx`, `5xx`).
     pub http_requests: Family<Labels, Counter>,
+    /// Devices moved by migration tasks, by result (`migrated`, `rolled_back`, `failed`);
+    /// `rate()` of it is the migration speed.
+    pub migration_devices: Family<Labels, Counter>,
+    /// Connected devices told to reconnect after their migration.
+    pub migration_kicks: Counter,
+    /// Store faults while moving devices (each retried or halting its task).
+    pub migration_faults: Counter,
+    /// Migration tasks in a running state.
+    pub migration_running_tasks: Gauge,
     /// Rows in the forwarder's durable outbox (waiting for a broker ack).
     pub forwarder_outbox_messages: Gauge,
     /// Bytes the outbox holds (what its bound counts).
@@ -96,6 +105,10 @@ impl Metrics {
             store_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             http_requests: Family::default(),
+            migration_devices: Family::default(),
+            migration_kicks: Counter::default(),
+            migration_faults: Counter::default(),
+            migration_running_tasks: Gauge::default(),
             forwarder_outbox_messages: Gauge::default(),
             forwarder_outbox_bytes: Gauge::default(),
             forwarder_outbox_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
@@ -168,6 +181,26 @@ impl Metrics {
             "http_requests",
             "HTTP requests by status class",
             m.http_requests.clone(),
+        );
+        registry.register(
+            "migration_devices",
+            "Devices moved by migration tasks, by result",
+            m.migration_devices.clone(),
+        );
+        registry.register(
+            "migration_kicks",
+            "Connected devices told to reconnect after migration",
+            m.migration_kicks.clone(),
+        );
+        registry.register(
+            "migration_faults",
+            "Store faults while moving devices",
+            m.migration_faults.clone(),
+        );
+        registry.register(
+            "migration_running_tasks",
+            "Migration tasks in a running state",
+            m.migration_running_tasks.clone(),
         );
         registry.register(
             "forwarder_outbox_messages",

@@ -96,11 +96,19 @@ pub enum ErrorCode {
     PackageInvalid,
     /// FG.4005: the secrets_key does not open the package's secrets.
     WrongSecretsKey,
+    /// FG.5001: no such migration task.
+    MigrationTaskNotFound,
+    /// FG.5002: the product already has a migration task.
+    MigrationTaskExists,
+    /// FG.5003: the migration task's state does not allow this (the message names the state).
+    MigrationStateConflict,
+    /// FG.5004: rollback refused: the product no longer exists in the source instance.
+    MigrationSourceProductGone,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 36] = [
+    pub const ALL: [ErrorCode; 40] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -137,6 +145,10 @@ impl ErrorCode {
         ErrorCode::PackageNotReady,
         ErrorCode::PackageInvalid,
         ErrorCode::WrongSecretsKey,
+        ErrorCode::MigrationTaskNotFound,
+        ErrorCode::MigrationTaskExists,
+        ErrorCode::MigrationStateConflict,
+        ErrorCode::MigrationSourceProductGone,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -178,6 +190,10 @@ impl ErrorCode {
             ErrorCode::PackageNotReady => "FG.4003",
             ErrorCode::PackageInvalid => "FG.4004",
             ErrorCode::WrongSecretsKey => "FG.4005",
+            ErrorCode::MigrationTaskNotFound => "FG.5001",
+            ErrorCode::MigrationTaskExists => "FG.5002",
+            ErrorCode::MigrationStateConflict => "FG.5003",
+            ErrorCode::MigrationSourceProductGone => "FG.5004",
         }
     }
 
@@ -202,7 +218,8 @@ impl ErrorCode {
             | ErrorCode::OtaJobNotFound
             | ErrorCode::OtaTaskNotFound
             | ErrorCode::ExportNotFound
-            | ErrorCode::ImportNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::ImportNotFound
+            | ErrorCode::MigrationTaskNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
@@ -212,7 +229,10 @@ impl ErrorCode {
             | ErrorCode::FirmwareExists
             | ErrorCode::FirmwareInUse
             | ErrorCode::FirmwareNotVerified
-            | ErrorCode::PackageNotReady => StatusCode::CONFLICT,
+            | ErrorCode::PackageNotReady
+            | ErrorCode::MigrationTaskExists
+            | ErrorCode::MigrationStateConflict
+            | ErrorCode::MigrationSourceProductGone => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems | ErrorCode::FirmwareTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -269,6 +289,14 @@ impl ErrorCode {
                 "package damaged or tampered with (bad ZIP, checksum mismatch)"
             }
             ErrorCode::WrongSecretsKey => "secrets_key does not open the package's secrets",
+            ErrorCode::MigrationTaskNotFound => "migration task not found",
+            ErrorCode::MigrationTaskExists => "the product already has a migration task",
+            ErrorCode::MigrationStateConflict => {
+                "not allowed in the migration task's current state (named in error_msg)"
+            }
+            ErrorCode::MigrationSourceProductGone => {
+                "rollback refused: the product no longer exists in the source instance"
+            }
         }
     }
 

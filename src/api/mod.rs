@@ -26,6 +26,7 @@ mod devices;
 mod export;
 mod firmware;
 mod instances;
+mod migrations;
 mod openapi;
 mod ota;
 mod products;
@@ -50,6 +51,7 @@ pub use openapi::ApiDoc;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
+use crate::migration::MigrationEngine;
 use crate::ota::{FirmwareRepo, OtaEngine};
 use crate::registry::{Paged, Registry};
 
@@ -81,6 +83,9 @@ pub struct ApiState {
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
     pub on_device_revoked: DeviceRevokedFn,
+    /// The migration engine. The app always sets it; `None` only in API states built for
+    /// tests, where the migration endpoints answer 500.
+    pub migration: Option<Arc<MigrationEngine>>,
     /// The AMQP forwarder (consumer groups). The app always sets it — it exists even with
     /// forwarding off; `None` only in API states built for tests, where the consumer-group
     /// endpoints answer 500.
@@ -104,8 +109,14 @@ impl ApiState {
             export: None,
             health: Arc::new(|| serde_json::Value::Object(Default::default())),
             on_device_revoked: Arc::new(|_, _| {}),
+            migration: None,
             forwarder: None,
         }
+    }
+
+    pub fn with_migration(mut self, engine: Arc<MigrationEngine>) -> Self {
+        self.migration = Some(engine);
+        self
     }
 
     pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
@@ -241,6 +252,38 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             "/api/v1/products/{pk}/devices/{dn}/disable",
             post(devices::disable_device),
         )
+        .route(
+            "/api/v1/migrations",
+            post(migrations::create_migration).get(migrations::list_migrations),
+        )
+        .route(
+            "/api/v1/migrations/{tid}",
+            get(migrations::get_migration).delete(migrations::delete_migration),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/config",
+            axum::routing::put(migrations::put_config),
+        )
+        .route("/api/v1/migrations/{tid}/canary", post(migrations::canary))
+        .route("/api/v1/migrations/{tid}/full", post(migrations::full))
+        .route("/api/v1/migrations/{tid}/pause", post(migrations::pause))
+        .route(
+            "/api/v1/migrations/{tid}/continue",
+            post(migrations::resume),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/rollback",
+            post(migrations::rollback),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/data-sync",
+            post(migrations::data_sync),
+        )
+        .route(
+            "/api/v1/migrations/{tid}/devices",
+            get(migrations::list_devices),
+        )
+        .route("/api/v1/migrations/{tid}/log", get(migrations::get_log))
         .route(
             "/api/v1/firmware",
             post(firmware::upload_firmware)

@@ -12,19 +12,27 @@ use super::error::{ErrorBody, ErrorCode};
 use super::export::ImportForm;
 use super::firmware::{DownloadUrl, FirmwareUploadForm};
 use super::instances::CreateInstanceRequest;
+use super::migrations::{
+    ConfigRequest, ConfigResponse, CreateMigrationRequest, DataSyncRequest, SelectionRequest,
+    SelectionResponse,
+};
 use super::ota::{
     CancelJobRequest, CancelTasksRequest, ChangedCount, ConfirmRequest, JobStatisticsView,
     JobUploadForm,
 };
 use super::products::{CreateProductRequest, ProductSummary};
 use super::{
-    batch, consumer_groups, devices, export, firmware, instances, ota, products, system,
+    batch, consumer_groups, devices, export, firmware, instances, migrations, ota, products, system,
 };
 use crate::export::{
     ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,
     JobState, ObjectRequest, ObjectType, Status as ExportStatus,
 };
 use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
+use crate::migration::{
+    Actor, DataSyncView, DeviceMigration, DeviceStatus, DeviceTotals, LogEntry, MigrationConfig,
+    MigrationMethod, RejectedRow, ResumeMode, SummaryStatus, TaskDetails, TaskState,
+};
 use crate::ota::engine::{DeviceJob, FirmwareStatistics, TimelineEntry};
 use crate::ota::model::{
     AbortAction, AbortSpec, HistoryEntry, Job, JobSpec, JobStatistics, JobStatus, JobType, JobView,
@@ -65,6 +73,19 @@ use crate::registry::{Device, Instance, Product};
         devices::enable_device,
         devices::disable_device,
         batch::batch_create_devices,
+        migrations::create_migration,
+        migrations::list_migrations,
+        migrations::get_migration,
+        migrations::delete_migration,
+        migrations::put_config,
+        migrations::canary,
+        migrations::full,
+        migrations::pause,
+        migrations::resume,
+        migrations::rollback,
+        migrations::data_sync,
+        migrations::list_devices,
+        migrations::get_log,
         firmware::upload_firmware,
         firmware::list_firmware,
         firmware::get_firmware,
@@ -126,6 +147,25 @@ use crate::registry::{Device, Instance, Product};
         BatchCreateResponse,
         BatchRowResult,
         RowStatus,
+        CreateMigrationRequest,
+        ConfigRequest,
+        ConfigResponse,
+        SelectionRequest,
+        SelectionResponse,
+        DataSyncRequest,
+        TaskDetails,
+        TaskState,
+        SummaryStatus,
+        DeviceStatus,
+        DeviceTotals,
+        DeviceMigration,
+        DataSyncView,
+        MigrationConfig,
+        MigrationMethod,
+        ResumeMode,
+        RejectedRow,
+        LogEntry,
+        Actor,
         FirmwarePackage,
         FirmwareStatus,
         FirmwareUploadForm,
@@ -169,6 +209,7 @@ use crate::registry::{Device, Instance, Product};
         (name = "consumer-groups", description = "AMQP consumer groups: one RabbitMQ queue per group on the instance's exchange; every group gets every message of the instance's devices"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
+        (name = "migrations", description = "Instance migration: per-product tasks moving devices to a target instance (canary, full, pause/continue, rollback, data sync)"),
         (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
         (name = "export", description = "Export/import jobs: move products, devices (secrets encrypted), firmware and OTA jobs between gateways as ZIP packages"),
         (name = "ota", description = "OTA jobs: per-device tasks with timeouts, retries, push rate, cancel/confirm, statistics"),

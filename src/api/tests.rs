@@ -69,6 +69,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
         }),
+        migration: None,
         forwarder: None,
     };
     TestApp {
@@ -1011,6 +1012,19 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/devices/{dn}", "delete"),
         ("/api/v1/products/{pk}/devices/{dn}/enable", "post"),
         ("/api/v1/products/{pk}/devices/{dn}/disable", "post"),
+        ("/api/v1/migrations", "post"),
+        ("/api/v1/migrations", "get"),
+        ("/api/v1/migrations/{tid}", "get"),
+        ("/api/v1/migrations/{tid}", "delete"),
+        ("/api/v1/migrations/{tid}/config", "put"),
+        ("/api/v1/migrations/{tid}/canary", "post"),
+        ("/api/v1/migrations/{tid}/full", "post"),
+        ("/api/v1/migrations/{tid}/pause", "post"),
+        ("/api/v1/migrations/{tid}/continue", "post"),
+        ("/api/v1/migrations/{tid}/rollback", "post"),
+        ("/api/v1/migrations/{tid}/data-sync", "post"),
+        ("/api/v1/migrations/{tid}/devices", "get"),
+        ("/api/v1/migrations/{tid}/log", "get"),
         ("/api/v1/firmware", "post"),
         ("/api/v1/firmware", "get"),
         ("/api/v1/firmware/{fid}", "get"),
@@ -1049,7 +1063,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        40,
+        51,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

@@ -986,3 +986,147 @@ fn models_have_openapi_schemas() {
         "{paged}"
     );
 }
+
+#[tokio::test]
+async fn set_devices_instance_moves_ownership_durably_with_extra_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::db_path(dir.path());
+    let m = metrics();
+    let r = Registry::open(Store::open(&path, m.clone()).unwrap(), m.clone()).unwrap();
+    r.create_instance(NewInstance {
+        instance_id: Some("iot-target".into()),
+        name: "Target".into(),
+    })
+    .await
+    .unwrap();
+    let pk = r
+        .create_product(new_product("Lamp"))
+        .await
+        .unwrap()
+        .product_key;
+    r.batch_create_devices(&pk, vec![new_device("dev1"), new_device("dev2")])
+        .await
+        .unwrap();
+    r.device_connected(&pk, "dev1", 1, IP, 10);
+
+    // Unknown instance / product are errors of the whole call.
+    assert!(matches!(
+        r.set_device_instance(&pk, "dev1", "iot-nope").await,
+        Err(RegistryError::NotFound {
+            kind: "instance",
+            ..
+        })
+    ));
+    assert!(matches!(
+        r.set_device_instance("nope", "dev1", "iot-target").await,
+        Err(RegistryError::NotFound {
+            kind: "product",
+            ..
+        })
+    ));
+
+    let names: Vec<String> = ["dev1", "ghost", "dev2"].map(String::from).into();
+    let mut extra_for = Vec::new();
+    let results = r
+        .set_devices_instance(&pk, &names, "iot-target", |dn| {
+            extra_for.push(dn.to_owned());
+            vec![Op::PutDoc {
+                kind: "test.moved",
+                id: dn.to_owned(),
+                body: "{}".into(),
+            }]
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        extra_for,
+        ["dev1", "dev2"],
+        "no extra ops for unknown names"
+    );
+    assert_eq!(results.len(), 3);
+    let dev1 = results[0].as_ref().unwrap();
+    assert_eq!(dev1.instance_id, "iot-target");
+    assert!(
+        dev1.online,
+        "the result says whether the device is connected"
+    );
+    assert!(matches!(
+        results[1],
+        Err(RegistryError::NotFound { kind: "device", .. })
+    ));
+    assert_eq!(results[2].as_ref().unwrap().instance_id, "iot-target");
+    assert_eq!(r.get_device(&pk, "dev2").unwrap().instance_id, "iot-target");
+
+    // Idempotent: already there.
+    let again = r
+        .set_device_instance(&pk, "dev2", "iot-target")
+        .await
+        .unwrap();
+    assert_eq!(again.instance_id, "iot-target");
+    // And back, one device.
+    r.set_device_instance(&pk, "dev2", DEFAULT_INSTANCE_ID)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        r.device_names_after(&pk, None, 10).unwrap(),
+        ["dev1", "dev2"]
+    );
+    assert_eq!(
+        r.device_names_after(&pk, Some("dev1"), 10).unwrap(),
+        ["dev2"]
+    );
+    assert_eq!(r.device_names_after(&pk, None, 1).unwrap(), ["dev1"]);
+    assert!(r
+        .device_names_after(&pk, Some("dev2"), 10)
+        .unwrap()
+        .is_empty());
+
+    drop(r);
+    let store = Store::open(&path, m.clone()).unwrap();
+    let docs = store.load_documents("test.moved").unwrap();
+    assert_eq!(docs.len(), 2, "extra ops committed with the moves");
+    let r = Registry::open(store, m).unwrap();
+    assert_eq!(r.get_device(&pk, "dev1").unwrap().instance_id, "iot-target");
+    assert_eq!(
+        r.get_device(&pk, "dev2").unwrap().instance_id,
+        DEFAULT_INSTANCE_ID
+    );
+}
+
+#[tokio::test]
+async fn a_move_that_did_not_commit_is_put_back() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = FlakyBackend {
+        inner: crate::store::SqliteBackend::open_in_memory().unwrap(),
+        failing: failing.clone(),
+    };
+    let m = metrics();
+    let r = Registry::open(Store::with_backend(backend, m.clone()).unwrap(), m).unwrap();
+    r.create_instance(NewInstance {
+        instance_id: Some("iot-target".into()),
+        name: "Target".into(),
+    })
+    .await
+    .unwrap();
+    let pk = r
+        .create_product(new_product("Lamp"))
+        .await
+        .unwrap()
+        .product_key;
+    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    failing.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        r.set_device_instance(&pk, "dev1", "iot-target").await,
+        Err(RegistryError::Store(_))
+    ));
+    assert_eq!(
+        r.get_device(&pk, "dev1").unwrap().instance_id,
+        DEFAULT_INSTANCE_ID
+    );
+    failing.store(false, Ordering::SeqCst);
+    r.set_device_instance(&pk, "dev1", "iot-target")
+        .await
+        .unwrap();
+    assert_eq!(r.get_device(&pk, "dev1").unwrap().instance_id, "iot-target");
+}

@@ -8,6 +8,7 @@ mod forwarding;
 mod helpers;
 mod interop;
 mod isolation;
+mod migration;
 mod operator_api;
 mod ota;
 mod registry_flow;

@@ -1,0 +1,768 @@
+//! The engine: one actor task that owns every change to migration state, and a shared,
+//! read-only view of that state for the API and the forwarder.
+//!
+//! ```text
+//! API handlers ──Command + oneshot──► actor ──► store (task/device/log docs; device moves via the registry)
+//!      │                                 │ ├──► registry.set_devices_instance (ownership + status doc, one submission per device)
+//!      └── reads: RwLock<State> ◄── writes ┘ ├──► kick hook (connected devices reconnect)
+//! forwarder ── extra_targets(pk, dn, owner) ─► routes (DashMap, hot path; no actor involved)
+//! ```
+//!
+//! The actor's loop (`worker::Worker::run`) waits on, in this order: shutdown, a command, the next
+//! deadline (data-sync expiry, a fault's retry, the sweep tick), or the governor's permit for
+//! the next batch of device moves. Commands are therefore handled between batches, never in
+//! the middle of one, which is what makes pause/rollback/restart races impossible: a batch's
+//! devices are moved and recorded (ownership and per-device status in the same atomic store
+//! submission), then the next command sees them.
+//!
+//! Work per running state ([`Work`]): the canary and picked-rollback devices are queues of
+//! names persisted as `pending` markers on their device docs; full migration and "rollback all"
+//! walk the product's device names with a cursor and move every device still owned by the
+//! wrong instance — the owner is the truth, so a restart simply walks again and nothing is
+//! moved twice or forgotten. A walk that moved something is followed by another walk, so
+//! devices created meanwhile are picked up; the state finishes after a walk that found nothing.
+//! `COMPLETED` tasks are swept once a minute for devices created in the source since.
+//!
+//! The std `RwLock` around `State` is only ever held in synchronous blocks (never across
+//! `.await`); the actor is its only writer.
+
+use super::clock::Clock;
+use super::model::*;
+use super::MigrationError;
+use crate::metrics::Metrics;
+use crate::registry::{Page, Paged, Registry};
+use crate::store::Op;
+use dashmap::DashMap;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Store document kinds.
+pub const TASK_DOC: &str = "migration.task";
+pub const DEVICE_DOC: &str = "migration.device";
+pub const LOG_DOC: &str = "migration.log";
+
+/// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
+/// sync changes are "effective within a minute" even if nothing else wakes the actor).
+pub(super) const TICK: Duration = Duration::from_secs(60);
+/// Device names read from the registry per walk step.
+pub(super) const SCAN_CHUNK: usize = 1024;
+/// First retry delay after a fault (auto resume); doubles up to [`MAX_BACKOFF`].
+pub(super) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Engine settings (the `[migration]` section of the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Devices moved per second over all tasks (governor); 0 = unthrottled.
+    pub devices_per_sec: u32,
+    /// Devices moved per batch (one group-committed store transaction).
+    pub batch_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            devices_per_sec: 500,
+            batch_size: 256,
+        }
+    }
+}
+
+/// Called with `(product_key, device_name)` for a connected device that was moved, so the
+/// broker drops its session and the device reconnects (into its new instance).
+pub type KickFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// Called with `(target_instance_id, bytes_per_sec)` when a task's data-sync bandwidth limit
+/// applies (`Some`) or stops applying (`None`); the app wires it to the forwarder's limiter.
+pub type RateLimitFn = Arc<dyn Fn(&str, Option<u64>) + Send + Sync>;
+
+/// What the engine calls out to.
+#[derive(Clone)]
+pub struct Hooks {
+    pub kick: KickFn,
+    pub set_rate_limit: RateLimitFn,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            kick: Arc::new(|_, _| {}),
+            set_rate_limit: Arc::new(|_, _| {}),
+        }
+    }
+}
+
+/// A new task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTask {
+    pub product_key: String,
+    pub target_instance_id: String,
+    pub name: Option<String>,
+    pub config: MigrationConfig,
+}
+
+/// Which devices a rollback moves back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollbackSelection {
+    All,
+    Picked(Vec<String>),
+}
+
+/// The answer to a lifecycle call: the task now, and the selection rows that were refused.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub details: TaskDetails,
+    pub rejected: Vec<RejectedRow>,
+    /// Devices the call selected (canary / picked rollback).
+    pub accepted: usize,
+}
+
+/// Task list filter.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TaskFilter {
+    pub product_key: Option<String>,
+    pub state: Option<TaskState>,
+}
+
+/// Per-device list filter: status and a device-name substring (case-insensitive).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DeviceListFilter {
+    pub status: Option<DeviceStatus>,
+    pub device_name: Option<String>,
+}
+
+pub(super) enum Request {
+    Create(NewTask),
+    Delete,
+    Configure(MigrationConfig),
+    Canary(Vec<String>),
+    Full,
+    Pause,
+    Continue,
+    Rollback(RollbackSelection),
+    DataSync(bool),
+}
+
+pub(super) enum Command {
+    Task {
+        task_id: String,
+        request: Request,
+        actor: Actor,
+        reply: oneshot::Sender<Result<Option<Outcome>, MigrationError>>,
+    },
+    SetRate(u32, oneshot::Sender<()>),
+    Wake,
+}
+
+pub(super) struct TaskEntry {
+    pub(super) doc: TaskDoc,
+    pub(super) devices: HashMap<String, DeviceDoc>,
+    pub(super) log: Vec<LogEntry>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) tasks: BTreeMap<String, TaskEntry>,
+    pub(super) by_product: HashMap<String, String>,
+}
+
+/// Where data of a product's not-yet-migrated devices is mirrored while data sync is on.
+#[derive(Debug, Clone)]
+pub(super) struct SyncRoute {
+    pub(super) target: String,
+    pub(super) expires_at_ms: i64,
+}
+
+pub(super) struct Shared {
+    pub(super) state: RwLock<State>,
+    pub(super) routes: DashMap<String, SyncRoute>,
+    pub(super) clock: Clock,
+    pub(super) registry: Arc<Registry>,
+}
+
+impl Shared {
+    pub(super) fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The migration engine. Share it as `Arc<MigrationEngine>`.
+pub struct MigrationEngine {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for MigrationEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationEngine")
+            .field("tasks", &self.shared.read().tasks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_doc<T: serde::de::DeserializeOwned>(kind: &str, id: &str, body: &str) -> Option<T> {
+    match serde_json::from_str(body) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            // One bad document must not keep the gateway from starting; it is logged loudly.
+            tracing::error!(kind, id, error = %e, "corrupt migration document skipped");
+            None
+        }
+    }
+}
+
+pub(super) fn doc_op<T: serde::Serialize>(kind: &'static str, id: String, value: &T) -> Op {
+    Op::PutDoc {
+        kind,
+        id,
+        // Serialising plain structs of strings and numbers cannot fail.
+        body: serde_json::to_string(value).unwrap_or_default(),
+    }
+}
+
+pub(super) fn device_doc_id(task_id: &str, dn: &str) -> String {
+    format!("{task_id}/{dn}")
+}
+
+pub(super) fn log_doc_id(task_id: &str, seq: u64) -> String {
+    format!("{task_id}/{seq:012}")
+}
+
+impl MigrationEngine {
+    /// Loads every task from the registry's store (blocking: start-up only) and starts the
+    /// actor, which resumes running tasks at once.
+    pub fn start(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        config: EngineConfig,
+        hooks: Hooks,
+    ) -> Result<Arc<MigrationEngine>, MigrationError> {
+        let store = registry.store().clone();
+        let mut state = State::default();
+        for (id, body) in store.load_documents(TASK_DOC)? {
+            if let Some(doc) = parse_doc::<TaskDoc>(TASK_DOC, &id, &body) {
+                state
+                    .by_product
+                    .insert(doc.product_key.clone(), doc.task_id.clone());
+                state.tasks.insert(
+                    doc.task_id.clone(),
+                    TaskEntry {
+                        doc,
+                        devices: HashMap::new(),
+                        log: Vec::new(),
+                    },
+                );
+            }
+        }
+        for (id, body) in store.load_documents(DEVICE_DOC)? {
+            let Some((tid, dn)) = id.split_once('/') else {
+                continue;
+            };
+            let Some(entry) = state.tasks.get_mut(tid) else {
+                continue;
+            };
+            if let Some(doc) = parse_doc::<DeviceDoc>(DEVICE_DOC, &id, &body) {
+                entry.devices.insert(dn.to_owned(), doc);
+            }
+        }
+        for (id, body) in store.load_documents(LOG_DOC)? {
+            let Some((tid, _)) = id.split_once('/') else {
+                continue;
+            };
+            let Some(entry) = state.tasks.get_mut(tid) else {
+                continue;
+            };
+            if let Some(doc) = parse_doc::<LogEntry>(LOG_DOC, &id, &body) {
+                entry.log.push(doc);
+            }
+        }
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            routes: DashMap::new(),
+            clock: Clock::new(),
+            registry,
+        });
+        let mut worker = super::worker::Worker::new(shared.clone(), metrics, config, hooks);
+        worker.rebuild_after_load();
+        let (tx, rx) = mpsc::channel(256);
+        let (stop, stop_rx) = watch::channel(false);
+        let handle = tokio::spawn(worker.run(rx, stop_rx));
+        {
+            let state = shared.read();
+            let running = state
+                .tasks
+                .values()
+                .filter(|t| t.doc.state.is_running())
+                .count();
+            tracing::info!(
+                tasks = state.tasks.len(),
+                running,
+                "migration engine started"
+            );
+        }
+        Ok(Arc::new(MigrationEngine {
+            shared,
+            tx,
+            stop,
+            task: std::sync::Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// The engine's clock (tests advance it; see [`Clock`]).
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    /// Makes the actor re-read the clock now (after [`Clock::advance`]).
+    pub fn wake(&self) {
+        let _ = self.tx.try_send(Command::Wake);
+    }
+
+    /// Changes the device-move rate (devices/s over all tasks; 0 = unthrottled).
+    pub async fn set_rate(&self, devices_per_sec: u32) -> Result<(), MigrationError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SetRate(devices_per_sec, reply))
+            .await
+            .map_err(|_| MigrationError::Stopped)?;
+        rx.await.map_err(|_| MigrationError::Stopped)
+    }
+
+    /// Stops the actor after the batch in flight (everything it did is already durable).
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let handle = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if let Err(e) = handle.await {
+                tracing::error!(error = %e, "migration actor failed");
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        task_id: &str,
+        request: Request,
+        actor: Actor,
+    ) -> Result<Option<Outcome>, MigrationError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Task {
+                task_id: task_id.to_owned(),
+                request,
+                actor,
+                reply,
+            })
+            .await
+            .map_err(|_| MigrationError::Stopped)?;
+        rx.await.map_err(|_| MigrationError::Stopped)?
+    }
+
+    async fn call_outcome(
+        &self,
+        task_id: &str,
+        request: Request,
+        actor: Actor,
+    ) -> Result<Outcome, MigrationError> {
+        self.call(task_id, request, actor)
+            .await?
+            .ok_or(MigrationError::Stopped)
+    }
+
+    /// Creates a task in `TO_MIGRATE`.
+    pub async fn create(&self, new: NewTask, actor: Actor) -> Result<TaskDetails, MigrationError> {
+        Ok(self
+            .call_outcome("", Request::Create(new), actor)
+            .await?
+            .details)
+    }
+
+    /// Deletes a task: only in `TO_MIGRATE` with no device in the target, or `COMPLETED`.
+    pub async fn delete(&self, task_id: &str, actor: Actor) -> Result<(), MigrationError> {
+        self.call(task_id, Request::Delete, actor).await.map(|_| ())
+    }
+
+    /// Sets the DCS-shaped configuration.
+    pub async fn configure(
+        &self,
+        task_id: &str,
+        config: MigrationConfig,
+        actor: Actor,
+    ) -> Result<TaskDetails, MigrationError> {
+        Ok(self
+            .call_outcome(task_id, Request::Configure(config), actor)
+            .await?
+            .details)
+    }
+
+    /// Starts a canary with the named devices (≤ 10,000; the API enforces 100 for JSON).
+    pub async fn canary(
+        &self,
+        task_id: &str,
+        device_names: Vec<String>,
+        actor: Actor,
+    ) -> Result<Outcome, MigrationError> {
+        self.call_outcome(task_id, Request::Canary(device_names), actor)
+            .await
+    }
+
+    pub async fn full(&self, task_id: &str, actor: Actor) -> Result<TaskDetails, MigrationError> {
+        Ok(self
+            .call_outcome(task_id, Request::Full, actor)
+            .await?
+            .details)
+    }
+
+    pub async fn pause(&self, task_id: &str, actor: Actor) -> Result<TaskDetails, MigrationError> {
+        Ok(self
+            .call_outcome(task_id, Request::Pause, actor)
+            .await?
+            .details)
+    }
+
+    pub async fn resume(&self, task_id: &str, actor: Actor) -> Result<TaskDetails, MigrationError> {
+        Ok(self
+            .call_outcome(task_id, Request::Continue, actor)
+            .await?
+            .details)
+    }
+
+    pub async fn rollback(
+        &self,
+        task_id: &str,
+        selection: RollbackSelection,
+        actor: Actor,
+    ) -> Result<Outcome, MigrationError> {
+        self.call_outcome(task_id, Request::Rollback(selection), actor)
+            .await
+    }
+
+    pub async fn set_data_sync(
+        &self,
+        task_id: &str,
+        enabled: bool,
+        actor: Actor,
+    ) -> Result<TaskDetails, MigrationError> {
+        Ok(self
+            .call_outcome(task_id, Request::DataSync(enabled), actor)
+            .await?
+            .details)
+    }
+
+    // ----- reads (no actor round trip) -----
+
+    pub fn details(&self, task_id: &str) -> Result<TaskDetails, MigrationError> {
+        let state = self.shared.read();
+        let entry = state
+            .tasks
+            .get(task_id)
+            .ok_or_else(|| MigrationError::TaskNotFound(task_id.to_owned()))?;
+        Ok(details(&self.shared, entry))
+    }
+
+    /// Tasks (newest first), optionally of one product or in one state.
+    pub fn list(&self, filter: &TaskFilter, page: Page) -> Paged<TaskDetails> {
+        let state = self.shared.read();
+        let mut matching: Vec<&TaskEntry> = state
+            .tasks
+            .values()
+            .filter(|t| {
+                filter
+                    .product_key
+                    .as_ref()
+                    .is_none_or(|pk| &t.doc.product_key == pk)
+                    && filter.state.is_none_or(|s| t.doc.state == s)
+            })
+            .collect();
+        matching.sort_by(|a, b| {
+            b.doc
+                .created_at_ms
+                .cmp(&a.doc.created_at_ms)
+                .then_with(|| a.doc.task_id.cmp(&b.doc.task_id))
+        });
+        let total = matching.len() as u64;
+        let items = matching
+            .into_iter()
+            .skip((page.page as usize - 1) * page.page_size as usize)
+            .take(page.page_size as usize)
+            .map(|t| details(&self.shared, t))
+            .collect();
+        Paged {
+            items,
+            total,
+            page: page.page,
+            page_size: page.page_size,
+        }
+    }
+
+    /// The task's devices by name: every device of the product plus failed ones that no
+    /// longer exist, filtered by status and name substring.
+    pub fn devices(
+        &self,
+        task_id: &str,
+        filter: &DeviceListFilter,
+        page: Page,
+    ) -> Result<Paged<DeviceMigration>, MigrationError> {
+        let registry = &self.shared.registry;
+        let (pk, rows) = {
+            let state = self.shared.read();
+            let entry = state
+                .tasks
+                .get(task_id)
+                .ok_or_else(|| MigrationError::TaskNotFound(task_id.to_owned()))?;
+            let pk = entry.doc.product_key.clone();
+            let needle = filter.device_name.as_ref().map(|s| s.to_lowercase());
+            let rows: Vec<(String, DeviceStatus, Option<DeviceDoc>)> =
+                device_statuses(registry, entry)
+                    .into_iter()
+                    .filter(|(dn, status, _)| {
+                        filter.status.is_none_or(|s| s == *status)
+                            && needle
+                                .as_ref()
+                                .is_none_or(|n| dn.to_lowercase().contains(n.as_str()))
+                    })
+                    .collect();
+            (pk, rows)
+        };
+        let total = rows.len() as u64;
+        let items = rows
+            .into_iter()
+            .skip((page.page as usize - 1) * page.page_size as usize)
+            .take(page.page_size as usize)
+            .map(|(dn, status, doc)| {
+                let device = registry.get_device(&pk, &dn).ok();
+                DeviceMigration {
+                    status,
+                    reason: doc.as_ref().and_then(|d| d.reason.clone()),
+                    instance_id: device.as_ref().map(|d| d.instance_id.clone()),
+                    online: device.as_ref().is_some_and(|d| d.online),
+                    updated_at_ms: doc.as_ref().map(|d| d.updated_at_ms),
+                    device_name: dn,
+                }
+            })
+            .collect();
+        Ok(Paged {
+            items,
+            total,
+            page: page.page,
+            page_size: page.page_size,
+        })
+    }
+
+    /// The task's log, oldest first.
+    pub fn log(&self, task_id: &str, page: Page) -> Result<Paged<LogEntry>, MigrationError> {
+        let state = self.shared.read();
+        let entry = state
+            .tasks
+            .get(task_id)
+            .ok_or_else(|| MigrationError::TaskNotFound(task_id.to_owned()))?;
+        Ok(Paged {
+            items: entry
+                .log
+                .iter()
+                .skip((page.page as usize - 1) * page.page_size as usize)
+                .take(page.page_size as usize)
+                .cloned()
+                .collect(),
+            total: entry.log.len() as u64,
+            page: page.page,
+            page_size: page.page_size,
+        })
+    }
+
+    /// Data sync routing for the forwarder: the instances a device's data goes to besides its
+    /// owner. Non-empty only while the product's task has data sync on (and not expired) and the
+    /// device is not in the target yet (`owner` is the instance owning it now). Hot path: one
+    /// map lookup, no lock shared with the actor.
+    pub fn extra_targets(&self, product_key: &str, _device_name: &str, owner: &str) -> Vec<String> {
+        let Some(route) = self.shared.routes.get(product_key) else {
+            return Vec::new();
+        };
+        if route.target == owner || self.shared.clock.now_ms() >= route.expires_at_ms {
+            return Vec::new();
+        }
+        vec![route.target.clone()]
+    }
+
+    /// The bandwidth limit (MB/s) on data mirrored to `target_instance_id`, if a task with
+    /// data sync on sets one (the lowest if several do).
+    pub fn bandwidth_limit_mb(&self, target_instance_id: &str) -> Option<u32> {
+        let now = self.shared.clock.now_ms();
+        let state = self.shared.read();
+        state
+            .tasks
+            .values()
+            .filter(|t| {
+                t.doc.target_instance_id == target_instance_id && t.doc.data_sync.active(now)
+            })
+            .filter_map(|t| t.doc.config.bandwidth_limit_mb)
+            .min()
+    }
+}
+
+/// Every device of the task with its status: the product's devices (no doc = NOT_MIGRATED),
+/// then failed docs of devices that no longer exist. Sorted by name.
+fn device_statuses(
+    registry: &Registry,
+    entry: &TaskEntry,
+) -> Vec<(String, DeviceStatus, Option<DeviceDoc>)> {
+    let names = registry
+        .device_names_after(&entry.doc.product_key, None, usize::MAX)
+        .unwrap_or_default();
+    let mut seen: HashSet<&str> = HashSet::with_capacity(names.len());
+    let mut rows = Vec::with_capacity(names.len());
+    for dn in &names {
+        seen.insert(dn.as_str());
+        let doc = entry.devices.get(dn).cloned();
+        let status = doc.as_ref().map_or(DeviceStatus::NotMigrated, |d| d.status);
+        rows.push((dn.clone(), status, doc));
+    }
+    for (dn, doc) in &entry.devices {
+        if doc.status == DeviceStatus::Failed && !seen.contains(dn.as_str()) {
+            rows.push((dn.clone(), DeviceStatus::Failed, Some(doc.clone())));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+fn summary(doc: &TaskDoc, totals: &DeviceTotals) -> SummaryStatus {
+    if doc.halted {
+        return SummaryStatus::Failed;
+    }
+    match doc.state {
+        s if s.is_running() => SummaryStatus::Migrating,
+        TaskState::CanaryCompleted | TaskState::Completed => {
+            if totals.failed > 0 {
+                SummaryStatus::Failed
+            } else {
+                SummaryStatus::Success
+            }
+        }
+        _ => SummaryStatus::Terminated,
+    }
+}
+
+pub(super) fn details(shared: &Shared, entry: &TaskEntry) -> TaskDetails {
+    let now = shared.clock.now_ms();
+    let mut totals = DeviceTotals::default();
+    for (_, status, _) in device_statuses(&shared.registry, entry) {
+        totals.add(status);
+    }
+    let doc = &entry.doc;
+    let ds = &doc.data_sync;
+    let active = ds.active(now);
+    TaskDetails {
+        task_id: doc.task_id.clone(),
+        name: doc.name.clone(),
+        product_key: doc.product_key.clone(),
+        source_instance_id: doc.source_instance_id.clone(),
+        target_instance_id: doc.target_instance_id.clone(),
+        state: doc.state,
+        status: summary(doc, &totals),
+        halted: doc.halted,
+        error: doc.last_error.clone(),
+        config: doc.config,
+        data_sync: DataSyncView {
+            enabled: active,
+            started_at_ms: ds.enabled_at_ms,
+            expires_at_ms: ds.expires_at_ms().filter(|_| active),
+            disabled_at_ms: if active {
+                None
+            } else {
+                ds.disabled_at_ms.or(ds.expires_at_ms())
+            },
+            disabled_reason: if active {
+                None
+            } else if ds.enabled {
+                // Past its 30 days; the actor records it within a minute.
+                Some("expired".into())
+            } else {
+                ds.disabled_reason.clone()
+            },
+            can_enable: !(ds.locked
+                || (!active && ds.enabled && doc.state == TaskState::Completed)),
+        },
+        devices: totals,
+        created_at_ms: doc.created_at_ms,
+        updated_at_ms: doc.updated_at_ms,
+        completed_at_ms: doc.completed_at_ms,
+    }
+}
+
+/// Checks a device-name selection against the product: duplicates, unknown names, and
+/// `eligible` (why a known device cannot be selected). Returns the accepted names in input
+/// order and the refused rows.
+pub(super) fn check_selection(
+    registry: &Registry,
+    pk: &str,
+    names: Vec<String>,
+    mut eligible: impl FnMut(&str, &str) -> Result<(), String>,
+) -> (Vec<String>, Vec<RejectedRow>) {
+    let mut first_row: HashMap<String, usize> = HashMap::with_capacity(names.len());
+    let mut accepted = Vec::with_capacity(names.len());
+    let mut rejected = Vec::new();
+    for (i, dn) in names.into_iter().enumerate() {
+        let row = i + 1;
+        let reject = |code: &str, msg: String| RejectedRow {
+            row,
+            device_name: dn.clone(),
+            error_code: code.to_owned(),
+            error_msg: msg,
+        };
+        if dn.is_empty() {
+            rejected.push(reject("FG.1001", "empty device name".into()));
+            continue;
+        }
+        if let Some(first) = first_row.get(&dn) {
+            rejected.push(reject(
+                "FG.1001",
+                format!("duplicate: {dn:?} already appears at row {first}"),
+            ));
+            continue;
+        }
+        first_row.insert(dn.clone(), row);
+        match registry.device_instance(pk, &dn) {
+            None => rejected.push(reject(
+                "FG.2003",
+                format!("device {dn:?} not found in product {pk}"),
+            )),
+            Some(owner) => match eligible(&dn, &owner) {
+                Ok(()) => accepted.push(dn),
+                Err(why) => rejected.push(reject("FG.1001", why)),
+            },
+        }
+    }
+    (accepted, rejected)
+}
+
+/// `bandwidth_limit_mb` within 1..=10240.
+pub fn validate_config(config: &MigrationConfig) -> Result<(), MigrationError> {
+    if let Some(b) = config.bandwidth_limit_mb {
+        if !BANDWIDTH_MB_RANGE.contains(&b) {
+            return Err(MigrationError::Invalid {
+                field: "bandwidth_limit_mb",
+                message: format!(
+                    "must be an integer from {} to {}",
+                    BANDWIDTH_MB_RANGE.start(),
+                    BANDWIDTH_MB_RANGE.end()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
