@@ -171,3 +171,111 @@ async fn vendor_python_sdk_takes_an_ota_update() {
     let d = app.device(&pk, "py-ota-1").await;
     assert_eq!(d["versions"]["default"], "2.0.0", "{d}");
 }
+
+/// A consumer app written for the vendor's server-side subscription (pika, Python) reads a
+/// fleetgate consumer group: `topic`, `messageId`, `generateTime` headers, JSON bodies.
+#[tokio::test]
+async fn vendor_style_pika_consumer_reads_the_forwarded_stream() {
+    let Some(python) = python_or_skip("vendor_style_pika_consumer_reads_the_forwarded_stream")
+    else {
+        return;
+    };
+    let Some(url) =
+        fleetgate::forwarder::testing::amqp_url_or_skip("vendor_style_pika_consumer").await
+    else {
+        return;
+    };
+    let prefix = format!("fgtest-pika-{}", std::process::id());
+    let app = {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        spawn_app_with(move |s| {
+            s.amqp.url = Some(fleetgate::config::Secret::new(url));
+            s.amqp.exchange_prefix = prefix;
+        })
+        .await
+    };
+    let (status, group) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            serde_json::json!({"group_id": "pika", "name": "python consumers"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+    // The group's queue exists once the forwarder is connected and has declared it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.get("/healthz").await.1["amqp"] != "connected" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "forwarder never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let pk = app.create_product("pika").await;
+    let secret = app.create_device(&pk, "pika-0001").await;
+    let mut dev = connect(app.mqtt_addr(), &credentials(&pk, "pika-0001", &secret)).await;
+    for i in 0..5 {
+        dev.client
+            .publish(
+                format!("/sys/{pk}/pika-0001/thing/event/property/post"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"id":"{i}","params":{{"Temp":{}}}}}"#, 20 + i),
+            )
+            .await
+            .unwrap();
+        dev.wait_packet("PUBACK", |p| matches!(p, rumqttc::Packet::PubAck(_)))
+            .await;
+    }
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pika_consumer.py");
+    let queue = format!("{prefix}.default.pika");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(&script)
+            .args([url.as_str(), queue.as_str(), "6", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("pika consumer finished in time")
+    .expect("pika consumer runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pika consumer failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "{stdout}");
+    assert_eq!(lines[0]["topic"], format!("/as/mqtt/status/{pk}/pika-0001"));
+    assert_eq!(lines[0]["body"]["status"], "online");
+    for (i, m) in lines[1..].iter().enumerate() {
+        assert_eq!(
+            m["topic"],
+            format!("/{pk}/pika-0001/thing/event/property/post")
+        );
+        assert_eq!(m["body"]["items"]["Temp"]["value"], 20 + i as i64, "{m}");
+        assert_eq!(m["body"]["deviceName"], "pika-0001");
+        assert!(
+            m["generateTime"].as_i64().unwrap() > 1_600_000_000_000,
+            "{m}"
+        );
+        assert_eq!(m["messageId"], m["amqpMessageId"], "{m}");
+        assert_eq!(m["deliveryMode"], 2);
+        assert_eq!(m["contentType"], "application/json");
+    }
+    let _ = app
+        .request(
+            reqwest::Method::DELETE,
+            "/api/v1/instances/default/consumer-groups/pika",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+}
