@@ -160,25 +160,47 @@ pub struct Idle {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pub dropped: Arc<AtomicU64>,
+    /// Successful SUBACKs received.
+    pub subscribed: Arc<AtomicU64>,
 }
 
 impl Idle {
-    pub fn hold(clients: Vec<Connected>) -> Idle {
+    /// Keeps the clients polled; a client given a filter first subscribes to it (QoS1).
+    pub fn hold(clients: Vec<(Connected, Option<String>)>) -> Idle {
         let (stop, stop_rx) = watch::channel(false);
         let dropped = Arc::new(AtomicU64::new(0));
+        let subscribed = Arc::new(AtomicU64::new(0));
         let tasks = clients
             .into_iter()
-            .map(|mut c| {
+            .map(|(mut c, filter)| {
                 let mut stop_rx = stop_rx.clone();
                 let dropped = Arc::clone(&dropped);
+                let subscribed = Arc::clone(&subscribed);
                 tokio::spawn(async move {
-                    let _client = c.client;
+                    let client = c.client;
+                    if let Some(filter) = filter {
+                        // Queued in rumqttc's request channel; sent by the polls below.
+                        if client.subscribe(filter, QoS::AtLeastOnce).await.is_err() {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
                     loop {
                         tokio::select! {
                             _ = stop_rx.wait_for(|s| *s) => return,
-                            r = c.eventloop.poll() => if r.is_err() {
-                                dropped.fetch_add(1, Ordering::Relaxed);
-                                return;
+                            r = c.eventloop.poll() => match r {
+                                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                                    if ack.return_codes.iter().all(|c| {
+                                        matches!(c, rumqttc::SubscribeReasonCode::Success(_))
+                                    }) {
+                                        subscribed.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(_) => {
+                                    dropped.fetch_add(1, Ordering::Relaxed);
+                                    return;
+                                }
                             }
                         }
                     }
@@ -189,6 +211,19 @@ impl Idle {
             stop,
             tasks,
             dropped,
+            subscribed,
+        }
+    }
+
+    /// Waits until `n` SUBACKs arrived or `timeout` passed; returns how many arrived.
+    pub async fn wait_subscribed(&self, n: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.subscribed.load(Ordering::Relaxed);
+            if got >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -52,6 +52,10 @@ struct Args {
     /// Connection counts of the curve (capped at the open-files limit minus a reserve).
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,20000")]
     connect_counts: Vec<usize>,
+    /// Connection counts measured again with every device subscribed (QoS1) to its own OTA
+    /// upgrade topic, as an OTA-capable device is (a per-device filter in the router).
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    subscribed_counts: Vec<usize>,
     /// Skip these brokers in the connection benchmark (fleetgate, rumqttd, mosquitto).
     #[arg(long, value_delimiter = ',')]
     skip_brokers: Vec<String>,
@@ -95,6 +99,10 @@ struct Args {
     /// to the connection benchmark and to the 1,000-device inform ingest.
     #[arg(long)]
     jemalloc: Option<PathBuf>,
+    /// Extra environment for every fleetgate process (`KEY=VALUE`, repeatable), e.g. for
+    /// experiments on a patched build.
+    #[arg(long)]
+    gateway_env: Vec<String>,
     /// fleetgate binary [default: next to this one].
     #[arg(long)]
     fleetgate_bin: Option<PathBuf>,
@@ -174,6 +182,11 @@ struct ConnectRow {
     /// The gateway's own count (`/healthz` `online_devices`).
     online_reported: Option<u64>,
     dropped_while_idle: u64,
+    /// Every device also subscribed to its upgrade topic (RSS read after the SUBACKs).
+    subscribed: bool,
+    subacks: u64,
+    /// Broker threads when RSS was read.
+    threads: u64,
     /// 1-minute load average when the run started.
     load1: f64,
 }
@@ -231,6 +244,15 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| exe_dir.join("stock-rumqttd")),
         mosquitto: args.mosquitto.clone(),
         jemalloc: args.jemalloc.clone(),
+        gateway_env: args
+            .gateway_env
+            .iter()
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .with_context(|| format!("--gateway-env {kv}: not KEY=VALUE"))
+            })
+            .collect::<anyhow::Result<_>>()?,
     };
     for b in [&bins.fleetgate, &bins.rumqttd] {
         ensure!(
@@ -277,7 +299,7 @@ fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
 /// Starts a gateway on an empty data dir, provisions the products, stops it cleanly.
 async fn provision(bins: &Bins, dir: &Path, products: &[(&str, usize)]) -> anyhow::Result<()> {
     fresh_dir(dir)?;
-    let server = Server::fleetgate(&bins.fleetgate, dir, TOKEN, None).await?;
+    let server = Server::fleetgate(bins, dir, TOKEN, None).await?;
     let api = Api::new(server.http.context("no http")?, TOKEN);
     let t = Instant::now();
     for (pk, n) in products {
@@ -334,14 +356,22 @@ async fn connect_benchmark(
             .iter()
             .any(|s| k.label().starts_with(s.as_str()))
     });
+    let subscribed_counts: Vec<usize> =
+        args.subscribed_counts.iter().map(|&n| n.min(cap)).collect();
+    let points: Vec<(usize, bool)> = counts
+        .iter()
+        .map(|&n| (n, false))
+        .chain(subscribed_counts.iter().map(|&n| (n, true)))
+        .collect();
     for run in 1..=args.runs {
-        for &n in &counts {
+        for &(n, subscribe) in &points {
             for &kind in &kinds {
-                let row = connect_once(args, bins, kind, &data, &all[..n], run).await?;
+                let row = connect_once(args, bins, kind, &data, &all[..n], subscribe, run).await?;
                 eprintln!(
-                    "connect {:<22} n={n:>5} run {run}: {:>7.0}/s p50 {:.1} ms p99 {:.1} ms failed {} \
-                     rss {:.1} MiB ({:.2} MiB/1000, {:.2} over baseline) online {:?} dropped {}",
+                    "connect {:<22} n={n:>5}{} run {run}: {:>7.0}/s p50 {:.1} ms p99 {:.1} ms failed {} \
+                     rss {:.1} MiB ({:.2} MiB/1000, {:.2} over baseline) online {:?} dropped {} threads {}",
                     kind.label(),
+                    if subscribe { " subscribed" } else { "" },
                     row.stats.rate_per_s,
                     row.stats.handshake.p50_ms,
                     row.stats.handshake.p99_ms,
@@ -351,6 +381,7 @@ async fn connect_benchmark(
                     row.mib_per_1000_over_baseline,
                     row.online_reported,
                     row.dropped_while_idle,
+                    row.threads,
                 );
                 if !row.stats.errors.is_empty() {
                     eprintln!("    errors: {:?}", row.stats.errors);
@@ -368,6 +399,7 @@ async fn connect_once(
     kind: Kind,
     data: &Path,
     devs: &[Device],
+    subscribe: bool,
     run: usize,
 ) -> anyhow::Result<ConnectRow> {
     let load = load1();
@@ -376,9 +408,25 @@ async fn connect_once(
     let baseline = server.rss_kib()?;
     let (stats, clients) =
         loadgen::connect_all(server.mqtt, devs, args.concurrency, args.window).await;
-    let idle = loadgen::Idle::hold(clients.into_iter().flatten().collect());
+    let held: Vec<_> = devs
+        .iter()
+        .zip(clients)
+        .filter_map(|(d, c)| {
+            let filter = subscribe
+                .then(|| format!("/ota/device/upgrade/{}/{}", d.product_key, d.device_name));
+            c.map(|c| (c, filter))
+        })
+        .collect();
+    let idle = loadgen::Idle::hold(held);
+    let subacks = if subscribe {
+        idle.wait_subscribed(stats.connected as u64, Duration::from_secs(120))
+            .await
+    } else {
+        0
+    };
     tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
     let rss = server.rss_kib()?;
+    let threads = procs::proc_status_kib(server.pid()?, "Threads:").unwrap_or(0);
     let online = match server.http {
         Some(http) => Some(Api::new(http, TOKEN).online().await?),
         None => None,
@@ -403,6 +451,9 @@ async fn connect_once(
         mib_per_1000_over_baseline: per(rss.saturating_sub(baseline)),
         online_reported: online,
         dropped_while_idle: dropped,
+        subscribed: subscribe,
+        subacks,
+        threads,
         load1: load,
         stats,
     })
@@ -613,7 +664,7 @@ async fn gateway_ingest(
         messages,
         kind,
     } = w;
-    let server = Server::fleetgate(&bins.fleetgate, dir, TOKEN, preload).await?;
+    let server = Server::fleetgate(bins, dir, TOKEN, preload).await?;
     let api = Api::new(server.http.context("no http")?, TOKEN);
     let devs = devices(INGEST_PRODUCT, n);
     let (kind_label, topic_kind) = match kind {
@@ -665,7 +716,7 @@ async fn gateway_ingest(
     // the same data dir, and compare every device's stored version with its last report.
     let (stored_ok, checked) = if kind == PayloadKind::Inform {
         server.kill9().await?;
-        let server = Server::fleetgate(&bins.fleetgate, dir, TOKEN, None).await?;
+        let server = Server::fleetgate(bins, dir, TOKEN, None).await?;
         let api = Api::new(server.http.context("no http")?, TOKEN);
         let stored = api.versions(INGEST_PRODUCT, "MCU").await?;
         let want = version_of(tag, messages - 1);
@@ -759,26 +810,25 @@ fn print_report(args: &Args, r: &Results) {
          RSS MiB | baseline MiB | MiB/1000 | MiB/1000 over baseline | dropped idle | load |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut keys: Vec<(Kind, usize)> = r.connect.iter().map(|c| (c.broker, c.clients)).collect();
-    keys.dedup();
-    let mut seen = Vec::new();
-    for k in keys {
-        if seen.contains(&k) {
-            continue;
+    let mut seen: Vec<(Kind, bool, usize)> = Vec::new();
+    for c in &r.connect {
+        let k = (c.broker, c.subscribed, c.clients);
+        if !seen.contains(&k) {
+            seen.push(k);
         }
-        seen.push(k);
     }
-    seen.sort_by_key(|(kind, n)| (*kind as u8, *n));
-    for (kind, n) in seen {
+    seen.sort_by_key(|(kind, sub, n)| (*sub, *kind as u8, *n));
+    for (kind, sub, n) in seen {
         let rows: Vec<&ConnectRow> = r
             .connect
             .iter()
-            .filter(|c| c.broker == kind && c.clients == n)
+            .filter(|c| c.broker == kind && c.clients == n && c.subscribed == sub)
             .collect();
         let med = |f: &dyn Fn(&ConnectRow) -> f64| median(rows.iter().map(|c| f(c)));
         println!(
-            "| {} | {n} | {:.0} | {:.0} (max {}) | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            "| {}{} | {n} | {:.0} | {:.0} (max {}) | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.1} |",
             kind.label(),
+            if sub { ", subscribed" } else { "" },
             med(&|c| c.stats.connected as f64),
             med(&|c| c.stats.failed as f64),
             rows.iter().map(|c| c.stats.failed).max().unwrap_or(0),
@@ -832,7 +882,7 @@ fn print_report(args: &Args, r: &Results) {
             med(&|i| i.load1),
         );
     }
-    // Ratios against the bare relay of the same shape, run by run.
+    // Every gateway scenario against every stock-rumqttd relay of the same run (medians).
     let rate_of = |needle: &str| -> f64 {
         median(
             r.ingest
@@ -841,28 +891,14 @@ fn print_report(args: &Args, r: &Results) {
                 .map(|i| i.rate),
         )
     };
-    let (d, m, p, pm) = (
-        args.ingest_devices,
-        args.ingest_messages,
-        args.relay_publishers,
-        args.relay_messages,
-    );
-    let relay_p = format!("{} relay {p}×{pm} → 1", Kind::Rumqttd.label());
-    let relay_d = format!("{} relay {d}×{m} → 1", Kind::Rumqttd.label());
+    let relay_prefix = format!("{} relay", Kind::Rumqttd.label());
     println!();
-    for (gw, relay) in [
-        (format!("fleetgate inform {d}×{m}"), &relay_p),
-        (format!("fleetgate inform {d}×{m}"), &relay_d),
-        (
-            format!("fleetgate inform {d}×{m}, data dir on tmpfs"),
-            &relay_p,
-        ),
-        (format!("fleetgate progress {d}×{m}"), &relay_p),
-        (format!("fleetgate inform {p}×{pm}"), &relay_p),
-    ] {
-        let (a, b) = (rate_of(&gw), rate_of(relay));
-        if a.is_finite() && b.is_finite() && b > 0.0 {
-            println!("- {gw} / {relay}: **{:.0}%**", a / b * 100.0);
+    for gw in names.iter().filter(|n| n.starts_with("fleetgate")) {
+        for relay in names.iter().filter(|n| n.starts_with(&relay_prefix)) {
+            let (a, b) = (rate_of(gw), rate_of(relay));
+            if a.is_finite() && b.is_finite() && b > 0.0 {
+                println!("- {gw} / {relay}: **{:.0}%**", a / b * 100.0);
+            }
         }
     }
     for n in &r.notes {

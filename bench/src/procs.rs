@@ -58,6 +58,8 @@ pub struct Bins {
     pub mosquitto: Option<PathBuf>,
     /// `libjemalloc.so` to preload for [`Kind::FleetgateJemalloc`].
     pub jemalloc: Option<PathBuf>,
+    /// Extra environment for fleetgate processes.
+    pub gateway_env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -65,12 +67,14 @@ impl Server {
     /// JSON start-up log line.
     /// `preload`: a shared library for `LD_PRELOAD` (the jemalloc experiment).
     pub async fn fleetgate(
-        bin: &Path,
+        bins: &Bins,
         data_dir: &Path,
         token: &str,
         preload: Option<&Path>,
     ) -> anyhow::Result<Server> {
+        let bin = &bins.fleetgate;
         let mut cmd = Command::new(bin);
+        cmd.envs(bins.gateway_env.iter().map(|(k, v)| (k, v)));
         if let Some(lib) = preload {
             cmd.env("LD_PRELOAD", lib);
         }
@@ -199,10 +203,10 @@ impl Server {
 
     pub async fn start(kind: Kind, bins: &Bins, dir: &Path, token: &str) -> anyhow::Result<Self> {
         match kind {
-            Kind::Fleetgate => Server::fleetgate(&bins.fleetgate, dir, token, None).await,
+            Kind::Fleetgate => Server::fleetgate(bins, dir, token, None).await,
             Kind::FleetgateJemalloc => {
                 let lib = bins.jemalloc.as_deref().context("no jemalloc library")?;
-                Server::fleetgate(&bins.fleetgate, dir, token, Some(lib)).await
+                Server::fleetgate(bins, dir, token, Some(lib)).await
             }
             Kind::Rumqttd => Server::rumqttd(&bins.rumqttd).await,
             Kind::Mosquitto => {
