@@ -53,7 +53,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,20000")]
     connect_counts: Vec<usize>,
     /// Connection counts measured again with every device subscribed (QoS1) to its own OTA
-    /// upgrade topic, as an OTA-capable device is (a per-device filter in the router).
+    /// upgrade topic, as an OTA-capable device is (a per-device filter in the router); 0 skips.
     #[arg(long, value_delimiter = ',', default_value = "10000")]
     subscribed_counts: Vec<usize>,
     /// Skip these brokers in the connection benchmark (fleetgate, rumqttd, mosquitto).
@@ -362,6 +362,7 @@ async fn connect_benchmark(
         .iter()
         .map(|&n| (n, false))
         .chain(subscribed_counts.iter().map(|&n| (n, true)))
+        .filter(|(n, _)| *n > 0)
         .collect();
     for run in 1..=args.runs {
         for &(n, subscribe) in &points {
