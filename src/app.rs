@@ -5,9 +5,9 @@
 //! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
 //! default base of firmware download links) → firmware repository → forwarder (consumer groups;
 //! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
-//! reloaded, every timer re-armed) → export/import jobs → migration engine (kicks via the
-//! router, data-sync routes and limits into the forwarder) → ingest → listeners and HTTP
-//! serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! reloaded, every timer re-armed) → migration engine (kicks via the router, data-sync routes
+//! and limits into the forwarder) → export/import jobs (which use the OTA and migration
+//! engines) → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
@@ -127,14 +127,6 @@ impl Application {
         // OTA task state changes are forwarded to consumer groups (no-op with forwarding off).
         ota.set_event_sink(forwarder.ota_event_sink());
         ota.start();
-        let export = ExportService::open(
-            &settings.data_dir,
-            registry.clone(),
-            firmware.clone(),
-            Some(ota.clone()),
-            settings.export.clone(),
-        )
-        .context("cannot load the export/import jobs")?;
 
         // Before ingest starts: the data-sync routes must be in place for the first message.
         let migration = MigrationEngine::start(
@@ -178,6 +170,16 @@ impl Application {
                     .unwrap_or_default()
             })));
         }
+        // After the migration engine: migration tasks are exported and imported through it.
+        let export = ExportService::open(
+            &settings.data_dir,
+            registry.clone(),
+            firmware.clone(),
+            Some(ota.clone()),
+            Some(migration.clone()),
+            settings.export.clone(),
+        )
+        .context("cannot load the export/import jobs")?;
 
         let ingest = Arc::new(
             Ingest::new(registry.clone(), downlink.clone(), metrics.clone())

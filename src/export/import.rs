@@ -1,17 +1,22 @@
 //! The import half: verify (before any job exists), plan every object against this gateway,
-//! then write in dependency order (products → devices → firmware → OTA jobs).
+//! then write in dependency order (products → devices → firmware → OTA jobs → migration tasks).
 //!
 //! Identity on the target: a product by key, a device by `pk/dn`, a firmware package by
 //! (product, module, version) — its id is new on this gateway — and an OTA job by its content
 //! (a job with the same name and the same spec on the same firmware is "identical"; any other
 //! job is created anew with a new id). Products are compared on name, description, instance
 //! and (when the package carries it) secret; devices on secret, enabled and tags; firmware on
-//! its SHA-256.
+//! its SHA-256. A migration task is identified by its product (a product has at most one
+//! task): a task with the same target instance, name and config is "identical", any other task
+//! of the product is a conflict — kept even under `overwrite` (a task is never deleted, it may
+//! be running). A new task is created in `TO_MIGRATE` through the migration engine; its target
+//! instance must already exist on this gateway.
 
 use std::collections::HashMap;
 
 use super::package::{PackageObject, VerifiedPackage};
 use super::*;
+use crate::migration::{Actor, MigrationConfig, NewTask};
 use crate::ota::firmware::NewFirmware;
 use crate::ota::{FirmwarePackage, FirmwareStatus, Job};
 use crate::registry::{NewDevice, NewInstance, NewProduct};
@@ -27,6 +32,27 @@ enum Plan {
 
 fn str_field<'a>(v: &'a serde_json::Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(|x| x.as_str())
+}
+
+/// The definition of an exported migration task (`data.task`).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct TaskDef {
+    product_key: String,
+    #[serde(default)]
+    source_instance_id: String,
+    target_instance_id: String,
+    name: String,
+    config: MigrationConfig,
+}
+
+fn task_def(o: &PackageObject) -> Result<TaskDef, String> {
+    o.data
+        .get("task")
+        .cloned()
+        .ok_or_else(|| "migration task object without its definition".to_owned())
+        .and_then(|t| {
+            serde_json::from_value(t).map_err(|e| format!("bad migration task object: {e}"))
+        })
 }
 
 impl ExportService {
@@ -185,6 +211,19 @@ impl ExportService {
                     }
                     (ImportResult::SkippedIdentical, None, target)
                 }
+                // Migration tasks are never overwritten: the existing one may be running.
+                Plan::Conflict(why) if obj.meta.object_type == ObjectType::MigrationTask => (
+                    ImportResult::Conflict,
+                    Some(format!(
+                        "kept this gateway's object: {why}{}",
+                        if policy == ConflictPolicy::Overwrite {
+                            " (migration tasks are never overwritten; delete this gateway's task first if it is not running)"
+                        } else {
+                            ""
+                        }
+                    )),
+                    None,
+                ),
                 Plan::Conflict(why) if policy != ConflictPolicy::Overwrite => (
                     ImportResult::Conflict,
                     Some(format!("kept this gateway's object: {why}")),
@@ -398,7 +437,45 @@ impl ExportService {
                 }
             }
             ObjectType::MigrationTask => {
-                Plan::Invalid("MIGRATION_TASK objects are not supported by this build yet".into())
+                let Some(engine) = self.migration() else {
+                    return Plan::Invalid("migration is not available on this gateway".into());
+                };
+                let def = match task_def(o) {
+                    Ok(d) => d,
+                    Err(e) => return Plan::Invalid(e),
+                };
+                let pk = &def.product_key;
+                let in_package = pkg
+                    .objects
+                    .iter()
+                    .any(|p| p.meta.object_type == ObjectType::Product && p.meta.id == *pk);
+                if reg.get_product(pk).is_err() && !in_package {
+                    return Plan::Invalid(format!(
+                        "product {pk} is neither on this gateway nor in the package"
+                    ));
+                }
+                if reg.get_instance(&def.target_instance_id).is_err() {
+                    return Plan::Invalid(format!(
+                        "target instance {} does not exist on this gateway; create it first, then import again",
+                        def.target_instance_id
+                    ));
+                }
+                match filter_migrations(engine, pk).into_iter().next() {
+                    None => Plan::Create,
+                    Some(t)
+                        if t.target_instance_id == def.target_instance_id
+                            && t.name == def.name
+                            && t.config == def.config =>
+                    {
+                        Plan::Identical
+                    }
+                    Some(t) => Plan::Conflict(format!(
+                        "product {pk} already has migration task {} ({}, target {})",
+                        t.task_id,
+                        t.state.as_str(),
+                        t.target_instance_id
+                    )),
+                }
             }
         }
     }
@@ -414,6 +491,13 @@ impl ExportService {
                     .map(|p| p.firmware_id)
             }
             ObjectType::OtaJob => self.identical_job(o),
+            ObjectType::MigrationTask => {
+                let def = task_def(o).ok()?;
+                filter_migrations(self.migration()?, &def.product_key)
+                    .into_iter()
+                    .next()
+                    .map(|t| t.task_id)
+            }
             _ => Some(o.meta.id.clone()),
         }
     }
@@ -518,7 +602,7 @@ impl ExportService {
                 Ok(Some(new_id))
             }
             ObjectType::OtaJob => self.create_job(o, fw_map).await.map(Some),
-            ObjectType::MigrationTask => Err("not supported by this build yet".into()),
+            ObjectType::MigrationTask => self.create_migration(o).await.map(Some),
         }
     }
 
@@ -611,6 +695,48 @@ impl ExportService {
         spec.firmware_id = target_fw;
         let view = ota.create_job(spec).await.map_err(|e| e.to_string())?;
         Ok(view.job.job_id)
+    }
+
+    /// Creates the task in `TO_MIGRATE` with the exported name and config.
+    async fn create_migration(&self, o: &PackageObject) -> Result<String, String> {
+        let engine = self
+            .migration()
+            .ok_or("migration is not available on this gateway")?;
+        let def = task_def(o)?;
+        if self
+            .inner
+            .registry
+            .get_instance(&def.target_instance_id)
+            .is_err()
+        {
+            return Err(format!(
+                "target instance {} does not exist on this gateway; create it first, then import again",
+                def.target_instance_id
+            ));
+        }
+        let details = engine
+            .create(
+                NewTask {
+                    product_key: def.product_key,
+                    target_instance_id: def.target_instance_id,
+                    name: Some(def.name),
+                    config: def.config,
+                },
+                Actor::system(),
+            )
+            .await
+            .map_err(|e| {
+                let src = if def.source_instance_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (source instance on the exporting gateway: {})",
+                        def.source_instance_id
+                    )
+                };
+                format!("cannot create the migration task{src}: {e}")
+            })?;
+        Ok(details.task_id)
     }
 
     async fn overwrite(

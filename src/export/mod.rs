@@ -1,10 +1,11 @@
 //! Export and import jobs (design §7, the export-jobs seed): move products, devices (with
-//! their secrets, encrypted), firmware packages and OTA jobs between gateways as ZIP packages.
+//! their secrets, encrypted), firmware packages, OTA jobs and migration task definitions between
+//! gateways as ZIP packages.
 //!
 //! # Shape
 //!
 //! - [`ExportService::start_export`] resolves the requested ids (and their dependencies)
-//!   against the registry, firmware repository and OTA engine *in the request*, so unknown ids
+//!   against the registry, firmware repository, OTA engine and migration engine *in the request*, so unknown ids
 //!   fail it; then it records an IN_PROGRESS job, answers, and a tokio task writes the package
 //!   to `{data_dir}/exports/{id}.zip` ([`package::write_package`], on a blocking thread).
 //! - [`ExportService::start_import`] verifies the whole package first ([`package::read_package`]:
@@ -16,7 +17,8 @@
 //!   written at start and end; a job a restart interrupted is marked FAILED when loaded.
 //! - [`limit`]: the 429 "too many requests" checks the API applies to these routes.
 //!
-//! This module changes registry, firmware and OTA state only through their public methods.
+//! This module changes registry, firmware, OTA and migration state only through their public
+//! methods (a migration task is imported with [`MigrationEngine::create`]).
 
 pub mod crypto;
 pub mod limit;
@@ -37,6 +39,7 @@ use dashmap::DashMap;
 use serde_json::json;
 
 use crate::config::ExportSettings;
+use crate::migration::{MigrationEngine, TaskFilter};
 use crate::ota::engine::JobFilter;
 use crate::ota::{FirmwareRepo, OtaEngine};
 use crate::registry::{DeviceFilter, Page, Registry};
@@ -95,6 +98,7 @@ struct Inner {
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
     ota: Option<OtaEngine>,
+    migration: Option<Arc<MigrationEngine>>,
     store: Store,
     dir: PathBuf,
     settings: ExportSettings,
@@ -125,6 +129,7 @@ impl ExportService {
         registry: Arc<Registry>,
         firmware: Arc<FirmwareRepo>,
         ota: Option<OtaEngine>,
+        migration: Option<Arc<MigrationEngine>>,
         settings: ExportSettings,
     ) -> Result<ExportService, ExportError> {
         let dir = data_dir.join(EXPORT_DIR);
@@ -161,6 +166,7 @@ impl ExportService {
                 registry,
                 firmware,
                 ota,
+                migration,
                 store,
                 dir,
                 settings,
@@ -255,19 +261,6 @@ impl ExportService {
             }
             Some(n) => n.to_owned(),
         };
-        if let Some(o) = req
-            .objects
-            .iter()
-            .find(|o| o.object_type == ObjectType::MigrationTask)
-        {
-            return Err(ExportError::Invalid {
-                field: "objects",
-                message: format!(
-                    "MIGRATION_TASK {} cannot be exported by this build yet (products, devices, firmware and OTA jobs can)",
-                    o.id
-                ),
-            });
-        }
         let include_secrets = req.include_secrets.unwrap_or(true);
         let items = self.resolve(&req.objects, include_secrets)?;
         let has_secrets = items.iter().any(|i| i.secrets.is_some());
@@ -503,7 +496,13 @@ impl ExportService {
                     deps,
                     &mut expanded_products,
                 ),
-                ObjectType::MigrationTask => false,
+                ObjectType::MigrationTask => self.add_migration(
+                    &mut out,
+                    &r.id,
+                    include_secrets,
+                    deps,
+                    &mut expanded_products,
+                ),
             };
             if !found {
                 unknown.push(format!("{} {}", r.object_type.as_str(), r.id));
@@ -692,6 +691,57 @@ impl ExportService {
         true
     }
 
+    /// Adds a migration task: its definition (product, source and target instance, name,
+    /// config) and, for information only, its state and device totals. With dependencies its
+    /// product comes along with the product's devices and firmware. The target instance is not
+    /// exported: it must exist on the importing gateway.
+    fn add_migration(
+        &self,
+        out: &mut BTreeMap<(u8, String), ExportItem>,
+        tid: &str,
+        include_secrets: bool,
+        deps: bool,
+        expanded: &mut HashSet<String>,
+    ) -> bool {
+        let Some(engine) = &self.inner.migration else {
+            return false;
+        };
+        let Ok(t) = engine.details(tid) else {
+            return false;
+        };
+        if deps {
+            self.add_product(out, &t.product_key, include_secrets, true, expanded);
+        }
+        out.entry((ObjectType::MigrationTask.rank(), tid.to_owned()))
+            .or_insert_with(|| ExportItem {
+                id: tid.to_owned(),
+                object_type: ObjectType::MigrationTask,
+                name: t.name.clone(),
+                path: format!(
+                    "/{}/{}/migration/{tid}",
+                    t.source_instance_id, t.product_key
+                ),
+                data: json!({
+                    "task": {
+                        "product_key": t.product_key,
+                        "source_instance_id": t.source_instance_id,
+                        "target_instance_id": t.target_instance_id,
+                        "name": t.name,
+                        "config": t.config,
+                    },
+                    // Information only: an import always creates the task in TO_MIGRATE.
+                    "state": t.state,
+                    "status": t.status,
+                    "devices": t.devices,
+                    "created_at_ms": t.created_at_ms,
+                    "completed_at_ms": t.completed_at_ms,
+                }),
+                secrets: None,
+                blob: None,
+            });
+        true
+    }
+
     /// Every job of `kind`, newest first (for listings).
     pub fn list(&self, kind: JobKind) -> Vec<JobRecord> {
         let mut all: Vec<JobRecord> = self
@@ -709,6 +759,33 @@ impl ExportService {
     fn ota(&self) -> Option<&OtaEngine> {
         self.inner.ota.as_ref()
     }
+
+    fn migration(&self) -> Option<&Arc<MigrationEngine>> {
+        self.inner.migration.as_ref()
+    }
+}
+
+/// Migration tasks of `pk` on this gateway (a product has at most one; every page anyway).
+fn filter_migrations(engine: &MigrationEngine, pk: &str) -> Vec<crate::migration::TaskDetails> {
+    let mut out = Vec::new();
+    let mut page = 1;
+    loop {
+        let Ok(pg) = Page::new(page, 100) else { break };
+        let list = engine.list(
+            &TaskFilter {
+                product_key: Some(pk.to_owned()),
+                state: None,
+            },
+            pg,
+        );
+        let n = list.items.len();
+        out.extend(list.items);
+        if n < 100 {
+            break;
+        }
+        page += 1;
+    }
+    out
 }
 
 /// Jobs of `pk` on this gateway (every page).

@@ -21,7 +21,7 @@ pub enum ObjectType {
     Firmware,
     /// id: the OTA job id.
     OtaJob,
-    /// id: the migration task id (not exportable by this build yet).
+    /// id: the migration task id.
     MigrationTask,
 }
 
@@ -56,7 +56,8 @@ pub struct ObjectRequest {
     #[serde(rename = "type")]
     pub object_type: ObjectType,
     /// A product brings its devices and firmware, a device its product, firmware its product,
-    /// an OTA job its firmware (and product, and the devices a SPECIFIC job names). Default true.
+    /// an OTA job its firmware (and product, and the devices a SPECIFIC job names), a migration
+    /// task its product (with the product's devices and firmware). Default true.
     #[serde(default)]
     pub include_dependencies: Option<bool>,
 }

@@ -8,6 +8,7 @@
 //! objects/device/{pk}/{dn}.json
 //! objects/firmware/{fid}.json
 //! objects/ota_job/{jid}.json
+//! objects/migration_task/{tid}.json
 //! firmware/{sha256}             the firmware bytes (one file per distinct content)
 //! ```
 //!

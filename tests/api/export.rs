@@ -562,3 +562,108 @@ async fn a_burst_of_starts_gets_429_with_retry_after() {
         "a burst of 40 exceeds the default burst of 10"
     );
 }
+
+#[tokio::test]
+async fn a_migration_task_round_trips_in_to_migrate_with_its_config() {
+    const TARGET: &str = "enterprise-1";
+    let src = spawn_app().await;
+    let pk = src.create_product("migrating product").await;
+    src.create_device(&pk, "dev-one").await;
+    let (s, b) = src
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": TARGET, "name": "Enterprise"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, task) = src
+        .post(
+            "/api/v1/migrations",
+            json!({"product_key": pk, "target_instance_id": TARGET, "name": "move meters",
+                "migration_method": "incremental_migration", "resume_mode": "manual",
+                "bandwidth_limit_mb": 20}),
+        )
+        .await;
+    assert_eq!(s, 201, "{task}");
+    let tid = task["task_id"].as_str().unwrap().to_owned();
+
+    let (job, package) = export(
+        &src,
+        json!({"secrets_key": KEY, "objects": [{"id": tid, "type": "MIGRATION_TASK"}]}),
+    )
+    .await;
+    // The task brings its product and the product's devices.
+    assert_eq!(job["objects"].as_array().unwrap().len(), 3, "{job}");
+    let exported = result_of(&job, &tid);
+    assert_eq!(exported["type"], "MIGRATION_TASK");
+    assert_eq!(exported["status"]["state"], "SUCCESSFUL");
+
+    // Without the target instance on the importing gateway the task fails, clearly.
+    let dst = spawn_app().await;
+    let imported = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(imported["status"]["state"], "FAILED", "{imported}");
+    let o = result_of(&imported, &tid);
+    assert_eq!(o["result"], "failed");
+    let msg = o["status"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("target instance {TARGET} does not exist")),
+        "{msg}"
+    );
+    assert_eq!(imported["summary"]["created"], 2, "product and device");
+
+    // With it: created in TO_MIGRATE with the same definition.
+    let (s, b) = dst
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": TARGET, "name": "Enterprise"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let imported = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(imported["status"]["state"], "SUCCESSFUL", "{imported}");
+    let o = result_of(&imported, &tid);
+    assert_eq!(o["result"], "created", "{imported}");
+    let new_tid = o["target_id"].as_str().expect("a new task id").to_owned();
+    let (s, t) = dst.get(&format!("/api/v1/migrations/{new_tid}")).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["state"], "TO_MIGRATE");
+    assert_eq!(t["product_key"], pk);
+    assert_eq!(t["target_instance_id"], TARGET);
+    assert_eq!(t["name"], "move meters");
+    assert_eq!(t["config"], task["config"]);
+    assert_eq!(t["config"]["bandwidth_limit_mb"], 20);
+
+    // Again: identical. A different task of the product conflicts, even under overwrite.
+    let again = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(result_of(&again, &tid)["result"], "skipped_identical");
+    let (s, b) = src
+        .request(
+            reqwest::Method::PUT,
+            &format!("/api/v1/migrations/{tid}/config"),
+            Some(
+                json!({"migration_method": "incremental_migration", "resume_mode": "manual",
+                "bandwidth_limit_mb": 40}),
+            ),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (_, changed) = export(
+        &src,
+        json!({"include_secrets": false, "objects": [{"id": tid, "type": "MIGRATION_TASK",
+            "include_dependencies": false}]}),
+    )
+    .await;
+    let over = import_done(&dst, &changed, None, "overwrite").await;
+    let o = result_of(&over, &tid);
+    assert_eq!(o["result"], "conflict", "{over}");
+    assert!(
+        o["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never overwritten"),
+        "{over}"
+    );
+    let (_, t) = dst.get(&format!("/api/v1/migrations/{new_tid}")).await;
+    assert_eq!(t["config"]["bandwidth_limit_mb"], 20, "kept");
+}
