@@ -2,7 +2,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p fleetgate -p firmware-sim && ls target/release/fleetgate target/release/firmware-sim
+RUN cargo build --release --locked -p fleetgate -p firmware-sim
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
