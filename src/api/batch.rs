@@ -280,16 +280,7 @@ fn reprefix(e: ApiError, field: &str) -> ApiError {
 }
 
 fn parse_csv_rows(body: &[u8]) -> Result<Vec<InputRow>, ApiError> {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(body);
-    let headers = rdr
-        .byte_headers()
-        .map_err(|e| ApiError::malformed(format!("malformed CSV header: {e}")))?
-        .clone();
+    let (mut rdr, headers) = super::extract::csv_with_header(body)?;
     if headers.iter().all(|h| h.is_empty()) {
         return Err(ApiError::malformed(
             "empty CSV: expected a header line DeviceName[,DeviceSecret]",

@@ -423,16 +423,7 @@ async fn selection(req: Request, json_max: usize, allow_all: bool) -> Result<Sel
 /// Device names from a CSV with a `DeviceName` column (case-insensitive header; a UTF-8 BOM,
 /// other columns and blank rows are tolerated). At most [`MAX_PICKED`] data rows.
 fn parse_csv_names(body: &[u8]) -> Result<Vec<String>, ApiError> {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(body);
-    let headers = rdr
-        .byte_headers()
-        .map_err(|e| ApiError::malformed(format!("malformed CSV header: {e}")))?
-        .clone();
+    let (mut rdr, headers) = super::extract::csv_with_header(body)?;
     let col = headers
         .iter()
         .position(|h| h.eq_ignore_ascii_case(b"devicename"))
