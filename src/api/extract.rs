@@ -198,6 +198,25 @@ where
     }
 }
 
+/// A CSV upload with a header line, as spreadsheets export it: a UTF-8 BOM is skipped, fields
+/// are trimmed, rows may have fewer or more fields than the header. Returns the reader
+/// (positioned at the first data row) and the header; a malformed header is a 400.
+pub(crate) fn csv_with_header(
+    body: &[u8],
+) -> Result<(csv::Reader<&[u8]>, csv::ByteRecord), ApiError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(body);
+    let headers = rdr
+        .byte_headers()
+        .map_err(|e| ApiError::malformed(format!("malformed CSV header: {e}")))?
+        .clone();
+    Ok((rdr, headers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,23 +284,4 @@ mod tests {
         let e = parse_query::<Q>("online=maybe").unwrap_err();
         assert_eq!(e.field(), Some("online"));
     }
-}
-
-/// A CSV upload with a header line, as spreadsheets export it: a UTF-8 BOM is skipped, fields
-/// are trimmed, rows may have fewer or more fields than the header. Returns the reader
-/// (positioned at the first data row) and the header; a malformed header is a 400.
-pub(crate) fn csv_with_header(
-    body: &[u8],
-) -> Result<(csv::Reader<&[u8]>, csv::ByteRecord), ApiError> {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(body);
-    let headers = rdr
-        .byte_headers()
-        .map_err(|e| ApiError::malformed(format!("malformed CSV header: {e}")))?
-        .clone();
-    Ok((rdr, headers))
 }
