@@ -35,6 +35,8 @@ pub struct Metrics {
     pub store_write_seconds: Histogram,
     /// Operations per store transaction.
     pub store_batch_size: Histogram,
+    /// Store submissions skipped because a later one in the same transaction overwrote them.
+    pub store_superseded: Counter,
     /// HTTP requests by status class (`2xx`, `4xx`, `5xx`).
     pub http_requests: Family<Labels, Counter>,
     /// Devices moved by migration tasks, by result (`migrated`, `rolled_back`, `failed`);
@@ -104,6 +106,7 @@ impl Metrics {
             downlink_messages: Counter::default(),
             store_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            store_superseded: Counter::default(),
             http_requests: Family::default(),
             migration_devices: Family::default(),
             migration_kicks: Counter::default(),
@@ -176,6 +179,11 @@ impl Metrics {
             "store_batch_size",
             "Operations per store transaction",
             m.store_batch_size.clone(),
+        );
+        registry.register(
+            "store_superseded_writes",
+            "Store submissions skipped because a later write in the same transaction replaced them",
+            m.store_superseded.clone(),
         );
         registry.register(
             "http_requests",

@@ -207,6 +207,8 @@ struct IngestRow {
     acl_denied: Option<u64>,
     subscriber: Option<SubscriberStats>,
     rss_kib: u64,
+    /// Broker CPU time (user + system) per message during the flood, microseconds.
+    cpu_us_per_msg: f64,
     warnings_logged: u64,
     /// Messages per second this row counts as its rate: PUBACKed/s for the gateway (PUBACK
     /// means processed), distinct messages received/s for a relay.
@@ -614,10 +616,11 @@ async fn ingest_benchmark(args: &Args, bins: &Bins, results: &mut Results) -> an
                 ..row
             };
             eprintln!(
-                "ingest {:<48} run {run}: {:>8.0} msg/s, PUBACK p50 {:.1} ms p99 {:.1} ms, \
+                "ingest {:<48} run {run}: {:>8.0} msg/s, broker CPU {:.2} µs/msg, PUBACK p50 {:.1} ms p99 {:.1} ms, \
                  sent {} acked {} processed {} lost {} stored_ok {:?}/{:?} malformed {:?} acl_denied {:?} warnings {}",
                 row.scenario,
                 row.rate,
+                row.cpu_us_per_msg,
                 row.flood.latency.p50_ms,
                 row.flood.latency.p99_ms,
                 row.flood.sent,
@@ -697,7 +700,9 @@ async fn gateway_ingest(
     });
     // Every device connected (checked above), so the flattened list is in device order.
     let clients = clients.into_iter().flatten().collect();
+    let cpu_before = server.cpu_s()?;
     let flood = loadgen::flood(clients, messages, make, Duration::from_secs(300)).await;
+    let cpu = server.cpu_s()? - cpu_before;
     let after = api.metric(&counter).await?;
     let malformed = (api.metric(&malformed_counter).await? - malformed_before) as u64;
     let acl_denied = (api.metric(acl_counter).await? - acl_before) as u64;
@@ -745,6 +750,7 @@ async fn gateway_ingest(
         acl_denied: Some(acl_denied),
         subscriber: None,
         rss_kib: rss,
+        cpu_us_per_msg: cpu * 1e6 / (n * messages) as f64,
         warnings_logged: warnings,
         lost,
         load1: f64::NAN,
@@ -780,9 +786,11 @@ async fn relay(
     });
     let clients = clients.into_iter().flatten().collect();
     let started = Instant::now();
+    let cpu_before = server.cpu_s()?;
     let sub = Subscriber::run(sub, publishers, messages, started, Duration::from_secs(5));
     let flood = loadgen::flood(clients, messages, make, Duration::from_secs(300)).await;
     let sub = sub.finish().await?;
+    let cpu = server.cpu_s()? - cpu_before;
     let rss = server.rss_kib()?;
     server.stop().await?;
     let expected = (publishers * messages) as u64;
@@ -796,6 +804,7 @@ async fn relay(
         malformed: None,
         acl_denied: None,
         rss_kib: rss,
+        cpu_us_per_msg: cpu * 1e6 / (publishers * messages) as f64,
         warnings_logged: 0,
         lost: expected.saturating_sub(sub.received),
         load1: f64::NAN,
@@ -847,10 +856,10 @@ fn print_report(args: &Args, r: &Results) {
 
     println!("\n## Ingest and relay (median of {} runs)\n", args.runs);
     println!(
-        "| scenario | msg/s | PUBACK p50 ms | p99 ms | sent | acked | processed | lost (sum of runs) | \
-         stored = last reported | RSS MiB | load |"
+        "| scenario | msg/s | broker CPU µs/msg | PUBACK p50 ms | p99 ms | sent | acked | processed | \
+         lost (sum of runs) | stored = last reported | RSS MiB | load |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut names: Vec<String> = Vec::new();
     for row in &r.ingest {
         if !names.contains(&row.scenario) {
@@ -866,8 +875,9 @@ fn print_report(args: &Args, r: &Results) {
             .map(|(o, c)| format!("{o}/{c}"))
             .collect::<Vec<_>>();
         println!(
-            "| {name} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.1} |",
+            "| {name} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.1} |",
             med(&|i| i.rate),
+            med(&|i| i.cpu_us_per_msg),
             med(&|i| i.flood.latency.p50_ms),
             med(&|i| i.flood.latency.p99_ms),
             med(&|i| i.flood.sent as f64),

@@ -85,13 +85,14 @@ impl Server {
             .arg(data_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            // The gateway logs to stderr; stdout only carries the first-start token notice.
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
         let log = Arc::new(LogTap::default());
         let deadline = Instant::now() + Duration::from_secs(60);
         let (mqtt, http) = loop {
@@ -243,6 +244,24 @@ impl Server {
     /// Resident set size, KiB (`VmRSS`).
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         proc_status_kib(self.pid()?, "VmRSS:")
+    }
+
+    /// CPU time the broker process used so far (user + system), seconds. Clock-tick resolution
+    /// (10 ms); a measure of cost per message that other load on the machine barely moves.
+    pub fn cpu_s(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?))?;
+        // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i)
+                .context("short /proc/pid/stat")?
+                .parse::<f64>()?)
+        };
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok((ticks(11)? + ticks(12)?) / hz)
     }
 
     /// SIGTERM, then SIGKILL after 20 s.

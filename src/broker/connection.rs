@@ -354,6 +354,7 @@ where
 {
     let mut to_link = Vec::new();
     let mut outcome = Ok(());
+    let mut pipeline: Vec<UpPublish> = Vec::new();
     loop {
         let frame = match codec::next_frame(&mut conn.rbuf, conn.max_packet) {
             Ok(Some(frame)) => frame,
@@ -364,10 +365,26 @@ where
                 break;
             }
         };
+        let frame = match frame {
+            Frame::Publish(publish) if publish.qos < 2 && pipeline.len() < PIPELINE_MAX => {
+                pipeline.push(publish);
+                continue;
+            }
+            other => other,
+        };
+        // Anything else keeps its place in the stream: the PUBLISHes before it are done first.
+        if let Err(reason) = on_publishes(&mut pipeline, conn, live).await {
+            outcome = Err(reason);
+            break;
+        }
         if let Err(reason) = on_frame(frame, conn, live, flow, &mut to_link).await {
             outcome = Err(reason);
             break;
         }
+    }
+    // What was read before an error still gets processed and acknowledged.
+    if let Err(reason) = on_publishes(&mut pipeline, conn, live).await {
+        outcome = outcome.and(Err(reason));
     }
     // What was handled before an error or a DISCONNECT still gets its acks.
     if !to_link.is_empty() {
@@ -572,6 +589,76 @@ where
         }
         _ => Ok(()),
     }
+}
+
+/// Most QoS 0/1 PUBLISHes of one socket read handled together by [`on_publishes`].
+const PIPELINE_MAX: usize = 64;
+
+/// Handles consecutive QoS 0/1 PUBLISHes of one read together, then acknowledges them in order.
+///
+/// The hooks' futures run concurrently (`join_all` first-polls them in arrival order, and the
+/// hooks apply every order-sensitive effect before their first await — see
+/// [`DeviceHooks::on_publish`]), so a device with ten reports in flight has them committed in one
+/// store transaction instead of ten consecutive ones; the PUBACKs still go out only after every
+/// future of the run completed, in packet order. QoS 2 (duplicate detection) and every other
+/// packet take the one-at-a-time path, after the run before them.
+async fn on_publishes<S, H>(
+    pipeline: &mut Vec<UpPublish>,
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+) -> Result<(), DisconnectReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
+    if pipeline.is_empty() {
+        return Ok(());
+    }
+    let device = &live.session.device;
+    let mut allowed = Vec::with_capacity(pipeline.len());
+    for publish in pipeline.iter() {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            // Nothing of this run is acknowledged: the client resends it after reconnecting.
+            pipeline.clear();
+            return Err(DisconnectReason::ConnectionLost);
+        };
+        if acl::topic_allowed(&device.product_key, &device.device_name, topic) {
+            allowed.push((topic, publish.payload.clone()));
+        } else {
+            live.shared
+                .metrics
+                .acl_denied
+                .get_or_create(&[("kind", "publish")])
+                .inc();
+            tracing::debug!(topic, "publish refused by ACL");
+        }
+    }
+    match allowed.as_slice() {
+        [] => {}
+        [(topic, payload)] => {
+            live.hooks
+                .on_publish(&live.session, topic, payload.clone())
+                .await
+        }
+        _ => {
+            futures_util::future::join_all(allowed.iter().map(|(topic, payload)| {
+                live.hooks.on_publish(&live.session, topic, payload.clone())
+            }))
+            .await;
+        }
+    }
+    drop(allowed);
+    let lost = |_| DisconnectReason::ConnectionLost;
+    for publish in pipeline.drain(..) {
+        if publish.qos == 1 {
+            let ack = PubAck {
+                pkid: publish.pkid,
+                reason: PubAckReason::Success,
+            };
+            conn.queue(Packet::PubAck(ack, None)).map_err(lost)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes a batch of router notifications to the device.

@@ -170,6 +170,11 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason);
     /// An upstream PUBLISH that passed the ACL. The QoS1 PUBACK is written only after the
     /// returned future completes, so "acknowledged" means "processed".
+    ///
+    /// The futures of consecutive QoS 0/1 PUBLISHes of one connection may run concurrently
+    /// (first-polled in arrival order): an implementation applies whatever must follow the
+    /// device's message order (registry changes, queueing a store write or an outbox message)
+    /// before its first await, and only waits afterwards (e.g. for durability).
     fn on_publish(
         &self,
         session: &Session,

@@ -62,7 +62,7 @@ use dashmap::DashMap;
 use fleetgate_topics::UpgradeMessage;
 use serde::Serialize;
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, Notify};
@@ -388,6 +388,9 @@ pub(crate) struct Inner {
     config: EngineConfig,
     metrics: Arc<Metrics>,
     jobs: DashMap<String, Arc<JobEntry>>,
+    /// DYNAMIC jobs in `jobs`: lets every version report skip the scan for jobs to join when
+    /// there are none (the common case), which otherwise walks every shard of `jobs`.
+    dynamic_jobs: AtomicUsize,
     tasks: DashMap<TaskKey, TaskSlot>,
     active: DashMap<(String, String, String), String>,
     device_jobs: DashMap<(String, String), Vec<String>>,
@@ -442,6 +445,7 @@ impl OtaEngine {
             config,
             metrics,
             jobs: DashMap::new(),
+            dynamic_jobs: AtomicUsize::new(0),
             tasks: DashMap::new(),
             active: DashMap::new(),
             device_jobs: DashMap::new(),
@@ -471,7 +475,7 @@ impl OtaEngine {
             })?;
             let policy = self.policy_for(&job);
             let entry = Arc::new(JobEntry::new(job, policy));
-            inner.jobs.insert(id, entry);
+            self.insert_job(id, entry);
         }
         let mut push_times: std::collections::HashMap<String, Vec<i64>> = Default::default();
         let mut loaded = 0usize;
@@ -561,6 +565,33 @@ impl OtaEngine {
         }
         tracing::info!(jobs = inner.jobs.len(), tasks = loaded, "OTA jobs loaded");
         Ok(())
+    }
+
+    /// Adds a job to the in-memory index (the only way in, so `dynamic_jobs` stays exact).
+    pub(crate) fn insert_job(&self, id: String, entry: Arc<JobEntry>) {
+        let dynamic = entry.selection == Selection::Dynamic;
+        if let Some(old) = self.inner.jobs.insert(id, entry) {
+            if old.selection == Selection::Dynamic {
+                self.inner.dynamic_jobs.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if dynamic {
+            self.inner.dynamic_jobs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes a job from the in-memory index.
+    pub(crate) fn remove_job(&self, id: &str) {
+        if let Some((_, old)) = self.inner.jobs.remove(id) {
+            if old.selection == Selection::Dynamic {
+                self.inner.dynamic_jobs.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether any DYNAMIC job exists (finished ones included).
+    pub(crate) fn has_dynamic_jobs(&self) -> bool {
+        self.inner.dynamic_jobs.load(Ordering::Relaxed) > 0
     }
 
     fn policy_for(&self, job: &Job) -> TaskPolicy {

@@ -357,7 +357,20 @@ impl StoreBackend for SqliteBackend {
         let mut tx = self.conn.transaction()?;
         let mut results = Vec::with_capacity(submissions.len());
         for ops in submissions {
-            // Each submission in its own savepoint: a failing one is rolled back alone.
+            if let [op] = ops {
+                // One statement needs no savepoint: SQLite rolls a failing statement back by
+                // itself (constraint errors abort the statement, not the transaction). Errors
+                // that roll the whole transaction back (I/O, out of memory) leave autocommit on;
+                // the transaction is then reported failed as a whole.
+                match apply(&tx, op) {
+                    Ok(()) => results.push(Ok(())),
+                    Err(e) if tx.is_autocommit() => return Err(e),
+                    Err(e) => results.push(Err(e)),
+                }
+                continue;
+            }
+            // Each submission of several statements in its own savepoint: a failing one is
+            // rolled back alone.
             let sp = tx.savepoint()?;
             match ops.iter().try_for_each(|op| apply(&sp, op)) {
                 Ok(()) => {

@@ -7,6 +7,7 @@
 
 use super::{Msg, Op, Reply, StoreBackend};
 use crate::metrics::Metrics;
+use std::collections::HashSet;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,8 +72,29 @@ fn commit<B: StoreBackend>(
         return;
     }
     let started = Instant::now();
-    let submissions: Vec<&[Op]> = batch.iter().map(|(ops, _)| ops.as_slice()).collect();
-    let outcome = backend.commit(&submissions);
+    let skip = superseded(&batch);
+    let submissions: Vec<&[Op]> = batch
+        .iter()
+        .zip(&skip)
+        .filter(|(_, &skip)| !skip)
+        .map(|((ops, _), _)| ops.as_slice())
+        .collect();
+    metrics
+        .store_superseded
+        .inc_by((batch.len() - submissions.len()) as u64);
+    let outcome = backend.commit(&submissions).map(|results| {
+        // Superseded submissions share the transaction's fate: `Ok` once it commits.
+        let mut results = results.into_iter();
+        skip.iter()
+            .filter_map(|&skipped| {
+                if skipped {
+                    Some(Ok(()))
+                } else {
+                    results.next()
+                }
+            })
+            .collect::<Vec<_>>()
+    });
     metrics
         .store_write_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -106,5 +128,216 @@ fn commit<B: StoreBackend>(
                 reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+/// What a single-op submission overwrites, if it is a pure overwrite.
+#[derive(PartialEq, Eq, Hash)]
+enum Target<'a> {
+    Version(&'a str, &'a str, &'a str),
+    Doc(&'static str, &'a str),
+}
+
+fn overwrite_target(ops: &[Op]) -> Option<Target<'_>> {
+    match ops {
+        [Op::SetVersion {
+            product_key,
+            device_name,
+            module,
+            ..
+        }] => Some(Target::Version(product_key, device_name, module)),
+        [Op::PutDoc { kind, id, .. }] => Some(Target::Doc(kind, id)),
+        _ => None,
+    }
+}
+
+/// Marks the submissions whose whole effect a LATER submission of the same batch overwrites:
+/// a version report or document write followed by another single-op write of the same row.
+/// Skipping them leaves the committed state exactly as applying all in order would (the later
+/// write replaces every column; a delete in between removes the row either way), and saves a
+/// statement per report when a device reports faster than the writer commits.
+///
+/// Only single-op submissions are skipped and only single-op ones supersede: a later
+/// multi-op submission may roll back as a whole (savepoint), which must not take an earlier,
+/// independent write with it. A single `SetVersion` fails only when its device is gone, and
+/// then the earlier row is gone too (cascade).
+fn superseded(batch: &[(Vec<Op>, super::Reply)]) -> Vec<bool> {
+    let mut seen: HashSet<Target<'_>> = HashSet::new();
+    let mut skip = vec![false; batch.len()];
+    for (i, (ops, _)) in batch.iter().enumerate().rev() {
+        if let Some(target) = overwrite_target(ops) {
+            skip[i] = !seen.insert(target);
+        }
+    }
+    skip
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeviceRecord, ProductRecord};
+    use crate::store::{InstanceRecord, Reply, SqliteBackend, StoreError};
+    use std::collections::BTreeMap;
+    use tokio::sync::oneshot;
+
+    type Outcome = oneshot::Receiver<Result<(), StoreError>>;
+
+    fn version(dn: &str, v: &str) -> Op {
+        Op::SetVersion {
+            product_key: "pk".into(),
+            device_name: dn.into(),
+            module: "MCU".into(),
+            version: v.into(),
+            reported_at_ms: 1,
+        }
+    }
+
+    fn setup() -> SqliteBackend {
+        let mut backend = SqliteBackend::open_in_memory().unwrap();
+        let device = |dn: &str| {
+            Op::PutDevice(DeviceRecord {
+                product_key: "pk".into(),
+                device_name: dn.into(),
+                device_secret: "s".into(),
+                instance_id: "default".into(),
+                enabled: true,
+                tags: BTreeMap::new(),
+                created_at_ms: 0,
+            })
+        };
+        let ops = vec![
+            Op::PutInstance(InstanceRecord {
+                instance_id: "default".into(),
+                name: "default".into(),
+                created_at_ms: 0,
+            }),
+            Op::PutProduct(ProductRecord {
+                product_key: "pk".into(),
+                product_secret: "s".into(),
+                name: "p".into(),
+                instance_id: "default".into(),
+                description: None,
+                created_at_ms: 0,
+            }),
+            device("a"),
+            device("b"),
+        ];
+        let results = backend.commit(&[&ops]).unwrap();
+        assert!(results[0].is_ok());
+        backend
+    }
+
+    /// Commits `submissions` as ONE batch, like the writer does when they are queued together.
+    fn commit_batch(
+        backend: &mut SqliteBackend,
+        metrics: &Metrics,
+        submissions: Vec<Vec<Op>>,
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        let batch: Vec<(Vec<Op>, Reply)> = submissions
+            .into_iter()
+            .map(|ops| {
+                let (tx, rx) = oneshot::channel();
+                outcomes.push(rx);
+                (ops, Reply::Ticket(tx))
+            })
+            .collect();
+        let op_count = batch.iter().map(|(ops, _)| ops.len()).sum();
+        commit(backend, batch, op_count, metrics);
+        outcomes
+    }
+
+    fn result(outcome: &mut Outcome) -> Result<(), StoreError> {
+        outcome.try_recv().expect("every submission is answered")
+    }
+
+    fn stored_version(backend: &mut SqliteBackend, dn: &str) -> Option<String> {
+        let snapshot = backend.load().unwrap();
+        snapshot
+            .devices
+            .iter()
+            .find(|d| d.record.device_name == dn)
+            .and_then(|d| d.versions.get("MCU").cloned())
+    }
+
+    #[test]
+    fn later_reports_of_the_same_row_supersede_earlier_ones() {
+        let mut backend = setup();
+        let metrics = Metrics::new();
+        let mut outcomes = commit_batch(
+            &mut backend,
+            &metrics,
+            vec![
+                version("a", "1"),
+                version("b", "1"),
+                version("a", "2"),
+                version("a", "3"),
+            ]
+            .into_iter()
+            .map(|op| vec![op])
+            .collect(),
+        );
+        for outcome in &mut outcomes {
+            result(outcome).unwrap();
+        }
+        assert_eq!(metrics.store_superseded.get(), 2);
+        assert_eq!(stored_version(&mut backend, "a").as_deref(), Some("3"));
+        assert_eq!(stored_version(&mut backend, "b").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn a_later_multi_op_submission_never_supersedes() {
+        let mut backend = setup();
+        let metrics = Metrics::new();
+        // The second submission fails as a whole (unknown device): the first must stay.
+        let mut outcomes = commit_batch(
+            &mut backend,
+            &metrics,
+            vec![
+                vec![version("a", "1")],
+                vec![version("a", "2"), version("nobody", "1")],
+            ],
+        );
+        result(&mut outcomes[0]).unwrap();
+        assert!(matches!(
+            result(&mut outcomes[1]),
+            Err(StoreError::Sqlite(_))
+        ));
+        assert_eq!(metrics.store_superseded.get(), 0);
+        assert_eq!(stored_version(&mut backend, "a").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn a_delete_between_reports_leaves_nothing_behind() {
+        let mut backend = setup();
+        let metrics = Metrics::new();
+        let delete = Op::DeleteDevice {
+            product_key: "pk".into(),
+            device_name: "a".into(),
+        };
+        let mut outcomes = commit_batch(
+            &mut backend,
+            &metrics,
+            vec![
+                vec![version("a", "1")],
+                vec![delete],
+                vec![version("a", "2")],
+            ],
+        );
+        result(&mut outcomes[0]).unwrap();
+        result(&mut outcomes[1]).unwrap();
+        // A single failing statement (foreign key) is rolled back alone, without a savepoint.
+        assert!(matches!(
+            result(&mut outcomes[2]),
+            Err(StoreError::Sqlite(_))
+        ));
+        assert_eq!(stored_version(&mut backend, "a"), None);
+        assert_eq!(stored_version(&mut backend, "b"), None);
+        assert!(backend
+            .load()
+            .unwrap()
+            .devices
+            .iter()
+            .all(|d| d.record.device_name != "a"));
     }
 }

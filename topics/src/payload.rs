@@ -120,6 +120,11 @@ impl PayloadError {
 
 /// Deserialises `bytes` as one JSON document, with the failing field's path in the error.
 fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, PayloadError> {
+    // The hot path: plain serde_json (path tracking costs on every field of every message).
+    // Only a failing document is parsed again, with paths, to name the field.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         // A shape error can hide a syntax error further on (`{"id":"1"} trailing`): malformed

@@ -75,6 +75,16 @@ impl OtaEngine {
 
     /// A version report (`/ota/device/inform`), after the registry stored it.
     pub async fn on_version(&self, pk: &str, dn: &str, module: &str, version: &str) {
+        if !self
+            .inner
+            .device_jobs
+            .contains_key(&(pk.to_owned(), dn.to_owned()))
+        {
+            // Never part of a job (the common case for a version report): only DYNAMIC jobs
+            // may want it.
+            self.dynamic_join(pk, dn).await;
+            return;
+        }
         let now = self.now();
         if let Some(key) = self.active_task(pk, dn, module) {
             self.apply(&key, Event::Version { module, version }, now)

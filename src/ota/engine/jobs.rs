@@ -179,9 +179,7 @@ impl OtaEngine {
         // Submitted before the tasks become visible: any later write of a task is ordered
         // after its creation.
         let ticket = self.inner.store.submit(ops);
-        self.inner
-            .jobs
-            .insert(job.job_id.clone(), Arc::clone(&entry));
+        self.insert_job(job.job_id.clone(), Arc::clone(&entry));
         let mut ready = Vec::new();
         for (key, slot) in created {
             self.install(&entry, key, slot, now, &mut ready);
@@ -412,7 +410,7 @@ impl OtaEngine {
                 jobs.retain(|j| *j != entry.job_id);
             }
         }
-        self.inner.jobs.remove(&entry.job_id);
+        self.remove_job(&entry.job_id);
     }
 
     /// Persists a job change made by `change`; returns the job after it.
@@ -772,6 +770,9 @@ impl OtaEngine {
 
     /// DYNAMIC jobs: creates a task for a device that now matches (new device, new version).
     pub(crate) async fn dynamic_join(&self, pk: &str, dn: &str) {
+        if !self.has_dynamic_jobs() {
+            return;
+        }
         let candidates: Vec<Arc<JobEntry>> = self
             .inner
             .jobs
