@@ -30,10 +30,12 @@
 //! After a restart everything but `online` is back; nobody is online at start.
 
 mod model;
+mod observer;
 mod restore;
 mod validate;
 
 pub use model::*;
+pub use observer::{DeviceChange, DeviceObserver, ObserverFuture};
 
 use crate::broker::DeviceCredentials;
 use crate::metrics::Metrics;
@@ -185,6 +187,8 @@ pub struct Registry {
     product_order: RwLock<BTreeSet<(String, String)>>,
     online: AtomicUsize,
     generation: AtomicU64,
+    /// Told about device changes once durable (see [`DeviceObserver`]).
+    observers: RwLock<Vec<Arc<dyn DeviceObserver>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -211,6 +215,7 @@ impl Registry {
             product_order: RwLock::new(BTreeSet::new()),
             online: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            observers: RwLock::new(Vec::new()),
         };
         for i in snapshot.instances {
             let instance = Instance {
@@ -292,6 +297,19 @@ impl Registry {
     /// The store this registry writes through (other modules submit their own ops to it).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Adds an observer of device changes (engines register themselves when they start).
+    pub fn add_observer(&self, observer: Arc<dyn DeviceObserver>) {
+        write(&self.observers).push(observer);
+    }
+
+    /// Tells every observer about a durable change, in registration order, awaiting each.
+    async fn notify(&self, change: DeviceChange) {
+        let observers: Vec<Arc<dyn DeviceObserver>> = read(&self.observers).clone();
+        for o in observers {
+            o.device_changed(&change).await;
+        }
     }
 
     fn next_generation(&self) -> u64 {
@@ -750,6 +768,8 @@ impl Registry {
         Ok(device)
     }
 
+    /// Deletes a device. Observers are told once the delete is durable (its OTA tasks end,
+    /// its migration record goes) and have handled it when this returns.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<()> {
         let entry = self.product_or_not_found(pk)?;
         let ticket = {
@@ -768,6 +788,11 @@ impl Registry {
             }])
         };
         ticket.await?;
+        self.notify(DeviceChange::Deleted {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        })
+        .await;
         Ok(())
     }
 

@@ -885,3 +885,50 @@ async fn a_device_list_can_be_uploaded() {
         .collect();
     assert_eq!(names, vec![f.dn(0), f.dn(2)]);
 }
+
+#[tokio::test]
+async fn deleting_a_device_cancels_its_tasks_and_the_job_completes() {
+    let mut t = spawn_app().await;
+    let f = fleet(&t, 2, true).await;
+    let jid = create_job(&t, json!({"firmware_id": f.fid, "target": "ALL"})).await;
+    let mut d0 = f.device(&t, 0).await;
+    d0.upgrade().await;
+    d0.progress(20).await;
+    wait_task(&t, &jid, f.dn(0), "IN_PROGRESS", |v| {
+        v["status"] == "IN_PROGRESS"
+    })
+    .await;
+    // ota-dev-1 never connected: QUEUED (OFFLINE). Both devices are deleted.
+    for i in 0..2 {
+        let (status, body) = t
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/products/{}/devices/{}", f.pk, f.dn(i)),
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+    }
+    // Already done when the DELETE answered.
+    for i in 0..2 {
+        let v = task(&t, &jid, f.dn(i)).await;
+        assert_eq!(v["status"], "CANCELED", "{v}");
+        let last = v["history"].as_array().unwrap().last().unwrap().clone();
+        assert!(
+            last["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("DEVICE_DELETED"),
+            "{last}"
+        );
+    }
+    let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert_eq!(job["counters"]["canceled"], 2, "{job}");
+    // Survives a restart.
+    t.restart().await;
+    let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert_eq!(task(&t, &jid, f.dn(1)).await["status"], "CANCELED");
+}

@@ -814,9 +814,14 @@ impl OtaEngine {
             };
             let ticket = self.inner.store.submit(vec![task_doc(&key, &slot)]);
             let mut ready = Vec::new();
-            self.install(&entry, key, slot, now, &mut ready);
+            self.install(&entry, key.clone(), slot, now, &mut ready);
             if let Err(e) = ticket.await {
                 tracing::error!(error = %e, job = %job.job_id, dn, "dynamic task not stored");
+                continue;
+            }
+            if self.registry().get_device(pk, dn).is_err() {
+                // Deleted while it was joining (after the deletion swept its tasks).
+                self.apply(&key, Event::DeviceDeleted, now).await;
                 continue;
             }
             tracing::debug!(job = %job.job_id, dn, "device joined a dynamic job");
