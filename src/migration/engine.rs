@@ -698,6 +698,8 @@ impl DeviceObserver for DeviceObserverImpl {
                         let _ = rx.await;
                     }
                 }
+                // New devices are NOT_MIGRATED (walks and sweeps find them); tags do not matter.
+                DeviceChange::Created { .. } | DeviceChange::TagsChanged { .. } => {}
             }
         })
     }

@@ -1140,8 +1140,9 @@ impl OtaEngine {
     }
 }
 
-/// The engine's registry observer: a deleted device's tasks end. Weak, so the registry
-/// (which holds its observers) does not keep the engine alive.
+/// The engine's registry observer: a deleted device's tasks end; new devices and devices
+/// whose tags changed are offered to DYNAMIC jobs. Weak, so the registry (which holds its
+/// observers) does not keep the engine alive.
 struct DeviceObserverImpl(std::sync::Weak<Inner>);
 
 impl DeviceObserver for DeviceObserverImpl {
@@ -1157,6 +1158,20 @@ impl DeviceObserver for DeviceObserverImpl {
                     device_name,
                 } => {
                     engine.device_deleted(product_key, device_name).await;
+                }
+                DeviceChange::Created {
+                    product_key,
+                    device_names,
+                } => {
+                    engine
+                        .dynamic_join_many(product_key, device_names, false)
+                        .await;
+                }
+                DeviceChange::TagsChanged {
+                    product_key,
+                    device_name,
+                } => {
+                    engine.dynamic_join(product_key, device_name, false).await;
                 }
             }
         })

@@ -567,7 +567,8 @@ impl Registry {
         }
     }
 
-    /// Creates a device of product `pk` (secret generated when absent).
+    /// Creates a device of product `pk` (secret generated when absent). Observers hear of it
+    /// once durable (DYNAMIC OTA jobs may take it).
     pub async fn create_device(&self, pk: &str, new: NewDevice) -> Result<Device> {
         let entry = self.product_or_not_found(pk)?;
         let (name, state) = self.prepare_device(&entry, new)?;
@@ -598,6 +599,11 @@ impl Registry {
             self.undo_creates(&entry, &[(name, generation)]);
             return Err(e.into());
         }
+        self.notify(DeviceChange::Created {
+            product_key: pk.to_owned(),
+            device_names: vec![name],
+        })
+        .await;
         Ok(device)
     }
 
@@ -676,6 +682,11 @@ impl Registry {
                 self.undo_creates(&entry, &created);
                 return Err(e.into());
             }
+            self.notify(DeviceChange::Created {
+                product_key: pk.to_owned(),
+                device_names: created.into_iter().map(|(name, _)| name).collect(),
+            })
+            .await;
         }
         Ok(results)
     }
@@ -744,13 +755,13 @@ impl Registry {
         })
     }
 
-    /// Changes `enabled` and/or replaces `tags`.
+    /// Changes `enabled` and/or replaces `tags` (observers hear of changed tags).
     pub async fn update_device(&self, pk: &str, dn: &str, update: DeviceUpdate) -> Result<Device> {
         if let Some(tags) = &update.tags {
             validate::tags(tags)?;
         }
         let entry = self.product_or_not_found(pk)?;
-        let (device, ticket) = {
+        let (device, ticket, tags_changed) = {
             let mut d = entry
                 .devices
                 .get_mut(dn)
@@ -758,13 +769,23 @@ impl Registry {
             if let Some(enabled) = update.enabled {
                 d.enabled = enabled;
             }
+            let mut tags_changed = false;
             if let Some(tags) = update.tags {
+                tags_changed = tags != d.tags;
                 d.tags = tags;
             }
             let ticket = self.store.submit(vec![Op::PutDevice(d.record(pk, dn))]);
-            (d.to_device(pk, dn), ticket)
+            (d.to_device(pk, dn), ticket, tags_changed)
         };
         ticket.await?;
+        if tags_changed {
+            // DYNAMIC OTA jobs targeting tags may take the device now.
+            self.notify(DeviceChange::TagsChanged {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            })
+            .await;
+        }
         Ok(device)
     }
 

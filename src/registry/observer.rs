@@ -14,6 +14,16 @@ use std::pin::Pin;
 /// A change of the set of devices or of what selects them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceChange {
+    /// Devices were created (one, a batch, or an import).
+    Created {
+        product_key: String,
+        device_names: Vec<String>,
+    },
+    /// A device's tags were replaced by different ones.
+    TagsChanged {
+        product_key: String,
+        device_name: String,
+    },
     /// The device was deleted.
     Deleted {
         product_key: String,

@@ -51,7 +51,8 @@ impl OtaEngine {
             }
             self.apply(&key, Event::DeviceOnline, now).await;
         }
-        self.dynamic_join(pk, dn).await;
+        // A task it joins now waits for the connect delay too (it subscribes after CONNACK).
+        self.dynamic_join(pk, dn, true).await;
     }
 
     /// A progress report (`/ota/device/progress`).
@@ -103,7 +104,7 @@ impl OtaEngine {
                 self.arm_push(&job, now);
             }
         }
-        self.dynamic_join(pk, dn).await;
+        self.dynamic_join(pk, dn, false).await;
     }
 
     /// `firmware/get`: the upgrade waiting for this device's module, if any. A QUEUED task
