@@ -601,6 +601,32 @@ impl MigrationEngine {
         })
     }
 
+    /// The device's status in its product's migration task; `None` when the product has no
+    /// task (never migrated, or its task was deleted) or the device does not exist. A device
+    /// without a record is `NOT_MIGRATED`.
+    pub fn device_status(
+        &self,
+        product_key: &str,
+        device_name: &str,
+    ) -> Option<DeviceMigrationStatus> {
+        self.shared
+            .registry
+            .device_instance(product_key, device_name)?;
+        let state = self.shared.read();
+        let entry = state.tasks.get(state.by_product.get(product_key)?)?;
+        let doc = &entry.doc;
+        let record = entry.devices.get(device_name);
+        Some(DeviceMigrationStatus {
+            task_id: doc.task_id.clone(),
+            task_state: doc.state,
+            source_instance_id: doc.source_instance_id.clone(),
+            target_instance_id: doc.target_instance_id.clone(),
+            status: record.map_or(DeviceStatus::NotMigrated, |d| d.status),
+            reason: record.and_then(|d| d.reason.clone()),
+            updated_at_ms: record.map(|d| d.updated_at_ms),
+        })
+    }
+
     /// The task's log, oldest first.
     pub fn log(&self, task_id: &str, page: Page) -> Result<Paged<LogEntry>, MigrationError> {
         let state = self.shared.read();

@@ -919,6 +919,12 @@ async fn resume_mode_manual_halts_until_continue() {
             .contains("disk full"),
         "{failed:?}"
     );
+    let one = env
+        .engine
+        .device_status(&pk, &failed.items[0].device_name)
+        .unwrap();
+    assert_eq!(one.status, DeviceStatus::Failed);
+    assert!(one.reason.unwrap().contains("disk full"));
     assert!(
         d.error.as_deref().unwrap_or("").contains("disk full"),
         "{d:?}"
@@ -1252,4 +1258,52 @@ async fn a_device_deleted_while_the_engine_is_down_is_forgotten_at_start() {
     assert_eq!(status_of(&env, &tid, "dev000"), DeviceStatus::NotMigrated);
     let d = env.engine.details(&tid).unwrap();
     assert_eq!((d.devices.total, d.devices.migrated), (3, 0), "{d:?}");
+}
+
+#[tokio::test]
+async fn device_status_follows_the_products_task() {
+    let env = env(0).await;
+    let pk = env.product(3).await;
+    assert_eq!(env.engine.device_status(&pk, "dev000"), None, "no task yet");
+    let tid = env.task(&pk).await;
+    let s = env.engine.device_status(&pk, "dev000").unwrap();
+    assert_eq!(
+        (s.task_id.as_str(), s.task_state, s.status, s.updated_at_ms),
+        (
+            tid.as_str(),
+            TaskState::ToMigrate,
+            DeviceStatus::NotMigrated,
+            None
+        )
+    );
+    assert_eq!(s.target_instance_id, TARGET);
+    assert_eq!(s.source_instance_id, DEFAULT_INSTANCE_ID);
+    env.engine
+        .canary(&tid, names(&["dev000"]), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::CanaryCompleted).await;
+    let s = env.engine.device_status(&pk, "dev000").unwrap();
+    assert_eq!(
+        (s.status, s.task_state),
+        (DeviceStatus::Migrated, TaskState::CanaryCompleted)
+    );
+    assert!(s.updated_at_ms.is_some());
+    assert_eq!(
+        env.engine.device_status(&pk, "dev001").unwrap().status,
+        DeviceStatus::NotMigrated
+    );
+    assert_eq!(env.engine.device_status(&pk, "nosuchdevice"), None);
+    env.engine
+        .rollback(&tid, RollbackSelection::Picked(names(&["dev000"])), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::ToMigrate).await;
+    assert_eq!(
+        env.engine.device_status(&pk, "dev000").unwrap().status,
+        DeviceStatus::RolledBack
+    );
+    // A deleted task leaves nothing to show.
+    env.engine.delete(&tid, op()).await.unwrap();
+    assert_eq!(env.engine.device_status(&pk, "dev000"), None);
 }
