@@ -15,6 +15,7 @@ use super::auth::RequireOperator;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{ApiState, ItemsPage};
+use crate::migration::DeviceMigrationStatus;
 use crate::registry::{Device, DeviceFilter, DeviceUpdate, NewDevice, Page};
 
 /// Body of `POST /api/v1/products/{pk}/devices` (and one row of a JSON batch).
@@ -81,6 +82,16 @@ impl From<Device> for DeviceSummary {
             created_at_ms: d.created_at_ms,
         }
     }
+}
+
+/// One device (`GET …/devices/{dn}`): the device with its secret, plus its migration status.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeviceDetails {
+    #[serde(flatten)]
+    pub device: Device,
+    /// The device's status in its product's migration task (the active one, or the last one
+    /// while it exists); `null` when the product has no migration task.
+    pub migration: Option<DeviceMigrationStatus>,
 }
 
 /// `GET …/devices` query.
@@ -179,7 +190,7 @@ pub async fn list_devices(
     Ok(Json(ItemsPage::from_paged(paged, DeviceSummary::from)))
 }
 
-/// Get one device, with its secret.
+/// Get one device, with its secret and its migration status.
 #[utoipa::path(
     get,
     path = "/api/v1/products/{pk}/devices/{dn}",
@@ -189,7 +200,7 @@ pub async fn list_devices(
         ("dn" = String, Path, description = "Device name"),
     ),
     responses(
-        (status = 200, description = "The device", body = Device),
+        (status = 200, description = "The device", body = DeviceDetails),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "No such product (FG.2002) or device (FG.2003)", body = ErrorBody),
     ),
@@ -198,8 +209,13 @@ pub async fn list_devices(
 pub async fn get_device(
     State(state): State<ApiState>,
     ApiPath((pk, dn)): ApiPath<(String, String)>,
-) -> Result<Json<Device>, ApiError> {
-    Ok(Json(state.registry.get_device(&pk, &dn)?))
+) -> Result<Json<DeviceDetails>, ApiError> {
+    let device = state.registry.get_device(&pk, &dn)?;
+    let migration = state
+        .migration
+        .as_ref()
+        .and_then(|m| m.device_status(&pk, &dn));
+    Ok(Json(DeviceDetails { device, migration }))
 }
 
 /// Update `enabled` and/or replace `tags`. Disabling drops the device's MQTT session.
@@ -350,7 +366,7 @@ pub(crate) mod named_batch {
     pub async fn get(
         state: State<ApiState>,
         ApiPath(pk): ApiPath<String>,
-    ) -> Result<Json<Device>, ApiError> {
+    ) -> Result<Json<DeviceDetails>, ApiError> {
         get_device(state, ApiPath((pk, NAME.to_owned()))).await
     }
 

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
-use super::devices::{CreateDeviceRequest, DeviceSummary, UpdateDeviceRequest};
+use super::devices::{CreateDeviceRequest, DeviceDetails, DeviceSummary, UpdateDeviceRequest};
 use super::error::{ErrorBody, ErrorCode};
 use super::export::ImportForm;
 use super::firmware::{DownloadUrl, FirmwareUploadForm};
@@ -30,8 +30,9 @@ use crate::export::{
 };
 use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
 use crate::migration::{
-    Actor, DataSyncView, DeviceMigration, DeviceStatus, DeviceTotals, LogEntry, MigrationConfig,
-    MigrationMethod, RejectedRow, ResumeMode, SummaryStatus, TaskDetails, TaskState,
+    Actor, DataSyncView, DeviceMigration, DeviceMigrationStatus, DeviceStatus, DeviceTotals,
+    LogEntry, MigrationConfig, MigrationMethod, RejectedRow, ResumeMode, SummaryStatus,
+    TaskDetails, TaskState,
 };
 use crate::ota::engine::{DeviceJob, FirmwareStatistics, TimelineEntry};
 use crate::ota::model::{
@@ -143,6 +144,8 @@ use crate::registry::{Device, Instance, Product};
         CreateDeviceRequest,
         UpdateDeviceRequest,
         DeviceSummary,
+        DeviceDetails,
+        DeviceMigrationStatus,
         BatchCreateRequest,
         BatchCreateResponse,
         BatchRowResult,

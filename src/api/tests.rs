@@ -1075,11 +1075,26 @@ async fn openapi_lists_every_path_and_schema() {
         "Instance",
         "BatchCreateResponse",
         "DeviceSummary",
+        "DeviceDetails",
+        "DeviceMigrationStatus",
         "FirmwarePackage",
         "FirmwareStatus",
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
+    // One device: the device's fields (flattened) plus its migration status.
+    assert_eq!(
+        doc["paths"]["/api/v1/products/{pk}/devices/{dn}"]["get"]["responses"]["200"]["content"]
+            ["application/json"]["schema"]["$ref"],
+        "#/components/schemas/DeviceDetails"
+    );
+    let details = schemas["DeviceDetails"].to_string();
+    assert!(
+        details.contains("\"migration\"")
+            && details.contains("#/components/schemas/Device\"")
+            && details.contains("#/components/schemas/DeviceMigrationStatus\""),
+        "{details}"
+    );
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"

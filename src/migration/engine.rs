@@ -30,11 +30,11 @@ use super::clock::Clock;
 use super::model::*;
 use super::MigrationError;
 use crate::metrics::Metrics;
-use crate::registry::{Page, Paged, Registry};
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged, Registry};
 use crate::store::Op;
 use dashmap::DashMap;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -156,6 +156,12 @@ pub(super) enum Command {
     },
     SetRate(u32, oneshot::Sender<()>),
     Wake,
+    /// The registry deleted a device (see [`DeviceObserverImpl`]).
+    DeviceDeleted {
+        product_key: String,
+        device_name: String,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 pub(super) struct TaskEntry {
@@ -275,6 +281,33 @@ impl MigrationEngine {
                 entry.devices.insert(dn.to_owned(), doc);
             }
         }
+        // Records of devices deleted while the actor could not hear of it (a crash between the
+        // registry's commit and ours) go now: the device is gone, or a device re-created under
+        // the same name is newer than the record (it starts NOT_MIGRATED). Not awaited: if this
+        // does not commit, the next start does it again.
+        let mut forgotten = Vec::new();
+        for (tid, entry) in state.tasks.iter_mut() {
+            let pk = entry.doc.product_key.clone();
+            entry.devices.retain(|dn, doc| {
+                let exists = registry
+                    .get_device(&pk, dn)
+                    .is_ok_and(|d| d.created_at_ms <= doc.updated_at_ms);
+                if !exists {
+                    forgotten.push(Op::DeleteDoc {
+                        kind: DEVICE_DOC,
+                        id: device_doc_id(tid, dn),
+                    });
+                }
+                exists
+            });
+        }
+        if !forgotten.is_empty() {
+            tracing::info!(
+                devices = forgotten.len(),
+                "migration records of deleted devices dropped"
+            );
+            drop(store.submit(forgotten));
+        }
         for (id, body) in store.load_documents(LOG_DOC)? {
             let Some((tid, _)) = id.split_once('/') else {
                 continue;
@@ -310,12 +343,17 @@ impl MigrationEngine {
                 "migration engine started"
             );
         }
-        Ok(Arc::new(MigrationEngine {
+        let engine = Arc::new(MigrationEngine {
             shared,
             tx,
             stop,
             task: std::sync::Mutex::new(Some(handle)),
-        }))
+        });
+        engine
+            .shared
+            .registry
+            .add_observer(Arc::new(DeviceObserverImpl(Arc::downgrade(&engine))));
+        Ok(engine)
     }
 
     /// The engine's clock (tests advance it; see [`Clock`]).
@@ -509,8 +547,8 @@ impl MigrationEngine {
         }
     }
 
-    /// The task's devices by name: every device of the product plus failed ones that no
-    /// longer exist, filtered by status and name substring.
+    /// The task's devices by name (every device of the product), filtered by status and
+    /// name substring. A deleted device leaves the list (and the totals).
     pub fn devices(
         &self,
         task_id: &str,
@@ -560,6 +598,32 @@ impl MigrationEngine {
             total,
             page: page.page,
             page_size: page.page_size,
+        })
+    }
+
+    /// The device's status in its product's migration task; `None` when the product has no
+    /// task (never migrated, or its task was deleted) or the device does not exist. A device
+    /// without a record is `NOT_MIGRATED`.
+    pub fn device_status(
+        &self,
+        product_key: &str,
+        device_name: &str,
+    ) -> Option<DeviceMigrationStatus> {
+        self.shared
+            .registry
+            .device_instance(product_key, device_name)?;
+        let state = self.shared.read();
+        let entry = state.tasks.get(state.by_product.get(product_key)?)?;
+        let doc = &entry.doc;
+        let record = entry.devices.get(device_name);
+        Some(DeviceMigrationStatus {
+            task_id: doc.task_id.clone(),
+            task_state: doc.state,
+            source_instance_id: doc.source_instance_id.clone(),
+            target_instance_id: doc.target_instance_id.clone(),
+            status: record.map_or(DeviceStatus::NotMigrated, |d| d.status),
+            reason: record.and_then(|d| d.reason.clone()),
+            updated_at_ms: record.map(|d| d.updated_at_ms),
         })
     }
 
@@ -614,8 +678,9 @@ impl MigrationEngine {
     }
 }
 
-/// Every device of the task with its status: the product's devices (no doc = NOT_MIGRATED),
-/// then failed docs of devices that no longer exist. Sorted by name.
+/// Every device of the task with its status: the product's devices, sorted by name (no doc =
+/// NOT_MIGRATED). Records of deleted devices are dropped when the deletion is heard of, and
+/// are never listed or counted meanwhile.
 fn device_statuses(
     registry: &Registry,
     entry: &TaskEntry,
@@ -623,21 +688,47 @@ fn device_statuses(
     let names = registry
         .device_names_after(&entry.doc.product_key, None, usize::MAX)
         .unwrap_or_default();
-    let mut seen: HashSet<&str> = HashSet::with_capacity(names.len());
-    let mut rows = Vec::with_capacity(names.len());
-    for dn in &names {
-        seen.insert(dn.as_str());
-        let doc = entry.devices.get(dn).cloned();
-        let status = doc.as_ref().map_or(DeviceStatus::NotMigrated, |d| d.status);
-        rows.push((dn.clone(), status, doc));
+    names
+        .into_iter()
+        .map(|dn| {
+            let doc = entry.devices.get(&dn).cloned();
+            let status = doc.as_ref().map_or(DeviceStatus::NotMigrated, |d| d.status);
+            (dn, status, doc)
+        })
+        .collect()
+}
+
+/// The registry observer of the engine: a deleted device leaves its product's task. Weak, so
+/// the registry (which holds its observers) does not keep the engine alive.
+struct DeviceObserverImpl(std::sync::Weak<MigrationEngine>);
+
+impl DeviceObserver for DeviceObserverImpl {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        Box::pin(async move {
+            let Some(engine) = self.0.upgrade() else {
+                return;
+            };
+            match change {
+                DeviceChange::Deleted {
+                    product_key,
+                    device_name,
+                } => {
+                    let (reply, rx) = oneshot::channel();
+                    let cmd = Command::DeviceDeleted {
+                        product_key: product_key.clone(),
+                        device_name: device_name.clone(),
+                        reply,
+                    };
+                    // A stopped actor (shutdown) hears of it at the next start instead.
+                    if engine.tx.send(cmd).await.is_ok() {
+                        let _ = rx.await;
+                    }
+                }
+                // New devices are NOT_MIGRATED (walks and sweeps find them); tags do not matter.
+                DeviceChange::Created { .. } | DeviceChange::TagsChanged { .. } => {}
+            }
+        })
     }
-    for (dn, doc) in &entry.devices {
-        if doc.status == DeviceStatus::Failed && !seen.contains(dn.as_str()) {
-            rows.push((dn.clone(), DeviceStatus::Failed, Some(doc.clone())));
-        }
-    }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    rows
 }
 
 fn summary(doc: &TaskDoc, totals: &DeviceTotals) -> SummaryStatus {

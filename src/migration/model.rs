@@ -384,6 +384,24 @@ pub struct DeviceMigration {
     pub updated_at_ms: Option<i64>,
 }
 
+/// A device's status in its product's migration task, as the device details show it
+/// (`GET /api/v1/products/{pk}/devices/{dn}` → `migration`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeviceMigrationStatus {
+    /// The product's migration task (the one in progress, or the last one while it exists).
+    pub task_id: String,
+    /// The task's state.
+    pub task_state: TaskState,
+    pub source_instance_id: String,
+    pub target_instance_id: String,
+    /// The device's status in that task.
+    pub status: DeviceStatus,
+    /// Why the last move failed (`FAILED` only).
+    pub reason: Option<String>,
+    /// Last status change (`null` for a device never touched: `NOT_MIGRATED`).
+    pub updated_at_ms: Option<i64>,
+}
+
 /// A refused device name of a selection (canary or rollback).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RejectedRow {

@@ -898,6 +898,33 @@ async fn resume_mode_manual_halts_until_continue() {
     let d = env.wait(&tid, "halted", |d| d.halted).await;
     assert_eq!(d.status, SummaryStatus::Failed);
     assert_eq!(d.state, TaskState::CanaryInProgress);
+    // The devices whose move failed say so, with the reason, until they move.
+    assert!(d.devices.failed >= 1, "{d:?}");
+    let failed = env
+        .engine
+        .devices(
+            &tid,
+            &DeviceListFilter {
+                status: Some(DeviceStatus::Failed),
+                device_name: None,
+            },
+            Page::default(),
+        )
+        .unwrap();
+    assert!(
+        failed.items[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("disk full"),
+        "{failed:?}"
+    );
+    let one = env
+        .engine
+        .device_status(&pk, &failed.items[0].device_name)
+        .unwrap();
+    assert_eq!(one.status, DeviceStatus::Failed);
+    assert!(one.reason.unwrap().contains("disk full"));
     assert!(
         d.error.as_deref().unwrap_or("").contains("disk full"),
         "{d:?}"
@@ -917,6 +944,8 @@ async fn resume_mode_manual_halts_until_continue() {
     assert!(!c.halted);
     let d = env.wait_state(&tid, TaskState::CanaryCompleted).await;
     assert_eq!(d.devices.migrated, 3);
+    assert_eq!(d.devices.failed, 0);
+    assert_eq!(d.status, SummaryStatus::Success);
     assert_eq!(d.error, None);
     assert_eq!(env.owners_in(&pk, TARGET), 3);
 }
@@ -944,7 +973,7 @@ async fn resume_mode_auto_retries_by_itself() {
 }
 
 #[tokio::test]
-async fn devices_created_after_completed_are_swept_and_vanished_ones_fail() {
+async fn devices_created_after_completed_are_swept_and_deleted_ones_leave_the_task() {
     let env = env(0).await;
     let pk = env.product(3).await;
     let tid = env.task(&pk).await;
@@ -953,29 +982,23 @@ async fn devices_created_after_completed_are_swept_and_vanished_ones_fail() {
         .canary(&tid, names(&["dev000", "dev001"]), op())
         .await
         .unwrap();
-    // dev001 disappears before its turn.
+    // dev001 is deleted before its turn: it leaves the canary (not a failure: an operator
+    // deleted it), so the canary still completes with SUCCESS.
     env.registry.delete_device(&pk, "dev001").await.unwrap();
     env.engine.set_rate(0).await.unwrap();
     let d = env.wait_state(&tid, TaskState::CanaryCompleted).await;
-    assert_eq!(d.devices.failed, 1, "{d:?}");
-    assert_eq!(d.status, SummaryStatus::Failed);
-    let failed = env
-        .engine
-        .devices(
-            &tid,
-            &DeviceListFilter {
-                status: Some(DeviceStatus::Failed),
-                device_name: None,
-            },
-            Page::default(),
-        )
-        .unwrap();
-    assert_eq!(failed.items[0].device_name, "dev001");
-    assert!(failed.items[0]
-        .reason
-        .as_deref()
-        .unwrap()
-        .contains("no longer exists"));
+    assert_eq!(d.devices.failed, 0, "{d:?}");
+    assert_eq!(d.devices.total, 2, "{d:?}");
+    assert_eq!(d.devices.migrated, 1, "{d:?}");
+    assert_eq!(d.status, SummaryStatus::Success);
+    let log = env.engine.log(&tid, Page::new(1, 100).unwrap()).unwrap();
+    assert!(
+        log.items
+            .iter()
+            .any(|l| l.action == "device_deleted" && l.detail.contains("dev001")),
+        "{:?}",
+        log.items
+    );
     env.engine.full(&tid, op()).await.unwrap();
     env.wait_state(&tid, TaskState::Completed).await;
     env.registry
@@ -1153,4 +1176,134 @@ async fn bench_full_migration_50k() {
         );
         engine.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn a_deleted_device_leaves_the_task_and_a_namesake_starts_not_migrated() {
+    let env = env(0).await;
+    let pk = env.product(4).await;
+    let tid = env.task(&pk).await;
+    env.engine
+        .canary(&tid, names(&["dev000", "dev001"]), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::CanaryCompleted).await;
+    env.registry.delete_device(&pk, "dev000").await.unwrap();
+    // Handled when delete_device returns: totals count only existing devices.
+    let d = env.engine.details(&tid).unwrap();
+    assert_eq!((d.devices.total, d.devices.migrated), (3, 1), "{d:?}");
+    assert_eq!(d.status, SummaryStatus::Success);
+    let log = env.engine.log(&tid, Page::new(1, 100).unwrap()).unwrap();
+    let last = log.items.last().unwrap();
+    assert_eq!(last.action, "device_deleted");
+    assert!(last.detail.contains("dev000 (MIGRATED)"), "{last:?}");
+    // A new device with the old name is a new device: not migrated.
+    env.registry
+        .create_device(
+            &pk,
+            NewDevice {
+                device_name: "dev000".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(status_of(&env, &tid, "dev000"), DeviceStatus::NotMigrated);
+    env.engine.full(&tid, op()).await.unwrap();
+    let d = env.wait_state(&tid, TaskState::Completed).await;
+    assert_eq!((d.devices.total, d.devices.migrated), (4, 4), "{d:?}");
+    assert_eq!(env.owner(&pk, "dev000"), TARGET);
+}
+
+#[tokio::test]
+async fn a_device_deleted_while_the_engine_is_down_is_forgotten_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::db_path(dir.path());
+    let m1 = Arc::new(Metrics::new());
+    let env = env_with_store(Store::open(&path, m1.clone()).unwrap(), m1, 0).await;
+    let pk = env.product(3).await;
+    let tid = env.task(&pk).await;
+    env.engine
+        .canary(&tid, names(&["dev000"]), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::CanaryCompleted).await;
+    // The engine is stopped (a crash between the registry's commit and the engine's): it
+    // never hears of the deletion.
+    env.engine.shutdown().await;
+    env.registry.delete_device(&pk, "dev000").await.unwrap();
+    // Created strictly after the record was written (ms timestamps).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    env.registry
+        .create_device(
+            &pk,
+            NewDevice {
+                device_name: "dev000".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let Env {
+        registry, engine, ..
+    } = env;
+    registry.flush().await.unwrap();
+    drop(engine);
+    drop(registry);
+
+    let m2 = Arc::new(Metrics::new());
+    let env = env_with_store(Store::open(&path, m2.clone()).unwrap(), m2, 0).await;
+    // The re-created device is in the source and must not inherit the old MIGRATED record.
+    assert_eq!(env.owner(&pk, "dev000"), DEFAULT_INSTANCE_ID);
+    assert_eq!(status_of(&env, &tid, "dev000"), DeviceStatus::NotMigrated);
+    let d = env.engine.details(&tid).unwrap();
+    assert_eq!((d.devices.total, d.devices.migrated), (3, 0), "{d:?}");
+}
+
+#[tokio::test]
+async fn device_status_follows_the_products_task() {
+    let env = env(0).await;
+    let pk = env.product(3).await;
+    assert_eq!(env.engine.device_status(&pk, "dev000"), None, "no task yet");
+    let tid = env.task(&pk).await;
+    let s = env.engine.device_status(&pk, "dev000").unwrap();
+    assert_eq!(
+        (s.task_id.as_str(), s.task_state, s.status, s.updated_at_ms),
+        (
+            tid.as_str(),
+            TaskState::ToMigrate,
+            DeviceStatus::NotMigrated,
+            None
+        )
+    );
+    assert_eq!(s.target_instance_id, TARGET);
+    assert_eq!(s.source_instance_id, DEFAULT_INSTANCE_ID);
+    env.engine
+        .canary(&tid, names(&["dev000"]), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::CanaryCompleted).await;
+    let s = env.engine.device_status(&pk, "dev000").unwrap();
+    assert_eq!(
+        (s.status, s.task_state),
+        (DeviceStatus::Migrated, TaskState::CanaryCompleted)
+    );
+    assert!(s.updated_at_ms.is_some());
+    assert_eq!(
+        env.engine.device_status(&pk, "dev001").unwrap().status,
+        DeviceStatus::NotMigrated
+    );
+    assert_eq!(env.engine.device_status(&pk, "nosuchdevice"), None);
+    env.engine
+        .rollback(&tid, RollbackSelection::Picked(names(&["dev000"])), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::ToMigrate).await;
+    assert_eq!(
+        env.engine.device_status(&pk, "dev000").unwrap().status,
+        DeviceStatus::RolledBack
+    );
+    // A deleted task leaves nothing to show.
+    env.engine.delete(&tid, op()).await.unwrap();
+    assert_eq!(env.engine.device_status(&pk, "dev000"), None);
 }

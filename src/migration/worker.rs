@@ -384,6 +384,91 @@ impl Worker {
                 let result = self.handle_task(task_id, request, actor).await;
                 let _ = reply.send(result);
             }
+            Command::DeviceDeleted {
+                product_key,
+                device_name,
+                reply,
+            } => {
+                let tasks: Vec<String> = self
+                    .shared
+                    .read()
+                    .tasks
+                    .values()
+                    .filter(|t| t.doc.product_key == product_key)
+                    .map(|t| t.doc.task_id.clone())
+                    .collect();
+                for tid in tasks {
+                    self.forget_devices(&tid, std::slice::from_ref(&device_name), "deleted")
+                        .await;
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Devices that no longer exist leave the task: out of its queue, their records deleted
+    /// (so they count nowhere and a device re-created under the same name starts
+    /// NOT_MIGRATED), one log line. Not a failure: an operator deleted them.
+    async fn forget_devices(&mut self, task_id: &str, names: &[String], how: &str) {
+        if let Some(rt) = self.runtime.get_mut(task_id) {
+            rt.queue.retain(|dn| !names.contains(dn));
+        }
+        let known: Vec<(String, DeviceStatus)> = {
+            let state = self.shared.read();
+            let Some(t) = state.tasks.get(task_id) else {
+                return;
+            };
+            names
+                .iter()
+                .filter_map(|dn| t.devices.get(dn).map(|d| (dn.clone(), d.status)))
+                .collect()
+        };
+        if known.is_empty() {
+            // NOT_MIGRATED devices have no record: nothing to forget.
+            return;
+        }
+        let Ok(doc) = self.doc(task_id) else {
+            return;
+        };
+        let ops = known
+            .iter()
+            .map(|(dn, _)| Op::DeleteDoc {
+                kind: DEVICE_DOC,
+                id: device_doc_id(task_id, dn),
+            })
+            .collect();
+        let listed: Vec<String> = known
+            .iter()
+            .take(10)
+            .map(|(dn, st)| format!("{dn} ({})", st.as_str()))
+            .collect();
+        let more = known.len().saturating_sub(listed.len());
+        let detail = format!(
+            "device {how}, it leaves the task: {}{}",
+            listed.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+        match self
+            .save(doc, Actor::system(), "device_deleted", None, detail, ops)
+            .await
+        {
+            Ok(()) => {
+                let mut state = self.shared.write();
+                if let Some(t) = state.tasks.get_mut(task_id) {
+                    for (dn, _) in &known {
+                        t.devices.remove(dn);
+                    }
+                }
+            }
+            // The records stay for now (never counted: the device is gone); the next start
+            // drops them.
+            Err(e) => {
+                tracing::warn!(task_id, error = %e, "cannot drop records of deleted devices")
+            }
         }
     }
 
@@ -731,8 +816,10 @@ impl Worker {
         let now = self.now();
         let mut ops = Vec::new();
         let mut marked: Vec<(String, DeviceDoc)> = Vec::new();
-        // Canary markers of devices never moved are dropped: they go back to NOT_MIGRATED.
+        // Canary markers of devices never moved are dropped: they go back to NOT_MIGRATED; so
+        // do failed moves of devices still in the source.
         let stale_markers: Vec<String> = {
+            let registry = &self.shared.registry;
             let state = self.shared.read();
             state
                 .tasks
@@ -740,7 +827,12 @@ impl Worker {
                 .map(|t| {
                     t.devices
                         .iter()
-                        .filter(|(_, d)| d.pending == Some(Pending::Migrate))
+                        .filter(|(dn, d)| {
+                            d.pending == Some(Pending::Migrate)
+                                || (d.status == DeviceStatus::Failed
+                                    && registry.device_instance(&doc.product_key, dn).as_deref()
+                                        != Some(doc.target_instance_id.as_str()))
+                        })
                         .map(|(dn, _)| dn.clone())
                         .collect()
                 })
@@ -1044,6 +1136,7 @@ impl Worker {
         let mut moved: Vec<String> = Vec::with_capacity(results.len());
         let mut gone: Vec<String> = Vec::new();
         let mut fault: Option<String> = None;
+        let mut failed: Vec<(String, String)> = Vec::new();
         let mut kicks: Vec<String> = Vec::new();
         for (dn, r) in job.names.iter().zip(results) {
             match r {
@@ -1056,23 +1149,8 @@ impl Worker {
                 Err(RegistryError::NotFound { .. }) => gone.push(dn.clone()),
                 Err(e) => {
                     fault.get_or_insert_with(|| e.to_string());
+                    failed.push((dn.clone(), e.to_string()));
                 }
-            }
-        }
-        // Devices that vanished are recorded as FAILED (best effort; a restart re-derives).
-        let failed_doc = DeviceDoc {
-            status: DeviceStatus::Failed,
-            reason: Some("device no longer exists".into()),
-            pending: None,
-            updated_at_ms: now,
-        };
-        if !gone.is_empty() {
-            let ops = gone
-                .iter()
-                .map(|dn| doc_op(DEVICE_DOC, device_doc_id(&tid, dn), &failed_doc))
-                .collect();
-            if let Err(e) = self.shared.registry.store().submit(ops).await {
-                tracing::warn!(task_id = %tid, error = %e, "cannot record vanished devices");
             }
         }
         {
@@ -1081,13 +1159,30 @@ impl Worker {
                 for dn in &moved {
                     t.devices.insert(dn.clone(), done.clone());
                 }
-                for dn in &gone {
-                    t.devices.insert(dn.clone(), failed_doc.clone());
+                // FAILED with the reason until a later attempt moves it (auto: after the
+                // backoff; manual: after continue). In memory only — the store just refused
+                // this device's write; after a restart the device is simply retried.
+                for (dn, reason) in &failed {
+                    let pending = t.devices.get(dn).and_then(|d| d.pending);
+                    t.devices.insert(
+                        dn.clone(),
+                        DeviceDoc {
+                            status: DeviceStatus::Failed,
+                            reason: Some(reason.clone()),
+                            pending,
+                            updated_at_ms: now,
+                        },
+                    );
                 }
                 if fault.is_none() {
                     t.doc.last_error = None;
                 }
             }
+        }
+        // Devices deleted before their turn (the registry's notice may still be on its way)
+        // leave the task; not a failure.
+        if !gone.is_empty() {
+            self.forget_devices(&tid, &gone, "no longer exists").await;
         }
         let result_label = if job.status == DeviceStatus::RolledBack {
             "rolled_back"
@@ -1101,7 +1196,7 @@ impl Worker {
         self.metrics
             .migration_devices
             .get_or_create(&[("result", "failed")])
-            .inc_by(gone.len() as u64);
+            .inc_by(failed.len() as u64);
         for dn in &kicks {
             (self.hooks.kick)(&job.product_key, dn);
         }

@@ -56,7 +56,7 @@ use super::task::{
 use super::OtaError;
 use crate::broker::{DeviceKey, Downlink};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
 use crate::store::{Op, Store, Ticket};
 use dashmap::DashMap;
 use fleetgate_topics::UpgradeMessage;
@@ -462,6 +462,10 @@ impl OtaEngine {
         });
         let engine = OtaEngine { inner };
         engine.load()?;
+        engine
+            .inner
+            .registry
+            .add_observer(Arc::new(DeviceObserverImpl(Arc::downgrade(&engine.inner))));
         Ok(engine)
     }
 
@@ -615,6 +619,9 @@ impl OtaEngine {
         let ids: Vec<String> = self.inner.jobs.iter().map(|e| e.key().clone()).collect();
         let completer = self.clone();
         tokio::spawn(async move {
+            // Devices deleted just before a crash: their tasks end now (which may complete
+            // their jobs, checked next).
+            completer.cancel_tasks_of_deleted_devices().await;
             for id in ids {
                 if let Some(job) = completer.job_entry(&id) {
                     completer.check_job_done(&job, now).await;
@@ -1161,6 +1168,44 @@ impl OtaEngine {
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.inner.registry
+    }
+}
+
+/// The engine's registry observer: a deleted device's tasks end; new devices and devices
+/// whose tags changed are offered to DYNAMIC jobs. Weak, so the registry (which holds its
+/// observers) does not keep the engine alive.
+struct DeviceObserverImpl(std::sync::Weak<Inner>);
+
+impl DeviceObserver for DeviceObserverImpl {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        Box::pin(async move {
+            let Some(inner) = self.0.upgrade() else {
+                return;
+            };
+            let engine = OtaEngine { inner };
+            match change {
+                DeviceChange::Deleted {
+                    product_key,
+                    device_name,
+                } => {
+                    engine.device_deleted(product_key, device_name).await;
+                }
+                DeviceChange::Created {
+                    product_key,
+                    device_names,
+                } => {
+                    engine
+                        .dynamic_join_many(product_key, device_names, false)
+                        .await;
+                }
+                DeviceChange::TagsChanged {
+                    product_key,
+                    device_name,
+                } => {
+                    engine.dynamic_join(product_key, device_name, false).await;
+                }
+            }
+        })
     }
 }
 

@@ -15,6 +15,7 @@
 //! | QUEUED (OFFLINE, SCHEDULED, RATE_LIMITED) | push not sent yet | pushed → NOTIFIED; target version reported → SUCCEEDED (nothing to push); cancel; overwrite; abort |
 //! | NOTIFIED | push delivered, no progress yet | progress ≥ 0 → IN_PROGRESS; target version → SUCCEEDED; failure code → retry or FAILED; cancel; overwrite; abort |
 //! | IN_PROGRESS | the device reports progress | target version → SUCCEEDED; failure code / wrong version → retry or FAILED; timeout / stall → FAILED(TIMEOUT); forced cancel |
+//! | any unfinished | — | device deleted → CANCELED (history reason `DEVICE_DELETED`) |
 //! | SUCCEEDED, FAILED, CANCELED | terminal: every event is ignored | — |
 //!
 //! # Retries
@@ -454,7 +455,13 @@ pub enum Event<'a> {
     Overwrite,
     /// The job's abort rule fired.
     Abort,
+    /// The device was deleted: the task ends CANCELED whatever its state (IN_PROGRESS too —
+    /// no device will ever report again).
+    DeviceDeleted,
 }
+
+/// History reason of a task canceled because its device was deleted.
+pub const DEVICE_DELETED: &str = "DEVICE_DELETED";
 
 impl Event<'_> {
     pub fn name(&self) -> &'static str {
@@ -471,6 +478,7 @@ impl Event<'_> {
             Event::Cancel { .. } => "cancel",
             Event::Overwrite => "overwrite",
             Event::Abort => "abort",
+            Event::DeviceDeleted => "device_deleted",
         }
     }
 }
@@ -743,6 +751,17 @@ pub fn transition(
             s.finished_at_ms = Some(now);
             s.clear_timers();
             n = note("canceled", None);
+        }
+        Event::DeviceDeleted => {
+            s.status = S::Canceled;
+            s.queue_reason = None;
+            s.scheduled_at_ms = None;
+            s.finished_at_ms = Some(now);
+            s.clear_timers();
+            n = note(
+                "canceled",
+                Some(format!("{DEVICE_DELETED}: the device was deleted")),
+            );
         }
         Event::Overwrite | Event::Abort => {
             if s.status == S::InProgress {

@@ -192,6 +192,7 @@ fn events() -> Vec<(&'static str, Event<'static>)> {
         ("cancel_force", Event::Cancel { force: true }),
         ("overwrite", Event::Overwrite),
         ("abort", Event::Abort),
+        ("dev_deleted", Event::DeviceDeleted),
     ]
 }
 
@@ -199,7 +200,7 @@ fn events() -> Vec<(&'static str, Event<'static>)> {
 /// ignored; otherwise the new status with markers: `+retry` (retry pending), `+repush`
 /// (re-push due), `+defer` (push on connect), `+deliver` (publish now).
 #[rustfmt::skip]
-const TABLE: [(&str, [&str; 14]); 21] = [
+const TABLE: [(&str, [&str; 14]); 22] = [
     //                 CONF                QOFF                QSCH                QRL                 NOTI                NOTIR               INP                 INPT                INPS                INPR                INPD                SUCC FAIL CANC
     ("confirm",      ["Q.RL",             "-",                "-",                "-",                "-",                "-",                "-",                "-",                "-",                "-",                "-",                "-", "-", "-"]),
     ("queue_off",    ["-",                "-",                "Q.OFF",            "Q.OFF",            "-",                "-",                "-",                "-",                "-",                "-",                "-",                "-", "-", "-"]),
@@ -222,6 +223,7 @@ const TABLE: [(&str, [&str; 14]); 21] = [
     ("cancel_force", ["CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "-", "-", "-"]),
     ("overwrite",    ["FAIL:OVERWRITTEN", "FAIL:OVERWRITTEN", "FAIL:OVERWRITTEN", "FAIL:OVERWRITTEN", "FAIL:OVERWRITTEN", "FAIL:OVERWRITTEN", "-",                "-",                "-",                "-",                "-",                "-", "-", "-"]),
     ("abort",        ["FAIL:ABORTED",     "FAIL:ABORTED",     "FAIL:ABORTED",     "FAIL:ABORTED",     "FAIL:ABORTED",     "FAIL:ABORTED",     "-",                "-",                "-",                "-",                "-",                "-", "-", "-"]),
+    ("dev_deleted",  ["CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "CANC",             "-", "-", "-"]),
 ];
 
 fn describe(t: &Transition) -> String {
@@ -572,4 +574,20 @@ fn status_and_reason_names_round_trip() {
     assert!(!FailureReason::Timeout.retryable());
     assert!(FailureReason::Timeout.device_caused());
     assert!(!FailureReason::Conflict.device_caused());
+}
+
+#[test]
+fn a_deleted_device_cancels_even_in_progress_with_its_reason() {
+    let p = policy();
+    let mut retrying = in_progress(9_000, 9_900);
+    retrying.retry_at_ms = Some(20_000);
+    for start in [base(TaskStatus::Confirm), notified(), retrying] {
+        let t = transition(&start, &p, Event::DeviceDeleted, NOW).unwrap();
+        assert_eq!(t.state.status, TaskStatus::Canceled);
+        assert_eq!(t.state.failure, None, "a cancel, not a failure");
+        assert_eq!(next_deadline(&t.state, &p), None, "no retry, no re-push");
+        let note = t.note.unwrap();
+        assert_eq!(note.event, "canceled");
+        assert!(note.reason.unwrap().starts_with(DEVICE_DELETED));
+    }
 }

@@ -30,10 +30,12 @@
 //! After a restart everything but `online` is back; nobody is online at start.
 
 mod model;
+mod observer;
 mod restore;
 mod validate;
 
 pub use model::*;
+pub use observer::{DeviceChange, DeviceObserver, ObserverFuture};
 
 use crate::broker::DeviceCredentials;
 use crate::metrics::Metrics;
@@ -185,6 +187,8 @@ pub struct Registry {
     product_order: RwLock<BTreeSet<(String, String)>>,
     online: AtomicUsize,
     generation: AtomicU64,
+    /// Told about device changes once durable (see [`DeviceObserver`]).
+    observers: RwLock<Vec<Arc<dyn DeviceObserver>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -211,6 +215,7 @@ impl Registry {
             product_order: RwLock::new(BTreeSet::new()),
             online: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            observers: RwLock::new(Vec::new()),
         };
         for i in snapshot.instances {
             let instance = Instance {
@@ -292,6 +297,19 @@ impl Registry {
     /// The store this registry writes through (other modules submit their own ops to it).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Adds an observer of device changes (engines register themselves when they start).
+    pub fn add_observer(&self, observer: Arc<dyn DeviceObserver>) {
+        write(&self.observers).push(observer);
+    }
+
+    /// Tells every observer about a durable change, in registration order, awaiting each.
+    async fn notify(&self, change: DeviceChange) {
+        let observers: Vec<Arc<dyn DeviceObserver>> = read(&self.observers).clone();
+        for o in observers {
+            o.device_changed(&change).await;
+        }
     }
 
     fn next_generation(&self) -> u64 {
@@ -549,7 +567,8 @@ impl Registry {
         }
     }
 
-    /// Creates a device of product `pk` (secret generated when absent).
+    /// Creates a device of product `pk` (secret generated when absent). Observers hear of it
+    /// once durable (DYNAMIC OTA jobs may take it).
     pub async fn create_device(&self, pk: &str, new: NewDevice) -> Result<Device> {
         let entry = self.product_or_not_found(pk)?;
         let (name, state) = self.prepare_device(&entry, new)?;
@@ -580,6 +599,11 @@ impl Registry {
             self.undo_creates(&entry, &[(name, generation)]);
             return Err(e.into());
         }
+        self.notify(DeviceChange::Created {
+            product_key: pk.to_owned(),
+            device_names: vec![name],
+        })
+        .await;
         Ok(device)
     }
 
@@ -658,6 +682,11 @@ impl Registry {
                 self.undo_creates(&entry, &created);
                 return Err(e.into());
             }
+            self.notify(DeviceChange::Created {
+                product_key: pk.to_owned(),
+                device_names: created.into_iter().map(|(name, _)| name).collect(),
+            })
+            .await;
         }
         Ok(results)
     }
@@ -726,13 +755,13 @@ impl Registry {
         })
     }
 
-    /// Changes `enabled` and/or replaces `tags`.
+    /// Changes `enabled` and/or replaces `tags` (observers hear of changed tags).
     pub async fn update_device(&self, pk: &str, dn: &str, update: DeviceUpdate) -> Result<Device> {
         if let Some(tags) = &update.tags {
             validate::tags(tags)?;
         }
         let entry = self.product_or_not_found(pk)?;
-        let (device, ticket) = {
+        let (device, ticket, tags_changed) = {
             let mut d = entry
                 .devices
                 .get_mut(dn)
@@ -740,16 +769,28 @@ impl Registry {
             if let Some(enabled) = update.enabled {
                 d.enabled = enabled;
             }
+            let mut tags_changed = false;
             if let Some(tags) = update.tags {
+                tags_changed = tags != d.tags;
                 d.tags = tags;
             }
             let ticket = self.store.submit(vec![Op::PutDevice(d.record(pk, dn))]);
-            (d.to_device(pk, dn), ticket)
+            (d.to_device(pk, dn), ticket, tags_changed)
         };
         ticket.await?;
+        if tags_changed {
+            // DYNAMIC OTA jobs targeting tags may take the device now.
+            self.notify(DeviceChange::TagsChanged {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            })
+            .await;
+        }
         Ok(device)
     }
 
+    /// Deletes a device. Observers are told once the delete is durable (its OTA tasks end,
+    /// its migration record goes) and have handled it when this returns.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<()> {
         let entry = self.product_or_not_found(pk)?;
         let ticket = {
@@ -768,6 +809,11 @@ impl Registry {
             }])
         };
         ticket.await?;
+        self.notify(DeviceChange::Deleted {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        })
+        .await;
         Ok(())
     }
 

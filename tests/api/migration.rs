@@ -1010,3 +1010,62 @@ async fn data_sync_mirrors_to_both_instances_groups_and_migrated_devices_go_to_t
             .await;
     }
 }
+
+#[tokio::test]
+async fn device_details_show_the_migration_status_and_deleted_devices_leave_the_task() {
+    let app = spawn_app().await;
+    app.target_instance().await;
+    let (pk, _) = app.product_with(4).await;
+    // Never migrated: no migration status.
+    let d = app.device(&pk, "d000").await;
+    assert!(d["migration"].is_null(), "{d}");
+    assert!(
+        d["device_secret"].is_string(),
+        "the device's own fields stay: {d}"
+    );
+    let tid = app.new_task(&pk).await;
+    let d = app.device(&pk, "d000").await;
+    assert_eq!(d["migration"]["task_id"], tid.as_str(), "{d}");
+    assert_eq!(d["migration"]["task_state"], "TO_MIGRATE");
+    assert_eq!(d["migration"]["status"], "NOT_MIGRATED");
+    assert_eq!(d["migration"]["target_instance_id"], TARGET);
+    assert!(d["migration"]["updated_at_ms"].is_null());
+
+    app.ok(&tid, "canary", json!({"device_names": ["d000", "d001"]}))
+        .await;
+    app.wait_state(&tid, "CANARY_COMPLETED").await;
+    let d = app.device(&pk, "d000").await;
+    assert_eq!(d["instance_id"], TARGET);
+    assert_eq!(d["migration"]["status"], "MIGRATED", "{d}");
+    assert_eq!(d["migration"]["task_state"], "CANARY_COMPLETED");
+    assert!(d["migration"]["updated_at_ms"].is_i64());
+    assert_eq!(
+        app.device(&pk, "d002").await["migration"]["status"],
+        "NOT_MIGRATED"
+    );
+
+    // A migrated device is deleted: it leaves the totals; its namesake starts NOT_MIGRATED.
+    let (s, b) = app
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/products/{pk}/devices/d001"),
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(s, 204, "{b}");
+    let t = app.task(&tid).await;
+    assert_eq!(t["devices"]["total"], 3, "{t}");
+    assert_eq!(t["devices"]["migrated"], 1, "{t}");
+    assert_eq!(t["status"], "SUCCESS", "{t}");
+    app.create_device(&pk, "d001").await;
+    let d = app.device(&pk, "d001").await;
+    assert_eq!(d["migration"]["status"], "NOT_MIGRATED", "{d}");
+
+    app.ok(&tid, "rollback", json!({"device_names": ["d000"]}))
+        .await;
+    app.wait_state(&tid, "TO_MIGRATE").await;
+    let d = app.device(&pk, "d000").await;
+    assert_eq!(d["instance_id"], "default");
+    assert_eq!(d["migration"]["status"], "ROLLED_BACK", "{d}");
+}

@@ -885,3 +885,137 @@ async fn a_device_list_can_be_uploaded() {
         .collect();
     assert_eq!(names, vec![f.dn(0), f.dn(2)]);
 }
+
+#[tokio::test]
+async fn deleting_a_device_cancels_its_tasks_and_the_job_completes() {
+    let mut t = spawn_app().await;
+    let f = fleet(&t, 2, true).await;
+    let jid = create_job(&t, json!({"firmware_id": f.fid, "target": "ALL"})).await;
+    let mut d0 = f.device(&t, 0).await;
+    d0.upgrade().await;
+    d0.progress(20).await;
+    wait_task(&t, &jid, f.dn(0), "IN_PROGRESS", |v| {
+        v["status"] == "IN_PROGRESS"
+    })
+    .await;
+    // ota-dev-1 never connected: QUEUED (OFFLINE). Both devices are deleted.
+    for i in 0..2 {
+        let (status, body) = t
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/products/{}/devices/{}", f.pk, f.dn(i)),
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+    }
+    // Already done when the DELETE answered.
+    for i in 0..2 {
+        let v = task(&t, &jid, f.dn(i)).await;
+        assert_eq!(v["status"], "CANCELED", "{v}");
+        let last = v["history"].as_array().unwrap().last().unwrap().clone();
+        assert!(
+            last["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("DEVICE_DELETED"),
+            "{last}"
+        );
+    }
+    let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert_eq!(job["counters"]["canceled"], 2, "{job}");
+    // Survives a restart.
+    t.restart().await;
+    let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert_eq!(task(&t, &jid, f.dn(1)).await["status"], "CANCELED");
+}
+
+#[tokio::test]
+async fn a_dynamic_job_takes_devices_created_or_tagged_after_it() {
+    let t = spawn_app().await;
+    let pk = t.create_product("dynamic fleet").await;
+    let fid = firmware(&t, &pk, "2.0.0", true).await;
+    let tag_job = create_job(
+        &t,
+        json!({"firmware_id": fid, "selection": "DYNAMIC", "target": "TAG",
+               "target_tags": [{"key": "site", "value": "berlin"}]}),
+    )
+    .await;
+    // Created over HTTP after the job, one by one and in a batch: matching ones join at once.
+    let (status, body) = t
+        .post(
+            &format!("/api/v1/products/{pk}/devices"),
+            json!({"device_name": "berlin-1", "tags": {"site": "berlin"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let secret = body["device_secret"].as_str().unwrap().to_owned();
+    let (status, body) = t
+        .post(
+            &format!("/api/v1/products/{pk}/devices/batch"),
+            json!([{"device_name": "berlin-2", "tags": {"site": "berlin"}},
+                   {"device_name": "paris-1", "tags": {"site": "paris"}}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let v = task(&t, &tag_job, "berlin-1").await;
+    assert_eq!(
+        (v["status"].as_str(), v["queue_reason"].as_str()),
+        (Some("QUEUED"), Some("OFFLINE"))
+    );
+    task(&t, &tag_job, "berlin-2").await;
+    let (status, _) = t
+        .get(&format!("/api/v1/ota/jobs/{tag_job}/tasks/paris-1"))
+        .await;
+    assert_eq!(status, 404, "paris-1 does not match");
+    // Its tags change: now it matches.
+    let (status, body) = t
+        .request(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/products/{pk}/devices/paris-1"),
+            Some(json!({"tags": {"site": "berlin"}})),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(task(&t, &tag_job, "paris-1").await["status"], "QUEUED");
+    let (_, job) = t.get(&format!("/api/v1/ota/jobs/{tag_job}")).await;
+    assert_eq!(job["counters"]["total"], 3, "{job}");
+    // The newcomer is updated when it comes online.
+    let mut d = OtaDevice::connect(&t, &pk, "berlin-1", &secret).await;
+    d.inform("1.0.0").await;
+    d.upgrade().await;
+    d.inform("2.0.0").await;
+    assert_eq!(task(&t, &tag_job, "berlin-1").await["status"], "SUCCEEDED");
+}
+
+#[tokio::test]
+async fn a_device_created_after_a_dynamic_job_joins_once_it_reports_a_source_version() {
+    let t = spawn_app().await;
+    let pk = t.create_product("dynamic versions").await;
+    let fid = firmware(&t, &pk, "2.0.0", true).await;
+    let jid = create_job(
+        &t,
+        json!({"firmware_id": fid, "selection": "DYNAMIC", "target": "ALL",
+               "src_versions": ["1.0.0"]}),
+    )
+    .await;
+    let secret = t.create_device(&pk, "late-device").await;
+    let (status, _) = t
+        .get(&format!("/api/v1/ota/jobs/{jid}/tasks/late-device"))
+        .await;
+    assert_eq!(status, 404, "no version reported yet");
+    let mut d = OtaDevice::connect(&t, &pk, "late-device", &secret).await;
+    d.inform("0.9.0").await;
+    let (status, _) = t
+        .get(&format!("/api/v1/ota/jobs/{jid}/tasks/late-device"))
+        .await;
+    assert_eq!(status, 404, "not a source version");
+    d.inform("1.0.0").await;
+    d.upgrade().await;
+    d.inform("2.0.0").await;
+    assert_eq!(task(&t, &jid, "late-device").await["status"], "SUCCEEDED");
+}

@@ -5,6 +5,7 @@ use super::{lock, Delivery, OtaEngine, TaskKey};
 use crate::ota::model::JobStatus;
 use crate::ota::task::{Event, QueueReason, TaskStatus};
 use fleetgate_topics::{ProgressStep, UpgradeData};
+use std::collections::HashSet;
 
 impl OtaEngine {
     /// The device's unfinished task for `module`.
@@ -50,7 +51,8 @@ impl OtaEngine {
             }
             self.apply(&key, Event::DeviceOnline, now).await;
         }
-        self.dynamic_join(pk, dn).await;
+        // A task it joins now waits for the connect delay too (it subscribes after CONNACK).
+        self.dynamic_join(pk, dn, true).await;
     }
 
     /// A progress report (`/ota/device/progress`).
@@ -82,7 +84,7 @@ impl OtaEngine {
         {
             // Never part of a job (the common case for a version report): only DYNAMIC jobs
             // may want it.
-            self.dynamic_join(pk, dn).await;
+            self.dynamic_join(pk, dn, false).await;
             return;
         }
         let now = self.now();
@@ -112,7 +114,7 @@ impl OtaEngine {
                 self.arm_push(&job, now);
             }
         }
-        self.dynamic_join(pk, dn).await;
+        self.dynamic_join(pk, dn, false).await;
     }
 
     /// `firmware/get`: the upgrade waiting for this device's module, if any. A QUEUED task
@@ -145,6 +147,47 @@ impl OtaEngine {
             self.firmware()
                 .upgrade_data(&package, self.inner.config.download_url_ttl),
         )
+    }
+
+    /// The device was deleted: each of its unfinished tasks ends CANCELED (history reason
+    /// `DEVICE_DELETED`, IN_PROGRESS included: nobody will report again), written like any
+    /// transition, so counters move, the job may complete, and no push or retry follows.
+    /// Finished tasks stay as history. Returns how many tasks were canceled.
+    pub async fn device_deleted(&self, pk: &str, dn: &str) -> usize {
+        let now = self.now();
+        let mut n = 0;
+        for key in self.unfinished_tasks(pk, dn) {
+            if self.apply(&key, Event::DeviceDeleted, now).await {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                product_key = pk,
+                device_name = dn,
+                tasks = n,
+                "OTA tasks of a deleted device canceled"
+            );
+        }
+        n
+    }
+
+    /// After a restart: unfinished tasks of devices that no longer exist (deleted just before
+    /// a crash, before their tasks were canceled) are canceled now. Returns how many.
+    pub(crate) async fn cancel_tasks_of_deleted_devices(&self) -> usize {
+        let devices: HashSet<(String, String)> = self
+            .inner
+            .active
+            .iter()
+            .map(|e| (e.key().0.clone(), e.key().1.clone()))
+            .collect();
+        let mut n = 0;
+        for (pk, dn) in devices {
+            if self.registry().get_device(&pk, &dn).is_err() {
+                n += self.device_deleted(&pk, &dn).await;
+            }
+        }
+        n
     }
 
     /// Whether a queued OFFLINE task exists for the device (tests, tools).

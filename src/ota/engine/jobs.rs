@@ -768,8 +768,24 @@ impl OtaEngine {
         }
     }
 
-    /// DYNAMIC jobs: creates a task for a device that now matches (new device, new version).
-    pub(crate) async fn dynamic_join(&self, pk: &str, dn: &str) {
+    /// DYNAMIC jobs: creates a task for a device that now matches (see
+    /// [`Self::dynamic_join_many`]).
+    pub(crate) async fn dynamic_join(&self, pk: &str, dn: &str, just_connected: bool) {
+        if !self.has_dynamic_jobs() {
+            return;
+        }
+        self.dynamic_join_many(pk, std::slice::from_ref(&dn.to_owned()), just_connected)
+            .await;
+    }
+
+    /// DYNAMIC jobs of the product that are still taking devices (`dynamic_active`: not
+    /// canceled, finish_by not reached) create a task for each listed device that matches
+    /// their target and source versions and has none in the job yet. Called when a device is
+    /// created (one or a batch), its tags change, it reports a version, or it connects
+    /// (`just_connected`: its first push waits for the connect delay, as it subscribes after
+    /// the CONNACK). STATIC jobs never take devices after their creation. The tasks of one job
+    /// are written in one store submission.
+    pub(crate) async fn dynamic_join_many(&self, pk: &str, names: &[String], just_connected: bool) {
         if !self.has_dynamic_jobs() {
             return;
         }
@@ -779,48 +795,67 @@ impl OtaEngine {
             .iter()
             .filter(|e| {
                 let j = e.value();
-                j.selection == Selection::Dynamic && j.product_key == pk && !j.has_member(dn)
+                j.selection == Selection::Dynamic && j.product_key == pk
             })
             .map(|e| Arc::clone(e.value()))
             .collect();
-        if candidates.is_empty() {
+        if candidates.is_empty() || names.is_empty() {
             return;
         }
-        let Ok(device) = self.registry().get_device(pk, dn) else {
-            return;
-        };
         let now = self.now();
+        let ready_at = if just_connected {
+            now + self.inner.config.connect_push_delay_ms.max(0)
+        } else {
+            0
+        };
         for entry in candidates {
-            let matches = {
+            let joining = {
                 let job = lock(&entry.job);
-                job.dynamic_active
-                    && !job.status.is_finished()
-                    && target_matches(&job, &device)
-                    && version_matches(&job, &device)
+                job.dynamic_active && !job.status.is_finished()
             };
-            if !matches {
+            if !joining {
                 continue;
             }
             let job = entry.job();
-            if self
-                .inner
-                .active
-                .get(&(pk.to_owned(), dn.to_owned(), job.module.clone()))
-                .is_some_and(|j| *j == job.job_id)
-            {
+            let mut ops = Vec::new();
+            let mut created = Vec::new();
+            for dn in names {
+                if entry.has_member(dn) {
+                    continue;
+                }
+                let Ok(device) = self.registry().get_device(pk, dn) else {
+                    continue;
+                };
+                if !(target_matches(&job, &device) && version_matches(&job, &device)) {
+                    continue;
+                }
+                let Some((key, mut slot)) = self.new_task(&entry, &job, &device, now).await else {
+                    continue;
+                };
+                slot.ready_at = ready_at;
+                ops.push(task_doc(&key, &slot));
+                created.push((key, slot));
+            }
+            if created.is_empty() {
                 continue;
             }
-            let Some((key, slot)) = self.new_task(&entry, &job, &device, now).await else {
-                continue;
-            };
-            let ticket = self.inner.store.submit(vec![task_doc(&key, &slot)]);
+            let keys: Vec<TaskKey> = created.iter().map(|(k, _)| k.clone()).collect();
+            let ticket = self.inner.store.submit(ops);
             let mut ready = Vec::new();
-            self.install(&entry, key, slot, now, &mut ready);
+            for (key, slot) in created {
+                self.install(&entry, key, slot, now, &mut ready);
+            }
             if let Err(e) = ticket.await {
-                tracing::error!(error = %e, job = %job.job_id, dn, "dynamic task not stored");
+                tracing::error!(error = %e, job = %job.job_id, "dynamic tasks not stored");
                 continue;
             }
-            tracing::debug!(job = %job.job_id, dn, "device joined a dynamic job");
+            for key in &keys {
+                if self.registry().get_device(pk, &key.dn).is_err() {
+                    // Deleted while it was joining (after the deletion swept its tasks).
+                    self.apply(key, Event::DeviceDeleted, now).await;
+                }
+            }
+            tracing::debug!(job = %job.job_id, devices = keys.len(), "devices joined a dynamic job");
             if !ready.is_empty() {
                 self.arm_push(&entry, now);
             }

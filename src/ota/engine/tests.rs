@@ -1217,3 +1217,216 @@ async fn bench_progress_throughput() {
         DEVICES as u64
     );
 }
+
+#[tokio::test]
+async fn deleting_a_device_cancels_its_unfinished_tasks_and_lets_the_job_complete() {
+    let mut h = H::new().await;
+    h.devices(4, "1.0").await;
+    for dn in ["dev-0000", "dev-0001", "dev-0002"] {
+        h.connect(dn).await;
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.timeout_seconds = Some(600);
+    spec.retry_count = Some(2);
+    spec.retry_interval_seconds = Some(60);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 3);
+    h.progress("dev-0000", 10).await; // IN_PROGRESS, timeout armed
+    h.progress("dev-0001", -2).await; // a retry pending
+    h.report("dev-0002", "2.0").await; // SUCCEEDED: stays as history
+                                       // dev-0003 is offline: QUEUED (OFFLINE).
+    let mut events = h.engine.subscribe_events();
+    for dn in ["dev-0000", "dev-0001", "dev-0002", "dev-0003"] {
+        h.registry.delete_device(&h.pk, dn).await.unwrap();
+    }
+    // Done when delete_device returns (the registry awaits its observers).
+    for dn in ["dev-0000", "dev-0001", "dev-0003"] {
+        let t = h.engine.get_task(&jid, dn).unwrap();
+        assert_eq!(t.status, TaskStatus::Canceled, "{dn}");
+        let last = t.history.unwrap().last().cloned().unwrap();
+        assert_eq!(last.event, "canceled");
+        assert!(
+            last.reason
+                .as_deref()
+                .unwrap()
+                .starts_with("DEVICE_DELETED"),
+            "{last:?}"
+        );
+    }
+    assert_eq!(h.status(&jid, "dev-0002"), TaskStatus::Succeeded);
+    let view = h.engine.get_job(&jid).unwrap();
+    assert_eq!((view.counters.canceled, view.counters.succeeded), (3, 1));
+    assert_eq!(
+        view.job.status,
+        JobStatus::Completed,
+        "not waiting for devices that no longer exist"
+    );
+    let mut reasons = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        reasons.push((e.device_name, e.to_state, e.reason.unwrap_or_default()));
+    }
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons
+        .iter()
+        .all(|(_, s, r)| *s == TaskStatus::Canceled && r.starts_with("DEVICE_DELETED")));
+    // No retry, re-push or timeout ever fires for them.
+    h.advance(3_600_000).await;
+    assert_eq!(h.pusher.total(), 3);
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Canceled);
+    // Persisted like any transition.
+    h.restart().await;
+    h.engine.run_due().await;
+    let view = h.engine.get_job(&jid).unwrap();
+    assert_eq!(view.counters.canceled, 3);
+    assert_eq!(view.job.status, JobStatus::Completed);
+    assert_eq!(h.pusher.total(), 3);
+}
+
+#[tokio::test]
+async fn tasks_of_a_device_deleted_just_before_a_crash_end_at_start() {
+    let mut h = H::new().await;
+    h.devices(2, "1.0").await;
+    let fid = h.firmware("2.0", true).await;
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    // The registry's delete committed, the crash came before the engine heard of it.
+    h.registry
+        .store()
+        .submit(vec![Op::DeleteDevice {
+            product_key: h.pk.clone(),
+            device_name: "dev-0001".into(),
+        }])
+        .await
+        .unwrap();
+    h.crash();
+    // start() cancels them in the background.
+    for _ in 0..1_000 {
+        if h.status(&jid, "dev-0001") == TaskStatus::Canceled {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.status(&jid, "dev-0001"), TaskStatus::Canceled);
+    assert_eq!(h.status(&jid, "dev-0000"), TaskStatus::Queued);
+    let counters = h.engine.get_job(&jid).unwrap().counters;
+    assert_eq!((counters.canceled, counters.queued), (1, 1));
+}
+
+#[tokio::test]
+async fn dynamic_jobs_take_new_devices_and_devices_whose_tags_come_to_match() {
+    let h = H::new().await;
+    h.device("dev-a", Some("1.0"), &[("site", "berlin")]).await;
+    h.device("elsewhere", Some("1.0"), &[("site", "paris")])
+        .await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.target = TargetKind::Tag;
+    spec.target_tags = vec![TagFilter {
+        key: "site".into(),
+        value: Some("berlin".into()),
+    }];
+    let mut static_spec = spec.clone();
+    spec.selection = Selection::Dynamic;
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    let members = |jid: &str| {
+        let mut m: Vec<String> = h
+            .engine
+            .list_tasks(jid, None, Page::default())
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|t| t.device_name)
+            .collect();
+        m.sort();
+        m
+    };
+    assert_eq!(members(&jid), ["dev-a"]);
+
+    // A device created after the job with a matching tag joins at once, QUEUED (OFFLINE).
+    h.device("dev-b", None, &[("site", "berlin")]).await;
+    let t = h.engine.get_task(&jid, "dev-b").unwrap();
+    assert_eq!(
+        (t.status, t.queue_reason),
+        (TaskStatus::Queued, Some(QueueReason::Offline))
+    );
+    // A batch create too (one row does not match).
+    let rows = ["dev-c1", "dev-c2", "dev-c3"]
+        .iter()
+        .map(|dn| NewDevice {
+            device_name: dn.to_string(),
+            device_secret: None,
+            tags: if *dn == "dev-c3" {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([("site".to_owned(), "berlin".to_owned())])
+            },
+        })
+        .collect();
+    h.registry.batch_create_devices(&h.pk, rows).await.unwrap();
+    assert_eq!(members(&jid), ["dev-a", "dev-b", "dev-c1", "dev-c2"]);
+    // Tags that come to match.
+    h.registry
+        .update_device(
+            &h.pk,
+            "elsewhere",
+            crate::registry::DeviceUpdate {
+                enabled: None,
+                tags: Some(BTreeMap::from([("site".into(), "berlin".into())])),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        members(&jid),
+        ["dev-a", "dev-b", "dev-c1", "dev-c2", "elsewhere"]
+    );
+    // The newcomer is pushed when it connects, after the connect delay.
+    h.connect("dev-b").await;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.pushes_to("dev-b"), 0);
+    h.advance(1_000).await;
+    assert_eq!(h.pusher.pushes_to("dev-b"), 1);
+
+    // A STATIC job never takes devices after its creation.
+    h.device("dev-z0", Some("1.0"), &[("zone", "x")]).await;
+    let fid3 = h.firmware("3.0", true).await;
+    static_spec.firmware_id = fid3;
+    static_spec.target_tags = vec![TagFilter {
+        key: "zone".into(),
+        value: None,
+    }];
+    let sid = h.engine.create_job(static_spec).await.unwrap().job.job_id;
+    h.device("dev-z1", Some("1.0"), &[("zone", "x")]).await;
+    assert_eq!(members(&sid), ["dev-z0"]);
+
+    // z0 comes to match the DYNAMIC job while its STATIC task is unfinished: skipped (no
+    // CONFLICT for DYNAMIC jobs). Once that task ended it joins when it connects — and its
+    // push waits for the connect delay like every first push after a connect.
+    h.registry
+        .update_device(
+            &h.pk,
+            "dev-z0",
+            crate::registry::DeviceUpdate {
+                enabled: None,
+                tags: Some(BTreeMap::from([("site".into(), "berlin".into())])),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(h.engine.get_task(&jid, "dev-z0").is_err());
+    h.engine
+        .cancel_tasks(&sid, &["dev-z0".to_owned()], false)
+        .await
+        .unwrap();
+    h.connect("dev-z0").await;
+    assert_eq!(h.status(&jid, "dev-z0"), TaskStatus::Queued);
+    h.engine.run_due().await;
+    assert_eq!(
+        h.pusher.pushes_to("dev-z0"),
+        0,
+        "waits for the device to subscribe"
+    );
+    h.advance(1_000).await;
+    assert_eq!(h.pusher.pushes_to("dev-z0"), 1);
+}
