@@ -36,11 +36,7 @@ if command -v mosquitto >/dev/null 2>&1; then
 elif [ -x /usr/sbin/mosquitto ]; then
     extra+=(--mosquitto /usr/sbin/mosquitto)
 fi
-for lib in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2; do
-    if [ -e "$lib" ]; then
-        extra+=(--jemalloc "$lib")
-        break
-    fi
-done
+# The gateway binary links jemalloc itself (default `jemalloc` feature); `--jemalloc <lib>` (an
+# LD_PRELOAD row) is only meaningful for a `--no-default-features` build passed as --fleetgate-bin.
 
 "$bin/fleetgate-bench" --json-out "${BENCH_OUT:-bench-results.json}" "${extra[@]}" "$@"
