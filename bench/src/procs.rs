@@ -64,7 +64,7 @@ pub struct Bins {
 
 impl Server {
     /// `fleetgate serve` on 127.0.0.1 port 0 (MQTT and HTTP); the bound addresses come from its
-    /// JSON start-up log line.
+    /// JSON start-up log line (on stderr).
     /// `preload`: a shared library for `LD_PRELOAD` (the jemalloc experiment).
     pub async fn fleetgate(
         bins: &Bins,
@@ -85,13 +85,14 @@ impl Server {
             .arg(data_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
+        // The gateway logs to stderr (JSON lines with `--log-json`).
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
         let log = Arc::new(LogTap::default());
         let deadline = Instant::now() + Duration::from_secs(60);
         let (mqtt, http) = loop {
@@ -268,7 +269,7 @@ impl Server {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+pub fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe {
