@@ -995,12 +995,12 @@ fn print_migrations(r: &Results) {
     println!("\n## Migration of connected devices (every run)\n");
     println!(
         "| run | devices | devices_per_sec | full → COMPLETED s | devices/s | full → all online s | \
-         MIGRATED | online in target | reconnected | refused | load start–end |"
+         MIGRATED | online in target | reconnected | refused | RSS before → after MiB | load start–end |"
     );
-    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for m in &r.migration {
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {} | {} | {} | {:.1}–{:.1} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {} | {} | {} | {:.1} → {:.1} | {:.1}–{:.1} |",
             m.run,
             m.devices,
             m.devices_per_sec
@@ -1012,6 +1012,8 @@ fn print_migrations(r: &Results) {
             m.online_in_target,
             m.reconnected,
             m.connect_refused,
+            m.gateway_rss_before_kib as f64 / 1024.0,
+            m.gateway_rss_kib as f64 / 1024.0,
             m.load1_start,
             m.load1_end,
         );

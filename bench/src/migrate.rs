@@ -44,6 +44,9 @@ pub struct MigrationRow {
     pub reconnected: u64,
     pub connect_refused: u64,
     pub kicks_metric: f64,
+    /// Gateway RSS with every device connected, before `full`.
+    pub gateway_rss_before_kib: u64,
+    /// Gateway RSS after every device reconnected (3 s after the last one).
     pub gateway_rss_kib: u64,
     pub gateway_warnings: u64,
 }
@@ -150,6 +153,7 @@ pub async fn run_once(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    let rss_before = server.rss_kib()?;
     let limit =
         Duration::from_secs_f64(n as f64 / f64::from(rate.unwrap_or(500).max(50)) * 3.0 + 120.0);
     let full_at = now_ms();
@@ -219,6 +223,7 @@ pub async fn run_once(
         reconnected,
         connect_refused: refused,
         kicks_metric: kicks,
+        gateway_rss_before_kib: rss_before,
         gateway_rss_kib: rss,
         gateway_warnings: warnings,
     })

@@ -1233,6 +1233,9 @@ async fn bench_progress_throughput() {
                     engine
                         .on_progress(&pk, dn, &req.params.module, req.params.step)
                         .await;
+                    // A percent update never waits; in the gateway every message follows a
+                    // socket read, which lets other tasks (the flush) run in between.
+                    tokio::task::yield_now().await;
                 }
             }
         });
