@@ -154,6 +154,10 @@ struct Args {
     /// Migration: `[migration] devices_per_sec` values (`default` = not set).
     #[arg(long, value_delimiter = ',', default_value = "default,0")]
     migration_rates: Vec<String>,
+    /// Migration: afterwards roll every device back (a second reconnect of each) and record
+    /// the gateway's RSS again.
+    #[arg(long)]
+    migration_rollback: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -933,6 +937,7 @@ async fn migration_benchmark(
                 args.migration_devices,
                 rate,
                 run,
+                args.migration_rollback,
             )
             .await?;
             eprintln!(
@@ -995,12 +1000,12 @@ fn print_migrations(r: &Results) {
     println!("\n## Migration of connected devices (every run)\n");
     println!(
         "| run | devices | devices_per_sec | full → COMPLETED s | devices/s | full → all online s | \
-         MIGRATED | online in target | reconnected | refused | RSS before → after MiB | load start–end |"
+         MIGRATED | online in target | reconnected | refused | RSS before → after (→ after rollback) MiB | load start–end |"
     );
     println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for m in &r.migration {
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {} | {} | {} | {:.1} → {:.1} | {:.1}–{:.1} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {} | {} | {} | {:.1} → {:.1}{} | {:.1}–{:.1} |",
             m.run,
             m.devices,
             m.devices_per_sec
@@ -1014,6 +1019,8 @@ fn print_migrations(r: &Results) {
             m.connect_refused,
             m.gateway_rss_before_kib as f64 / 1024.0,
             m.gateway_rss_kib as f64 / 1024.0,
+            m.gateway_rss_after_rollback_kib
+                .map_or_else(String::new, |k| format!(" → {:.1}", k as f64 / 1024.0)),
             m.load1_start,
             m.load1_end,
         );

@@ -48,6 +48,10 @@ pub struct MigrationRow {
     pub gateway_rss_before_kib: u64,
     /// Gateway RSS after every device reconnected (3 s after the last one).
     pub gateway_rss_kib: u64,
+    /// `--migration-rollback`: RSS after a rollback of all devices (a second reconnect of
+    /// every device), 3 s after the last one was back: growing again means a leak per
+    /// reconnect, staying means a high-water mark.
+    pub gateway_rss_after_rollback_kib: Option<u64>,
     pub gateway_warnings: u64,
 }
 
@@ -89,6 +93,7 @@ pub async fn run_once(
     n: usize,
     rate: Option<u32>,
     run: usize,
+    rollback: bool,
 ) -> anyhow::Result<MigrationRow> {
     let load_start = crate::load1();
     let label = rate.map_or_else(|| "default".to_owned(), |r| r.to_string());
@@ -189,6 +194,11 @@ pub async fn run_once(
     let kicks = api.metric("fleetgate_migration_kicks_total").await?;
     let rss = server.rss_kib()?;
     let final_task = api.get(&format!("/api/v1/migrations/{tid}"), &[]).await?;
+    let rss_after_rollback = if rollback {
+        Some(rollback_all(&api, &server, &mut sim, &tid, n, limit).await?)
+    } else {
+        None
+    };
     let summary = sim.stop().await?;
     let outcomes = summary["devices"]
         .as_array()
@@ -225,6 +235,36 @@ pub async fn run_once(
         kicks_metric: kicks,
         gateway_rss_before_kib: rss_before,
         gateway_rss_kib: rss,
+        gateway_rss_after_rollback_kib: rss_after_rollback,
         gateway_warnings: warnings,
     })
+}
+
+/// Rolls every device back to the source (each reconnects once more) and returns the
+/// gateway's RSS 3 s after all are online again.
+async fn rollback_all(
+    api: &Api,
+    server: &Server,
+    sim: &mut Sim,
+    tid: &str,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<u64> {
+    api.post(
+        &format!("/api/v1/migrations/{tid}/rollback"),
+        &json!({"all": true}),
+    )
+    .await?;
+    wait_state(api, tid, "TO_MIGRATE", limit).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.online().await? < n as u64 {
+        sim.check_running()?;
+        ensure!(
+            Instant::now() < deadline,
+            "devices not all online after the rollback"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.rss_kib()
 }
