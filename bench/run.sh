@@ -2,16 +2,19 @@
 # Reproduces docs/BENCHMARKS.md: builds the release binaries, copies them aside (a shared target
 # dir may be rebuilt by someone else mid-run), raises the open-files limit, widens the ephemeral
 # port range for the duration of the run if allowed (restored on exit), and runs every part.
-# Extra arguments go to fleetgate-bench (see `fleetgate-bench --help`), e.g. `--runs 1`.
+# Extra arguments go to fleetgate-bench (see `fleetgate-bench --help`), e.g. `--runs 1`;
+# `--parts ota` / `--parts migration` run the OTA campaign and migration benchmarks (with
+# firmware-sim), see docs/BENCHMARKS.md.
 #
 # Environment: CARGO_TARGET_DIR (default ./target), BENCH_WIDEN_PORTS=0 to leave the port
 # range alone, BENCH_OUT (default bench-results.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release -p fleetgate -p fleetgate-bench
+cargo build --release -p fleetgate -p fleetgate-bench -p firmware-sim
 bin="$(mktemp -d /tmp/fleetgate-bench-bin.XXXXXX)"
-cp "$target/release/fleetgate" "$target/release/fleetgate-bench" "$target/release/stock-rumqttd" "$bin/"
+cp "$target/release/fleetgate" "$target/release/fleetgate-bench" "$target/release/stock-rumqttd" \
+    "$target/release/firmware-sim" "$bin/"
 
 # Broker and load generator each hold one descriptor per connection.
 ulimit -n "$(ulimit -Hn)" || true

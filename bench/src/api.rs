@@ -1,5 +1,7 @@
 //! The gateway's operator API as the benchmark uses it: provisioning (product + CSV batch
-//! create) and the checks afterwards (stored versions, online count, message counters).
+//! create), the checks afterwards (stored versions, online count, message counters), and the
+//! plain JSON calls of the OTA and migration benchmarks (firmware upload, jobs, tasks,
+//! migration tasks).
 
 use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
@@ -11,6 +13,7 @@ const BATCH_ROWS: usize = 10_000;
 /// The API's largest page.
 const PAGE_SIZE: usize = 100;
 
+#[derive(Clone)]
 pub struct Api {
     base: String,
     token: String,
@@ -122,6 +125,92 @@ impl Api {
             }
         }
         Ok(out)
+    }
+
+    /// `GET {path}` with a query; the JSON body of a 2xx answer, otherwise an error naming it.
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        Self::json_of("GET", path, resp).await
+    }
+
+    /// `POST {path}` with a JSON body (`Value::Null`: no body).
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if !body.is_null() {
+            req = req.json(body);
+        }
+        let resp = req.send().await.with_context(|| format!("POST {path}"))?;
+        Self::json_of("POST", path, resp).await
+    }
+
+    async fn json_of(method: &str, path: &str, resp: reqwest::Response) -> anyhow::Result<Value> {
+        let status = resp.status();
+        let text = resp.text().await?;
+        ensure!(status.is_success(), "{method} {path}: {status} {text}");
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).with_context(|| format!("{method} {path}: not JSON: {text}"))
+    }
+
+    /// Every item of a paged list (`{items, total}`), 100 per page.
+    pub async fn all_items(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for page in 1.. {
+            let mut q = query.to_vec();
+            q.push(("page", page.to_string()));
+            q.push(("page_size", PAGE_SIZE.to_string()));
+            let body = self.get(path, &q).await?;
+            let items = body["items"].as_array().context("no items")?;
+            out.extend(items.iter().cloned());
+            let total = body["total"].as_u64().context("no total")? as usize;
+            if items.is_empty() || page * PAGE_SIZE >= total {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads a firmware package (`POST /api/v1/firmware`, multipart) and returns its id.
+    pub async fn upload_firmware(
+        &self,
+        product_key: &str,
+        version: &str,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<String> {
+        let form = reqwest::multipart::Form::new()
+            .text("product_key", product_key.to_owned())
+            .text("version", version.to_owned())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes).file_name("firmware.bin"),
+            );
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/firmware", self.base))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .await?;
+        let body = Self::json_of("POST", "/api/v1/firmware", resp).await?;
+        Ok(body["firmware_id"]
+            .as_str()
+            .context("no firmware_id")?
+            .to_owned())
     }
 
     /// `online_devices` from `/healthz`.

@@ -11,12 +11,23 @@
 //!    (N publishers → 1 wildcard QoS1 subscriber counting distinct messages) with the same load
 //!    generator, and the ratio.
 //!
+//! 3. **OTA campaign** (`--parts ota`, issue 4): N simulated devices (`firmware-sim`, one
+//!    process) with injected failures, one upgrade job with a constant push rate and a timeout:
+//!    every task's terminal state against the simulator's faults, pushes per whole minute, time
+//!    to completion, gateway RSS per 10,000 tasks (`campaign.rs`).
+//! 4. **Migration** (`--parts migration`, issue 6): N connected simulated devices moved to a
+//!    second instance at `[migration] devices_per_sec` (default and unthrottled): devices/s,
+//!    time to COMPLETED, every device MIGRATED and reconnected (`migrate.rs`).
+//!
 //! Every socket is on 127.0.0.1; every phase is bounded in count and time. Results go to stdout
 //! as Markdown tables (medians of `--runs`) and, with `--json-out`, as JSON with every run.
 
 mod api;
+mod campaign;
 mod loadgen;
+mod migrate;
 mod procs;
+mod sim;
 mod stats;
 
 use anyhow::{ensure, Context};
@@ -115,12 +126,46 @@ struct Args {
     /// Write every run as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// firmware-sim binary for `ota` and `migration` [default: next to this one].
+    #[arg(long)]
+    firmware_sim_bin: Option<PathBuf>,
+    /// OTA campaign: simulated devices (one task each).
+    #[arg(long, default_value_t = 10_000)]
+    ota_devices: usize,
+    /// OTA campaign: the job's constant push rate, devices per minute.
+    #[arg(long, default_value_t = 2_000)]
+    ota_rate: u32,
+    /// OTA campaign: probability of each terminal fault (-1, -2, -3, -4, hang, wrong version)
+    /// per device, percent.
+    #[arg(long, default_value_t = 2.0)]
+    ota_fault_percent: f64,
+    /// OTA campaign: the job's `timeout_seconds` (what ends hung devices).
+    #[arg(long, default_value_t = 60)]
+    ota_timeout_s: u32,
+    /// OTA campaign: firmware package size, KiB.
+    #[arg(long, default_value_t = 64)]
+    ota_firmware_kib: usize,
+    /// OTA campaign: simulator seed of run 1 (run k uses seed + k − 1).
+    #[arg(long, default_value_t = 1)]
+    ota_seed: u64,
+    /// Migration: connected simulated devices.
+    #[arg(long, default_value_t = 5_000)]
+    migration_devices: usize,
+    /// Migration: `[migration] devices_per_sec` values (`default` = not set).
+    #[arg(long, value_delimiter = ',', default_value = "default,0")]
+    migration_rates: Vec<String>,
+    /// Migration: afterwards roll every device back (a second reconnect of each) and record
+    /// the gateway's RSS again.
+    #[arg(long)]
+    migration_rollback: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
     Connect,
     Ingest,
+    Ota,
+    Migration,
 }
 
 #[derive(Serialize)]
@@ -225,6 +270,8 @@ struct Results {
     notes: Vec<String>,
     connect: Vec<ConnectRow>,
     ingest: Vec<IngestRow>,
+    ota: Vec<campaign::CampaignRow>,
+    migration: Vec<migrate::MigrationRow>,
 }
 
 #[tokio::main]
@@ -281,6 +328,27 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Ingest) {
         ingest_benchmark(&args, &bins, &mut results).await?;
+    }
+    let sim_bin = args
+        .firmware_sim_bin
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("firmware-sim"));
+    if args
+        .parts
+        .iter()
+        .any(|p| matches!(p, Part::Ota | Part::Migration))
+    {
+        ensure!(
+            sim_bin.exists(),
+            "{} not found: build with `cargo build --release -p firmware-sim`",
+            sim_bin.display()
+        );
+    }
+    if args.parts.contains(&Part::Ota) {
+        ota_benchmark(&args, &bins, &sim_bin, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Migration) {
+        migration_benchmark(&args, &bins, &sim_bin, &mut results).await?;
     }
 
     print_report(&args, &results);
@@ -813,7 +881,174 @@ async fn relay(
     })
 }
 
+async fn ota_benchmark(
+    args: &Args,
+    bins: &Bins,
+    sim_bin: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    for run in 1..=args.runs {
+        let settings = campaign::Settings {
+            devices: args.ota_devices,
+            rate_per_minute: args.ota_rate,
+            fault_percent: args.ota_fault_percent,
+            timeout_seconds: args.ota_timeout_s,
+            firmware_kib: args.ota_firmware_kib,
+            seed: args.ota_seed + run as u64 - 1,
+            connect_rate: 2_000,
+        };
+        let row = campaign::run_once(bins, sim_bin, &args.work_dir, &settings, run).await?;
+        eprintln!(
+            "ota run {run}: {} in {:.1} s, mismatches {}, statistics match {}, pushes/min {:?} \
+             (max deviation {:.2}%), RSS {:.1} → {:.1} MiB ({:.1} MiB per 10,000 tasks), load {:.1}–{:.1}",
+            row.job_status,
+            row.completion_secs,
+            row.mismatches,
+            row.statistics_match,
+            row.pushes_per_minute,
+            row.max_minute_deviation_pct,
+            row.gateway_rss_before_kib as f64 / 1024.0,
+            row.gateway_rss_with_tasks_kib as f64 / 1024.0,
+            row.mib_per_10k_tasks,
+            row.load1_start,
+            row.load1_end,
+        );
+        for m in &row.mismatch_samples {
+            eprintln!("    mismatch: {m}");
+        }
+        results.ota.push(row);
+    }
+    Ok(())
+}
+
+async fn migration_benchmark(
+    args: &Args,
+    bins: &Bins,
+    sim_bin: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let rates: Vec<Option<u32>> =
+        args.migration_rates
+            .iter()
+            .map(|r| match r.as_str() {
+                "default" => Ok(None),
+                n => n.parse().map(Some).with_context(|| {
+                    format!("--migration-rates: {n} is not a number or `default`")
+                }),
+            })
+            .collect::<anyhow::Result<_>>()?;
+    for run in 1..=args.runs {
+        for &rate in &rates {
+            let row = migrate::run_once(
+                bins,
+                sim_bin,
+                &args.work_dir,
+                args.migration_devices,
+                rate,
+                run,
+                args.migration_rollback,
+            )
+            .await?;
+            eprintln!(
+                "migration run {run} rate {:?}: {} in {:.2} s ({:.0} devices/s), all online after \
+                 {:.2} s, migrated {} online in target {} reconnected {}, load {:.1}–{:.1}",
+                rate,
+                row.state,
+                row.full_to_completed_secs,
+                row.devices_per_sec_measured,
+                row.full_to_all_online_secs,
+                row.migrated,
+                row.online_in_target,
+                row.reconnected,
+                row.load1_start,
+                row.load1_end,
+            );
+            results.migration.push(row);
+        }
+    }
+    Ok(())
+}
+
+fn print_campaigns(r: &Results) {
+    println!("\n## OTA campaign (every run)\n");
+    println!(
+        "| run | devices | rate/min | job | to COMPLETED s | mismatches | statistics match | \
+         pushes per whole minute | max deviation % | mean rate/min | repushes | RSS before MiB | \
+         with tasks MiB | peak MiB | MiB per 10,000 tasks | load start–end |"
+    );
+    println!("|---:|---:|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for o in &r.ota {
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {:?} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}–{:.1} |",
+            o.run,
+            o.settings.devices,
+            o.settings.rate_per_minute,
+            o.job_status,
+            o.completion_secs,
+            o.mismatches,
+            o.statistics_match,
+            o.pushes_per_minute,
+            o.max_minute_deviation_pct,
+            o.mean_rate_per_minute,
+            o.repushes,
+            o.gateway_rss_before_kib as f64 / 1024.0,
+            o.gateway_rss_with_tasks_kib as f64 / 1024.0,
+            o.gateway_rss_peak_kib as f64 / 1024.0,
+            o.mib_per_10k_tasks,
+            o.load1_start,
+            o.load1_end,
+        );
+    }
+    for o in &r.ota {
+        println!("\nrun {}: expected {:?}", o.run, o.expected);
+        println!("run {}: observed {:?}", o.run, o.observed);
+    }
+}
+
+fn print_migrations(r: &Results) {
+    println!("\n## Migration of connected devices (every run)\n");
+    println!(
+        "| run | devices | devices_per_sec | full → COMPLETED s | devices/s | full → all online s | \
+         MIGRATED | online in target | reconnected | refused | RSS before → after (→ after rollback) MiB | load start–end |"
+    );
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    for m in &r.migration {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {} | {} | {} | {:.1} → {:.1}{} | {:.1}–{:.1} |",
+            m.run,
+            m.devices,
+            m.devices_per_sec
+                .map_or_else(|| "default".to_owned(), |r| r.to_string()),
+            m.full_to_completed_secs,
+            m.devices_per_sec_measured,
+            m.full_to_all_online_secs,
+            m.migrated,
+            m.online_in_target,
+            m.reconnected,
+            m.connect_refused,
+            m.gateway_rss_before_kib as f64 / 1024.0,
+            m.gateway_rss_kib as f64 / 1024.0,
+            m.gateway_rss_after_rollback_kib
+                .map_or_else(String::new, |k| format!(" → {:.1}", k as f64 / 1024.0)),
+            m.load1_start,
+            m.load1_end,
+        );
+    }
+}
+
 fn print_report(args: &Args, r: &Results) {
+    if !r.ota.is_empty() {
+        print_campaigns(r);
+    }
+    if !r.migration.is_empty() {
+        print_migrations(r);
+    }
+    if r.connect.is_empty() && r.ingest.is_empty() {
+        for n in &r.notes {
+            println!("- note: {n}");
+        }
+        return;
+    }
     println!("\n## Connections (median of {} runs)\n", args.runs);
     println!(
         "| broker | clients | connected | failed | connects/s | handshake p50 ms | p99 ms | \

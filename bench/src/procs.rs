@@ -64,7 +64,7 @@ pub struct Bins {
 
 impl Server {
     /// `fleetgate serve` on 127.0.0.1 port 0 (MQTT and HTTP); the bound addresses come from its
-    /// JSON start-up log line.
+    /// JSON start-up log line (on stderr).
     /// `preload`: a shared library for `LD_PRELOAD` (the jemalloc experiment).
     pub async fn fleetgate(
         bins: &Bins,
@@ -287,7 +287,7 @@ impl Server {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+pub fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe {
