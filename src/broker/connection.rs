@@ -3,8 +3,8 @@
 //! 1. Read CONNECT within `connect_timeout` and authenticate it ([`super::auth`]); a refusal
 //!    gets a CONNACK with a real return code and is counted by reason.
 //! 2. Take over a previous session of the same device (it is retired first, so the router sees
-//!    its DISCONNECT before the new link's CONNECT), register the router link on a blocking
-//!    thread, call `on_connect`, write the CONNACK the router produced (`session_present`).
+//!    its DISCONNECT before the new link's CONNECT), register the router link through the
+//!    `fleetgate-links` thread ([`super::router`]), call `on_connect`, write the CONNACK the router produced (`session_present`).
 //! 3. Loop over socket reads, the link's notifications, a retire signal, broker shutdown and the
 //!    keep-alive deadline (like rumqttd's `RemoteLink::start`, batching reads and writes).
 //!
@@ -194,14 +194,12 @@ pub(crate) async fn serve<S, H>(
         let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
     }
 
-    let build_shared = Arc::clone(&shared);
-    let router_id = auth.router_client_id;
-    let clean = connect.clean_session;
-    let built =
-        tokio::task::spawn_blocking(move || build_shared.router.build_link(&router_id, clean))
-            .await;
+    let built = shared
+        .router
+        .register(auth.router_client_id, connect.clean_session)
+        .await;
     let (mut link_rx, session_present) = match built {
-        Ok(Ok((link_tx, link_rx, ack))) => {
+        Ok((link_tx, link_rx, ack)) => {
             if !handle.install(link_tx) {
                 // Replaced or kicked while registering: end without ever having been online.
                 return;
@@ -212,13 +210,8 @@ pub(crate) async fn serve<S, H>(
             };
             (link_rx, present)
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "router refused the link");
-            handle.link_failed();
-            return refuse(&shared, &mut conn, Refusal::Limit).await;
-        }
         Err(e) => {
-            tracing::error!(error = %e, "link registration task failed");
+            tracing::warn!(error = %e, "router refused the link");
             handle.link_failed();
             return refuse(&shared, &mut conn, Refusal::Limit).await;
         }
@@ -227,7 +220,7 @@ pub(crate) async fn serve<S, H>(
     handle.set_online();
     shared.metrics.connects.inc();
     hooks.on_connect(&live.session);
-    tracing::debug!(session_present, clean, "connected");
+    tracing::debug!(session_present, clean = connect.clean_session, "connected");
     let connack = Packet::ConnAck(
         ConnAck {
             session_present,

@@ -19,6 +19,8 @@
 //!                 connection task, one per socket             -- tokio
 //!                 (CONNECT, auth, ACL, on_publish, acks)
 //!                   |  LinkTx (buffer + router channel)  ^ LinkRx (notify channel + buffer)
+//!                   |  register: bounded tokio mpsc ──►  fleetgate-links thread
+//!                   |  ◄── oneshot (LinkTx, LinkRx)      (LinkBuilder::build, one at a time)
 //!                   v                                    |
 //!   router-0 thread: rumqttd Router (bounded flume channel, 1000 events)
 //!                   ^                                    |
@@ -28,12 +30,15 @@
 //!    a bounded std channel, try_send)           with ready())
 //! ```
 //!
-//! - `Broker::new` spawns the router thread and registers the gateway link; `Broker::start`
-//!   binds the listeners (port 0 works, backlog 4096) and spawns the accept tasks.
+//! - `Broker::new` spawns the router and link registration threads and registers the gateway
+//!   link; `Broker::start` binds the listeners (port 0 works, backlog 4096) and spawns the
+//!   accept tasks.
 //! - A connection task reads CONNECT within `connect_timeout`, authenticates it (`auth.rs`),
-//!   retires a previous session of the same device (takeover), registers its router link on a
-//!   blocking thread (`LinkBuilder::build` blocks), calls `on_connect`, writes the CONNACK, then
-//!   selects over socket reads, link notifications, a retire signal, shutdown and keep-alive.
+//!   retires a previous session of the same device (takeover), registers its router link through
+//!   the `fleetgate-links` thread (`LinkBuilder::build` blocks until the router answers: one
+//!   thread fed by a bounded channel, answering on a oneshot, instead of a blocking-pool thread
+//!   per CONNECT), calls `on_connect`, writes the CONNACK, then selects over socket reads, link
+//!   notifications, direct deliveries, a retire signal, shutdown and keep-alive.
 //! - The session table (`DashMap<DeviceKey, SessionHandle>`) is how kick, takeover and shutdown
 //!   reach a session. A session's `LinkTx` lives in its handle behind a mutex so that retiring it
 //!   (send DISCONNECT to the router, then forget the `LinkTx`) is atomic: rumqttd reuses a

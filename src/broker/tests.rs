@@ -1003,3 +1003,51 @@ async fn connection_limit_refuses_new_devices_but_allows_takeover() {
     );
     tb.expect_connect("dev1").await;
 }
+
+#[tokio::test]
+async fn a_connect_storm_registers_every_link() {
+    const N: usize = 200;
+    let mut config = test_config();
+    config.max_connections = N;
+    let mut tb = start_with(config).await;
+    {
+        let mut devices = tb.hooks.devices.lock().unwrap();
+        for i in 0..N {
+            devices.insert(
+                (PK.to_owned(), format!("storm{i}")),
+                DeviceCredentials {
+                    device_secret: SECRET.to_owned(),
+                    enabled: true,
+                },
+            );
+        }
+    }
+    let addr = tb.addr();
+    // All CONNECTs at once, raw (no client library timeouts in the way): every one must get
+    // CONNACK "accepted" — their links are registered one after the other by one thread.
+    let sockets = futures_util::future::join_all((0..N).map(|i| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&raw_connect(&creds(&format!("storm{i}")), 60))
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+            .await
+            .expect("no CONNACK in time")
+            .unwrap();
+        (s, connack)
+    }))
+    .await;
+    for (i, (_, connack)) in sockets.iter().enumerate() {
+        assert_eq!(connack, &[0x20, 0x02, 0x00, 0x00], "device storm{i}");
+    }
+    let mut connected = std::collections::HashSet::new();
+    for _ in 0..N {
+        match tb.next_event().await {
+            HookEvent::Connect(s) => assert!(connected.insert(s.device.device_name)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(tb.handle.downlink().connected_count(), N);
+    assert!(tb.metric(&format!("fleetgate_mqtt_connects_total {N}")));
+}
