@@ -82,7 +82,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-pub use downlink::Downlink;
+pub use downlink::{Delivery, Downlink};
 pub use server::{Broker, BrokerHandle};
 
 /// Resolves when the broker shuts down (the flag turns true, or its sender is gone).
