@@ -396,6 +396,19 @@ where
             outcome = Err(reason);
             break;
         }
+        // A (UN)SUBSCRIBE reaches the router before anything the following packets cause: a
+        // device that subscribes to its reply topic and posts in the same write must find its
+        // subscription in place when the reply (published through the gateway link, another
+        // sender on the router's channel) arrives.
+        if matches!(
+            to_link.last(),
+            Some(Packet::Subscribe(..) | Packet::Unsubscribe(..))
+        ) {
+            live.shared.router.wait_capacity().await;
+            if !live.handle.send(std::mem::take(&mut to_link)) {
+                return Err(DisconnectReason::ConnectionLost);
+            }
+        }
         // Replies to what this packet asked for were just queued for this very task: write them
         // now, so a long read of requests cannot fill the session's direct queue.
         if let Err(reason) = write_direct(conn, &live.handle, flow) {

@@ -34,6 +34,8 @@ struct FakeHooks {
     /// How long `on_publish` takes (to make "PUBACK only after processing" observable).
     publish_delay: Mutex<Duration>,
     processed: AtomicUsize,
+    /// When set, every processed publish is answered on `{topic}_reply` through the router.
+    replies: Mutex<Option<Downlink>>,
 }
 
 impl DeviceHooks for FakeHooks {
@@ -59,6 +61,9 @@ impl DeviceHooks for FakeHooks {
         payload: Bytes,
     ) -> impl Future<Output = ()> + Send {
         let delay = *self.publish_delay.lock().unwrap();
+        if let Some(downlink) = &*self.replies.lock().unwrap() {
+            let _ = downlink.publish(format!("{topic}_reply"), payload.clone());
+        }
         let event = HookEvent::Publish(session.clone(), topic.to_owned(), payload);
         async move {
             if !delay.is_zero() {
@@ -111,6 +116,7 @@ async fn start_with(config: BrokerConfig) -> TestBroker {
         events: tx,
         publish_delay: Mutex::new(Duration::ZERO),
         processed: AtomicUsize::new(0),
+        replies: Mutex::new(None),
     });
     let metrics = Arc::new(Metrics::new());
     let broker = Broker::new(config, Arc::clone(&metrics)).unwrap();
@@ -1346,4 +1352,48 @@ async fn a_device_that_stops_reading_loses_direct_messages_without_blocking_anyo
     );
     assert_eq!(&reader.next_publish().await.payload[..], b"fine");
     assert!(downlink.is_connected(&device("dev1")));
+}
+
+/// A raw QoS 0 PUBLISH in bytes.
+fn raw_publish(topic: &str, payload: &str) -> Vec<u8> {
+    use rumqttd::protocol as p;
+    let publish = p::Packet::Publish(
+        p::Publish::new(
+            Bytes::copy_from_slice(topic.as_bytes()),
+            Bytes::copy_from_slice(payload.as_bytes()),
+            false,
+        ),
+        None,
+    );
+    let mut out = bytes::BytesMut::new();
+    codec::encode(publish, &mut out).unwrap();
+    out.to_vec()
+}
+
+#[tokio::test]
+async fn a_subscription_is_in_place_for_replies_to_requests_in_the_same_write() {
+    let mut tb = start().await;
+    *tb.hooks.replies.lock().unwrap() = Some(tb.handle.downlink());
+    let mut s = TcpStream::connect(tb.addr()).await.unwrap();
+    s.write_all(&raw_connect(&creds("dev1"), 0)).await.unwrap();
+    tb.expect_connect("dev1").await;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    // SUBSCRIBE and a request in one write: the reply (router path, no grant yet) must find the
+    // subscription in the router.
+    let post = format!("/sys/{PK}/dev1/thing/event/property/post");
+    let mut burst = raw_subscribe(&post_reply_topic("dev1"));
+    burst.extend(raw_publish(&post, "req"));
+    s.write_all(&burst).await.unwrap();
+    let suback = [0x90, 0x03, 0x00, 0x01, 0x00];
+    let reply = raw_publish(&post_reply_topic("dev1"), "req");
+    let mut got = vec![0u8; suback.len() + reply.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .expect("no reply")
+        .unwrap();
+    assert_eq!(got, [&suback[..], &reply[..]].concat());
 }
