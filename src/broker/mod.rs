@@ -68,6 +68,13 @@
 //! - **MQTT 5** is not supported: a v5 (or 3.1) CONNECT is answered with the 3.1.1 CONNACK
 //!   "unacceptable protocol version" (1) and counted as `connects_refused{reason="protocol"}`.
 //!   No v5 packet ever reaches rumqttd (its v5 paths have known panics).
+//! - **QoS 0 replies** ([`Downlink::publish_qos0`]) go straight to the device's live clean
+//!   session when a subscription the router granted it matches (recorded at SUBACK, `_ss=1`
+//!   included, removed at UNSUBSCRIBE), written at QoS 0; otherwise through the router. A full
+//!   per-session queue (64) drops the message and counts it. Details in `downlink.rs`.
+//! - **SUBSCRIBE/UNSUBSCRIBE order**: forwarded to the router before the packets that follow it
+//!   in the same read are handled, so the reply to a request sent right after a SUBSCRIBE finds
+//!   the subscription in place.
 //! - **Limits**: at `max_connections` authenticated sessions a new device gets CONNACK "server
 //!   unavailable" (3), counted as `limit`; a takeover of a connected device is always allowed.
 
