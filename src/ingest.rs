@@ -110,11 +110,13 @@ impl Ingest {
         );
     }
 
+    /// Publishes the reply to a request at QoS 0 (every `_reply` topic is QoS 0 in the topic
+    /// catalog): straight to the device's session when it is subscribed, else via the router.
     fn reply(&self, topic: &Topic<'_>, body: Vec<u8>) {
         let Some(reply_topic) = topic.reply_topic() else {
             return;
         };
-        if let Err(error) = self.downlink.publish(reply_topic.to_string(), body) {
+        if let Err(error) = self.downlink.publish_qos0(reply_topic.to_string(), body) {
             tracing::warn!(%error, topic = %reply_topic, "cannot publish reply");
         }
     }

@@ -29,8 +29,13 @@ pub struct Metrics {
     pub messages: Family<Labels, Counter>,
     /// Upstream messages that failed to parse, by topic kind.
     pub malformed_messages: Family<Labels, Counter>,
-    /// Messages the gateway published to devices.
+    /// Messages the gateway published to devices through rumqttd's router.
     pub downlink_messages: Counter,
+    /// QoS 0 messages handed straight to a device's live session, bypassing the router
+    /// (`Downlink::publish_qos0`).
+    pub downlink_direct: Counter,
+    /// Direct QoS 0 messages dropped because the device's session queue was full.
+    pub downlink_direct_dropped: Counter,
     /// Store transaction commit latency, seconds.
     pub store_write_seconds: Histogram,
     /// Operations per store transaction.
@@ -104,6 +109,8 @@ impl Metrics {
             messages: Family::default(),
             malformed_messages: Family::default(),
             downlink_messages: Counter::default(),
+            downlink_direct: Counter::default(),
+            downlink_direct_dropped: Counter::default(),
             store_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_superseded: Counter::default(),
@@ -167,8 +174,18 @@ impl Metrics {
         );
         registry.register(
             "mqtt_downlink_messages",
-            "Messages published to devices",
+            "Messages published to devices through the router",
             m.downlink_messages.clone(),
+        );
+        registry.register(
+            "mqtt_downlink_direct",
+            "QoS 0 messages handed straight to a live device session",
+            m.downlink_direct.clone(),
+        );
+        registry.register(
+            "mqtt_downlink_direct_dropped",
+            "Direct QoS 0 messages dropped on a full session queue",
+            m.downlink_direct_dropped.clone(),
         );
         registry.register(
             "store_write_seconds",

@@ -61,6 +61,39 @@ pub fn filter_allowed(product_key: &str, device_name: &str, filter: &str) -> boo
         && owned(product_key, device_name, filter, true)
 }
 
+/// The one device that owns `topic`: `(product_key, device_name)`, or `None` when the topic has
+/// none of the per-device shapes. Every filter a device may subscribe to names its own
+/// `{pk}/{dn}` before any wildcard (the RRPC id aside, which comes before them in a fixed shape),
+/// so the owner is the only device whose subscriptions can match the topic.
+///
+/// One exception makes a topic have no single owner: the server-side `_ss=1` subscription
+/// `/ext/rrpc/+/sys/{pk}/{dn}/#` is not checked by this ACL, and the topics it matches are owned,
+/// by shape, by a product called `sys`. So a product key that is a reserved first segment is
+/// never reported as an owner.
+pub fn topic_owner(topic: &str) -> Option<(&str, &str)> {
+    let mut segments = topic.split('/');
+    if segments.next() != Some("") {
+        return None;
+    }
+    let rest: Vec<&str> = segments.collect();
+    let device = match rest.as_slice() {
+        ["ota", "device", _, device @ ..]
+        | ["shadow", _, device @ ..]
+        | ["sys", device @ ..]
+        | ["ext", "rrpc", _, device @ ..] => device,
+        ["ext", _, device @ ..] => device,
+        device => device,
+    };
+    let [pk, dn, ..] = device else {
+        return None;
+    };
+    if RESERVED_FIRST_SEGMENTS.contains(pk) {
+        return None;
+    }
+    // The candidate is confirmed by the ACL itself, so the two can never disagree.
+    topic_allowed(pk, dn, topic).then_some((*pk, *dn))
+}
+
 /// What may follow the `{pk}/{dn}` segments.
 #[derive(Clone, Copy)]
 enum Tail {
@@ -212,6 +245,45 @@ mod tests {
                 *expected,
                 "filter {filter:?}"
             );
+        }
+    }
+
+    #[test]
+    fn topic_owners() {
+        let table: &[(&str, Option<(&str, &str)>)] = &[
+            ("/ota/device/upgrade/a1/dev1", Some(("a1", "dev1"))),
+            (
+                "/sys/a1/dev1/thing/event/property/post_reply",
+                Some(("a1", "dev1")),
+            ),
+            (
+                "/sys/a1/dev1/thing/ota/firmware/get_reply",
+                Some(("a1", "dev1")),
+            ),
+            ("/a1/dev1/user/get", Some(("a1", "dev1"))),
+            ("/ext/rrpc/123/a1/dev1/user/get", Some(("a1", "dev1"))),
+            ("/ext/ntp/a1/dev1/response", Some(("a1", "dev1"))),
+            ("/ext/error/a1/dev1", Some(("a1", "dev1"))),
+            ("/shadow/get/a1/dev1", Some(("a1", "dev1"))),
+            ("/sys/sys/dev1/thing/x", None),
+            ("/ext/rrpc/123/sys/a1/dev1/thing/service/x", None),
+            ("/sys/a1/dev1", None),
+            ("/ota/device/upgrade/a1/dev1/extra", None),
+            ("/ota/a1/dev1", None),
+            ("/as/mqtt/status/a1/dev1", None),
+            ("/a1/dev1", None),
+            ("a1/dev1/user/get", None),
+            ("/sys/a1/dev1/+", None),
+            ("$SYS/a1/dev1/x", None),
+            ("", None),
+            ("/", None),
+        ];
+        for (topic, expected) in table {
+            assert_eq!(topic_owner(topic), *expected, "topic {topic:?}");
+            // The owner is exactly the device the ACL lets publish there.
+            if let Some((pk, dn)) = expected {
+                assert!(topic_allowed(pk, dn, topic));
+            }
         }
     }
 

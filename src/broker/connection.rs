@@ -3,8 +3,8 @@
 //! 1. Read CONNECT within `connect_timeout` and authenticate it ([`super::auth`]); a refusal
 //!    gets a CONNACK with a real return code and is counted by reason.
 //! 2. Take over a previous session of the same device (it is retired first, so the router sees
-//!    its DISCONNECT before the new link's CONNECT), register the router link on a blocking
-//!    thread, call `on_connect`, write the CONNACK the router produced (`session_present`).
+//!    its DISCONNECT before the new link's CONNECT), register the router link through the
+//!    `fleetgate-links` thread ([`super::router`]), call `on_connect`, write the CONNACK the router produced (`session_present`).
 //! 3. Loop over socket reads, the link's notifications, a retire signal, broker shutdown and the
 //!    keep-alive deadline (like rumqttd's `RemoteLink::start`, batching reads and writes).
 //!
@@ -15,14 +15,14 @@
 use super::auth::{authenticate, Refusal};
 use super::codec::{self, Frame, UpPublish};
 use super::server::Shared;
-use super::session::{Phase, SessionHandle};
+use super::session::{DirectMessage, Phase, SessionHandle};
 use super::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
     self, ConnAck, ConnectReturnCode, Filter, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, QoS, RetainForwardRule, SubAck, Subscribe,
+    PubCompReason, PubRec, PubRecReason, Publish, QoS, RetainForwardRule, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttd::Notification;
@@ -164,7 +164,7 @@ pub(crate) async fn serve<S, H>(
         "device",
         format!("{}/{}", device.product_key, device.device_name),
     );
-    let handle = Arc::new(SessionHandle::new(conn_id));
+    let handle = Arc::new(SessionHandle::new(conn_id, connect.clean_session));
     let session = Session {
         device: device.clone(),
         conn_id,
@@ -194,14 +194,12 @@ pub(crate) async fn serve<S, H>(
         let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
     }
 
-    let build_shared = Arc::clone(&shared);
-    let router_id = auth.router_client_id;
-    let clean = connect.clean_session;
-    let built =
-        tokio::task::spawn_blocking(move || build_shared.router.build_link(&router_id, clean))
-            .await;
+    let built = shared
+        .router
+        .register(auth.router_client_id, connect.clean_session)
+        .await;
     let (mut link_rx, session_present) = match built {
-        Ok(Ok((link_tx, link_rx, ack))) => {
+        Ok((link_tx, link_rx, ack)) => {
             if !handle.install(link_tx) {
                 // Replaced or kicked while registering: end without ever having been online.
                 return;
@@ -212,13 +210,8 @@ pub(crate) async fn serve<S, H>(
             };
             (link_rx, present)
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "router refused the link");
-            handle.link_failed();
-            return refuse(&shared, &mut conn, Refusal::Limit).await;
-        }
         Err(e) => {
-            tracing::error!(error = %e, "link registration task failed");
+            tracing::warn!(error = %e, "router refused the link");
             handle.link_failed();
             return refuse(&shared, &mut conn, Refusal::Limit).await;
         }
@@ -227,7 +220,7 @@ pub(crate) async fn serve<S, H>(
     handle.set_online();
     shared.metrics.connects.inc();
     hooks.on_connect(&live.session);
-    tracing::debug!(session_present, clean, "connected");
+    tracing::debug!(session_present, clean = connect.clean_session, "connected");
     let connack = Packet::ConnAck(
         ConnAck {
             session_present,
@@ -239,6 +232,7 @@ pub(crate) async fn serve<S, H>(
         return;
     }
 
+    let mut flow = Flow::default();
     if auth.auto_subscribe {
         // `_ss=1`: the vendor SDKs rely on the server subscribing them to their system topics.
         // Packet id 0 never comes from a client, so its SUBACK is recognised and swallowed.
@@ -258,6 +252,12 @@ pub(crate) async fn serve<S, H>(
                 filter(format!("/ext/rrpc/+/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
             ],
         };
+        let paths = subscribe.filters.iter().map(|f| f.path.clone()).collect();
+        flow.pending_subacks.push_back(PendingSubAck {
+            pkid: AUTO_SUBSCRIBE_PKID,
+            allowed: vec![true; subscribe.filters.len()],
+            paths,
+        });
         shared.router.wait_capacity().await;
         if !live.handle.send(vec![Packet::Subscribe(subscribe, None)]) {
             return;
@@ -266,7 +266,15 @@ pub(crate) async fn serve<S, H>(
 
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    live.local_reason = run(&mut conn, &mut link_rx, &live, &mut shutdown, keep_alive).await;
+    live.local_reason = run(
+        &mut conn,
+        &mut link_rx,
+        &live,
+        &mut flow,
+        &mut shutdown,
+        keep_alive,
+    )
+    .await;
 }
 
 /// The established session's loop. Returns why it ended (from this side).
@@ -274,6 +282,7 @@ async fn run<S, H>(
     conn: &mut Conn<S>,
     link_rx: &mut LinkRx,
     live: &Live<H>,
+    flow: &mut Flow,
     shutdown: &mut watch::Receiver<bool>,
     keep_alive: Option<Duration>,
 ) -> DisconnectReason
@@ -281,7 +290,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: DeviceHooks,
 {
-    let mut flow = Flow::default();
     let mut last_read = Instant::now();
     loop {
         let keep_alive_expired = async {
@@ -299,14 +307,14 @@ where
                 Ok(0) | Err(_) => return DisconnectReason::ConnectionLost,
                 Ok(_) => {
                     last_read = Instant::now();
-                    if let Err(reason) = on_socket_data(conn, live, &mut flow).await {
+                    if let Err(reason) = on_socket_data(conn, live, flow).await {
                         return reason;
                     }
                 }
             },
             notification = link_rx.next() => match notification {
                 Ok(first) => {
-                    if let Err(reason) = on_notifications(first, conn, link_rx, live, &mut flow).await {
+                    if let Err(reason) = on_notifications(first, conn, link_rx, live, flow).await {
                         return reason;
                     }
                 }
@@ -316,6 +324,15 @@ where
                     return DisconnectReason::ConnectionLost;
                 }
             },
+            _ = live.handle.direct_ready() => {
+                let written = match write_direct(conn, &live.handle, flow) {
+                    Ok(written) => written,
+                    Err(reason) => return reason,
+                };
+                if written && conn.flush().await.is_err() {
+                    return DisconnectReason::ConnectionLost;
+                }
+            }
             _ = keep_alive_expired => {
                 tracing::debug!("keep-alive expired");
                 return DisconnectReason::ConnectionLost;
@@ -338,8 +355,19 @@ struct Flow {
     awaiting_comp: VecDeque<u16>,
     /// Upstream QoS 2 packet ids processed and PUBREC'd, until their PUBREL.
     incoming_qos2: HashSet<u16>,
-    /// SUBSCRIBEs forwarded to the router: packet id and which filters passed the ACL.
-    pending_subacks: VecDeque<(u16, Vec<bool>)>,
+    /// SUBSCRIBEs forwarded to the router, until their SUBACK.
+    pending_subacks: VecDeque<PendingSubAck>,
+    /// Direct QoS 0 messages taken from the session's queue, being written.
+    direct: Vec<DirectMessage>,
+}
+
+/// A SUBSCRIBE forwarded to the router.
+struct PendingSubAck {
+    pkid: u16,
+    /// Which of the device's filters passed the ACL (only those were forwarded).
+    allowed: Vec<bool>,
+    /// The forwarded filters, in order: the router's return codes are for these.
+    paths: Vec<String>,
 }
 
 /// Handles every complete packet in the read buffer. `Err` ends the session.
@@ -373,7 +401,7 @@ where
             other => other,
         };
         // Anything else keeps its place in the stream: the PUBLISHes before it are done first.
-        if let Err(reason) = on_publishes(&mut pipeline, conn, live).await {
+        if let Err(reason) = on_publishes(&mut pipeline, conn, live, flow).await {
             outcome = Err(reason);
             break;
         }
@@ -381,9 +409,28 @@ where
             outcome = Err(reason);
             break;
         }
+        // A (UN)SUBSCRIBE reaches the router before anything the following packets cause: a
+        // device that subscribes to its reply topic and posts in the same write must find its
+        // subscription in place when the reply (published through the gateway link, another
+        // sender on the router's channel) arrives.
+        if matches!(
+            to_link.last(),
+            Some(Packet::Subscribe(..) | Packet::Unsubscribe(..))
+        ) {
+            live.shared.router.wait_capacity().await;
+            if !live.handle.send(std::mem::take(&mut to_link)) {
+                return Err(DisconnectReason::ConnectionLost);
+            }
+        }
+        // Replies to what this packet asked for were just queued for this very task: write them
+        // now, so a long read of requests cannot fill the session's direct queue.
+        if let Err(reason) = write_direct(conn, &live.handle, flow) {
+            outcome = Err(reason);
+            break;
+        }
     }
     // What was read before an error still gets processed and acknowledged.
-    if let Err(reason) = on_publishes(&mut pipeline, conn, live).await {
+    if let Err(reason) = on_publishes(&mut pipeline, conn, live, flow).await {
         outcome = outcome.and(Err(reason));
     }
     // What was handled before an error or a DISCONNECT still gets its acks.
@@ -447,12 +494,13 @@ where
                 };
                 return conn.queue(Packet::SubAck(suback, None)).map_err(lost);
             }
-            let filters = subscribe
+            let filters: Vec<Filter> = subscribe
                 .filters
                 .into_iter()
                 .zip(&allowed)
                 .filter_map(|(f, ok)| ok.then_some(f))
                 .collect();
+            let paths = filters.iter().map(|f| f.path.clone()).collect();
             to_link.push(Packet::Subscribe(
                 Subscribe {
                     pkid: subscribe.pkid,
@@ -460,7 +508,11 @@ where
                 },
                 None,
             ));
-            flow.pending_subacks.push_back((subscribe.pkid, allowed));
+            flow.pending_subacks.push_back(PendingSubAck {
+                pkid: subscribe.pkid,
+                allowed,
+                paths,
+            });
             Ok(())
         }
         Packet::Unsubscribe(unsubscribe, _) => {
@@ -472,6 +524,10 @@ where
                 .into_iter()
                 .filter(|f| acl::filter_allowed(&device.product_key, &device.device_name, f))
                 .collect();
+            // Direct deliveries stop now; the router forgets the subscription right after.
+            for filter in &owned {
+                live.handle.revoke(filter);
+            }
             if !owned.is_empty() {
                 to_link.push(Packet::Unsubscribe(
                     Unsubscribe {
@@ -592,7 +648,7 @@ where
 }
 
 /// Most QoS 0/1 PUBLISHes of one socket read handled together by [`on_publishes`].
-const PIPELINE_MAX: usize = 64;
+const PIPELINE_MAX: usize = 32;
 
 /// Handles consecutive QoS 0/1 PUBLISHes of one read together, then acknowledges them in order.
 ///
@@ -606,6 +662,7 @@ async fn on_publishes<S, H>(
     pipeline: &mut Vec<UpPublish>,
     conn: &mut Conn<S>,
     live: &Live<H>,
+    flow: &mut Flow,
 ) -> Result<(), DisconnectReason>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -658,7 +715,9 @@ where
             conn.queue(Packet::PubAck(ack, None)).map_err(lost)?;
         }
     }
-    Ok(())
+    // The replies to this run were just queued for this very task (at most one per PUBLISH,
+    // and a run is shorter than the session's direct queue): write them now.
+    write_direct(conn, &live.handle, flow).map(|_| ())
 }
 
 /// Writes a batch of router notifications to the device.
@@ -708,25 +767,27 @@ where
                 flow.awaiting_comp.push_back(rel.pkid);
                 conn.queue(Packet::PubRel(rel, None)).map_err(lost)?;
             }
-            // The answer to our own `_ss=1` subscription: not the device's business.
-            Some(Packet::SubAck(ack, _)) if ack.pkid == AUTO_SUBSCRIBE_PKID => {}
             Some(Packet::SubAck(ack, _)) => {
-                let codes = match flow
+                let pending = flow
                     .pending_subacks
                     .iter()
-                    .position(|(id, _)| *id == ack.pkid)
-                {
-                    Some(i) => {
-                        let (_, allowed) = flow.pending_subacks.remove(i).unwrap_or_default();
-                        merge_suback(&allowed, ack.return_codes)
+                    .position(|p| p.pkid == ack.pkid)
+                    .and_then(|i| flow.pending_subacks.remove(i));
+                let codes = match pending {
+                    Some(pending) => {
+                        record_grants(&live.handle, pending.paths, &ack.return_codes);
+                        merge_suback(&pending.allowed, ack.return_codes)
                     }
                     None => ack.return_codes,
                 };
-                let suback = SubAck {
-                    pkid: ack.pkid,
-                    return_codes: codes,
-                };
-                conn.queue(Packet::SubAck(suback, None)).map_err(lost)?;
+                // The answer to our own `_ss=1` subscription is not the device's business.
+                if ack.pkid != AUTO_SUBSCRIBE_PKID {
+                    let suback = SubAck {
+                        pkid: ack.pkid,
+                        return_codes: codes,
+                    };
+                    conn.queue(Packet::SubAck(suback, None)).map_err(lost)?;
+                }
             }
             // Answered by us already (UNSUBACK, PINGRESP) or not expected on a device link
             // (acks of upstream publishes, which never go to the router).
@@ -741,6 +802,38 @@ where
         return Err(DisconnectReason::ConnectionLost);
     }
     Ok(())
+}
+
+/// Records the filters the router granted (a success code in their place) for direct delivery.
+fn record_grants(handle: &SessionHandle, paths: Vec<String>, codes: &[SubscribeReasonCode]) {
+    for (path, code) in paths.into_iter().zip(codes) {
+        if matches!(
+            code,
+            SubscribeReasonCode::Success(_)
+                | SubscribeReasonCode::QoS0
+                | SubscribeReasonCode::QoS1
+                | SubscribeReasonCode::QoS2
+        ) {
+            handle.grant(path);
+        }
+    }
+}
+
+/// Writes the session's queued direct messages as QoS 0 PUBLISHes (not flushed). Returns whether
+/// there were any.
+fn write_direct<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    handle: &SessionHandle,
+    flow: &mut Flow,
+) -> Result<bool, DisconnectReason> {
+    handle.take_direct(&mut flow.direct);
+    let written = !flow.direct.is_empty();
+    for message in flow.direct.drain(..) {
+        let publish = Publish::new(message.topic, message.payload, false);
+        conn.queue(Packet::Publish(publish, None))
+            .map_err(|_| DisconnectReason::ConnectionLost)?;
+    }
+    Ok(written)
 }
 
 /// The device's SUBACK: the router's codes for the filters that passed the ACL, in their places,

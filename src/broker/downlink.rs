@@ -11,8 +11,33 @@
 //! - `fleetgate-downlink-rx` drains the link's `LinkRx` (the gateway never subscribes, so only
 //!   scheduling notifications arrive) and answers `Unschedule` with `ready()`, which rumqttd
 //!   requires or the link stalls.
+//!
+//! # Direct delivery of QoS 0 messages
+//!
+//! [`Downlink::publish_qos0`] is for QoS 0 messages to one device (the `_reply` topics): when
+//! the topic's owner ([`acl::topic_owner`]) has a live **clean** session and one of the
+//! subscriptions the router granted it matches the topic, the message goes into that session's
+//! queue (64 messages, `session::DIRECT_QUEUE`) and its connection task writes it as a QoS 0 PUBLISH.
+//! The router never sees it: no trip through the single router thread and, above all, no copy
+//! in the device filter's commit log, where acknowledged messages stay until a segment rotates
+//! (the memory growth measured in the fleet soak). QoS 0 is what MQTT allows for a QoS 0
+//! publish whatever the subscription's QoS (min of the two).
+//!
+//! Everything else takes the router path of [`Downlink::publish`]: a device that is offline,
+//! has a persistent session (the router must keep its messages for the reconnect), has no
+//! matching grant yet (e.g. between its SUBSCRIBE and the SUBACK), or a topic without a single
+//! owner. QoS 1 messages (OTA upgrade pushes) always use [`Downlink::publish`].
+//!
+//! - **Full queue**: the message is dropped and counted
+//!   (`fleetgate_mqtt_downlink_direct_dropped_total`); the caller is never blocked. Only a
+//!   device whose connection task cannot write (it stopped reading) gets there: replies to the
+//!   device's own requests are written between the packets of the read that caused them.
+//! - **Order**: direct messages keep their order among themselves. Relative to messages still
+//!   on the router path they may overtake: only around a SUBACK (messages published before the
+//!   grant was recorded may arrive after later direct ones) and between QoS 0 and QoS 1
+//!   messages, which MQTT does not order anyway.
 
-use super::session::SessionHandle;
+use super::session::{DirectMessage, Offer, SessionHandle};
 use super::{acl, BrokerError, DeviceKey, DisconnectReason};
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -37,6 +62,17 @@ pub(crate) struct DownMessage {
 /// State shared by the broker, its connection tasks and every [`Downlink`].
 pub(crate) struct SessionTable {
     pub sessions: DashMap<DeviceKey, Arc<SessionHandle>>,
+}
+
+/// Which path [`Downlink::publish_qos0`] gave a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the device's live session; its connection task writes it.
+    Direct,
+    /// Handed to rumqttd's router, like [`Downlink::publish`].
+    Router,
+    /// Dropped: the device's session queue was full (counted).
+    Dropped,
 }
 
 /// Publishes to devices and controls their sessions. Cheap to clone; never blocks.
@@ -88,10 +124,13 @@ impl Downlink {
         if !acl::valid_topic_name(&topic) {
             return Err(BrokerError::InvalidTopic(topic));
         }
-        let message = DownMessage {
+        self.send_to_router(DownMessage {
             topic: Bytes::from(topic),
             payload: payload.into(),
-        };
+        })
+    }
+
+    fn send_to_router(&self, message: DownMessage) -> Result<(), BrokerError> {
         match self.tx.try_send(message) {
             Ok(()) => {
                 self.metrics.downlink_messages.inc();
@@ -100,6 +139,55 @@ impl Downlink {
             Err(TrySendError::Full(_)) => Err(BrokerError::DownlinkFull),
             Err(TrySendError::Disconnected(_)) => Err(BrokerError::Closed),
         }
+    }
+
+    /// Publishes a QoS 0 message to the one device that owns `topic` (a reply): straight to its
+    /// live session when one of its granted subscriptions matches, else through the router like
+    /// [`publish`](Self::publish) (see the module docs for when). Delivered at QoS 0 on the
+    /// direct path whatever the subscription's QoS. Never blocks; returns which path it took.
+    pub fn publish_qos0(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Result<Delivery, BrokerError> {
+        let topic = topic.into();
+        if !acl::valid_topic_name(&topic) {
+            return Err(BrokerError::InvalidTopic(topic));
+        }
+        let handle = acl::topic_owner(&topic).and_then(|(pk, dn)| {
+            let device = DeviceKey {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            };
+            // Cloned out: offering must not hold a map shard lock.
+            self.table
+                .sessions
+                .get(&device)
+                .map(|h| Arc::clone(h.value()))
+        });
+        let message = DirectMessage {
+            topic: Bytes::from(topic),
+            payload: payload.into(),
+        };
+        let message = match handle {
+            Some(handle) => match handle.offer(message) {
+                Offer::Queued => {
+                    self.metrics.downlink_direct.inc();
+                    return Ok(Delivery::Direct);
+                }
+                Offer::Full => {
+                    self.metrics.downlink_direct_dropped.inc();
+                    return Ok(Delivery::Dropped);
+                }
+                Offer::Declined(message) => message,
+            },
+            None => message,
+        };
+        self.send_to_router(DownMessage {
+            topic: message.topic,
+            payload: message.payload,
+        })
+        .map(|()| Delivery::Router)
     }
 
     /// Closes the device's session, if it has one (`on_disconnect` with [`DisconnectReason::Kicked`]).

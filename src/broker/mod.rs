@@ -19,6 +19,8 @@
 //!                 connection task, one per socket             -- tokio
 //!                 (CONNECT, auth, ACL, on_publish, acks)
 //!                   |  LinkTx (buffer + router channel)  ^ LinkRx (notify channel + buffer)
+//!                   |  register: bounded tokio mpsc ──►  fleetgate-links thread
+//!                   |  ◄── oneshot (LinkTx, LinkRx)      (LinkBuilder::build, one at a time)
 //!                   v                                    |
 //!   router-0 thread: rumqttd Router (bounded flume channel, 1000 events)
 //!                   ^                                    |
@@ -28,12 +30,15 @@
 //!    a bounded std channel, try_send)           with ready())
 //! ```
 //!
-//! - `Broker::new` spawns the router thread and registers the gateway link; `Broker::start`
-//!   binds the listeners (port 0 works, backlog 4096) and spawns the accept tasks.
+//! - `Broker::new` spawns the router and link registration threads and registers the gateway
+//!   link; `Broker::start` binds the listeners (port 0 works, backlog 4096) and spawns the
+//!   accept tasks.
 //! - A connection task reads CONNECT within `connect_timeout`, authenticates it (`auth.rs`),
-//!   retires a previous session of the same device (takeover), registers its router link on a
-//!   blocking thread (`LinkBuilder::build` blocks), calls `on_connect`, writes the CONNACK, then
-//!   selects over socket reads, link notifications, a retire signal, shutdown and keep-alive.
+//!   retires a previous session of the same device (takeover), registers its router link through
+//!   the `fleetgate-links` thread (`LinkBuilder::build` blocks until the router answers: one
+//!   thread fed by a bounded channel, answering on a oneshot, instead of a blocking-pool thread
+//!   per CONNECT), calls `on_connect`, writes the CONNACK, then selects over socket reads, link
+//!   notifications, direct deliveries, a retire signal, shutdown and keep-alive.
 //! - The session table (`DashMap<DeviceKey, SessionHandle>`) is how kick, takeover and shutdown
 //!   reach a session. A session's `LinkTx` lives in its handle behind a mutex so that retiring it
 //!   (send DISCONNECT to the router, then forget the `LinkTx`) is atomic: rumqttd reuses a
@@ -63,6 +68,13 @@
 //! - **MQTT 5** is not supported: a v5 (or 3.1) CONNECT is answered with the 3.1.1 CONNACK
 //!   "unacceptable protocol version" (1) and counted as `connects_refused{reason="protocol"}`.
 //!   No v5 packet ever reaches rumqttd (its v5 paths have known panics).
+//! - **QoS 0 replies** ([`Downlink::publish_qos0`]) go straight to the device's live clean
+//!   session when a subscription the router granted it matches (recorded at SUBACK, `_ss=1`
+//!   included, removed at UNSUBSCRIBE), written at QoS 0; otherwise through the router. A full
+//!   per-session queue (64) drops the message and counts it. Details in `downlink.rs`.
+//! - **SUBSCRIBE/UNSUBSCRIBE order**: forwarded to the router before the packets that follow it
+//!   in the same read are handled, so the reply to a request sent right after a SUBSCRIBE finds
+//!   the subscription in place.
 //! - **Limits**: at `max_connections` authenticated sessions a new device gets CONNACK "server
 //!   unavailable" (3), counted as `limit`; a takeover of a connected device is always allowed.
 
@@ -77,7 +89,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-pub use downlink::Downlink;
+pub use downlink::{Delivery, Downlink};
 pub use server::{Broker, BrokerHandle};
 
 /// Resolves when the broker shuts down (the flag turns true, or its sender is gone).

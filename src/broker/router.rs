@@ -5,17 +5,34 @@
 //! keeps it inside closures instead. The router runs on its own OS thread (`router-0`) for the
 //! life of the process: rumqttd has no way to stop it (it keeps a clone of its own sender), so a
 //! dropped [`Broker`](super::Broker) leaves one idle thread blocked on its channel.
+//!
+//! Device links are registered by one dedicated OS thread, `fleetgate-links`, fed by a bounded
+//! tokio channel ([`RouterHandle::register`]): `LinkBuilder::build` blocks until the single router
+//! thread answered, and running it on tokio's blocking pool made a connect storm grow that pool
+//! to hundreds of threads that only took turns waiting for the router. One registration is a
+//! channel round trip through the router, so one thread keeps up with the router (it cannot
+//! register links faster than its one thread answers anyway). Requests are served in order,
+//! which keeps the takeover rule of [`super::session`]: a DISCONNECT sent to the router before a
+//! request is queued reaches the router before that request's CONNECT.
 
 use super::BrokerConfig;
+use futures_util::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::{Notification, Router, RouterConfig, SegmentConfig};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 /// The gateway's own link. Device links are named by
 /// [`router_client_id`](super::auth::router_client_id), which always contains exactly one `&`,
 /// so no device can take this name over.
 pub(crate) const GATEWAY_LINK_ID: &str = "fleetgate-gateway";
+
+/// Link registrations that may wait for the `fleetgate-links` thread; connection tasks beyond it
+/// wait (asynchronously) for room.
+const REGISTRATION_QUEUE: usize = 1024;
 
 /// Extra router slots beyond `max_connections`: the gateway link, and old sessions whose
 /// DISCONNECT the router has not processed yet while their replacement registers.
@@ -60,32 +77,49 @@ pub(crate) fn router_config(config: &BrokerConfig) -> RouterConfig {
 #[error("router refused the link: {0}")]
 pub(crate) struct LinkRefused(String);
 
-type Link = (LinkTx, LinkRx, Notification);
+pub(crate) type Link = (LinkTx, LinkRx, Notification);
 type BuildFn = dyn Fn(&str, bool) -> Result<Link, LinkRefused> + Send + Sync;
+
+/// One link for the `fleetgate-links` thread to register.
+struct LinkRequest {
+    client_id: String,
+    clean_session: bool,
+    reply: oneshot::Sender<Result<Link, LinkRefused>>,
+}
 
 /// A registered router: builds links and tells whether its inbound channel is full.
 pub(crate) struct RouterHandle {
-    build: Box<BuildFn>,
+    build: Arc<BuildFn>,
     is_full: Box<dyn Fn() -> bool + Send + Sync>,
+    /// To the `fleetgate-links` thread; it ends once every sender is gone.
+    links: mpsc::Sender<LinkRequest>,
 }
 
 impl RouterHandle {
-    /// Spawns rumqttd's router thread.
-    pub(crate) fn spawn(config: RouterConfig) -> RouterHandle {
+    /// Spawns rumqttd's router thread and the link registration thread.
+    pub(crate) fn spawn(config: RouterConfig) -> std::io::Result<RouterHandle> {
         let tx = Router::new(0, config).spawn();
         let full_tx = tx.clone();
-        RouterHandle {
-            build: Box::new(move |client_id, clean| {
-                LinkBuilder::new(client_id, tx.clone())
-                    .clean_session(clean)
-                    .build()
-                    .map_err(|e| LinkRefused(e.to_string()))
-            }),
+        let build: Arc<BuildFn> = Arc::new(move |client_id, clean| {
+            LinkBuilder::new(client_id, tx.clone())
+                .clean_session(clean)
+                .build()
+                .map_err(|e| LinkRefused(e.to_string()))
+        });
+        let (links, requests) = mpsc::channel(REGISTRATION_QUEUE);
+        let thread_build = Arc::clone(&build);
+        std::thread::Builder::new()
+            .name("fleetgate-links".into())
+            .spawn(move || register_links(&*thread_build, requests))?;
+        Ok(RouterHandle {
+            build,
             is_full: Box::new(move || full_tx.is_full()),
-        }
+            links,
+        })
     }
 
-    /// Registers a link. Blocks until the router answered: call it from a blocking thread.
+    /// Registers a link right here. Blocks until the router answered: only for the gateway's
+    /// own link at start-up; connections use [`register`](Self::register).
     /// Returns the link and its CONNACK notification. Fails when the router refuses the link
     /// (connection limit, invalid client id).
     pub(crate) fn build_link(
@@ -96,6 +130,25 @@ impl RouterHandle {
         (self.build)(client_id, clean_session)
     }
 
+    /// Registers a link on the `fleetgate-links` thread and waits (asynchronously) for it.
+    /// Requests are served in the order they were queued. If the caller stops waiting, the
+    /// thread disconnects the link it built, so no router slot leaks.
+    pub(crate) async fn register(
+        &self,
+        client_id: String,
+        clean_session: bool,
+    ) -> Result<Link, LinkRefused> {
+        let gone = || LinkRefused("the link registration thread is gone".to_owned());
+        let (reply, answer) = oneshot::channel();
+        let request = LinkRequest {
+            client_id,
+            clean_session,
+            reply,
+        };
+        self.links.send(request).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// Waits (asynchronously) until the router's bounded inbound channel has room, so that the
     /// blocking `LinkTx::send` that follows does not park a runtime worker. Best effort: another
     /// sender may take the slot first, then the send blocks only until the router drains one
@@ -103,6 +156,27 @@ impl RouterHandle {
     pub(crate) async fn wait_capacity(&self) {
         while (self.is_full)() {
             tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+}
+
+/// The `fleetgate-links` thread: registers links one at a time, in request order.
+fn register_links(build: &BuildFn, mut requests: mpsc::Receiver<LinkRequest>) {
+    while let Some(request) = requests.blocking_recv() {
+        // Its connection task is gone (runtime shutting down): do not take a router slot.
+        if request.reply.is_closed() {
+            continue;
+        }
+        let built = build(&request.client_id, request.clean_session);
+        if let Err(Ok((mut link_tx, _rx, _ack))) = request.reply.send(built) {
+            // The task stopped waiting meanwhile: give the slot back to the router.
+            let disconnect = Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            let _ = link_tx.send(disconnect).now_or_never();
         }
     }
 }

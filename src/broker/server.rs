@@ -42,10 +42,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Spawns rumqttd's router thread and registers the gateway's link (blocks briefly while the
-    /// router answers). Nothing listens yet.
+    /// Spawns rumqttd's router thread and the link registration thread, and registers the
+    /// gateway's link (blocks briefly while the router answers). Nothing listens yet.
     pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
-        let router = RouterHandle::spawn(router_config(&config));
+        let router = RouterHandle::spawn(router_config(&config))?;
         let (link_tx, link_rx, _connack) = router
             .build_link(GATEWAY_LINK_ID, true)
             .map_err(|e| BrokerError::Router(e.to_string()))?;

@@ -34,6 +34,8 @@ struct FakeHooks {
     /// How long `on_publish` takes (to make "PUBACK only after processing" observable).
     publish_delay: Mutex<Duration>,
     processed: AtomicUsize,
+    /// When set, every processed publish is answered on `{topic}_reply` through the router.
+    replies: Mutex<Option<Downlink>>,
 }
 
 impl DeviceHooks for FakeHooks {
@@ -59,6 +61,9 @@ impl DeviceHooks for FakeHooks {
         payload: Bytes,
     ) -> impl Future<Output = ()> + Send {
         let delay = *self.publish_delay.lock().unwrap();
+        if let Some(downlink) = &*self.replies.lock().unwrap() {
+            let _ = downlink.publish(format!("{topic}_reply"), payload.clone());
+        }
         let event = HookEvent::Publish(session.clone(), topic.to_owned(), payload);
         async move {
             if !delay.is_zero() {
@@ -111,6 +116,7 @@ async fn start_with(config: BrokerConfig) -> TestBroker {
         events: tx,
         publish_delay: Mutex::new(Duration::ZERO),
         processed: AtomicUsize::new(0),
+        replies: Mutex::new(None),
     });
     let metrics = Arc::new(Metrics::new());
     let broker = Broker::new(config, Arc::clone(&metrics)).unwrap();
@@ -1002,4 +1008,392 @@ async fn connection_limit_refuses_new_devices_but_allows_takeover() {
         DisconnectReason::TakenOver
     );
     tb.expect_connect("dev1").await;
+}
+
+#[tokio::test]
+async fn a_connect_storm_registers_every_link() {
+    const N: usize = 200;
+    let mut config = test_config();
+    config.max_connections = N;
+    let mut tb = start_with(config).await;
+    {
+        let mut devices = tb.hooks.devices.lock().unwrap();
+        for i in 0..N {
+            devices.insert(
+                (PK.to_owned(), format!("storm{i}")),
+                DeviceCredentials {
+                    device_secret: SECRET.to_owned(),
+                    enabled: true,
+                },
+            );
+        }
+    }
+    let addr = tb.addr();
+    // All CONNECTs at once, raw (no client library timeouts in the way): every one must get
+    // CONNACK "accepted" — their links are registered one after the other by one thread.
+    let sockets = futures_util::future::join_all((0..N).map(|i| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&raw_connect(&creds(&format!("storm{i}")), 60))
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+            .await
+            .expect("no CONNACK in time")
+            .unwrap();
+        (s, connack)
+    }))
+    .await;
+    for (i, (_, connack)) in sockets.iter().enumerate() {
+        assert_eq!(connack, &[0x20, 0x02, 0x00, 0x00], "device storm{i}");
+    }
+    let mut connected = std::collections::HashSet::new();
+    for _ in 0..N {
+        match tb.next_event().await {
+            HookEvent::Connect(s) => assert!(connected.insert(s.device.device_name)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(tb.handle.downlink().connected_count(), N);
+    assert!(tb.metric(&format!("fleetgate_mqtt_connects_total {N}")));
+}
+
+fn post_reply_topic(dn: &str) -> String {
+    format!("/sys/{PK}/{dn}/thing/event/property/post_reply")
+}
+
+/// `(direct, direct dropped, router)` downlink counters.
+fn downlink_counts(tb: &TestBroker) -> (u64, u64, u64) {
+    let m = &tb.metrics;
+    (
+        m.downlink_direct.get(),
+        m.downlink_direct_dropped.get(),
+        m.downlink_messages.get(),
+    )
+}
+
+#[tokio::test]
+async fn qos0_replies_go_straight_to_a_subscribed_session() {
+    let mut tb = start().await;
+    let mut dev = connect(tb.addr(), "dev1").await;
+    tb.expect_connect("dev1").await;
+    let downlink = tb.handle.downlink();
+    let reply = post_reply_topic("dev1");
+    // Subscribed at QoS 1 through a wildcard: delivered directly, at QoS 0, in order.
+    dev.client
+        .subscribe(
+            format!("/sys/{PK}/dev1/thing/event/+/post_reply"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    dev.suback().await;
+    for i in 0..20 {
+        assert_eq!(
+            downlink.publish_qos0(&reply, format!("r{i}")).unwrap(),
+            Delivery::Direct
+        );
+    }
+    for i in 0..20 {
+        let p = dev.next_publish().await;
+        assert_eq!(
+            (p.topic.as_str(), p.qos, &p.payload[..]),
+            (reply.as_str(), QoS::AtMostOnce, format!("r{i}").as_bytes())
+        );
+    }
+    assert_eq!(downlink_counts(&tb), (20, 0, 0));
+    assert!(tb.metric("fleetgate_mqtt_downlink_direct_total 20"));
+
+    // After UNSUBSCRIBE the direct path is closed again and nothing arrives.
+    dev.client
+        .unsubscribe(format!("/sys/{PK}/dev1/thing/event/+/post_reply"))
+        .await
+        .unwrap();
+    dev.next(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
+    assert_eq!(
+        downlink.publish_qos0(&reply, "gone").unwrap(),
+        Delivery::Router
+    );
+    dev.client
+        .subscribe(upgrade_topic("dev1"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    dev.suback().await;
+    downlink.publish(upgrade_topic("dev1"), "marker").unwrap();
+    // "gone" went through the router after the UNSUBSCRIBE (both in FIFO order): the next
+    // message is the marker.
+    assert_eq!(&dev.next_publish().await.payload[..], b"marker");
+    assert_eq!(downlink_counts(&tb), (20, 0, 2));
+    // A QoS 0 message still needs a valid topic.
+    assert!(matches!(
+        downlink.publish_qos0("/sys/a1Prod/dev1/#", "x"),
+        Err(BrokerError::InvalidTopic(_))
+    ));
+}
+
+#[tokio::test]
+async fn auto_subscribed_devices_get_replies_directly() {
+    let mut tb = start().await;
+    let c = creds("dev1");
+    let mut opts = options(tb.addr(), &c, true);
+    // `_ss=1` is not signed: the same credentials with the flag added.
+    let id = c.client_id.strip_suffix('|').unwrap();
+    opts.set_client_id(format!("{id},_ss=1|"));
+    let mut dev = connect_with(opts).await.unwrap();
+    tb.expect_connect("dev1").await;
+    let downlink = tb.handle.downlink();
+    // The server-side SUBSCRIBE is answered asynchronously: wait until it is granted.
+    let reply = post_reply_topic("dev1");
+    let mut path = downlink.publish_qos0(&reply, "r").unwrap();
+    for _ in 0..100 {
+        if path == Delivery::Direct {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        path = downlink.publish_qos0(&reply, "r").unwrap();
+    }
+    assert_eq!(path, Delivery::Direct);
+    let p = dev.next_publish().await;
+    assert_eq!((p.topic.as_str(), p.qos), (reply.as_str(), QoS::AtMostOnce));
+    // The OTA upgrade push stays on the router path at the auto-subscription's QoS 1.
+    downlink.publish(upgrade_topic("dev1"), "push").unwrap();
+    let p = dev
+        .next(|p| match p {
+            Packet::Publish(p) if p.topic == upgrade_topic("dev1") => Some(p),
+            _ => None,
+        })
+        .await;
+    assert_eq!((p.qos, &p.payload[..]), (QoS::AtLeastOnce, &b"push"[..]));
+}
+
+#[tokio::test]
+async fn a_device_not_subscribed_gets_no_direct_message() {
+    let mut tb = start().await;
+    let mut dev1 = connect(tb.addr(), "dev1").await;
+    tb.expect_connect("dev1").await;
+    let mut dev2 = connect(tb.addr(), "dev2").await;
+    tb.expect_connect("dev2").await;
+    dev1.client
+        .subscribe(format!("/sys/{PK}/dev1/#"), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    dev1.suback().await;
+    // dev2 subscribed only to its upgrade topic, not to its replies.
+    dev2.client
+        .subscribe(upgrade_topic("dev2"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    dev2.suback().await;
+    let downlink = tb.handle.downlink();
+    assert_eq!(
+        downlink
+            .publish_qos0(post_reply_topic("dev2"), "not for anyone")
+            .unwrap(),
+        Delivery::Router
+    );
+    // Another device's reply topic never reaches dev1, even though dev1 has a `#` grant.
+    assert_eq!(
+        downlink
+            .publish_qos0(
+                format!("/sys/{PK}/dev10/thing/event/property/post_reply"),
+                "x"
+            )
+            .unwrap(),
+        Delivery::Router
+    );
+    downlink.publish(upgrade_topic("dev2"), "marker2").unwrap();
+    let p = dev2.next_publish().await;
+    assert_eq!(&p.payload[..], b"marker2");
+    assert_eq!(
+        downlink
+            .publish_qos0(post_reply_topic("dev1"), "for dev1")
+            .unwrap(),
+        Delivery::Direct
+    );
+    let p = dev1.next_publish().await;
+    assert_eq!(&p.payload[..], b"for dev1");
+    assert_eq!(downlink_counts(&tb), (1, 0, 3));
+}
+
+#[tokio::test]
+async fn a_persistent_session_keeps_qos0_messages_on_the_router_path() {
+    let mut tb = start().await;
+    let addr = tb.addr();
+    let mut dev = connect_with(options(addr, &creds("dev1"), false))
+        .await
+        .unwrap();
+    tb.expect_connect("dev1").await;
+    dev.client
+        .subscribe(format!("/sys/{PK}/dev1/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    dev.suback().await;
+    let downlink = tb.handle.downlink();
+    let reply = post_reply_topic("dev1");
+    // Online but persistent: the router delivers it (at the subscription's QoS, as before).
+    assert_eq!(
+        downlink.publish_qos0(&reply, "online").unwrap(),
+        Delivery::Router
+    );
+    let p = dev.next_publish().await;
+    assert_eq!((p.qos, &p.payload[..]), (QoS::AtLeastOnce, &b"online"[..]));
+    dev.client.disconnect().await.unwrap();
+    tb.expect_disconnect("dev1").await;
+
+    // Offline: queued by the router and delivered on reconnect.
+    assert_eq!(
+        downlink.publish_qos0(&reply, "offline").unwrap(),
+        Delivery::Router
+    );
+    let mut back = connect_with(options(addr, &creds("dev1"), false))
+        .await
+        .unwrap();
+    tb.expect_connect("dev1").await;
+    assert!(back.session_present);
+    let p = back.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), p.qos, &p.payload[..]),
+        (reply.as_str(), QoS::AtLeastOnce, &b"offline"[..])
+    );
+    assert_eq!(downlink_counts(&tb), (0, 0, 2));
+}
+
+/// A raw MQTT SUBSCRIBE (packet id 1) in bytes.
+fn raw_subscribe(filter: &str) -> Vec<u8> {
+    use rumqttd::protocol as p;
+    let subscribe = p::Packet::Subscribe(
+        p::Subscribe {
+            pkid: 1,
+            filters: vec![p::Filter {
+                path: filter.to_owned(),
+                qos: p::QoS::AtMostOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: p::RetainForwardRule::Never,
+            }],
+        },
+        None,
+    );
+    let mut out = bytes::BytesMut::new();
+    codec::encode(subscribe, &mut out).unwrap();
+    out.to_vec()
+}
+
+#[tokio::test]
+async fn a_device_that_stops_reading_loses_direct_messages_without_blocking_anyone() {
+    let mut tb = start().await;
+    // dev1 subscribes and then never reads again.
+    let mut stuck = TcpStream::connect(tb.addr()).await.unwrap();
+    stuck
+        .write_all(&raw_connect(&creds("dev1"), 0))
+        .await
+        .unwrap();
+    tb.expect_connect("dev1").await;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, stuck.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    stuck
+        .write_all(&raw_subscribe(&format!("/sys/{PK}/dev1/#")))
+        .await
+        .unwrap();
+    let mut suback = [0u8; 5];
+    tokio::time::timeout(WAIT, stuck.read_exact(&mut suback))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(suback, [0x90, 0x03, 0x00, 0x01, 0x00]);
+    let mut reader = connect(tb.addr(), "dev2").await;
+    tb.expect_connect("dev2").await;
+    reader
+        .client
+        .subscribe(post_reply_topic("dev2"), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    reader.suback().await;
+
+    // Large messages fill the socket buffers; then dev1's task is stuck writing, its queue
+    // fills and further messages are dropped. No call ever waits.
+    let payload = Bytes::from(vec![b'x'; 60 * 1024]);
+    let downlink = tb.handle.downlink();
+    let (mut direct, mut dropped) = (0u64, 0u64);
+    for _ in 0..5_000 {
+        match downlink
+            .publish_qos0(post_reply_topic("dev1"), payload.clone())
+            .unwrap()
+        {
+            Delivery::Direct => direct += 1,
+            Delivery::Dropped => dropped += 1,
+            Delivery::Router => panic!("dev1 is subscribed"),
+        }
+        if dropped >= 10 {
+            break;
+        }
+        // Let the connection tasks write.
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        dropped >= 10,
+        "never dropped after {direct} direct messages"
+    );
+    assert_eq!(downlink_counts(&tb), (direct, dropped, 0));
+    assert!(tb.metric(&format!(
+        "fleetgate_mqtt_downlink_direct_dropped_total {dropped}"
+    )));
+
+    // The other device is not affected, and dev1's session is still up.
+    assert_eq!(
+        downlink
+            .publish_qos0(post_reply_topic("dev2"), "fine")
+            .unwrap(),
+        Delivery::Direct
+    );
+    assert_eq!(&reader.next_publish().await.payload[..], b"fine");
+    assert!(downlink.is_connected(&device("dev1")));
+}
+
+/// A raw QoS 0 PUBLISH in bytes.
+fn raw_publish(topic: &str, payload: &str) -> Vec<u8> {
+    use rumqttd::protocol as p;
+    let publish = p::Packet::Publish(
+        p::Publish::new(
+            Bytes::copy_from_slice(topic.as_bytes()),
+            Bytes::copy_from_slice(payload.as_bytes()),
+            false,
+        ),
+        None,
+    );
+    let mut out = bytes::BytesMut::new();
+    codec::encode(publish, &mut out).unwrap();
+    out.to_vec()
+}
+
+#[tokio::test]
+async fn a_subscription_is_in_place_for_replies_to_requests_in_the_same_write() {
+    let mut tb = start().await;
+    *tb.hooks.replies.lock().unwrap() = Some(tb.handle.downlink());
+    let mut s = TcpStream::connect(tb.addr()).await.unwrap();
+    s.write_all(&raw_connect(&creds("dev1"), 0)).await.unwrap();
+    tb.expect_connect("dev1").await;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    // SUBSCRIBE and a request in one write: the reply (router path, no grant yet) must find the
+    // subscription in the router.
+    let post = format!("/sys/{PK}/dev1/thing/event/property/post");
+    let mut burst = raw_subscribe(&post_reply_topic("dev1"));
+    burst.extend(raw_publish(&post, "req"));
+    s.write_all(&burst).await.unwrap();
+    let suback = [0x90, 0x03, 0x00, 0x01, 0x00];
+    let reply = raw_publish(&post_reply_topic("dev1"), "req");
+    let mut got = vec![0u8; suback.len() + reply.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .expect("no reply")
+        .unwrap();
+    assert_eq!(got, [&suback[..], &reply[..]].concat());
 }
