@@ -154,7 +154,9 @@ impl Application {
                                 u32::try_from(b).unwrap_or(u32::MAX),
                             ),
                         });
-                        forwarder.set_rate_limit(instance_id, limit);
+                        // Only the mirrored copies (data sync) are limited, not the data of
+                        // devices the target already owns.
+                        forwarder.set_mirror_rate_limit(instance_id, limit);
                     })
                 },
             },

@@ -33,6 +33,11 @@
 //!   applied by the publisher, never on the enqueue path, so MQTT ingest is never slowed by them.
 //!   A rate-limited target's rows wait in the publisher's read buffer while other targets' rows
 //!   pass them; when that buffer is full of one target's rows everything waits.
+//! - Mirror limits ([`Forwarder::set_mirror_rate_limit`], the migration's `bandwidth_limit_mb`
+//!   while data sync is on) apply only to *mirrored* rows: those whose target is not the
+//!   device's owning instance at publish time (the copies data sync adds). The target's own
+//!   devices' rows pass them. A device is wholly mirrored or wholly direct at any moment, so its
+//!   rows keep their order.
 //!
 //! This module owns `outbox.db`, the AMQP connection and the consumer-group documents; it reads
 //! the registry (device ownership, instances) and never changes it.
@@ -343,6 +348,8 @@ pub struct Forwarder {
     groups: Mutex<GroupState>,
     route_hook: RwLock<Option<RouteHook>>,
     limits: Mutex<HashMap<String, Option<Arc<Limiter>>>>,
+    /// Limits of mirrored rows per target instance (see the module docs).
+    mirror_limits: Mutex<HashMap<String, Arc<Limiter>>>,
     /// Confirmed publishes per target instance (feeds the consume-rate estimate).
     published: Mutex<HashMap<String, u64>>,
     last_drop_log_ms: Arc<AtomicI64>,
@@ -426,6 +433,7 @@ impl Forwarder {
             groups: Mutex::new(state),
             route_hook: RwLock::new(None),
             limits: Mutex::new(HashMap::new()),
+            mirror_limits: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
             last_drop_log_ms: Arc::new(AtomicI64::new(0)),
             stop,
@@ -515,6 +523,31 @@ impl Forwarder {
             .or_else(|| self.config.default_rate_limit())
             .map(|l| Arc::new(Limiter::new(l)));
         lock(&self.limits).insert(instance_id.to_owned(), limiter);
+    }
+
+    /// Sets (or with `None` removes) the limit of *mirrored* rows forwarded to `instance_id`:
+    /// rows for devices that instance does not own (data sync copies). Rows of its own devices
+    /// are not affected.
+    pub fn set_mirror_rate_limit(&self, instance_id: &str, limit: Option<RateLimit>) {
+        let mut limits = lock(&self.mirror_limits);
+        match limit {
+            Some(l) => {
+                limits.insert(instance_id.to_owned(), Arc::new(Limiter::new(l)));
+            }
+            None => {
+                limits.remove(instance_id);
+            }
+        }
+    }
+
+    /// The mirror limiter of `target`, when `row` is a mirrored copy for it (the device is
+    /// owned by another instance, or no longer exists).
+    pub(crate) fn mirror_limiter(&self, row: &outbox::OutboxRow) -> Option<Arc<Limiter>> {
+        let limiter = lock(&self.mirror_limits).get(&row.target).cloned()?;
+        let owner = self
+            .registry
+            .device_instance(&row.msg.product_key, &row.msg.device_name);
+        (owner.as_deref() != Some(row.target.as_str())).then_some(limiter)
     }
 
     pub(crate) fn limiter(&self, target: &str) -> Option<Arc<Limiter>> {

@@ -191,29 +191,46 @@ pub(crate) fn properties(row: &OutboxRow) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// Index of the next row to publish: the oldest one whose target is not rate-limited (rows of
-/// a limited target keep their order because the target is skipped as a whole). Sets `wake`
-/// to when a limited target may go again.
-fn pick(
+/// Index of the next row to publish: the oldest one whose lane is not rate-limited. A lane is
+/// a target's mirrored rows or its own devices' rows ([`Forwarder::mirror_limiter`]); rows of a
+/// limited lane keep their order because the lane is skipped as a whole, and a target limit
+/// blocks both lanes. Sets `wake` to when a limited lane may go again.
+pub(crate) fn pick(
     fwd: &Forwarder,
     pending: &VecDeque<OutboxRow>,
     wake: &mut Option<tokio::time::Instant>,
 ) -> Option<usize> {
-    let mut blocked: Vec<&str> = Vec::new();
+    // (target, mirrored lane only)
+    let mut blocked: Vec<(&str, bool)> = Vec::new();
+    let block = |at: Duration, wake: &mut Option<tokio::time::Instant>| {
+        fwd.metrics.forwarder_rate_limited.inc();
+        let at = tokio::time::Instant::now() + at;
+        *wake = Some(wake.map_or(at, |w| w.min(at)));
+    };
     for (i, row) in pending.iter().enumerate() {
-        if blocked.contains(&row.target.as_str()) {
+        let target = row.target.as_str();
+        if blocked.contains(&(target, false)) {
             continue;
         }
-        let Some(limiter) = fwd.limiter(&row.target) else {
+        let mirror = fwd.mirror_limiter(row);
+        if mirror.is_some() && blocked.contains(&(target, true)) {
+            continue;
+        }
+        if let Some(limiter) = mirror {
+            if let Err(wait) = limiter.check(row.size()) {
+                block(wait, wake);
+                blocked.push((target, true));
+                continue;
+            }
+        }
+        let Some(limiter) = fwd.limiter(target) else {
             return Some(i);
         };
         match limiter.check(row.size()) {
             Ok(()) => return Some(i),
             Err(wait) => {
-                fwd.metrics.forwarder_rate_limited.inc();
-                let at = tokio::time::Instant::now() + wait;
-                *wake = Some(wake.map_or(at, |w| w.min(at)));
-                blocked.push(&row.target);
+                block(wait, wake);
+                blocked.push((target, false));
             }
         }
     }

@@ -445,3 +445,47 @@ fn consume_rate_counts_what_left_the_queue() {
     r.record(t0 + Duration::from_secs(20), 20_000, 500, 1050);
     assert_eq!(r.rate_per_minute, Some(0.0));
 }
+
+/// The migration's `bandwidth_limit_mb` limits only the mirrored copies of data sync: rows for
+/// devices the target instance does not own. Its own devices' rows pass a blocked mirror lane.
+#[tokio::test]
+async fn a_mirror_limit_holds_back_only_mirrored_rows() {
+    let (registry, metrics) = registry_with_device().await;
+    // dev1 is owned by iot-a: its rows to iot-b are mirrored copies, its rows to iot-a are not.
+    let fwd = Forwarder::disabled(registry, metrics).unwrap();
+    let one_per_sec = || RateLimit {
+        msgs_per_sec: NonZeroU32::new(1),
+        bytes_per_sec: None,
+    };
+    fwd.set_mirror_rate_limit("iot-a", Some(one_per_sec()));
+    fwd.set_mirror_rate_limit("iot-b", Some(one_per_sec()));
+    let out_row = |seq: i64, target: &str| super::outbox::OutboxRow {
+        seq,
+        enqueued_at_ms: 1_700_000_000_000,
+        target: target.into(),
+        msg: msg("dev1", seq as usize, 10),
+    };
+    let mut pending: std::collections::VecDeque<_> = [
+        out_row(1, "iot-b"),
+        out_row(2, "iot-b"),
+        out_row(3, "iot-a"),
+        out_row(4, "iot-a"),
+        out_row(5, "iot-a"),
+    ]
+    .into_iter()
+    .collect();
+    let mut picked = Vec::new();
+    let mut wake = None;
+    while let Some(i) = super::publisher::pick(&fwd, &pending, &mut wake) {
+        picked.push(pending.remove(i).unwrap().seq);
+    }
+    // The first mirrored row uses the one-second burst; the second waits. The owner's rows
+    // are never mirror-limited, although iot-a has a mirror limit too.
+    assert_eq!(picked, [1, 3, 4, 5]);
+    assert_eq!(pending.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+    assert!(wake.is_some(), "the blocked lane sets a wake-up");
+
+    // Removing the limit lets the held row go.
+    fwd.set_mirror_rate_limit("iot-b", None);
+    assert_eq!(super::publisher::pick(&fwd, &pending, &mut wake), Some(0));
+}
