@@ -672,7 +672,7 @@ async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
 /// Prints, in one run: (a) a bare lapin publisher with 1,000 persistent publishes in flight,
 /// (b) the forwarder from enqueue (64 concurrent "devices") to broker-confirmed, and (c) the
 /// outbox drain rate after an outage. `FG_BENCH_N` (default 50,000) messages each;
-/// `FG_BENCH_WINDOW` sets the forwarder's in-flight window (default 256).
+/// `FG_BENCH_WINDOW` sets the forwarder's in-flight window (default: the configured default, 2048).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_throughput() {
@@ -686,7 +686,7 @@ async fn bench_throughput() {
     let window: usize = std::env::var("FG_BENCH_WINDOW")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or_else(|| ForwarderConfig::default().inflight_window);
     let fx = Fixture::new(rabbit, 64).await;
     let body = fx.post(0, 0).body;
 

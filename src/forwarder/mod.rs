@@ -110,7 +110,7 @@ impl Default for ForwarderConfig {
             exchange_prefix: "fleetgate".into(),
             outbox_max_bytes: 256 * 1024 * 1024,
             outbox_full_wait_ms: 2_000,
-            inflight_window: 256,
+            inflight_window: 2048,
             reconnect_initial_ms: 200,
             reconnect_max_ms: 30_000,
             stats_interval_secs: 10,
