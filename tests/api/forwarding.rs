@@ -168,3 +168,176 @@ async fn device_traffic_reaches_a_consumer_group() {
         )
         .await;
 }
+
+/// The value of a counter in the Prometheus text.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Benchmark of issue 5, end to end in one run (docs/BENCHMARKS.md, "AMQP forwarder"):
+/// `FG_BENCH_DEVICES` devices (default 100) each publish `FG_BENCH_POSTS` QoS 1 property posts
+/// (default 500) over MQTT; rate = posts / (first publish → the forwarder's last broker
+/// confirm). Then, against the same RabbitMQ, a bare lapin publisher with 1,000 persistent
+/// publishes in flight sends as many messages of the same body size into one durable queue.
+/// `cargo test --release --test api bench_mqtt_posts_to_rabbitmq -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_mqtt_posts_to_rabbitmq() {
+    let Some(url) = amqp_url_or_skip("bench_mqtt_posts_to_rabbitmq").await else {
+        return;
+    };
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
+    let prefix = format!("fgbench-{:08x}", rand::thread_rng().gen::<u32>());
+    let app = {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        spawn_app_with(move |s| {
+            s.amqp.url = Some(fleetgate::config::Secret::new(url));
+            s.amqp.exchange_prefix = prefix;
+        })
+        .await
+    };
+    loop {
+        let (_, health) = app.get("/healthz").await;
+        if health["amqp"] == "connected" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "bench", "name": "bench"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let pk = app.create_product("bench").await;
+    let mut fleet = Vec::new();
+    for i in 0..devices {
+        let dn = format!("dev{i:04}");
+        let secret = app.create_device(&pk, &dn).await;
+        fleet.push((
+            dn.clone(),
+            connect(app.mqtt_addr(), &credentials(&pk, &dn, &secret)).await,
+        ));
+    }
+    // Online status messages are forwarded too: wait for them before the clock starts.
+    let published = |text: &str| counter(text, "fleetgate_forwarder_published_total");
+    let start_count = loop {
+        let n = published(&app.metrics().await);
+        if n >= devices as f64 {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let body = |dn: &str, i: usize| {
+        format!(
+            r#"{{"id":"{i}","version":"1.0","params":{{"Temperature":{}.5,"Device":"{dn}"}},"method":"thing.event.property.post"}}"#,
+            20 + i % 10
+        )
+    };
+    let sample_len = body("dev0000", 0).len();
+    let started = std::time::Instant::now();
+    let mut publishers = Vec::new();
+    for (dn, device) in &fleet {
+        let (client, topic, dn) = (
+            device.client.clone(),
+            format!("/sys/{pk}/{dn}/thing/event/property/post"),
+            dn.clone(),
+        );
+        let bodies: Vec<String> = (0..posts).map(|i| body(&dn, i)).collect();
+        publishers.push(tokio::spawn(async move {
+            for b in bodies {
+                client
+                    .publish(topic.as_str(), QoS::AtLeastOnce, false, b)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = (devices * posts) as f64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while published(&app.metrics().await) - start_count < total {
+        assert!(tokio::time::Instant::now() < deadline, "not all confirmed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e2e = total / started.elapsed().as_secs_f64();
+    drop(fleet);
+
+    // The bare publisher, same RabbitMQ, same number and size of messages.
+    let rabbit = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = rabbit.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let queue = format!("{prefix}.bare");
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let payload = vec![b'x'; sample_len];
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let started = std::time::Instant::now();
+    let mut in_flight = std::collections::VecDeque::with_capacity(1000);
+    for _ in 0..devices * posts {
+        if in_flight.len() >= 1000 {
+            let confirm = in_flight.pop_front().unwrap();
+            let c: lapin::Result<lapin::Confirmation> = confirm.await;
+            c.unwrap();
+        }
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &payload,
+                props.clone(),
+            )
+            .await
+            .unwrap();
+        in_flight.push_back(confirm);
+    }
+    for confirm in in_flight {
+        let c: lapin::Result<lapin::Confirmation> = confirm.await;
+        c.unwrap();
+    }
+    let bare = total / started.elapsed().as_secs_f64();
+    ch.queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = ch
+        .exchange_delete(
+            format!("{prefix}.default").as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = ch
+        .queue_delete(
+            format!("{prefix}.default.bench").as_str().into(),
+            Default::default(),
+        )
+        .await;
+    println!(
+        "BENCH devices={devices} posts={posts} body={sample_len} B\n  MQTT property posts → confirmed in RabbitMQ: {e2e:.0} msg/s\n  bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  ratio: {:.0}%",
+        100.0 * e2e / bare
+    );
+}
