@@ -31,26 +31,7 @@ async fn device_traffic_reaches_a_consumer_group() {
         return;
     };
     let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
-    let app = {
-        let (url, prefix) = (url.clone(), prefix.clone());
-        spawn_app_with(move |s| {
-            s.amqp.url = Some(fleetgate::config::Secret::new(url));
-            s.amqp.exchange_prefix = prefix;
-        })
-        .await
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, health) = app.get("/healthz").await;
-        if health["amqp"] == "connected" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never connected: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let app = spawn_app_with_amqp(&url, &prefix).await;
     let (status, group) = app
         .post(
             "/api/v1/instances/default/consumer-groups",
@@ -197,21 +178,7 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     };
     let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
     let prefix = format!("fgbench-{:08x}", rand::thread_rng().gen::<u32>());
-    let app = {
-        let (url, prefix) = (url.clone(), prefix.clone());
-        spawn_app_with(move |s| {
-            s.amqp.url = Some(fleetgate::config::Secret::new(url));
-            s.amqp.exchange_prefix = prefix;
-        })
-        .await
-    };
-    loop {
-        let (_, health) = app.get("/healthz").await;
-        if health["amqp"] == "connected" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let app = spawn_app_with_amqp(&url, &prefix).await;
     let (status, _) = app
         .post(
             "/api/v1/instances/default/consumer-groups",

@@ -293,3 +293,26 @@ impl Device {
         }
     }
 }
+
+/// A gateway forwarding to the RabbitMQ at `url` under exchange prefix `prefix`, returned once
+/// its forwarder reports `connected` (within 60 s).
+pub async fn spawn_app_with_amqp(url: &str, prefix: &str) -> TestApp {
+    let (url, prefix) = (url.to_owned(), prefix.to_owned());
+    let app = spawn_app_with(move |s| {
+        s.amqp.url = Some(fleetgate::config::Secret::new(url));
+        s.amqp.exchange_prefix = prefix;
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, health) = app.get("/healthz").await;
+        if health["amqp"] == "connected" {
+            return app;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "forwarder never connected: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

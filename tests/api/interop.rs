@@ -186,14 +186,7 @@ async fn vendor_style_pika_consumer_reads_the_forwarded_stream() {
         return;
     };
     let prefix = format!("fgtest-pika-{}", std::process::id());
-    let app = {
-        let (url, prefix) = (url.clone(), prefix.clone());
-        spawn_app_with(move |s| {
-            s.amqp.url = Some(fleetgate::config::Secret::new(url));
-            s.amqp.exchange_prefix = prefix;
-        })
-        .await
-    };
+    let app = spawn_app_with_amqp(&url, &prefix).await;
     let (status, group) = app
         .post(
             "/api/v1/instances/default/consumer-groups",

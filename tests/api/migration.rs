@@ -876,26 +876,7 @@ async fn data_sync_mirrors_to_both_instances_groups_and_migrated_devices_go_to_t
         return;
     };
     let prefix = format!("fgmig-{:08x}", rand::thread_rng().gen::<u32>());
-    let app = {
-        let (url, prefix) = (url.clone(), prefix.clone());
-        spawn_app_with(move |s| {
-            s.amqp.url = Some(fleetgate::config::Secret::new(url));
-            s.amqp.exchange_prefix = prefix;
-        })
-        .await
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, health) = app.get("/healthz").await;
-        if health["amqp"] == "connected" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never connected: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let app = spawn_app_with_amqp(&url, &prefix).await;
     app.target_instance().await;
     for (iid, gid) in [("default", "src"), (TARGET, "dst")] {
         let (s, b) = app
