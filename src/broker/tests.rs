@@ -716,6 +716,13 @@ async fn tls_connect_with_a_self_signed_certificate() {
     );
 }
 
+/// A packet in bytes, built with rumqttd's encoder.
+fn raw(packet: rumqttd::protocol::Packet) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    codec::encode(packet, &mut out).unwrap();
+    out.to_vec()
+}
+
 /// A v4 CONNECT in bytes, built with rumqttd's encoder.
 fn raw_connect(c: &LinkCredentials, keep_alive: u16) -> Vec<u8> {
     use rumqttd::protocol as p;
@@ -733,9 +740,7 @@ fn raw_connect(c: &LinkCredentials, keep_alive: u16) -> Vec<u8> {
             password: c.password.clone(),
         }),
     );
-    let mut out = bytes::BytesMut::new();
-    codec::encode(connect, &mut out).unwrap();
-    out.to_vec()
+    raw(connect)
 }
 
 /// Reads until the broker closes the socket; returns what it sent.
@@ -1275,9 +1280,7 @@ fn raw_subscribe(filter: &str) -> Vec<u8> {
         },
         None,
     );
-    let mut out = bytes::BytesMut::new();
-    codec::encode(subscribe, &mut out).unwrap();
-    out.to_vec()
+    raw(subscribe)
 }
 
 #[tokio::test]
@@ -1365,9 +1368,7 @@ fn raw_publish(topic: &str, payload: &str) -> Vec<u8> {
         ),
         None,
     );
-    let mut out = bytes::BytesMut::new();
-    codec::encode(publish, &mut out).unwrap();
-    out.to_vec()
+    raw(publish)
 }
 
 #[tokio::test]

@@ -703,7 +703,7 @@ async fn bench_throughput() {
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let bare = bare_publish(&ch, "", &bare_queue, false, n, &body, |_| {
+    let bare = testing::bare_publish(&ch, "", &bare_queue, false, n, &body, |_| {
         lapin::BasicProperties::default().with_delivery_mode(2)
     })
     .await;
@@ -724,7 +724,7 @@ async fn bench_throughput() {
         target: fx.iid.clone(),
         msg: fx.post(0, 0),
     };
-    let enveloped = bare_publish(&ch, &bare_exchange, "", true, n, &body, |i| {
+    let enveloped = testing::bare_publish(&ch, &bare_exchange, "", true, n, &body, |i| {
         let mut row = template.clone();
         row.seq = i as i64;
         super::publisher::properties(&row)
@@ -814,48 +814,4 @@ async fn bench_throughput() {
         "BENCH n={n} window={window}\n  (a) bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  (a') bare lapin, 1000 in flight, forwarder envelope (headers, fanout, mandatory): {enveloped:.0} msg/s\n  (b) forwarder enqueue (64 devices, durable outbox): {enqueue_rate:.0} msg/s; enqueue → broker-confirmed: {end_to_end:.0} msg/s\n  (c) outbox drain after an outage ({n} queued): {drain:.0} msg/s"
     );
     fx.cleanup(&["bench"]).await;
-}
-
-/// Publishes `n` copies of `body` with 1,000 confirms in flight; returns messages per second.
-async fn bare_publish(
-    ch: &lapin::Channel,
-    exchange: &str,
-    routing_key: &str,
-    mandatory: bool,
-    n: usize,
-    body: &[u8],
-    props: impl Fn(usize) -> lapin::BasicProperties,
-) -> f64 {
-    let started = Instant::now();
-    let mut inflight = futures_util::stream::FuturesUnordered::new();
-    let mut acked = 0usize;
-    for i in 0..n {
-        if inflight.len() >= 1000 {
-            if let Some(c) = inflight.next().await {
-                let c: lapin::Result<lapin::Confirmation> = c;
-                assert!(c.unwrap().is_ack());
-                acked += 1;
-            }
-        }
-        let confirm = ch
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                lapin::options::BasicPublishOptions {
-                    mandatory,
-                    immediate: false,
-                },
-                body,
-                props(i),
-            )
-            .await
-            .unwrap();
-        inflight.push(confirm);
-    }
-    while let Some(c) = inflight.next().await {
-        assert!(c.unwrap().is_ack());
-        acked += 1;
-    }
-    assert_eq!(acked, n);
-    n as f64 / started.elapsed().as_secs_f64()
 }

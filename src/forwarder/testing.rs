@@ -1,6 +1,7 @@
 //! Test support shared by the library's tests and the integration tests: finding the test
-//! RabbitMQ. Not part of the gateway's API.
+//! RabbitMQ and the bare-publisher baseline of the benchmarks. Not part of the gateway's API.
 
+use futures_util::StreamExt;
 use std::time::Duration;
 
 /// The default test broker.
@@ -29,4 +30,48 @@ pub async fn amqp_url_or_skip(test: &str) -> Option<String> {
     }
     eprintln!("SKIPPED {test}: RabbitMQ unreachable (set FLEETGATE_AMQP_URL): {error}");
     None
+}
+
+/// Publishes `n` copies of `body` with 1,000 confirms in flight; returns messages per second.
+pub async fn bare_publish(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    n: usize,
+    body: &[u8],
+    props: impl Fn(usize) -> lapin::BasicProperties,
+) -> f64 {
+    let started = std::time::Instant::now();
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
+    let mut acked = 0usize;
+    for i in 0..n {
+        if inflight.len() >= 1000 {
+            if let Some(c) = inflight.next().await {
+                let c: lapin::Result<lapin::Confirmation> = c;
+                assert!(c.unwrap().is_ack());
+                acked += 1;
+            }
+        }
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory,
+                    immediate: false,
+                },
+                body,
+                props(i),
+            )
+            .await
+            .unwrap();
+        inflight.push(confirm);
+    }
+    while let Some(c) = inflight.next().await {
+        assert!(c.unwrap().is_ack());
+        acked += 1;
+    }
+    assert_eq!(acked, n);
+    n as f64 / started.elapsed().as_secs_f64()
 }

@@ -5,7 +5,7 @@ fn metrics() -> Arc<Metrics> {
     Arc::new(Metrics::new())
 }
 
-fn instance(id: &str) -> InstanceRecord {
+pub(crate) fn instance(id: &str) -> InstanceRecord {
     InstanceRecord {
         instance_id: id.into(),
         name: format!("{id} name"),
@@ -13,7 +13,7 @@ fn instance(id: &str) -> InstanceRecord {
     }
 }
 
-fn product(pk: &str, iid: &str) -> ProductRecord {
+pub(crate) fn product(pk: &str, iid: &str) -> ProductRecord {
     ProductRecord {
         product_key: pk.into(),
         product_secret: "s3cr3t".into(),
@@ -24,7 +24,7 @@ fn product(pk: &str, iid: &str) -> ProductRecord {
     }
 }
 
-fn device(pk: &str, dn: &str) -> DeviceRecord {
+pub(crate) fn device(pk: &str, dn: &str) -> DeviceRecord {
     DeviceRecord {
         product_key: pk.into(),
         device_name: dn.into(),
@@ -36,7 +36,7 @@ fn device(pk: &str, dn: &str) -> DeviceRecord {
     }
 }
 
-fn version(pk: &str, dn: &str, module: &str, v: &str) -> Op {
+pub(crate) fn version(pk: &str, dn: &str, module: &str, v: &str) -> Op {
     Op::SetVersion {
         product_key: pk.into(),
         device_name: dn.into(),

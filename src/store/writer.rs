@@ -175,52 +175,23 @@ fn superseded(batch: &[(Vec<Op>, super::Reply)]) -> Vec<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeviceRecord, ProductRecord};
-    use crate::store::{InstanceRecord, Reply, SqliteBackend, StoreError};
-    use std::collections::BTreeMap;
+    use crate::store::tests::{device, instance, product};
+    use crate::store::{Reply, SqliteBackend, StoreError};
     use tokio::sync::oneshot;
 
     type Outcome = oneshot::Receiver<Result<(), StoreError>>;
 
     fn version(dn: &str, v: &str) -> Op {
-        Op::SetVersion {
-            product_key: "pk".into(),
-            device_name: dn.into(),
-            module: "MCU".into(),
-            version: v.into(),
-            reported_at_ms: 1,
-        }
+        crate::store::tests::version("pk", dn, "MCU", v)
     }
 
     fn setup() -> SqliteBackend {
         let mut backend = SqliteBackend::open_in_memory().unwrap();
-        let device = |dn: &str| {
-            Op::PutDevice(DeviceRecord {
-                product_key: "pk".into(),
-                device_name: dn.into(),
-                device_secret: "s".into(),
-                instance_id: "default".into(),
-                enabled: true,
-                tags: BTreeMap::new(),
-                created_at_ms: 0,
-            })
-        };
         let ops = vec![
-            Op::PutInstance(InstanceRecord {
-                instance_id: "default".into(),
-                name: "default".into(),
-                created_at_ms: 0,
-            }),
-            Op::PutProduct(ProductRecord {
-                product_key: "pk".into(),
-                product_secret: "s".into(),
-                name: "p".into(),
-                instance_id: "default".into(),
-                description: None,
-                created_at_ms: 0,
-            }),
-            device("a"),
-            device("b"),
+            Op::PutInstance(instance("default")),
+            Op::PutProduct(product("pk", "default")),
+            Op::PutDevice(device("pk", "a")),
+            Op::PutDevice(device("pk", "b")),
         ];
         let results = backend.commit(&[&ops]).unwrap();
         assert!(results[0].is_ok());

@@ -150,14 +150,6 @@ async fn device_traffic_reaches_a_consumer_group() {
         .await;
 }
 
-/// The value of a counter in the Prometheus text.
-fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Benchmark of issue 5, end to end in one run (docs/BENCHMARKS.md, "AMQP forwarder"):
 /// `FG_BENCH_DEVICES` devices (default 100) each publish `FG_BENCH_POSTS` QoS 1 property posts
 /// (default 500) over MQTT; rate = posts / (first publish → the forwarder's last broker
@@ -197,9 +189,9 @@ async fn bench_mqtt_posts_to_rabbitmq() {
         ));
     }
     // Online status messages are forwarded too: wait for them before the clock starts.
-    let published = |text: &str| counter(text, "fleetgate_forwarder_published_total");
+    const PUBLISHED: &str = "fleetgate_forwarder_published_total";
     let start_count = loop {
-        let n = published(&app.metrics().await);
+        let n = app.metric(PUBLISHED).await;
         if n >= devices as f64 {
             break n;
         }
@@ -235,7 +227,7 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     }
     let total = (devices * posts) as f64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    while published(&app.metrics().await) - start_count < total {
+    while app.metric(PUBLISHED).await - start_count < total {
         assert!(tokio::time::Instant::now() < deadline, "not all confirmed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -262,32 +254,17 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     .await
     .unwrap();
     let payload = vec![b'x'; sample_len];
-    let props = lapin::BasicProperties::default().with_delivery_mode(2);
-    let started = std::time::Instant::now();
-    let mut in_flight = std::collections::VecDeque::with_capacity(1000);
-    for _ in 0..devices * posts {
-        if in_flight.len() >= 1000 {
-            let confirm = in_flight.pop_front().unwrap();
-            let c: lapin::Result<lapin::Confirmation> = confirm.await;
-            c.unwrap();
-        }
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                &payload,
-                props.clone(),
-            )
-            .await
-            .unwrap();
-        in_flight.push_back(confirm);
-    }
-    for confirm in in_flight {
-        let c: lapin::Result<lapin::Confirmation> = confirm.await;
-        c.unwrap();
-    }
-    let bare = total / started.elapsed().as_secs_f64();
+    let persistent = lapin::BasicProperties::default().with_delivery_mode(2);
+    let bare = fleetgate::forwarder::testing::bare_publish(
+        &ch,
+        "",
+        &queue,
+        false,
+        devices * posts,
+        &payload,
+        |_| persistent.clone(),
+    )
+    .await;
     ch.queue_delete(queue.as_str().into(), Default::default())
         .await
         .unwrap();

@@ -183,6 +183,17 @@ impl TestApp {
             .await
             .unwrap()
     }
+
+    /// The value of one sample of `/metrics` (e.g. `fleetgate_forwarder_published_total`);
+    /// 0 when it is not there yet.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 /// A connected rumqttc device whose event loop runs in the background.
