@@ -723,6 +723,21 @@ fn raw(packet: rumqttd::protocol::Packet) -> Vec<u8> {
     out.to_vec()
 }
 
+/// A raw socket that sent a signed CONNECT for `dn` and read the 4-byte CONNACK, which is
+/// returned with it.
+async fn raw_session(addr: SocketAddr, dn: &str, keep_alive: u16) -> (TcpStream, [u8; 4]) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&raw_connect(&creds(dn), keep_alive))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+        .await
+        .expect("no CONNACK in time")
+        .unwrap();
+    (s, connack)
+}
+
 /// A v4 CONNECT in bytes, built with rumqttd's encoder.
 fn raw_connect(c: &LinkCredentials, keep_alive: u16) -> Vec<u8> {
     use rumqttd::protocol as p;
@@ -1036,18 +1051,9 @@ async fn a_connect_storm_registers_every_link() {
     let addr = tb.addr();
     // All CONNECTs at once, raw (no client library timeouts in the way): every one must get
     // CONNACK "accepted" — their links are registered one after the other by one thread.
-    let sockets = futures_util::future::join_all((0..N).map(|i| async move {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&raw_connect(&creds(&format!("storm{i}")), 60))
-            .await
-            .unwrap();
-        let mut connack = [0u8; 4];
-        tokio::time::timeout(WAIT, s.read_exact(&mut connack))
-            .await
-            .expect("no CONNACK in time")
-            .unwrap();
-        (s, connack)
-    }))
+    let sockets = futures_util::future::join_all(
+        (0..N).map(|i| async move { raw_session(addr, &format!("storm{i}"), 60).await }),
+    )
     .await;
     for (i, (_, connack)) in sockets.iter().enumerate() {
         assert_eq!(connack, &[0x20, 0x02, 0x00, 0x00], "device storm{i}");
@@ -1287,17 +1293,8 @@ fn raw_subscribe(filter: &str) -> Vec<u8> {
 async fn a_device_that_stops_reading_loses_direct_messages_without_blocking_anyone() {
     let mut tb = start().await;
     // dev1 subscribes and then never reads again.
-    let mut stuck = TcpStream::connect(tb.addr()).await.unwrap();
-    stuck
-        .write_all(&raw_connect(&creds("dev1"), 0))
-        .await
-        .unwrap();
+    let (mut stuck, _) = raw_session(tb.addr(), "dev1", 0).await;
     tb.expect_connect("dev1").await;
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(WAIT, stuck.read_exact(&mut connack))
-        .await
-        .unwrap()
-        .unwrap();
     stuck
         .write_all(&raw_subscribe(&format!("/sys/{PK}/dev1/#")))
         .await
@@ -1375,14 +1372,8 @@ fn raw_publish(topic: &str, payload: &str) -> Vec<u8> {
 async fn a_subscription_is_in_place_for_replies_to_requests_in_the_same_write() {
     let mut tb = start().await;
     *tb.hooks.replies.lock().unwrap() = Some(tb.handle.downlink());
-    let mut s = TcpStream::connect(tb.addr()).await.unwrap();
-    s.write_all(&raw_connect(&creds("dev1"), 0)).await.unwrap();
+    let (mut s, _) = raw_session(tb.addr(), "dev1", 0).await;
     tb.expect_connect("dev1").await;
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut connack))
-        .await
-        .unwrap()
-        .unwrap();
     // SUBSCRIBE and a request in one write: the reply (router path, no grant yet) must find the
     // subscription in the router.
     let post = format!("/sys/{PK}/dev1/thing/event/property/post");
