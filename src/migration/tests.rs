@@ -78,6 +78,20 @@ async fn env(rate: u32) -> Env {
 }
 
 impl Env {
+    /// Creates one more device of `pk`.
+    async fn device(&self, pk: &str, dn: &str) {
+        self.registry
+            .create_device(
+                pk,
+                NewDevice {
+                    device_name: dn.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+
     /// A product in the default instance with devices `dev000..dev{n-1}`.
     async fn product(&self, n: usize) -> String {
         let pk = self
@@ -1001,16 +1015,7 @@ async fn devices_created_after_completed_are_swept_and_deleted_ones_leave_the_ta
     );
     env.engine.full(&tid, op()).await.unwrap();
     env.wait_state(&tid, TaskState::Completed).await;
-    env.registry
-        .create_device(
-            &pk,
-            NewDevice {
-                device_name: "late".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    env.device(&pk, "late").await;
     assert_eq!(env.owner(&pk, "late"), DEFAULT_INSTANCE_ID);
     env.engine.wake();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -1198,16 +1203,7 @@ async fn a_deleted_device_leaves_the_task_and_a_namesake_starts_not_migrated() {
     assert_eq!(last.action, "device_deleted");
     assert!(last.detail.contains("dev000 (MIGRATED)"), "{last:?}");
     // A new device with the old name is a new device: not migrated.
-    env.registry
-        .create_device(
-            &pk,
-            NewDevice {
-                device_name: "dev000".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    env.device(&pk, "dev000").await;
     assert_eq!(status_of(&env, &tid, "dev000"), DeviceStatus::NotMigrated);
     env.engine.full(&tid, op()).await.unwrap();
     let d = env.wait_state(&tid, TaskState::Completed).await;
@@ -1234,16 +1230,7 @@ async fn a_device_deleted_while_the_engine_is_down_is_forgotten_at_start() {
     env.registry.delete_device(&pk, "dev000").await.unwrap();
     // Created strictly after the record was written (ms timestamps).
     tokio::time::sleep(Duration::from_millis(5)).await;
-    env.registry
-        .create_device(
-            &pk,
-            NewDevice {
-                device_name: "dev000".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    env.device(&pk, "dev000").await;
     let Env {
         registry, engine, ..
     } = env;
