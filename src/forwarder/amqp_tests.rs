@@ -722,7 +722,7 @@ async fn bench_throughput() {
         seq: 1,
         enqueued_at_ms: 1_700_000_000_000,
         target: fx.iid.clone(),
-        msg: fx.post(0, 0),
+        msg: Arc::new(fx.post(0, 0)),
     };
     let enveloped = testing::bare_publish(&ch, &bare_exchange, "", true, n, &body, |i| {
         let mut row = template.clone();

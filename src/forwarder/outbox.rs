@@ -8,7 +8,8 @@
 //!    ▲                                     │  (inserts + deletes, group commit)          │
 //!    └── resolves once committed ◄─────────┘                                             │
 //! publisher ◄── reads `seq > cursor ORDER BY seq` on its own read connection ◄──────────┘
-//!           ── Delete(seqs) after the broker's ack ──► writer
+//!     ▲     ── Delete(seqs) after the broker's ack ──► writer
+//!     └──── the fresh tail: rows just committed, with their seqs ◄── writer (after commit)
 //! ```
 //!
 //! - Rows are `(seq AUTOINCREMENT, target instance, device, topic, body, …)`; one row per
@@ -28,6 +29,7 @@ use super::message::{ForwardMessage, MessageKind};
 use crate::metrics::Metrics;
 use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -93,7 +95,7 @@ pub struct OutboxRow {
     pub enqueued_at_ms: i64,
     /// Instance whose exchange receives the row.
     pub target: String,
-    pub msg: ForwardMessage,
+    pub msg: Arc<ForwardMessage>,
 }
 
 impl OutboxRow {
@@ -137,7 +139,42 @@ pub(crate) struct Shared {
     pub new_rows: Notify,
     /// Signalled (all waiters) after deletes freed space: back-pressured enqueues wait on it.
     space: Notify,
+    /// Rows of the latest commits, so a publisher that has caught up with the file takes new
+    /// rows from memory instead of reading back what was just written.
+    fresh: Mutex<FreshTail>,
     metrics: Arc<Metrics>,
+}
+
+/// Most rows, and bytes ([`row_size`]), the fresh tail holds; older rows are dropped from it
+/// (they stay in the file).
+const FRESH_MAX_ROWS: usize = 8192;
+const FRESH_MAX_BYTES: u64 = 8 << 20;
+
+/// Committed rows in seq order, newest last. Every committed row is pushed here; when the tail
+/// is full the oldest are dropped and `dropped_through` records the highest seq dropped, so a
+/// reader whose cursor is below it knows it must read the file instead.
+#[derive(Default)]
+struct FreshTail {
+    rows: VecDeque<OutboxRow>,
+    bytes: u64,
+    dropped_through: i64,
+}
+
+impl FreshTail {
+    fn pop_front(&mut self) -> Option<OutboxRow> {
+        let row = self.rows.pop_front()?;
+        self.bytes -= row.size();
+        Some(row)
+    }
+}
+
+/// What [`Outbox::take_fresh`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Fresh {
+    /// Rows after the cursor, in seq order (possibly none), and whether more are waiting.
+    Rows(Vec<OutboxRow>, bool),
+    /// Rows after the cursor were dropped from the tail: read the file from the cursor.
+    Gap,
 }
 
 impl Shared {
@@ -148,6 +185,30 @@ impl Shared {
         self.metrics
             .forwarder_outbox_messages
             .set(self.rows.load(Ordering::Relaxed) as i64);
+    }
+
+    /// Appends just-committed rows (`seqs` in insert order) to the fresh tail.
+    fn push_fresh(&self, inserts: &[PendingInsert], seqs: &[i64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
+        let rows = inserts.iter().flat_map(|(rows, _)| rows);
+        for (row, &seq) in rows.zip(seqs) {
+            fresh.bytes += row.size();
+            fresh.rows.push_back(OutboxRow {
+                seq,
+                enqueued_at_ms: row.enqueued_at_ms,
+                target: row.target.clone(),
+                msg: row.msg.clone(),
+            });
+        }
+        while fresh.rows.len() > FRESH_MAX_ROWS || fresh.bytes > FRESH_MAX_BYTES {
+            match fresh.pop_front() {
+                Some(old) => fresh.dropped_through = old.seq,
+                None => break,
+            }
+        }
     }
 
     /// Reserves `size` bytes if they fit (or the outbox is empty).
@@ -260,6 +321,7 @@ impl Outbox {
             max_bytes,
             new_rows: Notify::new(),
             space: Notify::new(),
+            fresh: Mutex::new(FreshTail::default()),
             metrics,
         });
         shared.publish_gauges();
@@ -373,6 +435,31 @@ impl Outbox {
         }
     }
 
+    /// Up to `limit` committed rows with `seq > after` from the in-memory tail of recent
+    /// commits — complete only for a reader that has read the file up to its end once (every
+    /// row committed after that read is in the tail unless [`Fresh::Gap`] says otherwise).
+    pub(crate) fn take_fresh(&self, after: i64, limit: usize) -> Fresh {
+        let mut fresh = self
+            .shared
+            .fresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if fresh.dropped_through > after {
+            return Fresh::Gap;
+        }
+        while fresh.rows.front().is_some_and(|r| r.seq <= after) {
+            fresh.pop_front();
+        }
+        let mut rows = Vec::with_capacity(fresh.rows.len().min(limit));
+        while rows.len() < limit {
+            match fresh.pop_front() {
+                Some(row) => rows.push(row),
+                None => break,
+            }
+        }
+        Fresh::Rows(rows, !fresh.rows.is_empty())
+    }
+
     /// A read connection for the publisher (WAL: readers never block the writer).
     pub(crate) fn reader(&self) -> Result<OutboxReader, OutboxError> {
         Ok(OutboxReader {
@@ -417,7 +504,7 @@ fn read_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<OutboxR
                 seq: r.get(0)?,
                 enqueued_at_ms: r.get(1)?,
                 target: r.get(2)?,
-                msg: ForwardMessage {
+                msg: Arc::new(ForwardMessage {
                     // Written by this module only; an unknown kind (a newer build's row) is
                     // forwarded as what it most likely is rather than lost.
                     kind: MessageKind::parse(&kind).unwrap_or(MessageKind::PropertyPost),
@@ -426,7 +513,7 @@ fn read_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<OutboxR
                     topic: r.get(6)?,
                     generate_time_ms: r.get(7)?,
                     body: r.get(8)?,
-                },
+                }),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -505,7 +592,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
             .forwarder_outbox_commit_seconds
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(deleted) => {
+            Ok((deleted, seqs)) => {
+                shared.push_fresh(&inserts, &seqs);
                 shared.rows.fetch_add(inserted as u64, Ordering::Relaxed);
                 let _ = shared
                     .rows
@@ -543,17 +631,19 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
     }
 }
 
-/// One transaction: every insert, then every delete. Returns the number of rows deleted.
+/// One transaction: every insert, then every delete. Returns the number of rows deleted and
+/// the seqs of the inserted rows, in insert order.
 fn commit(
     conn: &mut Connection,
     inserts: &[PendingInsert],
     deletes: &[i64],
-) -> Result<u64, OutboxError> {
+) -> Result<(u64, Vec<i64>), OutboxError> {
     if inserts.is_empty() && deletes.is_empty() {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let tx = conn.transaction()?;
     let mut deleted = 0u64;
+    let mut seqs = Vec::with_capacity(inserts.iter().map(|(rows, _)| rows.len()).sum());
     {
         let mut ins = tx.prepare_cached(
             "INSERT INTO outbox (enqueued_at_ms, target, kind, product_key, device_name, topic,
@@ -573,6 +663,7 @@ fn commit(
                     m.generate_time_ms,
                     m.body
                 ])?;
+                seqs.push(tx.last_insert_rowid());
             }
         }
         let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
@@ -581,5 +672,5 @@ fn commit(
         }
     }
     tx.commit()?;
-    Ok(deleted)
+    Ok((deleted, seqs))
 }

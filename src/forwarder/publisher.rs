@@ -8,7 +8,7 @@
 //! the oldest failed" needs no bookkeeping beyond "delete on ack".
 
 use super::groups::{self, declare_exchange};
-use super::outbox::{Outbox, OutboxReader, OutboxRow};
+use super::outbox::{Fresh, Outbox, OutboxReader, OutboxRow};
 use super::{AmqpLink, AmqpStatus, Forwarder};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -315,12 +315,28 @@ async fn publish_loop(
     let mut health = tokio::time::interval(Duration::from_secs(1));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // Rows come from the file until a read reaches its end (`caught_up`), then from the
+    // outbox's fresh tail (rows just committed) unless the tail lost some of them.
+    let mut fresh_more = false;
     loop {
-        if !draining && !caught_up && pending.len() < MAX_PENDING - READ_BATCH {
-            let rows = reader.read_after(cursor, READ_BATCH).await?;
-            if rows.len() < READ_BATCH {
-                caught_up = true;
-            }
+        if !draining && pending.len() < MAX_PENDING - READ_BATCH {
+            let rows = if caught_up {
+                match outbox.take_fresh(cursor, READ_BATCH) {
+                    Fresh::Rows(rows, more) => {
+                        fresh_more = more;
+                        rows
+                    }
+                    Fresh::Gap => {
+                        caught_up = false;
+                        fresh_more = false;
+                        Vec::new()
+                    }
+                }
+            } else {
+                let rows = reader.read_after(cursor, READ_BATCH).await?;
+                caught_up = rows.len() < READ_BATCH;
+                rows
+            };
             if let Some(last) = rows.last() {
                 cursor = last.seq;
             }
@@ -344,26 +360,43 @@ async fn publish_loop(
             // Fanout ignores the routing key; it carries the topic for tools that show it.
             let routing_key =
                 ShortString::try_new(row.msg.topic.clone()).unwrap_or_else(|_| "".into());
-            let confirm = ch
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &row.msg.body,
-                    properties(&row),
-                )
-                .await?;
+            let props = properties(&row);
             let sent = Sent {
                 seq: row.seq,
                 size: row.size(),
                 target: row.target,
                 started: Instant::now(),
             };
-            inflight.push(async move { (sent, confirm.await) }.boxed());
-            if pending.len() < READ_BATCH && !caught_up {
+            let (ch, msg) = (ch.clone(), row.msg);
+            let mut publish = async move {
+                let confirm = ch
+                    .basic_publish(
+                        exchange,
+                        routing_key,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        &msg.body,
+                        props,
+                    )
+                    .await?;
+                confirm.await
+            }
+            .boxed();
+            // The first poll takes the delivery tag and queues the frames (lapin does both
+            // before its first await), so rows go out in this order. Not awaiting the frames'
+            // hand-off to lapin's I/O thread here lets a whole burst be queued with one wake-up
+            // of that thread instead of a round trip per message.
+            match futures_util::poll!(&mut publish) {
+                std::task::Poll::Ready(result) => {
+                    inflight.push(futures_util::future::ready((sent, result)).boxed())
+                }
+                std::task::Poll::Pending => {
+                    inflight.push(async move { (sent, publish.await) }.boxed())
+                }
+            }
+            if pending.len() < READ_BATCH && (!caught_up || fresh_more) {
                 // Refill before the buffer runs dry.
                 break;
             }
@@ -376,6 +409,7 @@ async fn publish_loop(
             cursor = 0;
             pending.clear();
             caught_up = false;
+            fresh_more = false;
             draining = false;
             tokio::time::sleep(NACK_PAUSE).await;
             continue;
@@ -383,7 +417,8 @@ async fn publish_loop(
         deletes.flush(outbox);
 
         let can_publish_more = !draining && inflight.len() < window;
-        if can_publish_more && !caught_up && pending.len() < MAX_PENDING - READ_BATCH {
+        if can_publish_more && (!caught_up || fresh_more) && pending.len() < MAX_PENDING - READ_BATCH
+        {
             continue;
         }
         if can_publish_more && !pending.is_empty() && wake.is_none() {
@@ -410,9 +445,8 @@ async fn publish_loop(
                     draining |= on_confirm(fwd, sent, res, &mut deletes)?;
                 }
             }
-            _ = outbox.shared.new_rows.notified(), if caught_up && !draining => {
-                caught_up = false;
-            }
+            // New rows committed: the loop takes them from the fresh tail.
+            _ = outbox.shared.new_rows.notified(), if caught_up && !draining => {}
             _ = sleep_until_opt(wake), if wake.is_some() => {}
             _ = health.tick() => {
                 if !conn.status().connected() || !ch.status().connected() {

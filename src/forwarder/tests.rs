@@ -463,7 +463,7 @@ async fn a_mirror_limit_holds_back_only_mirrored_rows() {
         seq,
         enqueued_at_ms: 1_700_000_000_000,
         target: target.into(),
-        msg: msg("dev1", seq as usize, 10),
+        msg: Arc::new(msg("dev1", seq as usize, 10)),
     };
     let mut pending: std::collections::VecDeque<_> = [
         out_row(1, "iot-b"),
