@@ -21,7 +21,12 @@
 //!   and declared once a broker is configured.
 //! - Routing: a message goes to the exchange of the instance owning the device at enqueue time,
 //!   plus whatever the route hook ([`Forwarder::set_route_hook`]) adds (the migration engine's
-//!   data sync). Each target is its own outbox row, acked and deleted on its own.
+//!   data sync). Each target is its own outbox row, acked and deleted on its own. The one
+//!   message about a device the registry no longer knows is its OTA tasks' `DEVICE_DELETED`
+//!   cancel: the OTA engine puts the former owner in the event
+//!   ([`TaskEvent::instance_id`](crate::ota::TaskEvent::instance_id)) and
+//!   [`Forwarder::ota_event_sink`] routes it there; anything else for an unknown device is
+//!   dropped and counted.
 //! - Order: the publisher publishes in outbox order over one channel and, after any failure,
 //!   starts again from the oldest row not acked; RabbitMQ keeps one channel's publishes in
 //!   order, so each device's messages arrive in order (with possible duplicates of the
@@ -565,7 +570,22 @@ impl Forwarder {
 
     /// The instances a device's data goes to now: its owner, then the hook's extras.
     pub fn targets(&self, product_key: &str, device_name: &str) -> Vec<String> {
-        let Some(owner) = self.registry.device_instance(product_key, device_name) else {
+        self.targets_with_owner(product_key, device_name, None)
+    }
+
+    /// [`targets`](Self::targets), with `former_owner` standing in for the owner when the
+    /// registry no longer knows the device (deleted: the OTA engine's `DEVICE_DELETED` events).
+    fn targets_with_owner(
+        &self,
+        product_key: &str,
+        device_name: &str,
+        former_owner: Option<&str>,
+    ) -> Vec<String> {
+        let Some(owner) = self
+            .registry
+            .device_instance(product_key, device_name)
+            .or_else(|| former_owner.map(str::to_owned))
+        else {
             return Vec::new();
         };
         let hook = self
@@ -601,6 +621,15 @@ impl Forwarder {
         &self,
         msg: ForwardMessage,
     ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
+        self.enqueue_with_owner(msg, None)
+    }
+
+    /// [`enqueue`](Self::enqueue), routed to `former_owner` when the device no longer exists.
+    fn enqueue_with_owner(
+        &self,
+        msg: ForwardMessage,
+        former_owner: Option<&str>,
+    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
         enum Prepared {
             Nothing,
             Sent(tokio::sync::oneshot::Receiver<Result<(), OutboxError>>, u64),
@@ -611,7 +640,8 @@ impl Forwarder {
         let prepared = match &self.outbox {
             None => Prepared::Nothing,
             Some(outbox) => {
-                let targets = self.targets(&msg.product_key, &msg.device_name);
+                let targets =
+                    self.targets_with_owner(&msg.product_key, &msg.device_name, former_owner);
                 if targets.is_empty() {
                     metrics
                         .forwarder_dropped
@@ -671,10 +701,14 @@ impl Forwarder {
     /// engine's event sink): the rows reach the outbox writer during the call (when it has
     /// room), the commit and any back-pressure wait finish in a spawned task.
     pub fn enqueue_detached(&self, msg: ForwardMessage) {
+        self.enqueue_detached_with_owner(msg, None)
+    }
+
+    fn enqueue_detached_with_owner(&self, msg: ForwardMessage, former_owner: Option<&str>) {
         if !self.enabled() {
             return;
         }
-        let pending = self.enqueue(msg);
+        let pending = self.enqueue_with_owner(msg, former_owner);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
@@ -691,11 +725,16 @@ impl Forwarder {
     }
 
     /// The OTA engine's event sink (`OtaEngine::set_event_sink`): every task state change is
-    /// forwarded as an OTA task-state message. Does nothing while forwarding is off.
+    /// forwarded as an OTA task-state message. Does nothing while forwarding is off. A deleted
+    /// device's `DEVICE_DELETED` cancels go to the instance that owned it (the event's
+    /// `instance_id`), since the registry no longer knows the device.
     pub fn ota_event_sink(self: &Arc<Self>) -> crate::ota::TaskEventSink {
         let fwd = Arc::clone(self);
         Arc::new(move |e: &crate::ota::TaskEvent| {
-            fwd.enqueue_detached(ForwardMessage::ota_task_event(e))
+            fwd.enqueue_detached_with_owner(
+                ForwardMessage::ota_task_event(e),
+                e.instance_id.as_deref(),
+            )
         })
     }
 
