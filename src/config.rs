@@ -183,6 +183,9 @@ pub struct AmqpSettings {
     pub rate_limit_msgs_per_sec: Option<u32>,
     /// Default rate limit per target instance (bytes/s); none when absent.
     pub rate_limit_bytes_per_sec: Option<u32>,
+    /// Message TTL of consumer-group queues (`x-message-ttl`) for groups created without their
+    /// own, seconds; 0 = no TTL. At most 4294967.
+    pub queue_message_ttl_secs: u32,
 }
 
 impl Default for AmqpSettings {
@@ -199,6 +202,7 @@ impl Default for AmqpSettings {
             stats_interval_secs: d.stats_interval_secs,
             rate_limit_msgs_per_sec: d.rate_limit_msgs_per_sec,
             rate_limit_bytes_per_sec: d.rate_limit_bytes_per_sec,
+            queue_message_ttl_secs: d.queue_message_ttl_secs,
         }
     }
 }
@@ -217,6 +221,7 @@ impl AmqpSettings {
             stats_interval_secs: self.stats_interval_secs,
             rate_limit_msgs_per_sec: self.rate_limit_msgs_per_sec,
             rate_limit_bytes_per_sec: self.rate_limit_bytes_per_sec,
+            queue_message_ttl_secs: self.queue_message_ttl_secs,
         }
     }
 }
@@ -540,7 +545,8 @@ mod tests {
         std::fs::write(
             &path,
             "[amqp]\nurl = \"amqp://u:p@127.0.0.1:5672/%2f\"\noutbox_max_bytes = 1048576\n\
-             inflight_window = 512\nrate_limit_msgs_per_sec = 100\nexchange_prefix = \"fg\"\n",
+             inflight_window = 512\nrate_limit_msgs_per_sec = 100\nexchange_prefix = \"fg\"\n\
+             queue_message_ttl_secs = 3600\n",
         )
         .unwrap();
         let s = Settings::load(Some(&path), Overrides::default()).unwrap();
@@ -549,6 +555,7 @@ mod tests {
         assert_eq!((f.outbox_max_bytes, f.inflight_window), (1_048_576, 512));
         assert_eq!(f.rate_limit_msgs_per_sec, Some(100));
         assert_eq!(f.exchange_prefix, "fg");
+        assert_eq!(f.queue_message_ttl_secs, 3600);
         assert_eq!(
             f.reconnect_max_ms,
             ForwarderConfig::default().reconnect_max_ms
@@ -558,6 +565,14 @@ mod tests {
             Settings::load(Some(&path), Overrides::default()),
             Err(ConfigError::Invalid {
                 field: "amqp.inflight_window",
+                ..
+            })
+        ));
+        std::fs::write(&path, "[amqp]\nqueue_message_ttl_secs = 4294968\n").unwrap();
+        assert!(matches!(
+            Settings::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid {
+                field: "amqp.queue_message_ttl_secs",
                 ..
             })
         ));

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub forwarder_connected: Gauge,
     /// Times the publisher held a message back because its target's rate limit was reached.
     pub forwarder_rate_limited: Counter,
+    /// Consumer-group queue declarations RabbitMQ refused (406) because the queue exists with
+    /// other arguments (e.g. no message TTL); the existing queue was kept and bound.
+    pub forwarder_queues_kept: Counter,
     /// Messages ready in each consumer group's queue (`group` = `{instance_id}/{group_id}`),
     /// sampled periodically.
     pub forwarder_group_backlog: Family<[(&'static str, String); 1], Gauge>,
@@ -132,6 +135,7 @@ impl Metrics {
             forwarder_reconnects: Counter::default(),
             forwarder_connected: Gauge::default(),
             forwarder_rate_limited: Counter::default(),
+            forwarder_queues_kept: Counter::default(),
             forwarder_group_backlog: Family::default(),
             forwarder_group_consumers: Family::default(),
             ota_tasks: Family::default(),
@@ -291,6 +295,11 @@ impl Metrics {
             "forwarder_rate_limited",
             "Publishes held back by a target's rate limit",
             m.forwarder_rate_limited.clone(),
+        );
+        registry.register(
+            "forwarder_queues_kept",
+            "Consumer-group queues kept with their existing arguments (declare refused with 406)",
+            m.forwarder_queues_kept.clone(),
         );
         registry.register(
             "forwarder_group_backlog",

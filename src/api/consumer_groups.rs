@@ -19,7 +19,7 @@ use super::instances::PageQuery;
 use super::{ApiState, ItemsPage};
 use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, Forwarder, NewConsumerGroup};
 
-fn forwarder(state: &ApiState) -> Result<&Arc<Forwarder>, ApiError> {
+pub(super) fn forwarder(state: &ApiState) -> Result<&Arc<Forwarder>, ApiError> {
     state
         .forwarder
         .as_ref()
@@ -137,10 +137,12 @@ pub async fn delete_group(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Shared with the tests of the other forwarder routes ([`super::forwarding`]).
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::api::{router, Role, TokenSet, DEFAULT_BODY_LIMIT};
+    use crate::forwarder::ForwarderConfig;
     use crate::metrics::Metrics;
     use crate::ota::FirmwareRepo;
     use crate::registry::{NewInstance, Registry};
@@ -151,14 +153,23 @@ mod tests {
     use serde_json::{json, Value};
     use tower::ServiceExt;
 
-    const OP: &str = "operator-token-0123456789";
-    const VIEW: &str = "viewer-token-0123456789";
+    pub(in crate::api) const OP: &str = "operator-token-0123456789";
+    pub(in crate::api) const VIEW: &str = "viewer-token-0123456789";
 
     async fn app(dir: &std::path::Path) -> (axum::Router, Arc<Registry>, Store) {
+        app_with(dir, ForwarderConfig::default()).await
+    }
+
+    /// The API over an in-memory store, with a forwarder (forwarding off: no `url`) configured
+    /// by `config`.
+    pub(in crate::api) async fn app_with(
+        dir: &std::path::Path,
+        config: ForwarderConfig,
+    ) -> (axum::Router, Arc<Registry>, Store) {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open_in_memory(metrics.clone()).unwrap();
         let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
-        let fwd = Forwarder::disabled(registry.clone(), metrics.clone()).unwrap();
+        let fwd = Forwarder::open(config, dir, registry.clone(), metrics.clone()).unwrap();
         let firmware =
             FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
@@ -167,7 +178,7 @@ mod tests {
         (router(state, DEFAULT_BODY_LIMIT), registry, store)
     }
 
-    async fn call(
+    pub(in crate::api) async fn call(
         app: &axum::Router,
         method: &str,
         uri: &str,
@@ -285,5 +296,96 @@ mod tests {
         );
         let fwd3 = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
         assert_eq!(fwd3.list_groups("iot-a").unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn message_ttl_is_fixed_at_creation_shown_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ForwarderConfig {
+            queue_message_ttl_secs: 7200,
+            ..Default::default()
+        };
+        let (app, registry, store) = app_with(dir.path(), config).await;
+        registry
+            .create_instance(NewInstance {
+                instance_id: Some("iot-a".into()),
+                name: "A".into(),
+            })
+            .await
+            .unwrap();
+        let base = "/api/v1/instances/iot-a/consumer-groups";
+        for (gid, ttl, want) in [
+            ("own", json!(60), 60),
+            ("forever", json!(0), 0),
+            ("default", Value::Null, 7200),
+        ] {
+            let (s, g) = call(
+                &app,
+                "POST",
+                base,
+                OP,
+                Some(json!({"group_id": gid, "name": gid, "message_ttl_secs": ttl})),
+            )
+            .await;
+            assert_eq!(
+                (s, &g["message_ttl_secs"]),
+                (StatusCode::CREATED, &json!(want))
+            );
+            let (_, d) = call(&app, "GET", &format!("{base}/{gid}"), VIEW, None).await;
+            assert_eq!(d["message_ttl_secs"], want, "{d}");
+        }
+        for bad in [json!(4_294_968), json!(-1), json!("1d")] {
+            let (s, e) = call(
+                &app,
+                "POST",
+                base,
+                OP,
+                Some(json!({"group_id": "bad", "name": "bad", "message_ttl_secs": bad})),
+            )
+            .await;
+            assert_eq!(
+                (s, e["error_ext_msg"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("message_ttl_secs")),
+                "{bad}: {e}"
+            );
+        }
+        // The largest TTL RabbitMQ takes (ms below 2^32) is accepted.
+        let (s, _) = call(
+            &app,
+            "POST",
+            base,
+            OP,
+            Some(json!({"group_id": "max", "name": "max", "message_ttl_secs": 4_294_967})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+
+        // A document written before TTLs existed still loads: null, i.e. the configured default.
+        store
+            .submit(vec![crate::store::Op::PutDoc {
+                kind: "amqp.group",
+                id: "iot-a/old".into(),
+                body: r#"{"instance_id":"iot-a","group_id":"old","name":"Old","created_at_ms":1}"#
+                    .into(),
+            }])
+            .await
+            .unwrap();
+        let fwd = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
+        let ttls: Vec<(String, Option<u32>)> = fwd
+            .list_groups("iot-a")
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.group_id, g.message_ttl_secs))
+            .collect();
+        assert_eq!(
+            ttls,
+            [
+                ("default".to_string(), Some(7200)),
+                ("forever".to_string(), Some(0)),
+                ("max".to_string(), Some(4_294_967)),
+                ("old".to_string(), None),
+                ("own".to_string(), Some(60)),
+            ]
+        );
     }
 }

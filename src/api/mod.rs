@@ -25,6 +25,7 @@ mod consumer_groups;
 mod devices;
 mod export;
 mod firmware;
+mod forwarding;
 mod instances;
 mod migrations;
 mod openapi;
@@ -86,9 +87,9 @@ pub struct ApiState {
     /// The migration engine. The app always sets it; `None` only in API states built for
     /// tests, where the migration endpoints answer 500.
     pub migration: Option<Arc<MigrationEngine>>,
-    /// The AMQP forwarder (consumer groups). The app always sets it — it exists even with
-    /// forwarding off; `None` only in API states built for tests, where the consumer-group
-    /// endpoints answer 500.
+    /// The AMQP forwarder (consumer groups, rate limits). The app always sets it — it exists
+    /// even with forwarding off; `None` only in API states built for tests, where the
+    /// consumer-group and forwarding endpoints answer 500.
     pub forwarder: Option<Arc<Forwarder>>,
 }
 
@@ -218,6 +219,12 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route(
             "/api/v1/instances/{iid}/consumer-groups/{gid}",
             get(consumer_groups::get_group).delete(consumer_groups::delete_group),
+        )
+        .route(
+            "/api/v1/instances/{iid}/forwarding/rate-limit",
+            get(forwarding::get_rate_limit)
+                .put(forwarding::put_rate_limit)
+                .delete(forwarding::delete_rate_limit),
         )
         .route(
             "/api/v1/products",

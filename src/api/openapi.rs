@@ -22,13 +22,17 @@ use super::ota::{
 };
 use super::products::{CreateProductRequest, ProductSummary};
 use super::{
-    batch, consumer_groups, devices, export, firmware, instances, migrations, ota, products, system,
+    batch, consumer_groups, devices, export, firmware, forwarding, instances, migrations, ota,
+    products, system,
 };
 use crate::export::{
     ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,
     JobState, ObjectRequest, ObjectType, Status as ExportStatus,
 };
-use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
+use crate::forwarder::{
+    ConsumerGroup, ConsumerGroupDetails, InstanceRateLimit, NewConsumerGroup, RateLimitRequest,
+    RateLimitSource,
+};
 use crate::migration::{
     Actor, DataSyncView, DeviceMigration, DeviceMigrationStatus, DeviceStatus, DeviceTotals,
     LogEntry, MigrationConfig, MigrationMethod, RejectedRow, ResumeMode, SummaryStatus,
@@ -62,6 +66,9 @@ use crate::registry::{Device, Instance, Product};
         consumer_groups::list_groups,
         consumer_groups::get_group,
         consumer_groups::delete_group,
+        forwarding::get_rate_limit,
+        forwarding::put_rate_limit,
+        forwarding::delete_rate_limit,
         products::create_product,
         products::list_products,
         products::get_product,
@@ -139,6 +146,9 @@ use crate::registry::{Device, Instance, Product};
         ConsumerGroup,
         NewConsumerGroup,
         ConsumerGroupDetails,
+        RateLimitRequest,
+        InstanceRateLimit,
+        RateLimitSource,
         CreateProductRequest,
         ProductSummary,
         CreateDeviceRequest,
@@ -210,6 +220,7 @@ use crate::registry::{Device, Instance, Product};
         (name = "system", description = "Health, metrics and this document (no token needed)"),
         (name = "instances", description = "Instances: owners of products and data routing"),
         (name = "consumer-groups", description = "AMQP consumer groups: one RabbitMQ queue per group on the instance's exchange; every group gets every message of the instance's devices"),
+        (name = "forwarding", description = "AMQP forwarding to an instance: its rate limit, changed at runtime"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
         (name = "migrations", description = "Instance migration: per-product tasks moving devices to a target instance (canary, full, pause/continue, rollback, data sync)"),
@@ -243,7 +254,7 @@ impl Modify for Conventions {
              `token`) instead of a bearer token; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
              read (GET); `operator` may also manage devices (create, batch, update, \
              enable/disable, delete) and upload firmware; `admin` may do everything, including creating instances \
-             and creating/deleting products (403 otherwise); consumer groups need `operator` to create or delete.\n\n## Errors\n\nEvery error \
+             and creating/deleting products (403 otherwise); consumer groups need `operator` to create or delete, forwarding rate limits to set or remove.\n\n## Errors\n\nEvery error \
              response has the body `{{\"error_code\":\"FG.xxxx\",\"error_msg\":\"…\",\
              \"error_ext_msg\":null,\"request_id\":\"…\"}}`; `error_ext_msg` names the \
              offending field when there is one, and `request_id` equals the `x-request-id` \

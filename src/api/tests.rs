@@ -1000,6 +1000,9 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/instances/{iid}/consumer-groups", "get"),
         ("/api/v1/instances/{iid}/consumer-groups/{gid}", "get"),
         ("/api/v1/instances/{iid}/consumer-groups/{gid}", "delete"),
+        ("/api/v1/instances/{iid}/forwarding/rate-limit", "get"),
+        ("/api/v1/instances/{iid}/forwarding/rate-limit", "put"),
+        ("/api/v1/instances/{iid}/forwarding/rate-limit", "delete"),
         ("/api/v1/products", "post"),
         ("/api/v1/products", "get"),
         ("/api/v1/products/{pk}", "get"),
@@ -1063,7 +1066,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        51,
+        52,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

@@ -373,15 +373,38 @@ fn assert_in_order_per_device(deliveries: &[(String, Delivery)]) {
 }
 
 async fn group(fwd: &Forwarder, iid: &str, gid: &str) {
+    group_with_ttl(fwd, iid, gid, None).await;
+}
+
+async fn group_with_ttl(fwd: &Forwarder, iid: &str, gid: &str, message_ttl_secs: Option<u32>) {
     fwd.create_group(
         iid,
         NewConsumerGroup {
             group_id: Some(gid.into()),
             name: gid.into(),
+            message_ttl_secs,
         },
     )
     .await
     .unwrap();
+}
+
+/// Re-declares `queue` with no arguments on a throwaway channel: `Ok` when it has none (or
+/// does not exist), a 406 error when it was declared with some (e.g. a message TTL).
+async fn redeclare_without_arguments(conn: &Connection, queue: &str) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ());
+    if ch.status().connected() {
+        let _ = ch.close(200, "done".into()).await;
+    }
+    r
 }
 
 #[tokio::test]
@@ -651,7 +674,9 @@ async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
             msgs_per_sec: NonZeroU32::new(20),
             bytes_per_sec: None,
         }),
-    );
+    )
+    .await
+    .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     consume(&fx.rabbit.conn, &fx.queue("g"), "c", tx).await;
     const N: usize = 60;
@@ -665,6 +690,171 @@ async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
     assert!(fx.metrics.forwarder_rate_limited.get() > 0);
     fwd.shutdown().await;
     fx.cleanup(&["g"]).await;
+}
+
+/// A limit set at runtime (as `PUT …/forwarding/rate-limit` does) throttles the running
+/// publisher, and removing it lets the rest flow at once. GCRA with a one-second burst: at 50
+/// msgs/s the 100th confirm cannot come before ~1 s (50 at once, then 50 a second), whatever
+/// the machine's speed — a slow machine only makes it later.
+#[tokio::test]
+async fn a_rate_limit_set_at_runtime_throttles_until_removed() {
+    let Some(rabbit) = rabbit_or_skip("a_rate_limit_set_at_runtime_throttles_until_removed").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 1).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "g").await;
+    // Unlimited traffic first, so the publisher already holds (no) limiter for the target.
+    for i in 0..10 {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    eventually("warm-up confirmed", || {
+        fx.metrics.forwarder_published.get() == 10
+    })
+    .await;
+    let published = || fx.metrics.forwarder_published.get() - 10;
+
+    const RATE: u32 = 50;
+    const N: usize = 200;
+    let limit = RateLimit {
+        msgs_per_sec: NonZeroU32::new(RATE),
+        bytes_per_sec: None,
+    };
+    let view = fwd.set_rate_limit(&fx.iid, Some(limit)).await.unwrap();
+    assert_eq!(view.source, RateLimitSource::Instance);
+    let t0 = Instant::now();
+    for i in 10..10 + N {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    eventually("100 confirmed", || published() >= 100).await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "100 messages confirmed {took:?} after a {RATE}/s limit was set"
+    );
+    let at_removal = published();
+    assert!(
+        at_removal < N as u64,
+        "all {N} confirmed after {took:?}: not throttled"
+    );
+    assert!(fx.metrics.forwarder_rate_limited.get() > 0);
+
+    // Removed (no configured default): the rest go at once; under the limit they would need
+    // (N - at_removal) / RATE seconds.
+    let left = N as u64 - at_removal;
+    let t1 = Instant::now();
+    let view = fwd.set_rate_limit(&fx.iid, None).await.unwrap();
+    assert_eq!(view.source, RateLimitSource::None);
+    eventually("all confirmed", || published() >= N as u64).await;
+    let rest = t1.elapsed();
+    let throttled = Duration::from_secs_f64(left as f64 / f64::from(RATE));
+    assert!(
+        rest < throttled.mul_f64(0.75),
+        "{left} messages took {rest:?} after the limit was removed ({throttled:?} under it)"
+    );
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    fwd.shutdown().await;
+    fx.cleanup(&["g"]).await;
+}
+
+/// A group's `message_ttl_secs` becomes the queue's `x-message-ttl`: unconsumed messages
+/// expire from it, while a group without TTL (0) keeps the same messages.
+#[tokio::test]
+async fn a_group_message_ttl_expires_unconsumed_messages() {
+    let Some(rabbit) = rabbit_or_skip("a_group_message_ttl_expires_unconsumed_messages").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 1).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group_with_ttl(&fwd, &fx.iid, "short", Some(1)).await;
+    group_with_ttl(&fwd, &fx.iid, "keep", Some(0)).await;
+    // The queues carry (or not) the argument: a re-declare without it is refused (or not).
+    let refused = redeclare_without_arguments(&fx.rabbit.conn, &fx.queue("short"))
+        .await
+        .unwrap_err();
+    assert!(groups::is_precondition_failed(&refused), "{refused}");
+    redeclare_without_arguments(&fx.rabbit.conn, &fx.queue("keep"))
+        .await
+        .unwrap();
+    assert_eq!(fx.metrics.forwarder_queues_kept.get(), 0);
+
+    for i in 0..3 {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    eventually("confirmed", || fwd.outbox().unwrap().is_empty()).await;
+    assert_eq!(
+        fx.metrics.forwarder_returns.get(),
+        0,
+        "routed to the groups"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let backlog = fwd.group_details(&fx.iid, "short").await.unwrap().backlog;
+        if backlog == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never expired: backlog {backlog:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keep = fwd.group_details(&fx.iid, "keep").await.unwrap();
+    assert_eq!(keep.backlog, Some(3), "no TTL: still there");
+    assert_eq!(keep.group.message_ttl_secs, Some(0));
+    fwd.shutdown().await;
+    fx.cleanup(&["short", "keep"]).await;
+}
+
+/// A queue that already exists without arguments (created before TTLs, or by hand) makes the
+/// TTL declare fail with 406; the forwarder keeps the queue as it is, still binds and feeds
+/// it, and neither group creation nor the connection loop gets stuck on it.
+#[tokio::test]
+async fn a_queue_existing_without_ttl_is_kept_and_still_delivers() {
+    let Some(rabbit) =
+        rabbit_or_skip("a_queue_existing_without_ttl_is_kept_and_still_delivers").await
+    else {
+        return;
+    };
+    let fx = Fixture::new(rabbit, 1).await;
+    let queue = fx.queue("legacy");
+    redeclare_without_arguments(&fx.rabbit.conn, &queue)
+        .await
+        .unwrap();
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    // The configured default (one day) asks for a TTL the queue does not have.
+    group(&fwd, &fx.iid, "legacy").await;
+    assert_eq!(fx.metrics.forwarder_queues_kept.get(), 1);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &queue, "c", tx).await;
+    for i in 0..5 {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    collect(&mut rx, 5).await;
+    fwd.shutdown().await;
+
+    // A restart declares every group on connect: the 406 again, handled, and the session goes on.
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected again", || fwd.status() == AmqpStatus::Connected).await;
+    assert_eq!(fx.metrics.forwarder_queues_kept.get(), 2);
+    for i in 5..10 {
+        fwd.enqueue(fx.post(0, i)).await.unwrap();
+    }
+    let got = collect(&mut rx, 5).await;
+    assert!(got.iter().all(|(_, d)| key(d).1 >= 5), "the new messages");
+    assert_eq!(fwd.status(), AmqpStatus::Connected);
+    assert_eq!(fx.metrics.forwarder_reconnects.get(), 0);
+    // Still the queue it was: no arguments.
+    redeclare_without_arguments(&fx.rabbit.conn, &queue)
+        .await
+        .unwrap();
+    fwd.shutdown().await;
+    fx.cleanup(&["legacy"]).await;
 }
 
 /// Throughput benchmark (ignored; run with
@@ -715,7 +905,7 @@ async fn bench_throughput() {
     .await
     .unwrap();
     let bare_exchange = format!("{}.bare-x", fx.prefix);
-    groups::declare_group(&ch, &bare_exchange, &bare_queue)
+    groups::declare_group(&fx.rabbit.conn, &ch, &bare_exchange, &bare_queue, 0)
         .await
         .unwrap();
     let template = OutboxRow {

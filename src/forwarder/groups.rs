@@ -14,12 +14,22 @@
 //! There is no implicit `DEFAULT_GROUP`: a queue nobody reads would grow without bound in
 //! RabbitMQ, so operators create the groups their applications consume (one may be called
 //! `DEFAULT_GROUP`).
+//!
+//! Retention: a group's queue is declared with `x-message-ttl` (the vendor keeps messages one
+//! day), from the group's `message_ttl_secs`, which is fixed when the group is created (the
+//! request's value, else `amqp.queue_message_ttl_secs`; 0 = no TTL). Groups created before
+//! TTLs existed have none stored and follow the configured default. RabbitMQ refuses to
+//! re-declare an existing queue with other arguments (406 PRECONDITION_FAILED, which closes
+//! the channel); [`declare_group`] then keeps the queue as it is (passive declare + bind) and
+//! reports [`Declared::KeptExisting`] — the forwarder warns once per queue and counts it in
+//! `fleetgate_forwarder_queues_kept_total`. Deleting and re-creating the group applies the TTL.
 
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Channel, ExchangeKind};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -30,6 +40,9 @@ pub const GROUP_DOC_KIND: &str = "amqp.group";
 /// Store document kind of a group whose queue still has to be deleted in RabbitMQ.
 pub const TOMBSTONE_DOC_KIND: &str = "amqp.group_deleted";
 
+/// Largest message TTL, seconds: RabbitMQ's `x-message-ttl` is milliseconds up to 2^32-1.
+pub const MAX_MESSAGE_TTL_SECS: u32 = u32::MAX / 1000;
+
 /// A consumer group of an instance.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
 pub struct ConsumerGroup {
@@ -37,6 +50,11 @@ pub struct ConsumerGroup {
     pub group_id: String,
     pub name: String,
     pub created_at_ms: i64,
+    /// How long a message waits in the group's queue before RabbitMQ drops it (`x-message-ttl`),
+    /// seconds; 0 = forever. Null for groups created before TTLs existed: they follow
+    /// `amqp.queue_message_ttl_secs`.
+    #[serde(default)]
+    pub message_ttl_secs: Option<u32>,
 }
 
 /// Request to create a consumer group; `group_id` is generated (20 characters) when absent.
@@ -46,6 +64,10 @@ pub struct NewConsumerGroup {
     #[serde(default)]
     pub group_id: Option<String>,
     pub name: String,
+    /// Message TTL of the group's queue, seconds, 0..=4294967 (0 = messages never expire);
+    /// `amqp.queue_message_ttl_secs` (default 86400, the vendor's one day) when absent.
+    #[serde(default)]
+    pub message_ttl_secs: Option<u32>,
 }
 
 /// A consumer group with its queue's live numbers.
@@ -126,6 +148,16 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A message TTL in seconds: at most [`MAX_MESSAGE_TTL_SECS`].
+pub fn validate_message_ttl(secs: u32) -> Result<(), String> {
+    if secs > MAX_MESSAGE_TTL_SECS {
+        return Err(format!(
+            "must be at most {MAX_MESSAGE_TTL_SECS} (RabbitMQ's x-message-ttl is milliseconds below 2^32); 0 = no TTL"
+        ));
+    }
+    Ok(())
+}
+
 /// A fresh group id (vendor-like: 20 alphanumerics).
 pub fn generate_group_id() -> String {
     rand::thread_rng()
@@ -149,19 +181,85 @@ pub(crate) async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(),
     .await
 }
 
-/// Declares the exchange, the group's durable queue and the binding (all idempotent).
+/// The queue arguments of a group whose messages live `ttl_secs` (0 = no TTL).
+pub(crate) fn queue_arguments(ttl_secs: u32) -> FieldTable {
+    let mut args = FieldTable::default();
+    if ttl_secs > 0 {
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::from(ttl_secs) * 1000),
+        );
+    }
+    args
+}
+
+/// How [`declare_group`] left a group's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Declared {
+    /// Declared (or found) with the arguments asked for.
+    AsAsked,
+    /// It existed with other arguments (406): kept as it is, and bound.
+    KeptExisting,
+}
+
+/// Whether `e` is a channel-level 406 PRECONDITION_FAILED (e.g. a queue re-declared with
+/// other arguments). It closes the channel it happened on.
+pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ProtocolError(a)
+            if *a.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
+}
+
+/// Declares the exchange, the group's durable queue (with a message TTL when `ttl_secs` > 0)
+/// and the binding (all idempotent). When the queue already exists with other arguments,
+/// RabbitMQ answers 406 and closes `ch`; the queue is then kept as it is — checked with a
+/// passive declare and bound on a fresh channel of `conn` — and the result says so. Callers
+/// should use a channel they can throw away.
 pub(crate) async fn declare_group(
+    conn: &Connection,
     ch: &Channel,
     exchange: &str,
     queue: &str,
-) -> Result<(), lapin::Error> {
+    ttl_secs: u32,
+) -> Result<Declared, lapin::Error> {
     declare_exchange(ch, exchange).await?;
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    )
-    .await?;
+    match ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            queue_arguments(ttl_secs),
+        )
+        .await
+    {
+        Ok(_) => {
+            bind(ch, exchange, queue).await?;
+            Ok(Declared::AsAsked)
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            let fresh = conn.create_channel().await?;
+            let kept = async {
+                fresh
+                    .queue_declare(
+                        queue.into(),
+                        QueueDeclareOptions::durable().passive(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                bind(&fresh, exchange, queue).await
+            }
+            .await;
+            if fresh.status().connected() {
+                let _ = fresh.close(200, "done".into()).await;
+            }
+            kept.map(|()| Declared::KeptExisting)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn bind(ch: &Channel, exchange: &str, queue: &str) -> Result<(), lapin::Error> {
     ch.queue_bind(
         queue.into(),
         exchange.into(),

@@ -21,7 +21,12 @@
 //!   and declared once a broker is configured.
 //! - Routing: a message goes to the exchange of the instance owning the device at enqueue time,
 //!   plus whatever the route hook ([`Forwarder::set_route_hook`]) adds (the migration engine's
-//!   data sync). Each target is its own outbox row, acked and deleted on its own.
+//!   data sync). Each target is its own outbox row, acked and deleted on its own. The one
+//!   message about a device the registry no longer knows is its OTA tasks' `DEVICE_DELETED`
+//!   cancel: the OTA engine puts the former owner in the event
+//!   ([`TaskEvent::instance_id`](crate::ota::TaskEvent::instance_id)) and
+//!   [`Forwarder::ota_event_sink`] routes it there; anything else for an unknown device is
+//!   dropped and counted.
 //! - Order: the publisher publishes in outbox order over one channel and, after any failure,
 //!   starts again from the oldest row not acked; RabbitMQ keeps one channel's publishes in
 //!   order, so each device's messages arrive in order (with possible duplicates of the
@@ -29,20 +34,28 @@
 //!   `nack` of a single message while later ones were acked: the nacked one is re-sent after them.
 //! - Returned messages (`mandatory`, no queue bound: the instance has no consumer group) are
 //!   counted and dropped, like the vendor, which forwards only to existing subscriptions.
-//! - Rate limits ([`Forwarder::set_rate_limit`], or the configured default per target) are
-//!   applied by the publisher, never on the enqueue path, so MQTT ingest is never slowed by them.
-//!   A rate-limited target's rows wait in the publisher's read buffer while other targets' rows
-//!   pass them; when that buffer is full of one target's rows everything waits.
+//! - Rate limits per target (`limits.rs`: an override set at runtime with
+//!   [`Forwarder::set_rate_limit`] — `PUT /api/v1/instances/{iid}/forwarding/rate-limit`,
+//!   persisted — else the configured default) are applied by the publisher, never on the
+//!   enqueue path, so MQTT ingest is never slowed by them. The publisher consults them for
+//!   every row and is woken when one changes, so a change applies at once. A rate-limited
+//!   target's rows wait in the publisher's read buffer while other targets' rows pass them;
+//!   when that buffer is full of one target's rows everything waits.
 //! - Mirror limits ([`Forwarder::set_mirror_rate_limit`], the migration's `bandwidth_limit_mb`
 //!   while data sync is on) apply only to *mirrored* rows: those whose target is not the
 //!   device's owning instance at publish time (the copies data sync adds). The target's own
 //!   devices' rows pass them. A device is wholly mirrored or wholly direct at any moment, so its
 //!   rows keep their order.
+//! - Retention: group queues carry `x-message-ttl` (`amqp.queue_message_ttl_secs`, default one
+//!   day like the vendor, or the group's own `message_ttl_secs`). A queue that exists with
+//!   other arguments is kept as it is, with a warning, instead of failing the connection
+//!   (`groups.rs`).
 //!
-//! This module owns `outbox.db`, the AMQP connection and the consumer-group documents; it reads
-//! the registry (device ownership, instances) and never changes it.
+//! This module owns `outbox.db`, the AMQP connection and the consumer-group and rate-limit
+//! documents; it reads the registry (device ownership, instances) and never changes it.
 
 mod groups;
+mod limits;
 mod message;
 mod outbox;
 mod publisher;
@@ -56,18 +69,19 @@ mod amqp_tests;
 mod tests;
 
 pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology};
+pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource};
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::store::{Op, StoreError};
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use groups::{RateSampler, GROUP_DOC_KIND, TOMBSTONE_DOC_KIND};
+use groups::{Declared, RateSampler, GROUP_DOC_KIND, TOMBSTONE_DOC_KIND};
+pub(crate) use limits::Limiter;
+use limits::{Limits, RATE_LIMIT_DOC_KIND};
 use outbox::NewRow;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -101,6 +115,9 @@ pub struct ForwarderConfig {
     pub rate_limit_msgs_per_sec: Option<u32>,
     /// Default rate limit per target instance, bytes per second (none when absent).
     pub rate_limit_bytes_per_sec: Option<u32>,
+    /// Message TTL (`x-message-ttl`) of consumer-group queues created without their own
+    /// `message_ttl_secs`, seconds; 0 = messages never expire. The vendor keeps 1 day.
+    pub queue_message_ttl_secs: u32,
 }
 
 impl Default for ForwarderConfig {
@@ -116,6 +133,7 @@ impl Default for ForwarderConfig {
             stats_interval_secs: 10,
             rate_limit_msgs_per_sec: None,
             rate_limit_bytes_per_sec: None,
+            queue_message_ttl_secs: 86_400,
         }
     }
 }
@@ -167,6 +185,9 @@ impl ForwarderConfig {
                 "a rate limit must be at least 1 (omit it for none)",
             );
         }
+        if let Err(message) = groups::validate_message_ttl(self.queue_message_ttl_secs) {
+            return invalid("amqp.queue_message_ttl_secs", &message);
+        }
         Ok(())
     }
 
@@ -207,7 +228,7 @@ pub enum ForwarderError {
     },
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("corrupt consumer group document {id}: {message}")]
+    #[error("corrupt forwarder document {id}: {message}")]
     Corrupt { id: String, message: String },
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
@@ -256,59 +277,19 @@ impl AmqpStatus {
     }
 }
 
-/// A rate limit for one target instance. Either or both bounds may be set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RateLimit {
-    pub msgs_per_sec: Option<NonZeroU32>,
-    pub bytes_per_sec: Option<NonZeroU32>,
-}
-
-/// GCRA limiters (governor) of one target. Bursts are one second's worth.
-pub(crate) struct Limiter {
-    clock: DefaultClock,
-    msgs: Option<DefaultDirectRateLimiter>,
-    bytes: Option<DefaultDirectRateLimiter>,
-}
-
-impl Limiter {
-    fn new(limit: RateLimit) -> Self {
-        let clock = DefaultClock::default();
-        let make =
-            |n: NonZeroU32| RateLimiter::direct_with_clock(Quota::per_second(n), clock.clone());
-        Limiter {
-            msgs: limit.msgs_per_sec.map(make),
-            bytes: limit.bytes_per_sec.map(make),
-            clock,
-        }
-    }
-
-    /// Takes one message of `size` bytes, or says how long to wait.
-    pub fn check(&self, size: u64) -> Result<(), Duration> {
-        if let Some(m) = &self.msgs {
-            m.check()
-                .map_err(|nu| nu.wait_time_from(self.clock.now()))?;
-        }
-        if let Some(b) = &self.bytes {
-            let n = NonZeroU32::new(size.clamp(1, u64::from(u32::MAX)) as u32)
-                .unwrap_or(NonZeroU32::MIN);
-            match b.check_n(n) {
-                Ok(Ok(())) => {}
-                Ok(Err(nu)) => return Err(nu.wait_time_from(self.clock.now())),
-                // Larger than a whole second's budget: it can never conform, so let it pass
-                // rather than block the target forever.
-                Err(_) => {}
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Extra targets for a device's data: `(product_key, device_name, owner_instance) -> instances`.
 /// The owner is always a target; duplicates are ignored.
 pub type RouteHook = Arc<dyn Fn(&str, &str, &str) -> Vec<String> + Send + Sync>;
 
-/// `(instance_id, group_id, exchange, queue)` of a group to declare on a new connection.
-type GroupToDeclare = (String, String, String, String);
+/// A group to declare on a new connection.
+struct GroupToDeclare {
+    instance_id: String,
+    group_id: String,
+    exchange: String,
+    queue: String,
+    /// `x-message-ttl` in seconds; 0 = none.
+    ttl_secs: u32,
+}
 
 /// The broker connection while it is up, shared with the API (group create/delete/inspect).
 pub(crate) struct AmqpLink {
@@ -347,11 +328,18 @@ pub struct Forwarder {
     status: AtomicU8,
     groups: Mutex<GroupState>,
     route_hook: RwLock<Option<RouteHook>>,
-    limits: Mutex<HashMap<String, Option<Arc<Limiter>>>>,
+    /// Rate-limit overrides and the limiters per target ([`limits`]).
+    limits: Mutex<Limits>,
+    /// Serializes override changes, so the store's order of documents is the memory's.
+    limits_admin: tokio::sync::Mutex<()>,
+    /// Wakes the publisher when a limit changed (a held-back row may go now).
+    limits_changed: tokio::sync::Notify,
     /// Limits of mirrored rows per target instance (see the module docs).
     mirror_limits: Mutex<HashMap<String, Arc<Limiter>>>,
     /// Confirmed publishes per target instance (feeds the consume-rate estimate).
     published: Mutex<HashMap<String, u64>>,
+    /// Queues already warned about keeping their existing arguments (warned once each).
+    kept_queues: Mutex<HashSet<String>>,
     last_drop_log_ms: Arc<AtomicI64>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -422,6 +410,15 @@ impl Forwarder {
         for (id, body) in registry.store().load_documents(TOMBSTONE_DOC_KIND)? {
             state.tombstones.insert(id, body);
         }
+        let mut overrides = HashMap::new();
+        for (id, body) in registry.store().load_documents(RATE_LIMIT_DOC_KIND)? {
+            let limit: RateLimit =
+                serde_json::from_str(&body).map_err(|e| ForwarderError::Corrupt {
+                    id: format!("{RATE_LIMIT_DOC_KIND}/{id}"),
+                    message: e.to_string(),
+                })?;
+            overrides.insert(id, limit);
+        }
         let (stop, _) = watch::channel(false);
         let forwarder = Arc::new(Forwarder {
             topology: Topology::new(config.exchange_prefix.clone()),
@@ -432,9 +429,12 @@ impl Forwarder {
             outbox,
             groups: Mutex::new(state),
             route_hook: RwLock::new(None),
-            limits: Mutex::new(HashMap::new()),
+            limits: Mutex::new(Limits::with_overrides(overrides)),
+            limits_admin: tokio::sync::Mutex::new(()),
+            limits_changed: tokio::sync::Notify::new(),
             mirror_limits: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
+            kept_queues: Mutex::new(HashSet::new()),
             last_drop_log_ms: Arc::new(AtomicI64::new(0)),
             stop,
             tasks: Mutex::new(Vec::new()),
@@ -516,13 +516,60 @@ impl Forwarder {
             .unwrap_or_else(PoisonError::into_inner) = hook;
     }
 
-    /// Sets (or with `None` removes, falling back to the configured default) the rate limit of
-    /// messages forwarded to `instance_id`.
-    pub fn set_rate_limit(&self, instance_id: &str, limit: Option<RateLimit>) {
-        let limiter = limit
-            .or_else(|| self.config.default_rate_limit())
-            .map(|l| Arc::new(Limiter::new(l)));
-        lock(&self.limits).insert(instance_id.to_owned(), limiter);
+    /// Sets (`Some`) or removes (`None`, falling back to the configured default) the rate
+    /// limit of messages forwarded to `instance_id`. A limit with neither bound is an explicit
+    /// "unlimited" that overrides the default. The override is a store document (durable when
+    /// this returns, loaded again at start) and applies to the running publisher from its next
+    /// row. Works with forwarding off (stored and shown). Returns the limit now in force.
+    pub async fn set_rate_limit(
+        &self,
+        instance_id: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<InstanceRateLimit, ForwarderError> {
+        self.check_instance(instance_id)?;
+        let default = self.config.default_rate_limit();
+        let _serial = self.limits_admin.lock().await;
+        let had_override = lock(&self.limits).has_override(instance_id);
+        let op = match limit {
+            Some(l) => Some(Op::PutDoc {
+                kind: RATE_LIMIT_DOC_KIND,
+                id: instance_id.to_owned(),
+                body: serde_json::to_string(&l).map_err(|e| ForwarderError::Corrupt {
+                    id: format!("{RATE_LIMIT_DOC_KIND}/{instance_id}"),
+                    message: e.to_string(),
+                })?,
+            }),
+            None if had_override => Some(Op::DeleteDoc {
+                kind: RATE_LIMIT_DOC_KIND,
+                id: instance_id.to_owned(),
+            }),
+            None => None,
+        };
+        if let Some(op) = op {
+            self.registry.store().submit(vec![op]).await?;
+        }
+        let (effective, source) = {
+            let mut limits = lock(&self.limits);
+            limits.set_override(instance_id, limit, default);
+            limits.effective(instance_id, default)
+        };
+        self.limits_changed.notify_one();
+        tracing::info!(
+            instance_id,
+            msgs_per_sec = effective.and_then(|l| l.msgs_per_sec).map(|n| n.get()),
+            bytes_per_sec = effective.and_then(|l| l.bytes_per_sec).map(|n| n.get()),
+            source = ?source,
+            "forwarding rate limit changed"
+        );
+        Ok(InstanceRateLimit::new(instance_id, effective, source))
+    }
+
+    /// The rate limit forwarding to `instance_id` runs under, and where it comes from.
+    pub fn rate_limit(&self, instance_id: &str) -> Result<InstanceRateLimit, ForwarderError> {
+        self.check_instance(instance_id)?;
+        let (limit, source) =
+            lock(&self.limits).effective(instance_id, self.config.default_rate_limit());
+        Ok(InstanceRateLimit::new(instance_id, limit, source))
     }
 
     /// Sets (or with `None` removes) the limit of *mirrored* rows forwarded to `instance_id`:
@@ -551,21 +598,27 @@ impl Forwarder {
     }
 
     pub(crate) fn limiter(&self, target: &str) -> Option<Arc<Limiter>> {
-        let mut limits = lock(&self.limits);
-        if let Some(l) = limits.get(target) {
-            return l.clone();
-        }
-        let l = self
-            .config
-            .default_rate_limit()
-            .map(|l| Arc::new(Limiter::new(l)));
-        limits.insert(target.to_owned(), l.clone());
-        l
+        lock(&self.limits).limiter(target, self.config.default_rate_limit())
     }
 
     /// The instances a device's data goes to now: its owner, then the hook's extras.
     pub fn targets(&self, product_key: &str, device_name: &str) -> Vec<String> {
-        let Some(owner) = self.registry.device_instance(product_key, device_name) else {
+        self.targets_with_owner(product_key, device_name, None)
+    }
+
+    /// [`targets`](Self::targets), with `former_owner` standing in for the owner when the
+    /// registry no longer knows the device (deleted: the OTA engine's `DEVICE_DELETED` events).
+    fn targets_with_owner(
+        &self,
+        product_key: &str,
+        device_name: &str,
+        former_owner: Option<&str>,
+    ) -> Vec<String> {
+        let Some(owner) = self
+            .registry
+            .device_instance(product_key, device_name)
+            .or_else(|| former_owner.map(str::to_owned))
+        else {
             return Vec::new();
         };
         let hook = self
@@ -601,6 +654,15 @@ impl Forwarder {
         &self,
         msg: ForwardMessage,
     ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
+        self.enqueue_with_owner(msg, None)
+    }
+
+    /// [`enqueue`](Self::enqueue), routed to `former_owner` when the device no longer exists.
+    fn enqueue_with_owner(
+        &self,
+        msg: ForwardMessage,
+        former_owner: Option<&str>,
+    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
         enum Prepared {
             Nothing,
             Sent(tokio::sync::oneshot::Receiver<Result<(), OutboxError>>, u64),
@@ -611,7 +673,8 @@ impl Forwarder {
         let prepared = match &self.outbox {
             None => Prepared::Nothing,
             Some(outbox) => {
-                let targets = self.targets(&msg.product_key, &msg.device_name);
+                let targets =
+                    self.targets_with_owner(&msg.product_key, &msg.device_name, former_owner);
                 if targets.is_empty() {
                     metrics
                         .forwarder_dropped
@@ -671,10 +734,14 @@ impl Forwarder {
     /// engine's event sink): the rows reach the outbox writer during the call (when it has
     /// room), the commit and any back-pressure wait finish in a spawned task.
     pub fn enqueue_detached(&self, msg: ForwardMessage) {
+        self.enqueue_detached_with_owner(msg, None)
+    }
+
+    fn enqueue_detached_with_owner(&self, msg: ForwardMessage, former_owner: Option<&str>) {
         if !self.enabled() {
             return;
         }
-        let pending = self.enqueue(msg);
+        let pending = self.enqueue_with_owner(msg, former_owner);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
@@ -691,11 +758,16 @@ impl Forwarder {
     }
 
     /// The OTA engine's event sink (`OtaEngine::set_event_sink`): every task state change is
-    /// forwarded as an OTA task-state message. Does nothing while forwarding is off.
+    /// forwarded as an OTA task-state message. Does nothing while forwarding is off. A deleted
+    /// device's `DEVICE_DELETED` cancels go to the instance that owned it (the event's
+    /// `instance_id`), since the registry no longer knows the device.
     pub fn ota_event_sink(self: &Arc<Self>) -> crate::ota::TaskEventSink {
         let fwd = Arc::clone(self);
         Arc::new(move |e: &crate::ota::TaskEvent| {
-            fwd.enqueue_detached(ForwardMessage::ota_task_event(e))
+            fwd.enqueue_detached_with_owner(
+                ForwardMessage::ota_task_event(e),
+                e.instance_id.as_deref(),
+            )
         })
     }
 
@@ -756,12 +828,13 @@ impl Forwarder {
             .values()
             .map(|e| {
                 let g = &e.group;
-                (
-                    g.instance_id.clone(),
-                    g.group_id.clone(),
-                    self.topology.exchange(&g.instance_id),
-                    self.topology.queue(&g.instance_id, &g.group_id),
-                )
+                GroupToDeclare {
+                    instance_id: g.instance_id.clone(),
+                    group_id: g.group_id.clone(),
+                    exchange: self.topology.exchange(&g.instance_id),
+                    queue: self.topology.queue(&g.instance_id, &g.group_id),
+                    ttl_secs: self.message_ttl_secs(g),
+                }
             })
             .collect();
         let tombstones = st
@@ -784,13 +857,35 @@ impl Forwarder {
         lock(&self.groups).link.clone()
     }
 
-    fn mark_declared(&self, instance_id: &str, group_id: &str) {
+    /// Records that a group's queue is declared; when RabbitMQ kept an existing queue with
+    /// other arguments, counts it and warns (once per queue and process).
+    fn mark_declared(&self, instance_id: &str, group_id: &str, how: Declared, ttl_secs: u32) {
         if let Some(e) = lock(&self.groups)
             .groups
             .get_mut(&(instance_id.to_owned(), group_id.to_owned()))
         {
             e.declared = true;
         }
+        if how == Declared::KeptExisting {
+            self.metrics.forwarder_queues_kept.inc();
+            let queue = self.topology.queue(instance_id, group_id);
+            if lock(&self.kept_queues).insert(queue.clone()) {
+                tracing::warn!(
+                    %queue,
+                    message_ttl_secs = ttl_secs,
+                    fix = "delete and re-create the consumer group (its queued messages are lost)",
+                    "consumer group queue exists with other arguments (406); kept as it is, \
+                     without this message TTL"
+                );
+            }
+        }
+    }
+
+    /// The `x-message-ttl` (seconds, 0 = none) of a group's queue.
+    fn message_ttl_secs(&self, group: &ConsumerGroup) -> u32 {
+        group
+            .message_ttl_secs
+            .unwrap_or(self.config.queue_message_ttl_secs)
     }
 
     async fn forget_tombstone(&self, id: &str) -> Result<(), ForwarderError> {
@@ -843,6 +938,15 @@ impl Forwarder {
             }
             None => groups::generate_group_id(),
         };
+        let message_ttl_secs = new
+            .message_ttl_secs
+            .unwrap_or(self.config.queue_message_ttl_secs);
+        groups::validate_message_ttl(message_ttl_secs).map_err(|message| {
+            ForwarderError::Invalid {
+                field: "message_ttl_secs",
+                message,
+            }
+        })?;
         let key = (instance_id.to_owned(), group_id.clone());
         let exists = || ForwarderError::GroupExists {
             instance_id: instance_id.to_owned(),
@@ -856,6 +960,7 @@ impl Forwarder {
             group_id: group_id.clone(),
             name: new.name,
             created_at_ms: now_ms(),
+            message_ttl_secs: Some(message_ttl_secs),
         };
         let id = groups::doc_id(instance_id, &group_id);
         let body = serde_json::to_string(&group).map_err(|e| ForwarderError::Corrupt {
@@ -897,8 +1002,8 @@ impl Forwarder {
         if let Some(link) = link {
             let exchange = self.topology.exchange(instance_id);
             let queue = self.topology.queue(instance_id, &group_id);
-            match declare_on(&link, &exchange, &queue).await {
-                Ok(()) => self.mark_declared(instance_id, &group_id),
+            match declare_on(&link, &exchange, &queue, message_ttl_secs).await {
+                Ok(how) => self.mark_declared(instance_id, &group_id, how, message_ttl_secs),
                 // The sampler re-declares groups whose queue is missing.
                 Err(e) => tracing::warn!(error = %e, %queue, "consumer group not declared yet"),
             }
@@ -1044,9 +1149,14 @@ where
     out
 }
 
-async fn declare_on(link: &AmqpLink, exchange: &str, queue: &str) -> Result<(), lapin::Error> {
+async fn declare_on(
+    link: &AmqpLink,
+    exchange: &str,
+    queue: &str,
+    ttl_secs: u32,
+) -> Result<Declared, lapin::Error> {
     with_channel(link, |ch| async move {
-        groups::declare_group(&ch, exchange, queue).await
+        groups::declare_group(&link.conn, &ch, exchange, queue, ttl_secs).await
     })
     .await
 }

@@ -129,11 +129,13 @@ async fn session_on(
     // queues are bound would come back unroutable and be dropped.
     let conn = &link.conn;
     let (to_declare, tombstones) = fwd.attach_link(link.clone());
-    let admin = conn.create_channel().await?;
-    for (iid, gid, exchange, queue) in to_declare {
-        groups::declare_group(&admin, &exchange, &queue).await?;
-        fwd.mark_declared(&iid, &gid);
+    // One throwaway channel per group: a queue that exists with other arguments (406) closes
+    // its channel, and is then kept as it is rather than failing the session forever.
+    for g in to_declare {
+        let how = super::declare_on(link, &g.exchange, &g.queue, g.ttl_secs).await?;
+        fwd.mark_declared(&g.instance_id, &g.group_id, how, g.ttl_secs);
     }
+    let admin = conn.create_channel().await?;
     for (id, queue) in tombstones {
         groups::delete_queue(&admin, &queue).await?;
         if let Err(e) = fwd.forget_tombstone(&id).await {
@@ -448,6 +450,8 @@ async fn publish_loop(
             // New rows committed: the loop takes them from the fresh tail.
             _ = outbox.shared.new_rows.notified(), if caught_up && !draining => {}
             _ = sleep_until_opt(wake), if wake.is_some() => {}
+            // A rate limit changed: rows held back may go now.
+            _ = fwd.limits_changed.notified() => {}
             _ = health.tick() => {
                 if !conn.status().connected() || !ch.status().connected() {
                     return Err(SessionError::Closed);
@@ -508,11 +512,15 @@ pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>)
                     tracing::info!(error = %e, %queue, "consumer group queue missing; declaring it");
                     let exchange = fwd.topology.exchange(&iid);
                     // Still a group? It may have been deleted while we looked.
-                    let exists = super::lock(&fwd.groups)
+                    let ttl_secs = super::lock(&fwd.groups)
                         .groups
-                        .contains_key(&(iid.clone(), gid.clone()));
-                    if exists && super::declare_on(&link, &exchange, &queue).await.is_ok() {
-                        fwd.mark_declared(&iid, &gid);
+                        .get(&(iid.clone(), gid.clone()))
+                        .map(|e| fwd.message_ttl_secs(&e.group));
+                    if let Some(ttl_secs) = ttl_secs {
+                        if let Ok(how) = super::declare_on(&link, &exchange, &queue, ttl_secs).await
+                        {
+                            fwd.mark_declared(&iid, &gid, how, ttl_secs);
+                        }
                     }
                 }
             }

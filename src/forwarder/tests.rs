@@ -125,6 +125,7 @@ fn ota_engine_events_become_task_state_messages() {
         firmware_id: "fw1".into(),
         product_key: "pk".into(),
         device_name: "dn".into(),
+        instance_id: Some("iot-a".into()),
         module: "MCU".into(),
         dest_version: "2.0".into(),
         from_state: TaskStatus::InProgress,
@@ -488,4 +489,142 @@ async fn a_mirror_limit_holds_back_only_mirrored_rows() {
     // Removing the limit lets the held row go.
     fwd.set_mirror_rate_limit("iot-b", None);
     assert_eq!(super::publisher::pick(&fwd, &pending, &mut wake), Some(0));
+}
+
+/// A limit set at runtime replaces the limiter the publisher consults for that target (and
+/// only that one), is persisted, and removing it brings the configured default back.
+#[tokio::test]
+async fn a_runtime_rate_limit_replaces_the_default_and_survives_a_rebuild() {
+    let (registry, metrics) = registry_with_device().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ForwarderConfig {
+        rate_limit_msgs_per_sec: Some(1000),
+        ..Default::default()
+    };
+    let open = || {
+        Forwarder::open(
+            config.clone(),
+            dir.path(),
+            registry.clone(),
+            metrics.clone(),
+        )
+        .unwrap()
+    };
+    // How many messages a fresh limiter lets through at once (its one-second burst).
+    let burst = |l: Option<Arc<Limiter>>| {
+        let l = l.expect("a limiter");
+        (0..5000).filter(|_| l.check(1).is_ok()).count()
+    };
+    let is_default = |n: usize| (1000..1100).contains(&n);
+    let fwd = open();
+    assert!(is_default(burst(fwd.limiter("iot-a"))));
+
+    let two = RateLimit {
+        msgs_per_sec: NonZeroU32::new(2),
+        bytes_per_sec: None,
+    };
+    let v = fwd.set_rate_limit("iot-a", Some(two)).await.unwrap();
+    assert_eq!(
+        (v.msgs_per_sec, v.bytes_per_sec, v.source),
+        (Some(2), None, RateLimitSource::Instance)
+    );
+    assert!((2..=3).contains(&burst(fwd.limiter("iot-a"))));
+    assert!(
+        is_default(burst(fwd.limiter("iot-b"))),
+        "other targets keep the default"
+    );
+    // A restart loads the override.
+    let again = open();
+    assert!((2..=3).contains(&burst(again.limiter("iot-a"))));
+    again.shutdown().await;
+
+    // Explicitly unlimited: no limiter at all, although a default exists.
+    fwd.set_rate_limit("iot-a", Some(RateLimit::UNLIMITED))
+        .await
+        .unwrap();
+    assert!(fwd.limiter("iot-a").is_none());
+    // Removed: the default again, now and after a restart.
+    let v = fwd.set_rate_limit("iot-a", None).await.unwrap();
+    assert_eq!(
+        (v.msgs_per_sec, v.source),
+        (Some(1000), RateLimitSource::Default)
+    );
+    assert!(is_default(burst(fwd.limiter("iot-a"))));
+    assert_eq!(
+        open().rate_limit("iot-a").unwrap().source,
+        RateLimitSource::Default
+    );
+
+    // An unknown instance is refused and nothing is stored.
+    let err = fwd.set_rate_limit("nope", Some(two)).await.unwrap_err();
+    assert!(matches!(err, ForwarderError::InstanceNotFound(_)), "{err}");
+    assert!(registry
+        .store()
+        .load_documents(limits::RATE_LIMIT_DOC_KIND)
+        .unwrap()
+        .is_empty());
+}
+
+/// The OTA engine cancels a deleted device's tasks after the registry forgot the device; the
+/// events carry the instance that owned it, and the forwarder routes them there instead of
+/// dropping them as "unknown device".
+#[tokio::test]
+async fn ota_events_of_a_deleted_device_go_to_the_instance_that_owned_it() {
+    use crate::ota::{TaskEvent, TaskStatus};
+    let (registry, metrics) = registry_with_device().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ForwarderConfig {
+        // Nothing listens on port 1: rows stay in the outbox for the test to read.
+        url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
+        ..Default::default()
+    };
+    let fwd = Forwarder::open(config, dir.path(), registry.clone(), metrics.clone()).unwrap();
+    registry.delete_device("pk", "dev1").await.unwrap();
+    assert!(fwd.targets("pk", "dev1").is_empty());
+
+    let canceled = |instance_id: Option<&str>| TaskEvent {
+        job_id: "job1".into(),
+        firmware_id: "fw1".into(),
+        product_key: "pk".into(),
+        device_name: "dev1".into(),
+        instance_id: instance_id.map(str::to_owned),
+        module: "default".into(),
+        dest_version: "2.0".into(),
+        from_state: TaskStatus::Queued,
+        to_state: TaskStatus::Canceled,
+        event: "canceled".into(),
+        reason: Some("DEVICE_DELETED: the device was deleted".into()),
+        queue_reason: None,
+        failure: None,
+        progress: None,
+        attempt: 0,
+        retries_used: 0,
+        at_ms: 1_700_000_000_000,
+    };
+    let sink = fwd.ota_event_sink();
+    sink(&canceled(Some("iot-a")));
+    // Without the former owner there is nowhere to send it: dropped and counted as before.
+    sink(&canceled(None));
+    let outbox = fwd.outbox().unwrap();
+    outbox.flush().await;
+    let rows = outbox.reader().unwrap().read_after(0, 10).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].target, "iot-a");
+    assert_eq!(rows[0].msg.topic, "/pk/dev1/ota/task/state");
+    let b = body(&rows[0].msg);
+    assert_eq!(
+        (b["status"].as_str(), b["desc"].as_str()),
+        (
+            Some("CANCELED"),
+            Some("DEVICE_DELETED: the device was deleted")
+        )
+    );
+    assert_eq!(
+        metrics
+            .forwarder_dropped
+            .get_or_create(&[("reason", "unknown_device")])
+            .get(),
+        1
+    );
+    fwd.shutdown().await;
 }

@@ -712,6 +712,7 @@ impl DeviceObserver for DeviceObserverImpl {
                 DeviceChange::Deleted {
                     product_key,
                     device_name,
+                    ..
                 } => {
                     let (reply, rx) = oneshot::channel();
                     let cmd = Command::DeviceDeleted {

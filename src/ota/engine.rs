@@ -368,6 +368,9 @@ struct Pending {
     state: TaskState,
     ticket: Option<Ticket>,
     at_ms: i64,
+    /// The device's instance when the registry no longer knows it (a deleted device), for
+    /// [`TaskEvent::instance_id`].
+    instance_id: Option<String>,
 }
 
 /// How a delivery reaches the device.
@@ -855,6 +858,7 @@ impl OtaEngine {
             state,
             ticket,
             at_ms: now,
+            instance_id: None,
         })
     }
 
@@ -966,6 +970,10 @@ impl OtaEngine {
             firmware_id: p.job.firmware_id.clone(),
             product_key: p.key.pk.clone(),
             device_name: p.key.dn.clone(),
+            instance_id: p
+                .instance_id
+                .clone()
+                .or_else(|| self.registry().device_instance(&p.key.pk, &p.key.dn)),
             module: p.job.policy.module.clone(),
             dest_version: p.job.policy.dest_version.clone(),
             from_state: p.from,
@@ -1187,8 +1195,11 @@ impl DeviceObserver for DeviceObserverImpl {
                 DeviceChange::Deleted {
                     product_key,
                     device_name,
+                    instance_id,
                 } => {
-                    engine.device_deleted(product_key, device_name).await;
+                    engine
+                        .device_deleted(product_key, device_name, Some(instance_id))
+                        .await;
                 }
                 DeviceChange::Created {
                     product_key,

@@ -25,6 +25,10 @@ pub struct TaskEvent {
     pub firmware_id: String,
     pub product_key: String,
     pub device_name: String,
+    /// The instance owning the device when the event happened; for a deleted device's
+    /// `DEVICE_DELETED` cancel, the instance that owned it. Null when unknown (a deletion
+    /// noticed only at start, after a crash).
+    pub instance_id: Option<String>,
     pub module: String,
     pub dest_version: String,
     pub from_state: TaskStatus,

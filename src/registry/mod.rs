@@ -793,7 +793,7 @@ impl Registry {
     /// its migration record goes) and have handled it when this returns.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<()> {
         let entry = self.product_or_not_found(pk)?;
-        let ticket = {
+        let (ticket, instance_id) = {
             let mut index = write(&entry.index);
             let Some((_, state)) = entry.devices.remove(dn) else {
                 return Err(device_not_found(pk, dn));
@@ -803,15 +803,17 @@ impl Registry {
                 self.went_offline();
             }
             // Under the index lock, so a re-create of the same name is ordered after the delete.
-            self.store.submit(vec![Op::DeleteDevice {
+            let ticket = self.store.submit(vec![Op::DeleteDevice {
                 product_key: pk.to_owned(),
                 device_name: dn.to_owned(),
-            }])
+            }]);
+            (ticket, state.instance_id)
         };
         ticket.await?;
         self.notify(DeviceChange::Deleted {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
+            instance_id,
         })
         .await;
         Ok(())

@@ -28,6 +28,9 @@ pub enum DeviceChange {
     Deleted {
         product_key: String,
         device_name: String,
+        /// The instance that owned it until then (its data's destination), which the registry
+        /// no longer knows once the device is gone.
+        instance_id: String,
     },
 }
 

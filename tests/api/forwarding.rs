@@ -4,6 +4,8 @@
 
 use crate::helpers::*;
 use fleetgate::forwarder::testing::amqp_url_or_skip;
+use fleetgate::ota::firmware::NewFirmware;
+use fleetgate::ota::FirmwareStatus;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -142,6 +144,109 @@ async fn device_traffic_reaches_a_consumer_group() {
         )
         .await;
     assert_eq!(status, 204);
+    let _ = ch
+        .exchange_delete(
+            format!("{prefix}.default").into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
+
+/// Deleting a device cancels its OTA tasks (`DEVICE_DELETED`) after the registry forgot the
+/// device; those task events still reach the consumer groups of the instance that owned it.
+#[tokio::test]
+async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
+    let Some(url) =
+        amqp_url_or_skip("ota_cancel_of_a_deleted_device_reaches_its_consumer_groups").await
+    else {
+        return;
+    };
+    let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
+    let app = spawn_app_with_amqp(&url, &prefix).await;
+    let (status, group) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "ota", "name": "ota events"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+    let rabbit = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = rabbit.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            format!("{prefix}.default.ota").as_str().into(),
+            "ota".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let pk = app.create_product("doomed devices").await;
+    app.create_device(&pk, "doomed").await;
+    let repo = app.app().firmware().clone();
+    let package = repo
+        .create_from_bytes(NewFirmware::new(&pk, "2.0.0"), b"image 2.0.0")
+        .await
+        .unwrap();
+    repo.set_status(&package.firmware_id, FirmwareStatus::Verified)
+        .await
+        .unwrap();
+    let (status, job) = app
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": package.firmware_id, "target": "ALL"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let (status, _) = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/products/{pk}/devices/doomed"),
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 204);
+
+    let topic = format!("/{pk}/doomed/ota/task/state");
+    let canceled = loop {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("the DEVICE_DELETED cancel arrives")
+            .expect("consumer open")
+            .expect("delivery");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        assert_eq!(header(&d, "topic"), topic);
+        let body: Value = serde_json::from_slice(&d.data).unwrap();
+        if body["status"] == "CANCELED" {
+            break (d, body);
+        }
+    };
+    let (d, body) = canceled;
+    assert_eq!(header(&d, "instanceId"), "default");
+    assert_eq!(header(&d, "deviceName"), "doomed");
+    assert_eq!(body["jobId"], job["job_id"]);
+    assert!(
+        body["desc"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("DEVICE_DELETED")),
+        "{body}"
+    );
+    assert_eq!(
+        app.metric(r#"fleetgate_forwarder_dropped_total{reason="unknown_device"}"#)
+            .await,
+        0.0
+    );
+
+    let _ = ch
+        .queue_delete(
+            format!("{prefix}.default.ota").as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await;
     let _ = ch
         .exchange_delete(
             format!("{prefix}.default").into(),

@@ -153,11 +153,20 @@ impl OtaEngine {
     /// `DEVICE_DELETED`, IN_PROGRESS included: nobody will report again), written like any
     /// transition, so counters move, the job may complete, and no push or retry follows.
     /// Finished tasks stay as history. Returns how many tasks were canceled.
-    pub async fn device_deleted(&self, pk: &str, dn: &str) -> usize {
+    ///
+    /// `instance_id` is the instance that owned the device (the registry has forgotten it);
+    /// the events carry it in [`TaskEvent::instance_id`](crate::ota::TaskEvent::instance_id)
+    /// so they still reach that instance's consumer groups. `None` when unknown (a deletion
+    /// found at start).
+    pub async fn device_deleted(&self, pk: &str, dn: &str, instance_id: Option<&str>) -> usize {
         let now = self.now();
         let mut n = 0;
         for key in self.unfinished_tasks(pk, dn) {
-            if self.apply(&key, Event::DeviceDeleted, now).await {
+            let Some(mut p) = self.apply_sync(&key, Event::DeviceDeleted, now) else {
+                continue;
+            };
+            p.instance_id = instance_id.map(str::to_owned);
+            if self.complete(p, Delivery::Push).await {
                 n += 1;
             }
         }
@@ -184,7 +193,7 @@ impl OtaEngine {
         let mut n = 0;
         for (pk, dn) in devices {
             if self.registry().get_device(&pk, &dn).is_err() {
-                n += self.device_deleted(&pk, &dn).await;
+                n += self.device_deleted(&pk, &dn, None).await;
             }
         }
         n

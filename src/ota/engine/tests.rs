@@ -1319,6 +1319,9 @@ async fn deleting_a_device_cancels_its_unfinished_tasks_and_lets_the_job_complet
     );
     let mut reasons = Vec::new();
     while let Ok(e) = events.try_recv() {
+        // The registry no longer knows the device; the event still names its instance (so the
+        // forwarder can route it to that instance's consumer groups).
+        assert_eq!(e.instance_id.as_deref(), Some("default"), "{e:?}");
         reasons.push((e.device_name, e.to_state, e.reason.unwrap_or_default()));
     }
     assert_eq!(reasons.len(), 3, "{reasons:?}");
