@@ -147,7 +147,7 @@ pub(crate) struct Shared {
 
 /// Most rows, and bytes ([`row_size`]), the fresh tail holds; older rows are dropped from it
 /// (they stay in the file).
-const FRESH_MAX_ROWS: usize = 8192;
+pub(crate) const FRESH_MAX_ROWS: usize = 8192;
 const FRESH_MAX_BYTES: u64 = 8 << 20;
 
 /// Committed rows in seq order, newest last. Every committed row is pushed here; when the tail

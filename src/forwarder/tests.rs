@@ -2,7 +2,7 @@
 //! drop), routing, rate-limit and consume-rate arithmetic. RabbitMQ tests are in `amqp_tests`.
 
 use super::groups::RateSampler;
-use super::outbox::NewRow;
+use super::outbox::{Fresh, NewRow, FRESH_MAX_ROWS};
 use super::*;
 use crate::registry::{NewDevice, NewInstance, NewProduct};
 use crate::store::Store;
@@ -627,4 +627,60 @@ async fn ota_events_of_a_deleted_device_go_to_the_instance_that_owned_it() {
         1
     );
     fwd.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_fresh_tail_hands_over_committed_rows_as_the_file_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(
+        &dir.path().join(OUTBOX_FILE_NAME),
+        1 << 30,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let insert = |n: usize, from: usize| {
+        let outbox = outbox.clone();
+        async move {
+            let rows: Vec<NewRow> = (from..from + n).map(|i| row("d", i, 10)).collect();
+            let size = rows.iter().map(NewRow::size).sum();
+            outbox.admit(size, Duration::ZERO).await.unwrap();
+            outbox.insert(rows).await.unwrap();
+        }
+    };
+    insert(5, 0).await;
+    let from_file = outbox.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(
+        outbox.take_fresh(0, 100),
+        Fresh::Rows(from_file.clone(), false),
+        "same seqs, targets and messages as the file"
+    );
+    assert_eq!(
+        outbox.take_fresh(0, 100),
+        Fresh::Rows(Vec::new(), false),
+        "taken once"
+    );
+
+    // Rows at or below the cursor are skipped; `limit` leaves the rest for later.
+    insert(4, 5).await;
+    let all = outbox.reader().unwrap().read_after(0, 100).await.unwrap();
+    let cursor = all[5].seq;
+    assert_eq!(
+        outbox.take_fresh(cursor, 2),
+        Fresh::Rows(all[6..8].to_vec(), true)
+    );
+    assert_eq!(
+        outbox.take_fresh(all[7].seq, 100),
+        Fresh::Rows(all[8..].to_vec(), false)
+    );
+
+    // More rows than the tail holds: the oldest fall out, and a reader below them is told to
+    // read the file; one past them gets the rest.
+    let last = all.last().unwrap().seq;
+    insert(FRESH_MAX_ROWS + 3, 100).await;
+    assert_eq!(outbox.take_fresh(last, 100), Fresh::Gap);
+    let file = outbox.reader().unwrap().read_after(last, 5).await.unwrap();
+    match outbox.take_fresh(file[2].seq, 100) {
+        Fresh::Rows(rows, true) => assert_eq!(rows[0].seq, file[3].seq),
+        other => panic!("expected rows after the dropped ones, got {other:?}"),
+    }
 }
