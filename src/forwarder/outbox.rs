@@ -28,8 +28,8 @@
 use super::message::{ForwardMessage, MessageKind};
 use crate::metrics::Metrics;
 use rusqlite::{params, Connection};
-use std::path::{Path, PathBuf};
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -150,14 +150,19 @@ pub(crate) struct Shared {
 pub(crate) const FRESH_MAX_ROWS: usize = 8192;
 const FRESH_MAX_BYTES: u64 = 8 << 20;
 
-/// Committed rows in seq order, newest last. Every committed row is pushed here; when the tail
-/// is full the oldest are dropped and `dropped_through` records the highest seq dropped, so a
-/// reader whose cursor is below it knows it must read the file instead.
+/// Committed rows in seq order, newest last. Every row committed by this process is pushed
+/// here. Rows after `max(dropped_through, taken_through)` are all in the tail, so a reader
+/// whose cursor is at least that far can take them from here; one below it must read the file.
 #[derive(Default)]
 struct FreshTail {
     rows: VecDeque<OutboxRow>,
     bytes: u64,
+    /// Highest seq not in the tail because it was in the file at open or dropped when the
+    /// tail was full.
     dropped_through: i64,
+    /// Highest seq taken out by [`Outbox::take_fresh`] (a reader that starts over from an
+    /// older cursor must find those in the file).
+    taken_through: i64,
 }
 
 impl FreshTail {
@@ -309,11 +314,13 @@ impl Outbox {
                  body             BLOB NOT NULL
              );",
         )?;
-        let (rows, bytes): (i64, Option<i64>) = conn.query_row(
+        let (rows, bytes, last_seq): (i64, Option<i64>, i64) = conn.query_row(
             "SELECT COUNT(*), SUM(length(body) + length(topic) + length(product_key)
-                                  + length(device_name) + length(target) + ?1) FROM outbox",
+                                  + length(device_name) + length(target) + ?1),
+                    COALESCE(MAX(seq), 0)
+             FROM outbox",
             [ROW_OVERHEAD as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         let shared = Arc::new(Shared {
             used: AtomicU64::new(bytes.unwrap_or(0).max(0) as u64),
@@ -321,7 +328,11 @@ impl Outbox {
             max_bytes,
             new_rows: Notify::new(),
             space: Notify::new(),
-            fresh: Mutex::new(FreshTail::default()),
+            // Rows already in the file were never in the tail.
+            fresh: Mutex::new(FreshTail {
+                dropped_through: last_seq,
+                ..FreshTail::default()
+            }),
             metrics,
         });
         shared.publish_gauges();
@@ -435,16 +446,16 @@ impl Outbox {
         }
     }
 
-    /// Up to `limit` committed rows with `seq > after` from the in-memory tail of recent
-    /// commits — complete only for a reader that has read the file up to its end once (every
-    /// row committed after that read is in the tail unless [`Fresh::Gap`] says otherwise).
+    /// Up to `limit` committed rows with `seq > after`, in seq order, from the in-memory tail
+    /// of recent commits; [`Fresh::Gap`] when some of them are only in the file (read it with
+    /// [`OutboxReader::read_after`] and ask again with the new cursor).
     pub(crate) fn take_fresh(&self, after: i64, limit: usize) -> Fresh {
         let mut fresh = self
             .shared
             .fresh
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if fresh.dropped_through > after {
+        if fresh.dropped_through.max(fresh.taken_through) > after {
             return Fresh::Gap;
         }
         while fresh.rows.front().is_some_and(|r| r.seq <= after) {
@@ -456,6 +467,9 @@ impl Outbox {
                 Some(row) => rows.push(row),
                 None => break,
             }
+        }
+        if let Some(last) = rows.last() {
+            fresh.taken_through = last.seq;
         }
         Fresh::Rows(rows, !fresh.rows.is_empty())
     }

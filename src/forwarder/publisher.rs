@@ -309,7 +309,6 @@ async fn publish_loop(
     let window = fwd.config.inflight_window.max(1);
     let mut cursor = 0i64;
     let mut pending: VecDeque<OutboxRow> = VecDeque::new();
-    let mut caught_up = false;
     let mut inflight: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
     let mut declared: HashSet<String> = HashSet::new();
     let mut draining = false;
@@ -317,27 +316,24 @@ async fn publish_loop(
     let mut health = tokio::time::interval(Duration::from_secs(1));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    // Rows come from the file until a read reaches its end (`caught_up`), then from the
-    // outbox's fresh tail (rows just committed) unless the tail lost some of them.
-    let mut fresh_more = false;
+    // `more`: rows may be waiting after `cursor`. They come from the outbox's fresh tail (rows
+    // just committed) and, for whatever the tail does not hold (rows from before this process,
+    // dropped from a full tail, or taken by an earlier session), from the file.
+    let mut more = true;
     loop {
-        if !draining && pending.len() < MAX_PENDING - READ_BATCH {
-            let rows = if caught_up {
-                match outbox.take_fresh(cursor, READ_BATCH) {
-                    Fresh::Rows(rows, more) => {
-                        fresh_more = more;
-                        rows
-                    }
-                    Fresh::Gap => {
-                        caught_up = false;
-                        fresh_more = false;
-                        Vec::new()
-                    }
+        if !draining && more && pending.len() < MAX_PENDING - READ_BATCH {
+            let rows = match outbox.take_fresh(cursor, READ_BATCH) {
+                Fresh::Rows(rows, more_in_tail) => {
+                    more = more_in_tail;
+                    rows
                 }
-            } else {
-                let rows = reader.read_after(cursor, READ_BATCH).await?;
-                caught_up = rows.len() < READ_BATCH;
-                rows
+                Fresh::Gap => {
+                    let rows = reader.read_after(cursor, READ_BATCH).await?;
+                    // A short read reached the file's end; anything committed since is in
+                    // the tail and announced by `new_rows`.
+                    more = rows.len() == READ_BATCH;
+                    rows
+                }
             };
             if let Some(last) = rows.last() {
                 cursor = last.seq;
@@ -398,7 +394,7 @@ async fn publish_loop(
                     inflight.push(async move { (sent, publish.await) }.boxed())
                 }
             }
-            if pending.len() < READ_BATCH && (!caught_up || fresh_more) {
+            if pending.len() < READ_BATCH && more {
                 // Refill before the buffer runs dry.
                 break;
             }
@@ -410,8 +406,7 @@ async fn publish_loop(
             outbox.flush().await;
             cursor = 0;
             pending.clear();
-            caught_up = false;
-            fresh_more = false;
+            more = true;
             draining = false;
             tokio::time::sleep(NACK_PAUSE).await;
             continue;
@@ -419,8 +414,7 @@ async fn publish_loop(
         deletes.flush(outbox);
 
         let can_publish_more = !draining && inflight.len() < window;
-        if can_publish_more && (!caught_up || fresh_more) && pending.len() < MAX_PENDING - READ_BATCH
-        {
+        if can_publish_more && more && pending.len() < MAX_PENDING - READ_BATCH {
             continue;
         }
         if can_publish_more && !pending.is_empty() && wake.is_none() {
@@ -448,7 +442,7 @@ async fn publish_loop(
                 }
             }
             // New rows committed: the loop takes them from the fresh tail.
-            _ = outbox.shared.new_rows.notified(), if caught_up && !draining => {}
+            _ = outbox.shared.new_rows.notified(), if !more && !draining => more = true,
             _ = sleep_until_opt(wake), if wake.is_some() => {}
             // A rate limit changed: rows held back may go now.
             _ = fwd.limits_changed.notified() => {}
