@@ -147,8 +147,8 @@ pub(crate) struct Shared {
 
 /// Most rows, and bytes ([`row_size`]), the fresh tail holds; older rows are dropped from it
 /// (they stay in the file).
-pub(crate) const FRESH_MAX_ROWS: usize = 8192;
-const FRESH_MAX_BYTES: u64 = 8 << 20;
+pub(crate) const FRESH_MAX_ROWS: usize = 32_768;
+const FRESH_MAX_BYTES: u64 = 32 << 20;
 
 /// Committed rows in seq order, newest last. Every row committed by this process is pushed
 /// here. Rows after `max(dropped_through, taken_through)` are all in the tail, so a reader
@@ -645,6 +645,21 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
     }
 }
 
+/// `seqs` (any order, duplicates allowed) as sorted runs of consecutive values, `(first, last)`.
+pub(crate) fn seq_runs(seqs: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for seq in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => runs.push((seq, seq)),
+        }
+    }
+    runs
+}
+
 /// One transaction: every insert, then every delete. Returns the number of rows deleted and
 /// the seqs of the inserted rows, in insert order.
 fn commit(
@@ -680,9 +695,10 @@ fn commit(
                 seqs.push(tx.last_insert_rowid());
             }
         }
-        let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-        for seq in deletes {
-            deleted += del.execute([seq])? as u64;
+        // Acks arrive mostly in seq order: one statement per run of consecutive seqs.
+        let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
+        for (first, last) in seq_runs(deletes) {
+            deleted += del.execute([first, last])? as u64;
         }
     }
     tx.commit()?;

@@ -2,7 +2,7 @@
 //! drop), routing, rate-limit and consume-rate arithmetic. RabbitMQ tests are in `amqp_tests`.
 
 use super::groups::RateSampler;
-use super::outbox::{Fresh, NewRow, FRESH_MAX_ROWS};
+use super::outbox::{seq_runs, Fresh, NewRow, FRESH_MAX_ROWS};
 use super::*;
 use crate::registry::{NewDevice, NewInstance, NewProduct};
 use crate::store::Store;
@@ -697,4 +697,14 @@ async fn the_fresh_tail_hands_over_committed_rows_as_the_file_has_them() {
     )
     .unwrap();
     assert_eq!(outbox.take_fresh(0, 100), Fresh::Gap);
+}
+
+#[test]
+fn deletes_collapse_into_runs_of_consecutive_seqs() {
+    assert_eq!(seq_runs(&[]), vec![]);
+    assert_eq!(seq_runs(&[7]), vec![(7, 7)]);
+    assert_eq!(
+        seq_runs(&[5, 3, 4, 9, 10, 12, 4]),
+        vec![(3, 5), (9, 10), (12, 12)]
+    );
 }

@@ -7,7 +7,9 @@ use fleetgate::forwarder::testing::amqp_url_or_skip;
 use fleetgate::ota::firmware::NewFirmware;
 use fleetgate::ota::FirmwareStatus;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueuePurgeOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use rand::Rng;
@@ -259,7 +261,8 @@ async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
 /// `FG_BENCH_DEVICES` devices (default 100) each publish `FG_BENCH_POSTS` QoS 1 property posts
 /// (default 500) over MQTT; rate = posts / (first publish → the forwarder's last broker
 /// confirm). Then, against the same RabbitMQ, a bare lapin publisher with 1,000 persistent
-/// publishes in flight sends as many messages of the same body size into one durable queue.
+/// publishes in flight sends as many messages with the forwarded body: (a) without headers into
+/// one durable queue, (a') with the forwarder's envelope through the instance's exchange.
 /// `cargo test --release --test api bench_mqtt_posts_to_rabbitmq -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
@@ -341,12 +344,28 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     let e2e = total / started.elapsed().as_secs_f64();
     drop(fleet);
 
-    // The bare publisher, same RabbitMQ, same number and size of messages.
+    // The bare publishers, same RabbitMQ, as many messages, each the body the forwarder sent
+    // (one is taken from the group's queue): (a) header-less and persistent into a durable
+    // queue; (a') the forwarder's whole envelope (vendor headers, message id, mandatory) through
+    // the instance's fanout exchange into the group's queue, as the forwarder publishes it.
     let rabbit = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
     let ch = rabbit.create_channel().await.unwrap();
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let group_queue = format!("{prefix}.default.bench");
+    let sample = ch
+        .basic_get(
+            group_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the group's queue holds the forwarded posts");
+    let (forwarded_body, envelope) = (sample.delivery.data, sample.delivery.properties);
+    ch.queue_purge(group_queue.as_str().into(), QueuePurgeOptions::default())
         .await
         .unwrap();
     let queue = format!("{prefix}.bare");
@@ -360,7 +379,6 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     )
     .await
     .unwrap();
-    let payload = vec![b'x'; sample_len];
     let persistent = lapin::BasicProperties::default().with_delivery_mode(2);
     let bare = fleetgate::forwarder::testing::bare_publish(
         &ch,
@@ -368,13 +386,23 @@ async fn bench_mqtt_posts_to_rabbitmq() {
         &queue,
         false,
         devices * posts,
-        &payload,
+        &forwarded_body,
         |_| persistent.clone(),
     )
     .await;
     ch.queue_delete(queue.as_str().into(), Default::default())
         .await
         .unwrap();
+    let enveloped = fleetgate::forwarder::testing::bare_publish(
+        &ch,
+        &format!("{prefix}.default"),
+        "",
+        true,
+        devices * posts,
+        &forwarded_body,
+        |_| envelope.clone(),
+    )
+    .await;
     let _ = ch
         .exchange_delete(
             format!("{prefix}.default").as_str().into(),
@@ -382,13 +410,12 @@ async fn bench_mqtt_posts_to_rabbitmq() {
         )
         .await;
     let _ = ch
-        .queue_delete(
-            format!("{prefix}.default.bench").as_str().into(),
-            Default::default(),
-        )
+        .queue_delete(group_queue.as_str().into(), Default::default())
         .await;
     println!(
-        "BENCH devices={devices} posts={posts} body={sample_len} B\n  MQTT property posts → confirmed in RabbitMQ: {e2e:.0} msg/s\n  bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  ratio: {:.0}%",
-        100.0 * e2e / bare
+        "BENCH devices={devices} posts={posts} MQTT body={sample_len} B, forwarded body={} B\n  MQTT property posts → confirmed in RabbitMQ: {e2e:.0} msg/s\n  (a) bare lapin, 1000 in flight, persistent, no headers: {bare:.0} msg/s → ratio {:.0}%\n  (a') bare lapin, 1000 in flight, the forwarder's envelope: {enveloped:.0} msg/s → ratio {:.0}%",
+        forwarded_body.len(),
+        100.0 * e2e / bare,
+        100.0 * e2e / enveloped
     );
 }
