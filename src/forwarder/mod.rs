@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! ingest ──enqueue(ForwardMessage).await──► outbox.db (own SQLite file + writer, group commit)
-//!   (PUBACK after it resolves)                   │ read in seq order
+//!   (PUBACK after it resolves)                   │ in seq order: just-committed rows from the
+//!                                                │ writer's in-memory tail, the rest from the file
 //!                                                ▼
 //!                        publisher task ── lapin, confirms, ≤ window in flight ──► RabbitMQ
 //!                          │  ack → delete row; return (no group) → count, delete;      exchange {prefix}.{iid} (fanout)
