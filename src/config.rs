@@ -24,6 +24,8 @@ pub struct Settings {
     pub migration: crate::migration::EngineConfig,
     pub ota: OtaSettings,
     pub export: ExportSettings,
+    /// The registry store's group commit (`[store]`: `commit_delay_us`, `commit_siblings`).
+    pub store: crate::store::StoreSettings,
 }
 
 impl Default for Settings {
@@ -37,6 +39,7 @@ impl Default for Settings {
             migration: crate::migration::EngineConfig::default(),
             ota: OtaSettings::default(),
             export: ExportSettings::default(),
+            store: crate::store::StoreSettings::default(),
         }
     }
 }
@@ -412,6 +415,18 @@ impl Settings {
         {
             return Err(ConfigError::Invalid { field, message });
         }
+        if self.store.commit_delay_us > 100_000 {
+            return Err(ConfigError::Invalid {
+                field: "store.commit_delay_us",
+                message: "must be at most 100000 (0 turns the delay off)".into(),
+            });
+        }
+        if self.store.commit_siblings == 0 {
+            return Err(ConfigError::Invalid {
+                field: "store.commit_siblings",
+                message: "must be at least 1".into(),
+            });
+        }
         if self.migration.batch_size == 0 || self.migration.batch_size > 10_000 {
             return Err(ConfigError::Invalid {
                 field: "migration.batch_size",
@@ -479,6 +494,38 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn store_section_from_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let load = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path), Overrides::default())
+        };
+        let s = load("[store]\ncommit_delay_us = 0\ncommit_siblings = 3\n").unwrap();
+        assert_eq!(s.store.commit_delay_us, 0);
+        assert_eq!(s.store.commit_siblings, 3);
+        assert_eq!(
+            Settings::default().store,
+            crate::store::StoreSettings {
+                commit_delay_us: 1_000,
+                commit_siblings: 8
+            }
+        );
+        for (toml, field) in [
+            (
+                "[store]\ncommit_delay_us = 100001\n",
+                "store.commit_delay_us",
+            ),
+            ("[store]\ncommit_siblings = 0\n", "store.commit_siblings"),
+        ] {
+            assert!(
+                matches!(load(toml), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{toml}"
+            );
+        }
     }
 
     #[test]

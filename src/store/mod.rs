@@ -38,6 +38,7 @@ mod writer;
 pub use sqlite::{SqliteBackend, Synchronous, SCHEMA_VERSION};
 
 use crate::metrics::Metrics;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -280,6 +281,37 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// `[store]` settings: the writer's group commit.
+///
+/// Like PostgreSQL's `commit_delay`/`commit_siblings`: after a transaction that carried at
+/// least `commit_siblings` submissions (the store is busy), the writer waits `commit_delay_us`
+/// before starting the next one, so that one gathers more submissions and the per-commit cost
+/// (WAL frames, fsync, waking the writer) is shared by more of them. Under light load nothing
+/// waits. `commit_delay_us = 0` turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    pub commit_delay_us: u64,
+    pub commit_siblings: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            commit_delay_us: 1_000,
+            commit_siblings: 8,
+        }
+    }
+}
+
+impl StoreSettings {
+    /// The delay before the next transaction after one of `submissions` submissions.
+    pub(crate) fn delay_after(&self, submissions: usize) -> Option<std::time::Duration> {
+        (self.commit_delay_us > 0 && submissions >= self.commit_siblings.max(1))
+            .then(|| std::time::Duration::from_micros(self.commit_delay_us))
+    }
+}
+
 impl Store {
     /// `{data_dir}/fleetgate.db`.
     pub fn db_path(data_dir: &Path) -> PathBuf {
@@ -289,6 +321,15 @@ impl Store {
     /// Opens (creating if needed, with its parent directory) the SQLite database at `path`,
     /// migrates its schema and starts the writer.
     pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        Store::open_with(path, StoreSettings::default(), metrics)
+    }
+
+    /// [`open`](Self::open) with explicit `[store]` settings.
+    pub fn open_with(
+        path: &Path,
+        settings: StoreSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
                 path: dir.to_path_buf(),
@@ -296,7 +337,7 @@ impl Store {
             })?;
         }
         let backend = SqliteBackend::open(path, Synchronous::Full)?;
-        Store::with_backend(backend, metrics)
+        Store::start(backend, settings, metrics)
     }
 
     /// A private in-memory SQLite database (tests, dry runs). Gone when the store closes.
@@ -304,15 +345,23 @@ impl Store {
         Store::with_backend(SqliteBackend::open_in_memory()?, metrics)
     }
 
-    /// Starts the writer thread over any backend.
+    /// Starts the writer thread over any backend (default [`StoreSettings`]).
     pub fn with_backend<B: StoreBackend>(
         backend: B,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        Store::start(backend, StoreSettings::default(), metrics)
+    }
+
+    fn start<B: StoreBackend>(
+        backend: B,
+        settings: StoreSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("fleetgate-store".into())
-            .spawn(move || writer::run(backend, rx, metrics))
+            .spawn(move || writer::run(backend, rx, settings, metrics))
             .map_err(|e| StoreError::Spawn(Arc::new(e)))?;
         Ok(Store {
             inner: Arc::new(Inner {

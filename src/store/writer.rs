@@ -1,11 +1,12 @@
 //! The writer thread: the only code that calls the backend.
 //!
-//! It blocks for the first message, then drains whatever else is already queued (without
-//! waiting for more: latency under light load is one transaction, throughput under heavy load
-//! is one fsync per drain) and commits it as one transaction. Messages are handled strictly in
+//! It blocks for the first message, then drains whatever else is already queued and commits it
+//! as one transaction: latency under light load is one transaction, throughput under heavy load
+//! is one fsync per drain. After a busy transaction (at least `commit_siblings` submissions) it
+//! first waits `commit_delay_us` ([`StoreSettings`]), so the next drain gathers more. Messages are handled strictly in
 //! arrival order, so a `Load` or `Shutdown` sees every earlier submission committed.
 
-use super::{Msg, Op, Reply, StoreBackend};
+use super::{Msg, Op, Reply, StoreBackend, StoreSettings};
 use crate::metrics::Metrics;
 use std::collections::HashSet;
 use std::sync::mpsc::Receiver;
@@ -16,9 +17,19 @@ use std::time::Instant;
 /// A single submission is never split, so one larger than this still commits whole.
 const MAX_OPS_PER_TX: usize = 16_384;
 
-pub(super) fn run<B: StoreBackend>(mut backend: B, rx: Receiver<Msg>, metrics: Arc<Metrics>) {
+pub(super) fn run<B: StoreBackend>(
+    mut backend: B,
+    rx: Receiver<Msg>,
+    settings: StoreSettings,
+    metrics: Arc<Metrics>,
+) {
     let mut carried: Option<Msg> = None;
+    let mut delay = None;
     loop {
+        if let Some(delay) = delay.take() {
+            // Busy: let the next transaction gather more submissions (group commit).
+            std::thread::sleep(delay);
+        }
         let msg = match carried.take() {
             Some(msg) => msg,
             None => match rx.recv() {
@@ -52,6 +63,7 @@ pub(super) fn run<B: StoreBackend>(mut backend: B, rx: Receiver<Msg>, metrics: A
                         Err(_) => break,
                     }
                 }
+                delay = settings.delay_after(batch.len());
                 commit(&mut backend, batch, op_count, &metrics);
             }
         }
@@ -229,6 +241,24 @@ mod tests {
             .iter()
             .find(|d| d.record.device_name == dn)
             .and_then(|d| d.versions.get("MCU").cloned())
+    }
+
+    #[test]
+    fn the_commit_delay_follows_only_busy_transactions() {
+        let settings = StoreSettings {
+            commit_delay_us: 1_000,
+            commit_siblings: 8,
+        };
+        assert_eq!(settings.delay_after(7), None);
+        assert_eq!(
+            settings.delay_after(8),
+            Some(std::time::Duration::from_millis(1))
+        );
+        let off = StoreSettings {
+            commit_delay_us: 0,
+            ..settings
+        };
+        assert_eq!(off.delay_after(10_000), None);
     }
 
     #[test]
