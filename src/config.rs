@@ -24,7 +24,7 @@ pub struct Settings {
     pub migration: crate::migration::EngineConfig,
     pub ota: OtaSettings,
     pub export: ExportSettings,
-    /// The registry store's group commit (`[store]`: `commit_delay_us`, `commit_siblings`).
+    /// The registry store (`[store]`: `synchronous`, `commit_delay_us`, `commit_siblings`).
     pub store: crate::store::StoreSettings,
 }
 
@@ -504,16 +504,21 @@ mod tests {
             std::fs::write(&path, toml).unwrap();
             Settings::load(Some(&path), Overrides::default())
         };
-        let s = load("[store]\ncommit_delay_us = 0\ncommit_siblings = 3\n").unwrap();
+        let s =
+            load("[store]\nsynchronous = \"normal\"\ncommit_delay_us = 0\ncommit_siblings = 3\n")
+                .unwrap();
+        assert_eq!(s.store.synchronous, crate::store::Synchronous::Normal);
         assert_eq!(s.store.commit_delay_us, 0);
         assert_eq!(s.store.commit_siblings, 3);
         assert_eq!(
             Settings::default().store,
             crate::store::StoreSettings {
+                synchronous: crate::store::Synchronous::Full,
                 commit_delay_us: 1_000,
                 commit_siblings: 8
             }
         );
+        assert!(load("[store]\nsynchronous = \"off\"\n").is_err());
         for (toml, field) in [
             (
                 "[store]\ncommit_delay_us = 100001\n",

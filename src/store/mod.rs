@@ -281,9 +281,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// `[store]` settings: the writer's group commit.
+/// `[store]` settings: durability and the writer's group commit.
 ///
-/// Like PostgreSQL's `commit_delay`/`commit_siblings`: after a transaction that carried at
+/// `synchronous`: `full` (default) fsyncs the WAL on every commit, so whatever the gateway
+/// acknowledged survives power loss; `normal` survives a crash of the process (`kill -9`) but
+/// may lose the last commits on power loss or a kernel crash, for less CPU and latency per
+/// commit on slow disks (see [`sqlite`](self::sqlite) module docs).
+///
+/// Group commit, like PostgreSQL's `commit_delay`/`commit_siblings`: after a transaction that carried at
 /// least `commit_siblings` submissions (the store is busy), the writer waits `commit_delay_us`
 /// before starting the next one, so that one gathers more submissions and the per-commit cost
 /// (WAL frames, fsync, waking the writer) is shared by more of them. Under light load nothing
@@ -291,6 +296,7 @@ impl std::fmt::Debug for Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
+    pub synchronous: Synchronous,
     pub commit_delay_us: u64,
     pub commit_siblings: usize,
 }
@@ -298,6 +304,7 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
+            synchronous: Synchronous::Full,
             commit_delay_us: 1_000,
             commit_siblings: 8,
         }
@@ -336,7 +343,10 @@ impl Store {
                 source: Arc::new(e),
             })?;
         }
-        let backend = SqliteBackend::open(path, Synchronous::Full)?;
+        let backend = SqliteBackend::open(path, settings.synchronous)?;
+        if settings.synchronous == Synchronous::Normal {
+            tracing::info!("store synchronous=normal: the last commits may be lost on power loss");
+        }
         Store::start(backend, settings, metrics)
     }
 

@@ -6,8 +6,9 @@
 //! power loss or a kernel crash, because the WAL is only fsynced at checkpoints. The API promises
 //! that a 201 means durable and the broker holds a device's PUBACK until its data is committed,
 //! so we pick `FULL` (fsync the WAL on every commit). Group commit makes that affordable: the
-//! writer pays one fsync per drained batch, not per caller. [`Synchronous::Normal`] is there for
-//! deployments that accept the power-loss window for more throughput on slow disks.
+//! writer pays one fsync per drained batch, not per caller. [`Synchronous::Normal`]
+//! (`[store] synchronous = "normal"`) is there for deployments that accept the power-loss window
+//! for more throughput on slow disks.
 //!
 //! # Schema
 //!
@@ -88,9 +89,11 @@ fn v1_registry(tx: &Transaction<'_>) -> rusqlite::Result<()> {
 }
 
 /// `PRAGMA synchronous` level; see the module docs for why the default is `Full`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Synchronous {
     Normal,
+    #[default]
     Full,
 }
 

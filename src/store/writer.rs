@@ -248,6 +248,7 @@ mod tests {
         let settings = StoreSettings {
             commit_delay_us: 1_000,
             commit_siblings: 8,
+            ..StoreSettings::default()
         };
         assert_eq!(settings.delay_after(7), None);
         assert_eq!(
