@@ -160,8 +160,8 @@ pub(super) mod tests {
         app_with(dir, ForwarderConfig::default()).await
     }
 
-    /// The API over an in-memory store, with a forwarder (forwarding off: no `url`) configured
-    /// by `config`.
+    /// The API over an in-memory store holding instance `iot-a`, with a forwarder (forwarding
+    /// off: no `url`) configured by `config`.
     pub(in crate::api) async fn app_with(
         dir: &std::path::Path,
         config: ForwarderConfig,
@@ -175,6 +175,13 @@ pub(super) mod tests {
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
         let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens), firmware)
             .with_forwarder(fwd);
+        registry
+            .create_instance(NewInstance {
+                instance_id: Some("iot-a".into()),
+                name: "A".into(),
+            })
+            .await
+            .unwrap();
         (router(state, DEFAULT_BODY_LIMIT), registry, store)
     }
 
@@ -211,13 +218,6 @@ pub(super) mod tests {
     async fn crud_works_with_forwarding_off_and_is_persisted() {
         let dir = tempfile::tempdir().unwrap();
         let (app, registry, store) = app(dir.path()).await;
-        registry
-            .create_instance(NewInstance {
-                instance_id: Some("iot-a".into()),
-                name: "A".into(),
-            })
-            .await
-            .unwrap();
         let base = "/api/v1/instances/iot-a/consumer-groups";
         let (s, g) = call(
             &app,
@@ -306,13 +306,6 @@ pub(super) mod tests {
             ..Default::default()
         };
         let (app, registry, store) = app_with(dir.path(), config).await;
-        registry
-            .create_instance(NewInstance {
-                instance_id: Some("iot-a".into()),
-                name: "A".into(),
-            })
-            .await
-            .unwrap();
         let base = "/api/v1/instances/iot-a/consumer-groups";
         for (gid, ttl, want) in [
             ("own", json!(60), 60),

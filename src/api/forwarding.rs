@@ -95,7 +95,6 @@ mod tests {
     use super::super::consumer_groups::tests::{app_with, call, OP, VIEW};
     use crate::forwarder::{Forwarder, ForwarderConfig, RateLimitSource};
     use crate::metrics::Metrics;
-    use crate::registry::NewInstance;
     use axum::http::StatusCode;
     use serde_json::{json, Value};
     use std::sync::Arc;
@@ -115,13 +114,6 @@ mod tests {
             ..Default::default()
         };
         let (app, registry, _store) = app_with(dir.path(), config.clone()).await;
-        registry
-            .create_instance(NewInstance {
-                instance_id: Some("iot-a".into()),
-                name: "A".into(),
-            })
-            .await
-            .unwrap();
         // A forwarder rebuilt from the same store (a restart) sees what the API stored.
         let rebuilt = || {
             Forwarder::open(
