@@ -29,35 +29,43 @@ fn header(d: &lapin::message::Delivery, key: &str) -> String {
     }
 }
 
-#[tokio::test]
-async fn device_traffic_reaches_a_consumer_group() {
-    let Some(url) = amqp_url_or_skip("device_traffic_reaches_a_consumer_group").await else {
-        return;
-    };
+/// A gateway forwarding to RabbitMQ under a fresh exchange prefix, with consumer group `gid` in
+/// the default instance and a consumer on its queue: `(app, prefix, channel, consumer)`.
+async fn app_with_consumed_group(
+    url: &str,
+    gid: &str,
+) -> (TestApp, String, lapin::Channel, lapin::Consumer) {
     let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
-    let app = spawn_app_with_amqp(&url, &prefix).await;
+    let app = spawn_app_with_amqp(url, &prefix).await;
     let (status, group) = app
         .post(
             "/api/v1/instances/default/consumer-groups",
-            json!({"group_id": "e2e", "name": "end to end"}),
+            json!({"group_id": gid, "name": gid}),
         )
         .await;
     assert_eq!(status, 201, "{group}");
-
-    let rabbit = Connection::connect(&url, ConnectionProperties::default())
+    let rabbit = Connection::connect(url, ConnectionProperties::default())
         .await
         .unwrap();
     let ch = rabbit.create_channel().await.unwrap();
-    let queue = format!("{prefix}.default.e2e");
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
-            queue.as_str().into(),
-            "e2e".into(),
+            format!("{prefix}.default.{gid}").as_str().into(),
+            gid.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .unwrap();
+    (app, prefix, ch, consumer)
+}
+
+#[tokio::test]
+async fn device_traffic_reaches_a_consumer_group() {
+    let Some(url) = amqp_url_or_skip("device_traffic_reaches_a_consumer_group").await else {
+        return;
+    };
+    let (app, prefix, ch, mut consumer) = app_with_consumed_group(&url, "e2e").await;
 
     let pk = app.create_product("forwarded").await;
     let secret = app.create_device(&pk, "sensor01").await;
@@ -163,28 +171,7 @@ async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
     else {
         return;
     };
-    let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
-    let app = spawn_app_with_amqp(&url, &prefix).await;
-    let (status, group) = app
-        .post(
-            "/api/v1/instances/default/consumer-groups",
-            json!({"group_id": "ota", "name": "ota events"}),
-        )
-        .await;
-    assert_eq!(status, 201, "{group}");
-    let rabbit = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = rabbit.create_channel().await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            format!("{prefix}.default.ota").as_str().into(),
-            "ota".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (app, prefix, ch, mut consumer) = app_with_consumed_group(&url, "ota").await;
 
     let pk = app.create_product("doomed devices").await;
     app.create_device(&pk, "doomed").await;
