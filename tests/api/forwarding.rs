@@ -244,35 +244,17 @@ async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
         .await;
 }
 
-/// Benchmark of issue 5, end to end in one run (docs/BENCHMARKS.md, "AMQP forwarder"):
-/// `FG_BENCH_DEVICES` devices (default 100) each publish `FG_BENCH_POSTS` QoS 1 property posts
-/// (default 500) over MQTT; rate = posts / (first publish → the forwarder's last broker
-/// confirm). Then, against the same RabbitMQ, a bare lapin publisher with 1,000 persistent
-/// publishes in flight sends as many messages with the forwarded body: (a) without headers into
-/// one durable queue, (a') with the forwarder's envelope through the instance's exchange.
-/// `cargo test --release --test api bench_mqtt_posts_to_rabbitmq -- --ignored --nocapture`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn bench_mqtt_posts_to_rabbitmq() {
-    let Some(url) = amqp_url_or_skip("bench_mqtt_posts_to_rabbitmq").await else {
-        return;
-    };
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
-    let prefix = format!("fgbench-{:08x}", rand::thread_rng().gen::<u32>());
-    let app = spawn_app_with_amqp(&url, &prefix).await;
-    let (status, _) = app
-        .post(
-            "/api/v1/instances/default/consumer-groups",
-            json!({"group_id": "bench", "name": "bench"}),
-        )
-        .await;
-    assert_eq!(status, 201);
+/// Connects `devices` devices of a new product, waits until `metric` counts their online
+/// status messages, then has every device publish `posts` QoS 1 property posts and waits until
+/// `metric` has grown by all of them (polled every 50 ms, ≤ 0.5% of a 10 s run: rendering
+/// `/metrics` more often costs the gateway measurable CPU). Returns the connected devices, when
+/// the first post went out, and the MQTT body size.
+async fn flood_property_posts(
+    app: &TestApp,
+    devices: usize,
+    posts: usize,
+    metric: &str,
+) -> (Vec<Device>, std::time::Instant, usize) {
     let pk = app.create_product("bench").await;
     let mut fleet = Vec::new();
     for i in 0..devices {
@@ -283,10 +265,8 @@ async fn bench_mqtt_posts_to_rabbitmq() {
             connect(app.mqtt_addr(), &credentials(&pk, &dn, &secret)).await,
         ));
     }
-    // Online status messages are forwarded too: wait for them before the clock starts.
-    const PUBLISHED: &str = "fleetgate_forwarder_published_total";
     let start_count = loop {
-        let n = app.metric(PUBLISHED).await;
+        let n = app.metric(metric).await;
         if n >= devices as f64 {
             break n;
         }
@@ -322,13 +302,87 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     }
     let total = (devices * posts) as f64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    // Polled every 50 ms (≤ 0.5% of a 10 s run): rendering `/metrics` more often costs the
-    // gateway measurable CPU.
-    while app.metric(PUBLISHED).await - start_count < total {
-        assert!(tokio::time::Instant::now() < deadline, "not all confirmed");
+    while app.metric(metric).await - start_count < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{metric}: not all counted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let e2e = total / started.elapsed().as_secs_f64();
+    (
+        fleet.into_iter().map(|(_, d)| d).collect(),
+        started,
+        sample_len,
+    )
+}
+
+/// Benchmark of issue 5: MQTT ingest while RabbitMQ is unreachable (ingest must not stall).
+/// `FG_BENCH_DEVICES` (100) devices each publish `FG_BENCH_POSTS` (500) QoS 1 property posts to
+/// a gateway whose AMQP URL points at a closed port; rate = posts / (first publish → all of them
+/// committed to the outbox, `fleetgate_forwarder_outbox_messages`), which is when their PUBACKs
+/// may go out.
+/// `cargo test --release --test api bench_mqtt_posts_while_rabbitmq_is_down -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_mqtt_posts_while_rabbitmq_is_down() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", closed.local_addr().unwrap());
+    drop(closed);
+    let app = spawn_app_with(move |s| {
+        s.amqp.url = Some(fleetgate::config::Secret::new(url));
+    })
+    .await;
+    let (_fleet, started, _) =
+        flood_property_posts(&app, devices, posts, "fleetgate_forwarder_outbox_messages").await;
+    let rate = (devices * posts) as f64 / started.elapsed().as_secs_f64();
+    let (_, health) = app.get("/healthz").await;
+    assert_ne!(health["amqp"], "connected", "{health}");
+    println!(
+        "BENCH devices={devices} posts={posts}, RabbitMQ unreachable ({}): MQTT property posts → committed to the outbox: {rate:.0} msg/s",
+        health["amqp"]
+    );
+}
+
+/// Benchmark of issue 5, end to end in one run (docs/BENCHMARKS.md, "AMQP forwarder"):
+/// `FG_BENCH_DEVICES` devices (default 100) each publish `FG_BENCH_POSTS` QoS 1 property posts
+/// (default 500) over MQTT; rate = posts / (first publish → the forwarder's last broker
+/// confirm). Then, against the same RabbitMQ, a bare lapin publisher with 1,000 persistent
+/// publishes in flight sends as many messages with the forwarded body: (a) without headers into
+/// one durable queue, (a') with the forwarder's envelope through the instance's exchange.
+/// `cargo test --release --test api bench_mqtt_posts_to_rabbitmq -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_mqtt_posts_to_rabbitmq() {
+    let Some(url) = amqp_url_or_skip("bench_mqtt_posts_to_rabbitmq").await else {
+        return;
+    };
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
+    let prefix = format!("fgbench-{:08x}", rand::thread_rng().gen::<u32>());
+    let app = spawn_app_with_amqp(&url, &prefix).await;
+    let (status, _) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "bench", "name": "bench"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // Online status messages are forwarded too: they are confirmed before the clock starts.
+    const PUBLISHED: &str = "fleetgate_forwarder_published_total";
+    let (fleet, started, sample_len) = flood_property_posts(&app, devices, posts, PUBLISHED).await;
+    let e2e = (devices * posts) as f64 / started.elapsed().as_secs_f64();
     drop(fleet);
 
     // The bare publishers, same RabbitMQ, as many messages, each the body the forwarder sent
