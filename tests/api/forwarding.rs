@@ -60,6 +60,17 @@ async fn app_with_consumed_group(
     (app, prefix, ch, consumer)
 }
 
+/// The consumer's next delivery (within 30 s), acknowledged.
+async fn next_acked(consumer: &mut lapin::Consumer, what: &str) -> lapin::message::Delivery {
+    let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 30 s"))
+        .expect("consumer open")
+        .expect("delivery");
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    d
+}
+
 #[tokio::test]
 async fn device_traffic_reaches_a_consumer_group() {
     let Some(url) = amqp_url_or_skip("device_traffic_reaches_a_consumer_group").await else {
@@ -100,12 +111,7 @@ async fn device_traffic_reaches_a_consumer_group() {
 
     let mut got: Vec<(String, Value)> = Vec::new();
     while got.len() < 4 {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .expect("forwarded messages arrive")
-            .expect("consumer open")
-            .expect("delivery");
-        d.ack(BasicAckOptions::default()).await.unwrap();
+        let d = next_acked(&mut consumer, "forwarded messages").await;
         assert_eq!(header(&d, "productKey"), pk);
         assert_eq!(header(&d, "deviceName"), "sensor01");
         assert_eq!(header(&d, "instanceId"), "default");
@@ -202,12 +208,7 @@ async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
 
     let topic = format!("/{pk}/doomed/ota/task/state");
     let canceled = loop {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .expect("the DEVICE_DELETED cancel arrives")
-            .expect("consumer open")
-            .expect("delivery");
-        d.ack(BasicAckOptions::default()).await.unwrap();
+        let d = next_acked(&mut consumer, "the DEVICE_DELETED cancel").await;
         assert_eq!(header(&d, "topic"), topic);
         let body: Value = serde_json::from_slice(&d.data).unwrap();
         if body["status"] == "CANCELED" {
