@@ -160,9 +160,11 @@ impl Limiter {
     }
 }
 
-/// Overrides and the limiters built from them (or from the default), per target.
+/// Overrides and the limiters built from them (or from the configured default), per target.
 #[derive(Default)]
 pub(crate) struct Limits {
+    /// The configured default (`amqp.rate_limit_*`), for targets without an override.
+    default: Option<RateLimit>,
     /// Runtime overrides per instance (mirrors the store documents).
     overrides: HashMap<String, RateLimit>,
     /// Effective limiter per target, built on first use; `None` = unlimited.
@@ -170,20 +172,17 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    pub fn with_overrides(overrides: HashMap<String, RateLimit>) -> Self {
+    pub fn new(default: Option<RateLimit>, overrides: HashMap<String, RateLimit>) -> Self {
         Limits {
+            default,
             overrides,
             limiters: HashMap::new(),
         }
     }
 
     /// The limit of `target` and where it comes from.
-    pub fn effective(
-        &self,
-        target: &str,
-        default: Option<RateLimit>,
-    ) -> (Option<RateLimit>, RateLimitSource) {
-        match (self.overrides.get(target), default) {
+    pub fn effective(&self, target: &str) -> (Option<RateLimit>, RateLimitSource) {
+        match (self.overrides.get(target), self.default) {
             (Some(l), _) => (Some(*l), RateLimitSource::Instance),
             (None, Some(d)) => (Some(d), RateLimitSource::Default),
             (None, None) => (None, RateLimitSource::None),
@@ -195,33 +194,28 @@ impl Limits {
     }
 
     /// The limiter of `target` (built on first use).
-    pub fn limiter(&mut self, target: &str, default: Option<RateLimit>) -> Option<Arc<Limiter>> {
+    pub fn limiter(&mut self, target: &str) -> Option<Arc<Limiter>> {
         if let Some(l) = self.limiters.get(target) {
             return l.clone();
         }
-        let l = self.build(target, default);
+        let l = self.build(target);
         self.limiters.insert(target.to_owned(), l.clone());
         l
     }
 
     /// Sets (`Some`) or removes (`None`) the override of `target` and replaces its limiter
     /// (the new one starts with a full burst).
-    pub fn set_override(
-        &mut self,
-        target: &str,
-        limit: Option<RateLimit>,
-        default: Option<RateLimit>,
-    ) {
+    pub fn set_override(&mut self, target: &str, limit: Option<RateLimit>) {
         match limit {
             Some(l) => self.overrides.insert(target.to_owned(), l),
             None => self.overrides.remove(target),
         };
-        let l = self.build(target, default);
+        let l = self.build(target);
         self.limiters.insert(target.to_owned(), l);
     }
 
-    fn build(&self, target: &str, default: Option<RateLimit>) -> Option<Arc<Limiter>> {
-        match self.effective(target, default).0 {
+    fn build(&self, target: &str) -> Option<Arc<Limiter>> {
+        match self.effective(target).0 {
             Some(l) if !l.is_unlimited() => Some(Arc::new(Limiter::new(l))),
             _ => None,
         }

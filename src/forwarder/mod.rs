@@ -420,6 +420,7 @@ impl Forwarder {
                 })?;
             overrides.insert(id, limit);
         }
+        let limits = Limits::new(config.default_rate_limit(), overrides);
         let (stop, _) = watch::channel(false);
         let forwarder = Arc::new(Forwarder {
             topology: Topology::new(config.exchange_prefix.clone()),
@@ -430,7 +431,7 @@ impl Forwarder {
             outbox,
             groups: Mutex::new(state),
             route_hook: RwLock::new(None),
-            limits: Mutex::new(Limits::with_overrides(overrides)),
+            limits: Mutex::new(limits),
             limits_admin: tokio::sync::Mutex::new(()),
             limits_changed: tokio::sync::Notify::new(),
             mirror_limits: Mutex::new(HashMap::new()),
@@ -528,7 +529,6 @@ impl Forwarder {
         limit: Option<RateLimit>,
     ) -> Result<InstanceRateLimit, ForwarderError> {
         self.check_instance(instance_id)?;
-        let default = self.config.default_rate_limit();
         let _serial = self.limits_admin.lock().await;
         let had_override = lock(&self.limits).has_override(instance_id);
         let op = match limit {
@@ -551,8 +551,8 @@ impl Forwarder {
         }
         let (effective, source) = {
             let mut limits = lock(&self.limits);
-            limits.set_override(instance_id, limit, default);
-            limits.effective(instance_id, default)
+            limits.set_override(instance_id, limit);
+            limits.effective(instance_id)
         };
         self.limits_changed.notify_one();
         tracing::info!(
@@ -568,8 +568,7 @@ impl Forwarder {
     /// The rate limit forwarding to `instance_id` runs under, and where it comes from.
     pub fn rate_limit(&self, instance_id: &str) -> Result<InstanceRateLimit, ForwarderError> {
         self.check_instance(instance_id)?;
-        let (limit, source) =
-            lock(&self.limits).effective(instance_id, self.config.default_rate_limit());
+        let (limit, source) = lock(&self.limits).effective(instance_id);
         Ok(InstanceRateLimit::new(instance_id, limit, source))
     }
 
@@ -599,7 +598,7 @@ impl Forwarder {
     }
 
     pub(crate) fn limiter(&self, target: &str) -> Option<Arc<Limiter>> {
-        lock(&self.limits).limiter(target, self.config.default_rate_limit())
+        lock(&self.limits).limiter(target)
     }
 
     /// The instances a device's data goes to now: its owner, then the hook's extras.

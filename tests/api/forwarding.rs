@@ -317,6 +317,17 @@ async fn flood_property_posts(
     )
 }
 
+/// `(FG_BENCH_DEVICES, FG_BENCH_POSTS)` of the forwarding benchmarks, default 100 × 500.
+fn bench_shape() -> (usize, usize) {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500))
+}
+
 /// Benchmark of issue 5: MQTT ingest while RabbitMQ is unreachable (ingest must not stall).
 /// `FG_BENCH_DEVICES` (100) devices each publish `FG_BENCH_POSTS` (500) QoS 1 property posts to
 /// a gateway whose AMQP URL points at a closed port; rate = posts / (first publish → all of them
@@ -326,13 +337,7 @@ async fn flood_property_posts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_mqtt_posts_while_rabbitmq_is_down() {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
+    let (devices, posts) = bench_shape();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("amqp://guest:guest@{}/%2f", closed.local_addr().unwrap());
     drop(closed);
@@ -364,13 +369,7 @@ async fn bench_mqtt_posts_to_rabbitmq() {
     let Some(url) = amqp_url_or_skip("bench_mqtt_posts_to_rabbitmq").await else {
         return;
     };
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (devices, posts) = (env("FG_BENCH_DEVICES", 100), env("FG_BENCH_POSTS", 500));
+    let (devices, posts) = bench_shape();
     let prefix = format!("fgbench-{:08x}", rand::thread_rng().gen::<u32>());
     let app = spawn_app_with_amqp(&url, &prefix).await;
     let (status, _) = app
