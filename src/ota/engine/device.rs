@@ -56,6 +56,10 @@ impl OtaEngine {
     }
 
     /// A progress report (`/ota/device/progress`).
+    ///
+    /// The common case (no task for the device) answers without awaiting anything; the
+    /// state machine of a real change is boxed, so this future stays small: ingest creates
+    /// one per report, and a large one costs a multi-KB copy per message.
     pub async fn on_progress(&self, pk: &str, dn: &str, module: &str, step: ProgressStep) {
         let Some(key) = self.active_task(pk, dn, module) else {
             self.inner
@@ -65,9 +69,8 @@ impl OtaEngine {
                 .inc();
             return;
         };
-        let changed = self
-            .apply(&key, Event::Progress { module, step }, self.now())
-            .await;
+        let changed =
+            Box::pin(self.apply(&key, Event::Progress { module, step }, self.now())).await;
         self.inner
             .metrics
             .ota_progress
@@ -76,12 +79,29 @@ impl OtaEngine {
     }
 
     /// A version report (`/ota/device/inform`), after the registry stored it.
+    ///
+    /// Like [`Self::on_progress`], the common case (the device is in no job and there are no
+    /// DYNAMIC jobs) returns without awaiting, and the rest is boxed.
     pub async fn on_version(&self, pk: &str, dn: &str, module: &str, version: &str) {
-        if !self
+        let in_a_job = self
             .inner
             .device_jobs
-            .contains_key(&(pk.to_owned(), dn.to_owned()))
-        {
+            .contains_key(&(pk.to_owned(), dn.to_owned()));
+        if !in_a_job && !self.has_dynamic_jobs() {
+            return;
+        }
+        Box::pin(self.version_reported(pk, dn, module, version, in_a_job)).await;
+    }
+
+    async fn version_reported(
+        &self,
+        pk: &str,
+        dn: &str,
+        module: &str,
+        version: &str,
+        in_a_job: bool,
+    ) {
+        if !in_a_job {
             // Never part of a job (the common case for a version report): only DYNAMIC jobs
             // may want it.
             self.dynamic_join(pk, dn, false).await;
