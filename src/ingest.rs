@@ -24,7 +24,7 @@ use crate::clock::now_ms;
 use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
 use crate::metrics::Metrics;
 use crate::ota::OtaEngine;
-use crate::registry::Registry;
+use crate::registry::{Registry, VersionWrites};
 use bytes::Bytes;
 use fleetgate_topics::{
     loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
@@ -142,25 +142,89 @@ impl Ingest {
         }
     }
 
-    async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
-        let kind = topic.kind();
-        match kind {
-            TopicKind::Inform => match InformRequest::parse(payload) {
+    /// Counts a PUBLISH by topic kind and returns its parsed topic when ingest handles it: an
+    /// upstream topic of the session's own device.
+    fn accept<'t>(&self, session: &Session, topic: &'t str) -> Option<Topic<'t>> {
+        let Some(parsed) = Topic::parse(topic) else {
+            // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
+            self.metrics
+                .messages
+                .get_or_create(&[("kind", "other")])
+                .inc();
+            return None;
+        };
+        let kind = parsed.kind();
+        self.metrics
+            .messages
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
+        // The ACL already guarantees the topic is the session's own; a device publishing on a
+        // gateway-to-device topic is ignored.
+        (kind.direction() == Direction::Up
+            && parsed.product_key() == session.device.product_key
+            && parsed.device_name() == session.device.device_name)
+            .then_some(parsed)
+    }
+
+    /// One run of a connection's PUBLISHes ([`DeviceHooks::on_publishes`]). Version reports are
+    /// applied to the registry in arrival order and written with ONE store submission (a
+    /// device's later report of the same module replaces its earlier one); the OTA engine
+    /// hears of each, in order, once that write is durable. Every other message goes through
+    /// [`Self::handle`], concurrently with the write.
+    async fn ingest_run(&self, session: &Session, run: &[(&str, Bytes)]) {
+        let mut versions = VersionWrites::default();
+        let mut reports: Vec<(Topic<'_>, InformRequest)> = Vec::new();
+        // Boxed: the handler's state machine (about 1 KB: every topic kind's locals). The OTA
+        // engine's calls box their own, rarely needed, state: before they did, it was ~6 KB,
+        // and copying and first touching it per message was ~10% of the inform path's CPU.
+        let mut others = Vec::new();
+        for (topic, payload) in run {
+            let Some(parsed) = self.accept(session, topic) else {
+                continue;
+            };
+            if parsed.kind() != TopicKind::Inform {
+                others.push(Box::pin(self.handle(session, parsed, payload)));
+                continue;
+            }
+            match InformRequest::parse(payload) {
                 Ok(req) => {
                     let p = &req.params;
-                    if let Err(error) = self
-                        .registry
-                        .report_version(
-                            topic.product_key(),
-                            topic.device_name(),
-                            &p.module,
-                            &p.version,
-                            now_ms(),
-                        )
-                        .await
-                    {
-                        tracing::warn!(%error, pk = topic.product_key(), dn = topic.device_name(), "version report not stored");
-                    } else if let Some(ota) = &self.ota {
+                    match self.registry.stage_version(
+                        &mut versions,
+                        parsed.product_key(),
+                        parsed.device_name(),
+                        &p.module,
+                        &p.version,
+                        now_ms(),
+                    ) {
+                        Ok(()) => reports.push((parsed, req)),
+                        Err(error) => {
+                            tracing::warn!(%error, pk = parsed.product_key(), dn = parsed.device_name(), "version report refused")
+                        }
+                    }
+                }
+                Err(e) => self.malformed(TopicKind::Inform, session, &e),
+            }
+        }
+        let stored = async {
+            if reports.is_empty() {
+                return Ok(());
+            }
+            self.registry.commit_versions(versions).await
+        };
+        let (stored, _) = match others.len() {
+            0 => (stored.await, Vec::new()),
+            _ => futures_util::future::join(stored, futures_util::future::join_all(others)).await,
+        };
+        match stored {
+            Err(error) => {
+                let d = &session.device;
+                tracing::warn!(%error, pk = %d.product_key, dn = %d.device_name, reports = reports.len(), "version reports not stored");
+            }
+            Ok(()) => {
+                if let Some(ota) = &self.ota {
+                    for (topic, req) in &reports {
+                        let p = &req.params;
                         ota.on_version(
                             topic.product_key(),
                             topic.device_name(),
@@ -170,8 +234,15 @@ impl Ingest {
                         .await;
                     }
                 }
-                Err(e) => self.malformed(kind, session, &e),
-            },
+            }
+        }
+    }
+
+    async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
+        let kind = topic.kind();
+        match kind {
+            // Staged and written per run by `ingest_run`.
+            TopicKind::Inform => {}
             TopicKind::Progress => match ProgressRequest::parse(payload) {
                 Ok(req) => {
                     if let Some(ota) = &self.ota {
@@ -304,31 +375,10 @@ impl DeviceHooks for Ingest {
     }
 
     async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
-        let Some(parsed) = Topic::parse(topic) else {
-            // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
-            self.metrics
-                .messages
-                .get_or_create(&[("kind", "other")])
-                .inc();
-            return;
-        };
-        let kind = parsed.kind();
-        self.metrics
-            .messages
-            .get_or_create(&[("kind", kind.as_str())])
-            .inc();
-        // The ACL already guarantees the topic is the session's own; a device publishing on a
-        // gateway-to-device topic is ignored.
-        if kind.direction() != Direction::Up
-            || parsed.product_key() != session.device.product_key
-            || parsed.device_name() != session.device.device_name
-        {
-            return;
-        }
-        // Boxed: the handler's state machine (about 1 KB: every topic kind's locals) would
-        // otherwise sit in each connection's task for good. The OTA engine's calls box their
-        // own, rarely needed, state: before they did, this future was ~6 KB, and copying and
-        // first touching it per message was ~10% of the inform path's CPU.
-        Box::pin(self.handle(session, parsed, &payload)).await;
+        self.ingest_run(session, &[(topic, payload)]).await;
+    }
+
+    async fn on_publishes(&self, session: &Session, run: &[(&str, Bytes)]) {
+        self.ingest_run(session, run).await;
     }
 }

@@ -690,19 +690,9 @@ where
             tracing::debug!(topic, "publish refused by ACL");
         }
     }
-    match allowed.as_slice() {
-        [] => {}
-        [(topic, payload)] => {
-            live.hooks
-                .on_publish(&live.session, topic, payload.clone())
-                .await
-        }
-        _ => {
-            futures_util::future::join_all(allowed.iter().map(|(topic, payload)| {
-                live.hooks.on_publish(&live.session, topic, payload.clone())
-            }))
-            .await;
-        }
+    if !allowed.is_empty() {
+        // Boxed: the hooks' future would otherwise sit in every connection's task for good.
+        Box::pin(live.hooks.on_publishes(&live.session, &allowed)).await;
     }
     drop(allowed);
     let lost = |_| DisconnectReason::ConnectionLost;

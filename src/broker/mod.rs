@@ -193,6 +193,33 @@ pub trait DeviceHooks: Send + Sync + 'static {
         topic: &str,
         payload: Bytes,
     ) -> impl Future<Output = ()> + Send;
+
+    /// A run of upstream PUBLISHes read together from one connection (QoS 0/1, arrival order,
+    /// each past the ACL); their PUBACKs are written, in order, once the future completes.
+    /// The default runs [`Self::on_publish`] for each, concurrently. An implementation may
+    /// instead share work between them (ingest writes a run's version reports with one store
+    /// submission), keeping the rule above: what follows the device's order is applied
+    /// before the first await.
+    fn on_publishes<'a>(
+        &'a self,
+        session: &'a Session,
+        run: &'a [(&'a str, Bytes)],
+    ) -> impl Future<Output = ()> + Send + 'a {
+        async move {
+            match run {
+                [] => {}
+                [(topic, payload)] => self.on_publish(session, topic, payload.clone()).await,
+                _ => {
+                    futures_util::future::join_all(
+                        run.iter().map(|(topic, payload)| {
+                            self.on_publish(session, topic, payload.clone())
+                        }),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
 }
 
 /// TLS listener settings (securemode=2).

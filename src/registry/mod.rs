@@ -1012,30 +1012,55 @@ impl Registry {
         version: &str,
         at_ms: i64,
     ) -> Result<()> {
+        let mut writes = VersionWrites::default();
+        self.stage_version(&mut writes, pk, dn, module, version, at_ms)?;
+        self.commit_versions(writes).await
+    }
+
+    /// Applies a version report to the registry now and adds its store write to `writes`
+    /// (ingest stages a connection's run of reports, then commits them with one submission).
+    /// A report of the same row staged earlier in `writes` is replaced: only the last one of
+    /// a run is written. An unchanged version adds no write, but the commit still waits for
+    /// whatever is queued before it (the report that set it may not be durable yet).
+    pub fn stage_version(
+        &self,
+        writes: &mut VersionWrites,
+        pk: &str,
+        dn: &str,
+        module: &str,
+        version: &str,
+        at_ms: i64,
+    ) -> Result<()> {
         validate::module(module)?;
         validate::version(version)?;
         let entry = self.product_or_not_found(pk)?;
-        let ticket: Ticket = {
-            let mut d = entry
-                .devices
-                .get_mut(dn)
-                .ok_or_else(|| device_not_found(pk, dn))?;
-            if d.versions.get(module).map(String::as_str) == Some(version) {
-                // Unchanged (devices re-report on every connect): no write, but the earlier
-                // report may still be queued, so wait for the queue to reach this point.
-                self.store.submit(Vec::new())
-            } else {
-                d.versions.insert(module.to_owned(), version.to_owned());
-                self.store.submit(vec![Op::SetVersion {
-                    product_key: pk.to_owned(),
-                    device_name: dn.to_owned(),
-                    module: module.to_owned(),
-                    version: version.to_owned(),
-                    reported_at_ms: at_ms,
-                }])
-            }
-        };
-        ticket.await?;
+        let mut d = entry
+            .devices
+            .get_mut(dn)
+            .ok_or_else(|| device_not_found(pk, dn))?;
+        if d.versions.get(module).map(String::as_str) == Some(version) {
+            return Ok(());
+        }
+        d.versions.insert(module.to_owned(), version.to_owned());
+        drop(d);
+        writes.ops.retain(|op| {
+            !matches!(op, Op::SetVersion { product_key, device_name, module: m, .. }
+                if m == module && device_name == dn && product_key == pk)
+        });
+        writes.ops.push(Op::SetVersion {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+            module: module.to_owned(),
+            version: version.to_owned(),
+            reported_at_ms: at_ms,
+        });
+        Ok(())
+    }
+
+    /// Writes the staged reports in one store submission; returns once durable, together
+    /// with everything queued before.
+    pub async fn commit_versions(&self, writes: VersionWrites) -> Result<()> {
+        self.store.submit(writes.ops).await?;
         Ok(())
     }
 
@@ -1055,6 +1080,24 @@ impl Registry {
     /// Resolves once everything queued so far is committed.
     pub async fn flush(&self) -> Result<()> {
         Ok(self.store.flush().await?)
+    }
+}
+
+/// Version reports staged by [`Registry::stage_version`], written by
+/// [`Registry::commit_versions`].
+#[derive(Debug, Default)]
+pub struct VersionWrites {
+    ops: Vec<Op>,
+}
+
+impl VersionWrites {
+    /// Store writes staged (reports that changed nothing add none).
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
     }
 }
 

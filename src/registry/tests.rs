@@ -751,6 +751,50 @@ async fn report_version_validates_and_records() {
 }
 
 #[tokio::test]
+async fn staged_reports_are_applied_at_once_and_written_as_one_submission() {
+    let r = registry();
+    let pk = r
+        .create_product(new_product("Lamp"))
+        .await
+        .unwrap()
+        .product_key;
+    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    r.report_version(&pk, "dev1", "MCU", "0.9", 1)
+        .await
+        .unwrap();
+
+    let mut writes = VersionWrites::default();
+    r.stage_version(&mut writes, &pk, "dev1", "MCU", "1.0", 2)
+        .unwrap();
+    r.stage_version(&mut writes, &pk, "dev1", "default", "3", 3)
+        .unwrap();
+    r.stage_version(&mut writes, &pk, "dev1", "MCU", "1.1", 4)
+        .unwrap();
+    // The registry has them before the write (the device's order is the registry's order).
+    let versions = r.get_device(&pk, "dev1").unwrap().versions;
+    assert_eq!(versions.get("MCU").map(String::as_str), Some("1.1"));
+    // The MCU report replaced the earlier one of the same row: two writes, not three.
+    assert_eq!(writes.len(), 2);
+    // Unchanged: no write. Refused: nothing staged, nothing changed.
+    r.stage_version(&mut writes, &pk, "dev1", "MCU", "1.1", 5)
+        .unwrap();
+    assert_eq!(writes.len(), 2);
+    assert_eq!(
+        invalid_field(r.stage_version(&mut writes, &pk, "dev1", "", "1", 6)),
+        "module"
+    );
+    assert!(matches!(
+        r.stage_version(&mut writes, &pk, "ghost", "MCU", "1", 7),
+        Err(RegistryError::NotFound { .. })
+    ));
+    assert_eq!(writes.len(), 2);
+    r.commit_versions(writes).await.unwrap();
+
+    // An empty batch still waits for what is queued before it.
+    r.commit_versions(VersionWrites::default()).await.unwrap();
+}
+
+#[tokio::test]
 async fn restart_brings_everything_back_but_online() {
     let dir = tempfile::tempdir().unwrap();
     let path = Store::db_path(dir.path());
