@@ -514,7 +514,7 @@ mod tests {
             Settings::default().store,
             crate::store::StoreSettings {
                 synchronous: crate::store::Synchronous::Full,
-                commit_delay_us: 1_000,
+                commit_delay_us: 2_000,
                 commit_siblings: 8
             }
         );

@@ -292,7 +292,9 @@ impl std::fmt::Debug for Store {
 /// least `commit_siblings` submissions (the store is busy), the writer waits `commit_delay_us`
 /// before starting the next one, so that one gathers more submissions and the per-commit cost
 /// (WAL frames, fsync, waking the writer) is shared by more of them. Under light load nothing
-/// waits. `commit_delay_us = 0` turns it off.
+/// waits. `commit_delay_us = 0` turns it off. The default, 2 ms, is an A/B choice (docs/BENCHMARKS.md):
+/// a busy transaction's pages are the same few whatever it carries, so waiting longer saves
+/// CPU per message, and it only adds latency when the store is already busy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
@@ -305,7 +307,7 @@ impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
             synchronous: Synchronous::Full,
-            commit_delay_us: 1_000,
+            commit_delay_us: 2_000,
             commit_siblings: 8,
         }
     }
