@@ -1389,3 +1389,43 @@ async fn a_subscription_is_in_place_for_replies_to_requests_in_the_same_write() 
         .unwrap();
     assert_eq!(got, [&suback[..], &reply[..]].concat());
 }
+
+/// A raw QoS 1 PUBLISH in bytes (short: one-byte remaining length).
+fn raw_publish_qos1(topic: &str, pkid: u16, payload: &str) -> Vec<u8> {
+    let len = 2 + topic.len() + 2 + payload.len();
+    let mut out = vec![0x32, u8::try_from(len).expect("short packet")];
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&pkid.to_be_bytes());
+    out.extend_from_slice(payload.as_bytes());
+    out
+}
+
+#[tokio::test]
+async fn publishes_arriving_while_a_run_is_processed_are_all_acknowledged_in_order() {
+    let tb = start().await;
+    // Each run takes 20 ms: the writes below arrive while earlier ones are processed, so the
+    // connection picks them up before writing acks (several rounds share one write).
+    *tb.hooks.publish_delay.lock().unwrap() = Duration::from_millis(20);
+    let (mut s, _) = raw_session(tb.addr(), "dev1", 0).await;
+    let topic = format!("/sys/{PK}/dev1/thing/event/property/post");
+    for pkid in 1..=12u16 {
+        s.write_all(&raw_publish_qos1(&topic, pkid, "x"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut acks = vec![0u8; 4 * 12];
+    tokio::time::timeout(WAIT, s.read_exact(&mut acks))
+        .await
+        .expect("every PUBACK in time")
+        .unwrap();
+    let expected: Vec<u8> = (1..=12u16)
+        .flat_map(|pkid| {
+            let [hi, lo] = pkid.to_be_bytes();
+            [0x40, 0x02, hi, lo]
+        })
+        .collect();
+    assert_eq!(acks, expected);
+    assert_eq!(tb.hooks.processed.load(Ordering::SeqCst), 12);
+}
