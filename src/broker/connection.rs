@@ -372,15 +372,22 @@ struct PendingSubAck {
 
 /// Most rounds of [`on_socket_data`] whose acks share one socket write.
 const COALESCE_ROUNDS: usize = 4;
+/// Sessions handling socket data at once from which on the gateway counts as saturated, and
+/// [`on_socket_data`] coalesces.
+const COALESCE_BUSY_SESSIONS: usize = 256;
 
 /// Handles what the socket has to say, then writes the answers. `Err` ends the session.
 ///
-/// The answers go out once the socket has nothing more ready: data that arrived while a round
-/// was processed (a device with reports in flight sends more as acks reach it, and a durable
-/// round waits for a store commit) is handled first, so its acks share the write: one `sendto`
-/// per round was a third of the ingest path's CPU. At most [`COALESCE_ROUNDS`] rounds, so a
-/// device that never pauses still gets its acks; checking costs nothing when tokio already
-/// knows the socket is drained.
+/// When the gateway is saturated (at least [`COALESCE_BUSY_SESSIONS`] sessions handling data
+/// at once), the answers go out once the socket has nothing more ready: data that arrived
+/// while a round was processed (a device with reports in flight sends more as acks reach it,
+/// and a durable round waits for a store commit) is handled first, so its acks share the
+/// write. One `sendto` per round was a third of the ingest path's CPU, and a saturated
+/// gateway's acks wait in its run queue anyway. Short of that, acks go out after each round: a
+/// device that pipelines deeply against an idle gateway would otherwise be throttled to one
+/// window per commit (−25% for 100 flooding devices). At most [`COALESCE_ROUNDS`] rounds, so a
+/// device that never pauses still gets its acks; checking the socket costs nothing when tokio
+/// already knows it is drained.
 async fn on_socket_data<S, H>(
     conn: &mut Conn<S>,
     live: &Live<H>,
@@ -390,8 +397,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: DeviceHooks,
 {
+    let busy = Busy::enter(&live.shared.busy_sessions);
     let mut outcome = on_buffered(conn, live, flow).await;
-    for _ in 1..COALESCE_ROUNDS {
+    let rounds = if busy.sessions >= COALESCE_BUSY_SESSIONS {
+        COALESCE_ROUNDS
+    } else {
+        1
+    };
+    for _ in 1..rounds {
         if outcome.is_err() {
             break;
         }
@@ -401,11 +414,33 @@ where
             _ => break,
         }
     }
+    drop(busy);
     // What was handled before an error or a DISCONNECT still gets its acks.
     if conn.flush().await.is_err() {
         return Err(DisconnectReason::ConnectionLost);
     }
     outcome
+}
+
+/// One session counted in [`Shared::busy_sessions`] while alive (also when its task is dropped
+/// mid-way).
+struct Busy<'a> {
+    counter: &'a std::sync::atomic::AtomicUsize,
+    /// Sessions handling data, this one included, when it entered.
+    sessions: usize,
+}
+
+impl<'a> Busy<'a> {
+    fn enter(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        let sessions = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Busy { counter, sessions }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Handles every complete packet in the read buffer, queueing the answers. `Err` ends the
