@@ -263,7 +263,7 @@ impl Ingest {
                         let pending = match &self.ota {
                             Some(ota) => {
                                 // Boxed: rare, and its state would enlarge every
-                                // report's future (see `on_publish`).
+                                // report's future (see `ingest_run`).
                                 Box::pin(ota.pending_upgrade(
                                     topic.product_key(),
                                     topic.device_name(),

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub forwarder_group_consumers: Family<[(&'static str, String); 1], Gauge>,
     /// OTA tasks by status (`CONFIRM`, `QUEUED`, …, `CANCELED`).
     pub ota_tasks: Family<Labels, Gauge>,
+    /// The allocator's heap statistics (jemalloc builds), refreshed by [`Metrics::encode`].
+    pub allocator_bytes: Family<Labels, Gauge>,
     /// OTA upgrade deliveries by kind (`push`, `pull`); re-pushes count as `push`.
     pub ota_pushes: Family<Labels, Counter>,
     /// OTA tasks that FAILED, by reason (`DOWNLOAD_FAILED`, `TIMEOUT`, …).
@@ -139,6 +141,7 @@ impl Metrics {
             forwarder_group_backlog: Family::default(),
             forwarder_group_consumers: Family::default(),
             ota_tasks: Family::default(),
+            allocator_bytes: Family::default(),
             ota_pushes: Family::default(),
             ota_failures: Family::default(),
             ota_timeouts: Counter::default(),
@@ -333,6 +336,11 @@ impl Metrics {
             m.ota_retries.clone(),
         );
         registry.register(
+            "allocator_bytes",
+            "Heap of the jemalloc allocator, by kind: allocated (live objects), active (their pages), resident, mapped, retained (unmapped, kept for reuse); refreshed at each scrape",
+            m.allocator_bytes.clone(),
+        );
+        registry.register(
             "ota_progress",
             "OTA progress reports by outcome",
             m.ota_progress.clone(),
@@ -342,9 +350,37 @@ impl Metrics {
 
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        #[cfg(feature = "jemalloc")]
+        self.refresh_allocator();
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(feature = "jemalloc")]
+impl Metrics {
+    /// Reads jemalloc's statistics (cached by jemalloc until its epoch advances). Meaningful
+    /// when jemalloc is the global allocator (the binary's); test binaries use the system's.
+    fn refresh_allocator(&self) {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if epoch::advance().is_err() {
+            return;
+        }
+        let readings = [
+            ("allocated", stats::allocated::read()),
+            ("active", stats::active::read()),
+            ("resident", stats::resident::read()),
+            ("mapped", stats::mapped::read()),
+            ("retained", stats::retained::read()),
+        ];
+        for (kind, value) in readings {
+            if let Ok(bytes) = value {
+                self.allocator_bytes
+                    .get_or_create(&[("kind", kind)])
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
     }
 }
 

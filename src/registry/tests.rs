@@ -38,6 +38,17 @@ fn tagged(name: &str, tags: &[(&str, &str)]) -> NewDevice {
     }
 }
 
+/// Creates the product "Lamp" with one device, `dev1`; returns the product key.
+async fn lamp_with_dev1(r: &Registry) -> String {
+    let pk = r
+        .create_product(new_product("Lamp"))
+        .await
+        .unwrap()
+        .product_key;
+    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    pk
+}
+
 fn invalid_field(r: Result<impl std::fmt::Debug>) -> &'static str {
     match r {
         Err(RegistryError::Invalid { field, .. }) => field,
@@ -657,12 +668,7 @@ async fn batch_create_reports_each_row() {
 #[tokio::test]
 async fn takeover_race_in_device_disconnected() {
     let r = registry();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
-    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    let pk = lamp_with_dev1(&r).await;
     let other_ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2));
 
     r.device_connected(&pk, "dev1", 1, IP, 100);
@@ -710,12 +716,7 @@ async fn takeover_race_in_device_disconnected() {
 #[tokio::test]
 async fn report_version_validates_and_records() {
     let r = registry();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
-    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    let pk = lamp_with_dev1(&r).await;
     r.report_version(&pk, "dev1", "default", "1.0.0", 10)
         .await
         .unwrap();
@@ -753,12 +754,7 @@ async fn report_version_validates_and_records() {
 #[tokio::test]
 async fn staged_reports_are_applied_at_once_and_written_as_one_submission() {
     let r = registry();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
-    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    let pk = lamp_with_dev1(&r).await;
     r.report_version(&pk, "dev1", "MCU", "0.9", 1)
         .await
         .unwrap();
@@ -1153,12 +1149,7 @@ async fn a_move_that_did_not_commit_is_put_back() {
     })
     .await
     .unwrap();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
-    r.create_device(&pk, new_device("dev1")).await.unwrap();
+    let pk = lamp_with_dev1(&r).await;
     failing.store(true, Ordering::SeqCst);
     assert!(matches!(
         r.set_device_instance(&pk, "dev1", "iot-target").await,

@@ -192,3 +192,30 @@ async fn disabling_a_device_drops_its_session() {
     app.wait_device(&pk, "k-0001", "offline", |d| d["online"] == false)
         .await;
 }
+
+/// The jemalloc heap statistics are on /metrics, read at each scrape (these tests run on
+/// jemalloc, like the binary).
+#[cfg(feature = "jemalloc")]
+#[tokio::test]
+async fn metrics_show_the_allocator_heap() {
+    let app = spawn_app().await;
+    let m = app.metrics().await;
+    let allocated = app
+        .metric(r#"fleetgate_allocator_bytes{kind="allocated"}"#)
+        .await;
+    let resident = app
+        .metric(r#"fleetgate_allocator_bytes{kind="resident"}"#)
+        .await;
+    assert!(allocated > 0.0 && resident > 0.0, "{m}");
+    // Live objects are refreshed per scrape: a big allocation shows in the next one.
+    // (Large, so what the tests running alongside free meanwhile cannot hide it.)
+    let ballast = std::hint::black_box(vec![1u8; 256 << 20]);
+    let after = app
+        .metric(r#"fleetgate_allocator_bytes{kind="allocated"}"#)
+        .await;
+    assert!(
+        after >= allocated + (192u64 << 20) as f64,
+        "{allocated} -> {after}"
+    );
+    drop(ballast);
+}
