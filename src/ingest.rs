@@ -30,6 +30,7 @@ use fleetgate_topics::{
     loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
     PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
 };
+use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 
 /// The gateway's [`DeviceHooks`].
@@ -40,11 +41,19 @@ pub struct Ingest {
     /// Present and enabled only when AMQP forwarding is on.
     forwarder: Option<Arc<Forwarder>>,
     ota: Option<OtaEngine>,
+    /// `fleetgate_mqtt_messages_total` by topic kind (index: `TopicKind as usize`), then
+    /// `other`: looked up once, not per message.
+    counted: Vec<Counter>,
 }
 
 impl Ingest {
     pub fn new(registry: Arc<Registry>, downlink: Downlink, metrics: Arc<Metrics>) -> Self {
+        let labels = TopicKind::ALL.iter().map(|k| k.as_str()).chain(["other"]);
+        let counted = labels
+            .map(|kind| metrics.messages.get_or_create(&[("kind", kind)]).clone())
+            .collect();
         Ingest {
+            counted,
             registry,
             downlink,
             metrics,
@@ -147,17 +156,11 @@ impl Ingest {
     fn accept<'t>(&self, session: &Session, topic: &'t str) -> Option<Topic<'t>> {
         let Some(parsed) = Topic::parse(topic) else {
             // Custom topics (`/{pk}/{dn}/user/...`): allowed by the ACL, nothing consumes them yet.
-            self.metrics
-                .messages
-                .get_or_create(&[("kind", "other")])
-                .inc();
+            self.counted[TopicKind::ALL.len()].inc();
             return None;
         };
         let kind = parsed.kind();
-        self.metrics
-            .messages
-            .get_or_create(&[("kind", kind.as_str())])
-            .inc();
+        self.counted[kind as usize].inc();
         // The ACL already guarantees the topic is the session's own; a device publishing on a
         // gateway-to-device topic is ignored.
         (kind.direction() == Direction::Up

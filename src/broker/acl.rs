@@ -22,6 +22,8 @@
 //! `/sys/{dn}/…` topic, i.e. other devices' system topics. The registry should refuse such product
 //! keys anyway.
 
+use smallvec::SmallVec;
+
 /// First segments that are namespaces of their own and never a product key.
 pub const RESERVED_FIRST_SEGMENTS: [&str; 6] = ["sys", "ota", "ext", "shadow", "as", "broadcast"];
 
@@ -118,7 +120,8 @@ fn owned(pk: &str, dn: &str, name: &str, is_filter: bool) -> bool {
     if pk.is_empty() || dn.is_empty() {
         return false;
     }
-    let segments: Vec<&str> = name.split('/').collect();
+    // On the stack: every PUBLISH passes here (a topic of more segments spills to the heap).
+    let segments: SmallVec<[&str; 12]> = name.split('/').collect();
     // Every per-device shape starts with `/`, so the first segment is empty.
     let Some(("", rest)) = segments.split_first().map(|(first, rest)| (*first, rest)) else {
         return false;
