@@ -11,23 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 devices="${1:-5000}"
 cycles="${2:-10}"
-target="${CARGO_TARGET_DIR:-target}"
 dir="${RECONNECT_DIR:-/tmp/fleetgate-reconnect}"
 mqtt="127.0.0.1:${RECONNECT_MQTT_PORT:-1897}"
 http="127.0.0.1:${RECONNECT_HTTP_PORT:-8097}"
-cargo build --release -p fleetgate -p firmware-sim
-ulimit -n "$(ulimit -Hn)" || true
-rm -rf "$dir" && mkdir -p "$dir"
 token="reconnect-admin-token-0123456789"
-
-"$target/release/fleetgate" serve --mqtt-listen "$mqtt" --http-listen "$http" \
-    --data-dir "$dir/data" --api-token "$token" 2> "$dir/gateway.log" &
-gw=$!
-trap 'kill $gw 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-    curl -sf "http://$http/healthz" > /dev/null && break
-    sleep 0.1
-done
+. bench/gateway.sh
+build_release
+start_gateway "$dir" "$mqtt" "$http" "$token"
 memory() {
     local heap
     heap=$(curl -sf "http://$http/metrics" | grep '^fleetgate_allocator_bytes' |
@@ -51,7 +41,7 @@ for c in $(seq 2 "$cycles"); do
     s=$!
     sleep 5
     echo "cycle $c, connected ($(online)): $(memory)"
-    wait $s
+    wait $s || echo "firmware-sim exited with $?"
     sleep 2
     echo "cycle $c, after disconnect: $(memory)"
 done

@@ -12,25 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 devices="${1:-10000}"
 duration="${2:-90}"
-target="${CARGO_TARGET_DIR:-target}"
 dir="${SOAK_DIR:-/tmp/fleetgate-soak}"
 mqtt_port="${SOAK_MQTT_PORT:-1896}"
 http_port="${SOAK_HTTP_PORT:-8096}"
-cargo build --release -p fleetgate -p firmware-sim
-ulimit -n "$(ulimit -Hn)" || true
-rm -rf "$dir" && mkdir -p "$dir"
 token="soak-admin-token-0123456789"
 api="http://127.0.0.1:$http_port/api/v1"
-
-"$target/release/fleetgate" serve --mqtt-listen "127.0.0.1:$mqtt_port" \
-    --http-listen "127.0.0.1:$http_port" --data-dir "$dir/data" --api-token "$token" \
-    2> "$dir/gateway.log" &
-gw=$!
-trap 'kill $gw 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$http_port/healthz" > /dev/null && break
-    sleep 0.1
-done
+. bench/gateway.sh
+build_release
+start_gateway "$dir" "127.0.0.1:$mqtt_port" "127.0.0.1:$http_port" "$token"
 rss() { awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$gw/status"; }
 pk=$(curl -sf -H "Authorization: Bearer $token" -H 'content-type: application/json' \
     -d '{"name":"soak"}' "$api/products" | sed -E 's/.*"product_key":"([^"]+)".*/\1/')
