@@ -8,7 +8,8 @@
 //! engine; `firmware/get` is answered with the device's pending upgrade; a connect releases
 //! pushes queued while the device was offline.
 //!
-//! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publish`] returns, so a version
+//! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publishes`] returns (a run of
+//! a connection's PUBLISHes; see `ingest_run`), so a version
 //! report (or an OTA state change from a progress report) that was acknowledged is durable. Malformed payloads are counted, answered with an
 //! error code where there is a reply topic, and change nothing.
 //!
@@ -325,7 +326,7 @@ impl Ingest {
                         .await;
                 }
             }
-            // Down kinds never reach here (see on_publish).
+            // Down kinds never reach here (see `accept`).
             TopicKind::Upgrade
             | TopicKind::FirmwareGetReply
             | TopicKind::PropertyPostReply
