@@ -9,9 +9,9 @@
 //! pushes queued while the device was offline.
 //!
 //! The broker writes a QoS1 PUBACK only after [`DeviceHooks::on_publishes`] returns (a run of
-//! a connection's PUBLISHes; see `ingest_run`), so a version
-//! report (or an OTA state change from a progress report) that was acknowledged is durable. Malformed payloads are counted, answered with an
-//! error code where there is a reply topic, and change nothing.
+//! a connection's PUBLISHes; see `ingest_run`), so a version report (or an OTA state change
+//! from a progress report) that was acknowledged is durable. Malformed payloads are counted,
+//! answered with an error code where there is a reply topic, and change nothing.
 //!
 //! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
 //! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
@@ -216,10 +216,8 @@ impl Ingest {
             }
             self.registry.commit_versions(versions).await
         };
-        let (stored, _) = match others.len() {
-            0 => (stored.await, Vec::new()),
-            _ => futures_util::future::join(stored, futures_util::future::join_all(others)).await,
-        };
+        let (stored, _) =
+            futures_util::future::join(stored, futures_util::future::join_all(others)).await;
         match stored {
             Err(error) => {
                 let d = &session.device;

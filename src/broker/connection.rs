@@ -726,8 +726,8 @@ const PIPELINE_MAX: usize = 32;
 /// The run goes to the hooks at once ([`DeviceHooks::on_publishes`]: ingest writes its version
 /// reports with one store submission), so a device with ten reports in flight has them
 /// committed in one store transaction instead of ten consecutive ones; the PUBACKs still go
-/// out only after the whole run was processed, in packet order. QoS 2 (duplicate detection) and every other
-/// packet take the one-at-a-time path, after the run before them.
+/// out only after the whole run was processed, in packet order. QoS 2 (duplicate detection)
+/// and every other packet take the one-at-a-time path, after the run before them.
 async fn on_publishes<S, H>(
     pipeline: &mut Vec<UpPublish>,
     conn: &mut Conn<S>,

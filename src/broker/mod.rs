@@ -4,9 +4,9 @@
 //! Alibaba Link signature ([`fleetgate_topics::sign`]) and answered with a real CONNACK code;
 //! every PUBLISH/SUBSCRIBE is checked against the device's own `{pk}/{dn}` (topic isolation,
 //! [`acl`]). Upstream device publishes are handed to [`DeviceHooks::on_publishes`] (a run of
-//! the PUBLISHes of one read) and acknowledged (PUBACK) only after it returns. rumqttd's router does what it is good at: sessions,
-//! subscriptions, QoS and fan-out of downstream messages, which the gateway injects through
-//! [`Downlink`].
+//! the PUBLISHes of one read) and acknowledged (PUBACK) only after it returns. rumqttd's router
+//! does what it is good at: sessions, subscriptions, QoS and fan-out of downstream messages,
+//! which the gateway injects through [`Downlink`].
 //!
 //! This module owns sockets and the router; it knows nothing of the registry beyond
 //! [`DeviceHooks`].

@@ -288,13 +288,13 @@ impl std::fmt::Debug for Store {
 /// may lose the last commits on power loss or a kernel crash, for less CPU and latency per
 /// commit on slow disks (see [`sqlite`](self::sqlite) module docs).
 ///
-/// Group commit, like PostgreSQL's `commit_delay`/`commit_siblings`: after a transaction that carried at
-/// least `commit_siblings` submissions (the store is busy), the writer waits `commit_delay_us`
-/// before starting the next one, so that one gathers more submissions and the per-commit cost
-/// (WAL frames, fsync, waking the writer) is shared by more of them. Under light load nothing
-/// waits. `commit_delay_us = 0` turns it off. The default, 2 ms, is an A/B choice (docs/BENCHMARKS.md):
-/// a busy transaction's pages are the same few whatever it carries, so waiting longer saves
-/// CPU per message, and it only adds latency when the store is already busy.
+/// Group commit, like PostgreSQL's `commit_delay`/`commit_siblings`: after a transaction that
+/// carried at least `commit_siblings` submissions (the store is busy), the writer waits
+/// `commit_delay_us` before starting the next one, so that one gathers more submissions and the
+/// per-commit cost (WAL frames, fsync, waking the writer) is shared by more of them. Under light
+/// load nothing waits. `commit_delay_us = 0` turns it off. The default, 2 ms, is an A/B choice
+/// (docs/BENCHMARKS.md): a busy transaction's pages are the same few whatever it carries, so
+/// waiting longer saves CPU per message, and it only adds latency when the store is busy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
