@@ -1038,15 +1038,31 @@ impl Registry {
             .devices
             .get_mut(dn)
             .ok_or_else(|| device_not_found(pk, dn))?;
-        if d.versions.get(module).map(String::as_str) == Some(version) {
+        match d.versions.get_mut(module) {
+            Some(current) if current == version => return Ok(()),
+            Some(current) => version.clone_into(current),
+            None => {
+                d.versions.insert(module.to_owned(), version.to_owned());
+            }
+        }
+        drop(d);
+        // A device reporting faster than the store commits: its earlier report of this row in
+        // the run is superseded in place (same position, new version).
+        let earlier = writes.ops.iter_mut().find_map(|op| match op {
+            Op::SetVersion {
+                product_key,
+                device_name,
+                module: m,
+                version: v,
+                reported_at_ms,
+            } if m == module && device_name == dn && product_key == pk => Some((v, reported_at_ms)),
+            _ => None,
+        });
+        if let Some((v, reported_at_ms)) = earlier {
+            version.clone_into(v);
+            *reported_at_ms = at_ms;
             return Ok(());
         }
-        d.versions.insert(module.to_owned(), version.to_owned());
-        drop(d);
-        writes.ops.retain(|op| {
-            !matches!(op, Op::SetVersion { product_key, device_name, module: m, .. }
-                if m == module && device_name == dn && product_key == pk)
-        });
         writes.ops.push(Op::SetVersion {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
