@@ -857,6 +857,33 @@ async fn silent_sockets_and_expired_keep_alives_are_closed() {
 }
 
 #[tokio::test]
+async fn packets_within_the_keep_alive_keep_the_session_open() {
+    let mut tb = start().await;
+    let mut s = TcpStream::connect(tb.addr()).await.unwrap();
+    s.write_all(&raw_connect(&creds("dev1"), 1)).await.unwrap();
+    tb.expect_connect("dev1").await;
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    // Keep-alive 1 s: the session expires 1.5 s after the last packet. A PINGREQ every 0.5 s
+    // for 3.5 s carries it past two such deadlines counted from the CONNECT.
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.write_all(&[0xC0, 0x00]).await.unwrap();
+        let mut pingresp = [0u8; 2];
+        s.read_exact(&mut pingresp).await.unwrap();
+        assert_eq!(pingresp, [0xD0, 0x00]);
+    }
+    assert!(tb.events.try_recv().is_err(), "no disconnect while pinging");
+    // Then silence: closed.
+    assert!(assert_closed(&mut s).await.is_empty());
+    assert_eq!(
+        tb.expect_disconnect("dev1").await.1,
+        DisconnectReason::ConnectionLost
+    );
+}
+
+#[tokio::test]
 async fn persistent_session_gets_messages_queued_while_offline() {
     let mut tb = start().await;
     let addr = tb.addr();
