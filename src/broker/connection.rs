@@ -132,39 +132,102 @@ pub(crate) async fn serve<S, H>(
         max_packet: shared.config.max_payload_size,
         read_room: READ_BUFFER,
     };
+    let Some(Established {
+        mut live,
+        link_rx,
+        mut flow,
+        keep_alive,
+    }) = handshake(&mut conn, peer, tls, shared, hooks, &mut shutdown).await
+    else {
+        return;
+    };
+    live.local_reason = run(
+        &mut conn,
+        link_rx,
+        &live,
+        &mut flow,
+        &mut shutdown,
+        keep_alive,
+    )
+    .await;
+}
+
+/// What a completed handshake hands to the session loop.
+struct Established<H: DeviceHooks> {
+    live: Live<H>,
+    link_rx: LinkRx,
+    flow: Flow,
+    keep_alive: Option<Duration>,
+}
+
+/// Reads and checks the CONNECT, takes over a previous session of the device, registers the
+/// router link and writes the CONNACK. `None`: refused or ended (already answered).
+///
+/// Its own function so that nothing of the handshake stays in the connection's task while the
+/// session runs: in one function, the CONNECT packet's unused parts, the login and the
+/// authentication result were kept in the task's state for the connection's lifetime, next
+/// to the session loop's.
+async fn handshake<S, H>(
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    tls: bool,
+    shared: Arc<Shared>,
+    hooks: Arc<H>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Established<H>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHooks,
+{
     let first = tokio::select! {
         r = tokio::time::timeout(shared.config.connect_timeout, conn.read_frame()) => r,
-        _ = super::stopping(&mut shutdown) => return,
+        _ = super::stopping(shutdown) => return None,
     };
     let packet = match first {
-        Err(_elapsed) => return refuse_silently(&shared, "timeout"),
+        Err(_elapsed) => {
+            refuse_silently(&shared, "timeout");
+            return None;
+        }
         Ok(Ok(Frame::Other(packet))) => *packet,
         Ok(Err(ReadError::Protocol(
             protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol,
         ))) => {
             // MQTT 5 or 3.1: the 3.1.1 way to say "not this version" (a v5 client reads it too).
-            return refuse(&shared, &mut conn, Refusal::Protocol).await;
+            {
+                refuse(&shared, conn, Refusal::Protocol).await;
+                return None;
+            };
         }
         // Garbage or a PUBLISH before CONNECT.
         Ok(Err(ReadError::Protocol(_)) | Ok(Frame::Publish(_))) => {
-            return refuse_silently(&shared, "protocol")
+            refuse_silently(&shared, "protocol");
+            return None;
         }
         // Closed before sending anything complete.
-        Ok(Err(ReadError::Io)) => return,
+        Ok(Err(ReadError::Io)) => return None,
     };
     let Packet::Connect(connect, _, will, _, login) = packet else {
-        return refuse_silently(&shared, "protocol");
+        {
+            refuse_silently(&shared, "protocol");
+            return None;
+        };
     };
 
     let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks) {
         Ok(auth) => auth,
-        Err(refusal) => return refuse(&shared, &mut conn, refusal).await,
+        Err(refusal) => {
+            refuse(&shared, conn, refusal).await;
+            return None;
+        }
     };
     let device = auth.device;
     if shared.table.sessions.len() >= shared.config.max_connections
         && !shared.table.sessions.contains_key(&device)
     {
-        return refuse(&shared, &mut conn, Refusal::Limit).await;
+        {
+            refuse(&shared, conn, Refusal::Limit).await;
+            return None;
+        };
     }
     // The router never sees the will (its will handling is private to rumqttd's own server): we
     // publish it ourselves on an unclean end, and only on a topic the device owns.
@@ -196,7 +259,7 @@ pub(crate) async fn serve<S, H>(
         tls,
         connected_at_ms: now_ms(),
     };
-    let mut live = Live {
+    let live = Live {
         handle: Arc::clone(&handle),
         shared: Arc::clone(&shared),
         hooks: Arc::clone(&hooks),
@@ -225,7 +288,7 @@ pub(crate) async fn serve<S, H>(
         Ok((link_tx, link_rx, ack)) => {
             if !handle.install(link_tx) {
                 // Replaced or kicked while registering: end without ever having been online.
-                return;
+                return None;
             }
             let present = match Option::<Packet>::from(ack) {
                 Some(Packet::ConnAck(ack, _)) => ack.session_present,
@@ -236,7 +299,10 @@ pub(crate) async fn serve<S, H>(
         Err(e) => {
             tracing::warn!(error = %e, "router refused the link");
             handle.link_failed();
-            return refuse(&shared, &mut conn, Refusal::Limit).await;
+            {
+                refuse(&shared, conn, Refusal::Limit).await;
+                return None;
+            };
         }
     };
 
@@ -252,7 +318,7 @@ pub(crate) async fn serve<S, H>(
         None,
     );
     if conn.queue(connack).is_err() || conn.flush().await.is_err() {
-        return;
+        return None;
     }
 
     let mut flow = Flow::default();
@@ -283,21 +349,18 @@ pub(crate) async fn serve<S, H>(
         });
         shared.router.wait_capacity().await;
         if !live.handle.send(vec![Packet::Subscribe(subscribe, None)]) {
-            return;
+            return None;
         }
     }
 
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    live.local_reason = run(
-        &mut conn,
+    Some(Established {
+        live,
         link_rx,
-        &live,
-        &mut flow,
-        &mut shutdown,
+        flow,
         keep_alive,
-    )
-    .await;
+    })
 }
 
 /// The established session's loop. Returns why it ended (from this side).
@@ -339,14 +402,18 @@ where
                 Ok(0) | Err(_) => return DisconnectReason::ConnectionLost,
                 Ok(_) => {
                     last_read = Instant::now();
-                    if let Err(reason) = on_socket_data(conn, live, flow).await {
+                    // The two handlers are boxed: ~1.1 KB each, they would otherwise be part
+                    // of every connection's task for its lifetime, idle or not (one allocation
+                    // per read or per notification batch, each costing syscalls anyway).
+                    if let Err(reason) = Box::pin(on_socket_data(conn, live, flow)).await {
                         return reason;
                     }
                 }
             },
             (mut link_rx, notification) = &mut link_next => match notification {
                 Ok(first) => {
-                    let handled = on_notifications(first, conn, &mut link_rx, live, flow).await;
+                    let handled =
+                        Box::pin(on_notifications(first, conn, &mut link_rx, live, flow)).await;
                     if let Err(reason) = handled {
                         return reason;
                     }
