@@ -193,10 +193,8 @@ where
             protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol,
         ))) => {
             // MQTT 5 or 3.1: the 3.1.1 way to say "not this version" (a v5 client reads it too).
-            {
-                refuse(&shared, conn, Refusal::Protocol).await;
-                return None;
-            };
+            refuse(&shared, conn, Refusal::Protocol).await;
+            return None;
         }
         // Garbage or a PUBLISH before CONNECT.
         Ok(Err(ReadError::Protocol(_)) | Ok(Frame::Publish(_))) => {
@@ -207,10 +205,8 @@ where
         Ok(Err(ReadError::Io)) => return None,
     };
     let Packet::Connect(connect, _, will, _, login) = packet else {
-        {
-            refuse_silently(&shared, "protocol");
-            return None;
-        };
+        refuse_silently(&shared, "protocol");
+        return None;
     };
 
     let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks) {
@@ -224,10 +220,8 @@ where
     if shared.table.sessions.len() >= shared.config.max_connections
         && !shared.table.sessions.contains_key(&device)
     {
-        {
-            refuse(&shared, conn, Refusal::Limit).await;
-            return None;
-        };
+        refuse(&shared, conn, Refusal::Limit).await;
+        return None;
     }
     // The router never sees the will (its will handling is private to rumqttd's own server): we
     // publish it ourselves on an unclean end, and only on a topic the device owns.
@@ -299,10 +293,8 @@ where
         Err(e) => {
             tracing::warn!(error = %e, "router refused the link");
             handle.link_failed();
-            {
-                refuse(&shared, conn, Refusal::Limit).await;
-                return None;
-            };
+            refuse(&shared, conn, Refusal::Limit).await;
+            return None;
         }
     };
 
