@@ -47,6 +47,35 @@ const READ_BUFFER: usize = 1024;
 /// Largest room a read asks for (see [`Conn::fill`]).
 const READ_MAX: usize = 16 * 1024;
 
+/// What a connection runs on: a byte stream whose readability can be awaited before a read
+/// buffer is offered (see [`Conn::fill`]).
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves when a read would probably find data (or an error, or the end of the stream).
+    /// A stream that cannot tell resolves at once, and the read waits with its buffer.
+    fn ready(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn ready(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+/// TLS: decrypted bytes may already wait inside the session, so the socket's readiness says
+/// nothing; the read waits with its buffer.
+impl Socket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    async fn ready(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Socket for tokio::io::DuplexStream {
+    async fn ready(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A socket with its read and write buffers.
 struct Conn<S> {
     io: S,
@@ -63,15 +92,25 @@ enum ReadError {
     Protocol(protocol::Error),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+impl<S: Socket> Conn<S> {
     /// Reads whatever the socket has. Cancel-safe: bytes read are kept in `rbuf`.
     ///
     /// The room offered to a read follows what the socket delivers. A PUBLISH's payload keeps
     /// its part of `rbuf` alive, so every read of a device that publishes gets a new buffer
     /// anyway; sizing it only by `rbuf`'s first capacity capped reads at ~1 KB, about two
     /// 200-byte reports, and a flooding device cost two `recvfrom` per report window instead
-    /// of one. An idle device's buffer stays small.
+    /// of one.
+    ///
+    /// With nothing pending, the buffer is let go and the socket's readiness awaited first: an
+    /// idle connection holds no read buffer at all (over 1 KB each, and up to the largest room
+    /// for one that flooded before going quiet).
     async fn fill(&mut self) -> io::Result<usize> {
+        if self.rbuf.is_empty() {
+            if self.rbuf.capacity() > 0 {
+                self.rbuf = BytesMut::new();
+            }
+            self.io.ready().await?;
+        }
         let room = self.rbuf.capacity() - self.rbuf.len();
         if room < self.read_room {
             self.rbuf.reserve(self.read_room);
@@ -122,7 +161,7 @@ pub(crate) async fn serve<S, H>(
     hooks: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let mut conn = Conn {
@@ -176,7 +215,7 @@ async fn handshake<S, H>(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Established<H>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let first = tokio::select! {
@@ -371,7 +410,7 @@ async fn run<S, H>(
     keep_alive: Option<Duration>,
 ) -> DisconnectReason
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let mut last_read = Instant::now();
@@ -505,7 +544,7 @@ async fn on_socket_data<S, H>(
     flow: &mut Flow,
 ) -> Result<(), DisconnectReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let busy = Busy::enter(&live.shared.busy_sessions);
@@ -562,7 +601,7 @@ async fn on_buffered<S, H>(
     flow: &mut Flow,
 ) -> Result<(), DisconnectReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let mut to_link = Vec::new();
@@ -636,7 +675,7 @@ async fn on_frame<S, H>(
     to_link: &mut Vec<Packet>,
 ) -> Result<(), DisconnectReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let lost = |_| DisconnectReason::ConnectionLost;
@@ -785,7 +824,7 @@ async fn on_publish<S, H>(
     flow: &mut Flow,
 ) -> Result<(), DisconnectReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let lost = |_| DisconnectReason::ConnectionLost;
@@ -846,7 +885,7 @@ async fn on_publishes<S, H>(
     flow: &mut Flow,
 ) -> Result<(), DisconnectReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     if pipeline.is_empty() {
@@ -900,7 +939,7 @@ async fn on_notifications<S, H>(
     flow: &mut Flow,
 ) -> Result<(), DisconnectReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let mut batch: Vec<Notification> = first.into_iter().collect();
@@ -992,7 +1031,7 @@ fn record_grants(handle: &SessionHandle, paths: Vec<String>, codes: &[SubscribeR
 
 /// Writes the session's queued direct messages as QoS 0 PUBLISHes (not flushed). Returns whether
 /// there were any.
-fn write_direct<S: AsyncRead + AsyncWrite + Unpin>(
+fn write_direct<S: Socket>(
     conn: &mut Conn<S>,
     handle: &SessionHandle,
     flow: &mut Flow,
@@ -1024,11 +1063,7 @@ fn merge_suback(
 }
 
 /// Answers a refused CONNECT with its return code, counts it, closes.
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: &Shared,
-    conn: &mut Conn<S>,
-    refusal: Refusal,
-) {
+async fn refuse<S: Socket>(shared: &Shared, conn: &mut Conn<S>, refusal: Refusal) {
     shared
         .metrics
         .connects_refused
@@ -1113,7 +1148,7 @@ pub(crate) async fn serve_in_span<S, H>(
     hooks: Arc<H>,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Socket,
     H: DeviceHooks,
 {
     let span = tracing::info_span!("mqtt", %peer, tls, conn = tracing::field::Empty, device = tracing::field::Empty);
@@ -1154,6 +1189,37 @@ mod tests {
             assert!(conn.rbuf.capacity() - conn.rbuf.len() >= READ_BUFFER - 100);
         }
         assert_eq!(conn.read_room, READ_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut device = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (io, _) = listener.accept().await.unwrap();
+        let mut conn = Conn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_BUFFER),
+            wbuf: BytesMut::new(),
+            max_packet: 1 << 20,
+            read_room: READ_BUFFER,
+        };
+        device.write_all(b"0123").await.unwrap();
+        assert_eq!(conn.fill().await.unwrap(), 4);
+        // Consumed: with nothing more on the socket, the read waits without a buffer.
+        conn.rbuf.clear();
+        assert!(conn.fill().now_or_never().is_none());
+        assert_eq!(conn.rbuf.capacity(), 0);
+        // Data arrives: a buffer of the usual room is offered again.
+        device.write_all(b"4567").await.unwrap();
+        assert_eq!(conn.fill().await.unwrap(), 4);
+        assert_eq!(&conn.rbuf[..], b"4567");
+        assert!(conn.rbuf.capacity() >= READ_BUFFER);
+        // A partial packet pending: the next read appends to it, whatever the socket says.
+        conn.rbuf.truncate(2);
+        assert!(conn.fill().now_or_never().is_none());
+        assert_eq!(&conn.rbuf[..], b"45");
     }
 
     #[test]
