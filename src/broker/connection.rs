@@ -1161,16 +1161,21 @@ pub(crate) async fn serve_in_span<S, H>(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn reads_grow_with_a_flood_and_shrink_back() {
-        let (mut device, io) = tokio::io::duplex(64 * 1024);
-        let mut conn = Conn {
+    /// A connection as `serve` sets one up, on `io`.
+    fn test_conn<S>(io: S) -> Conn<S> {
+        Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_BUFFER),
             wbuf: BytesMut::new(),
             max_packet: 1 << 20,
             read_room: READ_BUFFER,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_grow_with_a_flood_and_shrink_back() {
+        let (mut device, io) = tokio::io::duplex(64 * 1024);
+        let mut conn = test_conn(io);
         // A 40 KB flood: each read that fills its room doubles the next one, up to READ_MAX.
         device.write_all(&[0u8; 40 * 1024]).await.unwrap();
         let mut reads = Vec::new();
@@ -1198,13 +1203,7 @@ mod tests {
             .await
             .unwrap();
         let (io, _) = listener.accept().await.unwrap();
-        let mut conn = Conn {
-            io,
-            rbuf: BytesMut::with_capacity(READ_BUFFER),
-            wbuf: BytesMut::new(),
-            max_packet: 1 << 20,
-            read_room: READ_BUFFER,
-        };
+        let mut conn = test_conn(io);
         device.write_all(b"0123").await.unwrap();
         assert_eq!(conn.fill().await.unwrap(), 4);
         // Consumed: with nothing more on the socket, the read waits without a buffer.
