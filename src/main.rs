@@ -18,7 +18,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read at its start-up (`_RJEM_MALLOC_CONF` in the environment still
 /// overrides them). Freed dirty pages go back to the system after 1 s instead of 10 s: a
 /// connect storm's handshake buffers no longer count in the RSS of the connections that stay
-/// (19,900 idle devices: 387.6 instead of 398.1 MiB), and the steady ingest does not notice.
+/// (19,900 idle devices: 390.2 instead of 398.4 MiB), and the steady ingest does not notice.
 #[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
 pub static MALLOC_CONF: &[u8] = b"dirty_decay_ms:1000\0";

@@ -814,6 +814,21 @@ fn ack_downstream(
     }
 }
 
+/// Whether the session's device may publish on `topic`; a refusal is counted and logged.
+fn publish_allowed<H: DeviceHooks>(live: &Live<H>, topic: &str) -> bool {
+    let device = &live.session.device;
+    let allowed = acl::topic_allowed(&device.product_key, &device.device_name, topic);
+    if !allowed {
+        live.shared
+            .metrics
+            .acl_denied
+            .get_or_create(&[("kind", "publish")])
+            .inc();
+        tracing::debug!(topic, "publish refused by ACL");
+    }
+    allowed
+}
+
 /// An upstream PUBLISH: ACL, `on_publish`, then our own ack ("acknowledged means processed").
 /// A publish on a topic the device does not own is dropped and counted, and still acked like the
 /// vendor broker does (a silent drop; closing would only make the device reconnect and retry).
@@ -831,22 +846,12 @@ where
     let Ok(topic) = std::str::from_utf8(&publish.topic) else {
         return Err(DisconnectReason::ConnectionLost);
     };
-    let device = &live.session.device;
     // A QoS 2 retransmission (same id before its PUBREL) is acknowledged, not processed again.
     let duplicate = publish.qos == 2 && flow.incoming_qos2.contains(&publish.pkid);
-    if !duplicate {
-        if acl::topic_allowed(&device.product_key, &device.device_name, topic) {
-            live.hooks
-                .on_publish(&live.session, topic, publish.payload.clone())
-                .await;
-        } else {
-            live.shared
-                .metrics
-                .acl_denied
-                .get_or_create(&[("kind", "publish")])
-                .inc();
-            tracing::debug!(topic, "publish refused by ACL");
-        }
+    if !duplicate && publish_allowed(live, topic) {
+        live.hooks
+            .on_publish(&live.session, topic, publish.payload.clone())
+            .await;
     }
     match publish.qos {
         1 => {
@@ -891,7 +896,6 @@ where
     if pipeline.is_empty() {
         return Ok(());
     }
-    let device = &live.session.device;
     let mut allowed = Vec::with_capacity(pipeline.len());
     for publish in pipeline.iter() {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
@@ -899,15 +903,8 @@ where
             pipeline.clear();
             return Err(DisconnectReason::ConnectionLost);
         };
-        if acl::topic_allowed(&device.product_key, &device.device_name, topic) {
+        if publish_allowed(live, topic) {
             allowed.push((topic, publish.payload.clone()));
-        } else {
-            live.shared
-                .metrics
-                .acl_denied
-                .get_or_create(&[("kind", "publish")])
-                .inc();
-            tracing::debug!(topic, "publish refused by ACL");
         }
     }
     if !allowed.is_empty() {

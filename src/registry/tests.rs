@@ -38,13 +38,17 @@ fn tagged(name: &str, tags: &[(&str, &str)]) -> NewDevice {
     }
 }
 
-/// Creates the product "Lamp" with one device, `dev1`; returns the product key.
-async fn lamp_with_dev1(r: &Registry) -> String {
-    let pk = r
-        .create_product(new_product("Lamp"))
+/// Creates the product "Lamp"; returns its product key.
+async fn lamp(r: &Registry) -> String {
+    r.create_product(new_product("Lamp"))
         .await
         .unwrap()
-        .product_key;
+        .product_key
+}
+
+/// Creates the product "Lamp" with one device, `dev1`; returns the product key.
+async fn lamp_with_dev1(r: &Registry) -> String {
+    let pk = lamp(r).await;
     r.create_device(&pk, new_device("dev1")).await.unwrap();
     pk
 }
@@ -379,11 +383,7 @@ async fn delete_product_with_devices_is_a_conflict() {
 #[tokio::test]
 async fn devices_crud_and_generated_secrets() {
     let r = registry();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
+    let pk = lamp(&r).await;
     let d = r
         .create_device(&pk, tagged("dev1", &[("floor", "3")]))
         .await
@@ -464,11 +464,7 @@ async fn devices_crud_and_generated_secrets() {
 #[tokio::test]
 async fn paging_and_filters() {
     let r = registry();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
+    let pk = lamp(&r).await;
     // Created out of order; listed by name.
     for i in (0..25).rev() {
         let tags: &[(&str, &str)] = match i % 3 {
@@ -579,11 +575,7 @@ async fn paging_and_filters() {
 #[tokio::test]
 async fn batch_create_reports_each_row() {
     let r = registry();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
+    let pk = lamp(&r).await;
     r.create_device(&pk, new_device("exists")).await.unwrap();
     let rows = vec![
         new_device("good1"),
@@ -883,11 +875,7 @@ async fn concurrent_version_reports_are_group_committed() {
         m.clone(),
     )
     .unwrap();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
+    let pk = lamp(&r).await;
     let rows: Vec<NewDevice> = (0..100)
         .map(|i| new_device(&format!("dev{i:03}")))
         .collect();
@@ -974,11 +962,7 @@ async fn a_create_that_did_not_commit_is_taken_back() {
     };
     let m = metrics();
     let r = Registry::open(Store::with_backend(backend, m.clone()).unwrap(), m).unwrap();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
+    let pk = lamp(&r).await;
 
     failing.store(true, Ordering::SeqCst);
     assert!(matches!(
@@ -1039,11 +1023,7 @@ async fn set_devices_instance_moves_ownership_durably_with_extra_ops() {
     })
     .await
     .unwrap();
-    let pk = r
-        .create_product(new_product("Lamp"))
-        .await
-        .unwrap()
-        .product_key;
+    let pk = lamp(&r).await;
     r.batch_create_devices(&pk, vec![new_device("dev1"), new_device("dev2")])
         .await
         .unwrap();
