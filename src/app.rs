@@ -109,6 +109,7 @@ impl Application {
                 max_connections: settings.mqtt.max_connections,
                 connect_timeout: Duration::from_secs(settings.mqtt.connect_timeout_secs),
                 max_payload_size: settings.mqtt.max_payload_bytes,
+                epochs: registry.epochs().clone(),
             },
             metrics.clone(),
         )

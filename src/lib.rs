@@ -19,6 +19,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod export;
 pub mod forwarder;

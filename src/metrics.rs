@@ -101,6 +101,8 @@ pub struct Metrics {
     pub ota_retries: Counter,
     /// OTA progress reports by outcome (`applied`, `ignored`, `no_task`).
     pub ota_progress: Family<Labels, Counter>,
+    /// Cluster mode (`fleetgate_cluster_…`).
+    pub cluster: crate::cluster::ClusterMetrics,
 }
 
 impl Metrics {
@@ -147,8 +149,10 @@ impl Metrics {
             ota_timeouts: Counter::default(),
             ota_retries: Counter::default(),
             ota_progress: Family::default(),
+            cluster: crate::cluster::ClusterMetrics::default(),
             registry: Registry::default(),
         };
+        m.cluster.register(&mut registry);
         registry.register(
             "connected_devices",
             "Devices with an open MQTT session",

@@ -278,7 +278,7 @@ where
         }
     });
 
-    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let conn_id = shared.config.epochs.next();
     tracing::Span::current().record("conn", conn_id).record(
         "device",
         format!("{}/{}", device.product_key, device.device_name),

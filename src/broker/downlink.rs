@@ -208,6 +208,40 @@ impl Downlink {
         }
     }
 
+    /// Ends the device's session if it is the one with epoch `conn_id` (a newer session of
+    /// the device on another node took over, or the device was revoked there). Returns
+    /// whether it did.
+    pub fn retire(&self, device: &DeviceKey, conn_id: u64, reason: DisconnectReason) -> bool {
+        let handle = self
+            .table
+            .sessions
+            .get(device)
+            .filter(|h| h.conn_id == conn_id)
+            .map(|h| Arc::clone(h.value()));
+        match handle {
+            Some(handle) => {
+                handle.retire(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every session (`on_disconnect` with [`DisconnectReason::Kicked`]): this node
+    /// can no longer vouch for them (cut from the cluster). Returns how many.
+    pub fn kick_all(&self) -> usize {
+        let handles: Vec<Arc<SessionHandle>> = self
+            .table
+            .sessions
+            .iter()
+            .map(|h| Arc::clone(h.value()))
+            .collect();
+        for handle in &handles {
+            handle.retire(DisconnectReason::Kicked);
+        }
+        handles.len()
+    }
+
     /// Whether the device has an authenticated session right now.
     pub fn is_connected(&self, device: &DeviceKey) -> bool {
         self.table

@@ -98,10 +98,12 @@ async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await.map(drop);
 }
 
+use crate::cluster::epoch::EpochClock;
 use bytes::Bytes;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Broker errors.
@@ -144,7 +146,8 @@ pub struct DeviceCredentials {
 #[derive(Debug, Clone)]
 pub struct Session {
     pub device: DeviceKey,
-    /// Unique per accepted connection for the life of the process (not rumqttd's reusable id).
+    /// The session's epoch (`cluster::epoch`): unique per authenticated connection across
+    /// restarts and nodes, and ordered (not rumqttd's reusable id).
     pub conn_id: u64,
     pub client_id: String,
     pub client_addr: SocketAddr,
@@ -239,6 +242,9 @@ pub struct BrokerConfig {
     /// How long a new socket may take to send CONNECT.
     pub connect_timeout: Duration,
     pub max_payload_size: usize,
+    /// Where sessions' ids come from ([`Session::conn_id`] is the session's epoch, ordered
+    /// across a cluster); shared with the registry.
+    pub epochs: Arc<EpochClock>,
 }
 
 impl Default for BrokerConfig {
@@ -249,6 +255,7 @@ impl Default for BrokerConfig {
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
             max_payload_size: 256 * 1024,
+            epochs: Arc::new(EpochClock::new(0)),
         }
     }
 }

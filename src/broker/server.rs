@@ -12,7 +12,7 @@ use super::{BrokerConfig, BrokerError, DeviceHooks, DisconnectReason, TlsConfig}
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
@@ -31,8 +31,6 @@ pub(crate) struct Shared {
     pub router: RouterHandle,
     pub table: Arc<SessionTable>,
     pub downlink: Downlink,
-    /// Source of [`Session::conn_id`](super::Session::conn_id): unique for the process lifetime.
-    pub next_conn_id: AtomicU64,
     /// Sessions handling socket data right now (a measure of how saturated the gateway is; see
     /// `connection::on_socket_data`).
     pub busy_sessions: AtomicUsize,
@@ -63,7 +61,6 @@ impl Broker {
                 router,
                 table,
                 downlink,
-                next_conn_id: AtomicU64::new(1),
                 busy_sessions: AtomicUsize::new(0),
             }),
         })

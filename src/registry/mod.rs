@@ -31,15 +31,22 @@
 
 mod model;
 mod observer;
+mod remote;
 mod restore;
 mod validate;
 
 pub use model::*;
 pub use observer::{DeviceChange, DeviceObserver, ObserverFuture};
+pub use remote::{SessionEvent, Superseded};
+
+use crate::cluster::epoch::EpochClock;
 
 use crate::broker::DeviceCredentials;
 use crate::metrics::Metrics;
-use crate::store::{DeviceRecord, InstanceRecord, Op, ProductRecord, Store, StoreError, Ticket};
+use crate::store::{
+    DeviceRecord, InstanceRecord, Op, ProductRecord, SessionWrite, Snapshot, Store, StoreError,
+    Ticket,
+};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -113,9 +120,12 @@ struct DeviceState {
     instance_id: String,
     enabled: bool,
     tags: BTreeMap<String, String>,
-    online: bool,
-    /// The connection that made the device online; only its disconnect takes it offline.
-    conn_id: Option<u64>,
+    /// The epoch of the session that holds the device (`cluster::epoch`; on one node it is
+    /// just the connection's id); only that session's end takes the device offline.
+    session: Option<u64>,
+    /// The highest session epoch heard of for this device, online or not: an event about an
+    /// older session (late, from another node) changes nothing.
+    epoch_seen: u64,
     last_seen_ms: Option<i64>,
     client_ip: Option<String>,
     versions: BTreeMap<String, String>,
@@ -133,7 +143,7 @@ impl DeviceState {
             instance_id: self.instance_id.clone(),
             enabled: self.enabled,
             tags: self.tags.clone(),
-            online: self.online,
+            online: self.session.is_some(),
             last_seen_ms: self.last_seen_ms,
             client_ip: self.client_ip.clone(),
             versions: self.versions.clone(),
@@ -189,6 +199,9 @@ pub struct Registry {
     generation: AtomicU64,
     /// Told about device changes once durable (see [`DeviceObserver`]).
     observers: RwLock<Vec<Arc<dyn DeviceObserver>>>,
+    /// The node's session epochs (shared with the broker, which draws them); remote session
+    /// events move it forward.
+    epochs: Arc<EpochClock>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -206,6 +219,15 @@ impl Registry {
     ///
     /// Blocks the calling thread while it reads the store (start-up only).
     pub fn open(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Registry>> {
+        Registry::open_with(store, metrics, Arc::new(EpochClock::new(0)))
+    }
+
+    /// [`open`](Self::open) on a node whose broker draws session epochs from `epochs`.
+    pub fn open_with(
+        store: Store,
+        metrics: Arc<Metrics>,
+        epochs: Arc<EpochClock>,
+    ) -> Result<Arc<Registry>> {
         let snapshot = store.load()?;
         let registry = Registry {
             store,
@@ -216,6 +238,7 @@ impl Registry {
             online: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             observers: RwLock::new(Vec::new()),
+            epochs,
         };
         for i in snapshot.instances {
             let instance = Instance {
@@ -244,19 +267,7 @@ impl Registry {
             let mut order = write(&registry.product_order);
             for p in snapshot.products {
                 order.insert((p.name.clone(), p.product_key.clone()));
-                let entry = ProductEntry {
-                    product: Product {
-                        product_key: p.product_key,
-                        product_secret: p.product_secret,
-                        name: p.name,
-                        instance_id: p.instance_id,
-                        description: p.description,
-                        created_at_ms: p.created_at_ms,
-                        device_count: 0,
-                    },
-                    devices: DashMap::new(),
-                    index: RwLock::new(DeviceIndex::default()),
-                };
+                let entry = remote::product_entry(p);
                 registry
                     .products
                     .insert(entry.product.product_key.clone(), Arc::new(entry));
@@ -268,23 +279,13 @@ impl Registry {
                 tracing::warn!(product_key = %d.record.product_key, device_name = %d.record.device_name, "stored device without product skipped");
                 continue;
             };
-            let state = DeviceState {
-                device_secret: d.record.device_secret,
-                instance_id: d.record.instance_id,
-                enabled: d.record.enabled,
-                tags: d.record.tags,
-                online: false,
-                conn_id: None,
-                last_seen_ms: d.last_seen_ms,
-                client_ip: d.client_ip,
-                versions: d.versions,
-                created_at_ms: d.record.created_at_ms,
-                generation: registry.next_generation(),
-            };
-            write(&entry.index)
-                .names
-                .insert(d.record.device_name.clone());
-            entry.devices.insert(d.record.device_name, state);
+            let name = d.record.device_name.clone();
+            let state = registry.device_state(d);
+            if state.session.is_some() {
+                registry.online.fetch_add(1, Ordering::Relaxed);
+            }
+            write(&entry.index).names.insert(name.clone());
+            entry.devices.insert(name, state);
         }
         tracing::info!(
             instances = registry.instances.len(),
@@ -292,6 +293,11 @@ impl Registry {
             "registry loaded"
         );
         Ok(Arc::new(registry))
+    }
+
+    /// The node's session epochs.
+    pub fn epochs(&self) -> &Arc<EpochClock> {
+        &self.epochs
     }
 
     /// The store this registry writes through (other modules submit their own ops to it).
@@ -542,8 +548,8 @@ impl Registry {
             instance_id: entry.product.instance_id.clone(),
             enabled: true,
             tags: new.tags,
-            online: false,
-            conn_id: None,
+            session: None,
+            epoch_seen: 0,
             last_seen_ms: None,
             client_ip: None,
             versions: BTreeMap::new(),
@@ -708,7 +714,9 @@ impl Registry {
         let entry = self.product_or_not_found(pk)?;
         let index = read(&entry.index);
         let matches = |d: &DeviceState| {
-            filter.online.is_none_or(|online| d.online == online)
+            filter
+                .online
+                .is_none_or(|online| d.session.is_some() == online)
                 && filter.tag_key.as_ref().is_none_or(|key| {
                     match (d.tags.get(key), &filter.tag_value) {
                         (None, _) => false,
@@ -799,7 +807,7 @@ impl Registry {
                 return Err(device_not_found(pk, dn));
             };
             index.names.remove(dn);
-            if state.online {
+            if state.session.is_some() {
                 self.went_offline();
             }
             // Under the index lock, so a re-create of the same name is ordered after the delete.
@@ -944,9 +952,14 @@ impl Registry {
         self.metrics.connected_devices.dec();
     }
 
-    /// A device authenticated on connection `conn_id`: online, `last_seen`, `client_ip`.
-    /// Persisted without waiting. A takeover (new connection while online) just moves
-    /// ownership to the new `conn_id`.
+    fn went_online(&self) {
+        self.online.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connected_devices.inc();
+    }
+
+    /// A device authenticated on the connection whose session epoch is `conn_id`: online,
+    /// `last_seen`, `client_ip`. Persisted without waiting. A takeover (new connection while
+    /// online) just moves ownership to the new session.
     pub fn device_connected(
         &self,
         pk: &str,
@@ -961,13 +974,12 @@ impl Registry {
         let Some(mut d) = entry.devices.get_mut(dn) else {
             return;
         };
-        if !d.online {
-            d.online = true;
-            self.online.fetch_add(1, Ordering::Relaxed);
-            self.metrics.connected_devices.inc();
+        if d.session.is_none() {
+            self.went_online();
         }
         let ip = client_ip.to_string();
-        d.conn_id = Some(conn_id);
+        d.session = Some(conn_id);
+        d.epoch_seen = d.epoch_seen.max(conn_id);
         d.last_seen_ms = Some(at_ms);
         d.client_ip = Some(ip.clone());
         // Submitted under the device guard: store order = memory order. Not awaited.
@@ -976,11 +988,12 @@ impl Registry {
             device_name: dn.to_owned(),
             last_seen_ms: at_ms,
             client_ip: Some(ip),
+            session: SessionWrite::Online(conn_id),
         }]));
     }
 
-    /// Connection `conn_id` of a device closed. Ignored unless it is the device's current
-    /// connection (the old session of a takeover closes after the new one connected).
+    /// The session `conn_id` of a device ended. Ignored unless it is the device's current
+    /// session (the old session of a takeover closes after the new one connected).
     pub fn device_disconnected(&self, pk: &str, dn: &str, conn_id: u64, at_ms: i64) {
         let Some(entry) = self.product(pk) else {
             return;
@@ -988,11 +1001,10 @@ impl Registry {
         let Some(mut d) = entry.devices.get_mut(dn) else {
             return;
         };
-        if d.conn_id != Some(conn_id) || !d.online {
+        if d.session != Some(conn_id) {
             return;
         }
-        d.online = false;
-        d.conn_id = None;
+        d.session = None;
         d.last_seen_ms = Some(at_ms);
         self.went_offline();
         drop(self.store.submit(vec![Op::SetConnection {
@@ -1000,6 +1012,7 @@ impl Registry {
             device_name: dn.to_owned(),
             last_seen_ms: at_ms,
             client_ip: d.client_ip.clone(),
+            session: SessionWrite::Offline(conn_id),
         }]));
     }
 

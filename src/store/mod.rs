@@ -117,6 +117,21 @@ pub struct StoredDevice {
     pub client_ip: Option<String>,
     /// module -> last reported version.
     pub versions: BTreeMap<String, String>,
+    /// Epoch of the session holding the device (cluster mode; a single node keeps no
+    /// sessions across restarts and loads `None`).
+    pub session: Option<u64>,
+    /// The highest session epoch the store has recorded for the device (0: none).
+    pub epoch_seen: u64,
+}
+
+/// A session's start or end, as [`Op::SetConnection`] records it (cluster mode: which node
+/// holds a device is shared state; a single node ignores it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionWrite {
+    /// The session with this epoch holds the device, unless the store has seen a newer one.
+    Online(u64),
+    /// The session with this epoch ended; the device is offline unless a newer session holds it.
+    Offline(u64),
 }
 
 /// Everything in the store, read once at start to rebuild the in-memory state.
@@ -125,6 +140,9 @@ pub struct Snapshot {
     pub instances: Vec<InstanceRecord>,
     pub products: Vec<ProductRecord>,
     pub devices: Vec<StoredDevice>,
+    /// node -> the last change-feed message (`Op::FeedMark`) this snapshot contains (cluster
+    /// mode; empty on a single node).
+    pub feed_cuts: BTreeMap<u16, u64>,
 }
 
 /// One write. Extend this enum (and each backend's `match`) for new tables.
@@ -150,6 +168,15 @@ pub enum Op {
         device_name: String,
         last_seen_ms: i64,
         client_ip: Option<String>,
+        session: SessionWrite,
+    },
+    /// Every session of `node` drawn before `before_ms` ended (the node restarted, or it is
+    /// gone for good): those devices are offline (last seen `at_ms`) unless a newer session
+    /// holds them.
+    ReleaseNode {
+        node: u16,
+        before_ms: i64,
+        at_ms: i64,
     },
     /// A device reported `version` for `module`.
     SetVersion {
@@ -169,6 +196,21 @@ pub enum Op {
     },
     /// Delete a document; a missing one is a no-op.
     DeleteDoc { kind: &'static str, id: String },
+    /// The change feed's position (cluster mode): the transaction that carries it is message
+    /// `seq` of node `node`'s feed, so a snapshot read with [`Snapshot::feed_cuts`] says
+    /// exactly which feed messages it already contains. A single node ignores it.
+    FeedMark { node: u16, seq: u64 },
+}
+
+/// Told about every committed transaction, in commit order, on the writer thread, before the
+/// transaction's tickets resolve: the cluster's change feed (`crate::cluster::feed`).
+pub trait CommitFeed: Send + 'static {
+    /// An op to commit in the same transaction as `submissions` (the feed's
+    /// [`Op::FeedMark`]), or `None` when none of them concern the feed.
+    fn mark(&mut self, submissions: &[&[Op]]) -> Option<Op>;
+    /// The transaction that carried the last mark committed; `results` has one entry per
+    /// submission (a submission rolled back alone has an `Err`).
+    fn committed(&mut self, submissions: &[&[Op]], results: &[Result<(), StoreError>]);
 }
 
 /// A durable storage engine. Implemented by [`SqliteBackend`]; a PostgreSQL backend implements
@@ -237,6 +279,8 @@ pub(crate) enum Msg {
         String,
         mpsc::SyncSender<Result<Vec<(String, String)>, StoreError>>,
     ),
+    /// From the next transaction on, marks and reports transactions to this feed.
+    SetFeed(Box<dyn CommitFeed>),
     /// Commit everything queued before this, then exit.
     Shutdown,
 }
@@ -434,6 +478,12 @@ impl Store {
             .send(Msg::LoadDocuments(kind.to_owned(), tx))
             .map_err(|_| StoreError::Closed)?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Attaches the change feed (cluster mode): every later transaction that concerns it
+    /// carries its mark and is reported to it once committed.
+    pub fn set_feed(&self, feed: Box<dyn CommitFeed>) {
+        let _ = self.inner.tx.send(Msg::SetFeed(feed));
     }
 
     /// Commits everything queued, stops and joins the writer. Later submissions through other

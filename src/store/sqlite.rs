@@ -225,6 +225,7 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             device_name,
             last_seen_ms,
             client_ip,
+            session: _,
         } => {
             conn.prepare_cached(
                 "UPDATE devices SET last_seen_ms = ?3, client_ip = ?4 WHERE product_key = ?1 AND device_name = ?2",
@@ -246,6 +247,8 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![product_key, device_name, module, version, reported_at_ms])?;
         }
+        // A single node keeps no sessions across restarts, and has no change feed.
+        Op::ReleaseNode { .. } | Op::FeedMark { .. } => {}
         Op::PutDoc { kind, id, body } => {
             conn.prepare_cached(
                 "INSERT INTO documents (kind, id, body) VALUES (?1, ?2, ?3)
@@ -327,6 +330,8 @@ impl StoreBackend for SqliteBackend {
                 last_seen_ms: r.get(7)?,
                 client_ip: r.get(8)?,
                 versions: BTreeMap::new(),
+                session: None,
+                epoch_seen: 0,
             });
         }
         let index: HashMap<(String, String), usize> = devices
@@ -353,6 +358,7 @@ impl StoreBackend for SqliteBackend {
             instances,
             products,
             devices,
+            feed_cuts: BTreeMap::new(),
         })
     }
 

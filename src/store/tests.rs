@@ -68,6 +68,7 @@ fn populate_ops() -> (Vec<Op>, Snapshot) {
             device_name: "dev1".into(),
             last_seen_ms: 99,
             client_ip: Some("10.0.0.7".into()),
+            session: SessionWrite::Online(5),
         },
         Op::PutDevice(disabled.clone()),
         Op::DeleteDevice {
@@ -90,14 +91,19 @@ fn populate_ops() -> (Vec<Op>, Snapshot) {
                     ("MCU".to_string(), "0.9".to_string()),
                     ("default".to_string(), "1.0.1".to_string()),
                 ]),
+                session: None,
+                epoch_seen: 0,
             },
             StoredDevice {
                 record: disabled,
                 last_seen_ms: None,
                 client_ip: None,
                 versions: BTreeMap::new(),
+                session: None,
+                epoch_seen: 0,
             },
         ],
+        feed_cuts: BTreeMap::new(),
     };
     (ops, expected)
 }

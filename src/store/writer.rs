@@ -6,7 +6,7 @@
 //! first waits `commit_delay_us` ([`StoreSettings`]), so the next drain gathers more. Messages are handled strictly in
 //! arrival order, so a `Load` or `Shutdown` sees every earlier submission committed.
 
-use super::{Msg, Op, Reply, StoreBackend, StoreSettings};
+use super::{CommitFeed, Msg, Op, Reply, StoreBackend, StoreSettings};
 use crate::metrics::Metrics;
 use std::collections::HashSet;
 use std::sync::mpsc::Receiver;
@@ -25,6 +25,7 @@ pub(super) fn run<B: StoreBackend>(
 ) {
     let mut carried: Option<Msg> = None;
     let mut delay = None;
+    let mut feed: Option<Box<dyn CommitFeed>> = None;
     loop {
         if let Some(delay) = delay.take() {
             // Busy: let the next transaction gather more submissions (group commit).
@@ -41,6 +42,7 @@ pub(super) fn run<B: StoreBackend>(
         match msg {
             // FIFO: everything queued before the shutdown is already committed.
             Msg::Shutdown => return,
+            Msg::SetFeed(f) => feed = Some(f),
             Msg::Load(reply) => {
                 let _ = reply.send(backend.load());
             }
@@ -64,7 +66,7 @@ pub(super) fn run<B: StoreBackend>(
                     }
                 }
                 delay = settings.delay_after(batch.len());
-                commit(&mut backend, batch, op_count, &metrics);
+                commit(&mut backend, feed.as_deref_mut(), batch, op_count, &metrics);
             }
         }
     }
@@ -72,6 +74,7 @@ pub(super) fn run<B: StoreBackend>(
 
 fn commit<B: StoreBackend>(
     backend: &mut B,
+    feed: Option<&mut dyn CommitFeed>,
     batch: Vec<(Vec<Op>, Reply)>,
     op_count: usize,
     metrics: &Metrics,
@@ -85,7 +88,7 @@ fn commit<B: StoreBackend>(
     }
     let started = Instant::now();
     let skip = superseded(&batch);
-    let submissions: Vec<&[Op]> = batch
+    let mut submissions: Vec<&[Op]> = batch
         .iter()
         .zip(&skip)
         .filter(|(_, &skip)| !skip)
@@ -94,7 +97,31 @@ fn commit<B: StoreBackend>(
     metrics
         .store_superseded
         .inc_by((batch.len() - submissions.len()) as u64);
-    let outcome = backend.commit(&submissions).map(|results| {
+    let (feed, mark) = match feed {
+        Some(feed) => {
+            let mark = feed.mark(&submissions);
+            (mark.is_some().then_some(feed), mark)
+        }
+        None => (None, None),
+    };
+    if let Some(mark) = &mark {
+        submissions.push(std::slice::from_ref(mark));
+    }
+    let outcome = backend.commit(&submissions).map(|mut results| {
+        if mark.is_some() {
+            submissions.pop();
+            if let Some(Err(error)) = results.pop() {
+                // The others committed all the same, so the feed still announces them; a
+                // node resyncing later just applies them once more (harmless).
+                tracing::warn!(%error, "the change feed's mark did not commit");
+            }
+            if let Some(feed) = feed {
+                feed.committed(&submissions, &results);
+            }
+        }
+        results
+    });
+    let outcome = outcome.map(|results| {
         // Superseded submissions share the transaction's fate: `Ok` once it commits.
         let mut results = results.into_iter();
         skip.iter()
@@ -226,7 +253,7 @@ mod tests {
             })
             .collect();
         let op_count = batch.iter().map(|(ops, _)| ops.len()).sum();
-        commit(backend, batch, op_count, metrics);
+        commit(backend, None, batch, op_count, metrics);
         outcomes
     }
 

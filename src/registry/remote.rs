@@ -1,0 +1,402 @@
+//! Changes another cluster node made, applied to this node's memory only: they are durable
+//! already (the node that made them committed them to the shared store before announcing them
+//! on the change feed, `crate::cluster`), so nothing here writes to the store.
+//!
+//! - **Sessions** ([`Registry::apply_session`]) carry their epoch (`cluster::epoch`): the
+//!   higher epoch holds the device, an event about an older session changes nothing, and a
+//!   session this node holds that a newer one supersedes is handed back to the caller to end.
+//! - **Versions** carry their values, applied in the order their node committed them.
+//! - **Configuration** (instances, products, devices) is not carried: the feed says *what*
+//!   changed and the caller re-reads it from the store, so two nodes' changes to one device
+//!   that arrive in either order still leave the state the store has ([`Registry::refresh_device`]).
+//! - **Resync** ([`Registry::resync`]) replaces everything with a snapshot of the store, after
+//!   a node missed feed messages.
+//!
+//! Observers hear of devices created, re-tagged or deleted elsewhere, as they do of local
+//! changes. Same locking rules as the rest of the registry: product index → device shard, no
+//! guard across an await.
+
+use super::*;
+use crate::store::StoredDevice;
+
+/// A connection event of a session held by another node (or of one of ours, replayed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEvent {
+    /// The session's epoch (`cluster::epoch`): its node and its order.
+    pub epoch: u64,
+    /// Connected (`true`) or ended.
+    pub online: bool,
+    pub at_ms: i64,
+    pub client_ip: Option<String>,
+}
+
+/// A session that a change made elsewhere ends: the caller closes it if its node is this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    pub product_key: String,
+    pub device_name: String,
+    /// The ended session's epoch.
+    pub epoch: u64,
+}
+
+impl Registry {
+    /// Applies another node's connection event. Returns the session it supersedes (a newer
+    /// session elsewhere ends the one held until now), if any.
+    pub fn apply_session(&self, pk: &str, dn: &str, event: &SessionEvent) -> Option<Superseded> {
+        self.epochs.observe(event.epoch);
+        let entry = self.product(pk)?;
+        let mut d = entry.devices.get_mut(dn)?;
+        if event.online {
+            if event.epoch <= d.epoch_seen {
+                // Older than what this device already had (or a replay): the newer session
+                // holds it, and its node ends the older one when it hears of the newer.
+                return None;
+            }
+            d.epoch_seen = event.epoch;
+            let previous = d.session.replace(event.epoch);
+            if previous.is_none() {
+                self.online.fetch_add(1, Ordering::Relaxed);
+            }
+            d.last_seen_ms = Some(event.at_ms);
+            d.client_ip.clone_from(&event.client_ip);
+            previous.map(|epoch| Superseded {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                epoch,
+            })
+        } else {
+            d.epoch_seen = d.epoch_seen.max(event.epoch);
+            if d.session == Some(event.epoch) {
+                d.session = None;
+                d.last_seen_ms = Some(event.at_ms);
+                self.online.fetch_sub(1, Ordering::Relaxed);
+            }
+            None
+        }
+    }
+
+    /// Applies a version report another node committed.
+    pub fn apply_version(&self, pk: &str, dn: &str, module: &str, version: &str) {
+        let Some(entry) = self.product(pk) else {
+            return;
+        };
+        let Some(mut d) = entry.devices.get_mut(dn) else {
+            return;
+        };
+        match d.versions.get_mut(module) {
+            Some(current) => version.clone_into(current),
+            None => {
+                d.versions.insert(module.to_owned(), version.to_owned());
+            }
+        }
+    }
+
+    /// The epoch of the session holding a device (any node's), if one does: the directory
+    /// that downlinks to another node's device follow.
+    pub fn session_of(&self, pk: &str, dn: &str) -> Option<u64> {
+        let entry = self.product(pk)?;
+        let d = entry.devices.get(dn)?;
+        d.session
+    }
+
+    /// Sessions of `node` drawn before `before_ms` end (the node restarted, or is gone): their
+    /// devices go offline here. Returns how many did.
+    pub fn release_node(&self, node: u16, before_ms: i64, at_ms: i64) -> usize {
+        use crate::cluster::epoch::{millis_of, node_of};
+        let mut released = 0;
+        let entries: Vec<Arc<ProductEntry>> = self
+            .products
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        for entry in entries {
+            for mut d in entry.devices.iter_mut() {
+                if d.session
+                    .is_some_and(|e| node_of(e) == node && millis_of(e) < before_ms)
+                {
+                    d.session = None;
+                    d.last_seen_ms = Some(at_ms);
+                    self.online.fetch_sub(1, Ordering::Relaxed);
+                    released += 1;
+                }
+            }
+        }
+        released
+    }
+
+    /// An instance as the store has it now.
+    pub fn refresh_instance(&self, record: InstanceRecord) {
+        self.instances.insert(
+            record.instance_id.clone(),
+            Instance {
+                instance_id: record.instance_id,
+                name: record.name,
+                created_at_ms: record.created_at_ms,
+            },
+        );
+    }
+
+    /// A product as the store has it now (`None`: it is gone). Its devices are refreshed on
+    /// their own; a product is only removed here once it has none (the store refuses to delete
+    /// a product with devices, so they are gone or going).
+    pub fn refresh_product(&self, pk: &str, record: Option<ProductRecord>) {
+        match record {
+            Some(record) => {
+                if let Some(entry) = self.product(pk) {
+                    if entry.product.created_at_ms == record.created_at_ms {
+                        return;
+                    }
+                    // Deleted and created again elsewhere: the old entry goes first.
+                    self.forget_product(pk, &entry);
+                }
+                let entry = product_entry(record);
+                let order_key = (entry.product.name.clone(), pk.to_owned());
+                self.products.insert(pk.to_owned(), Arc::new(entry));
+                write(&self.product_order).insert(order_key);
+            }
+            None => {
+                if let Some(entry) = self.product(pk) {
+                    self.forget_product(pk, &entry);
+                }
+            }
+        }
+    }
+
+    fn forget_product(&self, pk: &str, entry: &Arc<ProductEntry>) {
+        let mut index = write(&entry.index);
+        index.deleted = true;
+        for name in std::mem::take(&mut index.names) {
+            if let Some((_, d)) = entry.devices.remove(&name) {
+                if d.session.is_some() {
+                    self.online.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.products.remove_if(pk, |_, v| Arc::ptr_eq(v, entry));
+        write(&self.product_order).remove(&(entry.product.name.clone(), pk.to_owned()));
+    }
+
+    /// A device as the store has it now (`None`: it is gone). Observers hear of a creation, a
+    /// deletion or new tags; a session of this node that may no longer stand (the device was
+    /// deleted, disabled, re-keyed or moved to another instance) is returned for the caller
+    /// to end.
+    pub async fn refresh_device(
+        &self,
+        pk: &str,
+        dn: &str,
+        stored: Option<StoredDevice>,
+    ) -> Option<Superseded> {
+        let (change, revoked) = self.refresh_device_now(pk, dn, stored);
+        if let Some(change) = change {
+            self.notify(change).await;
+        }
+        revoked
+    }
+
+    fn refresh_device_now(
+        &self,
+        pk: &str,
+        dn: &str,
+        stored: Option<StoredDevice>,
+    ) -> (Option<DeviceChange>, Option<Superseded>) {
+        let superseded = |epoch: Option<u64>| {
+            epoch.map(|epoch| Superseded {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                epoch,
+            })
+        };
+        let Some(entry) = self.product(pk) else {
+            return (None, None);
+        };
+        let mut index = write(&entry.index);
+        let Some(stored) = stored else {
+            let Some((_, old)) = entry.devices.remove(dn) else {
+                return (None, None);
+            };
+            index.names.remove(dn);
+            if old.session.is_some() {
+                self.online.fetch_sub(1, Ordering::Relaxed);
+            }
+            let change = DeviceChange::Deleted {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                instance_id: old.instance_id,
+            };
+            return (Some(change), superseded(old.session));
+        };
+        let record = stored.record.clone();
+        // Same device (same creation) still here: its configured fields change in place.
+        let updated = entry
+            .devices
+            .get_mut(dn)
+            .filter(|d| d.created_at_ms == record.created_at_ms)
+            .map(|mut d| {
+                let revoked = !record.enabled
+                    || record.device_secret != d.device_secret
+                    || record.instance_id != d.instance_id;
+                let tags_changed = record.tags != d.tags;
+                d.device_secret = record.device_secret.clone();
+                d.instance_id = record.instance_id.clone();
+                d.enabled = record.enabled;
+                d.tags = record.tags.clone();
+                let change = tags_changed.then(|| DeviceChange::TagsChanged {
+                    product_key: pk.to_owned(),
+                    device_name: dn.to_owned(),
+                });
+                (change, if revoked { d.session } else { None })
+            });
+        if let Some((change, revoked)) = updated {
+            return (change, superseded(revoked));
+        }
+        // New here, or deleted and created again elsewhere since this node saw it.
+        let state = self.device_state(stored);
+        let online = state.session.is_some();
+        let old_session = match entry.devices.insert(dn.to_owned(), state) {
+            Some(old) => {
+                if old.session.is_some() {
+                    self.online.fetch_sub(1, Ordering::Relaxed);
+                }
+                old.session
+            }
+            None => None,
+        };
+        if online {
+            self.online.fetch_add(1, Ordering::Relaxed);
+        }
+        index.names.insert(dn.to_owned());
+        let change = DeviceChange::Created {
+            product_key: pk.to_owned(),
+            device_names: vec![dn.to_owned()],
+        };
+        (Some(change), superseded(old_session))
+    }
+
+    /// Makes memory equal to `snapshot` (a consistent read of the store), after this node
+    /// missed feed messages. Sessions of this node are kept unless the store knows a newer
+    /// session of the device (then it is returned, to end); devices and products the store no
+    /// longer has are removed. Observers hear of what changed.
+    pub async fn resync(&self, snapshot: Snapshot) -> Vec<Superseded> {
+        for instance in snapshot.instances {
+            self.refresh_instance(instance);
+        }
+        let mut stored_products: HashSet<String> = HashSet::new();
+        for product in snapshot.products {
+            stored_products.insert(product.product_key.clone());
+            let pk = product.product_key.clone();
+            self.refresh_product(&pk, Some(product));
+        }
+        let mut by_product: BTreeMap<String, BTreeMap<String, StoredDevice>> = BTreeMap::new();
+        for d in snapshot.devices {
+            by_product
+                .entry(d.record.product_key.clone())
+                .or_default()
+                .insert(d.record.device_name.clone(), d);
+        }
+        let mut ended = Vec::new();
+        let mut changes = Vec::new();
+        let known: Vec<String> = self.products.iter().map(|e| e.key().clone()).collect();
+        for pk in known {
+            if !stored_products.contains(&pk) {
+                // Gone from the store: its devices first (observers hear of each).
+                let names = self
+                    .product(&pk)
+                    .map(|e| read(&e.index).names.iter().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default();
+                for dn in names {
+                    let (change, revoked) = self.refresh_device_now(&pk, &dn, None);
+                    changes.extend(change);
+                    ended.extend(revoked);
+                }
+                self.refresh_product(&pk, None);
+                continue;
+            }
+            let mut stored = by_product.remove(&pk).unwrap_or_default();
+            let names = self
+                .product(&pk)
+                .map(|e| read(&e.index).names.iter().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            for dn in names {
+                let fresh = stored.remove(&dn);
+                let session = fresh.as_ref().and_then(|f| f.session);
+                let (change, revoked) = self.refresh_device_now(&pk, &dn, fresh);
+                changes.extend(change);
+                ended.extend(revoked);
+                ended.extend(self.resync_session(&pk, &dn, session));
+            }
+            for (dn, fresh) in stored {
+                let (change, revoked) = self.refresh_device_now(&pk, &dn, Some(fresh));
+                changes.extend(change);
+                ended.extend(revoked);
+            }
+        }
+        for change in changes {
+            self.notify(change).await;
+        }
+        ended
+    }
+
+    /// Aligns a device's session with the one the store knows: a newer stored session wins
+    /// (this node's older one is returned, to end); a stored session older than ours, or none
+    /// while we hold one, is the store lagging (our event is on its way) and changes nothing.
+    fn resync_session(&self, pk: &str, dn: &str, stored: Option<u64>) -> Option<Superseded> {
+        let entry = self.product(pk)?;
+        let mut d = entry.devices.get_mut(dn)?;
+        let stored = stored?;
+        if d.session.is_some_and(|ours| ours >= stored) {
+            return None;
+        }
+        if stored <= d.epoch_seen && d.session.is_none() {
+            // The store still has a session this node already saw end.
+            return None;
+        }
+        d.epoch_seen = d.epoch_seen.max(stored);
+        let previous = d.session.replace(stored);
+        if previous.is_none() {
+            self.online.fetch_add(1, Ordering::Relaxed);
+        }
+        previous.map(|epoch| Superseded {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+            epoch,
+        })
+    }
+
+    /// Live state of a device as the store has it (sessions included: another node may hold
+    /// it).
+    pub(super) fn device_state(&self, stored: StoredDevice) -> DeviceState {
+        if let Some(epoch) = stored.session {
+            self.epochs.observe(epoch);
+        }
+        DeviceState {
+            device_secret: stored.record.device_secret,
+            instance_id: stored.record.instance_id,
+            enabled: stored.record.enabled,
+            tags: stored.record.tags,
+            session: stored.session,
+            epoch_seen: stored.epoch_seen.max(stored.session.unwrap_or(0)),
+            last_seen_ms: stored.last_seen_ms,
+            client_ip: stored.client_ip,
+            versions: stored.versions,
+            created_at_ms: stored.record.created_at_ms,
+            generation: self.next_generation(),
+        }
+    }
+}
+
+/// A product's in-memory entry, with no devices yet.
+pub(super) fn product_entry(p: ProductRecord) -> ProductEntry {
+    ProductEntry {
+        product: Product {
+            product_key: p.product_key,
+            product_secret: p.product_secret,
+            name: p.name,
+            instance_id: p.instance_id,
+            description: p.description,
+            created_at_ms: p.created_at_ms,
+            device_count: 0,
+        },
+        devices: DashMap::new(),
+        index: RwLock::new(DeviceIndex::default()),
+    }
+}
