@@ -400,3 +400,7 @@ pub(super) fn product_entry(p: ProductRecord) -> ProductEntry {
         index: RwLock::new(DeviceIndex::default()),
     }
 }
+
+#[cfg(test)]
+#[path = "remote_tests.rs"]
+mod tests;

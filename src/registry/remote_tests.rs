@@ -1,0 +1,289 @@
+//! Applying other nodes' changes: session epochs, config refreshes, resync.
+
+use super::*;
+use crate::cluster::epoch::EpochClock;
+use crate::store::Store;
+use std::net::Ipv4Addr;
+
+const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+
+/// A registry of node 1 with product "Lamp" and device `dev1`.
+async fn node1() -> (Arc<Registry>, String) {
+    let m = Arc::new(Metrics::new());
+    let r = Registry::open_with(
+        Store::open_in_memory(m.clone()).unwrap(),
+        m,
+        Arc::new(EpochClock::new(1)),
+    )
+    .unwrap();
+    let pk = r
+        .create_product(NewProduct {
+            name: "Lamp".into(),
+            product_key: None,
+            instance_id: None,
+            description: None,
+        })
+        .await
+        .unwrap()
+        .product_key;
+    r.create_device(
+        &pk,
+        NewDevice {
+            device_name: "dev1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    (r, pk)
+}
+
+/// An epoch of node `node` at millisecond `ms`.
+fn epoch(node: u16, ms: i64) -> u64 {
+    ((ms as u64) << 21) | u64::from(node)
+}
+
+fn online(epoch: u64) -> SessionEvent {
+    SessionEvent {
+        epoch,
+        online: true,
+        at_ms: crate::cluster::epoch::millis_of(epoch),
+        client_ip: Some("10.1.1.1".into()),
+    }
+}
+
+fn offline(epoch: u64) -> SessionEvent {
+    SessionEvent {
+        online: false,
+        ..online(epoch)
+    }
+}
+
+#[tokio::test]
+async fn the_higher_epoch_holds_the_device_whatever_the_order() {
+    let (a, b) = (epoch(2, 1_000), epoch(3, 2_000));
+    // Every order in which node 1 can hear of two sessions and their ends.
+    let orders: [&[(u64, bool)]; 4] = [
+        &[(a, true), (b, true), (a, false)],
+        &[(b, true), (a, true), (a, false)],
+        &[(b, true), (b, false), (a, true), (a, false)],
+        &[(a, true), (a, false), (b, true)],
+    ];
+    let expect_online = [true, true, false, true];
+    for (order, want) in orders.iter().zip(expect_online) {
+        let (r, pk) = node1().await;
+        for &(e, up) in *order {
+            let event = if up { online(e) } else { offline(e) };
+            r.apply_session(&pk, "dev1", &event);
+        }
+        let d = r.get_device(&pk, "dev1").unwrap();
+        assert_eq!(d.online, want, "order {order:?}");
+        assert_eq!(r.online_count(), usize::from(want), "order {order:?}");
+        assert_eq!(r.session_of(&pk, "dev1"), want.then_some(b), "order {order:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_newer_session_elsewhere_supersedes_the_local_one_and_the_old_end_changes_nothing() {
+    let (r, pk) = node1().await;
+    let local = r.epochs().next();
+    r.device_connected(&pk, "dev1", local, IP, 10);
+    let remote = r.epochs().next() + (5 << 21) - 1; // node 2, a little later
+    let remote = (remote & !0x1ff) | 2;
+    let ended = r.apply_session(&pk, "dev1", &online(remote));
+    assert_eq!(
+        ended,
+        Some(Superseded {
+            product_key: pk.clone(),
+            device_name: "dev1".into(),
+            epoch: local,
+        })
+    );
+    // The local session's end (after the broker retired it) does not take the device offline.
+    r.device_disconnected(&pk, "dev1", local, 20);
+    assert!(r.get_device(&pk, "dev1").unwrap().online);
+    assert_eq!(r.session_of(&pk, "dev1"), Some(remote));
+    // This node's clock has moved past the remote epoch: a reconnect here wins next.
+    assert!(r.epochs().next() > remote);
+}
+
+#[tokio::test]
+async fn an_older_remote_session_does_not_take_a_local_one_over() {
+    let (r, pk) = node1().await;
+    let local = r.epochs().next();
+    r.device_connected(&pk, "dev1", local, IP, 10);
+    let older = (local - (1 << 21)) & !0x1ff | 2;
+    assert_eq!(r.apply_session(&pk, "dev1", &online(older)), None);
+    assert_eq!(r.session_of(&pk, "dev1"), Some(local));
+    assert_eq!(r.apply_session(&pk, "dev1", &offline(older)), None);
+    assert!(r.get_device(&pk, "dev1").unwrap().online);
+}
+
+#[tokio::test]
+async fn releasing_a_node_ends_only_its_earlier_sessions() {
+    let (r, pk) = node1().await;
+    r.create_device(
+        &pk,
+        NewDevice {
+            device_name: "dev2".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    r.apply_session(&pk, "dev1", &online(epoch(2, 1_000)));
+    r.apply_session(&pk, "dev2", &online(epoch(2, 5_000)));
+    assert_eq!(r.online_count(), 2);
+    assert_eq!(r.release_node(3, 10_000, 10_000), 0);
+    assert_eq!(r.release_node(2, 4_000, 4_000), 1);
+    assert!(!r.get_device(&pk, "dev1").unwrap().online);
+    assert!(r.get_device(&pk, "dev2").unwrap().online);
+    assert_eq!(r.online_count(), 1);
+}
+
+fn stored(pk: &str, dn: &str, r: &Registry) -> StoredDevice {
+    let d = r.get_device(pk, dn).unwrap();
+    StoredDevice {
+        record: DeviceRecord {
+            product_key: d.product_key,
+            device_name: d.device_name,
+            device_secret: d.device_secret,
+            instance_id: d.instance_id,
+            enabled: d.enabled,
+            tags: d.tags,
+            created_at_ms: d.created_at_ms,
+        },
+        last_seen_ms: d.last_seen_ms,
+        client_ip: d.client_ip,
+        versions: d.versions,
+        session: None,
+        epoch_seen: 0,
+    }
+}
+
+#[tokio::test]
+async fn refreshes_revoke_local_sessions_table() {
+    type Edit = fn(&mut StoredDevice);
+    let cases: [(&str, Edit, bool); 5] = [
+        ("tags only", |s| {
+            s.record.tags.insert("floor".into(), "2".into());
+        }, false),
+        ("disabled", |s| s.record.enabled = false, true),
+        ("re-keyed", |s| s.record.device_secret = "new-secret-0123".into(), true),
+        ("moved", |s| s.record.instance_id = "iot-other".into(), true),
+        ("unchanged", |_| {}, false),
+    ];
+    for (name, edit, revoked) in cases {
+        let (r, pk) = node1().await;
+        let local = r.epochs().next();
+        r.device_connected(&pk, "dev1", local, IP, 10);
+        let mut s = stored(&pk, "dev1", &r);
+        edit(&mut s);
+        let want = s.record.clone();
+        let ended = r.refresh_device(&pk, "dev1", Some(s)).await;
+        assert_eq!(ended.map(|e| e.epoch), revoked.then_some(local), "{name}");
+        let d = r.get_device(&pk, "dev1").unwrap();
+        assert_eq!(
+            (d.enabled, d.device_secret, d.instance_id, d.tags),
+            (want.enabled, want.device_secret, want.instance_id, want.tags),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn refresh_creates_deletes_and_replaces_a_recreated_device() {
+    let (r, pk) = node1().await;
+    let local = r.epochs().next();
+    r.device_connected(&pk, "dev1", local, IP, 10);
+    // Created elsewhere, held by node 2.
+    let mut dev2 = stored(&pk, "dev1", &r);
+    dev2.record.device_name = "dev2".into();
+    dev2.session = Some(epoch(2, 50));
+    assert_eq!(r.refresh_device(&pk, "dev2", Some(dev2)).await, None);
+    assert!(r.get_device(&pk, "dev2").unwrap().online);
+    assert_eq!(r.online_count(), 2);
+    // Deleted elsewhere while connected here: gone, and the local session is returned.
+    let ended = r.refresh_device(&pk, "dev1", None).await;
+    assert_eq!(ended.map(|e| e.epoch), Some(local));
+    assert!(r.get_device(&pk, "dev1").is_err());
+    assert_eq!(r.online_count(), 1);
+    // Deleted and created again elsewhere (another creation time): replaced whole.
+    let mut again = stored(&pk, "dev2", &r);
+    again.record.created_at_ms += 1;
+    again.session = None;
+    again.versions.clear();
+    r.refresh_device(&pk, "dev2", Some(again)).await;
+    assert!(!r.get_device(&pk, "dev2").unwrap().online);
+    assert_eq!(r.online_count(), 0);
+    assert_eq!(
+        r.list_devices(&pk, &DeviceFilter::default(), Page::default())
+            .unwrap()
+            .total,
+        1
+    );
+}
+
+#[tokio::test]
+async fn resync_makes_memory_equal_to_the_store() {
+    let (r, pk) = node1().await;
+    let local = r.epochs().next();
+    r.device_connected(&pk, "dev1", local, IP, 10);
+    let dev1 = stored(&pk, "dev1", &r);
+    let product = r.get_product(&pk).unwrap();
+    let mut dev9 = dev1.clone();
+    dev9.record.device_name = "dev9".into();
+    dev9.versions = BTreeMap::from([("MCU".into(), "3.1".into())]);
+    dev9.session = Some(epoch(2, 70));
+    // The store has a newer session of dev1 (node 2), dev9 which this node never heard of,
+    // a second product, and no longer the product "Other" this node still has.
+    let mut newer_dev1 = dev1.clone();
+    newer_dev1.session = Some((local + (1 << 21)) & !0x1ff | 2);
+    r.create_product(NewProduct {
+        name: "Other".into(),
+        product_key: Some("other0001".into()),
+        instance_id: None,
+        description: None,
+    })
+    .await
+    .unwrap();
+    let snapshot = Snapshot {
+        instances: r
+            .list_instances()
+            .into_iter()
+            .map(|i| InstanceRecord {
+                instance_id: i.instance_id,
+                name: i.name,
+                created_at_ms: i.created_at_ms,
+            })
+            .collect(),
+        products: vec![
+            product_record(&product),
+            ProductRecord {
+                product_key: "fresh0001".into(),
+                product_secret: "s".into(),
+                name: "Fresh".into(),
+                instance_id: DEFAULT_INSTANCE_ID.into(),
+                description: None,
+                created_at_ms: 5,
+            },
+        ],
+        devices: vec![newer_dev1, dev9],
+        feed_cuts: BTreeMap::new(),
+    };
+    let ended = r.resync(snapshot).await;
+    assert_eq!(ended.iter().map(|e| e.epoch).collect::<Vec<_>>(), vec![local]);
+    assert!(r.get_product("other0001").is_err());
+    assert!(r.get_product("fresh0001").is_ok());
+    let d9 = r.get_device(&pk, "dev9").unwrap();
+    assert!(d9.online);
+    assert_eq!(d9.versions.get("MCU").map(String::as_str), Some("3.1"));
+    assert_eq!(r.online_count(), 2);
+    let names: Vec<String> = r
+        .list_products(Page::default())
+        .items
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, vec!["Fresh", "Lamp"]);
+}
