@@ -144,6 +144,10 @@ impl DeviceState {
             enabled: self.enabled,
             tags: self.tags.clone(),
             online: self.session.is_some(),
+            node: self
+                .session
+                .map(crate::cluster::epoch::node_of)
+                .filter(|&n| n != 0),
             last_seen_ms: self.last_seen_ms,
             client_ip: self.client_ip.clone(),
             versions: self.versions.clone(),

@@ -115,6 +115,10 @@ pub struct Device {
     pub tags: BTreeMap<String, String>,
     /// An authenticated MQTT session is open (always false right after a restart).
     pub online: bool,
+    /// Cluster mode: the node holding the device's session (absent on a single node and
+    /// while offline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<u16>,
     /// Last connect or disconnect, ms since the Unix epoch.
     pub last_seen_ms: Option<i64>,
     /// Address of the last connection.

@@ -1,0 +1,510 @@
+//! A cluster on this machine: gateway *processes* (the real binary, so a node can be killed
+//! with SIGKILL) on ephemeral ports, sharing a fresh PostgreSQL database and a cluster name of
+//! their own on the local NATS server, optionally behind an HAProxy with a generated config.
+//!
+//! Services: PostgreSQL at `FLEETGATE_TEST_PG_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), NATS at `FLEETGATE_TEST_NATS_URL` (default
+//! `nats://127.0.0.1:4222`), `haproxy` on the PATH. A missing service fails the test with a
+//! message saying how to start it: these tests never pass without what they test.
+
+use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tempfile::TempDir;
+
+pub const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+/// Upper bound for anything a test waits on (a broken build fails instead of hanging).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+fn pg_url() -> String {
+    std::env::var("FLEETGATE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("FLEETGATE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// A fresh database, dropped when the value is.
+pub struct Database {
+    pub url: String,
+    name: String,
+}
+
+impl Database {
+    pub async fn fresh() -> Database {
+        let admin = pg_url();
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL at {admin} is needed for cluster tests ({e}); start it with \
+                     `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+                )
+            });
+        tokio::spawn(conn);
+        let name = unique("fg_cluster");
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("FLEETGATE_TEST_PG_URL needs a database path"),
+        };
+        Database { url, name }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        // Synchronous: Drop cannot await, and the test's runtime may be shutting down.
+        let name = self.name.clone();
+        let admin = pg_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// One gateway process.
+pub struct Node {
+    pub id: u16,
+    child: Child,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    _data_dir: TempDir,
+}
+
+impl Node {
+    /// Starts node `id` and waits until it listens.
+    pub fn start(id: u16, db: &Database, cluster: &str) -> Node {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args([
+                "--log-json",
+                "serve",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--api-token",
+                ADMIN_TOKEN,
+                "--store",
+                &db.url,
+                "--nats-url",
+                &nats_url(),
+                "--node-id",
+                &id.to_string(),
+                "--cluster-name",
+                cluster,
+            ])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            // Short enough that the tests see a dead node released, long enough for a busy
+            // machine's heartbeats.
+            .env("FLEETGATE_CLUSTER_HEARTBEAT_MS", "300")
+            .env("FLEETGATE_CLUSTER_NODE_TIMEOUT_MS", "3000")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fleetgate");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some(addrs) = listening(&line) {
+                        let _ = tx.send(addrs);
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let (mqtt, http) = match rx.recv_timeout(WAIT) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "node {id} did not start:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Node {
+            id,
+            child,
+            mqtt,
+            http,
+            logs,
+            _data_dir: data_dir,
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(self.http)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- node {} log ----\n{}", self.id, self.logs());
+        }
+    }
+}
+
+/// The "fleetgate listening" line of a JSON log: the bound MQTT and HTTP addresses.
+fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if fields.get("message")?.as_str()? != "fleetgate listening" {
+        return None;
+    }
+    Some((
+        fields.get("mqtt")?.as_str()?.parse().ok()?,
+        fields.get("http")?.as_str()?.parse().ok()?,
+    ))
+}
+
+/// The operator API of one node.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Api {
+        Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn create_product(&self, name: &str) -> String {
+        let (status, body) = self.post("/api/v1/products", json!({ "name": name })).await;
+        assert_eq!(status, 201, "{body}");
+        body["product_key"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a device; returns its secret.
+    pub async fn create_device(&self, pk: &str, dn: &str) -> String {
+        let (status, body) = self
+            .post(&format!("/api/v1/products/{pk}/devices"), json!({ "device_name": dn }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["device_secret"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn device(&self, pk: &str, dn: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/products/{pk}/devices/{dn}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls a device until `pred` holds.
+    pub async fn wait_device(&self, pk: &str, dn: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let d = self.device(pk, dn).await;
+            if pred(&d) {
+                return d;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "device {pk}/{dn} never got {what} (via {}): {d}",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+pub fn credentials(pk: &str, dn: &str, secret: &str) -> LinkCredentials {
+    LinkCredentials::new(pk, dn, secret, SignMethod::HmacSha256, 3, None)
+}
+
+/// A device whose event loop runs in the background; `ended` turns true when its connection
+/// ends (the tests do not reconnect unless asked).
+pub struct Device {
+    pub client: AsyncClient,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<Packet>,
+    pub ended: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn options(addr: SocketAddr, creds: &LinkCredentials) -> MqttOptions {
+    let mut opts = MqttOptions::new(creds.client_id.clone(), addr.ip().to_string(), addr.port());
+    opts.set_credentials(creds.username.clone(), creds.password.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts
+}
+
+/// Connects and waits for the CONNACK.
+pub async fn try_connect(addr: SocketAddr, creds: &LinkCredentials) -> Result<Device, ConnectReturnCode> {
+    let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
+    let first = tokio::time::timeout(WAIT, eventloop.poll())
+        .await
+        .expect("CONNACK in time");
+    match first {
+        Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {}
+        Ok(Event::Incoming(Packet::ConnAck(ack))) => return Err(ack.code),
+        Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let (end_tx, ended) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    let _ = tx.send(p);
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = end_tx.send(true);
+    });
+    Ok(Device {
+        client,
+        incoming,
+        ended,
+        task,
+    })
+}
+
+pub async fn connect(addr: SocketAddr, creds: &LinkCredentials) -> Device {
+    match try_connect(addr, creds).await {
+        Ok(d) => d,
+        Err(code) => panic!("device {} refused: {code:?}", creds.username),
+    }
+}
+
+/// A device that reconnects by itself (rumqttc re-polls after an error), counting its
+/// successful CONNACKs.
+pub struct ReconnectingDevice {
+    pub client: AsyncClient,
+    pub connacks: tokio::sync::watch::Receiver<u32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ReconnectingDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn reconnecting(addr: SocketAddr, creds: &LinkCredentials) -> ReconnectingDevice {
+    let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
+    let (tx, connacks) = tokio::sync::watch::channel(0u32);
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
+                    tx.send_modify(|n| *n += 1);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    ReconnectingDevice {
+        client,
+        connacks,
+        task,
+    }
+}
+
+/// An HAProxy in TCP mode in front of the nodes' MQTT listeners, hashing on the CONNECT
+/// username (`deploy/haproxy.cfg` is the same configuration for a deployment).
+pub struct Haproxy {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+/// A port that was free a moment ago (HAProxy cannot report an ephemeral port back).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Haproxy {
+    pub fn start(nodes: &[&Node]) -> Haproxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let servers: String = nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "    server node{id} {mqtt} check port {http} inter 500ms fall 2 rise 2\n",
+                    id = n.id,
+                    mqtt = n.mqtt,
+                    http = n.http.port()
+                )
+            })
+            .collect();
+        let config = format!(
+            include_str!("haproxy.cfg.in"),
+            bind = format!("127.0.0.1:{port}"),
+            servers = servers
+        );
+        let path: PathBuf = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("haproxy is needed for cluster tests ({e}); install it with `apt-get install haproxy`")
+            });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "haproxy did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Haproxy {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster of `n` nodes (ids 1..=n) on a fresh database and its own NATS subjects.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub db: Database,
+    pub name: String,
+}
+
+impl Cluster {
+    pub async fn start(n: u16) -> Cluster {
+        let db = Database::fresh().await;
+        let name = unique("t");
+        let nodes = (1..=n).map(|id| Node::start(id, &db, &name)).collect();
+        let cluster = Cluster { nodes, db, name };
+        cluster.wait_members(n as usize).await;
+        cluster
+    }
+
+    pub fn node(&self, id: u16) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).expect("node")
+    }
+
+    pub fn node_mut(&mut self, id: u16) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node")
+    }
+
+    /// Waits until every node sees `n` live nodes (itself included).
+    pub async fn wait_members(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for node in &self.nodes {
+            loop {
+                let (_, body) = node.api().get("/api/v1/cluster").await;
+                let seen = body["nodes"].as_array().map_or(0, |a| a.len());
+                if seen == n {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {} sees {seen} nodes, not {n}: {body}",
+                    node.id
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
