@@ -1,5 +1,5 @@
-//! `/api/v1/export…` and `/api/v1/import…`: export/import jobs (design §7, the export-jobs
-//! seed). Everything goes through [`ExportService`]; every route is rate limited there
+//! `/api/v1/export…` and `/api/v1/import…`: export/import jobs (docs/DESIGN.md §7,
+//! docs/EXPORT.md). Everything goes through [`ExportService`]; every route is rate limited there
 //! (429 `FG.0429` "too many requests" with `Retry-After`).
 
 use axum::body::Body;

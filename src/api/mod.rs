@@ -2,7 +2,7 @@
 //!
 //! Owns nothing but request handling: every state change goes through [`Registry`] or
 //! [`FirmwareRepo`] methods (export/import through [`ExportService`]) (and, for dropping MQTT sessions, through the
-//! [`ApiState::on_device_revoked`] hook the app wires to the broker). Conventions (design §7):
+//! [`ApiState::on_device_revoked`] hook the app wires to the broker). Conventions (docs/DESIGN.md §7):
 //!
 //! - JSON under `/api/v1`, `Authorization: Bearer <token>` (see [`auth`] for the roles);
 //!   `/healthz`, `/metrics` and `/api/v1/openapi.json` are open, and so is the device-facing

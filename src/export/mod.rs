@@ -1,4 +1,4 @@
-//! Export and import jobs (design §7, the export-jobs seed): move products, devices (with
+//! Export and import jobs (docs/DESIGN.md §7, docs/EXPORT.md): move products, devices (with
 //! their secrets, encrypted), firmware packages, OTA jobs and migration task definitions between
 //! gateways as ZIP packages.
 //!
