@@ -248,9 +248,10 @@ async fn round_trip_moves_devices_with_their_secrets_and_firmware_with_its_bytes
     .is_err());
     let d = dst.device(&src.pk, "dev-two").await;
     assert_eq!(d["tags"]["region"], "eu");
-    let p = dst.get(&format!("/api/v1/products/{}", src.pk)).await.1;
-    let p_src = src.t.get(&format!("/api/v1/products/{}", src.pk)).await.1;
-    assert_eq!(p["product_secret"], p_src["product_secret"]);
+    assert_eq!(
+        dst.product_secret(&src.pk).await,
+        src.t.product_secret(&src.pk).await
+    );
 
     // The firmware downloads with the same checksum.
     let new_fid = result_of(&imported, src.fw["firmware_id"].as_str().unwrap())["target_id"]
@@ -417,7 +418,7 @@ async fn conflict_policies_skip_fail_and_overwrite() {
     assert_eq!(result_of(&skipped, &dev_two)["result"], "created");
     assert_eq!(result_of(&skipped, &src.pk)["result"], "skipped_identical");
     assert_eq!(
-        dst.device(&src.pk, "dev-one").await["device_secret"],
+        dst.device_secret(&src.pk, "dev-one").await,
         "local-secret-0123456789"
     );
 
@@ -427,10 +428,7 @@ async fn conflict_policies_skip_fail_and_overwrite() {
     assert_eq!(result_of(&over, &dev_one)["result"], "overwritten");
     assert_eq!(result_of(&over, &dev_two)["result"], "skipped_identical");
     let old_secret = &src.secrets[0].1;
-    assert_eq!(
-        dst.device(&src.pk, "dev-one").await["device_secret"],
-        *old_secret
-    );
+    assert_eq!(dst.device_secret(&src.pk, "dev-one").await, *old_secret);
     let _d = connect(
         dst.mqtt_addr(),
         &credentials(&src.pk, "dev-one", old_secret),
@@ -494,8 +492,8 @@ async fn export_requests_are_validated_up_front() {
     let dst = spawn_app().await;
     let imported = import_done(&dst, &package, None, "skip").await;
     assert_eq!(imported["summary"]["created"], 2, "{imported}");
-    let old = t.device(&pk, "dev-one").await["device_secret"].clone();
-    assert_ne!(dst.device(&pk, "dev-one").await["device_secret"], old);
+    let old = t.device_secret(&pk, "dev-one").await;
+    assert_ne!(dst.device_secret(&pk, "dev-one").await, old);
 
     // Unknown jobs: 404; the viewer cannot start one.
     let (s, e) = t.get("/api/v1/export/exp-nothere").await;
