@@ -87,8 +87,12 @@ pub struct HttpSettings {
     /// Base URL devices use to reach this gateway's HTTP side (firmware download links).
     /// Defaults to `http://{listen}` with the bound address.
     pub public_url: Option<String>,
-    /// Largest request body, bytes.
-    pub body_limit_bytes: usize,
+    /// Largest body of a JSON request, bytes (413 beyond; default 1 MiB).
+    pub json_body_limit_bytes: usize,
+    /// Largest body of a device-list request (batch create, migration canary/rollback, OTA
+    /// jobs with an uploaded list), bytes (default 16 MiB). Firmware uploads and imports
+    /// follow `ota.max_firmware_bytes` and `export.max_package_bytes`.
+    pub batch_body_limit_bytes: usize,
 }
 
 impl Default for HttpSettings {
@@ -96,7 +100,8 @@ impl Default for HttpSettings {
         HttpSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             public_url: None,
-            body_limit_bytes: 64 * 1024 * 1024,
+            json_body_limit_bytes: crate::api::DEFAULT_JSON_BODY_LIMIT,
+            batch_body_limit_bytes: crate::api::DEFAULT_BATCH_BODY_LIMIT,
         }
     }
 }
@@ -386,6 +391,23 @@ impl Settings {
                 });
             }
         }
+        for (field, value) in [
+            (
+                "http.json_body_limit_bytes",
+                self.http.json_body_limit_bytes,
+            ),
+            (
+                "http.batch_body_limit_bytes",
+                self.http.batch_body_limit_bytes,
+            ),
+        ] {
+            if value < 1024 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be at least 1024".into(),
+                });
+            }
+        }
         if self.ota.max_firmware_bytes == 0 {
             return Err(ConfigError::Invalid {
                 field: "ota.max_firmware_bytes",
@@ -494,6 +516,62 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn http_body_limits_from_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let load = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path), Overrides::default())
+        };
+        let d = Settings::default().http;
+        assert_eq!(
+            (d.json_body_limit_bytes, d.batch_body_limit_bytes),
+            (1024 * 1024, 16 * 1024 * 1024)
+        );
+        let s = load(
+            "[http]
+json_body_limit_bytes = 65536
+batch_body_limit_bytes = 2097152
+",
+        )
+        .unwrap();
+        assert_eq!(s.http.json_body_limit_bytes, 65_536);
+        assert_eq!(s.http.batch_body_limit_bytes, 2_097_152);
+        for (toml, field) in [
+            (
+                "[http]
+json_body_limit_bytes = 10
+",
+                "http.json_body_limit_bytes",
+            ),
+            (
+                "[http]
+batch_body_limit_bytes = 0
+",
+                "http.batch_body_limit_bytes",
+            ),
+        ] {
+            assert!(
+                matches!(load(toml), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{toml}"
+            );
+        }
+        // The single limit of old releases is gone: a file still naming it fails loudly
+        // instead of silently getting other limits.
+        let e = load(
+            "[http]
+body_limit_bytes = 67108864
+",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { .. })
+                && e.to_string().contains("json_body_limit_bytes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub struct InstanceRecord {
     pub created_at_ms: i64,
 }
 
-/// A product as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A product as stored. `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProductRecord {
     pub product_key: String,
     pub product_secret: String,
@@ -98,7 +98,8 @@ pub struct ProductRecord {
 
 /// The operator-configured part of a device ([`Op::PutDevice`] writes exactly these columns;
 /// connection state and versions have their own ops so they never overwrite each other).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub product_key: String,
     pub device_name: String,
@@ -107,6 +108,34 @@ pub struct DeviceRecord {
     pub enabled: bool,
     pub tags: BTreeMap<String, String>,
     pub created_at_ms: i64,
+}
+
+// Secrets sign MQTT CONNECTs: an `Op` or a snapshot printed with `{:?}` must not show one.
+impl std::fmt::Debug for ProductRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProductRecord")
+            .field("product_key", &self.product_key)
+            .field("product_secret", &"<redacted>")
+            .field("name", &self.name)
+            .field("instance_id", &self.instance_id)
+            .field("description", &self.description)
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DeviceRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRecord")
+            .field("product_key", &self.product_key)
+            .field("device_name", &self.device_name)
+            .field("device_secret", &"<redacted>")
+            .field("instance_id", &self.instance_id)
+            .field("enabled", &self.enabled)
+            .field("tags", &self.tags)
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
 }
 
 /// A device as loaded: its record plus the state the gateway observed.

@@ -15,6 +15,7 @@ use tempfile::TempDir;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 /// Upper bound for anything a test waits on; only there so a broken build fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -47,6 +48,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     settings.api.tokens.push(TokenSetting {
         token: Secret::new(VIEWER_TOKEN),
         role: "viewer".into(),
+    });
+    settings.api.tokens.push(TokenSetting {
+        token: Secret::new(OPERATOR_TOKEN),
+        role: "operator".into(),
     });
     adjust(&mut settings);
     let app = Application::build(settings.clone())
@@ -150,6 +155,28 @@ impl TestApp {
             .await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// A device's secret, from `GET …/devices/{dn}/secret` (the only read that returns it).
+    pub async fn device_secret(&self, pk: &str, dn: &str) -> String {
+        let (status, body) = self
+            .get(&format!("/api/v1/products/{pk}/devices/{dn}/secret"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["device_secret"]
+            .as_str()
+            .expect("device_secret")
+            .to_owned()
+    }
+
+    /// A product's secret, from `GET /api/v1/products/{pk}/secret` (admin).
+    pub async fn product_secret(&self, pk: &str) -> String {
+        let (status, body) = self.get(&format!("/api/v1/products/{pk}/secret")).await;
+        assert_eq!(status, 200, "{body}");
+        body["product_secret"]
+            .as_str()
+            .expect("product_secret")
+            .to_owned()
     }
 
     /// Poll a device until `pred` holds (the gateway applies MQTT events asynchronously).
