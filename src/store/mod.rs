@@ -9,8 +9,8 @@
 //! ```
 //!
 //! - [`Store`] is a cheap, cloneable handle. It owns ONE writer thread that owns the backend
-//!   (the SQLite connection); nobody else touches the database, so there is no lock contention
-//!   and no `SQLITE_BUSY`.
+//!   (the SQLite connection or the PostgreSQL connection); nobody else in the process touches
+//!   the database, so there is no lock contention and no `SQLITE_BUSY`.
 //! - Callers submit a *submission* (a `Vec<Op>`) and get a [`Ticket`]. A submission is atomic:
 //!   all of its ops commit or none do. The writer drains everything queued when it wakes up and
 //!   commits it in one transaction (group commit): under load one fsync covers hundreds of
@@ -21,14 +21,31 @@
 //!   which is what [`Store::flush`] relies on. Callers that need per-key ordering (the registry)
 //!   submit while holding that key's in-memory lock, so log order = memory order.
 //!
+//! # Backends
+//!
+//! [`StoreLocation`] picks one ([`StoreSettings::location`]: `[store] url`, `--store`,
+//! `FLEETGATE_STORE`):
+//! - [`SqliteBackend`] (default): `{data_dir}/fleetgate.db` in WAL mode, durability set by
+//!   `[store] synchronous` ([`sqlite`](self::sqlite) module docs).
+//! - [`PostgresBackend`]: a PostgreSQL database several gateway nodes can share (cluster mode's
+//!   system of record). Same tables and the same contract; a drain is one pipelined
+//!   transaction with one multi-row statement per kind of report, replayed with a savepoint
+//!   per submission only when a statement fails; durability is the server's
+//!   `synchronous_commit`; a lost connection fails its transaction and the next one
+//!   reconnects ([`postgres`](self::postgres) module docs).
+//!
+//! Each backend has its own numbered, append-only list of schema steps (the numbers agree
+//! where the steps do) and refuses a database newer than the build.
+//!
 //! # Extending (OTA jobs, migrations, outbox)
 //!
 //! Ops are a closed enum ([`Op`]) on purpose: every write is typed, reviewed SQL lives in one
-//! place per backend, and a PostgreSQL backend is a second `match` rather than a SQL dialect
-//! translation of free-form statements. A new module adds (1) a schema step to
-//! `sqlite::MIGRATIONS` (append-only, numbered), (2) its variants to [`Op`] with a match arm in
-//! each backend, and (3) its fields to [`Snapshot`] filled by `load`. The writer, the tickets and
-//! group commit are untouched.
+//! place per backend, and each backend is a `match` rather than a SQL dialect translation of
+//! free-form statements. A new module adds (1) a schema step to `sqlite::MIGRATIONS` and
+//! `postgres::MIGRATIONS` (append-only, numbered), (2) its variants to [`Op`] with a match arm
+//! in each backend (for PostgreSQL in `postgres::plan`, saying whether it may be gathered into
+//! a multi-row statement), and (3) its fields to [`Snapshot`] filled by `load`. The writer, the
+//! tickets and group commit are untouched.
 //!
 //! This module knows nothing of the registry's in-memory model; it stores plain records.
 
@@ -195,8 +212,8 @@ pub enum Op {
     DeleteDoc { kind: &'static str, id: String },
 }
 
-/// A durable storage engine. Implemented by [`SqliteBackend`]; a PostgreSQL backend implements
-/// the same two calls. Only the writer thread calls them, so `&mut self` needs no locking.
+/// A durable storage engine: [`SqliteBackend`] or [`PostgresBackend`]. Only the writer thread
+/// calls it, so `&mut self` needs no locking.
 pub trait StoreBackend: Send + 'static {
     /// Reads everything (used at start).
     fn load(&mut self) -> Result<Snapshot, StoreError>;
