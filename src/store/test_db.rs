@@ -179,6 +179,16 @@ impl PgDatabase {
         &self.url
     }
 
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A connection to the server's admin database (for what cannot be done from inside the
+    /// test database, e.g. refusing connections to it).
+    pub(crate) fn admin(&self) -> PgConn {
+        PgConn::connect(&self.admin_url).expect("connect to the admin database")
+    }
+
     /// A connection of the test's own to this database.
     pub(crate) fn connect(&self) -> PgConn {
         PgConn::connect(self.url.expose()).expect("connect to the test database")

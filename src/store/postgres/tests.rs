@@ -245,6 +245,46 @@ fn a_lost_connection_fails_its_transaction_and_the_next_one_reconnects() {
 }
 
 #[test]
+fn writes_fail_while_the_database_refuses_connections_and_resume_after() {
+    let pg = PgDatabase::create();
+    let store = Store::open_with(
+        &StoreLocation::Postgres(pg.url().clone()),
+        &StoreSettings::default(),
+        metrics(),
+    )
+    .unwrap();
+    store.submit_blocking(setup_ops(&["a"])).unwrap();
+
+    // The server "goes away" for this database: its connection is cut and new ones refused.
+    let admin = pg.admin();
+    admin.execute(&format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS false;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = '{name}' AND application_name = 'fleetgate'",
+        name = pg.name()
+    ));
+    for attempt in 0..2 {
+        let result = store.submit_blocking(vec![version("pk", "a", "MCU", "1")]);
+        assert!(
+            matches!(result, Err(StoreError::Postgres(_))),
+            "attempt {attempt}: {result:?}"
+        );
+    }
+    admin.execute(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        pg.name()
+    ));
+    store
+        .submit_blocking(vec![version("pk", "a", "MCU", "2")])
+        .expect("writes resume once the database accepts connections");
+    let a = store.load().unwrap().devices.remove(0);
+    assert_eq!(
+        a.versions,
+        BTreeMap::from([("MCU".to_owned(), "2".to_owned())])
+    );
+}
+
+#[test]
 fn an_unreachable_server_fails_the_open_with_the_url_shown_without_password() {
     // Port 1 on loopback: nothing listens, the connection is refused at once.
     let url = PostgresUrl::parse("postgres://fg:s3cr3t@127.0.0.1:1/fleetgate").unwrap();
