@@ -275,16 +275,40 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
+    /// Without the excerpt of the file that TOML errors quote: the line may hold a secret (a
+    /// password in `store.url`, a token).
+    #[error("invalid config file {path} ({location}): {message}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        /// `line L, column C`.
+        location: String,
+        message: String,
     },
     #[error("invalid setting {field}: {message}")]
     Invalid {
         field: &'static str,
         message: String,
     },
+}
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let location = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            format!(
+                "line {}, column {}",
+                before.matches('\n').count() + 1,
+                before[line_start..].chars().count() + 1
+            )
+        }
+        None => "position unknown".into(),
+    };
+    ConfigError::Parse {
+        path: path.to_owned(),
+        location,
+        message: e.message().trim_end().to_owned(),
+    }
 }
 
 /// Values from flags or environment variables; `None` leaves the file/default value.
@@ -312,10 +336,7 @@ impl Settings {
                     path: path.to_owned(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source,
-                })?
+                toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?
             }
             None => Settings::default(),
         };
@@ -601,8 +622,9 @@ mod tests {
         ));
         std::fs::write(&path, "[store]\nurl = \"postgres://fg:pw@db:x/fg\"\n").unwrap();
         match Settings::load(Some(&path), Overrides::default()) {
-            Err(ConfigError::Parse { source, .. }) => {
-                let message = source.to_string();
+            Err(e @ ConfigError::Parse { .. }) => {
+                let message = e.to_string();
+                assert!(message.contains("(line 2, column 7)"), "{message}");
                 assert!(message.contains("invalid PostgreSQL URL"), "{message}");
                 assert!(!message.contains("pw@"), "{message}");
             }
