@@ -168,6 +168,10 @@ mod tests {
                 "postgres://fg@db/fleetgate?password=***&connect_timeout=5",
             ),
             ("postgres://db", "postgres://db"),
+            (
+                "postgres://db/fg?connect_timeout=5&keepalives_idle=30&tcp_user_timeout=30",
+                "postgres://db/fg?connect_timeout=5&keepalives_idle=30&tcp_user_timeout=30",
+            ),
         ] {
             let parsed = PostgresUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert_eq!(parsed.to_string(), shown);
