@@ -50,12 +50,9 @@ impl Application {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
         let metrics = Arc::new(Metrics::new());
-        let store = Store::open_with(
-            &settings.data_dir.join("fleetgate.db"),
-            settings.store,
-            metrics.clone(),
-        )
-        .context("cannot open the store")?;
+        let location = settings.store.location(&settings.data_dir);
+        let store = Store::open_with(&location, &settings.store, metrics.clone())
+            .with_context(|| format!("cannot open the store ({location})"))?;
         let registry =
             Registry::open(store, metrics.clone()).context("cannot load the registry")?;
 
