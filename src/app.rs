@@ -50,12 +50,9 @@ impl Application {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
         let metrics = Arc::new(Metrics::new());
-        let store = Store::open_with(
-            &settings.data_dir.join("fleetgate.db"),
-            settings.store,
-            metrics.clone(),
-        )
-        .context("cannot open the store")?;
+        let location = settings.store.location(&settings.data_dir);
+        let store = Store::open_with(&location, &settings.store, metrics.clone())
+            .with_context(|| format!("cannot open the store ({location})"))?;
         let registry =
             Registry::open(store, metrics.clone()).context("cannot load the registry")?;
 
@@ -177,6 +174,16 @@ impl Application {
                     .unwrap_or_default()
             })));
         }
+        // A device the API or an import disables, re-keys, moves or deletes loses its session.
+        let revoke_session: crate::export::DeviceRevokedHook = {
+            let downlink = downlink.clone();
+            Arc::new(move |pk: &str, dn: &str| {
+                downlink.kick(&crate::broker::DeviceKey {
+                    product_key: pk.to_owned(),
+                    device_name: dn.to_owned(),
+                });
+            })
+        };
         // After the migration engine: migration tasks are exported and imported through it.
         let export = ExportService::open(
             &settings.data_dir,
@@ -185,6 +192,7 @@ impl Application {
             Some(ota.clone()),
             Some(migration.clone()),
             settings.export.clone(),
+            revoke_session.clone(),
         )
         .context("cannot load the export/import jobs")?;
 
@@ -227,19 +235,17 @@ impl Application {
             ota: Some(ota.clone()),
             export: Some(export),
             health: Arc::new(health_info),
-            on_device_revoked: {
-                let downlink = downlink.clone();
-                Arc::new(move |pk: &str, dn: &str| {
-                    downlink.kick(&crate::broker::DeviceKey {
-                        product_key: pk.to_owned(),
-                        device_name: dn.to_owned(),
-                    });
-                })
-            },
+            on_device_revoked: revoke_session,
             forwarder: Some(forwarder.clone()),
             migration: Some(migration.clone()),
         };
-        let router = api::router(state, settings.http.body_limit_bytes);
+        let router = api::router(
+            state,
+            api::BodyLimits {
+                json: settings.http.json_body_limit_bytes,
+                batch: settings.http.batch_body_limit_bytes,
+            },
+        );
         let (http_stop, stop_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
             axum::serve(

@@ -24,7 +24,8 @@ pub struct Settings {
     pub migration: crate::migration::EngineConfig,
     pub ota: OtaSettings,
     pub export: ExportSettings,
-    /// The registry store (`[store]`: `synchronous`, `commit_delay_us`, `commit_siblings`).
+    /// The registry store (`[store]`: `url`, `synchronous`, `commit_delay_us`,
+    /// `commit_siblings`).
     pub store: crate::store::StoreSettings,
 }
 
@@ -87,8 +88,12 @@ pub struct HttpSettings {
     /// Base URL devices use to reach this gateway's HTTP side (firmware download links).
     /// Defaults to `http://{listen}` with the bound address.
     pub public_url: Option<String>,
-    /// Largest request body, bytes.
-    pub body_limit_bytes: usize,
+    /// Largest body of a JSON request, bytes (413 beyond; default 1 MiB).
+    pub json_body_limit_bytes: usize,
+    /// Largest body of a device-list request (batch create, migration canary/rollback, OTA
+    /// jobs with an uploaded list), bytes (default 16 MiB). Firmware uploads and imports
+    /// follow `ota.max_firmware_bytes` and `export.max_package_bytes`.
+    pub batch_body_limit_bytes: usize,
 }
 
 impl Default for HttpSettings {
@@ -96,7 +101,8 @@ impl Default for HttpSettings {
         HttpSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             public_url: None,
-            body_limit_bytes: 64 * 1024 * 1024,
+            json_body_limit_bytes: crate::api::DEFAULT_JSON_BODY_LIMIT,
+            batch_body_limit_bytes: crate::api::DEFAULT_BATCH_BODY_LIMIT,
         }
     }
 }
@@ -274,16 +280,40 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
+    /// Without the excerpt of the file that TOML errors quote: the line may hold a secret (a
+    /// password in `store.url`, a token).
+    #[error("invalid config file {path} ({location}): {message}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        /// `line L, column C`.
+        location: String,
+        message: String,
     },
     #[error("invalid setting {field}: {message}")]
     Invalid {
         field: &'static str,
         message: String,
     },
+}
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let location = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            format!(
+                "line {}, column {}",
+                before.matches('\n').count() + 1,
+                before[line_start..].chars().count() + 1
+            )
+        }
+        None => "position unknown".into(),
+    };
+    ConfigError::Parse {
+        path: path.to_owned(),
+        location,
+        message: e.message().trim_end().to_owned(),
+    }
 }
 
 /// Values from flags or environment variables; `None` leaves the file/default value.
@@ -298,6 +328,8 @@ pub struct Overrides {
     pub amqp_url: Option<String>,
     pub api_token: Option<String>,
     pub public_url: Option<String>,
+    /// `postgres://…`: the store in PostgreSQL instead of SQLite in the data dir.
+    pub store_url: Option<String>,
 }
 
 impl Settings {
@@ -309,10 +341,7 @@ impl Settings {
                     path: path.to_owned(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source,
-                })?
+                toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?
             }
             None => Settings::default(),
         };
@@ -339,6 +368,14 @@ impl Settings {
         }
         if let Some(v) = o.public_url {
             self.http.public_url = Some(v);
+        }
+        if let Some(v) = o.store_url {
+            let url =
+                crate::store::PostgresUrl::parse(&v).map_err(|message| ConfigError::Invalid {
+                    field: "store.url",
+                    message,
+                })?;
+            self.store.url = Some(url);
         }
         match (o.mqtt_tls_listen, o.tls_cert, o.tls_key) {
             (None, None, None) => {}
@@ -386,6 +423,23 @@ impl Settings {
                 });
             }
         }
+        for (field, value) in [
+            (
+                "http.json_body_limit_bytes",
+                self.http.json_body_limit_bytes,
+            ),
+            (
+                "http.batch_body_limit_bytes",
+                self.http.batch_body_limit_bytes,
+            ),
+        ] {
+            if value < 1024 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be at least 1024".into(),
+                });
+            }
+        }
         if self.ota.max_firmware_bytes == 0 {
             return Err(ConfigError::Invalid {
                 field: "ota.max_firmware_bytes",
@@ -419,6 +473,14 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 field: "store.commit_delay_us",
                 message: "must be at most 100000 (0 turns the delay off)".into(),
+            });
+        }
+        if self.store.url.is_some() && self.store.synchronous != crate::store::Synchronous::Full {
+            return Err(ConfigError::Invalid {
+                field: "store.synchronous",
+                message: "applies to SQLite only; with store.url the PostgreSQL server's \
+                          synchronous_commit decides durability"
+                    .into(),
             });
         }
         if self.store.commit_siblings == 0 {
@@ -497,6 +559,62 @@ mod tests {
     }
 
     #[test]
+    fn http_body_limits_from_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let load = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path), Overrides::default())
+        };
+        let d = Settings::default().http;
+        assert_eq!(
+            (d.json_body_limit_bytes, d.batch_body_limit_bytes),
+            (1024 * 1024, 16 * 1024 * 1024)
+        );
+        let s = load(
+            "[http]
+json_body_limit_bytes = 65536
+batch_body_limit_bytes = 2097152
+",
+        )
+        .unwrap();
+        assert_eq!(s.http.json_body_limit_bytes, 65_536);
+        assert_eq!(s.http.batch_body_limit_bytes, 2_097_152);
+        for (toml, field) in [
+            (
+                "[http]
+json_body_limit_bytes = 10
+",
+                "http.json_body_limit_bytes",
+            ),
+            (
+                "[http]
+batch_body_limit_bytes = 0
+",
+                "http.batch_body_limit_bytes",
+            ),
+        ] {
+            assert!(
+                matches!(load(toml), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{toml}"
+            );
+        }
+        // The single limit of old releases is gone: a file still naming it fails loudly
+        // instead of silently getting other limits.
+        let e = load(
+            "[http]
+body_limit_bytes = 67108864
+",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { .. })
+                && e.to_string().contains("json_body_limit_bytes"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn store_section_from_file_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fg.toml");
@@ -513,6 +631,7 @@ mod tests {
         assert_eq!(
             Settings::default().store,
             crate::store::StoreSettings {
+                url: None,
                 synchronous: crate::store::Synchronous::Full,
                 commit_delay_us: 2_000,
                 commit_siblings: 8
@@ -525,11 +644,69 @@ mod tests {
                 "store.commit_delay_us",
             ),
             ("[store]\ncommit_siblings = 0\n", "store.commit_siblings"),
+            (
+                "[store]\nurl = \"postgres://db/fg\"\nsynchronous = \"normal\"\n",
+                "store.synchronous",
+            ),
         ] {
             assert!(
                 matches!(load(toml), Err(ConfigError::Invalid { field: f, .. }) if f == field),
                 "{toml}"
             );
+        }
+    }
+
+    #[test]
+    fn the_store_url_picks_postgres_and_is_checked_where_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let data_dir = PathBuf::from("/var/lib/fg");
+        assert_eq!(
+            Settings::default().store.location(&data_dir),
+            crate::store::StoreLocation::Sqlite(data_dir.join("fleetgate.db"))
+        );
+
+        std::fs::write(
+            &path,
+            "[store]\nurl = \"postgres://fg:pw@db:5432/fleetgate\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        let location = s.store.location(&data_dir);
+        assert_eq!(
+            location.to_string(),
+            "PostgreSQL at postgres://fg:***@db:5432/fleetgate"
+        );
+        assert!(!format!("{s:?}").contains("pw@"));
+
+        // The flag (or FLEETGATE_STORE) wins over the file.
+        let o = Overrides {
+            store_url: Some("postgresql://other/fg".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(Some(&path), o).unwrap();
+        assert_eq!(
+            s.store.url.as_ref().map(|u| u.expose()),
+            Some("postgresql://other/fg")
+        );
+
+        let o = Overrides {
+            store_url: Some("/var/lib/fg/fleetgate.db".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Settings::load(None, o),
+            Err(ConfigError::Invalid { field: "store.url", message }) if message.contains("postgres://")
+        ));
+        std::fs::write(&path, "[store]\nurl = \"postgres://fg:pw@db:x/fg\"\n").unwrap();
+        match Settings::load(Some(&path), Overrides::default()) {
+            Err(e @ ConfigError::Parse { .. }) => {
+                let message = e.to_string();
+                assert!(message.contains("(line 2, column 7)"), "{message}");
+                assert!(message.contains("invalid PostgreSQL URL"), "{message}");
+                assert!(!message.contains("pw@"), "{message}");
+            }
+            other => panic!("expected a parse error, got {other:?}"),
         }
     }
 

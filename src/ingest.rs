@@ -15,7 +15,7 @@
 //!
 //! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
 //! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
-//! only once the message is durable in the outbox (design §5). Online/offline status messages
+//! only once the message is durable in the outbox (docs/DESIGN.md §5). Online/offline status messages
 //! are enqueued from the connection callbacks (which must not wait) and committed in the
 //! background; they keep their order relative to the device's posts because the forwarder
 //! hands rows to its writer at call time.

@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (embedded broker, registry, API).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the MQTT CONNECT credentials (client id, username, password) of a device, as a
     /// Link SDK would compute them — handy for mosquitto_pub and other generic clients.
     DeviceCredentials {
@@ -91,6 +91,10 @@ struct ServeArgs {
     /// Base URL of this gateway's HTTP side as devices reach it (firmware download links).
     #[arg(long, env = "FLEETGATE_PUBLIC_URL")]
     public_url: Option<String>,
+    /// PostgreSQL URL (`postgres://user:password@host:5432/db`) of the store; without it the
+    /// store is SQLite in the data dir.
+    #[arg(long = "store", env = "FLEETGATE_STORE", hide_env_values = true)]
+    store_url: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLEETGATE_LOG_JSON")]
     log_json: bool,
@@ -99,7 +103,7 @@ struct ServeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::DeviceCredentials {
             product_key,
             device_name,
@@ -152,6 +156,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             amqp_url: args.amqp_url,
             api_token: args.api_token,
             public_url: args.public_url,
+            store_url: args.store_url,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

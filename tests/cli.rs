@@ -28,6 +28,7 @@ fn start(data_dir: &std::path::Path, first: bool) -> (Gateway, Option<String>) {
         .arg(data_dir)
         .env_remove("FLEETGATE_API_TOKEN")
         .env_remove("FLEETGATE_AMQP_URL")
+        .env_remove("FLEETGATE_STORE")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,4 +149,51 @@ async fn first_start_token_sigterm_and_restart() {
         .unwrap();
     assert_eq!(resp.status(), 200, "device kept across the restart");
     sigterm_and_wait(gw);
+}
+
+/// Runs `fleetgate serve` with `store` as `--store` (or `FLEETGATE_STORE`) where it cannot
+/// start; returns its stderr.
+fn failed_start(store: &str, as_env: bool) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+    cmd.args([
+        "serve",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir.path())
+    .env_remove("FLEETGATE_AMQP_URL")
+    .env("FLEETGATE_API_TOKEN", "cli-admin-token-0123456789")
+    .env("RUST_LOG", "info");
+    if as_env {
+        cmd.env("FLEETGATE_STORE", store);
+    } else {
+        cmd.env_remove("FLEETGATE_STORE").args(["--store", store]);
+    }
+    let out = cmd.output().expect("fleetgate runs");
+    assert!(!out.status.success(), "started with store {store}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_store_url_that_is_not_postgres_is_refused_with_the_setting_named() {
+    let stderr = failed_start("mysql://root:hunter2@db/fleetgate", false);
+    assert!(stderr.contains("store.url"), "{stderr}");
+    assert!(stderr.contains("postgres://"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn the_postgres_store_is_logged_and_reported_without_its_password() {
+    // Nothing listens on port 1: the start fails at the store, after logging it.
+    let stderr = failed_start("postgres://fg:hunter2@127.0.0.1:1/fleetgate", true);
+    assert!(
+        stderr.contains("PostgreSQL at postgres://fg:***@127.0.0.1:1/fleetgate"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cannot open the store"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }

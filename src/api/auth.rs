@@ -4,9 +4,9 @@
 //!
 //! | role | may |
 //! |---|---|
-//! | `viewer` | `GET`/`HEAD` only: read instances, products (without secrets in lists), devices |
-//! | `operator` | everything a viewer may, plus day-to-day fleet work: create/batch-create/update/enable/disable/delete devices (and OTA jobs, migrations as those endpoints arrive) |
-//! | `admin` | everything: also create instances, create and delete products |
+//! | `viewer` | `GET`/`HEAD` only: read instances, products, devices — never a secret |
+//! | `operator` | everything a viewer may, plus day-to-day fleet work: create/batch-create/update/enable/disable/delete devices and read their secrets (`…/devices/{dn}/secret`), firmware, OTA jobs, migrations, consumer groups, export/import of what it may create |
+//! | `admin` | everything: also create instances, create and delete products, read product secrets (`/products/{pk}/secret`) |
 //!
 //! Unauthenticated: `/healthz`, `/metrics` and `/api/v1/openapi.json` only. Every other
 //! `/api/v1` route sits behind [`authenticate`], which answers 401 (with

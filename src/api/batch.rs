@@ -22,7 +22,7 @@ use super::extract::{from_value, is_json, media_type, parse_json, read_body, Api
 use super::ApiState;
 use crate::registry::{NewDevice, RowResult};
 
-/// Most rows one batch request may carry (design §7).
+/// Most rows one batch request may carry (docs/DESIGN.md §7).
 pub const MAX_BATCH_ROWS: usize = crate::registry::MAX_BATCH_ROWS;
 
 /// The JSON object form of a batch request.

@@ -141,7 +141,7 @@ pub async fn delete_group(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::api::{router, Role, TokenSet, DEFAULT_BODY_LIMIT};
+    use crate::api::{router, BodyLimits, Role, TokenSet};
     use crate::forwarder::ForwarderConfig;
     use crate::metrics::Metrics;
     use crate::ota::FirmwareRepo;
@@ -182,7 +182,7 @@ pub(super) mod tests {
             })
             .await
             .unwrap();
-        (router(state, DEFAULT_BODY_LIMIT), registry, store)
+        (router(state, BodyLimits::default()), registry, store)
     }
 
     pub(in crate::api) async fn call(

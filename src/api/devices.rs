@@ -1,12 +1,19 @@
-//! `/api/v1/products/{pk}/devices`: create, list, get, update, enable/disable, delete devices.
+//! `/api/v1/products/{pk}/devices`: create, list, get, update, enable/disable, delete devices,
+//! and read a device's secret.
 //!
 //! Disabling or deleting a device calls [`ApiState::on_device_revoked`] after the registry
 //! accepted the change, so the broker drops a session the device may no longer hold.
+//!
+//! The device secret signs the device's MQTT CONNECT: whoever reads it can connect as the
+//! device. So it is in the create response (the creator chose or needs it) and in
+//! `GET …/devices/{dn}/secret` (operator or admin, asked for explicitly, logged), and in no
+//! other response: lists, the single GET and updates carry [`DeviceSummary`] fields only.
 
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -50,7 +57,7 @@ pub struct UpdateDeviceRequest {
     pub tags: Option<BTreeMap<String, String>>,
 }
 
-/// A device in a list: everything but the secret.
+/// A device as lists, updates and the single GET show it: everything but the secret.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DeviceSummary {
     pub product_key: String,
@@ -84,14 +91,43 @@ impl From<Device> for DeviceSummary {
     }
 }
 
-/// One device (`GET …/devices/{dn}`): the device with its secret, plus its migration status.
+/// One device (`GET …/devices/{dn}`): the device without its secret, plus its migration status.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DeviceDetails {
     #[serde(flatten)]
-    pub device: Device,
+    pub device: DeviceSummary,
     /// The device's status in its product's migration task (the active one, or the last one
     /// while it exists); `null` when the product has no migration task.
     pub migration: Option<DeviceMigrationStatus>,
+}
+
+/// Response of `POST …/devices`: the new device and its secret, the only response besides
+/// `GET …/devices/{dn}/secret` that carries it. No `Debug`: it holds a secret.
+#[derive(Clone, Serialize, ToSchema)]
+pub struct CreatedDevice {
+    #[serde(flatten)]
+    pub device: DeviceSummary,
+    /// The secret that signs the device's MQTT CONNECT (generated when the request had none).
+    pub device_secret: String,
+}
+
+impl From<Device> for CreatedDevice {
+    fn from(d: Device) -> Self {
+        let device_secret = d.device_secret.clone();
+        CreatedDevice {
+            device: d.into(),
+            device_secret,
+        }
+    }
+}
+
+/// Response of `GET …/devices/{dn}/secret`. No `Debug`: it holds a secret.
+#[derive(Clone, Serialize, ToSchema)]
+pub struct DeviceSecret {
+    pub product_key: String,
+    pub device_name: String,
+    /// The secret that signs the device's MQTT CONNECT.
+    pub device_secret: String,
 }
 
 /// `GET …/devices` query.
@@ -135,7 +171,8 @@ impl DeviceListQuery {
     }
 }
 
-/// Create one device; the response carries its `device_secret`.
+/// Create one device; the response carries its `device_secret` (the only other way to read it
+/// later is `GET …/devices/{dn}/secret`).
 #[utoipa::path(
     post,
     path = "/api/v1/products/{pk}/devices",
@@ -143,7 +180,7 @@ impl DeviceListQuery {
     params(("pk" = String, Path, description = "Product key")),
     request_body = CreateDeviceRequest,
     responses(
-        (status = 201, description = "Created", body = Device),
+        (status = 201, description = "Created; the only response with the secret besides `…/secret`", body = CreatedDevice),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Viewer token", body = ErrorBody),
@@ -157,9 +194,9 @@ pub async fn create_device(
     State(state): State<ApiState>,
     ApiPath(pk): ApiPath<String>,
     ApiJson(req): ApiJson<CreateDeviceRequest>,
-) -> Result<(StatusCode, Json<Device>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedDevice>), ApiError> {
     let device = state.registry.create_device(&pk, req.into()).await?;
-    Ok((StatusCode::CREATED, Json(device)))
+    Ok((StatusCode::CREATED, Json(device.into())))
 }
 
 /// List a product's devices (without secrets), by name.
@@ -190,7 +227,8 @@ pub async fn list_devices(
     Ok(Json(ItemsPage::from_paged(paged, DeviceSummary::from)))
 }
 
-/// Get one device, with its secret and its migration status.
+/// Get one device (without its secret: see `GET …/devices/{dn}/secret`) and its migration
+/// status.
 #[utoipa::path(
     get,
     path = "/api/v1/products/{pk}/devices/{dn}",
@@ -210,12 +248,48 @@ pub async fn get_device(
     State(state): State<ApiState>,
     ApiPath((pk, dn)): ApiPath<(String, String)>,
 ) -> Result<Json<DeviceDetails>, ApiError> {
-    let device = state.registry.get_device(&pk, &dn)?;
+    let device = state.registry.get_device(&pk, &dn)?.into();
     let migration = state
         .migration
         .as_ref()
         .and_then(|m| m.device_status(&pk, &dn));
     Ok(Json(DeviceDetails { device, migration }))
+}
+
+/// Read a device's secret (operator or admin). Asked for explicitly so that every read is a
+/// deliberate act; each one is logged (who, which device — never the secret).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{pk}/devices/{dn}/secret",
+    tag = "devices",
+    params(
+        ("pk" = String, Path, description = "Product key"),
+        ("dn" = String, Path, description = "Device name"),
+    ),
+    responses(
+        (status = 200, description = "The device's secret (`Cache-Control: no-store`)", body = DeviceSecret),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Viewer token (checked before the device is looked up)", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002) or device (FG.2003)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_device_secret(
+    _op: RequireOperator,
+    State(state): State<ApiState>,
+    ApiPath((pk, dn)): ApiPath<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let device = state.registry.get_device(&pk, &dn)?;
+    // The request span carries the caller's role and the request id.
+    tracing::info!(product_key = %pk, device_name = %dn, "device secret read");
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(DeviceSecret {
+            product_key: device.product_key,
+            device_name: device.device_name,
+            device_secret: device.device_secret,
+        }),
+    ))
 }
 
 /// Update `enabled` and/or replace `tags`. Disabling drops the device's MQTT session.
@@ -229,7 +303,7 @@ pub async fn get_device(
     ),
     request_body = UpdateDeviceRequest,
     responses(
-        (status = 200, description = "The updated device", body = Device),
+        (status = 200, description = "The updated device (without its secret)", body = DeviceSummary),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Viewer token", body = ErrorBody),
@@ -242,7 +316,7 @@ pub async fn update_device(
     State(state): State<ApiState>,
     ApiPath((pk, dn)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<UpdateDeviceRequest>,
-) -> Result<Json<Device>, ApiError> {
+) -> Result<Json<DeviceSummary>, ApiError> {
     apply_update(
         &state,
         &pk,
@@ -266,7 +340,7 @@ pub async fn update_device(
         ("dn" = String, Path, description = "Device name"),
     ),
     responses(
-        (status = 200, description = "The updated device", body = Device),
+        (status = 200, description = "The updated device (without its secret)", body = DeviceSummary),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Viewer token", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
@@ -277,7 +351,7 @@ pub async fn enable_device(
     _op: RequireOperator,
     State(state): State<ApiState>,
     ApiPath((pk, dn)): ApiPath<(String, String)>,
-) -> Result<Json<Device>, ApiError> {
+) -> Result<Json<DeviceSummary>, ApiError> {
     let update = DeviceUpdate {
         enabled: Some(true),
         tags: None,
@@ -295,7 +369,7 @@ pub async fn enable_device(
         ("dn" = String, Path, description = "Device name"),
     ),
     responses(
-        (status = 200, description = "The updated device", body = Device),
+        (status = 200, description = "The updated device (without its secret)", body = DeviceSummary),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Viewer token", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
@@ -306,7 +380,7 @@ pub async fn disable_device(
     _op: RequireOperator,
     State(state): State<ApiState>,
     ApiPath((pk, dn)): ApiPath<(String, String)>,
-) -> Result<Json<Device>, ApiError> {
+) -> Result<Json<DeviceSummary>, ApiError> {
     let update = DeviceUpdate {
         enabled: Some(false),
         tags: None,
@@ -319,13 +393,13 @@ async fn apply_update(
     pk: &str,
     dn: &str,
     update: DeviceUpdate,
-) -> Result<Device, ApiError> {
+) -> Result<DeviceSummary, ApiError> {
     let disabling = update.enabled == Some(false);
     let device = state.registry.update_device(pk, dn, update).await?;
     if disabling {
         (state.on_device_revoked)(pk, dn);
     }
-    Ok(device)
+    Ok(device.into())
 }
 
 /// Delete a device and drop its MQTT session.
@@ -375,7 +449,7 @@ pub(crate) mod named_batch {
         state: State<ApiState>,
         ApiPath(pk): ApiPath<String>,
         body: ApiJson<UpdateDeviceRequest>,
-    ) -> Result<Json<Device>, ApiError> {
+    ) -> Result<Json<DeviceSummary>, ApiError> {
         update_device(op, state, ApiPath((pk, NAME.to_owned())), body).await
     }
 

@@ -1,5 +1,5 @@
-//! `/api/v1/export…` and `/api/v1/import…`: export/import jobs (design §7, the export-jobs
-//! seed). Everything goes through [`ExportService`]; every route is rate limited there
+//! `/api/v1/export…` and `/api/v1/import…`: export/import jobs (docs/DESIGN.md §7,
+//! docs/EXPORT.md). Everything goes through [`ExportService`]; every route is rate limited there
 //! (429 `FG.0429` "too many requests" with `Retry-After`).
 
 use axum::body::Body;
@@ -11,13 +11,13 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::{Caller, RequireOperator};
+use super::auth::{Caller, RequireOperator, Role};
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::ApiState;
 use crate::export::{
     ConflictPolicy, ExportError, ExportJob, ExportRequest, ExportService, JobKind, JobRecord,
-    Limited, PackageError,
+    Limited, PackageError, Privilege,
 };
 
 impl From<ExportError> for ApiError {
@@ -59,6 +59,7 @@ impl From<ExportError> for ApiError {
                 ApiError::new(ErrorCode::PackageInvalid, e.to_string()).with_field("package")
             }
             ExportError::Limited(l) => ApiError::new(ErrorCode::TooManyRequests, l.reason),
+            ExportError::Forbidden(msg) => ApiError::forbidden(msg).with_field("package"),
             ExportError::Store(_) | ExportError::Internal(_) => ApiError::internal(e),
         }
     }
@@ -108,11 +109,17 @@ fn expand_objects(q: &ExpandQuery) -> Result<bool, ApiError> {
     }
 }
 
-fn role_name(caller: &Option<Extension<Caller>>) -> String {
-    caller
-        .as_ref()
-        .map(|c| c.0.role.as_str().to_owned())
-        .unwrap_or_else(|| "unknown".into())
+/// The export module's view of the caller's role: it decides which objects an import may write
+/// and which secrets an export carries. Viewers never get here (`RequireOperator`).
+fn privilege(caller: &Option<Extension<Caller>>) -> Result<Privilege, ApiError> {
+    match caller.as_ref().map(|c| c.0.role) {
+        Some(Role::Admin) => Ok(Privilege::Admin),
+        Some(Role::Operator) => Ok(Privilege::Operator),
+        Some(role @ Role::Viewer) => Err(ApiError::forbidden(format!(
+            "role {role} may not do this; operator or admin required"
+        ))),
+        None => Err(ApiError::unauthenticated(false)),
+    }
 }
 
 fn accepted(job: &JobRecord, kind: &str) -> Response {
@@ -126,7 +133,9 @@ fn accepted(job: &JobRecord, kind: &str) -> Response {
 /// Start an export job (operator).
 ///
 /// Answers at once with the job (IN_PROGRESS); poll `GET /api/v1/export/{id}` until
-/// SUCCESSFUL, then download `…/package`.
+/// SUCCESSFUL, then download `…/package`. Secrets are only ever in the package encrypted with
+/// `secrets_key`, and only those the caller may read: an operator's export carries device
+/// secrets but no product secrets (log line `FGX_006`).
 #[utoipa::path(
     post,
     path = "/api/v1/export",
@@ -158,7 +167,11 @@ pub async fn start_export(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    match svc.start_export(req, &role_name(&caller)).await {
+    let by = match privilege(&caller) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match svc.start_export(req, by).await {
         Ok(job) => accepted(&job, "export"),
         Err(e) => err_response(e),
     }
@@ -346,7 +359,10 @@ fn multipart_error(e: MultipartError) -> Response {
 ///
 /// The package is verified completely first (ZIP, every checksum, manifest MAC, every secret
 /// with `secrets_key`); a damaged, tampered or wrongly keyed package is refused with 400 and
-/// nothing changes. Then the job runs asynchronously; poll `GET /api/v1/import/{id}`.
+/// nothing changes. So is, with 403, a package that would create objects the caller's role may
+/// not create through the API (for an operator: products not on this gateway). Then the job
+/// runs asynchronously; poll `GET /api/v1/import/{id}`. Devices the import disables, re-keys
+/// or moves are disconnected.
 #[utoipa::path(
     post,
     path = "/api/v1/import",
@@ -355,6 +371,7 @@ fn multipart_error(e: MultipartError) -> Response {
     responses(
         (status = 202, description = "Verified and started", body = ExportJob),
         (status = 400, description = "Damaged/tampered package (FG.4004), wrong key (FG.4005), missing field", body = ErrorBody),
+        (status = 403, description = "Not an operator, or the package would create objects the caller's role may not create (an operator: products); the message names them and nothing is imported", body = ErrorBody),
         (status = 413, description = "Package larger than export.max_package_bytes", body = ErrorBody),
         (status = 429, description = "Too many requests or too many bytes in flight (Retry-After)", body = ErrorBody),
     ),
@@ -461,10 +478,11 @@ pub async fn start_import(
     let Some(package) = package.filter(|p| !p.is_empty()) else {
         return ApiError::missing_field("package").into_response();
     };
-    match svc
-        .start_import(package, key, policy, name, &role_name(&caller))
-        .await
-    {
+    let by = match privilege(&caller) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match svc.start_import(package, key, policy, name, by).await {
         Ok(job) => accepted(&job, "import"),
         Err(e) => err_response(e),
     }

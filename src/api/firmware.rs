@@ -11,7 +11,9 @@
 //!   package is looked up, so an unsigned request cannot probe which ids exist. Bytes are served
 //!   by tower-http's `ServeFile` (single `Range`s → 206 with `Content-Range`; unsatisfiable →
 //!   416), with `ETag: "{sha256}"` and `If-None-Match`/`If-Range` handled here. A `Range` with
-//!   several ranges is answered with the whole file (200), which RFC 9110 allows.
+//!   several ranges is answered with the whole file (200), which RFC 9110 allows; so is one
+//!   whose unit is not `bytes` (`items=0-10`), which RFC 9110 §14.2 requires. The unit is
+//!   matched case-insensitively (`Bytes=0-9` is a byte range).
 //! - Deleting a package needs to know whether an unfinished job uses it; that route lives with
 //!   the jobs API (`api::ota`), which calls [`FirmwareRepo::delete`].
 
@@ -406,6 +408,15 @@ fn none_match_hits(value: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
 }
 
+/// `value` as tower-http understands a byte range (`bytes=…`, unit in lower case), or `None`
+/// when its unit is not `bytes` (RFC 9110 §14.2: an unknown unit is ignored). Only the unit is
+/// looked at: a malformed `bytes=` range stays as it is and gets 416.
+fn byte_range(value: &str) -> Option<String> {
+    let (unit, ranges) = value.split_once('=')?;
+    unit.eq_ignore_ascii_case("bytes")
+        .then(|| format!("bytes={ranges}"))
+}
+
 /// Download a firmware package with a signed link (devices; no bearer token).
 #[utoipa::path(
     get,
@@ -413,7 +424,7 @@ fn none_match_hits(value: &str, etag: &str) -> bool {
     tag = "firmware",
     params(("fid" = String, Path, description = "Firmware id"), DownloadQuery),
     responses(
-        (status = 200, description = "The whole package (`Accept-Ranges: bytes`, `ETag: \"{sha256}\"`)", content_type = "application/octet-stream"),
+        (status = 200, description = "The whole package (`Accept-Ranges: bytes`, `ETag: \"{sha256}\"`); also for a `Range` with several ranges or a unit other than `bytes`, which is ignored", content_type = "application/octet-stream"),
         (status = 206, description = "One byte range (`Content-Range`)", content_type = "application/octet-stream"),
         (status = 304, description = "If-None-Match matched the ETag"),
         (status = 403, description = "Missing, tampered or expired link (FG.3004); no bytes", body = ErrorBody),
@@ -468,6 +479,21 @@ pub async fn download_firmware(
     if if_range_differs || multi_range {
         headers.remove(header::RANGE);
     }
+    // Only byte ranges are understood; tower-http answers anything else with 416.
+    if let Some(value) = headers.get(header::RANGE) {
+        match value.to_str().ok().and_then(byte_range) {
+            None => {
+                headers.remove(header::RANGE);
+            }
+            Some(normalised) if normalised.as_bytes() != value.as_bytes() => {
+                match HeaderValue::from_str(&normalised) {
+                    Ok(v) => headers.insert(header::RANGE, v),
+                    Err(_) => headers.remove(header::RANGE),
+                };
+            }
+            Some(_) => {}
+        }
+    }
     // Content negotiation must not pick a precompressed variant or a different body.
     headers.remove(header::ACCEPT_ENCODING);
 
@@ -506,6 +532,31 @@ pub async fn download_firmware(
                 parts.headers.insert(header::ETAG, v);
             }
             Response::from_parts(parts, body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    #[test]
+    fn only_byte_ranges_are_kept() {
+        let table = [
+            ("bytes=0-10", Some("bytes=0-10")),
+            ("bytes=-500", Some("bytes=-500")),
+            ("Bytes=0-10", Some("bytes=0-10")),
+            ("BYTES=5-", Some("bytes=5-")),
+            // Malformed byte ranges are still byte ranges: 416, not ignored.
+            ("bytes=abc", Some("bytes=abc")),
+            ("items=0-10", None),
+            ("pages=1-2", None),
+            ("bytes0-10", None),
+            ("", None),
+            (" bytes=0-10", None),
+        ];
+        for (value, want) in table {
+            assert_eq!(byte_range(value).as_deref(), want, "{value:?}");
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `/api/v1/migrations`: instance migration tasks (design §6, §7) over the
+//! `/api/v1/migrations`: instance migration tasks (docs/DESIGN.md §6, §7) over the
 //! [`MigrationEngine`].
 //!
 //! Lifecycle calls answer with the task details; the ones that take a device selection

@@ -2,7 +2,7 @@
 //!
 //! Owns nothing but request handling: every state change goes through [`Registry`] or
 //! [`FirmwareRepo`] methods (export/import through [`ExportService`]) (and, for dropping MQTT sessions, through the
-//! [`ApiState::on_device_revoked`] hook the app wires to the broker). Conventions (design §7):
+//! [`ApiState::on_device_revoked`] hook the app wires to the broker). Conventions (docs/DESIGN.md §7):
 //!
 //! - JSON under `/api/v1`, `Authorization: Bearer <token>` (see [`auth`] for the roles);
 //!   `/healthz`, `/metrics` and `/api/v1/openapi.json` are open, and so is the device-facing
@@ -10,8 +10,10 @@
 //! - Every error is `{"error_code","error_msg","error_ext_msg","request_id"}` ([`error`]).
 //! - Every response carries `x-request-id`; every request gets a tracing span and is counted in
 //!   `fleetgate_http_requests_total{class}`.
-//! - Lists are `{"items","total","page","page_size"}`; secrets appear on create and on a single
-//!   GET, never in lists.
+//! - Lists are `{"items","total","page","page_size"}`.
+//! - Device and product secrets are returned to their creator (the create responses) and
+//!   otherwise only by the dedicated `…/secret` routes, to the roles that may manage them
+//!   (devices: operator; products: admin); no list, single GET or update carries one.
 //!
 //! Tests drive [`router`] with `tower::ServiceExt::oneshot`.
 
@@ -56,9 +58,34 @@ use crate::migration::MigrationEngine;
 use crate::ota::{FirmwareRepo, OtaEngine};
 use crate::registry::{Paged, Registry};
 
-/// Default request body limit: generous for a 10,000-row CSV batch, small enough to refuse a
-/// stray upload of a disk image.
-pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// Default body limit of every JSON route: any JSON request the API accepts fits (10,000 device
+/// names of 32 characters are ~350 KB), and a client cannot make a handler buffer and parse
+/// tens of megabytes.
+pub const DEFAULT_JSON_BODY_LIMIT: usize = 1024 * 1024;
+/// Default body limit of the routes that take device lists (batch create, migration
+/// canary/rollback, OTA jobs with an uploaded list): 10,000 rows with secrets and tags.
+pub const DEFAULT_BATCH_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Request body limits by kind of route; beyond one, 413 `FG.0413` in the standard body.
+/// Firmware uploads and import packages have their own limits, from
+/// `ota.max_firmware_bytes` and `export.max_package_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Every route not listed under `batch` (all of them JSON or bodiless).
+    pub json: usize,
+    /// `POST /api/v1/products/{pk}/devices/batch`, `POST /api/v1/migrations/{tid}/canary`,
+    /// `…/rollback` and `POST /api/v1/ota/jobs`.
+    pub batch: usize,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits {
+            json: DEFAULT_JSON_BODY_LIMIT,
+            batch: DEFAULT_BATCH_BODY_LIMIT,
+        }
+    }
+}
 
 /// Extra `/healthz` fields supplied by the app (listeners, AMQP status, …).
 pub type HealthFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -187,9 +214,10 @@ impl<T> ItemsPage<T> {
 }
 
 /// The whole HTTP API as a router ready for `axum::serve` (or `oneshot` in tests). Bodies
-/// larger than `body_limit` bytes are refused with 413 `FG.0413` ([`DEFAULT_BODY_LIMIT`] is a
-/// sensible value), except firmware uploads, whose limit follows the repository's `max_size`.
-pub fn router(state: ApiState, body_limit: usize) -> Router {
+/// beyond [`BodyLimits`] are refused with 413 `FG.0413`; firmware uploads follow the
+/// repository's `max_size`, imports the export settings' `max_package_bytes`.
+pub fn router(state: ApiState, limits: BodyLimits) -> Router {
+    let batch_limit = DefaultBodyLimit::max(limits.batch);
     let upload_limit = usize::try_from(
         state
             .firmware
@@ -204,7 +232,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             usize::try_from(e.settings().max_package_bytes.saturating_add(64 * 1024))
                 .unwrap_or(usize::MAX)
         })
-        .unwrap_or(body_limit);
+        .unwrap_or(limits.json);
     // Everything here needs a token; the middleware also refuses viewer writes.
     let protected = Router::new()
         .route(
@@ -235,12 +263,17 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             get(products::get_product).delete(products::delete_product),
         )
         .route(
+            "/api/v1/products/{pk}/secret",
+            get(products::get_product_secret),
+        )
+        .route(
             "/api/v1/products/{pk}/devices",
             post(devices::create_device).get(devices::list_devices),
         )
         .route(
             "/api/v1/products/{pk}/devices/batch",
             post(batch::batch_create_devices)
+                .layer(batch_limit)
                 .get(devices::named_batch::get)
                 .patch(devices::named_batch::patch)
                 .delete(devices::named_batch::delete),
@@ -250,6 +283,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             get(devices::get_device)
                 .patch(devices::update_device)
                 .delete(devices::delete_device),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/secret",
+            get(devices::get_device_secret),
         )
         .route(
             "/api/v1/products/{pk}/devices/{dn}/enable",
@@ -271,7 +308,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             "/api/v1/migrations/{tid}/config",
             axum::routing::put(migrations::put_config),
         )
-        .route("/api/v1/migrations/{tid}/canary", post(migrations::canary))
+        .route(
+            "/api/v1/migrations/{tid}/canary",
+            post(migrations::canary).layer(batch_limit),
+        )
         .route("/api/v1/migrations/{tid}/full", post(migrations::full))
         .route("/api/v1/migrations/{tid}/pause", post(migrations::pause))
         .route(
@@ -280,7 +320,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         )
         .route(
             "/api/v1/migrations/{tid}/rollback",
-            post(migrations::rollback),
+            post(migrations::rollback).layer(batch_limit),
         )
         .route(
             "/api/v1/migrations/{tid}/data-sync",
@@ -308,7 +348,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         )
         .route(
             "/api/v1/ota/jobs",
-            post(ota::create_job).get(ota::list_jobs),
+            post(ota::create_job).layer(batch_limit).get(ota::list_jobs),
         )
         .route("/api/v1/ota/jobs/{jid}", get(ota::get_job))
         .route("/api/v1/ota/jobs/{jid}/tasks", get(ota::list_tasks))
@@ -365,7 +405,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .merge(protected)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(limits.json))
         .layer(CatchPanicLayer::custom(middleware::panic_response))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),

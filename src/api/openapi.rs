@@ -7,7 +7,10 @@ use utoipa::{Modify, OpenApi};
 
 use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
-use super::devices::{CreateDeviceRequest, DeviceDetails, DeviceSummary, UpdateDeviceRequest};
+use super::devices::{
+    CreateDeviceRequest, CreatedDevice, DeviceDetails, DeviceSecret, DeviceSummary,
+    UpdateDeviceRequest,
+};
 use super::error::{ErrorBody, ErrorCode};
 use super::export::ImportForm;
 use super::firmware::{DownloadUrl, FirmwareUploadForm};
@@ -20,7 +23,7 @@ use super::ota::{
     CancelJobRequest, CancelTasksRequest, ChangedCount, ConfirmRequest, JobStatisticsView,
     JobUploadForm,
 };
-use super::products::{CreateProductRequest, ProductSummary};
+use super::products::{CreateProductRequest, CreatedProduct, ProductSecret, ProductSummary};
 use super::{
     batch, consumer_groups, devices, export, firmware, forwarding, instances, migrations, ota,
     products, system,
@@ -46,7 +49,7 @@ use crate::ota::model::{
 };
 use crate::ota::{FailureReason, QueueReason, TaskEvent, TaskStatus};
 use crate::ota::{FirmwarePackage, FirmwareStatus};
-use crate::registry::{Device, Instance, Product};
+use crate::registry::Instance;
 
 /// The fleetgate operator API document (served at `/api/v1/openapi.json`).
 #[derive(OpenApi)]
@@ -72,10 +75,12 @@ use crate::registry::{Device, Instance, Product};
         products::create_product,
         products::list_products,
         products::get_product,
+        products::get_product_secret,
         products::delete_product,
         devices::create_device,
         devices::list_devices,
         devices::get_device,
+        devices::get_device_secret,
         devices::update_device,
         devices::delete_device,
         devices::enable_device,
@@ -140,8 +145,6 @@ use crate::registry::{Device, Instance, Product};
         ImportForm,
         Role,
         Instance,
-        Product,
-        Device,
         CreateInstanceRequest,
         ConsumerGroup,
         NewConsumerGroup,
@@ -151,9 +154,13 @@ use crate::registry::{Device, Instance, Product};
         RateLimitSource,
         CreateProductRequest,
         ProductSummary,
+        CreatedProduct,
+        ProductSecret,
         CreateDeviceRequest,
         UpdateDeviceRequest,
         DeviceSummary,
+        CreatedDevice,
+        DeviceSecret,
         DeviceDetails,
         DeviceMigrationStatus,
         BatchCreateRequest,
@@ -252,15 +259,21 @@ impl Modify for Conventions {
             "{base}\n\n## Authentication\n\n`/healthz`, `/metrics` and `/api/v1/openapi.json` \
              are open, and `/firmware/{{fid}}/download` checks its signed link (`expires`, \
              `token`) instead of a bearer token; every other `/api/v1` call needs `Authorization: Bearer <token>` (401 otherwise). Roles: `viewer` may only \
-             read (GET); `operator` may also manage devices (create, batch, update, \
-             enable/disable, delete) and upload firmware; `admin` may do everything, including creating instances \
-             and creating/deleting products (403 otherwise); consumer groups need `operator` to create or delete, forwarding rate limits to set or remove.\n\n## Errors\n\nEvery error \
+             read (GET), and no secrets; `operator` may also manage devices (create, batch, update, \
+             enable/disable, delete, read their secrets) and upload firmware; `admin` may do everything, including creating instances \
+             and creating/deleting products and reading product secrets (403 otherwise); consumer groups need `operator` to create or delete, forwarding rate limits to set or remove.\n\n## Errors\n\nEvery error \
              response has the body `{{\"error_code\":\"FG.xxxx\",\"error_msg\":\"…\",\
              \"error_ext_msg\":null,\"request_id\":\"…\"}}`; `error_ext_msg` names the \
              offending field when there is one, and `request_id` equals the `x-request-id` \
              response header.\n\n{}\n## Lists\n\nLists take `page` (1-based) and `page_size` \
              (1..=100, default 20) and return `{{\"items\",\"total\",\"page\",\"page_size\"}}`. \
-             Secrets appear on create and on single GETs, never in lists.",
+             \n\n## Secrets\n\nA device or product secret is returned to the caller that \
+             created it (`POST …/devices` → `device_secret`, the created rows of \
+             `POST …/devices/batch`, `POST /api/v1/products` → `product_secret`) and otherwise \
+             only on explicit request: `GET /api/v1/products/{{pk}}/devices/{{dn}}/secret` \
+             (operator or admin) and `GET /api/v1/products/{{pk}}/secret` (admin). Lists, \
+             single GETs, updates, logs and job records never carry one; export packages carry \
+             them only encrypted with the exporter's `secrets_key`.",
             ErrorCode::markdown_table()
         ));
     }

@@ -127,22 +127,31 @@ pub struct JobUploadForm {
     device_list: Vec<u8>,
 }
 
+/// A multipart failure: 413 when the body went over the route's limit, 400 otherwise.
+fn multipart_error(status: StatusCode, what: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large()
+    } else {
+        ApiError::malformed(what)
+    }
+}
+
 async fn spec_from_multipart(req: Request, state: &ApiState) -> Result<JobSpec, ApiError> {
     let mut form = Multipart::from_request(req, state)
         .await
-        .map_err(|e| ApiError::malformed(format!("multipart body: {}", e.body_text())))?;
+        .map_err(|e| multipart_error(e.status(), format!("multipart body: {}", e.body_text())))?;
     let mut spec: Option<JobSpec> = None;
     let mut names: Option<Vec<String>> = None;
     while let Some(field) = form
         .next_field()
         .await
-        .map_err(|e| ApiError::malformed(format!("multipart body: {e}")))?
+        .map_err(|e| multipart_error(e.status(), format!("multipart body: {e}")))?
     {
         let name = field.name().unwrap_or_default().to_owned();
         let bytes = field
             .bytes()
             .await
-            .map_err(|e| ApiError::malformed(format!("multipart part {name}: {e}")))?;
+            .map_err(|e| multipart_error(e.status(), format!("multipart part {name}: {e}")))?;
         match name.as_str() {
             "job" => spec = Some(parse_json(&bytes)?),
             "device_list" => {

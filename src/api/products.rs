@@ -1,9 +1,12 @@
-//! `/api/v1/products`: create and delete (admin), list and get.
+//! `/api/v1/products`: create and delete (admin), list and get, and read a product's secret.
 //!
-//! The product secret is returned on create and on a single GET, never in lists.
+//! The product secret is in the create response and in `GET /api/v1/products/{pk}/secret`,
+//! which needs the role that may create products (admin); lists and the single GET never carry
+//! it.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -30,7 +33,7 @@ pub struct CreateProductRequest {
     pub description: Option<String>,
 }
 
-/// A product in a list: everything but the secret.
+/// A product as lists and the single GET show it: everything but the secret.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProductSummary {
     pub product_key: String,
@@ -54,14 +57,41 @@ impl From<Product> for ProductSummary {
     }
 }
 
-/// Create a product (admin). The response carries the `product_secret`.
+/// Response of `POST /api/v1/products`: the new product and its secret. No `Debug`: it holds a
+/// secret.
+#[derive(Clone, Serialize, ToSchema)]
+pub struct CreatedProduct {
+    #[serde(flatten)]
+    pub product: ProductSummary,
+    pub product_secret: String,
+}
+
+impl From<Product> for CreatedProduct {
+    fn from(p: Product) -> Self {
+        let product_secret = p.product_secret.clone();
+        CreatedProduct {
+            product: p.into(),
+            product_secret,
+        }
+    }
+}
+
+/// Response of `GET /api/v1/products/{pk}/secret`. No `Debug`: it holds a secret.
+#[derive(Clone, Serialize, ToSchema)]
+pub struct ProductSecret {
+    pub product_key: String,
+    pub product_secret: String,
+}
+
+/// Create a product (admin). The response carries the `product_secret` (later readable only
+/// through `GET /api/v1/products/{pk}/secret`, admin).
 #[utoipa::path(
     post,
     path = "/api/v1/products",
     tag = "products",
     request_body = CreateProductRequest,
     responses(
-        (status = 201, description = "Created", body = Product),
+        (status = 201, description = "Created; the only response with the secret besides `…/secret`", body = CreatedProduct),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
@@ -74,7 +104,7 @@ pub async fn create_product(
     _admin: RequireAdmin,
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<CreateProductRequest>,
-) -> Result<(StatusCode, Json<Product>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedProduct>), ApiError> {
     let product = state
         .registry
         .create_product(NewProduct {
@@ -84,7 +114,7 @@ pub async fn create_product(
             description: req.description,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(product)))
+    Ok((StatusCode::CREATED, Json(product.into())))
 }
 
 /// List products (without secrets).
@@ -109,14 +139,14 @@ pub async fn list_products(
     Ok(Json(ItemsPage::from_paged(paged, ProductSummary::from)))
 }
 
-/// Get one product, with its secret.
+/// Get one product (without its secret: see `GET /api/v1/products/{pk}/secret`).
 #[utoipa::path(
     get,
     path = "/api/v1/products/{pk}",
     tag = "products",
     params(("pk" = String, Path, description = "Product key")),
     responses(
-        (status = 200, description = "The product", body = Product),
+        (status = 200, description = "The product", body = ProductSummary),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "No such product (FG.2002)", body = ErrorBody),
     ),
@@ -125,8 +155,40 @@ pub async fn list_products(
 pub async fn get_product(
     State(state): State<ApiState>,
     ApiPath(pk): ApiPath<String>,
-) -> Result<Json<Product>, ApiError> {
-    Ok(Json(state.registry.get_product(&pk)?))
+) -> Result<Json<ProductSummary>, ApiError> {
+    Ok(Json(state.registry.get_product(&pk)?.into()))
+}
+
+/// Read a product's secret (admin: the role that creates products). Each read is logged (who,
+/// which product — never the secret).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{pk}/secret",
+    tag = "products",
+    params(("pk" = String, Path, description = "Product key")),
+    responses(
+        (status = 200, description = "The product's secret (`Cache-Control: no-store`)", body = ProductSecret),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin (checked before the product is looked up)", body = ErrorBody),
+        (status = 404, description = "No such product (FG.2002)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_product_secret(
+    _admin: RequireAdmin,
+    State(state): State<ApiState>,
+    ApiPath(pk): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let product = state.registry.get_product(&pk)?;
+    // The request span carries the caller's role and the request id.
+    tracing::info!(product_key = %pk, "product secret read");
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(ProductSecret {
+            product_key: product.product_key,
+            product_secret: product.product_secret,
+        }),
+    ))
 }
 
 /// Delete a product (admin). Refused with 409 while it still has devices: delete those first

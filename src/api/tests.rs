@@ -33,16 +33,16 @@ struct TestApp {
 /// Base of the download links the test app mints.
 const PUBLIC_URL: &str = "http://fleetgate.test:8080";
 
-fn test_app_with(body_limit: usize) -> TestApp {
+fn test_app_with(limits: BodyLimits) -> TestApp {
     test_app_in(
         tempfile::tempdir().expect("tempdir"),
-        body_limit,
+        limits,
         crate::ota::firmware::DEFAULT_MAX_SIZE,
     )
 }
 
 /// An app over the data dir `dir` (reopening one keeps its state) with a firmware size limit.
-fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> TestApp {
+fn test_app_in(dir: tempfile::TempDir, limits: BodyLimits, max_firmware: u64) -> TestApp {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).expect("store");
     let firmware = FirmwareRepo::open(dir.path(), store.clone(), PUBLIC_URL.into(), max_firmware)
@@ -73,7 +73,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
         forwarder: None,
     };
     TestApp {
-        router: router(state, body_limit),
+        router: router(state, limits),
         metrics,
         revoked,
         firmware,
@@ -82,7 +82,7 @@ fn test_app_in(dir: tempfile::TempDir, body_limit: usize, max_firmware: u64) -> 
 }
 
 fn test_app() -> TestApp {
-    test_app_with(DEFAULT_BODY_LIMIT)
+    test_app_with(BodyLimits::default())
 }
 
 struct Reply {
@@ -605,8 +605,10 @@ async fn instances_create_list_get() {
     assert_eq!(r.json()["name"], "Europe");
 }
 
+/// Device and product secrets: in the create responses, then only from the `…/secret` routes
+/// to the roles that may manage them; never in lists, single GETs or update responses.
 #[tokio::test]
-async fn secrets_on_create_and_single_get_only() {
+async fn secrets_only_to_their_creator_and_on_explicit_request() {
     let app = test_app();
     let r = app
         .post_json("/api/v1/products", Some(ADMIN), json!({"name": "meters"}))
@@ -614,34 +616,127 @@ async fn secrets_on_create_and_single_get_only() {
     assert_eq!(r.status, StatusCode::CREATED);
     let product = r.json();
     let pk = product["product_key"].as_str().unwrap().to_owned();
-    assert!(product["product_secret"]
-        .as_str()
-        .is_some_and(|s| !s.is_empty()));
-    let r = app
-        .get(&format!("/api/v1/products/{pk}"), Some(VIEWER))
-        .await;
-    assert_eq!(r.json()["product_secret"], product["product_secret"]);
-    let r = app.get("/api/v1/products", Some(VIEWER)).await;
-    let list = r.json();
-    assert_eq!(list["total"], 1);
-    assert!(list["items"][0].get("product_secret").is_none(), "{list}");
+    let product_secret = product["product_secret"].as_str().unwrap().to_owned();
+    assert!(!product_secret.is_empty());
 
     let created = app.device(&pk, "dev-0001").await;
-    let secret = created["device_secret"].as_str().unwrap();
+    let secret = created["device_secret"].as_str().unwrap().to_owned();
     assert!(!secret.is_empty());
+    assert_eq!(created["device_name"], "dev-0001");
+    assert_eq!(created["enabled"], true);
+    // `batch` is a valid device name; its secret route must not fall to the batch route.
+    let batch_dev = app.device(&pk, "batch").await;
+    let batch_secret = batch_dev["device_secret"].as_str().unwrap().to_owned();
+
+    let no_secret = |r: &Reply| {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        for s in [&product_secret, &secret, &batch_secret] {
+            assert!(!r.text.contains(s.as_str()), "a secret leaked: {}", r.text);
+        }
+        assert!(!r.text.contains("_secret"), "{}", r.text);
+    };
+    for role in [ADMIN, OPERATOR, VIEWER] {
+        no_secret(&app.get("/api/v1/products", Some(role)).await);
+        no_secret(&app.get(&format!("/api/v1/products/{pk}"), Some(role)).await);
+        no_secret(
+            &app.get(&format!("/api/v1/products/{pk}/devices"), Some(role))
+                .await,
+        );
+        let r = app
+            .get(
+                &format!("/api/v1/products/{pk}/devices/dev-0001"),
+                Some(role),
+            )
+            .await;
+        no_secret(&r);
+        assert_eq!(r.json()["device_name"], "dev-0001");
+        assert!(r.json().get("migration").is_some(), "{}", r.text);
+        no_secret(
+            &app.get(&format!("/api/v1/products/{pk}/devices/batch"), Some(role))
+                .await,
+        );
+    }
+    // Updates answer with the device, without its secret.
     let r = app
-        .get(
+        .send(
+            Method::PATCH,
             &format!("/api/v1/products/{pk}/devices/dev-0001"),
-            Some(VIEWER),
+            Some(OPERATOR),
+            Some(("application/json", br#"{"tags":{"a":"b"}}"#.to_vec())),
+            &[],
         )
         .await;
-    assert_eq!(r.json()["device_secret"], secret);
+    no_secret(&r);
+    assert_eq!(r.json()["tags"]["a"], "b");
+    for action in ["disable", "enable"] {
+        let r = app
+            .send(
+                Method::POST,
+                &format!("/api/v1/products/{pk}/devices/dev-0001/{action}"),
+                Some(OPERATOR),
+                None,
+                &[],
+            )
+            .await;
+        no_secret(&r);
+    }
+
+    // Device secrets: operator and admin, on explicit request.
+    let uri = format!("/api/v1/products/{pk}/devices/dev-0001/secret");
+    for role in [ADMIN, OPERATOR] {
+        let r = app.get(&uri, Some(role)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.headers[header::CACHE_CONTROL], "no-store");
+        let body = r.json();
+        assert_eq!(body["device_secret"], secret.as_str());
+        assert_eq!(body["device_name"], "dev-0001");
+        assert_eq!(body["product_key"], pk.as_str());
+    }
+    app.get(&uri, Some(VIEWER))
+        .await
+        .error(StatusCode::FORBIDDEN, "FG.0403");
+    app.get(&uri, None)
+        .await
+        .error(StatusCode::UNAUTHORIZED, "FG.0401");
     let r = app
-        .get(&format!("/api/v1/products/{pk}/devices"), Some(VIEWER))
+        .get(
+            &format!("/api/v1/products/{pk}/devices/batch/secret"),
+            Some(OPERATOR),
+        )
         .await;
-    let list = r.json();
-    assert_eq!(list["items"][0]["device_name"], "dev-0001");
-    assert!(list["items"][0].get("device_secret").is_none(), "{list}");
+    assert_eq!(
+        r.json()["device_secret"],
+        batch_secret.as_str(),
+        "{}",
+        r.text
+    );
+    let ghost = format!("/api/v1/products/{pk}/devices/ghost-01/secret");
+    app.get(&ghost, Some(OPERATOR))
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.2003");
+    // The role is checked first: a viewer cannot even learn whether the device exists.
+    app.get(&ghost, Some(VIEWER))
+        .await
+        .error(StatusCode::FORBIDDEN, "FG.0403");
+
+    // Product secrets: admin only (the role that creates products).
+    let uri = format!("/api/v1/products/{pk}/secret");
+    let r = app.get(&uri, Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(r.json()["product_secret"], product_secret.as_str());
+    assert_eq!(r.json()["product_key"], pk.as_str());
+    for role in [OPERATOR, VIEWER] {
+        app.get(&uri, Some(role))
+            .await
+            .error(StatusCode::FORBIDDEN, "FG.0403");
+    }
+    app.get("/api/v1/products/nope1/secret", Some(ADMIN))
+        .await
+        .error(StatusCode::NOT_FOUND, "FG.2002");
+    app.get("/api/v1/products/nope1/secret", Some(OPERATOR))
+        .await
+        .error(StatusCode::FORBIDDEN, "FG.0403");
 }
 
 #[tokio::test]
@@ -975,13 +1070,113 @@ const MAX_ROWS_FOR_TEST: usize = 10_000;
 
 #[tokio::test]
 async fn body_limit_gives_413_in_standard_body() {
-    let app = test_app_with(1024);
+    let app = test_app_with(BodyLimits {
+        json: 1024,
+        batch: 64 * 1024,
+    });
     app.product("pk1").await;
     let big = json!({"device_name": "dev-0001", "tags": {"note": "x".repeat(2000)}});
     let r = app
         .post_json("/api/v1/products/pk1/devices", Some(OPERATOR), big)
         .await;
     r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.0413");
+    // Raw-body routes too, in the standard body.
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/ota/jobs/job-x/cancel",
+            Some(OPERATOR),
+            Some(("application/json", vec![b' '; 4096])),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.0413");
+    // The batch route has its own, larger limit.
+    let mut csv = String::from("DeviceName\n");
+    for i in 0..400 {
+        csv.push_str(&format!("dev-{i:05}\n"));
+    }
+    assert!(csv.len() > 1024 && csv.len() < 64 * 1024);
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("text/csv", csv.into_bytes())),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["created"], 400);
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("text/csv", vec![b'a'; 65 * 1024])),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.0413");
+    // An OTA job with an uploaded device list: over the batch limit is 413, not a 400.
+    let mut form =
+        b"--XB\r\nContent-Disposition: form-data; name=\"device_list\"; filename=\"l.csv\"\r\n\r\n"
+            .to_vec();
+    form.resize(form.len() + 65 * 1024, b'a');
+    form.extend_from_slice(b"\r\n--XB--\r\n");
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/ota/jobs",
+            Some(OPERATOR),
+            Some(("multipart/form-data; boundary=XB", form)),
+            &[],
+        )
+        .await;
+    r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.0413");
+}
+
+/// With the default limits, JSON routes refuse 2 MiB while a 2 MiB batch passes.
+#[tokio::test]
+async fn default_limits_are_small_for_json_and_large_for_batches() {
+    let app = test_app();
+    app.product("pk1").await;
+    let two_mib = 2 * 1024 * 1024;
+    let mut body = br#"{"device_name":"dev-0001","tags":{"note":""#.to_vec();
+    body.resize(two_mib, b'x');
+    body.extend_from_slice(br#""}}"#);
+    for uri in ["/api/v1/products/pk1/devices", "/api/v1/products"] {
+        let r = app
+            .send(
+                Method::POST,
+                uri,
+                Some(ADMIN),
+                Some(("application/json", body.clone())),
+                &[],
+            )
+            .await;
+        r.error(StatusCode::PAYLOAD_TOO_LARGE, "FG.0413");
+    }
+    // 200 devices with 100 tags each: over 2 MiB of JSON, a legitimate batch.
+    let tags: serde_json::Map<String, Value> = (0..100)
+        .map(|i| (format!("tag{i:03}"), json!("v".repeat(100))))
+        .collect();
+    let rows: Vec<Value> = (0..200)
+        .map(|i| json!({"device_name": format!("dev-{i:05}"), "tags": tags}))
+        .collect();
+    let batch = serde_json::to_vec(&json!({ "devices": rows })).unwrap();
+    assert!(batch.len() > two_mib, "{}", batch.len());
+    let r = app
+        .send(
+            Method::POST,
+            "/api/v1/products/pk1/devices/batch",
+            Some(OPERATOR),
+            Some(("application/json", batch)),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["created"], 200);
 }
 
 #[tokio::test]
@@ -1007,12 +1202,14 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products", "get"),
         ("/api/v1/products/{pk}", "get"),
         ("/api/v1/products/{pk}", "delete"),
+        ("/api/v1/products/{pk}/secret", "get"),
         ("/api/v1/products/{pk}/devices", "post"),
         ("/api/v1/products/{pk}/devices", "get"),
         ("/api/v1/products/{pk}/devices/batch", "post"),
         ("/api/v1/products/{pk}/devices/{dn}", "get"),
         ("/api/v1/products/{pk}/devices/{dn}", "patch"),
         ("/api/v1/products/{pk}/devices/{dn}", "delete"),
+        ("/api/v1/products/{pk}/devices/{dn}/secret", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/enable", "post"),
         ("/api/v1/products/{pk}/devices/{dn}/disable", "post"),
         ("/api/v1/migrations", "post"),
@@ -1066,16 +1263,19 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        52,
+        54,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for s in [
         "ErrorBody",
-        "Device",
-        "Product",
         "Instance",
+        "CreatedDevice",
+        "DeviceSecret",
+        "CreatedProduct",
+        "ProductSecret",
+        "ProductSummary",
         "BatchCreateResponse",
         "DeviceSummary",
         "DeviceDetails",
@@ -1094,10 +1294,36 @@ async fn openapi_lists_every_path_and_schema() {
     let details = schemas["DeviceDetails"].to_string();
     assert!(
         details.contains("\"migration\"")
-            && details.contains("#/components/schemas/Device\"")
+            && details.contains("#/components/schemas/DeviceSummary\"")
             && details.contains("#/components/schemas/DeviceMigrationStatus\""),
         "{details}"
     );
+    // Secrets are in the create and `…/secret` shapes only.
+    for (name, has_secret) in [
+        ("DeviceSummary", false),
+        ("DeviceDetails", false),
+        ("ProductSummary", false),
+        ("CreatedDevice", true),
+        ("DeviceSecret", true),
+        ("CreatedProduct", true),
+        ("ProductSecret", true),
+    ] {
+        let text = schemas[name].to_string();
+        assert_eq!(text.contains("_secret"), has_secret, "{name}: {text}");
+    }
+    for (path, schema) in [
+        ("/api/v1/products/{pk}/devices/{dn}", "DeviceDetails"),
+        ("/api/v1/products/{pk}", "ProductSummary"),
+        ("/api/v1/products/{pk}/devices/{dn}/secret", "DeviceSecret"),
+        ("/api/v1/products/{pk}/secret", "ProductSecret"),
+    ] {
+        assert_eq!(
+            doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+                ["$ref"],
+            format!("#/components/schemas/{schema}"),
+            "{path}"
+        );
+    }
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"

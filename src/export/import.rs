@@ -11,6 +11,17 @@
 //! of the product is a conflict — kept even under `overwrite` (a task is never deleted, it may
 //! be running). A new task is created in `TO_MIGRATE` through the migration engine; its target
 //! instance must already exist on this gateway.
+//!
+//! Roles: an import writes an object only when its starter's [`Privilege`] may write that kind
+//! through the API. A package that would create a product (admin business) is refused whole for
+//! an operator before the job exists ([`ExportError::Forbidden`], naming the products), so an
+//! operator never gets a half-applied import; the same check runs again per object while
+//! writing, in case a product disappeared between the two. Products that already exist here
+//! (identical or kept as a conflict) do not count: an operator may import devices, firmware and
+//! jobs of existing products.
+//!
+//! Sessions: a device that an import disables, gives a new secret or moves to another instance
+//! is disconnected ([`DeviceRevokedHook`]), as `PATCH {"enabled":false}` does.
 
 use std::collections::HashMap;
 
@@ -19,7 +30,7 @@ use super::*;
 use crate::migration::{Actor, MigrationConfig, NewTask};
 use crate::ota::firmware::NewFirmware;
 use crate::ota::{FirmwarePackage, FirmwareStatus, Job};
-use crate::registry::{NewDevice, NewInstance, NewProduct};
+use crate::registry::{Device, NewDevice, NewInstance, NewProduct};
 
 /// What the plan found for one object.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +39,15 @@ enum Plan {
     Identical,
     Conflict(String),
     Invalid(String),
+}
+
+/// Whether a change ends the right of the device's open MQTT session: disabled, a new secret
+/// (the session was signed with the old one) or a new owner instance (its data must route
+/// elsewhere). A tag change keeps the session.
+fn ends_session(before: &Device, after: &Device) -> bool {
+    (before.enabled && !after.enabled)
+        || before.device_secret != after.device_secret
+        || before.instance_id != after.instance_id
 }
 
 fn str_field<'a>(v: &'a serde_json::Value, k: &str) -> Option<&'a str> {
@@ -64,8 +84,9 @@ impl ExportService {
         secrets_key: Option<String>,
         policy: ConflictPolicy,
         name: Option<String>,
-        started_by: &str,
+        by: Privilege,
     ) -> Result<JobRecord, ExportError> {
+        let started_by = by.as_str();
         let size = bytes.len() as u64;
         let slot = self
             .inner
@@ -77,6 +98,7 @@ impl ExportService {
         })
         .await
         .map_err(|e| ExportError::Internal(format!("verify task failed: {e}")))??;
+        self.check_privilege(&verified, by)?;
         let created = now();
         let mut job = JobRecord {
             id: new_id("imp"),
@@ -140,13 +162,48 @@ impl ExportService {
         let this = self.clone();
         let id = job.id.clone();
         tokio::spawn(async move {
-            this.run_import(id, verified, policy).await;
+            this.run_import(id, verified, policy, by).await;
             drop(slot);
         });
         Ok(job)
     }
 
-    async fn run_import(&self, id: String, pkg: VerifiedPackage, policy: ConflictPolicy) {
+    /// Refuses a package that would create objects `by` may not create (today: products that
+    /// do not exist on this gateway, for an operator), naming every one of them.
+    fn check_privilege(&self, pkg: &VerifiedPackage, by: Privilege) -> Result<(), ExportError> {
+        let forbidden: Vec<&PackageObject> = pkg
+            .objects
+            .iter()
+            .filter(|o| !by.may_write(o.meta.object_type))
+            .filter(|o| match o.meta.object_type {
+                // An existing product is left alone (identical) or kept (conflict): no write.
+                ObjectType::Product => str_field(&o.data, "product_key")
+                    .is_none_or(|pk| self.inner.registry.get_product(pk).is_err()),
+                _ => true,
+            })
+            .collect();
+        if forbidden.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = forbidden
+            .iter()
+            .map(|o| format!("{} {}", o.meta.object_type.as_str(), o.meta.id))
+            .collect();
+        Err(ExportError::Forbidden(format!(
+            "role {by} may not import this package: it would create {} object(s) that need role {} ({}); nothing was imported. Ask an admin to import it, or create these objects first",
+            names.len(),
+            Privilege::required_to_write(forbidden[0].meta.object_type).as_str(),
+            names.join(", ")
+        )))
+    }
+
+    async fn run_import(
+        &self,
+        id: String,
+        pkg: VerifiedPackage,
+        policy: ConflictPolicy,
+        by: Privilege,
+    ) {
         let Ok(mut job) = self.get(JobKind::Import, &id) else {
             return;
         };
@@ -202,8 +259,20 @@ impl ExportService {
         let mut fw_map: HashMap<String, String> = HashMap::new();
         for i in order {
             let obj = &pkg.objects[i];
+            let writes = matches!(plans[i], Plan::Create)
+                || (matches!(plans[i], Plan::Conflict(_)) && policy == ConflictPolicy::Overwrite);
             let (result, message, target_id) = match &plans[i] {
                 Plan::Invalid(why) => (ImportResult::Failed, Some(why.clone()), None),
+                // Checked before the job started; this catches a product that vanished since.
+                _ if writes && !by.may_write(obj.meta.object_type) => (
+                    ImportResult::Failed,
+                    Some(format!(
+                        "role {by} may not write a {} (role {} required)",
+                        obj.meta.object_type.as_str(),
+                        Privilege::required_to_write(obj.meta.object_type).as_str()
+                    )),
+                    None,
+                ),
                 Plan::Identical => {
                     let target = self.identical_target(obj);
                     if let (ObjectType::Firmware, Some(t)) = (obj.meta.object_type, &target) {
@@ -593,6 +662,8 @@ impl ExportService {
                     )
                     .await
                     .map_err(|e| e.to_string())?;
+                    // It existed, enabled, for a moment: a session it opened then must end.
+                    (self.inner.on_device_revoked)(pk, dn);
                 }
                 Ok(Some(format!("{pk}/{dn}")))
             }
@@ -762,9 +833,13 @@ impl ExportService {
                     .and_then(|s| str_field(s, "device_secret"))
                     .map(str::to_owned);
                 let enabled = d.get("enabled").and_then(|v| v.as_bool()).unwrap_or(true);
-                reg.overwrite_device(pk, dn, secret, enabled, tags)
+                let (before, after) = reg
+                    .overwrite_device(pk, dn, secret, enabled, tags)
                     .await
                     .map_err(|e| e.to_string())?;
+                if ends_session(&before, &after) {
+                    (self.inner.on_device_revoked)(pk, dn);
+                }
                 Ok(Some(format!("{pk}/{dn}")))
             }
             ObjectType::Firmware => {
@@ -796,5 +871,45 @@ impl ExportService {
                 Err("this object type never conflicts".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(enabled: bool, secret: &str, instance: &str, tag: &str) -> Device {
+        Device {
+            product_key: "pk".into(),
+            device_name: "dev1".into(),
+            device_secret: secret.into(),
+            instance_id: instance.into(),
+            enabled,
+            tags: [("t".to_owned(), tag.to_owned())].into(),
+            online: true,
+            last_seen_ms: None,
+            client_ip: None,
+            versions: Default::default(),
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn sessions_end_on_disable_new_secret_or_move_only() {
+        let base = device(true, "s1", "default", "a");
+        let table = [
+            (device(true, "s1", "default", "a"), false, "unchanged"),
+            (device(true, "s1", "default", "b"), false, "tags only"),
+            (device(false, "s1", "default", "a"), true, "disabled"),
+            (device(true, "s2", "default", "a"), true, "new secret"),
+            (device(true, "s1", "iot-eu", "a"), true, "moved"),
+        ];
+        for (after, ends, why) in table {
+            assert_eq!(ends_session(&base, &after), ends, "{why}");
+        }
+        // Already disabled: no session to end.
+        let off = device(false, "s1", "default", "a");
+        assert!(!ends_session(&off, &off.clone()));
+        assert!(!ends_session(&off, &base), "enabling ends nothing");
     }
 }

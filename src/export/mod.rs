@@ -1,4 +1,4 @@
-//! Export and import jobs (design §7, the export-jobs seed): move products, devices (with
+//! Export and import jobs (docs/DESIGN.md §7, docs/EXPORT.md): move products, devices (with
 //! their secrets, encrypted), firmware packages, OTA jobs and migration task definitions between
 //! gateways as ZIP packages.
 //!
@@ -19,6 +19,12 @@
 //!
 //! This module changes registry, firmware, OTA and migration state only through their public
 //! methods (a migration task is imported with [`MigrationEngine::create`]).
+//!
+//! Roles ([`Privilege`]): an import writes only what its starter could create through the API
+//! (a package that would create a product is refused for an operator before the job exists),
+//! and an export carries only the secrets its starter could read (an operator's export leaves
+//! product secrets out). A device an import disables, re-keys or moves is disconnected through
+//! [`DeviceRevokedHook`].
 
 pub mod crypto;
 pub mod limit;
@@ -74,10 +80,32 @@ pub enum ExportError {
     Package(#[from] PackageError),
     #[error("{}", .0.reason)]
     Limited(Limited),
+    /// The starter's role may not write some objects of the package.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
     Internal(String),
+}
+
+/// Called with `(product_key, device_name)` after an import disabled a device, changed its
+/// secret or moved it, so the app can drop the MQTT session it may no longer hold (the same
+/// hook the API's PATCH uses).
+pub type DeviceRevokedHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Which secrets an export carries: none when the request left them out, otherwise those its
+/// starter may read.
+#[derive(Debug, Clone, Copy)]
+struct SecretsFor {
+    include: bool,
+    by: Privilege,
+}
+
+impl SecretsFor {
+    fn of(self, t: ObjectType) -> bool {
+        self.include && self.by.may_read_secrets(t)
+    }
 }
 
 fn now() -> i64 {
@@ -104,6 +132,7 @@ struct Inner {
     settings: ExportSettings,
     jobs: DashMap<String, JobRecord>,
     limiter: Arc<ExportLimiter>,
+    on_device_revoked: DeviceRevokedHook,
 }
 
 /// Export/import jobs. Cheap to clone.
@@ -131,6 +160,7 @@ impl ExportService {
         ota: Option<OtaEngine>,
         migration: Option<Arc<MigrationEngine>>,
         settings: ExportSettings,
+        on_device_revoked: DeviceRevokedHook,
     ) -> Result<ExportService, ExportError> {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
@@ -172,6 +202,7 @@ impl ExportService {
                 settings,
                 jobs,
                 limiter,
+                on_device_revoked,
             }),
         })
     }
@@ -236,8 +267,9 @@ impl ExportService {
     pub async fn start_export(
         &self,
         req: ExportRequest,
-        started_by: &str,
+        by: Privilege,
     ) -> Result<JobRecord, ExportError> {
+        let started_by = by.as_str();
         if req.objects.is_empty() {
             return Err(ExportError::Invalid {
                 field: "objects",
@@ -261,8 +293,11 @@ impl ExportService {
             }
             Some(n) => n.to_owned(),
         };
-        let include_secrets = req.include_secrets.unwrap_or(true);
-        let items = self.resolve(&req.objects, include_secrets)?;
+        let secrets = SecretsFor {
+            include: req.include_secrets.unwrap_or(true),
+            by,
+        };
+        let items = self.resolve(&req.objects, secrets)?;
         let has_secrets = items.iter().any(|i| i.secrets.is_some());
         let key = match (&req.secrets_key, has_secrets) {
             (_, false) => None,
@@ -332,6 +367,19 @@ impl ExportService {
                 if has_secrets { "encrypted" } else { "not included" },
             ),
         );
+        let products_without_secret = items
+            .iter()
+            .filter(|i| i.object_type == ObjectType::Product && i.secrets.is_none())
+            .count();
+        if secrets.include && products_without_secret > 0 {
+            job.log(
+                "WARN",
+                "FGX_006",
+                format!(
+                    "{products_without_secret} product(s) exported without their product_secret: only an admin's export carries product secrets (an import creates such a product with a new secret)"
+                ),
+            );
+        }
         self.save(job.clone()).await?;
         let this = self.clone();
         let id = job.id.clone();
@@ -445,7 +493,7 @@ impl ExportService {
     fn resolve(
         &self,
         requested: &[ObjectRequest],
-        include_secrets: bool,
+        secrets: SecretsFor,
     ) -> Result<Vec<ExportItem>, ExportError> {
         let mut out: BTreeMap<(u8, String), ExportItem> = BTreeMap::new();
         let mut unknown = Vec::new();
@@ -453,24 +501,14 @@ impl ExportService {
         for r in requested {
             let deps = r.include_dependencies.unwrap_or(true);
             let found = match r.object_type {
-                ObjectType::Product => self.add_product(
-                    &mut out,
-                    &r.id,
-                    include_secrets,
-                    deps,
-                    &mut expanded_products,
-                ),
+                ObjectType::Product => {
+                    self.add_product(&mut out, &r.id, secrets, deps, &mut expanded_products)
+                }
                 ObjectType::Device => match r.id.split_once('/') {
                     Some((pk, dn)) => {
-                        let ok = self.add_device(&mut out, pk, dn, include_secrets);
+                        let ok = self.add_device(&mut out, pk, dn, secrets);
                         if ok && deps {
-                            self.add_product(
-                                &mut out,
-                                pk,
-                                include_secrets,
-                                false,
-                                &mut expanded_products,
-                            );
+                            self.add_product(&mut out, pk, secrets, false, &mut expanded_products);
                         }
                         ok
                     }
@@ -479,30 +517,16 @@ impl ExportService {
                 ObjectType::Firmware => {
                     let pk = self.add_firmware(&mut out, &r.id);
                     if let (Some(pk), true) = (&pk, deps) {
-                        self.add_product(
-                            &mut out,
-                            pk,
-                            include_secrets,
-                            false,
-                            &mut expanded_products,
-                        );
+                        self.add_product(&mut out, pk, secrets, false, &mut expanded_products);
                     }
                     pk.is_some()
                 }
-                ObjectType::OtaJob => self.add_job(
-                    &mut out,
-                    &r.id,
-                    include_secrets,
-                    deps,
-                    &mut expanded_products,
-                ),
-                ObjectType::MigrationTask => self.add_migration(
-                    &mut out,
-                    &r.id,
-                    include_secrets,
-                    deps,
-                    &mut expanded_products,
-                ),
+                ObjectType::OtaJob => {
+                    self.add_job(&mut out, &r.id, secrets, deps, &mut expanded_products)
+                }
+                ObjectType::MigrationTask => {
+                    self.add_migration(&mut out, &r.id, secrets, deps, &mut expanded_products)
+                }
             };
             if !found {
                 unknown.push(format!("{} {}", r.object_type.as_str(), r.id));
@@ -518,7 +542,7 @@ impl ExportService {
         &self,
         out: &mut BTreeMap<(u8, String), ExportItem>,
         pk: &str,
-        include_secrets: bool,
+        secrets: SecretsFor,
         with_children: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
@@ -545,7 +569,9 @@ impl ExportService {
                     "instance_name": instance_name,
                     "created_at_ms": p.created_at_ms,
                 }),
-                secrets: include_secrets.then(|| json!({ "product_secret": p.product_secret })),
+                secrets: secrets
+                    .of(ObjectType::Product)
+                    .then(|| json!({ "product_secret": p.product_secret })),
                 blob: None,
             });
         }
@@ -558,7 +584,7 @@ impl ExportService {
                 };
                 let n = devices.items.len();
                 for d in devices.items {
-                    self.add_device(out, pk, &d.device_name, include_secrets);
+                    self.add_device(out, pk, &d.device_name, secrets);
                 }
                 if n < 100 {
                     break;
@@ -587,7 +613,7 @@ impl ExportService {
         out: &mut BTreeMap<(u8, String), ExportItem>,
         pk: &str,
         dn: &str,
-        include_secrets: bool,
+        secrets: SecretsFor,
     ) -> bool {
         let Ok(d) = self.inner.registry.get_device(pk, dn) else {
             return false;
@@ -606,7 +632,9 @@ impl ExportService {
                     "tags": d.tags,
                     "created_at_ms": d.created_at_ms,
                 }),
-                secrets: include_secrets.then(|| json!({ "device_secret": d.device_secret })),
+                secrets: secrets
+                    .of(ObjectType::Device)
+                    .then(|| json!({ "device_secret": d.device_secret })),
                 blob: None,
             });
         true
@@ -644,7 +672,7 @@ impl ExportService {
         &self,
         out: &mut BTreeMap<(u8, String), ExportItem>,
         jid: &str,
-        include_secrets: bool,
+        secrets: SecretsFor,
         deps: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
@@ -663,10 +691,10 @@ impl ExportService {
             .map(|p| p.instance_id)
             .unwrap_or_default();
         if deps {
-            self.add_product(out, &job.product_key, include_secrets, false, expanded);
+            self.add_product(out, &job.product_key, secrets, false, expanded);
             self.add_firmware(out, &job.spec.firmware_id);
             for dn in &job.spec.device_names {
-                self.add_device(out, &job.product_key, dn, include_secrets);
+                self.add_device(out, &job.product_key, dn, secrets);
             }
         }
         out.entry((ObjectType::OtaJob.rank(), jid.to_owned()))
@@ -699,7 +727,7 @@ impl ExportService {
         &self,
         out: &mut BTreeMap<(u8, String), ExportItem>,
         tid: &str,
-        include_secrets: bool,
+        secrets: SecretsFor,
         deps: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
@@ -710,7 +738,7 @@ impl ExportService {
             return false;
         };
         if deps {
-            self.add_product(out, &t.product_key, include_secrets, true, expanded);
+            self.add_product(out, &t.product_key, secrets, true, expanded);
         }
         out.entry((ObjectType::MigrationTask.rank(), tid.to_owned()))
             .or_insert_with(|| ExportItem {

@@ -48,6 +48,66 @@ impl ObjectType {
     }
 }
 
+/// Who starts an export or import, as the API's roles map onto it (a viewer may start
+/// neither). An import writes only the kinds of objects its starter may create through the
+/// API, and an export carries only the secrets its starter may read: whoever knows the
+/// `secrets_key` can decrypt them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Privilege {
+    Operator,
+    Admin,
+}
+
+impl Privilege {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Privilege::Operator => "operator",
+            Privilege::Admin => "admin",
+        }
+    }
+
+    /// The least privilege that may create or change objects of `t` through the API:
+    /// products (and the instances an imported product brings) are admin business
+    /// (`POST /api/v1/products`, `POST /api/v1/instances`); devices, firmware, OTA jobs and
+    /// migration tasks are operator work.
+    pub fn required_to_write(t: ObjectType) -> Privilege {
+        match t {
+            ObjectType::Product => Privilege::Admin,
+            ObjectType::Device
+            | ObjectType::Firmware
+            | ObjectType::OtaJob
+            | ObjectType::MigrationTask => Privilege::Operator,
+        }
+    }
+
+    /// The least privilege that may read the secrets of `t` through the API
+    /// (`GET …/devices/{dn}/secret`: operator; `GET /api/v1/products/{pk}/secret`: admin).
+    pub fn required_to_read_secrets(t: ObjectType) -> Privilege {
+        match t {
+            ObjectType::Product => Privilege::Admin,
+            ObjectType::Device
+            | ObjectType::Firmware
+            | ObjectType::OtaJob
+            | ObjectType::MigrationTask => Privilege::Operator,
+        }
+    }
+
+    pub fn may_write(self, t: ObjectType) -> bool {
+        self >= Privilege::required_to_write(t)
+    }
+
+    pub fn may_read_secrets(self, t: ObjectType) -> bool {
+        self >= Privilege::required_to_read_secrets(t)
+    }
+}
+
+impl std::fmt::Display for Privilege {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One object an export request names.
 #[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -333,6 +393,25 @@ mod tests {
         assert_eq!(rfc3339_ms(1_549_407_008_788), "2019-02-05T22:50:08.788Z");
         assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn privileges_follow_the_api_roles() {
+        use ObjectType::*;
+        // (kind, operator may write, operator may read its secrets); admin may do all.
+        let table = [
+            (Product, false, false),
+            (Device, true, true),
+            (Firmware, true, true),
+            (OtaJob, true, true),
+            (MigrationTask, true, true),
+        ];
+        for (t, write, secrets) in table {
+            assert_eq!(Privilege::Operator.may_write(t), write, "{t:?}");
+            assert_eq!(Privilege::Operator.may_read_secrets(t), secrets, "{t:?}");
+            assert!(Privilege::Admin.may_write(t), "{t:?}");
+            assert!(Privilege::Admin.may_read_secrets(t), "{t:?}");
+        }
     }
 
     #[test]

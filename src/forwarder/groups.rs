@@ -1,6 +1,6 @@
 //! Consumer groups: the model, RabbitMQ names and the broker-side operations on them.
 //!
-//! Topology (design §5): one durable **fanout** exchange per instance,
+//! Topology (docs/DESIGN.md §5): one durable **fanout** exchange per instance,
 //! `{prefix}.{instance_id}`, and one durable queue per consumer group,
 //! `{prefix}.{instance_id}.{group_id}`, bound to it. Fanout gives the vendor's semantics:
 //! every group gets every message, and the clients consuming one group's queue compete for

@@ -1,5 +1,5 @@
 //! The AMQP forwarder: mirrors device data into RabbitMQ consumer groups of the instance that
-//! owns each device (design §5), at least once, through a durable outbox.
+//! owns each device (docs/DESIGN.md §5), at least once, through a durable outbox.
 //!
 //! # Shape
 //!

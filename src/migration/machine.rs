@@ -1,4 +1,4 @@
-//! The task state machine as a pure function (design §6). No I/O, no clock: the engine asks
+//! The task state machine as a pure function (docs/DESIGN.md §6). No I/O, no clock: the engine asks
 //! [`transition`] what a request or an event does and then performs it.
 //!
 //! ```text

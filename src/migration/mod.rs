@@ -1,4 +1,4 @@
-//! Instance migration (design §6): per-product tasks that move devices — and so their data
+//! Instance migration (docs/DESIGN.md §6): per-product tasks that move devices — and so their data
 //! routing — from the product's (source) instance to a target instance, with a canary, a full
 //! migration, pause/continue, rollback, a DCS-shaped configuration and TSL data sync.
 //!

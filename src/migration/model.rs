@@ -19,7 +19,7 @@ pub const MAX_PICKED: usize = 10_000;
 /// `bandwidth_limit_mb` bounds (DCS: an integer greater than 0 and less than 10,241).
 pub const BANDWIDTH_MB_RANGE: std::ops::RangeInclusive<u32> = 1..=10_240;
 
-/// The detailed task state (design §6; the vendor's names).
+/// The detailed task state (docs/DESIGN.md §6; the vendor's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskState {

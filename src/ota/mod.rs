@@ -1,4 +1,4 @@
-//! Over-the-air upgrades (design §4).
+//! Over-the-air upgrades (docs/DESIGN.md §4).
 //!
 //! # Layout
 //!

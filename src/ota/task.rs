@@ -7,7 +7,7 @@
 //! (`task_tests.rs`) and every timer is a pure function of persisted timestamps
 //! ([`next_deadline`]): after a restart the engine recomputes the same deadlines.
 //!
-//! # States (Alibaba's names, design §4)
+//! # States (Alibaba's names, docs/DESIGN.md §4)
 //!
 //! | status | meaning | leaves by |
 //! |---|---|---|

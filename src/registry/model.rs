@@ -5,6 +5,7 @@
 use super::{RegistryError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt;
 use utoipa::ToSchema;
 
 /// Largest accepted `page_size`.
@@ -78,8 +79,8 @@ pub struct NewInstance {
     pub name: String,
 }
 
-/// A product: a class of devices sharing a `product_key`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
+/// A product: a class of devices sharing a `product_key`. `Debug` leaves the secret out.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, ToSchema)]
 pub struct Product {
     pub product_key: String,
     pub product_secret: String,
@@ -103,8 +104,9 @@ pub struct NewProduct {
     pub description: Option<String>,
 }
 
-/// A device as the operator sees it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
+/// A device as the registry holds it, secret included (the API decides who sees what).
+/// `Debug` leaves the secret out.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, ToSchema)]
 pub struct Device {
     pub product_key: String,
     pub device_name: String,
@@ -128,8 +130,9 @@ pub struct Device {
     pub created_at_ms: i64,
 }
 
-/// Request to create a device; the secret is generated (32 chars) when absent.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, ToSchema)]
+/// Request to create a device; the secret is generated (32 chars) when absent. `Debug` leaves
+/// the secret out.
+#[derive(Serialize, Deserialize, Clone, Default, ToSchema)]
 pub struct NewDevice {
     pub device_name: String,
     #[serde(default)]
@@ -137,6 +140,55 @@ pub struct NewDevice {
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
+
+// Secrets sign MQTT CONNECTs: a `{:?}` in a log line must not print one.
+impl fmt::Debug for Product {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Product")
+            .field("product_key", &self.product_key)
+            .field("product_secret", &REDACTED)
+            .field("name", &self.name)
+            .field("instance_id", &self.instance_id)
+            .field("description", &self.description)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("device_count", &self.device_count)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Device")
+            .field("product_key", &self.product_key)
+            .field("device_name", &self.device_name)
+            .field("device_secret", &REDACTED)
+            .field("instance_id", &self.instance_id)
+            .field("enabled", &self.enabled)
+            .field("tags", &self.tags)
+            .field("online", &self.online)
+            .field("last_seen_ms", &self.last_seen_ms)
+            .field("client_ip", &self.client_ip)
+            .field("versions", &self.versions)
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for NewDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewDevice")
+            .field("device_name", &self.device_name)
+            .field(
+                "device_secret",
+                &self.device_secret.as_ref().map(|_| REDACTED),
+            )
+            .field("tags", &self.tags)
+            .finish()
+    }
+}
+
+/// What `Debug` prints instead of a secret.
+pub(crate) const REDACTED: &str = "<redacted>";
 
 /// Partial update; absent fields stay as they are. `tags` replaces the whole set.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, ToSchema)]

@@ -84,7 +84,9 @@ impl Registry {
         Ok(product)
     }
 
-    /// Replaces an existing device's secret (when `Some`), `enabled` and tags.
+    /// Replaces an existing device's secret (when `Some`), `enabled` and tags. Returns the
+    /// device before and after, taken under the same lock, so the caller can tell whether a
+    /// connected device must be disconnected.
     pub async fn overwrite_device(
         &self,
         pk: &str,
@@ -92,7 +94,7 @@ impl Registry {
         device_secret: Option<String>,
         enabled: bool,
         tags: BTreeMap<String, String>,
-    ) -> Result<Device> {
+    ) -> Result<(Device, Device)> {
         if let Some(s) = &device_secret {
             validate::device_secret(s)?;
         }
@@ -103,13 +105,14 @@ impl Registry {
                 .devices
                 .get_mut(dn)
                 .ok_or_else(|| device_not_found(pk, dn))?;
+            let before = d.to_device(pk, dn);
             if let Some(s) = device_secret {
                 d.device_secret = s;
             }
             d.enabled = enabled;
             d.tags = tags;
             let ticket = self.store.submit(vec![Op::PutDevice(d.record(pk, dn))]);
-            (d.to_device(pk, dn), ticket)
+            ((before, d.to_device(pk, dn)), ticket)
         };
         ticket.await?;
         Ok(device)

@@ -1145,3 +1145,48 @@ async fn a_move_that_did_not_commit_is_put_back() {
         .unwrap();
     assert_eq!(r.get_device(&pk, "dev1").unwrap().instance_id, "iot-target");
 }
+
+#[tokio::test]
+async fn debug_output_never_shows_a_secret() {
+    let r = registry();
+    let product = r.create_product(new_product("Lamp")).await.unwrap();
+    let device = r
+        .create_device(
+            &product.product_key,
+            NewDevice {
+                device_name: "dev1".into(),
+                device_secret: Some("sekrit-device-0123456789".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let new = NewDevice {
+        device_name: "dev2".into(),
+        device_secret: Some("sekrit-request-0123456789".into()),
+        ..Default::default()
+    };
+    let printed = [
+        format!("{product:?}"),
+        format!("{device:?}"),
+        format!("{new:?}"),
+        format!("{:?}", RowResult::Created(device.clone())),
+        format!("{:?}", product_record(&product)),
+    ];
+    for text in &printed {
+        assert!(!text.contains(&product.product_secret), "{text}");
+        assert!(!text.contains("sekrit"), "{text}");
+    }
+    assert!(printed[1].contains("dev1") && printed[1].contains(REDACTED));
+    let record = crate::store::DeviceRecord {
+        product_key: product.product_key.clone(),
+        device_name: "dev1".into(),
+        device_secret: device.device_secret.clone(),
+        instance_id: "default".into(),
+        enabled: true,
+        tags: Default::default(),
+        created_at_ms: 0,
+    };
+    let text = format!("{:?}", crate::store::Op::PutDevice(record));
+    assert!(!text.contains("sekrit") && text.contains("dev1"), "{text}");
+}

@@ -9,8 +9,8 @@
 //! ```
 //!
 //! - [`Store`] is a cheap, cloneable handle. It owns ONE writer thread that owns the backend
-//!   (the SQLite connection); nobody else touches the database, so there is no lock contention
-//!   and no `SQLITE_BUSY`.
+//!   (the SQLite connection or the PostgreSQL connection); nobody else in the process touches
+//!   the database, so there is no lock contention and no `SQLITE_BUSY`.
 //! - Callers submit a *submission* (a `Vec<Op>`) and get a [`Ticket`]. A submission is atomic:
 //!   all of its ops commit or none do. The writer drains everything queued when it wakes up and
 //!   commits it in one transaction (group commit): under load one fsync covers hundreds of
@@ -21,20 +21,39 @@
 //!   which is what [`Store::flush`] relies on. Callers that need per-key ordering (the registry)
 //!   submit while holding that key's in-memory lock, so log order = memory order.
 //!
+//! # Backends
+//!
+//! [`StoreLocation`] picks one ([`StoreSettings::location`]: `[store] url`, `--store`,
+//! `FLEETGATE_STORE`):
+//! - [`SqliteBackend`] (default): `{data_dir}/fleetgate.db` in WAL mode, durability set by
+//!   `[store] synchronous` ([`sqlite`](self::sqlite) module docs).
+//! - [`PostgresBackend`]: a PostgreSQL database several gateway nodes can share (cluster mode's
+//!   system of record). Same tables and the same contract; a drain is one pipelined
+//!   transaction with one multi-row statement per kind of report, replayed with a savepoint
+//!   per submission only when a statement fails; durability is the server's
+//!   `synchronous_commit`; a lost connection fails its transaction and the next one
+//!   reconnects ([`postgres`](self::postgres) module docs).
+//!
+//! Each backend has its own numbered, append-only list of schema steps (the numbers agree
+//! where the steps do) and refuses a database newer than the build.
+//!
 //! # Extending (OTA jobs, migrations, outbox)
 //!
 //! Ops are a closed enum ([`Op`]) on purpose: every write is typed, reviewed SQL lives in one
-//! place per backend, and a PostgreSQL backend is a second `match` rather than a SQL dialect
-//! translation of free-form statements. A new module adds (1) a schema step to
-//! `sqlite::MIGRATIONS` (append-only, numbered), (2) its variants to [`Op`] with a match arm in
-//! each backend, and (3) its fields to [`Snapshot`] filled by `load`. The writer, the tickets and
-//! group commit are untouched.
+//! place per backend, and each backend is a `match` rather than a SQL dialect translation of
+//! free-form statements. A new module adds (1) a schema step to `sqlite::MIGRATIONS` and
+//! `postgres::MIGRATIONS` (append-only, numbered), (2) its variants to [`Op`] with a match arm
+//! in each backend (for PostgreSQL in `postgres::plan`, saying whether it may be gathered into
+//! a multi-row statement), and (3) its fields to [`Snapshot`] filled by `load`. The writer, the
+//! tickets and group commit are untouched.
 //!
 //! This module knows nothing of the registry's in-memory model; it stores plain records.
 
+mod postgres;
 mod sqlite;
 mod writer;
 
+pub use postgres::{PostgresBackend, PostgresUrl, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION};
 pub use sqlite::{SqliteBackend, Synchronous, SCHEMA_VERSION};
 
 use crate::metrics::Metrics;
@@ -56,6 +75,8 @@ pub const DB_FILE_NAME: &str = "fleetgate.db";
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(Arc<rusqlite::Error>),
+    #[error("PostgreSQL error: {}", pg_message(.0))]
+    Postgres(Arc<tokio_postgres::Error>),
     #[error("cannot create data directory {path}: {source}")]
     Io {
         path: PathBuf,
@@ -69,6 +90,26 @@ pub enum StoreError {
     Spawn(Arc<std::io::Error>),
     #[error("the store is closed")]
     Closed,
+}
+
+/// A PostgreSQL error on one line: tokio-postgres's own `Display` says only "db error" and
+/// keeps the server's message, code and detail in the error's source.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
+            format!(
+                "{} {}: {}{detail}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            )
+        }
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -85,8 +126,8 @@ pub struct InstanceRecord {
     pub created_at_ms: i64,
 }
 
-/// A product as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A product as stored. `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProductRecord {
     pub product_key: String,
     pub product_secret: String,
@@ -98,7 +139,8 @@ pub struct ProductRecord {
 
 /// The operator-configured part of a device ([`Op::PutDevice`] writes exactly these columns;
 /// connection state and versions have their own ops so they never overwrite each other).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub product_key: String,
     pub device_name: String,
@@ -107,6 +149,34 @@ pub struct DeviceRecord {
     pub enabled: bool,
     pub tags: BTreeMap<String, String>,
     pub created_at_ms: i64,
+}
+
+// Secrets sign MQTT CONNECTs: an `Op` or a snapshot printed with `{:?}` must not show one.
+impl std::fmt::Debug for ProductRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProductRecord")
+            .field("product_key", &self.product_key)
+            .field("product_secret", &"<redacted>")
+            .field("name", &self.name)
+            .field("instance_id", &self.instance_id)
+            .field("description", &self.description)
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DeviceRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRecord")
+            .field("product_key", &self.product_key)
+            .field("device_name", &self.device_name)
+            .field("device_secret", &"<redacted>")
+            .field("instance_id", &self.instance_id)
+            .field("enabled", &self.enabled)
+            .field("tags", &self.tags)
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
 }
 
 /// A device as loaded: its record plus the state the gateway observed.
@@ -213,8 +283,8 @@ pub trait CommitFeed: Send + 'static {
     fn committed(&mut self, submissions: &[&[Op]], results: &[Result<(), StoreError>]);
 }
 
-/// A durable storage engine. Implemented by [`SqliteBackend`]; a PostgreSQL backend implements
-/// the same two calls. Only the writer thread calls them, so `&mut self` needs no locking.
+/// A durable storage engine: [`SqliteBackend`] or [`PostgresBackend`]. Only the writer thread
+/// calls it, so `&mut self` needs no locking.
 pub trait StoreBackend: Send + 'static {
     /// Reads everything (used at start).
     fn load(&mut self) -> Result<Snapshot, StoreError>;
@@ -325,12 +395,18 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// `[store]` settings: durability and the writer's group commit.
+/// `[store]` settings: where the store lives, durability and the writer's group commit.
 ///
-/// `synchronous`: `full` (default) fsyncs the WAL on every commit, so whatever the gateway
-/// acknowledged survives power loss; `normal` survives a crash of the process (`kill -9`) but
-/// may lose the last commits on power loss or a kernel crash, for less CPU and latency per
-/// commit on slow disks (see [`sqlite`](self::sqlite) module docs).
+/// `url`: a `postgres://` URL puts the store in that PostgreSQL database (several gateway nodes
+/// can share it); absent, it is SQLite at `{data_dir}/fleetgate.db`. Checked when the settings
+/// load; logged without its password.
+///
+/// `synchronous` (SQLite only; refused with a `url`): `full` (default) fsyncs the WAL on every
+/// commit, so whatever the gateway acknowledged survives power loss; `normal` survives a crash
+/// of the process (`kill -9`) but may lose the last commits on power loss or a kernel crash, for
+/// less CPU and latency per commit on slow disks (see [`sqlite`](self::sqlite) module docs).
+/// With PostgreSQL a commit is as durable as the server's `synchronous_commit` makes it (`on` by
+/// default: flushed to the server's WAL before the tickets resolve).
 ///
 /// Group commit, like PostgreSQL's `commit_delay`/`commit_siblings`: after a transaction that
 /// carried at least `commit_siblings` submissions (the store is busy), the writer waits
@@ -339,9 +415,10 @@ impl std::fmt::Debug for Store {
 /// load nothing waits. `commit_delay_us = 0` turns it off. The default, 2 ms, is an A/B choice
 /// (docs/BENCHMARKS.md): a busy transaction's pages are the same few whatever it carries, so
 /// waiting longer saves CPU per message, and it only adds latency when the store is busy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
+    pub url: Option<PostgresUrl>,
     pub synchronous: Synchronous,
     pub commit_delay_us: u64,
     pub commit_siblings: usize,
@@ -350,6 +427,7 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
+            url: None,
             synchronous: Synchronous::Full,
             commit_delay_us: 2_000,
             commit_siblings: 8,
@@ -363,6 +441,33 @@ impl StoreSettings {
         (self.commit_delay_us > 0 && submissions >= self.commit_siblings.max(1))
             .then(|| std::time::Duration::from_micros(self.commit_delay_us))
     }
+
+    /// Where the store lives with these settings and this data directory.
+    pub fn location(&self, data_dir: &Path) -> StoreLocation {
+        match &self.url {
+            Some(url) => StoreLocation::Postgres(url.clone()),
+            None => StoreLocation::Sqlite(Store::db_path(data_dir)),
+        }
+    }
+}
+
+/// The backend a store is opened on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite database file (created with its directory if missing).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (it must exist; the schema is created in it).
+    Postgres(PostgresUrl),
+}
+
+/// `SQLite at {path}` / `PostgreSQL at {url without password}`: fit for logs.
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => write!(f, "SQLite at {}", path.display()),
+            StoreLocation::Postgres(url) => write!(f, "PostgreSQL at {url}"),
+        }
+    }
 }
 
 impl Store {
@@ -374,26 +479,49 @@ impl Store {
     /// Opens (creating if needed, with its parent directory) the SQLite database at `path`,
     /// migrates its schema and starts the writer.
     pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
-        Store::open_with(path, StoreSettings::default(), metrics)
+        Store::open_with(
+            &StoreLocation::Sqlite(path.to_owned()),
+            &StoreSettings::default(),
+            metrics,
+        )
     }
 
-    /// [`open`](Self::open) with explicit `[store]` settings.
+    /// Opens the store at `location` with explicit `[store]` settings: connects (PostgreSQL) or
+    /// opens the file (SQLite), migrates the schema and starts the writer. Blocks the calling
+    /// thread until the backend is ready (start-up).
     pub fn open_with(
-        path: &Path,
-        settings: StoreSettings,
+        location: &StoreLocation,
+        settings: &StoreSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
-                path: dir.to_path_buf(),
-                source: Arc::new(e),
-            })?;
+        tracing::info!(store = %location, "opening the store");
+        match location {
+            StoreLocation::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                        path: dir.to_path_buf(),
+                        source: Arc::new(e),
+                    })?;
+                }
+                if settings.synchronous == Synchronous::Normal {
+                    tracing::info!(
+                        "store synchronous=normal: the last commits may be lost on power loss"
+                    );
+                }
+                let (path, synchronous) = (path.clone(), settings.synchronous);
+                Store::start(
+                    move || SqliteBackend::open(&path, synchronous),
+                    settings,
+                    metrics,
+                )
+            }
+            // Connected on the writer thread: the backend drives its connection with a runtime
+            // of its own, which cannot be started from a thread already running one.
+            StoreLocation::Postgres(url) => {
+                let url = url.clone();
+                Store::start(move || PostgresBackend::connect(&url), settings, metrics)
+            }
         }
-        let backend = SqliteBackend::open(path, settings.synchronous)?;
-        if settings.synchronous == Synchronous::Normal {
-            tracing::info!("store synchronous=normal: the last commits may be lost on power loss");
-        }
-        Store::start(backend, settings, metrics)
     }
 
     /// A private in-memory SQLite database (tests, dry runs). Gone when the store closes.
@@ -406,25 +534,48 @@ impl Store {
         backend: B,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
-        Store::start(backend, StoreSettings::default(), metrics)
+        Store::start(move || Ok(backend), &StoreSettings::default(), metrics)
     }
 
+    /// Starts the writer thread, which opens its backend with `open` first; returns once that
+    /// succeeded (or with its error).
     fn start<B: StoreBackend>(
-        backend: B,
-        settings: StoreSettings,
+        open: impl FnOnce() -> Result<B, StoreError> + Send + 'static,
+        settings: &StoreSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
         let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let settings = settings.clone();
         let handle = std::thread::Builder::new()
             .name("fleetgate-store".into())
-            .spawn(move || writer::run(backend, rx, settings, metrics))
+            .spawn(move || match open() {
+                Ok(backend) => {
+                    let _ = ready_tx.send(Ok(()));
+                    writer::run(backend, rx, settings, metrics);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
             .map_err(|e| StoreError::Spawn(Arc::new(e)))?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                tx,
-                writer: Mutex::new(Some(handle)),
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Store {
+                inner: Arc::new(Inner {
+                    tx,
+                    writer: Mutex::new(Some(handle)),
+                }),
             }),
-        })
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e)
+            }
+            // The thread ended without a word: it panicked while opening.
+            Err(_) => {
+                let _ = handle.join();
+                Err(StoreError::Closed)
+            }
+        }
     }
 
     /// Queues `ops` as one atomic submission. Never blocks; the ticket resolves once committed.
@@ -493,5 +644,7 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod test_db;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -1,7 +1,47 @@
+//! The store suite. Tests that hold for any backend are written once with
+//! [`on_both_backends!`] and run as `{name}::sqlite` and `{name}::postgres`; the PostgreSQL
+//! runs need the local server (see [`test_db`](super::test_db)).
+
+use super::test_db::{Backend, TestDb};
 use super::*;
 use std::collections::BTreeMap;
 
-fn metrics() -> Arc<Metrics> {
+/// Runs a test body once per backend, as `$name::sqlite` and `$name::postgres`, with `$db` a
+/// fresh [`TestDb`] of that backend. The attributes (`#[tokio::test]`, `#[test]`) apply to both.
+macro_rules! on_both_backends {
+    ($(#[$attr:meta])* async fn $name:ident($db:ident) $body:block) => {
+        mod $name {
+            use super::*;
+            $(#[$attr])*
+            async fn sqlite() {
+                let $db = TestDb::new(Backend::Sqlite);
+                $body
+            }
+            $(#[$attr])*
+            async fn postgres() {
+                let $db = TestDb::new(Backend::Postgres);
+                $body
+            }
+        }
+    };
+    ($(#[$attr:meta])* fn $name:ident($db:ident) $body:block) => {
+        mod $name {
+            use super::*;
+            $(#[$attr])*
+            fn sqlite() {
+                let $db = TestDb::new(Backend::Sqlite);
+                $body
+            }
+            $(#[$attr])*
+            fn postgres() {
+                let $db = TestDb::new(Backend::Postgres);
+                $body
+            }
+        }
+    };
+}
+
+pub(crate) fn metrics() -> Arc<Metrics> {
     Arc::new(Metrics::new())
 }
 
@@ -47,7 +87,7 @@ pub(crate) fn version(pk: &str, dn: &str, module: &str, v: &str) -> Op {
 }
 
 /// A small data set touching every op, and the snapshot it must load back as.
-fn populate_ops() -> (Vec<Op>, Snapshot) {
+pub(crate) fn populate_ops() -> (Vec<Op>, Snapshot) {
     let mut disabled = device("pk1", "dev2");
     disabled.enabled = false;
     disabled.tags.clear();
@@ -108,74 +148,90 @@ fn populate_ops() -> (Vec<Op>, Snapshot) {
     (ops, expected)
 }
 
-#[tokio::test]
-async fn write_close_reopen_loads_everything_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = Store::db_path(&dir.path().join("nested"));
-    let (ops, expected) = populate_ops();
-
-    let store = Store::open(&path, metrics()).unwrap();
-    for op in ops {
-        store.submit(vec![op]).await.unwrap();
-    }
-    assert_eq!(store.load().unwrap(), expected);
-    store.close();
-
-    let store = Store::open(&path, metrics()).unwrap();
-    assert_eq!(store.load().unwrap(), expected);
-    store.close();
-
-    let backend = SqliteBackend::open(&path, Synchronous::Normal).unwrap();
-    assert_eq!(backend.schema_version().unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 2);
+/// A statement the database refused (foreign key, constraint), on either backend.
+pub(crate) fn is_refused(result: &Result<(), StoreError>) -> bool {
+    matches!(result, Err(StoreError::Sqlite(_) | StoreError::Postgres(_)))
 }
 
-#[tokio::test]
-async fn documents_round_trip_by_kind() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = Store::db_path(dir.path());
-    let store = Store::open(&path, metrics()).unwrap();
-    let put = |kind: &'static str, id: &str, body: &str| Op::PutDoc {
-        kind,
-        id: id.to_owned(),
-        body: body.to_owned(),
-    };
-    store
-        .submit(vec![
-            put("ota.job", "j2", "{\"n\":2}"),
-            put("ota.job", "j1", "{}"),
-            put("ota.task", "t1", "[]"),
-        ])
-        .await
-        .unwrap();
-    store
-        .submit(vec![put("ota.job", "j1", "{\"n\":1}")])
-        .await
-        .unwrap();
-    store
-        .submit(vec![
-            Op::DeleteDoc {
-                kind: "ota.task",
-                id: "t1".into(),
-            },
-            Op::DeleteDoc {
-                kind: "ota.task",
-                id: "nope".into(),
-            },
-        ])
-        .await
-        .unwrap();
-    store.close();
-    let store = Store::open(&path, metrics()).unwrap();
-    assert_eq!(
-        store.load_documents("ota.job").unwrap(),
-        vec![
-            ("j1".to_owned(), "{\"n\":1}".to_owned()),
-            ("j2".to_owned(), "{\"n\":2}".to_owned())
-        ]
-    );
-    assert!(store.load_documents("ota.task").unwrap().is_empty());
-    store.close();
+/// The schema version the backend of `db` writes, read from its `schema_version` table.
+fn stored_schema_version(db: &TestDb) -> i64 {
+    db.query_i64("SELECT CAST(version AS BIGINT) FROM schema_version WHERE id = 1")
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn write_close_reopen_loads_everything_back(db) {
+        let (ops, expected) = populate_ops();
+
+        let store = db.open(metrics());
+        for op in ops {
+            store.submit(vec![op]).await.unwrap();
+        }
+        assert_eq!(store.load().unwrap(), expected);
+        store.close();
+
+        let store = db.open(metrics());
+        assert_eq!(store.load().unwrap(), expected);
+        store.close();
+
+        assert_eq!(stored_schema_version(&db), 2);
+        let supported = match db.location() {
+            StoreLocation::Sqlite(_) => SCHEMA_VERSION,
+            StoreLocation::Postgres(_) => POSTGRES_SCHEMA_VERSION,
+        };
+        assert_eq!(supported, 2);
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn documents_round_trip_by_kind(db) {
+        let store = db.open(metrics());
+        let put = |kind: &'static str, id: &str, body: &str| Op::PutDoc {
+            kind,
+            id: id.to_owned(),
+            body: body.to_owned(),
+        };
+        store
+            .submit(vec![
+                put("ota.job", "j2", "{\"n\":2}"),
+                put("ota.job", "j1", "{}"),
+                put("ota.task", "t1", "[]"),
+                // Ordered by bytes, as SQLite does: uppercase before lowercase.
+                put("ota.job", "J3", "{}"),
+            ])
+            .await
+            .unwrap();
+        store
+            .submit(vec![put("ota.job", "j1", "{\"n\":1}")])
+            .await
+            .unwrap();
+        store
+            .submit(vec![
+                Op::DeleteDoc {
+                    kind: "ota.task",
+                    id: "t1".into(),
+                },
+                Op::DeleteDoc {
+                    kind: "ota.task",
+                    id: "nope".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        store.close();
+        let store = db.open(metrics());
+        assert_eq!(
+            store.load_documents("ota.job").unwrap(),
+            vec![
+                ("J3".to_owned(), "{}".to_owned()),
+                ("j1".to_owned(), "{\"n\":1}".to_owned()),
+                ("j2".to_owned(), "{\"n\":2}".to_owned())
+            ]
+        );
+        assert!(store.load_documents("ota.task").unwrap().is_empty());
+        store.close();
+    }
 }
 
 #[tokio::test]
@@ -195,56 +251,80 @@ async fn database_uses_wal() {
     store.close();
 }
 
-#[tokio::test]
-async fn a_failing_submission_is_rolled_back_alone() {
-    let store = Store::open_in_memory(metrics()).unwrap();
-    store
-        .submit(vec![Op::PutInstance(instance("default"))])
-        .await
-        .unwrap();
-    // Submitted back to back so they usually share a transaction; the outcome must not depend
-    // on whether they do.
-    let good = store.submit(vec![Op::PutProduct(product("pk1", "default"))]);
-    // Atomic: the valid device op must not survive the failing version op next to it.
-    let bad = store.submit(vec![
-        Op::PutDevice(device("pk1", "dev1")),
-        version("pk1", "nobody", "default", "1"),
-    ]);
-    let unknown_instance = store.submit(vec![Op::PutProduct(product("pk2", "no-such-instance"))]);
-    let good_too = store.submit(vec![Op::PutDevice(device("pk1", "dev2"))]);
-    good.await.unwrap();
-    assert!(matches!(bad.await, Err(StoreError::Sqlite(_))));
-    assert!(matches!(unknown_instance.await, Err(StoreError::Sqlite(_))));
-    good_too.await.unwrap();
+on_both_backends! {
+    #[tokio::test]
+    async fn a_failing_submission_is_rolled_back_alone(db) {
+        let store = db.open(metrics());
+        store
+            .submit(vec![Op::PutInstance(instance("default"))])
+            .await
+            .unwrap();
+        // Submitted back to back so they usually share a transaction; the outcome must not depend
+        // on whether they do.
+        let good = store.submit(vec![Op::PutProduct(product("pk1", "default"))]);
+        // Atomic: the valid device op must not survive the failing version op next to it.
+        let bad = store.submit(vec![
+            Op::PutDevice(device("pk1", "dev1")),
+            version("pk1", "nobody", "default", "1"),
+        ]);
+        let unknown_instance = store.submit(vec![Op::PutProduct(product("pk2", "no-such-instance"))]);
+        let good_too = store.submit(vec![Op::PutDevice(device("pk1", "dev2"))]);
+        good.await.unwrap();
+        assert!(is_refused(&bad.await));
+        assert!(is_refused(&unknown_instance.await));
+        good_too.await.unwrap();
 
-    let snapshot = store.load().unwrap();
-    assert_eq!(snapshot.products, vec![product("pk1", "default")]);
-    let names: Vec<_> = snapshot
-        .devices
-        .iter()
-        .map(|d| d.record.device_name.as_str())
-        .collect();
-    assert_eq!(names, ["dev2"]);
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.products, vec![product("pk1", "default")]);
+        let names: Vec<_> = snapshot
+            .devices
+            .iter()
+            .map(|d| d.record.device_name.as_str())
+            .collect();
+        assert_eq!(names, ["dev2"]);
+    }
 }
 
-#[tokio::test]
-async fn deleting_a_product_with_devices_fails_in_the_store_too() {
-    let store = Store::open_in_memory(metrics()).unwrap();
-    store
-        .submit(vec![
-            Op::PutInstance(instance("default")),
-            Op::PutProduct(product("pk1", "default")),
-            Op::PutDevice(device("pk1", "dev1")),
-        ])
-        .await
-        .unwrap();
-    assert!(store
-        .submit(vec![Op::DeleteProduct {
-            product_key: "pk1".into()
-        }])
-        .await
-        .is_err());
-    assert_eq!(store.load().unwrap().products.len(), 1);
+on_both_backends! {
+    #[tokio::test]
+    async fn deleting_a_product_with_devices_fails_in_the_store_too(db) {
+        let store = db.open(metrics());
+        store
+            .submit(vec![
+                Op::PutInstance(instance("default")),
+                Op::PutProduct(product("pk1", "default")),
+                Op::PutDevice(device("pk1", "dev1")),
+                version("pk1", "dev1", "MCU", "1"),
+            ])
+            .await
+            .unwrap();
+        assert!(is_refused(
+            &store
+                .submit(vec![Op::DeleteProduct {
+                    product_key: "pk1".into()
+                }])
+                .await
+        ));
+        assert_eq!(store.load().unwrap().products.len(), 1);
+        // Deleting the device takes its versions with it (cascade); then the product can go.
+        store
+            .submit(vec![
+                Op::DeleteDevice {
+                    product_key: "pk1".into(),
+                    device_name: "dev1".into(),
+                },
+                Op::DeleteProduct {
+                    product_key: "pk1".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.load().unwrap(), Snapshot {
+            instances: vec![instance("default")],
+            ..Snapshot::default()
+        });
+        assert_eq!(db.query_i64("SELECT COUNT(*) FROM device_versions"), 0);
+    }
 }
 
 /// Sum and count of the batch-size histogram, from the Prometheus text.
@@ -262,39 +342,40 @@ pub(crate) fn batch_size_sum_and_count(metrics: &Metrics) -> (f64, f64) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writers_are_group_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = metrics();
-    let store = Store::open(&Store::db_path(dir.path()), m.clone()).unwrap();
-    store
-        .submit(vec![
-            Op::PutInstance(instance("default")),
-            Op::PutProduct(product("pk1", "default")),
-            Op::PutDevice(device("pk1", "dev1")),
-        ])
-        .await
-        .unwrap();
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .submit(vec![version("pk1", "dev1", &format!("m{i}"), "1")])
-                    .await
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_are_group_committed(db) {
+        let m = metrics();
+        let store = db.open(m.clone());
+        store
+            .submit(vec![
+                Op::PutInstance(instance("default")),
+                Op::PutProduct(product("pk1", "default")),
+                Op::PutDevice(device("pk1", "dev1")),
+            ])
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .submit(vec![version("pk1", "dev1", &format!("m{i}"), "1")])
+                        .await
+                })
             })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap().unwrap();
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let (sum, count) = batch_size_sum_and_count(&m);
+        assert_eq!(sum, 1003.0);
+        assert!(
+            count < 1001.0,
+            "1,000 writers took {count} transactions: no group commit"
+        );
+        assert_eq!(store.load().unwrap().devices[0].versions.len(), 1000);
     }
-    let (sum, count) = batch_size_sum_and_count(&m);
-    assert_eq!(sum, 1003.0);
-    assert!(
-        count < 1001.0,
-        "1,000 writers took {count} transactions: no group commit"
-    );
-    assert_eq!(store.load().unwrap().devices[0].versions.len(), 1000);
 }
 
 #[tokio::test]
@@ -322,79 +403,93 @@ async fn acknowledged_writes_survive_a_crash() {
     let recovered = Store::open(&Store::db_path(crashed.path()), metrics()).unwrap();
     assert_eq!(recovered.load().unwrap(), expected);
     recovered.close();
-    // And a handle forgotten without close/drop: a second connection still sees every commit.
-    std::mem::forget(store);
-    let reopened = Store::open(&path, metrics()).unwrap();
-    assert_eq!(reopened.load().unwrap(), expected);
 }
 
-#[tokio::test]
-async fn close_commits_queued_work_and_later_submissions_fail() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = Store::db_path(dir.path());
-    let store = Store::open(&path, metrics()).unwrap();
-    let other_handle = store.clone();
-    // Queued and never awaited: close must still commit it.
-    let queued = store.submit(vec![Op::PutInstance(instance("default"))]);
-    store.close();
-    queued.await.unwrap();
-    assert!(matches!(
-        other_handle
-            .submit(vec![Op::PutInstance(instance("x"))])
-            .await,
-        Err(StoreError::Closed)
-    ));
-    assert!(matches!(
-        other_handle.flush().await,
-        Err(StoreError::Closed)
-    ));
-    assert!(matches!(other_handle.load(), Err(StoreError::Closed)));
-    drop(other_handle);
-
-    let store = Store::open(&path, metrics()).unwrap();
-    assert_eq!(store.load().unwrap().instances, vec![instance("default")]);
-}
-
-#[tokio::test]
-async fn dropping_the_last_handle_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = Store::db_path(dir.path());
-    let store = Store::open(&path, metrics()).unwrap();
-    drop(store.submit(vec![Op::PutInstance(instance("default"))]));
-    drop(store);
-    let store = Store::open(&path, metrics()).unwrap();
-    assert_eq!(store.load().unwrap().instances, vec![instance("default")]);
-}
-
-#[test]
-fn a_newer_schema_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = Store::db_path(dir.path());
-    drop(SqliteBackend::open(&path, Synchronous::Full).unwrap());
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute("UPDATE schema_version SET version = 99", [])
-        .unwrap();
-    drop(conn);
-    match SqliteBackend::open(&path, Synchronous::Full) {
-        Err(StoreError::SchemaTooNew {
-            found: 99,
-            supported,
-        }) => assert_eq!(supported, SCHEMA_VERSION),
-        Err(other) => panic!("unexpected error {other}"),
-        Ok(_) => panic!("a newer schema was accepted"),
+on_both_backends! {
+    #[tokio::test]
+    async fn a_forgotten_handle_leaves_every_acknowledged_write_behind(db) {
+        let store = db.open(metrics());
+        let (ops, expected) = populate_ops();
+        for op in ops {
+            store.submit(vec![op]).await.unwrap();
+        }
+        // Neither closed nor dropped: the writer still holds its connection, as in a crash.
+        std::mem::forget(store);
+        let reopened = db.open(metrics());
+        assert_eq!(reopened.load().unwrap(), expected);
     }
 }
 
-#[test]
-fn blocking_submit_works_inside_a_runtime() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let store = Store::open_in_memory(metrics()).unwrap();
-        store
-            .submit_blocking(vec![Op::PutInstance(instance("default"))])
+on_both_backends! {
+    #[tokio::test]
+    async fn close_commits_queued_work_and_later_submissions_fail(db) {
+        let store = db.open(metrics());
+        let other_handle = store.clone();
+        // Queued and never awaited: close must still commit it.
+        let queued = store.submit(vec![Op::PutInstance(instance("default"))]);
+        store.close();
+        queued.await.unwrap();
+        assert!(matches!(
+            other_handle
+                .submit(vec![Op::PutInstance(instance("x"))])
+                .await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(
+            other_handle.flush().await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(other_handle.load(), Err(StoreError::Closed)));
+        drop(other_handle);
+
+        let store = db.open(metrics());
+        assert_eq!(store.load().unwrap().instances, vec![instance("default")]);
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn dropping_the_last_handle_flushes(db) {
+        let store = db.open(metrics());
+        drop(store.submit(vec![Op::PutInstance(instance("default"))]));
+        drop(store);
+        let store = db.open(metrics());
+        assert_eq!(store.load().unwrap().instances, vec![instance("default")]);
+    }
+}
+
+on_both_backends! {
+    #[test]
+    fn a_newer_schema_is_refused(db) {
+        db.open(metrics()).close();
+        db.execute("UPDATE schema_version SET version = 99");
+        let supported = match db.location() {
+            StoreLocation::Sqlite(_) => SCHEMA_VERSION,
+            StoreLocation::Postgres(_) => POSTGRES_SCHEMA_VERSION,
+        };
+        match db.try_open(metrics()) {
+            Err(StoreError::SchemaTooNew {
+                found: 99,
+                supported: s,
+            }) => assert_eq!(s, supported),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("a newer schema was accepted"),
+        }
+    }
+}
+
+on_both_backends! {
+    #[test]
+    fn blocking_submit_works_inside_a_runtime(db) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
             .unwrap();
-        assert_eq!(store.load().unwrap().instances.len(), 1);
-    });
+        rt.block_on(async {
+            let store = db.open(metrics());
+            store
+                .submit_blocking(vec![Op::PutInstance(instance("default"))])
+                .unwrap();
+            assert_eq!(store.load().unwrap().instances.len(), 1);
+        });
+    }
 }

@@ -60,8 +60,7 @@ async fn refusals_have_real_codes_and_are_counted() {
         Some(ConnectReturnCode::BadUserNamePassword)
     );
     // Disabled device with its right secret.
-    let d = app.device(&pk, "dev-off").await;
-    let off = credentials(&pk, "dev-off", d["device_secret"].as_str().unwrap());
+    let off = credentials(&pk, "dev-off", &app.device_secret(&pk, "dev-off").await);
     assert_eq!(
         try_connect(app.mqtt_addr(), &off).await.err(),
         Some(ConnectReturnCode::NotAuthorized)

@@ -2,7 +2,9 @@
 //! HTTP, devices reconnecting with their old secrets, tampering and wrong keys refused with
 //! nothing changed, conflict policies, rate limiting.
 
-use crate::helpers::{connect, credentials, spawn_app, try_connect, TestApp, ADMIN_TOKEN, WAIT};
+use crate::helpers::{
+    connect, credentials, spawn_app, try_connect, TestApp, ADMIN_TOKEN, OPERATOR_TOKEN, WAIT,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -64,7 +66,19 @@ async fn log_text(t: &TestApp, kind: &str, id: &str) -> String {
 
 /// Runs an export to completion and returns (job, package bytes).
 async fn export(t: &TestApp, body: Value) -> (Value, Vec<u8>) {
-    let (status, job) = t.post("/api/v1/export", body).await;
+    export_as(t, ADMIN_TOKEN, body).await
+}
+
+/// [`export`] started with `token`.
+async fn export_as(t: &TestApp, token: &str, body: Value) -> (Value, Vec<u8>) {
+    let (status, job) = t
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/export",
+            Some(body),
+            Some(token),
+        )
+        .await;
     assert_eq!(status, 202, "{job}");
     assert_eq!(job["status"]["state"], "IN_PROGRESS");
     assert!(job["objects"].is_null());
@@ -85,6 +99,17 @@ async fn export(t: &TestApp, body: Value) -> (Value, Vec<u8>) {
 
 /// `POST /api/v1/import`; returns (status, body).
 async fn import(t: &TestApp, package: &[u8], key: Option<&str>, policy: &str) -> (u16, Value) {
+    import_as(t, ADMIN_TOKEN, package, key, policy).await
+}
+
+/// [`import`] with `token`.
+async fn import_as(
+    t: &TestApp,
+    token: &str,
+    package: &[u8],
+    key: Option<&str>,
+    policy: &str,
+) -> (u16, Value) {
     let mut form = reqwest::multipart::Form::new()
         .text("conflict_policy", policy.to_owned())
         .part(
@@ -97,7 +122,7 @@ async fn import(t: &TestApp, package: &[u8], key: Option<&str>, policy: &str) ->
     let resp = t
         .http
         .post(t.url("/api/v1/import"))
-        .bearer_auth(ADMIN_TOKEN)
+        .bearer_auth(token)
         .multipart(form)
         .send()
         .await
@@ -248,9 +273,10 @@ async fn round_trip_moves_devices_with_their_secrets_and_firmware_with_its_bytes
     .is_err());
     let d = dst.device(&src.pk, "dev-two").await;
     assert_eq!(d["tags"]["region"], "eu");
-    let p = dst.get(&format!("/api/v1/products/{}", src.pk)).await.1;
-    let p_src = src.t.get(&format!("/api/v1/products/{}", src.pk)).await.1;
-    assert_eq!(p["product_secret"], p_src["product_secret"]);
+    assert_eq!(
+        dst.product_secret(&src.pk).await,
+        src.t.product_secret(&src.pk).await
+    );
 
     // The firmware downloads with the same checksum.
     let new_fid = result_of(&imported, src.fw["firmware_id"].as_str().unwrap())["target_id"]
@@ -417,7 +443,7 @@ async fn conflict_policies_skip_fail_and_overwrite() {
     assert_eq!(result_of(&skipped, &dev_two)["result"], "created");
     assert_eq!(result_of(&skipped, &src.pk)["result"], "skipped_identical");
     assert_eq!(
-        dst.device(&src.pk, "dev-one").await["device_secret"],
+        dst.device_secret(&src.pk, "dev-one").await,
         "local-secret-0123456789"
     );
 
@@ -427,10 +453,7 @@ async fn conflict_policies_skip_fail_and_overwrite() {
     assert_eq!(result_of(&over, &dev_one)["result"], "overwritten");
     assert_eq!(result_of(&over, &dev_two)["result"], "skipped_identical");
     let old_secret = &src.secrets[0].1;
-    assert_eq!(
-        dst.device(&src.pk, "dev-one").await["device_secret"],
-        *old_secret
-    );
+    assert_eq!(dst.device_secret(&src.pk, "dev-one").await, *old_secret);
     let _d = connect(
         dst.mqtt_addr(),
         &credentials(&src.pk, "dev-one", old_secret),
@@ -494,8 +517,8 @@ async fn export_requests_are_validated_up_front() {
     let dst = spawn_app().await;
     let imported = import_done(&dst, &package, None, "skip").await;
     assert_eq!(imported["summary"]["created"], 2, "{imported}");
-    let old = t.device(&pk, "dev-one").await["device_secret"].clone();
-    assert_ne!(dst.device(&pk, "dev-one").await["device_secret"], old);
+    let old = t.device_secret(&pk, "dev-one").await;
+    assert_ne!(dst.device_secret(&pk, "dev-one").await, old);
 
     // Unknown jobs: 404; the viewer cannot start one.
     let (s, e) = t.get("/api/v1/export/exp-nothere").await;
@@ -666,4 +689,262 @@ async fn a_migration_task_round_trips_in_to_migrate_with_its_config() {
     );
     let (_, t) = dst.get(&format!("/api/v1/migrations/{new_tid}")).await;
     assert_eq!(t["config"]["bandwidth_limit_mb"], 20, "kept");
+}
+
+/// `package` (one without secrets, so without a MAC) with a product object added and its
+/// manifest rewritten to match: what anyone holding such a package can make.
+fn forge_product(package: &[u8], pk: &str, instance: &str) -> Vec<u8> {
+    let mut zin = zip::ZipArchive::new(std::io::Cursor::new(package)).unwrap();
+    let mut manifest = String::new();
+    zin.by_name("manifest.json")
+        .unwrap()
+        .read_to_string(&mut manifest)
+        .unwrap();
+    let mut manifest: Value = serde_json::from_str(&manifest).unwrap();
+    assert!(
+        manifest["encryption"].is_null(),
+        "forging needs a package without secrets"
+    );
+    let file = format!("objects/product/{pk}.json");
+    let object = serde_json::to_vec(&json!({
+        "type": "PRODUCT", "id": pk, "secrets": null,
+        "data": {"product_key": pk, "name": "forged", "description": null,
+                 "instance_id": instance, "instance_name": "forged instance"},
+    }))
+    .unwrap();
+    let sha = hex::encode(Sha256::digest(&object));
+    manifest["objects"].as_array_mut().unwrap().push(json!({
+        "id": pk, "type": "PRODUCT", "name": "forged", "path": format!("/{instance}/{pk}"),
+        "file": file, "sha256": sha, "secrets_nonce": null, "blob": null,
+    }));
+    manifest["files"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"path": file, "sha256": sha, "size": object.len()}));
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default();
+    for i in 0..zin.len() {
+        let mut f = zin.by_index(i).unwrap();
+        let name = f.name().to_owned();
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        if name == "manifest.json" {
+            data = serde_json::to_vec(&manifest).unwrap();
+        }
+        out.start_file(name, opts).unwrap();
+        out.write_all(&data).unwrap();
+    }
+    out.start_file(file, opts).unwrap();
+    out.write_all(&object).unwrap();
+    out.finish().unwrap().into_inner()
+}
+
+/// Creating products is admin business; an operator's import may not do it either, not even
+/// with a package it forged. Refused whole, before any job, naming the objects.
+#[tokio::test]
+async fn an_operator_cannot_create_products_by_importing_even_a_forged_package() {
+    let t = spawn_app().await;
+    let pk = t.create_product("real").await;
+    t.create_device(&pk, "dev-one").await;
+    let (_, package) = export_as(
+        &t,
+        OPERATOR_TOKEN,
+        json!({"include_secrets": false,
+               "objects": [{"id": format!("{pk}/dev-one"), "type": "DEVICE", "include_dependencies": false}]}),
+    )
+    .await;
+    let forged = forge_product(&package, "forged1", "iot-forged");
+
+    for policy in ["skip", "overwrite", "fail"] {
+        let (s, e) = import_as(&t, OPERATOR_TOKEN, &forged, None, policy).await;
+        assert_eq!(s, 403, "{policy}: {e}");
+        assert_eq!(e["error_code"], "FG.0403");
+        let msg = e["error_msg"].as_str().unwrap();
+        assert!(
+            msg.contains("PRODUCT forged1") && msg.contains("admin"),
+            "{msg}"
+        );
+    }
+    // Nothing changed: no product, no instance.
+    assert_eq!(product_count(&t).await, 1);
+    let (s, _) = t.get("/api/v1/products/forged1").await;
+    assert_eq!(s, 404);
+    let (s, _) = t.get("/api/v1/instances/iot-forged").await;
+    assert_eq!(s, 404);
+
+    // The same package from an admin is imported: the refusal was the role's.
+    let done = import_done(&t, &forged, None, "skip").await;
+    assert_eq!(done["status"]["state"], "SUCCESSFUL", "{done}");
+    assert_eq!(result_of(&done, "forged1")["result"], "created");
+    // Now that the product exists, the operator's import writes nothing it may not: accepted.
+    let (s, job) = import_as(&t, OPERATOR_TOKEN, &forged, None, "skip").await;
+    assert_eq!(s, 202, "{job}");
+    let job = wait_job(&t, "import", job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"]["state"], "SUCCESSFUL", "{job}");
+    assert_eq!(job["summary"]["skipped_identical"], 2, "{job}");
+}
+
+/// An operator may not read product secrets, so its export does not carry them (devices'
+/// secrets it may read are carried, encrypted); an admin's does.
+#[tokio::test]
+async fn an_operators_export_leaves_product_secrets_out() {
+    let src = source().await;
+    let body = json!({"secrets_key": KEY,
+                      "objects": [{"id": src.pk, "type": "PRODUCT", "include_dependencies": true}]});
+    let (job, package) = export_as(&src.t, OPERATOR_TOKEN, body.clone()).await;
+    assert_eq!(job["secrets_included"], true);
+    let log = log_text(&src.t, "export", job["id"].as_str().unwrap()).await;
+    assert!(
+        log.contains("FGX_006 WARN")
+            && log.contains("only an admin's export carries product secrets"),
+        "{log}"
+    );
+    let nonce_of = |package: &[u8], kind: &str| -> Value {
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(package)).unwrap();
+        let mut m = String::new();
+        zip.by_name("manifest.json")
+            .unwrap()
+            .read_to_string(&mut m)
+            .unwrap();
+        let m: Value = serde_json::from_str(&m).unwrap();
+        m["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["type"] == kind)
+            .unwrap()["secrets_nonce"]
+            .clone()
+    };
+    assert!(nonce_of(&package, "PRODUCT").is_null());
+    assert!(nonce_of(&package, "DEVICE").is_string());
+
+    // Imported elsewhere: the devices keep their secrets, the product gets a new one.
+    let dst = spawn_app().await;
+    let imported = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(imported["status"]["state"], "SUCCESSFUL", "{imported}");
+    for (dn, secret) in &src.secrets {
+        let _d = connect(dst.mqtt_addr(), &credentials(&src.pk, dn, secret)).await;
+    }
+    let src_secret = src.t.product_secret(&src.pk).await;
+    assert_ne!(dst.product_secret(&src.pk).await, src_secret);
+
+    // An admin's export carries it.
+    let (job, package) = export(&src.t, body).await;
+    let log = log_text(&src.t, "export", job["id"].as_str().unwrap()).await;
+    assert!(!log.contains("FGX_006"), "{log}");
+    assert!(nonce_of(&package, "PRODUCT").is_string());
+}
+
+async fn kick_product(t: &TestApp, pk: &str) {
+    let (s, p) = t
+        .post(
+            "/api/v1/products",
+            json!({"name": "kick", "product_key": pk}),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+}
+
+/// A device an import disables or gives a new secret is disconnected, like `PATCH
+/// {"enabled":false}` does; a tag change keeps the session.
+#[tokio::test]
+async fn an_import_that_disables_or_rekeys_a_connected_device_disconnects_it() {
+    const PK: &str = "kickpk1";
+    let device = |dn: &str, secret: &str, tags: Value| json!({"device_name": dn, "device_secret": secret, "tags": tags});
+    let devices_uri = format!("/api/v1/products/{PK}/devices");
+
+    // The source: dev-one disabled, dev-two with another secret, dev-three other tags.
+    let src = spawn_app().await;
+    kick_product(&src, PK).await;
+    for d in [
+        device("dev-one", "secret-one-0000001", json!({})),
+        device("dev-two", "secret-from-source-2", json!({})),
+        device("dev-three", "secret-three-000003", json!({"a": "1"})),
+    ] {
+        let (s, b) = src.post(&devices_uri, d).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, _) = src
+        .request(
+            reqwest::Method::PATCH,
+            &format!("{devices_uri}/dev-one"),
+            Some(json!({"enabled": false})),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let objects: Vec<Value> = ["dev-one", "dev-two", "dev-three"]
+        .iter()
+        .map(|dn| json!({"id": format!("{PK}/{dn}"), "type": "DEVICE", "include_dependencies": false}))
+        .collect();
+    let (_, package) = export_as(
+        &src,
+        OPERATOR_TOKEN,
+        json!({"secrets_key": KEY, "objects": objects}),
+    )
+    .await;
+
+    // The target: the same devices, enabled, connected.
+    let dst = spawn_app().await;
+    kick_product(&dst, PK).await;
+    for d in [
+        device("dev-one", "secret-one-0000001", json!({})),
+        device("dev-two", "secret-local-0000002", json!({})),
+        device("dev-three", "secret-three-000003", json!({"a": "2"})),
+    ] {
+        let (s, b) = dst.post(&devices_uri, d).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let addr = dst.mqtt_addr();
+    let mut one = connect(addr, &credentials(PK, "dev-one", "secret-one-0000001")).await;
+    let mut two = connect(addr, &credentials(PK, "dev-two", "secret-local-0000002")).await;
+    let mut three = connect(addr, &credentials(PK, "dev-three", "secret-three-000003")).await;
+    for dn in ["dev-one", "dev-two", "dev-three"] {
+        dst.wait_device(PK, dn, "online", |d| d["online"] == true)
+            .await;
+    }
+
+    // An operator imports with overwrite: all three are overwritten.
+    let (s, job) = import_as(&dst, OPERATOR_TOKEN, &package, Some(KEY), "overwrite").await;
+    assert_eq!(s, 202, "{job}");
+    let job = wait_job(&dst, "import", job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"]["state"], "SUCCESSFUL", "{job}");
+    for dn in ["dev-one", "dev-two", "dev-three"] {
+        assert_eq!(
+            result_of(&job, &format!("{PK}/{dn}"))["result"],
+            "overwritten",
+            "{job}"
+        );
+    }
+    assert!(
+        one.closed_within(WAIT).await,
+        "disabled by import, still connected"
+    );
+    assert!(
+        two.closed_within(WAIT).await,
+        "re-keyed by import, still connected"
+    );
+    assert!(
+        !three
+            .closed_within(std::time::Duration::from_millis(500))
+            .await,
+        "a tag change must not disconnect"
+    );
+    dst.wait_device(PK, "dev-one", "offline", |d| d["online"] == false)
+        .await;
+
+    // And they cannot come back with what they had.
+    assert_eq!(
+        try_connect(addr, &credentials(PK, "dev-one", "secret-one-0000001"))
+            .await
+            .err(),
+        Some(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    assert_eq!(
+        try_connect(addr, &credentials(PK, "dev-two", "secret-local-0000002"))
+            .await
+            .err(),
+        Some(rumqttc::ConnectReturnCode::BadUserNamePassword)
+    );
+    let _two = connect(addr, &credentials(PK, "dev-two", "secret-from-source-2")).await;
 }

@@ -15,6 +15,7 @@ use tempfile::TempDir;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 /// Upper bound for anything a test waits on; only there so a broken build fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -48,6 +49,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         token: Secret::new(VIEWER_TOKEN),
         role: "viewer".into(),
     });
+    settings.api.tokens.push(TokenSetting {
+        token: Secret::new(OPERATOR_TOKEN),
+        role: "operator".into(),
+    });
     adjust(&mut settings);
     let app = Application::build(settings.clone())
         .await
@@ -67,6 +72,11 @@ impl TestApp {
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.app().mqtt_addr()
+    }
+
+    /// The gateway's data directory (kept across [`restart`](Self::restart)).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -150,6 +160,28 @@ impl TestApp {
             .await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// A device's secret, from `GET …/devices/{dn}/secret` (the only read that returns it).
+    pub async fn device_secret(&self, pk: &str, dn: &str) -> String {
+        let (status, body) = self
+            .get(&format!("/api/v1/products/{pk}/devices/{dn}/secret"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["device_secret"]
+            .as_str()
+            .expect("device_secret")
+            .to_owned()
+    }
+
+    /// A product's secret, from `GET /api/v1/products/{pk}/secret` (admin).
+    pub async fn product_secret(&self, pk: &str) -> String {
+        let (status, body) = self.get(&format!("/api/v1/products/{pk}/secret")).await;
+        assert_eq!(status, 200, "{body}");
+        body["product_secret"]
+            .as_str()
+            .expect("product_secret")
+            .to_owned()
     }
 
     /// Poll a device until `pred` holds (the gateway applies MQTT events asynchronously).
@@ -326,4 +358,109 @@ pub async fn spawn_app_with_amqp(url: &str, prefix: &str) -> TestApp {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A PostgreSQL database of its own for one test: created on the server at
+/// `FLEETGATE_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`, trust auth)
+/// and dropped when this guard is, also when the test fails. An unreachable server fails the
+/// test.
+pub struct PgTestDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgTestDatabase {
+    pub fn create() -> PgTestDatabase {
+        let admin_url = std::env::var("FLEETGATE_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        // The process id keeps this binary apart from the library's tests (`fg_test_…`).
+        let name = format!(
+            "fg_apitest_{}_{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        pg_execute(&admin_url, &format!("CREATE DATABASE {name}")).unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {admin_url} is unreachable or refused ({e}): start it with \
+                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, or \
+                 point FLEETGATE_TEST_PG_URL at a server (trust auth)"
+            )
+        });
+        let (base, params) = match admin_url.split_once('?') {
+            Some((base, params)) => (base, format!("?{params}")),
+            None => (admin_url.as_str(), String::new()),
+        };
+        let authority = base.find("://").map_or(0, |i| i + 3);
+        let path = base[authority..]
+            .find('/')
+            .map_or(base.len(), |i| authority + i);
+        let url = format!("{}/{name}{params}", &base[..path]);
+        PgTestDatabase {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The single integer `sql` selects.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        pg_query_i64(&self.url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+impl Drop for PgTestDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = pg_execute(&self.admin_url, &sql) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// Runs `work` with a connection to `url` on a thread and runtime of its own (the caller may
+/// be a test's runtime thread, which cannot block on another runtime).
+fn with_pg<T: Send + 'static>(
+    url: &str,
+    work: impl for<'c> FnOnce(
+            &'c tokio_postgres::Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + 'c>,
+        > + Send
+        + 'static,
+) -> Result<T, String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            tokio::spawn(connection);
+            work(&client).await.map_err(|e| format!("{e:?}"))
+        })
+    })
+    .join()
+    .map_err(|_| "the PostgreSQL helper thread panicked".to_owned())?
+}
+
+fn pg_execute(url: &str, sql: &str) -> Result<(), String> {
+    let sql = sql.to_owned();
+    with_pg(url, move |client| {
+        Box::pin(async move { client.batch_execute(&sql).await })
+    })
+}
+
+fn pg_query_i64(url: &str, sql: &str) -> Result<i64, String> {
+    let sql = sql.to_owned();
+    with_pg(url, move |client| {
+        Box::pin(async move { client.query_one(&sql, &[]).await?.try_get(0) })
+    })
 }

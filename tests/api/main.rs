@@ -18,3 +18,4 @@ mod migration;
 mod operator_api;
 mod ota;
 mod registry_flow;
+mod store_postgres;

@@ -171,6 +171,71 @@ async fn paging_and_batch_create() {
     assert_eq!(list["total"], 25);
 }
 
+/// Who can read secrets, over real HTTP: nobody from lists or single GETs; device secrets for
+/// operators and admins, product secrets for admins, each on its own route.
+#[tokio::test]
+async fn secrets_are_read_only_by_the_roles_that_manage_them() {
+    let app = spawn_app().await;
+    let pk = app.create_product("secrets").await;
+    let secret = app.create_device(&pk, "s-0001").await;
+    let product_secret = app.product_secret(&pk).await;
+    let device_uri = format!("/api/v1/products/{pk}/devices/s-0001/secret");
+    let product_uri = format!("/api/v1/products/{pk}/secret");
+    // (token, device secret status, product secret status)
+    let table = [
+        (ADMIN_TOKEN, 200, 200),
+        (OPERATOR_TOKEN, 200, 403),
+        (VIEWER_TOKEN, 403, 403),
+    ];
+    for (token, device_status, product_status) in table {
+        for path in [
+            "/api/v1/products".to_owned(),
+            format!("/api/v1/products/{pk}"),
+            format!("/api/v1/products/{pk}/devices"),
+            format!("/api/v1/products/{pk}/devices/s-0001"),
+        ] {
+            let (s, body) = app.request(Method::GET, &path, None, Some(token)).await;
+            assert_eq!(s, 200, "{path}: {body}");
+            let text = body.to_string();
+            assert!(
+                !text.contains(&secret) && !text.contains(&product_secret),
+                "{path} leaked a secret to {token}: {text}"
+            );
+        }
+        let (s, body) = app
+            .request(Method::GET, &device_uri, None, Some(token))
+            .await;
+        assert_eq!(s, device_status, "{token}: {body}");
+        if s == 200 {
+            assert_eq!(body["device_secret"], secret.as_str());
+        } else {
+            assert_error_body(&body, "FG.0403");
+        }
+        let (s, body) = app
+            .request(Method::GET, &product_uri, None, Some(token))
+            .await;
+        assert_eq!(s, product_status, "{token}: {body}");
+        if s != 200 {
+            assert_error_body(&body, "FG.0403");
+        }
+        let (s, _) = app
+            .request(
+                Method::GET,
+                &format!("/api/v1/products/{pk}/devices/nobody-01/secret"),
+                None,
+                Some(token),
+            )
+            .await;
+        assert_eq!(s, if device_status == 200 { 404 } else { 403 }, "{token}");
+    }
+    // What an operator reads is what the device signs with.
+    let (_, body) = app
+        .request(Method::GET, &device_uri, None, Some(OPERATOR_TOKEN))
+        .await;
+    let read = body["device_secret"].as_str().unwrap();
+    let _dev = connect(app.mqtt_addr(), &credentials(&pk, "s-0001", read)).await;
+}
+
 #[tokio::test]
 async fn disabling_a_device_drops_its_session() {
     let app = spawn_app().await;

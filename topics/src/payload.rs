@@ -1,6 +1,6 @@
 //! Typed payloads of the topics in [`crate::topic`], in the vendor's Alink JSON shapes.
 //!
-//! Tolerant exactly where the vendor SDKs are loose (design §3): `id` as string or number,
+//! Tolerant exactly where the vendor SDKs are loose (docs/DESIGN.md §3): `id` as string or number,
 //! `step` as string or number, `size` as number or string, property `params` as bare values or
 //! `{value, time}`, event `params` as `{value, time}` or a bare object, `module` optional
 //! (= `"default"`). Strict everywhere else: wrong types, missing fields, out-of-range steps,

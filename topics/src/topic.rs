@@ -1,4 +1,4 @@
-//! Topic names of the Alibaba Link protocol that fleetgate speaks (design §3), parsed and
+//! Topic names of the Alibaba Link protocol that fleetgate speaks (docs/DESIGN.md §3), parsed and
 //! formatted in one place.
 //!
 //! [`Topic::parse`] sits on the ingest hot path, so it never allocates: it splits the name into

@@ -254,8 +254,12 @@ async fn upload_small_and_multi_megabyte_packages_with_correct_digests() {
 
 #[tokio::test]
 async fn upload_limit_follows_the_firmware_size_not_the_api_body_limit() {
-    // The API's general body limit is 1 MiB; firmware may be 4 MiB.
-    let app = test_app_in(tempfile::tempdir().unwrap(), 1024 * 1024, 4 * 1024 * 1024);
+    // JSON routes take 1 MiB by default; firmware may be 4 MiB.
+    let app = test_app_in(
+        tempfile::tempdir().unwrap(),
+        BodyLimits::default(),
+        4 * 1024 * 1024,
+    );
     app.product("fwprod2").await;
     let three_mib = payload(3 * 1024 * 1024, 3);
     app.uploaded("fwprod2", "1.0", &three_mib).await;
@@ -274,7 +278,7 @@ async fn upload_limit_follows_the_firmware_size_not_the_api_body_limit() {
 
 #[tokio::test]
 async fn too_large_is_413_and_leaves_nothing_on_disk() {
-    let app = test_app_in(tempfile::tempdir().unwrap(), DEFAULT_BODY_LIMIT, 1000);
+    let app = test_app_in(tempfile::tempdir().unwrap(), BodyLimits::default(), 1000);
     app.product("fwprod3").await;
     app.uploaded("fwprod3", "1.0", &payload(1000, 0)).await;
     let before = app.blob_files();
@@ -599,6 +603,20 @@ async fn download_full_ranges_and_conditionals() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), 100_000);
 
+    // A unit other than bytes is ignored (RFC 9110 §14.2): the whole file, 200.
+    for unit in ["items=0-10", "pages=1-2", "none"] {
+        let r = app.raw(Method::GET, &link, &[("range", unit)]).await;
+        assert_eq!(r.status, StatusCode::OK, "{unit}");
+        assert_eq!(r.body.len(), 100_000, "{unit}");
+        assert!(r.headers.get("content-range").is_none(), "{unit}");
+    }
+    // The unit is case-insensitive.
+    let r = app
+        .raw(Method::GET, &link, &[("range", "Bytes=10-19")])
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.header("content-range"), "bytes 10-19/100000");
+
     // If-Range with our ETag resumes; with another validator restarts from 0.
     let r = app
         .raw(
@@ -703,7 +721,7 @@ async fn bad_links_are_403_without_any_file_bytes() {
 async fn restart_keeps_packages_blobs_and_links() {
     let bytes = payload(300_000, 8);
     let (fid, link, dir) = {
-        let app = test_app_in(tempfile::tempdir().unwrap(), DEFAULT_BODY_LIMIT, 1 << 20);
+        let app = test_app_in(tempfile::tempdir().unwrap(), BodyLimits::default(), 1 << 20);
         app.product("fwprodR").await;
         let p = app.uploaded("fwprodR", "7.1", &bytes).await;
         let fid = p["firmware_id"].as_str().unwrap().to_owned();
@@ -712,7 +730,7 @@ async fn restart_keeps_packages_blobs_and_links() {
         let TestApp { dir, .. } = app;
         (fid, link, dir)
     };
-    let app = test_app_in(dir, DEFAULT_BODY_LIMIT, 1 << 20);
+    let app = test_app_in(dir, BodyLimits::default(), 1 << 20);
     let r = app
         .get(&format!("/api/v1/firmware/{fid}"), Some(VIEWER))
         .await;
