@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (embedded broker, registry, API).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the MQTT CONNECT credentials (client id, username, password) of a device, as a
     /// Link SDK would compute them — handy for mosquitto_pub and other generic clients.
     DeviceCredentials {
@@ -91,6 +91,16 @@ struct ServeArgs {
     /// Base URL of this gateway's HTTP side as devices reach it (firmware download links).
     #[arg(long, env = "FLEETGATE_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Most distinct subscription filters per device [default 50].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_SUBSCRIPTIONS_PER_DEVICE")]
+    mqtt_max_subscriptions_per_device: Option<usize>,
+    /// Most OTA modules kept per device [default 64].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_MODULES_PER_DEVICE")]
+    mqtt_max_modules_per_device: Option<usize>,
+    /// Refuse CONNECTs whose signed timestamp is further than this from the clock, seconds
+    /// [default 0 = not checked].
+    #[arg(long, env = "FLEETGATE_MQTT_CONNECT_TIMESTAMP_WINDOW_SECS")]
+    mqtt_connect_timestamp_window_secs: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLEETGATE_LOG_JSON")]
     log_json: bool,
@@ -99,7 +109,7 @@ struct ServeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::DeviceCredentials {
             product_key,
             device_name,
@@ -152,6 +162,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             amqp_url: args.amqp_url,
             api_token: args.api_token,
             public_url: args.public_url,
+            mqtt_max_subscriptions_per_device: args.mqtt_max_subscriptions_per_device,
+            mqtt_max_modules_per_device: args.mqtt_max_modules_per_device,
+            mqtt_connect_timestamp_window_secs: args.mqtt_connect_timestamp_window_secs,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

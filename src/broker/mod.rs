@@ -83,11 +83,13 @@ mod auth;
 mod codec;
 mod connection;
 mod downlink;
+mod filters;
 mod router;
 mod server;
 mod session;
 #[cfg(test)]
 mod tests;
+mod violation;
 
 pub use downlink::{Delivery, Downlink};
 pub use server::{Broker, BrokerHandle};
@@ -239,6 +241,12 @@ pub struct BrokerConfig {
     /// How long a new socket may take to send CONNECT.
     pub connect_timeout: Duration,
     pub max_payload_size: usize,
+    /// Most distinct subscription filters one device may use during the process lifetime
+    /// (the `_ss=1` filters the gateway subscribes itself aside); see `filters.rs`.
+    pub max_subscriptions_per_device: usize,
+    /// How far a CONNECT's signed `timestamp=` may be from the gateway's clock; `None`: not
+    /// checked (the vendor's behaviour).
+    pub connect_timestamp_window: Option<Duration>,
 }
 
 impl Default for BrokerConfig {
@@ -249,6 +257,8 @@ impl Default for BrokerConfig {
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
             max_payload_size: 256 * 1024,
+            max_subscriptions_per_device: 50,
+            connect_timestamp_window: None,
         }
     }
 }
