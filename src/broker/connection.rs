@@ -983,17 +983,20 @@ where
     }
     // A PUBLISH that breaks the protocol closes the connection; those before it are still
     // processed and acknowledged, those after it are not (the client resends them).
-    let mut broken = None;
-    for (i, publish) in pipeline.iter().enumerate() {
-        if let Err(violation) = violation::topic_name(&publish.topic) {
-            broken = Some(violation);
-            pipeline.truncate(i);
-            break;
-        }
+    let broken = pipeline.iter().enumerate().find_map(|(i, publish)| {
+        violation::topic_name(&publish.topic)
+            .err()
+            .map(|violation| (i, violation))
+    });
+    if let Some((i, _)) = broken {
+        pipeline.truncate(i);
     }
     let mut allowed = Vec::with_capacity(pipeline.len());
     for publish in pipeline.iter() {
-        let topic = violation::topic_name(&publish.topic).unwrap_or_default();
+        // Every topic left passed the check above.
+        let Ok(topic) = violation::topic_name(&publish.topic) else {
+            continue;
+        };
         if publish_allowed(live, topic) {
             allowed.push((topic, publish.payload.clone()));
         }
@@ -1017,7 +1020,7 @@ where
     // and a run is shorter than the session's direct queue): write them now.
     write_direct(conn, &live.handle, flow)?;
     match broken {
-        Some(violation) => {
+        Some((_, violation)) => {
             violation.emit(&live.shared.metrics);
             Err(DisconnectReason::ConnectionLost)
         }
