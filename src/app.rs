@@ -10,7 +10,7 @@
 //! engines) → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::api::{self, ApiState, TokenSet};
-use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
+use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
@@ -18,7 +18,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
-use crate::registry::Registry;
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
 use crate::store::Store;
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -53,8 +53,14 @@ impl Application {
         let location = settings.store.location(&settings.data_dir);
         let store = Store::open_with(&location, &settings.store, metrics.clone())
             .with_context(|| format!("cannot open the store ({location})"))?;
-        let registry =
-            Registry::open(store, metrics.clone()).context("cannot load the registry")?;
+        let registry = Registry::open_with(
+            store,
+            metrics.clone(),
+            RegistryLimits {
+                max_modules_per_device: settings.mqtt.max_modules_per_device,
+            },
+        )
+        .context("cannot load the registry")?;
 
         // Bound before the firmware repository: download links default to this address.
         let listener = tokio::net::TcpListener::bind(settings.http.listen)
@@ -106,11 +112,14 @@ impl Application {
                 max_connections: settings.mqtt.max_connections,
                 connect_timeout: Duration::from_secs(settings.mqtt.connect_timeout_secs),
                 max_payload_size: settings.mqtt.max_payload_bytes,
+                max_subscriptions_per_device: settings.mqtt.max_subscriptions_per_device,
+                connect_timestamp_window: settings.mqtt.connect_timestamp_window(),
             },
             metrics.clone(),
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
+        registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
         let ota = OtaEngine::open(
             registry.clone(),
             firmware.clone(),
@@ -409,6 +418,34 @@ fn default_public_url(addr: SocketAddr) -> String {
     }
     // SocketAddr's Display brackets IPv6 addresses, as URLs need.
     format!("http://{addr}")
+}
+
+/// Ends a deleted device's MQTT session and makes the broker forget its persistent session, so
+/// that a device created again under the same name starts without it (no `session_present`,
+/// none of the old subscriptions or queued messages). A registry observer: every delete path
+/// goes through it, and the delete returns once it is done.
+struct SessionReaper(Downlink);
+
+impl DeviceObserver for SessionReaper {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        Box::pin(async move {
+            let DeviceChange::Deleted {
+                product_key,
+                device_name,
+                ..
+            } = change
+            else {
+                return;
+            };
+            let device = DeviceKey {
+                product_key: product_key.clone(),
+                device_name: device_name.clone(),
+            };
+            if let Err(error) = self.0.forget_session(&device).await {
+                tracing::warn!(%error, pk = %product_key, dn = %device_name, "the deleted device's MQTT session was not cleared");
+            }
+        })
+    }
 }
 
 #[cfg(test)]

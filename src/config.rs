@@ -57,6 +57,18 @@ pub struct MqttSettings {
     pub connect_timeout_secs: u64,
     /// Largest MQTT packet accepted, bytes.
     pub max_payload_bytes: usize,
+    /// Most distinct subscription filters one device may use while the gateway runs (SUBACK
+    /// 0x80 beyond; the `_ss=1` filters the gateway subscribes itself do not count). A filter
+    /// once used stays free to subscribe again; unsubscribing does not give the slot back,
+    /// because the router keeps every filter's log (docs/SECURITY.md).
+    pub max_subscriptions_per_device: usize,
+    /// Most OTA modules the registry keeps per device; version reports of further modules are
+    /// dropped and counted.
+    pub max_modules_per_device: usize,
+    /// Refuse a CONNECT whose signed `timestamp=` is further than this from the gateway's
+    /// clock, seconds (CONNACK 5, `reason="timestamp"`); 0 = not checked, like the vendor's
+    /// broker. A CONNECT without a timestamp is always accepted.
+    pub connect_timestamp_window_secs: u64,
 }
 
 impl Default for MqttSettings {
@@ -67,7 +79,18 @@ impl Default for MqttSettings {
             max_connections: 100_000,
             connect_timeout_secs: 10,
             max_payload_bytes: 256 * 1024,
+            max_subscriptions_per_device: 50,
+            max_modules_per_device: 64,
+            connect_timestamp_window_secs: 0,
         }
+    }
+}
+
+impl MqttSettings {
+    /// `connect_timestamp_window_secs` as the broker takes it (`None`: not checked).
+    pub fn connect_timestamp_window(&self) -> Option<std::time::Duration> {
+        (self.connect_timestamp_window_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.connect_timestamp_window_secs))
     }
 }
 
@@ -330,6 +353,9 @@ pub struct Overrides {
     pub public_url: Option<String>,
     /// `postgres://…`: the store in PostgreSQL instead of SQLite in the data dir.
     pub store_url: Option<String>,
+    pub mqtt_max_subscriptions_per_device: Option<usize>,
+    pub mqtt_max_modules_per_device: Option<usize>,
+    pub mqtt_connect_timestamp_window_secs: Option<u64>,
 }
 
 impl Settings {
@@ -377,6 +403,15 @@ impl Settings {
                 })?;
             self.store.url = Some(url);
         }
+        if let Some(v) = o.mqtt_max_subscriptions_per_device {
+            self.mqtt.max_subscriptions_per_device = v;
+        }
+        if let Some(v) = o.mqtt_max_modules_per_device {
+            self.mqtt.max_modules_per_device = v;
+        }
+        if let Some(v) = o.mqtt_connect_timestamp_window_secs {
+            self.mqtt.connect_timestamp_window_secs = v;
+        }
         match (o.mqtt_tls_listen, o.tls_cert, o.tls_key) {
             (None, None, None) => {}
             (listen, cert, key) => {
@@ -413,6 +448,26 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 field: "mqtt.max_payload_bytes",
                 message: "must be at least 1024".into(),
+            });
+        }
+        if self.mqtt.max_subscriptions_per_device == 0 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_subscriptions_per_device",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.mqtt.max_modules_per_device == 0 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_modules_per_device",
+                message: "must be at least 1".into(),
+            });
+        }
+        // Beyond ~68 years a window means nothing, and `Duration` arithmetic stays far from
+        // overflowing.
+        if self.mqtt.connect_timestamp_window_secs > u64::from(u32::MAX) {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.connect_timestamp_window_secs",
+                message: "must be at most 4294967295 (0 turns the check off)".into(),
             });
         }
         if let Some(url) = &self.http.public_url {
@@ -707,6 +762,67 @@ body_limit_bytes = 67108864
                 assert!(!message.contains("pw@"), "{message}");
             }
             other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mqtt_limits_from_file_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let load = |toml: &str, o: Overrides| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path), o)
+        };
+        let d = Settings::default().mqtt;
+        assert_eq!(
+            (
+                d.max_subscriptions_per_device,
+                d.max_modules_per_device,
+                d.connect_timestamp_window()
+            ),
+            (50, 64, None)
+        );
+        let s = load(
+            "[mqtt]\nmax_subscriptions_per_device = 8\nmax_modules_per_device = 4\n\
+             connect_timestamp_window_secs = 300\n",
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.max_subscriptions_per_device, 8);
+        assert_eq!(s.mqtt.max_modules_per_device, 4);
+        assert_eq!(
+            s.mqtt.connect_timestamp_window(),
+            Some(std::time::Duration::from_secs(300))
+        );
+        // Environment/flags win over the file.
+        let o = Overrides {
+            mqtt_max_subscriptions_per_device: Some(9),
+            mqtt_max_modules_per_device: Some(5),
+            mqtt_connect_timestamp_window_secs: Some(0),
+            ..Default::default()
+        };
+        let s = load("[mqtt]\nconnect_timestamp_window_secs = 300\n", o).unwrap();
+        assert_eq!(s.mqtt.max_subscriptions_per_device, 9);
+        assert_eq!(s.mqtt.max_modules_per_device, 5);
+        assert_eq!(s.mqtt.connect_timestamp_window(), None);
+        for (toml, field) in [
+            (
+                "[mqtt]\nmax_subscriptions_per_device = 0\n",
+                "mqtt.max_subscriptions_per_device",
+            ),
+            (
+                "[mqtt]\nmax_modules_per_device = 0\n",
+                "mqtt.max_modules_per_device",
+            ),
+            (
+                "[mqtt]\nconnect_timestamp_window_secs = 4294967296\n",
+                "mqtt.connect_timestamp_window_secs",
+            ),
+        ] {
+            assert!(
+                matches!(load(toml, Overrides::default()), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{toml}"
+            );
         }
     }
 

@@ -25,7 +25,7 @@ use crate::clock::now_ms;
 use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
 use crate::metrics::Metrics;
 use crate::ota::OtaEngine;
-use crate::registry::{Registry, VersionWrites};
+use crate::registry::{Registry, RegistryError, VersionWrites};
 use bytes::Bytes;
 use fleetgate_topics::{
     loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
@@ -104,6 +104,29 @@ impl Ingest {
             at_ms,
             last_ms,
         ));
+    }
+
+    /// A version report the registry refused (a module past the device's limit, an invalid
+    /// module name or version): dropped, counted by reason. Logged at debug level only: the
+    /// device decides how many there are.
+    fn version_refused(&self, session: &Session, error: &RegistryError) {
+        let reason = match error {
+            RegistryError::TooMany { .. } => "module_limit",
+            RegistryError::Invalid { .. } => "invalid",
+            RegistryError::NotFound { .. } => "unknown_device",
+            _ => "other",
+        };
+        self.metrics
+            .version_reports_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+        tracing::debug!(
+            pk = %session.device.product_key,
+            dn = %session.device.device_name,
+            reason,
+            %error,
+            "version report refused"
+        );
     }
 
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
@@ -202,9 +225,7 @@ impl Ingest {
                         now_ms(),
                     ) {
                         Ok(()) => reports.push((parsed, req)),
-                        Err(error) => {
-                            tracing::warn!(%error, pk = parsed.product_key(), dn = parsed.device_name(), "version report refused")
-                        }
+                        Err(error) => self.version_refused(session, &error),
                     }
                 }
                 Err(e) => self.malformed(TopicKind::Inform, session, &e),

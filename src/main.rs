@@ -95,6 +95,16 @@ struct ServeArgs {
     /// store is SQLite in the data dir.
     #[arg(long = "store", env = "FLEETGATE_STORE", hide_env_values = true)]
     store_url: Option<String>,
+    /// Most distinct subscription filters per device [default 50].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_SUBSCRIPTIONS_PER_DEVICE")]
+    mqtt_max_subscriptions_per_device: Option<usize>,
+    /// Most OTA modules kept per device [default 64].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_MODULES_PER_DEVICE")]
+    mqtt_max_modules_per_device: Option<usize>,
+    /// Refuse CONNECTs whose signed timestamp is further than this from the clock, seconds
+    /// [default 0 = not checked].
+    #[arg(long, env = "FLEETGATE_MQTT_CONNECT_TIMESTAMP_WINDOW_SECS")]
+    mqtt_connect_timestamp_window_secs: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLEETGATE_LOG_JSON")]
     log_json: bool,
@@ -157,6 +167,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             api_token: args.api_token,
             public_url: args.public_url,
             store_url: args.store_url,
+            mqtt_max_subscriptions_per_device: args.mqtt_max_subscriptions_per_device,
+            mqtt_max_modules_per_device: args.mqtt_max_modules_per_device,
+            mqtt_connect_timestamp_window_secs: args.mqtt_connect_timestamp_window_secs,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -20,10 +20,18 @@ pub struct Metrics {
     /// Accepted CONNECTs.
     pub connects: Counter,
     /// Refused CONNECTs by reason (`bad_signature`, `unknown_device`, `disabled_device`,
-    /// `malformed_client_id`, `bad_username`, `protocol`, `timeout`, `limit`).
+    /// `malformed_client_id`, `bad_username`, `timestamp`, `protocol`, `timeout`, `limit`).
     pub connects_refused: Family<Labels, Counter>,
     /// Device PUBLISH/SUBSCRIBE refused by the topic ACL, by packet kind.
     pub acl_denied: Family<Labels, Counter>,
+    /// Connections closed for a protocol violation, by reason (`empty_topic`, `nul_in_topic`,
+    /// `topic_not_utf8`, `empty_subscribe`, `empty_unsubscribe`, `malformed`).
+    pub protocol_violations: Family<Labels, Counter>,
+    /// Subscription filters refused (SUBACK 0x80) because the device reached
+    /// `mqtt.max_subscriptions_per_device`.
+    pub subscriptions_refused: Counter,
+    /// Version reports dropped, by reason (`module_limit`, `invalid`, `unknown_device`).
+    pub version_reports_refused: Family<Labels, Counter>,
     /// Upstream messages by topic kind (`inform`, `progress`, `firmware_get`, `property_post`,
     /// `event_post`, `other`).
     pub messages: Family<Labels, Counter>,
@@ -111,6 +119,9 @@ impl Metrics {
             connects: Counter::default(),
             connects_refused: Family::default(),
             acl_denied: Family::default(),
+            protocol_violations: Family::default(),
+            subscriptions_refused: Counter::default(),
+            version_reports_refused: Family::default(),
             messages: Family::default(),
             malformed_messages: Family::default(),
             downlink_messages: Counter::default(),
@@ -168,6 +179,21 @@ impl Metrics {
             "mqtt_acl_denied",
             "Device packets refused by the topic ACL",
             m.acl_denied.clone(),
+        );
+        registry.register(
+            "mqtt_protocol_violations",
+            "Connections closed for an MQTT protocol violation, by reason",
+            m.protocol_violations.clone(),
+        );
+        registry.register(
+            "mqtt_subscriptions_refused",
+            "Subscription filters refused because the device reached its subscription limit",
+            m.subscriptions_refused.clone(),
+        );
+        registry.register(
+            "version_reports_refused",
+            "Version reports dropped, by reason",
+            m.version_reports_refused.clone(),
         );
         registry.register(
             "mqtt_messages",

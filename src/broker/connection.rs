@@ -12,10 +12,11 @@
 //! `on_publish`, after which *we* acknowledge them; only SUBSCRIBE/UNSUBSCRIBE and the acks of
 //! downstream messages go to the link. Anything malformed or unexpected ends the connection.
 
-use super::auth::{authenticate, Refusal};
+use super::auth::{authenticate, Freshness, Refusal};
 use super::codec::{self, Frame, UpPublish};
 use super::server::Shared;
 use super::session::{DirectMessage, Phase, SessionHandle};
+use super::violation::{self, Violation};
 use super::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -248,7 +249,11 @@ where
         return None;
     };
 
-    let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks) {
+    let freshness = Freshness {
+        window: shared.config.connect_timestamp_window,
+        now_ms: u64::try_from(now_ms()).unwrap_or(0),
+    };
+    let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks, freshness) {
         Ok(auth) => auth,
         Err(refusal) => {
             refuse(&shared, conn, refusal).await;
@@ -312,6 +317,23 @@ where
         previous.wait_phase(Phase::Settled).await;
         let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
     }
+    // Deleted or disabled since `authenticate`? The gateway deletes a device in the registry
+    // first and then ends its session through the session table; this session is in the table
+    // now, so either that found it (and retired it: its link is refused below) or this finds
+    // the device's new state. Without it, a CONNECT racing with a delete could register a
+    // persistent session after `Downlink::forget_session` and leave it to a device created
+    // again under the same name.
+    match hooks.credentials(&device.product_key, &device.device_name) {
+        Some(creds) if creds.enabled => {}
+        gone => {
+            let refusal = match gone {
+                Some(_) => Refusal::DisabledDevice,
+                None => Refusal::UnknownDevice,
+            };
+            refuse(&shared, conn, refusal).await;
+            return None;
+        }
+    }
 
     let built = shared
         .router
@@ -363,14 +385,12 @@ where
             preserve_retain: false,
             retain_forward_rule: RetainForwardRule::Never,
         };
-        let (pk, dn) = (&device.product_key, &device.device_name);
         let subscribe = Subscribe {
             pkid: AUTO_SUBSCRIBE_PKID,
-            filters: vec![
-                filter(format!("/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
-                filter(format!("/ota/device/upgrade/{pk}/{dn}"), QoS::AtLeastOnce),
-                filter(format!("/ext/rrpc/+/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
-            ],
+            filters: auto_subscribe_filters(&device)
+                .into_iter()
+                .map(|(path, qos)| filter(path, qos))
+                .collect(),
         };
         let paths = subscribe.filters.iter().map(|f| f.path.clone()).collect();
         flow.pending_subacks.push_back(PendingSubAck {
@@ -495,6 +515,17 @@ async fn next_notification(
 /// packet ids are non-zero).
 const AUTO_SUBSCRIBE_PKID: u16 = 0;
 
+/// The filters the gateway subscribes an `_ss=1` device to, as the vendor's broker does. Three
+/// per device, always the same: they do not count against the device's subscription budget.
+fn auto_subscribe_filters(device: &DeviceKey) -> [(String, QoS); 3] {
+    let (pk, dn) = (&device.product_key, &device.device_name);
+    [
+        (format!("/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
+        (format!("/ota/device/upgrade/{pk}/{dn}"), QoS::AtLeastOnce),
+        (format!("/ext/rrpc/+/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
+    ]
+}
+
 /// Per-connection protocol bookkeeping.
 #[derive(Default)]
 struct Flow {
@@ -613,6 +644,7 @@ where
             Ok(None) => break,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed packet");
+                violation::from_parse_error(&e).emit(&live.shared.metrics);
                 outcome = Err(DisconnectReason::ConnectionLost);
                 break;
             }
@@ -694,20 +726,17 @@ where
             conn.queue(Packet::PubComp(comp, None)).map_err(lost)
         }
         Packet::Subscribe(subscribe, _) => {
-            let allowed: Vec<bool> = subscribe
+            // (A SUBSCRIBE without filters does not even parse: `Violation::EmptySubscribe`.)
+            let checked = subscribe
                 .filters
                 .iter()
-                .map(|f| acl::filter_allowed(&device.product_key, &device.device_name, &f.path))
-                .collect();
-            let denied = allowed.iter().filter(|ok| !**ok).count();
-            if denied > 0 {
-                live.shared
-                    .metrics
-                    .acl_denied
-                    .get_or_create(&[("kind", "subscribe")])
-                    .inc_by(denied as u64);
-                tracing::debug!(denied, "subscription refused by ACL");
+                .try_for_each(|f| violation::topic_filter(&f.path));
+            if let Err(violation) = checked {
+                violation.emit(&live.shared.metrics);
+                return Err(DisconnectReason::ConnectionLost);
             }
+            let allowed = subscription_allowed(live, &subscribe.filters);
+            let denied = allowed.iter().filter(|ok| !**ok).count();
             if denied == allowed.len() {
                 let suback = SubAck {
                     pkid: subscribe.pkid,
@@ -737,6 +766,17 @@ where
             Ok(())
         }
         Packet::Unsubscribe(unsubscribe, _) => {
+            let checked = match unsubscribe.filters.is_empty() {
+                true => Err(Violation::EmptyUnsubscribe),
+                false => unsubscribe
+                    .filters
+                    .iter()
+                    .try_for_each(|f| violation::topic_filter(f)),
+            };
+            if let Err(violation) = checked {
+                violation.emit(&live.shared.metrics);
+                return Err(DisconnectReason::ConnectionLost);
+            }
             // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
             // for a filter that was not subscribed, so we always answer ourselves (and drop the
             // router's UNSUBACKs).
@@ -814,6 +854,47 @@ fn ack_downstream(
     }
 }
 
+/// Which of a SUBSCRIBE's filters the device may have: its own (the ACL) and within its budget of
+/// distinct filters ([`super::filters`]). Refusals are counted and logged.
+fn subscription_allowed<H: DeviceHooks>(live: &Live<H>, filters: &[Filter]) -> Vec<bool> {
+    let device = &live.session.device;
+    let metrics = &live.shared.metrics;
+    let auto = auto_subscribe_filters(device);
+    let (mut foreign, mut over_budget) = (0u64, 0u64);
+    let allowed = filters
+        .iter()
+        .map(|f| {
+            if !acl::filter_allowed(&device.product_key, &device.device_name, &f.path) {
+                foreign += 1;
+                return false;
+            }
+            if auto.iter().any(|(path, _)| *path == f.path)
+                || live.shared.filters.admit(device, &f.path)
+            {
+                return true;
+            }
+            over_budget += 1;
+            false
+        })
+        .collect();
+    if foreign > 0 {
+        metrics
+            .acl_denied
+            .get_or_create(&[("kind", "subscribe")])
+            .inc_by(foreign);
+        tracing::debug!(denied = foreign, "subscription refused by ACL");
+    }
+    if over_budget > 0 {
+        metrics.subscriptions_refused.inc_by(over_budget);
+        tracing::debug!(
+            refused = over_budget,
+            max = live.shared.config.max_subscriptions_per_device,
+            "subscription refused: the device's filter limit is reached"
+        );
+    }
+    allowed
+}
+
 /// Whether the session's device may publish on `topic`; a refusal is counted and logged.
 fn publish_allowed<H: DeviceHooks>(live: &Live<H>, topic: &str) -> bool {
     let device = &live.session.device;
@@ -843,8 +924,12 @@ where
     H: DeviceHooks,
 {
     let lost = |_| DisconnectReason::ConnectionLost;
-    let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-        return Err(DisconnectReason::ConnectionLost);
+    let topic = match violation::topic_name(&publish.topic) {
+        Ok(topic) => topic,
+        Err(violation) => {
+            violation.emit(&live.shared.metrics);
+            return Err(DisconnectReason::ConnectionLost);
+        }
     };
     // A QoS 2 retransmission (same id before its PUBREL) is acknowledged, not processed again.
     let duplicate = publish.qos == 2 && flow.incoming_qos2.contains(&publish.pkid);
@@ -896,12 +981,21 @@ where
     if pipeline.is_empty() {
         return Ok(());
     }
+    // A PUBLISH that breaks the protocol closes the connection; those before it are still
+    // processed and acknowledged, those after it are not (the client resends them).
+    let broken = pipeline.iter().enumerate().find_map(|(i, publish)| {
+        violation::topic_name(&publish.topic)
+            .err()
+            .map(|violation| (i, violation))
+    });
+    if let Some((i, _)) = broken {
+        pipeline.truncate(i);
+    }
     let mut allowed = Vec::with_capacity(pipeline.len());
     for publish in pipeline.iter() {
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            // Nothing of this run is acknowledged: the client resends it after reconnecting.
-            pipeline.clear();
-            return Err(DisconnectReason::ConnectionLost);
+        // Every topic left passed the check above.
+        let Ok(topic) = violation::topic_name(&publish.topic) else {
+            continue;
         };
         if publish_allowed(live, topic) {
             allowed.push((topic, publish.payload.clone()));
@@ -924,7 +1018,14 @@ where
     }
     // The replies to this run were just queued for this very task (at most one per PUBLISH,
     // and a run is shorter than the session's direct queue): write them now.
-    write_direct(conn, &live.handle, flow).map(|_| ())
+    write_direct(conn, &live.handle, flow)?;
+    match broken {
+        Some((_, violation)) => {
+            violation.emit(&live.shared.metrics);
+            Err(DisconnectReason::ConnectionLost)
+        }
+        None => Ok(()),
+    }
 }
 
 /// Writes a batch of router notifications to the device.

@@ -61,7 +61,8 @@
 //! - **Persistent sessions**: `clean_session = false` is passed to rumqttd, which keeps the
 //!   subscriptions and the read position of an offline device in memory (not across restarts):
 //!   downstream messages published meanwhile are delivered on reconnect, CONNACK says
-//!   `session_present`.
+//!   `session_present`. [`Downlink::forget_session`] (called for every deleted device) makes the
+//!   router drop it, so a device created again under the same name does not inherit it.
 //! - **Keep-alive**: the session ends after 1.5 × keep-alive without bytes from the client;
 //!   keep-alive 0 means no timeout, as MQTT says.
 //! - **Packet size**: a packet's remaining length may not exceed `max_payload_size`.
@@ -77,17 +78,28 @@
 //!   the subscription in place.
 //! - **Limits**: at `max_connections` authenticated sessions a new device gets CONNACK "server
 //!   unavailable" (3), counted as `limit`; a takeover of a connected device is always allowed.
+//!   A device may use at most `max_subscriptions_per_device` distinct filters while the process
+//!   runs (`filters.rs`: rumqttd never frees a filter's log, so slots are not given back);
+//!   further filters get 0x80 in the SUBACK. The `_ss=1` filters do not count.
+//! - **CONNECT timestamps**: not checked by default (the vendor's behaviour); with
+//!   `connect_timestamp_window` a signed `timestamp=` further than that from the clock gets
+//!   CONNACK "not authorized" (5), counted as `timestamp` (`auth.rs`).
+//! - **Protocol violations** (zero-length or NUL topics and filters, SUBSCRIBE/UNSUBSCRIBE
+//!   without filters, undecodable packets) close the connection without an answer, counted by
+//!   reason (`violation.rs`). A well-formed foreign topic is the ACL's (dropped or 0x80).
 
 pub mod acl;
 mod auth;
 mod codec;
 mod connection;
 mod downlink;
+mod filters;
 mod router;
 mod server;
 mod session;
 #[cfg(test)]
 mod tests;
+mod violation;
 
 pub use downlink::{Delivery, Downlink};
 pub use server::{Broker, BrokerHandle};
@@ -239,6 +251,12 @@ pub struct BrokerConfig {
     /// How long a new socket may take to send CONNECT.
     pub connect_timeout: Duration,
     pub max_payload_size: usize,
+    /// Most distinct subscription filters one device may use during the process lifetime
+    /// (the `_ss=1` filters the gateway subscribes itself aside); see `filters.rs`.
+    pub max_subscriptions_per_device: usize,
+    /// How far a CONNECT's signed `timestamp=` may be from the gateway's clock; `None`: not
+    /// checked (the vendor's behaviour).
+    pub connect_timestamp_window: Option<Duration>,
 }
 
 impl Default for BrokerConfig {
@@ -249,6 +267,8 @@ impl Default for BrokerConfig {
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
             max_payload_size: 256 * 1024,
+            max_subscriptions_per_device: 50,
+            connect_timestamp_window: None,
         }
     }
 }

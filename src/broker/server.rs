@@ -7,6 +7,7 @@
 //! `mpsc::Sender<()>` that is never sent on, so `recv()` returning `None` means "all gone".
 
 use super::downlink::{Downlink, SessionTable};
+use super::filters::FilterBudget;
 use super::router::{router_config, RouterHandle, GATEWAY_LINK_ID};
 use super::{BrokerConfig, BrokerError, DeviceHooks, DisconnectReason, TlsConfig};
 use crate::metrics::Metrics;
@@ -28,8 +29,10 @@ const BACKLOG: u32 = 4096;
 pub(crate) struct Shared {
     pub config: BrokerConfig,
     pub metrics: Arc<Metrics>,
-    pub router: RouterHandle,
+    pub router: Arc<RouterHandle>,
     pub table: Arc<SessionTable>,
+    /// Distinct subscription filters per device (`mqtt.max_subscriptions_per_device`).
+    pub filters: FilterBudget,
     pub downlink: Downlink,
     /// Source of [`Session::conn_id`](super::Session::conn_id): unique for the process lifetime.
     pub next_conn_id: AtomicU64,
@@ -48,16 +51,23 @@ impl Broker {
     /// Spawns rumqttd's router thread and the link registration thread, and registers the
     /// gateway's link (blocks briefly while the router answers). Nothing listens yet.
     pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
-        let router = RouterHandle::spawn(router_config(&config))?;
+        let router = Arc::new(RouterHandle::spawn(router_config(&config))?);
         let (link_tx, link_rx, _connack) = router
             .build_link(GATEWAY_LINK_ID, true)
             .map_err(|e| BrokerError::Router(e.to_string()))?;
         let table = Arc::new(SessionTable {
             sessions: DashMap::new(),
         });
-        let downlink = Downlink::start(link_tx, link_rx, Arc::clone(&table), Arc::clone(&metrics))?;
+        let downlink = Downlink::start(
+            link_tx,
+            link_rx,
+            Arc::clone(&table),
+            Arc::clone(&router),
+            Arc::clone(&metrics),
+        )?;
         Ok(Broker {
             shared: Arc::new(Shared {
+                filters: FilterBudget::new(config.max_subscriptions_per_device),
                 config,
                 metrics,
                 router,

@@ -36,15 +36,22 @@ struct FakeHooks {
     processed: AtomicUsize,
     /// When set, every processed publish is answered on `{topic}_reply` through the router.
     replies: Mutex<Option<Downlink>>,
+    /// A device that is deleted by the first lookup of its credentials (which still finds it):
+    /// a delete racing with its CONNECT.
+    deleted_on_lookup: Mutex<Option<String>>,
 }
 
 impl DeviceHooks for FakeHooks {
     fn credentials(&self, product_key: &str, device_name: &str) -> Option<DeviceCredentials> {
-        self.devices
-            .lock()
-            .unwrap()
-            .get(&(product_key.to_owned(), device_name.to_owned()))
-            .cloned()
+        let key = (product_key.to_owned(), device_name.to_owned());
+        let mut devices = self.devices.lock().unwrap();
+        let found = devices.get(&key).cloned();
+        let mut deleted = self.deleted_on_lookup.lock().unwrap();
+        if deleted.as_deref() == Some(device_name) {
+            *deleted = None;
+            devices.remove(&key);
+        }
+        found
     }
     fn on_connect(&self, session: &Session) {
         let _ = self.events.send(HookEvent::Connect(session.clone()));
@@ -89,6 +96,8 @@ fn test_config() -> BrokerConfig {
         max_connections: 64,
         connect_timeout: Duration::from_secs(5),
         max_payload_size: 64 * 1024,
+        max_subscriptions_per_device: 50,
+        connect_timestamp_window: None,
     }
 }
 
@@ -117,6 +126,7 @@ async fn start_with(config: BrokerConfig) -> TestBroker {
         publish_delay: Mutex::new(Duration::ZERO),
         processed: AtomicUsize::new(0),
         replies: Mutex::new(None),
+        deleted_on_lookup: Mutex::new(None),
     });
     let metrics = Arc::new(Metrics::new());
     let broker = Broker::new(config, Arc::clone(&metrics)).unwrap();
@@ -1456,3 +1466,5 @@ async fn publishes_arriving_while_a_run_is_processed_are_all_acknowledged_in_ord
     assert_eq!(acks, expected);
     assert_eq!(tb.hooks.processed.load(Ordering::SeqCst), 12);
 }
+
+mod limits;
