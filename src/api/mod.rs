@@ -13,12 +13,16 @@
 //! - Lists are `{"items","total","page","page_size"}`; secrets appear on create and on a single
 //!   GET, never in lists.
 //!
+//! - [`serve`] is the listener's accept loop: connection budget and per-source cap, header,
+//!   body and write timeouts (docs/SECURITY.md).
+//!
 //! Tests drive [`router`] with `tower::ServiceExt::oneshot`.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod serve;
 
 mod batch;
 mod consumer_groups;

@@ -77,6 +77,12 @@
 //!   the subscription in place.
 //! - **Limits**: at `max_connections` authenticated sessions a new device gets CONNACK "server
 //!   unavailable" (3), counted as `limit`; a takeover of a connected device is always allowed.
+//!   Before that, every accepted socket passes [`crate::admission`]: beyond `max_sockets` open
+//!   sockets, or `max_unauthenticated_per_ip` sockets of its source still without an
+//!   authenticated CONNECT, it is closed at once (`fleetgate_connections_refused_total`).
+//!   The CONNECT timeout runs from accept (TLS handshake included); a socket accepted while
+//!   `pressure_unauthenticated` sockets wait for their CONNECT gets the shorter
+//!   `connect_timeout_under_pressure`.
 
 pub mod acl;
 mod auth;
@@ -235,10 +241,20 @@ pub struct TlsConfig {
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub tls: Option<TlsConfig>,
+    /// Authenticated sessions (a new device beyond it gets CONNACK 3).
     pub max_connections: usize,
-    /// How long a new socket may take to send CONNECT.
+    /// How long a new socket may take to send CONNECT (a TLS handshake included).
     pub connect_timeout: Duration,
     pub max_payload_size: usize,
+    /// Open sockets of both listeners, authenticated or not: beyond it, new sockets are closed
+    /// as soon as they are accepted ([`crate::admission`]).
+    pub max_sockets: usize,
+    /// Sockets of one source address (IPv6: one /64) without an authenticated CONNECT yet.
+    pub max_unauthenticated_per_ip: usize,
+    /// From this many sockets without an authenticated CONNECT on, new sockets get
+    /// `connect_timeout_under_pressure` instead of `connect_timeout`.
+    pub pressure_unauthenticated: usize,
+    pub connect_timeout_under_pressure: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -249,6 +265,10 @@ impl Default for BrokerConfig {
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
             max_payload_size: 256 * 1024,
+            max_sockets: 100_000,
+            max_unauthenticated_per_ip: 512,
+            pressure_unauthenticated: 12_500,
+            connect_timeout_under_pressure: Duration::from_secs(2),
         }
     }
 }

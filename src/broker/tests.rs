@@ -89,6 +89,7 @@ fn test_config() -> BrokerConfig {
         max_connections: 64,
         connect_timeout: Duration::from_secs(5),
         max_payload_size: 64 * 1024,
+        ..BrokerConfig::default()
     }
 }
 

@@ -14,6 +14,7 @@ mod forwarding;
 mod helpers;
 mod interop;
 mod isolation;
+mod limits;
 mod migration;
 mod operator_api;
 mod ota;
