@@ -256,3 +256,109 @@ impl TimeoutEvents {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::GateLimits;
+    use crate::metrics::Listener;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn peer_of(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
+        peer.to_string()
+    }
+
+    async fn response(s: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn handlers_see_the_peer_and_shutdown_waits_for_requests_in_flight() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let gate = Gate::new(
+            Listener::Http,
+            GateLimits {
+                max_open: 8,
+                max_per_source: 8,
+            },
+            &metrics,
+        );
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let router = Router::new().route("/peer", get(peer_of)).route(
+            "/slow",
+            get(move || {
+                let mut release = release_rx.clone();
+                let started = started_tx.clone();
+                async move {
+                    let _ = started.send(());
+                    let _ = release.wait_for(|r| *r).await;
+                    "done"
+                }
+            }),
+        );
+        let timeouts = HttpTimeouts {
+            header_read: Duration::from_secs(5),
+            body_read: Duration::from_secs(5),
+            write: Duration::from_secs(5),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            timeouts,
+            Arc::clone(&gate),
+            metrics,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let local = s.local_addr().unwrap();
+        s.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = response(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.ends_with(&local.to_string()), "{got}");
+
+        // A request in flight when shutdown starts is answered; then the server returns.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, started_rx.recv())
+            .await
+            .expect("the slow request reached its handler");
+        stop_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !server.is_finished(),
+            "shutdown waits for the request in flight"
+        );
+        release_tx.send_replace(true);
+        let got = response(&mut slow).await;
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.ends_with("done"),
+            "{got}"
+        );
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("server stopped")
+            .unwrap();
+        assert_eq!(gate.open(), 0);
+    }
+}
