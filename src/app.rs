@@ -7,15 +7,17 @@
 //! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
 //! reloaded, every timer re-armed) → migration engine (kicks via the router, data-sync routes
 //! and limits into the forwarder) → export/import jobs (which use the OTA and migration
-//! engines) → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! engines) → ingest → listeners and HTTP serving. Before all of it, the connection budgets
+//! are derived from the open-files limit ([`crate::admission`]). Stop order is the reverse, so nothing is accepted that cannot be stored.
 
+use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, Metrics};
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
@@ -39,7 +41,8 @@ pub struct Application {
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
-    http_task: JoinHandle<std::io::Result<()>>,
+    http_task: JoinHandle<()>,
+    budgets: Budgets,
     created_admin_token: Option<String>,
 }
 
@@ -50,6 +53,7 @@ impl Application {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
         let metrics = Arc::new(Metrics::new());
+        let budgets = connection_budgets(&settings, &metrics)?;
         let location = settings.store.location(&settings.data_dir);
         let store = Store::open_with(&location, &settings.store, metrics.clone())
             .with_context(|| format!("cannot open the store ({location})"))?;
@@ -63,8 +67,7 @@ impl Application {
         .context("cannot load the registry")?;
 
         // Bound before the firmware repository: download links default to this address.
-        let listener = tokio::net::TcpListener::bind(settings.http.listen)
-            .await
+        let listener = api::serve::bind(settings.http.listen)
             .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
         let http_addr = listener.local_addr()?;
         let public_url = settings
@@ -114,6 +117,12 @@ impl Application {
                 max_payload_size: settings.mqtt.max_payload_bytes,
                 max_subscriptions_per_device: settings.mqtt.max_subscriptions_per_device,
                 connect_timestamp_window: settings.mqtt.connect_timestamp_window(),
+                max_sockets: budgets.mqtt_sockets,
+                max_unauthenticated_per_ip: budgets.mqtt_per_ip,
+                pressure_unauthenticated: budgets.mqtt_pressure,
+                connect_timeout_under_pressure: Duration::from_secs(
+                    settings.mqtt.connect_timeout_under_pressure_secs,
+                ),
             },
             metrics.clone(),
         )
@@ -254,17 +263,30 @@ impl Application {
                 batch: settings.http.batch_body_limit_bytes,
             },
         );
+        let http_gate = Gate::new(
+            Listener::Http,
+            GateLimits {
+                max_open: budgets.http_connections,
+                max_per_source: budgets.http_per_ip,
+            },
+            &metrics,
+        );
+        let timeouts = api::serve::HttpTimeouts {
+            header_read: Duration::from_secs(settings.http.header_read_timeout_secs),
+            body_read: Duration::from_secs(settings.http.body_read_timeout_secs),
+            write: Duration::from_secs(settings.http.write_timeout_secs),
+        };
         let (http_stop, stop_rx) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
+        let http_task = tokio::spawn(api::serve::serve(
+            listener,
+            router,
+            timeouts,
+            http_gate,
+            metrics.clone(),
+            async {
                 let _ = stop_rx.await;
-            })
-            .await
-        });
+            },
+        ));
 
         tracing::info!(
             mqtt = %broker.mqtt_addr(),
@@ -302,6 +324,7 @@ impl Application {
             http_addr,
             http_stop,
             http_task,
+            budgets,
             created_admin_token,
         })
     }
@@ -352,6 +375,11 @@ impl Application {
         &self.settings
     }
 
+    /// The connection budgets in force (derived from the open-files limit at start).
+    pub fn budgets(&self) -> Budgets {
+        self.budgets
+    }
+
     /// Serve until ctrl-c or SIGTERM, then shut down cleanly.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         shutdown_signal().await;
@@ -366,8 +394,7 @@ impl Application {
         self.migration.shutdown().await;
         self.broker.shutdown().await;
         match tokio::time::timeout(Duration::from_secs(10), self.http_task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
@@ -404,6 +431,60 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// The MQTT and HTTP connection budgets from the open-files limit in force and the settings;
+/// logged, with any configured value the limit could not hold.
+fn connection_budgets(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Budgets> {
+    let open_files = admission::open_files_limit()?;
+    let (budgets, lowered) = Budgets::derive(
+        open_files,
+        &BudgetSettings {
+            reserve: settings.open_files_reserve,
+            mqtt_sockets: settings.mqtt.max_sockets,
+            http_connections: settings.http.max_connections,
+            mqtt_pressure: settings.mqtt.pressure_unauthenticated,
+            mqtt_per_ip: settings.mqtt.max_unauthenticated_per_ip,
+            http_per_ip: settings.http.max_connections_per_ip,
+        },
+    )?;
+    for l in lowered {
+        tracing::warn!(
+            setting = l.setting,
+            configured = l.asked,
+            used = l.allowed,
+            open_files,
+            "connection budget lowered to what the open-files limit can hold"
+        );
+    }
+    for (listener, per_ip, budget) in [
+        ("mqtt", budgets.mqtt_per_ip, budgets.mqtt_sockets),
+        ("http", budgets.http_per_ip, budgets.http_connections),
+    ] {
+        if per_ip >= budget {
+            tracing::warn!(
+                listener,
+                per_ip,
+                budget,
+                "one source address can use the whole connection budget (raise the open-files \
+                 limit or lower the per-address cap)"
+            );
+        }
+    }
+    metrics
+        .open_files_limit
+        .set(i64::try_from(open_files).unwrap_or(i64::MAX));
+    tracing::info!(
+        open_files,
+        reserve = budgets.reserve,
+        mqtt_sockets = budgets.mqtt_sockets,
+        http_connections = budgets.http_connections,
+        mqtt_pressure_unauthenticated = budgets.mqtt_pressure,
+        mqtt_unauthenticated_per_ip = budgets.mqtt_per_ip,
+        http_connections_per_ip = budgets.http_per_ip,
+        "connection budgets"
+    );
+    Ok(budgets)
 }
 
 /// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind

@@ -3,6 +3,7 @@
 //! (reasons, topic kinds) so the series count stays bounded.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -11,6 +12,93 @@ use prometheus_client::registry::Registry;
 
 /// One label: `(name, value)`. Values must come from a closed set.
 pub type Labels = [(&'static str, &'static str); 1];
+
+/// A connection budget and the listeners that count against it (MQTT: plain and TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Listener {
+    Mqtt,
+    Http,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Mqtt => "mqtt",
+            Listener::Http => "http",
+        }
+    }
+}
+
+/// Why a socket was closed as soon as it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// The listener's connection budget is used up.
+    Budget,
+    /// The source address has as many (not yet authenticated, for MQTT) connections open as
+    /// it may.
+    PerIp,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Budget => "budget",
+            RefusalReason::PerIp => "per_ip",
+        }
+    }
+}
+
+/// Which HTTP timeout ended a connection (or a request body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpTimeout {
+    /// No complete request head came within the header timeout on a new connection.
+    Header,
+    /// A connection that had served requests stayed idle (or sent an incomplete head) past
+    /// the header timeout: the ordinary end of a keep-alive connection.
+    Idle,
+    /// A request body delivered nothing for too long.
+    Body,
+    /// A response write made no progress for too long (the client stopped reading).
+    Write,
+}
+
+impl HttpTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpTimeout::Header => "header",
+            HttpTimeout::Idle => "idle",
+            HttpTimeout::Body => "body",
+            HttpTimeout::Write => "write",
+        }
+    }
+}
+
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(Listener, RefusalReason, HttpTimeout);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Listener,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: Listener,
+    pub reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HttpTimeoutLabels {
+    pub kind: HttpTimeout,
+}
 
 /// Every metric the gateway exports.
 pub struct Metrics {
@@ -22,6 +110,21 @@ pub struct Metrics {
     /// Refused CONNECTs by reason (`bad_signature`, `unknown_device`, `disabled_device`,
     /// `malformed_client_id`, `bad_username`, `timestamp`, `protocol`, `timeout`, `limit`).
     pub connects_refused: Family<Labels, Counter>,
+    /// Sockets closed as soon as they were accepted, by listener and reason
+    /// ([`crate::admission`]).
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Open sockets per listener kind (MQTT: authenticated or not, plain and TLS).
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// The most sockets each listener kind may hold open.
+    pub connection_budget: Family<ListenerLabels, Gauge>,
+    /// The process's open-files limit (soft, after raising it to the hard limit at start).
+    pub open_files_limit: Gauge,
+    /// MQTT sockets that have not completed an authenticated CONNECT yet.
+    pub mqtt_unauthenticated: Gauge,
+    /// MQTT sockets accepted under pre-CONNECT pressure, given the shorter CONNECT timeout.
+    pub mqtt_connect_timeout_shortened: Counter,
+    /// HTTP connections (or request bodies) ended by a timeout, by kind.
+    pub http_timeouts: Family<HttpTimeoutLabels, Counter>,
     /// Device PUBLISH/SUBSCRIBE refused by the topic ACL, by packet kind.
     pub acl_denied: Family<Labels, Counter>,
     /// Connections closed for a protocol violation, by reason (`empty_topic`, `nul_in_topic`,
@@ -118,6 +221,13 @@ impl Metrics {
             connected_devices: Gauge::default(),
             connects: Counter::default(),
             connects_refused: Family::default(),
+            connections_refused: Family::default(),
+            connections_open: Family::default(),
+            connection_budget: Family::default(),
+            open_files_limit: Gauge::default(),
+            mqtt_unauthenticated: Gauge::default(),
+            mqtt_connect_timeout_shortened: Counter::default(),
+            http_timeouts: Family::default(),
             acl_denied: Family::default(),
             protocol_violations: Family::default(),
             subscriptions_refused: Counter::default(),
@@ -174,6 +284,41 @@ impl Metrics {
             "mqtt_connects_refused",
             "Refused MQTT CONNECTs by reason",
             m.connects_refused.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Sockets closed as soon as they were accepted, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open sockets per listener kind",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connection_budget",
+            "The most sockets each listener kind may hold open",
+            m.connection_budget.clone(),
+        );
+        registry.register(
+            "open_files_limit",
+            "The process's open-files limit (soft)",
+            m.open_files_limit.clone(),
+        );
+        registry.register(
+            "mqtt_unauthenticated_connections",
+            "MQTT sockets without an authenticated CONNECT yet",
+            m.mqtt_unauthenticated.clone(),
+        );
+        registry.register(
+            "mqtt_connect_timeout_shortened",
+            "MQTT sockets accepted under pre-CONNECT pressure (shorter CONNECT timeout)",
+            m.mqtt_connect_timeout_shortened.clone(),
+        );
+        registry.register(
+            "http_timeouts",
+            "HTTP connections or request bodies ended by a timeout, by kind",
+            m.http_timeouts.clone(),
         );
         registry.register(
             "mqtt_acl_denied",
@@ -433,5 +578,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("fleetgate_connected_devices 3"), "{text}");
+    }
+
+    #[test]
+    fn typed_labels_encode_as_snake_case() {
+        let m = Metrics::new();
+        m.connections_refused
+            .get_or_create(&RefusedLabels {
+                listener: Listener::Http,
+                reason: RefusalReason::PerIp,
+            })
+            .inc();
+        m.http_timeouts
+            .get_or_create(&HttpTimeoutLabels {
+                kind: HttpTimeout::Header,
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"fleetgate_connections_refused_total{listener="http",reason="per_ip"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fleetgate_http_timeouts_total{kind="header"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! One MQTT connection, from the first byte to `on_disconnect`: one tokio task per socket.
 //!
-//! 1. Read CONNECT within `connect_timeout` and authenticate it ([`super::auth`]); a refusal
-//!    gets a CONNACK with a real return code and is counted by reason.
+//! 1. Read CONNECT by the deadline set at accept (`connect_timeout`, shorter under pre-CONNECT
+//!    pressure) and authenticate it ([`super::auth`]); a refusal gets a CONNACK with a real
+//!    return code and is counted by reason. Once authenticated, the socket no longer counts
+//!    against its source's cap of unauthenticated sockets ([`crate::admission`]).
 //! 2. Take over a previous session of the same device (it is retired first, so the router sees
 //!    its DISCONNECT before the new link's CONNECT), register the router link through the
 //!    `fleetgate-links` thread ([`super::router`]), call `on_connect`, write the CONNACK the router produced (`session_present`).
@@ -18,6 +20,7 @@ use super::server::Shared;
 use super::session::{DirectMessage, Phase, SessionHandle};
 use super::violation::{self, Violation};
 use super::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
+use crate::admission::Permit;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
@@ -153,11 +156,18 @@ impl<S: Socket> Conn<S> {
     }
 }
 
+/// An accepted socket's place in the broker's admission gate, and when its CONNECT is due.
+pub(crate) struct Admitted {
+    pub permit: Permit,
+    pub deadline: Instant,
+}
+
 /// Serves one accepted socket until the session ends.
 pub(crate) async fn serve<S, H>(
     io: S,
     peer: SocketAddr,
     tls: bool,
+    admitted: Admitted,
     shared: Arc<Shared>,
     hooks: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
@@ -172,15 +182,21 @@ pub(crate) async fn serve<S, H>(
         max_packet: shared.config.max_payload_size,
         read_room: READ_BUFFER,
     };
+    let Admitted {
+        mut permit,
+        deadline,
+    } = admitted;
     let Some(Established {
         mut live,
         link_rx,
         mut flow,
         keep_alive,
-    }) = handshake(&mut conn, peer, tls, shared, hooks, &mut shutdown).await
+    }) = handshake(&mut conn, peer, tls, deadline, shared, hooks, &mut shutdown).await
     else {
         return;
     };
+    // The socket keeps its place in the budget (`permit` lives until the session ends).
+    permit.authenticated();
     live.local_reason = run(
         &mut conn,
         link_rx,
@@ -211,6 +227,7 @@ async fn handshake<S, H>(
     conn: &mut Conn<S>,
     peer: SocketAddr,
     tls: bool,
+    deadline: Instant,
     shared: Arc<Shared>,
     hooks: Arc<H>,
     shutdown: &mut watch::Receiver<bool>,
@@ -220,7 +237,7 @@ where
     H: DeviceHooks,
 {
     let first = tokio::select! {
-        r = tokio::time::timeout(shared.config.connect_timeout, conn.read_frame()) => r,
+        r = tokio::time::timeout_at(deadline, conn.read_frame()) => r,
         _ = super::stopping(shutdown) => return None,
     };
     let packet = match first {
@@ -1242,6 +1259,7 @@ pub(crate) async fn serve_in_span<S, H>(
     io: S,
     peer: SocketAddr,
     tls: bool,
+    admitted: Admitted,
     shared: Arc<Shared>,
     hooks: Arc<H>,
     shutdown: watch::Receiver<bool>,
@@ -1250,7 +1268,7 @@ pub(crate) async fn serve_in_span<S, H>(
     H: DeviceHooks,
 {
     let span = tracing::info_span!("mqtt", %peer, tls, conn = tracing::field::Empty, device = tracing::field::Empty);
-    serve(io, peer, tls, shared, hooks, shutdown)
+    serve(io, peer, tls, admitted, shared, hooks, shutdown)
         .instrument(span)
         .await
 }

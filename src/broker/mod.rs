@@ -87,6 +87,12 @@
 //! - **Protocol violations** (zero-length or NUL topics and filters, SUBSCRIBE/UNSUBSCRIBE
 //!   without filters, undecodable packets) close the connection without an answer, counted by
 //!   reason (`violation.rs`). A well-formed foreign topic is the ACL's (dropped or 0x80).
+//!   Before that, every accepted socket passes [`crate::admission`]: beyond `max_sockets` open
+//!   sockets, or `max_unauthenticated_per_ip` sockets of its source still without an
+//!   authenticated CONNECT, it is closed at once (`fleetgate_connections_refused_total`).
+//!   The CONNECT timeout runs from accept (TLS handshake included); a socket accepted while
+//!   `pressure_unauthenticated` sockets wait for their CONNECT gets the shorter
+//!   `connect_timeout_under_pressure`.
 
 pub mod acl;
 mod auth;
@@ -247,8 +253,9 @@ pub struct TlsConfig {
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub tls: Option<TlsConfig>,
+    /// Authenticated sessions (a new device beyond it gets CONNACK 3).
     pub max_connections: usize,
-    /// How long a new socket may take to send CONNECT.
+    /// How long a new socket may take to send CONNECT (a TLS handshake included).
     pub connect_timeout: Duration,
     pub max_payload_size: usize,
     /// Most distinct subscription filters one device may use during the process lifetime
@@ -257,6 +264,15 @@ pub struct BrokerConfig {
     /// How far a CONNECT's signed `timestamp=` may be from the gateway's clock; `None`: not
     /// checked (the vendor's behaviour).
     pub connect_timestamp_window: Option<Duration>,
+    /// Open sockets of both listeners, authenticated or not: beyond it, new sockets are closed
+    /// as soon as they are accepted ([`crate::admission`]).
+    pub max_sockets: usize,
+    /// Sockets of one source address (IPv6: one /64) without an authenticated CONNECT yet.
+    pub max_unauthenticated_per_ip: usize,
+    /// From this many sockets without an authenticated CONNECT on, new sockets get
+    /// `connect_timeout_under_pressure` instead of `connect_timeout`.
+    pub pressure_unauthenticated: usize,
+    pub connect_timeout_under_pressure: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -269,6 +285,10 @@ impl Default for BrokerConfig {
             max_payload_size: 256 * 1024,
             max_subscriptions_per_device: 50,
             connect_timestamp_window: None,
+            max_sockets: 100_000,
+            max_unauthenticated_per_ip: 512,
+            pressure_unauthenticated: 12_500,
+            connect_timeout_under_pressure: Duration::from_secs(2),
         }
     }
 }

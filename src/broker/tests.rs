@@ -96,8 +96,7 @@ fn test_config() -> BrokerConfig {
         max_connections: 64,
         connect_timeout: Duration::from_secs(5),
         max_payload_size: 64 * 1024,
-        max_subscriptions_per_device: 50,
-        connect_timestamp_window: None,
+        ..BrokerConfig::default()
     }
 }
 

@@ -61,7 +61,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         app: Some(app),
         settings,
         _data_dir: data_dir,
-        http: reqwest::Client::new(),
+        // Idle pooled connections are dropped well before the gateway's keep-alive idle
+        // timeout (`http.header_read_timeout_secs`, 10 s), so a request never races the
+        // gateway closing the connection it is sent on.
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("HTTP client"),
     }
 }
 
