@@ -173,7 +173,9 @@ pub struct AmqpSettings {
     pub exchange_prefix: String,
     /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
     pub outbox_max_bytes: u64,
-    /// How long a device message waits for outbox space before it is dropped (and counted).
+    /// How long a message waits for outbox space (the device's PUBACK waits with it) before
+    /// a QoS 1 post is refused — no PUBACK, connection closed, the device resends it — and
+    /// anything else (QoS 0 posts, status, OTA events) is dropped and counted.
     pub outbox_full_wait_ms: u64,
     /// Publishes awaiting a broker confirm at once.
     pub inflight_window: usize,

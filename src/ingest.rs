@@ -15,18 +15,25 @@
 //!
 //! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
 //! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
-//! only once the message is durable in the outbox (design §5). Online/offline status messages
-//! are enqueued from the connection callbacks (which must not wait) and committed in the
-//! background; they keep their order relative to the device's posts because the forwarder
-//! hands rows to its writer at call time.
+//! only once the message is durable in the outbox (design §5). When the outbox stays full for
+//! `amqp.outbox_full_wait_ms`, a QoS 1 post is refused ([`OnFull::Refuse`]): `on_publish`
+//! answers [`PublishOutcome::Withheld`], the broker closes the connection without its PUBACK
+//! and the device sends it again after reconnecting — an acknowledged post is never dropped. A
+//! QoS 0 post (nothing acknowledged) is dropped and counted instead ([`OnFull::Drop`]).
+//! Online/offline status messages are enqueued from the connection callbacks (which must not
+//! wait) and committed in the background (dropped and counted when the outbox stays full);
+//! they keep their order relative to the device's posts because the forwarder hands rows to
+//! its writer at call time.
 
-use crate::broker::{DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, Session};
+use crate::broker::{
+    DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, PublishOutcome, QoS, RunOutcome,
+    Session, UpMessage,
+};
 use crate::clock::now_ms;
-use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
+use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError, OnFull};
 use crate::metrics::Metrics;
 use crate::ota::OtaEngine;
 use crate::registry::{Registry, VersionWrites};
-use bytes::Bytes;
 use fleetgate_topics::{
     loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
     PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
@@ -75,16 +82,32 @@ impl Ingest {
         self
     }
 
-    /// Enqueues `msg` and waits until it is durable (the caller's PUBACK depends on it). A
-    /// full outbox drops the message (the forwarder counts and logs it); the device is still
-    /// acknowledged, since sending it again could not help.
-    async fn forward(&self, msg: impl FnOnce() -> ForwardMessage) {
+    /// Enqueues a post received with `qos` and waits until it is durable (the caller's PUBACK
+    /// depends on it). Not stored — the outbox stayed full, or failed — a QoS 1/2 post is
+    /// [`Withheld`](PublishOutcome::Withheld): never acknowledged, so the device sends it
+    /// again. A QoS 0 post was promised nothing: it is dropped (the forwarder counts it).
+    async fn forward(&self, qos: QoS, msg: impl FnOnce() -> ForwardMessage) -> PublishOutcome {
         let Some(fwd) = &self.forwarder else {
-            return;
+            return PublishOutcome::Processed;
         };
-        match fwd.enqueue(msg()).await {
-            Ok(()) | Err(ForwarderError::OutboxFull) => {}
-            Err(error) => tracing::error!(%error, "cannot store a message for forwarding"),
+        let acknowledged = qos != QoS::AtMostOnce;
+        let on_full = if acknowledged {
+            OnFull::Refuse
+        } else {
+            OnFull::Drop
+        };
+        match fwd.enqueue(msg(), on_full).await {
+            Ok(()) => PublishOutcome::Processed,
+            Err(error) => {
+                if !matches!(error, ForwarderError::OutboxFull) {
+                    tracing::error!(%error, "cannot store a message for forwarding");
+                }
+                if acknowledged {
+                    PublishOutcome::Withheld
+                } else {
+                    PublishOutcome::Processed
+                }
+            }
         }
     }
 
@@ -174,20 +197,25 @@ impl Ingest {
     /// applied to the registry in arrival order and written with ONE store submission (a
     /// device's later report of the same module replaces its earlier one); the OTA engine
     /// hears of each, in order, once that write is durable. Every other message goes through
-    /// [`Self::handle`], concurrently with the write.
-    async fn ingest_run(&self, session: &Session, run: &[(&str, Bytes)]) {
+    /// [`Self::handle`], concurrently with the write; the run's outcome is theirs (a post the
+    /// outbox could not take is withheld).
+    async fn ingest_run(&self, session: &Session, run: &[UpMessage<'_>]) -> RunOutcome {
         let mut versions = VersionWrites::default();
         let mut reports: Vec<(Topic<'_>, InformRequest)> = Vec::new();
         // Boxed: the handler's state machine (about 1 KB: every topic kind's locals). The OTA
         // engine's calls box their own, rarely needed, state: before they did, it was ~6 KB,
         // and copying and first touching it per message was ~10% of the inform path's CPU.
         let mut others = Vec::new();
-        for (topic, payload) in run {
-            let Some(parsed) = self.accept(session, topic) else {
+        // The run index of each of `others`.
+        let mut other_index = Vec::new();
+        for (index, message) in run.iter().enumerate() {
+            let Some(parsed) = self.accept(session, message.topic) else {
                 continue;
             };
+            let payload = &message.payload;
             if parsed.kind() != TopicKind::Inform {
-                others.push(Box::pin(self.handle(session, parsed, payload)));
+                others.push(Box::pin(self.handle(session, parsed, payload, message.qos)));
+                other_index.push(index);
                 continue;
             }
             match InformRequest::parse(payload) {
@@ -216,8 +244,14 @@ impl Ingest {
             }
             self.registry.commit_versions(versions).await
         };
-        let (stored, _) =
+        let (stored, handled) =
             futures_util::future::join(stored, futures_util::future::join_all(others)).await;
+        let mut outcome = RunOutcome::processed();
+        for (index, handled) in other_index.into_iter().zip(handled) {
+            if handled == PublishOutcome::Withheld {
+                outcome.withhold(index);
+            }
+        }
         match stored {
             Err(error) => {
                 let d = &session.device;
@@ -238,9 +272,17 @@ impl Ingest {
                 }
             }
         }
+        outcome
     }
 
-    async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
+    /// Handles one message; only a forwarded post can be [`PublishOutcome::Withheld`].
+    async fn handle(
+        &self,
+        session: &Session,
+        topic: Topic<'_>,
+        payload: &[u8],
+        qos: QoS,
+    ) -> PublishOutcome {
         let kind = topic.kind();
         match kind {
             // Staged and written per run by `ingest_run`.
@@ -302,7 +344,10 @@ impl Ingest {
                 self.answer_post(session, &topic, payload, answer);
                 if let Ok(req) = parsed {
                     let (pk, dn) = (topic.product_key(), topic.device_name());
-                    self.forward(|| ForwardMessage::property_post(pk, dn, &req, received))
+                    return self
+                        .forward(qos, || {
+                            ForwardMessage::property_post(pk, dn, &req, received)
+                        })
                         .await;
                 }
             }
@@ -320,7 +365,10 @@ impl Ingest {
                 self.answer_post(session, &topic, payload, answer);
                 if let Ok(req) = parsed {
                     let (pk, dn) = (topic.product_key(), topic.device_name());
-                    self.forward(|| ForwardMessage::event_post(pk, dn, identifier, &req, received))
+                    return self
+                        .forward(qos, || {
+                            ForwardMessage::event_post(pk, dn, identifier, &req, received)
+                        })
                         .await;
                 }
             }
@@ -330,6 +378,7 @@ impl Ingest {
             | TopicKind::PropertyPostReply
             | TopicKind::EventPostReply => {}
         }
+        PublishOutcome::Processed
     }
 }
 
@@ -376,11 +425,13 @@ impl DeviceHooks for Ingest {
             .device_disconnected(&d.product_key, &d.device_name, session.conn_id, at);
     }
 
-    async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
-        self.ingest_run(session, &[(topic, payload)]).await;
+    async fn on_publish(&self, session: &Session, message: UpMessage<'_>) -> PublishOutcome {
+        self.ingest_run(session, std::slice::from_ref(&message))
+            .await
+            .get(0)
     }
 
-    async fn on_publishes(&self, session: &Session, run: &[(&str, Bytes)]) {
-        self.ingest_run(session, run).await;
+    async fn on_publishes(&self, session: &Session, run: &[UpMessage<'_>]) -> RunOutcome {
+        self.ingest_run(session, run).await
     }
 }

@@ -33,6 +33,12 @@
 //!   order, so each device's messages arrive in order (with possible duplicates of the
 //!   unconfirmed tail, which consumers drop by `messageId`). The one exception is a broker
 //!   `nack` of a single message while later ones were acked: the nacked one is re-sent after them.
+//! - A full outbox (RabbitMQ unreachable long enough for `outbox_max_bytes` to fill) never
+//!   acknowledges and drops: an enqueue waits up to `outbox_full_wait_ms` for room
+//!   (back-pressure), then gives up without storing. A QoS 1 post is refused
+//!   ([`OnFull::Refuse`]): ingest withholds its PUBACK, the broker closes the connection and
+//!   the device sends it again after reconnecting. Messages nobody was promised (QoS 0 posts,
+//!   online/offline status, OTA task events) are dropped and counted ([`OnFull::Drop`]).
 //! - Returned messages (`mandatory`, no queue bound: the instance has no consumer group) are
 //!   counted and dropped, like the vendor, which forwards only to existing subscriptions.
 //! - Rate limits per target (`limits.rs`: an override set at runtime with
@@ -102,8 +108,10 @@ pub struct ForwarderConfig {
     pub exchange_prefix: String,
     /// Bound of the durable outbox, bytes (bodies plus a small per-row overhead).
     pub outbox_max_bytes: u64,
-    /// How long an enqueue waits for outbox space (back-pressure on the device's PUBACK) before
-    /// the message is dropped and counted.
+    /// How long an enqueue waits for outbox space (back-pressure: the device's PUBACK waits,
+    /// and its connection reads nothing more) before giving up: a QoS 1 post is then refused
+    /// (no PUBACK, connection closed, the device resends it), anything else is dropped and
+    /// counted (see [`OnFull`]).
     pub outbox_full_wait_ms: u64,
     /// Publishes awaiting a broker confirm at once.
     pub inflight_window: usize,
@@ -204,9 +212,9 @@ impl ForwarderConfig {
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
-    /// The outbox stayed full for the whole back-pressure wait; the message was dropped (and
-    /// counted in `fleetgate_forwarder_dropped_total{reason="outbox_full"}`).
-    #[error("the forwarding outbox is full; message dropped")]
+    /// The outbox stayed full for the whole back-pressure wait; the message was not stored
+    /// (refused or dropped, as the enqueue's [`OnFull`] said).
+    #[error("the forwarding outbox is full; message not stored")]
     OutboxFull,
     #[error("outbox: {0}")]
     Outbox(#[from] OutboxError),
@@ -276,6 +284,20 @@ impl AmqpStatus {
             AmqpStatus::Disconnected => 3,
         }
     }
+}
+
+/// What [`Forwarder::enqueue`] does with a message the outbox has no room for, once
+/// `outbox_full_wait_ms` passed. Either way the message is not stored and the enqueue returns
+/// [`ForwarderError::OutboxFull`]; what differs is who still holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// The sender still holds it, because it was not acknowledged and must not be: a QoS 1/2
+    /// post, whose PUBACK is withheld so the device sends it again. Counted as
+    /// `fleetgate_forwarder_refused_total`.
+    Refuse,
+    /// Nobody holds it any more (QoS 0 posts, online/offline status, OTA task events): it is
+    /// lost, counted as `fleetgate_forwarder_dropped_total{reason="outbox_full"}`.
+    Drop,
 }
 
 /// Extra targets for a device's data: `(product_key, device_name, owner_instance) -> instances`.
@@ -648,13 +670,14 @@ impl Forwarder {
     /// - Unknown device (deleted meanwhile): `Ok`, nothing stored, counted as
     ///   `dropped{reason="unknown_device"}`.
     /// - Outbox full: waits up to `outbox_full_wait_ms` for space (back-pressure); still full,
-    ///   [`ForwarderError::OutboxFull`]: dropped, counted as `dropped{reason="outbox_full"}`
-    ///   and logged (at most once a second).
+    ///   [`ForwarderError::OutboxFull`], nothing stored: refused or dropped as `on_full` says,
+    ///   counted, and logged (at most once a second).
     pub fn enqueue(
         &self,
         msg: ForwardMessage,
+        on_full: OnFull,
     ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
-        self.enqueue_with_owner(msg, None)
+        self.enqueue_with_owner(msg, None, on_full)
     }
 
     /// [`enqueue`](Self::enqueue), routed to `former_owner` when the device no longer exists.
@@ -662,6 +685,7 @@ impl Forwarder {
         &self,
         msg: ForwardMessage,
         former_owner: Option<&str>,
+        on_full: OnFull,
     ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
         enum Prepared {
             Nothing,
@@ -709,14 +733,26 @@ impl Forwarder {
                 Prepared::Sent(rx, n) => (rx, n),
                 Prepared::Wait(outbox, rows, size) => {
                     if let Err(e) = outbox.admit(size, full_wait).await {
-                        metrics
-                            .forwarder_dropped
-                            .get_or_create(&[("reason", "outbox_full")])
-                            .inc_by(rows.len() as u64);
-                        if may_log() {
-                            let m = &rows[0].msg;
-                            tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
-                                kind = m.kind.as_str(), "forwarding outbox full: message dropped");
+                        let m = &rows[0].msg;
+                        match on_full {
+                            OnFull::Refuse => {
+                                metrics.forwarder_refused.inc();
+                                if may_log() {
+                                    tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
+                                        kind = m.kind.as_str(),
+                                        "forwarding outbox full: post refused (not acknowledged; the device sends it again)");
+                                }
+                            }
+                            OnFull::Drop => {
+                                metrics
+                                    .forwarder_dropped
+                                    .get_or_create(&[("reason", "outbox_full")])
+                                    .inc_by(rows.len() as u64);
+                                if may_log() {
+                                    tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
+                                        kind = m.kind.as_str(), "forwarding outbox full: message dropped");
+                                }
+                            }
                         }
                         return Err(ForwarderError::OutboxFull);
                     }
@@ -732,7 +768,8 @@ impl Forwarder {
 
     /// Enqueues `msg` from synchronous code that must not wait (connection callbacks, the OTA
     /// engine's event sink): the rows reach the outbox writer during the call (when it has
-    /// room), the commit and any back-pressure wait finish in a spawned task.
+    /// room), the commit and any back-pressure wait finish in a spawned task. Nobody is told
+    /// the message was stored, so an outbox that stays full drops it ([`OnFull::Drop`]).
     pub fn enqueue_detached(&self, msg: ForwardMessage) {
         self.enqueue_detached_with_owner(msg, None)
     }
@@ -741,7 +778,7 @@ impl Forwarder {
         if !self.enabled() {
             return;
         }
-        let pending = self.enqueue_with_owner(msg, former_owner);
+        let pending = self.enqueue_with_owner(msg, former_owner, OnFull::Drop);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
