@@ -14,8 +14,9 @@
 //! answered with an error code where there is a reply topic, and change nothing.
 //!
 //! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
-//! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
-//! only once the message is durable in the outbox (design §5). When the outbox stays full for
+//! enqueued before `on_publish` returns, so the PUBACK goes out only once the message is durable
+//! in the outbox (design §5); its `_reply` goes out at once, or, when the outbox is full, once
+//! the outcome is known (see `forward_post`). When the outbox stays full for
 //! `amqp.outbox_full_wait_ms`, a QoS 1 post is refused ([`OnFull::Refuse`]): `on_publish`
 //! answers [`PublishOutcome::Withheld`], the broker closes the connection without its PUBACK
 //! and the device sends it again after reconnecting — an acknowledged post is never dropped. A
@@ -35,8 +36,8 @@ use crate::metrics::Metrics;
 use crate::ota::OtaEngine;
 use crate::registry::{Registry, VersionWrites};
 use fleetgate_topics::{
-    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
-    PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
+    codes, loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest,
+    InformRequest, PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
 };
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
@@ -82,12 +83,27 @@ impl Ingest {
         self
     }
 
-    /// Enqueues a post received with `qos` and waits until it is durable (the caller's PUBACK
-    /// depends on it). Not stored — the outbox stayed full, or failed — a QoS 1/2 post is
-    /// [`Withheld`](PublishOutcome::Withheld): never acknowledged, so the device sends it
-    /// again. A QoS 0 post was promised nothing: it is dropped (the forwarder counts it).
-    async fn forward(&self, qos: QoS, msg: impl FnOnce() -> ForwardMessage) -> PublishOutcome {
+    /// Forwards a valid post received with `qos`, waits until it is durable (the caller's
+    /// PUBACK depends on it) and answers it on its `_reply` topic when `reply_id` is given.
+    ///
+    /// The reply goes out at once when the outbox took the message without waiting (so replies
+    /// never wait for a commit). When the outbox is full it goes out once the outcome is known:
+    /// success if the post was stored; 429 if it was dropped (QoS 0: nothing was acknowledged,
+    /// the forwarder counts it); none if it was refused (QoS 1/2: it is
+    /// [`Withheld`](PublishOutcome::Withheld), never acknowledged, the connection closes and the
+    /// device's resend is answered). A post the outbox failed to store is withheld alike.
+    async fn forward_post(
+        &self,
+        topic: &Topic<'_>,
+        qos: QoS,
+        reply_id: Option<String>,
+        msg: impl FnOnce() -> ForwardMessage,
+    ) -> PublishOutcome {
+        let success = |id: String| Reply::success(id).to_vec();
         let Some(fwd) = &self.forwarder else {
+            if let Some(id) = reply_id {
+                self.reply(topic, success(id));
+            }
             return PublishOutcome::Processed;
         };
         let acknowledged = qos != QoS::AtMostOnce;
@@ -96,17 +112,38 @@ impl Ingest {
         } else {
             OnFull::Drop
         };
-        match fwd.enqueue(msg(), on_full).await {
-            Ok(()) => PublishOutcome::Processed,
-            Err(error) => {
-                if !matches!(error, ForwarderError::OutboxFull) {
-                    tracing::error!(%error, "cannot store a message for forwarding");
+        let pending = fwd.enqueue(msg(), on_full);
+        let waiting = pending.waiting;
+        let mut reply_id = reply_id;
+        if !waiting {
+            if let Some(id) = reply_id.take() {
+                self.reply(topic, success(id));
+            }
+        }
+        let stored = pending.await;
+        if let Err(error) = &stored {
+            if !matches!(error, ForwarderError::OutboxFull) {
+                tracing::error!(%error, "cannot store a message for forwarding");
+            }
+        }
+        match (stored, acknowledged) {
+            (Ok(()), _) => {
+                if let Some(id) = reply_id {
+                    self.reply(topic, success(id));
                 }
-                if acknowledged {
-                    PublishOutcome::Withheld
-                } else {
-                    PublishOutcome::Processed
+                PublishOutcome::Processed
+            }
+            (Err(_), true) => PublishOutcome::Withheld,
+            (Err(_), false) => {
+                if let Some(id) = reply_id {
+                    let refusal = Reply::error(
+                        id,
+                        codes::TOO_MANY_REQUESTS,
+                        "the gateway cannot take data now (forwarding outbox full): post dropped",
+                    );
+                    self.reply(topic, refusal.to_vec());
                 }
+                PublishOutcome::Processed
             }
         }
     }
@@ -154,25 +191,10 @@ impl Ingest {
         }
     }
 
-    /// Replies to a property/event post: success when it parsed (unless the device asked for no
-    /// reply), the error code otherwise.
-    fn answer_post(
-        &self,
-        session: &Session,
-        topic: &Topic<'_>,
-        payload: &[u8],
-        parsed: Result<(bool, String), PayloadError>,
-    ) {
-        let reply = match parsed {
-            Ok((wants_reply, id)) => wants_reply.then(|| Reply::success(id)),
-            Err(e) => {
-                self.malformed(topic.kind(), session, &e);
-                Some(Reply::from_error(loose_id(payload), &e))
-            }
-        };
-        if let Some(reply) = reply {
-            self.reply(topic, reply.to_vec());
-        }
+    /// Answers a post that failed to parse with its error code (and counts it).
+    fn refuse_post(&self, session: &Session, topic: &Topic<'_>, payload: &[u8], e: &PayloadError) {
+        self.malformed(topic.kind(), session, e);
+        self.reply(topic, Reply::from_error(loose_id(payload), e).to_vec());
     }
 
     /// Counts a PUBLISH by topic kind and returns its parsed topic when ingest handles it: an
@@ -336,19 +358,17 @@ impl Ingest {
             }
             TopicKind::PropertyPost => {
                 let received = now_ms();
-                let parsed = PropertyPostRequest::parse(payload);
-                let answer = parsed
-                    .as_ref()
-                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
-                    .map_err(Clone::clone);
-                self.answer_post(session, &topic, payload, answer);
-                if let Ok(req) = parsed {
-                    let (pk, dn) = (topic.product_key(), topic.device_name());
-                    return self
-                        .forward(qos, || {
-                            ForwardMessage::property_post(pk, dn, &req, received)
-                        })
-                        .await;
+                match PropertyPostRequest::parse(payload) {
+                    Ok(req) => {
+                        let (pk, dn) = (topic.product_key(), topic.device_name());
+                        let reply_id = req.wants_reply().then(|| req.id.as_str().to_owned());
+                        return self
+                            .forward_post(&topic, qos, reply_id, || {
+                                ForwardMessage::property_post(pk, dn, &req, received)
+                            })
+                            .await;
+                    }
+                    Err(e) => self.refuse_post(session, &topic, payload, &e),
                 }
             }
             TopicKind::EventPost => {
@@ -358,18 +378,17 @@ impl Ingest {
                     req.check_identifier(identifier)?;
                     Ok(req)
                 });
-                let answer = parsed
-                    .as_ref()
-                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
-                    .map_err(Clone::clone);
-                self.answer_post(session, &topic, payload, answer);
-                if let Ok(req) = parsed {
-                    let (pk, dn) = (topic.product_key(), topic.device_name());
-                    return self
-                        .forward(qos, || {
-                            ForwardMessage::event_post(pk, dn, identifier, &req, received)
-                        })
-                        .await;
+                match parsed {
+                    Ok(req) => {
+                        let (pk, dn) = (topic.product_key(), topic.device_name());
+                        let reply_id = req.wants_reply().then(|| req.id.as_str().to_owned());
+                        return self
+                            .forward_post(&topic, qos, reply_id, || {
+                                ForwardMessage::event_post(pk, dn, identifier, &req, received)
+                            })
+                            .await;
+                    }
+                    Err(e) => self.refuse_post(session, &topic, payload, &e),
                 }
             }
             // Down kinds never reach here (see `accept`).

@@ -89,7 +89,7 @@ use limits::{Limits, RATE_LIMIT_DOC_KIND};
 use outbox::NewRow;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
@@ -298,6 +298,23 @@ pub enum OnFull {
     /// Nobody holds it any more (QoS 0 posts, online/offline status, OTA task events): it is
     /// lost, counted as `fleetgate_forwarder_dropped_total{reason="outbox_full"}`.
     Drop,
+}
+
+/// A message handed to the outbox by [`Forwarder::enqueue`]; `.await` it for the outcome.
+pub struct Enqueued<F> {
+    /// The outbox had no room at the time of the call: the outcome waits for space, up to
+    /// `outbox_full_wait_ms` (ingest then answers the post only once it knows).
+    pub waiting: bool,
+    done: F,
+}
+
+impl<F: Future> std::future::IntoFuture for Enqueued<F> {
+    type Output = F::Output;
+    type IntoFuture = F;
+
+    fn into_future(self) -> F {
+        self.done
+    }
 }
 
 /// Extra targets for a device's data: `(product_key, device_name, owner_instance) -> instances`.
@@ -676,7 +693,7 @@ impl Forwarder {
         &self,
         msg: ForwardMessage,
         on_full: OnFull,
-    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
+    ) -> Enqueued<impl Future<Output = Result<(), ForwarderError>> + Send + 'static> {
         self.enqueue_with_owner(msg, None, on_full)
     }
 
@@ -686,7 +703,7 @@ impl Forwarder {
         msg: ForwardMessage,
         former_owner: Option<&str>,
         on_full: OnFull,
-    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
+    ) -> Enqueued<impl Future<Output = Result<(), ForwarderError>> + Send + 'static> {
         enum Prepared {
             Nothing,
             Sent(tokio::sync::oneshot::Receiver<Result<(), OutboxError>>, u64),
@@ -727,7 +744,8 @@ impl Forwarder {
             }
         };
         let may_log = self.may_log_drop();
-        async move {
+        let waiting = matches!(prepared, Prepared::Wait(..));
+        let done = async move {
             let (rx, n) = match prepared {
                 Prepared::Nothing => return Ok(()),
                 Prepared::Sent(rx, n) => (rx, n),
@@ -763,7 +781,8 @@ impl Forwarder {
             rx.await.unwrap_or(Err(OutboxError::Closed))?;
             metrics.forwarder_enqueued.inc_by(n);
             Ok(())
-        }
+        };
+        Enqueued { waiting, done }
     }
 
     /// Enqueues `msg` from synchronous code that must not wait (connection callbacks, the OTA
@@ -778,7 +797,9 @@ impl Forwarder {
         if !self.enabled() {
             return;
         }
-        let pending = self.enqueue_with_owner(msg, former_owner, OnFull::Drop);
+        let pending = self
+            .enqueue_with_owner(msg, former_owner, OnFull::Drop)
+            .into_future();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {

@@ -471,8 +471,9 @@ async fn a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives() {
 }
 
 /// A full outbox (here RabbitMQ is a closed port, so nothing ever drains it) refuses a QoS 1
-/// post — no PUBACK, the connection closed — and drops a QoS 0 post or a status message, each
-/// counted, the connection of a QoS 0 poster staying open. Needs no RabbitMQ.
+/// post — no PUBACK, the connection closed — and drops a QoS 0 post (answered 429, not success)
+/// or a status message, each counted, the connection of a QoS 0 poster staying open. Needs no
+/// RabbitMQ.
 #[tokio::test]
 async fn a_full_outbox_refuses_qos1_posts_and_drops_what_nobody_was_promised() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -537,8 +538,16 @@ async fn a_full_outbox_refuses_qos1_posts_and_drops_what_nobody_was_promised() {
         1.0
     );
 
-    // A QoS 0 post is dropped and counted; the connection stays.
+    // A QoS 0 post is dropped and counted, and answered 429 instead of success; the connection
+    // stays.
     let mut b = connect(app.mqtt_addr(), &credentials(&pk, "qos0", &secret_b)).await;
+    let reply_topic = format!("/sys/{pk}/qos0/thing/event/property/post_reply");
+    b.client
+        .subscribe(reply_topic.as_str(), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    b.wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_)))
+        .await;
     // Every message so far is either stored or dropped (the status messages are small and may
     // still fit): the online status of `qos1`, its acknowledged posts, its offline status and
     // the online status of `qos0`.
@@ -561,20 +570,25 @@ async fn a_full_outbox_refuses_qos1_posts_and_drops_what_nobody_was_promised() {
             format!("/sys/{pk}/qos0/thing/event/property/post"),
             QoS::AtMostOnce,
             false,
-            body(0),
+            body(7),
         )
         .await
         .unwrap();
+    let reply = b.next_publish().await;
+    assert_eq!(reply.topic, reply_topic);
+    let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(
+        (reply["code"].as_i64(), reply["id"].as_str()),
+        (Some(429), Some("7")),
+        "{reply}"
+    );
     wait_for(dropped, dropped_before + 1.0).await;
     assert_eq!(
         app.metric("fleetgate_forwarder_enqueued_total").await,
         stored
     );
     b.client
-        .subscribe(
-            format!("/sys/{pk}/qos0/thing/event/property/post_reply"),
-            QoS::AtMostOnce,
-        )
+        .subscribe(reply_topic.as_str(), QoS::AtMostOnce)
         .await
         .unwrap();
     b.wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_)))
