@@ -213,6 +213,12 @@ pub struct ExportSettings {
     pub max_bytes_in_flight: u64,
     /// Largest import upload, bytes (default 512 MiB; imports are verified in memory).
     pub max_package_bytes: u64,
+    /// Largest file an import package may unpack to, in real inflated bytes (default
+    /// 256 MiB, like `ota.max_firmware_bytes`); a larger one refuses the package with 413.
+    pub max_unpacked_entry_bytes: u64,
+    /// Most an import package may unpack to, all files together (default 1 GiB); beyond it
+    /// the package is refused with 413.
+    pub max_unpacked_bytes: u64,
     /// PBKDF2 iterations for the secrets key of new packages.
     pub kdf_iterations: u32,
 }
@@ -227,6 +233,8 @@ impl Default for ExportSettings {
             max_jobs_in_flight: 4,
             max_bytes_in_flight: 1024 * 1024 * 1024,
             max_package_bytes: 512 * 1024 * 1024,
+            max_unpacked_entry_bytes: 256 * 1024 * 1024,
+            max_unpacked_bytes: 1024 * 1024 * 1024,
             kdf_iterations: 100_000,
         }
     }
@@ -242,7 +250,9 @@ pub struct AmqpSettings {
     pub exchange_prefix: String,
     /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
     pub outbox_max_bytes: u64,
-    /// How long a device message waits for outbox space before it is dropped (and counted).
+    /// How long a message waits for outbox space (the device's PUBACK waits with it) before
+    /// a QoS 1 post is refused — no PUBACK, connection closed, the device resends it — and
+    /// anything else (QoS 0 posts, status, OTA events) is dropped and counted.
     pub outbox_full_wait_ms: u64,
     /// Publishes awaiting a broker confirm at once.
     pub inflight_window: usize,
@@ -605,6 +615,18 @@ impl Settings {
         {
             return Err(ConfigError::Invalid { field, message });
         }
+        if self.export.max_unpacked_entry_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "export.max_unpacked_entry_bytes",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.export.max_unpacked_bytes < self.export.max_unpacked_entry_bytes {
+            return Err(ConfigError::Invalid {
+                field: "export.max_unpacked_bytes",
+                message: "must be at least export.max_unpacked_entry_bytes".into(),
+            });
+        }
         if self.store.commit_delay_us > 100_000 {
             return Err(ConfigError::Invalid {
                 field: "store.commit_delay_us",
@@ -727,6 +749,44 @@ mod tests {
         assert!(s.amqp.url.is_none());
         assert_eq!(s.ota.max_firmware_bytes, 256 * 1024 * 1024);
         assert_eq!(s.ota.download_url_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn export_unpack_limits_from_file_and_checked() {
+        let s = Settings::load(None, Overrides::default()).unwrap();
+        assert_eq!(s.export.max_unpacked_entry_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.export.max_unpacked_bytes, 1024 * 1024 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[export]\nmax_unpacked_entry_bytes = 1000\nmax_unpacked_bytes = 5000\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(
+            (
+                s.export.max_unpacked_entry_bytes,
+                s.export.max_unpacked_bytes
+            ),
+            (1000, 5000)
+        );
+        for (toml, field) in [
+            (
+                "max_unpacked_entry_bytes = 0",
+                "export.max_unpacked_entry_bytes",
+            ),
+            (
+                "max_unpacked_entry_bytes = 1000\nmax_unpacked_bytes = 999",
+                "export.max_unpacked_bytes",
+            ),
+        ] {
+            std::fs::write(&path, format!("[export]\n{toml}\n")).unwrap();
+            match Settings::load(Some(&path), Overrides::default()) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
     }
 
     #[test]

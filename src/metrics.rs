@@ -147,6 +147,10 @@ pub struct Metrics {
     pub downlink_direct: Counter,
     /// Direct QoS 0 messages dropped because the device's session queue was full.
     pub downlink_direct_dropped: Counter,
+    /// Upstream QoS 1/2 PUBLISHes left unacknowledged because the gateway could not take one of
+    /// them (e.g. the forwarding outbox stayed full) and closed the connection; the devices
+    /// send them again after reconnecting.
+    pub publishes_withheld: Counter,
     /// Store transaction commit latency, seconds.
     pub store_write_seconds: Histogram,
     /// Operations per store transaction.
@@ -181,7 +185,13 @@ pub struct Metrics {
     /// Publishes returned unroutable (no consumer group bound to the instance's exchange).
     pub forwarder_returns: Counter,
     /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`, `too_large`).
+    /// `outbox_full` counts only messages nobody was promised: QoS 0 posts, online/offline
+    /// status and OTA task events. Acknowledged posts are never dropped (see
+    /// `forwarder_refused`).
     pub forwarder_dropped: Family<Labels, Counter>,
+    /// QoS 1/2 property/event posts the outbox could not take within `outbox_full_wait_ms`:
+    /// not stored, not acknowledged (the connection is closed), sent again by the device.
+    pub forwarder_refused: Counter,
     /// Enqueues that had to wait for outbox space (back-pressure).
     pub forwarder_backpressure_waits: Counter,
     /// Connections to the broker lost or failed (each one is followed by a reconnect attempt).
@@ -237,6 +247,7 @@ impl Metrics {
             downlink_messages: Counter::default(),
             downlink_direct: Counter::default(),
             downlink_direct_dropped: Counter::default(),
+            publishes_withheld: Counter::default(),
             store_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_superseded: Counter::default(),
@@ -254,6 +265,7 @@ impl Metrics {
             forwarder_nacks: Counter::default(),
             forwarder_returns: Counter::default(),
             forwarder_dropped: Family::default(),
+            forwarder_refused: Counter::default(),
             forwarder_backpressure_waits: Counter::default(),
             forwarder_reconnects: Counter::default(),
             forwarder_connected: Gauge::default(),
@@ -366,6 +378,11 @@ impl Metrics {
             m.downlink_direct_dropped.clone(),
         );
         registry.register(
+            "mqtt_publishes_withheld",
+            "Upstream QoS 1/2 PUBLISHes left unacknowledged (connection closed) because the gateway could not take them",
+            m.publishes_withheld.clone(),
+        );
+        registry.register(
             "store_write_seconds",
             "Store transaction commit latency",
             m.store_write_seconds.clone(),
@@ -449,6 +466,11 @@ impl Metrics {
             "forwarder_dropped",
             "Forwarded messages dropped, by reason",
             m.forwarder_dropped.clone(),
+        );
+        registry.register(
+            "forwarder_refused",
+            "QoS 1/2 device posts the full outbox refused: not acknowledged, resent by the device",
+            m.forwarder_refused.clone(),
         );
         registry.register(
             "forwarder_backpressure_waits",

@@ -155,8 +155,7 @@ pub(crate) fn router_client_id(device: &DeviceKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{DeviceCredentials, DisconnectReason, Session};
-    use bytes::Bytes;
+    use crate::broker::{DeviceCredentials, DisconnectReason, PublishOutcome, Session, UpMessage};
     use fleetgate_topics::sign::{LinkCredentials, SignMethod};
 
     /// The vendor-compatible default: timestamps are not checked.
@@ -178,7 +177,9 @@ mod tests {
         }
         fn on_connect(&self, _: &Session) {}
         fn on_disconnect(&self, _: &Session, _: DisconnectReason) {}
-        async fn on_publish(&self, _: &Session, _: &str, _: Bytes) {}
+        async fn on_publish(&self, _: &Session, _: UpMessage<'_>) -> PublishOutcome {
+            PublishOutcome::Processed
+        }
     }
 
     fn login(c: &LinkCredentials) -> Login {

@@ -19,7 +19,9 @@ use super::codec::{self, Frame, UpPublish};
 use super::server::Shared;
 use super::session::{DirectMessage, Phase, SessionHandle};
 use super::violation::{self, Violation};
-use super::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
+use super::{
+    acl, DeviceHooks, DeviceKey, DisconnectReason, PublishOutcome, RunOutcome, Session, UpMessage,
+};
 use crate::admission::Permit;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -930,6 +932,7 @@ fn publish_allowed<H: DeviceHooks>(live: &Live<H>, topic: &str) -> bool {
 /// An upstream PUBLISH: ACL, `on_publish`, then our own ack ("acknowledged means processed").
 /// A publish on a topic the device does not own is dropped and counted, and still acked like the
 /// vendor broker does (a silent drop; closing would only make the device reconnect and retry).
+/// One the hooks withhold ends the session without its ack ([`withhold`]).
 async fn on_publish<S, H>(
     publish: UpPublish,
     conn: &mut Conn<S>,
@@ -951,9 +954,11 @@ where
     // A QoS 2 retransmission (same id before its PUBREL) is acknowledged, not processed again.
     let duplicate = publish.qos == 2 && flow.incoming_qos2.contains(&publish.pkid);
     if !duplicate && publish_allowed(live, topic) {
-        live.hooks
-            .on_publish(&live.session, topic, publish.payload.clone())
-            .await;
+        let message = up_message(topic, &publish);
+        let outcome = live.hooks.on_publish(&live.session, message).await;
+        if outcome == PublishOutcome::Withheld && publish.qos > 0 {
+            return Err(withhold(live, 1));
+        }
     }
     match publish.qos {
         1 => {
@@ -975,6 +980,27 @@ where
     }
 }
 
+fn up_message<'a>(topic: &'a str, publish: &UpPublish) -> UpMessage<'a> {
+    UpMessage {
+        topic,
+        payload: publish.payload.clone(),
+        // The codec refuses any other value.
+        qos: protocol::qos(publish.qos).unwrap_or(QoS::AtMostOnce),
+    }
+}
+
+/// Ends the session without acknowledging `unacked` QoS 1/2 PUBLISHes the hooks could not take
+/// (or that came after one): MQTT 3.1.1 has no negative ack, and a device resends what was
+/// not acknowledged when it reconnects.
+fn withhold<H: DeviceHooks>(live: &Live<H>, unacked: u64) -> DisconnectReason {
+    live.shared.metrics.publishes_withheld.inc_by(unacked);
+    tracing::debug!(
+        unacked,
+        "PUBLISH not taken: closing without acknowledging it"
+    );
+    DisconnectReason::Withheld
+}
+
 /// Most QoS 0/1 PUBLISHes of one socket read handled together by [`on_publishes`].
 const PIPELINE_MAX: usize = 32;
 
@@ -985,6 +1011,9 @@ const PIPELINE_MAX: usize = 32;
 /// committed in one store transaction instead of ten consecutive ones; the PUBACKs still go
 /// out only after the whole run was processed, in packet order. QoS 2 (duplicate detection)
 /// and every other packet take the one-at-a-time path, after the run before them.
+///
+/// A QoS 1 message the hooks withhold ends the session: the messages before it are
+/// acknowledged, it and every QoS 1 message after it are not (MQTT wants PUBACKs in order).
 async fn on_publishes<S, H>(
     pipeline: &mut Vec<UpPublish>,
     conn: &mut Conn<S>,
@@ -1009,30 +1038,49 @@ where
         pipeline.truncate(i);
     }
     let mut allowed = Vec::with_capacity(pipeline.len());
+    // Per message of the pipeline: its index in `allowed`, when it passed the ACL.
+    let mut run_index = Vec::with_capacity(pipeline.len());
     for publish in pipeline.iter() {
         // Every topic left passed the check above.
         let Ok(topic) = violation::topic_name(&publish.topic) else {
             continue;
         };
         if publish_allowed(live, topic) {
-            allowed.push((topic, publish.payload.clone()));
+            run_index.push(Some(allowed.len()));
+            allowed.push(up_message(topic, publish));
+        } else {
+            run_index.push(None);
         }
     }
-    if !allowed.is_empty() {
+    let outcome = if allowed.is_empty() {
+        RunOutcome::processed()
+    } else {
         // Boxed: the hooks' future would otherwise sit in every connection's task for good.
-        Box::pin(live.hooks.on_publishes(&live.session, &allowed)).await;
-    }
+        Box::pin(live.hooks.on_publishes(&live.session, &allowed)).await
+    };
     drop(allowed);
-    let lost = |_| DisconnectReason::ConnectionLost;
-    for publish in pipeline.drain(..) {
-        if publish.qos == 1 {
-            let ack = PubAck {
-                pkid: publish.pkid,
-                reason: PubAckReason::Success,
-            };
-            conn.queue(Packet::PubAck(ack, None)).map_err(lost)?;
+    let mut acked = Ok(());
+    for (i, publish) in pipeline.iter().enumerate() {
+        if publish.qos != 1 {
+            continue;
+        }
+        if run_index[i].is_some_and(|at| outcome.get(at) == PublishOutcome::Withheld) {
+            let unacked = pipeline[i..].iter().filter(|p| p.qos == 1).count() as u64;
+            acked = Err(withhold(live, unacked));
+            break;
+        }
+        let ack = PubAck {
+            pkid: publish.pkid,
+            reason: PubAckReason::Success,
+        };
+        if conn.queue(Packet::PubAck(ack, None)).is_err() {
+            acked = Err(DisconnectReason::ConnectionLost);
+            break;
         }
     }
+    // Handled either way: never handed to the hooks again.
+    pipeline.clear();
+    acked?;
     // The replies to this run were just queued for this very task (at most one per PUBLISH,
     // and a run is shorter than the session's direct queue): write them now.
     write_direct(conn, &live.handle, flow)?;

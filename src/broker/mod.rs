@@ -55,6 +55,15 @@
 //!   Denied SUBSCRIBE filters get return code 0x80 in their place of the one SUBACK.
 //! - **QoS 2 upstream**: PUBREC after `on_publish`, a retransmission with the same packet id is
 //!   acknowledged without being processed again, PUBREL gets PUBCOMP. Retain flags are ignored.
+//! - **Withheld acknowledgements**: a hook that could not take a message (ingest: the
+//!   forwarding outbox stayed full for `amqp.outbox_full_wait_ms`) answers
+//!   [`PublishOutcome::Withheld`]. MQTT 3.1.1 has no negative PUBACK, so for QoS 1/2 the
+//!   connection acknowledges what came before it, then closes WITHOUT acknowledging it or
+//!   anything after it ([`DisconnectReason::Withheld`], counted in
+//!   `fleetgate_mqtt_publishes_withheld_total`); the device resends those after reconnecting
+//!   (MQTT 3.1.1 §4.4). While a hook waits, the connection reads nothing more from the socket:
+//!   the device's later PUBLISHes wait in TCP. A withheld QoS 0 PUBLISH has nothing to withhold
+//!   (the hook counted it as dropped); the connection goes on.
 //! - **Last will**: never given to rumqttd (its will handling is private to its own server); on
 //!   any end other than a client DISCONNECT, the will is published through the [`Downlink`] if
 //!   its topic belongs to the device (else dropped, `acl_denied{kind="will"}`).
@@ -180,6 +189,9 @@ impl Session {
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisconnectReason {
+    /// The gateway could not take a QoS 1/2 PUBLISH ([`PublishOutcome::Withheld`]) and closed
+    /// the connection without acknowledging it, so that the device sends it again.
+    Withheld,
     /// The client sent DISCONNECT.
     ClientDisconnect,
     /// Socket closed, I/O or protocol error, keep-alive expired.
@@ -190,6 +202,76 @@ pub enum DisconnectReason {
     Kicked,
 }
 
+pub use rumqttd::protocol::QoS;
+
+/// An upstream PUBLISH that passed the ACL, as the hooks see it.
+#[derive(Debug, Clone)]
+pub struct UpMessage<'a> {
+    pub topic: &'a str,
+    pub payload: Bytes,
+    pub qos: QoS,
+}
+
+/// What a hook made of an upstream PUBLISH: whether the broker may acknowledge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Processed (or deliberately ignored, like an unknown topic): acknowledge it.
+    Processed,
+    /// Not taken, and nothing of it must be acknowledged (e.g. the forwarding outbox stayed
+    /// full): for QoS 1/2 the broker closes the connection without the PUBACK/PUBREC, so the
+    /// device sends it again after reconnecting. For QoS 0 there is nothing to withhold: the
+    /// hook has dropped (and counted) it.
+    Withheld,
+}
+
+/// The outcomes of a run of PUBLISHes ([`DeviceHooks::on_publishes`]): every message is
+/// [`PublishOutcome::Processed`] unless marked withheld. Allocates only when one is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Indexes into the run, ascending.
+    withheld: Vec<usize>,
+}
+
+impl RunOutcome {
+    /// Every message of the run processed.
+    pub fn processed() -> Self {
+        RunOutcome::default()
+    }
+
+    /// Marks the run's message `index` withheld.
+    pub fn withhold(&mut self, index: usize) {
+        if let Err(at) = self.withheld.binary_search(&index) {
+            self.withheld.insert(at, index);
+        }
+    }
+
+    pub fn get(&self, index: usize) -> PublishOutcome {
+        if self.withheld.binary_search(&index).is_ok() {
+            PublishOutcome::Withheld
+        } else {
+            PublishOutcome::Processed
+        }
+    }
+
+    /// Whether every message was processed.
+    pub fn all_processed(&self) -> bool {
+        self.withheld.is_empty()
+    }
+}
+
+impl FromIterator<PublishOutcome> for RunOutcome {
+    /// Outcomes in run order.
+    fn from_iter<I: IntoIterator<Item = PublishOutcome>>(iter: I) -> Self {
+        let mut out = RunOutcome::default();
+        for (i, o) in iter.into_iter().enumerate() {
+            if o == PublishOutcome::Withheld {
+                out.withheld.push(i);
+            }
+        }
+        out
+    }
+}
+
 /// The gateway side of the broker: authentication data and upstream traffic.
 pub trait DeviceHooks: Send + Sync + 'static {
     /// Credentials of a device, or `None` when it is unknown.
@@ -198,8 +280,9 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_connect(&self, session: &Session);
     /// A session ended (called exactly once per `on_connect`).
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason);
-    /// An upstream PUBLISH that passed the ACL. The QoS1 PUBACK is written only after the
-    /// returned future completes, so "acknowledged" means "processed".
+    /// An upstream PUBLISH that passed the ACL. The QoS 1 PUBACK (QoS 2 PUBREC) is written only
+    /// after the returned future completes, and only if it says
+    /// [`Processed`](PublishOutcome::Processed): "acknowledged" means "processed".
     ///
     /// The futures of consecutive QoS 0/1 PUBLISHes of one connection may run concurrently
     /// (first-polled in arrival order): an implementation applies whatever must follow the
@@ -208,12 +291,12 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_publish(
         &self,
         session: &Session,
-        topic: &str,
-        payload: Bytes,
-    ) -> impl Future<Output = ()> + Send;
+        message: UpMessage<'_>,
+    ) -> impl Future<Output = PublishOutcome> + Send;
 
     /// A run of upstream PUBLISHes read together from one connection (QoS 0/1, arrival order,
-    /// each past the ACL); their PUBACKs are written, in order, once the future completes.
+    /// each past the ACL); their PUBACKs are written, in order, once the future completes —
+    /// up to the first QoS 1 message the outcome withholds (see [`PublishOutcome::Withheld`]).
     /// The default runs [`Self::on_publish`] for each, concurrently. An implementation may
     /// instead share work between them (ingest writes a run's version reports with one store
     /// submission), keeping the rule above: what follows the device's order is applied
@@ -221,20 +304,21 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_publishes<'a>(
         &'a self,
         session: &'a Session,
-        run: &'a [(&'a str, Bytes)],
-    ) -> impl Future<Output = ()> + Send + 'a {
+        run: &'a [UpMessage<'a>],
+    ) -> impl Future<Output = RunOutcome> + Send + 'a {
         async move {
             match run {
-                [] => {}
-                [(topic, payload)] => self.on_publish(session, topic, payload.clone()).await,
-                _ => {
-                    futures_util::future::join_all(
-                        run.iter().map(|(topic, payload)| {
-                            self.on_publish(session, topic, payload.clone())
-                        }),
-                    )
-                    .await;
+                [] => RunOutcome::processed(),
+                [message] => {
+                    std::iter::once(self.on_publish(session, message.clone()).await).collect()
                 }
+                _ => futures_util::future::join_all(
+                    run.iter()
+                        .map(|message| self.on_publish(session, message.clone())),
+                )
+                .await
+                .into_iter()
+                .collect(),
             }
         }
     }
