@@ -27,6 +27,8 @@
 //! `.await`); the actor is its only writer.
 
 use super::clock::Clock;
+use super::docs::{device_doc_id, parse_doc};
+pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
 use super::MigrationError;
 use crate::metrics::Metrics;
@@ -39,11 +41,6 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-
-/// Store document kinds.
-pub const TASK_DOC: &str = "migration.task";
-pub const DEVICE_DOC: &str = "migration.device";
-pub const LOG_DOC: &str = "migration.log";
 
 /// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
 /// sync changes are "effective within a minute" even if nothing else wakes the actor).
@@ -214,34 +211,6 @@ impl std::fmt::Debug for MigrationEngine {
             .field("tasks", &self.shared.read().tasks.len())
             .finish_non_exhaustive()
     }
-}
-
-fn parse_doc<T: serde::de::DeserializeOwned>(kind: &str, id: &str, body: &str) -> Option<T> {
-    match serde_json::from_str(body) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            // One bad document must not keep the gateway from starting; it is logged loudly.
-            tracing::error!(kind, id, error = %e, "corrupt migration document skipped");
-            None
-        }
-    }
-}
-
-pub(super) fn doc_op<T: serde::Serialize>(kind: &'static str, id: String, value: &T) -> Op {
-    Op::PutDoc {
-        kind,
-        id,
-        // Serialising plain structs of strings and numbers cannot fail.
-        body: serde_json::to_string(value).unwrap_or_default(),
-    }
-}
-
-pub(super) fn device_doc_id(task_id: &str, dn: &str) -> String {
-    format!("{task_id}/{dn}")
-}
-
-pub(super) fn log_doc_id(task_id: &str, seq: u64) -> String {
-    format!("{task_id}/{seq:012}")
 }
 
 impl MigrationEngine {

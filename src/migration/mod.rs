@@ -25,6 +25,7 @@
 //! groups (forwarder) are never touched: a rollback leaves the target's groups in place.
 
 pub mod clock;
+mod docs;
 pub mod engine;
 pub mod machine;
 pub mod model;

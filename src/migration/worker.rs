@@ -9,6 +9,7 @@
 //! wrong instance. A walk that moved something is followed by another walk (devices created
 //! meanwhile); the state finishes after a walk that found nothing.
 
+use super::docs::{device_doc_id, doc_op, log_doc_id, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::engine::*;
 use super::machine::{transition, Event, Refused};
 use super::model::*;
