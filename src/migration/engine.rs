@@ -30,14 +30,15 @@ use super::clock::Clock;
 use super::docs::{device_doc_id, parse_doc};
 pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
+use super::shared::{details, device_statuses, Shared, State, TaskEntry};
 use super::MigrationError;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged, Registry};
 use crate::store::Op;
 use dashmap::DashMap;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -159,42 +160,6 @@ pub(super) enum Command {
         device_name: String,
         reply: oneshot::Sender<()>,
     },
-}
-
-pub(super) struct TaskEntry {
-    pub(super) doc: TaskDoc,
-    pub(super) devices: HashMap<String, DeviceDoc>,
-    pub(super) log: Vec<LogEntry>,
-}
-
-#[derive(Default)]
-pub(super) struct State {
-    pub(super) tasks: BTreeMap<String, TaskEntry>,
-    pub(super) by_product: HashMap<String, String>,
-}
-
-/// Where data of a product's not-yet-migrated devices is mirrored while data sync is on.
-#[derive(Debug, Clone)]
-pub(super) struct SyncRoute {
-    pub(super) target: String,
-    pub(super) expires_at_ms: i64,
-}
-
-pub(super) struct Shared {
-    pub(super) state: RwLock<State>,
-    pub(super) routes: DashMap<String, SyncRoute>,
-    pub(super) clock: Clock,
-    pub(super) registry: Arc<Registry>,
-}
-
-impl Shared {
-    pub(super) fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// The migration engine. Share it as `Arc<MigrationEngine>`.
@@ -647,26 +612,6 @@ impl MigrationEngine {
     }
 }
 
-/// Every device of the task with its status: the product's devices, sorted by name (no doc =
-/// NOT_MIGRATED). Records of deleted devices are dropped when the deletion is heard of, and
-/// are never listed or counted meanwhile.
-fn device_statuses(
-    registry: &Registry,
-    entry: &TaskEntry,
-) -> Vec<(String, DeviceStatus, Option<DeviceDoc>)> {
-    let names = registry
-        .device_names_after(&entry.doc.product_key, None, usize::MAX)
-        .unwrap_or_default();
-    names
-        .into_iter()
-        .map(|dn| {
-            let doc = entry.devices.get(&dn).cloned();
-            let status = doc.as_ref().map_or(DeviceStatus::NotMigrated, |d| d.status);
-            (dn, status, doc)
-        })
-        .collect()
-}
-
 /// The registry observer of the engine: a deleted device leaves its product's task. Weak, so
 /// the registry (which holds its observers) does not keep the engine alive.
 struct DeviceObserverImpl(std::sync::Weak<MigrationEngine>);
@@ -698,70 +643,6 @@ impl DeviceObserver for DeviceObserverImpl {
                 DeviceChange::Created { .. } | DeviceChange::TagsChanged { .. } => {}
             }
         })
-    }
-}
-
-fn summary(doc: &TaskDoc, totals: &DeviceTotals) -> SummaryStatus {
-    if doc.halted {
-        return SummaryStatus::Failed;
-    }
-    match doc.state {
-        s if s.is_running() => SummaryStatus::Migrating,
-        TaskState::CanaryCompleted | TaskState::Completed => {
-            if totals.failed > 0 {
-                SummaryStatus::Failed
-            } else {
-                SummaryStatus::Success
-            }
-        }
-        _ => SummaryStatus::Terminated,
-    }
-}
-
-pub(super) fn details(shared: &Shared, entry: &TaskEntry) -> TaskDetails {
-    let now = shared.clock.now_ms();
-    let mut totals = DeviceTotals::default();
-    for (_, status, _) in device_statuses(&shared.registry, entry) {
-        totals.add(status);
-    }
-    let doc = &entry.doc;
-    let ds = &doc.data_sync;
-    let active = ds.active(now);
-    TaskDetails {
-        task_id: doc.task_id.clone(),
-        name: doc.name.clone(),
-        product_key: doc.product_key.clone(),
-        source_instance_id: doc.source_instance_id.clone(),
-        target_instance_id: doc.target_instance_id.clone(),
-        state: doc.state,
-        status: summary(doc, &totals),
-        halted: doc.halted,
-        error: doc.last_error.clone(),
-        config: doc.config,
-        data_sync: DataSyncView {
-            enabled: active,
-            started_at_ms: ds.enabled_at_ms,
-            expires_at_ms: ds.expires_at_ms().filter(|_| active),
-            disabled_at_ms: if active {
-                None
-            } else {
-                ds.disabled_at_ms.or(ds.expires_at_ms())
-            },
-            disabled_reason: if active {
-                None
-            } else if ds.enabled {
-                // Past its 30 days; the actor records it within a minute.
-                Some("expired".into())
-            } else {
-                ds.disabled_reason.clone()
-            },
-            can_enable: !(ds.locked
-                || (!active && ds.enabled && doc.state == TaskState::Completed)),
-        },
-        devices: totals,
-        created_at_ms: doc.created_at_ms,
-        updated_at_ms: doc.updated_at_ms,
-        completed_at_ms: doc.completed_at_ms,
     }
 }
 

@@ -29,6 +29,7 @@ mod docs;
 pub mod engine;
 pub mod machine;
 pub mod model;
+mod shared;
 mod worker;
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use super::docs::{device_doc_id, doc_op, log_doc_id, DEVICE_DOC, LOG_DOC, TASK_D
 use super::engine::*;
 use super::machine::{transition, Event, Refused};
 use super::model::*;
+use super::shared::{details, Shared, SyncRoute, TaskEntry};
 use super::MigrationError;
 use crate::metrics::Metrics;
 use crate::registry::RegistryError;
