@@ -27,6 +27,8 @@
 //! `.await`); the actor is its only writer.
 
 use super::clock::Clock;
+use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
+use super::config::{EngineConfig, Hooks};
 use super::docs::{device_doc_id, parse_doc};
 pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
@@ -39,85 +41,8 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-
-/// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
-/// sync changes are "effective within a minute" even if nothing else wakes the actor).
-pub(super) const TICK: Duration = Duration::from_secs(60);
-/// Device names read from the registry per walk step.
-pub(super) const SCAN_CHUNK: usize = 1024;
-/// First retry delay after a fault (auto resume); doubles up to [`MAX_BACKOFF`].
-pub(super) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Engine settings (the `[migration]` section of the configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EngineConfig {
-    /// Devices moved per second over all tasks (governor); 0 = unthrottled.
-    pub devices_per_sec: u32,
-    /// Devices moved per batch (one group-committed store transaction).
-    pub batch_size: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            devices_per_sec: 500,
-            batch_size: 256,
-        }
-    }
-}
-
-/// Called with `(product_key, device_name)` for a connected device that was moved, so the
-/// broker drops its session and the device reconnects (into its new instance).
-pub type KickFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
-/// Called with `(target_instance_id, bytes_per_sec)` when a task's data-sync bandwidth limit
-/// applies (`Some`) or stops applying (`None`); the app wires it to the forwarder's limiter.
-pub type RateLimitFn = Arc<dyn Fn(&str, Option<u64>) + Send + Sync>;
-
-/// What the engine calls out to.
-#[derive(Clone)]
-pub struct Hooks {
-    pub kick: KickFn,
-    pub set_rate_limit: RateLimitFn,
-}
-
-impl Default for Hooks {
-    fn default() -> Self {
-        Hooks {
-            kick: Arc::new(|_, _| {}),
-            set_rate_limit: Arc::new(|_, _| {}),
-        }
-    }
-}
-
-/// A new task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewTask {
-    pub product_key: String,
-    pub target_instance_id: String,
-    pub name: Option<String>,
-    pub config: MigrationConfig,
-}
-
-/// Which devices a rollback moves back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RollbackSelection {
-    All,
-    Picked(Vec<String>),
-}
-
-/// The answer to a lifecycle call: the task now, and the selection rows that were refused.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub details: TaskDetails,
-    pub rejected: Vec<RejectedRow>,
-    /// Devices the call selected (canary / picked rollback).
-    pub accepted: usize,
-}
 
 /// Task list filter.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -131,35 +56,6 @@ pub struct TaskFilter {
 pub struct DeviceListFilter {
     pub status: Option<DeviceStatus>,
     pub device_name: Option<String>,
-}
-
-pub(super) enum Request {
-    Create(NewTask),
-    Delete,
-    Configure(MigrationConfig),
-    Canary(Vec<String>),
-    Full,
-    Pause,
-    Continue,
-    Rollback(RollbackSelection),
-    DataSync(bool),
-}
-
-pub(super) enum Command {
-    Task {
-        task_id: String,
-        request: Request,
-        actor: Actor,
-        reply: oneshot::Sender<Result<Option<Outcome>, MigrationError>>,
-    },
-    SetRate(u32, oneshot::Sender<()>),
-    Wake,
-    /// The registry deleted a device (see [`DeviceObserverImpl`]).
-    DeviceDeleted {
-        product_key: String,
-        device_name: String,
-        reply: oneshot::Sender<()>,
-    },
 }
 
 /// The migration engine. Share it as `Arc<MigrationEngine>`.
@@ -644,67 +540,4 @@ impl DeviceObserver for DeviceObserverImpl {
             }
         })
     }
-}
-
-/// Checks a device-name selection against the product: duplicates, unknown names, and
-/// `eligible` (why a known device cannot be selected). Returns the accepted names in input
-/// order and the refused rows.
-pub(super) fn check_selection(
-    registry: &Registry,
-    pk: &str,
-    names: Vec<String>,
-    mut eligible: impl FnMut(&str, &str) -> Result<(), String>,
-) -> (Vec<String>, Vec<RejectedRow>) {
-    let mut first_row: HashMap<String, usize> = HashMap::with_capacity(names.len());
-    let mut accepted = Vec::with_capacity(names.len());
-    let mut rejected = Vec::new();
-    for (i, dn) in names.into_iter().enumerate() {
-        let row = i + 1;
-        let reject = |code: &str, msg: String| RejectedRow {
-            row,
-            device_name: dn.clone(),
-            error_code: code.to_owned(),
-            error_msg: msg,
-        };
-        if dn.is_empty() {
-            rejected.push(reject("FG.1001", "empty device name".into()));
-            continue;
-        }
-        if let Some(first) = first_row.get(&dn) {
-            rejected.push(reject(
-                "FG.1001",
-                format!("duplicate: {dn:?} already appears at row {first}"),
-            ));
-            continue;
-        }
-        first_row.insert(dn.clone(), row);
-        match registry.device_instance(pk, &dn) {
-            None => rejected.push(reject(
-                "FG.2003",
-                format!("device {dn:?} not found in product {pk}"),
-            )),
-            Some(owner) => match eligible(&dn, &owner) {
-                Ok(()) => accepted.push(dn),
-                Err(why) => rejected.push(reject("FG.1001", why)),
-            },
-        }
-    }
-    (accepted, rejected)
-}
-
-/// `bandwidth_limit_mb` within 1..=10240.
-pub fn validate_config(config: &MigrationConfig) -> Result<(), MigrationError> {
-    if let Some(b) = config.bandwidth_limit_mb {
-        if !BANDWIDTH_MB_RANGE.contains(&b) {
-            return Err(MigrationError::Invalid {
-                field: "bandwidth_limit_mb",
-                message: format!(
-                    "must be an integer from {} to {}",
-                    BANDWIDTH_MB_RANGE.start(),
-                    BANDWIDTH_MB_RANGE.end()
-                ),
-            });
-        }
-    }
-    Ok(())
 }

@@ -9,14 +9,15 @@
 //! wrong instance. A walk that moved something is followed by another walk (devices created
 //! meanwhile); the state finishes after a walk that found nothing.
 
+use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
+use super::config::{EngineConfig, Hooks};
 use super::docs::{device_doc_id, doc_op, log_doc_id, DEVICE_DOC, LOG_DOC, TASK_DOC};
-use super::engine::*;
 use super::machine::{transition, Event, Refused};
 use super::model::*;
 use super::shared::{details, Shared, SyncRoute, TaskEntry};
 use super::MigrationError;
 use crate::metrics::Metrics;
-use crate::registry::RegistryError;
+use crate::registry::{Registry, RegistryError};
 use crate::store::{Op, StoreError};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -25,6 +26,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+/// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
+/// sync changes are "effective within a minute" even if nothing else wakes the actor).
+const TICK: Duration = Duration::from_secs(60);
+/// Device names read from the registry per walk step.
+const SCAN_CHUNK: usize = 1024;
+/// First retry delay after a fault (auto resume); doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A batch of device moves chosen by `Worker::next_job`.
 struct Job {
@@ -1355,4 +1365,50 @@ fn no_device_selected(field: &'static str, rejected: &[RejectedRow]) -> Migratio
             examples.join("; ")
         ),
     }
+}
+
+/// Checks a device-name selection against the product: duplicates, unknown names, and
+/// `eligible` (why a known device cannot be selected). Returns the accepted names in input
+/// order and the refused rows.
+fn check_selection(
+    registry: &Registry,
+    pk: &str,
+    names: Vec<String>,
+    mut eligible: impl FnMut(&str, &str) -> Result<(), String>,
+) -> (Vec<String>, Vec<RejectedRow>) {
+    let mut first_row: HashMap<String, usize> = HashMap::with_capacity(names.len());
+    let mut accepted = Vec::with_capacity(names.len());
+    let mut rejected = Vec::new();
+    for (i, dn) in names.into_iter().enumerate() {
+        let row = i + 1;
+        let reject = |code: &str, msg: String| RejectedRow {
+            row,
+            device_name: dn.clone(),
+            error_code: code.to_owned(),
+            error_msg: msg,
+        };
+        if dn.is_empty() {
+            rejected.push(reject("FG.1001", "empty device name".into()));
+            continue;
+        }
+        if let Some(first) = first_row.get(&dn) {
+            rejected.push(reject(
+                "FG.1001",
+                format!("duplicate: {dn:?} already appears at row {first}"),
+            ));
+            continue;
+        }
+        first_row.insert(dn.clone(), row);
+        match registry.device_instance(pk, &dn) {
+            None => rejected.push(reject(
+                "FG.2003",
+                format!("device {dn:?} not found in product {pk}"),
+            )),
+            Some(owner) => match eligible(&dn, &owner) {
+                Ok(()) => accepted.push(dn),
+                Err(why) => rejected.push(reject("FG.1001", why)),
+            },
+        }
+    }
+    (accepted, rejected)
 }
