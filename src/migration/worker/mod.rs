@@ -9,6 +9,8 @@
 //! wrong instance. A walk that moved something is followed by another walk (devices created
 //! meanwhile); the state finishes after a walk that found nothing.
 
+mod batch;
+
 use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
 use super::config::{EngineConfig, Hooks};
 use super::docs::{device_doc_id, doc_op, log_doc_id, DEVICE_DOC, LOG_DOC, TASK_DOC};
@@ -17,10 +19,11 @@ use super::model::*;
 use super::shared::{details, Shared, SyncRoute, TaskEntry};
 use super::MigrationError;
 use crate::metrics::Metrics;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::Registry;
 use crate::store::{Op, StoreError};
+use batch::{Cursor, Next};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,42 +33,9 @@ use tokio::time::Instant;
 /// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
 /// sync changes are "effective within a minute" even if nothing else wakes the actor).
 const TICK: Duration = Duration::from_secs(60);
-/// Device names read from the registry per walk step.
-const SCAN_CHUNK: usize = 1024;
 /// First retry delay after a fault (auto resume); doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// A batch of device moves chosen by `Worker::next_job`.
-struct Job {
-    task_id: String,
-    product_key: String,
-    /// Where the devices go.
-    to_instance: String,
-    /// Status the moved devices get.
-    status: DeviceStatus,
-    names: Vec<String>,
-    /// Cursor after this batch (walks only).
-    cursor: Option<Cursor>,
-    /// Taken from the queue (queues only).
-    from_queue: bool,
-}
-
-/// Position of a walk over the product's device names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Cursor {
-    after: Option<String>,
-    /// This walk moved something (so another walk follows).
-    moved: bool,
-}
-
-enum Next {
-    Batch(Job),
-    Finish(String),
-    /// A sweep of a COMPLETED task found nothing more.
-    SweepDone(String),
-    Idle,
-}
 
 /// Per-task state of the actor that is not persisted (rebuilt from the docs at start).
 #[derive(Default)]
@@ -993,248 +963,6 @@ impl Worker {
         Ok(self.outcome(task_id, 0, Vec::new()))
     }
 
-    // ----- device work -----
-
-    /// The next batch, round-robin over tasks with work; `Finish` when a running task's work
-    /// is done.
-    fn next_job(&mut self) -> Next {
-        let now_i = Instant::now();
-        let batch_max = match self.config.devices_per_sec {
-            0 => self.config.batch_size,
-            rate => self.config.batch_size.min(rate as usize),
-        }
-        .max(1);
-        let candidates: Vec<TaskDoc> = {
-            let state = self.shared.read();
-            state
-                .tasks
-                .values()
-                .filter(|t| !t.doc.halted)
-                .filter(|t| {
-                    t.doc.state.is_running()
-                        || (t.doc.state == TaskState::Completed
-                            && self.runtime.get(&t.doc.task_id).is_some_and(|r| r.sweeping))
-                })
-                .map(|t| t.doc.clone())
-                .collect()
-        };
-        if candidates.is_empty() {
-            return Next::Idle;
-        }
-        let len = candidates.len();
-        for i in 0..len {
-            let doc = &candidates[(self.rr + i) % len];
-            let rt = self.runtime.entry(doc.task_id.clone()).or_default();
-            if rt.retry_at.is_some_and(|at| at > now_i) {
-                continue;
-            }
-            self.rr = (self.rr + i + 1) % len;
-            return self.job_for(doc, batch_max);
-        }
-        Next::Idle
-    }
-
-    fn job_for(&mut self, doc: &TaskDoc, batch_max: usize) -> Next {
-        let registry = self.shared.registry.clone();
-        let rt = self.runtime.entry(doc.task_id.clone()).or_default();
-        let pk = &doc.product_key;
-        let (to_instance, from_instance, status) = match doc.state.work() {
-            Some(Work::Rollback) => (
-                &doc.source_instance_id,
-                &doc.target_instance_id,
-                DeviceStatus::RolledBack,
-            ),
-            _ => (
-                &doc.target_instance_id,
-                &doc.source_instance_id,
-                DeviceStatus::Migrated,
-            ),
-        };
-        let job = |names, cursor, from_queue| Job {
-            task_id: doc.task_id.clone(),
-            product_key: pk.clone(),
-            to_instance: to_instance.clone(),
-            status,
-            names,
-            cursor,
-            from_queue,
-        };
-        let queued = matches!(doc.state.work(), Some(Work::Canary))
-            || (doc.state.work() == Some(Work::Rollback) && !doc.rollback_all);
-        if queued {
-            if rt.queue.is_empty() {
-                return Next::Finish(doc.task_id.clone());
-            }
-            let names: Vec<String> = rt.queue.iter().take(batch_max).cloned().collect();
-            return Next::Batch(job(names, None, true));
-        }
-        // A walk: every device still owned by `from_instance`.
-        let mut cursor = rt.cursor.clone();
-        let mut names = Vec::new();
-        loop {
-            // A product that is gone has nothing left to move.
-            let chunk = registry
-                .device_names_after(pk, cursor.after.as_deref(), SCAN_CHUNK)
-                .unwrap_or_default();
-            if chunk.is_empty() {
-                if !names.is_empty() {
-                    break;
-                }
-                if cursor.moved {
-                    // Walk again: devices created meanwhile behind the cursor.
-                    cursor = Cursor::default();
-                    rt.cursor = cursor.clone();
-                    continue;
-                }
-                rt.cursor = Cursor::default();
-                return if doc.state == TaskState::Completed {
-                    Next::SweepDone(doc.task_id.clone())
-                } else {
-                    Next::Finish(doc.task_id.clone())
-                };
-            }
-            for dn in chunk {
-                if names.len() == batch_max {
-                    break;
-                }
-                if registry.device_instance(pk, &dn).as_deref() == Some(from_instance.as_str()) {
-                    names.push(dn.clone());
-                }
-                cursor.after = Some(dn);
-            }
-            if names.len() == batch_max {
-                break;
-            }
-        }
-        cursor.moved = true;
-        Next::Batch(job(names, Some(cursor), false))
-    }
-
-    async fn run_batch(&mut self, job: Job) {
-        let now = self.now();
-        let done = DeviceDoc {
-            status: job.status,
-            reason: None,
-            pending: None,
-            updated_at_ms: now,
-        };
-        let tid = job.task_id.clone();
-        let result = self
-            .shared
-            .registry
-            .set_devices_instance(&job.product_key, &job.names, &job.to_instance, |dn| {
-                vec![doc_op(DEVICE_DOC, device_doc_id(&tid, dn), &done)]
-            })
-            .await;
-        let results = match result {
-            Ok(r) => r,
-            Err(RegistryError::NotFound {
-                kind: "product", ..
-            }) => job
-                .names
-                .iter()
-                .map(|dn| {
-                    Err(RegistryError::NotFound {
-                        kind: "device",
-                        id: format!("{}/{dn}", job.product_key),
-                    })
-                })
-                .collect(),
-            Err(e) => {
-                self.fault(&job.task_id, e.to_string()).await;
-                return;
-            }
-        };
-        let mut moved: Vec<String> = Vec::with_capacity(results.len());
-        let mut gone: Vec<String> = Vec::new();
-        let mut fault: Option<String> = None;
-        let mut failed: Vec<(String, String)> = Vec::new();
-        let mut kicks: Vec<String> = Vec::new();
-        for (dn, r) in job.names.iter().zip(results) {
-            match r {
-                Ok(device) => {
-                    if device.online {
-                        kicks.push(dn.clone());
-                    }
-                    moved.push(dn.clone());
-                }
-                Err(RegistryError::NotFound { .. }) => gone.push(dn.clone()),
-                Err(e) => {
-                    fault.get_or_insert_with(|| e.to_string());
-                    failed.push((dn.clone(), e.to_string()));
-                }
-            }
-        }
-        {
-            let mut state = self.shared.write();
-            if let Some(t) = state.tasks.get_mut(&tid) {
-                for dn in &moved {
-                    t.devices.insert(dn.clone(), done.clone());
-                }
-                // FAILED with the reason until a later attempt moves it (auto: after the
-                // backoff; manual: after continue). In memory only — the store just refused
-                // this device's write; after a restart the device is simply retried.
-                for (dn, reason) in &failed {
-                    let pending = t.devices.get(dn).and_then(|d| d.pending);
-                    t.devices.insert(
-                        dn.clone(),
-                        DeviceDoc {
-                            status: DeviceStatus::Failed,
-                            reason: Some(reason.clone()),
-                            pending,
-                            updated_at_ms: now,
-                        },
-                    );
-                }
-                if fault.is_none() {
-                    t.doc.last_error = None;
-                }
-            }
-        }
-        // Devices deleted before their turn (the registry's notice may still be on its way)
-        // leave the task; not a failure.
-        if !gone.is_empty() {
-            self.forget_devices(&tid, &gone, "no longer exists").await;
-        }
-        let result_label = if job.status == DeviceStatus::RolledBack {
-            "rolled_back"
-        } else {
-            "migrated"
-        };
-        self.metrics
-            .migration_devices
-            .get_or_create(&[("result", result_label)])
-            .inc_by(moved.len() as u64);
-        self.metrics
-            .migration_devices
-            .get_or_create(&[("result", "failed")])
-            .inc_by(failed.len() as u64);
-        for dn in &kicks {
-            (self.hooks.kick)(&job.product_key, dn);
-        }
-        self.metrics.migration_kicks.inc_by(kicks.len() as u64);
-        let rt = self.runtime.entry(tid.clone()).or_default();
-        if job.from_queue {
-            let handled: HashSet<&String> = moved.iter().chain(gone.iter()).collect();
-            rt.queue.retain(|dn| !handled.contains(dn));
-        } else if let Some(c) = job.cursor {
-            rt.cursor = c;
-        }
-        if rt.sweeping {
-            rt.swept += moved.len() as u64;
-        }
-        match fault {
-            Some(e) => {
-                // Walks start over so the devices that did not move are found again.
-                rt.cursor = Cursor::default();
-                self.fault(&tid, e).await;
-            }
-            None => {
-                rt.backoff = None;
-            }
-        }
-    }
-
     /// A store fault while moving devices: retry later (auto) or halt (manual).
     async fn fault(&mut self, task_id: &str, error: String) {
         self.metrics.migration_faults.inc();
@@ -1281,46 +1009,6 @@ impl Worker {
                     }
                 }
             }
-        }
-    }
-
-    /// The running state's work is done: apply `Finished`.
-    async fn finish(&mut self, task_id: &str) {
-        let Ok(doc) = self.doc(task_id) else {
-            return;
-        };
-        let Ok(t) = transition(doc.state, doc.halted, Event::Finished) else {
-            return;
-        };
-        let from = doc.state;
-        let now = self.now();
-        let mut next = doc;
-        next.state = t.to;
-        if t.to == TaskState::Completed {
-            next.completed_at_ms = Some(now);
-        }
-        if t.to == TaskState::ToMigrate {
-            next.rollback_all = false;
-            next.completed_at_ms = None;
-        }
-        let detail = format!("{from} finished");
-        match self
-            .save(
-                next,
-                Actor::system(),
-                "finished",
-                Some(from),
-                detail,
-                Vec::new(),
-            )
-            .await
-        {
-            Ok(()) => {
-                let rt = self.runtime.entry(task_id.to_owned()).or_default();
-                rt.cursor = Cursor::default();
-                rt.queue.clear();
-            }
-            Err(e) => self.fault(task_id, e.to_string()).await,
         }
     }
 
