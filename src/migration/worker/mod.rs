@@ -10,6 +10,7 @@
 //! meanwhile); the state finishes after a walk that found nothing.
 
 mod batch;
+mod fault;
 
 use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
 use super::config::{EngineConfig, Hooks};
@@ -33,10 +34,6 @@ use tokio::time::Instant;
 /// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
 /// sync changes are "effective within a minute" even if nothing else wakes the actor).
 const TICK: Duration = Duration::from_secs(60);
-/// First retry delay after a fault (auto resume); doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
 /// Per-task state of the actor that is not persisted (rebuilt from the docs at start).
 #[derive(Default)]
 struct Runtime {
@@ -961,55 +958,6 @@ impl Worker {
                 .await?;
         }
         Ok(self.outcome(task_id, 0, Vec::new()))
-    }
-
-    /// A store fault while moving devices: retry later (auto) or halt (manual).
-    async fn fault(&mut self, task_id: &str, error: String) {
-        self.metrics.migration_faults.inc();
-        let Ok(mut doc) = self.doc(task_id) else {
-            return;
-        };
-        tracing::warn!(task_id, error = %error, resume_mode = ?doc.config.resume_mode, "migration fault");
-        doc.last_error = Some(error.clone());
-        let rt = self.runtime.entry(task_id.to_owned()).or_default();
-        match doc.config.resume_mode {
-            ResumeMode::Auto => {
-                let backoff = rt
-                    .backoff
-                    .map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
-                rt.backoff = Some(backoff);
-                rt.retry_at = Some(Instant::now() + backoff);
-                // Recorded in memory only: the store just failed, and the next successful batch
-                // clears it anyway.
-                let mut state = self.shared.write();
-                if let Some(t) = state.tasks.get_mut(task_id) {
-                    t.doc.last_error =
-                        Some(format!("{error} (retrying in {}s)", backoff.as_secs()));
-                }
-            }
-            ResumeMode::Manual => {
-                doc.halted = true;
-                let detail = format!("halted until continue: {error}");
-                if let Err(e) = self
-                    .save(
-                        doc.clone(),
-                        Actor::system(),
-                        "halted",
-                        None,
-                        detail,
-                        Vec::new(),
-                    )
-                    .await
-                {
-                    // Halt in memory at least; the store is failing right now.
-                    tracing::error!(task_id, error = %e, "cannot persist the halt");
-                    let mut state = self.shared.write();
-                    if let Some(t) = state.tasks.get_mut(task_id) {
-                        t.doc = doc;
-                    }
-                }
-            }
-        }
     }
 
     async fn sweep_done(&mut self, task_id: &str) {
