@@ -11,13 +11,15 @@
 
 mod batch;
 mod fault;
+mod routes;
+mod sweep;
 
 use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
 use super::config::{EngineConfig, Hooks};
 use super::docs::{device_doc_id, doc_op, log_doc_id, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::machine::{transition, Event, Refused};
 use super::model::*;
-use super::shared::{details, Shared, SyncRoute, TaskEntry};
+use super::shared::{details, Shared, TaskEntry};
 use super::MigrationError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -28,12 +30,10 @@ use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
+use sweep::TICK;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-/// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
-/// sync changes are "effective within a minute" even if nothing else wakes the actor).
-const TICK: Duration = Duration::from_secs(60);
 /// Per-task state of the actor that is not persisted (rebuilt from the docs at start).
 #[derive(Default)]
 struct Runtime {
@@ -121,34 +121,6 @@ impl Worker {
         self.metrics.migration_running_tasks.set(running as i64);
     }
 
-    /// Installs or removes the product's data-sync route and the target's bandwidth limit.
-    fn apply_route(&self, doc: &TaskDoc) {
-        let now = self.now();
-        if doc.data_sync.active(now) {
-            let expires_at_ms = doc.data_sync.expires_at_ms().unwrap_or(now);
-            self.shared.routes.insert(
-                doc.product_key.clone(),
-                SyncRoute {
-                    target: doc.target_instance_id.clone(),
-                    expires_at_ms,
-                },
-            );
-            (self.hooks.set_rate_limit)(
-                &doc.target_instance_id,
-                doc.config
-                    .bandwidth_limit_mb
-                    .map(|mb| u64::from(mb) * 1024 * 1024),
-            );
-        } else if self
-            .shared
-            .routes
-            .remove_if(&doc.product_key, |_, r| r.target == doc.target_instance_id)
-            .is_some()
-        {
-            (self.hooks.set_rate_limit)(&doc.target_instance_id, None);
-        }
-    }
-
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<Command>,
@@ -197,96 +169,6 @@ impl Worker {
             }
         }
         tracing::debug!("migration actor stopped");
-    }
-
-    fn next_deadline(&self) -> Instant {
-        let now_i = Instant::now();
-        let now = self.now();
-        let mut deadline = self.next_tick;
-        for r in self.shared.routes.iter() {
-            let wait = Duration::from_millis(r.expires_at_ms.saturating_sub(now).max(0) as u64);
-            deadline = deadline.min(now_i + wait);
-        }
-        for rt in self.runtime.values() {
-            if let Some(at) = rt.retry_at {
-                deadline = deadline.min(at);
-            }
-        }
-        deadline
-    }
-
-    async fn on_deadline(&mut self) {
-        let now_i = Instant::now();
-        if now_i >= self.next_tick {
-            self.next_tick = now_i + TICK;
-            let completed: Vec<String> = self
-                .shared
-                .read()
-                .tasks
-                .values()
-                .filter(|t| t.doc.state == TaskState::Completed)
-                .map(|t| t.doc.task_id.clone())
-                .collect();
-            for tid in completed {
-                self.runtime.entry(tid).or_default().sweeping = true;
-            }
-        }
-        for rt in self.runtime.values_mut() {
-            if rt.retry_at.is_some_and(|at| at <= now_i) {
-                rt.retry_at = None;
-            }
-        }
-        self.expire_data_sync().await;
-    }
-
-    /// Turns data sync off for tasks past their 30 days.
-    async fn expire_data_sync(&mut self) {
-        let now = self.now();
-        let expired: Vec<TaskDoc> = self
-            .shared
-            .read()
-            .tasks
-            .values()
-            .filter(|t| t.doc.data_sync.enabled && !t.doc.data_sync.active(now))
-            .map(|t| t.doc.clone())
-            .collect();
-        for mut doc in expired {
-            let at = doc.data_sync.expires_at_ms().unwrap_or(now);
-            doc.data_sync.enabled = false;
-            doc.data_sync.disabled_at_ms = Some(at);
-            doc.data_sync.disabled_reason = Some("expired".into());
-            if doc.state == TaskState::Completed {
-                doc.data_sync.locked = true;
-            }
-            let detail =
-                format!("data sync turned itself off {DATA_SYNC_DAYS} days after it was turned on");
-            if let Err(e) = self
-                .save(
-                    doc,
-                    Actor::system(),
-                    "data_sync_expired",
-                    None,
-                    detail,
-                    Vec::new(),
-                )
-                .await
-            {
-                tracing::error!(error = %e, "cannot record data-sync expiry; retrying at the next tick");
-                // The route is removed regardless: expired data sync must not mirror.
-            }
-        }
-        let stale: Vec<String> = self
-            .shared
-            .routes
-            .iter()
-            .filter(|r| now >= r.expires_at_ms)
-            .map(|r| r.key().clone())
-            .collect();
-        for pk in stale {
-            if let Some((_, r)) = self.shared.routes.remove(&pk) {
-                (self.hooks.set_rate_limit)(&r.target, None);
-            }
-        }
     }
 
     /// Persists `doc` (plus `extra` ops and a log line) and then applies it in memory.
@@ -958,25 +840,6 @@ impl Worker {
                 .await?;
         }
         Ok(self.outcome(task_id, 0, Vec::new()))
-    }
-
-    async fn sweep_done(&mut self, task_id: &str) {
-        let rt = self.runtime.entry(task_id.to_owned()).or_default();
-        rt.sweeping = false;
-        let swept = std::mem::take(&mut rt.swept);
-        if swept == 0 {
-            return;
-        }
-        let Ok(doc) = self.doc(task_id) else {
-            return;
-        };
-        let detail = format!("moved {swept} devices created in the source after COMPLETED");
-        if let Err(e) = self
-            .save(doc, Actor::system(), "swept", None, detail, Vec::new())
-            .await
-        {
-            tracing::warn!(task_id, error = %e, "cannot log the sweep");
-        }
     }
 }
 
