@@ -1,6 +1,7 @@
 //! `canary`: moves the named devices (a queue persisted as `pending` markers).
 
-use super::{check_selection, no_device_selected, refused};
+use super::refused;
+use super::selection::{select, Purpose};
 use crate::migration::command::Outcome;
 use crate::migration::docs::{device_doc_id, doc_op, DEVICE_DOC};
 use crate::migration::machine::{transition, Event};
@@ -19,34 +20,7 @@ impl Worker {
         let doc = self.doc(task_id)?;
         let t = transition(doc.state, doc.halted, Event::Canary).map_err(refused(task_id))?;
         Self::refuse_incremental(&doc, Event::Canary)?;
-        if names.is_empty() {
-            return Err(MigrationError::Invalid {
-                field: "device_names",
-                message: "at least one device is required".into(),
-            });
-        }
-        if names.len() > MAX_PICKED {
-            return Err(MigrationError::TooMany {
-                field: "device_names",
-                max: MAX_PICKED,
-            });
-        }
-        let target = doc.target_instance_id.clone();
-        let (accepted, rejected) = check_selection(
-            &self.shared.registry,
-            &doc.product_key,
-            names,
-            |dn, owner| {
-                if owner == target {
-                    Err(format!("device {dn:?} is already in the target instance"))
-                } else {
-                    Ok(())
-                }
-            },
-        );
-        if accepted.is_empty() {
-            return Err(no_device_selected("device_names", &rejected));
-        }
+        let (accepted, rejected) = select(&self.shared.registry, &doc, names, Purpose::Canary)?;
         let now = self.now();
         let marker = DeviceDoc {
             status: DeviceStatus::Migrating,

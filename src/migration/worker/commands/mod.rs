@@ -10,14 +10,13 @@ mod data_sync;
 mod delete;
 mod lifecycle;
 mod rollback;
+mod selection;
 
 use super::{limiter_for, Worker};
 use crate::migration::command::{Command, Outcome, Request};
 use crate::migration::machine::{Event, Refused};
 use crate::migration::model::*;
 use crate::migration::MigrationError;
-use crate::registry::Registry;
-use std::collections::HashMap;
 use tokio::time::Instant;
 
 impl Worker {
@@ -99,66 +98,4 @@ fn refused(task_id: &str) -> impl FnOnce(Refused) -> MigrationError + '_ {
         task_id: task_id.to_owned(),
         refused: r,
     }
-}
-
-fn no_device_selected(field: &'static str, rejected: &[RejectedRow]) -> MigrationError {
-    let examples: Vec<String> = rejected
-        .iter()
-        .take(3)
-        .map(|r| format!("row {}: {}", r.row, r.error_msg))
-        .collect();
-    MigrationError::Invalid {
-        field,
-        message: format!(
-            "no usable device in the selection ({} refused; {})",
-            rejected.len(),
-            examples.join("; ")
-        ),
-    }
-}
-
-/// Checks a device-name selection against the product: duplicates, unknown names, and
-/// `eligible` (why a known device cannot be selected). Returns the accepted names in input
-/// order and the refused rows.
-fn check_selection(
-    registry: &Registry,
-    pk: &str,
-    names: Vec<String>,
-    mut eligible: impl FnMut(&str, &str) -> Result<(), String>,
-) -> (Vec<String>, Vec<RejectedRow>) {
-    let mut first_row: HashMap<String, usize> = HashMap::with_capacity(names.len());
-    let mut accepted = Vec::with_capacity(names.len());
-    let mut rejected = Vec::new();
-    for (i, dn) in names.into_iter().enumerate() {
-        let row = i + 1;
-        let reject = |code: &str, msg: String| RejectedRow {
-            row,
-            device_name: dn.clone(),
-            error_code: code.to_owned(),
-            error_msg: msg,
-        };
-        if dn.is_empty() {
-            rejected.push(reject("FG.1001", "empty device name".into()));
-            continue;
-        }
-        if let Some(first) = first_row.get(&dn) {
-            rejected.push(reject(
-                "FG.1001",
-                format!("duplicate: {dn:?} already appears at row {first}"),
-            ));
-            continue;
-        }
-        first_row.insert(dn.clone(), row);
-        match registry.device_instance(pk, &dn) {
-            None => rejected.push(reject(
-                "FG.2003",
-                format!("device {dn:?} not found in product {pk}"),
-            )),
-            Some(owner) => match eligible(&dn, &owner) {
-                Ok(()) => accepted.push(dn),
-                Err(why) => rejected.push(reject("FG.1001", why)),
-            },
-        }
-    }
-    (accepted, rejected)
 }

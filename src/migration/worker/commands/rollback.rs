@@ -1,7 +1,8 @@
 //! `rollback`: every migrated device back to the source ("all", a walk) or the picked ones (a
 //! queue persisted as `pending` markers); refused once the product left the source instance.
 
-use super::{check_selection, no_device_selected, refused};
+use super::refused;
+use super::selection::{select, Purpose};
 use crate::migration::command::{Outcome, RollbackSelection};
 use crate::migration::docs::{device_doc_id, doc_op, DEVICE_DOC};
 use crate::migration::machine::{transition, Event};
@@ -62,36 +63,8 @@ impl Worker {
         let (all, accepted, rejected) = match selection {
             RollbackSelection::All => (true, Vec::new(), Vec::new()),
             RollbackSelection::Picked(names) => {
-                if names.is_empty() {
-                    return Err(MigrationError::Invalid {
-                        field: "device_names",
-                        message: "at least one device is required (or {\"all\":true})".into(),
-                    });
-                }
-                if names.len() > MAX_PICKED {
-                    return Err(MigrationError::TooMany {
-                        field: "device_names",
-                        max: MAX_PICKED,
-                    });
-                }
-                let target = doc.target_instance_id.clone();
-                let (accepted, rejected) = check_selection(
-                    &self.shared.registry,
-                    &doc.product_key,
-                    names,
-                    |dn, owner| {
-                        if owner == target {
-                            Ok(())
-                        } else {
-                            Err(format!(
-                                "device {dn:?} is not migrated; nothing to roll back"
-                            ))
-                        }
-                    },
-                );
-                if accepted.is_empty() {
-                    return Err(no_device_selected("device_names", &rejected));
-                }
+                let (accepted, rejected) =
+                    select(&self.shared.registry, &doc, names, Purpose::Rollback)?;
                 {
                     let state = self.shared.read();
                     let devices = state.tasks.get(task_id).map(|t| &t.devices);
