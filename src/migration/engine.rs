@@ -29,17 +29,14 @@
 use super::clock::Clock;
 use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
 use super::config::{EngineConfig, Hooks};
-use super::docs::{device_doc_id, parse_doc};
 pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
 use super::shared::{details, device_statuses, Shared, State, TaskEntry};
 use super::MigrationError;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged, Registry};
-use crate::store::Op;
 use dashmap::DashMap;
 use serde::Deserialize;
-use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -83,72 +80,7 @@ impl MigrationEngine {
         config: EngineConfig,
         hooks: Hooks,
     ) -> Result<Arc<MigrationEngine>, MigrationError> {
-        let store = registry.store().clone();
-        let mut state = State::default();
-        for (id, body) in store.load_documents(TASK_DOC)? {
-            if let Some(doc) = parse_doc::<TaskDoc>(TASK_DOC, &id, &body) {
-                state
-                    .by_product
-                    .insert(doc.product_key.clone(), doc.task_id.clone());
-                state.tasks.insert(
-                    doc.task_id.clone(),
-                    TaskEntry {
-                        doc,
-                        devices: HashMap::new(),
-                        log: Vec::new(),
-                    },
-                );
-            }
-        }
-        for (id, body) in store.load_documents(DEVICE_DOC)? {
-            let Some((tid, dn)) = id.split_once('/') else {
-                continue;
-            };
-            let Some(entry) = state.tasks.get_mut(tid) else {
-                continue;
-            };
-            if let Some(doc) = parse_doc::<DeviceDoc>(DEVICE_DOC, &id, &body) {
-                entry.devices.insert(dn.to_owned(), doc);
-            }
-        }
-        // Records of devices deleted while the actor could not hear of it (a crash between the
-        // registry's commit and ours) go now: the device is gone, or a device re-created under
-        // the same name is newer than the record (it starts NOT_MIGRATED). Not awaited: if this
-        // does not commit, the next start does it again.
-        let mut forgotten = Vec::new();
-        for (tid, entry) in state.tasks.iter_mut() {
-            let pk = entry.doc.product_key.clone();
-            entry.devices.retain(|dn, doc| {
-                let exists = registry
-                    .get_device(&pk, dn)
-                    .is_ok_and(|d| d.created_at_ms <= doc.updated_at_ms);
-                if !exists {
-                    forgotten.push(Op::DeleteDoc {
-                        kind: DEVICE_DOC,
-                        id: device_doc_id(tid, dn),
-                    });
-                }
-                exists
-            });
-        }
-        if !forgotten.is_empty() {
-            tracing::info!(
-                devices = forgotten.len(),
-                "migration records of deleted devices dropped"
-            );
-            drop(store.submit(forgotten));
-        }
-        for (id, body) in store.load_documents(LOG_DOC)? {
-            let Some((tid, _)) = id.split_once('/') else {
-                continue;
-            };
-            let Some(entry) = state.tasks.get_mut(tid) else {
-                continue;
-            };
-            if let Some(doc) = parse_doc::<LogEntry>(LOG_DOC, &id, &body) {
-                entry.log.push(doc);
-            }
-        }
+        let state = State::load(&registry)?;
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             routes: DashMap::new(),

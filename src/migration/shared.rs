@@ -4,11 +4,14 @@
 //! engine (reads) and the worker (writes) both use it, and it uses neither.
 //!
 //! The lock is only ever held in synchronous blocks (never across `.await`); the actor is its
-//! only writer.
+//! only writer. [`State::load`] rebuilds it from the store at start.
 
 use super::clock::Clock;
+use super::docs::{device_doc_id, parse_doc, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
+use super::MigrationError;
 use crate::registry::Registry;
+use crate::store::Op;
 use dashmap::DashMap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -46,6 +49,80 @@ impl Shared {
 
     pub(super) fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Every task with its device records and log, from the store (blocking: start-up only).
+    /// Records of devices that no longer exist are dropped on the way.
+    pub(super) fn load(registry: &Registry) -> Result<State, MigrationError> {
+        let store = registry.store().clone();
+        let mut state = State::default();
+        for (id, body) in store.load_documents(TASK_DOC)? {
+            if let Some(doc) = parse_doc::<TaskDoc>(TASK_DOC, &id, &body) {
+                state
+                    .by_product
+                    .insert(doc.product_key.clone(), doc.task_id.clone());
+                state.tasks.insert(
+                    doc.task_id.clone(),
+                    TaskEntry {
+                        doc,
+                        devices: HashMap::new(),
+                        log: Vec::new(),
+                    },
+                );
+            }
+        }
+        for (id, body) in store.load_documents(DEVICE_DOC)? {
+            let Some((tid, dn)) = id.split_once('/') else {
+                continue;
+            };
+            let Some(entry) = state.tasks.get_mut(tid) else {
+                continue;
+            };
+            if let Some(doc) = parse_doc::<DeviceDoc>(DEVICE_DOC, &id, &body) {
+                entry.devices.insert(dn.to_owned(), doc);
+            }
+        }
+        // Records of devices deleted while the actor could not hear of it (a crash between the
+        // registry's commit and ours) go now: the device is gone, or a device re-created under
+        // the same name is newer than the record (it starts NOT_MIGRATED). Not awaited: if this
+        // does not commit, the next start does it again.
+        let mut forgotten = Vec::new();
+        for (tid, entry) in state.tasks.iter_mut() {
+            let pk = entry.doc.product_key.clone();
+            entry.devices.retain(|dn, doc| {
+                let exists = registry
+                    .get_device(&pk, dn)
+                    .is_ok_and(|d| d.created_at_ms <= doc.updated_at_ms);
+                if !exists {
+                    forgotten.push(Op::DeleteDoc {
+                        kind: DEVICE_DOC,
+                        id: device_doc_id(tid, dn),
+                    });
+                }
+                exists
+            });
+        }
+        if !forgotten.is_empty() {
+            tracing::info!(
+                devices = forgotten.len(),
+                "migration records of deleted devices dropped"
+            );
+            drop(store.submit(forgotten));
+        }
+        for (id, body) in store.load_documents(LOG_DOC)? {
+            let Some((tid, _)) = id.split_once('/') else {
+                continue;
+            };
+            let Some(entry) = state.tasks.get_mut(tid) else {
+                continue;
+            };
+            if let Some(doc) = parse_doc::<LogEntry>(LOG_DOC, &id, &body) {
+                entry.log.push(doc);
+            }
+        }
+        Ok(state)
     }
 }
 

@@ -7,7 +7,7 @@ use super::Worker;
 use crate::migration::docs::{device_doc_id, doc_op, DEVICE_DOC};
 use crate::migration::machine::{transition, Event};
 use crate::migration::model::*;
-use crate::registry::RegistryError;
+use crate::registry::{Device, RegistryError};
 use std::collections::HashSet;
 use tokio::time::Instant;
 
@@ -43,6 +43,46 @@ pub(super) enum Next {
     /// A sweep of a COMPLETED task found nothing more.
     SweepDone(String),
     Idle,
+}
+
+/// What became of each device of a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Moves {
+    moved: Vec<String>,
+    /// Deleted before their turn.
+    gone: Vec<String>,
+    /// Refused by the store, with the reason.
+    failed: Vec<(String, String)>,
+    /// Moved devices that were connected: they are told to reconnect.
+    kicks: Vec<String>,
+    /// The first store error: the task retries or halts.
+    fault: Option<String>,
+}
+
+impl Moves {
+    /// Sorts the registry's per-device results (in `names` order).
+    fn sort(names: &[String], results: Vec<Result<Device, RegistryError>>) -> Moves {
+        let mut m = Moves {
+            moved: Vec::with_capacity(results.len()),
+            ..Moves::default()
+        };
+        for (dn, r) in names.iter().zip(results) {
+            match r {
+                Ok(device) => {
+                    if device.online {
+                        m.kicks.push(dn.clone());
+                    }
+                    m.moved.push(dn.clone());
+                }
+                Err(RegistryError::NotFound { .. }) => m.gone.push(dn.clone()),
+                Err(e) => {
+                    m.fault.get_or_insert_with(|| e.to_string());
+                    m.failed.push((dn.clone(), e.to_string()));
+                }
+            }
+        }
+        m
+    }
 }
 
 impl Worker {
@@ -161,6 +201,8 @@ impl Worker {
         Next::Batch(job(names, Some(cursor), false))
     }
 
+    /// Moves one batch: ownership and per-device status in one registry submission, then
+    /// memory, counters, kicks and the task's place in its queue or walk.
     pub(super) async fn run_batch(&mut self, job: Job) {
         let now = self.now();
         let done = DeviceDoc {
@@ -196,56 +238,13 @@ impl Worker {
                 return;
             }
         };
-        let mut moved: Vec<String> = Vec::with_capacity(results.len());
-        let mut gone: Vec<String> = Vec::new();
-        let mut fault: Option<String> = None;
-        let mut failed: Vec<(String, String)> = Vec::new();
-        let mut kicks: Vec<String> = Vec::new();
-        for (dn, r) in job.names.iter().zip(results) {
-            match r {
-                Ok(device) => {
-                    if device.online {
-                        kicks.push(dn.clone());
-                    }
-                    moved.push(dn.clone());
-                }
-                Err(RegistryError::NotFound { .. }) => gone.push(dn.clone()),
-                Err(e) => {
-                    fault.get_or_insert_with(|| e.to_string());
-                    failed.push((dn.clone(), e.to_string()));
-                }
-            }
-        }
-        {
-            let mut state = self.shared.write();
-            if let Some(t) = state.tasks.get_mut(&tid) {
-                for dn in &moved {
-                    t.devices.insert(dn.clone(), done.clone());
-                }
-                // FAILED with the reason until a later attempt moves it (auto: after the
-                // backoff; manual: after continue). In memory only — the store just refused
-                // this device's write; after a restart the device is simply retried.
-                for (dn, reason) in &failed {
-                    let pending = t.devices.get(dn).and_then(|d| d.pending);
-                    t.devices.insert(
-                        dn.clone(),
-                        DeviceDoc {
-                            status: DeviceStatus::Failed,
-                            reason: Some(reason.clone()),
-                            pending,
-                            updated_at_ms: now,
-                        },
-                    );
-                }
-                if fault.is_none() {
-                    t.doc.last_error = None;
-                }
-            }
-        }
+        let moves = Moves::sort(&job.names, results);
+        self.record_moves(&tid, &moves, &done, now);
         // Devices deleted before their turn (the registry's notice may still be on its way)
         // leave the task; not a failure.
-        if !gone.is_empty() {
-            self.forget_devices(&tid, &gone, "no longer exists").await;
+        if !moves.gone.is_empty() {
+            self.forget_devices(&tid, &moves.gone, "no longer exists")
+                .await;
         }
         let result_label = if job.status == DeviceStatus::RolledBack {
             "rolled_back"
@@ -255,26 +254,28 @@ impl Worker {
         self.metrics
             .migration_devices
             .get_or_create(&[("result", result_label)])
-            .inc_by(moved.len() as u64);
+            .inc_by(moves.moved.len() as u64);
         self.metrics
             .migration_devices
             .get_or_create(&[("result", "failed")])
-            .inc_by(failed.len() as u64);
-        for dn in &kicks {
+            .inc_by(moves.failed.len() as u64);
+        for dn in &moves.kicks {
             (self.hooks.kick)(&job.product_key, dn);
         }
-        self.metrics.migration_kicks.inc_by(kicks.len() as u64);
+        self.metrics
+            .migration_kicks
+            .inc_by(moves.kicks.len() as u64);
         let rt = self.runtime.entry(tid.clone()).or_default();
         if job.from_queue {
-            let handled: HashSet<&String> = moved.iter().chain(gone.iter()).collect();
+            let handled: HashSet<&String> = moves.moved.iter().chain(moves.gone.iter()).collect();
             rt.queue.retain(|dn| !handled.contains(dn));
         } else if let Some(c) = job.cursor {
             rt.cursor = c;
         }
         if rt.sweeping {
-            rt.swept += moved.len() as u64;
+            rt.swept += moves.moved.len() as u64;
         }
-        match fault {
+        match moves.fault {
             Some(e) => {
                 // Walks start over so the devices that did not move are found again.
                 rt.cursor = Cursor::default();
@@ -283,6 +284,36 @@ impl Worker {
             None => {
                 rt.backoff = None;
             }
+        }
+    }
+
+    /// Applies a batch's outcome to the task in memory (the store has the moved devices'
+    /// records already, written with their new owner).
+    fn record_moves(&self, task_id: &str, moves: &Moves, done: &DeviceDoc, now: i64) {
+        let mut state = self.shared.write();
+        let Some(t) = state.tasks.get_mut(task_id) else {
+            return;
+        };
+        for dn in &moves.moved {
+            t.devices.insert(dn.clone(), done.clone());
+        }
+        // FAILED with the reason until a later attempt moves it (auto: after the backoff;
+        // manual: after continue). In memory only — the store just refused this device's
+        // write; after a restart the device is simply retried.
+        for (dn, reason) in &moves.failed {
+            let pending = t.devices.get(dn).and_then(|d| d.pending);
+            t.devices.insert(
+                dn.clone(),
+                DeviceDoc {
+                    status: DeviceStatus::Failed,
+                    reason: Some(reason.clone()),
+                    pending,
+                    updated_at_ms: now,
+                },
+            );
+        }
+        if moves.fault.is_none() {
+            t.doc.last_error = None;
         }
     }
 

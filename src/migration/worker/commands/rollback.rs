@@ -32,28 +32,7 @@ impl Worker {
         let now = self.now();
         let mut ops = Vec::new();
         let mut marked: Vec<(String, DeviceDoc)> = Vec::new();
-        // Canary markers of devices never moved are dropped: they go back to NOT_MIGRATED; so
-        // do failed moves of devices still in the source.
-        let stale_markers: Vec<String> = {
-            let registry = &self.shared.registry;
-            let state = self.shared.read();
-            state
-                .tasks
-                .get(task_id)
-                .map(|t| {
-                    t.devices
-                        .iter()
-                        .filter(|(dn, d)| {
-                            d.pending == Some(Pending::Migrate)
-                                || (d.status == DeviceStatus::Failed
-                                    && registry.device_instance(&doc.product_key, dn).as_deref()
-                                        != Some(doc.target_instance_id.as_str()))
-                        })
-                        .map(|(dn, _)| dn.clone())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let stale_markers = self.stale_markers(&doc);
         for dn in &stale_markers {
             ops.push(Op::DeleteDoc {
                 kind: DEVICE_DOC,
@@ -65,24 +44,12 @@ impl Worker {
             RollbackSelection::Picked(names) => {
                 let (accepted, rejected) =
                     select(&self.shared.registry, &doc, names, Purpose::Rollback)?;
-                {
-                    let state = self.shared.read();
-                    let devices = state.tasks.get(task_id).map(|t| &t.devices);
-                    for dn in &accepted {
-                        let mut d = devices
-                            .and_then(|m| m.get(dn))
-                            .cloned()
-                            .unwrap_or(DeviceDoc {
-                                status: DeviceStatus::Migrated,
-                                reason: None,
-                                pending: None,
-                                updated_at_ms: now,
-                            });
-                        d.pending = Some(Pending::Rollback);
-                        ops.push(doc_op(DEVICE_DOC, device_doc_id(task_id, dn), &d));
-                        marked.push((dn.clone(), d));
-                    }
-                }
+                marked = self.rollback_markers(task_id, &accepted, now);
+                ops.extend(
+                    marked
+                        .iter()
+                        .map(|(dn, d)| doc_op(DEVICE_DOC, device_doc_id(task_id, dn), d)),
+                );
                 (false, accepted, rejected)
             }
         };
@@ -120,5 +87,53 @@ impl Worker {
         rt.backoff = None;
         rt.sweeping = false;
         Ok(self.outcome(task_id, accepted.len(), rejected))
+    }
+
+    /// Records to drop before a rollback: canary markers of devices never moved (they go back
+    /// to NOT_MIGRATED), and failed moves of devices still in the source.
+    fn stale_markers(&self, doc: &TaskDoc) -> Vec<String> {
+        let registry = &self.shared.registry;
+        let state = self.shared.read();
+        let Some(t) = state.tasks.get(&doc.task_id) else {
+            return Vec::new();
+        };
+        t.devices
+            .iter()
+            .filter(|(dn, d)| {
+                d.pending == Some(Pending::Migrate)
+                    || (d.status == DeviceStatus::Failed
+                        && registry.device_instance(&doc.product_key, dn).as_deref()
+                            != Some(doc.target_instance_id.as_str()))
+            })
+            .map(|(dn, _)| dn.clone())
+            .collect()
+    }
+
+    /// The picked devices' records marked `pending` rollback (a device without a record was
+    /// moved by a walk: MIGRATED).
+    fn rollback_markers(
+        &self,
+        task_id: &str,
+        picked: &[String],
+        now: i64,
+    ) -> Vec<(String, DeviceDoc)> {
+        let state = self.shared.read();
+        let devices = state.tasks.get(task_id).map(|t| &t.devices);
+        picked
+            .iter()
+            .map(|dn| {
+                let mut d = devices
+                    .and_then(|m| m.get(dn))
+                    .cloned()
+                    .unwrap_or(DeviceDoc {
+                        status: DeviceStatus::Migrated,
+                        reason: None,
+                        pending: None,
+                        updated_at_ms: now,
+                    });
+                d.pending = Some(Pending::Rollback);
+                (dn.clone(), d)
+            })
+            .collect()
     }
 }
