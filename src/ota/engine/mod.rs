@@ -35,6 +35,7 @@
 //! re-arms them all after a restart (even `kill -9`).
 
 mod device;
+mod entries;
 mod jobs;
 mod query;
 
@@ -45,10 +46,8 @@ mod tests;
 use super::clock::Clock;
 use super::events::{TaskEvent, TaskEventSink};
 use super::firmware::FirmwareRepo;
-use super::model::{
-    AbortSpec, HistoryEntry, Job, JobStatus, JobType, Selection, TaskRecord, MAX_HISTORY,
-};
-use super::rate::{PushLimiter, RatePlan};
+use super::model::{Job, JobStatus, Selection, TaskRecord};
+use super::rate::PushLimiter;
 use super::task::{
     next_deadline, transition, Effect, Event, FailureReason, Note, QueueReason, TaskPolicy,
     TaskState, TaskStatus,
@@ -57,13 +56,14 @@ use super::OtaError;
 use crate::broker::{DeviceKey, Downlink};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
-use crate::store::{Op, Store, Ticket};
+use crate::store::{Store, Ticket};
 use dashmap::DashMap;
+use entries::{job_doc, lock, task_doc};
+pub(crate) use entries::{JobEntry, TaskKey, TaskSlot};
 use fleetgate_topics::UpgradeMessage;
-use serde::Serialize;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, Notify};
 
@@ -122,28 +122,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// `(job_id, product_key, device_name)`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct TaskKey {
-    pub job_id: String,
-    pub pk: String,
-    pub dn: String,
-}
-
-impl TaskKey {
-    fn new(job_id: &str, pk: &str, dn: &str) -> Self {
-        TaskKey {
-            job_id: job_id.to_owned(),
-            pk: pk.to_owned(),
-            dn: dn.to_owned(),
-        }
-    }
-
-    fn doc_id(&self) -> String {
-        format!("{}/{}/{}", self.job_id, self.pk, self.dn)
-    }
-}
-
 /// What the deadline task waits for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Due {
@@ -151,210 +129,6 @@ enum Due {
     JobPush(String),
     JobStart(String),
     JobFinish(String),
-}
-
-pub(crate) struct TaskSlot {
-    pub state: TaskState,
-    pub history: Vec<HistoryEntry>,
-    pub history_dropped: u64,
-    /// The earliest deadline entry armed for this task (in memory only).
-    armed: Option<i64>,
-    /// Changed since it was last written (progress percent only).
-    dirty: bool,
-    /// A QUEUED task is not pushed before this (in memory: the device has just connected).
-    ready_at: i64,
-}
-
-impl TaskSlot {
-    fn new(state: TaskState, history: Vec<HistoryEntry>, history_dropped: u64) -> Self {
-        TaskSlot {
-            state,
-            history,
-            history_dropped,
-            armed: None,
-            dirty: false,
-            ready_at: 0,
-        }
-    }
-
-    fn record_note(&mut self, at_ms: i64, note: &Note, from: TaskStatus) {
-        self.history.push(HistoryEntry {
-            at_ms,
-            event: note.event.to_owned(),
-            from_status: from,
-            to_status: self.state.status,
-            reason: note.reason.clone(),
-        });
-        if self.history.len() > MAX_HISTORY {
-            let excess = self.history.len() - MAX_HISTORY;
-            self.history.drain(..excess);
-            self.history_dropped += excess as u64;
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct TaskRecordRef<'a> {
-    job_id: &'a str,
-    product_key: &'a str,
-    device_name: &'a str,
-    state: &'a TaskState,
-    history: &'a [HistoryEntry],
-    history_dropped: u64,
-}
-
-fn task_doc(key: &TaskKey, slot: &TaskSlot) -> Op {
-    let body = serde_json::to_string(&TaskRecordRef {
-        job_id: &key.job_id,
-        product_key: &key.pk,
-        device_name: &key.dn,
-        state: &slot.state,
-        history: &slot.history,
-        history_dropped: slot.history_dropped,
-    })
-    .unwrap_or_default();
-    Op::PutDoc {
-        kind: TASK_DOC,
-        id: key.doc_id(),
-        body,
-    }
-}
-
-fn job_doc(job: &Job) -> Op {
-    Op::PutDoc {
-        kind: JOB_DOC,
-        id: job.job_id.clone(),
-        body: serde_json::to_string(job).unwrap_or_default(),
-    }
-}
-
-/// A job's push queue and rate bucket.
-#[derive(Default)]
-struct PushQueue {
-    /// Device names in push order (entries may be stale: checked when popped).
-    ready: VecDeque<String>,
-    limiter: Option<PushLimiter>,
-    level: u32,
-    /// The JobPush entry armed in the deadline set.
-    armed: Option<i64>,
-}
-
-pub(crate) struct JobEntry {
-    job: Mutex<Job>,
-    pub policy: Arc<TaskPolicy>,
-    pub job_id: String,
-    pub product_key: String,
-    pub firmware_id: String,
-    pub selection: Selection,
-    /// Immutable parts of the job, copied out so hot paths never clone the whole [`Job`]
-    /// (a SPECIFIC job's spec may list 10,000 device names).
-    pub job_type: JobType,
-    pub created_at_ms: i64,
-    pub start_at_ms: Option<i64>,
-    abort: Option<AbortSpec>,
-    rate: Option<RatePlan>,
-    counters: [AtomicU64; 7],
-    failures: [AtomicU64; 9],
-    retries: AtomicU64,
-    pushes: AtomicU64,
-    /// Device names with a task in this job, sorted.
-    members: RwLock<BTreeSet<String>>,
-    push: Mutex<PushQueue>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl JobEntry {
-    fn new(job: Job, policy: TaskPolicy) -> Self {
-        let rate = job.spec.rate.clone().map(|spec| RatePlan { spec });
-        JobEntry {
-            policy: Arc::new(policy),
-            job_id: job.job_id.clone(),
-            product_key: job.product_key.clone(),
-            firmware_id: job.spec.firmware_id.clone(),
-            selection: job.spec.selection,
-            job_type: job.spec.job_type,
-            created_at_ms: job.created_at_ms,
-            start_at_ms: job.spec.start_at_ms,
-            abort: job.spec.abort.clone(),
-            rate,
-            counters: Default::default(),
-            failures: Default::default(),
-            retries: AtomicU64::new(0),
-            pushes: AtomicU64::new(0),
-            members: RwLock::new(BTreeSet::new()),
-            push: Mutex::new(PushQueue::default()),
-            job: Mutex::new(job),
-        }
-    }
-
-    pub fn job(&self) -> Job {
-        lock(&self.job).clone()
-    }
-
-    pub fn status(&self) -> JobStatus {
-        lock(&self.job).status
-    }
-
-    pub fn counters(&self) -> [u64; 7] {
-        std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
-    }
-
-    pub fn failures(&self) -> [u64; 9] {
-        std::array::from_fn(|i| self.failures[i].load(Ordering::Relaxed))
-    }
-
-    fn unfinished(&self) -> u64 {
-        let c = self.counters();
-        c[0] + c[1] + c[2] + c[3]
-    }
-
-    fn count(&self, status: TaskStatus, delta: i64) {
-        let c = &self.counters[status.index()];
-        if delta >= 0 {
-            c.fetch_add(delta as u64, Ordering::Relaxed);
-        } else {
-            c.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
-    }
-
-    pub fn members(&self) -> Vec<String> {
-        self.members
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    fn has_member(&self, dn: &str) -> bool {
-        self.members
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(dn)
-    }
-
-    fn add_member(&self, dn: &str) {
-        self.members
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(dn.to_owned());
-    }
-
-    /// Pushes go out in these job states (a canceled DYNAMIC job lets its tasks finish).
-    fn pushes_allowed(&self) -> bool {
-        !matches!(self.status(), JobStatus::Planned | JobStatus::Paused)
-    }
-
-    /// The current push rate (devices/min), if the job has one.
-    pub fn current_rate(&self, now: i64) -> Option<f64> {
-        let plan = self.rate.as_ref()?;
-        let started = lock(&self.job).started_at_ms.unwrap_or(now);
-        let succeeded = self.counters[TaskStatus::Succeeded.index()].load(Ordering::Relaxed);
-        Some(plan.per_minute(plan.level(started, now, succeeded)))
-    }
 }
 
 /// A transition applied in memory and submitted, whose effects wait for durability.

@@ -10,6 +10,7 @@ use crate::ota::model::{
 };
 use crate::ota::task::{FailureReason, QueueReason, TaskStatus};
 use crate::registry::{NewDevice, NewProduct, Page};
+use crate::store::Op;
 use fleetgate_topics::{FailureCode, ProgressStep, UpgradeMessage};
 use std::collections::{BTreeMap, HashSet};
 use tempfile::TempDir;
