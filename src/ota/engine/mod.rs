@@ -39,6 +39,7 @@ mod deadlines;
 mod device;
 mod entries;
 mod jobs;
+mod push;
 mod query;
 
 pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
@@ -50,18 +51,17 @@ use super::events::{TaskEvent, TaskEventSink};
 use super::firmware::FirmwareRepo;
 use super::model::{Job, JobStatus, Selection, TaskRecord};
 use super::rate::PushLimiter;
-use super::task::{next_deadline, Event, QueueReason, TaskPolicy, TaskStatus};
+use super::task::{next_deadline, TaskPolicy, TaskStatus};
 use super::OtaError;
 use crate::broker::{DeviceKey, Downlink};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
 use crate::store::Store;
-use apply::{Delivery, Pending};
+use apply::Delivery;
 use dashmap::DashMap;
 use deadlines::Due;
 use entries::{job_doc, lock, task_doc};
 pub(crate) use entries::{JobEntry, TaskKey, TaskSlot};
-use fleetgate_topics::UpgradeMessage;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -72,9 +72,6 @@ use tokio::sync::{broadcast, mpsc, Notify};
 pub const JOB_DOC: &str = "ota.job";
 /// Store document kind of tasks (id `{job_id}/{pk}/{dn}`, history included).
 pub const TASK_DOC: &str = "ota.task";
-
-/// Most pushes one pass of the deadline task makes for one job before yielding.
-const PUSH_BATCH: usize = 512;
 
 /// How the engine reaches devices. The app uses the broker's [`Downlink`]; tests use a fake.
 pub trait Pusher: Send + Sync + 'static {
@@ -356,137 +353,6 @@ impl OtaEngine {
 
     pub(crate) fn job_entry(&self, job_id: &str) -> Option<Arc<JobEntry>> {
         self.inner.jobs.get(job_id).map(|e| Arc::clone(e.value()))
-    }
-
-    fn arm_push(&self, job: &JobEntry, at: i64) {
-        {
-            let mut q = lock(&job.push);
-            if q.armed.is_some_and(|a| a <= at) {
-                return;
-            }
-            q.armed = Some(at);
-        }
-        self.arm(at, Due::JobPush(job.job_id.clone()));
-    }
-
-    /// Publishes the upgrade message of `key`'s job to the device (state already durable).
-    fn deliver(&self, job: &JobEntry, key: &TaskKey) {
-        let Some(package) = self.inner.firmware.get(&job.firmware_id) else {
-            tracing::error!(job = %job.job_id, firmware = %job.firmware_id, "firmware of a running job is gone; push skipped");
-            return;
-        };
-        let data = self
-            .inner
-            .firmware
-            .upgrade_data(&package, self.inner.config.download_url_ttl);
-        let id = self.inner.next_message_id.fetch_add(1, Ordering::Relaxed);
-        let payload = UpgradeMessage::new(id, data).to_vec();
-        let topic = format!("/ota/device/upgrade/{}/{}", key.pk, key.dn);
-        if let Err(e) = self.inner.pusher.publish(topic, payload) {
-            // The task is NOTIFIED; a reconnect or a firmware/get recovers it.
-            tracing::warn!(error = %e, job = %job.job_id, dn = %key.dn, "upgrade push not published");
-        }
-    }
-
-    /// A due re-push: publish when connected, otherwise wait for the device.
-    async fn repush(&self, job: &Arc<JobEntry>, key: &TaskKey, now: i64) {
-        let event = if self.inner.pusher.is_connected(&key.pk, &key.dn) && job.pushes_allowed() {
-            Event::Repushed
-        } else {
-            Event::PushDeferred
-        };
-        self.apply(key, event, now).await;
-    }
-
-    // ----- pushing -----
-
-    /// One pass over a job's push queue: pushes as many ready tasks as the rate allows now,
-    /// marks offline ones OFFLINE, and arms the next pass.
-    async fn push_pass(&self, job: &Arc<JobEntry>, now: i64) {
-        if !job.pushes_allowed() {
-            return;
-        }
-        let mut batch: Vec<TaskKey> = Vec::new();
-        // Queue entries may repeat (a device that went offline and came back): one push each.
-        let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut offline: Vec<TaskKey> = Vec::new();
-        let mut next: Option<i64> = None;
-        {
-            let mut q = lock(&job.push);
-            // Ramp: rebuild the bucket when the level changes.
-            if let Some(plan) = &job.rate {
-                let started = lock(&job.job).started_at_ms.unwrap_or(now);
-                let succeeded = job.counters()[TaskStatus::Succeeded.index()];
-                let level = plan.level(started, now, succeeded);
-                let per_minute = plan.per_minute(level);
-                let burst = plan.burst(per_minute);
-                if q.limiter.is_none() || q.level != level {
-                    let rebuilt = match &q.limiter {
-                        Some(l) => l.with_rate(per_minute, burst),
-                        None => PushLimiter::new(per_minute, burst, []),
-                    };
-                    q.limiter = Some(rebuilt);
-                    q.level = level;
-                }
-                if !q.ready.is_empty() {
-                    if let Some(step) = plan.next_step_at(started, level) {
-                        next = Some(step);
-                    }
-                }
-            }
-            while let Some(dn) = q.ready.front().cloned() {
-                if batch.len() >= PUSH_BATCH {
-                    next = Some(now);
-                    break;
-                }
-                let key = TaskKey::new(&job.job_id, &job.product_key, &dn);
-                let (ready, ready_at) = match self.inner.tasks.get(&key) {
-                    Some(s) => (s.state.is_ready(), s.ready_at),
-                    None => (false, 0),
-                };
-                if !ready || !taken.insert(dn.clone()) {
-                    q.ready.pop_front();
-                    continue;
-                }
-                if ready_at > now {
-                    next = Some(next.map_or(ready_at, |n| n.min(ready_at)));
-                    break;
-                }
-                if !self.inner.pusher.is_connected(&job.product_key, &dn) {
-                    q.ready.pop_front();
-                    offline.push(key);
-                    continue;
-                }
-                if let Some(limiter) = q.limiter.as_mut() {
-                    if let Err(at) = limiter.try_take(now) {
-                        next = Some(next.map_or(at, |n| n.min(at)));
-                        break;
-                    }
-                }
-                q.ready.pop_front();
-                batch.push(key);
-            }
-            if q.ready.is_empty() {
-                // Nothing waits: a ramp step alone is no reason to wake up.
-                next = None;
-            }
-        }
-        for key in offline {
-            self.apply(&key, Event::Queue(QueueReason::Offline), now)
-                .await;
-        }
-        // Write-ahead: every NOTIFIED is submitted, the one group commit awaited, then each
-        // push is published.
-        let pending: Vec<Pending> = batch
-            .iter()
-            .filter_map(|k| self.apply_sync(k, Event::Pushed, now))
-            .collect();
-        for p in pending {
-            self.complete(p, Delivery::Push).await;
-        }
-        if let Some(at) = next {
-            self.arm_push(job, at);
-        }
     }
 
     // ----- events API -----
