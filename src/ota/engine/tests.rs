@@ -6,7 +6,8 @@ use super::*;
 use crate::ota::clock::ManualClock;
 use crate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
 use crate::ota::model::{
-    AbortAction, AbortSpec, JobSpec, JobType, RampSpec, RateSpec, Selection, TagFilter, TargetKind,
+    AbortAction, AbortSpec, JobSpec, JobStatus, JobType, RampSpec, RateSpec, Selection, TagFilter,
+    TargetKind,
 };
 use crate::ota::task::{FailureReason, QueueReason, TaskStatus};
 use crate::registry::{NewDevice, NewProduct, Page};
