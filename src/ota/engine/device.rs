@@ -1,9 +1,11 @@
 //! What devices do to OTA tasks (called by `ingest`): connect, progress, version reports and
-//! `firmware/get` (pull mode).
+//! `firmware/get` (pull mode); and what the registry tells the engine about devices (deleted,
+//! created, tags changed).
 
-use super::{lock, Delivery, OtaEngine, TaskKey};
+use super::{lock, Delivery, Inner, OtaEngine, TaskKey};
 use crate::ota::model::JobStatus;
 use crate::ota::task::{Event, QueueReason, TaskStatus};
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture};
 use fleetgate_topics::{ProgressStep, UpgradeData};
 use std::collections::HashSet;
 
@@ -226,6 +228,47 @@ impl OtaEngine {
                 s.state.status == TaskStatus::Queued
                     && s.state.queue_reason == Some(QueueReason::Offline)
             })
+        })
+    }
+}
+
+/// The engine's registry observer: a deleted device's tasks end; new devices and devices
+/// whose tags changed are offered to DYNAMIC jobs. Weak, so the registry (which holds its
+/// observers) does not keep the engine alive.
+pub(super) struct DeviceObserverImpl(pub(super) std::sync::Weak<Inner>);
+
+impl DeviceObserver for DeviceObserverImpl {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        Box::pin(async move {
+            let Some(inner) = self.0.upgrade() else {
+                return;
+            };
+            let engine = OtaEngine { inner };
+            match change {
+                DeviceChange::Deleted {
+                    product_key,
+                    device_name,
+                    instance_id,
+                } => {
+                    engine
+                        .device_deleted(product_key, device_name, Some(instance_id))
+                        .await;
+                }
+                DeviceChange::Created {
+                    product_key,
+                    device_names,
+                } => {
+                    engine
+                        .dynamic_join_many(product_key, device_names, false)
+                        .await;
+                }
+                DeviceChange::TagsChanged {
+                    product_key,
+                    device_name,
+                } => {
+                    engine.dynamic_join(product_key, device_name, false).await;
+                }
+            }
         })
     }
 }

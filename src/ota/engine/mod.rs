@@ -55,7 +55,7 @@ use super::task::TaskPolicy;
 use super::OtaError;
 use crate::broker::{DeviceKey, Downlink};
 use crate::metrics::Metrics;
-use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
+use crate::registry::Registry;
 use crate::store::Store;
 use apply::Delivery;
 use dashmap::DashMap;
@@ -206,7 +206,9 @@ impl OtaEngine {
         engine
             .inner
             .registry
-            .add_observer(Arc::new(DeviceObserverImpl(Arc::downgrade(&engine.inner))));
+            .add_observer(Arc::new(device::DeviceObserverImpl(Arc::downgrade(
+                &engine.inner,
+            ))));
         Ok(engine)
     }
 
@@ -279,46 +281,5 @@ impl OtaEngine {
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.inner.registry
-    }
-}
-
-/// The engine's registry observer: a deleted device's tasks end; new devices and devices
-/// whose tags changed are offered to DYNAMIC jobs. Weak, so the registry (which holds its
-/// observers) does not keep the engine alive.
-struct DeviceObserverImpl(std::sync::Weak<Inner>);
-
-impl DeviceObserver for DeviceObserverImpl {
-    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
-        Box::pin(async move {
-            let Some(inner) = self.0.upgrade() else {
-                return;
-            };
-            let engine = OtaEngine { inner };
-            match change {
-                DeviceChange::Deleted {
-                    product_key,
-                    device_name,
-                    instance_id,
-                } => {
-                    engine
-                        .device_deleted(product_key, device_name, Some(instance_id))
-                        .await;
-                }
-                DeviceChange::Created {
-                    product_key,
-                    device_names,
-                } => {
-                    engine
-                        .dynamic_join_many(product_key, device_names, false)
-                        .await;
-                }
-                DeviceChange::TagsChanged {
-                    product_key,
-                    device_name,
-                } => {
-                    engine.dynamic_join(product_key, device_name, false).await;
-                }
-            }
-        })
     }
 }
