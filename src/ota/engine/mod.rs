@@ -35,8 +35,10 @@
 //! re-arms them all after a restart (even `kill -9`).
 
 mod apply;
+mod create;
 mod deadlines;
 mod device;
+mod dynamic;
 mod entries;
 mod jobs;
 mod load;
