@@ -77,94 +77,10 @@ pub(crate) fn version_matches(job: &Job, device: &Device) -> bool {
 impl OtaEngine {
     /// Creates a job: validates, selects devices, resolves conflicts, persists the job and
     /// all its tasks in one transaction, and starts pushing (or waits for `start_at_ms`).
-    pub async fn create_job(&self, mut spec: JobSpec) -> Result<JobView, OtaError> {
+    pub async fn create_job(&self, spec: JobSpec) -> Result<JobView, OtaError> {
         let now = self.now();
-        spec.validate(now)?;
-        let package = self
-            .firmware()
-            .get(&spec.firmware_id)
-            .ok_or_else(|| OtaError::FirmwareNotFound(spec.firmware_id.clone()))?;
-        if spec.job_type == JobType::UpgradeFirmware
-            && package.status != FirmwareStatus::Verified
-            && !spec.force
-        {
-            return Err(OtaError::FirmwareNotVerified {
-                firmware_id: package.firmware_id,
-                status: package.status,
-            });
-        }
-        // The product must still exist.
-        self.registry().get_product(&package.product_key)?;
-        let src_versions = spec
-            .src_versions
-            .clone()
-            .unwrap_or_else(|| package.src_versions.clone());
-        let planned = spec.start_at_ms.is_some_and(|t| t > now);
-        let job = Job {
-            job_id: generate_job_id(),
-            product_key: package.product_key.clone(),
-            module: package.module.clone(),
-            dest_version: package.version.clone(),
-            src_versions,
-            status: if planned {
-                JobStatus::Planned
-            } else {
-                JobStatus::InProgress
-            },
-            status_reason: None,
-            dynamic_active: spec.selection == Selection::Dynamic,
-            spec,
-            created_at_ms: now,
-            started_at_ms: (!planned).then_some(now),
-            finished_at_ms: None,
-            updated_at_ms: now,
-        };
-
-        // Candidates.
-        let devices: Vec<Device> = match job.spec.target {
-            TargetKind::Specific => {
-                let mut out = Vec::with_capacity(job.spec.device_names.len());
-                for (i, dn) in job.spec.device_names.iter().enumerate() {
-                    match self.registry().get_device(&job.product_key, dn) {
-                        Ok(d) => out.push(d),
-                        Err(_) => {
-                            return Err(OtaError::invalid(
-                                format!("device_names[{i}]"),
-                                format!("no device {dn:?} in product {}", job.product_key),
-                            ))
-                        }
-                    }
-                }
-                out
-            }
-            _ => self.all_devices(&job.product_key)?,
-        };
-        let mut selected: Vec<Device> = devices
-            .into_iter()
-            .filter(|d| version_matches(&job, d))
-            // SPECIFIC devices were looked up by name; GRAY is decided below.
-            .filter(|d| {
-                matches!(job.spec.target, TargetKind::Gray | TargetKind::Specific)
-                    || target_matches(&job, d)
-            })
-            .collect();
-        if job.spec.target == TargetKind::Gray {
-            if job.spec.selection == Selection::Static {
-                // Exactly ceil(n × p) devices, picked by a stable hash.
-                let p = job.spec.gray_percent.unwrap_or(0.0);
-                let n = ((selected.len() as f64) * p / 100.0).ceil() as usize;
-                selected.sort_by_key(|d| stable_hash(&[&job.job_id, &d.device_name]));
-                selected.truncate(n);
-            } else {
-                selected.retain(|d| target_matches(&job, d));
-            }
-        }
-        if job.spec.job_type == JobType::VerifyFirmware && selected.is_empty() {
-            return Err(OtaError::invalid(
-                "device_names",
-                "no listed device can take this package (already at the target or not at a source version)",
-            ));
-        }
+        let job = self.new_job(spec, now)?;
+        let selected = self.select_devices(&job)?;
 
         let policy = self.policy_for(&job);
         let entry = Arc::new(JobEntry::new(job.clone(), policy));
@@ -212,6 +128,101 @@ impl OtaEngine {
         Ok(self.view(&entry, now))
     }
 
+    /// The job record of a valid spec: its package must exist (and be VERIFIED for an upgrade,
+    /// unless forced), and so must its product.
+    fn new_job(&self, mut spec: JobSpec, now: i64) -> Result<Job, OtaError> {
+        spec.validate(now)?;
+        let package = self
+            .firmware()
+            .get(&spec.firmware_id)
+            .ok_or_else(|| OtaError::FirmwareNotFound(spec.firmware_id.clone()))?;
+        if spec.job_type == JobType::UpgradeFirmware
+            && package.status != FirmwareStatus::Verified
+            && !spec.force
+        {
+            return Err(OtaError::FirmwareNotVerified {
+                firmware_id: package.firmware_id,
+                status: package.status,
+            });
+        }
+        // The product must still exist.
+        self.registry().get_product(&package.product_key)?;
+        let src_versions = spec
+            .src_versions
+            .clone()
+            .unwrap_or_else(|| package.src_versions.clone());
+        let planned = spec.start_at_ms.is_some_and(|t| t > now);
+        Ok(Job {
+            job_id: generate_job_id(),
+            product_key: package.product_key.clone(),
+            module: package.module.clone(),
+            dest_version: package.version.clone(),
+            src_versions,
+            status: if planned {
+                JobStatus::Planned
+            } else {
+                JobStatus::InProgress
+            },
+            status_reason: None,
+            dynamic_active: spec.selection == Selection::Dynamic,
+            spec,
+            created_at_ms: now,
+            started_at_ms: (!planned).then_some(now),
+            finished_at_ms: None,
+            updated_at_ms: now,
+        })
+    }
+
+    /// The devices that get a task: the spec's targets (looked up by name for SPECIFIC) at a
+    /// matching version; a STATIC GRAY job takes exactly ceil(n × p) of them.
+    fn select_devices(&self, job: &Job) -> Result<Vec<Device>, OtaError> {
+        let devices: Vec<Device> = match job.spec.target {
+            TargetKind::Specific => {
+                let mut out = Vec::with_capacity(job.spec.device_names.len());
+                for (i, dn) in job.spec.device_names.iter().enumerate() {
+                    match self.registry().get_device(&job.product_key, dn) {
+                        Ok(d) => out.push(d),
+                        Err(_) => {
+                            return Err(OtaError::invalid(
+                                format!("device_names[{i}]"),
+                                format!("no device {dn:?} in product {}", job.product_key),
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+            _ => self.all_devices(&job.product_key)?,
+        };
+        let mut selected: Vec<Device> = devices
+            .into_iter()
+            .filter(|d| version_matches(job, d))
+            // SPECIFIC devices were looked up by name; GRAY is decided below.
+            .filter(|d| {
+                matches!(job.spec.target, TargetKind::Gray | TargetKind::Specific)
+                    || target_matches(job, d)
+            })
+            .collect();
+        if job.spec.target == TargetKind::Gray {
+            if job.spec.selection == Selection::Static {
+                // Exactly ceil(n × p) devices, picked by a stable hash.
+                let p = job.spec.gray_percent.unwrap_or(0.0);
+                let n = ((selected.len() as f64) * p / 100.0).ceil() as usize;
+                selected.sort_by_key(|d| stable_hash(&[&job.job_id, &d.device_name]));
+                selected.truncate(n);
+            } else {
+                selected.retain(|d| target_matches(job, d));
+            }
+        }
+        if job.spec.job_type == JobType::VerifyFirmware && selected.is_empty() {
+            return Err(OtaError::invalid(
+                "device_names",
+                "no listed device can take this package (already at the target or not at a source version)",
+            ));
+        }
+        Ok(selected)
+    }
+
     fn arm_job_timers(&self, entry: &JobEntry, _now: i64) {
         let job = entry.job();
         if job.status == JobStatus::Planned {
@@ -251,9 +262,38 @@ impl OtaEngine {
         let key = TaskKey::new(&job.job_id, pk, dn);
         let seed = stable_hash(&[&job.job_id, pk, dn]);
         let src = device.versions.get(&job.module).cloned();
-        let claim = (pk.clone(), dn.clone(), job.module.clone());
-        // Claim the device's module atomically; another job's unfinished task is a conflict,
-        // or is overwritten (then the claim is tried again: someone may have been quicker).
+        let conflict = self.claim_module(job, pk, dn, now).await;
+        let (state, note) = match conflict {
+            Some(_) if job.spec.selection == Selection::Dynamic => return None,
+            Some(why) => (
+                TaskState::failed_at_birth(FailureReason::Conflict, why.clone(), src, seed, now),
+                format!("CONFLICT: {why}"),
+            ),
+            None => {
+                let state = self.initial_state(job, dn, src, seed, now);
+                let reason = match (state.status, state.queue_reason) {
+                    (TaskStatus::Queued, Some(r)) => r.as_str().to_owned(),
+                    (s, _) => s.as_str().to_owned(),
+                };
+                (state, reason)
+            }
+        };
+        let _ = entry;
+        let history = vec![HistoryEntry {
+            at_ms: now,
+            event: "created".into(),
+            from_status: state.status,
+            to_status: state.status,
+            reason: Some(note),
+        }];
+        Some((key, TaskSlot::new(state, history, 0)))
+    }
+
+    /// Claims the device's module for `job`, atomically. Another job's unfinished task is a
+    /// conflict, or is overwritten (then the claim is tried again: someone may have been
+    /// quicker). Returns the conflict, if the claim failed.
+    async fn claim_module(&self, job: &Job, pk: &str, dn: &str, now: i64) -> Option<String> {
+        let claim = (pk.to_owned(), dn.to_owned(), job.module.clone());
         let mut conflict: Option<String> = None;
         for _ in 0..3 {
             let other = match self.inner.active.entry(claim.clone()) {
@@ -294,58 +334,49 @@ impl OtaEngine {
                 conflict = Some(format!("{other} was overwritten, then claimed again"));
             }
         }
-        let (state, note) = match conflict {
-            Some(_) if job.spec.selection == Selection::Dynamic => return None,
-            Some(why) => (
-                TaskState::failed_at_birth(FailureReason::Conflict, why.clone(), src, seed, now),
-                format!("CONFLICT: {why}"),
-            ),
-            None => {
-                let state = if job.spec.need_confirm {
-                    TaskState::new(TaskStatus::Confirm, None, src, seed, now)
-                } else if job.status == JobStatus::Planned {
-                    let mut s = TaskState::new(
-                        TaskStatus::Queued,
-                        Some(QueueReason::Scheduled),
-                        src,
-                        seed,
-                        now,
-                    );
-                    s.scheduled_at_ms = job.spec.start_at_ms;
-                    s
-                } else if self.inner.pusher.is_connected(pk, dn) {
-                    TaskState::new(
-                        TaskStatus::Queued,
-                        Some(QueueReason::RateLimited),
-                        src,
-                        seed,
-                        now,
-                    )
-                } else {
-                    TaskState::new(
-                        TaskStatus::Queued,
-                        Some(QueueReason::Offline),
-                        src,
-                        seed,
-                        now,
-                    )
-                };
-                let reason = match (state.status, state.queue_reason) {
-                    (TaskStatus::Queued, Some(r)) => r.as_str().to_owned(),
-                    (s, _) => s.as_str().to_owned(),
-                };
-                (state, reason)
-            }
-        };
-        let _ = entry;
-        let history = vec![HistoryEntry {
-            at_ms: now,
-            event: "created".into(),
-            from_status: state.status,
-            to_status: state.status,
-            reason: Some(note),
-        }];
-        Some((key, TaskSlot::new(state, history, 0)))
+        conflict
+    }
+
+    /// The first state of a task that claimed its device: CONFIRM, or QUEUED (SCHEDULED for a
+    /// planned job, else RATE_LIMITED when the device is connected, OFFLINE when not).
+    fn initial_state(
+        &self,
+        job: &Job,
+        dn: &str,
+        src: Option<String>,
+        seed: u64,
+        now: i64,
+    ) -> TaskState {
+        let pk = &job.product_key;
+        if job.spec.need_confirm {
+            TaskState::new(TaskStatus::Confirm, None, src, seed, now)
+        } else if job.status == JobStatus::Planned {
+            let mut s = TaskState::new(
+                TaskStatus::Queued,
+                Some(QueueReason::Scheduled),
+                src,
+                seed,
+                now,
+            );
+            s.scheduled_at_ms = job.spec.start_at_ms;
+            s
+        } else if self.inner.pusher.is_connected(pk, dn) {
+            TaskState::new(
+                TaskStatus::Queued,
+                Some(QueueReason::RateLimited),
+                src,
+                seed,
+                now,
+            )
+        } else {
+            TaskState::new(
+                TaskStatus::Queued,
+                Some(QueueReason::Offline),
+                src,
+                seed,
+                now,
+            )
+        }
     }
 
     /// Makes a new task visible: maps, counters, push queue, deadline.
