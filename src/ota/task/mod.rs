@@ -4,7 +4,7 @@
 //! the current time, and returns either the next state with the [`Effect`]s the engine must
 //! carry out (and a history [`Note`]), or [`Ignored`] with the reason the event does not apply.
 //! It does no I/O and reads no clock, so every (state, event) pair is unit-tested
-//! (`task_tests.rs`) and every timer is a pure function of persisted timestamps
+//! (`task/tests.rs`) and every timer is a pure function of persisted timestamps
 //! ([`next_deadline`]): after a restart the engine recomputes the same deadlines.
 //!
 //! # States (Alibaba's names, design §4)
@@ -880,5 +880,4 @@ pub fn next_deadline(s: &TaskState, policy: &TaskPolicy) -> Option<i64> {
 }
 
 #[cfg(test)]
-#[path = "task_tests.rs"]
 mod tests;
