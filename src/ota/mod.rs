@@ -35,7 +35,7 @@ pub use engine::{EngineConfig, OtaEngine, Pusher};
 pub use events::{TaskEvent, TaskEventSink};
 pub use firmware::{FirmwareError, FirmwarePackage, FirmwareRepo, FirmwareStatus};
 pub use model::*;
-pub use task::{FailureReason, QueueReason, TaskStatus};
+pub use task::{FailureReason, HistoryEvent, QueueReason, TaskStatus};
 
 use crate::registry::RegistryError;
 use crate::store::StoreError;

@@ -606,8 +606,11 @@ pub struct JobView {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
 pub struct HistoryEntry {
     pub at_ms: i64,
-    /// `created`, `confirmed`, `queued`, `pushed`, `repushed`, `pulled`, `progress_started`,
-    /// `retry_scheduled`, `retrying`, `succeeded`, `failed`, `canceled`, …
+    /// A [`HistoryEvent`](crate::ota::task::HistoryEvent) name: `created`, `confirmed`,
+    /// `queued`, `pushed`, `repushed`, `pulled`, `push_deferred`, `repush_scheduled`,
+    /// `progress_started`, `retry_scheduled`, `retrying`, `succeeded`, `failed`, `canceled`.
+    /// Kept as text in the stored document, so a document written by another version still
+    /// loads.
     pub event: String,
     pub from_status: TaskStatus,
     pub to_status: TaskStatus,

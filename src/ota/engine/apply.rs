@@ -4,7 +4,9 @@
 
 use super::{lock, task_doc, JobEntry, OtaEngine, TaskKey};
 use crate::ota::events::TaskEvent;
-use crate::ota::task::{transition, Effect, Event, FailureReason, Note, TaskState, TaskStatus};
+use crate::ota::task::{
+    transition, Effect, Event, FailureReason, HistoryEvent, Note, TaskState, TaskStatus,
+};
 use crate::store::Ticket;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -48,7 +50,7 @@ impl OtaEngine {
         key: &TaskKey,
         event: Event<'_>,
         now: i64,
-        note_as: Option<&'static str>,
+        note_as: Option<HistoryEvent>,
     ) -> Option<Pending> {
         let job = self.job_entry(&key.job_id)?;
         let mut slot = self.inner.tasks.get_mut(key)?;
@@ -116,15 +118,11 @@ impl OtaEngine {
         let job = &p.job;
         let m = &self.inner.metrics;
         if let Some(note) = &p.note {
-            match note.event {
-                "retry_scheduled" => {
-                    job.retries.fetch_add(1, Ordering::Relaxed);
-                    m.ota_retries.inc();
-                }
-                "pushed" | "repushed" | "pulled" => {
-                    job.pushes.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => {}
+            if note.event == HistoryEvent::RetryScheduled {
+                job.retries.fetch_add(1, Ordering::Relaxed);
+                m.ota_retries.inc();
+            } else if note.event.is_delivery() {
+                job.pushes.fetch_add(1, Ordering::Relaxed);
             }
         }
         if p.to == TaskStatus::Failed && p.from != TaskStatus::Failed {
@@ -219,7 +217,7 @@ impl OtaEngine {
             dest_version: p.job.policy.dest_version.clone(),
             from_state: p.from,
             to_state: p.to,
-            event: note.event.to_owned(),
+            event: note.event.as_str().to_owned(),
             reason: note.reason.clone(),
             queue_reason: p.state.queue_reason,
             failure: p.state.failure,

@@ -8,7 +8,9 @@ use crate::ota::firmware::FirmwareStatus;
 use crate::ota::model::{
     HistoryEntry, Job, JobSpec, JobStatus, JobType, JobView, Selection, TargetKind,
 };
-use crate::ota::task::{splitmix, Event, FailureReason, QueueReason, TaskState, TaskStatus};
+use crate::ota::task::{
+    splitmix, Event, FailureReason, HistoryEvent, QueueReason, TaskState, TaskStatus,
+};
 use crate::ota::OtaError;
 use crate::registry::{Device, DeviceFilter, Page};
 use dashmap::mapref::entry::Entry;
@@ -281,7 +283,7 @@ impl OtaEngine {
         let _ = entry;
         let history = vec![HistoryEntry {
             at_ms: now,
-            event: "created".into(),
+            event: HistoryEvent::Created.as_str().to_owned(),
             from_status: state.status,
             to_status: state.status,
             reason: Some(note),

@@ -4,7 +4,7 @@
 
 use super::{lock, Delivery, Inner, OtaEngine, TaskKey};
 use crate::ota::model::JobStatus;
-use crate::ota::task::{Event, QueueReason, TaskStatus};
+use crate::ota::task::{Event, HistoryEvent, QueueReason, TaskStatus};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture};
 use fleetgate_topics::{ProgressStep, UpgradeData};
 use std::collections::HashSet;
@@ -153,7 +153,7 @@ impl OtaEngine {
                     return None;
                 }
                 let now = self.now();
-                let p = self.apply_sync_as(&key, Event::Pushed, now, Some("pulled"))?;
+                let p = self.apply_sync_as(&key, Event::Pushed, now, Some(HistoryEvent::Pulled))?;
                 if !self.complete(p, Delivery::Pull).await {
                     return None;
                 }

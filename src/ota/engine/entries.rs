@@ -62,7 +62,7 @@ impl TaskSlot {
     pub(super) fn record_note(&mut self, at_ms: i64, note: &Note, from: TaskStatus) {
         self.history.push(HistoryEntry {
             at_ms,
-            event: note.event.to_owned(),
+            event: note.event.as_str().to_owned(),
             from_status: from,
             to_status: self.state.status,
             reason: note.reason.clone(),

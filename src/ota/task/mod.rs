@@ -112,11 +112,91 @@ pub enum Effect {
     Finished,
 }
 
+/// The name of a history entry, and of the [`TaskEvent`](crate::ota::TaskEvent) it emits.
+/// Stored and shown as [`HistoryEvent::as_str`] (`HistoryEntry::event`, the task event's
+/// `event`): the engine matches on the variant, so a renamed string cannot silently stop a
+/// counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HistoryEvent {
+    /// The task was created (with its first status).
+    Created,
+    Confirmed,
+    Queued,
+    /// The upgrade was published to the device.
+    Pushed,
+    /// The upgrade was published again (retry, or a push the device may have missed).
+    Repushed,
+    /// The device asked for the upgrade (`firmware/get`) and got it in the reply.
+    Pulled,
+    /// A re-push was due while the device was offline.
+    PushDeferred,
+    RepushScheduled,
+    ProgressStarted,
+    RetryScheduled,
+    Retrying,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl HistoryEvent {
+    pub const ALL: [HistoryEvent; 14] = [
+        HistoryEvent::Created,
+        HistoryEvent::Confirmed,
+        HistoryEvent::Queued,
+        HistoryEvent::Pushed,
+        HistoryEvent::Repushed,
+        HistoryEvent::Pulled,
+        HistoryEvent::PushDeferred,
+        HistoryEvent::RepushScheduled,
+        HistoryEvent::ProgressStarted,
+        HistoryEvent::RetryScheduled,
+        HistoryEvent::Retrying,
+        HistoryEvent::Succeeded,
+        HistoryEvent::Failed,
+        HistoryEvent::Canceled,
+    ];
+
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryEvent::Created => "created",
+            HistoryEvent::Confirmed => "confirmed",
+            HistoryEvent::Queued => "queued",
+            HistoryEvent::Pushed => "pushed",
+            HistoryEvent::Repushed => "repushed",
+            HistoryEvent::Pulled => "pulled",
+            HistoryEvent::PushDeferred => "push_deferred",
+            HistoryEvent::RepushScheduled => "repush_scheduled",
+            HistoryEvent::ProgressStarted => "progress_started",
+            HistoryEvent::RetryScheduled => "retry_scheduled",
+            HistoryEvent::Retrying => "retrying",
+            HistoryEvent::Succeeded => "succeeded",
+            HistoryEvent::Failed => "failed",
+            HistoryEvent::Canceled => "canceled",
+        }
+    }
+
+    /// A delivery of the upgrade to the device: counted as one of its job's pushes.
+    pub fn is_delivery(self) -> bool {
+        matches!(
+            self,
+            HistoryEvent::Pushed | HistoryEvent::Repushed | HistoryEvent::Pulled
+        )
+    }
+}
+
+impl std::fmt::Display for HistoryEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A history entry worth keeping (every state change, push, retry and failure; not every
 /// progress percent). A transition without a note may be persisted lazily.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Note {
-    pub event: &'static str,
+    pub event: HistoryEvent,
     pub reason: Option<String>,
 }
 
@@ -132,7 +212,7 @@ pub struct Transition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ignored(pub &'static str);
 
-fn note(event: &'static str, reason: Option<String>) -> Option<Note> {
+fn note(event: HistoryEvent, reason: Option<String>) -> Option<Note> {
     Some(Note { event, reason })
 }
 
@@ -157,7 +237,7 @@ pub fn transition(
             }
             s.status = S::Queued;
             s.queue_reason = Some(queue);
-            n = note("confirmed", None);
+            n = note(HistoryEvent::Confirmed, None);
         }
         Event::Queue(reason) => {
             if s.status != S::Queued {
@@ -170,7 +250,7 @@ pub fn transition(
             if reason != QueueReason::Scheduled {
                 s.scheduled_at_ms = None;
             }
-            n = note("queued", Some(reason.as_str().to_owned()));
+            n = note(HistoryEvent::Queued, Some(reason.as_str().to_owned()));
         }
         Event::Pushed => {
             if s.status != S::Queued {
@@ -184,7 +264,7 @@ pub fn transition(
             s.notified_at_ms = Some(now);
             s.attempt_started_at_ms = Some(now);
             effects.push(Effect::Deliver);
-            n = note("pushed", None);
+            n = note(HistoryEvent::Pushed, None);
         }
         Event::Repushed => {
             if !s.is_active() || !(s.repush_at_ms.is_some() || s.push_on_connect) {
@@ -195,7 +275,10 @@ pub fn transition(
             s.push_on_connect = false;
             s.attempt_started_at_ms = Some(now);
             effects.push(Effect::Deliver);
-            n = note("repushed", Some(format!("attempt {}", s.attempt)));
+            n = note(
+                HistoryEvent::Repushed,
+                Some(format!("attempt {}", s.attempt)),
+            );
         }
         Event::PushDeferred => {
             if !s.is_active() || s.repush_at_ms.is_none() {
@@ -203,18 +286,18 @@ pub fn transition(
             }
             s.repush_at_ms = None;
             s.push_on_connect = true;
-            n = note("push_deferred", Some("device offline".into()));
+            n = note(HistoryEvent::PushDeferred, Some("device offline".into()));
         }
         Event::DeviceOnline => match s.status {
             S::Queued if s.queue_reason == Some(QueueReason::Offline) => {
                 s.queue_reason = Some(QueueReason::RateLimited);
-                n = note("queued", Some("device online".into()));
+                n = note(HistoryEvent::Queued, Some("device online".into()));
             }
             S::Notified | S::InProgress if s.push_on_connect || s.awaiting_first_progress() => {
                 s.push_on_connect = false;
                 s.repush_at_ms = Some(now + policy.connect_push_delay_ms.max(0));
                 n = note(
-                    "repush_scheduled",
+                    HistoryEvent::RepushScheduled,
                     Some("device reconnected before starting".into()),
                 );
             }
@@ -241,7 +324,7 @@ pub fn transition(
                     s.repush_at_ms = None;
                     s.push_on_connect = false;
                     if was != S::InProgress || started {
-                        n = note("progress_started", Some(format!("{p}%")));
+                        n = note(HistoryEvent::ProgressStarted, Some(format!("{p}%")));
                     }
                 }
                 ProgressStep::Failed(code) => {
@@ -271,7 +354,7 @@ pub fn transition(
                         s.finished_at_ms = Some(now);
                         s.clear_timers();
                         n = note(
-                            "succeeded",
+                            HistoryEvent::Succeeded,
                             Some(if already {
                                 format!("already at {version}")
                             } else {
@@ -311,7 +394,7 @@ pub fn transition(
                 s.progress = None;
                 s.repush_at_ms = Some(now);
                 n = note(
-                    "retrying",
+                    HistoryEvent::Retrying,
                     Some(format!(
                         "attempt {} after {}",
                         s.attempt,
@@ -335,7 +418,7 @@ pub fn transition(
                         now,
                     );
                     n = note(
-                        "failed",
+                        HistoryEvent::Failed,
                         Some(format!("TIMEOUT: no target version within {secs} s")),
                     );
                 } else if stall_at.is_some_and(|t| t <= now) {
@@ -347,7 +430,7 @@ pub fn transition(
                         now,
                     );
                     n = note(
-                        "failed",
+                        HistoryEvent::Failed,
                         Some(format!("TIMEOUT: stalled, no progress for {secs} s")),
                     );
                 } else {
@@ -366,7 +449,7 @@ pub fn transition(
             s.scheduled_at_ms = None;
             s.finished_at_ms = Some(now);
             s.clear_timers();
-            n = note("canceled", None);
+            n = note(HistoryEvent::Canceled, None);
         }
         Event::DeviceDeleted => {
             s.status = S::Canceled;
@@ -375,7 +458,7 @@ pub fn transition(
             s.finished_at_ms = Some(now);
             s.clear_timers();
             n = note(
-                "canceled",
+                HistoryEvent::Canceled,
                 Some(format!("{DEVICE_DELETED}: the device was deleted")),
             );
         }
@@ -394,7 +477,7 @@ pub fn transition(
                 (FailureReason::Aborted, "the job's abort rule fired")
             };
             finish_failed(&mut s, reason, detail.to_owned(), now);
-            n = note("failed", Some(format!("{reason}: {detail}")));
+            n = note(HistoryEvent::Failed, Some(format!("{reason}: {detail}")));
         }
     }
     s.updated_at_ms = now;
@@ -447,7 +530,7 @@ fn fail_or_retry(
         s.last_failure = Some(reason);
         s.failure_detail = Some(detail.clone());
         note(
-            "retry_scheduled",
+            HistoryEvent::RetryScheduled,
             Some(format!(
                 "{reason} ({detail}); retry {}/{} at {at}",
                 s.retries_used, policy.retry.count
@@ -457,7 +540,7 @@ fn fail_or_retry(
         let exhausted = reason.retryable() && policy.retry.count > 0;
         finish_failed(s, reason, detail.clone(), now);
         note(
-            "failed",
+            HistoryEvent::Failed,
             Some(if exhausted {
                 format!("{reason} ({detail}); retries exhausted")
             } else {
