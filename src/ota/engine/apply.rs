@@ -2,13 +2,11 @@
 //! guard and the whole task document is submitted there (store order = memory order); the
 //! effects (queueing, publishing, events, job completion) run only once the change is durable.
 
+use super::internal_events::{RetryScheduled, TaskCounted, TaskFailed, UpgradeDelivered};
 use super::{lock, task_doc, JobEntry, OtaEngine, TaskKey};
 use crate::ota::events::TaskEvent;
-use crate::ota::task::{
-    transition, Effect, Event, FailureReason, HistoryEvent, Note, TaskState, TaskStatus,
-};
+use crate::ota::task::{transition, Effect, Event, HistoryEvent, Note, TaskState, TaskStatus};
 use crate::store::Ticket;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 /// A transition applied in memory and submitted, whose effects wait for durability.
@@ -34,6 +32,16 @@ pub(super) enum Delivery {
     Push,
     /// The device pulled it (`firmware/get`): the reply carries the data.
     Pull,
+}
+
+impl Delivery {
+    /// The `kind` label of `ota_pushes`.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Push => "push",
+            Delivery::Pull => "pull",
+        }
+    }
 }
 
 impl OtaEngine {
@@ -85,11 +93,12 @@ impl OtaEngine {
         let state = slot.state.clone();
         drop(slot);
         if from != to {
-            job.count(from, -1);
-            job.count(to, 1);
-            let m = &self.inner.metrics.ota_tasks;
-            m.get_or_create(&[("state", from.as_str())]).dec();
-            m.get_or_create(&[("state", to.as_str())]).inc();
+            TaskCounted {
+                job: &job,
+                from: Some(from),
+                to,
+            }
+            .emit(&self.inner.metrics);
         }
         Some(Pending {
             key: key.clone(),
@@ -117,23 +126,18 @@ impl OtaEngine {
         }
         let job = &p.job;
         let m = &self.inner.metrics;
-        if let Some(note) = &p.note {
-            if note.event == HistoryEvent::RetryScheduled {
-                job.retries.fetch_add(1, Ordering::Relaxed);
-                m.ota_retries.inc();
-            } else if note.event.is_delivery() {
-                job.pushes.fetch_add(1, Ordering::Relaxed);
-            }
+        let device_name = p.key.dn.as_str();
+        if p.note.as_ref().map(|n| n.event) == Some(HistoryEvent::RetryScheduled) {
+            RetryScheduled { job, device_name }.emit(m);
         }
         if p.to == TaskStatus::Failed && p.from != TaskStatus::Failed {
-            if let Some(f) = p.state.failure {
-                job.failures[f as usize].fetch_add(1, Ordering::Relaxed);
-                m.ota_failures
-                    .get_or_create(&[("reason", f.as_str())])
-                    .inc();
-                if f == FailureReason::Timeout {
-                    m.ota_timeouts.inc();
+            if let Some(reason) = p.state.failure {
+                TaskFailed {
+                    job,
+                    device_name,
+                    reason,
                 }
+                .emit(m);
             }
         }
         for effect in &p.effects {
@@ -151,12 +155,12 @@ impl OtaEngine {
                 // Stale queue entries are skipped when popped.
                 Effect::Dequeue => {}
                 Effect::Deliver => {
-                    let kind = if delivery == Delivery::Push {
-                        "push"
-                    } else {
-                        "pull"
-                    };
-                    m.ota_pushes.get_or_create(&[("kind", kind)]).inc();
+                    UpgradeDelivered {
+                        job,
+                        device_name,
+                        delivery,
+                    }
+                    .emit(m);
                     if delivery == Delivery::Push {
                         self.deliver(job, &p.key);
                     }

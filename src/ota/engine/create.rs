@@ -3,6 +3,7 @@
 //! overwrite), and writing the job with all its tasks in one store submission before any of
 //! them becomes visible.
 
+use super::internal_events::{TaskCounted, TaskFailed};
 use super::{job_doc, lock, task_doc, Due, JobEntry, OtaEngine, TaskKey, TaskSlot};
 use crate::ota::firmware::FirmwareStatus;
 use crate::ota::model::{
@@ -16,7 +17,6 @@ use crate::registry::{Device, DeviceFilter, Page};
 use dashmap::mapref::entry::Entry;
 use rand::Rng;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// A stable 64-bit hash (jitter seeds, GRAY selection): the same after a restart.
@@ -390,21 +390,21 @@ impl OtaEngine {
         _now: i64,
         ready: &mut Vec<String>,
     ) {
-        let status = slot.state.status;
-        entry.count(status, 1);
-        if let Some(f) = slot.state.failure {
-            entry.failures[f as usize].fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .metrics
-                .ota_failures
-                .get_or_create(&[("reason", f.as_str())])
-                .inc();
+        let metrics = &self.inner.metrics;
+        TaskCounted {
+            job: entry,
+            from: None,
+            to: slot.state.status,
         }
-        self.inner
-            .metrics
-            .ota_tasks
-            .get_or_create(&[("state", status.as_str())])
-            .inc();
+        .emit(metrics);
+        if let Some(reason) = slot.state.failure {
+            TaskFailed {
+                job: entry,
+                device_name: &key.dn,
+                reason,
+            }
+            .emit(metrics);
+        }
         entry.add_member(&key.dn);
         let mut jobs = self
             .inner

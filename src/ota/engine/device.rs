@@ -2,6 +2,7 @@
 //! `firmware/get` (pull mode); and what the registry tells the engine about devices (deleted,
 //! created, tags changed).
 
+use super::internal_events::{ProgressOutcome, ProgressReported};
 use super::{lock, Delivery, Inner, OtaEngine, TaskKey};
 use crate::ota::model::JobStatus;
 use crate::ota::task::{Event, HistoryEvent, QueueReason, TaskStatus};
@@ -64,20 +65,20 @@ impl OtaEngine {
     /// one per report, and a large one costs a multi-KB copy per message.
     pub async fn on_progress(&self, pk: &str, dn: &str, module: &str, step: ProgressStep) {
         let Some(key) = self.active_task(pk, dn, module) else {
-            self.inner
-                .metrics
-                .ota_progress
-                .get_or_create(&[("outcome", "no_task")])
-                .inc();
+            ProgressReported {
+                outcome: ProgressOutcome::NoTask,
+            }
+            .emit(&self.inner.metrics);
             return;
         };
         let changed =
             Box::pin(self.apply(&key, Event::Progress { module, step }, self.now())).await;
-        self.inner
-            .metrics
-            .ota_progress
-            .get_or_create(&[("outcome", if changed { "applied" } else { "ignored" })])
-            .inc();
+        let outcome = if changed {
+            ProgressOutcome::Applied
+        } else {
+            ProgressOutcome::Ignored
+        };
+        ProgressReported { outcome }.emit(&self.inner.metrics);
     }
 
     /// A version report (`/ota/device/inform`), after the registry stored it.

@@ -2,6 +2,7 @@
 //! push queues refilled and every deadline re-armed from persisted timestamps, so a restart
 //! (even `kill -9`) carries on where the engine stopped.
 
+use super::internal_events::TaskCounted;
 use super::{lock, Due, JobEntry, OtaEngine, TaskKey, TaskSlot, JOB_DOC, TASK_DOC};
 use crate::ota::model::{Job, JobStatus, Selection, TaskRecord};
 use crate::ota::rate::PushLimiter;
@@ -58,7 +59,12 @@ impl OtaEngine {
         let inner = &self.inner;
         let key = TaskKey::new(&rec.job_id, &rec.product_key, &rec.device_name);
         let status = rec.state.status;
-        job.count(status, 1);
+        TaskCounted {
+            job,
+            from: None,
+            to: status,
+        }
+        .emit(&inner.metrics);
         if let Some(f) = rec.state.failure {
             job.failures[f as usize].fetch_add(1, Ordering::Relaxed);
         }
@@ -93,11 +99,6 @@ impl OtaEngine {
             slot.armed = Some(d);
             lock(&inner.deadlines).insert((d, Due::Task(key.clone())));
         }
-        inner
-            .metrics
-            .ota_tasks
-            .get_or_create(&[("state", status.as_str())])
-            .inc();
         inner.tasks.insert(key, slot);
     }
 

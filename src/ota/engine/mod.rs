@@ -40,6 +40,7 @@ mod deadlines;
 mod device;
 mod dynamic;
 mod entries;
+mod internal_events;
 mod jobs;
 mod load;
 mod push;

@@ -881,6 +881,14 @@ async fn pull_mode_delivers_the_pending_upgrade() {
         .pending_upgrade(&h.pk, "dev-0000", "default")
         .await
         .is_some());
+    // One delivery, counted once: in the job's statistics and as a pull.
+    assert_eq!(h.engine.job_statistics(&jid).unwrap().pushes, 1);
+    let metrics = h.metrics.encode();
+    assert!(
+        metrics.contains(r#"fleetgate_ota_pushes_total{kind="pull"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"fleetgate_ota_pushes_total{kind="push"}"#));
 }
 
 #[tokio::test]

@@ -176,14 +176,6 @@ impl HistoryEvent {
             HistoryEvent::Canceled => "canceled",
         }
     }
-
-    /// A delivery of the upgrade to the device: counted as one of its job's pushes.
-    pub fn is_delivery(self) -> bool {
-        matches!(
-            self,
-            HistoryEvent::Pushed | HistoryEvent::Repushed | HistoryEvent::Pulled
-        )
-    }
 }
 
 impl std::fmt::Display for HistoryEvent {

@@ -615,10 +615,4 @@ fn history_event_names_are_the_stored_ones() {
         ],
         "stored task documents, the timeline API and forwarded task events carry these names"
     );
-    let deliveries: Vec<&str> = HistoryEvent::ALL
-        .iter()
-        .filter(|e| e.is_delivery())
-        .map(|e| e.as_str())
-        .collect();
-    assert_eq!(deliveries, ["pushed", "repushed", "pulled"]);
 }
