@@ -3,6 +3,7 @@
 //! migration and "rollback all"), moving it through the registry, and finishing the running
 //! state once its work is done.
 
+use super::internal_events::{BatchMoved, MoveResult};
 use super::Worker;
 use crate::migration::docs::{device_doc_id, doc_op, DEVICE_DOC};
 use crate::migration::machine::{transition, Event};
@@ -246,25 +247,17 @@ impl Worker {
             self.forget_devices(&tid, &moves.gone, "no longer exists")
                 .await;
         }
-        let result_label = if job.status == DeviceStatus::RolledBack {
-            "rolled_back"
-        } else {
-            "migrated"
-        };
-        self.metrics
-            .migration_devices
-            .get_or_create(&[("result", result_label)])
-            .inc_by(moves.moved.len() as u64);
-        self.metrics
-            .migration_devices
-            .get_or_create(&[("result", "failed")])
-            .inc_by(moves.failed.len() as u64);
         for dn in &moves.kicks {
             (self.hooks.kick)(&job.product_key, dn);
         }
-        self.metrics
-            .migration_kicks
-            .inc_by(moves.kicks.len() as u64);
+        BatchMoved {
+            task_id: &tid,
+            result: MoveResult::moved_to(job.status),
+            moved: moves.moved.len(),
+            failed: moves.failed.len(),
+            kicked: moves.kicks.len(),
+        }
+        .emit(&self.metrics);
         let rt = self.runtime.entry(tid.clone()).or_default();
         if job.from_queue {
             let handled: HashSet<&String> = moves.moved.iter().chain(moves.gone.iter()).collect();

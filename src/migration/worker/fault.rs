@@ -1,6 +1,7 @@
 //! Store faults while moving devices: with `resume_mode` auto the task retries after a backoff
 //! (1 s doubling to 30 s, in memory); with manual it halts until an operator continues.
 
+use super::internal_events::MigrationFault;
 use super::Worker;
 use crate::migration::model::*;
 use std::time::Duration;
@@ -13,11 +14,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 impl Worker {
     /// A store fault while moving devices: retry later (auto) or halt (manual).
     pub(super) async fn fault(&mut self, task_id: &str, error: String) {
-        self.metrics.migration_faults.inc();
-        let Ok(mut doc) = self.doc(task_id) else {
+        let doc = self.doc(task_id).ok();
+        MigrationFault {
+            task_id,
+            error: &error,
+            resume_mode: doc.as_ref().map(|d| d.config.resume_mode),
+        }
+        .emit(&self.metrics);
+        let Some(mut doc) = doc else {
             return;
         };
-        tracing::warn!(task_id, error = %error, resume_mode = ?doc.config.resume_mode, "migration fault");
         doc.last_error = Some(error.clone());
         let rt = self.runtime.entry(task_id.to_owned()).or_default();
         match doc.config.resume_mode {

@@ -18,10 +18,12 @@
 //! - `fault`: store faults while moving devices (retry with backoff, or halt).
 //! - `sweep`: the tick that sweeps `COMPLETED` tasks, retries coming due.
 //! - `routes`: data-sync routes and their expiry.
+//! - `internal_events`: what the actor counts and logs, one named event each.
 
 mod batch;
 mod commands;
 mod fault;
+mod internal_events;
 mod routes;
 mod sweep;
 
