@@ -26,13 +26,13 @@
 //! The std `RwLock` around `State` is only ever held in synchronous blocks (never across
 //! `.await`); the actor is its only writer.
 
-use super::clock::Clock;
 use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
 use super::config::{EngineConfig, Hooks};
 pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
 use super::shared::{details, device_statuses, Shared, State, TaskEntry};
 use super::MigrationError;
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged, Registry};
 use dashmap::DashMap;
@@ -73,18 +73,20 @@ impl std::fmt::Debug for MigrationEngine {
 
 impl MigrationEngine {
     /// Loads every task from the registry's store (blocking: start-up only) and starts the
-    /// actor, which resumes running tasks at once.
+    /// actor, which resumes running tasks at once. Every timestamp comes from `clock`
+    /// (the actor's own timers — batches, retries, the sweep tick — run on tokio time).
     pub fn start(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         config: EngineConfig,
         hooks: Hooks,
+        clock: Clock,
     ) -> Result<Arc<MigrationEngine>, MigrationError> {
         let state = State::load(&registry)?;
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             routes: DashMap::new(),
-            clock: Clock::new(),
+            clock,
             registry,
         });
         let mut worker = super::worker::Worker::new(shared.clone(), metrics, config, hooks);
@@ -118,7 +120,7 @@ impl MigrationEngine {
         Ok(engine)
     }
 
-    /// The engine's clock (tests advance it; see [`Clock`]).
+    /// The engine's clock (tests advance it, see [`Clock::advance`]; then [`Self::wake`]).
     pub fn clock(&self) -> &Clock {
         &self.shared.clock
     }

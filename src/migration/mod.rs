@@ -19,7 +19,6 @@
 //!
 //! Layers point down: `engine` → `worker` → `command`, `config`, `shared`, `docs`, `machine`,
 //! `model`; the worker never reaches back into the engine.
-//! - [`clock`]: the engine's wall clock, which tests move forward.
 //!
 //! # What it owns and what it must not touch
 //!
@@ -31,7 +30,6 @@
 //! devices created there after `COMPLETED` are swept to the target within a minute. Consumer
 //! groups (forwarder) are never touched: a rollback leaves the target's groups in place.
 
-pub mod clock;
 mod command;
 mod config;
 mod docs;
@@ -44,7 +42,6 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
-pub use clock::Clock;
 pub use command::{NewTask, Outcome, RollbackSelection};
 pub use config::{EngineConfig, Hooks, KickFn, RateLimitFn};
 pub use engine::{DeviceListFilter, MigrationEngine, TaskFilter};

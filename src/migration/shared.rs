@@ -6,10 +6,10 @@
 //! The lock is only ever held in synchronous blocks (never across `.await`); the actor is its
 //! only writer. [`State::load`] rebuilds it from the store at start.
 
-use super::clock::Clock;
 use super::docs::{device_doc_id, parse_doc, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
 use super::MigrationError;
+use crate::clock::Clock;
 use crate::registry::Registry;
 use crate::store::Op;
 use dashmap::DashMap;

@@ -2,6 +2,7 @@
 //! backend that fails on demand for the resume modes).
 
 use super::*;
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::{NewDevice, NewInstance, NewProduct, Page, Registry, DEFAULT_INSTANCE_ID};
 use crate::store::{Op, Snapshot, SqliteBackend, Store, StoreBackend};
@@ -47,6 +48,7 @@ fn engine_on(registry: Arc<Registry>, metrics: Arc<Metrics>, rate: u32) -> Env {
                 l.lock().unwrap().push((iid.to_owned(), b))
             }),
         },
+        Clock::system(),
     )
     .unwrap();
     Env {
@@ -1189,6 +1191,7 @@ async fn bench_full_migration_50k() {
                 ..EngineConfig::default()
             },
             Hooks::default(),
+            Clock::system(),
         )
         .unwrap();
         let tid = engine

@@ -50,13 +50,13 @@ pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
 #[cfg(test)]
 mod tests;
 
-use super::clock::Clock;
 use super::events::{TaskEvent, TaskEventSink};
 use super::firmware::FirmwareRepo;
 use super::model::{Job, Selection};
 use super::task::TaskPolicy;
 use super::OtaError;
 use crate::broker::{DeviceKey, Downlink};
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -128,7 +128,7 @@ pub(crate) struct Inner {
     store: Store,
     firmware: Arc<FirmwareRepo>,
     pusher: Arc<dyn Pusher>,
-    clock: Arc<dyn Clock>,
+    clock: Clock,
     config: EngineConfig,
     metrics: Arc<Metrics>,
     jobs: DashMap<String, Arc<JobEntry>>,
@@ -172,7 +172,7 @@ impl OtaEngine {
         registry: Arc<Registry>,
         firmware: Arc<FirmwareRepo>,
         pusher: Arc<dyn Pusher>,
-        clock: Arc<dyn Clock>,
+        clock: Clock,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<OtaEngine, OtaError> {

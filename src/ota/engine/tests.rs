@@ -3,7 +3,7 @@
 //! connected, what was published) plus direct calls of the device hooks.
 
 use super::*;
-use crate::ota::clock::ManualClock;
+use crate::clock::Clock;
 use crate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
 use crate::ota::model::{
     AbortAction, AbortSpec, JobSpec, JobStatus, JobType, RampSpec, RateSpec, Selection, TagFilter,
@@ -48,7 +48,7 @@ impl FakePusher {
 
 struct H {
     dir: TempDir,
-    clock: ManualClock,
+    clock: Clock,
     pusher: Arc<FakePusher>,
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
@@ -59,7 +59,7 @@ struct H {
 
 fn open(
     dir: &TempDir,
-    clock: &ManualClock,
+    clock: &Clock,
     pusher: &Arc<FakePusher>,
 ) -> (Arc<Registry>, Arc<FirmwareRepo>, OtaEngine, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -74,7 +74,7 @@ fn open(
         registry.clone(),
         firmware.clone(),
         pusher.clone(),
-        Arc::new(clock.clone()),
+        clock.clone(),
         config,
         metrics.clone(),
     )
@@ -85,7 +85,7 @@ fn open(
 impl H {
     async fn new() -> H {
         let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
+        let clock = Clock::manual(T0);
         let pusher = Arc::new(FakePusher::default());
         let (registry, firmware, engine, metrics) = open(&dir, &clock, &pusher);
         let pk = registry
