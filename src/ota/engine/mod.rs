@@ -33,6 +33,17 @@
 //! (`TaskSlot::armed`), so a progress message that moves the stall deadline later touches no
 //! global lock. Every deadline is computed from persisted timestamps, so [`OtaEngine::open`]
 //! re-arms them all after a restart (even `kill -9`).
+//!
+//! # Layout
+//!
+//! - this file: [`OtaEngine`], its maps (`Inner`), `open`, the job index.
+//! - `entries`: the records the maps hold ([`JobEntry`], [`TaskSlot`], [`TaskKey`]) and their
+//!   store documents.
+//! - `apply`: one event through the machine, write-ahead, then its effects.
+//! - `push`, `deadlines`, `load`: push scheduling; the deadline task; start-up.
+//! - `create`, `jobs`, `dynamic`: creating a job; its lifecycle; DYNAMIC joins.
+//! - `device`: what devices do (and what the registry tells); `query`: reads for the API.
+//! - `internal_events`: what the engine counts, one named event each.
 
 mod apply;
 mod create;
