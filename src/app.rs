@@ -13,13 +13,14 @@
 use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
 use crate::metrics::{Listener, Metrics};
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
-use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
+use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
 use crate::store::Store;
 use anyhow::Context;
@@ -129,11 +130,13 @@ impl Application {
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
         registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
+        // One clock for both engines (system time; tests move it through the engines).
+        let clock = Clock::system();
         let ota = OtaEngine::open(
             registry.clone(),
             firmware.clone(),
             Arc::new(downlink.clone()),
-            Arc::new(SystemClock),
+            clock.clone(),
             EngineConfig {
                 connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
                 download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
@@ -179,6 +182,7 @@ impl Application {
                     })
                 },
             },
+            clock,
         )
         .context("cannot start the migration engine")?;
         {
