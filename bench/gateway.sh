@@ -13,8 +13,12 @@ build_release() {
 start_gateway() {
     local dir=$1 mqtt=$2 http=$3 token=$4
     rm -rf "$dir" && mkdir -p "$dir"
+    # Every simulated device runs on this host, one source address: the per-address caps
+    # and the pre-CONNECT pressure timeout (docs/SECURITY.md) would throttle them.
     "$target/release/fleetgate" serve --mqtt-listen "$mqtt" --http-listen "$http" \
-        --data-dir "$dir/data" --api-token "$token" 2> "$dir/gateway.log" &
+        --data-dir "$dir/data" --api-token "$token" \
+        --mqtt-max-unauthenticated-per-ip 1000000 --mqtt-pressure-unauthenticated 1000000 \
+        --http-max-connections-per-ip 1024 2> "$dir/gateway.log" &
     gw=$!
     trap 'kill $gw 2>/dev/null || true' EXIT
     for _ in $(seq 1 100); do

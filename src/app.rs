@@ -7,18 +7,21 @@
 //! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
 //! reloaded, every timer re-armed) → migration engine (kicks via the router, data-sync routes
 //! and limits into the forwarder) → export/import jobs (which use the OTA and migration
-//! engines) → ingest → listeners and HTTP serving. Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! engines) → ingest → listeners and HTTP serving. Before all of it, the connection budgets
+//! are derived from the open-files limit ([`crate::admission`]). Stop order is the reverse, so nothing is accepted that cannot be stored.
 
+use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
-use crate::broker::{Broker, BrokerConfig, BrokerHandle, TlsConfig};
+use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, Metrics};
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
-use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine, SystemClock};
-use crate::registry::Registry;
+use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine};
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
 use crate::store::Store;
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -39,7 +42,8 @@ pub struct Application {
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     http_stop: oneshot::Sender<()>,
-    http_task: JoinHandle<std::io::Result<()>>,
+    http_task: JoinHandle<()>,
+    budgets: Budgets,
     created_admin_token: Option<String>,
 }
 
@@ -50,15 +54,21 @@ impl Application {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
         let metrics = Arc::new(Metrics::new());
+        let budgets = connection_budgets(&settings, &metrics)?;
         let location = settings.store.location(&settings.data_dir);
         let store = Store::open_with(&location, &settings.store, metrics.clone())
             .with_context(|| format!("cannot open the store ({location})"))?;
-        let registry =
-            Registry::open(store, metrics.clone()).context("cannot load the registry")?;
+        let registry = Registry::open_with(
+            store,
+            metrics.clone(),
+            RegistryLimits {
+                max_modules_per_device: settings.mqtt.max_modules_per_device,
+            },
+        )
+        .context("cannot load the registry")?;
 
         // Bound before the firmware repository: download links default to this address.
-        let listener = tokio::net::TcpListener::bind(settings.http.listen)
-            .await
+        let listener = api::serve::bind(settings.http.listen)
             .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
         let http_addr = listener.local_addr()?;
         let public_url = settings
@@ -107,16 +117,27 @@ impl Application {
                 connect_timeout: Duration::from_secs(settings.mqtt.connect_timeout_secs),
                 max_payload_size: settings.mqtt.max_payload_bytes,
                 epochs: registry.epochs().clone(),
+                max_subscriptions_per_device: settings.mqtt.max_subscriptions_per_device,
+                connect_timestamp_window: settings.mqtt.connect_timestamp_window(),
+                max_sockets: budgets.mqtt_sockets,
+                max_unauthenticated_per_ip: budgets.mqtt_per_ip,
+                pressure_unauthenticated: budgets.mqtt_pressure,
+                connect_timeout_under_pressure: Duration::from_secs(
+                    settings.mqtt.connect_timeout_under_pressure_secs,
+                ),
             },
             metrics.clone(),
         )
         .context("cannot start the MQTT router")?;
         let downlink = broker.downlink();
+        registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
+        // One clock for both engines (system time; tests move it through the engines).
+        let clock = Clock::system();
         let ota = OtaEngine::open(
             registry.clone(),
             firmware.clone(),
             Arc::new(downlink.clone()),
-            Arc::new(SystemClock),
+            clock.clone(),
             EngineConfig {
                 connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
                 download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
@@ -162,6 +183,7 @@ impl Application {
                     })
                 },
             },
+            clock,
         )
         .context("cannot start the migration engine")?;
         {
@@ -246,17 +268,30 @@ impl Application {
                 batch: settings.http.batch_body_limit_bytes,
             },
         );
+        let http_gate = Gate::new(
+            Listener::Http,
+            GateLimits {
+                max_open: budgets.http_connections,
+                max_per_source: budgets.http_per_ip,
+            },
+            &metrics,
+        );
+        let timeouts = api::serve::HttpTimeouts {
+            header_read: Duration::from_secs(settings.http.header_read_timeout_secs),
+            body_read: Duration::from_secs(settings.http.body_read_timeout_secs),
+            write: Duration::from_secs(settings.http.write_timeout_secs),
+        };
         let (http_stop, stop_rx) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
+        let http_task = tokio::spawn(api::serve::serve(
+            listener,
+            router,
+            timeouts,
+            http_gate,
+            metrics.clone(),
+            async {
                 let _ = stop_rx.await;
-            })
-            .await
-        });
+            },
+        ));
 
         tracing::info!(
             mqtt = %broker.mqtt_addr(),
@@ -294,6 +329,7 @@ impl Application {
             http_addr,
             http_stop,
             http_task,
+            budgets,
             created_admin_token,
         })
     }
@@ -344,6 +380,11 @@ impl Application {
         &self.settings
     }
 
+    /// The connection budgets in force (derived from the open-files limit at start).
+    pub fn budgets(&self) -> Budgets {
+        self.budgets
+    }
+
     /// Serve until ctrl-c or SIGTERM, then shut down cleanly.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         shutdown_signal().await;
@@ -358,8 +399,7 @@ impl Application {
         self.migration.shutdown().await;
         self.broker.shutdown().await;
         match tokio::time::timeout(Duration::from_secs(10), self.http_task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
@@ -398,6 +438,60 @@ async fn shutdown_signal() {
     }
 }
 
+/// The MQTT and HTTP connection budgets from the open-files limit in force and the settings;
+/// logged, with any configured value the limit could not hold.
+fn connection_budgets(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Budgets> {
+    let open_files = admission::open_files_limit()?;
+    let (budgets, lowered) = Budgets::derive(
+        open_files,
+        &BudgetSettings {
+            reserve: settings.open_files_reserve,
+            mqtt_sockets: settings.mqtt.max_sockets,
+            http_connections: settings.http.max_connections,
+            mqtt_pressure: settings.mqtt.pressure_unauthenticated,
+            mqtt_per_ip: settings.mqtt.max_unauthenticated_per_ip,
+            http_per_ip: settings.http.max_connections_per_ip,
+        },
+    )?;
+    for l in lowered {
+        tracing::warn!(
+            setting = l.setting,
+            configured = l.asked,
+            used = l.allowed,
+            open_files,
+            "connection budget lowered to what the open-files limit can hold"
+        );
+    }
+    for (listener, per_ip, budget) in [
+        ("mqtt", budgets.mqtt_per_ip, budgets.mqtt_sockets),
+        ("http", budgets.http_per_ip, budgets.http_connections),
+    ] {
+        if per_ip >= budget {
+            tracing::warn!(
+                listener,
+                per_ip,
+                budget,
+                "one source address can use the whole connection budget (raise the open-files \
+                 limit or lower the per-address cap)"
+            );
+        }
+    }
+    metrics
+        .open_files_limit
+        .set(i64::try_from(open_files).unwrap_or(i64::MAX));
+    tracing::info!(
+        open_files,
+        reserve = budgets.reserve,
+        mqtt_sockets = budgets.mqtt_sockets,
+        http_connections = budgets.http_connections,
+        mqtt_pressure_unauthenticated = budgets.mqtt_pressure,
+        mqtt_unauthenticated_per_ip = budgets.mqtt_per_ip,
+        http_connections_per_ip = budgets.http_per_ip,
+        "connection budgets"
+    );
+    Ok(budgets)
+}
+
 /// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind
 /// address (`0.0.0.0`, `::`) is not something a device can connect to, so it becomes loopback.
 fn default_public_url(addr: SocketAddr) -> String {
@@ -410,6 +504,34 @@ fn default_public_url(addr: SocketAddr) -> String {
     }
     // SocketAddr's Display brackets IPv6 addresses, as URLs need.
     format!("http://{addr}")
+}
+
+/// Ends a deleted device's MQTT session and makes the broker forget its persistent session, so
+/// that a device created again under the same name starts without it (no `session_present`,
+/// none of the old subscriptions or queued messages). A registry observer: every delete path
+/// goes through it, and the delete returns once it is done.
+struct SessionReaper(Downlink);
+
+impl DeviceObserver for SessionReaper {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        Box::pin(async move {
+            let DeviceChange::Deleted {
+                product_key,
+                device_name,
+                ..
+            } = change
+            else {
+                return;
+            };
+            let device = DeviceKey {
+                product_key: product_key.clone(),
+                device_name: device_name.clone(),
+            };
+            if let Err(error) = self.0.forget_session(&device).await {
+                tracing::warn!(%error, pk = %product_key, dn = %device_name, "the deleted device's MQTT session was not cleared");
+            }
+        })
+    }
 }
 
 #[cfg(test)]

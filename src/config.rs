@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 pub struct Settings {
     /// Where the store and the API token live.
     pub data_dir: PathBuf,
+    /// Open-file descriptors kept for the gateway's own files (store, outbox, listeners, AMQP,
+    /// export packages); the MQTT and HTTP connection budgets share the rest of the open-files
+    /// limit (see [`crate::admission`]).
+    pub open_files_reserve: u64,
     pub mqtt: MqttSettings,
     pub http: HttpSettings,
     pub amqp: AmqpSettings,
@@ -33,6 +37,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             data_dir: PathBuf::from("./fleetgate-data"),
+            open_files_reserve: 128,
             mqtt: MqttSettings::default(),
             http: HttpSettings::default(),
             amqp: AmqpSettings::default(),
@@ -52,11 +57,35 @@ pub struct MqttSettings {
     pub listen: SocketAddr,
     /// Optional TLS listener (securemode=2).
     pub tls: Option<TlsSettings>,
+    /// Authenticated sessions; beyond it a new device gets CONNACK "server unavailable".
     pub max_connections: usize,
-    /// Seconds a new socket may take to send CONNECT.
+    /// Seconds a new socket may take to send CONNECT (including the TLS handshake).
     pub connect_timeout_secs: u64,
     /// Largest MQTT packet accepted, bytes.
     pub max_payload_bytes: usize,
+    /// Most distinct subscription filters one device may use while the gateway runs (SUBACK
+    /// 0x80 beyond; the `_ss=1` filters the gateway subscribes itself do not count). A filter
+    /// once used stays free to subscribe again; unsubscribing does not give the slot back,
+    /// because the router keeps every filter's log (docs/SECURITY.md).
+    pub max_subscriptions_per_device: usize,
+    /// Most OTA modules the registry keeps per device; version reports of further modules are
+    /// dropped and counted.
+    pub max_modules_per_device: usize,
+    /// Refuse a CONNECT whose signed `timestamp=` is further than this from the gateway's
+    /// clock, seconds (CONNACK 5, `reason="timestamp"`); 0 = not checked, like the vendor's
+    /// broker. A CONNECT without a timestamp is always accepted.
+    pub connect_timestamp_window_secs: u64,
+    /// Open MQTT sockets (plain and TLS, authenticated or not); beyond it new sockets are
+    /// closed at once. Default: what the open-files limit leaves after the reserve and HTTP.
+    pub max_sockets: Option<usize>,
+    /// Sockets without an authenticated CONNECT yet from one source address (IPv6: one /64).
+    /// Default: 512, or a quarter of the MQTT socket budget when that is less.
+    pub max_unauthenticated_per_ip: Option<usize>,
+    /// From this many sockets without an authenticated CONNECT on, new sockets get
+    /// `connect_timeout_under_pressure_secs`. Default: an eighth of the MQTT socket budget.
+    pub pressure_unauthenticated: Option<usize>,
+    /// The CONNECT timeout of sockets accepted under pressure, seconds.
+    pub connect_timeout_under_pressure_secs: u64,
 }
 
 impl Default for MqttSettings {
@@ -67,7 +96,22 @@ impl Default for MqttSettings {
             max_connections: 100_000,
             connect_timeout_secs: 10,
             max_payload_bytes: 256 * 1024,
+            max_subscriptions_per_device: 50,
+            max_modules_per_device: 64,
+            connect_timestamp_window_secs: 0,
+            max_sockets: None,
+            max_unauthenticated_per_ip: None,
+            pressure_unauthenticated: None,
+            connect_timeout_under_pressure_secs: 2,
         }
+    }
+}
+
+impl MqttSettings {
+    /// `connect_timestamp_window_secs` as the broker takes it (`None`: not checked).
+    pub fn connect_timestamp_window(&self) -> Option<std::time::Duration> {
+        (self.connect_timestamp_window_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.connect_timestamp_window_secs))
     }
 }
 
@@ -94,6 +138,20 @@ pub struct HttpSettings {
     /// jobs with an uploaded list), bytes (default 16 MiB). Firmware uploads and imports
     /// follow `ota.max_firmware_bytes` and `export.max_package_bytes`.
     pub batch_body_limit_bytes: usize,
+    /// Open HTTP connections; beyond it new ones are closed at once. Default: 1024, or an
+    /// eighth of what the open-files limit leaves after the reserve when that is less.
+    pub max_connections: Option<usize>,
+    /// Open HTTP connections from one source address (IPv6: one /64). Default: 256, or a
+    /// quarter of the HTTP budget when that is less.
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a connection may take to deliver a complete request head, counted from accept
+    /// or from the end of the previous response (so it is also the keep-alive idle timeout).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request body may deliver nothing before the request fails.
+    pub body_read_timeout_secs: u64,
+    /// Seconds a response write may make no progress (the client stopped reading) before the
+    /// connection is closed.
+    pub write_timeout_secs: u64,
 }
 
 impl Default for HttpSettings {
@@ -103,6 +161,11 @@ impl Default for HttpSettings {
             public_url: None,
             json_body_limit_bytes: crate::api::DEFAULT_JSON_BODY_LIMIT,
             batch_body_limit_bytes: crate::api::DEFAULT_BATCH_BODY_LIMIT,
+            max_connections: None,
+            max_connections_per_ip: None,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            write_timeout_secs: 30,
         }
     }
 }
@@ -150,6 +213,12 @@ pub struct ExportSettings {
     pub max_bytes_in_flight: u64,
     /// Largest import upload, bytes (default 512 MiB; imports are verified in memory).
     pub max_package_bytes: u64,
+    /// Largest file an import package may unpack to, in real inflated bytes (default
+    /// 256 MiB, like `ota.max_firmware_bytes`); a larger one refuses the package with 413.
+    pub max_unpacked_entry_bytes: u64,
+    /// Most an import package may unpack to, all files together (default 1 GiB); beyond it
+    /// the package is refused with 413.
+    pub max_unpacked_bytes: u64,
     /// PBKDF2 iterations for the secrets key of new packages.
     pub kdf_iterations: u32,
 }
@@ -164,6 +233,8 @@ impl Default for ExportSettings {
             max_jobs_in_flight: 4,
             max_bytes_in_flight: 1024 * 1024 * 1024,
             max_package_bytes: 512 * 1024 * 1024,
+            max_unpacked_entry_bytes: 256 * 1024 * 1024,
+            max_unpacked_bytes: 1024 * 1024 * 1024,
             kdf_iterations: 100_000,
         }
     }
@@ -179,7 +250,9 @@ pub struct AmqpSettings {
     pub exchange_prefix: String,
     /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
     pub outbox_max_bytes: u64,
-    /// How long a device message waits for outbox space before it is dropped (and counted).
+    /// How long a message waits for outbox space (the device's PUBACK waits with it) before
+    /// a QoS 1 post is refused — no PUBACK, connection closed, the device resends it — and
+    /// anything else (QoS 0 posts, status, OTA events) is dropped and counted.
     pub outbox_full_wait_ms: u64,
     /// Publishes awaiting a broker confirm at once.
     pub inflight_window: usize,
@@ -330,6 +403,19 @@ pub struct Overrides {
     pub public_url: Option<String>,
     /// `postgres://…`: the store in PostgreSQL instead of SQLite in the data dir.
     pub store_url: Option<String>,
+    pub mqtt_max_subscriptions_per_device: Option<usize>,
+    pub mqtt_max_modules_per_device: Option<usize>,
+    pub mqtt_connect_timestamp_window_secs: Option<u64>,
+    pub open_files_reserve: Option<u64>,
+    pub mqtt_max_sockets: Option<usize>,
+    pub mqtt_max_unauthenticated_per_ip: Option<usize>,
+    pub mqtt_pressure_unauthenticated: Option<usize>,
+    pub mqtt_connect_timeout_under_pressure_secs: Option<u64>,
+    pub http_max_connections: Option<usize>,
+    pub http_max_connections_per_ip: Option<usize>,
+    pub http_header_read_timeout_secs: Option<u64>,
+    pub http_body_read_timeout_secs: Option<u64>,
+    pub http_write_timeout_secs: Option<u64>,
 }
 
 impl Settings {
@@ -377,6 +463,45 @@ impl Settings {
                 })?;
             self.store.url = Some(url);
         }
+        if let Some(v) = o.mqtt_max_subscriptions_per_device {
+            self.mqtt.max_subscriptions_per_device = v;
+        }
+        if let Some(v) = o.mqtt_max_modules_per_device {
+            self.mqtt.max_modules_per_device = v;
+        }
+        if let Some(v) = o.mqtt_connect_timestamp_window_secs {
+            self.mqtt.connect_timestamp_window_secs = v;
+        }
+        if let Some(v) = o.open_files_reserve {
+            self.open_files_reserve = v;
+        }
+        if let Some(v) = o.mqtt_max_sockets {
+            self.mqtt.max_sockets = Some(v);
+        }
+        if let Some(v) = o.mqtt_max_unauthenticated_per_ip {
+            self.mqtt.max_unauthenticated_per_ip = Some(v);
+        }
+        if let Some(v) = o.mqtt_pressure_unauthenticated {
+            self.mqtt.pressure_unauthenticated = Some(v);
+        }
+        if let Some(v) = o.mqtt_connect_timeout_under_pressure_secs {
+            self.mqtt.connect_timeout_under_pressure_secs = v;
+        }
+        if let Some(v) = o.http_max_connections {
+            self.http.max_connections = Some(v);
+        }
+        if let Some(v) = o.http_max_connections_per_ip {
+            self.http.max_connections_per_ip = Some(v);
+        }
+        if let Some(v) = o.http_header_read_timeout_secs {
+            self.http.header_read_timeout_secs = v;
+        }
+        if let Some(v) = o.http_body_read_timeout_secs {
+            self.http.body_read_timeout_secs = v;
+        }
+        if let Some(v) = o.http_write_timeout_secs {
+            self.http.write_timeout_secs = v;
+        }
         match (o.mqtt_tls_listen, o.tls_cert, o.tls_key) {
             (None, None, None) => {}
             (listen, cert, key) => {
@@ -409,10 +534,31 @@ impl Settings {
                 message: "must be at least 1".into(),
             });
         }
+        self.validate_limits()?;
         if self.mqtt.max_payload_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 field: "mqtt.max_payload_bytes",
                 message: "must be at least 1024".into(),
+            });
+        }
+        if self.mqtt.max_subscriptions_per_device == 0 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_subscriptions_per_device",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.mqtt.max_modules_per_device == 0 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_modules_per_device",
+                message: "must be at least 1".into(),
+            });
+        }
+        // Beyond ~68 years a window means nothing, and `Duration` arithmetic stays far from
+        // overflowing.
+        if self.mqtt.connect_timestamp_window_secs > u64::from(u32::MAX) {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.connect_timestamp_window_secs",
+                message: "must be at most 4294967295 (0 turns the check off)".into(),
             });
         }
         if let Some(url) = &self.http.public_url {
@@ -469,6 +615,18 @@ impl Settings {
         {
             return Err(ConfigError::Invalid { field, message });
         }
+        if self.export.max_unpacked_entry_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "export.max_unpacked_entry_bytes",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.export.max_unpacked_bytes < self.export.max_unpacked_entry_bytes {
+            return Err(ConfigError::Invalid {
+                field: "export.max_unpacked_bytes",
+                message: "must be at least export.max_unpacked_entry_bytes".into(),
+            });
+        }
         if self.store.commit_delay_us > 100_000 {
             return Err(ConfigError::Invalid {
                 field: "store.commit_delay_us",
@@ -513,6 +671,71 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The connection limits and timeouts ([`crate::admission`], docs/SECURITY.md).
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.into(),
+            })
+        };
+        for (field, value) in [
+            ("mqtt.max_sockets", self.mqtt.max_sockets),
+            (
+                "mqtt.pressure_unauthenticated",
+                self.mqtt.pressure_unauthenticated,
+            ),
+            ("http.max_connections", self.http.max_connections),
+            (
+                "mqtt.max_unauthenticated_per_ip",
+                self.mqtt.max_unauthenticated_per_ip,
+            ),
+            (
+                "http.max_connections_per_ip",
+                self.http.max_connections_per_ip,
+            ),
+        ] {
+            if value == Some(0) {
+                return invalid(field, "must be at least 1");
+            }
+        }
+        for (field, secs) in [
+            ("mqtt.connect_timeout_secs", self.mqtt.connect_timeout_secs),
+            (
+                "mqtt.connect_timeout_under_pressure_secs",
+                self.mqtt.connect_timeout_under_pressure_secs,
+            ),
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+            ),
+            (
+                "http.body_read_timeout_secs",
+                self.http.body_read_timeout_secs,
+            ),
+            ("http.write_timeout_secs", self.http.write_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&secs) {
+                return invalid(field, "must be 1..=3600 seconds");
+            }
+        }
+        if self.mqtt.connect_timeout_under_pressure_secs > self.mqtt.connect_timeout_secs {
+            return invalid(
+                "mqtt.connect_timeout_under_pressure_secs",
+                "must not exceed mqtt.connect_timeout_secs",
+            );
+        }
+        if self.open_files_reserve < 32 {
+            return invalid(
+                "open_files_reserve",
+                "must be at least 32 (the store, the outbox and the listeners need them)",
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,6 +749,44 @@ mod tests {
         assert!(s.amqp.url.is_none());
         assert_eq!(s.ota.max_firmware_bytes, 256 * 1024 * 1024);
         assert_eq!(s.ota.download_url_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn export_unpack_limits_from_file_and_checked() {
+        let s = Settings::load(None, Overrides::default()).unwrap();
+        assert_eq!(s.export.max_unpacked_entry_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.export.max_unpacked_bytes, 1024 * 1024 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[export]\nmax_unpacked_entry_bytes = 1000\nmax_unpacked_bytes = 5000\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(
+            (
+                s.export.max_unpacked_entry_bytes,
+                s.export.max_unpacked_bytes
+            ),
+            (1000, 5000)
+        );
+        for (toml, field) in [
+            (
+                "max_unpacked_entry_bytes = 0",
+                "export.max_unpacked_entry_bytes",
+            ),
+            (
+                "max_unpacked_entry_bytes = 1000\nmax_unpacked_bytes = 999",
+                "export.max_unpacked_bytes",
+            ),
+        ] {
+            std::fs::write(&path, format!("[export]\n{toml}\n")).unwrap();
+            match Settings::load(Some(&path), Overrides::default()) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -711,6 +972,67 @@ body_limit_bytes = 67108864
     }
 
     #[test]
+    fn mqtt_limits_from_file_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let load = |toml: &str, o: Overrides| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path), o)
+        };
+        let d = Settings::default().mqtt;
+        assert_eq!(
+            (
+                d.max_subscriptions_per_device,
+                d.max_modules_per_device,
+                d.connect_timestamp_window()
+            ),
+            (50, 64, None)
+        );
+        let s = load(
+            "[mqtt]\nmax_subscriptions_per_device = 8\nmax_modules_per_device = 4\n\
+             connect_timestamp_window_secs = 300\n",
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.max_subscriptions_per_device, 8);
+        assert_eq!(s.mqtt.max_modules_per_device, 4);
+        assert_eq!(
+            s.mqtt.connect_timestamp_window(),
+            Some(std::time::Duration::from_secs(300))
+        );
+        // Environment/flags win over the file.
+        let o = Overrides {
+            mqtt_max_subscriptions_per_device: Some(9),
+            mqtt_max_modules_per_device: Some(5),
+            mqtt_connect_timestamp_window_secs: Some(0),
+            ..Default::default()
+        };
+        let s = load("[mqtt]\nconnect_timestamp_window_secs = 300\n", o).unwrap();
+        assert_eq!(s.mqtt.max_subscriptions_per_device, 9);
+        assert_eq!(s.mqtt.max_modules_per_device, 5);
+        assert_eq!(s.mqtt.connect_timestamp_window(), None);
+        for (toml, field) in [
+            (
+                "[mqtt]\nmax_subscriptions_per_device = 0\n",
+                "mqtt.max_subscriptions_per_device",
+            ),
+            (
+                "[mqtt]\nmax_modules_per_device = 0\n",
+                "mqtt.max_modules_per_device",
+            ),
+            (
+                "[mqtt]\nconnect_timestamp_window_secs = 4294967296\n",
+                "mqtt.connect_timestamp_window_secs",
+            ),
+        ] {
+            assert!(
+                matches!(load(toml, Overrides::default()), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{toml}"
+            );
+        }
+    }
+
+    #[test]
     fn file_then_overrides() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fg.toml");
@@ -805,6 +1127,183 @@ body_limit_bytes = 67108864
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn limits_from_file_and_overrides_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        let d = Settings::default();
+        assert_eq!(d.open_files_reserve, 128);
+        assert_eq!(
+            (d.mqtt.max_sockets, d.mqtt.max_unauthenticated_per_ip),
+            (None, None)
+        );
+        assert_eq!(
+            (
+                d.mqtt.pressure_unauthenticated,
+                d.mqtt.connect_timeout_under_pressure_secs
+            ),
+            (None, 2)
+        );
+        assert_eq!(
+            (d.http.max_connections, d.http.max_connections_per_ip),
+            (None, None)
+        );
+        assert_eq!(
+            (
+                d.http.header_read_timeout_secs,
+                d.http.body_read_timeout_secs,
+                d.http.write_timeout_secs
+            ),
+            (10, 30, 30)
+        );
+
+        std::fs::write(
+            &path,
+            "open_files_reserve = 512
+[mqtt]
+max_sockets = 5000
+max_unauthenticated_per_ip = 8
+             pressure_unauthenticated = 100
+connect_timeout_under_pressure_secs = 1
+             [http]
+max_connections = 50
+max_connections_per_ip = 4
+             header_read_timeout_secs = 3
+body_read_timeout_secs = 4
+write_timeout_secs = 5
+",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.open_files_reserve, 512);
+        assert_eq!(s.mqtt.max_sockets, Some(5000));
+        assert_eq!(s.mqtt.max_unauthenticated_per_ip, Some(8));
+        assert_eq!(s.mqtt.pressure_unauthenticated, Some(100));
+        assert_eq!(s.mqtt.connect_timeout_under_pressure_secs, 1);
+        assert_eq!(s.http.max_connections, Some(50));
+        assert_eq!(s.http.max_connections_per_ip, Some(4));
+        assert_eq!(
+            (
+                s.http.header_read_timeout_secs,
+                s.http.body_read_timeout_secs,
+                s.http.write_timeout_secs
+            ),
+            (3, 4, 5)
+        );
+
+        // Flags and env vars win over the file.
+        let o = Overrides {
+            open_files_reserve: Some(300),
+            mqtt_max_sockets: Some(7),
+            mqtt_max_unauthenticated_per_ip: Some(2),
+            mqtt_pressure_unauthenticated: Some(3),
+            mqtt_connect_timeout_under_pressure_secs: Some(2),
+            http_max_connections: Some(9),
+            http_max_connections_per_ip: Some(1),
+            http_header_read_timeout_secs: Some(6),
+            http_body_read_timeout_secs: Some(7),
+            http_write_timeout_secs: Some(8),
+            ..Default::default()
+        };
+        let s = Settings::load(Some(&path), o).unwrap();
+        assert_eq!(s.open_files_reserve, 300);
+        assert_eq!(
+            (
+                s.mqtt.max_sockets,
+                s.mqtt.max_unauthenticated_per_ip,
+                s.mqtt.pressure_unauthenticated,
+                s.mqtt.connect_timeout_under_pressure_secs
+            ),
+            (Some(7), Some(2), Some(3), 2)
+        );
+        assert_eq!(
+            (
+                s.http.max_connections,
+                s.http.max_connections_per_ip,
+                s.http.header_read_timeout_secs,
+                s.http.body_read_timeout_secs,
+                s.http.write_timeout_secs
+            ),
+            (Some(9), Some(1), 6, 7, 8)
+        );
+
+        for (toml, field) in [
+            (
+                "[mqtt]
+max_sockets = 0
+",
+                "mqtt.max_sockets",
+            ),
+            (
+                "[mqtt]
+max_unauthenticated_per_ip = 0
+",
+                "mqtt.max_unauthenticated_per_ip",
+            ),
+            (
+                "[mqtt]
+pressure_unauthenticated = 0
+",
+                "mqtt.pressure_unauthenticated",
+            ),
+            (
+                "[mqtt]
+connect_timeout_secs = 5
+connect_timeout_under_pressure_secs = 6
+",
+                "mqtt.connect_timeout_under_pressure_secs",
+            ),
+            (
+                "[mqtt]
+connect_timeout_secs = 0
+",
+                "mqtt.connect_timeout_secs",
+            ),
+            (
+                "[http]
+max_connections = 0
+",
+                "http.max_connections",
+            ),
+            (
+                "[http]
+max_connections_per_ip = 0
+",
+                "http.max_connections_per_ip",
+            ),
+            (
+                "[http]
+header_read_timeout_secs = 0
+",
+                "http.header_read_timeout_secs",
+            ),
+            (
+                "[http]
+body_read_timeout_secs = 3601
+",
+                "http.body_read_timeout_secs",
+            ),
+            (
+                "[http]
+write_timeout_secs = 0
+",
+                "http.write_timeout_secs",
+            ),
+            (
+                "open_files_reserve = 31
+",
+                "open_files_reserve",
+            ),
+        ] {
+            std::fs::write(&path, toml).unwrap();
+            let r = Settings::load(Some(&path), Overrides::default());
+            assert!(
+                matches!(r, Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{toml}: {r:?}"
+            );
+        }
     }
 
     #[test]

@@ -14,22 +14,30 @@
 //! answered with an error code where there is a reply topic, and change nothing.
 //!
 //! Forwarding (when a [`Forwarder`] is attached and enabled): a valid property or event post is
-//! enqueued after its `_reply` is sent and before `on_publish` returns, so the PUBACK goes out
-//! only once the message is durable in the outbox (docs/DESIGN.md §5). Online/offline status messages
-//! are enqueued from the connection callbacks (which must not wait) and committed in the
-//! background; they keep their order relative to the device's posts because the forwarder
-//! hands rows to its writer at call time.
+//! enqueued before `on_publish` returns, so the PUBACK goes out only once the message is durable
+//! in the outbox (docs/DESIGN.md §5); its `_reply` goes out at once, or, when the outbox is full,
+//! once the outcome is known (see `forward_post`). When the outbox stays full for
+//! `amqp.outbox_full_wait_ms`, a QoS 1 post is refused ([`OnFull::Refuse`]): `on_publish`
+//! answers [`PublishOutcome::Withheld`], the broker closes the connection without its PUBACK
+//! and the device sends it again after reconnecting — an acknowledged post is never dropped. A
+//! QoS 0 post (nothing acknowledged) is dropped and counted instead ([`OnFull::Drop`]).
+//! Online/offline status messages are enqueued from the connection callbacks (which must not
+//! wait) and committed in the background (dropped and counted when the outbox stays full);
+//! they keep their order relative to the device's posts because the forwarder hands rows to
+//! its writer at call time.
 
-use crate::broker::{DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, Session};
+use crate::broker::{
+    DeviceCredentials, DeviceHooks, DisconnectReason, Downlink, PublishOutcome, QoS, RunOutcome,
+    Session, UpMessage,
+};
 use crate::clock::now_ms;
-use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError};
+use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError, OnFull};
 use crate::metrics::Metrics;
 use crate::ota::OtaEngine;
-use crate::registry::{Registry, VersionWrites};
-use bytes::Bytes;
+use crate::registry::{Registry, RegistryError, VersionWrites};
 use fleetgate_topics::{
-    loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest, InformRequest,
-    PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
+    codes, loose_id, Direction, EventPostRequest, FirmwareGetReply, FirmwareGetRequest,
+    InformRequest, PayloadError, ProgressRequest, PropertyPostRequest, Reply, Topic, TopicKind,
 };
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
@@ -75,16 +83,68 @@ impl Ingest {
         self
     }
 
-    /// Enqueues `msg` and waits until it is durable (the caller's PUBACK depends on it). A
-    /// full outbox drops the message (the forwarder counts and logs it); the device is still
-    /// acknowledged, since sending it again could not help.
-    async fn forward(&self, msg: impl FnOnce() -> ForwardMessage) {
+    /// Forwards a valid post received with `qos`, waits until it is durable (the caller's
+    /// PUBACK depends on it) and answers it on its `_reply` topic when `reply_id` is given.
+    ///
+    /// The reply goes out at once when the outbox took the message without waiting (so replies
+    /// never wait for a commit). When the outbox is full it goes out once the outcome is known:
+    /// success if the post was stored; 429 if it was dropped (QoS 0: nothing was acknowledged,
+    /// the forwarder counts it); none if it was refused (QoS 1/2: it is
+    /// [`Withheld`](PublishOutcome::Withheld), never acknowledged, the connection closes and the
+    /// device's resend is answered). A post the outbox failed to store is withheld alike.
+    async fn forward_post(
+        &self,
+        topic: &Topic<'_>,
+        qos: QoS,
+        reply_id: Option<String>,
+        msg: impl FnOnce() -> ForwardMessage,
+    ) -> PublishOutcome {
+        let success = |id: String| Reply::success(id).to_vec();
         let Some(fwd) = &self.forwarder else {
-            return;
+            if let Some(id) = reply_id {
+                self.reply(topic, success(id));
+            }
+            return PublishOutcome::Processed;
         };
-        match fwd.enqueue(msg()).await {
-            Ok(()) | Err(ForwarderError::OutboxFull) => {}
-            Err(error) => tracing::error!(%error, "cannot store a message for forwarding"),
+        let acknowledged = qos != QoS::AtMostOnce;
+        let on_full = if acknowledged {
+            OnFull::Refuse
+        } else {
+            OnFull::Drop
+        };
+        let pending = fwd.enqueue(msg(), on_full);
+        let waiting = pending.waiting;
+        let mut reply_id = reply_id;
+        if !waiting {
+            if let Some(id) = reply_id.take() {
+                self.reply(topic, success(id));
+            }
+        }
+        let stored = pending.await;
+        if let Err(error) = &stored {
+            if !matches!(error, ForwarderError::OutboxFull) {
+                tracing::error!(%error, "cannot store a message for forwarding");
+            }
+        }
+        match (stored, acknowledged) {
+            (Ok(()), _) => {
+                if let Some(id) = reply_id {
+                    self.reply(topic, success(id));
+                }
+                PublishOutcome::Processed
+            }
+            (Err(_), true) => PublishOutcome::Withheld,
+            (Err(_), false) => {
+                if let Some(id) = reply_id {
+                    let refusal = Reply::error(
+                        id,
+                        codes::TOO_MANY_REQUESTS,
+                        "the gateway cannot take data now (forwarding outbox full): post dropped",
+                    );
+                    self.reply(topic, refusal.to_vec());
+                }
+                PublishOutcome::Processed
+            }
         }
     }
 
@@ -104,6 +164,29 @@ impl Ingest {
             at_ms,
             last_ms,
         ));
+    }
+
+    /// A version report the registry refused (a module past the device's limit, an invalid
+    /// module name or version): dropped, counted by reason. Logged at debug level only: the
+    /// device decides how many there are.
+    fn version_refused(&self, session: &Session, error: &RegistryError) {
+        let reason = match error {
+            RegistryError::TooMany { .. } => "module_limit",
+            RegistryError::Invalid { .. } => "invalid",
+            RegistryError::NotFound { .. } => "unknown_device",
+            _ => "other",
+        };
+        self.metrics
+            .version_reports_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+        tracing::debug!(
+            pk = %session.device.product_key,
+            dn = %session.device.device_name,
+            reason,
+            %error,
+            "version report refused"
+        );
     }
 
     fn malformed(&self, kind: TopicKind, session: &Session, error: &PayloadError) {
@@ -131,25 +214,10 @@ impl Ingest {
         }
     }
 
-    /// Replies to a property/event post: success when it parsed (unless the device asked for no
-    /// reply), the error code otherwise.
-    fn answer_post(
-        &self,
-        session: &Session,
-        topic: &Topic<'_>,
-        payload: &[u8],
-        parsed: Result<(bool, String), PayloadError>,
-    ) {
-        let reply = match parsed {
-            Ok((wants_reply, id)) => wants_reply.then(|| Reply::success(id)),
-            Err(e) => {
-                self.malformed(topic.kind(), session, &e);
-                Some(Reply::from_error(loose_id(payload), &e))
-            }
-        };
-        if let Some(reply) = reply {
-            self.reply(topic, reply.to_vec());
-        }
+    /// Answers a post that failed to parse with its error code (and counts it).
+    fn refuse_post(&self, session: &Session, topic: &Topic<'_>, payload: &[u8], e: &PayloadError) {
+        self.malformed(topic.kind(), session, e);
+        self.reply(topic, Reply::from_error(loose_id(payload), e).to_vec());
     }
 
     /// Counts a PUBLISH by topic kind and returns its parsed topic when ingest handles it: an
@@ -174,20 +242,25 @@ impl Ingest {
     /// applied to the registry in arrival order and written with ONE store submission (a
     /// device's later report of the same module replaces its earlier one); the OTA engine
     /// hears of each, in order, once that write is durable. Every other message goes through
-    /// [`Self::handle`], concurrently with the write.
-    async fn ingest_run(&self, session: &Session, run: &[(&str, Bytes)]) {
+    /// [`Self::handle`], concurrently with the write; the run's outcome is theirs (a post the
+    /// outbox could not take is withheld).
+    async fn ingest_run(&self, session: &Session, run: &[UpMessage<'_>]) -> RunOutcome {
         let mut versions = VersionWrites::default();
         let mut reports: Vec<(Topic<'_>, InformRequest)> = Vec::new();
         // Boxed: the handler's state machine (about 1 KB: every topic kind's locals). The OTA
         // engine's calls box their own, rarely needed, state: before they did, it was ~6 KB,
         // and copying and first touching it per message was ~10% of the inform path's CPU.
         let mut others = Vec::new();
-        for (topic, payload) in run {
-            let Some(parsed) = self.accept(session, topic) else {
+        // The run index of each of `others`.
+        let mut other_index = Vec::new();
+        for (index, message) in run.iter().enumerate() {
+            let Some(parsed) = self.accept(session, message.topic) else {
                 continue;
             };
+            let payload = &message.payload;
             if parsed.kind() != TopicKind::Inform {
-                others.push(Box::pin(self.handle(session, parsed, payload)));
+                others.push(Box::pin(self.handle(session, parsed, payload, message.qos)));
+                other_index.push(index);
                 continue;
             }
             match InformRequest::parse(payload) {
@@ -202,9 +275,7 @@ impl Ingest {
                         now_ms(),
                     ) {
                         Ok(()) => reports.push((parsed, req)),
-                        Err(error) => {
-                            tracing::warn!(%error, pk = parsed.product_key(), dn = parsed.device_name(), "version report refused")
-                        }
+                        Err(error) => self.version_refused(session, &error),
                     }
                 }
                 Err(e) => self.malformed(TopicKind::Inform, session, &e),
@@ -216,8 +287,14 @@ impl Ingest {
             }
             self.registry.commit_versions(versions).await
         };
-        let (stored, _) =
+        let (stored, handled) =
             futures_util::future::join(stored, futures_util::future::join_all(others)).await;
+        let mut outcome = RunOutcome::processed();
+        for (index, handled) in other_index.into_iter().zip(handled) {
+            if handled == PublishOutcome::Withheld {
+                outcome.withhold(index);
+            }
+        }
         match stored {
             Err(error) => {
                 let d = &session.device;
@@ -238,9 +315,17 @@ impl Ingest {
                 }
             }
         }
+        outcome
     }
 
-    async fn handle(&self, session: &Session, topic: Topic<'_>, payload: &[u8]) {
+    /// Handles one message; only a forwarded post can be [`PublishOutcome::Withheld`].
+    async fn handle(
+        &self,
+        session: &Session,
+        topic: Topic<'_>,
+        payload: &[u8],
+        qos: QoS,
+    ) -> PublishOutcome {
         let kind = topic.kind();
         match kind {
             // Staged and written per run by `ingest_run`.
@@ -294,16 +379,17 @@ impl Ingest {
             }
             TopicKind::PropertyPost => {
                 let received = now_ms();
-                let parsed = PropertyPostRequest::parse(payload);
-                let answer = parsed
-                    .as_ref()
-                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
-                    .map_err(Clone::clone);
-                self.answer_post(session, &topic, payload, answer);
-                if let Ok(req) = parsed {
-                    let (pk, dn) = (topic.product_key(), topic.device_name());
-                    self.forward(|| ForwardMessage::property_post(pk, dn, &req, received))
-                        .await;
+                match PropertyPostRequest::parse(payload) {
+                    Ok(req) => {
+                        let (pk, dn) = (topic.product_key(), topic.device_name());
+                        let reply_id = req.wants_reply().then(|| req.id.as_str().to_owned());
+                        return self
+                            .forward_post(&topic, qos, reply_id, || {
+                                ForwardMessage::property_post(pk, dn, &req, received)
+                            })
+                            .await;
+                    }
+                    Err(e) => self.refuse_post(session, &topic, payload, &e),
                 }
             }
             TopicKind::EventPost => {
@@ -313,15 +399,17 @@ impl Ingest {
                     req.check_identifier(identifier)?;
                     Ok(req)
                 });
-                let answer = parsed
-                    .as_ref()
-                    .map(|req| (req.wants_reply(), req.id.as_str().to_owned()))
-                    .map_err(Clone::clone);
-                self.answer_post(session, &topic, payload, answer);
-                if let Ok(req) = parsed {
-                    let (pk, dn) = (topic.product_key(), topic.device_name());
-                    self.forward(|| ForwardMessage::event_post(pk, dn, identifier, &req, received))
-                        .await;
+                match parsed {
+                    Ok(req) => {
+                        let (pk, dn) = (topic.product_key(), topic.device_name());
+                        let reply_id = req.wants_reply().then(|| req.id.as_str().to_owned());
+                        return self
+                            .forward_post(&topic, qos, reply_id, || {
+                                ForwardMessage::event_post(pk, dn, identifier, &req, received)
+                            })
+                            .await;
+                    }
+                    Err(e) => self.refuse_post(session, &topic, payload, &e),
                 }
             }
             // Down kinds never reach here (see `accept`).
@@ -330,6 +418,7 @@ impl Ingest {
             | TopicKind::PropertyPostReply
             | TopicKind::EventPostReply => {}
         }
+        PublishOutcome::Processed
     }
 }
 
@@ -376,11 +465,13 @@ impl DeviceHooks for Ingest {
             .device_disconnected(&d.product_key, &d.device_name, session.conn_id, at);
     }
 
-    async fn on_publish(&self, session: &Session, topic: &str, payload: Bytes) {
-        self.ingest_run(session, &[(topic, payload)]).await;
+    async fn on_publish(&self, session: &Session, message: UpMessage<'_>) -> PublishOutcome {
+        self.ingest_run(session, std::slice::from_ref(&message))
+            .await
+            .get(0)
     }
 
-    async fn on_publishes(&self, session: &Session, run: &[(&str, Bytes)]) {
-        self.ingest_run(session, run).await;
+    async fn on_publishes(&self, session: &Session, run: &[UpMessage<'_>]) -> RunOutcome {
+        self.ingest_run(session, run).await
     }
 }

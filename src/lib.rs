@@ -14,7 +14,10 @@
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
 //! - [`metrics`]: Prometheus metrics shared by every component.
+//! - [`admission`]: connection budgets from the open-files limit, per-source caps on
+//!   unauthenticated sockets (used by the MQTT and HTTP accept loops).
 
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod broker;

@@ -95,9 +95,60 @@ struct ServeArgs {
     /// store is SQLite in the data dir.
     #[arg(long = "store", env = "FLEETGATE_STORE", hide_env_values = true)]
     store_url: Option<String>,
+    /// Most distinct subscription filters per device [default 50].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_SUBSCRIPTIONS_PER_DEVICE")]
+    mqtt_max_subscriptions_per_device: Option<usize>,
+    /// Most OTA modules kept per device [default 64].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_MODULES_PER_DEVICE")]
+    mqtt_max_modules_per_device: Option<usize>,
+    /// Refuse CONNECTs whose signed timestamp is further than this from the clock, seconds
+    /// [default 0 = not checked].
+    #[arg(long, env = "FLEETGATE_MQTT_CONNECT_TIMESTAMP_WINDOW_SECS")]
+    mqtt_connect_timestamp_window_secs: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLEETGATE_LOG_JSON")]
     log_json: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Connection limits and timeouts (docs/SECURITY.md); each also a `[mqtt]`/`[http]` setting.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Connection limits (docs/SECURITY.md)")]
+struct LimitArgs {
+    /// Open files kept for the store, outbox, listeners [default 128].
+    #[arg(long, env = "FLEETGATE_OPEN_FILES_RESERVE")]
+    open_files_reserve: Option<u64>,
+    /// Open MQTT sockets [default: the open-files limit less the reserve and HTTP's share].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_SOCKETS")]
+    mqtt_max_sockets: Option<usize>,
+    /// MQTT sockets without an authenticated CONNECT per source address [default 512, at most
+    /// a quarter of the MQTT sockets].
+    #[arg(long, env = "FLEETGATE_MQTT_MAX_UNAUTHENTICATED_PER_IP")]
+    mqtt_max_unauthenticated_per_ip: Option<usize>,
+    /// Sockets without a CONNECT from which on new ones get the short timeout [default: 1/8 of
+    /// the MQTT sockets].
+    #[arg(long, env = "FLEETGATE_MQTT_PRESSURE_UNAUTHENTICATED")]
+    mqtt_pressure_unauthenticated: Option<usize>,
+    /// CONNECT timeout under pre-CONNECT pressure, seconds [default 2].
+    #[arg(long, env = "FLEETGATE_MQTT_CONNECT_TIMEOUT_UNDER_PRESSURE_SECS")]
+    mqtt_connect_timeout_under_pressure_secs: Option<u64>,
+    /// Open HTTP connections [default 1024, less with a small open-files limit].
+    #[arg(long, env = "FLEETGATE_HTTP_MAX_CONNECTIONS")]
+    http_max_connections: Option<usize>,
+    /// Open HTTP connections per source address [default 256, at most a quarter of the HTTP
+    /// connections].
+    #[arg(long, env = "FLEETGATE_HTTP_MAX_CONNECTIONS_PER_IP")]
+    http_max_connections_per_ip: Option<usize>,
+    /// Seconds for a complete request head (also the keep-alive idle timeout) [default 10].
+    #[arg(long, env = "FLEETGATE_HTTP_HEADER_READ_TIMEOUT_SECS")]
+    http_header_read_timeout_secs: Option<u64>,
+    /// Seconds a request body may deliver nothing [default 30].
+    #[arg(long, env = "FLEETGATE_HTTP_BODY_READ_TIMEOUT_SECS")]
+    http_body_read_timeout_secs: Option<u64>,
+    /// Seconds a response write may make no progress [default 30].
+    #[arg(long, env = "FLEETGATE_HTTP_WRITE_TIMEOUT_SECS")]
+    http_write_timeout_secs: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -144,6 +195,18 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     fleetgate::telemetry::init(args.log_json);
+    // Before anything opens a file: the connection budgets are derived from this limit.
+    match fleetgate::admission::raise_open_files_limit() {
+        Ok(l) if l.now > l.before => tracing::info!(
+            from = l.before,
+            to = l.now,
+            hard = l.hard,
+            "open-files limit raised to the hard limit"
+        ),
+        Ok(l) => tracing::info!(limit = l.now, hard = l.hard, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+    let limits = args.limits;
     let settings = Settings::load(
         args.config.as_deref(),
         Overrides {
@@ -157,6 +220,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             api_token: args.api_token,
             public_url: args.public_url,
             store_url: args.store_url,
+            mqtt_max_subscriptions_per_device: args.mqtt_max_subscriptions_per_device,
+            mqtt_max_modules_per_device: args.mqtt_max_modules_per_device,
+            mqtt_connect_timestamp_window_secs: args.mqtt_connect_timestamp_window_secs,
+            open_files_reserve: limits.open_files_reserve,
+            mqtt_max_sockets: limits.mqtt_max_sockets,
+            mqtt_max_unauthenticated_per_ip: limits.mqtt_max_unauthenticated_per_ip,
+            mqtt_pressure_unauthenticated: limits.mqtt_pressure_unauthenticated,
+            mqtt_connect_timeout_under_pressure_secs: limits
+                .mqtt_connect_timeout_under_pressure_secs,
+            http_max_connections: limits.http_max_connections,
+            http_max_connections_per_ip: limits.http_max_connections_per_ip,
+            http_header_read_timeout_secs: limits.http_header_read_timeout_secs,
+            http_body_read_timeout_secs: limits.http_body_read_timeout_secs,
+            http_write_timeout_secs: limits.http_write_timeout_secs,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,7 @@
 //! (reasons, topic kinds) so the series count stays bounded.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,6 +13,93 @@ use prometheus_client::registry::Registry;
 /// One label: `(name, value)`. Values must come from a closed set.
 pub type Labels = [(&'static str, &'static str); 1];
 
+/// A connection budget and the listeners that count against it (MQTT: plain and TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Listener {
+    Mqtt,
+    Http,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Mqtt => "mqtt",
+            Listener::Http => "http",
+        }
+    }
+}
+
+/// Why a socket was closed as soon as it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// The listener's connection budget is used up.
+    Budget,
+    /// The source address has as many (not yet authenticated, for MQTT) connections open as
+    /// it may.
+    PerIp,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Budget => "budget",
+            RefusalReason::PerIp => "per_ip",
+        }
+    }
+}
+
+/// Which HTTP timeout ended a connection (or a request body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpTimeout {
+    /// No complete request head came within the header timeout on a new connection.
+    Header,
+    /// A connection that had served requests stayed idle (or sent an incomplete head) past
+    /// the header timeout: the ordinary end of a keep-alive connection.
+    Idle,
+    /// A request body delivered nothing for too long.
+    Body,
+    /// A response write made no progress for too long (the client stopped reading).
+    Write,
+}
+
+impl HttpTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpTimeout::Header => "header",
+            HttpTimeout::Idle => "idle",
+            HttpTimeout::Body => "body",
+            HttpTimeout::Write => "write",
+        }
+    }
+}
+
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(Listener, RefusalReason, HttpTimeout);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Listener,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: Listener,
+    pub reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HttpTimeoutLabels {
+    pub kind: HttpTimeout,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -20,10 +108,33 @@ pub struct Metrics {
     /// Accepted CONNECTs.
     pub connects: Counter,
     /// Refused CONNECTs by reason (`bad_signature`, `unknown_device`, `disabled_device`,
-    /// `malformed_client_id`, `bad_username`, `protocol`, `timeout`, `limit`).
+    /// `malformed_client_id`, `bad_username`, `timestamp`, `protocol`, `timeout`, `limit`).
     pub connects_refused: Family<Labels, Counter>,
+    /// Sockets closed as soon as they were accepted, by listener and reason
+    /// ([`crate::admission`]).
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Open sockets per listener kind (MQTT: authenticated or not, plain and TLS).
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// The most sockets each listener kind may hold open.
+    pub connection_budget: Family<ListenerLabels, Gauge>,
+    /// The process's open-files limit (soft, after raising it to the hard limit at start).
+    pub open_files_limit: Gauge,
+    /// MQTT sockets that have not completed an authenticated CONNECT yet.
+    pub mqtt_unauthenticated: Gauge,
+    /// MQTT sockets accepted under pre-CONNECT pressure, given the shorter CONNECT timeout.
+    pub mqtt_connect_timeout_shortened: Counter,
+    /// HTTP connections (or request bodies) ended by a timeout, by kind.
+    pub http_timeouts: Family<HttpTimeoutLabels, Counter>,
     /// Device PUBLISH/SUBSCRIBE refused by the topic ACL, by packet kind.
     pub acl_denied: Family<Labels, Counter>,
+    /// Connections closed for a protocol violation, by reason (`empty_topic`, `nul_in_topic`,
+    /// `topic_not_utf8`, `empty_subscribe`, `empty_unsubscribe`, `malformed`).
+    pub protocol_violations: Family<Labels, Counter>,
+    /// Subscription filters refused (SUBACK 0x80) because the device reached
+    /// `mqtt.max_subscriptions_per_device`.
+    pub subscriptions_refused: Counter,
+    /// Version reports dropped, by reason (`module_limit`, `invalid`, `unknown_device`).
+    pub version_reports_refused: Family<Labels, Counter>,
     /// Upstream messages by topic kind (`inform`, `progress`, `firmware_get`, `property_post`,
     /// `event_post`, `other`).
     pub messages: Family<Labels, Counter>,
@@ -36,6 +147,10 @@ pub struct Metrics {
     pub downlink_direct: Counter,
     /// Direct QoS 0 messages dropped because the device's session queue was full.
     pub downlink_direct_dropped: Counter,
+    /// Upstream QoS 1/2 PUBLISHes left unacknowledged because the gateway could not take one of
+    /// them (e.g. the forwarding outbox stayed full) and closed the connection; the devices
+    /// send them again after reconnecting.
+    pub publishes_withheld: Counter,
     /// Store transaction commit latency, seconds.
     pub store_write_seconds: Histogram,
     /// Operations per store transaction.
@@ -70,7 +185,13 @@ pub struct Metrics {
     /// Publishes returned unroutable (no consumer group bound to the instance's exchange).
     pub forwarder_returns: Counter,
     /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`, `too_large`).
+    /// `outbox_full` counts only messages nobody was promised: QoS 0 posts, online/offline
+    /// status and OTA task events. Acknowledged posts are never dropped (see
+    /// `forwarder_refused`).
     pub forwarder_dropped: Family<Labels, Counter>,
+    /// QoS 1/2 property/event posts the outbox could not take within `outbox_full_wait_ms`:
+    /// not stored, not acknowledged (the connection is closed), sent again by the device.
+    pub forwarder_refused: Counter,
     /// Enqueues that had to wait for outbox space (back-pressure).
     pub forwarder_backpressure_waits: Counter,
     /// Connections to the broker lost or failed (each one is followed by a reconnect attempt).
@@ -112,12 +233,23 @@ impl Metrics {
             connected_devices: Gauge::default(),
             connects: Counter::default(),
             connects_refused: Family::default(),
+            connections_refused: Family::default(),
+            connections_open: Family::default(),
+            connection_budget: Family::default(),
+            open_files_limit: Gauge::default(),
+            mqtt_unauthenticated: Gauge::default(),
+            mqtt_connect_timeout_shortened: Counter::default(),
+            http_timeouts: Family::default(),
             acl_denied: Family::default(),
+            protocol_violations: Family::default(),
+            subscriptions_refused: Counter::default(),
+            version_reports_refused: Family::default(),
             messages: Family::default(),
             malformed_messages: Family::default(),
             downlink_messages: Counter::default(),
             downlink_direct: Counter::default(),
             downlink_direct_dropped: Counter::default(),
+            publishes_withheld: Counter::default(),
             store_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_superseded: Counter::default(),
@@ -135,6 +267,7 @@ impl Metrics {
             forwarder_nacks: Counter::default(),
             forwarder_returns: Counter::default(),
             forwarder_dropped: Family::default(),
+            forwarder_refused: Counter::default(),
             forwarder_backpressure_waits: Counter::default(),
             forwarder_reconnects: Counter::default(),
             forwarder_connected: Gauge::default(),
@@ -169,9 +302,59 @@ impl Metrics {
             m.connects_refused.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Sockets closed as soon as they were accepted, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open sockets per listener kind",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connection_budget",
+            "The most sockets each listener kind may hold open",
+            m.connection_budget.clone(),
+        );
+        registry.register(
+            "open_files_limit",
+            "The process's open-files limit (soft)",
+            m.open_files_limit.clone(),
+        );
+        registry.register(
+            "mqtt_unauthenticated_connections",
+            "MQTT sockets without an authenticated CONNECT yet",
+            m.mqtt_unauthenticated.clone(),
+        );
+        registry.register(
+            "mqtt_connect_timeout_shortened",
+            "MQTT sockets accepted under pre-CONNECT pressure (shorter CONNECT timeout)",
+            m.mqtt_connect_timeout_shortened.clone(),
+        );
+        registry.register(
+            "http_timeouts",
+            "HTTP connections or request bodies ended by a timeout, by kind",
+            m.http_timeouts.clone(),
+        );
+        registry.register(
             "mqtt_acl_denied",
             "Device packets refused by the topic ACL",
             m.acl_denied.clone(),
+        );
+        registry.register(
+            "mqtt_protocol_violations",
+            "Connections closed for an MQTT protocol violation, by reason",
+            m.protocol_violations.clone(),
+        );
+        registry.register(
+            "mqtt_subscriptions_refused",
+            "Subscription filters refused because the device reached its subscription limit",
+            m.subscriptions_refused.clone(),
+        );
+        registry.register(
+            "version_reports_refused",
+            "Version reports dropped, by reason",
+            m.version_reports_refused.clone(),
         );
         registry.register(
             "mqtt_messages",
@@ -197,6 +380,11 @@ impl Metrics {
             "mqtt_downlink_direct_dropped",
             "Direct QoS 0 messages dropped on a full session queue",
             m.downlink_direct_dropped.clone(),
+        );
+        registry.register(
+            "mqtt_publishes_withheld",
+            "Upstream QoS 1/2 PUBLISHes left unacknowledged (connection closed) because the gateway could not take them",
+            m.publishes_withheld.clone(),
         );
         registry.register(
             "store_write_seconds",
@@ -282,6 +470,11 @@ impl Metrics {
             "forwarder_dropped",
             "Forwarded messages dropped, by reason",
             m.forwarder_dropped.clone(),
+        );
+        registry.register(
+            "forwarder_refused",
+            "QoS 1/2 device posts the full outbox refused: not acknowledged, resent by the device",
+            m.forwarder_refused.clone(),
         );
         registry.register(
             "forwarder_backpressure_waits",
@@ -411,5 +604,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("fleetgate_connected_devices 3"), "{text}");
+    }
+
+    #[test]
+    fn typed_labels_encode_as_snake_case() {
+        let m = Metrics::new();
+        m.connections_refused
+            .get_or_create(&RefusedLabels {
+                listener: Listener::Http,
+                reason: RefusalReason::PerIp,
+            })
+            .inc();
+        m.http_timeouts
+            .get_or_create(&HttpTimeoutLabels {
+                kind: HttpTimeout::Header,
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"fleetgate_connections_refused_total{listener="http",reason="per_ip"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fleetgate_http_timeouts_total{kind="header"} 1"#),
+            "{text}"
+        );
     }
 }

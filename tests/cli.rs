@@ -197,3 +197,75 @@ fn the_postgres_store_is_logged_and_reported_without_its_password() {
     assert!(stderr.contains("cannot open the store"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// The connection limits as an operator sets them (environment variables) and reads them (the
+/// start-up log), and the open-files limit raised to the hard limit before they are derived.
+#[test]
+fn open_files_limit_is_raised_and_limits_come_from_the_environment() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    let soft = 512.min(hard);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+    cmd.args([
+        "serve",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--log-json",
+    ])
+    .arg("--data-dir")
+    .arg(dir.path())
+    .env_remove("FLEETGATE_API_TOKEN")
+    .env_remove("FLEETGATE_AMQP_URL")
+    .env("FLEETGATE_OPEN_FILES_RESERVE", "100")
+    .env("FLEETGATE_MQTT_MAX_SOCKETS", "50")
+    .env("FLEETGATE_MQTT_MAX_UNAUTHENTICATED_PER_IP", "5")
+    .env("FLEETGATE_HTTP_MAX_CONNECTIONS", "7")
+    .env("FLEETGATE_HTTP_MAX_CONNECTIONS_PER_IP", "3")
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    // SAFETY: only setrlimit (a system call) runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || rlimit::Resource::NOFILE.set(soft, hard));
+    }
+    let mut child = cmd.spawn().expect("fleetgate starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut raised, mut budgets) = (None, None);
+    let mut line = String::new();
+    while budgets.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no `connection budgets` log line"
+        );
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("fleetgate exited before logging its budgets");
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            match v["fields"]["message"].as_str() {
+                Some("open-files limit raised to the hard limit") => raised = Some(v),
+                Some("connection budgets") => budgets = Some(v),
+                _ => {}
+            }
+        }
+    }
+    // Only the start-up is of interest here (the clean stop is tested above).
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let budgets = &budgets.unwrap()["fields"];
+    if soft < hard {
+        let raised = raised.expect("the raise is logged");
+        assert_eq!(raised["fields"]["from"], soft, "{raised}");
+        assert_eq!(raised["fields"]["to"], hard, "{raised}");
+        assert_eq!(budgets["open_files"], hard, "{budgets}");
+    }
+    assert_eq!(budgets["reserve"], 100, "{budgets}");
+    assert_eq!(budgets["mqtt_sockets"], 50, "{budgets}");
+    assert_eq!(budgets["mqtt_unauthenticated_per_ip"], 5, "{budgets}");
+    assert_eq!(budgets["http_connections"], 7, "{budgets}");
+    assert_eq!(budgets["http_connections_per_ip"], 3, "{budgets}");
+}

@@ -62,6 +62,15 @@ pub struct Bins {
     pub gateway_env: Vec<(String, String)>,
 }
 
+/// The gateway's connection limits in benchmarks (see [`Server::fleetgate`]).
+pub const GATEWAY_LIMITS: [(&str, &str); 5] = [
+    ("FLEETGATE_OPEN_FILES_RESERVE", "48"),
+    ("FLEETGATE_HTTP_MAX_CONNECTIONS", "24"),
+    ("FLEETGATE_HTTP_MAX_CONNECTIONS_PER_IP", "24"),
+    ("FLEETGATE_MQTT_MAX_UNAUTHENTICATED_PER_IP", "1000000"),
+    ("FLEETGATE_MQTT_PRESSURE_UNAUTHENTICATED", "1000000"),
+];
+
 impl Server {
     /// `fleetgate serve` on 127.0.0.1 port 0 (MQTT and HTTP); the bound addresses come from its
     /// JSON start-up log line (on stderr).
@@ -74,6 +83,12 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let bin = &bins.fleetgate;
         let mut cmd = Command::new(bin);
+        // Every client of a benchmark runs on this host: one source address. The per-address
+        // caps and the pressure timeout (an attack's signs) are lifted, and the open-files
+        // limit goes to MQTT but for a small reserve and a few HTTP connections, so the
+        // connection curve reaches the limit as it did before the budgets. `--gateway-env`
+        // can override each.
+        cmd.envs(GATEWAY_LIMITS.iter().copied());
         cmd.envs(bins.gateway_env.iter().map(|(k, v)| (k, v)));
         if let Some(lib) = preload {
             cmd.env("LD_PRELOAD", lib);

@@ -96,6 +96,9 @@ pub enum ErrorCode {
     PackageInvalid,
     /// FG.4005: the secrets_key does not open the package's secrets.
     WrongSecretsKey,
+    /// FG.4006: the import package unpacks to more than `export.max_unpacked_entry_bytes` (one
+    /// file) or `export.max_unpacked_bytes` (all files).
+    PackageTooLarge,
     /// FG.5001: no such migration task.
     MigrationTaskNotFound,
     /// FG.5002: the product already has a migration task.
@@ -108,7 +111,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 40] = [
+    pub const ALL: [ErrorCode; 41] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -145,6 +148,7 @@ impl ErrorCode {
         ErrorCode::PackageNotReady,
         ErrorCode::PackageInvalid,
         ErrorCode::WrongSecretsKey,
+        ErrorCode::PackageTooLarge,
         ErrorCode::MigrationTaskNotFound,
         ErrorCode::MigrationTaskExists,
         ErrorCode::MigrationStateConflict,
@@ -190,6 +194,7 @@ impl ErrorCode {
             ErrorCode::PackageNotReady => "FG.4003",
             ErrorCode::PackageInvalid => "FG.4004",
             ErrorCode::WrongSecretsKey => "FG.4005",
+            ErrorCode::PackageTooLarge => "FG.4006",
             ErrorCode::MigrationTaskNotFound => "FG.5001",
             ErrorCode::MigrationTaskExists => "FG.5002",
             ErrorCode::MigrationStateConflict => "FG.5003",
@@ -233,9 +238,10 @@ impl ErrorCode {
             | ErrorCode::MigrationTaskExists
             | ErrorCode::MigrationStateConflict
             | ErrorCode::MigrationSourceProductGone => StatusCode::CONFLICT,
-            ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems | ErrorCode::FirmwareTooLarge => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ErrorCode::PayloadTooLarge
+            | ErrorCode::TooManyItems
+            | ErrorCode::FirmwareTooLarge
+            | ErrorCode::PackageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -289,6 +295,9 @@ impl ErrorCode {
                 "package damaged or tampered with (bad ZIP, checksum mismatch)"
             }
             ErrorCode::WrongSecretsKey => "secrets_key does not open the package's secrets",
+            ErrorCode::PackageTooLarge => {
+                "package unpacks to more than export.max_unpacked_entry_bytes or max_unpacked_bytes"
+            }
             ErrorCode::MigrationTaskNotFound => "migration task not found",
             ErrorCode::MigrationTaskExists => "the product already has a migration task",
             ErrorCode::MigrationStateConflict => {

@@ -55,6 +55,9 @@ impl From<ExportError> for ApiError {
                 ApiError::new(ErrorCode::WrongSecretsKey, e.to_string()).with_field("secrets_key")
             }
             ExportError::Package(PackageError::Io(io)) => ApiError::internal(io),
+            ExportError::Package(
+                PackageError::EntryTooLarge { .. } | PackageError::TooLarge { .. },
+            ) => ApiError::new(ErrorCode::PackageTooLarge, e.to_string()).with_field("package"),
             ExportError::Package(_) => {
                 ApiError::new(ErrorCode::PackageInvalid, e.to_string()).with_field("package")
             }
@@ -357,12 +360,13 @@ fn multipart_error(e: MultipartError) -> Response {
 
 /// Start an import job (operator).
 ///
-/// The package is verified completely first (ZIP, every checksum, manifest MAC, every secret
-/// with `secrets_key`); a damaged, tampered or wrongly keyed package is refused with 400 and
-/// nothing changes. So is, with 403, a package that would create objects the caller's role may
-/// not create through the API (for an operator: products not on this gateway). Then the job
-/// runs asynchronously; poll `GET /api/v1/import/{id}`. Devices the import disables, re-keys
-/// or moves are disconnected.
+/// The package is verified completely first (ZIP, manifest MAC, every checksum, every secret
+/// with `secrets_key`), inflating no file past its listed size and no more than the
+/// `export.max_unpacked_*` limits; a damaged, tampered or wrongly keyed package is refused
+/// with 400, one unpacking past a limit with 413, and nothing changes. So is, with 403, a
+/// package that would create objects the caller's role may not create through the API (for an
+/// operator: products not on this gateway). Then the job runs asynchronously; poll
+/// `GET /api/v1/import/{id}`. Devices the import disables, re-keys or moves are disconnected.
 #[utoipa::path(
     post,
     path = "/api/v1/import",
@@ -372,7 +376,7 @@ fn multipart_error(e: MultipartError) -> Response {
         (status = 202, description = "Verified and started", body = ExportJob),
         (status = 400, description = "Damaged/tampered package (FG.4004), wrong key (FG.4005), missing field", body = ErrorBody),
         (status = 403, description = "Not an operator, or the package would create objects the caller's role may not create (an operator: products); the message names them and nothing is imported", body = ErrorBody),
-        (status = 413, description = "Package larger than export.max_package_bytes", body = ErrorBody),
+        (status = 413, description = "Package larger than export.max_package_bytes (FG.0413), or unpacking to more than export.max_unpacked_entry_bytes / max_unpacked_bytes (FG.4006)", body = ErrorBody),
         (status = 429, description = "Too many requests or too many bytes in flight (Retry-After)", body = ErrorBody),
     ),
     security(("bearer" = []))

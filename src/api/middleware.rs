@@ -6,11 +6,12 @@
 //! in the `x-request-id` response header, recorded on the span, and made available to
 //! [`ApiError`]'s rendering through a task-local (handlers run inside this layer's future).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -61,16 +62,25 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Ne
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // Set by the accept loop (`serve`); absent when a test drives the router directly.
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
     let span = tracing::info_span!(
         "http",
         method = %method,
         path = %path,
+        peer = tracing::field::Empty,
         request_id = %request_id,
         role = tracing::field::Empty,
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
 
+    if let Some(peer) = peer {
+        span.record("peer", tracing::field::display(peer));
+    }
     let mut resp = REQUEST_ID
         .scope(request_id.clone(), next.run(req))
         .instrument(span.clone())

@@ -15,12 +15,16 @@
 //!   otherwise only by the dedicated `…/secret` routes, to the roles that may manage them
 //!   (devices: operator; products: admin); no list, single GET or update carries one.
 //!
+//! - [`serve`] is the listener's accept loop: connection budget and per-source cap, header,
+//!   body and write timeouts (docs/SECURITY.md).
+//!
 //! Tests drive [`router`] with `tower::ServiceExt::oneshot`.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod serve;
 
 mod batch;
 mod consumer_groups;

@@ -7,10 +7,17 @@
 //! `securemode` is lenient on purpose: the vendor defines 2 = TLS and 3 = plain TCP, but SDKs and
 //! hand-written clients get it wrong often, and it is not part of the signed text, so enforcing
 //! it adds no security (the transport does). Both values are accepted on both listeners.
+//!
+//! The client id's `timestamp=` is signed but, by default, not checked against the clock, as the
+//! vendor's broker does: a CONNECT captured once can be replayed for ever. A window
+//! (`mqtt.connect_timestamp_window_secs`) refuses a CONNECT whose timestamp is further than that
+//! from the gateway's clock ([`Refusal::Timestamp`]); a CONNECT without a timestamp is still
+//! accepted, since SDKs may leave it out. The trade-off is in `docs/SECURITY.md`.
 
 use super::{DeviceHooks, DeviceKey};
-use fleetgate_topics::sign::{parse_username, LinkClientId};
+use fleetgate_topics::sign::{parse_username, timestamp_unix_ms, LinkClientId};
 use rumqttd::protocol::{ConnectReturnCode, Login};
+use std::time::Duration;
 
 /// Why a CONNECT was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +32,9 @@ pub(crate) enum Refusal {
     BadSignature,
     /// The device exists and signed correctly but is disabled.
     DisabledDevice,
+    /// The signed `timestamp=` is outside the configured window around the gateway's clock (or
+    /// is not a time at all).
+    Timestamp,
     /// Not MQTT 3.1.1 (MQTT 5, MQTT 3.1, …).
     Protocol,
     /// The connection limit is reached (or the router refused the link).
@@ -39,7 +49,7 @@ impl Refusal {
             Refusal::BadUsername | Refusal::UnknownDevice | Refusal::BadSignature => {
                 ConnectReturnCode::BadUserNamePassword
             }
-            Refusal::DisabledDevice => ConnectReturnCode::NotAuthorized,
+            Refusal::DisabledDevice | Refusal::Timestamp => ConnectReturnCode::NotAuthorized,
             Refusal::Protocol => ConnectReturnCode::RefusedProtocolVersion,
             Refusal::Limit => ConnectReturnCode::ServiceUnavailable,
         }
@@ -53,6 +63,7 @@ impl Refusal {
             Refusal::UnknownDevice => "unknown_device",
             Refusal::BadSignature => "bad_signature",
             Refusal::DisabledDevice => "disabled_device",
+            Refusal::Timestamp => "timestamp",
             Refusal::Protocol => "protocol",
             Refusal::Limit => "limit",
         }
@@ -69,12 +80,33 @@ pub(crate) struct Authenticated {
     pub auto_subscribe: bool,
 }
 
+/// How a CONNECT's `timestamp=` is held against the clock: `window` is
+/// `mqtt.connect_timestamp_window_secs` (`None`: not checked), `now_ms` the gateway's clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Freshness {
+    pub window: Option<Duration>,
+    pub now_ms: u64,
+}
+
+impl Freshness {
+    /// Whether a CONNECT carrying `timestamp` (as sent, if at all) is fresh enough.
+    fn accepts(self, timestamp: Option<&str>) -> bool {
+        let (Some(window), Some(timestamp)) = (self.window, timestamp) else {
+            return true;
+        };
+        timestamp_unix_ms(timestamp)
+            .is_some_and(|at| u128::from(at.abs_diff(self.now_ms)) <= window.as_millis())
+    }
+}
+
 /// Checks a CONNECT's credentials. Order matters for what an attacker can learn: the signature
-/// is checked before the enabled flag, so only a device's owner learns that it is disabled.
+/// is checked before the timestamp and the enabled flag, so only a device's owner (or whoever
+/// replays its CONNECT) learns that it is disabled or out of time.
 pub(crate) fn authenticate<H: DeviceHooks + ?Sized>(
     client_id: &str,
     login: Option<&Login>,
     hooks: &H,
+    freshness: Freshness,
 ) -> Result<Authenticated, Refusal> {
     let link_id = LinkClientId::parse(client_id).map_err(|_| Refusal::MalformedClientId)?;
     let login = login.ok_or(Refusal::BadUsername)?;
@@ -82,6 +114,9 @@ pub(crate) fn authenticate<H: DeviceHooks + ?Sized>(
     let creds = hooks.credentials(pk, dn).ok_or(Refusal::UnknownDevice)?;
     if !link_id.verify(pk, dn, &creds.device_secret, &login.password) {
         return Err(Refusal::BadSignature);
+    }
+    if !freshness.accepts(link_id.timestamp.as_deref()) {
+        return Err(Refusal::Timestamp);
     }
     if !creds.enabled {
         return Err(Refusal::DisabledDevice);
@@ -120,9 +155,14 @@ pub(crate) fn router_client_id(device: &DeviceKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{DeviceCredentials, DisconnectReason, Session};
-    use bytes::Bytes;
+    use crate::broker::{DeviceCredentials, DisconnectReason, PublishOutcome, Session, UpMessage};
     use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+
+    /// The vendor-compatible default: timestamps are not checked.
+    const UNCHECKED: Freshness = Freshness {
+        window: None,
+        now_ms: 0,
+    };
 
     struct OneDevice {
         enabled: bool,
@@ -137,7 +177,9 @@ mod tests {
         }
         fn on_connect(&self, _: &Session) {}
         fn on_disconnect(&self, _: &Session, _: DisconnectReason) {}
-        async fn on_publish(&self, _: &Session, _: &str, _: Bytes) {}
+        async fn on_publish(&self, _: &Session, _: UpMessage<'_>) -> PublishOutcome {
+            PublishOutcome::Processed
+        }
     }
 
     fn login(c: &LinkCredentials) -> Login {
@@ -151,7 +193,7 @@ mod tests {
     fn refusals_and_codes() {
         let hooks = OneDevice { enabled: true };
         let good = LinkCredentials::new("pk1", "dev1", "s3cr3t", SignMethod::HmacSha256, 3, None);
-        let ok = authenticate(&good.client_id, Some(&login(&good)), &hooks).unwrap();
+        let ok = authenticate(&good.client_id, Some(&login(&good)), &hooks, UNCHECKED).unwrap();
         assert_eq!(ok.device.product_key, "pk1");
         assert_eq!(ok.router_client_id, "pk1&dev1");
 
@@ -188,13 +230,13 @@ mod tests {
             ),
         ];
         for (client_id, login, expected) in cases {
-            let got = authenticate(&client_id, login.as_ref(), &hooks).unwrap_err();
+            let got = authenticate(&client_id, login.as_ref(), &hooks, UNCHECKED).unwrap_err();
             assert_eq!(got, expected, "{client_id}");
         }
 
         let disabled = OneDevice { enabled: false };
         assert_eq!(
-            authenticate(&good.client_id, Some(&login(&good)), &disabled).unwrap_err(),
+            authenticate(&good.client_id, Some(&login(&good)), &disabled, UNCHECKED).unwrap_err(),
             Refusal::DisabledDevice
         );
         // A wrong signature on a disabled device does not reveal that it is disabled.
@@ -203,7 +245,7 @@ mod tests {
             password: "00".into(),
         };
         assert_eq!(
-            authenticate(&good.client_id, Some(&wrong), &disabled).unwrap_err(),
+            authenticate(&good.client_id, Some(&wrong), &disabled, UNCHECKED).unwrap_err(),
             Refusal::BadSignature
         );
 
@@ -219,6 +261,61 @@ mod tests {
             Refusal::MalformedClientId.code(),
             ConnectReturnCode::ClientIdentifierNotValid
         );
+    }
+
+    #[test]
+    fn timestamps_outside_the_window_are_refused() {
+        let hooks = OneDevice { enabled: true };
+        // 2024-01-01T00:00:00Z.
+        let now_ms: u64 = 1_704_067_200_000;
+        let window = Some(Duration::from_secs(300));
+        let s = |secs: i64| Some(((now_ms / 1000) as i64 + secs).to_string());
+        let ms = |millis: i64| Some((now_ms as i64 + millis).to_string());
+        // (timestamp as sent, window, accepted)
+        let cases: Vec<(Option<String>, Option<Duration>, bool)> = vec![
+            // Off (the default): anything signed goes, as with the vendor's broker.
+            (Some("978307200".into()), None, true), // 2001
+            (s(10 * 365 * 86_400), None, true),     // ten years ahead
+            (None, None, true),
+            // On: no timestamp is still accepted (SDKs may leave it out).
+            (None, window, true),
+            (s(0), window, true),
+            (ms(0), window, true),
+            (s(300), window, true), // the window's edges are inside
+            (s(-300), window, true),
+            (ms(300_000), window, true),
+            (ms(300_001), window, false),
+            (s(301), window, false),
+            (s(-301), window, false),
+            (Some("978307200".into()), window, false), // 2001, in seconds
+            (Some("978307200000".into()), window, false), // 2001, in milliseconds
+            (s(10 * 365 * 86_400), window, false),     // ten years ahead
+            (Some("0".into()), window, false),
+            (Some("99999999999999999999999".into()), window, false), // not a time
+        ];
+        for (ts, window, accepted) in cases {
+            let c =
+                LinkCredentials::new("pk1", "dev1", "s3cr3t", SignMethod::HmacSha1, 3, ts.clone());
+            let freshness = Freshness { window, now_ms };
+            let got = authenticate(&c.client_id, Some(&login(&c)), &hooks, freshness);
+            match accepted {
+                true => assert!(got.is_ok(), "{ts:?} {window:?}: {got:?}"),
+                false => assert_eq!(got.unwrap_err(), Refusal::Timestamp, "{ts:?} {window:?}"),
+            }
+        }
+        // Checked after the signature: a forged CONNECT learns nothing about the window.
+        let old = LinkCredentials::new("pk1", "dev1", "s3cr3t", SignMethod::HmacSha1, 3, s(-3600));
+        let forged = Login {
+            username: old.username.clone(),
+            password: "00".into(),
+        };
+        let freshness = Freshness { window, now_ms };
+        assert_eq!(
+            authenticate(&old.client_id, Some(&forged), &hooks, freshness).unwrap_err(),
+            Refusal::BadSignature
+        );
+        assert_eq!(Refusal::Timestamp.code(), ConnectReturnCode::NotAuthorized);
+        assert_eq!(Refusal::Timestamp.reason(), "timestamp");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! One MQTT connection, from the first byte to `on_disconnect`: one tokio task per socket.
 //!
-//! 1. Read CONNECT within `connect_timeout` and authenticate it ([`super::auth`]); a refusal
-//!    gets a CONNACK with a real return code and is counted by reason.
+//! 1. Read CONNECT by the deadline set at accept (`connect_timeout`, shorter under pre-CONNECT
+//!    pressure) and authenticate it ([`super::auth`]); a refusal gets a CONNACK with a real
+//!    return code and is counted by reason. Once authenticated, the socket no longer counts
+//!    against its source's cap of unauthenticated sockets ([`crate::admission`]).
 //! 2. Take over a previous session of the same device (it is retired first, so the router sees
 //!    its DISCONNECT before the new link's CONNECT), register the router link through the
 //!    `fleetgate-links` thread ([`super::router`]), call `on_connect`, write the CONNACK the router produced (`session_present`).
@@ -12,11 +14,15 @@
 //! `on_publish`, after which *we* acknowledge them; only SUBSCRIBE/UNSUBSCRIBE and the acks of
 //! downstream messages go to the link. Anything malformed or unexpected ends the connection.
 
-use super::auth::{authenticate, Refusal};
+use super::auth::{authenticate, Freshness, Refusal};
 use super::codec::{self, Frame, UpPublish};
 use super::server::Shared;
 use super::session::{DirectMessage, Phase, SessionHandle};
-use super::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
+use super::violation::{self, Violation};
+use super::{
+    acl, DeviceHooks, DeviceKey, DisconnectReason, PublishOutcome, RunOutcome, Session, UpMessage,
+};
+use crate::admission::Permit;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
@@ -152,11 +158,18 @@ impl<S: Socket> Conn<S> {
     }
 }
 
+/// An accepted socket's place in the broker's admission gate, and when its CONNECT is due.
+pub(crate) struct Admitted {
+    pub permit: Permit,
+    pub deadline: Instant,
+}
+
 /// Serves one accepted socket until the session ends.
 pub(crate) async fn serve<S, H>(
     io: S,
     peer: SocketAddr,
     tls: bool,
+    admitted: Admitted,
     shared: Arc<Shared>,
     hooks: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
@@ -171,15 +184,21 @@ pub(crate) async fn serve<S, H>(
         max_packet: shared.config.max_payload_size,
         read_room: READ_BUFFER,
     };
+    let Admitted {
+        mut permit,
+        deadline,
+    } = admitted;
     let Some(Established {
         mut live,
         link_rx,
         mut flow,
         keep_alive,
-    }) = handshake(&mut conn, peer, tls, shared, hooks, &mut shutdown).await
+    }) = handshake(&mut conn, peer, tls, deadline, shared, hooks, &mut shutdown).await
     else {
         return;
     };
+    // The socket keeps its place in the budget (`permit` lives until the session ends).
+    permit.authenticated();
     live.local_reason = run(
         &mut conn,
         link_rx,
@@ -210,6 +229,7 @@ async fn handshake<S, H>(
     conn: &mut Conn<S>,
     peer: SocketAddr,
     tls: bool,
+    deadline: Instant,
     shared: Arc<Shared>,
     hooks: Arc<H>,
     shutdown: &mut watch::Receiver<bool>,
@@ -219,7 +239,7 @@ where
     H: DeviceHooks,
 {
     let first = tokio::select! {
-        r = tokio::time::timeout(shared.config.connect_timeout, conn.read_frame()) => r,
+        r = tokio::time::timeout_at(deadline, conn.read_frame()) => r,
         _ = super::stopping(shutdown) => return None,
     };
     let packet = match first {
@@ -248,7 +268,11 @@ where
         return None;
     };
 
-    let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks) {
+    let freshness = Freshness {
+        window: shared.config.connect_timestamp_window,
+        now_ms: u64::try_from(now_ms()).unwrap_or(0),
+    };
+    let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks, freshness) {
         Ok(auth) => auth,
         Err(refusal) => {
             refuse(&shared, conn, refusal).await;
@@ -312,6 +336,23 @@ where
         previous.wait_phase(Phase::Settled).await;
         let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
     }
+    // Deleted or disabled since `authenticate`? The gateway deletes a device in the registry
+    // first and then ends its session through the session table; this session is in the table
+    // now, so either that found it (and retired it: its link is refused below) or this finds
+    // the device's new state. Without it, a CONNECT racing with a delete could register a
+    // persistent session after `Downlink::forget_session` and leave it to a device created
+    // again under the same name.
+    match hooks.credentials(&device.product_key, &device.device_name) {
+        Some(creds) if creds.enabled => {}
+        gone => {
+            let refusal = match gone {
+                Some(_) => Refusal::DisabledDevice,
+                None => Refusal::UnknownDevice,
+            };
+            refuse(&shared, conn, refusal).await;
+            return None;
+        }
+    }
 
     let built = shared
         .router
@@ -363,14 +404,12 @@ where
             preserve_retain: false,
             retain_forward_rule: RetainForwardRule::Never,
         };
-        let (pk, dn) = (&device.product_key, &device.device_name);
         let subscribe = Subscribe {
             pkid: AUTO_SUBSCRIBE_PKID,
-            filters: vec![
-                filter(format!("/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
-                filter(format!("/ota/device/upgrade/{pk}/{dn}"), QoS::AtLeastOnce),
-                filter(format!("/ext/rrpc/+/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
-            ],
+            filters: auto_subscribe_filters(&device)
+                .into_iter()
+                .map(|(path, qos)| filter(path, qos))
+                .collect(),
         };
         let paths = subscribe.filters.iter().map(|f| f.path.clone()).collect();
         flow.pending_subacks.push_back(PendingSubAck {
@@ -495,6 +534,17 @@ async fn next_notification(
 /// packet ids are non-zero).
 const AUTO_SUBSCRIBE_PKID: u16 = 0;
 
+/// The filters the gateway subscribes an `_ss=1` device to, as the vendor's broker does. Three
+/// per device, always the same: they do not count against the device's subscription budget.
+fn auto_subscribe_filters(device: &DeviceKey) -> [(String, QoS); 3] {
+    let (pk, dn) = (&device.product_key, &device.device_name);
+    [
+        (format!("/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
+        (format!("/ota/device/upgrade/{pk}/{dn}"), QoS::AtLeastOnce),
+        (format!("/ext/rrpc/+/sys/{pk}/{dn}/#"), QoS::AtMostOnce),
+    ]
+}
+
 /// Per-connection protocol bookkeeping.
 #[derive(Default)]
 struct Flow {
@@ -613,6 +663,7 @@ where
             Ok(None) => break,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed packet");
+                violation::from_parse_error(&e).emit(&live.shared.metrics);
                 outcome = Err(DisconnectReason::ConnectionLost);
                 break;
             }
@@ -694,20 +745,17 @@ where
             conn.queue(Packet::PubComp(comp, None)).map_err(lost)
         }
         Packet::Subscribe(subscribe, _) => {
-            let allowed: Vec<bool> = subscribe
+            // (A SUBSCRIBE without filters does not even parse: `Violation::EmptySubscribe`.)
+            let checked = subscribe
                 .filters
                 .iter()
-                .map(|f| acl::filter_allowed(&device.product_key, &device.device_name, &f.path))
-                .collect();
-            let denied = allowed.iter().filter(|ok| !**ok).count();
-            if denied > 0 {
-                live.shared
-                    .metrics
-                    .acl_denied
-                    .get_or_create(&[("kind", "subscribe")])
-                    .inc_by(denied as u64);
-                tracing::debug!(denied, "subscription refused by ACL");
+                .try_for_each(|f| violation::topic_filter(&f.path));
+            if let Err(violation) = checked {
+                violation.emit(&live.shared.metrics);
+                return Err(DisconnectReason::ConnectionLost);
             }
+            let allowed = subscription_allowed(live, &subscribe.filters);
+            let denied = allowed.iter().filter(|ok| !**ok).count();
             if denied == allowed.len() {
                 let suback = SubAck {
                     pkid: subscribe.pkid,
@@ -737,6 +785,17 @@ where
             Ok(())
         }
         Packet::Unsubscribe(unsubscribe, _) => {
+            let checked = match unsubscribe.filters.is_empty() {
+                true => Err(Violation::EmptyUnsubscribe),
+                false => unsubscribe
+                    .filters
+                    .iter()
+                    .try_for_each(|f| violation::topic_filter(f)),
+            };
+            if let Err(violation) = checked {
+                violation.emit(&live.shared.metrics);
+                return Err(DisconnectReason::ConnectionLost);
+            }
             // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
             // for a filter that was not subscribed, so we always answer ourselves (and drop the
             // router's UNSUBACKs).
@@ -814,6 +873,47 @@ fn ack_downstream(
     }
 }
 
+/// Which of a SUBSCRIBE's filters the device may have: its own (the ACL) and within its budget of
+/// distinct filters ([`super::filters`]). Refusals are counted and logged.
+fn subscription_allowed<H: DeviceHooks>(live: &Live<H>, filters: &[Filter]) -> Vec<bool> {
+    let device = &live.session.device;
+    let metrics = &live.shared.metrics;
+    let auto = auto_subscribe_filters(device);
+    let (mut foreign, mut over_budget) = (0u64, 0u64);
+    let allowed = filters
+        .iter()
+        .map(|f| {
+            if !acl::filter_allowed(&device.product_key, &device.device_name, &f.path) {
+                foreign += 1;
+                return false;
+            }
+            if auto.iter().any(|(path, _)| *path == f.path)
+                || live.shared.filters.admit(device, &f.path)
+            {
+                return true;
+            }
+            over_budget += 1;
+            false
+        })
+        .collect();
+    if foreign > 0 {
+        metrics
+            .acl_denied
+            .get_or_create(&[("kind", "subscribe")])
+            .inc_by(foreign);
+        tracing::debug!(denied = foreign, "subscription refused by ACL");
+    }
+    if over_budget > 0 {
+        metrics.subscriptions_refused.inc_by(over_budget);
+        tracing::debug!(
+            refused = over_budget,
+            max = live.shared.config.max_subscriptions_per_device,
+            "subscription refused: the device's filter limit is reached"
+        );
+    }
+    allowed
+}
+
 /// Whether the session's device may publish on `topic`; a refusal is counted and logged.
 fn publish_allowed<H: DeviceHooks>(live: &Live<H>, topic: &str) -> bool {
     let device = &live.session.device;
@@ -832,6 +932,7 @@ fn publish_allowed<H: DeviceHooks>(live: &Live<H>, topic: &str) -> bool {
 /// An upstream PUBLISH: ACL, `on_publish`, then our own ack ("acknowledged means processed").
 /// A publish on a topic the device does not own is dropped and counted, and still acked like the
 /// vendor broker does (a silent drop; closing would only make the device reconnect and retry).
+/// One the hooks withhold ends the session without its ack ([`withhold`]).
 async fn on_publish<S, H>(
     publish: UpPublish,
     conn: &mut Conn<S>,
@@ -843,15 +944,21 @@ where
     H: DeviceHooks,
 {
     let lost = |_| DisconnectReason::ConnectionLost;
-    let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-        return Err(DisconnectReason::ConnectionLost);
+    let topic = match violation::topic_name(&publish.topic) {
+        Ok(topic) => topic,
+        Err(violation) => {
+            violation.emit(&live.shared.metrics);
+            return Err(DisconnectReason::ConnectionLost);
+        }
     };
     // A QoS 2 retransmission (same id before its PUBREL) is acknowledged, not processed again.
     let duplicate = publish.qos == 2 && flow.incoming_qos2.contains(&publish.pkid);
     if !duplicate && publish_allowed(live, topic) {
-        live.hooks
-            .on_publish(&live.session, topic, publish.payload.clone())
-            .await;
+        let message = up_message(topic, &publish);
+        let outcome = live.hooks.on_publish(&live.session, message).await;
+        if outcome == PublishOutcome::Withheld && publish.qos > 0 {
+            return Err(withhold(live, 1));
+        }
     }
     match publish.qos {
         1 => {
@@ -873,6 +980,27 @@ where
     }
 }
 
+fn up_message<'a>(topic: &'a str, publish: &UpPublish) -> UpMessage<'a> {
+    UpMessage {
+        topic,
+        payload: publish.payload.clone(),
+        // The codec refuses any other value.
+        qos: protocol::qos(publish.qos).unwrap_or(QoS::AtMostOnce),
+    }
+}
+
+/// Ends the session without acknowledging `unacked` QoS 1/2 PUBLISHes the hooks could not take
+/// (or that came after one): MQTT 3.1.1 has no negative ack, and a device resends what was
+/// not acknowledged when it reconnects.
+fn withhold<H: DeviceHooks>(live: &Live<H>, unacked: u64) -> DisconnectReason {
+    live.shared.metrics.publishes_withheld.inc_by(unacked);
+    tracing::debug!(
+        unacked,
+        "PUBLISH not taken: closing without acknowledging it"
+    );
+    DisconnectReason::Withheld
+}
+
 /// Most QoS 0/1 PUBLISHes of one socket read handled together by [`on_publishes`].
 const PIPELINE_MAX: usize = 32;
 
@@ -883,6 +1011,9 @@ const PIPELINE_MAX: usize = 32;
 /// committed in one store transaction instead of ten consecutive ones; the PUBACKs still go
 /// out only after the whole run was processed, in packet order. QoS 2 (duplicate detection)
 /// and every other packet take the one-at-a-time path, after the run before them.
+///
+/// A QoS 1 message the hooks withhold ends the session: the messages before it are
+/// acknowledged, it and every QoS 1 message after it are not (MQTT wants PUBACKs in order).
 async fn on_publishes<S, H>(
     pipeline: &mut Vec<UpPublish>,
     conn: &mut Conn<S>,
@@ -896,35 +1027,70 @@ where
     if pipeline.is_empty() {
         return Ok(());
     }
+    // A PUBLISH that breaks the protocol closes the connection; those before it are still
+    // processed and acknowledged, those after it are not (the client resends them).
+    let broken = pipeline.iter().enumerate().find_map(|(i, publish)| {
+        violation::topic_name(&publish.topic)
+            .err()
+            .map(|violation| (i, violation))
+    });
+    if let Some((i, _)) = broken {
+        pipeline.truncate(i);
+    }
     let mut allowed = Vec::with_capacity(pipeline.len());
+    // Per message of the pipeline: its index in `allowed`, when it passed the ACL.
+    let mut run_index = Vec::with_capacity(pipeline.len());
     for publish in pipeline.iter() {
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            // Nothing of this run is acknowledged: the client resends it after reconnecting.
-            pipeline.clear();
-            return Err(DisconnectReason::ConnectionLost);
+        // Every topic left passed the check above.
+        let Ok(topic) = violation::topic_name(&publish.topic) else {
+            continue;
         };
         if publish_allowed(live, topic) {
-            allowed.push((topic, publish.payload.clone()));
+            run_index.push(Some(allowed.len()));
+            allowed.push(up_message(topic, publish));
+        } else {
+            run_index.push(None);
         }
     }
-    if !allowed.is_empty() {
+    let outcome = if allowed.is_empty() {
+        RunOutcome::processed()
+    } else {
         // Boxed: the hooks' future would otherwise sit in every connection's task for good.
-        Box::pin(live.hooks.on_publishes(&live.session, &allowed)).await;
-    }
+        Box::pin(live.hooks.on_publishes(&live.session, &allowed)).await
+    };
     drop(allowed);
-    let lost = |_| DisconnectReason::ConnectionLost;
-    for publish in pipeline.drain(..) {
-        if publish.qos == 1 {
-            let ack = PubAck {
-                pkid: publish.pkid,
-                reason: PubAckReason::Success,
-            };
-            conn.queue(Packet::PubAck(ack, None)).map_err(lost)?;
+    let mut acked = Ok(());
+    for (i, publish) in pipeline.iter().enumerate() {
+        if publish.qos != 1 {
+            continue;
+        }
+        if run_index[i].is_some_and(|at| outcome.get(at) == PublishOutcome::Withheld) {
+            let unacked = pipeline[i..].iter().filter(|p| p.qos == 1).count() as u64;
+            acked = Err(withhold(live, unacked));
+            break;
+        }
+        let ack = PubAck {
+            pkid: publish.pkid,
+            reason: PubAckReason::Success,
+        };
+        if conn.queue(Packet::PubAck(ack, None)).is_err() {
+            acked = Err(DisconnectReason::ConnectionLost);
+            break;
         }
     }
+    // Handled either way: never handed to the hooks again.
+    pipeline.clear();
+    acked?;
     // The replies to this run were just queued for this very task (at most one per PUBLISH,
     // and a run is shorter than the session's direct queue): write them now.
-    write_direct(conn, &live.handle, flow).map(|_| ())
+    write_direct(conn, &live.handle, flow)?;
+    match broken {
+        Some((_, violation)) => {
+            violation.emit(&live.shared.metrics);
+            Err(DisconnectReason::ConnectionLost)
+        }
+        None => Ok(()),
+    }
 }
 
 /// Writes a batch of router notifications to the device.
@@ -1141,6 +1307,7 @@ pub(crate) async fn serve_in_span<S, H>(
     io: S,
     peer: SocketAddr,
     tls: bool,
+    admitted: Admitted,
     shared: Arc<Shared>,
     hooks: Arc<H>,
     shutdown: watch::Receiver<bool>,
@@ -1149,7 +1316,7 @@ pub(crate) async fn serve_in_span<S, H>(
     H: DeviceHooks,
 {
     let span = tracing::info_span!("mqtt", %peer, tls, conn = tracing::field::Empty, device = tracing::field::Empty);
-    serve(io, peer, tls, shared, hooks, shutdown)
+    serve(io, peer, tls, admitted, shared, hooks, shutdown)
         .instrument(span)
         .await
 }

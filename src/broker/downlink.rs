@@ -37,7 +37,9 @@
 //!   grant was recorded may arrive after later direct ones) and between QoS 0 and QoS 1
 //!   messages, which MQTT does not order anyway.
 
-use super::session::{DirectMessage, Offer, SessionHandle};
+use super::auth::router_client_id;
+use super::router::RouterHandle;
+use super::session::{DirectMessage, Offer, Phase, SessionHandle};
 use super::{acl, BrokerError, DeviceKey, DisconnectReason};
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -80,6 +82,7 @@ pub enum Delivery {
 pub struct Downlink {
     tx: SyncSender<DownMessage>,
     table: Arc<SessionTable>,
+    router: Arc<RouterHandle>,
     metrics: Arc<Metrics>,
 }
 
@@ -97,6 +100,7 @@ impl Downlink {
         link_tx: LinkTx,
         link_rx: LinkRx,
         table: Arc<SessionTable>,
+        router: Arc<RouterHandle>,
         metrics: Arc<Metrics>,
     ) -> Result<Downlink, BrokerError> {
         let (tx, rx) = sync_channel(DOWNLINK_QUEUE);
@@ -108,7 +112,12 @@ impl Downlink {
             .name("fleetgate-downlink-rx".into())
             .spawn(move || drain(link_rx))
             .map_err(BrokerError::Io)?;
-        Ok(Downlink { tx, table, metrics })
+        Ok(Downlink {
+            tx,
+            table,
+            router,
+            metrics,
+        })
     }
 
     /// Publishes `payload` on `topic` to every device subscribed to it, at each subscription's
@@ -206,6 +215,41 @@ impl Downlink {
             }
             None => false,
         }
+    }
+
+    /// Ends the device's session, if it has one (like [`kick`](Self::kick)), and makes the
+    /// router forget its persistent session: a deleted device must not leave subscriptions,
+    /// messages queued while it was offline or `session_present` to a device created again
+    /// under its name. Returns once the router dropped them.
+    ///
+    /// A CONNECT of the device racing with this either reaches the session table first (and is
+    /// retired here) or finds the device gone when the connection task looks again after
+    /// entering the table (see `connection::handshake`).
+    pub async fn forget_session(&self, device: &DeviceKey) -> Result<(), BrokerError> {
+        let handle = self
+            .table
+            .sessions
+            .get(device)
+            .map(|h| Arc::clone(h.value()));
+        if let Some(handle) = handle {
+            handle.retire(DisconnectReason::Kicked);
+            // As in a takeover: its link must be settled before the client id connects again,
+            // or the router could reuse its connection id under a late DISCONNECT.
+            handle.wait_phase(Phase::Settled).await;
+        }
+        self.router
+            .clear_session(router_client_id(device))
+            .await
+            .map_err(|e| BrokerError::Router(e.to_string()))
+    }
+
+    /// The device's entry in the session table (tests look at what it holds and when it goes).
+    #[cfg(test)]
+    pub(crate) fn session(&self, device: &DeviceKey) -> Option<Arc<SessionHandle>> {
+        self.table
+            .sessions
+            .get(device)
+            .map(|h| Arc::clone(h.value()))
     }
 
     /// Ends the device's session if it is the one with epoch `conn_id` (a newer session of

@@ -55,13 +55,23 @@
 //!   Denied SUBSCRIBE filters get return code 0x80 in their place of the one SUBACK.
 //! - **QoS 2 upstream**: PUBREC after `on_publish`, a retransmission with the same packet id is
 //!   acknowledged without being processed again, PUBREL gets PUBCOMP. Retain flags are ignored.
+//! - **Withheld acknowledgements**: a hook that could not take a message (ingest: the
+//!   forwarding outbox stayed full for `amqp.outbox_full_wait_ms`) answers
+//!   [`PublishOutcome::Withheld`]. MQTT 3.1.1 has no negative PUBACK, so for QoS 1/2 the
+//!   connection acknowledges what came before it, then closes WITHOUT acknowledging it or
+//!   anything after it ([`DisconnectReason::Withheld`], counted in
+//!   `fleetgate_mqtt_publishes_withheld_total`); the device resends those after reconnecting
+//!   (MQTT 3.1.1 §4.4). While a hook waits, the connection reads nothing more from the socket:
+//!   the device's later PUBLISHes wait in TCP. A withheld QoS 0 PUBLISH has nothing to withhold
+//!   (the hook counted it as dropped); the connection goes on.
 //! - **Last will**: never given to rumqttd (its will handling is private to its own server); on
 //!   any end other than a client DISCONNECT, the will is published through the [`Downlink`] if
 //!   its topic belongs to the device (else dropped, `acl_denied{kind="will"}`).
 //! - **Persistent sessions**: `clean_session = false` is passed to rumqttd, which keeps the
 //!   subscriptions and the read position of an offline device in memory (not across restarts):
 //!   downstream messages published meanwhile are delivered on reconnect, CONNACK says
-//!   `session_present`.
+//!   `session_present`. [`Downlink::forget_session`] (called for every deleted device) makes the
+//!   router drop it, so a device created again under the same name does not inherit it.
 //! - **Keep-alive**: the session ends after 1.5 × keep-alive without bytes from the client;
 //!   keep-alive 0 means no timeout, as MQTT says.
 //! - **Packet size**: a packet's remaining length may not exceed `max_payload_size`.
@@ -77,17 +87,34 @@
 //!   the subscription in place.
 //! - **Limits**: at `max_connections` authenticated sessions a new device gets CONNACK "server
 //!   unavailable" (3), counted as `limit`; a takeover of a connected device is always allowed.
+//!   A device may use at most `max_subscriptions_per_device` distinct filters while the process
+//!   runs (`filters.rs`: rumqttd never frees a filter's log, so slots are not given back);
+//!   further filters get 0x80 in the SUBACK. The `_ss=1` filters do not count.
+//! - **CONNECT timestamps**: not checked by default (the vendor's behaviour); with
+//!   `connect_timestamp_window` a signed `timestamp=` further than that from the clock gets
+//!   CONNACK "not authorized" (5), counted as `timestamp` (`auth.rs`).
+//! - **Protocol violations** (zero-length or NUL topics and filters, SUBSCRIBE/UNSUBSCRIBE
+//!   without filters, undecodable packets) close the connection without an answer, counted by
+//!   reason (`violation.rs`). A well-formed foreign topic is the ACL's (dropped or 0x80).
+//!   Before that, every accepted socket passes [`crate::admission`]: beyond `max_sockets` open
+//!   sockets, or `max_unauthenticated_per_ip` sockets of its source still without an
+//!   authenticated CONNECT, it is closed at once (`fleetgate_connections_refused_total`).
+//!   The CONNECT timeout runs from accept (TLS handshake included); a socket accepted while
+//!   `pressure_unauthenticated` sockets wait for their CONNECT gets the shorter
+//!   `connect_timeout_under_pressure`.
 
 pub mod acl;
 mod auth;
 mod codec;
 mod connection;
 mod downlink;
+mod filters;
 mod router;
 mod server;
 mod session;
 #[cfg(test)]
 mod tests;
+mod violation;
 
 pub use downlink::{Delivery, Downlink};
 pub use server::{Broker, BrokerHandle};
@@ -165,6 +192,9 @@ impl Session {
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisconnectReason {
+    /// The gateway could not take a QoS 1/2 PUBLISH ([`PublishOutcome::Withheld`]) and closed
+    /// the connection without acknowledging it, so that the device sends it again.
+    Withheld,
     /// The client sent DISCONNECT.
     ClientDisconnect,
     /// Socket closed, I/O or protocol error, keep-alive expired.
@@ -175,6 +205,76 @@ pub enum DisconnectReason {
     Kicked,
 }
 
+pub use rumqttd::protocol::QoS;
+
+/// An upstream PUBLISH that passed the ACL, as the hooks see it.
+#[derive(Debug, Clone)]
+pub struct UpMessage<'a> {
+    pub topic: &'a str,
+    pub payload: Bytes,
+    pub qos: QoS,
+}
+
+/// What a hook made of an upstream PUBLISH: whether the broker may acknowledge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Processed (or deliberately ignored, like an unknown topic): acknowledge it.
+    Processed,
+    /// Not taken, and nothing of it must be acknowledged (e.g. the forwarding outbox stayed
+    /// full): for QoS 1/2 the broker closes the connection without the PUBACK/PUBREC, so the
+    /// device sends it again after reconnecting. For QoS 0 there is nothing to withhold: the
+    /// hook has dropped (and counted) it.
+    Withheld,
+}
+
+/// The outcomes of a run of PUBLISHes ([`DeviceHooks::on_publishes`]): every message is
+/// [`PublishOutcome::Processed`] unless marked withheld. Allocates only when one is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Indexes into the run, ascending.
+    withheld: Vec<usize>,
+}
+
+impl RunOutcome {
+    /// Every message of the run processed.
+    pub fn processed() -> Self {
+        RunOutcome::default()
+    }
+
+    /// Marks the run's message `index` withheld.
+    pub fn withhold(&mut self, index: usize) {
+        if let Err(at) = self.withheld.binary_search(&index) {
+            self.withheld.insert(at, index);
+        }
+    }
+
+    pub fn get(&self, index: usize) -> PublishOutcome {
+        if self.withheld.binary_search(&index).is_ok() {
+            PublishOutcome::Withheld
+        } else {
+            PublishOutcome::Processed
+        }
+    }
+
+    /// Whether every message was processed.
+    pub fn all_processed(&self) -> bool {
+        self.withheld.is_empty()
+    }
+}
+
+impl FromIterator<PublishOutcome> for RunOutcome {
+    /// Outcomes in run order.
+    fn from_iter<I: IntoIterator<Item = PublishOutcome>>(iter: I) -> Self {
+        let mut out = RunOutcome::default();
+        for (i, o) in iter.into_iter().enumerate() {
+            if o == PublishOutcome::Withheld {
+                out.withheld.push(i);
+            }
+        }
+        out
+    }
+}
+
 /// The gateway side of the broker: authentication data and upstream traffic.
 pub trait DeviceHooks: Send + Sync + 'static {
     /// Credentials of a device, or `None` when it is unknown.
@@ -183,8 +283,9 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_connect(&self, session: &Session);
     /// A session ended (called exactly once per `on_connect`).
     fn on_disconnect(&self, session: &Session, reason: DisconnectReason);
-    /// An upstream PUBLISH that passed the ACL. The QoS1 PUBACK is written only after the
-    /// returned future completes, so "acknowledged" means "processed".
+    /// An upstream PUBLISH that passed the ACL. The QoS 1 PUBACK (QoS 2 PUBREC) is written only
+    /// after the returned future completes, and only if it says
+    /// [`Processed`](PublishOutcome::Processed): "acknowledged" means "processed".
     ///
     /// The futures of consecutive QoS 0/1 PUBLISHes of one connection may run concurrently
     /// (first-polled in arrival order): an implementation applies whatever must follow the
@@ -193,12 +294,12 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_publish(
         &self,
         session: &Session,
-        topic: &str,
-        payload: Bytes,
-    ) -> impl Future<Output = ()> + Send;
+        message: UpMessage<'_>,
+    ) -> impl Future<Output = PublishOutcome> + Send;
 
     /// A run of upstream PUBLISHes read together from one connection (QoS 0/1, arrival order,
-    /// each past the ACL); their PUBACKs are written, in order, once the future completes.
+    /// each past the ACL); their PUBACKs are written, in order, once the future completes —
+    /// up to the first QoS 1 message the outcome withholds (see [`PublishOutcome::Withheld`]).
     /// The default runs [`Self::on_publish`] for each, concurrently. An implementation may
     /// instead share work between them (ingest writes a run's version reports with one store
     /// submission), keeping the rule above: what follows the device's order is applied
@@ -206,20 +307,21 @@ pub trait DeviceHooks: Send + Sync + 'static {
     fn on_publishes<'a>(
         &'a self,
         session: &'a Session,
-        run: &'a [(&'a str, Bytes)],
-    ) -> impl Future<Output = ()> + Send + 'a {
+        run: &'a [UpMessage<'a>],
+    ) -> impl Future<Output = RunOutcome> + Send + 'a {
         async move {
             match run {
-                [] => {}
-                [(topic, payload)] => self.on_publish(session, topic, payload.clone()).await,
-                _ => {
-                    futures_util::future::join_all(
-                        run.iter().map(|(topic, payload)| {
-                            self.on_publish(session, topic, payload.clone())
-                        }),
-                    )
-                    .await;
+                [] => RunOutcome::processed(),
+                [message] => {
+                    std::iter::once(self.on_publish(session, message.clone()).await).collect()
                 }
+                _ => futures_util::future::join_all(
+                    run.iter()
+                        .map(|message| self.on_publish(session, message.clone())),
+                )
+                .await
+                .into_iter()
+                .collect(),
             }
         }
     }
@@ -238,13 +340,29 @@ pub struct TlsConfig {
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub tls: Option<TlsConfig>,
+    /// Authenticated sessions (a new device beyond it gets CONNACK 3).
     pub max_connections: usize,
-    /// How long a new socket may take to send CONNECT.
+    /// How long a new socket may take to send CONNECT (a TLS handshake included).
     pub connect_timeout: Duration,
     pub max_payload_size: usize,
     /// Where sessions' ids come from ([`Session::conn_id`] is the session's epoch, ordered
     /// across a cluster); shared with the registry.
     pub epochs: Arc<EpochClock>,
+    /// Most distinct subscription filters one device may use during the process lifetime
+    /// (the `_ss=1` filters the gateway subscribes itself aside); see `filters.rs`.
+    pub max_subscriptions_per_device: usize,
+    /// How far a CONNECT's signed `timestamp=` may be from the gateway's clock; `None`: not
+    /// checked (the vendor's behaviour).
+    pub connect_timestamp_window: Option<Duration>,
+    /// Open sockets of both listeners, authenticated or not: beyond it, new sockets are closed
+    /// as soon as they are accepted ([`crate::admission`]).
+    pub max_sockets: usize,
+    /// Sockets of one source address (IPv6: one /64) without an authenticated CONNECT yet.
+    pub max_unauthenticated_per_ip: usize,
+    /// From this many sockets without an authenticated CONNECT on, new sockets get
+    /// `connect_timeout_under_pressure` instead of `connect_timeout`.
+    pub pressure_unauthenticated: usize,
+    pub connect_timeout_under_pressure: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -256,6 +374,12 @@ impl Default for BrokerConfig {
             connect_timeout: Duration::from_secs(10),
             max_payload_size: 256 * 1024,
             epochs: Arc::new(EpochClock::new(0)),
+            max_subscriptions_per_device: 50,
+            connect_timestamp_window: None,
+            max_sockets: 100_000,
+            max_unauthenticated_per_ip: 512,
+            pressure_unauthenticated: 12_500,
+            connect_timeout_under_pressure: Duration::from_secs(2),
         }
     }
 }

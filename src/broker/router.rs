@@ -14,6 +14,12 @@
 //! register links faster than its one thread answers anyway). Requests are served in order,
 //! which keeps the takeover rule of [`super::session`]: a DISCONNECT sent to the router before a
 //! request is queued reaches the router before that request's CONNECT.
+//!
+//! The same thread clears persistent sessions ([`RouterHandle::clear_session`]): rumqttd keeps an
+//! offline persistent session (its subscriptions, read positions, unacknowledged QoS 2 releases)
+//! in its graveyard by client id until that id connects again, and a clean-session connect
+//! drops it. Registering a clean link and disconnecting it in one request, with no other
+//! registration in between, leaves nothing behind but rumqttd's per-client-id metrics record.
 
 use super::BrokerConfig;
 use futures_util::FutureExt;
@@ -80,11 +86,19 @@ pub(crate) struct LinkRefused(String);
 pub(crate) type Link = (LinkTx, LinkRx, Notification);
 type BuildFn = dyn Fn(&str, bool) -> Result<Link, LinkRefused> + Send + Sync;
 
-/// One link for the `fleetgate-links` thread to register.
-struct LinkRequest {
-    client_id: String,
-    clean_session: bool,
-    reply: oneshot::Sender<Result<Link, LinkRefused>>,
+/// What the `fleetgate-links` thread does for a connection task or a [`super::Downlink`].
+enum LinkRequest {
+    /// Register a link and hand it over.
+    Register {
+        client_id: String,
+        clean_session: bool,
+        reply: oneshot::Sender<Result<Link, LinkRefused>>,
+    },
+    /// Register a clean link and disconnect it at once: the client id's saved session is gone.
+    Clear {
+        client_id: String,
+        reply: oneshot::Sender<Result<(), LinkRefused>>,
+    },
 }
 
 /// A registered router: builds links and tells whether its inbound channel is full.
@@ -140,11 +154,24 @@ impl RouterHandle {
     ) -> Result<Link, LinkRefused> {
         let gone = || LinkRefused("the link registration thread is gone".to_owned());
         let (reply, answer) = oneshot::channel();
-        let request = LinkRequest {
+        let request = LinkRequest::Register {
             client_id,
             clean_session,
             reply,
         };
+        self.links.send(request).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Makes the router drop whatever persistent session it keeps for `client_id` (see the
+    /// module docs). The caller must have retired a live link of that client id and waited
+    /// until it settled, like a takeover does. Requests are served in order with the
+    /// registrations, so a connection registered after this call starts without the old
+    /// session.
+    pub(crate) async fn clear_session(&self, client_id: String) -> Result<(), LinkRefused> {
+        let gone = || LinkRefused("the link registration thread is gone".to_owned());
+        let (reply, answer) = oneshot::channel();
+        let request = LinkRequest::Clear { client_id, reply };
         self.links.send(request).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
@@ -163,20 +190,41 @@ impl RouterHandle {
 /// The `fleetgate-links` thread: registers links one at a time, in request order.
 fn register_links(build: &BuildFn, mut requests: mpsc::Receiver<LinkRequest>) {
     while let Some(request) = requests.blocking_recv() {
-        // Its connection task is gone (runtime shutting down): do not take a router slot.
-        if request.reply.is_closed() {
-            continue;
-        }
-        let built = build(&request.client_id, request.clean_session);
-        if let Err(Ok((mut link_tx, _rx, _ack))) = request.reply.send(built) {
-            // The task stopped waiting meanwhile: give the slot back to the router.
-            let disconnect = Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            );
-            let _ = link_tx.send(disconnect).now_or_never();
+        match request {
+            LinkRequest::Register {
+                client_id,
+                clean_session,
+                reply,
+            } => {
+                // Its connection task is gone (runtime shutting down): do not take a router slot.
+                if reply.is_closed() {
+                    continue;
+                }
+                let built = build(&client_id, clean_session);
+                if let Err(Ok((mut link_tx, _rx, _ack))) = reply.send(built) {
+                    // The task stopped waiting meanwhile: give the slot back to the router.
+                    disconnect(&mut link_tx);
+                }
+            }
+            LinkRequest::Clear { client_id, reply } => {
+                // Disconnected before the next request is served: no registration of the same
+                // client id can come in between and see its connection id reused.
+                let cleared = build(&client_id, true).map(|(mut link_tx, _rx, _ack)| {
+                    disconnect(&mut link_tx);
+                });
+                let _ = reply.send(cleared);
+            }
         }
     }
+}
+
+/// Sends the router a DISCONNECT for a link (its send completes on the first poll).
+fn disconnect(link_tx: &mut LinkTx) {
+    let disconnect = Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let _ = link_tx.send(disconnect).now_or_never();
 }

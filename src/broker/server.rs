@@ -1,15 +1,20 @@
 //! [`Broker`] (router + gateway link, not listening yet) and [`BrokerHandle`] (listening).
 //!
 //! `start` binds the listeners itself (port 0 works, backlog 4096) and runs one accept task per
-//! listener; each accepted socket gets its own task ([`super::connection`]). Shutdown is a
+//! listener; each accepted socket passes the broker's admission gate (socket budget, per-source
+//! cap of sockets without a CONNECT; [`crate::admission`]) or is closed at once, and then gets
+//! its own task ([`super::connection`]) holding its place in the gate. Shutdown is a
 //! `watch<bool>`: accept tasks stop, every session is retired (`on_disconnect` with `Kicked`),
 //! and `shutdown` returns once every connection task has finished — each holds a clone of an
 //! `mpsc::Sender<()>` that is never sent on, so `recv()` returning `None` means "all gone".
 
 use super::downlink::{Downlink, SessionTable};
+use super::filters::FilterBudget;
 use super::router::{router_config, RouterHandle, GATEWAY_LINK_ID};
 use super::{BrokerConfig, BrokerError, DeviceHooks, DisconnectReason, TlsConfig};
-use crate::metrics::Metrics;
+use crate::admission::{self, Gate, GateLimits, Permit};
+use crate::metrics::{Listener, Metrics};
+use crate::telemetry::Throttle;
 use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -18,6 +23,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
@@ -28,12 +34,46 @@ const BACKLOG: u32 = 4096;
 pub(crate) struct Shared {
     pub config: BrokerConfig,
     pub metrics: Arc<Metrics>,
-    pub router: RouterHandle,
+    pub router: Arc<RouterHandle>,
     pub table: Arc<SessionTable>,
+    /// Distinct subscription filters per device (`mqtt.max_subscriptions_per_device`).
+    pub filters: FilterBudget,
     pub downlink: Downlink,
     /// Sessions handling socket data right now (a measure of how saturated the gateway is; see
     /// `connection::on_socket_data`).
     pub busy_sessions: AtomicUsize,
+    /// The MQTT socket budget and the per-source cap of sockets without a CONNECT.
+    pub gate: Arc<Gate>,
+    /// Logs pre-CONNECT pressure at most every 10 s.
+    pressure_log: Throttle,
+}
+
+impl Shared {
+    /// When an admitted socket's CONNECT must have arrived: `connect_timeout` from now, or the
+    /// shorter one under pre-CONNECT pressure (counted, and logged at most every 10 s).
+    pub(crate) fn connect_deadline(&self, permit: &Permit) -> Instant {
+        let config = &self.config;
+        let waiting = permit.unauthenticated_at_admission();
+        let (timeout, shortened) = admission::connect_timeout(
+            waiting,
+            config.pressure_unauthenticated,
+            config.connect_timeout,
+            config.connect_timeout_under_pressure,
+        );
+        if shortened {
+            self.metrics.mqtt_connect_timeout_shortened.inc();
+            if let Some(skipped) = self.pressure_log.ready() {
+                tracing::warn!(
+                    unauthenticated = waiting,
+                    threshold = config.pressure_unauthenticated,
+                    connect_timeout_secs = timeout.as_secs_f64(),
+                    not_logged = skipped,
+                    "MQTT pre-CONNECT pressure: new sockets get the shorter CONNECT timeout"
+                );
+            }
+        }
+        Instant::now() + timeout
+    }
 }
 
 /// The embedded broker before it listens: rumqttd's router and the gateway's link are running,
@@ -46,22 +86,39 @@ impl Broker {
     /// Spawns rumqttd's router thread and the link registration thread, and registers the
     /// gateway's link (blocks briefly while the router answers). Nothing listens yet.
     pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
-        let router = RouterHandle::spawn(router_config(&config))?;
+        let router = Arc::new(RouterHandle::spawn(router_config(&config))?);
         let (link_tx, link_rx, _connack) = router
             .build_link(GATEWAY_LINK_ID, true)
             .map_err(|e| BrokerError::Router(e.to_string()))?;
         let table = Arc::new(SessionTable {
             sessions: DashMap::new(),
         });
-        let downlink = Downlink::start(link_tx, link_rx, Arc::clone(&table), Arc::clone(&metrics))?;
+        let downlink = Downlink::start(
+            link_tx,
+            link_rx,
+            Arc::clone(&table),
+            Arc::clone(&router),
+            Arc::clone(&metrics),
+        )?;
+        let gate = Gate::new(
+            Listener::Mqtt,
+            GateLimits {
+                max_open: config.max_sockets,
+                max_per_source: config.max_unauthenticated_per_ip,
+            },
+            &metrics,
+        );
         Ok(Broker {
             shared: Arc::new(Shared {
+                filters: FilterBudget::new(config.max_subscriptions_per_device),
                 config,
                 metrics,
                 router,
                 table,
                 downlink,
                 busy_sessions: AtomicUsize::new(0),
+                gate,
+                pressure_log: Throttle::new(Duration::from_secs(10)),
             }),
         })
     }
@@ -213,6 +270,11 @@ async fn accept_loop<H: DeviceHooks>(
                 continue;
             }
         };
+        // Over the budget or its source's cap: closed here, counted and logged by the gate.
+        let Ok(permit) = shared.gate.try_admit(peer) else {
+            continue;
+        };
+        let deadline = shared.connect_deadline(&permit);
         let _ = stream.set_nodelay(true);
         let task = tasks.clone();
         let shared = Arc::clone(&shared);
@@ -222,23 +284,25 @@ async fn accept_loop<H: DeviceHooks>(
             None => {
                 tokio::spawn(async move {
                     let _task = task;
-                    super::connection::serve_in_span(stream, peer, false, shared, hooks, shutdown)
-                        .await;
+                    let admitted = super::connection::Admitted { permit, deadline };
+                    super::connection::serve_in_span(
+                        stream, peer, false, admitted, shared, hooks, shutdown,
+                    )
+                    .await;
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let _task = task;
-                    let handshake = tokio::time::timeout(
-                        shared.config.connect_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await;
+                    // The TLS handshake is part of the time a socket has for its CONNECT.
+                    let handshake =
+                        tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
                     match handshake {
                         Ok(Ok(stream)) => {
+                            let admitted = super::connection::Admitted { permit, deadline };
                             super::connection::serve_in_span(
-                                stream, peer, true, shared, hooks, shutdown,
+                                stream, peer, true, admitted, shared, hooks, shutdown,
                             )
                             .await
                         }

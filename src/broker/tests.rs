@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 const WAIT: Duration = Duration::from_secs(15);
 const PK: &str = "a1Prod";
 const SECRET: &str = "s3cr3t-s3cr3t";
+/// Payloads [`FakeHooks`] does not take.
+const WITHHOLD: &[u8] = b"withhold";
 
 #[derive(Debug)]
 enum HookEvent {
@@ -36,15 +38,22 @@ struct FakeHooks {
     processed: AtomicUsize,
     /// When set, every processed publish is answered on `{topic}_reply` through the router.
     replies: Mutex<Option<Downlink>>,
+    /// A device that is deleted by the first lookup of its credentials (which still finds it):
+    /// a delete racing with its CONNECT.
+    deleted_on_lookup: Mutex<Option<String>>,
 }
 
 impl DeviceHooks for FakeHooks {
     fn credentials(&self, product_key: &str, device_name: &str) -> Option<DeviceCredentials> {
-        self.devices
-            .lock()
-            .unwrap()
-            .get(&(product_key.to_owned(), device_name.to_owned()))
-            .cloned()
+        let key = (product_key.to_owned(), device_name.to_owned());
+        let mut devices = self.devices.lock().unwrap();
+        let found = devices.get(&key).cloned();
+        let mut deleted = self.deleted_on_lookup.lock().unwrap();
+        if deleted.as_deref() == Some(device_name) {
+            *deleted = None;
+            devices.remove(&key);
+        }
+        found
     }
     fn on_connect(&self, session: &Session) {
         let _ = self.events.send(HookEvent::Connect(session.clone()));
@@ -54,13 +63,15 @@ impl DeviceHooks for FakeHooks {
             .events
             .send(HookEvent::Disconnect(session.clone(), reason));
     }
+    /// A payload starting with [`WITHHOLD`] is not taken ([`PublishOutcome::Withheld`]).
     fn on_publish(
         &self,
         session: &Session,
-        topic: &str,
-        payload: Bytes,
-    ) -> impl Future<Output = ()> + Send {
+        message: UpMessage<'_>,
+    ) -> impl Future<Output = PublishOutcome> + Send {
         let delay = *self.publish_delay.lock().unwrap();
+        let UpMessage { topic, payload, .. } = message;
+        let withheld = payload.starts_with(WITHHOLD);
         if let Some(downlink) = &*self.replies.lock().unwrap() {
             let _ = downlink.publish(format!("{topic}_reply"), payload.clone());
         }
@@ -69,8 +80,12 @@ impl DeviceHooks for FakeHooks {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            if withheld {
+                return PublishOutcome::Withheld;
+            }
             self.processed.fetch_add(1, Ordering::SeqCst);
             let _ = self.events.send(event);
+            PublishOutcome::Processed
         }
     }
 }
@@ -89,7 +104,7 @@ fn test_config() -> BrokerConfig {
         max_connections: 64,
         connect_timeout: Duration::from_secs(5),
         max_payload_size: 64 * 1024,
-        epochs: Arc::new(crate::cluster::epoch::EpochClock::new(0)),
+        ..BrokerConfig::default()
     }
 }
 
@@ -118,6 +133,7 @@ async fn start_with(config: BrokerConfig) -> TestBroker {
         publish_delay: Mutex::new(Duration::ZERO),
         processed: AtomicUsize::new(0),
         replies: Mutex::new(None),
+        deleted_on_lookup: Mutex::new(None),
     });
     let metrics = Arc::new(Metrics::new());
     let broker = Broker::new(config, Arc::clone(&metrics)).unwrap();
@@ -1456,4 +1472,66 @@ async fn publishes_arriving_while_a_run_is_processed_are_all_acknowledged_in_ord
         .collect();
     assert_eq!(acks, expected);
     assert_eq!(tb.hooks.processed.load(Ordering::SeqCst), 12);
+}
+
+mod limits;
+#[tokio::test]
+async fn a_withheld_qos1_publish_closes_the_connection_without_its_puback() {
+    let mut tb = start().await;
+    let (mut s, _) = raw_session(tb.addr(), "dev1", 0).await;
+    tb.expect_connect("dev1").await;
+    let topic = format!("/sys/{PK}/dev1/thing/event/property/post");
+    // One write, one run: the message before the withheld one is acknowledged; it and every
+    // QoS 1 message after it are not (they were processed with the run, and a resend is
+    // processed again: at least once).
+    let mut burst = raw_publish_qos1(&topic, 1, "first");
+    burst.extend(raw_publish_qos1(&topic, 2, "withhold me"));
+    burst.extend(raw_publish_qos1(&topic, 3, "third"));
+    burst.extend(raw_publish(&topic, "fourth"));
+    s.write_all(&burst).await.unwrap();
+    assert_eq!(assert_closed(&mut s).await, vec![0x40, 0x02, 0x00, 0x01]);
+    let reason = loop {
+        match tb.next_event().await {
+            HookEvent::Publish(_, _, payload) => assert!(!payload.starts_with(WITHHOLD)),
+            HookEvent::Disconnect(session, reason) if session.device == device("dev1") => {
+                break reason
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(reason, DisconnectReason::Withheld);
+    assert!(tb.metric("fleetgate_mqtt_publishes_withheld_total 2"));
+
+    // The one-at-a-time path (QoS 2): no PUBREC either.
+    let (mut s, _) = raw_session(tb.addr(), "dev2", 0).await;
+    tb.expect_connect("dev2").await;
+    let topic = format!("/sys/{PK}/dev2/thing/event/property/post");
+    let mut q2 = raw_publish_qos1(&topic, 7, "withhold me too");
+    q2[0] = 0x34;
+    s.write_all(&q2).await.unwrap();
+    assert_eq!(assert_closed(&mut s).await, Vec::<u8>::new());
+    let (_, reason) = tb.expect_disconnect("dev2").await;
+    assert_eq!(reason, DisconnectReason::Withheld);
+    assert!(tb.metric("fleetgate_mqtt_publishes_withheld_total 3"));
+}
+
+#[tokio::test]
+async fn a_withheld_qos0_publish_keeps_the_connection() {
+    let mut tb = start().await;
+    let (mut s, _) = raw_session(tb.addr(), "dev1", 0).await;
+    tb.expect_connect("dev1").await;
+    let topic = format!("/sys/{PK}/dev1/thing/event/property/post");
+    // Nothing was promised for a QoS 0 message: the session goes on and acks what follows.
+    let mut burst = raw_publish(&topic, "withhold me");
+    burst.extend(raw_publish_qos1(&topic, 5, "after"));
+    s.write_all(&burst).await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
+        .await
+        .expect("PUBACK in time")
+        .unwrap();
+    assert_eq!(ack, [0x40, 0x02, 0x00, 0x05]);
+    let (_, t, payload) = tb.expect_publish().await;
+    assert_eq!((t, &payload[..]), (topic, &b"after"[..]));
+    assert!(tb.metric("fleetgate_mqtt_publishes_withheld_total 0"));
 }

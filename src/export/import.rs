@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use super::package::{PackageObject, VerifiedPackage};
 use super::*;
 use crate::migration::{Actor, MigrationConfig, NewTask};
-use crate::ota::firmware::NewFirmware;
+use crate::ota::firmware::{NewFirmware, StagedBlob};
 use crate::ota::{FirmwarePackage, FirmwareStatus, Job};
 use crate::registry::{Device, NewDevice, NewInstance, NewProduct};
 
@@ -93,8 +93,12 @@ impl ExportService {
             .limiter
             .reserve(size)
             .map_err(ExportError::Limited)?;
+        let limits = package::UnpackLimits {
+            entry_bytes: self.inner.settings.max_unpacked_entry_bytes,
+            total_bytes: self.inner.settings.max_unpacked_bytes,
+        };
         let verified = tokio::task::spawn_blocking(move || {
-            package::read_package(&bytes, secrets_key.as_deref())
+            package::read_package(bytes::Bytes::from(bytes), secrets_key.as_deref(), limits)
         })
         .await
         .map_err(|e| ExportError::Internal(format!("verify task failed: {e}")))??;
@@ -685,14 +689,14 @@ impl ExportService {
         let f: FirmwarePackage = serde_json::from_value(o.data.clone())
             .map_err(|e| format!("bad firmware object: {e}"))?;
         let blob_name = o.meta.blob.as_deref().unwrap_or_default();
-        let bytes = pkg
-            .blobs
-            .get(blob_name)
+        let source = pkg
+            .blob(blob_name)
             .ok_or_else(|| format!("missing firmware bytes {blob_name}"))?;
+        let staged = self.stage_blob(source).await?;
         let created = self
             .inner
             .firmware
-            .create_from_bytes(
+            .create(
                 NewFirmware {
                     product_key: f.product_key.clone(),
                     version: f.version.clone(),
@@ -702,7 +706,7 @@ impl ExportService {
                     src_versions: f.src_versions.clone(),
                     description: f.description.clone(),
                 },
-                bytes,
+                staged,
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -724,6 +728,30 @@ impl ExportService {
                 .map_err(|e| e.to_string())?;
         }
         Ok(created.firmware_id)
+    }
+
+    /// Streams a firmware file out of the package into a staged upload: inflated on a
+    /// blocking thread, handed over in chunks (at most a few in flight), never whole in memory.
+    async fn stage_blob(&self, source: package::BlobSource) -> Result<StagedBlob, String> {
+        let mut writer = self
+            .inner
+            .firmware
+            .begin_upload()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let reading = tokio::task::spawn_blocking(move || {
+            source.stream(|chunk| tx.blocking_send(chunk.to_vec()).is_ok())
+        });
+        while let Some(chunk) = rx.recv().await {
+            // On an error `rx` is dropped, which stops the reader at its next chunk.
+            writer.write(&chunk).await.map_err(|e| e.to_string())?;
+        }
+        reading
+            .await
+            .map_err(|e| format!("firmware read task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        writer.finish().await.map_err(|e| e.to_string())
     }
 
     async fn create_job(

@@ -9,8 +9,8 @@
 //!   fail it; then it records an IN_PROGRESS job, answers, and a tokio task writes the package
 //!   to `{data_dir}/exports/{id}.zip` ([`package::write_package`], on a blocking thread).
 //! - [`ExportService::start_import`] verifies the whole package first ([`package::read_package`]:
-//!   archive, checksums of every file, manifest MAC, every secret) and refuses a bad one before
-//!   any job exists; a task then plans every object against this gateway (created / identical /
+//!   archive, manifest MAC, checksums of every file, every secret, unpacking bounded by the
+//!   `max_unpacked_*` settings) and refuses a bad one before any job exists; a task then plans every object against this gateway (created / identical /
 //!   conflict) and only then writes, in dependency order. With `conflict_policy=fail` a single
 //!   conflict means nothing is written.
 //! - Jobs are `export.job` / `import.job` store documents (status, per-object status, log),

@@ -12,15 +12,25 @@
 //! firmware/{sha256}             the firmware bytes (one file per distinct content)
 //! ```
 //!
-//! Reading verifies everything before anything is returned: the archive opens, the set of
-//! entries equals the manifest's file list, every file's size and SHA-256 match, the manifest
-//! MAC and every secret authenticate with the operator's key. A caller (the import) therefore
-//! never sees a partly valid package.
+//! Reading verifies everything before anything is returned: the archive opens, the manifest
+//! MAC authenticates with the operator's key (when the package has secrets) before anything
+//! else in the manifest is believed, the set of entries equals the manifest's file list, every
+//! file's size and SHA-256 match, and every secret authenticates. A caller (the import)
+//! therefore never sees a partly valid package.
+//!
+//! Reading is bounded by real bytes, never by what the package claims ([`UnpackLimits`]): a
+//! file whose listed size passes `max_unpacked_entry_bytes`, or files listed at more than
+//! `max_unpacked_bytes` together, are refused before anything is inflated; every file is
+//! inflated through `Read::take(listed size + 1)`, so one that holds more than it claims (a
+//! ZIP bomb) is refused after one byte too many. Firmware files are only hashed while
+//! verifying, never held: the import streams them out of the archive again
+//! ([`VerifiedPackage::blob`]). Memory is the upload plus the manifest and object files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
+use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -31,8 +41,21 @@ pub const FORMAT: &str = "fleetgate-export";
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_MAC: &str = "manifest.mac";
-/// Largest manifest or object file read (firmware files are bounded by their listed size).
+/// Largest manifest or object file read (they are parsed in memory).
 const MAX_META_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest `manifest.mac` read.
+const MAX_MAC_BYTES: u64 = 1024;
+/// Chunk in which files are inflated and streamed.
+const CHUNK: usize = 64 * 1024;
+
+/// How much reading a package may inflate, in real bytes (`[export]` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Largest single file (`export.max_unpacked_entry_bytes`).
+    pub entry_bytes: u64,
+    /// All files together, the manifest included (`export.max_unpacked_bytes`).
+    pub total_bytes: u64,
+}
 
 /// Errors of writing or reading a package.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +66,17 @@ pub enum PackageError {
     Malformed(String),
     #[error("checksum mismatch for {0} (the package was damaged or tampered with)")]
     ChecksumMismatch(String),
+    #[error("{path} holds more than the {listed} bytes the manifest lists (the package was damaged or tampered with)")]
+    SizeMismatch { path: String, listed: u64 },
+    /// One file is larger than a limit; `setting` names it.
+    #[error("{path} unpacks to more than {limit} bytes ({setting})")]
+    EntryTooLarge {
+        path: String,
+        limit: u64,
+        setting: &'static str,
+    },
+    #[error("the package unpacks to more than {limit} bytes (export.max_unpacked_bytes)")]
+    TooLarge { limit: u64 },
     #[error("package format version {0} is newer than this gateway supports ({FORMAT_VERSION})")]
     Unsupported(u32),
     #[error("the package holds encrypted secrets: secrets_key is required")]
@@ -339,35 +373,155 @@ pub struct PackageObject {
 pub struct VerifiedPackage {
     pub manifest: Manifest,
     pub objects: Vec<PackageObject>,
-    /// Firmware bytes by file name (`firmware/{sha256}`).
-    pub blobs: HashMap<String, Vec<u8>>,
+    /// The archive (the upload), which firmware files are streamed out of.
+    archive: Archive,
+    /// Firmware files by name (`firmware/{sha256}`), with their verified size and SHA-256.
+    blobs: HashMap<String, ManifestFile>,
 }
 
-fn read_entry<R: Read + std::io::Seek>(
+type Archive = zip::ZipArchive<Cursor<Bytes>>;
+
+impl VerifiedPackage {
+    /// A firmware file of the package, to stream its bytes ([`BlobSource::stream`]).
+    pub fn blob(&self, name: &str) -> Option<BlobSource> {
+        self.blobs.get(name).map(|file| BlobSource {
+            // Cheap: the archive's index is shared, the bytes are reference-counted.
+            archive: self.archive.clone(),
+            file: file.clone(),
+        })
+    }
+}
+
+/// One verified firmware file, owned (it can move to a blocking thread).
+#[derive(Debug)]
+pub struct BlobSource {
+    archive: Archive,
+    file: ManifestFile,
+}
+
+impl BlobSource {
+    pub fn size(&self) -> u64 {
+        self.file.size
+    }
+
+    /// Inflates the file into `sink`, in chunks of at most 64 KiB, checking its size and
+    /// SHA-256 again; `sink` returns `false` to stop early (an error). Blocking (it inflates):
+    /// call it off the async workers.
+    pub fn stream(mut self, mut sink: impl FnMut(&[u8]) -> bool) -> Result<(), PackageError> {
+        let path = self.file.path.clone();
+        let mut sent = true;
+        let (size, sha) = inflate(&mut self.archive, &path, self.file.size, |chunk| {
+            sent = sent && sink(chunk);
+            sent
+        })?;
+        if !sent {
+            return Err(PackageError::Io(std::io::Error::other(format!(
+                "streaming {path} was stopped"
+            ))));
+        }
+        if size != self.file.size || sha != self.file.sha256 {
+            return Err(PackageError::ChecksumMismatch(path));
+        }
+        Ok(())
+    }
+}
+
+/// What [`inflate`] ran into.
+enum Inflated {
+    /// The file holds more than `limit` bytes (only `limit + 1` were inflated).
+    Over,
+    Zip(PackageError),
+}
+
+/// Inflates entry `name` through `take(limit + 1)` into `sink` (`false` stops), returning its
+/// size and SHA-256. At most `limit + 1` bytes are ever inflated, whatever the ZIP headers or
+/// the manifest say.
+fn inflate_bounded<R: Read + std::io::Seek>(
     zip: &mut zip::ZipArchive<R>,
     name: &str,
     limit: u64,
-) -> Result<Vec<u8>, PackageError> {
+    mut sink: impl FnMut(&[u8]) -> bool,
+) -> Result<(u64, String), Inflated> {
     let entry = zip
         .by_name(name)
-        .map_err(|_| PackageError::Malformed(format!("missing file {name}")))?;
-    let mut out = Vec::new();
-    // `take` bounds what a lying header (a ZIP bomb) can make us inflate.
-    entry
-        .take(limit.saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(|e| PackageError::BadZip(format!("{name}: {e}")))?;
-    if out.len() as u64 > limit {
-        return Err(PackageError::Malformed(format!("{name} is too large")));
+        .map_err(|_| Inflated::Zip(PackageError::Malformed(format!("missing file {name}"))))?;
+    let mut reader = entry.take(limit.saturating_add(1));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Inflated::Zip(PackageError::BadZip(format!("{name}: {e}")))),
+        };
+        size += n as u64;
+        if size > limit {
+            return Err(Inflated::Over);
+        }
+        hasher.update(&buf[..n]);
+        if !sink(&buf[..n]) {
+            break;
+        }
     }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// [`inflate_bounded`] of a listed file: more bytes than listed is a size mismatch.
+fn inflate<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    path: &str,
+    listed: u64,
+    sink: impl FnMut(&[u8]) -> bool,
+) -> Result<(u64, String), PackageError> {
+    inflate_bounded(zip, path, listed, sink).map_err(|e| match e {
+        Inflated::Over => PackageError::SizeMismatch {
+            path: path.to_owned(),
+            listed,
+        },
+        Inflated::Zip(e) => e,
+    })
+}
+
+/// Reads a whole (small) file into memory, refusing it past `limit` bytes.
+fn read_small<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    name: &str,
+    limit: u64,
+    setting: &'static str,
+) -> Result<Vec<u8>, PackageError> {
+    let mut out = Vec::new();
+    inflate_bounded(zip, name, limit, |chunk| {
+        out.extend_from_slice(chunk);
+        true
+    })
+    .map_err(|e| match e {
+        Inflated::Over => PackageError::EntryTooLarge {
+            path: name.to_owned(),
+            limit,
+            setting,
+        },
+        Inflated::Zip(e) => e,
+    })?;
     Ok(out)
 }
 
 /// Opens and verifies a package (see the module docs); `key` is the operator's passphrase.
-/// CPU- and memory-heavy: call it off the async workers.
-pub fn read_package(bytes: &[u8], key: Option<&str>) -> Result<VerifiedPackage, PackageError> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))?;
-    let manifest_bytes = read_entry(&mut zip, MANIFEST, MAX_META_BYTES)?;
+/// CPU-heavy (it inflates and hashes every file, and derives the key): call it off the async
+/// workers.
+pub fn read_package(
+    bytes: Bytes,
+    key: Option<&str>,
+    limits: UnpackLimits,
+) -> Result<VerifiedPackage, PackageError> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))?;
+    let (manifest_limit, manifest_setting) = if limits.entry_bytes < MAX_META_BYTES {
+        (limits.entry_bytes, "export.max_unpacked_entry_bytes")
+    } else {
+        (MAX_META_BYTES, "the limit of manifest and object files")
+    };
+    let manifest_bytes = read_small(&mut zip, MANIFEST, manifest_limit, manifest_setting)?;
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| PackageError::Malformed(format!("manifest.json: {e}")))?;
     if manifest.format != FORMAT {
@@ -379,6 +533,35 @@ pub fn read_package(bytes: &[u8], key: Option<&str>) -> Result<VerifiedPackage, 
     if manifest.format_version > FORMAT_VERSION || manifest.format_version == 0 {
         return Err(PackageError::Unsupported(manifest.format_version));
     }
+
+    // With secrets, the manifest is authenticated before anything else in it is believed
+    // (file list, sizes, checksums): a rewritten manifest is refused here.
+    let package_key = match &manifest.encryption {
+        None => None,
+        Some(enc) => {
+            if enc.cipher != "AES-256-GCM" || enc.kdf != "PBKDF2-HMAC-SHA256" {
+                return Err(PackageError::Malformed(format!(
+                    "unsupported encryption {} / {}",
+                    enc.cipher, enc.kdf
+                )));
+            }
+            if enc.iterations > 10_000_000 {
+                return Err(PackageError::Malformed("absurd iteration count".into()));
+            }
+            let pass = key.ok_or(PackageError::MissingKey)?;
+            let k = PackageKey::derive(pass, &enc.salt, enc.iterations)?;
+            let mac = read_small(
+                &mut zip,
+                MANIFEST_MAC,
+                MAX_MAC_BYTES,
+                "the limit of manifest.mac",
+            )?;
+            let mac = String::from_utf8(mac)
+                .map_err(|_| PackageError::Malformed("manifest.mac".into()))?;
+            k.verify_mac(&manifest_bytes, &mac)?;
+            Some(k)
+        }
+    };
 
     // The entries must be exactly the listed files (+ manifest and its MAC).
     let mut listed: BTreeMap<&str, &ManifestFile> = BTreeMap::new();
@@ -398,36 +581,51 @@ pub fn read_package(bytes: &[u8], key: Option<&str>) -> Result<VerifiedPackage, 
             )));
         }
     }
-    let mut contents: HashMap<String, Vec<u8>> = HashMap::with_capacity(listed.len());
+    // What the manifest lists must fit the limits before anything is inflated; each file is
+    // then inflated no further than its listed size, so the real total fits too.
+    let mut total = manifest_bytes.len() as u64;
     for (path, f) in &listed {
-        let data = read_entry(&mut zip, path, f.size)?;
-        if data.len() as u64 != f.size || sha256_hex(&data) != f.sha256 {
-            return Err(PackageError::ChecksumMismatch((*path).to_owned()));
+        let (limit, setting) = if is_object_file(path) && MAX_META_BYTES < limits.entry_bytes {
+            (MAX_META_BYTES, "the limit of manifest and object files")
+        } else {
+            (limits.entry_bytes, "export.max_unpacked_entry_bytes")
+        };
+        if f.size > limit {
+            return Err(PackageError::EntryTooLarge {
+                path: (*path).to_owned(),
+                limit,
+                setting,
+            });
         }
-        contents.insert((*path).to_owned(), data);
+        total = total.saturating_add(f.size);
+        if total > limits.total_bytes {
+            return Err(PackageError::TooLarge {
+                limit: limits.total_bytes,
+            });
+        }
     }
 
-    let package_key = match &manifest.encryption {
-        None => None,
-        Some(enc) => {
-            if enc.cipher != "AES-256-GCM" || enc.kdf != "PBKDF2-HMAC-SHA256" {
-                return Err(PackageError::Malformed(format!(
-                    "unsupported encryption {} / {}",
-                    enc.cipher, enc.kdf
-                )));
+    // Object files are kept (they are parsed below); everything else is only hashed.
+    let mut contents: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut blobs: HashMap<String, ManifestFile> = HashMap::new();
+    for (path, f) in &listed {
+        let keep = is_object_file(path);
+        let mut data = Vec::new();
+        let (size, sha) = inflate(&mut zip, path, f.size, |chunk| {
+            if keep {
+                data.extend_from_slice(chunk);
             }
-            if enc.iterations > 10_000_000 {
-                return Err(PackageError::Malformed("absurd iteration count".into()));
-            }
-            let pass = key.ok_or(PackageError::MissingKey)?;
-            let k = PackageKey::derive(pass, &enc.salt, enc.iterations)?;
-            let mac = read_entry(&mut zip, MANIFEST_MAC, 1024)?;
-            let mac = String::from_utf8(mac)
-                .map_err(|_| PackageError::Malformed("manifest.mac".into()))?;
-            k.verify_mac(&manifest_bytes, &mac)?;
-            Some(k)
+            true
+        })?;
+        if size != f.size || sha != f.sha256 {
+            return Err(PackageError::ChecksumMismatch((*path).to_owned()));
         }
-    };
+        if keep {
+            contents.insert((*path).to_owned(), data);
+        } else if path.starts_with("firmware/") {
+            blobs.insert((*path).to_owned(), (*f).clone());
+        }
+    }
 
     let mut seen = BTreeSet::new();
     let mut objects = Vec::with_capacity(manifest.objects.len());
@@ -473,7 +671,7 @@ pub fn read_package(bytes: &[u8], key: Option<&str>) -> Result<VerifiedPackage, 
             }
         };
         if let Some(blob) = &m.blob {
-            if !contents.contains_key(blob) || !blob.starts_with("firmware/") {
+            if !blobs.contains_key(blob) {
                 return Err(PackageError::Malformed(format!(
                     "missing firmware file {blob}"
                 )));
@@ -485,13 +683,103 @@ pub fn read_package(bytes: &[u8], key: Option<&str>) -> Result<VerifiedPackage, 
             secrets,
         });
     }
-    let blobs = contents
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("firmware/"))
-        .collect();
     Ok(VerifiedPackage {
         manifest,
         objects,
+        archive: zip,
         blobs,
     })
+}
+
+/// An object's JSON file (kept in memory and parsed), as opposed to firmware bytes.
+fn is_object_file(path: &str) -> bool {
+    path.starts_with("objects/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A package with one firmware object whose bytes are `firmware` (written to `dir`).
+    fn package(dir: &Path, firmware: &[u8]) -> Bytes {
+        let sha = sha256_hex(firmware);
+        let blob = dir.join("blob");
+        std::fs::write(&blob, firmware).unwrap();
+        let item = ExportItem {
+            id: "fw-1".into(),
+            object_type: ObjectType::Firmware,
+            name: "fw".into(),
+            path: "/default/pk/fw".into(),
+            data: serde_json::json!({"sha256": sha}),
+            secrets: None,
+            blob: Some((sha, blob)),
+        };
+        let dest = dir.join("p.zip");
+        write_package(&dest, ("exp-1", "t", 0), &[item], None).unwrap();
+        Bytes::from(std::fs::read(dest).unwrap())
+    }
+
+    fn limits(entry_bytes: u64, total_bytes: u64) -> UnpackLimits {
+        UnpackLimits {
+            entry_bytes,
+            total_bytes,
+        }
+    }
+
+    #[test]
+    fn firmware_is_streamed_out_again_after_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let firmware: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let pkg = read_package(
+            package(dir.path(), &firmware),
+            None,
+            limits(1 << 20, 1 << 22),
+        )
+        .unwrap();
+        let name = pkg.objects[0].meta.blob.clone().unwrap();
+        let source = pkg.blob(&name).unwrap();
+        assert_eq!(source.size(), firmware.len() as u64);
+        let mut out = Vec::new();
+        let mut chunks = 0;
+        source
+            .stream(|chunk| {
+                assert!(chunk.len() <= CHUNK);
+                chunks += 1;
+                out.extend_from_slice(chunk);
+                true
+            })
+            .unwrap();
+        assert_eq!(out, firmware);
+        assert!(chunks > 1);
+        // A sink that stops early gets an error, not a short file.
+        let source = pkg.blob(&name).unwrap();
+        assert!(matches!(source.stream(|_| false), Err(PackageError::Io(_))));
+        assert!(pkg.blob("firmware/none").is_none());
+    }
+
+    #[test]
+    fn listed_sizes_past_the_limits_are_refused_before_inflating() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = package(dir.path(), &[7u8; 100_000]);
+        // The firmware file is over the per-file limit.
+        match read_package(bytes.clone(), None, limits(50_000, 1 << 20)) {
+            Err(PackageError::EntryTooLarge {
+                path,
+                limit: 50_000,
+                setting: "export.max_unpacked_entry_bytes",
+            }) => assert!(path.starts_with("firmware/"), "{path}"),
+            other => panic!("{other:?}"),
+        }
+        // Every file fits alone, not all together.
+        assert!(matches!(
+            read_package(bytes.clone(), None, limits(100_000, 100_100)),
+            Err(PackageError::TooLarge { limit: 100_100 })
+        ));
+        // The manifest itself is bounded as well.
+        assert!(matches!(
+            read_package(bytes.clone(), None, limits(100, 1 << 20)),
+            Err(PackageError::EntryTooLarge { path, .. }) if path == MANIFEST
+        ));
+        assert!(read_package(bytes, None, limits(100_000, 1 << 20)).is_ok());
+    }
 }

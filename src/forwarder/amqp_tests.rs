@@ -6,6 +6,7 @@
 //! deletes its exchanges and queues at the end. Broker outages are simulated with an in-test
 //! TCP proxy ([`Proxy`]) between the forwarder and RabbitMQ.
 
+use super::testing::Proxy;
 use super::*;
 use crate::registry::{NewDevice, NewInstance, NewProduct};
 use crate::store::Store;
@@ -21,9 +22,7 @@ use rand::Rng;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 /// Generous bound for anything that should happen "soon" (only to avoid hanging).
@@ -33,111 +32,23 @@ pub(crate) struct Rabbit {
     pub url: String,
     pub conn: Connection,
     pub addr: SocketAddr,
-    user: String,
-    pass: String,
-    vhost: String,
 }
 
 impl Rabbit {
     /// The broker's URL with host and port replaced (to go through a [`Proxy`]).
     pub fn url_via(&self, addr: SocketAddr) -> String {
-        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-        format!(
-            "amqp://{}:{}@{}/{}",
-            enc(&self.user),
-            enc(&self.pass),
-            addr,
-            enc(&self.vhost)
-        )
+        super::testing::url_via(&self.url, addr)
     }
 }
 
 /// Connects to the test broker, or reports it missing (see [`super::testing::amqp_url_or_skip`]).
 pub(crate) async fn rabbit_or_skip(test: &str) -> Option<Rabbit> {
     let url = super::testing::amqp_url_or_skip(test).await?;
-    let uri: lapin::uri::AMQPUri = url.parse().expect("FLEETGATE_AMQP_URL parses");
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
         .expect("connect");
-    let host = if uri.authority.host == "localhost" {
-        "127.0.0.1".to_string()
-    } else {
-        uri.authority.host.clone()
-    };
-    let addr = tokio::net::lookup_host((host.as_str(), uri.authority.port))
-        .await
-        .expect("resolve the broker")
-        .next()
-        .expect("an address");
-    Some(Rabbit {
-        url,
-        conn,
-        addr,
-        user: uri.authority.userinfo.username.clone(),
-        pass: uri.authority.userinfo.password.clone(),
-        vhost: uri.vhost.clone(),
-    })
-}
-
-/// A TCP proxy 127.0.0.1:0 ↔ RabbitMQ that can be cut (every connection closed, new ones
-/// refused) and restored.
-pub(crate) struct Proxy {
-    pub addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    pub async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let accept = {
-            let up = up.clone();
-            let conns = conns.clone();
-            tokio::spawn(async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    if !up.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    lock(&conns).push(task);
-                }
-            })
-        };
-        Proxy {
-            addr,
-            up,
-            conns,
-            accept,
-        }
-    }
-
-    /// Closes every proxied connection and refuses new ones.
-    pub fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for t in lock(&self.conns).drain(..) {
-            t.abort();
-        }
-    }
-
-    pub fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
+    let addr = super::testing::broker_addr(&url).await;
+    Some(Rabbit { url, conn, addr })
 }
 
 /// Polls `f` until it holds; panics after [`PATIENCE`] (only to avoid hanging).
@@ -426,7 +337,9 @@ async fn two_groups_each_receive_every_message_with_vendor_headers() {
 
     const N: usize = 300;
     for i in 0..N {
-        fwd.enqueue(fx.post(i % 3, i)).await.unwrap();
+        fwd.enqueue(fx.post(i % 3, i), OnFull::Refuse)
+            .await
+            .unwrap();
     }
     let got1 = collect(&mut rx1, N).await;
     let got2 = collect(&mut rx2, N).await;
@@ -492,7 +405,9 @@ async fn two_consumers_in_one_group_share_the_stream() {
     consume(&fx.rabbit.conn, &fx.queue("shared"), "b", tx).await;
     const N: usize = 400;
     for i in 0..N {
-        fwd.enqueue(fx.post(i % 2, i)).await.unwrap();
+        fwd.enqueue(fx.post(i % 2, i), OnFull::Refuse)
+            .await
+            .unwrap();
     }
     let got = collect(&mut rx, N).await;
     let mut per: BTreeMap<String, usize> = BTreeMap::new();
@@ -538,7 +453,9 @@ async fn broker_outage_loses_nothing_and_keeps_device_order() {
             assert!(!fwd.outbox().unwrap().is_empty());
             proxy.restore();
         }
-        fwd.enqueue(fx.post(i % 5, i)).await.unwrap();
+        fwd.enqueue(fx.post(i % 5, i), OnFull::Refuse)
+            .await
+            .unwrap();
     }
     let got = collect(&mut rx, N).await;
     let want: HashSet<(String, u64)> = (0..N)
@@ -568,7 +485,9 @@ async fn restart_with_a_full_outbox_delivers_the_rest() {
         let fwd = fx.open(&fx.rabbit.url_via(proxy.addr));
         group(&fwd, &fx.iid, "g").await;
         for i in 0..N {
-            fwd.enqueue(fx.post(i % 4, i)).await.unwrap();
+            fwd.enqueue(fx.post(i % 4, i), OnFull::Refuse)
+                .await
+                .unwrap();
         }
         assert_eq!(fwd.outbox().unwrap().len(), N as u64);
         assert_ne!(fwd.status(), AmqpStatus::Connected);
@@ -601,7 +520,7 @@ async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
     // No group: mandatory publishes come back unroutable, are counted and leave the outbox.
     for i in 0..10 {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     eventually("returned messages dropped", || {
         fwd.outbox().unwrap().is_empty()
@@ -619,7 +538,7 @@ async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
     // With a group and no consumer the messages wait in its queue: backlog.
     group(&fwd, &fx.iid, "idle").await;
     for i in 10..30 {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     eventually("confirmed", || fwd.outbox().unwrap().is_empty()).await;
     let d = fwd.group_details(&fx.iid, "idle").await.unwrap();
@@ -681,7 +600,7 @@ async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
     consume(&fx.rabbit.conn, &fx.queue("g"), "c", tx).await;
     const N: usize = 60;
     for i in 0..N {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     // Every enqueue resolved although the limit lets only ~20 a second through.
     assert!(fx.metrics.forwarder_published.get() < N as u64);
@@ -708,7 +627,7 @@ async fn a_rate_limit_set_at_runtime_throttles_until_removed() {
     group(&fwd, &fx.iid, "g").await;
     // Unlimited traffic first, so the publisher already holds (no) limiter for the target.
     for i in 0..10 {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     eventually("warm-up confirmed", || {
         fx.metrics.forwarder_published.get() == 10
@@ -726,7 +645,7 @@ async fn a_rate_limit_set_at_runtime_throttles_until_removed() {
     assert_eq!(view.source, RateLimitSource::Instance);
     let t0 = Instant::now();
     for i in 10..10 + N {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     eventually("100 confirmed", || published() >= 100).await;
     let took = t0.elapsed();
@@ -783,7 +702,7 @@ async fn a_group_message_ttl_expires_unconsumed_messages() {
     assert_eq!(fx.metrics.forwarder_queues_kept.get(), 0);
 
     for i in 0..3 {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     eventually("confirmed", || fwd.outbox().unwrap().is_empty()).await;
     assert_eq!(
@@ -833,7 +752,7 @@ async fn a_queue_existing_without_ttl_is_kept_and_still_delivers() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     consume(&fx.rabbit.conn, &queue, "c", tx).await;
     for i in 0..5 {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     collect(&mut rx, 5).await;
     fwd.shutdown().await;
@@ -843,7 +762,7 @@ async fn a_queue_existing_without_ttl_is_kept_and_still_delivers() {
     eventually("connected again", || fwd.status() == AmqpStatus::Connected).await;
     assert_eq!(fx.metrics.forwarder_queues_kept.get(), 2);
     for i in 5..10 {
-        fwd.enqueue(fx.post(0, i)).await.unwrap();
+        fwd.enqueue(fx.post(0, i), OnFull::Refuse).await.unwrap();
     }
     let got = collect(&mut rx, 5).await;
     assert!(got.iter().all(|(_, d)| key(d).1 >= 5), "the new messages");
@@ -950,7 +869,7 @@ async fn bench_throughput() {
         let fx = fx.clone();
         tasks.push(tokio::spawn(async move {
             for i in (d..n).step_by(64) {
-                fwd.enqueue(fx.post(d, i)).await.unwrap();
+                fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
             }
         }));
     }
@@ -983,7 +902,7 @@ async fn bench_throughput() {
         let fx = fx.clone();
         tasks.push(tokio::spawn(async move {
             for i in (d..n).step_by(64) {
-                fwd.enqueue(fx.post(d, i)).await.unwrap();
+                fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
             }
         }));
     }

@@ -33,6 +33,12 @@
 //!   order, so each device's messages arrive in order (with possible duplicates of the
 //!   unconfirmed tail, which consumers drop by `messageId`). The one exception is a broker
 //!   `nack` of a single message while later ones were acked: the nacked one is re-sent after them.
+//! - A full outbox (RabbitMQ unreachable long enough for `outbox_max_bytes` to fill) never
+//!   acknowledges and drops: an enqueue waits up to `outbox_full_wait_ms` for room
+//!   (back-pressure), then gives up without storing. A QoS 1 post is refused
+//!   ([`OnFull::Refuse`]): ingest withholds its PUBACK, the broker closes the connection and
+//!   the device sends it again after reconnecting. Messages nobody was promised (QoS 0 posts,
+//!   online/offline status, OTA task events) are dropped and counted ([`OnFull::Drop`]).
 //! - Returned messages (`mandatory`, no queue bound: the instance has no consumer group) are
 //!   counted and dropped, like the vendor, which forwards only to existing subscriptions.
 //! - Rate limits per target (`limits.rs`: an override set at runtime with
@@ -83,7 +89,7 @@ use limits::{Limits, RATE_LIMIT_DOC_KIND};
 use outbox::NewRow;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
@@ -102,8 +108,10 @@ pub struct ForwarderConfig {
     pub exchange_prefix: String,
     /// Bound of the durable outbox, bytes (bodies plus a small per-row overhead).
     pub outbox_max_bytes: u64,
-    /// How long an enqueue waits for outbox space (back-pressure on the device's PUBACK) before
-    /// the message is dropped and counted.
+    /// How long an enqueue waits for outbox space (back-pressure: the device's PUBACK waits,
+    /// and its connection reads nothing more) before giving up: a QoS 1 post is then refused
+    /// (no PUBACK, connection closed, the device resends it), anything else is dropped and
+    /// counted (see [`OnFull`]).
     pub outbox_full_wait_ms: u64,
     /// Publishes awaiting a broker confirm at once.
     pub inflight_window: usize,
@@ -204,9 +212,9 @@ impl ForwarderConfig {
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
-    /// The outbox stayed full for the whole back-pressure wait; the message was dropped (and
-    /// counted in `fleetgate_forwarder_dropped_total{reason="outbox_full"}`).
-    #[error("the forwarding outbox is full; message dropped")]
+    /// The outbox stayed full for the whole back-pressure wait; the message was not stored
+    /// (refused or dropped, as the enqueue's [`OnFull`] said).
+    #[error("the forwarding outbox is full; message not stored")]
     OutboxFull,
     #[error("outbox: {0}")]
     Outbox(#[from] OutboxError),
@@ -275,6 +283,37 @@ impl AmqpStatus {
             AmqpStatus::Connected => 2,
             AmqpStatus::Disconnected => 3,
         }
+    }
+}
+
+/// What [`Forwarder::enqueue`] does with a message the outbox has no room for, once
+/// `outbox_full_wait_ms` passed. Either way the message is not stored and the enqueue returns
+/// [`ForwarderError::OutboxFull`]; what differs is who still holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// The sender still holds it, because it was not acknowledged and must not be: a QoS 1/2
+    /// post, whose PUBACK is withheld so the device sends it again. Counted as
+    /// `fleetgate_forwarder_refused_total`.
+    Refuse,
+    /// Nobody holds it any more (QoS 0 posts, online/offline status, OTA task events): it is
+    /// lost, counted as `fleetgate_forwarder_dropped_total{reason="outbox_full"}`.
+    Drop,
+}
+
+/// A message handed to the outbox by [`Forwarder::enqueue`]; `.await` it for the outcome.
+pub struct Enqueued<F> {
+    /// The outbox had no room at the time of the call: the outcome waits for space, up to
+    /// `outbox_full_wait_ms` (ingest then answers the post only once it knows).
+    pub waiting: bool,
+    done: F,
+}
+
+impl<F: Future> std::future::IntoFuture for Enqueued<F> {
+    type Output = F::Output;
+    type IntoFuture = F;
+
+    fn into_future(self) -> F {
+        self.done
     }
 }
 
@@ -648,13 +687,14 @@ impl Forwarder {
     /// - Unknown device (deleted meanwhile): `Ok`, nothing stored, counted as
     ///   `dropped{reason="unknown_device"}`.
     /// - Outbox full: waits up to `outbox_full_wait_ms` for space (back-pressure); still full,
-    ///   [`ForwarderError::OutboxFull`]: dropped, counted as `dropped{reason="outbox_full"}`
-    ///   and logged (at most once a second).
+    ///   [`ForwarderError::OutboxFull`], nothing stored: refused or dropped as `on_full` says,
+    ///   counted, and logged (at most once a second).
     pub fn enqueue(
         &self,
         msg: ForwardMessage,
-    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
-        self.enqueue_with_owner(msg, None)
+        on_full: OnFull,
+    ) -> Enqueued<impl Future<Output = Result<(), ForwarderError>> + Send + 'static> {
+        self.enqueue_with_owner(msg, None, on_full)
     }
 
     /// [`enqueue`](Self::enqueue), routed to `former_owner` when the device no longer exists.
@@ -662,7 +702,8 @@ impl Forwarder {
         &self,
         msg: ForwardMessage,
         former_owner: Option<&str>,
-    ) -> impl Future<Output = Result<(), ForwarderError>> + Send + 'static {
+        on_full: OnFull,
+    ) -> Enqueued<impl Future<Output = Result<(), ForwarderError>> + Send + 'static> {
         enum Prepared {
             Nothing,
             Sent(tokio::sync::oneshot::Receiver<Result<(), OutboxError>>, u64),
@@ -703,20 +744,33 @@ impl Forwarder {
             }
         };
         let may_log = self.may_log_drop();
-        async move {
+        let waiting = matches!(prepared, Prepared::Wait(..));
+        let done = async move {
             let (rx, n) = match prepared {
                 Prepared::Nothing => return Ok(()),
                 Prepared::Sent(rx, n) => (rx, n),
                 Prepared::Wait(outbox, rows, size) => {
                     if let Err(e) = outbox.admit(size, full_wait).await {
-                        metrics
-                            .forwarder_dropped
-                            .get_or_create(&[("reason", "outbox_full")])
-                            .inc_by(rows.len() as u64);
-                        if may_log() {
-                            let m = &rows[0].msg;
-                            tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
-                                kind = m.kind.as_str(), "forwarding outbox full: message dropped");
+                        let m = &rows[0].msg;
+                        match on_full {
+                            OnFull::Refuse => {
+                                metrics.forwarder_refused.inc();
+                                if may_log() {
+                                    tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
+                                        kind = m.kind.as_str(),
+                                        "forwarding outbox full: post refused (not acknowledged; the device sends it again)");
+                                }
+                            }
+                            OnFull::Drop => {
+                                metrics
+                                    .forwarder_dropped
+                                    .get_or_create(&[("reason", "outbox_full")])
+                                    .inc_by(rows.len() as u64);
+                                if may_log() {
+                                    tracing::warn!(error = %e, pk = %m.product_key, dn = %m.device_name,
+                                        kind = m.kind.as_str(), "forwarding outbox full: message dropped");
+                                }
+                            }
                         }
                         return Err(ForwarderError::OutboxFull);
                     }
@@ -727,12 +781,14 @@ impl Forwarder {
             rx.await.unwrap_or(Err(OutboxError::Closed))?;
             metrics.forwarder_enqueued.inc_by(n);
             Ok(())
-        }
+        };
+        Enqueued { waiting, done }
     }
 
     /// Enqueues `msg` from synchronous code that must not wait (connection callbacks, the OTA
     /// engine's event sink): the rows reach the outbox writer during the call (when it has
-    /// room), the commit and any back-pressure wait finish in a spawned task.
+    /// room), the commit and any back-pressure wait finish in a spawned task. Nobody is told
+    /// the message was stored, so an outbox that stays full drops it ([`OnFull::Drop`]).
     pub fn enqueue_detached(&self, msg: ForwardMessage) {
         self.enqueue_detached_with_owner(msg, None)
     }
@@ -741,7 +797,9 @@ impl Forwarder {
         if !self.enabled() {
             return;
         }
-        let pending = self.enqueue_with_owner(msg, former_owner);
+        let pending = self
+            .enqueue_with_owner(msg, former_owner, OnFull::Drop)
+            .into_future();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {

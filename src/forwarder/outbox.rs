@@ -18,7 +18,7 @@
 //!   ([`OutboxRow::message_id`]) is unique and stable across redelivery and restarts.
 //! - Bounded by bytes ([`row_size`]): [`Outbox::admit`] reserves space first; when the outbox
 //!   is full it waits (back-pressure, up to `full_wait`) for deletes to free space, then refuses
-//!   (the caller drops the message and counts it). A message larger than the whole bound is
+//!   (the forwarder's caller refuses the message upstream or drops it: `OnFull`). A message larger than the whole bound is
 //!   still admitted into an empty outbox, so nothing is unforwardable by size alone.
 //! - Durability: `synchronous=FULL` for every transaction holding inserts, so "enqueue resolved"
 //!   survives power loss too, which is what lets the broker PUBACK the device after it.
@@ -377,7 +377,7 @@ impl Outbox {
     }
 
     /// Reserves room for `size` bytes, waiting up to `full_wait` for the publisher to free
-    /// space. `Err(Full)` means the caller must drop the message.
+    /// space. `Err(Full)`: nothing reserved; the message is not stored.
     pub async fn admit(&self, size: u64, full_wait: Duration) -> Result<(), OutboxError> {
         let shared = &self.shared;
         if shared.try_reserve(size) {

@@ -1,8 +1,13 @@
 //! Test support shared by the library's tests and the integration tests: finding the test
-//! RabbitMQ and the bare-publisher baseline of the benchmarks. Not part of the gateway's API.
+//! RabbitMQ, a TCP proxy that simulates its outages, and the bare-publisher baseline of the
+//! benchmarks. Not part of the gateway's API.
 
 use futures_util::StreamExt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
 
 /// The default test broker.
 pub const DEFAULT_TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -74,4 +79,96 @@ pub async fn bare_publish(
     }
     assert_eq!(acked, n);
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The socket address of the broker an AMQP URL names (`localhost` as 127.0.0.1).
+pub async fn broker_addr(url: &str) -> SocketAddr {
+    let uri: lapin::uri::AMQPUri = url.parse().expect("an AMQP URL");
+    let host = if uri.authority.host == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        uri.authority.host.clone()
+    };
+    let mut addrs = tokio::net::lookup_host((host.as_str(), uri.authority.port))
+        .await
+        .expect("resolve the broker");
+    addrs.next().expect("an address")
+}
+
+/// `url` (an AMQP URL) with its host and port replaced by `addr` (to go through a [`Proxy`]).
+pub fn url_via(url: &str, addr: SocketAddr) -> String {
+    let uri: lapin::uri::AMQPUri = url.parse().expect("an AMQP URL");
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    format!(
+        "amqp://{}:{}@{}/{}",
+        enc(&uri.authority.userinfo.username),
+        enc(&uri.authority.userinfo.password),
+        addr,
+        enc(&uri.vhost)
+    )
+}
+
+/// A TCP proxy 127.0.0.1:0 ↔ RabbitMQ that can be cut (every connection closed, new ones
+/// refused) and restored.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let up = up.clone();
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    lock(&conns).push(task);
+                }
+            })
+        };
+        Proxy {
+            addr,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for t in lock(&self.conns).drain(..) {
+            t.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
 }

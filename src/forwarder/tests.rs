@@ -310,13 +310,15 @@ async fn disabled_forwarder_stores_nothing() {
     assert!(!fwd.enabled());
     assert_eq!(fwd.status(), AmqpStatus::Disabled);
     assert_eq!(fwd.health()["amqp"], "disabled");
-    fwd.enqueue(msg("dev1", 0, 10)).await.unwrap();
+    fwd.enqueue(msg("dev1", 0, 10), OnFull::Refuse)
+        .await
+        .unwrap();
     assert!(fwd.outbox().is_none());
     assert_eq!(metrics.forwarder_enqueued.get(), 0);
 }
 
 #[tokio::test]
-async fn routing_follows_the_owner_and_the_hook_and_drops_when_full() {
+async fn routing_follows_the_owner_and_the_hook_and_refuses_or_drops_when_full() {
     let (registry, metrics) = registry_with_device().await;
     let dir = tempfile::tempdir().unwrap();
     let config = ForwarderConfig {
@@ -337,11 +339,15 @@ async fn routing_follows_the_owner_and_the_hook_and_drops_when_full() {
         vec!["iot-a".to_string(), "iot-b".to_string()]
     );
 
-    fwd.enqueue(msg("dev1", 0, 100)).await.unwrap();
+    fwd.enqueue(msg("dev1", 0, 100), OnFull::Refuse)
+        .await
+        .unwrap();
     let outbox = fwd.outbox().unwrap();
     assert_eq!(outbox.len(), 2, "one row per target");
     fwd.set_route_hook(None);
-    fwd.enqueue(msg("ghost", 0, 100)).await.unwrap();
+    fwd.enqueue(msg("ghost", 0, 100), OnFull::Refuse)
+        .await
+        .unwrap();
     assert_eq!(
         metrics
             .forwarder_dropped
@@ -350,23 +356,46 @@ async fn routing_follows_the_owner_and_the_hook_and_drops_when_full() {
         1
     );
 
-    // Fill the outbox: enqueues succeed until the bound, then one waits 20 ms and is dropped.
+    // Fill the outbox: enqueues succeed until the bound, then one waits 20 ms and is refused:
+    // not stored, counted as refused, never as dropped (its sender still holds it).
     let mut stored = 0;
     let err = loop {
-        match fwd.enqueue(msg("dev1", stored, 8 * 1024)).await {
+        match fwd
+            .enqueue(msg("dev1", stored, 8 * 1024), OnFull::Refuse)
+            .await
+        {
             Ok(()) => stored += 1,
             Err(e) => break e,
         }
         assert!(stored < 100, "the bound was never reached");
     };
     assert!(matches!(err, ForwarderError::OutboxFull), "{err}");
-    assert_eq!(
+    let dropped_full = || {
         metrics
             .forwarder_dropped
             .get_or_create(&[("reason", "outbox_full")])
-            .get(),
-        1
-    );
+            .get()
+    };
+    assert_eq!(metrics.forwarder_refused.get(), 1);
+    assert_eq!(dropped_full(), 0);
+    // A message nobody was promised (QoS 0 post, status, OTA event) is dropped and counted.
+    let err = fwd
+        .enqueue(msg("dev1", stored, 8 * 1024), OnFull::Drop)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwarderError::OutboxFull), "{err}");
+    assert_eq!(dropped_full(), 1);
+    assert_eq!(metrics.forwarder_refused.get(), 1);
+    // So is one enqueued from a connection callback, in the background.
+    fwd.enqueue_detached(msg("dev1", stored, 8 * 1024));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dropped_full() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the detached message was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(metrics.forwarder_backpressure_waits.get() >= 1);
     assert!(outbox.bytes() <= 64 * 1024);
     assert_eq!(outbox.len(), 2 + stored as u64);

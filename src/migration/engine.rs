@@ -26,100 +26,20 @@
 //! The std `RwLock` around `State` is only ever held in synchronous blocks (never across
 //! `.await`); the actor is its only writer.
 
-use super::clock::Clock;
+use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
+use super::config::{EngineConfig, Hooks};
+pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
+use super::shared::{details, device_statuses, Shared, State, TaskEntry};
 use super::MigrationError;
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged, Registry};
-use crate::store::Op;
 use dashmap::DashMap;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-
-/// Store document kinds.
-pub const TASK_DOC: &str = "migration.task";
-pub const DEVICE_DOC: &str = "migration.device";
-pub const LOG_DOC: &str = "migration.log";
-
-/// How often `COMPLETED` tasks are swept and the clock is re-read for data-sync expiry (so data
-/// sync changes are "effective within a minute" even if nothing else wakes the actor).
-pub(super) const TICK: Duration = Duration::from_secs(60);
-/// Device names read from the registry per walk step.
-pub(super) const SCAN_CHUNK: usize = 1024;
-/// First retry delay after a fault (auto resume); doubles up to [`MAX_BACKOFF`].
-pub(super) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Engine settings (the `[migration]` section of the configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EngineConfig {
-    /// Devices moved per second over all tasks (governor); 0 = unthrottled.
-    pub devices_per_sec: u32,
-    /// Devices moved per batch (one group-committed store transaction).
-    pub batch_size: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            devices_per_sec: 500,
-            batch_size: 256,
-        }
-    }
-}
-
-/// Called with `(product_key, device_name)` for a connected device that was moved, so the
-/// broker drops its session and the device reconnects (into its new instance).
-pub type KickFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
-/// Called with `(target_instance_id, bytes_per_sec)` when a task's data-sync bandwidth limit
-/// applies (`Some`) or stops applying (`None`); the app wires it to the forwarder's limiter.
-pub type RateLimitFn = Arc<dyn Fn(&str, Option<u64>) + Send + Sync>;
-
-/// What the engine calls out to.
-#[derive(Clone)]
-pub struct Hooks {
-    pub kick: KickFn,
-    pub set_rate_limit: RateLimitFn,
-}
-
-impl Default for Hooks {
-    fn default() -> Self {
-        Hooks {
-            kick: Arc::new(|_, _| {}),
-            set_rate_limit: Arc::new(|_, _| {}),
-        }
-    }
-}
-
-/// A new task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewTask {
-    pub product_key: String,
-    pub target_instance_id: String,
-    pub name: Option<String>,
-    pub config: MigrationConfig,
-}
-
-/// Which devices a rollback moves back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RollbackSelection {
-    All,
-    Picked(Vec<String>),
-}
-
-/// The answer to a lifecycle call: the task now, and the selection rows that were refused.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub details: TaskDetails,
-    pub rejected: Vec<RejectedRow>,
-    /// Devices the call selected (canary / picked rollback).
-    pub accepted: usize,
-}
 
 /// Task list filter.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -133,71 +53,6 @@ pub struct TaskFilter {
 pub struct DeviceListFilter {
     pub status: Option<DeviceStatus>,
     pub device_name: Option<String>,
-}
-
-pub(super) enum Request {
-    Create(NewTask),
-    Delete,
-    Configure(MigrationConfig),
-    Canary(Vec<String>),
-    Full,
-    Pause,
-    Continue,
-    Rollback(RollbackSelection),
-    DataSync(bool),
-}
-
-pub(super) enum Command {
-    Task {
-        task_id: String,
-        request: Request,
-        actor: Actor,
-        reply: oneshot::Sender<Result<Option<Outcome>, MigrationError>>,
-    },
-    SetRate(u32, oneshot::Sender<()>),
-    Wake,
-    /// The registry deleted a device (see [`DeviceObserverImpl`]).
-    DeviceDeleted {
-        product_key: String,
-        device_name: String,
-        reply: oneshot::Sender<()>,
-    },
-}
-
-pub(super) struct TaskEntry {
-    pub(super) doc: TaskDoc,
-    pub(super) devices: HashMap<String, DeviceDoc>,
-    pub(super) log: Vec<LogEntry>,
-}
-
-#[derive(Default)]
-pub(super) struct State {
-    pub(super) tasks: BTreeMap<String, TaskEntry>,
-    pub(super) by_product: HashMap<String, String>,
-}
-
-/// Where data of a product's not-yet-migrated devices is mirrored while data sync is on.
-#[derive(Debug, Clone)]
-pub(super) struct SyncRoute {
-    pub(super) target: String,
-    pub(super) expires_at_ms: i64,
-}
-
-pub(super) struct Shared {
-    pub(super) state: RwLock<State>,
-    pub(super) routes: DashMap<String, SyncRoute>,
-    pub(super) clock: Clock,
-    pub(super) registry: Arc<Registry>,
-}
-
-impl Shared {
-    pub(super) fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// The migration engine. Share it as `Arc<MigrationEngine>`.
@@ -216,113 +71,22 @@ impl std::fmt::Debug for MigrationEngine {
     }
 }
 
-fn parse_doc<T: serde::de::DeserializeOwned>(kind: &str, id: &str, body: &str) -> Option<T> {
-    match serde_json::from_str(body) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            // One bad document must not keep the gateway from starting; it is logged loudly.
-            tracing::error!(kind, id, error = %e, "corrupt migration document skipped");
-            None
-        }
-    }
-}
-
-pub(super) fn doc_op<T: serde::Serialize>(kind: &'static str, id: String, value: &T) -> Op {
-    Op::PutDoc {
-        kind,
-        id,
-        // Serialising plain structs of strings and numbers cannot fail.
-        body: serde_json::to_string(value).unwrap_or_default(),
-    }
-}
-
-pub(super) fn device_doc_id(task_id: &str, dn: &str) -> String {
-    format!("{task_id}/{dn}")
-}
-
-pub(super) fn log_doc_id(task_id: &str, seq: u64) -> String {
-    format!("{task_id}/{seq:012}")
-}
-
 impl MigrationEngine {
     /// Loads every task from the registry's store (blocking: start-up only) and starts the
-    /// actor, which resumes running tasks at once.
+    /// actor, which resumes running tasks at once. Every timestamp comes from `clock`
+    /// (the actor's own timers — batches, retries, the sweep tick — run on tokio time).
     pub fn start(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         config: EngineConfig,
         hooks: Hooks,
+        clock: Clock,
     ) -> Result<Arc<MigrationEngine>, MigrationError> {
-        let store = registry.store().clone();
-        let mut state = State::default();
-        for (id, body) in store.load_documents(TASK_DOC)? {
-            if let Some(doc) = parse_doc::<TaskDoc>(TASK_DOC, &id, &body) {
-                state
-                    .by_product
-                    .insert(doc.product_key.clone(), doc.task_id.clone());
-                state.tasks.insert(
-                    doc.task_id.clone(),
-                    TaskEntry {
-                        doc,
-                        devices: HashMap::new(),
-                        log: Vec::new(),
-                    },
-                );
-            }
-        }
-        for (id, body) in store.load_documents(DEVICE_DOC)? {
-            let Some((tid, dn)) = id.split_once('/') else {
-                continue;
-            };
-            let Some(entry) = state.tasks.get_mut(tid) else {
-                continue;
-            };
-            if let Some(doc) = parse_doc::<DeviceDoc>(DEVICE_DOC, &id, &body) {
-                entry.devices.insert(dn.to_owned(), doc);
-            }
-        }
-        // Records of devices deleted while the actor could not hear of it (a crash between the
-        // registry's commit and ours) go now: the device is gone, or a device re-created under
-        // the same name is newer than the record (it starts NOT_MIGRATED). Not awaited: if this
-        // does not commit, the next start does it again.
-        let mut forgotten = Vec::new();
-        for (tid, entry) in state.tasks.iter_mut() {
-            let pk = entry.doc.product_key.clone();
-            entry.devices.retain(|dn, doc| {
-                let exists = registry
-                    .get_device(&pk, dn)
-                    .is_ok_and(|d| d.created_at_ms <= doc.updated_at_ms);
-                if !exists {
-                    forgotten.push(Op::DeleteDoc {
-                        kind: DEVICE_DOC,
-                        id: device_doc_id(tid, dn),
-                    });
-                }
-                exists
-            });
-        }
-        if !forgotten.is_empty() {
-            tracing::info!(
-                devices = forgotten.len(),
-                "migration records of deleted devices dropped"
-            );
-            drop(store.submit(forgotten));
-        }
-        for (id, body) in store.load_documents(LOG_DOC)? {
-            let Some((tid, _)) = id.split_once('/') else {
-                continue;
-            };
-            let Some(entry) = state.tasks.get_mut(tid) else {
-                continue;
-            };
-            if let Some(doc) = parse_doc::<LogEntry>(LOG_DOC, &id, &body) {
-                entry.log.push(doc);
-            }
-        }
+        let state = State::load(&registry)?;
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             routes: DashMap::new(),
-            clock: Clock::new(),
+            clock,
             registry,
         });
         let mut worker = super::worker::Worker::new(shared.clone(), metrics, config, hooks);
@@ -356,7 +120,7 @@ impl MigrationEngine {
         Ok(engine)
     }
 
-    /// The engine's clock (tests advance it; see [`Clock`]).
+    /// The engine's clock (tests advance it, see [`Clock::advance`]; then [`Self::wake`]).
     pub fn clock(&self) -> &Clock {
         &self.shared.clock
     }
@@ -678,26 +442,6 @@ impl MigrationEngine {
     }
 }
 
-/// Every device of the task with its status: the product's devices, sorted by name (no doc =
-/// NOT_MIGRATED). Records of deleted devices are dropped when the deletion is heard of, and
-/// are never listed or counted meanwhile.
-fn device_statuses(
-    registry: &Registry,
-    entry: &TaskEntry,
-) -> Vec<(String, DeviceStatus, Option<DeviceDoc>)> {
-    let names = registry
-        .device_names_after(&entry.doc.product_key, None, usize::MAX)
-        .unwrap_or_default();
-    names
-        .into_iter()
-        .map(|dn| {
-            let doc = entry.devices.get(&dn).cloned();
-            let status = doc.as_ref().map_or(DeviceStatus::NotMigrated, |d| d.status);
-            (dn, status, doc)
-        })
-        .collect()
-}
-
 /// The registry observer of the engine: a deleted device leaves its product's task. Weak, so
 /// the registry (which holds its observers) does not keep the engine alive.
 struct DeviceObserverImpl(std::sync::Weak<MigrationEngine>);
@@ -730,131 +474,4 @@ impl DeviceObserver for DeviceObserverImpl {
             }
         })
     }
-}
-
-fn summary(doc: &TaskDoc, totals: &DeviceTotals) -> SummaryStatus {
-    if doc.halted {
-        return SummaryStatus::Failed;
-    }
-    match doc.state {
-        s if s.is_running() => SummaryStatus::Migrating,
-        TaskState::CanaryCompleted | TaskState::Completed => {
-            if totals.failed > 0 {
-                SummaryStatus::Failed
-            } else {
-                SummaryStatus::Success
-            }
-        }
-        _ => SummaryStatus::Terminated,
-    }
-}
-
-pub(super) fn details(shared: &Shared, entry: &TaskEntry) -> TaskDetails {
-    let now = shared.clock.now_ms();
-    let mut totals = DeviceTotals::default();
-    for (_, status, _) in device_statuses(&shared.registry, entry) {
-        totals.add(status);
-    }
-    let doc = &entry.doc;
-    let ds = &doc.data_sync;
-    let active = ds.active(now);
-    TaskDetails {
-        task_id: doc.task_id.clone(),
-        name: doc.name.clone(),
-        product_key: doc.product_key.clone(),
-        source_instance_id: doc.source_instance_id.clone(),
-        target_instance_id: doc.target_instance_id.clone(),
-        state: doc.state,
-        status: summary(doc, &totals),
-        halted: doc.halted,
-        error: doc.last_error.clone(),
-        config: doc.config,
-        data_sync: DataSyncView {
-            enabled: active,
-            started_at_ms: ds.enabled_at_ms,
-            expires_at_ms: ds.expires_at_ms().filter(|_| active),
-            disabled_at_ms: if active {
-                None
-            } else {
-                ds.disabled_at_ms.or(ds.expires_at_ms())
-            },
-            disabled_reason: if active {
-                None
-            } else if ds.enabled {
-                // Past its 30 days; the actor records it within a minute.
-                Some("expired".into())
-            } else {
-                ds.disabled_reason.clone()
-            },
-            can_enable: !(ds.locked
-                || (!active && ds.enabled && doc.state == TaskState::Completed)),
-        },
-        devices: totals,
-        created_at_ms: doc.created_at_ms,
-        updated_at_ms: doc.updated_at_ms,
-        completed_at_ms: doc.completed_at_ms,
-    }
-}
-
-/// Checks a device-name selection against the product: duplicates, unknown names, and
-/// `eligible` (why a known device cannot be selected). Returns the accepted names in input
-/// order and the refused rows.
-pub(super) fn check_selection(
-    registry: &Registry,
-    pk: &str,
-    names: Vec<String>,
-    mut eligible: impl FnMut(&str, &str) -> Result<(), String>,
-) -> (Vec<String>, Vec<RejectedRow>) {
-    let mut first_row: HashMap<String, usize> = HashMap::with_capacity(names.len());
-    let mut accepted = Vec::with_capacity(names.len());
-    let mut rejected = Vec::new();
-    for (i, dn) in names.into_iter().enumerate() {
-        let row = i + 1;
-        let reject = |code: &str, msg: String| RejectedRow {
-            row,
-            device_name: dn.clone(),
-            error_code: code.to_owned(),
-            error_msg: msg,
-        };
-        if dn.is_empty() {
-            rejected.push(reject("FG.1001", "empty device name".into()));
-            continue;
-        }
-        if let Some(first) = first_row.get(&dn) {
-            rejected.push(reject(
-                "FG.1001",
-                format!("duplicate: {dn:?} already appears at row {first}"),
-            ));
-            continue;
-        }
-        first_row.insert(dn.clone(), row);
-        match registry.device_instance(pk, &dn) {
-            None => rejected.push(reject(
-                "FG.2003",
-                format!("device {dn:?} not found in product {pk}"),
-            )),
-            Some(owner) => match eligible(&dn, &owner) {
-                Ok(()) => accepted.push(dn),
-                Err(why) => rejected.push(reject("FG.1001", why)),
-            },
-        }
-    }
-    (accepted, rejected)
-}
-
-/// `bandwidth_limit_mb` within 1..=10240.
-pub fn validate_config(config: &MigrationConfig) -> Result<(), MigrationError> {
-    if let Some(b) = config.bandwidth_limit_mb {
-        if !BANDWIDTH_MB_RANGE.contains(&b) {
-            return Err(MigrationError::Invalid {
-                field: "bandwidth_limit_mb",
-                message: format!(
-                    "must be an integer from {} to {}",
-                    BANDWIDTH_MB_RANGE.start(),
-                    BANDWIDTH_MB_RANGE.end()
-                ),
-            });
-        }
-    }
-    Ok(())
 }

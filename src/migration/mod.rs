@@ -12,7 +12,13 @@
 //!   read view for the API; [`MigrationEngine::extra_targets`] is the forwarder's data-sync
 //!   routing hook.
 //! - `worker`: the actor behind the engine: device moves, finishing states, faults, expiry.
-//! - [`clock`]: the engine's wall clock, which tests move forward.
+//! - `command`: the actor's mailbox ([`NewTask`], [`RollbackSelection`] in, [`Outcome`] out).
+//! - `config`: [`EngineConfig`] (the `[migration]` settings) and the [`Hooks`] it calls out to.
+//! - `shared`: the state the actor writes and the API and forwarder read, and task details.
+//! - `docs`: store document kinds and ids.
+//!
+//! Layers point down: `engine` → `worker` → `command`, `config`, `shared`, `docs`, `machine`,
+//! `model`; the worker never reaches back into the engine.
 //!
 //! # What it owns and what it must not touch
 //!
@@ -24,20 +30,21 @@
 //! devices created there after `COMPLETED` are swept to the target within a minute. Consumer
 //! groups (forwarder) are never touched: a rollback leaves the target's groups in place.
 
-pub mod clock;
+mod command;
+mod config;
+mod docs;
 pub mod engine;
 pub mod machine;
 pub mod model;
+mod shared;
 mod worker;
 
 #[cfg(test)]
 mod tests;
 
-pub use clock::Clock;
-pub use engine::{
-    validate_config, DeviceListFilter, EngineConfig, Hooks, KickFn, MigrationEngine, NewTask,
-    Outcome, RateLimitFn, RollbackSelection, TaskFilter,
-};
+pub use command::{NewTask, Outcome, RollbackSelection};
+pub use config::{EngineConfig, Hooks, KickFn, RateLimitFn};
+pub use engine::{DeviceListFilter, MigrationEngine, TaskFilter};
 pub use machine::{transition, Event, Refused};
 pub use model::*;
 

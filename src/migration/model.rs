@@ -4,6 +4,7 @@
 //! Persisted documents ([`TaskDoc`], [`DeviceDoc`], [`LogEntry`]) are versioned by their field
 //! set only: new fields must be `#[serde(default)]` so older documents still load.
 
+use super::MigrationError;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use utoipa::ToSchema;
@@ -411,4 +412,21 @@ pub struct RejectedRow {
     /// `FG.2003` unknown device, `FG.1001` duplicate / invalid / not migrated.
     pub error_code: String,
     pub error_msg: String,
+}
+
+/// `bandwidth_limit_mb` within 1..=10240.
+pub fn validate_config(config: &MigrationConfig) -> Result<(), MigrationError> {
+    if let Some(b) = config.bandwidth_limit_mb {
+        if !BANDWIDTH_MB_RANGE.contains(&b) {
+            return Err(MigrationError::Invalid {
+                field: "bandwidth_limit_mb",
+                message: format!(
+                    "must be an integer from {} to {}",
+                    BANDWIDTH_MB_RANGE.start(),
+                    BANDWIDTH_MB_RANGE.end()
+                ),
+            });
+        }
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! backend that fails on demand for the resume modes).
 
 use super::*;
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::{NewDevice, NewInstance, NewProduct, Page, Registry, DEFAULT_INSTANCE_ID};
 use crate::store::{Op, Snapshot, SqliteBackend, Store, StoreBackend};
@@ -47,6 +48,7 @@ fn engine_on(registry: Arc<Registry>, metrics: Arc<Metrics>, rate: u32) -> Env {
                 l.lock().unwrap().push((iid.to_owned(), b))
             }),
         },
+        Clock::system(),
     )
     .unwrap();
     Env {
@@ -1079,6 +1081,70 @@ async fn selection_limits() {
     );
 }
 
+/// A picked rollback checks its rows like a canary (duplicates, unknown names) but wants the
+/// devices in the target; a selection with no usable row changes nothing.
+#[tokio::test]
+async fn picked_rollback_selection() {
+    let env = env(0).await;
+    let pk = env.product(3).await;
+    let tid = env.task(&pk).await;
+    env.engine
+        .canary(&tid, names(&["dev000"]), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::CanaryCompleted).await;
+
+    let e = env
+        .engine
+        .rollback(&tid, RollbackSelection::Picked(Vec::new()), op())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Invalid {
+                field: "device_names",
+                ..
+            }
+        ) && e.to_string().contains(r#"{"all":true}"#),
+        "{e}"
+    );
+    let e = env
+        .engine
+        .rollback(&tid, RollbackSelection::Picked(names(&["dev001"])), op())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nothing to roll back"), "{e}");
+    assert_eq!(
+        env.engine.details(&tid).unwrap().state,
+        TaskState::CanaryCompleted
+    );
+
+    let o = env
+        .engine
+        .rollback(
+            &tid,
+            RollbackSelection::Picked(names(&["dev000", "dev001", "ghost", "dev000"])),
+            op(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.accepted, 1);
+    let rejected: Vec<(usize, &str)> = o
+        .rejected
+        .iter()
+        .map(|r| (r.row, r.error_code.as_str()))
+        .collect();
+    assert_eq!(rejected, [(2, "FG.1001"), (3, "FG.2003"), (4, "FG.1001")]);
+    assert!(
+        o.rejected[0].error_msg.contains("not migrated"),
+        "{:?}",
+        o.rejected
+    );
+    env.wait_state(&tid, TaskState::ToMigrate).await;
+    assert_eq!(env.owner(&pk, "dev000"), DEFAULT_INSTANCE_ID);
+}
+
 /// Benchmark (docs/BENCHMARKS.md): full migration of a 50,000-device product, registry only
 /// (devices offline), on a file store with fsync, at the default rate and unthrottled.
 /// `cargo test --release -p fleetgate --lib migration::tests::bench_full_migration_50k -- --ignored --nocapture`
@@ -1125,6 +1191,7 @@ async fn bench_full_migration_50k() {
                 ..EngineConfig::default()
             },
             Hooks::default(),
+            Clock::system(),
         )
         .unwrap();
         let tid = engine

@@ -33,7 +33,8 @@ pub struct TaskEvent {
     pub dest_version: String,
     pub from_state: TaskStatus,
     pub to_state: TaskStatus,
-    /// The history event name (`pushed`, `failed`, `retry_scheduled`, …).
+    /// The history event name (`pushed`, `failed`, `retry_scheduled`, …; see
+    /// [`HistoryEvent`](super::task::HistoryEvent)).
     pub event: String,
     pub reason: Option<String>,
     pub queue_reason: Option<QueueReason>,

@@ -38,7 +38,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fleetgate_topics::{FirmwareSignMethod, UpgradeData};
 use rand::distributions::{Distribution, Uniform};
@@ -298,11 +298,9 @@ fn generate_id() -> String {
     format!("fw-{tail}")
 }
 
+/// Seconds since the Unix epoch: download links expire on the wall clock.
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    (crate::clock::now_ms().max(0) / 1000) as u64
 }
 
 // ----- the repository -----

@@ -11,7 +11,6 @@
 //!   `transition(state, policy, event, now) -> Transition`; no I/O, no clock, tested
 //!   exhaustively.
 //! - [`rate`]: push-rate limiting (governor on the engine's clock) and the exponential ramp.
-//! - [`clock`]: the engine's injectable clock (system time, or a manual clock for tests).
 //! - [`engine`]: [`OtaEngine`], which owns every job and task in memory (DashMaps), persists
 //!   each transition before acting on it, and runs ONE deadline task for pushes, timeouts,
 //!   stalls, retries, schedules and ramp steps.
@@ -22,7 +21,6 @@
 //! [`Registry`](crate::registry::Registry) methods and publishes through a [`Pusher`]
 //! (the broker's `Downlink` in the app).
 
-pub mod clock;
 pub mod engine;
 pub mod events;
 pub mod firmware;
@@ -30,12 +28,11 @@ pub mod model;
 pub mod rate;
 pub mod task;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{EngineConfig, OtaEngine, Pusher};
 pub use events::{TaskEvent, TaskEventSink};
 pub use firmware::{FirmwareError, FirmwarePackage, FirmwareRepo, FirmwareStatus};
 pub use model::*;
-pub use task::{FailureReason, QueueReason, TaskStatus};
+pub use task::{FailureReason, HistoryEvent, QueueReason, TaskStatus};
 
 use crate::registry::RegistryError;
 use crate::store::StoreError;

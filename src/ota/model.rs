@@ -201,6 +201,17 @@ impl JobSpec {
         if self.firmware_id.trim().is_empty() {
             return Err(invalid("firmware_id", "must not be empty"));
         }
+        self.validate_target()?;
+        self.validate_src_versions()?;
+        self.validate_rate()?;
+        self.validate_schedule(now)?;
+        self.validate_timers()?;
+        self.validate_abort_and_labels()
+    }
+
+    /// `target` with the fields that belong to it (device names, gray percent, tags), and
+    /// what VERIFY_FIRMWARE allows.
+    fn validate_target(&self) -> Result<(), OtaError> {
         match self.target {
             TargetKind::Specific => {
                 if self.device_names.is_empty() {
@@ -283,6 +294,10 @@ impl JobSpec {
                 return Err(invalid("selection", "VERIFY_FIRMWARE jobs are STATIC"));
             }
         }
+        Ok(())
+    }
+
+    fn validate_src_versions(&self) -> Result<(), OtaError> {
         if let Some(src) = &self.src_versions {
             if src.len() > 10 {
                 return Err(OtaError::TooMany {
@@ -299,6 +314,11 @@ impl JobSpec {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The push rate and its ramp.
+    fn validate_rate(&self) -> Result<(), OtaError> {
         if let Some(rate) = &self.rate {
             if rate.per_minute == 0 || rate.per_minute > MAX_PER_MINUTE {
                 return Err(invalid(
@@ -338,6 +358,11 @@ impl JobSpec {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `start_at_ms` and `finish_by_ms`, against each other and `now`.
+    fn validate_schedule(&self, now: i64) -> Result<(), OtaError> {
         if let (Some(start), Some(finish)) = (self.start_at_ms, self.finish_by_ms) {
             if finish <= start {
                 return Err(invalid("finish_by_ms", "must be after start_at_ms"));
@@ -356,6 +381,11 @@ impl JobSpec {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Timeout, stall and the retry policy.
+    fn validate_timers(&self) -> Result<(), OtaError> {
         if let Some(t) = self.timeout_seconds {
             if t == 0 || t > MAX_TIMEOUT_SECS {
                 return Err(invalid(
@@ -412,6 +442,11 @@ impl JobSpec {
                 return Err(invalid("retry_jitter_percent", "must be 0..=100"));
             }
         }
+        Ok(())
+    }
+
+    /// The abort rule, tags, name and description.
+    fn validate_abort_and_labels(&self) -> Result<(), OtaError> {
         if let Some(a) = &self.abort {
             if a.min_finished == 0 {
                 return Err(invalid("abort.min_finished", "must be at least 1"));
@@ -571,8 +606,11 @@ pub struct JobView {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
 pub struct HistoryEntry {
     pub at_ms: i64,
-    /// `created`, `confirmed`, `queued`, `pushed`, `repushed`, `pulled`, `progress_started`,
-    /// `retry_scheduled`, `retrying`, `succeeded`, `failed`, `canceled`, …
+    /// A [`HistoryEvent`](crate::ota::task::HistoryEvent) name: `created`, `confirmed`,
+    /// `queued`, `pushed`, `repushed`, `pulled`, `push_deferred`, `repush_scheduled`,
+    /// `progress_started`, `retry_scheduled`, `retrying`, `succeeded`, `failed`, `canceled`.
+    /// Kept as text in the stored document, so a document written by another version still
+    /// loads.
     pub event: String,
     pub from_status: TaskStatus,
     pub to_status: TaskStatus,

@@ -60,6 +60,23 @@ pub const DEFAULT_INSTANCE_ID: &str = "default";
 /// Most rows one batch create accepts.
 pub const MAX_BATCH_ROWS: usize = 10_000;
 
+/// Bounds on what devices can make the registry keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryLimits {
+    /// Most OTA modules (and so versions) kept per device: a report of a further module is
+    /// refused ([`RegistryError::TooMany`] for `modules`), so a device cannot grow its record
+    /// without bound. A device loaded with more (a lowered limit) keeps them.
+    pub max_modules_per_device: usize,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits {
+            max_modules_per_device: 64,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
 /// Errors of registry operations.
@@ -206,6 +223,7 @@ pub struct Registry {
     /// The node's session epochs (shared with the broker, which draws them); remote session
     /// events move it forward.
     epochs: Arc<EpochClock>,
+    limits: RegistryLimits,
 }
 
 impl std::fmt::Debug for Registry {
@@ -219,20 +237,40 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Loads everything from `store` and creates the `default` instance if missing.
+    /// Loads everything from `store` and creates the `default` instance if missing, with the
+    /// default [`RegistryLimits`].
     ///
     /// Blocks the calling thread while it reads the store (start-up only).
     pub fn open(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Registry>> {
-        Registry::open_with(store, metrics, Arc::new(EpochClock::new(0)))
+        Self::open_with(store, metrics, RegistryLimits::default())
     }
 
-    /// [`open`](Self::open) on a node whose broker draws session epochs from `epochs`.
+    /// [`Registry::open`] with the given limits.
     pub fn open_with(
         store: Store,
         metrics: Arc<Metrics>,
-        epochs: Arc<EpochClock>,
+        limits: RegistryLimits,
     ) -> Result<Arc<Registry>> {
         let snapshot = store.load()?;
+        Self::from_snapshot(
+            store,
+            metrics,
+            limits,
+            Arc::new(EpochClock::new(0)),
+            snapshot,
+        )
+    }
+
+    /// A registry over `store`, filled from `snapshot` (read from it), on a node whose broker
+    /// draws session epochs from `epochs`. Cluster mode reads the snapshot itself: it needs
+    /// the snapshot's feed positions.
+    pub fn from_snapshot(
+        store: Store,
+        metrics: Arc<Metrics>,
+        limits: RegistryLimits,
+        epochs: Arc<EpochClock>,
+        snapshot: Snapshot,
+    ) -> Result<Arc<Registry>> {
         let registry = Registry {
             store,
             metrics,
@@ -243,6 +281,7 @@ impl Registry {
             generation: AtomicU64::new(0),
             observers: RwLock::new(Vec::new()),
             epochs,
+            limits,
         };
         for i in snapshot.instances {
             let instance = Instance {
@@ -1038,7 +1077,8 @@ impl Registry {
     /// (ingest stages a connection's run of reports, then commits them with one submission).
     /// A report of the same row staged earlier in `writes` is replaced: only the last one of
     /// a run is written. An unchanged version adds no write, but the commit still waits for
-    /// whatever is queued before it (the report that set it may not be durable yet).
+    /// whatever is queued before it (the report that set it may not be durable yet). A module
+    /// beyond [`RegistryLimits::max_modules_per_device`] is refused, changing nothing.
     pub fn stage_version(
         &self,
         writes: &mut VersionWrites,
@@ -1055,9 +1095,16 @@ impl Registry {
             .devices
             .get_mut(dn)
             .ok_or_else(|| device_not_found(pk, dn))?;
+        let modules = d.versions.len();
         match d.versions.get_mut(module) {
             Some(current) if current == version => return Ok(()),
             Some(current) => version.clone_into(current),
+            None if modules >= self.limits.max_modules_per_device => {
+                return Err(RegistryError::TooMany {
+                    field: "modules",
+                    max: self.limits.max_modules_per_device,
+                });
+            }
             None => {
                 d.versions.insert(module.to_owned(), version.to_owned());
             }

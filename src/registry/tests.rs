@@ -744,6 +744,64 @@ async fn report_version_validates_and_records() {
 }
 
 #[tokio::test]
+async fn modules_beyond_the_limit_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::db_path(dir.path());
+    let m = metrics();
+    let limits = RegistryLimits {
+        max_modules_per_device: 2,
+    };
+    let r = Registry::open_with(Store::open(&path, m.clone()).unwrap(), m.clone(), limits).unwrap();
+    let pk = lamp_with_dev1(&r).await;
+    r.report_version(&pk, "dev1", "default", "1", 1)
+        .await
+        .unwrap();
+    r.report_version(&pk, "dev1", "MCU", "1", 2).await.unwrap();
+    // A third module: refused, in a run as alone; the record keeps two.
+    let mut writes = VersionWrites::default();
+    for (i, module) in ["m3", "m4", "m5"].into_iter().enumerate() {
+        assert!(matches!(
+            r.stage_version(&mut writes, &pk, "dev1", module, "1", 3 + i as i64),
+            Err(RegistryError::TooMany {
+                field: "modules",
+                max: 2
+            })
+        ));
+    }
+    assert!(writes.is_empty());
+    assert!(matches!(
+        r.report_version(&pk, "dev1", "m6", "1", 9).await,
+        Err(RegistryError::TooMany { .. })
+    ));
+    // The modules it has keep being updated.
+    r.report_version(&pk, "dev1", "MCU", "2", 10).await.unwrap();
+    let expected = BTreeMap::from([
+        ("MCU".to_owned(), "2".to_owned()),
+        ("default".to_owned(), "1".to_owned()),
+    ]);
+    assert_eq!(r.get_device(&pk, "dev1").unwrap().versions, expected);
+    // Another device has its own two.
+    r.create_device(&pk, new_device("dev2")).await.unwrap();
+    r.report_version(&pk, "dev2", "m3", "1", 11).await.unwrap();
+    r.flush().await.unwrap();
+    drop(r);
+
+    // A lower limit after a restart: what a device has is kept, nothing new is added.
+    let limits = RegistryLimits {
+        max_modules_per_device: 1,
+    };
+    let r = Registry::open_with(Store::open(&path, m.clone()).unwrap(), m, limits).unwrap();
+    assert_eq!(r.get_device(&pk, "dev1").unwrap().versions, expected);
+    r.report_version(&pk, "dev1", "default", "3", 12)
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.report_version(&pk, "dev1", "m7", "1", 13).await,
+        Err(RegistryError::TooMany { .. })
+    ));
+}
+
+#[tokio::test]
 async fn staged_reports_are_applied_at_once_and_written_as_one_submission() {
     let r = registry();
     let pk = lamp_with_dev1(&r).await;

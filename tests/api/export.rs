@@ -392,6 +392,275 @@ async fn tampered_damaged_or_wrongly_keyed_packages_are_refused_and_change_nothi
     assert_eq!(ok["status"]["state"], "SUCCESSFUL", "{ok}");
 }
 
+/// A raw DEFLATE stream (RFC 1951) of `1 + 258 * k` zero bytes, made without a compressor: one
+/// fixed-Huffman block holding a literal 0, then `k` copies of (length 258, distance 1) — 13
+/// bits per 258 bytes, so 200 MiB of zeros take 1.3 MB.
+fn deflated_zeros(k: usize) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u64,
+        n: u32,
+    }
+    impl Bits {
+        /// `value`'s low `len` bits, least significant first (DEFLATE's bit order).
+        fn put(&mut self, value: u32, len: u32) {
+            self.acc |= u64::from(value) << self.n;
+            self.n += len;
+            while self.n >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.n -= 8;
+            }
+        }
+        /// A Huffman code: most significant bit first.
+        fn code(&mut self, code: u32, len: u32) {
+            self.put(code.reverse_bits() >> (32 - len), len);
+        }
+    }
+    let mut b = Bits {
+        out: Vec::with_capacity(k * 13 / 8 + 16),
+        acc: 0,
+        n: 0,
+    };
+    b.put(1, 1); // BFINAL
+    b.put(1, 2); // BTYPE 01: fixed Huffman codes
+    b.code(0x30, 8); // literal 0
+    for _ in 0..k {
+        b.code(0b1100_0101, 8); // length code 285: 258 bytes
+        b.code(0, 5); // distance code 0: 1 byte back
+    }
+    b.code(0, 7); // end of block
+    b.put(0, 7); // flush the last byte
+    b.out
+}
+
+/// CRC-32 (IEEE) of a small buffer.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One entry of [`raw_zip`]: name, compression method (0 stored, 8 deflated), the bytes as
+/// stored, and the CRC-32 and size of the uncompressed content the headers announce.
+struct RawEntry {
+    name: String,
+    method: u16,
+    data: Vec<u8>,
+    crc: u32,
+    size: u32,
+}
+
+impl RawEntry {
+    fn stored(name: &str, data: &[u8]) -> Self {
+        RawEntry {
+            name: name.to_owned(),
+            method: 0,
+            data: data.to_vec(),
+            crc: crc32(data),
+            size: data.len() as u32,
+        }
+    }
+
+    /// `1 + 258 * k` zeros, deflated. The CRC is left 0: a reader that stops where the
+    /// manifest says never checks it.
+    fn zeros(name: &str, k: usize) -> Self {
+        RawEntry {
+            name: name.to_owned(),
+            method: 8,
+            data: deflated_zeros(k),
+            crc: 0,
+            size: (1 + 258 * k) as u32,
+        }
+    }
+}
+
+/// A ZIP archive written byte by byte (so an entry can hold a prepared DEFLATE stream).
+fn raw_zip(entries: &[RawEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for e in entries {
+        let offset = out.len() as u32;
+        let fields = |v: &mut Vec<u8>| {
+            v.extend_from_slice(&20u16.to_le_bytes()); // version needed
+            v.extend_from_slice(&0u16.to_le_bytes()); // flags
+            v.extend_from_slice(&e.method.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes()); // time
+            v.extend_from_slice(&0x21u16.to_le_bytes()); // date: 1980-01-01
+            v.extend_from_slice(&e.crc.to_le_bytes());
+            v.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+            v.extend_from_slice(&e.size.to_le_bytes());
+            v.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes()); // extra field length
+        };
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        fields(&mut out);
+        out.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(&e.data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes()); // version made by
+        fields(&mut central);
+        central.extend_from_slice(&[0; 6]); // comment length, disk, internal attributes
+        central.extend_from_slice(&0u32.to_le_bytes()); // external attributes
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(e.name.as_bytes());
+    }
+    let central_at = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // disk numbers
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&central_at.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes()); // comment length
+    out
+}
+
+/// A package (no secrets, so no MAC) listing `files` as `(path, sha256, size)` and no objects.
+fn bomb_manifest(files: &[(&str, String, u64)]) -> Vec<u8> {
+    let files: Vec<Value> = files
+        .iter()
+        .map(|(path, sha, size)| json!({"path": path, "sha256": sha, "size": size}))
+        .collect();
+    serde_json::to_vec(&json!({
+        "format": "fleetgate-export", "format_version": 1, "gateway_version": "0.1.0",
+        "created_at": "2025-01-01T00:00:00Z", "created_at_ms": 0, "job_id": "exp-bomb",
+        "job_name": "bomb", "encryption": null, "objects": [], "files": files
+    }))
+    .unwrap()
+}
+
+/// Issue 14, item 4: ZIP bombs are refused with a clear 4xx error, without inflating what the
+/// package claims (or what it holds beyond that), and change nothing.
+#[tokio::test]
+async fn zip_bombs_are_refused_without_being_inflated() {
+    let dst = spawn_app().await;
+    // 200 MiB of zeros in 1.3 MB.
+    let k = 200 * 1024 * 1024 / 258;
+    let zeros_sha = |n: usize| hex::encode(Sha256::digest(vec![0u8; n]));
+
+    // The manifest lists 1 KiB; the file inflates to 200 MiB. Reading stops one byte past
+    // the listed size.
+    let bomb = raw_zip(&[
+        RawEntry::stored(
+            "manifest.json",
+            &bomb_manifest(&[("firmware/zeros", zeros_sha(1024), 1024)]),
+        ),
+        RawEntry::zeros("firmware/zeros", k),
+    ]);
+    assert!(bomb.len() < 2 * 1024 * 1024, "{} bytes", bomb.len());
+    let (s, e) = import(&dst, &bomb, None, "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (400, Some("FG.4004")), "{e}");
+    assert_eq!(
+        e["error_msg"],
+        "the package was refused: firmware/zeros holds more than the 1024 bytes the manifest \
+         lists (the package was damaged or tampered with)"
+    );
+
+    // The manifest lists the file at 1 GiB: refused from the manifest, before inflating.
+    let huge = raw_zip(&[
+        RawEntry::stored(
+            "manifest.json",
+            &bomb_manifest(&[("firmware/zeros", zeros_sha(0), 1 << 30)]),
+        ),
+        RawEntry::zeros("firmware/zeros", k),
+    ]);
+    let (s, e) = import(&dst, &huge, None, "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (413, Some("FG.4006")), "{e}");
+    assert_eq!(e["error_ext_msg"], "package");
+    assert_eq!(
+        e["error_msg"],
+        "the package was refused: firmware/zeros unpacks to more than 268435456 bytes \
+         (export.max_unpacked_entry_bytes)"
+    );
+
+    // Five files listed at 250 MiB each: every one within the per-file limit, together past
+    // the total.
+    let names: Vec<String> = (0..5).map(|i| format!("firmware/part{i}")).collect();
+    let listed: Vec<(&str, String, u64)> = names
+        .iter()
+        .map(|n| (n.as_str(), zeros_sha(0), 250 << 20))
+        .collect();
+    let mut entries = vec![RawEntry::stored("manifest.json", &bomb_manifest(&listed))];
+    entries.extend(names.iter().map(|n| RawEntry::zeros(n, 1000)));
+    let (s, e) = import(&dst, &raw_zip(&entries), None, "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (413, Some("FG.4006")), "{e}");
+    assert_eq!(
+        e["error_msg"],
+        "the package was refused: the package unpacks to more than 1073741824 bytes \
+         (export.max_unpacked_bytes)"
+    );
+
+    // The crafted archives are well-formed: listed at its real size, the same file passes
+    // (and the package, holding no objects, imports nothing).
+    let honest = raw_zip(&[
+        RawEntry::stored(
+            "manifest.json",
+            &bomb_manifest(&[("firmware/zeros", zeros_sha(1 + 258 * 1000), 1 + 258 * 1000)]),
+        ),
+        RawEntry {
+            crc: crc32(&vec![0u8; 1 + 258 * 1000]),
+            ..RawEntry::zeros("firmware/zeros", 1000)
+        },
+    ]);
+    let ok = import_done(&dst, &honest, None, "skip").await;
+    assert_eq!(ok["status"]["state"], "SUCCESSFUL", "{ok}");
+
+    assert_eq!(product_count(&dst).await, 0);
+    assert_eq!(
+        dst.get("/api/v1/firmware").await.1["total"].as_u64(),
+        Some(0)
+    );
+}
+
+/// With secrets, the manifest's MAC is checked before the manifest is believed: a manifest
+/// rewritten to list a huge file is refused as tampered, before its sizes are looked at.
+#[tokio::test]
+async fn a_keyed_package_is_authenticated_before_its_manifest_is_believed() {
+    let src = source().await;
+    let (_, package) = export(
+        &src.t,
+        json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT"}]}),
+    )
+    .await;
+    let dst = spawn_app().await;
+    let mut zin = zip::ZipArchive::new(std::io::Cursor::new(&package[..])).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for i in 0..zin.len() {
+        let mut f = zin.by_index(i).unwrap();
+        let name = f.name().to_owned();
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        if name == "manifest.json" {
+            let mut manifest: Value = serde_json::from_slice(&data).unwrap();
+            for file in manifest["files"].as_array_mut().unwrap() {
+                if file["path"].as_str().unwrap().starts_with("firmware/") {
+                    file["size"] = json!(1u64 << 40);
+                }
+            }
+            data = serde_json::to_vec(&manifest).unwrap();
+        }
+        out.start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        out.write_all(&data).unwrap();
+    }
+    let rewritten = out.finish().unwrap().into_inner();
+    let (s, e) = import(&dst, &rewritten, Some(KEY), "skip").await;
+    assert_eq!((s, e["error_code"].as_str()), (400, Some("FG.4005")), "{e}");
+    assert!(e["error_msg"].as_str().unwrap().contains("tampered"), "{e}");
+    assert_eq!(product_count(&dst).await, 0);
+}
+
 #[tokio::test]
 async fn conflict_policies_skip_fail_and_overwrite() {
     let src = source().await;

@@ -3,7 +3,7 @@
 //! `SKIPPED` line without one, failed under `CI`.
 
 use crate::helpers::*;
-use fleetgate::forwarder::testing::amqp_url_or_skip;
+use fleetgate::forwarder::testing::{amqp_url_or_skip, broker_addr, url_via, Proxy};
 use fleetgate::ota::firmware::NewFirmware;
 use fleetgate::ota::FirmwareStatus;
 use futures_util::StreamExt;
@@ -13,8 +13,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use rand::Rng;
-use rumqttc::{Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn header(d: &lapin::message::Delivery, key: &str) -> String {
@@ -243,6 +246,358 @@ async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
             ExchangeDeleteOptions::default(),
         )
         .await;
+}
+
+/// A device publishing `posts` QoS 1 property posts back to back, with rumqttc resending what
+/// was not acknowledged (and reconnecting whenever the gateway closes the connection); it
+/// records which posts got a PUBACK. rumqttc numbers a client's QoS 1 publishes 1, 2, 3… in
+/// call order and keeps the number across resends; with `inflight` above `posts` no number is
+/// reused, so PUBACK `pkid` acknowledges post `pkid - 1` and nothing else.
+struct PostingDevice {
+    acked: Arc<Mutex<BTreeSet<usize>>>,
+    /// Connections the gateway closed.
+    closed: Arc<AtomicUsize>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for PostingDevice {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl PostingDevice {
+    fn start(addr: std::net::SocketAddr, pk: &str, dn: &str, secret: &str, posts: usize) -> Self {
+        let mut opts = options(addr, &credentials(pk, dn, secret));
+        opts.set_inflight(u16::try_from(posts + 2).expect("few posts"));
+        // A resumed session: rumqttc resends unacknowledged publishes only then (MQTT 3.1.1
+        // §4.4); after a clean reconnect it forgets them.
+        opts.set_clean_session(false);
+        let (client, mut eventloop) = AsyncClient::new(opts, posts);
+        let acked: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
+        let closed: Arc<AtomicUsize> = Arc::default();
+        let topic = format!("/sys/{pk}/{dn}/thing/event/property/post");
+        // Bodies large enough to fill a small outbox quickly.
+        let pad = "x".repeat(400);
+        let publisher = tokio::spawn(async move {
+            for i in 0..posts {
+                let body = format!(
+                    r#"{{"id":"{i}","version":"1.0","params":{{"Seq":{i},"Pad":"{pad}"}},"method":"thing.event.property.post"}}"#
+                );
+                client
+                    .publish(topic.as_str(), QoS::AtLeastOnce, false, body)
+                    .await
+                    .unwrap();
+            }
+            // Keep the client (and so the event loop's request channel) alive.
+            std::future::pending::<()>().await;
+        });
+        let recorder = {
+            let (acked, closed) = (acked.clone(), closed.clone());
+            tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            assert!(ack.pkid >= 1 && usize::from(ack.pkid) <= posts);
+                            acked.lock().unwrap().insert(usize::from(ack.pkid) - 1);
+                        }
+                        Ok(_) => {}
+                        // Closed by the gateway: the next poll reconnects and resends.
+                        Err(_) => {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        };
+        PostingDevice {
+            acked,
+            closed,
+            tasks: [publisher, recorder],
+        }
+    }
+
+    fn acked(&self) -> BTreeSet<usize> {
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// Issue 14, item 3: with RabbitMQ unreachable long enough for the outbox to fill, posts are
+/// no longer acknowledged and dropped: their PUBACK is withheld (the connection closed), the
+/// devices resend them, and once RabbitMQ is back every post that got a PUBACK reaches the
+/// consumer group.
+#[tokio::test]
+async fn a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives() {
+    let Some(url) =
+        amqp_url_or_skip("a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives")
+            .await
+    else {
+        return;
+    };
+    const DEVICES: usize = 4;
+    const POSTS: usize = 150;
+    let proxy = Proxy::start(broker_addr(&url).await).await;
+    let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
+    let app = spawn_app_with_amqp_and(&url_via(&url, proxy.addr), &prefix, |s| {
+        s.amqp.outbox_max_bytes = 64 * 1024;
+        s.amqp.outbox_full_wait_ms = 200;
+        s.amqp.reconnect_initial_ms = 50;
+        s.amqp.reconnect_max_ms = 200;
+    })
+    .await;
+    let (status, group) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "full", "name": "full"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+
+    // RabbitMQ unreachable.
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app.get("/healthz").await.1["amqp"] == "connected" {
+        assert!(tokio::time::Instant::now() < deadline, "still connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let pk = app.create_product("outbox fills").await;
+    let mut fleet = Vec::new();
+    for d in 0..DEVICES {
+        let dn = format!("full{d}");
+        let secret = app.create_device(&pk, &dn).await;
+        fleet.push((
+            dn.clone(),
+            PostingDevice::start(app.mqtt_addr(), &pk, &dn, &secret, POSTS),
+        ));
+    }
+    // The outbox fills, then posts are refused and their connections closed unacknowledged;
+    // the devices reconnect and resend, and are refused again while RabbitMQ stays away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fleet
+        .iter()
+        .any(|(_, d)| d.closed.load(Ordering::SeqCst) < 3)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox never refused posts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(app.metric("fleetgate_forwarder_refused_total").await >= (3 * DEVICES) as f64);
+    assert!(app.metric("fleetgate_mqtt_publishes_withheld_total").await >= (3 * DEVICES) as f64);
+    let acked_while_down: usize = fleet.iter().map(|(_, d)| d.acked().len()).sum();
+    assert!(
+        acked_while_down < DEVICES * POSTS,
+        "every post was acknowledged although the outbox could not hold them"
+    );
+    assert!(
+        app.metric("fleetgate_forwarder_outbox_bytes").await <= 64.0 * 1024.0,
+        "the outbox exceeded its bound"
+    );
+
+    // RabbitMQ back: the outbox drains, the devices' resends are taken and acknowledged.
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while fleet.iter().any(|(_, d)| d.acked().len() < POSTS) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every post was acknowledged after RabbitMQ came back: {:?}",
+            fleet
+                .iter()
+                .map(|(dn, d)| (dn, d.acked().len()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut not_seen: BTreeSet<(String, usize)> = BTreeSet::new();
+    for (dn, d) in &fleet {
+        not_seen.extend(d.acked().into_iter().map(|i| (dn.clone(), i)));
+    }
+    assert_eq!(not_seen.len(), DEVICES * POSTS);
+
+    // Every acknowledged post is in the consumer group's queue (duplicates allowed).
+    let rabbit = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = rabbit.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            format!("{prefix}.default.full").as_str().into(),
+            "full".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !not_seen.is_empty() {
+        let d = match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            _ => panic!(
+                "{} acknowledged posts never arrived, e.g. {:?}",
+                not_seen.len(),
+                not_seen.iter().take(5).collect::<Vec<_>>()
+            ),
+        };
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        if header(&d, "topic").ends_with("/thing/event/property/post") {
+            let body: Value = serde_json::from_slice(&d.data).unwrap();
+            let seq = body["requestId"]
+                .as_str()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap();
+            not_seen.remove(&(header(&d, "deviceName"), seq));
+        }
+    }
+    drop(fleet);
+
+    let _ = ch
+        .queue_delete(
+            format!("{prefix}.default.full").as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await;
+    let _ = ch
+        .exchange_delete(
+            format!("{prefix}.default").into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
+
+/// A full outbox (here RabbitMQ is a closed port, so nothing ever drains it) refuses a QoS 1
+/// post — no PUBACK, the connection closed — and drops a QoS 0 post (answered 429, not success)
+/// or a status message, each counted, the connection of a QoS 0 poster staying open. Needs no
+/// RabbitMQ.
+#[tokio::test]
+async fn a_full_outbox_refuses_qos1_posts_and_drops_what_nobody_was_promised() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", closed.local_addr().unwrap());
+    drop(closed);
+    let app = spawn_app_with(move |s| {
+        s.amqp.url = Some(fleetgate::config::Secret::new(url));
+        s.amqp.outbox_max_bytes = 64 * 1024;
+        s.amqp.outbox_full_wait_ms = 100;
+    })
+    .await;
+    let pk = app.create_product("full outbox").await;
+    let secret_a = app.create_device(&pk, "qos1").await;
+    let secret_b = app.create_device(&pk, "qos0").await;
+    let body = |i: usize| {
+        format!(
+            r#"{{"id":"{i}","params":{{"Seq":{i},"Pad":"{}"}},"method":"thing.event.property.post"}}"#,
+            "x".repeat(400)
+        )
+    };
+    let dropped = r#"fleetgate_forwarder_dropped_total{reason="outbox_full"}"#;
+    let wait_for = |sample: &'static str, value: f64| {
+        let app = &app;
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while app.metric(sample).await != value {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{sample} never reached {value}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // One QoS 1 post at a time: each is acknowledged once stored, until one finds the outbox
+    // full: that one gets no PUBACK, the gateway closes the connection instead.
+    let mut a = connect(app.mqtt_addr(), &credentials(&pk, "qos1", &secret_a)).await;
+    let topic = format!("/sys/{pk}/qos1/thing/event/property/post");
+    let mut acked = 0;
+    'posting: for i in 0..200 {
+        a.client
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, body(i))
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, a.incoming.recv()).await {
+                Ok(Some(Packet::PubAck(_))) => {
+                    acked += 1;
+                    continue 'posting;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break 'posting,
+                Err(_) => panic!("post {i}: neither a PUBACK nor a closed connection"),
+            }
+        }
+    }
+    assert!((10..200).contains(&acked), "{acked} posts acknowledged");
+    assert_eq!(app.metric("fleetgate_forwarder_refused_total").await, 1.0);
+    assert_eq!(
+        app.metric("fleetgate_mqtt_publishes_withheld_total").await,
+        1.0
+    );
+
+    // A QoS 0 post is dropped and counted, and answered 429 instead of success; the connection
+    // stays.
+    let mut b = connect(app.mqtt_addr(), &credentials(&pk, "qos0", &secret_b)).await;
+    let reply_topic = format!("/sys/{pk}/qos0/thing/event/property/post_reply");
+    b.client
+        .subscribe(reply_topic.as_str(), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    b.wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_)))
+        .await;
+    // Every message so far is either stored or dropped (the status messages are small and may
+    // still fit): the online status of `qos1`, its acknowledged posts, its offline status and
+    // the online status of `qos0`.
+    let settled = (acked + 3) as f64;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (stored, dropped_before) = loop {
+        let stored = app.metric("fleetgate_forwarder_enqueued_total").await;
+        let dropped = app.metric(dropped).await;
+        if stored + dropped == settled {
+            break (stored, dropped);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stored} + {dropped} != {settled}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    b.client
+        .publish(
+            format!("/sys/{pk}/qos0/thing/event/property/post"),
+            QoS::AtMostOnce,
+            false,
+            body(7),
+        )
+        .await
+        .unwrap();
+    let reply = b.next_publish().await;
+    assert_eq!(reply.topic, reply_topic);
+    let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(
+        (reply["code"].as_i64(), reply["id"].as_str()),
+        (Some(429), Some("7")),
+        "{reply}"
+    );
+    wait_for(dropped, dropped_before + 1.0).await;
+    assert_eq!(
+        app.metric("fleetgate_forwarder_enqueued_total").await,
+        stored
+    );
+    b.client
+        .subscribe(reply_topic.as_str(), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    b.wait_packet("SUBACK", |p| matches!(p, Packet::SubAck(_)))
+        .await;
+    assert_eq!(app.metric("fleetgate_forwarder_refused_total").await, 1.0);
+    assert_eq!(
+        app.metric("fleetgate_mqtt_publishes_withheld_total").await,
+        1.0
+    );
 }
 
 /// Connects `devices` devices of a new product, waits until `metric` counts their online

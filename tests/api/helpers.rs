@@ -61,7 +61,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         app: Some(app),
         settings,
         _data_dir: data_dir,
-        http: reqwest::Client::new(),
+        // Idle pooled connections are dropped well before the gateway's keep-alive idle
+        // timeout (`http.header_read_timeout_secs`, 10 s), so a request never races the
+        // gateway closing the connection it is sent on.
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("HTTP client"),
     }
 }
 
@@ -340,10 +346,20 @@ impl Device {
 /// A gateway forwarding to the RabbitMQ at `url` under exchange prefix `prefix`, returned once
 /// its forwarder reports `connected` (within 60 s).
 pub async fn spawn_app_with_amqp(url: &str, prefix: &str) -> TestApp {
+    spawn_app_with_amqp_and(url, prefix, |_| {}).await
+}
+
+/// [`spawn_app_with_amqp`] with the settings adjusted by `adjust` first.
+pub async fn spawn_app_with_amqp_and(
+    url: &str,
+    prefix: &str,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
     let (url, prefix) = (url.to_owned(), prefix.to_owned());
     let app = spawn_app_with(move |s| {
         s.amqp.url = Some(fleetgate::config::Secret::new(url));
         s.amqp.exchange_prefix = prefix;
+        adjust(s);
     })
     .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

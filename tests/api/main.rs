@@ -7,6 +7,7 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod admission;
 mod device_auth;
 mod export;
 mod firmware;
@@ -14,6 +15,7 @@ mod forwarding;
 mod helpers;
 mod interop;
 mod isolation;
+mod limits;
 mod migration;
 mod operator_api;
 mod ota;

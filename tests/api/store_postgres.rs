@@ -4,7 +4,7 @@
 use crate::helpers::*;
 use fleetgate::store::PostgresUrl;
 use rumqttc::QoS;
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 async fn the_registry_lives_in_postgres_and_survives_a_restart() {
@@ -50,7 +50,7 @@ async fn the_registry_lives_in_postgres_and_survives_a_restart() {
     app.restart().await;
     let d = app.device(&pk, "t-0001").await;
     assert_eq!(d["versions"], json!({"MCU": "1.2.3"}));
-    assert_eq!(d["device_secret"], Value::String(secret.clone()));
+    assert_eq!(app.device_secret(&pk, "t-0001").await, secret);
     assert_eq!(d["online"], false);
     assert!(d["last_seen_ms"].as_i64().unwrap() > 0);
     let (status, product) = app.get(&format!("/api/v1/products/{pk}")).await;

@@ -201,6 +201,21 @@ impl LinkClientId {
     }
 }
 
+/// The instant a client id's `timestamp=` names, in milliseconds since the Unix epoch, or
+/// `None` when the number does not fit. The SDKs send seconds (the vendor's Python SDK) or
+/// milliseconds (the C SDK, the vendor's documentation); a value below 10^11 is read as seconds:
+/// 10^11 milliseconds is in 1973, 10^11 seconds in the year 5138, so no clock a device could have
+/// is ambiguous.
+pub fn timestamp_unix_ms(text: &str) -> Option<u64> {
+    const SECONDS_BELOW: u64 = 100_000_000_000;
+    let value: u64 = text.trim().parse().ok()?;
+    if value < SECONDS_BELOW {
+        value.checked_mul(1000)
+    } else {
+        Some(value)
+    }
+}
+
 /// Splits a Link username `{device_name}&{product_key}`.
 pub fn parse_username(username: &str) -> Result<(&str, &str), SignError> {
     let (dn, pk) = username.split_once('&').ok_or(SignError::BadUsername)?;
@@ -310,6 +325,23 @@ mod tests {
         ));
         assert_eq!(parse_username("nodelimiter"), Err(SignError::BadUsername));
         assert_eq!(parse_username("&pk"), Err(SignError::BadUsername));
+    }
+
+    #[test]
+    fn timestamps_in_seconds_or_milliseconds() {
+        let cases = [
+            ("1700000000", Some(1_700_000_000_000)),
+            ("1700000000123", Some(1_700_000_000_123)),
+            ("0", Some(0)),
+            ("99999999999", Some(99_999_999_999_000)),
+            ("100000000000", Some(100_000_000_000)),
+            ("978307200", Some(978_307_200_000)), // 2001-01-01, in seconds
+            ("99999999999999999999999", None),    // does not fit
+            ("", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(timestamp_unix_ms(text), expected, "{text:?}");
+        }
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! What devices do to OTA tasks (called by `ingest`): connect, progress, version reports and
-//! `firmware/get` (pull mode).
+//! `firmware/get` (pull mode); and what the registry tells the engine about devices (deleted,
+//! created, tags changed).
 
-use super::{lock, Delivery, OtaEngine, TaskKey};
+use super::internal_events::{ProgressOutcome, ProgressReported};
+use super::{lock, Delivery, Inner, OtaEngine, TaskKey};
 use crate::ota::model::JobStatus;
-use crate::ota::task::{Event, QueueReason, TaskStatus};
+use crate::ota::task::{Event, HistoryEvent, QueueReason, TaskStatus};
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture};
 use fleetgate_topics::{ProgressStep, UpgradeData};
 use std::collections::HashSet;
 
@@ -62,20 +65,20 @@ impl OtaEngine {
     /// one per report, and a large one costs a multi-KB copy per message.
     pub async fn on_progress(&self, pk: &str, dn: &str, module: &str, step: ProgressStep) {
         let Some(key) = self.active_task(pk, dn, module) else {
-            self.inner
-                .metrics
-                .ota_progress
-                .get_or_create(&[("outcome", "no_task")])
-                .inc();
+            ProgressReported {
+                outcome: ProgressOutcome::NoTask,
+            }
+            .emit(&self.inner.metrics);
             return;
         };
         let changed =
             Box::pin(self.apply(&key, Event::Progress { module, step }, self.now())).await;
-        self.inner
-            .metrics
-            .ota_progress
-            .get_or_create(&[("outcome", if changed { "applied" } else { "ignored" })])
-            .inc();
+        let outcome = if changed {
+            ProgressOutcome::Applied
+        } else {
+            ProgressOutcome::Ignored
+        };
+        ProgressReported { outcome }.emit(&self.inner.metrics);
     }
 
     /// A version report (`/ota/device/inform`), after the registry stored it.
@@ -151,7 +154,7 @@ impl OtaEngine {
                     return None;
                 }
                 let now = self.now();
-                let p = self.apply_sync_as(&key, Event::Pushed, now, Some("pulled"))?;
+                let p = self.apply_sync_as(&key, Event::Pushed, now, Some(HistoryEvent::Pulled))?;
                 if !self.complete(p, Delivery::Pull).await {
                     return None;
                 }
@@ -226,6 +229,47 @@ impl OtaEngine {
                 s.state.status == TaskStatus::Queued
                     && s.state.queue_reason == Some(QueueReason::Offline)
             })
+        })
+    }
+}
+
+/// The engine's registry observer: a deleted device's tasks end; new devices and devices
+/// whose tags changed are offered to DYNAMIC jobs. Weak, so the registry (which holds its
+/// observers) does not keep the engine alive.
+pub(super) struct DeviceObserverImpl(pub(super) std::sync::Weak<Inner>);
+
+impl DeviceObserver for DeviceObserverImpl {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        Box::pin(async move {
+            let Some(inner) = self.0.upgrade() else {
+                return;
+            };
+            let engine = OtaEngine { inner };
+            match change {
+                DeviceChange::Deleted {
+                    product_key,
+                    device_name,
+                    instance_id,
+                } => {
+                    engine
+                        .device_deleted(product_key, device_name, Some(instance_id))
+                        .await;
+                }
+                DeviceChange::Created {
+                    product_key,
+                    device_names,
+                } => {
+                    engine
+                        .dynamic_join_many(product_key, device_names, false)
+                        .await;
+                }
+                DeviceChange::TagsChanged {
+                    product_key,
+                    device_name,
+                } => {
+                    engine.dynamic_join(product_key, device_name, false).await;
+                }
+            }
         })
     }
 }

@@ -3,13 +3,15 @@
 //! connected, what was published) plus direct calls of the device hooks.
 
 use super::*;
-use crate::ota::clock::ManualClock;
+use crate::clock::Clock;
 use crate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
 use crate::ota::model::{
-    AbortAction, AbortSpec, JobSpec, JobType, RampSpec, RateSpec, Selection, TagFilter, TargetKind,
+    AbortAction, AbortSpec, JobSpec, JobStatus, JobType, RampSpec, RateSpec, Selection, TagFilter,
+    TargetKind,
 };
 use crate::ota::task::{FailureReason, QueueReason, TaskStatus};
 use crate::registry::{NewDevice, NewProduct, Page};
+use crate::store::Op;
 use fleetgate_topics::{FailureCode, ProgressStep, UpgradeMessage};
 use std::collections::{BTreeMap, HashSet};
 use tempfile::TempDir;
@@ -46,7 +48,7 @@ impl FakePusher {
 
 struct H {
     dir: TempDir,
-    clock: ManualClock,
+    clock: Clock,
     pusher: Arc<FakePusher>,
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
@@ -57,7 +59,7 @@ struct H {
 
 fn open(
     dir: &TempDir,
-    clock: &ManualClock,
+    clock: &Clock,
     pusher: &Arc<FakePusher>,
 ) -> (Arc<Registry>, Arc<FirmwareRepo>, OtaEngine, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -72,7 +74,7 @@ fn open(
         registry.clone(),
         firmware.clone(),
         pusher.clone(),
-        Arc::new(clock.clone()),
+        clock.clone(),
         config,
         metrics.clone(),
     )
@@ -83,7 +85,7 @@ fn open(
 impl H {
     async fn new() -> H {
         let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
+        let clock = Clock::manual(T0);
         let pusher = Arc::new(FakePusher::default());
         let (registry, firmware, engine, metrics) = open(&dir, &clock, &pusher);
         let pk = registry
@@ -879,6 +881,14 @@ async fn pull_mode_delivers_the_pending_upgrade() {
         .pending_upgrade(&h.pk, "dev-0000", "default")
         .await
         .is_some());
+    // One delivery, counted once: in the job's statistics and as a pull.
+    assert_eq!(h.engine.job_statistics(&jid).unwrap().pushes, 1);
+    let metrics = h.metrics.encode();
+    assert!(
+        metrics.contains(r#"fleetgate_ota_pushes_total{kind="pull"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"fleetgate_ota_pushes_total{kind="push"}"#));
 }
 
 #[tokio::test]

@@ -4,8 +4,9 @@
 //! the current time, and returns either the next state with the [`Effect`]s the engine must
 //! carry out (and a history [`Note`]), or [`Ignored`] with the reason the event does not apply.
 //! It does no I/O and reads no clock, so every (state, event) pair is unit-tested
-//! (`task_tests.rs`) and every timer is a pure function of persisted timestamps
-//! ([`next_deadline`]): after a restart the engine recomputes the same deadlines.
+//! (`task/tests.rs`) and every timer is a pure function of persisted timestamps
+//! ([`next_deadline`]): after a restart the engine recomputes the same deadlines. The types it
+//! works on (statuses, reasons, [`TaskState`], [`TaskPolicy`]) are in `state.rs`.
 //!
 //! # States (Alibaba's names, docs/DESIGN.md §4)
 //!
@@ -36,397 +37,12 @@
 //! - retry: `retry_at_ms`; re-push: `repush_at_ms` (set by a due retry, or by the device coming
 //!   online while the current attempt's push may have been lost).
 
-use fleetgate_topics::{FailureCode, ProgressStep};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+mod state;
 
-/// The visible status of a task.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema,
-)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TaskStatus {
-    Confirm,
-    Queued,
-    Notified,
-    InProgress,
-    Succeeded,
-    Failed,
-    Canceled,
-}
+pub(crate) use state::splitmix;
+pub use state::{FailureReason, QueueReason, RetryPolicy, TaskPolicy, TaskState, TaskStatus};
 
-impl TaskStatus {
-    pub const ALL: [TaskStatus; 7] = [
-        TaskStatus::Confirm,
-        TaskStatus::Queued,
-        TaskStatus::Notified,
-        TaskStatus::InProgress,
-        TaskStatus::Succeeded,
-        TaskStatus::Failed,
-        TaskStatus::Canceled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskStatus::Confirm => "CONFIRM",
-            TaskStatus::Queued => "QUEUED",
-            TaskStatus::Notified => "NOTIFIED",
-            TaskStatus::InProgress => "IN_PROGRESS",
-            TaskStatus::Succeeded => "SUCCEEDED",
-            TaskStatus::Failed => "FAILED",
-            TaskStatus::Canceled => "CANCELED",
-        }
-    }
-
-    /// Position in [`TaskStatus::ALL`] (counter arrays are indexed by it).
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Canceled
-        )
-    }
-
-    pub fn parse(s: &str) -> Option<TaskStatus> {
-        TaskStatus::ALL
-            .into_iter()
-            .find(|t| t.as_str().eq_ignore_ascii_case(s))
-    }
-}
-
-impl std::fmt::Display for TaskStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Why a QUEUED task has not been pushed yet.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum QueueReason {
-    /// The device is offline; the push goes out when it connects.
-    Offline,
-    /// The job starts later (`scheduled_at_ms`).
-    Scheduled,
-    /// Waiting for a slot of the job's push rate.
-    RateLimited,
-}
-
-impl QueueReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueReason::Offline => "OFFLINE",
-            QueueReason::Scheduled => "SCHEDULED",
-            QueueReason::RateLimited => "RATE_LIMITED",
-        }
-    }
-}
-
-/// Why a task FAILED (or why a retry was scheduled).
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema,
-)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum FailureReason {
-    /// Progress -1.
-    UpdateFailed,
-    /// Progress -2.
-    DownloadFailed,
-    /// Progress -3.
-    VerifyFailed,
-    /// Progress -4.
-    WriteFailed,
-    /// No target version within `timeout_seconds` of the first progress, or no progress for
-    /// `stall_seconds` while IN_PROGRESS.
-    Timeout,
-    /// A version that is neither source nor target while IN_PROGRESS.
-    WrongVersion,
-    /// Replaced by a later job with `overwrite`.
-    Overwritten,
-    /// The device had an unfinished task of another job and this job does not overwrite (or
-    /// that task was IN_PROGRESS).
-    Conflict,
-    /// The job's abort rule stopped the job before this task was pushed or started.
-    Aborted,
-}
-
-impl FailureReason {
-    pub const ALL: [FailureReason; 9] = [
-        FailureReason::UpdateFailed,
-        FailureReason::DownloadFailed,
-        FailureReason::VerifyFailed,
-        FailureReason::WriteFailed,
-        FailureReason::Timeout,
-        FailureReason::WrongVersion,
-        FailureReason::Overwritten,
-        FailureReason::Conflict,
-        FailureReason::Aborted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureReason::UpdateFailed => "UPDATE_FAILED",
-            FailureReason::DownloadFailed => "DOWNLOAD_FAILED",
-            FailureReason::VerifyFailed => "VERIFY_FAILED",
-            FailureReason::WriteFailed => "WRITE_FAILED",
-            FailureReason::Timeout => "TIMEOUT",
-            FailureReason::WrongVersion => "WRONG_VERSION",
-            FailureReason::Overwritten => "OVERWRITTEN",
-            FailureReason::Conflict => "CONFLICT",
-            FailureReason::Aborted => "ABORTED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<FailureReason> {
-        FailureReason::ALL
-            .into_iter()
-            .find(|r| r.as_str().eq_ignore_ascii_case(s))
-    }
-
-    /// The device's progress code (-1..-4) for device-reported failures.
-    pub fn step_code(self) -> Option<i32> {
-        match self {
-            FailureReason::UpdateFailed => Some(-1),
-            FailureReason::DownloadFailed => Some(-2),
-            FailureReason::VerifyFailed => Some(-3),
-            FailureReason::WriteFailed => Some(-4),
-            _ => None,
-        }
-    }
-
-    /// Failures a retry may cure (the vendor's rule: device codes and wrong version).
-    pub fn retryable(self) -> bool {
-        self.step_code().is_some() || self == FailureReason::WrongVersion
-    }
-
-    /// Failures the device caused (what abort rules count by default).
-    pub fn device_caused(self) -> bool {
-        self.retryable() || self == FailureReason::Timeout
-    }
-}
-
-impl From<FailureCode> for FailureReason {
-    fn from(c: FailureCode) -> Self {
-        match c {
-            FailureCode::UpdateFailed => FailureReason::UpdateFailed,
-            FailureCode::DownloadFailed => FailureReason::DownloadFailed,
-            FailureCode::VerifyFailed => FailureReason::VerifyFailed,
-            FailureCode::WriteFailed => FailureReason::WriteFailed,
-        }
-    }
-}
-
-impl std::fmt::Display for FailureReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How a job retries failed attempts.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt (0 = none).
-    pub count: u32,
-    /// Wait before the first retry.
-    pub interval_ms: i64,
-    /// Each further retry waits `factor` times longer (1.0 = the vendor's fixed interval).
-    pub backoff: f64,
-    /// Cap of one wait (before jitter); 0 = no cap.
-    pub max_interval_ms: i64,
-    /// Up to this percent of the wait is added at random (deterministic per task and retry).
-    pub jitter_percent: u32,
-}
-
-impl RetryPolicy {
-    /// Wait before retry number `n` (1-based) of a task with `seed`.
-    pub fn delay_ms(&self, n: u32, seed: u64) -> i64 {
-        let factor = if self.backoff > 1.0 {
-            self.backoff.powi(n.saturating_sub(1).min(64) as i32)
-        } else {
-            1.0
-        };
-        let mut base = (self.interval_ms as f64 * factor).min(i64::MAX as f64 / 4.0) as i64;
-        if self.max_interval_ms > 0 {
-            base = base.min(self.max_interval_ms);
-        }
-        let jitter = if self.jitter_percent > 0 && base > 0 {
-            let u = (splitmix(seed ^ u64::from(n)) % 10_000) as f64 / 10_000.0;
-            (base as f64 * f64::from(self.jitter_percent) / 100.0 * u) as i64
-        } else {
-            0
-        };
-        base.saturating_add(jitter)
-    }
-}
-
-/// A deterministic 64-bit mix (jitter must be the same after a restart).
-pub(crate) fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// What a job decides for each of its tasks.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct TaskPolicy {
-    /// The module the job upgrades; events of other modules are ignored.
-    pub module: String,
-    /// The target version: reporting it means SUCCEEDED.
-    pub dest_version: String,
-    /// Accepted source versions (besides the task's own `src_version`).
-    pub src_versions: Vec<String>,
-    /// From the first progress of an attempt to the target version.
-    pub timeout_ms: Option<i64>,
-    /// Longest silence while IN_PROGRESS.
-    pub stall_ms: Option<i64>,
-    pub retry: RetryPolicy,
-    /// After a device connects, wait this long before re-pushing (it subscribes after CONNACK).
-    pub connect_push_delay_ms: i64,
-}
-
-/// Everything the state machine knows about one task. Persisted as part of the task document.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
-pub struct TaskState {
-    pub status: TaskStatus,
-    /// Set while QUEUED.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_reason: Option<QueueReason>,
-    /// When a SCHEDULED task's job starts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduled_at_ms: Option<i64>,
-    /// The device's version of the module when the task was created.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub src_version: Option<String>,
-    /// Last progress percent of the current attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<u8>,
-    /// Set when FAILED.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure: Option<FailureReason>,
-    /// Human-readable detail of the failure (or of the failure being retried).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure_detail: Option<String>,
-    /// The failure a pending or past retry answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_failure: Option<FailureReason>,
-    /// Upgrade messages delivered (pushes, re-pushes and pulls).
-    #[serde(default)]
-    pub pushes: u32,
-    /// Current attempt (0 before the first push).
-    #[serde(default)]
-    pub attempt: u32,
-    #[serde(default)]
-    pub retries_used: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repush_at_ms: Option<i64>,
-    /// A (re)push was due while the device was offline.
-    #[serde(default)]
-    pub push_on_connect: bool,
-    /// Seed of this task's retry jitter.
-    #[serde(default)]
-    pub seed: u64,
-    pub created_at_ms: i64,
-    pub updated_at_ms: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub notified_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attempt_started_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_progress_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_progress_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at_ms: Option<i64>,
-}
-
-impl TaskState {
-    /// A new task in `status` (CONFIRM, QUEUED with `queue`, or FAILED(CONFLICT) at birth).
-    pub fn new(
-        status: TaskStatus,
-        queue: Option<QueueReason>,
-        src_version: Option<String>,
-        seed: u64,
-        now: i64,
-    ) -> Self {
-        TaskState {
-            status,
-            queue_reason: if status == TaskStatus::Queued {
-                queue
-            } else {
-                None
-            },
-            scheduled_at_ms: None,
-            src_version,
-            progress: None,
-            failure: None,
-            failure_detail: None,
-            last_failure: None,
-            pushes: 0,
-            attempt: 0,
-            retries_used: 0,
-            retry_at_ms: None,
-            repush_at_ms: None,
-            push_on_connect: false,
-            seed,
-            created_at_ms: now,
-            updated_at_ms: now,
-            notified_at_ms: None,
-            attempt_started_at_ms: None,
-            first_progress_at_ms: None,
-            last_progress_at_ms: None,
-            finished_at_ms: None,
-        }
-    }
-
-    /// A task born FAILED (CONFLICT).
-    pub fn failed_at_birth(
-        reason: FailureReason,
-        detail: String,
-        src_version: Option<String>,
-        seed: u64,
-        now: i64,
-    ) -> Self {
-        let mut t = TaskState::new(TaskStatus::Failed, None, src_version, seed, now);
-        t.failure = Some(reason);
-        t.failure_detail = Some(detail);
-        t.finished_at_ms = Some(now);
-        t
-    }
-
-    /// Waiting in its job's push queue (the only tasks the push scheduler looks at).
-    pub fn is_ready(&self) -> bool {
-        self.status == TaskStatus::Queued && self.queue_reason == Some(QueueReason::RateLimited)
-    }
-
-    /// The current attempt was pushed but the device has not started it: a push lost to a
-    /// disconnect is possible, so a reconnect re-pushes.
-    fn awaiting_first_progress(&self) -> bool {
-        self.attempt_started_at_ms.is_some()
-            && self.first_progress_at_ms.is_none()
-            && self.retry_at_ms.is_none()
-    }
-
-    fn is_active(&self) -> bool {
-        matches!(self.status, TaskStatus::Notified | TaskStatus::InProgress)
-    }
-
-    /// A re-push is due at `now`.
-    pub fn repush_due(&self, now: i64) -> bool {
-        self.is_active() && self.repush_at_ms.is_some_and(|t| t <= now)
-    }
-
-    fn clear_timers(&mut self) {
-        self.retry_at_ms = None;
-        self.repush_at_ms = None;
-        self.push_on_connect = false;
-    }
-}
+use fleetgate_topics::ProgressStep;
 
 /// One input of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -496,11 +112,83 @@ pub enum Effect {
     Finished,
 }
 
+/// The name of a history entry, and of the [`TaskEvent`](crate::ota::TaskEvent) it emits.
+/// Stored and shown as [`HistoryEvent::as_str`] (`HistoryEntry::event`, the task event's
+/// `event`): the engine matches on the variant, so a renamed string cannot silently stop a
+/// counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HistoryEvent {
+    /// The task was created (with its first status).
+    Created,
+    Confirmed,
+    Queued,
+    /// The upgrade was published to the device.
+    Pushed,
+    /// The upgrade was published again (retry, or a push the device may have missed).
+    Repushed,
+    /// The device asked for the upgrade (`firmware/get`) and got it in the reply.
+    Pulled,
+    /// A re-push was due while the device was offline.
+    PushDeferred,
+    RepushScheduled,
+    ProgressStarted,
+    RetryScheduled,
+    Retrying,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl HistoryEvent {
+    pub const ALL: [HistoryEvent; 14] = [
+        HistoryEvent::Created,
+        HistoryEvent::Confirmed,
+        HistoryEvent::Queued,
+        HistoryEvent::Pushed,
+        HistoryEvent::Repushed,
+        HistoryEvent::Pulled,
+        HistoryEvent::PushDeferred,
+        HistoryEvent::RepushScheduled,
+        HistoryEvent::ProgressStarted,
+        HistoryEvent::RetryScheduled,
+        HistoryEvent::Retrying,
+        HistoryEvent::Succeeded,
+        HistoryEvent::Failed,
+        HistoryEvent::Canceled,
+    ];
+
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryEvent::Created => "created",
+            HistoryEvent::Confirmed => "confirmed",
+            HistoryEvent::Queued => "queued",
+            HistoryEvent::Pushed => "pushed",
+            HistoryEvent::Repushed => "repushed",
+            HistoryEvent::Pulled => "pulled",
+            HistoryEvent::PushDeferred => "push_deferred",
+            HistoryEvent::RepushScheduled => "repush_scheduled",
+            HistoryEvent::ProgressStarted => "progress_started",
+            HistoryEvent::RetryScheduled => "retry_scheduled",
+            HistoryEvent::Retrying => "retrying",
+            HistoryEvent::Succeeded => "succeeded",
+            HistoryEvent::Failed => "failed",
+            HistoryEvent::Canceled => "canceled",
+        }
+    }
+}
+
+impl std::fmt::Display for HistoryEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A history entry worth keeping (every state change, push, retry and failure; not every
 /// progress percent). A transition without a note may be persisted lazily.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Note {
-    pub event: &'static str,
+    pub event: HistoryEvent,
     pub reason: Option<String>,
 }
 
@@ -516,7 +204,7 @@ pub struct Transition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ignored(pub &'static str);
 
-fn note(event: &'static str, reason: Option<String>) -> Option<Note> {
+fn note(event: HistoryEvent, reason: Option<String>) -> Option<Note> {
     Some(Note { event, reason })
 }
 
@@ -541,7 +229,7 @@ pub fn transition(
             }
             s.status = S::Queued;
             s.queue_reason = Some(queue);
-            n = note("confirmed", None);
+            n = note(HistoryEvent::Confirmed, None);
         }
         Event::Queue(reason) => {
             if s.status != S::Queued {
@@ -554,7 +242,7 @@ pub fn transition(
             if reason != QueueReason::Scheduled {
                 s.scheduled_at_ms = None;
             }
-            n = note("queued", Some(reason.as_str().to_owned()));
+            n = note(HistoryEvent::Queued, Some(reason.as_str().to_owned()));
         }
         Event::Pushed => {
             if s.status != S::Queued {
@@ -568,7 +256,7 @@ pub fn transition(
             s.notified_at_ms = Some(now);
             s.attempt_started_at_ms = Some(now);
             effects.push(Effect::Deliver);
-            n = note("pushed", None);
+            n = note(HistoryEvent::Pushed, None);
         }
         Event::Repushed => {
             if !s.is_active() || !(s.repush_at_ms.is_some() || s.push_on_connect) {
@@ -579,7 +267,10 @@ pub fn transition(
             s.push_on_connect = false;
             s.attempt_started_at_ms = Some(now);
             effects.push(Effect::Deliver);
-            n = note("repushed", Some(format!("attempt {}", s.attempt)));
+            n = note(
+                HistoryEvent::Repushed,
+                Some(format!("attempt {}", s.attempt)),
+            );
         }
         Event::PushDeferred => {
             if !s.is_active() || s.repush_at_ms.is_none() {
@@ -587,18 +278,18 @@ pub fn transition(
             }
             s.repush_at_ms = None;
             s.push_on_connect = true;
-            n = note("push_deferred", Some("device offline".into()));
+            n = note(HistoryEvent::PushDeferred, Some("device offline".into()));
         }
         Event::DeviceOnline => match s.status {
             S::Queued if s.queue_reason == Some(QueueReason::Offline) => {
                 s.queue_reason = Some(QueueReason::RateLimited);
-                n = note("queued", Some("device online".into()));
+                n = note(HistoryEvent::Queued, Some("device online".into()));
             }
             S::Notified | S::InProgress if s.push_on_connect || s.awaiting_first_progress() => {
                 s.push_on_connect = false;
                 s.repush_at_ms = Some(now + policy.connect_push_delay_ms.max(0));
                 n = note(
-                    "repush_scheduled",
+                    HistoryEvent::RepushScheduled,
                     Some("device reconnected before starting".into()),
                 );
             }
@@ -625,7 +316,7 @@ pub fn transition(
                     s.repush_at_ms = None;
                     s.push_on_connect = false;
                     if was != S::InProgress || started {
-                        n = note("progress_started", Some(format!("{p}%")));
+                        n = note(HistoryEvent::ProgressStarted, Some(format!("{p}%")));
                     }
                 }
                 ProgressStep::Failed(code) => {
@@ -655,7 +346,7 @@ pub fn transition(
                         s.finished_at_ms = Some(now);
                         s.clear_timers();
                         n = note(
-                            "succeeded",
+                            HistoryEvent::Succeeded,
                             Some(if already {
                                 format!("already at {version}")
                             } else {
@@ -695,7 +386,7 @@ pub fn transition(
                 s.progress = None;
                 s.repush_at_ms = Some(now);
                 n = note(
-                    "retrying",
+                    HistoryEvent::Retrying,
                     Some(format!(
                         "attempt {} after {}",
                         s.attempt,
@@ -719,7 +410,7 @@ pub fn transition(
                         now,
                     );
                     n = note(
-                        "failed",
+                        HistoryEvent::Failed,
                         Some(format!("TIMEOUT: no target version within {secs} s")),
                     );
                 } else if stall_at.is_some_and(|t| t <= now) {
@@ -731,7 +422,7 @@ pub fn transition(
                         now,
                     );
                     n = note(
-                        "failed",
+                        HistoryEvent::Failed,
                         Some(format!("TIMEOUT: stalled, no progress for {secs} s")),
                     );
                 } else {
@@ -750,7 +441,7 @@ pub fn transition(
             s.scheduled_at_ms = None;
             s.finished_at_ms = Some(now);
             s.clear_timers();
-            n = note("canceled", None);
+            n = note(HistoryEvent::Canceled, None);
         }
         Event::DeviceDeleted => {
             s.status = S::Canceled;
@@ -759,7 +450,7 @@ pub fn transition(
             s.finished_at_ms = Some(now);
             s.clear_timers();
             n = note(
-                "canceled",
+                HistoryEvent::Canceled,
                 Some(format!("{DEVICE_DELETED}: the device was deleted")),
             );
         }
@@ -778,7 +469,7 @@ pub fn transition(
                 (FailureReason::Aborted, "the job's abort rule fired")
             };
             finish_failed(&mut s, reason, detail.to_owned(), now);
-            n = note("failed", Some(format!("{reason}: {detail}")));
+            n = note(HistoryEvent::Failed, Some(format!("{reason}: {detail}")));
         }
     }
     s.updated_at_ms = now;
@@ -831,7 +522,7 @@ fn fail_or_retry(
         s.last_failure = Some(reason);
         s.failure_detail = Some(detail.clone());
         note(
-            "retry_scheduled",
+            HistoryEvent::RetryScheduled,
             Some(format!(
                 "{reason} ({detail}); retry {}/{} at {at}",
                 s.retries_used, policy.retry.count
@@ -841,7 +532,7 @@ fn fail_or_retry(
         let exhausted = reason.retryable() && policy.retry.count > 0;
         finish_failed(s, reason, detail.clone(), now);
         note(
-            "failed",
+            HistoryEvent::Failed,
             Some(if exhausted {
                 format!("{reason} ({detail}); retries exhausted")
             } else {
@@ -880,5 +571,4 @@ pub fn next_deadline(s: &TaskState, policy: &TaskPolicy) -> Option<i64> {
 }
 
 #[cfg(test)]
-#[path = "task_tests.rs"]
 mod tests;

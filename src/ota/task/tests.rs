@@ -361,7 +361,7 @@ fn retry_keeps_visible_status_then_exhausts() {
     let t = transition(&s, &p, fail, NOW).unwrap();
     assert_eq!(t.state.status, TaskStatus::Notified);
     assert_eq!(t.state.retry_at_ms, Some(NOW + 1_000));
-    assert_eq!(t.note.as_ref().unwrap().event, "retry_scheduled");
+    assert_eq!(t.note.as_ref().unwrap().event.as_str(), "retry_scheduled");
     assert_eq!(next_deadline(&t.state, &p), Some(NOW + 1_000));
     // Not due yet: a deadline is ignored.
     assert!(transition(&t.state, &p, Event::Deadline, NOW + 999).is_err());
@@ -454,7 +454,7 @@ fn progress_percent_updates_are_not_noted_but_the_first_is() {
         NOW,
     )
     .unwrap();
-    assert_eq!(t.note.unwrap().event, "progress_started");
+    assert_eq!(t.note.unwrap().event.as_str(), "progress_started");
     let t2 = transition(
         &t.state,
         &p,
@@ -587,7 +587,32 @@ fn a_deleted_device_cancels_even_in_progress_with_its_reason() {
         assert_eq!(t.state.failure, None, "a cancel, not a failure");
         assert_eq!(next_deadline(&t.state, &p), None, "no retry, no re-push");
         let note = t.note.unwrap();
-        assert_eq!(note.event, "canceled");
+        assert_eq!(note.event.as_str(), "canceled");
         assert!(note.reason.unwrap().starts_with(DEVICE_DELETED));
     }
+}
+
+#[test]
+fn history_event_names_are_the_stored_ones() {
+    let names: Vec<&str> = HistoryEvent::ALL.iter().map(|e| e.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "created",
+            "confirmed",
+            "queued",
+            "pushed",
+            "repushed",
+            "pulled",
+            "push_deferred",
+            "repush_scheduled",
+            "progress_started",
+            "retry_scheduled",
+            "retrying",
+            "succeeded",
+            "failed",
+            "canceled",
+        ],
+        "stored task documents, the timeline API and forwarded task events carry these names"
+    );
 }
