@@ -14,6 +14,8 @@ use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
 use crate::clock::Clock;
+use crate::cluster::epoch::EpochClock;
+use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
@@ -45,6 +47,7 @@ pub struct Application {
     http_task: JoinHandle<()>,
     budgets: Budgets,
     created_admin_token: Option<String>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Application {
@@ -58,12 +61,35 @@ impl Application {
         let location = settings.store.location(&settings.data_dir);
         let store = Store::open_with(&location, &settings.store, metrics.clone())
             .with_context(|| format!("cannot open the store ({location})"))?;
-        let registry = Registry::open_with(
+        // Cluster mode joins before the registry loads, so that no change another node makes
+        // meanwhile is missed (the snapshot says which feed messages it already contains).
+        let joined = match (&settings.cluster.nats_url, &settings.store.url) {
+            (Some(_), Some(url)) => {
+                let reader = crate::store::PostgresReader::connect(url)
+                    .await
+                    .context("cannot open a reading connection to PostgreSQL")?;
+                let joined = Cluster::join(
+                    settings.cluster.clone(),
+                    &store,
+                    Arc::new(reader),
+                    metrics.clone(),
+                )
+                .await
+                .context("cannot join the cluster")?;
+                Some(joined)
+            }
+            _ => None,
+        };
+        let snapshot = store.load().context("cannot load the registry")?;
+        let feed_cuts = snapshot.feed_cuts.clone();
+        let registry = Registry::from_snapshot(
             store,
             metrics.clone(),
             RegistryLimits {
                 max_modules_per_device: settings.mqtt.max_modules_per_device,
             },
+            Arc::new(EpochClock::new(settings.cluster.node_id)),
+            snapshot,
         )
         .context("cannot load the registry")?;
 
@@ -228,11 +254,23 @@ impl Application {
             .await
             .context("cannot start the MQTT listeners")?;
 
+        let cluster = joined.map(|(cluster, pending)| {
+            cluster.attach(
+                pending,
+                registry.clone(),
+                downlink.clone(),
+                feed_cuts,
+                broker.mqtt_addr(),
+                http_addr,
+            );
+            cluster
+        });
         let health_info = {
             let mqtt = broker.mqtt_addr();
             let tls = broker.tls_addr();
             let registry = registry.clone();
             let forwarder = forwarder.clone();
+            let node = settings.cluster.node_id;
             move || {
                 let mut v = serde_json::json!({
                     "mqtt": mqtt.to_string(),
@@ -240,6 +278,9 @@ impl Application {
                     "http": http_addr.to_string(),
                     "online_devices": registry.online_count(),
                 });
+                if node != 0 {
+                    v["node"] = node.into();
+                }
                 // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
                 if let (Some(v), serde_json::Value::Object(amqp)) =
                     (v.as_object_mut(), forwarder.health())
@@ -260,6 +301,8 @@ impl Application {
             on_device_revoked: revoke_session,
             forwarder: Some(forwarder.clone()),
             migration: Some(migration.clone()),
+            ready: readiness(registry.clone(), forwarder.clone(), cluster.clone()),
+            cluster: cluster.clone(),
         };
         let router = api::router(
             state,
@@ -331,6 +374,7 @@ impl Application {
             http_task,
             budgets,
             created_admin_token,
+            cluster,
         })
     }
 
@@ -376,6 +420,11 @@ impl Application {
         &self.migration
     }
 
+    /// Cluster mode: this node's part of the cluster.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -412,9 +461,52 @@ impl Application {
             .flush()
             .await
             .context("cannot flush the store")?;
+        // Last: the sessions' ends and everything flushed above are announced to the others.
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// `/readyz`: the store answers (its writer is alive), the node is in sync with the cluster
+/// (cluster mode), and the forwarder is connected when AMQP forwarding is on.
+fn readiness(
+    registry: Arc<Registry>,
+    forwarder: Arc<Forwarder>,
+    cluster: Option<Arc<Cluster>>,
+) -> api::ReadyFn {
+    Arc::new(move || {
+        let mut ready = true;
+        let mut checks = serde_json::Map::new();
+        let store = if registry.store().is_open() {
+            "ok"
+        } else {
+            ready = false;
+            "closed"
+        };
+        checks.insert("store".into(), store.into());
+        if let Some(cluster) = &cluster {
+            let state = if cluster.ready() {
+                "ok"
+            } else {
+                ready = false;
+                "not in sync with the cluster (NATS unreachable or resynchronising)"
+            };
+            checks.insert("cluster".into(), state.into());
+        }
+        let amqp = match forwarder.health().get("amqp").and_then(|v| v.as_str()) {
+            Some("connected") => "ok".to_owned(),
+            Some("disabled") | None => "disabled".to_owned(),
+            Some(other) => {
+                ready = false;
+                other.to_owned()
+            }
+        };
+        checks.insert("amqp".into(), amqp.into());
+        (ready, serde_json::Value::Object(checks))
+    })
 }
 
 async fn shutdown_signal() {

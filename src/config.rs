@@ -31,6 +31,8 @@ pub struct Settings {
     /// The registry store (`[store]`: `url`, `synchronous`, `commit_delay_us`,
     /// `commit_siblings`).
     pub store: crate::store::StoreSettings,
+    /// Cluster mode (`[cluster]`: `nats_url`, `node_id`, `name`, …; docs/CLUSTER.md).
+    pub cluster: crate::cluster::ClusterSettings,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             ota: OtaSettings::default(),
             export: ExportSettings::default(),
             store: crate::store::StoreSettings::default(),
+            cluster: crate::cluster::ClusterSettings::default(),
         }
     }
 }
@@ -403,6 +406,12 @@ pub struct Overrides {
     pub public_url: Option<String>,
     /// `postgres://…`: the store in PostgreSQL instead of SQLite in the data dir.
     pub store_url: Option<String>,
+    /// Cluster mode: NATS URL, node id, cluster name, heartbeat and node timeout.
+    pub nats_url: Option<String>,
+    pub node_id: Option<u16>,
+    pub cluster_name: Option<String>,
+    pub cluster_heartbeat_ms: Option<u64>,
+    pub cluster_node_timeout_ms: Option<u64>,
     pub mqtt_max_subscriptions_per_device: Option<usize>,
     pub mqtt_max_modules_per_device: Option<usize>,
     pub mqtt_connect_timestamp_window_secs: Option<u64>,
@@ -454,6 +463,21 @@ impl Settings {
         }
         if let Some(v) = o.public_url {
             self.http.public_url = Some(v);
+        }
+        if let Some(v) = o.nats_url {
+            self.cluster.nats_url = Some(Secret(v));
+        }
+        if let Some(v) = o.node_id {
+            self.cluster.node_id = v;
+        }
+        if let Some(v) = o.cluster_name {
+            self.cluster.name = v;
+        }
+        if let Some(v) = o.cluster_heartbeat_ms {
+            self.cluster.heartbeat_ms = v;
+        }
+        if let Some(v) = o.cluster_node_timeout_ms {
+            self.cluster.node_timeout_ms = v;
         }
         if let Some(v) = o.store_url {
             let url =
@@ -528,6 +552,9 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.cluster
+            .validate(self.store.url.is_some())
+            .map_err(|(field, message)| ConfigError::Invalid { field, message })?;
         if self.mqtt.max_connections == 0 {
             return Err(ConfigError::Invalid {
                 field: "mqtt.max_connections",

@@ -95,6 +95,22 @@ struct ServeArgs {
     /// store is SQLite in the data dir.
     #[arg(long = "store", env = "FLEETGATE_STORE", hide_env_values = true)]
     store_url: Option<String>,
+    /// Cluster mode: NATS server URL(s), comma-separated (needs a PostgreSQL `--store`;
+    /// docs/CLUSTER.md).
+    #[arg(long, env = "FLEETGATE_NATS_URL", hide_env_values = true)]
+    nats_url: Option<String>,
+    /// Cluster mode: this node's id, 1..=511, unique in the cluster.
+    #[arg(long, env = "FLEETGATE_NODE_ID")]
+    node_id: Option<u16>,
+    /// Cluster mode: prefix of the cluster's NATS subjects [default fleetgate].
+    #[arg(long, env = "FLEETGATE_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// Cluster mode: heartbeat period, ms [default 1000].
+    #[arg(long, env = "FLEETGATE_CLUSTER_HEARTBEAT_MS")]
+    cluster_heartbeat_ms: Option<u64>,
+    /// Cluster mode: a node not heard from this long is gone, ms [default 10000].
+    #[arg(long, env = "FLEETGATE_CLUSTER_NODE_TIMEOUT_MS")]
+    cluster_node_timeout_ms: Option<u64>,
     /// Most distinct subscription filters per device [default 50].
     #[arg(long, env = "FLEETGATE_MQTT_MAX_SUBSCRIPTIONS_PER_DEVICE")]
     mqtt_max_subscriptions_per_device: Option<usize>,
@@ -220,6 +236,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             api_token: args.api_token,
             public_url: args.public_url,
             store_url: args.store_url,
+            nats_url: args.nats_url,
+            node_id: args.node_id,
+            cluster_name: args.cluster_name,
+            cluster_heartbeat_ms: args.cluster_heartbeat_ms,
+            cluster_node_timeout_ms: args.cluster_node_timeout_ms,
             mqtt_max_subscriptions_per_device: args.mqtt_max_subscriptions_per_device,
             mqtt_max_modules_per_device: args.mqtt_max_modules_per_device,
             mqtt_connect_timestamp_window_secs: args.mqtt_connect_timestamp_window_secs,

@@ -66,6 +66,10 @@ pub struct DeviceSummary {
     pub enabled: bool,
     pub tags: BTreeMap<String, String>,
     pub online: bool,
+    /// Cluster mode: the node holding the device's session (absent on a single node and
+    /// while offline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<u16>,
     /// Last connect or disconnect, ms since the Unix epoch.
     pub last_seen_ms: Option<i64>,
     pub client_ip: Option<String>,
@@ -83,6 +87,7 @@ impl From<Device> for DeviceSummary {
             enabled: d.enabled,
             tags: d.tags,
             online: d.online,
+            node: d.node,
             last_seen_ms: d.last_seen_ms,
             client_ip: d.client_ip,
             versions: d.versions,

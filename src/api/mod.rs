@@ -27,6 +27,7 @@ pub mod middleware;
 pub mod serve;
 
 mod batch;
+mod cluster;
 mod consumer_groups;
 mod devices;
 mod export;
@@ -51,6 +52,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::ToSchema;
 
 pub use auth::{Caller, Role, TokenSet};
+pub use cluster::ReadyFn;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;
@@ -122,6 +124,11 @@ pub struct ApiState {
     /// even with forwarding off; `None` only in API states built for tests, where the
     /// consumer-group and forwarding endpoints answer 500.
     pub forwarder: Option<Arc<Forwarder>>,
+    /// `/readyz`: whether the node can serve, and why not.
+    pub ready: cluster::ReadyFn,
+    /// Cluster mode: this node's part of the cluster (writes settle, `/api/v1/cluster`);
+    /// `None` on a single node.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl ApiState {
@@ -143,6 +150,8 @@ impl ApiState {
             on_device_revoked: Arc::new(|_, _| {}),
             migration: None,
             forwarder: None,
+            ready: Arc::new(|| (true, serde_json::Value::Object(Default::default()))),
+            cluster: None,
         }
     }
 
@@ -395,6 +404,12 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
         )
         .route("/api/v1/import/{id}", get(export::get_import))
         .route("/api/v1/import/{id}/log", get(export::import_log))
+        .route("/api/v1/cluster", get(cluster::cluster_status))
+        // Inside authentication: only writes that were allowed and succeeded settle.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cluster::settle,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::authenticate,
@@ -402,6 +417,7 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
 
     Router::new()
         .route("/healthz", get(system::healthz))
+        .route("/readyz", get(cluster::readyz))
         .route("/metrics", get(system::metrics))
         .route("/api/v1/openapi.json", get(system::openapi_json))
         // Devices authenticate downloads with the signed link, not a bearer token.

@@ -7,6 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
+use super::cluster::{self, ClusterView, NodeView};
 use super::devices::{
     CreateDeviceRequest, CreatedDevice, DeviceDetails, DeviceSecret, DeviceSummary,
     UpdateDeviceRequest,
@@ -60,7 +61,9 @@ use crate::registry::Instance;
     ),
     paths(
         system::healthz,
+        cluster::readyz,
         system::metrics,
+        cluster::cluster_status,
         system::openapi_json,
         instances::create_instance,
         instances::list_instances,
@@ -131,6 +134,8 @@ use crate::registry::Instance;
     ),
     components(schemas(
         ErrorBody,
+        ClusterView,
+        NodeView,
         ExportRequest,
         ObjectRequest,
         ObjectType,

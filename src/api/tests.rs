@@ -71,6 +71,8 @@ fn test_app_in(dir: tempfile::TempDir, limits: BodyLimits, max_firmware: u64) ->
         }),
         migration: None,
         forwarder: None,
+        ready: Arc::new(|| (true, json!({}))),
+        cluster: None,
     };
     TestApp {
         router: router(state, limits),
@@ -1254,6 +1256,8 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/import", "post"),
         ("/api/v1/import/{id}", "get"),
         ("/api/v1/import/{id}/log", "get"),
+        ("/readyz", "get"),
+        ("/api/v1/cluster", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -1263,7 +1267,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        54,
+        56,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );

@@ -340,6 +340,22 @@ impl Cluster {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// This node as it announces itself.
+    pub fn this_node(&self) -> Heartbeat {
+        let (mqtt, http) = self
+            .addresses
+            .get()
+            .map(|(m, h)| (m.to_string(), h.to_string()))
+            .unwrap_or_default();
+        Heartbeat {
+            node: self.node,
+            boot_ms: self.boot_ms,
+            seq: *self.published.borrow(),
+            mqtt,
+            http,
+        }
+    }
+
     /// The other nodes heard from.
     pub fn members(&self) -> Vec<Member> {
         self.members
@@ -487,18 +503,7 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (mqtt, http) = self
-                .addresses
-                .get()
-                .map(|(m, h)| (m.to_string(), h.to_string()))
-                .unwrap_or_default();
-            let hb = Heartbeat {
-                node: self.node,
-                boot_ms: self.boot_ms,
-                seq: *self.published.borrow(),
-                mqtt,
-                http,
-            };
+            let hb = self.this_node();
             if let Ok(body) = serde_json::to_vec(&hb) {
                 let _ = self
                     .client
@@ -562,8 +567,16 @@ impl Cluster {
         }
     }
 
-    /// Stops the cluster's tasks (the feed's last messages are published first).
+    /// Stops the cluster's tasks once the feed's last committed message is published (or
+    /// after 2 s).
     pub async fn shutdown(&self) {
+        let committed = self.committed.load(Ordering::Acquire);
+        let mut published = self.published.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            published.wait_for(|&p| p >= committed),
+        )
+        .await;
         let _ = self.client.flush().await;
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         for t in tasks {

@@ -29,6 +29,8 @@ enum Resync {
     Link,
     /// Applying a message failed (the store could not be read).
     Failed,
+    /// A node is gone, and the store has changes of it that it never announced.
+    Unannounced { origin: u16 },
 }
 
 pub(super) struct Receiver {
@@ -78,10 +80,7 @@ impl Receiver {
                 }
                 Some(m) = heartbeat.next() => self.on_heartbeat(&m.payload),
                 Some(e) = events.recv() => self.on_event(e),
-                _ = expiry.tick() => {
-                    self.expire();
-                    None
-                }
+                _ = expiry.tick() => self.expire().await,
                 else => return,
             };
             if let Some(why) = resync {
@@ -340,8 +339,10 @@ impl Receiver {
     }
 
     /// Nodes not heard from for the node timeout are gone: their devices go offline here, and
-    /// the lowest-numbered live node records that in the store (which announces it).
-    fn expire(&mut self) {
+    /// the lowest-numbered live node records that in the store (which announces it). A node
+    /// that died between a commit and its announcement left changes nobody heard of: when the
+    /// store says it committed more than this node applied, this node resynchronises.
+    async fn expire(&mut self) -> Option<Resync> {
         let now = now_ms();
         let (gone, lowest) = {
             let mut members = self
@@ -358,7 +359,20 @@ impl Receiver {
                 .unwrap_or(self.cluster.node);
             (gone, lowest)
         };
+        let mut resync = None;
         for member in gone {
+            match self.cluster.shared.feed_position(member.node).await {
+                Ok(committed) if committed > self.applied(member.node) => {
+                    resync = Some(Resync::Unannounced {
+                        origin: member.node,
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, node = member.node, "cannot read a gone node's feed position");
+                    resync = Some(Resync::Failed);
+                }
+            }
             let released = self.registry.release_node(member.node, now, now);
             self.reported.remove(&member.node);
             tracing::warn!(
@@ -374,6 +388,7 @@ impl Receiver {
                 }]));
             }
         }
+        resync
     }
 
     /// Reloads everything from the store (retrying until it can be read), ends this node's

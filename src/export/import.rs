@@ -915,6 +915,7 @@ mod tests {
             enabled,
             tags: [("t".to_owned(), tag.to_owned())].into(),
             online: true,
+            node: None,
             last_seen_ms: None,
             client_ip: None,
             versions: Default::default(),

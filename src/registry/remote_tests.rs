@@ -10,10 +10,14 @@ const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 /// A registry of node 1 with product "Lamp" and device `dev1`.
 async fn node1() -> (Arc<Registry>, String) {
     let m = Arc::new(Metrics::new());
-    let r = Registry::open_with(
-        Store::open_in_memory(m.clone()).unwrap(),
+    let store = Store::open_in_memory(m.clone()).unwrap();
+    let snapshot = store.load().unwrap();
+    let r = Registry::from_snapshot(
+        store,
         m,
+        RegistryLimits::default(),
         Arc::new(EpochClock::new(1)),
+        snapshot,
     )
     .unwrap();
     let pk = r
@@ -79,7 +83,11 @@ async fn the_higher_epoch_holds_the_device_whatever_the_order() {
         let d = r.get_device(&pk, "dev1").unwrap();
         assert_eq!(d.online, want, "order {order:?}");
         assert_eq!(r.online_count(), usize::from(want), "order {order:?}");
-        assert_eq!(r.session_of(&pk, "dev1"), want.then_some(b), "order {order:?}");
+        assert_eq!(
+            r.session_of(&pk, "dev1"),
+            want.then_some(b),
+            "order {order:?}"
+        );
     }
 }
 
@@ -165,11 +173,19 @@ fn stored(pk: &str, dn: &str, r: &Registry) -> StoredDevice {
 async fn refreshes_revoke_local_sessions_table() {
     type Edit = fn(&mut StoredDevice);
     let cases: [(&str, Edit, bool); 5] = [
-        ("tags only", |s| {
-            s.record.tags.insert("floor".into(), "2".into());
-        }, false),
+        (
+            "tags only",
+            |s| {
+                s.record.tags.insert("floor".into(), "2".into());
+            },
+            false,
+        ),
         ("disabled", |s| s.record.enabled = false, true),
-        ("re-keyed", |s| s.record.device_secret = "new-secret-0123".into(), true),
+        (
+            "re-keyed",
+            |s| s.record.device_secret = "new-secret-0123".into(),
+            true,
+        ),
         ("moved", |s| s.record.instance_id = "iot-other".into(), true),
         ("unchanged", |_| {}, false),
     ];
@@ -185,7 +201,12 @@ async fn refreshes_revoke_local_sessions_table() {
         let d = r.get_device(&pk, "dev1").unwrap();
         assert_eq!(
             (d.enabled, d.device_secret, d.instance_id, d.tags),
-            (want.enabled, want.device_secret, want.instance_id, want.tags),
+            (
+                want.enabled,
+                want.device_secret,
+                want.instance_id,
+                want.tags
+            ),
             "{name}"
         );
     }
@@ -272,7 +293,10 @@ async fn resync_makes_memory_equal_to_the_store() {
         feed_cuts: BTreeMap::new(),
     };
     let ended = r.resync(snapshot).await;
-    assert_eq!(ended.iter().map(|e| e.epoch).collect::<Vec<_>>(), vec![local]);
+    assert_eq!(
+        ended.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+        vec![local]
+    );
     assert!(r.get_product("other0001").is_err());
     assert!(r.get_product("fresh0001").is_ok());
     let d9 = r.get_device(&pk, "dev9").unwrap();

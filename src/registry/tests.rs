@@ -909,7 +909,14 @@ async fn restart_brings_everything_back_but_online() {
     for d in before {
         let after = r.get_device(&pk, &d.device_name).unwrap();
         assert!(!after.online, "{} online after restart", d.device_name);
-        assert_eq!(after, Device { online: false, ..d });
+        assert_eq!(
+            after,
+            Device {
+                online: false,
+                node: None,
+                ..d
+            }
+        );
     }
     let dev1 = r.get_device(&pk, "dev1").unwrap();
     assert_eq!(

@@ -53,7 +53,9 @@ mod postgres;
 mod sqlite;
 mod writer;
 
-pub use postgres::{PostgresBackend, PostgresUrl, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION};
+pub use postgres::{
+    PostgresBackend, PostgresReader, PostgresUrl, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,
+};
 pub use sqlite::{SqliteBackend, Synchronous, SCHEMA_VERSION};
 
 use crate::metrics::Metrics;
@@ -629,6 +631,17 @@ impl Store {
             .send(Msg::LoadDocuments(kind.to_owned(), tx))
             .map_err(|_| StoreError::Closed)?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Whether the writer is running (readiness): false once the store was closed or its
+    /// thread ended.
+    pub fn is_open(&self) -> bool {
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
     }
 
     /// Attaches the change feed (cluster mode): every later transaction that concerns it

@@ -87,6 +87,9 @@ pub(crate) fn version(pk: &str, dn: &str, module: &str, v: &str) -> Op {
 }
 
 /// A small data set touching every op, and the snapshot it must load back as.
+/// The session epoch `populate_ops` connects `dev1` with.
+pub(crate) const POPULATED_SESSION: u64 = 5;
+
 pub(crate) fn populate_ops() -> (Vec<Op>, Snapshot) {
     let mut disabled = device("pk1", "dev2");
     disabled.enabled = false;
@@ -108,7 +111,7 @@ pub(crate) fn populate_ops() -> (Vec<Op>, Snapshot) {
             device_name: "dev1".into(),
             last_seen_ms: 99,
             client_ip: Some("10.0.0.7".into()),
-            session: SessionWrite::Online(5),
+            session: SessionWrite::Online(POPULATED_SESSION),
         },
         Op::PutDevice(disabled.clone()),
         Op::DeleteDevice {
@@ -162,6 +165,7 @@ on_both_backends! {
     #[tokio::test]
     async fn write_close_reopen_loads_everything_back(db) {
         let (ops, expected) = populate_ops();
+        let expected = db.expected(expected);
 
         let store = db.open(metrics());
         for op in ops {
@@ -174,12 +178,13 @@ on_both_backends! {
         assert_eq!(store.load().unwrap(), expected);
         store.close();
 
-        assert_eq!(stored_schema_version(&db), 2);
-        let supported = match db.location() {
-            StoreLocation::Sqlite(_) => SCHEMA_VERSION,
-            StoreLocation::Postgres(_) => POSTGRES_SCHEMA_VERSION,
+        // PostgreSQL has one step more: cluster mode's sessions and feed positions.
+        let (supported, steps) = match db.location() {
+            StoreLocation::Sqlite(_) => (SCHEMA_VERSION, 2),
+            StoreLocation::Postgres(_) => (POSTGRES_SCHEMA_VERSION, 3),
         };
-        assert_eq!(supported, 2);
+        assert_eq!(stored_schema_version(&db), i64::from(steps));
+        assert_eq!(supported, steps);
     }
 }
 
@@ -410,6 +415,7 @@ on_both_backends! {
     async fn a_forgotten_handle_leaves_every_acknowledged_write_behind(db) {
         let store = db.open(metrics());
         let (ops, expected) = populate_ops();
+        let expected = db.expected(expected);
         for op in ops {
             store.submit(vec![op]).await.unwrap();
         }

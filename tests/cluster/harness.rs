@@ -111,8 +111,8 @@ impl Node {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args([
-                "--log-json",
                 "serve",
+                "--log-json",
                 "--mqtt-listen",
                 "127.0.0.1:0",
                 "--http-listen",
@@ -230,7 +230,12 @@ impl Api {
         }
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -241,7 +246,10 @@ impl Api {
         let resp = req.send().await.expect("http request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -261,20 +269,31 @@ impl Api {
     /// Creates a device; returns its secret.
     pub async fn create_device(&self, pk: &str, dn: &str) -> String {
         let (status, body) = self
-            .post(&format!("/api/v1/products/{pk}/devices"), json!({ "device_name": dn }))
+            .post(
+                &format!("/api/v1/products/{pk}/devices"),
+                json!({ "device_name": dn }),
+            )
             .await;
         assert_eq!(status, 201, "{body}");
         body["device_secret"].as_str().unwrap().to_owned()
     }
 
     pub async fn device(&self, pk: &str, dn: &str) -> Value {
-        let (status, body) = self.get(&format!("/api/v1/products/{pk}/devices/{dn}")).await;
+        let (status, body) = self
+            .get(&format!("/api/v1/products/{pk}/devices/{dn}"))
+            .await;
         assert_eq!(status, 200, "{body}");
         body
     }
 
     /// Polls a device until `pred` holds.
-    pub async fn wait_device(&self, pk: &str, dn: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_device(
+        &self,
+        pk: &str,
+        dn: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let d = self.device(pk, dn).await;
@@ -318,7 +337,10 @@ fn options(addr: SocketAddr, creds: &LinkCredentials) -> MqttOptions {
 }
 
 /// Connects and waits for the CONNACK.
-pub async fn try_connect(addr: SocketAddr, creds: &LinkCredentials) -> Result<Device, ConnectReturnCode> {
+pub async fn try_connect(
+    addr: SocketAddr,
+    creds: &LinkCredentials,
+) -> Result<Device, ConnectReturnCode> {
     let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
     let first = tokio::time::timeout(WAIT, eventloop.poll())
         .await
@@ -361,7 +383,8 @@ pub async fn connect(addr: SocketAddr, creds: &LinkCredentials) -> Device {
 /// A device that reconnects by itself (rumqttc re-polls after an error), counting its
 /// successful CONNACKs.
 pub struct ReconnectingDevice {
-    pub client: AsyncClient,
+    /// Kept: the event loop ends when every client handle is gone.
+    _client: AsyncClient,
     pub connacks: tokio::sync::watch::Receiver<u32>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -378,7 +401,9 @@ pub fn reconnecting(addr: SocketAddr, creds: &LinkCredentials) -> ReconnectingDe
     let task = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
+                Ok(Event::Incoming(Packet::ConnAck(ack)))
+                    if ack.code == ConnectReturnCode::Success =>
+                {
                     tx.send_modify(|n| *n += 1);
                 }
                 Ok(_) => {}
@@ -387,7 +412,7 @@ pub fn reconnecting(addr: SocketAddr, creds: &LinkCredentials) -> ReconnectingDe
         }
     });
     ReconnectingDevice {
-        client,
+        _client: client,
         connacks,
         task,
     }
@@ -445,7 +470,10 @@ impl Haproxy {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = std::time::Instant::now() + WAIT;
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "haproxy did not listen on {addr}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Haproxy {
@@ -466,8 +494,8 @@ impl Drop for Haproxy {
 /// A cluster of `n` nodes (ids 1..=n) on a fresh database and its own NATS subjects.
 pub struct Cluster {
     pub nodes: Vec<Node>,
-    pub db: Database,
-    pub name: String,
+    /// Dropped (the database with it) after the nodes.
+    _db: Database,
 }
 
 impl Cluster {
@@ -475,7 +503,7 @@ impl Cluster {
         let db = Database::fresh().await;
         let name = unique("t");
         let nodes = (1..=n).map(|id| Node::start(id, &db, &name)).collect();
-        let cluster = Cluster { nodes, db, name };
+        let cluster = Cluster { nodes, _db: db };
         cluster.wait_members(n as usize).await;
         cluster
     }

@@ -35,11 +35,16 @@ async fn devices_land_on_consistent_nodes_through_haproxy() {
             for node in &cluster.nodes {
                 let d = node
                     .api()
-                    .wait_device(&pk, dn, "online", |d| d["online"] == true && d["node"].is_u64())
+                    .wait_device(&pk, dn, "online", |d| {
+                        d["online"] == true && d["node"].is_u64()
+                    })
                     .await;
                 let at = d["node"].as_u64().unwrap();
                 let first = *placed.entry(dn.clone()).or_insert(at);
-                assert_eq!(first, at, "{dn} moved from node {first} to {at} in round {round}");
+                assert_eq!(
+                    first, at,
+                    "{dn} moved from node {first} to {at} in round {round}"
+                );
             }
         }
         for d in &devices {
@@ -47,17 +52,26 @@ async fn devices_land_on_consistent_nodes_through_haproxy() {
         }
         drop(devices);
         for dn in secrets.keys() {
-            api.wait_device(&pk, dn, "offline", |d| d["online"] == false).await;
+            api.wait_device(&pk, dn, "offline", |d| d["online"] == false)
+                .await;
         }
     }
     let used: BTreeSet<u64> = placed.values().copied().collect();
-    assert!(used.len() >= 2, "24 devices all hashed to one node: {placed:?}");
+    assert!(
+        used.len() >= 2,
+        "24 devices all hashed to one node: {placed:?}"
+    );
     // What is not MQTT is turned away at the balancer.
     let mut junk = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(WAIT, junk.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(WAIT, junk.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "a non-MQTT client got an answer");
 }
 
@@ -71,7 +85,11 @@ async fn a_connection_on_another_node_takes_the_device_over() {
     let secret = api.create_device(&pk, "meter-01").await;
     let creds = credentials(&pk, "meter-01", &secret);
     let first = connect(cluster.node(1).mqtt, &creds).await;
-    cluster.node(2).api().wait_device(&pk, "meter-01", "online at node 1", online_at(1)).await;
+    cluster
+        .node(2)
+        .api()
+        .wait_device(&pk, "meter-01", "online at node 1", online_at(1))
+        .await;
 
     let second = connect(cluster.node(2).mqtt, &creds).await;
     let started = tokio::time::Instant::now();
@@ -124,8 +142,14 @@ async fn changes_through_one_node_apply_on_every_node_at_once() {
         .await;
     assert_eq!(status, 200, "{body}");
     let mut ended = held.ended.clone();
-    tokio::time::timeout(WAIT, ended.wait_for(|e| *e)).await.unwrap().unwrap();
-    assert!(try_connect(three.mqtt, &creds).await.is_err(), "disabled device connected");
+    tokio::time::timeout(WAIT, ended.wait_for(|e| *e))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        try_connect(three.mqtt, &creds).await.is_err(),
+        "disabled device connected"
+    );
 
     // Deleted through node 1: refused on node 3 at once.
     let secret = one.create_device(&pk, "valve-y").await;
@@ -140,9 +164,18 @@ async fn changes_through_one_node_apply_on_every_node_at_once() {
         .await;
     assert_eq!(status, 204);
     let mut ended = held.ended.clone();
-    tokio::time::timeout(WAIT, ended.wait_for(|e| *e)).await.unwrap().unwrap();
-    assert!(try_connect(three.mqtt, &creds).await.is_err(), "deleted device connected");
-    let (status, _) = three.api().get(&format!("/api/v1/products/{pk}/devices/valve-y")).await;
+    tokio::time::timeout(WAIT, ended.wait_for(|e| *e))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        try_connect(three.mqtt, &creds).await.is_err(),
+        "deleted device connected"
+    );
+    let (status, _) = three
+        .api()
+        .get(&format!("/api/v1/products/{pk}/devices/valve-y"))
+        .await;
     assert_eq!(status, 404);
 }
 
@@ -154,7 +187,7 @@ async fn an_acknowledged_report_survives_the_node_that_took_it() {
     let api = cluster.node(1).api();
     let pk = api.create_product("pump").await;
     let secret = api.create_device(&pk, "pump-01").await;
-    let device = connect(cluster.node(2).mqtt, &credentials(&pk, "pump-01", &secret)).await;
+    let mut device = connect(cluster.node(2).mqtt, &credentials(&pk, "pump-01", &secret)).await;
     let topic = format!("/ota/device/inform/{pk}/pump-01");
     let body = json!({"id": "1", "params": {"version": "4.2.0", "module": "MCU"}}).to_string();
     // QoS 1: `publish` returns once queued; the PUBACK is awaited below.
@@ -163,9 +196,8 @@ async fn an_acknowledged_report_survives_the_node_that_took_it() {
         .publish(topic, rumqttc::QoS::AtLeastOnce, false, body)
         .await
         .unwrap();
-    let mut incoming = device.incoming;
     let acked = tokio::time::timeout(WAIT, async {
-        while let Some(p) = incoming.recv().await {
+        while let Some(p) = device.incoming.recv().await {
             if matches!(p, rumqttc::Packet::PubAck(_)) {
                 return true;
             }
@@ -180,7 +212,9 @@ async fn an_acknowledged_report_survives_the_node_that_took_it() {
         cluster
             .node(id)
             .api()
-            .wait_device(&pk, "pump-01", "version 4.2.0", |d| d["versions"]["MCU"] == "4.2.0")
+            .wait_device(&pk, "pump-01", "version 4.2.0", |d| {
+                d["versions"]["MCU"] == "4.2.0"
+            })
             .await;
     }
     // Node 2 is gone for good: the device is released everywhere after the node timeout.
@@ -210,7 +244,9 @@ async fn a_killed_nodes_devices_reconnect_to_the_others() {
     let mut at = BTreeMap::new();
     for dn in &names {
         let d = api
-            .wait_device(&pk, dn, "online", |d| d["online"] == true && d["node"].is_u64())
+            .wait_device(&pk, dn, "online", |d| {
+                d["online"] == true && d["node"].is_u64()
+            })
             .await;
         at.insert(dn.clone(), d["node"].as_u64().unwrap() as u16);
     }
@@ -225,10 +261,19 @@ async fn a_killed_nodes_devices_reconnect_to_the_others() {
         .max_by_key(|(_, c)| **c)
         .map(|(n, _)| *n)
         .expect("devices on nodes 2 or 3");
-    let moved: Vec<&String> = at.iter().filter(|(_, n)| **n == victim).map(|(d, _)| d).collect();
+    let moved: Vec<&String> = at
+        .iter()
+        .filter(|(_, n)| **n == victim)
+        .map(|(d, _)| d)
+        .collect();
     assert!(!moved.is_empty());
     cluster.node_mut(victim).kill9();
-    let survivor = cluster.nodes.iter().find(|n| n.id != victim && n.id != 1).unwrap().id;
+    let survivor = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != victim && n.id != 1)
+        .unwrap()
+        .id;
     for dn in &moved {
         for id in [1, survivor] {
             cluster

@@ -830,7 +830,12 @@ pub(super) async fn load_snapshot(client: &Client) -> Result<Snapshot, StoreErro
     add_versions(&mut devices, &version_rows)?;
     let feed_cuts = feed_rows
         .iter()
-        .map(|r| Ok((r.try_get::<_, i16>(0)? as u16, r.try_get::<_, i64>(1)? as u64)))
+        .map(|r| {
+            Ok((
+                r.try_get::<_, i16>(0)? as u16,
+                r.try_get::<_, i64>(1)? as u64,
+            ))
+        })
         .collect::<Result<BTreeMap<_, _>, tokio_postgres::Error>>()?;
     Ok(Snapshot {
         instances,

@@ -26,7 +26,7 @@ impl PostgresReader {
             config: url.config().clone(),
             client: Mutex::new(None),
         };
-        reader.client().await?;
+        drop(reader.client().await?);
         Ok(reader)
     }
 
@@ -61,12 +61,17 @@ impl SharedStore for PostgresReader {
         })
     }
 
-    fn instances(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<InstanceRecord>, StoreError>> {
+    fn instances(
+        &self,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<InstanceRecord>, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = ANY($1)"),
+                    &format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = ANY($1)"
+                    ),
                     &[&ids],
                 )
                 .await?;
@@ -146,7 +151,10 @@ impl SharedStore for PostgresReader {
         Box::pin(async move {
             let client = self.client().await?;
             let row = client
-                .query_opt("SELECT seq FROM cluster_feed WHERE node = $1", &[&(node as i16)])
+                .query_opt(
+                    "SELECT seq FROM cluster_feed WHERE node = $1",
+                    &[&(node as i16)],
+                )
                 .await?;
             Ok(row
                 .map(|r| r.try_get::<_, i64>(0))

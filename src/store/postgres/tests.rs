@@ -15,6 +15,7 @@ fn connection(dn: &str, last_seen_ms: i64) -> Op {
         device_name: dn.into(),
         last_seen_ms,
         client_ip: Some(format!("10.0.0.{}", last_seen_ms % 250)),
+        session: crate::store::SessionWrite::Online((last_seen_ms as u64) << 21),
     }
 }
 
@@ -90,12 +91,13 @@ fn nodes_starting_together_migrate_the_schema_once() {
         let mut backend = node.join().unwrap().expect("both nodes start");
         assert_eq!(backend.schema_version().unwrap(), SCHEMA_VERSION);
     }
-    // schema_version, instances, products, devices, device_versions, documents.
+    // schema_version, instances, products, devices, device_versions, documents,
+    // cluster_feed.
     assert_eq!(
         observer.query_i64(
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'"
         ),
-        6
+        7
     );
 }
 
