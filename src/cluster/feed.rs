@@ -141,7 +141,7 @@ impl Item {
                 kind: (*kind).to_owned(),
                 id: id.clone(),
             },
-            Op::FeedMark { .. } => return None,
+            Op::FeedMark { .. } | Op::Fence { .. } => return None,
         })
     }
 }
@@ -179,7 +179,7 @@ impl CommitFeed for FeedWriter {
         let concerns = submissions
             .iter()
             .flat_map(|ops| ops.iter())
-            .any(|op| !matches!(op, Op::FeedMark { .. }));
+            .any(|op| !matches!(op, Op::FeedMark { .. } | Op::Fence { .. }));
         concerns.then_some(Op::FeedMark {
             node: self.node,
             seq: self.next,

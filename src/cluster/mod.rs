@@ -26,6 +26,7 @@
 
 pub mod epoch;
 pub mod feed;
+pub mod lease;
 pub mod members;
 mod metrics;
 mod receiver;
@@ -80,6 +81,29 @@ pub trait SharedStore: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<StoredDevice>, StoreError>>;
     /// The last feed message of `node` the store has committed (0: none).
     fn feed_position(&self, node: u16) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Takes lease `name` for `node` if it is free or expired: its new epoch, or `None`
+    /// when another node holds it.
+    fn lease_acquire(
+        &self,
+        name: &'static str,
+        node: u16,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
+    /// Extends `node`'s term `epoch` of lease `name`; `false` when it is no longer its.
+    fn lease_renew(
+        &self,
+        name: &'static str,
+        node: u16,
+        epoch: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Ends `node`'s term `epoch` of lease `name` now.
+    fn lease_release(
+        &self,
+        name: &'static str,
+        node: u16,
+        epoch: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
 /// NATS subjects of one cluster.

@@ -92,6 +92,8 @@ pub enum StoreError {
     Spawn(Arc<std::io::Error>),
     #[error("the store is closed")]
     Closed,
+    #[error("this node does not hold the lease that guards this write (cluster mode)")]
+    NotLeaseHolder,
 }
 
 /// A PostgreSQL error on one line: tokio-postgres's own `Display` says only "db error" and
@@ -272,6 +274,35 @@ pub enum Op {
     /// `seq` of node `node`'s feed, so a snapshot read with [`Snapshot::feed_cuts`] says
     /// exactly which feed messages it already contains. A single node ignores it.
     FeedMark { node: u16, seq: u64 },
+    /// Cluster mode: the submission commits only while node `node` holds lease `lease` with
+    /// `epoch` (`crate::cluster::lease`); otherwise it fails with the others of its submission
+    /// rolled back. A node whose lease ran out can no longer change what the new holder owns.
+    /// A single node has no leases and ignores it.
+    Fence {
+        lease: &'static str,
+        node: u16,
+        epoch: u64,
+    },
+}
+
+/// The lease a [`Store`] handle's submissions are fenced by: set while this node holds it.
+#[derive(Debug, Default)]
+pub struct FenceSlot {
+    held: Mutex<Option<(&'static str, u16, u64)>>,
+}
+
+impl FenceSlot {
+    /// This node holds `lease` with `epoch` (`None`: it does not).
+    pub fn set(&self, held: Option<(&'static str, u16, u64)>) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = held;
+    }
+
+    fn op(&self) -> Option<Op> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|(lease, node, epoch)| Op::Fence { lease, node, epoch })
+    }
 }
 
 /// Told about every committed transaction, in commit order, on the writer thread, before the
@@ -389,6 +420,8 @@ impl Drop for Inner {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Set on a handle made by [`Store::fenced`]: its submissions carry the lease's fence.
+    fence: Option<Arc<FenceSlot>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -567,6 +600,7 @@ impl Store {
                     tx,
                     writer: Mutex::new(Some(handle)),
                 }),
+                fence: None,
             }),
             Ok(Err(e)) => {
                 let _ = handle.join();
@@ -583,6 +617,13 @@ impl Store {
     /// Queues `ops` as one atomic submission. Never blocks; the ticket resolves once committed.
     pub fn submit(&self, ops: Vec<Op>) -> Ticket {
         let (tx, rx) = oneshot::channel();
+        let ops = match self.fenced_ops(ops) {
+            Ok(ops) => ops,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return Ticket { rx };
+            }
+        };
         // If the writer is gone the reply sender is dropped with the message, so the ticket
         // resolves to `Closed`.
         let _ = self.inner.tx.send(Msg::Submit {
@@ -596,6 +637,7 @@ impl Store {
     /// (it does not use tokio's blocking primitives) but it does block that worker: use it only
     /// at start-up.
     pub fn submit_blocking(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let ops = self.fenced_ops(ops)?;
         let (tx, rx) = mpsc::sync_channel(1);
         self.inner
             .tx
@@ -631,6 +673,29 @@ impl Store {
             .send(Msg::LoadDocuments(kind.to_owned(), tx))
             .map_err(|_| StoreError::Closed)?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// A handle whose every submission commits only while this node holds the lease in
+    /// `slot` (cluster mode: the engines' writes); while it holds none, submissions fail at
+    /// once with [`StoreError::NotLeaseHolder`]. Other handles are not affected.
+    pub fn fenced(&self, slot: Arc<FenceSlot>) -> Store {
+        Store {
+            inner: Arc::clone(&self.inner),
+            fence: Some(slot),
+        }
+    }
+
+    fn fenced_ops(&self, mut ops: Vec<Op>) -> Result<Vec<Op>, StoreError> {
+        let Some(slot) = &self.fence else {
+            return Ok(ops);
+        };
+        if ops.is_empty() {
+            // A flush barrier writes nothing to fence.
+            return Ok(ops);
+        }
+        let fence = slot.op().ok_or(StoreError::NotLeaseHolder)?;
+        ops.insert(0, fence);
+        Ok(ops)
     }
 
     /// Whether the writer is running (readiness): false once the store was closed or its

@@ -248,7 +248,7 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             .execute(params![product_key, device_name, module, version, reported_at_ms])?;
         }
         // A single node keeps no sessions across restarts, and has no change feed.
-        Op::ReleaseNode { .. } | Op::FeedMark { .. } => {}
+        Op::ReleaseNode { .. } | Op::FeedMark { .. } | Op::Fence { .. } => {}
         Op::PutDoc { kind, id, body } => {
             conn.prepare_cached(
                 "INSERT INTO documents (kind, id, body) VALUES (?1, ?2, ?3)

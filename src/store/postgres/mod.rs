@@ -63,7 +63,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 /// Schema steps; step `i` brings the database to version `i + 1`. Append only. The numbers
 /// match SQLite's where the steps correspond.
-const MIGRATIONS: &[&str] = &[V1_REGISTRY, V2_DOCUMENTS, V3_CLUSTER];
+const MIGRATIONS: &[&str] = &[V1_REGISTRY, V2_DOCUMENTS, V3_CLUSTER, V4_LEASES];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -136,6 +136,31 @@ CREATE TABLE cluster_feed (
 );
 "#;
 
+/// Cluster mode: leases (`crate::cluster::lease`) — which node drives the engines, the
+/// outbox… — and the fence every write of a lease holder carries: it raises (rolling the
+/// submission back) unless the lease is still held by that node with that epoch, so a node
+/// whose lease ran out cannot overwrite what the next holder does. Times are the server's.
+const V4_LEASES: &str = r#"
+CREATE TABLE cluster_leases (
+    name       TEXT COLLATE "C" PRIMARY KEY,
+    holder     SMALLINT NOT NULL,
+    epoch      BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE FUNCTION fleetgate_fence(lease TEXT, node SMALLINT, lease_epoch BIGINT) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM cluster_leases
+     WHERE name = lease AND holder = node AND epoch = lease_epoch AND expires_at > now()
+       FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'lease % (epoch %) is not held by node %', lease, lease_epoch, node
+            USING ERRCODE = 'FG001';
+    END IF;
+END
+$$;
+"#;
+
 const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Used when the URL sets no `connect_timeout`: a server that does not answer fails the call
@@ -172,6 +197,7 @@ struct Prepared {
     delete_doc: Statement,
     release_node: Statement,
     feed_mark: Statement,
+    fence: Statement,
     set_connections: Statement,
     set_versions: Statement,
     put_docs: Statement,
@@ -227,7 +253,7 @@ impl Prepared {
                  ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
             ),
         )?;
-        let (release_node, feed_mark) = tokio::try_join!(
+        let (release_node, feed_mark, fence) = tokio::try_join!(
             client.prepare(
                 "UPDATE devices SET conn_epoch = NULL, conn_node = NULL, last_seen_ms = $3
                  WHERE conn_node = $1 AND (conn_epoch >> 21) < $2",
@@ -236,10 +262,12 @@ impl Prepared {
                 "INSERT INTO cluster_feed (node, seq) VALUES ($1, $2)
                  ON CONFLICT (node) DO UPDATE SET seq = GREATEST(cluster_feed.seq, excluded.seq)",
             ),
+            client.prepare("SELECT fleetgate_fence($1::text, $2::smallint, $3::bigint)"),
         )?;
         Ok(Prepared {
             release_node,
             feed_mark,
+            fence,
             put_instance,
             put_product,
             delete_product,
@@ -547,6 +575,9 @@ fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<
             statement(client, &p.release_node, [node, before_ms, at_ms])
         }
         Step::Single(Single::FeedMark(node, seq)) => statement(client, &p.feed_mark, [node, seq]),
+        Step::Single(Single::Fence(lease, node, epoch)) => {
+            statement(client, &p.fence, [lease, node, epoch])
+        }
         Step::Connections {
             product_key,
             device_name,

@@ -68,6 +68,8 @@ pub(super) enum Single<'a> {
     ReleaseNode(i16, i64, i64),
     /// `(node, seq)`.
     FeedMark(i16, i64),
+    /// `(lease, node, epoch)`: fails the submission unless the lease is held so.
+    Fence(&'a str, i16, i64),
 }
 
 /// A connection event's session: its epoch (`i64` as stored) and direction.
@@ -226,6 +228,7 @@ pub(super) fn plan<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Result<Vec<Step
                 at_ms,
             } => Single::ReleaseNode(*node as i16, *before_ms, *at_ms),
             Op::FeedMark { node, seq } => Single::FeedMark(*node as i16, *seq as i64),
+            Op::Fence { lease, node, epoch } => Single::Fence(lease, *node as i16, *epoch as i64),
         };
         group.flush_into(&mut steps);
         steps.push(Step::Single(single));

@@ -10,6 +10,7 @@ use super::{
 use crate::cluster::SharedStore;
 use crate::store::{InstanceRecord, ProductRecord, Snapshot, StoreError, StoredDevice};
 use futures_util::future::BoxFuture;
+use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
@@ -144,6 +145,71 @@ impl SharedStore for PostgresReader {
             let end = if read.is_ok() { "COMMIT" } else { "ROLLBACK" };
             client.batch_execute(end).await?;
             read
+        })
+    }
+
+    fn lease_acquire(
+        &self,
+        name: &'static str,
+        node: u16,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "INSERT INTO cluster_leases (name, holder, epoch, expires_at)
+                     VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                         epoch = cluster_leases.epoch + 1, expires_at = excluded.expires_at
+                     WHERE cluster_leases.expires_at <= now()
+                     RETURNING epoch",
+                    &[&name, &(node as i16), &ttl.as_secs_f64()],
+                )
+                .await?;
+            Ok(row
+                .map(|r| r.try_get::<_, i64>(0))
+                .transpose()?
+                .map(|e| e as u64))
+        })
+    }
+
+    fn lease_renew(
+        &self,
+        name: &'static str,
+        node: u16,
+        epoch: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "UPDATE cluster_leases SET expires_at = now() + make_interval(secs => $4)
+                     WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()",
+                    &[&name, &(node as i16), &(epoch as i64), &ttl.as_secs_f64()],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn lease_release(
+        &self,
+        name: &'static str,
+        node: u16,
+        epoch: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE cluster_leases SET expires_at = now()
+                     WHERE name = $1 AND holder = $2 AND epoch = $3",
+                    &[&name, &(node as i16), &(epoch as i64)],
+                )
+                .await?;
+            Ok(())
         })
     }
 

@@ -302,3 +302,69 @@ fn an_unreachable_server_fails_the_open_with_the_url_shown_without_password() {
         "PostgreSQL at postgres://fg:***@127.0.0.1:1/fleetgate"
     );
 }
+
+/// Leases: one holder at a time, a term ends with its expiry, and the fence refuses a write
+/// of a holder whose term is over while the other submissions of the drain commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_has_one_holder_and_fences_the_writes_of_a_past_term() {
+    use crate::cluster::SharedStore;
+    let pg = PgDatabase::create();
+    let store = Store::open_with(
+        &StoreLocation::Postgres(pg.url().clone()),
+        &StoreSettings::default(),
+        metrics(),
+    )
+    .unwrap();
+    store.submit(setup_ops(&["a"])).await.unwrap();
+    let reader = crate::store::PostgresReader::connect(pg.url())
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(600);
+
+    let e1 = reader.lease_acquire("engines", 1, ttl).await.unwrap();
+    assert_eq!(e1, Some(1));
+    assert_eq!(reader.lease_acquire("engines", 2, ttl).await.unwrap(), None);
+    assert!(reader.lease_renew("engines", 1, 1, ttl).await.unwrap());
+    assert!(!reader.lease_renew("engines", 2, 1, ttl).await.unwrap());
+    // Other leases are independent.
+    assert_eq!(
+        reader.lease_acquire("outbox", 2, ttl).await.unwrap(),
+        Some(1)
+    );
+
+    let fence = Arc::new(crate::store::FenceSlot::default());
+    let fenced = store.fenced(fence.clone());
+    let write = |v: &str| vec![version("pk", "a", "MCU", v)];
+    // Not holding: refused before it reaches the database.
+    assert!(matches!(
+        fenced.submit(write("0")).await,
+        Err(StoreError::NotLeaseHolder)
+    ));
+    fence.set(Some(("engines", 1, 1)));
+    fenced.submit(write("1")).await.expect("node 1's term");
+
+    // Node 1 stalls past its term; node 2 takes the lease.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(!reader.lease_renew("engines", 1, 1, ttl).await.unwrap());
+    assert_eq!(
+        reader.lease_acquire("engines", 2, ttl).await.unwrap(),
+        Some(2)
+    );
+    // Node 1's late write, in one drain with an unfenced one: only the fenced one fails.
+    let late = fenced.submit(write("late"));
+    let other = store.submit(vec![version("pk", "a", "default", "x")]);
+    let (late, other) = tokio::join!(late, other);
+    assert!(matches!(late, Err(StoreError::Postgres(_))), "{late:?}");
+    other.unwrap();
+    let a = store.load().unwrap().devices.remove(0);
+    assert_eq!(a.versions.get("MCU").map(String::as_str), Some("1"));
+    assert_eq!(a.versions.get("default").map(String::as_str), Some("x"));
+
+    // Released: taken at once by the next node, with a new epoch.
+    reader.lease_release("engines", 2, 2).await.unwrap();
+    assert_eq!(
+        reader.lease_acquire("engines", 1, ttl).await.unwrap(),
+        Some(3)
+    );
+    store.close();
+}
