@@ -1124,3 +1124,76 @@ async fn a_firmware_get_right_after_a_wrong_version_report_gets_no_upgrade() {
         (Some("FAILED"), Some("WRONG_VERSION"))
     );
 }
+
+#[tokio::test]
+async fn a_specific_job_says_why_each_listed_device_was_not_taken() {
+    let t = spawn_app().await;
+    let pk = t.create_product("picky").await;
+    for dn in ["at-src", "at-other", "at-target", "silent"] {
+        t.create_device(&pk, dn).await;
+    }
+    let reg = t.app().registry();
+    for (dn, v) in [
+        ("at-src", "2.0.0"),
+        ("at-other", "1.0.0"),
+        ("at-target", "2.1.0"),
+    ] {
+        reg.report_version(&pk, dn, "default", v, 1).await.unwrap();
+    }
+    let repo = t.app().firmware().clone();
+    let mut new = NewFirmware::new(&pk, "2.1.0");
+    new.src_versions = vec!["2.0.0".into()];
+    let fid = repo
+        .create_from_bytes(new, b"image 2.1.0")
+        .await
+        .unwrap()
+        .firmware_id;
+    let (s, job) = t
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": fid, "target": "SPECIFIC", "force": true,
+                   "device_names": ["at-src", "at-other", "at-target", "silent"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{job}");
+    assert_eq!(job["counters"]["total"], 1, "{job}");
+    let reasons: std::collections::BTreeMap<String, String> = job["not_selected"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no not_selected in {job}"))
+        .iter()
+        .map(|n| {
+            (
+                n["device_name"].as_str().unwrap().to_owned(),
+                n["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{job}");
+    assert_eq!(reasons["at-target"], "already at 2.1.0");
+    assert!(reasons["at-other"].contains("reports 1.0.0") && reasons["at-other"].contains("2.0.0"));
+    assert!(
+        reasons["silent"].starts_with("never reported"),
+        "{}",
+        reasons["silent"]
+    );
+    // The job read back does not carry it.
+    let jid = job["job_id"].as_str().unwrap();
+    let (_, again) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert!(again.get("not_selected").is_none(), "{again}");
+    // A VERIFY job none of whose devices can take the package names them in its 400.
+    let (s, err) = t
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": fid, "job_type": "VERIFY_FIRMWARE", "target": "SPECIFIC",
+                   "device_names": ["at-other"]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{err}");
+    assert!(
+        err["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("at-other: reports 1.0.0"),
+        "{err}"
+    );
+}
