@@ -42,14 +42,15 @@ pub const HTTP: ListenerName = ListenerName {
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error(
-        "cannot bind {} on {addr}: {source}; choose another address with {} \
+        "cannot bind {} on {addr}: {error}; choose another address with {} \
          (or {}, or {} in the config file)",
         .listener.name, .listener.flag, .listener.env, .listener.key
     )]
+    /// `error` is in the message (not a `source`: it would be printed twice).
     Bind {
         listener: ListenerName,
         addr: SocketAddr,
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "cannot bind {} on {addr} (the default) nor on the {tried} ports above it: all taken; \
@@ -75,11 +76,11 @@ pub fn bind_listener<L>(
     let taken = match bind(addr) {
         Ok(l) => return Ok(l),
         Err(e) if fallback && addr.port() != 0 && e.kind() == io::ErrorKind::AddrInUse => e,
-        Err(source) => {
+        Err(error) => {
             return Err(ListenError::Bind {
                 listener,
                 addr,
-                source,
+                error,
             })
         }
     };
@@ -104,11 +105,11 @@ pub fn bind_listener<L>(
                 return Ok(l);
             }
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-            Err(source) => {
+            Err(error) => {
                 return Err(ListenError::Bind {
                     listener,
                     addr: candidate,
-                    source,
+                    error,
                 })
             }
         }
