@@ -69,7 +69,8 @@ struct ServeArgs {
     /// TOML settings file (see README "Configuration").
     #[arg(long, env = "FLEETGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// MQTT (plain TCP) listen address [default 0.0.0.0:1883].
+    /// MQTT (plain TCP) listen address [default 0.0.0.0:1883, or the next free port when 1883
+    /// is taken; an address given here must be free].
     #[arg(long, env = "FLEETGATE_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
     /// MQTT over TLS listen address [default 0.0.0.0:8883 when a certificate is given].
@@ -81,7 +82,8 @@ struct ServeArgs {
     /// PEM private key for the TLS listener.
     #[arg(long, env = "FLEETGATE_TLS_KEY")]
     tls_key: Option<PathBuf>,
-    /// HTTP API listen address [default 0.0.0.0:8080].
+    /// HTTP API listen address [default 0.0.0.0:8080, or the next free port when 8080 is
+    /// taken; an address given here must be free].
     #[arg(long, env = "FLEETGATE_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
     /// Data directory [default ./fleetgate-data].
