@@ -935,6 +935,20 @@ impl ExportService {
     }
 }
 
+/// Why an OTA job object is not created again: a finished `VERIFY_FIRMWARE` job. Its result is
+/// the package's status, which the firmware object carries (a package VERIFIED on the source is
+/// VERIFIED here), and running it again would find its devices already at the target.
+fn finished_verification(o: &PackageObject) -> Option<String> {
+    let job: Job = serde_json::from_value(o.data.get("job")?.clone()).ok()?;
+    (job.spec.job_type == crate::ota::model::JobType::VerifyFirmware && job.status.is_finished())
+        .then(|| {
+            format!(
+                "a finished VERIFY_FIRMWARE job ({}) is not run again: the package's status came with its firmware",
+                job.status.as_str()
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -973,18 +987,4 @@ mod tests {
         assert!(!ends_session(&off, &off.clone()));
         assert!(!ends_session(&off, &base), "enabling ends nothing");
     }
-}
-
-/// Why an OTA job object is not created again: a finished `VERIFY_FIRMWARE` job. Its result is
-/// the package's status, which the firmware object carries (a package VERIFIED on the source is
-/// VERIFIED here), and running it again would find its devices already at the target.
-fn finished_verification(o: &PackageObject) -> Option<String> {
-    let job: Job = serde_json::from_value(o.data.get("job")?.clone()).ok()?;
-    (job.spec.job_type == crate::ota::model::JobType::VerifyFirmware && job.status.is_finished())
-        .then(|| {
-            format!(
-                "a finished VERIFY_FIRMWARE job ({}) is not run again: the package's status came with its firmware",
-                job.status.as_str()
-            )
-        })
 }
