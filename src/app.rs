@@ -7,8 +7,11 @@
 //! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
 //! reloaded, every timer re-armed) → migration engine (kicks via the router, data-sync routes
 //! and limits into the forwarder) → export/import jobs (which use the OTA and migration
-//! engines) → ingest → listeners and HTTP serving. Before all of it, the connection budgets
-//! are derived from the open-files limit ([`crate::admission`]). Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! engines) → ingest → MQTT accepting → admin token → HTTP serving. Before all of it the MQTT
+//! and HTTP listeners are bound ([`crate::listen`]: a taken built-in default port falls back to
+//! the next free one), so a start that cannot listen creates nothing, and the connection
+//! budgets are derived from the open-files limit ([`crate::admission`]). The admin token is
+//! created only by a start that got that far, and printed by it. Stop order is the reverse, so nothing is accepted that cannot be stored.
 
 use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
@@ -20,6 +23,7 @@ use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
 use crate::ingest::Ingest;
+use crate::listen;
 use crate::metrics::{Listener, Metrics};
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine};
@@ -54,6 +58,30 @@ impl Application {
     /// Open the store, rebuild the registry, bind every listener (port 0 allowed) and start
     /// serving. Returns once everything accepts connections.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        // First of all, so that a start that cannot listen changes nothing on disk. A taken
+        // built-in default port falls back to the next free one (`crate::listen`).
+        let listener = listen::bind_listener(
+            listen::HTTP,
+            settings.http.listen,
+            settings.http.listen_is_default,
+            api::serve::bind,
+        )?;
+        let mqtt_listener = listen::bind_listener(
+            listen::MQTT,
+            settings.mqtt.listen,
+            settings.mqtt.listen_is_default,
+            crate::broker::bind_listener,
+        )?;
+        // Checked before anything is created: a start that fails never makes an admin token
+        // nobody sees (it is created and printed at the end).
+        settings
+            .api
+            .tokens
+            .iter()
+            .try_fold(TokenSet::default(), |set, t| {
+                set.with_token(t.token.expose(), &t.role)
+            })
+            .context("invalid api.tokens")?;
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
         let metrics = Arc::new(Metrics::new());
@@ -93,9 +121,7 @@ impl Application {
         )
         .context("cannot load the registry")?;
 
-        // Bound before the firmware repository: download links default to this address.
-        let listener = api::serve::bind(settings.http.listen)
-            .with_context(|| format!("cannot bind HTTP on {}", settings.http.listen))?;
+        // Download links default to the bound HTTP address.
         let http_addr = listener.local_addr()?;
         let public_url = settings
             .http
@@ -109,18 +135,6 @@ impl Application {
             settings.ota.max_firmware_bytes,
         )
         .context("cannot open the firmware repository")?;
-
-        let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
-            &settings.data_dir,
-            settings.api.token.as_ref().map(|t| t.expose().to_owned()),
-        )
-        .context("cannot set up API tokens")?;
-        let tokens = settings
-            .api
-            .tokens
-            .iter()
-            .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
-            .context("invalid api.tokens")?;
 
         // Always built: consumer groups are managed (and persisted) with forwarding off too.
         let forwarder = Forwarder::open(
@@ -250,7 +264,7 @@ impl Application {
                 .with_forwarder(forwarder.clone()),
         );
         let broker = broker
-            .start(ingest)
+            .start_on(ingest, mqtt_listener)
             .await
             .context("cannot start the MQTT listeners")?;
 
@@ -265,6 +279,19 @@ impl Application {
             );
             cluster
         });
+        // The last step that can fail: an admin token created here is printed below.
+        let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
+            &settings.data_dir,
+            settings.api.token.as_ref().map(|t| t.expose().to_owned()),
+        )
+        .context("cannot set up API tokens")?;
+        let tokens = settings
+            .api
+            .tokens
+            .iter()
+            .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
+            .context("invalid api.tokens")?;
+
         let health_info = {
             let mqtt = broker.mqtt_addr();
             let tls = broker.tls_addr();

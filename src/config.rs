@@ -58,6 +58,11 @@ impl Default for Settings {
 pub struct MqttSettings {
     /// Plain TCP listener (securemode=3). Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Set by [`Settings::load`] when `listen` is the built-in default (no file key, flag or
+    /// environment variable gave it): a taken default port then falls back to the next free
+    /// one ([`crate::listen`]). Never read from a file.
+    #[serde(skip)]
+    pub listen_is_default: bool,
     /// Optional TLS listener (securemode=2).
     pub tls: Option<TlsSettings>,
     /// Authenticated sessions; beyond it a new device gets CONNACK "server unavailable".
@@ -95,6 +100,7 @@ impl Default for MqttSettings {
     fn default() -> Self {
         MqttSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen_is_default: false,
             tls: None,
             max_connections: 100_000,
             connect_timeout_secs: 10,
@@ -132,6 +138,9 @@ pub struct TlsSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+    /// As [`MqttSettings::listen_is_default`], for the HTTP listener.
+    #[serde(skip)]
+    pub listen_is_default: bool,
     /// Base URL devices use to reach this gateway's HTTP side (firmware download links).
     /// Defaults to `http://{listen}` with the bound address.
     pub public_url: Option<String>,
@@ -161,6 +170,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen_is_default: false,
             public_url: None,
             json_body_limit_bytes: crate::api::DEFAULT_JSON_BODY_LIMIT,
             batch_body_limit_bytes: crate::api::DEFAULT_BATCH_BODY_LIMIT,
@@ -430,16 +440,23 @@ pub struct Overrides {
 impl Settings {
     /// Defaults, then the file (if any), then the overrides.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigError> {
-        let mut settings = match file {
+        // Whether the file sets each listener's address: (mqtt, http).
+        let (mut settings, file_listens): (Settings, (bool, bool)) = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?
+                let settings = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
+                let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+                let sets =
+                    |section: &str| table.get(section).and_then(|s| s.get("listen")).is_some();
+                (settings, (sets("mqtt"), sets("http")))
             }
-            None => Settings::default(),
+            None => (Settings::default(), (false, false)),
         };
+        settings.mqtt.listen_is_default = !file_listens.0 && overrides.mqtt_listen.is_none();
+        settings.http.listen_is_default = !file_listens.1 && overrides.http_listen.is_none();
         settings.apply(overrides)?;
         settings.validate()?;
         Ok(settings)
@@ -776,6 +793,31 @@ mod tests {
         assert!(s.amqp.url.is_none());
         assert_eq!(s.ota.max_firmware_bytes, 256 * 1024 * 1024);
         assert_eq!(s.ota.download_url_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn only_built_in_listen_addresses_may_fall_back() {
+        let s = Settings::load(None, Overrides::default()).unwrap();
+        assert!(s.mqtt.listen_is_default && s.http.listen_is_default);
+        // A flag or environment variable (both arrive as overrides), even naming the default.
+        let s = Settings::load(
+            None,
+            Overrides {
+                mqtt_listen: Some("0.0.0.0:1883".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(!s.mqtt.listen_is_default && s.http.listen_is_default);
+        // The config file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(&path, "[http]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert!(s.mqtt.listen_is_default && !s.http.listen_is_default);
+        // Settings built in code bind what they say.
+        assert!(!Settings::default().mqtt.listen_is_default);
+        assert!(!Settings::default().http.listen_is_default);
     }
 
     #[test]

@@ -472,6 +472,67 @@ impl DeviceHooks for Ingest {
     }
 
     async fn on_publishes(&self, session: &Session, run: &[UpMessage<'_>]) -> RunOutcome {
-        self.ingest_run(session, run).await
+        let cuts = ordered_cuts(run.iter().map(|m| Topic::parse(m.topic).map(|t| t.kind())));
+        if cuts.is_empty() {
+            return self.ingest_run(session, run).await;
+        }
+        // A progress report or `firmware/get` after a version report in the same run must see
+        // the OTA engine after that report (a wrong version ends the task: a `firmware/get`
+        // handled before it would hand out the upgrade of a task about to fail).
+        let mut outcome = RunOutcome::processed();
+        let mut start = 0;
+        for end in cuts.into_iter().chain(std::iter::once(run.len())) {
+            let part = self.ingest_run(session, &run[start..end]).await;
+            for i in 0..end - start {
+                if part.get(i) == PublishOutcome::Withheld {
+                    outcome.withhold(start + i);
+                }
+            }
+            start = end;
+        }
+        outcome
+    }
+}
+
+/// Where a run must be cut so that the OTA engine hears of messages in their order:
+/// [`Ingest::ingest_run`] applies a run's version reports to the engine only after its other
+/// messages, so a progress report or `firmware/get` that follows a version report starts a new
+/// part. Empty for the common runs (telemetry, or reports alone). `None` kinds are topics
+/// ingest does not read.
+fn ordered_cuts(kinds: impl Iterator<Item = Option<TopicKind>>) -> Vec<usize> {
+    let mut cuts = Vec::new();
+    let mut inform_in_part = false;
+    for (i, kind) in kinds.enumerate() {
+        match kind {
+            Some(TopicKind::Inform) => inform_in_part = true,
+            Some(TopicKind::Progress | TopicKind::FirmwareGet) if inform_in_part => {
+                cuts.push(i);
+                inform_in_part = false;
+            }
+            _ => {}
+        }
+    }
+    cuts
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+    use TopicKind::{FirmwareGet as G, Inform as I, Progress as P, PropertyPost as T};
+
+    #[test]
+    fn ota_requests_after_a_version_report_start_a_new_part() {
+        let cases: &[(&[Option<TopicKind>], &[usize])] = &[
+            (&[], &[]),
+            (&[Some(I), Some(I), Some(T)], &[]),
+            (&[Some(G), Some(I)], &[]),
+            (&[Some(P), Some(T), Some(I)], &[]),
+            (&[Some(I), Some(G)], &[1]),
+            (&[Some(I), Some(T), Some(P), Some(P)], &[2]),
+            (&[Some(I), Some(P), Some(I), None, Some(G)], &[1, 4]),
+        ];
+        for (kinds, want) in cases {
+            assert_eq!(ordered_cuts(kinds.iter().copied()), *want, "{kinds:?}");
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
+//! - [`listen`]: binding the listeners; a taken default port falls back to the next free one.
 //! - [`metrics`]: Prometheus metrics shared by every component.
 //! - [`admission`]: connection budgets from the open-files limit, per-source caps on
 //!   unauthenticated sockets (used by the MQTT and HTTP accept loops).
@@ -27,6 +28,7 @@ pub mod config;
 pub mod export;
 pub mod forwarder;
 pub mod ingest;
+pub mod listen;
 pub mod metrics;
 pub mod migration;
 pub mod ota;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetgate::app::Application;
 use fleetgate::config::{Overrides, Settings};
-use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+use fleetgate_topics::sign::{LinkClientId, LinkCredentials, SignMethod};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -53,6 +53,11 @@ enum Command {
         /// Add a timestamp (milliseconds) to the signed content.
         #[arg(long)]
         timestamp: bool,
+        /// The client id's own part (before the first `|`; it is signed) [default
+        /// `{product_key}.{device_name}`, as the Link SDKs send]. Whatever it is, the gateway
+        /// keeps one connection per device: a second CONNECT as the same device ends the first.
+        #[arg(long)]
+        client_id: Option<String>,
         /// Print as shell variable assignments.
         #[arg(long)]
         shell: bool,
@@ -64,7 +69,8 @@ struct ServeArgs {
     /// TOML settings file (see README "Configuration").
     #[arg(long, env = "FLEETGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// MQTT (plain TCP) listen address [default 0.0.0.0:1883].
+    /// MQTT (plain TCP) listen address [default 0.0.0.0:1883, or the next free port when 1883
+    /// is taken; an address given here must be free].
     #[arg(long, env = "FLEETGATE_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
     /// MQTT over TLS listen address [default 0.0.0.0:8883 when a certificate is given].
@@ -76,7 +82,8 @@ struct ServeArgs {
     /// PEM private key for the TLS listener.
     #[arg(long, env = "FLEETGATE_TLS_KEY")]
     tls_key: Option<PathBuf>,
-    /// HTTP API listen address [default 0.0.0.0:8080].
+    /// HTTP API listen address [default 0.0.0.0:8080, or the next free port when 8080 is
+    /// taken; an address given here must be free].
     #[arg(long, env = "FLEETGATE_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
     /// Data directory [default ./fleetgate-data].
@@ -177,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             device_secret,
             sign_method,
             timestamp,
+            client_id,
             shell,
         } => {
             let ts = timestamp.then(|| {
@@ -185,14 +193,35 @@ fn main() -> anyhow::Result<()> {
                     .map(|d| d.as_millis().to_string())
                     .unwrap_or_default()
             });
-            let c = LinkCredentials::new(
-                &product_key,
-                &device_name,
-                &device_secret,
-                sign_method,
-                3,
-                ts,
-            );
+            let c = match client_id {
+                None => LinkCredentials::new(
+                    &product_key,
+                    &device_name,
+                    &device_secret,
+                    sign_method,
+                    3,
+                    ts,
+                ),
+                Some(id) => {
+                    if id.contains('|') || id.is_empty() {
+                        anyhow::bail!(
+                            "--client-id must not be empty nor contain `|` (it ends the client id's own part)"
+                        );
+                    }
+                    let id = LinkClientId {
+                        client_id: id,
+                        secure_mode: 3,
+                        sign_method,
+                        timestamp: ts,
+                        auto_subscribe: false,
+                    };
+                    LinkCredentials {
+                        client_id: id.to_client_id_string(),
+                        username: format!("{device_name}&{product_key}"),
+                        password: id.password(&product_key, &device_name, &device_secret),
+                    }
+                }
+            };
             if shell {
                 println!(
                     "CLIENT_ID='{}'\nUSERNAME='{}'\nPASSWORD='{}'",

@@ -269,3 +269,85 @@ fn open_files_limit_is_raised_and_limits_come_from_the_environment() {
     assert_eq!(budgets["http_connections"], 7, "{budgets}");
     assert_eq!(budgets["http_connections_per_ip"], 3, "{budgets}");
 }
+
+#[test]
+fn a_taken_port_fails_the_start_naming_the_flag_without_creating_the_token() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "serve",
+            "--mqtt-listen",
+            &taken,
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("FLEETGATE_API_TOKEN")
+        .env_remove("FLEETGATE_AMQP_URL")
+        .env_remove("FLEETGATE_STORE")
+        .output()
+        .expect("fleetgate runs");
+    assert!(!out.status.success(), "started on the taken {taken}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&taken), "{stderr}");
+    assert!(stderr.contains("--mqtt-listen"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!dir.path().join("api-token").exists());
+    drop(held);
+    // The next start that succeeds creates the token and prints it.
+    let (gw, token) = start(dir.path(), true);
+    assert!(token.is_some_and(|t| t.starts_with("fg_")));
+    sigterm_and_wait(gw);
+}
+
+fn device_credentials(extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "device-credentials",
+            "--product-key",
+            "a1Prod",
+            "--device-name",
+            "dev-0001",
+            "--device-secret",
+            "s3cret",
+            "--shell",
+        ])
+        .args(extra)
+        .env_remove("FLEETGATE_DEVICE_SECRET")
+        .output()
+        .expect("fleetgate runs")
+}
+
+#[test]
+fn device_credentials_take_a_client_id_and_sign_it() {
+    use fleetgate_topics::sign::LinkClientId;
+    let field = |out: &str, name: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}='")))
+            .and_then(|v| v.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_owned()
+    };
+    for (extra, want) in [
+        (vec![], "a1Prod.dev-0001"),
+        (vec!["--client-id", "bench-7"], "bench-7"),
+    ] {
+        let out = device_credentials(&extra);
+        assert!(out.status.success());
+        let out = String::from_utf8(out.stdout).unwrap();
+        let id = LinkClientId::parse(&field(&out, "CLIENT_ID")).unwrap();
+        assert_eq!(id.client_id, want);
+        assert_eq!(field(&out, "USERNAME"), "dev-0001&a1Prod");
+        assert!(id.verify("a1Prod", "dev-0001", "s3cret", &field(&out, "PASSWORD")));
+    }
+    let out = device_credentials(&["--client-id", "a|b"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--client-id"));
+}

@@ -55,6 +55,77 @@ pub enum DeviceListError {
     Write { path: PathBuf, message: String },
     #[error("provisioning through {url}: {message}")]
     Provision { url: String, message: String },
+    #[error("the gateway's MQTT address ({url}): {message}")]
+    GatewayMqtt { url: String, message: String },
+}
+
+/// The MQTT address of the gateway whose API is at `api`, as its `/healthz` reports it (see
+/// [`mqtt_address_for`]), checked against `explicit` (`--mqtt` / `mqtt.address`, when the user
+/// gave one): provisioning through one gateway and connecting to another broker would only
+/// produce refused CONNECTs or, worse, a foreign broker that accepts anything.
+pub async fn gateway_mqtt(api: &str, explicit: Option<&str>) -> Result<String, DeviceListError> {
+    let url = format!("{}/healthz", api.trim_end_matches('/'));
+    let err = |message: String| DeviceListError::GatewayMqtt {
+        url: url.clone(),
+        message,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| err(format!("{e} (is the gateway running there?)")))?;
+    if !resp.status().is_success() {
+        return Err(err(format!("HTTP {}", resp.status())));
+    }
+    let body: Value = resp.json().await.map_err(|e| err(e.to_string()))?;
+    let reported = body["mqtt"]
+        .as_str()
+        .ok_or_else(|| err("no `mqtt` address in the answer".into()))?;
+    mqtt_address_for(api, reported, explicit).map_err(err)
+}
+
+/// Where to connect to the gateway that reported `reported` (its bound MQTT address) on its
+/// API at `api`: an unspecified bind address (`0.0.0.0`, `::`) is reached through the API's
+/// host. With `explicit` (the user's `--mqtt`) the port must agree: its host may differ (a
+/// name, a NAT), a different port is another broker.
+pub fn mqtt_address_for(
+    api: &str,
+    reported: &str,
+    explicit: Option<&str>,
+) -> Result<String, String> {
+    let addr: std::net::SocketAddr = reported
+        .parse()
+        .map_err(|_| format!("the gateway reported {reported:?}, not an address"))?;
+    let resolved = if addr.ip().is_unspecified() {
+        let url = reqwest::Url::parse(api).map_err(|e| format!("--api {api}: {e}"))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("--api {api} has no host"))?;
+        format!("{host}:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    match explicit {
+        None => Ok(resolved),
+        Some(given) => {
+            let port = given
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            if port == Some(addr.port()) {
+                Ok(given.to_owned())
+            } else {
+                Err(format!(
+                    "the gateway at {api} takes MQTT on {reported}, but the MQTT address given \
+                     is {given}: drop --mqtt (the simulator then uses the gateway's) or point \
+                     --api at the gateway that listens there"
+                ))
+            }
+        }
+    }
 }
 
 /// Loads a CSV (`ProductKey,DeviceName,DeviceSecret[,SignMethod]`, header required, column
@@ -419,6 +490,34 @@ pub fn parse_batch_response(v: &Value, product_key: &str, sent: &[DeviceSpec]) -
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_mqtt_address_comes_from_the_gateway_and_must_agree_with_an_explicit_one() {
+        let api = "http://gw.local:8081";
+        assert_eq!(
+            mqtt_address_for(api, "0.0.0.0:1884", None).unwrap(),
+            "gw.local:1884"
+        );
+        assert_eq!(
+            mqtt_address_for(api, "[::]:1884", None).unwrap(),
+            "gw.local:1884"
+        );
+        assert_eq!(
+            mqtt_address_for(api, "127.0.0.1:18831", None).unwrap(),
+            "127.0.0.1:18831"
+        );
+        assert_eq!(
+            mqtt_address_for(api, "0.0.0.0:1884", Some("10.1.2.3:1884")).unwrap(),
+            "10.1.2.3:1884"
+        );
+        let err = mqtt_address_for(api, "0.0.0.0:1884", Some("127.0.0.1:1883")).unwrap_err();
+        assert!(
+            err.contains("127.0.0.1:1883") && err.contains("0.0.0.0:1884"),
+            "{err}"
+        );
+        assert!(err.contains("--mqtt"), "{err}");
+        assert!(mqtt_address_for(api, "nonsense", None).is_err());
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -54,7 +54,8 @@ struct Args {
     )]
     api_token: Option<String>,
 
-    /// MQTT broker host:port [scenario default: 127.0.0.1:1883].
+    /// MQTT broker host:port [default: with --provision, the gateway's own (its /healthz
+    /// `mqtt`), and a different port is refused; otherwise 127.0.0.1:1883].
     #[arg(long, value_name = "HOST:PORT")]
     mqtt: Option<String>,
     /// CONNECT sign method: hmacsha1, hmacsha256, hmacmd5 or mixed.
@@ -148,6 +149,15 @@ async fn run(args: Args) -> Result<()> {
     if let Some(v) = &args.api {
         sc.fleet.api = v.clone();
     }
+    // An MQTT address the user gave (flag or scenario key); without one, devices provisioned
+    // through a gateway connect to that gateway's MQTT listener.
+    let explicit_mqtt = match &args.mqtt {
+        Some(v) => Some(v.clone()),
+        None => match &args.scenario {
+            Some(p) if scenario_sets_mqtt_address(p) => Some(sc.mqtt.address.clone()),
+            _ => None,
+        },
+    };
     if let Some(v) = &args.mqtt {
         sc.mqtt.address = v.clone();
     }
@@ -189,6 +199,20 @@ async fn run(args: Args) -> Result<()> {
     }
     sc.validate()?;
     let seed = sc.seed.unwrap_or_else(rand::random);
+    if sc.fleet.devices_file.is_none()
+        && sc.fleet.generate.is_none()
+        && sc.fleet.provision.is_some()
+    {
+        // Before any device is created: a mismatch changes nothing on the gateway.
+        let addr = devices::gateway_mqtt(&sc.fleet.api, explicit_mqtt.as_deref()).await?;
+        if explicit_mqtt.is_none() {
+            eprintln!(
+                "firmware-sim: connecting to the gateway's MQTT listener at {addr} (from {}/healthz)",
+                sc.fleet.api.trim_end_matches('/')
+            );
+        }
+        sc.mqtt.address = addr;
+    }
 
     let devices = load_devices(&sc, args.api_token.as_deref(), seed).await?;
     if let Some(path) = &sc.fleet.save_devices {
@@ -267,6 +291,15 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether the scenario file sets `[mqtt] address` (it was loaded once already: unreadable
+/// now means not set).
+fn scenario_sets_mqtt_address(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.get("mqtt").and_then(|m| m.get("address")).is_some())
 }
 
 async fn load_devices(

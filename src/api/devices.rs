@@ -29,6 +29,13 @@ use crate::registry::{Device, DeviceFilter, DeviceUpdate, NewDevice, Page};
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDeviceRequest {
+    /// 4 to 32 characters of `A-Z a-z 0-9 _ - @ . :` (the vendor's rule); anything else is
+    /// 400 `FG.1001` naming `device_name`.
+    #[schema(
+        min_length = 4,
+        max_length = 32,
+        pattern = "^[A-Za-z0-9_\\-@.:]{4,32}$"
+    )]
     pub device_name: String,
     /// Generated when absent; returned in the response either way.
     #[serde(default)]

@@ -144,8 +144,8 @@ pub struct ConfigResponse {
     pub id: String,
     pub name: String,
     pub status: SummaryStatus,
-    /// The last fault, `""` when none.
-    pub error: String,
+    /// The last fault, `null` when none (as in the task details).
+    pub error: Option<String>,
     pub state: TaskState,
     pub config: MigrationConfig,
 }
@@ -366,7 +366,7 @@ pub async fn put_config(
         id: t.task_id,
         name: t.name,
         status: t.status,
-        error: t.error.unwrap_or_default(),
+        error: t.error,
         state: t.state,
         config: t.config,
     }))

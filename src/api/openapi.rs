@@ -45,8 +45,8 @@ use crate::migration::{
 use crate::ota::engine::{DeviceJob, FirmwareStatistics, TimelineEntry};
 use crate::ota::model::{
     AbortAction, AbortSpec, HistoryEntry, Job, JobSpec, JobStatistics, JobStatus, JobType, JobView,
-    RampSpec, RateSpec, Selection, TagFilter, TargetKind, TaskCounters, TaskView, VersionCount,
-    VersionDistribution,
+    NotSelected, RampSpec, RateSpec, Selection, TagFilter, TargetKind, TaskCounters, TaskView,
+    VersionCount, VersionDistribution,
 };
 use crate::ota::{FailureReason, QueueReason, TaskEvent, TaskStatus};
 use crate::ota::{FirmwarePackage, FirmwareStatus};
@@ -207,6 +207,7 @@ use crate::registry::Instance;
         Job,
         JobStatus,
         JobView,
+        NotSelected,
         TaskCounters,
         TaskView,
         TaskStatus,

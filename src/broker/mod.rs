@@ -117,7 +117,7 @@ mod tests;
 mod violation;
 
 pub use downlink::{Delivery, Downlink};
-pub use server::{Broker, BrokerHandle};
+pub use server::{bind_listener, Broker, BrokerHandle};
 
 /// Resolves when the broker shuts down (the flag turns true, or its sender is gone).
 async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {

@@ -130,12 +130,23 @@ impl Broker {
 
     /// Binds the MQTT listener (and the TLS one, if configured) and starts accepting.
     pub async fn start<H: DeviceHooks>(self, hooks: Arc<H>) -> Result<BrokerHandle, BrokerError> {
+        let plain = bind(self.shared.config.listen)?;
+        self.start_on(hooks, plain).await
+    }
+
+    /// Starts accepting on `plain`, a plain-TCP listener bound by the caller (from
+    /// [`bind_listener`]; `config.listen` is then not used), and binds the TLS one if
+    /// configured.
+    pub async fn start_on<H: DeviceHooks>(
+        self,
+        hooks: Arc<H>,
+        plain: TcpListener,
+    ) -> Result<BrokerHandle, BrokerError> {
         let config = &self.shared.config;
         let tls = match &config.tls {
             Some(tls) => Some((tls.listen, tls_acceptor(tls)?)),
             None => None,
         };
-        let plain = bind(config.listen)?;
         let mqtt_addr = plain.local_addr()?;
         let tls = match tls {
             Some((addr, acceptor)) => {
@@ -231,16 +242,20 @@ impl BrokerHandle {
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
-    let bind_err = |source| BrokerError::Bind { addr, source };
+    bind_listener(addr).map_err(|source| BrokerError::Bind { addr, source })
+}
+
+/// Binds an MQTT listener as the broker does (`SO_REUSEADDR`, backlog 4096; port 0 works),
+/// for [`Broker::start_on`].
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
-    }
-    .map_err(bind_err)?;
-    socket.set_reuseaddr(true).map_err(bind_err)?;
-    socket.bind(addr).map_err(bind_err)?;
-    socket.listen(BACKLOG).map_err(bind_err)
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 async fn accept_loop<H: DeviceHooks>(

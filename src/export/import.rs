@@ -37,6 +37,8 @@ use crate::registry::{Device, NewDevice, NewInstance, NewProduct};
 enum Plan {
     Create,
     Identical,
+    /// Nothing to write, for the reason given.
+    Skip(String),
     Conflict(String),
     Invalid(String),
 }
@@ -277,6 +279,7 @@ impl ExportService {
                     )),
                     None,
                 ),
+                Plan::Skip(why) => (ImportResult::Skipped, Some(why.clone()), None),
                 Plan::Identical => {
                     let target = self.identical_target(obj);
                     if let (ObjectType::Firmware, Some(t)) = (obj.meta.object_type, &target) {
@@ -312,6 +315,13 @@ impl ExportService {
                 },
             };
             let o = &mut job.objects[i];
+            if result != ImportResult::Failed {
+                // Where it is on this gateway: a device is created in its product's instance,
+                // whatever instance it had on the source (migrations are not carried).
+                if let Some(path) = self.local_path(obj) {
+                    o.path = path;
+                }
+            }
             o.result = Some(result);
             o.target_id = target_id.filter(|t| *t != o.id);
             o.status = Status {
@@ -328,6 +338,7 @@ impl ExportService {
                 ImportResult::Overwritten => ("WARN", "FGI_004", "Overwrote"),
                 ImportResult::Conflict => ("WARN", "FGI_007", "Conflict on"),
                 ImportResult::Failed => ("ERROR", "FGI_005", "Failed to import"),
+                ImportResult::Skipped => ("INFO", "FGI_004", "Skipped"),
             };
             let line = format!(
                 "{verb} object [{}] of type [{}] id [{}]{}",
@@ -343,16 +354,16 @@ impl ExportService {
             (
                 JobState::Successful,
                 format!(
-                    "Import completed: {} created, {} skipped as identical, {} overwritten, {} conflicts kept.",
-                    s.created, s.skipped_identical, s.overwritten, s.conflict
+                    "Import completed: {} created, {} skipped as identical, {} skipped, {} overwritten, {} conflicts kept.",
+                    s.created, s.skipped_identical, s.skipped, s.overwritten, s.conflict
                 ),
             )
         } else {
             (
                 JobState::Failed,
                 format!(
-                    "Import finished with {} failed object(s): {} created, {} skipped as identical, {} overwritten, {} conflicts kept.",
-                    s.failed, s.created, s.skipped_identical, s.overwritten, s.conflict
+                    "Import finished with {} failed object(s): {} created, {} skipped as identical, {} skipped, {} overwritten, {} conflicts kept.",
+                    s.failed, s.created, s.skipped_identical, s.skipped, s.overwritten, s.conflict
                 ),
             )
         };
@@ -504,6 +515,9 @@ impl ExportService {
                 if self.ota().is_none() {
                     return Plan::Invalid("OTA is not available on this gateway".into());
                 }
+                if let Some(why) = finished_verification(o) {
+                    return Plan::Skip(why);
+                }
                 match self.identical_job(o) {
                     Some(_) => Plan::Identical,
                     None => Plan::Create,
@@ -550,6 +564,25 @@ impl ExportService {
                     )),
                 }
             }
+        }
+    }
+
+    /// `/{instance}/{pk}[/{dn}]` of a product or device as it is on this gateway now (`None`
+    /// for other objects, or when it is not here).
+    fn local_path(&self, o: &PackageObject) -> Option<String> {
+        let reg = &self.inner.registry;
+        let pk = str_field(&o.data, "product_key")?;
+        match o.meta.object_type {
+            ObjectType::Product => {
+                let p = reg.get_product(pk).ok()?;
+                Some(format!("/{}/{pk}", p.instance_id))
+            }
+            ObjectType::Device => {
+                let dn = str_field(&o.data, "device_name")?;
+                let d = reg.get_device(pk, dn).ok()?;
+                Some(format!("/{}/{pk}/{dn}", d.instance_id))
+            }
+            _ => None,
         }
     }
 
@@ -900,6 +933,20 @@ impl ExportService {
             }
         }
     }
+}
+
+/// Why an OTA job object is not created again: a finished `VERIFY_FIRMWARE` job. Its result is
+/// the package's status, which the firmware object carries (a package VERIFIED on the source is
+/// VERIFIED here), and running it again would find its devices already at the target.
+fn finished_verification(o: &PackageObject) -> Option<String> {
+    let job: Job = serde_json::from_value(o.data.get("job")?.clone()).ok()?;
+    (job.spec.job_type == crate::ota::model::JobType::VerifyFirmware && job.status.is_finished())
+        .then(|| {
+            format!(
+                "a finished VERIFY_FIRMWARE job ({}) is not run again: the package's status came with its firmware",
+                job.status.as_str()
+            )
+        })
 }
 
 #[cfg(test)]

@@ -176,6 +176,9 @@ pub enum ImportResult {
     /// The target has a different object under the same identity and the policy kept it.
     Conflict,
     Failed,
+    /// Nothing to do here (a finished verification job: the package's status came with the
+    /// firmware); the message says why.
+    Skipped,
 }
 
 /// What an import does when the target already has a different object of the same identity.
@@ -257,6 +260,8 @@ pub struct ImportSummary {
     pub overwritten: u64,
     pub conflict: u64,
     pub failed: u64,
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 /// An export or import job as stored (`export.job` / `import.job` documents).
@@ -307,6 +312,7 @@ impl JobRecord {
                 Some(ImportResult::Overwritten) => s.overwritten += 1,
                 Some(ImportResult::Conflict) => s.conflict += 1,
                 Some(ImportResult::Failed) => s.failed += 1,
+                Some(ImportResult::Skipped) => s.skipped += 1,
                 None => {}
             }
         }

@@ -98,6 +98,18 @@ pub enum FirmwareStatus {
     VerifyFailed,
 }
 
+impl FirmwareStatus {
+    /// The name the API shows (`UNVERIFIED`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirmwareStatus::Unverified => "UNVERIFIED",
+            FirmwareStatus::Verifying => "VERIFYING",
+            FirmwareStatus::Verified => "VERIFIED",
+            FirmwareStatus::VerifyFailed => "VERIFY_FAILED",
+        }
+    }
+}
+
 /// What an upload says about the package besides its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewFirmware {

@@ -53,7 +53,8 @@ pub enum OtaError {
     FirmwareNotFound(String),
     /// An UPGRADE_FIRMWARE job for a package that is not VERIFIED, without `force`.
     #[error(
-        "firmware {firmware_id:?} is {status:?}, not VERIFIED; verify it first or set force: true"
+        "firmware {firmware_id:?} is {}, not VERIFIED: verify it first (a VERIFY_FIRMWARE job) or set force: true",
+        .status.as_str()
     )]
     FirmwareNotVerified {
         firmware_id: String,

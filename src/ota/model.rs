@@ -600,6 +600,19 @@ pub struct JobView {
     pub counters: TaskCounters,
     /// Current push rate (devices/minute) when the job has one (ramps change it).
     pub current_rate_per_minute: Option<f64>,
+    /// Only in the answer that creates a SPECIFIC job: each listed device that got no task,
+    /// with why (already at the target version, or not at one of the source versions).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_selected: Vec<NotSelected>,
+}
+
+/// A device a SPECIFIC job names but does not take.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq, ToSchema)]
+pub struct NotSelected {
+    pub device_name: String,
+    /// E.g. `already at 2.1.0`, `reports 1.0.0 of module mcu, not a source version (2.0.0,
+    /// 2.0.1)`, `never reported a version of module mcu; the job has source versions`.
+    pub reason: String,
 }
 
 /// One history entry of a task: every push, state change, retry and failure.

@@ -83,3 +83,37 @@ async fn refusals_have_real_codes_and_are_counted() {
     // The good device still connects afterwards.
     connect(app.mqtt_addr(), &credentials(&pk, "dev-ok", &secret)).await;
 }
+
+#[tokio::test]
+async fn a_second_connect_of_the_device_ends_the_first_whatever_its_client_id() {
+    use fleetgate_topics::sign::LinkClientId;
+    let app = spawn_app().await;
+    let pk = app.create_product("one connection").await;
+    let secret = app.create_device(&pk, "dev-once").await;
+    let with_id = |client_id: &str| {
+        let id = LinkClientId {
+            client_id: client_id.to_owned(),
+            secure_mode: 3,
+            sign_method: SignMethod::HmacSha256,
+            timestamp: None,
+            auto_subscribe: false,
+        };
+        LinkCredentials {
+            client_id: id.to_client_id_string(),
+            username: format!("dev-once&{pk}"),
+            password: id.password(&pk, "dev-once", &secret),
+        }
+    };
+    let mut first = connect(app.mqtt_addr(), &with_id("bench-a")).await;
+    let mut second = connect(app.mqtt_addr(), &with_id("bench-b")).await;
+    assert!(
+        first.closed_within(WAIT).await,
+        "the first connection stays open"
+    );
+    assert!(
+        !second
+            .closed_within(std::time::Duration::from_millis(300))
+            .await
+    );
+    assert_eq!(app.device(&pk, "dev-once").await["online"], true);
+}

@@ -1217,3 +1217,76 @@ async fn an_import_that_disables_or_rekeys_a_connected_device_disconnects_it() {
     );
     let _two = connect(addr, &credentials(PK, "dev-two", "secret-from-source-2")).await;
 }
+
+#[tokio::test]
+async fn a_finished_verify_job_is_skipped_and_paths_say_where_objects_landed() {
+    let src = spawn_app().await;
+    let pk = src.create_product("verified").await;
+    for dn in ["dev-verify", "dev-moved"] {
+        src.create_device(&pk, dn).await;
+    }
+    let fw = upload_firmware(&src, &pk, "2.0.0", b"verified image").await;
+    let fid = fw["firmware_id"].as_str().unwrap();
+    let (s, job) = src
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": fid, "job_type": "VERIFY_FIRMWARE", "target": "SPECIFIC",
+                   "device_names": ["dev-verify"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{job}");
+    let jid = job["job_id"].as_str().unwrap().to_owned();
+    // The device reports the target version: the verification succeeds.
+    let app = src.app();
+    app.registry()
+        .report_version(&pk, "dev-verify", "default", "2.0.0", 1)
+        .await
+        .unwrap();
+    app.ota()
+        .on_version(&pk, "dev-verify", "default", "2.0.0")
+        .await;
+    let (_, job) = src.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    let (_, fw) = src.get(&format!("/api/v1/firmware/{fid}")).await;
+    assert_eq!(fw["status"], "VERIFIED");
+    // A device that moved to another instance on the source (a migration).
+    app.registry()
+        .create_instance(fleetgate::registry::NewInstance {
+            instance_id: Some("iot-east".into()),
+            name: "east".into(),
+        })
+        .await
+        .unwrap();
+    app.registry()
+        .set_device_instance(&pk, "dev-moved", "iot-east")
+        .await
+        .unwrap();
+
+    let (_, package) = export(
+        &src,
+        json!({"secrets_key": KEY, "objects": [{"id": pk, "type": "PRODUCT"}, {"id": jid, "type": "OTA_JOB"}]}),
+    )
+    .await;
+    let dst = spawn_app().await;
+    let done = import_done(&dst, &package, Some(KEY), "skip").await;
+    assert_eq!(done["status"]["state"], "SUCCESSFUL", "{done}");
+    let job = result_of(&done, &jid);
+    assert_eq!(job["result"], "skipped", "{job}");
+    assert!(
+        job["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("VERIFY_FIRMWARE"),
+        "{job}"
+    );
+    assert_eq!(done["summary"]["skipped"], 1, "{done}");
+    let (_, fw) = dst.get(&format!("/api/v1/firmware?product_key={pk}")).await;
+    assert_eq!(fw["items"][0]["status"], "VERIFIED", "{fw}");
+    // The device was created in its product's instance here, and that is what the job says.
+    let moved = result_of(&done, &format!("{pk}/dev-moved"));
+    assert_eq!(moved["path"], format!("/default/{pk}/dev-moved"), "{moved}");
+    assert_eq!(dst.device(&pk, "dev-moved").await["instance_id"], "default");
+    let log = log_text(&dst, "import", done["id"].as_str().unwrap()).await;
+    assert!(log.contains(&format!("[/default/{pk}/dev-moved]")), "{log}");
+    assert!(!log.contains("iot-east"), "{log}");
+}

@@ -20,4 +20,5 @@ mod migration;
 mod operator_api;
 mod ota;
 mod registry_flow;
+mod startup;
 mod store_postgres;

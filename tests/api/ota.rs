@@ -1019,3 +1019,181 @@ async fn a_device_created_after_a_dynamic_job_joins_once_it_reports_a_source_ver
     d.inform("2.0.0").await;
     assert_eq!(task(&t, &jid, "late-device").await["status"], "SUCCEEDED");
 }
+
+/// One MQTT 3.1.1 connection over a raw socket, to send several packets in ONE write (the
+/// gateway then handles them as one run, as it does a device's burst).
+struct RawDevice {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawDevice {
+    async fn connect(t: &TestApp, pk: &str, dn: &str, secret: &str) -> RawDevice {
+        use rumqttc::mqttbytes::v4::{Connect, Subscribe};
+        let creds = credentials(pk, dn, secret);
+        let stream = tokio::net::TcpStream::connect(t.mqtt_addr()).await.unwrap();
+        let mut d = RawDevice {
+            stream,
+            buf: bytes::BytesMut::new(),
+        };
+        let mut connect = Connect::new(creds.client_id.clone());
+        connect.set_login(creds.username.clone(), creds.password.clone());
+        let mut out = bytes::BytesMut::new();
+        connect.write(&mut out).unwrap();
+        d.send(&out).await;
+        assert!(matches!(d.next().await, rumqttc::Packet::ConnAck(_)));
+        let mut out = bytes::BytesMut::new();
+        let mut sub = Subscribe::new(
+            format!("/sys/{pk}/{dn}/thing/ota/firmware/get_reply"),
+            QoS::AtMostOnce,
+        );
+        sub.pkid = 1;
+        sub.write(&mut out).unwrap();
+        d.send(&out).await;
+        assert!(matches!(d.next().await, rumqttc::Packet::SubAck(_)));
+        d
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn next(&mut self) -> rumqttc::Packet {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(p) = rumqttc::Packet::read(&mut self.buf, 1 << 20) {
+                return p;
+            }
+            let n = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("a packet in time")
+                .unwrap();
+            assert!(n > 0, "connection closed");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_firmware_get_right_after_a_wrong_version_report_gets_no_upgrade() {
+    use rumqttc::mqttbytes::v4::Publish;
+    let t = spawn_app().await;
+    let f = fleet(&t, 1, true).await;
+    let (dn, secret) = &f.secrets[0];
+    let mut d = f.device(&t, 0).await;
+    let jid = create_job(&t, json!({"firmware_id": f.fid, "target": "ALL"})).await;
+    d.upgrade().await;
+    d.progress(50).await;
+    drop(d);
+    let mut raw = RawDevice::connect(&t, &f.pk, dn, secret).await;
+    // A device back from a bad flash: it reports a version that is neither source nor target,
+    // and asks for an upgrade in the same breath (pull mode).
+    let mut out = bytes::BytesMut::new();
+    Publish::new(
+        format!("/ota/device/inform/{}/{dn}", f.pk),
+        QoS::AtMostOnce,
+        json!({"id": "1", "params": {"version": "9.9.9"}}).to_string(),
+    )
+    .write(&mut out)
+    .unwrap();
+    Publish::new(
+        format!("/sys/{}/{dn}/thing/ota/firmware/get", f.pk),
+        QoS::AtMostOnce,
+        json!({"id": "2", "params": {"module": "default"}}).to_string(),
+    )
+    .write(&mut out)
+    .unwrap();
+    raw.send(&out).await;
+    let reply = loop {
+        if let rumqttc::Packet::Publish(p) = raw.next().await {
+            break p;
+        }
+    };
+    assert!(
+        matches!(
+            FirmwareGetReply::parse(&reply.payload).unwrap(),
+            FirmwareGetReply::NoUpgrade { .. }
+        ),
+        "the task failed with the report before the request: {:?}",
+        String::from_utf8_lossy(&reply.payload)
+    );
+    let v = task(&t, &jid, dn).await;
+    assert_eq!(
+        (v["status"].as_str(), v["failure"].as_str()),
+        (Some("FAILED"), Some("WRONG_VERSION"))
+    );
+}
+
+#[tokio::test]
+async fn a_specific_job_says_why_each_listed_device_was_not_taken() {
+    let t = spawn_app().await;
+    let pk = t.create_product("picky").await;
+    for dn in ["at-src", "at-other", "at-target", "silent"] {
+        t.create_device(&pk, dn).await;
+    }
+    let reg = t.app().registry();
+    for (dn, v) in [
+        ("at-src", "2.0.0"),
+        ("at-other", "1.0.0"),
+        ("at-target", "2.1.0"),
+    ] {
+        reg.report_version(&pk, dn, "default", v, 1).await.unwrap();
+    }
+    let repo = t.app().firmware().clone();
+    let mut new = NewFirmware::new(&pk, "2.1.0");
+    new.src_versions = vec!["2.0.0".into()];
+    let fid = repo
+        .create_from_bytes(new, b"image 2.1.0")
+        .await
+        .unwrap()
+        .firmware_id;
+    let (s, job) = t
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": fid, "target": "SPECIFIC", "force": true,
+                   "device_names": ["at-src", "at-other", "at-target", "silent"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{job}");
+    assert_eq!(job["counters"]["total"], 1, "{job}");
+    let reasons: std::collections::BTreeMap<String, String> = job["not_selected"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no not_selected in {job}"))
+        .iter()
+        .map(|n| {
+            (
+                n["device_name"].as_str().unwrap().to_owned(),
+                n["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{job}");
+    assert_eq!(reasons["at-target"], "already at 2.1.0");
+    assert!(reasons["at-other"].contains("reports 1.0.0") && reasons["at-other"].contains("2.0.0"));
+    assert!(
+        reasons["silent"].starts_with("never reported"),
+        "{}",
+        reasons["silent"]
+    );
+    // The job read back does not carry it.
+    let jid = job["job_id"].as_str().unwrap();
+    let (_, again) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+    assert!(again.get("not_selected").is_none(), "{again}");
+    // A VERIFY job none of whose devices can take the package names them in its 400.
+    let (s, err) = t
+        .post(
+            "/api/v1/ota/jobs",
+            json!({"firmware_id": fid, "job_type": "VERIFY_FIRMWARE", "target": "SPECIFIC",
+                   "device_names": ["at-other"]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{err}");
+    assert!(
+        err["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("at-other: reports 1.0.0"),
+        "{err}"
+    );
+}

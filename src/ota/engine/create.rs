@@ -7,7 +7,7 @@ use super::internal_events::{TaskCounted, TaskFailed};
 use super::{job_doc, lock, task_doc, Due, JobEntry, OtaEngine, TaskKey, TaskSlot};
 use crate::ota::firmware::FirmwareStatus;
 use crate::ota::model::{
-    HistoryEntry, Job, JobSpec, JobStatus, JobType, JobView, Selection, TargetKind,
+    HistoryEntry, Job, JobSpec, JobStatus, JobType, JobView, NotSelected, Selection, TargetKind,
 };
 use crate::ota::task::{
     splitmix, Event, FailureReason, HistoryEvent, QueueReason, TaskState, TaskStatus,
@@ -69,11 +69,27 @@ pub(crate) fn target_matches(job: &Job, device: &Device) -> bool {
 /// Whether the device's reported version makes it a candidate (not at the target; a source
 /// version when the job names some).
 pub(crate) fn version_matches(job: &Job, device: &Device) -> bool {
+    version_mismatch(job, device).is_none()
+}
+
+/// Why the device's reported version keeps it out of the job (`None`: it is a candidate).
+pub(crate) fn version_mismatch(job: &Job, device: &Device) -> Option<String> {
     let current = device.versions.get(&job.module);
-    if current.is_some_and(|v| *v == job.dest_version) {
-        return false;
+    match current {
+        Some(v) if *v == job.dest_version => Some(format!("already at {v}")),
+        _ if job.src_versions.is_empty() => None,
+        Some(v) if job.src_versions.contains(v) => None,
+        Some(v) => Some(format!(
+            "reports {v} of module {}, not a source version ({})",
+            job.module,
+            job.src_versions.join(", ")
+        )),
+        None => Some(format!(
+            "never reported a version of module {}; the job has source versions ({})",
+            job.module,
+            job.src_versions.join(", ")
+        )),
     }
-    job.src_versions.is_empty() || current.is_some_and(|v| job.src_versions.contains(v))
 }
 
 impl OtaEngine {
@@ -82,7 +98,7 @@ impl OtaEngine {
     pub async fn create_job(&self, spec: JobSpec) -> Result<JobView, OtaError> {
         let now = self.now();
         let job = self.new_job(spec, now)?;
-        let selected = self.select_devices(&job)?;
+        let (selected, not_selected) = self.select_devices(&job)?;
 
         let policy = self.policy_for(&job);
         let entry = Arc::new(JobEntry::new(job.clone(), policy));
@@ -127,7 +143,9 @@ impl OtaEngine {
         );
         // A job whose every task was born finished (conflicts only) is complete at once.
         self.check_job_done(&entry, now).await;
-        Ok(self.view(&entry, now))
+        let mut view = self.view(&entry, now);
+        view.not_selected = not_selected;
+        Ok(view)
     }
 
     /// The job record of a valid spec: its package must exist (and be VERIFIED for an upgrade,
@@ -176,8 +194,9 @@ impl OtaEngine {
     }
 
     /// The devices that get a task: the spec's targets (looked up by name for SPECIFIC) at a
-    /// matching version; a STATIC GRAY job takes exactly ceil(n × p) of them.
-    fn select_devices(&self, job: &Job) -> Result<Vec<Device>, OtaError> {
+    /// matching version; a STATIC GRAY job takes exactly ceil(n × p) of them. Also, for a
+    /// SPECIFIC job, the named devices left out and why.
+    fn select_devices(&self, job: &Job) -> Result<(Vec<Device>, Vec<NotSelected>), OtaError> {
         let devices: Vec<Device> = match job.spec.target {
             TargetKind::Specific => {
                 let mut out = Vec::with_capacity(job.spec.device_names.len());
@@ -196,9 +215,21 @@ impl OtaEngine {
             }
             _ => self.all_devices(&job.product_key)?,
         };
+        let mut not_selected = Vec::new();
         let mut selected: Vec<Device> = devices
             .into_iter()
-            .filter(|d| version_matches(job, d))
+            .filter(|d| match version_mismatch(job, d) {
+                None => true,
+                Some(reason) => {
+                    if job.spec.target == TargetKind::Specific {
+                        not_selected.push(NotSelected {
+                            device_name: d.device_name.clone(),
+                            reason,
+                        });
+                    }
+                    false
+                }
+            })
             // SPECIFIC devices were looked up by name; GRAY is decided below.
             .filter(|d| {
                 matches!(job.spec.target, TargetKind::Gray | TargetKind::Specific)
@@ -217,12 +248,19 @@ impl OtaEngine {
             }
         }
         if job.spec.job_type == JobType::VerifyFirmware && selected.is_empty() {
+            let why: Vec<String> = not_selected
+                .iter()
+                .map(|n| format!("{}: {}", n.device_name, n.reason))
+                .collect();
             return Err(OtaError::invalid(
                 "device_names",
-                "no listed device can take this package (already at the target or not at a source version)",
+                format!(
+                    "no listed device can take this package ({})",
+                    why.join("; ")
+                ),
             ));
         }
-        Ok(selected)
+        Ok((selected, not_selected))
     }
 
     fn arm_job_timers(&self, entry: &JobEntry, _now: i64) {

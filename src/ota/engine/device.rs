@@ -142,11 +142,18 @@ impl OtaEngine {
 
     /// `firmware/get`: the upgrade waiting for this device's module, if any. A QUEUED task
     /// becomes NOTIFIED (the reply is its delivery; it takes a slot of the job's rate without
-    /// waiting for one); a NOTIFIED / IN_PROGRESS task gets its data again.
+    /// waiting for one); a NOTIFIED / IN_PROGRESS task gets its data again — except while it
+    /// waits for a retry: the failed attempt's reports are ignored then, so an attempt started
+    /// from this reply would go unheard; the retry's push comes when it is due. A finished
+    /// task answers nothing.
     pub async fn pending_upgrade(&self, pk: &str, dn: &str, module: &str) -> Option<UpgradeData> {
         let key = self.active_task(pk, dn, module)?;
         let job = self.job_entry(&key.job_id)?;
-        let status = self.inner.tasks.get(&key).map(|s| s.state.status)?;
+        let (status, retry_pending) = self
+            .inner
+            .tasks
+            .get(&key)
+            .map(|s| (s.state.status, s.state.retry_at_ms.is_some()))?;
         let job_status = job.status();
         match status {
             TaskStatus::Queued => {
@@ -162,7 +169,7 @@ impl OtaEngine {
                     l.consume(now);
                 }
             }
-            TaskStatus::Notified | TaskStatus::InProgress => {}
+            TaskStatus::Notified | TaskStatus::InProgress if !retry_pending => {}
             _ => return None,
         }
         let package = self.firmware().get(&job.firmware_id)?;

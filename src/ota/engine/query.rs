@@ -83,6 +83,7 @@ impl OtaEngine {
             job: entry.job(),
             counters: TaskCounters::from_array(entry.counters()),
             current_rate_per_minute: entry.current_rate(now),
+            not_selected: Vec::new(),
         }
     }
 

@@ -892,6 +892,64 @@ async fn pull_mode_delivers_the_pending_upgrade() {
 }
 
 #[tokio::test]
+async fn a_pull_gets_nothing_while_a_retry_waits_nor_after_the_task_ended() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.retry_count = Some(1);
+    spec.retry_interval_seconds = Some(60);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    for dn in ["dev-0000", "dev-0001"] {
+        assert!(h
+            .engine
+            .pending_upgrade(&h.pk, dn, "default")
+            .await
+            .is_some());
+        h.progress(dn, 10).await;
+    }
+    // A wrong version: the attempt failed, a retry waits (the visible status stays).
+    h.report("dev-0000", "1.5").await;
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t.status, TaskStatus::InProgress);
+    assert!(t.next_retry_at_ms.is_some());
+    assert!(
+        h.engine
+            .pending_upgrade(&h.pk, "dev-0000", "default")
+            .await
+            .is_none(),
+        "a pull during the retry wait would start an attempt whose reports are ignored"
+    );
+    // The retry comes due: the task's data is handed out again.
+    h.advance(61_000).await;
+    assert!(h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0000", "default")
+        .await
+        .is_some());
+    // The same wrong version again: retries used up, failed for good: nothing to pull.
+    h.progress("dev-0000", 10).await;
+    h.report("dev-0000", "1.5").await;
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(
+        (t.status, t.failure),
+        (TaskStatus::Failed, Some(FailureReason::WrongVersion))
+    );
+    assert!(h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0000", "default")
+        .await
+        .is_none());
+    // A device that succeeded has nothing pending either.
+    h.report("dev-0001", "2.0").await;
+    assert!(h
+        .engine
+        .pending_upgrade(&h.pk, "dev-0001", "default")
+        .await
+        .is_none());
+}
+
+#[tokio::test]
 async fn targets_gray_tag_specific_and_source_filter() {
     let h = H::new().await;
     for i in 0..20 {

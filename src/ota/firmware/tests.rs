@@ -376,3 +376,15 @@ async fn set_status_of_unknown_package_is_not_found() {
         Err(FirmwareError::NotFound(_))
     ));
 }
+
+#[test]
+fn status_names_are_the_api_names() {
+    for s in [
+        FirmwareStatus::Unverified,
+        FirmwareStatus::Verifying,
+        FirmwareStatus::Verified,
+        FirmwareStatus::VerifyFailed,
+    ] {
+        assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+    }
+}
