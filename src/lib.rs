@@ -27,6 +27,9 @@ pub mod cluster;
 pub mod config;
 pub mod export;
 pub mod forwarder;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod listen;
 pub mod metrics;

@@ -68,7 +68,7 @@ pub struct BatchCreateResponse {
 
 /// A parsed input row: ready for the registry, or already refused here.
 #[derive(Debug)]
-enum InputRow {
+pub(super) enum InputRow {
     Ready(NewDevice),
     Refused {
         device_name: String,
@@ -223,7 +223,7 @@ fn api_code_for(registry_code: &str) -> ErrorCode {
     }
 }
 
-fn parse_json_rows(body: &[u8]) -> Result<Vec<InputRow>, ApiError> {
+pub(super) fn parse_json_rows(body: &[u8]) -> Result<Vec<InputRow>, ApiError> {
     let value: Value = parse_json(body)?;
     // Check the count before typing every row: nothing beyond the limit is even looked at.
     let len = match &value {
@@ -279,7 +279,7 @@ fn reprefix(e: ApiError, field: &str) -> ApiError {
     }
 }
 
-fn parse_csv_rows(body: &[u8]) -> Result<Vec<InputRow>, ApiError> {
+pub(super) fn parse_csv_rows(body: &[u8]) -> Result<Vec<InputRow>, ApiError> {
     let (mut rdr, headers) = super::extract::csv_with_header(body)?;
     if headers.iter().all(|h| h.is_empty()) {
         return Err(ApiError::malformed(

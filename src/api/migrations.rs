@@ -422,7 +422,7 @@ async fn selection(req: Request, json_max: usize, allow_all: bool) -> Result<Sel
 
 /// Device names from a CSV with a `DeviceName` column (case-insensitive header; a UTF-8 BOM,
 /// other columns and blank rows are tolerated). At most [`MAX_PICKED`] data rows.
-fn parse_csv_names(body: &[u8]) -> Result<Vec<String>, ApiError> {
+pub(super) fn parse_csv_names(body: &[u8]) -> Result<Vec<String>, ApiError> {
     let (mut rdr, headers) = super::extract::csv_with_header(body)?;
     let col = headers
         .iter()

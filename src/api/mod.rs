@@ -53,6 +53,47 @@ use utoipa::ToSchema;
 
 pub use auth::{Caller, Role, TokenSet};
 pub use cluster::ReadyFn;
+
+/// The body readers the fuzz harnesses ([`crate::fuzzing`]) run.
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing {
+    use super::batch::InputRow;
+    use super::ApiError;
+    use crate::registry::NewDevice;
+
+    pub(crate) use crate::migration::MAX_PICKED;
+    pub(crate) use crate::ota::MAX_DEVICE_NAMES;
+    pub(crate) use crate::registry::MAX_BATCH_ROWS;
+
+    /// Batch create rows: a device ready for the registry, or the row's refusal.
+    pub(crate) type Rows = Result<Vec<Result<NewDevice, ApiError>>, ApiError>;
+
+    fn rows(parsed: Result<Vec<InputRow>, ApiError>) -> Rows {
+        Ok(parsed?
+            .into_iter()
+            .map(|row| match row {
+                InputRow::Ready(device) => Ok(device),
+                InputRow::Refused { error, .. } => Err(error),
+            })
+            .collect())
+    }
+
+    pub(crate) fn batch_csv_rows(body: &[u8]) -> Rows {
+        rows(super::batch::parse_csv_rows(body))
+    }
+
+    pub(crate) fn batch_json_rows(body: &[u8]) -> Rows {
+        rows(super::batch::parse_json_rows(body))
+    }
+
+    pub(crate) fn ota_device_list(text: &str) -> Result<Vec<String>, ApiError> {
+        super::ota::parse_device_list(text)
+    }
+
+    pub(crate) fn canary_csv_names(body: &[u8]) -> Result<Vec<String>, ApiError> {
+        super::migrations::parse_csv_names(body)
+    }
+}
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use openapi::ApiDoc;

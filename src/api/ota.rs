@@ -83,7 +83,7 @@ async fn optional_json<T: DeserializeOwned + Default>(
 
 /// Device names from an uploaded list: one per line or CSV with a `DeviceName` column
 /// (header optional); blank lines ignored.
-fn parse_device_list(text: &str) -> Result<Vec<String>, ApiError> {
+pub(super) fn parse_device_list(text: &str) -> Result<Vec<String>, ApiError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)

@@ -88,6 +88,13 @@ pub(crate) struct Freshness {
     pub now_ms: u64,
 }
 
+/// Timestamps not checked (the vendor's behaviour), for tests and fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) const UNCHECKED: Freshness = Freshness {
+    window: None,
+    now_ms: 0,
+};
+
 impl Freshness {
     /// Whether a CONNECT carrying `timestamp` (as sent, if at all) is fresh enough.
     fn accepts(self, timestamp: Option<&str>) -> bool {
@@ -154,15 +161,10 @@ pub(crate) fn router_client_id(device: &DeviceKey) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::UNCHECKED;
     use super::*;
     use crate::broker::{DeviceCredentials, DisconnectReason, PublishOutcome, Session, UpMessage};
     use fleetgate_topics::sign::{LinkCredentials, SignMethod};
-
-    /// The vendor-compatible default: timestamps are not checked.
-    const UNCHECKED: Freshness = Freshness {
-        window: None,
-        now_ms: 0,
-    };
 
     struct OneDevice {
         enabled: bool,

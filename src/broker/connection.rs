@@ -14,7 +14,7 @@
 //! `on_publish`, after which *we* acknowledge them; only SUBSCRIBE/UNSUBSCRIBE and the acks of
 //! downstream messages go to the link. Anything malformed or unexpected ends the connection.
 
-use super::auth::{authenticate, Freshness, Refusal};
+use super::auth::{authenticate, Authenticated, Freshness, Refusal};
 use super::codec::{self, Frame, UpPublish};
 use super::server::Shared;
 use super::session::{DirectMessage, Phase, SessionHandle};
@@ -27,9 +27,9 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
-    self, ConnAck, ConnectReturnCode, Filter, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, Publish, QoS, RetainForwardRule, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck, Unsubscribe,
+    self, ConnAck, Connect, ConnectReturnCode, Filter, LastWill, Packet, PingResp, PubAck,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, QoS, RetainForwardRule,
+    SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttd::Notification;
 use std::collections::{HashSet, VecDeque};
@@ -242,40 +242,32 @@ where
         r = tokio::time::timeout_at(deadline, conn.read_frame()) => r,
         _ = super::stopping(shutdown) => return None,
     };
-    let packet = match first {
+    let first = match first {
         Err(_elapsed) => {
             refuse_silently(&shared, "timeout");
             return None;
         }
-        Ok(Ok(Frame::Other(packet))) => *packet,
-        Ok(Err(ReadError::Protocol(
-            protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol,
-        ))) => {
-            // MQTT 5 or 3.1: the 3.1.1 way to say "not this version" (a v5 client reads it too).
-            refuse(&shared, conn, Refusal::Protocol).await;
-            return None;
-        }
-        // Garbage or a PUBLISH before CONNECT.
-        Ok(Err(ReadError::Protocol(_)) | Ok(Frame::Publish(_))) => {
-            refuse_silently(&shared, "protocol");
-            return None;
-        }
         // Closed before sending anything complete.
         Ok(Err(ReadError::Io)) => return None,
+        Ok(Err(ReadError::Protocol(e))) => Err(e),
+        Ok(Ok(frame)) => Ok(frame),
     };
-    let Packet::Connect(connect, _, will, _, login) = packet else {
-        refuse_silently(&shared, "protocol");
-        return None;
-    };
-
     let freshness = Freshness {
         window: shared.config.connect_timestamp_window,
         now_ms: u64::try_from(now_ms()).unwrap_or(0),
     };
-    let auth = match authenticate(&connect.client_id, login.as_ref(), &*hooks, freshness) {
-        Ok(auth) => auth,
-        Err(refusal) => {
+    let (connect, will, auth) = match open(first, &*hooks, freshness) {
+        Opening::Accepted {
+            connect,
+            will,
+            auth,
+        } => (connect, will, auth),
+        Opening::Refused(refusal) => {
             refuse(&shared, conn, refusal).await;
+            return None;
+        }
+        Opening::Dropped(reason) => {
+            refuse_silently(&shared, reason);
             return None;
         }
     };
@@ -286,20 +278,16 @@ where
         refuse(&shared, conn, Refusal::Limit).await;
         return None;
     }
-    // The router never sees the will (its will handling is private to rumqttd's own server): we
-    // publish it ourselves on an unclean end, and only on a topic the device owns.
-    let will = will.and_then(|w| match std::str::from_utf8(&w.topic) {
-        Ok(topic) if acl::topic_allowed(&device.product_key, &device.device_name, topic) => {
-            Some((topic.to_owned(), w.message))
-        }
-        _ => {
+    let will = will.and_then(|w| {
+        let own = own_will(&device, w);
+        if own.is_none() {
             shared
                 .metrics
                 .acl_denied
                 .get_or_create(&[("kind", "will")])
                 .inc();
-            None
         }
+        own
     });
 
     let conn_id = shared.config.epochs.next();
@@ -431,6 +419,61 @@ where
         flow,
         keep_alive,
     })
+}
+
+/// What a connection's first packet decides, before any shared state is touched.
+pub(crate) enum Opening {
+    /// A 3.1.1 CONNECT whose credentials prove an enabled device.
+    Accepted {
+        connect: Connect,
+        will: Option<LastWill>,
+        auth: Authenticated,
+    },
+    /// Answered with a CONNACK carrying the refusal's return code.
+    Refused(Refusal),
+    /// Closed without an answer, counted in `connects_refused` under this reason.
+    Dropped(&'static str),
+}
+
+/// The verdict on the first frame a connection delivered (or the protocol error reading it).
+/// Pure apart from [`DeviceHooks::credentials`], so the fuzz targets run exactly this.
+pub(crate) fn open<H: DeviceHooks + ?Sized>(
+    first: Result<Frame, protocol::Error>,
+    hooks: &H,
+    freshness: Freshness,
+) -> Opening {
+    let packet = match first {
+        Ok(Frame::Other(packet)) => *packet,
+        Err(protocol::Error::InvalidProtocolLevel(_) | protocol::Error::InvalidProtocol) => {
+            // MQTT 5 or 3.1: the 3.1.1 way to say "not this version" (a v5 client reads it too).
+            return Opening::Refused(Refusal::Protocol);
+        }
+        // Garbage or a PUBLISH before CONNECT.
+        Err(_) | Ok(Frame::Publish(_)) => return Opening::Dropped("protocol"),
+    };
+    let Packet::Connect(connect, _, will, _, login) = packet else {
+        return Opening::Dropped("protocol");
+    };
+    match authenticate(&connect.client_id, login.as_ref(), hooks, freshness) {
+        Ok(auth) => Opening::Accepted {
+            connect,
+            will,
+            auth,
+        },
+        Err(refusal) => Opening::Refused(refusal),
+    }
+}
+
+/// The last will the gateway publishes on an unclean end: `None` unless its topic belongs to
+/// the device. The router never sees the will (its will handling is private to rumqttd's own
+/// server).
+pub(crate) fn own_will(device: &DeviceKey, will: LastWill) -> Option<(String, Bytes)> {
+    match std::str::from_utf8(&will.topic) {
+        Ok(topic) if acl::topic_allowed(&device.product_key, &device.device_name, topic) => {
+            Some((topic.to_owned(), will.message))
+        }
+        _ => None,
+    }
 }
 
 /// The established session's loop. Returns why it ended (from this side).
@@ -1324,6 +1367,7 @@ pub(crate) async fn serve_in_span<S, H>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::auth::UNCHECKED;
 
     /// A connection as `serve` sets one up, on `io`.
     fn test_conn<S>(io: S) -> Conn<S> {
@@ -1383,6 +1427,103 @@ mod tests {
         conn.rbuf.truncate(2);
         assert!(conn.fill().now_or_never().is_none());
         assert_eq!(&conn.rbuf[..], b"45");
+    }
+
+    struct OneDevice;
+
+    impl DeviceHooks for OneDevice {
+        fn credentials(&self, pk: &str, dn: &str) -> Option<super::super::DeviceCredentials> {
+            (pk == "pk1" && dn == "dev1").then(|| super::super::DeviceCredentials {
+                device_secret: "s3cr3t".into(),
+                enabled: true,
+            })
+        }
+        fn on_connect(&self, _: &Session) {}
+        fn on_disconnect(&self, _: &Session, _: DisconnectReason) {}
+        async fn on_publish(&self, _: &Session, _: UpMessage<'_>) -> PublishOutcome {
+            PublishOutcome::Processed
+        }
+    }
+
+    #[test]
+    fn first_packet_verdicts() {
+        use fleetgate_topics::sign::{LinkCredentials, SignMethod};
+        let creds = LinkCredentials::new("pk1", "dev1", "s3cr3t", SignMethod::HmacSha256, 3, None);
+        let connect = |password: &str| {
+            Ok(Frame::Other(Box::new(Packet::Connect(
+                Connect {
+                    keep_alive: 60,
+                    client_id: creds.client_id.clone(),
+                    clean_session: true,
+                },
+                None,
+                None,
+                None,
+                Some(protocol::Login {
+                    username: creds.username.clone(),
+                    password: password.to_owned(),
+                }),
+            ))))
+        };
+        match open(connect(&creds.password), &OneDevice, UNCHECKED) {
+            Opening::Accepted { auth, .. } => assert_eq!(auth.router_client_id, "pk1&dev1"),
+            _ => panic!("a signed CONNECT is refused"),
+        }
+        assert!(matches!(
+            open(connect("00"), &OneDevice, UNCHECKED),
+            Opening::Refused(Refusal::BadSignature)
+        ));
+        assert!(matches!(
+            open(
+                Err(protocol::Error::InvalidProtocolLevel(5)),
+                &OneDevice,
+                UNCHECKED
+            ),
+            Opening::Refused(Refusal::Protocol)
+        ));
+        assert!(matches!(
+            open(Err(protocol::Error::MalformedPacket), &OneDevice, UNCHECKED),
+            Opening::Dropped("protocol")
+        ));
+        let ping = Ok(Frame::Other(Box::new(Packet::PingReq(protocol::PingReq))));
+        assert!(matches!(
+            open(ping, &OneDevice, UNCHECKED),
+            Opening::Dropped("protocol")
+        ));
+        let publish = Ok(Frame::Publish(UpPublish {
+            qos: 0,
+            pkid: 0,
+            topic: Bytes::from_static(b"/sys/pk1/dev1/thing/event/property/post"),
+            payload: Bytes::new(),
+        }));
+        assert!(matches!(
+            open(publish, &OneDevice, UNCHECKED),
+            Opening::Dropped("protocol")
+        ));
+    }
+
+    #[test]
+    fn a_will_is_kept_only_on_the_devices_own_topics() {
+        let device = DeviceKey {
+            product_key: "pk1".into(),
+            device_name: "dev1".into(),
+        };
+        let will = |topic: &'static str| LastWill {
+            topic: Bytes::from_static(topic.as_bytes()),
+            message: Bytes::from_static(b"bye"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+        };
+        let own = "/sys/pk1/dev1/thing/event/property/post";
+        assert_eq!(
+            own_will(&device, will(own)),
+            Some((own.to_owned(), Bytes::from_static(b"bye")))
+        );
+        assert_eq!(
+            own_will(&device, will("/sys/pk1/dev2/thing/event/property/post")),
+            None
+        );
+        assert_eq!(own_will(&device, will("/sys/pk1/dev1/#")), None);
     }
 
     #[test]

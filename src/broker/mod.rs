@@ -116,6 +116,14 @@ mod session;
 mod tests;
 mod violation;
 
+/// What the fuzz harnesses ([`crate::fuzzing`]) run of the connection's private parts.
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing {
+    pub(crate) use super::auth::{authenticate, Refusal, UNCHECKED};
+    pub(crate) use super::codec::{encode, next_frame, publish_meta, Frame, UpPublish};
+    pub(crate) use super::connection::{open, own_will, Opening};
+}
+
 pub use downlink::{Delivery, Downlink};
 pub use server::{bind_listener, Broker, BrokerHandle};
 

@@ -324,4 +324,24 @@ mod tests {
             .unwrap()
             .wants_reply());
     }
+
+    /// Found by the `link_payloads` fuzz target: a number with more significant digits than an
+    /// f64 holds was parsed to a neighbour of the nearest f64, so the forwarded value differed
+    /// from the device's and changed again when parsed downstream. serde_json's
+    /// `float_roundtrip` parses correctly rounded.
+    #[test]
+    fn long_numbers_parse_to_the_nearest_f64_and_round_trip() {
+        let digits = format!("1{}4", "0288888888888888888".repeat(6));
+        for number in [
+            digits.as_str(),
+            "0.30000000000000004",
+            "2.2250738585072011e-308",
+        ] {
+            let payload = format!(r#"{{"id":"4","params":{{"x":{number}}}}}"#);
+            let post = PropertyPostRequest::parse(payload.as_bytes()).unwrap();
+            let value = post.params["x"].value().as_f64().unwrap();
+            assert_eq!(value, number.parse::<f64>().unwrap(), "{number}");
+            assert_eq!(PropertyPostRequest::parse(&post.to_vec()).unwrap(), post);
+        }
+    }
 }
