@@ -28,7 +28,7 @@ pub type ReadyFn = std::sync::Arc<dyn Fn() -> (bool, Value) + Send + Sync>;
     security(()),
     responses(
         (status = 200, description = "Ready: listeners bound, store reachable, in sync with the cluster, forwarder connected when configured",
-            body = Object, example = json!({"ready": true, "checks": {"store": "ok", "cluster": "ok", "amqp": "disabled"}})),
+            body = Object, example = json!({"ready": true, "checks": {"listeners": "ok", "store": "ok", "cluster": "ok", "amqp": "disabled"}})),
         (status = 503, description = "Not ready; `checks` says which part is not", body = Object),
     )
 )]
