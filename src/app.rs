@@ -138,11 +138,9 @@ impl Application {
 
         // Always built: consumer groups are managed (and persisted) with forwarding off too.
         let mut forwarder_config = settings.amqp.forwarder_config();
-        forwarder_config.exchange_prefix = crate::installation::exchange_prefix(
-            registry.store(),
-            &settings.amqp.exchange_prefix,
-        )
-        .context("cannot read this installation's AMQP exchange prefix")?;
+        forwarder_config.exchange_prefix =
+            crate::installation::exchange_prefix(registry.store(), &settings.amqp.exchange_prefix)
+                .context("cannot read this installation's AMQP exchange prefix")?;
         if forwarder_config.url.is_some()
             && forwarder_config.exchange_prefix == crate::installation::SHARED_PREFIX
         {
@@ -445,7 +443,11 @@ impl Application {
         }
         let dir = &settings.data_dir;
         if dir.exists() {
-            anyhow::ensure!(dir.is_dir(), "data_dir {} is not a directory", dir.display());
+            anyhow::ensure!(
+                dir.is_dir(),
+                "data_dir {} is not a directory",
+                dir.display()
+            );
         } else {
             let parent = dir
                 .parent()

@@ -443,10 +443,7 @@ pub fn summary(s: &Settings) -> Vec<String> {
         None => "amqp forwarding off".into(),
     });
     lines.push(match &s.cluster.nats_url {
-        Some(_) => format!(
-            "cluster `{}`, node {}",
-            s.cluster.name, s.cluster.node_id
-        ),
+        Some(_) => format!("cluster `{}`, node {}", s.cluster.name, s.cluster.node_id),
         None => "single node".into(),
     });
     lines.push(format!(
@@ -1476,9 +1473,9 @@ write_timeout_secs = 0
             .map(|l| match l.strip_prefix("# ") {
                 Some(rest)
                     if (rest.starts_with('[') && !rest.contains(' '))
-                        || rest
-                            .split_once(" = ")
-                            .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
                 {
                     rest
                 }
@@ -1489,8 +1486,8 @@ write_timeout_secs = 0
                 out.push('\n');
                 out
             });
-        let all: Settings = toml::from_str(&uncommented)
-            .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        let all: Settings =
+            toml::from_str(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert!(all.mqtt.tls.is_some() && all.mqtt.max_sockets.is_some());
         assert!(all.http.public_url.is_some() && all.http.max_connections_per_ip.is_some());
         assert!(all.amqp.url.is_some() && all.amqp.rate_limit_bytes_per_sec.is_some());

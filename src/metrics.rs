@@ -234,7 +234,6 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("fleetgate");
         let m = Metrics {
             connected_devices: Gauge::default(),
             connects: Counter::default(),
@@ -582,16 +581,21 @@ impl Metrics {
         use crate::broker::auth::Refusal;
         use crate::ota::task::{FailureReason, TaskStatus};
         for refusal in Refusal::ALL {
-            self.connects_refused.get_or_create(&[("reason", refusal.reason())]);
+            drop(
+                self.connects_refused
+                    .get_or_create(&[("reason", refusal.reason())]),
+            );
         }
         // Closed before the CONNECT was read at all (src/broker/server.rs).
         for reason in ["tls", "timeout"] {
-            self.connects_refused.get_or_create(&[("reason", reason)]);
+            drop(self.connects_refused.get_or_create(&[("reason", reason)]));
         }
         for listener in [Listener::Mqtt, Listener::Http] {
             for reason in [RefusalReason::Budget, RefusalReason::PerIp] {
-                self.connections_refused
-                    .get_or_create(&RefusedLabels { listener, reason });
+                drop(
+                    self.connections_refused
+                        .get_or_create(&RefusedLabels { listener, reason }),
+                );
             }
         }
         for kind in [
@@ -600,28 +604,51 @@ impl Metrics {
             HttpTimeout::Body,
             HttpTimeout::Write,
         ] {
-            self.http_timeouts.get_or_create(&HttpTimeoutLabels { kind });
+            drop(
+                self.http_timeouts
+                    .get_or_create(&HttpTimeoutLabels { kind }),
+            );
+        }
+        for kind in ["publish", "subscribe", "will"] {
+            drop(self.acl_denied.get_or_create(&[("kind", kind)]));
+        }
+        // src/broker/violation.rs.
+        for reason in [
+            "empty_topic",
+            "nul_in_topic",
+            "topic_not_utf8",
+            "empty_subscribe",
+            "empty_unsubscribe",
+            "malformed",
+        ] {
+            drop(
+                self.protocol_violations
+                    .get_or_create(&[("reason", reason)]),
+            );
         }
         for class in ["2xx", "4xx", "5xx"] {
-            self.http_requests.get_or_create(&[("class", class)]);
+            drop(self.http_requests.get_or_create(&[("class", class)]));
         }
         for reason in FailureReason::ALL {
-            self.ota_failures.get_or_create(&[("reason", reason.as_str())]);
+            drop(
+                self.ota_failures
+                    .get_or_create(&[("reason", reason.as_str())]),
+            );
         }
         for status in TaskStatus::ALL {
-            self.ota_tasks.get_or_create(&[("state", status.as_str())]);
+            drop(self.ota_tasks.get_or_create(&[("state", status.as_str())]));
         }
         for kind in ["push", "pull"] {
-            self.ota_pushes.get_or_create(&[("kind", kind)]);
+            drop(self.ota_pushes.get_or_create(&[("kind", kind)]));
         }
         for outcome in ["applied", "ignored", "no_task"] {
-            self.ota_progress.get_or_create(&[("outcome", outcome)]);
+            drop(self.ota_progress.get_or_create(&[("outcome", outcome)]));
         }
         for reason in ["outbox_full", "no_route", "unknown_device"] {
-            self.forwarder_dropped.get_or_create(&[("reason", reason)]);
+            drop(self.forwarder_dropped.get_or_create(&[("reason", reason)]));
         }
         for result in ["migrated", "rolled_back", "failed"] {
-            self.migration_devices.get_or_create(&[("result", result)]);
+            drop(self.migration_devices.get_or_create(&[("result", result)]));
         }
     }
 

@@ -13,7 +13,6 @@ struct Gateway {
     stderr: BufReader<ChildStderr>,
     stdout: ChildStdout,
     http: String,
-    mqtt: std::net::SocketAddr,
 }
 
 /// The next JSON log line whose message is `message` (within 20 s), skipping others.
@@ -72,7 +71,9 @@ fn start(data_dir: &std::path::Path, first: bool) -> (Gateway, Option<String>) {
             &mut stderr,
             "created the admin API token; it is in this file (not logged)",
         );
-        let path = created["fields"]["path"].as_str().expect("the file is named");
+        let path = created["fields"]["path"]
+            .as_str()
+            .expect("the file is named");
         assert_eq!(std::path::Path::new(path), data_dir.join("api-token"));
         let t = std::fs::read_to_string(path).unwrap().trim().to_owned();
         assert!(!created.to_string().contains(&t), "the token is not logged");
@@ -85,7 +86,6 @@ fn start(data_dir: &std::path::Path, first: bool) -> (Gateway, Option<String>) {
             stderr,
             stdout,
             http: format!("http://{http}"),
-            mqtt,
         },
         token,
     )
@@ -113,7 +113,10 @@ fn sigterm_and_wait(mut gw: Gateway) -> String {
     let _ = gw.stderr.read_to_string(&mut rest);
     let mut out = String::new();
     let _ = gw.stdout.read_to_string(&mut out);
-    assert_eq!(out, "", "with JSON logs nothing (the token least of all) goes to stdout");
+    assert_eq!(
+        out, "",
+        "with JSON logs nothing (the token least of all) goes to stdout"
+    );
     rest
 }
 
@@ -370,7 +373,13 @@ fn device_credentials_take_a_client_id_and_sign_it() {
 fn first_start_in_text_mode_prints_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args(["serve", "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .env_remove("FLEETGATE_API_TOKEN")
@@ -407,7 +416,13 @@ fn bad_connect() -> Vec<u8> {
 fn log_json_from_the_environment_and_refused_connects_are_logged() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args(["serve", "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .env("FLEETGATE_LOG_JSON", "1")
@@ -480,7 +495,11 @@ fn check_config_passes_the_example_and_names_what_is_wrong() {
     let data_arg = data.to_str().unwrap();
     let out = check_config(&["--config", example, "--data-dir", data_arg]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("fleetgate.example.toml: OK"), "{stdout}");
     assert!(stdout.contains("amqp forwarding off"), "{stdout}");
     assert!(!data.exists(), "check-config creates nothing");

@@ -39,7 +39,13 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"ready": ready, "checks": checks}))).into_response()
+    let mut response = (status, Json(json!({"ready": ready, "checks": checks}))).into_response();
+    // A 503 here is an answer, not an error: the request middleware must keep its body (the
+    // checks say which part is not ready) instead of putting the standard error body in.
+    response
+        .extensions_mut()
+        .insert(super::error::StandardErrorBody);
+    response
 }
 
 /// A node of the cluster as this node knows it.

@@ -52,9 +52,7 @@ pub async fn healthz(State(state): State<ApiState>) -> Json<Value> {
         )))
 )]
 pub async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> impl IntoResponse {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = crate::metrics::Format::negotiate(accept);
     (
         [(header::CONTENT_TYPE, format.content_type())],

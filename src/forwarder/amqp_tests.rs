@@ -500,7 +500,8 @@ async fn restart_with_a_full_outbox_delivers_the_rest() {
 
 #[tokio::test]
 async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
-    let rabbit = rabbit("group_less_instance_drops_returned_messages_and_groups_show_backlog").await;
+    let rabbit =
+        rabbit("group_less_instance_drops_returned_messages_and_groups_show_backlog").await;
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;

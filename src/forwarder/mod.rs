@@ -75,9 +75,7 @@ mod amqp_tests;
 #[cfg(test)]
 mod tests;
 
-pub use groups::{
-    ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology, GROUP_DOC_KIND,
-};
+pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology, GROUP_DOC_KIND};
 pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource};
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};

@@ -14,11 +14,11 @@ pub(super) fn register(registry: &mut Registry) {
 
 #[cfg(target_os = "linux")]
 mod linux {
+    use procfs::process::{LimitValue, Process};
     use prometheus_client::collector::Collector;
     use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
     use prometheus_client::metrics::counter::ConstCounter;
     use prometheus_client::metrics::gauge::ConstGauge;
-    use procfs::process::{LimitValue, Process};
 
     #[derive(Debug)]
     pub(super) struct ProcessCollector;

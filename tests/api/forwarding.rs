@@ -3,7 +3,7 @@
 //! message saying how to start it without one.
 
 use crate::helpers::*;
-use fleetgate::forwarder::testing::{test_amqp_url, broker_addr, url_via, Proxy};
+use fleetgate::forwarder::testing::{broker_addr, test_amqp_url, url_via, Proxy};
 use fleetgate::ota::firmware::NewFirmware;
 use fleetgate::ota::FirmwareStatus;
 use futures_util::StreamExt;
@@ -325,8 +325,8 @@ impl PostingDevice {
 /// consumer group.
 #[tokio::test]
 async fn a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives() {
-    let url = test_amqp_url("a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives")
-            .await;
+    let url =
+        test_amqp_url("a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives").await;
     const DEVICES: usize = 4;
     const POSTS: usize = 150;
     let proxy = Proxy::start(broker_addr(&url).await).await;

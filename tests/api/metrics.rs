@@ -55,7 +55,10 @@ async fn content_type_follows_accept() {
         text.contains("# TYPE fleetgate_mqtt_connects_total counter\n"),
         "a counter's family is named after its _total sample in 0.0.4:\n{text}"
     );
-    assert!(text.contains("# TYPE fleetgate_build_info gauge\n"), "{text}");
+    assert!(
+        text.contains("# TYPE fleetgate_build_info gauge\n"),
+        "{text}"
+    );
 
     let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
     let (ct, text) = scrape(&app, Some(prometheus_accept)).await;
@@ -114,7 +117,10 @@ async fn every_family_has_help_and_one_type() {
             assert!(typed.insert(name.to_owned()), "two TYPE lines for {name}");
         }
     }
-    assert_eq!(helped, typed, "every family has exactly one HELP and one TYPE");
+    assert_eq!(
+        helped, typed,
+        "every family has exactly one HELP and one TYPE"
+    );
     assert!(typed.len() > 40, "{typed:?}");
 }
 

@@ -44,14 +44,19 @@ async fn readyz_is_503_while_the_configured_forwarder_is_not_connected_and_healt
     assert_eq!(b["ready"], false);
     let amqp = b["checks"]["amqp"].as_str().unwrap_or_default();
     assert!(amqp != "ok" && amqp != "disabled", "{b}");
-    assert_eq!(b["checks"]["store"], "ok", "only the forwarder is missing: {b}");
+    assert_eq!(
+        b["checks"]["store"], "ok",
+        "only the forwarder is missing: {b}"
+    );
     let (s, _) = open_get(&app, "/healthz").await;
     assert_eq!(s, 200, "liveness does not depend on RabbitMQ");
 }
 
 #[tokio::test]
 async fn readyz_is_ready_once_the_forwarder_connects() {
-    let url = fleetgate::forwarder::testing::test_amqp_url("readyz_is_ready_once_the_forwarder_connects").await;
+    let url =
+        fleetgate::forwarder::testing::test_amqp_url("readyz_is_ready_once_the_forwarder_connects")
+            .await;
     let prefix = format!("fgready-{:08x}", rand::random::<u32>());
     // Returns once /healthz reports the forwarder connected.
     let app = spawn_app_with_amqp(&url, &prefix).await;
@@ -92,7 +97,8 @@ fn exported_names(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn the_grafana_dashboard_queries_only_exported_metrics() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/fleetgate.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/fleetgate.json");
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
     assert_eq!(dashboard["uid"], "fleetgate");
@@ -100,13 +106,42 @@ async fn the_grafana_dashboard_queries_only_exported_metrics() {
     for panel in dashboard["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().expect("a PromQL expr per target");
-            exprs.push((panel["title"].as_str().unwrap_or("?").to_owned(), expr.to_owned()));
+            exprs.push((
+                panel["title"].as_str().unwrap_or("?").to_owned(),
+                expr.to_owned(),
+            ));
         }
     }
     assert!(exprs.len() >= 15, "{exprs:?}");
 
-    let app = spawn_app().await;
-    let exported = exported_names(&app.metrics().await);
+    // A gateway with a consumer group, so that the families labelled by group (sampled from
+    // RabbitMQ) have their series too.
+    let url = fleetgate::forwarder::testing::test_amqp_url(
+        "the_grafana_dashboard_queries_only_exported_metrics",
+    )
+    .await;
+    let prefix = format!("fgdash-{:08x}", rand::random::<u32>());
+    let app = spawn_app_with_amqp_and(&url, &prefix, |s| s.amqp.stats_interval_secs = 1).await;
+    let (s, g) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            serde_json::json!({"group_id": "dash", "name": "dashboard"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{g}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = app.metrics().await;
+        if text.contains("fleetgate_forwarder_group_backlog{") {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group's backlog was never sampled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let exported = exported_names(&text);
     let mut used = BTreeSet::new();
     for (title, expr) in &exprs {
         let names = metric_names(expr);
@@ -131,4 +166,25 @@ async fn the_grafana_dashboard_queries_only_exported_metrics() {
     ] {
         assert!(used.contains(needle), "no panel shows {needle}");
     }
+
+    // Clean up RabbitMQ: the group's queue (through the API), then the instance's exchange.
+    let (s, _) = app
+        .request(
+            reqwest::Method::DELETE,
+            "/api/v1/instances/default/consumer-groups/dash",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let _ = ch
+        .exchange_delete(
+            format!("{prefix}.default").as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
 }
