@@ -463,7 +463,7 @@ fn log_json_from_the_environment_and_refused_connects_are_logged() {
         "{refused}"
     );
     assert_eq!(refused["fields"]["client"], local[0], "{refused}");
-    assert!(refused["fields"]["unlogged"].is_u64(), "{refused}");
+    assert!(refused["fields"]["not_logged"].is_u64(), "{refused}");
     child.kill().unwrap();
     let mut rest = String::new();
     let _ = stderr.read_to_string(&mut rest);
