@@ -54,7 +54,8 @@ impl Shared {
     /// A refused CONNECT in the log, like Mosquitto's "not authorised" lines: the client's
     /// address and the reason (the `reason` label of `fleetgate_mqtt_connects_refused_total`),
     /// at most one line a second; `not_logged` says how many refusals since the previous
-    /// line were not logged (as the admission gates' lines do). Every refusal is counted in the metric.
+    /// line were not logged (as the admission gates' lines do). Every refusal is counted in
+    /// the metric.
     pub(crate) fn log_refusal(&self, peer: SocketAddr, reason: &'static str) {
         if let Some(not_logged) = self.refusal_log.ready() {
             tracing::warn!(client = %peer, reason, not_logged, "MQTT connection refused");
