@@ -462,6 +462,22 @@ impl Browser {
         }
     }
 
+    /// Reloads the page until `sel`'s text satisfies `pred` (pages that are not live).
+    async fn wait_reloading(&self, sel: &str, what: &str, pred: impl Fn(&str) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT * 3;
+        loop {
+            let text = self.text(sel).await;
+            if pred(&text) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{sel} never showed {what} (last {text:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.client.refresh().await.unwrap();
+        }
+    }
+
     /// Saves the page as `docs/console/{name}.png` when `FLEETGATE_CONSOLE_SCREENSHOTS` is set.
     async fn shot(&self, name: &str) {
         if std::env::var_os("FLEETGATE_CONSOLE_SCREENSHOTS").is_none() {
@@ -753,6 +769,58 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
         "{chart}"
     );
     b.shot("dashboard").await;
+
+    // A canary migration to another instance, rolled back.
+    let (status, body) = t
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": "iot-target", "name": "Target"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    b.goto(&t.url("/console/migrations")).await;
+    b.css("select[name=product_key]")
+        .await
+        .select_by_value(&pk)
+        .await
+        .unwrap();
+    b.css("select[name=target_instance_id]")
+        .await
+        .select_by_value("iot-target")
+        .await
+        .unwrap();
+    b.fill(
+        "form[action='/console/migrations'] input[name=name]",
+        "meters to target",
+    )
+    .await;
+    b.click("form[action='/console/migrations'] button").await;
+    b.wait_text("#migration-state", "a new task", |t| {
+        t.starts_with("TO_MIGRATE")
+    })
+    .await;
+    b.fill("form[action$='/canary'] textarea", "meter-0001")
+        .await;
+    b.click("form[action$='/canary'] button").await;
+    b.wait_reloading("#migration-state", "the canary done", |t| {
+        t.starts_with("CANARY_COMPLETED")
+    })
+    .await;
+    assert_eq!(
+        t.device(&pk, "meter-0001").await["instance_id"],
+        "iot-target"
+    );
+    b.shot("migration").await;
+    b.click("form[action$='/rollback'] button").await;
+    b.wait_reloading("#migration-state", "the rollback done", |t| {
+        t.starts_with("TO_MIGRATE")
+    })
+    .await;
+    assert!(b
+        .text("tr[data-device=meter-0001]")
+        .await
+        .contains("ROLLED_BACK"));
+    assert_eq!(t.device(&pk, "meter-0001").await["instance_id"], "default");
 
     // A narrow screen (a phone in the field) still shows the job.
     b.client.set_window_size(390, 844).await.unwrap();
