@@ -175,6 +175,6 @@ fn running_jobs(c: &Console) -> Vec<JobView> {
                 .items,
         );
     }
-    jobs.sort_by(|a, b| b.job.created_at_ms.cmp(&a.job.created_at_ms));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.job.created_at_ms));
     jobs
 }

@@ -38,14 +38,16 @@ pub(super) fn routes() -> Router<Console> {
         .route("/console/ota/jobs/{jid}/{action}", post(action))
 }
 
-fn engine<'a>(c: &'a Console, s: &Session) -> Result<&'a OtaEngine, Response> {
-    c.api_state.ota.as_ref().ok_or_else(|| {
-        view::error_page(
-            Some(s),
-            StatusCode::SERVICE_UNAVAILABLE,
-            "OTA is not configured on this node.",
-        )
-    })
+fn engine(c: &Console) -> Option<&OtaEngine> {
+    c.api_state.ota.as_ref()
+}
+
+fn no_ota(s: &Session) -> Response {
+    view::error_page(
+        Some(s),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "OTA is not configured on this node.",
+    )
 }
 
 fn not_found(s: &Session, what: &str) -> Response {
@@ -64,9 +66,8 @@ fn page_of(n: Option<u32>, size: u32) -> Page {
 }
 
 async fn list(State(c): State<Console>, session: Sess, Query(q): Query<ListQuery>) -> Response {
-    let ota = match engine(&c, &session) {
-        Ok(e) => e,
-        Err(r) => return r,
+    let Some(ota) = engine(&c) else {
+        return no_ota(&session);
     };
     let status = q
         .status
@@ -499,9 +500,8 @@ fn live_block(v: &JobView, stats: &JobStatistics) -> Markup {
 }
 
 async fn live(State(c): State<Console>, session: Sess, Path(jid): Path<String>) -> Response {
-    let ota = match engine(&c, &session) {
-        Ok(e) => e,
-        Err(r) => return r,
+    let Some(ota) = engine(&c) else {
+        return no_ota(&session);
     };
     match (ota.get_job(&jid), ota.job_statistics(&jid)) {
         (Ok(v), Ok(stats)) => view::respond(StatusCode::OK, live_block(&v, &stats)),
@@ -515,9 +515,8 @@ async fn job_page(
     Path(jid): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let ota = match engine(&c, &session) {
-        Ok(e) => e,
-        Err(r) => return r,
+    let Some(ota) = engine(&c) else {
+        return no_ota(&session);
     };
     let (Ok(v), Ok(stats)) = (ota.get_job(&jid), ota.job_statistics(&jid)) else {
         return not_found(&session, "No such job.");
@@ -716,9 +715,8 @@ async fn task_page(
     session: Sess,
     Path((jid, dn)): Path<(String, String)>,
 ) -> Response {
-    let ota = match engine(&c, &session) {
-        Ok(e) => e,
-        Err(r) => return r,
+    let Some(ota) = engine(&c) else {
+        return no_ota(&session);
     };
     let Ok(t) = ota.get_task(&jid, &dn) else {
         return not_found(&session, "No such task.");
