@@ -20,6 +20,7 @@
 mod dashboard;
 mod firmware;
 mod fleet;
+mod forwarding;
 mod migrations;
 mod ota;
 pub mod session;
@@ -171,6 +172,7 @@ pub fn mount(app: Router, state: ApiState) -> Router {
         .merge(firmware::routes())
         .merge(ota::routes())
         .merge(migrations::routes())
+        .merge(forwarding::routes())
         .route_layer(axum::middleware::from_fn_with_state(console.clone(), guard));
     let pages = Router::new()
         .route("/", get(|| async { Redirect::to("/console") }))

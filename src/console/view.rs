@@ -40,6 +40,7 @@ pub(super) enum Nav {
     Firmware,
     Ota,
     Migrations,
+    Forwarding,
     None,
 }
 
@@ -51,6 +52,7 @@ pub(super) fn page(title: &str, nav: Nav, session: Option<&Session>, body: Marku
         (Nav::Firmware, "/console/firmware", "Firmware"),
         (Nav::Ota, "/console/ota", "OTA jobs"),
         (Nav::Migrations, "/console/migrations", "Migrations"),
+        (Nav::Forwarding, "/console/forwarding", "Forwarding"),
     ];
     html! {
         (DOCTYPE)

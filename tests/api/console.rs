@@ -137,6 +137,21 @@ async fn pages_need_a_session_and_a_bad_token_gets_none() {
         "{html}"
     );
 
+    // Forwarding: the instance's consumer groups, read through the API.
+    let (status, group) = t
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "console-group", "name": "analytics"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+    let (status, fwd) = page(&t, &cookie, "/console/forwarding").await;
+    assert_eq!(status, 200);
+    assert!(
+        fwd.contains("data-group=\"console-group\"") && fwd.contains("analytics"),
+        "{fwd}"
+    );
+
     // Logout ends the session on the server, not just in the browser.
     let csrf = csrf_of(&html);
     let (status, _) = post_form(&t, &cookie, "/console/logout", &[("csrf", &csrf)]).await;
@@ -430,8 +445,16 @@ impl Browser {
             .unwrap_or_else(|err| panic!("{sel}: {err}"));
     }
 
+    /// `sel`'s text; found again when htmx replaced it between the find and the read.
     async fn text(&self, sel: &str) -> String {
-        self.css(sel).await.text().await.unwrap()
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.css(sel).await.text().await {
+                Ok(text) => return text,
+                Err(e) if tokio::time::Instant::now() > deadline => panic!("{sel}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     async fn has(&self, sel: &str) -> bool {
