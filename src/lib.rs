@@ -26,6 +26,7 @@ pub mod broker;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod export;
 pub mod forwarder;
 #[cfg(feature = "fuzzing")]

@@ -456,7 +456,7 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             auth::authenticate,
         ));
 
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(cluster::readyz))
         .route("/metrics", get(system::metrics))
@@ -472,5 +472,7 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             state.metrics.clone(),
             middleware::observe,
         ))
-        .with_state(state)
+        .with_state(state.clone());
+    // The operator console (`/`, `/console/…`); everything else goes to `app`.
+    crate::console::mount(app, state)
 }
