@@ -6,8 +6,12 @@
 //! - `GET /api/v1/cluster` (any role): this node and the nodes it hears from.
 //! - [`settle`]: in cluster mode, a write (any method but GET/HEAD/OPTIONS) that succeeded
 //!   answers only once every live node applied it (docs/CLUSTER.md, "Settle").
+//! - [`engines_proxy`]: in cluster mode, OTA and firmware calls are served by the node that
+//!   drives the engines; another node passes them on to it (docs/CLUSTER.md, "Engines").
 
+use super::error::{ApiError, ErrorCode, StandardErrorBody};
 use super::ApiState;
+use axum::http::{header, HeaderValue};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
@@ -133,4 +137,94 @@ pub async fn settle(State(state): State<ApiState>, request: Request, next: Next)
         cluster.settle().await;
     }
     response
+}
+
+/// Header a proxied request carries: the node that passed it on (never proxied twice).
+pub const PROXIED_BY: &str = "x-fleetgate-proxied-by";
+
+/// Whether a route belongs to the engines (OTA jobs, tasks, firmware and their reads).
+pub fn engine_route(path: &str) -> bool {
+    path.starts_with("/api/v1/ota/")
+        || path == "/api/v1/firmware"
+        || path.starts_with("/api/v1/firmware/")
+        || (path.starts_with("/api/v1/products/") && path.contains("/ota/"))
+}
+
+/// Cluster mode: an engine call reaching a node that does not drive the engines is passed on
+/// to the one that does (its HTTP address from its heartbeat), so a round-robin balancer in
+/// front of the API works; while no node drives them (a takeover) it answers 503 `FG.0503`.
+pub async fn engines_proxy(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use crate::cluster::engines::EnginesAt;
+    let Some(cluster) = &state.cluster else {
+        return next.run(request).await;
+    };
+    if !engine_route(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let (node, http) = match cluster.engines_at() {
+        EnginesAt::Here => return next.run(request).await,
+        EnginesAt::Node { node, http } if !request.headers().contains_key(PROXIED_BY) => {
+            (node, http)
+        }
+        _ => {
+            return ApiError::new(
+                ErrorCode::Unavailable,
+                "no node drives the OTA engine right now (the cluster is handing it over); retry in a few seconds",
+            )
+            .into_response()
+        }
+    };
+    match forward(cluster.node(), &http, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(%error, node, http = %http, "cannot pass an engine call on");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the node that drives the OTA engine (node {node}) did not answer; retry in a few seconds"),
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Sends `request` to `http` and streams the answer back.
+async fn forward(this: u16, http: &str, request: Request) -> Result<Response, reqwest::Error> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .unwrap_or_default()
+    });
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    let mut headers = parts.headers;
+    for h in [header::HOST, header::CONNECTION, header::TRANSFER_ENCODING] {
+        headers.remove(h);
+    }
+    headers.insert(PROXIED_BY, HeaderValue::from(this));
+    let answer = client
+        .request(parts.method, format!("http://{http}{path}"))
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .send()
+        .await?;
+    let status = answer.status();
+    let mut headers = answer.headers().clone();
+    for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
+        headers.remove(h);
+    }
+    let mut response = Response::new(axum::body::Body::from_stream(answer.bytes_stream()));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    // The answering node already gave its errors the standard body.
+    response.extensions_mut().insert(StandardErrorBody);
+    Ok(response)
 }
