@@ -62,6 +62,8 @@ pub struct NodeView {
     /// When this node last heard from it, ms since the Unix epoch (absent for itself).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heard_ms: Option<i64>,
+    /// It holds the engines' lease: its OTA engine is the one running.
+    pub engines: bool,
 }
 
 /// The cluster as this node sees it.
@@ -107,6 +109,7 @@ pub async fn cluster_status(State(state): State<ApiState>) -> Json<ClusterView> 
         boot_ms: this.boot_ms,
         feed_seq: this.seq,
         heard_ms: None,
+        engines: this.engines,
     }];
     nodes.extend(cluster.members().into_iter().map(|m| NodeView {
         node: m.node,
@@ -116,6 +119,7 @@ pub async fn cluster_status(State(state): State<ApiState>) -> Json<ClusterView> 
         boot_ms: m.boot_ms,
         feed_seq: m.seq,
         heard_ms: Some(m.heard_ms),
+        engines: m.engines,
     }));
     Json(ClusterView {
         mode: "cluster",

@@ -194,7 +194,8 @@ impl OtaEngine {
 
     /// What the previous holder may have missed during the takeover: an unfinished task whose
     /// device now runs the destination version gets that version report, and a device that is
-    /// online with a task waiting OFFLINE gets its connect. Returns both counts.
+    /// online with a task waiting OFFLINE, or NOTIFIED without a progress report yet, gets its
+    /// connect. Returns both counts.
     async fn reconcile(&self) -> (usize, usize) {
         let now = self.now();
         let unfinished: Vec<((String, String, String), String)> = self
@@ -230,11 +231,15 @@ impl OtaEngine {
                 }
                 continue;
             }
-            let waits_offline = self.inner.tasks.get(&key).is_some_and(|s| {
-                s.state.status == TaskStatus::Queued
-                    && s.state.queue_reason == Some(QueueReason::Offline)
+            // Waiting for the device to come online, or pushed without a word back (the push
+            // may have died with the previous holder): the device's connect, as on one node
+            // (a re-push of an attempt that had not started).
+            let waits_for_connect = self.inner.tasks.get(&key).is_some_and(|s| {
+                let st = &s.state;
+                (st.status == TaskStatus::Queued && st.queue_reason == Some(QueueReason::Offline))
+                    || (st.status == TaskStatus::Notified && st.awaiting_first_progress())
             });
-            if waits_offline && device.online {
+            if waits_for_connect && device.online {
                 online.insert((pk, dn));
             }
         }
