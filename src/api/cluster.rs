@@ -11,8 +11,8 @@
 
 use super::error::{ApiError, ErrorCode, StandardErrorBody};
 use super::ApiState;
-use axum::http::{header, HeaderValue};
 use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};

@@ -267,7 +267,9 @@ impl ErrorCode {
             ErrorCode::RangeNotSatisfiable => "requested byte range lies outside the file",
             ErrorCode::TooManyRequests => "too many requests",
             ErrorCode::Internal => "internal error (see the gateway log for the request id)",
-            ErrorCode::Unavailable => "the engines' node is not reachable now (cluster takeover); retry",
+            ErrorCode::Unavailable => {
+                "the engines' node is not reachable now (cluster takeover); retry"
+            }
             ErrorCode::MalformedBody => "malformed JSON or CSV body",
             ErrorCode::InvalidField => "invalid field value (field named in error_ext_msg)",
             ErrorCode::MissingField => "missing required field (field named in error_ext_msg)",

@@ -101,7 +101,12 @@ async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
 }
 
 /// A call that may meet a takeover (503) is retried.
-async fn call_retrying(api: &Api, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+async fn call_retrying(
+    api: &Api,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (status, v) = api.call(method.clone(), path, body.clone()).await;
@@ -202,7 +207,10 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
         if started >= DEVICES as u64 / 3 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "campaign stuck: {j}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "campaign stuck: {j}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.node_mut(holder).kill9();
@@ -223,7 +231,10 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
         if j["status"] == "COMPLETED" {
             break j;
         }
-        assert!(tokio::time::Instant::now() < deadline, "job never completed: {j}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never completed: {j}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert_eq!(job["counters"]["succeeded"], DEVICES as u64, "{job}");
@@ -265,7 +276,12 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
     let busiest = pushed_at
         .iter()
         .enumerate()
-        .map(|(i, &t)| pushed_at[i..].iter().take_while(|&&u| u < t + window).count())
+        .map(|(i, &t)| {
+            pushed_at[i..]
+                .iter()
+                .take_while(|&&u| u < t + window)
+                .count()
+        })
         .max()
         .unwrap();
     let span_ms = pushed_at.last().unwrap() - pushed_at.first().unwrap();

@@ -17,11 +17,11 @@
 //! report exactly as if the device were connected here.
 
 use super::{Inner, OtaEngine};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
 use crate::ota::firmware::FirmwareRepo;
 use crate::ota::task::{Event, QueueReason, TaskStatus};
 use crate::ota::{EngineConfig, OtaError, Pusher};
-use crate::clock::Clock;
-use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
 use fleetgate_topics::{ProgressStep, UpgradeData};
@@ -52,7 +52,11 @@ pub enum DeviceReport {
         version: String,
     },
     /// `firmware/get`: the answer is the reply.
-    FirmwareGet { pk: String, dn: String, module: String },
+    FirmwareGet {
+        pk: String,
+        dn: String,
+        module: String,
+    },
     /// The device was deleted (its unfinished tasks end CANCELED).
     Deleted {
         pk: String,

@@ -1610,11 +1610,17 @@ async fn a_standby_engine_relays_reports_and_takes_over_the_campaign_when_activa
         relay.clone(),
     );
     assert!(!standby.driving());
-    assert!(standby.get_task(&jid, "dev-0000").is_err(), "standby is empty");
+    assert!(
+        standby.get_task(&jid, "dev-0000").is_err(),
+        "standby is empty"
+    );
     standby
         .on_progress(&h.pk, "dev-0000", "default", ProgressStep::Percent(60))
         .await;
-    assert!(standby.pending_upgrade(&h.pk, "dev-0001", "default").await.is_none());
+    assert!(standby
+        .pending_upgrade(&h.pk, "dev-0001", "default")
+        .await
+        .is_none());
     standby.device_online(&h.pk, "dev-0001").await;
     assert_eq!(
         *lock(&relay.reports),
@@ -1672,7 +1678,10 @@ async fn a_standby_engine_relays_reports_and_takes_over_the_campaign_when_activa
     assert_eq!(gauge_total(&metrics), 2);
     // Relayed reports now apply here.
     assert!(standby.handle_report(report).await.is_none());
-    assert_eq!(standby.get_task(&jid, "dev-0000").unwrap().progress, Some(70));
+    assert_eq!(
+        standby.get_task(&jid, "dev-0000").unwrap().progress,
+        Some(70)
+    );
     let done = DeviceReport::Version {
         pk: h.pk.clone(),
         dn: "dev-0000".into(),
