@@ -6,8 +6,9 @@
 //! - `GET /api/v1/cluster` (any role): this node and the nodes it hears from.
 //! - [`settle`]: in cluster mode, a write (any method but GET/HEAD/OPTIONS) that succeeded
 //!   answers only once every live node applied it (docs/CLUSTER.md, "Settle").
-//! - [`engines_proxy`]: in cluster mode, OTA and firmware calls are served by the node that
-//!   drives the engines; another node passes them on to it (docs/CLUSTER.md, "Engines").
+//! - [`engines_proxy`]: in cluster mode, OTA, firmware and export/import calls are served by
+//!   the node that drives the engines; another node passes them on to it (docs/CLUSTER.md,
+//!   "Engines").
 
 use super::error::{ApiError, ErrorCode, StandardErrorBody};
 use super::ApiState;
@@ -146,11 +147,17 @@ pub async fn settle(State(state): State<ApiState>, request: Request, next: Next)
 /// Header a proxied request carries: the node that passed it on (never proxied twice).
 pub const PROXIED_BY: &str = "x-fleetgate-proxied-by";
 
-/// Whether a route belongs to the engines (OTA jobs, tasks, firmware and their reads).
+/// Whether a route belongs to the engines: OTA jobs, tasks, firmware and their reads, and
+/// export/import jobs (which read and write OTA jobs through the active engine).
 pub fn engine_route(path: &str) -> bool {
-    path.starts_with("/api/v1/ota/")
-        || path == "/api/v1/firmware"
-        || path.starts_with("/api/v1/firmware/")
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    under("/api/v1/ota")
+        || under("/api/v1/firmware")
+        || under("/api/v1/export")
+        || under("/api/v1/import")
         || (path.starts_with("/api/v1/products/") && path.contains("/ota/"))
 }
 
@@ -231,4 +238,36 @@ async fn forward(this: u16, http: &str, request: Request) -> Result<Response, re
     // The answering node already gave its errors the standard body.
     response.extensions_mut().insert(StandardErrorBody);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::engine_route;
+
+    #[test]
+    fn engine_routes_are_the_ota_firmware_and_export_ones() {
+        for path in [
+            "/api/v1/ota/jobs",
+            "/api/v1/ota/jobs/j1/tasks/dev-1",
+            "/api/v1/firmware",
+            "/api/v1/firmware/f1/statistics",
+            "/api/v1/export",
+            "/api/v1/export/e1/package",
+            "/api/v1/import/i1/log",
+            "/api/v1/products/pk/devices/dn/ota/timeline",
+            "/api/v1/products/pk/ota/versions",
+        ] {
+            assert!(engine_route(path), "{path}");
+        }
+        for path in [
+            "/api/v1/products/pk/devices/dn",
+            "/api/v1/migrations/t1",
+            "/api/v1/cluster",
+            "/api/v1/firmwares",
+            "/api/v1/exports",
+            "/firmware/f1/download",
+        ] {
+            assert!(!engine_route(path), "{path}");
+        }
+    }
 }
