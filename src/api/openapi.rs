@@ -152,6 +152,7 @@ use crate::registry::Instance;
         Instance,
         CreateInstanceRequest,
         ConsumerGroup,
+        consumer_groups::CreatedConsumerGroup,
         NewConsumerGroup,
         ConsumerGroupDetails,
         RateLimitRequest,
