@@ -17,6 +17,7 @@ use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
 use crate::clock::Clock;
+use crate::cluster::engines::{ClusterPusher, EnginesRelay};
 use crate::cluster::epoch::EpochClock;
 use crate::cluster::Cluster;
 use crate::config::Settings;
@@ -52,6 +53,10 @@ pub struct Application {
     budgets: Budgets,
     created_admin_token: Option<String>,
     cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: stops the engines' lease keeper (which releases the lease) and the task
+    /// that follows it.
+    engines_stop: tokio::sync::watch::Sender<bool>,
+    engines_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Application {
@@ -185,23 +190,41 @@ impl Application {
         registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
         // One clock for both engines (system time; tests move it through the engines).
         let clock = Clock::system();
-        let ota = OtaEngine::open(
-            registry.clone(),
-            firmware.clone(),
-            Arc::new(downlink.clone()),
-            clock.clone(),
-            EngineConfig {
-                connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
-                download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
-                progress_flush_ms: settings.ota.progress_flush_ms as i64,
-                ..EngineConfig::default()
-            },
-            metrics.clone(),
-        )
-        .context("cannot load the OTA jobs")?;
+        let ota_config = EngineConfig {
+            connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
+            download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
+            progress_flush_ms: settings.ota.progress_flush_ms as i64,
+            ..EngineConfig::default()
+        };
+        // Cluster mode: the engine runs on the holder of the engines' lease only (activated
+        // once the cluster is attached, below); here it starts in standby, relaying reports.
+        let engines_lease = joined.as_ref().map(|(cluster, _)| cluster.engines_lease());
+        let ota = match (&joined, &engines_lease) {
+            (Some((cluster, _)), Some(lease)) => OtaEngine::open_standby(
+                registry.clone(),
+                registry.store().fenced(lease.fence()),
+                firmware.clone(),
+                Arc::new(ClusterPusher::new(cluster.clone(), registry.clone())),
+                clock.clone(),
+                ota_config,
+                metrics.clone(),
+                Arc::new(EnginesRelay::new(cluster.clone())),
+            ),
+            _ => OtaEngine::open(
+                registry.clone(),
+                firmware.clone(),
+                Arc::new(downlink.clone()),
+                clock.clone(),
+                ota_config,
+                metrics.clone(),
+            )
+            .context("cannot load the OTA jobs")?,
+        };
         // OTA task state changes are forwarded to consumer groups (no-op with forwarding off).
         ota.set_event_sink(forwarder.ota_event_sink());
-        ota.start();
+        if joined.is_none() {
+            ota.start();
+        }
 
         // Before ingest starts: the data-sync routes must be in place for the first message.
         let migration = MigrationEngine::start(
@@ -291,6 +314,18 @@ impl Application {
             );
             cluster
         });
+        // Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
+        let (engines_stop, _) = tokio::sync::watch::channel(false);
+        let mut engines_tasks = Vec::new();
+        if let (Some(cluster), Some(lease)) = (&cluster, engines_lease) {
+            engines_tasks.push(tokio::spawn(lease.clone().run(engines_stop.subscribe())));
+            engines_tasks.push(tokio::spawn(crate::cluster::engines::drive(
+                cluster.clone(),
+                lease,
+                ota.clone(),
+                engines_stop.subscribe(),
+            )));
+        }
         // The last step that can fail: an admin token created here is printed below.
         let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
             &settings.data_dir,
@@ -426,6 +461,8 @@ impl Application {
             budgets,
             created_admin_token,
             cluster,
+            engines_stop,
+            engines_tasks,
         })
     }
 
@@ -539,6 +576,12 @@ impl Application {
         }
         // After the broker: no device event can reach the engine any more.
         self.ota.shutdown().await;
+        // Cluster mode: the engine's last writes are in; the lease is released so another node
+        // takes over at once instead of after its expiry.
+        let _ = self.engines_stop.send(true);
+        for task in self.engines_tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
         // get a few seconds; whatever is left stays in the outbox for the next start.
         self.forwarder.shutdown().await;

@@ -125,6 +125,10 @@ struct ServeArgs {
     /// Cluster mode: a node not heard from this long is gone, ms [default 10000].
     #[arg(long, env = "FLEETGATE_CLUSTER_NODE_TIMEOUT_MS")]
     cluster_node_timeout_ms: Option<u64>,
+    /// Cluster mode: term of a lease (the engines'); a dead holder is replaced after about
+    /// this long, ms [default 10000].
+    #[arg(long, env = "FLEETGATE_CLUSTER_LEASE_TTL_MS")]
+    cluster_lease_ttl_ms: Option<u64>,
     /// Most distinct subscription filters per device [default 50].
     #[arg(long, env = "FLEETGATE_MQTT_MAX_SUBSCRIPTIONS_PER_DEVICE")]
     mqtt_max_subscriptions_per_device: Option<usize>,
@@ -308,6 +312,7 @@ fn load_settings(args: ServeArgs) -> anyhow::Result<Settings> {
             cluster_name: args.cluster_name,
             cluster_heartbeat_ms: args.cluster_heartbeat_ms,
             cluster_node_timeout_ms: args.cluster_node_timeout_ms,
+            cluster_lease_ttl_ms: args.cluster_lease_ttl_ms,
             mqtt_max_subscriptions_per_device: args.mqtt_max_subscriptions_per_device,
             mqtt_max_modules_per_device: args.mqtt_max_modules_per_device,
             mqtt_connect_timestamp_window_secs: args.mqtt_connect_timestamp_window_secs,

@@ -6,9 +6,14 @@
 //! - `GET /api/v1/cluster` (any role): this node and the nodes it hears from.
 //! - [`settle`]: in cluster mode, a write (any method but GET/HEAD/OPTIONS) that succeeded
 //!   answers only once every live node applied it (docs/CLUSTER.md, "Settle").
+//! - [`engines_proxy`]: in cluster mode, OTA, firmware and export/import calls are served by
+//!   the node that drives the engines; another node passes them on to it (docs/CLUSTER.md,
+//!   "Engines").
 
+use super::error::{ApiError, ErrorCode, StandardErrorBody};
 use super::ApiState;
 use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -64,6 +69,8 @@ pub struct NodeView {
     /// When this node last heard from it, ms since the Unix epoch (absent for itself).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heard_ms: Option<i64>,
+    /// It holds the engines' lease: its OTA engine is the one running.
+    pub engines: bool,
 }
 
 /// The cluster as this node sees it.
@@ -109,6 +116,7 @@ pub async fn cluster_status(State(state): State<ApiState>) -> Json<ClusterView> 
         boot_ms: this.boot_ms,
         feed_seq: this.seq,
         heard_ms: None,
+        engines: this.engines,
     }];
     nodes.extend(cluster.members().into_iter().map(|m| NodeView {
         node: m.node,
@@ -118,6 +126,7 @@ pub async fn cluster_status(State(state): State<ApiState>) -> Json<ClusterView> 
         boot_ms: m.boot_ms,
         feed_seq: m.seq,
         heard_ms: Some(m.heard_ms),
+        engines: m.engines,
     }));
     Json(ClusterView {
         mode: "cluster",
@@ -139,4 +148,132 @@ pub async fn settle(State(state): State<ApiState>, request: Request, next: Next)
         cluster.settle().await;
     }
     response
+}
+
+/// Header a proxied request carries: the node that passed it on (never proxied twice).
+pub const PROXIED_BY: &str = "x-fleetgate-proxied-by";
+
+/// Whether a route belongs to the engines: OTA jobs, tasks, firmware and their reads, and
+/// export/import jobs (which read and write OTA jobs through the active engine).
+pub fn engine_route(path: &str) -> bool {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    under("/api/v1/ota")
+        || under("/api/v1/firmware")
+        || under("/api/v1/export")
+        || under("/api/v1/import")
+        || (path.starts_with("/api/v1/products/") && path.contains("/ota/"))
+}
+
+/// Cluster mode: an engine call reaching a node that does not drive the engines is passed on
+/// to the one that does (its HTTP address from its heartbeat), so a round-robin balancer in
+/// front of the API works; while no node drives them (a takeover) it answers 503 `FG.0503`.
+pub async fn engines_proxy(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use crate::cluster::engines::EnginesAt;
+    let Some(cluster) = &state.cluster else {
+        return next.run(request).await;
+    };
+    if !engine_route(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let (node, http) = match cluster.engines_at() {
+        EnginesAt::Here => return next.run(request).await,
+        EnginesAt::Node { node, http } if !request.headers().contains_key(PROXIED_BY) => {
+            (node, http)
+        }
+        _ => {
+            return ApiError::new(
+                ErrorCode::Unavailable,
+                "no node drives the OTA engine right now (the cluster is handing it over); retry in a few seconds",
+            )
+            .into_response()
+        }
+    };
+    match forward(cluster.node(), &http, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(%error, node, http = %http, "cannot pass an engine call on");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the node that drives the OTA engine (node {node}) did not answer; retry in a few seconds"),
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Sends `request` to `http` and streams the answer back.
+async fn forward(this: u16, http: &str, request: Request) -> Result<Response, reqwest::Error> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .unwrap_or_default()
+    });
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    let mut headers = parts.headers;
+    for h in [header::HOST, header::CONNECTION, header::TRANSFER_ENCODING] {
+        headers.remove(h);
+    }
+    headers.insert(PROXIED_BY, HeaderValue::from(this));
+    let answer = client
+        .request(parts.method, format!("http://{http}{path}"))
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .send()
+        .await?;
+    let status = answer.status();
+    let mut headers = answer.headers().clone();
+    for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
+        headers.remove(h);
+    }
+    let mut response = Response::new(axum::body::Body::from_stream(answer.bytes_stream()));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    // The answering node already gave its errors the standard body.
+    response.extensions_mut().insert(StandardErrorBody);
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::engine_route;
+
+    #[test]
+    fn engine_routes_are_the_ota_firmware_and_export_ones() {
+        for path in [
+            "/api/v1/ota/jobs",
+            "/api/v1/ota/jobs/j1/tasks/dev-1",
+            "/api/v1/firmware",
+            "/api/v1/firmware/f1/statistics",
+            "/api/v1/export",
+            "/api/v1/export/e1/package",
+            "/api/v1/import/i1/log",
+            "/api/v1/products/pk/devices/dn/ota/timeline",
+            "/api/v1/products/pk/ota/versions",
+        ] {
+            assert!(engine_route(path), "{path}");
+        }
+        for path in [
+            "/api/v1/products/pk/devices/dn",
+            "/api/v1/migrations/t1",
+            "/api/v1/cluster",
+            "/api/v1/firmwares",
+            "/api/v1/exports",
+            "/firmware/f1/download",
+        ] {
+            assert!(!engine_route(path), "{path}");
+        }
+    }
 }

@@ -44,6 +44,9 @@ pub enum ErrorCode {
     TooManyRequests,
     /// FG.0500: the gateway failed; details are in its log under the request id.
     Internal,
+    /// FG.0503: cluster mode, the node that drives the engines cannot be reached right now (a
+    /// takeover in progress); retry.
+    Unavailable,
     /// FG.1000: the body is not valid JSON/CSV.
     MalformedBody,
     /// FG.1001: a field (body, query or path) has an invalid value; the field is named.
@@ -111,7 +114,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 41] = [
+    pub const ALL: [ErrorCode; 42] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -122,6 +125,7 @@ impl ErrorCode {
         ErrorCode::RangeNotSatisfiable,
         ErrorCode::TooManyRequests,
         ErrorCode::Internal,
+        ErrorCode::Unavailable,
         ErrorCode::MalformedBody,
         ErrorCode::InvalidField,
         ErrorCode::MissingField,
@@ -168,6 +172,7 @@ impl ErrorCode {
             ErrorCode::RangeNotSatisfiable => "FG.0416",
             ErrorCode::TooManyRequests => "FG.0429",
             ErrorCode::Internal => "FG.0500",
+            ErrorCode::Unavailable => "FG.0503",
             ErrorCode::MalformedBody => "FG.1000",
             ErrorCode::InvalidField => "FG.1001",
             ErrorCode::MissingField => "FG.1002",
@@ -245,6 +250,7 @@ impl ErrorCode {
             ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -261,6 +267,9 @@ impl ErrorCode {
             ErrorCode::RangeNotSatisfiable => "requested byte range lies outside the file",
             ErrorCode::TooManyRequests => "too many requests",
             ErrorCode::Internal => "internal error (see the gateway log for the request id)",
+            ErrorCode::Unavailable => {
+                "the engines' node is not reachable now (cluster takeover); retry"
+            }
             ErrorCode::MalformedBody => "malformed JSON or CSV body",
             ErrorCode::InvalidField => "invalid field value (field named in error_ext_msg)",
             ErrorCode::MissingField => "missing required field (field named in error_ext_msg)",
@@ -569,7 +578,7 @@ mod tests {
 
     #[test]
     fn codes_are_unique_and_statuses_are_in_the_contract_set() {
-        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500];
+        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500, 503];
         let mut seen = HashSet::new();
         for code in ErrorCode::ALL {
             assert!(seen.insert(code.as_str()), "duplicate {code}");

@@ -451,6 +451,11 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             state.clone(),
             cluster::settle,
         ))
+        // Between authentication and settle: the engines' node settles what it serves.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cluster::engines_proxy,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::authenticate,

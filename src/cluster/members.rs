@@ -16,6 +16,9 @@ pub struct Heartbeat {
     pub seq: u64,
     pub mqtt: String,
     pub http: String,
+    /// The node holds the engines' lease (its OTA engine is the active one).
+    #[serde(default)]
+    pub engines: bool,
 }
 
 /// What this node knows of another.
@@ -26,6 +29,8 @@ pub struct Member {
     pub seq: u64,
     pub mqtt: String,
     pub http: String,
+    /// It drives the engines.
+    pub engines: bool,
     /// When it was last heard from (this node's clock, ms).
     pub heard_ms: i64,
 }
@@ -63,6 +68,7 @@ impl Members {
             seq: hb.seq,
             mqtt: hb.mqtt,
             http: hb.http,
+            engines: hb.engines,
             heard_ms: now_ms,
         };
         match self.nodes.insert(hb.node, member) {
@@ -108,6 +114,7 @@ mod tests {
             seq: 1,
             mqtt: "127.0.0.1:1".into(),
             http: "127.0.0.1:2".into(),
+            engines: false,
         }
     }
 

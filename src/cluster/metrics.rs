@@ -18,6 +18,12 @@ pub struct ClusterMetrics {
     pub sessions_ended: Counter,
     /// API writes answered before every node confirmed them (`settle_timeout_ms`).
     pub settle_timeouts: Counter,
+    /// Terms of the engines' lease this node started (took the lease and activated).
+    pub engine_terms: Counter,
+    /// Device reports this node relayed to the engines' node and had answered.
+    pub engine_reports_relayed: Counter,
+    /// Device reports that reached no engines' node (none held the lease, or it did not answer).
+    pub engine_reports_dropped: Counter,
 }
 
 impl ClusterMetrics {
@@ -52,6 +58,21 @@ impl ClusterMetrics {
                 "cluster_settle_timeouts",
                 "API writes answered before every node confirmed them",
                 &self.settle_timeouts,
+            ),
+            (
+                "cluster_engine_terms",
+                "Terms of the engines' lease this node took",
+                &self.engine_terms,
+            ),
+            (
+                "cluster_engine_reports_relayed",
+                "Device reports relayed to the engines' node",
+                &self.engine_reports_relayed,
+            ),
+            (
+                "cluster_engine_reports_dropped",
+                "Device reports that reached no engines' node",
+                &self.engine_reports_dropped,
             ),
         ];
         for (name, help, counter) in counters {

@@ -24,6 +24,7 @@
 //! Subjects are prefixed with the cluster's name so several clusters (or test runs) can share
 //! one NATS server.
 
+pub mod engines;
 pub mod epoch;
 pub mod feed;
 pub mod lease;
@@ -112,6 +113,8 @@ pub(crate) struct Subjects {
     pub feed: String,
     pub heartbeat: String,
     pub settle: String,
+    /// Device reports for the node that drives the engines (only it subscribes).
+    pub engines: String,
     prefix: String,
 }
 
@@ -122,6 +125,7 @@ impl Subjects {
             feed: format!("{prefix}.feed"),
             heartbeat: format!("{prefix}.hb"),
             settle: format!("{prefix}.settle"),
+            engines: format!("{prefix}.engines"),
             prefix,
         }
     }
@@ -179,6 +183,8 @@ pub struct Cluster {
     addresses: OnceLock<(SocketAddr, SocketAddr)>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     attached: OnceLock<Attached>,
+    /// This node holds the engines' lease and its engine is active (announced in heartbeats).
+    engines_held: AtomicBool,
 }
 
 /// What the cluster acts on once the node's registry and broker exist.
@@ -287,6 +293,7 @@ impl Cluster {
             addresses: OnceLock::new(),
             tasks: Mutex::new(Vec::new()),
             attached: OnceLock::new(),
+            engines_held: AtomicBool::new(false),
         });
         let publisher = tokio::spawn(cluster.clone().publish(out_rx));
         cluster.track(publisher);
@@ -377,6 +384,7 @@ impl Cluster {
             seq: *self.published.borrow(),
             mqtt,
             http,
+            engines: self.engines_held.load(Ordering::Acquire),
         }
     }
 

@@ -23,6 +23,9 @@ pub struct ClusterSettings {
     pub node_timeout_ms: u64,
     /// How long an API write waits for every other node to have applied it before answering.
     pub settle_timeout_ms: u64,
+    /// Term of a lease (the engines', the outbox's): a node that dies holding one is
+    /// replaced after at most this long plus a third of it.
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for ClusterSettings {
@@ -34,6 +37,7 @@ impl Default for ClusterSettings {
             heartbeat_ms: 1_000,
             node_timeout_ms: 10_000,
             settle_timeout_ms: 2_000,
+            lease_ttl_ms: 10_000,
         }
     }
 }
@@ -84,6 +88,9 @@ impl ClusterSettings {
                 "cluster.node_timeout_ms",
                 "must be at least 3 heartbeats (3 × cluster.heartbeat_ms)".into(),
             ));
+        }
+        if !(300..=600_000).contains(&self.lease_ttl_ms) {
+            return Err(("cluster.lease_ttl_ms", "must be 300..=600000".into()));
         }
         if self.settle_timeout_ms > 60_000 {
             return Err(("cluster.settle_timeout_ms", "must be at most 60000".into()));

@@ -442,6 +442,22 @@ impl FirmwareRepo {
         }))
     }
 
+    /// Reads the package metadata back from the store (blocking). Cluster mode: the node that
+    /// takes over the engines learns the packages the previous holder created.
+    pub fn reload(&self) -> Result<(), FirmwareError> {
+        let mut index = Index::default();
+        for (id, body) in self.store.load_documents(DOC_KIND)? {
+            let p: FirmwarePackage =
+                serde_json::from_str(&body).map_err(|e| FirmwareError::Corrupt {
+                    id: id.clone(),
+                    message: e.to_string(),
+                })?;
+            index.insert(p);
+        }
+        *self.write() = index;
+        Ok(())
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Index> {
         self.index.read().unwrap_or_else(PoisonError::into_inner)
     }

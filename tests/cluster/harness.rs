@@ -134,6 +134,8 @@ impl Node {
             // machine's heartbeats.
             .env("FLEETGATE_CLUSTER_HEARTBEAT_MS", "300")
             .env("FLEETGATE_CLUSTER_NODE_TIMEOUT_MS", "3000")
+            // A dead holder of the engines' lease is replaced within about 2.7 s.
+            .env("FLEETGATE_CLUSTER_LEASE_TTL_MS", "2000")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

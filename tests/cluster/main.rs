@@ -2,6 +2,7 @@
 //! HAProxy in front (docs/CLUSTER.md).
 
 mod harness;
+mod ota;
 
 use harness::*;
 use serde_json::{json, Value};

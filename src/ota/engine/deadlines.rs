@@ -39,7 +39,8 @@ impl OtaEngine {
         if self.inner.clock.is_manual() {
             return None;
         }
-        Some(tokio::spawn(async move { engine.run().await }))
+        let term = self.inner.term.load(Ordering::SeqCst);
+        Some(tokio::spawn(async move { engine.run(term).await }))
     }
 
     /// Stops the deadline task and writes every pending progress update.
@@ -53,10 +54,11 @@ impl OtaEngine {
         }
     }
 
-    pub(super) async fn run(&self) {
+    /// The deadline loop of term `term` (cluster mode: one per activation; it ends with it).
+    pub(super) async fn run(&self, term: u64) {
         let flush_every = self.inner.config.progress_flush_ms.max(10);
         loop {
-            if self.inner.stopping.load(Ordering::SeqCst) {
+            if self.inner.stopping.load(Ordering::SeqCst) || self.inner.term_over(term) {
                 return;
             }
             self.run_due().await;

@@ -3,7 +3,7 @@
 //! created, tags changed).
 
 use super::internal_events::{ProgressOutcome, ProgressReported};
-use super::{lock, Delivery, Inner, OtaEngine, TaskKey};
+use super::{lock, Delivery, DeviceReport, Inner, OtaEngine, TaskKey};
 use crate::ota::model::JobStatus;
 use crate::ota::task::{Event, HistoryEvent, QueueReason, TaskStatus};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture};
@@ -46,6 +46,11 @@ impl OtaEngine {
     /// earlier when the device reports its version), a push the device may have missed is
     /// repeated, and DYNAMIC jobs consider the device.
     pub async fn device_online(&self, pk: &str, dn: &str) {
+        if !self.driving() {
+            let (pk, dn) = (pk.to_owned(), dn.to_owned());
+            Box::pin(self.relay(DeviceReport::Online { pk, dn })).await;
+            return;
+        }
         let now = self.now();
         let delay = self.inner.config.connect_push_delay_ms.max(0);
         for key in self.unfinished_tasks(pk, dn) {
@@ -64,6 +69,16 @@ impl OtaEngine {
     /// state machine of a real change is boxed, so this future stays small: ingest creates
     /// one per report, and a large one costs a multi-KB copy per message.
     pub async fn on_progress(&self, pk: &str, dn: &str, module: &str, step: ProgressStep) {
+        if !self.driving() {
+            let report = DeviceReport::Progress {
+                pk: pk.to_owned(),
+                dn: dn.to_owned(),
+                module: module.to_owned(),
+                step,
+            };
+            Box::pin(self.relay(report)).await;
+            return;
+        }
         let Some(key) = self.active_task(pk, dn, module) else {
             ProgressReported {
                 outcome: ProgressOutcome::NoTask,
@@ -86,6 +101,16 @@ impl OtaEngine {
     /// Like [`Self::on_progress`], the common case (the device is in no job and there are no
     /// DYNAMIC jobs) returns without awaiting, and the rest is boxed.
     pub async fn on_version(&self, pk: &str, dn: &str, module: &str, version: &str) {
+        if !self.driving() {
+            let report = DeviceReport::Version {
+                pk: pk.to_owned(),
+                dn: dn.to_owned(),
+                module: module.to_owned(),
+                version: version.to_owned(),
+            };
+            Box::pin(self.relay(report)).await;
+            return;
+        }
         let in_a_job = self
             .inner
             .device_jobs
@@ -147,6 +172,14 @@ impl OtaEngine {
     /// from this reply would go unheard; the retry's push comes when it is due. A finished
     /// task answers nothing.
     pub async fn pending_upgrade(&self, pk: &str, dn: &str, module: &str) -> Option<UpgradeData> {
+        if !self.driving() {
+            let report = DeviceReport::FirmwareGet {
+                pk: pk.to_owned(),
+                dn: dn.to_owned(),
+                module: module.to_owned(),
+            };
+            return Box::pin(self.relay(report)).await;
+        }
         let key = self.active_task(pk, dn, module)?;
         let job = self.job_entry(&key.job_id)?;
         let (status, retry_pending) = self
@@ -252,6 +285,36 @@ impl DeviceObserver for DeviceObserverImpl {
                 return;
             };
             let engine = OtaEngine { inner };
+            if !engine.driving() {
+                // Cluster mode, another node drives the engine: it hears of the change.
+                let report = match change {
+                    DeviceChange::Deleted {
+                        product_key,
+                        device_name,
+                        instance_id,
+                    } => DeviceReport::Deleted {
+                        pk: product_key.clone(),
+                        dn: device_name.clone(),
+                        instance_id: Some(instance_id.clone()),
+                    },
+                    DeviceChange::Created {
+                        product_key,
+                        device_names,
+                    } => DeviceReport::Joinable {
+                        pk: product_key.clone(),
+                        dns: device_names.clone(),
+                    },
+                    DeviceChange::TagsChanged {
+                        product_key,
+                        device_name,
+                    } => DeviceReport::Joinable {
+                        pk: product_key.clone(),
+                        dns: vec![device_name.clone()],
+                    },
+                };
+                engine.relay(report).await;
+                return;
+            }
             match change {
                 DeviceChange::Deleted {
                     product_key,

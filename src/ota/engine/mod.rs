@@ -56,6 +56,9 @@ mod jobs;
 mod load;
 mod push;
 mod query;
+mod relay;
+
+pub use relay::{DeviceReport, Relay};
 
 pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
 #[cfg(test)]
@@ -91,6 +94,18 @@ pub const TASK_DOC: &str = "ota.task";
 pub trait Pusher: Send + Sync + 'static {
     fn is_connected(&self, product_key: &str, device_name: &str) -> bool;
     fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String>;
+    /// Publishes `payload` on `topic` to one device (cluster mode: through the node that holds
+    /// its connection). Defaults to [`Pusher::publish`].
+    fn push_to(
+        &self,
+        product_key: &str,
+        device_name: &str,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        let _ = (product_key, device_name);
+        self.publish(topic, payload)
+    }
 }
 
 impl Pusher for Downlink {
@@ -159,6 +174,13 @@ pub(crate) struct Inner {
     stopping: AtomicBool,
     stop: Notify,
     last_flush: std::sync::atomic::AtomicI64,
+    /// Cluster mode: whether this node drives the engine now (always on one node).
+    driving: AtomicBool,
+    /// Bumped on every activation and deactivation: the deadline task of an earlier term
+    /// ends.
+    term: AtomicU64,
+    /// Cluster mode: where reports go while this node does not drive the engine.
+    relay: RwLock<Option<Arc<dyn Relay>>>,
 }
 
 /// The OTA engine. Cheap to clone (an `Arc` inside).
@@ -188,6 +210,27 @@ impl OtaEngine {
         metrics: Arc<Metrics>,
     ) -> Result<OtaEngine, OtaError> {
         let store = registry.store().clone();
+        let engine = OtaEngine::build(registry, store, firmware, pusher, clock, config, metrics);
+        engine.load()?;
+        engine
+            .inner
+            .registry
+            .add_observer(Arc::new(device::DeviceObserverImpl(Arc::downgrade(
+                &engine.inner,
+            ))));
+        Ok(engine)
+    }
+
+    /// An empty engine writing through `store`, observing the registry.
+    fn build(
+        registry: Arc<Registry>,
+        store: Store,
+        firmware: Arc<FirmwareRepo>,
+        pusher: Arc<dyn Pusher>,
+        clock: Clock,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> OtaEngine {
         let (dirty_tx, dirty_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(config.event_capacity.max(16));
         let now = clock.now_ms();
@@ -214,16 +257,11 @@ impl OtaEngine {
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             last_flush: std::sync::atomic::AtomicI64::new(now),
+            driving: AtomicBool::new(true),
+            term: AtomicU64::new(0),
+            relay: RwLock::new(None),
         });
-        let engine = OtaEngine { inner };
-        engine.load()?;
-        engine
-            .inner
-            .registry
-            .add_observer(Arc::new(device::DeviceObserverImpl(Arc::downgrade(
-                &engine.inner,
-            ))));
-        Ok(engine)
+        OtaEngine { inner }
     }
 
     /// Adds a job to the in-memory index (the only way in, so `dynamic_jobs` stays exact).

@@ -38,7 +38,7 @@ impl OtaEngine {
         let id = self.inner.next_message_id.fetch_add(1, Ordering::Relaxed);
         let payload = UpgradeMessage::new(id, data).to_vec();
         let topic = format!("/ota/device/upgrade/{}/{}", key.pk, key.dn);
-        if let Err(e) = self.inner.pusher.publish(topic, payload) {
+        if let Err(e) = self.inner.pusher.push_to(&key.pk, &key.dn, topic, payload) {
             // The task is NOTIFIED; a reconnect or a firmware/get recovers it.
             tracing::warn!(error = %e, job = %job.job_id, dn = %key.dn, "upgrade push not published");
         }

@@ -1558,3 +1558,147 @@ async fn dynamic_jobs_take_new_devices_and_devices_whose_tags_come_to_match() {
     h.advance(1_000).await;
     assert_eq!(h.pusher.pushes_to("dev-z0"), 1);
 }
+
+/// What a standby engine relayed.
+#[derive(Default)]
+struct FakeRelay {
+    reports: Mutex<Vec<DeviceReport>>,
+}
+
+impl Relay for FakeRelay {
+    fn forward(
+        &self,
+        report: DeviceReport,
+    ) -> futures_util::future::BoxFuture<'_, Option<fleetgate_topics::UpgradeData>> {
+        lock(&self.reports).push(report);
+        Box::pin(async { None })
+    }
+}
+
+fn gauge_total(metrics: &Metrics) -> i64 {
+    TaskStatus::ALL
+        .iter()
+        .map(|s| {
+            metrics
+                .ota_tasks
+                .get_or_create(&[("state", s.as_str())])
+                .get()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_standby_engine_relays_reports_and_takes_over_the_campaign_when_activated() {
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", true).await;
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 2);
+    h.progress("dev-0000", 30).await;
+
+    // Cluster mode: a second node's engine, in standby on the same store.
+    let relay = Arc::new(FakeRelay::default());
+    let metrics = Arc::new(Metrics::new());
+    let standby = OtaEngine::open_standby(
+        h.registry.clone(),
+        h.registry.store().clone(),
+        h.firmware.clone(),
+        h.pusher.clone(),
+        h.clock.clone(),
+        EngineConfig::default(),
+        metrics.clone(),
+        relay.clone(),
+    );
+    assert!(!standby.driving());
+    assert!(
+        standby.get_task(&jid, "dev-0000").is_err(),
+        "standby is empty"
+    );
+    standby
+        .on_progress(&h.pk, "dev-0000", "default", ProgressStep::Percent(60))
+        .await;
+    assert!(standby
+        .pending_upgrade(&h.pk, "dev-0001", "default")
+        .await
+        .is_none());
+    standby.device_online(&h.pk, "dev-0001").await;
+    assert_eq!(
+        *lock(&relay.reports),
+        vec![
+            DeviceReport::Progress {
+                pk: h.pk.clone(),
+                dn: "dev-0000".into(),
+                module: "default".into(),
+                step: ProgressStep::Percent(60),
+            },
+            DeviceReport::FirmwareGet {
+                pk: h.pk.clone(),
+                dn: "dev-0001".into(),
+                module: "default".into(),
+            },
+            DeviceReport::Online {
+                pk: h.pk.clone(),
+                dn: "dev-0001".into(),
+            },
+        ]
+    );
+    // A report relayed to a node that does not drive the engine changes nothing.
+    let report = DeviceReport::Progress {
+        pk: h.pk.clone(),
+        dn: "dev-0000".into(),
+        module: "default".into(),
+        step: ProgressStep::Percent(70),
+    };
+    assert!(standby.handle_report(report.clone()).await.is_none());
+
+    // The first node loses the lease: it stops and empties; nothing of it fires any more.
+    h.engine.deactivate().await;
+    assert!(!h.engine.driving());
+    assert!(h.engine.get_task(&jid, "dev-0000").is_err());
+    assert_eq!(gauge_total(&h.metrics), 0, "its tasks left the gauge");
+    assert_eq!(h.engine.run_due().await, 0);
+
+    // dev-0001 upgraded while nobody drove the engine (its report reached no holder).
+    h.registry
+        .report_version(&h.pk, "dev-0001", "default", "2.0", T0)
+        .await
+        .unwrap();
+    standby.activate().await.unwrap();
+    assert!(standby.driving());
+    assert_eq!(
+        standby.get_task(&jid, "dev-0000").unwrap().status,
+        TaskStatus::InProgress,
+        "loaded from the store"
+    );
+    assert_eq!(
+        standby.get_task(&jid, "dev-0001").unwrap().status,
+        TaskStatus::Succeeded,
+        "reconciled with the registry's version"
+    );
+    assert_eq!(gauge_total(&metrics), 2);
+    // Relayed reports now apply here.
+    assert!(standby.handle_report(report).await.is_none());
+    assert_eq!(
+        standby.get_task(&jid, "dev-0000").unwrap().progress,
+        Some(70)
+    );
+    let done = DeviceReport::Version {
+        pk: h.pk.clone(),
+        dn: "dev-0000".into(),
+        module: "default".into(),
+        version: "2.0".into(),
+    };
+    h.registry
+        .report_version(&h.pk, "dev-0000", "default", "2.0", T0)
+        .await
+        .unwrap();
+    standby.handle_report(done).await;
+    assert_eq!(
+        standby.get_task(&jid, "dev-0000").unwrap().status,
+        TaskStatus::Succeeded
+    );
+    assert_eq!(h.pusher.total(), 2, "no push repeated by the takeover");
+}

@@ -373,7 +373,7 @@ impl TaskState {
 
     /// The current attempt was pushed but the device has not started it: a push lost to a
     /// disconnect is possible, so a reconnect re-pushes.
-    pub(super) fn awaiting_first_progress(&self) -> bool {
+    pub(crate) fn awaiting_first_progress(&self) -> bool {
         self.attempt_started_at_ms.is_some()
             && self.first_progress_at_ms.is_none()
             && self.retry_at_ms.is_none()

@@ -1,0 +1,266 @@
+//! The engines in a cluster: ONE node at a time — the holder of the [`ENGINES`] lease —
+//! drives the OTA engine (its timers, its global push rate, timeouts, retries); every other
+//! node keeps its engine in standby and relays what its devices report to the holder.
+//!
+//! - **Term** ([`drive`]): taking the lease activates the engine (everything reloaded from
+//!   PostgreSQL, reconciled with the registry), then the node serves `fg.{name}.engines` and
+//!   announces itself as the holder in its heartbeats; losing it stops serving and deactivates
+//!   the engine. Every write the engine makes carries the lease's fence, so a node that
+//!   stalled past its term cannot overwrite the next holder's work.
+//! - **Reports** ([`EnginesRelay`]): a follower's standby engine sends each device report as a
+//!   NATS request on `fg.{name}.engines`, which only the holder subscribes; `firmware/get`
+//!   waits for the holder's answer. No responders (no holder during a takeover) drops the
+//!   report; the next holder reconciles versions and connects from the registry.
+//! - **Pushes** ([`ClusterPusher`]): the holder publishes an upgrade through the node that
+//!   holds the device's connection ([`Cluster::deliver`]); "online" means online on any node.
+//! - **API** (`crate::api::cluster::engines_proxy`): OTA and firmware calls that reach a
+//!   follower are proxied to the holder's HTTP address from its heartbeat.
+
+use super::lease::{LeaseKeeper, ENGINES};
+use super::Cluster;
+use crate::broker::DeviceKey;
+use crate::ota::{DeviceReport, OtaEngine, Pusher, Relay};
+use crate::registry::Registry;
+use fleetgate_topics::UpgradeData;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// How many workers apply relayed reports on the holder (one device's reports always go to
+/// the same worker, so they apply in the order they were sent).
+const WORKERS: usize = 16;
+/// How long a follower waits for the holder's answer to a relayed report.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the OTA engine is driven, as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnginesAt {
+    /// This node holds the lease and its engine is active.
+    Here,
+    /// Another node announces it holds the lease; its HTTP address.
+    Node { node: u16, http: String },
+    /// No node announces it (a takeover in progress).
+    Nobody,
+}
+
+impl Cluster {
+    /// Where the engines run now (for the API proxy).
+    pub fn engines_at(&self) -> EnginesAt {
+        if self.engines_held.load(Ordering::Acquire) {
+            return EnginesAt::Here;
+        }
+        self.members()
+            .into_iter()
+            .filter(|m| m.engines)
+            .max_by_key(|m| m.heard_ms)
+            .map_or(EnginesAt::Nobody, |m| EnginesAt::Node {
+                node: m.node,
+                http: m.http,
+            })
+    }
+
+    /// A keeper of the engines' lease for this node (`lease_ttl_ms`).
+    pub fn engines_lease(&self) -> Arc<LeaseKeeper> {
+        Arc::new(LeaseKeeper::new(
+            ENGINES,
+            self.node,
+            Duration::from_millis(self.settings.lease_ttl_ms),
+            self.shared.clone(),
+        ))
+    }
+}
+
+/// A follower's relay: each report is a request on `fg.{name}.engines`.
+pub struct EnginesRelay {
+    cluster: Arc<Cluster>,
+}
+
+impl EnginesRelay {
+    pub fn new(cluster: Arc<Cluster>) -> EnginesRelay {
+        EnginesRelay { cluster }
+    }
+}
+
+impl Relay for EnginesRelay {
+    fn forward(&self, report: DeviceReport) -> BoxFuture<'_, Option<UpgradeData>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&report).ok()?;
+            let request = self
+                .cluster
+                .client
+                .request(self.cluster.subjects.engines.clone(), body.into());
+            match tokio::time::timeout(RELAY_TIMEOUT, request).await {
+                Ok(Ok(reply)) => {
+                    self.cluster.metrics.cluster.engine_reports_relayed.inc();
+                    serde_json::from_slice::<Option<UpgradeData>>(&reply.payload)
+                        .ok()
+                        .flatten()
+                }
+                Ok(Err(error)) => {
+                    self.cluster.metrics.cluster.engine_reports_dropped.inc();
+                    tracing::debug!(%error, ?report, "report not relayed to the engines' node");
+                    None
+                }
+                Err(_) => {
+                    self.cluster.metrics.cluster.engine_reports_dropped.inc();
+                    tracing::warn!(?report, "the engines' node did not answer a relayed report");
+                    None
+                }
+            }
+        })
+    }
+}
+
+/// The holder's pusher: a device is online when any node holds its connection, and its
+/// upgrade goes out through that node.
+pub struct ClusterPusher {
+    cluster: Arc<Cluster>,
+    registry: Arc<Registry>,
+}
+
+impl ClusterPusher {
+    pub fn new(cluster: Arc<Cluster>, registry: Arc<Registry>) -> ClusterPusher {
+        ClusterPusher { cluster, registry }
+    }
+}
+
+impl Pusher for ClusterPusher {
+    fn is_connected(&self, product_key: &str, device_name: &str) -> bool {
+        self.registry.session_of(product_key, device_name).is_some()
+    }
+
+    fn publish(&self, topic: String, _payload: Vec<u8>) -> Result<(), String> {
+        Err(format!("{topic}: a push in a cluster names its device"))
+    }
+
+    fn push_to(
+        &self,
+        product_key: &str,
+        device_name: &str,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        let cluster = self.cluster.clone();
+        let device = DeviceKey {
+            product_key: product_key.to_owned(),
+            device_name: device_name.to_owned(),
+        };
+        // The task is NOTIFIED (durable) already; a push that finds the device gone is
+        // recovered like a lost one on one node (reconnect, re-push, firmware/get).
+        tokio::spawn(async move {
+            match cluster.deliver(&device, topic, payload.into(), true).await {
+                Ok(super::Delivered::Sent { .. }) => {}
+                Ok(super::Delivered::Offline) => tracing::info!(
+                    pk = %device.product_key,
+                    dn = %device.device_name,
+                    "upgrade push found the device offline"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    pk = %device.product_key,
+                    dn = %device.device_name,
+                    "upgrade push not delivered"
+                ),
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Follows the lease: activates `ota` for each term this node holds it and serves relayed
+/// reports meanwhile; deactivates it when the term ends. Runs until `stop` (then the keeper,
+/// run by the caller, releases the lease).
+pub async fn drive(
+    cluster: Arc<Cluster>,
+    keeper: Arc<LeaseKeeper>,
+    ota: OtaEngine,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut term = keeper.watch();
+    loop {
+        let held = *term.borrow_and_update();
+        let serving = match held {
+            Some(epoch) => {
+                match ota.activate().await {
+                    Ok(()) => {}
+                    Err(error) => {
+                        // Retried at the next change of the lease; the writes of a half-loaded
+                        // engine are fenced like any other.
+                        tracing::error!(%error, epoch, "cannot load the OTA engine for this term");
+                    }
+                }
+                match cluster
+                    .client
+                    .subscribe(cluster.subjects.engines.clone())
+                    .await
+                {
+                    Ok(requests) => {
+                        cluster.engines_held.store(true, Ordering::Release);
+                        cluster.metrics.cluster.engine_terms.inc();
+                        tracing::info!(epoch, "driving the engines");
+                        Some(tokio::spawn(serve(cluster.clone(), requests, ota.clone())))
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot serve relayed reports");
+                        None
+                    }
+                }
+            }
+            None => {
+                cluster.engines_held.store(false, Ordering::Release);
+                ota.deactivate().await;
+                None
+            }
+        };
+        let changed = tokio::select! {
+            r = term.changed() => r.is_ok(),
+            _ = stop.wait_for(|s| *s) => false,
+        };
+        if let Some(task) = serving {
+            task.abort();
+        }
+        if !changed {
+            cluster.engines_held.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// The holder's side of `fg.{name}.engines`.
+async fn serve(cluster: Arc<Cluster>, mut requests: async_nats::Subscriber, ota: OtaEngine) {
+    let mut workers = Vec::with_capacity(WORKERS);
+    let mut handles = Vec::with_capacity(WORKERS);
+    for _ in 0..WORKERS {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(DeviceReport, async_nats::Subject)>();
+        let (cluster, ota) = (cluster.clone(), ota.clone());
+        handles.push(tokio::spawn(async move {
+            while let Some((report, reply)) = rx.recv().await {
+                let answer = ota.handle_report(report).await;
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                let _ = cluster.client.publish(reply, body.into()).await;
+            }
+        }));
+        workers.push(tx);
+    }
+    // Aborting this task drops the senders: the workers finish what they hold and end.
+    while let Some(message) = requests.next().await {
+        let Some(reply) = message.reply else {
+            continue;
+        };
+        let report = match serde_json::from_slice::<DeviceReport>(&message.payload) {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(%error, "malformed relayed report ignored");
+                continue;
+            }
+        };
+        let mut hash = std::collections::hash_map::DefaultHasher::new();
+        report.device().hash(&mut hash);
+        let worker = (hash.finish() % WORKERS as u64) as usize;
+        let _ = workers[worker].send((report, reply));
+    }
+}

@@ -1,0 +1,296 @@
+//! OTA in a cluster: one node (the holder of the engines' lease) drives every campaign; the
+//! others relay their devices' reports and pass engine API calls on; `kill -9` of the holder
+//! mid-campaign hands the campaign to another node, which finishes it.
+
+use crate::harness::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A simulated device behind HAProxy: reconnects by itself, reports its version after every
+/// CONNACK, and upgrades when pushed to (progress 50, then the new version a moment later).
+struct SimDevice {
+    pushes: Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn sim_device(addr: std::net::SocketAddr, pk: &str, dn: &str, secret: &str) -> SimDevice {
+    let pushes = Arc::new(AtomicU32::new(0));
+    let (pk, dn, secret) = (pk.to_owned(), dn.to_owned(), secret.to_owned());
+    let counted = pushes.clone();
+    let task = tokio::spawn(async move {
+        let version = Arc::new(Mutex::new("1.0.0".to_owned()));
+        let upgrade = format!("/ota/device/upgrade/{pk}/{dn}");
+        let inform = format!("/ota/device/inform/{pk}/{dn}");
+        let progress = format!("/ota/device/progress/{pk}/{dn}");
+        loop {
+            // Fresh credentials per connection (their timestamp is checked).
+            let creds = credentials(&pk, &dn, &secret);
+            let mut opts =
+                MqttOptions::new(creds.client_id.clone(), addr.ip().to_string(), addr.port());
+            opts.set_credentials(creds.username.clone(), creds.password.clone());
+            opts.set_keep_alive(Duration::from_secs(5));
+            let (client, mut eventloop) = AsyncClient::new(opts, 64);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.try_subscribe(upgrade.clone(), QoS::AtLeastOnce);
+                        let v = version.lock().unwrap().clone();
+                        let body = json!({"id": "1", "params": {"version": v}}).to_string();
+                        let _ = client.try_publish(inform.clone(), QoS::AtLeastOnce, false, body);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == upgrade => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let body =
+                            json!({"id": "2", "params": {"step": "50", "desc": "downloading"}});
+                        let _ = client.try_publish(
+                            progress.clone(),
+                            QoS::AtLeastOnce,
+                            false,
+                            body.to_string(),
+                        );
+                        let (client, version, inform) =
+                            (client.clone(), version.clone(), inform.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            *version.lock().unwrap() = "2.0.0".into();
+                            let body = json!({"id": "3", "params": {"version": "2.0.0"}});
+                            let _ = client
+                                .publish(inform, QoS::AtLeastOnce, false, body.to_string())
+                                .await;
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    SimDevice { pushes, task }
+}
+
+/// The node whose engine runs (as it says itself), once one does.
+async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for &id in alive {
+            let (_, body) = cluster.node(id).api().get("/api/v1/cluster").await;
+            let this = body["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["self"] == true).cloned());
+            if this.is_some_and(|n| n["engines"] == true) {
+                return id;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no node drives the engines"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call that may meet a takeover (503) is retried.
+async fn call_retrying(
+    api: &Api,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, v) = api.call(method.clone(), path, body.clone()).await;
+        if status / 100 == 2 {
+            return v;
+        }
+        assert!(
+            status == 503 && tokio::time::Instant::now() < deadline,
+            "{method} {path}: {status} {v}"
+        );
+        assert_eq!(v["error_code"], "FG.0503", "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// 1. A campaign over devices spread over 3 nodes (behind HAProxy), created and watched
+///    through followers: the holder of the engines' lease is killed mid-campaign, another node
+///    takes the lease and finishes the campaign; every task SUCCEEDED, no device got a push
+///    its task does not account for (at most the first push and one re-push of an attempt
+///    that had not started), and the push rate stayed the job's across the takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
+    const DEVICES: usize = 60;
+    const PER_MINUTE: u64 = 120;
+    let mut cluster = Cluster::start(3).await;
+    let proxy = Haproxy::start(&cluster.nodes.iter().collect::<Vec<_>>());
+    let holder = engines_node(&cluster, &[1, 2, 3]).await;
+    let followers: Vec<u16> = [1, 2, 3].into_iter().filter(|&n| n != holder).collect();
+    let api = cluster.node(followers[0]).api();
+    let pk = api.create_product("ota-cluster").await;
+    let mut secrets = BTreeMap::new();
+    for i in 0..DEVICES {
+        let dn = format!("ota-{i:03}");
+        secrets.insert(dn.clone(), api.create_device(&pk, &dn).await);
+    }
+
+    // The firmware upload (multipart) goes through a follower to the holder.
+    let form = reqwest::multipart::Form::new()
+        .text("product_key", pk.clone())
+        .text("version", "2.0.0")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"image 2.0.0".to_vec()).file_name("fw.bin"),
+        );
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/v1/firmware",
+            cluster.node(followers[1]).http
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let fw: Value = resp.json().await.unwrap();
+    let fid = fw["firmware_id"].as_str().unwrap().to_owned();
+
+    let devices: BTreeMap<String, SimDevice> = secrets
+        .iter()
+        .map(|(dn, secret)| (dn.clone(), sim_device(proxy.addr, &pk, dn, secret)))
+        .collect();
+    let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
+    for dn in secrets.keys() {
+        let d = api
+            .wait_device(&pk, dn, "online with 1.0.0", |d| {
+                d["online"] == true && d["versions"]["default"] == "1.0.0"
+            })
+            .await;
+        *placed.entry(d["node"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert!(placed.len() >= 2, "devices all on one node: {placed:?}");
+
+    let (status, job) = api
+        .post(
+            "/api/v1/ota/jobs",
+            json!({
+                "firmware_id": fid,
+                "target": "ALL",
+                "force": true,
+                "timeout_seconds": 600,
+                "rate": {"per_minute": PER_MINUTE}
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let jid = job["job_id"].as_str().unwrap().to_owned();
+
+    // Mid-campaign: a third of the devices pushed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, j) = api.get(&format!("/api/v1/ota/jobs/{jid}")).await;
+        let c = &j["counters"];
+        let started = ["notified", "in_progress", "succeeded"]
+            .iter()
+            .map(|k| c[k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        if started >= DEVICES as u64 / 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "campaign stuck: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.node_mut(holder).kill9();
+    let next = engines_node(&cluster, &followers).await;
+    assert_ne!(next, holder);
+
+    // Finished through whichever node answers.
+    let watcher = cluster.node(followers[1]).api();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let job = loop {
+        let j = call_retrying(
+            &watcher,
+            reqwest::Method::GET,
+            &format!("/api/v1/ota/jobs/{jid}"),
+            None,
+        )
+        .await;
+        if j["status"] == "COMPLETED" {
+            break j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never completed: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(job["counters"]["succeeded"], DEVICES as u64, "{job}");
+    assert_eq!(job["counters"]["total"], DEVICES as u64, "{job}");
+
+    // Every push a device received is one its task accounts for; at most one re-push.
+    let mut pushed_at: Vec<i64> = Vec::new();
+    let mut repushed = 0;
+    for (dn, device) in &devices {
+        let task = call_retrying(
+            &watcher,
+            reqwest::Method::GET,
+            &format!("/api/v1/ota/jobs/{jid}/tasks/{dn}"),
+            None,
+        )
+        .await;
+        assert_eq!(task["status"], "SUCCEEDED", "{task}");
+        let received = u64::from(device.pushes.load(Ordering::SeqCst));
+        let accounted = task["pushes"].as_u64().unwrap();
+        assert!(
+            (1..=accounted).contains(&received) && accounted <= 2,
+            "{dn} received {received} pushes, its task accounts for {accounted}: {task}"
+        );
+        repushed += usize::from(accounted > 1);
+        let first = task["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["event"] == "pushed")
+            .and_then(|h| h["at_ms"].as_i64())
+            .expect("a push in the history");
+        pushed_at.push(first);
+    }
+    // The rate is the job's, across the takeover: never more first pushes in any 10 s than
+    // 10 s of the rate plus the burst (two engines pushing at once would double it).
+    pushed_at.sort_unstable();
+    let window = 10_000;
+    let allowed = PER_MINUTE as usize * window as usize / 60_000 + 2 + 1;
+    let busiest = pushed_at
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            pushed_at[i..]
+                .iter()
+                .take_while(|&&u| u < t + window)
+                .count()
+        })
+        .max()
+        .unwrap();
+    let span_ms = pushed_at.last().unwrap() - pushed_at.first().unwrap();
+    let measured = (DEVICES - 1) as f64 * 60_000.0 / span_ms.max(1) as f64;
+    eprintln!(
+        "campaign: {DEVICES} devices on nodes {placed:?}, holder {holder} killed, node {next} finished; \
+         {repushed} re-pushed; busiest 10 s: {busiest} first pushes (allowed {allowed}); \
+         {measured:.1}/min over the campaign (job: {PER_MINUTE}/min, takeover included)"
+    );
+    assert!(busiest <= allowed, "busiest 10 s: {busiest} > {allowed}");
+    drop(devices);
+}
