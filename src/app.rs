@@ -136,13 +136,32 @@ impl Application {
         )
         .context("cannot open the firmware repository")?;
 
-        // Always built: consumer groups are managed (and persisted) with forwarding off too.
-        let forwarder = Forwarder::open(
-            settings.amqp.forwarder_config(),
-            &settings.data_dir,
-            registry.clone(),
-            metrics.clone(),
-        )
+        // Always built: consumer groups are managed (and persisted) with forwarding off too. In
+        // cluster mode the outbox is the shared table, drained by the `outbox` lease's holder.
+        let forwarder = match (&joined, &settings.store.url) {
+            (Some(_), Some(url)) => {
+                let leases = crate::store::PostgresReader::connect(url)
+                    .await
+                    .context("cannot open a lease connection to PostgreSQL")?;
+                Forwarder::open_clustered(
+                    settings.amqp.forwarder_config(),
+                    crate::forwarder::ClusterOutbox {
+                        url: url.clone(),
+                        node: settings.cluster.node_id,
+                        lease_ttl: Duration::from_millis(settings.cluster.lease_ttl_ms),
+                        leases: Arc::new(leases),
+                    },
+                    registry.clone(),
+                    metrics.clone(),
+                )
+            }
+            _ => Forwarder::open(
+                settings.amqp.forwarder_config(),
+                &settings.data_dir,
+                registry.clone(),
+                metrics.clone(),
+            ),
+        }
         .context("cannot start the AMQP forwarder")?;
 
         let broker = Broker::new(

@@ -422,6 +422,7 @@ pub struct Overrides {
     pub cluster_name: Option<String>,
     pub cluster_heartbeat_ms: Option<u64>,
     pub cluster_node_timeout_ms: Option<u64>,
+    pub cluster_lease_ttl_ms: Option<u64>,
     pub mqtt_max_subscriptions_per_device: Option<usize>,
     pub mqtt_max_modules_per_device: Option<usize>,
     pub mqtt_connect_timestamp_window_secs: Option<u64>,
@@ -495,6 +496,9 @@ impl Settings {
         }
         if let Some(v) = o.cluster_node_timeout_ms {
             self.cluster.node_timeout_ms = v;
+        }
+        if let Some(v) = o.cluster_lease_ttl_ms {
+            self.cluster.lease_ttl_ms = v;
         }
         if let Some(v) = o.store_url {
             let url =

@@ -118,6 +118,9 @@ struct ServeArgs {
     /// Cluster mode: a node not heard from this long is gone, ms [default 10000].
     #[arg(long, env = "FLEETGATE_CLUSTER_NODE_TIMEOUT_MS")]
     cluster_node_timeout_ms: Option<u64>,
+    /// Cluster mode: time to live of a lease (the outbox drain…), ms [default 10000].
+    #[arg(long, env = "FLEETGATE_CLUSTER_LEASE_TTL_MS")]
+    cluster_lease_ttl_ms: Option<u64>,
     /// Most distinct subscription filters per device [default 50].
     #[arg(long, env = "FLEETGATE_MQTT_MAX_SUBSCRIPTIONS_PER_DEVICE")]
     mqtt_max_subscriptions_per_device: Option<usize>,
@@ -270,6 +273,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cluster_name: args.cluster_name,
             cluster_heartbeat_ms: args.cluster_heartbeat_ms,
             cluster_node_timeout_ms: args.cluster_node_timeout_ms,
+            cluster_lease_ttl_ms: args.cluster_lease_ttl_ms,
             mqtt_max_subscriptions_per_device: args.mqtt_max_subscriptions_per_device,
             mqtt_max_modules_per_device: args.mqtt_max_modules_per_device,
             mqtt_connect_timestamp_window_secs: args.mqtt_connect_timestamp_window_secs,

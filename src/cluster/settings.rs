@@ -23,6 +23,9 @@ pub struct ClusterSettings {
     pub node_timeout_ms: u64,
     /// How long an API write waits for every other node to have applied it before answering.
     pub settle_timeout_ms: u64,
+    /// Time to live of a lease (`crate::cluster::lease`: the outbox drain…): renewed every
+    /// third of it; a holder that dies is replaced after at most this plus a third.
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for ClusterSettings {
@@ -34,6 +37,7 @@ impl Default for ClusterSettings {
             heartbeat_ms: 1_000,
             node_timeout_ms: 10_000,
             settle_timeout_ms: 2_000,
+            lease_ttl_ms: 10_000,
         }
     }
 }
@@ -87,6 +91,9 @@ impl ClusterSettings {
         }
         if self.settle_timeout_ms > 60_000 {
             return Err(("cluster.settle_timeout_ms", "must be at most 60000".into()));
+        }
+        if !(300..=600_000).contains(&self.lease_ttl_ms) {
+            return Err(("cluster.lease_ttl_ms", "must be 300..=600000".into()));
         }
         Ok(())
     }
