@@ -188,7 +188,13 @@ pub(crate) enum Fresh {
 }
 
 impl Shared {
-    pub(super) fn new(used: u64, rows: u64, max_bytes: u64, last_seq: i64, metrics: Arc<Metrics>) -> Shared {
+    pub(super) fn new(
+        used: u64,
+        rows: u64,
+        max_bytes: u64,
+        last_seq: i64,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
         Shared {
             used: AtomicU64::new(used),
             rows: AtomicU64::new(rows),

@@ -84,10 +84,18 @@ pub(crate) struct SharedPlace {
 impl SharedPlace {
     /// Up to `limit` rows with `seq > after`, in seq order, on the reading connection (opened
     /// again if it was lost).
-    pub async fn read_after(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
         let mut slot = self.reader.lock().await;
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
-            *slot = Some(connect_async(&self.config).await.map_err(StoreError::from)?);
+            *slot = Some(
+                connect_async(&self.config)
+                    .await
+                    .map_err(StoreError::from)?,
+            );
         }
         let client = slot.as_ref().ok_or(OutboxError::Closed)?;
         let rows = client
@@ -242,7 +250,11 @@ impl Writer {
         ));
         writer.own_bytes = bytes;
         if rows > 0 {
-            tracing::info!(rows, bytes, "the shared outbox holds undelivered messages of this node");
+            tracing::info!(
+                rows,
+                bytes,
+                "the shared outbox holds undelivered messages of this node"
+            );
         }
         Ok(writer)
     }
@@ -314,21 +326,21 @@ impl Writer {
         self.live()?;
         let (client, _) = self.client.as_ref().ok_or(OutboxError::Closed)?;
         let outcome = self.runtime.block_on(async {
-                let row = client
-                    .query_one(
-                        "SELECT count(*), COALESCE(sum(size), 0)::bigint,
+            let row = client
+                .query_one(
+                    "SELECT count(*), COALESCE(sum(size), 0)::bigint,
                                 count(*) FILTER (WHERE origin = $1),
                                 COALESCE(sum(size) FILTER (WHERE origin = $1), 0)::bigint
                          FROM forward_outbox",
-                        &[&node],
-                    )
-                    .await?;
-                Ok((
-                    row.try_get::<_, i64>(0)?,
-                    row.try_get::<_, i64>(1)?,
-                    row.try_get::<_, i64>(2)?,
-                    row.try_get::<_, i64>(3)?,
-                ))
+                    &[&node],
+                )
+                .await?;
+            Ok((
+                row.try_get::<_, i64>(0)?,
+                row.try_get::<_, i64>(1)?,
+                row.try_get::<_, i64>(2)?,
+                row.try_get::<_, i64>(3)?,
+            ))
         });
         let (all_rows, all_bytes, rows, bytes) = self.settle(outcome)?;
         let m = &self.shared.metrics;
@@ -347,7 +359,9 @@ impl Writer {
                 if bytes < self.own_bytes {
                     shared.release(self.own_bytes - bytes);
                 } else if bytes > self.own_bytes {
-                    shared.used.fetch_add(bytes - self.own_bytes, Ordering::AcqRel);
+                    shared
+                        .used
+                        .fetch_add(bytes - self.own_bytes, Ordering::AcqRel);
                 }
                 self.own_bytes = bytes;
                 shared.publish_gauges();
@@ -378,8 +392,8 @@ impl Writer {
                     .execute("SELECT pg_advisory_xact_lock($1)", &[&INSERT_LOCK])
                     .await?;
                 let params: [&(dyn ToSql + Sync); 10] = [
-                    &node, &enqueued, &targets, &kinds, &pks, &dns, &topics, &generated,
-                    &bodies, &sizes,
+                    &node, &enqueued, &targets, &kinds, &pks, &dns, &topics, &generated, &bodies,
+                    &sizes,
                 ];
                 client.execute(
                     "INSERT INTO forward_outbox (origin, enqueued_at_ms, target, kind, product_key,
@@ -447,7 +461,11 @@ impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<WriterMsg>) {
         let mut carried: Option<WriterMsg> = None;
         loop {
-            let period = if self.own_bytes > 0 { REFRESH } else { IDLE_REFRESH };
+            let period = if self.own_bytes > 0 {
+                REFRESH
+            } else {
+                IDLE_REFRESH
+            };
             let first = match carried.take() {
                 Some(m) => m,
                 None => match rx.recv_timeout(period.saturating_sub(self.last_refresh.elapsed())) {
@@ -463,10 +481,11 @@ impl Writer {
             let started = Instant::now();
             if !batch.inserts.is_empty() {
                 let result = self.insert(&batch.inserts);
-                let (rows, bytes) = batch.inserts.iter().flat_map(|(r, _)| r).fold(
-                    (0u64, 0u64),
-                    |(n, b), r| (n + 1, b + r.size()),
-                );
+                let (rows, bytes) = batch
+                    .inserts
+                    .iter()
+                    .flat_map(|(r, _)| r)
+                    .fold((0u64, 0u64), |(n, b), r| (n + 1, b + r.size()));
                 match result {
                     Ok(()) => {
                         self.own_bytes += bytes;

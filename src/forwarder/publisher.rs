@@ -181,7 +181,10 @@ async fn session_on(
         let reader = outbox.reader()?;
         if outbox.is_shared() {
             fwd.metrics.forwarder_outbox_drain.set(1);
-            tracing::info!(term = epoch, "AMQP connected; draining the cluster's shared outbox");
+            tracing::info!(
+                term = epoch,
+                "AMQP connected; draining the cluster's shared outbox"
+            );
         } else {
             fwd.metrics.forwarder_outbox_drain.set(1);
             tracing::info!(outbox_messages = outbox.len(), "AMQP connected; forwarding");

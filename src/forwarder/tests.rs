@@ -741,11 +741,16 @@ fn deletes_collapse_into_runs_of_consecutive_seqs() {
 // ----- the shared outbox of cluster mode (PostgreSQL) -----
 
 /// A fresh, migrated cluster database and a lease connection to it.
-async fn shared_db() -> (crate::store::test_db::PgDatabase, crate::store::PostgresReader) {
+async fn shared_db() -> (
+    crate::store::test_db::PgDatabase,
+    crate::store::PostgresReader,
+) {
     let pg = crate::store::test_db::PgDatabase::create();
     let url = pg.url().clone();
-    crate::store::test_db::off_runtime(move || crate::store::PostgresBackend::connect(&url).map(drop))
-        .expect("migrate the test database");
+    crate::store::test_db::off_runtime(move || {
+        crate::store::PostgresBackend::connect(&url).map(drop)
+    })
+    .expect("migrate the test database");
     let leases = crate::store::PostgresReader::connect(pg.url())
         .await
         .expect("lease connection");
@@ -776,7 +781,11 @@ async fn put(outbox: &Outbox, r: NewRow) {
 async fn wait_eq(what: &str, want: u64, f: impl Fn() -> u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while f() != want {
-        assert!(Instant::now() < deadline, "{what}: {} instead of {want}", f());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} instead of {want}",
+            f()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -808,7 +817,11 @@ async fn shared_outbox_keeps_every_nodes_order_and_fences_a_past_drain_holder() 
     let rows = a.reader().unwrap().read_after(0, 100).await.unwrap();
     assert_eq!(rows.len(), 55);
     let times: Vec<i64> = rows[..5].iter().map(|r| r.msg.generate_time_ms).collect();
-    assert_eq!(times, vec![0, 1, 2, 3, 4], "seq order is enqueue order across nodes");
+    assert_eq!(
+        times,
+        vec![0, 1, 2, 3, 4],
+        "seq order is enqueue order across nodes"
+    );
     assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
     let ids: std::collections::HashSet<String> = rows.iter().map(OutboxRow::message_id).collect();
     assert_eq!(ids.len(), 55, "message ids are unique");
@@ -818,18 +831,31 @@ async fn shared_outbox_keeps_every_nodes_order_and_fences_a_past_drain_holder() 
 
     // Node 1 drains: its deletes in its term commit.
     let ttl = Duration::from_millis(600);
-    let t1 = leases.lease_acquire("outbox", 1, ttl).await.unwrap().unwrap();
+    let t1 = leases
+        .lease_acquire("outbox", 1, ttl)
+        .await
+        .unwrap()
+        .unwrap();
     let first: Vec<i64> = rows[..2].iter().map(|r| r.seq).collect();
     a.delete_in_term(first, rows[..2].iter().map(OutboxRow::size).sum(), t1);
     a.flush().await;
     let left = a.reader().unwrap().read_after(0, 100).await.unwrap();
     assert_eq!(left, rows[2..].to_vec());
-    wait_eq("node 1's bytes after its deletes", 51 * rows[3].size(), || a.bytes()).await;
+    wait_eq(
+        "node 1's bytes after its deletes",
+        51 * rows[3].size(),
+        || a.bytes(),
+    )
+    .await;
 
     // Node 1 stalls past its term; node 2 takes the drain over. Node 1's late deletes are
     // refused (the rows stay), node 2's go through.
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
-    let t2 = leases.lease_acquire("outbox", 2, ttl).await.unwrap().unwrap();
+    let t2 = leases
+        .lease_acquire("outbox", 2, ttl)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(t2 > t1);
     let next: Vec<i64> = rows[2..4].iter().map(|r| r.seq).collect();
     let next_bytes = rows[2..4].iter().map(OutboxRow::size).sum();
@@ -855,10 +881,7 @@ async fn shared_outbox_bound_applies_back_pressure_until_another_node_drains() {
     let a = shared_outbox(&pg, 1, size + size / 2);
     let b = shared_outbox(&pg, 2, 1 << 20);
     put(&a, big).await;
-    let err = a
-        .admit(size, Duration::from_millis(300))
-        .await
-        .unwrap_err();
+    let err = a.admit(size, Duration::from_millis(300)).await.unwrap_err();
     assert!(matches!(err, OutboxError::Full { .. }), "{err}");
     assert_eq!(a.bytes(), size, "a refused admit reserves nothing");
 
@@ -877,7 +900,10 @@ async fn shared_outbox_bound_applies_back_pressure_until_another_node_drains() {
     let rows = b.reader().unwrap().read_after(0, 10).await.unwrap();
     b.delete_in_term(vec![rows[0].seq], rows[0].size(), term);
     b.flush().await;
-    waiting.await.unwrap().expect("space freed by the other node's delete");
+    waiting
+        .await
+        .unwrap()
+        .expect("space freed by the other node's delete");
     assert_eq!(a.bytes(), size);
     drop((a, b));
 }

@@ -301,9 +301,7 @@ async fn a_killed_nodes_devices_reconnect_to_the_others() {
 async fn amqp_url() -> String {
     let url = std::env::var("FLEETGATE_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    if let Err(e) =
-        lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await
-    {
+    if let Err(e) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
         panic!("RabbitMQ at {url} is needed for the forwarding cluster test ({e}); start it with `rabbitmq-server -detached`");
     }
     url
