@@ -352,7 +352,10 @@ impl Writer {
 
     /// Re-reads this node's backlog: rows another node (or this one) deleted free their space.
     fn refresh(&mut self) {
-        match self.backlog() {
+        let result = self.backlog();
+        // Also after a failure: the next attempt waits for the next period.
+        self.last_refresh = Instant::now();
+        match result {
             Ok((rows, bytes)) => {
                 let shared = &self.shared;
                 shared.rows.store(rows, Ordering::Relaxed);
