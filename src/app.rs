@@ -141,7 +141,8 @@ impl Application {
         )
         .context("cannot open the firmware repository")?;
 
-        // Always built: consumer groups are managed (and persisted) with forwarding off too.
+        // Always built: consumer groups are managed (and persisted) with forwarding off too. In
+        // cluster mode the outbox is the shared table, drained by the `outbox` lease's holder.
         let mut forwarder_config = settings.amqp.forwarder_config();
         forwarder_config.exchange_prefix =
             crate::installation::exchange_prefix(registry.store(), &settings.amqp.exchange_prefix)
@@ -154,12 +155,30 @@ impl Application {
                 "amqp.exchange_prefix is the old shared default: another gateway on the same RabbitMQ with it feeds this one's consumer groups and the other way round; set a prefix of this installation's own (docs/OPERATIONS.md, \"AMQP exchange prefix\")"
             );
         }
-        let forwarder = Forwarder::open(
-            forwarder_config,
-            &settings.data_dir,
-            registry.clone(),
-            metrics.clone(),
-        )
+        let forwarder = match (&joined, &settings.store.url) {
+            (Some(_), Some(url)) => {
+                let leases = crate::store::PostgresReader::connect(url)
+                    .await
+                    .context("cannot open a lease connection to PostgreSQL")?;
+                Forwarder::open_clustered(
+                    forwarder_config,
+                    crate::forwarder::ClusterOutbox {
+                        url: url.clone(),
+                        node: settings.cluster.node_id,
+                        lease_ttl: Duration::from_millis(settings.cluster.lease_ttl_ms),
+                        leases: Arc::new(leases),
+                    },
+                    registry.clone(),
+                    metrics.clone(),
+                )
+            }
+            _ => Forwarder::open(
+                forwarder_config,
+                &settings.data_dir,
+                registry.clone(),
+                metrics.clone(),
+            ),
+        }
         .context("cannot start the AMQP forwarder")?;
 
         let broker = Broker::new(

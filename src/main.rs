@@ -125,8 +125,8 @@ struct ServeArgs {
     /// Cluster mode: a node not heard from this long is gone, ms [default 10000].
     #[arg(long, env = "FLEETGATE_CLUSTER_NODE_TIMEOUT_MS")]
     cluster_node_timeout_ms: Option<u64>,
-    /// Cluster mode: term of a lease (the engines'); a dead holder is replaced after about
-    /// this long, ms [default 10000].
+    /// Cluster mode: term of a lease (the engines', the outbox drain's); a dead holder is
+    /// replaced after about this long, ms [default 10000].
     #[arg(long, env = "FLEETGATE_CLUSTER_LEASE_TTL_MS")]
     cluster_lease_ttl_ms: Option<u64>,
     /// Most distinct subscription filters per device [default 50].

@@ -178,6 +178,12 @@ pub struct Metrics {
     pub forwarder_outbox_messages: Gauge,
     /// Bytes the outbox holds (what its bound counts).
     pub forwarder_outbox_bytes: Gauge,
+    /// Cluster mode: rows in the shared outbox table, every node's (as of the last refresh).
+    pub forwarder_shared_outbox_messages: Gauge,
+    /// Cluster mode: bytes of the rows in the shared outbox table, every node's.
+    pub forwarder_shared_outbox_bytes: Gauge,
+    /// 1 while this node drains the outbox (cluster mode: holds the `outbox` lease), else 0.
+    pub forwarder_outbox_drain: Gauge,
     /// Outbox transaction commit latency, seconds.
     pub forwarder_outbox_commit_seconds: Histogram,
     /// Messages made durable in the outbox (one per target instance).
@@ -265,6 +271,9 @@ impl Metrics {
             migration_running_tasks: Gauge::default(),
             forwarder_outbox_messages: Gauge::default(),
             forwarder_outbox_bytes: Gauge::default(),
+            forwarder_shared_outbox_messages: Gauge::default(),
+            forwarder_shared_outbox_bytes: Gauge::default(),
+            forwarder_outbox_drain: Gauge::default(),
             forwarder_outbox_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             forwarder_enqueued: Counter::default(),
             forwarder_published: Counter::default(),
@@ -460,6 +469,21 @@ impl Metrics {
             "forwarder_outbox_bytes",
             "Bytes held by the AMQP outbox",
             m.forwarder_outbox_bytes.clone(),
+        );
+        registry.register(
+            "forwarder_shared_outbox_messages",
+            "Cluster mode: messages in the shared outbox table (every node's)",
+            m.forwarder_shared_outbox_messages.clone(),
+        );
+        registry.register(
+            "forwarder_shared_outbox_bytes",
+            "Cluster mode: bytes in the shared outbox table (every node's)",
+            m.forwarder_shared_outbox_bytes.clone(),
+        );
+        registry.register(
+            "forwarder_outbox_drain",
+            "1 while this node drains the outbox (cluster mode: holds the outbox lease)",
+            m.forwarder_outbox_drain.clone(),
         );
         registry.register(
             "forwarder_outbox_commit_seconds",

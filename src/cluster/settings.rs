@@ -23,8 +23,8 @@ pub struct ClusterSettings {
     pub node_timeout_ms: u64,
     /// How long an API write waits for every other node to have applied it before answering.
     pub settle_timeout_ms: u64,
-    /// Term of a lease (the engines', the outbox's): a node that dies holding one is
-    /// replaced after at most this long plus a third of it.
+    /// Term of a lease (the engines', the outbox drain's): renewed every third of it; a
+    /// holder that dies is replaced after at most this long plus a third of it.
     pub lease_ttl_ms: u64,
 }
 
@@ -94,6 +94,9 @@ impl ClusterSettings {
         }
         if self.settle_timeout_ms > 60_000 {
             return Err(("cluster.settle_timeout_ms", "must be at most 60000".into()));
+        }
+        if !(300..=600_000).contains(&self.lease_ttl_ms) {
+            return Err(("cluster.lease_ttl_ms", "must be 300..=600000".into()));
         }
         Ok(())
     }

@@ -896,3 +896,140 @@ async fn bench_throughput() {
     );
     fx.cleanup(&["bench"]).await;
 }
+
+/// CPU seconds (user + system) of the processes whose `/proc/{pid}/stat` `comm` is `name`, or
+/// of this process (`None`). Linux clock ticks are 1/100 s.
+fn cpu_seconds(name: Option<&str>) -> f64 {
+    let ticks = |stat: &str| -> Option<u64> {
+        // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    let total: u64 = match name {
+        None => std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| ticks(&s))
+            .unwrap_or(0),
+        Some(name) => std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|s| s.contains(&format!("({name})")))
+            .filter_map(|s| ticks(&s))
+            .sum(),
+    };
+    total as f64 / 100.0
+}
+
+/// Benchmark (docs/BENCHMARKS.md, "Shared outbox"): the forwarder end to end, 64 concurrent
+/// "devices" enqueueing `FG_BENCH_N` posts (default 20,000) until the last broker confirm,
+/// with the single node's SQLite outbox and with cluster mode's PostgreSQL outbox (this node
+/// holding the drain lease), `FG_BENCH_ROUNDS` rounds (default 2) alternating. Reports msg/s
+/// and CPU µs per message of this process and of the PostgreSQL server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_shared_outbox() {
+    let rabbit = rabbit("bench_shared_outbox").await;
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (n, rounds) = (env("FG_BENCH_N", 20_000), env("FG_BENCH_ROUNDS", 2));
+    let fx = Arc::new(Fixture::new(rabbit, 64).await);
+    let pg = crate::store::test_db::PgDatabase::create();
+    let url = pg.url().clone();
+    crate::store::test_db::off_runtime(move || {
+        crate::store::PostgresBackend::connect(&url).map(drop)
+    })
+    .expect("migrate the benchmark database");
+    let config = fx.config(&fx.rabbit.url.clone());
+    let mut grouped = false;
+    let mut lines = Vec::new();
+    for round in 0..rounds {
+        for shared in [false, true] {
+            let fwd = if shared {
+                let leases = crate::store::PostgresReader::connect(pg.url())
+                    .await
+                    .unwrap();
+                Forwarder::open_clustered(
+                    config.clone(),
+                    ClusterOutbox {
+                        url: pg.url().clone(),
+                        node: 1,
+                        lease_ttl: Duration::from_secs(2),
+                        leases: Arc::new(leases),
+                    },
+                    fx.registry.clone(),
+                    fx.metrics.clone(),
+                )
+                .unwrap()
+            } else {
+                Forwarder::open(
+                    config.clone(),
+                    fx.dir.path(),
+                    fx.registry.clone(),
+                    fx.metrics.clone(),
+                )
+                .unwrap()
+            };
+            eventually("connected and draining", || {
+                fwd.status() == AmqpStatus::Connected
+                    && fwd.outbox().unwrap().drain_term().borrow().is_some()
+            })
+            .await;
+            if !grouped {
+                group(&fwd, &fx.iid, "bench").await;
+                grouped = true;
+            }
+            let before = fx.metrics.forwarder_published.get();
+            let (cpu0, pg0, started) = (
+                cpu_seconds(None),
+                cpu_seconds(Some("postgres")),
+                Instant::now(),
+            );
+            let tasks: Vec<_> = (0..64)
+                .map(|d| {
+                    let (fwd, fx) = (fwd.clone(), fx.clone());
+                    tokio::spawn(async move {
+                        for i in (d..n).step_by(64) {
+                            fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let enqueued = started.elapsed().as_secs_f64();
+            eventually("every post confirmed", || {
+                fx.metrics.forwarder_published.get() - before >= n as u64
+            })
+            .await;
+            let secs = started.elapsed().as_secs_f64();
+            let (cpu, pg_cpu) = (
+                cpu_seconds(None) - cpu0,
+                cpu_seconds(Some("postgres")) - pg0,
+            );
+            let line = format!(
+                "round {round} {:<22} enqueue only {:>7.0} msg/s, enqueue → confirmed {:>7.0} msg/s, gateway CPU {:>5.1} µs/msg, PostgreSQL CPU {:>5.1} µs/msg",
+                if shared { "PostgreSQL (cluster)" } else { "SQLite (one node)" },
+                n as f64 / enqueued,
+                n as f64 / secs,
+                cpu * 1e6 / n as f64,
+                pg_cpu * 1e6 / n as f64,
+            );
+            println!("{line}");
+            lines.push(line);
+            fwd.shutdown().await;
+        }
+    }
+    println!(
+        "BENCH shared outbox, n={n}, 64 devices\n{}",
+        lines.join("\n")
+    );
+    fx.cleanup(&["bench"]).await;
+}

@@ -65,6 +65,7 @@ mod groups;
 mod limits;
 mod message;
 mod outbox;
+mod pg_outbox;
 mod publisher;
 
 #[doc(hidden)]
@@ -79,6 +80,7 @@ pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology
 pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource};
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
+pub use pg_outbox::SharedOutboxSettings;
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
@@ -383,6 +385,21 @@ pub struct Forwarder {
     last_drop_log_ms: Arc<AtomicI64>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Cluster mode: the keeper of the `outbox` lease, stopped (and the lease released) after
+    /// the publisher.
+    drain_lease: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+}
+
+/// Cluster mode's outbox: the shared table, drained by the holder of the `outbox` lease.
+pub struct ClusterOutbox {
+    /// The cluster's PostgreSQL database.
+    pub url: crate::store::PostgresUrl,
+    /// This node's id.
+    pub node: u16,
+    /// Lease time to live: a dead drain holder is replaced after at most this (plus a third).
+    pub lease_ttl: Duration,
+    /// Where the leases are taken (a reading connection of the shared store).
+    pub leases: Arc<dyn crate::cluster::SharedStore>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -414,6 +431,47 @@ impl Forwarder {
             None => None,
         };
         Self::build(config, outbox, registry, metrics)
+    }
+
+    /// Cluster mode: like [`open`](Self::open), but the outbox is the table every node shares
+    /// (`pg_outbox`), and this node publishes from it only while it holds the `outbox` lease
+    /// (a [`LeaseKeeper`](crate::cluster::lease::LeaseKeeper) the forwarder runs). Without an
+    /// AMQP URL nothing is stored and no lease is taken.
+    pub fn open_clustered(
+        config: ForwarderConfig,
+        cluster: ClusterOutbox,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Forwarder>, ForwarderError> {
+        config.validate()?;
+        if config.url.is_none() {
+            return Self::build(config, None, registry, metrics);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ForwarderError::Spawn(
+                "forwarding needs a tokio runtime".into(),
+            ));
+        }
+        let keeper = Arc::new(crate::cluster::lease::LeaseKeeper::new(
+            crate::cluster::lease::OUTBOX,
+            cluster.node,
+            cluster.lease_ttl,
+            cluster.leases,
+        ));
+        let outbox = pg_outbox::open(
+            SharedOutboxSettings {
+                url: cluster.url,
+                node: cluster.node,
+                term: keeper.watch(),
+            },
+            config.outbox_max_bytes,
+            metrics.clone(),
+        )?;
+        let forwarder = Self::build(config, Some(outbox), registry, metrics)?;
+        let (lease_stop, lease_stop_rx) = watch::channel(false);
+        let task = tokio::spawn(keeper.run(lease_stop_rx));
+        *lock(&forwarder.drain_lease) = Some((lease_stop, task));
+        Ok(forwarder)
     }
 
     /// A forwarder with forwarding off (consumer groups still work). Blocks briefly reading the
@@ -479,6 +537,7 @@ impl Forwarder {
             last_drop_log_ms: Arc::new(AtomicI64::new(0)),
             stop,
             tasks: Mutex::new(Vec::new()),
+            drain_lease: Mutex::new(None),
         });
         match (&forwarder.outbox, &forwarder.config.url) {
             (Some(outbox), Some(url)) => {
@@ -545,6 +604,11 @@ impl Forwarder {
         if let Some(o) = &self.outbox {
             v["amqp_outbox_messages"] = o.len().into();
             v["amqp_outbox_bytes"] = o.bytes().into();
+            if o.is_shared() {
+                // Cluster mode: the counts above are this node's rows in the shared table.
+                v["amqp_outbox_shared"] = true.into();
+                v["amqp_outbox_drain"] = o.drain_term().borrow().is_some().into();
+            }
         }
         v
     }
@@ -866,6 +930,13 @@ impl Forwarder {
         }
         if let Some(o) = &self.outbox {
             o.flush().await;
+        }
+        // After the publisher's last deletes: the lease is released, and the next holder
+        // starts from what is left.
+        let lease = lock(&self.drain_lease).take();
+        if let Some((stop, task)) = lease {
+            let _ = stop.send(true);
+            let _ = task.await;
         }
         if self.enabled() {
             self.set_status(AmqpStatus::Disconnected);

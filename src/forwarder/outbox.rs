@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 /// File name of the outbox inside the data directory.
 pub const OUTBOX_FILE_NAME: &str = "outbox.db";
@@ -56,6 +56,9 @@ pub enum OutboxError {
     Full { used: u64, max: u64 },
     #[error("the outbox is closed")]
     Closed,
+    /// The shared outbox (cluster mode) in PostgreSQL.
+    #[error("shared outbox: {0}")]
+    Shared(#[from] crate::store::StoreError),
 }
 
 impl From<rusqlite::Error> for OutboxError {
@@ -113,15 +116,17 @@ impl OutboxRow {
     }
 }
 
-enum WriterMsg {
+pub(super) enum WriterMsg {
     Insert {
         rows: Vec<NewRow>,
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
-    /// Rows the broker acknowledged (or that are dropped), with their total size.
+    /// Rows the broker acknowledged (or that are dropped), with their total size and the
+    /// drain term they were published in (the shared outbox fences the delete with it).
     Delete {
         seqs: Vec<i64>,
         bytes: u64,
+        term: u64,
     },
     /// Resolves once everything sent before it committed.
     Flush(oneshot::Sender<()>),
@@ -131,18 +136,18 @@ enum WriterMsg {
 /// Counters shared by the handle, the writer and the publisher.
 pub(crate) struct Shared {
     /// Bytes reserved by admitted rows not yet deleted.
-    used: AtomicU64,
+    pub(super) used: AtomicU64,
     /// Rows committed and not yet deleted.
-    rows: AtomicU64,
+    pub(super) rows: AtomicU64,
     max_bytes: u64,
     /// Signalled (one permit) after a commit that inserted rows: the publisher waits on it.
     pub new_rows: Notify,
     /// Signalled (all waiters) after deletes freed space: back-pressured enqueues wait on it.
-    space: Notify,
+    pub(super) space: Notify,
     /// Rows of the latest commits, so a publisher that has caught up with the file takes new
     /// rows from memory instead of reading back what was just written.
     fresh: Mutex<FreshTail>,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// Most rows, and bytes ([`row_size`]), the fresh tail holds; older rows are dropped from it
@@ -183,7 +188,29 @@ pub(crate) enum Fresh {
 }
 
 impl Shared {
-    fn publish_gauges(&self) {
+    pub(super) fn new(
+        used: u64,
+        rows: u64,
+        max_bytes: u64,
+        last_seq: i64,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
+        Shared {
+            used: AtomicU64::new(used),
+            rows: AtomicU64::new(rows),
+            max_bytes,
+            new_rows: Notify::new(),
+            space: Notify::new(),
+            // Rows already stored were never in the tail.
+            fresh: Mutex::new(FreshTail {
+                dropped_through: last_seq,
+                ..FreshTail::default()
+            }),
+            metrics,
+        }
+    }
+
+    pub(super) fn publish_gauges(&self) {
         self.metrics
             .forwarder_outbox_bytes
             .set(self.used.load(Ordering::Relaxed) as i64);
@@ -235,7 +262,7 @@ impl Shared {
         }
     }
 
-    fn release(&self, size: u64) {
+    pub(super) fn release(&self, size: u64) {
         // Saturating: never wrap even if accounting were off by a row.
         let _ = self
             .used
@@ -246,9 +273,9 @@ impl Shared {
     }
 }
 
-struct Inner {
-    tx: mpsc::Sender<WriterMsg>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+pub(super) struct Inner {
+    pub(super) tx: mpsc::Sender<WriterMsg>,
+    pub(super) writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
@@ -266,17 +293,35 @@ impl Drop for Inner {
 }
 
 /// Handle to the outbox; cheap to clone.
+///
+/// Two places hold it: the SQLite file of a single node, and, in cluster mode, the table
+/// `forward_outbox` in the shared PostgreSQL database ([`super::pg_outbox`]), which outlives
+/// any node. Both are written by a writer thread with group commit and read by the publisher
+/// in seq order; what differs is behind [`Place`].
 #[derive(Clone)]
 pub struct Outbox {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
     pub(crate) shared: Arc<Shared>,
-    path: PathBuf,
+    pub(super) place: Place,
+}
+
+/// Where the rows are.
+#[derive(Clone)]
+pub(super) enum Place {
+    /// `{data_dir}/outbox.db`: this node's own file; this node drains it.
+    File(PathBuf),
+    /// The cluster's table; drained by the holder of the `outbox` lease.
+    Shared(Arc<super::pg_outbox::SharedPlace>),
 }
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = match &self.place {
+            Place::File(path) => path.display().to_string(),
+            Place::Shared(_) => "PostgreSQL forward_outbox".to_owned(),
+        };
         f.debug_struct("Outbox")
-            .field("path", &self.path)
+            .field("place", &place)
             .field("rows", &self.len())
             .field("bytes", &self.bytes())
             .finish()
@@ -322,19 +367,13 @@ impl Outbox {
             [ROW_OVERHEAD as i64],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let shared = Arc::new(Shared {
-            used: AtomicU64::new(bytes.unwrap_or(0).max(0) as u64),
-            rows: AtomicU64::new(rows.max(0) as u64),
+        let shared = Arc::new(Shared::new(
+            bytes.unwrap_or(0).max(0) as u64,
+            rows.max(0) as u64,
             max_bytes,
-            new_rows: Notify::new(),
-            space: Notify::new(),
-            // Rows already in the file were never in the tail.
-            fresh: Mutex::new(FreshTail {
-                dropped_through: last_seq,
-                ..FreshTail::default()
-            }),
+            last_seq,
             metrics,
-        });
+        ));
         shared.publish_gauges();
         if rows > 0 {
             tracing::info!(rows, bytes = bytes.unwrap_or(0), path = %path.display(), "outbox holds undelivered messages");
@@ -354,8 +393,23 @@ impl Outbox {
                 writer: Mutex::new(Some(handle)),
             }),
             shared,
-            path: path.to_path_buf(),
+            place: Place::File(path.to_path_buf()),
         })
+    }
+
+    /// In the cluster's shared table (drained by one node at a time), not in a file.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.place, Place::Shared(_))
+    }
+
+    /// The drain terms of this node: `Some(epoch)` while it may publish and delete rows. A
+    /// node's own file is always its own to drain (`Some(0)`); the shared table only during the
+    /// node's terms of the `outbox` lease.
+    pub(crate) fn drain_term(&self) -> watch::Receiver<Option<u64>> {
+        match &self.place {
+            Place::File(_) => watch::channel(Some(0)).1,
+            Place::Shared(place) => place.term.clone(),
+        }
     }
 
     /// Rows waiting for delivery.
@@ -432,9 +486,17 @@ impl Outbox {
     }
 
     /// Deletes delivered (or dropped) rows; `bytes` is their total [`OutboxRow::size`].
+    #[cfg(test)]
     pub(crate) fn delete(&self, seqs: Vec<i64>, bytes: u64) {
+        self.delete_in_term(seqs, bytes, 0);
+    }
+
+    /// Deletes rows published during drain term `term` ([`drain_term`](Self::drain_term)):
+    /// the shared outbox refuses the delete once that term is over (the rows stay and the next
+    /// holder publishes them again, which at-least-once allows).
+    pub(crate) fn delete_in_term(&self, seqs: Vec<i64>, bytes: u64, term: u64) {
         if !seqs.is_empty() {
-            let _ = self.inner.tx.send(WriterMsg::Delete { seqs, bytes });
+            let _ = self.inner.tx.send(WriterMsg::Delete { seqs, bytes, term });
         }
     }
 
@@ -450,6 +512,10 @@ impl Outbox {
     /// of recent commits; [`Fresh::Gap`] when some of them are only in the file (read it with
     /// [`OutboxReader::read_after`] and ask again with the new cursor).
     pub(crate) fn take_fresh(&self, after: i64, limit: usize) -> Fresh {
+        if self.is_shared() {
+            // Other nodes write the table too: only the table knows every row.
+            return Fresh::Gap;
+        }
         let mut fresh = self
             .shared
             .fresh
@@ -476,16 +542,18 @@ impl Outbox {
 
     /// A read connection for the publisher (WAL: readers never block the writer).
     pub(crate) fn reader(&self) -> Result<OutboxReader, OutboxError> {
-        Ok(OutboxReader {
-            conn: Arc::new(Mutex::new(open_connection(&self.path)?)),
+        Ok(match &self.place {
+            Place::File(path) => OutboxReader::File(Arc::new(Mutex::new(open_connection(path)?))),
+            Place::Shared(place) => OutboxReader::Shared(place.clone()),
         })
     }
 }
 
 /// The publisher's read side.
 #[derive(Clone)]
-pub(crate) struct OutboxReader {
-    conn: Arc<Mutex<Connection>>,
+pub(crate) enum OutboxReader {
+    File(Arc<Mutex<Connection>>),
+    Shared(Arc<super::pg_outbox::SharedPlace>),
 }
 
 impl OutboxReader {
@@ -495,7 +563,10 @@ impl OutboxReader {
         after: i64,
         limit: usize,
     ) -> Result<Vec<OutboxRow>, OutboxError> {
-        let conn = self.conn.clone();
+        let conn = match self {
+            OutboxReader::File(conn) => conn.clone(),
+            OutboxReader::Shared(place) => return place.read_after(after, limit).await,
+        };
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
             read_after(&conn, after, limit)
@@ -535,10 +606,63 @@ fn read_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<OutboxR
 }
 
 /// Rows of one enqueue with the sender that reports their commit.
-type PendingInsert = (Vec<NewRow>, oneshot::Sender<Result<(), OutboxError>>);
+pub(super) type PendingInsert = (Vec<NewRow>, oneshot::Sender<Result<(), OutboxError>>);
 
 /// Most rows one transaction carries, to bound commit latency.
 const MAX_ROWS_PER_TX: usize = 8192;
+
+/// What one writer transaction does: everything waiting in the channel, up to
+/// [`MAX_ROWS_PER_TX`] rows (group commit).
+#[derive(Default)]
+pub(super) struct Batch {
+    pub inserts: Vec<PendingInsert>,
+    /// Seqs to delete, with the drain term they were published in.
+    pub deletes: Vec<(i64, u64)>,
+    pub freed: u64,
+    pub flushes: Vec<oneshot::Sender<()>>,
+    pub shutdown: bool,
+}
+
+impl Batch {
+    /// `first`, then whatever else is waiting; a `Shutdown` after the first message is left in
+    /// `carried` for the next round, so everything before it is committed first.
+    pub(super) fn gather(
+        first: WriterMsg,
+        rx: &mpsc::Receiver<WriterMsg>,
+        carried: &mut Option<WriterMsg>,
+    ) -> Batch {
+        let mut batch = Batch::default();
+        let mut count = 0usize;
+        batch.take(first, &mut count);
+        while count < MAX_ROWS_PER_TX {
+            match rx.try_recv() {
+                Ok(WriterMsg::Shutdown) => {
+                    *carried = Some(WriterMsg::Shutdown);
+                    break;
+                }
+                Ok(m) => batch.take(m, &mut count),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    fn take(&mut self, m: WriterMsg, count: &mut usize) {
+        match m {
+            WriterMsg::Insert { rows, reply } => {
+                *count += rows.len();
+                self.inserts.push((rows, reply));
+            }
+            WriterMsg::Delete { seqs, bytes, term } => {
+                *count += seqs.len();
+                self.deletes.extend(seqs.into_iter().map(|s| (s, term)));
+                self.freed += bytes;
+            }
+            WriterMsg::Flush(tx) => self.flushes.push(tx),
+            WriterMsg::Shutdown => self.shutdown = true,
+        }
+    }
+}
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Shared>) {
     let mut carried: Option<WriterMsg> = None;
@@ -552,36 +676,14 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<WriterMsg>, shared: Arc<Share
                 Err(_) => return,
             },
         };
-        let mut inserts: Vec<PendingInsert> = Vec::new();
-        let mut deletes: Vec<i64> = Vec::new();
-        let mut freed = 0u64;
-        let mut flushes = Vec::new();
-        let mut shutdown = false;
-        let mut count = 0usize;
-        let mut take = |m: WriterMsg, count: &mut usize| match m {
-            WriterMsg::Insert { rows, reply } => {
-                *count += rows.len();
-                inserts.push((rows, reply));
-            }
-            WriterMsg::Delete { seqs, bytes } => {
-                *count += seqs.len();
-                deletes.extend(seqs);
-                freed += bytes;
-            }
-            WriterMsg::Flush(tx) => flushes.push(tx),
-            WriterMsg::Shutdown => shutdown = true,
-        };
-        take(first, &mut count);
-        while count < MAX_ROWS_PER_TX {
-            match rx.try_recv() {
-                Ok(WriterMsg::Shutdown) => {
-                    carried = Some(WriterMsg::Shutdown);
-                    break;
-                }
-                Ok(m) => take(m, &mut count),
-                Err(_) => break,
-            }
-        }
+        let Batch {
+            inserts,
+            deletes,
+            freed,
+            flushes,
+            shutdown,
+        } = Batch::gather(first, &rx, &mut carried);
+        let deletes: Vec<i64> = deletes.into_iter().map(|(seq, _)| seq).collect();
         let started = std::time::Instant::now();
         let inserted: usize = inserts.iter().map(|(r, _)| r.len()).sum();
         // Inserts need FULL (an enqueue resolving means durable even on power loss). A

@@ -49,6 +49,8 @@ enum SessionError {
 
 enum SessionEnd {
     Stopped,
+    /// This node's drain term ended (cluster mode: the `outbox` lease was lost).
+    TermEnded,
 }
 
 /// The supervisor: connect, run a session, back off, repeat until stopped.
@@ -70,7 +72,7 @@ pub(super) async fn run(
         let outcome = session(&fwd, &outbox, &url, &mut stop, &mut reached_publishing).await;
         fwd.detach_link();
         match outcome {
-            Ok(SessionEnd::Stopped) => break,
+            Ok(SessionEnd::Stopped | SessionEnd::TermEnded) => break,
             Err(e) => {
                 fwd.metrics.forwarder_reconnects.inc();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "AMQP connection lost or failed");
@@ -144,16 +146,64 @@ async fn session_on(
     }
     let _ = admin.close(200, "setup done".into()).await;
 
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    // Deletes of the previous session must be committed before the outbox is re-read, or
-    // rows acked just before the failure would be sent again.
-    outbox.flush().await;
-    let reader = outbox.reader()?;
     fwd.set_status(AmqpStatus::Connected);
-    tracing::info!(outbox_messages = outbox.len(), "AMQP connected; forwarding");
     *reached_publishing = true;
-    publish_loop(fwd, outbox, &reader, conn, &ch, stop).await
+    let mut term = outbox.drain_term();
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // A node drains its own file at once; the cluster's table only during its terms of
+        // the `outbox` lease. Meanwhile the connection serves the consumer-group API.
+        let epoch = loop {
+            if let Some(epoch) = *term.borrow_and_update() {
+                break epoch;
+            }
+            tokio::select! {
+                _ = stop.changed() => return Ok(SessionEnd::Stopped),
+                changed = term.changed() => {
+                    if changed.is_err() {
+                        // No more terms will come (the lease keeper stopped).
+                        let _ = stop.changed().await;
+                        return Ok(SessionEnd::Stopped);
+                    }
+                }
+                _ = health.tick() => {
+                    if !conn.status().connected() {
+                        return Err(SessionError::Closed);
+                    }
+                }
+            }
+        };
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        // Deletes of the previous session must be committed before the outbox is re-read, or
+        // rows acked just before the failure would be sent again.
+        outbox.flush().await;
+        let reader = outbox.reader()?;
+        if outbox.is_shared() {
+            fwd.metrics.forwarder_outbox_drain.set(1);
+            tracing::info!(
+                term = epoch,
+                "AMQP connected; draining the cluster's shared outbox"
+            );
+        } else {
+            fwd.metrics.forwarder_outbox_drain.set(1);
+            tracing::info!(outbox_messages = outbox.len(), "AMQP connected; forwarding");
+        }
+        let end = publish_loop(fwd, outbox, &reader, conn, &ch, stop, epoch, &mut term).await;
+        fwd.metrics.forwarder_outbox_drain.set(0);
+        match end? {
+            SessionEnd::Stopped => return Ok(SessionEnd::Stopped),
+            SessionEnd::TermEnded => {
+                tracing::warn!(
+                    term = epoch,
+                    "outbox drain term over (lease lost); unconfirmed rows are left to the next holder"
+                );
+                if ch.status().connected() {
+                    let _ = ch.close(200, "drain term over".into()).await;
+                }
+            }
+        }
+    }
 }
 
 /// What travels with a publish until its confirm arrives.
@@ -251,11 +301,12 @@ impl Deletes {
         self.bytes += sent.size;
     }
 
-    fn flush(&mut self, outbox: &Outbox) {
+    fn flush(&mut self, outbox: &Outbox, term: u64) {
         if !self.seqs.is_empty() {
-            outbox.delete(
+            outbox.delete_in_term(
                 std::mem::take(&mut self.seqs),
                 std::mem::take(&mut self.bytes),
+                term,
             );
         }
     }
@@ -298,6 +349,8 @@ fn on_confirm(
     }
 }
 
+/// Publishes during drain term `epoch` until stopped, the term ends or the link fails.
+#[allow(clippy::too_many_arguments)]
 async fn publish_loop(
     fwd: &Arc<Forwarder>,
     outbox: &Outbox,
@@ -305,7 +358,12 @@ async fn publish_loop(
     conn: &Connection,
     ch: &Channel,
     stop: &mut watch::Receiver<bool>,
+    epoch: u64,
+    term: &mut watch::Receiver<Option<u64>>,
 ) -> Result<SessionEnd, SessionError> {
+    let shared = outbox.is_shared();
+    // A closed term channel (the file's, or a stopped keeper) never changes again.
+    let mut term_open = true;
     let window = fwd.config.inflight_window.max(1);
     let mut cursor = 0i64;
     let mut pending: VecDeque<OutboxRow> = VecDeque::new();
@@ -402,7 +460,7 @@ async fn publish_loop(
 
         if draining && inflight.is_empty() {
             // A nack: everything not acked is still in the outbox; start over from the oldest.
-            deletes.flush(outbox);
+            deletes.flush(outbox, epoch);
             outbox.flush().await;
             cursor = 0;
             pending.clear();
@@ -411,7 +469,7 @@ async fn publish_loop(
             tokio::time::sleep(NACK_PAUSE).await;
             continue;
         }
-        deletes.flush(outbox);
+        deletes.flush(outbox, epoch);
 
         let can_publish_more = !draining && inflight.len() < window;
         if can_publish_more && more && pending.len() < MAX_PENDING - READ_BATCH {
@@ -430,7 +488,7 @@ async fn publish_loop(
                         break;
                     }
                 }
-                deletes.flush(outbox);
+                deletes.flush(outbox, epoch);
                 outbox.flush().await;
                 return Ok(SessionEnd::Stopped);
             }
@@ -443,6 +501,18 @@ async fn publish_loop(
             }
             // New rows committed: the loop takes them from the fresh tail.
             _ = outbox.shared.new_rows.notified(), if !more && !draining => more = true,
+            // The shared table: rows other nodes committed are found by polling.
+            _ = tokio::time::sleep(super::pg_outbox::POLL), if shared && !more && !draining => more = true,
+            changed = term.changed(), if term_open => match changed {
+                Err(_) => term_open = false,
+                Ok(()) if *term.borrow() != Some(epoch) => {
+                    // Confirms still in flight are forgotten: their rows stay in the table and
+                    // the next holder publishes them again (same message ids).
+                    deletes.flush(outbox, epoch);
+                    return Ok(SessionEnd::TermEnded);
+                }
+                Ok(()) => {}
+            },
             _ = sleep_until_opt(wake), if wake.is_some() => {}
             // A rate limit changed: rows held back may go now.
             _ = fwd.limits_changed.notified() => {}

@@ -737,3 +737,173 @@ fn deletes_collapse_into_runs_of_consecutive_seqs() {
         vec![(3, 5), (9, 10), (12, 12)]
     );
 }
+
+// ----- the shared outbox of cluster mode (PostgreSQL) -----
+
+/// A fresh, migrated cluster database and a lease connection to it.
+async fn shared_db() -> (
+    crate::store::test_db::PgDatabase,
+    crate::store::PostgresReader,
+) {
+    let pg = crate::store::test_db::PgDatabase::create();
+    let url = pg.url().clone();
+    crate::store::test_db::off_runtime(move || {
+        crate::store::PostgresBackend::connect(&url).map(drop)
+    })
+    .expect("migrate the test database");
+    let leases = crate::store::PostgresReader::connect(pg.url())
+        .await
+        .expect("lease connection");
+    (pg, leases)
+}
+
+fn shared_outbox(pg: &crate::store::test_db::PgDatabase, node: u16, max_bytes: u64) -> Outbox {
+    // The publisher is not running here: the drain terms do not matter to what is tested.
+    let (_, term) = watch::channel(None);
+    super::pg_outbox::open(
+        SharedOutboxSettings {
+            url: pg.url().clone(),
+            node,
+            term,
+        },
+        max_bytes,
+        Arc::new(Metrics::new()),
+    )
+    .expect("open the shared outbox")
+}
+
+async fn put(outbox: &Outbox, r: NewRow) {
+    outbox.admit(r.size(), Duration::ZERO).await.unwrap();
+    outbox.insert(vec![r]).await.unwrap();
+}
+
+/// Polls `what` until it equals `want` (the writer re-reads the backlog every 200 ms).
+async fn wait_eq(what: &str, want: u64, f: impl Fn() -> u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f() != want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} instead of {want}",
+            f()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+use crate::cluster::SharedStore as _;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_outbox_keeps_every_nodes_order_and_fences_a_past_drain_holder() {
+    let (pg, leases) = shared_db().await;
+    let a = shared_outbox(&pg, 1, 1 << 20);
+    let b = shared_outbox(&pg, 2, 1 << 20);
+    put(&a, row("d1", 0, 10)).await;
+    put(&a, row("d1", 1, 10)).await;
+    put(&b, row("d2", 2, 10)).await;
+    put(&a, row("d1", 3, 10)).await;
+    put(&b, row("d2", 4, 10)).await;
+    // Concurrent enqueues of one node share transactions (group commit) and all commit.
+    let burst: Vec<_> = (5..55)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move { put(&a, row("d3", i, 10)).await })
+        })
+        .collect();
+    for t in burst {
+        t.await.unwrap();
+    }
+    assert_eq!((a.len(), b.len()), (53, 2), "each node counts its own rows");
+
+    let rows = a.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(rows.len(), 55);
+    let times: Vec<i64> = rows[..5].iter().map(|r| r.msg.generate_time_ms).collect();
+    assert_eq!(
+        times,
+        vec![0, 1, 2, 3, 4],
+        "seq order is enqueue order across nodes"
+    );
+    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    let ids: std::collections::HashSet<String> = rows.iter().map(OutboxRow::message_id).collect();
+    assert_eq!(ids.len(), 55, "message ids are unique");
+    // Another node reads the same rows with the same ids (what a new drain holder sends).
+    let from_b = b.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(from_b, rows);
+
+    // Node 1 drains: its deletes in its term commit.
+    let ttl = Duration::from_millis(600);
+    let t1 = leases
+        .lease_acquire("outbox", 1, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let first: Vec<i64> = rows[..2].iter().map(|r| r.seq).collect();
+    a.delete_in_term(first, rows[..2].iter().map(OutboxRow::size).sum(), t1);
+    a.flush().await;
+    let left = a.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(left, rows[2..].to_vec());
+    wait_eq(
+        "node 1's bytes after its deletes",
+        51 * rows[3].size(),
+        || a.bytes(),
+    )
+    .await;
+
+    // Node 1 stalls past its term; node 2 takes the drain over. Node 1's late deletes are
+    // refused (the rows stay), node 2's go through.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let t2 = leases
+        .lease_acquire("outbox", 2, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(t2 > t1);
+    let next: Vec<i64> = rows[2..4].iter().map(|r| r.seq).collect();
+    let next_bytes = rows[2..4].iter().map(OutboxRow::size).sum();
+    a.delete_in_term(next.clone(), next_bytes, t1);
+    a.flush().await;
+    let left = b.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(left, rows[2..].to_vec(), "a past holder deletes nothing");
+    b.delete_in_term(next, next_bytes, t2);
+    b.flush().await;
+    let left = b.reader().unwrap().read_after(0, 100).await.unwrap();
+    assert_eq!(left, rows[4..].to_vec());
+    // Node 2 deleted one of node 1's rows: node 1 sees the space freed.
+    wait_eq("node 1's rows after node 2's deletes", 50, || a.len()).await;
+    wait_eq("node 2's rows", 1, || b.len()).await;
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_outbox_bound_applies_back_pressure_until_another_node_drains() {
+    let (pg, leases) = shared_db().await;
+    let big = row("d", 0, 800);
+    let size = big.size();
+    let a = shared_outbox(&pg, 1, size + size / 2);
+    let b = shared_outbox(&pg, 2, 1 << 20);
+    put(&a, big).await;
+    let err = a.admit(size, Duration::from_millis(300)).await.unwrap_err();
+    assert!(matches!(err, OutboxError::Full { .. }), "{err}");
+    assert_eq!(a.bytes(), size, "a refused admit reserves nothing");
+
+    // Node 1 waits; node 2, the drain holder, delivers node 1's row.
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.admit(size, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "admitted while the outbox was full");
+    let term = leases
+        .lease_acquire("outbox", 2, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = b.reader().unwrap().read_after(0, 10).await.unwrap();
+    b.delete_in_term(vec![rows[0].seq], rows[0].size(), term);
+    b.flush().await;
+    waiting
+        .await
+        .unwrap()
+        .expect("space freed by the other node's delete");
+    assert_eq!(a.bytes(), size);
+    drop((a, b));
+}

@@ -31,7 +31,7 @@ pub fn nats_url() -> String {
     std::env::var("FLEETGATE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}_{}_{:08x}",
         std::process::id(),
@@ -105,13 +105,29 @@ pub struct Node {
     _data_dir: TempDir,
 }
 
+/// What a test adds to every node of its cluster.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// A configuration file's text (`--config`).
+    pub config: Option<String>,
+    /// Environment variables (`FLEETGATE_…`).
+    pub env: Vec<(String, String)>,
+}
+
 impl Node {
-    /// Starts node `id` and waits until it listens.
-    pub fn start(id: u16, db: &Database, cluster: &str) -> Node {
+    /// Starts node `id` with the test's configuration file and environment, and waits until
+    /// it listens.
+    pub fn start_with(id: u16, db: &Database, cluster: &str, options: &NodeOptions) -> Node {
         let data_dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        command.arg("serve");
+        if let Some(config) = &options.config {
+            let path = data_dir.path().join("test.toml");
+            std::fs::write(&path, config).expect("write the node's config");
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .args([
-                "serve",
                 "--log-json",
                 "--mqtt-listen",
                 "127.0.0.1:0",
@@ -137,6 +153,7 @@ impl Node {
             // A dead holder of the engines' lease is replaced within about 2.7 s.
             .env("FLEETGATE_CLUSTER_LEASE_TTL_MS", "2000")
             .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -497,15 +514,21 @@ impl Drop for Haproxy {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Dropped (the database with it) after the nodes.
-    _db: Database,
+    pub db: Database,
 }
 
 impl Cluster {
     pub async fn start(n: u16) -> Cluster {
+        Cluster::start_with(n, &NodeOptions::default()).await
+    }
+
+    pub async fn start_with(n: u16, options: &NodeOptions) -> Cluster {
         let db = Database::fresh().await;
         let name = unique("t");
-        let nodes = (1..=n).map(|id| Node::start(id, &db, &name)).collect();
-        let cluster = Cluster { nodes, _db: db };
+        let nodes = (1..=n)
+            .map(|id| Node::start_with(id, &db, &name, options))
+            .collect();
+        let cluster = Cluster { nodes, db };
         cluster.wait_members(n as usize).await;
         cluster
     }

@@ -296,3 +296,223 @@ async fn a_killed_nodes_devices_reconnect_to_the_others() {
         );
     }
 }
+
+/// The test RabbitMQ (`FLEETGATE_AMQP_URL`, default guest on localhost). Like every service of
+/// these tests, a missing broker fails the test.
+async fn amqp_url() -> String {
+    let url = std::env::var("FLEETGATE_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    if let Err(e) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+        panic!("RabbitMQ at {url} is needed for the forwarding cluster test ({e}); start it with `rabbitmq-server -detached`");
+    }
+    url
+}
+
+/// Waits until one node of `cluster` drains the shared outbox while connected to RabbitMQ.
+async fn drain_holder(cluster: &Cluster) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for node in &cluster.nodes {
+            let (_, health) = node.api().get("/healthz").await;
+            if health["amqp"] == "connected" && health["amqp_outbox_drain"] == true {
+                return node.id;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no node drains the shared outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// 6. Forwarding survives the node that took the posts: devices post properties to the node
+///    that also drains the shared outbox, publishing lags behind (a rate limit), and that node
+///    is killed for good mid-stream. Every post a device got a PUBACK for reaches the consumer
+///    group's queue (published by the other node once it takes the drain lease over), each
+///    device's posts first arrive in order, and redeliveries keep their message ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_posts_reach_the_consumer_group_after_their_node_dies_for_good() {
+    use futures_util::StreamExt;
+    let amqp = amqp_url().await;
+    let prefix = unique("fgc");
+    let options = NodeOptions {
+        config: Some(format!("[amqp]\nexchange_prefix = \"{prefix}\"\n")),
+        env: vec![
+            ("FLEETGATE_AMQP_URL".into(), amqp.clone()),
+            ("FLEETGATE_CLUSTER_LEASE_TTL_MS".into(), "2000".into()),
+        ],
+    };
+    let mut cluster = Cluster::start_with(2, &options).await;
+    let victim = drain_holder(&cluster).await;
+    let survivor = if victim == 1 { 2 } else { 1 };
+    let api = cluster.node(victim).api();
+    let (status, body) = api
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "survivors", "name": "survivors"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // The drain holder publishes slowly: a backlog builds up in the shared outbox.
+    let (status, body) = api
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/instances/default/forwarding/rate-limit",
+            Some(json!({"msgs_per_sec": 150})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let pk = api.create_product("meter").await;
+    let mut devices = Vec::new();
+    for i in 0..8 {
+        let dn = format!("meter-{i}");
+        let secret = api.create_device(&pk, &dn).await;
+        let device = connect(cluster.node(victim).mqtt, &credentials(&pk, &dn, &secret)).await;
+        devices.push((dn, device));
+    }
+
+    // Each device posts one property report after the other, each once the last was PUBACKed.
+    let posting: Vec<_> = devices
+        .into_iter()
+        .map(|(dn, mut device)| {
+            let topic = format!("/sys/{pk}/{dn}/thing/event/property/post");
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for k in 0u32.. {
+                    let body = json!({"id": format!("{dn}:{k}"), "version": "1.0",
+                        "params": {"n": k}, "method": "thing.event.property.post"});
+                    if device
+                        .client
+                        .publish(&topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    let puback = tokio::time::timeout(Duration::from_secs(3), async {
+                        while let Some(p) = device.incoming.recv().await {
+                            if matches!(p, rumqttc::Packet::PubAck(_)) {
+                                return true;
+                            }
+                        }
+                        false
+                    })
+                    .await;
+                    if puback != Ok(true) {
+                        break;
+                    }
+                    acked.push(k);
+                }
+                (dn, acked)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cluster.node_mut(victim).kill9();
+    let mut acked: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for t in posting {
+        let (dn, ks) = tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+        acked.insert(dn, ks);
+    }
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(total >= 200, "only {total} posts acknowledged: {acked:?}");
+    let (pg, conn) = tokio_postgres::connect(&cluster.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let backlog: i64 = pg
+        .query_one("SELECT count(*) FROM forward_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        backlog > 0,
+        "nothing was left to publish when the node died: the test proves nothing"
+    );
+
+    // The survivor takes the drain over after the lease expires and publishes the rest.
+    let rabbit = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = rabbit.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            format!("{prefix}.default.survivors").as_str().into(),
+            "test".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let header = |d: &lapin::message::Delivery, key: &str| -> Option<String> {
+        match d.properties.headers().as_ref()?.inner().get(key)? {
+            lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    };
+    // message id → (device, k); per device, the k of each first arrival in arrival order.
+    let mut ids: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    let mut first_arrivals: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut deliveries = 0usize;
+    let missing = |first: &BTreeMap<String, Vec<u32>>| -> usize {
+        acked
+            .iter()
+            .map(|(dn, ks)| {
+                let got: BTreeSet<u32> = first.get(dn).into_iter().flatten().copied().collect();
+                ks.iter().filter(|k| !got.contains(k)).count()
+            })
+            .sum()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while missing(&first_arrivals) > 0 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(Some(Ok(d))) = tokio::time::timeout(left, consumer.next()).await else {
+            panic!(
+                "{} of {total} acknowledged posts never arrived ({deliveries} deliveries); node {survivor}:\n{}",
+                missing(&first_arrivals),
+                cluster.node(survivor).logs()
+            );
+        };
+        deliveries += 1;
+        if !header(&d, "topic").is_some_and(|t| t.ends_with("/thing/event/property/post")) {
+            continue;
+        }
+        let body: Value = serde_json::from_slice(&d.data).unwrap();
+        let request = body["requestId"].as_str().unwrap().to_owned();
+        let (dn, k) = request.split_once(':').unwrap();
+        let k: u32 = k.parse().unwrap();
+        let id = d.properties.message_id().as_ref().unwrap().to_string();
+        match ids.get(&id) {
+            // A redelivery (the dead holder's unconfirmed tail): same id, same post.
+            Some(seen) => assert_eq!(seen, &(dn.to_owned(), k), "message id {id} reused"),
+            None => {
+                ids.insert(id, (dn.to_owned(), k));
+                let firsts = first_arrivals.entry(dn.to_owned()).or_default();
+                assert!(
+                    !firsts.contains(&k),
+                    "{dn}:{k} arrived under two message ids"
+                );
+                if let Some(last) = firsts.last() {
+                    assert!(*last < k, "{dn}: {k} arrived after {last}");
+                }
+                firsts.push(k);
+            }
+        }
+    }
+    // At most one post per device was committed but not acknowledged when the node died.
+    assert!(
+        ids.len() <= total + acked.len(),
+        "{} distinct posts for {total} acknowledged",
+        ids.len()
+    );
+    let (_, health) = cluster.node(survivor).api().get("/healthz").await;
+    assert_eq!(health["amqp_outbox_drain"], true, "{health}");
+    eprintln!(
+        "acknowledged {total}, left in the outbox at the kill {backlog}, deliveries {deliveries}, distinct {}",
+        ids.len()
+    );
+}

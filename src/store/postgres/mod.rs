@@ -63,7 +63,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 /// Schema steps; step `i` brings the database to version `i + 1`. Append only. The numbers
 /// match SQLite's where the steps correspond.
-const MIGRATIONS: &[&str] = &[V1_REGISTRY, V2_DOCUMENTS, V3_CLUSTER, V4_LEASES];
+const MIGRATIONS: &[&str] = &[V1_REGISTRY, V2_DOCUMENTS, V3_CLUSTER, V4_LEASES, V5_OUTBOX];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -159,6 +159,27 @@ BEGIN
     END IF;
 END
 $$;
+"#;
+
+/// Cluster mode: the forwarding outbox shared by every node (`crate::forwarder`, module
+/// `pg_outbox`), so a post acknowledged by a node survives that node. One row per message and
+/// target instance; `seq` is the publish order and part of the AMQP message id, `origin` the
+/// node that took the message (each node's `amqp.outbox_max_bytes` bounds its own rows),
+/// `size` what the row counts against that bound.
+const V5_OUTBOX: &str = r#"
+CREATE TABLE forward_outbox (
+    seq              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    origin           SMALLINT NOT NULL,
+    enqueued_at_ms   BIGINT NOT NULL,
+    target           TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    product_key      TEXT NOT NULL,
+    device_name      TEXT NOT NULL,
+    topic            TEXT NOT NULL,
+    generate_time_ms BIGINT NOT NULL,
+    body             BYTEA NOT NULL,
+    size             BIGINT NOT NULL
+);
 "#;
 
 const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
