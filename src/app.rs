@@ -19,6 +19,8 @@ use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, Tls
 use crate::clock::Clock;
 use crate::cluster::epoch::EpochClock;
 use crate::cluster::Cluster;
+use crate::command::properties::PropertiesReaper;
+use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
@@ -52,6 +54,7 @@ pub struct Application {
     budgets: Budgets,
     created_admin_token: Option<String>,
     cluster: Option<Arc<Cluster>>,
+    commands: Arc<Commands>,
 }
 
 impl Application {
@@ -258,10 +261,28 @@ impl Application {
         )
         .context("cannot load the export/import jobs")?;
 
+        let properties = LatestProperties::load(registry.store().clone())
+            .context("cannot load the latest-properties snapshots")?;
+        LatestProperties::spawn_flusher(
+            &properties,
+            Duration::from_millis(settings.commands.properties_flush_ms),
+        );
+        registry.add_observer(Arc::new(PropertiesReaper(Arc::downgrade(&properties))));
+        let commands = Arc::new(
+            Commands::new(
+                downlink.clone(),
+                registry.clone(),
+                metrics.clone(),
+                settings.commands,
+                properties,
+            )
+            .with_forwarder(forwarder.clone()),
+        );
         let ingest = Arc::new(
             Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
                 .with_ota(ota.clone())
-                .with_forwarder(forwarder.clone()),
+                .with_forwarder(forwarder.clone())
+                .with_commands(commands.clone()),
         );
         let broker = broker
             .start_on(ingest, mqtt_listener)
@@ -330,6 +351,7 @@ impl Application {
             migration: Some(migration.clone()),
             ready: readiness(registry.clone(), forwarder.clone(), cluster.clone()),
             cluster: cluster.clone(),
+            commands: Some(commands.clone()),
         };
         let router = api::router(
             state,
@@ -402,7 +424,13 @@ impl Application {
             budgets,
             created_admin_token,
             cluster,
+            commands,
         })
+    }
+
+    /// Cloud-to-device commands and the latest-properties snapshots.
+    pub fn commands(&self) -> &Arc<Commands> {
+        &self.commands
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
@@ -481,6 +509,10 @@ impl Application {
         }
         // After the broker: no device event can reach the engine any more.
         self.ota.shutdown().await;
+        // After the broker: no property post can change a snapshot any more.
+        if let Err(error) = self.commands.properties().flush().await {
+            tracing::warn!(%error, "cannot write the latest-properties snapshots");
+        }
         // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
         // get a few seconds; whatever is left stays in the outbox for the next start.
         self.forwarder.shutdown().await;

@@ -73,6 +73,7 @@ fn test_app_in(dir: tempfile::TempDir, limits: BodyLimits, max_firmware: u64) ->
         forwarder: None,
         ready: Arc::new(|| (true, json!({}))),
         cluster: None,
+        commands: None,
     };
     TestApp {
         router: router(state, limits),

@@ -8,6 +8,7 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod admission;
+mod commands;
 mod device_auth;
 mod export;
 mod firmware;
