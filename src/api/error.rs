@@ -594,7 +594,7 @@ mod tests {
 
     #[test]
     fn codes_are_unique_and_statuses_are_in_the_contract_set() {
-        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500];
+        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500, 504];
         let mut seen = HashSet::new();
         for code in ErrorCode::ALL {
             assert!(seen.insert(code.as_str()), "duplicate {code}");

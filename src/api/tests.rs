@@ -1215,6 +1215,13 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/devices/{dn}/secret", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/enable", "post"),
         ("/api/v1/products/{pk}/devices/{dn}/disable", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}/messages", "post"),
+        ("/api/v1/products/{pk}/messages", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}/properties", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}/properties", "put"),
+        ("/api/v1/products/{pk}/devices/{dn}/services/{identifier}", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}/commands/{id}", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}/rrpc", "post"),
         ("/api/v1/migrations", "post"),
         ("/api/v1/migrations", "get"),
         ("/api/v1/migrations/{tid}", "get"),
@@ -1268,7 +1275,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        56,
+        62,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );
@@ -1287,6 +1294,11 @@ async fn openapi_lists_every_path_and_schema() {
         "DeviceMigrationStatus",
         "FirmwarePackage",
         "FirmwareStatus",
+        "CommandRecord",
+        "BroadcastResponse",
+        "RrpcResponse",
+        "PropertiesResponse",
+        "PropertySnapshot",
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
