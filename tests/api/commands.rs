@@ -495,3 +495,87 @@ async fn latest_properties_survive_a_restart() {
     let (_, fresh) = app.get(&path).await;
     assert_eq!(fresh["properties"], json!({}), "{fresh}");
 }
+
+/// A device's answer to a property set reaches a consumer group as the vendor's
+/// `thing/downlink/reply/message`. Needs RabbitMQ (`FLEETGATE_AMQP_URL`); skipped with a
+/// `SKIPPED` line without one, failed under `CI`.
+#[tokio::test]
+async fn answers_reach_the_consumer_group() {
+    use fleetgate::forwarder::testing::amqp_url_or_skip;
+    use futures_util::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use rand::Rng;
+
+    let Some(url) = amqp_url_or_skip("answers_reach_the_consumer_group").await else {
+        return;
+    };
+    let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
+    let app = spawn_app_with_amqp(&url, &prefix).await;
+    let (status, group) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "apps", "name": "apps"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+    let rabbit = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = rabbit.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            format!("{prefix}.default.apps").as_str().into(),
+            "apps".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let (pk, device) = online_device(
+        &app,
+        "c2d-amqp",
+        &["/sys/{pk}/dev-1/thing/service/#".into()],
+    )
+    .await;
+    let responder = answer_everything(device, 200);
+    let (status, record) = put(
+        &app,
+        &format!("/api/v1/products/{pk}/devices/dev-1/properties"),
+        json!({"params": {"LightSwitch": 1}, "timeout_ms": 5000}),
+    )
+    .await;
+    assert_eq!(status, 200, "{record}");
+    let id = record["id"].as_str().unwrap().to_owned();
+
+    // The online status message comes first; wait for the reply.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (topic, body) = loop {
+        let d = tokio::time::timeout_at(deadline.into(), consumer.next())
+            .await
+            .expect("a downlink_reply within 30 s")
+            .expect("consumer open")
+            .expect("delivery");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let text = |k: &str| match headers.inner().get(k) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("header {k}: {other:?}"),
+        };
+        if text("kind") == "downlink_reply" {
+            break (text("topic"), serde_json::from_slice::<Value>(&d.data).unwrap());
+        }
+    };
+    assert_eq!(topic, format!("/{pk}/dev-1/thing/downlink/reply/message"));
+    assert_eq!(body["requestId"], id);
+    assert_eq!(body["code"], 200);
+    assert_eq!(body["productKey"], pk);
+    assert_eq!(body["deviceName"], "dev-1");
+    assert_eq!(
+        body["topic"],
+        format!("/sys/{pk}/dev-1/thing/service/property/set")
+    );
+    assert_eq!(body["data"], json!({"LightSwitch": 1}));
+    responder.abort();
+}
