@@ -298,6 +298,7 @@ impl Application {
                 broker.mqtt_addr(),
                 http_addr,
             );
+            commands.attach_cluster(cluster.clone());
             cluster
         });
         // The last step that can fail: an admin token created here is printed below.

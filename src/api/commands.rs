@@ -198,7 +198,7 @@ pub async fn publish(
         payload: decode(req.payload, req.payload_encoding)?,
         qos: qos(req.qos)?,
     };
-    Ok(Json(commands(&state)?.publish(&pk, &dn, message)?))
+    Ok(Json(commands(&state)?.publish(&pk, &dn, message).await?))
 }
 
 /// Publish one message to many devices of a product (by list, tag or the whole product; at

@@ -24,9 +24,12 @@
 //!
 //! # Offline devices
 //!
-//! Every command needs a live session on this node (`Downlink::is_connected`); otherwise it
-//! is refused at once with [`CommandError::Offline`] — synchronous calls fail fast, as the
-//! vendor's RRpc does. One-way messages are not queued for offline persistent sessions: the
+//! Every command needs a live session (`Downlink::is_connected`); otherwise it is refused at
+//! once with [`CommandError::Offline`] — synchronous calls fail fast, as the vendor's RRpc
+//! does. In cluster mode a device whose session another node holds is served by that node:
+//! the command travels as a [`Cluster::command`] (NATS request/reply on the holder's node
+//! subject), the holder runs it as if it had been called there (`execute`, local sessions
+//! only, so it never bounces on) and returns the outcome. One-way messages are not queued for offline persistent sessions: the
 //! router would keep them only in memory, without a bound on count or age that we could
 //! enforce, so an operator would get "accepted" for a message that may never arrive.
 //!
@@ -41,6 +44,7 @@ pub use records::{CommandRecord, CommandStatus, RecordedReply};
 
 use crate::broker::{Delivery, DeviceKey, Downlink};
 use crate::clock::now_ms;
+use crate::cluster::{Cluster, CommandHandler};
 use crate::forwarder::{ForwardMessage, Forwarder};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceFilter, Page, Registry, RegistryError};
@@ -54,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -175,7 +179,7 @@ pub struct Message {
 }
 
 /// What a sent message became.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sent {
     /// An id for the message (the vendor's `MessageId`), unique on this gateway.
     pub message_id: String,
@@ -221,6 +225,126 @@ pub struct RrpcAnswer {
     pub elapsed_ms: u64,
 }
 
+/// How long a command forwarded to another node may take beyond its own wait.
+const REMOTE_MARGIN: Duration = Duration::from_secs(3);
+
+/// Where a device's session is.
+enum Route {
+    Here(DeviceKey),
+    /// On another node (cluster mode).
+    Remote(DeviceKey),
+}
+
+/// A command for a device held by another node (the body of a `Cluster::command`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum RemoteCommand {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        qos1: bool,
+    },
+    Service {
+        identifier: String,
+        params: Value,
+        wait_ms: Option<u64>,
+    },
+    Rrpc {
+        payload: Vec<u8>,
+        wait_ms: u64,
+    },
+}
+
+/// The holder's answer to a [`RemoteCommand`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum RemoteAnswer {
+    Sent {
+        sent: Sent,
+    },
+    Record {
+        record: CommandRecord,
+    },
+    Rrpc {
+        message_id: String,
+        payload: Vec<u8>,
+        elapsed_ms: u64,
+    },
+    Failed {
+        error: RemoteError,
+    },
+}
+
+/// A [`CommandError`] as it travels between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+enum RemoteError {
+    Offline,
+    Timeout { timeout_ms: u64 },
+    Busy,
+    Other { message: String },
+}
+
+impl RemoteError {
+    fn from_error(e: &CommandError) -> Self {
+        match e {
+            CommandError::Offline { .. } => RemoteError::Offline,
+            CommandError::Timeout { timeout_ms } => RemoteError::Timeout {
+                timeout_ms: *timeout_ms,
+            },
+            CommandError::Busy => RemoteError::Busy,
+            other => RemoteError::Other {
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn into_error(self, device: &DeviceKey) -> CommandError {
+        match self {
+            RemoteError::Offline => CommandError::Offline {
+                product_key: device.product_key.clone(),
+                device_name: device.device_name.clone(),
+            },
+            RemoteError::Timeout { timeout_ms } => CommandError::Timeout { timeout_ms },
+            RemoteError::Busy => CommandError::Busy,
+            RemoteError::Other { message } => CommandError::Broker(message),
+        }
+    }
+}
+
+fn unexpected() -> CommandError {
+    CommandError::Broker("unexpected answer".into())
+}
+
+/// The cluster's [`CommandHandler`]: commands from other nodes, run here.
+struct RemoteCommands(Weak<Commands>);
+
+impl CommandHandler for RemoteCommands {
+    fn handle(
+        &self,
+        device: DeviceKey,
+        body: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Vec<u8>> {
+        let commands = self.0.clone();
+        Box::pin(async move {
+            let answer = match (commands.upgrade(), serde_json::from_slice(&body)) {
+                (Some(commands), Ok(command)) => commands.execute(device, command).await,
+                (None, _) => RemoteAnswer::Failed {
+                    error: RemoteError::Other {
+                        message: "the node is shutting down".into(),
+                    },
+                },
+                (_, Err(e)) => RemoteAnswer::Failed {
+                    error: RemoteError::Other {
+                        message: format!("unreadable command: {e}"),
+                    },
+                },
+            };
+            serde_json::to_vec(&answer).unwrap_or_default()
+        })
+    }
+}
+
 /// The cloud-to-device hub; see the module docs.
 pub struct Commands {
     downlink: Downlink,
@@ -232,6 +356,8 @@ pub struct Commands {
     records: Records,
     broadcast_limit: DefaultDirectRateLimiter,
     properties: Arc<LatestProperties>,
+    /// Cluster mode: how commands reach devices held by other nodes.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Commands {
@@ -264,6 +390,7 @@ impl Commands {
             // A burst of one second's worth, then the steady rate.
             broadcast_limit: RateLimiter::direct(Quota::per_second(rate)),
             properties,
+            cluster: OnceLock::new(),
         }
     }
 
@@ -289,21 +416,109 @@ impl Commands {
             .inc();
     }
 
-    /// The device, which must exist and have a session on this node.
-    fn online_device(&self, pk: &str, dn: &str, kind: DownlinkKind) -> Result<DeviceKey, CommandError> {
-        self.registry.get_device(pk, dn)?;
+    /// Where the device's session is: here, or (cluster mode, unless `local_only`) on another
+    /// node. A device without a session anywhere is [`CommandError::Offline`].
+    fn locate(
+        &self,
+        pk: &str,
+        dn: &str,
+        kind: DownlinkKind,
+        local_only: bool,
+    ) -> Result<Route, CommandError> {
+        let device = self.registry.get_device(pk, dn)?;
         let key = DeviceKey {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
         };
-        if !self.downlink.is_connected(&key) {
-            self.count(kind, "offline");
-            return Err(CommandError::Offline {
-                product_key: pk.to_owned(),
-                device_name: dn.to_owned(),
-            });
+        if self.downlink.is_connected(&key) {
+            return Ok(Route::Here(key));
         }
-        Ok(key)
+        if !local_only && device.node.is_some() && self.cluster.get().is_some() {
+            return Ok(Route::Remote(key));
+        }
+        self.count(kind, "offline");
+        Err(CommandError::Offline {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        })
+    }
+
+    /// Runs `command` on the node holding `device` (cluster mode) and returns its answer.
+    async fn remote(
+        &self,
+        device: &DeviceKey,
+        command: &RemoteCommand,
+        wait: Duration,
+    ) -> Result<RemoteAnswer, CommandError> {
+        let offline = || CommandError::Offline {
+            product_key: device.product_key.clone(),
+            device_name: device.device_name.clone(),
+        };
+        let Some(cluster) = self.cluster.get() else {
+            return Err(offline());
+        };
+        let body = serde_json::to_vec(command).unwrap_or_default();
+        // The holder waits up to `wait` for the device; its answer needs a moment more.
+        let answer = cluster
+            .command(device, body, wait + REMOTE_MARGIN)
+            .await
+            .map_err(|e| CommandError::Broker(e.to_string()))?;
+        let Some(answer) = answer else {
+            return Err(offline());
+        };
+        match serde_json::from_slice::<RemoteAnswer>(&answer) {
+            Ok(RemoteAnswer::Failed { error }) => Err(error.into_error(device)),
+            Ok(answer) => Ok(answer),
+            Err(_) => Err(CommandError::Broker(
+                "the node holding the device gave no usable answer".into(),
+            )),
+        }
+    }
+
+    /// Makes this node carry out commands other nodes send for devices it holds.
+    pub fn attach_cluster(self: &Arc<Self>, cluster: Arc<Cluster>) {
+        cluster.set_command_handler(Arc::new(RemoteCommands(Arc::downgrade(self))));
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Carries out a command another node sent (only for a session held here).
+    async fn execute(&self, device: DeviceKey, command: RemoteCommand) -> RemoteAnswer {
+        let (pk, dn) = (&device.product_key, &device.device_name);
+        let result = match command {
+            RemoteCommand::Publish {
+                topic,
+                payload,
+                qos1,
+            } => {
+                let message = Message {
+                    topic,
+                    payload: payload.into(),
+                    qos: if qos1 { Qos::AtLeastOnce } else { Qos::AtMostOnce },
+                };
+                self.publish_at(pk, dn, message, true)
+                    .await
+                    .map(|sent| RemoteAnswer::Sent { sent })
+            }
+            RemoteCommand::Service {
+                identifier,
+                params,
+                wait_ms,
+            } => self
+                .call_service_at(pk, dn, &identifier, params, wait_ms.map(Duration::from_millis), true)
+                .await
+                .map(|record| RemoteAnswer::Record { record }),
+            RemoteCommand::Rrpc { payload, wait_ms } => self
+                .rrpc_at(pk, dn, payload.into(), Duration::from_millis(wait_ms), true)
+                .await
+                .map(|a| RemoteAnswer::Rrpc {
+                    message_id: a.message_id,
+                    payload: a.payload.to_vec(),
+                    elapsed_ms: a.elapsed_ms,
+                }),
+        };
+        result.unwrap_or_else(|e| RemoteAnswer::Failed {
+            error: RemoteError::from_error(&e),
+        })
     }
 
     fn send(&self, message: Message, kind: DownlinkKind) -> Result<(), CommandError> {
@@ -345,14 +560,38 @@ impl Commands {
         }
     }
 
-    /// Publishes one message to a connected device.
-    pub fn publish(&self, pk: &str, dn: &str, message: Message) -> Result<Sent, CommandError> {
+    /// Publishes one message to a connected device (through the node holding it, in cluster
+    /// mode).
+    pub async fn publish(&self, pk: &str, dn: &str, message: Message) -> Result<Sent, CommandError> {
+        self.publish_at(pk, dn, message, false).await
+    }
+
+    async fn publish_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        message: Message,
+        local_only: bool,
+    ) -> Result<Sent, CommandError> {
         let kind = DownlinkKind::Publish;
         if let Err(e) = Self::check_namespace(pk, dn, &message.topic) {
             self.count(kind, "refused");
             return Err(e);
         }
-        self.online_device(pk, dn, kind)?;
+        match self.locate(pk, dn, kind, local_only)? {
+            Route::Here(_) => {}
+            Route::Remote(device) => {
+                let command = RemoteCommand::Publish {
+                    qos1: message.qos == Qos::AtLeastOnce,
+                    topic: message.topic,
+                    payload: message.payload.to_vec(),
+                };
+                return match self.remote(&device, &command, Duration::ZERO).await? {
+                    RemoteAnswer::Sent { sent } => Ok(sent),
+                    _ => Err(unexpected()),
+                };
+            }
+        }
         let topic = message.topic.clone();
         self.send(message, kind)?;
         self.count(kind, "delivered");
@@ -389,7 +628,7 @@ impl Commands {
                 payload: payload.clone(),
                 qos,
             };
-            let (result, message_id, error) = match self.publish(pk, &dn, message) {
+            let (result, message_id, error) = match self.publish(pk, &dn, message).await {
                 Ok(sent) => ("sent", Some(sent.message_id), None),
                 Err(e @ CommandError::Offline { .. }) => ("offline", None, Some(e.to_string())),
                 Err(e @ CommandError::Registry(RegistryError::NotFound { .. })) => {
@@ -462,6 +701,19 @@ impl Commands {
         params: Value,
         wait: Option<Duration>,
     ) -> Result<CommandRecord, CommandError> {
+        self.call_service_at(pk, dn, identifier, params, wait, false)
+            .await
+    }
+
+    async fn call_service_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+        params: Value,
+        wait: Option<Duration>,
+        local_only: bool,
+    ) -> Result<CommandRecord, CommandError> {
         let kind = if identifier == proto::PROPERTY_SET {
             DownlinkKind::PropertySet
         } else {
@@ -479,7 +731,21 @@ impl Commands {
                 message: "must be a JSON object".into(),
             });
         }
-        let device = self.online_device(pk, dn, kind)?;
+        let device = match self.locate(pk, dn, kind, local_only)? {
+            Route::Here(device) => device,
+            Route::Remote(device) => {
+                let command = RemoteCommand::Service {
+                    identifier: identifier.to_owned(),
+                    params,
+                    wait_ms: wait.map(|w| w.as_millis() as u64),
+                };
+                let wait = wait.unwrap_or_default();
+                return match self.remote(&device, &command, wait).await? {
+                    RemoteAnswer::Record { record } => Ok(record),
+                    _ => Err(unexpected()),
+                };
+            }
+        };
         let id = self.new_id();
         let topic = proto::service_topic(pk, dn, identifier);
         let payload = ServiceRequest::new(&id, identifier, &params).to_vec();
@@ -514,8 +780,39 @@ impl Commands {
         payload: Bytes,
         wait: Duration,
     ) -> Result<RrpcAnswer, CommandError> {
+        self.rrpc_at(pk, dn, payload, wait, false).await
+    }
+
+    async fn rrpc_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        payload: Bytes,
+        wait: Duration,
+        local_only: bool,
+    ) -> Result<RrpcAnswer, CommandError> {
         let kind = DownlinkKind::Rrpc;
-        let device = self.online_device(pk, dn, kind)?;
+        let device = match self.locate(pk, dn, kind, local_only)? {
+            Route::Here(device) => device,
+            Route::Remote(device) => {
+                let command = RemoteCommand::Rrpc {
+                    payload: payload.to_vec(),
+                    wait_ms: wait.as_millis() as u64,
+                };
+                return match self.remote(&device, &command, wait).await? {
+                    RemoteAnswer::Rrpc {
+                        message_id,
+                        payload,
+                        elapsed_ms,
+                    } => Ok(RrpcAnswer {
+                        message_id,
+                        payload: payload.into(),
+                        elapsed_ms,
+                    }),
+                    _ => Err(unexpected()),
+                };
+            }
+        };
         let message_id = self.new_id();
         let started = Instant::now();
         let key = (device, Channel::Rrpc(message_id.clone()));
@@ -531,7 +828,7 @@ impl Commands {
                 elapsed_ms: started.elapsed().as_millis() as u64,
             }),
             // Only RRPC responses are sent on an RRPC channel.
-            _ => Err(CommandError::Broker("unexpected answer".into())),
+            _ => Err(unexpected()),
         }
     }
 

@@ -5,13 +5,13 @@
 
 use super::DownlinkKind;
 use fleetgate_topics::Reply;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 /// Where a call stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandStatus {
     /// Sent; no answer yet.
@@ -23,7 +23,7 @@ pub enum CommandStatus {
 }
 
 /// The device's answer: the Alink reply's fields.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecordedReply {
     /// 200 for success, else the device's error code.
     pub code: i32,
@@ -35,7 +35,7 @@ pub struct RecordedReply {
 }
 
 /// One service call or property set.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommandRecord {
     /// The request `id` the device answers with.
     pub id: String,
