@@ -26,8 +26,8 @@ use super::ota::{
 };
 use super::products::{CreateProductRequest, CreatedProduct, ProductSecret, ProductSummary};
 use super::{
-    batch, commands, consumer_groups, devices, export, firmware, forwarding, instances, migrations, ota,
-    products, system,
+    batch, commands, consumer_groups, devices, export, firmware, forwarding, instances, migrations,
+    ota, products, system,
 };
 use crate::export::{
     ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,

@@ -1219,7 +1219,10 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/messages", "post"),
         ("/api/v1/products/{pk}/devices/{dn}/properties", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/properties", "put"),
-        ("/api/v1/products/{pk}/devices/{dn}/services/{identifier}", "post"),
+        (
+            "/api/v1/products/{pk}/devices/{dn}/services/{identifier}",
+            "post",
+        ),
         ("/api/v1/products/{pk}/devices/{dn}/commands/{id}", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/rrpc", "post"),
         ("/api/v1/migrations", "post"),

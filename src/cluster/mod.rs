@@ -167,7 +167,11 @@ pub(crate) enum DeliveryKind {
 /// Carries out [`Cluster::command`]s for devices this node holds (the app installs
 /// `command::Commands`). Bodies are the handler's own; the cluster only transports them.
 pub trait CommandHandler: Send + Sync + 'static {
-    fn handle(&self, device: DeviceKey, body: Vec<u8>) -> futures_util::future::BoxFuture<'static, Vec<u8>>;
+    fn handle(
+        &self,
+        device: DeviceKey,
+        body: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Vec<u8>>;
 }
 
 /// Where [`Cluster::deliver`] left a message.
@@ -648,14 +652,9 @@ impl Cluster {
                             topic,
                             payload,
                             qos1,
-                        } => deliver_here(
-                            self.node,
-                            &downlink,
-                            &device,
-                            topic,
-                            payload.into(),
-                            qos1,
-                        ),
+                        } => {
+                            deliver_here(self.node, &downlink, &device, topic, payload.into(), qos1)
+                        }
                         DeliveryKind::Command { body } => {
                             // Off the loop: a command may wait seconds for the device.
                             if let Some(handler) = self.commands.get() {

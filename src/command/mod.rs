@@ -493,7 +493,11 @@ impl Commands {
                 let message = Message {
                     topic,
                     payload: payload.into(),
-                    qos: if qos1 { Qos::AtLeastOnce } else { Qos::AtMostOnce },
+                    qos: if qos1 {
+                        Qos::AtLeastOnce
+                    } else {
+                        Qos::AtMostOnce
+                    },
                 };
                 self.publish_at(pk, dn, message, true)
                     .await
@@ -504,7 +508,14 @@ impl Commands {
                 params,
                 wait_ms,
             } => self
-                .call_service_at(pk, dn, &identifier, params, wait_ms.map(Duration::from_millis), true)
+                .call_service_at(
+                    pk,
+                    dn,
+                    &identifier,
+                    params,
+                    wait_ms.map(Duration::from_millis),
+                    true,
+                )
                 .await
                 .map(|record| RemoteAnswer::Record { record }),
             RemoteCommand::Rrpc { payload, wait_ms } => self
@@ -562,7 +573,12 @@ impl Commands {
 
     /// Publishes one message to a connected device (through the node holding it, in cluster
     /// mode).
-    pub async fn publish(&self, pk: &str, dn: &str, message: Message) -> Result<Sent, CommandError> {
+    pub async fn publish(
+        &self,
+        pk: &str,
+        dn: &str,
+        message: Message,
+    ) -> Result<Sent, CommandError> {
         self.publish_at(pk, dn, message, false).await
     }
 
@@ -652,8 +668,10 @@ impl Commands {
             Targets::Devices(names) => {
                 self.registry.get_product(pk)?;
                 let mut seen = std::collections::HashSet::new();
-                let names: Vec<String> =
-                    names.into_iter().filter(|n| seen.insert(n.clone())).collect();
+                let names: Vec<String> = names
+                    .into_iter()
+                    .filter(|n| seen.insert(n.clone()))
+                    .collect();
                 if names.len() > MAX_BROADCAST {
                     return Err(CommandError::TooMany {
                         max: MAX_BROADCAST,
@@ -753,11 +771,16 @@ impl Commands {
         self.records.insert(record.clone());
         let key = (device, Channel::Service(id.clone()));
         let answer = self
-            .exchange(key, kind, Message {
-                topic,
-                payload: payload.into(),
-                qos: Qos::AtMostOnce,
-            }, wait)
+            .exchange(
+                key,
+                kind,
+                Message {
+                    topic,
+                    payload: payload.into(),
+                    qos: Qos::AtMostOnce,
+                },
+                wait,
+            )
             .await;
         match answer {
             Ok(None) => Ok(record),

@@ -84,13 +84,7 @@ impl LatestProperties {
     }
 
     /// Applies a property post received at `received_at_ms`.
-    pub fn record(
-        &self,
-        pk: &str,
-        dn: &str,
-        items: BTreeMap<String, Item>,
-        received_at_ms: i64,
-    ) {
+    pub fn record(&self, pk: &str, dn: &str, items: BTreeMap<String, Item>, received_at_ms: i64) {
         if items.is_empty() {
             return;
         }

@@ -198,7 +198,9 @@ mod tests {
         records.insert(record("1"));
         let reply = Reply::error("1", 9201, "busy");
         assert!(records.answer("pk", "other", &reply, 5).is_none());
-        assert!(records.answer("pk", "dn", &Reply::success("2"), 5).is_none());
+        assert!(records
+            .answer("pk", "dn", &Reply::success("2"), 5)
+            .is_none());
         let answered = records.answer("pk", "dn", &reply, 5).unwrap();
         assert_eq!(answered.status, CommandStatus::Replied);
         assert_eq!(answered.reply.unwrap().code, 9201);

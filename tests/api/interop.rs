@@ -356,5 +356,8 @@ async fn vendor_python_sdk_answers_commands() {
         transcript.contains(r#""step": "property_set", "params": {"LightSwitch": 1}"#),
         "{transcript}"
     );
-    assert!(transcript.contains(r#""identifier": "reboot""#), "{transcript}");
+    assert!(
+        transcript.contains(r#""identifier": "reboot""#),
+        "{transcript}"
+    );
 }

@@ -304,11 +304,7 @@ async fn commands_reach_a_device_held_by_another_node() {
     let one = cluster.node(1).api();
     let pk = one.create_product("c2d").await;
     let secret = one.create_device(&pk, "lamp-01").await;
-    let mut device = connect(
-        cluster.node(2).mqtt,
-        &credentials(&pk, "lamp-01", &secret),
-    )
-    .await;
+    let mut device = connect(cluster.node(2).mqtt, &credentials(&pk, "lamp-01", &secret)).await;
     device
         .client
         .subscribe(format!("/sys/{pk}/lamp-01/#"), rumqttc::QoS::AtLeastOnce)
@@ -327,10 +323,15 @@ async fn commands_reach_a_device_held_by_another_node() {
 
     // The device answers RRPC requests and service calls.
     let client = device.client.clone();
-    let mut incoming = std::mem::replace(&mut device.incoming, tokio::sync::mpsc::unbounded_channel().1);
+    let mut incoming = std::mem::replace(
+        &mut device.incoming,
+        tokio::sync::mpsc::unbounded_channel().1,
+    );
     let responder = tokio::spawn(async move {
         while let Some(p) = incoming.recv().await {
-            let rumqttc::Packet::Publish(p) = p else { continue };
+            let rumqttc::Packet::Publish(p) = p else {
+                continue;
+            };
             let (topic, body) = if p.topic.contains("/rrpc/request/") {
                 (
                     p.topic.replace("/rrpc/request/", "/rrpc/response/"),
@@ -339,7 +340,10 @@ async fn commands_reach_a_device_held_by_another_node() {
             } else if p.topic.ends_with("/thing/service/property/set") {
                 let req: Value = serde_json::from_slice(&p.payload).unwrap();
                 let reply = json!({"id": req["id"], "code": 200, "data": {}});
-                (format!("{}_reply", p.topic), serde_json::to_vec(&reply).unwrap())
+                (
+                    format!("{}_reply", p.topic),
+                    serde_json::to_vec(&reply).unwrap(),
+                )
             } else {
                 continue;
             };
