@@ -140,8 +140,20 @@ impl Application {
         .context("cannot open the firmware repository")?;
 
         // Always built: consumer groups are managed (and persisted) with forwarding off too.
+        let mut forwarder_config = settings.amqp.forwarder_config();
+        forwarder_config.exchange_prefix =
+            crate::installation::exchange_prefix(registry.store(), &settings.amqp.exchange_prefix)
+                .context("cannot read this installation's AMQP exchange prefix")?;
+        if forwarder_config.url.is_some()
+            && forwarder_config.exchange_prefix == crate::installation::SHARED_PREFIX
+        {
+            tracing::warn!(
+                prefix = crate::installation::SHARED_PREFIX,
+                "amqp.exchange_prefix is the old shared default: another gateway on the same RabbitMQ with it feeds this one's consumer groups and the other way round; set a prefix of this installation's own (docs/OPERATIONS.md, \"AMQP exchange prefix\")"
+            );
+        }
         let forwarder = Forwarder::open(
-            settings.amqp.forwarder_config(),
+            forwarder_config,
             &settings.data_dir,
             registry.clone(),
             metrics.clone(),
@@ -350,7 +362,12 @@ impl Application {
             on_device_revoked: revoke_session,
             forwarder: Some(forwarder.clone()),
             migration: Some(migration.clone()),
-            ready: readiness(registry.clone(), forwarder.clone(), cluster.clone()),
+            ready: readiness(
+                Box::new(broker.accepting()),
+                registry.clone(),
+                forwarder.clone(),
+                cluster.clone(),
+            ),
             cluster: cluster.clone(),
             commands: Some(commands.clone()),
         };
@@ -403,11 +420,18 @@ impl Application {
             tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
         }
         if let Some(token) = &created_admin_token {
-            // Printed once, on the start that created it; it is stored in the data dir.
-            println!(
-                "Created the admin API token (stored in {}): {token}",
-                settings.data_dir.join("api-token").display()
-            );
+            let path = settings.data_dir.join("api-token");
+            if crate::telemetry::json() {
+                // JSON logs go to collectors and other people's screens: the secret stays in
+                // its file (and off stdout, which is often collected with the log).
+                tracing::warn!(path = %path.display(), "created the admin API token; it is in this file (not logged)");
+            } else {
+                // Printed once, on the start that created it; it is stored in the data dir.
+                println!(
+                    "Created the admin API token (stored in {}): {token}",
+                    path.display()
+                );
+            }
         }
 
         Ok(Application {
@@ -432,6 +456,40 @@ impl Application {
     /// Cloud-to-device commands and the latest-properties snapshots.
     pub fn commands(&self) -> &Arc<Commands> {
         &self.commands
+    }
+
+    /// What can be checked of `settings` without starting anything (`fleetgate check-config`;
+    /// [`Settings::load`] has validated every value already): the TLS certificate and key
+    /// load, and the data dir is a directory or can be created.
+    pub fn check_settings(settings: &Settings) -> anyhow::Result<()> {
+        if let Some(tls) = &settings.mqtt.tls {
+            crate::broker::check_tls(&TlsConfig {
+                listen: tls.listen,
+                cert_path: tls.cert.clone(),
+                key_path: tls.key.clone(),
+            })
+            .context("mqtt.tls")?;
+        }
+        let dir = &settings.data_dir;
+        if dir.exists() {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "data_dir {} is not a directory",
+                dir.display()
+            );
+        } else {
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            anyhow::ensure!(
+                parent.is_dir(),
+                "data_dir {}: its parent {} does not exist",
+                dir.display(),
+                parent.display()
+            );
+        }
+        Ok(())
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
@@ -530,9 +588,11 @@ impl Application {
     }
 }
 
-/// `/readyz`: the store answers (its writer is alive), the node is in sync with the cluster
-/// (cluster mode), and the forwarder is connected when AMQP forwarding is on.
+/// `/readyz`: the MQTT listeners accept (the HTTP one answers this very request), the store
+/// answers (its writer is alive), the node is in sync with the cluster (cluster mode), and the
+/// forwarder is connected when AMQP forwarding is on.
 fn readiness(
+    accepting: Box<dyn Fn() -> bool + Send + Sync>,
     registry: Arc<Registry>,
     forwarder: Arc<Forwarder>,
     cluster: Option<Arc<Cluster>>,
@@ -540,6 +600,13 @@ fn readiness(
     Arc::new(move || {
         let mut ready = true;
         let mut checks = serde_json::Map::new();
+        let listeners = if accepting() {
+            "ok"
+        } else {
+            ready = false;
+            "stopped accepting (shutting down)"
+        };
+        checks.insert("listeners".into(), listeners.into());
         let store = if registry.store().is_open() {
             "ok"
         } else {

@@ -264,6 +264,9 @@ pub struct AmqpSettings {
     /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
     pub url: Option<Secret>,
     /// Exchanges are `{prefix}.{instance_id}`, queues `{prefix}.{instance_id}.{group_id}`.
+    /// Empty (the default): this installation's own, `fleetgate-{8 hex digits}`, chosen on
+    /// first start and kept in the store, so two gateways sharing a RabbitMQ never feed each
+    /// other's groups ([`crate::installation`]).
     pub exchange_prefix: String,
     /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
     pub outbox_max_bytes: u64,
@@ -292,7 +295,7 @@ impl Default for AmqpSettings {
         let d = ForwarderConfig::default();
         AmqpSettings {
             url: None,
-            exchange_prefix: d.exchange_prefix,
+            exchange_prefix: String::new(),
             outbox_max_bytes: d.outbox_max_bytes,
             outbox_full_wait_ms: d.outbox_full_wait_ms,
             inflight_window: d.inflight_window,
@@ -406,9 +409,63 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     }
 }
 
+/// What a set of settings will do, one line per part, secrets left out (`fleetgate
+/// check-config`).
+pub fn summary(s: &Settings) -> Vec<String> {
+    let fallback = |is_default: bool| {
+        if is_default {
+            " (the next free port when taken)"
+        } else {
+            ""
+        }
+    };
+    let mut lines = vec![
+        format!(
+            "mqtt listen {}{}",
+            s.mqtt.listen,
+            fallback(s.mqtt.listen_is_default)
+        ),
+        format!(
+            "http listen {}{}",
+            s.http.listen,
+            fallback(s.http.listen_is_default)
+        ),
+    ];
+    if let Some(tls) = &s.mqtt.tls {
+        lines.push(format!("mqtt tls listen {}", tls.listen));
+    }
+    lines.push(format!("data dir {}", s.data_dir.display()));
+    lines.push(format!("store {}", s.store.location(&s.data_dir)));
+    lines.push(match &s.amqp.url {
+        Some(_) if s.amqp.exchange_prefix.is_empty() => {
+            "amqp forwarding on (exchange prefix: this installation's own)".into()
+        }
+        Some(_) => format!(
+            "amqp forwarding on (exchange prefix `{}`)",
+            s.amqp.exchange_prefix
+        ),
+        None => "amqp forwarding off".into(),
+    });
+    lines.push(match &s.cluster.nats_url {
+        Some(_) => format!("cluster `{}`, node {}", s.cluster.name, s.cluster.node_id),
+        None => "single node".into(),
+    });
+    lines.push(format!(
+        "api tokens: admin {}, {} more",
+        if s.api.token.is_some() {
+            "given"
+        } else {
+            "from the data dir (created on first start)"
+        },
+        s.api.tokens.len()
+    ));
+    lines
+}
+
 /// Values from flags or environment variables; `None` leaves the file/default value.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    pub amqp_exchange_prefix: Option<String>,
     pub mqtt_listen: Option<SocketAddr>,
     pub mqtt_tls_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
@@ -478,6 +535,9 @@ impl Settings {
         }
         if let Some(v) = o.amqp_url {
             self.amqp.url = Some(Secret(v));
+        }
+        if let Some(v) = o.amqp_exchange_prefix {
+            self.amqp.exchange_prefix = v;
         }
         if let Some(v) = o.api_token {
             self.api.token = Some(Secret(v));
@@ -658,9 +718,12 @@ impl Settings {
                 message: "must be 10..=10000".into(),
             });
         }
-        if let Err(ForwarderError::Invalid { field, message }) =
-            self.amqp.forwarder_config().validate()
-        {
+        let mut forwarder = self.amqp.forwarder_config();
+        if forwarder.exchange_prefix.is_empty() {
+            // The installation's own prefix, chosen at start: valid by construction.
+            forwarder.exchange_prefix = crate::installation::SHARED_PREFIX.into();
+        }
+        if let Err(ForwarderError::Invalid { field, message }) = forwarder.validate() {
             return Err(ConfigError::Invalid { field, message });
         }
         if self.export.max_unpacked_entry_bytes == 0 {
@@ -1399,5 +1462,53 @@ write_timeout_secs = 0
         };
         let s = Settings::load(None, o).unwrap();
         assert!(!format!("{s:?}").contains("super-secret"));
+    }
+
+    /// `fleetgate.example.toml` is the defaults, key for key: every key that has a default is
+    /// in it with that value and nothing else is, and the keys shown commented out (those
+    /// without a default) are real keys of the right type.
+    #[test]
+    fn the_example_file_is_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fleetgate.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::Value::try_from(Settings::default()).unwrap();
+        let file: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(
+            file,
+            defaults,
+            "fleetgate.example.toml differs from Settings::default(); the defaults are:\n{}",
+            toml::to_string_pretty(&Settings::default()).unwrap()
+        );
+        let loaded = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(toml::Value::try_from(&loaded).unwrap(), defaults);
+
+        // Uncommented, the optional keys still parse (deny_unknown_fields names any typo).
+        let uncommented: String = text
+            .lines()
+            .filter(|l| *l != "tokens = []")
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if (rest.starts_with('[') && !rest.contains(' '))
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .fold(String::new(), |mut out, l| {
+                out.push_str(l);
+                out.push('\n');
+                out
+            });
+        let all: Settings =
+            toml::from_str(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert!(all.mqtt.tls.is_some() && all.mqtt.max_sockets.is_some());
+        assert!(all.http.public_url.is_some() && all.http.max_connections_per_ip.is_some());
+        assert!(all.amqp.url.is_some() && all.amqp.rate_limit_bytes_per_sec.is_some());
+        assert_eq!(all.api.tokens.len(), 1);
+        assert!(all.api.token.is_some() && all.store.url.is_some());
+        assert!(all.cluster.nats_url.is_some());
     }
 }

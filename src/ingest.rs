@@ -64,6 +64,21 @@ impl Ingest {
         let counted = labels
             .map(|kind| metrics.messages.get_or_create(&[("kind", kind)]).clone())
             .collect();
+        // Exported at 0 from the start, like every family with a closed label set.
+        for kind in TopicKind::ALL {
+            drop(
+                metrics
+                    .malformed_messages
+                    .get_or_create(&[("kind", kind.as_str())]),
+            );
+        }
+        for reason in ["module_limit", "invalid", "unknown_device", "other"] {
+            drop(
+                metrics
+                    .version_reports_refused
+                    .get_or_create(&[("reason", reason)]),
+            );
+        }
         Ingest {
             counted,
             registry,

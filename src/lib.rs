@@ -15,6 +15,7 @@
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`app`]: [`app::Application`] wires everything together; `main.rs` only parses the CLI.
 //! - [`config`]: settings tree (defaults, TOML file, `FLEETGATE_…` env vars, flags).
+//! - [`installation`]: what differs between installations (the default AMQP exchange prefix).
 //! - [`listen`]: binding the listeners; a taken default port falls back to the next free one.
 //! - [`metrics`]: Prometheus metrics shared by every component.
 //! - [`admission`]: connection budgets from the open-files limit, per-source caps on
@@ -34,6 +35,7 @@ pub mod forwarder;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ingest;
+pub mod installation;
 pub mod listen;
 pub mod metrics;
 pub mod migration;

@@ -38,6 +38,9 @@ struct Cli {
 enum Command {
     /// Run the gateway (embedded broker, registry, API).
     Serve(Box<ServeArgs>),
+    /// Check the settings `serve` would run with (the file, `FLEETGATE_…` variables and the
+    /// same flags as `serve`) without starting anything; exits non-zero naming what is wrong.
+    CheckConfig(Box<ServeArgs>),
     /// Print the MQTT CONNECT credentials (client id, username, password) of a device, as a
     /// Link SDK would compute them — handy for mosquitto_pub and other generic clients.
     DeviceCredentials {
@@ -92,6 +95,10 @@ struct ServeArgs {
     /// RabbitMQ URL; AMQP forwarding is off without it.
     #[arg(long, env = "FLEETGATE_AMQP_URL", hide_env_values = true)]
     amqp_url: Option<String>,
+    /// Prefix of the AMQP exchange and queue names [default: this installation's own,
+    /// `fleetgate-{8 hex digits}`, chosen on first start and kept in the store].
+    #[arg(long, env = "FLEETGATE_AMQP_EXCHANGE_PREFIX")]
+    amqp_exchange_prefix: Option<String>,
     /// Admin API token; without it one is created in the data dir on first start.
     #[arg(long, env = "FLEETGATE_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -128,8 +135,9 @@ struct ServeArgs {
     /// [default 0 = not checked].
     #[arg(long, env = "FLEETGATE_MQTT_CONNECT_TIMESTAMP_WINDOW_SECS")]
     mqtt_connect_timestamp_window_secs: Option<u64>,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "FLEETGATE_LOG_JSON")]
+    /// Log as JSON lines instead of text (the environment variable takes true/false, 1/0,
+    /// yes/no, on/off).
+    #[arg(long, env = "FLEETGATE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     log_json: bool,
     #[command(flatten)]
     limits: LimitArgs,
@@ -178,6 +186,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::CheckConfig(args) => check_config(*args),
         Command::DeviceCredentials {
             product_key,
             device_name,
@@ -251,6 +260,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(l) => tracing::info!(limit = l.now, hard = l.hard, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
+    let settings = load_settings(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let app = Application::build(settings).await?;
+        app.run_until_stopped().await
+    })
+}
+
+/// `check-config`: what `serve` would load, checked as far as it can be without starting.
+fn check_config(args: ServeArgs) -> anyhow::Result<()> {
+    let file = args.config.clone();
+    let settings = load_settings(args)?;
+    Application::check_settings(&settings)?;
+    match &file {
+        Some(path) => println!("{}: OK", path.display()),
+        None => println!("settings OK (no --config file: defaults, environment and flags)"),
+    }
+    for line in fleetgate::config::summary(&settings) {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// Defaults, then the `--config` file, then the environment and flags.
+fn load_settings(args: ServeArgs) -> anyhow::Result<Settings> {
     let limits = args.limits;
     let settings = Settings::load(
         args.config.as_deref(),
@@ -262,6 +299,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             http_listen: args.http_listen,
             data_dir: args.data_dir,
             amqp_url: args.amqp_url,
+            amqp_exchange_prefix: args.amqp_exchange_prefix,
             api_token: args.api_token,
             public_url: args.public_url,
             store_url: args.store_url,
@@ -286,12 +324,5 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             http_write_timeout_secs: limits.http_write_timeout_secs,
         },
     )?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let app = Application::build(settings).await?;
-        app.run_until_stopped().await
-    })
+    Ok(settings)
 }

@@ -8,7 +8,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+mod exposition;
+mod process;
+
+pub use exposition::Format;
 
 /// One label: `(name, value)`. Values must come from a closed set.
 pub type Labels = [(&'static str, &'static str); 1];
@@ -184,7 +190,7 @@ pub struct Metrics {
     pub forwarder_nacks: Counter,
     /// Publishes returned unroutable (no consumer group bound to the instance's exchange).
     pub forwarder_returns: Counter,
-    /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`, `too_large`).
+    /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`).
     /// `outbox_full` counts only messages nobody was promised: QoS 0 posts, online/offline
     /// status and OTA task events. Acknowledged posts are never dropped (see
     /// `forwarder_refused`).
@@ -241,7 +247,6 @@ fn sync_call_histogram() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("fleetgate");
         let m = Metrics {
             connected_devices: Gauge::default(),
             connects: Counter::default(),
@@ -301,7 +306,27 @@ impl Metrics {
             cluster: crate::cluster::ClusterMetrics::default(),
             registry: Registry::default(),
         };
-        m.cluster.register(&mut registry);
+        // `process_*` (the names every Prometheus client library uses), then ours.
+        let mut root = Registry::default();
+        process::register(&mut root);
+        let registry = root.sub_registry_with_prefix("fleetgate");
+        registry.register(
+            "build",
+            "The running gateway's version and build options (the value is always 1)",
+            Info::new([
+                ("version", env!("CARGO_PKG_VERSION")),
+                (
+                    "allocator",
+                    if cfg!(feature = "jemalloc") {
+                        "jemalloc"
+                    } else {
+                        "system"
+                    },
+                ),
+            ]),
+        );
+        m.prefill();
+        m.cluster.register(registry);
         registry.register(
             "connected_devices",
             "Devices with an open MQTT session",
@@ -573,16 +598,106 @@ impl Metrics {
             "OTA progress reports by outcome",
             m.ota_progress.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
-    /// Prometheus text exposition of every metric.
+    /// Creates the series whose label values form a closed set known at start, so that each is
+    /// exported (at zero) before its first event: a query or an alert on one never sees "no
+    /// data" where the truth is 0. Families labelled by something open (a consumer group) or
+    /// sampled (the allocator, OTA task counts by job) are left to their first sample.
+    fn prefill(&self) {
+        use crate::broker::auth::Refusal;
+        use crate::ota::task::{FailureReason, TaskStatus};
+        for refusal in Refusal::ALL {
+            drop(
+                self.connects_refused
+                    .get_or_create(&[("reason", refusal.reason())]),
+            );
+        }
+        // Closed before the CONNECT was read at all (src/broker/server.rs).
+        for reason in ["tls", "timeout"] {
+            drop(self.connects_refused.get_or_create(&[("reason", reason)]));
+        }
+        for listener in [Listener::Mqtt, Listener::Http] {
+            for reason in [RefusalReason::Budget, RefusalReason::PerIp] {
+                drop(
+                    self.connections_refused
+                        .get_or_create(&RefusedLabels { listener, reason }),
+                );
+            }
+        }
+        for kind in [
+            HttpTimeout::Header,
+            HttpTimeout::Idle,
+            HttpTimeout::Body,
+            HttpTimeout::Write,
+        ] {
+            drop(
+                self.http_timeouts
+                    .get_or_create(&HttpTimeoutLabels { kind }),
+            );
+        }
+        for kind in ["publish", "subscribe", "will"] {
+            drop(self.acl_denied.get_or_create(&[("kind", kind)]));
+        }
+        // src/broker/violation.rs.
+        for reason in [
+            "empty_topic",
+            "nul_in_topic",
+            "topic_not_utf8",
+            "empty_subscribe",
+            "empty_unsubscribe",
+            "malformed",
+        ] {
+            drop(
+                self.protocol_violations
+                    .get_or_create(&[("reason", reason)]),
+            );
+        }
+        for class in ["2xx", "4xx", "5xx"] {
+            drop(self.http_requests.get_or_create(&[("class", class)]));
+        }
+        for reason in FailureReason::ALL {
+            drop(
+                self.ota_failures
+                    .get_or_create(&[("reason", reason.as_str())]),
+            );
+        }
+        for status in TaskStatus::ALL {
+            drop(self.ota_tasks.get_or_create(&[("state", status.as_str())]));
+        }
+        for kind in ["push", "pull"] {
+            drop(self.ota_pushes.get_or_create(&[("kind", kind)]));
+        }
+        for outcome in ["applied", "ignored", "no_task"] {
+            drop(self.ota_progress.get_or_create(&[("outcome", outcome)]));
+        }
+        for reason in ["outbox_full", "no_route", "unknown_device"] {
+            drop(self.forwarder_dropped.get_or_create(&[("reason", reason)]));
+        }
+        for result in ["migrated", "rolled_back", "failed"] {
+            drop(self.migration_devices.get_or_create(&[("result", result)]));
+        }
+    }
+
+    /// Every metric in the OpenMetrics 1.0 text format (`# EOF`-terminated).
     pub fn encode(&self) -> String {
         #[cfg(feature = "jemalloc")]
         self.refresh_allocator();
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    /// Every metric in `format` (see [`Format::negotiate`]).
+    pub fn encode_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Prometheus => exposition::to_prometheus_text(&self.encode()),
+        }
     }
 }
 

@@ -1,13 +1,30 @@
-//! Logging setup: `tracing` to stderr with an env filter (`RUST_LOG`, default `info`), as text
-//! (coloured only on a terminal) or JSON lines. Stdout is kept for the few things a person must
-//! read once (the admin token created on first start).
+//! Logging setup: `tracing` to stderr with an env filter (`RUST_LOG`, default
+//! [`DEFAULT_FILTER`]), as text (coloured only on a terminal) or JSON lines. Stdout is kept for
+//! the few things a person must read once (the admin token created on first start, in text
+//! mode only: with JSON logs it stays in its file).
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tracing_subscriber::{fmt, EnvFilter};
+
+/// `info`, except rumqttd's own INFO lines (one per connection and more: "Overriding segment
+/// config", link and router chatter — nearly half of all lines on a busy gateway, saying nothing
+/// our own lines do not), which only show from `warn` on. `RUST_LOG` replaces the whole filter
+/// (e.g. `RUST_LOG=info,rumqttd=info` brings them back).
+pub const DEFAULT_FILTER: &str = "info,rumqttd=warn";
+
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Whether logs are JSON lines (set by [`init`]).
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
 
 /// Install the global subscriber. Safe to call more than once (later calls do nothing).
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    JSON.store(json, Ordering::Relaxed);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = fmt()
         .with_env_filter(filter)
         .with_target(true)

@@ -1,19 +1,40 @@
-//! The `fleetgate` binary as an operator runs it: first start creates and prints the admin
-//! token, ports 0 work and are logged, SIGTERM shuts down cleanly, and a second start on the
-//! same data dir keeps everything.
+//! The `fleetgate` binary as an operator runs it: first start creates the admin token (printed
+//! in text mode, only named in JSON logs), ports 0 work and are logged, SIGTERM shuts down
+//! cleanly, a second start on the same data dir keeps everything, refused connections are
+//! logged, and `check-config` checks a settings file.
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Gateway {
     child: Child,
     stderr: BufReader<ChildStderr>,
+    stdout: ChildStdout,
     http: String,
 }
 
-/// Starts the binary; on a first start (`first`), reads the token line it prints.
+/// The next JSON log line whose message is `message` (within 20 s), skipping others.
+fn wait_log(stderr: &mut BufReader<ChildStderr>, message: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut line = String::new();
+    loop {
+        assert!(Instant::now() < deadline, "no `{message}` log line");
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("fleetgate exited before logging `{message}`");
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v["fields"]["message"] == message {
+                return v;
+            }
+        }
+    }
+}
+
+/// Starts the binary with JSON logs; on a first start (`first`), waits for the line that names
+/// the token's file and reads the token from there (JSON logs never carry it).
 fn start(data_dir: &std::path::Path, first: bool) -> (Gateway, Option<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
         .args([
@@ -35,41 +56,36 @@ fn start(data_dir: &std::path::Path, first: bool) -> (Gateway, Option<String>) {
         .spawn()
         .expect("fleetgate starts");
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut http = None;
-    let mut line = String::new();
-    while http.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "no `fleetgate listening` log line"
-        );
-        line.clear();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            panic!("fleetgate exited before listening");
-        }
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if v["fields"]["message"] == "fleetgate listening" {
-                http = v["fields"]["http"].as_str().map(str::to_owned);
-                let mqtt: std::net::SocketAddr =
-                    v["fields"]["mqtt"].as_str().unwrap().parse().unwrap();
-                assert_ne!(mqtt.port(), 0, "the bound MQTT port is logged");
-            }
-        }
-    }
-    // The token line (first start only) is printed right after the listening line is logged.
+    let listening = wait_log(&mut stderr, "fleetgate listening");
+    let http = listening["fields"]["http"].as_str().unwrap().to_owned();
+    let mqtt: std::net::SocketAddr = listening["fields"]["mqtt"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(mqtt.port(), 0, "the bound MQTT port is logged");
+    // The token's line (first start only) is logged right after the listening line.
     let mut token = None;
     if first {
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(line.starts_with("Created the admin API token"), "{line}");
-        token = line.rsplit(": ").next().map(|t| t.trim().to_owned());
+        let created = wait_log(
+            &mut stderr,
+            "created the admin API token; it is in this file (not logged)",
+        );
+        let path = created["fields"]["path"]
+            .as_str()
+            .expect("the file is named");
+        assert_eq!(std::path::Path::new(path), data_dir.join("api-token"));
+        let t = std::fs::read_to_string(path).unwrap().trim().to_owned();
+        assert!(!created.to_string().contains(&t), "the token is not logged");
+        token = Some(t);
     }
+    let stdout = child.stdout.take().unwrap();
     (
         Gateway {
             child,
             stderr,
-            http: format!("http://{}", http.unwrap()),
+            stdout,
+            http: format!("http://{http}"),
         },
         token,
     )
@@ -94,7 +110,13 @@ fn sigterm_and_wait(mut gw: Gateway) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut gw.stderr, &mut rest);
+    let _ = gw.stderr.read_to_string(&mut rest);
+    let mut out = String::new();
+    let _ = gw.stdout.read_to_string(&mut out);
+    assert_eq!(
+        out, "",
+        "with JSON logs nothing (the token least of all) goes to stdout"
+    );
     rest
 }
 
@@ -102,14 +124,8 @@ fn sigterm_and_wait(mut gw: Gateway) -> String {
 async fn first_start_token_sigterm_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, token) = start(dir.path(), true);
-    let token = token.expect("first start prints the admin token");
+    let token = token.expect("first start creates the admin token");
     assert!(token.starts_with("fg_"), "{token}");
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("api-token"))
-            .unwrap()
-            .trim(),
-        token
-    );
 
     let client = reqwest::Client::new();
     let resp = client
@@ -301,7 +317,7 @@ fn a_taken_port_fails_the_start_naming_the_flag_without_creating_the_token() {
     );
     assert!(!dir.path().join("api-token").exists());
     drop(held);
-    // The next start that succeeds creates the token and prints it.
+    // The next start that succeeds creates the token.
     let (gw, token) = start(dir.path(), true);
     assert!(token.is_some_and(|t| t.starts_with("fg_")));
     sigterm_and_wait(gw);
@@ -350,4 +366,154 @@ fn device_credentials_take_a_client_id_and_sign_it() {
     let out = device_credentials(&["--client-id", "a|b"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--client-id"));
+}
+
+/// Text logs (the default): the token created on first start is printed once on stdout.
+#[test]
+fn first_start_in_text_mode_prints_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("FLEETGATE_API_TOKEN")
+        .env_remove("FLEETGATE_AMQP_URL")
+        .env_remove("FLEETGATE_STORE")
+        .env_remove("FLEETGATE_LOG_JSON")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleetgate starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let token = std::fs::read_to_string(dir.path().join("api-token")).unwrap();
+    assert!(line.starts_with("Created the admin API token"), "{line}");
+    assert!(line.trim_end().ends_with(token.trim()), "{line}");
+}
+
+/// A CONNECT that is not even a Link client id (`malformed_client_id`).
+fn bad_connect() -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    body.extend_from_slice(&[0, 3, b'b', b'a', b'd']);
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// `FLEETGATE_LOG_JSON=1` gives JSON lines, and a refused CONNECT is logged with the client's
+/// address and the reason, like Mosquitto does (the rate limit itself is `Throttle`'s test).
+#[test]
+fn log_json_from_the_environment_and_refused_connects_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("FLEETGATE_LOG_JSON", "1")
+        .env("FLEETGATE_API_TOKEN", "cli-admin-token-0123456789")
+        .env_remove("FLEETGATE_AMQP_URL")
+        .env_remove("FLEETGATE_STORE")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fleetgate starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let listening = wait_log(&mut stderr, "fleetgate listening");
+    let mqtt: std::net::SocketAddr = listening["fields"]["mqtt"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut local = Vec::new();
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(mqtt).unwrap();
+        local.push(s.local_addr().unwrap().to_string());
+        s.write_all(&bad_connect()).unwrap();
+        // The gateway answers with a refusing CONNACK and closes.
+        let mut ack = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.read_to_end(&mut ack);
+        assert_eq!(ack.get(..3), Some(&[0x20, 2, 0][..]), "{ack:?}");
+        assert_ne!(ack[3], 0, "refused");
+    }
+    let refused = wait_log(&mut stderr, "MQTT connection refused");
+    assert_eq!(refused["level"], "WARN", "{refused}");
+    assert!(
+        matches!(
+            refused["fields"]["reason"].as_str(),
+            Some("malformed_client_id" | "bad_username")
+        ),
+        "{refused}"
+    );
+    assert_eq!(refused["fields"]["client"], local[0], "{refused}");
+    assert!(refused["fields"]["not_logged"].is_u64(), "{refused}");
+    child.kill().unwrap();
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    child.wait().unwrap();
+    assert!(
+        !rest.contains("Overriding segment config") && !rest.contains("\"target\":\"rumqttd"),
+        "rumqttd's INFO lines are filtered out by default:\n{rest}"
+    );
+}
+
+fn check_config(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("check-config")
+        .args(args)
+        .env_remove("FLEETGATE_API_TOKEN")
+        .env_remove("FLEETGATE_AMQP_URL")
+        .env_remove("FLEETGATE_STORE")
+        .env_remove("FLEETGATE_CONFIG")
+        .env_remove("FLEETGATE_DATA_DIR")
+        .output()
+        .expect("fleetgate runs")
+}
+
+#[test]
+fn check_config_passes_the_example_and_names_what_is_wrong() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/fleetgate.example.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("not-yet");
+    let data_arg = data.to_str().unwrap();
+    let out = check_config(&["--config", example, "--data-dir", data_arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fleetgate.example.toml: OK"), "{stdout}");
+    assert!(stdout.contains("amqp forwarding off"), "{stdout}");
+    assert!(!data.exists(), "check-config creates nothing");
+
+    let bad = dir.path().join("bad.toml");
+    for (text, named) in [
+        ("[mqtt]\nmax_conections = 5\n", "max_conections"),
+        ("[mqtt]\nmax_connections = 0\n", "mqtt.max_connections"),
+        ("[mqtt.tls]\nlisten = \"127.0.0.1:8883\"\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n", "/nonexistent/cert.pem"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = check_config(&["--config", bad.to_str().unwrap(), "--data-dir", data_arg]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text} passed");
+        assert!(stderr.contains(named), "{text}: {stderr}");
+    }
 }

@@ -60,7 +60,7 @@ pub struct Connected {
 }
 
 /// Polls until CONNACK. `Err` carries a short reason.
-async fn connect_one(opts: MqttOptions) -> Result<Connected, String> {
+pub async fn connect_one(opts: MqttOptions) -> Result<Connected, String> {
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     eventloop
         .network_options

@@ -24,6 +24,7 @@
 
 mod api;
 mod campaign;
+mod cluster;
 mod loadgen;
 mod migrate;
 mod procs;
@@ -158,6 +159,27 @@ struct Args {
     /// the gateway's RSS again.
     #[arg(long)]
     migration_rollback: bool,
+    /// Cluster: PostgreSQL server (a fresh database is created per run and dropped after).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_url: String,
+    /// Cluster: NATS server (each run uses a cluster name of its own).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Cluster: the haproxy binary.
+    #[arg(long, default_value = "haproxy")]
+    haproxy: PathBuf,
+    /// Cluster: devices connected through HAProxy (≤ ~9,000: two descriptors each there).
+    #[arg(long, default_value_t = 8_000)]
+    cluster_connect_devices: usize,
+    /// Cluster: devices publishing version reports in the ingest comparison.
+    #[arg(long, default_value_t = 300)]
+    cluster_ingest_devices: usize,
+    /// Cluster: reports per device in the ingest comparison.
+    #[arg(long, default_value_t = 200)]
+    cluster_ingest_messages: usize,
+    /// Cluster: devices on the node that is killed in the failover measurement.
+    #[arg(long, default_value_t = 10_000)]
+    failover_devices: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,6 +188,8 @@ enum Part {
     Ingest,
     Ota,
     Migration,
+    /// Three nodes on PostgreSQL + NATS behind HAProxy (`cluster.rs`).
+    Cluster,
 }
 
 #[derive(Serialize)]
@@ -272,6 +296,9 @@ struct Results {
     ingest: Vec<IngestRow>,
     ota: Vec<campaign::CampaignRow>,
     migration: Vec<migrate::MigrationRow>,
+    cluster_connect: Vec<cluster::ClusterConnectRow>,
+    cluster_ingest: Vec<cluster::ClusterIngestRow>,
+    failover: Vec<cluster::FailoverRow>,
 }
 
 #[tokio::main]
@@ -349,6 +376,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Migration) {
         migration_benchmark(&args, &bins, &sim_bin, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Cluster) {
+        cluster::run(&args, &bins, &mut results).await?;
     }
 
     print_report(&args, &results);
@@ -1037,6 +1067,7 @@ fn print_migrations(r: &Results) {
 }
 
 fn print_report(args: &Args, r: &Results) {
+    cluster::print_report(args, r);
     if !r.ota.is_empty() {
         print_campaigns(r);
     }

@@ -81,6 +81,17 @@ impl Server {
         token: &str,
         preload: Option<&Path>,
     ) -> anyhow::Result<Server> {
+        Server::fleetgate_with(bins, data_dir, token, preload, &[]).await
+    }
+
+    /// [`Server::fleetgate`] with extra `serve` arguments (a cluster node's store, NATS and id).
+    pub async fn fleetgate_with(
+        bins: &Bins,
+        data_dir: &Path,
+        token: &str,
+        preload: Option<&Path>,
+        extra: &[String],
+    ) -> anyhow::Result<Server> {
         let bin = &bins.fleetgate;
         let mut cmd = Command::new(bin);
         // Every client of a benchmark runs on this host: one source address. The per-address
@@ -98,6 +109,7 @@ impl Server {
             .args(["--http-listen", "127.0.0.1:0", "--api-token", token])
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             // The gateway logs to stderr; stdout only carries the first-start token notice.

@@ -28,7 +28,7 @@ pub type ReadyFn = std::sync::Arc<dyn Fn() -> (bool, Value) + Send + Sync>;
     security(()),
     responses(
         (status = 200, description = "Ready: listeners bound, store reachable, in sync with the cluster, forwarder connected when configured",
-            body = Object, example = json!({"ready": true, "checks": {"store": "ok", "cluster": "ok", "amqp": "disabled"}})),
+            body = Object, example = json!({"ready": true, "checks": {"listeners": "ok", "store": "ok", "cluster": "ok", "amqp": "disabled"}})),
         (status = 503, description = "Not ready; `checks` says which part is not", body = Object),
     )
 )]
@@ -39,7 +39,13 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"ready": ready, "checks": checks}))).into_response()
+    let mut response = (status, Json(json!({"ready": ready, "checks": checks}))).into_response();
+    // A 503 here is an answer, not an error: the request middleware must keep its body (the
+    // checks say which part is not ready) instead of putting the standard error body in.
+    response
+        .extensions_mut()
+        .insert(super::error::StandardErrorBody);
+    response
 }
 
 /// A node of the cluster as this node knows it.

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::auth::RequireOperator;
 use super::error::{ApiError, ErrorBody};
@@ -26,6 +28,17 @@ pub(super) fn forwarder(state: &ApiState) -> Result<&Arc<Forwarder>, ApiError> {
         .ok_or_else(|| ApiError::internal("the API state has no forwarder"))
 }
 
+/// A group as created, with the RabbitMQ names its consumers need (as `GET` shows them).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedConsumerGroup {
+    #[serde(flatten)]
+    pub group: ConsumerGroup,
+    /// The instance's exchange (fanout; every group of the instance is bound to it).
+    pub exchange: String,
+    /// This group's queue: what its consumers read.
+    pub queue: String,
+}
+
 /// Create a consumer group (operator).
 #[utoipa::path(
     post,
@@ -34,7 +47,7 @@ pub(super) fn forwarder(state: &ApiState) -> Result<&Arc<Forwarder>, ApiError> {
     params(("iid" = String, Path, description = "Instance id")),
     request_body = NewConsumerGroup,
     responses(
-        (status = 201, description = "Created (durable; declared in RabbitMQ when connected, else on the next connection)", body = ConsumerGroup),
+        (status = 201, description = "Created (durable; declared in RabbitMQ when connected, else on the next connection), with its exchange and queue", body = CreatedConsumerGroup),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Viewer token", body = ErrorBody),
@@ -48,9 +61,16 @@ pub async fn create_group(
     State(state): State<ApiState>,
     ApiPath(iid): ApiPath<String>,
     ApiJson(req): ApiJson<NewConsumerGroup>,
-) -> Result<(StatusCode, Json<ConsumerGroup>), ApiError> {
-    let group = forwarder(&state)?.create_group(&iid, req).await?;
-    Ok((StatusCode::CREATED, Json(group)))
+) -> Result<(StatusCode, Json<CreatedConsumerGroup>), ApiError> {
+    let forwarder = forwarder(&state)?;
+    let group = forwarder.create_group(&iid, req).await?;
+    let topology = forwarder.topology();
+    let created = CreatedConsumerGroup {
+        exchange: topology.exchange(&group.instance_id),
+        queue: topology.queue(&group.instance_id, &group.group_id),
+        group,
+    };
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// List an instance's consumer groups (by group id).
@@ -229,9 +249,14 @@ pub(super) mod tests {
         .await;
         assert_eq!(s, StatusCode::CREATED, "{g}");
         assert_eq!(g["group_id"], "g1");
+        // The names consumers need, as GET shows them.
+        assert_eq!(g["exchange"], "fleetgate.iot-a", "{g}");
+        assert_eq!(g["queue"], "fleetgate.iot-a.g1", "{g}");
         let (s, g2) = call(&app, "POST", base, OP, Some(json!({"name": "Billing"}))).await;
         assert_eq!(s, StatusCode::CREATED);
-        assert_eq!(g2["group_id"].as_str().unwrap().len(), 20);
+        let gid2 = g2["group_id"].as_str().unwrap();
+        assert_eq!(gid2.len(), 20);
+        assert_eq!(g2["queue"], format!("fleetgate.iot-a.{gid2}"));
         let (s, e) = call(
             &app,
             "POST",

@@ -159,6 +159,7 @@ use crate::registry::Instance;
         Instance,
         CreateInstanceRequest,
         ConsumerGroup,
+        consumer_groups::CreatedConsumerGroup,
         NewConsumerGroup,
         ConsumerGroupDetails,
         RateLimitRequest,

@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{Map, Value};
@@ -16,9 +16,6 @@ use utoipa::OpenApi;
 use super::error::ApiError;
 use super::openapi::ApiDoc;
 use super::ApiState;
-
-/// The Prometheus text format version scrapers negotiate.
-const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Liveness plus what the app reports (listeners, AMQP status, …).
 #[utoipa::path(
@@ -42,19 +39,24 @@ pub async fn healthz(State(state): State<ApiState>) -> Json<Value> {
     Json(Value::Object(out))
 }
 
-/// Every gateway metric in Prometheus text format.
+/// Every gateway metric, in the text format the `Accept` header asks for.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "system",
     security(()),
-    responses((status = 200, description = "Prometheus text exposition", body = String,
-        content_type = "text/plain"))
+    responses((status = 200, description = "OpenMetrics 1.0 when `Accept` prefers `application/openmetrics-text` (Prometheus does), else the Prometheus text format 0.0.4",
+        content(
+            (String = "text/plain; version=0.0.4"),
+            (String = "application/openmetrics-text; version=1.0.0"),
+        )))
 )]
-pub async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
     (
-        [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
-        state.metrics.encode(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.encode_as(format),
     )
 }
 

@@ -42,6 +42,17 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
+    pub(crate) const ALL: [Refusal; 8] = [
+        Refusal::MalformedClientId,
+        Refusal::BadUsername,
+        Refusal::UnknownDevice,
+        Refusal::BadSignature,
+        Refusal::DisabledDevice,
+        Refusal::Timestamp,
+        Refusal::Protocol,
+        Refusal::Limit,
+    ];
+
     /// The MQTT 3.1.1 CONNACK return code the client gets.
     pub(crate) fn code(self) -> ConnectReturnCode {
         match self {

@@ -244,7 +244,7 @@ where
     };
     let first = match first {
         Err(_elapsed) => {
-            refuse_silently(&shared, "timeout");
+            refuse_silently(&shared, peer, "timeout");
             return None;
         }
         // Closed before sending anything complete.
@@ -263,11 +263,11 @@ where
             auth,
         } => (connect, will, auth),
         Opening::Refused(refusal) => {
-            refuse(&shared, conn, refusal).await;
+            refuse(&shared, conn, peer, refusal).await;
             return None;
         }
         Opening::Dropped(reason) => {
-            refuse_silently(&shared, reason);
+            refuse_silently(&shared, peer, reason);
             return None;
         }
     };
@@ -275,7 +275,7 @@ where
     if shared.table.sessions.len() >= shared.config.max_connections
         && !shared.table.sessions.contains_key(&device)
     {
-        refuse(&shared, conn, Refusal::Limit).await;
+        refuse(&shared, conn, peer, Refusal::Limit).await;
         return None;
     }
     let will = will.and_then(|w| {
@@ -337,7 +337,7 @@ where
                 Some(_) => Refusal::DisabledDevice,
                 None => Refusal::UnknownDevice,
             };
-            refuse(&shared, conn, refusal).await;
+            refuse(&shared, conn, peer, refusal).await;
             return None;
         }
     }
@@ -361,7 +361,7 @@ where
         Err(e) => {
             tracing::warn!(error = %e, "router refused the link");
             handle.link_failed();
-            refuse(&shared, conn, Refusal::Limit).await;
+            refuse(&shared, conn, peer, Refusal::Limit).await;
             return None;
         }
     };
@@ -1268,14 +1268,19 @@ fn merge_suback(
         .collect()
 }
 
-/// Answers a refused CONNECT with its return code, counts it, closes.
-async fn refuse<S: Socket>(shared: &Shared, conn: &mut Conn<S>, refusal: Refusal) {
+/// Answers a refused CONNECT with its return code, counts it, logs it (rate-limited), closes.
+async fn refuse<S: Socket>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    refusal: Refusal,
+) {
     shared
         .metrics
         .connects_refused
         .get_or_create(&[("reason", refusal.reason())])
         .inc();
-    tracing::debug!(reason = refusal.reason(), "connect refused");
+    shared.log_refusal(peer, refusal.reason());
     let ack = ConnAck {
         session_present: false,
         code: refusal.code(),
@@ -1290,14 +1295,14 @@ async fn refuse<S: Socket>(shared: &Shared, conn: &mut Conn<S>, refusal: Refusal
     }
 }
 
-/// Counts a connection dropped before a valid CONNECT.
-fn refuse_silently(shared: &Shared, reason: &'static str) {
+/// Counts and logs (rate-limited) a connection dropped before a valid CONNECT.
+fn refuse_silently(shared: &Shared, peer: SocketAddr, reason: &'static str) {
     shared
         .metrics
         .connects_refused
         .get_or_create(&[("reason", reason)])
         .inc();
-    tracing::debug!(reason, "connection dropped before CONNECT");
+    shared.log_refusal(peer, reason);
 }
 
 /// An authenticated session. Dropping it ends the session exactly once, whatever the path

@@ -104,7 +104,7 @@
 //!   `connect_timeout_under_pressure`.
 
 pub mod acl;
-mod auth;
+pub(crate) mod auth;
 mod codec;
 mod connection;
 mod downlink;
@@ -125,7 +125,7 @@ pub(crate) mod fuzzing {
 }
 
 pub use downlink::{Delivery, Downlink};
-pub use server::{bind_listener, Broker, BrokerHandle};
+pub use server::{bind_listener, check_tls, Broker, BrokerHandle};
 
 /// Resolves when the broker shuts down (the flag turns true, or its sender is gone).
 async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {

@@ -46,9 +46,22 @@ pub(crate) struct Shared {
     pub gate: Arc<Gate>,
     /// Logs pre-CONNECT pressure at most every 10 s.
     pressure_log: Throttle,
+    /// Logs refused CONNECTs at most once a second (a flood of bad logins stays readable).
+    refusal_log: Throttle,
 }
 
 impl Shared {
+    /// A refused CONNECT in the log, like Mosquitto's "not authorised" lines: the client's
+    /// address and the reason (the `reason` label of `fleetgate_mqtt_connects_refused_total`),
+    /// at most one line a second; `not_logged` says how many refusals since the previous
+    /// line were not logged (as the admission gates' lines do). Every refusal is counted in
+    /// the metric.
+    pub(crate) fn log_refusal(&self, peer: SocketAddr, reason: &'static str) {
+        if let Some(not_logged) = self.refusal_log.ready() {
+            tracing::warn!(client = %peer, reason, not_logged, "MQTT connection refused");
+        }
+    }
+
     /// When an admitted socket's CONNECT must have arrived: `connect_timeout` from now, or the
     /// shorter one under pre-CONNECT pressure (counted, and logged at most every 10 s).
     pub(crate) fn connect_deadline(&self, permit: &Permit) -> Instant {
@@ -119,6 +132,7 @@ impl Broker {
                 busy_sessions: AtomicUsize::new(0),
                 gate,
                 pressure_log: Throttle::new(Duration::from_secs(10)),
+                refusal_log: Throttle::new(Duration::from_secs(1)),
             }),
         })
     }
@@ -215,6 +229,14 @@ impl BrokerHandle {
 
     pub fn downlink(&self) -> Downlink {
         self.shared.downlink.clone()
+    }
+
+    /// Whether the listeners still accept (for `/readyz`): true from the start until
+    /// [`shutdown`](Self::shutdown) begins or an accept loop ends.
+    pub fn accepting(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let stopping = self.shutdown_tx.subscribe();
+        let loops: Vec<_> = self.accept_tasks.iter().map(|t| t.abort_handle()).collect();
+        move || !*stopping.borrow() && loops.iter().all(|t| !t.is_finished())
     }
 
     /// Stops accepting, closes every session (each gets `on_disconnect` with
@@ -328,6 +350,7 @@ async fn accept_loop<H: DeviceHooks>(
                                 .get_or_create(&[("reason", "tls")])
                                 .inc();
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            shared.log_refusal(peer, "tls");
                         }
                         Err(_) => {
                             shared
@@ -335,12 +358,18 @@ async fn accept_loop<H: DeviceHooks>(
                                 .connects_refused
                                 .get_or_create(&[("reason", "timeout")])
                                 .inc();
+                            shared.log_refusal(peer, "timeout");
                         }
                     }
                 });
             }
         }
     }
+}
+
+/// Whether the TLS listener's certificate and key load (`fleetgate check-config`).
+pub fn check_tls(config: &TlsConfig) -> Result<(), BrokerError> {
+    tls_acceptor(config).map(drop)
 }
 
 /// A rustls acceptor from PEM files. The provider is chosen explicitly (ring): rustls cannot pick

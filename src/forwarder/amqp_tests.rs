@@ -1,6 +1,6 @@
 //! Tests against a real RabbitMQ at `FLEETGATE_AMQP_URL` (default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`). When it is unreachable a test prints a
-//! `SKIPPED …` line and returns — unless `CI` is set, then it fails ([`rabbit_or_skip`]).
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). When it is unreachable a test fails with a message
+//! saying how to start it ([`rabbit`]).
 //!
 //! Every test uses its own exchange prefix (`fgtest-{random}`), so names never collide, and
 //! deletes its exchanges and queues at the end. Broker outages are simulated with an in-test
@@ -41,14 +41,15 @@ impl Rabbit {
     }
 }
 
-/// Connects to the test broker, or reports it missing (see [`super::testing::amqp_url_or_skip`]).
-pub(crate) async fn rabbit_or_skip(test: &str) -> Option<Rabbit> {
-    let url = super::testing::amqp_url_or_skip(test).await?;
+/// Connects to the test broker; fails the test when it is missing (see
+/// [`super::testing::test_amqp_url`]).
+pub(crate) async fn rabbit(test: &str) -> Rabbit {
+    let url = super::testing::test_amqp_url(test).await;
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
         .expect("connect");
     let addr = super::testing::broker_addr(&url).await;
-    Some(Rabbit { url, conn, addr })
+    Rabbit { url, conn, addr }
 }
 
 /// Polls `f` until it holds; panics after [`PATIENCE`] (only to avoid hanging).
@@ -320,11 +321,7 @@ async fn redeclare_without_arguments(conn: &Connection, queue: &str) -> Result<(
 
 #[tokio::test]
 async fn two_groups_each_receive_every_message_with_vendor_headers() {
-    let Some(rabbit) =
-        rabbit_or_skip("two_groups_each_receive_every_message_with_vendor_headers").await
-    else {
-        return;
-    };
+    let rabbit = rabbit("two_groups_each_receive_every_message_with_vendor_headers").await;
     let fx = Fixture::new(rabbit, 3).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
@@ -393,9 +390,7 @@ async fn two_groups_each_receive_every_message_with_vendor_headers() {
 
 #[tokio::test]
 async fn two_consumers_in_one_group_share_the_stream() {
-    let Some(rabbit) = rabbit_or_skip("two_consumers_in_one_group_share_the_stream").await else {
-        return;
-    };
+    let rabbit = rabbit("two_consumers_in_one_group_share_the_stream").await;
     let fx = Fixture::new(rabbit, 2).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
@@ -427,10 +422,7 @@ async fn two_consumers_in_one_group_share_the_stream() {
 
 #[tokio::test]
 async fn broker_outage_loses_nothing_and_keeps_device_order() {
-    let Some(rabbit) = rabbit_or_skip("broker_outage_loses_nothing_and_keeps_device_order").await
-    else {
-        return;
-    };
+    let rabbit = rabbit("broker_outage_loses_nothing_and_keeps_device_order").await;
     let fx = Fixture::new(rabbit, 5).await;
     let proxy = Proxy::start(fx.rabbit.addr).await;
     let fwd = fx.open(&fx.rabbit.url_via(proxy.addr));
@@ -472,9 +464,7 @@ async fn broker_outage_loses_nothing_and_keeps_device_order() {
 
 #[tokio::test]
 async fn restart_with_a_full_outbox_delivers_the_rest() {
-    let Some(rabbit) = rabbit_or_skip("restart_with_a_full_outbox_delivers_the_rest").await else {
-        return;
-    };
+    let rabbit = rabbit("restart_with_a_full_outbox_delivers_the_rest").await;
     let fx = Fixture::new(rabbit, 4).await;
     let proxy = Proxy::start(fx.rabbit.addr).await;
     proxy.cut();
@@ -510,11 +500,8 @@ async fn restart_with_a_full_outbox_delivers_the_rest() {
 
 #[tokio::test]
 async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
-    let Some(rabbit) =
-        rabbit_or_skip("group_less_instance_drops_returned_messages_and_groups_show_backlog").await
-    else {
-        return;
-    };
+    let rabbit =
+        rabbit("group_less_instance_drops_returned_messages_and_groups_show_backlog").await;
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
@@ -579,10 +566,7 @@ async fn group_less_instance_drops_returned_messages_and_groups_show_backlog() {
 
 #[tokio::test]
 async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
-    let Some(rabbit) = rabbit_or_skip("rate_limit_throttles_the_publisher_not_the_enqueue").await
-    else {
-        return;
-    };
+    let rabbit = rabbit("rate_limit_throttles_the_publisher_not_the_enqueue").await;
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
@@ -617,10 +601,7 @@ async fn rate_limit_throttles_the_publisher_not_the_enqueue() {
 /// the machine's speed — a slow machine only makes it later.
 #[tokio::test]
 async fn a_rate_limit_set_at_runtime_throttles_until_removed() {
-    let Some(rabbit) = rabbit_or_skip("a_rate_limit_set_at_runtime_throttles_until_removed").await
-    else {
-        return;
-    };
+    let rabbit = rabbit("a_rate_limit_set_at_runtime_throttles_until_removed").await;
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
@@ -682,10 +663,7 @@ async fn a_rate_limit_set_at_runtime_throttles_until_removed() {
 /// expire from it, while a group without TTL (0) keeps the same messages.
 #[tokio::test]
 async fn a_group_message_ttl_expires_unconsumed_messages() {
-    let Some(rabbit) = rabbit_or_skip("a_group_message_ttl_expires_unconsumed_messages").await
-    else {
-        return;
-    };
+    let rabbit = rabbit("a_group_message_ttl_expires_unconsumed_messages").await;
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
@@ -734,11 +712,7 @@ async fn a_group_message_ttl_expires_unconsumed_messages() {
 /// it, and neither group creation nor the connection loop gets stuck on it.
 #[tokio::test]
 async fn a_queue_existing_without_ttl_is_kept_and_still_delivers() {
-    let Some(rabbit) =
-        rabbit_or_skip("a_queue_existing_without_ttl_is_kept_and_still_delivers").await
-    else {
-        return;
-    };
+    let rabbit = rabbit("a_queue_existing_without_ttl_is_kept_and_still_delivers").await;
     let fx = Fixture::new(rabbit, 1).await;
     let queue = fx.queue("legacy");
     redeclare_without_arguments(&fx.rabbit.conn, &queue)
@@ -785,9 +759,7 @@ async fn a_queue_existing_without_ttl_is_kept_and_still_delivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_throughput() {
-    let Some(rabbit) = rabbit_or_skip("bench_throughput").await else {
-        return;
-    };
+    let rabbit = rabbit("bench_throughput").await;
     let n: usize = std::env::var("FG_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())

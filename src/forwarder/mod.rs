@@ -75,7 +75,7 @@ mod amqp_tests;
 #[cfg(test)]
 mod tests;
 
-pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology};
+pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology, GROUP_DOC_KIND};
 pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource};
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
@@ -83,7 +83,7 @@ pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::store::{Op, StoreError};
-use groups::{Declared, RateSampler, GROUP_DOC_KIND, TOMBSTONE_DOC_KIND};
+use groups::{Declared, RateSampler, TOMBSTONE_DOC_KIND};
 pub(crate) use limits::Limiter;
 use limits::{Limits, RATE_LIMIT_DOC_KIND};
 use outbox::NewRow;

@@ -178,10 +178,10 @@ on_both_backends! {
         assert_eq!(store.load().unwrap(), expected);
         store.close();
 
-        // PostgreSQL has one step more: cluster mode's sessions and feed positions.
+        // PostgreSQL has two steps more: cluster mode's sessions and feed positions, leases.
         let (supported, steps) = match db.location() {
             StoreLocation::Sqlite(_) => (SCHEMA_VERSION, 2),
-            StoreLocation::Postgres(_) => (POSTGRES_SCHEMA_VERSION, 3),
+            StoreLocation::Postgres(_) => (POSTGRES_SCHEMA_VERSION, 4),
         };
         assert_eq!(stored_schema_version(&db), i64::from(steps));
         assert_eq!(supported, steps);

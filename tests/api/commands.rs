@@ -543,19 +543,17 @@ async fn latest_properties_survive_a_restart() {
 }
 
 /// A device's answer to a property set reaches a consumer group as the vendor's
-/// `thing/downlink/reply/message`. Needs RabbitMQ (`FLEETGATE_AMQP_URL`); skipped with a
-/// `SKIPPED` line without one, failed under `CI`.
+/// `thing/downlink/reply/message`. Needs RabbitMQ (`FLEETGATE_AMQP_URL`, else the default
+/// local broker); fails without one.
 #[tokio::test]
 async fn answers_reach_the_consumer_group() {
-    use fleetgate::forwarder::testing::amqp_url_or_skip;
+    use fleetgate::forwarder::testing::test_amqp_url;
     use futures_util::StreamExt;
     use lapin::options::{BasicAckOptions, BasicConsumeOptions};
     use lapin::types::{AMQPValue, FieldTable};
     use rand::Rng;
 
-    let Some(url) = amqp_url_or_skip("answers_reach_the_consumer_group").await else {
-        return;
-    };
+    let url = test_amqp_url("answers_reach_the_consumer_group").await;
     let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
     let app = spawn_app_with_amqp(&url, &prefix).await;
     let (status, group) = app

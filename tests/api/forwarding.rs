@@ -1,9 +1,9 @@
 //! AMQP forwarding end to end: a device's MQTT traffic reaches a consumer group created through
-//! the HTTP API, in the vendor's format. Needs RabbitMQ (`FLEETGATE_AMQP_URL`); skipped with a
-//! `SKIPPED` line without one, failed under `CI`.
+//! the HTTP API, in the vendor's format. Needs RabbitMQ (`FLEETGATE_AMQP_URL`); fails with a
+//! message saying how to start it without one.
 
 use crate::helpers::*;
-use fleetgate::forwarder::testing::{amqp_url_or_skip, broker_addr, url_via, Proxy};
+use fleetgate::forwarder::testing::{broker_addr, test_amqp_url, url_via, Proxy};
 use fleetgate::ota::firmware::NewFirmware;
 use fleetgate::ota::FirmwareStatus;
 use futures_util::StreamExt;
@@ -76,9 +76,7 @@ async fn next_acked(consumer: &mut lapin::Consumer, what: &str) -> lapin::messag
 
 #[tokio::test]
 async fn device_traffic_reaches_a_consumer_group() {
-    let Some(url) = amqp_url_or_skip("device_traffic_reaches_a_consumer_group").await else {
-        return;
-    };
+    let url = test_amqp_url("device_traffic_reaches_a_consumer_group").await;
     let (app, prefix, ch, mut consumer) = app_with_consumed_group(&url, "e2e").await;
 
     let pk = app.create_product("forwarded").await;
@@ -175,11 +173,7 @@ async fn device_traffic_reaches_a_consumer_group() {
 /// device; those task events still reach the consumer groups of the instance that owned it.
 #[tokio::test]
 async fn ota_cancel_of_a_deleted_device_reaches_its_consumer_groups() {
-    let Some(url) =
-        amqp_url_or_skip("ota_cancel_of_a_deleted_device_reaches_its_consumer_groups").await
-    else {
-        return;
-    };
+    let url = test_amqp_url("ota_cancel_of_a_deleted_device_reaches_its_consumer_groups").await;
     let (app, prefix, ch, mut consumer) = app_with_consumed_group(&url, "ota").await;
 
     let pk = app.create_product("doomed devices").await;
@@ -331,12 +325,8 @@ impl PostingDevice {
 /// consumer group.
 #[tokio::test]
 async fn a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives() {
-    let Some(url) =
-        amqp_url_or_skip("a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives")
-            .await
-    else {
-        return;
-    };
+    let url =
+        test_amqp_url("a_full_outbox_withholds_pubacks_and_every_acknowledged_post_arrives").await;
     const DEVICES: usize = 4;
     const POSTS: usize = 150;
     let proxy = Proxy::start(broker_addr(&url).await).await;
@@ -721,9 +711,7 @@ async fn bench_mqtt_posts_while_rabbitmq_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_mqtt_posts_to_rabbitmq() {
-    let Some(url) = amqp_url_or_skip("bench_mqtt_posts_to_rabbitmq").await else {
-        return;
-    };
+    let url = test_amqp_url("bench_mqtt_posts_to_rabbitmq").await;
     let (devices, posts) = bench_shape();
     let prefix = format!("fgbench-{:08x}", rand::thread_rng().gen::<u32>());
     let app = spawn_app_with_amqp(&url, &prefix).await;

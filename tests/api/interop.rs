@@ -2,8 +2,8 @@
 //! its own CONNECT, reports a version and posts a property, and the gateway sees all three.
 //!
 //! Needs a Python with the SDK: `FLEETGATE_INTEROP_PYTHON` (set by `.ci/run`, which builds the
-//! venv), else `tests/interop/.venv/bin/python` if it exists. Without one the test is skipped
-//! with a message in a plain local run, and fails under CI (`CI` set).
+//! venv), else `tests/interop/.venv/bin/python` if it exists. Without one the tests fail with
+//! the commands that create it (locally as in CI: a run that did not check must not pass).
 
 use crate::helpers::*;
 use std::path::PathBuf;
@@ -17,26 +17,21 @@ fn interop_python() -> Option<PathBuf> {
     venv.exists().then_some(venv)
 }
 
-/// The interpreter to run, or `None` (test skipped, message printed) outside CI.
-fn python_or_skip(test: &str) -> Option<PathBuf> {
-    let python = interop_python();
-    if python.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI: no Python with aliyun-iot-linkkit (FLEETGATE_INTEROP_PYTHON unset and no tests/interop/.venv)");
-        }
-        eprintln!(
-            "SKIPPED {test}: create tests/interop/.venv \
-             (python3 -m venv tests/interop/.venv && tests/interop/.venv/bin/pip install -r tests/interop/requirements.txt)"
-        );
-    }
-    python
+/// The interpreter to run. Without one the test fails with the commands that make one: a run
+/// without the vendor SDK has not checked interoperability, so it must not report it passed.
+fn interop_python_for(test: &str) -> PathBuf {
+    interop_python().unwrap_or_else(|| {
+        panic!(
+            "{test}: no Python with aliyun-iot-linkkit: create tests/interop/.venv \
+             (python3 -m venv tests/interop/.venv && tests/interop/.venv/bin/pip install -r tests/interop/requirements.txt) \
+             or set FLEETGATE_INTEROP_PYTHON"
+        )
+    })
 }
 
 #[tokio::test]
 async fn vendor_python_sdk_connects_reports_and_posts() {
-    let Some(python) = python_or_skip("vendor_python_sdk_connects_reports_and_posts") else {
-        return;
-    };
+    let python = interop_python_for("vendor_python_sdk_connects_reports_and_posts");
     let app = spawn_app().await;
     let pk = app.create_product("linkkit").await;
     let secret = app.create_device(&pk, "py-dev-1").await;
@@ -88,9 +83,7 @@ async fn vendor_python_sdk_connects_reports_and_posts() {
 
 #[tokio::test]
 async fn vendor_python_sdk_takes_an_ota_update() {
-    let Some(python) = python_or_skip("vendor_python_sdk_takes_an_ota_update") else {
-        return;
-    };
+    let python = interop_python_for("vendor_python_sdk_takes_an_ota_update");
     let app = spawn_app().await;
     let pk = app.create_product("linkkit-ota").await;
     let secret = app.create_device(&pk, "py-ota-1").await;
@@ -176,15 +169,8 @@ async fn vendor_python_sdk_takes_an_ota_update() {
 /// fleetgate consumer group: `topic`, `messageId`, `generateTime` headers, JSON bodies.
 #[tokio::test]
 async fn vendor_style_pika_consumer_reads_the_forwarded_stream() {
-    let Some(python) = python_or_skip("vendor_style_pika_consumer_reads_the_forwarded_stream")
-    else {
-        return;
-    };
-    let Some(url) =
-        fleetgate::forwarder::testing::amqp_url_or_skip("vendor_style_pika_consumer").await
-    else {
-        return;
-    };
+    let python = interop_python_for("vendor_style_pika_consumer_reads_the_forwarded_stream");
+    let url = fleetgate::forwarder::testing::test_amqp_url("vendor_style_pika_consumer").await;
     let prefix = format!("fgtest-pika-{}", std::process::id());
     let app = spawn_app_with_amqp(&url, &prefix).await;
     let (status, group) = app
@@ -281,9 +267,7 @@ async fn vendor_python_sdk_answers_commands() {
     use serde_json::json;
     use tokio::io::AsyncBufReadExt;
 
-    let Some(python) = python_or_skip("vendor_python_sdk_answers_commands") else {
-        return;
-    };
+    let python = interop_python_for("vendor_python_sdk_answers_commands");
     let app = spawn_app().await;
     let pk = app.create_product("linkkit-c2d").await;
     let secret = app.create_device(&pk, "py-dev-2").await;

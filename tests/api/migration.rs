@@ -3,7 +3,7 @@
 //! with the engine's clock moved 30 days, a restart in the middle, and every refusal.
 
 use crate::helpers::*;
-use fleetgate::forwarder::testing::amqp_url_or_skip;
+use fleetgate::forwarder::testing::test_amqp_url;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -872,9 +872,7 @@ async fn post_property(client: &AsyncClient, pk: &str, dn: &str, id: &str) {
 #[tokio::test]
 async fn data_sync_mirrors_to_both_instances_groups_and_migrated_devices_go_to_the_target_only() {
     let test = "data_sync_mirrors_to_both_instances_groups";
-    let Some(url) = amqp_url_or_skip(test).await else {
-        return;
-    };
+    let url = test_amqp_url(test).await;
     let prefix = format!("fgmig-{:08x}", rand::thread_rng().gen::<u32>());
     let app = spawn_app_with_amqp(&url, &prefix).await;
     app.target_instance().await;
