@@ -20,6 +20,8 @@ use crate::clock::Clock;
 use crate::cluster::engines::{ClusterPusher, EnginesRelay};
 use crate::cluster::epoch::EpochClock;
 use crate::cluster::Cluster;
+use crate::command::properties::PropertiesReaper;
+use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
@@ -57,6 +59,7 @@ pub struct Application {
     /// that follows it.
     engines_stop: tokio::sync::watch::Sender<bool>,
     engines_tasks: Vec<JoinHandle<()>>,
+    commands: Arc<Commands>,
 }
 
 impl Application {
@@ -312,10 +315,28 @@ impl Application {
         )
         .context("cannot load the export/import jobs")?;
 
+        let properties = LatestProperties::load(registry.store().clone())
+            .context("cannot load the latest-properties snapshots")?;
+        LatestProperties::spawn_flusher(
+            &properties,
+            Duration::from_millis(settings.commands.properties_flush_ms),
+        );
+        registry.add_observer(Arc::new(PropertiesReaper(Arc::downgrade(&properties))));
+        let commands = Arc::new(
+            Commands::new(
+                downlink.clone(),
+                registry.clone(),
+                metrics.clone(),
+                settings.commands,
+                properties,
+            )
+            .with_forwarder(forwarder.clone()),
+        );
         let ingest = Arc::new(
             Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
                 .with_ota(ota.clone())
-                .with_forwarder(forwarder.clone()),
+                .with_forwarder(forwarder.clone())
+                .with_commands(commands.clone()),
         );
         let broker = broker
             .start_on(ingest, mqtt_listener)
@@ -331,6 +352,7 @@ impl Application {
                 broker.mqtt_addr(),
                 http_addr,
             );
+            commands.attach_cluster(cluster.clone());
             cluster
         });
         // Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
@@ -401,6 +423,7 @@ impl Application {
                 cluster.clone(),
             ),
             cluster: cluster.clone(),
+            commands: Some(commands.clone()),
         };
         let router = api::router(
             state,
@@ -482,7 +505,13 @@ impl Application {
             cluster,
             engines_stop,
             engines_tasks,
+            commands,
         })
+    }
+
+    /// Cloud-to-device commands and the latest-properties snapshots.
+    pub fn commands(&self) -> &Arc<Commands> {
+        &self.commands
     }
 
     /// What can be checked of `settings` without starting anything (`fleetgate check-config`;
@@ -600,6 +629,10 @@ impl Application {
         let _ = self.engines_stop.send(true);
         for task in self.engines_tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        // After the broker: no property post can change a snapshot any more.
+        if let Err(error) = self.commands.properties().flush().await {
+            tracing::warn!(%error, "cannot write the latest-properties snapshots");
         }
         // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
         // get a few seconds; whatever is left stays in the outbox for the next start.

@@ -33,6 +33,9 @@ pub struct Settings {
     pub store: crate::store::StoreSettings,
     /// Cluster mode (`[cluster]`: `nats_url`, `node_id`, `name`, …; docs/CLUSTER.md).
     pub cluster: crate::cluster::ClusterSettings,
+    /// Cloud-to-device commands (`[commands]`: `broadcast_per_sec`, `max_records`,
+    /// `properties_flush_ms`; docs/COMMANDS.md).
+    pub commands: crate::command::CommandSettings,
 }
 
 impl Default for Settings {
@@ -49,6 +52,7 @@ impl Default for Settings {
             export: ExportSettings::default(),
             store: crate::store::StoreSettings::default(),
             cluster: crate::cluster::ClusterSettings::default(),
+            commands: crate::command::CommandSettings::default(),
         }
     }
 }
@@ -755,6 +759,18 @@ impl Settings {
         if self.store.commit_siblings == 0 {
             return Err(ConfigError::Invalid {
                 field: "store.commit_siblings",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.commands.broadcast_per_sec == 0 {
+            return Err(ConfigError::Invalid {
+                field: "commands.broadcast_per_sec",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.commands.max_records == 0 {
+            return Err(ConfigError::Invalid {
+                field: "commands.max_records",
                 message: "must be at least 1".into(),
             });
         }

@@ -31,6 +31,7 @@ use crate::broker::{
     Session, UpMessage,
 };
 use crate::clock::now_ms;
+use crate::command::Commands;
 use crate::forwarder::{ForwardMessage, Forwarder, ForwarderError, OnFull};
 use crate::metrics::Metrics;
 use crate::ota::OtaEngine;
@@ -50,6 +51,8 @@ pub struct Ingest {
     /// Present and enabled only when AMQP forwarding is on.
     forwarder: Option<Arc<Forwarder>>,
     ota: Option<OtaEngine>,
+    /// Cloud-to-device commands: device answers go there, property posts update its snapshots.
+    commands: Option<Arc<Commands>>,
     /// `fleetgate_mqtt_messages_total` by topic kind (index: `TopicKind as usize`), then
     /// `other`: looked up once, not per message.
     counted: Vec<Counter>,
@@ -83,7 +86,35 @@ impl Ingest {
             metrics,
             forwarder: None,
             ota: None,
+            commands: None,
         }
+    }
+
+    /// Hands device answers (property set / service replies, RRPC responses) to `commands`
+    /// and keeps its latest-properties snapshots.
+    pub fn with_commands(mut self, commands: Arc<Commands>) -> Self {
+        self.commands = Some(commands);
+        self
+    }
+
+    /// A device's answer to a command (`…/thing/service/…_reply`, `…/rrpc/response/…`) of the
+    /// session's own device: handed to [`Commands`]. Returns whether the topic was one.
+    fn answer(&self, session: &Session, message: &UpMessage<'_>) -> bool {
+        let Some(commands) = &self.commands else {
+            return false;
+        };
+        let Some(answer) = fleetgate_topics::downlink::DeviceAnswer::parse(message.topic) else {
+            return false;
+        };
+        self.counted[TopicKind::ALL.len()].inc();
+        // The ACL guarantees it already; checked again because a wrong owner here would let a
+        // device answer another device's command.
+        if answer.product_key() == session.device.product_key
+            && answer.device_name() == session.device.device_name
+        {
+            commands.on_answer(&session.device, &answer, &message.payload);
+        }
+        true
     }
 
     /// Routes OTA traffic (version reports, progress, `firmware/get`, connects) to `ota`.
@@ -269,6 +300,9 @@ impl Ingest {
         // The run index of each of `others`.
         let mut other_index = Vec::new();
         for (index, message) in run.iter().enumerate() {
+            if self.answer(session, message) {
+                continue;
+            }
             let Some(parsed) = self.accept(session, message.topic) else {
                 continue;
             };
@@ -397,6 +431,10 @@ impl Ingest {
                 match PropertyPostRequest::parse(payload) {
                     Ok(req) => {
                         let (pk, dn) = (topic.product_key(), topic.device_name());
+                        if let Some(commands) = &self.commands {
+                            let items = req.items(received.max(0) as u64);
+                            commands.properties().record(pk, dn, items, received);
+                        }
                         let reply_id = req.wants_reply().then(|| req.id.as_str().to_owned());
                         return self
                             .forward_post(&topic, qos, reply_id, || {

@@ -6,6 +6,8 @@
 //! - [`registry`]: the only owner of device state (DashMap), rebuilt from [`store`] at start.
 //! - [`store`]: durable persistence (SQLite WAL), one writer thread, batched transactions.
 //! - [`ingest`]: turns device traffic into registry changes and replies.
+//! - [`command`]: cloud-to-device commands (publish, broadcast, property set, service calls,
+//!   RRPC) and the latest-properties snapshots.
 //! - [`migration`]: instance migration tasks (canary, full, pause, rollback, data sync).
 //! - [`forwarder`]: AMQP forwarding to RabbitMQ consumer groups through a durable outbox.
 //! - [`ota`]: firmware packages (content-addressed blobs, signed downloads) and upgrade jobs.
@@ -25,6 +27,7 @@ pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod cluster;
+pub mod command;
 pub mod config;
 pub mod console;
 pub mod export;

@@ -234,8 +234,21 @@ pub struct Metrics {
     pub ota_retries: Counter,
     /// OTA progress reports by outcome (`applied`, `ignored`, `no_task`).
     pub ota_progress: Family<Labels, Counter>,
+    /// Cloud-to-device commands by `kind` (`publish`, `property_set`, `service`, `rrpc`) and
+    /// `outcome` (`delivered`, `replied`, `timed_out`, `offline`, `refused`).
+    pub downlinks: Family<[(&'static str, &'static str); 2], Counter>,
+    /// Duration of synchronous calls (service calls with a timeout, RRPC) until the answer or
+    /// the timeout, by `kind`.
+    pub sync_call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Device answers that matched no command, by `reason` (`unknown_id`, `rrpc`, `malformed`).
+    pub downlink_answers_dropped: Family<Labels, Counter>,
     /// Cluster mode (`fleetgate_cluster_…`).
     pub cluster: crate::cluster::ClusterMetrics,
+}
+
+fn sync_call_histogram() -> Histogram {
+    // 1 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 impl Metrics {
@@ -296,6 +309,9 @@ impl Metrics {
             ota_timeouts: Counter::default(),
             ota_retries: Counter::default(),
             ota_progress: Family::default(),
+            downlinks: Family::default(),
+            sync_call_seconds: Family::new_with_constructor(sync_call_histogram),
+            downlink_answers_dropped: Family::default(),
             cluster: crate::cluster::ClusterMetrics::default(),
             registry: Registry::default(),
         };
@@ -585,6 +601,21 @@ impl Metrics {
             "allocator_bytes",
             "Heap of the jemalloc allocator, by kind: allocated (live objects), active (their pages), resident, mapped, retained (unmapped, kept for reuse); refreshed at each scrape",
             m.allocator_bytes.clone(),
+        );
+        registry.register(
+            "downlinks",
+            "Cloud-to-device commands by kind and outcome",
+            m.downlinks.clone(),
+        );
+        registry.register(
+            "sync_call_seconds",
+            "Synchronous device calls (service with timeout, RRPC) until answer or timeout",
+            m.sync_call_seconds.clone(),
+        );
+        registry.register(
+            "downlink_answers_dropped",
+            "Device answers matching no command, by reason",
+            m.downlink_answers_dropped.clone(),
         );
         registry.register(
             "ota_progress",

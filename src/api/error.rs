@@ -21,7 +21,8 @@ use crate::forwarder::ForwarderError;
 use crate::registry::RegistryError;
 
 /// The stable error codes. `FG.0xxx` mirror the HTTP status; `FG.1xxx` are request-shape errors;
-/// `FG.2xxx` name the resource that is missing or already exists; `FG.3xxx` are firmware/OTA.
+/// `FG.2xxx` name the resource that is missing or already exists; `FG.3xxx` are firmware/OTA;
+/// `FG.6xxx` are cloud-to-device commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// FG.0400: the request is wrong in a way no more specific code describes.
@@ -110,11 +111,19 @@ pub enum ErrorCode {
     MigrationStateConflict,
     /// FG.5004: rollback refused: the product no longer exists in the source instance.
     MigrationSourceProductGone,
+    /// FG.6001: the device has no MQTT session (commands are refused at once).
+    DeviceOffline,
+    /// FG.6002: the device did not answer a synchronous call in time.
+    DeviceTimeout,
+    /// FG.6003: the topic is not in the device's own namespace.
+    TopicOutsideNamespace,
+    /// FG.6004: no such command of the device (unknown or evicted).
+    CommandNotFound,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 42] = [
+    pub const ALL: [ErrorCode; 46] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -157,6 +166,10 @@ impl ErrorCode {
         ErrorCode::MigrationTaskExists,
         ErrorCode::MigrationStateConflict,
         ErrorCode::MigrationSourceProductGone,
+        ErrorCode::DeviceOffline,
+        ErrorCode::DeviceTimeout,
+        ErrorCode::TopicOutsideNamespace,
+        ErrorCode::CommandNotFound,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -204,6 +217,10 @@ impl ErrorCode {
             ErrorCode::MigrationTaskExists => "FG.5002",
             ErrorCode::MigrationStateConflict => "FG.5003",
             ErrorCode::MigrationSourceProductGone => "FG.5004",
+            ErrorCode::DeviceOffline => "FG.6001",
+            ErrorCode::DeviceTimeout => "FG.6002",
+            ErrorCode::TopicOutsideNamespace => "FG.6003",
+            ErrorCode::CommandNotFound => "FG.6004",
         }
     }
 
@@ -216,7 +233,8 @@ impl ErrorCode {
             | ErrorCode::MissingField
             | ErrorCode::UnsupportedMediaType
             | ErrorCode::PackageInvalid
-            | ErrorCode::WrongSecretsKey => StatusCode::BAD_REQUEST,
+            | ErrorCode::WrongSecretsKey
+            | ErrorCode::TopicOutsideNamespace => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden | ErrorCode::DownloadForbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound
@@ -229,7 +247,8 @@ impl ErrorCode {
             | ErrorCode::OtaTaskNotFound
             | ErrorCode::ExportNotFound
             | ErrorCode::ImportNotFound
-            | ErrorCode::MigrationTaskNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::MigrationTaskNotFound
+            | ErrorCode::CommandNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict
             | ErrorCode::InstanceExists
@@ -242,7 +261,9 @@ impl ErrorCode {
             | ErrorCode::PackageNotReady
             | ErrorCode::MigrationTaskExists
             | ErrorCode::MigrationStateConflict
-            | ErrorCode::MigrationSourceProductGone => StatusCode::CONFLICT,
+            | ErrorCode::MigrationSourceProductGone
+            | ErrorCode::DeviceOffline => StatusCode::CONFLICT,
+            ErrorCode::DeviceTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::PayloadTooLarge
             | ErrorCode::TooManyItems
             | ErrorCode::FirmwareTooLarge
@@ -315,6 +336,10 @@ impl ErrorCode {
             ErrorCode::MigrationSourceProductGone => {
                 "rollback refused: the product no longer exists in the source instance"
             }
+            ErrorCode::DeviceOffline => "device offline (no MQTT session)",
+            ErrorCode::DeviceTimeout => "the device did not answer within the timeout",
+            ErrorCode::TopicOutsideNamespace => "topic outside the device's namespace",
+            ErrorCode::CommandNotFound => "no such command of the device",
         }
     }
 
@@ -578,7 +603,7 @@ mod tests {
 
     #[test]
     fn codes_are_unique_and_statuses_are_in_the_contract_set() {
-        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500, 503];
+        let allowed = [400, 401, 403, 404, 405, 409, 413, 416, 429, 500, 503, 504];
         let mut seen = HashSet::new();
         for code in ErrorCode::ALL {
             assert!(seen.insert(code.as_str()), "duplicate {code}");

@@ -28,6 +28,7 @@ pub mod serve;
 
 mod batch;
 mod cluster;
+mod commands;
 mod consumer_groups;
 mod devices;
 mod export;
@@ -170,6 +171,9 @@ pub struct ApiState {
     /// Cluster mode: this node's part of the cluster (writes settle, `/api/v1/cluster`);
     /// `None` on a single node.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Cloud-to-device commands; `None` only in API states built for tests (the command
+    /// routes then answer 500).
+    pub commands: Option<Arc<crate::command::Commands>>,
 }
 
 impl ApiState {
@@ -193,6 +197,7 @@ impl ApiState {
             forwarder: None,
             ready: Arc::new(|| (true, serde_json::Value::Object(Default::default()))),
             cluster: None,
+            commands: None,
         }
     }
 
@@ -349,6 +354,27 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
         .route(
             "/api/v1/products/{pk}/devices/{dn}/disable",
             post(devices::disable_device),
+        )
+        .route("/api/v1/products/{pk}/messages", post(commands::broadcast))
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/messages",
+            post(commands::publish),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/properties",
+            get(commands::get_properties).put(commands::set_properties),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/services/{identifier}",
+            post(commands::invoke_service),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/rrpc",
+            post(commands::rrpc),
+        )
+        .route(
+            "/api/v1/products/{pk}/devices/{dn}/commands/{id}",
+            get(commands::get_command),
         )
         .route(
             "/api/v1/migrations",

@@ -26,8 +26,8 @@ use super::ota::{
 };
 use super::products::{CreateProductRequest, CreatedProduct, ProductSecret, ProductSummary};
 use super::{
-    batch, consumer_groups, devices, export, firmware, forwarding, instances, migrations, ota,
-    products, system,
+    batch, commands, consumer_groups, devices, export, firmware, forwarding, instances, migrations,
+    ota, products, system,
 };
 use crate::export::{
     ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,
@@ -88,6 +88,13 @@ use crate::registry::Instance;
         devices::delete_device,
         devices::enable_device,
         devices::disable_device,
+        commands::publish,
+        commands::broadcast,
+        commands::set_properties,
+        commands::get_properties,
+        commands::invoke_service,
+        commands::get_command,
+        commands::rrpc,
         batch::batch_create_devices,
         migrations::create_migration,
         migrations::list_migrations,
@@ -237,6 +244,7 @@ use crate::registry::Instance;
         (name = "forwarding", description = "AMQP forwarding to an instance: its rate limit, changed at runtime"),
         (name = "products", description = "Products: classes of devices sharing a product_key"),
         (name = "devices", description = "Devices: identities, secrets, tags, online state"),
+        (name = "commands", description = "Cloud-to-device: publish and broadcast, property set, service calls (async and sync), RRPC, latest properties"),
         (name = "migrations", description = "Instance migration: per-product tasks moving devices to a target instance (canary, full, pause/continue, rollback, data sync)"),
         (name = "firmware", description = "Firmware packages: upload, signed download links with Range support"),
         (name = "export", description = "Export/import jobs: move products, devices (secrets encrypted), firmware and OTA jobs between gateways as ZIP packages"),

@@ -73,6 +73,7 @@ fn test_app_in(dir: tempfile::TempDir, limits: BodyLimits, max_firmware: u64) ->
         forwarder: None,
         ready: Arc::new(|| (true, json!({}))),
         cluster: None,
+        commands: None,
     };
     TestApp {
         router: router(state, limits),
@@ -1214,6 +1215,16 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/products/{pk}/devices/{dn}/secret", "get"),
         ("/api/v1/products/{pk}/devices/{dn}/enable", "post"),
         ("/api/v1/products/{pk}/devices/{dn}/disable", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}/messages", "post"),
+        ("/api/v1/products/{pk}/messages", "post"),
+        ("/api/v1/products/{pk}/devices/{dn}/properties", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}/properties", "put"),
+        (
+            "/api/v1/products/{pk}/devices/{dn}/services/{identifier}",
+            "post",
+        ),
+        ("/api/v1/products/{pk}/devices/{dn}/commands/{id}", "get"),
+        ("/api/v1/products/{pk}/devices/{dn}/rrpc", "post"),
         ("/api/v1/migrations", "post"),
         ("/api/v1/migrations", "get"),
         ("/api/v1/migrations/{tid}", "get"),
@@ -1267,7 +1278,7 @@ async fn openapi_lists_every_path_and_schema() {
     }
     assert_eq!(
         paths.len(),
-        56,
+        62,
         "a routed path is missing from this test: {:?}",
         paths.keys()
     );
@@ -1286,6 +1297,11 @@ async fn openapi_lists_every_path_and_schema() {
         "DeviceMigrationStatus",
         "FirmwarePackage",
         "FirmwareStatus",
+        "CommandRecord",
+        "BroadcastResponse",
+        "RrpcResponse",
+        "PropertiesResponse",
+        "PropertySnapshot",
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }

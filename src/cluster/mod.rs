@@ -147,10 +147,35 @@ pub(crate) struct SettleRequest {
 pub(crate) struct Delivery {
     pub product_key: String,
     pub device_name: String,
-    pub topic: String,
-    pub payload: Vec<u8>,
-    /// QoS 1 through the router (kept for a persistent session), else QoS 0.
-    pub qos1: bool,
+    #[serde(flatten)]
+    pub message: DeliveryKind,
+}
+
+/// What a [`Delivery`] carries: the kinds of node-directed messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum DeliveryKind {
+    /// A message to publish to the device; answered with [`Delivered`].
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        /// QoS 1 through the router (kept for a persistent session), else QoS 0.
+        qos1: bool,
+    },
+    /// A command the holder carries out itself (cloud-to-device calls that wait for the
+    /// device's answer): an opaque body for the holder's [`CommandHandler`], answered with
+    /// the body it returns.
+    Command { body: Vec<u8> },
+}
+
+/// Carries out [`Cluster::command`]s for devices this node holds (the app installs
+/// `command::Commands`). Bodies are the handler's own; the cluster only transports them.
+pub trait CommandHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        device: DeviceKey,
+        body: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Vec<u8>>;
 }
 
 /// Where [`Cluster::deliver`] left a message.
@@ -185,6 +210,7 @@ pub struct Cluster {
     attached: OnceLock<Attached>,
     /// This node holds the engines' lease and its engine is active (announced in heartbeats).
     engines_held: AtomicBool,
+    commands: OnceLock<Arc<dyn CommandHandler>>,
 }
 
 /// What the cluster acts on once the node's registry and broker exist.
@@ -294,6 +320,7 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             attached: OnceLock::new(),
             engines_held: AtomicBool::new(false),
+            commands: OnceLock::new(),
         });
         let publisher = tokio::spawn(cluster.clone().publish(out_rx));
         cluster.track(publisher);
@@ -488,9 +515,11 @@ impl Cluster {
         let delivery = Delivery {
             product_key: device.product_key.clone(),
             device_name: device.device_name.clone(),
-            topic,
-            payload: payload.to_vec(),
-            qos1,
+            message: DeliveryKind::Publish {
+                topic,
+                payload: payload.to_vec(),
+                qos1,
+            },
         };
         let body = serde_json::to_vec(&delivery).unwrap_or_default();
         match self
@@ -502,6 +531,52 @@ impl Cluster {
             Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
                 Ok(Delivered::Offline)
             }
+            Err(e) => Err(ClusterError::Nats(e.to_string())),
+        }
+    }
+
+    /// Installs what carries out [`Cluster::command`]s sent to this node (once).
+    pub fn set_command_handler(&self, handler: Arc<dyn CommandHandler>) {
+        let _ = self.commands.set(handler);
+    }
+
+    /// Sends a command body to the node that holds `device` and returns that node's answer,
+    /// waiting at most `timeout`. `Ok(None)`: no other node holds the device (a device held
+    /// here is the caller's to serve).
+    pub async fn command(
+        &self,
+        device: &DeviceKey,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, ClusterError> {
+        let Some(attached) = self.attached.get() else {
+            return Ok(None);
+        };
+        let Some(epoch) = attached
+            .registry
+            .session_of(&device.product_key, &device.device_name)
+        else {
+            return Ok(None);
+        };
+        let node = epoch::node_of(epoch);
+        if node == self.node {
+            return Ok(None);
+        }
+        let delivery = Delivery {
+            product_key: device.product_key.clone(),
+            device_name: device.device_name.clone(),
+            message: DeliveryKind::Command { body },
+        };
+        let request = async_nats::Request::new()
+            .payload(serde_json::to_vec(&delivery).unwrap_or_default().into())
+            .timeout(Some(timeout));
+        match self
+            .client
+            .send_request(self.subjects.node(node), request)
+            .await
+        {
+            Ok(reply) => Ok(Some(reply.payload.to_vec())),
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(None),
             Err(e) => Err(ClusterError::Nats(e.to_string())),
         }
     }
@@ -580,14 +655,29 @@ impl Cluster {
                         product_key: d.product_key,
                         device_name: d.device_name,
                     };
-                    deliver_here(
-                        self.node,
-                        &downlink,
-                        &device,
-                        d.topic,
-                        d.payload.into(),
-                        d.qos1,
-                    )
+                    match d.message {
+                        DeliveryKind::Publish {
+                            topic,
+                            payload,
+                            qos1,
+                        } => {
+                            deliver_here(self.node, &downlink, &device, topic, payload.into(), qos1)
+                        }
+                        DeliveryKind::Command { body } => {
+                            // Off the loop: a command may wait seconds for the device.
+                            if let Some(handler) = self.commands.get() {
+                                let answer = handler.handle(device, body);
+                                let client = self.client.clone();
+                                tokio::spawn(async move {
+                                    let _ = client.publish(reply, answer.await.into()).await;
+                                });
+                            } else {
+                                // An empty answer: the caller reports it instead of waiting.
+                                let _ = self.client.publish(reply, Bytes::new()).await;
+                            }
+                            continue;
+                        }
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "malformed delivery request");

@@ -7,6 +7,7 @@
 //! | property post | `/{pk}/{dn}/thing/event/property/post` | `{iotId, requestId, productKey, deviceName, gmtCreate, deviceType, items:{Prop:{value,time}}}` |
 //! | event post | `/{pk}/{dn}/thing/event/{identifier}/post` | `{identifier, name, type, value:{…}, time, iotId, productKey, deviceName, requestId, gmtCreate}` |
 //! | online/offline | `/as/mqtt/status/{pk}/{dn}` | `{status, iotId, productKey, deviceName, time, utcTime, lastTime, utcLastTime, clientIp}` |
+//! | device's answer to a property set / service call | `/{pk}/{dn}/thing/downlink/reply/message` | `{gmtCreate, iotId, productKey, deviceName, requestId, code, message, topic, data}` (`topic`: the request's) |
 //! | OTA task state | `/{pk}/{dn}/ota/task/state` (fleetgate's own; the vendor pushes OTA state on a region topic) | `{iotId, productKey, deviceName, jobId, firmwareId, moduleName, destVersion, fromStatus, status, event, desc, step, attempt, gmtCreate}` |
 //!
 //! The AMQP-level envelope (message id, headers, delivery mode) is added by the publisher from
@@ -26,6 +27,7 @@ pub enum MessageKind {
     EventPost,
     Status,
     OtaTaskState,
+    DownlinkReply,
 }
 
 impl MessageKind {
@@ -35,6 +37,7 @@ impl MessageKind {
             MessageKind::EventPost => "event_post",
             MessageKind::Status => "status",
             MessageKind::OtaTaskState => "ota_task_state",
+            MessageKind::DownlinkReply => "downlink_reply",
         }
     }
 
@@ -44,6 +47,7 @@ impl MessageKind {
             "event_post" => MessageKind::EventPost,
             "status" => MessageKind::Status,
             "ota_task_state" => MessageKind::OtaTaskState,
+            "downlink_reply" => MessageKind::DownlinkReply,
             _ => return None,
         })
     }
@@ -231,6 +235,36 @@ impl ForwardMessage {
             device_name,
             format!("/as/mqtt/status/{product_key}/{device_name}"),
             at_ms,
+            body,
+        )
+    }
+
+    /// The device answered the property set or service call sent on `request_topic`
+    /// (the vendor's `thing/downlink/reply/message`).
+    pub fn downlink_reply(
+        product_key: &str,
+        device_name: &str,
+        request_topic: &str,
+        reply: &fleetgate_topics::Reply,
+        received_at_ms: i64,
+    ) -> Self {
+        let body = json!({
+            "gmtCreate": received_at_ms,
+            "iotId": iot_id(product_key, device_name),
+            "productKey": product_key,
+            "deviceName": device_name,
+            "requestId": reply.id,
+            "code": reply.code,
+            "message": reply.message,
+            "topic": request_topic,
+            "data": reply.data,
+        });
+        Self::new(
+            MessageKind::DownlinkReply,
+            product_key,
+            device_name,
+            format!("/{product_key}/{device_name}/thing/downlink/reply/message"),
+            received_at_ms,
             body,
         )
     }

@@ -258,3 +258,90 @@ async fn vendor_style_pika_consumer_reads_the_forwarded_stream() {
         )
         .await;
 }
+
+/// The vendor's SDK as the target of cloud-to-device commands: a property set, a synchronous
+/// service call and an RRPC request reach it and are answered through its own callbacks; the
+/// API shows the SDK's answers.
+#[tokio::test]
+async fn vendor_python_sdk_answers_commands() {
+    use serde_json::json;
+    use tokio::io::AsyncBufReadExt;
+
+    let python = interop_python_for("vendor_python_sdk_answers_commands");
+    let app = spawn_app().await;
+    let pk = app.create_product("linkkit-c2d").await;
+    let secret = app.create_device(&pk, "py-dev-2").await;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/linkkit_commands.py");
+    let port = app.mqtt_addr().port().to_string();
+    let mut child = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(["127.0.0.1", &port, &pk, "py-dev-2", &secret])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("SDK script runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut transcript = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            transcript.push_str(&line);
+            transcript.push('\n');
+            if line.contains(r#""step": "ready""#) {
+                return;
+            }
+        }
+        panic!("SDK script ended before it was ready:\n{transcript}");
+    })
+    .await
+    .expect("SDK ready in time");
+
+    let base = format!("/api/v1/products/{pk}/devices/py-dev-2");
+    let (status, record) = app
+        .request(
+            reqwest::Method::PUT,
+            &format!("{base}/properties"),
+            Some(json!({"params": {"LightSwitch": 1}, "timeout_ms": 5000})),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["reply"]["code"], 200, "{record}");
+    let (status, record) = app
+        .post(
+            &format!("{base}/services/reboot"),
+            json!({"params": {"delay": 3}, "timeout_ms": 5000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["reply"]["code"], 200, "{record}");
+    assert_eq!(record["reply"]["data"], json!({"accepted": 3}), "{record}");
+    let (status, body) = app
+        .post(
+            &format!("{base}/rrpc"),
+            json!({"payload": "ping", "timeout_ms": 5000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["payload_text"], "pong:ping", "{body}");
+
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(40), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            transcript.push_str(&line);
+            transcript.push('\n');
+        }
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("SDK script finished in time");
+    assert!(rest.success(), "SDK script failed:\n{transcript}");
+    assert!(
+        transcript.contains(r#""step": "property_set", "params": {"LightSwitch": 1}"#),
+        "{transcript}"
+    );
+    assert!(
+        transcript.contains(r#""identifier": "reboot""#),
+        "{transcript}"
+    );
+}

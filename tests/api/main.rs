@@ -8,6 +8,7 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod admission;
+mod commands;
 mod console;
 mod device_auth;
 mod export;

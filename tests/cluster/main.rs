@@ -516,3 +516,111 @@ async fn acknowledged_posts_reach_the_consumer_group_after_their_node_dies_for_g
         ids.len()
     );
 }
+
+/// Cloud-to-device calls taken by a node that does not hold the device go to the node that
+/// does and come back with the device's answer (docs/COMMANDS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_reach_a_device_held_by_another_node() {
+    let cluster = Cluster::start(2).await;
+    let one = cluster.node(1).api();
+    let pk = one.create_product("c2d").await;
+    let secret = one.create_device(&pk, "lamp-01").await;
+    let mut device = connect(cluster.node(2).mqtt, &credentials(&pk, "lamp-01", &secret)).await;
+    device
+        .client
+        .subscribe(format!("/sys/{pk}/lamp-01/#"), rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, device.incoming.recv()).await {
+            Ok(Some(rumqttc::Packet::SubAck(_))) => break,
+            Ok(Some(_)) => continue,
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+    one.wait_device(&pk, "lamp-01", "online at node 2", online_at(2))
+        .await;
+
+    // The device answers RRPC requests and service calls.
+    let client = device.client.clone();
+    let mut incoming = std::mem::replace(
+        &mut device.incoming,
+        tokio::sync::mpsc::unbounded_channel().1,
+    );
+    let responder = tokio::spawn(async move {
+        while let Some(p) = incoming.recv().await {
+            let rumqttc::Packet::Publish(p) = p else {
+                continue;
+            };
+            let (topic, body) = if p.topic.contains("/rrpc/request/") {
+                (
+                    p.topic.replace("/rrpc/request/", "/rrpc/response/"),
+                    format!("pong:{}", String::from_utf8_lossy(&p.payload)).into_bytes(),
+                )
+            } else if p.topic.ends_with("/thing/service/property/set") {
+                let req: Value = serde_json::from_slice(&p.payload).unwrap();
+                let reply = json!({"id": req["id"], "code": 200, "data": {}});
+                (
+                    format!("{}_reply", p.topic),
+                    serde_json::to_vec(&reply).unwrap(),
+                )
+            } else {
+                continue;
+            };
+            client
+                .publish(topic, rumqttc::QoS::AtMostOnce, false, body)
+                .await
+                .unwrap();
+        }
+    });
+
+    let path = format!("/api/v1/products/{pk}/devices/lamp-01");
+    let (status, body) = one
+        .post(
+            &format!("{path}/rrpc"),
+            json!({"payload": "ping", "timeout_ms": 5000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["payload_text"], "pong:ping");
+    let (status, record) = one
+        .call(
+            reqwest::Method::PUT,
+            &format!("{path}/properties"),
+            Some(json!({"params": {"LightSwitch": 1}, "timeout_ms": 5000})),
+        )
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["reply"]["code"], 200);
+
+    // Timeouts and refusals travel back as such.
+    responder.abort();
+    let (status, body) = one
+        .post(
+            &format!("{path}/rrpc"),
+            json!({"payload": "ping", "timeout_ms": 1000}),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error_code"], "FG.6002");
+    let (status, body) = one
+        .post(
+            &format!("{path}/messages"),
+            json!({"topic": format!("/{pk}/lamp-01/user/get"), "payload": "hi"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    drop(device);
+    one.wait_device(&pk, "lamp-01", "offline", |d| d["online"] == false)
+        .await;
+    let (status, body) = one
+        .post(
+            &format!("{path}/rrpc"),
+            json!({"payload": "ping", "timeout_ms": 8000}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error_code"], "FG.6001");
+}

@@ -11,6 +11,8 @@
 //!   [`EventPostRequest`], [`Reply`]), one [`PayloadError`], and the reply [`codes`].
 //! - [`catalog`]: `catalog.toml` (direction, QoS, description, example payloads per topic), the
 //!   single source the docs (`README.md`) and tests are checked against.
+//! - [`downlink`]: the cloud-to-device commands (property set, service calls, RRPC): their
+//!   topics, the device's answer topics ([`downlink::DeviceAnswer`]) and the request payload.
 //! - [`sign`]: Link CONNECT client ids, usernames and password signatures.
 //!
 //! # Example: what the gateway's ingest does with one publish
@@ -38,6 +40,7 @@
 //! ```
 
 pub mod catalog;
+pub mod downlink;
 pub mod payload;
 pub mod sign;
 pub mod topic;

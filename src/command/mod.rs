@@ -1,0 +1,953 @@
+//! Cloud-to-device commands: what operators and applications send to devices, and what the
+//! devices answer (issue 20, docs/COMMANDS.md).
+//!
+//! [`Commands`] owns the downlink side of the Link protocol that is not OTA:
+//!
+//! - **Publish** ([`Commands::publish`], [`Commands::broadcast`]): one message on a topic of the
+//!   device's own namespace (`/{pk}/{dn}/…` custom topics or `/sys/{pk}/{dn}/…`), QoS 0 or 1.
+//!   Broadcasts (≤ [`MAX_BROADCAST`] devices per call) share one rate limiter
+//!   (`commands.broadcast_per_sec`) so that no broadcast can flood the router.
+//! - **Service calls** ([`Commands::call_service`], the property set being the service
+//!   `property/set`): the vendor payload on `/sys/{pk}/{dn}/thing/service/{identifier}`,
+//!   answered on `…_reply` and correlated by the request `id` this module generates. An
+//!   asynchronous call returns at once; its answer is kept in a bounded record table
+//!   ([`Commands::record`]) and forwarded to the device's consumer groups. A synchronous call
+//!   waits for the answer up to the caller's timeout (1–8 s, as the vendor allows).
+//! - **RRPC** ([`Commands::rrpc`]): `/sys/{pk}/{dn}/rrpc/request/{messageId}` →
+//!   `…/rrpc/response/{messageId}`, always synchronous.
+//! - **Latest properties** ([`properties`]): every property post updates a per-device snapshot
+//!   persisted through the store.
+//!
+//! Answers arrive through ingest ([`Commands::on_answer`]), which only hands over topics of the
+//! session's own device (the broker's ACL already refused foreign ones), so one device can never
+//! answer (or spoof an answer to) another device's command.
+//!
+//! # Offline devices
+//!
+//! Every command needs a live session (`Downlink::is_connected`); otherwise it is refused at
+//! once with [`CommandError::Offline`] — synchronous calls fail fast, as the vendor's RRpc
+//! does. In cluster mode a device whose session another node holds is served by that node:
+//! the command travels as a [`Cluster::command`] (NATS request/reply on the holder's node
+//! subject), the holder runs it as if it had been called there (`execute`, local sessions
+//! only, so it never bounces on) and returns the outcome. One-way messages are not queued for offline persistent sessions: the
+//! router would keep them only in memory, without a bound on count or age that we could
+//! enforce, so an operator would get "accepted" for a message that may never arrive.
+//!
+//! This module must not touch the store's device tables or the registry's state: it reads
+//! devices, publishes through the [`Downlink`] and writes only its own documents.
+
+pub mod properties;
+mod records;
+
+pub use properties::{LatestProperties, PropertySnapshot};
+pub use records::{CommandRecord, CommandStatus, RecordedReply};
+
+use crate::broker::{Delivery, DeviceKey, Downlink};
+use crate::clock::now_ms;
+use crate::cluster::{Cluster, CommandHandler};
+use crate::forwarder::{ForwardMessage, Forwarder};
+use crate::metrics::Metrics;
+use crate::registry::{DeviceFilter, Page, Registry, RegistryError};
+use bytes::Bytes;
+use dashmap::DashMap;
+use fleetgate_topics::downlink::{self as proto, DeviceAnswer, ServiceRequest};
+use fleetgate_topics::Reply;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use records::Records;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Most devices one broadcast may address.
+pub const MAX_BROADCAST: usize = 1000;
+/// Shortest and longest wait of a synchronous call (the vendor's RRpc allows 1–8 s).
+pub const MIN_TIMEOUT_MS: u64 = 1000;
+pub const MAX_TIMEOUT_MS: u64 = 8000;
+
+/// The `[commands]` section of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandSettings {
+    /// Messages per second all broadcasts together may publish (≥ 1).
+    pub broadcast_per_sec: u32,
+    /// Asynchronous service calls whose record (and answer) is kept; the oldest go first.
+    pub max_records: usize,
+    /// How often changed property snapshots are written to the store (milliseconds).
+    pub properties_flush_ms: u64,
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        CommandSettings {
+            broadcast_per_sec: 1000,
+            max_records: 10_000,
+            properties_flush_ms: 1000,
+        }
+    }
+}
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("device offline: {product_key}/{device_name} has no MQTT session")]
+    Offline {
+        product_key: String,
+        device_name: String,
+    },
+    #[error("the device did not answer within {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("topic {topic:?} is outside the device's namespace (/{product_key}/{device_name}/… or /sys/{product_key}/{device_name}/…)")]
+    Namespace {
+        topic: String,
+        product_key: String,
+        device_name: String,
+    },
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("too many devices: at most {max} per broadcast, the selection has {selected}")]
+    TooMany { max: usize, selected: u64 },
+    #[error("the device's delivery queue is full, try again later")]
+    Busy,
+    #[error("no command {id} for this device (unknown, or evicted from the record table)")]
+    NotFound { id: String },
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+/// The kinds of downlink, a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DownlinkKind {
+    Publish,
+    PropertySet,
+    Service,
+    Rrpc,
+}
+
+impl DownlinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DownlinkKind::Publish => "publish",
+            DownlinkKind::PropertySet => "property_set",
+            DownlinkKind::Service => "service",
+            DownlinkKind::Rrpc => "rrpc",
+        }
+    }
+}
+
+/// Which correlation an answer belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Channel {
+    /// Property set and service calls: the request `id`.
+    Service(String),
+    /// RRPC: the topic's `messageId`.
+    Rrpc(String),
+}
+
+type Waiters = DashMap<(DeviceKey, Channel), oneshot::Sender<Answer>>;
+
+/// A device's answer.
+#[derive(Debug)]
+enum Answer {
+    /// A service answer; it is in the call's record.
+    Replied,
+    Rrpc(Bytes),
+}
+
+/// The QoS a message is published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+/// A message for one device.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: Qos,
+}
+
+/// What a sent message became.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Sent {
+    /// An id for the message (the vendor's `MessageId`), unique on this gateway.
+    pub message_id: String,
+    pub topic: String,
+}
+
+/// Whom a broadcast addresses (of one product).
+#[derive(Debug, Clone)]
+pub enum Targets {
+    /// These device names (duplicates count once).
+    Devices(Vec<String>),
+    /// Devices with this tag (any value when `value` is `None`).
+    Tag { key: String, value: Option<String> },
+    /// Every device of the product.
+    Product,
+}
+
+/// One device's result of a broadcast.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct BroadcastResult {
+    pub device_name: String,
+    /// `sent` (handed to the device's session), `offline`, `not_found` or `refused`.
+    pub result: String,
+    /// The message id when sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Why not, when not sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer of a synchronous service call or property set.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    pub record: CommandRecord,
+}
+
+/// An RRPC answer.
+#[derive(Debug, Clone)]
+pub struct RrpcAnswer {
+    pub message_id: String,
+    pub payload: Bytes,
+    pub elapsed_ms: u64,
+}
+
+/// How long a command forwarded to another node may take beyond its own wait.
+const REMOTE_MARGIN: Duration = Duration::from_secs(3);
+
+/// Where a device's session is.
+enum Route {
+    Here(DeviceKey),
+    /// On another node (cluster mode).
+    Remote(DeviceKey),
+}
+
+/// A command for a device held by another node (the body of a `Cluster::command`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum RemoteCommand {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        qos1: bool,
+    },
+    Service {
+        identifier: String,
+        params: Value,
+        wait_ms: Option<u64>,
+    },
+    Rrpc {
+        payload: Vec<u8>,
+        wait_ms: u64,
+    },
+}
+
+/// The holder's answer to a [`RemoteCommand`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum RemoteAnswer {
+    Sent {
+        sent: Sent,
+    },
+    Record {
+        record: CommandRecord,
+    },
+    Rrpc {
+        message_id: String,
+        payload: Vec<u8>,
+        elapsed_ms: u64,
+    },
+    Failed {
+        error: RemoteError,
+    },
+}
+
+/// A [`CommandError`] as it travels between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+enum RemoteError {
+    Offline,
+    Timeout { timeout_ms: u64 },
+    Busy,
+    Other { message: String },
+}
+
+impl RemoteError {
+    fn from_error(e: &CommandError) -> Self {
+        match e {
+            CommandError::Offline { .. } => RemoteError::Offline,
+            CommandError::Timeout { timeout_ms } => RemoteError::Timeout {
+                timeout_ms: *timeout_ms,
+            },
+            CommandError::Busy => RemoteError::Busy,
+            other => RemoteError::Other {
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn into_error(self, device: &DeviceKey) -> CommandError {
+        match self {
+            RemoteError::Offline => CommandError::Offline {
+                product_key: device.product_key.clone(),
+                device_name: device.device_name.clone(),
+            },
+            RemoteError::Timeout { timeout_ms } => CommandError::Timeout { timeout_ms },
+            RemoteError::Busy => CommandError::Busy,
+            RemoteError::Other { message } => CommandError::Broker(message),
+        }
+    }
+}
+
+fn unexpected() -> CommandError {
+    CommandError::Broker("unexpected answer".into())
+}
+
+/// The cluster's [`CommandHandler`]: commands from other nodes, run here.
+struct RemoteCommands(Weak<Commands>);
+
+impl CommandHandler for RemoteCommands {
+    fn handle(
+        &self,
+        device: DeviceKey,
+        body: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Vec<u8>> {
+        let commands = self.0.clone();
+        Box::pin(async move {
+            let answer = match (commands.upgrade(), serde_json::from_slice(&body)) {
+                (Some(commands), Ok(command)) => commands.execute(device, command).await,
+                (None, _) => RemoteAnswer::Failed {
+                    error: RemoteError::Other {
+                        message: "the node is shutting down".into(),
+                    },
+                },
+                (_, Err(e)) => RemoteAnswer::Failed {
+                    error: RemoteError::Other {
+                        message: format!("unreadable command: {e}"),
+                    },
+                },
+            };
+            serde_json::to_vec(&answer).unwrap_or_default()
+        })
+    }
+}
+
+/// The cloud-to-device hub; see the module docs.
+pub struct Commands {
+    downlink: Downlink,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    forwarder: Option<Arc<Forwarder>>,
+    next_id: AtomicU64,
+    waiters: Waiters,
+    records: Records,
+    broadcast_limit: DefaultDirectRateLimiter,
+    properties: Arc<LatestProperties>,
+    /// Cluster mode: how commands reach devices held by other nodes.
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands")
+            .field("waiting", &self.waiters.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Commands {
+    pub fn new(
+        downlink: Downlink,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        settings: CommandSettings,
+        properties: Arc<LatestProperties>,
+    ) -> Commands {
+        let rate = NonZeroU32::new(settings.broadcast_per_sec).unwrap_or(NonZeroU32::MIN);
+        Commands {
+            downlink,
+            registry,
+            metrics,
+            forwarder: None,
+            // Ids unique across restarts: milliseconds at start, then counting (a restart
+            // within the same millisecond count would need >1000 commands per ms before it).
+            next_id: AtomicU64::new(now_ms().max(0) as u64 * 1000),
+            waiters: DashMap::new(),
+            records: Records::new(settings.max_records.max(1)),
+            // A burst of one second's worth, then the steady rate.
+            broadcast_limit: RateLimiter::direct(Quota::per_second(rate)),
+            properties,
+            cluster: OnceLock::new(),
+        }
+    }
+
+    /// Forwards answers of service calls to consumer groups (ignored while forwarding is off).
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = forwarder.enabled().then_some(forwarder);
+        self
+    }
+
+    /// The latest-properties snapshots.
+    pub fn properties(&self) -> &Arc<LatestProperties> {
+        &self.properties
+    }
+
+    fn new_id(&self) -> String {
+        self.next_id.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+    fn count(&self, kind: DownlinkKind, outcome: &'static str) {
+        self.metrics
+            .downlinks
+            .get_or_create(&[("kind", kind.as_str()), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Where the device's session is: here, or (cluster mode, unless `local_only`) on another
+    /// node. A device without a session anywhere is [`CommandError::Offline`].
+    fn locate(
+        &self,
+        pk: &str,
+        dn: &str,
+        kind: DownlinkKind,
+        local_only: bool,
+    ) -> Result<Route, CommandError> {
+        let device = self.registry.get_device(pk, dn)?;
+        let key = DeviceKey {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        };
+        if self.downlink.is_connected(&key) {
+            return Ok(Route::Here(key));
+        }
+        if !local_only && device.node.is_some() && self.cluster.get().is_some() {
+            return Ok(Route::Remote(key));
+        }
+        self.count(kind, "offline");
+        Err(CommandError::Offline {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        })
+    }
+
+    /// Runs `command` on the node holding `device` (cluster mode) and returns its answer.
+    async fn remote(
+        &self,
+        device: &DeviceKey,
+        command: &RemoteCommand,
+        wait: Duration,
+    ) -> Result<RemoteAnswer, CommandError> {
+        let offline = || CommandError::Offline {
+            product_key: device.product_key.clone(),
+            device_name: device.device_name.clone(),
+        };
+        let Some(cluster) = self.cluster.get() else {
+            return Err(offline());
+        };
+        let body = serde_json::to_vec(command).unwrap_or_default();
+        // The holder waits up to `wait` for the device; its answer needs a moment more.
+        let answer = cluster
+            .command(device, body, wait + REMOTE_MARGIN)
+            .await
+            .map_err(|e| CommandError::Broker(e.to_string()))?;
+        let Some(answer) = answer else {
+            return Err(offline());
+        };
+        match serde_json::from_slice::<RemoteAnswer>(&answer) {
+            Ok(RemoteAnswer::Failed { error }) => Err(error.into_error(device)),
+            Ok(answer) => Ok(answer),
+            Err(_) => Err(CommandError::Broker(
+                "the node holding the device gave no usable answer".into(),
+            )),
+        }
+    }
+
+    /// Makes this node carry out commands other nodes send for devices it holds.
+    pub fn attach_cluster(self: &Arc<Self>, cluster: Arc<Cluster>) {
+        cluster.set_command_handler(Arc::new(RemoteCommands(Arc::downgrade(self))));
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Carries out a command another node sent (only for a session held here).
+    async fn execute(&self, device: DeviceKey, command: RemoteCommand) -> RemoteAnswer {
+        let (pk, dn) = (&device.product_key, &device.device_name);
+        let result = match command {
+            RemoteCommand::Publish {
+                topic,
+                payload,
+                qos1,
+            } => {
+                let message = Message {
+                    topic,
+                    payload: payload.into(),
+                    qos: if qos1 {
+                        Qos::AtLeastOnce
+                    } else {
+                        Qos::AtMostOnce
+                    },
+                };
+                self.publish_at(pk, dn, message, true)
+                    .await
+                    .map(|sent| RemoteAnswer::Sent { sent })
+            }
+            RemoteCommand::Service {
+                identifier,
+                params,
+                wait_ms,
+            } => self
+                .call_service_at(
+                    pk,
+                    dn,
+                    &identifier,
+                    params,
+                    wait_ms.map(Duration::from_millis),
+                    true,
+                )
+                .await
+                .map(|record| RemoteAnswer::Record { record }),
+            RemoteCommand::Rrpc { payload, wait_ms } => self
+                .rrpc_at(pk, dn, payload.into(), Duration::from_millis(wait_ms), true)
+                .await
+                .map(|a| RemoteAnswer::Rrpc {
+                    message_id: a.message_id,
+                    payload: a.payload.to_vec(),
+                    elapsed_ms: a.elapsed_ms,
+                }),
+        };
+        result.unwrap_or_else(|e| RemoteAnswer::Failed {
+            error: RemoteError::from_error(&e),
+        })
+    }
+
+    fn send(&self, message: Message, kind: DownlinkKind) -> Result<(), CommandError> {
+        let sent = match message.qos {
+            Qos::AtMostOnce => self
+                .downlink
+                .publish_qos0(message.topic, message.payload)
+                .map(|d| d != Delivery::Dropped),
+            Qos::AtLeastOnce => self
+                .downlink
+                .publish(message.topic, message.payload)
+                .map(|()| true),
+        };
+        match sent {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(crate::broker::BrokerError::DownlinkFull) => {
+                self.count(kind, "refused");
+                Err(CommandError::Busy)
+            }
+            Err(e) => {
+                self.count(kind, "refused");
+                Err(CommandError::Broker(e.to_string()))
+            }
+        }
+    }
+
+    /// Checks that `topic` is one of the device's own topics a message may be sent on.
+    pub fn check_namespace(pk: &str, dn: &str, topic: &str) -> Result<(), CommandError> {
+        let own = topic.starts_with(&format!("/{pk}/{dn}/"))
+            || topic.starts_with(&format!("/sys/{pk}/{dn}/"));
+        if own && crate::broker::acl::topic_allowed(pk, dn, topic) {
+            Ok(())
+        } else {
+            Err(CommandError::Namespace {
+                topic: topic.to_owned(),
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            })
+        }
+    }
+
+    /// Publishes one message to a connected device (through the node holding it, in cluster
+    /// mode).
+    pub async fn publish(
+        &self,
+        pk: &str,
+        dn: &str,
+        message: Message,
+    ) -> Result<Sent, CommandError> {
+        self.publish_at(pk, dn, message, false).await
+    }
+
+    async fn publish_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        message: Message,
+        local_only: bool,
+    ) -> Result<Sent, CommandError> {
+        let kind = DownlinkKind::Publish;
+        if let Err(e) = Self::check_namespace(pk, dn, &message.topic) {
+            self.count(kind, "refused");
+            return Err(e);
+        }
+        match self.locate(pk, dn, kind, local_only)? {
+            Route::Here(_) => {}
+            Route::Remote(device) => {
+                let command = RemoteCommand::Publish {
+                    qos1: message.qos == Qos::AtLeastOnce,
+                    topic: message.topic,
+                    payload: message.payload.to_vec(),
+                };
+                return match self.remote(&device, &command, Duration::ZERO).await? {
+                    RemoteAnswer::Sent { sent } => Ok(sent),
+                    _ => Err(unexpected()),
+                };
+            }
+        }
+        let topic = message.topic.clone();
+        self.send(message, kind)?;
+        self.count(kind, "delivered");
+        Ok(Sent {
+            message_id: self.new_id(),
+            topic,
+        })
+    }
+
+    /// Publishes `payload` on `topic_template` (with `{dn}` standing for each device's name and
+    /// `{pk}` for the product key) to each target, at most [`MAX_BROADCAST`], paced by the
+    /// shared broadcast rate. Per-device results, in target order.
+    pub async fn broadcast(
+        &self,
+        pk: &str,
+        targets: Targets,
+        topic_template: &str,
+        payload: Bytes,
+        qos: Qos,
+    ) -> Result<Vec<BroadcastResult>, CommandError> {
+        if !topic_template.contains("{dn}") {
+            return Err(CommandError::Invalid {
+                field: "topic",
+                message: "a broadcast topic must contain {dn} (e.g. /{pk}/{dn}/user/cmd)".into(),
+            });
+        }
+        let names = self.resolve(pk, targets)?;
+        let mut results = Vec::with_capacity(names.len());
+        for dn in names {
+            self.broadcast_limit.until_ready().await;
+            let topic = topic_template.replace("{pk}", pk).replace("{dn}", &dn);
+            let message = Message {
+                topic,
+                payload: payload.clone(),
+                qos,
+            };
+            let (result, message_id, error) = match self.publish(pk, &dn, message).await {
+                Ok(sent) => ("sent", Some(sent.message_id), None),
+                Err(e @ CommandError::Offline { .. }) => ("offline", None, Some(e.to_string())),
+                Err(e @ CommandError::Registry(RegistryError::NotFound { .. })) => {
+                    ("not_found", None, Some(e.to_string()))
+                }
+                Err(e) => ("refused", None, Some(e.to_string())),
+            };
+            results.push(BroadcastResult {
+                device_name: dn,
+                result: result.to_owned(),
+                message_id,
+                error,
+            });
+        }
+        Ok(results)
+    }
+
+    /// The device names a broadcast addresses.
+    fn resolve(&self, pk: &str, targets: Targets) -> Result<Vec<String>, CommandError> {
+        let filter = match targets {
+            Targets::Devices(names) => {
+                self.registry.get_product(pk)?;
+                let mut seen = std::collections::HashSet::new();
+                let names: Vec<String> = names
+                    .into_iter()
+                    .filter(|n| seen.insert(n.clone()))
+                    .collect();
+                if names.len() > MAX_BROADCAST {
+                    return Err(CommandError::TooMany {
+                        max: MAX_BROADCAST,
+                        selected: names.len() as u64,
+                    });
+                }
+                return Ok(names);
+            }
+            Targets::Tag { key, value } => DeviceFilter {
+                online: None,
+                tag_key: Some(key),
+                tag_value: value,
+            },
+            Targets::Product => DeviceFilter::default(),
+        };
+        let page_size = crate::registry::MAX_PAGE_SIZE;
+        let mut names = Vec::new();
+        for page in 1u32.. {
+            let paged = self
+                .registry
+                .list_devices(pk, &filter, Page::new(page, page_size)?)?;
+            if paged.total > MAX_BROADCAST as u64 {
+                return Err(CommandError::TooMany {
+                    max: MAX_BROADCAST,
+                    selected: paged.total,
+                });
+            }
+            let last = paged.items.len() < page_size as usize;
+            names.extend(paged.items.into_iter().map(|d| d.device_name));
+            if last || names.len() as u64 >= paged.total {
+                break;
+            }
+        }
+        Ok(names)
+    }
+
+    /// Calls service `identifier` ([`proto::PROPERTY_SET`] for a property set) with `params`.
+    /// With `wait`, waits that long for the device's answer; without, returns once sent (the
+    /// answer lands in the record later).
+    pub async fn call_service(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+        params: Value,
+        wait: Option<Duration>,
+    ) -> Result<CommandRecord, CommandError> {
+        self.call_service_at(pk, dn, identifier, params, wait, false)
+            .await
+    }
+
+    async fn call_service_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+        params: Value,
+        wait: Option<Duration>,
+        local_only: bool,
+    ) -> Result<CommandRecord, CommandError> {
+        let kind = if identifier == proto::PROPERTY_SET {
+            DownlinkKind::PropertySet
+        } else {
+            DownlinkKind::Service
+        };
+        if kind == DownlinkKind::Service && !proto::valid_identifier(identifier) {
+            return Err(CommandError::Invalid {
+                field: "identifier",
+                message: "1-64 characters of A-Z a-z 0-9 _ -".into(),
+            });
+        }
+        if !params.is_object() {
+            return Err(CommandError::Invalid {
+                field: "params",
+                message: "must be a JSON object".into(),
+            });
+        }
+        let device = match self.locate(pk, dn, kind, local_only)? {
+            Route::Here(device) => device,
+            Route::Remote(device) => {
+                let command = RemoteCommand::Service {
+                    identifier: identifier.to_owned(),
+                    params,
+                    wait_ms: wait.map(|w| w.as_millis() as u64),
+                };
+                let wait = wait.unwrap_or_default();
+                return match self.remote(&device, &command, wait).await? {
+                    RemoteAnswer::Record { record } => Ok(record),
+                    _ => Err(unexpected()),
+                };
+            }
+        };
+        let id = self.new_id();
+        let topic = proto::service_topic(pk, dn, identifier);
+        let payload = ServiceRequest::new(&id, identifier, &params).to_vec();
+        let record = CommandRecord::new(&id, pk, dn, kind, identifier, &topic, params, now_ms());
+        self.records.insert(record.clone());
+        let key = (device, Channel::Service(id.clone()));
+        let answer = self
+            .exchange(
+                key,
+                kind,
+                Message {
+                    topic,
+                    payload: payload.into(),
+                    qos: Qos::AtMostOnce,
+                },
+                wait,
+            )
+            .await;
+        match answer {
+            Ok(None) => Ok(record),
+            // The record was updated by `on_answer` already.
+            Ok(Some(_)) => Ok(self.records.get(pk, dn, &id).unwrap_or(record)),
+            Err(e) => {
+                if matches!(e, CommandError::Timeout { .. }) {
+                    self.records.time_out(pk, dn, &id, now_ms());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends an RRPC request and waits up to `wait` for the device's response.
+    pub async fn rrpc(
+        &self,
+        pk: &str,
+        dn: &str,
+        payload: Bytes,
+        wait: Duration,
+    ) -> Result<RrpcAnswer, CommandError> {
+        self.rrpc_at(pk, dn, payload, wait, false).await
+    }
+
+    async fn rrpc_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        payload: Bytes,
+        wait: Duration,
+        local_only: bool,
+    ) -> Result<RrpcAnswer, CommandError> {
+        let kind = DownlinkKind::Rrpc;
+        let device = match self.locate(pk, dn, kind, local_only)? {
+            Route::Here(device) => device,
+            Route::Remote(device) => {
+                let command = RemoteCommand::Rrpc {
+                    payload: payload.to_vec(),
+                    wait_ms: wait.as_millis() as u64,
+                };
+                return match self.remote(&device, &command, wait).await? {
+                    RemoteAnswer::Rrpc {
+                        message_id,
+                        payload,
+                        elapsed_ms,
+                    } => Ok(RrpcAnswer {
+                        message_id,
+                        payload: payload.into(),
+                        elapsed_ms,
+                    }),
+                    _ => Err(unexpected()),
+                };
+            }
+        };
+        let message_id = self.new_id();
+        let started = Instant::now();
+        let key = (device, Channel::Rrpc(message_id.clone()));
+        let message = Message {
+            topic: proto::rrpc_request_topic(pk, dn, &message_id),
+            payload,
+            qos: Qos::AtMostOnce,
+        };
+        match self.exchange(key, kind, message, Some(wait)).await? {
+            Some(Answer::Rrpc(payload)) => Ok(RrpcAnswer {
+                message_id,
+                payload,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            }),
+            // Only RRPC responses are sent on an RRPC channel.
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Sends `message`, then (with `wait`) waits for the answer on `key`.
+    async fn exchange(
+        &self,
+        key: (DeviceKey, Channel),
+        kind: DownlinkKind,
+        message: Message,
+        wait: Option<Duration>,
+    ) -> Result<Option<Answer>, CommandError> {
+        let Some(wait) = wait else {
+            self.send(message, kind)?;
+            self.count(kind, "delivered");
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        // Registered before sending: a fast device may answer before `send` returns.
+        self.waiters.insert(key.clone(), tx);
+        if let Err(e) = self.send(message, kind) {
+            self.waiters.remove(&key);
+            return Err(e);
+        }
+        let answer = tokio::time::timeout(wait, rx).await;
+        self.metrics
+            .sync_call_seconds
+            .get_or_create(&[("kind", kind.as_str())])
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(Ok(answer)) => {
+                self.count(kind, "replied");
+                Ok(Some(answer))
+            }
+            // Timed out, or the waiter was dropped (cannot happen while `key` is ours).
+            _ => {
+                self.waiters.remove(&key);
+                self.count(kind, "timed_out");
+                Err(CommandError::Timeout {
+                    timeout_ms: wait.as_millis() as u64,
+                })
+            }
+        }
+    }
+
+    /// The record of a service call or property set of the device.
+    pub fn record(&self, pk: &str, dn: &str, id: &str) -> Result<CommandRecord, CommandError> {
+        self.registry.get_device(pk, dn)?;
+        self.records
+            .get(pk, dn, id)
+            .ok_or_else(|| CommandError::NotFound { id: id.to_owned() })
+    }
+
+    /// An answer topic published by `device` (ingest checked it is the session's own). Answers
+    /// that match no command (unknown id, late RRPC response, unreadable reply) are counted in
+    /// `fleetgate_downlink_answers_dropped_total` and dropped.
+    pub fn on_answer(&self, device: &DeviceKey, answer: &DeviceAnswer<'_>, payload: &[u8]) {
+        let received = now_ms();
+        if let DeviceAnswer::RrpcResponse { message_id, .. } = answer {
+            let key = (device.clone(), Channel::Rrpc((*message_id).to_owned()));
+            match self.waiters.remove(&key) {
+                Some((_, tx)) => {
+                    let _ = tx.send(Answer::Rrpc(Bytes::copy_from_slice(payload)));
+                }
+                None => self.unmatched("rrpc"),
+            }
+            return;
+        }
+        let Ok(reply) = Reply::parse(payload) else {
+            self.unmatched("malformed");
+            return;
+        };
+        let (pk, dn) = (&device.product_key, &device.device_name);
+        let Some(record) = self.records.answer(pk, dn, &reply, received) else {
+            self.unmatched("unknown_id");
+            return;
+        };
+        if let Some(fwd) = &self.forwarder {
+            fwd.enqueue_detached(ForwardMessage::downlink_reply(
+                pk,
+                dn,
+                &record.topic,
+                &reply,
+                received,
+            ));
+        }
+        let key = (device.clone(), Channel::Service(reply.id.clone()));
+        if let Some((_, tx)) = self.waiters.remove(&key) {
+            let _ = tx.send(Answer::Replied);
+        }
+    }
+
+    fn unmatched(&self, reason: &'static str) {
+        self.metrics
+            .downlink_answers_dropped
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+}
