@@ -94,7 +94,8 @@ pub struct ClusterView {
     responses(
         (status = 200, description = "This node and the nodes it hears from", body = ClusterView),
         (status = 401, description = "Missing or invalid token", body = super::error::ErrorBody),
-    )
+    ),
+    security(("bearer" = []))
 )]
 pub async fn cluster_status(State(state): State<ApiState>) -> Json<ClusterView> {
     let (ready, _) = (state.ready)();

@@ -2,7 +2,9 @@
 //! request/response types' `ToSchema` derives. A new endpoint is listed by adding its handler
 //! to `paths(...)` below; the test in `api::tests` checks every routed path appears.
 
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{RefOr, Response, ResponseBuilder, Schema};
 use utoipa::{Modify, OpenApi};
 
 use super::auth::Role;
@@ -236,7 +238,7 @@ use crate::registry::Instance;
         ConfirmRequest,
         ChangedCount,
     )),
-    modifiers(&Conventions),
+    modifiers(&Conventions, &SharedResponses),
     tags(
         (name = "system", description = "Health, metrics and this document (no token needed)"),
         (name = "instances", description = "Instances: owners of products and data routing"),
@@ -291,5 +293,111 @@ impl Modify for Conventions {
              them only encrypted with the exporter's `secrets_key`.",
             ErrorCode::markdown_table()
         ));
+    }
+}
+
+/// Makes the document say what the shared extractors and middleware do on every route, so that
+/// no handler annotation has to repeat it (and none can forget it):
+///
+/// - 400 on every operation that takes a path or query parameter or a body (the extractors
+///   refuse a malformed one — unknown query parameter, wrong type, bad JSON, wrong
+///   Content-Type — with `FG.1000`…`FG.1004`);
+/// - 401 on every operation that needs a token, and 403 on its writes (a viewer token);
+/// - 413 on every operation with a body (the route's body limit, `FG.0413`);
+/// - 429 on the export/import routes, which are all rate limited;
+/// - the bounds the server enforces on the list parameters (`page` ≥ 1, `page_size`
+///   1..=100) and on the path identifiers (product key, device name, instance id).
+///
+/// An annotation that lists one of these responses keeps its own description.
+struct SharedResponses;
+
+impl Modify for SharedResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let rate_limited =
+                path.starts_with("/api/v1/export") || path.starts_with("/api/v1/import");
+            let operations = [
+                (true, &mut item.get),
+                (false, &mut item.put),
+                (false, &mut item.post),
+                (false, &mut item.delete),
+                (false, &mut item.patch),
+            ];
+            for (read, op) in operations {
+                if let Some(op) = op.as_mut() {
+                    shared_responses(op, path.contains('{'), read, rate_limited);
+                    constrain_parameters(op);
+                }
+            }
+        }
+    }
+}
+
+fn error_response(description: &str) -> RefOr<Response> {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "ErrorBody",
+                ))))
+                .build(),
+        )
+        .build()
+        .into()
+}
+
+fn shared_responses(op: &mut Operation, path_params: bool, read: bool, rate_limited: bool) {
+    let has_body = op.request_body.is_some();
+    let has_params = path_params || op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+    let secured = op
+        .security
+        .as_ref()
+        .is_some_and(|s| !s.is_empty() && s.iter().any(|r| r != &Default::default()));
+    let mut add = |status: &str, description: &str| {
+        op.responses
+            .responses
+            .entry(status.to_owned())
+            .or_insert_with(|| error_response(description));
+    };
+    if has_params || has_body {
+        add(
+            "400",
+            "Invalid path or query parameter or body (`error_ext_msg` names it)",
+        );
+    }
+    if secured {
+        add("401", "No valid token");
+        if !read {
+            add("403", "The token's role may not do this (a viewer token)");
+        }
+    }
+    if has_body {
+        add("413", "Body larger than this route accepts (FG.0413)");
+    }
+    if rate_limited {
+        add("429", "Too many requests (Retry-After)");
+    }
+}
+
+/// Bounds of the list parameters and path identifiers, as the registry checks them.
+fn constrain_parameters(op: &mut Operation) {
+    use crate::registry::MAX_PAGE_SIZE;
+    for p in op.parameters.iter_mut().flatten() {
+        let Some(RefOr::T(Schema::Object(o))) = p.schema.as_mut() else {
+            continue;
+        };
+        match (&p.parameter_in, p.name.as_str()) {
+            (ParameterIn::Query, "page") => o.minimum = Some(1.into()),
+            (ParameterIn::Query, "page_size") => {
+                o.minimum = Some(1.into());
+                o.maximum = Some((MAX_PAGE_SIZE as usize).into());
+            }
+            (ParameterIn::Path, "pk") => o.pattern = Some("^[A-Za-z0-9]{1,32}$".into()),
+            (ParameterIn::Path, "dn") => o.pattern = Some("^[A-Za-z0-9_@.:-]{4,32}$".into()),
+            (ParameterIn::Path, "iid") => o.pattern = Some("^[A-Za-z0-9_-]{1,64}$".into()),
+            _ => {}
+        }
     }
 }

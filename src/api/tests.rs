@@ -1357,3 +1357,54 @@ async fn openapi_lists_every_path_and_schema() {
         .get("bearer")
         .is_some());
 }
+
+/// What the shared extractors and middleware answer is in the document for every operation
+/// (schemathesis checks the live answers against it: docs/SECURITY.md, "Schema testing").
+#[tokio::test]
+async fn openapi_documents_the_shared_answers_of_every_operation() {
+    let app = test_app();
+    let doc = app.get("/api/v1/openapi.json", None).await.json();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            let has = |status: &str| responses.contains_key(status);
+            let secured = op["security"][0].get("bearer").is_some();
+            let takes_input = path.contains('{')
+                || op["parameters"].as_array().is_some_and(|p| !p.is_empty())
+                || op.get("requestBody").is_some();
+            let what = format!("{method} {path}");
+            assert_eq!(has("401"), secured, "{what}: 401 iff a token is needed");
+            if secured && method != "get" {
+                assert!(has("403"), "{what}: viewer tokens get 403");
+            }
+            if takes_input {
+                assert!(has("400"), "{what}: invalid input gets 400");
+            }
+            if op.get("requestBody").is_some() {
+                assert!(has("413"), "{what}: bodies have a limit");
+            }
+            if path.starts_with("/api/v1/export") || path.starts_with("/api/v1/import") {
+                assert!(has("429"), "{what}: rate limited");
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                match p["name"].as_str().unwrap() {
+                    "page" => assert_eq!(p["schema"]["minimum"], 1, "{what}"),
+                    "page_size" => {
+                        assert_eq!(p["schema"]["minimum"], 1, "{what}");
+                        assert_eq!(p["schema"]["maximum"], 100, "{what}");
+                    }
+                    "dn" => assert_eq!(p["schema"]["pattern"], "^[A-Za-z0-9_@.:-]{4,32}$"),
+                    _ => {}
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 70, "{checked} operations");
+    // An annotation's own description wins over the shared one.
+    assert_eq!(
+        doc["paths"]["/api/v1/products/{pk}/devices"]["post"]["responses"]["403"]["description"],
+        "Viewer token"
+    );
+}

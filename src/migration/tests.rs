@@ -416,9 +416,13 @@ async fn canary_full_completed_with_kicks_statuses_and_log() {
     assert_eq!(log.items[4].to_state, Some(TaskState::Completed));
 }
 
+/// Each command that must find work still to do (a pause, a refused pause) is sent while the
+/// rate limit holds that work back by seconds per remaining device — never "soon after a start,
+/// before it can finish" — and each wait is on the task's state, so a slow machine only makes
+/// the test slower.
 #[tokio::test]
 async fn pause_continue_and_rollback_of_some_then_all() {
-    let env = env(20).await;
+    let env = env(0).await;
     let pk = env.product(60).await;
     let tid = env.task(&pk).await;
     env.engine
@@ -426,8 +430,10 @@ async fn pause_continue_and_rollback_of_some_then_all() {
         .await
         .unwrap();
     env.wait_state(&tid, TaskState::CanaryCompleted).await;
+    // Batches of one device a second: 59 devices take a minute, the pause comes after a few.
+    env.engine.set_rate(1).await.unwrap();
     env.engine.full(&tid, op()).await.unwrap();
-    env.wait(&tid, "some progress", |d| d.devices.migrated >= 5)
+    env.wait(&tid, "some progress", |d| d.devices.migrated >= 3)
         .await;
     let paused = env.engine.pause(&tid, op()).await.unwrap();
     assert_eq!(paused.state, TaskState::Paused);
@@ -450,8 +456,9 @@ async fn pause_continue_and_rollback_of_some_then_all() {
     env.wait_state(&tid, TaskState::Completed).await;
     assert_eq!(env.owners_in(&pk, TARGET), 60);
 
-    // Rollback of picked devices from COMPLETED: BATCH_ROLLBACK, not pausable.
-    env.engine.set_rate(5).await.unwrap();
+    // Rollback of picked devices from COMPLETED: BATCH_ROLLBACK, not pausable. One device a
+    // second: the 20 are still rolling back when the pause is refused.
+    env.engine.set_rate(1).await.unwrap();
     let o = env
         .engine
         .rollback(
@@ -471,6 +478,7 @@ async fn pause_continue_and_rollback_of_some_then_all() {
     assert_eq!(o.rejected.len(), 1);
     let e = env.engine.pause(&tid, op()).await.unwrap_err();
     assert!(e.to_string().contains("BATCH_ROLLBACK"), "{e}");
+    env.engine.set_rate(0).await.unwrap();
     let d = env.wait_state(&tid, TaskState::ToMigrate).await;
     assert_eq!((d.devices.rolled_back, d.devices.migrated), (20, 40));
     assert_eq!(env.owner(&pk, "dev002"), DEFAULT_INSTANCE_ID);
@@ -486,6 +494,11 @@ async fn pause_continue_and_rollback_of_some_then_all() {
     env.wait_state(&tid, TaskState::CanaryCompleted).await;
     env.engine.set_rate(20).await.unwrap();
     env.engine.full(&tid, op()).await.unwrap();
+    // Several devices on the target before the rollback starts, then one a second: the pause
+    // finds it ROLLING_BACK (with only the canary device migrated, the rollback could end first).
+    env.wait(&tid, "some progress", |d| d.devices.migrated >= 5)
+        .await;
+    env.engine.set_rate(1).await.unwrap();
     let o = env
         .engine
         .rollback(&tid, RollbackSelection::All, op())

@@ -3,13 +3,29 @@
 //! nothing changed, conflict policies, rate limiting.
 
 use crate::helpers::{
-    connect, credentials, spawn_app, try_connect, TestApp, ADMIN_TOKEN, OPERATOR_TOKEN, WAIT,
+    connect, credentials, spawn_app_with, try_connect, TestApp, ADMIN_TOKEN, OPERATOR_TOKEN, WAIT,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 
 const KEY: &str = "correct horse battery staple";
+
+/// PBKDF2 rounds of the packages these gateways write (the default is 100,000). A package
+/// carries its rounds, so imports derive with the same number. The key derivation's cost is
+/// not what these tests are about, and at the default every keyed export and import costs
+/// ~0.7 s of CPU in a debug build: with several tests and builds sharing two cores, jobs took
+/// longer than the tests waited for them.
+const TEST_KDF_ITERATIONS: u32 = 1_000;
+
+/// How long a test waits for an export or import job to leave IN_PROGRESS: a bound for a
+/// broken job, not a measure of a working one (they take well under a second alone).
+const JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A gateway for these tests: the defaults, with [`TEST_KDF_ITERATIONS`].
+async fn gateway() -> TestApp {
+    spawn_app_with(|s| s.export.kdf_iterations = TEST_KDF_ITERATIONS).await
+}
 
 async fn upload_firmware(t: &TestApp, pk: &str, version: &str, data: &[u8]) -> Value {
     let form = reqwest::multipart::Form::new()
@@ -33,7 +49,7 @@ async fn upload_firmware(t: &TestApp, pk: &str, version: &str, data: &[u8]) -> V
 
 /// Polls a job until it leaves IN_PROGRESS and returns it with its objects.
 async fn wait_job(t: &TestApp, kind: &str, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + JOB_WAIT;
     loop {
         let (status, job) = t.get(&format!("/api/v1/{kind}/{id}?expand=objects")).await;
         assert_eq!(status, 200, "{job}");
@@ -157,7 +173,7 @@ struct Source {
 }
 
 async fn source() -> Source {
-    let t = spawn_app().await;
+    let t = gateway().await;
     let pk = t.create_product("export product").await;
     let mut secrets = Vec::new();
     for dn in ["dev-one", "dev-two"] {
@@ -251,7 +267,7 @@ async fn round_trip_moves_devices_with_their_secrets_and_firmware_with_its_bytes
     }
 
     // A fresh gateway imports it.
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     let imported = import_done(&dst, &package, Some(KEY), "skip").await;
     assert_eq!(imported["status"]["state"], "SUCCESSFUL", "{imported}");
     assert_eq!(imported["summary"]["created"], 5, "{imported}");
@@ -343,7 +359,7 @@ async fn tampered_damaged_or_wrongly_keyed_packages_are_refused_and_change_nothi
         json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT"}]}),
     )
     .await;
-    let dst = spawn_app().await;
+    let dst = gateway().await;
 
     // One byte of one device's JSON changed.
     let bad = tamper(&package, |n| n.starts_with("objects/device/"));
@@ -544,7 +560,7 @@ fn bomb_manifest(files: &[(&str, String, u64)]) -> Vec<u8> {
 /// package claims (or what it holds beyond that), and change nothing.
 #[tokio::test]
 async fn zip_bombs_are_refused_without_being_inflated() {
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     // 200 MiB of zeros in 1.3 MB.
     let k = 200 * 1024 * 1024 / 258;
     let zeros_sha = |n: usize| hex::encode(Sha256::digest(vec![0u8; n]));
@@ -633,7 +649,7 @@ async fn a_keyed_package_is_authenticated_before_its_manifest_is_believed() {
         json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT"}]}),
     )
     .await;
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     let mut zin = zip::ZipArchive::new(std::io::Cursor::new(&package[..])).unwrap();
     let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for i in 0..zin.len() {
@@ -669,7 +685,7 @@ async fn conflict_policies_skip_fail_and_overwrite() {
         json!({"secrets_key": KEY, "objects": [{"id": src.pk, "type": "PRODUCT", "include_dependencies": true}]}),
     )
     .await;
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     // First only the product, so the target has it identical...
     let (_, product_only) = export(
         &src.t,
@@ -732,7 +748,7 @@ async fn conflict_policies_skip_fail_and_overwrite() {
 
 #[tokio::test]
 async fn export_requests_are_validated_up_front() {
-    let t = spawn_app().await;
+    let t = gateway().await;
     let pk = t.create_product("validated").await;
     t.create_device(&pk, "dev-one").await;
 
@@ -783,7 +799,7 @@ async fn export_requests_are_validated_up_front() {
     );
     assert!(job["name"].as_str().unwrap().starts_with("job-"));
     // Without secrets no key is needed to import; new secrets are generated.
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     let imported = import_done(&dst, &package, None, "skip").await;
     assert_eq!(imported["summary"]["created"], 2, "{imported}");
     let old = t.device_secret(&pk, "dev-one").await;
@@ -809,7 +825,7 @@ async fn export_requests_are_validated_up_front() {
 
 #[tokio::test]
 async fn a_burst_of_starts_gets_429_with_retry_after() {
-    let t = spawn_app().await;
+    let t = gateway().await;
     let pk = t.create_product("burst").await;
     let body = json!({"include_secrets": false, "objects": [{"id": pk, "type": "PRODUCT"}]});
     let sends = (0..40).map(|_| {
@@ -858,7 +874,7 @@ async fn a_burst_of_starts_gets_429_with_retry_after() {
 #[tokio::test]
 async fn a_migration_task_round_trips_in_to_migrate_with_its_config() {
     const TARGET: &str = "enterprise-1";
-    let src = spawn_app().await;
+    let src = gateway().await;
     let pk = src.create_product("migrating product").await;
     src.create_device(&pk, "dev-one").await;
     let (s, b) = src
@@ -891,7 +907,7 @@ async fn a_migration_task_round_trips_in_to_migrate_with_its_config() {
     assert_eq!(exported["status"]["state"], "SUCCESSFUL");
 
     // Without the target instance on the importing gateway the task fails, clearly.
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     let imported = import_done(&dst, &package, Some(KEY), "skip").await;
     assert_eq!(imported["status"]["state"], "FAILED", "{imported}");
     let o = result_of(&imported, &tid);
@@ -1012,7 +1028,7 @@ fn forge_product(package: &[u8], pk: &str, instance: &str) -> Vec<u8> {
 /// with a package it forged. Refused whole, before any job, naming the objects.
 #[tokio::test]
 async fn an_operator_cannot_create_products_by_importing_even_a_forged_package() {
-    let t = spawn_app().await;
+    let t = gateway().await;
     let pk = t.create_product("real").await;
     t.create_device(&pk, "dev-one").await;
     let (_, package) = export_as(
@@ -1088,7 +1104,7 @@ async fn an_operators_export_leaves_product_secrets_out() {
     assert!(nonce_of(&package, "DEVICE").is_string());
 
     // Imported elsewhere: the devices keep their secrets, the product gets a new one.
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     let imported = import_done(&dst, &package, Some(KEY), "skip").await;
     assert_eq!(imported["status"]["state"], "SUCCESSFUL", "{imported}");
     for (dn, secret) in &src.secrets {
@@ -1123,7 +1139,7 @@ async fn an_import_that_disables_or_rekeys_a_connected_device_disconnects_it() {
     let devices_uri = format!("/api/v1/products/{PK}/devices");
 
     // The source: dev-one disabled, dev-two with another secret, dev-three other tags.
-    let src = spawn_app().await;
+    let src = gateway().await;
     kick_product(&src, PK).await;
     for d in [
         device("dev-one", "secret-one-0000001", json!({})),
@@ -1154,7 +1170,7 @@ async fn an_import_that_disables_or_rekeys_a_connected_device_disconnects_it() {
     .await;
 
     // The target: the same devices, enabled, connected.
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     kick_product(&dst, PK).await;
     for d in [
         device("dev-one", "secret-one-0000001", json!({})),
@@ -1220,7 +1236,7 @@ async fn an_import_that_disables_or_rekeys_a_connected_device_disconnects_it() {
 
 #[tokio::test]
 async fn a_finished_verify_job_is_skipped_and_paths_say_where_objects_landed() {
-    let src = spawn_app().await;
+    let src = gateway().await;
     let pk = src.create_product("verified").await;
     for dn in ["dev-verify", "dev-moved"] {
         src.create_device(&pk, dn).await;
@@ -1267,7 +1283,7 @@ async fn a_finished_verify_job_is_skipped_and_paths_say_where_objects_landed() {
         json!({"secrets_key": KEY, "objects": [{"id": pk, "type": "PRODUCT"}, {"id": jid, "type": "OTA_JOB"}]}),
     )
     .await;
-    let dst = spawn_app().await;
+    let dst = gateway().await;
     let done = import_done(&dst, &package, Some(KEY), "skip").await;
     assert_eq!(done["status"]["state"], "SUCCESSFUL", "{done}");
     let job = result_of(&done, &jid);

@@ -429,36 +429,70 @@ async fn every_refused_transition_and_limit() {
     app.target_instance().await;
     let (pk, _) = app.product_with(3).await;
 
-    // Creation.
+    // Creation: each refused body, with the status, `error_code` and `error_ext_msg` it gets
+    // (`None`: not checked). Every refusal has the whole error body.
     let create = |body: Value| {
         let app = &app;
         async move { app.post("/api/v1/migrations", body).await }
     };
-    let (s, b) = create(json!({"product_key": "nope", "target_instance_id": TARGET})).await;
-    assert_eq!((s, b["error_code"].as_str()), (404, Some("FG.2002")), "{b}");
-    let (s, b) = create(json!({"product_key": pk, "target_instance_id": "iot-nope"})).await;
-    assert_eq!((s, b["error_code"].as_str()), (404, Some("FG.2001")), "{b}");
-    let (s, b) = create(json!({"product_key": pk, "target_instance_id": "default"})).await;
-    assert_eq!(
-        (s, b["error_ext_msg"].as_str()),
-        (400, Some("target_instance_id")),
-        "{b}"
-    );
-    let (s, b) = create(json!({"product_key": pk})).await;
-    assert_eq!((s, b["error_code"].as_str()), (400, Some("FG.1002")), "{b}");
-    for bad in [json!(0), json!(10241), json!("abc"), json!(-1)] {
-        let (s, b) = create(
-            json!({"product_key": pk, "target_instance_id": TARGET, "bandwidth_limit_mb": bad}),
-        )
-        .await;
-        assert_eq!(
-            (s, b["error_ext_msg"].as_str()),
-            (400, Some("bandwidth_limit_mb")),
-            "{bad}: {b}"
-        );
-        assert_eq!(b["error_code"], "FG.1001");
-        assert!(b["request_id"].as_str().is_some());
-        assert!(b.get("error_ext_msg").is_some() && b.get("error_msg").is_some());
+    let bandwidth = |bad: Value| json!({"product_key": pk, "target_instance_id": TARGET, "bandwidth_limit_mb": bad});
+    let refusals = [
+        (
+            json!({"product_key": "nope", "target_instance_id": TARGET}),
+            404,
+            Some("FG.2002"),
+            None,
+        ),
+        (
+            json!({"product_key": pk, "target_instance_id": "iot-nope"}),
+            404,
+            Some("FG.2001"),
+            None,
+        ),
+        (
+            json!({"product_key": pk, "target_instance_id": "default"}),
+            400,
+            None,
+            Some("target_instance_id"),
+        ),
+        (json!({"product_key": pk}), 400, Some("FG.1002"), None),
+        (
+            bandwidth(json!(0)),
+            400,
+            Some("FG.1001"),
+            Some("bandwidth_limit_mb"),
+        ),
+        (
+            bandwidth(json!(10241)),
+            400,
+            Some("FG.1001"),
+            Some("bandwidth_limit_mb"),
+        ),
+        (
+            bandwidth(json!("abc")),
+            400,
+            Some("FG.1001"),
+            Some("bandwidth_limit_mb"),
+        ),
+        (
+            bandwidth(json!(-1)),
+            400,
+            Some("FG.1001"),
+            Some("bandwidth_limit_mb"),
+        ),
+    ];
+    for (body, status, code, field) in refusals {
+        let (s, b) = create(body.clone()).await;
+        assert_eq!(s, status, "{body}: {b}");
+        if let Some(code) = code {
+            assert_eq!(b["error_code"], code, "{body}: {b}");
+        }
+        if let Some(field) = field {
+            assert_eq!(b["error_ext_msg"], field, "{body}: {b}");
+        }
+        assert!(b["request_id"].as_str().is_some(), "{body}: {b}");
+        assert!(b["error_msg"].as_str().is_some(), "{body}: {b}");
+        assert!(b.get("error_ext_msg").is_some(), "{body}: {b}");
     }
     let (s, b) = app
         .request(
