@@ -18,6 +18,42 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A UTC civil time (proleptic Gregorian), as [`civil`] splits milliseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Civil {
+    pub year: i64,
+    pub month: i64,
+    pub day: i64,
+    pub hour: i64,
+    pub minute: i64,
+    pub second: i64,
+    pub millis: i64,
+}
+
+/// `ms` since the Unix epoch as a UTC date and time (Howard Hinnant's `civil_from_days`).
+pub fn civil(ms: i64) -> Civil {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    Civil {
+        year: yoe + era * 400 + i64::from(month <= 2),
+        month,
+        day,
+        hour: sod / 3600,
+        minute: sod % 3600 / 60,
+        second: sod % 60,
+        millis: ms.rem_euclid(1000),
+    }
+}
+
 /// A source of "now" in ms since the Unix epoch. Cheap to clone; clones share the time.
 #[derive(Debug, Clone)]
 pub struct Clock(Arc<Inner>);
