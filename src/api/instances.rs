@@ -35,11 +35,17 @@ pub struct PageQuery {
 
 impl PageQuery {
     pub(crate) fn page(&self) -> Result<Page, ApiError> {
-        Ok(Page::new(
-            self.page.unwrap_or(1),
-            self.page_size.unwrap_or(Page::default().page_size),
-        )?)
+        requested_page(self.page, self.page_size)
     }
+}
+
+/// The page a list request asks for: `page` (default 1) and `page_size` (default 20), checked
+/// by [`Page::new`] (400 naming the parameter).
+pub(crate) fn requested_page(page: Option<u32>, page_size: Option<u32>) -> Result<Page, ApiError> {
+    Ok(Page::new(
+        page.unwrap_or(1),
+        page_size.unwrap_or(Page::default().page_size),
+    )?)
 }
 
 /// Create an instance (admin).

@@ -20,6 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::{Caller, RequireOperator};
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{is_json, media_type, parse_json, read_body, ApiJson, ApiPath, ApiQuery};
+use super::instances::requested_page;
 use super::{ApiState, ItemsPage};
 use crate::migration::{
     Actor, DeviceListFilter, DeviceMigration, DeviceStatus, LogEntry, MigrationConfig,
@@ -27,7 +28,6 @@ use crate::migration::{
     RollbackSelection, SummaryStatus, TaskDetails, TaskFilter, TaskState, MAX_CANARY_JSON,
     MAX_PICKED,
 };
-use crate::registry::Page;
 
 impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {
@@ -211,13 +211,6 @@ pub struct LogQuery {
     pub page_size: Option<u32>,
 }
 
-fn page(page: Option<u32>, page_size: Option<u32>) -> Result<Page, ApiError> {
-    Ok(Page::new(
-        page.unwrap_or(1),
-        page_size.unwrap_or(Page::default().page_size),
-    )?)
-}
-
 /// Create a migration task (TO_MIGRATE).
 #[utoipa::path(
     post,
@@ -276,7 +269,7 @@ pub async fn list_migrations(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<ItemsPage<TaskDetails>>, ApiError> {
-    let page = page(q.page, q.page_size)?;
+    let page = requested_page(q.page, q.page_size)?;
     let filter = TaskFilter {
         product_key: q.product_key,
         state: q.state,
@@ -627,7 +620,7 @@ pub async fn list_devices(
     ApiPath(tid): ApiPath<String>,
     ApiQuery(q): ApiQuery<DevicesQuery>,
 ) -> Result<Json<ItemsPage<DeviceMigration>>, ApiError> {
-    let page = page(q.page, q.page_size)?;
+    let page = requested_page(q.page, q.page_size)?;
     let filter = DeviceListFilter {
         status: q.status,
         device_name: q.device_name.filter(|s| !s.is_empty()),
@@ -655,7 +648,7 @@ pub async fn get_log(
     ApiPath(tid): ApiPath<String>,
     ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Json<ItemsPage<LogEntry>>, ApiError> {
-    let page = page(q.page, q.page_size)?;
+    let page = requested_page(q.page, q.page_size)?;
     Ok(Json(ItemsPage::from_paged(
         engine(&state)?.log(&tid, page)?,
         |l| l,

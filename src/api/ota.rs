@@ -17,6 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::RequireOperator;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{is_json, media_type, parse_json, read_body, ApiPath, ApiQuery};
+use super::instances::{requested_page, PageQuery};
 use super::{ApiState, ItemsPage};
 use crate::ota::engine::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
 use crate::ota::firmware::{FirmwareError, FirmwarePackage};
@@ -26,7 +27,6 @@ use crate::ota::model::{
 };
 use crate::ota::task::TaskStatus;
 use crate::ota::{OtaEngine, OtaError};
-use crate::registry::Page;
 
 impl From<OtaError> for ApiError {
     fn from(e: OtaError) -> Self {
@@ -58,13 +58,6 @@ fn engine(state: &ApiState) -> Result<&OtaEngine, ApiError> {
         .ota
         .as_ref()
         .ok_or_else(|| ApiError::internal("the OTA engine is not configured"))
-}
-
-fn page(page: Option<u32>, page_size: Option<u32>) -> Result<Page, ApiError> {
-    Ok(Page::new(
-        page.unwrap_or(1),
-        page_size.unwrap_or(Page::default().page_size),
-    )?)
 }
 
 /// A JSON body that may be absent (then `T::default()`).
@@ -266,7 +259,7 @@ pub async fn list_jobs(
         product_key: q.product_key,
         status,
     };
-    let paged = engine(&state)?.list_jobs(&filter, page(q.page, q.page_size)?);
+    let paged = engine(&state)?.list_jobs(&filter, requested_page(q.page, q.page_size)?);
     Ok(Json(ItemsPage::from_paged(paged, |j| j)))
 }
 
@@ -329,7 +322,7 @@ pub async fn list_tasks(
             )
         })?),
     };
-    let paged = engine(&state)?.list_tasks(&jid, status, page(q.page, q.page_size)?)?;
+    let paged = engine(&state)?.list_tasks(&jid, status, requested_page(q.page, q.page_size)?)?;
     Ok(Json(ItemsPage::from_paged(paged, |t| t)))
 }
 
@@ -564,15 +557,6 @@ pub async fn job_statistics(
     }))
 }
 
-/// `?page&page_size`.
-#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct PageQuery {
-    pub page: Option<u32>,
-    pub page_size: Option<u32>,
-}
-
 /// Jobs of a firmware package, newest first (ListOTAJobByFirmware).
 #[utoipa::path(
     get,
@@ -597,7 +581,7 @@ pub async fn jobs_by_firmware(
         firmware_id: Some(fid),
         ..JobFilter::default()
     };
-    let paged = engine(&state)?.list_jobs(&filter, page(q.page, q.page_size)?);
+    let paged = engine(&state)?.list_jobs(&filter, requested_page(q.page, q.page_size)?);
     Ok(Json(ItemsPage::from_paged(paged, |j| j)))
 }
 
@@ -669,7 +653,7 @@ pub async fn jobs_by_device(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<ItemsPage<DeviceJob>>, ApiError> {
     state.registry.get_device(&pk, &dn)?;
-    let paged = engine(&state)?.jobs_by_device(&pk, &dn, page(q.page, q.page_size)?);
+    let paged = engine(&state)?.jobs_by_device(&pk, &dn, requested_page(q.page, q.page_size)?);
     Ok(Json(ItemsPage::from_paged(paged, |j| j)))
 }
 

@@ -23,6 +23,7 @@ use super::{
     acl, DeviceHooks, DeviceKey, DisconnectReason, PublishOutcome, RunOutcome, Session, UpMessage,
 };
 use crate::admission::Permit;
+use crate::clock::now_ms;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
@@ -37,7 +38,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -1341,13 +1342,6 @@ impl<H: DeviceHooks> Drop for Live<H> {
         }
         self.handle.set_done();
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Runs `serve` inside a span carrying the connection's fields.

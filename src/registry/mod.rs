@@ -42,6 +42,7 @@ pub use remote::{SessionEvent, Superseded};
 use crate::cluster::epoch::EpochClock;
 
 use crate::broker::DeviceCredentials;
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::store::{
     DeviceRecord, InstanceRecord, Op, ProductRecord, SessionWrite, Snapshot, Store, StoreError,
@@ -53,7 +54,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The instance that always exists.
 pub const DEFAULT_INSTANCE_ID: &str = "default";
@@ -112,13 +112,6 @@ impl RegistryError {
             RegistryError::Store(_) => "FG.InternalError",
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
