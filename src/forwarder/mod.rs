@@ -82,6 +82,7 @@ pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskState
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
 pub use pg_outbox::SharedOutboxSettings;
 
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::store::{Op, StoreError};
@@ -1250,14 +1251,6 @@ impl Forwarder {
 
 fn timed_out() -> lapin::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "AMQP operation timed out").into()
-}
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Runs one admin operation on a throwaway channel (a failed passive declare closes it).
