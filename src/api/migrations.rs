@@ -606,6 +606,7 @@ pub async fn data_sync(
 #[utoipa::path(
     get,
     path = "/api/v1/migrations/{tid}/devices",
+    operation_id = "list_migration_devices",
     tag = "migrations",
     params(("tid" = String, Path, description = "Task id"), DevicesQuery),
     responses(

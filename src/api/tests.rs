@@ -1187,6 +1187,18 @@ async fn openapi_lists_every_path_and_schema() {
     let app = test_app();
     let doc = app.get("/api/v1/openapi.json", None).await.json();
     let paths = doc["paths"].as_object().expect("paths");
+    // Every operationId once (openapi-spec-validator refuses a document with duplicates).
+    let mut ids = std::collections::HashSet::new();
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().expect("operations") {
+            if let Some(id) = op["operationId"].as_str() {
+                assert!(
+                    ids.insert(id.to_owned()),
+                    "{method} {path}: operationId {id} twice"
+                );
+            }
+        }
+    }
     let expected = [
         ("/healthz", "get"),
         ("/metrics", "get"),
