@@ -37,8 +37,10 @@ pub struct CreateDeviceRequest {
         pattern = "^[A-Za-z0-9_\\-@.:]{4,32}$"
     )]
     pub device_name: String,
-    /// Generated when absent; returned in the response either way.
+    /// Generated when absent; returned in the response either way. Given: 1 to 64 printable
+    /// ASCII characters without spaces.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = "^[!-~]{1,64}$")]
     pub device_secret: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,

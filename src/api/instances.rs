@@ -16,9 +16,12 @@ use crate::registry::{Instance, NewInstance, Page};
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstanceRequest {
-    /// Generated (`iot-…`) when absent.
+    /// Generated (`iot-…`) when absent: 1 to 64 of `A-Z a-z 0-9 _ -`.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub instance_id: Option<String>,
+    /// 1 to 64 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
 }
 

@@ -22,14 +22,21 @@ use crate::registry::{NewProduct, Product};
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProductRequest {
+    /// 1 to 64 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
-    /// Generated when absent.
+    /// Generated when absent: 1 to 32 ASCII letters and digits, not a topic namespace
+    /// (`sys`, `ota`, …).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 32, pattern = "^[A-Za-z0-9]{1,32}$")]
     pub product_key: Option<String>,
     /// Owning instance; `default` when absent.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub instance_id: Option<String>,
+    /// At most 100 characters, no control characters but newlines.
     #[serde(default)]
+    #[schema(max_length = 100)]
     pub description: Option<String>,
 }
 
