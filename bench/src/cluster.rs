@@ -308,17 +308,22 @@ async fn held_by(api: &Api) -> anyhow::Result<Vec<(u16, u64)>> {
     Ok(counts)
 }
 
+/// How many of the product's devices node `api` counts online.
+async fn online_count(api: &Api) -> anyhow::Result<usize> {
+    let body = api
+        .get(
+            &format!("/api/v1/products/{PRODUCT}/devices"),
+            &[("online", "true".into()), ("page_size", "1".into())],
+        )
+        .await?;
+    Ok(body["total"].as_u64().unwrap_or(0) as usize)
+}
+
 /// Waits until node `api` counts `n` of the product's devices online.
 async fn wait_online(api: &Api, n: usize, within: Duration) -> anyhow::Result<usize> {
     let deadline = Instant::now() + within;
     loop {
-        let body = api
-            .get(
-                &format!("/api/v1/products/{PRODUCT}/devices"),
-                &[("online", "true".into()), ("page_size", "1".into())],
-            )
-            .await?;
-        let online = body["total"].as_u64().unwrap_or(0) as usize;
+        let online = online_count(api).await?;
         if online >= n || Instant::now() > deadline {
             return Ok(online);
         }
@@ -486,19 +491,13 @@ async fn one_run(
 async fn wait_offline(api: &Api) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let body = api
-            .get(
-                &format!("/api/v1/products/{PRODUCT}/devices"),
-                &[("online", "true".into()), ("page_size", "1".into())],
-            )
-            .await?;
-        if body["total"] == 0 {
+        let online = online_count(api).await?;
+        if online == 0 {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "devices still online a minute after disconnecting: {}",
-            body["total"]
+            "devices still online a minute after disconnecting: {online}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
