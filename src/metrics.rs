@@ -196,7 +196,8 @@ pub struct Metrics {
     pub forwarder_nacks: Counter,
     /// Publishes returned unroutable (no consumer group bound to the instance's exchange).
     pub forwarder_returns: Counter,
-    /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`).
+    /// Messages dropped, by reason (`outbox_full`, `no_route`, `unknown_device`,
+    /// `deleted_instance`).
     /// `outbox_full` counts only messages nobody was promised: QoS 0 posts, online/offline
     /// status and OTA task events. Acknowledged posts are never dropped (see
     /// `forwarder_refused`).
@@ -699,7 +700,7 @@ impl Metrics {
         for outcome in ["applied", "ignored", "no_task"] {
             drop(self.ota_progress.get_or_create(&[("outcome", outcome)]));
         }
-        for reason in ["outbox_full", "no_route", "unknown_device"] {
+        for reason in ["outbox_full", "no_route", "unknown_device", "deleted_instance"] {
             drop(self.forwarder_dropped.get_or_create(&[("reason", reason)]));
         }
         for result in ["migrated", "rolled_back", "failed"] {

@@ -21,7 +21,8 @@ use crate::forwarder::ForwarderError;
 use crate::registry::RegistryError;
 
 /// The stable error codes. `FG.0xxx` mirror the HTTP status; `FG.1xxx` are request-shape errors;
-/// `FG.2xxx` name the resource that is missing or already exists; `FG.3xxx` are firmware/OTA;
+/// `FG.2xxx` name the resource that is missing or already exists (`FG.22xx`: why an instance
+/// cannot be deleted); `FG.3xxx` are firmware/OTA;
 /// `FG.6xxx` are cloud-to-device commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
@@ -74,6 +75,16 @@ pub enum ErrorCode {
     DeviceExists,
     /// FG.2104: a consumer group with this id exists in the instance.
     ConsumerGroupExists,
+    /// FG.2201: the `default` instance cannot be deleted.
+    DefaultInstance,
+    /// FG.2202: the instance is the home of products or the owner of devices.
+    InstanceInUse,
+    /// FG.2203: an unfinished migration task has the instance as its source or target.
+    InstanceMigrating,
+    /// FG.2204: the instance has consumer groups (delete them, or delete with `force=true`).
+    InstanceHasGroups,
+    /// FG.2205: messages for the instance still wait in the forwarding outbox.
+    InstanceOutboxBusy,
     /// FG.3001: no such firmware package.
     FirmwareNotFound,
     /// FG.3002: the firmware package is larger than `ota.max_firmware_bytes`.
@@ -123,7 +134,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 46] = [
+    pub const ALL: [ErrorCode; 51] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -148,6 +159,11 @@ impl ErrorCode {
         ErrorCode::ProductExists,
         ErrorCode::DeviceExists,
         ErrorCode::ConsumerGroupExists,
+        ErrorCode::DefaultInstance,
+        ErrorCode::InstanceInUse,
+        ErrorCode::InstanceMigrating,
+        ErrorCode::InstanceHasGroups,
+        ErrorCode::InstanceOutboxBusy,
         ErrorCode::FirmwareNotFound,
         ErrorCode::FirmwareTooLarge,
         ErrorCode::FirmwareExists,
@@ -199,6 +215,11 @@ impl ErrorCode {
             ErrorCode::ProductExists => "FG.2102",
             ErrorCode::DeviceExists => "FG.2103",
             ErrorCode::ConsumerGroupExists => "FG.2104",
+            ErrorCode::DefaultInstance => "FG.2201",
+            ErrorCode::InstanceInUse => "FG.2202",
+            ErrorCode::InstanceMigrating => "FG.2203",
+            ErrorCode::InstanceHasGroups => "FG.2204",
+            ErrorCode::InstanceOutboxBusy => "FG.2205",
             ErrorCode::FirmwareNotFound => "FG.3001",
             ErrorCode::FirmwareTooLarge => "FG.3002",
             ErrorCode::FirmwareExists => "FG.3003",
@@ -255,6 +276,11 @@ impl ErrorCode {
             | ErrorCode::ProductExists
             | ErrorCode::DeviceExists
             | ErrorCode::ConsumerGroupExists
+            | ErrorCode::DefaultInstance
+            | ErrorCode::InstanceInUse
+            | ErrorCode::InstanceMigrating
+            | ErrorCode::InstanceHasGroups
+            | ErrorCode::InstanceOutboxBusy
             | ErrorCode::FirmwareExists
             | ErrorCode::FirmwareInUse
             | ErrorCode::FirmwareNotVerified
@@ -304,6 +330,19 @@ impl ErrorCode {
             ErrorCode::ProductExists => "product already exists",
             ErrorCode::DeviceExists => "device already exists",
             ErrorCode::ConsumerGroupExists => "consumer group already exists",
+            ErrorCode::DefaultInstance => "the default instance cannot be deleted",
+            ErrorCode::InstanceInUse => {
+                "instance still has products or owns devices (counts in error_msg)"
+            }
+            ErrorCode::InstanceMigrating => {
+                "instance is the source or target of an unfinished migration task (named)"
+            }
+            ErrorCode::InstanceHasGroups => {
+                "instance has consumer groups (named); delete them or use force=true"
+            }
+            ErrorCode::InstanceOutboxBusy => {
+                "messages for the instance still wait in the forwarding outbox; retry once forwarded"
+            }
             ErrorCode::FirmwareNotFound => "firmware package not found",
             ErrorCode::FirmwareTooLarge => "firmware package larger than ota.max_firmware_bytes",
             ErrorCode::FirmwareExists => {
@@ -563,6 +602,12 @@ impl From<RegistryError> for ApiError {
             }
             RegistryError::Invalid { field, message } => ApiError::invalid_field(field, message),
             RegistryError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
+            e @ RegistryError::DefaultInstance => {
+                ApiError::new(ErrorCode::DefaultInstance, e.to_string())
+            }
+            e @ RegistryError::InstanceInUse { .. } => {
+                ApiError::new(ErrorCode::InstanceInUse, e.to_string())
+            }
             RegistryError::TooMany { field, max } => ApiError::too_many_items(field, max),
             e @ RegistryError::Store(_) => ApiError::internal(e),
         }
@@ -591,6 +636,12 @@ impl From<ForwarderError> for ApiError {
                 format!("consumer group {group_id} already exists in instance {instance_id}"),
             ),
             ForwarderError::Invalid { field, message } => ApiError::invalid_field(field, message),
+            e @ ForwarderError::InstanceHasGroups { .. } => {
+                ApiError::new(ErrorCode::InstanceHasGroups, e.to_string())
+            }
+            e @ ForwarderError::InstanceOutboxBusy { .. } => {
+                ApiError::new(ErrorCode::InstanceOutboxBusy, e.to_string())
+            }
             other => ApiError::internal(other),
         }
     }

@@ -1,4 +1,4 @@
-//! `/api/v1/instances`: create (admin), list and get instances.
+//! `/api/v1/instances`: create and delete (admin), list and get instances.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::RequireAdmin;
+use super::error::ErrorCode;
+use super::migrations::ApiActor;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{ApiState, ItemsPage};
@@ -135,4 +137,106 @@ pub async fn get_instance(
     ApiPath(iid): ApiPath<String>,
 ) -> Result<Json<Instance>, ApiError> {
     Ok(Json(state.registry.get_instance(&iid)?))
+}
+
+/// `?force` of `DELETE /api/v1/instances/{iid}`.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteInstanceQuery {
+    /// Also delete the instance's consumer groups, their queues and the messages in them
+    /// (default false: an instance with consumer groups is refused with 409 `FG.2204`).
+    pub force: Option<bool>,
+}
+
+/// Delete an instance (admin), and its RabbitMQ exchange with it.
+///
+/// Refused, changing nothing: the `default` instance (409 `FG.2201`); an instance that is the
+/// home of products or the owner of devices (409 `FG.2202`, with the counts); one that an
+/// unfinished migration task names as source or target (409 `FG.2203`, naming the tasks; a
+/// `COMPLETED` task with data sync on counts as unfinished); one with consumer groups unless
+/// `force=true` (409 `FG.2204`, naming the groups); one for which messages still wait in the
+/// forwarding outbox (409 `FG.2205`: they are forwarded once RabbitMQ is reachable, then
+/// retry).
+///
+/// On success the instance, its forwarding rate limit and (with `force`) its consumer groups
+/// are deleted in one store transaction; then its groups' queues and its exchange are deleted
+/// in RabbitMQ, at once when the forwarder is connected, else on its next connection. The 204
+/// does not wait for RabbitMQ.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/instances/{iid}",
+    tag = "instances",
+    params(
+        ("iid" = String, Path, description = "Instance id: 1 to 64 of A-Z a-z 0-9 _ -"),
+        DeleteInstanceQuery,
+    ),
+    responses(
+        (status = 204, description = "Deleted (durable); its exchange and deleted groups' queues are deleted in RabbitMQ now or on the forwarder's next connection"),
+        (status = 400, description = "Malformed instance id or query (FG.1001, FG.0400)", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such instance (FG.2001)", body = ErrorBody),
+        (status = 409, description = "The default instance (FG.2201); still has products or owns devices (FG.2202); named by an unfinished migration task (FG.2203); has consumer groups and no force=true (FG.2204); messages for it wait in the forwarding outbox (FG.2205)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_instance(
+    _admin: RequireAdmin,
+    ApiActor(actor): ApiActor,
+    State(state): State<ApiState>,
+    ApiPath(iid): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeleteInstanceQuery>,
+) -> Result<StatusCode, ApiError> {
+    let force = q.force.unwrap_or(false);
+    let registry = &state.registry;
+    registry.check_instance_deletable(&iid)?;
+    if let Some(migration) = &state.migration {
+        let tasks = migration.unfinished_tasks_naming(&iid);
+        if !tasks.is_empty() {
+            let named: Vec<String> = tasks
+                .iter()
+                .map(|(id, s)| format!("{id} ({s})"))
+                .collect();
+            return Err(ApiError::new(
+                ErrorCode::InstanceMigrating,
+                format!(
+                    "instance {iid} is the source or target of {} unfinished migration tasks: {}; finish or delete them first",
+                    tasks.len(),
+                    named.join(", ")
+                ),
+            ));
+        }
+    }
+    let (groups, amqp, exchange) = match &state.forwarder {
+        Some(forwarder) => {
+            let id = iid.as_str();
+            let removed = forwarder
+                .delete_instance(id, force, |ops| async move {
+                    registry
+                        .delete_instance(id, ops)
+                        .await
+                        .map(drop)
+                        .map_err(ApiError::from)
+                })
+                .await?;
+            (removed.groups, removed.amqp, Some(removed.exchange))
+        }
+        // API states built for tests without a forwarder.
+        None => {
+            registry.delete_instance(&iid, Vec::new()).await?;
+            (Vec::new(), "disabled", None)
+        }
+    };
+    tracing::info!(
+        instance_id = %iid,
+        role = actor.role.as_deref().unwrap_or_default(),
+        token_id = actor.token_id.as_deref().unwrap_or_default(),
+        force,
+        groups_deleted = ?groups,
+        exchange = exchange.as_deref().unwrap_or_default(),
+        amqp,
+        "instance deleted"
+    );
+    Ok(StatusCode::NO_CONTENT)
 }

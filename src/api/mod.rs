@@ -298,7 +298,10 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             "/api/v1/instances",
             post(instances::create_instance).get(instances::list_instances),
         )
-        .route("/api/v1/instances/{iid}", get(instances::get_instance))
+        .route(
+            "/api/v1/instances/{iid}",
+            get(instances::get_instance).delete(instances::delete_instance),
+        )
         .route(
             "/api/v1/instances/{iid}/consumer-groups",
             post(consumer_groups::create_group).get(consumer_groups::list_groups),

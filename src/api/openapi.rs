@@ -70,6 +70,7 @@ use crate::registry::Instance;
         instances::create_instance,
         instances::list_instances,
         instances::get_instance,
+        instances::delete_instance,
         consumer_groups::create_group,
         consumer_groups::list_groups,
         consumer_groups::get_group,

@@ -1206,6 +1206,7 @@ async fn openapi_lists_every_path_and_schema() {
         ("/api/v1/instances", "post"),
         ("/api/v1/instances", "get"),
         ("/api/v1/instances/{iid}", "get"),
+        ("/api/v1/instances/{iid}", "delete"),
         ("/api/v1/instances/{iid}/consumer-groups", "post"),
         ("/api/v1/instances/{iid}/consumer-groups", "get"),
         ("/api/v1/instances/{iid}/consumer-groups/{gid}", "get"),

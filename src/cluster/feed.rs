@@ -79,6 +79,9 @@ impl Item {
             Op::PutInstance(i) => Item::Instance {
                 id: i.instance_id.clone(),
             },
+            Op::DeleteInstance { instance_id } => Item::Instance {
+                id: instance_id.clone(),
+            },
             Op::PutProduct(p) => Item::Product {
                 pk: p.product_key.clone(),
             },
@@ -375,6 +378,20 @@ mod tests {
                 online: false,
                 at_ms: 9,
                 ip: Some("10.0.0.1".into())
+            })
+        );
+    }
+
+    #[test]
+    fn a_deleted_instance_is_announced_by_its_key() {
+        let op = Op::DeleteInstance {
+            instance_id: "iot-gone".into(),
+        };
+        // The receiver re-reads it, finds nothing and forgets it.
+        assert_eq!(
+            Item::of(&op),
+            Some(Item::Instance {
+                id: "iot-gone".into()
             })
         );
     }

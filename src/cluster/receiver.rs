@@ -141,8 +141,19 @@ impl Receiver {
         }
         let shared = &self.cluster.shared;
         if !instances.is_empty() {
-            for record in shared.instances(instances.into_iter().collect()).await? {
-                self.registry.refresh_instance(record);
+            let ids: Vec<String> = instances.into_iter().collect();
+            let mut found: HashMap<String, _> = shared
+                .instances(ids.clone())
+                .await?
+                .into_iter()
+                .map(|i| (i.instance_id.clone(), i))
+                .collect();
+            for id in ids {
+                match found.remove(&id) {
+                    Some(record) => self.registry.refresh_instance(record),
+                    // Deleted through another node.
+                    None => self.registry.forget_instance(&id),
+                }
             }
         }
         if !products.is_empty() {

@@ -1,10 +1,12 @@
 //! Forwarding: each instance's consumer groups with their queue, backlog, consumers and
-//! consume rate, as `GET /api/v1/instances/{iid}/consumer-groups/{gid}` reports them.
+//! consume rate, as `GET /api/v1/instances/{iid}/consumer-groups/{gid}` reports them; admins
+//! can delete an instance (`DELETE /api/v1/instances/{iid}`, with its groups when asked).
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::Response;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
 use axum::Router;
 use maud::html;
 use serde_json::Value;
@@ -13,7 +15,44 @@ use super::view::{self, enc, Nav};
 use super::{Console, Sess};
 
 pub(super) fn routes() -> Router<Console> {
-    Router::new().route("/console/forwarding", get(page))
+    Router::new()
+        .route("/console/forwarding", get(page))
+        .route("/console/instances/{iid}/delete", post(delete_instance))
+}
+
+/// Deletes an instance through the API; the form's `sure` box must be ticked, `groups` asks
+/// for `force=true`. A refusal (409 naming what is in the way) is shown as the API words it.
+async fn delete_instance(
+    State(c): State<Console>,
+    session: Sess,
+    Path(iid): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form: Vec<(String, String)> = form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let ticked = |name: &str| form.iter().any(|(k, v)| k == name && v == "yes");
+    if !ticked("sure") {
+        return view::error_page(
+            Some(&session),
+            StatusCode::BAD_REQUEST,
+            "Tick the confirmation box to delete an instance.",
+        );
+    }
+    let force = if ticked("groups") { "?force=true" } else { "" };
+    let a = c
+        .api
+        .json(
+            &session,
+            Method::DELETE,
+            &format!("/api/v1/instances/{}{force}", enc(&iid)),
+            &Value::Null,
+        )
+        .await;
+    if !a.ok() {
+        return view::api_error(&session, &a);
+    }
+    Redirect::to("/console/forwarding").into_response()
 }
 
 fn s(v: &Value) -> String {
@@ -61,6 +100,14 @@ async fn page(State(c): State<Console>, session: Sess) -> Response {
         sections.push(html! {
             section.card aria-labelledby=(format!("i-{iid}")) {
                 h2 id=(format!("i-{iid}")) { (s(&i["name"])) " " span.small { (iid) } }
+                @if session.is_admin() && iid != "default" {
+                    form.inline method="post" action=(format!("/console/instances/{}/delete", enc(&iid))) {
+                        (view::csrf(&session))
+                        label.check { input type="checkbox" name="sure" value="yes" required; " I mean it" } " "
+                        label.check { input type="checkbox" name="groups" value="yes"; " with its consumer groups" } " "
+                        button.danger type="submit" { "Delete instance" }
+                    }
+                }
                 @if !groups.ok() {
                     p.error { (groups.error_msg()) }
                 } @else if rows.is_empty() {

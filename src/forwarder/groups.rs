@@ -9,7 +9,10 @@
 //! Groups are persisted as store documents (`kind = "amqp.group"`, id `{iid}/{gid}`) so they
 //! exist while forwarding is off and are declared once a broker is reachable. A group deleted
 //! while the broker is unreachable leaves a tombstone (`kind = "amqp.group_deleted"`) whose
-//! queue is deleted on the next connection.
+//! queue is deleted on the next connection. A deleted instance leaves one for its exchange
+//! (`kind = "amqp.exchange_deleted"`, id = the instance id, body = the exchange), deleted in
+//! RabbitMQ at once when connected, else on the next connection (unless the instance was
+//! created again meanwhile: the exchange is then its own).
 //!
 //! There is no implicit `DEFAULT_GROUP`: a queue nobody reads would grow without bound in
 //! RabbitMQ, so operators create the groups their applications consume (one may be called
@@ -25,7 +28,8 @@
 //! `fleetgate_forwarder_queues_kept_total`. Deleting and re-creating the group applies the TTL.
 
 use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
@@ -39,6 +43,9 @@ use utoipa::ToSchema;
 pub const GROUP_DOC_KIND: &str = "amqp.group";
 /// Store document kind of a group whose queue still has to be deleted in RabbitMQ.
 pub const TOMBSTONE_DOC_KIND: &str = "amqp.group_deleted";
+/// Store document kind of a deleted instance whose exchange still has to be deleted in
+/// RabbitMQ (id: the instance id; body: the exchange's name).
+pub const EXCHANGE_TOMBSTONE_DOC_KIND: &str = "amqp.exchange_deleted";
 
 /// Largest message TTL, seconds: RabbitMQ's `x-message-ttl` is milliseconds up to 2^32-1.
 pub const MAX_MESSAGE_TTL_SECS: u32 = u32::MAX / 1000;
@@ -275,6 +282,13 @@ pub(crate) async fn delete_queue(ch: &Channel, queue: &str) -> Result<(), lapin:
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await
         .map(|_| ())
+}
+
+/// Deletes a deleted instance's exchange (bindings go with it; the queues are deleted on
+/// their own). A missing exchange is not an error.
+pub(crate) async fn delete_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await
 }
 
 /// `(messages ready, consumers)` of a queue through a passive declare. A missing queue closes

@@ -76,7 +76,10 @@ mod amqp_tests;
 #[cfg(test)]
 mod tests;
 
-pub use groups::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology, GROUP_DOC_KIND};
+pub use groups::{
+    ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology, EXCHANGE_TOMBSTONE_DOC_KIND,
+    GROUP_DOC_KIND,
+};
 pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource};
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
@@ -95,7 +98,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::{Future, IntoFuture};
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -233,6 +236,15 @@ pub enum ForwarderError {
         instance_id: String,
         group_id: String,
     },
+    /// Deleting an instance that has consumer groups, without `force`.
+    #[error("instance {instance_id:?} has {} consumer groups ({}); delete them first, or delete the instance with force=true (their queues and the messages in them go too)", groups.len(), groups.join(", "))]
+    InstanceHasGroups {
+        instance_id: String,
+        groups: Vec<String>,
+    },
+    /// Deleting an instance while messages for it wait in the outbox.
+    #[error("{messages} messages for instance {instance_id:?} still wait in the forwarding outbox; retry once they are forwarded (RabbitMQ must be reachable)")]
+    InstanceOutboxBusy { instance_id: String, messages: u64 },
     #[error("invalid {field}: {message}")]
     Invalid {
         field: &'static str,
@@ -334,6 +346,28 @@ struct GroupToDeclare {
     ttl_secs: u32,
 }
 
+/// What a new connection must do before publishing ([`Forwarder::attach_link`]).
+struct LinkWork {
+    groups: Vec<GroupToDeclare>,
+    /// Deleted groups: `(doc id, queue)`.
+    tombstones: Vec<(String, String)>,
+    /// Deleted instances: `(instance id, exchange)`.
+    exchanges: Vec<(String, String)>,
+}
+
+/// An instance the forwarder let go ([`Forwarder::delete_instance`]): for the caller's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRemoved {
+    /// Its exchange.
+    pub exchange: String,
+    /// Consumer groups deleted with it (`force`), by group id.
+    pub groups: Vec<String>,
+    /// What happened in RabbitMQ: `deleted` (exchange and queues are gone), `pending` (the
+    /// broker is not connected or failed: deleted on the next connection), or `disabled` (no
+    /// AMQP URL: deleted once a broker is configured).
+    pub amqp: &'static str,
+}
+
 /// The broker connection while it is up, shared with the API (group create/delete/inspect).
 pub(crate) struct AmqpLink {
     pub conn: lapin::Connection,
@@ -351,6 +385,8 @@ struct GroupState {
     groups: BTreeMap<(String, String), GroupEntry>,
     /// Deleted groups whose queues are still to be deleted in RabbitMQ: doc id → queue name.
     tombstones: BTreeMap<String, String>,
+    /// Deleted instances whose exchanges are still to be deleted: instance id → exchange.
+    exchange_tombstones: BTreeMap<String, String>,
     link: Option<Arc<AmqpLink>>,
 }
 
@@ -375,6 +411,12 @@ pub struct Forwarder {
     limits: Mutex<Limits>,
     /// Serializes override changes, so the store's order of documents is the memory's.
     limits_admin: tokio::sync::Mutex<()>,
+    /// Serializes consumer-group creates and deletes against deleting an instance, so no group
+    /// is created for an instance being deleted.
+    groups_admin: tokio::sync::Mutex<()>,
+    /// Bumped whenever an instance's exchange is deleted: the publisher then forgets which
+    /// exchanges it declared (a row for a deleted instance is dropped, not re-declared).
+    exchanges_deleted: AtomicU64,
     /// Wakes the publisher when a limit changed (a held-back row may go now).
     limits_changed: tokio::sync::Notify,
     /// Limits of mirrored rows per target instance (see the module docs).
@@ -509,6 +551,9 @@ impl Forwarder {
         for (id, body) in registry.store().load_documents(TOMBSTONE_DOC_KIND)? {
             state.tombstones.insert(id, body);
         }
+        for (id, body) in registry.store().load_documents(EXCHANGE_TOMBSTONE_DOC_KIND)? {
+            state.exchange_tombstones.insert(id, body);
+        }
         let mut overrides = HashMap::new();
         for (id, body) in registry.store().load_documents(RATE_LIMIT_DOC_KIND)? {
             let limit: RateLimit =
@@ -531,6 +576,8 @@ impl Forwarder {
             route_hook: RwLock::new(None),
             limits: Mutex::new(limits),
             limits_admin: tokio::sync::Mutex::new(()),
+            groups_admin: tokio::sync::Mutex::new(()),
+            exchanges_deleted: AtomicU64::new(0),
             limits_changed: tokio::sync::Notify::new(),
             mirror_limits: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
@@ -946,16 +993,20 @@ impl Forwarder {
 
     // ----- link management (publisher) -----
 
-    /// Publishes the new connection and returns what must be declared on it: every group's
-    /// `(exchange, queue)` and every tombstone `(doc id, queue)`. Done under the groups lock so a
-    /// group created concurrently is either in this snapshot or sees the link and declares
-    /// itself.
-    fn attach_link(&self, link: Arc<AmqpLink>) -> (Vec<GroupToDeclare>, Vec<(String, String)>) {
+    /// Publishes the new connection and returns what must be done on it: every group's
+    /// `(exchange, queue)` to declare, every tombstone `(doc id, queue)` and every exchange
+    /// tombstone `(instance id, exchange)` to delete. Done under the groups lock so a group
+    /// created (or an instance deleted) concurrently is either in this snapshot or sees the
+    /// link and does its own broker work.
+    fn attach_link(&self, link: Arc<AmqpLink>) -> LinkWork {
         let mut st = lock(&self.groups);
         st.link = Some(link);
         let groups = st
             .groups
             .values()
+            // Cluster mode: groups of an instance another node deleted stay in this node's
+            // memory until it restarts; they are not declared again.
+            .filter(|e| self.registry.get_instance(&e.group.instance_id).is_ok())
             .map(|e| {
                 let g = &e.group;
                 GroupToDeclare {
@@ -972,7 +1023,16 @@ impl Forwarder {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        (groups, tombstones)
+        let exchanges = st
+            .exchange_tombstones
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        LinkWork {
+            groups,
+            tombstones,
+            exchanges,
+        }
     }
 
     fn detach_link(&self) {
@@ -1016,6 +1076,44 @@ impl Forwarder {
         group
             .message_ttl_secs
             .unwrap_or(self.config.queue_message_ttl_secs)
+    }
+
+    /// Deletes a deleted instance's exchange in RabbitMQ (from its tombstone) and forgets the
+    /// tombstone; an instance created again with the same id since owns the exchange, which is
+    /// then kept. `Err`: the broker failed (the tombstone stays for the next connection).
+    async fn delete_exchange_tombstone(
+        &self,
+        link: &AmqpLink,
+        instance_id: &str,
+        exchange: &str,
+    ) -> Result<(), lapin::Error> {
+        if self.registry.get_instance(instance_id).is_err() {
+            delete_exchange_on(link, exchange).await?;
+            tracing::info!(instance_id, %exchange, "deleted instance's exchange deleted in RabbitMQ");
+        }
+        let forgotten = self
+            .registry
+            .store()
+            .submit(vec![Op::DeleteDoc {
+                kind: EXCHANGE_TOMBSTONE_DOC_KIND,
+                id: instance_id.to_owned(),
+            }])
+            .await;
+        match forgotten {
+            Ok(()) => {
+                lock(&self.groups).exchange_tombstones.remove(instance_id);
+            }
+            // Deleting it again later is harmless.
+            Err(e) => {
+                tracing::warn!(error = %e, instance_id, "cannot forget a deleted instance's exchange tombstone")
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a deletion of an instance's exchange: the publisher re-checks every target.
+    pub(crate) fn exchanges_deleted(&self) -> u64 {
+        self.exchanges_deleted.load(Ordering::Acquire)
     }
 
     async fn forget_tombstone(&self, id: &str) -> Result<(), ForwarderError> {
@@ -1077,6 +1175,9 @@ impl Forwarder {
                 message,
             }
         })?;
+        let _serial = self.groups_admin.lock().await;
+        // Again under the lock: the instance may have been deleted while we waited.
+        self.check_instance(instance_id)?;
         let key = (instance_id.to_owned(), group_id.clone());
         let exists = || ForwarderError::GroupExists {
             instance_id: instance_id.to_owned(),
@@ -1209,6 +1310,7 @@ impl Forwarder {
         instance_id: &str,
         group_id: &str,
     ) -> Result<(), ForwarderError> {
+        let _serial = self.groups_admin.lock().await;
         self.check_instance(instance_id)?;
         self.group(instance_id, group_id)?;
         let id = groups::doc_id(instance_id, group_id);
@@ -1246,6 +1348,165 @@ impl Forwarder {
             }
         }
         Ok(())
+    }
+}
+
+impl Forwarder {
+    // ----- deleting an instance -----
+
+    /// Group ids of `instance_id`'s consumer groups (whatever the registry says).
+    fn group_ids_of(&self, instance_id: &str) -> Vec<String> {
+        lock(&self.groups)
+            .groups
+            .range((instance_id.to_owned(), String::new())..)
+            .take_while(|((iid, _), _)| iid == instance_id)
+            .map(|((_, gid), _)| gid.clone())
+            .collect()
+    }
+
+    /// Messages waiting in the outbox for `instance_id` (0 with forwarding off).
+    pub async fn pending_for(&self, instance_id: &str) -> Result<u64, ForwarderError> {
+        match &self.outbox {
+            Some(outbox) => Ok(outbox.count_for_target(instance_id).await?),
+            None => Ok(0),
+        }
+    }
+
+    /// Deletes what forwarding keeps for an instance that is being deleted, around `commit`
+    /// (the registry's delete, given the ops to submit with it in one atomic submission).
+    ///
+    /// Refused before `commit` is called, changing nothing:
+    /// [`ForwarderError::InstanceHasGroups`] when the instance has consumer groups and `force`
+    /// is false; [`ForwarderError::InstanceOutboxBusy`] while messages for it wait in the
+    /// outbox (they would be lost: deleting them is not ours to decide, and forwarding them
+    /// needs the exchange). Consumer-group and rate-limit changes wait meanwhile, so none can
+    /// be made for the instance half-way.
+    ///
+    /// The ops delete the group documents (`force`) and the instance's rate-limit override,
+    /// and record tombstones for the groups' queues and the instance's exchange. Once `commit`
+    /// succeeded, memory follows, then RabbitMQ: the queues and the exchange are deleted now
+    /// when connected; a broker that is unreachable or fails leaves the tombstones, and the
+    /// next connection deletes them. The delete itself has succeeded either way.
+    pub async fn delete_instance<E, F, Fut>(
+        &self,
+        instance_id: &str,
+        force: bool,
+        commit: F,
+    ) -> Result<InstanceRemoved, E>
+    where
+        E: From<ForwarderError>,
+        F: FnOnce(Vec<Op>) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+    {
+        let _groups_serial = self.groups_admin.lock().await;
+        let _limits_serial = self.limits_admin.lock().await;
+        let group_ids = self.group_ids_of(instance_id);
+        if !group_ids.is_empty() && !force {
+            return Err(ForwarderError::InstanceHasGroups {
+                instance_id: instance_id.to_owned(),
+                groups: group_ids,
+            }
+            .into());
+        }
+        let messages = self.pending_for(instance_id).await?;
+        if messages > 0 {
+            return Err(ForwarderError::InstanceOutboxBusy {
+                instance_id: instance_id.to_owned(),
+                messages,
+            }
+            .into());
+        }
+        let exchange = self.topology.exchange(instance_id);
+        let queues: Vec<(String, String)> = group_ids
+            .iter()
+            .map(|gid| {
+                (
+                    groups::doc_id(instance_id, gid),
+                    self.topology.queue(instance_id, gid),
+                )
+            })
+            .collect();
+        let mut ops = Vec::with_capacity(2 * queues.len() + 2);
+        for (id, queue) in &queues {
+            ops.push(Op::DeleteDoc {
+                kind: GROUP_DOC_KIND,
+                id: id.clone(),
+            });
+            ops.push(Op::PutDoc {
+                kind: TOMBSTONE_DOC_KIND,
+                id: id.clone(),
+                body: queue.clone(),
+            });
+        }
+        ops.push(Op::DeleteDoc {
+            kind: RATE_LIMIT_DOC_KIND,
+            id: instance_id.to_owned(),
+        });
+        ops.push(Op::PutDoc {
+            kind: EXCHANGE_TOMBSTONE_DOC_KIND,
+            id: instance_id.to_owned(),
+            body: exchange.clone(),
+        });
+        commit(ops).await?;
+
+        let link = {
+            let mut st = lock(&self.groups);
+            for gid in &group_ids {
+                st.groups.remove(&(instance_id.to_owned(), gid.clone()));
+            }
+            for (id, queue) in &queues {
+                st.tombstones.insert(id.clone(), queue.clone());
+            }
+            st.exchange_tombstones
+                .insert(instance_id.to_owned(), exchange.clone());
+            st.link.clone()
+        };
+        for (id, _) in &queues {
+            let label = [("group", id.clone())];
+            self.metrics.forwarder_group_backlog.remove(&label);
+            self.metrics.forwarder_group_consumers.remove(&label);
+        }
+        lock(&self.limits).set_override(instance_id, None);
+        lock(&self.mirror_limits).remove(instance_id);
+        lock(&self.published).remove(instance_id);
+        self.exchanges_deleted.fetch_add(1, Ordering::AcqRel);
+
+        let amqp = match link {
+            None if !self.enabled() => "disabled",
+            None => "pending",
+            Some(link) => {
+                let mut all = true;
+                for (id, queue) in &queues {
+                    match delete_on(&link, queue).await {
+                        Ok(()) => {
+                            if let Err(e) = self.forget_tombstone(id).await {
+                                tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
+                            }
+                        }
+                        Err(e) => {
+                            all = false;
+                            tracing::warn!(error = %e, %queue, "queue not deleted yet; retried on the next connection");
+                        }
+                    }
+                }
+                match self
+                    .delete_exchange_tombstone(&link, instance_id, &exchange)
+                    .await
+                {
+                    Ok(()) if all => "deleted",
+                    Ok(()) => "pending",
+                    Err(e) => {
+                        tracing::warn!(error = %e, %exchange, "exchange not deleted yet; retried on the next connection");
+                        "pending"
+                    }
+                }
+            }
+        };
+        Ok(InstanceRemoved {
+            exchange,
+            groups: group_ids,
+            amqp,
+        })
     }
 }
 
@@ -1288,6 +1549,13 @@ async fn delete_on(link: &AmqpLink, queue: &str) -> Result<(), lapin::Error> {
         link,
         |ch| async move { groups::delete_queue(&ch, queue).await },
     )
+    .await
+}
+
+async fn delete_exchange_on(link: &AmqpLink, exchange: &str) -> Result<(), lapin::Error> {
+    with_channel(link, |ch| async move {
+        groups::delete_exchange(&ch, exchange).await
+    })
     .await
 }
 

@@ -540,6 +540,31 @@ impl Outbox {
         Fresh::Rows(rows, !fresh.rows.is_empty())
     }
 
+    /// Rows waiting for delivery to instance `target`, counted once everything handed to the
+    /// writer before the call is committed. Reads the whole file or table (there is no index
+    /// on the target): for rare operator calls such as deleting an instance. In cluster mode
+    /// every node's rows count.
+    pub async fn count_for_target(&self, target: &str) -> Result<u64, OutboxError> {
+        self.flush().await;
+        match &self.place {
+            Place::File(path) => {
+                let (path, target) = (path.clone(), target.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    let conn = open_connection(&path)?;
+                    let n: i64 = conn.query_row(
+                        "SELECT COUNT(*) FROM outbox WHERE target = ?1",
+                        [target],
+                        |r| r.get(0),
+                    )?;
+                    Ok(n.max(0) as u64)
+                })
+                .await
+                .unwrap_or(Err(OutboxError::Closed))
+            }
+            Place::Shared(place) => place.count_for_target(target).await,
+        }
+    }
+
     /// A read connection for the publisher (WAL: readers never block the writer).
     pub(crate) fn reader(&self) -> Result<OutboxReader, OutboxError> {
         Ok(match &self.place {

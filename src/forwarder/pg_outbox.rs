@@ -82,13 +82,8 @@ pub(crate) struct SharedPlace {
 }
 
 impl SharedPlace {
-    /// Up to `limit` rows with `seq > after`, in seq order, on the reading connection (opened
-    /// again if it was lost).
-    pub async fn read_after(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<OutboxRow>, OutboxError> {
+    /// The reading connection, opened again if it was lost.
+    async fn reader(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, OutboxError> {
         let mut slot = self.reader.lock().await;
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
             *slot = Some(
@@ -97,7 +92,31 @@ impl SharedPlace {
                     .map_err(StoreError::from)?,
             );
         }
-        let client = slot.as_ref().ok_or(OutboxError::Closed)?;
+        tokio::sync::MutexGuard::try_map(slot, Option::as_mut).map_err(|_| OutboxError::Closed)
+    }
+
+    /// Rows of every node waiting for delivery to `target`.
+    pub async fn count_for_target(&self, target: &str) -> Result<u64, OutboxError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) FROM forward_outbox WHERE target = $1",
+                &[&target],
+            )
+            .await
+            .map_err(StoreError::from)?;
+        let n: i64 = row.try_get(0).map_err(StoreError::from)?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Up to `limit` rows with `seq > after`, in seq order, on the reading connection (opened
+    /// again if it was lost).
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let client = self.reader().await?;
         let rows = client
             .query(
                 "SELECT seq, enqueued_at_ms, target, kind, product_key, device_name, topic,

@@ -130,21 +130,26 @@ async fn session_on(
     // Declare everything known before publishing: a message published before its groups'
     // queues are bound would come back unroutable and be dropped.
     let conn = &link.conn;
-    let (to_declare, tombstones) = fwd.attach_link(link.clone());
+    let work = fwd.attach_link(link.clone());
     // One throwaway channel per group: a queue that exists with other arguments (406) closes
     // its channel, and is then kept as it is rather than failing the session forever.
-    for g in to_declare {
+    for g in work.groups {
         let how = super::declare_on(link, &g.exchange, &g.queue, g.ttl_secs).await?;
         fwd.mark_declared(&g.instance_id, &g.group_id, how, g.ttl_secs);
     }
     let admin = conn.create_channel().await?;
-    for (id, queue) in tombstones {
+    for (id, queue) in work.tombstones {
         groups::delete_queue(&admin, &queue).await?;
         if let Err(e) = fwd.forget_tombstone(&id).await {
             tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
         }
     }
     let _ = admin.close(200, "setup done".into()).await;
+    // Deleted instances' exchanges, after their groups' queues.
+    for (instance_id, exchange) in work.exchanges {
+        fwd.delete_exchange_tombstone(link, &instance_id, &exchange)
+            .await?;
+    }
 
     fwd.set_status(AmqpStatus::Connected);
     *reached_publishing = true;
@@ -297,8 +302,12 @@ struct Deletes {
 
 impl Deletes {
     fn push(&mut self, sent: &Sent) {
-        self.seqs.push(sent.seq);
-        self.bytes += sent.size;
+        self.push_row(sent.seq, sent.size);
+    }
+
+    fn push_row(&mut self, seq: i64, size: u64) {
+        self.seqs.push(seq);
+        self.bytes += size;
     }
 
     fn flush(&mut self, outbox: &Outbox, term: u64) {
@@ -369,6 +378,8 @@ async fn publish_loop(
     let mut pending: VecDeque<OutboxRow> = VecDeque::new();
     let mut inflight: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
     let mut declared: HashSet<String> = HashSet::new();
+    // Exchange deletions seen: when an instance's exchange goes, `declared` is forgotten.
+    let mut exchanges_deleted = fwd.exchanges_deleted();
     let mut draining = false;
     let mut deletes = Deletes::default();
     let mut health = tokio::time::interval(Duration::from_secs(1));
@@ -407,7 +418,24 @@ async fn publish_loop(
             let Some(row) = pending.remove(i) else {
                 break;
             };
+            let deletions = fwd.exchanges_deleted();
+            if deletions != exchanges_deleted {
+                declared.clear();
+                exchanges_deleted = deletions;
+            }
             if !declared.contains(&row.target) {
+                if fwd.registry.get_instance(&row.target).is_err() {
+                    // The instance was deleted after this row was enqueued (its delete waits
+                    // for an outbox without rows for it, so only a row enqueued in that very
+                    // moment): its exchange is gone, and declaring it again would leak it.
+                    fwd.metrics
+                        .forwarder_dropped
+                        .get_or_create(&[("reason", "deleted_instance")])
+                        .inc();
+                    tracing::debug!(seq = row.seq, target_instance = %row.target, "message for a deleted instance dropped");
+                    deletes.push_row(row.seq, row.size());
+                    continue;
+                }
                 declare_exchange(ch, &fwd.topology.exchange(&row.target)).await?;
                 declared.insert(row.target.clone());
             }
@@ -575,11 +603,13 @@ pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>)
                     }
                     tracing::info!(error = %e, %queue, "consumer group queue missing; declaring it");
                     let exchange = fwd.topology.exchange(&iid);
-                    // Still a group? It may have been deleted while we looked.
+                    // Still a group? It may have been deleted while we looked (or its
+                    // instance, through another node of a cluster).
                     let ttl_secs = super::lock(&fwd.groups)
                         .groups
                         .get(&(iid.clone(), gid.clone()))
-                        .map(|e| fwd.message_ttl_secs(&e.group));
+                        .map(|e| fwd.message_ttl_secs(&e.group))
+                        .filter(|_| fwd.registry.get_instance(&iid).is_ok());
                     if let Some(ttl_secs) = ttl_secs {
                         if let Ok(how) = super::declare_on(&link, &exchange, &queue, ttl_secs).await
                         {

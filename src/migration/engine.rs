@@ -426,6 +426,25 @@ impl MigrationEngine {
         vec![route.target.clone()]
     }
 
+    /// The tasks that still need `instance_id` as their source or target, `(task_id, state)`
+    /// by task id: every task not `COMPLETED`, and a `COMPLETED` one while its data sync is on
+    /// (it still mirrors to its target). Deleting the instance is refused while there are any.
+    pub fn unfinished_tasks_naming(&self, instance_id: &str) -> Vec<(String, TaskState)> {
+        let now = self.shared.clock.now_ms();
+        let state = self.shared.read();
+        let mut tasks: Vec<(String, TaskState)> = state
+            .tasks
+            .values()
+            .filter(|t| {
+                (t.doc.source_instance_id == instance_id || t.doc.target_instance_id == instance_id)
+                    && (t.doc.state != TaskState::Completed || t.doc.data_sync.active(now))
+            })
+            .map(|t| (t.doc.task_id.clone(), t.doc.state))
+            .collect();
+        tasks.sort_by(|a, b| a.0.cmp(&b.0));
+        tasks
+    }
+
     /// The bandwidth limit (MB/s) on data mirrored to `target_instance_id`, if a task with
     /// data sync on sets one (the lowest if several do).
     pub fn bandwidth_limit_mb(&self, target_instance_id: &str) -> Option<u32> {

@@ -4,7 +4,8 @@
 //!
 //! Hot state lives in memory, rebuilt from the [`Store`] at [`Registry::open`]:
 //!
-//! - `instances`: `DashMap<instance_id, Instance>` (instances are never deleted);
+//! - `instances`: `DashMap<instance_id, Instance>` (an instance is deleted only once no
+//!   product or device names it, [`Registry::delete_instance`]; `default` never is);
 //! - `products`: `DashMap<product_key, Arc<ProductEntry>>`; each entry owns its devices
 //!   (`DashMap<device_name, DeviceState>`) and a sorted name index behind a `RwLock` that also
 //!   serialises creating/deleting devices of that product against deleting the product;
@@ -94,6 +95,17 @@ pub enum RegistryError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// [`Registry::delete_instance`] of `default`, which always exists.
+    #[error("the default instance cannot be deleted")]
+    DefaultInstance,
+    /// [`Registry::delete_instance`] of an instance that is still the home of products or the
+    /// owner of devices (migrated in).
+    #[error("instance {instance_id:?} still has {products} products and owns {devices} devices; delete or migrate them first")]
+    InstanceInUse {
+        instance_id: String,
+        products: usize,
+        devices: usize,
+    },
     #[error("too many {field}: at most {max}")]
     TooMany { field: &'static str, max: usize },
     #[error("store: {0}")]
@@ -107,7 +119,9 @@ impl RegistryError {
             RegistryError::NotFound { .. } => "FG.NotFound",
             RegistryError::AlreadyExists { .. } => "FG.AlreadyExists",
             RegistryError::Invalid { .. } => "FG.InvalidParameter",
-            RegistryError::Conflict(_) => "FG.Conflict",
+            RegistryError::Conflict(_)
+            | RegistryError::DefaultInstance
+            | RegistryError::InstanceInUse { .. } => "FG.Conflict",
             RegistryError::TooMany { .. } => "FG.TooMany",
             RegistryError::Store(_) => "FG.InternalError",
         }
@@ -428,6 +442,95 @@ impl Registry {
                 kind: "instance",
                 id: id.to_owned(),
             })
+    }
+
+    /// `(products, devices)` that name `instance_id`: products whose home it is, and devices
+    /// it owns (a migrated device's product may live in another instance). Walks every device.
+    pub fn instance_usage(&self, instance_id: &str) -> (usize, usize) {
+        let entries: Vec<Arc<ProductEntry>> =
+            self.products.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut products = 0;
+        let mut devices = 0;
+        for entry in entries {
+            if entry.product.instance_id == instance_id {
+                products += 1;
+            }
+            devices += entry
+                .devices
+                .iter()
+                .filter(|d| d.instance_id == instance_id)
+                .count();
+        }
+        (products, devices)
+    }
+
+    fn check_instance_unused(&self, instance_id: &str) -> Result<()> {
+        match self.instance_usage(instance_id) {
+            (0, 0) => Ok(()),
+            (products, devices) => Err(RegistryError::InstanceInUse {
+                instance_id: instance_id.to_owned(),
+                products,
+                devices,
+            }),
+        }
+    }
+
+    /// The registry's refusals of [`delete_instance`](Self::delete_instance), checked without
+    /// changing anything (callers check their own before deleting): the instance as it is.
+    pub fn check_instance_deletable(&self, instance_id: &str) -> Result<Instance> {
+        validate::instance_id(instance_id)?;
+        let instance = self.get_instance(instance_id)?;
+        if instance_id == DEFAULT_INSTANCE_ID {
+            return Err(RegistryError::DefaultInstance);
+        }
+        self.check_instance_unused(instance_id)?;
+        Ok(instance)
+    }
+
+    /// Deletes an instance, together with `with` (the caller's own records of it: the
+    /// forwarder's consumer groups, rate limit and exchange tombstone) in ONE atomic store
+    /// submission. Durable when this returns; returns the instance as it was.
+    ///
+    /// Refused, changing nothing: an id that breaks the rule (`Invalid`), an unknown one
+    /// (`NotFound`), `default` ([`RegistryError::DefaultInstance`]), an instance that is the
+    /// home of a product or the owner of a device ([`RegistryError::InstanceInUse`]). The
+    /// store's foreign keys refuse the same, so a product or device created concurrently
+    /// either makes this fail (the instance is put back and `InstanceInUse` returned) or
+    /// fails itself.
+    pub async fn delete_instance(&self, instance_id: &str, with: Vec<Op>) -> Result<Instance> {
+        validate::instance_id(instance_id)?;
+        if instance_id == DEFAULT_INSTANCE_ID {
+            return Err(RegistryError::DefaultInstance);
+        }
+        let (instance, ticket) = match self.instances.entry(instance_id.to_owned()) {
+            Entry::Vacant(_) => {
+                return Err(RegistryError::NotFound {
+                    kind: "instance",
+                    id: instance_id.to_owned(),
+                })
+            }
+            Entry::Occupied(slot) => {
+                // Under the instance's guard: a create of the same id is ordered after the
+                // delete in the store, and a product create that checks the instance waits.
+                self.check_instance_unused(instance_id)?;
+                let mut ops = vec![Op::DeleteInstance {
+                    instance_id: instance_id.to_owned(),
+                }];
+                ops.extend(with);
+                let ticket = self.store.submit(ops);
+                (slot.remove(), ticket)
+            }
+        };
+        if let Err(e) = ticket.await {
+            // Not deleted: back in memory (unless re-created meanwhile, which the store ordered
+            // after this failure).
+            self.instances
+                .entry(instance_id.to_owned())
+                .or_insert_with(|| instance.clone());
+            self.check_instance_unused(instance_id)?;
+            return Err(e.into());
+        }
+        Ok(instance)
     }
 
     // ----- products -----

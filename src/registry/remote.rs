@@ -136,6 +136,15 @@ impl Registry {
         );
     }
 
+    /// An instance the store no longer has (deleted through another node, which refused the
+    /// delete while a product or device named it, so none does here either once their own
+    /// changes are applied).
+    pub fn forget_instance(&self, instance_id: &str) {
+        if self.instances.remove(instance_id).is_some() {
+            tracing::debug!(instance_id, "instance deleted elsewhere");
+        }
+    }
+
     /// A product as the store has it now (`None`: it is gone). Its devices are refreshed on
     /// their own; a product is only removed here once it has none (the store refuses to delete
     /// a product with devices, so they are gone or going).
@@ -277,8 +286,22 @@ impl Registry {
     /// session of the device (then it is returned, to end); devices and products the store no
     /// longer has are removed. Observers hear of what changed.
     pub async fn resync(&self, snapshot: Snapshot) -> Vec<Superseded> {
+        let stored_instances: HashSet<String> = snapshot
+            .instances
+            .iter()
+            .map(|i| i.instance_id.clone())
+            .collect();
         for instance in snapshot.instances {
             self.refresh_instance(instance);
+        }
+        let gone: Vec<String> = self
+            .instances
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|id| !stored_instances.contains(id))
+            .collect();
+        for id in gone {
+            self.forget_instance(&id);
         }
         let mut stored_products: HashSet<String> = HashSet::new();
         for product in snapshot.products {

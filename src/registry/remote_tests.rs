@@ -292,7 +292,16 @@ async fn resync_makes_memory_equal_to_the_store() {
         devices: vec![newer_dev1, dev9],
         feed_cuts: BTreeMap::new(),
     };
+    // An instance the store no longer has (deleted through another node).
+    r.create_instance(NewInstance {
+        instance_id: Some("iot-gone".into()),
+        name: "Gone".into(),
+    })
+    .await
+    .unwrap();
     let ended = r.resync(snapshot).await;
+    assert!(r.get_instance("iot-gone").is_err());
+    assert!(r.get_instance(DEFAULT_INSTANCE_ID).is_ok());
     assert_eq!(
         ended.iter().map(|e| e.epoch).collect::<Vec<_>>(),
         vec![local]
@@ -310,4 +319,21 @@ async fn resync_makes_memory_equal_to_the_store() {
         .map(|p| p.name)
         .collect();
     assert_eq!(names, vec!["Fresh", "Lamp"]);
+}
+
+#[tokio::test]
+async fn an_instance_deleted_elsewhere_is_forgotten() {
+    let (r, _) = node1().await;
+    r.create_instance(NewInstance {
+        instance_id: Some("iot-east".into()),
+        name: "East".into(),
+    })
+    .await
+    .unwrap();
+    r.forget_instance("iot-east");
+    assert!(r.get_instance("iot-east").is_err());
+    // Twice, or an instance never heard of: nothing happens.
+    r.forget_instance("iot-east");
+    r.forget_instance("iot-none");
+    assert_eq!(r.list_instances().len(), 1);
 }

@@ -1255,3 +1255,129 @@ async fn debug_output_never_shows_a_secret() {
     let text = format!("{:?}", crate::store::Op::PutDevice(record));
     assert!(!text.contains("sekrit") && text.contains("dev1"), "{text}");
 }
+
+#[tokio::test]
+async fn delete_instance_refuses_what_still_names_it_and_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Store::db_path(dir.path());
+    let m = metrics();
+    let r = Registry::open(Store::open(&path, m.clone()).unwrap(), m.clone()).unwrap();
+    let east = |id: &str| NewInstance {
+        instance_id: Some(id.into()),
+        name: "East".into(),
+    };
+    r.create_instance(east("iot-east")).await.unwrap();
+    r.create_instance(east("iot-west")).await.unwrap();
+    let home = r
+        .create_product(NewProduct {
+            instance_id: Some("iot-east".into()),
+            ..new_product("Lamp")
+        })
+        .await
+        .unwrap()
+        .product_key;
+    // A device of a `default` product owned by iot-west (moved there by a migration).
+    let pk = lamp_with_dev1(&r).await;
+    r.set_devices_instance(&pk, &["dev1".into()], "iot-west", |_| Vec::new())
+        .await
+        .unwrap();
+
+    // Bad input and refusals change nothing.
+    assert_eq!(
+        invalid_field(r.delete_instance("bad id!", Vec::new()).await),
+        "instance_id"
+    );
+    assert!(matches!(
+        r.delete_instance("iot-none", Vec::new()).await,
+        Err(RegistryError::NotFound {
+            kind: "instance",
+            ..
+        })
+    ));
+    assert!(matches!(
+        r.delete_instance(DEFAULT_INSTANCE_ID, Vec::new()).await,
+        Err(RegistryError::DefaultInstance)
+    ));
+    assert!(matches!(
+        r.delete_instance("iot-east", Vec::new()).await,
+        Err(RegistryError::InstanceInUse {
+            products: 1,
+            devices: 0,
+            ..
+        })
+    ));
+    assert!(matches!(
+        r.check_instance_deletable("iot-west"),
+        Err(RegistryError::InstanceInUse {
+            products: 0,
+            devices: 1,
+            ..
+        })
+    ));
+    assert!(r.delete_instance("iot-west", Vec::new()).await.is_err());
+    assert_eq!(r.list_instances().len(), 3);
+
+    // Freed, they go; the ops given along commit with the delete.
+    r.delete_product(&home).await.unwrap();
+    let doc = Op::PutDoc {
+        kind: "test.note",
+        id: "iot-east".into(),
+        body: "gone".into(),
+    };
+    let gone = r.delete_instance("iot-east", vec![doc]).await.unwrap();
+    assert_eq!(gone.instance_id, "iot-east");
+    assert!(r.get_instance("iot-east").is_err());
+    assert!(matches!(
+        r.create_product(NewProduct {
+            instance_id: Some("iot-east".into()),
+            ..new_product("Late")
+        })
+        .await,
+        Err(RegistryError::NotFound { .. })
+    ));
+    r.set_devices_instance(&pk, &["dev1".into()], DEFAULT_INSTANCE_ID, |_| Vec::new())
+        .await
+        .unwrap();
+    r.delete_instance("iot-west", Vec::new()).await.unwrap();
+    drop(r);
+
+    let r = Registry::open(Store::open(&path, m.clone()).unwrap(), m).unwrap();
+    let ids: Vec<String> = r
+        .list_instances()
+        .into_iter()
+        .map(|i| i.instance_id)
+        .collect();
+    assert_eq!(ids, [DEFAULT_INSTANCE_ID]);
+    assert_eq!(
+        r.store().load_documents("test.note").unwrap(),
+        vec![("iot-east".to_owned(), "gone".to_owned())]
+    );
+    // The id can be used again.
+    r.create_instance(east("iot-east")).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_instance_delete_that_did_not_commit_is_put_back() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = FlakyBackend {
+        inner: crate::store::SqliteBackend::open_in_memory().unwrap(),
+        failing: failing.clone(),
+    };
+    let m = metrics();
+    let r = Registry::open(Store::with_backend(backend, m.clone()).unwrap(), m).unwrap();
+    r.create_instance(NewInstance {
+        instance_id: Some("east".into()),
+        name: "East".into(),
+    })
+    .await
+    .unwrap();
+    failing.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        r.delete_instance("east", Vec::new()).await,
+        Err(RegistryError::Store(_))
+    ));
+    assert_eq!(r.get_instance("east").unwrap().name, "East");
+    failing.store(false, Ordering::SeqCst);
+    r.delete_instance("east", Vec::new()).await.unwrap();
+    assert!(r.get_instance("east").is_err());
+}

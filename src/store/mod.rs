@@ -224,6 +224,8 @@ pub struct Snapshot {
 pub enum Op {
     /// Insert or update an instance.
     PutInstance(InstanceRecord),
+    /// Delete an instance; fails (foreign key) while a product or a device still names it.
+    DeleteInstance { instance_id: String },
     /// Insert or update a product (never touches its devices).
     PutProduct(ProductRecord),
     /// Delete a product; fails (foreign key) while it still has devices.

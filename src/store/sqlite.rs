@@ -196,6 +196,10 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![p.product_key, p.product_secret, p.name, p.instance_id, p.description, p.created_at_ms])?;
         }
+        Op::DeleteInstance { instance_id } => {
+            conn.prepare_cached("DELETE FROM instances WHERE instance_id = ?1")?
+                .execute([instance_id])?;
+        }
         Op::DeleteProduct { product_key } => {
             conn.prepare_cached("DELETE FROM products WHERE product_key = ?1")?
                 .execute([product_key])?;

@@ -333,6 +333,75 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    #[tokio::test]
+    async fn deleting_an_instance_in_use_fails_in_the_store_too(db) {
+        let store = db.open(metrics());
+        let mut moved = device("pk1", "dev1");
+        moved.instance_id = "iot-b".into();
+        store
+            .submit(vec![
+                Op::PutInstance(instance("default")),
+                Op::PutInstance(instance("iot-a")),
+                Op::PutInstance(instance("iot-b")),
+                Op::PutProduct(product("pk-a", "iot-a")),
+                // A product of `default` whose device is owned by `iot-b` (a migrated device).
+                Op::PutProduct(product("pk1", "default")),
+                Op::PutDevice(moved),
+            ])
+            .await
+            .unwrap();
+        let delete = |iid: &str| {
+            store.submit(vec![Op::DeleteInstance {
+                instance_id: iid.into(),
+            }])
+        };
+        // A product's home, and a device's owner, cannot go.
+        assert!(is_refused(&delete("iot-a").await));
+        assert!(is_refused(&delete("iot-b").await));
+        assert_eq!(store.load().unwrap().instances.len(), 3);
+        // Atomic with what frees it: the product leaves in the same submission.
+        store
+            .submit(vec![
+                Op::DeleteProduct {
+                    product_key: "pk-a".into(),
+                },
+                Op::DeleteInstance {
+                    instance_id: "iot-a".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        // A missing instance is a no-op, like a missing document.
+        delete("never-was").await.unwrap();
+        store
+            .submit(vec![
+                Op::DeleteDevice {
+                    product_key: "pk1".into(),
+                    device_name: "dev1".into(),
+                },
+                Op::DeleteInstance {
+                    instance_id: "iot-b".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        store.close();
+        let store = db.open(metrics());
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.instances, vec![instance("default")]);
+        assert_eq!(snapshot.products, vec![product("pk1", "default")]);
+        assert!(snapshot.devices.is_empty());
+        // The id is free again.
+        store
+            .submit(vec![Op::PutInstance(instance("iot-a"))])
+            .await
+            .unwrap();
+        assert_eq!(store.load().unwrap().instances.len(), 2);
+        store.close();
+    }
+}
+
 /// Sum and count of the batch-size histogram, from the Prometheus text.
 pub(crate) fn batch_size_sum_and_count(metrics: &Metrics) -> (f64, f64) {
     let text = metrics.encode();

@@ -857,3 +857,57 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
     drop(devices);
     b.close().await;
 }
+
+/// An admin deletes an instance from the Forwarding page (its groups only when asked); an
+/// operator gets no button and a forged post is refused by the API.
+#[tokio::test]
+async fn an_admin_deletes_an_instance_from_the_forwarding_page() {
+    let t = spawn_app().await;
+    let (s, b) = t
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": "iot-old", "name": "old"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = t
+        .post(
+            "/api/v1/instances/iot-old/consumer-groups",
+            json!({"group_id": "g", "name": "g"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    const DELETE: &str = "/console/instances/iot-old/delete";
+
+    let op = login(&t, OPERATOR_TOKEN).await;
+    let (_, html) = page(&t, &op, "/console/forwarding").await;
+    assert!(!html.contains(DELETE), "no delete button for an operator");
+    let csrf = csrf_of(&html);
+    let (status, _) = post_form(&t, &op, DELETE, &[("csrf", &csrf), ("sure", "yes")]).await;
+    assert_eq!(status, 403);
+
+    let admin = login(&t, ADMIN_TOKEN).await;
+    let (_, html) = page(&t, &admin, "/console/forwarding").await;
+    assert!(html.contains(DELETE), "{html}");
+    assert!(
+        !html.contains("/console/instances/default/delete"),
+        "default cannot be deleted"
+    );
+    let csrf = csrf_of(&html);
+    // Unticked: nothing happens. Without its groups: the API's refusal is shown.
+    let (status, _) = post_form(&t, &admin, DELETE, &[("csrf", &csrf)]).await;
+    assert_eq!(status, 400);
+    let (status, html) = post_form(&t, &admin, DELETE, &[("csrf", &csrf), ("sure", "yes")]).await;
+    assert_eq!(status, 409, "{html}");
+    assert!(html.contains("consumer groups"), "{html}");
+    assert_eq!(t.get("/api/v1/instances/iot-old").await.0, 200);
+    let (status, _) = post_form(
+        &t,
+        &admin,
+        DELETE,
+        &[("csrf", &csrf), ("sure", "yes"), ("groups", "yes")],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(t.get("/api/v1/instances/iot-old").await.0, 404);
+}

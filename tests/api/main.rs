@@ -15,6 +15,7 @@ mod export;
 mod firmware;
 mod forwarding;
 mod helpers;
+mod instances;
 mod interop;
 mod isolation;
 mod limits;

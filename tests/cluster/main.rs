@@ -116,7 +116,8 @@ async fn a_connection_on_another_node_takes_the_device_over() {
 }
 
 /// 3. A device created, disabled or deleted through node 1 can / cannot connect through node 3
-///    right after the answer; one connected elsewhere is kicked.
+///    right after the answer; one connected elsewhere is kicked. An instance deleted through
+///    node 1 is gone from node 3 right after the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changes_through_one_node_apply_on_every_node_at_once() {
     let cluster = Cluster::start(3).await;
@@ -178,6 +179,32 @@ async fn changes_through_one_node_apply_on_every_node_at_once() {
         .get(&format!("/api/v1/products/{pk}/devices/valve-y"))
         .await;
     assert_eq!(status, 404);
+
+    // An instance created and deleted through node 1: gone from node 3 right after the 204.
+    let (status, body) = one
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": "iot-brief", "name": "brief"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(three.api().get("/api/v1/instances/iot-brief").await.0, 200);
+    let (status, body) = one
+        .call(reqwest::Method::DELETE, "/api/v1/instances/iot-brief", None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = three.api().get("/api/v1/instances/iot-brief").await;
+    assert_eq!(status, 404, "{body}");
+    // And created again through node 3: the id is free everywhere.
+    let (status, body) = three
+        .api()
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": "iot-brief", "name": "again"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(one.get("/api/v1/instances/iot-brief").await.1["name"], "again");
 }
 
 /// 4. A version report node 2 acknowledged is visible through node 3 and survives SIGKILL of

@@ -211,6 +211,7 @@ struct Session {
 /// The statements `commit` sends, prepared once per connection.
 struct Prepared {
     put_instance: Statement,
+    delete_instance: Statement,
     put_product: Statement,
     delete_product: Statement,
     put_device: Statement,
@@ -274,7 +275,7 @@ impl Prepared {
                  ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
             ),
         )?;
-        let (release_node, feed_mark, fence) = tokio::try_join!(
+        let (release_node, feed_mark, fence, delete_instance) = tokio::try_join!(
             client.prepare(
                 "UPDATE devices SET conn_epoch = NULL, conn_node = NULL, last_seen_ms = $3
                  WHERE conn_node = $1 AND (conn_epoch >> 21) < $2",
@@ -284,12 +285,14 @@ impl Prepared {
                  ON CONFLICT (node) DO UPDATE SET seq = GREATEST(cluster_feed.seq, excluded.seq)",
             ),
             client.prepare("SELECT fleetgate_fence($1::text, $2::smallint, $3::bigint)"),
+            client.prepare("DELETE FROM instances WHERE instance_id = $1"),
         )?;
         Ok(Prepared {
             release_node,
             feed_mark,
             fence,
             put_instance,
+            delete_instance,
             put_product,
             delete_product,
             put_device,
@@ -576,6 +579,9 @@ fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<
                 &r.created_at_ms,
             ],
         ),
+        Step::Single(Single::DeleteInstance(iid)) => {
+            statement(client, &p.delete_instance, [iid])
+        }
         Step::Single(Single::DeleteProduct(pk)) => statement(client, &p.delete_product, [pk]),
         Step::Single(Single::PutDevice(d, tags)) => statement(
             client,

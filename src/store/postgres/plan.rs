@@ -58,6 +58,7 @@ pub(super) enum Step<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Single<'a> {
     PutInstance(&'a InstanceRecord),
+    DeleteInstance(&'a str),
     PutProduct(&'a ProductRecord),
     DeleteProduct(&'a str),
     /// With its tags as the JSON text stored in `devices.tags`.
@@ -208,6 +209,7 @@ pub(super) fn plan<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Result<Vec<Step
                 continue;
             }
             Op::PutInstance(i) => Single::PutInstance(i),
+            Op::DeleteInstance { instance_id } => Single::DeleteInstance(instance_id),
             Op::PutProduct(p) => Single::PutProduct(p),
             Op::DeleteProduct { product_key } => Single::DeleteProduct(product_key),
             Op::PutDevice(d) => {
