@@ -181,19 +181,33 @@ async fn an_instance_that_owns_a_migrated_device_is_kept() {
         .await;
     assert_eq!(s, 201, "{task}");
     let tid = task["task_id"].as_str().unwrap().to_owned();
+    let wait_state = |state: &'static str| {
+        let (app, tid) = (&app, tid.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let (_, t) = app.get(&format!("/api/v1/migrations/{tid}")).await;
+                if t["state"] == state {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{state}: {t}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let (s, b) = app
+        .post(
+            &format!("/api/v1/migrations/{tid}/canary"),
+            json!({"device_names": ["mover01"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    wait_state("CANARY_COMPLETED").await;
     let (s, b) = app
         .post(&format!("/api/v1/migrations/{tid}/full"), json!({}))
         .await;
     assert_eq!(s, 200, "{b}");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, t) = app.get(&format!("/api/v1/migrations/{tid}")).await;
-        if t["state"] == "COMPLETED" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{t}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_state("COMPLETED").await;
     // The task is finished, but the instance owns the device.
     let answer = delete(&app, "/api/v1/instances/iot-target", Some(ADMIN_TOKEN)).await;
     assert_eq!(outcome(&answer), (409, Some("FG.2202")), "{}", answer.1);
