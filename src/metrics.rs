@@ -700,7 +700,12 @@ impl Metrics {
         for outcome in ["applied", "ignored", "no_task"] {
             drop(self.ota_progress.get_or_create(&[("outcome", outcome)]));
         }
-        for reason in ["outbox_full", "no_route", "unknown_device", "deleted_instance"] {
+        for reason in [
+            "outbox_full",
+            "no_route",
+            "unknown_device",
+            "deleted_instance",
+        ] {
             drop(self.forwarder_dropped.get_or_create(&[("reason", reason)]));
         }
         for result in ["migrated", "rolled_back", "failed"] {

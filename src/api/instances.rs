@@ -8,9 +8,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::RequireAdmin;
 use super::error::ErrorCode;
-use super::migrations::ApiActor;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::migrations::ApiActor;
 use super::{ApiState, ItemsPage};
 use crate::registry::{Instance, NewInstance, Page};
 
@@ -194,10 +194,7 @@ pub async fn delete_instance(
     if let Some(migration) = &state.migration {
         let tasks = migration.unfinished_tasks_naming(&iid);
         if !tasks.is_empty() {
-            let named: Vec<String> = tasks
-                .iter()
-                .map(|(id, s)| format!("{id} ({s})"))
-                .collect();
+            let named: Vec<String> = tasks.iter().map(|(id, s)| format!("{id} ({s})")).collect();
             return Err(ApiError::new(
                 ErrorCode::InstanceMigrating,
                 format!(

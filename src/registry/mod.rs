@@ -447,8 +447,11 @@ impl Registry {
     /// `(products, devices)` that name `instance_id`: products whose home it is, and devices
     /// it owns (a migrated device's product may live in another instance). Walks every device.
     pub fn instance_usage(&self, instance_id: &str) -> (usize, usize) {
-        let entries: Vec<Arc<ProductEntry>> =
-            self.products.iter().map(|e| Arc::clone(e.value())).collect();
+        let entries: Vec<Arc<ProductEntry>> = self
+            .products
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
         let mut products = 0;
         let mut devices = 0;
         for entry in entries {

@@ -22,7 +22,10 @@ async fn delete(app: &TestApp, path: &str, token: Option<&str>) -> (u16, Value) 
 
 async fn create_instance(app: &TestApp, iid: &str) {
     let (s, b) = app
-        .post("/api/v1/instances", json!({"instance_id": iid, "name": iid}))
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": iid, "name": iid}),
+        )
         .await;
     assert_eq!(s, 201, "{b}");
 }
@@ -48,9 +51,18 @@ async fn an_instance_is_deleted_by_an_admin_once_nothing_needs_it() {
 
     // Bad input.
     let long = format!("/api/v1/instances/{}", "a".repeat(65));
-    for path in ["/api/v1/instances/has.dot", "/api/v1/instances/sp%20ace", &long] {
+    for path in [
+        "/api/v1/instances/has.dot",
+        "/api/v1/instances/sp%20ace",
+        &long,
+    ] {
         let answer = delete(&app, path, Some(ADMIN_TOKEN)).await;
-        assert_eq!(outcome(&answer), (400, Some("FG.1001")), "{path}: {}", answer.1);
+        assert_eq!(
+            outcome(&answer),
+            (400, Some("FG.1001")),
+            "{path}: {}",
+            answer.1
+        );
         assert_eq!(answer.1["error_ext_msg"], "instance_id");
     }
     for query in ["?force=maybe", "?forse=true"] {
@@ -74,7 +86,10 @@ async fn an_instance_is_deleted_by_an_admin_once_nothing_needs_it() {
     let answer = delete(&app, PATH, Some(ADMIN_TOKEN)).await;
     assert_eq!(outcome(&answer), (409, Some("FG.2202")), "{}", answer.1);
     assert!(
-        answer.1["error_msg"].as_str().unwrap().contains("1 products"),
+        answer.1["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("1 products"),
         "{}",
         answer.1
     );
@@ -98,7 +113,12 @@ async fn an_instance_is_deleted_by_an_admin_once_nothing_needs_it() {
         "{}",
         answer.1
     );
-    let (s, b) = delete(&app, &format!("/api/v1/migrations/{tid}"), Some(ADMIN_TOKEN)).await;
+    let (s, b) = delete(
+        &app,
+        &format!("/api/v1/migrations/{tid}"),
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(s, 204, "{b}");
 
     // Consumer groups: refused unless force=true, naming them.
@@ -283,10 +303,7 @@ async fn wait_health(app: &TestApp, what: &str, ok: impl Fn(&Value) -> bool) {
         if ok(&health) {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: {health}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {health}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -312,7 +329,8 @@ async fn post_property(app: &TestApp, pk: &str, dn: &str, secret: &str, value: u
 
 #[tokio::test]
 async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
-    let url = test_amqp_url("deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq").await;
+    let url =
+        test_amqp_url("deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq").await;
     let proxy = Proxy::start(broker_addr(&url).await).await;
     let prefix = format!("fgtest-{:08x}", rand::thread_rng().gen::<u32>());
     let app = spawn_app_with_amqp_and(&url_via(&url, proxy.addr), &prefix, |s| {
@@ -359,7 +377,12 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
     let answer = delete(&app, "/api/v1/instances/iot-a", Some(ADMIN_TOKEN)).await;
     assert_eq!(outcome(&answer), (409, Some("FG.2204")), "{}", answer.1);
     assert!(exchange_exists(&rabbit, &format!("{prefix}.iot-a")).await);
-    let (s, b) = delete(&app, "/api/v1/instances/iot-a?force=true", Some(ADMIN_TOKEN)).await;
+    let (s, b) = delete(
+        &app,
+        "/api/v1/instances/iot-a?force=true",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(s, 204, "{b}");
     assert!(!exchange_exists(&rabbit, &format!("{prefix}.iot-a")).await);
     assert!(!queue_exists(&rabbit, &format!("{prefix}.iot-a.g")).await);
@@ -392,7 +415,10 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
     let leaving = product["product_key"].as_str().unwrap().to_owned();
     let secret = app.create_device(&leaving, "leaver01").await;
     proxy.cut();
-    wait_health(&app, "forwarder still connected", |h| h["amqp"] != "connected").await;
+    wait_health(&app, "forwarder still connected", |h| {
+        h["amqp"] != "connected"
+    })
+    .await;
     post_property(&app, &leaving, "leaver01", &secret, 2).await;
     for path in [
         format!("/api/v1/products/{leaving}/devices/leaver01"),
@@ -401,14 +427,27 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
         let (s, b) = delete(&app, &path, Some(ADMIN_TOKEN)).await;
         assert_eq!(s, 204, "{path}: {b}");
     }
-    let answer = delete(&app, "/api/v1/instances/iot-c?force=true", Some(ADMIN_TOKEN)).await;
+    let answer = delete(
+        &app,
+        "/api/v1/instances/iot-c?force=true",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(outcome(&answer), (409, Some("FG.2205")), "{}", answer.1);
     assert_eq!(app.get("/api/v1/instances/iot-c").await.0, 200);
-    assert_eq!(app.get("/api/v1/instances/iot-c/consumer-groups/g").await.0, 200);
+    assert_eq!(
+        app.get("/api/v1/instances/iot-c/consumer-groups/g").await.0,
+        200
+    );
 
     // RabbitMQ unreachable, but nothing waits for iot-d: deleted now, its exchange and
     // queue once the forwarder is back.
-    let (s, b) = delete(&app, "/api/v1/instances/iot-d?force=true", Some(ADMIN_TOKEN)).await;
+    let (s, b) = delete(
+        &app,
+        "/api/v1/instances/iot-d?force=true",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(s, 204, "{b}");
     assert_eq!(app.get("/api/v1/instances/iot-d").await.0, 404);
     assert!(exchange_exists(&rabbit, &format!("{prefix}.iot-d")).await);
@@ -429,7 +468,12 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
     }
     assert!(!queue_exists(&rabbit, &format!("{prefix}.iot-d.g")).await);
     // The post that waited reached iot-c's group; now iot-c may go.
-    let (s, b) = delete(&app, "/api/v1/instances/iot-c?force=true", Some(ADMIN_TOKEN)).await;
+    let (s, b) = delete(
+        &app,
+        "/api/v1/instances/iot-c?force=true",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(s, 204, "{b}");
     assert!(!exchange_exists(&rabbit, &format!("{prefix}.iot-c")).await);
     assert!(!queue_exists(&rabbit, &format!("{prefix}.iot-c.g")).await);
@@ -445,12 +489,18 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
             )
             .await;
         let _ = ch
-            .exchange_delete(format!("{prefix}.{iid}").as_str().into(), Default::default())
+            .exchange_delete(
+                format!("{prefix}.{iid}").as_str().into(),
+                Default::default(),
+            )
             .await;
     }
     for iid in ["default"] {
         let _ = ch
-            .exchange_delete(format!("{prefix}.{iid}").as_str().into(), Default::default())
+            .exchange_delete(
+                format!("{prefix}.{iid}").as_str().into(),
+                Default::default(),
+            )
             .await;
     }
 }

@@ -204,7 +204,10 @@ async fn changes_through_one_node_apply_on_every_node_at_once() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    assert_eq!(one.get("/api/v1/instances/iot-brief").await.1["name"], "again");
+    assert_eq!(
+        one.get("/api/v1/instances/iot-brief").await.1["name"],
+        "again"
+    );
 }
 
 /// 4. A version report node 2 acknowledged is visible through node 3 and survives SIGKILL of

@@ -579,9 +579,7 @@ fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<
                 &r.created_at_ms,
             ],
         ),
-        Step::Single(Single::DeleteInstance(iid)) => {
-            statement(client, &p.delete_instance, [iid])
-        }
+        Step::Single(Single::DeleteInstance(iid)) => statement(client, &p.delete_instance, [iid]),
         Step::Single(Single::DeleteProduct(pk)) => statement(client, &p.delete_product, [pk]),
         Step::Single(Single::PutDevice(d, tags)) => statement(
             client,
