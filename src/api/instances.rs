@@ -161,8 +161,9 @@ pub struct DeleteInstanceQuery {
 ///
 /// On success the instance, its forwarding rate limit and (with `force`) its consumer groups
 /// are deleted in one store transaction; then its groups' queues and its exchange are deleted
-/// in RabbitMQ, at once when the forwarder is connected, else on its next connection. The 204
-/// does not wait for RabbitMQ.
+/// in RabbitMQ: before the 204 when the forwarder is connected (each broker call bounded by
+/// 10 s; one that fails is retried on the next connection), else on its next connection — the
+/// 204 does not wait for an unreachable RabbitMQ.
 #[utoipa::path(
     delete,
     path = "/api/v1/instances/{iid}",
@@ -172,7 +173,7 @@ pub struct DeleteInstanceQuery {
         DeleteInstanceQuery,
     ),
     responses(
-        (status = 204, description = "Deleted (durable); its exchange and deleted groups' queues are deleted in RabbitMQ now or on the forwarder's next connection"),
+        (status = 204, description = "Deleted (durable); its exchange and deleted groups' queues are deleted in RabbitMQ before the answer when connected, else on the forwarder's next connection"),
         (status = 400, description = "Malformed instance id or query (FG.1001, FG.0400)", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),

@@ -16,7 +16,8 @@
 //!
 //! Lock order is `product index → device shard`; the `products` shard guard is always released
 //! before a product index is taken, and `product_order` is never held while taking a `products`
-//! shard. No guard is ever held across `.await`: every mutating method does its work in a
+//! shard. Deleting an instance holds its `instances` shard while it reads the products and
+//! devices (nothing takes an `instances` shard while holding a product or device guard). No guard is ever held across `.await`: every mutating method does its work in a
 //! synchronous block that returns a store [`Ticket`], then awaits it.
 //!
 //! # Durability

@@ -326,6 +326,9 @@ mod tests {
                 id: "t1".into(),
             },
             doc("t1", "{}"),
+            Op::DeleteInstance {
+                instance_id: "iot-gone".into(),
+            },
         ];
         let steps = plan(&ops).unwrap();
         let versions = |v: &'static str| Step::Versions {
@@ -351,6 +354,7 @@ mod tests {
                     id: vec!["t1"],
                     body: vec!["{}"],
                 },
+                Step::Single(Single::DeleteInstance("iot-gone")),
             ]
         );
         assert!(plan(&[]).unwrap().is_empty());
