@@ -7,10 +7,15 @@
 //!   announces itself as the holder in its heartbeats; losing it stops serving and deactivates
 //!   the engine. Every write the engine makes carries the lease's fence, so a node that
 //!   stalled past its term cannot overwrite the next holder's work.
-//! - **Reports** ([`EnginesRelay`]): a follower's standby engine sends each device report as a
-//!   NATS request on `fg.{name}.engines`, which only the holder subscribes; `firmware/get`
-//!   waits for the holder's answer. No responders (no holder during a takeover) drops the
-//!   report; the next holder reconciles versions and connects from the registry.
+//! - **Reports**: connects and version reports — the hot path, one per device report — reach
+//!   the holder by the change feed it already receives: its feed receiver hands the other
+//!   nodes' `Session` (online) and `Version` items to the engine ([`Cluster::engine_report`]),
+//!   so a follower's ingest sends nothing more for them and never waits for the holder.
+//!   Progress reports, `firmware/get` (which waits for the answer) and device deletions are
+//!   not in the feed: a follower's standby engine sends each as a NATS request on
+//!   `fg.{name}.engines` ([`EnginesRelay`]), which only the holder subscribes. No responders
+//!   (no holder during a takeover) drops the report; the next holder reconciles versions and
+//!   connects from the registry.
 //! - **Pushes** ([`ClusterPusher`]): the holder publishes an upgrade through the node that
 //!   holds the device's connection ([`Cluster::deliver`]); "online" means online on any node.
 //! - **API** (`crate::api::cluster::engines_proxy`): OTA and firmware calls that reach a
@@ -26,7 +31,7 @@ use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -61,6 +66,32 @@ impl Cluster {
                 node: m.node,
                 http: m.http,
             })
+    }
+
+    /// Hands another node's connect or version report, applied from the feed, to this node's
+    /// engine while it drives it (in the order the feed applies them); nothing otherwise.
+    pub(super) fn engine_report(
+        reports: &Option<mpsc::UnboundedSender<DeviceReport>>,
+        report: impl FnOnce() -> DeviceReport,
+    ) {
+        if let Some(reports) = reports {
+            let _ = reports.send(report());
+        }
+    }
+
+    /// Where the feed receiver hands reports to the engine now (`None`: not the holder).
+    pub(super) fn engine_reports(&self) -> Option<mpsc::UnboundedSender<DeviceReport>> {
+        self.engine_reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_engine_reports(&self, reports: Option<mpsc::UnboundedSender<DeviceReport>>) {
+        *self
+            .engine_reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = reports;
     }
 
     /// A keeper of the engines' lease for this node (`lease_ttl_ms`).
@@ -185,6 +216,11 @@ pub async fn drive(
         let held = *term.borrow_and_update();
         let serving = match held {
             Some(epoch) => {
+                // Registered before the engine loads: what the feed applies meanwhile waits in
+                // the channel and is applied once the engine drives (a report handled before
+                // would be dropped by the standby engine).
+                let (reports, local) = mpsc::unbounded_channel();
+                cluster.set_engine_reports(Some(reports));
                 match ota.activate().await {
                     Ok(()) => {}
                     Err(error) => {
@@ -202,7 +238,12 @@ pub async fn drive(
                         cluster.engines_held.store(true, Ordering::Release);
                         cluster.metrics.cluster.engine_terms.inc();
                         tracing::info!(epoch, "driving the engines");
-                        Some(tokio::spawn(serve(cluster.clone(), requests, ota.clone())))
+                        Some(tokio::spawn(serve(
+                            cluster.clone(),
+                            requests,
+                            local,
+                            ota.clone(),
+                        )))
                     }
                     Err(error) => {
                         tracing::error!(%error, "cannot serve relayed reports");
@@ -211,6 +252,7 @@ pub async fn drive(
                 }
             }
             None => {
+                cluster.set_engine_reports(None);
                 cluster.engines_held.store(false, Ordering::Release);
                 ota.deactivate().await;
                 None
@@ -224,39 +266,54 @@ pub async fn drive(
             task.abort();
         }
         if !changed {
+            cluster.set_engine_reports(None);
             cluster.engines_held.store(false, Ordering::Release);
             return;
         }
     }
 }
 
-/// The holder's side of `fg.{name}.engines`.
-async fn serve(cluster: Arc<Cluster>, mut requests: async_nats::Subscriber, ota: OtaEngine) {
+/// The holder's side of `fg.{name}.engines`, and of the reports its feed receiver hands over
+/// (`local`: no answer is sent for those).
+async fn serve(
+    cluster: Arc<Cluster>,
+    mut requests: async_nats::Subscriber,
+    mut local: mpsc::UnboundedReceiver<DeviceReport>,
+    ota: OtaEngine,
+) {
     let mut workers = Vec::with_capacity(WORKERS);
     let mut handles = Vec::with_capacity(WORKERS);
     for _ in 0..WORKERS {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(DeviceReport, async_nats::Subject)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(DeviceReport, Option<async_nats::Subject>)>();
         let (cluster, ota) = (cluster.clone(), ota.clone());
         handles.push(tokio::spawn(async move {
             while let Some((report, reply)) = rx.recv().await {
                 let answer = ota.handle_report(report).await;
-                let body = serde_json::to_vec(&answer).unwrap_or_default();
-                let _ = cluster.client.publish(reply, body.into()).await;
+                if let Some(reply) = reply {
+                    let body = serde_json::to_vec(&answer).unwrap_or_default();
+                    let _ = cluster.client.publish(reply, body.into()).await;
+                }
             }
         }));
         workers.push(tx);
     }
     // Aborting this task drops the senders: the workers finish what they hold and end.
-    while let Some(message) = requests.next().await {
-        let Some(reply) = message.reply else {
-            continue;
-        };
-        let report = match serde_json::from_slice::<DeviceReport>(&message.payload) {
-            Ok(r) => r,
-            Err(error) => {
-                tracing::warn!(%error, "malformed relayed report ignored");
-                continue;
+    loop {
+        let (report, reply) = tokio::select! {
+            Some(report) = local.recv() => (report, None),
+            Some(message) = requests.next() => {
+                let Some(reply) = message.reply else {
+                    continue;
+                };
+                match serde_json::from_slice::<DeviceReport>(&message.payload) {
+                    Ok(report) => (report, Some(reply)),
+                    Err(error) => {
+                        tracing::warn!(%error, "malformed relayed report ignored");
+                        continue;
+                    }
+                }
             }
+            else => return,
         };
         let mut hash = std::collections::hash_map::DefaultHasher::new();
         report.device().hash(&mut hash);

@@ -210,6 +210,9 @@ pub struct Cluster {
     attached: OnceLock<Attached>,
     /// This node holds the engines' lease and its engine is active (announced in heartbeats).
     engines_held: AtomicBool,
+    /// While this node holds the engines' lease: where the feed receiver hands the other
+    /// nodes' connects and version reports to the engine (see [`engines`]).
+    engine_reports: Mutex<Option<mpsc::UnboundedSender<crate::ota::DeviceReport>>>,
     commands: OnceLock<Arc<dyn CommandHandler>>,
 }
 
@@ -320,6 +323,7 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             attached: OnceLock::new(),
             engines_held: AtomicBool::new(false),
+            engine_reports: Mutex::new(None),
             commands: OnceLock::new(),
         });
         let publisher = tokio::spawn(cluster.clone().publish(out_rx));

@@ -8,6 +8,7 @@ use super::members::{Heard, Heartbeat};
 use super::{epoch, Cluster, SettleRequest};
 use crate::broker::{DeviceKey, DisconnectReason, Downlink};
 use crate::clock::now_ms;
+use crate::ota::DeviceReport;
 use crate::registry::{Registry, SessionEvent, Superseded};
 use crate::store::{Op, StoreError};
 use async_nats::{Event, Subject, Subscriber};
@@ -189,6 +190,7 @@ impl Receiver {
                 }
             }
         }
+        let engine = self.cluster.engine_reports();
         for item in message.items {
             match item {
                 Item::Session {
@@ -208,13 +210,24 @@ impl Receiver {
                     if let Some(ended) = self.registry.apply_session(&pk, &dn, &event) {
                         self.end_local(&ended, DisconnectReason::TakenOver);
                     }
+                    if online {
+                        Cluster::engine_report(&engine, || DeviceReport::Online { pk, dn });
+                    }
                 }
                 Item::Version {
                     pk,
                     dn,
                     module,
                     version,
-                } => self.registry.apply_version(&pk, &dn, &module, &version),
+                } => {
+                    self.registry.apply_version(&pk, &dn, &module, &version);
+                    Cluster::engine_report(&engine, || DeviceReport::Version {
+                        pk,
+                        dn,
+                        module,
+                        version,
+                    });
+                }
                 Item::NodeReleased {
                     node,
                     before_ms,

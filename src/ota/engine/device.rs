@@ -47,8 +47,8 @@ impl OtaEngine {
     /// repeated, and DYNAMIC jobs consider the device.
     pub async fn device_online(&self, pk: &str, dn: &str) {
         if !self.driving() {
-            let (pk, dn) = (pk.to_owned(), dn.to_owned());
-            Box::pin(self.relay(DeviceReport::Online { pk, dn })).await;
+            // In a cluster the driving node learns of the connect from the change feed (the
+            // session is in it); alone, an engine always drives.
             return;
         }
         let now = self.now();
@@ -102,13 +102,8 @@ impl OtaEngine {
     /// DYNAMIC jobs) returns without awaiting, and the rest is boxed.
     pub async fn on_version(&self, pk: &str, dn: &str, module: &str, version: &str) {
         if !self.driving() {
-            let report = DeviceReport::Version {
-                pk: pk.to_owned(),
-                dn: dn.to_owned(),
-                module: module.to_owned(),
-                version: version.to_owned(),
-            };
-            Box::pin(self.relay(report)).await;
+            // The driving node applies it from the change feed, which carries every stored
+            // version report: nothing to send, nothing to wait for on the ingest path.
             return;
         }
         let in_a_job = self

@@ -31,7 +31,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-/// What a device (or the registry) told a node that does not drive the engine.
+/// What a device (or the registry) told a node that does not drive the engine. Progress,
+/// `firmware/get`, deletions and joins are relayed to the driving node ([`Relay`]); connects
+/// and version reports reach it by the change feed, which carries them anyway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceReport {
