@@ -110,7 +110,8 @@ pub(super) fn parse_device_list(text: &str) -> Result<Vec<String>, ApiError> {
 }
 
 /// Parts of the multipart form of `POST /api/v1/ota/jobs` (documentation only).
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct JobUploadForm {
     /// The job as JSON ([`JobSpec`]); its target becomes SPECIFIC with the uploaded names.
@@ -225,6 +226,7 @@ pub struct JobListQuery {
     pub firmware_id: Option<String>,
     pub product_key: Option<String>,
     /// PLANNED, IN_PROGRESS, PAUSED, COMPLETED or CANCELED.
+    #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
 }
 
@@ -291,6 +293,7 @@ pub struct TaskListQuery {
     pub page: Option<u32>,
     pub page_size: Option<u32>,
     /// CONFIRM, QUEUED, NOTIFIED, IN_PROGRESS, SUCCEEDED, FAILED or CANCELED.
+    #[param(value_type = Option<TaskStatus>)]
     pub status: Option<String>,
 }
 
@@ -395,8 +398,10 @@ pub async fn cancel_job(
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmRequest {
-    /// Devices to confirm; absent = every task waiting in CONFIRM.
+    /// Devices to confirm (at most 10,000, each with a task in the job); absent = every task
+    /// waiting in CONFIRM.
     #[serde(default)]
+    #[schema(max_items = 10000)]
     pub device_names: Option<Vec<String>>,
 }
 
@@ -488,6 +493,8 @@ pub async fn resume_job(
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelTasksRequest {
+    /// At most 10,000, each with a task in the job.
+    #[schema(max_items = 10000)]
     pub device_names: Vec<String>,
     /// Also cancel tasks IN_PROGRESS.
     #[serde(default)]
