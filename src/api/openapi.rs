@@ -234,6 +234,7 @@ use crate::registry::Instance;
         VersionCount,
         TaskEvent,
         JobUploadForm,
+        super::ota::JobRequest,
         CancelJobRequest,
         CancelTasksRequest,
         ConfirmRequest,

@@ -1474,10 +1474,16 @@ async fn openapi_request_fields_state_their_bounds() {
             "RollbackRequest.device_names[]",
             "refused row by row (unknown, duplicate, ineligible)",
         ),
-        ("JobSpec.finish_by_ms", "any time after now and start_at_ms"),
-        ("JobSpec.start_at_ms", "any time (ms since the epoch, ≥ 0)"),
         (
-            "JobSpec.target_tags",
+            "JobRequest.finish_by_ms",
+            "any time after now and start_at_ms",
+        ),
+        (
+            "JobRequest.start_at_ms",
+            "any time (ms since the epoch, ≥ 0)",
+        ),
+        (
+            "JobRequest.target_tags",
             "each tag narrows the selection; the body limit bounds them",
         ),
         ("TagFilter.value", "a tag value to match: any"),
