@@ -155,7 +155,14 @@ impl utoipa::PartialSchema for JobRequest {
             list.into()
         };
         // (target, job_type values, selection values, required fields, fields it takes).
-        let shapes: [(&str, &[&str], Option<&[&str]>, &[&str], &[&str]); 5] = [
+        type Shape<'a> = (
+            &'a str,
+            &'a [&'a str],
+            Option<&'a [&'a str]>,
+            &'a [&'a str],
+            &'a [&'a str],
+        );
+        let shapes: [Shape; 5] = [
             ("ALL", &["UPGRADE_FIRMWARE"], None, &[], &[]),
             (
                 "GRAY",

@@ -1650,16 +1650,16 @@ impl BoundsWalk<'_> {
                     }
                     self.schema(&s["items"], &format!("{name}[]"));
                 }
-                "string" => {
-                    let binary = s["format"] == "binary";
-                    if !(bounded || binary || has("maxLength") || has("pattern")) {
-                        self.unbounded.push(name.to_owned());
-                    }
+                "string"
+                    if !(bounded
+                        || s["format"] == "binary"
+                        || has("maxLength")
+                        || has("pattern")) =>
+                {
+                    self.unbounded.push(name.to_owned())
                 }
-                "integer" | "number" => {
-                    if !(bounded || has("maximum") || has("exclusiveMaximum")) {
-                        self.unbounded.push(name.to_owned());
-                    }
+                "integer" | "number" if !(bounded || has("maximum") || has("exclusiveMaximum")) => {
+                    self.unbounded.push(name.to_owned())
                 }
                 _ => {}
             }

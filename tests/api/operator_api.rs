@@ -327,8 +327,7 @@ async fn options_and_405_name_the_methods_of_every_path() {
             .replace("{pk}", "pk1")
             .replace("{dn}", "dev-0001")
             .replace("{identifier}", "svc")
-            .replace('{', "")
-            .replace('}', "");
+            .replace(['{', '}'], "");
         let resp = app
             .http
             .request(Method::OPTIONS, app.url(&concrete))
