@@ -42,5 +42,6 @@ pub mod metrics;
 pub mod migration;
 pub mod ota;
 pub mod registry;
+pub mod schema;
 pub mod store;
 pub mod telemetry;

@@ -29,7 +29,8 @@ pub const MAX_BATCH_ROWS: usize = crate::registry::MAX_BATCH_ROWS;
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchCreateRequest {
-    /// At most 10,000 devices.
+    /// 1 to 10,000 devices.
+    #[schema(min_items = 1, max_items = 10000)]
     pub devices: Vec<CreateDeviceRequest>,
 }
 

@@ -41,14 +41,20 @@ pub enum PayloadEncoding {
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
     /// A topic of the device's own namespace: `/{pk}/{dn}/…` (custom topics such as
-    /// `/{pk}/{dn}/user/get`) or `/sys/{pk}/{dn}/…`. Anything else is 400 `FG.6003`.
-    #[schema(example = "/a1pk/dev1/user/get")]
+    /// `/{pk}/{dn}/user/get`) or `/sys/{pk}/{dn}/…`, with the path's `pk` and `dn`; no `+` or
+    /// `#`. Anything else is 400 `FG.6003`.
+    #[schema(
+        example = "/a1pk/dev1/user/get",
+        pattern = "^/(sys/)?[A-Za-z0-9]{1,32}/[A-Za-z0-9_@.:-]{4,32}/[^+#\\u0000]*$"
+    )]
     pub topic: String,
+    /// The bytes to send: text, or base64 with `payload_encoding: base64`.
     pub payload: String,
     #[serde(default)]
     pub payload_encoding: PayloadEncoding,
     /// 0 (default) or 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub qos: u8,
 }
 
@@ -59,15 +65,21 @@ pub struct PublishRequest {
 pub struct BroadcastRequest {
     /// The topic with `{dn}` for each device's name (and optionally `{pk}`), e.g.
     /// `/{pk}/{dn}/user/get`.
-    #[schema(example = "/{pk}/{dn}/user/get")]
+    /// Must contain `{dn}`.
+    #[schema(example = "/{pk}/{dn}/user/get", pattern = "\\{dn\\}")]
     pub topic: String,
+    /// The bytes to send: text, or base64 with `payload_encoding: base64`.
     pub payload: String,
     #[serde(default)]
     pub payload_encoding: PayloadEncoding,
+    /// 0 (default) or 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub qos: u8,
-    /// At most 1,000 names.
+    /// At most 1,000 names (a name that is no device of the product is reported as
+    /// `not_found` in its result).
     #[serde(default)]
+    #[schema(max_items = 1000)]
     pub device_names: Option<Vec<String>>,
     /// Devices with this tag…
     #[serde(default)]
@@ -95,6 +107,7 @@ pub struct CallRequest {
     /// Wait this long (1000–8000 ms) for the device's answer (synchronous call); absent:
     /// answer 202 at once, the answer lands in `GET …/commands/{id}` and the consumer groups.
     #[serde(default)]
+    #[schema(minimum = 1000, maximum = 8000)]
     pub timeout_ms: Option<u64>,
 }
 
@@ -102,11 +115,13 @@ pub struct CallRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RrpcRequest {
+    /// The bytes to send: text, or base64 with `payload_encoding: base64`.
     pub payload: String,
     #[serde(default)]
     pub payload_encoding: PayloadEncoding,
     /// How long to wait for the device's response, 1000–8000 ms (default 5000).
     #[serde(default)]
+    #[schema(minimum = 1000, maximum = 8000)]
     pub timeout_ms: Option<u64>,
 }
 

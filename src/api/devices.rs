@@ -43,7 +43,28 @@ pub struct CreateDeviceRequest {
     #[schema(min_length = 1, max_length = 64, pattern = "^[!-~]{1,64}$")]
     pub device_secret: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = device_tags_schema)]
     pub tags: BTreeMap<String, String>,
+}
+
+/// A device's tags as the registry checks them (`registry::validate::tags`).
+fn device_tags(nullable: bool) -> utoipa::openapi::schema::Object {
+    crate::schema::string_map(
+        "Tags: at most 100; keys 1 to 30 of `A-Z a-z 0-9 _ . -`, values at most 128 \
+         characters without control characters.",
+        nullable,
+        crate::registry::MAX_TAGS,
+        crate::schema::text(1, 30, Some("^[A-Za-z0-9_.-]{1,30}$")),
+        crate::schema::text(0, 128, Some(crate::schema::NO_CONTROL_PATTERN)),
+    )
+}
+
+fn device_tags_schema() -> utoipa::openapi::schema::Object {
+    device_tags(false)
+}
+
+fn optional_device_tags_schema() -> utoipa::openapi::schema::Object {
+    device_tags(true)
 }
 
 impl From<CreateDeviceRequest> for NewDevice {
@@ -62,7 +83,9 @@ impl From<CreateDeviceRequest> for NewDevice {
 pub struct UpdateDeviceRequest {
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// Replaces the device's tags.
     #[serde(default)]
+    #[schema(schema_with = optional_device_tags_schema)]
     pub tags: Option<BTreeMap<String, String>>,
 }
 
@@ -155,7 +178,9 @@ pub struct DeviceListQuery {
     pub page_size: Option<u32>,
     /// Only devices that are (true) or are not (false) connected.
     pub online: Option<bool>,
-    /// `key` (devices having the tag) or `key:value` (tag with that value).
+    /// `key` (devices having the tag) or `key:value` (tag with that value); the key is not
+    /// empty.
+    #[param(pattern = "^[^:]")]
     pub tag: Option<String>,
 }
 

@@ -98,6 +98,7 @@ fn service(state: &ApiState) -> Result<&ExportService, ApiError> {
 #[into_params(parameter_in = Query)]
 pub struct ExpandQuery {
     /// `objects` adds the per-object status list.
+    #[param(pattern = "^( *objects *(, *objects *)*)?$")]
     pub expand: Option<String>,
 }
 
@@ -328,7 +329,8 @@ fn tokio_util_stream(
 }
 
 /// The multipart form of `POST /api/v1/import`.
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ImportForm {
     /// The ZIP from `GET /api/v1/export/{id}/package`.
@@ -337,7 +339,11 @@ pub struct ImportForm {
     /// The passphrase the export used (required when the package holds secrets).
     pub secrets_key: Option<String>,
     /// `skip` (default), `overwrite` or `fail`.
+    #[schema(value_type = Option<ConflictPolicy>)]
     pub conflict_policy: Option<String>,
+    /// Default `import-<millis>` (also when blank); at most 128 characters, no control
+    /// characters.
+    #[schema(max_length = 128, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub name: Option<String>,
 }
 

@@ -71,23 +71,42 @@ impl From<FirmwareError> for ApiError {
 }
 
 /// The parts of `POST /api/v1/firmware` (documentation only; the handler streams them).
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct FirmwareUploadForm {
     /// The package bytes (exactly one part, at most the configured `ota.max_firmware_bytes`).
     #[schema(value_type = String, format = Binary)]
     file: Vec<u8>,
+    /// An existing product's key.
+    #[schema(min_length = 1, max_length = 32, pattern = "^[A-Za-z0-9]{1,32}$")]
     product_key: String,
-    /// 1..=64 printable ASCII characters.
+    /// 1..=64 printable ASCII characters, no spaces at either end.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[!-~]([ -~]{0,62}[!-~])?$"
+    )]
     version: String,
-    /// `[A-Za-z0-9_.-]{1,64}`; `default` when absent.
+    /// `[A-Za-z0-9_.-]{1,64}`; `default` when absent or empty.
+    #[schema(max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,64}$")]
     module: Option<String>,
-    /// Display name; the version when absent.
+    /// Display name, at most 64 characters, not blank, no control characters; the version
+    /// when absent or empty.
+    #[schema(
+        max_length = 64,
+        pattern = "^([^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*)?$"
+    )]
     name: Option<String>,
     /// `SHA256` (default) or `Md5`, case-insensitive: which digest devices get as `sign`.
+    #[schema(pattern = "^ *([Ss][Hh][Aa]256|[Mm][Dd]5) *$")]
     sign_method: Option<String>,
-    /// Versions this package upgrades from (≤10): a comma list, or the part repeated.
+    /// Versions this package upgrades from (≤10, each like `version`, not the package's own):
+    /// a comma list, or the part repeated.
+    #[schema(max_length = 8192)]
     src_versions: Option<String>,
+    /// At most 1024 characters.
+    #[schema(max_length = 1024)]
     description: Option<String>,
 }
 
@@ -338,6 +357,7 @@ pub async fn get_firmware(
 #[into_params(parameter_in = Query)]
 pub struct DownloadUrlQuery {
     /// Link lifetime in seconds, 1..=604800 (default 3600).
+    #[param(minimum = 1, maximum = 604800)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -393,6 +413,7 @@ pub struct DownloadQuery {
     /// Unix seconds the link is valid until.
     expires: u64,
     /// Hex HMAC-SHA256 of `"{fid}\n{expires}"` under the gateway's download key.
+    #[param(pattern = "^[0-9A-Fa-f]{64}$")]
     token: String,
 }
 

@@ -108,11 +108,15 @@ fn number_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::E
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMigrationRequest {
+    /// An existing product's key.
+    #[schema(min_length = 1, max_length = 32, pattern = "^[A-Za-z0-9]{1,32}$")]
     pub product_key: String,
     /// Must exist and differ from the product's instance.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub target_instance_id: String,
-    /// Default `migration-{product_key}`.
+    /// Default `migration-{product_key}`; 1..=64 characters, not blank.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = "\\S")]
     pub name: Option<String>,
     /// Default `full_migration`.
     #[serde(default)]
@@ -120,9 +124,9 @@ pub struct CreateMigrationRequest {
     /// Default `auto`.
     #[serde(default)]
     pub resume_mode: Option<ResumeMode>,
-    /// 1..=10240 MB/s (number or numeric string); absent = unlimited.
+    /// 1..=10240 MB/s (a number, or a numeric string); absent = unlimited.
     #[serde(default, deserialize_with = "number_or_string")]
-    #[schema(value_type = Option<u32>)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10240)]
     pub bandwidth_limit_mb: Option<u32>,
 }
 
@@ -132,9 +136,9 @@ pub struct CreateMigrationRequest {
 pub struct ConfigRequest {
     pub migration_method: MigrationMethod,
     pub resume_mode: ResumeMode,
-    /// 1..=10240 MB/s (number or numeric string); absent = unlimited.
+    /// 1..=10240 MB/s (a number, or a numeric string); absent = unlimited.
     #[serde(default, deserialize_with = "number_or_string")]
-    #[schema(value_type = Option<u32>)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10240)]
     pub bandwidth_limit_mb: Option<u32>,
 }
 
@@ -159,6 +163,69 @@ pub struct SelectionRequest {
     /// Rollback only: every migrated device.
     #[serde(default)]
     pub all: Option<bool>,
+}
+
+/// The JSON body of `POST …/canary` as the document states it: 1 to 100 device names.
+/// (Documentation only; the handler reads a [`SelectionRequest`].)
+pub struct CanaryRequest;
+
+impl utoipa::PartialSchema for CanaryRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        picked_schema(MAX_CANARY_JSON).into()
+    }
+}
+
+impl ToSchema for CanaryRequest {}
+
+/// The JSON body of `POST …/rollback` as the document states it: `{"all":true}`, or 1 to
+/// 10,000 device names. (Documentation only; the handler reads a [`SelectionRequest`].)
+pub struct RollbackRequest;
+
+impl utoipa::PartialSchema for RollbackRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+        let all = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property(
+                "all",
+                ObjectBuilder::new()
+                    .schema_type(Type::Boolean)
+                    .enum_values(Some([true])),
+            )
+            .required("all")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        let one_of = OneOfBuilder::new()
+            .description(Some(
+                "`{\"all\":true}` (every migrated device) or `{\"device_names\":[…]}` (1 to 10,000)",
+            ))
+            .item(all)
+            .item(picked_schema(MAX_PICKED))
+            .build();
+        utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::OneOf(one_of))
+    }
+}
+
+impl ToSchema for RollbackRequest {}
+
+/// `{"device_names":[…]}` with 1 to `max` names.
+fn picked_schema(max: usize) -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(
+            "device_names",
+            ArrayBuilder::new()
+                .items(ObjectBuilder::new().schema_type(Type::String))
+                .min_items(Some(1))
+                .max_items(Some(max))
+                .description(Some(
+                    "Devices of the task's product; unknown, duplicate or ineligible names are \
+                     refused row by row (`rejected`)",
+                )),
+        )
+        .required("device_names")
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .build()
 }
 
 /// Answer of `canary` and `rollback`.
@@ -451,7 +518,7 @@ pub(super) fn parse_csv_names(body: &[u8]) -> Result<Vec<String>, ApiError> {
     request_body(
         description = "`{\"device_names\":[…]}` (≤ 100) or CSV with a `DeviceName` column (≤ 10,000 rows)",
         content(
-            (SelectionRequest = "application/json"),
+            (CanaryRequest = "application/json"),
             (String = "text/csv", example = "DeviceName\nsensor-0001\nsensor-0002\n"),
         )
     ),
@@ -494,7 +561,7 @@ pub async fn canary(
     request_body(
         description = "`{\"all\":true}`, `{\"device_names\":[…]}` (≤ 10,000) or CSV with a `DeviceName` column",
         content(
-            (SelectionRequest = "application/json"),
+            (RollbackRequest = "application/json"),
             (String = "text/csv", example = "DeviceName\nsensor-0001\n"),
         )
     ),

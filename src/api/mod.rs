@@ -507,6 +507,11 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             middleware::observe,
         ))
         .with_state(state.clone());
+    // Outside `app`: axum sets a 405's or OPTIONS answer's `Allow` header on the way out of
+    // the route, after `app`'s own layers have run.
+    let app = Router::new()
+        .fallback_service(app)
+        .layer(axum::middleware::from_fn(system::advertise_options));
     // The operator console (`/`, `/console/…`); everything else goes to `app`.
     crate::console::mount(app, state)
 }

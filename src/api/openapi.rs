@@ -19,8 +19,8 @@ use super::export::ImportForm;
 use super::firmware::{DownloadUrl, FirmwareUploadForm};
 use super::instances::CreateInstanceRequest;
 use super::migrations::{
-    ConfigRequest, ConfigResponse, CreateMigrationRequest, DataSyncRequest, SelectionRequest,
-    SelectionResponse,
+    CanaryRequest, ConfigRequest, ConfigResponse, CreateMigrationRequest, DataSyncRequest,
+    RollbackRequest, SelectionResponse,
 };
 use super::ota::{
     CancelJobRequest, CancelTasksRequest, ChangedCount, ConfirmRequest, JobStatisticsView,
@@ -186,7 +186,8 @@ use crate::registry::Instance;
         CreateMigrationRequest,
         ConfigRequest,
         ConfigResponse,
-        SelectionRequest,
+        CanaryRequest,
+        RollbackRequest,
         SelectionResponse,
         DataSyncRequest,
         TaskDetails,
@@ -234,6 +235,7 @@ use crate::registry::Instance;
         VersionCount,
         TaskEvent,
         JobUploadForm,
+        super::ota::JobRequest,
         CancelJobRequest,
         CancelTasksRequest,
         ConfirmRequest,
@@ -285,7 +287,10 @@ impl Modify for Conventions {
              offending field when there is one, and `request_id` equals the `x-request-id` \
              response header.\n\n{}\n## Lists\n\nLists take `page` (1-based) and `page_size` \
              (1..=100, default 20) and return `{{\"items\",\"total\",\"page\",\"page_size\"}}`. \
-             \n\n## Secrets\n\nA device or product secret is returned to the caller that \
+             \n\n## Methods\n\nA method a path does not list here gets 405 (`FG.0405`) \
+             with an `Allow` header naming the path's methods (`GET` implies `HEAD`); \
+             `OPTIONS` on any path answers 204 with the same `Allow` header. Neither needs a \
+             token. No CORS headers are sent.\n\n## Secrets\n\nA device or product secret is returned to the caller that \
              created it (`POST …/devices` → `device_secret`, the created rows of \
              `POST …/devices/batch`, `POST /api/v1/products` → `product_secret`) and otherwise \
              only on explicit request: `GET /api/v1/products/{{pk}}/devices/{{dn}}/secret` \
@@ -390,7 +395,10 @@ fn constrain_parameters(op: &mut Operation) {
             continue;
         };
         match (&p.parameter_in, p.name.as_str()) {
-            (ParameterIn::Query, "page") => o.minimum = Some(1.into()),
+            (ParameterIn::Query, "page") => {
+                o.minimum = Some(1.into());
+                o.maximum = Some((u32::MAX as usize).into());
+            }
             (ParameterIn::Query, "page_size") => {
                 o.minimum = Some(1.into());
                 o.maximum = Some((MAX_PAGE_SIZE as usize).into());
@@ -398,6 +406,10 @@ fn constrain_parameters(op: &mut Operation) {
             (ParameterIn::Path, "pk") => o.pattern = Some("^[A-Za-z0-9]{1,32}$".into()),
             (ParameterIn::Path, "dn") => o.pattern = Some("^[A-Za-z0-9_@.:-]{4,32}$".into()),
             (ParameterIn::Path, "iid") => o.pattern = Some("^[A-Za-z0-9_-]{1,64}$".into()),
+            // Consumer group ids and service identifiers: 1..=64 of `A-Z a-z 0-9 _ -`.
+            (ParameterIn::Path, "gid" | "identifier") => {
+                o.pattern = Some("^[A-Za-z0-9_-]{1,64}$".into())
+            }
             _ => {}
         }
     }

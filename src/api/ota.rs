@@ -23,10 +23,12 @@ use crate::ota::engine::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry
 use crate::ota::firmware::{FirmwareError, FirmwarePackage};
 use crate::ota::model::{
     JobSpec, JobStatistics, JobStatus, JobView, TargetKind, TaskView, VersionDistribution,
-    MAX_DEVICE_NAMES,
+    MAX_DEVICE_NAMES, MAX_VERIFY_DEVICES,
 };
 use crate::ota::task::TaskStatus;
 use crate::ota::{OtaEngine, OtaError};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::RefOr;
 
 impl From<OtaError> for ApiError {
     fn from(e: OtaError) -> Self {
@@ -60,7 +62,8 @@ fn engine(state: &ApiState) -> Result<&OtaEngine, ApiError> {
         .ok_or_else(|| ApiError::internal("the OTA engine is not configured"))
 }
 
-/// A JSON body that may be absent (then `T::default()`).
+/// A JSON body that may be absent or `null` (then `T::default()`), as the document states
+/// these bodies (nullable).
 async fn optional_json<T: DeserializeOwned + Default>(
     headers: &HeaderMap,
     body: &Bytes,
@@ -71,7 +74,7 @@ async fn optional_json<T: DeserializeOwned + Default>(
     if !is_json(headers) {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
-    parse_json(body)
+    Ok(parse_json::<Option<T>>(body)?.unwrap_or_default())
 }
 
 /// Device names from an uploaded list: one per line or CSV with a `DeviceName` column
@@ -110,7 +113,8 @@ pub(super) fn parse_device_list(text: &str) -> Result<Vec<String>, ApiError> {
 }
 
 /// Parts of the multipart form of `POST /api/v1/ota/jobs` (documentation only).
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct JobUploadForm {
     /// The job as JSON ([`JobSpec`]); its target becomes SPECIFIC with the uploaded names.
@@ -119,6 +123,122 @@ pub struct JobUploadForm {
     #[schema(value_type = String, format = Binary)]
     device_list: Vec<u8>,
 }
+
+/// The JSON body of `POST /api/v1/ota/jobs` as the document states it: a [`JobSpec`] in one of
+/// five shapes, by `target` (and `job_type` for SPECIFIC), each with only the fields that
+/// target takes — `device_names` (1..) with SPECIFIC, `gray_percent` with GRAY, `target_tags`
+/// (1..) with TAG, and VERIFY_FIRMWARE only as a STATIC SPECIFIC job of at most 10 devices —
+/// which is what [`JobSpec::validate`] checks. (Documentation only; the handler reads a
+/// [`JobSpec`].)
+pub struct JobRequest;
+
+impl utoipa::PartialSchema for JobRequest {
+    fn schema() -> RefOr<Schema> {
+        let RefOr::T(Schema::Object(base)) = <JobSpec as utoipa::PartialSchema>::schema() else {
+            return <JobSpec as utoipa::PartialSchema>::schema();
+        };
+        let strings = |values: &[&str]| -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(values.iter().copied()))
+                .into()
+        };
+        let names = |max: usize| -> RefOr<Schema> {
+            let mut list = crate::schema::string_list(
+                "The devices, each named once, 1..=64 characters.",
+                false,
+                max,
+                crate::schema::text(1, 64, None),
+                true,
+            );
+            list.min_items = Some(1);
+            list.into()
+        };
+        // (target, job_type values, selection values, required fields, fields it takes).
+        type Shape<'a> = (
+            &'a str,
+            &'a [&'a str],
+            Option<&'a [&'a str]>,
+            &'a [&'a str],
+            &'a [&'a str],
+        );
+        let shapes: [Shape; 5] = [
+            ("ALL", &["UPGRADE_FIRMWARE"], None, &[], &[]),
+            (
+                "GRAY",
+                &["UPGRADE_FIRMWARE"],
+                None,
+                &["gray_percent"],
+                &["gray_percent"],
+            ),
+            (
+                "TAG",
+                &["UPGRADE_FIRMWARE"],
+                None,
+                &["target_tags"],
+                &["target_tags"],
+            ),
+            (
+                "SPECIFIC",
+                &["UPGRADE_FIRMWARE"],
+                None,
+                &["device_names"],
+                &["device_names"],
+            ),
+            (
+                "SPECIFIC",
+                &["VERIFY_FIRMWARE"],
+                Some(&["STATIC"]),
+                &["device_names", "job_type"],
+                &["device_names"],
+            ),
+        ];
+        let mut one_of = OneOfBuilder::new().description(Some(
+            "A job: the fields a `target` takes depend on it (see the variants); \
+             `finish_by_ms` is in the future and after `start_at_ms`; \
+             `retry_interval_seconds` is required with a `retry_count` above 0; \
+             `rate.ramp.max_per_minute` is at least `rate.per_minute`.",
+        ));
+        for (target, job_types, selections, required, takes) in shapes {
+            let mut o = base.clone();
+            for field in ["device_names", "gray_percent", "target_tags"] {
+                if !takes.contains(&field) {
+                    o.properties.remove(field);
+                }
+            }
+            o.properties.insert("target".into(), strings(&[target]));
+            o.properties.insert("job_type".into(), strings(job_types));
+            if let Some(values) = selections {
+                o.properties.insert("selection".into(), strings(values));
+            }
+            if takes.contains(&"device_names") {
+                let max = if job_types == ["VERIFY_FIRMWARE"] {
+                    MAX_VERIFY_DEVICES
+                } else {
+                    MAX_DEVICE_NAMES
+                };
+                o.properties.insert("device_names".into(), names(max));
+            }
+            if let Some(RefOr::T(Schema::Object(p))) = o.properties.get_mut("gray_percent") {
+                p.schema_type = SchemaType::Type(Type::Number);
+            }
+            if let Some(RefOr::T(Schema::Array(a))) = o.properties.get_mut("target_tags") {
+                a.min_items = Some(1);
+            }
+            for field in required {
+                if !o.required.iter().any(|r| r == field) {
+                    o.required.push((*field).to_owned());
+                }
+            }
+            o.title = Some(format!("{target} ({})", job_types.join(", ")));
+            o.description = None;
+            one_of = one_of.item(o);
+        }
+        RefOr::T(Schema::OneOf(one_of.build()))
+    }
+}
+
+impl ToSchema for JobRequest {}
 
 /// A multipart failure: 413 when the body went over the route's limit, 400 otherwise.
 fn multipart_error(status: StatusCode, what: String) -> ApiError {
@@ -181,7 +301,7 @@ async fn spec_from_multipart(req: Request, state: &ApiState) -> Result<JobSpec, 
     path = "/api/v1/ota/jobs",
     tag = "ota",
     request_body(content(
-        (JobSpec = "application/json"),
+        (JobRequest = "application/json"),
         (JobUploadForm = "multipart/form-data"),
     )),
     responses(
@@ -225,6 +345,7 @@ pub struct JobListQuery {
     pub firmware_id: Option<String>,
     pub product_key: Option<String>,
     /// PLANNED, IN_PROGRESS, PAUSED, COMPLETED or CANCELED.
+    #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
 }
 
@@ -291,6 +412,7 @@ pub struct TaskListQuery {
     pub page: Option<u32>,
     pub page_size: Option<u32>,
     /// CONFIRM, QUEUED, NOTIFIED, IN_PROGRESS, SUCCEEDED, FAILED or CANCELED.
+    #[param(value_type = Option<TaskStatus>)]
     pub status: Option<String>,
 }
 
@@ -395,8 +517,10 @@ pub async fn cancel_job(
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmRequest {
-    /// Devices to confirm; absent = every task waiting in CONFIRM.
+    /// Devices to confirm (at most 10,000, each with a task in the job); absent = every task
+    /// waiting in CONFIRM.
     #[serde(default)]
+    #[schema(max_items = 10000)]
     pub device_names: Option<Vec<String>>,
 }
 
@@ -488,6 +612,8 @@ pub async fn resume_job(
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelTasksRequest {
+    /// At most 10,000, each with a task in the job.
+    #[schema(max_items = 10000)]
     pub device_names: Vec<String>,
     /// Also cancel tasks IN_PROGRESS.
     #[serde(default)]

@@ -23,7 +23,11 @@ use crate::registry::{NewProduct, Product};
 #[serde(deny_unknown_fields)]
 pub struct CreateProductRequest {
     /// 1 to 64 characters, not blank, no control characters.
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
     /// Generated when absent: 1 to 32 ASCII letters and digits, not a topic namespace
     /// (`sys`, `ota`, …).
@@ -36,7 +40,10 @@ pub struct CreateProductRequest {
     pub instance_id: Option<String>,
     /// At most 100 characters, no control characters but newlines.
     #[serde(default)]
-    #[schema(max_length = 100)]
+    #[schema(
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub description: Option<String>,
 }
 

@@ -1,14 +1,24 @@
-//! Unauthenticated endpoints (`/healthz`, `/metrics`, `/api/v1/openapi.json`) and the
-//! fallbacks for unknown routes and methods.
+//! Unauthenticated endpoints (`/healthz`, `/metrics`, `/api/v1/openapi.json`), the fallbacks
+//! for unknown routes and methods, and `OPTIONS`.
+//!
+//! A method a route does not have gets 405 with an `Allow` header listing the route's
+//! methods; `OPTIONS` on any route gets 204 with the same header. axum computes the list from
+//! the route's method router (`GET` brings `HEAD`) and adds it to what the route's
+//! method-not-allowed fallback ([`method_not_allowed`]) answers; [`advertise_options`], outside
+//! the router, adds `OPTIONS` itself, which every route answers that way. Neither needs a token:
+//! what methods a path has is no secret (the document lists them), and a 405 is decided before
+//! authentication. No CORS headers are sent: the API serves no browser origin but its own
+//! console.
 //!
 //! They are open on purpose: probes and Prometheus scrapers carry no token, and the OpenAPI
 //! document describes the API, not the fleet. None of them exposes a secret or changes state.
 
 use std::sync::OnceLock;
 
-use axum::extract::State;
-use axum::http::{header, HeaderMap};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
 use utoipa::OpenApi;
@@ -83,6 +93,29 @@ pub async fn not_found() -> ApiError {
     ApiError::route_not_found()
 }
 
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::method_not_allowed()
+/// A method the route does not have: 405 (`FG.0405`), or 204 for `OPTIONS`. axum adds the
+/// `Allow` header to either.
+pub async fn method_not_allowed(method: Method) -> Response {
+    if method == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ApiError::method_not_allowed().into_response()
+    }
+}
+
+/// Adds `OPTIONS` to an `Allow` header axum's method routing set (every route answers it, in
+/// [`method_not_allowed`], which axum does not know). Must run outside the router: axum sets
+/// `Allow` on the way out of the route, after the router's own layers.
+pub async fn advertise_options(req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    let allow = response
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && !v.split(',').any(|m| m.trim() == "OPTIONS"))
+        .map(|v| format!("{v},OPTIONS"));
+    if let Some(value) = allow.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }

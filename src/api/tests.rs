@@ -1421,3 +1421,259 @@ async fn openapi_documents_the_shared_answers_of_every_operation() {
         "Viewer token"
     );
 }
+
+/// Every request body field and query parameter states in the document the bounds the server
+/// enforces on it: a string a length, pattern or enum; a number a maximum; a list or map a
+/// maximum size (and its items or keys and values their own bounds); an object
+/// `additionalProperties: false` (every request type and form refuses unknown fields). A field
+/// the server really leaves unbounded is listed in `FREE` with the reason, so a new field is
+/// not added without deciding which it is (docs/SECURITY.md, "Schema testing").
+#[tokio::test]
+async fn openapi_request_fields_state_their_bounds() {
+    const FREE: &[(&str, &str)] = &[
+        (
+            "PublishRequest.payload",
+            "any bytes (text or base64); the body limit bounds it",
+        ),
+        (
+            "BroadcastRequest.payload",
+            "any bytes (text or base64); the body limit bounds it",
+        ),
+        (
+            "RrpcRequest.payload",
+            "any bytes (text or base64); the body limit bounds it",
+        ),
+        (
+            "BroadcastRequest.device_names[]",
+            "a name that is no device is reported per device",
+        ),
+        (
+            "BroadcastRequest.tag_key",
+            "a tag filter: any value, matching no device at worst",
+        ),
+        (
+            "BroadcastRequest.tag_value",
+            "a tag filter: any value, matching no device at worst",
+        ),
+        (
+            "CallRequest.params",
+            "the call's parameters: any JSON object, for the device",
+        ),
+        (
+            "ConfirmRequest.device_names[]",
+            "each must have a task in the job (400 otherwise)",
+        ),
+        (
+            "CancelTasksRequest.device_names[]",
+            "each must have a task in the job (400 otherwise)",
+        ),
+        (
+            "CanaryRequest.device_names[]",
+            "refused row by row (unknown, duplicate, ineligible)",
+        ),
+        (
+            "RollbackRequest.device_names[]",
+            "refused row by row (unknown, duplicate, ineligible)",
+        ),
+        (
+            "JobRequest.finish_by_ms",
+            "any time after now and start_at_ms",
+        ),
+        (
+            "JobRequest.start_at_ms",
+            "any time (ms since the epoch, ≥ 0)",
+        ),
+        (
+            "JobRequest.target_tags",
+            "each tag narrows the selection; the body limit bounds them",
+        ),
+        ("TagFilter.value", "a tag value to match: any"),
+        ("RampSpec.every_succeeded", "any step ≥ 1"),
+        ("AbortSpec.min_finished", "any count ≥ 1"),
+        (
+            "AbortSpec.failure_reasons",
+            "a set of enum values: repeats change nothing",
+        ),
+        (
+            "ObjectRequest.id",
+            "an object's id: an unknown one is refused by name (404)",
+        ),
+        (
+            "ExportRequest.secrets_key",
+            "a passphrase: at least 12 characters, no maximum",
+        ),
+        (
+            "ImportForm.secrets_key",
+            "the export's passphrase, whatever it was",
+        ),
+        ("JobUploadForm.job", "the job as JSON: checked as a JobSpec"),
+        (
+            "/api/v1/ota/jobs?firmware_id",
+            "a filter: any value, matching no job at worst",
+        ),
+        (
+            "/api/v1/ota/jobs?product_key",
+            "a filter: any value, matching no job at worst",
+        ),
+        (
+            "/api/v1/firmware?product_key",
+            "a filter: any value, matching nothing at worst",
+        ),
+        (
+            "/api/v1/migrations?product_key",
+            "a filter: any value, matching nothing at worst",
+        ),
+        (
+            "/api/v1/migrations/{tid}/devices?device_name",
+            "a name substring to search for",
+        ),
+        (
+            "/api/v1/products/{pk}/devices/{dn}/ota/timeline?job_id",
+            "a filter: any job id",
+        ),
+        (
+            "/api/v1/products/{pk}/ota/versions?module",
+            "a module name to count: any",
+        ),
+        (
+            "/firmware/{fid}/download?expires",
+            "the link's unix time; a stale or forged one is 403",
+        ),
+    ];
+    let app = test_app();
+    let doc = app.get("/api/v1/openapi.json", None).await.json();
+    let schemas = &doc["components"]["schemas"];
+    let mut walk = BoundsWalk {
+        schemas,
+        seen: Default::default(),
+        unbounded: Vec::new(),
+    };
+    let mut bodies = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (media, content) in op["requestBody"]["content"]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                // A CSV body is one string; the handler bounds its rows (documented per route).
+                if media != "text/csv" {
+                    let name = format!("{method} {path} ({media})");
+                    walk.schema(&content["schema"], &name);
+                    bodies += 1;
+                }
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["in"] == "query" {
+                    let name = format!("{path}?{}", p["name"].as_str().unwrap());
+                    walk.schema(&p["schema"], &name);
+                }
+            }
+        }
+    }
+    assert!(bodies >= 25, "{bodies} request bodies");
+    let free: std::collections::BTreeSet<&str> = FREE.iter().map(|(f, _)| *f).collect();
+    let missing: Vec<&String> = walk
+        .unbounded
+        .iter()
+        .filter(|f| !free.contains(f.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "request fields without the bounds their validators enforce (state them in the \
+         schema, or list the field in FREE with the reason): {missing:#?}"
+    );
+    let stale: Vec<&&str> = free
+        .iter()
+        .filter(|f| !walk.unbounded.iter().any(|u| u == *f))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "FREE lists fields that are bounded or gone: {stale:?}"
+    );
+}
+
+/// Walks request schemas, collecting the fields that state no bound.
+struct BoundsWalk<'a> {
+    schemas: &'a Value,
+    seen: std::collections::HashSet<String>,
+    unbounded: Vec<String>,
+}
+
+impl BoundsWalk<'_> {
+    fn schema(&mut self, s: &Value, name: &str) {
+        if let Some(r) = s["$ref"].as_str() {
+            let target = r.trim_start_matches("#/components/schemas/");
+            if self.seen.insert(target.to_owned()) {
+                let resolved = self.schemas[target].clone();
+                assert!(!resolved.is_null(), "{name}: dangling {r}");
+                self.schema(&resolved, target);
+            }
+            return;
+        }
+        for key in ["oneOf", "anyOf", "allOf"] {
+            for alt in s[key].as_array().into_iter().flatten() {
+                self.schema(alt, name);
+            }
+        }
+        let types: Vec<&str> = match &s["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let has = |k: &str| s.get(k).is_some_and(|v| !v.is_null());
+        let bounded = has("enum") || has("const");
+        for t in types {
+            match t {
+                "object" if has("properties") => {
+                    if s["additionalProperties"] != Value::Bool(false) {
+                        self.unbounded
+                            .push(format!("{name} (additionalProperties)"));
+                    }
+                    for (field, fs) in s["properties"].as_object().unwrap() {
+                        self.schema(fs, &format!("{name}.{field}"));
+                    }
+                }
+                "object" if s["additionalProperties"].is_object() => {
+                    if !has("maxProperties") {
+                        self.unbounded.push(name.to_owned());
+                    }
+                    if !has("propertyNames") {
+                        self.unbounded.push(format!("{name}{{keys}}"));
+                    }
+                    self.schema(&s["propertyNames"], &format!("{name}{{keys}}"));
+                    self.schema(&s["additionalProperties"], &format!("{name}{{values}}"));
+                }
+                "object" => self.unbounded.push(name.to_owned()),
+                "array" => {
+                    if !has("maxItems") && !bounded {
+                        self.unbounded.push(name.to_owned());
+                    }
+                    self.schema(&s["items"], &format!("{name}[]"));
+                }
+                "string"
+                    if !(bounded
+                        || s["format"] == "binary"
+                        || has("maxLength")
+                        || has("pattern")) =>
+                {
+                    self.unbounded.push(name.to_owned())
+                }
+                "integer" | "number" if !(bounded || has("maximum") || has("exclusiveMaximum")) => {
+                    self.unbounded.push(name.to_owned())
+                }
+                _ => {}
+            }
+        }
+        if s.is_object() && s.get("type").is_none() && s.get("$ref").is_none() {
+            // A schema with no type (free JSON), unless it only combines others.
+            let combines = ["oneOf", "anyOf", "allOf"]
+                .iter()
+                .any(|k| s.get(*k).is_some());
+            let empty_name_schema = s.as_object().is_some_and(|o| o.is_empty());
+            if !combines && !empty_name_schema {
+                self.unbounded.push(name.to_owned());
+            }
+        }
+    }
+}

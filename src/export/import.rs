@@ -89,6 +89,8 @@ impl ExportService {
         by: Privilege,
     ) -> Result<JobRecord, ExportError> {
         let started_by = by.as_str();
+        let created = now();
+        let name = super::job_name(name.as_deref(), || format!("import-{created}"))?;
         let size = bytes.len() as u64;
         let slot = self
             .inner
@@ -105,13 +107,10 @@ impl ExportService {
         .await
         .map_err(|e| ExportError::Internal(format!("verify task failed: {e}")))??;
         self.check_privilege(&verified, by)?;
-        let created = now();
         let mut job = JobRecord {
             id: new_id("imp"),
             kind: JobKind::Import,
-            name: name
-                .filter(|n| !n.trim().is_empty())
-                .unwrap_or_else(|| format!("import-{created}")),
+            name,
             created_at_ms: created,
             updated_at_ms: created,
             started_at_ms: Some(created),

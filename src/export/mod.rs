@@ -283,16 +283,7 @@ impl ExportService {
             });
         }
         let created = now();
-        let name = match req.name.as_deref().map(str::trim) {
-            None | Some("") => format!("job-{created}"),
-            Some(n) if n.chars().count() > 128 || n.chars().any(char::is_control) => {
-                return Err(ExportError::Invalid {
-                    field: "name",
-                    message: "at most 128 characters without control characters".into(),
-                })
-            }
-            Some(n) => n.to_owned(),
-        };
+        let name = job_name(req.name.as_deref(), || format!("job-{created}"))?;
         let secrets = SecretsFor {
             include: req.include_secrets.unwrap_or(true),
             by,
@@ -862,5 +853,28 @@ fn doc_op(job: &JobRecord) -> Op {
         },
         id: job.id.clone(),
         body: serde_json::to_string(job).unwrap_or_default(),
+    }
+}
+
+/// Longest export or import job name, characters.
+pub const MAX_JOB_NAME_CHARS: usize = 128;
+
+/// A job's name as given (trimmed), or `default()` when absent or blank: at most
+/// [`MAX_JOB_NAME_CHARS`] characters without control characters.
+pub(crate) fn job_name(
+    given: Option<&str>,
+    default: impl FnOnce() -> String,
+) -> Result<String, ExportError> {
+    match given.map(str::trim) {
+        None | Some("") => Ok(default()),
+        Some(n) if n.chars().count() > MAX_JOB_NAME_CHARS || n.chars().any(char::is_control) => {
+            Err(ExportError::Invalid {
+                field: "name",
+                message: format!(
+                    "at most {MAX_JOB_NAME_CHARS} characters without control characters"
+                ),
+            })
+        }
+        Some(n) => Ok(n.to_owned()),
     }
 }

@@ -112,6 +112,8 @@ impl std::fmt::Display for Privilege {
 #[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectRequest {
+    /// The object's id (see `type`).
+    #[schema(min_length = 1)]
     pub id: String,
     #[serde(rename = "type")]
     pub object_type: ObjectType,
@@ -126,13 +128,17 @@ pub struct ObjectRequest {
 #[derive(Serialize, Deserialize, Clone, Debug, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
-    /// Default `job-<millis>`.
+    /// Default `job-<millis>` (also when blank); at most 128 characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 128, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub name: Option<String>,
+    /// 1 to 1,000 objects.
+    #[schema(min_items = 1, max_items = 1000)]
     pub objects: Vec<ObjectRequest>,
     /// Passphrase (≥ 12 characters) that encrypts product and device secrets in the package.
     /// Required whenever products or devices are exported, unless `include_secrets` is false.
     #[serde(default)]
+    #[schema(min_length = 12)]
     pub secrets_key: Option<String>,
     /// Default true. False exports products and devices without their secrets; an import then
     /// generates new ones (devices must be re-provisioned).

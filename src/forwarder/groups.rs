@@ -68,12 +68,21 @@ pub struct ConsumerGroup {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewConsumerGroup {
+    /// 1..=64 of `A-Z a-z 0-9 _ -`.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub group_id: Option<String>,
+    /// 1..=64 characters, not blank, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
     /// Message TTL of the group's queue, seconds, 0..=4294967 (0 = messages never expire);
     /// `amqp.queue_message_ttl_secs` (default 86400, the vendor's one day) when absent.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 4294967)]
     pub message_ttl_secs: Option<u32>,
 }
 

@@ -56,9 +56,11 @@ impl RateLimit {
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitRequest {
     /// Messages per second, 1..=4294967295; null = no message bound.
+    #[schema(minimum = 1, maximum = 4294967295_u32)]
     pub msgs_per_sec: Option<u32>,
     /// Bytes (message bodies) per second, 1..=4294967295; null = no byte bound. A message
     /// larger than one second's budget is let through rather than blocked forever.
+    #[schema(minimum = 1, maximum = 4294967295_u32)]
     pub bytes_per_sec: Option<u32>,
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Validation names the offending field by its JSON path (`rate.ramp.factor`, …).
 
+use super::firmware::MAX_SRC_VERSIONS;
 use super::task::{FailureReason, QueueReason, RetryPolicy, TaskState, TaskStatus};
 use super::OtaError;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,10 @@ pub const MAX_RETRY_INTERVAL_SECS: u64 = 1440 * 60;
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// Highest push rate, devices per minute.
 pub const MAX_PER_MINUTE: u32 = 1_000_000;
+/// Most labels on a job.
+pub const MAX_JOB_TAGS: usize = 20;
+/// Longest ramp step, seconds (as long as the longest timeout).
+pub const MAX_RAMP_EVERY_SECS: u64 = MAX_TIMEOUT_SECS;
 /// History entries kept per task (older ones are dropped and counted).
 pub const MAX_HISTORY: usize = 100;
 
@@ -61,6 +66,8 @@ pub enum TargetKind {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TagFilter {
+    /// 1..=64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub key: String,
     /// Absent: the device only needs the key.
     #[serde(default)]
@@ -74,11 +81,19 @@ pub struct TagFilter {
 #[serde(deny_unknown_fields)]
 pub struct RampSpec {
     /// 1.1..=5.
+    #[schema(minimum = 1.1, maximum = 5)]
     pub factor: f64,
+    /// Step up every this many seconds, 1..=604800 (at least one of `every_seconds` and
+    /// `every_succeeded` is required).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub every_seconds: Option<u64>,
+    /// Step up after every this many successes (≥ 1).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub every_succeeded: Option<u64>,
+    /// The ramp's ceiling: `rate.per_minute`..=1,000,000.
+    #[schema(minimum = 1, maximum = 1000000)]
     pub max_per_minute: u32,
 }
 
@@ -87,8 +102,12 @@ pub struct RampSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateSpec {
+    /// 1..=1,000,000.
+    #[schema(minimum = 1, maximum = 1000000)]
     pub per_minute: u32,
+    /// 1..=1,000,000.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub burst: Option<u32>,
     #[serde(default)]
     pub ramp: Option<RampSpec>,
@@ -110,8 +129,11 @@ pub enum AbortAction {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AbortSpec {
+    /// ≥ 1.
+    #[schema(minimum = 1)]
     pub min_finished: u32,
     /// 0 < p ≤ 100.
+    #[schema(exclusive_minimum = 0, maximum = 100)]
     pub failure_percent: f64,
     #[serde(default)]
     pub failure_reasons: Vec<FailureReason>,
@@ -119,57 +141,76 @@ pub struct AbortSpec {
     pub action: AbortAction,
 }
 
-/// The body of `POST /api/v1/ota/jobs`.
+/// The body of `POST /api/v1/ota/jobs`. Besides each field's own bounds: `device_names` only
+/// (and required) with target SPECIFIC, `gray_percent` only (and required) with GRAY,
+/// `target_tags` only (and required) with TAG; VERIFY_FIRMWARE jobs are STATIC and SPECIFIC
+/// with at most 10 devices; `finish_by_ms` is in the future and after `start_at_ms`;
+/// `retry_interval_seconds` is required with a `retry_count` above 0.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// A package's id (not blank).
+    #[schema(min_length = 1, pattern = "\\S")]
     pub firmware_id: String,
     #[serde(default)]
     pub job_type: JobType,
     #[serde(default)]
     pub selection: Selection,
     pub target: TargetKind,
-    /// SPECIFIC: the devices (≤ 10,000; ≤ 10 for VERIFY_FIRMWARE).
+    /// SPECIFIC: the devices (≤ 10,000; ≤ 10 for VERIFY_FIRMWARE), each named once, 1..=64
+    /// characters.
     #[serde(default)]
+    #[schema(schema_with = device_names_schema)]
     pub device_names: Vec<String>,
     /// GRAY: percent of the matching devices, 0 < p ≤ 100.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 100)]
     pub gray_percent: Option<f64>,
     /// TAG: every listed key must match (values of one key are alternatives).
     #[serde(default)]
     pub target_tags: Vec<TagFilter>,
-    /// Versions to upgrade from (default: the package's `src_versions`; empty = any).
+    /// Versions to upgrade from (default: the package's `src_versions`; empty = any): at most
+    /// 10, each 1..=64 characters.
     #[serde(default)]
+    #[schema(schema_with = src_versions_schema)]
     pub src_versions: Option<Vec<String>>,
     /// Push rate (default: unlimited).
     #[serde(default)]
     pub rate: Option<RateSpec>,
     /// Start pushing at (ms since the epoch); before that tasks are QUEUED (SCHEDULED).
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub start_at_ms: Option<i64>,
     /// Stop at (ms): tasks not yet started are canceled, a DYNAMIC policy ends.
     #[serde(default)]
     pub finish_by_ms: Option<i64>,
     /// From the first progress to the target version, per attempt (1..=604800).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub timeout_seconds: Option<u64>,
-    /// Longest silence while IN_PROGRESS before TIMEOUT.
+    /// Longest silence while IN_PROGRESS before TIMEOUT (1..=604800).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub stall_seconds: Option<u64>,
     /// Wait before the first retry (0..=86400).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400)]
     pub retry_interval_seconds: Option<u64>,
     /// Retries after device failures and wrong versions (0..=10).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 10)]
     pub retry_count: Option<u32>,
     /// Each further retry waits this many times longer (1..=10, default 1: fixed interval).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10)]
     pub retry_backoff: Option<f64>,
-    /// Cap of one retry wait, seconds.
+    /// Cap of one retry wait, seconds (1..=604800).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub retry_max_interval_seconds: Option<u64>,
     /// Random extra wait, percent of the wait (0..=100).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
     pub retry_jitter_percent: Option<u32>,
     /// Replace a device's unfinished task of another job (never an IN_PROGRESS one).
     #[serde(default)]
@@ -182,13 +223,50 @@ pub struct JobSpec {
     pub force: bool,
     #[serde(default)]
     pub abort: Option<AbortSpec>,
-    /// Labels on the job itself.
+    /// Labels on the job itself: at most 20, keys 1..=64 characters, values at most 128.
     #[serde(default)]
+    #[schema(schema_with = job_tags_schema)]
     pub tags: BTreeMap<String, String>,
+    /// 1..=64 characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64)]
     pub name: Option<String>,
+    /// At most 1024 characters.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub description: Option<String>,
+}
+
+fn device_names_schema() -> utoipa::openapi::schema::Array {
+    crate::schema::string_list(
+        "SPECIFIC: the devices (≤ 10,000; ≤ 10 for VERIFY_FIRMWARE), each named once, 1..=64 \
+         characters.",
+        false,
+        MAX_DEVICE_NAMES,
+        crate::schema::text(1, 64, None),
+        true,
+    )
+}
+
+fn src_versions_schema() -> utoipa::openapi::schema::Array {
+    crate::schema::string_list(
+        "Versions to upgrade from (default: the package's `src_versions`; empty = any): at most \
+         10, each 1..=64 characters.",
+        true,
+        MAX_SRC_VERSIONS,
+        crate::schema::text(1, 64, None),
+        false,
+    )
+}
+
+fn job_tags_schema() -> utoipa::openapi::schema::Object {
+    crate::schema::string_map(
+        "Labels on the job itself: at most 20, keys 1..=64 characters, values at most 128.",
+        false,
+        MAX_JOB_TAGS,
+        crate::schema::text(1, 64, None),
+        crate::schema::text(0, 128, None),
+    )
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> OtaError {
@@ -228,7 +306,7 @@ impl JobSpec {
                 }
                 let mut seen = std::collections::HashSet::new();
                 for (i, dn) in self.device_names.iter().enumerate() {
-                    if dn.is_empty() || dn.len() > 64 {
+                    if dn.is_empty() || dn.chars().count() > 64 {
                         return Err(invalid(
                             &format!("device_names[{i}]"),
                             "must be 1..=64 characters",
@@ -264,7 +342,7 @@ impl JobSpec {
             }
             TargetKind::Tag => {
                 for (i, t) in self.target_tags.iter().enumerate() {
-                    if t.key.is_empty() || t.key.len() > 64 {
+                    if t.key.is_empty() || t.key.chars().count() > 64 {
                         return Err(invalid(
                             &format!("target_tags[{i}].key"),
                             "must be 1..=64 characters",
@@ -299,14 +377,14 @@ impl JobSpec {
 
     fn validate_src_versions(&self) -> Result<(), OtaError> {
         if let Some(src) = &self.src_versions {
-            if src.len() > 10 {
+            if src.len() > MAX_SRC_VERSIONS {
                 return Err(OtaError::TooMany {
                     field: "src_versions",
-                    max: 10,
+                    max: MAX_SRC_VERSIONS,
                 });
             }
             for (i, v) in src.iter().enumerate() {
-                if v.is_empty() || v.len() > 64 {
+                if v.is_empty() || v.chars().count() > 64 {
                     return Err(invalid(
                         &format!("src_versions[{i}]"),
                         "must be 1..=64 characters",
@@ -344,8 +422,13 @@ impl JobSpec {
                         "needs every_seconds and/or every_succeeded",
                     ));
                 }
-                if r.every_seconds == Some(0) {
-                    return Err(invalid("rate.ramp.every_seconds", "must be at least 1"));
+                if let Some(s) = r.every_seconds {
+                    if s == 0 || s > MAX_RAMP_EVERY_SECS {
+                        return Err(invalid(
+                            "rate.ramp.every_seconds",
+                            format!("must be 1..={MAX_RAMP_EVERY_SECS}"),
+                        ));
+                    }
                 }
                 if r.every_succeeded == Some(0) {
                     return Err(invalid("rate.ramp.every_succeeded", "must be at least 1"));
@@ -455,14 +538,14 @@ impl JobSpec {
                 return Err(invalid("abort.failure_percent", "must be > 0 and ≤ 100"));
             }
         }
-        if self.tags.len() > 20 {
+        if self.tags.len() > MAX_JOB_TAGS {
             return Err(OtaError::TooMany {
                 field: "tags",
-                max: 20,
+                max: MAX_JOB_TAGS,
             });
         }
         for (k, v) in &self.tags {
-            if k.is_empty() || k.len() > 64 || v.len() > 128 {
+            if k.is_empty() || k.chars().count() > 64 || v.chars().count() > 128 {
                 return Err(invalid(
                     &format!("tags.{k}"),
                     "keys 1..=64, values ≤128 characters",
@@ -470,12 +553,12 @@ impl JobSpec {
             }
         }
         if let Some(n) = &self.name {
-            if n.is_empty() || n.len() > 64 {
+            if n.is_empty() || n.chars().count() > 64 {
                 return Err(invalid("name", "must be 1..=64 characters"));
             }
         }
         if let Some(d) = &self.description {
-            if d.len() > 1024 {
+            if d.chars().count() > 1024 {
                 return Err(invalid("description", "at most 1024 characters"));
             }
         }

@@ -1306,3 +1306,33 @@ async fn a_finished_verify_job_is_skipped_and_paths_say_where_objects_landed() {
     assert!(log.contains(&format!("[/default/{pk}/dev-moved]")), "{log}");
     assert!(!log.contains("iot-east"), "{log}");
 }
+
+/// An import's `name` follows the export's rule (≤ 128 characters, no control characters),
+/// checked before the package is read; it was stored as given.
+#[tokio::test]
+async fn an_import_name_is_bounded_like_an_export_name() {
+    let t = gateway().await;
+    for name in ["x".repeat(129), "tab\tinside".to_owned()] {
+        let form = reqwest::multipart::Form::new()
+            .text("name", name.clone())
+            .part(
+                "package",
+                reqwest::multipart::Part::bytes(b"not a zip".to_vec()).file_name("p.zip"),
+            );
+        let resp = t
+            .http
+            .post(t.url("/api/v1/import"))
+            .bearer_auth(ADMIN_TOKEN)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{name:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (body["error_code"].as_str(), body["error_ext_msg"].as_str()),
+            (Some("FG.1001"), Some("name")),
+            "{name:?}: {body}"
+        );
+    }
+}

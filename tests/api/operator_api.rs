@@ -284,3 +284,96 @@ async fn metrics_show_the_allocator_heap() {
     );
     drop(ballast);
 }
+
+/// The `Allow` header of `resp` as a set of methods.
+fn allow_set(resp: &reqwest::Response) -> std::collections::BTreeSet<String> {
+    resp.headers()
+        .get(reqwest::header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(',')
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
+/// On every documented path, `OPTIONS` answers 204 with an `Allow` header naming exactly the
+/// path's methods (the documented ones, `HEAD` with `GET`, and `OPTIONS`), and a method the
+/// path lacks gets 405 `FG.0405` with the same header; neither needs a token. No CORS header
+/// is sent (none is configured).
+#[tokio::test]
+async fn options_and_405_name_the_methods_of_every_path() {
+    let app = spawn_app().await;
+    let (s, doc) = app.get("/api/v1/openapi.json").await;
+    assert_eq!(s, 200);
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let mut expected: std::collections::BTreeSet<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| ["get", "put", "post", "delete", "patch"].contains(&k.as_str()))
+            .map(|m| m.to_uppercase())
+            .collect();
+        // `…/devices/batch` is also the device named `batch` (`…/devices/{dn}`).
+        if path.ends_with("/devices/batch") {
+            expected.extend(["GET", "PATCH", "DELETE"].map(String::from));
+        }
+        if expected.contains("GET") {
+            expected.insert("HEAD".into());
+        }
+        expected.insert("OPTIONS".into());
+        let concrete = path
+            .replace("{pk}", "pk1")
+            .replace("{dn}", "dev-0001")
+            .replace("{identifier}", "svc")
+            .replace(['{', '}'], "");
+        let resp = app
+            .http
+            .request(Method::OPTIONS, app.url(&concrete))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204, "OPTIONS {concrete}");
+        assert_eq!(allow_set(&resp), expected, "OPTIONS {concrete}");
+        assert!(
+            !resp
+                .headers()
+                .contains_key(reqwest::header::ACCESS_CONTROL_ALLOW_ORIGIN),
+            "OPTIONS {concrete}"
+        );
+        assert!(resp.bytes().await.unwrap().is_empty(), "OPTIONS {concrete}");
+        let missing = ["PUT", "PATCH", "DELETE", "POST", "GET"]
+            .into_iter()
+            .find(|m| !expected.contains(*m))
+            .unwrap_or("TRACE");
+        for token in [None, Some(ADMIN_TOKEN)] {
+            let mut req = app.http.request(
+                Method::from_bytes(missing.as_bytes()).unwrap(),
+                app.url(&concrete),
+            );
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 405, "{missing} {concrete}");
+            assert_eq!(allow_set(&resp), expected, "{missing} {concrete}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(
+                body["error_code"], "FG.0405",
+                "{missing} {concrete}: {body}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 60, "{checked} paths");
+    // A path that is no route has no methods: 404, for OPTIONS too.
+    let resp = app
+        .http
+        .request(Method::OPTIONS, app.url("/api/v1/no-such-route"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(!resp.headers().contains_key(reqwest::header::ALLOW));
+}

@@ -553,8 +553,9 @@ async fn cancel_static_cancels_all_cancel_dynamic_stops_the_policy() {
     let jid = create_job(&t, json!({"firmware_id": f.fid, "target": "ALL"})).await;
     d.upgrade().await;
     d.progress(10).await;
+    // A `null` body is an absent one, as the document's nullable body says.
     let (s, job) = t
-        .post(&format!("/api/v1/ota/jobs/{jid}/cancel"), json!({}))
+        .post(&format!("/api/v1/ota/jobs/{jid}/cancel"), json!(null))
         .await;
     assert_eq!(s, 200, "{job}");
     assert_eq!(job["status"], "CANCELED");

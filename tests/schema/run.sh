@@ -63,7 +63,7 @@ status=0
 # shellcheck disable=SC2086
 timeout "${SCHEMA_TIMEOUT:-220}" "$venv/bin/schemathesis" run "$base/api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
-  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,unsupported_method \
   --phases examples,coverage,fuzzing \
   --max-examples "$examples" --seed "$seed" --workers 2 \
   --request-timeout 10 --generation-database none --no-color \

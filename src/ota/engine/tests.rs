@@ -357,6 +357,26 @@ async fn unverified_firmware_needs_force_and_validation_names_fields() {
         OtaError::Invalid { field, .. } => assert_eq!(field, "rate.ramp.factor"),
         e => panic!("{e}"),
     }
+    // A ramp step so long that it overflows milliseconds (2^61 s × 1000 wraps to 0, a division
+    // by zero in the push scheduler) is refused, not accepted.
+    for every in [1u64 << 61, crate::ota::model::MAX_RAMP_EVERY_SECS + 1] {
+        let mut spec = h.spec(&fid);
+        spec.force = true;
+        spec.rate = Some(RateSpec {
+            per_minute: 10,
+            burst: None,
+            ramp: Some(RampSpec {
+                factor: 2.0,
+                every_seconds: Some(every),
+                every_succeeded: None,
+                max_per_minute: 20,
+            }),
+        });
+        match h.engine.create_job(spec).await.unwrap_err() {
+            OtaError::Invalid { field, .. } => assert_eq!(field, "rate.ramp.every_seconds"),
+            e => panic!("{e}"),
+        }
+    }
     assert!(matches!(
         h.engine.create_job(h.spec("fw-nope")).await.unwrap_err(),
         OtaError::FirmwareNotFound(_)
