@@ -353,7 +353,11 @@ impl Gate {
         self.admit(peer, false)
     }
 
-    fn admit(self: &Arc<Self>, peer: SocketAddr, attributed: bool) -> Result<Permit, RefusalReason> {
+    fn admit(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        attributed: bool,
+    ) -> Result<Permit, RefusalReason> {
         let source = Source::of(peer.ip());
         let admitted = {
             let mut counts = self.lock();

@@ -203,7 +203,10 @@ pub enum HeaderError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     /// A complete header of `len` bytes.
-    Complete { origin: Origin, len: usize },
+    Complete {
+        origin: Origin,
+        len: usize,
+    },
     /// A header may still follow with more bytes.
     Incomplete,
     Invalid(String),
@@ -242,9 +245,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
                 len: header.header.len(),
             },
             // The line is complete: what ppp would still wait for can never come.
-            Err(e) if e.is_incomplete() => {
-                Parsed::Invalid(format!("not a complete v1 line ({e})"))
-            }
+            Err(e) if e.is_incomplete() => Parsed::Invalid(format!("not a complete v1 line ({e})")),
             Err(e) => Parsed::Invalid(e.to_string()),
         };
     }
@@ -277,8 +278,12 @@ fn v2_origin(header: &v2::Header<'_>) -> Result<Origin, String> {
         return Err("a v2 header for a datagram (UDP) connection".into());
     }
     Ok(match header.addresses {
-        v2::Addresses::IPv4(a) => Origin::Client(SocketAddr::from((a.source_address, a.source_port))),
-        v2::Addresses::IPv6(a) => Origin::Client(SocketAddr::from((a.source_address, a.source_port))),
+        v2::Addresses::IPv4(a) => {
+            Origin::Client(SocketAddr::from((a.source_address, a.source_port)))
+        }
+        v2::Addresses::IPv6(a) => {
+            Origin::Client(SocketAddr::from((a.source_address, a.source_port)))
+        }
         // No IP address to take: the specification says to use the socket's own.
         v2::Addresses::Unspecified | v2::Addresses::Unix(_) => Origin::Local,
     })
@@ -413,7 +418,11 @@ mod tests {
     #[test]
     fn complete_headers_name_the_client_or_keep_the_socket() {
         let v2_tcp4 = v2_header(v2::Command::Proxy, "198.51.100.7:40000", "10.0.0.1:1883");
-        let v2_tcp6 = v2_header(v2::Command::Proxy, "[2001:db8::7]:40001", "[2001:db8::1]:1883");
+        let v2_tcp6 = v2_header(
+            v2::Command::Proxy,
+            "[2001:db8::7]:40001",
+            "[2001:db8::1]:1883",
+        );
         let v2_local = v2_header(v2::Command::Local, "10.0.0.9:1", "10.0.0.1:1883");
         let v2_unspec = v2::Builder::with_addresses(
             v2::Version::Two | v2::Command::Proxy,
@@ -433,11 +442,23 @@ mod tests {
         .build()
         .unwrap();
         let cases: Vec<(&str, Vec<u8>, Origin)> = vec![
-            ("v2 TCP4", v2_tcp4, Origin::Client(addr("198.51.100.7:40000"))),
-            ("v2 TCP6", v2_tcp6, Origin::Client(addr("[2001:db8::7]:40001"))),
+            (
+                "v2 TCP4",
+                v2_tcp4,
+                Origin::Client(addr("198.51.100.7:40000")),
+            ),
+            (
+                "v2 TCP6",
+                v2_tcp6,
+                Origin::Client(addr("[2001:db8::7]:40001")),
+            ),
             ("v2 LOCAL", v2_local, Origin::Local),
             ("v2 UNSPEC", v2_unspec, Origin::Local),
-            ("v2 with a TLV", v2_tlv, Origin::Client(addr("198.51.100.8:5"))),
+            (
+                "v2 with a TLV",
+                v2_tlv,
+                Origin::Client(addr("198.51.100.8:5")),
+            ),
             (
                 "v1 TCP4",
                 b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 1883\r\n".to_vec(),
@@ -457,7 +478,11 @@ mod tests {
             assert_eq!(parse(&input), Parsed::Complete { origin, len }, "{what}");
             // Every strict prefix is incomplete, never invalid nor complete.
             for cut in 1..len {
-                assert_eq!(parse(&input[..cut]), Parsed::Incomplete, "{what} cut at {cut}");
+                assert_eq!(
+                    parse(&input[..cut]),
+                    Parsed::Incomplete,
+                    "{what} cut at {cut}"
+                );
             }
         }
         let socket = addr("10.0.0.9:5000");
@@ -488,21 +513,46 @@ mod tests {
             ("an MQTT CONNECT", CONNECT.to_vec()),
             ("TLS", vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01]),
             ("HTTP", b"GET / HTTP/1.1\r\n".to_vec()),
-            ("lower-case v1", b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n".to_vec()),
-            ("v1 bad address", b"PROXY TCP4 1.2.3.400 5.6.7.8 1 2\r\n".to_vec()),
+            (
+                "lower-case v1",
+                b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(),
+            ),
+            (
+                "v1 bad address",
+                b"PROXY TCP4 1.2.3.400 5.6.7.8 1 2\r\n".to_vec(),
+            ),
             ("v1 IPv6 as TCP4", b"PROXY TCP4 ::1 ::1 1 2\r\n".to_vec()),
-            ("v1 bad port", b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n".to_vec()),
-            ("v1 leading zero port", b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n".to_vec()),
-            ("v1 unknown protocol", b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n".to_vec()),
-            ("v1 without CRLF", [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 ".as_slice(), &[b'x'; 100]].concat()),
-            ("v1 CR without LF", [b"PROXY UNKNOWN\rX".as_slice(), &[b' '; 100]].concat()),
+            (
+                "v1 bad port",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n".to_vec(),
+            ),
+            (
+                "v1 leading zero port",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n".to_vec(),
+            ),
+            (
+                "v1 unknown protocol",
+                b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(),
+            ),
+            (
+                "v1 without CRLF",
+                [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 ".as_slice(), &[b'x'; 100]].concat(),
+            ),
+            (
+                "v1 CR without LF",
+                [b"PROXY UNKNOWN\rX".as_slice(), &[b' '; 100]].concat(),
+            ),
             ("v2 UDP", v2_udp),
             ("v2 version 1", v1_version),
             ("v2 bad command", bad_command),
             ("v2 longer than the bound", huge),
         ];
         for (what, input) in cases {
-            assert!(matches!(parse(&input), Parsed::Invalid(_)), "{what}: {:?}", parse(&input));
+            assert!(
+                matches!(parse(&input), Parsed::Invalid(_)),
+                "{what}: {:?}",
+                parse(&input)
+            );
         }
     }
 

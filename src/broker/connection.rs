@@ -24,6 +24,7 @@ use super::{
 };
 use crate::admission::Permit;
 use crate::clock::now_ms;
+use crate::proxy_protocol::Rewind;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
@@ -39,7 +40,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use crate::proxy_protocol::Rewind;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;

@@ -1661,7 +1661,9 @@ async fn a_header_from_an_untrusted_source_is_not_believed() {
     assert_closed(&mut s).await;
     assert!(tb.events.try_recv().is_err(), "no hook was called");
     assert!(
-        tb.metric(r#"fleetgate_connections_refused_total{listener="mqtt",reason="proxy_untrusted"} 2"#),
+        tb.metric(
+            r#"fleetgate_connections_refused_total{listener="mqtt",reason="proxy_untrusted"} 2"#
+        ),
         "{}",
         tb.metrics.encode()
     );
@@ -1684,7 +1686,11 @@ async fn a_malformed_or_late_header_closes_the_socket() {
     // announcing more than the bound; a v1 line that never ends.
     let mut oversized = proxied("198.51.100.7:1");
     oversized[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
-    let endless = [b"PROXY TCP4 198.51.100.7 10.0.0.1 1 1883".as_slice(), &[b' '; 200]].concat();
+    let endless = [
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 1 1883".as_slice(),
+        &[b' '; 200],
+    ]
+    .concat();
     let bad: [&[u8]; 4] = [
         &raw_connect(&creds("dev1"), 30),
         b"GET / HTTP/1.1\r\n\r\n",
@@ -1767,7 +1773,10 @@ async fn the_per_source_cap_counts_the_client_behind_the_balancer() {
     drop(flood.pop());
     let deadline = tokio::time::Instant::now() + WAIT;
     while gate.unauthenticated_from(flooder) > 1 {
-        assert!(tokio::time::Instant::now() < deadline, "slot not given back");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot not given back"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (_s2, connack) =

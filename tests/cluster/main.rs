@@ -88,7 +88,11 @@ async fn behind_haproxy_nodes_see_each_devices_own_address() {
     let pk = api.create_product("proxied").await;
     let mut devices = Vec::new();
     // (device, the address it connects to HAProxy from)
-    let sources = [("near-1", "127.0.0.1"), ("far-2", "127.0.0.2"), ("far-3", "127.0.0.2")];
+    let sources = [
+        ("near-1", "127.0.0.1"),
+        ("far-2", "127.0.0.2"),
+        ("far-3", "127.0.0.2"),
+    ];
     for (dn, source) in sources {
         let secret = api.create_device(&pk, dn).await;
         let to = relay_from(source, proxy.addr, Vec::new()).await;
@@ -116,7 +120,9 @@ async fn behind_haproxy_nodes_see_each_devices_own_address() {
         ppp::v2::Version::Two | ppp::v2::Command::Proxy,
         ppp::v2::Protocol::Stream,
         (
-            "198.51.100.7:40000".parse::<std::net::SocketAddr>().unwrap(),
+            "198.51.100.7:40000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap(),
             cluster.node(1).mqtt,
         ),
     )
@@ -130,11 +136,17 @@ async fn behind_haproxy_nodes_see_each_devices_own_address() {
         .await
         .expect("an answer or a close in time");
     assert!(
-        !matches!(first, Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))),
+        !matches!(
+            first,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))
+        ),
         "a forged PROXY header got a CONNACK: {first:?}"
     );
     let d = api.device(&pk, "forger").await;
-    assert!(d["online"] == false && d["client_ip"] != "198.51.100.7", "{d}");
+    assert!(
+        d["online"] == false && d["client_ip"] != "198.51.100.7",
+        "{d}"
+    );
     drop(devices);
 }
 
