@@ -369,11 +369,16 @@ async fn serve_accepted<H: DeviceHooks>(
     mut admitted: super::connection::Admitted,
     shared: Arc<Shared>,
     hooks: Arc<H>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let (stream, peer) = if proxied {
-        let Some((stream, peer)) = proxy_header(stream, socket_peer, &admitted, &shared).await
-        else {
+        let header = proxy_header(stream, socket_peer, &admitted, &shared);
+        let read = tokio::select! {
+            read = header => read,
+            // A silent balancer socket must not hold up a shutdown until its deadline.
+            _ = super::stopping(&mut shutdown) => None,
+        };
+        let Some((stream, peer)) = read else {
             return;
         };
         // The client's source cap, now that it is known (refusals counted and logged by the

@@ -1784,3 +1784,25 @@ async fn the_per_source_cap_counts_the_client_behind_the_balancer() {
     assert_eq!(connack, Some(CONNACK_OK));
     assert_eq!(tb.expect_connect("dev2").await.client_addr.ip(), flooder);
 }
+
+#[tokio::test]
+async fn a_shutdown_does_not_wait_for_a_balancers_header() {
+    use crate::proxy_protocol::ProxyMode;
+    let mut config = proxied_config(ProxyMode::Required);
+    // Far beyond WAIT: a shutdown that waited for the header's deadline would fail the test.
+    config.connect_timeout = Duration::from_secs(600);
+    let tb = start_with(config).await;
+    let mut s = tcp_from(BALANCER, tb.addr()).await;
+    s.write_all(&proxied("198.51.100.7:1")[..5]).await.unwrap();
+    let gate = Arc::clone(tb.handle.gate());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gate.open() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(WAIT, tb.handle.shutdown())
+        .await
+        .expect("the shutdown waited for a half-sent PROXY header");
+    assert_closed(&mut s).await;
+    assert_eq!(gate.open(), 0);
+}
