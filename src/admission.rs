@@ -7,6 +7,12 @@
 //! counted (`fleetgate_connections_refused_total{listener,reason}`) and logged at most once
 //! per 10 s per listener and reason, with the number of refusals the log skipped.
 //!
+//! Behind a balancer that sends PROXY headers ([`crate::proxy_protocol`]) the per-source cap
+//! must count the client, not the balancer: such a socket is admitted by the budget alone
+//! ([`Gate::try_admit_unattributed`]; it counts as unauthenticated from the start, so the
+//! CONNECT-timeout pressure applies to it), and takes its source's slot once the header named
+//! the client ([`Permit::attribute`]).
+//!
 //! The budgets come from the process's open-files limit ([`Budgets::derive`]): a reserve is
 //! kept for what the gateway opens itself (store, outbox, listeners, AMQP, export packages,
 //! the runtime's own descriptors), HTTP gets a bounded share, MQTT the rest. So an HTTP flood
@@ -280,7 +286,7 @@ pub struct Gate {
     counts: Mutex<Counts>,
     open_gauge: Gauge,
     unauthenticated_gauge: Option<Gauge>,
-    refused: [(RefusalReason, Counter, Throttle); 2],
+    refused: Vec<(RefusalReason, Counter, Throttle)>,
 }
 
 impl Gate {
@@ -290,13 +296,16 @@ impl Gate {
             .connection_budget
             .get_or_create(&labels)
             .set(i64::try_from(limits.max_open).unwrap_or(i64::MAX));
-        let refused = [RefusalReason::Budget, RefusalReason::PerIp].map(|reason| {
-            let counter = metrics
-                .connections_refused
-                .get_or_create(&RefusedLabels { listener, reason })
-                .clone();
-            (reason, counter, Throttle::new(LOG_PERIOD))
-        });
+        let refused = RefusalReason::of(listener)
+            .iter()
+            .map(|&reason| {
+                let counter = metrics
+                    .connections_refused
+                    .get_or_create(&RefusedLabels { listener, reason })
+                    .clone();
+                (reason, counter, Throttle::new(LOG_PERIOD))
+            })
+            .collect();
         Arc::new(Gate {
             listener,
             limits,
@@ -322,17 +331,47 @@ impl Gate {
         self.lock().unauthenticated
     }
 
+    /// Sockets holding a slot of `ip`'s source's cap now (its /64 for IPv6).
+    pub fn unauthenticated_from(&self, ip: IpAddr) -> usize {
+        let source = Source::of(ip);
+        self.lock().per_source.get(&source).copied().unwrap_or(0)
+    }
+
     /// Admits a socket from `peer`, or counts and (throttled) logs its refusal: the caller
     /// closes it.
     pub fn try_admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Permit, RefusalReason> {
+        self.admit(peer, true)
+    }
+
+    /// Admits a socket by the budget alone: its source is not known yet (a balancer's socket
+    /// whose PROXY header has not been read). It counts as unauthenticated, but against no
+    /// source's cap until [`Permit::attribute`].
+    pub fn try_admit_unattributed(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+    ) -> Result<Permit, RefusalReason> {
+        self.admit(peer, false)
+    }
+
+    fn admit(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        attributed: bool,
+    ) -> Result<Permit, RefusalReason> {
         let source = Source::of(peer.ip());
         let admitted = {
             let mut counts = self.lock();
-            let from_source = counts.per_source.get(&source).copied().unwrap_or(0);
+            let from_source = if attributed {
+                counts.per_source.get(&source).copied().unwrap_or(0)
+            } else {
+                0
+            };
             decide(counts.open, from_source, self.limits).map(|()| {
                 counts.open += 1;
                 counts.unauthenticated += 1;
-                *counts.per_source.entry(source).or_insert(0) += 1;
+                if attributed {
+                    *counts.per_source.entry(source).or_insert(0) += 1;
+                }
                 counts.unauthenticated
             })
         };
@@ -344,18 +383,28 @@ impl Gate {
                 }
                 Ok(Permit {
                     gate: Arc::clone(self),
-                    source: Some(source),
+                    slot: if attributed {
+                        Slot::Source(source)
+                    } else {
+                        Slot::Unattributed
+                    },
                     unauthenticated,
                 })
             }
             Err(reason) => {
-                self.refuse(reason, peer, source);
+                self.refuse(reason, peer, Some(source));
                 Err(reason)
             }
         }
     }
 
-    fn refuse(&self, reason: RefusalReason, peer: SocketAddr, source: Source) {
+    /// Counts and (throttled) logs a socket closed at accept because its source may not
+    /// connect at all (not a trusted balancer while PROXY headers are required).
+    pub fn refuse_untrusted(&self, peer: SocketAddr) {
+        self.refuse(RefusalReason::ProxyUntrusted, peer, None);
+    }
+
+    fn refuse(&self, reason: RefusalReason, peer: SocketAddr, source: Option<Source>) {
         let Some((_, counter, throttle)) = self.refused.iter().find(|(r, _, _)| *r == reason)
         else {
             return;
@@ -378,10 +427,18 @@ impl Gate {
                 listener,
                 reason = reason.as_str(),
                 %peer,
-                %source,
+                source = %source.unwrap_or_else(|| Source::of(peer.ip())),
                 cap = self.limits.max_per_source,
                 not_logged = skipped,
                 "too many unauthenticated connections from one source: new ones are closed at once"
+            ),
+            RefusalReason::ProxyUntrusted => tracing::warn!(
+                listener,
+                reason = reason.as_str(),
+                %peer,
+                not_logged = skipped,
+                "connection from outside the trusted balancers while PROXY headers are \
+                 required: closed at once"
             ),
         }
     }
@@ -391,14 +448,16 @@ impl Gate {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn release_source(&self, source: Source) {
+    fn release_slot(&self, source: Option<Source>) {
         {
             let mut counts = self.lock();
             counts.unauthenticated = counts.unauthenticated.saturating_sub(1);
-            if let Some(n) = counts.per_source.get_mut(&source) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    counts.per_source.remove(&source);
+            if let Some(source) = source {
+                if let Some(n) = counts.per_source.get_mut(&source) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.per_source.remove(&source);
+                    }
                 }
             }
         }
@@ -412,8 +471,19 @@ impl Gate {
 pub struct Permit {
     gate: Arc<Gate>,
     /// Held until [`Permit::authenticated`].
-    source: Option<Source>,
+    slot: Slot,
     unauthenticated: usize,
+}
+
+/// What an admitted socket holds besides its place in the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Unauthenticated, from a source not known yet ([`Gate::try_admit_unattributed`]).
+    Unattributed,
+    /// Unauthenticated, counted against its source's cap.
+    Source(Source),
+    /// Authenticated: only the budget place is left.
+    Done,
 }
 
 impl Permit {
@@ -422,11 +492,45 @@ impl Permit {
         self.unauthenticated
     }
 
+    /// The socket's source is now known (`peer`, from its PROXY header): it takes a slot of
+    /// that source's cap, or is refused (counted and logged as `per_ip`; the caller closes
+    /// it). A socket admitted with its source already is left as it is.
+    pub fn attribute(&mut self, peer: SocketAddr) -> Result<(), RefusalReason> {
+        if self.slot != Slot::Unattributed {
+            return Ok(());
+        }
+        let source = Source::of(peer.ip());
+        let decided = {
+            let mut counts = self.gate.lock();
+            let from_source = counts.per_source.get(&source).copied().unwrap_or(0);
+            // Its place in the budget is already taken: only the source's cap is checked.
+            let limits = GateLimits {
+                max_open: usize::MAX,
+                ..self.gate.limits
+            };
+            decide(0, from_source, limits).map(|()| {
+                *counts.per_source.entry(source).or_insert(0) += 1;
+            })
+        };
+        match decided {
+            Ok(()) => {
+                self.slot = Slot::Source(source);
+                Ok(())
+            }
+            Err(reason) => {
+                self.gate.refuse(reason, peer, Some(source));
+                Err(reason)
+            }
+        }
+    }
+
     /// The connection proved who it is: it no longer counts against its source's cap (it
     /// still counts against the budget until it closes).
     pub fn authenticated(&mut self) {
-        if let Some(source) = self.source.take() {
-            self.gate.release_source(source);
+        match std::mem::replace(&mut self.slot, Slot::Done) {
+            Slot::Unattributed => self.gate.release_slot(None),
+            Slot::Source(source) => self.gate.release_slot(Some(source)),
+            Slot::Done => {}
         }
     }
 }
@@ -672,10 +776,70 @@ mod tests {
 
         let text = metrics.encode();
         for line in [
+            r#"fleetgate_connections_refused_total{listener="mqtt",reason="proxy_untrusted"} 0"#,
             r#"fleetgate_connections_refused_total{listener="mqtt",reason="per_ip"} 1"#,
             r#"fleetgate_connections_refused_total{listener="mqtt",reason="budget"} 1"#,
             r#"fleetgate_connections_open{listener="mqtt"} 0"#,
             r#"fleetgate_connection_budget{listener="mqtt"} 4"#,
+            "fleetgate_mqtt_unauthenticated_connections 0",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_balancers_sockets_take_their_clients_slots_once_attributed() {
+        let metrics = Metrics::new();
+        let gate = Gate::new(
+            Listener::Mqtt,
+            GateLimits {
+                max_open: 4,
+                max_per_source: 2,
+            },
+            &metrics,
+        );
+        let balancer = peer("10.0.0.1");
+        let client = peer("192.0.2.7");
+        // The balancer's sockets pass by the budget alone, whatever its own source holds.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(gate.try_admit_unattributed(balancer).unwrap());
+        }
+        assert_eq!(gate.unauthenticated_from(balancer.ip()), 0);
+        assert_eq!((gate.open(), gate.unauthenticated()), (3, 3));
+        // Named by their headers, they count against the client's source.
+        held[0].attribute(client).unwrap();
+        held[1].attribute(client).unwrap();
+        assert_eq!(gate.unauthenticated_from(client.ip()), 2);
+        assert_eq!(held[2].attribute(client), Err(RefusalReason::PerIp));
+        // Refused, it still holds only its budget place and unauthenticated count, which it
+        // gives back when dropped.
+        drop(held.pop());
+        assert_eq!((gate.open(), gate.unauthenticated()), (2, 2));
+        // Attributing twice changes nothing; an authenticated socket leaves its source's cap.
+        held[0].attribute(peer("192.0.2.8")).unwrap();
+        assert_eq!(gate.unauthenticated_from(peer("192.0.2.8").ip()), 0);
+        held[0].authenticated();
+        assert_eq!(gate.unauthenticated_from(client.ip()), 1);
+        // A socket still unattributed (its header not read yet) and a direct one from the
+        // balancer's own address do not disturb each other's counts.
+        let lone = gate.try_admit_unattributed(balancer).unwrap();
+        assert_eq!(gate.try_admit(balancer).map(drop), Ok(()));
+        // The budget still applies at accept: 3 open + 1 = 4.
+        let fourth = gate.try_admit(peer("192.0.2.9")).unwrap();
+        assert_eq!(
+            gate.try_admit_unattributed(balancer).err(),
+            Some(RefusalReason::Budget)
+        );
+        gate.refuse_untrusted(peer("198.51.100.1"));
+        drop((held, lone, fourth));
+        assert_eq!((gate.open(), gate.unauthenticated()), (0, 0));
+        assert!(gate.lock().per_source.is_empty());
+        let text = metrics.encode();
+        for line in [
+            r#"fleetgate_connections_refused_total{listener="mqtt",reason="per_ip"} 1"#,
+            r#"fleetgate_connections_refused_total{listener="mqtt",reason="budget"} 1"#,
+            r#"fleetgate_connections_refused_total{listener="mqtt",reason="proxy_untrusted"} 1"#,
             "fleetgate_mqtt_unauthenticated_connections 0",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");

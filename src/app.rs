@@ -204,6 +204,7 @@ impl Application {
                 connect_timeout_under_pressure: Duration::from_secs(
                     settings.mqtt.connect_timeout_under_pressure_secs,
                 ),
+                proxy: settings.mqtt.proxy_policy(),
             },
             metrics.clone(),
         )

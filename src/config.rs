@@ -5,6 +5,7 @@
 //! Secrets (API tokens) never appear in `Debug` output.
 
 use crate::forwarder::{ForwarderConfig, ForwarderError};
+use crate::proxy_protocol::{ProxyMode, ProxyPolicy, TrustedNet};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
@@ -98,6 +99,15 @@ pub struct MqttSettings {
     pub pressure_unauthenticated: Option<usize>,
     /// The CONNECT timeout of sockets accepted under pressure, seconds.
     pub connect_timeout_under_pressure_secs: u64,
+    /// PROXY protocol (v1 and v2) from the balancers in `proxy_trusted`: `off`; `trusted`
+    /// (their sockets must start with a header naming the client, other sockets are served as
+    /// they are); `required` (as `trusted`, and sockets from anywhere else are closed at
+    /// accept). The client address in the header is the connection's peer: per-source caps,
+    /// logs, `client_ip`.
+    pub proxy_protocol: ProxyMode,
+    /// Addresses or networks (CIDR) of the balancers allowed to send PROXY headers; needed
+    /// unless `proxy_protocol` is `off`.
+    pub proxy_trusted: Vec<TrustedNet>,
 }
 
 impl Default for MqttSettings {
@@ -116,11 +126,21 @@ impl Default for MqttSettings {
             max_unauthenticated_per_ip: None,
             pressure_unauthenticated: None,
             connect_timeout_under_pressure_secs: 2,
+            proxy_protocol: ProxyMode::Off,
+            proxy_trusted: Vec::new(),
         }
     }
 }
 
 impl MqttSettings {
+    /// `proxy_protocol` and `proxy_trusted` as the broker takes them.
+    pub fn proxy_policy(&self) -> ProxyPolicy {
+        ProxyPolicy {
+            mode: self.proxy_protocol,
+            trusted: self.proxy_trusted.clone(),
+        }
+    }
+
     /// `connect_timestamp_window_secs` as the broker takes it (`None`: not checked).
     pub fn connect_timestamp_window(&self) -> Option<std::time::Duration> {
         (self.connect_timestamp_window_secs > 0)
@@ -434,6 +454,14 @@ pub fn summary(s: &Settings) -> Vec<String> {
     if let Some(tls) = &s.mqtt.tls {
         lines.push(format!("mqtt tls listen {}", tls.listen));
     }
+    if s.mqtt.proxy_protocol != ProxyMode::Off {
+        let trusted: Vec<String> = s.mqtt.proxy_trusted.iter().map(|n| n.to_string()).collect();
+        lines.push(format!(
+            "mqtt PROXY protocol {} from {}",
+            s.mqtt.proxy_protocol,
+            trusted.join(", ")
+        ));
+    }
     lines.push(format!("data dir {}", s.data_dir.display()));
     lines.push(format!("store {}", s.store.location(&s.data_dir)));
     lines.push(match &s.amqp.url {
@@ -492,6 +520,8 @@ pub struct Overrides {
     pub mqtt_max_unauthenticated_per_ip: Option<usize>,
     pub mqtt_pressure_unauthenticated: Option<usize>,
     pub mqtt_connect_timeout_under_pressure_secs: Option<u64>,
+    pub mqtt_proxy_protocol: Option<ProxyMode>,
+    pub mqtt_proxy_trusted: Option<Vec<TrustedNet>>,
     pub http_max_connections: Option<usize>,
     pub http_max_connections_per_ip: Option<usize>,
     pub http_header_read_timeout_secs: Option<u64>,
@@ -596,6 +626,12 @@ impl Settings {
         if let Some(v) = o.mqtt_connect_timeout_under_pressure_secs {
             self.mqtt.connect_timeout_under_pressure_secs = v;
         }
+        if let Some(v) = o.mqtt_proxy_protocol {
+            self.mqtt.proxy_protocol = v;
+        }
+        if let Some(v) = o.mqtt_proxy_trusted {
+            self.mqtt.proxy_trusted = v;
+        }
         if let Some(v) = o.http_max_connections {
             self.http.max_connections = Some(v);
         }
@@ -647,6 +683,16 @@ impl Settings {
             });
         }
         self.validate_limits()?;
+        if self.mqtt.proxy_protocol != ProxyMode::Off && self.mqtt.proxy_trusted.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.proxy_trusted",
+                message: format!(
+                    "proxy_protocol = \"{}\" needs the balancers' addresses (e.g. \
+                     [\"10.0.0.5\", \"10.0.1.0/24\"])",
+                    self.mqtt.proxy_protocol
+                ),
+            });
+        }
         if self.mqtt.max_payload_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 field: "mqtt.max_payload_bytes",
@@ -1455,6 +1501,50 @@ write_timeout_secs = 0
                 matches!(r, Err(ConfigError::Invalid { field: f, .. }) if f == field),
                 "{toml}: {r:?}"
             );
+        }
+    }
+
+    #[test]
+    fn proxy_protocol_from_file_and_overrides_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.toml");
+        std::fs::write(
+            &path,
+            "[mqtt]\nproxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.5\", \"10.0.1.9/24\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        let policy = s.mqtt.proxy_policy();
+        assert_eq!(policy.mode, ProxyMode::Required);
+        let trusted: Vec<String> = policy.trusted.iter().map(|n| n.to_string()).collect();
+        assert_eq!(trusted, ["10.0.0.5/32", "10.0.1.0/24"]);
+        assert!(summary(&s)
+            .iter()
+            .any(|l| l == "mqtt PROXY protocol required from 10.0.0.5/32, 10.0.1.0/24"));
+        // The environment and flags win over the file.
+        let s = Settings::load(
+            Some(&path),
+            Overrides {
+                mqtt_proxy_protocol: Some(ProxyMode::Trusted),
+                mqtt_proxy_trusted: Some(vec!["127.0.0.3".parse().unwrap()]),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.proxy_protocol, ProxyMode::Trusted);
+        assert_eq!(s.mqtt.proxy_trusted, ["127.0.0.3".parse().unwrap()]);
+        // Turned on without a balancer to trust; a bad address; a bad mode.
+        for (toml, error) in [
+            ("proxy_protocol = \"trusted\"", "mqtt.proxy_trusted"),
+            (
+                "proxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.0/33\"]",
+                "neither an IP address",
+            ),
+            ("proxy_protocol = \"v2\"", "unknown variant"),
+        ] {
+            std::fs::write(&path, format!("[mqtt]\n{toml}\n")).unwrap();
+            let e = Settings::load(Some(&path), Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(error), "{toml}: {e}");
         }
     }
 

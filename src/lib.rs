@@ -18,6 +18,7 @@
 //! - [`installation`]: what differs between installations (the default AMQP exchange prefix).
 //! - [`listen`]: binding the listeners; a taken default port falls back to the next free one.
 //! - [`metrics`]: Prometheus metrics shared by every component.
+//! - [`proxy_protocol`]: PROXY headers (v1, v2) naming the real client behind a balancer.
 //! - [`admission`]: connection budgets from the open-files limit, per-source caps on
 //!   unauthenticated sockets (used by the MQTT and HTTP accept loops).
 
@@ -41,6 +42,7 @@ pub mod listen;
 pub mod metrics;
 pub mod migration;
 pub mod ota;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod schema;
 pub mod store;

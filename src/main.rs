@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetgate::app::Application;
 use fleetgate::config::{Overrides, Settings};
+use fleetgate::proxy_protocol::{ProxyMode, TrustedNet};
 use fleetgate_topics::sign::{LinkClientId, LinkCredentials, SignMethod};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -168,6 +169,13 @@ struct LimitArgs {
     /// CONNECT timeout under pre-CONNECT pressure, seconds [default 2].
     #[arg(long, env = "FLEETGATE_MQTT_CONNECT_TIMEOUT_UNDER_PRESSURE_SECS")]
     mqtt_connect_timeout_under_pressure_secs: Option<u64>,
+    /// PROXY protocol from the trusted balancers: off, trusted (their sockets must send a
+    /// header), required (and nobody else may connect) [default off].
+    #[arg(long, env = "FLEETGATE_MQTT_PROXY_PROTOCOL")]
+    mqtt_proxy_protocol: Option<ProxyMode>,
+    /// Balancers allowed to send PROXY headers: addresses or CIDR networks, comma-separated.
+    #[arg(long, env = "FLEETGATE_MQTT_PROXY_TRUSTED", value_delimiter = ',')]
+    mqtt_proxy_trusted: Option<Vec<TrustedNet>>,
     /// Open HTTP connections [default 1024, less with a small open-files limit].
     #[arg(long, env = "FLEETGATE_HTTP_MAX_CONNECTIONS")]
     http_max_connections: Option<usize>,
@@ -322,6 +330,8 @@ fn load_settings(args: ServeArgs) -> anyhow::Result<Settings> {
             mqtt_pressure_unauthenticated: limits.mqtt_pressure_unauthenticated,
             mqtt_connect_timeout_under_pressure_secs: limits
                 .mqtt_connect_timeout_under_pressure_secs,
+            mqtt_proxy_protocol: limits.mqtt_proxy_protocol,
+            mqtt_proxy_trusted: limits.mqtt_proxy_trusted,
             http_max_connections: limits.http_max_connections,
             http_max_connections_per_ip: limits.http_max_connections_per_ip,
             http_header_read_timeout_secs: limits.http_header_read_timeout_secs,

@@ -43,6 +43,9 @@ pub enum RefusalReason {
     /// The source address has as many (not yet authenticated, for MQTT) connections open as
     /// it may.
     PerIp,
+    /// MQTT with `mqtt.proxy_protocol = "required"`: the socket is not from a trusted
+    /// balancer.
+    ProxyUntrusted,
 }
 
 impl RefusalReason {
@@ -50,6 +53,19 @@ impl RefusalReason {
         match self {
             RefusalReason::Budget => "budget",
             RefusalReason::PerIp => "per_ip",
+            RefusalReason::ProxyUntrusted => "proxy_untrusted",
+        }
+    }
+
+    /// The reasons a listener kind refuses sockets for.
+    pub fn of(listener: Listener) -> &'static [RefusalReason] {
+        match listener {
+            Listener::Mqtt => &[
+                RefusalReason::Budget,
+                RefusalReason::PerIp,
+                RefusalReason::ProxyUntrusted,
+            ],
+            Listener::Http => &[RefusalReason::Budget, RefusalReason::PerIp],
         }
     }
 }
@@ -114,7 +130,8 @@ pub struct Metrics {
     /// Accepted CONNECTs.
     pub connects: Counter,
     /// Refused CONNECTs by reason (`bad_signature`, `unknown_device`, `disabled_device`,
-    /// `malformed_client_id`, `bad_username`, `timestamp`, `protocol`, `timeout`, `limit`).
+    /// `malformed_client_id`, `bad_username`, `timestamp`, `protocol`, `timeout`, `limit`,
+    /// `tls`, `proxy_header`).
     pub connects_refused: Family<Labels, Counter>,
     /// Sockets closed as soon as they were accepted, by listener and reason
     /// ([`crate::admission`]).
@@ -643,11 +660,11 @@ impl Metrics {
             );
         }
         // Closed before the CONNECT was read at all (src/broker/server.rs).
-        for reason in ["tls", "timeout"] {
+        for reason in ["tls", "timeout", "proxy_header"] {
             drop(self.connects_refused.get_or_create(&[("reason", reason)]));
         }
         for listener in [Listener::Mqtt, Listener::Http] {
-            for reason in [RefusalReason::Budget, RefusalReason::PerIp] {
+            for &reason in RefusalReason::of(listener) {
                 drop(
                     self.connections_refused
                         .get_or_create(&RefusedLabels { listener, reason }),

@@ -517,3 +517,55 @@ fn check_config_passes_the_example_and_names_what_is_wrong() {
         assert!(stderr.contains(named), "{text}: {stderr}");
     }
 }
+
+#[test]
+fn check_config_takes_the_proxy_protocol_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |vars: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .arg("check-config")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("FLEETGATE_API_TOKEN")
+            .env_remove("FLEETGATE_AMQP_URL")
+            .env_remove("FLEETGATE_STORE")
+            .env_remove("FLEETGATE_CONFIG")
+            .envs(vars.iter().copied())
+            .output()
+            .expect("fleetgate runs")
+    };
+    let out = run(&[
+        ("FLEETGATE_MQTT_PROXY_PROTOCOL", "required"),
+        ("FLEETGATE_MQTT_PROXY_TRUSTED", "10.0.0.5, 10.0.1.0/24"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("mqtt PROXY protocol required from 10.0.0.5/32, 10.0.1.0/24"),
+        "{stdout}"
+    );
+    // Without a balancer to trust, or with a mode that does not exist: refused, named.
+    for (vars, named) in [
+        (
+            &[("FLEETGATE_MQTT_PROXY_PROTOCOL", "trusted")][..],
+            "mqtt.proxy_trusted",
+        ),
+        (&[("FLEETGATE_MQTT_PROXY_PROTOCOL", "v2")][..], "v2"),
+        (
+            &[
+                ("FLEETGATE_MQTT_PROXY_PROTOCOL", "trusted"),
+                ("FLEETGATE_MQTT_PROXY_TRUSTED", "haproxy"),
+            ][..],
+            "haproxy",
+        ),
+    ] {
+        let out = run(vars);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{vars:?} passed");
+        assert!(stderr.contains(named), "{vars:?}: {stderr}");
+    }
+}

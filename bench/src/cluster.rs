@@ -1,7 +1,7 @@
 //! The cluster benchmark (`--parts cluster`, issue 16): three release `fleetgate serve` nodes
 //! on this machine sharing a fresh PostgreSQL database and a cluster name of their own on the
 //! local NATS server, behind an HAProxy with the configuration of `deploy/haproxy.cfg` (MQTT
-//! balanced by a consistent hash of the CONNECT username).
+//! balanced by a consistent hash of the CONNECT username, PROXY v2 headers to the nodes).
 //!
 //! 1. **Connections**: N devices through HAProxy onto the three nodes, then the same N straight
 //!    to one node of the same cluster: connect rate, handshake p50/p99, and each node's RSS per
@@ -37,6 +37,9 @@ const PRODUCT: &str = "benchcluster";
 /// Heartbeats and the dead-node timeout of the benchmark's nodes (the defaults are 1 s / 10 s).
 const HEARTBEAT_MS: &str = "500";
 const NODE_TIMEOUT_MS: &str = "5000";
+/// HAProxy's source address towards the nodes, which trust its PROXY v2 headers
+/// (`--mqtt-proxy-protocol trusted`: the direct paths connect from 127.0.0.1 without one).
+const HAPROXY_SOURCE: &str = "127.0.0.3";
 
 #[derive(Serialize, Clone)]
 pub struct ClusterConnectRow {
@@ -192,6 +195,10 @@ async fn start_node(
         HEARTBEAT_MS,
         "--cluster-node-timeout-ms",
         NODE_TIMEOUT_MS,
+        "--mqtt-proxy-protocol",
+        "trusted",
+        "--mqtt-proxy-trusted",
+        HAPROXY_SOURCE,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -213,7 +220,7 @@ impl Haproxy {
             .iter()
             .map(|n| {
                 format!(
-                    "    server node{} {} check port {} inter 500ms fall 2 rise 2\n",
+                    "    server node{} {} send-proxy-v2 check port {} inter 500ms fall 2 rise 2\n",
                     n.id,
                     n.server.mqtt,
                     n.server.http.map_or(0, |h| h.port())
@@ -230,7 +237,7 @@ impl Haproxy {
              tcp-request content set-var(sess.mqtt_user) req.payload(0,0),mqtt_field_value(connect,username)\n    \
              default_backend nodes\n\
              backend nodes\n    balance hash var(sess.mqtt_user)\n    hash-type consistent\n    \
-             option httpchk GET /readyz\n{servers}"
+             option httpchk GET /readyz\n    source {HAPROXY_SOURCE}\n{servers}"
         );
         let path = work.join("haproxy.cfg");
         std::fs::write(&path, config)?;

@@ -104,6 +104,8 @@ pub struct DeviceSummary {
     pub node: Option<u16>,
     /// Last connect or disconnect, ms since the Unix epoch.
     pub last_seen_ms: Option<i64>,
+    /// The address the device connected from (behind a balancer sending PROXY headers, the
+    /// address the header names).
     pub client_ip: Option<String>,
     /// module -> last reported firmware version.
     pub versions: BTreeMap<String, String>,

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::admission::Permit;
 use crate::clock::now_ms;
+use crate::proxy_protocol::Rewind;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
@@ -62,15 +63,19 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
     fn ready(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
 
-impl Socket for tokio::net::TcpStream {
-    fn ready(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        self.readable()
+/// A TCP socket, with what was read past a PROXY header (if any) read first.
+impl Socket for Rewind<tokio::net::TcpStream> {
+    async fn ready(&self) -> io::Result<()> {
+        if self.has_buffered() {
+            return Ok(());
+        }
+        self.get_ref().readable().await
     }
 }
 
 /// TLS: decrypted bytes may already wait inside the session, so the socket's readiness says
 /// nothing; the read waits with its buffer.
-impl Socket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+impl Socket for tokio_rustls::server::TlsStream<Rewind<tokio::net::TcpStream>> {
     async fn ready(&self) -> io::Result<()> {
         Ok(())
     }
@@ -1410,7 +1415,7 @@ mod tests {
             .await
             .unwrap();
         let (io, _) = listener.accept().await.unwrap();
-        let mut conn = test_conn(io);
+        let mut conn = test_conn(Rewind::plain(io));
         device.write_all(b"0123").await.unwrap();
         assert_eq!(conn.fill().await.unwrap(), 4);
         // Consumed: with nothing more on the socket, the read waits without a buffer.
@@ -1426,6 +1431,25 @@ mod tests {
         conn.rbuf.truncate(2);
         assert!(conn.fill().now_or_never().is_none());
         assert_eq!(&conn.rbuf[..], b"45");
+    }
+
+    #[tokio::test]
+    async fn bytes_read_past_a_proxy_header_come_first_without_waiting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut device = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (io, _) = listener.accept().await.unwrap();
+        // The socket has nothing to read: the read-ahead is served at once, then the socket.
+        let mut conn = test_conn(Rewind::new(io, Bytes::from_static(b"01")));
+        assert_eq!(conn.fill().now_or_never().unwrap().unwrap(), 2);
+        assert_eq!(&conn.rbuf[..], b"01");
+        assert!(!conn.io.has_buffered());
+        conn.rbuf.clear();
+        assert!(conn.fill().now_or_never().is_none());
+        device.write_all(b"23").await.unwrap();
+        assert_eq!(conn.fill().await.unwrap(), 2);
+        assert_eq!(&conn.rbuf[..], b"23");
     }
 
     struct OneDevice;

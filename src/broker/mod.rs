@@ -102,6 +102,12 @@
 //!   The CONNECT timeout runs from accept (TLS handshake included); a socket accepted while
 //!   `pressure_unauthenticated` sockets wait for their CONNECT gets the shorter
 //!   `connect_timeout_under_pressure`.
+//! - **Behind a balancer** (`proxy`, [`crate::proxy_protocol`]): a socket from a trusted
+//!   balancer is admitted by the budget alone, must start with a PROXY header within its
+//!   CONNECT deadline (a malformed, oversized or late one closes it, counted as
+//!   `proxy_header` or `timeout`), and the client address in it is the connection's peer from
+//!   then on: its source's cap is checked then, and the session's `client_addr` is that
+//!   address. With `required`, a socket from anywhere else is closed at accept.
 
 pub mod acl;
 pub(crate) mod auth;
@@ -134,6 +140,7 @@ async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 use crate::cluster::epoch::EpochClock;
+use crate::proxy_protocol::ProxyPolicy;
 use bytes::Bytes;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -371,6 +378,9 @@ pub struct BrokerConfig {
     /// `connect_timeout_under_pressure` instead of `connect_timeout`.
     pub pressure_unauthenticated: usize,
     pub connect_timeout_under_pressure: Duration,
+    /// Which sockets start with a PROXY header naming the client (`mqtt.proxy_protocol`,
+    /// `mqtt.proxy_trusted`; [`crate::proxy_protocol`]).
+    pub proxy: ProxyPolicy,
 }
 
 impl Default for BrokerConfig {
@@ -388,6 +398,7 @@ impl Default for BrokerConfig {
             max_unauthenticated_per_ip: 512,
             pressure_unauthenticated: 12_500,
             connect_timeout_under_pressure: Duration::from_secs(2),
+            proxy: ProxyPolicy::default(),
         }
     }
 }

@@ -3,7 +3,10 @@
 //! `start` binds the listeners itself (port 0 works, backlog 4096) and runs one accept task per
 //! listener; each accepted socket passes the broker's admission gate (socket budget, per-source
 //! cap of sockets without a CONNECT; [`crate::admission`]) or is closed at once, and then gets
-//! its own task ([`super::connection`]) holding its place in the gate. Shutdown is a
+//! its own task ([`super::connection`]) holding its place in the gate. With the PROXY protocol
+//! on ([`crate::proxy_protocol`]), a socket from a trusted balancer passes the budget only; its
+//! task reads the header (within the CONNECT deadline) and then takes its client's per-source
+//! slot, and the client's address is the connection's peer from then on. Shutdown is a
 //! `watch<bool>`: accept tasks stop, every session is retired (`on_disconnect` with `Kicked`),
 //! and `shutdown` returns once every connection task has finished — each holds a clone of an
 //! `mpsc::Sender<()>` that is never sent on, so `recv()` returning `None` means "all gone".
@@ -14,13 +17,14 @@ use super::router::{router_config, RouterHandle, GATEWAY_LINK_ID};
 use super::{BrokerConfig, BrokerError, DeviceHooks, DisconnectReason, TlsConfig};
 use crate::admission::{self, Gate, GateLimits, Permit};
 use crate::metrics::{Listener, Metrics};
+use crate::proxy_protocol::{self, Expect, HeaderError, Rewind};
 use crate::telemetry::Throttle;
 use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -231,6 +235,12 @@ impl BrokerHandle {
         self.shared.downlink.clone()
     }
 
+    /// The MQTT admission gate (tests look at its counts).
+    #[cfg(test)]
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.shared.gate
+    }
+
     /// Whether the listeners still accept (for `/readyz`): true from the start until
     /// [`shutdown`](Self::shutdown) begins or an accept loop ends.
     pub fn accepting(&self) -> impl Fn() -> bool + Send + Sync + 'static {
@@ -307,8 +317,19 @@ async fn accept_loop<H: DeviceHooks>(
                 continue;
             }
         };
-        // Over the budget or its source's cap: closed here, counted and logged by the gate.
-        let Ok(permit) = shared.gate.try_admit(peer) else {
+        let expect = shared.config.proxy.expect(peer.ip());
+        // Over the budget or its source's cap: closed here, counted and logged by the gate. A
+        // balancer's socket is admitted by the budget alone: its source's cap is checked once
+        // its PROXY header names the client.
+        let admitted = match expect {
+            Expect::Direct => shared.gate.try_admit(peer),
+            Expect::Header => shared.gate.try_admit_unattributed(peer),
+            Expect::Refuse => {
+                shared.gate.refuse_untrusted(peer);
+                continue;
+            }
+        };
+        let Ok(permit) = admitted else {
             continue;
         };
         let deadline = shared.connect_deadline(&permit);
@@ -317,54 +338,122 @@ async fn accept_loop<H: DeviceHooks>(
         let shared = Arc::clone(&shared);
         let hooks = Arc::clone(&hooks);
         let shutdown = shutdown.clone();
-        match &tls {
-            None => {
-                tokio::spawn(async move {
-                    let _task = task;
-                    let admitted = super::connection::Admitted { permit, deadline };
-                    super::connection::serve_in_span(
-                        stream, peer, false, admitted, shared, hooks, shutdown,
-                    )
-                    .await;
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let _task = task;
-                    // The TLS handshake is part of the time a socket has for its CONNECT.
-                    let handshake =
-                        tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            let admitted = super::connection::Admitted { permit, deadline };
-                            super::connection::serve_in_span(
-                                stream, peer, true, admitted, shared, hooks, shutdown,
-                            )
-                            .await
-                        }
-                        Ok(Err(e)) => {
-                            shared
-                                .metrics
-                                .connects_refused
-                                .get_or_create(&[("reason", "tls")])
-                                .inc();
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            shared.log_refusal(peer, "tls");
-                        }
-                        Err(_) => {
-                            shared
-                                .metrics
-                                .connects_refused
-                                .get_or_create(&[("reason", "timeout")])
-                                .inc();
-                            shared.log_refusal(peer, "timeout");
-                        }
-                    }
-                });
-            }
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _task = task;
+            let admitted = super::connection::Admitted { permit, deadline };
+            serve_accepted(
+                stream,
+                peer,
+                expect == Expect::Header,
+                tls,
+                admitted,
+                shared,
+                hooks,
+                shutdown,
+            )
+            .await;
+        });
+    }
+}
+
+/// One admitted socket: its PROXY header (when it comes from a trusted balancer), its TLS
+/// handshake (on the TLS listener), then the MQTT connection. The header and the handshake
+/// are part of the time the socket has for its CONNECT.
+#[allow(clippy::too_many_arguments)]
+async fn serve_accepted<H: DeviceHooks>(
+    stream: TcpStream,
+    socket_peer: SocketAddr,
+    proxied: bool,
+    tls: Option<TlsAcceptor>,
+    mut admitted: super::connection::Admitted,
+    shared: Arc<Shared>,
+    hooks: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (stream, peer) = if proxied {
+        let header = proxy_header(stream, socket_peer, &admitted, &shared);
+        let read = tokio::select! {
+            read = header => read,
+            // A silent balancer socket must not hold up a shutdown until its deadline.
+            _ = super::stopping(&mut shutdown) => None,
+        };
+        let Some((stream, peer)) = read else {
+            return;
+        };
+        // The client's source cap, now that it is known (refusals counted and logged by the
+        // gate).
+        if admitted.permit.attribute(peer).is_err() {
+            return;
+        }
+        (stream, peer)
+    } else {
+        (Rewind::plain(stream), socket_peer)
+    };
+    let Some(acceptor) = tls else {
+        super::connection::serve_in_span(stream, peer, false, admitted, shared, hooks, shutdown)
+            .await;
+        return;
+    };
+    let handshake = tokio::time::timeout_at(admitted.deadline, acceptor.accept(stream)).await;
+    match handshake {
+        Ok(Ok(stream)) => {
+            super::connection::serve_in_span(stream, peer, true, admitted, shared, hooks, shutdown)
+                .await
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .connects_refused
+                .get_or_create(&[("reason", "tls")])
+                .inc();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            shared.log_refusal(peer, "tls");
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .connects_refused
+                .get_or_create(&[("reason", "timeout")])
+                .inc();
+            shared.log_refusal(peer, "timeout");
         }
     }
+}
+
+/// Reads the PROXY header a balancer's socket starts with, within the socket's CONNECT
+/// deadline: the stream (with what came after the header) and the connection's peer. `None`:
+/// the socket is closed (a malformed or late header counted in
+/// `fleetgate_mqtt_connects_refused_total` as `proxy_header` or `timeout`, and logged like a
+/// refused CONNECT; a socket that ends before sending anything is not counted, as without a
+/// balancer).
+async fn proxy_header(
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
+    admitted: &super::connection::Admitted,
+    shared: &Shared,
+) -> Option<(Rewind<TcpStream>, SocketAddr)> {
+    let read = tokio::time::timeout_at(admitted.deadline, proxy_protocol::read_header(&mut stream));
+    let reason = match read.await {
+        Ok(Ok((origin, rest))) => {
+            let peer = origin.peer(socket_peer);
+            tracing::trace!(%peer, balancer = %socket_peer, "PROXY header");
+            return Some((Rewind::new(stream, rest), peer));
+        }
+        Ok(Err(HeaderError::Closed { read: 0 })) => return None,
+        Ok(Err(e)) => {
+            tracing::debug!(balancer = %socket_peer, error = %e, "PROXY header refused");
+            "proxy_header"
+        }
+        Err(_) => "timeout",
+    };
+    shared
+        .metrics
+        .connects_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+    shared.log_refusal(socket_peer, reason);
+    None
 }
 
 /// Whether the TLS listener's certificate and key load (`fleetgate check-config`).

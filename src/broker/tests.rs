@@ -1535,3 +1535,274 @@ async fn a_withheld_qos0_publish_keeps_the_connection() {
     assert_eq!((t, &payload[..]), (topic, &b"after"[..]));
     assert!(tb.metric("fleetgate_mqtt_publishes_withheld_total 0"));
 }
+
+// ---- PROXY protocol (a balancer in front of the listener) ----
+
+/// The balancer's address: loopback, but not the one test clients use by default.
+const BALANCER: &str = "127.0.0.3";
+
+fn proxied_config(mode: crate::proxy_protocol::ProxyMode) -> BrokerConfig {
+    BrokerConfig {
+        proxy: crate::proxy_protocol::ProxyPolicy {
+            mode,
+            trusted: vec![BALANCER.parse().unwrap()],
+        },
+        ..test_config()
+    }
+}
+
+async fn tcp_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.expect("TCP connect")
+}
+
+/// A PROXY v2 header (HAProxy's `send-proxy-v2`), built with ppp's encoder.
+fn v2_header(client: &str, command: ppp::v2::Command) -> Vec<u8> {
+    use ppp::v2;
+    let client: SocketAddr = client.parse().unwrap();
+    let to: SocketAddr = match client {
+        SocketAddr::V4(_) => "10.0.0.1:1883".parse().unwrap(),
+        SocketAddr::V6(_) => "[2001:db8::1]:1883".parse().unwrap(),
+    };
+    v2::Builder::with_addresses(
+        v2::Version::Two | command,
+        v2::Protocol::Stream,
+        (client, to),
+    )
+    .build()
+    .unwrap()
+}
+
+fn proxied(client: &str) -> Vec<u8> {
+    v2_header(client, ppp::v2::Command::Proxy)
+}
+
+/// A raw session through "the balancer": a socket from `from` that sends `header`, then a
+/// signed CONNECT for `dn` in the same write (as HAProxy does), and reads the CONNACK.
+async fn session_via(
+    from: &str,
+    addr: SocketAddr,
+    header: &[u8],
+    dn: &str,
+) -> (TcpStream, Option<[u8; 4]>) {
+    let mut s = tcp_from(from, addr).await;
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(&raw_connect(&creds(dn), 30));
+    // A socket closed at accept may already refuse the write: the read below tells.
+    let _ = s.write_all(&bytes).await;
+    let mut connack = [0u8; 4];
+    let got = tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+        .await
+        .expect("neither CONNACK nor close in time");
+    (s, got.ok().map(|_| connack))
+}
+
+const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+#[tokio::test]
+async fn behind_a_trusted_balancer_the_header_names_the_peer() {
+    use crate::proxy_protocol::ProxyMode;
+    let mut tb = start_with(proxied_config(ProxyMode::Trusted)).await;
+    let addr = tb.addr();
+    let v2 = proxied("198.51.100.7:40000");
+    let v1 = b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 1883\r\n".to_vec();
+    let local = v2_header("10.9.9.9:1", ppp::v2::Command::Local);
+    // (header, device, the session's client address: the header's, or the balancer's own for
+    // LOCAL)
+    let cases = [
+        (v2, "dev1", Some("198.51.100.7:40000")),
+        (v1, "dev2", Some("[2001:db8::7]:40001")),
+        (local, "dev3", None),
+    ];
+    for (header, dn, client) in cases {
+        let (s, connack) = session_via(BALANCER, addr, &header, dn).await;
+        assert_eq!(connack, Some(CONNACK_OK), "{dn}");
+        let session = tb.expect_connect(dn).await;
+        match client {
+            Some(client) => assert_eq!(session.client_addr, client.parse().unwrap(), "{dn}"),
+            None => assert_eq!(session.client_addr, s.local_addr().unwrap(), "{dn}"),
+        }
+        drop(s);
+        tb.expect_disconnect(dn).await;
+    }
+    // In `trusted` mode a client from elsewhere connects as it is, at its own address.
+    let (s, connack) = raw_session(addr, "dev1", 30).await;
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(
+        tb.expect_connect("dev1").await.client_addr,
+        s.local_addr().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_header_from_an_untrusted_source_is_not_believed() {
+    use crate::proxy_protocol::ProxyMode;
+    // `trusted`: a forged header from an ordinary client is not a PROXY header to the broker
+    // but the client's first bytes, which are not MQTT: closed, nothing connects.
+    let mut tb = start_with(proxied_config(ProxyMode::Trusted)).await;
+    let (mut s, connack) =
+        session_via("127.0.0.1", tb.addr(), &proxied("198.51.100.7:1"), "dev1").await;
+    assert_eq!(connack, None, "a forged header must not get a session");
+    assert_closed(&mut s).await;
+    assert!(tb.events.try_recv().is_err(), "no hook was called");
+    assert!(tb.metric(r#"fleetgate_mqtt_connects_refused_total{reason="protocol"} 1"#));
+
+    // `required`: closed at accept, before a byte is read; counted by the gate.
+    let mut tb = start_with(proxied_config(ProxyMode::Required)).await;
+    let (mut s, connack) =
+        session_via("127.0.0.1", tb.addr(), &proxied("198.51.100.7:1"), "dev1").await;
+    assert_eq!(connack, None);
+    assert_closed(&mut s).await;
+    let (mut s, connack) = session_via("127.0.0.2", tb.addr(), &[], "dev1").await;
+    assert_eq!(connack, None, "without a header either");
+    assert_closed(&mut s).await;
+    assert!(tb.events.try_recv().is_err(), "no hook was called");
+    assert!(
+        tb.metric(
+            r#"fleetgate_connections_refused_total{listener="mqtt",reason="proxy_untrusted"} 2"#
+        ),
+        "{}",
+        tb.metrics.encode()
+    );
+    assert_eq!(tb.handle.gate().open(), 0);
+    // The balancer still gets its devices through.
+    let (_s, connack) = session_via(BALANCER, tb.addr(), &proxied("198.51.100.7:1"), "dev1").await;
+    assert_eq!(connack, Some(CONNACK_OK));
+    tb.expect_connect("dev1").await;
+}
+
+#[tokio::test]
+async fn a_malformed_or_late_header_closes_the_socket() {
+    use crate::proxy_protocol::ProxyMode;
+    let mut config = proxied_config(ProxyMode::Required);
+    config.connect_timeout = Duration::from_secs(1);
+    let mut tb = start_with(config).await;
+    let addr = tb.addr();
+
+    // A trusted socket that starts with MQTT instead of a header; an HTTP request; a v2 header
+    // announcing more than the bound; a v1 line that never ends.
+    let mut oversized = proxied("198.51.100.7:1");
+    oversized[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+    let endless = [
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 1 1883".as_slice(),
+        &[b' '; 200],
+    ]
+    .concat();
+    let bad: [&[u8]; 4] = [
+        &raw_connect(&creds("dev1"), 30),
+        b"GET / HTTP/1.1\r\n\r\n",
+        &oversized,
+        &endless,
+    ];
+    for bytes in bad {
+        let mut s = tcp_from(BALANCER, addr).await;
+        s.write_all(bytes).await.unwrap();
+        assert_eq!(assert_closed(&mut s).await, b"", "closed without an answer");
+    }
+    assert!(
+        tb.metric(r#"fleetgate_mqtt_connects_refused_total{reason="proxy_header"} 4"#),
+        "{}",
+        tb.metrics.encode()
+    );
+
+    // Half a header, then silence: closed at the CONNECT deadline.
+    let mut s = tcp_from(BALANCER, addr).await;
+    s.write_all(&proxied("198.51.100.7:1")[..10]).await.unwrap();
+    assert_closed(&mut s).await;
+    assert!(tb.metric(r#"fleetgate_mqtt_connects_refused_total{reason="timeout"} 1"#));
+    // Closed before sending anything: not a refusal.
+    drop(tcp_from(BALANCER, addr).await);
+
+    assert!(tb.events.try_recv().is_err(), "no hook was called");
+    let gate = tb.handle.gate();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gate.open() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "sockets left open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gate.unauthenticated(), 0);
+    // The broker still serves the balancer.
+    let (_s, connack) = session_via(BALANCER, addr, &proxied("198.51.100.7:1"), "dev1").await;
+    assert_eq!(connack, Some(CONNACK_OK));
+    tb.expect_connect("dev1").await;
+}
+
+#[tokio::test]
+async fn the_per_source_cap_counts_the_client_behind_the_balancer() {
+    use crate::proxy_protocol::ProxyMode;
+    let mut config = proxied_config(ProxyMode::Required);
+    config.max_unauthenticated_per_ip = 2;
+    // The flood's sockets must outlive the test's steps.
+    config.connect_timeout = Duration::from_secs(60);
+    let mut tb = start_with(config).await;
+    let addr = tb.addr();
+    let flooder: std::net::IpAddr = "198.51.100.66".parse().unwrap();
+    let gate = Arc::clone(tb.handle.gate());
+
+    // Two sockets of one client (headers, no CONNECT) fill its cap...
+    let mut flood = Vec::new();
+    for port in [1, 2] {
+        let mut s = tcp_from(BALANCER, addr).await;
+        s.write_all(&proxied(&format!("{flooder}:{port}")))
+            .await
+            .unwrap();
+        flood.push(s);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gate.unauthenticated_from(flooder) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "headers not read");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...so its next one is closed, even with a valid CONNECT,
+    let (mut s, connack) =
+        session_via(BALANCER, addr, &proxied(&format!("{flooder}:3")), "dev1").await;
+    assert_eq!(connack, None);
+    assert_closed(&mut s).await;
+    assert!(tb.metric(r#"fleetgate_connections_refused_total{listener="mqtt",reason="per_ip"} 1"#));
+    // ...while another client's device connects through the same balancer (whose own address
+    // holds no slot: more than two sockets from it are open).
+    let (_s, connack) = session_via(BALANCER, addr, &proxied("198.51.100.7:1"), "dev1").await;
+    assert_eq!(connack, Some(CONNACK_OK));
+    tb.expect_connect("dev1").await;
+    assert_eq!(gate.unauthenticated_from(BALANCER.parse().unwrap()), 0);
+    assert_eq!(gate.unauthenticated_from(flooder), 2);
+    // A slot given back is the flooder's to use again.
+    drop(flood.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gate.unauthenticated_from(flooder) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_s2, connack) =
+        session_via(BALANCER, addr, &proxied(&format!("{flooder}:4")), "dev2").await;
+    assert_eq!(connack, Some(CONNACK_OK));
+    assert_eq!(tb.expect_connect("dev2").await.client_addr.ip(), flooder);
+}
+
+#[tokio::test]
+async fn a_shutdown_does_not_wait_for_a_balancers_header() {
+    use crate::proxy_protocol::ProxyMode;
+    let mut config = proxied_config(ProxyMode::Required);
+    // Far beyond WAIT: a shutdown that waited for the header's deadline would fail the test.
+    config.connect_timeout = Duration::from_secs(600);
+    let tb = start_with(config).await;
+    let mut s = tcp_from(BALANCER, tb.addr()).await;
+    s.write_all(&proxied("198.51.100.7:1")[..5]).await.unwrap();
+    let gate = Arc::clone(tb.handle.gate());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gate.open() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(WAIT, tb.handle.shutdown())
+        .await
+        .expect("the shutdown waited for a half-sent PROXY header");
+    assert_closed(&mut s).await;
+    assert_eq!(gate.open(), 0);
+}

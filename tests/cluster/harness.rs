@@ -19,6 +19,11 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 pub const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+/// HAProxy's source address towards the nodes: loopback, but not the one the tests' own
+/// clients use (127.0.0.1), so a node can tell the balancer from a device connecting directly.
+/// Every node trusts it to send PROXY headers (`mqtt.proxy_protocol = "trusted"`: clients from
+/// elsewhere still connect directly, as several tests do).
+pub const HAPROXY_SOURCE: &str = "127.0.0.3";
 /// Upper bound for anything a test waits on (a broken build fails instead of hanging).
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -152,6 +157,9 @@ impl Node {
             .env("FLEETGATE_CLUSTER_NODE_TIMEOUT_MS", "3000")
             // A dead holder of the engines' lease is replaced within about 2.7 s.
             .env("FLEETGATE_CLUSTER_LEASE_TTL_MS", "2000")
+            // HAProxy sends PROXY v2 headers (`send-proxy-v2`, haproxy.cfg.in).
+            .env("FLEETGATE_MQTT_PROXY_PROTOCOL", "trusted")
+            .env("FLEETGATE_MQTT_PROXY_TRUSTED", HAPROXY_SOURCE)
             .env("RUST_LOG", "info")
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -437,8 +445,37 @@ pub fn reconnecting(addr: SocketAddr, creds: &LinkCredentials) -> ReconnectingDe
     }
 }
 
+/// A TCP relay on 127.0.0.1 that connects to `to` from `source` (another loopback address):
+/// a client that cannot bind its own socket (rumqttc) seen at `to` as coming from `source`.
+/// Each relayed connection starts with `prefix` (e.g. a PROXY header). Relays until the test's
+/// runtime ends.
+pub async fn relay_from(source: &str, to: SocketAddr, prefix: Vec<u8>) -> SocketAddr {
+    let source: SocketAddr = SocketAddr::new(source.parse().expect("source address"), 0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("relay listener");
+    let addr = listener.local_addr().expect("relay address");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let prefix = prefix.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind(source).expect("bind the relay's source");
+                if let Ok(mut server) = socket.connect(to).await {
+                    if server.write_all(&prefix).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An HAProxy in TCP mode in front of the nodes' MQTT listeners, hashing on the CONNECT
-/// username (`deploy/haproxy.cfg` is the same configuration for a deployment).
+/// username and sending PROXY v2 headers from [`HAPROXY_SOURCE`] (`deploy/haproxy.cfg` is the
+/// same configuration for a deployment).
 pub struct Haproxy {
     child: Child,
     pub addr: SocketAddr,
@@ -461,7 +498,7 @@ impl Haproxy {
             .iter()
             .map(|n| {
                 format!(
-                    "    server node{id} {mqtt} check port {http} inter 500ms fall 2 rise 2\n",
+                    "    server node{id} {mqtt} send-proxy-v2 check port {http} inter 500ms fall 2 rise 2\n",
                     id = n.id,
                     mqtt = n.mqtt,
                     http = n.http.port()
@@ -471,6 +508,7 @@ impl Haproxy {
         let config = format!(
             include_str!("haproxy.cfg.in"),
             bind = format!("127.0.0.1:{port}"),
+            source = HAPROXY_SOURCE,
             servers = servers
         );
         let path: PathBuf = dir.path().join("haproxy.cfg");

@@ -76,6 +76,80 @@ async fn devices_land_on_consistent_nodes_through_haproxy() {
     assert_eq!(n, 0, "a non-MQTT client got an answer");
 }
 
+/// 1b. Behind HAProxy (`send-proxy-v2` from [`HAPROXY_SOURCE`], 127.0.0.3), each device's
+///     `client_ip` is its own address — 127.0.0.1, or 127.0.0.2 for one connecting from there —
+///     and never HAProxy's; a PROXY header sent straight to a node by a client outside
+///     `mqtt.proxy_trusted` is not believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_haproxy_nodes_see_each_devices_own_address() {
+    let cluster = Cluster::start(2).await;
+    let proxy = Haproxy::start(&cluster.nodes.iter().collect::<Vec<_>>());
+    let api = cluster.node(1).api();
+    let pk = api.create_product("proxied").await;
+    let mut devices = Vec::new();
+    // (device, the address it connects to HAProxy from)
+    let sources = [
+        ("near-1", "127.0.0.1"),
+        ("far-2", "127.0.0.2"),
+        ("far-3", "127.0.0.2"),
+    ];
+    for (dn, source) in sources {
+        let secret = api.create_device(&pk, dn).await;
+        let to = relay_from(source, proxy.addr, Vec::new()).await;
+        devices.push(connect(to, &credentials(&pk, dn, &secret)).await);
+    }
+    for (dn, source) in sources {
+        for node in &cluster.nodes {
+            let d = node
+                .api()
+                .wait_device(&pk, dn, "online", |d| d["online"] == true)
+                .await;
+            assert_eq!(
+                d["client_ip"], source,
+                "{dn} via node {} (HAProxy connects from {HAPROXY_SOURCE}): {d}",
+                node.id
+            );
+        }
+    }
+
+    // A forged header straight to a node from 127.0.0.1, followed by a valid CONNECT: the
+    // node reads it as the client's first MQTT bytes and closes the socket.
+    let secret = api.create_device(&pk, "forger").await;
+    let creds = credentials(&pk, "forger", &secret);
+    let forged = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "198.51.100.7:40000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap(),
+            cluster.node(1).mqtt,
+        ),
+    )
+    .build()
+    .unwrap();
+    let to = relay_from("127.0.0.1", cluster.node(1).mqtt, forged).await;
+    let mut opts = rumqttc::MqttOptions::new(creds.client_id.clone(), "127.0.0.1", to.port());
+    opts.set_credentials(creds.username.clone(), creds.password.clone());
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(opts, 8);
+    let first = tokio::time::timeout(WAIT, eventloop.poll())
+        .await
+        .expect("an answer or a close in time");
+    assert!(
+        !matches!(
+            first,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))
+        ),
+        "a forged PROXY header got a CONNACK: {first:?}"
+    );
+    let d = api.device(&pk, "forger").await;
+    assert!(
+        d["online"] == false && d["client_ip"] != "198.51.100.7",
+        "{d}"
+    );
+    drop(devices);
+}
+
 /// 2. Takeover across nodes: the device's second connection (node 2) ends the first (node 1)
 ///    within a second, and node 1's disconnect does not mark the device offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
