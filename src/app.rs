@@ -24,7 +24,7 @@ use crate::command::properties::PropertiesReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
 use crate::export::ExportService;
-use crate::forwarder::Forwarder;
+use crate::forwarder::{AmqpSettings, Forwarder, ForwarderConfig};
 use crate::ingest::Ingest;
 use crate::listen;
 use crate::metrics::{Listener, Metrics};
@@ -146,18 +146,7 @@ impl Application {
 
         // Always built: consumer groups are managed (and persisted) with forwarding off too. In
         // cluster mode the outbox is the shared table, drained by the `outbox` lease's holder.
-        let mut forwarder_config = settings.amqp.forwarder_config();
-        forwarder_config.exchange_prefix =
-            crate::installation::exchange_prefix(registry.store(), &settings.amqp.exchange_prefix)
-                .context("cannot read this installation's AMQP exchange prefix")?;
-        if forwarder_config.url.is_some()
-            && forwarder_config.exchange_prefix == crate::installation::SHARED_PREFIX
-        {
-            tracing::warn!(
-                prefix = crate::installation::SHARED_PREFIX,
-                "amqp.exchange_prefix is the old shared default: another gateway on the same RabbitMQ with it feeds this one's consumer groups and the other way round; set a prefix of this installation's own (docs/OPERATIONS.md, \"AMQP exchange prefix\")"
-            );
-        }
+        let forwarder_config = forwarder_config(&settings.amqp, registry.store())?;
         let forwarder = match (&joined, &settings.store.url) {
             (Some(_), Some(url)) => {
                 let leases = crate::store::PostgresReader::connect(url)
@@ -771,6 +760,24 @@ fn connection_budgets(settings: &Settings, metrics: &Metrics) -> anyhow::Result<
         "connection budgets"
     );
     Ok(budgets)
+}
+
+/// What the forwarder runs with: `[amqp]` with its exchange prefix resolved — the configured
+/// one, else this installation's own (chosen on first start, kept in the store).
+fn forwarder_config(amqp: &AmqpSettings, store: &Store) -> anyhow::Result<ForwarderConfig> {
+    let exchange_prefix = crate::installation::exchange_prefix(store, &amqp.exchange_prefix)
+        .context("cannot read this installation's AMQP exchange prefix")?;
+    if amqp.url.is_some() && exchange_prefix == crate::installation::SHARED_PREFIX {
+        tracing::warn!(
+            prefix = crate::installation::SHARED_PREFIX,
+            "amqp.exchange_prefix is the old shared default: another gateway on the same RabbitMQ with it feeds this one's consumer groups and the other way round; set a prefix of this installation's own (docs/OPERATIONS.md, \"AMQP exchange prefix\")"
+        );
+    }
+    ForwarderConfig::new(AmqpSettings {
+        exchange_prefix,
+        ..amqp.clone()
+    })
+    .context("invalid amqp settings")
 }
 
 /// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind

@@ -162,7 +162,7 @@ pub async fn delete_group(
 pub(super) mod tests {
     use super::*;
     use crate::api::{router, BodyLimits, Role, TokenSet};
-    use crate::forwarder::ForwarderConfig;
+    use crate::forwarder::{AmqpSettings, ForwarderConfig};
     use crate::metrics::Metrics;
     use crate::ota::FirmwareRepo;
     use crate::registry::{NewInstance, Registry};
@@ -326,10 +326,10 @@ pub(super) mod tests {
     #[tokio::test]
     async fn message_ttl_is_fixed_at_creation_shown_and_validated() {
         let dir = tempfile::tempdir().unwrap();
-        let config = ForwarderConfig {
+        let config = ForwarderConfig::for_tests(AmqpSettings {
             queue_message_ttl_secs: 7200,
             ..Default::default()
-        };
+        });
         let (app, registry, store) = app_with(dir.path(), config).await;
         let base = "/api/v1/instances/iot-a/consumer-groups";
         for (gid, ttl, want) in [

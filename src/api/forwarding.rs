@@ -93,7 +93,7 @@ pub async fn delete_rate_limit(
 #[cfg(test)]
 mod tests {
     use super::super::consumer_groups::tests::{app_with, call, OP, VIEW};
-    use crate::forwarder::{Forwarder, ForwarderConfig, RateLimitSource};
+    use crate::forwarder::{AmqpSettings, Forwarder, ForwarderConfig, RateLimitSource};
     use crate::metrics::Metrics;
     use axum::http::StatusCode;
     use serde_json::{json, Value};
@@ -109,10 +109,10 @@ mod tests {
     async fn rate_limit_put_get_delete_checks_auth_and_fields_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         // A configured default of 1000 msgs/s; forwarding off (no url): stored and shown anyway.
-        let config = ForwarderConfig {
+        let config = ForwarderConfig::for_tests(AmqpSettings {
             rate_limit_msgs_per_sec: Some(1000),
             ..Default::default()
-        };
+        });
         let (app, registry, _store) = app_with(dir.path(), config.clone()).await;
         // A forwarder rebuilt from the same store (a restart) sees what the API stored.
         let rebuilt = || {
