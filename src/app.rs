@@ -531,6 +531,7 @@ async fn open_forwarder(core: Core<'_>, joined: Option<&Joined>) -> anyhow::Resu
                     lease_ttl: Duration::from_millis(settings.cluster.lease_ttl_ms),
                     leases: Arc::new(leases),
                 },
+                core.store.clone(),
                 core.registry.clone(),
                 core.metrics.clone(),
             )
@@ -538,6 +539,7 @@ async fn open_forwarder(core: Core<'_>, joined: Option<&Joined>) -> anyhow::Resu
         _ => Forwarder::open(
             config,
             &settings.data_dir,
+            core.store.clone(),
             core.registry.clone(),
             core.metrics.clone(),
         ),
@@ -605,6 +607,7 @@ fn open_ota(
         ),
         None => OtaEngine::open(
             registry.clone(),
+            core.store.clone(),
             firmware.clone(),
             Arc::new(downlink.clone()),
             clock.clone(),
@@ -656,6 +659,7 @@ fn start_migration(
     };
     let migration = MigrationEngine::start(
         core.registry.clone(),
+        core.store.clone(),
         core.metrics.clone(),
         core.settings.migration,
         MigrationHooks {
@@ -687,6 +691,7 @@ fn open_export(
 ) -> anyhow::Result<ExportService> {
     ExportService::open(
         &core.settings.data_dir,
+        core.store.clone(),
         core.registry.clone(),
         firmware.clone(),
         Some(ota.clone()),

@@ -189,7 +189,14 @@ pub(super) mod tests {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open_in_memory(metrics.clone()).unwrap();
         let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
-        let fwd = Forwarder::open(config, dir, registry.clone(), metrics.clone()).unwrap();
+        let fwd = Forwarder::open(
+            config,
+            dir,
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
         let firmware =
             FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
@@ -308,7 +315,12 @@ pub(super) mod tests {
         assert!(d["backlog"].is_null());
 
         // Persisted: a registry + forwarder rebuilt from the same store sees the groups.
-        let fwd2 = Forwarder::disabled(registry.clone(), Arc::new(Metrics::new())).unwrap();
+        let fwd2 = Forwarder::disabled(
+            registry.store().clone(),
+            registry.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         assert_eq!(fwd2.list_groups("iot-a").unwrap().len(), 2);
         drop(store);
 
@@ -319,7 +331,9 @@ pub(super) mod tests {
             (s, e["error_code"].as_str()),
             (StatusCode::NOT_FOUND, Some("FG.2004"))
         );
-        let fwd3 = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
+        let fwd3 =
+            Forwarder::disabled(registry.store().clone(), registry, Arc::new(Metrics::new()))
+                .unwrap();
         assert_eq!(fwd3.list_groups("iot-a").unwrap().len(), 1);
     }
 
@@ -388,7 +402,8 @@ pub(super) mod tests {
             }])
             .await
             .unwrap();
-        let fwd = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
+        let fwd = Forwarder::disabled(registry.store().clone(), registry, Arc::new(Metrics::new()))
+            .unwrap();
         let ttls: Vec<(String, Option<u32>)> = fwd
             .list_groups("iot-a")
             .unwrap()

@@ -119,6 +119,7 @@ mod tests {
             Forwarder::open(
                 config.clone(),
                 dir.path(),
+                registry.store().clone(),
                 registry.clone(),
                 Arc::new(Metrics::new()),
             )
@@ -223,7 +224,12 @@ mod tests {
         }
         assert_eq!(rebuilt().source, RateLimitSource::Default);
         // Without a configured default there is no limit at all.
-        let bare = Forwarder::disabled(registry.clone(), Arc::new(Metrics::new())).unwrap();
+        let bare = Forwarder::disabled(
+            registry.store().clone(),
+            registry.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         let r = bare.rate_limit("iot-a").unwrap();
         assert_eq!(
             (r.msgs_per_sec, r.bytes_per_sec, r.source),

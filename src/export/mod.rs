@@ -155,6 +155,7 @@ impl ExportService {
     /// Blocking: start-up only.
     pub fn open(
         data_dir: &std::path::Path,
+        store: Store,
         registry: Arc<Registry>,
         firmware: Arc<FirmwareRepo>,
         ota: Option<OtaEngine>,
@@ -165,7 +166,6 @@ impl ExportService {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ExportError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        let store = registry.store().clone();
         let jobs = DashMap::new();
         let mut ops = Vec::new();
         for kind in [EXPORT_DOC, IMPORT_DOC] {

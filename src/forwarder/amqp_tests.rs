@@ -150,6 +150,7 @@ impl Fixture {
         Forwarder::open(
             self.config(url),
             self.dir.path(),
+            self.registry.store().clone(),
             self.registry.clone(),
             self.metrics.clone(),
         )
@@ -835,6 +836,7 @@ async fn bench_throughput() {
     let fwd = Forwarder::open(
         ForwarderConfig::for_tests(config.clone()),
         fx.dir.path(),
+        fx.registry.store().clone(),
         fx.registry.clone(),
         fx.metrics.clone(),
     )
@@ -874,6 +876,7 @@ async fn bench_throughput() {
     let fwd = Forwarder::open(
         ForwarderConfig::for_tests(cut_config),
         fx.dir.path(),
+        fx.registry.store().clone(),
         fx.registry.clone(),
         fx.metrics.clone(),
     )
@@ -973,6 +976,7 @@ async fn bench_shared_outbox() {
                         lease_ttl: Duration::from_secs(2),
                         leases: Arc::new(leases),
                     },
+                    fx.registry.store().clone(),
                     fx.registry.clone(),
                     fx.metrics.clone(),
                 )
@@ -981,6 +985,7 @@ async fn bench_shared_outbox() {
                 Forwarder::open(
                     config.clone(),
                     fx.dir.path(),
+                    fx.registry.store().clone(),
                     fx.registry.clone(),
                     fx.metrics.clone(),
                 )

@@ -87,7 +87,7 @@ pub use settings::{AmqpSettings, ForwarderConfig};
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
-use crate::store::{Op, StoreError};
+use crate::store::{Op, Store, StoreError};
 use groups::{Declared, RateSampler, TOMBSTONE_DOC_KIND};
 pub(crate) use limits::Limiter;
 use limits::{Limits, RATE_LIMIT_DOC_KIND};
@@ -255,6 +255,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Forwarder {
     config: ForwarderConfig,
     topology: Topology,
+    /// Where the consumer groups, tombstones and rate-limit overrides are kept.
+    store: Store,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     outbox: Option<Outbox>,
@@ -309,6 +311,7 @@ impl Forwarder {
     pub fn open(
         config: ForwarderConfig,
         data_dir: &Path,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
@@ -320,7 +323,7 @@ impl Forwarder {
             )?),
             None => None,
         };
-        Self::build(config, outbox, registry, metrics)
+        Self::build(config, outbox, store, registry, metrics)
     }
 
     /// Cluster mode: like [`open`](Self::open), but the outbox is the table every node shares
@@ -330,11 +333,12 @@ impl Forwarder {
     pub fn open_clustered(
         config: ForwarderConfig,
         cluster: ClusterOutbox,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
         if config.url.is_none() {
-            return Self::build(config, None, registry, metrics);
+            return Self::build(config, None, store, registry, metrics);
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ForwarderError::Spawn(
@@ -356,7 +360,7 @@ impl Forwarder {
             config.outbox_max_bytes,
             metrics.clone(),
         )?;
-        let forwarder = Self::build(config, Some(outbox), registry, metrics)?;
+        let forwarder = Self::build(config, Some(outbox), store, registry, metrics)?;
         let (lease_stop, lease_stop_rx) = watch::channel(false);
         let task = tokio::spawn(keeper.run(lease_stop_rx));
         *lock(&forwarder.drain_lease) = Some((lease_stop, task));
@@ -366,20 +370,22 @@ impl Forwarder {
     /// A forwarder with forwarding off (consumer groups still work). Blocks briefly reading the
     /// store.
     pub fn disabled(
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
-        Self::build(ForwarderConfig::default(), None, registry, metrics)
+        Self::build(ForwarderConfig::default(), None, store, registry, metrics)
     }
 
     fn build(
         config: ForwarderConfig,
         outbox: Option<Outbox>,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
         let mut state = GroupState::default();
-        for (id, body) in registry.store().load_documents(GROUP_DOC_KIND)? {
+        for (id, body) in store.load_documents(GROUP_DOC_KIND)? {
             let group: ConsumerGroup =
                 serde_json::from_str(&body).map_err(|e| ForwarderError::Corrupt {
                     id: id.clone(),
@@ -394,11 +400,11 @@ impl Forwarder {
                 },
             );
         }
-        for (id, body) in registry.store().load_documents(TOMBSTONE_DOC_KIND)? {
+        for (id, body) in store.load_documents(TOMBSTONE_DOC_KIND)? {
             state.tombstones.insert(id, body);
         }
         let mut overrides = HashMap::new();
-        for (id, body) in registry.store().load_documents(RATE_LIMIT_DOC_KIND)? {
+        for (id, body) in store.load_documents(RATE_LIMIT_DOC_KIND)? {
             let limit: RateLimit =
                 serde_json::from_str(&body).map_err(|e| ForwarderError::Corrupt {
                     id: format!("{RATE_LIMIT_DOC_KIND}/{id}"),
@@ -412,6 +418,7 @@ impl Forwarder {
             topology: Topology::new(config.exchange_prefix.clone()),
             status: AtomicU8::new(AmqpStatus::Disabled.to_u8()),
             config,
+            store,
             registry,
             metrics,
             outbox,
@@ -539,7 +546,7 @@ impl Forwarder {
             None => None,
         };
         if let Some(op) = op {
-            self.registry.store().submit(vec![op]).await?;
+            self.store.submit(vec![op]).await?;
         }
         let (effective, source) = {
             let mut limits = lock(&self.limits);
@@ -907,8 +914,7 @@ impl Forwarder {
     }
 
     async fn forget_tombstone(&self, id: &str) -> Result<(), ForwarderError> {
-        self.registry
-            .store()
+        self.store
             .submit(vec![Op::DeleteDoc {
                 kind: TOMBSTONE_DOC_KIND,
                 id: id.to_owned(),
@@ -986,8 +992,7 @@ impl Forwarder {
             message: e.to_string(),
         })?;
         // A re-created group cancels the pending deletion of its old queue (it is the same queue).
-        self.registry
-            .store()
+        self.store
             .submit(vec![
                 Op::PutDoc {
                     kind: GROUP_DOC_KIND,
@@ -1101,8 +1106,7 @@ impl Forwarder {
         self.group(instance_id, group_id)?;
         let id = groups::doc_id(instance_id, group_id);
         let queue = self.topology.queue(instance_id, group_id);
-        self.registry
-            .store()
+        self.store
             .submit(vec![
                 Op::DeleteDoc {
                     kind: GROUP_DOC_KIND,

@@ -308,7 +308,7 @@ async fn registry_with_device() -> (Arc<Registry>, Arc<Metrics>) {
 #[tokio::test]
 async fn disabled_forwarder_stores_nothing() {
     let (registry, metrics) = registry_with_device().await;
-    let fwd = Forwarder::disabled(registry, metrics.clone()).unwrap();
+    let fwd = Forwarder::disabled(registry.store().clone(), registry, metrics.clone()).unwrap();
     assert!(!fwd.enabled());
     assert_eq!(fwd.status(), AmqpStatus::Disabled);
     assert_eq!(fwd.health()["amqp"], "disabled");
@@ -330,7 +330,14 @@ async fn routing_follows_the_owner_and_the_hook_and_refuses_or_drops_when_full()
         outbox_full_wait_ms: 20,
         ..Default::default()
     });
-    let fwd = Forwarder::open(config, dir.path(), registry, metrics.clone()).unwrap();
+    let fwd = Forwarder::open(
+        config,
+        dir.path(),
+        registry.store().clone(),
+        registry,
+        metrics.clone(),
+    )
+    .unwrap();
     assert_eq!(fwd.targets("pk", "dev1"), vec!["iot-a".to_string()]);
     assert!(fwd.targets("pk", "ghost").is_empty());
     fwd.set_route_hook(Some(Arc::new(|_pk: &str, _dn: &str, owner: &str| {
@@ -502,7 +509,7 @@ fn consume_rate_counts_what_left_the_queue() {
 async fn a_mirror_limit_holds_back_only_mirrored_rows() {
     let (registry, metrics) = registry_with_device().await;
     // dev1 is owned by iot-a: its rows to iot-b are mirrored copies, its rows to iot-a are not.
-    let fwd = Forwarder::disabled(registry, metrics).unwrap();
+    let fwd = Forwarder::disabled(registry.store().clone(), registry, metrics).unwrap();
     let one_per_sec = || RateLimit {
         msgs_per_sec: NonZeroU32::new(1),
         bytes_per_sec: None,
@@ -554,6 +561,7 @@ async fn a_runtime_rate_limit_replaces_the_default_and_survives_a_rebuild() {
         Forwarder::open(
             config.clone(),
             dir.path(),
+            registry.store().clone(),
             registry.clone(),
             metrics.clone(),
         )
@@ -627,7 +635,14 @@ async fn ota_events_of_a_deleted_device_go_to_the_instance_that_owned_it() {
         url: Some(Secret::new("amqp://guest:guest@127.0.0.1:1/%2f")),
         ..Default::default()
     });
-    let fwd = Forwarder::open(config, dir.path(), registry.clone(), metrics.clone()).unwrap();
+    let fwd = Forwarder::open(
+        config,
+        dir.path(),
+        registry.store().clone(),
+        registry.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
     registry.delete_device("pk", "dev1").await.unwrap();
     assert!(fwd.targets("pk", "dev1").is_empty());
 
