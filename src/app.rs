@@ -842,12 +842,12 @@ fn api_state(
         metrics: parts.metrics.clone(),
         tokens: Arc::new(tokens),
         firmware: parts.firmware.clone(),
-        ota: Some(parts.ota.clone()),
-        export: Some(export),
+        ota: parts.ota.clone(),
+        export,
         health,
         on_device_revoked: revoke_session,
-        forwarder: Some(parts.forwarder.clone()),
-        migration: Some(parts.migration.clone()),
+        forwarder: parts.forwarder.clone(),
+        migration: parts.migration.clone(),
         ready: readiness(
             Box::new(broker.accepting()),
             parts.registry.clone(),
@@ -855,7 +855,7 @@ fn api_state(
             parts.cluster.clone(),
         ),
         cluster: parts.cluster.clone(),
-        commands: Some(parts.commands.clone()),
+        commands: parts.commands.clone(),
     }
 }
 

@@ -6,8 +6,6 @@
 //! `queue.declare`), the consumers attached and a consume rate estimated by the forwarder's
 //! sampler (RabbitMQ's management API is not required).
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -19,14 +17,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::instances::PageQuery;
 use super::{ApiState, ItemsPage};
-use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, Forwarder, NewConsumerGroup};
-
-pub(super) fn forwarder(state: &ApiState) -> Result<&Arc<Forwarder>, ApiError> {
-    state
-        .forwarder
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("the API state has no forwarder"))
-}
+use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
 
 /// A group as created, with the RabbitMQ names its consumers need (as `GET` shows them).
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,7 +53,7 @@ pub async fn create_group(
     ApiPath(iid): ApiPath<String>,
     ApiJson(req): ApiJson<NewConsumerGroup>,
 ) -> Result<(StatusCode, Json<CreatedConsumerGroup>), ApiError> {
-    let forwarder = forwarder(&state)?;
+    let forwarder = &state.forwarder;
     let group = forwarder.create_group(&iid, req).await?;
     let topology = forwarder.topology();
     let created = CreatedConsumerGroup {
@@ -93,7 +84,7 @@ pub async fn list_groups(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<ItemsPage<ConsumerGroup>>, ApiError> {
     let page = q.page()?;
-    let all = forwarder(&state)?.list_groups(&iid)?;
+    let all = state.forwarder.list_groups(&iid)?;
     let total = all.len() as u64;
     let skip = (page.page as usize - 1).saturating_mul(page.page_size as usize);
     Ok(Json(ItemsPage {
@@ -128,7 +119,7 @@ pub async fn get_group(
     State(state): State<ApiState>,
     ApiPath((iid, gid)): ApiPath<(String, String)>,
 ) -> Result<Json<ConsumerGroupDetails>, ApiError> {
-    Ok(Json(forwarder(&state)?.group_details(&iid, &gid).await?))
+    Ok(Json(state.forwarder.group_details(&iid, &gid).await?))
 }
 
 /// Delete a consumer group and its queue, with the messages still in it (operator).
@@ -153,7 +144,7 @@ pub async fn delete_group(
     State(state): State<ApiState>,
     ApiPath((iid, gid)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    forwarder(&state)?.delete_group(&iid, &gid).await?;
+    state.forwarder.delete_group(&iid, &gid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -162,6 +153,7 @@ pub async fn delete_group(
 pub(super) mod tests {
     use super::*;
     use crate::api::{router, BodyLimits, Role, TokenSet};
+    use crate::forwarder::Forwarder;
     use crate::forwarder::{AmqpSettings, ForwarderConfig};
     use crate::metrics::Metrics;
     use crate::ota::FirmwareRepo;
@@ -171,6 +163,7 @@ pub(super) mod tests {
     use axum::http::Request;
     use http_body_util::BodyExt;
     use serde_json::{json, Value};
+    use std::sync::Arc;
     use tower::ServiceExt;
 
     pub(in crate::api) const OP: &str = "operator-token-0123456789";
@@ -200,8 +193,17 @@ pub(super) mod tests {
         let firmware =
             FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
-        let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens), firmware)
-            .with_forwarder(fwd);
+        let state = ApiState {
+            forwarder: fwd,
+            ..ApiState::for_tests(
+                dir,
+                store.clone(),
+                registry.clone(),
+                metrics,
+                tokens,
+                firmware,
+            )
+        };
         registry
             .create_instance(NewInstance {
                 instance_id: Some("iot-a".into()),

@@ -12,7 +12,6 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use super::auth::RequireOperator;
-use super::consumer_groups::forwarder;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
 use super::ApiState;
@@ -35,7 +34,7 @@ pub async fn get_rate_limit(
     State(state): State<ApiState>,
     ApiPath(iid): ApiPath<String>,
 ) -> Result<Json<InstanceRateLimit>, ApiError> {
-    Ok(Json(forwarder(&state)?.rate_limit(&iid)?))
+    Ok(Json(state.forwarder.rate_limit(&iid)?))
 }
 
 /// Set the instance's forwarding rate limit (operator). Null or absent bounds are unlimited,
@@ -63,7 +62,7 @@ pub async fn put_rate_limit(
 ) -> Result<Json<InstanceRateLimit>, ApiError> {
     let limit = req.parse()?;
     Ok(Json(
-        forwarder(&state)?.set_rate_limit(&iid, Some(limit)).await?,
+        state.forwarder.set_rate_limit(&iid, Some(limit)).await?,
     ))
 }
 
@@ -86,7 +85,7 @@ pub async fn delete_rate_limit(
     State(state): State<ApiState>,
     ApiPath(iid): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    forwarder(&state)?.set_rate_limit(&iid, None).await?;
+    state.forwarder.set_rate_limit(&iid, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

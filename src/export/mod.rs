@@ -153,6 +153,7 @@ impl std::fmt::Debug for ExportService {
 impl ExportService {
     /// Loads the jobs (marking interrupted ones FAILED) and creates `{data_dir}/exports`.
     /// Blocking: start-up only.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         data_dir: &std::path::Path,
         store: Store,
