@@ -2,16 +2,20 @@
 //! until ctrl-c/SIGTERM (or [`Application::shutdown`]) and stops cleanly: listeners closed,
 //! sessions ended, the store flushed.
 //!
-//! Start order: store → registry (rebuilt from the store) → HTTP bind (its address is the
-//! default base of firmware download links) → firmware repository → forwarder (consumer groups;
-//! with an AMQP URL also its outbox and publisher) → broker router → OTA engine (jobs and tasks
-//! reloaded, every timer re-armed) → migration engine (kicks via the router, data-sync routes
-//! and limits into the forwarder) → export/import jobs (which use the OTA and migration
-//! engines) → ingest → MQTT accepting → admin token → HTTP serving. Before all of it the MQTT
-//! and HTTP listeners are bound ([`crate::listen`]: a taken built-in default port falls back to
-//! the next free one), so a start that cannot listen creates nothing, and the connection
-//! budgets are derived from the open-files limit ([`crate::admission`]). The admin token is
-//! created only by a start that got that far, and printed by it. Stop order is the reverse, so nothing is accepted that cannot be stored.
+//! [`Application::build`] is the list of start steps, each a function below with typed inputs
+//! and outputs: bind the listeners ([`crate::listen`]: a taken built-in default port falls back
+//! to the next free one), so a start that cannot listen creates nothing → check the configured
+//! API tokens → derive the connection budgets from the open-files limit ([`crate::admission`])
+//! → open the store → join the cluster (cluster mode) → load the registry from the store → open
+//! the firmware repository (the bound HTTP address is the default base of download links) →
+//! open the forwarder (consumer groups; with an AMQP URL also its outbox and publisher) → start
+//! the broker's router → open the OTA engine (jobs and tasks reloaded, every timer re-armed) →
+//! start the migration engine (kicks via the router, data-sync routes and limits into the
+//! forwarder) → open the export/import jobs (which use the OTA and migration engines) → start
+//! the commands → accept MQTT (ingest) → attach the cluster and take part in the engines' lease
+//! (cluster mode) → load or create the API tokens → serve HTTP → announce. The admin token is
+//! created only by a start that got that far, and printed by it. Stop order is the reverse, so
+//! nothing is accepted that cannot be stored.
 
 use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
@@ -19,453 +23,201 @@ use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, Tls
 use crate::clock::Clock;
 use crate::cluster::engines::{ClusterPusher, EnginesRelay};
 use crate::cluster::epoch::EpochClock;
-use crate::cluster::Cluster;
+use crate::cluster::lease::LeaseKeeper;
+use crate::cluster::{Cluster, Pending};
 use crate::command::properties::PropertiesReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
-use crate::export::ExportService;
-use crate::forwarder::Forwarder;
+use crate::export::{DeviceRevokedHook, ExportService};
+use crate::forwarder::{AmqpSettings, ClusterOutbox, Forwarder, ForwarderConfig, RateLimit};
 use crate::ingest::Ingest;
 use crate::listen;
 use crate::metrics::{Listener, Metrics};
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
-use crate::store::Store;
+use crate::store::{PostgresReader, Store};
 use anyhow::Context;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// A running gateway.
 pub struct Application {
     settings: Settings,
+    parts: Parts,
     broker: BrokerHandle,
+    http: HttpServer,
+    budgets: Budgets,
+    created_admin_token: Option<String>,
+    engines_lease: EnginesLease,
+}
+
+/// The long-lived components: what the API serves, the accessors show and the shutdown stops.
+struct Parts {
+    metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
     forwarder: Arc<Forwarder>,
     ota: OtaEngine,
     migration: Arc<MigrationEngine>,
-    metrics: Arc<Metrics>,
-    http_addr: SocketAddr,
-    http_stop: oneshot::Sender<()>,
-    http_task: JoinHandle<()>,
-    budgets: Budgets,
-    created_admin_token: Option<String>,
-    cluster: Option<Arc<Cluster>>,
-    /// Cluster mode: stops the engines' lease keeper (which releases the lease) and the task
-    /// that follows it.
-    engines_stop: tokio::sync::watch::Sender<bool>,
-    engines_tasks: Vec<JoinHandle<()>>,
     commands: Arc<Commands>,
+    /// Cluster mode: this node's part of the cluster.
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// What most start steps use, once the registry is loaded.
+#[derive(Clone, Copy)]
+struct Core<'a> {
+    settings: &'a Settings,
+    store: &'a Store,
+    registry: &'a Arc<Registry>,
+    metrics: &'a Arc<Metrics>,
+}
+
+impl<'a> Core<'a> {
+    fn new(
+        settings: &'a Settings,
+        store: &'a Store,
+        registry: &'a Arc<Registry>,
+        metrics: &'a Arc<Metrics>,
+    ) -> Self {
+        Core {
+            settings,
+            store,
+            registry,
+            metrics,
+        }
+    }
+}
+
+/// The listeners, bound before anything else.
+struct Listeners {
+    http: TcpListener,
+    mqtt: TcpListener,
+}
+
+/// Cluster mode: this node joined the cluster; it is attached once the registry and the MQTT
+/// listeners run.
+struct Joined {
+    cluster: Arc<Cluster>,
+    pending: Pending,
+    /// The engines' lease: its holder drives the OTA engine.
+    engines_lease: Arc<LeaseKeeper>,
+}
+
+/// Which feed messages (by node) the registry's snapshot already contains (cluster mode).
+type FeedCuts = BTreeMap<u16, u64>;
+
+/// Cluster mode: the attached cluster and the engines' lease keeper.
+struct Attached {
+    cluster: Arc<Cluster>,
+    engines_lease: Arc<LeaseKeeper>,
+}
+
+/// Cluster mode: the engines' lease keeper and the task that follows it; the sender stops both
+/// (the keeper releases the lease). No tasks on a single node.
+struct EnginesLease {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The HTTP server task and what stops it.
+struct HttpServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
 }
 
 impl Application {
     /// Open the store, rebuild the registry, bind every listener (port 0 allowed) and start
     /// serving. Returns once everything accepts connections.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        // First of all, so that a start that cannot listen changes nothing on disk. A taken
-        // built-in default port falls back to the next free one (`crate::listen`).
-        let listener = listen::bind_listener(
-            listen::HTTP,
-            settings.http.listen,
-            settings.http.listen_is_default,
-            api::serve::bind,
-        )?;
-        let mqtt_listener = listen::bind_listener(
-            listen::MQTT,
-            settings.mqtt.listen,
-            settings.mqtt.listen_is_default,
-            crate::broker::bind_listener,
-        )?;
-        // Checked before anything is created: a start that fails never makes an admin token
-        // nobody sees (it is created and printed at the end).
-        settings
-            .api
-            .tokens
-            .iter()
-            .try_fold(TokenSet::default(), |set, t| {
-                set.with_token(t.token.expose(), &t.role)
-            })
-            .context("invalid api.tokens")?;
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
+        // First of all, so that a start that cannot listen changes nothing on disk.
+        let listeners = bind_listeners(&settings)?;
+        // Before anything is created: a start that fails never makes an admin token nobody
+        // sees (it is created and printed at the end).
+        check_api_tokens(&settings)?;
+        create_data_dir(&settings)?;
         let metrics = Arc::new(Metrics::new());
         let budgets = connection_budgets(&settings, &metrics)?;
-        let location = settings.store.location(&settings.data_dir);
-        let store = Store::open_with(&location, &settings.store, metrics.clone())
-            .with_context(|| format!("cannot open the store ({location})"))?;
-        // Cluster mode joins before the registry loads, so that no change another node makes
-        // meanwhile is missed (the snapshot says which feed messages it already contains).
-        let joined = match (&settings.cluster.nats_url, &settings.store.url) {
-            (Some(_), Some(url)) => {
-                let reader = crate::store::PostgresReader::connect(url)
-                    .await
-                    .context("cannot open a reading connection to PostgreSQL")?;
-                let joined = Cluster::join(
-                    settings.cluster.clone(),
-                    &store,
-                    Arc::new(reader),
-                    metrics.clone(),
-                )
-                .await
-                .context("cannot join the cluster")?;
-                Some(joined)
-            }
-            _ => None,
-        };
-        let snapshot = store.load().context("cannot load the registry")?;
-        let feed_cuts = snapshot.feed_cuts.clone();
-        let registry = Registry::from_snapshot(
-            store,
-            metrics.clone(),
-            RegistryLimits {
-                max_modules_per_device: settings.mqtt.max_modules_per_device,
-            },
-            Arc::new(EpochClock::new(settings.cluster.node_id)),
-            snapshot,
-        )
-        .context("cannot load the registry")?;
-
-        // Download links default to the bound HTTP address.
-        let http_addr = listener.local_addr()?;
-        let public_url = settings
-            .http
-            .public_url
-            .clone()
-            .unwrap_or_else(|| default_public_url(http_addr));
-        let firmware = FirmwareRepo::open(
-            &settings.data_dir,
-            registry.store().clone(),
-            public_url,
-            settings.ota.max_firmware_bytes,
-        )
-        .context("cannot open the firmware repository")?;
-
-        // Always built: consumer groups are managed (and persisted) with forwarding off too. In
-        // cluster mode the outbox is the shared table, drained by the `outbox` lease's holder.
-        let mut forwarder_config = settings.amqp.forwarder_config();
-        forwarder_config.exchange_prefix =
-            crate::installation::exchange_prefix(registry.store(), &settings.amqp.exchange_prefix)
-                .context("cannot read this installation's AMQP exchange prefix")?;
-        if forwarder_config.url.is_some()
-            && forwarder_config.exchange_prefix == crate::installation::SHARED_PREFIX
-        {
-            tracing::warn!(
-                prefix = crate::installation::SHARED_PREFIX,
-                "amqp.exchange_prefix is the old shared default: another gateway on the same RabbitMQ with it feeds this one's consumer groups and the other way round; set a prefix of this installation's own (docs/OPERATIONS.md, \"AMQP exchange prefix\")"
-            );
-        }
-        let forwarder = match (&joined, &settings.store.url) {
-            (Some(_), Some(url)) => {
-                let leases = crate::store::PostgresReader::connect(url)
-                    .await
-                    .context("cannot open a lease connection to PostgreSQL")?;
-                Forwarder::open_clustered(
-                    forwarder_config,
-                    crate::forwarder::ClusterOutbox {
-                        url: url.clone(),
-                        node: settings.cluster.node_id,
-                        lease_ttl: Duration::from_millis(settings.cluster.lease_ttl_ms),
-                        leases: Arc::new(leases),
-                    },
-                    registry.clone(),
-                    metrics.clone(),
-                )
-            }
-            _ => Forwarder::open(
-                forwarder_config,
-                &settings.data_dir,
-                registry.clone(),
-                metrics.clone(),
-            ),
-        }
-        .context("cannot start the AMQP forwarder")?;
-
-        let broker = Broker::new(
-            BrokerConfig {
-                listen: settings.mqtt.listen,
-                tls: settings.mqtt.tls.as_ref().map(|t| TlsConfig {
-                    listen: t.listen,
-                    cert_path: t.cert.clone(),
-                    key_path: t.key.clone(),
-                }),
-                max_connections: settings.mqtt.max_connections,
-                connect_timeout: Duration::from_secs(settings.mqtt.connect_timeout_secs),
-                max_payload_size: settings.mqtt.max_payload_bytes,
-                epochs: registry.epochs().clone(),
-                max_subscriptions_per_device: settings.mqtt.max_subscriptions_per_device,
-                connect_timestamp_window: settings.mqtt.connect_timestamp_window(),
-                max_sockets: budgets.mqtt_sockets,
-                max_unauthenticated_per_ip: budgets.mqtt_per_ip,
-                pressure_unauthenticated: budgets.mqtt_pressure,
-                connect_timeout_under_pressure: Duration::from_secs(
-                    settings.mqtt.connect_timeout_under_pressure_secs,
-                ),
-                proxy: settings.mqtt.proxy_policy(),
-            },
-            metrics.clone(),
-        )
-        .context("cannot start the MQTT router")?;
+        let store = open_store(&settings, &metrics)?;
+        // Before the registry loads, so that no change another node makes meanwhile is missed.
+        let joined = join_cluster(&settings, &store, &metrics).await?;
+        let (registry, feed_cuts) = load_registry(&settings, &store, &metrics)?;
+        let core = Core::new(&settings, &store, &registry, &metrics);
+        let http_addr = listeners.http.local_addr()?;
+        let firmware = open_firmware(core, http_addr)?;
+        let forwarder = open_forwarder(core, joined.as_ref()).await?;
+        let broker = start_router(core, &budgets)?;
         let downlink = broker.downlink();
         registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
         // One clock for both engines (system time; tests move it through the engines).
         let clock = Clock::system();
-        let ota_config = EngineConfig {
-            connect_push_delay_ms: settings.ota.connect_push_delay_ms as i64,
-            download_url_ttl: Duration::from_secs(settings.ota.download_url_ttl_secs),
-            progress_flush_ms: settings.ota.progress_flush_ms as i64,
-            ..EngineConfig::default()
-        };
-        // Cluster mode: the engine runs on the holder of the engines' lease only (activated
-        // once the cluster is attached, below); here it starts in standby, relaying reports.
-        let engines_lease = joined.as_ref().map(|(cluster, _)| cluster.engines_lease());
-        let ota = match (&joined, &engines_lease) {
-            (Some((cluster, _)), Some(lease)) => OtaEngine::open_standby(
-                registry.clone(),
-                registry.store().fenced(lease.fence()),
-                firmware.clone(),
-                Arc::new(ClusterPusher::new(cluster.clone(), registry.clone())),
-                clock.clone(),
-                ota_config,
-                metrics.clone(),
-                Arc::new(EnginesRelay::new(cluster.clone())),
-            ),
-            _ => OtaEngine::open(
-                registry.clone(),
-                firmware.clone(),
-                Arc::new(downlink.clone()),
-                clock.clone(),
-                ota_config,
-                metrics.clone(),
-            )
-            .context("cannot load the OTA jobs")?,
-        };
-        // OTA task state changes are forwarded to consumer groups (no-op with forwarding off).
-        ota.set_event_sink(forwarder.ota_event_sink());
-        if joined.is_none() {
-            ota.start();
-        }
-
-        // Before ingest starts: the data-sync routes must be in place for the first message.
-        let migration = MigrationEngine::start(
-            registry.clone(),
-            metrics.clone(),
-            settings.migration,
-            MigrationHooks {
-                kick: {
-                    let downlink = downlink.clone();
-                    Arc::new(move |pk: &str, dn: &str| {
-                        downlink.kick(&crate::broker::DeviceKey {
-                            product_key: pk.to_owned(),
-                            device_name: dn.to_owned(),
-                        });
-                    })
-                },
-                set_rate_limit: {
-                    let forwarder = forwarder.clone();
-                    Arc::new(move |instance_id: &str, bytes_per_sec: Option<u64>| {
-                        let limit = bytes_per_sec.map(|b| crate::forwarder::RateLimit {
-                            msgs_per_sec: None,
-                            // 10,240 MB/s does not fit governor's u32; that much is unlimited
-                            // in practice.
-                            bytes_per_sec: std::num::NonZeroU32::new(
-                                u32::try_from(b).unwrap_or(u32::MAX),
-                            ),
-                        });
-                        // Only the mirrored copies (data sync) are limited, not the data of
-                        // devices the target already owns.
-                        forwarder.set_mirror_rate_limit(instance_id, limit);
-                    })
-                },
-            },
-            clock,
-        )
-        .context("cannot start the migration engine")?;
-        {
-            // Weak: the engine's hooks hold the forwarder; no reference cycle.
-            let engine = Arc::downgrade(&migration);
-            forwarder.set_route_hook(Some(Arc::new(move |pk: &str, dn: &str, owner: &str| {
-                engine
-                    .upgrade()
-                    .map(|e| e.extra_targets(pk, dn, owner))
-                    .unwrap_or_default()
-            })));
-        }
+        let ota = open_ota(
+            core,
+            &firmware,
+            &forwarder,
+            &downlink,
+            &clock,
+            joined.as_ref(),
+        )?;
         // A device the API or an import disables, re-keys, moves or deletes loses its session.
-        let revoke_session: crate::export::DeviceRevokedHook = {
-            let downlink = downlink.clone();
-            Arc::new(move |pk: &str, dn: &str| {
-                downlink.kick(&crate::broker::DeviceKey {
-                    product_key: pk.to_owned(),
-                    device_name: dn.to_owned(),
-                });
-            })
-        };
-        // After the migration engine: migration tasks are exported and imported through it.
-        let export = ExportService::open(
-            &settings.data_dir,
-            registry.clone(),
-            firmware.clone(),
-            Some(ota.clone()),
-            Some(migration.clone()),
-            settings.export.clone(),
-            revoke_session.clone(),
-        )
-        .context("cannot load the export/import jobs")?;
-
-        let properties = LatestProperties::load(registry.store().clone())
-            .context("cannot load the latest-properties snapshots")?;
-        LatestProperties::spawn_flusher(
-            &properties,
-            Duration::from_millis(settings.commands.properties_flush_ms),
-        );
-        registry.add_observer(Arc::new(PropertiesReaper(Arc::downgrade(&properties))));
-        let commands = Arc::new(
-            Commands::new(
-                downlink.clone(),
-                registry.clone(),
-                metrics.clone(),
-                settings.commands,
-                properties,
-            )
-            .with_forwarder(forwarder.clone()),
-        );
-        let ingest = Arc::new(
-            Ingest::new(registry.clone(), downlink.clone(), metrics.clone())
-                .with_ota(ota.clone())
-                .with_forwarder(forwarder.clone())
-                .with_commands(commands.clone()),
-        );
-        let broker = broker
-            .start_on(ingest, mqtt_listener)
-            .await
-            .context("cannot start the MQTT listeners")?;
-
-        let cluster = joined.map(|(cluster, pending)| {
-            cluster.attach(
-                pending,
-                registry.clone(),
-                downlink.clone(),
-                feed_cuts,
-                broker.mqtt_addr(),
-                http_addr,
-            );
-            commands.attach_cluster(cluster.clone());
-            cluster
-        });
-        // Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
-        let (engines_stop, _) = tokio::sync::watch::channel(false);
-        let mut engines_tasks = Vec::new();
-        if let (Some(cluster), Some(lease)) = (&cluster, engines_lease) {
-            engines_tasks.push(tokio::spawn(lease.clone().run(engines_stop.subscribe())));
-            engines_tasks.push(tokio::spawn(crate::cluster::engines::drive(
-                cluster.clone(),
-                lease,
-                ota.clone(),
-                engines_stop.subscribe(),
-            )));
-        }
+        let revoke_session = revoke_session_hook(&downlink);
+        let migration = start_migration(core, &forwarder, &revoke_session, clock)?;
+        let export = open_export(core, &firmware, &ota, &migration, &revoke_session)?;
+        let commands = start_commands(core, &downlink, &forwarder)?;
+        let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
+        let broker = accept_mqtt(broker, ingest, listeners.mqtt).await?;
+        let addresses = (broker.mqtt_addr(), http_addr);
+        let attached =
+            joined.map(|j| attach_cluster(j, core, &downlink, &commands, feed_cuts, addresses));
+        let engines_lease = run_engines_lease(attached.as_ref(), &ota);
         // The last step that can fail: an admin token created here is printed below.
-        let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
-            &settings.data_dir,
-            settings.api.token.as_ref().map(|t| t.expose().to_owned()),
-        )
-        .context("cannot set up API tokens")?;
-        let tokens = settings
-            .api
-            .tokens
-            .iter()
-            .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
-            .context("invalid api.tokens")?;
+        let (tokens, created_admin_token) = load_api_tokens(&settings)?;
+        let parts = Parts {
+            metrics,
+            registry,
+            firmware,
+            forwarder,
+            ota,
+            migration,
+            commands,
+            cluster: attached.map(|a| a.cluster),
+        };
+        let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);
+        let state = api_state(&parts, &broker, tokens, export, revoke_session, health);
+        let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
+        let app = Application {
+            settings,
+            parts,
+            broker,
+            http,
+            budgets,
+            created_admin_token,
+            engines_lease,
+        };
+        app.announce();
+        Ok(app)
+    }
 
-        let health_info = {
-            let mqtt = broker.mqtt_addr();
-            let tls = broker.tls_addr();
-            let registry = registry.clone();
-            let forwarder = forwarder.clone();
-            let node = settings.cluster.node_id;
-            move || {
-                let mut v = serde_json::json!({
-                    "mqtt": mqtt.to_string(),
-                    "mqtt_tls": tls.map(|a| a.to_string()),
-                    "http": http_addr.to_string(),
-                    "online_devices": registry.online_count(),
-                });
-                if node != 0 {
-                    v["node"] = node.into();
-                }
-                // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
-                if let (Some(v), serde_json::Value::Object(amqp)) =
-                    (v.as_object_mut(), forwarder.health())
-                {
-                    v.extend(amqp);
-                }
-                v
-            }
-        };
-        let state = ApiState {
-            registry: registry.clone(),
-            metrics: metrics.clone(),
-            tokens: Arc::new(tokens),
-            firmware: firmware.clone(),
-            ota: Some(ota.clone()),
-            export: Some(export),
-            health: Arc::new(health_info),
-            on_device_revoked: revoke_session,
-            forwarder: Some(forwarder.clone()),
-            migration: Some(migration.clone()),
-            ready: readiness(
-                Box::new(broker.accepting()),
-                registry.clone(),
-                forwarder.clone(),
-                cluster.clone(),
-            ),
-            cluster: cluster.clone(),
-            commands: Some(commands.clone()),
-        };
-        let router = api::router(
-            state,
-            api::BodyLimits {
-                json: settings.http.json_body_limit_bytes,
-                batch: settings.http.batch_body_limit_bytes,
-            },
-        );
-        let http_gate = Gate::new(
-            Listener::Http,
-            GateLimits {
-                max_open: budgets.http_connections,
-                max_per_source: budgets.http_per_ip,
-            },
-            &metrics,
-        );
-        let timeouts = api::serve::HttpTimeouts {
-            header_read: Duration::from_secs(settings.http.header_read_timeout_secs),
-            body_read: Duration::from_secs(settings.http.body_read_timeout_secs),
-            write: Duration::from_secs(settings.http.write_timeout_secs),
-        };
-        let (http_stop, stop_rx) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(api::serve::serve(
-            listener,
-            router,
-            timeouts,
-            http_gate,
-            metrics.clone(),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-
+    /// Logs where the gateway listens and whether it forwards, and shows the admin token this
+    /// start created.
+    fn announce(&self) {
+        let (settings, parts, broker) = (&self.settings, &self.parts, &self.broker);
         tracing::info!(
             mqtt = %broker.mqtt_addr(),
             mqtt_tls = ?broker.tls_addr(),
-            http = %http_addr,
-            public_url = %firmware.public_url(),
+            http = %self.http.addr,
+            public_url = %parts.firmware.public_url(),
             data_dir = %settings.data_dir.display(),
             "fleetgate listening"
         );
+        let forwarder = &parts.forwarder;
         if forwarder.enabled() {
             tracing::info!(
                 outbox_messages = forwarder.outbox().map_or(0, |o| o.len()),
@@ -474,7 +226,7 @@ impl Application {
         } else {
             tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
         }
-        if let Some(token) = &created_admin_token {
+        if let Some(token) = &self.created_admin_token {
             let path = settings.data_dir.join("api-token");
             if crate::telemetry::json() {
                 // JSON logs go to collectors and other people's screens: the secret stays in
@@ -488,31 +240,11 @@ impl Application {
                 );
             }
         }
-
-        Ok(Application {
-            settings,
-            broker,
-            registry,
-            firmware,
-            forwarder,
-            ota,
-            migration,
-            metrics,
-            http_addr,
-            http_stop,
-            http_task,
-            budgets,
-            created_admin_token,
-            cluster,
-            engines_stop,
-            engines_tasks,
-            commands,
-        })
     }
 
     /// Cloud-to-device commands and the latest-properties snapshots.
     pub fn commands(&self) -> &Arc<Commands> {
-        &self.commands
+        &self.parts.commands
     }
 
     /// What can be checked of `settings` without starting anything (`fleetgate check-config`;
@@ -558,7 +290,7 @@ impl Application {
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.http.addr
     }
 
     /// The admin token this start created (first start without `--api-token`).
@@ -567,33 +299,33 @@ impl Application {
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+        &self.parts.registry
     }
 
     pub fn firmware(&self) -> &Arc<FirmwareRepo> {
-        &self.firmware
+        &self.parts.firmware
     }
 
     /// The OTA engine (jobs, tasks, task events for the forwarder).
     pub fn ota(&self) -> &OtaEngine {
-        &self.ota
+        &self.parts.ota
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.parts.metrics
     }
 
     pub fn forwarder(&self) -> &Arc<Forwarder> {
-        &self.forwarder
+        &self.parts.forwarder
     }
 
     pub fn migration(&self) -> &Arc<MigrationEngine> {
-        &self.migration
+        &self.parts.migration
     }
 
     /// Cluster mode: this node's part of the cluster.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.as_ref()
+        self.parts.cluster.as_ref()
     }
 
     pub fn settings(&self) -> &Settings {
@@ -614,41 +346,592 @@ impl Application {
 
     /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.http_stop.send(());
+        let _ = self.http.stop.send(());
         // Before the broker and the store: the batch in flight finishes and is durable.
-        self.migration.shutdown().await;
+        self.parts.migration.shutdown().await;
         self.broker.shutdown().await;
-        match tokio::time::timeout(Duration::from_secs(10), self.http_task).await {
+        match tokio::time::timeout(Duration::from_secs(10), self.http.task).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
             Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
         }
         // After the broker: no device event can reach the engine any more.
-        self.ota.shutdown().await;
+        self.parts.ota.shutdown().await;
         // Cluster mode: the engine's last writes are in; the lease is released so another node
         // takes over at once instead of after its expiry.
-        let _ = self.engines_stop.send(true);
-        for task in self.engines_tasks {
+        let _ = self.engines_lease.stop.send(true);
+        for task in self.engines_lease.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         // After the broker: no property post can change a snapshot any more.
-        if let Err(error) = self.commands.properties().flush().await {
+        if let Err(error) = self.parts.commands.properties().flush().await {
             tracing::warn!(%error, "cannot write the latest-properties snapshots");
         }
         // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
         // get a few seconds; whatever is left stays in the outbox for the next start.
-        self.forwarder.shutdown().await;
-        self.registry
+        self.parts.forwarder.shutdown().await;
+        self.parts
+            .registry
             .flush()
             .await
             .context("cannot flush the store")?;
         // Last: the sessions' ends and everything flushed above are announced to the others.
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &self.parts.cluster {
             cluster.shutdown().await;
         }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Binds the HTTP and MQTT listeners. A taken built-in default port falls back to the next
+/// free one ([`crate::listen`]).
+fn bind_listeners(settings: &Settings) -> anyhow::Result<Listeners> {
+    let http = listen::bind_listener(
+        listen::HTTP,
+        settings.http.listen,
+        settings.http.listen_is_default,
+        api::serve::bind,
+    )?;
+    let mqtt = listen::bind_listener(
+        listen::MQTT,
+        settings.mqtt.listen,
+        settings.mqtt.listen_is_default,
+        crate::broker::bind_listener,
+    )?;
+    Ok(Listeners { http, mqtt })
+}
+
+/// `api.tokens` are valid (their roles exist); checked before anything is created.
+fn check_api_tokens(settings: &Settings) -> anyhow::Result<()> {
+    settings
+        .api
+        .tokens
+        .iter()
+        .try_fold(TokenSet::default(), |set, t| {
+            set.with_token(t.token.expose(), &t.role)
+        })
+        .context("invalid api.tokens")?;
+    Ok(())
+}
+
+fn create_data_dir(settings: &Settings) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))
+}
+
+/// The registry store: SQLite in the data dir, or PostgreSQL with `[store] url`.
+fn open_store(settings: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Store> {
+    let location = settings.store.location(&settings.data_dir);
+    Store::open_with(&location, &settings.store, metrics.clone())
+        .with_context(|| format!("cannot open the store ({location})"))
+}
+
+/// Cluster mode (a NATS URL and a PostgreSQL store): joins the others. The registry snapshot
+/// taken next says which feed messages it already contains.
+async fn join_cluster(
+    settings: &Settings,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Joined>> {
+    let (Some(_), Some(url)) = (&settings.cluster.nats_url, &settings.store.url) else {
+        return Ok(None);
+    };
+    let reader = PostgresReader::connect(url)
+        .await
+        .context("cannot open a reading connection to PostgreSQL")?;
+    let (cluster, pending) = Cluster::join(
+        settings.cluster.clone(),
+        store,
+        Arc::new(reader),
+        metrics.clone(),
+    )
+    .await
+    .context("cannot join the cluster")?;
+    let engines_lease = cluster.engines_lease();
+    Ok(Some(Joined {
+        cluster,
+        pending,
+        engines_lease,
+    }))
+}
+
+/// The registry, rebuilt from the store's snapshot, and the feed positions that snapshot
+/// contains.
+fn load_registry(
+    settings: &Settings,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<Registry>, FeedCuts)> {
+    let snapshot = store.load().context("cannot load the registry")?;
+    let feed_cuts = snapshot.feed_cuts.clone();
+    let registry = Registry::from_snapshot(
+        store.clone(),
+        metrics.clone(),
+        RegistryLimits {
+            max_modules_per_device: settings.mqtt.max_modules_per_device,
+        },
+        Arc::new(EpochClock::new(settings.cluster.node_id)),
+        snapshot,
+    )
+    .context("cannot load the registry")?;
+    Ok((registry, feed_cuts))
+}
+
+/// The firmware repository; download links default to the bound HTTP address.
+fn open_firmware(core: Core<'_>, http_addr: SocketAddr) -> anyhow::Result<Arc<FirmwareRepo>> {
+    let settings = core.settings;
+    let public_url = settings
+        .http
+        .public_url
+        .clone()
+        .unwrap_or_else(|| default_public_url(http_addr));
+    FirmwareRepo::open(
+        &settings.data_dir,
+        core.store.clone(),
+        public_url,
+        settings.ota.max_firmware_bytes,
+    )
+    .context("cannot open the firmware repository")
+}
+
+/// What the forwarder runs with: `[amqp]` with its exchange prefix resolved — the configured
+/// one, else this installation's own (chosen on first start, kept in the store).
+fn forwarder_config(amqp: &AmqpSettings, store: &Store) -> anyhow::Result<ForwarderConfig> {
+    let exchange_prefix = crate::installation::exchange_prefix(store, &amqp.exchange_prefix)
+        .context("cannot read this installation's AMQP exchange prefix")?;
+    if amqp.url.is_some() && exchange_prefix == crate::installation::SHARED_PREFIX {
+        tracing::warn!(
+            prefix = crate::installation::SHARED_PREFIX,
+            "amqp.exchange_prefix is the old shared default: another gateway on the same RabbitMQ with it feeds this one's consumer groups and the other way round; set a prefix of this installation's own (docs/OPERATIONS.md, \"AMQP exchange prefix\")"
+        );
+    }
+    ForwarderConfig::new(AmqpSettings {
+        exchange_prefix,
+        ..amqp.clone()
+    })
+    .context("invalid amqp settings")
+}
+
+/// The forwarder. Always built: consumer groups are managed (and persisted) with forwarding off
+/// too. In cluster mode the outbox is the shared table, drained by the `outbox` lease's holder.
+async fn open_forwarder(core: Core<'_>, joined: Option<&Joined>) -> anyhow::Result<Arc<Forwarder>> {
+    let settings = core.settings;
+    let config = forwarder_config(&settings.amqp, core.store)?;
+    let forwarder = match (joined, &settings.store.url) {
+        (Some(_), Some(url)) => {
+            let leases = PostgresReader::connect(url)
+                .await
+                .context("cannot open a lease connection to PostgreSQL")?;
+            Forwarder::open_clustered(
+                config,
+                ClusterOutbox {
+                    url: url.clone(),
+                    node: settings.cluster.node_id,
+                    lease_ttl: Duration::from_millis(settings.cluster.lease_ttl_ms),
+                    leases: Arc::new(leases),
+                },
+                core.store.clone(),
+                core.registry.clone(),
+                core.metrics.clone(),
+            )
+        }
+        _ => Forwarder::open(
+            config,
+            &settings.data_dir,
+            core.store.clone(),
+            core.registry.clone(),
+            core.metrics.clone(),
+        ),
+    };
+    forwarder.context("cannot start the AMQP forwarder")
+}
+
+/// The broker with its router thread running; it accepts once ingest is ready
+/// ([`Broker::start_on`]).
+fn start_router(core: Core<'_>, budgets: &Budgets) -> anyhow::Result<Broker> {
+    let mqtt = &core.settings.mqtt;
+    let config = BrokerConfig {
+        listen: mqtt.listen,
+        tls: mqtt.tls.as_ref().map(|t| TlsConfig {
+            listen: t.listen,
+            cert_path: t.cert.clone(),
+            key_path: t.key.clone(),
+        }),
+        max_connections: mqtt.max_connections,
+        connect_timeout: Duration::from_secs(mqtt.connect_timeout_secs),
+        max_payload_size: mqtt.max_payload_bytes,
+        epochs: core.registry.epochs().clone(),
+        max_subscriptions_per_device: mqtt.max_subscriptions_per_device,
+        connect_timestamp_window: mqtt.connect_timestamp_window(),
+        max_sockets: budgets.mqtt_sockets,
+        max_unauthenticated_per_ip: budgets.mqtt_per_ip,
+        pressure_unauthenticated: budgets.mqtt_pressure,
+        connect_timeout_under_pressure: Duration::from_secs(
+            mqtt.connect_timeout_under_pressure_secs,
+        ),
+        proxy: mqtt.proxy_policy(),
+    };
+    Broker::new(config, core.metrics.clone()).context("cannot start the MQTT router")
+}
+
+/// The OTA engine, jobs and tasks loaded, its task state changes forwarded to consumer groups
+/// (no-op with forwarding off). Single node: it pushes through the broker and runs. Cluster
+/// mode: it starts in standby, relaying reports; the holder of the engines' lease activates it
+/// ([`run_engines_lease`]).
+fn open_ota(
+    core: Core<'_>,
+    firmware: &Arc<FirmwareRepo>,
+    forwarder: &Arc<Forwarder>,
+    downlink: &Downlink,
+    clock: &Clock,
+    joined: Option<&Joined>,
+) -> anyhow::Result<OtaEngine> {
+    let settings = &core.settings.ota;
+    let config = EngineConfig {
+        connect_push_delay_ms: settings.connect_push_delay_ms as i64,
+        download_url_ttl: Duration::from_secs(settings.download_url_ttl_secs),
+        progress_flush_ms: settings.progress_flush_ms as i64,
+        ..EngineConfig::default()
+    };
+    let registry = core.registry;
+    let ota = match joined {
+        Some(joined) => OtaEngine::open_standby(
+            registry.clone(),
+            core.store.fenced(joined.engines_lease.fence()),
+            firmware.clone(),
+            Arc::new(ClusterPusher::new(joined.cluster.clone(), registry.clone())),
+            clock.clone(),
+            config,
+            core.metrics.clone(),
+            Arc::new(EnginesRelay::new(joined.cluster.clone())),
+        ),
+        None => OtaEngine::open(
+            registry.clone(),
+            core.store.clone(),
+            firmware.clone(),
+            Arc::new(downlink.clone()),
+            clock.clone(),
+            config,
+            core.metrics.clone(),
+        )
+        .context("cannot load the OTA jobs")?,
+    };
+    ota.set_event_sink(forwarder.ota_event_sink());
+    if joined.is_none() {
+        ota.start();
+    }
+    Ok(ota)
+}
+
+/// Ends the MQTT session of a device the API or an import disables, re-keys, moves or deletes
+/// (and of a device a migration moves).
+fn revoke_session_hook(downlink: &Downlink) -> DeviceRevokedHook {
+    let downlink = downlink.clone();
+    Arc::new(move |pk: &str, dn: &str| {
+        downlink.kick(&DeviceKey {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        });
+    })
+}
+
+/// The migration engine, before ingest starts: the data-sync routes must be in place for the
+/// first message. Its devices are kicked through `kick`; its data-sync limits and routes go
+/// into the forwarder.
+fn start_migration(
+    core: Core<'_>,
+    forwarder: &Arc<Forwarder>,
+    kick: &DeviceRevokedHook,
+    clock: Clock,
+) -> anyhow::Result<Arc<MigrationEngine>> {
+    let set_rate_limit = {
+        let forwarder = forwarder.clone();
+        Arc::new(move |instance_id: &str, bytes_per_sec: Option<u64>| {
+            let limit = bytes_per_sec.map(|b| RateLimit {
+                msgs_per_sec: None,
+                // 10,240 MB/s does not fit governor's u32; that much is unlimited in practice.
+                bytes_per_sec: std::num::NonZeroU32::new(u32::try_from(b).unwrap_or(u32::MAX)),
+            });
+            // Only the mirrored copies (data sync) are limited, not the data of devices the
+            // target already owns.
+            forwarder.set_mirror_rate_limit(instance_id, limit);
+        })
+    };
+    let migration = MigrationEngine::start(
+        core.registry.clone(),
+        core.store.clone(),
+        core.metrics.clone(),
+        core.settings.migration,
+        MigrationHooks {
+            kick: kick.clone(),
+            set_rate_limit,
+        },
+        clock,
+    )
+    .context("cannot start the migration engine")?;
+    // Weak: the engine's hooks hold the forwarder; no reference cycle.
+    let engine = Arc::downgrade(&migration);
+    forwarder.set_route_hook(Some(Arc::new(move |pk: &str, dn: &str, owner: &str| {
+        engine
+            .upgrade()
+            .map(|e| e.extra_targets(pk, dn, owner))
+            .unwrap_or_default()
+    })));
+    Ok(migration)
+}
+
+/// The export/import jobs, after the migration engine: migration tasks are exported and
+/// imported through it.
+fn open_export(
+    core: Core<'_>,
+    firmware: &Arc<FirmwareRepo>,
+    ota: &OtaEngine,
+    migration: &Arc<MigrationEngine>,
+    revoke_session: &DeviceRevokedHook,
+) -> anyhow::Result<ExportService> {
+    ExportService::open(
+        &core.settings.data_dir,
+        core.store.clone(),
+        core.registry.clone(),
+        firmware.clone(),
+        Some(ota.clone()),
+        Some(migration.clone()),
+        core.settings.export.clone(),
+        revoke_session.clone(),
+    )
+    .context("cannot load the export/import jobs")
+}
+
+/// Cloud-to-device commands, with the latest-properties snapshots loaded and flushed
+/// periodically.
+fn start_commands(
+    core: Core<'_>,
+    downlink: &Downlink,
+    forwarder: &Arc<Forwarder>,
+) -> anyhow::Result<Arc<Commands>> {
+    let settings = &core.settings.commands;
+    let properties = LatestProperties::load(core.store.clone())
+        .context("cannot load the latest-properties snapshots")?;
+    LatestProperties::spawn_flusher(
+        &properties,
+        Duration::from_millis(settings.properties_flush_ms),
+    );
+    core.registry
+        .add_observer(Arc::new(PropertiesReaper(Arc::downgrade(&properties))));
+    let commands = Commands::new(
+        downlink.clone(),
+        core.registry.clone(),
+        core.metrics.clone(),
+        *settings,
+        properties,
+    )
+    .with_forwarder(forwarder.clone());
+    Ok(Arc::new(commands))
+}
+
+/// What the broker hands device traffic to.
+fn ingest(
+    core: Core<'_>,
+    downlink: &Downlink,
+    ota: &OtaEngine,
+    forwarder: &Arc<Forwarder>,
+    commands: &Arc<Commands>,
+) -> Arc<Ingest> {
+    Arc::new(
+        Ingest::new(
+            core.registry.clone(),
+            downlink.clone(),
+            core.metrics.clone(),
+        )
+        .with_ota(ota.clone())
+        .with_forwarder(forwarder.clone())
+        .with_commands(commands.clone()),
+    )
+}
+
+/// MQTT accepting on `listener` (and the TLS listener), device traffic going to `ingest`.
+async fn accept_mqtt(
+    broker: Broker,
+    ingest: Arc<Ingest>,
+    listener: TcpListener,
+) -> anyhow::Result<BrokerHandle> {
+    broker
+        .start_on(ingest, listener)
+        .await
+        .context("cannot start the MQTT listeners")
+}
+
+/// Cluster mode: the cluster gets the registry, the downlink and this node's (MQTT, HTTP)
+/// addresses, and starts applying the others' changes; commands use it.
+fn attach_cluster(
+    joined: Joined,
+    core: Core<'_>,
+    downlink: &Downlink,
+    commands: &Arc<Commands>,
+    feed_cuts: FeedCuts,
+    (mqtt, http): (SocketAddr, SocketAddr),
+) -> Attached {
+    let Joined {
+        cluster,
+        pending,
+        engines_lease,
+    } = joined;
+    cluster.attach(
+        pending,
+        core.registry.clone(),
+        downlink.clone(),
+        feed_cuts,
+        mqtt,
+        http,
+    );
+    commands.attach_cluster(cluster.clone());
+    Attached {
+        cluster,
+        engines_lease,
+    }
+}
+
+/// Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
+fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) -> EnginesLease {
+    let (stop, _) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if let Some(Attached {
+        cluster,
+        engines_lease,
+    }) = attached
+    {
+        tasks.push(tokio::spawn(engines_lease.clone().run(stop.subscribe())));
+        tasks.push(tokio::spawn(crate::cluster::engines::drive(
+            cluster.clone(),
+            engines_lease.clone(),
+            ota.clone(),
+            stop.subscribe(),
+        )));
+    }
+    EnginesLease { stop, tasks }
+}
+
+/// The API tokens: the admin token (configured, else read from the data dir, else created
+/// there: the second value) and the configured further tokens.
+fn load_api_tokens(settings: &Settings) -> anyhow::Result<(TokenSet, Option<String>)> {
+    let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
+        &settings.data_dir,
+        settings.api.token.as_ref().map(|t| t.expose().to_owned()),
+    )
+    .context("cannot set up API tokens")?;
+    let tokens = settings
+        .api
+        .tokens
+        .iter()
+        .try_fold(tokens, |set, t| set.with_token(t.token.expose(), &t.role))
+        .context("invalid api.tokens")?;
+    Ok((tokens, created_admin_token))
+}
+
+/// What the API handlers get.
+fn api_state(
+    parts: &Parts,
+    broker: &BrokerHandle,
+    tokens: TokenSet,
+    export: ExportService,
+    revoke_session: DeviceRevokedHook,
+    health: api::HealthFn,
+) -> ApiState {
+    ApiState {
+        registry: parts.registry.clone(),
+        metrics: parts.metrics.clone(),
+        tokens: Arc::new(tokens),
+        firmware: parts.firmware.clone(),
+        ota: parts.ota.clone(),
+        export,
+        health,
+        on_device_revoked: revoke_session,
+        forwarder: parts.forwarder.clone(),
+        migration: parts.migration.clone(),
+        ready: readiness(
+            Box::new(broker.accepting()),
+            parts.registry.clone(),
+            parts.forwarder.clone(),
+            parts.cluster.clone(),
+        ),
+        cluster: parts.cluster.clone(),
+        commands: parts.commands.clone(),
+    }
+}
+
+/// `/healthz`'s fields after `"status":"ok"`: the bound addresses, online devices, this node
+/// (cluster mode) and the forwarder's state.
+fn health_info(
+    parts: &Parts,
+    broker: &BrokerHandle,
+    node: u16,
+    http_addr: SocketAddr,
+) -> api::HealthFn {
+    let mqtt = broker.mqtt_addr();
+    let tls = broker.tls_addr();
+    let registry = parts.registry.clone();
+    let forwarder = parts.forwarder.clone();
+    Arc::new(move || {
+        let mut v = serde_json::json!({
+            "mqtt": mqtt.to_string(),
+            "mqtt_tls": tls.map(|a| a.to_string()),
+            "http": http_addr.to_string(),
+            "online_devices": registry.online_count(),
+        });
+        if node != 0 {
+            v["node"] = node.into();
+        }
+        // "amqp": disabled | connecting | connected | disconnected, plus outbox depth.
+        if let (Some(v), serde_json::Value::Object(amqp)) = (v.as_object_mut(), forwarder.health())
+        {
+            v.extend(amqp);
+        }
+        v
+    })
+}
+
+/// Serves the API (and the console) on `listener` behind the HTTP connection gate.
+fn serve_http(
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: ApiState,
+    settings: &Settings,
+    budgets: &Budgets,
+) -> HttpServer {
+    let metrics = state.metrics.clone();
+    let router = api::router(
+        state,
+        api::BodyLimits {
+            json: settings.http.json_body_limit_bytes,
+            batch: settings.http.batch_body_limit_bytes,
+        },
+    );
+    let gate = Gate::new(
+        Listener::Http,
+        GateLimits {
+            max_open: budgets.http_connections,
+            max_per_source: budgets.http_per_ip,
+        },
+        &metrics,
+    );
+    let timeouts = api::serve::HttpTimeouts {
+        header_read: Duration::from_secs(settings.http.header_read_timeout_secs),
+        body_read: Duration::from_secs(settings.http.body_read_timeout_secs),
+        write: Duration::from_secs(settings.http.write_timeout_secs),
+    };
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(api::serve::serve(
+        listener,
+        router,
+        timeouts,
+        gate,
+        metrics,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    HttpServer { addr, stop, task }
 }
 
 /// `/readyz`: the MQTT listeners accept (the HTTP one answers this very request), the store

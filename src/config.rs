@@ -4,7 +4,7 @@
 //! Everything here is plain data; [`crate::app::Application`] turns it into running parts.
 //! Secrets (API tokens) never appear in `Debug` output.
 
-use crate::forwarder::{ForwarderConfig, ForwarderError};
+use crate::forwarder::{AmqpSettings, ForwarderError};
 use crate::proxy_protocol::{ProxyMode, ProxyPolicy, TrustedNet};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -273,77 +273,6 @@ impl Default for ExportSettings {
             max_unpacked_entry_bytes: 256 * 1024 * 1024,
             max_unpacked_bytes: 1024 * 1024 * 1024,
             kdf_iterations: 100_000,
-        }
-    }
-}
-
-/// `[amqp]`: forwarding to RabbitMQ consumer groups (see [`crate::forwarder`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AmqpSettings {
-    /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
-    pub url: Option<Secret>,
-    /// Exchanges are `{prefix}.{instance_id}`, queues `{prefix}.{instance_id}.{group_id}`.
-    /// Empty (the default): this installation's own, `fleetgate-{8 hex digits}`, chosen on
-    /// first start and kept in the store, so two gateways sharing a RabbitMQ never feed each
-    /// other's groups ([`crate::installation`]).
-    pub exchange_prefix: String,
-    /// Bound of the durable outbox (`{data_dir}/outbox.db`), bytes.
-    pub outbox_max_bytes: u64,
-    /// How long a message waits for outbox space (the device's PUBACK waits with it) before
-    /// a QoS 1 post is refused — no PUBACK, connection closed, the device resends it — and
-    /// anything else (QoS 0 posts, status, OTA events) is dropped and counted.
-    pub outbox_full_wait_ms: u64,
-    /// Publishes awaiting a broker confirm at once.
-    pub inflight_window: usize,
-    /// First reconnect delay; doubles up to `reconnect_max_ms`.
-    pub reconnect_initial_ms: u64,
-    pub reconnect_max_ms: u64,
-    /// How often consumer-group backlog, consumers and consume rate are sampled.
-    pub stats_interval_secs: u64,
-    /// Default rate limit per target instance (messages/s); none when absent.
-    pub rate_limit_msgs_per_sec: Option<u32>,
-    /// Default rate limit per target instance (bytes/s); none when absent.
-    pub rate_limit_bytes_per_sec: Option<u32>,
-    /// Message TTL of consumer-group queues (`x-message-ttl`) for groups created without their
-    /// own, seconds; 0 = no TTL. At most 4294967.
-    pub queue_message_ttl_secs: u32,
-}
-
-impl Default for AmqpSettings {
-    fn default() -> Self {
-        let d = ForwarderConfig::default();
-        AmqpSettings {
-            url: None,
-            exchange_prefix: String::new(),
-            outbox_max_bytes: d.outbox_max_bytes,
-            outbox_full_wait_ms: d.outbox_full_wait_ms,
-            inflight_window: d.inflight_window,
-            reconnect_initial_ms: d.reconnect_initial_ms,
-            reconnect_max_ms: d.reconnect_max_ms,
-            stats_interval_secs: d.stats_interval_secs,
-            rate_limit_msgs_per_sec: d.rate_limit_msgs_per_sec,
-            rate_limit_bytes_per_sec: d.rate_limit_bytes_per_sec,
-            queue_message_ttl_secs: d.queue_message_ttl_secs,
-        }
-    }
-}
-
-impl AmqpSettings {
-    /// The forwarder's configuration.
-    pub fn forwarder_config(&self) -> ForwarderConfig {
-        ForwarderConfig {
-            url: self.url.as_ref().map(|u| u.expose().to_owned()),
-            exchange_prefix: self.exchange_prefix.clone(),
-            outbox_max_bytes: self.outbox_max_bytes,
-            outbox_full_wait_ms: self.outbox_full_wait_ms,
-            inflight_window: self.inflight_window,
-            reconnect_initial_ms: self.reconnect_initial_ms,
-            reconnect_max_ms: self.reconnect_max_ms,
-            stats_interval_secs: self.stats_interval_secs,
-            rate_limit_msgs_per_sec: self.rate_limit_msgs_per_sec,
-            rate_limit_bytes_per_sec: self.rate_limit_bytes_per_sec,
-            queue_message_ttl_secs: self.queue_message_ttl_secs,
         }
     }
 }
@@ -768,12 +697,7 @@ impl Settings {
                 message: "must be 10..=10000".into(),
             });
         }
-        let mut forwarder = self.amqp.forwarder_config();
-        if forwarder.exchange_prefix.is_empty() {
-            // The installation's own prefix, chosen at start: valid by construction.
-            forwarder.exchange_prefix = crate::installation::SHARED_PREFIX.into();
-        }
-        if let Err(ForwarderError::Invalid { field, message }) = forwarder.validate() {
+        if let Err(ForwarderError::Invalid { field, message }) = self.amqp.validate() {
             return Err(ConfigError::Invalid { field, message });
         }
         if self.export.max_unpacked_entry_bytes == 0 {
@@ -1299,16 +1223,16 @@ body_limit_bytes = 67108864
         )
         .unwrap();
         let s = Settings::load(Some(&path), Overrides::default()).unwrap();
-        let f = s.amqp.forwarder_config();
-        assert_eq!(f.url.as_deref(), Some("amqp://u:p@127.0.0.1:5672/%2f"));
+        let f = crate::forwarder::ForwarderConfig::new(s.amqp).unwrap();
+        assert_eq!(
+            f.url.as_ref().map(Secret::expose),
+            Some("amqp://u:p@127.0.0.1:5672/%2f")
+        );
         assert_eq!((f.outbox_max_bytes, f.inflight_window), (1_048_576, 512));
         assert_eq!(f.rate_limit_msgs_per_sec, Some(100));
         assert_eq!(f.exchange_prefix, "fg");
         assert_eq!(f.queue_message_ttl_secs, 3600);
-        assert_eq!(
-            f.reconnect_max_ms,
-            ForwarderConfig::default().reconnect_max_ms
-        );
+        assert_eq!(f.reconnect_max_ms, AmqpSettings::default().reconnect_max_ms);
         std::fs::write(&path, "[amqp]\ninflight_window = 0\n").unwrap();
         assert!(matches!(
             Settings::load(Some(&path), Overrides::default()),

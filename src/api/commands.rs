@@ -20,8 +20,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ApiJson, ApiPath};
 use super::ApiState;
 use crate::command::{
-    BroadcastResult, CommandError, CommandRecord, Commands, Message, PropertySnapshot, Qos, Sent,
-    Targets, MAX_BROADCAST, MAX_TIMEOUT_MS, MIN_TIMEOUT_MS,
+    BroadcastResult, CommandError, CommandRecord, Message, PropertySnapshot, Qos, Sent, Targets,
+    MAX_BROADCAST, MAX_TIMEOUT_MS, MIN_TIMEOUT_MS,
 };
 use fleetgate_topics::downlink::PROPERTY_SET;
 
@@ -147,13 +147,6 @@ pub struct PropertiesResponse {
     pub properties: BTreeMap<String, PropertySnapshot>,
 }
 
-fn commands(state: &ApiState) -> Result<&Commands, ApiError> {
-    state
-        .commands
-        .as_deref()
-        .ok_or_else(|| ApiError::internal("commands are not configured"))
-}
-
 fn decode(payload: String, encoding: PayloadEncoding) -> Result<Bytes, ApiError> {
     match encoding {
         PayloadEncoding::Text => Ok(Bytes::from(payload)),
@@ -213,7 +206,7 @@ pub async fn publish(
         payload: decode(req.payload, req.payload_encoding)?,
         qos: qos(req.qos)?,
     };
-    Ok(Json(commands(&state)?.publish(&pk, &dn, message).await?))
+    Ok(Json(state.commands.publish(&pk, &dn, message).await?))
 }
 
 /// Publish one message to many devices of a product (by list, tag or the whole product; at
@@ -256,7 +249,8 @@ pub async fn broadcast(
         (None, None, None) => Targets::Product,
     };
     let payload = decode(req.payload, req.payload_encoding)?;
-    let results = commands(&state)?
+    let results = state
+        .commands
         .broadcast(&pk, targets, &req.topic, payload, qos(req.qos)?)
         .await?;
     Ok(Json(BroadcastResponse {
@@ -333,7 +327,8 @@ async fn call(
     req: CallRequest,
 ) -> Result<(StatusCode, Json<CommandRecord>), ApiError> {
     let wait = req.timeout_ms.map(timeout).transpose()?;
-    let record = commands(state)?
+    let record = state
+        .commands
         .call_service(pk, dn, identifier, req.params, wait)
         .await?;
     let status = if wait.is_some() {
@@ -364,7 +359,7 @@ pub async fn get_command(
     State(state): State<ApiState>,
     ApiPath((pk, dn, id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<CommandRecord>, ApiError> {
-    Ok(Json(commands(&state)?.record(&pk, &dn, &id)?))
+    Ok(Json(state.commands.record(&pk, &dn, &id)?))
 }
 
 /// Send an RRPC request and wait for the device's response.
@@ -394,7 +389,7 @@ pub async fn rrpc(
 ) -> Result<Json<RrpcResponse>, ApiError> {
     let wait = timeout(req.timeout_ms.unwrap_or(5000))?;
     let payload = decode(req.payload, req.payload_encoding)?;
-    let answer = commands(&state)?.rrpc(&pk, &dn, payload, wait).await?;
+    let answer = state.commands.rrpc(&pk, &dn, payload, wait).await?;
     Ok(Json(RrpcResponse {
         message_id: answer.message_id,
         payload_base64: base64::engine::general_purpose::STANDARD.encode(&answer.payload),
@@ -423,7 +418,7 @@ pub async fn get_properties(
     ApiPath((pk, dn)): ApiPath<(String, String)>,
 ) -> Result<Json<PropertiesResponse>, ApiError> {
     state.registry.get_device(&pk, &dn)?;
-    let properties = commands(&state)?.properties().get(&pk, &dn);
+    let properties = state.commands.properties().get(&pk, &dn);
     Ok(Json(PropertiesResponse {
         product_key: pk,
         device_name: dn,

@@ -6,8 +6,6 @@
 //! `queue.declare`), the consumers attached and a consume rate estimated by the forwarder's
 //! sampler (RabbitMQ's management API is not required).
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -19,14 +17,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::instances::PageQuery;
 use super::{ApiState, ItemsPage};
-use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, Forwarder, NewConsumerGroup};
-
-pub(super) fn forwarder(state: &ApiState) -> Result<&Arc<Forwarder>, ApiError> {
-    state
-        .forwarder
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("the API state has no forwarder"))
-}
+use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
 
 /// A group as created, with the RabbitMQ names its consumers need (as `GET` shows them).
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,7 +53,7 @@ pub async fn create_group(
     ApiPath(iid): ApiPath<String>,
     ApiJson(req): ApiJson<NewConsumerGroup>,
 ) -> Result<(StatusCode, Json<CreatedConsumerGroup>), ApiError> {
-    let forwarder = forwarder(&state)?;
+    let forwarder = &state.forwarder;
     let group = forwarder.create_group(&iid, req).await?;
     let topology = forwarder.topology();
     let created = CreatedConsumerGroup {
@@ -93,7 +84,7 @@ pub async fn list_groups(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<ItemsPage<ConsumerGroup>>, ApiError> {
     let page = q.page()?;
-    let all = forwarder(&state)?.list_groups(&iid)?;
+    let all = state.forwarder.list_groups(&iid)?;
     let total = all.len() as u64;
     let skip = (page.page as usize - 1).saturating_mul(page.page_size as usize);
     Ok(Json(ItemsPage {
@@ -128,7 +119,7 @@ pub async fn get_group(
     State(state): State<ApiState>,
     ApiPath((iid, gid)): ApiPath<(String, String)>,
 ) -> Result<Json<ConsumerGroupDetails>, ApiError> {
-    Ok(Json(forwarder(&state)?.group_details(&iid, &gid).await?))
+    Ok(Json(state.forwarder.group_details(&iid, &gid).await?))
 }
 
 /// Delete a consumer group and its queue, with the messages still in it (operator).
@@ -153,7 +144,7 @@ pub async fn delete_group(
     State(state): State<ApiState>,
     ApiPath((iid, gid)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    forwarder(&state)?.delete_group(&iid, &gid).await?;
+    state.forwarder.delete_group(&iid, &gid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -162,7 +153,8 @@ pub async fn delete_group(
 pub(super) mod tests {
     use super::*;
     use crate::api::{router, BodyLimits, Role, TokenSet};
-    use crate::forwarder::ForwarderConfig;
+    use crate::forwarder::Forwarder;
+    use crate::forwarder::{AmqpSettings, ForwarderConfig};
     use crate::metrics::Metrics;
     use crate::ota::FirmwareRepo;
     use crate::registry::{NewInstance, Registry};
@@ -171,6 +163,7 @@ pub(super) mod tests {
     use axum::http::Request;
     use http_body_util::BodyExt;
     use serde_json::{json, Value};
+    use std::sync::Arc;
     use tower::ServiceExt;
 
     pub(in crate::api) const OP: &str = "operator-token-0123456789";
@@ -189,12 +182,28 @@ pub(super) mod tests {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open_in_memory(metrics.clone()).unwrap();
         let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
-        let fwd = Forwarder::open(config, dir, registry.clone(), metrics.clone()).unwrap();
+        let fwd = Forwarder::open(
+            config,
+            dir,
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
         let firmware =
             FirmwareRepo::open(dir, store.clone(), "http://127.0.0.1:1".into(), 1 << 20).unwrap();
         let tokens = TokenSet::new([(OP, Role::Operator), (VIEW, Role::Viewer)]);
-        let state = ApiState::new(registry.clone(), metrics, Arc::new(tokens), firmware)
-            .with_forwarder(fwd);
+        let state = ApiState {
+            forwarder: fwd,
+            ..ApiState::for_tests(
+                dir,
+                store.clone(),
+                registry.clone(),
+                metrics,
+                tokens,
+                firmware,
+            )
+        };
         registry
             .create_instance(NewInstance {
                 instance_id: Some("iot-a".into()),
@@ -308,7 +317,12 @@ pub(super) mod tests {
         assert!(d["backlog"].is_null());
 
         // Persisted: a registry + forwarder rebuilt from the same store sees the groups.
-        let fwd2 = Forwarder::disabled(registry.clone(), Arc::new(Metrics::new())).unwrap();
+        let fwd2 = Forwarder::disabled(
+            registry.store().clone(),
+            registry.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         assert_eq!(fwd2.list_groups("iot-a").unwrap().len(), 2);
         drop(store);
 
@@ -319,17 +333,19 @@ pub(super) mod tests {
             (s, e["error_code"].as_str()),
             (StatusCode::NOT_FOUND, Some("FG.2004"))
         );
-        let fwd3 = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
+        let fwd3 =
+            Forwarder::disabled(registry.store().clone(), registry, Arc::new(Metrics::new()))
+                .unwrap();
         assert_eq!(fwd3.list_groups("iot-a").unwrap().len(), 1);
     }
 
     #[tokio::test]
     async fn message_ttl_is_fixed_at_creation_shown_and_validated() {
         let dir = tempfile::tempdir().unwrap();
-        let config = ForwarderConfig {
+        let config = ForwarderConfig::for_tests(AmqpSettings {
             queue_message_ttl_secs: 7200,
             ..Default::default()
-        };
+        });
         let (app, registry, store) = app_with(dir.path(), config).await;
         let base = "/api/v1/instances/iot-a/consumer-groups";
         for (gid, ttl, want) in [
@@ -388,7 +404,8 @@ pub(super) mod tests {
             }])
             .await
             .unwrap();
-        let fwd = Forwarder::disabled(registry, Arc::new(Metrics::new())).unwrap();
+        let fwd = Forwarder::disabled(registry.store().clone(), registry, Arc::new(Metrics::new()))
+            .unwrap();
         let ttls: Vec<(String, Option<u32>)> = fwd
             .list_groups("iot-a")
             .unwrap()

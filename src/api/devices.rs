@@ -290,10 +290,7 @@ pub async fn get_device(
     ApiPath((pk, dn)): ApiPath<(String, String)>,
 ) -> Result<Json<DeviceDetails>, ApiError> {
     let device = state.registry.get_device(&pk, &dn)?.into();
-    let migration = state
-        .migration
-        .as_ref()
-        .and_then(|m| m.device_status(&pk, &dn));
+    let migration = state.migration.device_status(&pk, &dn);
     Ok(Json(DeviceDetails { device, migration }))
 }
 

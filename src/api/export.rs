@@ -16,8 +16,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::ApiState;
 use crate::export::{
-    ConflictPolicy, ExportError, ExportJob, ExportRequest, ExportService, JobKind, JobRecord,
-    Limited, PackageError, Privilege,
+    ConflictPolicy, ExportError, ExportJob, ExportRequest, JobKind, JobRecord, Limited,
+    PackageError, Privilege,
 };
 
 impl From<ExportError> for ApiError {
@@ -83,13 +83,6 @@ fn err_response(e: ExportError) -> Response {
         ExportError::Limited(l) => too_many(l),
         e => ApiError::from(e).into_response(),
     }
-}
-
-fn service(state: &ApiState) -> Result<&ExportService, ApiError> {
-    state
-        .export
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("export service not configured"))
 }
 
 /// `?expand=objects`.
@@ -160,10 +153,7 @@ pub async fn start_export(
     caller: Option<Extension<Caller>>,
     body: Result<ApiJson<ExportRequest>, ApiError>,
 ) -> Response {
-    let svc = match service(&state) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    let svc = &state.export;
     if let Err(l) = svc.limiter().check_start() {
         return too_many(l);
     }
@@ -182,10 +172,7 @@ pub async fn start_export(
 }
 
 async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> Response {
-    let svc = match service(state) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    let svc = &state.export;
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
@@ -200,10 +187,7 @@ async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> 
 }
 
 async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Response {
-    let svc = match service(state) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    let svc = &state.export;
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
@@ -275,10 +259,7 @@ pub async fn export_package(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Response {
-    let svc = match service(&state) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    let svc = &state.export;
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
@@ -394,10 +375,7 @@ pub async fn start_import(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
-    let svc = match service(&state) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    let svc = &state.export;
     if let Err(l) = svc.limiter().check_start() {
         return too_many(l);
     }

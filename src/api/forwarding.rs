@@ -12,7 +12,6 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use super::auth::RequireOperator;
-use super::consumer_groups::forwarder;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
 use super::ApiState;
@@ -35,7 +34,7 @@ pub async fn get_rate_limit(
     State(state): State<ApiState>,
     ApiPath(iid): ApiPath<String>,
 ) -> Result<Json<InstanceRateLimit>, ApiError> {
-    Ok(Json(forwarder(&state)?.rate_limit(&iid)?))
+    Ok(Json(state.forwarder.rate_limit(&iid)?))
 }
 
 /// Set the instance's forwarding rate limit (operator). Null or absent bounds are unlimited,
@@ -63,7 +62,7 @@ pub async fn put_rate_limit(
 ) -> Result<Json<InstanceRateLimit>, ApiError> {
     let limit = req.parse()?;
     Ok(Json(
-        forwarder(&state)?.set_rate_limit(&iid, Some(limit)).await?,
+        state.forwarder.set_rate_limit(&iid, Some(limit)).await?,
     ))
 }
 
@@ -86,14 +85,14 @@ pub async fn delete_rate_limit(
     State(state): State<ApiState>,
     ApiPath(iid): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    forwarder(&state)?.set_rate_limit(&iid, None).await?;
+    state.forwarder.set_rate_limit(&iid, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::consumer_groups::tests::{app_with, call, OP, VIEW};
-    use crate::forwarder::{Forwarder, ForwarderConfig, RateLimitSource};
+    use crate::forwarder::{AmqpSettings, Forwarder, ForwarderConfig, RateLimitSource};
     use crate::metrics::Metrics;
     use axum::http::StatusCode;
     use serde_json::{json, Value};
@@ -109,16 +108,17 @@ mod tests {
     async fn rate_limit_put_get_delete_checks_auth_and_fields_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         // A configured default of 1000 msgs/s; forwarding off (no url): stored and shown anyway.
-        let config = ForwarderConfig {
+        let config = ForwarderConfig::for_tests(AmqpSettings {
             rate_limit_msgs_per_sec: Some(1000),
             ..Default::default()
-        };
+        });
         let (app, registry, _store) = app_with(dir.path(), config.clone()).await;
         // A forwarder rebuilt from the same store (a restart) sees what the API stored.
         let rebuilt = || {
             Forwarder::open(
                 config.clone(),
                 dir.path(),
+                registry.store().clone(),
                 registry.clone(),
                 Arc::new(Metrics::new()),
             )
@@ -223,7 +223,12 @@ mod tests {
         }
         assert_eq!(rebuilt().source, RateLimitSource::Default);
         // Without a configured default there is no limit at all.
-        let bare = Forwarder::disabled(registry.clone(), Arc::new(Metrics::new())).unwrap();
+        let bare = Forwarder::disabled(
+            registry.store().clone(),
+            registry.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         let r = bare.rate_limit("iot-a").unwrap();
         assert_eq!(
             (r.msgs_per_sec, r.bytes_per_sec, r.source),

@@ -196,47 +196,37 @@ pub async fn delete_instance(
     let force = q.force.unwrap_or(false);
     let registry = &state.registry;
     registry.check_instance_deletable(&iid)?;
-    if let Some(migration) = &state.migration {
-        let tasks = migration.unfinished_tasks_naming(&iid);
-        if !tasks.is_empty() {
-            let named: Vec<String> = tasks.iter().map(|(id, s)| format!("{id} ({s})")).collect();
-            return Err(ApiError::new(
-                ErrorCode::InstanceMigrating,
-                format!(
-                    "instance {iid} is the source or target of {} unfinished migration tasks: {}; finish or delete them first",
-                    tasks.len(),
-                    named.join(", ")
-                ),
-            ));
-        }
+    let tasks = state.migration.unfinished_tasks_naming(&iid);
+    if !tasks.is_empty() {
+        let named: Vec<String> = tasks.iter().map(|(id, s)| format!("{id} ({s})")).collect();
+        return Err(ApiError::new(
+            ErrorCode::InstanceMigrating,
+            format!(
+                "instance {iid} is the source or target of {} unfinished migration tasks: {}; finish or delete them first",
+                tasks.len(),
+                named.join(", ")
+            ),
+        ));
     }
-    let (groups, amqp, exchange) = match &state.forwarder {
-        Some(forwarder) => {
-            let id = iid.as_str();
-            let removed = forwarder
-                .delete_instance(id, force, |ops| async move {
-                    registry
-                        .delete_instance(id, ops)
-                        .await
-                        .map(drop)
-                        .map_err(ApiError::from)
-                })
-                .await?;
-            (removed.groups, removed.amqp, Some(removed.exchange))
-        }
-        // API states built for tests without a forwarder.
-        None => {
-            registry.delete_instance(&iid, Vec::new()).await?;
-            (Vec::new(), "disabled", None)
-        }
-    };
+    let id = iid.as_str();
+    let removed = state
+        .forwarder
+        .delete_instance(id, force, |ops| async move {
+            registry
+                .delete_instance(id, ops)
+                .await
+                .map(drop)
+                .map_err(ApiError::from)
+        })
+        .await?;
+    let (groups, amqp, exchange) = (removed.groups, removed.amqp, removed.exchange);
     tracing::info!(
         instance_id = %iid,
         role = actor.role.as_deref().unwrap_or_default(),
         token_id = actor.token_id.as_deref().unwrap_or_default(),
         force,
         groups_deleted = ?groups,
-        exchange = exchange.as_deref().unwrap_or_default(),
+        exchange = %exchange,
         amqp,
         "instance deleted"
     );

@@ -1,5 +1,5 @@
 //! `/api/v1/migrations`: instance migration tasks (docs/DESIGN.md §6, §7) over the
-//! [`MigrationEngine`].
+//! [`MigrationEngine`](crate::migration::MigrationEngine).
 //!
 //! Lifecycle calls answer with the task details; the ones that take a device selection
 //! (`canary`, `rollback`) also report the refused rows. Selections are JSON
@@ -24,9 +24,8 @@ use super::instances::requested_page;
 use super::{ApiState, ItemsPage};
 use crate::migration::{
     Actor, DeviceListFilter, DeviceMigration, DeviceStatus, LogEntry, MigrationConfig,
-    MigrationEngine, MigrationError, MigrationMethod, NewTask, RejectedRow, ResumeMode,
-    RollbackSelection, SummaryStatus, TaskDetails, TaskFilter, TaskState, MAX_CANARY_JSON,
-    MAX_PICKED,
+    MigrationError, MigrationMethod, NewTask, RejectedRow, ResumeMode, RollbackSelection,
+    SummaryStatus, TaskDetails, TaskFilter, TaskState, MAX_CANARY_JSON, MAX_PICKED,
 };
 
 impl From<MigrationError> for ApiError {
@@ -50,13 +49,6 @@ impl From<MigrationError> for ApiError {
             e @ (MigrationError::Store(_) | MigrationError::Stopped) => ApiError::internal(e),
         }
     }
-}
-
-fn engine(state: &ApiState) -> Result<&MigrationEngine, ApiError> {
-    state
-        .migration
-        .as_deref()
-        .ok_or_else(|| ApiError::internal("the migration engine is not configured"))
 }
 
 /// Extractor: who is calling, for the task log (role + token id).
@@ -305,7 +297,8 @@ pub async fn create_migration(
         resume_mode: req.resume_mode.unwrap_or_default(),
         bandwidth_limit_mb: req.bandwidth_limit_mb,
     };
-    let details = engine(&state)?
+    let details = state
+        .migration
         .create(
             NewTask {
                 product_key: req.product_key,
@@ -342,7 +335,7 @@ pub async fn list_migrations(
         state: q.state,
     };
     Ok(Json(ItemsPage::from_paged(
-        engine(&state)?.list(&filter, page),
+        state.migration.list(&filter, page),
         |t| t,
     )))
 }
@@ -364,7 +357,7 @@ pub async fn get_migration(
     State(state): State<ApiState>,
     ApiPath(tid): ApiPath<String>,
 ) -> Result<Json<TaskDetails>, ApiError> {
-    Ok(Json(engine(&state)?.details(&tid)?))
+    Ok(Json(state.migration.details(&tid)?))
 }
 
 /// Delete a task (only COMPLETED, or TO_MIGRATE with no device in the target).
@@ -388,7 +381,7 @@ pub async fn delete_migration(
     State(state): State<ApiState>,
     ApiPath(tid): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    engine(&state)?.delete(&tid, actor).await?;
+    state.migration.delete(&tid, actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -421,7 +414,7 @@ pub async fn put_config(
         resume_mode: req.resume_mode,
         bandwidth_limit_mb: req.bandwidth_limit_mb,
     };
-    let t = engine(&state)?.configure(&tid, config, actor).await?;
+    let t = state.migration.configure(&tid, config, actor).await?;
     Ok(Json(ConfigResponse {
         id: t.task_id,
         name: t.name,
@@ -544,7 +537,7 @@ pub async fn canary(
             "a canary needs device_names",
         ));
     };
-    let o = engine(&state)?.canary(&tid, names, actor).await?;
+    let o = state.migration.canary(&tid, names, actor).await?;
     Ok(Json(SelectionResponse {
         task: o.details,
         accepted: o.accepted,
@@ -585,7 +578,7 @@ pub async fn rollback(
         Selection::All => RollbackSelection::All,
         Selection::Names(names) => RollbackSelection::Picked(names),
     };
-    let o = engine(&state)?.rollback(&tid, selection, actor).await?;
+    let o = state.migration.rollback(&tid, selection, actor).await?;
     Ok(Json(SelectionResponse {
         task: o.details,
         accepted: o.accepted,
@@ -616,7 +609,7 @@ macro_rules! lifecycle_handler {
             State(state): State<ApiState>,
             ApiPath(tid): ApiPath<String>,
         ) -> Result<Json<TaskDetails>, ApiError> {
-            Ok(Json(engine(&state)?.$call(&tid, actor).await?))
+            Ok(Json(state.migration.$call(&tid, actor).await?))
         }
     };
 }
@@ -663,7 +656,8 @@ pub async fn data_sync(
     ApiJson(req): ApiJson<DataSyncRequest>,
 ) -> Result<Json<TaskDetails>, ApiError> {
     Ok(Json(
-        engine(&state)?
+        state
+            .migration
             .set_data_sync(&tid, req.enabled, actor)
             .await?,
     ))
@@ -694,7 +688,7 @@ pub async fn list_devices(
         device_name: q.device_name.filter(|s| !s.is_empty()),
     };
     Ok(Json(ItemsPage::from_paged(
-        engine(&state)?.devices(&tid, &filter, page)?,
+        state.migration.devices(&tid, &filter, page)?,
         |d| d,
     )))
 }
@@ -718,7 +712,7 @@ pub async fn get_log(
 ) -> Result<Json<ItemsPage<LogEntry>>, ApiError> {
     let page = requested_page(q.page, q.page_size)?;
     Ok(Json(ItemsPage::from_paged(
-        engine(&state)?.log(&tid, page)?,
+        state.migration.log(&tid, page)?,
         |l| l,
     )))
 }

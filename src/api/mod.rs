@@ -41,6 +41,8 @@ mod ota;
 mod products;
 mod system;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
@@ -150,79 +152,28 @@ pub struct ApiState {
     pub tokens: Arc<TokenSet>,
     /// Firmware packages and their signed downloads.
     pub firmware: Arc<FirmwareRepo>,
-    /// OTA jobs and tasks; `None` only in API tests that do not use OTA (the `/api/v1/ota`
-    /// routes then answer 500).
-    pub ota: Option<OtaEngine>,
-    /// Export/import jobs; `None` in API tests that do not use them (the routes then answer 500).
-    pub export: Option<ExportService>,
+    /// OTA jobs and tasks.
+    pub ota: OtaEngine,
+    /// Export/import jobs.
+    pub export: ExportService,
     /// Extra fields for `/healthz`; an object's keys are merged after `"status":"ok"`.
     pub health: HealthFn,
     /// See [`DeviceRevokedFn`].
     pub on_device_revoked: DeviceRevokedFn,
-    /// The migration engine. The app always sets it; `None` only in API states built for
-    /// tests, where the migration endpoints answer 500.
-    pub migration: Option<Arc<MigrationEngine>>,
-    /// The AMQP forwarder (consumer groups, rate limits). The app always sets it — it exists
-    /// even with forwarding off; `None` only in API states built for tests, where the
-    /// consumer-group and forwarding endpoints answer 500.
-    pub forwarder: Option<Arc<Forwarder>>,
+    /// The migration engine.
+    pub migration: Arc<MigrationEngine>,
+    /// The AMQP forwarder (consumer groups, rate limits); it exists with forwarding off too.
+    pub forwarder: Arc<Forwarder>,
     /// `/readyz`: whether the node can serve, and why not.
     pub ready: cluster::ReadyFn,
     /// Cluster mode: this node's part of the cluster (writes settle, `/api/v1/cluster`);
     /// `None` on a single node.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// Cloud-to-device commands; `None` only in API states built for tests (the command
-    /// routes then answer 500).
-    pub commands: Option<Arc<crate::command::Commands>>,
+    /// Cloud-to-device commands.
+    pub commands: Arc<crate::command::Commands>,
 }
 
 impl ApiState {
-    /// A state with no extra health fields and no revocation hook.
-    pub fn new(
-        registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
-        tokens: Arc<TokenSet>,
-        firmware: Arc<FirmwareRepo>,
-    ) -> Self {
-        ApiState {
-            registry,
-            metrics,
-            tokens,
-            firmware,
-            ota: None,
-            export: None,
-            health: Arc::new(|| serde_json::Value::Object(Default::default())),
-            on_device_revoked: Arc::new(|_, _| {}),
-            migration: None,
-            forwarder: None,
-            ready: Arc::new(|| (true, serde_json::Value::Object(Default::default()))),
-            cluster: None,
-            commands: None,
-        }
-    }
-
-    pub fn with_migration(mut self, engine: Arc<MigrationEngine>) -> Self {
-        self.migration = Some(engine);
-        self
-    }
-
-    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
-        self.forwarder = Some(forwarder);
-        self
-    }
-
-    /// Serves the OTA routes with `ota`.
-    pub fn with_ota(mut self, ota: OtaEngine) -> Self {
-        self.ota = Some(ota);
-        self
-    }
-
-    /// Serves the export/import routes with `export`.
-    pub fn with_export(mut self, export: ExportService) -> Self {
-        self.export = Some(export);
-        self
-    }
-
     pub fn with_health(
         mut self,
         health: impl Fn() -> serde_json::Value + Send + Sync + 'static,
@@ -284,14 +235,14 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             .saturating_add(firmware::UPLOAD_OVERHEAD_BYTES),
     )
     .unwrap_or(usize::MAX);
-    let import_limit = state
-        .export
-        .as_ref()
-        .map(|e| {
-            usize::try_from(e.settings().max_package_bytes.saturating_add(64 * 1024))
-                .unwrap_or(usize::MAX)
-        })
-        .unwrap_or(limits.json);
+    let import_limit = usize::try_from(
+        state
+            .export
+            .settings()
+            .max_package_bytes
+            .saturating_add(64 * 1024),
+    )
+    .unwrap_or(usize::MAX);
     // Everything here needs a token; the middleware also refuses viewer writes.
     let protected = Router::new()
         .route(

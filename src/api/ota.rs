@@ -3,7 +3,7 @@
 //! version distribution of a product, and deleting a firmware package (refused while a job
 //! still uses it).
 //!
-//! Everything goes through [`OtaEngine`] methods; no handler touches jobs or tasks directly.
+//! Everything goes through [`OtaEngine`](crate::ota::OtaEngine) methods; no handler touches jobs or tasks directly.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
@@ -26,7 +26,7 @@ use crate::ota::model::{
     MAX_DEVICE_NAMES, MAX_VERIFY_DEVICES,
 };
 use crate::ota::task::TaskStatus;
-use crate::ota::{OtaEngine, OtaError};
+use crate::ota::OtaError;
 use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::RefOr;
 
@@ -53,13 +53,6 @@ impl From<OtaError> for ApiError {
             e @ (OtaError::Store(_) | OtaError::Corrupt { .. }) => ApiError::internal(e),
         }
     }
-}
-
-fn engine(state: &ApiState) -> Result<&OtaEngine, ApiError> {
-    state
-        .ota
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("the OTA engine is not configured"))
 }
 
 /// A JSON body that may be absent or `null` (then `T::default()`), as the document states
@@ -331,7 +324,7 @@ pub async fn create_job(
             "application/json or multipart/form-data",
         ));
     };
-    let view = engine(&state)?.create_job(spec).await?;
+    let view = state.ota.create_job(spec).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -380,7 +373,9 @@ pub async fn list_jobs(
         product_key: q.product_key,
         status,
     };
-    let paged = engine(&state)?.list_jobs(&filter, requested_page(q.page, q.page_size)?);
+    let paged = state
+        .ota
+        .list_jobs(&filter, requested_page(q.page, q.page_size)?);
     Ok(Json(ItemsPage::from_paged(paged, |j| j)))
 }
 
@@ -401,7 +396,7 @@ pub async fn get_job(
     State(state): State<ApiState>,
     ApiPath(jid): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(engine(&state)?.get_job(&jid)?))
+    Ok(Json(state.ota.get_job(&jid)?))
 }
 
 /// `GET …/tasks` query.
@@ -444,7 +439,9 @@ pub async fn list_tasks(
             )
         })?),
     };
-    let paged = engine(&state)?.list_tasks(&jid, status, requested_page(q.page, q.page_size)?)?;
+    let paged = state
+        .ota
+        .list_tasks(&jid, status, requested_page(q.page, q.page_size)?)?;
     Ok(Json(ItemsPage::from_paged(paged, |t| t)))
 }
 
@@ -468,7 +465,7 @@ pub async fn get_task(
     State(state): State<ApiState>,
     ApiPath((jid, dn)): ApiPath<(String, String)>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(engine(&state)?.get_task(&jid, &dn)?))
+    Ok(Json(state.ota.get_task(&jid, &dn)?))
 }
 
 /// Body of `POST …/cancel` (optional).
@@ -507,9 +504,7 @@ pub async fn cancel_job(
 ) -> Result<Json<JobView>, ApiError> {
     let req: CancelJobRequest = optional_json(&headers, &body).await?;
     Ok(Json(
-        engine(&state)?
-            .cancel_job(&jid, req.cancel_in_progress)
-            .await?,
+        state.ota.cancel_job(&jid, req.cancel_in_progress).await?,
     ))
 }
 
@@ -560,9 +555,7 @@ pub async fn confirm(
             return Err(ApiError::too_many_items("device_names", MAX_DEVICE_NAMES));
         }
     }
-    let changed = engine(&state)?
-        .confirm(&jid, req.device_names.as_deref())
-        .await?;
+    let changed = state.ota.confirm(&jid, req.device_names.as_deref()).await?;
     Ok(Json(ChangedCount { changed }))
 }
 
@@ -584,7 +577,7 @@ pub async fn pause_job(
     State(state): State<ApiState>,
     ApiPath(jid): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(engine(&state)?.set_paused(&jid, true).await?))
+    Ok(Json(state.ota.set_paused(&jid, true).await?))
 }
 
 /// Release a PAUSED job (paused by an operator or by its abort rule).
@@ -605,7 +598,7 @@ pub async fn resume_job(
     State(state): State<ApiState>,
     ApiPath(jid): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(engine(&state)?.set_paused(&jid, false).await?))
+    Ok(Json(state.ota.set_paused(&jid, false).await?))
 }
 
 /// Body of `POST …/tasks/cancel`.
@@ -643,7 +636,8 @@ pub async fn cancel_tasks(
     if req.device_names.len() > MAX_DEVICE_NAMES {
         return Err(ApiError::too_many_items("device_names", MAX_DEVICE_NAMES));
     }
-    let changed = engine(&state)?
+    let changed = state
+        .ota
         .cancel_tasks(&jid, &req.device_names, req.cancel_in_progress)
         .await?;
     Ok(Json(ChangedCount { changed }))
@@ -675,7 +669,7 @@ pub async fn job_statistics(
     State(state): State<ApiState>,
     ApiPath(jid): ApiPath<String>,
 ) -> Result<Json<JobStatisticsView>, ApiError> {
-    let ota = engine(&state)?;
+    let ota = &state.ota;
     Ok(Json(JobStatisticsView {
         stats: ota.job_statistics(&jid)?,
         failures_by_src_version: ota.failures_by_src_version(&jid)?,
@@ -707,7 +701,9 @@ pub async fn jobs_by_firmware(
         firmware_id: Some(fid),
         ..JobFilter::default()
     };
-    let paged = engine(&state)?.list_jobs(&filter, requested_page(q.page, q.page_size)?);
+    let paged = state
+        .ota
+        .list_jobs(&filter, requested_page(q.page, q.page_size)?);
     Ok(Json(ItemsPage::from_paged(paged, |j| j)))
 }
 
@@ -730,7 +726,7 @@ pub async fn firmware_statistics(
     if state.firmware.get(&fid).is_none() {
         return Err(FirmwareError::NotFound(fid).into());
     }
-    Ok(Json(engine(&state)?.firmware_statistics(&fid)))
+    Ok(Json(state.ota.firmware_statistics(&fid)))
 }
 
 /// Delete a firmware package; 409 (FG.3005) while an unfinished job uses it.
@@ -753,7 +749,7 @@ pub async fn delete_firmware(
     State(state): State<ApiState>,
     ApiPath(fid): ApiPath<String>,
 ) -> Result<Json<FirmwarePackage>, ApiError> {
-    let in_use = engine(&state)?.firmware_in_use(&fid);
+    let in_use = state.ota.firmware_in_use(&fid);
     Ok(Json(state.firmware.delete(&fid, in_use).await?))
 }
 
@@ -779,7 +775,9 @@ pub async fn jobs_by_device(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<ItemsPage<DeviceJob>>, ApiError> {
     state.registry.get_device(&pk, &dn)?;
-    let paged = engine(&state)?.jobs_by_device(&pk, &dn, requested_page(q.page, q.page_size)?);
+    let paged = state
+        .ota
+        .jobs_by_device(&pk, &dn, requested_page(q.page, q.page_size)?);
     Ok(Json(ItemsPage::from_paged(paged, |j| j)))
 }
 
@@ -815,11 +813,7 @@ pub async fn device_timeline(
     ApiQuery(q): ApiQuery<TimelineQuery>,
 ) -> Result<Json<Vec<TimelineEntry>>, ApiError> {
     state.registry.get_device(&pk, &dn)?;
-    Ok(Json(engine(&state)?.timeline(
-        &pk,
-        &dn,
-        q.job_id.as_deref(),
-    )))
+    Ok(Json(state.ota.timeline(&pk, &dn, q.job_id.as_deref())))
 }
 
 /// `?module` of the version distribution.
@@ -851,7 +845,7 @@ pub async fn version_distribution(
     let module = q
         .module
         .unwrap_or_else(|| fleetgate_topics::DEFAULT_MODULE.to_owned());
-    Ok(Json(engine(&state)?.version_distribution(&pk, &module)?))
+    Ok(Json(state.ota.version_distribution(&pk, &module)?))
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ fn test_app_in(dir: tempfile::TempDir, limits: BodyLimits, max_firmware: u64) ->
     let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).expect("store");
     let firmware = FirmwareRepo::open(dir.path(), store.clone(), PUBLIC_URL.into(), max_firmware)
         .expect("firmware repo");
-    let registry = Registry::open(store, metrics.clone()).expect("registry");
+    let registry = Registry::open(store.clone(), metrics.clone()).expect("registry");
     // Built the way the app builds it: config tokens folded in by role name, the state as a
     // struct literal with plain closures.
     let tokens = [(OPERATOR, "operator"), (VIEWER, "viewer")]
@@ -59,21 +59,18 @@ fn test_app_in(dir: tempfile::TempDir, limits: BodyLimits, max_firmware: u64) ->
     let revoked: Revoked = Arc::default();
     let sink = revoked.clone();
     let state = ApiState {
-        registry,
-        metrics: metrics.clone(),
-        tokens: Arc::new(tokens),
-        firmware: firmware.clone(),
-        ota: None,
-        export: None,
         health: Arc::new(|| json!({"mqtt": "127.0.0.1:1883", "amqp": "disabled"})),
         on_device_revoked: Arc::new(move |pk: &str, dn: &str| {
             sink.lock().unwrap().push((pk.to_owned(), dn.to_owned()));
         }),
-        migration: None,
-        forwarder: None,
-        ready: Arc::new(|| (true, json!({}))),
-        cluster: None,
-        commands: None,
+        ..ApiState::for_tests(
+            dir.path(),
+            store,
+            registry,
+            metrics.clone(),
+            tokens,
+            firmware.clone(),
+        )
     };
     TestApp {
         router: router(state, limits),

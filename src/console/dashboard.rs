@@ -42,28 +42,32 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
             .unwrap_or(0);
         total += p.device_count;
         online += on;
-        let chart = c.api_state.ota.as_ref().and_then(|ota| {
-            let d = ota.version_distribution(&p.product_key, MODULE).ok()?;
-            let mut rows: Vec<(String, u64)> = d
-                .versions
-                .iter()
-                .take(TOP_VERSIONS)
-                .map(|v| (v.version.clone(), v.devices))
-                .collect();
-            let others: u64 = d
-                .versions
-                .iter()
-                .skip(TOP_VERSIONS)
-                .map(|v| v.devices)
-                .sum();
-            if others > 0 {
-                rows.push(("others".into(), others));
-            }
-            if d.unknown > 0 {
-                rows.push(("not reported".into(), d.unknown));
-            }
-            Some(rows)
-        });
+        let chart = c
+            .api_state
+            .ota
+            .version_distribution(&p.product_key, MODULE)
+            .ok()
+            .map(|d| {
+                let mut rows: Vec<(String, u64)> = d
+                    .versions
+                    .iter()
+                    .take(TOP_VERSIONS)
+                    .map(|v| (v.version.clone(), v.devices))
+                    .collect();
+                let others: u64 = d
+                    .versions
+                    .iter()
+                    .skip(TOP_VERSIONS)
+                    .map(|v| v.devices)
+                    .sum();
+                if others > 0 {
+                    rows.push(("others".into(), others));
+                }
+                if d.unknown > 0 {
+                    rows.push(("not reported".into(), d.unknown));
+                }
+                rows
+            });
         cards.push(html! {
             section.card aria-labelledby=(format!("p-{}", p.product_key)) {
                 h3 id=(format!("p-{}", p.product_key)) {
@@ -85,18 +89,14 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
     let migrations = c
         .api_state
         .migration
-        .as_ref()
-        .map(|m| {
-            m.list(
-                &TaskFilter::default(),
-                Page::new(1, 100).unwrap_or_default(),
-            )
-            .items
-            .into_iter()
-            .filter(|t| t.status == SummaryStatus::Migrating)
-            .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+        .list(
+            &TaskFilter::default(),
+            Page::new(1, 100).unwrap_or_default(),
+        )
+        .items
+        .into_iter()
+        .filter(|t| t.status == SummaryStatus::Migrating)
+        .collect::<Vec<_>>();
     let body = html! {
         section.card aria-label="Fleet" {
             div.kpis {
@@ -161,9 +161,7 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
 
 /// IN_PROGRESS and PAUSED jobs, newest first.
 fn running_jobs(c: &Console) -> Vec<JobView> {
-    let Some(ota) = c.api_state.ota.as_ref() else {
-        return Vec::new();
-    };
+    let ota = &c.api_state.ota;
     let mut jobs = Vec::new();
     for status in [JobStatus::InProgress, JobStatus::Paused] {
         let filter = JobFilter {

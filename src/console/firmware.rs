@@ -37,8 +37,9 @@ async fn list(State(c): State<Console>, session: Sess, Query(q): Query<FirmwareQ
         .registry
         .list_products(Page::new(1, 100).unwrap_or_default());
     let jobs_of = |fid: &str| -> u64 {
-        c.api_state.ota.as_ref().map_or(0, |ota| {
-            ota.list_jobs(
+        c.api_state
+            .ota
+            .list_jobs(
                 &JobFilter {
                     firmware_id: Some(fid.to_owned()),
                     ..Default::default()
@@ -46,7 +47,6 @@ async fn list(State(c): State<Console>, session: Sess, Query(q): Query<FirmwareQ
                 Page::new(1, 1).unwrap_or_default(),
             )
             .total
-        })
     };
     let body = html! {
         div.table-wrap { table #firmware {

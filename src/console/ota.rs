@@ -38,16 +38,8 @@ pub(super) fn routes() -> Router<Console> {
         .route("/console/ota/jobs/{jid}/{action}", post(action))
 }
 
-fn engine(c: &Console) -> Option<&OtaEngine> {
-    c.api_state.ota.as_ref()
-}
-
-fn no_ota(s: &Session) -> Response {
-    view::error_page(
-        Some(s),
-        StatusCode::SERVICE_UNAVAILABLE,
-        "OTA is not configured on this node.",
-    )
+fn engine(c: &Console) -> &OtaEngine {
+    &c.api_state.ota
 }
 
 fn not_found(s: &Session, what: &str) -> Response {
@@ -66,9 +58,7 @@ fn page_of(n: Option<u32>, size: u32) -> Page {
 }
 
 async fn list(State(c): State<Console>, session: Sess, Query(q): Query<ListQuery>) -> Response {
-    let Some(ota) = engine(&c) else {
-        return no_ota(&session);
-    };
+    let ota = engine(&c);
     let status = q
         .status
         .as_deref()
@@ -500,9 +490,7 @@ fn live_block(v: &JobView, stats: &JobStatistics) -> Markup {
 }
 
 async fn live(State(c): State<Console>, session: Sess, Path(jid): Path<String>) -> Response {
-    let Some(ota) = engine(&c) else {
-        return no_ota(&session);
-    };
+    let ota = engine(&c);
     match (ota.get_job(&jid), ota.job_statistics(&jid)) {
         (Ok(v), Ok(stats)) => view::respond(StatusCode::OK, live_block(&v, &stats)),
         _ => not_found(&session, "No such job."),
@@ -515,9 +503,7 @@ async fn job_page(
     Path(jid): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let Some(ota) = engine(&c) else {
-        return no_ota(&session);
-    };
+    let ota = engine(&c);
     let (Ok(v), Ok(stats)) = (ota.get_job(&jid), ota.job_statistics(&jid)) else {
         return not_found(&session, "No such job.");
     };
@@ -715,9 +701,7 @@ async fn task_page(
     session: Sess,
     Path((jid, dn)): Path<(String, String)>,
 ) -> Response {
-    let Some(ota) = engine(&c) else {
-        return no_ota(&session);
-    };
+    let ota = engine(&c);
     let Ok(t) = ota.get_task(&jid, &dn) else {
         return not_found(&session, "No such task.");
     };

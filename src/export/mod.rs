@@ -153,8 +153,10 @@ impl std::fmt::Debug for ExportService {
 impl ExportService {
     /// Loads the jobs (marking interrupted ones FAILED) and creates `{data_dir}/exports`.
     /// Blocking: start-up only.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         data_dir: &std::path::Path,
+        store: Store,
         registry: Arc<Registry>,
         firmware: Arc<FirmwareRepo>,
         ota: Option<OtaEngine>,
@@ -165,7 +167,6 @@ impl ExportService {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ExportError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        let store = registry.store().clone();
         let jobs = DashMap::new();
         let mut ops = Vec::new();
         for kind in [EXPORT_DOC, IMPORT_DOC] {

@@ -8,6 +8,7 @@
 
 use super::testing::Proxy;
 use super::*;
+use crate::config::Secret;
 use crate::registry::{NewDevice, NewInstance, NewProduct};
 use crate::store::Store;
 use futures_util::StreamExt;
@@ -22,6 +23,7 @@ use rand::Rng;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -129,9 +131,9 @@ impl Fixture {
         }
     }
 
-    pub fn config(&self, url: &str) -> ForwarderConfig {
-        ForwarderConfig {
-            url: Some(url.to_owned()),
+    pub fn settings(&self, url: &str) -> AmqpSettings {
+        AmqpSettings {
+            url: Some(Secret::new(url)),
             exchange_prefix: self.prefix.clone(),
             reconnect_initial_ms: 50,
             reconnect_max_ms: 500,
@@ -140,10 +142,15 @@ impl Fixture {
         }
     }
 
+    pub fn config(&self, url: &str) -> ForwarderConfig {
+        ForwarderConfig::for_tests(self.settings(url))
+    }
+
     pub fn open(&self, url: &str) -> Arc<Forwarder> {
         Forwarder::open(
             self.config(url),
             self.dir.path(),
+            self.registry.store().clone(),
             self.registry.clone(),
             self.metrics.clone(),
         )
@@ -767,7 +774,7 @@ async fn bench_throughput() {
     let window: usize = std::env::var("FG_BENCH_WINDOW")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| ForwarderConfig::default().inflight_window);
+        .unwrap_or_else(|| AmqpSettings::default().inflight_window);
     let fx = Fixture::new(rabbit, 64).await;
     let body = fx.post(0, 0).body;
 
@@ -822,11 +829,14 @@ async fn bench_throughput() {
         .await;
 
     // (b) forwarder, enqueue → confirmed.
-    let mut config = fx.config(&fx.rabbit.url.clone());
-    config.inflight_window = window;
+    let config = AmqpSettings {
+        inflight_window: window,
+        ..fx.settings(&fx.rabbit.url.clone())
+    };
     let fwd = Forwarder::open(
-        config.clone(),
+        ForwarderConfig::for_tests(config.clone()),
         fx.dir.path(),
+        fx.registry.store().clone(),
         fx.registry.clone(),
         fx.metrics.clone(),
     )
@@ -859,11 +869,14 @@ async fn bench_throughput() {
     // (c) outage: fill the outbox while the broker is unreachable, then measure the drain.
     let proxy = Proxy::start(fx.rabbit.addr).await;
     proxy.cut();
-    let mut cut_config = config.clone();
-    cut_config.url = Some(fx.rabbit.url_via(proxy.addr));
+    let cut_config = AmqpSettings {
+        url: Some(Secret::new(fx.rabbit.url_via(proxy.addr))),
+        ..config
+    };
     let fwd = Forwarder::open(
-        cut_config,
+        ForwarderConfig::for_tests(cut_config),
         fx.dir.path(),
+        fx.registry.store().clone(),
         fx.registry.clone(),
         fx.metrics.clone(),
     )
@@ -963,6 +976,7 @@ async fn bench_shared_outbox() {
                         lease_ttl: Duration::from_secs(2),
                         leases: Arc::new(leases),
                     },
+                    fx.registry.store().clone(),
                     fx.registry.clone(),
                     fx.metrics.clone(),
                 )
@@ -971,6 +985,7 @@ async fn bench_shared_outbox() {
                 Forwarder::open(
                     config.clone(),
                     fx.dir.path(),
+                    fx.registry.store().clone(),
                     fx.registry.clone(),
                     fx.metrics.clone(),
                 )

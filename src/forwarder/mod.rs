@@ -67,6 +67,7 @@ mod message;
 mod outbox;
 mod pg_outbox;
 mod publisher;
+mod settings;
 
 #[doc(hidden)]
 pub mod testing;
@@ -84,11 +85,12 @@ pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
 pub use pg_outbox::SharedOutboxSettings;
+pub use settings::{AmqpSettings, ForwarderConfig};
 
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
-use crate::store::{Op, StoreError};
+use crate::store::{Op, Store, StoreError};
 use groups::{Declared, RateSampler, TOMBSTONE_DOC_KIND};
 pub(crate) use limits::Limiter;
 use limits::{Limits, RATE_LIMIT_DOC_KIND};
@@ -96,124 +98,12 @@ use outbox::NewRow;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::{Future, IntoFuture};
-use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// Forwarder settings (the `[amqp]` section of the configuration).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ForwarderConfig {
-    /// `amqp://user:pass@host:port/vhost`; forwarding is off when absent.
-    pub url: Option<String>,
-    /// Exchanges are `{prefix}.{instance_id}`, queues `{prefix}.{instance_id}.{group_id}`.
-    pub exchange_prefix: String,
-    /// Bound of the durable outbox, bytes (bodies plus a small per-row overhead).
-    pub outbox_max_bytes: u64,
-    /// How long an enqueue waits for outbox space (back-pressure: the device's PUBACK waits,
-    /// and its connection reads nothing more) before giving up: a QoS 1 post is then refused
-    /// (no PUBACK, connection closed, the device resends it), anything else is dropped and
-    /// counted (see [`OnFull`]).
-    pub outbox_full_wait_ms: u64,
-    /// Publishes awaiting a broker confirm at once.
-    pub inflight_window: usize,
-    /// First reconnect delay; doubles per failed attempt up to `reconnect_max_ms` (±20 % jitter).
-    pub reconnect_initial_ms: u64,
-    pub reconnect_max_ms: u64,
-    /// How often each group's backlog, consumers and consume rate are sampled.
-    pub stats_interval_secs: u64,
-    /// Default rate limit per target instance, messages per second (none when absent).
-    pub rate_limit_msgs_per_sec: Option<u32>,
-    /// Default rate limit per target instance, bytes per second (none when absent).
-    pub rate_limit_bytes_per_sec: Option<u32>,
-    /// Message TTL (`x-message-ttl`) of consumer-group queues created without their own
-    /// `message_ttl_secs`, seconds; 0 = messages never expire. The vendor keeps 1 day.
-    pub queue_message_ttl_secs: u32,
-}
-
-impl Default for ForwarderConfig {
-    fn default() -> Self {
-        ForwarderConfig {
-            url: None,
-            exchange_prefix: "fleetgate".into(),
-            outbox_max_bytes: 256 * 1024 * 1024,
-            outbox_full_wait_ms: 2_000,
-            inflight_window: 2048,
-            reconnect_initial_ms: 200,
-            reconnect_max_ms: 30_000,
-            stats_interval_secs: 10,
-            rate_limit_msgs_per_sec: None,
-            rate_limit_bytes_per_sec: None,
-            queue_message_ttl_secs: 86_400,
-        }
-    }
-}
-
-impl ForwarderConfig {
-    /// Checks the values; the error names the field.
-    pub fn validate(&self) -> Result<(), ForwarderError> {
-        let invalid = |field, message: &str| {
-            Err(ForwarderError::Invalid {
-                field,
-                message: message.into(),
-            })
-        };
-        if let Some(url) = &self.url {
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                return invalid("amqp.url", "must start with amqp:// or amqps://");
-            }
-        }
-        if self.exchange_prefix.is_empty()
-            || self.exchange_prefix.len() > 64
-            || !self
-                .exchange_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        {
-            return invalid(
-                "amqp.exchange_prefix",
-                "must be 1..=64 of A-Z a-z 0-9 _ - .",
-            );
-        }
-        if self.outbox_max_bytes < 64 * 1024 {
-            return invalid("amqp.outbox_max_bytes", "must be at least 65536");
-        }
-        if !(1..=65_535).contains(&self.inflight_window) {
-            return invalid("amqp.inflight_window", "must be 1..=65535");
-        }
-        if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
-            return invalid(
-                "amqp.reconnect_initial_ms",
-                "must be ≥ 1 and ≤ reconnect_max_ms",
-            );
-        }
-        if self.stats_interval_secs == 0 {
-            return invalid("amqp.stats_interval_secs", "must be at least 1");
-        }
-        if self.rate_limit_msgs_per_sec == Some(0) || self.rate_limit_bytes_per_sec == Some(0) {
-            return invalid(
-                "amqp.rate_limit",
-                "a rate limit must be at least 1 (omit it for none)",
-            );
-        }
-        if let Err(message) = groups::validate_message_ttl(self.queue_message_ttl_secs) {
-            return invalid("amqp.queue_message_ttl_secs", &message);
-        }
-        Ok(())
-    }
-
-    fn default_rate_limit(&self) -> Option<RateLimit> {
-        let limit = RateLimit {
-            msgs_per_sec: self.rate_limit_msgs_per_sec.and_then(NonZeroU32::new),
-            bytes_per_sec: self.rate_limit_bytes_per_sec.and_then(NonZeroU32::new),
-        };
-        (limit.msgs_per_sec.is_some() || limit.bytes_per_sec.is_some()).then_some(limit)
-    }
-}
 
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
@@ -401,6 +291,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Forwarder {
     config: ForwarderConfig,
     topology: Topology,
+    /// Where the consumer groups, tombstones and rate-limit overrides are kept.
+    store: Store,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     outbox: Option<Outbox>,
@@ -461,10 +353,10 @@ impl Forwarder {
     pub fn open(
         config: ForwarderConfig,
         data_dir: &Path,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
-        config.validate()?;
         let outbox = match &config.url {
             Some(_) => Some(Outbox::open(
                 &data_dir.join(OUTBOX_FILE_NAME),
@@ -473,7 +365,7 @@ impl Forwarder {
             )?),
             None => None,
         };
-        Self::build(config, outbox, registry, metrics)
+        Self::build(config, outbox, store, registry, metrics)
     }
 
     /// Cluster mode: like [`open`](Self::open), but the outbox is the table every node shares
@@ -483,12 +375,12 @@ impl Forwarder {
     pub fn open_clustered(
         config: ForwarderConfig,
         cluster: ClusterOutbox,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
-        config.validate()?;
         if config.url.is_none() {
-            return Self::build(config, None, registry, metrics);
+            return Self::build(config, None, store, registry, metrics);
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ForwarderError::Spawn(
@@ -510,7 +402,7 @@ impl Forwarder {
             config.outbox_max_bytes,
             metrics.clone(),
         )?;
-        let forwarder = Self::build(config, Some(outbox), registry, metrics)?;
+        let forwarder = Self::build(config, Some(outbox), store, registry, metrics)?;
         let (lease_stop, lease_stop_rx) = watch::channel(false);
         let task = tokio::spawn(keeper.run(lease_stop_rx));
         *lock(&forwarder.drain_lease) = Some((lease_stop, task));
@@ -520,20 +412,22 @@ impl Forwarder {
     /// A forwarder with forwarding off (consumer groups still work). Blocks briefly reading the
     /// store.
     pub fn disabled(
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
-        Self::build(ForwarderConfig::default(), None, registry, metrics)
+        Self::build(ForwarderConfig::default(), None, store, registry, metrics)
     }
 
     fn build(
         config: ForwarderConfig,
         outbox: Option<Outbox>,
+        store: Store,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Forwarder>, ForwarderError> {
         let mut state = GroupState::default();
-        for (id, body) in registry.store().load_documents(GROUP_DOC_KIND)? {
+        for (id, body) in store.load_documents(GROUP_DOC_KIND)? {
             let group: ConsumerGroup =
                 serde_json::from_str(&body).map_err(|e| ForwarderError::Corrupt {
                     id: id.clone(),
@@ -548,7 +442,7 @@ impl Forwarder {
                 },
             );
         }
-        for (id, body) in registry.store().load_documents(TOMBSTONE_DOC_KIND)? {
+        for (id, body) in store.load_documents(TOMBSTONE_DOC_KIND)? {
             state.tombstones.insert(id, body);
         }
         for (id, body) in registry
@@ -558,7 +452,7 @@ impl Forwarder {
             state.exchange_tombstones.insert(id, body);
         }
         let mut overrides = HashMap::new();
-        for (id, body) in registry.store().load_documents(RATE_LIMIT_DOC_KIND)? {
+        for (id, body) in store.load_documents(RATE_LIMIT_DOC_KIND)? {
             let limit: RateLimit =
                 serde_json::from_str(&body).map_err(|e| ForwarderError::Corrupt {
                     id: format!("{RATE_LIMIT_DOC_KIND}/{id}"),
@@ -572,6 +466,7 @@ impl Forwarder {
             topology: Topology::new(config.exchange_prefix.clone()),
             status: AtomicU8::new(AmqpStatus::Disabled.to_u8()),
             config,
+            store,
             registry,
             metrics,
             outbox,
@@ -601,7 +496,7 @@ impl Forwarder {
                 let publisher = tokio::spawn(publisher::run(
                     forwarder.clone(),
                     outbox.clone(),
-                    url.clone(),
+                    url.expose().to_owned(),
                     forwarder.stop.subscribe(),
                 ));
                 let sampler = tokio::spawn(publisher::sample(
@@ -701,7 +596,7 @@ impl Forwarder {
             None => None,
         };
         if let Some(op) = op {
-            self.registry.store().submit(vec![op]).await?;
+            self.store.submit(vec![op]).await?;
         }
         let (effective, source) = {
             let mut limits = lock(&self.limits);
@@ -1120,8 +1015,7 @@ impl Forwarder {
     }
 
     async fn forget_tombstone(&self, id: &str) -> Result<(), ForwarderError> {
-        self.registry
-            .store()
+        self.store
             .submit(vec![Op::DeleteDoc {
                 kind: TOMBSTONE_DOC_KIND,
                 id: id.to_owned(),
@@ -1202,8 +1096,7 @@ impl Forwarder {
             message: e.to_string(),
         })?;
         // A re-created group cancels the pending deletion of its old queue (it is the same queue).
-        self.registry
-            .store()
+        self.store
             .submit(vec![
                 Op::PutDoc {
                     kind: GROUP_DOC_KIND,
@@ -1318,8 +1211,7 @@ impl Forwarder {
         self.group(instance_id, group_id)?;
         let id = groups::doc_id(instance_id, group_id);
         let queue = self.topology.queue(instance_id, group_id);
-        self.registry
-            .store()
+        self.store
             .submit(vec![
                 Op::DeleteDoc {
                     kind: GROUP_DOC_KIND,

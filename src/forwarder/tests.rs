@@ -4,11 +4,13 @@
 use super::groups::RateSampler;
 use super::outbox::{seq_runs, Fresh, NewRow, FRESH_MAX_ROWS};
 use super::*;
+use crate::config::Secret;
 use crate::registry::{NewDevice, NewInstance, NewProduct};
 use crate::store::Store;
 use fleetgate_topics::{EventPostRequest, PropertyPostRequest};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
+use std::num::NonZeroU32;
 use std::time::Instant;
 
 fn body(m: &ForwardMessage) -> Value {
@@ -306,7 +308,7 @@ async fn registry_with_device() -> (Arc<Registry>, Arc<Metrics>) {
 #[tokio::test]
 async fn disabled_forwarder_stores_nothing() {
     let (registry, metrics) = registry_with_device().await;
-    let fwd = Forwarder::disabled(registry, metrics.clone()).unwrap();
+    let fwd = Forwarder::disabled(registry.store().clone(), registry, metrics.clone()).unwrap();
     assert!(!fwd.enabled());
     assert_eq!(fwd.status(), AmqpStatus::Disabled);
     assert_eq!(fwd.health()["amqp"], "disabled");
@@ -321,14 +323,21 @@ async fn disabled_forwarder_stores_nothing() {
 async fn routing_follows_the_owner_and_the_hook_and_refuses_or_drops_when_full() {
     let (registry, metrics) = registry_with_device().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ForwarderConfig {
+    let config = ForwarderConfig::for_tests(AmqpSettings {
         // Nothing listens on port 1: the publisher keeps retrying and the outbox fills.
-        url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
+        url: Some(Secret::new("amqp://guest:guest@127.0.0.1:1/%2f")),
         outbox_max_bytes: 64 * 1024,
         outbox_full_wait_ms: 20,
         ..Default::default()
-    };
-    let fwd = Forwarder::open(config, dir.path(), registry, metrics.clone()).unwrap();
+    });
+    let fwd = Forwarder::open(
+        config,
+        dir.path(),
+        registry.store().clone(),
+        registry,
+        metrics.clone(),
+    )
+    .unwrap();
     assert_eq!(fwd.targets("pk", "dev1"), vec!["iot-a".to_string()]);
     assert!(fwd.targets("pk", "ghost").is_empty());
     fwd.set_route_hook(Some(Arc::new(|_pk: &str, _dn: &str, owner: &str| {
@@ -405,38 +414,56 @@ async fn routing_follows_the_owner_and_the_hook_and_refuses_or_drops_when_full()
 
 #[test]
 fn config_is_validated_with_named_fields() {
+    assert!(AmqpSettings::default().validate().is_ok());
     assert!(ForwarderConfig::default().validate().is_ok());
-    let bad = |c: ForwarderConfig| match c.validate() {
+    let bad = |c: AmqpSettings| match c.validate() {
         Err(ForwarderError::Invalid { field, .. }) => field,
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        bad(ForwarderConfig {
-            url: Some("http://x".into()),
+        bad(AmqpSettings {
+            url: Some(Secret::new("http://x")),
             ..Default::default()
         }),
         "amqp.url"
     );
     assert_eq!(
-        bad(ForwarderConfig {
+        bad(AmqpSettings {
             inflight_window: 0,
             ..Default::default()
         }),
         "amqp.inflight_window"
     );
     assert_eq!(
-        bad(ForwarderConfig {
+        bad(AmqpSettings {
             exchange_prefix: "a b".into(),
             ..Default::default()
         }),
         "amqp.exchange_prefix"
     );
     assert_eq!(
-        bad(ForwarderConfig {
+        bad(AmqpSettings {
             rate_limit_msgs_per_sec: Some(0),
             ..Default::default()
         }),
         "amqp.rate_limit"
+    );
+    // The forwarder runs with a resolved prefix only.
+    assert!(matches!(
+        ForwarderConfig::new(AmqpSettings::default()),
+        Err(ForwarderError::Invalid {
+            field: "amqp.exchange_prefix",
+            ..
+        })
+    ));
+    assert_eq!(
+        ForwarderConfig::new(AmqpSettings {
+            exchange_prefix: "mine".into(),
+            ..Default::default()
+        })
+        .unwrap()
+        .exchange_prefix,
+        "mine"
     );
 }
 
@@ -482,7 +509,7 @@ fn consume_rate_counts_what_left_the_queue() {
 async fn a_mirror_limit_holds_back_only_mirrored_rows() {
     let (registry, metrics) = registry_with_device().await;
     // dev1 is owned by iot-a: its rows to iot-b are mirrored copies, its rows to iot-a are not.
-    let fwd = Forwarder::disabled(registry, metrics).unwrap();
+    let fwd = Forwarder::disabled(registry.store().clone(), registry, metrics).unwrap();
     let one_per_sec = || RateLimit {
         msgs_per_sec: NonZeroU32::new(1),
         bytes_per_sec: None,
@@ -526,14 +553,15 @@ async fn a_mirror_limit_holds_back_only_mirrored_rows() {
 async fn a_runtime_rate_limit_replaces_the_default_and_survives_a_rebuild() {
     let (registry, metrics) = registry_with_device().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ForwarderConfig {
+    let config = ForwarderConfig::for_tests(AmqpSettings {
         rate_limit_msgs_per_sec: Some(1000),
         ..Default::default()
-    };
+    });
     let open = || {
         Forwarder::open(
             config.clone(),
             dir.path(),
+            registry.store().clone(),
             registry.clone(),
             metrics.clone(),
         )
@@ -602,12 +630,19 @@ async fn ota_events_of_a_deleted_device_go_to_the_instance_that_owned_it() {
     use crate::ota::{TaskEvent, TaskStatus};
     let (registry, metrics) = registry_with_device().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ForwarderConfig {
+    let config = ForwarderConfig::for_tests(AmqpSettings {
         // Nothing listens on port 1: rows stay in the outbox for the test to read.
-        url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
+        url: Some(Secret::new("amqp://guest:guest@127.0.0.1:1/%2f")),
         ..Default::default()
-    };
-    let fwd = Forwarder::open(config, dir.path(), registry.clone(), metrics.clone()).unwrap();
+    });
+    let fwd = Forwarder::open(
+        config,
+        dir.path(),
+        registry.store().clone(),
+        registry.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
     registry.delete_device("pk", "dev1").await.unwrap();
     assert!(fwd.targets("pk", "dev1").is_empty());
 

@@ -35,6 +35,7 @@ use super::MigrationError;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged, Registry};
+use crate::store::Store;
 use dashmap::DashMap;
 use serde::Deserialize;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -77,17 +78,19 @@ impl MigrationEngine {
     /// (the actor's own timers — batches, retries, the sweep tick — run on tokio time).
     pub fn start(
         registry: Arc<Registry>,
+        store: Store,
         metrics: Arc<Metrics>,
         config: EngineConfig,
         hooks: Hooks,
         clock: Clock,
     ) -> Result<Arc<MigrationEngine>, MigrationError> {
-        let state = State::load(&registry)?;
+        let state = State::load(&store, &registry)?;
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             routes: DashMap::new(),
             clock,
             registry,
+            store,
         });
         let mut worker = super::worker::Worker::new(shared.clone(), metrics, config, hooks);
         worker.rebuild_after_load();

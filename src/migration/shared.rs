@@ -11,7 +11,7 @@ use super::model::*;
 use super::MigrationError;
 use crate::clock::Clock;
 use crate::registry::Registry;
-use crate::store::Op;
+use crate::store::{Op, Store};
 use dashmap::DashMap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -40,6 +40,8 @@ pub(super) struct Shared {
     pub(super) routes: DashMap<String, SyncRoute>,
     pub(super) clock: Clock,
     pub(super) registry: Arc<Registry>,
+    /// Where the tasks, their device records and logs are kept.
+    pub(super) store: Store,
 }
 
 impl Shared {
@@ -53,10 +55,9 @@ impl Shared {
 }
 
 impl State {
-    /// Every task with its device records and log, from the store (blocking: start-up only).
-    /// Records of devices that no longer exist are dropped on the way.
-    pub(super) fn load(registry: &Registry) -> Result<State, MigrationError> {
-        let store = registry.store().clone();
+    /// Every task with its device records and log, from `store` (blocking: start-up only).
+    /// Records of devices that no longer exist (in `registry`) are dropped on the way.
+    pub(super) fn load(store: &Store, registry: &Registry) -> Result<State, MigrationError> {
         let mut state = State::default();
         for (id, body) in store.load_documents(TASK_DOC)? {
             if let Some(doc) = parse_doc::<TaskDoc>(TASK_DOC, &id, &body) {

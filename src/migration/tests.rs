@@ -35,6 +35,7 @@ fn engine_on(registry: Arc<Registry>, metrics: Arc<Metrics>, rate: u32) -> Env {
     let (k, l) = (kicks.clone(), limits.clone());
     let engine = MigrationEngine::start(
         registry.clone(),
+        registry.store().clone(),
         metrics.clone(),
         EngineConfig {
             devices_per_sec: rate,
@@ -1198,6 +1199,7 @@ async fn bench_full_migration_50k() {
         }
         let engine = MigrationEngine::start(
             registry.clone(),
+            registry.store().clone(),
             m.clone(),
             EngineConfig {
                 devices_per_sec: rate,

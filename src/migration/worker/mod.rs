@@ -212,7 +212,7 @@ impl Worker {
         let mut ops = extra;
         ops.push(doc_op(TASK_DOC, doc.task_id.clone(), &doc));
         ops.push(doc_op(LOG_DOC, log_doc_id(&doc.task_id, seq), &entry));
-        self.shared.registry.store().submit(ops).await?;
+        self.shared.store.submit(ops).await?;
         tracing::info!(task_id = %doc.task_id, action, state = %doc.state, "migration task");
         {
             let mut state = self.shared.write();

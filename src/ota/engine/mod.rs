@@ -199,17 +199,17 @@ impl std::fmt::Debug for OtaEngine {
 }
 
 impl OtaEngine {
-    /// Loads every job and task from the registry's store and re-arms every timer. Blocking
-    /// (start-up). Call [`OtaEngine::start`] afterwards to run the deadline task.
+    /// Loads every job and task from `store` and re-arms every timer. Blocking (start-up). Call
+    /// [`OtaEngine::start`] afterwards to run the deadline task.
     pub fn open(
         registry: Arc<Registry>,
+        store: Store,
         firmware: Arc<FirmwareRepo>,
         pusher: Arc<dyn Pusher>,
         clock: Clock,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<OtaEngine, OtaError> {
-        let store = registry.store().clone();
         let engine = OtaEngine::build(registry, store, firmware, pusher, clock, config, metrics);
         engine.load()?;
         engine

@@ -65,13 +65,15 @@ fn open(
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).unwrap();
     let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
-    let firmware = FirmwareRepo::open(dir.path(), store, "http://gw.test".into(), 1 << 20).unwrap();
+    let firmware =
+        FirmwareRepo::open(dir.path(), store.clone(), "http://gw.test".into(), 1 << 20).unwrap();
     let config = EngineConfig {
         connect_push_delay_ms: 1_000,
         ..EngineConfig::default()
     };
     let engine = OtaEngine::open(
         registry.clone(),
+        store,
         firmware.clone(),
         pusher.clone(),
         clock.clone(),

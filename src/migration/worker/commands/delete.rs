@@ -52,7 +52,7 @@ impl Worker {
                 }));
             }
         }
-        self.shared.registry.store().submit(ops).await?;
+        self.shared.store.submit(ops).await?;
         {
             let mut state = self.shared.write();
             state.tasks.remove(task_id);
