@@ -1018,8 +1018,8 @@ impl crate::store::StoreBackend for FlakyBackend {
     }
 }
 
-#[tokio::test]
-async fn a_create_that_did_not_commit_is_taken_back() {
+/// A registry on a [`FlakyBackend`], and the switch that makes its commits fail.
+fn flaky_registry() -> (Arc<Registry>, Arc<std::sync::atomic::AtomicBool>) {
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let backend = FlakyBackend {
         inner: crate::store::SqliteBackend::open_in_memory().unwrap(),
@@ -1027,6 +1027,12 @@ async fn a_create_that_did_not_commit_is_taken_back() {
     };
     let m = metrics();
     let r = Registry::open(Store::with_backend(backend, m.clone()).unwrap(), m).unwrap();
+    (r, failing)
+}
+
+#[tokio::test]
+async fn a_create_that_did_not_commit_is_taken_back() {
+    let (r, failing) = flaky_registry();
     let pk = lamp(&r).await;
 
     failing.store(true, Ordering::SeqCst);
@@ -1181,13 +1187,7 @@ async fn set_devices_instance_moves_ownership_durably_with_extra_ops() {
 
 #[tokio::test]
 async fn a_move_that_did_not_commit_is_put_back() {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let backend = FlakyBackend {
-        inner: crate::store::SqliteBackend::open_in_memory().unwrap(),
-        failing: failing.clone(),
-    };
-    let m = metrics();
-    let r = Registry::open(Store::with_backend(backend, m.clone()).unwrap(), m).unwrap();
+    let (r, failing) = flaky_registry();
     r.create_instance(NewInstance {
         instance_id: Some("iot-target".into()),
         name: "Target".into(),
@@ -1358,13 +1358,7 @@ async fn delete_instance_refuses_what_still_names_it_and_is_durable() {
 
 #[tokio::test]
 async fn an_instance_delete_that_did_not_commit_is_put_back() {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let backend = FlakyBackend {
-        inner: crate::store::SqliteBackend::open_in_memory().unwrap(),
-        failing: failing.clone(),
-    };
-    let m = metrics();
-    let r = Registry::open(Store::with_backend(backend, m.clone()).unwrap(), m).unwrap();
+    let (r, failing) = flaky_registry();
     r.create_instance(NewInstance {
         instance_id: Some("east".into()),
         name: "East".into(),

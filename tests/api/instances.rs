@@ -252,44 +252,52 @@ async fn an_instance_that_owns_a_migrated_device_is_kept() {
     assert_eq!(s, 204, "{b}");
 }
 
-/// Whether `exchange` exists in RabbitMQ (a passive declare, on a channel of its own: a
-/// missing exchange closes the channel).
+/// Whether `exchange` exists in RabbitMQ.
 async fn exchange_exists(rabbit: &Connection, exchange: &str) -> bool {
-    let ch = rabbit.create_channel().await.unwrap();
-    let found = ch
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                passive: true,
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    if ch.status().connected() {
-        let _ = ch.close(200, "checked".into()).await;
-    }
-    found
+    declared(rabbit, Declared::Exchange, exchange).await
 }
 
-/// Whether `queue` exists in RabbitMQ (passive declare, as above).
+/// Whether `queue` exists in RabbitMQ.
 async fn queue_exists(rabbit: &Connection, queue: &str) -> bool {
+    declared(rabbit, Declared::Queue, queue).await
+}
+
+enum Declared {
+    Exchange,
+    Queue,
+}
+
+/// A passive declare of `name`, on a channel of its own (a missing one closes the channel).
+async fn declared(rabbit: &Connection, kind: Declared, name: &str) -> bool {
     let ch = rabbit.create_channel().await.unwrap();
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
+    let (passive, table) = (true, FieldTable::default());
+    let found = match kind {
+        Declared::Exchange => ch
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    passive,
+                    durable: true,
+                    ..Default::default()
+                },
+                table,
+            )
+            .await
+            .is_ok(),
+        Declared::Queue => ch
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive,
+                    durable: true,
+                    ..Default::default()
+                },
+                table,
+            )
+            .await
+            .is_ok(),
+    };
     if ch.status().connected() {
         let _ = ch.close(200, "checked".into()).await;
     }
