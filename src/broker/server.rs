@@ -44,7 +44,7 @@ pub(crate) struct Shared {
     pub filters: FilterBudget,
     pub downlink: Downlink,
     /// Sessions handling socket data right now (a measure of how saturated the gateway is; see
-    /// `connection::on_socket_data`).
+    /// `connection::read_loop::on_socket_data`).
     pub busy_sessions: AtomicUsize,
     /// The MQTT socket budget and the per-source cap of sockets without a CONNECT.
     pub gate: Arc<Gate>,
