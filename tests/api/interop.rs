@@ -261,14 +261,25 @@ async fn vendor_style_pika_consumer_reads_the_forwarded_stream() {
 
 /// The vendor's SDK as the target of cloud-to-device commands: a property set, a synchronous
 /// service call and an RRPC request reach it and are answered through its own callbacks; the
-/// API shows the SDK's answers.
+/// API shows the SDK's answers, and a consumer application written with pika reads the two
+/// answers from its consumer group in the vendor's `downlink/reply` format.
 #[tokio::test]
 async fn vendor_python_sdk_answers_commands() {
     use serde_json::json;
     use tokio::io::AsyncBufReadExt;
 
     let python = interop_python_for("vendor_python_sdk_answers_commands");
-    let app = spawn_app().await;
+    let url =
+        fleetgate::forwarder::testing::test_amqp_url("vendor_python_sdk_answers_commands").await;
+    let prefix = format!("fgtest-c2d-pika-{}", std::process::id());
+    let app = spawn_app_with_amqp(&url, &prefix).await;
+    let (status, group) = app
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "apps", "name": "reply readers"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
     let pk = app.create_product("linkkit-c2d").await;
     let secret = app.create_device(&pk, "py-dev-2").await;
     let script =
@@ -308,6 +319,7 @@ async fn vendor_python_sdk_answers_commands() {
         .await;
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["reply"]["code"], 200, "{record}");
+    let set_id = record["id"].as_str().unwrap().to_owned();
     let (status, record) = app
         .post(
             &format!("{base}/services/reboot"),
@@ -317,6 +329,7 @@ async fn vendor_python_sdk_answers_commands() {
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["reply"]["code"], 200, "{record}");
     assert_eq!(record["reply"]["data"], json!({"accepted": 3}), "{record}");
+    let call_id = record["id"].as_str().unwrap().to_owned();
     let (status, body) = app
         .post(
             &format!("{base}/rrpc"),
@@ -344,4 +357,57 @@ async fn vendor_python_sdk_answers_commands() {
         transcript.contains(r#""identifier": "reboot""#),
         "{transcript}"
     );
+
+    // The group's first three messages: the device online, then the two answers, in order.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pika_consumer.py");
+    let queue = format!("{prefix}.default.apps");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(&script)
+            .args([url.as_str(), queue.as_str(), "3", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("pika consumer finished in time")
+    .expect("pika consumer runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pika consumer failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines[0]["topic"], format!("/as/mqtt/status/{pk}/py-dev-2"));
+    let reply_topic = format!("/{pk}/py-dev-2/thing/downlink/reply/message");
+    for (line, (id, method_topic)) in lines[1..].iter().zip([
+        (
+            &set_id,
+            format!("/sys/{pk}/py-dev-2/thing/service/property/set"),
+        ),
+        (&call_id, format!("/sys/{pk}/py-dev-2/thing/service/reboot")),
+    ]) {
+        assert_eq!(line["topic"], reply_topic, "{stdout}");
+        let body = &line["body"];
+        assert_eq!(body["requestId"], json!(id), "{stdout}");
+        assert_eq!(body["code"], 200, "{stdout}");
+        assert_eq!(body["productKey"], pk, "{stdout}");
+        assert_eq!(body["deviceName"], "py-dev-2", "{stdout}");
+        assert_eq!(body["topic"], method_topic, "{stdout}");
+        assert!(body["gmtCreate"].is_u64(), "{stdout}");
+    }
+    let _ = app
+        .request(
+            reqwest::Method::DELETE,
+            "/api/v1/instances/default/consumer-groups/apps",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
 }
