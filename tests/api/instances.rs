@@ -20,6 +20,19 @@ async fn delete(app: &TestApp, path: &str, token: Option<&str>) -> (u16, Value) 
     app.request(Method::DELETE, path, None, token).await
 }
 
+/// Deletes instance `iid` with its consumer groups; 204 expected.
+async fn force_delete(app: &TestApp, iid: &str) {
+    let path = format!("/api/v1/instances/{iid}?force=true");
+    let (s, b) = delete(app, &path, Some(ADMIN_TOKEN)).await;
+    assert_eq!(s, 204, "{b}");
+}
+
+/// Neither the exchange of instance `iid` nor the queue of its group `g` is left in RabbitMQ.
+async fn assert_gone_from_rabbitmq(rabbit: &Connection, prefix: &str, iid: &str) {
+    assert!(!exchange_exists(rabbit, &format!("{prefix}.{iid}")).await);
+    assert!(!queue_exists(rabbit, &format!("{prefix}.{iid}.g")).await);
+}
+
 async fn create_instance(app: &TestApp, iid: &str) {
     let (s, b) = app
         .post(
@@ -385,15 +398,8 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
     let answer = delete(&app, "/api/v1/instances/iot-a", Some(ADMIN_TOKEN)).await;
     assert_eq!(outcome(&answer), (409, Some("FG.2204")), "{}", answer.1);
     assert!(exchange_exists(&rabbit, &format!("{prefix}.iot-a")).await);
-    let (s, b) = delete(
-        &app,
-        "/api/v1/instances/iot-a?force=true",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
-    assert_eq!(s, 204, "{b}");
-    assert!(!exchange_exists(&rabbit, &format!("{prefix}.iot-a")).await);
-    assert!(!queue_exists(&rabbit, &format!("{prefix}.iot-a.g")).await);
+    force_delete(&app, "iot-a").await;
+    assert_gone_from_rabbitmq(&rabbit, &prefix, "iot-a").await;
     assert!(exchange_exists(&rabbit, &format!("{prefix}.iot-b")).await);
     assert!(queue_exists(&rabbit, &format!("{prefix}.iot-b.g")).await);
 
@@ -450,13 +456,7 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
 
     // RabbitMQ unreachable, but nothing waits for iot-d: deleted now, its exchange and
     // queue once the forwarder is back.
-    let (s, b) = delete(
-        &app,
-        "/api/v1/instances/iot-d?force=true",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
-    assert_eq!(s, 204, "{b}");
+    force_delete(&app, "iot-d").await;
     assert_eq!(app.get("/api/v1/instances/iot-d").await.0, 404);
     assert!(exchange_exists(&rabbit, &format!("{prefix}.iot-d")).await);
     assert!(queue_exists(&rabbit, &format!("{prefix}.iot-d.g")).await);
@@ -476,15 +476,8 @@ async fn deleting_an_instance_deletes_its_exchange_and_queues_in_rabbitmq() {
     }
     assert!(!queue_exists(&rabbit, &format!("{prefix}.iot-d.g")).await);
     // The post that waited reached iot-c's group; now iot-c may go.
-    let (s, b) = delete(
-        &app,
-        "/api/v1/instances/iot-c?force=true",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
-    assert_eq!(s, 204, "{b}");
-    assert!(!exchange_exists(&rabbit, &format!("{prefix}.iot-c")).await);
-    assert!(!queue_exists(&rabbit, &format!("{prefix}.iot-c.g")).await);
+    force_delete(&app, "iot-c").await;
+    assert_gone_from_rabbitmq(&rabbit, &prefix, "iot-c").await;
     assert!(exchange_exists(&rabbit, &format!("{prefix}.iot-b")).await);
 
     // Clean up what the test made in the shared broker.

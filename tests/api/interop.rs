@@ -165,6 +165,41 @@ async fn vendor_python_sdk_takes_an_ota_update() {
     assert_eq!(d["versions"]["default"], "2.0.0", "{d}");
 }
 
+/// Runs `tests/interop/pika_consumer.py` on `queue` until it has `count` distinct messages
+/// (30 s at most); fails the test when it does not. Its JSON lines, and its output for messages.
+async fn pika_consume(
+    python: &std::path::Path,
+    url: &str,
+    queue: &str,
+    count: usize,
+) -> (Vec<serde_json::Value>, String) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pika_consumer.py");
+    let count = count.to_string();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(python)
+            .arg(&script)
+            .args([url, queue, count.as_str(), "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("pika consumer finished in time")
+    .expect("pika consumer runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "pika consumer failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (lines, stdout)
+}
+
 /// A consumer app written for the vendor's server-side subscription (pika, Python) reads a
 /// fleetgate consumer group: `topic`, `messageId`, `generateTime` headers, JSON bodies.
 #[tokio::test]
@@ -207,30 +242,7 @@ async fn vendor_style_pika_consumer_reads_the_forwarded_stream() {
             .await;
     }
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pika_consumer.py");
-    let queue = format!("{prefix}.default.pika");
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .arg(&script)
-            .args([url.as_str(), queue.as_str(), "6", "30"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output(),
-    )
-    .await
-    .expect("pika consumer finished in time")
-    .expect("pika consumer runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "pika consumer failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lines, stdout) = pika_consume(&python, &url, &format!("{prefix}.default.pika"), 6).await;
     assert_eq!(lines.len(), 6, "{stdout}");
     assert_eq!(lines[0]["topic"], format!("/as/mqtt/status/{pk}/pika-0001"));
     assert_eq!(lines[0]["body"]["status"], "online");
@@ -359,30 +371,7 @@ async fn vendor_python_sdk_answers_commands() {
     );
 
     // The group's first three messages: the device online, then the two answers, in order.
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pika_consumer.py");
-    let queue = format!("{prefix}.default.apps");
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .arg(&script)
-            .args([url.as_str(), queue.as_str(), "3", "30"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output(),
-    )
-    .await
-    .expect("pika consumer finished in time")
-    .expect("pika consumer runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pika consumer failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lines, stdout) = pika_consume(&python, &url, &format!("{prefix}.default.apps"), 3).await;
     assert_eq!(lines.len(), 3, "{stdout}");
     assert_eq!(lines[0]["topic"], format!("/as/mqtt/status/{pk}/py-dev-2"));
     let reply_topic = format!("/{pk}/py-dev-2/thing/downlink/reply/message");
