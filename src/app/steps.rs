@@ -1,22 +1,7 @@
-//! [`Application`]: builds every component from [`Settings`], reports the bound addresses, runs
-//! until ctrl-c/SIGTERM (or [`Application::shutdown`]) and stops cleanly: listeners closed,
-//! sessions ended, the store flushed.
-//!
-//! [`Application::build`] is the list of start steps, each a function below with typed inputs
-//! and outputs: bind the listeners ([`crate::listen`]: a taken built-in default port falls back
-//! to the next free one), so a start that cannot listen creates nothing → check the configured
-//! API tokens → derive the connection budgets from the open-files limit ([`crate::admission`])
-//! → open the store → join the cluster (cluster mode) → load the registry from the store → open
-//! the firmware repository (the bound HTTP address is the default base of download links) →
-//! open the forwarder (consumer groups; with an AMQP URL also its outbox and publisher) → start
-//! the broker's router → open the OTA engine (jobs and tasks reloaded, every timer re-armed) →
-//! start the migration engine (kicks via the router, data-sync routes and limits into the
-//! forwarder) → open the export/import jobs (which use the OTA and migration engines) → start
-//! the commands → accept MQTT (ingest) → attach the cluster and take part in the engines' lease
-//! (cluster mode) → load or create the API tokens → serve HTTP → announce. The admin token is
-//! created only by a start that got that far, and printed by it. Stop order is the reverse, so
-//! nothing is accepted that cannot be stored.
+//! The start steps of [`super::Application::build`], one function each with typed inputs and
+//! outputs, in the order `build` calls them, and the small types they hand to each other.
 
+use super::Parts;
 use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
@@ -46,41 +31,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// A running gateway.
-pub struct Application {
-    settings: Settings,
-    parts: Parts,
-    broker: BrokerHandle,
-    http: HttpServer,
-    budgets: Budgets,
-    created_admin_token: Option<String>,
-    engines_lease: EnginesLease,
-}
-
-/// The long-lived components: what the API serves, the accessors show and the shutdown stops.
-struct Parts {
-    metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
-    firmware: Arc<FirmwareRepo>,
-    forwarder: Arc<Forwarder>,
-    ota: OtaEngine,
-    migration: Arc<MigrationEngine>,
-    commands: Arc<Commands>,
-    /// Cluster mode: this node's part of the cluster.
-    cluster: Option<Arc<Cluster>>,
-}
-
 /// What most start steps use, once the registry is loaded.
 #[derive(Clone, Copy)]
-struct Core<'a> {
-    settings: &'a Settings,
-    store: &'a Store,
-    registry: &'a Arc<Registry>,
-    metrics: &'a Arc<Metrics>,
+pub(super) struct Core<'a> {
+    pub(super) settings: &'a Settings,
+    pub(super) store: &'a Store,
+    pub(super) registry: &'a Arc<Registry>,
+    pub(super) metrics: &'a Arc<Metrics>,
 }
 
 impl<'a> Core<'a> {
-    fn new(
+    pub(super) fn new(
         settings: &'a Settings,
         store: &'a Store,
         registry: &'a Arc<Registry>,
@@ -96,297 +57,46 @@ impl<'a> Core<'a> {
 }
 
 /// The listeners, bound before anything else.
-struct Listeners {
-    http: TcpListener,
-    mqtt: TcpListener,
+pub(super) struct Listeners {
+    pub(super) http: TcpListener,
+    pub(super) mqtt: TcpListener,
 }
 
 /// Cluster mode: this node joined the cluster; it is attached once the registry and the MQTT
 /// listeners run.
-struct Joined {
-    cluster: Arc<Cluster>,
-    pending: Pending,
+pub(super) struct Joined {
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) pending: Pending,
     /// The engines' lease: its holder drives the OTA engine.
-    engines_lease: Arc<LeaseKeeper>,
+    pub(super) engines_lease: Arc<LeaseKeeper>,
 }
 
 /// Which feed messages (by node) the registry's snapshot already contains (cluster mode).
-type FeedCuts = BTreeMap<u16, u64>;
+pub(super) type FeedCuts = BTreeMap<u16, u64>;
 
 /// Cluster mode: the attached cluster and the engines' lease keeper.
-struct Attached {
-    cluster: Arc<Cluster>,
-    engines_lease: Arc<LeaseKeeper>,
+pub(super) struct Attached {
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) engines_lease: Arc<LeaseKeeper>,
 }
 
 /// Cluster mode: the engines' lease keeper and the task that follows it; the sender stops both
 /// (the keeper releases the lease). No tasks on a single node.
-struct EnginesLease {
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+pub(super) struct EnginesLease {
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) tasks: Vec<JoinHandle<()>>,
 }
 
 /// The HTTP server task and what stops it.
-struct HttpServer {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-impl Application {
-    /// Open the store, rebuild the registry, bind every listener (port 0 allowed) and start
-    /// serving. Returns once everything accepts connections.
-    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        // First of all, so that a start that cannot listen changes nothing on disk.
-        let listeners = bind_listeners(&settings)?;
-        // Before anything is created: a start that fails never makes an admin token nobody
-        // sees (it is created and printed at the end).
-        check_api_tokens(&settings)?;
-        create_data_dir(&settings)?;
-        let metrics = Arc::new(Metrics::new());
-        let budgets = connection_budgets(&settings, &metrics)?;
-        let store = open_store(&settings, &metrics)?;
-        // Before the registry loads, so that no change another node makes meanwhile is missed.
-        let joined = join_cluster(&settings, &store, &metrics).await?;
-        let (registry, feed_cuts) = load_registry(&settings, &store, &metrics)?;
-        let core = Core::new(&settings, &store, &registry, &metrics);
-        let http_addr = listeners.http.local_addr()?;
-        let firmware = open_firmware(core, http_addr)?;
-        let forwarder = open_forwarder(core, joined.as_ref()).await?;
-        let broker = start_router(core, &budgets)?;
-        let downlink = broker.downlink();
-        registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
-        // One clock for both engines (system time; tests move it through the engines).
-        let clock = Clock::system();
-        let ota = open_ota(
-            core,
-            &firmware,
-            &forwarder,
-            &downlink,
-            &clock,
-            joined.as_ref(),
-        )?;
-        // A device the API or an import disables, re-keys, moves or deletes loses its session.
-        let revoke_session = revoke_session_hook(&downlink);
-        let migration = start_migration(core, &forwarder, &revoke_session, clock)?;
-        let export = open_export(core, &firmware, &ota, &migration, &revoke_session)?;
-        let commands = start_commands(core, &downlink, &forwarder)?;
-        let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
-        let broker = accept_mqtt(broker, ingest, listeners.mqtt).await?;
-        let addresses = (broker.mqtt_addr(), http_addr);
-        let attached =
-            joined.map(|j| attach_cluster(j, core, &downlink, &commands, feed_cuts, addresses));
-        let engines_lease = run_engines_lease(attached.as_ref(), &ota);
-        // The last step that can fail: an admin token created here is printed below.
-        let (tokens, created_admin_token) = load_api_tokens(&settings)?;
-        let parts = Parts {
-            metrics,
-            registry,
-            firmware,
-            forwarder,
-            ota,
-            migration,
-            commands,
-            cluster: attached.map(|a| a.cluster),
-        };
-        let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);
-        let state = api_state(&parts, &broker, tokens, export, revoke_session, health);
-        let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
-        let app = Application {
-            settings,
-            parts,
-            broker,
-            http,
-            budgets,
-            created_admin_token,
-            engines_lease,
-        };
-        app.announce();
-        Ok(app)
-    }
-
-    /// Logs where the gateway listens and whether it forwards, and shows the admin token this
-    /// start created.
-    fn announce(&self) {
-        let (settings, parts, broker) = (&self.settings, &self.parts, &self.broker);
-        tracing::info!(
-            mqtt = %broker.mqtt_addr(),
-            mqtt_tls = ?broker.tls_addr(),
-            http = %self.http.addr,
-            public_url = %parts.firmware.public_url(),
-            data_dir = %settings.data_dir.display(),
-            "fleetgate listening"
-        );
-        let forwarder = &parts.forwarder;
-        if forwarder.enabled() {
-            tracing::info!(
-                outbox_messages = forwarder.outbox().map_or(0, |o| o.len()),
-                "AMQP forwarding on"
-            );
-        } else {
-            tracing::info!("AMQP forwarding disabled (no --amqp-url / FLEETGATE_AMQP_URL); consumer groups are kept and declared once a broker is configured");
-        }
-        if let Some(token) = &self.created_admin_token {
-            let path = settings.data_dir.join("api-token");
-            if crate::telemetry::json() {
-                // JSON logs go to collectors and other people's screens: the secret stays in
-                // its file (and off stdout, which is often collected with the log).
-                tracing::warn!(path = %path.display(), "created the admin API token; it is in this file (not logged)");
-            } else {
-                // Printed once, on the start that created it; it is stored in the data dir.
-                println!(
-                    "Created the admin API token (stored in {}): {token}",
-                    path.display()
-                );
-            }
-        }
-    }
-
-    /// Cloud-to-device commands and the latest-properties snapshots.
-    pub fn commands(&self) -> &Arc<Commands> {
-        &self.parts.commands
-    }
-
-    /// What can be checked of `settings` without starting anything (`fleetgate check-config`;
-    /// [`Settings::load`] has validated every value already): the TLS certificate and key
-    /// load, and the data dir is a directory or can be created.
-    pub fn check_settings(settings: &Settings) -> anyhow::Result<()> {
-        if let Some(tls) = &settings.mqtt.tls {
-            crate::broker::check_tls(&TlsConfig {
-                listen: tls.listen,
-                cert_path: tls.cert.clone(),
-                key_path: tls.key.clone(),
-            })
-            .context("mqtt.tls")?;
-        }
-        let dir = &settings.data_dir;
-        if dir.exists() {
-            anyhow::ensure!(
-                dir.is_dir(),
-                "data_dir {} is not a directory",
-                dir.display()
-            );
-        } else {
-            let parent = dir
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            anyhow::ensure!(
-                parent.is_dir(),
-                "data_dir {}: its parent {} does not exist",
-                dir.display(),
-                parent.display()
-            );
-        }
-        Ok(())
-    }
-
-    pub fn mqtt_addr(&self) -> SocketAddr {
-        self.broker.mqtt_addr()
-    }
-
-    pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.broker.tls_addr()
-    }
-
-    pub fn http_addr(&self) -> SocketAddr {
-        self.http.addr
-    }
-
-    /// The admin token this start created (first start without `--api-token`).
-    pub fn created_admin_token(&self) -> Option<&str> {
-        self.created_admin_token.as_deref()
-    }
-
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.parts.registry
-    }
-
-    pub fn firmware(&self) -> &Arc<FirmwareRepo> {
-        &self.parts.firmware
-    }
-
-    /// The OTA engine (jobs, tasks, task events for the forwarder).
-    pub fn ota(&self) -> &OtaEngine {
-        &self.parts.ota
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.parts.metrics
-    }
-
-    pub fn forwarder(&self) -> &Arc<Forwarder> {
-        &self.parts.forwarder
-    }
-
-    pub fn migration(&self) -> &Arc<MigrationEngine> {
-        &self.parts.migration
-    }
-
-    /// Cluster mode: this node's part of the cluster.
-    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.parts.cluster.as_ref()
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    /// The connection budgets in force (derived from the open-files limit at start).
-    pub fn budgets(&self) -> Budgets {
-        self.budgets
-    }
-
-    /// Serve until ctrl-c or SIGTERM, then shut down cleanly.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        self.shutdown().await
-    }
-
-    /// Stop accepting, end every session, stop forwarding, flush the store.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.http.stop.send(());
-        // Before the broker and the store: the batch in flight finishes and is durable.
-        self.parts.migration.shutdown().await;
-        self.broker.shutdown().await;
-        match tokio::time::timeout(Duration::from_secs(10), self.http.task).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP task failed"),
-            Err(_) => tracing::warn!("HTTP server did not stop within 10 s"),
-        }
-        // After the broker: no device event can reach the engine any more.
-        self.parts.ota.shutdown().await;
-        // Cluster mode: the engine's last writes are in; the lease is released so another node
-        // takes over at once instead of after its expiry.
-        let _ = self.engines_lease.stop.send(true);
-        for task in self.engines_lease.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
-        // After the broker: no property post can change a snapshot any more.
-        if let Err(error) = self.parts.commands.properties().flush().await {
-            tracing::warn!(%error, "cannot write the latest-properties snapshots");
-        }
-        // After the broker and the OTA engine: nothing can enqueue any more. Confirms in flight
-        // get a few seconds; whatever is left stays in the outbox for the next start.
-        self.parts.forwarder.shutdown().await;
-        self.parts
-            .registry
-            .flush()
-            .await
-            .context("cannot flush the store")?;
-        // Last: the sessions' ends and everything flushed above are announced to the others.
-        if let Some(cluster) = &self.parts.cluster {
-            cluster.shutdown().await;
-        }
-        tracing::info!("stopped");
-        Ok(())
-    }
+pub(super) struct HttpServer {
+    pub(super) addr: SocketAddr,
+    pub(super) stop: oneshot::Sender<()>,
+    pub(super) task: JoinHandle<()>,
 }
 
 /// Binds the HTTP and MQTT listeners. A taken built-in default port falls back to the next
 /// free one ([`crate::listen`]).
-fn bind_listeners(settings: &Settings) -> anyhow::Result<Listeners> {
+pub(super) fn bind_listeners(settings: &Settings) -> anyhow::Result<Listeners> {
     let http = listen::bind_listener(
         listen::HTTP,
         settings.http.listen,
@@ -403,7 +113,7 @@ fn bind_listeners(settings: &Settings) -> anyhow::Result<Listeners> {
 }
 
 /// `api.tokens` are valid (their roles exist); checked before anything is created.
-fn check_api_tokens(settings: &Settings) -> anyhow::Result<()> {
+pub(super) fn check_api_tokens(settings: &Settings) -> anyhow::Result<()> {
     settings
         .api
         .tokens
@@ -415,13 +125,13 @@ fn check_api_tokens(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_data_dir(settings: &Settings) -> anyhow::Result<()> {
+pub(super) fn create_data_dir(settings: &Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))
 }
 
 /// The registry store: SQLite in the data dir, or PostgreSQL with `[store] url`.
-fn open_store(settings: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Store> {
+pub(super) fn open_store(settings: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Store> {
     let location = settings.store.location(&settings.data_dir);
     Store::open_with(&location, &settings.store, metrics.clone())
         .with_context(|| format!("cannot open the store ({location})"))
@@ -429,7 +139,7 @@ fn open_store(settings: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Sto
 
 /// Cluster mode (a NATS URL and a PostgreSQL store): joins the others. The registry snapshot
 /// taken next says which feed messages it already contains.
-async fn join_cluster(
+pub(super) async fn join_cluster(
     settings: &Settings,
     store: &Store,
     metrics: &Arc<Metrics>,
@@ -458,7 +168,7 @@ async fn join_cluster(
 
 /// The registry, rebuilt from the store's snapshot, and the feed positions that snapshot
 /// contains.
-fn load_registry(
+pub(super) fn load_registry(
     settings: &Settings,
     store: &Store,
     metrics: &Arc<Metrics>,
@@ -479,7 +189,10 @@ fn load_registry(
 }
 
 /// The firmware repository; download links default to the bound HTTP address.
-fn open_firmware(core: Core<'_>, http_addr: SocketAddr) -> anyhow::Result<Arc<FirmwareRepo>> {
+pub(super) fn open_firmware(
+    core: Core<'_>,
+    http_addr: SocketAddr,
+) -> anyhow::Result<Arc<FirmwareRepo>> {
     let settings = core.settings;
     let public_url = settings
         .http
@@ -497,7 +210,10 @@ fn open_firmware(core: Core<'_>, http_addr: SocketAddr) -> anyhow::Result<Arc<Fi
 
 /// What the forwarder runs with: `[amqp]` with its exchange prefix resolved — the configured
 /// one, else this installation's own (chosen on first start, kept in the store).
-fn forwarder_config(amqp: &AmqpSettings, store: &Store) -> anyhow::Result<ForwarderConfig> {
+pub(super) fn forwarder_config(
+    amqp: &AmqpSettings,
+    store: &Store,
+) -> anyhow::Result<ForwarderConfig> {
     let exchange_prefix = crate::installation::exchange_prefix(store, &amqp.exchange_prefix)
         .context("cannot read this installation's AMQP exchange prefix")?;
     if amqp.url.is_some() && exchange_prefix == crate::installation::SHARED_PREFIX {
@@ -515,7 +231,10 @@ fn forwarder_config(amqp: &AmqpSettings, store: &Store) -> anyhow::Result<Forwar
 
 /// The forwarder. Always built: consumer groups are managed (and persisted) with forwarding off
 /// too. In cluster mode the outbox is the shared table, drained by the `outbox` lease's holder.
-async fn open_forwarder(core: Core<'_>, joined: Option<&Joined>) -> anyhow::Result<Arc<Forwarder>> {
+pub(super) async fn open_forwarder(
+    core: Core<'_>,
+    joined: Option<&Joined>,
+) -> anyhow::Result<Arc<Forwarder>> {
     let settings = core.settings;
     let config = forwarder_config(&settings.amqp, core.store)?;
     let forwarder = match (joined, &settings.store.url) {
@@ -549,7 +268,7 @@ async fn open_forwarder(core: Core<'_>, joined: Option<&Joined>) -> anyhow::Resu
 
 /// The broker with its router thread running; it accepts once ingest is ready
 /// ([`Broker::start_on`]).
-fn start_router(core: Core<'_>, budgets: &Budgets) -> anyhow::Result<Broker> {
+pub(super) fn start_router(core: Core<'_>, budgets: &Budgets) -> anyhow::Result<Broker> {
     let mqtt = &core.settings.mqtt;
     let config = BrokerConfig {
         listen: mqtt.listen,
@@ -579,7 +298,7 @@ fn start_router(core: Core<'_>, budgets: &Budgets) -> anyhow::Result<Broker> {
 /// (no-op with forwarding off). Single node: it pushes through the broker and runs. Cluster
 /// mode: it starts in standby, relaying reports; the holder of the engines' lease activates it
 /// ([`run_engines_lease`]).
-fn open_ota(
+pub(super) fn open_ota(
     core: Core<'_>,
     firmware: &Arc<FirmwareRepo>,
     forwarder: &Arc<Forwarder>,
@@ -626,7 +345,7 @@ fn open_ota(
 
 /// Ends the MQTT session of a device the API or an import disables, re-keys, moves or deletes
 /// (and of a device a migration moves).
-fn revoke_session_hook(downlink: &Downlink) -> DeviceRevokedHook {
+pub(super) fn revoke_session_hook(downlink: &Downlink) -> DeviceRevokedHook {
     let downlink = downlink.clone();
     Arc::new(move |pk: &str, dn: &str| {
         downlink.kick(&DeviceKey {
@@ -639,7 +358,7 @@ fn revoke_session_hook(downlink: &Downlink) -> DeviceRevokedHook {
 /// The migration engine, before ingest starts: the data-sync routes must be in place for the
 /// first message. Its devices are kicked through `kick`; its data-sync limits and routes go
 /// into the forwarder.
-fn start_migration(
+pub(super) fn start_migration(
     core: Core<'_>,
     forwarder: &Arc<Forwarder>,
     kick: &DeviceRevokedHook,
@@ -683,7 +402,7 @@ fn start_migration(
 
 /// The export/import jobs, after the migration engine: migration tasks are exported and
 /// imported through it.
-fn open_export(
+pub(super) fn open_export(
     core: Core<'_>,
     firmware: &Arc<FirmwareRepo>,
     ota: &OtaEngine,
@@ -705,7 +424,7 @@ fn open_export(
 
 /// Cloud-to-device commands, with the latest-properties snapshots loaded and flushed
 /// periodically.
-fn start_commands(
+pub(super) fn start_commands(
     core: Core<'_>,
     downlink: &Downlink,
     forwarder: &Arc<Forwarder>,
@@ -731,7 +450,7 @@ fn start_commands(
 }
 
 /// What the broker hands device traffic to.
-fn ingest(
+pub(super) fn ingest(
     core: Core<'_>,
     downlink: &Downlink,
     ota: &OtaEngine,
@@ -751,7 +470,7 @@ fn ingest(
 }
 
 /// MQTT accepting on `listener` (and the TLS listener), device traffic going to `ingest`.
-async fn accept_mqtt(
+pub(super) async fn accept_mqtt(
     broker: Broker,
     ingest: Arc<Ingest>,
     listener: TcpListener,
@@ -764,7 +483,7 @@ async fn accept_mqtt(
 
 /// Cluster mode: the cluster gets the registry, the downlink and this node's (MQTT, HTTP)
 /// addresses, and starts applying the others' changes; commands use it.
-fn attach_cluster(
+pub(super) fn attach_cluster(
     joined: Joined,
     core: Core<'_>,
     downlink: &Downlink,
@@ -793,7 +512,7 @@ fn attach_cluster(
 }
 
 /// Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
-fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) -> EnginesLease {
+pub(super) fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) -> EnginesLease {
     let (stop, _) = watch::channel(false);
     let mut tasks = Vec::new();
     if let Some(Attached {
@@ -814,7 +533,7 @@ fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) -> EnginesLea
 
 /// The API tokens: the admin token (configured, else read from the data dir, else created
 /// there: the second value) and the configured further tokens.
-fn load_api_tokens(settings: &Settings) -> anyhow::Result<(TokenSet, Option<String>)> {
+pub(super) fn load_api_tokens(settings: &Settings) -> anyhow::Result<(TokenSet, Option<String>)> {
     let (tokens, created_admin_token) = TokenSet::load_or_create_admin(
         &settings.data_dir,
         settings.api.token.as_ref().map(|t| t.expose().to_owned()),
@@ -830,7 +549,7 @@ fn load_api_tokens(settings: &Settings) -> anyhow::Result<(TokenSet, Option<Stri
 }
 
 /// What the API handlers get.
-fn api_state(
+pub(super) fn api_state(
     parts: &Parts,
     broker: &BrokerHandle,
     tokens: TokenSet,
@@ -862,7 +581,7 @@ fn api_state(
 
 /// `/healthz`'s fields after `"status":"ok"`: the bound addresses, online devices, this node
 /// (cluster mode) and the forwarder's state.
-fn health_info(
+pub(super) fn health_info(
     parts: &Parts,
     broker: &BrokerHandle,
     node: u16,
@@ -892,7 +611,7 @@ fn health_info(
 }
 
 /// Serves the API (and the console) on `listener` behind the HTTP connection gate.
-fn serve_http(
+pub(super) fn serve_http(
     listener: TcpListener,
     addr: SocketAddr,
     state: ApiState,
@@ -937,7 +656,7 @@ fn serve_http(
 /// `/readyz`: the MQTT listeners accept (the HTTP one answers this very request), the store
 /// answers (its writer is alive), the node is in sync with the cluster (cluster mode), and the
 /// forwarder is connected when AMQP forwarding is on.
-fn readiness(
+pub(super) fn readiness(
     accepting: Box<dyn Fn() -> bool + Send + Sync>,
     registry: Arc<Registry>,
     forwarder: Arc<Forwarder>,
@@ -982,7 +701,7 @@ fn readiness(
     })
 }
 
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -1005,7 +724,10 @@ async fn shutdown_signal() {
 
 /// The MQTT and HTTP connection budgets from the open-files limit in force and the settings;
 /// logged, with any configured value the limit could not hold.
-fn connection_budgets(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Budgets> {
+pub(super) fn connection_budgets(
+    settings: &Settings,
+    metrics: &Metrics,
+) -> anyhow::Result<Budgets> {
     let open_files = admission::open_files_limit()?;
     let (budgets, lowered) = Budgets::derive(
         open_files,
@@ -1059,7 +781,7 @@ fn connection_budgets(settings: &Settings, metrics: &Metrics) -> anyhow::Result<
 
 /// `http://{addr}` for download links when no `http.public_url` is set; an unspecified bind
 /// address (`0.0.0.0`, `::`) is not something a device can connect to, so it becomes loopback.
-fn default_public_url(addr: SocketAddr) -> String {
+pub(super) fn default_public_url(addr: SocketAddr) -> String {
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
@@ -1075,7 +797,7 @@ fn default_public_url(addr: SocketAddr) -> String {
 /// that a device created again under the same name starts without it (no `session_present`,
 /// none of the old subscriptions or queued messages). A registry observer: every delete path
 /// goes through it, and the delete returns once it is done.
-struct SessionReaper(Downlink);
+pub(super) struct SessionReaper(pub(super) Downlink);
 
 impl DeviceObserver for SessionReaper {
     fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
