@@ -95,7 +95,7 @@ impl Application {
         )?;
         // A device the API or an import disables, re-keys, moves or deletes loses its session.
         let revoke_session = revoke_session_hook(&downlink);
-        let migration = start_migration(core, &forwarder, &revoke_session, clock)?;
+        let migration = start_migration(core, &forwarder, &revoke_session, clock, joined.as_ref())?;
         let export = open_export(core, &firmware, &ota, &migration, &revoke_session)?;
         let commands = start_commands(core, &downlink, &forwarder)?;
         let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
@@ -103,7 +103,7 @@ impl Application {
         let addresses = (broker.mqtt_addr(), http_addr);
         let attached =
             joined.map(|j| attach_cluster(j, core, &downlink, &commands, feed_cuts, addresses));
-        let engines_lease = run_engines_lease(attached.as_ref(), &ota);
+        let engines_lease = run_engines_lease(attached.as_ref(), &ota, &migration);
         // The last step that can fail: an admin token created here is printed below.
         let (tokens, created_admin_token) = load_api_tokens(&settings)?;
         let parts = Parts {

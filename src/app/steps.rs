@@ -67,7 +67,7 @@ pub(super) struct Listeners {
 pub(super) struct Joined {
     pub(super) cluster: Arc<Cluster>,
     pub(super) pending: Pending,
-    /// The engines' lease: its holder drives the OTA engine.
+    /// The engines' lease: its holder drives the OTA and migration engines.
     pub(super) engines_lease: Arc<LeaseKeeper>,
 }
 
@@ -357,12 +357,15 @@ pub(super) fn revoke_session_hook(downlink: &Downlink) -> DeviceRevokedHook {
 
 /// The migration engine, before ingest starts: the data-sync routes must be in place for the
 /// first message. Its devices are kicked through `kick`; its data-sync limits and routes go
-/// into the forwarder.
+/// into the forwarder. Single node: it runs. Cluster mode: it starts as a mirror of the tasks
+/// (its writes fenced by the engines' lease); the lease's holder drives it
+/// ([`run_engines_lease`]).
 pub(super) fn start_migration(
     core: Core<'_>,
     forwarder: &Arc<Forwarder>,
     kick: &DeviceRevokedHook,
     clock: Clock,
+    joined: Option<&Joined>,
 ) -> anyhow::Result<Arc<MigrationEngine>> {
     let set_rate_limit = {
         let forwarder = forwarder.clone();
@@ -377,17 +380,26 @@ pub(super) fn start_migration(
             forwarder.set_mirror_rate_limit(instance_id, limit);
         })
     };
-    let migration = MigrationEngine::start(
+    let hooks = MigrationHooks {
+        kick: kick.clone(),
+        set_rate_limit,
+    };
+    let (registry, metrics, config) = (
         core.registry.clone(),
-        core.store.clone(),
         core.metrics.clone(),
         core.settings.migration,
-        MigrationHooks {
-            kick: kick.clone(),
-            set_rate_limit,
-        },
-        clock,
-    )
+    );
+    let migration = match joined {
+        Some(joined) => MigrationEngine::standby(
+            registry,
+            core.store.fenced(joined.engines_lease.fence()),
+            metrics,
+            config,
+            hooks,
+            clock,
+        ),
+        None => MigrationEngine::start(registry, core.store.clone(), metrics, config, hooks, clock),
+    }
     .context("cannot start the migration engine")?;
     // Weak: the engine's hooks hold the forwarder; no reference cycle.
     let engine = Arc::downgrade(&migration);
@@ -511,8 +523,13 @@ pub(super) fn attach_cluster(
     }
 }
 
-/// Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
-pub(super) fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) -> EnginesLease {
+/// Cluster mode: take part in the engines' lease; the holder drives the OTA and migration
+/// engines.
+pub(super) fn run_engines_lease(
+    attached: Option<&Attached>,
+    ota: &OtaEngine,
+    migration: &Arc<MigrationEngine>,
+) -> EnginesLease {
     let (stop, _) = watch::channel(false);
     let mut tasks = Vec::new();
     if let Some(Attached {
@@ -525,6 +542,7 @@ pub(super) fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) ->
             cluster.clone(),
             engines_lease.clone(),
             ota.clone(),
+            migration.clone(),
             stop.subscribe(),
         )));
     }

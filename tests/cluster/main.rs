@@ -2,6 +2,7 @@
 //! HAProxy in front (docs/CLUSTER.md).
 
 mod harness;
+mod migration;
 mod ota;
 
 use harness::*;
