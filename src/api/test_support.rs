@@ -67,6 +67,7 @@ impl ApiState {
             Some(migration.clone()),
             ExportSettings::default(),
             Arc::new(|_: &str, _: &str| {}),
+            crate::export::Start::Running,
         )
         .expect("export service");
         let forwarder = Forwarder::disabled(store.clone(), registry.clone(), metrics.clone())

@@ -20,6 +20,7 @@
 use crate::admission::Budgets;
 use crate::broker::{BrokerHandle, TlsConfig};
 use crate::clock::Clock;
+use crate::cluster::engines::Engines;
 use crate::cluster::Cluster;
 use crate::command::Commands;
 use crate::config::Settings;
@@ -96,14 +97,28 @@ impl Application {
         // A device the API or an import disables, re-keys, moves or deletes loses its session.
         let revoke_session = revoke_session_hook(&downlink);
         let migration = start_migration(core, &forwarder, &revoke_session, clock, joined.as_ref())?;
-        let export = open_export(core, &firmware, &ota, &migration, &revoke_session)?;
+        let export = open_export(
+            core,
+            &firmware,
+            &ota,
+            &migration,
+            &revoke_session,
+            joined.as_ref(),
+        )?;
         let commands = start_commands(core, &downlink, &forwarder)?;
         let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
         let broker = accept_mqtt(broker, ingest, listeners.mqtt).await?;
         let addresses = (broker.mqtt_addr(), http_addr);
         let attached =
             joined.map(|j| attach_cluster(j, core, &downlink, &commands, feed_cuts, addresses));
-        let engines_lease = run_engines_lease(attached.as_ref(), &ota, &migration);
+        let engines_lease = run_engines_lease(
+            attached.as_ref(),
+            Engines {
+                ota: ota.clone(),
+                migration: migration.clone(),
+                export: export.clone(),
+            },
+        );
         // The last step that can fail: an admin token created here is printed below.
         let (tokens, created_admin_token) = load_api_tokens(&settings)?;
         let parts = Parts {

@@ -6,14 +6,14 @@ use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
 use crate::clock::Clock;
-use crate::cluster::engines::{ClusterPusher, EnginesRelay};
+use crate::cluster::engines::{ClusterPusher, Engines, EnginesRelay};
 use crate::cluster::epoch::EpochClock;
 use crate::cluster::lease::LeaseKeeper;
 use crate::cluster::{Cluster, Pending};
 use crate::command::properties::PropertiesReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
-use crate::export::{DeviceRevokedHook, ExportService};
+use crate::export::{DeviceRevokedHook, ExportService, Start as ExportStart};
 use crate::forwarder::{AmqpSettings, ClusterOutbox, Forwarder, ForwarderConfig, RateLimit};
 use crate::ingest::Ingest;
 use crate::listen;
@@ -420,16 +420,25 @@ pub(super) fn open_export(
     ota: &OtaEngine,
     migration: &Arc<MigrationEngine>,
     revoke_session: &DeviceRevokedHook,
+    joined: Option<&Joined>,
 ) -> anyhow::Result<ExportService> {
+    let (store, start) = match joined {
+        Some(joined) => (
+            core.store.fenced(joined.engines_lease.fence()),
+            ExportStart::Standby,
+        ),
+        None => (core.store.clone(), ExportStart::Running),
+    };
     ExportService::open(
         &core.settings.data_dir,
-        core.store.clone(),
+        store,
         core.registry.clone(),
         firmware.clone(),
         Some(ota.clone()),
         Some(migration.clone()),
         core.settings.export.clone(),
         revoke_session.clone(),
+        start,
     )
     .context("cannot load the export/import jobs")
 }
@@ -524,12 +533,8 @@ pub(super) fn attach_cluster(
 }
 
 /// Cluster mode: take part in the engines' lease; the holder drives the OTA and migration
-/// engines.
-pub(super) fn run_engines_lease(
-    attached: Option<&Attached>,
-    ota: &OtaEngine,
-    migration: &Arc<MigrationEngine>,
-) -> EnginesLease {
+/// engines and the export/import jobs.
+pub(super) fn run_engines_lease(attached: Option<&Attached>, engines: Engines) -> EnginesLease {
     let (stop, _) = watch::channel(false);
     let mut tasks = Vec::new();
     if let Some(Attached {
@@ -541,8 +546,7 @@ pub(super) fn run_engines_lease(
         tasks.push(tokio::spawn(crate::cluster::engines::drive(
             cluster.clone(),
             engines_lease.clone(),
-            ota.clone(),
-            migration.clone(),
+            engines,
             stop.subscribe(),
         )));
     }

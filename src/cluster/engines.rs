@@ -28,6 +28,7 @@
 use super::lease::{LeaseKeeper, ENGINES};
 use super::Cluster;
 use crate::broker::DeviceKey;
+use crate::export::ExportService;
 use crate::migration::MigrationEngine;
 use crate::ota::{DeviceReport, OtaEngine, Pusher, Relay};
 use crate::registry::Registry;
@@ -207,16 +208,27 @@ impl Pusher for ClusterPusher {
     }
 }
 
-/// Follows the lease: activates `ota` for each term this node holds it and serves relayed
-/// reports meanwhile; deactivates it when the term ends. Runs until `stop` (then the keeper,
+/// What the holder of the engines' lease drives.
+pub struct Engines {
+    pub ota: OtaEngine,
+    pub migration: Arc<MigrationEngine>,
+    pub export: ExportService,
+}
+
+/// Follows the lease: activates the engines for each term this node holds it and serves relayed
+/// reports meanwhile; deactivates them when the term ends. Runs until `stop` (then the keeper,
 /// run by the caller, releases the lease).
 pub async fn drive(
     cluster: Arc<Cluster>,
     keeper: Arc<LeaseKeeper>,
-    ota: OtaEngine,
-    migration: Arc<MigrationEngine>,
+    engines: Engines,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Engines {
+        ota,
+        migration,
+        export,
+    } = engines;
     let mut term = keeper.watch();
     loop {
         let held = *term.borrow_and_update();
@@ -238,6 +250,10 @@ pub async fn drive(
                 // Running tasks resume from their last committed batch.
                 if let Err(error) = migration.activate().await {
                     tracing::error!(%error, epoch, "cannot load the migration engine for this term");
+                }
+                // Jobs the previous holder left running are marked FAILED.
+                if let Err(error) = export.activate().await {
+                    tracing::error!(%error, epoch, "cannot load the export/import jobs for this term");
                 }
                 match cluster
                     .client

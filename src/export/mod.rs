@@ -14,7 +14,8 @@
 //!   conflict) and only then writes, in dependency order. With `conflict_policy=fail` a single
 //!   conflict means nothing is written.
 //! - Jobs are `export.job` / `import.job` store documents (status, per-object status, log),
-//!   written at start and end; a job a restart interrupted is marked FAILED when loaded.
+//!   written at start and end; a job a restart interrupted is marked FAILED when loaded (in a
+//!   cluster: by the next holder of the engines' lease, when its term begins).
 //! - [`limit`]: the 429 "too many requests" checks the API applies to these routes.
 //!
 //! This module changes registry, firmware, OTA and migration state only through their public
@@ -135,6 +136,48 @@ struct Inner {
     on_device_revoked: DeviceRevokedHook,
 }
 
+/// How [`ExportService::open`] treats jobs left IN_PROGRESS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// One node: they were interrupted by this node's restart; marked FAILED.
+    Running,
+    /// Cluster mode: left as they are until this node drives the engines.
+    Standby,
+}
+
+/// Every job in the store; with `fail_interrupted`, the ones IN_PROGRESS become FAILED
+/// (durably, before they are returned). Blocking.
+fn load_jobs(
+    store: &Store,
+    fail_interrupted: bool,
+) -> Result<DashMap<String, JobRecord>, ExportError> {
+    let jobs = DashMap::new();
+    let mut ops = Vec::new();
+    for kind in [EXPORT_DOC, IMPORT_DOC] {
+        for (id, body) in store.load_documents(kind)? {
+            let mut job: JobRecord = match serde_json::from_str(&body) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(id = %id, error = %e, "corrupt export/import job skipped");
+                    continue;
+                }
+            };
+            if fail_interrupted && job.status.state == JobState::InProgress {
+                let msg = "interrupted by a gateway restart (or, in a cluster, by the loss of the node that ran it)";
+                job.status = Status::new(JobState::Failed, msg);
+                job.ended_at_ms = Some(now());
+                job.log("ERROR", "FGX_009", msg);
+                ops.push(doc_op(&job));
+            }
+            jobs.insert(id, job);
+        }
+    }
+    if !ops.is_empty() {
+        store.submit_blocking(ops)?;
+    }
+    Ok(jobs)
+}
+
 /// Export/import jobs. Cheap to clone.
 #[derive(Clone)]
 pub struct ExportService {
@@ -151,8 +194,11 @@ impl std::fmt::Debug for ExportService {
 }
 
 impl ExportService {
-    /// Loads the jobs (marking interrupted ones FAILED) and creates `{data_dir}/exports`.
-    /// Blocking: start-up only.
+    /// Loads the jobs and creates `{data_dir}/exports`. Blocking: start-up only. On one node
+    /// ([`Start::Running`]) a job a restart interrupted is marked FAILED now; in a cluster
+    /// ([`Start::Standby`]) that is done by the holder of the engines' lease when its term
+    /// begins ([`ExportService::activate`]) — another node's restart must not touch the jobs
+    /// the holder runs.
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         data_dir: &std::path::Path,
@@ -163,34 +209,12 @@ impl ExportService {
         migration: Option<Arc<MigrationEngine>>,
         settings: ExportSettings,
         on_device_revoked: DeviceRevokedHook,
+        start: Start,
     ) -> Result<ExportService, ExportError> {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ExportError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        let jobs = DashMap::new();
-        let mut ops = Vec::new();
-        for kind in [EXPORT_DOC, IMPORT_DOC] {
-            for (id, body) in store.load_documents(kind)? {
-                let mut job: JobRecord = match serde_json::from_str(&body) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        tracing::error!(id = %id, error = %e, "corrupt export/import job skipped");
-                        continue;
-                    }
-                };
-                if job.status.state == JobState::InProgress {
-                    let msg = "interrupted by a gateway restart";
-                    job.status = Status::new(JobState::Failed, msg);
-                    job.ended_at_ms = Some(now());
-                    job.log("ERROR", "FGX_009", msg);
-                    ops.push(doc_op(&job));
-                }
-                jobs.insert(id, job);
-            }
-        }
-        if !ops.is_empty() {
-            store.submit_blocking(ops)?;
-        }
+        let jobs = load_jobs(&store, start == Start::Running)?;
         let limiter = Arc::new(ExportLimiter::new(&settings));
         Ok(ExportService {
             inner: Arc::new(Inner {
@@ -206,6 +230,21 @@ impl ExportService {
                 on_device_revoked,
             }),
         })
+    }
+
+    /// Cluster mode: this node took the engines' lease. Reloads the jobs from the store and
+    /// marks the ones the previous holder left IN_PROGRESS as FAILED (their packages were
+    /// being written on that node), as a restart does on one node.
+    pub async fn activate(&self) -> Result<(), ExportError> {
+        let store = self.inner.store.clone();
+        let jobs = tokio::task::spawn_blocking(move || load_jobs(&store, true))
+            .await
+            .map_err(|e| ExportError::Internal(format!("loading the jobs failed: {e}")))??;
+        self.inner.jobs.clear();
+        for (id, job) in jobs {
+            self.inner.jobs.insert(id, job);
+        }
+        Ok(())
     }
 
     pub fn limiter(&self) -> &Arc<ExportLimiter> {
@@ -877,5 +916,92 @@ pub(crate) fn job_name(
             })
         }
         Some(n) => Ok(n.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ApiState, TokenSet};
+    use crate::metrics::Metrics;
+
+    /// Cluster mode: a node starting in standby leaves a job the holder runs IN_PROGRESS; the
+    /// next holder, when its term begins, marks it FAILED (durably) like a restart on one node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_leaves_running_jobs_alone_and_the_next_holder_fails_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open_in_memory(metrics.clone()).unwrap();
+        let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
+        let firmware =
+            FirmwareRepo::open(dir.path(), store.clone(), "http://gw.test".into(), 1 << 20)
+                .unwrap();
+        let state = ApiState::for_tests(
+            dir.path(),
+            store.clone(),
+            registry.clone(),
+            metrics,
+            TokenSet::new(Vec::<(String, crate::api::Role)>::new()),
+            firmware.clone(),
+        );
+        let running = JobRecord {
+            id: "exp-running".into(),
+            kind: JobKind::Export,
+            name: "nightly".into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            started_at_ms: Some(1),
+            ended_at_ms: None,
+            status: Status::new(JobState::InProgress, "In Progress"),
+            objects: Vec::new(),
+            log: Vec::new(),
+            package_size: None,
+            secrets_included: false,
+            conflict_policy: None,
+            started_by: None,
+        };
+        store.submit(vec![doc_op(&running)]).await.unwrap();
+        let open = |start| {
+            ExportService::open(
+                dir.path(),
+                store.clone(),
+                registry.clone(),
+                firmware.clone(),
+                Some(state.ota.clone()),
+                Some(state.migration.clone()),
+                ExportSettings::default(),
+                Arc::new(|_: &str, _: &str| {}),
+                start,
+            )
+            .unwrap()
+        };
+        let standby = tokio::task::block_in_place(|| open(Start::Standby));
+        let job = standby.get(JobKind::Export, "exp-running").unwrap();
+        assert_eq!(job.status.state, JobState::InProgress);
+        // A node that starts after the standby still finds it running.
+        let later = tokio::task::block_in_place(|| open(Start::Standby));
+        assert_eq!(
+            later
+                .get(JobKind::Export, "exp-running")
+                .unwrap()
+                .status
+                .state,
+            JobState::InProgress
+        );
+
+        standby.activate().await.unwrap();
+        let job = standby.get(JobKind::Export, "exp-running").unwrap();
+        assert_eq!(job.status.state, JobState::Failed);
+        assert!(job.log.iter().any(|l| l.code == "FGX_009"), "{:?}", job.log);
+        // Durable: any node loading now sees it FAILED.
+        let again = tokio::task::block_in_place(|| open(Start::Standby));
+        assert_eq!(
+            again
+                .get(JobKind::Export, "exp-running")
+                .unwrap()
+                .status
+                .state,
+            JobState::Failed
+        );
     }
 }
