@@ -126,8 +126,8 @@ fn new_id(prefix: &str) -> String {
 struct Inner {
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
-    ota: Option<OtaEngine>,
-    migration: Option<Arc<MigrationEngine>>,
+    ota: OtaEngine,
+    migration: Arc<MigrationEngine>,
     store: Store,
     dir: PathBuf,
     settings: ExportSettings,
@@ -205,8 +205,8 @@ impl ExportService {
         store: Store,
         registry: Arc<Registry>,
         firmware: Arc<FirmwareRepo>,
-        ota: Option<OtaEngine>,
-        migration: Option<Arc<MigrationEngine>>,
+        ota: OtaEngine,
+        migration: Arc<MigrationEngine>,
         settings: ExportSettings,
         on_device_revoked: DeviceRevokedHook,
         start: Start,
@@ -707,9 +707,7 @@ impl ExportService {
         deps: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
-        let Some(ota) = &self.inner.ota else {
-            return false;
-        };
+        let ota = &self.inner.ota;
         let Ok(view) = ota.get_job(jid) else {
             return false;
         };
@@ -762,10 +760,7 @@ impl ExportService {
         deps: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
-        let Some(engine) = &self.inner.migration else {
-            return false;
-        };
-        let Ok(t) = engine.details(tid) else {
+        let Ok(t) = self.inner.migration.details(tid) else {
             return false;
         };
         if deps {
@@ -815,12 +810,12 @@ impl ExportService {
     }
 
     /// Used by [`filter_jobs`] in the import.
-    fn ota(&self) -> Option<&OtaEngine> {
-        self.inner.ota.as_ref()
+    fn ota(&self) -> &OtaEngine {
+        &self.inner.ota
     }
 
-    fn migration(&self) -> Option<&Arc<MigrationEngine>> {
-        self.inner.migration.as_ref()
+    fn migration(&self) -> &Arc<MigrationEngine> {
+        &self.inner.migration
     }
 }
 
@@ -967,8 +962,8 @@ mod tests {
                 store.clone(),
                 registry.clone(),
                 firmware.clone(),
-                Some(state.ota.clone()),
-                Some(state.migration.clone()),
+                state.ota.clone(),
+                state.migration.clone(),
                 ExportSettings::default(),
                 Arc::new(|_: &str, _: &str| {}),
                 start,
