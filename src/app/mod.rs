@@ -132,7 +132,15 @@ impl Application {
             cluster: attached.map(|a| a.cluster),
         };
         let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);
-        let state = api_state(&parts, &broker, tokens, export, revoke_session, health);
+        let state = api_state(
+            &parts,
+            &store,
+            &broker,
+            tokens,
+            export,
+            revoke_session,
+            health,
+        );
         let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
         let app = Application {
             settings,

@@ -573,6 +573,7 @@ pub(super) fn load_api_tokens(settings: &Settings) -> anyhow::Result<(TokenSet, 
 /// What the API handlers get.
 pub(super) fn api_state(
     parts: &Parts,
+    store: &Store,
     broker: &BrokerHandle,
     tokens: TokenSet,
     export: ExportService,
@@ -592,7 +593,7 @@ pub(super) fn api_state(
         migration: parts.migration.clone(),
         ready: readiness(
             Box::new(broker.accepting()),
-            parts.registry.clone(),
+            store.clone(),
             parts.forwarder.clone(),
             parts.cluster.clone(),
         ),
@@ -680,7 +681,7 @@ pub(super) fn serve_http(
 /// forwarder is connected when AMQP forwarding is on.
 pub(super) fn readiness(
     accepting: Box<dyn Fn() -> bool + Send + Sync>,
-    registry: Arc<Registry>,
+    store: Store,
     forwarder: Arc<Forwarder>,
     cluster: Option<Arc<Cluster>>,
 ) -> api::ReadyFn {
@@ -694,7 +695,7 @@ pub(super) fn readiness(
             "stopped accepting (shutting down)"
         };
         checks.insert("listeners".into(), listeners.into());
-        let store = if registry.store().is_open() {
+        let store = if store.is_open() {
             "ok"
         } else {
             ready = false;
