@@ -4,6 +4,7 @@
 mod harness;
 mod migration;
 mod ota;
+mod rolling;
 
 use harness::*;
 use serde_json::{json, Value};

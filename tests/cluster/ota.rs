@@ -12,8 +12,8 @@ use std::time::Duration;
 
 /// A simulated device behind HAProxy: reconnects by itself, reports its version after every
 /// CONNACK, and upgrades when pushed to (progress 50, then the new version a moment later).
-struct SimDevice {
-    pushes: Arc<AtomicU32>,
+pub(crate) struct SimDevice {
+    pub(crate) pushes: Arc<AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,7 +23,12 @@ impl Drop for SimDevice {
     }
 }
 
-fn sim_device(addr: std::net::SocketAddr, pk: &str, dn: &str, secret: &str) -> SimDevice {
+pub(crate) fn sim_device(
+    addr: std::net::SocketAddr,
+    pk: &str,
+    dn: &str,
+    secret: &str,
+) -> SimDevice {
     let pushes = Arc::new(AtomicU32::new(0));
     let (pk, dn, secret) = (pk.to_owned(), dn.to_owned(), secret.to_owned());
     let counted = pushes.clone();
