@@ -1,6 +1,7 @@
 //! Cluster mode end to end: three gateway processes on one PostgreSQL database and NATS,
 //! HAProxy in front (docs/CLUSTER.md).
 
+mod campaign;
 mod harness;
 mod migration;
 mod ota;

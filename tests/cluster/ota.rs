@@ -29,6 +29,29 @@ pub(crate) fn sim_device(
     dn: &str,
     secret: &str,
 ) -> SimDevice {
+    sim_device_with(addr, pk, dn, secret, Behaviour::Upgrade)
+}
+
+/// What a simulated device does with an upgrade push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Behaviour {
+    /// Progress 50, then the new version a moment later.
+    Upgrade,
+    /// Progress 10, then this failure code (-1..-4).
+    Fail(i32),
+    /// Progress 5, then nothing: the task times out.
+    Hang,
+    /// Progress 50, then a version that is not the job's.
+    WrongVersion,
+}
+
+pub(crate) fn sim_device_with(
+    addr: std::net::SocketAddr,
+    pk: &str,
+    dn: &str,
+    secret: &str,
+    behaviour: Behaviour,
+) -> SimDevice {
     let pushes = Arc::new(AtomicU32::new(0));
     let (pk, dn, secret) = (pk.to_owned(), dn.to_owned(), secret.to_owned());
     let counted = pushes.clone();
@@ -55,20 +78,32 @@ pub(crate) fn sim_device(
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == upgrade => {
                         counted.fetch_add(1, Ordering::SeqCst);
-                        let body =
-                            json!({"id": "2", "params": {"step": "50", "desc": "downloading"}});
-                        let _ = client.try_publish(
-                            progress.clone(),
-                            QoS::AtLeastOnce,
-                            false,
-                            body.to_string(),
-                        );
+                        let (first, then) = match behaviour {
+                            Behaviour::Upgrade => (50, None),
+                            Behaviour::Fail(code) => (10, Some(code)),
+                            Behaviour::Hang => (5, None),
+                            Behaviour::WrongVersion => (50, None),
+                        };
+                        for step in std::iter::once(first).chain(then) {
+                            let body = json!({"id": "2", "params": {"step": step.to_string(), "desc": "upgrading"}});
+                            let _ = client.try_publish(
+                                progress.clone(),
+                                QoS::AtLeastOnce,
+                                false,
+                                body.to_string(),
+                            );
+                        }
+                        let new_version = match behaviour {
+                            Behaviour::Upgrade => "2.0.0",
+                            Behaviour::WrongVersion => "7.7.7",
+                            Behaviour::Fail(_) | Behaviour::Hang => continue,
+                        };
                         let (client, version, inform) =
                             (client.clone(), version.clone(), inform.clone());
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(300)).await;
-                            *version.lock().unwrap() = "2.0.0".into();
-                            let body = json!({"id": "3", "params": {"version": "2.0.0"}});
+                            *version.lock().unwrap() = new_version.into();
+                            let body = json!({"id": "3", "params": {"version": new_version}});
                             let _ = client
                                 .publish(inform, QoS::AtLeastOnce, false, body.to_string())
                                 .await;
