@@ -101,6 +101,83 @@ pub struct FailoverRow {
     pub load1: f64,
 }
 
+/// A three-node cluster behind HAProxy on a fresh database, for another part's run (the OTA
+/// campaign, `--parts cluster-ota`): node 1's API, HAProxy's MQTT address.
+pub struct Fleet3 {
+    nodes: Vec<Node>,
+    haproxy: Haproxy,
+    db: Database,
+}
+
+impl Fleet3 {
+    pub async fn start(args: &Args, bins: &Bins, work: &Path) -> anyhow::Result<Fleet3> {
+        let svc = Services {
+            pg_admin: args.pg_url.clone(),
+            nats: args.nats_url.clone(),
+            haproxy: args.haproxy.clone(),
+        };
+        let db = Database::fresh(&svc.pg_admin).await?;
+        let cluster = format!("benchota{}", std::process::id());
+        let mut nodes = Vec::new();
+        for id in 1..=3 {
+            match start_node(bins, work, &db, &svc, &cluster, id).await {
+                Ok(node) => nodes.push(node),
+                Err(e) => {
+                    db.drop_now().await;
+                    return Err(e);
+                }
+            }
+        }
+        wait_members(&nodes.iter().collect::<Vec<_>>()).await?;
+        let haproxy = Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>()).await?;
+        Ok(Fleet3 { nodes, haproxy, db })
+    }
+
+    pub fn api(&self) -> &Api {
+        &self.nodes[0].api
+    }
+
+    /// Where devices connect: HAProxy.
+    pub fn mqtt(&self) -> SocketAddr {
+        self.haproxy.addr
+    }
+
+    /// RSS of the three nodes together.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.nodes.iter().map(|n| n.server.rss_kib()).sum()
+    }
+
+    /// Warnings the three nodes logged.
+    pub fn warnings(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.server.log.warnings.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// PostgreSQL transactions committed and rows written in the fleet's database so far.
+    pub async fn pg_counters(&self) -> anyhow::Result<(i64, i64)> {
+        let client = pg(&self.db.admin).await?;
+        let row = client
+            .query_one(
+                "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted \
+                 FROM pg_stat_database WHERE datname = $1",
+                &[&self.db.name],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.haproxy.stop().await;
+        for n in self.nodes {
+            n.server.stop().await?;
+        }
+        self.db.drop_now().await;
+        Ok(())
+    }
+}
+
 /// Where the cluster's services are.
 struct Services {
     pg_admin: String,
