@@ -18,6 +18,11 @@
 //! 4. **Migration** (`--parts migration`, issue 6): N connected simulated devices moved to a
 //!    second instance at `[migration] devices_per_sec` (default and unthrottled): devices/s,
 //!    time to COMPLETED, every device MIGRATED and reconnected (`migrate.rs`).
+//! 5. **Cluster** (`--parts cluster`, issue 16): connections through HAProxy, ingest against one
+//!    SQLite node, `kill -9` failover of devices and of the engines (`cluster.rs`).
+//! 6. **Cluster campaign** (`--parts cluster-ota`, issue 17): the OTA campaign of 3. on three
+//!    nodes through HAProxy, then on one node, in the same run; PostgreSQL commits/s and rows
+//!    written/s during the campaign.
 //!
 //! Every socket is on 127.0.0.1; every phase is bounded in count and time. Results go to stdout
 //! as Markdown tables (medians of `--runs`) and, with `--json-out`, as JSON with every run.
