@@ -78,7 +78,7 @@ impl Application {
         let (registry, feed_cuts) = load_registry(&settings, &store, &metrics)?;
         let core = Core::new(&settings, &store, &registry, &metrics);
         let http_addr = listeners.http.local_addr()?;
-        let firmware = open_firmware(core, http_addr)?;
+        let firmware = open_firmware(core, http_addr, joined.as_ref()).await?;
         let forwarder = open_forwarder(core, joined.as_ref()).await?;
         let broker = start_router(core, &budgets)?;
         let downlink = broker.downlink();

@@ -386,6 +386,18 @@ impl ExportService {
         let Ok(mut job) = self.get(JobKind::Export, &id) else {
             return;
         };
+        // Cluster mode: firmware this node has not cached yet is fetched from the shared copy
+        // first (a failure leaves the file missing; writing then fails that object alone).
+        for item in &items {
+            if item.blob.is_none() {
+                continue;
+            }
+            if let Some(f) = self.inner.firmware.get(&item.id) {
+                if let Err(e) = self.inner.firmware.local_blob(&f).await {
+                    tracing::warn!(firmware_id = %f.firmware_id, error = %e, "cannot fetch firmware bytes for an export");
+                }
+            }
+        }
         let dest = self.package_file(&id);
         let iterations = self.inner.settings.kdf_iterations.max(1);
         let (job_id, job_name, created) = (job.id.clone(), job.name.clone(), job.created_at_ms);

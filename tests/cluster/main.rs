@@ -1,6 +1,7 @@
 //! Cluster mode end to end: three gateway processes on one PostgreSQL database and NATS,
 //! HAProxy in front (docs/CLUSTER.md).
 
+mod firmware;
 mod harness;
 mod ota;
 

@@ -80,7 +80,7 @@ fn sim_device(addr: std::net::SocketAddr, pk: &str, dn: &str, secret: &str) -> S
 }
 
 /// The node whose engine runs (as it says itself), once one does.
-async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
+pub(crate) async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         for &id in alive {
