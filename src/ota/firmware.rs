@@ -485,7 +485,11 @@ impl FirmwareRepo {
             packages = index.packages.len(),
             temp_removed = report.temp_removed,
             orphans_removed = report.orphans_removed,
-            not_cached = if shared.is_some() { report.missing.len() } else { 0 },
+            not_cached = if shared.is_some() {
+                report.missing.len()
+            } else {
+                0
+            },
             shared = shared.is_some(),
             "firmware loaded"
         );

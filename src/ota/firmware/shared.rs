@@ -48,6 +48,8 @@ pub trait SharedFirmware: Send + Sync + std::fmt::Debug {
     /// The metadata document of record of package `firmware_id` (the JSON body of its
     /// `ota.firmware` document), `None` when there is no such package. Nodes that do not run
     /// the engines have no up-to-date index of packages; a download asks here instead.
-    fn package<'a>(&'a self, firmware_id: &'a str)
-        -> BoxFuture<'a, Result<Option<String>, BlobError>>;
+    fn package<'a>(
+        &'a self,
+        firmware_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BlobError>>;
 }

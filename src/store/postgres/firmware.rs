@@ -170,64 +170,63 @@ impl PostgresFirmware {
                 source,
             })?;
         let client = self.open().await?;
-        let transfer = async {
-            client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(shared_err("cannot begin"))?;
-            let fresh = client
-                .query_opt(
-                    "INSERT INTO firmware_blobs (sha256, size, chunks) VALUES ($1, $2, $3)
+        let transfer =
+            async {
+                client
+                    .batch_execute("BEGIN")
+                    .await
+                    .map_err(shared_err("cannot begin"))?;
+                let fresh = client
+                    .query_opt(
+                        "INSERT INTO firmware_blobs (sha256, size, chunks) VALUES ($1, $2, $3)
                      ON CONFLICT (sha256) DO NOTHING RETURNING 1",
-                    &[&sha256, &size_i64, &chunks],
-                )
-                .await
-                .map_err(shared_err("cannot store firmware"))?
-                .is_some();
-            if !fresh {
-                // Stored by a concurrent upload of the same bytes, which committed.
-                return Ok(false);
-            }
-            let insert = client
-                .prepare("INSERT INTO firmware_chunks (sha256, seq, bytes) VALUES ($1, $2, $3)")
-                .await
-                .map_err(shared_err("cannot store firmware"))?;
-            let mut buf = vec![0u8; CHUNK];
-            let mut total = 0u64;
-            for seq in 0..chunks {
-                let mut filled = 0;
-                while filled < CHUNK {
-                    let n =
-                        input
-                            .read(&mut buf[filled..])
-                            .await
-                            .map_err(|source| BlobError::Io {
+                        &[&sha256, &size_i64, &chunks],
+                    )
+                    .await
+                    .map_err(shared_err("cannot store firmware"))?
+                    .is_some();
+                if !fresh {
+                    // Stored by a concurrent upload of the same bytes, which committed.
+                    return Ok(false);
+                }
+                let insert = client
+                    .prepare("INSERT INTO firmware_chunks (sha256, seq, bytes) VALUES ($1, $2, $3)")
+                    .await
+                    .map_err(shared_err("cannot store firmware"))?;
+                let mut buf = vec![0u8; CHUNK];
+                let mut total = 0u64;
+                for seq in 0..chunks {
+                    let mut filled = 0;
+                    while filled < CHUNK {
+                        let n = input.read(&mut buf[filled..]).await.map_err(|source| {
+                            BlobError::Io {
                                 what: "cannot read",
                                 path: file.to_path_buf(),
                                 source,
-                            })?;
-                    if n == 0 {
-                        break;
+                            }
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                        filled += n;
                     }
-                    filled += n;
+                    total += filled as u64;
+                    client
+                        .execute(&insert, &[&sha256, &seq, &&buf[..filled]])
+                        .await
+                        .map_err(shared_err("cannot store a firmware chunk"))?;
                 }
-                total += filled as u64;
-                client
-                    .execute(&insert, &[&sha256, &seq, &&buf[..filled]])
-                    .await
-                    .map_err(shared_err("cannot store a firmware chunk"))?;
+                let extra = input.read(&mut buf[..1]).await.unwrap_or(0);
+                if total != size || extra != 0 {
+                    return Err(BlobError::Io {
+                        what: "changed while it was stored:",
+                        path: file.to_path_buf(),
+                        source: std::io::Error::other(format!("expected {size} bytes")),
+                    });
+                }
+                Ok(true)
             }
-            let extra = input.read(&mut buf[..1]).await.unwrap_or(0);
-            if total != size || extra != 0 {
-                return Err(BlobError::Io {
-                    what: "changed while it was stored:",
-                    path: file.to_path_buf(),
-                    source: std::io::Error::other(format!("expected {size} bytes")),
-                });
-            }
-            Ok(true)
-        }
-        .await;
+            .await;
         match transfer {
             Ok(true) => client
                 .batch_execute("COMMIT")

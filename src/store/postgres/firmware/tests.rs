@@ -161,7 +161,12 @@ async fn chunks_round_trip_to_a_node_that_never_saw_the_upload() {
     assert_eq!((blob_count(&db), chunk_count(&db)), (2, 3));
     let path = two.repo.local_blob(&empty).await.unwrap();
     assert!(std::fs::read(&path).unwrap().is_empty());
-    assert!(two.repo.download_package("fw-nosuchpackage00").await.unwrap().is_none());
+    assert!(two
+        .repo
+        .download_package("fw-nosuchpackage00")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +227,10 @@ async fn corrupt_or_missing_shared_bytes_are_refused_and_leave_nothing() {
     assert!(err.to_string().contains("missing"), "{err}");
     assert!(two.cached().is_empty(), "{:?}", two.cached());
     // The node that took the upload still has its own copy.
-    assert_eq!(std::fs::read(one.repo.local_blob(&p).await.unwrap()).unwrap(), data);
+    assert_eq!(
+        std::fs::read(one.repo.local_blob(&p).await.unwrap()).unwrap(),
+        data
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +266,11 @@ async fn shared_bytes_go_with_the_last_package_that_uses_them() {
         .await
         .unwrap();
     assert_eq!(blob_count(&db), 2);
-    assert_eq!(one.shared.inner.sweep(ORPHAN_AGE).await.unwrap(), 0, "young");
+    assert_eq!(
+        one.shared.inner.sweep(ORPHAN_AGE).await.unwrap(),
+        0,
+        "young"
+    );
     db.execute("UPDATE firmware_blobs SET stored_at = now() - interval '2 hours'");
     assert_eq!(one.shared.inner.sweep(ORPHAN_AGE).await.unwrap(), 1);
     assert_eq!(
@@ -310,4 +322,35 @@ async fn every_node_signs_with_the_one_cluster_key() {
     // No local key file in cluster mode.
     assert!(!one.dir.path().join("download-key").exists());
     assert!(!two.dir.path().join("download-key").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_bytes_cannot_be_stored_commits_no_metadata() {
+    let db = TestDb::new(Backend::Postgres);
+    let store = db.open(metrics());
+    let one = node(&db, &store).await;
+    let data = bytes(CHUNK + 5, 7);
+    db.execute("ALTER TABLE firmware_chunks RENAME TO firmware_chunks_away");
+    let err = one
+        .repo
+        .create_from_bytes(NewFirmware::new("pk1", "1.0.0"), &data)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, FirmwareError::Blob(BlobError::Shared { .. })),
+        "{err}"
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM documents WHERE kind = 'ota.firmware'"),
+        0,
+        "metadata committed for bytes that are not stored"
+    );
+    assert!(one.repo.find("pk1", "default", "1.0.0").is_none());
+    assert_eq!(blob_count(&db), 0, "a half-stored blob");
+    assert!(one.cached().is_empty(), "{:?}", one.cached());
+
+    db.execute("ALTER TABLE firmware_chunks_away RENAME TO firmware_chunks");
+    let p = upload(&one, "1.0.0", &data).await;
+    assert_eq!((blob_count(&db), chunk_count(&db)), (1, 2));
+    assert_eq!(p.size, data.len() as u64);
 }
