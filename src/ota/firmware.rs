@@ -843,7 +843,7 @@ impl FirmwareRepo {
 
     /// The package a download names: this node's index on a single node; in cluster mode the
     /// metadata of record (a node that does not drive the engines does not keep its index
-    /// current).
+    /// current), or this node's index while the shared database cannot be read.
     pub async fn download_package(
         &self,
         firmware_id: &str,
@@ -851,8 +851,17 @@ impl FirmwareRepo {
         let Some(shared) = &self.shared else {
             return Ok(self.get(firmware_id));
         };
-        let Some(body) = shared.package(firmware_id).await? else {
-            return Ok(None);
+        let body = match shared.package(firmware_id).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                let known = self.get(firmware_id);
+                tracing::warn!(firmware_id = %firmware_id, error = %e, from_index = known.is_some(), "cannot read firmware metadata of record");
+                return match known {
+                    Some(package) => Ok(Some(package)),
+                    None => Err(e.into()),
+                };
+            }
         };
         let package: FirmwarePackage =
             serde_json::from_str(&body).map_err(|e| FirmwareError::Corrupt {

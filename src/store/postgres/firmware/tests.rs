@@ -7,7 +7,7 @@ use crate::store::test_db::{Backend, TestDb};
 use crate::store::tests::metrics;
 use crate::store::{Store, StoreLocation};
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Deterministic bytes that differ per `seed` and are not periodic within a chunk.
 fn bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -22,11 +22,13 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A [`SharedFirmware`] that counts fetches and passes everything to PostgreSQL.
+/// A [`SharedFirmware`] that counts fetches and passes everything to PostgreSQL (metadata
+/// reads fail while `unreadable` is set).
 #[derive(Debug)]
 struct Counting {
     inner: PostgresFirmware,
     fetches: AtomicUsize,
+    unreadable: AtomicBool,
 }
 
 impl SharedFirmware for Counting {
@@ -56,6 +58,14 @@ impl SharedFirmware for Counting {
         &'a self,
         firmware_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, BlobError>> {
+        if self.unreadable.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(BlobError::Shared {
+                    what: "test",
+                    message: "unreadable".into(),
+                })
+            });
+        }
         self.inner.package(firmware_id)
     }
 }
@@ -91,6 +101,7 @@ async fn node(db: &TestDb, store: &Store) -> Node {
     let shared = Arc::new(Counting {
         inner,
         fetches: AtomicUsize::new(0),
+        unreadable: AtomicBool::new(false),
     });
     let dir = tempfile::tempdir().unwrap();
     let repo = FirmwareRepo::open_with(
@@ -167,6 +178,20 @@ async fn chunks_round_trip_to_a_node_that_never_saw_the_upload() {
         .await
         .unwrap()
         .is_none());
+
+    // Metadata of record unreadable: a node that knows the package serves from its index, one
+    // that does not says why it cannot.
+    one.shared.unreadable.store(true, Ordering::SeqCst);
+    two.shared.unreadable.store(true, Ordering::SeqCst);
+    assert_eq!(
+        one.repo.download_package(&p.firmware_id).await.unwrap(),
+        Some(p.clone())
+    );
+    let err = two.repo.download_package(&p.firmware_id).await.unwrap_err();
+    assert!(
+        matches!(&err, FirmwareError::Blob(BlobError::Shared { .. })),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
