@@ -180,7 +180,7 @@ async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> 
         Ok(e) => e,
         Err(e) => return e.into_response(),
     };
-    match svc.get(kind, id) {
+    match svc.lookup(kind, id).await {
         Ok(job) => Json(job.view(expand)).into_response(),
         Err(e) => err_response(e),
     }
@@ -191,7 +191,7 @@ async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Response {
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
-    match svc.get(kind, id) {
+    match svc.lookup(kind, id).await {
         Ok(job) => {
             let mut text = String::new();
             for line in &job.log {
@@ -263,7 +263,8 @@ pub async fn export_package(
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
-    let path = match svc.package_path(&id) {
+    // Cluster mode: fetched from the shared copy first when this node does not have it.
+    let path = match svc.package_file_ready(&id).await {
         Ok(p) => p,
         Err(e) => return err_response(e),
     };

@@ -96,7 +96,15 @@ impl Application {
         // A device the API or an import disables, re-keys, moves or deletes loses its session.
         let revoke_session = revoke_session_hook(&downlink);
         let migration = start_migration(core, &forwarder, &revoke_session, clock)?;
-        let export = open_export(core, &firmware, &ota, &migration, &revoke_session)?;
+        let export = open_export(
+            core,
+            &firmware,
+            &ota,
+            &migration,
+            &revoke_session,
+            joined.as_ref(),
+        )
+        .await?;
         let commands = start_commands(core, &downlink, &forwarder)?;
         let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
         let broker = accept_mqtt(broker, ingest, listeners.mqtt).await?;

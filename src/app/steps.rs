@@ -22,7 +22,7 @@ use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
 use crate::ota::firmware::Backing;
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
-use crate::store::{PostgresFirmware, PostgresReader, Store, FIRMWARE_ORPHAN_AGE};
+use crate::store::{PostgresExports, PostgresFirmware, PostgresReader, Store, FIRMWARE_ORPHAN_AGE};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -429,15 +429,17 @@ pub(super) fn start_migration(
 }
 
 /// The export/import jobs, after the migration engine: migration tasks are exported and
-/// imported through it.
-pub(super) fn open_export(
+/// imported through it. Cluster mode: finished packages are stored in PostgreSQL too, so the
+/// next holder of the engines serves them.
+pub(super) async fn open_export(
     core: Core<'_>,
     firmware: &Arc<FirmwareRepo>,
     ota: &OtaEngine,
     migration: &Arc<MigrationEngine>,
     revoke_session: &DeviceRevokedHook,
+    joined: Option<&Joined>,
 ) -> anyhow::Result<ExportService> {
-    ExportService::open(
+    let export = ExportService::open(
         &core.settings.data_dir,
         core.store.clone(),
         core.registry.clone(),
@@ -447,7 +449,15 @@ pub(super) fn open_export(
         core.settings.export.clone(),
         revoke_session.clone(),
     )
-    .context("cannot load the export/import jobs")
+    .context("cannot load the export/import jobs")?;
+    if let (Some(_), Some(url)) = (joined, &core.settings.store.url) {
+        let shared = PostgresExports::connect(url)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("cannot open an export connection to PostgreSQL")?;
+        export.share_packages(Arc::new(shared));
+    }
+    Ok(export)
 }
 
 /// Cloud-to-device commands, with the latest-properties snapshots loaded and flushed

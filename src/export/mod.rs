@@ -32,10 +32,12 @@ pub mod model;
 pub mod package;
 
 mod import;
+mod shared;
 
 pub use limit::{ExportLimiter, Limited};
 pub use model::*;
 pub use package::PackageError;
+pub use shared::SharedPackages;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -133,6 +135,10 @@ struct Inner {
     jobs: DashMap<String, JobRecord>,
     limiter: Arc<ExportLimiter>,
     on_device_revoked: DeviceRevokedHook,
+    /// Cluster mode: the packages and job records of record ([`SharedPackages`]).
+    shared: std::sync::OnceLock<Arc<dyn SharedPackages>>,
+    /// One fetch of a package at a time per export id.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// Export/import jobs. Cheap to clone.
@@ -167,6 +173,14 @@ impl ExportService {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ExportError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        // Fetches a stop interrupted (cluster mode): the next download fetches again.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".fetch-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let jobs = DashMap::new();
         let mut ops = Vec::new();
         for kind in [EXPORT_DOC, IMPORT_DOC] {
@@ -204,8 +218,18 @@ impl ExportService {
                 jobs,
                 limiter,
                 on_device_revoked,
+                shared: std::sync::OnceLock::new(),
+                fetching: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Cluster mode: finished packages are stored in `shared` too, and jobs and packages this
+    /// node does not have are looked up there (see [`SharedPackages`]). Set once, at start.
+    pub fn share_packages(&self, shared: Arc<dyn SharedPackages>) {
+        if self.inner.shared.set(shared).is_err() {
+            tracing::warn!("export packages are already shared; the second store is ignored");
+        }
     }
 
     pub fn limiter(&self) -> &Arc<ExportLimiter> {
@@ -229,9 +253,74 @@ impl ExportService {
             })
     }
 
+    /// [`get`](Self::get), or in cluster mode the job of record when this node does not know
+    /// it (another node ran it: a job record is loaded at start and by the node that runs it).
+    pub async fn lookup(&self, kind: JobKind, id: &str) -> Result<JobRecord, ExportError> {
+        let known = self.get(kind, id);
+        let Some(shared) = self.inner.shared.get() else {
+            return known;
+        };
+        if known.is_ok() {
+            return known;
+        }
+        let doc_kind = match kind {
+            JobKind::Export => EXPORT_DOC,
+            JobKind::Import => IMPORT_DOC,
+        };
+        match shared.job(doc_kind, id).await {
+            Ok(Some(body)) => serde_json::from_str::<JobRecord>(&body)
+                .ok()
+                .filter(|j| j.kind == kind && j.id == id)
+                .ok_or_else(|| ExportError::Internal(format!("corrupt {doc_kind} {id:?}"))),
+            Ok(None) => known,
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "cannot read the export job of record");
+                known
+            }
+        }
+    }
+
+    /// The file of a finished export's package on this node; `NotReady` while running or
+    /// after a failure. Cluster mode: a package this node does not have is fetched from the
+    /// shared copy first.
+    pub async fn package_file_ready(&self, id: &str) -> Result<PathBuf, ExportError> {
+        let path = self.package_path_of(self.lookup(JobKind::Export, id).await?)?;
+        let Some(shared) = self.inner.shared.get() else {
+            return Ok(path);
+        };
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let _one = self.inner.fetching.lock().await;
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let temp = self.inner.dir.join(format!(".fetch-{id}.zip"));
+        let fetched = shared.fetch(id, &temp).await;
+        let installed = match fetched {
+            Ok(true) => tokio::fs::rename(&temp, &path)
+                .await
+                .map_err(|e| format!("cannot install {}: {e}", path.display())),
+            Ok(false) => Err(format!(
+                "the package of export {id} is missing from the shared database"
+            )),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = installed {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(ExportError::Internal(e));
+        }
+        tracing::info!(export_id = %id, "export package fetched from the shared database");
+        Ok(path)
+    }
+
     /// Path of a finished export's package; `NotReady` while running or after a failure.
     pub fn package_path(&self, id: &str) -> Result<PathBuf, ExportError> {
-        let job = self.get(JobKind::Export, id)?;
+        self.package_path_of(self.get(JobKind::Export, id)?)
+    }
+
+    fn package_path_of(&self, job: JobRecord) -> Result<PathBuf, ExportError> {
+        let id = &job.id;
         match job.status.state {
             JobState::Successful => Ok(self.package_file(id)),
             JobState::InProgress => Err(ExportError::NotReady {
@@ -457,10 +546,31 @@ impl ExportService {
                 for (level, code, msg) in lines {
                     job.log(&level, &code, msg);
                 }
-                if failed == 0 {
+                // Cluster mode: the package is stored where every node reads it before the
+                // job says it is there.
+                let stored = match self.inner.shared.get() {
+                    Some(shared) if failed == 0 => {
+                        shared.persist(&id, &self.package_file(&id)).await
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = &stored {
+                    job.log(
+                        "ERROR",
+                        "FGX_005",
+                        format!("Export failed: cannot store the package: {e}"),
+                    );
+                }
+                if failed == 0 && stored.is_ok() {
                     job.package_size = Some(size);
                     job.status =
                         Status::new(JobState::Successful, "Export completed successfully.");
+                } else if failed == 0 {
+                    let _ = std::fs::remove_file(self.package_file(&id));
+                    job.status = Status::new(
+                        JobState::Failed,
+                        "Export failed: the package could not be stored in the shared database",
+                    );
                 } else {
                     let _ = std::fs::remove_file(self.package_file(&id));
                     job.status = Status::new(

@@ -179,7 +179,7 @@ on_both_backends! {
         store.close();
 
         // PostgreSQL has four steps more: cluster mode's sessions and feed positions, its
-        // leases, its shared forwarding outbox, and its shared firmware bytes and key.
+        // leases, its shared forwarding outbox, and its shared firmware bytes, export packages and key.
         let (supported, steps) = match db.location() {
             StoreLocation::Sqlite(_) => (SCHEMA_VERSION, 2),
             StoreLocation::Postgres(_) => (POSTGRES_SCHEMA_VERSION, 6),

@@ -50,6 +50,19 @@ fn shared_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> BlobE
     }
 }
 
+/// Reads from `input` until `buf` is full or the file ends; returns how many bytes.
+pub(super) async fn fill(input: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = input.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
 /// Firmware bytes and the download key in the cluster's PostgreSQL database.
 pub struct PostgresFirmware {
     config: tokio_postgres::Config,
@@ -170,63 +183,55 @@ impl PostgresFirmware {
                 source,
             })?;
         let client = self.open().await?;
-        let transfer =
-            async {
-                client
-                    .batch_execute("BEGIN")
-                    .await
-                    .map_err(shared_err("cannot begin"))?;
-                let fresh = client
-                    .query_opt(
-                        "INSERT INTO firmware_blobs (sha256, size, chunks) VALUES ($1, $2, $3)
+        let transfer = async {
+            client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(shared_err("cannot begin"))?;
+            let fresh = client
+                .query_opt(
+                    "INSERT INTO firmware_blobs (sha256, size, chunks) VALUES ($1, $2, $3)
                      ON CONFLICT (sha256) DO NOTHING RETURNING 1",
-                        &[&sha256, &size_i64, &chunks],
-                    )
-                    .await
-                    .map_err(shared_err("cannot store firmware"))?
-                    .is_some();
-                if !fresh {
-                    // Stored by a concurrent upload of the same bytes, which committed.
-                    return Ok(false);
-                }
-                let insert = client
-                    .prepare("INSERT INTO firmware_chunks (sha256, seq, bytes) VALUES ($1, $2, $3)")
-                    .await
-                    .map_err(shared_err("cannot store firmware"))?;
-                let mut buf = vec![0u8; CHUNK];
-                let mut total = 0u64;
-                for seq in 0..chunks {
-                    let mut filled = 0;
-                    while filled < CHUNK {
-                        let n = input.read(&mut buf[filled..]).await.map_err(|source| {
-                            BlobError::Io {
-                                what: "cannot read",
-                                path: file.to_path_buf(),
-                                source,
-                            }
-                        })?;
-                        if n == 0 {
-                            break;
-                        }
-                        filled += n;
-                    }
-                    total += filled as u64;
-                    client
-                        .execute(&insert, &[&sha256, &seq, &&buf[..filled]])
-                        .await
-                        .map_err(shared_err("cannot store a firmware chunk"))?;
-                }
-                let extra = input.read(&mut buf[..1]).await.unwrap_or(0);
-                if total != size || extra != 0 {
-                    return Err(BlobError::Io {
-                        what: "changed while it was stored:",
-                        path: file.to_path_buf(),
-                        source: std::io::Error::other(format!("expected {size} bytes")),
-                    });
-                }
-                Ok(true)
+                    &[&sha256, &size_i64, &chunks],
+                )
+                .await
+                .map_err(shared_err("cannot store firmware"))?
+                .is_some();
+            if !fresh {
+                // Stored by a concurrent upload of the same bytes, which committed.
+                return Ok(false);
             }
-            .await;
+            let insert = client
+                .prepare("INSERT INTO firmware_chunks (sha256, seq, bytes) VALUES ($1, $2, $3)")
+                .await
+                .map_err(shared_err("cannot store firmware"))?;
+            let mut buf = vec![0u8; CHUNK];
+            let mut total = 0u64;
+            for seq in 0..chunks {
+                let filled = fill(&mut input, &mut buf)
+                    .await
+                    .map_err(|source| BlobError::Io {
+                        what: "cannot read",
+                        path: file.to_path_buf(),
+                        source,
+                    })?;
+                total += filled as u64;
+                client
+                    .execute(&insert, &[&sha256, &seq, &&buf[..filled]])
+                    .await
+                    .map_err(shared_err("cannot store a firmware chunk"))?;
+            }
+            let extra = input.read(&mut buf[..1]).await.unwrap_or(0);
+            if total != size || extra != 0 {
+                return Err(BlobError::Io {
+                    what: "changed while it was stored:",
+                    path: file.to_path_buf(),
+                    source: std::io::Error::other(format!("expected {size} bytes")),
+                });
+            }
+            Ok(true)
+        }
+        .await;
         match transfer {
             Ok(true) => client
                 .batch_execute("COMMIT")
