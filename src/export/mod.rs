@@ -15,6 +15,12 @@
 //!   conflict means nothing is written.
 //! - Jobs are `export.job` / `import.job` store documents (status, per-object status, log),
 //!   written at start and end; a job a restart interrupted is marked FAILED when loaded.
+//! - Cluster mode ([`ExportService::share_packages`], [`SharedPackages`]): a finished package
+//!   is stored in the shared database before the job says SUCCESSFUL; a node asked for a job
+//!   it does not know reads the job of record ([`ExportService::lookup`]), and one asked for a
+//!   package it does not have fetches it into its `exports/` directory first
+//!   ([`ExportService::package_file_ready`]). Firmware a package includes is fetched into the
+//!   firmware cache before the package is written.
 //! - [`limit`]: the 429 "too many requests" checks the API applies to these routes.
 //!
 //! This module changes registry, firmware, OTA and migration state only through their public
