@@ -100,6 +100,10 @@ struct ServeArgs {
     /// `fleetgate-{8 hex digits}`, chosen on first start and kept in the store].
     #[arg(long, env = "FLEETGATE_AMQP_EXCHANGE_PREFIX")]
     amqp_exchange_prefix: Option<String>,
+    /// Type of the consumer-group queues: classic, or quorum (replicated over the RabbitMQ
+    /// cluster; RabbitMQ 3.10+) [default classic].
+    #[arg(long, env = "FLEETGATE_AMQP_QUEUE_TYPE")]
+    amqp_queue_type: Option<fleetgate::forwarder::QueueType>,
     /// Admin API token; without it one is created in the data dir on first start.
     #[arg(long, env = "FLEETGATE_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -312,6 +316,7 @@ fn load_settings(args: ServeArgs) -> anyhow::Result<Settings> {
             data_dir: args.data_dir,
             amqp_url: args.amqp_url,
             amqp_exchange_prefix: args.amqp_exchange_prefix,
+            amqp_queue_type: args.amqp_queue_type,
             api_token: args.api_token,
             public_url: args.public_url,
             store_url: args.store_url,

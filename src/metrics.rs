@@ -238,6 +238,10 @@ pub struct Metrics {
     pub forwarder_group_backlog: Family<[(&'static str, String); 1], Gauge>,
     /// Consumers attached to each consumer group's queue, sampled periodically.
     pub forwarder_group_consumers: Family<[(&'static str, String); 1], Gauge>,
+    /// 1 for each consumer group whose queue is not what `amqp.queue_type` asks for
+    /// (`group`, `status` = `type_mismatch`: it exists with the other type; `refused`: RabbitMQ
+    /// refused its arguments); gone once a declare goes as asked or the group is deleted.
+    pub forwarder_group_queue_error: Family<[(&'static str, String); 2], Gauge>,
     /// OTA tasks by status (`CONFIRM`, `QUEUED`, …, `CANCELED`).
     pub ota_tasks: Family<Labels, Gauge>,
     /// The allocator's heap statistics (jemalloc builds), refreshed by [`Metrics::encode`].
@@ -320,6 +324,7 @@ impl Metrics {
             forwarder_queues_kept: Counter::default(),
             forwarder_group_backlog: Family::default(),
             forwarder_group_consumers: Family::default(),
+            forwarder_group_queue_error: Family::default(),
             ota_tasks: Family::default(),
             allocator_bytes: Family::default(),
             ota_pushes: Family::default(),
@@ -593,6 +598,11 @@ impl Metrics {
             "forwarder_group_consumers",
             "Consumers attached to each consumer group's queue",
             m.forwarder_group_consumers.clone(),
+        );
+        registry.register(
+            "forwarder_group_queue_error",
+            "Consumer groups whose queue is not of the configured type (type_mismatch) or was refused by RabbitMQ (refused)",
+            m.forwarder_group_queue_error.clone(),
         );
         registry.register("ota_tasks", "OTA tasks by status", m.ota_tasks.clone());
         registry.register(

@@ -569,3 +569,52 @@ fn check_config_takes_the_proxy_protocol_from_the_environment() {
         assert!(stderr.contains(named), "{vars:?}: {stderr}");
     }
 }
+
+#[test]
+fn check_config_takes_the_amqp_queue_type_from_the_environment_and_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], vars: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .arg("check-config")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("FLEETGATE_API_TOKEN")
+            .env_remove("FLEETGATE_AMQP_QUEUE_TYPE")
+            .env_remove("FLEETGATE_STORE")
+            .env_remove("FLEETGATE_CONFIG")
+            .env(
+                "FLEETGATE_AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            )
+            .envs(vars.iter().copied())
+            .output()
+            .expect("fleetgate runs")
+    };
+    for (args, vars, shown) in [
+        (&[][..], &[][..], "classic queues"),
+        (
+            &[][..],
+            &[("FLEETGATE_AMQP_QUEUE_TYPE", "quorum")][..],
+            "quorum queues",
+        ),
+        (
+            &["--amqp-queue-type", "classic"][..],
+            &[("FLEETGATE_AMQP_QUEUE_TYPE", "quorum")][..],
+            "classic queues",
+        ),
+    ] {
+        let out = run(args, vars);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?} {vars:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(shown), "{args:?} {vars:?}: {stdout}");
+    }
+    let out = run(&[], &[("FLEETGATE_AMQP_QUEUE_TYPE", "stream")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stream passed");
+    assert!(stderr.contains("classic or quorum"), "{stderr}");
+}

@@ -46,9 +46,88 @@ pub struct Settings {
     pub connect_rate: u32,
 }
 
+/// What the campaign runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    /// One node on SQLite.
+    Single,
+    /// Three nodes on PostgreSQL and NATS, devices through HAProxy (`cluster::Fleet3`).
+    Cluster,
+}
+
+/// The gateway(s) of one run.
+enum Gateway {
+    Single(Server),
+    Cluster(crate::cluster::Fleet3),
+}
+
+impl Gateway {
+    async fn start(
+        deployment: Deployment,
+        args: &crate::Args,
+        bins: &Bins,
+        dir: &Path,
+    ) -> anyhow::Result<(Gateway, Api)> {
+        Ok(match deployment {
+            Deployment::Single => {
+                let server = Server::fleetgate(bins, &dir.join("data"), crate::TOKEN, None).await?;
+                let api = Api::new(server.http.context("no http")?, crate::TOKEN);
+                (Gateway::Single(server), api)
+            }
+            Deployment::Cluster => {
+                let fleet = crate::cluster::Fleet3::start(args, bins, dir).await?;
+                let api = fleet.api().clone();
+                (Gateway::Cluster(fleet), api)
+            }
+        })
+    }
+
+    fn mqtt(&self) -> std::net::SocketAddr {
+        match self {
+            Gateway::Single(s) => s.mqtt,
+            Gateway::Cluster(f) => f.mqtt(),
+        }
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        match self {
+            Gateway::Single(s) => s.rss_kib(),
+            Gateway::Cluster(f) => f.rss_kib(),
+        }
+    }
+
+    fn warnings(&self) -> u64 {
+        match self {
+            Gateway::Single(s) => s.log.warnings.load(std::sync::atomic::Ordering::Relaxed),
+            Gateway::Cluster(f) => f.warnings(),
+        }
+    }
+
+    /// PostgreSQL (transactions committed, rows written) so far; `None` on one node.
+    async fn pg_counters(&self) -> anyhow::Result<Option<(i64, i64)>> {
+        match self {
+            Gateway::Single(_) => Ok(None),
+            Gateway::Cluster(f) => f.pg_counters().await.map(Some),
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Gateway::Single(s) => s.stop().await,
+            Gateway::Cluster(f) => f.stop().await,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CampaignRow {
     pub run: usize,
+    /// `single node (SQLite)` or `3 nodes (PostgreSQL) via HAProxy`.
+    pub deployment: String,
+    /// PostgreSQL transactions committed per second, job created → finished (cluster only).
+    pub pg_commits_per_s: Option<f64>,
+    /// PostgreSQL rows inserted, updated or deleted per second, same span (cluster only).
+    pub pg_rows_per_s: Option<f64>,
     pub settings: Settings,
     pub load1_start: f64,
     pub load1_end: f64,
@@ -190,18 +269,20 @@ pub fn per_minute(sorted_ms: &[i64]) -> Vec<u64> {
 }
 
 pub async fn run_once(
+    args: &crate::Args,
     bins: &Bins,
     sim_bin: &Path,
-    work: &Path,
     s: &Settings,
     run: usize,
+    deployment: Deployment,
 ) -> anyhow::Result<CampaignRow> {
     let load_start = load1();
-    let dir = work.join(format!("ota-{run}"));
+    let dir = args.work_dir.join(match deployment {
+        Deployment::Single => format!("ota-{run}"),
+        Deployment::Cluster => format!("ota-cluster-{run}"),
+    });
     crate::fresh_dir(&dir)?;
-    let data = dir.join("data");
-    let server = Server::fleetgate(bins, &data, crate::TOKEN, None).await?;
-    let api = Api::new(server.http.context("no http")?, crate::TOKEN);
+    let (server, api) = Gateway::start(deployment, args, bins, &dir).await?;
     let devs = devices(PRODUCT, s.devices);
     api.provision(PRODUCT, &devs).await?;
     // Random-looking bytes (the simulator verifies the digest for real).
@@ -213,7 +294,7 @@ pub async fn run_once(
         .await?;
 
     let t = Instant::now();
-    let mut sim = Sim::start(sim_bin, &dir, "ota", &scenario(s), &devs, server.mqtt).await?;
+    let mut sim = Sim::start(sim_bin, &dir, "ota", &scenario(s), &devs, server.mqtt()).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         sim.check_running()?;
@@ -251,6 +332,7 @@ pub async fn run_once(
         )
         .await?;
     let jid = job["job_id"].as_str().context("no job_id")?.to_owned();
+    let pg_start = (Instant::now(), server.pg_counters().await?);
     ensure!(
         job["counters"]["total"] == s.devices,
         "job has {} tasks, expected {}",
@@ -292,6 +374,13 @@ pub async fn run_once(
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
     let rss_after = server.rss_kib()?;
+    let (pg_commits_per_s, pg_rows_per_s) = match (pg_start, server.pg_counters().await?) {
+        ((at, Some((c0, r0))), Some((c1, r1))) => {
+            let secs = at.elapsed().as_secs_f64().max(1e-3);
+            (Some((c1 - c0) as f64 / secs), Some((r1 - r0) as f64 / secs))
+        }
+        _ => (None, None),
+    };
     let completion_secs = (job["finished_at_ms"].as_i64().unwrap_or(0)
         - job["created_at_ms"].as_i64().unwrap_or(0)) as f64
         / 1000.0;
@@ -310,14 +399,17 @@ pub async fn run_once(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let summary = sim.stop().await?;
     let load_end = load1();
-    let warnings = server
-        .log
-        .warnings
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let warnings = server.warnings();
     server.stop().await?;
 
     let mut row = CampaignRow {
         run,
+        deployment: match deployment {
+            Deployment::Single => "single node (SQLite)".to_owned(),
+            Deployment::Cluster => "3 nodes (PostgreSQL) via HAProxy".to_owned(),
+        },
+        pg_commits_per_s,
+        pg_rows_per_s,
         settings: s.clone(),
         load1_start: load_start,
         load1_end: load_end,

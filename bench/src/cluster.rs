@@ -94,7 +94,88 @@ pub struct FailoverRow {
     pub node_declared_dead_s: f64,
     /// After the run: devices the registry (node 2's API) shows online on node 2 or 3.
     pub registry_online_on_survivors: usize,
+    /// SIGKILL → node 2 or 3 drives the OTA and migration engines (lease expiry plus the
+    /// takeover: every job, task and migration task read back, timers re-armed), seconds;
+    /// `None` when node 1 did not hold the engines' lease.
+    pub engines_taken_over_s: Option<f64>,
     pub load1: f64,
+}
+
+/// A three-node cluster behind HAProxy on a fresh database, for another part's run (the OTA
+/// campaign, `--parts cluster-ota`): node 1's API, HAProxy's MQTT address.
+pub struct Fleet3 {
+    nodes: Vec<Node>,
+    haproxy: Haproxy,
+    db: Database,
+}
+
+impl Fleet3 {
+    pub async fn start(args: &Args, bins: &Bins, work: &Path) -> anyhow::Result<Fleet3> {
+        let svc = Services {
+            pg_admin: args.pg_url.clone(),
+            nats: args.nats_url.clone(),
+            haproxy: args.haproxy.clone(),
+        };
+        let db = Database::fresh(&svc.pg_admin).await?;
+        let cluster = format!("benchota{}", std::process::id());
+        let mut nodes = Vec::new();
+        for id in 1..=3 {
+            match start_node(bins, work, &db, &svc, &cluster, id).await {
+                Ok(node) => nodes.push(node),
+                Err(e) => {
+                    db.drop_now().await;
+                    return Err(e);
+                }
+            }
+        }
+        wait_members(&nodes.iter().collect::<Vec<_>>()).await?;
+        let haproxy = Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>()).await?;
+        Ok(Fleet3 { nodes, haproxy, db })
+    }
+
+    pub fn api(&self) -> &Api {
+        &self.nodes[0].api
+    }
+
+    /// Where devices connect: HAProxy.
+    pub fn mqtt(&self) -> SocketAddr {
+        self.haproxy.addr
+    }
+
+    /// RSS of the three nodes together.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.nodes.iter().map(|n| n.server.rss_kib()).sum()
+    }
+
+    /// Warnings the three nodes logged.
+    pub fn warnings(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.server.log.warnings.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// PostgreSQL transactions committed and rows written in the fleet's database so far.
+    pub async fn pg_counters(&self) -> anyhow::Result<(i64, i64)> {
+        let client = pg(&self.db.admin).await?;
+        let row = client
+            .query_one(
+                "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted \
+                 FROM pg_stat_database WHERE datname = $1",
+                &[&self.db.name],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.haproxy.stop().await;
+        for n in self.nodes {
+            n.server.stop().await?;
+        }
+        self.db.drop_now().await;
+        Ok(())
+    }
 }
 
 /// Where the cluster's services are.
@@ -313,6 +394,17 @@ async fn held_by(api: &Api) -> anyhow::Result<Vec<(u16, u64)>> {
     }
     counts.sort();
     Ok(counts)
+}
+
+/// The node that says it drives the engines, as `api`'s node reports itself (`None`: not it).
+async fn engines_driver(api: &Api) -> anyhow::Result<Option<u16>> {
+    let view = api.get("/api/v1/cluster", &[]).await?;
+    Ok(view["nodes"].as_array().and_then(|ns| {
+        ns.iter()
+            .find(|n| n["self"] == true && n["engines"] == true)
+            .and_then(|n| n["node"].as_u64())
+            .map(|id| id as u16)
+    }))
 }
 
 /// How many of the product's devices node `api` counts online.
@@ -713,6 +805,7 @@ async fn failover(
         }));
     }
     tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
+    let drove_engines = engines_driver(&nodes[0].api).await? == Some(1);
     // SIGKILL node 1.
     let killed = Instant::now();
     kill_tx.send_replace(Some(killed));
@@ -732,6 +825,22 @@ async fn failover(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Another node drives the engines (node 1 held the lease).
+    let mut engines_taken_over_s = None;
+    while drove_engines {
+        let mut now_at = None;
+        for node in &nodes[1..] {
+            now_at = now_at.or(engines_driver(&node.api).await?.filter(|&id| id != 1));
+        }
+        if now_at.is_some() {
+            engines_taken_over_s = Some(killed.elapsed().as_secs_f64());
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("no node drives the engines a minute after node 1's SIGKILL");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Every device back, as the devices see it (bounded by the run's patience).
     let deadline = Instant::now() + Duration::from_secs(120);
     while back.load(Ordering::Relaxed) < devs.len() && Instant::now() < deadline {
@@ -768,6 +877,7 @@ async fn failover(
         failed_attempts,
         node_declared_dead_s: dead_after.as_secs_f64(),
         registry_online_on_survivors: on_survivors,
+        engines_taken_over_s,
         load1: load,
     })
 }
@@ -847,18 +957,26 @@ pub fn print_report(args: &Args, r: &Results) {
         );
     }
     println!("\n## Cluster: failover (median of {} runs)\n", args.runs);
-    println!("| devices on the killed node | all reconnected after SIGKILL, s | per-device p50 ms | p99 ms | node declared dead after, s | failed attempts | online on nodes 2/3 after | load |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| devices on the killed node | all reconnected after SIGKILL, s | per-device p50 ms | p99 ms | node declared dead after, s | engines driven elsewhere after, s | failed attempts | online on nodes 2/3 after | load |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     if !r.failover.is_empty() {
         let rows = &r.failover;
         let med = |f: &dyn Fn(&FailoverRow) -> f64| median(rows.iter().map(f));
         println!(
-            "| {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} |",
+            "| {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.1} |",
             med(&|c| c.connected as f64),
             med(&|c| c.all_reconnected_s),
             med(&|c| c.reconnect.p50_ms),
             med(&|c| c.reconnect.p99_ms),
             med(&|c| c.node_declared_dead_s),
+            if rows.iter().any(|c| c.engines_taken_over_s.is_some()) {
+                format!(
+                    "{:.2}",
+                    median(rows.iter().filter_map(|c| c.engines_taken_over_s))
+                )
+            } else {
+                "n/a (node 1 did not drive them)".to_owned()
+            },
             med(&|c| c.failed_attempts as f64),
             med(&|c| c.registry_online_on_survivors as f64),
             med(&|c| c.load1),

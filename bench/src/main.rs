@@ -18,6 +18,11 @@
 //! 4. **Migration** (`--parts migration`, issue 6): N connected simulated devices moved to a
 //!    second instance at `[migration] devices_per_sec` (default and unthrottled): devices/s,
 //!    time to COMPLETED, every device MIGRATED and reconnected (`migrate.rs`).
+//! 5. **Cluster** (`--parts cluster`, issue 16): connections through HAProxy, ingest against one
+//!    SQLite node, `kill -9` failover of devices and of the engines (`cluster.rs`).
+//! 6. **Cluster campaign** (`--parts cluster-ota`, issue 17): the OTA campaign of 3. on three
+//!    nodes through HAProxy, then on one node, in the same run; PostgreSQL commits/s and rows
+//!    written/s during the campaign.
 //!
 //! Every socket is on 127.0.0.1; every phase is bounded in count and time. Results go to stdout
 //! as Markdown tables (medians of `--runs`) and, with `--json-out`, as JSON with every run.
@@ -190,6 +195,8 @@ enum Part {
     Migration,
     /// Three nodes on PostgreSQL + NATS behind HAProxy (`cluster.rs`).
     Cluster,
+    /// The OTA campaign on three nodes through HAProxy, then on one node, in the same run.
+    ClusterOta,
 }
 
 #[derive(Serialize)]
@@ -363,7 +370,7 @@ async fn main() -> anyhow::Result<()> {
     if args
         .parts
         .iter()
-        .any(|p| matches!(p, Part::Ota | Part::Migration))
+        .any(|p| matches!(p, Part::Ota | Part::ClusterOta | Part::Migration))
     {
         ensure!(
             sim_bin.exists(),
@@ -372,7 +379,18 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if args.parts.contains(&Part::Ota) {
-        ota_benchmark(&args, &bins, &sim_bin, &mut results).await?;
+        ota_benchmark(
+            &args,
+            &bins,
+            &sim_bin,
+            &[campaign::Deployment::Single],
+            &mut results,
+        )
+        .await?;
+    }
+    if args.parts.contains(&Part::ClusterOta) {
+        let both = [campaign::Deployment::Cluster, campaign::Deployment::Single];
+        ota_benchmark(&args, &bins, &sim_bin, &both, &mut results).await?;
     }
     if args.parts.contains(&Part::Migration) {
         migration_benchmark(&args, &bins, &sim_bin, &mut results).await?;
@@ -915,9 +933,12 @@ async fn ota_benchmark(
     args: &Args,
     bins: &Bins,
     sim_bin: &Path,
+    deployments: &[campaign::Deployment],
     results: &mut Results,
 ) -> anyhow::Result<()> {
-    for run in 1..=args.runs {
+    for (run, &deployment) in
+        (1..=args.runs).flat_map(|run| deployments.iter().map(move |d| (run, d)))
+    {
         let settings = campaign::Settings {
             devices: args.ota_devices,
             rate_per_minute: args.ota_rate,
@@ -927,10 +948,12 @@ async fn ota_benchmark(
             seed: args.ota_seed + run as u64 - 1,
             connect_rate: 2_000,
         };
-        let row = campaign::run_once(bins, sim_bin, &args.work_dir, &settings, run).await?;
+        let row = campaign::run_once(args, bins, sim_bin, &settings, run, deployment).await?;
         eprintln!(
-            "ota run {run}: {} in {:.1} s, mismatches {}, statistics match {}, pushes/min {:?} \
-             (max deviation {:.2}%), RSS {:.1} → {:.1} MiB ({:.1} MiB per 10,000 tasks), load {:.1}–{:.1}",
+            "ota run {run} ({}): {} in {:.1} s, mismatches {}, statistics match {}, pushes/min {:?} \
+             (max deviation {:.2}%), RSS {:.1} → {:.1} MiB ({:.1} MiB per 10,000 tasks), load {:.1}–{:.1}, \
+             PostgreSQL {:?} commits/s {:?} rows/s",
+            row.deployment,
             row.job_status,
             row.completion_secs,
             row.mismatches,
@@ -942,6 +965,8 @@ async fn ota_benchmark(
             row.mib_per_10k_tasks,
             row.load1_start,
             row.load1_end,
+            row.pg_commits_per_s,
+            row.pg_rows_per_s,
         );
         for m in &row.mismatch_samples {
             eprintln!("    mismatch: {m}");
@@ -1002,15 +1027,17 @@ async fn migration_benchmark(
 fn print_campaigns(r: &Results) {
     println!("\n## OTA campaign (every run)\n");
     println!(
-        "| run | devices | rate/min | job | to COMPLETED s | mismatches | statistics match | \
+        "| run | deployment | devices | rate/min | job | to COMPLETED s | mismatches | statistics match | \
          pushes per whole minute | max deviation % | mean rate/min | repushes | RSS before MiB | \
-         with tasks MiB | peak MiB | MiB per 10,000 tasks | load start–end |"
+         with tasks MiB | peak MiB | MiB per 10,000 tasks | PostgreSQL commits/s | rows/s | load start–end |"
     );
-    println!("|---:|---:|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---|---:|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let opt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.0}"));
     for o in &r.ota {
         println!(
-            "| {} | {} | {} | {} | {:.1} | {} | {} | {:?} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}–{:.1} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {:?} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1}–{:.1} |",
             o.run,
+            o.deployment,
             o.settings.devices,
             o.settings.rate_per_minute,
             o.job_status,
@@ -1025,6 +1052,8 @@ fn print_campaigns(r: &Results) {
             o.gateway_rss_with_tasks_kib as f64 / 1024.0,
             o.gateway_rss_peak_kib as f64 / 1024.0,
             o.mib_per_10k_tasks,
+            opt(o.pg_commits_per_s),
+            opt(o.pg_rows_per_s),
             o.load1_start,
             o.load1_end,
         );

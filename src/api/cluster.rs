@@ -6,7 +6,7 @@
 //! - `GET /api/v1/cluster` (any role): this node and the nodes it hears from.
 //! - [`settle`]: in cluster mode, a write (any method but GET/HEAD/OPTIONS) that succeeded
 //!   answers only once every live node applied it (docs/CLUSTER.md, "Settle").
-//! - [`engines_proxy`]: in cluster mode, OTA, firmware and export/import calls are served by
+//! - [`engines_proxy`]: in cluster mode, OTA, firmware, migration and export/import calls are served by
 //!   the node that drives the engines; another node passes them on to it (docs/CLUSTER.md,
 //!   "Engines").
 
@@ -162,6 +162,7 @@ pub fn engine_route(path: &str) -> bool {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     };
     under("/api/v1/ota")
+        || under("/api/v1/migrations")
         || under("/api/v1/firmware")
         || under("/api/v1/export")
         || under("/api/v1/import")
@@ -191,7 +192,7 @@ pub async fn engines_proxy(
         _ => {
             return ApiError::new(
                 ErrorCode::Unavailable,
-                "no node drives the OTA engine right now (the cluster is handing it over); retry in a few seconds",
+                "no node drives the engines (OTA, migration, export/import) right now (the cluster is handing them over); retry in a few seconds",
             )
             .into_response()
         }
@@ -202,7 +203,7 @@ pub async fn engines_proxy(
             tracing::warn!(%error, node, http = %http, "cannot pass an engine call on");
             ApiError::new(
                 ErrorCode::Unavailable,
-                format!("the node that drives the OTA engine (node {node}) did not answer; retry in a few seconds"),
+                format!("the node that drives the engines (node {node}) did not answer; retry in a few seconds"),
             )
             .into_response()
         }
@@ -263,12 +264,14 @@ mod tests {
             "/api/v1/import/i1/log",
             "/api/v1/products/pk/devices/dn/ota/timeline",
             "/api/v1/products/pk/ota/versions",
+            "/api/v1/migrations",
+            "/api/v1/migrations/t1/rollback",
         ] {
             assert!(engine_route(path), "{path}");
         }
         for path in [
             "/api/v1/products/pk/devices/dn",
-            "/api/v1/migrations/t1",
+            "/api/v1/migrationsx",
             "/api/v1/cluster",
             "/api/v1/firmwares",
             "/api/v1/exports",

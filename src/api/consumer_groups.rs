@@ -315,6 +315,10 @@ pub(super) mod tests {
         assert_eq!(d["queue"], "fleetgate.iot-a.g1");
         assert_eq!(d["exchange"], "fleetgate.iot-a");
         assert!(d["backlog"].is_null());
+        assert_eq!(
+            (&d["queue_type"], &d["queue_status"], &d["queue_error"]),
+            (&json!("classic"), &json!("not_declared"), &Value::Null)
+        );
 
         // Persisted: a registry + forwarder rebuilt from the same store sees the groups.
         let fwd2 = Forwarder::disabled(

@@ -180,7 +180,7 @@ async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> 
         Ok(e) => e,
         Err(e) => return e.into_response(),
     };
-    match svc.lookup(kind, id).await {
+    match svc.get(kind, id) {
         Ok(job) => Json(job.view(expand)).into_response(),
         Err(e) => err_response(e),
     }
@@ -191,7 +191,7 @@ async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Response {
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
-    match svc.lookup(kind, id).await {
+    match svc.get(kind, id) {
         Ok(job) => {
             let mut text = String::new();
             for line in &job.log {

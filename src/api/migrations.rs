@@ -27,6 +27,7 @@ use crate::migration::{
     MigrationError, MigrationMethod, NewTask, RejectedRow, ResumeMode, RollbackSelection,
     SummaryStatus, TaskDetails, TaskFilter, TaskState, MAX_CANARY_JSON, MAX_PICKED,
 };
+use crate::store::StoreError;
 
 impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {
@@ -46,6 +47,9 @@ impl From<MigrationError> for ApiError {
             MigrationError::Invalid { field, message } => ApiError::invalid_field(field, message),
             MigrationError::TooMany { field, max } => ApiError::too_many_items(field, max),
             MigrationError::Registry(r) => r.into(),
+            MigrationError::Standby | MigrationError::Store(StoreError::NotLeaseHolder) => {
+                ApiError::new(ErrorCode::Unavailable, MigrationError::Standby.to_string())
+            }
             e @ (MigrationError::Store(_) | MigrationError::Stopped) => ApiError::internal(e),
         }
     }

@@ -63,10 +63,11 @@ impl ApiState {
             store.clone(),
             registry.clone(),
             firmware.clone(),
-            Some(ota.clone()),
-            Some(migration.clone()),
+            ota.clone(),
+            migration.clone(),
             ExportSettings::default(),
             Arc::new(|_: &str, _: &str| {}),
+            crate::export::Start::Running,
         )
         .expect("export service");
         let forwarder = Forwarder::disabled(store.clone(), registry.clone(), metrics.clone())

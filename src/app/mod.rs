@@ -20,6 +20,7 @@
 use crate::admission::Budgets;
 use crate::broker::{BrokerHandle, TlsConfig};
 use crate::clock::Clock;
+use crate::cluster::engines::Engines;
 use crate::cluster::Cluster;
 use crate::command::Commands;
 use crate::config::Settings;
@@ -95,7 +96,7 @@ impl Application {
         )?;
         // A device the API or an import disables, re-keys, moves or deletes loses its session.
         let revoke_session = revoke_session_hook(&downlink);
-        let migration = start_migration(core, &forwarder, &revoke_session, clock)?;
+        let migration = start_migration(core, &forwarder, &revoke_session, clock, joined.as_ref())?;
         let export = open_export(
             core,
             &firmware,
@@ -111,7 +112,14 @@ impl Application {
         let addresses = (broker.mqtt_addr(), http_addr);
         let attached =
             joined.map(|j| attach_cluster(j, core, &downlink, &commands, feed_cuts, addresses));
-        let engines_lease = run_engines_lease(attached.as_ref(), &ota);
+        let engines_lease = run_engines_lease(
+            attached.as_ref(),
+            Engines {
+                ota: ota.clone(),
+                migration: migration.clone(),
+                export: export.clone(),
+            },
+        );
         // The last step that can fail: an admin token created here is printed below.
         let (tokens, created_admin_token) = load_api_tokens(&settings)?;
         let parts = Parts {
@@ -125,7 +133,15 @@ impl Application {
             cluster: attached.map(|a| a.cluster),
         };
         let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);
-        let state = api_state(&parts, &broker, tokens, export, revoke_session, health);
+        let state = api_state(
+            &parts,
+            &store,
+            &broker,
+            tokens,
+            export,
+            revoke_session,
+            health,
+        );
         let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
         let app = Application {
             settings,

@@ -6,14 +6,14 @@ use crate::admission::{self, BudgetSettings, Budgets, Gate, GateLimits};
 use crate::api::{self, ApiState, TokenSet};
 use crate::broker::{Broker, BrokerConfig, BrokerHandle, DeviceKey, Downlink, TlsConfig};
 use crate::clock::Clock;
-use crate::cluster::engines::{ClusterPusher, EnginesRelay};
+use crate::cluster::engines::{ClusterPusher, Engines, EnginesRelay};
 use crate::cluster::epoch::EpochClock;
 use crate::cluster::lease::LeaseKeeper;
 use crate::cluster::{Cluster, Pending};
 use crate::command::properties::PropertiesReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
-use crate::export::{DeviceRevokedHook, ExportService};
+use crate::export::{DeviceRevokedHook, ExportService, Start as ExportStart};
 use crate::forwarder::{AmqpSettings, ClusterOutbox, Forwarder, ForwarderConfig, RateLimit};
 use crate::ingest::Ingest;
 use crate::listen;
@@ -68,7 +68,7 @@ pub(super) struct Listeners {
 pub(super) struct Joined {
     pub(super) cluster: Arc<Cluster>,
     pub(super) pending: Pending,
-    /// The engines' lease: its holder drives the OTA engine.
+    /// The engines' lease: its holder drives the OTA and migration engines.
     pub(super) engines_lease: Arc<LeaseKeeper>,
 }
 
@@ -385,12 +385,15 @@ pub(super) fn revoke_session_hook(downlink: &Downlink) -> DeviceRevokedHook {
 
 /// The migration engine, before ingest starts: the data-sync routes must be in place for the
 /// first message. Its devices are kicked through `kick`; its data-sync limits and routes go
-/// into the forwarder.
+/// into the forwarder. Single node: it runs. Cluster mode: it starts as a mirror of the tasks
+/// (its writes fenced by the engines' lease); the lease's holder drives it
+/// ([`run_engines_lease`]).
 pub(super) fn start_migration(
     core: Core<'_>,
     forwarder: &Arc<Forwarder>,
     kick: &DeviceRevokedHook,
     clock: Clock,
+    joined: Option<&Joined>,
 ) -> anyhow::Result<Arc<MigrationEngine>> {
     let set_rate_limit = {
         let forwarder = forwarder.clone();
@@ -405,17 +408,26 @@ pub(super) fn start_migration(
             forwarder.set_mirror_rate_limit(instance_id, limit);
         })
     };
-    let migration = MigrationEngine::start(
+    let hooks = MigrationHooks {
+        kick: kick.clone(),
+        set_rate_limit,
+    };
+    let (registry, metrics, config) = (
         core.registry.clone(),
-        core.store.clone(),
         core.metrics.clone(),
         core.settings.migration,
-        MigrationHooks {
-            kick: kick.clone(),
-            set_rate_limit,
-        },
-        clock,
-    )
+    );
+    let migration = match joined {
+        Some(joined) => MigrationEngine::standby(
+            registry,
+            core.store.fenced(joined.engines_lease.fence()),
+            metrics,
+            config,
+            hooks,
+            clock,
+        ),
+        None => MigrationEngine::start(registry, core.store.clone(), metrics, config, hooks, clock),
+    }
     .context("cannot start the migration engine")?;
     // Weak: the engine's hooks hold the forwarder; no reference cycle.
     let engine = Arc::downgrade(&migration);
@@ -439,15 +451,23 @@ pub(super) async fn open_export(
     revoke_session: &DeviceRevokedHook,
     joined: Option<&Joined>,
 ) -> anyhow::Result<ExportService> {
+    let (store, start) = match joined {
+        Some(joined) => (
+            core.store.fenced(joined.engines_lease.fence()),
+            ExportStart::Standby,
+        ),
+        None => (core.store.clone(), ExportStart::Running),
+    };
     let export = ExportService::open(
         &core.settings.data_dir,
-        core.store.clone(),
+        store,
         core.registry.clone(),
         firmware.clone(),
-        Some(ota.clone()),
-        Some(migration.clone()),
+        ota.clone(),
+        migration.clone(),
         core.settings.export.clone(),
         revoke_session.clone(),
+        start,
     )
     .context("cannot load the export/import jobs")?;
     if let (Some(_), Some(url)) = (joined, &core.settings.store.url) {
@@ -549,8 +569,9 @@ pub(super) fn attach_cluster(
     }
 }
 
-/// Cluster mode: take part in the engines' lease; the holder drives the OTA engine.
-pub(super) fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) -> EnginesLease {
+/// Cluster mode: take part in the engines' lease; the holder drives the OTA and migration
+/// engines and the export/import jobs.
+pub(super) fn run_engines_lease(attached: Option<&Attached>, engines: Engines) -> EnginesLease {
     let (stop, _) = watch::channel(false);
     let mut tasks = Vec::new();
     if let Some(Attached {
@@ -562,7 +583,7 @@ pub(super) fn run_engines_lease(attached: Option<&Attached>, ota: &OtaEngine) ->
         tasks.push(tokio::spawn(crate::cluster::engines::drive(
             cluster.clone(),
             engines_lease.clone(),
-            ota.clone(),
+            engines,
             stop.subscribe(),
         )));
     }
@@ -589,6 +610,7 @@ pub(super) fn load_api_tokens(settings: &Settings) -> anyhow::Result<(TokenSet, 
 /// What the API handlers get.
 pub(super) fn api_state(
     parts: &Parts,
+    store: &Store,
     broker: &BrokerHandle,
     tokens: TokenSet,
     export: ExportService,
@@ -608,7 +630,7 @@ pub(super) fn api_state(
         migration: parts.migration.clone(),
         ready: readiness(
             Box::new(broker.accepting()),
-            parts.registry.clone(),
+            store.clone(),
             parts.forwarder.clone(),
             parts.cluster.clone(),
         ),
@@ -696,7 +718,7 @@ pub(super) fn serve_http(
 /// forwarder is connected when AMQP forwarding is on.
 pub(super) fn readiness(
     accepting: Box<dyn Fn() -> bool + Send + Sync>,
-    registry: Arc<Registry>,
+    store: Store,
     forwarder: Arc<Forwarder>,
     cluster: Option<Arc<Cluster>>,
 ) -> api::ReadyFn {
@@ -710,7 +732,7 @@ pub(super) fn readiness(
             "stopped accepting (shutting down)"
         };
         checks.insert("listeners".into(), listeners.into());
-        let store = if registry.store().is_open() {
+        let store = if store.is_open() {
             "ok"
         } else {
             ready = false;

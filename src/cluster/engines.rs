@@ -1,9 +1,12 @@
 //! The engines in a cluster: ONE node at a time — the holder of the [`ENGINES`] lease —
-//! drives the OTA engine (its timers, its global push rate, timeouts, retries); every other
-//! node keeps its engine in standby and relays what its devices report to the holder.
+//! drives the OTA engine (its timers, its global push rate, timeouts, retries) and the
+//! migration engine (its batches of device moves, data-sync expiry, sweeps); every other node
+//! keeps its OTA engine in standby, relaying what its devices report to the holder, and its
+//! migration engine as a mirror of the holder's documents (kept current from the feed).
 //!
-//! - **Term** ([`drive`]): taking the lease activates the engine (everything reloaded from
-//!   PostgreSQL, reconciled with the registry), then the node serves `fg.{name}.engines` and
+//! - **Term** ([`drive`]): taking the lease activates the engines (everything reloaded from
+//!   PostgreSQL, reconciled with the registry; running migration tasks resume from their last
+//!   committed batch), then the node serves `fg.{name}.engines` and
 //!   announces itself as the holder in its heartbeats; losing it stops serving and deactivates
 //!   the engine. Every write the engine makes carries the lease's fence, so a node that
 //!   stalled past its term cannot overwrite the next holder's work.
@@ -18,12 +21,15 @@
 //!   connects from the registry.
 //! - **Pushes** ([`ClusterPusher`]): the holder publishes an upgrade through the node that
 //!   holds the device's connection ([`Cluster::deliver`]); "online" means online on any node.
-//! - **API** (`crate::api::cluster::engines_proxy`): OTA and firmware calls that reach a
-//!   follower are proxied to the holder's HTTP address from its heartbeat.
+//! - **API** (`crate::api::cluster::engines_proxy`): OTA, firmware, migration and
+//!   export/import calls that reach a follower are proxied to the holder's HTTP address from
+//!   its heartbeat.
 
 use super::lease::{LeaseKeeper, ENGINES};
 use super::Cluster;
 use crate::broker::DeviceKey;
+use crate::export::ExportService;
+use crate::migration::MigrationEngine;
 use crate::ota::{DeviceReport, OtaEngine, Pusher, Relay};
 use crate::registry::Registry;
 use fleetgate_topics::UpgradeData;
@@ -202,15 +208,27 @@ impl Pusher for ClusterPusher {
     }
 }
 
-/// Follows the lease: activates `ota` for each term this node holds it and serves relayed
-/// reports meanwhile; deactivates it when the term ends. Runs until `stop` (then the keeper,
+/// What the holder of the engines' lease drives.
+pub struct Engines {
+    pub ota: OtaEngine,
+    pub migration: Arc<MigrationEngine>,
+    pub export: ExportService,
+}
+
+/// Follows the lease: activates the engines for each term this node holds it and serves relayed
+/// reports meanwhile; deactivates them when the term ends. Runs until `stop` (then the keeper,
 /// run by the caller, releases the lease).
 pub async fn drive(
     cluster: Arc<Cluster>,
     keeper: Arc<LeaseKeeper>,
-    ota: OtaEngine,
+    engines: Engines,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Engines {
+        ota,
+        migration,
+        export,
+    } = engines;
     let mut term = keeper.watch();
     loop {
         let held = *term.borrow_and_update();
@@ -228,6 +246,14 @@ pub async fn drive(
                         // engine are fenced like any other.
                         tracing::error!(%error, epoch, "cannot load the OTA engine for this term");
                     }
+                }
+                // Running tasks resume from their last committed batch.
+                if let Err(error) = migration.activate().await {
+                    tracing::error!(%error, epoch, "cannot load the migration engine for this term");
+                }
+                // Jobs the previous holder left running are marked FAILED.
+                if let Err(error) = export.activate().await {
+                    tracing::error!(%error, epoch, "cannot load the export/import jobs for this term");
                 }
                 match cluster
                     .client
@@ -255,6 +281,7 @@ pub async fn drive(
                 cluster.set_engine_reports(None);
                 cluster.engines_held.store(false, Ordering::Release);
                 ota.deactivate().await;
+                migration.deactivate().await;
                 None
             }
         };
@@ -268,6 +295,8 @@ pub async fn drive(
         if !changed {
             cluster.set_engine_reports(None);
             cluster.engines_held.store(false, Ordering::Release);
+            // Before the keeper releases the lease: no batch of this term after it.
+            migration.shutdown().await;
             return;
         }
     }

@@ -4,7 +4,7 @@
 //! Everything here is plain data; [`crate::app::Application`] turns it into running parts.
 //! Secrets (API tokens) never appear in `Debug` output.
 
-use crate::forwarder::{AmqpSettings, ForwarderError};
+use crate::forwarder::{AmqpSettings, ForwarderError, QueueType};
 use crate::proxy_protocol::{ProxyMode, TrustedNet};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -151,12 +151,13 @@ pub fn summary(s: &Settings) -> Vec<String> {
     lines.push(format!("data dir {}", s.data_dir.display()));
     lines.push(format!("store {}", s.store.location(&s.data_dir)));
     lines.push(match &s.amqp.url {
-        Some(_) if s.amqp.exchange_prefix.is_empty() => {
-            "amqp forwarding on (exchange prefix: this installation's own)".into()
-        }
+        Some(_) if s.amqp.exchange_prefix.is_empty() => format!(
+            "amqp forwarding on (exchange prefix: this installation's own; {} queues)",
+            s.amqp.queue_type
+        ),
         Some(_) => format!(
-            "amqp forwarding on (exchange prefix `{}`)",
-            s.amqp.exchange_prefix
+            "amqp forwarding on (exchange prefix `{}`; {} queues)",
+            s.amqp.exchange_prefix, s.amqp.queue_type
         ),
         None => "amqp forwarding off".into(),
     });
@@ -180,6 +181,8 @@ pub fn summary(s: &Settings) -> Vec<String> {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub amqp_exchange_prefix: Option<String>,
+    /// `amqp.queue_type`.
+    pub amqp_queue_type: Option<QueueType>,
     pub mqtt_listen: Option<SocketAddr>,
     pub mqtt_tls_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
@@ -255,6 +258,9 @@ impl Settings {
         }
         if let Some(v) = o.amqp_exchange_prefix {
             self.amqp.exchange_prefix = v;
+        }
+        if let Some(v) = o.amqp_queue_type {
+            self.amqp.queue_type = v;
         }
         if let Some(v) = o.api_token {
             self.api.token = Some(Secret(v));

@@ -396,6 +396,7 @@ fn amqp_section_reaches_the_forwarder() {
     assert_eq!(f.rate_limit_msgs_per_sec, Some(100));
     assert_eq!(f.exchange_prefix, "fg");
     assert_eq!(f.queue_message_ttl_secs, 3600);
+    assert_eq!(f.queue_type, QueueType::Classic, "the default");
     assert_eq!(f.reconnect_max_ms, AmqpSettings::default().reconnect_max_ms);
     std::fs::write(&path, "[amqp]\ninflight_window = 0\n").unwrap();
     assert!(matches!(
@@ -405,6 +406,28 @@ fn amqp_section_reaches_the_forwarder() {
             ..
         })
     ));
+    // The queue type: from the file, then the environment or flag over it; a type RabbitMQ
+    // has but fleetgate does not declare (streams) is refused, naming it.
+    std::fs::write(&path, "[amqp]\nqueue_type = \"quorum\"\n").unwrap();
+    let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+    assert_eq!(s.amqp.queue_type, QueueType::Quorum);
+    let s = Settings::load(
+        Some(&path),
+        Overrides {
+            amqp_queue_type: Some(QueueType::Classic),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.amqp.queue_type, QueueType::Classic);
+    assert_eq!("quorum".parse::<QueueType>(), Ok(QueueType::Quorum));
+    assert!("stream"
+        .parse::<QueueType>()
+        .unwrap_err()
+        .contains("classic or quorum"));
+    std::fs::write(&path, "[amqp]\nqueue_type = \"stream\"\n").unwrap();
+    let e = Settings::load(Some(&path), Overrides::default()).unwrap_err();
+    assert!(e.to_string().contains("stream"), "{e}");
     std::fs::write(&path, "[amqp]\nqueue_message_ttl_secs = 4294968\n").unwrap();
     assert!(matches!(
         Settings::load(Some(&path), Overrides::default()),

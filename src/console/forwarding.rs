@@ -119,7 +119,13 @@ async fn page(State(c): State<Console>, session: Sess) -> Response {
                             @for g in &rows {
                                 tr data-group=(s(&g["group_id"])) {
                                     td { (s(&g["name"])) br; code.small { (s(&g["group_id"])) } }
-                                    td { code { (s(&g["queue"])) } }
+                                    td {
+                                        code { (s(&g["queue"])) } " "
+                                        span.small { (s(&g["queue_type"])) }
+                                        @if let Some(e) = g["queue_error"].as_str() {
+                                            br; span.error { (e) }
+                                        }
+                                    }
                                     td { (s(&g["amqp"])) }
                                     td.backlog { (s(&g["backlog"])) }
                                     td { (s(&g["consumers"])) }

@@ -511,9 +511,6 @@ impl ExportService {
                 }
             }
             ObjectType::OtaJob => {
-                if self.ota().is_none() {
-                    return Plan::Invalid("OTA is not available on this gateway".into());
-                }
                 if let Some(why) = finished_verification(o) {
                     return Plan::Skip(why);
                 }
@@ -523,9 +520,7 @@ impl ExportService {
                 }
             }
             ObjectType::MigrationTask => {
-                let Some(engine) = self.migration() else {
-                    return Plan::Invalid("migration is not available on this gateway".into());
-                };
+                let engine = self.migration();
                 let def = match task_def(o) {
                     Ok(d) => d,
                     Err(e) => return Plan::Invalid(e),
@@ -598,7 +593,7 @@ impl ExportService {
             ObjectType::OtaJob => self.identical_job(o),
             ObjectType::MigrationTask => {
                 let def = task_def(o).ok()?;
-                filter_migrations(self.migration()?, &def.product_key)
+                filter_migrations(self.migration(), &def.product_key)
                     .into_iter()
                     .next()
                     .map(|t| t.task_id)
@@ -609,7 +604,7 @@ impl ExportService {
 
     /// A job on this gateway with the same name, target and spec (firmware by identity).
     fn identical_job(&self, o: &PackageObject) -> Option<String> {
-        let ota = self.ota()?;
+        let ota = self.ota();
         let src: Job = serde_json::from_value(o.data.get("job")?.clone()).ok()?;
         filter_jobs(ota, &src.product_key)
             .into_iter()
@@ -791,7 +786,7 @@ impl ExportService {
         o: &PackageObject,
         fw_map: &HashMap<String, String>,
     ) -> Result<String, String> {
-        let ota = self.ota().ok_or("OTA is not available on this gateway")?;
+        let ota = self.ota();
         let src: Job = o
             .data
             .get("job")
@@ -830,9 +825,7 @@ impl ExportService {
 
     /// Creates the task in `TO_MIGRATE` with the exported name and config.
     async fn create_migration(&self, o: &PackageObject) -> Result<String, String> {
-        let engine = self
-            .migration()
-            .ok_or("migration is not available on this gateway")?;
+        let engine = self.migration();
         let def = task_def(o)?;
         if self
             .inner
@@ -910,9 +903,7 @@ impl ExportService {
                     .firmware
                     .find(&f.product_key, &f.module, &f.version)
                     .ok_or("the conflicting firmware disappeared meanwhile")?;
-                let in_use = self
-                    .ota()
-                    .is_some_and(|ota| ota.firmware_in_use(&existing.firmware_id));
+                let in_use = self.ota().firmware_in_use(&existing.firmware_id);
                 self.inner
                     .firmware
                     .delete(&existing.firmware_id, in_use)

@@ -14,13 +14,13 @@
 //!   conflict) and only then writes, in dependency order. With `conflict_policy=fail` a single
 //!   conflict means nothing is written.
 //! - Jobs are `export.job` / `import.job` store documents (status, per-object status, log),
-//!   written at start and end; a job a restart interrupted is marked FAILED when loaded.
+//!   written at start and end; a job a restart interrupted is marked FAILED when loaded (in a
+//!   cluster: by the next holder of the engines' lease, when its term begins).
 //! - Cluster mode ([`ExportService::share_packages`], [`SharedPackages`]): a finished package
-//!   is stored in the shared database before the job says SUCCESSFUL; a node asked for a job
-//!   it does not know reads the job of record ([`ExportService::lookup`]), and one asked for a
-//!   package it does not have fetches it into its `exports/` directory first
-//!   ([`ExportService::package_file_ready`]). Firmware a package includes is fetched into the
-//!   firmware cache before the package is written.
+//!   is stored in the shared database before the job says SUCCESSFUL, and a node asked for a
+//!   package it does not have (the next holder, after the one that ran the export died)
+//!   fetches it into its `exports/` directory first ([`ExportService::package_file_ready`]).
+//!   Firmware a package includes is fetched into the firmware cache before it is written.
 //! - [`limit`]: the 429 "too many requests" checks the API applies to these routes.
 //!
 //! This module changes registry, firmware, OTA and migration state only through their public
@@ -133,8 +133,8 @@ fn new_id(prefix: &str) -> String {
 struct Inner {
     registry: Arc<Registry>,
     firmware: Arc<FirmwareRepo>,
-    ota: Option<OtaEngine>,
-    migration: Option<Arc<MigrationEngine>>,
+    ota: OtaEngine,
+    migration: Arc<MigrationEngine>,
     store: Store,
     dir: PathBuf,
     settings: ExportSettings,
@@ -145,6 +145,48 @@ struct Inner {
     shared: std::sync::OnceLock<Arc<dyn SharedPackages>>,
     /// One fetch of a package at a time per export id.
     fetching: tokio::sync::Mutex<()>,
+}
+
+/// How [`ExportService::open`] treats jobs left IN_PROGRESS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// One node: they were interrupted by this node's restart; marked FAILED.
+    Running,
+    /// Cluster mode: left as they are until this node drives the engines.
+    Standby,
+}
+
+/// Every job in the store; with `fail_interrupted`, the ones IN_PROGRESS become FAILED
+/// (durably, before they are returned). Blocking.
+fn load_jobs(
+    store: &Store,
+    fail_interrupted: bool,
+) -> Result<DashMap<String, JobRecord>, ExportError> {
+    let jobs = DashMap::new();
+    let mut ops = Vec::new();
+    for kind in [EXPORT_DOC, IMPORT_DOC] {
+        for (id, body) in store.load_documents(kind)? {
+            let mut job: JobRecord = match serde_json::from_str(&body) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(id = %id, error = %e, "corrupt export/import job skipped");
+                    continue;
+                }
+            };
+            if fail_interrupted && job.status.state == JobState::InProgress {
+                let msg = "interrupted by a gateway restart (or, in a cluster, by the loss of the node that ran it)";
+                job.status = Status::new(JobState::Failed, msg);
+                job.ended_at_ms = Some(now());
+                job.log("ERROR", "FGX_009", msg);
+                ops.push(doc_op(&job));
+            }
+            jobs.insert(id, job);
+        }
+    }
+    if !ops.is_empty() {
+        store.submit_blocking(ops)?;
+    }
+    Ok(jobs)
 }
 
 /// Export/import jobs. Cheap to clone.
@@ -163,18 +205,22 @@ impl std::fmt::Debug for ExportService {
 }
 
 impl ExportService {
-    /// Loads the jobs (marking interrupted ones FAILED) and creates `{data_dir}/exports`.
-    /// Blocking: start-up only.
+    /// Loads the jobs and creates `{data_dir}/exports`. Blocking: start-up only. On one node
+    /// ([`Start::Running`]) a job a restart interrupted is marked FAILED now; in a cluster
+    /// ([`Start::Standby`]) that is done by the holder of the engines' lease when its term
+    /// begins ([`ExportService::activate`]) — another node's restart must not touch the jobs
+    /// the holder runs.
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         data_dir: &std::path::Path,
         store: Store,
         registry: Arc<Registry>,
         firmware: Arc<FirmwareRepo>,
-        ota: Option<OtaEngine>,
-        migration: Option<Arc<MigrationEngine>>,
+        ota: OtaEngine,
+        migration: Arc<MigrationEngine>,
         settings: ExportSettings,
         on_device_revoked: DeviceRevokedHook,
+        start: Start,
     ) -> Result<ExportService, ExportError> {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
@@ -187,30 +233,7 @@ impl ExportService {
                 }
             }
         }
-        let jobs = DashMap::new();
-        let mut ops = Vec::new();
-        for kind in [EXPORT_DOC, IMPORT_DOC] {
-            for (id, body) in store.load_documents(kind)? {
-                let mut job: JobRecord = match serde_json::from_str(&body) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        tracing::error!(id = %id, error = %e, "corrupt export/import job skipped");
-                        continue;
-                    }
-                };
-                if job.status.state == JobState::InProgress {
-                    let msg = "interrupted by a gateway restart";
-                    job.status = Status::new(JobState::Failed, msg);
-                    job.ended_at_ms = Some(now());
-                    job.log("ERROR", "FGX_009", msg);
-                    ops.push(doc_op(&job));
-                }
-                jobs.insert(id, job);
-            }
-        }
-        if !ops.is_empty() {
-            store.submit_blocking(ops)?;
-        }
+        let jobs = load_jobs(&store, start == Start::Running)?;
         let limiter = Arc::new(ExportLimiter::new(&settings));
         Ok(ExportService {
             inner: Arc::new(Inner {
@@ -238,6 +261,21 @@ impl ExportService {
         }
     }
 
+    /// Cluster mode: this node took the engines' lease. Reloads the jobs from the store and
+    /// marks the ones the previous holder left IN_PROGRESS as FAILED (their packages were
+    /// being written on that node), as a restart does on one node.
+    pub async fn activate(&self) -> Result<(), ExportError> {
+        let store = self.inner.store.clone();
+        let jobs = tokio::task::spawn_blocking(move || load_jobs(&store, true))
+            .await
+            .map_err(|e| ExportError::Internal(format!("loading the jobs failed: {e}")))??;
+        self.inner.jobs.clear();
+        for (id, job) in jobs {
+            self.inner.jobs.insert(id, job);
+        }
+        Ok(())
+    }
+
     pub fn limiter(&self) -> &Arc<ExportLimiter> {
         &self.inner.limiter
     }
@@ -259,38 +297,11 @@ impl ExportService {
             })
     }
 
-    /// [`get`](Self::get), or in cluster mode the job of record when this node does not know
-    /// it (another node ran it: a job record is loaded at start and by the node that runs it).
-    pub async fn lookup(&self, kind: JobKind, id: &str) -> Result<JobRecord, ExportError> {
-        let known = self.get(kind, id);
-        let Some(shared) = self.inner.shared.get() else {
-            return known;
-        };
-        if known.is_ok() {
-            return known;
-        }
-        let doc_kind = match kind {
-            JobKind::Export => EXPORT_DOC,
-            JobKind::Import => IMPORT_DOC,
-        };
-        match shared.job(doc_kind, id).await {
-            Ok(Some(body)) => serde_json::from_str::<JobRecord>(&body)
-                .ok()
-                .filter(|j| j.kind == kind && j.id == id)
-                .ok_or_else(|| ExportError::Internal(format!("corrupt {doc_kind} {id:?}"))),
-            Ok(None) => known,
-            Err(e) => {
-                tracing::warn!(job_id = %id, error = %e, "cannot read the export job of record");
-                known
-            }
-        }
-    }
-
     /// The file of a finished export's package on this node; `NotReady` while running or
     /// after a failure. Cluster mode: a package this node does not have is fetched from the
     /// shared copy first.
     pub async fn package_file_ready(&self, id: &str) -> Result<PathBuf, ExportError> {
-        let path = self.package_path_of(self.lookup(JobKind::Export, id).await?)?;
+        let path = self.package_path(id)?;
         let Some(shared) = self.inner.shared.get() else {
             return Ok(path);
         };
@@ -796,9 +807,7 @@ impl ExportService {
         deps: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
-        let Some(ota) = &self.inner.ota else {
-            return false;
-        };
+        let ota = &self.inner.ota;
         let Ok(view) = ota.get_job(jid) else {
             return false;
         };
@@ -851,10 +860,7 @@ impl ExportService {
         deps: bool,
         expanded: &mut HashSet<String>,
     ) -> bool {
-        let Some(engine) = &self.inner.migration else {
-            return false;
-        };
-        let Ok(t) = engine.details(tid) else {
+        let Ok(t) = self.inner.migration.details(tid) else {
             return false;
         };
         if deps {
@@ -904,12 +910,12 @@ impl ExportService {
     }
 
     /// Used by [`filter_jobs`] in the import.
-    fn ota(&self) -> Option<&OtaEngine> {
-        self.inner.ota.as_ref()
+    fn ota(&self) -> &OtaEngine {
+        &self.inner.ota
     }
 
-    fn migration(&self) -> Option<&Arc<MigrationEngine>> {
-        self.inner.migration.as_ref()
+    fn migration(&self) -> &Arc<MigrationEngine> {
+        &self.inner.migration
     }
 }
 
@@ -1005,5 +1011,92 @@ pub(crate) fn job_name(
             })
         }
         Some(n) => Ok(n.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ApiState, TokenSet};
+    use crate::metrics::Metrics;
+
+    /// Cluster mode: a node starting in standby leaves a job the holder runs IN_PROGRESS; the
+    /// next holder, when its term begins, marks it FAILED (durably) like a restart on one node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_leaves_running_jobs_alone_and_the_next_holder_fails_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open_in_memory(metrics.clone()).unwrap();
+        let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
+        let firmware =
+            FirmwareRepo::open(dir.path(), store.clone(), "http://gw.test".into(), 1 << 20)
+                .unwrap();
+        let state = ApiState::for_tests(
+            dir.path(),
+            store.clone(),
+            registry.clone(),
+            metrics,
+            TokenSet::new(Vec::<(String, crate::api::Role)>::new()),
+            firmware.clone(),
+        );
+        let running = JobRecord {
+            id: "exp-running".into(),
+            kind: JobKind::Export,
+            name: "nightly".into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            started_at_ms: Some(1),
+            ended_at_ms: None,
+            status: Status::new(JobState::InProgress, "In Progress"),
+            objects: Vec::new(),
+            log: Vec::new(),
+            package_size: None,
+            secrets_included: false,
+            conflict_policy: None,
+            started_by: None,
+        };
+        store.submit(vec![doc_op(&running)]).await.unwrap();
+        let open = |start| {
+            ExportService::open(
+                dir.path(),
+                store.clone(),
+                registry.clone(),
+                firmware.clone(),
+                state.ota.clone(),
+                state.migration.clone(),
+                ExportSettings::default(),
+                Arc::new(|_: &str, _: &str| {}),
+                start,
+            )
+            .unwrap()
+        };
+        let standby = tokio::task::block_in_place(|| open(Start::Standby));
+        let job = standby.get(JobKind::Export, "exp-running").unwrap();
+        assert_eq!(job.status.state, JobState::InProgress);
+        // A node that starts after the standby still finds it running.
+        let later = tokio::task::block_in_place(|| open(Start::Standby));
+        assert_eq!(
+            later
+                .get(JobKind::Export, "exp-running")
+                .unwrap()
+                .status
+                .state,
+            JobState::InProgress
+        );
+
+        standby.activate().await.unwrap();
+        let job = standby.get(JobKind::Export, "exp-running").unwrap();
+        assert_eq!(job.status.state, JobState::Failed);
+        assert!(job.log.iter().any(|l| l.code == "FGX_009"), "{:?}", job.log);
+        // Durable: any node loading now sees it FAILED.
+        let again = tokio::task::block_in_place(|| open(Start::Standby));
+        assert_eq!(
+            again
+                .get(JobKind::Export, "exp-running")
+                .unwrap()
+                .status
+                .state,
+            JobState::Failed
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use futures_util::future::BoxFuture;
 
-/// The cluster's copy of export packages and the job records of record.
+/// The cluster's copy of finished export packages.
 pub trait SharedPackages: Send + Sync + std::fmt::Debug {
     /// Stores the package file of export `id` durably before returning (its SHA-256 computed
     /// while it is read). Idempotent: a package already stored under `id` is kept.
@@ -22,12 +22,4 @@ pub trait SharedPackages: Send + Sync + std::fmt::Debug {
     /// SHA-256 and size it was stored with; `Ok(false)` when none is stored. On `Err` `dest`
     /// may hold a partial file: the caller removes it.
     fn fetch<'a>(&'a self, id: &'a str, dest: &'a Path) -> BoxFuture<'a, Result<bool, String>>;
-
-    /// The store document of record of job `id` of `kind` (`export.job`, `import.job`), for
-    /// jobs another node ran.
-    fn job<'a>(
-        &'a self,
-        kind: &'static str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<String>, String>>;
 }

@@ -803,9 +803,16 @@ async fn bench_throughput() {
     .await
     .unwrap();
     let bare_exchange = format!("{}.bare-x", fx.prefix);
-    groups::declare_group(&fx.rabbit.conn, &ch, &bare_exchange, &bare_queue, 0)
-        .await
-        .unwrap();
+    groups::declare_group(
+        &fx.rabbit.conn,
+        &ch,
+        &bare_exchange,
+        &bare_queue,
+        0,
+        QueueType::Classic,
+    )
+    .await
+    .unwrap();
     let template = OutboxRow {
         seq: 1,
         enqueued_at_ms: 1_700_000_000_000,

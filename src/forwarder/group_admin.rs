@@ -98,6 +98,7 @@ impl Forwarder {
                 GroupEntry {
                     group: group.clone(),
                     declared: false,
+                    problem: None,
                     rate: RateSampler::default(),
                 },
             );
@@ -106,7 +107,8 @@ impl Forwarder {
         if let Some(link) = link {
             let exchange = self.topology.exchange(instance_id);
             let queue = self.topology.queue(instance_id, &group_id);
-            match declare_on(&link, &exchange, &queue, message_ttl_secs).await {
+            let queue_type = self.config.queue_type;
+            match declare_on(&link, &exchange, &queue, message_ttl_secs, queue_type).await {
                 Ok(how) => self.mark_declared(instance_id, &group_id, how, message_ttl_secs),
                 // The sampler re-declares groups whose queue is missing.
                 Err(e) => tracing::warn!(error = %e, %queue, "consumer group not declared yet"),
@@ -159,11 +161,18 @@ impl Forwarder {
                 Err(e) => tracing::warn!(error = %e, %queue, "cannot inspect consumer group queue"),
             }
         }
-        let (rate, sampled_at) = lock(&self.groups)
+        let (rate, sampled_at, queue_status, queue_error) = lock(&self.groups)
             .groups
             .get(&(instance_id.to_owned(), group_id.to_owned()))
-            .map(|e| (e.rate.rate_per_minute, e.rate.sampled_at_ms))
-            .unwrap_or((None, None));
+            .map(|e| {
+                let (status, error) = match &e.problem {
+                    Some((status, message)) => (*status, Some(message.clone())),
+                    None if e.declared => (QueueStatus::Declared, None),
+                    None => (QueueStatus::NotDeclared, None),
+                };
+                (e.rate.rate_per_minute, e.rate.sampled_at_ms, status, error)
+            })
+            .unwrap_or((None, None, QueueStatus::NotDeclared, None));
         Ok(ConsumerGroupDetails {
             group,
             exchange,
@@ -173,6 +182,9 @@ impl Forwarder {
             consumers,
             consume_rate_per_minute: rate,
             rate_sampled_at_ms: sampled_at,
+            queue_type: self.config.queue_type,
+            queue_status,
+            queue_error,
         })
     }
 
@@ -208,9 +220,7 @@ impl Forwarder {
             st.tombstones.insert(id.clone(), queue.clone());
             st.link.clone()
         };
-        let label = [("group", id.clone())];
-        self.metrics.forwarder_group_backlog.remove(&label);
-        self.metrics.forwarder_group_consumers.remove(&label);
+        self.forget_group_metrics(&id);
         if let Some(link) = link {
             match delete_on(&link, &queue).await {
                 Ok(()) => self.forget_tombstone(&id).await?,

@@ -39,6 +39,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::settings::QueueType;
+
 /// Store document kind of a consumer group.
 pub const GROUP_DOC_KIND: &str = "amqp.group";
 /// Store document kind of a group whose queue still has to be deleted in RabbitMQ.
@@ -107,6 +109,44 @@ pub struct ConsumerGroupDetails {
     pub consume_rate_per_minute: Option<f64>,
     /// When `consume_rate_per_minute` was last computed (ms since the epoch).
     pub rate_sampled_at_ms: Option<i64>,
+    /// The queue type this gateway declares (`amqp.queue_type`): `classic` or `quorum`.
+    pub queue_type: QueueType,
+    /// What the forwarder found in RabbitMQ when it last declared the group's queue.
+    pub queue_status: QueueStatus,
+    /// Set while `queue_status` is `type_mismatch`, `other_arguments` or `refused`: what is
+    /// wrong, naming the group, and what to do.
+    pub queue_error: Option<String>,
+}
+
+/// What the forwarder found when it declared a group's queue (`queue_status` of a group).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueStatus {
+    /// Not declared on the current connection (no broker connected yet, or the declare failed
+    /// and is retried).
+    NotDeclared,
+    /// Declared with the configured type and arguments, and bound.
+    Declared,
+    /// It existed with other arguments (e.g. another message TTL): kept as it is, bound and fed.
+    OtherArguments,
+    /// It existed with the other queue type than `amqp.queue_type`: kept as it is, bound and
+    /// fed, without the configured type's guarantees (see `queue_error`).
+    TypeMismatch,
+    /// RabbitMQ refused the queue's arguments (e.g. a message TTL on a quorum queue before
+    /// RabbitMQ 3.10): no queue, the group receives nothing (see `queue_error`).
+    Refused,
+}
+
+impl QueueStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueStatus::NotDeclared => "not_declared",
+            QueueStatus::Declared => "declared",
+            QueueStatus::OtherArguments => "other_arguments",
+            QueueStatus::TypeMismatch => "type_mismatch",
+            QueueStatus::Refused => "refused",
+        }
+    }
 }
 
 /// Exchange and queue names.
@@ -197,8 +237,13 @@ pub(crate) async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(),
     .await
 }
 
-/// The queue arguments of a group whose messages live `ttl_secs` (0 = no TTL).
-pub(crate) fn queue_arguments(ttl_secs: u32) -> FieldTable {
+/// The queue arguments of a group whose messages live `ttl_secs` (0 = no TTL), in a queue of
+/// `queue_type`. A classic queue carries no `x-queue-type` (as before the setting existed, so
+/// queues declared by older versions stay equivalent); a quorum queue carries
+/// `x-queue-type: quorum`. RabbitMQ 3.10 and later accept `x-message-ttl` on both types; the
+/// other quorum-queue conditions (durable, not exclusive, not auto-delete) are how every group
+/// queue is declared anyway.
+pub(crate) fn queue_arguments(ttl_secs: u32, queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
     if ttl_secs > 0 {
         args.insert(
@@ -206,16 +251,55 @@ pub(crate) fn queue_arguments(ttl_secs: u32) -> FieldTable {
             AMQPValue::LongLongInt(i64::from(ttl_secs) * 1000),
         );
     }
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.as_str().into()),
+        );
+    }
     args
 }
 
 /// How [`declare_group`] left a group's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Declared {
     /// Declared (or found) with the arguments asked for.
     AsAsked,
-    /// It existed with other arguments (406): kept as it is, and bound.
-    KeptExisting,
+    /// It existed with other arguments than its type (406, e.g. another message TTL): kept as
+    /// it is, and bound. The broker's reply text says which.
+    KeptExisting(String),
+    /// It existed with the other queue type (406 on `x-queue-type`): kept as it is, and bound,
+    /// so it is still fed — but it is not the type `amqp.queue_type` asks for.
+    OtherType(String),
+    /// RabbitMQ refused the arguments themselves (406 "invalid arg", e.g. `x-message-ttl` on a
+    /// quorum queue of a RabbitMQ before 3.10): no queue was declared, nothing is bound.
+    Refused(String),
+}
+
+/// What a 406 PRECONDITION_FAILED on a queue declare means, from the broker's reply text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The queue exists with another `x-queue-type` ("inequivalent arg 'x-queue-type'").
+    OtherType,
+    /// The queue exists with another value of some other argument ("inequivalent arg …").
+    OtherArguments,
+    /// The arguments are not valid for this queue type on this broker ("invalid arg …"): the
+    /// queue does not exist.
+    InvalidArguments,
+}
+
+/// Classifies a 406 reply text (`PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for
+/// queue 'q' in vhost '/': received … but current is …`). RabbitMQ reports the first argument
+/// that differs, in its own order (`x-message-ttl` before `x-queue-type`): a queue that differs
+/// in both is reported as [`Refusal::OtherArguments`].
+pub(crate) fn classify_refusal(reply: &str) -> Refusal {
+    if reply.contains("invalid arg") {
+        Refusal::InvalidArguments
+    } else if reply.contains("inequivalent arg 'x-queue-type'") {
+        Refusal::OtherType
+    } else {
+        Refusal::OtherArguments
+    }
 }
 
 /// Whether `e` is a channel-level 406 PRECONDITION_FAILED (e.g. a queue re-declared with
@@ -228,24 +312,35 @@ pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
     )
 }
 
-/// Declares the exchange, the group's durable queue (with a message TTL when `ttl_secs` > 0)
-/// and the binding (all idempotent). When the queue already exists with other arguments,
-/// RabbitMQ answers 406 and closes `ch`; the queue is then kept as it is — checked with a
-/// passive declare and bound on a fresh channel of `conn` — and the result says so. Callers
-/// should use a channel they can throw away.
+/// The broker's reply text of a protocol error (empty for other errors).
+pub(crate) fn reply_text(e: &lapin::Error) -> String {
+    match e.kind() {
+        ErrorKind::ProtocolError(a) => a.get_message().to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Declares the exchange, the group's durable queue of `queue_type` (with a message TTL when
+/// `ttl_secs` > 0) and the binding (all idempotent). When the queue already exists with other
+/// arguments or another type, RabbitMQ answers 406 and closes `ch`; the queue is then kept as
+/// it is — checked with a passive declare and bound on a fresh channel of `conn` — and the
+/// result says so ([`Declared::KeptExisting`], [`Declared::OtherType`]). Arguments RabbitMQ
+/// refuses outright give [`Declared::Refused`]. Callers should use a channel they can throw
+/// away.
 pub(crate) async fn declare_group(
     conn: &Connection,
     ch: &Channel,
     exchange: &str,
     queue: &str,
     ttl_secs: u32,
+    queue_type: QueueType,
 ) -> Result<Declared, lapin::Error> {
     declare_exchange(ch, exchange).await?;
     match ch
         .queue_declare(
             queue.into(),
             QueueDeclareOptions::durable(),
-            queue_arguments(ttl_secs),
+            queue_arguments(ttl_secs, queue_type),
         )
         .await
     {
@@ -254,6 +349,11 @@ pub(crate) async fn declare_group(
             Ok(Declared::AsAsked)
         }
         Err(e) if is_precondition_failed(&e) => {
+            let reply = reply_text(&e);
+            let refusal = classify_refusal(&reply);
+            if refusal == Refusal::InvalidArguments {
+                return Ok(Declared::Refused(reply));
+            }
             let fresh = conn.create_channel().await?;
             let kept = async {
                 fresh
@@ -269,7 +369,10 @@ pub(crate) async fn declare_group(
             if fresh.status().connected() {
                 let _ = fresh.close(200, "done".into()).await;
             }
-            kept.map(|()| Declared::KeptExisting)
+            kept.map(|()| match refusal {
+                Refusal::OtherType => Declared::OtherType(reply),
+                _ => Declared::KeptExisting(reply),
+            })
         }
         Err(e) => Err(e),
     }

@@ -112,9 +112,7 @@ impl Forwarder {
             st.link.clone()
         };
         for (id, _) in &queues {
-            let label = [("group", id.clone())];
-            self.metrics.forwarder_group_backlog.remove(&label);
-            self.metrics.forwarder_group_consumers.remove(&label);
+            self.forget_group_metrics(id);
         }
         lock(&self.limits).set_override(instance_id, None);
         lock(&self.mirror_limits).remove(instance_id);

@@ -59,8 +59,11 @@ impl Forwarder {
         lock(&self.groups).link.clone()
     }
 
-    /// Records that a group's queue is declared; when RabbitMQ kept an existing queue with
-    /// other arguments, counts it and warns (once per queue and process).
+    /// Records how a group's queue was declared. A queue kept with other arguments is counted
+    /// and warned about (once per queue and process); one of the other type, or refused, is an
+    /// error: logged when it is found (not again on each reconnect), exported as
+    /// `fleetgate_forwarder_group_queue_error{group,status}` and shown in the group's
+    /// `queue_status`/`queue_error` until a declare goes as asked.
     pub(super) fn mark_declared(
         &self,
         instance_id: &str,
@@ -68,25 +71,125 @@ impl Forwarder {
         how: Declared,
         ttl_secs: u32,
     ) {
-        if let Some(e) = lock(&self.groups)
-            .groups
-            .get_mut(&(instance_id.to_owned(), group_id.to_owned()))
-        {
-            e.declared = true;
-        }
-        if how == Declared::KeptExisting {
-            self.metrics.forwarder_queues_kept.inc();
-            let queue = self.topology.queue(instance_id, group_id);
-            if lock(&self.kept_queues).insert(queue.clone()) {
-                tracing::warn!(
-                    %queue,
-                    message_ttl_secs = ttl_secs,
-                    fix = "delete and re-create the consumer group (its queued messages are lost)",
-                    "consumer group queue exists with other arguments (406); kept as it is, \
-                     without this message TTL"
-                );
+        let queue = self.topology.queue(instance_id, group_id);
+        let group = groups::doc_id(instance_id, group_id);
+        let problem = self.queue_problem(&group, &queue, &how);
+        let previous = {
+            let mut st = lock(&self.groups);
+            // A group deleted meanwhile is left alone.
+            let Some(e) = st
+                .groups
+                .get_mut(&(instance_id.to_owned(), group_id.to_owned()))
+            else {
+                return;
+            };
+            e.declared = !matches!(how, Declared::Refused(_));
+            std::mem::replace(&mut e.problem, problem.clone())
+        };
+        let before = previous.map(|(status, _)| status);
+        let now = problem.as_ref().map(|(status, _)| *status);
+        if before != now {
+            if let Some(status) = before.filter(|s| is_queue_error(*s)) {
+                self.metrics
+                    .forwarder_group_queue_error
+                    .remove(&[("group", group.clone()), ("status", status.as_str().into())]);
             }
         }
+        if let Some(status) = now.filter(|s| is_queue_error(*s)) {
+            self.metrics
+                .forwarder_group_queue_error
+                .get_or_create(&[("group", group.clone()), ("status", status.as_str().into())])
+                .set(1);
+        }
+        match (&how, problem) {
+            (Declared::AsAsked, _) | (_, None) => {
+                if before.is_some_and(is_queue_error) {
+                    tracing::info!(%group, %queue, queue_type = %self.config.queue_type,
+                        "consumer group queue declared as configured again");
+                }
+            }
+            (Declared::KeptExisting(_), Some((_, message))) => {
+                self.metrics.forwarder_queues_kept.inc();
+                if lock(&self.kept_queues).insert(queue.clone()) {
+                    tracing::warn!(
+                        %group,
+                        %queue,
+                        message_ttl_secs = ttl_secs,
+                        fix = "delete and re-create the consumer group (its queued messages are lost)",
+                        "{message}"
+                    );
+                }
+            }
+            (Declared::OtherType(_), Some((status, message))) => {
+                self.metrics.forwarder_queues_kept.inc();
+                if before != Some(status) {
+                    tracing::error!(%group, %queue, queue_type = %self.config.queue_type, "{message}");
+                }
+            }
+            (Declared::Refused(_), Some((status, message))) => {
+                if before != Some(status) {
+                    tracing::error!(%group, %queue, queue_type = %self.config.queue_type, "{message}");
+                }
+            }
+        }
+    }
+
+    /// Drops a deleted group's labelled metrics (`group` = its doc id).
+    pub(super) fn forget_group_metrics(&self, group: &str) {
+        let label = [("group", group.to_owned())];
+        self.metrics.forwarder_group_backlog.remove(&label);
+        self.metrics.forwarder_group_consumers.remove(&label);
+        for status in [QueueStatus::TypeMismatch, QueueStatus::Refused] {
+            self.metrics.forwarder_group_queue_error.remove(&[
+                ("group", group.to_owned()),
+                ("status", status.as_str().into()),
+            ]);
+        }
+    }
+
+    /// The status and message of a queue not declared as asked (none when it was).
+    fn queue_problem(
+        &self,
+        group: &str,
+        queue: &str,
+        how: &Declared,
+    ) -> Option<(QueueStatus, String)> {
+        let wanted = self.config.queue_type;
+        let other = wanted.other();
+        Some(match how {
+            Declared::AsAsked => return None,
+            Declared::KeptExisting(reply) => (
+                QueueStatus::OtherArguments,
+                format!(
+                    "consumer group {group}: queue {queue} exists in RabbitMQ with other \
+                     arguments ({reply}); it is kept as it is and still receives the group's \
+                     messages. To apply the configured ones, delete and re-create the consumer \
+                     group (messages still in its queue are lost)"
+                ),
+            ),
+            Declared::OtherType(reply) => (
+                QueueStatus::TypeMismatch,
+                format!(
+                    "consumer group {group}: queue {queue} exists in RabbitMQ with another type \
+                     than amqp.queue_type = \"{wanted}\" ({reply}); it is kept as it is and still \
+                     receives the group's messages, but without what a {wanted} queue \
+                     guarantees. A queue's type cannot change: to make it {wanted}, let its \
+                     consumers empty it, then delete the consumer group and create it again \
+                     (messages still in its queue are lost); or set amqp.queue_type = \"{other}\" \
+                     on every node"
+                ),
+            ),
+            Declared::Refused(reply) => (
+                QueueStatus::Refused,
+                format!(
+                    "consumer group {group}: RabbitMQ refused to declare queue {queue} as a \
+                     {wanted} queue ({reply}); it does not exist and the group receives \
+                     nothing. Quorum queues need RabbitMQ 3.8 or later, and 3.10 or later with \
+                     a message TTL: upgrade RabbitMQ, set amqp.queue_type = \"{other}\", or \
+                     re-create the group with message_ttl_secs = 0"
+                ),
+            ),
+        })
     }
 
     /// The `x-message-ttl` (seconds, 0 = none) of a group's queue.
@@ -144,4 +247,9 @@ impl Forwarder {
         lock(&self.groups).tombstones.remove(id);
         Ok(())
     }
+}
+
+/// Whether a queue status is an error (exported as `fleetgate_forwarder_group_queue_error`).
+fn is_queue_error(status: QueueStatus) -> bool {
+    matches!(status, QueueStatus::TypeMismatch | QueueStatus::Refused)
 }

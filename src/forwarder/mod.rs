@@ -57,6 +57,10 @@
 //!   day like the vendor, or the group's own `message_ttl_secs`). A queue that exists with
 //!   other arguments is kept as it is, with a warning, instead of failing the connection
 //!   (`groups.rs`).
+//! - Queue type: every group queue is of `amqp.queue_type` (`classic`, or `quorum` to survive
+//!   the loss of a RabbitMQ node). A queue that exists with the other type is kept and fed too,
+//!   and reported — error log, `fleetgate_forwarder_group_queue_error{group,status}`, the
+//!   group's `queue_status`/`queue_error` — without holding up the other groups.
 //!
 //! This module owns `outbox.db`, the AMQP connection and the consumer-group and rate-limit
 //! documents; it reads the registry (device ownership, instances) and never changes it.
@@ -79,17 +83,19 @@ pub mod testing;
 #[cfg(test)]
 mod amqp_tests;
 #[cfg(test)]
+mod queue_type_tests;
+#[cfg(test)]
 mod tests;
 
 pub use groups::{
-    ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, Topology, EXCHANGE_TOMBSTONE_DOC_KIND,
-    GROUP_DOC_KIND,
+    ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup, QueueStatus, Topology,
+    EXCHANGE_TOMBSTONE_DOC_KIND, GROUP_DOC_KIND,
 };
 pub use limits::{InstanceRateLimit, RateLimit, RateLimitRequest, RateLimitSource};
 pub use message::{format_time, iot_id, ForwardMessage, MessageKind, OtaTaskStateChange};
 pub use outbox::{Outbox, OutboxError, OutboxRow, OUTBOX_FILE_NAME};
 pub use pg_outbox::SharedOutboxSettings;
-pub use settings::{AmqpSettings, ForwarderConfig};
+pub use settings::{AmqpSettings, ForwarderConfig, QueueType};
 
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
@@ -271,6 +277,9 @@ struct GroupEntry {
     group: ConsumerGroup,
     /// Declared on the current connection.
     declared: bool,
+    /// What was wrong with its queue at the last declare (kept across reconnects until a
+    /// declare goes as asked): the status and the message the API shows.
+    problem: Option<(QueueStatus, String)>,
     rate: RateSampler,
 }
 
@@ -442,6 +451,7 @@ impl Forwarder {
                 GroupEntry {
                     group,
                     declared: false,
+                    problem: None,
                     rate: RateSampler::default(),
                 },
             );
@@ -838,9 +848,10 @@ async fn declare_on(
     exchange: &str,
     queue: &str,
     ttl_secs: u32,
+    queue_type: QueueType,
 ) -> Result<Declared, lapin::Error> {
     with_channel(link, |ch| async move {
-        groups::declare_group(&link.conn, &ch, exchange, queue, ttl_secs).await
+        groups::declare_group(&link.conn, &ch, exchange, queue, ttl_secs, queue_type).await
     })
     .await
 }

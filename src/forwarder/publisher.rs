@@ -134,7 +134,14 @@ async fn session_on(
     // One throwaway channel per group: a queue that exists with other arguments (406) closes
     // its channel, and is then kept as it is rather than failing the session forever.
     for g in work.groups {
-        let how = super::declare_on(link, &g.exchange, &g.queue, g.ttl_secs).await?;
+        let how = super::declare_on(
+            link,
+            &g.exchange,
+            &g.queue,
+            g.ttl_secs,
+            fwd.config.queue_type,
+        )
+        .await?;
         fwd.mark_declared(&g.instance_id, &g.group_id, how, g.ttl_secs);
     }
     let admin = conn.create_channel().await?;
@@ -574,7 +581,14 @@ pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>)
         let Some(link) = fwd.link() else {
             continue;
         };
-        let keys: Vec<(String, String)> = super::lock(&fwd.groups).groups.keys().cloned().collect();
+        // Groups whose queue RabbitMQ refused are not looked for (nor declared again) until the
+        // next connection: only a change on the broker's side can help them.
+        let keys: Vec<(String, String)> = super::lock(&fwd.groups)
+            .groups
+            .iter()
+            .filter(|(_, e)| !matches!(e.problem, Some((super::QueueStatus::Refused, _))))
+            .map(|(k, _)| k.clone())
+            .collect();
         for (iid, gid) in keys {
             let queue = fwd.topology.queue(&iid, &gid);
             let published = fwd.published_to(&iid);
@@ -611,7 +625,9 @@ pub(super) async fn sample(fwd: Arc<Forwarder>, mut stop: watch::Receiver<bool>)
                         .map(|e| fwd.message_ttl_secs(&e.group))
                         .filter(|_| fwd.registry.get_instance(&iid).is_ok());
                     if let Some(ttl_secs) = ttl_secs {
-                        if let Ok(how) = super::declare_on(&link, &exchange, &queue, ttl_secs).await
+                        let queue_type = fwd.config.queue_type;
+                        if let Ok(how) =
+                            super::declare_on(&link, &exchange, &queue, ttl_secs, queue_type).await
                         {
                             fwd.mark_declared(&iid, &gid, how, ttl_secs);
                         }

@@ -45,6 +45,61 @@ pub struct AmqpSettings {
     /// `message_ttl_secs`, seconds; 0 = messages never expire. At most 4294967. The vendor
     /// keeps 1 day.
     pub queue_message_ttl_secs: u32,
+    /// Type of the consumer-group queues this gateway declares: `classic` (the default) or
+    /// `quorum` (replicated over the RabbitMQ cluster's nodes, so the loss of one does not lose
+    /// queued messages; RabbitMQ 3.10 or later, for the message TTL). Applies to every group:
+    /// a queue that already exists with the other type is kept as it is and reported
+    /// ([`super::QueueStatus::TypeMismatch`]).
+    pub queue_type: QueueType,
+}
+
+/// `amqp.queue_type`: the RabbitMQ queue type of consumer-group queues.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic queue (no `x-queue-type` argument: what fleetgate always declared).
+    #[default]
+    Classic,
+    /// A quorum queue (`x-queue-type: quorum`): durable, replicated (Raft) over the RabbitMQ
+    /// cluster's nodes.
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
+    /// The other type (what a mismatching queue is, when it is one of the two).
+    pub fn other(self) -> QueueType {
+        match self {
+            QueueType::Classic => QueueType::Quorum,
+            QueueType::Quorum => QueueType::Classic,
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<QueueType, String> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            _ => Err(format!("`{s}` is not a queue type: classic or quorum")),
+        }
+    }
 }
 
 impl Default for AmqpSettings {
@@ -61,6 +116,7 @@ impl Default for AmqpSettings {
             rate_limit_msgs_per_sec: None,
             rate_limit_bytes_per_sec: None,
             queue_message_ttl_secs: 86_400,
+            queue_type: QueueType::Classic,
         }
     }
 }

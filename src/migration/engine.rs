@@ -30,7 +30,7 @@ use super::command::{Command, NewTask, Outcome, Request, RollbackSelection};
 use super::config::{EngineConfig, Hooks};
 pub use super::docs::{DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
-use super::shared::{details, device_statuses, Shared, State, TaskEntry};
+use super::shared::{apply_route, details, device_statuses, Shared, State, TaskEntry};
 use super::MigrationError;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -38,6 +38,7 @@ use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Page, Paged,
 use crate::store::Store;
 use dashmap::DashMap;
 use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -57,11 +58,31 @@ pub struct DeviceListFilter {
 }
 
 /// The migration engine. Share it as `Arc<MigrationEngine>`.
+///
+/// On one node its actor runs from [`MigrationEngine::start`] to [`MigrationEngine::shutdown`].
+/// In a cluster ([`MigrationEngine::standby`]) only the holder of the engines' lease runs it
+/// ([`MigrationEngine::activate`] / [`MigrationEngine::deactivate`]); the other nodes keep a
+/// read-only mirror of the tasks, device records and logs, kept current from the change feed
+/// ([`MigrationEngine::mirror_changed`]), so data-sync routes, device details and the console
+/// are right on every node, and they answer changes with [`MigrationError::Standby`].
 pub struct MigrationEngine {
     shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    config: EngineConfig,
+    /// The device-move rate in force ([`Self::set_rate`]), kept for the next term's actor.
+    rate: AtomicU32,
+    hooks: Hooks,
+    actor: std::sync::Mutex<Option<Running>>,
+    /// From the start of [`Self::activate`] to the end of [`Self::deactivate`]: the actor (or
+    /// the load before it) owns the state, and feed changes are not mirrored.
+    driving: AtomicBool,
+}
+
+/// The running actor: its mailbox, its stop signal and its task.
+struct Running {
     tx: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
-    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for MigrationEngine {
@@ -84,6 +105,23 @@ impl MigrationEngine {
         hooks: Hooks,
         clock: Clock,
     ) -> Result<Arc<MigrationEngine>, MigrationError> {
+        let engine = Self::standby(registry, store, metrics, config, hooks, clock)?;
+        engine.driving.store(true, Ordering::Release);
+        engine.start_actor();
+        Ok(engine)
+    }
+
+    /// Cluster mode: loads every task (blocking: start-up only) as a read-only mirror, with
+    /// its data-sync routes, and runs no actor until [`Self::activate`]. `store` is fenced by
+    /// the engines' lease: a node that lost its term cannot write.
+    pub fn standby(
+        registry: Arc<Registry>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        config: EngineConfig,
+        hooks: Hooks,
+        clock: Clock,
+    ) -> Result<Arc<MigrationEngine>, MigrationError> {
         let state = State::load(&store, &registry)?;
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
@@ -92,35 +130,144 @@ impl MigrationEngine {
             registry,
             store,
         });
-        let mut worker = super::worker::Worker::new(shared.clone(), metrics, config, hooks);
-        worker.rebuild_after_load();
-        let (tx, rx) = mpsc::channel(256);
-        let (stop, stop_rx) = watch::channel(false);
-        let handle = tokio::spawn(worker.run(rx, stop_rx));
-        {
-            let state = shared.read();
-            let running = state
-                .tasks
-                .values()
-                .filter(|t| t.doc.state.is_running())
-                .count();
-            tracing::info!(
-                tasks = state.tasks.len(),
-                running,
-                "migration engine started"
-            );
-        }
         let engine = Arc::new(MigrationEngine {
             shared,
-            tx,
-            stop,
-            task: std::sync::Mutex::new(Some(handle)),
+            metrics,
+            rate: AtomicU32::new(config.devices_per_sec),
+            config,
+            hooks,
+            actor: std::sync::Mutex::new(None),
+            driving: AtomicBool::new(false),
         });
+        engine.rebuild_routes();
         engine
             .shared
             .registry
             .add_observer(Arc::new(DeviceObserverImpl(Arc::downgrade(&engine))));
         Ok(engine)
+    }
+
+    /// Starts an actor on the state loaded now; it resumes running tasks at once.
+    fn start_actor(&self) {
+        let config = EngineConfig {
+            devices_per_sec: self.rate.load(Ordering::Relaxed),
+            ..self.config
+        };
+        let mut worker = super::worker::Worker::new(
+            self.shared.clone(),
+            self.metrics.clone(),
+            config,
+            self.hooks.clone(),
+        );
+        worker.rebuild_after_load();
+        let (tx, rx) = mpsc::channel(256);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(worker.run(rx, stop_rx));
+        let state = self.shared.read();
+        let running = state
+            .tasks
+            .values()
+            .filter(|t| t.doc.state.is_running())
+            .count();
+        tracing::info!(
+            tasks = state.tasks.len(),
+            running,
+            "migration engine started"
+        );
+        drop(state);
+        *self.actor_slot() = Some(Running { tx, stop, task });
+    }
+
+    fn actor_slot(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.actor.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The actor's mailbox; [`MigrationError::Standby`] while another node drives the engine.
+    fn sender(&self) -> Result<mpsc::Sender<Command>, MigrationError> {
+        self.actor_slot()
+            .as_ref()
+            .map(|a| a.tx.clone())
+            .ok_or(MigrationError::Standby)
+    }
+
+    /// Cluster mode: this node took the engines' lease. Reloads every task from the store
+    /// (what the previous holder committed — batch boundaries are durable) and starts the
+    /// actor, which resumes running tasks where they stand.
+    pub async fn activate(&self) -> Result<(), MigrationError> {
+        self.driving.store(true, Ordering::Release);
+        self.stop_actor().await;
+        self.reload().await?;
+        self.start_actor();
+        tracing::info!("migration engine active on this node");
+        Ok(())
+    }
+
+    /// Cluster mode: this node lost (or gave up) the lease. The actor stops after its batch
+    /// in flight (whose writes the fence refuses once the term is over) and the state is
+    /// reloaded from the store as the mirror the feed keeps current from now on.
+    pub async fn deactivate(&self) {
+        if !self.driving.load(Ordering::Acquire) {
+            return;
+        }
+        self.stop_actor().await;
+        if let Err(error) = self.reload().await {
+            // The next resync of the feed reloads the mirror again.
+            tracing::warn!(%error, "cannot reload the migration mirror");
+        }
+        self.driving.store(false, Ordering::Release);
+        tracing::warn!("migration engine in standby on this node (another node drives it)");
+    }
+
+    /// Whether this node's actor drives the engine (always, on one node).
+    pub fn is_driving(&self) -> bool {
+        self.driving.load(Ordering::Acquire)
+    }
+
+    /// Replaces the state with the store's and rebuilds the routes from it.
+    async fn reload(&self) -> Result<(), MigrationError> {
+        let (store, registry) = (self.shared.store.clone(), self.shared.registry.clone());
+        let state = tokio::task::spawn_blocking(move || State::load(&store, &registry))
+            .await
+            .map_err(|e| {
+                MigrationError::Conflict(format!("loading migration tasks failed: {e}"))
+            })??;
+        *self.shared.write() = state;
+        self.rebuild_routes();
+        Ok(())
+    }
+
+    /// Every data-sync route from the tasks in memory (the targets' mirror limits with them).
+    fn rebuild_routes(&self) {
+        let targets: Vec<String> = self
+            .shared
+            .routes
+            .iter()
+            .map(|r| r.target.clone())
+            .collect();
+        self.shared.routes.clear();
+        for target in targets {
+            (self.hooks.set_rate_limit)(&target, None);
+        }
+        let docs: Vec<TaskDoc> = self
+            .shared
+            .read()
+            .tasks
+            .values()
+            .map(|t| t.doc.clone())
+            .collect();
+        for doc in &docs {
+            apply_route(&self.shared, &self.hooks, doc);
+        }
+    }
+
+    async fn stop_actor(&self) {
+        let actor = self.actor_slot().take();
+        if let Some(actor) = actor {
+            let _ = actor.stop.send(true);
+            if let Err(e) = actor.task.await {
+                tracing::error!(error = %e, "migration actor failed");
+            }
+        }
     }
 
     /// The engine's clock (tests advance it, see [`Clock::advance`]; then [`Self::wake`]).
@@ -130,13 +277,16 @@ impl MigrationEngine {
 
     /// Makes the actor re-read the clock now (after [`Clock::advance`]).
     pub fn wake(&self) {
-        let _ = self.tx.try_send(Command::Wake);
+        if let Ok(tx) = self.sender() {
+            let _ = tx.try_send(Command::Wake);
+        }
     }
 
     /// Changes the device-move rate (devices/s over all tasks; 0 = unthrottled).
     pub async fn set_rate(&self, devices_per_sec: u32) -> Result<(), MigrationError> {
+        self.rate.store(devices_per_sec, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.sender()?
             .send(Command::SetRate(devices_per_sec, reply))
             .await
             .map_err(|_| MigrationError::Stopped)?;
@@ -145,17 +295,7 @@ impl MigrationEngine {
 
     /// Stops the actor after the batch in flight (everything it did is already durable).
     pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
-        let handle = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if let Err(e) = handle.await {
-                tracing::error!(error = %e, "migration actor failed");
-            }
-        }
+        self.stop_actor().await;
     }
 
     async fn call(
@@ -165,7 +305,7 @@ impl MigrationEngine {
         actor: Actor,
     ) -> Result<Option<Outcome>, MigrationError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.sender()?
             .send(Command::Task {
                 task_id: task_id.to_owned(),
                 request,
@@ -266,6 +406,24 @@ impl MigrationEngine {
             .call_outcome(task_id, Request::DataSync(enabled), actor)
             .await?
             .details)
+    }
+
+    // ----- the mirror (cluster mode, standby) -----
+
+    /// Cluster mode: another node wrote (or deleted) the migration document `kind`/`id`;
+    /// `body` is what the store holds now. Applied to the mirror while this node does not
+    /// drive the engine; ignored while it does (its actor is the only writer then).
+    pub fn mirror_changed(&self, kind: &str, id: &str, body: Option<&str>) {
+        if !self.is_driving() {
+            super::mirror::changed(&self.shared, &self.hooks, kind, id, body);
+        }
+    }
+
+    /// Cluster mode: every migration document of `kind` now (after a resync of the feed).
+    pub fn mirror_reloaded(&self, kind: &str, docs: &[(String, String)]) {
+        if !self.is_driving() {
+            super::mirror::reloaded(&self.shared, &self.hooks, kind, docs);
+        }
     }
 
     // ----- reads (no actor round trip) -----
@@ -486,8 +644,12 @@ impl DeviceObserver for DeviceObserverImpl {
                         device_name: device_name.clone(),
                         reply,
                     };
-                    // A stopped actor (shutdown) hears of it at the next start instead.
-                    if engine.tx.send(cmd).await.is_ok() {
+                    // A stopped actor (shutdown) hears of it at the next start instead; a
+                    // standby node's mirror hears of the holder's record deletion by the feed.
+                    let Ok(tx) = engine.sender() else {
+                        return;
+                    };
+                    if tx.send(cmd).await.is_ok() {
                         let _ = rx.await;
                     }
                 }

@@ -16,6 +16,8 @@
 //! - `config`: [`EngineConfig`] (the `[migration]` settings) and the [`Hooks`] it calls out to.
 //! - `shared`: the state the actor writes and the API and forwarder read, and task details.
 //! - `docs`: store document kinds and ids.
+//! - `mirror`: cluster mode — a standby node's copy of the holder's documents, kept current
+//!   from the change feed.
 //!
 //! Layers point down: `engine` → `worker` → `command`, `config`, `shared`, `docs`, `machine`,
 //! `model`; the worker never reaches back into the engine.
@@ -35,6 +37,7 @@ mod config;
 mod docs;
 pub mod engine;
 pub mod machine;
+mod mirror;
 pub mod model;
 mod shared;
 mod worker;
@@ -46,6 +49,7 @@ pub use command::{NewTask, Outcome, RollbackSelection};
 pub use config::{EngineConfig, Hooks, KickFn, RateLimitFn};
 pub use engine::{DeviceListFilter, MigrationEngine, TaskFilter};
 pub use machine::{transition, Event, Refused};
+pub use mirror::KINDS as MIRRORED_KINDS;
 pub use model::*;
 
 use crate::registry::RegistryError;
@@ -89,4 +93,8 @@ pub enum MigrationError {
     Store(#[from] StoreError),
     #[error("the migration engine is stopped")]
     Stopped,
+    /// Cluster mode: another node drives the engine (calls are passed on to it; this one
+    /// arrived during a handover).
+    #[error("this node does not drive the migration engine right now (the cluster is handing it over); retry in a few seconds")]
+    Standby,
 }

@@ -6,6 +6,7 @@
 //! The lock is only ever held in synchronous blocks (never across `.await`); the actor is its
 //! only writer. [`State::load`] rebuilds it from the store at start.
 
+use super::config::Hooks;
 use super::docs::{device_doc_id, parse_doc, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
 use super::MigrationError;
@@ -161,6 +162,41 @@ fn summary(doc: &TaskDoc, totals: &DeviceTotals) -> SummaryStatus {
             }
         }
         _ => SummaryStatus::Terminated,
+    }
+}
+
+/// Installs or removes the product's data-sync route (what the forwarder mirrors to the
+/// target) and the target's bandwidth limit, as `doc` says now.
+pub(super) fn apply_route(shared: &Shared, hooks: &Hooks, doc: &TaskDoc) {
+    let now = shared.clock.now_ms();
+    if doc.data_sync.active(now) {
+        let expires_at_ms = doc.data_sync.expires_at_ms().unwrap_or(now);
+        shared.routes.insert(
+            doc.product_key.clone(),
+            SyncRoute {
+                target: doc.target_instance_id.clone(),
+                expires_at_ms,
+            },
+        );
+        (hooks.set_rate_limit)(
+            &doc.target_instance_id,
+            doc.config
+                .bandwidth_limit_mb
+                .map(|mb| u64::from(mb) * 1024 * 1024),
+        );
+    } else {
+        remove_route(shared, hooks, doc);
+    }
+}
+
+/// Removes the product's data-sync route to `doc`'s target, if it has one.
+pub(super) fn remove_route(shared: &Shared, hooks: &Hooks, doc: &TaskDoc) {
+    if shared
+        .routes
+        .remove_if(&doc.product_key, |_, r| r.target == doc.target_instance_id)
+        .is_some()
+    {
+        (hooks.set_rate_limit)(&doc.target_instance_id, None);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Engine tests over a real registry and store (in memory, or a file for restarts, or a
 //! backend that fails on demand for the resume modes).
 
+use super::docs::TASK_DOC;
 use super::*;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -1375,4 +1376,145 @@ async fn device_status_follows_the_products_task() {
     // A deleted task leaves nothing to show.
     env.engine.delete(&tid, op()).await.unwrap();
     assert_eq!(env.engine.device_status(&pk, "dev000"), None);
+}
+
+/// Cluster mode without the cluster: a standby engine on the same registry and store mirrors
+/// the driver's documents (as the change feed hands them over), refuses changes, and takes the
+/// task over mid-migration when the driver gives up its term — every device moved once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_mirrors_the_driver_and_resumes_its_migration() {
+    let env = env(50).await;
+    let limits: Limits = Arc::default();
+    let l = limits.clone();
+    let standby = MigrationEngine::standby(
+        env.registry.clone(),
+        env.registry.store().clone(),
+        env.metrics.clone(),
+        EngineConfig {
+            devices_per_sec: 0,
+            batch_size: 16,
+        },
+        Hooks {
+            kick: Arc::new(|_, _| {}),
+            set_rate_limit: Arc::new(move |iid: &str, b: Option<u64>| {
+                l.lock().unwrap().push((iid.to_owned(), b))
+            }),
+        },
+        Clock::system(),
+    )
+    .unwrap();
+    assert!(env.engine.is_driving());
+    assert!(!standby.is_driving());
+    let pk = env.product(200).await;
+    let new = NewTask {
+        product_key: pk.clone(),
+        target_instance_id: TARGET.into(),
+        name: None,
+        config: MigrationConfig::default(),
+    };
+    let e = standby.create(new, op()).await.unwrap_err();
+    assert!(matches!(e, MigrationError::Standby), "{e}");
+
+    let tid = env.task(&pk).await;
+    env.engine.set_data_sync(&tid, true, op()).await.unwrap();
+    env.engine
+        .canary(&tid, names(&["dev010"]), op())
+        .await
+        .unwrap();
+    env.wait_state(&tid, TaskState::CanaryCompleted).await;
+    env.engine.full(&tid, op()).await.unwrap();
+    env.wait(&tid, "some progress", |d| d.devices.migrated >= 40)
+        .await;
+
+    // The feed's resync hands over every document of each kind.
+    let mirror_all = |engine: Arc<MigrationEngine>| {
+        let store = env.registry.store().clone();
+        async move {
+            for kind in MIRRORED_KINDS {
+                let s = store.clone();
+                let docs = tokio::task::spawn_blocking(move || s.load_documents(kind))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                engine.mirror_reloaded(kind, &docs);
+            }
+        }
+    };
+    assert!(standby.details(&tid).is_err(), "nothing mirrored yet");
+    mirror_all(standby.clone()).await;
+    let seen = standby.details(&tid).unwrap();
+    assert_eq!(seen.state, TaskState::Migrating);
+    assert!(seen.devices.migrated >= 40, "{seen:?}");
+    assert_eq!(
+        standby.extra_targets(&pk, "dev199", DEFAULT_INSTANCE_ID),
+        [TARGET],
+        "the data-sync route is on the standby too"
+    );
+    assert!(limits.lock().unwrap().iter().any(|(i, _)| i == TARGET));
+    assert_eq!(
+        standby.device_status(&pk, "dev010").unwrap().status,
+        DeviceStatus::Migrated
+    );
+    let log = standby.log(&tid, Page::new(1, 100).unwrap()).unwrap();
+    assert_eq!(log.items[0].action, "create");
+
+    // One document at a time: the task deleted (its route with it), then back.
+    let task_body = {
+        let s = env.registry.store().clone();
+        tokio::task::spawn_blocking(move || s.load_documents(TASK_DOC))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .find(|(id, _)| *id == tid)
+            .unwrap()
+            .1
+    };
+    standby.mirror_changed(TASK_DOC, &tid, None);
+    assert!(standby.details(&tid).is_err());
+    assert!(standby
+        .extra_targets(&pk, "dev199", DEFAULT_INSTANCE_ID)
+        .is_empty());
+    assert_eq!(
+        limits.lock().unwrap().last().unwrap(),
+        &(TARGET.into(), None)
+    );
+    standby.mirror_changed(TASK_DOC, &tid, Some(&task_body));
+    assert_eq!(standby.details(&tid).unwrap().task_id, tid);
+
+    // The driver's term ends mid-migration; the standby's begins.
+    env.engine.deactivate().await;
+    assert!(!env.engine.is_driving());
+    let moved_before = env.counted("migrated");
+    assert!(env.owners_in(&pk, TARGET) < 200, "stopped mid-way");
+    let e = env.engine.pause(&tid, op()).await.unwrap_err();
+    assert!(matches!(e, MigrationError::Standby), "{e}");
+    standby.activate().await.unwrap();
+    assert!(standby.is_driving());
+    // While it drives, the feed does not touch its state.
+    standby.mirror_changed(TASK_DOC, &tid, None);
+    assert!(standby.details(&tid).is_ok());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let done = loop {
+        let d = standby.details(&tid).unwrap();
+        if d.state == TaskState::Completed {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never done: {d:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(done.devices.migrated, 200);
+    assert_eq!(env.owners_in(&pk, TARGET), 200);
+    assert_eq!(
+        env.counted("migrated"),
+        200,
+        "each device moved exactly once over both terms ({moved_before} in the first)"
+    );
+    // The old driver, a standby now, mirrors the new one's documents.
+    mirror_all(env.engine.clone()).await;
+    assert_eq!(
+        env.engine.details(&tid).unwrap().state,
+        TaskState::Completed
+    );
+    standby.shutdown().await;
 }

@@ -688,6 +688,17 @@ impl Store {
         }
     }
 
+    /// The fence a write through this handle carries (`None`: not fenced), for ops submitted
+    /// through another handle that must commit only during this one's term (a migration batch
+    /// moves devices through the registry's store). [`StoreError::NotLeaseHolder`] outside a
+    /// term.
+    pub fn fence_op(&self) -> Result<Option<Op>, StoreError> {
+        match &self.fence {
+            None => Ok(None),
+            Some(slot) => slot.op().map(Some).ok_or(StoreError::NotLeaseHolder),
+        }
+    }
+
     fn fenced_ops(&self, mut ops: Vec<Op>) -> Result<Vec<Op>, StoreError> {
         let Some(slot) = &self.fence else {
             return Ok(ops);

@@ -146,6 +146,9 @@ async fn device_traffic_reaches_a_consumer_group() {
     assert_eq!(status, 200, "{details}");
     assert_eq!(details["consumers"], 1);
     assert_eq!(details["backlog"], 0);
+    assert_eq!(details["queue_type"], "classic");
+    assert_eq!(details["queue_status"], "declared");
+    assert!(details["queue_error"].is_null(), "{details}");
     let metrics = app.metrics().await;
     assert!(
         metrics.contains("fleetgate_forwarder_published_total"),

@@ -107,7 +107,17 @@ pub struct Node {
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
-    _data_dir: TempDir,
+    /// How it was started, for [`Node::restart`].
+    start: NodeStart,
+    _data_dir: Arc<TempDir>,
+}
+
+/// What a node was started with.
+#[derive(Clone)]
+struct NodeStart {
+    db_url: String,
+    cluster: String,
+    options: NodeOptions,
 }
 
 /// What a test adds to every node of its cluster.
@@ -123,7 +133,60 @@ impl Node {
     /// Starts node `id` with the test's configuration file and environment, and waits until
     /// it listens.
     pub fn start_with(id: u16, db: &Database, cluster: &str, options: &NodeOptions) -> Node {
-        let data_dir = tempfile::tempdir().expect("tempdir");
+        let start = NodeStart {
+            db_url: db.url.clone(),
+            cluster: cluster.to_owned(),
+            options: options.clone(),
+        };
+        let data_dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Node::spawn(id, start, data_dir, None)
+    }
+
+    /// A clean stop (SIGTERM: leases released, sessions ended, outbox flushed) and a start of
+    /// the same node — same id, data directory and ports, so HAProxy finds it again — waiting
+    /// until it listens.
+    pub fn restart(&mut self) {
+        self.stop();
+        let listen = Some((self.mqtt, self.http));
+        let replacement = Node::spawn(self.id, self.start.clone(), self._data_dir.clone(), listen);
+        let old = std::mem::replace(self, replacement);
+        // Its process is gone already; its log stays readable in this test's output.
+        let lines = old.logs.lock().unwrap().clone();
+        self.logs.lock().unwrap().splice(0..0, lines);
+    }
+
+    /// SIGTERM, and waits until the process exited (within [`WAIT`], else SIGKILL and fail).
+    pub fn stop(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success(), "kill -TERM node {}", self.id);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "node {} exited with {status:?}", self.id);
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("node {} still running {WAIT:?} after SIGTERM", self.id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(
+        id: u16,
+        start: NodeStart,
+        data_dir: Arc<TempDir>,
+        listen: Option<(SocketAddr, SocketAddr)>,
+    ) -> Node {
+        let options = &start.options;
+        let (mqtt_listen, http_listen) = listen.map_or_else(
+            || ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
+            |(m, h)| (m.to_string(), h.to_string()),
+        );
         let mut command = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
         command.arg("serve");
         if let Some(config) = &options.config {
@@ -135,19 +198,19 @@ impl Node {
             .args([
                 "--log-json",
                 "--mqtt-listen",
-                "127.0.0.1:0",
+                &mqtt_listen,
                 "--http-listen",
-                "127.0.0.1:0",
+                &http_listen,
                 "--api-token",
                 ADMIN_TOKEN,
                 "--store",
-                &db.url,
+                &start.db_url,
                 "--nats-url",
                 &nats_url(),
                 "--node-id",
                 &id.to_string(),
                 "--cluster-name",
-                cluster,
+                &start.cluster,
             ])
             .arg("--data-dir")
             .arg(data_dir.path())
@@ -200,6 +263,7 @@ impl Node {
             mqtt,
             http,
             logs,
+            start,
             _data_dir: data_dir,
         }
     }

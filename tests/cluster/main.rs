@@ -1,9 +1,12 @@
 //! Cluster mode end to end: three gateway processes on one PostgreSQL database and NATS,
 //! HAProxy in front (docs/CLUSTER.md).
 
+mod campaign;
 mod firmware;
 mod harness;
+mod migration;
 mod ota;
+mod rolling;
 
 use harness::*;
 use serde_json::{json, Value};

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 /// A simulated device behind HAProxy: reconnects by itself, reports its version after every
 /// CONNACK, and upgrades when pushed to (progress 50, then the new version a moment later).
-struct SimDevice {
-    pushes: Arc<AtomicU32>,
+pub(crate) struct SimDevice {
+    pub(crate) pushes: Arc<AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,7 +23,35 @@ impl Drop for SimDevice {
     }
 }
 
-fn sim_device(addr: std::net::SocketAddr, pk: &str, dn: &str, secret: &str) -> SimDevice {
+pub(crate) fn sim_device(
+    addr: std::net::SocketAddr,
+    pk: &str,
+    dn: &str,
+    secret: &str,
+) -> SimDevice {
+    sim_device_with(addr, pk, dn, secret, Behaviour::Upgrade)
+}
+
+/// What a simulated device does with an upgrade push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Behaviour {
+    /// Progress 50, then the new version a moment later.
+    Upgrade,
+    /// Progress 10, then this failure code (-1..-4).
+    Fail(i32),
+    /// Progress 5, then nothing: the task times out.
+    Hang,
+    /// Progress 50, then a version that is not the job's.
+    WrongVersion,
+}
+
+pub(crate) fn sim_device_with(
+    addr: std::net::SocketAddr,
+    pk: &str,
+    dn: &str,
+    secret: &str,
+    behaviour: Behaviour,
+) -> SimDevice {
     let pushes = Arc::new(AtomicU32::new(0));
     let (pk, dn, secret) = (pk.to_owned(), dn.to_owned(), secret.to_owned());
     let counted = pushes.clone();
@@ -50,20 +78,32 @@ fn sim_device(addr: std::net::SocketAddr, pk: &str, dn: &str, secret: &str) -> S
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == upgrade => {
                         counted.fetch_add(1, Ordering::SeqCst);
-                        let body =
-                            json!({"id": "2", "params": {"step": "50", "desc": "downloading"}});
-                        let _ = client.try_publish(
-                            progress.clone(),
-                            QoS::AtLeastOnce,
-                            false,
-                            body.to_string(),
-                        );
+                        let (first, then) = match behaviour {
+                            Behaviour::Upgrade => (50, None),
+                            Behaviour::Fail(code) => (10, Some(code)),
+                            Behaviour::Hang => (5, None),
+                            Behaviour::WrongVersion => (50, None),
+                        };
+                        for step in std::iter::once(first).chain(then) {
+                            let body = json!({"id": "2", "params": {"step": step.to_string(), "desc": "upgrading"}});
+                            let _ = client.try_publish(
+                                progress.clone(),
+                                QoS::AtLeastOnce,
+                                false,
+                                body.to_string(),
+                            );
+                        }
+                        let new_version = match behaviour {
+                            Behaviour::Upgrade => "2.0.0",
+                            Behaviour::WrongVersion => "7.7.7",
+                            Behaviour::Fail(_) | Behaviour::Hang => continue,
+                        };
                         let (client, version, inform) =
                             (client.clone(), version.clone(), inform.clone());
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(300)).await;
-                            *version.lock().unwrap() = "2.0.0".into();
-                            let body = json!({"id": "3", "params": {"version": "2.0.0"}});
+                            *version.lock().unwrap() = new_version.into();
+                            let body = json!({"id": "3", "params": {"version": new_version}});
                             let _ = client
                                 .publish(inform, QoS::AtLeastOnce, false, body.to_string())
                                 .await;
@@ -101,7 +141,7 @@ pub(crate) async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
 }
 
 /// A call that may meet a takeover (503) is retried.
-async fn call_retrying(
+pub(crate) async fn call_retrying(
     api: &Api,
     method: reqwest::Method,
     path: &str,
@@ -292,5 +332,220 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
          {measured:.1}/min over the campaign (job: {PER_MINUTE}/min, takeover included)"
     );
     assert!(busiest <= allowed, "busiest 10 s: {busiest} > {allowed}");
+    drop(devices);
+}
+
+/// Uploads a firmware package (2.0.0) through `node`; returns its id.
+async fn upload_firmware(node: &Node, pk: &str) -> String {
+    let form = reqwest::multipart::Form::new()
+        .text("product_key", pk.to_owned())
+        .text("version", "2.0.0")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"image 2.0.0".to_vec()).file_name("fw.bin"),
+        );
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/firmware", node.http))
+        .bearer_auth(ADMIN_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let fw: Value = resp.json().await.unwrap();
+    fw["firmware_id"].as_str().unwrap().to_owned()
+}
+
+/// Every task of a job (all pages), through whichever node answers.
+async fn all_tasks(api: &Api, jid: &str) -> Vec<Value> {
+    let mut tasks = Vec::new();
+    for page in 1.. {
+        let body = call_retrying(
+            api,
+            reqwest::Method::GET,
+            &format!("/api/v1/ota/jobs/{jid}/tasks?page={page}&page_size=100"),
+            None,
+        )
+        .await;
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        let total = body["total"].as_u64().unwrap() as usize;
+        tasks.extend(items);
+        if tasks.len() >= total {
+            return tasks;
+        }
+    }
+    unreachable!()
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Sleeps until the wall clock (the one the engines stamp pushes with) reads `at_ms`.
+async fn sleep_until_wall(at_ms: i64) {
+    let left = at_ms - wall_ms();
+    if left > 0 {
+        tokio::time::sleep(Duration::from_millis(left as u64)).await;
+    }
+}
+
+/// 2. A job with a low global rate runs for three whole minutes over devices spread on 3
+///    nodes; the node driving the engines is killed (`kill -9`) in the middle of the second
+///    minute. From the tasks' own push times (`notified_at_ms`, as the API reports them),
+///    every whole minute since the first push — the one the node died in too — pushed the
+///    job's rate within ±5%, and no device received two pushes for one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_push_rate_holds_in_every_minute_across_the_kill_of_the_driving_node() {
+    const PER_MINUTE: usize = 60;
+    const MINUTES: i64 = 3;
+    // The whole minutes' pushes, and a margin so the campaign still pushes when the third
+    // minute ends (pushes a takeover delays come later).
+    const DEVICES: usize = PER_MINUTE * MINUTES as usize + PER_MINUTE / 4;
+    let mut cluster = Cluster::start(3).await;
+    let proxy = Haproxy::start(&cluster.nodes.iter().collect::<Vec<_>>());
+    let first_holder = engines_node(&cluster, &[1, 2, 3]).await;
+    let followers: Vec<u16> = [1, 2, 3]
+        .into_iter()
+        .filter(|&n| n != first_holder)
+        .collect();
+    let api = cluster.node(followers[0]).api();
+    let pk = api.create_product("ota-rate").await;
+    let mut secrets = BTreeMap::new();
+    for i in 0..DEVICES {
+        let dn = format!("rate-{i:03}");
+        secrets.insert(dn.clone(), api.create_device(&pk, &dn).await);
+    }
+    let fid = upload_firmware(cluster.node(followers[1]), &pk).await;
+    let devices: BTreeMap<String, SimDevice> = secrets
+        .iter()
+        .map(|(dn, secret)| (dn.clone(), sim_device(proxy.addr, &pk, dn, secret)))
+        .collect();
+    let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
+    for dn in secrets.keys() {
+        let d = api
+            .wait_device(&pk, dn, "online with 1.0.0", |d| {
+                d["online"] == true && d["versions"]["default"] == "1.0.0"
+            })
+            .await;
+        *placed.entry(d["node"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(placed.len(), 3, "devices not on every node: {placed:?}");
+
+    let (status, job) = api
+        .post(
+            "/api/v1/ota/jobs",
+            json!({
+                "firmware_id": fid,
+                "target": "ALL",
+                "force": true,
+                "timeout_seconds": 600,
+                "rate": {"per_minute": PER_MINUTE}
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let jid = job["job_id"].as_str().unwrap().to_owned();
+
+    // The first push starts the first whole minute.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let t0 = loop {
+        let first = all_tasks(&api, &jid)
+            .await
+            .iter()
+            .filter_map(|t| t["notified_at_ms"].as_i64())
+            .min();
+        if let Some(t) = first {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no push yet");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The middle of the second minute: kill whoever drives the engines then.
+    sleep_until_wall(t0 + 90_000).await;
+    let driving = engines_node(&cluster, &[1, 2, 3]).await;
+    let killed_at = wall_ms();
+    cluster.node_mut(driving).kill9();
+    let alive: Vec<u16> = [1, 2, 3].into_iter().filter(|&n| n != driving).collect();
+    let next = engines_node(&cluster, &alive).await;
+    assert_ne!(next, driving);
+
+    // The end of the last whole minute, and a moment for its last push to be stored.
+    sleep_until_wall(t0 + MINUTES * 60_000 + 2_000).await;
+    let watcher = cluster.node(next).api();
+    let tasks = all_tasks(&watcher, &jid).await;
+    assert_eq!(tasks.len(), DEVICES);
+    let mut pushed_at: Vec<i64> = tasks
+        .iter()
+        .filter_map(|t| t["notified_at_ms"].as_i64())
+        .collect();
+    pushed_at.sort_unstable();
+    let per_minute: Vec<usize> = (0..MINUTES)
+        .map(|m| {
+            let (from, to) = (t0 + m * 60_000, t0 + (m + 1) * 60_000);
+            pushed_at.iter().filter(|&&t| from <= t && t < to).count()
+        })
+        .collect();
+    let longest_pause = pushed_at
+        .windows(2)
+        .filter(|w| w[1] < t0 + MINUTES * 60_000)
+        .map(|w| (w[1] - w[0], w[0] - t0))
+        .max()
+        .unwrap();
+    eprintln!(
+        "push rate: {PER_MINUTE}/min over {DEVICES} devices on nodes {placed:?}; node {driving} \
+         (driving the engines) killed at +{:.1} s, node {next} took over; first pushes per \
+         whole minute {per_minute:?}; longest pause between pushes {} ms (after the push at \
+         +{:.1} s)",
+        (killed_at - t0) as f64 / 1000.0,
+        longest_pause.0,
+        longest_pause.1 as f64 / 1000.0
+    );
+
+    // No device received two pushes for one attempt; every push it received is one its task
+    // accounts for.
+    let mut repushed = Vec::new();
+    for t in &tasks {
+        let dn = t["device_name"].as_str().unwrap();
+        let received = u64::from(devices[dn].pushes.load(Ordering::SeqCst));
+        let attempts = t["attempt"].as_u64().unwrap();
+        let accounted = t["pushes"].as_u64().unwrap();
+        assert!(
+            received <= attempts && received <= accounted,
+            "{dn} received {received} pushes for {attempts} attempts (its task accounts for \
+             {accounted}): {t}"
+        );
+        if accounted > attempts {
+            repushed.push(dn.to_owned());
+        }
+    }
+    for dn in &repushed {
+        // A re-push of the same attempt is only right when the first one never arrived.
+        let task = call_retrying(
+            &watcher,
+            reqwest::Method::GET,
+            &format!("/api/v1/ota/jobs/{jid}/tasks/{dn}"),
+            None,
+        )
+        .await;
+        eprintln!(
+            "{dn}: re-pushed, received {}: {}",
+            devices[dn.as_str()].pushes.load(Ordering::SeqCst),
+            task["history"]
+        );
+    }
+    for (minute, &n) in per_minute.iter().enumerate() {
+        let off = (n as f64 - PER_MINUTE as f64).abs() / PER_MINUTE as f64;
+        assert!(
+            off <= 0.05,
+            "minute {} pushed {n}, not {PER_MINUTE} ± 5% (every minute: {per_minute:?}; node \
+             {driving} killed at +{:.1} s)",
+            minute + 1,
+            (killed_at - t0) as f64 / 1000.0
+        );
+    }
     drop(devices);
 }

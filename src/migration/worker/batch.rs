@@ -213,11 +213,22 @@ impl Worker {
             updated_at_ms: now,
         };
         let tid = job.task_id.clone();
+        // The moves go through the registry's store: in a cluster each carries this term's
+        // fence, so a node that lost the engines' lease cannot move a device any more.
+        let fence = match self.shared.store.fence_op() {
+            Ok(fence) => fence,
+            Err(e) => {
+                self.fault(&job.task_id, e.to_string()).await;
+                return;
+            }
+        };
         let result = self
             .shared
             .registry
             .set_devices_instance(&job.product_key, &job.names, &job.to_instance, |dn| {
-                vec![doc_op(DEVICE_DOC, device_doc_id(&tid, dn), &done)]
+                let mut ops = vec![doc_op(DEVICE_DOC, device_doc_id(&tid, dn), &done)];
+                ops.extend(fence.clone());
+                ops
             })
             .await;
         let results = match result {

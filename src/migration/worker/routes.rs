@@ -4,35 +4,12 @@
 
 use super::Worker;
 use crate::migration::model::*;
-use crate::migration::shared::SyncRoute;
+use crate::migration::shared::apply_route;
 
 impl Worker {
     /// Installs or removes the product's data-sync route and the target's bandwidth limit.
     pub(super) fn apply_route(&self, doc: &TaskDoc) {
-        let now = self.now();
-        if doc.data_sync.active(now) {
-            let expires_at_ms = doc.data_sync.expires_at_ms().unwrap_or(now);
-            self.shared.routes.insert(
-                doc.product_key.clone(),
-                SyncRoute {
-                    target: doc.target_instance_id.clone(),
-                    expires_at_ms,
-                },
-            );
-            (self.hooks.set_rate_limit)(
-                &doc.target_instance_id,
-                doc.config
-                    .bandwidth_limit_mb
-                    .map(|mb| u64::from(mb) * 1024 * 1024),
-            );
-        } else if self
-            .shared
-            .routes
-            .remove_if(&doc.product_key, |_, r| r.target == doc.target_instance_id)
-            .is_some()
-        {
-            (self.hooks.set_rate_limit)(&doc.target_instance_id, None);
-        }
+        apply_route(&self.shared, &self.hooks, doc);
     }
 
     /// Turns data sync off for tasks past their 30 days.

@@ -1,6 +1,5 @@
 //! [`PostgresExports`]: cluster mode's finished export packages in the shared database
-//! (`export_packages`, `export_chunks`, step 6 of the schema), and the export/import job
-//! records of record for nodes that did not run the job.
+//! (`export_packages`, `export_chunks`, step 6 of the schema).
 //!
 //! As for firmware ([`super::PostgresFirmware`]): a package is stored as [`CHUNK`]-sized
 //! `bytea` rows under one `export_packages` row, all in one transaction on a connection of its
@@ -27,7 +26,7 @@ fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> String {
 /// Export packages and job records in the cluster's PostgreSQL database.
 pub struct PostgresExports {
     config: tokio_postgres::Config,
-    /// Fetches and job reads; storing a package opens a connection of its own.
+    /// Fetches; storing a package opens a connection of its own.
     client: Mutex<Option<Arc<Client>>>,
 }
 
@@ -197,20 +196,6 @@ impl PostgresExports {
             .map_err(|e| format!("cannot fsync {}: {e}", dest.display()))?;
         Ok(true)
     }
-
-    async fn job_body(&self, kind: &str, id: &str) -> Result<Option<String>, String> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT body FROM documents WHERE kind = $1 AND id = $2",
-                &[&kind, &id],
-            )
-            .await
-            .map_err(pg("cannot read the job"))?;
-        row.map(|r| r.try_get(0))
-            .transpose()
-            .map_err(pg("cannot read the job"))
-    }
 }
 
 impl SharedPackages for PostgresExports {
@@ -220,14 +205,6 @@ impl SharedPackages for PostgresExports {
 
     fn fetch<'a>(&'a self, id: &'a str, dest: &'a Path) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(self.fetch_file(id, dest))
-    }
-
-    fn job<'a>(
-        &'a self,
-        kind: &'static str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<String>, String>> {
-        Box::pin(self.job_body(kind, id))
     }
 }
 
