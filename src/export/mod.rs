@@ -141,9 +141,9 @@ struct Inner {
     jobs: DashMap<String, JobRecord>,
     limiter: Arc<ExportLimiter>,
     on_device_revoked: DeviceRevokedHook,
-    /// Cluster mode: the packages and job records of record ([`SharedPackages`]).
+    /// Cluster mode: the packages of record ([`SharedPackages`]).
     shared: std::sync::OnceLock<Arc<dyn SharedPackages>>,
-    /// One fetch of a package at a time per export id.
+    /// One package fetch at a time (they are rare: the first download after a takeover).
     fetching: tokio::sync::Mutex<()>,
 }
 
@@ -253,8 +253,8 @@ impl ExportService {
         })
     }
 
-    /// Cluster mode: finished packages are stored in `shared` too, and jobs and packages this
-    /// node does not have are looked up there (see [`SharedPackages`]). Set once, at start.
+    /// Cluster mode: finished packages are stored in `shared` too, and a package this node
+    /// does not have is fetched from there (see [`SharedPackages`]). Set once, at start.
     pub fn share_packages(&self, shared: Arc<dyn SharedPackages>) {
         if self.inner.shared.set(shared).is_err() {
             tracing::warn!("export packages are already shared; the second store is ignored");
@@ -333,11 +333,7 @@ impl ExportService {
 
     /// Path of a finished export's package; `NotReady` while running or after a failure.
     pub fn package_path(&self, id: &str) -> Result<PathBuf, ExportError> {
-        self.package_path_of(self.get(JobKind::Export, id)?)
-    }
-
-    fn package_path_of(&self, job: JobRecord) -> Result<PathBuf, ExportError> {
-        let id = &job.id;
+        let job = self.get(JobKind::Export, id)?;
         match job.status.state {
             JobState::Successful => Ok(self.package_file(id)),
             JobState::InProgress => Err(ExportError::NotReady {
