@@ -39,8 +39,13 @@ impl std::fmt::Debug for PostgresExports {
 impl PostgresExports {
     /// Connects (the schema is the store writer's business: it migrated before this opens).
     pub async fn connect(url: &PostgresUrl) -> Result<PostgresExports, String> {
+        let mut config = url.config().clone();
+        if config.get_connect_timeout().is_none() {
+            // A server that does not answer fails the download instead of stalling it.
+            config.connect_timeout(super::CONNECT_TIMEOUT);
+        }
         let exports = PostgresExports {
-            config: url.config().clone(),
+            config,
             client: Mutex::new(None),
         };
         exports.client().await?;

@@ -80,8 +80,13 @@ impl std::fmt::Debug for PostgresFirmware {
 impl PostgresFirmware {
     /// Connects (the schema is the store writer's business: it migrated before this opens).
     pub async fn connect(url: &PostgresUrl) -> Result<PostgresFirmware, BlobError> {
+        let mut config = url.config().clone();
+        if config.get_connect_timeout().is_none() {
+            // A server that does not answer fails the download instead of stalling it.
+            config.connect_timeout(super::CONNECT_TIMEOUT);
+        }
         let firmware = PostgresFirmware {
-            config: url.config().clone(),
+            config,
             client: Mutex::new(None),
         };
         firmware.client().await?;
