@@ -263,7 +263,8 @@ pub async fn export_package(
     if let Err(l) = svc.limiter().check_read() {
         return too_many(l);
     }
-    let path = match svc.package_path(&id) {
+    // Cluster mode: fetched from the shared copy first when this node does not have it.
+    let path = match svc.package_file_ready(&id).await {
         Ok(p) => p,
         Err(e) => return err_response(e),
     };

@@ -475,8 +475,10 @@ pub async fn download_firmware(
         )
         .into_response();
     }
-    let Some(package) = state.firmware.get(&fid) else {
-        return ApiError::from(FirmwareError::NotFound(fid)).into_response();
+    let package = match state.firmware.download_package(&fid).await {
+        Ok(Some(package)) => package,
+        Ok(None) => return ApiError::from(FirmwareError::NotFound(fid)).into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let etag = strong_etag(&package.sha256);
     let headers = req.headers_mut();
@@ -518,7 +520,14 @@ pub async fn download_firmware(
     // Content negotiation must not pick a precompressed variant or a different body.
     headers.remove(header::ACCEPT_ENCODING);
 
-    let path = state.firmware.blob_path(&package);
+    // Cluster mode: fetched from the shared copy first when this node has not cached it.
+    let path = match state.firmware.local_blob(&package).await {
+        Ok(path) => path,
+        Err(e) => {
+            tracing::error!(firmware_id = %package.firmware_id, sha256 = %package.sha256, error = %e, "firmware bytes unavailable");
+            return ApiError::from(e).into_response();
+        }
+    };
     let resp = match ServeFile::new(&path).try_call(req).await {
         Ok(resp) => resp.map(Body::new),
         Err(e) => {

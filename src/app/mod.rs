@@ -79,7 +79,7 @@ impl Application {
         let (registry, feed_cuts) = load_registry(&settings, &store, &metrics)?;
         let core = Core::new(&settings, &store, &registry, &metrics);
         let http_addr = listeners.http.local_addr()?;
-        let firmware = open_firmware(core, http_addr)?;
+        let firmware = open_firmware(core, http_addr, joined.as_ref()).await?;
         let forwarder = open_forwarder(core, joined.as_ref()).await?;
         let broker = start_router(core, &budgets)?;
         let downlink = broker.downlink();
@@ -104,7 +104,8 @@ impl Application {
             &migration,
             &revoke_session,
             joined.as_ref(),
-        )?;
+        )
+        .await?;
         let commands = start_commands(core, &downlink, &forwarder)?;
         let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
         let broker = accept_mqtt(broker, ingest, listeners.mqtt).await?;

@@ -19,9 +19,10 @@ use crate::ingest::Ingest;
 use crate::listen;
 use crate::metrics::{Listener, Metrics};
 use crate::migration::{Hooks as MigrationHooks, MigrationEngine};
+use crate::ota::firmware::Backing;
 use crate::ota::{EngineConfig, FirmwareRepo, OtaEngine};
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry, RegistryLimits};
-use crate::store::{PostgresReader, Store};
+use crate::store::{PostgresExports, PostgresFirmware, PostgresReader, Store, FIRMWARE_ORPHAN_AGE};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -188,10 +189,13 @@ pub(super) fn load_registry(
     Ok((registry, feed_cuts))
 }
 
-/// The firmware repository; download links default to the bound HTTP address.
-pub(super) fn open_firmware(
+/// The firmware repository; download links default to the bound HTTP address. Cluster mode:
+/// the bytes of record and the download-link key are the cluster's, in PostgreSQL (this node's
+/// blob directory caches them); unreferenced bytes older than an hour are swept.
+pub(super) async fn open_firmware(
     core: Core<'_>,
     http_addr: SocketAddr,
+    joined: Option<&Joined>,
 ) -> anyhow::Result<Arc<FirmwareRepo>> {
     let settings = core.settings;
     let public_url = settings
@@ -199,11 +203,35 @@ pub(super) fn open_firmware(
         .public_url
         .clone()
         .unwrap_or_else(|| default_public_url(http_addr));
-    FirmwareRepo::open(
+    let backing = match (joined, &settings.store.url) {
+        (Some(_), Some(url)) => {
+            let shared = PostgresFirmware::connect(url)
+                .await
+                .context("cannot open a firmware connection to PostgreSQL")?;
+            let key = shared
+                .download_key()
+                .await
+                .context("cannot read the cluster's download-link key")?;
+            match shared.sweep(FIRMWARE_ORPHAN_AGE).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(blobs = n, "unreferenced shared firmware removed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sweep unreferenced shared firmware")
+                }
+            }
+            Backing::Shared {
+                firmware: Arc::new(shared),
+                key,
+            }
+        }
+        _ => Backing::Local,
+    };
+    FirmwareRepo::open_with(
         &settings.data_dir,
         core.store.clone(),
         public_url,
         settings.ota.max_firmware_bytes,
+        backing,
     )
     .context("cannot open the firmware repository")
 }
@@ -413,8 +441,9 @@ pub(super) fn start_migration(
 }
 
 /// The export/import jobs, after the migration engine: migration tasks are exported and
-/// imported through it.
-pub(super) fn open_export(
+/// imported through it. Cluster mode: finished packages are stored in PostgreSQL too, so the
+/// next holder of the engines serves them.
+pub(super) async fn open_export(
     core: Core<'_>,
     firmware: &Arc<FirmwareRepo>,
     ota: &OtaEngine,
@@ -429,7 +458,7 @@ pub(super) fn open_export(
         ),
         None => (core.store.clone(), ExportStart::Running),
     };
-    ExportService::open(
+    let export = ExportService::open(
         &core.settings.data_dir,
         store,
         core.registry.clone(),
@@ -440,7 +469,15 @@ pub(super) fn open_export(
         revoke_session.clone(),
         start,
     )
-    .context("cannot load the export/import jobs")
+    .context("cannot load the export/import jobs")?;
+    if let (Some(_), Some(url)) = (joined, &core.settings.store.url) {
+        let shared = PostgresExports::connect(url)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("cannot open an export connection to PostgreSQL")?;
+        export.share_packages(Arc::new(shared));
+    }
+    Ok(export)
 }
 
 /// Cloud-to-device commands, with the latest-properties snapshots loaded and flushed

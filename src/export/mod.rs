@@ -16,6 +16,11 @@
 //! - Jobs are `export.job` / `import.job` store documents (status, per-object status, log),
 //!   written at start and end; a job a restart interrupted is marked FAILED when loaded (in a
 //!   cluster: by the next holder of the engines' lease, when its term begins).
+//! - Cluster mode ([`ExportService::share_packages`], [`SharedPackages`]): a finished package
+//!   is stored in the shared database before the job says SUCCESSFUL, and a node asked for a
+//!   package it does not have (the next holder, after the one that ran the export died)
+//!   fetches it into its `exports/` directory first ([`ExportService::package_file_ready`]).
+//!   Firmware a package includes is fetched into the firmware cache before it is written.
 //! - [`limit`]: the 429 "too many requests" checks the API applies to these routes.
 //!
 //! This module changes registry, firmware, OTA and migration state only through their public
@@ -33,10 +38,12 @@ pub mod model;
 pub mod package;
 
 mod import;
+mod shared;
 
 pub use limit::{ExportLimiter, Limited};
 pub use model::*;
 pub use package::PackageError;
+pub use shared::SharedPackages;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -134,6 +141,10 @@ struct Inner {
     jobs: DashMap<String, JobRecord>,
     limiter: Arc<ExportLimiter>,
     on_device_revoked: DeviceRevokedHook,
+    /// Cluster mode: the packages of record ([`SharedPackages`]).
+    shared: std::sync::OnceLock<Arc<dyn SharedPackages>>,
+    /// One package fetch at a time (they are rare: the first download after a takeover).
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// How [`ExportService::open`] treats jobs left IN_PROGRESS.
@@ -214,6 +225,14 @@ impl ExportService {
         let dir = data_dir.join(EXPORT_DIR);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ExportError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        // Fetches a stop interrupted (cluster mode): the next download fetches again.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".fetch-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let jobs = load_jobs(&store, start == Start::Running)?;
         let limiter = Arc::new(ExportLimiter::new(&settings));
         Ok(ExportService {
@@ -228,8 +247,18 @@ impl ExportService {
                 jobs,
                 limiter,
                 on_device_revoked,
+                shared: std::sync::OnceLock::new(),
+                fetching: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Cluster mode: finished packages are stored in `shared` too, and a package this node
+    /// does not have is fetched from there (see [`SharedPackages`]). Set once, at start.
+    pub fn share_packages(&self, shared: Arc<dyn SharedPackages>) {
+        if self.inner.shared.set(shared).is_err() {
+            tracing::warn!("export packages are already shared; the second store is ignored");
+        }
     }
 
     /// Cluster mode: this node took the engines' lease. Reloads the jobs from the store and
@@ -266,6 +295,40 @@ impl ExportService {
                 kind: kind_name(kind),
                 id: id.to_owned(),
             })
+    }
+
+    /// The file of a finished export's package on this node; `NotReady` while running or
+    /// after a failure. Cluster mode: a package this node does not have is fetched from the
+    /// shared copy first.
+    pub async fn package_file_ready(&self, id: &str) -> Result<PathBuf, ExportError> {
+        let path = self.package_path(id)?;
+        let Some(shared) = self.inner.shared.get() else {
+            return Ok(path);
+        };
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let _one = self.inner.fetching.lock().await;
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let temp = self.inner.dir.join(format!(".fetch-{id}.zip"));
+        let fetched = shared.fetch(id, &temp).await;
+        let installed = match fetched {
+            Ok(true) => tokio::fs::rename(&temp, &path)
+                .await
+                .map_err(|e| format!("cannot install {}: {e}", path.display())),
+            Ok(false) => Err(format!(
+                "the package of export {id} is missing from the shared database"
+            )),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = installed {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(ExportError::Internal(e));
+        }
+        tracing::info!(export_id = %id, "export package fetched from the shared database");
+        Ok(path)
     }
 
     /// Path of a finished export's package; `NotReady` while running or after a failure.
@@ -425,6 +488,18 @@ impl ExportService {
         let Ok(mut job) = self.get(JobKind::Export, &id) else {
             return;
         };
+        // Cluster mode: firmware this node has not cached yet is fetched from the shared copy
+        // first (a failure leaves the file missing; writing then fails that object alone).
+        for item in &items {
+            if item.blob.is_none() {
+                continue;
+            }
+            if let Some(f) = self.inner.firmware.get(&item.id) {
+                if let Err(e) = self.inner.firmware.local_blob(&f).await {
+                    tracing::warn!(firmware_id = %f.firmware_id, error = %e, "cannot fetch firmware bytes for an export");
+                }
+            }
+        }
         let dest = self.package_file(&id);
         let iterations = self.inner.settings.kdf_iterations.max(1);
         let (job_id, job_name, created) = (job.id.clone(), job.name.clone(), job.created_at_ms);
@@ -484,10 +559,31 @@ impl ExportService {
                 for (level, code, msg) in lines {
                     job.log(&level, &code, msg);
                 }
-                if failed == 0 {
+                // Cluster mode: the package is stored where every node reads it before the
+                // job says it is there.
+                let stored = match self.inner.shared.get() {
+                    Some(shared) if failed == 0 => {
+                        shared.persist(&id, &self.package_file(&id)).await
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = &stored {
+                    job.log(
+                        "ERROR",
+                        "FGX_005",
+                        format!("Export failed: cannot store the package: {e}"),
+                    );
+                }
+                if failed == 0 && stored.is_ok() {
                     job.package_size = Some(size);
                     job.status =
                         Status::new(JobState::Successful, "Export completed successfully.");
+                } else if failed == 0 {
+                    let _ = std::fs::remove_file(self.package_file(&id));
+                    job.status = Status::new(
+                        JobState::Failed,
+                        "Export failed: the package could not be stored in the shared database",
+                    );
                 } else {
                     let _ = std::fs::remove_file(self.package_file(&id));
                     job.status = Status::new(

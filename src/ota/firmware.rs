@@ -8,6 +8,17 @@
 //!   mirrored in memory for reads. Every change is durable before the call returns.
 //! - The download signing key: `{data_dir}/download-key` ([`token`]).
 //!
+//! # Cluster mode
+//!
+//! With a [`SharedFirmware`] ([`Backing::Shared`]: the cluster's PostgreSQL database) the
+//! bytes of record live there and the blob directory is this node's cache of them: an upload
+//! is stored there before its metadata commits, a download on a node without the file fetches
+//! it into the cache first (checking its SHA-256; concurrent downloads of one missing blob
+//! fetch it once), a delete releases the shared bytes with the file. The signing key is the
+//! cluster's (given at open), and `{data_dir}/download-key` is neither read nor created.
+//! Downloads read the package's metadata of record there too, since only the node that
+//! drives the engines keeps its index current.
+//!
 //! # Crash safety
 //!
 //! An upload is written to a temp file, fsynced, renamed onto its content address, the
@@ -29,9 +40,11 @@
 //! here for packages, URLs and [`UpgradeData`]).
 
 mod blob;
+mod shared;
 pub mod token;
 
 pub use blob::{BlobError, BlobWriter, StagedBlob};
+pub use shared::SharedFirmware;
 pub use token::{DownloadKey, TokenError};
 
 use std::cmp::Reverse;
@@ -353,6 +366,22 @@ impl Index {
     }
 }
 
+/// Where the bytes of record and the signing key come from.
+pub enum Backing {
+    /// Single node: the blob directory holds the only copy; the key is
+    /// `{data_dir}/download-key`.
+    Local,
+    /// Cluster mode: the bytes of record are in `firmware` (the blob directory caches them);
+    /// `key` is the cluster's.
+    Shared {
+        firmware: Arc<dyn SharedFirmware>,
+        key: DownloadKey,
+    },
+}
+
+/// One fetch from the shared copy at a time per blob (the others wait and find the file).
+type FetchGates = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
 /// Firmware packages and their bytes. Share it as `Arc<FirmwareRepo>`.
 pub struct FirmwareRepo {
     store: Store,
@@ -363,6 +392,9 @@ pub struct FirmwareRepo {
     index: RwLock<Index>,
     /// Serialises blob install/remove with the metadata change that goes with it.
     blob_gate: tokio::sync::Mutex<()>,
+    /// Cluster mode: the bytes and metadata of record.
+    shared: Option<Arc<dyn SharedFirmware>>,
+    fetching: FetchGates,
 }
 
 impl std::fmt::Debug for FirmwareRepo {
@@ -371,6 +403,7 @@ impl std::fmt::Debug for FirmwareRepo {
             .field("blob_dir", &self.blob_dir)
             .field("public_url", &self.public_url)
             .field("max_size", &self.max_size)
+            .field("shared", &self.shared)
             .field("packages", &self.read().packages.len())
             .finish_non_exhaustive()
     }
@@ -389,15 +422,35 @@ impl FirmwareRepo {
         public_url: String,
         max_size: u64,
     ) -> Result<Arc<FirmwareRepo>, FirmwareError> {
+        Self::open_with(data_dir, store, public_url, max_size, Backing::Local)
+    }
+
+    /// [`open`](Self::open) with the bytes of record and the key of `backing` (cluster mode:
+    /// [`Backing::Shared`], see the module docs).
+    pub fn open_with(
+        data_dir: &Path,
+        store: Store,
+        public_url: String,
+        max_size: u64,
+        backing: Backing,
+    ) -> Result<Arc<FirmwareRepo>, FirmwareError> {
         let blob_dir = data_dir.join(BLOB_DIR);
         std::fs::create_dir_all(&blob_dir).map_err(|source| FirmwareError::Setup {
             path: blob_dir.clone(),
             source,
         })?;
-        let key = DownloadKey::load_or_create(data_dir).map_err(|source| FirmwareError::Setup {
-            path: data_dir.join(token::KEY_FILE),
-            source,
-        })?;
+        let (key, shared) = match backing {
+            Backing::Local => {
+                let key = DownloadKey::load_or_create(data_dir).map_err(|source| {
+                    FirmwareError::Setup {
+                        path: data_dir.join(token::KEY_FILE),
+                        source,
+                    }
+                })?;
+                (key, None)
+            }
+            Backing::Shared { firmware, key } => (key, Some(firmware)),
+        };
         let mut index = Index::default();
         for (id, body) in store.load_documents(DOC_KIND)? {
             let p: FirmwarePackage =
@@ -420,15 +473,24 @@ impl FirmwareRepo {
                 path: blob_dir.clone(),
                 source,
             })?;
-        for sha in &report.missing {
-            // Only someone removing files by hand gets here (see the module docs); the
-            // metadata stays so the operator sees which packages are broken.
-            tracing::error!(sha256 = %sha, dir = %blob_dir.display(), "firmware blob missing; its packages cannot be downloaded");
+        if shared.is_none() {
+            for sha in &report.missing {
+                // Only someone removing files by hand gets here (see the module docs); the
+                // metadata stays so the operator sees which packages are broken.
+                tracing::error!(sha256 = %sha, dir = %blob_dir.display(), "firmware blob missing; its packages cannot be downloaded");
+            }
         }
+        // Cluster mode: a blob not cached here is fetched by its first download.
         tracing::info!(
             packages = index.packages.len(),
             temp_removed = report.temp_removed,
             orphans_removed = report.orphans_removed,
+            not_cached = if shared.is_some() {
+                report.missing.len()
+            } else {
+                0
+            },
+            shared = shared.is_some(),
             "firmware loaded"
         );
         Ok(Arc::new(FirmwareRepo {
@@ -439,6 +501,8 @@ impl FirmwareRepo {
             key,
             index: RwLock::new(index),
             blob_gate: tokio::sync::Mutex::new(()),
+            shared,
+            fetching: FetchGates::default(),
         }))
     }
 
@@ -582,21 +646,30 @@ impl FirmwareRepo {
             id: package.firmware_id.clone(),
             message: e.to_string(),
         })?;
+        // Cluster mode: the bytes of record first (the long part, outside the gate).
+        if let (Some(shared), Some(temp)) = (&self.shared, staged.temp_path()) {
+            shared.persist(&package.sha256, package.size, temp).await?;
+        }
 
         // Every create and delete holds the gate, so the identity checked here stays free
         // until the package is inserted below (a concurrent upload of it gets 409 and installs
         // nothing).
         let _gate = self.blob_gate.lock().await;
-        if let Some(existing) = self.read().by_identity.get(&identity(&package)) {
+        let taken = self.read().by_identity.get(&identity(&package)).cloned();
+        if let Some(existing) = taken {
+            // Cluster mode: the bytes stored above may be this upload's alone.
+            if !self.read().blob_in_use(&package.sha256) {
+                self.release_shared(&package.sha256).await;
+            }
             return Err(FirmwareError::AlreadyExists {
                 product_key: package.product_key,
                 module: package.module,
                 version: package.version,
-                existing: existing.clone(),
+                existing,
             });
         }
         // Bytes durable under their address before any metadata refers to them.
-        tokio::task::spawn_blocking(move || staged.install())
+        let installed = tokio::task::spawn_blocking(move || staged.install())
             .await
             .map_err(|e| {
                 FirmwareError::Blob(BlobError::Io {
@@ -605,6 +678,19 @@ impl FirmwareRepo {
                     source: std::io::Error::other(e.to_string()),
                 })
             })??;
+        if let Some(shared) = &self.shared {
+            // Again under the gate: a delete of another package with the same bytes may have
+            // released them since the first call. Stored bytes make this one query.
+            if let Err(e) = shared
+                .persist(&package.sha256, package.size, &installed)
+                .await
+            {
+                if !self.read().blob_in_use(&package.sha256) {
+                    blob::remove_blob(&self.blob_dir, &package.sha256);
+                }
+                return Err(e.into());
+            }
+        }
         let ticket = {
             let mut index = self.write();
             index.insert(package.clone());
@@ -624,6 +710,7 @@ impl FirmwareRepo {
             // Still under the gate, so nobody can claim the file between check and removal.
             if !shared {
                 blob::remove_blob(&self.blob_dir, &package.sha256);
+                self.release_shared(&package.sha256).await;
             }
             return Err(e.into());
         }
@@ -727,14 +814,150 @@ impl FirmwareRepo {
         // upload of the same bytes from claiming the file between this check and the removal.
         if !self.read().blob_in_use(&removed.sha256) {
             blob::remove_blob(&self.blob_dir, &removed.sha256);
+            self.release_shared(&removed.sha256).await;
         }
         tracing::info!(firmware_id = %firmware_id, "firmware deleted");
         Ok(removed)
     }
 
-    /// Path of a package's bytes.
+    /// Cluster mode: removes the shared bytes of `sha256` unless a package of record still
+    /// refers to them. A failure is logged: the metadata is gone already, and the next start of
+    /// a node sweeps bytes nobody refers to.
+    async fn release_shared(&self, sha256: &str) {
+        let Some(shared) = &self.shared else { return };
+        match shared.release(sha256).await {
+            Ok(removed) => {
+                tracing::debug!(sha256 = %sha256, removed, "shared firmware bytes released")
+            }
+            Err(e) => {
+                tracing::warn!(sha256 = %sha256, error = %e, "cannot release shared firmware bytes; a later start sweeps them")
+            }
+        }
+    }
+
+    /// Path of a package's bytes in this node's blob directory (cluster mode: maybe not
+    /// cached yet, see [`local_blob`](Self::local_blob)).
     pub fn blob_path(&self, package: &FirmwarePackage) -> PathBuf {
         self.blob_dir.join(&package.sha256)
+    }
+
+    /// The package a download names: this node's index on a single node; in cluster mode the
+    /// metadata of record (a node that does not drive the engines does not keep its index
+    /// current), or this node's index while the shared database cannot be read.
+    pub async fn download_package(
+        &self,
+        firmware_id: &str,
+    ) -> Result<Option<FirmwarePackage>, FirmwareError> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.get(firmware_id));
+        };
+        let body = match shared.package(firmware_id).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                let known = self.get(firmware_id);
+                tracing::warn!(firmware_id = %firmware_id, error = %e, from_index = known.is_some(), "cannot read firmware metadata of record");
+                return match known {
+                    Some(package) => Ok(Some(package)),
+                    None => Err(e.into()),
+                };
+            }
+        };
+        let package: FirmwarePackage =
+            serde_json::from_str(&body).map_err(|e| FirmwareError::Corrupt {
+                id: firmware_id.to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(Some(package))
+    }
+
+    /// The file holding `package`'s bytes on this node. Cluster mode: fetched from the shared
+    /// copy into the blob directory first when it is not there (its SHA-256 and size checked
+    /// before it is installed; concurrent calls for one blob fetch it once). Single node: the
+    /// path, whether or not the file exists.
+    pub async fn local_blob(&self, package: &FirmwarePackage) -> Result<PathBuf, FirmwareError> {
+        if !blob::is_blob_name(&package.sha256) {
+            return Err(FirmwareError::Corrupt {
+                id: package.firmware_id.clone(),
+                message: format!("{:?} is not a SHA-256", package.sha256),
+            });
+        }
+        let path = self.blob_path(package);
+        let Some(shared) = &self.shared else {
+            return Ok(path);
+        };
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let gate = self
+            .fetching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(package.sha256.clone())
+            .or_default()
+            .clone();
+        let fetched = {
+            let _held = gate.lock().await;
+            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                Ok(path)
+            } else {
+                self.fetch(shared.as_ref(), package).await
+            }
+        };
+        let mut gates = self.fetching.lock().unwrap_or_else(PoisonError::into_inner);
+        if gates
+            .get(&package.sha256)
+            .is_some_and(|g| Arc::ptr_eq(g, &gate))
+        {
+            gates.remove(&package.sha256);
+        }
+        fetched
+    }
+
+    /// Copies `package`'s shared bytes into the blob directory (a temp file, checked, then
+    /// renamed onto its address).
+    async fn fetch(
+        &self,
+        shared: &dyn SharedFirmware,
+        package: &FirmwarePackage,
+    ) -> Result<PathBuf, FirmwareError> {
+        let sha256 = &package.sha256;
+        let corrupt = |message: String| {
+            FirmwareError::Blob(BlobError::Corrupt {
+                sha256: sha256.clone(),
+                message,
+            })
+        };
+        // At most the package's size: more is corruption, refused while streaming.
+        let mut writer = BlobWriter::create(&self.blob_dir, package.size).await?;
+        match shared.fetch(sha256, &mut writer).await {
+            Ok(()) => {}
+            Err(BlobError::TooLarge { max }) => {
+                return Err(corrupt(format!("more than the package's {max} bytes")))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let staged = writer.finish().await?;
+        if staged.size != package.size {
+            return Err(corrupt(format!(
+                "{} bytes instead of {}",
+                staged.size, package.size
+            )));
+        }
+        if &staged.sha256 != sha256 {
+            return Err(corrupt(format!("their SHA-256 is {}", staged.sha256)));
+        }
+        let installed = tokio::task::spawn_blocking(move || staged.install())
+            .await
+            .map_err(|e| {
+                FirmwareError::Blob(BlobError::Io {
+                    what: "install task failed for",
+                    path: self.blob_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })??;
+        tracing::info!(sha256 = %sha256, size = package.size, "firmware fetched from the shared database into the local cache");
+        Ok(installed)
     }
 
     /// The signed URL and its `expires` (unix seconds).

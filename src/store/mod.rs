@@ -54,7 +54,8 @@ mod sqlite;
 mod writer;
 
 pub use postgres::{
-    PostgresBackend, PostgresReader, PostgresUrl, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,
+    PostgresBackend, PostgresExports, PostgresFirmware, PostgresReader, PostgresUrl,
+    FIRMWARE_ORPHAN_AGE, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,
 };
 pub use sqlite::{SqliteBackend, Synchronous, SCHEMA_VERSION};
 

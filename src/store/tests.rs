@@ -178,11 +178,11 @@ on_both_backends! {
         assert_eq!(store.load().unwrap(), expected);
         store.close();
 
-        // PostgreSQL has three steps more: cluster mode's sessions and feed positions, its
-        // leases, and its shared forwarding outbox.
+        // PostgreSQL has four steps more: cluster mode's sessions and feed positions, its
+        // leases, its shared forwarding outbox, and its shared firmware bytes, export packages and key.
         let (supported, steps) = match db.location() {
             StoreLocation::Sqlite(_) => (SCHEMA_VERSION, 2),
-            StoreLocation::Postgres(_) => (POSTGRES_SCHEMA_VERSION, 5),
+            StoreLocation::Postgres(_) => (POSTGRES_SCHEMA_VERSION, 6),
         };
         assert_eq!(stored_schema_version(&db), i64::from(steps));
         assert_eq!(supported, steps);

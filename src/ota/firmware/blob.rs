@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 const TEMP_PREFIX: &str = ".upload-";
 
 /// Whether `name` is a content address (64 lowercase hex digits).
-fn is_blob_name(name: &str) -> bool {
+pub(crate) fn is_blob_name(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
@@ -35,6 +35,15 @@ pub enum BlobError {
         path: PathBuf,
         source: io::Error,
     },
+    /// Cluster mode: the shared database holds no bytes under this address.
+    #[error("the bytes of firmware {sha256} are missing from the shared database")]
+    Missing { sha256: String },
+    /// Cluster mode: bytes read back from the shared database are not the ones stored.
+    #[error("the bytes of firmware {sha256} read from the shared database are corrupt: {message}")]
+    Corrupt { sha256: String, message: String },
+    /// Cluster mode: the shared database failed.
+    #[error("shared firmware storage: {what}: {message}")]
+    Shared { what: &'static str, message: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BlobError + 'a {
@@ -164,6 +173,11 @@ pub struct StagedBlob {
 }
 
 impl StagedBlob {
+    /// The temp file holding the bytes (`None` once installed).
+    pub(crate) fn temp_path(&self) -> Option<&Path> {
+        self.temp.as_deref()
+    }
+
     /// Renames the temp file onto `{dir}/{sha256}` and fsyncs the directory so the name is
     /// durable before any metadata refers to it. When the address already exists (the same
     /// bytes were uploaded before) the existing file is kept: same name, same content.

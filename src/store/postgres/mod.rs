@@ -38,10 +38,14 @@
 //! runs it inside a transaction holding `pg_advisory_xact_lock`, so nodes starting together
 //! apply each step once, and a database newer than this build is refused.
 
+mod exports;
+mod firmware;
 mod plan;
 mod shared;
 mod url;
 
+pub use exports::PostgresExports;
+pub use firmware::{PostgresFirmware, ORPHAN_AGE as FIRMWARE_ORPHAN_AGE};
 pub use shared::PostgresReader;
 pub use url::PostgresUrl;
 
@@ -63,7 +67,14 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 /// Schema steps; step `i` brings the database to version `i + 1`. Append only. The numbers
 /// match SQLite's where the steps correspond.
-const MIGRATIONS: &[&str] = &[V1_REGISTRY, V2_DOCUMENTS, V3_CLUSTER, V4_LEASES, V5_OUTBOX];
+const MIGRATIONS: &[&str] = &[
+    V1_REGISTRY,
+    V2_DOCUMENTS,
+    V3_CLUSTER,
+    V4_LEASES,
+    V5_OUTBOX,
+    V6_FILES,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -179,6 +190,46 @@ CREATE TABLE forward_outbox (
     generate_time_ms BIGINT NOT NULL,
     body             BYTEA NOT NULL,
     size             BIGINT NOT NULL
+);
+"#;
+
+/// Cluster mode: firmware bytes of record (`firmware`, [`PostgresFirmware`]), finished export
+/// packages (`exports`, [`PostgresExports`]) and secrets every node shares (the download-link
+/// key). A blob's or package's row and all its chunks are inserted in one transaction, so a
+/// committed row always has every chunk; chunks go with their row (`ON DELETE CASCADE`).
+/// Chunks are stored uncompressed (`EXTERNAL`): firmware images and ZIP files rarely
+/// compress, and their size is what the operator provisions for.
+const V6_FILES: &str = r#"
+CREATE TABLE firmware_blobs (
+    sha256    TEXT COLLATE "C" PRIMARY KEY,
+    size      BIGINT NOT NULL,
+    chunks    INTEGER NOT NULL,
+    stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE firmware_chunks (
+    sha256 TEXT COLLATE "C" NOT NULL REFERENCES firmware_blobs (sha256) ON DELETE CASCADE,
+    seq    INTEGER NOT NULL,
+    bytes  BYTEA NOT NULL,
+    PRIMARY KEY (sha256, seq)
+);
+ALTER TABLE firmware_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
+CREATE TABLE export_packages (
+    id        TEXT COLLATE "C" PRIMARY KEY,
+    size      BIGINT NOT NULL,
+    sha256    TEXT NOT NULL,
+    chunks    INTEGER NOT NULL,
+    stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE export_chunks (
+    id    TEXT COLLATE "C" NOT NULL REFERENCES export_packages (id) ON DELETE CASCADE,
+    seq   INTEGER NOT NULL,
+    bytes BYTEA NOT NULL,
+    PRIMARY KEY (id, seq)
+);
+ALTER TABLE export_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
+CREATE TABLE cluster_secrets (
+    name  TEXT COLLATE "C" PRIMARY KEY,
+    value BYTEA NOT NULL
 );
 "#;
 

@@ -92,12 +92,13 @@ fn nodes_starting_together_migrate_the_schema_once() {
         assert_eq!(backend.schema_version().unwrap(), SCHEMA_VERSION);
     }
     // schema_version, instances, products, devices, device_versions, documents,
-    // cluster_feed, cluster_leases, forward_outbox.
+    // cluster_feed, cluster_leases, forward_outbox, firmware_blobs, firmware_chunks,
+    // export_packages, export_chunks, cluster_secrets.
     assert_eq!(
         observer.query_i64(
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'"
         ),
-        9
+        14
     );
 }
 
