@@ -827,19 +827,21 @@ async fn failover(
     };
     // Another node drives the engines (node 1 held the lease).
     let mut engines_taken_over_s = None;
-    while drove_engines {
-        let mut now_at = None;
-        for node in &nodes[1..] {
-            now_at = now_at.or(engines_driver(&node.api).await?.filter(|&id| id != 1));
+    if drove_engines {
+        loop {
+            let mut now_at = None;
+            for node in &nodes[1..] {
+                now_at = now_at.or(engines_driver(&node.api).await?.filter(|&id| id != 1));
+            }
+            if now_at.is_some() {
+                engines_taken_over_s = Some(killed.elapsed().as_secs_f64());
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("no node drives the engines a minute after node 1's SIGKILL");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if now_at.is_some() {
-            engines_taken_over_s = Some(killed.elapsed().as_secs_f64());
-            break;
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            bail!("no node drives the engines a minute after node 1's SIGKILL");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Every device back, as the devices see it (bounded by the run's patience).
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -86,9 +86,9 @@ async fn a_campaign_with_every_fault_survives_the_kill_of_its_driving_node() {
 
     let dn = |i: usize| format!("f-{i:03}");
     let mut devices: BTreeMap<usize, SimDevice> = BTreeMap::new();
-    for i in 0..DEVICES {
+    for (i, secret) in secrets.iter().enumerate() {
         if let Some(b) = behaviour(i) {
-            devices.insert(i, sim_device_with(proxy.addr, &pk, &dn(i), &secrets[i], b));
+            devices.insert(i, sim_device_with(proxy.addr, &pk, &dn(i), secret, b));
         }
     }
     let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
