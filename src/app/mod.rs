@@ -8,7 +8,8 @@
 //! API tokens → derive the connection budgets from the open-files limit ([`crate::admission`])
 //! → open the store → join the cluster (cluster mode) → load the registry from the store → open
 //! the firmware repository (the bound HTTP address is the default base of download links) →
-//! open the forwarder (consumer groups; with an AMQP URL also its outbox and publisher) → start
+//! open the forwarder (consumer groups; with an AMQP URL also its outbox and publisher; in
+//! cluster mode it follows the groups and rate limits written through other nodes) → start
 //! the broker's router → open the OTA engine (jobs and tasks reloaded, every timer re-armed) →
 //! start the migration engine (kicks via the router, data-sync routes and limits into the
 //! forwarder) → open the export/import jobs (which use the OTA and migration engines) → start
@@ -81,6 +82,7 @@ impl Application {
         let http_addr = listeners.http.local_addr()?;
         let firmware = open_firmware(core, http_addr, joined.as_ref()).await?;
         let forwarder = open_forwarder(core, joined.as_ref()).await?;
+        follow_forwarder_docs(joined.as_ref(), &forwarder);
         let broker = start_router(core, &budgets)?;
         let downlink = broker.downlink();
         registry.add_observer(Arc::new(SessionReaper(downlink.clone())));

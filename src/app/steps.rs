@@ -294,6 +294,15 @@ pub(super) async fn open_forwarder(
     forwarder.context("cannot start the AMQP forwarder")
 }
 
+/// Cluster mode: the forwarder follows the consumer groups, rate-limit overrides and tombstones
+/// written through the other nodes. Registered before the cluster is attached: the receiver
+/// hands it every such document when it starts, then the changes.
+pub(super) fn follow_forwarder_docs(joined: Option<&Joined>, forwarder: &Arc<Forwarder>) {
+    if let Some(joined) = joined {
+        joined.cluster.follow_docs(forwarder.doc_follower());
+    }
+}
+
 /// The broker with its router thread running; it accepts once ingest is ready
 /// ([`Broker::start_on`]).
 pub(super) fn start_router(core: Core<'_>, budgets: &Budgets) -> anyhow::Result<Broker> {

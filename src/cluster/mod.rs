@@ -27,12 +27,14 @@
 pub mod engines;
 pub mod epoch;
 pub mod feed;
+mod follow;
 pub mod lease;
 pub mod members;
 mod metrics;
 mod receiver;
 pub mod settings;
 
+pub use follow::{DocFollower, Document};
 pub use metrics::ClusterMetrics;
 pub use settings::ClusterSettings;
 
@@ -80,6 +82,13 @@ pub trait SharedStore: Send + Sync + 'static {
         &self,
         keys: Vec<(String, String)>,
     ) -> BoxFuture<'_, Result<Vec<StoredDevice>, StoreError>>;
+    /// The documents with these `(kind, id)` keys that exist ([`Op::PutDoc`](crate::store::Op::PutDoc)).
+    fn documents(
+        &self,
+        keys: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<Document>, StoreError>>;
+    /// Every document of these kinds.
+    fn all_documents(&self, kinds: Vec<String>) -> BoxFuture<'_, Result<Vec<Document>, StoreError>>;
     /// The last feed message of `node` the store has committed (0: none).
     fn feed_position(&self, node: u16) -> BoxFuture<'_, Result<u64, StoreError>>;
     /// Takes lease `name` for `node` if it is free or expired: its new epoch, or `None`
@@ -214,6 +223,10 @@ pub struct Cluster {
     /// nodes' connects and version reports to the engine (see [`engines`]).
     engine_reports: Mutex<Option<mpsc::UnboundedSender<crate::ota::DeviceReport>>>,
     commands: OnceLock<Arc<dyn CommandHandler>>,
+    /// Followers registered with [`Cluster::follow_docs`], on their way to the receiver.
+    follow: mpsc::UnboundedSender<Arc<dyn DocFollower>>,
+    /// The receiving end, until [`Cluster::attach`] hands it to the receiver.
+    followers: Mutex<Option<mpsc::UnboundedReceiver<Arc<dyn DocFollower>>>>,
 }
 
 /// What the cluster acts on once the node's registry and broker exist.
@@ -305,6 +318,7 @@ impl Cluster {
             out_tx,
         )));
         let (published, _) = watch::channel(last);
+        let (follow, followers) = mpsc::unbounded_channel();
         let boot_ms = now_ms();
         let cluster = Arc::new(Cluster {
             settings,
@@ -325,6 +339,8 @@ impl Cluster {
             engines_held: AtomicBool::new(false),
             engine_reports: Mutex::new(None),
             commands: OnceLock::new(),
+            follow,
+            followers: Mutex::new(Some(followers)),
         });
         let publisher = tokio::spawn(cluster.clone().publish(out_rx));
         cluster.track(publisher);
@@ -369,8 +385,18 @@ impl Cluster {
             node,
             events,
         } = pending;
-        let receiver =
-            receiver::Receiver::new(self.clone(), registry.clone(), downlink.clone(), feed_cuts);
+        let followers = self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let receiver = receiver::Receiver::new(
+            self.clone(),
+            registry.clone(),
+            downlink.clone(),
+            feed_cuts,
+            followers,
+        );
         self.ready.store(true, Ordering::Release);
         let tasks = [
             tokio::spawn(receiver.run(feed, settle, heartbeat, events)),
@@ -379,6 +405,17 @@ impl Cluster {
         ];
         for t in tasks {
             self.track(t);
+        }
+    }
+
+    /// Keeps `follower`'s documents current with what other nodes change (see [`follow`]): the
+    /// receiver first hands it every document of its kinds (`reloaded`), then each change
+    /// another node makes (`changed`), and everything again after each resynchronisation.
+    /// Registering before or after [`Cluster::attach`] is the same: the first reload is read
+    /// when the receiver takes the follower on, so nothing applied before then is missed.
+    pub fn follow_docs(&self, follower: Arc<dyn DocFollower>) {
+        if self.follow.send(follower).is_err() {
+            tracing::warn!("the feed receiver is gone; a document follower was not registered");
         }
     }
 

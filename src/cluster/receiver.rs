@@ -1,9 +1,10 @@
 //! The receiving side of the change feed: one task applies the other nodes' messages to this
-//! node's registry in each origin's order, answers settle requests once it has applied what
-//! they ask for, keeps the member table, and resynchronises from the store whenever it may
-//! have missed something.
+//! node's registry (and to the document followers, [`super::follow`]) in each origin's order,
+//! answers settle requests once it has applied what they ask for, keeps the member table, and
+//! resynchronises from the store whenever it may have missed something.
 
 use super::feed::{self, FeedMessage, Item, Position, Verdict};
+use super::follow::{DocFollower, Followers, Reload};
 use super::members::{Heard, Heartbeat};
 use super::{epoch, Cluster, SettleRequest};
 use crate::broker::{DeviceKey, DisconnectReason, Downlink};
@@ -43,6 +44,10 @@ pub(super) struct Receiver {
     parked: Vec<(SettleRequest, Subject)>,
     /// Per origin: the position its previous heartbeat reported.
     reported: HashMap<u16, u64>,
+    /// Document followers taken on ([`super::Cluster::follow_docs`]).
+    followers: Followers,
+    /// Followers registered and not yet taken on.
+    joining: Option<mpsc::UnboundedReceiver<Arc<dyn DocFollower>>>,
 }
 
 impl Receiver {
@@ -51,6 +56,7 @@ impl Receiver {
         registry: Arc<Registry>,
         downlink: Downlink,
         cuts: BTreeMap<u16, u64>,
+        joining: Option<mpsc::UnboundedReceiver<Arc<dyn DocFollower>>>,
     ) -> Receiver {
         Receiver {
             cluster,
@@ -59,6 +65,8 @@ impl Receiver {
             positions: positions(cuts),
             parked: Vec::new(),
             reported: HashMap::new(),
+            followers: Followers::default(),
+            joining,
         }
     }
 
@@ -72,6 +80,7 @@ impl Receiver {
         let period = Duration::from_millis(self.cluster.settings.heartbeat_ms);
         let mut expiry = tokio::time::interval(period);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut registrations = self.joining.take();
         loop {
             let resync = tokio::select! {
                 Some(m) = feed.next() => self.on_feed(&m.payload).await,
@@ -81,6 +90,7 @@ impl Receiver {
                 }
                 Some(m) = heartbeat.next() => self.on_heartbeat(&m.payload),
                 Some(e) = events.recv() => self.on_event(e),
+                Some(f) = joining(&mut registrations) => self.take_on(f).await,
                 _ = expiry.tick() => self.expire().await,
                 else => return,
             };
@@ -190,6 +200,13 @@ impl Receiver {
                 }
             }
         }
+        // Documents after the configuration: an instance deleted with its documents is gone
+        // from the registry when the followers hear of them.
+        let docs = self.followers.keys(message.items.iter().filter_map(|item| match item {
+            Item::Doc { kind, id } => Some((kind.as_str(), id.as_str())),
+            _ => None,
+        }));
+        self.followers.apply(shared.as_ref(), docs).await?;
         let engine = self.cluster.engine_reports();
         for item in message.items {
             match item {
@@ -240,6 +257,24 @@ impl Receiver {
             }
         }
         Ok(())
+    }
+
+    /// Takes a document follower on: it gets every document of its kinds first, read now, so
+    /// whatever this receiver applied before is in it; the changes of later messages follow.
+    /// A failed read makes the receiver resynchronise, which reloads every follower.
+    async fn take_on(&mut self, follower: Arc<dyn DocFollower>) -> Option<Resync> {
+        self.followers.add(follower.clone());
+        let kinds = follower.kinds().into_iter().map(str::to_owned).collect();
+        match Reload::read(self.cluster.shared.as_ref(), kinds).await {
+            Ok(reload) => {
+                reload.deliver_to(follower.as_ref());
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the documents of a new follower");
+                Some(Resync::Failed)
+            }
+        }
     }
 
     /// Sessions of `node` drawn before `before_ms` ended. When `node` is this one and the
@@ -422,9 +457,17 @@ impl Receiver {
         self.cluster.ready.store(false, Ordering::Release);
         tracing::warn!(?why, "resynchronising the registry from the store");
         let mut backoff = Duration::from_millis(100);
-        let snapshot = loop {
-            match self.cluster.shared.snapshot().await {
-                Ok(s) => break s,
+        // The followers' documents are read after the snapshot: what they get is at least as
+        // recent as the feed positions the receiver continues from.
+        let (snapshot, reload) = loop {
+            let read = async {
+                let snapshot = self.cluster.shared.snapshot().await?;
+                let reload =
+                    Reload::read(self.cluster.shared.as_ref(), self.followers.kinds()).await?;
+                Ok::<_, StoreError>((snapshot, reload))
+            };
+            match read.await {
+                Ok(both) => break both,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the store to resynchronise; retrying");
                     tokio::time::sleep(backoff).await;
@@ -437,6 +480,7 @@ impl Receiver {
         for e in &ended {
             self.end_local(e, DisconnectReason::TakenOver);
         }
+        reload.deliver(&self.followers);
         // Positions only move forward: messages applied after the snapshot was read stay
         // applied (their numbers are above the cut).
         for (origin, at) in positions(cuts) {
@@ -449,6 +493,16 @@ impl Receiver {
         self.cluster.metrics.cluster.resyncs.inc();
         self.cluster.ready.store(true, Ordering::Release);
         self.answer_parked().await;
+    }
+}
+
+/// The next follower registered (never, once the registrations' channel is gone).
+async fn joining(
+    joining: &mut Option<mpsc::UnboundedReceiver<Arc<dyn DocFollower>>>,
+) -> Option<Arc<dyn DocFollower>> {
+    match joining {
+        Some(rx) => rx.recv().await,
+        None => None,
     }
 }
 

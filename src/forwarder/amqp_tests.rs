@@ -1055,3 +1055,82 @@ async fn bench_shared_outbox() {
     );
     fx.cleanup(&["bench"]).await;
 }
+
+/// Whether `queue` exists (a passive declare on a throwaway channel).
+async fn queue_exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let exists = groups::inspect_queue(&ch, queue).await.is_ok();
+    if ch.status().connected() {
+        let _ = ch.close(200, "done".into()).await;
+    }
+    exists
+}
+
+/// Cluster mode (`follow.rs`): a group written through another node is declared by the node
+/// that drains the outbox (here a single node's own file, always drained) and gets the
+/// messages; once it is deleted there, its tombstone deletes the queue and is forgotten.
+#[tokio::test]
+async fn a_group_written_through_another_node_is_declared_here_and_its_tombstone_deletes_it() {
+    let rabbit =
+        rabbit("a_group_written_through_another_node_is_declared_here_and_its_tombstone_deletes_it")
+            .await;
+    let fx = Fixture::new(rabbit, 1).await;
+    let fwd = fx.open(&fx.rabbit.url.clone());
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    let follower = fwd.doc_follower();
+    let queue = fx.queue("remote");
+    let id = groups::doc_id(&fx.iid, "remote");
+    let group = ConsumerGroup {
+        instance_id: fx.iid.clone(),
+        group_id: "remote".into(),
+        name: "remote".into(),
+        created_at_ms: 1,
+        message_ttl_secs: Some(0),
+    };
+    assert!(!queue_exists(&fx.rabbit.conn, &queue).await);
+    follower.changed(
+        GROUP_DOC_KIND,
+        &id,
+        Some(&serde_json::to_string(&group).unwrap()),
+    );
+    let declared = || {
+        lock(&fwd.groups)
+            .groups
+            .get(&(fx.iid.clone(), "remote".to_owned()))
+            .is_some_and(|e| e.declared)
+    };
+    eventually("the followed group declared", declared).await;
+    assert!(queue_exists(&fx.rabbit.conn, &queue).await);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    consume(&fx.rabbit.conn, &queue, "c", tx).await;
+    fwd.enqueue(fx.post(0, 1), OnFull::Refuse).await.unwrap();
+    collect(&mut rx, 1).await;
+
+    // Deleted through the other node, which could not reach RabbitMQ: its tombstone is here.
+    let store = fx.registry.store();
+    store
+        .submit(vec![
+            Op::DeleteDoc {
+                kind: GROUP_DOC_KIND,
+                id: id.clone(),
+            },
+            Op::PutDoc {
+                kind: TOMBSTONE_DOC_KIND,
+                id: id.clone(),
+                body: queue.clone(),
+            },
+        ])
+        .await
+        .unwrap();
+    follower.changed(GROUP_DOC_KIND, &id, None);
+    follower.changed(TOMBSTONE_DOC_KIND, &id, Some(&queue));
+    assert!(fwd.list_groups(&fx.iid).unwrap().is_empty());
+    eventually("the tombstone forgotten", || {
+        lock(&fwd.groups).tombstones.is_empty()
+    })
+    .await;
+    assert!(!queue_exists(&fx.rabbit.conn, &queue).await);
+    assert!(store.load_documents(TOMBSTONE_DOC_KIND).unwrap().is_empty());
+    fwd.shutdown().await;
+    fx.cleanup(&["remote"]).await;
+}

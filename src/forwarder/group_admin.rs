@@ -88,8 +88,10 @@ impl Forwarder {
             .await?;
         let link = {
             let mut st = lock(&self.groups);
-            if st.groups.contains_key(&key) {
-                // Lost a race with an identical create; ours wrote the same document.
+            // Held already: our own document, handed back by a cluster reload (`follow.rs`)
+            // between the commit and here, or another node's create of the same id that
+            // committed meanwhile.
+            if st.groups.get(&key).is_some_and(|e| e.group != group) {
                 return Err(exists());
             }
             st.tombstones.remove(&id);

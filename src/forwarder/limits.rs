@@ -195,6 +195,16 @@ impl Limits {
         self.overrides.contains_key(target)
     }
 
+    /// The override of `target`, if any.
+    pub fn override_of(&self, target: &str) -> Option<RateLimit> {
+        self.overrides.get(target).copied()
+    }
+
+    /// Every target with an override.
+    pub fn overridden(&self) -> Vec<String> {
+        self.overrides.keys().cloned().collect()
+    }
+
     /// The limiter of `target` (built on first use).
     pub fn limiter(&mut self, target: &str) -> Option<Arc<Limiter>> {
         if let Some(l) = self.limiters.get(target) {

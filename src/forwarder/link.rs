@@ -13,11 +13,25 @@ impl Forwarder {
     pub(super) fn attach_link(&self, link: Arc<AmqpLink>) -> LinkWork {
         let mut st = lock(&self.groups);
         st.link = Some(link);
+        self.work_of(&st, true)
+    }
+
+    /// Cluster mode, when a drain term starts on an established connection: the groups not
+    /// declared on it yet (written through other nodes meanwhile, `follow.rs`), and every
+    /// tombstone.
+    pub(super) fn term_work(&self) -> LinkWork {
+        let st = lock(&self.groups);
+        self.work_of(&st, false)
+    }
+
+    /// The groups to declare (all, or those not declared yet) and the tombstones to delete.
+    fn work_of(&self, st: &GroupState, all: bool) -> LinkWork {
         let groups = st
             .groups
             .values()
-            // Cluster mode: groups of an instance another node deleted stay in this node's
-            // memory until it restarts; they are not declared again.
+            .filter(|e| all || !e.declared)
+            // Cluster mode: a group whose instance another node deleted is not declared again
+            // (its document's deletion is on its way, or this node resynchronises).
             .filter(|e| self.registry.get_instance(&e.group.instance_id).is_ok())
             .map(|e| {
                 let g = &e.group;

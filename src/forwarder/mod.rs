@@ -65,6 +65,7 @@
 //! This module owns `outbox.db`, the AMQP connection and the consumer-group and rate-limit
 //! documents; it reads the registry (device ownership, instances) and never changes it.
 
+mod follow;
 mod group_admin;
 mod groups;
 mod instance_delete;

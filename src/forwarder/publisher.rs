@@ -131,32 +131,7 @@ async fn session_on(
     // queues are bound would come back unroutable and be dropped.
     let conn = &link.conn;
     let work = fwd.attach_link(link.clone());
-    // One throwaway channel per group: a queue that exists with other arguments (406) closes
-    // its channel, and is then kept as it is rather than failing the session forever.
-    for g in work.groups {
-        let how = super::declare_on(
-            link,
-            &g.exchange,
-            &g.queue,
-            g.ttl_secs,
-            fwd.config.queue_type,
-        )
-        .await?;
-        fwd.mark_declared(&g.instance_id, &g.group_id, how, g.ttl_secs);
-    }
-    let admin = conn.create_channel().await?;
-    for (id, queue) in work.tombstones {
-        groups::delete_queue(&admin, &queue).await?;
-        if let Err(e) = fwd.forget_tombstone(&id).await {
-            tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
-        }
-    }
-    let _ = admin.close(200, "setup done".into()).await;
-    // Deleted instances' exchanges, after their groups' queues.
-    for (instance_id, exchange) in work.exchanges {
-        fwd.delete_exchange_tombstone(link, &instance_id, &exchange)
-            .await?;
-    }
+    set_up(fwd, link, work).await?;
 
     fwd.set_status(AmqpStatus::Connected);
     *reached_publishing = true;
@@ -185,6 +160,11 @@ async fn session_on(
                 }
             }
         };
+        if outbox.is_shared() {
+            // Cluster mode: groups and tombstones that other nodes wrote since this connection
+            // was set up (`follow.rs`) are this term's to declare and delete before publishing.
+            set_up(fwd, link, fwd.term_work()).await?;
+        }
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         // Deletes of the previous session must be committed before the outbox is re-read, or
@@ -216,6 +196,43 @@ async fn session_on(
             }
         }
     }
+}
+
+/// Declares the groups and deletes the queues and exchanges of the tombstones in `work`.
+async fn set_up(
+    fwd: &Arc<Forwarder>,
+    link: &Arc<AmqpLink>,
+    work: super::LinkWork,
+) -> Result<(), SessionError> {
+    // One throwaway channel per group: a queue that exists with other arguments (406) closes
+    // its channel, and is then kept as it is rather than failing the session forever.
+    for g in work.groups {
+        let how = super::declare_on(
+            link,
+            &g.exchange,
+            &g.queue,
+            g.ttl_secs,
+            fwd.config.queue_type,
+        )
+        .await?;
+        fwd.mark_declared(&g.instance_id, &g.group_id, how, g.ttl_secs);
+    }
+    if !work.tombstones.is_empty() {
+        let admin = link.conn.create_channel().await?;
+        for (id, queue) in work.tombstones {
+            groups::delete_queue(&admin, &queue).await?;
+            if let Err(e) = fwd.forget_tombstone(&id).await {
+                tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
+            }
+        }
+        let _ = admin.close(200, "setup done".into()).await;
+    }
+    // Deleted instances' exchanges, after their groups' queues.
+    for (instance_id, exchange) in work.exchanges {
+        fwd.delete_exchange_tombstone(link, &instance_id, &exchange)
+            .await?;
+    }
+    Ok(())
 }
 
 /// What travels with a publish until its confirm arrives.

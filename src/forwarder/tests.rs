@@ -942,3 +942,179 @@ async fn shared_outbox_bound_applies_back_pressure_until_another_node_drains() {
     assert_eq!(a.bytes(), size);
     drop((a, b));
 }
+
+// ----- documents written through other nodes (cluster mode, `follow.rs`) -----
+
+#[tokio::test]
+async fn groups_and_rate_limits_written_through_other_nodes_are_followed() {
+    let (registry, metrics) = registry_with_device().await;
+    let fwd = Forwarder::disabled(registry.store().clone(), registry, metrics).unwrap();
+    let follower = fwd.doc_follower();
+    let mut kinds = follower.kinds();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "amqp.exchange_deleted",
+            "amqp.group",
+            "amqp.group_deleted",
+            "amqp.rate_limit"
+        ]
+    );
+    let group = |gid: &str, name: &str| ConsumerGroup {
+        instance_id: "iot-a".into(),
+        group_id: gid.into(),
+        name: name.into(),
+        created_at_ms: 1,
+        message_ttl_secs: Some(60),
+    };
+    let json = |g: &ConsumerGroup| serde_json::to_string(g).unwrap();
+    let declared = |gid: &str| {
+        lock(&fwd.groups)
+            .groups
+            .get(&("iot-a".to_owned(), gid.to_owned()))
+            .map(|e| e.declared)
+    };
+
+    // Created elsewhere: listed here, not declared on this node yet.
+    follower.changed(GROUP_DOC_KIND, "iot-a/g1", Some(&json(&group("g1", "one"))));
+    assert_eq!(fwd.list_groups("iot-a").unwrap(), [group("g1", "one")]);
+    assert_eq!(declared("g1"), Some(false));
+    // Changed: replaced. A document naming another group, or not JSON: ignored.
+    follower.changed(GROUP_DOC_KIND, "iot-a/g1", Some(&json(&group("g1", "uno"))));
+    follower.changed(GROUP_DOC_KIND, "iot-a/g1", Some("{"));
+    follower.changed(GROUP_DOC_KIND, "iot-a/other", Some(&json(&group("g1", "x"))));
+    assert_eq!(fwd.list_groups("iot-a").unwrap(), [group("g1", "uno")]);
+    // Deleted elsewhere: gone.
+    follower.changed(GROUP_DOC_KIND, "iot-a/g1", None);
+    assert!(fwd.list_groups("iot-a").unwrap().is_empty());
+
+    // A rate limit set elsewhere is the one in force here; removed, none again.
+    let five = RateLimit {
+        msgs_per_sec: NonZeroU32::new(5),
+        bytes_per_sec: None,
+    };
+    follower.changed(
+        RATE_LIMIT_DOC_KIND,
+        "iot-a",
+        Some(&serde_json::to_string(&five).unwrap()),
+    );
+    let v = fwd.rate_limit("iot-a").unwrap();
+    assert_eq!(
+        (v.msgs_per_sec, v.source),
+        (Some(5), RateLimitSource::Instance)
+    );
+    let l = fwd.limiter("iot-a").expect("a limiter");
+    assert!((5..=6).contains(&(0..100).filter(|_| l.check(1).is_ok()).count()));
+    follower.changed(RATE_LIMIT_DOC_KIND, "iot-a", Some("not json"));
+    assert_eq!(fwd.rate_limit("iot-a").unwrap().msgs_per_sec, Some(5));
+    follower.changed(RATE_LIMIT_DOC_KIND, "iot-a", None);
+    assert_eq!(
+        fwd.rate_limit("iot-a").unwrap().source,
+        RateLimitSource::None
+    );
+    assert!(fwd.limiter("iot-a").is_none());
+
+    // Tombstones are kept for this node's next connection; an exchange's makes the publisher
+    // re-check its targets.
+    let deletions = fwd.exchanges_deleted();
+    follower.changed(TOMBSTONE_DOC_KIND, "iot-a/g1", Some("q"));
+    follower.changed(EXCHANGE_TOMBSTONE_DOC_KIND, "iot-b", Some("x.iot-b"));
+    assert_eq!(fwd.exchanges_deleted(), deletions + 1);
+    // The same again changes nothing.
+    follower.changed(EXCHANGE_TOMBSTONE_DOC_KIND, "iot-b", Some("x.iot-b"));
+    assert_eq!(fwd.exchanges_deleted(), deletions + 1);
+    {
+        let st = lock(&fwd.groups);
+        assert_eq!(st.tombstones.get("iot-a/g1").map(String::as_str), Some("q"));
+        assert!(st.exchange_tombstones.contains_key("iot-b"));
+    }
+
+    // A reload replaces each kind whole: what is not in it goes, what is comes.
+    follower.changed(GROUP_DOC_KIND, "iot-a/old", Some(&json(&group("old", "old"))));
+    follower.reloaded(
+        GROUP_DOC_KIND,
+        &[
+            ("iot-a/g2".into(), json(&group("g2", "two"))),
+            ("iot-a/g3".into(), json(&group("g3", "three"))),
+        ],
+    );
+    assert_eq!(
+        fwd.list_groups("iot-a").unwrap(),
+        [group("g2", "two"), group("g3", "three")]
+    );
+    follower.reloaded(TOMBSTONE_DOC_KIND, &[]);
+    follower.reloaded(EXCHANGE_TOMBSTONE_DOC_KIND, &[]);
+    follower.reloaded(
+        RATE_LIMIT_DOC_KIND,
+        &[("iot-a".into(), serde_json::to_string(&five).unwrap())],
+    );
+    {
+        let st = lock(&fwd.groups);
+        assert!(st.tombstones.is_empty() && st.exchange_tombstones.is_empty());
+    }
+    assert_eq!(fwd.rate_limit("iot-a").unwrap().msgs_per_sec, Some(5));
+    follower.reloaded(RATE_LIMIT_DOC_KIND, &[]);
+    assert_eq!(
+        fwd.rate_limit("iot-a").unwrap().source,
+        RateLimitSource::None
+    );
+}
+
+/// A node's own writes come back in a reload (the receiver reads every document after a
+/// resync): the same group is kept as it is. A group another node created is not created
+/// again here.
+#[tokio::test]
+async fn a_reload_of_a_nodes_own_documents_changes_nothing() {
+    let (registry, metrics) = registry_with_device().await;
+    let store = registry.store().clone();
+    let fwd = Forwarder::disabled(store.clone(), registry, metrics).unwrap();
+    let follower = fwd.doc_follower();
+    let created = fwd
+        .create_group(
+            "iot-a",
+            NewConsumerGroup {
+                group_id: Some("mine".into()),
+                name: "mine".into(),
+                message_ttl_secs: None,
+            },
+        )
+        .await
+        .unwrap();
+    lock(&fwd.groups)
+        .groups
+        .get_mut(&("iot-a".to_owned(), "mine".to_owned()))
+        .unwrap()
+        .declared = true;
+    follower.reloaded(GROUP_DOC_KIND, &store.load_documents(GROUP_DOC_KIND).unwrap());
+    assert_eq!(fwd.list_groups("iot-a").unwrap(), [created.clone()]);
+    let declared = lock(&fwd.groups)
+        .groups
+        .get(&("iot-a".to_owned(), "mine".to_owned()))
+        .map(|e| e.declared);
+    assert_eq!(declared, Some(true), "an unchanged group keeps its state");
+
+    // A create of an id another node created meanwhile is still refused.
+    let theirs = ConsumerGroup {
+        group_id: "theirs".into(),
+        name: "theirs".into(),
+        ..created
+    };
+    follower.changed(
+        GROUP_DOC_KIND,
+        "iot-a/theirs",
+        Some(&serde_json::to_string(&theirs).unwrap()),
+    );
+    let err = fwd
+        .create_group(
+            "iot-a",
+            NewConsumerGroup {
+                group_id: Some("theirs".into()),
+                name: "mine too".into(),
+                message_ttl_secs: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwarderError::GroupExists { .. }), "{err}");
+}

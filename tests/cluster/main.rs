@@ -732,3 +732,116 @@ async fn commands_reach_a_device_held_by_another_node() {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error_code"], "FG.6001");
 }
+
+/// How long a node may take to show what another node wrote. The write's answer already
+/// waited for every node to apply it (settle); this only absorbs a busy machine.
+const FOLLOW: Duration = Duration::from_secs(3);
+
+/// Polls `check` on node `node` until it holds, at most [`FOLLOW`].
+async fn within_follow<F, Fut>(node: u16, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, Value)>,
+{
+    let deadline = tokio::time::Instant::now() + FOLLOW;
+    loop {
+        let (done, seen) = check().await;
+        if done {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {node} does not {what}: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The group ids node `api` lists for instance `default`, and the body it answered.
+async fn group_ids(api: &Api) -> (Vec<String>, Value) {
+    let (status, body) = api
+        .get("/api/v1/instances/default/consumer-groups?page_size=100")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ids = body["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|g| g["group_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    (ids, body)
+}
+
+/// Consumer groups and forwarding rate limits are documents every node keeps in memory and
+/// follows on the change feed: a group created through node 1 is listed by nodes 2 and 3, a
+/// rate limit set through node 2 is the one in force on node 1, and a group deleted through
+/// node 3 is gone from node 1 (docs/CLUSTER.md, "Documents").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_and_rate_limits_written_through_one_node_hold_on_every_node() {
+    let cluster = Cluster::start(3).await;
+    let api = |id: u16| cluster.node(id).api();
+    let (status, body) = api(1)
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "everywhere", "name": "everywhere"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    for node in [2, 3] {
+        within_follow(node, "list the group created through node 1", move || async move {
+            let (ids, body) = group_ids(&api(node)).await;
+            (ids == ["everywhere"], body)
+        })
+        .await;
+    }
+
+    let (status, body) = api(2)
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/instances/default/forwarding/rate-limit",
+            Some(json!({"msgs_per_sec": 7, "bytes_per_sec": 4096})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    within_follow(1, "run with the rate limit set through node 2", move || async move {
+        let (status, body) = api(1)
+            .get("/api/v1/instances/default/forwarding/rate-limit")
+            .await;
+        let done = status == 200
+            && body["msgs_per_sec"] == 7
+            && body["bytes_per_sec"] == 4096
+            && body["source"] == "instance";
+        (done, body)
+    })
+    .await;
+
+    let (status, body) = api(3)
+        .call(
+            reqwest::Method::DELETE,
+            "/api/v1/instances/default/consumer-groups/everywhere",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    within_follow(1, "forget the group deleted through node 3", move || async move {
+        let (ids, body) = group_ids(&api(1)).await;
+        (ids.is_empty(), body)
+    })
+    .await;
+    // And the id is free everywhere: created again through node 2, listed by node 3.
+    let (status, body) = api(2)
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "everywhere", "name": "again"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    within_follow(3, "list the group created again through node 2", move || async move {
+        let (ids, body) = group_ids(&api(3)).await;
+        (ids == ["everywhere"], body)
+    })
+    .await;
+}

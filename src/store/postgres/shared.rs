@@ -7,7 +7,7 @@ use super::{
     add_versions, instance_record, load_snapshot, product_record, stored_device, PostgresUrl,
     DEVICE_COLUMNS, INSTANCE_COLUMNS, PRODUCT_COLUMNS,
 };
-use crate::cluster::SharedStore;
+use crate::cluster::{Document, SharedStore};
 use crate::store::{InstanceRecord, ProductRecord, Snapshot, StoreError, StoredDevice};
 use futures_util::future::BoxFuture;
 use std::time::Duration;
@@ -148,6 +148,37 @@ impl SharedStore for PostgresReader {
         })
     }
 
+    fn documents(
+        &self,
+        keys: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
+        Box::pin(async move {
+            let (kinds, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT d.kind, d.id, d.body FROM documents d
+                     JOIN unnest($1::text[], $2::text[]) AS k (kind, id) USING (kind, id)",
+                    &[&kinds, &ids],
+                )
+                .await?;
+            rows.iter().map(document).collect()
+        })
+    }
+
+    fn all_documents(&self, kinds: Vec<String>) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT kind, id, body FROM documents WHERE kind = ANY($1) ORDER BY kind, id",
+                    &[&kinds],
+                )
+                .await?;
+            rows.iter().map(document).collect()
+        })
+    }
+
     fn lease_acquire(
         &self,
         name: &'static str,
@@ -228,4 +259,12 @@ impl SharedStore for PostgresReader {
                 .map_or(0, |s| s as u64))
         })
     }
+}
+
+fn document(row: &tokio_postgres::Row) -> Result<Document, StoreError> {
+    Ok(Document {
+        kind: row.try_get(0)?,
+        id: row.try_get(1)?,
+        body: row.try_get(2)?,
+    })
 }

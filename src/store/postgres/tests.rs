@@ -369,3 +369,74 @@ async fn a_lease_has_one_holder_and_fences_the_writes_of_a_past_term() {
     );
     store.close();
 }
+
+/// The reads document followers need: documents by key (one batch, across kinds; a missing key
+/// is simply absent) and every document of some kinds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_are_read_by_key_and_by_kind() {
+    use crate::cluster::{Document, SharedStore};
+    let pg = PgDatabase::create();
+    let store = Store::open_with(
+        &StoreLocation::Postgres(pg.url().clone()),
+        &StoreSettings::default(),
+        metrics(),
+    )
+    .unwrap();
+    let put = |kind: &'static str, id: &str, body: &str| Op::PutDoc {
+        kind,
+        id: id.into(),
+        body: body.into(),
+    };
+    store
+        .submit(vec![
+            put("amqp.group", "iot-a/g1", "one"),
+            put("amqp.group", "iot-a/g2", "two"),
+            put("amqp.rate_limit", "iot-a", "{}"),
+            put("ota.job", "j1", "job"),
+        ])
+        .await
+        .unwrap();
+    let reader = crate::store::PostgresReader::connect(pg.url())
+        .await
+        .unwrap();
+    let doc = |kind: &str, id: &str, body: &str| Document {
+        kind: kind.into(),
+        id: id.into(),
+        body: body.into(),
+    };
+    let key = |kind: &str, id: &str| (kind.to_owned(), id.to_owned());
+
+    let mut found = reader
+        .documents(vec![
+            key("amqp.group", "iot-a/g2"),
+            key("amqp.group", "iot-a/gone"),
+            key("amqp.rate_limit", "iot-a"),
+            // The id of another kind's document: not this one.
+            key("amqp.group", "j1"),
+        ])
+        .await
+        .unwrap();
+    found.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
+    assert_eq!(
+        found,
+        [
+            doc("amqp.group", "iot-a/g2", "two"),
+            doc("amqp.rate_limit", "iot-a", "{}")
+        ]
+    );
+    assert!(reader.documents(Vec::new()).await.unwrap().is_empty());
+
+    let all = reader
+        .all_documents(vec!["amqp.group".into(), "amqp.rate_limit".into(), "none".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        [
+            doc("amqp.group", "iot-a/g1", "one"),
+            doc("amqp.group", "iot-a/g2", "two"),
+            doc("amqp.rate_limit", "iot-a", "{}")
+        ]
+    );
+    store.close();
+}
