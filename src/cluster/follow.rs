@@ -85,7 +85,10 @@ impl Followers {
     }
 
     /// The keys of followed documents among `items`, each once, in the order they first appear.
-    pub fn keys<'a>(&self, items: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<(String, String)> {
+    pub fn keys<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<(String, String)> {
         let mut seen = HashSet::new();
         items
             .into_iter()
@@ -196,10 +199,16 @@ mod tests {
         fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, StoreError>> {
             unused()
         }
-        fn instances(&self, _: Vec<String>) -> BoxFuture<'_, Result<Vec<InstanceRecord>, StoreError>> {
+        fn instances(
+            &self,
+            _: Vec<String>,
+        ) -> BoxFuture<'_, Result<Vec<InstanceRecord>, StoreError>> {
             unused()
         }
-        fn products(&self, _: Vec<String>) -> BoxFuture<'_, Result<Vec<ProductRecord>, StoreError>> {
+        fn products(
+            &self,
+            _: Vec<String>,
+        ) -> BoxFuture<'_, Result<Vec<ProductRecord>, StoreError>> {
             unused()
         }
         fn devices(
@@ -228,7 +237,10 @@ mod tests {
                     .collect())
             })
         }
-        fn all_documents(&self, kinds: Vec<String>) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
+        fn all_documents(
+            &self,
+            kinds: Vec<String>,
+        ) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
             Box::pin(async move {
                 self.check()?;
                 Ok(self
@@ -265,7 +277,12 @@ mod tests {
         ) -> BoxFuture<'_, Result<bool, StoreError>> {
             unused()
         }
-        fn lease_release(&self, _: &'static str, _: u16, _: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        fn lease_release(
+            &self,
+            _: &'static str,
+            _: u16,
+            _: u64,
+        ) -> BoxFuture<'_, Result<(), StoreError>> {
             unused()
         }
     }
@@ -336,7 +353,10 @@ mod tests {
         assert_eq!(b.take(), ["a/2=two", "a/1=-", "b/1=one"]);
 
         // Nothing followed in a message: no read at all.
-        followers.apply(&store, followers.keys([("c", "1")])).await.unwrap();
+        followers
+            .apply(&store, followers.keys([("c", "1")]))
+            .await
+            .unwrap();
         assert_eq!(store.reads.lock().unwrap().len(), 1);
 
         // A failed read calls nobody (the receiver then resynchronises).

@@ -17,6 +17,10 @@
 //! - **Membership** ([`members`]): heartbeats on `fg.{name}.hb`; a node not heard from for
 //!   `node_timeout_ms` is gone and its devices go offline everywhere (they reconnect through
 //!   HAProxy to the others). A node cut from NATS that long ends its own sessions.
+//! - **Documents** ([`follow`]): a module that keeps store documents in memory (the
+//!   forwarder's consumer groups and rate limits) registers a [`DocFollower`]
+//!   ([`Cluster::follow_docs`]); the receiver re-reads the documents other nodes write and
+//!   hands them over, and reloads every follower after a resynchronisation.
 //! - **Downlinks** to a device held by another node ([`Cluster::deliver`]) go to that node's
 //!   subject `fg.{name}.node.{id}`; the registry's sessions are the directory. "No responders"
 //!   or "not here" means the device is offline.
@@ -27,7 +31,7 @@
 pub mod engines;
 pub mod epoch;
 pub mod feed;
-mod follow;
+pub mod follow;
 pub mod lease;
 pub mod members;
 mod metrics;
@@ -88,7 +92,8 @@ pub trait SharedStore: Send + Sync + 'static {
         keys: Vec<(String, String)>,
     ) -> BoxFuture<'_, Result<Vec<Document>, StoreError>>;
     /// Every document of these kinds.
-    fn all_documents(&self, kinds: Vec<String>) -> BoxFuture<'_, Result<Vec<Document>, StoreError>>;
+    fn all_documents(&self, kinds: Vec<String>)
+        -> BoxFuture<'_, Result<Vec<Document>, StoreError>>;
     /// The last feed message of `node` the store has committed (0: none).
     fn feed_position(&self, node: u16) -> BoxFuture<'_, Result<u64, StoreError>>;
     /// Takes lease `name` for `node` if it is free or expired: its new epoch, or `None`

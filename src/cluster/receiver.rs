@@ -202,10 +202,12 @@ impl Receiver {
         }
         // Documents after the configuration: an instance deleted with its documents is gone
         // from the registry when the followers hear of them.
-        let docs = self.followers.keys(message.items.iter().filter_map(|item| match item {
-            Item::Doc { kind, id } => Some((kind.as_str(), id.as_str())),
-            _ => None,
-        }));
+        let docs = self
+            .followers
+            .keys(message.items.iter().filter_map(|item| match item {
+                Item::Doc { kind, id } => Some((kind.as_str(), id.as_str())),
+                _ => None,
+            }));
         self.followers.apply(shared.as_ref(), docs).await?;
         let engine = self.cluster.engine_reports();
         for item in message.items {

@@ -1071,9 +1071,10 @@ async fn queue_exists(conn: &Connection, queue: &str) -> bool {
 /// messages; once it is deleted there, its tombstone deletes the queue and is forgotten.
 #[tokio::test]
 async fn a_group_written_through_another_node_is_declared_here_and_its_tombstone_deletes_it() {
-    let rabbit =
-        rabbit("a_group_written_through_another_node_is_declared_here_and_its_tombstone_deletes_it")
-            .await;
+    let rabbit = rabbit(
+        "a_group_written_through_another_node_is_declared_here_and_its_tombstone_deletes_it",
+    )
+    .await;
     let fx = Fixture::new(rabbit, 1).await;
     let fwd = fx.open(&fx.rabbit.url.clone());
     eventually("connected", || fwd.status() == AmqpStatus::Connected).await;

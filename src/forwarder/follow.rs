@@ -139,7 +139,8 @@ impl Forwarder {
         match queue {
             Some(queue) => {
                 let before = st.tombstones.insert(id.to_owned(), queue.to_owned());
-                (before.as_deref() != Some(queue)).then(|| Followed::DeleteQueue { id: id.to_owned() })
+                (before.as_deref() != Some(queue))
+                    .then(|| Followed::DeleteQueue { id: id.to_owned() })
             }
             None => {
                 st.tombstones.remove(id);
@@ -149,7 +150,11 @@ impl Forwarder {
     }
 
     /// An exchange tombstone written (an instance deleted) or deleted elsewhere.
-    fn follow_exchange_tombstone(&self, instance_id: &str, exchange: Option<&str>) -> Option<Followed> {
+    fn follow_exchange_tombstone(
+        &self,
+        instance_id: &str,
+        exchange: Option<&str>,
+    ) -> Option<Followed> {
         let Some(exchange) = exchange else {
             lock(&self.groups).exchange_tombstones.remove(instance_id);
             return None;

@@ -983,7 +983,11 @@ async fn groups_and_rate_limits_written_through_other_nodes_are_followed() {
     // Changed: replaced. A document naming another group, or not JSON: ignored.
     follower.changed(GROUP_DOC_KIND, "iot-a/g1", Some(&json(&group("g1", "uno"))));
     follower.changed(GROUP_DOC_KIND, "iot-a/g1", Some("{"));
-    follower.changed(GROUP_DOC_KIND, "iot-a/other", Some(&json(&group("g1", "x"))));
+    follower.changed(
+        GROUP_DOC_KIND,
+        "iot-a/other",
+        Some(&json(&group("g1", "x"))),
+    );
     assert_eq!(fwd.list_groups("iot-a").unwrap(), [group("g1", "uno")]);
     // Deleted elsewhere: gone.
     follower.changed(GROUP_DOC_KIND, "iot-a/g1", None);
@@ -1031,7 +1035,11 @@ async fn groups_and_rate_limits_written_through_other_nodes_are_followed() {
     }
 
     // A reload replaces each kind whole: what is not in it goes, what is comes.
-    follower.changed(GROUP_DOC_KIND, "iot-a/old", Some(&json(&group("old", "old"))));
+    follower.changed(
+        GROUP_DOC_KIND,
+        "iot-a/old",
+        Some(&json(&group("old", "old"))),
+    );
     follower.reloaded(
         GROUP_DOC_KIND,
         &[
@@ -1086,8 +1094,14 @@ async fn a_reload_of_a_nodes_own_documents_changes_nothing() {
         .get_mut(&("iot-a".to_owned(), "mine".to_owned()))
         .unwrap()
         .declared = true;
-    follower.reloaded(GROUP_DOC_KIND, &store.load_documents(GROUP_DOC_KIND).unwrap());
-    assert_eq!(fwd.list_groups("iot-a").unwrap(), [created.clone()]);
+    follower.reloaded(
+        GROUP_DOC_KIND,
+        &store.load_documents(GROUP_DOC_KIND).unwrap(),
+    );
+    assert_eq!(
+        fwd.list_groups("iot-a").unwrap(),
+        std::slice::from_ref(&created)
+    );
     let declared = lock(&fwd.groups)
         .groups
         .get(&("iot-a".to_owned(), "mine".to_owned()))

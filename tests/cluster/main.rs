@@ -791,10 +791,14 @@ async fn groups_and_rate_limits_written_through_one_node_hold_on_every_node() {
         .await;
     assert_eq!(status, 201, "{body}");
     for node in [2, 3] {
-        within_follow(node, "list the group created through node 1", move || async move {
-            let (ids, body) = group_ids(&api(node)).await;
-            (ids == ["everywhere"], body)
-        })
+        within_follow(
+            node,
+            "list the group created through node 1",
+            move || async move {
+                let (ids, body) = group_ids(&api(node)).await;
+                (ids == ["everywhere"], body)
+            },
+        )
         .await;
     }
 
@@ -806,16 +810,20 @@ async fn groups_and_rate_limits_written_through_one_node_hold_on_every_node() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    within_follow(1, "run with the rate limit set through node 2", move || async move {
-        let (status, body) = api(1)
-            .get("/api/v1/instances/default/forwarding/rate-limit")
-            .await;
-        let done = status == 200
-            && body["msgs_per_sec"] == 7
-            && body["bytes_per_sec"] == 4096
-            && body["source"] == "instance";
-        (done, body)
-    })
+    within_follow(
+        1,
+        "run with the rate limit set through node 2",
+        move || async move {
+            let (status, body) = api(1)
+                .get("/api/v1/instances/default/forwarding/rate-limit")
+                .await;
+            let done = status == 200
+                && body["msgs_per_sec"] == 7
+                && body["bytes_per_sec"] == 4096
+                && body["source"] == "instance";
+            (done, body)
+        },
+    )
     .await;
 
     let (status, body) = api(3)
@@ -826,10 +834,14 @@ async fn groups_and_rate_limits_written_through_one_node_hold_on_every_node() {
         )
         .await;
     assert_eq!(status, 204, "{body}");
-    within_follow(1, "forget the group deleted through node 3", move || async move {
-        let (ids, body) = group_ids(&api(1)).await;
-        (ids.is_empty(), body)
-    })
+    within_follow(
+        1,
+        "forget the group deleted through node 3",
+        move || async move {
+            let (ids, body) = group_ids(&api(1)).await;
+            (ids.is_empty(), body)
+        },
+    )
     .await;
     // And the id is free everywhere: created again through node 2, listed by node 3.
     let (status, body) = api(2)
@@ -839,9 +851,13 @@ async fn groups_and_rate_limits_written_through_one_node_hold_on_every_node() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    within_follow(3, "list the group created again through node 2", move || async move {
-        let (ids, body) = group_ids(&api(3)).await;
-        (ids == ["everywhere"], body)
-    })
+    within_follow(
+        3,
+        "list the group created again through node 2",
+        move || async move {
+            let (ids, body) = group_ids(&api(3)).await;
+            (ids == ["everywhere"], body)
+        },
+    )
     .await;
 }

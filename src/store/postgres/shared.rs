@@ -166,7 +166,10 @@ impl SharedStore for PostgresReader {
         })
     }
 
-    fn all_documents(&self, kinds: Vec<String>) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
+    fn all_documents(
+        &self,
+        kinds: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
             let rows = client

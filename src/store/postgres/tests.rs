@@ -427,7 +427,11 @@ async fn documents_are_read_by_key_and_by_kind() {
     assert!(reader.documents(Vec::new()).await.unwrap().is_empty());
 
     let all = reader
-        .all_documents(vec!["amqp.group".into(), "amqp.rate_limit".into(), "none".into()])
+        .all_documents(vec![
+            "amqp.group".into(),
+            "amqp.rate_limit".into(),
+            "none".into(),
+        ])
         .await
         .unwrap();
     assert_eq!(
