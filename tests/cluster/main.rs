@@ -861,3 +861,96 @@ async fn groups_and_rate_limits_written_through_one_node_hold_on_every_node() {
     )
     .await;
 }
+
+/// Whether `queue` exists in RabbitMQ (a passive declare on a channel of its own: a missing
+/// queue closes it).
+async fn queue_exists(rabbit: &lapin::Connection, queue: &str) -> bool {
+    let ch = rabbit.create_channel().await.expect("AMQP channel");
+    let exists = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if ch.status().connected() {
+        let _ = ch.close(200, "done".into()).await;
+    }
+    exists
+}
+
+/// The node that drains the shared outbox declares the queue of a consumer group created
+/// through another node, and deletes it once the group is deleted there — here the other node
+/// cannot reach RabbitMQ at all, so nobody else would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_drain_holder_declares_and_deletes_the_queues_of_groups_written_elsewhere() {
+    let amqp = amqp_url().await;
+    let prefix = unique("fgf");
+    let with = |url: &str| NodeOptions {
+        config: Some(format!("[amqp]\nexchange_prefix = \"{prefix}\"\n")),
+        env: vec![("FLEETGATE_AMQP_URL".into(), url.into())],
+    };
+    let db = Database::fresh().await;
+    let name = unique("t");
+    let first = Node::start_with(1, &db, &name, &with(&amqp));
+    let mut cluster = Cluster {
+        nodes: vec![first],
+        db,
+    };
+    assert_eq!(drain_holder(&cluster).await, 1);
+    // Nothing listens on port 1: node 2 never reaches RabbitMQ (and cannot take the lease
+    // node 1 holds).
+    let second = Node::start_with(
+        2,
+        &cluster.db,
+        &name,
+        &with("amqp://guest:guest@127.0.0.1:1/%2f"),
+    );
+    cluster.nodes.push(second);
+    cluster.wait_members(2).await;
+    let rabbit = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let queue = format!("{prefix}.default.elsewhere");
+    assert!(!queue_exists(&rabbit, &queue).await);
+
+    let two = cluster.node(2).api();
+    let (status, body) = two
+        .post(
+            "/api/v1/instances/default/consumer-groups",
+            json!({"group_id": "elsewhere", "name": "elsewhere"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (rabbit, queue) = (&rabbit, queue.as_str());
+    within_follow(1, "declare the group's queue", move || async move {
+        (queue_exists(rabbit, queue).await, Value::Null)
+    })
+    .await;
+
+    let (status, body) = two
+        .call(
+            reqwest::Method::DELETE,
+            "/api/v1/instances/default/consumer-groups/elsewhere",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    within_follow(1, "delete the deleted group's queue", move || async move {
+        (!queue_exists(rabbit, queue).await, Value::Null)
+    })
+    .await;
+
+    let ch = rabbit.create_channel().await.unwrap();
+    let _ = ch
+        .exchange_delete(
+            format!("{prefix}.default").as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
