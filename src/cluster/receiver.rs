@@ -498,7 +498,8 @@ impl Receiver {
     }
 }
 
-/// The next follower registered (never, once the registrations' channel is gone).
+/// The next follower registered; `None` at once without a registrations' channel (the
+/// receiver's `select!` then skips the branch).
 async fn joining(
     joining: &mut Option<mpsc::UnboundedReceiver<Arc<dyn DocFollower>>>,
 ) -> Option<Arc<dyn DocFollower>> {
