@@ -308,8 +308,7 @@ async fn broker_work(
                 };
                 let exchange = fwd.topology.exchange(&instance_id);
                 let queue = fwd.topology.queue(&instance_id, &group_id);
-                match declare_on(&link, &exchange, &queue, ttl_secs, fwd.config.queue_type).await
-                {
+                match declare_on(&link, &exchange, &queue, ttl_secs, fwd.config.queue_type).await {
                     Ok(how) => fwd.mark_declared(&instance_id, &group_id, how, ttl_secs),
                     // The sampler re-declares groups whose queue is missing.
                     Err(e) => tracing::warn!(error = %e, %queue, "consumer group not declared yet"),
