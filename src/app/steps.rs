@@ -9,7 +9,7 @@ use crate::clock::Clock;
 use crate::cluster::engines::{ClusterPusher, Engines, EnginesRelay};
 use crate::cluster::epoch::EpochClock;
 use crate::cluster::lease::LeaseKeeper;
-use crate::cluster::{Cluster, Pending};
+use crate::cluster::{Cluster, DocFollower, Pending};
 use crate::command::properties::PropertiesReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
@@ -446,7 +446,31 @@ pub(super) fn start_migration(
             .map(|e| e.extra_targets(pk, dn, owner))
             .unwrap_or_default()
     })));
+    // Cluster mode: the mirror follows the holder's migration documents from the change feed.
+    if let Some(joined) = joined {
+        joined
+            .cluster
+            .follow_docs(Arc::new(MigrationMirror(migration.clone())));
+    }
     Ok(migration)
+}
+
+/// Cluster mode: the migration engine's mirror of the documents the engines' lease holder
+/// writes, as a follower of the change feed (the engine ignores it while it drives).
+struct MigrationMirror(Arc<MigrationEngine>);
+
+impl DocFollower for MigrationMirror {
+    fn kinds(&self) -> Vec<&'static str> {
+        crate::migration::MIRRORED_KINDS.to_vec()
+    }
+
+    fn changed(&self, kind: &str, id: &str, body: Option<&str>) {
+        self.0.mirror_changed(kind, id, body);
+    }
+
+    fn reloaded(&self, kind: &str, docs: &[(String, String)]) {
+        self.0.mirror_reloaded(kind, docs);
+    }
 }
 
 /// The export/import jobs, after the migration engine: migration tasks are exported and
