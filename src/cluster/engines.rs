@@ -17,8 +17,10 @@
 //!   Progress reports, `firmware/get` (which waits for the answer) and device deletions are
 //!   not in the feed: a follower's standby engine sends each as a NATS request on
 //!   `fg.{name}.engines` ([`EnginesRelay`]), which only the holder subscribes. No responders
-//!   (no holder during a takeover) drops the report; the next holder reconciles versions and
-//!   connects from the registry.
+//!   (no holder during a takeover) means nobody applied it: the follower asks again until the
+//!   next holder answers (for up to twice the lease's TTL plus the answer timeout, then it is
+//!   dropped and counted), so a failure code reported in the middle of a takeover is not lost;
+//!   the next holder reconciles versions and connects from the registry.
 //! - **Pushes** ([`ClusterPusher`]): the holder publishes an upgrade through the node that
 //!   holds the device's connection ([`Cluster::deliver`]); "online" means online on any node.
 //! - **API** (`crate::api::cluster::engines_proxy`): OTA, firmware, migration and
@@ -46,6 +48,8 @@ use tokio::sync::{mpsc, watch};
 const WORKERS: usize = 16;
 /// How long a follower waits for the holder's answer to a relayed report.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a follower asks again while no node holds the engines' lease.
+const NO_HOLDER_RETRY: Duration = Duration::from_millis(100);
 
 /// Where the OTA engine is driven, as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,27 +129,41 @@ impl EnginesRelay {
 impl Relay for EnginesRelay {
     fn forward(&self, report: DeviceReport) -> BoxFuture<'_, Option<UpgradeData>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(&report).ok()?;
-            let request = self
-                .cluster
-                .client
-                .request(self.cluster.subjects.engines.clone(), body.into());
-            match tokio::time::timeout(RELAY_TIMEOUT, request).await {
-                Ok(Ok(reply)) => {
-                    self.cluster.metrics.cluster.engine_reports_relayed.inc();
-                    serde_json::from_slice::<Option<UpgradeData>>(&reply.payload)
-                        .ok()
-                        .flatten()
-                }
-                Ok(Err(error)) => {
-                    self.cluster.metrics.cluster.engine_reports_dropped.inc();
-                    tracing::debug!(%error, ?report, "report not relayed to the engines' node");
-                    None
-                }
-                Err(_) => {
-                    self.cluster.metrics.cluster.engine_reports_dropped.inc();
-                    tracing::warn!(?report, "the engines' node did not answer a relayed report");
-                    None
+            let body: bytes::Bytes = serde_json::to_vec(&report).ok()?.into();
+            // No holder (a takeover: the next one takes the lease within its TTL plus one
+            // attempt) means nobody applied it: asked again until a holder answers, so a
+            // report the device got its PUBACK for is not lost to a takeover. A timeout is not
+            // retried (the holder may have applied it).
+            let patience = Duration::from_millis(self.cluster.settings.lease_ttl_ms * 2) + RELAY_TIMEOUT;
+            let deadline = tokio::time::Instant::now() + patience;
+            loop {
+                let request = self
+                    .cluster
+                    .client
+                    .request(self.cluster.subjects.engines.clone(), body.clone());
+                match tokio::time::timeout(RELAY_TIMEOUT, request).await {
+                    Ok(Ok(reply)) => {
+                        self.cluster.metrics.cluster.engine_reports_relayed.inc();
+                        return serde_json::from_slice::<Option<UpgradeData>>(&reply.payload)
+                            .ok()
+                            .flatten();
+                    }
+                    Ok(Err(error))
+                        if error.kind() == async_nats::RequestErrorKind::NoResponders
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(NO_HOLDER_RETRY).await;
+                    }
+                    Ok(Err(error)) => {
+                        self.cluster.metrics.cluster.engine_reports_dropped.inc();
+                        tracing::warn!(%error, ?report, "report not relayed to the engines' node");
+                        return None;
+                    }
+                    Err(_) => {
+                        self.cluster.metrics.cluster.engine_reports_dropped.inc();
+                        tracing::warn!(?report, "the engines' node did not answer a relayed report");
+                        return None;
+                    }
                 }
             }
         })
