@@ -134,7 +134,8 @@ impl Relay for EnginesRelay {
             // attempt) means nobody applied it: asked again until a holder answers, so a
             // report the device got its PUBACK for is not lost to a takeover. A timeout is not
             // retried (the holder may have applied it).
-            let patience = Duration::from_millis(self.cluster.settings.lease_ttl_ms * 2) + RELAY_TIMEOUT;
+            let patience =
+                Duration::from_millis(self.cluster.settings.lease_ttl_ms * 2) + RELAY_TIMEOUT;
             let deadline = tokio::time::Instant::now() + patience;
             loop {
                 let request = self
@@ -161,7 +162,10 @@ impl Relay for EnginesRelay {
                     }
                     Err(_) => {
                         self.cluster.metrics.cluster.engine_reports_dropped.inc();
-                        tracing::warn!(?report, "the engines' node did not answer a relayed report");
+                        tracing::warn!(
+                            ?report,
+                            "the engines' node did not answer a relayed report"
+                        );
                         return None;
                     }
                 }
