@@ -3,9 +3,8 @@
 //! implies, no device gets a push its task does not account for, and the job completes.
 
 use crate::harness::*;
-use crate::ota::{call_retrying, engines_node, sim_device_with, Behaviour, SimDevice};
+use crate::ota::{sim_device_with, Behaviour, SimDevice};
 use reqwest::Method;
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -47,41 +46,9 @@ async fn a_campaign_with_every_fault_survives_the_kill_of_its_driving_node() {
     let followers: Vec<u16> = [1, 2, 3].into_iter().filter(|&n| n != holder).collect();
     let api = cluster.node(followers[0]).api();
     let pk = api.create_product("faults").await;
-    let rows: Vec<Value> = (0..DEVICES)
-        .map(|i| json!({"device_name": format!("f-{i:03}")}))
-        .collect();
-    let (s, b) = api
-        .post(
-            &format!("/api/v1/products/{pk}/devices/batch"),
-            json!({ "devices": rows }),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
-    let secrets: Vec<String> = b["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["device_secret"].as_str().unwrap().to_owned())
-        .collect();
-    let form = reqwest::multipart::Form::new()
-        .text("product_key", pk.clone())
-        .text("version", "2.0.0")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(b"image 2.0.0".to_vec()).file_name("fw.bin"),
-        );
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v1/firmware",
-            cluster.node(followers[1]).http
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let fw: Value = resp.json().await.unwrap();
+    let names: Vec<String> = (0..DEVICES).map(|i| format!("f-{i:03}")).collect();
+    let secrets = api.create_devices(&pk, &names).await;
+    let fw = upload_firmware(cluster.node(followers[1]), &pk, "2.0.0", b"image 2.0.0").await;
     let fid = fw["firmware_id"].as_str().unwrap().to_owned();
 
     let dn = |i: usize| format!("f-{i:03}");
@@ -91,31 +58,11 @@ async fn a_campaign_with_every_fault_survives_the_kill_of_its_driving_node() {
             devices.insert(i, sim_device_with(proxy.addr, &pk, &dn(i), secret, b));
         }
     }
-    let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
-    for &i in devices.keys() {
-        let d = api
-            .wait_device(&pk, &dn(i), "online with 1.0.0", |d| {
-                d["online"] == true && d["versions"]["default"] == "1.0.0"
-            })
-            .await;
-        *placed.entry(d["node"].as_u64().unwrap()).or_default() += 1;
-    }
+    let online: Vec<String> = devices.keys().map(|&i| dn(i)).collect();
+    let placed = api.wait_online_at(&pk, &online, "1.0.0").await;
     assert_eq!(placed.len(), 3, "devices not on every node: {placed:?}");
 
-    let (status, job) = api
-        .post(
-            "/api/v1/ota/jobs",
-            json!({
-                "firmware_id": fid,
-                "target": "ALL",
-                "force": true,
-                "timeout_seconds": 20,
-                "rate": {"per_minute": 600}
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{job}");
-    let jid = job["job_id"].as_str().unwrap().to_owned();
+    let jid = api.start_job(&fid, 600, 20).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (_, j) = api.get(&format!("/api/v1/ota/jobs/{jid}")).await;
@@ -144,24 +91,14 @@ async fn a_campaign_with_every_fault_survives_the_kill_of_its_driving_node() {
     }
 
     let watcher = cluster.node(followers[1]).api();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let job = loop {
-        let j = call_retrying(
-            &watcher,
-            Method::GET,
-            &format!("/api/v1/ota/jobs/{jid}"),
-            None,
-        )
-        .await;
-        if j["status"] == "COMPLETED" {
-            break j;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job never completed: {j}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let job = wait_for(
+        &watcher,
+        &format!("/api/v1/ota/jobs/{jid}"),
+        "COMPLETED",
+        Duration::from_secs(180),
+        |j| j["status"] == "COMPLETED",
+    )
+    .await;
     assert_eq!(job["counters"]["total"], DEVICES as u64, "{job}");
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for (&i, device) in &devices {

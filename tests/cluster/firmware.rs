@@ -4,7 +4,6 @@
 //! written by the engines' holder is served by the next holder.
 
 use crate::harness::*;
-use crate::ota::engines_node;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -45,22 +44,7 @@ async fn download(node: &Node, path: &str) -> Vec<u8> {
 
 /// Uploads `image` as `version` of `pk` through `node`; returns the firmware id.
 async fn upload(node: &Node, pk: &str, version: &str, image: &[u8]) -> String {
-    let form = reqwest::multipart::Form::new()
-        .text("product_key", pk.to_owned())
-        .text("version", version.to_owned())
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(image.to_vec()).file_name("fw.bin"),
-        );
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/api/v1/firmware", node.http))
-        .bearer_auth(ADMIN_TOKEN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let fw: Value = resp.json().await.unwrap();
+    let fw = upload_firmware(node, pk, version, image).await;
     assert_eq!(fw["sha256"], hex::encode(Sha256::digest(image)));
     fw["firmware_id"].as_str().unwrap().to_owned()
 }

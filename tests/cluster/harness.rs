@@ -306,6 +306,89 @@ fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     ))
 }
 
+/// The node whose engine runs (as it says itself), once one does.
+pub async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for &id in alive {
+            let (_, body) = cluster.node(id).api().get("/api/v1/cluster").await;
+            let this = body["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["self"] == true).cloned());
+            if this.is_some_and(|n| n["engines"] == true) {
+                return id;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no node drives the engines"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call that may meet a takeover (503) is retried.
+pub async fn call_retrying(
+    api: &Api,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, v) = api.call(method.clone(), path, body.clone()).await;
+        if status / 100 == 2 {
+            return v;
+        }
+        assert!(
+            status == 503 && tokio::time::Instant::now() < deadline,
+            "{method} {path}: {status} {v}"
+        );
+        assert_eq!(v["error_code"], "FG.0503", "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `path` through `api` (retrying over a handover) until `done` says so; its body.
+pub async fn wait_for(
+    api: &Api,
+    path: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = call_retrying(api, reqwest::Method::GET, path, None).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Uploads `image` as `version` of `pk` through `node` (passed on to the engines' node);
+/// the package as the API returns it.
+pub async fn upload_firmware(node: &Node, pk: &str, version: &str, image: &[u8]) -> Value {
+    let form = reqwest::multipart::Form::new()
+        .text("product_key", pk.to_owned())
+        .text("version", version.to_owned())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(image.to_vec()).file_name("fw.bin"),
+        );
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/firmware", node.http))
+        .bearer_auth(ADMIN_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    resp.json().await.unwrap()
+}
+
 /// The operator API of one node.
 #[derive(Clone)]
 pub struct Api {
@@ -367,6 +450,90 @@ impl Api {
             .await;
         assert_eq!(status, 201, "{body}");
         body["device_secret"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates `names` in `pk` with one batch call; their secrets, in order.
+    pub async fn create_devices(&self, pk: &str, names: &[String]) -> Vec<String> {
+        let rows: Vec<Value> = names.iter().map(|dn| json!({"device_name": dn})).collect();
+        let (s, b) = self
+            .post(
+                &format!("/api/v1/products/{pk}/devices/batch"),
+                json!({ "devices": rows }),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        b["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["device_secret"].as_str().expect("secret").to_owned())
+            .collect()
+    }
+
+    /// Waits until every device of `names` is online reporting `version`; how many each node
+    /// holds.
+    pub async fn wait_online_at(
+        &self,
+        pk: &str,
+        names: impl IntoIterator<Item = &String>,
+        version: &str,
+    ) -> std::collections::BTreeMap<u64, usize> {
+        let mut placed = std::collections::BTreeMap::new();
+        for dn in names {
+            let d = self
+                .wait_device(pk, dn, &format!("online with {version}"), |d| {
+                    d["online"] == true && d["versions"]["default"] == version
+                })
+                .await;
+            *placed.entry(d["node"].as_u64().unwrap()).or_default() += 1;
+        }
+        placed
+    }
+
+    /// A STATIC OTA job to every device of `fid`'s product at `per_minute`; its id.
+    pub async fn start_job(&self, fid: &str, per_minute: u64, timeout_seconds: u64) -> String {
+        let (status, job) = self
+            .post(
+                "/api/v1/ota/jobs",
+                json!({
+                    "firmware_id": fid,
+                    "target": "ALL",
+                    "force": true,
+                    "timeout_seconds": timeout_seconds,
+                    "rate": {"per_minute": per_minute}
+                }),
+            )
+            .await;
+        assert_eq!(status, 201, "{job}");
+        job["job_id"].as_str().unwrap().to_owned()
+    }
+
+    /// A migration task of `pk` to `target` whose canary (`canary`, one device) is done; its id.
+    pub async fn migration_past_canary(&self, pk: &str, target: &str, canary: &str) -> String {
+        let (s, task) = self
+            .post(
+                "/api/v1/migrations",
+                json!({"product_key": pk, "target_instance_id": target}),
+            )
+            .await;
+        assert_eq!(s, 201, "{task}");
+        let tid = task["task_id"].as_str().unwrap().to_owned();
+        let (s, b) = self
+            .post(
+                &format!("/api/v1/migrations/{tid}/canary"),
+                json!({ "device_names": [canary] }),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        wait_for(
+            self,
+            &format!("/api/v1/migrations/{tid}"),
+            "CANARY_COMPLETED",
+            Duration::from_secs(30),
+            |t| t["state"] == "CANARY_COMPLETED",
+        )
+        .await;
+        tid
     }
 
     pub async fn device(&self, pk: &str, dn: &str) -> Value {

@@ -4,7 +4,6 @@
 //! it from the last committed batch.
 
 use crate::harness::*;
-use crate::ota::{call_retrying, engines_node};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -13,18 +12,14 @@ const TARGET: &str = "iot-target";
 
 /// Waits (through `api`, retrying over a takeover) until the task is in `state`.
 async fn wait_state(api: &Api, tid: &str, state: &str, within: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let t = call_retrying(api, Method::GET, &format!("/api/v1/migrations/{tid}"), None).await;
-        if t["state"] == state {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task never reached {state}: {t}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        api,
+        &format!("/api/v1/migrations/{tid}"),
+        state,
+        within,
+        |t| t["state"] == state,
+    )
+    .await
 }
 
 /// 3. A full migration of 1,200 devices at 100 devices/s, created and steered through
@@ -53,20 +48,8 @@ async fn a_migration_survives_the_kill_of_the_node_that_drives_it() {
         .await;
     assert_eq!(s, 201, "{b}");
     let pk = api.create_product("migrating").await;
-    let rows: Vec<Value> = (0..DEVICES)
-        .map(|i| json!({"device_name": format!("m{i:04}")}))
-        .collect();
-    let (s, b) = api
-        .post(
-            &format!("/api/v1/products/{pk}/devices/batch"),
-            json!({ "devices": rows }),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
-    let secret = b["results"][7]["device_secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let names: Vec<String> = (0..DEVICES).map(|i| format!("m{i:04}")).collect();
+    let secret = api.create_devices(&pk, &names).await.swap_remove(7);
     // One device online on a follower: moved while connected, it is kicked there.
     let device = reconnecting(
         cluster.node(followers[1]).mqtt,
@@ -75,23 +58,8 @@ async fn a_migration_survives_the_kill_of_the_node_that_drives_it() {
     api.wait_device(&pk, "m0007", "online", |d| d["online"] == true)
         .await;
 
-    // Created on a follower: the call is served by the holder.
-    let (s, task) = api
-        .post(
-            "/api/v1/migrations",
-            json!({"product_key": pk, "target_instance_id": TARGET}),
-        )
-        .await;
-    assert_eq!(s, 201, "{task}");
-    let tid = task["task_id"].as_str().unwrap().to_owned();
-    let (s, b) = other
-        .post(
-            &format!("/api/v1/migrations/{tid}/canary"),
-            json!({"device_names": ["m0000"]}),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
-    wait_state(&api, &tid, "CANARY_COMPLETED", Duration::from_secs(30)).await;
+    // Created on a follower: the calls are served by the holder.
+    let tid = api.migration_past_canary(&pk, TARGET, "m0000").await;
     let (s, b) = other
         .post(&format!("/api/v1/migrations/{tid}/full"), json!({}))
         .await;

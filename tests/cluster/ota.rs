@@ -119,49 +119,6 @@ pub(crate) fn sim_device_with(
     SimDevice { pushes, task }
 }
 
-/// The node whose engine runs (as it says itself), once one does.
-pub(crate) async fn engines_node(cluster: &Cluster, alive: &[u16]) -> u16 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        for &id in alive {
-            let (_, body) = cluster.node(id).api().get("/api/v1/cluster").await;
-            let this = body["nodes"]
-                .as_array()
-                .and_then(|n| n.iter().find(|n| n["self"] == true).cloned());
-            if this.is_some_and(|n| n["engines"] == true) {
-                return id;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no node drives the engines"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A call that may meet a takeover (503) is retried.
-pub(crate) async fn call_retrying(
-    api: &Api,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, v) = api.call(method.clone(), path, body.clone()).await;
-        if status / 100 == 2 {
-            return v;
-        }
-        assert!(
-            status == 503 && tokio::time::Instant::now() < deadline,
-            "{method} {path}: {status} {v}"
-        );
-        assert_eq!(v["error_code"], "FG.0503", "{v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// 1. A campaign over devices spread over 3 nodes (behind HAProxy), created and watched
 ///    through followers: the holder of the engines' lease is killed mid-campaign, another node
 ///    takes the lease and finishes the campaign; every task SUCCEEDED, no device got a push
@@ -184,56 +141,17 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
     }
 
     // The firmware upload (multipart) goes through a follower to the holder.
-    let form = reqwest::multipart::Form::new()
-        .text("product_key", pk.clone())
-        .text("version", "2.0.0")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(b"image 2.0.0".to_vec()).file_name("fw.bin"),
-        );
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v1/firmware",
-            cluster.node(followers[1]).http
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let fw: Value = resp.json().await.unwrap();
+    let fw = upload_firmware(cluster.node(followers[1]), &pk, "2.0.0", b"image 2.0.0").await;
     let fid = fw["firmware_id"].as_str().unwrap().to_owned();
 
     let devices: BTreeMap<String, SimDevice> = secrets
         .iter()
         .map(|(dn, secret)| (dn.clone(), sim_device(proxy.addr, &pk, dn, secret)))
         .collect();
-    let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
-    for dn in secrets.keys() {
-        let d = api
-            .wait_device(&pk, dn, "online with 1.0.0", |d| {
-                d["online"] == true && d["versions"]["default"] == "1.0.0"
-            })
-            .await;
-        *placed.entry(d["node"].as_u64().unwrap()).or_default() += 1;
-    }
+    let placed = api.wait_online_at(&pk, secrets.keys(), "1.0.0").await;
     assert!(placed.len() >= 2, "devices all on one node: {placed:?}");
 
-    let (status, job) = api
-        .post(
-            "/api/v1/ota/jobs",
-            json!({
-                "firmware_id": fid,
-                "target": "ALL",
-                "force": true,
-                "timeout_seconds": 600,
-                "rate": {"per_minute": PER_MINUTE}
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{job}");
-    let jid = job["job_id"].as_str().unwrap().to_owned();
+    let jid = api.start_job(&fid, PER_MINUTE as u64, 600).await;
 
     // Mid-campaign: a third of the devices pushed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -259,24 +177,14 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
 
     // Finished through whichever node answers.
     let watcher = cluster.node(followers[1]).api();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let job = loop {
-        let j = call_retrying(
-            &watcher,
-            reqwest::Method::GET,
-            &format!("/api/v1/ota/jobs/{jid}"),
-            None,
-        )
-        .await;
-        if j["status"] == "COMPLETED" {
-            break j;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job never completed: {j}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let job = wait_for(
+        &watcher,
+        &format!("/api/v1/ota/jobs/{jid}"),
+        "COMPLETED",
+        Duration::from_secs(120),
+        |j| j["status"] == "COMPLETED",
+    )
+    .await;
     assert_eq!(job["counters"]["succeeded"], DEVICES as u64, "{job}");
     assert_eq!(job["counters"]["total"], DEVICES as u64, "{job}");
 
@@ -333,27 +241,6 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
     );
     assert!(busiest <= allowed, "busiest 10 s: {busiest} > {allowed}");
     drop(devices);
-}
-
-/// Uploads a firmware package (2.0.0) through `node`; returns its id.
-async fn upload_firmware(node: &Node, pk: &str) -> String {
-    let form = reqwest::multipart::Form::new()
-        .text("product_key", pk.to_owned())
-        .text("version", "2.0.0")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(b"image 2.0.0".to_vec()).file_name("fw.bin"),
-        );
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/api/v1/firmware", node.http))
-        .bearer_auth(ADMIN_TOKEN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let fw: Value = resp.json().await.unwrap();
-    fw["firmware_id"].as_str().unwrap().to_owned()
 }
 
 /// Every task of a job (all pages), through whichever node answers.
@@ -418,36 +305,16 @@ async fn the_push_rate_holds_in_every_minute_across_the_kill_of_the_driving_node
         let dn = format!("rate-{i:03}");
         secrets.insert(dn.clone(), api.create_device(&pk, &dn).await);
     }
-    let fid = upload_firmware(cluster.node(followers[1]), &pk).await;
+    let fw = upload_firmware(cluster.node(followers[1]), &pk, "2.0.0", b"image 2.0.0").await;
+    let fid = fw["firmware_id"].as_str().unwrap().to_owned();
     let devices: BTreeMap<String, SimDevice> = secrets
         .iter()
         .map(|(dn, secret)| (dn.clone(), sim_device(proxy.addr, &pk, dn, secret)))
         .collect();
-    let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
-    for dn in secrets.keys() {
-        let d = api
-            .wait_device(&pk, dn, "online with 1.0.0", |d| {
-                d["online"] == true && d["versions"]["default"] == "1.0.0"
-            })
-            .await;
-        *placed.entry(d["node"].as_u64().unwrap()).or_default() += 1;
-    }
+    let placed = api.wait_online_at(&pk, secrets.keys(), "1.0.0").await;
     assert_eq!(placed.len(), 3, "devices not on every node: {placed:?}");
 
-    let (status, job) = api
-        .post(
-            "/api/v1/ota/jobs",
-            json!({
-                "firmware_id": fid,
-                "target": "ALL",
-                "force": true,
-                "timeout_seconds": 600,
-                "rate": {"per_minute": PER_MINUTE}
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{job}");
-    let jid = job["job_id"].as_str().unwrap().to_owned();
+    let jid = api.start_job(&fid, PER_MINUTE as u64, 600).await;
 
     // The first push starts the first whole minute.
     let deadline = tokio::time::Instant::now() + WAIT;

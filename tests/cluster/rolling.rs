@@ -3,33 +3,14 @@
 //! timer and no device move is lost.
 
 use crate::harness::*;
-use crate::ota::{call_retrying, engines_node, sim_device, SimDevice};
+use crate::ota::{sim_device, SimDevice};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const TARGET: &str = "iot-target";
-
-/// Polls `path` through `api` (retrying over a handover) until `done` says so.
-async fn wait_for(
-    api: &Api,
-    path: &str,
-    what: &str,
-    within: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let v = call_retrying(api, Method::GET, path, None).await;
-        if done(&v) {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never {what}: {v}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 /// 5. Campaign over 45 devices behind HAProxy at 90/min and a full migration of 400 devices at
 ///    20/s; nodes 1, 2, 3 restarted one after the other (each time the cluster waits for the
@@ -49,38 +30,19 @@ async fn a_rolling_restart_loses_no_task_no_timer_and_no_move() {
 
     // The campaign's devices, connected through HAProxy.
     let pk = api.create_product("rolling-ota").await;
-    let mut secrets = BTreeMap::new();
-    for i in 0..DEVICES {
-        let dn = format!("r-{i:03}");
-        secrets.insert(dn.clone(), api.create_device(&pk, &dn).await);
-    }
-    let form = reqwest::multipart::Form::new()
-        .text("product_key", pk.clone())
-        .text("version", "2.0.0")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(b"image 2.0.0".to_vec()).file_name("fw.bin"),
-        );
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/api/v1/firmware", cluster.node(2).http))
-        .bearer_auth(ADMIN_TOKEN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let fw: Value = resp.json().await.unwrap();
+    let names: Vec<String> = (0..DEVICES).map(|i| format!("r-{i:03}")).collect();
+    let secrets: BTreeMap<String, String> = names
+        .iter()
+        .cloned()
+        .zip(api.create_devices(&pk, &names).await)
+        .collect();
+    let fw = upload_firmware(cluster.node(2), &pk, "2.0.0", b"image 2.0.0").await;
     let fid = fw["firmware_id"].as_str().unwrap().to_owned();
     let devices: BTreeMap<String, SimDevice> = secrets
         .iter()
         .map(|(dn, secret)| (dn.clone(), sim_device(proxy.addr, &pk, dn, secret)))
         .collect();
-    for dn in secrets.keys() {
-        api.wait_device(&pk, dn, "online with 1.0.0", |d| {
-            d["online"] == true && d["versions"]["default"] == "1.0.0"
-        })
-        .await;
-    }
+    api.wait_online_at(&pk, secrets.keys(), "1.0.0").await;
 
     // The migration's devices (not connected).
     let (s, b) = api
@@ -91,54 +53,11 @@ async fn a_rolling_restart_loses_no_task_no_timer_and_no_move() {
         .await;
     assert_eq!(s, 201, "{b}");
     let moved_pk = api.create_product("rolling-migration").await;
-    let rows: Vec<Value> = (0..MOVED)
-        .map(|i| json!({"device_name": format!("m{i:03}")}))
-        .collect();
-    let (s, b) = api
-        .post(
-            &format!("/api/v1/products/{moved_pk}/devices/batch"),
-            json!({ "devices": rows }),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
-    let (s, task) = api
-        .post(
-            "/api/v1/migrations",
-            json!({"product_key": moved_pk, "target_instance_id": TARGET}),
-        )
-        .await;
-    assert_eq!(s, 201, "{task}");
-    let tid = task["task_id"].as_str().unwrap().to_owned();
-    let (s, b) = api
-        .post(
-            &format!("/api/v1/migrations/{tid}/canary"),
-            json!({"device_names": ["m000"]}),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
-    wait_for(
-        &api,
-        &format!("/api/v1/migrations/{tid}"),
-        "CANARY_COMPLETED",
-        Duration::from_secs(30),
-        |t| t["state"] == "CANARY_COMPLETED",
-    )
-    .await;
+    let moved: Vec<String> = (0..MOVED).map(|i| format!("m{i:03}")).collect();
+    api.create_devices(&moved_pk, &moved).await;
+    let tid = api.migration_past_canary(&moved_pk, TARGET, "m000").await;
 
-    let (s, job) = api
-        .post(
-            "/api/v1/ota/jobs",
-            json!({
-                "firmware_id": fid,
-                "target": "ALL",
-                "force": true,
-                "timeout_seconds": 600,
-                "rate": {"per_minute": 90}
-            }),
-        )
-        .await;
-    assert_eq!(s, 201, "{job}");
-    let jid = job["job_id"].as_str().unwrap().to_owned();
+    let jid = api.start_job(&fid, 90, 600).await;
     let (s, b) = api
         .post(&format!("/api/v1/migrations/{tid}/full"), json!({}))
         .await;
