@@ -151,7 +151,7 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
     let placed = api.wait_online_at(&pk, secrets.keys(), "1.0.0").await;
     assert!(placed.len() >= 2, "devices all on one node: {placed:?}");
 
-    let jid = api.start_job(&fid, PER_MINUTE as u64, 600).await;
+    let jid = api.start_job(&fid, PER_MINUTE, 600).await;
 
     // Mid-campaign: a third of the devices pushed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
