@@ -460,10 +460,7 @@ impl Forwarder {
         for (id, body) in store.load_documents(TOMBSTONE_DOC_KIND)? {
             state.tombstones.insert(id, body);
         }
-        for (id, body) in registry
-            .store()
-            .load_documents(EXCHANGE_TOMBSTONE_DOC_KIND)?
-        {
+        for (id, body) in store.load_documents(EXCHANGE_TOMBSTONE_DOC_KIND)? {
             state.exchange_tombstones.insert(id, body);
         }
         let mut overrides = HashMap::new();
