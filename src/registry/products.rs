@@ -4,6 +4,25 @@
 use super::*;
 
 impl Registry {
+    /// Takes the product's free slot: submits the product (under the slot's guard, so store
+    /// order is memory order) and puts an empty entry in; the ticket resolves once durable.
+    pub(super) fn occupy(
+        &self,
+        slot: dashmap::mapref::entry::VacantEntry<'_, String, Arc<ProductEntry>>,
+        product: &Product,
+    ) -> (Arc<ProductEntry>, Ticket) {
+        let ticket = self
+            .store
+            .submit(vec![Op::PutProduct(product_record(product))]);
+        let entry = Arc::new(ProductEntry {
+            product: product.clone(),
+            devices: DashMap::new(),
+            index: RwLock::new(DeviceIndex::default()),
+        });
+        slot.insert(Arc::clone(&entry));
+        (entry, ticket)
+    }
+
     /// Creates a product in `instance_id` (default `default`); key and secret are generated
     /// when absent.
     pub async fn create_product(&self, new: NewProduct) -> Result<Product> {
@@ -49,18 +68,7 @@ impl Registry {
                         id: product.product_key,
                     });
                 }
-                Entry::Vacant(slot) => {
-                    let ticket = self
-                        .store
-                        .submit(vec![Op::PutProduct(product_record(&product))]);
-                    let entry = Arc::new(ProductEntry {
-                        product: product.clone(),
-                        devices: DashMap::new(),
-                        index: RwLock::new(DeviceIndex::default()),
-                    });
-                    slot.insert(Arc::clone(&entry));
-                    break (entry, ticket);
-                }
+                Entry::Vacant(slot) => break self.occupy(slot, &product),
             }
         };
         let order_key = (product.name.clone(), product.product_key.clone());

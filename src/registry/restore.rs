@@ -60,18 +60,7 @@ impl Registry {
                     id: product.product_key,
                 })
             }
-            Entry::Vacant(slot) => {
-                let ticket = self
-                    .store
-                    .submit(vec![Op::PutProduct(product_record(&product))]);
-                let entry = Arc::new(ProductEntry {
-                    product: product.clone(),
-                    devices: DashMap::new(),
-                    index: RwLock::new(DeviceIndex::default()),
-                });
-                slot.insert(Arc::clone(&entry));
-                (entry, ticket)
-            }
+            Entry::Vacant(slot) => self.occupy(slot, &product),
         };
         let order_key = (product.name.clone(), product.product_key.clone());
         write(&self.product_order).insert(order_key.clone());
