@@ -544,6 +544,19 @@ impl ApiError {
         e
     }
 
+    /// A failed store write: 503 `FG.0503` when it failed because this node's term of the
+    /// engines' lease ended under it (cluster mode: the next holder serves a retry), else a
+    /// 500 with `detail`.
+    pub fn store(store: &crate::store::StoreError, detail: impl fmt::Display) -> Self {
+        match store {
+            crate::store::StoreError::NotLeaseHolder => Self::new(
+                ErrorCode::Unavailable,
+                "this node stopped driving the engines during the call (the cluster is handing them over); retry in a few seconds",
+            ),
+            _ => Self::internal(detail),
+        }
+    }
+
     /// The standard body for this error, stamped with `request_id`.
     pub fn body(&self, request_id: String) -> ErrorBody {
         ErrorBody {
@@ -651,6 +664,17 @@ impl From<ForwarderError> for ApiError {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn a_write_refused_by_the_lease_fence_is_a_retryable_503() {
+        use crate::store::StoreError;
+        let fenced = ApiError::store(&StoreError::NotLeaseHolder, "fenced");
+        assert_eq!(fenced.code, ErrorCode::Unavailable);
+        assert_eq!(fenced.code.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let closed = ApiError::store(&StoreError::Closed, "closed");
+        assert_eq!(closed.code, ErrorCode::Internal);
+        assert_eq!(closed.internal.as_deref(), Some("closed"));
+    }
 
     #[test]
     fn codes_are_unique_and_statuses_are_in_the_contract_set() {

@@ -63,7 +63,8 @@ impl From<ExportError> for ApiError {
             }
             ExportError::Limited(l) => ApiError::new(ErrorCode::TooManyRequests, l.reason),
             ExportError::Forbidden(msg) => ApiError::forbidden(msg).with_field("package"),
-            ExportError::Store(_) | ExportError::Internal(_) => ApiError::internal(e),
+            ExportError::Store(ref store) => ApiError::store(store, &e),
+            ExportError::Internal(_) => ApiError::internal(e),
         }
     }
 }

@@ -62,10 +62,10 @@ impl From<FirmwareError> for ApiError {
                 ApiError::new(ErrorCode::FirmwareTooLarge, e.to_string()).with_field("file")
             }
             e @ FirmwareError::InUse(_) => ApiError::new(ErrorCode::FirmwareInUse, e.to_string()),
+            FirmwareError::Store(ref store) => ApiError::store(store, &e),
             e @ (FirmwareError::Blob(_)
             | FirmwareError::Setup { .. }
-            | FirmwareError::Corrupt { .. }
-            | FirmwareError::Store(_)) => ApiError::internal(e),
+            | FirmwareError::Corrupt { .. }) => ApiError::internal(e),
         }
     }
 }

@@ -27,7 +27,6 @@ use crate::migration::{
     MigrationError, MigrationMethod, NewTask, RejectedRow, ResumeMode, RollbackSelection,
     SummaryStatus, TaskDetails, TaskFilter, TaskState, MAX_CANARY_JSON, MAX_PICKED,
 };
-use crate::store::StoreError;
 
 impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {
@@ -47,10 +46,9 @@ impl From<MigrationError> for ApiError {
             MigrationError::Invalid { field, message } => ApiError::invalid_field(field, message),
             MigrationError::TooMany { field, max } => ApiError::too_many_items(field, max),
             MigrationError::Registry(r) => r.into(),
-            MigrationError::Standby | MigrationError::Store(StoreError::NotLeaseHolder) => {
-                ApiError::new(ErrorCode::Unavailable, MigrationError::Standby.to_string())
-            }
-            e @ (MigrationError::Store(_) | MigrationError::Stopped) => ApiError::internal(e),
+            MigrationError::Standby => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+            MigrationError::Store(ref store) => ApiError::store(store, &e),
+            e @ MigrationError::Stopped => ApiError::internal(e),
         }
     }
 }

@@ -50,7 +50,8 @@ impl From<OtaError> for ApiError {
             OtaError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
             OtaError::Registry(e) => e.into(),
             OtaError::Firmware(e) => e.into(),
-            e @ (OtaError::Store(_) | OtaError::Corrupt { .. }) => ApiError::internal(e),
+            OtaError::Store(ref store) => ApiError::store(store, &e),
+            e @ OtaError::Corrupt { .. } => ApiError::internal(e),
         }
     }
 }
