@@ -11,7 +11,7 @@
 use super::config::Hooks;
 use super::docs::{parse_doc, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::{DeviceDoc, LogEntry, TaskDoc};
-use super::shared::{apply_route, remove_route, Shared, State, TaskEntry};
+use super::shared::{apply_route, remove_route, Shared, State};
 use std::collections::HashMap;
 
 /// The document kinds the mirror follows.
@@ -26,7 +26,7 @@ pub(super) fn changed(shared: &Shared, hooks: &Hooks, kind: &str, id: &str, body
                 let mut state = shared.write();
                 match &doc {
                     Some(doc) => {
-                        put_task(&mut state, doc.clone());
+                        state.put_task(doc.clone());
                         None
                     }
                     None => forget_task(&mut state, id),
@@ -100,7 +100,7 @@ pub(super) fn reloaded(shared: &Shared, hooks: &Hooks, kind: &str, docs: &[(Stri
                     .filter_map(|tid| forget_task(&mut state, tid))
                     .collect();
                 for doc in docs.values() {
-                    put_task(&mut state, doc.clone());
+                    state.put_task(doc.clone());
                 }
                 gone
             };
@@ -146,26 +146,6 @@ pub(super) fn reloaded(shared: &Shared, hooks: &Hooks, kind: &str, docs: &[(Stri
             }
         }
         _ => {}
-    }
-}
-
-/// Inserts or replaces a task's document (its records and log stay).
-fn put_task(state: &mut State, doc: TaskDoc) {
-    state
-        .by_product
-        .insert(doc.product_key.clone(), doc.task_id.clone());
-    match state.tasks.get_mut(&doc.task_id) {
-        Some(entry) => entry.doc = doc,
-        None => {
-            state.tasks.insert(
-                doc.task_id.clone(),
-                TaskEntry {
-                    doc,
-                    devices: HashMap::new(),
-                    log: Vec::new(),
-                },
-            );
-        }
     }
 }
 

@@ -56,23 +56,32 @@ impl Shared {
 }
 
 impl State {
+    /// Inserts a task's document, or replaces it (its records and log stay); the product's
+    /// task is this one from now on.
+    pub(super) fn put_task(&mut self, doc: TaskDoc) -> &mut TaskEntry {
+        self.by_product
+            .insert(doc.product_key.clone(), doc.task_id.clone());
+        match self.tasks.entry(doc.task_id.clone()) {
+            std::collections::btree_map::Entry::Occupied(slot) => {
+                let entry = slot.into_mut();
+                entry.doc = doc;
+                entry
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => slot.insert(TaskEntry {
+                doc,
+                devices: HashMap::new(),
+                log: Vec::new(),
+            }),
+        }
+    }
+
     /// Every task with its device records and log, from `store` (blocking: start-up only).
     /// Records of devices that no longer exist (in `registry`) are dropped on the way.
     pub(super) fn load(store: &Store, registry: &Registry) -> Result<State, MigrationError> {
         let mut state = State::default();
         for (id, body) in store.load_documents(TASK_DOC)? {
             if let Some(doc) = parse_doc::<TaskDoc>(TASK_DOC, &id, &body) {
-                state
-                    .by_product
-                    .insert(doc.product_key.clone(), doc.task_id.clone());
-                state.tasks.insert(
-                    doc.task_id.clone(),
-                    TaskEntry {
-                        doc,
-                        devices: HashMap::new(),
-                        log: Vec::new(),
-                    },
-                );
+                state.put_task(doc);
             }
         }
         for (id, body) in store.load_documents(DEVICE_DOC)? {

@@ -418,6 +418,20 @@ impl FirmwareRepo {
     }
 
     /// Largest package accepted, bytes.
+    /// Installs `staged` under its content address on a blocking thread (rename and fsyncs).
+    async fn install(&self, staged: StagedBlob) -> Result<PathBuf, FirmwareError> {
+        let installed = tokio::task::spawn_blocking(move || staged.install())
+            .await
+            .map_err(|e| {
+                FirmwareError::Blob(BlobError::Io {
+                    what: "install task failed for",
+                    path: self.blob_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })??;
+        Ok(installed)
+    }
+
     pub fn max_size(&self) -> u64 {
         self.max_size
     }
@@ -556,15 +570,7 @@ impl FirmwareRepo {
             });
         }
         // Bytes durable under their address before any metadata refers to them.
-        let installed = tokio::task::spawn_blocking(move || staged.install())
-            .await
-            .map_err(|e| {
-                FirmwareError::Blob(BlobError::Io {
-                    what: "install task failed for",
-                    path: self.blob_dir.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })??;
+        let installed = self.install(staged).await?;
         if let Some(shared) = &self.shared {
             // Again under the gate: a delete of another package with the same bytes may have
             // released them since the first call. Stored bytes make this one query.
@@ -834,15 +840,7 @@ impl FirmwareRepo {
         if &staged.sha256 != sha256 {
             return Err(corrupt(format!("their SHA-256 is {}", staged.sha256)));
         }
-        let installed = tokio::task::spawn_blocking(move || staged.install())
-            .await
-            .map_err(|e| {
-                FirmwareError::Blob(BlobError::Io {
-                    what: "install task failed for",
-                    path: self.blob_dir.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })??;
+        let installed = self.install(staged).await?;
         tracing::info!(sha256 = %sha256, size = package.size, "firmware fetched from the shared database into the local cache");
         Ok(installed)
     }

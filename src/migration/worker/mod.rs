@@ -31,7 +31,7 @@ use super::command::{Command, Outcome};
 use super::config::{EngineConfig, Hooks};
 use super::docs::{device_doc_id, doc_op, log_doc_id, DEVICE_DOC, LOG_DOC, TASK_DOC};
 use super::model::*;
-use super::shared::{details, Shared, TaskEntry};
+use super::shared::{details, Shared};
 use super::MigrationError;
 use crate::metrics::Metrics;
 use crate::store::{Op, StoreError};
@@ -216,19 +216,7 @@ impl Worker {
         tracing::info!(task_id = %doc.task_id, action, state = %doc.state, "migration task");
         {
             let mut state = self.shared.write();
-            state
-                .by_product
-                .insert(doc.product_key.clone(), doc.task_id.clone());
-            let t = state
-                .tasks
-                .entry(doc.task_id.clone())
-                .or_insert_with(|| TaskEntry {
-                    doc: doc.clone(),
-                    devices: HashMap::new(),
-                    log: Vec::new(),
-                });
-            t.doc = doc.clone();
-            t.log.push(entry);
+            state.put_task(doc.clone()).log.push(entry);
         }
         self.apply_route(&doc);
         self.update_gauge();
