@@ -48,6 +48,8 @@ const MAX_PENDING_REPLIES: usize = 256;
 pub(crate) struct DeviceRecord {
     pub spec: DeviceSpec,
     pub sign_method: SignMethod,
+    /// The device's place in the fleet's list (which broker entry point it uses).
+    pub index: usize,
     outcome: Mutex<DeviceOutcome>,
     next_id: AtomicU32,
 }
@@ -57,6 +59,7 @@ impl DeviceRecord {
         spec: DeviceSpec,
         sign_method: SignMethod,
         versions: BTreeMap<String, String>,
+        index: usize,
     ) -> Self {
         let outcome = DeviceOutcome {
             product_key: spec.product_key.clone(),
@@ -78,6 +81,7 @@ impl DeviceRecord {
         DeviceRecord {
             spec,
             sign_method,
+            index,
             outcome: Mutex::new(outcome),
             next_id: AtomicU32::new(1),
         }
@@ -360,7 +364,8 @@ impl Device {
             3,
             ts,
         );
-        let mut o = MqttOptions::new(c.client_id, self.sh.host.clone(), self.sh.port);
+        let (host, port) = self.sh.entry(self.rec.index);
+        let mut o = MqttOptions::new(c.client_id, host, port);
         o.set_credentials(c.username, c.password);
         o.set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(1)));
         o.set_clean_session(true);

@@ -80,8 +80,8 @@ impl FleetConfig {
 
 /// What device tasks share.
 pub(crate) struct Shared {
-    pub host: String,
-    pub port: u16,
+    /// The broker's entry points (`mqtt.address`); a device uses [`Shared::entry`].
+    pub entries: Vec<(String, u16)>,
     pub mqtt: MqttSettings,
     pub ota: OtaSettings,
     pub telemetry: TelemetrySettings,
@@ -156,6 +156,23 @@ fn split_address(address: &str) -> Result<(String, u16), FleetError> {
         return Err(bad());
     }
     Ok((host.to_owned(), port))
+}
+
+/// `mqtt.address`: one `host:port` or several separated by commas.
+fn split_addresses(address: &str) -> Result<Vec<(String, u16)>, FleetError> {
+    address
+        .split(',')
+        .map(|a| split_address(a.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| FleetError::BadAddress(address.to_owned()))
+}
+
+impl Shared {
+    /// The entry point device number `index` of the list connects to.
+    pub fn entry(&self, index: usize) -> (&str, u16) {
+        let (host, port) = &self.entries[index % self.entries.len().max(1)];
+        (host, *port)
+    }
 }
 
 /// Picks one of `entries` by weight with `rng`.
@@ -235,27 +252,23 @@ impl Fleet {
                 return Err(FleetError::BadDevice(label, "listed twice".into()));
             }
         }
-        let (host, port) = split_address(&config.mqtt.address)?;
+        let entries = split_addresses(&config.mqtt.address)?;
         // Fail fast and clearly when nothing listens, rather than 10,000 devices retrying.
-        let probe = tokio::time::timeout(
-            Duration::from_secs(config.mqtt.connect_timeout_secs.max(1)),
-            tokio::net::TcpStream::connect((host.as_str(), port)),
-        )
-        .await;
-        match probe {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(FleetError::BrokerUnreachable {
-                    address: config.mqtt.address.clone(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(FleetError::BrokerUnreachable {
-                    address: config.mqtt.address.clone(),
-                    reason: "timed out".into(),
-                })
-            }
+        for (host, port) in &entries {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(config.mqtt.connect_timeout_secs.max(1)),
+                tokio::net::TcpStream::connect((host.as_str(), *port)),
+            )
+            .await;
+            let reason = match probe {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".into(),
+            };
+            return Err(FleetError::BrokerUnreachable {
+                address: format!("{host}:{port}"),
+                reason,
+            });
         }
         let pacer = Pacer::new(config.mqtt.connect_rate);
         let http = reqwest::Client::builder()
@@ -266,8 +279,7 @@ impl Fleet {
             .build()
             .map_err(|e| FleetError::Http(e.to_string()))?;
         let shared = Arc::new(Shared {
-            host,
-            port,
+            entries,
             mqtt: config.mqtt.clone(),
             ota: config.ota.clone(),
             telemetry: config.telemetry.clone(),
@@ -281,14 +293,14 @@ impl Fleet {
         let (shutdown, rx) = watch::channel(false);
         let mut records = Vec::with_capacity(config.devices.len());
         let mut tasks = Vec::with_capacity(config.devices.len());
-        for spec in config.devices {
+        for (index, spec) in config.devices.into_iter().enumerate() {
             let (versions, method) = identity(
                 config.seed,
                 &spec,
                 &config.versions,
                 config.mqtt.sign_method,
             );
-            let rec = Arc::new(DeviceRecord::new(spec, method, versions));
+            let rec = Arc::new(DeviceRecord::new(spec, method, versions, index));
             tasks.push(tokio::spawn(device::run(
                 rec.clone(),
                 shared.clone(),
@@ -429,6 +441,13 @@ mod tests {
         assert_eq!(split_address("gw.local:1").unwrap(), ("gw.local".into(), 1));
         for bad in ["nohost", ":1883", "h:0", "h:x", "h:70000"] {
             assert!(split_address(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_addresses("127.0.0.1:1, [::1]:2").unwrap(),
+            vec![("127.0.0.1".into(), 1), ("::1".into(), 2)]
+        );
+        for bad in ["", "127.0.0.1:1,", "127.0.0.1:1,h:0"] {
+            assert!(split_addresses(bad).is_err(), "{bad}");
         }
     }
 

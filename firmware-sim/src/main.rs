@@ -54,8 +54,9 @@ struct Args {
     )]
     api_token: Option<String>,
 
-    /// MQTT broker host:port [default: with --provision, the gateway's own (its /healthz
-    /// `mqtt`), and a different port is refused; otherwise 127.0.0.1:1883].
+    /// MQTT broker host:port, or several separated by commas (device i of the list connects
+    /// to entry i mod n) [default: with --provision, the gateway's own (its /healthz `mqtt`),
+    /// and a different port is refused; otherwise 127.0.0.1:1883].
     #[arg(long, value_name = "HOST:PORT")]
     mqtt: Option<String>,
     /// CONNECT sign method: hmacsha1, hmacsha256, hmacmd5 or mixed.

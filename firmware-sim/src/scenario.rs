@@ -79,7 +79,8 @@ impl<'de> Deserialize<'de> for SignChoice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttSettings {
-    /// Broker `host:port`.
+    /// Broker `host:port`, or several separated by commas (entry points in front of one
+    /// gateway, e.g. two load balancers): device *i* of the list connects to entry *i* mod *n*.
     pub address: String,
     pub keep_alive_secs: u64,
     /// TCP connect + CONNACK timeout per attempt.
