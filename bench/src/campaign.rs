@@ -10,7 +10,8 @@
 //! created, at its peak and after completion.
 
 use crate::api::{devices, Api};
-use crate::procs::{Bins, Server};
+use crate::deployment::{Deployment, Gateway};
+use crate::procs::Bins;
 use crate::sim::Sim;
 use anyhow::{ensure, Context};
 use serde::Serialize;
@@ -44,79 +45,6 @@ pub struct Settings {
     pub seed: u64,
     /// CONNECTs per second of the simulator.
     pub connect_rate: u32,
-}
-
-/// What the campaign runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deployment {
-    /// One node on SQLite.
-    Single,
-    /// Three nodes on PostgreSQL and NATS, devices through HAProxy (`cluster::Fleet3`).
-    Cluster,
-}
-
-/// The gateway(s) of one run.
-enum Gateway {
-    Single(Server),
-    Cluster(crate::cluster::Fleet3),
-}
-
-impl Gateway {
-    async fn start(
-        deployment: Deployment,
-        args: &crate::Args,
-        bins: &Bins,
-        dir: &Path,
-    ) -> anyhow::Result<(Gateway, Api)> {
-        Ok(match deployment {
-            Deployment::Single => {
-                let server = Server::fleetgate(bins, &dir.join("data"), crate::TOKEN, None).await?;
-                let api = Api::new(server.http.context("no http")?, crate::TOKEN);
-                (Gateway::Single(server), api)
-            }
-            Deployment::Cluster => {
-                let fleet = crate::cluster::Fleet3::start(args, bins, dir).await?;
-                let api = fleet.api().clone();
-                (Gateway::Cluster(fleet), api)
-            }
-        })
-    }
-
-    fn mqtt(&self) -> std::net::SocketAddr {
-        match self {
-            Gateway::Single(s) => s.mqtt,
-            Gateway::Cluster(f) => f.mqtt(),
-        }
-    }
-
-    fn rss_kib(&self) -> anyhow::Result<u64> {
-        match self {
-            Gateway::Single(s) => s.rss_kib(),
-            Gateway::Cluster(f) => f.rss_kib(),
-        }
-    }
-
-    fn warnings(&self) -> u64 {
-        match self {
-            Gateway::Single(s) => s.log.warnings.load(std::sync::atomic::Ordering::Relaxed),
-            Gateway::Cluster(f) => f.warnings(),
-        }
-    }
-
-    /// PostgreSQL (transactions committed, rows written) so far; `None` on one node.
-    async fn pg_counters(&self) -> anyhow::Result<Option<(i64, i64)>> {
-        match self {
-            Gateway::Single(_) => Ok(None),
-            Gateway::Cluster(f) => f.pg_counters().await.map(Some),
-        }
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        match self {
-            Gateway::Single(s) => s.stop().await,
-            Gateway::Cluster(f) => f.stop().await,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -282,7 +210,7 @@ pub async fn run_once(
         Deployment::Cluster => format!("ota-cluster-{run}"),
     });
     crate::fresh_dir(&dir)?;
-    let (server, api) = Gateway::start(deployment, args, bins, &dir).await?;
+    let (server, api) = Gateway::start(deployment, args, bins, &dir, s.devices, &[]).await?;
     let devs = devices(PRODUCT, s.devices);
     api.provision(PRODUCT, &devs).await?;
     // Random-looking bytes (the simulator verifies the digest for real).
@@ -294,7 +222,7 @@ pub async fn run_once(
         .await?;
 
     let t = Instant::now();
-    let mut sim = Sim::start(sim_bin, &dir, "ota", &scenario(s), &devs, server.mqtt()).await?;
+    let mut sim = Sim::start(sim_bin, &dir, "ota", &scenario(s), &devs, &server.mqtt()).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         sim.check_running()?;
@@ -610,4 +538,52 @@ mod tests {
         );
         assert_eq!(sim_label(&json!({"result":"succeeded"})), "SUCCEEDED");
     }
+}
+
+/// Part 3 (and, with both deployments, the cluster campaign): `--runs` campaigns per deployment.
+pub(crate) async fn benchmark(
+    args: &crate::Args,
+    bins: &Bins,
+    sim_bin: &Path,
+    deployments: &[Deployment],
+    results: &mut crate::Results,
+) -> anyhow::Result<()> {
+    for (run, &deployment) in
+        (1..=args.runs).flat_map(|run| deployments.iter().map(move |d| (run, d)))
+    {
+        let settings = Settings {
+            devices: args.ota_devices,
+            rate_per_minute: args.ota_rate,
+            fault_percent: args.ota_fault_percent,
+            timeout_seconds: args.ota_timeout_s,
+            firmware_kib: args.ota_firmware_kib,
+            seed: args.ota_seed + run as u64 - 1,
+            connect_rate: 2_000,
+        };
+        let row = run_once(args, bins, sim_bin, &settings, run, deployment).await?;
+        eprintln!(
+            "ota run {run} ({}): {} in {:.1} s, mismatches {}, statistics match {}, pushes/min {:?} \
+             (max deviation {:.2}%), RSS {:.1} → {:.1} MiB ({:.1} MiB per 10,000 tasks), load {:.1}–{:.1}, \
+             PostgreSQL {:?} commits/s {:?} rows/s",
+            row.deployment,
+            row.job_status,
+            row.completion_secs,
+            row.mismatches,
+            row.statistics_match,
+            row.pushes_per_minute,
+            row.max_minute_deviation_pct,
+            row.gateway_rss_before_kib as f64 / 1024.0,
+            row.gateway_rss_with_tasks_kib as f64 / 1024.0,
+            row.mib_per_10k_tasks,
+            row.load1_start,
+            row.load1_end,
+            row.pg_commits_per_s,
+            row.pg_rows_per_s,
+        );
+        for m in &row.mismatch_samples {
+            eprintln!("    mismatch: {m}");
+        }
+        results.ota.push(row);
+    }
+    Ok(())
 }

@@ -40,6 +40,8 @@ const NODE_TIMEOUT_MS: &str = "5000";
 /// HAProxy's source address towards the nodes, which trust its PROXY v2 headers
 /// (`--mqtt-proxy-protocol trusted`: the direct paths connect from 127.0.0.1 without one).
 const HAPROXY_SOURCE: &str = "127.0.0.3";
+/// Devices one HAProxy process proxies in the cluster campaign (its `maxconn` is 9,000).
+const DEVICES_PER_HAPROXY: usize = 8_000;
 
 #[derive(Serialize, Clone)]
 pub struct ClusterConnectRow {
@@ -103,14 +105,25 @@ pub struct FailoverRow {
 
 /// A three-node cluster behind HAProxy on a fresh database, for another part's run (the OTA
 /// campaign, `--parts cluster-ota`): node 1's API, HAProxy's MQTT address.
+///
+/// HAProxy holds two descriptors per device and a process here may open 20,000, so above
+/// [`DEVICES_PER_HAPROXY`] devices the fleet runs several identical HAProxy processes (same
+/// servers, same consistent hash: a device lands on the same node through any of them) and the
+/// simulator spreads its devices over them.
 pub struct Fleet3 {
     nodes: Vec<Node>,
-    haproxy: Haproxy,
+    haproxies: Vec<Haproxy>,
     db: Database,
 }
 
 impl Fleet3 {
-    pub async fn start(args: &Args, bins: &Bins, work: &Path) -> anyhow::Result<Fleet3> {
+    pub async fn start(
+        args: &Args,
+        bins: &Bins,
+        work: &Path,
+        devices: usize,
+        extra: &[String],
+    ) -> anyhow::Result<Fleet3> {
         let svc = Services {
             pg_admin: args.pg_url.clone(),
             nats: args.nats_url.clone(),
@@ -120,7 +133,7 @@ impl Fleet3 {
         let cluster = format!("benchota{}", std::process::id());
         let mut nodes = Vec::new();
         for id in 1..=3 {
-            match start_node(bins, work, &db, &svc, &cluster, id).await {
+            match start_node(bins, work, &db, &svc, &cluster, id, extra).await {
                 Ok(node) => nodes.push(node),
                 Err(e) => {
                     db.drop_now().await;
@@ -129,22 +142,42 @@ impl Fleet3 {
             }
         }
         wait_members(&nodes.iter().collect::<Vec<_>>()).await?;
-        let haproxy = Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>()).await?;
-        Ok(Fleet3 { nodes, haproxy, db })
+        let mut haproxies = Vec::new();
+        for index in 0..devices.div_ceil(DEVICES_PER_HAPROXY).max(1) {
+            let started =
+                Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>(), index).await;
+            match started {
+                Ok(h) => haproxies.push(h),
+                Err(e) => {
+                    db.drop_now().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Fleet3 {
+            nodes,
+            haproxies,
+            db,
+        })
     }
 
     pub fn api(&self) -> &Api {
         &self.nodes[0].api
     }
 
-    /// Where devices connect: HAProxy.
-    pub fn mqtt(&self) -> SocketAddr {
-        self.haproxy.addr
+    /// Where devices connect: the HAProxy processes.
+    pub fn mqtt(&self) -> Vec<SocketAddr> {
+        self.haproxies.iter().map(|h| h.addr).collect()
     }
 
     /// RSS of the three nodes together.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         self.nodes.iter().map(|n| n.server.rss_kib()).sum()
+    }
+
+    /// CPU time (user + system) of the three nodes so far, seconds.
+    pub fn cpu_s(&self) -> anyhow::Result<f64> {
+        self.nodes.iter().map(|n| n.server.cpu_s()).sum()
     }
 
     /// Warnings the three nodes logged.
@@ -169,7 +202,9 @@ impl Fleet3 {
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.haproxy.stop().await;
+        for h in self.haproxies {
+            h.stop().await;
+        }
         for n in self.nodes {
             n.server.stop().await?;
         }
@@ -260,6 +295,7 @@ async fn start_node(
     svc: &Services,
     cluster: &str,
     id: u16,
+    more: &[String],
 ) -> anyhow::Result<Node> {
     let dir = work.join(format!("node{id}"));
     fresh_dir(&dir)?;
@@ -283,6 +319,7 @@ async fn start_node(
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(more.iter().cloned())
     .collect();
     let server = Server::fleetgate_with(bins, &dir, TOKEN, None, &extra).await?;
     let api = Api::new(server.http.context("no http")?, TOKEN);
@@ -295,7 +332,13 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    async fn start(bin: &Path, work: &Path, nodes: &[&Node]) -> anyhow::Result<Haproxy> {
+    /// HAProxy number `index` (its own configuration file) in front of `nodes`.
+    async fn start(
+        bin: &Path,
+        work: &Path,
+        nodes: &[&Node],
+        index: usize,
+    ) -> anyhow::Result<Haproxy> {
         let addr = free_port()?;
         let servers: String = nodes
             .iter()
@@ -320,7 +363,7 @@ impl Haproxy {
              backend nodes\n    balance hash var(sess.mqtt_user)\n    hash-type consistent\n    \
              option httpchk GET /readyz\n    source {HAPROXY_SOURCE}\n{servers}"
         );
-        let path = work.join("haproxy.cfg");
+        let path = work.join(format!("haproxy-{index}.cfg"));
         std::fs::write(&path, config)?;
         let child = Command::new(bin)
             .arg("-db")
@@ -473,7 +516,7 @@ async fn one_run(
     let cluster = format!("bench{}r{run}", std::process::id());
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(start_node(bins, work, db, svc, &cluster, id).await?);
+        nodes.push(start_node(bins, work, db, svc, &cluster, id, &[]).await?);
     }
     wait_members(&nodes.iter().collect::<Vec<_>>()).await?;
     let t = Instant::now();
@@ -484,7 +527,7 @@ async fn one_run(
         t.elapsed().as_secs_f64()
     );
     // Every node has applied the batch (a write answers once the live nodes applied it).
-    let haproxy = Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>()).await?;
+    let haproxy = Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>(), 0).await?;
 
     // 1. Connections through HAProxy, then straight to node 1.
     let n = args.cluster_connect_devices;

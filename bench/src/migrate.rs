@@ -123,7 +123,7 @@ pub async fn run_once(
         "migration",
         &scenario(run as u64),
         &devs,
-        server.mqtt,
+        &[server.mqtt],
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -267,4 +267,53 @@ async fn rollback_all(
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     server.rss_kib()
+}
+
+/// Part 4: `--runs` migrations per `--migration-rates` value.
+pub(crate) async fn benchmark(
+    args: &crate::Args,
+    bins: &Bins,
+    sim_bin: &Path,
+    results: &mut crate::Results,
+) -> anyhow::Result<()> {
+    let rates: Vec<Option<u32>> =
+        args.migration_rates
+            .iter()
+            .map(|r| match r.as_str() {
+                "default" => Ok(None),
+                n => n.parse().map(Some).with_context(|| {
+                    format!("--migration-rates: {n} is not a number or `default`")
+                }),
+            })
+            .collect::<anyhow::Result<_>>()?;
+    for run in 1..=args.runs {
+        for &rate in &rates {
+            let row = run_once(
+                bins,
+                sim_bin,
+                &args.work_dir,
+                args.migration_devices,
+                rate,
+                run,
+                args.migration_rollback,
+            )
+            .await?;
+            eprintln!(
+                "migration run {run} rate {:?}: {} in {:.2} s ({:.0} devices/s), all online after \
+                 {:.2} s, migrated {} online in target {} reconnected {}, load {:.1}–{:.1}",
+                rate,
+                row.state,
+                row.full_to_completed_secs,
+                row.devices_per_sec_measured,
+                row.full_to_all_online_secs,
+                row.migrated,
+                row.online_in_target,
+                row.reconnected,
+                row.load1_start,
+                row.load1_end,
+            );
+            results.migration.push(row);
+        }
+    }
+    Ok(())
 }

@@ -37,15 +37,15 @@ pub fn write_devices(path: &Path, devices: &[Device]) -> anyhow::Result<()> {
 }
 
 impl Sim {
-    /// Starts `firmware-sim --scenario … --devices … --mqtt … --quiet --json`; its stderr goes
-    /// to `{work}/firmware-sim-{tag}.log`.
+    /// Starts `firmware-sim --scenario … --devices … --mqtt … --quiet --json` (device *i* of
+    /// `devices` connects to `mqtt[i mod n]`); its stderr goes to `{work}/firmware-sim-{tag}.log`.
     pub async fn start(
         bin: &Path,
         work: &Path,
         tag: &str,
         scenario: &str,
         devices: &[Device],
-        mqtt: SocketAddr,
+        mqtt: &[SocketAddr],
     ) -> anyhow::Result<Sim> {
         let scenario_path = work.join(format!("scenario-{tag}.toml"));
         std::fs::write(&scenario_path, scenario)?;
@@ -58,7 +58,12 @@ impl Sim {
             .arg("--devices")
             .arg(&devices_path)
             .arg("--mqtt")
-            .arg(mqtt.to_string())
+            .arg(
+                mqtt.iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .args(["--quiet", "--json"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
