@@ -1,6 +1,7 @@
 //! Behaviour only the PostgreSQL backend has: concurrent migration, the optimistic pipeline and
 //! its replay, multi-row statements, reconnecting. The shared suite is `store::tests`.
 
+use super::schema::MIGRATION_LOCK;
 use super::*;
 use crate::store::test_db::{PgConn, PgDatabase};
 use crate::store::tests::{device, instance, metrics, product, version};
