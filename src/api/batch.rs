@@ -21,6 +21,17 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{from_value, is_json, media_type, parse_json, read_body, ApiPath};
 use super::ApiState;
 use crate::registry::{NewDevice, RowResult};
+use axum::extract::DefaultBodyLimit;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use super::RouteLimits;
+
+/// `POST /api/v1/products/{pk}/devices/batch`.
+pub(super) fn routes(limits: &RouteLimits) -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(batch_create_devices).layer(DefaultBodyLimit::max(limits.batch)))
+}
 
 /// Most rows one batch request may carry (docs/DESIGN.md §7).
 pub const MAX_BATCH_ROWS: usize = crate::registry::MAX_BATCH_ROWS;

@@ -21,6 +21,18 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// `/readyz`, open to load balancers.
+pub(super) fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default().routes(routes!(readyz))
+}
+
+/// `/api/v1/cluster` (`/readyz` is [`public_routes`]).
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default().routes(routes!(cluster_status))
+}
 
 /// Whether the node can serve, and the state of each part (`ok`, or why not).
 pub type ReadyFn = std::sync::Arc<dyn Fn() -> (bool, Value) + Send + Sync>;

@@ -24,6 +24,19 @@ use crate::command::{
     MAX_BROADCAST, MAX_TIMEOUT_MS, MIN_TIMEOUT_MS,
 };
 use fleetgate_topics::downlink::PROPERTY_SET;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The cloud-to-device routes.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(broadcast))
+        .routes(routes!(publish))
+        .routes(routes!(get_properties, set_properties))
+        .routes(routes!(invoke_service))
+        .routes(routes!(rrpc))
+        .routes(routes!(get_command))
+}
 
 /// How a payload is written in the request (and answers in the response).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]

@@ -18,6 +18,15 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::instances::PageQuery;
 use super::{ApiState, ItemsPage};
 use crate::forwarder::{ConsumerGroup, ConsumerGroupDetails, NewConsumerGroup};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The consumer-group routes (`/api/v1/instances/{iid}/consumer-groups…`).
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_group, list_groups))
+        .routes(routes!(get_group, delete_group))
+}
 
 /// A group as created, with the RabbitMQ names its consumers need (as `GET` shows them).
 #[derive(Debug, Serialize, ToSchema)]

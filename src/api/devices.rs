@@ -24,6 +24,25 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{ApiState, ItemsPage};
 use crate::migration::DeviceMigrationStatus;
 use crate::registry::{Device, DeviceFilter, DeviceUpdate, NewDevice, Page};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The device routes (`/api/v1/products/{pk}/devices…`; batch create is `batch.rs`'s).
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_device, list_devices))
+        .routes(routes!(get_device, update_device, delete_device))
+        .routes(routes!(get_device_secret))
+        .routes(routes!(enable_device))
+        .routes(routes!(disable_device))
+        // Undocumented: a device named `batch` keeps its GET/PATCH/DELETE (see `named_batch`).
+        .route(
+            "/api/v1/products/{pk}/devices/batch",
+            axum::routing::get(named_batch::get)
+                .patch(named_batch::patch)
+                .delete(named_batch::delete),
+        )
+}
 
 /// Body of `POST /api/v1/products/{pk}/devices` (and one row of a JSON batch).
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

@@ -19,6 +19,23 @@ use crate::export::{
     ConflictPolicy, ExportError, ExportJob, ExportRequest, JobKind, JobRecord, Limited,
     PackageError, Privilege,
 };
+use axum::extract::DefaultBodyLimit;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use super::RouteLimits;
+
+/// The export and import routes.
+pub(super) fn routes(limits: &RouteLimits) -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(start_export))
+        .routes(routes!(get_export))
+        .routes(routes!(export_log))
+        .routes(routes!(export_package))
+        .routes(routes!(start_import).layer(DefaultBodyLimit::max(limits.import)))
+        .routes(routes!(get_import))
+        .routes(routes!(import_log))
+}
 
 impl From<ExportError> for ApiError {
     fn from(e: ExportError) -> Self {

@@ -37,6 +37,25 @@ use super::extract::{ApiPath, ApiQuery};
 use super::{ApiState, ItemsPage};
 use crate::ota::firmware::{FirmwareError, FirmwarePackage, NewFirmware, MAX_SRC_VERSIONS};
 use crate::registry::Page;
+use axum::extract::DefaultBodyLimit;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use super::RouteLimits;
+
+/// The signed download (`/firmware/{fid}/download`): devices present the link, not a token.
+pub(super) fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default().routes(routes!(download_firmware))
+}
+
+/// The firmware package routes that need a token (the signed download is [`public_routes`]).
+pub(super) fn routes(limits: &RouteLimits) -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(upload_firmware).layer(DefaultBodyLimit::max(limits.upload)))
+        .routes(routes!(list_firmware))
+        .routes(routes!(get_firmware))
+        .routes(routes!(get_download_url))
+}
 
 /// Room for the text parts and multipart framing on top of the package size limit.
 pub const UPLOAD_OVERHEAD_BYTES: u64 = 1024 * 1024;

@@ -16,6 +16,13 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
 use super::ApiState;
 use crate::forwarder::{InstanceRateLimit, RateLimitRequest};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The forwarding rate-limit route of an instance.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default().routes(routes!(get_rate_limit, put_rate_limit, delete_rate_limit))
+}
 
 /// The rate limit forwarding to an instance runs under, and where it comes from.
 #[utoipa::path(

@@ -13,6 +13,15 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::migrations::ApiActor;
 use super::{ApiState, ItemsPage};
 use crate::registry::{Instance, NewInstance, Page};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The instance routes (`/api/v1/instances…`).
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_instance, list_instances))
+        .routes(routes!(get_instance, delete_instance))
+}
 
 /// Body of `POST /api/v1/instances`.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

@@ -27,6 +27,27 @@ use crate::migration::{
     MigrationError, MigrationMethod, NewTask, RejectedRow, ResumeMode, RollbackSelection,
     SummaryStatus, TaskDetails, TaskFilter, TaskState, MAX_CANARY_JSON, MAX_PICKED,
 };
+use axum::extract::DefaultBodyLimit;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use super::RouteLimits;
+
+/// The migration routes (`/api/v1/migrations…`).
+pub(super) fn routes(limits: &RouteLimits) -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_migration, list_migrations))
+        .routes(routes!(get_migration, delete_migration))
+        .routes(routes!(put_config))
+        .routes(routes!(canary).layer(DefaultBodyLimit::max(limits.batch)))
+        .routes(routes!(full))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(rollback).layer(DefaultBodyLimit::max(limits.batch)))
+        .routes(routes!(data_sync))
+        .routes(routes!(list_devices))
+        .routes(routes!(get_log))
+}
 
 impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {

@@ -48,11 +48,11 @@ mod tests;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{Caller, Role, TokenSet};
 pub use cluster::ReadyFn;
@@ -99,7 +99,7 @@ pub(crate) mod fuzzing {
 }
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
-pub use openapi::ApiDoc;
+pub use openapi::document as openapi_document;
 
 use crate::export::ExportService;
 use crate::forwarder::Forwarder;
@@ -223,209 +223,74 @@ impl<T> ItemsPage<T> {
     }
 }
 
+/// The body limits of the routes that take more than [`BodyLimits::json`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteLimits {
+    /// Device lists: [`BodyLimits::batch`].
+    pub batch: usize,
+    /// Firmware uploads: the repository's `max_size` and the form around it.
+    pub upload: usize,
+    /// Import packages: `export.max_package_bytes` and the form around it.
+    pub import: usize,
+}
+
+impl RouteLimits {
+    fn of(state: &ApiState, limits: BodyLimits) -> Self {
+        let bytes = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        RouteLimits {
+            batch: limits.batch,
+            upload: bytes(
+                state
+                    .firmware
+                    .max_size()
+                    .saturating_add(firmware::UPLOAD_OVERHEAD_BYTES),
+            ),
+            import: bytes(
+                state
+                    .export
+                    .settings()
+                    .max_package_bytes
+                    .saturating_add(64 * 1024),
+            ),
+        }
+    }
+}
+
+/// Every route that needs a token, each file's with the annotations of its handlers: the
+/// router and the OpenAPI document come from this one list.
+fn protected_routes(limits: &RouteLimits) -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .merge(cluster::routes())
+        .merge(instances::routes())
+        .merge(consumer_groups::routes())
+        .merge(forwarding::routes())
+        .merge(products::routes())
+        .merge(devices::routes())
+        .merge(batch::routes(limits))
+        .merge(commands::routes())
+        .merge(migrations::routes(limits))
+        .merge(firmware::routes(limits))
+        .merge(export::routes(limits))
+        .merge(ota::routes(limits))
+}
+
+/// The routes without a token: health, readiness, metrics, the OpenAPI document and the
+/// signed firmware download.
+fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .merge(system::routes())
+        .merge(cluster::public_routes())
+        .merge(firmware::public_routes())
+}
+
 /// The whole HTTP API as a router ready for `axum::serve` (or `oneshot` in tests). Bodies
 /// beyond [`BodyLimits`] are refused with 413 `FG.0413`; firmware uploads follow the
 /// repository's `max_size`, imports the export settings' `max_package_bytes`.
 pub fn router(state: ApiState, limits: BodyLimits) -> Router {
-    let batch_limit = DefaultBodyLimit::max(limits.batch);
-    let upload_limit = usize::try_from(
-        state
-            .firmware
-            .max_size()
-            .saturating_add(firmware::UPLOAD_OVERHEAD_BYTES),
-    )
-    .unwrap_or(usize::MAX);
-    let import_limit = usize::try_from(
-        state
-            .export
-            .settings()
-            .max_package_bytes
-            .saturating_add(64 * 1024),
-    )
-    .unwrap_or(usize::MAX);
+    let (protected, _) = protected_routes(&RouteLimits::of(&state, limits)).split_for_parts();
+    let (public, _) = public_routes().split_for_parts();
     // Everything here needs a token; the middleware also refuses viewer writes.
-    let protected = Router::new()
-        .route(
-            "/api/v1/instances",
-            post(instances::create_instance).get(instances::list_instances),
-        )
-        .route(
-            "/api/v1/instances/{iid}",
-            get(instances::get_instance).delete(instances::delete_instance),
-        )
-        .route(
-            "/api/v1/instances/{iid}/consumer-groups",
-            post(consumer_groups::create_group).get(consumer_groups::list_groups),
-        )
-        .route(
-            "/api/v1/instances/{iid}/consumer-groups/{gid}",
-            get(consumer_groups::get_group).delete(consumer_groups::delete_group),
-        )
-        .route(
-            "/api/v1/instances/{iid}/forwarding/rate-limit",
-            get(forwarding::get_rate_limit)
-                .put(forwarding::put_rate_limit)
-                .delete(forwarding::delete_rate_limit),
-        )
-        .route(
-            "/api/v1/products",
-            post(products::create_product).get(products::list_products),
-        )
-        .route(
-            "/api/v1/products/{pk}",
-            get(products::get_product).delete(products::delete_product),
-        )
-        .route(
-            "/api/v1/products/{pk}/secret",
-            get(products::get_product_secret),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices",
-            post(devices::create_device).get(devices::list_devices),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/batch",
-            post(batch::batch_create_devices)
-                .layer(batch_limit)
-                .get(devices::named_batch::get)
-                .patch(devices::named_batch::patch)
-                .delete(devices::named_batch::delete),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}",
-            get(devices::get_device)
-                .patch(devices::update_device)
-                .delete(devices::delete_device),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/secret",
-            get(devices::get_device_secret),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/enable",
-            post(devices::enable_device),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/disable",
-            post(devices::disable_device),
-        )
-        .route("/api/v1/products/{pk}/messages", post(commands::broadcast))
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/messages",
-            post(commands::publish),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/properties",
-            get(commands::get_properties).put(commands::set_properties),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/services/{identifier}",
-            post(commands::invoke_service),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/rrpc",
-            post(commands::rrpc),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/commands/{id}",
-            get(commands::get_command),
-        )
-        .route(
-            "/api/v1/migrations",
-            post(migrations::create_migration).get(migrations::list_migrations),
-        )
-        .route(
-            "/api/v1/migrations/{tid}",
-            get(migrations::get_migration).delete(migrations::delete_migration),
-        )
-        .route(
-            "/api/v1/migrations/{tid}/config",
-            axum::routing::put(migrations::put_config),
-        )
-        .route(
-            "/api/v1/migrations/{tid}/canary",
-            post(migrations::canary).layer(batch_limit),
-        )
-        .route("/api/v1/migrations/{tid}/full", post(migrations::full))
-        .route("/api/v1/migrations/{tid}/pause", post(migrations::pause))
-        .route(
-            "/api/v1/migrations/{tid}/continue",
-            post(migrations::resume),
-        )
-        .route(
-            "/api/v1/migrations/{tid}/rollback",
-            post(migrations::rollback).layer(batch_limit),
-        )
-        .route(
-            "/api/v1/migrations/{tid}/data-sync",
-            post(migrations::data_sync),
-        )
-        .route(
-            "/api/v1/migrations/{tid}/devices",
-            get(migrations::list_devices),
-        )
-        .route("/api/v1/migrations/{tid}/log", get(migrations::get_log))
-        .route(
-            "/api/v1/firmware",
-            post(firmware::upload_firmware)
-                .layer(DefaultBodyLimit::max(upload_limit))
-                .get(firmware::list_firmware),
-        )
-        .route(
-            "/api/v1/firmware/{fid}",
-            get(firmware::get_firmware).delete(ota::delete_firmware),
-        )
-        .route("/api/v1/firmware/{fid}/jobs", get(ota::jobs_by_firmware))
-        .route(
-            "/api/v1/firmware/{fid}/statistics",
-            get(ota::firmware_statistics),
-        )
-        .route(
-            "/api/v1/ota/jobs",
-            post(ota::create_job).layer(batch_limit).get(ota::list_jobs),
-        )
-        .route("/api/v1/ota/jobs/{jid}", get(ota::get_job))
-        .route("/api/v1/ota/jobs/{jid}/tasks", get(ota::list_tasks))
-        .route(
-            "/api/v1/ota/jobs/{jid}/tasks/cancel",
-            post(ota::cancel_tasks),
-        )
-        .route("/api/v1/ota/jobs/{jid}/tasks/{dn}", get(ota::get_task))
-        .route("/api/v1/ota/jobs/{jid}/cancel", post(ota::cancel_job))
-        .route("/api/v1/ota/jobs/{jid}/confirm", post(ota::confirm))
-        .route("/api/v1/ota/jobs/{jid}/pause", post(ota::pause_job))
-        .route("/api/v1/ota/jobs/{jid}/resume", post(ota::resume_job))
-        .route(
-            "/api/v1/ota/jobs/{jid}/statistics",
-            get(ota::job_statistics),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/ota/jobs",
-            get(ota::jobs_by_device),
-        )
-        .route(
-            "/api/v1/products/{pk}/devices/{dn}/ota/timeline",
-            get(ota::device_timeline),
-        )
-        .route(
-            "/api/v1/products/{pk}/ota/versions",
-            get(ota::version_distribution),
-        )
-        .route(
-            "/api/v1/firmware/{fid}/download-url",
-            get(firmware::get_download_url),
-        )
-        .route("/api/v1/export", post(export::start_export))
-        .route("/api/v1/export/{id}", get(export::get_export))
-        .route("/api/v1/export/{id}/log", get(export::export_log))
-        .route("/api/v1/export/{id}/package", get(export::export_package))
-        .route(
-            "/api/v1/import",
-            post(export::start_import).layer(DefaultBodyLimit::max(import_limit)),
-        )
-        .route("/api/v1/import/{id}", get(export::get_import))
-        .route("/api/v1/import/{id}/log", get(export::import_log))
-        .route("/api/v1/cluster", get(cluster::cluster_status))
+    let protected = protected
         // Inside authentication: only writes that were allowed and succeeded settle.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -441,13 +306,7 @@ pub fn router(state: ApiState, limits: BodyLimits) -> Router {
             auth::authenticate,
         ));
 
-    let app = Router::new()
-        .route("/healthz", get(system::healthz))
-        .route("/readyz", get(cluster::readyz))
-        .route("/metrics", get(system::metrics))
-        .route("/api/v1/openapi.json", get(system::openapi_json))
-        // Devices authenticate downloads with the signed link, not a bearer token.
-        .route("/firmware/{fid}/download", get(firmware::download_firmware))
+    let app = public
         .merge(protected)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)

@@ -1,6 +1,9 @@
 //! The OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations and the
-//! request/response types' `ToSchema` derives. A new endpoint is listed by adding its handler
-//! to `paths(...)` below; the test in `api::tests` checks every routed path appears.
+//! request/response types' `ToSchema` derives. A path is written once, in its handler's
+//! annotation: each API file's `routes()` registers its handlers with utoipa-axum's `routes!`,
+//! which routes them and documents them together ([`document`]).
+
+use std::sync::LazyLock;
 
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -9,7 +12,8 @@ use utoipa::{Modify, OpenApi};
 
 use super::auth::Role;
 use super::batch::{BatchCreateRequest, BatchCreateResponse, BatchRowResult, RowStatus};
-use super::cluster::{self, ClusterView, NodeView};
+use super::cluster::{ClusterView, NodeView};
+use super::consumer_groups;
 use super::devices::{
     CreateDeviceRequest, CreatedDevice, DeviceDetails, DeviceSecret, DeviceSummary,
     UpdateDeviceRequest,
@@ -27,10 +31,7 @@ use super::ota::{
     JobUploadForm,
 };
 use super::products::{CreateProductRequest, CreatedProduct, ProductSecret, ProductSummary};
-use super::{
-    batch, commands, consumer_groups, devices, export, firmware, forwarding, instances, migrations,
-    ota, products, system,
-};
+use super::RouteLimits;
 use crate::export::{
     ConflictPolicy, ExportJob, ExportRequest, ImportResult, ImportSummary, JobKind, JobObject,
     JobState, ObjectRequest, ObjectType, Status as ExportStatus,
@@ -60,87 +61,6 @@ use crate::registry::Instance;
     info(
         title = "fleetgate operator API",
         description = "Operator API of the fleetgate MQTT device-fleet gateway."
-    ),
-    paths(
-        system::healthz,
-        cluster::readyz,
-        system::metrics,
-        cluster::cluster_status,
-        system::openapi_json,
-        instances::create_instance,
-        instances::list_instances,
-        instances::get_instance,
-        instances::delete_instance,
-        consumer_groups::create_group,
-        consumer_groups::list_groups,
-        consumer_groups::get_group,
-        consumer_groups::delete_group,
-        forwarding::get_rate_limit,
-        forwarding::put_rate_limit,
-        forwarding::delete_rate_limit,
-        products::create_product,
-        products::list_products,
-        products::get_product,
-        products::get_product_secret,
-        products::delete_product,
-        devices::create_device,
-        devices::list_devices,
-        devices::get_device,
-        devices::get_device_secret,
-        devices::update_device,
-        devices::delete_device,
-        devices::enable_device,
-        devices::disable_device,
-        commands::publish,
-        commands::broadcast,
-        commands::set_properties,
-        commands::get_properties,
-        commands::invoke_service,
-        commands::get_command,
-        commands::rrpc,
-        batch::batch_create_devices,
-        migrations::create_migration,
-        migrations::list_migrations,
-        migrations::get_migration,
-        migrations::delete_migration,
-        migrations::put_config,
-        migrations::canary,
-        migrations::full,
-        migrations::pause,
-        migrations::resume,
-        migrations::rollback,
-        migrations::data_sync,
-        migrations::list_devices,
-        migrations::get_log,
-        firmware::upload_firmware,
-        firmware::list_firmware,
-        firmware::get_firmware,
-        firmware::get_download_url,
-        firmware::download_firmware,
-        export::start_export,
-        export::get_export,
-        export::export_log,
-        export::export_package,
-        export::start_import,
-        export::get_import,
-        export::import_log,
-        ota::delete_firmware,
-        ota::create_job,
-        ota::list_jobs,
-        ota::get_job,
-        ota::list_tasks,
-        ota::get_task,
-        ota::cancel_job,
-        ota::confirm,
-        ota::pause_job,
-        ota::resume_job,
-        ota::cancel_tasks,
-        ota::job_statistics,
-        ota::jobs_by_firmware,
-        ota::firmware_statistics,
-        ota::jobs_by_device,
-        ota::device_timeline,
-        ota::version_distribution,
     ),
     components(schemas(
         ErrorBody,
@@ -241,7 +161,6 @@ use crate::registry::Instance;
         ConfirmRequest,
         ChangedCount,
     )),
-    modifiers(&Conventions, &SharedResponses),
     tags(
         (name = "system", description = "Health, metrics and this document (no token needed)"),
         (name = "instances", description = "Instances: owners of products and data routing"),
@@ -256,7 +175,28 @@ use crate::registry::Instance;
         (name = "ota", description = "OTA jobs: per-device tasks with timeouts, retries, push rate, cancel/confirm, statistics"),
     )
 )]
-pub struct ApiDoc;
+struct ApiDoc;
+
+/// The document: [`ApiDoc`]'s information, schemas and tags, the paths of every routed handler
+/// (collected by the routers themselves, so a routed path cannot be missing and none is
+/// written twice), then the shared conventions. Built once.
+pub fn document() -> &'static utoipa::openapi::OpenApi {
+    static DOC: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| {
+        // The limits only shape the routers' layers, not the document.
+        let limits = RouteLimits {
+            batch: 0,
+            upload: 0,
+            import: 0,
+        };
+        let mut doc = ApiDoc::openapi();
+        doc.merge(super::public_routes().into_openapi());
+        doc.merge(super::protected_routes(&limits).into_openapi());
+        Conventions.modify(&mut doc);
+        SharedResponses.modify(&mut doc);
+        doc
+    });
+    &DOC
+}
 
 /// Adds the bearer scheme and the prose that cannot come from annotations: roles and the
 /// error-code table (generated from [`ErrorCode`], so it cannot drift).

@@ -27,8 +27,35 @@ use crate::ota::model::{
 };
 use crate::ota::task::TaskStatus;
 use crate::ota::OtaError;
+use axum::extract::DefaultBodyLimit;
 use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::RefOr;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use super::RouteLimits;
+
+/// The OTA routes: jobs, tasks, statistics, and the firmware routes that concern jobs.
+pub(super) fn routes(limits: &RouteLimits) -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(delete_firmware))
+        .routes(routes!(jobs_by_firmware))
+        .routes(routes!(firmware_statistics))
+        .routes(routes!(create_job).layer(DefaultBodyLimit::max(limits.batch)))
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(list_tasks))
+        .routes(routes!(cancel_tasks))
+        .routes(routes!(get_task))
+        .routes(routes!(cancel_job))
+        .routes(routes!(confirm))
+        .routes(routes!(pause_job))
+        .routes(routes!(resume_job))
+        .routes(routes!(job_statistics))
+        .routes(routes!(jobs_by_device))
+        .routes(routes!(device_timeline))
+        .routes(routes!(version_distribution))
+}
 
 impl From<OtaError> for ApiError {
     fn from(e: OtaError) -> Self {

@@ -17,6 +17,16 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::instances::PageQuery;
 use super::{ApiState, ItemsPage};
 use crate::registry::{NewProduct, Product};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The product routes (`/api/v1/products…`).
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_product, list_products))
+        .routes(routes!(get_product, delete_product))
+        .routes(routes!(get_product_secret))
+}
 
 /// Body of `POST /api/v1/products`.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

@@ -21,11 +21,19 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
-use utoipa::OpenApi;
 
 use super::error::ApiError;
-use super::openapi::ApiDoc;
 use super::ApiState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// `/healthz`, `/metrics` and this document: no token needed.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+}
 
 /// Liveness plus what the app reports (listeners, AMQP status, …).
 #[utoipa::path(
@@ -82,7 +90,7 @@ pub async fn openapi_json() -> impl IntoResponse {
     // The document is generated from the code and never changes while running.
     static DOC: OnceLock<String> = OnceLock::new();
     let doc = DOC.get_or_init(|| {
-        ApiDoc::openapi()
+        super::openapi::document()
             .to_json()
             .unwrap_or_else(|e| format!(r#"{{"error":"cannot serialise OpenAPI: {e}"}}"#))
     });
