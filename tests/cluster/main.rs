@@ -731,6 +731,31 @@ async fn commands_reach_a_device_held_by_another_node() {
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error_code"], "FG.6001");
+
+    // A persistent session keeps nothing in cluster mode (the device may come back elsewhere):
+    // a one-way message to it offline is refused by the node that held it and by the others.
+    let device =
+        connect_persistent(cluster.node(2).mqtt, &credentials(&pk, "lamp-01", &secret)).await;
+    one.wait_device(&pk, "lamp-01", "online at node 2", online_at(2))
+        .await;
+    drop(device);
+    one.wait_device(&pk, "lamp-01", "offline", |d| d["online"] == false)
+        .await;
+    for node in [1, 2] {
+        let (status, body) = cluster
+            .node(node)
+            .api()
+            .post(
+                &format!("{path}/messages"),
+                json!({"topic": format!("/{pk}/lamp-01/user/get"), "payload": "later", "qos": 1}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error_code"].clone()),
+            (409, json!("FG.6001")),
+            "node {node}: {body}"
+        );
+    }
 }
 
 /// How long a node may take to show what another node wrote. The write's answer already
