@@ -361,7 +361,7 @@ async fn call(
     ),
     responses(
         (status = 200, description = "The record", body = CommandRecord),
-        (status = 404, description = "No such device, or no such call (FG.6004; records are kept for the last commands.max_records calls)", body = ErrorBody),
+        (status = 404, description = "No such device, or no such call (FG.6004; records are kept for the last commands.max_records calls of each node, in memory; in cluster mode any node finds a record the node that made the call still has)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -369,7 +369,7 @@ pub async fn get_command(
     State(state): State<ApiState>,
     ApiPath((pk, dn, id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<CommandRecord>, ApiError> {
-    Ok(Json(state.commands.record(&pk, &dn, &id)?))
+    Ok(Json(state.commands.record(&pk, &dn, &id).await?))
 }
 
 /// Send an RRPC request and wait for the device's response.

@@ -18,6 +18,10 @@
 //! - **Latest properties** ([`properties`]): every property post updates a per-device snapshot
 //!   persisted through the store.
 //!
+//! In cluster mode a call's record stays with the node that held the device when the call was
+//! made (that node receives the answer); [`Commands::record`] on another node asks every live
+//! node for it (`RemoteCommand::Record`) on a miss.
+//!
 //! Answers arrive through ingest ([`Commands::on_answer`]), which only hands over topics of the
 //! session's own device (the broker's ACL already refused foreign ones), so one device can never
 //! answer (or spoof an answer to) another device's command.
@@ -265,6 +269,8 @@ pub struct RrpcAnswer {
 
 /// How long a command forwarded to another node may take beyond its own wait.
 const REMOTE_MARGIN: Duration = Duration::from_secs(3);
+/// How long another node may take to look up a call's record.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
 
 /// Where a device's session is.
 enum Route {
@@ -290,6 +296,10 @@ enum RemoteCommand {
     Rrpc {
         payload: Vec<u8>,
         wait_ms: u64,
+    },
+    /// The record of a call this node made (asked of every node on a local miss).
+    Record {
+        id: String,
     },
 }
 
@@ -320,6 +330,7 @@ enum RemoteError {
     Offline,
     Timeout { timeout_ms: u64 },
     Busy,
+    NotFound { id: String },
     Other { message: String },
 }
 
@@ -333,6 +344,7 @@ impl RemoteError {
                 timeout_ms: *timeout_ms,
             },
             CommandError::Busy => RemoteError::Busy,
+            CommandError::NotFound { id } => RemoteError::NotFound { id: id.clone() },
             other => RemoteError::Other {
                 message: other.to_string(),
             },
@@ -347,6 +359,7 @@ impl RemoteError {
             },
             RemoteError::Timeout { timeout_ms } => CommandError::Timeout { timeout_ms },
             RemoteError::Busy => CommandError::Busy,
+            RemoteError::NotFound { id } => CommandError::NotFound { id },
             RemoteError::Other { message } => CommandError::Broker(message),
         }
     }
@@ -580,6 +593,11 @@ impl Commands {
                     payload: a.payload.to_vec(),
                     elapsed_ms: a.elapsed_ms,
                 }),
+            RemoteCommand::Record { id } => self
+                .records
+                .get(pk, dn, &id)
+                .map(|record| RemoteAnswer::Record { record })
+                .ok_or(CommandError::NotFound { id }),
         };
         result.unwrap_or_else(|e| RemoteAnswer::Failed {
             error: RemoteError::from_error(&e),
@@ -1075,12 +1093,55 @@ impl Commands {
         }
     }
 
-    /// The record of a service call or property set of the device.
-    pub fn record(&self, pk: &str, dn: &str, id: &str) -> Result<CommandRecord, CommandError> {
+    /// The record of a service call or property set of the device. In cluster mode a record
+    /// this node does not have is asked of the other nodes (the node that held the device when
+    /// the call was made keeps it).
+    pub async fn record(
+        &self,
+        pk: &str,
+        dn: &str,
+        id: &str,
+    ) -> Result<CommandRecord, CommandError> {
         self.registry.get_device(pk, dn)?;
-        self.records
-            .get(pk, dn, id)
-            .ok_or_else(|| CommandError::NotFound { id: id.to_owned() })
+        if let Some(record) = self.records.get(pk, dn, id) {
+            return Ok(record);
+        }
+        let elsewhere = match self.cluster.get() {
+            Some(cluster) => self.record_elsewhere(cluster, pk, dn, id).await,
+            None => None,
+        };
+        elsewhere.ok_or_else(|| CommandError::NotFound { id: id.to_owned() })
+    }
+
+    /// Asks every other live node for the record at once; the first that has it answers.
+    async fn record_elsewhere(
+        &self,
+        cluster: &Cluster,
+        pk: &str,
+        dn: &str,
+        id: &str,
+    ) -> Option<CommandRecord> {
+        let device = DeviceKey {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        };
+        let body =
+            serde_json::to_vec(&RemoteCommand::Record { id: id.to_owned() }).unwrap_or_default();
+        let asks = cluster
+            .members()
+            .into_iter()
+            .map(|m| m.node)
+            .filter(|&node| node != cluster.node())
+            .map(|node| cluster.command_on(node, &device, body.clone(), RECORD_WAIT));
+        let answers = futures_util::future::join_all(asks).await;
+        answers.into_iter().find_map(|answer| match answer {
+            Ok(Some(body)) => match serde_json::from_slice::<RemoteAnswer>(&body) {
+                Ok(RemoteAnswer::Record { record }) => Some(record),
+                _ => None,
+            },
+            // A node that is gone took its records with it (they are in memory).
+            Ok(None) | Err(_) => None,
+        })
     }
 
     /// An answer topic published by `device` (ingest checked it is the session's own). Answers

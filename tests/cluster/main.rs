@@ -702,6 +702,41 @@ async fn commands_reach_a_device_held_by_another_node() {
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["reply"]["code"], 200);
 
+    // An asynchronous call's record is kept by the node holding the device (2); every node
+    // reads it, with the device's answer once it came.
+    let (status, record) = one
+        .call(
+            reqwest::Method::PUT,
+            &format!("{path}/properties"),
+            Some(json!({"params": {"LightSwitch": 0}})),
+        )
+        .await;
+    assert_eq!(status, 202, "{record}");
+    let id = record["id"].as_str().unwrap().to_owned();
+    for node in [1, 2] {
+        let api = cluster.node(node).api();
+        let deadline = tokio::time::Instant::now() + FOLLOW;
+        loop {
+            let (status, body) = api.get(&format!("{path}/commands/{id}")).await;
+            assert_eq!(status, 200, "node {node}: {body}");
+            if body["status"] == "replied" {
+                assert_eq!(body["reply"]["code"], 200, "{body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {node}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (status, body) = one.get(&format!("{path}/commands/1")).await;
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (404, json!("FG.6004")),
+        "{body}"
+    );
+
     // Timeouts and refusals travel back as such.
     responder.abort();
     let (status, body) = one
