@@ -498,6 +498,11 @@ impl DeviceHooks for Ingest {
             session.client_ip(),
             session.connected_at_ms,
         );
+        if let Some(commands) = &self.commands {
+            // Before the CONNACK: the router has the session's link, so what was kept for a
+            // persistent session reaches it with its restored subscriptions.
+            commands.session_started(d, !session.clean_session);
+        }
         if let Some(ota) = &self.ota {
             // Off the connection's path: the CONNACK must not wait for OTA bookkeeping.
             let ota = ota.clone();

@@ -257,13 +257,16 @@ pub struct Metrics {
     /// OTA progress reports by outcome (`applied`, `ignored`, `no_task`).
     pub ota_progress: Family<Labels, Counter>,
     /// Cloud-to-device commands by `kind` (`publish`, `property_set`, `service`, `rrpc`) and
-    /// `outcome` (`delivered`, `replied`, `timed_out`, `offline`, `refused`).
+    /// `outcome` (`delivered`, `queued`, `replied`, `timed_out`, `offline`, `refused`).
     pub downlinks: Family<[(&'static str, &'static str); 2], Counter>,
     /// Duration of synchronous calls (service calls with a timeout, RRPC) until the answer or
     /// the timeout, by `kind`.
     pub sync_call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     /// Device answers that matched no command, by `reason` (`unknown_id`, `rrpc`, `malformed`).
     pub downlink_answers_dropped: Family<Labels, Counter>,
+    /// One-way messages for devices offline with a persistent session that were not kept or
+    /// not delivered, by `reason` (`full`, `expired`, `clean_session`, `deleted`, `refused`).
+    pub offline_messages_dropped: Family<Labels, Counter>,
     /// Cluster mode (`fleetgate_cluster_…`).
     pub cluster: crate::cluster::ClusterMetrics,
 }
@@ -335,6 +338,7 @@ impl Metrics {
             downlinks: Family::default(),
             sync_call_seconds: Family::new_with_constructor(sync_call_histogram),
             downlink_answers_dropped: Family::default(),
+            offline_messages_dropped: Family::default(),
             cluster: crate::cluster::ClusterMetrics::default(),
             registry: Registry::default(),
         };
@@ -644,6 +648,11 @@ impl Metrics {
             "downlink_answers_dropped",
             "Device answers matching no command, by reason",
             m.downlink_answers_dropped.clone(),
+        );
+        registry.register(
+            "offline_messages_dropped",
+            "Messages for devices offline with a persistent session not kept or not delivered, by reason",
+            m.offline_messages_dropped.clone(),
         );
         registry.register(
             "ota_progress",

@@ -20,8 +20,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ApiJson, ApiPath};
 use super::ApiState;
 use crate::command::{
-    BroadcastResult, CommandError, CommandRecord, Message, PropertySnapshot, Qos, Sent, Targets,
-    MAX_BROADCAST, MAX_TIMEOUT_MS, MIN_TIMEOUT_MS,
+    BroadcastResult, CommandError, CommandRecord, Message, PropertySnapshot, Qos, SendStatus, Sent,
+    Targets, MAX_BROADCAST, MAX_TIMEOUT_MS, MIN_TIMEOUT_MS,
 };
 use fleetgate_topics::downlink::PROPERTY_SET;
 use utoipa_axum::router::OpenApiRouter;
@@ -106,7 +106,10 @@ pub struct BroadcastRequest {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BroadcastResponse {
     pub total: usize,
+    /// Results `sent`.
     pub sent: usize,
+    /// Results `queued` (kept for the device's persistent session).
+    pub queued: usize,
     pub results: Vec<BroadcastResult>,
 }
 
@@ -200,10 +203,11 @@ fn timeout(ms: u64) -> Result<Duration, ApiError> {
     ),
     request_body = PublishRequest,
     responses(
-        (status = 200, description = "Handed to the device's session", body = Sent),
+        (status = 200, description = "Handed to the device's session (`status: delivered`)", body = Sent),
+        (status = 202, description = "The device is offline with a persistent session (clean_session = 0): kept for it and published when it reconnects with one (`status: queued`), unless it ages out first (`commands.offline_queue_ttl_secs`); single node only", body = Sent),
         (status = 400, description = "Invalid field, or a topic outside the device's namespace (FG.6003)", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
-        (status = 409, description = "Device offline (FG.6001)", body = ErrorBody),
+        (status = 409, description = "Device offline (FG.6001): no session and no persistent one to keep the message for, or `commands.offline_queue_max` messages wait for it already", body = ErrorBody),
         (status = 429, description = "The device's delivery queue is full", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -213,13 +217,18 @@ pub async fn publish(
     State(state): State<ApiState>,
     ApiPath((pk, dn)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<PublishRequest>,
-) -> Result<Json<Sent>, ApiError> {
+) -> Result<(StatusCode, Json<Sent>), ApiError> {
     let message = Message {
         topic: req.topic,
         payload: decode(req.payload, req.payload_encoding)?,
         qos: qos(req.qos)?,
     };
-    Ok(Json(state.commands.publish(&pk, &dn, message).await?))
+    let sent = state.commands.publish(&pk, &dn, message).await?;
+    let status = match sent.status {
+        SendStatus::Delivered => StatusCode::OK,
+        SendStatus::Queued => StatusCode::ACCEPTED,
+    };
+    Ok((status, Json(sent)))
 }
 
 /// Publish one message to many devices of a product (by list, tag or the whole product; at
@@ -269,6 +278,7 @@ pub async fn broadcast(
     Ok(Json(BroadcastResponse {
         total: results.len(),
         sent: results.iter().filter(|r| r.result == "sent").count(),
+        queued: results.iter().filter(|r| r.result == "queued").count(),
         results,
     }))
 }
@@ -364,7 +374,7 @@ async fn call(
     ),
     responses(
         (status = 200, description = "The record", body = CommandRecord),
-        (status = 404, description = "No such device, or no such call (FG.6004; records are kept for the last commands.max_records calls)", body = ErrorBody),
+        (status = 404, description = "No such device, or no such call (FG.6004; records are kept for the last commands.max_records calls of each node, in memory; in cluster mode any node finds a record the node that made the call still has)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -372,7 +382,7 @@ pub async fn get_command(
     State(state): State<ApiState>,
     ApiPath((pk, dn, id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<CommandRecord>, ApiError> {
-    Ok(Json(state.commands.record(&pk, &dn, &id)?))
+    Ok(Json(state.commands.record(&pk, &dn, &id).await?))
 }
 
 /// Send an RRPC request and wait for the device's response.
@@ -444,7 +454,9 @@ impl From<CommandError> for ApiError {
         let msg = e.to_string();
         match e {
             CommandError::Registry(e) => e.into(),
-            CommandError::Offline { .. } => ApiError::new(ErrorCode::DeviceOffline, msg),
+            CommandError::Offline { .. } | CommandError::OfflineQueueFull { .. } => {
+                ApiError::new(ErrorCode::DeviceOffline, msg)
+            }
             CommandError::Timeout { .. } => ApiError::new(ErrorCode::DeviceTimeout, msg),
             CommandError::Namespace { .. } => {
                 ApiError::new(ErrorCode::TopicOutsideNamespace, msg).with_field("topic")

@@ -11,6 +11,7 @@ use crate::cluster::epoch::EpochClock;
 use crate::cluster::lease::LeaseKeeper;
 use crate::cluster::{Cluster, DocFollower, Pending};
 use crate::command::properties::PropertiesReaper;
+use crate::command::OfflineReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
 use crate::export::{DeviceRevokedHook, ExportService, Start as ExportStart};
@@ -537,7 +538,11 @@ pub(super) fn start_commands(
         properties,
     )
     .with_forwarder(forwarder.clone());
-    Ok(Arc::new(commands))
+    let commands = Arc::new(commands);
+    Commands::spawn_offline_sweeper(&commands);
+    core.registry
+        .add_observer(Arc::new(OfflineReaper(Arc::downgrade(&commands))));
+    Ok(commands)
 }
 
 /// What the broker hands device traffic to.

@@ -196,6 +196,9 @@ pub struct Session {
     pub tls: bool,
     /// Milliseconds since the Unix epoch.
     pub connected_at_ms: i64,
+    /// The CONNECT's `clean_session`; `false`: a persistent session (the router keeps its
+    /// subscriptions while the device is offline).
+    pub clean_session: bool,
 }
 
 impl Session {

@@ -588,7 +588,7 @@ impl Cluster {
 
     /// Sends a command body to the node that holds `device` and returns that node's answer,
     /// waiting at most `timeout`. `Ok(None)`: no other node holds the device (a device held
-    /// here is the caller's to serve).
+    /// here is the caller's to serve). See [`Cluster::command_on`].
     pub async fn command(
         &self,
         device: &DeviceKey,
@@ -608,6 +608,19 @@ impl Cluster {
         if node == self.node {
             return Ok(None);
         }
+        self.command_on(node, device, body, timeout).await
+    }
+
+    /// Sends a command body about `device` to node `node`, whether or not it holds the device
+    /// (e.g. to read what it keeps about the device), and returns its answer, waiting at most
+    /// `timeout`. `Ok(None)`: the node is not there.
+    pub async fn command_on(
+        &self,
+        node: u16,
+        device: &DeviceKey,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, ClusterError> {
         let delivery = Delivery {
             product_key: device.product_key.clone(),
             device_name: device.device_name.clone(),

@@ -18,24 +18,35 @@
 //! - **Latest properties** ([`properties`]): every property post updates a per-device snapshot
 //!   persisted through the store.
 //!
+//! In cluster mode a call's record stays with the node that held the device when the call was
+//! made (that node receives the answer); [`Commands::record`] on another node asks every live
+//! node for it (`RemoteCommand::Record`) on a miss.
+//!
 //! Answers arrive through ingest ([`Commands::on_answer`]), which only hands over topics of the
 //! session's own device (the broker's ACL already refused foreign ones), so one device can never
 //! answer (or spoof an answer to) another device's command.
 //!
 //! # Offline devices
 //!
-//! Every command needs a live session (`Downlink::is_connected`); otherwise it is refused at
-//! once with [`CommandError::Offline`] — synchronous calls fail fast, as the vendor's RRpc
-//! does. In cluster mode a device whose session another node holds is served by that node:
-//! the command travels as a [`Cluster::command`] (NATS request/reply on the holder's node
-//! subject), the holder runs it as if it had been called there (`execute`, local sessions
-//! only, so it never bounces on) and returns the outcome. One-way messages are not queued for offline persistent sessions: the
-//! router would keep them only in memory, without a bound on count or age that we could
-//! enforce, so an operator would get "accepted" for a message that may never arrive.
+//! Calls (property set, service, RRPC) need a live session (`Downlink::is_connected`);
+//! otherwise they are refused at once with [`CommandError::Offline`] — synchronous calls fail
+//! fast, as the vendor's RRpc does. In cluster mode a device whose session another node holds
+//! is served by that node: the command travels as a [`Cluster::command`] (NATS request/reply
+//! on the holder's node subject), the holder runs it as if it had been called there
+//! (`execute`, local sessions only, so it never bounces on) and returns the outcome.
+//!
+//! One-way messages (publish, broadcast) to a device that is offline with a persistent session
+//! follow MQTT: they are kept ([`offline`]: at most `commands.offline_queue_max` per device,
+//! none older than `commands.offline_queue_ttl_secs`) and published when the device comes
+//! back with a persistent session ([`Commands::session_started`]); the caller gets
+//! [`SendStatus::Queued`]. Beyond the count, or for a device whose latest session was clean,
+//! they are refused as offline. Single node only: in cluster mode a device may come back on
+//! another node, so one-way messages to offline devices are refused there as before.
 //!
 //! This module must not touch the store's device tables or the registry's state: it reads
 //! devices, publishes through the [`Downlink`] and writes only its own documents.
 
+mod offline;
 pub mod properties;
 mod records;
 
@@ -53,6 +64,7 @@ use dashmap::DashMap;
 use fleetgate_topics::downlink::{self as proto, DeviceAnswer, ServiceRequest};
 use fleetgate_topics::Reply;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use offline::{OfflineQueues, Push};
 use records::Records;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -78,6 +90,11 @@ pub struct CommandSettings {
     pub max_records: usize,
     /// How often changed property snapshots are written to the store (milliseconds).
     pub properties_flush_ms: u64,
+    /// One-way messages kept per device that is offline with a persistent session (0: none,
+    /// such messages are refused as offline). Single node only.
+    pub offline_queue_max: usize,
+    /// How long such a message is kept before it is dropped (seconds, ≥ 1).
+    pub offline_queue_ttl_secs: u64,
 }
 
 impl Default for CommandSettings {
@@ -86,6 +103,8 @@ impl Default for CommandSettings {
             broadcast_per_sec: 1000,
             max_records: 10_000,
             properties_flush_ms: 1000,
+            offline_queue_max: 100,
+            offline_queue_ttl_secs: 3600,
         }
     }
 }
@@ -99,6 +118,12 @@ pub enum CommandError {
     Offline {
         product_key: String,
         device_name: String,
+    },
+    #[error("device offline: {product_key}/{device_name} has no MQTT session and {max} messages wait for its persistent session already")]
+    OfflineQueueFull {
+        product_key: String,
+        device_name: String,
+        max: usize,
     },
     #[error("the device did not answer within {timeout_ms} ms")]
     Timeout { timeout_ms: u64 },
@@ -178,12 +203,28 @@ pub struct Message {
     pub qos: Qos,
 }
 
+/// Whether a message went to the device's session or waits for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStatus {
+    /// Handed to the device's live session.
+    #[default]
+    Delivered,
+    /// The device is offline with a persistent session: kept for it (at most
+    /// `commands.offline_queue_max` messages, `commands.offline_queue_ttl_secs`) and published
+    /// when it reconnects with a persistent session.
+    Queued,
+}
+
 /// What a sent message became.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sent {
     /// An id for the message (the vendor's `MessageId`), unique on this gateway.
     pub message_id: String,
     pub topic: String,
+    /// `delivered` or `queued`.
+    #[serde(default)]
+    pub status: SendStatus,
 }
 
 /// Whom a broadcast addresses (of one product).
@@ -201,7 +242,8 @@ pub enum Targets {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BroadcastResult {
     pub device_name: String,
-    /// `sent` (handed to the device's session), `offline`, `not_found` or `refused`.
+    /// `sent` (handed to the device's session), `queued` (kept for the device's persistent
+    /// session), `offline`, `not_found` or `refused`.
     pub result: String,
     /// The message id when sent.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -227,6 +269,8 @@ pub struct RrpcAnswer {
 
 /// How long a command forwarded to another node may take beyond its own wait.
 const REMOTE_MARGIN: Duration = Duration::from_secs(3);
+/// How long another node may take to look up a call's record.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
 
 /// Where a device's session is.
 enum Route {
@@ -252,6 +296,10 @@ enum RemoteCommand {
     Rrpc {
         payload: Vec<u8>,
         wait_ms: u64,
+    },
+    /// The record of a call this node made (asked of every node on a local miss).
+    Record {
+        id: String,
     },
 }
 
@@ -282,17 +330,21 @@ enum RemoteError {
     Offline,
     Timeout { timeout_ms: u64 },
     Busy,
+    NotFound { id: String },
     Other { message: String },
 }
 
 impl RemoteError {
     fn from_error(e: &CommandError) -> Self {
         match e {
-            CommandError::Offline { .. } => RemoteError::Offline,
+            CommandError::Offline { .. } | CommandError::OfflineQueueFull { .. } => {
+                RemoteError::Offline
+            }
             CommandError::Timeout { timeout_ms } => RemoteError::Timeout {
                 timeout_ms: *timeout_ms,
             },
             CommandError::Busy => RemoteError::Busy,
+            CommandError::NotFound { id } => RemoteError::NotFound { id: id.clone() },
             other => RemoteError::Other {
                 message: other.to_string(),
             },
@@ -307,6 +359,7 @@ impl RemoteError {
             },
             RemoteError::Timeout { timeout_ms } => CommandError::Timeout { timeout_ms },
             RemoteError::Busy => CommandError::Busy,
+            RemoteError::NotFound { id } => CommandError::NotFound { id },
             RemoteError::Other { message } => CommandError::Broker(message),
         }
     }
@@ -356,6 +409,8 @@ pub struct Commands {
     records: Records,
     broadcast_limit: DefaultDirectRateLimiter,
     properties: Arc<LatestProperties>,
+    /// One-way messages waiting for devices offline with a persistent session.
+    offline: OfflineQueues,
     /// Cluster mode: how commands reach devices held by other nodes.
     cluster: OnceLock<Arc<Cluster>>,
 }
@@ -390,6 +445,10 @@ impl Commands {
             // A burst of one second's worth, then the steady rate.
             broadcast_limit: RateLimiter::direct(Quota::per_second(rate)),
             properties,
+            offline: OfflineQueues::new(
+                settings.offline_queue_max,
+                Duration::from_secs(settings.offline_queue_ttl_secs.max(1)),
+            ),
             cluster: OnceLock::new(),
         }
     }
@@ -425,22 +484,30 @@ impl Commands {
         kind: DownlinkKind,
         local_only: bool,
     ) -> Result<Route, CommandError> {
+        let route = self.route(pk, dn, local_only)?;
+        route.ok_or_else(|| {
+            self.count(kind, "offline");
+            CommandError::Offline {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            }
+        })
+    }
+
+    /// [`locate`](Self::locate) without the verdict: `None` when the device has no session.
+    fn route(&self, pk: &str, dn: &str, local_only: bool) -> Result<Option<Route>, CommandError> {
         let device = self.registry.get_device(pk, dn)?;
         let key = DeviceKey {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
         };
         if self.downlink.is_connected(&key) {
-            return Ok(Route::Here(key));
+            return Ok(Some(Route::Here(key)));
         }
         if !local_only && device.node.is_some() && self.cluster.get().is_some() {
-            return Ok(Route::Remote(key));
+            return Ok(Some(Route::Remote(key)));
         }
-        self.count(kind, "offline");
-        Err(CommandError::Offline {
-            product_key: pk.to_owned(),
-            device_name: dn.to_owned(),
-        })
+        Ok(None)
     }
 
     /// Runs `command` on the node holding `device` (cluster mode) and returns its answer.
@@ -526,6 +593,11 @@ impl Commands {
                     payload: a.payload.to_vec(),
                     elapsed_ms: a.elapsed_ms,
                 }),
+            RemoteCommand::Record { id } => self
+                .records
+                .get(pk, dn, &id)
+                .map(|record| RemoteAnswer::Record { record })
+                .ok_or(CommandError::NotFound { id }),
         };
         result.unwrap_or_else(|e| RemoteAnswer::Failed {
             error: RemoteError::from_error(&e),
@@ -594,9 +666,14 @@ impl Commands {
             self.count(kind, "refused");
             return Err(e);
         }
-        match self.locate(pk, dn, kind, local_only)? {
-            Route::Here(_) => {}
-            Route::Remote(device) => {
+        let message = match self.route(pk, dn, local_only)? {
+            Some(Route::Here(_)) => message,
+            None => match self.keep_for_offline(pk, dn, message, local_only)? {
+                Ok(sent) => return Ok(sent),
+                // It came online meanwhile.
+                Err(message) => message,
+            },
+            Some(Route::Remote(device)) => {
                 let command = RemoteCommand::Publish {
                     qos1: message.qos == Qos::AtLeastOnce,
                     topic: message.topic,
@@ -607,14 +684,128 @@ impl Commands {
                     _ => Err(unexpected()),
                 };
             }
-        }
+        };
         let topic = message.topic.clone();
         self.send(message, kind)?;
         self.count(kind, "delivered");
         Ok(Sent {
             message_id: self.new_id(),
             topic,
+            status: SendStatus::Delivered,
         })
+    }
+
+    /// A one-way message for a device without a session: kept for its persistent session
+    /// (`Ok(Ok)`), refused as offline, or given back (`Ok(Err)`) when the device came online
+    /// since it was located.
+    fn keep_for_offline(
+        &self,
+        pk: &str,
+        dn: &str,
+        message: Message,
+        local_only: bool,
+    ) -> Result<Result<Sent, Message>, CommandError> {
+        let kind = DownlinkKind::Publish;
+        let device = DeviceKey {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        };
+        let offline = || CommandError::Offline {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        };
+        // Cluster mode: the device may come back on another node (see the module docs).
+        if local_only || self.cluster.get().is_some() {
+            self.count(kind, "offline");
+            return Err(offline());
+        }
+        let message_id = self.new_id();
+        let topic = message.topic.clone();
+        let online = || self.downlink.is_connected(&device);
+        match self
+            .offline
+            .push(&device, message, &message_id, Instant::now(), online)
+        {
+            Push::Queued => {
+                self.count(kind, "queued");
+                Ok(Ok(Sent {
+                    message_id,
+                    topic,
+                    status: SendStatus::Queued,
+                }))
+            }
+            Push::Online(message) => Ok(Err(message)),
+            Push::Full => {
+                self.count(kind, "offline");
+                self.offline_dropped("full", 1);
+                Err(CommandError::OfflineQueueFull {
+                    product_key: pk.to_owned(),
+                    device_name: dn.to_owned(),
+                    max: self.offline.max(),
+                })
+            }
+            Push::NoSession => {
+                self.count(kind, "offline");
+                Err(offline())
+            }
+        }
+    }
+
+    fn offline_dropped(&self, reason: &'static str, n: usize) {
+        if n > 0 {
+            self.metrics
+                .offline_messages_dropped
+                .get_or_create(&[("reason", reason)])
+                .inc_by(n as u64);
+        }
+    }
+
+    /// A session of `device` went online here (called by ingest before its CONNACK, after the
+    /// broker marked it online). A persistent one (`clean_session = 0`) gets the messages kept
+    /// for it, in their order; a clean one discards them, as MQTT discards the old session.
+    pub fn session_started(&self, device: &DeviceKey, persistent: bool) {
+        let started = self
+            .offline
+            .session_started(device, persistent, Instant::now());
+        self.offline_dropped("expired", started.expired);
+        self.offline_dropped("clean_session", started.cleared);
+        let kind = DownlinkKind::Publish;
+        for queued in started.deliver {
+            match self.send(queued.message, kind) {
+                Ok(()) => self.count(kind, "delivered"),
+                Err(error) => {
+                    // Counted as refused by `send`.
+                    tracing::warn!(%error, message_id = %queued.message_id, "queued message not delivered");
+                    self.offline_dropped("refused", 1);
+                }
+            }
+        }
+    }
+
+    /// Drops the messages kept for a deleted device.
+    fn forget_offline(&self, device: &DeviceKey) {
+        let n = self.offline.forget(device);
+        self.offline_dropped("deleted", n);
+    }
+
+    /// The task dropping kept messages past their age (so a device that never comes back does
+    /// not hold them); ends when `commands` is dropped.
+    pub fn spawn_offline_sweeper(commands: &Arc<Commands>) {
+        let weak = Arc::downgrade(commands);
+        let every =
+            (commands.offline.ttl() / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(commands) = weak.upgrade() else {
+                    return;
+                };
+                let n = commands.offline.sweep(Instant::now());
+                commands.offline_dropped("expired", n);
+            }
+        });
     }
 
     /// Publishes `payload` on `topic_template` (with `{dn}` standing for each device's name and
@@ -645,8 +836,13 @@ impl Commands {
                 qos,
             };
             let (result, message_id, error) = match self.publish(pk, &dn, message).await {
+                Ok(sent) if sent.status == SendStatus::Queued => {
+                    ("queued", Some(sent.message_id), None)
+                }
                 Ok(sent) => ("sent", Some(sent.message_id), None),
-                Err(e @ CommandError::Offline { .. }) => ("offline", None, Some(e.to_string())),
+                Err(e @ (CommandError::Offline { .. } | CommandError::OfflineQueueFull { .. })) => {
+                    ("offline", None, Some(e.to_string()))
+                }
                 Err(e @ CommandError::Registry(RegistryError::NotFound { .. })) => {
                     ("not_found", None, Some(e.to_string()))
                 }
@@ -897,12 +1093,55 @@ impl Commands {
         }
     }
 
-    /// The record of a service call or property set of the device.
-    pub fn record(&self, pk: &str, dn: &str, id: &str) -> Result<CommandRecord, CommandError> {
+    /// The record of a service call or property set of the device. In cluster mode a record
+    /// this node does not have is asked of the other nodes (the node that held the device when
+    /// the call was made keeps it).
+    pub async fn record(
+        &self,
+        pk: &str,
+        dn: &str,
+        id: &str,
+    ) -> Result<CommandRecord, CommandError> {
         self.registry.get_device(pk, dn)?;
-        self.records
-            .get(pk, dn, id)
-            .ok_or_else(|| CommandError::NotFound { id: id.to_owned() })
+        if let Some(record) = self.records.get(pk, dn, id) {
+            return Ok(record);
+        }
+        let elsewhere = match self.cluster.get() {
+            Some(cluster) => self.record_elsewhere(cluster, pk, dn, id).await,
+            None => None,
+        };
+        elsewhere.ok_or_else(|| CommandError::NotFound { id: id.to_owned() })
+    }
+
+    /// Asks every other live node for the record at once; the first that has it answers.
+    async fn record_elsewhere(
+        &self,
+        cluster: &Cluster,
+        pk: &str,
+        dn: &str,
+        id: &str,
+    ) -> Option<CommandRecord> {
+        let device = DeviceKey {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+        };
+        let body =
+            serde_json::to_vec(&RemoteCommand::Record { id: id.to_owned() }).unwrap_or_default();
+        let asks = cluster
+            .members()
+            .into_iter()
+            .map(|m| m.node)
+            .filter(|&node| node != cluster.node())
+            .map(|node| cluster.command_on(node, &device, body.clone(), RECORD_WAIT));
+        let answers = futures_util::future::join_all(asks).await;
+        answers.into_iter().find_map(|answer| match answer {
+            Ok(Some(body)) => match serde_json::from_slice::<RemoteAnswer>(&body) {
+                Ok(RemoteAnswer::Record { record }) => Some(record),
+                _ => None,
+            },
+            // A node that is gone took its records with it (they are in memory).
+            Ok(None) | Err(_) => None,
+        })
     }
 
     /// An answer topic published by `device` (ingest checked it is the session's own). Answers
@@ -949,5 +1188,31 @@ impl Commands {
             .downlink_answers_dropped
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+}
+
+/// Drops the messages kept for a deleted device (its persistent session goes with it).
+pub struct OfflineReaper(pub Weak<Commands>);
+
+impl crate::registry::DeviceObserver for OfflineReaper {
+    fn device_changed<'a>(
+        &'a self,
+        change: &'a crate::registry::DeviceChange,
+    ) -> crate::registry::ObserverFuture<'a> {
+        Box::pin(async move {
+            if let crate::registry::DeviceChange::Deleted {
+                product_key,
+                device_name,
+                ..
+            } = change
+            {
+                if let Some(commands) = self.0.upgrade() {
+                    commands.forget_offline(&DeviceKey {
+                        product_key: product_key.clone(),
+                        device_name: device_name.clone(),
+                    });
+                }
+            }
+        })
     }
 }

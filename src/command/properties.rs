@@ -11,6 +11,19 @@
 //! flushes ([`LatestProperties::flush`]). Loaded at start; a deleted device's document goes with
 //! it (the registry's observer).
 //!
+//! # One writer of the documents
+//!
+//! Only [`LatestProperties::flush`] writes documents: a changed device that is still in memory
+//! is put, one that is no longer there (deleted) is deleted. A device deletion removes the
+//! device from memory, marks it changed and then flushes. Flushes take turns (`writing`) from
+//! reading the changed set to queueing their submission, and the store commits submissions in
+//! the order they were queued, so the last write of a document always reflects memory at or
+//! after the last change: a flush that read a snapshot just before the device was deleted
+//! queues its put before the deletion's flush queues the delete, never after (which would
+//! leave the document behind, for a device created again under the name to inherit). A
+//! failed flush marks its devices changed again, so a failed delete is retried like a failed
+//! put.
+//!
 //! A value replaces the stored one unless the stored one carries a newer device time (a device
 //! sending buffered, older readings after fresh ones does not roll the snapshot back).
 
@@ -51,8 +64,11 @@ struct Document {
 /// See the module docs.
 pub struct LatestProperties {
     devices: DashMap<DeviceId, BTreeMap<String, PropertySnapshot>>,
-    /// Devices changed since the last flush. A std mutex: held only to insert or swap.
+    /// Devices changed since the last flush (deleted ones included). A std mutex: held only to
+    /// insert or swap.
     dirty: Mutex<HashSet<DeviceId>>,
+    /// Held by a flush from taking `dirty` to queueing its submission (see the module docs).
+    writing: tokio::sync::Mutex<()>,
     store: Store,
 }
 
@@ -79,6 +95,7 @@ impl LatestProperties {
         Ok(Arc::new(LatestProperties {
             devices,
             dirty: Mutex::new(HashSet::new()),
+            writing: tokio::sync::Mutex::new(()),
             store,
         }))
     }
@@ -119,42 +136,53 @@ impl LatestProperties {
             .unwrap_or_default()
     }
 
-    /// Writes every changed snapshot; resolves once durable.
+    /// Writes every changed snapshot (and deletes those of deleted devices); resolves once
+    /// durable.
     pub async fn flush(&self) -> Result<usize, StoreError> {
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
-        if dirty.is_empty() {
-            return Ok(0);
-        }
-        let mut ops = Vec::with_capacity(dirty.len());
-        for (pk, dn) in &dirty {
-            let Some(properties) = self
-                .devices
-                .get(&(pk.clone(), dn.clone()))
-                .map(|d| d.value().clone())
-            else {
-                continue;
-            };
-            let doc = Document {
-                product_key: pk.clone(),
-                device_name: dn.clone(),
-                properties,
-            };
-            ops.push(Op::PutDoc {
-                kind: DOC_KIND,
-                id: format!("{pk}/{dn}"),
-                body: serde_json::to_string(&doc).unwrap_or_default(),
-            });
-        }
-        let n = ops.len();
-        if let Err(e) = self.store.submit(ops).await {
-            // Written again at the next flush.
+        let (dirty, ticket) = {
+            let _turn = self.writing.lock().await;
+            let dirty =
+                std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
+            if dirty.is_empty() {
+                return Ok(0);
+            }
+            let ops: Vec<Op> = dirty.iter().map(|id| self.write_op(id)).collect();
+            // Queued before the turn ends: submission order is flush order.
+            (dirty, self.store.submit(ops))
+        };
+        if let Err(e) = ticket.await {
+            // Written again (from memory as it is then) at the next flush.
             self.dirty
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .extend(dirty);
             return Err(e);
         }
-        Ok(n)
+        Ok(dirty.len())
+    }
+
+    /// The write that makes the device's document match memory.
+    fn write_op(&self, (pk, dn): &DeviceId) -> Op {
+        let id = format!("{pk}/{dn}");
+        let properties = self
+            .devices
+            .get(&(pk.clone(), dn.clone()))
+            .map(|d| d.value().clone());
+        match properties {
+            Some(properties) => {
+                let doc = Document {
+                    product_key: pk.clone(),
+                    device_name: dn.clone(),
+                    properties,
+                };
+                Op::PutDoc {
+                    kind: DOC_KIND,
+                    id,
+                    body: serde_json::to_string(&doc).unwrap_or_default(),
+                }
+            }
+            None => Op::DeleteDoc { kind: DOC_KIND, id },
+        }
     }
 
     /// The flusher task; ends when `properties` is dropped.
@@ -175,19 +203,18 @@ impl LatestProperties {
         });
     }
 
+    /// Drops a deleted device's snapshot from memory and then from the store (through a
+    /// flush, see the module docs).
     async fn forget(&self, pk: &str, dn: &str) {
         let id = (pk.to_owned(), dn.to_owned());
+        // Memory first, then the mark: a flush that takes the mark reads memory without it.
         self.devices.remove(&id);
         self.dirty
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
-        let op = Op::DeleteDoc {
-            kind: DOC_KIND,
-            id: format!("{pk}/{dn}"),
-        };
-        if let Err(error) = self.store.submit(vec![op]).await {
-            tracing::warn!(%error, pk, dn, "cannot delete a properties snapshot");
+            .insert(id);
+        if let Err(error) = self.flush().await {
+            tracing::warn!(%error, pk, dn, "cannot delete a properties snapshot (retried)");
         }
     }
 }
@@ -209,5 +236,127 @@ impl DeviceObserver for PropertiesReaper {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::{Snapshot, SqliteBackend, StoreBackend};
+    use serde_json::json;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A backend that fails every commit while `failing` is set.
+    struct FlakyBackend {
+        inner: SqliteBackend,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl StoreBackend for FlakyBackend {
+        fn load(&mut self) -> Result<Snapshot, StoreError> {
+            self.inner.load()
+        }
+
+        fn load_documents(&mut self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+            self.inner.load_documents(kind)
+        }
+
+        fn commit(
+            &mut self,
+            submissions: &[&[Op]],
+        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Corrupt {
+                    what: "test",
+                    message: "disk full".into(),
+                });
+            }
+            self.inner.commit(submissions)
+        }
+    }
+
+    fn items(n: usize) -> BTreeMap<String, Item> {
+        (0..n)
+            .map(|i| {
+                let item = Item {
+                    value: json!({ "reading": i, "unit": "celsius" }),
+                    time: 1_700_000_000_000,
+                };
+                (format!("Prop{i}"), item)
+            })
+            .collect()
+    }
+
+    fn stored(store: &Store) -> Vec<String> {
+        store
+            .load_documents(DOC_KIND)
+            .expect("documents")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_delete_that_failed_is_written_by_the_next_flush() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let backend = FlakyBackend {
+            inner: SqliteBackend::open_in_memory().expect("sqlite"),
+            failing: failing.clone(),
+        };
+        let store = Store::with_backend(backend, Arc::new(Metrics::new())).expect("store");
+        let properties = LatestProperties::load(store.clone()).expect("load");
+        properties.record("pk1", "dev1", items(1), 1);
+        assert_eq!(properties.flush().await.expect("flush"), 1);
+        assert_eq!(stored(&store), ["pk1/dev1"]);
+
+        failing.store(true, Ordering::SeqCst);
+        properties.forget("pk1", "dev1").await;
+        failing.store(false, Ordering::SeqCst);
+        assert!(properties.get("pk1", "dev1").is_empty());
+        properties.flush().await.expect("flush");
+        assert!(stored(&store).is_empty(), "{:?}", stored(&store));
+    }
+
+    /// A flush reads the snapshots of many devices while they are being deleted one after the
+    /// other: whatever it read, the documents of deleted devices must be gone in the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_racing_deletions_never_writes_a_deleted_device_back() {
+        const DEVICES: usize = 300;
+        for round in 0..3 {
+            let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
+            let properties = LatestProperties::load(store.clone()).expect("load");
+            for i in 0..DEVICES {
+                // Big snapshots: the flush spends a while reading and encoding them.
+                properties.record("pk1", &format!("dev{i}"), items(100), 1);
+            }
+            let start = Arc::new(tokio::sync::Barrier::new(2));
+            let flusher = tokio::spawn({
+                let (properties, start) = (properties.clone(), start.clone());
+                async move {
+                    start.wait().await;
+                    properties.flush().await
+                }
+            });
+            let deleter = tokio::spawn({
+                let properties = properties.clone();
+                async move {
+                    start.wait().await;
+                    for i in 0..DEVICES {
+                        properties.forget("pk1", &format!("dev{i}")).await;
+                    }
+                }
+            });
+            flusher.await.expect("flusher").expect("flush");
+            deleter.await.expect("deleter");
+            properties.flush().await.expect("flush");
+            let left = stored(&store);
+            assert!(
+                left.is_empty(),
+                "round {round}: {} left, e.g. {:?}",
+                left.len(),
+                left.first()
+            );
+        }
     }
 }

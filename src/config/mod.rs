@@ -48,7 +48,7 @@ pub struct Settings {
     /// Cluster mode (`[cluster]`: `nats_url`, `node_id`, `name`, …; docs/CLUSTER.md).
     pub cluster: crate::cluster::ClusterSettings,
     /// Cloud-to-device commands (`[commands]`: `broadcast_per_sec`, `max_records`,
-    /// `properties_flush_ms`; docs/COMMANDS.md).
+    /// `properties_flush_ms`, `offline_queue_max`, `offline_queue_ttl_secs`; docs/COMMANDS.md).
     pub commands: crate::command::CommandSettings,
 }
 
@@ -498,6 +498,12 @@ impl Settings {
         if self.commands.broadcast_per_sec == 0 {
             return Err(ConfigError::Invalid {
                 field: "commands.broadcast_per_sec",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.commands.offline_queue_ttl_secs == 0 {
+            return Err(ConfigError::Invalid {
+                field: "commands.offline_queue_ttl_secs",
                 message: "must be at least 1".into(),
             });
         }

@@ -626,3 +626,165 @@ async fn answers_reach_the_consumer_group() {
     assert_eq!(body["data"], json!({"LightSwitch": 1}));
     responder.abort();
 }
+
+/// Connects `dn` with a persistent session (clean_session = 0), or a clean one.
+async fn connect_session(
+    app: &TestApp,
+    pk: &str,
+    dn: &str,
+    secret: &str,
+    persistent: bool,
+) -> Device {
+    let mut opts = options(app.mqtt_addr(), &credentials(pk, dn, secret));
+    opts.set_clean_session(!persistent);
+    match try_connect_with(opts).await {
+        Ok(device) => device,
+        Err(code) => panic!("device refused: {code:?}"),
+    }
+}
+
+/// No PUBLISH reaches `device` within `d`.
+async fn assert_no_publish(device: &mut Device, d: Duration) {
+    let deadline = tokio::time::Instant::now() + d;
+    while let Ok(Some(p)) = tokio::time::timeout_at(deadline, device.incoming.recv()).await {
+        assert!(!matches!(p, Packet::Publish(_)), "unexpected {p:?}");
+    }
+}
+
+#[tokio::test]
+async fn one_way_messages_wait_for_a_persistent_session_up_to_the_count() {
+    let app = spawn_app_with(|s| s.commands.offline_queue_max = 2).await;
+    let pk = app.create_product("c2d-offline").await;
+    let secret = app.create_device(&pk, "dev-1").await;
+    let path = format!("/api/v1/products/{pk}/devices/dev-1/messages");
+    let topic = format!("/{pk}/dev-1/user/get");
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, true).await;
+    subscribe(&mut device, &format!("/{pk}/dev-1/user/#")).await;
+    drop(device);
+    app.wait_device(&pk, "dev-1", "offline", |d| d["online"] == false)
+        .await;
+
+    // Kept: 202 queued, up to the count; beyond it "device offline".
+    for (payload, qos) in [("m1", 0), ("m2", 1)] {
+        let (status, body) = app
+            .post(
+                &path,
+                json!({"topic": topic, "payload": payload, "qos": qos}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["status"], "queued", "{body}");
+        assert!(body["message_id"].as_str().is_some(), "{body}");
+    }
+    let (status, body) = app
+        .post(&path, json!({"topic": topic, "payload": "m3"}))
+        .await;
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (409, json!("FG.6001")),
+        "{body}"
+    );
+    assert_eq!(
+        app.metric("fleetgate_offline_messages_dropped_total{reason=\"full\"}")
+            .await,
+        1.0
+    );
+    // A broadcast reports the device as full (offline) too.
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/messages"),
+            json!({"topic": "/{pk}/{dn}/user/get", "payload": "b", "device_names": ["dev-1"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["result"], "offline", "{body}");
+
+    // Back with its persistent session: the kept messages arrive, in order.
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, true).await;
+    for expected in ["m1", "m2"] {
+        let p = device.next_publish().await;
+        assert_eq!(
+            (p.topic.as_str(), &p.payload[..]),
+            (topic.as_str(), expected.as_bytes())
+        );
+    }
+    // Online: delivered at once, 200.
+    let (status, body) = app
+        .post(&path, json!({"topic": topic, "payload": "now"}))
+        .await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (200, json!("delivered")),
+        "{body}"
+    );
+    assert_eq!(&device.next_publish().await.payload[..], b"now");
+
+    // Offline again: a broadcast keeps it too; a clean reconnect discards it.
+    drop(device);
+    app.wait_device(&pk, "dev-1", "offline", |d| d["online"] == false)
+        .await;
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/messages"),
+            json!({"topic": "/{pk}/{dn}/user/get", "payload": "b", "device_names": ["dev-1"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["result"], "queued", "{body}");
+    assert_eq!(
+        (body["sent"].clone(), body["queued"].clone()),
+        (json!(0), json!(1))
+    );
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, false).await;
+    subscribe(&mut device, &format!("/{pk}/dev-1/user/#")).await;
+    assert_no_publish(&mut device, Duration::from_millis(500)).await;
+    assert_eq!(
+        app.metric("fleetgate_offline_messages_dropped_total{reason=\"clean_session\"}")
+            .await,
+        1.0
+    );
+    // Its latest session was clean: nothing is kept for it any more.
+    drop(device);
+    app.wait_device(&pk, "dev-1", "offline", |d| d["online"] == false)
+        .await;
+    let (status, body) = app
+        .post(&path, json!({"topic": topic, "payload": "lost"}))
+        .await;
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (409, json!("FG.6001")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_kept_message_past_its_age_is_dropped() {
+    let app = spawn_app_with(|s| s.commands.offline_queue_ttl_secs = 1).await;
+    let pk = app.create_product("c2d-offline-age").await;
+    let secret = app.create_device(&pk, "dev-1").await;
+    let path = format!("/api/v1/products/{pk}/devices/dev-1/messages");
+    let topic = format!("/{pk}/dev-1/user/get");
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, true).await;
+    subscribe(&mut device, &format!("/{pk}/dev-1/user/#")).await;
+    drop(device);
+    app.wait_device(&pk, "dev-1", "offline", |d| d["online"] == false)
+        .await;
+    let (status, body) = app
+        .post(&path, json!({"topic": topic, "payload": "stale", "qos": 1}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = app
+        .post(&path, json!({"topic": topic, "payload": "fresh", "qos": 1}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, true).await;
+    assert_eq!(&device.next_publish().await.payload[..], b"fresh");
+    assert_no_publish(&mut device, Duration::from_millis(300)).await;
+    assert_eq!(
+        app.metric("fleetgate_offline_messages_dropped_total{reason=\"expired\"}")
+            .await,
+        1.0
+    );
+}

@@ -263,7 +263,12 @@ pub async fn try_connect(
     addr: SocketAddr,
     creds: &LinkCredentials,
 ) -> Result<Device, ConnectReturnCode> {
-    let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
+    try_connect_with(options(addr, creds)).await
+}
+
+/// [`try_connect`] with options of the caller's (e.g. `clean_session = false`).
+pub async fn try_connect_with(opts: MqttOptions) -> Result<Device, ConnectReturnCode> {
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let first = tokio::time::timeout(WAIT, eventloop.poll())
         .await
         .expect("CONNACK in time");

@@ -599,7 +599,21 @@ pub async fn try_connect(
     addr: SocketAddr,
     creds: &LinkCredentials,
 ) -> Result<Device, ConnectReturnCode> {
-    let (client, mut eventloop) = AsyncClient::new(options(addr, creds), 64);
+    try_connect_with(options(addr, creds)).await
+}
+
+/// Connects with a persistent session (`clean_session = 0`) and waits for the CONNACK.
+pub async fn connect_persistent(addr: SocketAddr, creds: &LinkCredentials) -> Device {
+    let mut opts = options(addr, creds);
+    opts.set_clean_session(false);
+    match try_connect_with(opts).await {
+        Ok(d) => d,
+        Err(code) => panic!("device {} refused: {code:?}", creds.username),
+    }
+}
+
+async fn try_connect_with(opts: MqttOptions) -> Result<Device, ConnectReturnCode> {
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let first = tokio::time::timeout(WAIT, eventloop.poll())
         .await
         .expect("CONNACK in time");

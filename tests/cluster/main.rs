@@ -702,6 +702,41 @@ async fn commands_reach_a_device_held_by_another_node() {
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["reply"]["code"], 200);
 
+    // An asynchronous call's record is kept by the node holding the device (2); every node
+    // reads it, with the device's answer once it came.
+    let (status, record) = one
+        .call(
+            reqwest::Method::PUT,
+            &format!("{path}/properties"),
+            Some(json!({"params": {"LightSwitch": 0}})),
+        )
+        .await;
+    assert_eq!(status, 202, "{record}");
+    let id = record["id"].as_str().unwrap().to_owned();
+    for node in [1, 2] {
+        let api = cluster.node(node).api();
+        let deadline = tokio::time::Instant::now() + FOLLOW;
+        loop {
+            let (status, body) = api.get(&format!("{path}/commands/{id}")).await;
+            assert_eq!(status, 200, "node {node}: {body}");
+            if body["status"] == "replied" {
+                assert_eq!(body["reply"]["code"], 200, "{body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {node}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (status, body) = one.get(&format!("{path}/commands/1")).await;
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (404, json!("FG.6004")),
+        "{body}"
+    );
+
     // Timeouts and refusals travel back as such.
     responder.abort();
     let (status, body) = one
@@ -731,6 +766,31 @@ async fn commands_reach_a_device_held_by_another_node() {
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error_code"], "FG.6001");
+
+    // A persistent session keeps nothing in cluster mode (the device may come back elsewhere):
+    // a one-way message to it offline is refused by the node that held it and by the others.
+    let device =
+        connect_persistent(cluster.node(2).mqtt, &credentials(&pk, "lamp-01", &secret)).await;
+    one.wait_device(&pk, "lamp-01", "online at node 2", online_at(2))
+        .await;
+    drop(device);
+    one.wait_device(&pk, "lamp-01", "offline", |d| d["online"] == false)
+        .await;
+    for node in [1, 2] {
+        let (status, body) = cluster
+            .node(node)
+            .api()
+            .post(
+                &format!("{path}/messages"),
+                json!({"topic": format!("/{pk}/lamp-01/user/get"), "payload": "later", "qos": 1}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error_code"].clone()),
+            (409, json!("FG.6001")),
+            "node {node}: {body}"
+        );
+    }
 }
 
 /// How long a node may take to show what another node wrote. The write's answer already

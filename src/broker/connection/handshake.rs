@@ -114,6 +114,7 @@ where
         client_addr: peer,
         tls,
         connected_at_ms: now_ms(),
+        clean_session: connect.clean_session,
     };
     let live = Live {
         handle: Arc::clone(&handle),
