@@ -83,6 +83,7 @@ impl Application {
         let firmware = open_firmware(core, http_addr, joined.as_ref()).await?;
         let forwarder = open_forwarder(core, joined.as_ref()).await?;
         follow_forwarder_docs(joined.as_ref(), &forwarder);
+        let console_sessions = console_sessions(core, joined.as_ref()).await?;
         let broker = start_router(core, &budgets)?;
         let downlink = broker.downlink();
         registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
@@ -143,6 +144,7 @@ impl Application {
             export,
             revoke_session,
             health,
+            console_sessions,
         );
         let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
         let app = Application {
