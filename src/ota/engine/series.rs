@@ -53,7 +53,7 @@ mod tests {
 
     #[test]
     fn pushes_are_counted_per_minute_or_coarser() {
-        let base = 1_765_000_020_000; // 20 s into a minute
+        let base = 1_765_000_040_000; // 20 s into a minute
         let start = base - 20_000;
         #[allow(clippy::type_complexity)]
         let cases: &[(&str, Vec<i64>, usize, PushSeries)] = &[
