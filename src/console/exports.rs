@@ -291,9 +291,10 @@ async fn start_import(
 }
 
 fn job_of(c: &Console, session: &Session, kind: JobKind, id: &str) -> Result<JobRecord, Response> {
-    c.api_state.export.get(kind, id).map_err(|e| {
-        view::error_page(Some(session), StatusCode::NOT_FOUND, &e.to_string())
-    })
+    c.api_state
+        .export
+        .get(kind, id)
+        .map_err(|e| view::error_page(Some(session), StatusCode::NOT_FOUND, &e.to_string()))
 }
 
 /// The part of a job page that changes while the job runs; polls itself until it ends.
@@ -416,7 +417,12 @@ async fn pass_through(c: &Console, session: &Session, path: &str) -> Response {
 }
 
 async fn package(State(c): State<Console>, session: Sess, Path(id): Path<String>) -> Response {
-    pass_through(&c, &session, &format!("/api/v1/export/{}/package", enc(&id))).await
+    pass_through(
+        &c,
+        &session,
+        &format!("/api/v1/export/{}/package", enc(&id)),
+    )
+    .await
 }
 
 async fn export_log(State(c): State<Console>, session: Sess, Path(id): Path<String>) -> Response {

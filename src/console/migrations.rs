@@ -21,6 +21,7 @@ pub(super) fn routes() -> Router<Console> {
         .route("/console/migrations", get(list).post(create))
         .route("/console/migrations/{tid}", get(detail))
         .route("/console/migrations/{tid}/live", get(live))
+        .route("/console/migrations/{tid}/live-devices", get(live_devices))
         .route("/console/migrations/{tid}/canary-csv", post(canary_csv))
         .route("/console/migrations/{tid}/{action}", post(action))
 }
@@ -149,32 +150,36 @@ const MOVING: [&str; 5] = [
     "BATCH_ROLLBACK",
 ];
 
-/// The part of a task's page that changes by itself: state, progress, devices, log. Polls
-/// itself every 2 s while devices move and every 10 s otherwise (another operator may start
-/// or pause the task).
-async fn live_block(c: &Console, session: &Session, tid: &str) -> Result<(Value, Markup), Response> {
-    let base = format!("/api/v1/migrations/{}", enc(tid));
-    let t = c.api.get(session, &base).await;
+/// The task's details from the API (its refusal as a page).
+async fn task(c: &Console, session: &Session, tid: &str) -> Result<Value, Response> {
+    let t = c
+        .api
+        .get(session, &format!("/api/v1/migrations/{}", enc(tid)))
+        .await;
     if !t.ok() {
         return Err(view::api_error(session, &t));
     }
-    let devices = c
-        .api
-        .get(session, &format!("{base}/devices?page_size=100"))
-        .await;
-    let log = c
-        .api
-        .get(session, &format!("{base}/log?page_size=100"))
-        .await;
-    let t = t.body;
-    let (done, total) = moved(&t);
+    Ok(t.body)
+}
+
+/// How often a live block of a task's page asks again: every 2 s while devices move, every
+/// 10 s otherwise (another operator may start or pause the task).
+fn poll(t: &Value) -> &'static str {
+    if MOVING.contains(&s(&t["state"]).as_str()) {
+        "every 2s"
+    } else {
+        "every 10s"
+    }
+}
+
+/// The live summary of a task: state, progress, device counts, data sync.
+fn summary_block(tid: &str, t: &Value) -> Markup {
+    let (done, total) = moved(t);
     let sync = &t["data_sync"];
-    let moving = MOVING.contains(&s(&t["state"]).as_str());
-    let markup = html! {
+    html! {
         section #live aria-label="Migration progress"
             hx-get=(format!("/console/migrations/{}/live", enc(tid)))
-            hx-trigger=(if moving { "every 2s" } else { "every 10s" })
-            hx-swap="outerHTML" {
+            hx-trigger=(poll(t)) hx-swap="outerHTML" {
             dl.props {
                 dt { "Product" } dd { (s(&t["product_key"])) }
                 dt { "From → to" } dd { (s(&t["source_instance_id"])) " → " (s(&t["target_instance_id"])) }
@@ -184,6 +189,25 @@ async fn live_block(c: &Console, session: &Session, tid: &str) -> Result<(Value,
                 dt { "Data sync" } dd #data-sync { @if sync["enabled"] == json!(true) { "on, until " (view::time(sync["expires_at_ms"].as_i64())) } @else { "off" } }
                 @if !t["error"].is_null() { dt { "Last fault" } dd.error { (s(&t["error"])) } }
             }
+        }
+    }
+}
+
+/// The live per-device status and log of a task (the first 100 of each).
+async fn devices_block(c: &Console, session: &Session, tid: &str, t: &Value) -> Markup {
+    let base = format!("/api/v1/migrations/{}", enc(tid));
+    let devices = c
+        .api
+        .get(session, &format!("{base}/devices?page_size=100"))
+        .await;
+    let log = c
+        .api
+        .get(session, &format!("{base}/log?page_size=100"))
+        .await;
+    html! {
+        section #live-devices aria-label="Devices and log"
+            hx-get=(format!("/console/migrations/{}/live-devices", enc(tid)))
+            hx-trigger=(poll(t)) hx-swap="outerHTML" {
             h2 { "Devices" }
             div.table-wrap { table #migration-devices {
                 thead { tr { th { "Device" } th { "Status" } th { "Instance" } th { "Online" } th { "Reason" } } }
@@ -206,18 +230,28 @@ async fn live_block(c: &Console, session: &Session, tid: &str) -> Result<(Value,
                 }
             } }
         }
-    };
-    Ok((t, markup))
+    }
 }
 
 async fn live(State(c): State<Console>, session: Sess, Path(tid): Path<String>) -> Response {
-    match live_block(&c, &session, &tid).await {
-        Ok((_, markup)) => view::respond(StatusCode::OK, markup),
+    match task(&c, &session, &tid).await {
+        Ok(t) => view::respond(StatusCode::OK, summary_block(&tid, &t)),
         Err(r) => r,
     }
 }
 
-/// A task's page; `extra` (a selection's per-row results) goes above the live block.
+async fn live_devices(
+    State(c): State<Console>,
+    session: Sess,
+    Path(tid): Path<String>,
+) -> Response {
+    match task(&c, &session, &tid).await {
+        Ok(t) => view::respond(StatusCode::OK, devices_block(&c, &session, &tid, &t).await),
+        Err(r) => r,
+    }
+}
+
+/// A task's page; `extra` (a selection's per-row results) goes above everything.
 async fn detail_page(
     c: &Console,
     session: &Session,
@@ -225,14 +259,16 @@ async fn detail_page(
     extra: Option<Markup>,
     status: StatusCode,
 ) -> Response {
-    let (t, live) = match live_block(c, session, tid).await {
-        Ok(x) => x,
+    let t = match task(c, session, tid).await {
+        Ok(t) => t,
         Err(r) => return r,
     };
+    let devices = devices_block(c, session, tid, &t).await;
     let sync = &t["data_sync"];
     let url = format!("/console/migrations/{}", enc(tid));
     let body = html! {
         @if let Some(x) = extra { (x) }
+        (summary_block(tid, &t))
         @if session.may_operate() {
             div.actions {
                 (button(session, &url, "full", "Full migration", None))
@@ -251,7 +287,7 @@ async fn detail_page(
             }
             form.row method="post" enctype="multipart/form-data"
                 action=(format!("{url}/canary-csv?csrf={}", enc(&session.csrf))) {
-                label { "…or a canary from a CSV file (" code { "DeviceName" } " column, up to 10,000 rows)"
+                label { span { "…or a canary from a CSV file (" code { "DeviceName" } " column, up to 10,000 rows)" }
                     input type="file" name="file" accept=".csv,text/csv" required; }
                 button type="submit" { "Start canary from CSV" }
             }
@@ -261,7 +297,7 @@ async fn detail_page(
                 button.danger type="submit" { "Roll back" }
             }
         }
-        (live)
+        (devices)
     };
     view::respond(
         status,

@@ -346,7 +346,10 @@ mod tests {
     const T0: i64 = 1_765_000_000_000;
 
     fn tokens() -> TokenSet {
-        TokenSet::new([("viewer-token-0123", Role::Viewer), ("admin-token-0123", Role::Admin)])
+        TokenSet::new([
+            ("viewer-token-0123", Role::Viewer),
+            ("admin-token-0123", Role::Admin),
+        ])
     }
 
     #[test]
@@ -363,9 +366,16 @@ mod tests {
         assert!(!got.session.csrf_matches(&format!("{}x", got.session.csrf)));
 
         let other_node = Sessions::with_key(&[7; 32]);
-        let there = other_node.get(&cookie, &tokens(), T0 + 1).expect("same key");
-        assert_eq!(there.session.csrf, got.session.csrf, "one CSRF token everywhere");
-        assert!(Sessions::with_key(&[8; 32]).get(&cookie, &tokens(), T0).is_none());
+        let there = other_node
+            .get(&cookie, &tokens(), T0 + 1)
+            .expect("same key");
+        assert_eq!(
+            there.session.csrf, got.session.csrf,
+            "one CSRF token everywhere"
+        );
+        assert!(Sessions::with_key(&[8; 32])
+            .get(&cookie, &tokens(), T0)
+            .is_none());
         assert!(Sessions::default().get(&cookie, &tokens(), T0).is_none());
 
         // Tampered, truncated or foreign values open nothing.
@@ -373,7 +383,13 @@ mod tests {
         let last = bytes.len() - 2;
         bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(bytes).unwrap();
-        for bad in [tampered.as_str(), &cookie[..cookie.len() - 4], "v1.", "abc", ""] {
+        for bad in [
+            tampered.as_str(),
+            &cookie[..cookie.len() - 4],
+            "v1.",
+            "abc",
+            "",
+        ] {
             assert!(s.get(bad, &tokens(), T0).is_none(), "{bad}");
         }
         // Another session has another CSRF token.
@@ -388,12 +404,22 @@ mod tests {
         let cookie = s.open("admin-token-0123", T0);
         let idle = IDLE_TTL.as_millis() as i64;
         let reseal = RESEAL_AFTER.as_millis() as i64;
-        assert!(s.get(&cookie, &tokens(), T0 + reseal - 1).unwrap().reseal.is_none());
+        assert!(s
+            .get(&cookie, &tokens(), T0 + reseal - 1)
+            .unwrap()
+            .reseal
+            .is_none());
         let later = s.get(&cookie, &tokens(), T0 + reseal).unwrap();
         let fresh = later.reseal.expect("re-sealed after RESEAL_AFTER");
-        assert!(s.get(&cookie, &tokens(), T0 + idle).is_none(), "idle too long");
+        assert!(
+            s.get(&cookie, &tokens(), T0 + idle).is_none(),
+            "idle too long"
+        );
         let fresh_opened = s.get(&fresh, &tokens(), T0 + idle).expect("used since");
-        assert_eq!(fresh_opened.session.csrf, later.session.csrf, "the same session");
+        assert_eq!(
+            fresh_opened.session.csrf, later.session.csrf,
+            "the same session"
+        );
 
         // A token no longer configured ends its sessions.
         let only_viewer = TokenSet::new([("viewer-token-0123", Role::Viewer)]);
@@ -401,8 +427,11 @@ mod tests {
 
         // Logout: every cookie of the session is refused, other sessions are not.
         let other = s.open("admin-token-0123", T0);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(s.close(&fresh_opened.session, T0 + 10)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(s.close(&fresh_opened.session, T0 + 10))
+            .unwrap();
         assert!(s.get(&cookie, &tokens(), T0 + 11).is_none());
         assert!(s.get(&fresh, &tokens(), T0 + 11).is_none());
         assert!(s.get(&other, &tokens(), T0 + 11).is_some());
@@ -416,7 +445,12 @@ mod tests {
     fn revocations_follow_the_documents_of_other_nodes() {
         let s = Sessions::with_key(&[2; 32]);
         let cookie = s.open("viewer-token-0123", T0);
-        let sid = s.get(&cookie, &tokens(), T0).unwrap().session.sid.to_string();
+        let sid = s
+            .get(&cookie, &tokens(), T0)
+            .unwrap()
+            .session
+            .sid
+            .to_string();
         let body = serde_json::json!({"until_ms": T0 + 1000}).to_string();
         s.changed(REVOKED_DOC, &sid, Some(&body));
         assert!(s.get(&cookie, &tokens(), T0).is_none());

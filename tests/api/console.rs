@@ -735,6 +735,14 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
     let failed_row = b.text("tr[data-device=meter-0003]").await;
     assert!(failed_row.contains("DOWNLOAD_FAILED (-2)"), "{failed_row}");
     b.shot("job").await;
+    b.client
+        .execute(
+            "document.getElementById('push-rate').scrollIntoView(); return true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    b.shot("job-push-rate").await;
     let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
     assert_eq!(job["counters"]["succeeded"], 2, "{job}");
 
@@ -1137,7 +1145,10 @@ async fn export_and_import_jobs_run_from_the_console() {
         .unwrap();
     assert_eq!(resp.status(), 303);
     let job_path = location(&resp);
-    let id = job_path.strip_prefix("/console/export/").unwrap().to_owned();
+    let id = job_path
+        .strip_prefix("/console/export/")
+        .unwrap()
+        .to_owned();
     let html = page_until(&src, &op, &job_path, "id=\"job-state\">SUCCESSFUL").await;
     assert!(html.contains(&format!("/default/{pk}/exp-dev-1")), "{html}");
     assert!(html.contains("FGX_003"), "the log: {html}");
@@ -1185,7 +1196,10 @@ async fn export_and_import_jobs_run_from_the_console() {
     let resp = post_multipart(&dst, &admin, &import, form(EXPORT_KEY)).await;
     assert_eq!(resp.status(), 303);
     let import_path = location(&resp);
-    assert!(import_path.starts_with("/console/import/imp-"), "{import_path}");
+    assert!(
+        import_path.starts_with("/console/import/imp-"),
+        "{import_path}"
+    );
     let html = page_until(&dst, &admin, &import_path, "id=\"job-state\">SUCCESSFUL").await;
     assert!(html.contains("2 created"), "{html}");
     assert_eq!(
@@ -1193,7 +1207,10 @@ async fn export_and_import_jobs_run_from_the_console() {
         src.device_secret(&pk, "exp-dev-1").await
     );
     let (_, list) = page(&dst, &admin, "/console/export").await;
-    assert!(list.contains(&format!("data-job=\"{}\"", import_path.rsplit('/').next().unwrap())));
+    assert!(list.contains(&format!(
+        "data-job=\"{}\"",
+        import_path.rsplit('/').next().unwrap()
+    )));
 
     // A viewer sees the jobs but no form and no download; its forged posts are refused.
     let viewer = login(&src, VIEWER_TOKEN).await;
@@ -1236,7 +1253,11 @@ async fn export_and_import_jobs_run_from_the_console() {
     let resp = post_multipart(&src, &op, "/console/import", form(EXPORT_KEY)).await;
     assert_eq!(resp.status(), 403);
     let (_, html) = page(&src, &op, "/console/export").await;
-    assert_eq!(html.matches("data-job=").count(), 1, "one export, no import: {html}");
+    assert_eq!(
+        html.matches("data-job=").count(),
+        1,
+        "one export, no import: {html}"
+    );
 }
 
 #[tokio::test]
@@ -1290,10 +1311,16 @@ async fn a_canary_starts_from_a_csv_file_with_per_row_results() {
     assert!(html.contains("id=\"selection-results\""), "{html}");
     assert!(html.contains("1 accepted, 2 refused"), "{html}");
     assert!(html.contains("data-row=\"2\""), "{html}");
-    assert!(html.contains("FG.2003"), "the unknown device's code: {html}");
+    assert!(
+        html.contains("FG.2003"),
+        "the unknown device's code: {html}"
+    );
     assert!(html.contains("data-row=\"3\""), "the duplicate: {html}");
     page_until(&t, &op, &path, "CANARY_COMPLETED").await;
-    assert_eq!(t.device(&pk, "csv-dev-1").await["instance_id"], "iot-canary");
+    assert_eq!(
+        t.device(&pk, "csv-dev-1").await["instance_id"],
+        "iot-canary"
+    );
     assert_eq!(t.device(&pk, "csv-dev-2").await["instance_id"], "default");
 
     // A viewer's forged upload is refused.

@@ -56,14 +56,14 @@ async fn a_console_session_from_one_node_works_on_every_node_until_logout() {
         assert!(html.contains("Product console"), "{html}");
         csrf.push(csrf_of(&html));
     }
-    assert!(csrf.windows(2).all(|w| w[0] == w[1]), "one CSRF token: {csrf:?}");
+    assert!(
+        csrf.windows(2).all(|w| w[0] == w[1]),
+        "one CSRF token: {csrf:?}"
+    );
 
     // A form from node 2's page, posted through node 3.
     let resp = client()
-        .post(format!(
-            "http://{}{products}/devices",
-            cluster.node(3).http
-        ))
+        .post(format!("http://{}{products}/devices", cluster.node(3).http))
         .header("cookie", &cookie)
         .form(&[("csrf", csrf[1].as_str()), ("device_name", "console-dev-1")])
         .send()
@@ -90,7 +90,11 @@ async fn a_console_session_from_one_node_works_on_every_node_until_logout() {
     assert_eq!(resp.status(), 303);
     for node in &cluster.nodes {
         let (status, _) = page(node, &cookie, "/console").await;
-        assert_eq!(status, 303, "node {} refuses the logged-out cookie", node.id);
+        assert_eq!(
+            status, 303,
+            "node {} refuses the logged-out cookie",
+            node.id
+        );
         let (status, _) = page(node, &other, "/console").await;
         assert_eq!(status, 200, "node {} keeps the other session", node.id);
     }

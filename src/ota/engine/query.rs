@@ -330,7 +330,12 @@ impl OtaEngine {
         let mut times = Vec::with_capacity(members.len());
         for dn in members {
             let key = TaskKey::new(job_id, &entry.product_key, &dn);
-            if let Some(t) = self.inner.tasks.get(&key).and_then(|s| s.state.notified_at_ms) {
+            if let Some(t) = self
+                .inner
+                .tasks
+                .get(&key)
+                .and_then(|s| s.state.notified_at_ms)
+            {
                 times.push(t);
             }
         }

@@ -62,31 +62,51 @@ mod tests {
                 "one push",
                 vec![base],
                 60,
-                PushSeries { start_ms: start, bucket_ms: M, counts: vec![1] },
+                PushSeries {
+                    start_ms: start,
+                    bucket_ms: M,
+                    counts: vec![1],
+                },
             ),
             (
                 "per minute, gaps kept, any order",
                 vec![base + 2 * M, base, base + 1, base + 2 * M + 39_999],
                 60,
-                PushSeries { start_ms: start, bucket_ms: M, counts: vec![2, 0, 2] },
+                PushSeries {
+                    start_ms: start,
+                    bucket_ms: M,
+                    counts: vec![2, 0, 2],
+                },
             ),
             (
                 "a bucket ends just before the next minute",
                 vec![start + M - 1, start + M],
                 60,
-                PushSeries { start_ms: start, bucket_ms: M, counts: vec![1, 1] },
+                PushSeries {
+                    start_ms: start,
+                    bucket_ms: M,
+                    counts: vec![1, 1],
+                },
             ),
             (
                 "ten minutes in at most four buckets: three minutes each",
                 (0..10).map(|i| start + i * M).collect(),
                 4,
-                PushSeries { start_ms: start, bucket_ms: 3 * M, counts: vec![3, 3, 3, 1] },
+                PushSeries {
+                    start_ms: start,
+                    bucket_ms: 3 * M,
+                    counts: vec![3, 3, 3, 1],
+                },
             ),
             (
                 "max_buckets 0 is 1",
                 vec![start, start + 5 * M],
                 0,
-                PushSeries { start_ms: start, bucket_ms: 6 * M, counts: vec![2] },
+                PushSeries {
+                    start_ms: start,
+                    bucket_ms: 6 * M,
+                    counts: vec![2],
+                },
             ),
         ];
         for (what, times, max, want) in cases {
@@ -99,7 +119,11 @@ mod tests {
 
     #[test]
     fn the_peak_is_per_minute() {
-        let s = PushSeries { start_ms: 0, bucket_ms: 3 * M, counts: vec![3, 9, 0] };
+        let s = PushSeries {
+            start_ms: 0,
+            bucket_ms: 3 * M,
+            counts: vec![3, 9, 0],
+        };
         assert_eq!(s.peak_per_minute(), 3.0);
         assert_eq!(PushSeries::default().peak_per_minute(), 0.0);
     }
