@@ -58,6 +58,8 @@ struct Parts {
     ota: OtaEngine,
     migration: Arc<MigrationEngine>,
     commands: Arc<Commands>,
+    /// The console's session keys and revocations.
+    console_sessions: Arc<crate::console::session::Sessions>,
     /// Cluster mode: this node's part of the cluster.
     cluster: Option<Arc<Cluster>>,
 }
@@ -133,6 +135,7 @@ impl Application {
             ota,
             migration,
             commands,
+            console_sessions,
             cluster: attached.map(|a| a.cluster),
         };
         let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);
@@ -144,7 +147,6 @@ impl Application {
             export,
             revoke_session,
             health,
-            console_sessions,
         );
         let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
         let app = Application {

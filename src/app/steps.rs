@@ -680,7 +680,6 @@ pub(super) fn api_state(
     export: ExportService,
     revoke_session: DeviceRevokedHook,
     health: api::HealthFn,
-    console_sessions: Arc<ConsoleSessions>,
 ) -> ApiState {
     ApiState {
         registry: parts.registry.clone(),
@@ -701,7 +700,7 @@ pub(super) fn api_state(
         ),
         cluster: parts.cluster.clone(),
         commands: parts.commands.clone(),
-        console_sessions,
+        console_sessions: parts.console_sessions.clone(),
     }
 }
 

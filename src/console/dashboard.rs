@@ -102,7 +102,7 @@ fn live_block(c: &Console) -> Markup {
             }
         });
     }
-    let jobs = running_jobs(&c);
+    let jobs = running_jobs(c);
     let migrations = c
         .api_state
         .migration

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::session::Session;
 use super::view::{self, enc, Nav};
 use super::{ApiAnswer, Console, Sess};
-use crate::export::{state_str, JobKind, JobRecord, JobState};
+use crate::export::{state_str, ExportError, JobKind, JobRecord, JobState};
 use crate::registry::Page;
 
 /// Jobs of each kind listed on the page (newest first).
@@ -290,11 +290,12 @@ async fn start_import(
     Redirect::to(&format!("/console/import/{}", enc(id))).into_response()
 }
 
-fn job_of(c: &Console, session: &Session, kind: JobKind, id: &str) -> Result<JobRecord, Response> {
-    c.api_state
-        .export
-        .get(kind, id)
-        .map_err(|e| view::error_page(Some(session), StatusCode::NOT_FOUND, &e.to_string()))
+fn job_of(c: &Console, kind: JobKind, id: &str) -> Result<JobRecord, ExportError> {
+    c.api_state.export.get(kind, id)
+}
+
+fn not_found(session: &Session, e: &ExportError) -> Response {
+    view::error_page(Some(session), StatusCode::NOT_FOUND, &e.to_string())
 }
 
 /// The part of a job page that changes while the job runs; polls itself until it ends.
@@ -358,9 +359,9 @@ fn live_block(session: &Session, j: &JobRecord) -> Markup {
 }
 
 async fn job_page(c: &Console, session: &Session, kind: JobKind, id: &str) -> Response {
-    let j = match job_of(c, session, kind, id) {
+    let j = match job_of(c, kind, id) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(e) => return not_found(session, &e),
     };
     let title = match kind {
         JobKind::Export => format!("Export {}", j.name),
@@ -385,9 +386,9 @@ async fn import_page(State(c): State<Console>, session: Sess, Path(id): Path<Str
 }
 
 fn live(c: &Console, session: &Session, kind: JobKind, id: &str) -> Response {
-    match job_of(c, session, kind, id) {
+    match job_of(c, kind, id) {
         Ok(j) => view::respond(StatusCode::OK, live_block(session, &j)),
-        Err(r) => r,
+        Err(e) => not_found(session, &e),
     }
 }
 
