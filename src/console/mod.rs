@@ -2,8 +2,10 @@
 //! HTML (maud) with htmx for the live parts, every asset embedded in the binary.
 //!
 //! Owns pages, sessions and CSRF; owns no business logic. Reads come from the same
-//! [`Registry`](crate::registry::Registry), [`OtaEngine`](crate::ota::OtaEngine) and
-//! [`MigrationEngine`](crate::migration::MigrationEngine) queries the API handlers call. Every
+//! [`Registry`](crate::registry::Registry), [`OtaEngine`](crate::ota::OtaEngine),
+//! [`MigrationEngine`](crate::migration::MigrationEngine) and
+//! [`ExportService`](crate::export::ExportService) queries the API handlers call. It writes to
+//! the store only its own `console.revoked` documents (cluster mode, [`session`]). Every
 //! write is sent to the API router itself ([`ApiClient`]) as a bearer request with the
 //! session's token, so authentication, the role split, validation, error codes, cluster
 //! settling and the revocation hooks are the API's, unchanged; the console only turns a form
