@@ -256,6 +256,10 @@ async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused() {
     let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
     assert_eq!(job["status"], "IN_PROGRESS", "{job}");
     t.device(&pk, "held-dev-1").await;
+    // Logging out is the one post a viewer may make.
+    let (status, body) = post_form(&t, &cookie, "/console/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(status, 303, "{body}");
+    assert_eq!(page(&t, &cookie, "/console").await.0, 303, "logged out");
 
     // An operator may read a device secret (on request) but not a product secret (admin).
     let op = login(&t, OPERATOR_TOKEN).await;
