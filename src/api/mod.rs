@@ -171,6 +171,8 @@ pub struct ApiState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Cloud-to-device commands.
     pub commands: Arc<crate::command::Commands>,
+    /// The console's session keys and revocations (cluster mode: the cluster's).
+    pub console_sessions: Arc<crate::console::session::Sessions>,
 }
 
 impl ApiState {

@@ -58,6 +58,8 @@ struct Parts {
     ota: OtaEngine,
     migration: Arc<MigrationEngine>,
     commands: Arc<Commands>,
+    /// The console's session keys and revocations.
+    console_sessions: Arc<crate::console::session::Sessions>,
     /// Cluster mode: this node's part of the cluster.
     cluster: Option<Arc<Cluster>>,
 }
@@ -83,6 +85,7 @@ impl Application {
         let firmware = open_firmware(core, http_addr, joined.as_ref()).await?;
         let forwarder = open_forwarder(core, joined.as_ref()).await?;
         follow_forwarder_docs(joined.as_ref(), &forwarder);
+        let console_sessions = console_sessions(core, joined.as_ref()).await?;
         let broker = start_router(core, &budgets)?;
         let downlink = broker.downlink();
         registry.add_observer(Arc::new(SessionReaper(downlink.clone())));
@@ -132,6 +135,7 @@ impl Application {
             ota,
             migration,
             commands,
+            console_sessions,
             cluster: attached.map(|a| a.cluster),
         };
         let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);

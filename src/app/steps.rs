@@ -14,6 +14,7 @@ use crate::command::properties::PropertiesReaper;
 use crate::command::OfflineReaper;
 use crate::command::{Commands, LatestProperties};
 use crate::config::Settings;
+use crate::console::session::Sessions as ConsoleSessions;
 use crate::export::{DeviceRevokedHook, ExportService, Start as ExportStart};
 use crate::forwarder::{AmqpSettings, ClusterOutbox, Forwarder, ForwarderConfig, RateLimit};
 use crate::ingest::Ingest;
@@ -302,6 +303,36 @@ pub(super) fn follow_forwarder_docs(joined: Option<&Joined>, forwarder: &Arc<For
     if let Some(joined) = joined {
         joined.cluster.follow_docs(forwarder.doc_follower());
     }
+}
+
+/// The console's sessions. Cluster mode: sealed with the cluster's key (a cookie from one node
+/// opens on all), and logouts are `console.revoked` documents every node follows; registered
+/// before the cluster is attached, like the forwarder's documents.
+pub(super) async fn console_sessions(
+    core: Core<'_>,
+    joined: Option<&Joined>,
+) -> anyhow::Result<Arc<ConsoleSessions>> {
+    let (Some(joined), Some(url)) = (joined, &core.settings.store.url) else {
+        return Ok(Arc::default());
+    };
+    let shared = PostgresFirmware::connect(url)
+        .await
+        .context("cannot open a connection to PostgreSQL for the console's key")?;
+    let key = shared
+        .cluster_secret(crate::console::session::KEY_NAME)
+        .await
+        .context("cannot read the cluster's console session key")?;
+    let sessions = Arc::new(ConsoleSessions::with_key(&key));
+    // Before the node serves: a cookie logged out before this start is refused at once (the
+    // feed's receiver reloads the documents again when it takes the follower on).
+    let revoked = core
+        .store
+        .load_documents(crate::console::session::REVOKED_DOC)
+        .context("cannot load the console's revoked sessions")?;
+    sessions.reloaded(crate::console::session::REVOKED_DOC, &revoked);
+    sessions.share(core.store.clone(), joined.cluster.clone());
+    joined.cluster.follow_docs(sessions.clone());
+    Ok(sessions)
 }
 
 /// The broker with its router thread running; it accepts once ingest is ready
@@ -674,6 +705,7 @@ pub(super) fn api_state(
         ),
         cluster: parts.cluster.clone(),
         commands: parts.commands.clone(),
+        console_sessions: parts.console_sessions.clone(),
     }
 }
 

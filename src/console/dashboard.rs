@@ -21,7 +21,24 @@ const TOP_VERSIONS: usize = 5;
 /// The module whose versions the dashboard charts.
 const MODULE: &str = "default";
 
+/// How often an open dashboard asks for its numbers again.
+const POLL: &str = "every 5s";
+
 pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
+    view::respond(
+        StatusCode::OK,
+        view::page("Dashboard", Nav::Dashboard, Some(&session), live_block(&c)),
+    )
+}
+
+/// `GET /console/dashboard/live`: the dashboard's block alone, for its own polling.
+pub(super) async fn live(State(c): State<Console>, _session: Sess) -> Response {
+    view::respond(StatusCode::OK, live_block(&c))
+}
+
+/// Everything the dashboard shows, polling itself. Its links carry ids, so htmx gives the
+/// keyboard focus back to the same link after a swap.
+fn live_block(c: &Console) -> Markup {
     let registry = &c.api_state.registry;
     let products = registry.list_products(Page::new(1, PRODUCTS_SHOWN).unwrap_or_default());
     let online_filter = DeviceFilter {
@@ -71,7 +88,7 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
         cards.push(html! {
             section.card aria-labelledby=(format!("p-{}", p.product_key)) {
                 h3 id=(format!("p-{}", p.product_key)) {
-                    a href=(format!("/console/products/{}", view::enc(&p.product_key))) { (p.name) }
+                    a id=(format!("dp-{}", p.product_key)) href=(format!("/console/products/{}", view::enc(&p.product_key))) { (p.name) }
                     " " span.small { (p.product_key) }
                 }
                 div.kpis {
@@ -85,7 +102,7 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
             }
         });
     }
-    let jobs = running_jobs(&c);
+    let jobs = running_jobs(c);
     let migrations = c
         .api_state
         .migration
@@ -97,7 +114,8 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
         .into_iter()
         .filter(|t| t.status == SummaryStatus::Migrating)
         .collect::<Vec<_>>();
-    let body = html! {
+    html! {
+        div #dashboard hx-get="/console/dashboard/live" hx-trigger=(POLL) hx-swap="outerHTML" {
         section.card aria-label="Fleet" {
             div.kpis {
                 div.kpi { strong #devices-total { (total) } "devices" }
@@ -108,7 +126,7 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
         }
         h2 { "Running OTA jobs" }
         @if jobs.is_empty() {
-            p.small { "No job is running. " a href="/console/ota" { "Jobs" } }
+            p.small { "No job is running. " a #d-jobs href="/console/ota" { "Jobs" } }
         } @else {
             div.table-wrap { table {
                 thead { tr { th { "Job" } th { "Product" } th { "Target" } th { "Status" } th { "Progress" } } }
@@ -116,7 +134,7 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
                     @for j in &jobs {
                         @let c = &j.counters;
                         tr {
-                            td { a href=(format!("/console/ota/jobs/{}", j.job.job_id)) { (j.job.spec.name.as_deref().unwrap_or(&j.job.job_id)) } }
+                            td { a id=(format!("dj-{}", j.job.job_id)) href=(format!("/console/ota/jobs/{}", j.job.job_id)) { (j.job.spec.name.as_deref().unwrap_or(&j.job.job_id)) } }
                             td { (j.job.product_key) }
                             td { (j.job.module) " → " (j.job.dest_version) }
                             td { (j.job.status.as_str()) }
@@ -128,14 +146,14 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
         }
         h2 { "Running migrations" }
         @if migrations.is_empty() {
-            p.small { "No migration is moving devices. " a href="/console/migrations" { "Migrations" } }
+            p.small { "No migration is moving devices. " a #d-migrations href="/console/migrations" { "Migrations" } }
         } @else {
             div.table-wrap { table {
                 thead { tr { th { "Migration" } th { "Product" } th { "State" } th { "Progress" } } }
                 tbody {
                     @for t in &migrations {
                         tr {
-                            td { a href=(format!("/console/migrations/{}", t.task_id)) { (t.name) } }
+                            td { a id=(format!("dm-{}", t.task_id)) href=(format!("/console/migrations/{}", t.task_id)) { (t.name) } }
                             td { (t.product_key) }
                             td { (t.state.as_str()) }
                             td { (view::progress(t.devices.migrated + t.devices.rolled_back + t.devices.failed, t.devices.total, "devices moved")) }
@@ -146,17 +164,14 @@ pub(super) async fn page(State(c): State<Console>, session: Sess) -> Response {
         }
         h2 { "Products" }
         @if cards.is_empty() {
-            p { "No products yet. " a href="/console/products" { "Create one" } }
+            p { "No products yet. " a #d-create-product href="/console/products" { "Create one" } }
         }
         div.grid { @for card in cards { (card) } }
         @if products.total > u64::from(PRODUCTS_SHOWN) {
-            p.small { "The first " (PRODUCTS_SHOWN) " products; " a href="/console/products" { "all products" } }
+            p.small { "The first " (PRODUCTS_SHOWN) " products; " a #d-all-products href="/console/products" { "all products" } }
         }
-    };
-    view::respond(
-        StatusCode::OK,
-        view::page("Dashboard", Nav::Dashboard, Some(&session), body),
-    )
+        }
+    }
 }
 
 /// IN_PROGRESS and PAUSED jobs, newest first.

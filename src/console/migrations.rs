@@ -2,8 +2,8 @@
 //! names), full, pause/continue, rollback (picked or all), data sync on/off with its expiry,
 //! the per-device status and the task log. Everything is read and done through the API.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -14,12 +14,15 @@ use serde_json::{json, Value};
 
 use super::session::Session;
 use super::view::{self, enc, Nav};
-use super::{Console, Sess};
+use super::{ApiAnswer, Console, Sess};
 
 pub(super) fn routes() -> Router<Console> {
     Router::new()
         .route("/console/migrations", get(list).post(create))
         .route("/console/migrations/{tid}", get(detail))
+        .route("/console/migrations/{tid}/live", get(live))
+        .route("/console/migrations/{tid}/live-devices", get(live_devices))
+        .route("/console/migrations/{tid}/canary-csv", post(canary_csv))
         .route("/console/migrations/{tid}/{action}", post(action))
 }
 
@@ -135,86 +138,256 @@ async fn create(State(c): State<Console>, session: Sess, body: Bytes) -> Respons
 }
 
 async fn detail(State(c): State<Console>, session: Sess, Path(tid): Path<String>) -> Response {
-    let base = format!("/api/v1/migrations/{}", enc(&tid));
-    let t = c.api.get(&session, &base).await;
+    detail_page(&c, &session, &tid, None, StatusCode::OK).await
+}
+
+/// States in which devices move: the page asks for its live block often then.
+const MOVING: [&str; 5] = [
+    "CANARY_IN_PROGRESS",
+    "MIGRATING",
+    "CONTINUE_MIGRATING",
+    "ROLLING_BACK",
+    "BATCH_ROLLBACK",
+];
+
+/// The task's details from the API (its refusal as a page).
+async fn task(c: &Console, session: &Session, tid: &str) -> Result<Value, Response> {
+    let t = c
+        .api
+        .get(session, &format!("/api/v1/migrations/{}", enc(tid)))
+        .await;
     if !t.ok() {
-        return view::api_error(&session, &t);
+        return Err(view::api_error(session, &t));
     }
+    Ok(t.body)
+}
+
+/// How often a live block of a task's page asks again: every 2 s while devices move, every
+/// 10 s otherwise (another operator may start or pause the task).
+fn poll(t: &Value) -> &'static str {
+    if MOVING.contains(&s(&t["state"]).as_str()) {
+        "every 2s"
+    } else {
+        "every 10s"
+    }
+}
+
+/// The live summary of a task: state, progress, device counts, data sync.
+fn summary_block(tid: &str, t: &Value) -> Markup {
+    let (done, total) = moved(t);
+    let sync = &t["data_sync"];
+    html! {
+        section #live aria-label="Migration progress"
+            hx-get=(format!("/console/migrations/{}/live", enc(tid)))
+            hx-trigger=(poll(t)) hx-swap="outerHTML" {
+            dl.props {
+                dt { "Product" } dd { (s(&t["product_key"])) }
+                dt { "From → to" } dd { (s(&t["source_instance_id"])) " → " (s(&t["target_instance_id"])) }
+                dt { "State" } dd #migration-state { (s(&t["state"])) " · " (s(&t["status"])) }
+                dt { "Progress" } dd { (view::progress(done, total, "devices moved")) }
+                dt { "Devices" } dd { @for k in ["not_migrated", "migrating", "migrated", "failed", "rolled_back"] { (k) " " strong { (s(&t["devices"][k])) } " · " } }
+                dt { "Data sync" } dd #data-sync { @if sync["enabled"] == json!(true) { "on, until " (view::time(sync["expires_at_ms"].as_i64())) } @else { "off" } }
+                @if !t["error"].is_null() { dt { "Last fault" } dd.error { (s(&t["error"])) } }
+            }
+        }
+    }
+}
+
+/// The live per-device status and log of a task (the first 100 of each).
+async fn devices_block(c: &Console, session: &Session, tid: &str, t: &Value) -> Markup {
+    let base = format!("/api/v1/migrations/{}", enc(tid));
     let devices = c
         .api
-        .get(&session, &format!("{base}/devices?page_size=100"))
+        .get(session, &format!("{base}/devices?page_size=100"))
         .await;
     let log = c
         .api
-        .get(&session, &format!("{base}/log?page_size=100"))
+        .get(session, &format!("{base}/log?page_size=100"))
         .await;
-    let t = &t.body;
-    let (done, total) = moved(t);
-    let sync = &t["data_sync"];
-    let url = format!("/console/migrations/{}", enc(&tid));
-    let body = html! {
-        dl.props {
-            dt { "Product" } dd { (s(&t["product_key"])) }
-            dt { "From → to" } dd { (s(&t["source_instance_id"])) " → " (s(&t["target_instance_id"])) }
-            dt { "State" } dd #migration-state { (s(&t["state"])) " · " (s(&t["status"])) }
-            dt { "Progress" } dd { (view::progress(done, total, "devices moved")) }
-            dt { "Devices" } dd { @for k in ["not_migrated", "migrating", "migrated", "failed", "rolled_back"] { (k) " " strong { (s(&t["devices"][k])) } " · " } }
-            dt { "Data sync" } dd { @if sync["enabled"] == json!(true) { "on, until " (view::time(sync["expires_at_ms"].as_i64())) } @else { "off" } }
-            @if !t["error"].is_null() { dt { "Last fault" } dd.error { (s(&t["error"])) } }
+    html! {
+        section #live-devices aria-label="Devices and log"
+            hx-get=(format!("/console/migrations/{}/live-devices", enc(tid)))
+            hx-trigger=(poll(t)) hx-swap="outerHTML" {
+            h2 { "Devices" }
+            div.table-wrap { table #migration-devices {
+                thead { tr { th { "Device" } th { "Status" } th { "Instance" } th { "Online" } th { "Reason" } } }
+                tbody {
+                    @for d in devices.body["items"].as_array().into_iter().flatten() {
+                        tr data-device=(s(&d["device_name"])) {
+                            td { (s(&d["device_name"])) } td { (s(&d["status"])) } td { (s(&d["instance_id"])) }
+                            td { (s(&d["online"])) } td { (s(&d["reason"])) }
+                        }
+                    }
+                }
+            } }
+            h2 { "Log" }
+            div.table-wrap { table {
+                thead { tr { th { "At" } th { "Action" } th { "From" } th { "To" } th { "Detail" } } }
+                tbody {
+                    @for e in log.body["items"].as_array().into_iter().flatten() {
+                        tr { td { (view::time(e["at_ms"].as_i64())) } td { (s(&e["action"])) } td { (s(&e["from_state"])) } td { (s(&e["to_state"])) } td { (s(&e["detail"])) } }
+                    }
+                }
+            } }
         }
+    }
+}
+
+async fn live(State(c): State<Console>, session: Sess, Path(tid): Path<String>) -> Response {
+    match task(&c, &session, &tid).await {
+        Ok(t) => view::respond(StatusCode::OK, summary_block(&tid, &t)),
+        Err(r) => r,
+    }
+}
+
+async fn live_devices(
+    State(c): State<Console>,
+    session: Sess,
+    Path(tid): Path<String>,
+) -> Response {
+    match task(&c, &session, &tid).await {
+        Ok(t) => view::respond(StatusCode::OK, devices_block(&c, &session, &tid, &t).await),
+        Err(r) => r,
+    }
+}
+
+/// A task's page; `extra` (a selection's per-row results) goes above everything.
+async fn detail_page(
+    c: &Console,
+    session: &Session,
+    tid: &str,
+    extra: Option<Markup>,
+    status: StatusCode,
+) -> Response {
+    let t = match task(c, session, tid).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let devices = devices_block(c, session, tid, &t).await;
+    let sync = &t["data_sync"];
+    let url = format!("/console/migrations/{}", enc(tid));
+    let body = html! {
+        @if let Some(x) = extra { (x) }
+        (summary_block(tid, &t))
         @if session.may_operate() {
             div.actions {
-                (button(&session, &url, "full", "Full migration", None))
-                (button(&session, &url, "pause", "Pause", None))
-                (button(&session, &url, "continue", "Continue", None))
+                (button(session, &url, "full", "Full migration", None))
+                (button(session, &url, "pause", "Pause", None))
+                (button(session, &url, "continue", "Continue", None))
                 @if sync["enabled"] == json!(true) {
-                    (button(&session, &url, "data-sync-off", "Data sync off", None))
+                    (button(session, &url, "data-sync-off", "Data sync off", None))
                 } @else {
-                    (button(&session, &url, "data-sync-on", "Data sync on", None))
+                    (button(session, &url, "data-sync-on", "Data sync on", None))
                 }
             }
             form.row method="post" action=(format!("{url}/canary")) {
-                (view::csrf(&session))
-                label { "Canary devices (names)" textarea name="device_names" rows="2" required {} }
+                (view::csrf(session))
+                label { "Canary devices (names, up to 100)" textarea name="device_names" rows="2" required {} }
                 button type="submit" { "Start canary" }
             }
+            form.row method="post" enctype="multipart/form-data"
+                action=(format!("{url}/canary-csv?csrf={}", enc(&session.csrf))) {
+                label { span { "…or a canary from a CSV file (" code { "DeviceName" } " column, up to 10,000 rows)" }
+                    input type="file" name="file" accept=".csv,text/csv" required; }
+                button type="submit" { "Start canary from CSV" }
+            }
             form.row method="post" action=(format!("{url}/rollback")) {
-                (view::csrf(&session))
+                (view::csrf(session))
                 label { "Roll back devices (empty: all)" textarea name="device_names" rows="2" {} }
                 button.danger type="submit" { "Roll back" }
             }
         }
-        h2 { "Devices" }
-        div.table-wrap { table #migration-devices {
-            thead { tr { th { "Device" } th { "Status" } th { "Instance" } th { "Online" } th { "Reason" } } }
-            tbody {
-                @for d in devices.body["items"].as_array().into_iter().flatten() {
-                    tr data-device=(s(&d["device_name"])) {
-                        td { (s(&d["device_name"])) } td { (s(&d["status"])) } td { (s(&d["instance_id"])) }
-                        td { (s(&d["online"])) } td { (s(&d["reason"])) }
-                    }
-                }
-            }
-        } }
-        h2 { "Log" }
-        div.table-wrap { table {
-            thead { tr { th { "At" } th { "Action" } th { "From" } th { "To" } th { "Detail" } } }
-            tbody {
-                @for e in log.body["items"].as_array().into_iter().flatten() {
-                    tr { td { (view::time(e["at_ms"].as_i64())) } td { (s(&e["action"])) } td { (s(&e["from_state"])) } td { (s(&e["to_state"])) } td { (s(&e["detail"])) } }
-                }
-            }
-        } }
+        (devices)
     };
     view::respond(
-        StatusCode::OK,
+        status,
         view::page(
             &format!("Migration {}", s(&t["name"])),
             Nav::Migrations,
-            Some(&session),
+            Some(session),
             body,
         ),
     )
+}
+
+/// The API's answer to a selection (`canary`, `rollback`): devices accepted and the refused
+/// rows with their codes.
+fn selection_results(what: &str, a: &ApiAnswer) -> Markup {
+    let rejected = a.body["rejected"].as_array().cloned().unwrap_or_default();
+    html! {
+        section.card #selection-results aria-label=(format!("{what} results")) role="status" {
+            h2 { (what) " results" }
+            p { (s(&a.body["accepted"])) " accepted, " (rejected.len()) " refused." }
+            @if !rejected.is_empty() {
+                div.table-wrap { table {
+                    thead { tr { th { "Row" } th { "Device" } th { "Code" } th { "Why" } } }
+                    tbody {
+                        @for r in &rejected {
+                            tr data-row=(s(&r["row"])) {
+                                td { (s(&r["row"])) } td { (s(&r["device_name"])) }
+                                td { (s(&r["error_code"])) } td { (s(&r["error_msg"])) }
+                            }
+                        }
+                    }
+                } }
+            }
+        }
+    }
+}
+
+/// Starts the canary with the devices of an uploaded CSV, sent to the API as `text/csv`
+/// unchanged, and shows its per-row results.
+async fn canary_csv(
+    State(c): State<Console>,
+    session: Sess,
+    Path(tid): Path<String>,
+    mut form: Multipart,
+) -> Response {
+    let mut csv: Option<Bytes> = None;
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) => {
+                if field.name() == Some("file") {
+                    match field.bytes().await {
+                        Ok(b) => csv = Some(b),
+                        Err(e) => {
+                            return view::error_page(Some(&session), e.status(), &e.body_text())
+                        }
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return view::error_page(Some(&session), e.status(), &e.body_text()),
+        }
+    }
+    let Some(csv) = csv else {
+        return view::error_page(
+            Some(&session),
+            StatusCode::BAD_REQUEST,
+            "Choose a CSV file.",
+        );
+    };
+    let a = c
+        .api
+        .call(
+            &session,
+            Method::POST,
+            &format!("/api/v1/migrations/{}/canary", enc(&tid)),
+            Some("text/csv"),
+            Body::from(csv),
+        )
+        .await;
+    if !a.ok() {
+        return view::api_error(&session, &a);
+    }
+    detail_page(
+        &c,
+        &session,
+        &tid,
+        Some(selection_results("Canary", &a)),
+        StatusCode::OK,
+    )
+    .await
 }
 
 fn button(s: &Session, url: &str, action: &str, label: &str, extra: Option<Markup>) -> Markup {
@@ -263,5 +436,17 @@ async fn action(
     if !a.ok() {
         return view::api_error(&session, &a);
     }
-    Redirect::to(&format!("/console/migrations/{}", enc(&tid))).into_response()
+    let what = match action.as_str() {
+        "canary" => "Canary",
+        "rollback" if !names(&f).is_empty() => "Rollback",
+        _ => return Redirect::to(&format!("/console/migrations/{}", enc(&tid))).into_response(),
+    };
+    detail_page(
+        &c,
+        &session,
+        &tid,
+        Some(selection_results(what, &a)),
+        StatusCode::OK,
+    )
+    .await
 }

@@ -2,8 +2,10 @@
 //! HTML (maud) with htmx for the live parts, every asset embedded in the binary.
 //!
 //! Owns pages, sessions and CSRF; owns no business logic. Reads come from the same
-//! [`Registry`](crate::registry::Registry), [`OtaEngine`](crate::ota::OtaEngine) and
-//! [`MigrationEngine`](crate::migration::MigrationEngine) queries the API handlers call. Every
+//! [`Registry`](crate::registry::Registry), [`OtaEngine`](crate::ota::OtaEngine),
+//! [`MigrationEngine`](crate::migration::MigrationEngine) and
+//! [`ExportService`](crate::export::ExportService) queries the API handlers call. It writes to
+//! the store only its own `console.revoked` documents (cluster mode, [`session`]). Every
 //! write is sent to the API router itself ([`ApiClient`]) as a bearer request with the
 //! session's token, so authentication, the role split, validation, error codes, cluster
 //! settling and the revocation hooks are the API's, unchanged; the console only turns a form
@@ -18,6 +20,7 @@
 //! them too.
 
 mod dashboard;
+mod exports;
 mod firmware;
 mod fleet;
 mod forwarding;
@@ -67,6 +70,16 @@ pub(crate) struct ApiAnswer {
 }
 
 impl ApiAnswer {
+    /// The answer of a response the API gave (its body read as JSON, `null` when it is not).
+    pub async fn read(resp: Response) -> ApiAnswer {
+        let (parts, body) = resp.into_parts();
+        let raw = to_bytes(body, usize::MAX).await.unwrap_or_default();
+        ApiAnswer {
+            status: parts.status,
+            body: serde_json::from_slice(&raw).unwrap_or(Value::Null),
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.status.is_success()
     }
@@ -90,6 +103,33 @@ impl ApiAnswer {
 }
 
 impl ApiClient {
+    /// Sends `method path` with `body` (of `content_type`) as the session's bearer request and
+    /// returns the API's response itself (a download streams through unchanged).
+    pub async fn response(
+        &self,
+        session: &Session,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Body,
+    ) -> Result<Response, ApiAnswer> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {}", session.token));
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let req = req.body(body).map_err(|e| ApiAnswer {
+            status: StatusCode::BAD_REQUEST,
+            body: serde_json::json!({"error_msg": format!("bad request: {e}")}),
+        })?;
+        match self.router.clone().oneshot(req).await {
+            Ok(r) => Ok(r),
+            Err(never) => match never {},
+        }
+    }
+
     /// Sends `method path` with `body` (of `content_type`) as the session's bearer request.
     pub async fn call(
         &self,
@@ -99,33 +139,14 @@ impl ApiClient {
         content_type: Option<&str>,
         body: Body,
     ) -> ApiAnswer {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::AUTHORIZATION, format!("Bearer {}", session.token));
-        if let Some(ct) = content_type {
-            req = req.header(header::CONTENT_TYPE, ct);
-        }
-        let req = match req.body(body) {
+        let resp = match self
+            .response(session, method, path, content_type, body)
+            .await
+        {
             Ok(r) => r,
-            Err(e) => {
-                return ApiAnswer {
-                    status: StatusCode::BAD_REQUEST,
-                    body: serde_json::json!({"error_msg": format!("bad request: {e}")}),
-                }
-            }
+            Err(answer) => return answer,
         };
-        let resp = match self.router.clone().oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
-        let (parts, body) = resp.into_parts();
-        let raw = to_bytes(body, usize::MAX).await.unwrap_or_default();
-        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        ApiAnswer {
-            status: parts.status,
-            body,
-        }
+        ApiAnswer::read(resp).await
     }
 
     /// A JSON request (`body` serialised), or a bodiless one with `Value::Null`.
@@ -159,17 +180,19 @@ impl ApiClient {
 pub fn mount(app: Router, state: ApiState) -> Router {
     let metrics = state.metrics.clone();
     let console = Console {
-        api_state: state,
         api: ApiClient {
             router: app.clone(),
         },
-        sessions: Arc::new(Sessions::default()),
+        sessions: state.console_sessions.clone(),
+        api_state: state,
     };
     let guarded = Router::new()
         .route("/console", get(dashboard::page))
+        .route("/console/dashboard/live", get(dashboard::live))
         .route("/console/logout", post(logout))
         .merge(fleet::routes())
         .merge(firmware::routes())
+        .merge(exports::routes())
         .merge(ota::routes())
         .merge(migrations::routes())
         .merge(forwarding::routes())
@@ -222,10 +245,14 @@ async fn security_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// The session of the request's cookie, if it is live.
-fn session_of(console: &Console, headers: &HeaderMap) -> Option<Session> {
+/// The session of the request's cookie, if it is live (and its cookie re-sealed when due).
+fn session_of(console: &Console, headers: &HeaderMap) -> Option<session::Opened> {
     let cookie = headers.get(header::COOKIE)?.to_str().ok()?;
-    console.sessions.get(session::cookie_value(cookie)?)
+    console.sessions.get(
+        session::cookie_value(cookie)?,
+        &console.api_state.tokens,
+        crate::clock::now_ms(),
+    )
 }
 
 /// Whether an `Origin` header, when present, names this host (the request's `Host`).
@@ -254,7 +281,7 @@ fn csrf_field(body: &[u8]) -> Option<String> {
 
 /// See the module docs.
 async fn guard(State(console): State<Console>, req: Request, next: Next) -> Response {
-    let Some(session) = session_of(&console, req.headers()) else {
+    let Some(opened) = session_of(&console, req.headers()) else {
         if req.method() == Method::GET {
             return Redirect::to("/console/login").into_response();
         }
@@ -264,6 +291,19 @@ async fn guard(State(console): State<Console>, req: Request, next: Next) -> Resp
             "Your session has ended. Log in again.",
         );
     };
+    let mut resp = checked(req, opened.session, next).await;
+    // Not over a logout's clearing of the cookie.
+    let clears = resp.headers().contains_key(header::SET_COOKIE);
+    if let (Some(cookie), false) = (opened.reseal, clears) {
+        if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&cookie)) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// The guard's checks of a request whose session is live.
+async fn checked(req: Request, session: Session, next: Next) -> Response {
     if req.method() == Method::GET || req.method() == Method::HEAD {
         let mut req = req;
         req.extensions_mut().insert(session);
@@ -313,7 +353,8 @@ async fn guard(State(console): State<Console>, req: Request, next: Next) -> Resp
             "Refused: the form's CSRF token is missing or stale. Reload the page and try again.",
         );
     }
-    if !session.may_operate() {
+    // Logging out is every role's.
+    if !session.may_operate() && parts.uri.path() != "/console/logout" {
         return view::error_page(
             Some(&session),
             StatusCode::FORBIDDEN,
@@ -363,26 +404,28 @@ async fn login(State(console): State<Console>, headers: HeaderMap, body: Body) -
             StatusCode::UNAUTHORIZED,
         );
     };
-    match console.sessions.open(token, role) {
-        Ok(id) => {
-            tracing::info!(%role, "console login");
-            (
-                [(header::SET_COOKIE, session::set_cookie(&id))],
-                Redirect::to("/console"),
-            )
-                .into_response()
-        }
-        Err(e) => view::login(Some(&e.to_string()), StatusCode::SERVICE_UNAVAILABLE),
-    }
+    let cookie = console.sessions.open(token, crate::clock::now_ms());
+    tracing::info!(%role, "console login");
+    (
+        [(header::SET_COOKIE, session::set_cookie(&cookie))],
+        Redirect::to("/console"),
+    )
+        .into_response()
 }
 
-async fn logout(State(console): State<Console>, headers: HeaderMap) -> Response {
-    if let Some(id) = headers
-        .get(header::COOKIE)
-        .and_then(|c| c.to_str().ok())
-        .and_then(session::cookie_value)
+async fn logout(State(console): State<Console>, session: Sess) -> Response {
+    if let Err(e) = console
+        .sessions
+        .close(&session, crate::clock::now_ms())
+        .await
     {
-        console.sessions.close(id);
+        // Ended here; another node may still take the cookie until it expires.
+        tracing::error!(error = %e, "console logout not shared with the other nodes");
+        return view::error_page(
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Logged out on this node only: the other nodes could not be told. Log out again.",
+        );
     }
     (
         [(header::SET_COOKIE, session::clear_cookie())],

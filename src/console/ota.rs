@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use super::session::Session;
 use super::view::{self, Nav, Segment};
 use super::{Console, Sess};
-use crate::ota::engine::JobFilter;
+use crate::ota::engine::{JobFilter, PushSeries};
 use crate::ota::model::{JobStatistics, JobStatus, JobView, TaskView};
 use crate::ota::task::{FailureReason, TaskStatus};
 use crate::ota::OtaEngine;
@@ -25,6 +25,10 @@ use crate::registry::Page;
 const TASKS_PER_PAGE: u32 = 50;
 /// How often an open job page asks for the bar (only while the job is not finished).
 const POLL: &str = "every 2s";
+/// How often it asks for the push chart: its buckets are minutes, and it reads every task.
+const CHART_POLL: &str = "every 15s";
+/// Columns of the push chart at most (a longer job gets buckets of several minutes).
+const CHART_BUCKETS: usize = 60;
 
 pub(super) fn routes() -> Router<Console> {
     Router::new()
@@ -33,6 +37,7 @@ pub(super) fn routes() -> Router<Console> {
         .route("/console/ota/jobs", post(create))
         .route("/console/ota/jobs/{jid}", get(job_page))
         .route("/console/ota/jobs/{jid}/live", get(live))
+        .route("/console/ota/jobs/{jid}/push-rate", get(push_rate))
         .route("/console/ota/jobs/{jid}/tasks/cancel", post(cancel_tasks))
         .route("/console/ota/jobs/{jid}/tasks/{dn}", get(task_page))
         .route("/console/ota/jobs/{jid}/{action}", post(action))
@@ -497,6 +502,32 @@ async fn live(State(c): State<Console>, session: Sess, Path(jid): Path<String>) 
     }
 }
 
+/// The push chart of a job page: devices notified per minute. Polls itself (less often than
+/// the bar) while the job can still change.
+fn push_block(v: &JobView, series: &PushSeries) -> Markup {
+    let jid = &v.job.job_id;
+    let finished = v.job.status.is_finished();
+    html! {
+        section #push-rate .card aria-labelledby="push-rate-title"
+            hx-get=[(!finished).then(|| format!("/console/ota/jobs/{jid}/push-rate"))]
+            hx-trigger=[(!finished).then_some(CHART_POLL)]
+            hx-swap=[(!finished).then_some("outerHTML")] {
+            h3 #push-rate-title { "Devices notified per "
+                @if series.bucket_ms > 60_000 { (series.bucket_ms / 60_000) " minutes" } @else { "minute" } }
+            (view::push_chart("push-chart", series))
+            p.small { "Each task counts once, at its latest push (a retry moves it)." }
+        }
+    }
+}
+
+async fn push_rate(State(c): State<Console>, session: Sess, Path(jid): Path<String>) -> Response {
+    let ota = engine(&c);
+    match (ota.get_job(&jid), ota.push_series(&jid, CHART_BUCKETS)) {
+        (Ok(v), Ok(series)) => view::respond(StatusCode::OK, push_block(&v, &series)),
+        _ => not_found(&session, "No such job."),
+    }
+}
+
 async fn job_page(
     State(c): State<Console>,
     session: Sess,
@@ -504,7 +535,11 @@ async fn job_page(
     Query(q): Query<ListQuery>,
 ) -> Response {
     let ota = engine(&c);
-    let (Ok(v), Ok(stats)) = (ota.get_job(&jid), ota.job_statistics(&jid)) else {
+    let (Ok(v), Ok(stats), Ok(series)) = (
+        ota.get_job(&jid),
+        ota.job_statistics(&jid),
+        ota.push_series(&jid, CHART_BUCKETS),
+    ) else {
         return not_found(&session, "No such job.");
     };
     let filter = q
@@ -532,6 +567,7 @@ async fn job_page(
             dt { "Finished" } dd { (view::time(job.finished_at_ms)) }
         }
         (live_block(&v, &stats))
+        (push_block(&v, &series))
         @if operate {
             div.actions #job-actions {
                 @if job.status == JobStatus::Paused {

@@ -40,6 +40,7 @@ pub(super) enum Nav {
     Firmware,
     Ota,
     Migrations,
+    Transfers,
     Forwarding,
     None,
 }
@@ -52,6 +53,7 @@ pub(super) fn page(title: &str, nav: Nav, session: Option<&Session>, body: Marku
         (Nav::Firmware, "/console/firmware", "Firmware"),
         (Nav::Ota, "/console/ota", "OTA jobs"),
         (Nav::Migrations, "/console/migrations", "Migrations"),
+        (Nav::Transfers, "/console/export", "Export/import"),
         (Nav::Forwarding, "/console/forwarding", "Forwarding"),
     ];
     html! {
@@ -252,6 +254,64 @@ pub(super) fn bar_chart(title: &str, rows: &[(String, u64)]) -> Markup {
             }
         }
     }
+}
+
+/// A column chart of pushes over time (SVG, no script): one column per bucket of `series`,
+/// the busiest bucket's height labelled, the first and last bucket's time (UTC) under the axis.
+/// Screen readers get the totals and the peak as text.
+pub(super) fn push_chart(id: &str, series: &crate::ota::engine::PushSeries) -> Markup {
+    let (w, h, left, bottom, top) = (600.0f64, 160.0f64, 40.0f64, 22.0f64, 8.0f64);
+    let total: u64 = series.counts.iter().sum();
+    let peak = series.counts.iter().copied().max().unwrap_or(0);
+    let minutes = series.bucket_ms / 60_000;
+    let unit = if minutes <= 1 {
+        "minute".to_owned()
+    } else {
+        format!("{minutes} minutes")
+    };
+    let label = if total == 0 {
+        "No device was notified yet.".to_owned()
+    } else {
+        format!(
+            "{total} devices notified from {} over {} buckets of {unit}; at most {peak} in one {unit}, {:.0} per minute",
+            hhmm(series.start_ms),
+            series.counts.len(),
+            series.peak_per_minute()
+        )
+    };
+    let n = series.counts.len().max(1) as f64;
+    let col = (w - left) / n;
+    let plot_h = h - bottom - top;
+    let end_ms = series.start_ms + series.bucket_ms * series.counts.len() as i64;
+    html! {
+        svg.timechart id=(id) role="img" aria-label=(label) viewBox=(format!("0 0 {w} {h}"))
+            width="100%" preserveAspectRatio="xMinYMin meet" {
+            title { (label) }
+            line.axis x1=(left) y1=(h - bottom) x2=(w) y2=(h - bottom) {}
+            line.axis x1=(left) y1=(top) x2=(left) y2=(h - bottom) {}
+            text x=(left - 4.0) y=(top + 10.0) text-anchor="end" { (peak) }
+            text x=(left - 4.0) y=(h - bottom) text-anchor="end" { "0" }
+            @for (i, c) in series.counts.iter().enumerate() {
+                @if *c > 0 {
+                    @let bh = *c as f64 / peak.max(1) as f64 * plot_h;
+                    rect.bar x=(format!("{:.2}", left + i as f64 * col + col * 0.1)) y=(format!("{:.2}", h - bottom - bh))
+                        width=(format!("{:.2}", (col * 0.8).max(0.5))) height=(format!("{bh:.2}")) data-count=(c) {
+                        title { (hhmm(series.start_ms + series.bucket_ms * i as i64)) " " (c) }
+                    }
+                }
+            }
+            @if total > 0 {
+                text x=(left) y=(h - 6.0) { (hhmm(series.start_ms)) }
+                text x=(w) y=(h - 6.0) text-anchor="end" { (hhmm(end_ms)) " UTC" }
+            }
+        }
+    }
+}
+
+/// `ms` since the epoch as `HH:MM` (UTC).
+fn hhmm(ms: i64) -> String {
+    let t = crate::clock::civil(ms);
+    format!("{:02}:{:02}", t.hour, t.minute)
 }
 
 /// Previous/next links for a paged list; `href(page)` builds a page's URL.

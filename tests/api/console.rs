@@ -256,6 +256,10 @@ async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused() {
     let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
     assert_eq!(job["status"], "IN_PROGRESS", "{job}");
     t.device(&pk, "held-dev-1").await;
+    // Logging out is the one post a viewer may make.
+    let (status, body) = post_form(&t, &cookie, "/console/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(status, 303, "{body}");
+    assert_eq!(page(&t, &cookie, "/console").await.0, 303, "logged out");
 
     // An operator may read a device secret (on request) but not a product secret (admin).
     let op = login(&t, OPERATOR_TOKEN).await;
@@ -481,22 +485,6 @@ impl Browser {
                 panic!("{sel} never showed {what} (last {text:?}); page:\n{src}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Reloads the page until `sel`'s text satisfies `pred` (pages that are not live).
-    async fn wait_reloading(&self, sel: &str, what: &str, pred: impl Fn(&str) -> bool) {
-        let deadline = tokio::time::Instant::now() + WAIT * 3;
-        loop {
-            let text = self.text(sel).await;
-            if pred(&text) {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("{sel} never showed {what} (last {text:?})");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            self.client.refresh().await.unwrap();
         }
     }
 
@@ -729,11 +717,36 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
         json!(42),
         "the page updated in place, it was not reloaded"
     );
+    // The push chart: every device was notified once, within a minute or two.
+    b.wait_text("#push-chart", "the push chart", |_| true).await;
+    let pushed = b
+        .client
+        .execute(
+            "return [...document.querySelectorAll('#push-chart rect.bar')]\
+             .reduce((n, r) => n + Number(r.dataset.count), 0);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(pushed, json!(4), "4 devices notified in the chart");
+    let label = b.css("#push-chart").await.attr("aria-label").await.unwrap();
+    assert!(
+        label.unwrap_or_default().starts_with("4 devices notified"),
+        "the chart's text alternative"
+    );
     // The per-device table is paged and rendered with the page (only the bar is live).
     b.client.refresh().await.unwrap();
     let failed_row = b.text("tr[data-device=meter-0003]").await;
     assert!(failed_row.contains("DOWNLOAD_FAILED (-2)"), "{failed_row}");
     b.shot("job").await;
+    b.client
+        .execute(
+            "document.getElementById('push-rate').scrollIntoView(); return true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    b.shot("job-push-rate").await;
     let (_, job) = t.get(&format!("/api/v1/ota/jobs/{jid}")).await;
     assert_eq!(job["counters"]["succeeded"], 2, "{job}");
 
@@ -789,6 +802,79 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
         "{chart}"
     );
     b.shot("dashboard").await;
+    // The dashboard follows the fleet without a reload.
+    b.client
+        .execute("window.fleetgateMarker = 7; return true;", vec![])
+        .await
+        .unwrap();
+    t.create_device(&pk, "meter-0005").await;
+    b.wait_text("#devices-total", "5 devices", |t| t == "5")
+        .await;
+    assert_eq!(
+        b.client
+            .execute("return window.fleetgateMarker || 0;", vec![])
+            .await
+            .unwrap(),
+        json!(7),
+        "the dashboard updated in place"
+    );
+
+    // Export the product (its devices and firmware) with a passphrase, then import the
+    // package back: everything is already here.
+    b.goto(&t.url("/console/export")).await;
+    b.click(&format!("input[name=product][value='{pk}']")).await;
+    b.fill("#x-name", "meters backup").await;
+    b.fill("#x-secrets_key", "correct horse battery staple")
+        .await;
+    b.click("form[action='/console/export'] button[type=submit]")
+        .await;
+    b.wait_text("#job-state", "the finished export", |t| t == "SUCCESSFUL")
+        .await;
+    b.css("#download").await;
+    b.shot("export").await;
+    let export_id = b
+        .client
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let package = t
+        .http
+        .get(t.url(&format!("/api/v1/export/{export_id}/package")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let zip = tempfile::Builder::new().suffix(".zip").tempfile().unwrap();
+    std::fs::write(zip.path(), &package).unwrap();
+    b.goto(&t.url("/console/export")).await;
+    b.css("#i-package")
+        .await
+        .send_keys(&zip.path().display().to_string())
+        .await
+        .unwrap();
+    b.fill("#i-secrets_key", "correct horse battery staple")
+        .await;
+    b.click("form[action^='/console/import'] button[type=submit]")
+        .await;
+    b.wait_text("#job-state", "the finished import", |t| t == "SUCCESSFUL")
+        .await;
+    let summary = b.text("#import-summary").await;
+    assert!(
+        summary.starts_with("0 created") && summary.ends_with("0 failed"),
+        "{summary}"
+    );
+    b.shot("import").await;
+    b.goto(&t.url("/console/export")).await;
+    assert!(b.has(&format!("#exports tr[data-job='{export_id}']")).await);
+    assert!(b.has("#imports tr[data-job]").await);
 
     // A canary migration to another instance, rolled back.
     let (status, body) = t
@@ -819,10 +905,20 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
         t.starts_with("TO_MIGRATE")
     })
     .await;
-    b.fill("form[action$='/canary'] textarea", "meter-0001")
-        .await;
-    b.click("form[action$='/canary'] button").await;
-    b.wait_reloading("#migration-state", "the canary done", |t| {
+    // The canary from a CSV file: per-row results, then the page follows the task by itself.
+    let csv = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+    std::fs::write(csv.path(), "DeviceName\nmeter-0001\nnot-a-meter\n").unwrap();
+    b.css("form[action*='/canary-csv'] input[type=file]")
+        .await
+        .send_keys(&csv.path().display().to_string())
+        .await
+        .unwrap();
+    b.click("form[action*='/canary-csv'] button").await;
+    b.wait_text("#selection-results", "per-row results", |t| {
+        t.contains("1 accepted, 1 refused") && t.contains("not-a-meter")
+    })
+    .await;
+    b.wait_text("#migration-state", "the canary done", |t| {
         t.starts_with("CANARY_COMPLETED")
     })
     .await;
@@ -831,15 +927,54 @@ async fn an_operator_runs_a_rollout_in_a_real_browser() {
         "iot-target"
     );
     b.shot("migration").await;
+    // A change made elsewhere (here: the API) shows up without a reload.
+    b.client
+        .execute("window.fleetgateMarker = 9; return true;", vec![])
+        .await
+        .unwrap();
+    let tid = b
+        .css("form[action$='/rollback']")
+        .await
+        .attr("action")
+        .await
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("/console/migrations/")
+        .trim_end_matches("/rollback")
+        .to_owned();
+    let (status, body) = t
+        .post(
+            &format!("/api/v1/migrations/{tid}/data-sync"),
+            json!({"enabled": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    b.wait_text("#data-sync", "data sync on", |t| t.starts_with("on"))
+        .await;
+    assert_eq!(
+        b.client
+            .execute("return window.fleetgateMarker || 0;", vec![])
+            .await
+            .unwrap(),
+        json!(9),
+        "the migration page updated in place"
+    );
+    let (status, body) = t
+        .post(
+            &format!("/api/v1/migrations/{tid}/data-sync"),
+            json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     b.click("form[action$='/rollback'] button").await;
-    b.wait_reloading("#migration-state", "the rollback done", |t| {
+    b.wait_text("#migration-state", "the rollback done", |t| {
         t.starts_with("TO_MIGRATE")
     })
     .await;
-    assert!(b
-        .text("tr[data-device=meter-0001]")
-        .await
-        .contains("ROLLED_BACK"));
+    b.wait_text("tr[data-device=meter-0001]", "rolled back", |t| {
+        t.contains("ROLLED_BACK")
+    })
+    .await;
     assert_eq!(t.device(&pk, "meter-0001").await["instance_id"], "default");
 
     // A narrow screen (a phone in the field) still shows the job.
@@ -910,4 +1045,298 @@ async fn an_admin_deletes_an_instance_from_the_forwarding_page() {
     .await;
     assert_eq!(status, 303);
     assert_eq!(t.get("/api/v1/instances/iot-old").await.0, 404);
+}
+
+/// PBKDF2 rounds of the console's export tests (the default costs ~0.7 s per keyed job in a
+/// debug build; the derivation is not what they test).
+const TEST_KDF_ITERATIONS: u32 = 1_000;
+const EXPORT_KEY: &str = "correct horse battery staple";
+
+/// Reloads `path` until its HTML contains `needle` (a job running on its own).
+async fn page_until(t: &TestApp, cookie: &str, path: &str, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        let (status, html) = page(t, cookie, path).await;
+        assert_eq!(status, 200, "{html}");
+        if html.contains(needle) {
+            return html;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never showed {needle}: {html}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `Location` of a redirect.
+fn location(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("location")
+        .expect("a redirect")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The opening tag of the element with `id` in `html`.
+fn tag_of<'a>(html: &'a str, id: &str) -> &'a str {
+    let at = html
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id}"));
+    let start = html[..at].rfind('<').unwrap();
+    &html[start..start + html[start..].find('>').unwrap()]
+}
+
+async fn post_multipart(
+    t: &TestApp,
+    cookie: &str,
+    path: &str,
+    form: reqwest::multipart::Form,
+) -> reqwest::Response {
+    client()
+        .post(t.url(path))
+        .header("cookie", cookie)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn export_and_import_jobs_run_from_the_console() {
+    let src = spawn_app_with(|s| s.export.kdf_iterations = TEST_KDF_ITERATIONS).await;
+    let dst = spawn_app_with(|s| s.export.kdf_iterations = TEST_KDF_ITERATIONS).await;
+    let pk = src.create_product("export me").await;
+    src.create_device(&pk, "exp-dev-1").await;
+    let op = login(&src, OPERATOR_TOKEN).await;
+    let (status, html) = page(&src, &op, "/console/export").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("action=\"/console/export\""), "{html}");
+    assert!(html.contains("action=\"/console/import?csrf="), "{html}");
+    let csrf = csrf_of(&html);
+
+    // The API's refusal (no passphrase for the secrets) is shown on the form, input kept.
+    let (status, html) = post_form(
+        &src,
+        &op,
+        "/console/export",
+        &[("csrf", &csrf), ("product", &pk), ("name", "no key")],
+    )
+    .await;
+    assert_eq!(status, 400, "{html}");
+    assert!(html.contains("id=\"export-error\""), "{html}");
+    assert!(html.contains("secrets_key"), "{html}");
+    assert!(tag_of(&html, "x-secrets_key").contains("aria-invalid=\"true\""));
+    assert!(tag_of(&html, "x-name").contains("value=\"no key\""));
+    assert!(
+        html.contains(&format!("value=\"{pk}\" checked")),
+        "the product stays ticked"
+    );
+
+    // Started with one: the job page, then the package through the console.
+    let resp = client()
+        .post(src.url("/console/export"))
+        .header("cookie", &op)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("product", &pk),
+            ("name", "move"),
+            ("secrets_key", EXPORT_KEY),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let job_path = location(&resp);
+    let id = job_path
+        .strip_prefix("/console/export/")
+        .unwrap()
+        .to_owned();
+    let html = page_until(&src, &op, &job_path, "id=\"job-state\">SUCCESSFUL").await;
+    assert!(html.contains(&format!("/default/{pk}/exp-dev-1")), "{html}");
+    assert!(html.contains("FGX_003"), "the log: {html}");
+    let download = format!("{job_path}/package");
+    assert!(html.contains(&format!("href=\"{download}\"")), "{html}");
+    let resp = client()
+        .get(src.url(&download))
+        .header("cookie", &op)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/zip");
+    let package = resp.bytes().await.unwrap().to_vec();
+    let api_copy = src
+        .http
+        .get(src.url(&format!("/api/v1/export/{id}/package")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(package, api_copy.to_vec(), "the API's package, unchanged");
+
+    // Imported into another gateway by its admin: a wrong passphrase first (the API's 400).
+    let admin = login(&dst, ADMIN_TOKEN).await;
+    let (_, html) = page(&dst, &admin, "/console/export").await;
+    let csrf2 = csrf_of(&html);
+    let form = |key: &str| {
+        reqwest::multipart::Form::new()
+            .part(
+                "package",
+                reqwest::multipart::Part::bytes(package.clone()).file_name("move.zip"),
+            )
+            .text("secrets_key", key.to_owned())
+            .text("conflict_policy", "skip")
+            .text("name", "")
+    };
+    let import = format!("/console/import?csrf={csrf2}");
+    let resp = post_multipart(&dst, &admin, &import, form("not the passphrase")).await;
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("FG.4005"));
+    let resp = post_multipart(&dst, &admin, &import, form(EXPORT_KEY)).await;
+    assert_eq!(resp.status(), 303);
+    let import_path = location(&resp);
+    assert!(
+        import_path.starts_with("/console/import/imp-"),
+        "{import_path}"
+    );
+    let html = page_until(&dst, &admin, &import_path, "id=\"job-state\">SUCCESSFUL").await;
+    assert!(html.contains("2 created"), "{html}");
+    assert_eq!(
+        dst.device_secret(&pk, "exp-dev-1").await,
+        src.device_secret(&pk, "exp-dev-1").await
+    );
+    let (_, list) = page(&dst, &admin, "/console/export").await;
+    assert!(list.contains(&format!(
+        "data-job=\"{}\"",
+        import_path.rsplit('/').next().unwrap()
+    )));
+
+    // A viewer sees the jobs but no form and no download; its forged posts are refused.
+    let viewer = login(&src, VIEWER_TOKEN).await;
+    let (status, html) = page(&src, &viewer, "/console/export").await;
+    assert_eq!(status, 200);
+    assert!(html.contains(&format!("data-job=\"{id}\"")), "{html}");
+    assert!(!html.contains("action=\"/console/export\""), "{html}");
+    assert!(!html.contains("action=\"/console/import"), "{html}");
+    let (_, job_html) = page(&src, &viewer, &job_path).await;
+    assert!(!job_html.contains(&download), "{job_html}");
+    let csrf_v = csrf_of(&job_html);
+    let (status, _) = post_form(
+        &src,
+        &viewer,
+        "/console/export",
+        &[
+            ("csrf", &csrf_v),
+            ("product", &pk),
+            ("secrets_key", EXPORT_KEY),
+        ],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let resp = post_multipart(
+        &src,
+        &viewer,
+        &format!("/console/import?csrf={csrf_v}"),
+        form(EXPORT_KEY),
+    )
+    .await;
+    assert_eq!(resp.status(), 403);
+    let resp = client()
+        .get(src.url(&download))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "the package is the operator's");
+    // Without the CSRF token an operator's post is refused too.
+    let resp = post_multipart(&src, &op, "/console/import", form(EXPORT_KEY)).await;
+    assert_eq!(resp.status(), 403);
+    let (_, html) = page(&src, &op, "/console/export").await;
+    assert_eq!(
+        html.matches("data-job=").count(),
+        1,
+        "one export, no import: {html}"
+    );
+}
+
+#[tokio::test]
+async fn a_canary_starts_from_a_csv_file_with_per_row_results() {
+    let t = spawn_app().await;
+    let pk = t.create_product("canary csv").await;
+    for dn in ["csv-dev-1", "csv-dev-2"] {
+        t.create_device(&pk, dn).await;
+    }
+    let (status, body) = t
+        .post(
+            "/api/v1/instances",
+            json!({"instance_id": "iot-canary", "name": "Canary"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, task) = t
+        .post(
+            "/api/v1/migrations",
+            json!({"product_key": pk, "target_instance_id": "iot-canary"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{task}");
+    let tid = task["task_id"].as_str().unwrap().to_owned();
+    let path = format!("/console/migrations/{tid}");
+    let op = login(&t, OPERATOR_TOKEN).await;
+    let (_, html) = page(&t, &op, &path).await;
+    let csrf = csrf_of(&html);
+    let upload = format!("{path}/canary-csv?csrf={csrf}");
+    let csv = |text: &str| {
+        reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(text.as_bytes().to_vec()).file_name("canary.csv"),
+        )
+    };
+
+    // The API's validation: no DeviceName column.
+    let resp = post_multipart(&t, &op, &upload, csv("Name\ncsv-dev-1\n")).await;
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("DeviceName"));
+
+    let resp = post_multipart(
+        &t,
+        &op,
+        &upload,
+        csv("DeviceName\ncsv-dev-1\nno-such-dev\ncsv-dev-1\n"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let html = resp.text().await.unwrap();
+    assert!(html.contains("id=\"selection-results\""), "{html}");
+    assert!(html.contains("1 accepted, 2 refused"), "{html}");
+    assert!(html.contains("data-row=\"2\""), "{html}");
+    assert!(
+        html.contains("FG.2003"),
+        "the unknown device's code: {html}"
+    );
+    assert!(html.contains("data-row=\"3\""), "the duplicate: {html}");
+    page_until(&t, &op, &path, "CANARY_COMPLETED").await;
+    assert_eq!(
+        t.device(&pk, "csv-dev-1").await["instance_id"],
+        "iot-canary"
+    );
+    assert_eq!(t.device(&pk, "csv-dev-2").await["instance_id"], "default");
+
+    // A viewer's forged upload is refused.
+    let viewer = login(&t, VIEWER_TOKEN).await;
+    let (_, html) = page(&t, &viewer, &path).await;
+    assert!(!html.contains("canary-csv"), "no upload form for a viewer");
+    let resp = post_multipart(
+        &t,
+        &viewer,
+        &format!("{path}/canary-csv?csrf={}", csrf_of(&html)),
+        csv("DeviceName\ncsv-dev-2\n"),
+    )
+    .await;
+    assert_eq!(resp.status(), 403);
 }

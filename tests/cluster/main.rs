@@ -2,6 +2,7 @@
 //! HAProxy in front (docs/CLUSTER.md).
 
 mod campaign;
+mod console;
 mod firmware;
 mod harness;
 mod migration;

@@ -57,10 +57,12 @@ mod load;
 mod push;
 mod query;
 mod relay;
+mod series;
 
 pub use relay::{DeviceReport, Relay};
 
 pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
+pub use series::PushSeries;
 #[cfg(test)]
 mod tests;
 

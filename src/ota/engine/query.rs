@@ -2,6 +2,7 @@
 //! timelines, statistics and version distribution. Everything is copied out of the maps; no
 //! guard outlives a call.
 
+use super::series::PushSeries;
 use super::{JobEntry, OtaEngine, TaskKey, TaskSlot};
 use crate::ota::model::{
     HistoryEntry, JobStatistics, JobStatus, JobView, TaskCounters, TaskView, VersionCount,
@@ -319,6 +320,26 @@ impl OtaEngine {
     pub fn job_statistics(&self, job_id: &str) -> Result<JobStatistics, OtaError> {
         let entry = self.entry_or_not_found(job_id)?;
         Ok(self.statistics_of(&[entry]))
+    }
+
+    /// Tasks of a job notified per minute (or coarser, at most `max_buckets` buckets), from
+    /// each task's latest push: one pass over the job's tasks, no history read.
+    pub fn push_series(&self, job_id: &str, max_buckets: usize) -> Result<PushSeries, OtaError> {
+        let entry = self.entry_or_not_found(job_id)?;
+        let members = entry.members();
+        let mut times = Vec::with_capacity(members.len());
+        for dn in members {
+            let key = TaskKey::new(job_id, &entry.product_key, &dn);
+            if let Some(t) = self
+                .inner
+                .tasks
+                .get(&key)
+                .and_then(|s| s.state.notified_at_ms)
+            {
+                times.push(t);
+            }
+        }
+        Ok(PushSeries::of(&times, max_buckets))
     }
 
     /// FAILED tasks of a job by the source version they started from, then by reason.
