@@ -95,6 +95,7 @@ impl ApiState {
             ready: Arc::new(|| (true, serde_json::Value::Object(Default::default()))),
             cluster: None,
             commands: Arc::new(commands),
+            forward_proxy_header: false,
         }
     }
 }

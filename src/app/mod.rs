@@ -143,6 +143,7 @@ impl Application {
             export,
             revoke_session,
             health,
+            settings.http.proxy_protocol != crate::proxy_protocol::ProxyMode::Off,
         );
         let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
         let app = Application {

@@ -649,6 +649,7 @@ pub(super) fn api_state(
     export: ExportService,
     revoke_session: DeviceRevokedHook,
     health: api::HealthFn,
+    forward_proxy_header: bool,
 ) -> ApiState {
     ApiState {
         registry: parts.registry.clone(),
@@ -669,6 +670,7 @@ pub(super) fn api_state(
         ),
         cluster: parts.cluster.clone(),
         commands: parts.commands.clone(),
+        forward_proxy_header,
     }
 }
 
@@ -737,6 +739,7 @@ pub(super) fn serve_http(
         listener,
         router,
         timeouts,
+        settings.http.proxy_policy(),
         gate,
         metrics,
         async {
