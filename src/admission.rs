@@ -405,7 +405,11 @@ impl Gate {
     /// client's cap is taken by [`Permit::attribute`] once its header is read), and a socket
     /// that may not connect at all refused. Refusals are counted and (throttled) logged; the
     /// caller closes the socket.
-    pub fn admit_as(self: &Arc<Self>, peer: SocketAddr, expect: Expect) -> Result<Permit, RefusalReason> {
+    pub fn admit_as(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        expect: Expect,
+    ) -> Result<Permit, RefusalReason> {
         match expect {
             Expect::Direct => self.try_admit(peer),
             Expect::Header => self.try_admit_unattributed(peer),

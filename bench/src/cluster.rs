@@ -697,7 +697,10 @@ async fn cluster_ingest(
         before.push((n.api.metric(INFORM).await?, n.server.cpu_s()?));
     }
     let commits_before = db.commits().await?;
-    let others_before: Vec<f64> = CLUSTER_OTHERS.iter().map(|(_, c)| cpu_seconds(*c)).collect();
+    let others_before: Vec<f64> = CLUSTER_OTHERS
+        .iter()
+        .map(|(_, c)| cpu_seconds(*c))
+        .collect();
     let flood = loadgen::flood(
         clients.into_iter().flatten().collect(),
         args.cluster_ingest_messages,

@@ -305,7 +305,10 @@ async fn forward_proxied(
     )
     .build()
     .map_err(|e| ForwardError::Header(e.to_string()))?;
-    stream.write_all(&header).await.map_err(ForwardError::Connect)?;
+    stream
+        .write_all(&header)
+        .await
+        .map_err(ForwardError::Connect)?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(async move {
@@ -376,21 +379,22 @@ mod tests {
             },
             &metrics,
         );
-        let router = axum::Router::new().route(
-            "/api/v1/ota/jobs",
-            post(
-                |ConnectInfo(peer): ConnectInfo<SocketAddr>,
-                 headers: HeaderMap,
-                 body: String| async move {
-                    let by = headers
-                        .get(PROXIED_BY)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    format!("{peer} {by} {body}")
-                },
-            ),
-        );
+        let router =
+            axum::Router::new().route(
+                "/api/v1/ota/jobs",
+                post(
+                    |ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                     headers: HeaderMap,
+                     body: String| async move {
+                        let by = headers
+                            .get(PROXIED_BY)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        format!("{peer} {by} {body}")
+                    },
+                ),
+            );
         let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(serve(
             listener,
@@ -420,7 +424,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
         assert_eq!(body, "198.51.100.7:40000 2 job");
 
         // Without the header the node does not answer at all.

@@ -601,15 +601,17 @@ mod tests {
         let flood = v2_header(&format!("{flooder}:2"), ppp::v2::Command::Proxy);
         let (got, _) = get_peer_via(BALANCER, server.addr, &flood).await;
         assert!(got.starts_with("HTTP/1.1 503"), "{got}");
-        assert!(server.counted(
-            r#"fleetgate_connections_refused_total{listener="http",reason="per_ip"} 1"#
-        ));
+        assert!(server
+            .counted(r#"fleetgate_connections_refused_total{listener="http",reason="per_ip"} 1"#));
         // ...while another client is served through the same balancer, whose own address
         // holds no slot.
         let other = v2_header("198.51.100.7:1", ppp::v2::Command::Proxy);
         let (got, _) = get_peer_via(BALANCER, server.addr, &other).await;
         assert!(got.ends_with("198.51.100.7:1"), "{got}");
-        assert_eq!(server.gate.unauthenticated_from(BALANCER.parse().unwrap()), 0);
+        assert_eq!(
+            server.gate.unauthenticated_from(BALANCER.parse().unwrap()),
+            0
+        );
         drop(held);
         server.wait_closed().await;
     }

@@ -635,7 +635,11 @@ fn proxy_protocol_from_file_and_overrides_and_checked() {
             _ => (s.http.proxy_policy(), s.mqtt.proxy_policy()),
         };
         assert_eq!(policy.mode, ProxyMode::Required, "{section}");
-        assert_eq!(other, crate::proxy_protocol::ProxyPolicy::default(), "{section}");
+        assert_eq!(
+            other,
+            crate::proxy_protocol::ProxyPolicy::default(),
+            "{section}"
+        );
         let trusted: Vec<String> = policy.trusted.iter().map(|n| n.to_string()).collect();
         assert_eq!(trusted, ["10.0.0.5/32", "10.0.1.0/24"]);
         assert!(
@@ -646,7 +650,10 @@ fn proxy_protocol_from_file_and_overrides_and_checked() {
         );
         // Turned on without a balancer to trust; a bad address; a bad mode.
         for (toml, error) in [
-            ("proxy_protocol = \"trusted\"", format!("{section}.proxy_trusted")),
+            (
+                "proxy_protocol = \"trusted\"",
+                format!("{section}.proxy_trusted"),
+            ),
             (
                 "proxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.0/33\"]",
                 "neither an IP address".into(),

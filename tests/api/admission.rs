@@ -474,24 +474,35 @@ async fn behind_an_http_balancer_the_per_source_cap_counts_each_client() {
     let mut flood = Vec::new();
     for port in [1, 2] {
         let mut s = connect_from(BALANCER, http).await;
-        s.write_all(&[proxy_v2(&format!("{flooder}:{port}")), HALF_OPEN_REQUEST.to_vec()].concat())
-            .await
-            .unwrap();
+        s.write_all(
+            &[
+                proxy_v2(&format!("{flooder}:{port}")),
+                HALF_OPEN_REQUEST.to_vec(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
         flood.push(s);
     }
-    wait_sample(
-        &app,
-        r#"fleetgate_connections_open{listener="http"}"#,
-        2.0,
-    )
-    .await;
+    wait_sample(&app, r#"fleetgate_connections_open{listener="http"}"#, 2.0).await;
     // ...so its third is refused,
     let mut third = connect_from(BALANCER, http).await;
     let _ = third
-        .write_all(&[proxy_v2(&format!("{flooder}:3")), HALF_OPEN_REQUEST.to_vec()].concat())
+        .write_all(
+            &[
+                proxy_v2(&format!("{flooder}:3")),
+                HALF_OPEN_REQUEST.to_vec(),
+            ]
+            .concat(),
+        )
         .await;
     let got = closed(&mut third).await;
-    assert!(got.starts_with(b"HTTP/1.1 503"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     assert_eq!(
         sample(
             &app,
@@ -513,7 +524,11 @@ async fn behind_an_http_balancer_the_per_source_cap_counts_each_client() {
         .await
         .unwrap();
         let got = closed(&mut s).await;
-        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
     }
     app.create_product("behind-a-balancer").await;
     // A header from an address that is not the balancer's is not believed: not HTTP.
@@ -528,6 +543,10 @@ async fn behind_an_http_balancer_the_per_source_cap_counts_each_client() {
         )
         .await;
     let got = closed(&mut forged).await;
-    assert!(!got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        !got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     drop(flood);
 }
