@@ -649,7 +649,6 @@ pub(super) fn api_state(
     export: ExportService,
     revoke_session: DeviceRevokedHook,
     health: api::HealthFn,
-    forward_proxy_header: bool,
 ) -> ApiState {
     ApiState {
         registry: parts.registry.clone(),
@@ -670,7 +669,7 @@ pub(super) fn api_state(
         ),
         cluster: parts.cluster.clone(),
         commands: parts.commands.clone(),
-        forward_proxy_header,
+        forward_proxy_header: false,
     }
 }
 
