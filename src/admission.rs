@@ -23,6 +23,7 @@
 //! source. Touches no socket: callers close what is refused.
 
 use crate::metrics::{Listener, ListenerLabels, Metrics, RefusalReason, RefusedLabels};
+use crate::proxy_protocol::Expect;
 use crate::telemetry::Throttle;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -398,10 +399,38 @@ impl Gate {
         }
     }
 
+    /// Admits a socket from `peer` as the listener's PROXY policy expects of it
+    /// ([`ProxyPolicy::expect`](crate::proxy_protocol::ProxyPolicy::expect)): a direct client
+    /// by the budget and its source's cap, a trusted balancer's socket by the budget alone (its
+    /// client's cap is taken by [`Permit::attribute`] once its header is read), and a socket
+    /// that may not connect at all refused. Refusals are counted and (throttled) logged; the
+    /// caller closes the socket.
+    pub fn admit_as(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        expect: Expect,
+    ) -> Result<Permit, RefusalReason> {
+        match expect {
+            Expect::Direct => self.try_admit(peer),
+            Expect::Header => self.try_admit_unattributed(peer),
+            Expect::Refuse => {
+                self.refuse_untrusted(peer);
+                Err(RefusalReason::ProxyUntrusted)
+            }
+        }
+    }
+
     /// Counts and (throttled) logs a socket closed at accept because its source may not
     /// connect at all (not a trusted balancer while PROXY headers are required).
     pub fn refuse_untrusted(&self, peer: SocketAddr) {
         self.refuse(RefusalReason::ProxyUntrusted, peer, None);
+    }
+
+    /// Counts and (throttled) logs a trusted balancer's socket closed because it did not start
+    /// with a valid PROXY header (the HTTP listener; the MQTT one counts these among its
+    /// refused CONNECTs).
+    pub fn refuse_header(&self, balancer: SocketAddr) {
+        self.refuse(RefusalReason::ProxyHeader, balancer, None);
     }
 
     fn refuse(&self, reason: RefusalReason, peer: SocketAddr, source: Option<Source>) {
@@ -439,6 +468,13 @@ impl Gate {
                 not_logged = skipped,
                 "connection from outside the trusted balancers while PROXY headers are \
                  required: closed at once"
+            ),
+            RefusalReason::ProxyHeader => tracing::warn!(
+                listener,
+                reason = reason.as_str(),
+                balancer = %peer,
+                not_logged = skipped,
+                "connection from a trusted balancer without a valid PROXY header: closed"
             ),
         }
     }

@@ -196,6 +196,13 @@ struct LimitArgs {
     /// Seconds a response write may make no progress [default 30].
     #[arg(long, env = "FLEETGATE_HTTP_WRITE_TIMEOUT_SECS")]
     http_write_timeout_secs: Option<u64>,
+    /// PROXY protocol on the HTTP listener from the trusted balancers: off, trusted (their
+    /// connections must send a header), required (and nobody else may connect) [default off].
+    #[arg(long, env = "FLEETGATE_HTTP_PROXY_PROTOCOL")]
+    http_proxy_protocol: Option<ProxyMode>,
+    /// HTTP balancers allowed to send PROXY headers: addresses or CIDR networks, comma-separated.
+    #[arg(long, env = "FLEETGATE_HTTP_PROXY_TRUSTED", value_delimiter = ',')]
+    http_proxy_trusted: Option<Vec<TrustedNet>>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -342,6 +349,8 @@ fn load_settings(args: ServeArgs) -> anyhow::Result<Settings> {
             http_header_read_timeout_secs: limits.http_header_read_timeout_secs,
             http_body_read_timeout_secs: limits.http_body_read_timeout_secs,
             http_write_timeout_secs: limits.http_write_timeout_secs,
+            http_proxy_protocol: limits.http_proxy_protocol,
+            http_proxy_trusted: limits.http_proxy_trusted,
         },
     )?;
     Ok(settings)

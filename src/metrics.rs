@@ -43,9 +43,11 @@ pub enum RefusalReason {
     /// The source address has as many (not yet authenticated, for MQTT) connections open as
     /// it may.
     PerIp,
-    /// MQTT with `mqtt.proxy_protocol = "required"`: the socket is not from a trusted
-    /// balancer.
+    /// `proxy_protocol = "required"`: the socket is not from a trusted balancer.
     ProxyUntrusted,
+    /// HTTP with `http.proxy_protocol`: a trusted balancer's socket did not start with a
+    /// valid PROXY header (MQTT counts these in `fleetgate_mqtt_connects_refused_total`).
+    ProxyHeader,
 }
 
 impl RefusalReason {
@@ -54,6 +56,7 @@ impl RefusalReason {
             RefusalReason::Budget => "budget",
             RefusalReason::PerIp => "per_ip",
             RefusalReason::ProxyUntrusted => "proxy_untrusted",
+            RefusalReason::ProxyHeader => "proxy_header",
         }
     }
 
@@ -65,7 +68,12 @@ impl RefusalReason {
                 RefusalReason::PerIp,
                 RefusalReason::ProxyUntrusted,
             ],
-            Listener::Http => &[RefusalReason::Budget, RefusalReason::PerIp],
+            Listener::Http => &[
+                RefusalReason::Budget,
+                RefusalReason::PerIp,
+                RefusalReason::ProxyUntrusted,
+                RefusalReason::ProxyHeader,
+            ],
         }
     }
 }

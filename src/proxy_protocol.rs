@@ -1,19 +1,22 @@
-//! The PROXY protocol (HAProxy's; version 1, text, and version 2, binary) on the MQTT listener:
-//! behind a balancer every socket comes from the balancer's address, so the balancer prepends
-//! a header naming the client's, and the gateway takes that address as the connection's peer —
-//! for the per-source admission cap, the logs, `client_ip` and the metrics.
+//! The PROXY protocol (HAProxy's; version 1, text, and version 2, binary) on the MQTT and HTTP
+//! listeners: behind a balancer every socket comes from the balancer's address, so the balancer
+//! prepends a header naming the client's, and the gateway takes that address as the
+//! connection's peer — for the per-source admission cap, the logs, `client_ip` and the metrics.
 //!
-//! Who may send one is configured ([`ProxyPolicy`]: `mqtt.proxy_protocol`,
-//! `mqtt.proxy_trusted`): a header is read only from a trusted source, where it is required; a
-//! header from anyone else is never believed (in `trusted` mode such a socket is served as a
-//! plain MQTT client, whose first bytes are then not MQTT; in `required` mode it is closed at
-//! accept).
+//! Who may send one is configured per listener ([`ProxyPolicy`]: `mqtt.proxy_protocol`,
+//! `mqtt.proxy_trusted`; `http.proxy_protocol`, `http.proxy_trusted`): a header is read only
+//! from a trusted source, where it is required; a header from anyone else is never believed (in
+//! `trusted` mode such a socket is served as a plain client, whose first bytes are then not
+//! MQTT or HTTP; in `required` mode it is closed at accept).
 //!
 //! Parsing is the `ppp` crate's; this module bounds what is read ([`MAX_HEADER_BYTES`]), decides
 //! what a header means for the connection ([`Origin`], following the specification: a v2
 //! `LOCAL` command, a v1 `UNKNOWN` line, or an address family that carries no IP address keep
 //! the socket's own address) and hands the bytes read past the header back in a [`Rewind`].
-//! The caller bounds the time (the socket's CONNECT deadline).
+//! Both accept loops go through the same steps: [`ProxyPolicy::expect`] at accept (with
+//! `admission::Gate::admit_as`), then [`read_client`] within the socket's first deadline (the
+//! MQTT CONNECT timeout, the HTTP header-read timeout), then `admission::Permit::attribute`;
+//! only what they count and answer differs.
 
 use bytes::{Buf, Bytes, BytesMut};
 use ipnet::IpNet;
@@ -39,7 +42,7 @@ const V2_FIXED_BYTES: usize = 16;
 /// Bytes asked for per read while the header is incomplete.
 const READ_CHUNK: usize = 256;
 
-/// Whether the MQTT listener reads PROXY headers (`mqtt.proxy_protocol`).
+/// Whether a listener reads PROXY headers (`mqtt.proxy_protocol`, `http.proxy_protocol`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
@@ -83,7 +86,7 @@ impl fmt::Display for ProxyMode {
     }
 }
 
-/// An address or network allowed to send a PROXY header (`mqtt.proxy_trusted`): `10.0.0.7`,
+/// An address or network allowed to send a PROXY header (`…proxy_trusted`): `10.0.0.7`,
 /// `10.0.0.0/24`, `2001:db8::/64`. Written back as a network (`10.0.0.7/32`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -130,7 +133,7 @@ impl fmt::Display for TrustedNet {
     }
 }
 
-/// What the MQTT listener does with a new socket's first bytes.
+/// What a listener does with a new socket's first bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyPolicy {
     pub mode: ProxyMode,
@@ -140,7 +143,7 @@ pub struct ProxyPolicy {
 /// What a socket from a given address must do before its MQTT handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
-    /// Nothing: its first bytes are MQTT (or TLS), its peer is its own address.
+    /// Nothing: its first bytes are MQTT, HTTP (or TLS), its peer is its own address.
     Direct,
     /// Start with a PROXY header naming the client.
     Header,
@@ -319,8 +322,38 @@ pub async fn read_header<S: AsyncRead + Unpin>(io: &mut S) -> Result<(Origin, By
     }
 }
 
+/// Why a trusted balancer's socket named no client: the caller closes it.
+#[derive(Debug)]
+pub enum Unproxied {
+    /// It ended before sending a byte (a balancer giving up a connection, a port probe): not
+    /// a refusal, as a socket that closes before its first request is not.
+    Silent,
+    /// Not a valid header, longer than [`MAX_HEADER_BYTES`], or ended halfway.
+    Malformed(HeaderError),
+    /// No complete header by the deadline.
+    Late,
+}
+
+/// Reads the PROXY header a trusted balancer's socket starts with, by `deadline`: the stream to
+/// serve (the bytes that came after the header are read first) and the connection's peer — the
+/// client the header names, or the socket's own address (`socket_peer`) for a header naming
+/// none ([`Origin::Local`]).
+pub async fn read_client<S: AsyncRead + Unpin>(
+    mut io: S,
+    socket_peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(Rewind<S>, SocketAddr), Unproxied> {
+    match tokio::time::timeout_at(deadline, read_header(&mut io)).await {
+        Ok(Ok((origin, rest))) => Ok((Rewind::new(io, rest), origin.peer(socket_peer))),
+        Ok(Err(HeaderError::Closed { read: 0 })) => Err(Unproxied::Silent),
+        Ok(Err(e)) => Err(Unproxied::Malformed(e)),
+        Err(_) => Err(Unproxied::Late),
+    }
+}
+
 /// A stream whose first bytes were already read: `rest` is read again first, then `io`.
 /// Writes go straight to `io`. Holds no buffer once `rest` is consumed.
+#[derive(Debug)]
 pub struct Rewind<S> {
     rest: Bytes,
     io: S,
@@ -617,6 +650,50 @@ mod tests {
             read_header(&mut server).await,
             Err(HeaderError::Malformed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn read_client_names_the_peer_or_says_why_not() {
+        let socket = addr("10.0.0.9:5000");
+        let later = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let header = v2_header(v2::Command::Proxy, "198.51.100.7:40000", "10.0.0.1:80");
+
+        let (mut client, server) = tokio::io::duplex(256);
+        client
+            .write_all(&[header.as_slice(), b"GET /"].concat())
+            .await
+            .unwrap();
+        let (mut stream, peer) = read_client(server, socket, later()).await.unwrap();
+        assert_eq!(peer, addr("198.51.100.7:40000"));
+        let mut got = [0u8; 5];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET /");
+
+        let local = v2_header(v2::Command::Local, "10.0.0.9:1", "10.0.0.1:80");
+        let (mut client, server) = tokio::io::duplex(256);
+        client.write_all(&local).await.unwrap();
+        let (_, peer) = read_client(server, socket, later()).await.unwrap();
+        assert_eq!(peer, socket, "LOCAL keeps the socket's own address");
+
+        let (client, server) = tokio::io::duplex(256);
+        drop(client);
+        let silent = read_client(server, socket, later()).await;
+        assert!(matches!(silent, Err(Unproxied::Silent)), "{silent:?}");
+
+        let (mut client, server) = tokio::io::duplex(256);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let malformed = read_client(server, socket, later()).await;
+        assert!(
+            matches!(malformed, Err(Unproxied::Malformed(_))),
+            "{malformed:?}"
+        );
+
+        let (mut client, server) = tokio::io::duplex(256);
+        client.write_all(&header[..10]).await.unwrap();
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        let late = read_client(server, socket, soon).await;
+        assert!(matches!(late, Err(Unproxied::Late)), "{late:?}");
+        drop(client);
     }
 
     #[test]

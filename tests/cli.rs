@@ -537,6 +537,8 @@ fn check_config_takes_the_proxy_protocol_from_the_environment() {
     let out = run(&[
         ("FLEETGATE_MQTT_PROXY_PROTOCOL", "required"),
         ("FLEETGATE_MQTT_PROXY_TRUSTED", "10.0.0.5, 10.0.1.0/24"),
+        ("FLEETGATE_HTTP_PROXY_PROTOCOL", "trusted"),
+        ("FLEETGATE_HTTP_PROXY_TRUSTED", "10.0.0.6"),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -548,6 +550,10 @@ fn check_config_takes_the_proxy_protocol_from_the_environment() {
         stdout.contains("mqtt PROXY protocol required from 10.0.0.5/32, 10.0.1.0/24"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("http PROXY protocol trusted from 10.0.0.6/32"),
+        "{stdout}"
+    );
     // Without a balancer to trust, or with a mode that does not exist: refused, named.
     for (vars, named) in [
         (
@@ -555,6 +561,10 @@ fn check_config_takes_the_proxy_protocol_from_the_environment() {
             "mqtt.proxy_trusted",
         ),
         (&[("FLEETGATE_MQTT_PROXY_PROTOCOL", "v2")][..], "v2"),
+        (
+            &[("FLEETGATE_HTTP_PROXY_PROTOCOL", "required")][..],
+            "http.proxy_trusted",
+        ),
         (
             &[
                 ("FLEETGATE_MQTT_PROXY_PROTOCOL", "trusted"),

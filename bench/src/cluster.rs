@@ -77,7 +77,68 @@ pub struct ClusterIngestRow {
     pub cpu_us_per_msg: f64,
     /// PostgreSQL transactions committed per second in the fleet's database (cluster only).
     pub pg_commits_per_s: Option<f64>,
+    /// CPU µs per acknowledged message of the other processes on the machine during the flood:
+    /// the load generator (this process), and for the cluster PostgreSQL (every `postgres`
+    /// process), NATS and HAProxy. With the gateway's, where the machine's two cores went.
+    #[serde(default)]
+    pub others_cpu_us_per_msg: Vec<(String, f64)>,
     pub load1: f64,
+}
+
+/// The processes besides the gateway that a flood costs CPU in: (label, `comm`; `None` is this
+/// process, the load generator).
+const CLUSTER_OTHERS: [(&str, Option<&str>); 4] = [
+    ("load generator", None),
+    ("postgres", Some("postgres")),
+    ("nats-server", Some("nats-server")),
+    ("haproxy", Some("haproxy")),
+];
+
+/// CPU seconds (user + system) of every process whose `/proc/{pid}/stat` `comm` is `name`, or of
+/// this process (`None`). Processes that ended in between are not counted (the nodes hold their
+/// PostgreSQL connections for the whole run).
+fn cpu_seconds(name: Option<&str>) -> f64 {
+    let ticks = |stat: &str| -> Option<u64> {
+        // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    let total: u64 = match name {
+        None => std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| ticks(&s))
+            .unwrap_or(0),
+        Some(name) => std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|s| s.contains(&format!("({name})")))
+            .filter_map(|s| ticks(&s))
+            .sum(),
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    total as f64 / hz
+}
+
+/// CPU µs per message of `others` between two [`cpu_seconds`] samples.
+fn others_per_msg(
+    others: &[(&str, Option<&str>)],
+    before: &[f64],
+    acked: u64,
+) -> Vec<(String, f64)> {
+    others
+        .iter()
+        .zip(before)
+        .map(|((label, comm), b)| {
+            (
+                (*label).to_owned(),
+                (cpu_seconds(*comm) - b) * 1e6 / acked.max(1) as f64,
+            )
+        })
+        .collect()
 }
 
 #[derive(Serialize, Clone)]
@@ -679,6 +740,10 @@ async fn cluster_ingest(
         before.push((n.api.metric(INFORM).await?, n.server.cpu_s()?));
     }
     let commits_before = db.commits().await?;
+    let others_before: Vec<f64> = CLUSTER_OTHERS
+        .iter()
+        .map(|(_, c)| cpu_seconds(*c))
+        .collect();
     let flood = loadgen::flood(
         clients.into_iter().flatten().collect(),
         args.cluster_ingest_messages,
@@ -686,6 +751,7 @@ async fn cluster_ingest(
         Duration::from_secs(300),
     )
     .await;
+    let others = others_per_msg(&CLUSTER_OTHERS, &others_before, flood.acked);
     let commits = db.commits().await? - commits_before;
     let mut per_node = Vec::new();
     let mut cpu_total = 0.0;
@@ -709,6 +775,7 @@ async fn cluster_ingest(
         run,
         cpu_us_per_msg: cpu_total * 1e6 / flood.acked.max(1) as f64,
         pg_commits_per_s: Some(commits as f64 / flood.elapsed_s.max(1e-9)),
+        others_cpu_us_per_msg: others,
         flood,
         processed,
         per_node,
@@ -736,6 +803,8 @@ async fn single_ingest(
         cs.failed
     );
     let (m0, c0) = (api.metric(INFORM).await?, server.cpu_s()?);
+    let single_others = &CLUSTER_OTHERS[..1];
+    let others_before: Vec<f64> = single_others.iter().map(|(_, c)| cpu_seconds(*c)).collect();
     let flood = loadgen::flood(
         clients.into_iter().flatten().collect(),
         args.cluster_ingest_messages,
@@ -743,6 +812,7 @@ async fn single_ingest(
         Duration::from_secs(300),
     )
     .await;
+    let others = others_per_msg(single_others, &others_before, flood.acked);
     let processed = (api.metric(INFORM).await? - m0) as u64;
     let cpu = server.cpu_s()? - c0;
     server.stop().await?;
@@ -751,6 +821,7 @@ async fn single_ingest(
         run,
         cpu_us_per_msg: cpu * 1e6 / flood.acked.max(1) as f64,
         pg_commits_per_s: None,
+        others_cpu_us_per_msg: others,
         flood,
         processed,
         per_node: vec![(0, processed, cpu * 1e6 / processed.max(1) as f64)],
@@ -761,7 +832,7 @@ async fn single_ingest(
 fn print_ingest(row: &ClusterIngestRow) {
     eprintln!(
         "cluster ingest {:<42} run {}: {:.0} msg/s, CPU {:.1} µs/msg (per node {:?}), PUBACK p50 {:.1} ms p99 {:.1} ms, \
-         sent {} acked {} processed {}, PostgreSQL commits/s {:?}",
+         sent {} acked {} processed {}, PostgreSQL commits/s {:?}, others' CPU µs/msg {:?}",
         row.scenario,
         row.run,
         row.flood.acked_per_s,
@@ -773,6 +844,10 @@ fn print_ingest(row: &ClusterIngestRow) {
         row.flood.acked,
         row.processed,
         row.pg_commits_per_s.map(|c| c.round()),
+        row.others_cpu_us_per_msg
+            .iter()
+            .map(|(p, us)| format!("{p} {us:.1}"))
+            .collect::<Vec<_>>(),
     );
 }
 
@@ -970,8 +1045,8 @@ pub fn print_report(args: &Args, r: &Results) {
         "\n## Cluster: ingest of version reports (median of {} runs)\n",
         args.runs
     );
-    println!("| scenario | msg/s | gateway CPU µs/msg (all nodes) | PUBACK p50 ms | p99 ms | acked | processed | PostgreSQL commits/s | load |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| scenario | msg/s | gateway CPU µs/msg (all nodes) | others' CPU µs/msg | PUBACK p50 ms | p99 ms | acked | processed | PostgreSQL commits/s | load |");
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for s in [
         "cluster (3 nodes, PostgreSQL) via HAProxy",
         "single node (SQLite)",
@@ -985,8 +1060,21 @@ pub fn print_report(args: &Args, r: &Results) {
             continue;
         }
         let med = |f: &dyn Fn(&ClusterIngestRow) -> f64| median(rows.iter().map(|c| f(c)));
+        let others = rows[0]
+            .others_cpu_us_per_msg
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| {
+                let us = median(
+                    rows.iter()
+                        .filter_map(|c| c.others_cpu_us_per_msg.get(i).map(|o| o.1)),
+                );
+                format!("{p} {us:.1}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
-            "| {s} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {:.1} |",
+            "| {s} | {:.0} | {:.1} | {others} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {:.1} |",
             med(&|c| c.flood.acked_per_s),
             med(&|c| c.cpu_us_per_msg),
             med(&|c| c.flood.latency.p50_ms),

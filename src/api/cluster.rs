@@ -8,18 +8,24 @@
 //!   answers only once every live node applied it (docs/CLUSTER.md, "Settle").
 //! - [`engines_proxy`]: in cluster mode, OTA, firmware, migration and export/import calls are served by
 //!   the node that drives the engines; another node passes them on to it (docs/CLUSTER.md,
-//!   "Engines").
+//!   "Engines"). With `http.proxy_protocol` on, the call passed on starts with a PROXY header
+//!   naming the client, so the engines' node admits and logs the operator as the first node
+//!   did (and accepts the connection at all: its listener expects a header from the nodes).
 
 use super::error::{ApiError, ErrorCode, StandardErrorBody};
 use super::ApiState;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -209,7 +215,22 @@ pub async fn engines_proxy(
             .into_response()
         }
     };
-    match forward(cluster.node(), &http, request).await {
+    let client = state
+        .forward_proxy_header
+        .then(|| {
+            request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(peer)| *peer)
+        })
+        .flatten();
+    let forwarded = match client {
+        Some(client) => forward_proxied(cluster.node(), &http, client, request).await,
+        None => forward(cluster.node(), &http, request)
+            .await
+            .map_err(ForwardError::from),
+    };
+    match forwarded {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(%error, node, http = %http, "cannot pass an engine call on");
@@ -222,12 +243,30 @@ pub async fn engines_proxy(
     }
 }
 
+/// Why an engine call could not be passed on.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error(transparent)]
+    Client(#[from] reqwest::Error),
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("connecting: no answer within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    #[error("the PROXY header: {0}")]
+    Header(String),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// How long passing a call on may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Sends `request` to `http` and streams the answer back.
 async fn forward(this: u16, http: &str, request: Request) -> Result<Response, reqwest::Error> {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let client = CLIENT.get_or_init(|| {
         reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .unwrap_or_default()
     });
@@ -236,11 +275,7 @@ async fn forward(this: u16, http: &str, request: Request) -> Result<Response, re
         .uri
         .path_and_query()
         .map_or(parts.uri.path(), |p| p.as_str());
-    let mut headers = parts.headers;
-    for h in [header::HOST, header::CONNECTION, header::TRANSFER_ENCODING] {
-        headers.remove(h);
-    }
-    headers.insert(PROXIED_BY, HeaderValue::from(this));
+    let headers = forwarded_headers(this, parts.headers);
     let answer = client
         .request(parts.method, format!("http://{http}{path}"))
         .headers(headers)
@@ -248,21 +283,170 @@ async fn forward(this: u16, http: &str, request: Request) -> Result<Response, re
         .send()
         .await?;
     let status = answer.status();
-    let mut headers = answer.headers().clone();
-    for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
-        headers.remove(h);
-    }
+    let headers = answer.headers().clone();
     let mut response = Response::new(axum::body::Body::from_stream(answer.bytes_stream()));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    // The answering node already gave its errors the standard body.
+    Ok(answered(response))
+}
+
+/// [`forward`] on a connection of its own that starts with a PROXY v2 header naming `client`
+/// (the header is per connection, so connections are not pooled; engine calls are few).
+async fn forward_proxied(
+    this: u16,
+    http: &str,
+    client: SocketAddr,
+    request: Request,
+) -> Result<Response, ForwardError> {
+    use ppp::v2;
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(http))
+        .await
+        .map_err(|_| ForwardError::ConnectTimeout)?
+        .map_err(ForwardError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    // The header's destination is informational; its family must be the client's.
+    let destination = match stream.peer_addr() {
+        Ok(to) if to.is_ipv4() == client.is_ipv4() => to,
+        _ if client.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
+        _ => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let header = v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (client, destination),
+    )
+    .build()
+    .map_err(|e| ForwardError::Header(e.to_string()))?;
+    stream
+        .write_all(&header)
+        .await
+        .map_err(ForwardError::Connect)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "connection of an engine call passed on ended");
+        }
+    });
+    let (mut parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+    parts.uri = path.parse().map_err(|e: axum::http::uri::InvalidUri| {
+        ForwardError::Header(format!("the request's path: {e}"))
+    })?;
+    parts.headers = forwarded_headers(this, std::mem::take(&mut parts.headers));
+    if let Ok(host) = HeaderValue::from_str(http) {
+        parts.headers.insert(header::HOST, host);
+    }
+    let answer = sender
+        .send_request(axum::http::Request::from_parts(parts, body))
+        .await?;
+    Ok(answered(answer.map(axum::body::Body::new)))
+}
+
+/// The headers of a call passed on: the client's, less the hop-by-hop ones, and who passed it.
+fn forwarded_headers(this: u16, mut headers: HeaderMap) -> HeaderMap {
+    for h in [header::HOST, header::CONNECTION, header::TRANSFER_ENCODING] {
+        headers.remove(h);
+    }
+    headers.insert(PROXIED_BY, HeaderValue::from(this));
+    headers
+}
+
+/// The engines' node's answer, as this node's: less the hop-by-hop headers, and marked as
+/// already carrying the standard error body (the answering node gave its errors one).
+fn answered(mut response: Response) -> Response {
+    for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
+        response.headers_mut().remove(h);
+    }
     response.extensions_mut().insert(StandardErrorBody);
-    Ok(response)
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::engine_route;
+
+    /// A call passed on to a node whose HTTP listener requires PROXY headers from the nodes
+    /// names the client that made it, and the answer comes back whole.
+    #[tokio::test]
+    async fn a_call_passed_on_names_its_client_in_a_proxy_header() {
+        use super::*;
+        use crate::admission::{Gate, GateLimits};
+        use crate::api::serve::{bind, serve, HttpTimeouts};
+        use crate::metrics::{Listener, Metrics};
+        use crate::proxy_protocol::{ProxyMode, ProxyPolicy};
+        use axum::routing::post;
+
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let gate = Gate::new(
+            Listener::Http,
+            GateLimits {
+                max_open: 8,
+                max_per_source: 8,
+            },
+            &metrics,
+        );
+        let router =
+            axum::Router::new().route(
+                "/api/v1/ota/jobs",
+                post(
+                    |ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                     headers: HeaderMap,
+                     body: String| async move {
+                        let by = headers
+                            .get(PROXIED_BY)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        format!("{peer} {by} {body}")
+                    },
+                ),
+            );
+        let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(
+            listener,
+            router,
+            HttpTimeouts {
+                header_read: Duration::from_secs(5),
+                body_read: Duration::from_secs(5),
+                write: Duration::from_secs(5),
+            },
+            // Nothing from this node's address is served without a header.
+            ProxyPolicy {
+                mode: ProxyMode::Required,
+                trusted: vec!["127.0.0.1".parse().unwrap()],
+            },
+            gate,
+            metrics,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+
+        let client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let request = axum::http::Request::post("http://node1/api/v1/ota/jobs?x=1")
+            .body(axum::body::Body::from("job"))
+            .unwrap();
+        let response = forward_proxied(2, &addr.to_string(), client, request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(body, "198.51.100.7:40000 2 job");
+
+        // Without the header the node does not answer at all.
+        let request = axum::http::Request::post("http://node1/api/v1/ota/jobs")
+            .body(axum::body::Body::from("job"))
+            .unwrap();
+        assert!(forward(2, &addr.to_string(), request).await.is_err());
+    }
 
     #[test]
     fn engine_routes_are_the_ota_firmware_and_export_ones() {

@@ -173,6 +173,10 @@ pub struct ApiState {
     pub commands: Arc<crate::command::Commands>,
     /// The console's session keys and revocations (cluster mode: the cluster's).
     pub console_sessions: Arc<crate::console::session::Sessions>,
+    /// Cluster mode with `http.proxy_protocol` on: an engine call passed on to the node that
+    /// drives the engines starts with a PROXY header naming the client, as the balancer's did
+    /// (the nodes are in each other's `http.proxy_trusted`, docs/OPERATIONS.md).
+    pub forward_proxy_header: bool,
 }
 
 impl ApiState {

@@ -96,6 +96,7 @@ impl ApiState {
             cluster: None,
             commands: Arc::new(commands),
             console_sessions: Arc::default(),
+            forward_proxy_header: false,
         }
     }
 }

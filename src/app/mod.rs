@@ -139,15 +139,20 @@ impl Application {
             cluster: attached.map(|a| a.cluster),
         };
         let health = health_info(&parts, &broker, settings.cluster.node_id, http_addr);
-        let state = api_state(
-            &parts,
-            &store,
-            &broker,
-            tokens,
-            export,
-            revoke_session,
-            health,
-        );
+        let state = crate::api::ApiState {
+            // The nodes' HTTP listeners expect PROXY headers from each other too.
+            forward_proxy_header: settings.http.proxy_protocol
+                != crate::proxy_protocol::ProxyMode::Off,
+            ..api_state(
+                &parts,
+                &store,
+                &broker,
+                tokens,
+                export,
+                revoke_session,
+                health,
+            )
+        };
         let http = serve_http(listeners.http, http_addr, state, &settings, &budgets);
         let app = Application {
             settings,

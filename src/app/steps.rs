@@ -706,6 +706,7 @@ pub(super) fn api_state(
         cluster: parts.cluster.clone(),
         commands: parts.commands.clone(),
         console_sessions: parts.console_sessions.clone(),
+        forward_proxy_header: false,
     }
 }
 
@@ -774,6 +775,7 @@ pub(super) fn serve_http(
         listener,
         router,
         timeouts,
+        settings.http.proxy_policy(),
         gate,
         metrics,
         async {

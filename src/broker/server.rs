@@ -17,7 +17,7 @@ use super::router::{router_config, RouterHandle, GATEWAY_LINK_ID};
 use super::{BrokerConfig, BrokerError, DeviceHooks, DisconnectReason, TlsConfig};
 use crate::admission::{self, Gate, GateLimits, Permit};
 use crate::metrics::{Listener, Metrics};
-use crate::proxy_protocol::{self, Expect, HeaderError, Rewind};
+use crate::proxy_protocol::{self, Expect, Rewind, Unproxied};
 use crate::telemetry::Throttle;
 use dashmap::DashMap;
 use std::net::SocketAddr;
@@ -318,18 +318,11 @@ async fn accept_loop<H: DeviceHooks>(
             }
         };
         let expect = shared.config.proxy.expect(peer.ip());
-        // Over the budget or its source's cap: closed here, counted and logged by the gate. A
-        // balancer's socket is admitted by the budget alone: its source's cap is checked once
-        // its PROXY header names the client.
-        let admitted = match expect {
-            Expect::Direct => shared.gate.try_admit(peer),
-            Expect::Header => shared.gate.try_admit_unattributed(peer),
-            Expect::Refuse => {
-                shared.gate.refuse_untrusted(peer);
-                continue;
-            }
-        };
-        let Ok(permit) = admitted else {
+        // Over the budget or its source's cap, or not a trusted balancer while headers are
+        // required: closed here, counted and logged by the gate. A balancer's socket is
+        // admitted by the budget alone: its source's cap is checked once its PROXY header
+        // names the client.
+        let Ok(permit) = shared.gate.admit_as(peer, expect) else {
             continue;
         };
         let deadline = shared.connect_deadline(&permit);
@@ -428,24 +421,22 @@ async fn serve_accepted<H: DeviceHooks>(
 /// refused CONNECT; a socket that ends before sending anything is not counted, as without a
 /// balancer).
 async fn proxy_header(
-    mut stream: TcpStream,
+    stream: TcpStream,
     socket_peer: SocketAddr,
     admitted: &super::connection::Admitted,
     shared: &Shared,
 ) -> Option<(Rewind<TcpStream>, SocketAddr)> {
-    let read = tokio::time::timeout_at(admitted.deadline, proxy_protocol::read_header(&mut stream));
-    let reason = match read.await {
-        Ok(Ok((origin, rest))) => {
-            let peer = origin.peer(socket_peer);
+    let reason = match proxy_protocol::read_client(stream, socket_peer, admitted.deadline).await {
+        Ok((stream, peer)) => {
             tracing::trace!(%peer, balancer = %socket_peer, "PROXY header");
-            return Some((Rewind::new(stream, rest), peer));
+            return Some((stream, peer));
         }
-        Ok(Err(HeaderError::Closed { read: 0 })) => return None,
-        Ok(Err(e)) => {
+        Err(Unproxied::Silent) => return None,
+        Err(Unproxied::Malformed(e)) => {
             tracing::debug!(balancer = %socket_peer, error = %e, "PROXY header refused");
             "proxy_header"
         }
-        Err(_) => "timeout",
+        Err(Unproxied::Late) => "timeout",
     };
     shared
         .metrics

@@ -1,5 +1,7 @@
-//! `[http]`: the HTTP API listener, its public URL, body limits, connection limits and timeouts.
+//! `[http]`: the HTTP API listener, its public URL, body limits, connection limits, timeouts
+//! and PROXY protocol.
 
+use crate::proxy_protocol::{ProxyMode, ProxyPolicy, TrustedNet};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -33,6 +35,15 @@ pub struct HttpSettings {
     /// Seconds a response write may make no progress (the client stopped reading) before the
     /// connection is closed.
     pub write_timeout_secs: u64,
+    /// PROXY protocol (v1 and v2) from the balancers in `proxy_trusted`, as `mqtt.proxy_protocol`:
+    /// `off`; `trusted` (their connections must start with a header naming the client, other
+    /// connections are served as they are); `required` (as `trusted`, and connections from
+    /// anywhere else are closed at accept). The client address in the header is the
+    /// connection's peer: per-source cap, access log.
+    pub proxy_protocol: ProxyMode,
+    /// Addresses or networks (CIDR) of the balancers allowed to send PROXY headers; needed
+    /// unless `proxy_protocol` is `off`.
+    pub proxy_trusted: Vec<TrustedNet>,
 }
 
 impl Default for HttpSettings {
@@ -48,6 +59,18 @@ impl Default for HttpSettings {
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 30,
             write_timeout_secs: 30,
+            proxy_protocol: ProxyMode::Off,
+            proxy_trusted: Vec::new(),
+        }
+    }
+}
+
+impl HttpSettings {
+    /// `proxy_protocol` and `proxy_trusted` as the HTTP listener takes them.
+    pub fn proxy_policy(&self) -> ProxyPolicy {
+        ProxyPolicy {
+            mode: self.proxy_protocol,
+            trusted: self.proxy_trusted.clone(),
         }
     }
 }

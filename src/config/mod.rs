@@ -140,13 +140,18 @@ pub fn summary(s: &Settings) -> Vec<String> {
     if let Some(tls) = &s.mqtt.tls {
         lines.push(format!("mqtt tls listen {}", tls.listen));
     }
-    if s.mqtt.proxy_protocol != ProxyMode::Off {
-        let trusted: Vec<String> = s.mqtt.proxy_trusted.iter().map(|n| n.to_string()).collect();
-        lines.push(format!(
-            "mqtt PROXY protocol {} from {}",
-            s.mqtt.proxy_protocol,
-            trusted.join(", ")
-        ));
+    for (listener, policy) in [
+        ("mqtt", s.mqtt.proxy_policy()),
+        ("http", s.http.proxy_policy()),
+    ] {
+        if policy.mode != ProxyMode::Off {
+            let trusted: Vec<String> = policy.trusted.iter().map(|n| n.to_string()).collect();
+            lines.push(format!(
+                "{listener} PROXY protocol {} from {}",
+                policy.mode,
+                trusted.join(", ")
+            ));
+        }
     }
     lines.push(format!("data dir {}", s.data_dir.display()));
     lines.push(format!("store {}", s.store.location(&s.data_dir)));
@@ -216,6 +221,8 @@ pub struct Overrides {
     pub http_header_read_timeout_secs: Option<u64>,
     pub http_body_read_timeout_secs: Option<u64>,
     pub http_write_timeout_secs: Option<u64>,
+    pub http_proxy_protocol: Option<ProxyMode>,
+    pub http_proxy_trusted: Option<Vec<TrustedNet>>,
 }
 
 impl Settings {
@@ -339,6 +346,12 @@ impl Settings {
         if let Some(v) = o.http_write_timeout_secs {
             self.http.write_timeout_secs = v;
         }
+        if let Some(v) = o.http_proxy_protocol {
+            self.http.proxy_protocol = v;
+        }
+        if let Some(v) = o.http_proxy_trusted {
+            self.http.proxy_trusted = v;
+        }
         match (o.mqtt_tls_listen, o.tls_cert, o.tls_key) {
             (None, None, None) => {}
             (listen, cert, key) => {
@@ -375,15 +388,20 @@ impl Settings {
             });
         }
         self.validate_limits()?;
-        if self.mqtt.proxy_protocol != ProxyMode::Off && self.mqtt.proxy_trusted.is_empty() {
-            return Err(ConfigError::Invalid {
-                field: "mqtt.proxy_trusted",
-                message: format!(
-                    "proxy_protocol = \"{}\" needs the balancers' addresses (e.g. \
-                     [\"10.0.0.5\", \"10.0.1.0/24\"])",
-                    self.mqtt.proxy_protocol
-                ),
-            });
+        for (field, policy) in [
+            ("mqtt.proxy_trusted", self.mqtt.proxy_policy()),
+            ("http.proxy_trusted", self.http.proxy_policy()),
+        ] {
+            if policy.mode != ProxyMode::Off && policy.trusted.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!(
+                        "proxy_protocol = \"{}\" needs the balancers' addresses (e.g. \
+                         [\"10.0.0.5\", \"10.0.1.0/24\"])",
+                        policy.mode
+                    ),
+                });
+            }
         }
         if self.mqtt.max_payload_bytes < 1024 {
             return Err(ConfigError::Invalid {

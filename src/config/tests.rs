@@ -619,44 +619,74 @@ write_timeout_secs = 0
 fn proxy_protocol_from_file_and_overrides_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fg.toml");
+    // The same settings on both listeners; each listener's are its own.
+    for section in ["mqtt", "http"] {
+        std::fs::write(
+            &path,
+            format!(
+                "[{section}]\nproxy_protocol = \"required\"\n\
+                 proxy_trusted = [\"10.0.0.5\", \"10.0.1.9/24\"]\n"
+            ),
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        let (policy, other) = match section {
+            "mqtt" => (s.mqtt.proxy_policy(), s.http.proxy_policy()),
+            _ => (s.http.proxy_policy(), s.mqtt.proxy_policy()),
+        };
+        assert_eq!(policy.mode, ProxyMode::Required, "{section}");
+        assert_eq!(
+            other,
+            crate::proxy_protocol::ProxyPolicy::default(),
+            "{section}"
+        );
+        let trusted: Vec<String> = policy.trusted.iter().map(|n| n.to_string()).collect();
+        assert_eq!(trusted, ["10.0.0.5/32", "10.0.1.0/24"]);
+        assert!(
+            summary(&s).iter().any(|l| l
+                == &format!("{section} PROXY protocol required from 10.0.0.5/32, 10.0.1.0/24")),
+            "{section}: {:?}",
+            summary(&s)
+        );
+        // Turned on without a balancer to trust; a bad address; a bad mode.
+        for (toml, error) in [
+            (
+                "proxy_protocol = \"trusted\"",
+                format!("{section}.proxy_trusted"),
+            ),
+            (
+                "proxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.0/33\"]",
+                "neither an IP address".into(),
+            ),
+            ("proxy_protocol = \"v2\"", "unknown variant".into()),
+        ] {
+            std::fs::write(&path, format!("[{section}]\n{toml}\n")).unwrap();
+            let e = Settings::load(Some(&path), Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(&error), "{section} {toml}: {e}");
+        }
+    }
+    // The environment and flags win over the file.
     std::fs::write(
         &path,
-        "[mqtt]\nproxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.5\", \"10.0.1.9/24\"]\n",
+        "[mqtt]\nproxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.5\"]\n\
+         [http]\nproxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.6\"]\n",
     )
     .unwrap();
-    let s = Settings::load(Some(&path), Overrides::default()).unwrap();
-    let policy = s.mqtt.proxy_policy();
-    assert_eq!(policy.mode, ProxyMode::Required);
-    let trusted: Vec<String> = policy.trusted.iter().map(|n| n.to_string()).collect();
-    assert_eq!(trusted, ["10.0.0.5/32", "10.0.1.0/24"]);
-    assert!(summary(&s)
-        .iter()
-        .any(|l| l == "mqtt PROXY protocol required from 10.0.0.5/32, 10.0.1.0/24"));
-    // The environment and flags win over the file.
     let s = Settings::load(
         Some(&path),
         Overrides {
             mqtt_proxy_protocol: Some(ProxyMode::Trusted),
             mqtt_proxy_trusted: Some(vec!["127.0.0.3".parse().unwrap()]),
+            http_proxy_protocol: Some(ProxyMode::Trusted),
+            http_proxy_trusted: Some(vec!["127.0.0.4".parse().unwrap()]),
             ..Overrides::default()
         },
     )
     .unwrap();
     assert_eq!(s.mqtt.proxy_protocol, ProxyMode::Trusted);
     assert_eq!(s.mqtt.proxy_trusted, ["127.0.0.3".parse().unwrap()]);
-    // Turned on without a balancer to trust; a bad address; a bad mode.
-    for (toml, error) in [
-        ("proxy_protocol = \"trusted\"", "mqtt.proxy_trusted"),
-        (
-            "proxy_protocol = \"required\"\nproxy_trusted = [\"10.0.0.0/33\"]",
-            "neither an IP address",
-        ),
-        ("proxy_protocol = \"v2\"", "unknown variant"),
-    ] {
-        std::fs::write(&path, format!("[mqtt]\n{toml}\n")).unwrap();
-        let e = Settings::load(Some(&path), Overrides::default()).unwrap_err();
-        assert!(e.to_string().contains(error), "{toml}: {e}");
-    }
+    assert_eq!(s.http.proxy_protocol, ProxyMode::Trusted);
+    assert_eq!(s.http.proxy_trusted, ["127.0.0.4".parse().unwrap()]);
 }
 
 #[test]

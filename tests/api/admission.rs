@@ -442,3 +442,111 @@ async fn http_timeouts_end_stalled_bodies_stalled_readers_and_idle_connections()
         "a connection that served a request is not counted as a header timeout"
     );
 }
+
+/// HAProxy's address in front of the API (`http.proxy_trusted`).
+const BALANCER: &str = "127.0.0.3";
+
+/// A PROXY v2 header naming `client` (HAProxy's `send-proxy-v2`).
+fn proxy_v2(client: &str) -> Vec<u8> {
+    use ppp::v2;
+    let client: SocketAddr = client.parse().unwrap();
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (client, "10.0.0.1:8080".parse::<SocketAddr>().unwrap()),
+    )
+    .build()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn behind_an_http_balancer_the_per_source_cap_counts_each_client() {
+    let app = spawn_limited(|s| {
+        s.http.proxy_protocol = fleetgate::proxy_protocol::ProxyMode::Trusted;
+        s.http.proxy_trusted = vec![BALANCER.parse().unwrap()];
+        s.http.max_connections_per_ip = Some(2);
+    })
+    .await;
+    let http = app.app().http_addr();
+    let flooder = "198.51.100.66";
+
+    // Two half-open requests of one client through the balancer fill its cap...
+    let mut flood = Vec::new();
+    for port in [1, 2] {
+        let mut s = connect_from(BALANCER, http).await;
+        s.write_all(
+            &[
+                proxy_v2(&format!("{flooder}:{port}")),
+                HALF_OPEN_REQUEST.to_vec(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+        flood.push(s);
+    }
+    wait_sample(&app, r#"fleetgate_connections_open{listener="http"}"#, 2.0).await;
+    // ...so its third is refused,
+    let mut third = connect_from(BALANCER, http).await;
+    let _ = third
+        .write_all(
+            &[
+                proxy_v2(&format!("{flooder}:3")),
+                HALF_OPEN_REQUEST.to_vec(),
+            ]
+            .concat(),
+        )
+        .await;
+    let got = closed(&mut third).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        sample(
+            &app,
+            r#"fleetgate_connections_refused_total{listener="http",reason="per_ip"}"#
+        ),
+        1.0
+    );
+    // ...while other clients of the same balancer are served (more than two connections from
+    // its own address), and so is the operator straight from 127.0.0.1.
+    for client in ["198.51.100.7:1", "198.51.100.8:1"] {
+        let mut s = connect_from(BALANCER, http).await;
+        s.write_all(
+            &[
+                proxy_v2(client),
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+        let got = closed(&mut s).await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    app.create_product("behind-a-balancer").await;
+    // A header from an address that is not the balancer's is not believed: not HTTP.
+    let mut forged = connect_from(FLOODER, http).await;
+    let _ = forged
+        .write_all(
+            &[
+                proxy_v2("198.51.100.9:1"),
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+        )
+        .await;
+    let got = closed(&mut forged).await;
+    assert!(
+        !got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(flood);
+}

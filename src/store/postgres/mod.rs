@@ -15,11 +15,13 @@
 //! # One transaction per drain, pipelined
 //!
 //! `commit` first tries the whole drain optimistically: `BEGIN`, the statements of
-//! [`plan`] (batchable ops gathered into one multi-row statement per kind), all sent at once
-//! without waiting for each answer (tokio-postgres pipelines requests sent before their
-//! answers arrive), then `COMMIT`. PostgreSQL aborts the whole transaction on the first failing
-//! statement, so if one fails the transaction is rolled back and replayed with one
-//! `SAVEPOINT` per submission: still pipelined, resuming after each failing submission, so only
+//! [`plan`] (batchable ops gathered into one multi-row statement per kind) and `COMMIT`, all
+//! sent at once without waiting for each answer (tokio-postgres pipelines requests sent before
+//! their answers arrive): one round trip per transaction. A failed statement aborts the
+//! transaction, and PostgreSQL then answers the `COMMIT` with a rollback, so the outcome is
+//! read from the statements' answers first and from the `COMMIT`'s only when all succeeded.
+//! If a statement failed, the drain is replayed in a new transaction with one `SAVEPOINT` per
+//! submission: still pipelined, resuming after each failing submission, so only
 //! that submission gets its `Err` (the contract SQLite keeps with its savepoints). A drain of
 //! 1,000 connection events and version reports is `BEGIN`, 2 statements, `COMMIT`.
 //!
@@ -485,31 +487,34 @@ async fn commit_submissions(
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let client = &session.client;
     let replay_prefix: &[&'static str] = match plan(submissions.iter().flat_map(|ops| ops.iter())) {
-        // Every op could be encoded: try everything at once.
+        // Every op could be encoded: try everything at once, COMMIT included. If a statement
+        // fails, PostgreSQL aborts the transaction and answers the COMMIT with a ROLLBACK
+        // (not an error), so nothing of it is kept; only when every statement succeeded does
+        // the COMMIT's own answer say whether it committed.
         Ok(steps) => {
             let calls: Vec<Call<'_>> = std::iter::once(control(client, "BEGIN"))
                 .chain(steps.iter().map(|s| execute(client, &session.prepared, s)))
+                .chain(std::iter::once(control(client, "COMMIT")))
                 .collect();
             *statements += calls.len() as u64;
-            let outcomes = pipeline(calls).await;
+            let mut outcomes = pipeline(calls).await;
+            let committed = outcomes.pop().unwrap_or(Ok(()));
             match outcomes
                 .into_iter()
                 .enumerate()
                 .find_map(|(i, r)| r.err().map(|e| (i, e)))
             {
                 None => {
-                    *statements += 1;
-                    client.batch_execute("COMMIT").await?;
+                    committed?;
                     return Ok(submissions.iter().map(|_| Ok(())).collect());
                 }
+                // Rolled back by the COMMIT already.
                 Some((i, e)) if i > 0 && is_statement_error(&e, client) => {
                     if let [_] = submissions {
                         // Nothing else to save: the one submission is the failing one.
-                        *statements += 1;
-                        client.batch_execute("ROLLBACK").await?;
                         return Ok(vec![Err(e.into())]);
                     }
-                    &["ROLLBACK", "BEGIN"]
+                    &["BEGIN"]
                 }
                 Some((_, e)) => return Err(e.into()),
             }
