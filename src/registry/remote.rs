@@ -235,12 +235,25 @@ impl Registry {
             return (Some(change), superseded(old.session));
         };
         let record = stored.record.clone();
+        let node = self.epochs.node();
         // Same device (same creation) still here: its configured fields change in place.
         let updated = entry
             .devices
             .get_mut(dn)
             .filter(|d| d.created_at_ms == record.created_at_ms)
             .map(|mut d| {
+                // A device's versions are written by the node that last held it (its reports
+                // arrive over that node's session). This node keeps its own, whose writes may
+                // still be on their way to the store, and takes the store's for any other: a
+                // report whose feed message never arrived (its node died between COMMIT and
+                // publishing) is in the store, and nowhere else.
+                let last = d
+                    .epoch_seen
+                    .max(stored.epoch_seen)
+                    .max(stored.session.unwrap_or(0));
+                if last == 0 || crate::cluster::epoch::node_of(last) != node {
+                    d.versions.clone_from(&stored.versions);
+                }
                 let revoked = !record.enabled
                     || record.device_secret != d.device_secret
                     || record.instance_id != d.instance_id;

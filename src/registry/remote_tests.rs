@@ -321,6 +321,56 @@ async fn resync_makes_memory_equal_to_the_store() {
     assert_eq!(names, vec!["Fresh", "Lamp"]);
 }
 
+/// A version report another node committed whose feed message never arrived (the node died
+/// between COMMIT and publishing) is taken from the store at the resync; this node's own
+/// device keeps the version it reported, which the store may not have yet.
+#[tokio::test]
+async fn resync_takes_the_versions_of_devices_another_node_held_and_keeps_its_own() {
+    let (r, pk) = node1().await;
+    r.create_device(
+        &pk,
+        NewDevice {
+            device_name: "dev2".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // dev1 is held by node 2; dev2 by this node, which has just taken its report of 2.0.
+    let remote = epoch(2, 70);
+    assert!(r.apply_session(&pk, "dev1", &online(remote)).is_none());
+    let local = r.epochs().next();
+    r.device_connected(&pk, "dev2", local, IP, 10);
+    r.apply_version(&pk, "dev2", "MCU", "2.0");
+    let product = r.get_product(&pk).unwrap();
+    let mut dev1 = stored(&pk, "dev1", &r);
+    dev1.session = Some(remote);
+    dev1.epoch_seen = remote;
+    dev1.versions = BTreeMap::from([("MCU".into(), "4.2".into())]);
+    let mut dev2 = stored(&pk, "dev2", &r);
+    dev2.session = Some(local);
+    dev2.epoch_seen = local;
+    dev2.versions = BTreeMap::from([("MCU".into(), "1.0".into())]);
+    let snapshot = Snapshot {
+        instances: r
+            .list_instances()
+            .into_iter()
+            .map(|i| InstanceRecord {
+                instance_id: i.instance_id,
+                name: i.name,
+                created_at_ms: i.created_at_ms,
+            })
+            .collect(),
+        products: vec![product_record(&product)],
+        devices: vec![dev1, dev2],
+        feed_cuts: BTreeMap::new(),
+    };
+    r.resync(snapshot).await;
+    let version = |dn: &str| r.get_device(&pk, dn).unwrap().versions.get("MCU").cloned();
+    assert_eq!(version("dev1").as_deref(), Some("4.2"));
+    assert_eq!(version("dev2").as_deref(), Some("2.0"));
+}
+
 #[tokio::test]
 async fn an_instance_deleted_elsewhere_is_forgotten() {
     let (r, _) = node1().await;
