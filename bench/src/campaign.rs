@@ -510,36 +510,6 @@ fn cross_check(row: &mut CampaignRow, tasks: &[Value], summary: &Value) -> anyho
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn whole_minutes_only() {
-        assert!(per_minute(&[]).is_empty());
-        assert!(per_minute(&[0, 59_999]).is_empty());
-        assert_eq!(per_minute(&[0, 1, 60_000, 119_999, 120_000]), vec![2, 2]);
-    }
-
-    #[test]
-    fn labels() {
-        assert_eq!(expected_for(Some("hang")), "FAILED/TIMEOUT");
-        assert_eq!(
-            gateway_label(&json!({"status":"FAILED","failure":"VERIFY_FAILED","failure_code":-3})),
-            "FAILED/VERIFY_FAILED"
-        );
-        assert_ne!(
-            gateway_label(&json!({"status":"FAILED","failure":"VERIFY_FAILED","failure_code":-1})),
-            "FAILED/VERIFY_FAILED"
-        );
-        assert_eq!(
-            sim_label(&json!({"result":"failed","code":-2})),
-            "FAILED/DOWNLOAD_FAILED"
-        );
-        assert_eq!(sim_label(&json!({"result":"succeeded"})), "SUCCEEDED");
-    }
-}
-
 /// Part 3 (and, with both deployments, the cluster campaign): `--runs` campaigns per deployment.
 pub(crate) async fn benchmark(
     args: &crate::Args,
@@ -586,4 +556,34 @@ pub(crate) async fn benchmark(
         results.ota.push(row);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_minutes_only() {
+        assert!(per_minute(&[]).is_empty());
+        assert!(per_minute(&[0, 59_999]).is_empty());
+        assert_eq!(per_minute(&[0, 1, 60_000, 119_999, 120_000]), vec![2, 2]);
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(expected_for(Some("hang")), "FAILED/TIMEOUT");
+        assert_eq!(
+            gateway_label(&json!({"status":"FAILED","failure":"VERIFY_FAILED","failure_code":-3})),
+            "FAILED/VERIFY_FAILED"
+        );
+        assert_ne!(
+            gateway_label(&json!({"status":"FAILED","failure":"VERIFY_FAILED","failure_code":-1})),
+            "FAILED/VERIFY_FAILED"
+        );
+        assert_eq!(
+            sim_label(&json!({"result":"failed","code":-2})),
+            "FAILED/DOWNLOAD_FAILED"
+        );
+        assert_eq!(sim_label(&json!({"result":"succeeded"})), "SUCCEEDED");
+    }
 }
