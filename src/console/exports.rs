@@ -18,7 +18,7 @@ use maud::{html, Markup};
 use serde_json::{json, Value};
 
 use super::session::Session;
-use super::view::{self, enc, Nav};
+use super::view::{self, enc, field, Fields, Nav};
 use super::{ApiAnswer, Console, Sess};
 use crate::export::{state_str, ExportError, JobKind, JobRecord, JobState};
 use crate::registry::Page;
@@ -55,16 +55,6 @@ fn kind_path(kind: JobKind) -> &'static str {
 fn badge(state: JobState) -> Markup {
     let s = state_str(state);
     html! { span class=(format!("badge job-{}", s.to_lowercase())) { (s) } }
-}
-
-/// The export form's submitted values, in order (repeated keys kept).
-type Fields = Vec<(String, String)>;
-
-fn field<'a>(f: &'a Fields, name: &str) -> &'a str {
-    f.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.trim())
-        .unwrap_or("")
 }
 
 async fn list(State(c): State<Console>, session: Sess) -> Response {

@@ -375,31 +375,11 @@ async fn import_devices(
     State(c): State<Console>,
     session: Sess,
     Path(pk): Path<String>,
-    mut form: Multipart,
+    form: Multipart,
 ) -> Response {
-    let mut csv: Option<Bytes> = None;
-    loop {
-        match form.next_field().await {
-            Ok(Some(field)) => {
-                if field.name() == Some("file") {
-                    match field.bytes().await {
-                        Ok(b) => csv = Some(b),
-                        Err(e) => {
-                            return view::error_page(Some(&session), e.status(), &e.body_text())
-                        }
-                    }
-                }
-            }
-            Ok(None) => break,
-            Err(e) => return view::error_page(Some(&session), e.status(), &e.body_text()),
-        }
-    }
-    let Some(csv) = csv else {
-        return view::error_page(
-            Some(&session),
-            StatusCode::BAD_REQUEST,
-            "Choose a CSV file.",
-        );
+    let csv = match view::uploaded_file(&session, form).await {
+        Ok(csv) => csv,
+        Err(page) => return page,
     };
     let a = c
         .api

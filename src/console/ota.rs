@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::session::Session;
-use super::view::{self, Nav, Segment};
+use super::view::{self, field, Fields, Nav, Segment};
 use super::{Console, Sess};
 use crate::ota::engine::{JobFilter, PushSeries};
 use crate::ota::model::{JobStatistics, JobStatus, JobView, TaskView};
@@ -116,16 +116,6 @@ async fn list(State(c): State<Console>, session: Sess, Query(q): Query<ListQuery
 
 fn job_name(j: &JobView) -> &str {
     j.job.spec.name.as_deref().unwrap_or(&j.job.job_id)
-}
-
-/// The job form's submitted values, in order (repeated keys kept).
-type Fields = Vec<(String, String)>;
-
-fn field<'a>(f: &'a Fields, name: &str) -> &'a str {
-    f.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.trim())
-        .unwrap_or("")
 }
 
 async fn new_job(State(c): State<Console>, session: Sess) -> Response {

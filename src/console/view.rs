@@ -1,6 +1,8 @@
 //! The page shell (navigation, session bar), the embedded assets, and the pieces every screen
 //! shares: the stacked status bar, the SVG bar chart, pagers, time and error rendering.
 
+use axum::body::Bytes;
+use axum::extract::Multipart;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, DOCTYPE};
@@ -333,6 +335,43 @@ pub(super) fn pager(page: u32, page_size: u32, total: u64, href: impl Fn(u32) ->
 /// `s` percent-encoded for a query value or path segment.
 pub(super) fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A form's submitted values, in order (repeated keys kept).
+pub(super) type Fields = Vec<(String, String)>;
+
+/// The first value of `name` in `f`, trimmed (`""` when absent).
+pub(super) fn field<'a>(f: &'a Fields, name: &str) -> &'a str {
+    f.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.trim())
+        .unwrap_or("")
+}
+
+/// The bytes of a form's `file` field (a CSV upload), or the page that says what is wrong with
+/// the form.
+pub(super) async fn uploaded_file(
+    session: &Session,
+    mut form: Multipart,
+) -> Result<Bytes, Response> {
+    let mut file: Option<Bytes> = None;
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) => {
+                if field.name() == Some("file") {
+                    match field.bytes().await {
+                        Ok(b) => file = Some(b),
+                        Err(e) => {
+                            return Err(error_page(Some(session), e.status(), &e.body_text()))
+                        }
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Err(error_page(Some(session), e.status(), &e.body_text())),
+        }
+    }
+    file.ok_or_else(|| error_page(Some(session), StatusCode::BAD_REQUEST, "Choose a CSV file."))
 }
 
 #[cfg(test)]
