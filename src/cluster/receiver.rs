@@ -478,9 +478,20 @@ impl Receiver {
             }
         };
         let cuts = snapshot.feed_cuts.clone();
-        let ended = self.registry.resync(snapshot).await;
-        for e in &ended {
+        let resynced = self.registry.resync(snapshot).await;
+        for e in &resynced.ended {
             self.end_local(e, DisconnectReason::TakenOver);
+        }
+        // A version report whose feed message never arrived is only in the store: the
+        // engines' holder hears of it now, as of any version report.
+        let engine = self.cluster.engine_reports();
+        for v in resynced.versions {
+            Cluster::engine_report(&engine, || DeviceReport::Version {
+                pk: v.product_key,
+                dn: v.device_name,
+                module: v.module,
+                version: v.version,
+            });
         }
         reload.deliver(&self.followers);
         // Positions only move forward: messages applied after the snapshot was read stay

@@ -44,7 +44,7 @@ mod validate;
 
 pub use model::*;
 pub use observer::{DeviceChange, DeviceObserver, ObserverFuture};
-pub use remote::{SessionEvent, Superseded};
+pub use remote::{Resynced, SessionEvent, Superseded, VersionTaken};
 pub use validate::MAX_TAGS;
 
 use crate::cluster::epoch::EpochClock;

@@ -39,6 +39,25 @@ pub struct Superseded {
     pub epoch: u64,
 }
 
+/// What a [`Registry::resync`] changed that its caller must act on.
+#[derive(Debug, Default)]
+pub struct Resynced {
+    /// This node's sessions the store says were superseded (to end).
+    pub ended: Vec<Superseded>,
+    /// Versions taken from the store (devices another node held last): the engines' holder
+    /// hears of them as of a version report.
+    pub versions: Vec<VersionTaken>,
+}
+
+/// A device's module version the resync took from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionTaken {
+    pub product_key: String,
+    pub device_name: String,
+    pub module: String,
+    pub version: String,
+}
+
 impl Registry {
     /// Applies another node's connection event. Returns the session it supersedes (a newer
     /// session elsewhere ends the one held until now), if any.
@@ -235,25 +254,12 @@ impl Registry {
             return (Some(change), superseded(old.session));
         };
         let record = stored.record.clone();
-        let node = self.epochs.node();
         // Same device (same creation) still here: its configured fields change in place.
         let updated = entry
             .devices
             .get_mut(dn)
             .filter(|d| d.created_at_ms == record.created_at_ms)
             .map(|mut d| {
-                // A device's versions are written by the node that last held it (its reports
-                // arrive over that node's session). This node keeps its own, whose writes may
-                // still be on their way to the store, and takes the store's for any other: a
-                // report whose feed message never arrived (its node died between COMMIT and
-                // publishing) is in the store, and nowhere else.
-                let last = d
-                    .epoch_seen
-                    .max(stored.epoch_seen)
-                    .max(stored.session.unwrap_or(0));
-                if last == 0 || crate::cluster::epoch::node_of(last) != node {
-                    d.versions.clone_from(&stored.versions);
-                }
                 let revoked = !record.enabled
                     || record.device_secret != d.device_secret
                     || record.instance_id != d.instance_id;
@@ -298,7 +304,7 @@ impl Registry {
     /// missed feed messages. Sessions of this node are kept unless the store knows a newer
     /// session of the device (then it is returned, to end); devices and products the store no
     /// longer has are removed. Observers hear of what changed.
-    pub async fn resync(&self, snapshot: Snapshot) -> Vec<Superseded> {
+    pub async fn resync(&self, snapshot: Snapshot) -> Resynced {
         let stored_instances: HashSet<String> = snapshot
             .instances
             .iter()
@@ -331,6 +337,7 @@ impl Registry {
         }
         let mut ended = Vec::new();
         let mut changes = Vec::new();
+        let mut versions = Vec::new();
         let known: Vec<String> = self.products.iter().map(|e| e.key().clone()).collect();
         for pk in known {
             if !stored_products.contains(&pk) {
@@ -355,7 +362,14 @@ impl Registry {
             for dn in names {
                 let fresh = stored.remove(&dn);
                 let session = fresh.as_ref().and_then(|f| f.session);
+                let stored_versions = fresh.as_ref().map(|f| {
+                    let last = f.epoch_seen.max(f.session.unwrap_or(0));
+                    (f.versions.clone(), last)
+                });
                 let (change, revoked) = self.refresh_device_now(&pk, &dn, fresh);
+                if let Some((stored_versions, last)) = stored_versions {
+                    versions.extend(self.take_stored_versions(&pk, &dn, stored_versions, last));
+                }
                 changes.extend(change);
                 ended.extend(revoked);
                 ended.extend(self.resync_session(&pk, &dn, session));
@@ -369,7 +383,43 @@ impl Registry {
         for change in changes {
             self.notify(change).await;
         }
-        ended
+        Resynced { ended, versions }
+    }
+
+    /// A device's versions are written by the node that last held it (its reports arrive over
+    /// that node's session). This node keeps its own, whose writes may still be on their way
+    /// to the store, and takes the store's for any other device: a report whose feed message
+    /// never arrived (its node died between COMMIT and publishing) is in the store and nowhere
+    /// else. Returns the versions that changed here.
+    fn take_stored_versions(
+        &self,
+        pk: &str,
+        dn: &str,
+        stored: BTreeMap<String, String>,
+        stored_last: u64,
+    ) -> Vec<VersionTaken> {
+        let Some(entry) = self.product(pk) else {
+            return Vec::new();
+        };
+        let Some(mut d) = entry.devices.get_mut(dn) else {
+            return Vec::new();
+        };
+        let last = d.epoch_seen.max(stored_last);
+        if last != 0 && crate::cluster::epoch::node_of(last) == self.epochs.node() {
+            return Vec::new();
+        }
+        let taken = stored
+            .iter()
+            .filter(|(module, version)| d.versions.get(*module) != Some(*version))
+            .map(|(module, version)| VersionTaken {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                module: module.clone(),
+                version: version.clone(),
+            })
+            .collect();
+        d.versions = stored;
+        taken
     }
 
     /// Aligns a device's session with the one the store knows: a newer stored session wins

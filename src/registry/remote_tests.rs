@@ -299,7 +299,7 @@ async fn resync_makes_memory_equal_to_the_store() {
     })
     .await
     .unwrap();
-    let ended = r.resync(snapshot).await;
+    let ended = r.resync(snapshot).await.ended;
     assert!(r.get_instance("iot-gone").is_err());
     assert!(r.get_instance(DEFAULT_INSTANCE_ID).is_ok());
     assert_eq!(
@@ -365,8 +365,18 @@ async fn resync_takes_the_versions_of_devices_another_node_held_and_keeps_its_ow
         devices: vec![dev1, dev2],
         feed_cuts: BTreeMap::new(),
     };
-    r.resync(snapshot).await;
+    let taken = r.resync(snapshot).await.versions;
     let version = |dn: &str| r.get_device(&pk, dn).unwrap().versions.get("MCU").cloned();
+    // The engines' holder is told of dev1's version (and of nothing of dev2's).
+    assert_eq!(
+        taken,
+        vec![VersionTaken {
+            product_key: pk.clone(),
+            device_name: "dev1".into(),
+            module: "MCU".into(),
+            version: "4.2".into(),
+        }]
+    );
     assert_eq!(version("dev1").as_deref(), Some("4.2"));
     assert_eq!(version("dev2").as_deref(), Some("2.0"));
 }
