@@ -46,9 +46,13 @@
 //! This module must not touch the store's device tables or the registry's state: it reads
 //! devices, publishes through the [`Downlink`] and writes only its own documents.
 
+mod kept;
+pub use kept::OfflineReaper;
 mod offline;
 pub mod properties;
 mod records;
+mod remote;
+use remote::{unexpected, RemoteAnswer, RemoteCommand};
 
 pub use properties::{LatestProperties, PropertySnapshot};
 pub use records::{CommandRecord, CommandStatus, RecordedReply};
@@ -279,125 +283,6 @@ enum Route {
     Remote(DeviceKey),
 }
 
-/// A command for a device held by another node (the body of a `Cluster::command`).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum RemoteCommand {
-    Publish {
-        topic: String,
-        payload: Vec<u8>,
-        qos1: bool,
-    },
-    Service {
-        identifier: String,
-        params: Value,
-        wait_ms: Option<u64>,
-    },
-    Rrpc {
-        payload: Vec<u8>,
-        wait_ms: u64,
-    },
-    /// The record of a call this node made (asked of every node on a local miss).
-    Record {
-        id: String,
-    },
-}
-
-/// The holder's answer to a [`RemoteCommand`].
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-enum RemoteAnswer {
-    Sent {
-        sent: Sent,
-    },
-    Record {
-        record: CommandRecord,
-    },
-    Rrpc {
-        message_id: String,
-        payload: Vec<u8>,
-        elapsed_ms: u64,
-    },
-    Failed {
-        error: RemoteError,
-    },
-}
-
-/// A [`CommandError`] as it travels between nodes.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "error", rename_all = "snake_case")]
-enum RemoteError {
-    Offline,
-    Timeout { timeout_ms: u64 },
-    Busy,
-    NotFound { id: String },
-    Other { message: String },
-}
-
-impl RemoteError {
-    fn from_error(e: &CommandError) -> Self {
-        match e {
-            CommandError::Offline { .. } | CommandError::OfflineQueueFull { .. } => {
-                RemoteError::Offline
-            }
-            CommandError::Timeout { timeout_ms } => RemoteError::Timeout {
-                timeout_ms: *timeout_ms,
-            },
-            CommandError::Busy => RemoteError::Busy,
-            CommandError::NotFound { id } => RemoteError::NotFound { id: id.clone() },
-            other => RemoteError::Other {
-                message: other.to_string(),
-            },
-        }
-    }
-
-    fn into_error(self, device: &DeviceKey) -> CommandError {
-        match self {
-            RemoteError::Offline => CommandError::Offline {
-                product_key: device.product_key.clone(),
-                device_name: device.device_name.clone(),
-            },
-            RemoteError::Timeout { timeout_ms } => CommandError::Timeout { timeout_ms },
-            RemoteError::Busy => CommandError::Busy,
-            RemoteError::NotFound { id } => CommandError::NotFound { id },
-            RemoteError::Other { message } => CommandError::Broker(message),
-        }
-    }
-}
-
-fn unexpected() -> CommandError {
-    CommandError::Broker("unexpected answer".into())
-}
-
-/// The cluster's [`CommandHandler`]: commands from other nodes, run here.
-struct RemoteCommands(Weak<Commands>);
-
-impl CommandHandler for RemoteCommands {
-    fn handle(
-        &self,
-        device: DeviceKey,
-        body: Vec<u8>,
-    ) -> futures_util::future::BoxFuture<'static, Vec<u8>> {
-        let commands = self.0.clone();
-        Box::pin(async move {
-            let answer = match (commands.upgrade(), serde_json::from_slice(&body)) {
-                (Some(commands), Ok(command)) => commands.execute(device, command).await,
-                (None, _) => RemoteAnswer::Failed {
-                    error: RemoteError::Other {
-                        message: "the node is shutting down".into(),
-                    },
-                },
-                (_, Err(e)) => RemoteAnswer::Failed {
-                    error: RemoteError::Other {
-                        message: format!("unreadable command: {e}"),
-                    },
-                },
-            };
-            serde_json::to_vec(&answer).unwrap_or_default()
-        })
-    }
-}
-
 /// The cloud-to-device hub; see the module docs.
 pub struct Commands {
     downlink: Downlink,
@@ -510,100 +395,6 @@ impl Commands {
         Ok(None)
     }
 
-    /// Runs `command` on the node holding `device` (cluster mode) and returns its answer.
-    async fn remote(
-        &self,
-        device: &DeviceKey,
-        command: &RemoteCommand,
-        wait: Duration,
-    ) -> Result<RemoteAnswer, CommandError> {
-        let offline = || CommandError::Offline {
-            product_key: device.product_key.clone(),
-            device_name: device.device_name.clone(),
-        };
-        let Some(cluster) = self.cluster.get() else {
-            return Err(offline());
-        };
-        let body = serde_json::to_vec(command).unwrap_or_default();
-        // The holder waits up to `wait` for the device; its answer needs a moment more.
-        let answer = cluster
-            .command(device, body, wait + REMOTE_MARGIN)
-            .await
-            .map_err(|e| CommandError::Broker(e.to_string()))?;
-        let Some(answer) = answer else {
-            return Err(offline());
-        };
-        match serde_json::from_slice::<RemoteAnswer>(&answer) {
-            Ok(RemoteAnswer::Failed { error }) => Err(error.into_error(device)),
-            Ok(answer) => Ok(answer),
-            Err(_) => Err(CommandError::Broker(
-                "the node holding the device gave no usable answer".into(),
-            )),
-        }
-    }
-
-    /// Makes this node carry out commands other nodes send for devices it holds.
-    pub fn attach_cluster(self: &Arc<Self>, cluster: Arc<Cluster>) {
-        cluster.set_command_handler(Arc::new(RemoteCommands(Arc::downgrade(self))));
-        let _ = self.cluster.set(cluster);
-    }
-
-    /// Carries out a command another node sent (only for a session held here).
-    async fn execute(&self, device: DeviceKey, command: RemoteCommand) -> RemoteAnswer {
-        let (pk, dn) = (&device.product_key, &device.device_name);
-        let result = match command {
-            RemoteCommand::Publish {
-                topic,
-                payload,
-                qos1,
-            } => {
-                let message = Message {
-                    topic,
-                    payload: payload.into(),
-                    qos: if qos1 {
-                        Qos::AtLeastOnce
-                    } else {
-                        Qos::AtMostOnce
-                    },
-                };
-                self.publish_at(pk, dn, message, true)
-                    .await
-                    .map(|sent| RemoteAnswer::Sent { sent })
-            }
-            RemoteCommand::Service {
-                identifier,
-                params,
-                wait_ms,
-            } => self
-                .call_service_at(
-                    pk,
-                    dn,
-                    &identifier,
-                    params,
-                    wait_ms.map(Duration::from_millis),
-                    true,
-                )
-                .await
-                .map(|record| RemoteAnswer::Record { record }),
-            RemoteCommand::Rrpc { payload, wait_ms } => self
-                .rrpc_at(pk, dn, payload.into(), Duration::from_millis(wait_ms), true)
-                .await
-                .map(|a| RemoteAnswer::Rrpc {
-                    message_id: a.message_id,
-                    payload: a.payload.to_vec(),
-                    elapsed_ms: a.elapsed_ms,
-                }),
-            RemoteCommand::Record { id } => self
-                .records
-                .get(pk, dn, &id)
-                .map(|record| RemoteAnswer::Record { record })
-                .ok_or(CommandError::NotFound { id }),
-        };
-        result.unwrap_or_else(|e| RemoteAnswer::Failed {
-            error: RemoteError::from_error(&e),
-        })
-    }
-
     fn send(&self, message: Message, kind: DownlinkKind) -> Result<(), CommandError> {
         let sent = match message.qos {
             Qos::AtMostOnce => self
@@ -693,119 +484,6 @@ impl Commands {
             topic,
             status: SendStatus::Delivered,
         })
-    }
-
-    /// A one-way message for a device without a session: kept for its persistent session
-    /// (`Ok(Ok)`), refused as offline, or given back (`Ok(Err)`) when the device came online
-    /// since it was located.
-    fn keep_for_offline(
-        &self,
-        pk: &str,
-        dn: &str,
-        message: Message,
-        local_only: bool,
-    ) -> Result<Result<Sent, Message>, CommandError> {
-        let kind = DownlinkKind::Publish;
-        let device = DeviceKey {
-            product_key: pk.to_owned(),
-            device_name: dn.to_owned(),
-        };
-        let offline = || CommandError::Offline {
-            product_key: pk.to_owned(),
-            device_name: dn.to_owned(),
-        };
-        // Cluster mode: the device may come back on another node (see the module docs).
-        if local_only || self.cluster.get().is_some() {
-            self.count(kind, "offline");
-            return Err(offline());
-        }
-        let message_id = self.new_id();
-        let topic = message.topic.clone();
-        let online = || self.downlink.is_connected(&device);
-        match self
-            .offline
-            .push(&device, message, &message_id, Instant::now(), online)
-        {
-            Push::Queued => {
-                self.count(kind, "queued");
-                Ok(Ok(Sent {
-                    message_id,
-                    topic,
-                    status: SendStatus::Queued,
-                }))
-            }
-            Push::Online(message) => Ok(Err(message)),
-            Push::Full => {
-                self.count(kind, "offline");
-                self.offline_dropped("full", 1);
-                Err(CommandError::OfflineQueueFull {
-                    product_key: pk.to_owned(),
-                    device_name: dn.to_owned(),
-                    max: self.offline.max(),
-                })
-            }
-            Push::NoSession => {
-                self.count(kind, "offline");
-                Err(offline())
-            }
-        }
-    }
-
-    fn offline_dropped(&self, reason: &'static str, n: usize) {
-        if n > 0 {
-            self.metrics
-                .offline_messages_dropped
-                .get_or_create(&[("reason", reason)])
-                .inc_by(n as u64);
-        }
-    }
-
-    /// A session of `device` went online here (called by ingest before its CONNACK, after the
-    /// broker marked it online). A persistent one (`clean_session = 0`) gets the messages kept
-    /// for it, in their order; a clean one discards them, as MQTT discards the old session.
-    pub fn session_started(&self, device: &DeviceKey, persistent: bool) {
-        let started = self
-            .offline
-            .session_started(device, persistent, Instant::now());
-        self.offline_dropped("expired", started.expired);
-        self.offline_dropped("clean_session", started.cleared);
-        let kind = DownlinkKind::Publish;
-        for queued in started.deliver {
-            match self.send(queued.message, kind) {
-                Ok(()) => self.count(kind, "delivered"),
-                Err(error) => {
-                    // Counted as refused by `send`.
-                    tracing::warn!(%error, message_id = %queued.message_id, "queued message not delivered");
-                    self.offline_dropped("refused", 1);
-                }
-            }
-        }
-    }
-
-    /// Drops the messages kept for a deleted device.
-    fn forget_offline(&self, device: &DeviceKey) {
-        let n = self.offline.forget(device);
-        self.offline_dropped("deleted", n);
-    }
-
-    /// The task dropping kept messages past their age (so a device that never comes back does
-    /// not hold them); ends when `commands` is dropped.
-    pub fn spawn_offline_sweeper(commands: &Arc<Commands>) {
-        let weak = Arc::downgrade(commands);
-        let every =
-            (commands.offline.ttl() / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(commands) = weak.upgrade() else {
-                    return;
-                };
-                let n = commands.offline.sweep(Instant::now());
-                commands.offline_dropped("expired", n);
-            }
-        });
     }
 
     /// Publishes `payload` on `topic_template` (with `{dn}` standing for each device's name and
@@ -1113,37 +791,6 @@ impl Commands {
         elsewhere.ok_or_else(|| CommandError::NotFound { id: id.to_owned() })
     }
 
-    /// Asks every other live node for the record at once; the first that has it answers.
-    async fn record_elsewhere(
-        &self,
-        cluster: &Cluster,
-        pk: &str,
-        dn: &str,
-        id: &str,
-    ) -> Option<CommandRecord> {
-        let device = DeviceKey {
-            product_key: pk.to_owned(),
-            device_name: dn.to_owned(),
-        };
-        let body =
-            serde_json::to_vec(&RemoteCommand::Record { id: id.to_owned() }).unwrap_or_default();
-        let asks = cluster
-            .members()
-            .into_iter()
-            .map(|m| m.node)
-            .filter(|&node| node != cluster.node())
-            .map(|node| cluster.command_on(node, &device, body.clone(), RECORD_WAIT));
-        let answers = futures_util::future::join_all(asks).await;
-        answers.into_iter().find_map(|answer| match answer {
-            Ok(Some(body)) => match serde_json::from_slice::<RemoteAnswer>(&body) {
-                Ok(RemoteAnswer::Record { record }) => Some(record),
-                _ => None,
-            },
-            // A node that is gone took its records with it (they are in memory).
-            Ok(None) | Err(_) => None,
-        })
-    }
-
     /// An answer topic published by `device` (ingest checked it is the session's own). Answers
     /// that match no command (unknown id, late RRPC response, unreadable reply) are counted in
     /// `fleetgate_downlink_answers_dropped_total` and dropped.
@@ -1188,31 +835,5 @@ impl Commands {
             .downlink_answers_dropped
             .get_or_create(&[("reason", reason)])
             .inc();
-    }
-}
-
-/// Drops the messages kept for a deleted device (its persistent session goes with it).
-pub struct OfflineReaper(pub Weak<Commands>);
-
-impl crate::registry::DeviceObserver for OfflineReaper {
-    fn device_changed<'a>(
-        &'a self,
-        change: &'a crate::registry::DeviceChange,
-    ) -> crate::registry::ObserverFuture<'a> {
-        Box::pin(async move {
-            if let crate::registry::DeviceChange::Deleted {
-                product_key,
-                device_name,
-                ..
-            } = change
-            {
-                if let Some(commands) = self.0.upgrade() {
-                    commands.forget_offline(&DeviceKey {
-                        product_key: product_key.clone(),
-                        device_name: device_name.clone(),
-                    });
-                }
-            }
-        })
     }
 }
