@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Which broker a process is.
@@ -142,11 +142,24 @@ impl Server {
                 break (addr("mqtt")?, addr("http")?);
             }
         };
-        // Keep draining the pipe (a full pipe would block the gateway's logging) and keep
-        // warnings such as rumqttd's "Read cursor start jumped".
+        // Keep draining the pipe (a full pipe would block the gateway's logging), keep
+        // warnings such as rumqttd's "Read cursor start jumped", and keep the whole log beside
+        // the node's data (`fleetgate.log`) to read after a run.
         let tap = Arc::clone(&log);
+        let mut file = tokio::fs::File::create(data_dir.join("fleetgate.log"))
+            .await
+            .map(tokio::io::BufWriter::new)
+            .ok();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = file.as_mut() {
+                    if f.write_all(line.as_bytes()).await.is_err()
+                        || f.write_all(b"\n").await.is_err()
+                        || f.flush().await.is_err()
+                    {
+                        file = None;
+                    }
+                }
                 let level = serde_json::from_str::<serde_json::Value>(&line)
                     .ok()
                     .and_then(|v| v["level"].as_str().map(str::to_owned));
