@@ -228,6 +228,7 @@ pub async fn run(args: &Args, bins: &Bins, results: &mut Results) -> anyhow::Res
         pg_admin: args.pg_url.clone(),
         nats: args.nats_url.clone(),
         haproxy: args.haproxy.clone(),
+        haproxy_threads: args.haproxy_threads,
     };
     let n_connect = args.cluster_connect_devices;
     let n_ingest = args.cluster_ingest_devices;
@@ -277,7 +278,7 @@ async fn one_run(
         t.elapsed().as_secs_f64()
     );
     // Every node has applied the batch (a write answers once the live nodes applied it).
-    let haproxy = Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>(), 0).await?;
+    let haproxy = Haproxy::start(svc, work, &nodes.iter().collect::<Vec<_>>(), 0).await?;
 
     // 1. Connections through HAProxy, then straight to node 1.
     let n = args.cluster_connect_devices;
@@ -345,19 +346,23 @@ async fn one_run(
         wait_offline(&nodes[0].api).await?;
     }
 
-    // 2. Ingest through HAProxy.
-    let row = cluster_ingest(
-        args,
-        &nodes,
-        &haproxy,
-        db,
-        &all[..args.cluster_ingest_devices],
-        run,
-    )
-    .await?;
-    print_ingest(&row);
-    results.cluster_ingest.push(row);
-    wait_offline(&nodes[0].api).await?;
+    // 2. Ingest through HAProxy, then with the devices straight on the nodes (as SDKs with a
+    // server list connect; device i on node i mod 3).
+    let direct: Vec<SocketAddr> = nodes.iter().map(|n| n.server.mqtt).collect();
+    for via in [Via::Haproxy(haproxy.addr), Via::Direct(&direct)] {
+        let row = cluster_ingest(
+            args,
+            &nodes,
+            via,
+            db,
+            &all[..args.cluster_ingest_devices],
+            run,
+        )
+        .await?;
+        print_ingest(&row);
+        results.cluster_ingest.push(row);
+        wait_offline(&nodes[0].api).await?;
+    }
     haproxy.stop().await;
 
     // 3. Failover of node 1 holding F devices.
@@ -407,23 +412,48 @@ fn inform_messages(tag: &str, size: usize) -> loadgen::MessageFn {
 
 const INFORM: &str = "fleetgate_mqtt_messages_total{kind=\"inform\"}";
 
+/// How the ingest's devices reach the cluster.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    /// All through HAProxy (placed by the consistent hash of their usernames).
+    Haproxy(SocketAddr),
+    /// Device i straight to node `i mod n`.
+    Direct(&'a [SocketAddr]),
+}
+
 async fn cluster_ingest(
     args: &Args,
     nodes: &[Node],
-    haproxy: &Haproxy,
+    via: Via<'_>,
     db: &Database,
     devs: &[Device],
     run: usize,
 ) -> anyhow::Result<ClusterIngestRow> {
     let load = load1();
-    let (cs, clients) =
-        loadgen::connect_all(haproxy.addr, devs, args.concurrency, args.window).await;
-    ensure!(
-        cs.failed == 0,
-        "cluster ingest: {} devices failed to connect: {:?}",
-        cs.failed,
-        cs.errors
-    );
+    let (scenario, entries) = match via {
+        Via::Haproxy(addr) => ("cluster (3 nodes, PostgreSQL) via HAProxy", vec![addr]),
+        Via::Direct(addrs) => (
+            "cluster (3 nodes, PostgreSQL) straight to the nodes",
+            addrs.to_vec(),
+        ),
+    };
+    // In device order: the flood's client i publishes as device i.
+    let mut clients: Vec<Option<loadgen::Connected>> = devs.iter().map(|_| None).collect();
+    for (k, entry) in entries.iter().enumerate() {
+        let mine: Vec<usize> = (k..devs.len()).step_by(entries.len()).collect();
+        let picked: Vec<Device> = mine.iter().map(|&i| devs[i].clone()).collect();
+        let (cs, connected) =
+            loadgen::connect_all(*entry, &picked, args.concurrency, args.window).await;
+        ensure!(
+            cs.failed == 0,
+            "cluster ingest: {} devices failed to connect to {entry}: {:?}",
+            cs.failed,
+            cs.errors
+        );
+        for (i, c) in mine.into_iter().zip(connected) {
+            clients[i] = c;
+        }
+    }
     let mut before = Vec::new();
     for n in nodes {
         before.push((n.api.metric(INFORM).await?, n.server.cpu_s()?));
@@ -460,7 +490,7 @@ async fn cluster_ingest(
     }
     let processed = per_node.iter().map(|(_, p, _)| p).sum();
     Ok(ClusterIngestRow {
-        scenario: "cluster (3 nodes, PostgreSQL) via HAProxy".into(),
+        scenario: scenario.into(),
         run,
         cpu_us_per_msg: cpu_total * 1e6 / flood.acked.max(1) as f64,
         pg_commits_per_s: Some(commits as f64 / flood.elapsed_s.max(1e-9)),

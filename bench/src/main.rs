@@ -176,6 +176,9 @@ struct Args {
     /// Cluster: the haproxy binary.
     #[arg(long, default_value = "haproxy")]
     haproxy: PathBuf,
+    /// Cluster: HAProxy's `nbthread` (default: HAProxy's own, one thread per CPU).
+    #[arg(long)]
+    haproxy_threads: Option<u16>,
     /// Cluster: devices connected through HAProxy (≤ ~9,000: two descriptors each there).
     #[arg(long, default_value_t = 8_000)]
     cluster_connect_devices: usize,

@@ -28,6 +28,7 @@ impl Fleet3 {
             pg_admin: args.pg_url.clone(),
             nats: args.nats_url.clone(),
             haproxy: args.haproxy.clone(),
+            haproxy_threads: args.haproxy_threads,
         };
         let db = Database::fresh(&svc.pg_admin).await?;
         let cluster = format!("benchota{}", std::process::id());
@@ -45,7 +46,7 @@ impl Fleet3 {
         let mut haproxies = Vec::new();
         for index in 0..devices.div_ceil(DEVICES_PER_HAPROXY).max(1) {
             let started =
-                Haproxy::start(&svc.haproxy, work, &nodes.iter().collect::<Vec<_>>(), index).await;
+                Haproxy::start(&svc, work, &nodes.iter().collect::<Vec<_>>(), index).await;
             match started {
                 Ok(h) => haproxies.push(h),
                 Err(e) => {
@@ -118,6 +119,8 @@ pub(super) struct Services {
     pub(super) pg_admin: String,
     pub(super) nats: String,
     pub(super) haproxy: PathBuf,
+    /// HAProxy's `nbthread` (`None`: its default, one thread per CPU).
+    pub(super) haproxy_threads: Option<u16>,
 }
 
 /// A fresh PostgreSQL database, dropped (with `FORCE`) by [`Database::drop_now`].
@@ -234,7 +237,7 @@ pub(super) struct Haproxy {
 impl Haproxy {
     /// HAProxy number `index` (its own configuration file) in front of `nodes`.
     pub(super) async fn start(
-        bin: &Path,
+        svc: &Services,
         work: &Path,
         nodes: &[&Node],
         index: usize,
@@ -251,9 +254,12 @@ impl Haproxy {
                 )
             })
             .collect();
+        let threads = svc
+            .haproxy_threads
+            .map_or(String::new(), |n| format!("    nbthread {n}\n"));
         // deploy/haproxy.cfg's MQTT frontend and backend, with this run's addresses.
         let config = format!(
-            "global\n    maxconn 9000\n\
+            "global\n    maxconn 9000\n{threads}\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10m\n    \
              timeout server 10m\n    retries 3\n    option redispatch\n\
              frontend mqtt\n    bind {addr}\n    tcp-request inspect-delay 5s\n    \
@@ -265,6 +271,7 @@ impl Haproxy {
         );
         let path = work.join(format!("haproxy-{index}.cfg"));
         std::fs::write(&path, config)?;
+        let bin = &svc.haproxy;
         let child = Command::new(bin)
             .arg("-db")
             .arg("-f")
