@@ -7,6 +7,7 @@ use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Rows per batch call (the API's maximum).
 const BATCH_ROWS: usize = 10_000;
@@ -44,7 +45,14 @@ impl Api {
         Api {
             base: format!("http://{http}"),
             token: token.to_owned(),
-            http: reqwest::Client::new(),
+            // A gateway closes a connection that sends no request head for
+            // `http.header_read_timeout_secs` (10 s by default); a pooled connection idle that
+            // long could be reused just as it closes ("connection closed before message
+            // completed" on a POST). Idle connections are dropped before that.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(4))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
