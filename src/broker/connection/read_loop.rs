@@ -281,7 +281,6 @@ where
     H: DeviceHooks,
 {
     let lost = |_| DisconnectReason::ConnectionLost;
-    let device = &live.session.device;
     let packet = match frame {
         Frame::Publish(publish) => return on_publish(publish, conn, live, flow).await,
         Frame::Other(packet) => *packet,
@@ -295,85 +294,8 @@ where
             };
             conn.queue(Packet::PubComp(comp, None)).map_err(lost)
         }
-        Packet::Subscribe(subscribe, _) => {
-            // (A SUBSCRIBE without filters does not even parse: `Violation::EmptySubscribe`.)
-            let checked = subscribe
-                .filters
-                .iter()
-                .try_for_each(|f| violation::topic_filter(&f.path));
-            if let Err(violation) = checked {
-                violation.emit(&live.shared.metrics);
-                return Err(DisconnectReason::ConnectionLost);
-            }
-            let allowed = subscription_allowed(live, &subscribe.filters);
-            let denied = allowed.iter().filter(|ok| !**ok).count();
-            if denied == allowed.len() {
-                let suback = SubAck {
-                    pkid: subscribe.pkid,
-                    return_codes: vec![SubscribeReasonCode::Failure; denied],
-                };
-                return conn.queue(Packet::SubAck(suback, None)).map_err(lost);
-            }
-            let filters: Vec<Filter> = subscribe
-                .filters
-                .into_iter()
-                .zip(&allowed)
-                .filter_map(|(f, ok)| ok.then_some(f))
-                .collect();
-            let paths = filters.iter().map(|f| f.path.clone()).collect();
-            to_link.push(Packet::Subscribe(
-                Subscribe {
-                    pkid: subscribe.pkid,
-                    filters,
-                },
-                None,
-            ));
-            flow.pending_subacks.push_back(PendingSubAck {
-                pkid: subscribe.pkid,
-                allowed,
-                paths,
-            });
-            Ok(())
-        }
-        Packet::Unsubscribe(unsubscribe, _) => {
-            let checked = match unsubscribe.filters.is_empty() {
-                true => Err(Violation::EmptyUnsubscribe),
-                false => unsubscribe
-                    .filters
-                    .iter()
-                    .try_for_each(|f| violation::topic_filter(f)),
-            };
-            if let Err(violation) = checked {
-                violation.emit(&live.shared.metrics);
-                return Err(DisconnectReason::ConnectionLost);
-            }
-            // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
-            // for a filter that was not subscribed, so we always answer ourselves (and drop the
-            // router's UNSUBACKs).
-            let owned: Vec<String> = unsubscribe
-                .filters
-                .into_iter()
-                .filter(|f| acl::filter_allowed(&device.product_key, &device.device_name, f))
-                .collect();
-            // Direct deliveries stop now; the router forgets the subscription right after.
-            for filter in &owned {
-                live.handle.revoke(filter);
-            }
-            if !owned.is_empty() {
-                to_link.push(Packet::Unsubscribe(
-                    Unsubscribe {
-                        pkid: unsubscribe.pkid,
-                        filters: owned,
-                    },
-                    None,
-                ));
-            }
-            let unsuback = UnsubAck {
-                pkid: unsubscribe.pkid,
-                reasons: vec![],
-            };
-            conn.queue(Packet::UnsubAck(unsuback, None)).map_err(lost)
-        }
+        Packet::Subscribe(subscribe, _) => on_subscribe(subscribe, conn, live, flow, to_link),
+        Packet::Unsubscribe(unsubscribe, _) => on_unsubscribe(unsubscribe, conn, live, to_link),
         Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp)).map_err(lost),
         Packet::PubAck(ack, _) => ack_downstream(&mut flow.awaiting_ack, ack.pkid, 1, || {
             to_link.push(Packet::PubAck(ack, None))
@@ -398,6 +320,114 @@ where
             Err(DisconnectReason::ConnectionLost)
         }
     }
+}
+
+/// A SUBSCRIBE: its filters checked (a malformed one ends the connection), then those the ACL
+/// allows go to the router, whose SUBACK is completed with the refused ones (all refused: our
+/// own SUBACK at once).
+fn on_subscribe<S, H>(
+    subscribe: Subscribe,
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    flow: &mut Flow,
+    to_link: &mut Vec<Packet>,
+) -> Result<(), DisconnectReason>
+where
+    S: Socket,
+    H: DeviceHooks,
+{
+    let lost = |_| DisconnectReason::ConnectionLost;
+    // (A SUBSCRIBE without filters does not even parse: `Violation::EmptySubscribe`.)
+    let checked = subscribe
+        .filters
+        .iter()
+        .try_for_each(|f| violation::topic_filter(&f.path));
+    if let Err(violation) = checked {
+        violation.emit(&live.shared.metrics);
+        return Err(DisconnectReason::ConnectionLost);
+    }
+    let allowed = subscription_allowed(live, &subscribe.filters);
+    let denied = allowed.iter().filter(|ok| !**ok).count();
+    if denied == allowed.len() {
+        let suback = SubAck {
+            pkid: subscribe.pkid,
+            return_codes: vec![SubscribeReasonCode::Failure; denied],
+        };
+        return conn.queue(Packet::SubAck(suback, None)).map_err(lost);
+    }
+    let filters: Vec<Filter> = subscribe
+        .filters
+        .into_iter()
+        .zip(&allowed)
+        .filter_map(|(f, ok)| ok.then_some(f))
+        .collect();
+    let paths = filters.iter().map(|f| f.path.clone()).collect();
+    to_link.push(Packet::Subscribe(
+        Subscribe {
+            pkid: subscribe.pkid,
+            filters,
+        },
+        None,
+    ));
+    flow.pending_subacks.push_back(PendingSubAck {
+        pkid: subscribe.pkid,
+        allowed,
+        paths,
+    });
+    Ok(())
+}
+
+/// An UNSUBSCRIBE: its filters checked (none, or a malformed one, ends the connection); the
+/// device's own ones stop delivering now and go to the router; answered by us.
+fn on_unsubscribe<S, H>(
+    unsubscribe: Unsubscribe,
+    conn: &mut Conn<S>,
+    live: &Live<H>,
+    to_link: &mut Vec<Packet>,
+) -> Result<(), DisconnectReason>
+where
+    S: Socket,
+    H: DeviceHooks,
+{
+    let lost = |_| DisconnectReason::ConnectionLost;
+    let device = &live.session.device;
+    let checked = match unsubscribe.filters.is_empty() {
+        true => Err(Violation::EmptyUnsubscribe),
+        false => unsubscribe
+            .filters
+            .iter()
+            .try_for_each(|f| violation::topic_filter(f)),
+    };
+    if let Err(violation) = checked {
+        violation.emit(&live.shared.metrics);
+        return Err(DisconnectReason::ConnectionLost);
+    }
+    // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
+    // for a filter that was not subscribed, so we always answer ourselves (and drop the
+    // router's UNSUBACKs).
+    let owned: Vec<String> = unsubscribe
+        .filters
+        .into_iter()
+        .filter(|f| acl::filter_allowed(&device.product_key, &device.device_name, f))
+        .collect();
+    // Direct deliveries stop now; the router forgets the subscription right after.
+    for filter in &owned {
+        live.handle.revoke(filter);
+    }
+    if !owned.is_empty() {
+        to_link.push(Packet::Unsubscribe(
+            Unsubscribe {
+                pkid: unsubscribe.pkid,
+                filters: owned,
+            },
+            None,
+        ));
+    }
+    let unsuback = UnsubAck {
+        pkid: unsubscribe.pkid,
+        reasons: vec![],
+    };
+    conn.queue(Packet::UnsubAck(unsuback, None)).map_err(lost)
 }
 
 /// A device's PUBACK (QoS 1) or PUBREC (QoS 2) for a downstream message. rumqttd drops a link
