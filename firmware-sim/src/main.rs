@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use firmware_sim::scenario::SignChoice;
-use firmware_sim::{devices, Fleet, FleetConfig, Scenario};
+use firmware_sim::{devices, Fleet, FleetConfig, FleetHandle, Scenario, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -128,6 +128,67 @@ fn positive(name: &str, v: Option<f64>) -> Result<Option<f64>> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    let (mut sc, explicit_mqtt) = scenario_with_flags(&args)?;
+    let seed = sc.seed.unwrap_or_else(rand::random);
+    if sc.fleet.devices_file.is_none()
+        && sc.fleet.generate.is_none()
+        && sc.fleet.provision.is_some()
+    {
+        // Before any device is created: a mismatch changes nothing on the gateway.
+        let addr = devices::gateway_mqtt(&sc.fleet.api, explicit_mqtt.as_deref()).await?;
+        if explicit_mqtt.is_none() {
+            eprintln!(
+                "firmware-sim: connecting to the gateway's MQTT listener at {addr} (from {}/healthz)",
+                sc.fleet.api.trim_end_matches('/')
+            );
+        }
+        sc.mqtt.address = addr;
+    }
+
+    let devices = load_devices(&sc, args.api_token.as_deref(), seed).await?;
+    if let Some(path) = &sc.fleet.save_devices {
+        devices::save(path, &devices)?;
+        eprintln!(
+            "firmware-sim: wrote {} devices to {}",
+            devices.len(),
+            path.display()
+        );
+    }
+
+    let mut config = FleetConfig::new(devices, sc.mqtt.address.clone());
+    config.mqtt = sc.mqtt.clone();
+    config.ota = sc.ota.clone();
+    config.telemetry = sc.telemetry.clone();
+    config.versions = sc.fleet.versions.clone();
+    config.faults = sc.faults.clone();
+    config.seed = seed;
+    config.name = sc.name.clone();
+    let n = config.devices.len();
+    let handle = Fleet::start(config).await?;
+
+    let summary = watch(handle, &sc, args.quiet).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        if !args.quiet {
+            eprint!("{}", summary.to_text());
+        }
+    } else {
+        print!("{}", summary.to_text());
+    }
+    if summary.connect.ever_connected == 0 {
+        bail!(
+            "none of the {n} devices could connect ({} refused by the broker, {} failed): \
+             check the address, the device list and the secrets",
+            summary.connect.connect_refused,
+            summary.connect.connect_failures
+        );
+    }
+    Ok(())
+}
+
+/// The scenario (file or default) with the flags over it, validated; and the MQTT address the
+/// user gave (flag or scenario key), if any.
+fn scenario_with_flags(args: &Args) -> Result<(Scenario, Option<String>)> {
     let mut sc = match &args.scenario {
         Some(p) => Scenario::load(p)?,
         None => Scenario::default(),
@@ -199,44 +260,13 @@ async fn run(args: Args) -> Result<()> {
         sc.until_idle_secs = Some(v);
     }
     sc.validate()?;
-    let seed = sc.seed.unwrap_or_else(rand::random);
-    if sc.fleet.devices_file.is_none()
-        && sc.fleet.generate.is_none()
-        && sc.fleet.provision.is_some()
-    {
-        // Before any device is created: a mismatch changes nothing on the gateway.
-        let addr = devices::gateway_mqtt(&sc.fleet.api, explicit_mqtt.as_deref()).await?;
-        if explicit_mqtt.is_none() {
-            eprintln!(
-                "firmware-sim: connecting to the gateway's MQTT listener at {addr} (from {}/healthz)",
-                sc.fleet.api.trim_end_matches('/')
-            );
-        }
-        sc.mqtt.address = addr;
-    }
+    Ok((sc, explicit_mqtt))
+}
 
-    let devices = load_devices(&sc, args.api_token.as_deref(), seed).await?;
-    if let Some(path) = &sc.fleet.save_devices {
-        devices::save(path, &devices)?;
-        eprintln!(
-            "firmware-sim: wrote {} devices to {}",
-            devices.len(),
-            path.display()
-        );
-    }
-
-    let mut config = FleetConfig::new(devices, sc.mqtt.address.clone());
-    config.mqtt = sc.mqtt.clone();
-    config.ota = sc.ota.clone();
-    config.telemetry = sc.telemetry.clone();
-    config.versions = sc.fleet.versions.clone();
-    config.faults = sc.faults.clone();
-    config.seed = seed;
-    config.name = sc.name.clone();
-    let n = config.devices.len();
-    let handle = Fleet::start(config).await?;
-
-    let live = !args.quiet && std::io::stdout().is_terminal();
+/// Runs the fleet until the duration ends, it is idle long enough or Ctrl-C, with a live
+/// status line on a terminal (unless `quiet`); then stops it and returns its summary.
+async fn watch(handle: FleetHandle, sc: &Scenario, quiet: bool) -> Summary {
+    let live = !quiet && std::io::stdout().is_terminal();
     let bar = live.then(|| {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         bar.set_style(
@@ -275,23 +305,7 @@ async fn run(args: Args) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-        if !args.quiet {
-            eprint!("{}", summary.to_text());
-        }
-    } else {
-        print!("{}", summary.to_text());
-    }
-    if summary.connect.ever_connected == 0 {
-        bail!(
-            "none of the {n} devices could connect ({} refused by the broker, {} failed): \
-             check the address, the device list and the secrets",
-            summary.connect.connect_refused,
-            summary.connect.connect_failures
-        );
-    }
-    Ok(())
+    summary
 }
 
 /// Whether the scenario file sets `[mqtt] address` (it was loaded once already: unreadable

@@ -418,70 +418,15 @@ pub async fn start_import(
         Ok(m) => m,
         Err(_) => return ApiError::unsupported_media_type("multipart/form-data").into_response(),
     };
-    let max = svc.settings().max_package_bytes;
-    let mut package: Option<Vec<u8>> = None;
-    let mut key = None;
-    let mut policy = ConflictPolicy::Skip;
-    let mut name = None;
-    loop {
-        let mut field = match multipart.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return multipart_error(e),
-        };
-        let field_name = field.name().unwrap_or_default().to_owned();
-        let limit = if field_name == "package" { max } else { 4096 };
-        let mut buf = Vec::new();
-        loop {
-            match field.chunk().await {
-                Ok(Some(chunk)) => {
-                    if (buf.len() + chunk.len()) as u64 > limit {
-                        return if field_name == "package" {
-                            ApiError::new(
-                                ErrorCode::PayloadTooLarge,
-                                format!(
-                                    "the package is larger than export.max_package_bytes ({max})"
-                                ),
-                            )
-                            .with_field("package")
-                            .into_response()
-                        } else {
-                            ApiError::invalid_field(field_name, "too long").into_response()
-                        };
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return multipart_error(e),
-            }
-        }
-        let text = || String::from_utf8(buf.clone()).map(|s| s.trim().to_owned());
-        match field_name.as_str() {
-            "package" => package = Some(buf),
-            "secrets_key" => match text() {
-                Ok(k) if !k.is_empty() => key = Some(k),
-                Ok(_) => {}
-                Err(_) => {
-                    return ApiError::invalid_field("secrets_key", "not UTF-8").into_response()
-                }
-            },
-            "conflict_policy" => match text().ok().as_deref().and_then(ConflictPolicy::parse) {
-                Some(p) => policy = p,
-                None => {
-                    return ApiError::invalid_field(
-                        "conflict_policy",
-                        "must be skip, overwrite or fail",
-                    )
-                    .into_response()
-                }
-            },
-            "name" => name = text().ok(),
-            other => {
-                return ApiError::invalid_field(other.to_owned(), "unknown form field")
-                    .into_response()
-            }
-        }
-    }
+    let ImportFields {
+        package,
+        key,
+        policy,
+        name,
+    } = match read_import_form(&mut multipart, svc.settings().max_package_bytes).await {
+        Ok(form) => form,
+        Err(refused) => return refused,
+    };
     let Some(package) = package.filter(|p| !p.is_empty()) else {
         return ApiError::missing_field("package").into_response();
     };
@@ -493,6 +438,89 @@ pub async fn start_import(
         Ok(job) => accepted(&job, "import"),
         Err(e) => err_response(e),
     }
+}
+
+/// The import form's fields as read.
+struct ImportFields {
+    package: Option<Vec<u8>>,
+    key: Option<String>,
+    policy: ConflictPolicy,
+    name: Option<String>,
+}
+
+/// Reads the import form: `package` up to `max` bytes, the short text fields up to 4 KiB.
+/// `Err`: the answer to a malformed, oversized or unknown field.
+async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportFields, Response> {
+    let mut package: Option<Vec<u8>> = None;
+    let mut key = None;
+    let mut policy = ConflictPolicy::Skip;
+    let mut name = None;
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e)),
+        };
+        let field_name = field.name().unwrap_or_default().to_owned();
+        let limit = if field_name == "package" { max } else { 4096 };
+        let mut buf = Vec::new();
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (buf.len() + chunk.len()) as u64 > limit {
+                        return Err(if field_name == "package" {
+                            ApiError::new(
+                                ErrorCode::PayloadTooLarge,
+                                format!(
+                                    "the package is larger than export.max_package_bytes ({max})"
+                                ),
+                            )
+                            .with_field("package")
+                            .into_response()
+                        } else {
+                            ApiError::invalid_field(field_name, "too long").into_response()
+                        });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(multipart_error(e)),
+            }
+        }
+        let text = || String::from_utf8(buf.clone()).map(|s| s.trim().to_owned());
+        match field_name.as_str() {
+            "package" => package = Some(buf),
+            "secrets_key" => match text() {
+                Ok(k) if !k.is_empty() => key = Some(k),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(ApiError::invalid_field("secrets_key", "not UTF-8").into_response())
+                }
+            },
+            "conflict_policy" => match text().ok().as_deref().and_then(ConflictPolicy::parse) {
+                Some(p) => policy = p,
+                None => {
+                    return Err(ApiError::invalid_field(
+                        "conflict_policy",
+                        "must be skip, overwrite or fail",
+                    )
+                    .into_response())
+                }
+            },
+            "name" => name = text().ok(),
+            other => {
+                return Err(
+                    ApiError::invalid_field(other.to_owned(), "unknown form field").into_response(),
+                )
+            }
+        }
+    }
+    Ok(ImportFields {
+        package,
+        key,
+        policy,
+        name,
+    })
 }
 
 /// An import job with per-object results (`?expand=objects`).

@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, RawQuery, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fleetgate_topics::FirmwareSignMethod;
@@ -509,6 +509,30 @@ pub async fn download_firmware(
             return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag.as_str())]).into_response();
         }
     }
+    normalise_range(headers, &etag);
+
+    // Cluster mode: fetched from the shared copy first when this node has not cached it.
+    let path = match state.firmware.local_blob(&package).await {
+        Ok(path) => path,
+        Err(e) => {
+            tracing::error!(firmware_id = %package.firmware_id, sha256 = %package.sha256, error = %e, "firmware bytes unavailable");
+            return ApiError::from(e).into_response();
+        }
+    };
+    let resp = match ServeFile::new(&path).try_call(req).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(e) => {
+            return ApiError::internal(format!("cannot read {}: {e}", path.display()))
+                .into_response()
+        }
+    };
+    answer_download(resp, &package, &path, &etag)
+}
+
+/// The request's range headers as the file service must see them: a range whose `If-Range`
+/// validator differs, several ranges, or anything but bytes is dropped (the whole file
+/// follows); a byte range is normalised; no content negotiation.
+fn normalise_range(headers: &mut HeaderMap, etag: &str) {
     // A resumed download whose validator no longer matches must restart from byte 0; blobs
     // never change, so only a foreign or date validator gets here. Several ranges are answered
     // with the whole file rather than a multipart body.
@@ -538,22 +562,16 @@ pub async fn download_firmware(
     }
     // Content negotiation must not pick a precompressed variant or a different body.
     headers.remove(header::ACCEPT_ENCODING);
+}
 
-    // Cluster mode: fetched from the shared copy first when this node has not cached it.
-    let path = match state.firmware.local_blob(&package).await {
-        Ok(path) => path,
-        Err(e) => {
-            tracing::error!(firmware_id = %package.firmware_id, sha256 = %package.sha256, error = %e, "firmware bytes unavailable");
-            return ApiError::from(e).into_response();
-        }
-    };
-    let resp = match ServeFile::new(&path).try_call(req).await {
-        Ok(resp) => resp.map(Body::new),
-        Err(e) => {
-            return ApiError::internal(format!("cannot read {}: {e}", path.display()))
-                .into_response()
-        }
-    };
+/// The file service's answer as the API gives it: its 416 and 404 as API errors, else the
+/// bytes as `application/octet-stream` with the package's strong ETag.
+fn answer_download(
+    resp: Response,
+    package: &FirmwarePackage,
+    path: &std::path::Path,
+    etag: &str,
+) -> Response {
     let (mut parts, body) = resp.into_parts();
     match parts.status {
         StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -577,7 +595,7 @@ pub async fn download_firmware(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            if let Ok(v) = HeaderValue::from_str(&etag) {
+            if let Ok(v) = HeaderValue::from_str(etag) {
                 parts.headers.insert(header::ETAG, v);
             }
             Response::from_parts(parts, body)

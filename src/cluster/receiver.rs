@@ -133,10 +133,29 @@ impl Receiver {
     /// Applies one message: configuration first (re-read from the store, so it is current),
     /// then sessions, versions and releases in their order.
     async fn apply(&self, message: FeedMessage) -> Result<(), StoreError> {
+        self.refresh_configuration(&message.items).await?;
+        let shared = &self.cluster.shared;
+        // Documents after the configuration: an instance deleted with its documents is gone
+        // from the registry when the followers hear of them.
+        let docs = self
+            .followers
+            .keys(message.items.iter().filter_map(|item| match item {
+                Item::Doc { kind, id } => Some((kind.as_str(), id.as_str())),
+                _ => None,
+            }));
+        self.followers.apply(shared.as_ref(), docs).await?;
+        self.apply_events(message.items);
+        Ok(())
+    }
+
+    /// Re-reads the instances, products and devices the message names from the store (so
+    /// they are current) into the registry; a device whose record ended its local session is
+    /// disconnected.
+    async fn refresh_configuration(&self, items: &[Item]) -> Result<(), StoreError> {
         let mut instances = BTreeSet::new();
         let mut products = BTreeSet::new();
         let mut devices = BTreeSet::new();
-        for item in &message.items {
+        for item in items {
             match item {
                 Item::Instance { id } => {
                     instances.insert(id.clone());
@@ -200,17 +219,14 @@ impl Receiver {
                 }
             }
         }
-        // Documents after the configuration: an instance deleted with its documents is gone
-        // from the registry when the followers hear of them.
-        let docs = self
-            .followers
-            .keys(message.items.iter().filter_map(|item| match item {
-                Item::Doc { kind, id } => Some((kind.as_str(), id.as_str())),
-                _ => None,
-            }));
-        self.followers.apply(shared.as_ref(), docs).await?;
+        Ok(())
+    }
+
+    /// Sessions, versions and node releases, in the message's order; versions and devices
+    /// coming online are reported to the engines.
+    fn apply_events(&self, items: Vec<Item>) {
         let engine = self.cluster.engine_reports();
-        for item in message.items {
+        for item in items {
             match item {
                 Item::Session {
                     pk,
@@ -258,7 +274,6 @@ impl Receiver {
                 | Item::Doc { .. } => {}
             }
         }
-        Ok(())
     }
 
     /// Takes a document follower on: it gets every document of its kinds first, read now, so

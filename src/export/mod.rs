@@ -396,17 +396,7 @@ impl ExportService {
         };
         let items = self.resolve(&req.objects, secrets)?;
         let has_secrets = items.iter().any(|i| i.secrets.is_some());
-        let key = match (&req.secrets_key, has_secrets) {
-            (_, false) => None,
-            (None, true) => return Err(ExportError::Missing("secrets_key")),
-            (Some(k), true) if k.chars().count() < crypto::MIN_KEY_CHARS => {
-                return Err(ExportError::Invalid {
-                    field: "secrets_key",
-                    message: format!("at least {} characters", crypto::MIN_KEY_CHARS),
-                })
-            }
-            (Some(k), true) => Some(k.clone()),
-        };
+        let key = export_key(req.secrets_key.as_deref(), has_secrets)?;
         let blob_bytes: u64 = items
             .iter()
             .filter_map(|i| {
@@ -422,36 +412,7 @@ impl ExportService {
             .reserve(blob_bytes)
             .map_err(ExportError::Limited)?;
 
-        let mut job = JobRecord {
-            id: new_id("exp"),
-            kind: JobKind::Export,
-            name,
-            created_at_ms: created,
-            updated_at_ms: created,
-            started_at_ms: Some(created),
-            ended_at_ms: None,
-            status: Status::new(JobState::InProgress, "In Progress"),
-            objects: items
-                .iter()
-                .map(|i| JobObject {
-                    id: i.id.clone(),
-                    name: i.name.clone(),
-                    path: i.path.clone(),
-                    object_type: i.object_type,
-                    status: Status {
-                        state: JobState::InProgress,
-                        message: None,
-                    },
-                    result: None,
-                    target_id: None,
-                })
-                .collect(),
-            log: Vec::new(),
-            package_size: None,
-            secrets_included: has_secrets,
-            conflict_policy: None,
-            started_by: Some(started_by.to_owned()),
-        };
+        let mut job = export_job(name, created, &items, has_secrets, started_by);
         job.log(
             "INFO",
             "FGX_002",
@@ -491,18 +452,7 @@ impl ExportService {
         let Ok(mut job) = self.get(JobKind::Export, &id) else {
             return;
         };
-        // Cluster mode: firmware this node has not cached yet is fetched from the shared copy
-        // first (a failure leaves the file missing; writing then fails that object alone).
-        for item in &items {
-            if item.blob.is_none() {
-                continue;
-            }
-            if let Some(f) = self.inner.firmware.get(&item.id) {
-                if let Err(e) = self.inner.firmware.local_blob(&f).await {
-                    tracing::warn!(firmware_id = %f.firmware_id, error = %e, "cannot fetch firmware bytes for an export");
-                }
-            }
-        }
+        self.cache_firmware(&items).await;
         let dest = self.package_file(&id);
         let iterations = self.inner.settings.kdf_iterations.max(1);
         let (job_id, job_name, created) = (job.id.clone(), job.name.clone(), job.created_at_ms);
@@ -515,85 +465,10 @@ impl ExportService {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(e) => Err(format!("export task failed: {e}")),
         };
-        let mut failed = 0usize;
         match outcome {
             Ok((size, per_item)) => {
-                for (o, r) in job.objects.iter_mut().zip(per_item) {
-                    match r {
-                        Ok(()) => {
-                            o.status = Status {
-                                state: JobState::Successful,
-                                message: None,
-                            }
-                        }
-                        Err(msg) => {
-                            failed += 1;
-                            o.status = Status::new(JobState::Failed, msg);
-                        }
-                    }
-                }
-                let lines: Vec<(String, String, String)> = job
-                    .objects
-                    .iter()
-                    .map(|o| match o.status.state {
-                        JobState::Successful => (
-                            "INFO".to_owned(),
-                            "FGX_004".to_owned(),
-                            format!(
-                                "Successfully exported object [{}] of type [{}] id [{}]",
-                                o.path,
-                                o.object_type.as_str(),
-                                o.id
-                            ),
-                        ),
-                        _ => (
-                            "ERROR".to_owned(),
-                            "FGX_005".to_owned(),
-                            format!(
-                                "Failed to export object [{}] of type [{}] id [{}]: {}",
-                                o.path,
-                                o.object_type.as_str(),
-                                o.id,
-                                o.status.message.clone().unwrap_or_default()
-                            ),
-                        ),
-                    })
-                    .collect();
-                for (level, code, msg) in lines {
-                    job.log(&level, &code, msg);
-                }
-                // Cluster mode: the package is stored where every node reads it before the
-                // job says it is there.
-                let stored = match self.inner.shared.get() {
-                    Some(shared) if failed == 0 => {
-                        shared.persist(&id, &self.package_file(&id)).await
-                    }
-                    _ => Ok(()),
-                };
-                if let Err(e) = &stored {
-                    job.log(
-                        "ERROR",
-                        "FGX_005",
-                        format!("Export failed: cannot store the package: {e}"),
-                    );
-                }
-                if failed == 0 && stored.is_ok() {
-                    job.package_size = Some(size);
-                    job.status =
-                        Status::new(JobState::Successful, "Export completed successfully.");
-                } else if failed == 0 {
-                    let _ = std::fs::remove_file(self.package_file(&id));
-                    job.status = Status::new(
-                        JobState::Failed,
-                        "Export failed: the package could not be stored in the shared database",
-                    );
-                } else {
-                    let _ = std::fs::remove_file(self.package_file(&id));
-                    job.status = Status::new(
-                        JobState::Failed,
-                        format!("{failed} object(s) could not be exported"),
-                    );
-                }
+                let failed = record_items(&mut job, per_item);
+                self.conclude_written(&mut job, &id, size, failed).await;
             }
             Err(msg) => {
                 for o in &mut job.objects {
@@ -616,6 +491,56 @@ impl ExportService {
         job.log("INFO", "FGX_003", msg);
         if let Err(e) = self.save(job).await {
             tracing::error!(job_id = %id, error = %e, "cannot persist export job");
+        }
+    }
+
+    /// Cluster mode: firmware this node has not cached yet is fetched from the shared copy
+    /// first (a failure leaves the file missing; writing then fails that object alone).
+    async fn cache_firmware(&self, items: &[ExportItem]) {
+        for item in items {
+            if item.blob.is_none() {
+                continue;
+            }
+            if let Some(f) = self.inner.firmware.get(&item.id) {
+                if let Err(e) = self.inner.firmware.local_blob(&f).await {
+                    tracing::warn!(firmware_id = %f.firmware_id, error = %e, "cannot fetch firmware bytes for an export");
+                }
+            }
+        }
+    }
+
+    /// The export job's state once its package is written with `failed` objects left out:
+    /// successful when none failed and the package is stored (cluster mode: in the shared
+    /// database too); otherwise failed, and the package removed.
+    async fn conclude_written(&self, job: &mut JobRecord, id: &str, size: u64, failed: usize) {
+        // Cluster mode: the package is stored where every node reads it before the
+        // job says it is there.
+        let stored = match self.inner.shared.get() {
+            Some(shared) if failed == 0 => shared.persist(id, &self.package_file(id)).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = &stored {
+            job.log(
+                "ERROR",
+                "FGX_005",
+                format!("Export failed: cannot store the package: {e}"),
+            );
+        }
+        if failed == 0 && stored.is_ok() {
+            job.package_size = Some(size);
+            job.status = Status::new(JobState::Successful, "Export completed successfully.");
+        } else if failed == 0 {
+            let _ = std::fs::remove_file(self.package_file(id));
+            job.status = Status::new(
+                JobState::Failed,
+                "Export failed: the package could not be stored in the shared database",
+            );
+        } else {
+            let _ = std::fs::remove_file(self.package_file(id));
+            job.status = Status::new(
+                JobState::Failed,
+                format!("{failed} object(s) could not be exported"),
+            );
         }
     }
 
@@ -694,6 +619,111 @@ pub(crate) fn state_str(s: JobState) -> &'static str {
         JobState::Successful => "SUCCESSFUL",
         JobState::Failed => "FAILED",
     }
+}
+
+/// The passphrase of an export: required (and long enough) when the package carries secrets,
+/// ignored otherwise.
+fn export_key(secrets_key: Option<&str>, has_secrets: bool) -> Result<Option<String>, ExportError> {
+    match (secrets_key, has_secrets) {
+        (_, false) => Ok(None),
+        (None, true) => Err(ExportError::Missing("secrets_key")),
+        (Some(k), true) if k.chars().count() < crypto::MIN_KEY_CHARS => Err(ExportError::Invalid {
+            field: "secrets_key",
+            message: format!("at least {} characters", crypto::MIN_KEY_CHARS),
+        }),
+        (Some(k), true) => Ok(Some(k.to_owned())),
+    }
+}
+
+/// A new export job, in progress, with one object per item.
+fn export_job(
+    name: String,
+    created: i64,
+    items: &[ExportItem],
+    has_secrets: bool,
+    started_by: &str,
+) -> JobRecord {
+    JobRecord {
+        id: new_id("exp"),
+        kind: JobKind::Export,
+        name,
+        created_at_ms: created,
+        updated_at_ms: created,
+        started_at_ms: Some(created),
+        ended_at_ms: None,
+        status: Status::new(JobState::InProgress, "In Progress"),
+        objects: items
+            .iter()
+            .map(|i| JobObject {
+                id: i.id.clone(),
+                name: i.name.clone(),
+                path: i.path.clone(),
+                object_type: i.object_type,
+                status: Status {
+                    state: JobState::InProgress,
+                    message: None,
+                },
+                result: None,
+                target_id: None,
+            })
+            .collect(),
+        log: Vec::new(),
+        package_size: None,
+        secrets_included: has_secrets,
+        conflict_policy: None,
+        started_by: Some(started_by.to_owned()),
+    }
+}
+
+/// Each object's status from what writing the package said of its item, and its log line;
+/// returns how many failed.
+fn record_items(job: &mut JobRecord, per_item: Vec<package::ItemOutcome>) -> usize {
+    let mut failed = 0usize;
+    for (o, r) in job.objects.iter_mut().zip(per_item) {
+        match r {
+            Ok(()) => {
+                o.status = Status {
+                    state: JobState::Successful,
+                    message: None,
+                }
+            }
+            Err(msg) => {
+                failed += 1;
+                o.status = Status::new(JobState::Failed, msg);
+            }
+        }
+    }
+    let lines: Vec<(String, String, String)> = job
+        .objects
+        .iter()
+        .map(|o| match o.status.state {
+            JobState::Successful => (
+                "INFO".to_owned(),
+                "FGX_004".to_owned(),
+                format!(
+                    "Successfully exported object [{}] of type [{}] id [{}]",
+                    o.path,
+                    o.object_type.as_str(),
+                    o.id
+                ),
+            ),
+            _ => (
+                "ERROR".to_owned(),
+                "FGX_005".to_owned(),
+                format!(
+                    "Failed to export object [{}] of type [{}] id [{}]: {}",
+                    o.path,
+                    o.object_type.as_str(),
+                    o.id,
+                    o.status.message.clone().unwrap_or_default()
+                ),
+            ),
+        })
+        .collect();
+    for (level, code, msg) in lines {
+        job.log(&level, &code, msg);
+    }
+    failed
 }
 
 fn kind_name(kind: JobKind) -> &'static str {

@@ -234,75 +234,18 @@ pub fn write_package(
     let mut written_blobs: BTreeSet<String> = BTreeSet::new();
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
-        let mut blob_name = None;
-        if let Some((sha, path)) = &item.blob {
-            let name = format!("firmware/{sha}");
-            if !written_blobs.contains(sha) {
-                let (size, actual) = match copy_blob(&mut zip, &name, path, blob_opts) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        outcomes.push(Err(format!("cannot read firmware bytes: {e}")));
-                        continue;
-                    }
-                };
-                if actual != *sha {
-                    // The stored blob no longer matches its address: do not ship it.
-                    outcomes.push(Err(format!(
-                        "stored firmware bytes do not match their sha256 {sha}"
-                    )));
-                    continue;
-                }
-                written_blobs.insert(sha.clone());
-                files.push(ManifestFile {
-                    path: name.clone(),
-                    sha256: sha.clone(),
-                    size,
-                });
+        let blob_name = match write_blob(&mut zip, item, blob_opts, &mut written_blobs, &mut files)
+        {
+            Ok(name) => name,
+            Err(why) => {
+                outcomes.push(Err(why));
+                continue;
             }
-            blob_name = Some(name);
-        }
-        let (nonce, sealed) = match (&item.secrets, &package_key) {
-            (Some(secrets), Some(k)) => {
-                let (n, ct) = k.seal(
-                    secrets.to_string().as_bytes(),
-                    &secrets_aad(item.object_type, &item.id),
-                );
-                (Some(n), Some(ct))
-            }
-            (Some(_), None) => {
-                return Err(PackageError::Malformed(
-                    "secrets without a secrets_key".into(),
-                ))
-            }
-            _ => (None, None),
         };
-        let body = ObjectFile {
-            object_type: item.object_type,
-            id: item.id.clone(),
-            data: item.data.clone(),
-            secrets: sealed,
-        };
-        let bytes =
-            serde_json::to_vec_pretty(&body).map_err(|e| PackageError::Malformed(e.to_string()))?;
-        let name = object_file_name(item.object_type, &item.id);
-        zip.start_file(name.as_str(), json_opts)?;
-        zip.write_all(&bytes)?;
-        let sha = sha256_hex(&bytes);
-        files.push(ManifestFile {
-            path: name.clone(),
-            sha256: sha.clone(),
-            size: bytes.len() as u64,
-        });
-        objects.push(ManifestObject {
-            id: item.id.clone(),
-            object_type: item.object_type,
-            name: item.name.clone(),
-            path: item.path.clone(),
-            file: name,
-            sha256: sha,
-            secrets_nonce: nonce,
-            blob: blob_name,
-        });
+        let (file, object) =
+            write_object(&mut zip, item, package_key.as_ref(), json_opts, blob_name)?;
+        files.push(file);
+        objects.push(object);
         outcomes.push(Ok(()));
     }
     let manifest = Manifest {
@@ -334,6 +277,93 @@ pub fn write_package(
     drop(file);
     std::fs::rename(&tmp, dest)?;
     Ok((size, outcomes))
+}
+
+/// The item's firmware bytes as `firmware/{sha256}`, written once per package (listed in
+/// `files`): its name, `None` without firmware. `Err`: why the item fails (bytes unreadable or
+/// no longer matching their address), nothing written.
+fn write_blob<W: Write + std::io::Seek>(
+    zip: &mut zip::ZipWriter<W>,
+    item: &ExportItem,
+    opts: zip::write::SimpleFileOptions,
+    written_blobs: &mut BTreeSet<String>,
+    files: &mut Vec<ManifestFile>,
+) -> Result<Option<String>, String> {
+    let Some((sha, path)) = &item.blob else {
+        return Ok(None);
+    };
+    let name = format!("firmware/{sha}");
+    if !written_blobs.contains(sha) {
+        let (size, actual) = copy_blob(zip, &name, path, opts)
+            .map_err(|e| format!("cannot read firmware bytes: {e}"))?;
+        if actual != *sha {
+            // The stored blob no longer matches its address: do not ship it.
+            return Err(format!(
+                "stored firmware bytes do not match their sha256 {sha}"
+            ));
+        }
+        written_blobs.insert(sha.clone());
+        files.push(ManifestFile {
+            path: name.clone(),
+            sha256: sha.clone(),
+            size,
+        });
+    }
+    Ok(Some(name))
+}
+
+/// The item's object file (its secrets sealed with the package key), written; with its
+/// manifest entries.
+fn write_object<W: Write + std::io::Seek>(
+    zip: &mut zip::ZipWriter<W>,
+    item: &ExportItem,
+    package_key: Option<&PackageKey>,
+    opts: zip::write::SimpleFileOptions,
+    blob_name: Option<String>,
+) -> Result<(ManifestFile, ManifestObject), PackageError> {
+    let (nonce, sealed) = match (&item.secrets, package_key) {
+        (Some(secrets), Some(k)) => {
+            let (n, ct) = k.seal(
+                secrets.to_string().as_bytes(),
+                &secrets_aad(item.object_type, &item.id),
+            );
+            (Some(n), Some(ct))
+        }
+        (Some(_), None) => {
+            return Err(PackageError::Malformed(
+                "secrets without a secrets_key".into(),
+            ))
+        }
+        _ => (None, None),
+    };
+    let body = ObjectFile {
+        object_type: item.object_type,
+        id: item.id.clone(),
+        data: item.data.clone(),
+        secrets: sealed,
+    };
+    let bytes =
+        serde_json::to_vec_pretty(&body).map_err(|e| PackageError::Malformed(e.to_string()))?;
+    let name = object_file_name(item.object_type, &item.id);
+    zip.start_file(name.as_str(), opts)?;
+    zip.write_all(&bytes)?;
+    let sha = sha256_hex(&bytes);
+    let file = ManifestFile {
+        path: name.clone(),
+        sha256: sha.clone(),
+        size: bytes.len() as u64,
+    };
+    let object = ManifestObject {
+        id: item.id.clone(),
+        object_type: item.object_type,
+        name: item.name.clone(),
+        path: item.path.clone(),
+        file: name,
+        sha256: sha,
+        secrets_nonce: nonce,
+        blob: blob_name,
+    };
+    Ok((file, object))
 }
 
 /// Streams a blob into the archive, returning its size and actual SHA-256.
@@ -516,12 +546,32 @@ pub fn read_package(
     limits: UnpackLimits,
 ) -> Result<VerifiedPackage, PackageError> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))?;
+    let (manifest, manifest_bytes) = read_manifest(&mut zip, limits)?;
+    // With secrets, the manifest is authenticated before anything else in it is believed
+    // (file list, sizes, checksums): a rewritten manifest is refused here.
+    let package_key = authenticate_manifest(&mut zip, &manifest, &manifest_bytes, key)?;
+    let listed = check_listing(&zip, &manifest, manifest_bytes.len() as u64, limits)?;
+    let (contents, blobs) = verify_files(&mut zip, &listed)?;
+    let objects = verify_objects(&manifest, &contents, &blobs, package_key.as_ref())?;
+    Ok(VerifiedPackage {
+        manifest,
+        objects,
+        archive: zip,
+        blobs,
+    })
+}
+
+/// The manifest, bounded in size, of a format and version this gateway reads; with its bytes.
+fn read_manifest<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    limits: UnpackLimits,
+) -> Result<(Manifest, Vec<u8>), PackageError> {
     let (manifest_limit, manifest_setting) = if limits.entry_bytes < MAX_META_BYTES {
         (limits.entry_bytes, "export.max_unpacked_entry_bytes")
     } else {
         (MAX_META_BYTES, "the limit of manifest and object files")
     };
-    let manifest_bytes = read_small(&mut zip, MANIFEST, manifest_limit, manifest_setting)?;
+    let manifest_bytes = read_small(zip, MANIFEST, manifest_limit, manifest_setting)?;
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| PackageError::Malformed(format!("manifest.json: {e}")))?;
     if manifest.format != FORMAT {
@@ -533,36 +583,50 @@ pub fn read_package(
     if manifest.format_version > FORMAT_VERSION || manifest.format_version == 0 {
         return Err(PackageError::Unsupported(manifest.format_version));
     }
+    Ok((manifest, manifest_bytes))
+}
 
-    // With secrets, the manifest is authenticated before anything else in it is believed
-    // (file list, sizes, checksums): a rewritten manifest is refused here.
-    let package_key = match &manifest.encryption {
-        None => None,
-        Some(enc) => {
-            if enc.cipher != "AES-256-GCM" || enc.kdf != "PBKDF2-HMAC-SHA256" {
-                return Err(PackageError::Malformed(format!(
-                    "unsupported encryption {} / {}",
-                    enc.cipher, enc.kdf
-                )));
-            }
-            if enc.iterations > 10_000_000 {
-                return Err(PackageError::Malformed("absurd iteration count".into()));
-            }
-            let pass = key.ok_or(PackageError::MissingKey)?;
-            let k = PackageKey::derive(pass, &enc.salt, enc.iterations)?;
-            let mac = read_small(
-                &mut zip,
-                MANIFEST_MAC,
-                MAX_MAC_BYTES,
-                "the limit of manifest.mac",
-            )?;
-            let mac = String::from_utf8(mac)
-                .map_err(|_| PackageError::Malformed("manifest.mac".into()))?;
-            k.verify_mac(&manifest_bytes, &mac)?;
-            Some(k)
-        }
+/// With encryption: the key derived from the operator's passphrase, once it verifies the
+/// manifest's MAC. `None` without encryption.
+fn authenticate_manifest<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    manifest: &Manifest,
+    manifest_bytes: &[u8],
+    key: Option<&str>,
+) -> Result<Option<PackageKey>, PackageError> {
+    let Some(enc) = &manifest.encryption else {
+        return Ok(None);
     };
+    if enc.cipher != "AES-256-GCM" || enc.kdf != "PBKDF2-HMAC-SHA256" {
+        return Err(PackageError::Malformed(format!(
+            "unsupported encryption {} / {}",
+            enc.cipher, enc.kdf
+        )));
+    }
+    if enc.iterations > 10_000_000 {
+        return Err(PackageError::Malformed("absurd iteration count".into()));
+    }
+    let pass = key.ok_or(PackageError::MissingKey)?;
+    let k = PackageKey::derive(pass, &enc.salt, enc.iterations)?;
+    let mac = read_small(
+        zip,
+        MANIFEST_MAC,
+        MAX_MAC_BYTES,
+        "the limit of manifest.mac",
+    )?;
+    let mac = String::from_utf8(mac).map_err(|_| PackageError::Malformed("manifest.mac".into()))?;
+    k.verify_mac(manifest_bytes, &mac)?;
+    Ok(Some(k))
+}
 
+/// The listed files by path, once the entries are exactly those (+ manifest and its MAC) and
+/// their listed sizes fit the limits.
+fn check_listing<'m, R: Read + std::io::Seek>(
+    zip: &zip::ZipArchive<R>,
+    manifest: &'m Manifest,
+    manifest_len: u64,
+    limits: UnpackLimits,
+) -> Result<BTreeMap<&'m str, &'m ManifestFile>, PackageError> {
     // The entries must be exactly the listed files (+ manifest and its MAC).
     let mut listed: BTreeMap<&str, &ManifestFile> = BTreeMap::new();
     for f in &manifest.files {
@@ -570,11 +634,10 @@ pub fn read_package(
             return Err(PackageError::Malformed(format!("{} listed twice", f.path)));
         }
     }
-    let entries: Vec<String> = zip.file_names().map(str::to_owned).collect();
-    for name in &entries {
+    for name in zip.file_names() {
         let known = name == MANIFEST
             || (name == MANIFEST_MAC && manifest.encryption.is_some())
-            || listed.contains_key(name.as_str());
+            || listed.contains_key(name);
         if !known {
             return Err(PackageError::Malformed(format!(
                 "{name} is not listed in the manifest"
@@ -583,7 +646,7 @@ pub fn read_package(
     }
     // What the manifest lists must fit the limits before anything is inflated; each file is
     // then inflated no further than its listed size, so the real total fits too.
-    let mut total = manifest_bytes.len() as u64;
+    let mut total = manifest_len;
     for (path, f) in &listed {
         let (limit, setting) = if is_object_file(path) && MAX_META_BYTES < limits.entry_bytes {
             (MAX_META_BYTES, "the limit of manifest and object files")
@@ -604,14 +667,23 @@ pub fn read_package(
             });
         }
     }
+    Ok(listed)
+}
 
+/// Inflates and checks every listed file: the object files' contents by path (they are parsed
+/// next), and the firmware files' listings by path (only hashed).
+#[allow(clippy::type_complexity)]
+fn verify_files<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    listed: &BTreeMap<&str, &ManifestFile>,
+) -> Result<(HashMap<String, Vec<u8>>, HashMap<String, ManifestFile>), PackageError> {
     // Object files are kept (they are parsed below); everything else is only hashed.
     let mut contents: HashMap<String, Vec<u8>> = HashMap::new();
     let mut blobs: HashMap<String, ManifestFile> = HashMap::new();
-    for (path, f) in &listed {
+    for (path, f) in listed {
         let keep = is_object_file(path);
         let mut data = Vec::new();
-        let (size, sha) = inflate(&mut zip, path, f.size, |chunk| {
+        let (size, sha) = inflate(zip, path, f.size, |chunk| {
             if keep {
                 data.extend_from_slice(chunk);
             }
@@ -626,7 +698,17 @@ pub fn read_package(
             blobs.insert((*path).to_owned(), (*f).clone());
         }
     }
+    Ok((contents, blobs))
+}
 
+/// The manifest's objects, each listed once, its file verified and parsed, its secrets
+/// decrypted, its firmware file present.
+fn verify_objects(
+    manifest: &Manifest,
+    contents: &HashMap<String, Vec<u8>>,
+    blobs: &HashMap<String, ManifestFile>,
+    package_key: Option<&PackageKey>,
+) -> Result<Vec<PackageObject>, PackageError> {
     let mut seen = BTreeSet::new();
     let mut objects = Vec::with_capacity(manifest.objects.len());
     for m in &manifest.objects {
@@ -653,7 +735,7 @@ pub fn read_package(
                 m.id
             )));
         }
-        let secrets = match (&file.secrets, &m.secrets_nonce, &package_key) {
+        let secrets = match (&file.secrets, &m.secrets_nonce, package_key) {
             (None, None, _) => None,
             (Some(ct), Some(nonce), Some(k)) => {
                 let plain = k.open(nonce, ct, &secrets_aad(m.object_type, &m.id))?;
@@ -683,12 +765,7 @@ pub fn read_package(
             secrets,
         });
     }
-    Ok(VerifiedPackage {
-        manifest,
-        objects,
-        archive: zip,
-        blobs,
-    })
+    Ok(objects)
 }
 
 /// An object's JSON file (kept in memory and parsed), as opposed to firmware bytes.
@@ -697,89 +774,4 @@ fn is_object_file(path: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A package with one firmware object whose bytes are `firmware` (written to `dir`).
-    fn package(dir: &Path, firmware: &[u8]) -> Bytes {
-        let sha = sha256_hex(firmware);
-        let blob = dir.join("blob");
-        std::fs::write(&blob, firmware).unwrap();
-        let item = ExportItem {
-            id: "fw-1".into(),
-            object_type: ObjectType::Firmware,
-            name: "fw".into(),
-            path: "/default/pk/fw".into(),
-            data: serde_json::json!({"sha256": sha}),
-            secrets: None,
-            blob: Some((sha, blob)),
-        };
-        let dest = dir.join("p.zip");
-        write_package(&dest, ("exp-1", "t", 0), &[item], None).unwrap();
-        Bytes::from(std::fs::read(dest).unwrap())
-    }
-
-    fn limits(entry_bytes: u64, total_bytes: u64) -> UnpackLimits {
-        UnpackLimits {
-            entry_bytes,
-            total_bytes,
-        }
-    }
-
-    #[test]
-    fn firmware_is_streamed_out_again_after_verification() {
-        let dir = tempfile::tempdir().unwrap();
-        let firmware: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let pkg = read_package(
-            package(dir.path(), &firmware),
-            None,
-            limits(1 << 20, 1 << 22),
-        )
-        .unwrap();
-        let name = pkg.objects[0].meta.blob.clone().unwrap();
-        let source = pkg.blob(&name).unwrap();
-        assert_eq!(source.size(), firmware.len() as u64);
-        let mut out = Vec::new();
-        let mut chunks = 0;
-        source
-            .stream(|chunk| {
-                assert!(chunk.len() <= CHUNK);
-                chunks += 1;
-                out.extend_from_slice(chunk);
-                true
-            })
-            .unwrap();
-        assert_eq!(out, firmware);
-        assert!(chunks > 1);
-        // A sink that stops early gets an error, not a short file.
-        let source = pkg.blob(&name).unwrap();
-        assert!(matches!(source.stream(|_| false), Err(PackageError::Io(_))));
-        assert!(pkg.blob("firmware/none").is_none());
-    }
-
-    #[test]
-    fn listed_sizes_past_the_limits_are_refused_before_inflating() {
-        let dir = tempfile::tempdir().unwrap();
-        let bytes = package(dir.path(), &[7u8; 100_000]);
-        // The firmware file is over the per-file limit.
-        match read_package(bytes.clone(), None, limits(50_000, 1 << 20)) {
-            Err(PackageError::EntryTooLarge {
-                path,
-                limit: 50_000,
-                setting: "export.max_unpacked_entry_bytes",
-            }) => assert!(path.starts_with("firmware/"), "{path}"),
-            other => panic!("{other:?}"),
-        }
-        // Every file fits alone, not all together.
-        assert!(matches!(
-            read_package(bytes.clone(), None, limits(100_000, 100_100)),
-            Err(PackageError::TooLarge { limit: 100_100 })
-        ));
-        // The manifest itself is bounded as well.
-        assert!(matches!(
-            read_package(bytes.clone(), None, limits(100, 1 << 20)),
-            Err(PackageError::EntryTooLarge { path, .. }) if path == MANIFEST
-        ));
-        assert!(read_package(bytes, None, limits(100_000, 1 << 20)).is_ok());
-    }
-}
+mod tests;

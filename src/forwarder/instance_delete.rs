@@ -76,78 +76,14 @@ impl Forwarder {
                 )
             })
             .collect();
-        let mut ops = Vec::with_capacity(2 * queues.len() + 2);
-        for (id, queue) in &queues {
-            ops.push(Op::DeleteDoc {
-                kind: GROUP_DOC_KIND,
-                id: id.clone(),
-            });
-            ops.push(Op::PutDoc {
-                kind: TOMBSTONE_DOC_KIND,
-                id: id.clone(),
-                body: queue.clone(),
-            });
-        }
-        ops.push(Op::DeleteDoc {
-            kind: RATE_LIMIT_DOC_KIND,
-            id: instance_id.to_owned(),
-        });
-        ops.push(Op::PutDoc {
-            kind: EXCHANGE_TOMBSTONE_DOC_KIND,
-            id: instance_id.to_owned(),
-            body: exchange.clone(),
-        });
-        commit(ops).await?;
-
-        let link = {
-            let mut st = lock(&self.groups);
-            for gid in &group_ids {
-                st.groups.remove(&(instance_id.to_owned(), gid.clone()));
-            }
-            for (id, queue) in &queues {
-                st.tombstones.insert(id.clone(), queue.clone());
-            }
-            st.exchange_tombstones
-                .insert(instance_id.to_owned(), exchange.clone());
-            st.link.clone()
-        };
-        for (id, _) in &queues {
-            self.forget_group_metrics(id);
-        }
-        lock(&self.limits).set_override(instance_id, None);
-        lock(&self.mirror_limits).remove(instance_id);
-        lock(&self.published).remove(instance_id);
-        self.exchanges_deleted.fetch_add(1, Ordering::AcqRel);
-
+        commit(removal_ops(instance_id, &queues, &exchange)).await?;
+        let link = self.forget_instance(instance_id, &group_ids, &queues, &exchange);
         let amqp = match link {
             None if !self.enabled() => "disabled",
             None => "pending",
             Some(link) => {
-                let mut all = true;
-                for (id, queue) in &queues {
-                    match delete_on(&link, queue).await {
-                        Ok(()) => {
-                            if let Err(e) = self.forget_tombstone(id).await {
-                                tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
-                            }
-                        }
-                        Err(e) => {
-                            all = false;
-                            tracing::warn!(error = %e, %queue, "queue not deleted yet; retried on the next connection");
-                        }
-                    }
-                }
-                match self
-                    .delete_exchange_tombstone(&link, instance_id, &exchange)
+                self.delete_on_broker(&link, instance_id, &queues, &exchange)
                     .await
-                {
-                    Ok(()) if all => "deleted",
-                    Ok(()) => "pending",
-                    Err(e) => {
-                        tracing::warn!(error = %e, %exchange, "exchange not deleted yet; retried on the next connection");
-                        "pending"
-                    }
-                }
             }
         };
         Ok(InstanceRemoved {
@@ -156,4 +92,101 @@ impl Forwarder {
             amqp,
         })
     }
+
+    /// Memory follows a committed instance delete: its groups go, their queues' and its
+    /// exchange's tombstones are kept, its rate limits and counts are forgotten. Returns the
+    /// link, if connected.
+    fn forget_instance(
+        &self,
+        instance_id: &str,
+        group_ids: &[String],
+        queues: &[(String, String)],
+        exchange: &str,
+    ) -> Option<Arc<AmqpLink>> {
+        let link = {
+            let mut st = lock(&self.groups);
+            for gid in group_ids {
+                st.groups.remove(&(instance_id.to_owned(), gid.clone()));
+            }
+            for (id, queue) in queues {
+                st.tombstones.insert(id.clone(), queue.clone());
+            }
+            st.exchange_tombstones
+                .insert(instance_id.to_owned(), exchange.to_owned());
+            st.link.clone()
+        };
+        for (id, _) in queues {
+            self.forget_group_metrics(id);
+        }
+        lock(&self.limits).set_override(instance_id, None);
+        lock(&self.mirror_limits).remove(instance_id);
+        lock(&self.published).remove(instance_id);
+        self.exchanges_deleted.fetch_add(1, Ordering::AcqRel);
+        link
+    }
+
+    /// Deletes the instance's group queues and its exchange on the broker, forgetting each
+    /// tombstone that is done: `"deleted"` when all are, else `"pending"` (the next connection
+    /// retries).
+    async fn delete_on_broker(
+        &self,
+        link: &AmqpLink,
+        instance_id: &str,
+        queues: &[(String, String)],
+        exchange: &str,
+    ) -> &'static str {
+        let mut all = true;
+        for (id, queue) in queues {
+            match delete_on(link, queue).await {
+                Ok(()) => {
+                    if let Err(e) = self.forget_tombstone(id).await {
+                        tracing::warn!(error = %e, %queue, "cannot forget a deleted group's tombstone");
+                    }
+                }
+                Err(e) => {
+                    all = false;
+                    tracing::warn!(error = %e, %queue, "queue not deleted yet; retried on the next connection");
+                }
+            }
+        }
+        match self
+            .delete_exchange_tombstone(link, instance_id, exchange)
+            .await
+        {
+            Ok(()) if all => "deleted",
+            Ok(()) => "pending",
+            Err(e) => {
+                tracing::warn!(error = %e, %exchange, "exchange not deleted yet; retried on the next connection");
+                "pending"
+            }
+        }
+    }
+}
+
+/// The store ops of an instance delete: each group's document deleted and its queue's
+/// tombstone recorded, the instance's rate-limit override deleted and its exchange's tombstone
+/// recorded.
+fn removal_ops(instance_id: &str, queues: &[(String, String)], exchange: &str) -> Vec<Op> {
+    let mut ops = Vec::with_capacity(2 * queues.len() + 2);
+    for (id, queue) in queues {
+        ops.push(Op::DeleteDoc {
+            kind: GROUP_DOC_KIND,
+            id: id.clone(),
+        });
+        ops.push(Op::PutDoc {
+            kind: TOMBSTONE_DOC_KIND,
+            id: id.clone(),
+            body: queue.clone(),
+        });
+    }
+    ops.push(Op::DeleteDoc {
+        kind: RATE_LIMIT_DOC_KIND,
+        id: instance_id.to_owned(),
+    });
+    ops.push(Op::PutDoc {
+        kind: EXCHANGE_TOMBSTONE_DOC_KIND,
+        id: instance_id.to_owned(),
+        body: exchange.to_owned(),
+    });
+    ops
 }

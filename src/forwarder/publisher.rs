@@ -401,9 +401,7 @@ async fn publish_loop(
     let mut cursor = 0i64;
     let mut pending: VecDeque<OutboxRow> = VecDeque::new();
     let mut inflight: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
-    let mut declared: HashSet<String> = HashSet::new();
-    // Exchange deletions seen: when an instance's exchange goes, `declared` is forgotten.
-    let mut exchanges_deleted = fwd.exchanges_deleted();
+    let mut exchanges = Exchanges::new(fwd);
     let mut draining = false;
     let mut deletes = Deletes::default();
     let mut health = tokio::time::interval(Duration::from_secs(1));
@@ -415,23 +413,7 @@ async fn publish_loop(
     let mut more = true;
     loop {
         if !draining && more && pending.len() < MAX_PENDING - READ_BATCH {
-            let rows = match outbox.take_fresh(cursor, READ_BATCH) {
-                Fresh::Rows(rows, more_in_tail) => {
-                    more = more_in_tail;
-                    rows
-                }
-                Fresh::Gap => {
-                    let rows = reader.read_after(cursor, READ_BATCH).await?;
-                    // A short read reached the file's end; anything committed since is in
-                    // the tail and announced by `new_rows`.
-                    more = rows.len() == READ_BATCH;
-                    rows
-                }
-            };
-            if let Some(last) = rows.last() {
-                cursor = last.seq;
-            }
-            pending.extend(rows);
+            refill(outbox, reader, &mut cursor, &mut more, &mut pending).await?;
         }
 
         let mut wake = None;
@@ -442,68 +424,11 @@ async fn publish_loop(
             let Some(row) = pending.remove(i) else {
                 break;
             };
-            let deletions = fwd.exchanges_deleted();
-            if deletions != exchanges_deleted {
-                declared.clear();
-                exchanges_deleted = deletions;
+            if !exchanges.ready(fwd, ch, &row, &mut deletes).await? {
+                continue;
             }
-            if !declared.contains(&row.target) {
-                if fwd.registry.get_instance(&row.target).is_err() {
-                    // The instance was deleted after this row was enqueued (its delete waits
-                    // for an outbox without rows for it, so only a row enqueued in that very
-                    // moment): its exchange is gone, and declaring it again would leak it.
-                    fwd.metrics
-                        .forwarder_dropped
-                        .get_or_create(&[("reason", "deleted_instance")])
-                        .inc();
-                    tracing::debug!(seq = row.seq, target_instance = %row.target, "message for a deleted instance dropped");
-                    deletes.push_row(row.seq, row.size());
-                    continue;
-                }
-                declare_exchange(ch, &fwd.topology.exchange(&row.target)).await?;
-                declared.insert(row.target.clone());
-            }
-            let exchange = ShortString::try_new(fwd.topology.exchange(&row.target))
-                .unwrap_or_else(|_| ShortString::from(""));
-            // Fanout ignores the routing key; it carries the topic for tools that show it.
-            let routing_key =
-                ShortString::try_new(row.msg.topic.clone()).unwrap_or_else(|_| "".into());
-            let props = properties(&row);
-            let sent = Sent {
-                seq: row.seq,
-                size: row.size(),
-                target: row.target,
-                started: Instant::now(),
-            };
-            let (ch, msg) = (ch.clone(), row.msg);
-            let mut publish = async move {
-                let confirm = ch
-                    .basic_publish(
-                        exchange,
-                        routing_key,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &msg.body,
-                        props,
-                    )
-                    .await?;
-                confirm.await
-            }
-            .boxed();
-            // The first poll takes the delivery tag and queues the frames (lapin does both
-            // before its first await), so rows go out in this order. Not awaiting the frames'
-            // hand-off to lapin's I/O thread here lets a whole burst be queued with one wake-up
-            // of that thread instead of a round trip per message.
-            match futures_util::poll!(&mut publish) {
-                std::task::Poll::Ready(result) => {
-                    inflight.push(futures_util::future::ready((sent, result)).boxed())
-                }
-                std::task::Poll::Pending => {
-                    inflight.push(async move { (sent, publish.await) }.boxed())
-                }
-            }
+            let confirm = publish_row(fwd, ch, row).await;
+            inflight.push(confirm);
             if pending.len() < READ_BATCH && more {
                 // Refill before the buffer runs dry.
                 break;
@@ -534,14 +459,7 @@ async fn publish_loop(
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                let deadline = tokio::time::Instant::now() + STOP_GRACE;
-                while let Ok(Some((sent, res))) = tokio::time::timeout_at(deadline, inflight.next()).await {
-                    if on_confirm(fwd, sent, res, &mut deletes).is_err() {
-                        break;
-                    }
-                }
-                deletes.flush(outbox, epoch);
-                outbox.flush().await;
+                settle_for_stop(fwd, outbox, epoch, &mut inflight, &mut deletes).await;
                 return Ok(SessionEnd::Stopped);
             }
             Some((sent, res)) = inflight.next(), if !inflight.is_empty() => {
@@ -574,6 +492,143 @@ async fn publish_loop(
                 }
             }
         }
+    }
+}
+
+/// Stopping: takes the confirms that arrive within [`STOP_GRACE`], then commits the deletes.
+async fn settle_for_stop(
+    fwd: &Forwarder,
+    outbox: &Outbox,
+    epoch: u64,
+    inflight: &mut FuturesUnordered<ConfirmFuture>,
+    deletes: &mut Deletes,
+) {
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while let Ok(Some((sent, res))) = tokio::time::timeout_at(deadline, inflight.next()).await {
+        if on_confirm(fwd, sent, res, deletes).is_err() {
+            break;
+        }
+    }
+    deletes.flush(outbox, epoch);
+    outbox.flush().await;
+}
+
+/// Reads the rows after `cursor` into `pending`: from the outbox's fresh tail, or from the file
+/// for whatever the tail does not hold; `more` says whether rows may be waiting still.
+async fn refill(
+    outbox: &Outbox,
+    reader: &OutboxReader,
+    cursor: &mut i64,
+    more: &mut bool,
+    pending: &mut VecDeque<OutboxRow>,
+) -> Result<(), SessionError> {
+    let rows = match outbox.take_fresh(*cursor, READ_BATCH) {
+        Fresh::Rows(rows, more_in_tail) => {
+            *more = more_in_tail;
+            rows
+        }
+        Fresh::Gap => {
+            let rows = reader.read_after(*cursor, READ_BATCH).await?;
+            // A short read reached the file's end; anything committed since is in
+            // the tail and announced by `new_rows`.
+            *more = rows.len() == READ_BATCH;
+            rows
+        }
+    };
+    if let Some(last) = rows.last() {
+        *cursor = last.seq;
+    }
+    pending.extend(rows);
+    Ok(())
+}
+
+/// The instance exchanges declared on this session's channel.
+struct Exchanges {
+    declared: HashSet<String>,
+    /// Exchange deletions seen: when an instance's exchange goes, `declared` is forgotten.
+    deletions_seen: u64,
+}
+
+impl Exchanges {
+    fn new(fwd: &Forwarder) -> Self {
+        Exchanges {
+            declared: HashSet::new(),
+            deletions_seen: fwd.exchanges_deleted(),
+        }
+    }
+
+    /// Whether `row` may be published: its instance's exchange is declared on this channel
+    /// (the first time it is needed, and again after an exchange deletion). `false`: the
+    /// instance is gone, and the row is dropped (counted, its delete queued).
+    async fn ready(
+        &mut self,
+        fwd: &Forwarder,
+        ch: &Channel,
+        row: &OutboxRow,
+        deletes: &mut Deletes,
+    ) -> Result<bool, SessionError> {
+        let deletions = fwd.exchanges_deleted();
+        if deletions != self.deletions_seen {
+            self.declared.clear();
+            self.deletions_seen = deletions;
+        }
+        if !self.declared.contains(&row.target) {
+            if fwd.registry.get_instance(&row.target).is_err() {
+                // The instance was deleted after this row was enqueued (its delete waits
+                // for an outbox without rows for it, so only a row enqueued in that very
+                // moment): its exchange is gone, and declaring it again would leak it.
+                fwd.metrics
+                    .forwarder_dropped
+                    .get_or_create(&[("reason", "deleted_instance")])
+                    .inc();
+                tracing::debug!(seq = row.seq, target_instance = %row.target, "message for a deleted instance dropped");
+                deletes.push_row(row.seq, row.size());
+                return Ok(false);
+            }
+            declare_exchange(ch, &fwd.topology.exchange(&row.target)).await?;
+            self.declared.insert(row.target.clone());
+        }
+        Ok(true)
+    }
+}
+
+/// Publishes `row` (mandatory, to its instance's exchange) and returns its confirm.
+async fn publish_row(fwd: &Forwarder, ch: &Channel, row: OutboxRow) -> ConfirmFuture {
+    let exchange = ShortString::try_new(fwd.topology.exchange(&row.target))
+        .unwrap_or_else(|_| ShortString::from(""));
+    // Fanout ignores the routing key; it carries the topic for tools that show it.
+    let routing_key = ShortString::try_new(row.msg.topic.clone()).unwrap_or_else(|_| "".into());
+    let props = properties(&row);
+    let sent = Sent {
+        seq: row.seq,
+        size: row.size(),
+        target: row.target,
+        started: Instant::now(),
+    };
+    let (ch, msg) = (ch.clone(), row.msg);
+    let mut publish = async move {
+        let confirm = ch
+            .basic_publish(
+                exchange,
+                routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &msg.body,
+                props,
+            )
+            .await?;
+        confirm.await
+    }
+    .boxed();
+    // The first poll takes the delivery tag and queues the frames (lapin does both
+    // before its first await), so rows go out in this order. Not awaiting the frames'
+    // hand-off to lapin's I/O thread here lets a whole burst be queued with one wake-up
+    // of that thread instead of a round trip per message.
+    match futures_util::poll!(&mut publish) {
+        std::task::Poll::Ready(result) => futures_util::future::ready((sent, result)).boxed(),
+        std::task::Poll::Pending => async move { (sent, publish.await) }.boxed(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support shared by the library's tests and the integration tests: finding the test
 //! RabbitMQ, a TCP proxy that simulates its outages, and the bare-publisher baseline of the
-//! benchmarks. Not part of the gateway's API.
+//! benchmarks (and what they publish beside it: [`envelope`], [`declare_group`]). Not part of
+//! the gateway's API.
 
 use futures_util::StreamExt;
 use std::net::SocketAddr;
@@ -34,6 +35,27 @@ pub async fn test_amqp_url(test: &str) -> String {
         "{test}: RabbitMQ at {url} is unreachable ({error}): start it (`rabbitmq-server -detached`, \
          or `docker compose up -d rabbitmq`) or point FLEETGATE_AMQP_URL at a broker"
     );
+}
+
+/// The AMQP properties the publisher gives `row` (vendor headers, message id, persistence):
+/// the bare publisher's envelope in the benchmarks.
+pub fn envelope(row: &super::OutboxRow) -> lapin::BasicProperties {
+    super::publisher::properties(row)
+}
+
+/// Declares a group as the forwarder does: fanout `exchange`, `queue` bound to it with the
+/// message TTL `ttl_secs` (0: none), of `queue_type`.
+pub async fn declare_group(
+    conn: &lapin::Connection,
+    ch: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+    ttl_secs: u32,
+    queue_type: super::QueueType,
+) -> Result<(), lapin::Error> {
+    super::groups::declare_group(conn, ch, exchange, queue, ttl_secs, queue_type)
+        .await
+        .map(drop)
 }
 
 /// Publishes `n` copies of `body` with 1,000 confirms in flight; returns messages per second.

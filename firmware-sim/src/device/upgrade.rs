@@ -142,30 +142,7 @@ impl Job {
             held: None,
         };
         let size = data.size;
-        let at = |p: u8| size * u64::from(p) / 100;
-        let mut points: Vec<(u64, Point)> = Vec::new();
-        if let Some(p) = f.malformed_at_percent {
-            points.push((at(p), Point::Malformed));
-        }
-        if let Some(p) = f.interrupt_at_percent {
-            points.push((at(p), Point::Interrupt));
-        }
-        if let Some((p, d)) = f.offline {
-            points.push((at(p), Point::Offline(d)));
-        }
-        match &f.terminal {
-            Some(TerminalFault::UpdateFailed { at_percent }) => {
-                points.push((at(*at_percent), Point::UpdateFailed))
-            }
-            Some(TerminalFault::DownloadFailed { at_percent }) => {
-                points.push((at(*at_percent), Point::DownloadFailed))
-            }
-            Some(TerminalFault::Hang { at_percent }) => points.push((at(*at_percent), Point::Hang)),
-            _ => {}
-        }
-        // Stable: at equal offsets the order above holds (terminal points last).
-        points.sort_by_key(|(o, _)| *o);
-        let mut points: VecDeque<(u64, Point)> = points.into();
+        let mut points = fault_points(f, size);
 
         let mut dl = Download::new(
             sh.http.clone(),
@@ -181,38 +158,8 @@ impl Job {
                 let Some((_, point)) = points.pop_front() else {
                     break;
                 };
-                match point {
-                    Point::Malformed => rep.malformed(sh).await,
-                    Point::Interrupt => dl.interrupt(),
-                    Point::Offline(d) => {
-                        let (resume, back) = oneshot::channel();
-                        let _ = self
-                            .tx
-                            .send(Cmd::Offline {
-                                duration: d,
-                                resume,
-                            })
-                            .await;
-                        // The device answers once it is connected again; if it is gone, so
-                        // is this upgrade (it is aborted with it).
-                        if back.await.is_err() {
-                            return (UpgradeResult::Interrupted, None);
-                        }
-                        // The download's connection did not survive the outage either.
-                        dl.interrupt();
-                    }
-                    Point::UpdateFailed => {
-                        rep.step(-1, "update failed (injected)").await;
-                        return Self::failed(-1, "injected update failure");
-                    }
-                    Point::DownloadFailed => {
-                        rep.step(-2, "download failed (injected)").await;
-                        return Self::failed(-2, "injected download failure");
-                    }
-                    Point::Hang => {
-                        // Silence from here on: whatever was held back is never sent either.
-                        return (UpgradeResult::Hung, None);
-                    }
+                if let Some(end) = self.reach(point, &mut rep, &mut dl).await {
+                    return end;
                 }
             }
             let limit = points
@@ -247,8 +194,65 @@ impl Job {
         if last_step < 90 {
             rep.step(90, "downloaded").await;
         }
+        self.install(&mut rep, &digests).await
+    }
+
+    /// Acts on a fault point the download reached. `Some`: how the upgrade ends there.
+    async fn reach(
+        &self,
+        point: Point,
+        rep: &mut Reporter,
+        dl: &mut Download,
+    ) -> Option<(UpgradeResult, Option<String>)> {
+        match point {
+            Point::Malformed => rep.malformed(&self.sh).await,
+            Point::Interrupt => dl.interrupt(),
+            Point::Offline(d) => {
+                let (resume, back) = oneshot::channel();
+                let _ = self
+                    .tx
+                    .send(Cmd::Offline {
+                        duration: d,
+                        resume,
+                    })
+                    .await;
+                // The device answers once it is connected again; if it is gone, so
+                // is this upgrade (it is aborted with it).
+                if back.await.is_err() {
+                    return Some((UpgradeResult::Interrupted, None));
+                }
+                // The download's connection did not survive the outage either.
+                dl.interrupt();
+            }
+            Point::UpdateFailed => {
+                rep.step(-1, "update failed (injected)").await;
+                return Some(Self::failed(-1, "injected update failure"));
+            }
+            Point::DownloadFailed => {
+                rep.step(-2, "download failed (injected)").await;
+                return Some(Self::failed(-2, "injected download failure"));
+            }
+            Point::Hang => {
+                // Silence from here on: whatever was held back is never sent either.
+                return Some((UpgradeResult::Hung, None));
+            }
+        }
+        None
+    }
+
+    /// After the download: verification, writing and the reboot, with their injected faults;
+    /// the version the device then runs.
+    async fn install(
+        &self,
+        rep: &mut Reporter,
+        digests: &firmware::Digests,
+    ) -> (UpgradeResult, Option<String>) {
+        let ota = &self.sh.ota;
+        let data = &self.data;
+        let f = &self.faults;
+        let size = data.size;
         tokio::time::sleep(secs(ota.verify_secs)).await;
-        if let Err(e) = firmware::verify(&digests, size, data.sign_method, &data.sign, &data.md5) {
+        if let Err(e) = firmware::verify(digests, size, data.sign_method, &data.sign, &data.md5) {
             let msg = format!("verification failed: {e}");
             rep.step(-3, &msg).await;
             return Self::failed(-3, msg);
@@ -287,4 +291,33 @@ impl Job {
         }
         self.rec.with_upgrade(self.seq, |u| u.range_resumes = r);
     }
+}
+
+/// Where the download meets the injected faults: `(byte offset, point)`, in offset order
+/// (at equal offsets, terminal points last).
+fn fault_points(f: &UpgradeFaults, size: u64) -> VecDeque<(u64, Point)> {
+    let at = |p: u8| size * u64::from(p) / 100;
+    let mut points: Vec<(u64, Point)> = Vec::new();
+    if let Some(p) = f.malformed_at_percent {
+        points.push((at(p), Point::Malformed));
+    }
+    if let Some(p) = f.interrupt_at_percent {
+        points.push((at(p), Point::Interrupt));
+    }
+    if let Some((p, d)) = f.offline {
+        points.push((at(p), Point::Offline(d)));
+    }
+    match &f.terminal {
+        Some(TerminalFault::UpdateFailed { at_percent }) => {
+            points.push((at(*at_percent), Point::UpdateFailed))
+        }
+        Some(TerminalFault::DownloadFailed { at_percent }) => {
+            points.push((at(*at_percent), Point::DownloadFailed))
+        }
+        Some(TerminalFault::Hang { at_percent }) => points.push((at(*at_percent), Point::Hang)),
+        _ => {}
+    }
+    // Stable: at equal offsets the order above holds (terminal points last).
+    points.sort_by_key(|(o, _)| *o);
+    points.into()
 }

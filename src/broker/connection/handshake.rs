@@ -9,6 +9,7 @@ use crate::broker::session::{Phase, SessionHandle};
 use crate::broker::{acl, DeviceHooks, DeviceKey, DisconnectReason, Session};
 use crate::clock::now_ms;
 use bytes::Bytes;
+use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
     self, ConnAck, Connect, ConnectReturnCode, Filter, LastWill, Packet, QoS, RetainForwardRule,
     Subscribe,
@@ -49,39 +50,8 @@ where
     S: Socket,
     H: DeviceHooks,
 {
-    let first = tokio::select! {
-        r = tokio::time::timeout_at(deadline, conn.read_frame()) => r,
-        _ = crate::broker::stopping(shutdown) => return None,
-    };
-    let first = match first {
-        Err(_elapsed) => {
-            refuse_silently(&shared, peer, "timeout");
-            return None;
-        }
-        // Closed before sending anything complete.
-        Ok(Err(ReadError::Io)) => return None,
-        Ok(Err(ReadError::Protocol(e))) => Err(e),
-        Ok(Ok(frame)) => Ok(frame),
-    };
-    let freshness = Freshness {
-        window: shared.config.connect_timestamp_window,
-        now_ms: u64::try_from(now_ms()).unwrap_or(0),
-    };
-    let (connect, will, auth) = match open(first, &*hooks, freshness) {
-        Opening::Accepted {
-            connect,
-            will,
-            auth,
-        } => (connect, will, auth),
-        Opening::Refused(refusal) => {
-            refuse(&shared, conn, peer, refusal).await;
-            return None;
-        }
-        Opening::Dropped(reason) => {
-            refuse_silently(&shared, peer, reason);
-            return None;
-        }
-    };
+    let (connect, will, auth) =
+        read_connect(conn, peer, deadline, &shared, &*hooks, shutdown).await?;
     let device = auth.device;
     if shared.table.sessions.len() >= shared.config.max_connections
         && !shared.table.sessions.contains_key(&device)
@@ -125,58 +95,20 @@ where
         local_reason: DisconnectReason::ConnectionLost,
     };
 
-    if let Some(previous) = shared
-        .table
-        .sessions
-        .insert(device.clone(), Arc::clone(&handle))
-    {
-        previous.retire(DisconnectReason::TakenOver);
-        // Its link must be settled (live-then-disconnected, or never registered) before ours is
-        // registered: otherwise the router would drop it on its own and reuse its id.
-        previous.wait_phase(Phase::Settled).await;
-        let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
+    take_over(&shared, &device, &handle).await;
+    if let Some(refusal) = gone_meanwhile(&*hooks, &device) {
+        refuse(&shared, conn, peer, refusal).await;
+        return None;
     }
-    // Deleted or disabled since `authenticate`? The gateway deletes a device in the registry
-    // first and then ends its session through the session table; this session is in the table
-    // now, so either that found it (and retired it: its link is refused below) or this finds
-    // the device's new state. Without it, a CONNECT racing with a delete could register a
-    // persistent session after `Downlink::forget_session` and leave it to a device created
-    // again under the same name.
-    match hooks.credentials(&device.product_key, &device.device_name) {
-        Some(creds) if creds.enabled => {}
-        gone => {
-            let refusal = match gone {
-                Some(_) => Refusal::DisabledDevice,
-                None => Refusal::UnknownDevice,
-            };
-            refuse(&shared, conn, peer, refusal).await;
-            return None;
-        }
-    }
-
-    let built = shared
-        .router
-        .register(auth.router_client_id, connect.clean_session)
-        .await;
-    let (link_rx, session_present) = match built {
-        Ok((link_tx, link_rx, ack)) => {
-            if !handle.install(link_tx) {
-                // Replaced or kicked while registering: end without ever having been online.
-                return None;
-            }
-            let present = match Option::<Packet>::from(ack) {
-                Some(Packet::ConnAck(ack, _)) => ack.session_present,
-                _ => false,
-            };
-            (link_rx, present)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "router refused the link");
-            handle.link_failed();
-            refuse(&shared, conn, peer, Refusal::Limit).await;
-            return None;
-        }
-    };
+    let (link_rx, session_present) = register_link(
+        conn,
+        peer,
+        &shared,
+        &handle,
+        auth.router_client_id,
+        connect.clean_session,
+    )
+    .await?;
 
     handle.set_online();
     shared.metrics.connects.inc();
@@ -193,35 +125,11 @@ where
         return None;
     }
 
-    let mut flow = Flow::default();
-    if auth.auto_subscribe {
-        // `_ss=1`: the vendor SDKs rely on the server subscribing them to their system topics.
-        // Packet id 0 never comes from a client, so its SUBACK is recognised and swallowed.
-        let filter = |path: String, qos: QoS| Filter {
-            path,
-            qos,
-            nolocal: false,
-            preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::Never,
-        };
-        let subscribe = Subscribe {
-            pkid: AUTO_SUBSCRIBE_PKID,
-            filters: auto_subscribe_filters(&device)
-                .into_iter()
-                .map(|(path, qos)| filter(path, qos))
-                .collect(),
-        };
-        let paths = subscribe.filters.iter().map(|f| f.path.clone()).collect();
-        flow.pending_subacks.push_back(PendingSubAck {
-            pkid: AUTO_SUBSCRIBE_PKID,
-            allowed: vec![true; subscribe.filters.len()],
-            paths,
-        });
-        shared.router.wait_capacity().await;
-        if !live.handle.send(vec![Packet::Subscribe(subscribe, None)]) {
-            return None;
-        }
-    }
+    let flow = if auth.auto_subscribe {
+        auto_subscribe(&shared, &live, &device).await?
+    } else {
+        Flow::default()
+    };
 
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
@@ -231,6 +139,158 @@ where
         flow,
         keep_alive,
     })
+}
+
+/// The first packet, read by `deadline`, and its verdict ([`open`]): the accepted CONNECT, its
+/// will and the authenticated device. `None`: timed out, closed, refused (answered) or dropped
+/// (counted), or the gateway is stopping.
+async fn read_connect<S, H>(
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    deadline: Instant,
+    shared: &Shared,
+    hooks: &H,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(Connect, Option<LastWill>, Authenticated)>
+where
+    S: Socket,
+    H: DeviceHooks,
+{
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(deadline, conn.read_frame()) => r,
+        _ = crate::broker::stopping(shutdown) => return None,
+    };
+    let first = match first {
+        Err(_elapsed) => {
+            refuse_silently(shared, peer, "timeout");
+            return None;
+        }
+        // Closed before sending anything complete.
+        Ok(Err(ReadError::Io)) => return None,
+        Ok(Err(ReadError::Protocol(e))) => Err(e),
+        Ok(Ok(frame)) => Ok(frame),
+    };
+    let freshness = Freshness {
+        window: shared.config.connect_timestamp_window,
+        now_ms: u64::try_from(now_ms()).unwrap_or(0),
+    };
+    match open(first, hooks, freshness) {
+        Opening::Accepted {
+            connect,
+            will,
+            auth,
+        } => Some((connect, will, auth)),
+        Opening::Refused(refusal) => {
+            refuse(shared, conn, peer, refusal).await;
+            None
+        }
+        Opening::Dropped(reason) => {
+            refuse_silently(shared, peer, reason);
+            None
+        }
+    }
+}
+
+/// Puts the new session in the table; a previous session of the device is retired and waited
+/// for (its link settled, then up to [`TAKEOVER_WAIT`] for its `on_disconnect`).
+async fn take_over(shared: &Shared, device: &DeviceKey, handle: &Arc<SessionHandle>) {
+    if let Some(previous) = shared
+        .table
+        .sessions
+        .insert(device.clone(), Arc::clone(handle))
+    {
+        previous.retire(DisconnectReason::TakenOver);
+        // Its link must be settled (live-then-disconnected, or never registered) before ours is
+        // registered: otherwise the router would drop it on its own and reuse its id.
+        previous.wait_phase(Phase::Settled).await;
+        let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.wait_phase(Phase::Done)).await;
+    }
+}
+
+/// Deleted or disabled since `authenticate`? The gateway deletes a device in the registry
+/// first and then ends its session through the session table; this session is in the table
+/// now, so either that found it (and retired it: its link is refused when registered) or this
+/// finds the device's new state. Without it, a CONNECT racing with a delete could register a
+/// persistent session after `Downlink::forget_session` and leave it to a device created again
+/// under the same name.
+fn gone_meanwhile<H: DeviceHooks + ?Sized>(hooks: &H, device: &DeviceKey) -> Option<Refusal> {
+    match hooks.credentials(&device.product_key, &device.device_name) {
+        Some(creds) if creds.enabled => None,
+        Some(_) => Some(Refusal::DisabledDevice),
+        None => Some(Refusal::UnknownDevice),
+    }
+}
+
+/// Registers the session's router link and installs it in `handle`: the link's receiving end
+/// and whether the router kept a session. `None`: replaced or kicked while registering (ends
+/// without ever having been online), or the router refused (answered as the limit).
+async fn register_link<S: Socket>(
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    shared: &Shared,
+    handle: &SessionHandle,
+    router_client_id: String,
+    clean_session: bool,
+) -> Option<(LinkRx, bool)> {
+    let built = shared
+        .router
+        .register(router_client_id, clean_session)
+        .await;
+    match built {
+        Ok((link_tx, link_rx, ack)) => {
+            if !handle.install(link_tx) {
+                // Replaced or kicked while registering: end without ever having been online.
+                return None;
+            }
+            let present = match Option::<Packet>::from(ack) {
+                Some(Packet::ConnAck(ack, _)) => ack.session_present,
+                _ => false,
+            };
+            Some((link_rx, present))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "router refused the link");
+            handle.link_failed();
+            refuse(shared, conn, peer, Refusal::Limit).await;
+            None
+        }
+    }
+}
+
+/// `_ss=1`: the vendor SDKs rely on the server subscribing them to their system topics.
+/// Packet id 0 never comes from a client, so its SUBACK is recognised and swallowed: the flow
+/// state starts with it pending. `None`: the link is gone.
+async fn auto_subscribe<H: DeviceHooks>(
+    shared: &Shared,
+    live: &Live<H>,
+    device: &DeviceKey,
+) -> Option<Flow> {
+    let mut flow = Flow::default();
+    let filter = |path: String, qos: QoS| Filter {
+        path,
+        qos,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::Never,
+    };
+    let subscribe = Subscribe {
+        pkid: AUTO_SUBSCRIBE_PKID,
+        filters: auto_subscribe_filters(device)
+            .into_iter()
+            .map(|(path, qos)| filter(path, qos))
+            .collect(),
+    };
+    let paths = subscribe.filters.iter().map(|f| f.path.clone()).collect();
+    flow.pending_subacks.push_back(PendingSubAck {
+        pkid: AUTO_SUBSCRIBE_PKID,
+        allowed: vec![true; subscribe.filters.len()],
+        paths,
+    });
+    shared.router.wait_capacity().await;
+    if !live.handle.send(vec![Packet::Subscribe(subscribe, None)]) {
+        return None;
+    }
+    Some(flow)
 }
 
 /// What a connection's first packet decides, before any shared state is touched.

@@ -1,16 +1,20 @@
 //! The established session's loop: socket reads, upstream PUBLISH handling and acks,
 //! SUBSCRIBE/UNSUBSCRIBE through the ACL, the router link's notifications and downstream
-//! acks, and the keep-alive deadline.
+//! acks, and the keep-alive deadline. SUBSCRIBE and UNSUBSCRIBE are in `read_loop/subscribe.rs`.
+
+mod subscribe;
+
+use subscribe::{on_subscribe, on_unsubscribe};
 
 use crate::broker::codec::{self, Frame, UpPublish};
 use crate::broker::session::SessionHandle;
-use crate::broker::violation::{self, Violation};
+use crate::broker::violation;
 use crate::broker::{acl, DeviceHooks, DisconnectReason, PublishOutcome, RunOutcome, UpMessage};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
-    self, Filter, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+    self, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    Publish, QoS, SubAck, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use std::collections::VecDeque;
@@ -19,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{auto_subscribe_filters, Conn, Flow, Live, PendingSubAck, Socket, AUTO_SUBSCRIBE_PKID};
+use super::{Conn, Flow, Live, Socket, AUTO_SUBSCRIBE_PKID};
 
 /// Most router notifications handled per wake-up (one socket write).
 const NOTIFICATION_BATCH: usize = 256;
@@ -281,7 +285,6 @@ where
     H: DeviceHooks,
 {
     let lost = |_| DisconnectReason::ConnectionLost;
-    let device = &live.session.device;
     let packet = match frame {
         Frame::Publish(publish) => return on_publish(publish, conn, live, flow).await,
         Frame::Other(packet) => *packet,
@@ -295,85 +298,8 @@ where
             };
             conn.queue(Packet::PubComp(comp, None)).map_err(lost)
         }
-        Packet::Subscribe(subscribe, _) => {
-            // (A SUBSCRIBE without filters does not even parse: `Violation::EmptySubscribe`.)
-            let checked = subscribe
-                .filters
-                .iter()
-                .try_for_each(|f| violation::topic_filter(&f.path));
-            if let Err(violation) = checked {
-                violation.emit(&live.shared.metrics);
-                return Err(DisconnectReason::ConnectionLost);
-            }
-            let allowed = subscription_allowed(live, &subscribe.filters);
-            let denied = allowed.iter().filter(|ok| !**ok).count();
-            if denied == allowed.len() {
-                let suback = SubAck {
-                    pkid: subscribe.pkid,
-                    return_codes: vec![SubscribeReasonCode::Failure; denied],
-                };
-                return conn.queue(Packet::SubAck(suback, None)).map_err(lost);
-            }
-            let filters: Vec<Filter> = subscribe
-                .filters
-                .into_iter()
-                .zip(&allowed)
-                .filter_map(|(f, ok)| ok.then_some(f))
-                .collect();
-            let paths = filters.iter().map(|f| f.path.clone()).collect();
-            to_link.push(Packet::Subscribe(
-                Subscribe {
-                    pkid: subscribe.pkid,
-                    filters,
-                },
-                None,
-            ));
-            flow.pending_subacks.push_back(PendingSubAck {
-                pkid: subscribe.pkid,
-                allowed,
-                paths,
-            });
-            Ok(())
-        }
-        Packet::Unsubscribe(unsubscribe, _) => {
-            let checked = match unsubscribe.filters.is_empty() {
-                true => Err(Violation::EmptyUnsubscribe),
-                false => unsubscribe
-                    .filters
-                    .iter()
-                    .try_for_each(|f| violation::topic_filter(f)),
-            };
-            if let Err(violation) = checked {
-                violation.emit(&live.shared.metrics);
-                return Err(DisconnectReason::ConnectionLost);
-            }
-            // Filters the device could not have subscribed are skipped. rumqttd sends no UNSUBACK
-            // for a filter that was not subscribed, so we always answer ourselves (and drop the
-            // router's UNSUBACKs).
-            let owned: Vec<String> = unsubscribe
-                .filters
-                .into_iter()
-                .filter(|f| acl::filter_allowed(&device.product_key, &device.device_name, f))
-                .collect();
-            // Direct deliveries stop now; the router forgets the subscription right after.
-            for filter in &owned {
-                live.handle.revoke(filter);
-            }
-            if !owned.is_empty() {
-                to_link.push(Packet::Unsubscribe(
-                    Unsubscribe {
-                        pkid: unsubscribe.pkid,
-                        filters: owned,
-                    },
-                    None,
-                ));
-            }
-            let unsuback = UnsubAck {
-                pkid: unsubscribe.pkid,
-                reasons: vec![],
-            };
-            conn.queue(Packet::UnsubAck(unsuback, None)).map_err(lost)
-        }
+        Packet::Subscribe(subscribe, _) => on_subscribe(subscribe, conn, live, flow, to_link),
+        Packet::Unsubscribe(unsubscribe, _) => on_unsubscribe(unsubscribe, conn, live, to_link),
         Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp)).map_err(lost),
         Packet::PubAck(ack, _) => ack_downstream(&mut flow.awaiting_ack, ack.pkid, 1, || {
             to_link.push(Packet::PubAck(ack, None))
@@ -422,47 +348,6 @@ pub(super) fn ack_downstream(
         }
         None => Ok(()),
     }
-}
-
-/// Which of a SUBSCRIBE's filters the device may have: its own (the ACL) and within its budget of
-/// distinct filters ([`super::filters`]). Refusals are counted and logged.
-fn subscription_allowed<H: DeviceHooks>(live: &Live<H>, filters: &[Filter]) -> Vec<bool> {
-    let device = &live.session.device;
-    let metrics = &live.shared.metrics;
-    let auto = auto_subscribe_filters(device);
-    let (mut foreign, mut over_budget) = (0u64, 0u64);
-    let allowed = filters
-        .iter()
-        .map(|f| {
-            if !acl::filter_allowed(&device.product_key, &device.device_name, &f.path) {
-                foreign += 1;
-                return false;
-            }
-            if auto.iter().any(|(path, _)| *path == f.path)
-                || live.shared.filters.admit(device, &f.path)
-            {
-                return true;
-            }
-            over_budget += 1;
-            false
-        })
-        .collect();
-    if foreign > 0 {
-        metrics
-            .acl_denied
-            .get_or_create(&[("kind", "subscribe")])
-            .inc_by(foreign);
-        tracing::debug!(denied = foreign, "subscription refused by ACL");
-    }
-    if over_budget > 0 {
-        metrics.subscriptions_refused.inc_by(over_budget);
-        tracing::debug!(
-            refused = over_budget,
-            max = live.shared.config.max_subscriptions_per_device,
-            "subscription refused: the device's filter limit is reached"
-        );
-    }
-    allowed
 }
 
 /// Whether the session's device may publish on `topic`; a refusal is counted and logged.

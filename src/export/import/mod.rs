@@ -225,38 +225,7 @@ impl ExportService {
             .filter(|p| matches!(p, Plan::Conflict(_)))
             .count();
         if policy == ConflictPolicy::Fail && conflicts > 0 {
-            for (o, plan) in job.objects.iter_mut().zip(&plans) {
-                match plan {
-                    Plan::Conflict(why) => {
-                        o.result = Some(ImportResult::Conflict);
-                        o.status = Status::new(JobState::Failed, why.clone());
-                    }
-                    _ => {
-                        o.result = Some(ImportResult::Failed);
-                        o.status = Status::new(
-                            JobState::Failed,
-                            "not imported: conflict_policy is fail and other objects conflict",
-                        );
-                    }
-                }
-            }
-            let lines: Vec<String> = job
-                .objects
-                .iter()
-                .filter(|o| o.result == Some(ImportResult::Conflict))
-                .map(|o| {
-                    format!(
-                        "Conflict on object [{}] of type [{}] id [{}]: {}",
-                        o.path,
-                        o.object_type.as_str(),
-                        o.id,
-                        o.status.message.clone().unwrap_or_default()
-                    )
-                })
-                .collect();
-            for l in lines {
-                job.log("ERROR", "FGI_007", l);
-            }
+            fail_on_conflicts(&mut job, &plans);
             let msg = format!(
                 "{conflicts} object(s) conflict and conflict_policy is fail: nothing was imported"
             );
@@ -267,109 +236,120 @@ impl ExportService {
         let mut fw_map: HashMap<String, String> = HashMap::new();
         for i in order {
             let obj = &pkg.objects[i];
-            let writes = matches!(plans[i], Plan::Create)
-                || (matches!(plans[i], Plan::Conflict(_)) && policy == ConflictPolicy::Overwrite);
-            let (result, message, target_id) = match &plans[i] {
-                Plan::Invalid(why) => (ImportResult::Failed, Some(why.clone()), None),
-                // Checked before the job started; this catches a product that vanished since.
-                _ if writes && !by.may_write(obj.meta.object_type) => (
-                    ImportResult::Failed,
-                    Some(format!(
-                        "role {by} may not write a {} (role {} required)",
-                        obj.meta.object_type.as_str(),
-                        Privilege::required_to_write(obj.meta.object_type).as_str()
-                    )),
-                    None,
-                ),
-                Plan::Skip(why) => (ImportResult::Skipped, Some(why.clone()), None),
-                Plan::Identical => {
-                    let target = self.identical_target(obj);
-                    if let (ObjectType::Firmware, Some(t)) = (obj.meta.object_type, &target) {
-                        fw_map.insert(obj.meta.id.clone(), t.clone());
-                    }
-                    (ImportResult::SkippedIdentical, None, target)
-                }
-                // Migration tasks are never overwritten: the existing one may be running.
-                Plan::Conflict(why) if obj.meta.object_type == ObjectType::MigrationTask => (
-                    ImportResult::Conflict,
-                    Some(format!(
-                        "kept this gateway's object: {why}{}",
-                        if policy == ConflictPolicy::Overwrite {
-                            " (migration tasks are never overwritten; delete this gateway's task first if it is not running)"
-                        } else {
-                            ""
-                        }
-                    )),
-                    None,
-                ),
-                Plan::Conflict(why) if policy != ConflictPolicy::Overwrite => (
-                    ImportResult::Conflict,
-                    Some(format!("kept this gateway's object: {why}")),
-                    None,
-                ),
-                Plan::Conflict(why) => match self.overwrite(obj, &pkg, &mut fw_map).await {
-                    Ok(target) => (ImportResult::Overwritten, Some(why.clone()), target),
-                    Err(e) => (ImportResult::Failed, Some(e), None),
-                },
-                Plan::Create => match self.create(obj, &pkg, &mut fw_map).await {
-                    Ok(target) => (ImportResult::Created, None, target),
-                    Err(e) => (ImportResult::Failed, Some(e), None),
-                },
-            };
-            let o = &mut job.objects[i];
-            if result != ImportResult::Failed {
-                // Where it is on this gateway: a device is created in its product's instance,
-                // whatever instance it had on the source (migrations are not carried).
-                if let Some(path) = self.local_path(obj) {
-                    o.path = path;
-                }
-            }
-            o.result = Some(result);
-            o.target_id = target_id.filter(|t| *t != o.id);
-            o.status = Status {
-                state: if result == ImportResult::Failed {
-                    JobState::Failed
-                } else {
-                    JobState::Successful
-                },
-                message: message.clone(),
-            };
-            let (level, code, verb) = match result {
-                ImportResult::Created => ("INFO", "FGI_004", "Created"),
-                ImportResult::SkippedIdentical => ("INFO", "FGI_004", "Skipped identical"),
-                ImportResult::Overwritten => ("WARN", "FGI_004", "Overwrote"),
-                ImportResult::Conflict => ("WARN", "FGI_007", "Conflict on"),
-                ImportResult::Failed => ("ERROR", "FGI_005", "Failed to import"),
-                ImportResult::Skipped => ("INFO", "FGI_004", "Skipped"),
-            };
-            let line = format!(
-                "{verb} object [{}] of type [{}] id [{}]{}",
-                o.path,
-                o.object_type.as_str(),
-                o.id,
-                message.map(|m| format!(": {m}")).unwrap_or_default()
-            );
-            job.log(level, code, line);
+            let outcome = self
+                .import_object(obj, &plans[i], &pkg, policy, by, &mut fw_map)
+                .await;
+            self.record_outcome(&mut job, i, obj, outcome);
         }
-        let s = job.summary();
-        let (state, msg) = if s.failed == 0 {
-            (
-                JobState::Successful,
-                format!(
-                    "Import completed: {} created, {} skipped as identical, {} skipped, {} overwritten, {} conflicts kept.",
-                    s.created, s.skipped_identical, s.skipped, s.overwritten, s.conflict
-                ),
-            )
-        } else {
-            (
-                JobState::Failed,
-                format!(
-                    "Import finished with {} failed object(s): {} created, {} skipped as identical, {} skipped, {} overwritten, {} conflicts kept.",
-                    s.failed, s.created, s.skipped_identical, s.skipped, s.overwritten, s.conflict
-                ),
-            )
-        };
+        let (state, msg) = import_verdict(&job.summary());
         self.finish_import(job, state, msg).await;
+    }
+
+    /// What importing one object under its plan did: its result, the message, and its id on
+    /// this gateway. Firmware ids (source → here) go into `fw_map` for the jobs that follow.
+    async fn import_object(
+        &self,
+        obj: &PackageObject,
+        plan: &Plan,
+        pkg: &VerifiedPackage,
+        policy: ConflictPolicy,
+        by: Privilege,
+        fw_map: &mut HashMap<String, String>,
+    ) -> (ImportResult, Option<String>, Option<String>) {
+        let writes = matches!(plan, Plan::Create)
+            || (matches!(plan, Plan::Conflict(_)) && policy == ConflictPolicy::Overwrite);
+        match plan {
+            Plan::Invalid(why) => (ImportResult::Failed, Some(why.clone()), None),
+            // Checked before the job started; this catches a product that vanished since.
+            _ if writes && !by.may_write(obj.meta.object_type) => (
+                ImportResult::Failed,
+                Some(format!(
+                    "role {by} may not write a {} (role {} required)",
+                    obj.meta.object_type.as_str(),
+                    Privilege::required_to_write(obj.meta.object_type).as_str()
+                )),
+                None,
+            ),
+            Plan::Skip(why) => (ImportResult::Skipped, Some(why.clone()), None),
+            Plan::Identical => {
+                let target = self.identical_target(obj);
+                if let (ObjectType::Firmware, Some(t)) = (obj.meta.object_type, &target) {
+                    fw_map.insert(obj.meta.id.clone(), t.clone());
+                }
+                (ImportResult::SkippedIdentical, None, target)
+            }
+            // Migration tasks are never overwritten: the existing one may be running.
+            Plan::Conflict(why) if obj.meta.object_type == ObjectType::MigrationTask => (
+                ImportResult::Conflict,
+                Some(format!(
+                    "kept this gateway's object: {why}{}",
+                    if policy == ConflictPolicy::Overwrite {
+                        " (migration tasks are never overwritten; delete this gateway's task first if it is not running)"
+                    } else {
+                        ""
+                    }
+                )),
+                None,
+            ),
+            Plan::Conflict(why) if policy != ConflictPolicy::Overwrite => (
+                ImportResult::Conflict,
+                Some(format!("kept this gateway's object: {why}")),
+                None,
+            ),
+            Plan::Conflict(why) => match self.overwrite(obj, pkg, fw_map).await {
+                Ok(target) => (ImportResult::Overwritten, Some(why.clone()), target),
+                Err(e) => (ImportResult::Failed, Some(e), None),
+            },
+            Plan::Create => match self.create(obj, pkg, fw_map).await {
+                Ok(target) => (ImportResult::Created, None, target),
+                Err(e) => (ImportResult::Failed, Some(e), None),
+            },
+        }
+    }
+
+    /// Records object `i`'s outcome in the job: result, status, its path and id here, and the
+    /// job's log line.
+    fn record_outcome(
+        &self,
+        job: &mut JobRecord,
+        i: usize,
+        obj: &PackageObject,
+        (result, message, target_id): (ImportResult, Option<String>, Option<String>),
+    ) {
+        let o = &mut job.objects[i];
+        if result != ImportResult::Failed {
+            // Where it is on this gateway: a device is created in its product's instance,
+            // whatever instance it had on the source (migrations are not carried).
+            if let Some(path) = self.local_path(obj) {
+                o.path = path;
+            }
+        }
+        o.result = Some(result);
+        o.target_id = target_id.filter(|t| *t != o.id);
+        o.status = Status {
+            state: if result == ImportResult::Failed {
+                JobState::Failed
+            } else {
+                JobState::Successful
+            },
+            message: message.clone(),
+        };
+        let (level, code, verb) = match result {
+            ImportResult::Created => ("INFO", "FGI_004", "Created"),
+            ImportResult::SkippedIdentical => ("INFO", "FGI_004", "Skipped identical"),
+            ImportResult::Overwritten => ("WARN", "FGI_004", "Overwrote"),
+            ImportResult::Conflict => ("WARN", "FGI_007", "Conflict on"),
+            ImportResult::Failed => ("ERROR", "FGI_005", "Failed to import"),
+            ImportResult::Skipped => ("INFO", "FGI_004", "Skipped"),
+        };
+        let line = format!(
+            "{verb} object [{}] of type [{}] id [{}]{}",
+            o.path,
+            o.object_type.as_str(),
+            o.id,
+            message.map(|m| format!(": {m}")).unwrap_or_default()
+        );
+        job.log(level, code, line);
     }
 
     async fn finish_import(&self, mut job: JobRecord, state: JobState, msg: String) {
@@ -389,6 +369,64 @@ impl ExportService {
         if let Err(e) = self.save(job).await {
             tracing::error!(job_id = %id, error = %e, "cannot persist import job");
         }
+    }
+}
+
+/// `conflict_policy` fail with conflicts: every object fails (the conflicting ones as
+/// conflicts, with why), and each conflict is logged.
+fn fail_on_conflicts(job: &mut JobRecord, plans: &[Plan]) {
+    for (o, plan) in job.objects.iter_mut().zip(plans) {
+        match plan {
+            Plan::Conflict(why) => {
+                o.result = Some(ImportResult::Conflict);
+                o.status = Status::new(JobState::Failed, why.clone());
+            }
+            _ => {
+                o.result = Some(ImportResult::Failed);
+                o.status = Status::new(
+                    JobState::Failed,
+                    "not imported: conflict_policy is fail and other objects conflict",
+                );
+            }
+        }
+    }
+    let lines: Vec<String> = job
+        .objects
+        .iter()
+        .filter(|o| o.result == Some(ImportResult::Conflict))
+        .map(|o| {
+            format!(
+                "Conflict on object [{}] of type [{}] id [{}]: {}",
+                o.path,
+                o.object_type.as_str(),
+                o.id,
+                o.status.message.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    for l in lines {
+        job.log("ERROR", "FGI_007", l);
+    }
+}
+
+/// The import job's final state and message from its objects' results.
+fn import_verdict(s: &ImportSummary) -> (JobState, String) {
+    if s.failed == 0 {
+        (
+            JobState::Successful,
+            format!(
+                "Import completed: {} created, {} skipped as identical, {} skipped, {} overwritten, {} conflicts kept.",
+                s.created, s.skipped_identical, s.skipped, s.overwritten, s.conflict
+            ),
+        )
+    } else {
+        (
+            JobState::Failed,
+            format!(
+                "Import finished with {} failed object(s): {} created, {} skipped as identical, {} skipped, {} overwritten, {} conflicts kept.",
+                s.failed, s.created, s.skipped_identical, s.skipped, s.overwritten, s.conflict
+            ),
+        )
     }
 }
 

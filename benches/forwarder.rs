@@ -1,0 +1,530 @@
+//! Benchmarks of the AMQP forwarder alone, in-process against a real RabbitMQ
+//! (`FLEETGATE_AMQP_URL`, as the tests): `throughput` (a bare lapin publisher, the forwarder
+//! from enqueue to broker-confirmed, and the outbox drain after an outage, in one run) and
+//! `shared_outbox` (the single node's SQLite outbox against cluster mode's PostgreSQL one;
+//! needs PostgreSQL, `FLEETGATE_TEST_PG_URL` as the API tests). docs/BENCHMARKS.md has the
+//! results.
+//!
+//! ```sh
+//! cargo bench -p fleetgate --bench forwarder                   # both
+//! cargo bench -p fleetgate --bench forwarder -- throughput     # one (by name)
+//! FG_BENCH_N=50000 FG_BENCH_WINDOW=2048 cargo bench -p fleetgate --bench forwarder -- throughput
+//! ```
+
+#[allow(dead_code)]
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
+
+use fleetgate::config::Secret;
+use fleetgate::forwarder::testing::{self, Proxy};
+use fleetgate::forwarder::{
+    AmqpSettings, AmqpStatus, ClusterOutbox, ForwardMessage, Forwarder, ForwarderConfig,
+    NewConsumerGroup, OnFull, OutboxRow, QueueType,
+};
+use fleetgate::metrics::Metrics;
+use fleetgate::registry::{NewDevice, NewInstance, NewProduct, Registry};
+use fleetgate::store::{PostgresBackend, PostgresReader, PostgresUrl, Store};
+use helpers::PgTestDatabase;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use rand::Rng;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The benchmarks by name, in the order they run.
+const BENCHMARKS: [&str; 2] = ["throughput", "shared_outbox"];
+
+fn main() {
+    // `cargo bench` passes `--bench`; other words choose benchmarks by name.
+    let chosen: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if let Some(unknown) = chosen.iter().find(|c| !BENCHMARKS.contains(&c.as_str())) {
+        eprintln!(
+            "unknown benchmark {unknown:?}; there are: {}",
+            BENCHMARKS.join(", ")
+        );
+        std::process::exit(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    for name in BENCHMARKS {
+        if !chosen.is_empty() && !chosen.iter().any(|c| c == name) {
+            continue;
+        }
+        match name {
+            "throughput" => runtime.block_on(throughput()),
+            _ => runtime.block_on(shared_outbox()),
+        }
+    }
+}
+
+/// Generous bound for anything that should happen "soon" (only to avoid hanging).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Rabbit {
+    pub url: String,
+    pub conn: Connection,
+    pub addr: SocketAddr,
+}
+
+impl Rabbit {
+    /// The broker's URL with host and port replaced (to go through a [`Proxy`]).
+    pub fn url_via(&self, addr: SocketAddr) -> String {
+        testing::url_via(&self.url, addr)
+    }
+}
+
+/// Connects to the test broker; fails the test when it is missing (see
+/// [`testing::test_amqp_url`]).
+async fn rabbit(test: &str) -> Rabbit {
+    let url = testing::test_amqp_url(test).await;
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let addr = testing::broker_addr(&url).await;
+    Rabbit { url, conn, addr }
+}
+
+/// Polls `f` until it holds; panics after [`PATIENCE`] (only to avoid hanging).
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A registry with one instance, one product and `devices` devices, plus unique names.
+struct Fixture {
+    pub rabbit: Rabbit,
+    pub dir: tempfile::TempDir,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub iid: String,
+    pub pk: String,
+    pub devices: Vec<String>,
+    pub prefix: String,
+}
+
+impl Fixture {
+    pub async fn new(rabbit: Rabbit, devices: usize) -> Fixture {
+        let suffix: String = rand::thread_rng()
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(8)
+            .map(char::from)
+            .collect::<String>()
+            .to_lowercase();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open_in_memory(metrics.clone()).unwrap();
+        let registry = Registry::open(store, metrics.clone()).unwrap();
+        let iid = format!("inst-{suffix}");
+        registry
+            .create_instance(NewInstance {
+                instance_id: Some(iid.clone()),
+                name: "test".into(),
+            })
+            .await
+            .unwrap();
+        let pk = format!("pk{suffix}");
+        registry
+            .create_product(NewProduct {
+                name: "P".into(),
+                product_key: Some(pk.clone()),
+                instance_id: Some(iid.clone()),
+                description: None,
+            })
+            .await
+            .unwrap();
+        let mut names = Vec::new();
+        for i in 0..devices {
+            let dn = format!("dev{i:04}");
+            registry
+                .create_device(
+                    &pk,
+                    NewDevice {
+                        device_name: dn.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            names.push(dn);
+        }
+        Fixture {
+            rabbit,
+            dir: tempfile::tempdir().unwrap(),
+            registry,
+            metrics,
+            iid,
+            pk,
+            devices: names,
+            prefix: format!("fgtest-{suffix}"),
+        }
+    }
+
+    pub fn settings(&self, url: &str) -> AmqpSettings {
+        AmqpSettings {
+            url: Some(Secret::new(url)),
+            exchange_prefix: self.prefix.clone(),
+            reconnect_initial_ms: 50,
+            reconnect_max_ms: 500,
+            stats_interval_secs: 1,
+            ..Default::default()
+        }
+    }
+
+    pub fn config(&self, url: &str) -> ForwarderConfig {
+        ForwarderConfig::new(self.settings(url)).unwrap()
+    }
+
+    pub fn queue(&self, gid: &str) -> String {
+        format!("{}.{}.{gid}", self.prefix, self.iid)
+    }
+
+    /// A property post from device `d` whose `requestId` is `i`.
+    pub fn post(&self, d: usize, i: usize) -> ForwardMessage {
+        let req = fleetgate_topics::PropertyPostRequest::parse(
+            format!(r#"{{"id":"{i}","params":{{"Seq":{i}}}}}"#).as_bytes(),
+        )
+        .unwrap();
+        ForwardMessage::property_post(
+            &self.pk,
+            &self.devices[d],
+            &req,
+            1_700_000_000_000 + i as i64,
+        )
+    }
+
+    /// Deletes the test's queues and exchange.
+    pub async fn cleanup(&self, groups: &[&str]) {
+        let ch = self.rabbit.conn.create_channel().await.unwrap();
+        for g in groups {
+            let _ = ch
+                .queue_delete(self.queue(g).into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(
+                format!("{}.{}", self.prefix, self.iid).into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+}
+
+/// Creates consumer group `gid` in instance `iid`.
+async fn group(fwd: &Forwarder, iid: &str, gid: &str) {
+    let message_ttl_secs = None;
+    fwd.create_group(
+        iid,
+        NewConsumerGroup {
+            group_id: Some(gid.into()),
+            name: gid.into(),
+            message_ttl_secs,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// `cargo bench -p fleetgate --bench forwarder -- throughput`. Prints, in one run: (a) a bare lapin publisher with 1,000 persistent publishes in flight,
+/// (b) the forwarder from enqueue (64 concurrent "devices") to broker-confirmed, and (c) the
+/// outbox drain rate after an outage. `FG_BENCH_N` (default 50,000) messages each;
+/// `FG_BENCH_WINDOW` sets the forwarder's in-flight window (default: the configured default, 2048).
+async fn throughput() {
+    let rabbit = rabbit("bench_throughput").await;
+    let n: usize = std::env::var("FG_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let window: usize = std::env::var("FG_BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| AmqpSettings::default().inflight_window);
+    let fx = Fixture::new(rabbit, 64).await;
+    let body = fx.post(0, 0).body;
+
+    // (a) bare lapin: 1,000 confirms in flight, persistent, into a durable queue.
+    let bare_queue = format!("{}.bare", fx.prefix);
+    let ch = fx.rabbit.conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        bare_queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let bare = testing::bare_publish(&ch, "", &bare_queue, false, n, &body, |_| {
+        lapin::BasicProperties::default().with_delivery_mode(2)
+    })
+    .await;
+    // (a') the same, with the forwarder's envelope: 7 headers, fanout exchange, mandatory.
+    ch.queue_purge(
+        bare_queue.as_str().into(),
+        lapin::options::QueuePurgeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let bare_exchange = format!("{}.bare-x", fx.prefix);
+    testing::declare_group(
+        &fx.rabbit.conn,
+        &ch,
+        &bare_exchange,
+        &bare_queue,
+        0,
+        QueueType::Classic,
+    )
+    .await
+    .unwrap();
+    let template = OutboxRow {
+        seq: 1,
+        enqueued_at_ms: 1_700_000_000_000,
+        target: fx.iid.clone(),
+        msg: Arc::new(fx.post(0, 0)),
+    };
+    let enveloped = testing::bare_publish(&ch, &bare_exchange, "", true, n, &body, |i| {
+        let mut row = template.clone();
+        row.seq = i as i64;
+        testing::envelope(&row)
+    })
+    .await;
+    let _ = ch
+        .queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(
+            bare_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+
+    // (b) forwarder, enqueue → confirmed.
+    let config = AmqpSettings {
+        inflight_window: window,
+        ..fx.settings(&fx.rabbit.url.clone())
+    };
+    let fwd = Forwarder::open(
+        ForwarderConfig::new(config.clone()).unwrap(),
+        fx.dir.path(),
+        fx.registry.store().clone(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "bench").await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let fx = Arc::new(fx);
+    for d in 0..64 {
+        let fwd = fwd.clone();
+        let fx = fx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (d..n).step_by(64) {
+                fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let enqueue_rate = n as f64 / started.elapsed().as_secs_f64();
+    let published_before = fx.metrics.forwarder_published.get();
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    let end_to_end = n as f64 / started.elapsed().as_secs_f64();
+    assert!(published_before <= n as u64);
+    fwd.shutdown().await;
+    drop(fwd);
+
+    // (c) outage: fill the outbox while the broker is unreachable, then measure the drain.
+    let proxy = Proxy::start(fx.rabbit.addr).await;
+    proxy.cut();
+    let cut_config = AmqpSettings {
+        url: Some(Secret::new(fx.rabbit.url_via(proxy.addr))),
+        ..config
+    };
+    let fwd = Forwarder::open(
+        ForwarderConfig::new(cut_config).unwrap(),
+        fx.dir.path(),
+        fx.registry.store().clone(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
+    let mut tasks = Vec::new();
+    for d in 0..64 {
+        let fwd = fwd.clone();
+        let fx = fx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (d..n).step_by(64) {
+                fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(fwd.outbox().unwrap().len(), n as u64);
+    let started = Instant::now();
+    proxy.restore();
+    eventually("outbox drained after the outage", || {
+        fwd.outbox().unwrap().is_empty()
+    })
+    .await;
+    let drain = n as f64 / started.elapsed().as_secs_f64();
+    fwd.shutdown().await;
+
+    println!(
+        "BENCH n={n} window={window}\n  (a) bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  (a') bare lapin, 1000 in flight, forwarder envelope (headers, fanout, mandatory): {enveloped:.0} msg/s\n  (b) forwarder enqueue (64 devices, durable outbox): {enqueue_rate:.0} msg/s; enqueue → broker-confirmed: {end_to_end:.0} msg/s\n  (c) outbox drain after an outage ({n} queued): {drain:.0} msg/s"
+    );
+    fx.cleanup(&["bench"]).await;
+}
+
+/// CPU seconds (user + system) of the processes whose `/proc/{pid}/stat` `comm` is `name`, or
+/// of this process (`None`). Linux clock ticks are 1/100 s.
+fn cpu_seconds(name: Option<&str>) -> f64 {
+    let ticks = |stat: &str| -> Option<u64> {
+        // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    let total: u64 = match name {
+        None => std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| ticks(&s))
+            .unwrap_or(0),
+        Some(name) => std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|s| s.contains(&format!("({name})")))
+            .filter_map(|s| ticks(&s))
+            .sum(),
+    };
+    total as f64 / 100.0
+}
+
+/// `cargo bench -p fleetgate --bench forwarder -- shared_outbox` (docs/BENCHMARKS.md, "Shared
+/// outbox"): the forwarder end to end, 64 concurrent
+/// "devices" enqueueing `FG_BENCH_N` posts (default 20,000) until the last broker confirm,
+/// with the single node's SQLite outbox and with cluster mode's PostgreSQL outbox (this node
+/// holding the drain lease), `FG_BENCH_ROUNDS` rounds (default 2) alternating. Reports msg/s
+/// and CPU µs per message of this process and of the PostgreSQL server.
+async fn shared_outbox() {
+    let rabbit = rabbit("bench_shared_outbox").await;
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (n, rounds) = (env("FG_BENCH_N", 20_000), env("FG_BENCH_ROUNDS", 2));
+    let fx = Arc::new(Fixture::new(rabbit, 64).await);
+    let pg = PgTestDatabase::create();
+    let pg_url = PostgresUrl::parse(pg.url()).expect("the test database's URL");
+    let url = pg_url.clone();
+    tokio::task::spawn_blocking(move || PostgresBackend::connect(&url).map(drop))
+        .await
+        .unwrap()
+        .expect("migrate the benchmark database");
+    let config = fx.config(&fx.rabbit.url.clone());
+    let mut grouped = false;
+    let mut lines = Vec::new();
+    for round in 0..rounds {
+        for shared in [false, true] {
+            let fwd = if shared {
+                let leases = PostgresReader::connect(&pg_url).await.unwrap();
+                Forwarder::open_clustered(
+                    config.clone(),
+                    ClusterOutbox {
+                        url: pg_url.clone(),
+                        node: 1,
+                        lease_ttl: Duration::from_secs(2),
+                        leases: Arc::new(leases),
+                    },
+                    fx.registry.store().clone(),
+                    fx.registry.clone(),
+                    fx.metrics.clone(),
+                )
+                .unwrap()
+            } else {
+                Forwarder::open(
+                    config.clone(),
+                    fx.dir.path(),
+                    fx.registry.store().clone(),
+                    fx.registry.clone(),
+                    fx.metrics.clone(),
+                )
+                .unwrap()
+            };
+            eventually("connected and draining", || {
+                fwd.status() == AmqpStatus::Connected
+                    // The node's own file is always its own to drain; the shared table only
+                    // while this node holds the `outbox` lease (`/healthz`'s view of it).
+                    && (!shared || fwd.health()["amqp_outbox_drain"] == true)
+            })
+            .await;
+            if !grouped {
+                group(&fwd, &fx.iid, "bench").await;
+                grouped = true;
+            }
+            let before = fx.metrics.forwarder_published.get();
+            let (cpu0, pg0, started) = (
+                cpu_seconds(None),
+                cpu_seconds(Some("postgres")),
+                Instant::now(),
+            );
+            let tasks: Vec<_> = (0..64)
+                .map(|d| {
+                    let (fwd, fx) = (fwd.clone(), fx.clone());
+                    tokio::spawn(async move {
+                        for i in (d..n).step_by(64) {
+                            fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let enqueued = started.elapsed().as_secs_f64();
+            eventually("every post confirmed", || {
+                fx.metrics.forwarder_published.get() - before >= n as u64
+            })
+            .await;
+            let secs = started.elapsed().as_secs_f64();
+            let (cpu, pg_cpu) = (
+                cpu_seconds(None) - cpu0,
+                cpu_seconds(Some("postgres")) - pg0,
+            );
+            let line = format!(
+                "round {round} {:<22} enqueue only {:>7.0} msg/s, enqueue → confirmed {:>7.0} msg/s, gateway CPU {:>5.1} µs/msg, PostgreSQL CPU {:>5.1} µs/msg",
+                if shared { "PostgreSQL (cluster)" } else { "SQLite (one node)" },
+                n as f64 / enqueued,
+                n as f64 / secs,
+                cpu * 1e6 / n as f64,
+                pg_cpu * 1e6 / n as f64,
+            );
+            println!("{line}");
+            lines.push(line);
+            fwd.shutdown().await;
+        }
+    }
+    println!(
+        "BENCH shared outbox, n={n}, 64 devices\n{}",
+        lines.join("\n")
+    );
+    fx.cleanup(&["bench"]).await;
+}
