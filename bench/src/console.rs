@@ -271,7 +271,14 @@ async fn render_times(
                 bytes = body.len();
             }
         }
-        let logged = server_times(server, WARM_UP + args.console_requests).await;
+        // This page's lines only (the login's may come late); the access log has no query.
+        let bare = path.split('?').next().unwrap_or(&path);
+        let logged: Vec<f64> = server_times(server, WARM_UP + args.console_requests)
+            .await
+            .into_iter()
+            .filter(|(p, _)| p == bare)
+            .map(|(_, ms)| ms)
+            .collect();
         ensure!(
             logged.len() == WARM_UP + args.console_requests,
             "{path}: {} access-log lines for {} requests",
@@ -280,7 +287,7 @@ async fn render_times(
         );
         let row = RenderRow {
             page: page.to_owned(),
-            server: latency_of_ms(logged.iter().skip(WARM_UP).map(|(_, ms)| *ms)),
+            server: latency_of_ms(logged.into_iter().skip(WARM_UP)),
             path,
             requests: samples.len(),
             latency: Latency::from_micros(&mut samples),
@@ -456,7 +463,13 @@ async fn ingest_with_viewers(
                 viewer_requests: seen.samples.len() + seen.errors,
                 viewer_errors: seen.errors,
                 viewer_latency: Latency::from_micros(&mut seen.samples),
-                viewer_server: latency_of_ms(logged.iter().map(|(_, ms)| *ms)),
+                // The polls' lines (an opened page's may come after the clearing above).
+                viewer_server: latency_of_ms(
+                    logged
+                        .iter()
+                        .filter(|(p, _)| p.ends_with("/live") || p.ends_with("/push-rate"))
+                        .map(|(_, ms)| *ms),
+                ),
                 load1: load,
                 flood,
             };
