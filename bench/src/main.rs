@@ -25,6 +25,9 @@
 //!    written/s during the campaign.
 //! 7. **Forwarding** (`--parts forward`, issue 17): property posts from MQTT through the outbox
 //!    to a RabbitMQ consumer group, three nodes then one, in the same run (`forward.rs`).
+//! 8. **Console** (`--parts console`, issue 19): render time of the dashboard and of a job
+//!    page with 10,000 tasks, and ingest with and without console viewers polling, in the
+//!    same run (`console.rs`).
 //!
 //! Every socket is on 127.0.0.1; every phase is bounded in count and time. Results go to stdout
 //! as Markdown tables (medians of `--runs`) and, with `--json-out`, as JSON with every run.
@@ -33,6 +36,7 @@ mod api;
 mod campaign;
 mod cluster;
 mod connect;
+mod console;
 mod deployment;
 mod forward;
 mod ingest;
@@ -200,6 +204,21 @@ struct Args {
     /// Forwarding: property posts per device.
     #[arg(long, default_value_t = 200)]
     forward_messages: usize,
+    /// Console: tasks of the job whose pages are measured (as many offline devices).
+    #[arg(long, default_value_t = 10_000)]
+    console_tasks: usize,
+    /// Console: measured requests of each page.
+    #[arg(long, default_value_t = 100)]
+    console_requests: usize,
+    /// Console: devices publishing version reports in the ingest comparison.
+    #[arg(long, default_value_t = 1_000)]
+    console_ingest_devices: usize,
+    /// Console: reports per device per flood in the ingest comparison.
+    #[arg(long, default_value_t = 2_000)]
+    console_ingest_messages: usize,
+    /// Console: viewers open during the floods "with viewers".
+    #[arg(long, default_value_t = 5)]
+    console_viewers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -214,6 +233,8 @@ enum Part {
     ClusterOta,
     /// Property posts MQTT → outbox → RabbitMQ consumer, three nodes then one (`forward.rs`).
     Forward,
+    /// Console render times, and ingest with and without console viewers (`console.rs`).
+    Console,
 }
 
 #[derive(Serialize, Default)]
@@ -229,6 +250,8 @@ struct Results {
     cluster_ingest: Vec<cluster::ClusterIngestRow>,
     failover: Vec<cluster::FailoverRow>,
     forward: Vec<forward::ForwardRow>,
+    console_render: Vec<console::RenderRow>,
+    console_ingest: Vec<console::ViewerIngestRow>,
 }
 
 #[tokio::main]
@@ -326,6 +349,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Forward) {
         forward::benchmark(&args, &bins, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Console) {
+        console::benchmark(&args, &bins, &mut results).await?;
     }
 
     report::print(&args, &results);

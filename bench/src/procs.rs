@@ -33,11 +33,30 @@ impl Kind {
     }
 }
 
-/// Warnings and errors a fleetgate process logged (kept for the report).
+/// Warnings and errors a fleetgate process logged (kept for the report), and the server time
+/// of its console requests from its access log.
 #[derive(Debug, Default)]
 pub struct LogTap {
     pub warnings: AtomicU64,
     pub samples: Mutex<Vec<String>>,
+    /// `(path, latency_ms)` of each `/console…` request's access-log line (the console part
+    /// takes them; at most [`CONSOLE_REQUESTS_KEPT`] wait).
+    pub console_requests: Mutex<Vec<(String, f64)>>,
+}
+
+/// Console access-log entries a [`LogTap`] keeps until they are taken.
+const CONSOLE_REQUESTS_KEPT: usize = 100_000;
+
+/// The path and server time of an access-log line of a console request.
+fn console_request(v: &serde_json::Value) -> Option<(String, f64)> {
+    if v["fields"]["message"] != "request" {
+        return None;
+    }
+    let path = v["span"]["path"].as_str()?;
+    if !path.starts_with("/console") {
+        return None;
+    }
+    Some((path.to_owned(), v["span"]["latency_ms"].as_f64()?))
 }
 
 /// A running broker process.
@@ -160,9 +179,15 @@ impl Server {
                         file = None;
                     }
                 }
-                let level = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v["level"].as_str().map(str::to_owned));
+                let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
+                if let Some(request) = parsed.as_ref().and_then(console_request) {
+                    if let Ok(mut kept) = tap.console_requests.lock() {
+                        if kept.len() < CONSOLE_REQUESTS_KEPT {
+                            kept.push(request);
+                        }
+                    }
+                }
+                let level = parsed.and_then(|v| v["level"].as_str().map(str::to_owned));
                 if matches!(level.as_deref(), Some("WARN" | "ERROR")) {
                     tap.warnings.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut s) = tap.samples.lock() {

@@ -6,11 +6,13 @@
 //! - `GET /api/v1/cluster` (any role): this node and the nodes it hears from.
 //! - [`settle`]: in cluster mode, a write (any method but GET/HEAD/OPTIONS) that succeeded
 //!   answers only once every live node applied it (docs/CLUSTER.md, "Settle").
-//! - [`engines_proxy`]: in cluster mode, OTA, firmware, migration and export/import calls are served by
-//!   the node that drives the engines; another node passes them on to it (docs/CLUSTER.md,
-//!   "Engines"). With `http.proxy_protocol` on, the call passed on starts with a PROXY header
-//!   naming the client, so the engines' node admits and logs the operator as the first node
-//!   did (and accepts the connection at all: its listener expects a header from the nodes).
+//! - [`engines_proxy`]: in cluster mode, OTA, firmware, migration and export/import calls are
+//!   served by the node that drives the engines; another node passes them on to it
+//!   (docs/CLUSTER.md, "Engines"). [`to_engines`] does the passing on, for the console's pages
+//!   that read the engines too. With `http.proxy_protocol` on, the call passed on starts with
+//!   a PROXY header naming the client, so the engines' node admits and logs the operator as the
+//!   first node did (and accepts the connection at all: its listener expects a header from the
+//!   nodes).
 
 use super::error::{ApiError, ErrorCode, StandardErrorBody};
 use super::ApiState;
@@ -195,24 +197,45 @@ pub async fn engines_proxy(
     request: Request,
     next: Next,
 ) -> Response {
-    use crate::cluster::engines::EnginesAt;
-    let Some(cluster) = &state.cluster else {
-        return next.run(request).await;
-    };
     if !engine_route(request.uri().path()) {
         return next.run(request).await;
     }
+    match to_engines(&state, request).await {
+        EngineCall::Here(request) => next.run(request).await,
+        EngineCall::Answered(response) => response,
+        EngineCall::Unavailable(message) => {
+            ApiError::new(ErrorCode::Unavailable, message).into_response()
+        }
+    }
+}
+
+/// Where [`to_engines`] left a request.
+pub enum EngineCall {
+    /// This node serves it: not in cluster mode, or it drives the engines.
+    Here(Request),
+    /// The engines' node answered it (its answer, whatever the status).
+    Answered(Response),
+    /// Nobody could: no node drives the engines now, or the one that does did not answer.
+    Unavailable(String),
+}
+
+/// Passes `request` on to the node that drives the engines when that is another node; the
+/// API's engine routes ([`engines_proxy`]) and the console's pages that read the engines
+/// (`crate::console`) go through here. A request passed on once is not passed on again.
+pub async fn to_engines(state: &ApiState, request: Request) -> EngineCall {
+    use crate::cluster::engines::EnginesAt;
+    let Some(cluster) = &state.cluster else {
+        return EngineCall::Here(request);
+    };
     let (node, http) = match cluster.engines_at() {
-        EnginesAt::Here => return next.run(request).await,
+        EnginesAt::Here => return EngineCall::Here(request),
         EnginesAt::Node { node, http } if !request.headers().contains_key(PROXIED_BY) => {
             (node, http)
         }
         _ => {
-            return ApiError::new(
-                ErrorCode::Unavailable,
-                "no node drives the engines (OTA, migration, export/import) right now (the cluster is handing them over); retry in a few seconds",
+            return EngineCall::Unavailable(
+                "no node drives the engines (OTA, migration, export/import) right now (the cluster is handing them over); retry in a few seconds".into(),
             )
-            .into_response()
         }
     };
     let client = state
@@ -231,14 +254,12 @@ pub async fn engines_proxy(
             .map_err(ForwardError::from),
     };
     match forwarded {
-        Ok(response) => response,
+        Ok(response) => EngineCall::Answered(response),
         Err(error) => {
             tracing::warn!(%error, node, http = %http, "cannot pass an engine call on");
-            ApiError::new(
-                ErrorCode::Unavailable,
-                format!("the node that drives the engines (node {node}) did not answer; retry in a few seconds"),
-            )
-            .into_response()
+            EngineCall::Unavailable(format!(
+                "the node that drives the engines (node {node}) did not answer; retry in a few seconds"
+            ))
         }
     }
 }
@@ -267,6 +288,8 @@ async fn forward(this: u16, http: &str, request: Request) -> Result<Response, re
     let client = CLIENT.get_or_init(|| {
         reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            // The answer is the client's to follow (a console page may redirect to the login).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default()
     });

@@ -56,6 +56,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{Caller, Role, TokenSet};
 pub use cluster::ReadyFn;
+pub(crate) use cluster::{to_engines, EngineCall};
 
 /// The body readers the fuzz harnesses ([`crate::fuzzing`]) run.
 #[cfg(feature = "fuzzing")]

@@ -4,7 +4,9 @@
 //! Owns pages, sessions and CSRF; owns no business logic. Reads come from the same
 //! [`Registry`](crate::registry::Registry), [`OtaEngine`](crate::ota::OtaEngine),
 //! [`MigrationEngine`](crate::migration::MigrationEngine) and
-//! [`ExportService`](crate::export::ExportService) queries the API handlers call. It writes to
+//! [`ExportService`](crate::export::ExportService) queries the API handlers call; in cluster
+//! mode a page reading the engines is rendered by the node that drives them ([`engine_pages`]),
+//! whose engines are the ones loaded, as the API passes its engine calls on. It writes to
 //! the store only its own `console.revoked` documents (cluster mode, [`session`]). Every
 //! write is sent to the API router itself ([`ApiClient`]) as a bearer request with the
 //! session's token, so authentication, the role split, validation, error codes, cluster
@@ -29,10 +31,11 @@ mod ota;
 pub mod session;
 mod view;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -120,6 +123,9 @@ impl ApiClient {
         if let Some(ct) = content_type {
             req = req.header(header::CONTENT_TYPE, ct);
         }
+        if let Some(peer) = session.client {
+            req = req.extension(ConnectInfo(peer));
+        }
         let req = req.body(body).map_err(|e| ApiAnswer {
             status: StatusCode::BAD_REQUEST,
             body: serde_json::json!({"error_msg": format!("bad request: {e}")}),
@@ -196,6 +202,11 @@ pub fn mount(app: Router, state: ApiState) -> Router {
         .merge(ota::routes())
         .merge(migrations::routes())
         .merge(forwarding::routes())
+        // Inside the guard: a follower passes on only requests whose session it opened.
+        .route_layer(axum::middleware::from_fn_with_state(
+            console.clone(),
+            engine_pages,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(console.clone(), guard));
     let pages = Router::new()
         .route("/", get(|| async { Redirect::to("/console") }))
@@ -291,7 +302,12 @@ async fn guard(State(console): State<Console>, req: Request, next: Next) -> Resp
             "Your session has ended. Log in again.",
         );
     };
-    let mut resp = checked(req, opened.session, next).await;
+    let mut session = opened.session;
+    session.client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| *peer);
+    let mut resp = checked(req, session, next).await;
     // Not over a logout's clearing of the cookie.
     let clears = resp.headers().contains_key(header::SET_COOKIE);
     if let (Some(cookie), false) = (opened.reseal, clears) {
@@ -300,6 +316,46 @@ async fn guard(State(console): State<Console>, req: Request, next: Next) -> Resp
         }
     }
     resp
+}
+
+/// Whether a console page reads the OTA, migration or export engines (or the firmware the OTA
+/// engine holds): the dashboard (running jobs and migrations), OTA jobs and their form,
+/// firmware, migrations, export/import.
+fn engine_page(path: &str) -> bool {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    path == "/console"
+        || path == "/console/dashboard/live"
+        || under("/console/ota")
+        || under("/console/firmware")
+        || under("/console/migrations")
+        || under("/console/export")
+        || under("/console/import")
+}
+
+/// Cluster mode: a page that reads the engines ([`engine_page`]) is rendered by the node that
+/// drives them, passed on as the API's engine calls are (`crate::api::to_engines`; the
+/// session cookie opens there too), so every node shows the same job, migration or export;
+/// this node's engines are in standby and empty. Only reads: a form's `POST` is served here
+/// and its API call is passed on by the API itself. While no node drives the engines (a
+/// takeover), 503 with a page saying so.
+async fn engine_pages(State(console): State<Console>, req: Request, next: Next) -> Response {
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    if !read || !engine_page(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let session = req.extensions().get::<Session>().cloned();
+    match crate::api::to_engines(&console.api_state, req).await {
+        crate::api::EngineCall::Here(req) => next.run(req).await,
+        crate::api::EngineCall::Answered(resp) => resp,
+        crate::api::EngineCall::Unavailable(message) => view::error_page(
+            session.as_ref(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("Cannot show this page now: {message}."),
+        ),
+    }
 }
 
 /// The guard's checks of a request whose session is live.
@@ -436,3 +492,37 @@ async fn logout(State(console): State<Console>, session: Sess) -> Response {
 
 /// `Extension<Session>` as the guard inserted it.
 pub(crate) type Sess = Extension<Session>;
+
+#[cfg(test)]
+mod tests {
+    use super::engine_page;
+
+    #[test]
+    fn the_pages_that_read_the_engines() {
+        for path in [
+            "/console",
+            "/console/dashboard/live",
+            "/console/ota",
+            "/console/ota/new",
+            "/console/ota/jobs/j1/live",
+            "/console/ota/jobs/j1/tasks/d1",
+            "/console/firmware",
+            "/console/migrations/t1/live-devices",
+            "/console/export/x/log",
+            "/console/import/x",
+        ] {
+            assert!(engine_page(path), "{path}");
+        }
+        for path in [
+            "/console/login",
+            "/console/products",
+            "/console/products/pk/devices/d1",
+            "/console/forwarding",
+            "/console/otax",
+            "/console/exports",
+            "/console/assets/console.css",
+        ] {
+            assert!(!engine_page(path), "{path}");
+        }
+    }
+}

@@ -57,6 +57,10 @@ pub struct Session {
     pub csrf: Arc<str>,
     pub(crate) token: Arc<str>,
     sid: Arc<str>,
+    /// The request's client (its connection's peer, or the one a PROXY header named), which
+    /// the console's API calls carry as theirs: the API logs it, and an engine call passed on
+    /// with a PROXY header names it.
+    pub(crate) client: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Session {
@@ -235,6 +239,7 @@ impl Sessions {
                 csrf: self.csrf_of(&sealed.sid).into(),
                 token: sealed.token.into(),
                 sid: sealed.sid.into(),
+                client: None,
             },
             reseal,
         })
