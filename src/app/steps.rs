@@ -553,7 +553,7 @@ pub(super) fn start_commands(
     forwarder: &Arc<Forwarder>,
 ) -> anyhow::Result<Arc<Commands>> {
     let settings = &core.settings.commands;
-    let properties = LatestProperties::load(core.store.clone())
+    let properties = LatestProperties::load(core.store.clone(), core.registry.clone())
         .context("cannot load the latest-properties snapshots")?;
     LatestProperties::spawn_flusher(
         &properties,
