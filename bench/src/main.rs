@@ -25,11 +25,17 @@
 //!    written/s during the campaign.
 //! 7. **Forwarding** (`--parts forward`, issue 17): property posts from MQTT through the outbox
 //!    to a RabbitMQ consumer group, three nodes then one, in the same run (`forward.rs`).
+//! 8. **RRPC** (`--parts rrpc`, issue 20): synchronous RRPC round trips through the HTTP API
+//!    to connected devices that answer, against the same request/response between bare
+//!    clients through stock rumqttd, in the same run (`c2d.rs`).
+//! 9. **Broadcast** (`--parts broadcast`, issue 20): the API's broadcast to N connected devices
+//!    at configured rates; delivered/s at the devices and the rate's accuracy (`c2d.rs`).
 //!
 //! Every socket is on 127.0.0.1; every phase is bounded in count and time. Results go to stdout
 //! as Markdown tables (medians of `--runs`) and, with `--json-out`, as JSON with every run.
 
 mod api;
+mod c2d;
 mod campaign;
 mod cluster;
 mod connect;
@@ -197,6 +203,25 @@ struct Args {
     /// Forwarding: property posts per device.
     #[arg(long, default_value_t = 200)]
     forward_messages: usize,
+    /// RRPC: connected devices answering (calls go round robin over them).
+    #[arg(long, default_value_t = 1000)]
+    rrpc_devices: usize,
+    /// RRPC: calls measured per run and path (after one warm-up call per device).
+    #[arg(long, default_value_t = 20_000)]
+    rrpc_calls: usize,
+    /// RRPC: calls in flight at once (HTTP connections to the gateway; the gateway's HTTP
+    /// connection cap in benchmarks is 24).
+    #[arg(long, default_value_t = 16)]
+    rrpc_concurrency: usize,
+    /// Broadcast: connected devices addressed (≤ 1,000 per API call, all calls at once).
+    #[arg(long, default_value_t = 10_000)]
+    broadcast_devices: usize,
+    /// Broadcast: `[commands] broadcast_per_sec` values, one gateway run each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    broadcast_rates: Vec<u32>,
+    /// Broadcast: QoS of the message (0 or 1).
+    #[arg(long, default_value_t = 1)]
+    broadcast_qos: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -211,6 +236,10 @@ enum Part {
     ClusterOta,
     /// Property posts MQTT → outbox → RabbitMQ consumer, three nodes then one (`forward.rs`).
     Forward,
+    /// Synchronous RRPC through the HTTP API vs a bare client pair on rumqttd (`c2d.rs`).
+    Rrpc,
+    /// The API's broadcast to connected devices at configured rates (`c2d.rs`).
+    Broadcast,
 }
 
 #[derive(Serialize, Default)]
@@ -226,6 +255,8 @@ struct Results {
     cluster_ingest: Vec<cluster::ClusterIngestRow>,
     failover: Vec<cluster::FailoverRow>,
     forward: Vec<forward::ForwardRow>,
+    rrpc: Vec<c2d::RrpcRow>,
+    broadcast: Vec<c2d::BroadcastRow>,
 }
 
 #[tokio::main]
@@ -323,6 +354,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Forward) {
         forward::benchmark(&args, &bins, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Rrpc) {
+        c2d::rrpc(&args, &bins, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Broadcast) {
+        c2d::broadcast(&args, &bins, &mut results).await?;
     }
 
     report::print(&args, &results);

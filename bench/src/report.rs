@@ -81,6 +81,7 @@ fn print_migrations(r: &Results) {
 pub(crate) fn print(args: &Args, r: &Results) {
     cluster::print_report(args, r);
     forward::print_report(r);
+    crate::c2d::print_report(r);
     if !r.ota.is_empty() {
         print_campaigns(r);
     }
