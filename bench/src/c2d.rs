@@ -88,6 +88,8 @@ pub(crate) struct BroadcastRow {
     pub duplicates: u64,
     /// First call sent → last HTTP answer.
     pub calls_s: f64,
+    /// First call sent → first delivery.
+    pub first_delivery_s: f64,
     /// First call sent → last delivery.
     pub elapsed_s: f64,
     /// `delivered / elapsed_s`.
@@ -638,11 +640,14 @@ pub(crate) async fn broadcast(
         for &rate in &args.broadcast_rates {
             let row = broadcast_once(args, bins, &devs, rate, run).await?;
             eprintln!(
-                "broadcast {} devices at {}/s run {run}: delivered {} (+{} duplicates) in {:.2} s = {:.0}/s, \
+                "broadcast {} devices at {}/s run {run}: API answered in {:.2} s, first delivery at {:.2} s, \
+                 delivered {} (+{} duplicates) in {:.2} s = {:.0}/s, \
                  steady {:?}/s ({:?}% of configured), ideal {:.2} s, API sent {} other {:?}, \
                  gateway CPU {:.1} µs/msg, per second {:?}, load {:.1}–{:.1}",
                 row.devices,
                 row.configured_per_s,
+                row.calls_s,
+                row.first_delivery_s,
                 row.delivered,
                 row.duplicates,
                 row.elapsed_s,
@@ -796,7 +801,8 @@ async fn broadcast_once(
     }
     let calls_s = (base.elapsed().as_micros() as u64 - started_us) as f64 / 1e6;
     // Deliveries still in flight after the last answer: wait until every message the API
-    // sent arrived, or nothing arrived for 3 s.
+    // sent arrived, or nothing new arrived for 5 s (60 s before the first one: the router may
+    // hand them over well after the API answered).
     let mut last_count = 0;
     let mut quiet_since = Instant::now();
     loop {
@@ -804,10 +810,11 @@ async fn broadcast_once(
         if got >= api_sent {
             break;
         }
+        let patience = Duration::from_secs(if got == 0 { 60 } else { 5 });
         if got != last_count {
             last_count = got;
             quiet_since = Instant::now();
-        } else if quiet_since.elapsed() > Duration::from_secs(3) {
+        } else if quiet_since.elapsed() > patience {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -851,6 +858,7 @@ async fn broadcast_once(
         delivered,
         duplicates,
         calls_s,
+        first_delivery_s: times.first().map_or(0.0, |&t| t as f64 / 1e6),
         elapsed_s,
         delivered_per_s: if elapsed_s > 0.0 {
             delivered as f64 / elapsed_s
