@@ -28,11 +28,17 @@
 //! 8. **Console** (`--parts console`, issue 19): render time of the dashboard and of a job
 //!    page with 10,000 tasks, and ingest with and without console viewers polling, in the
 //!    same run (`console.rs`).
+//! 9. **RRPC** (`--parts rrpc`, issue 20): synchronous RRPC round trips through the HTTP API
+//!    to connected devices that answer, against the same request/response between bare
+//!    clients through stock rumqttd, in the same run (`c2d.rs`).
+//! 10. **Broadcast** (`--parts broadcast`, issue 20): the API's broadcast to N connected devices
+//!     at configured rates; delivered/s at the devices and the rate's accuracy (`c2d.rs`).
 //!
 //! Every socket is on 127.0.0.1; every phase is bounded in count and time. Results go to stdout
 //! as Markdown tables (medians of `--runs`) and, with `--json-out`, as JSON with every run.
 
 mod api;
+mod c2d;
 mod campaign;
 mod cluster;
 mod connect;
@@ -219,6 +225,25 @@ struct Args {
     /// Console: viewers open during the floods "with viewers".
     #[arg(long, default_value_t = 5)]
     console_viewers: usize,
+    /// RRPC: connected devices answering (calls go round robin over them).
+    #[arg(long, default_value_t = 1000)]
+    rrpc_devices: usize,
+    /// RRPC: calls measured per run and path (after one warm-up call per device).
+    #[arg(long, default_value_t = 20_000)]
+    rrpc_calls: usize,
+    /// RRPC: calls in flight at once (HTTP connections to the gateway; the gateway's HTTP
+    /// connection cap in benchmarks is 24).
+    #[arg(long, default_value_t = 16)]
+    rrpc_concurrency: usize,
+    /// Broadcast: connected devices addressed (≤ 1,000 per API call, all calls at once).
+    #[arg(long, default_value_t = 10_000)]
+    broadcast_devices: usize,
+    /// Broadcast: `[commands] broadcast_per_sec` values, one gateway run each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    broadcast_rates: Vec<u32>,
+    /// Broadcast: QoS of the message (0 or 1).
+    #[arg(long, default_value_t = 1)]
+    broadcast_qos: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -235,6 +260,10 @@ enum Part {
     Forward,
     /// Console render times, and ingest with and without console viewers (`console.rs`).
     Console,
+    /// Synchronous RRPC through the HTTP API vs a bare client pair on rumqttd (`c2d.rs`).
+    Rrpc,
+    /// The API's broadcast to connected devices at configured rates (`c2d.rs`).
+    Broadcast,
 }
 
 #[derive(Serialize, Default)]
@@ -252,6 +281,8 @@ struct Results {
     forward: Vec<forward::ForwardRow>,
     console_render: Vec<console::RenderRow>,
     console_ingest: Vec<console::ViewerIngestRow>,
+    rrpc: Vec<c2d::RrpcRow>,
+    broadcast: Vec<c2d::BroadcastRow>,
 }
 
 #[tokio::main]
@@ -352,6 +383,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Console) {
         console::benchmark(&args, &bins, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Rrpc) {
+        c2d::rrpc(&args, &bins, &mut results).await?;
+    }
+    if args.parts.contains(&Part::Broadcast) {
+        c2d::broadcast(&args, &bins, &mut results).await?;
     }
 
     report::print(&args, &results);

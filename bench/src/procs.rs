@@ -314,19 +314,7 @@ impl Server {
     /// CPU time the broker process used so far (user + system), seconds. Clock-tick resolution
     /// (10 ms); a measure of cost per message that other load on the machine barely moves.
     pub fn cpu_s(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?))?;
-        // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> anyhow::Result<f64> {
-            Ok(fields
-                .get(i)
-                .context("short /proc/pid/stat")?
-                .parse::<f64>()?)
-        };
-        // SAFETY: sysconf has no memory effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        Ok((ticks(11)? + ticks(12)?) / hz)
+        cpu_s_of(self.pid()?)
     }
 
     /// SIGTERM, then SIGKILL after 20 s.
@@ -350,6 +338,28 @@ impl Server {
         self.child.kill().await?;
         Ok(())
     }
+}
+
+/// CPU time process `pid` used so far (user + system), seconds (clock-tick resolution).
+pub fn cpu_s_of(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/pid/stat")?
+            .parse::<f64>()?)
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// CPU time this process used so far (user + system), seconds.
+pub fn self_cpu_s() -> anyhow::Result<f64> {
+    cpu_s_of(std::process::id())
 }
 
 pub fn signal(pid: u32, sig: libc::c_int) {

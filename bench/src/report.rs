@@ -82,6 +82,7 @@ pub(crate) fn print(args: &Args, r: &Results) {
     cluster::print_report(args, r);
     forward::print_report(r);
     crate::console::print_report(r);
+    crate::c2d::print_report(r);
     if !r.ota.is_empty() {
         print_campaigns(r);
     }

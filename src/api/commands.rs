@@ -207,7 +207,7 @@ fn timeout(ms: u64) -> Result<Duration, ApiError> {
         (status = 202, description = "The device is offline with a persistent session (clean_session = 0): kept for it and published when it reconnects with one (`status: queued`), unless it ages out first (`commands.offline_queue_ttl_secs`); single node only", body = Sent),
         (status = 400, description = "Invalid field, or a topic outside the device's namespace (FG.6003)", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
-        (status = 409, description = "Device offline (FG.6001): no session and no persistent one to keep the message for, or `commands.offline_queue_max` messages wait for it already", body = ErrorBody),
+        (status = 409, description = "Device offline (FG.6001): no session and no persistent one to keep the message for, or `commands.offline_queue_max` messages wait for it already; device disabled (FG.6005)", body = ErrorBody),
         (status = 429, description = "The device's delivery queue is full", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -298,7 +298,7 @@ pub async fn broadcast(
         (status = 202, description = "Asynchronous: sent; poll `…/commands/{id}`", body = CommandRecord),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
-        (status = 409, description = "Device offline (FG.6001)", body = ErrorBody),
+        (status = 409, description = "Device offline (FG.6001) or disabled (FG.6005)", body = ErrorBody),
         (status = 504, description = "No answer within timeout_ms (FG.6002)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -328,7 +328,7 @@ pub async fn set_properties(
         (status = 202, description = "Asynchronous: sent; poll `…/commands/{id}`", body = CommandRecord),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
-        (status = 409, description = "Device offline (FG.6001)", body = ErrorBody),
+        (status = 409, description = "Device offline (FG.6001) or disabled (FG.6005)", body = ErrorBody),
         (status = 504, description = "No answer within timeout_ms (FG.6002)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -399,7 +399,7 @@ pub async fn get_command(
         (status = 200, description = "The device's response", body = RrpcResponse),
         (status = 400, description = "Invalid field", body = ErrorBody),
         (status = 404, description = "No such product or device", body = ErrorBody),
-        (status = 409, description = "Device offline (FG.6001), answered at once", body = ErrorBody),
+        (status = 409, description = "Device offline (FG.6001) or disabled (FG.6005), answered at once", body = ErrorBody),
         (status = 504, description = "No response within timeout_ms (FG.6002)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -457,6 +457,7 @@ impl From<CommandError> for ApiError {
             CommandError::Offline { .. } | CommandError::OfflineQueueFull { .. } => {
                 ApiError::new(ErrorCode::DeviceOffline, msg)
             }
+            CommandError::Disabled { .. } => ApiError::new(ErrorCode::DeviceDisabled, msg),
             CommandError::Timeout { .. } => ApiError::new(ErrorCode::DeviceTimeout, msg),
             CommandError::Namespace { .. } => {
                 ApiError::new(ErrorCode::TopicOutsideNamespace, msg).with_field("topic")

@@ -130,11 +130,13 @@ pub enum ErrorCode {
     TopicOutsideNamespace,
     /// FG.6004: no such command of the device (unknown or evicted).
     CommandNotFound,
+    /// FG.6005: the device is disabled (nothing is sent to it or kept for it).
+    DeviceDisabled,
 }
 
 impl ErrorCode {
     /// Every code, in table order (the OpenAPI description and the tests walk it).
-    pub const ALL: [ErrorCode; 51] = [
+    pub const ALL: [ErrorCode; 52] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -186,6 +188,7 @@ impl ErrorCode {
         ErrorCode::DeviceTimeout,
         ErrorCode::TopicOutsideNamespace,
         ErrorCode::CommandNotFound,
+        ErrorCode::DeviceDisabled,
     ];
 
     /// The wire form, e.g. `FG.1001`.
@@ -242,6 +245,7 @@ impl ErrorCode {
             ErrorCode::DeviceTimeout => "FG.6002",
             ErrorCode::TopicOutsideNamespace => "FG.6003",
             ErrorCode::CommandNotFound => "FG.6004",
+            ErrorCode::DeviceDisabled => "FG.6005",
         }
     }
 
@@ -288,7 +292,8 @@ impl ErrorCode {
             | ErrorCode::MigrationTaskExists
             | ErrorCode::MigrationStateConflict
             | ErrorCode::MigrationSourceProductGone
-            | ErrorCode::DeviceOffline => StatusCode::CONFLICT,
+            | ErrorCode::DeviceOffline
+            | ErrorCode::DeviceDisabled => StatusCode::CONFLICT,
             ErrorCode::DeviceTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::PayloadTooLarge
             | ErrorCode::TooManyItems
@@ -379,6 +384,7 @@ impl ErrorCode {
             ErrorCode::DeviceTimeout => "the device did not answer within the timeout",
             ErrorCode::TopicOutsideNamespace => "topic outside the device's namespace",
             ErrorCode::CommandNotFound => "no such command of the device",
+            ErrorCode::DeviceDisabled => "device disabled: nothing is sent to it or kept for it",
         }
     }
 

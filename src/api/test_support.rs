@@ -72,7 +72,8 @@ impl ApiState {
         .expect("export service");
         let forwarder = Forwarder::disabled(store.clone(), registry.clone(), metrics.clone())
             .expect("forwarder");
-        let properties = LatestProperties::load(store).expect("latest properties");
+        let properties =
+            LatestProperties::load(store, registry.clone()).expect("latest properties");
         let commands = Commands::new(
             downlink,
             registry.clone(),

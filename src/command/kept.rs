@@ -31,11 +31,16 @@ impl Commands {
         }
         let message_id = self.new_id();
         let topic = message.topic.clone();
+        let enabled = || self.registry.credentials(pk, dn).is_some_and(|c| c.enabled);
         let online = || self.downlink.is_connected(&device);
-        match self
-            .offline
-            .push(&device, message, &message_id, Instant::now(), online)
-        {
+        match self.offline.push(
+            &device,
+            message,
+            &message_id,
+            Instant::now(),
+            enabled,
+            online,
+        ) {
             Push::Queued => {
                 self.count(kind, "queued");
                 Ok(Ok(Sent {
@@ -57,6 +62,13 @@ impl Commands {
             Push::NoSession => {
                 self.count(kind, "offline");
                 Err(offline())
+            }
+            Push::Disabled => {
+                self.count(kind, "refused");
+                Err(CommandError::Disabled {
+                    product_key: pk.to_owned(),
+                    device_name: dn.to_owned(),
+                })
             }
         }
     }
@@ -92,10 +104,11 @@ impl Commands {
         }
     }
 
-    /// Drops the messages kept for a deleted device.
-    pub(super) fn forget_offline(&self, device: &DeviceKey) {
+    /// Drops the messages kept for a deleted or disabled device (`reason`: `deleted`,
+    /// `disabled`).
+    pub(super) fn forget_offline(&self, device: &DeviceKey, reason: &'static str) {
         let n = self.offline.forget(device);
-        self.offline_dropped("deleted", n);
+        self.offline_dropped(reason, n);
     }
 
     /// The task dropping kept messages past their age (so a device that never comes back does
@@ -119,7 +132,8 @@ impl Commands {
     }
 }
 
-/// Drops the messages kept for a deleted device (its persistent session goes with it).
+/// Drops the messages kept for a deleted or disabled device (its persistent session goes with
+/// them: a device enabled again keeps nothing until it connects with a persistent session).
 pub struct OfflineReaper(pub Weak<Commands>);
 
 impl crate::registry::DeviceObserver for OfflineReaper {
@@ -127,19 +141,26 @@ impl crate::registry::DeviceObserver for OfflineReaper {
         &'a self,
         change: &'a crate::registry::DeviceChange,
     ) -> crate::registry::ObserverFuture<'a> {
+        use crate::registry::DeviceChange;
         Box::pin(async move {
-            if let crate::registry::DeviceChange::Deleted {
-                product_key,
-                device_name,
-                ..
-            } = change
-            {
-                if let Some(commands) = self.0.upgrade() {
-                    commands.forget_offline(&DeviceKey {
-                        product_key: product_key.clone(),
-                        device_name: device_name.clone(),
-                    });
-                }
+            let (product_key, device_name, reason) = match change {
+                DeviceChange::Deleted {
+                    product_key,
+                    device_name,
+                    ..
+                } => (product_key, device_name, "deleted"),
+                DeviceChange::Disabled {
+                    product_key,
+                    device_name,
+                } => (product_key, device_name, "disabled"),
+                DeviceChange::Created { .. } | DeviceChange::TagsChanged { .. } => return,
+            };
+            if let Some(commands) = self.0.upgrade() {
+                let device = DeviceKey {
+                    product_key: product_key.clone(),
+                    device_name: device_name.clone(),
+                };
+                commands.forget_offline(&device, reason);
             }
         })
     }

@@ -43,6 +43,10 @@
 //! they are refused as offline. Single node only: in cluster mode a device may come back on
 //! another node, so one-way messages to offline devices are refused there as before.
 //!
+//! A disabled device is refused every kind of command ([`CommandError::Disabled`]), and the
+//! messages kept for it are dropped when it is disabled ([`OfflineReaper`]): being disabled
+//! ends its session, and nothing waits for it to come back.
+//!
 //! This module must not touch the store's device tables or the registry's state: it reads
 //! devices, publishes through the [`Downlink`] and writes only its own documents.
 
@@ -128,6 +132,11 @@ pub enum CommandError {
         product_key: String,
         device_name: String,
         max: usize,
+    },
+    #[error("device disabled: {product_key}/{device_name} is disabled; nothing is sent to it or kept for it")]
+    Disabled {
+        product_key: String,
+        device_name: String,
     },
     #[error("the device did not answer within {timeout_ms} ms")]
     Timeout { timeout_ms: u64 },
@@ -369,7 +378,7 @@ impl Commands {
         kind: DownlinkKind,
         local_only: bool,
     ) -> Result<Route, CommandError> {
-        let route = self.route(pk, dn, local_only)?;
+        let route = self.route(pk, dn, kind, local_only)?;
         route.ok_or_else(|| {
             self.count(kind, "offline");
             CommandError::Offline {
@@ -380,8 +389,23 @@ impl Commands {
     }
 
     /// [`locate`](Self::locate) without the verdict: `None` when the device has no session.
-    fn route(&self, pk: &str, dn: &str, local_only: bool) -> Result<Option<Route>, CommandError> {
+    /// A disabled device is refused ([`CommandError::Disabled`]), even in the moment before
+    /// its session is closed.
+    fn route(
+        &self,
+        pk: &str,
+        dn: &str,
+        kind: DownlinkKind,
+        local_only: bool,
+    ) -> Result<Option<Route>, CommandError> {
         let device = self.registry.get_device(pk, dn)?;
+        if !device.enabled {
+            self.count(kind, "refused");
+            return Err(CommandError::Disabled {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            });
+        }
         let key = DeviceKey {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
@@ -457,7 +481,7 @@ impl Commands {
             self.count(kind, "refused");
             return Err(e);
         }
-        let message = match self.route(pk, dn, local_only)? {
+        let message = match self.route(pk, dn, kind, local_only)? {
             Some(Route::Here(_)) => message,
             None => match self.keep_for_offline(pk, dn, message, local_only)? {
                 Ok(sent) => return Ok(sent),

@@ -48,6 +48,8 @@ pub(crate) enum Push {
     Full,
     /// The device's latest session was not persistent (or it never connected): refuse it.
     NoSession,
+    /// The device is disabled: refuse it (its queue went when it was disabled).
+    Disabled,
 }
 
 /// What a new session of a device meant for its queue.
@@ -91,18 +93,27 @@ impl OfflineQueues {
         self.ttl
     }
 
-    /// Keeps `message` for `device` unless `online()` says it has a session now.
+    /// Keeps `message` for `device` unless `enabled()` says it is disabled or `online()` says
+    /// it has a session now.
+    ///
+    /// `enabled()` is asked while the device's entry is held, which is what [`Self::forget`]
+    /// takes to drop the queue of a device that was disabled: a message is either in the
+    /// queue before it is dropped, or finds the device disabled — never kept after the drop.
     pub fn push(
         &self,
         device: &DeviceKey,
         message: Message,
         message_id: &str,
         now: Instant,
+        enabled: impl FnOnce() -> bool,
         online: impl FnOnce() -> bool,
     ) -> Push {
         let queue = (self.max > 0)
             .then(|| self.queues.get_mut(device))
             .flatten();
+        if !enabled() {
+            return Push::Disabled;
+        }
         let Some(mut queue) = queue else {
             return if online() {
                 Push::Online(message)
@@ -149,7 +160,7 @@ impl OfflineQueues {
         started
     }
 
-    /// A deleted device: its session and messages go. Returns how many messages.
+    /// A deleted or disabled device: its session and messages go. Returns how many messages.
     pub fn forget(&self, device: &DeviceKey) -> usize {
         self.queues
             .remove(device)
@@ -226,11 +237,12 @@ mod tests {
             for persistent in history {
                 queues.session_started(&device(), *persistent, t0);
             }
-            let got = match queues.push(&device(), message(1), "1", t0, || online) {
+            let got = match queues.push(&device(), message(1), "1", t0, || true, || online) {
                 Push::Queued => "queued",
                 Push::Online(_) => "online",
                 Push::Full => "full",
                 Push::NoSession => "no_session",
+                Push::Disabled => "disabled",
             };
             assert_eq!(got, expected, "history {history:?}, online {online}");
         }
@@ -242,15 +254,15 @@ mod tests {
         let queues = OfflineQueues::new(2, TTL);
         queues.session_started(&device(), true, t0);
         assert!(matches!(
-            queues.push(&device(), message(1), "1", t0, || false),
+            queues.push(&device(), message(1), "1", t0, || true, || false),
             Push::Queued
         ));
         assert!(matches!(
-            queues.push(&device(), message(2), "2", t0, || false),
+            queues.push(&device(), message(2), "2", t0, || true, || false),
             Push::Queued
         ));
         assert!(matches!(
-            queues.push(&device(), message(3), "3", t0, || false),
+            queues.push(&device(), message(3), "3", t0, || true, || false),
             Push::Full
         ));
         let started = queues.session_started(&device(), true, t0);
@@ -269,6 +281,7 @@ mod tests {
                 message(n),
                 "x",
                 t0 + Duration::from_secs(at),
+                || true,
                 || false,
             );
         }
@@ -277,7 +290,7 @@ mod tests {
         assert_eq!((started.expired, started.cleared), (1, 0));
         // The session stays persistent: the next offline message is kept again.
         assert!(matches!(
-            queues.push(&device(), message(4), "4", t0, || false),
+            queues.push(&device(), message(4), "4", t0, || true, || false),
             Push::Queued
         ));
     }
@@ -287,13 +300,13 @@ mod tests {
         let t0 = Instant::now();
         let queues = OfflineQueues::new(10, TTL);
         queues.session_started(&device(), true, t0);
-        let _ = queues.push(&device(), message(1), "1", t0, || false);
-        let _ = queues.push(&device(), message(2), "2", t0, || false);
+        let _ = queues.push(&device(), message(1), "1", t0, || true, || false);
+        let _ = queues.push(&device(), message(2), "2", t0, || true, || false);
         let started = queues.session_started(&device(), false, t0);
         assert!(started.deliver.is_empty());
         assert_eq!(started.cleared, 2);
         assert!(matches!(
-            queues.push(&device(), message(3), "3", t0, || false),
+            queues.push(&device(), message(3), "3", t0, || true, || false),
             Push::NoSession
         ));
     }
@@ -303,13 +316,13 @@ mod tests {
         let t0 = Instant::now();
         let queues = OfflineQueues::new(10, TTL);
         queues.session_started(&device(), true, t0);
-        let _ = queues.push(&device(), message(1), "1", t0, || false);
-        let _ = queues.push(&device(), message(2), "2", t0 + TTL, || false);
+        let _ = queues.push(&device(), message(1), "1", t0, || true, || false);
+        let _ = queues.push(&device(), message(2), "2", t0 + TTL, || true, || false);
         assert_eq!(queues.sweep(t0 + TTL), 1);
         assert_eq!(queues.len(&device()), 1);
         assert_eq!(queues.forget(&device()), 1);
         assert!(matches!(
-            queues.push(&device(), message(3), "3", t0, || false),
+            queues.push(&device(), message(3), "3", t0, || true, || false),
             Push::NoSession
         ));
     }
@@ -320,12 +333,35 @@ mod tests {
         let queues = OfflineQueues::new(0, TTL);
         queues.session_started(&device(), true, t0);
         assert!(matches!(
-            queues.push(&device(), message(1), "1", t0, || false),
+            queues.push(&device(), message(1), "1", t0, || true, || false),
             Push::NoSession
         ));
         assert!(matches!(
-            queues.push(&device(), message(1), "1", t0, || true),
+            queues.push(&device(), message(1), "1", t0, || true, || true),
             Push::Online(_)
+        ));
+    }
+
+    #[test]
+    fn a_disabled_device_is_refused_with_or_without_a_session() {
+        let t0 = Instant::now();
+        let queues = OfflineQueues::new(10, TTL);
+        assert!(matches!(
+            queues.push(&device(), message(1), "1", t0, || false, || false),
+            Push::Disabled
+        ));
+        queues.session_started(&device(), true, t0);
+        let _ = queues.push(&device(), message(1), "1", t0, || true, || false);
+        assert!(matches!(
+            queues.push(&device(), message(2), "2", t0, || false, || false),
+            Push::Disabled
+        ));
+        assert_eq!(queues.len(&device()), 1);
+        // Its disabling drops the queue and the session with it.
+        assert_eq!(queues.forget(&device()), 1);
+        assert!(matches!(
+            queues.push(&device(), message(3), "3", t0, || true, || false),
+            Push::NoSession
         ));
     }
 }

@@ -24,11 +24,22 @@
 //! failed flush marks its devices changed again, so a failed delete is retried like a failed
 //! put.
 //!
+//! # Deleted devices stay deleted
+//!
+//! A property post can still be in ingest when its device is deleted. [`LatestProperties::record`]
+//! therefore creates a device's snapshot only while the registry still has the device, and
+//! checks that under the snapshot map's entry lock: a deletion removes the device from the
+//! registry before its observer removes the snapshot ([`LatestProperties::forget`], under the
+//! same lock), so a late post either lands before that removal (and goes with it) or finds
+//! the device gone and changes nothing — it never puts a snapshot back in memory, nor (through
+//! the next flush) in the store.
+//!
 //! A value replaces the stored one unless the stored one carries a newer device time (a device
 //! sending buffered, older readings after fresh ones does not roll the snapshot back).
 
-use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture};
+use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
 use crate::store::{Op, Store, StoreError};
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use fleetgate_topics::Item;
 use serde::{Deserialize, Serialize};
@@ -70,6 +81,8 @@ pub struct LatestProperties {
     /// Held by a flush from taking `dirty` to queueing its submission (see the module docs).
     writing: tokio::sync::Mutex<()>,
     store: Store,
+    /// Whether a device still exists (see "Deleted devices stay deleted").
+    registry: Arc<Registry>,
 }
 
 impl std::fmt::Debug for LatestProperties {
@@ -81,8 +94,12 @@ impl std::fmt::Debug for LatestProperties {
 }
 
 impl LatestProperties {
-    /// Loads the snapshots from `store` (blocking: start-up).
-    pub fn load(store: Store) -> Result<Arc<LatestProperties>, StoreError> {
+    /// Loads the snapshots from `store` (blocking: start-up). `registry` tells which devices
+    /// still exist.
+    pub fn load(
+        store: Store,
+        registry: Arc<Registry>,
+    ) -> Result<Arc<LatestProperties>, StoreError> {
         let devices = DashMap::new();
         for (id, body) in store.load_documents(DOC_KIND)? {
             match serde_json::from_str::<Document>(&body) {
@@ -97,17 +114,37 @@ impl LatestProperties {
             dirty: Mutex::new(HashSet::new()),
             writing: tokio::sync::Mutex::new(()),
             store,
+            registry,
         }))
     }
 
-    /// Applies a property post received at `received_at_ms`.
-    pub fn record(&self, pk: &str, dn: &str, items: BTreeMap<String, Item>, received_at_ms: i64) {
+    /// Applies a property post received at `received_at_ms`; a post of a device the registry
+    /// no longer has (deleted while the post was in ingest) changes nothing (see the module
+    /// docs). Returns whether it was applied.
+    pub fn record(
+        &self,
+        pk: &str,
+        dn: &str,
+        items: BTreeMap<String, Item>,
+        received_at_ms: i64,
+    ) -> bool {
         if items.is_empty() {
-            return;
+            return false;
         }
         let id = (pk.to_owned(), dn.to_owned());
         {
-            let mut entry = self.devices.entry(id.clone()).or_default();
+            // The existence check runs under the entry's lock, which `forget` takes to remove
+            // the snapshot. An existing snapshot means `forget` has not run yet (it will
+            // remove what this post adds), so only a new one needs the check.
+            let mut entry = match self.devices.entry(id.clone()) {
+                Entry::Occupied(entry) => entry.into_ref(),
+                Entry::Vacant(entry) => {
+                    if !self.registry.has_device(pk, dn) {
+                        return false;
+                    }
+                    entry.insert(BTreeMap::new())
+                }
+            };
             for (name, item) in items {
                 let newer = entry.get(&name).is_none_or(|old| old.time <= item.time);
                 if newer {
@@ -126,6 +163,7 @@ impl LatestProperties {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id);
+        true
     }
 
     /// The device's snapshot (empty when it never posted).
@@ -243,6 +281,7 @@ impl DeviceObserver for PropertiesReaper {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use crate::registry::{NewDevice, NewProduct};
     use crate::store::{Snapshot, SqliteBackend, StoreBackend};
     use serde_json::json;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -288,6 +327,34 @@ mod tests {
             .collect()
     }
 
+    /// A registry on `store` with product `pk1` and devices `dev0`…, and the snapshots with
+    /// their reaper, as the application wires them.
+    async fn with_devices(store: &Store, n: usize) -> (Arc<Registry>, Arc<LatestProperties>) {
+        let registry = Registry::open(store.clone(), Arc::new(Metrics::new())).expect("registry");
+        registry
+            .create_product(NewProduct {
+                name: "Lamp".into(),
+                product_key: Some("pk1".into()),
+                instance_id: None,
+                description: None,
+            })
+            .await
+            .expect("product");
+        let rows = (0..n)
+            .map(|i| NewDevice {
+                device_name: format!("dev{i}"),
+                ..NewDevice::default()
+            })
+            .collect();
+        registry
+            .batch_create_devices("pk1", rows)
+            .await
+            .expect("devices");
+        let properties = LatestProperties::load(store.clone(), registry.clone()).expect("load");
+        registry.add_observer(Arc::new(PropertiesReaper(Arc::downgrade(&properties))));
+        (registry, properties)
+    }
+
     fn stored(store: &Store) -> Vec<String> {
         store
             .load_documents(DOC_KIND)
@@ -305,8 +372,8 @@ mod tests {
             failing: failing.clone(),
         };
         let store = Store::with_backend(backend, Arc::new(Metrics::new())).expect("store");
-        let properties = LatestProperties::load(store.clone()).expect("load");
-        properties.record("pk1", "dev1", items(1), 1);
+        let (_registry, properties) = with_devices(&store, 2).await;
+        assert!(properties.record("pk1", "dev1", items(1), 1));
         assert_eq!(properties.flush().await.expect("flush"), 1);
         assert_eq!(stored(&store), ["pk1/dev1"]);
 
@@ -325,7 +392,7 @@ mod tests {
         const DEVICES: usize = 300;
         for round in 0..3 {
             let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
-            let properties = LatestProperties::load(store.clone()).expect("load");
+            let (_registry, properties) = with_devices(&store, DEVICES).await;
             for i in 0..DEVICES {
                 // Big snapshots: the flush spends a while reading and encoding them.
                 properties.record("pk1", &format!("dev{i}"), items(100), 1);
@@ -358,5 +425,43 @@ mod tests {
                 left.first()
             );
         }
+    }
+
+    /// A post still in ingest when its device is deleted lands after the deletion's observers
+    /// ran: it must not put the snapshot back, in memory or (through a flush) in the store.
+    #[tokio::test]
+    async fn a_post_landing_after_its_device_was_deleted_puts_nothing_back() {
+        let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
+        let (registry, properties) = with_devices(&store, 2).await;
+        assert!(properties.record("pk1", "dev1", items(2), 1));
+        properties.flush().await.expect("flush");
+        assert_eq!(stored(&store), ["pk1/dev1"]);
+
+        registry.delete_device("pk1", "dev1").await.expect("delete");
+        assert!(stored(&store).is_empty(), "{:?}", stored(&store));
+        // The late post.
+        assert!(!properties.record("pk1", "dev1", items(3), 2));
+        assert!(properties.get("pk1", "dev1").is_empty());
+        properties.flush().await.expect("flush");
+        assert!(stored(&store).is_empty(), "{:?}", stored(&store));
+        // The other device is untouched, and a device created again under the name starts
+        // empty and takes posts again.
+        assert!(properties.record("pk1", "dev0", items(1), 3));
+        registry
+            .create_device(
+                "pk1",
+                NewDevice {
+                    device_name: "dev1".into(),
+                    ..NewDevice::default()
+                },
+            )
+            .await
+            .expect("create again");
+        assert!(properties.get("pk1", "dev1").is_empty());
+        assert!(properties.record("pk1", "dev1", items(1), 4));
+        properties.flush().await.expect("flush");
+        let mut left = stored(&store);
+        left.sort();
+        assert_eq!(left, ["pk1/dev0", "pk1/dev1"]);
     }
 }

@@ -53,6 +53,7 @@ pub(super) enum RemoteAnswer {
 #[serde(tag = "error", rename_all = "snake_case")]
 pub(super) enum RemoteError {
     Offline,
+    Disabled,
     Timeout { timeout_ms: u64 },
     Busy,
     NotFound { id: String },
@@ -68,6 +69,7 @@ impl RemoteError {
             CommandError::Timeout { timeout_ms } => RemoteError::Timeout {
                 timeout_ms: *timeout_ms,
             },
+            CommandError::Disabled { .. } => RemoteError::Disabled,
             CommandError::Busy => RemoteError::Busy,
             CommandError::NotFound { id } => RemoteError::NotFound { id: id.clone() },
             other => RemoteError::Other {
@@ -79,6 +81,10 @@ impl RemoteError {
     fn into_error(self, device: &DeviceKey) -> CommandError {
         match self {
             RemoteError::Offline => CommandError::Offline {
+                product_key: device.product_key.clone(),
+                device_name: device.device_name.clone(),
+            },
+            RemoteError::Disabled => CommandError::Disabled {
                 product_key: device.product_key.clone(),
                 device_name: device.device_name.clone(),
             },

@@ -653,8 +653,11 @@ impl DeviceObserver for DeviceObserverImpl {
                         let _ = rx.await;
                     }
                 }
-                // New devices are NOT_MIGRATED (walks and sweeps find them); tags do not matter.
-                DeviceChange::Created { .. } | DeviceChange::TagsChanged { .. } => {}
+                // New devices are NOT_MIGRATED (walks and sweeps find them); tags and being
+                // enabled do not matter.
+                DeviceChange::Created { .. }
+                | DeviceChange::TagsChanged { .. }
+                | DeviceChange::Disabled { .. } => {}
             }
         })
     }

@@ -239,17 +239,19 @@ impl Registry {
         })
     }
 
-    /// Changes `enabled` and/or replaces `tags` (observers hear of changed tags).
+    /// Changes `enabled` and/or replaces `tags` (observers hear of a disabling and of changed
+    /// tags).
     pub async fn update_device(&self, pk: &str, dn: &str, update: DeviceUpdate) -> Result<Device> {
         if let Some(tags) = &update.tags {
             validate::tags(tags)?;
         }
         let entry = self.product_or_not_found(pk)?;
-        let (device, ticket, tags_changed) = {
+        let (device, ticket, tags_changed, disabled) = {
             let mut d = entry
                 .devices
                 .get_mut(dn)
                 .ok_or_else(|| device_not_found(pk, dn))?;
+            let disabled = d.enabled && update.enabled == Some(false);
             if let Some(enabled) = update.enabled {
                 d.enabled = enabled;
             }
@@ -259,9 +261,17 @@ impl Registry {
                 d.tags = tags;
             }
             let ticket = self.store.submit(vec![Op::PutDevice(d.record(pk, dn))]);
-            (d.to_device(pk, dn), ticket, tags_changed)
+            (d.to_device(pk, dn), ticket, tags_changed, disabled)
         };
         ticket.await?;
+        if disabled {
+            // Messages kept for its persistent session go.
+            self.notify(DeviceChange::Disabled {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            })
+            .await;
+        }
         if tags_changed {
             // DYNAMIC OTA jobs targeting tags may take the device now.
             self.notify(DeviceChange::TagsChanged {

@@ -14,6 +14,13 @@ impl Registry {
         })
     }
 
+    /// Whether the device exists (a deleted one is gone from memory before its observers
+    /// hear of the deletion).
+    pub fn has_device(&self, pk: &str, dn: &str) -> bool {
+        self.product(pk)
+            .is_some_and(|entry| entry.devices.contains_key(dn))
+    }
+
     pub(super) fn went_offline(&self) {
         self.online.fetch_sub(1, Ordering::Relaxed);
         self.metrics.connected_devices.dec();

@@ -75,7 +75,7 @@ impl Registry {
 
     /// Replaces an existing device's secret (when `Some`), `enabled` and tags. Returns the
     /// device before and after, taken under the same lock, so the caller can tell whether a
-    /// connected device must be disconnected.
+    /// connected device must be disconnected. Observers hear of a disabling.
     pub async fn overwrite_device(
         &self,
         pk: &str,
@@ -104,6 +104,14 @@ impl Registry {
             ((before, d.to_device(pk, dn)), ticket)
         };
         ticket.await?;
+        let (before, after) = &device;
+        if before.enabled && !after.enabled {
+            self.notify(DeviceChange::Disabled {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            })
+            .await;
+        }
         Ok(device)
     }
 }

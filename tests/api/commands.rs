@@ -788,3 +788,77 @@ async fn a_kept_message_past_its_age_is_dropped() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_disabled_device_is_refused_and_its_kept_messages_dropped() {
+    let app = spawn_app().await;
+    let pk = app.create_product("c2d-disabled").await;
+    let secret = app.create_device(&pk, "dev-1").await;
+    let path = format!("/api/v1/products/{pk}/devices/dev-1/messages");
+    let topic = format!("/{pk}/dev-1/user/get");
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, true).await;
+    subscribe(&mut device, &format!("/{pk}/dev-1/user/#")).await;
+    drop(device);
+    app.wait_device(&pk, "dev-1", "offline", |d| d["online"] == false)
+        .await;
+    let (status, body) = app
+        .post(&path, json!({"topic": topic, "payload": "kept", "qos": 1}))
+        .await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (202, json!("queued")),
+        "{body}"
+    );
+
+    // Disabling drops what was kept; nothing more is kept, sent or called.
+    let disable = format!("/api/v1/products/{pk}/devices/dev-1/disable");
+    let (status, body) = app
+        .request(Method::POST, &disable, None, Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        app.metric("fleetgate_offline_messages_dropped_total{reason=\"disabled\"}")
+            .await,
+        1.0
+    );
+    let (status, body) = app
+        .post(
+            &path,
+            json!({"topic": topic, "payload": "refused", "qos": 1}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (409, json!("FG.6005")),
+        "{body}"
+    );
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/messages"),
+            json!({"topic": "/{pk}/{dn}/user/get", "payload": "b", "device_names": ["dev-1"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["result"], "refused", "{body}");
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/products/{pk}/devices/dev-1/rrpc"),
+            json!({"payload": "ping"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (409, json!("FG.6005")),
+        "{body}"
+    );
+
+    // Enabled again and back with a persistent session: nothing was kept for it.
+    let enable = format!("/api/v1/products/{pk}/devices/dev-1/enable");
+    let (status, body) = app
+        .request(Method::POST, &enable, None, Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut device = connect_session(&app, &pk, "dev-1", &secret, true).await;
+    subscribe(&mut device, &format!("/{pk}/dev-1/user/#")).await;
+    assert_no_publish(&mut device, Duration::from_millis(500)).await;
+}

@@ -355,7 +355,7 @@ pub(in crate::app) fn start_commands(
     forwarder: &Arc<Forwarder>,
 ) -> anyhow::Result<Arc<Commands>> {
     let settings = &core.settings.commands;
-    let properties = LatestProperties::load(core.store.clone())
+    let properties = LatestProperties::load(core.store.clone(), core.registry.clone())
         .context("cannot load the latest-properties snapshots")?;
     LatestProperties::spawn_flusher(
         &properties,

@@ -306,6 +306,9 @@ impl DeviceObserver for DeviceObserverImpl {
                         pk: product_key.clone(),
                         dns: vec![device_name.clone()],
                     },
+                    // A disabled device keeps its tasks (they wait for it, as for any
+                    // offline device).
+                    DeviceChange::Disabled { .. } => return,
                 };
                 engine.relay(report).await;
                 return;
@@ -334,6 +337,7 @@ impl DeviceObserver for DeviceObserverImpl {
                 } => {
                     engine.dynamic_join(product_key, device_name, false).await;
                 }
+                DeviceChange::Disabled { .. } => {}
             }
         })
     }
