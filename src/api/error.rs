@@ -438,7 +438,18 @@ pub struct ApiError {
     msg: String,
     field: Option<String>,
     internal: Option<String>,
-    challenge: Option<HeaderValue>,
+    /// A header the answer carries besides the body (never more than one: a 401's challenge or
+    /// a 429's wait; one field keeps the error small enough to return by value).
+    header: Option<ErrorHeader>,
+}
+
+/// See [`ApiError`]'s `header`.
+#[derive(Debug, Clone)]
+enum ErrorHeader {
+    /// `WWW-Authenticate`.
+    Challenge(HeaderValue),
+    /// `Retry-After`, whole seconds.
+    RetryAfter(u32),
 }
 
 impl ApiError {
@@ -449,8 +460,17 @@ impl ApiError {
             msg: msg.into(),
             field: None,
             internal: None,
-            challenge: None,
+            header: None,
         }
+    }
+
+    /// Answers with `Retry-After: after` (whole seconds, rounded up, at least 1).
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        self.header = Some(ErrorHeader::RetryAfter(
+            u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
+        ));
+        self
     }
 
     /// Names `field` as the culprit (`error_ext_msg`).
@@ -523,7 +543,7 @@ impl ApiError {
             ("missing bearer token", r#"Bearer realm="fleetgate""#)
         };
         let mut e = Self::new(ErrorCode::Unauthenticated, msg);
-        e.challenge = Some(HeaderValue::from_static(challenge));
+        e.header = Some(ErrorHeader::Challenge(HeaderValue::from_static(challenge)));
         e
     }
 
@@ -589,9 +609,16 @@ impl IntoResponse for ApiError {
             tracing::error!(request_id = %request_id, error = %detail, "internal error");
         }
         let mut resp = (self.code.status(), Json(self.body(request_id))).into_response();
-        if let Some(challenge) = self.challenge {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
+        match self.header {
+            Some(ErrorHeader::Challenge(challenge)) => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            Some(ErrorHeader::RetryAfter(secs)) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            None => {}
         }
         resp.extensions_mut().insert(StandardErrorBody);
         resp
@@ -732,5 +759,25 @@ mod tests {
         assert_eq!(body.error_msg, "internal error");
         assert_eq!(body.error_code, "FG.0500");
         assert!(body.error_ext_msg.is_none());
+    }
+
+    #[test]
+    fn a_401_carries_its_challenge_and_a_429_its_wait_in_whole_seconds() {
+        let resp = ApiError::unauthenticated(true).into_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let challenge = resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        assert!(!resp.headers().contains_key(header::RETRY_AFTER));
+
+        for (after_ms, secs) in [(0, "1"), (1, "1"), (1_000, "1"), (1_500, "2"), (5_000, "5")] {
+            let resp = ApiError::new(ErrorCode::TooManyRequests, "slow down")
+                .with_retry_after(std::time::Duration::from_millis(after_ms))
+                .into_response();
+            assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(resp.headers()[header::RETRY_AFTER], secs, "{after_ms} ms");
+            assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+        }
+        let plain = ApiError::new(ErrorCode::TooManyRequests, "no wait").into_response();
+        assert!(!plain.headers().contains_key(header::RETRY_AFTER));
     }
 }

@@ -78,7 +78,7 @@ impl From<ExportError> for ApiError {
             ExportError::Package(_) => {
                 ApiError::new(ErrorCode::PackageInvalid, e.to_string()).with_field("package")
             }
-            ExportError::Limited(l) => ApiError::new(ErrorCode::TooManyRequests, l.reason),
+            ExportError::Limited(l) => too_many(l),
             ExportError::Forbidden(msg) => ApiError::forbidden(msg).with_field("package"),
             ExportError::Store(ref store) => ApiError::store(store, &e),
             ExportError::Internal(_) => ApiError::internal(e),
@@ -87,20 +87,8 @@ impl From<ExportError> for ApiError {
 }
 
 /// A 429 in the standard body with `Retry-After` (whole seconds, at least 1).
-fn too_many(l: Limited) -> Response {
-    let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
-    let mut resp = ApiError::new(ErrorCode::TooManyRequests, l.reason).into_response();
-    if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
-        resp.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    resp
-}
-
-fn err_response(e: ExportError) -> Response {
-    match e {
-        ExportError::Limited(l) => too_many(l),
-        e => ApiError::from(e).into_response(),
-    }
+fn too_many(l: Limited) -> ApiError {
+    ApiError::new(ErrorCode::TooManyRequests, l.reason).with_retry_after(l.retry_after)
 }
 
 /// `?expand=objects`.
@@ -170,56 +158,39 @@ pub async fn start_export(
     State(state): State<ApiState>,
     caller: Option<Extension<Caller>>,
     body: Result<ApiJson<ExportRequest>, ApiError>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let svc = &state.export;
-    if let Err(l) = svc.limiter().check_start() {
-        return too_many(l);
-    }
-    let ApiJson(req) = match body {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let by = match privilege(&caller) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    match svc.start_export(req, by).await {
-        Ok(job) => accepted(&job, "export"),
-        Err(e) => err_response(e),
-    }
+    // Before the body's own errors: a caller over its limit hears so first.
+    svc.limiter().check_start().map_err(too_many)?;
+    let ApiJson(req) = body?;
+    let by = privilege(&caller)?;
+    let job = svc.start_export(req, by).await?;
+    Ok(accepted(&job, "export"))
 }
 
-async fn get_job(state: &ApiState, kind: JobKind, id: &str, q: &ExpandQuery) -> Response {
+async fn get_job(
+    state: &ApiState,
+    kind: JobKind,
+    id: &str,
+    q: &ExpandQuery,
+) -> Result<Response, ApiError> {
     let svc = &state.export;
-    if let Err(l) = svc.limiter().check_read() {
-        return too_many(l);
-    }
-    let expand = match expand_objects(q) {
-        Ok(e) => e,
-        Err(e) => return e.into_response(),
-    };
-    match svc.get(kind, id) {
-        Ok(job) => Json(job.view(expand)).into_response(),
-        Err(e) => err_response(e),
-    }
+    svc.limiter().check_read().map_err(too_many)?;
+    let expand = expand_objects(q)?;
+    let job = svc.get(kind, id)?;
+    Ok(Json(job.view(expand)).into_response())
 }
 
-async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Response {
+async fn get_log(state: &ApiState, kind: JobKind, id: &str) -> Result<Response, ApiError> {
     let svc = &state.export;
-    if let Err(l) = svc.limiter().check_read() {
-        return too_many(l);
+    svc.limiter().check_read().map_err(too_many)?;
+    let job = svc.get(kind, id)?;
+    let mut text = String::new();
+    for line in &job.log {
+        text.push_str(&line.render());
+        text.push('\n');
     }
-    match svc.get(kind, id) {
-        Ok(job) => {
-            let mut text = String::new();
-            for line in &job.log {
-                text.push_str(&line.render());
-                text.push('\n');
-            }
-            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
-        }
-        Err(e) => err_response(e),
-    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
 /// An export job's status (`?expand=objects` adds per-object status).
@@ -239,7 +210,7 @@ pub async fn get_export(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ExpandQuery>,
-) -> Response {
+) -> Result<Response, ApiError> {
     get_job(&state, JobKind::Export, &id, &q).await
 }
 
@@ -255,7 +226,10 @@ pub async fn get_export(
     ),
     security(("bearer" = []))
 )]
-pub async fn export_log(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Response {
+pub async fn export_log(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     get_log(&state, JobKind::Export, &id).await
 }
 
@@ -276,23 +250,14 @@ pub async fn export_package(
     _operator: RequireOperator,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let svc = &state.export;
-    if let Err(l) = svc.limiter().check_read() {
-        return too_many(l);
-    }
+    svc.limiter().check_read().map_err(too_many)?;
     // Cluster mode: fetched from the shared copy first when this node does not have it.
-    let path = match svc.package_file_ready(&id).await {
-        Ok(p) => p,
-        Err(e) => return err_response(e),
-    };
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            return ApiError::internal(format!("package {} unreadable: {e}", path.display()))
-                .into_response()
-        }
-    };
+    let path = svc.package_file_ready(&id).await?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("package {} unreadable: {e}", path.display())))?;
     let len = file.metadata().await.map(|m| m.len()).ok();
     let stream = tokio_util_stream(file);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -307,7 +272,7 @@ pub async fn export_package(
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{id}.zip\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    resp
+    Ok(resp)
 }
 
 /// The file as a stream of chunks (no extra dependency for `ReaderStream`).
@@ -347,20 +312,18 @@ pub struct ImportForm {
     pub name: Option<String>,
 }
 
-fn multipart_error(e: MultipartError) -> Response {
+fn multipart_error(e: MultipartError) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             ErrorCode::PayloadTooLarge,
             "the package is larger than export.max_package_bytes",
         )
         .with_field("package")
-        .into_response()
     } else {
         ApiError::bad_request(format!(
             "could not read the multipart body: {}",
             e.body_text()
         ))
-        .into_response()
     }
 }
 
@@ -393,11 +356,9 @@ pub async fn start_import(
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let svc = &state.export;
-    if let Err(l) = svc.limiter().check_start() {
-        return too_many(l);
-    }
+    svc.limiter().check_start().map_err(too_many)?;
     // A body announcing more than the gateway may hold in flight is refused before it is read.
     let announced = headers
         .get(header::CONTENT_LENGTH)
@@ -405,39 +366,29 @@ pub async fn start_import(
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = announced {
         if len > svc.settings().max_bytes_in_flight {
-            return too_many(Limited {
+            return Err(too_many(Limited {
                 retry_after: std::time::Duration::from_secs(5),
                 reason: format!(
                     "too many requests: a {len}-byte package is more than the {} bytes export/import may hold in flight",
                     svc.settings().max_bytes_in_flight
                 ),
-            });
+            }));
         }
     }
-    let mut multipart = match multipart {
-        Ok(m) => m,
-        Err(_) => return ApiError::unsupported_media_type("multipart/form-data").into_response(),
-    };
+    let mut multipart =
+        multipart.map_err(|_| ApiError::unsupported_media_type("multipart/form-data"))?;
     let ImportFields {
         package,
         key,
         policy,
         name,
-    } = match read_import_form(&mut multipart, svc.settings().max_package_bytes).await {
-        Ok(form) => form,
-        Err(refused) => return refused,
-    };
-    let Some(package) = package.filter(|p| !p.is_empty()) else {
-        return ApiError::missing_field("package").into_response();
-    };
-    let by = match privilege(&caller) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    match svc.start_import(package, key, policy, name, by).await {
-        Ok(job) => accepted(&job, "import"),
-        Err(e) => err_response(e),
-    }
+    } = read_import_form(&mut multipart, svc.settings().max_package_bytes).await?;
+    let package = package
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::missing_field("package"))?;
+    let by = privilege(&caller)?;
+    let job = svc.start_import(package, key, policy, name, by).await?;
+    Ok(accepted(&job, "import"))
 }
 
 /// The import form's fields as read.
@@ -450,7 +401,7 @@ struct ImportFields {
 
 /// Reads the import form: `package` up to `max` bytes, the short text fields up to 4 KiB.
 /// `Err`: the answer to a malformed, oversized or unknown field.
-async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportFields, Response> {
+async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportFields, ApiError> {
     let mut package: Option<Vec<u8>> = None;
     let mut key = None;
     let mut policy = ConflictPolicy::Skip;
@@ -476,9 +427,8 @@ async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportF
                                 ),
                             )
                             .with_field("package")
-                            .into_response()
                         } else {
-                            ApiError::invalid_field(field_name, "too long").into_response()
+                            ApiError::invalid_field(field_name, "too long")
                         });
                     }
                     buf.extend_from_slice(&chunk);
@@ -493,9 +443,7 @@ async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportF
             "secrets_key" => match text() {
                 Ok(k) if !k.is_empty() => key = Some(k),
                 Ok(_) => {}
-                Err(_) => {
-                    return Err(ApiError::invalid_field("secrets_key", "not UTF-8").into_response())
-                }
+                Err(_) => return Err(ApiError::invalid_field("secrets_key", "not UTF-8")),
             },
             "conflict_policy" => match text().ok().as_deref().and_then(ConflictPolicy::parse) {
                 Some(p) => policy = p,
@@ -503,15 +451,15 @@ async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportF
                     return Err(ApiError::invalid_field(
                         "conflict_policy",
                         "must be skip, overwrite or fail",
-                    )
-                    .into_response())
+                    ))
                 }
             },
             "name" => name = text().ok(),
             other => {
-                return Err(
-                    ApiError::invalid_field(other.to_owned(), "unknown form field").into_response(),
-                )
+                return Err(ApiError::invalid_field(
+                    other.to_owned(),
+                    "unknown form field",
+                ))
             }
         }
     }
@@ -539,7 +487,7 @@ pub async fn get_import(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ExpandQuery>,
-) -> Response {
+) -> Result<Response, ApiError> {
     get_job(&state, JobKind::Import, &id, &q).await
 }
 
@@ -555,6 +503,9 @@ pub async fn get_import(
     ),
     security(("bearer" = []))
 )]
-pub async fn import_log(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Response {
+pub async fn import_log(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     get_log(&state, JobKind::Import, &id).await
 }
