@@ -15,6 +15,8 @@
 #[path = "../tests/api/helpers.rs"]
 mod helpers;
 
+mod common;
+
 use fleetgate::config::Secret;
 use fleetgate::forwarder::testing::{self, Proxy};
 use fleetgate::forwarder::{
@@ -37,32 +39,12 @@ use std::time::{Duration, Instant};
 const BENCHMARKS: [&str; 2] = ["throughput", "shared_outbox"];
 
 fn main() {
-    // `cargo bench` passes `--bench`; other words choose benchmarks by name.
-    let chosen: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if let Some(unknown) = chosen.iter().find(|c| !BENCHMARKS.contains(&c.as_str())) {
-        eprintln!(
-            "unknown benchmark {unknown:?}; there are: {}",
-            BENCHMARKS.join(", ")
-        );
-        std::process::exit(2);
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    for name in BENCHMARKS {
-        if !chosen.is_empty() && !chosen.iter().any(|c| c == name) {
-            continue;
-        }
+    common::run(&BENCHMARKS, |name| async move {
         match name {
-            "throughput" => runtime.block_on(throughput()),
-            _ => runtime.block_on(shared_outbox()),
+            "throughput" => throughput().await,
+            _ => shared_outbox().await,
         }
-    }
+    });
 }
 
 /// Generous bound for anything that should happen "soon" (only to avoid hanging).

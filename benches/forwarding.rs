@@ -20,6 +20,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[path = "../tests/api/helpers.rs"]
 mod helpers;
 
+mod common;
+
 use fleetgate::forwarder::testing::test_amqp_url;
 use helpers::*;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueuePurgeOptions};
@@ -34,32 +36,12 @@ use std::time::Duration;
 const BENCHMARKS: [&str; 2] = ["outage", "rabbitmq"];
 
 fn main() {
-    // `cargo bench` passes `--bench`; other words choose benchmarks by name.
-    let chosen: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if let Some(unknown) = chosen.iter().find(|c| !BENCHMARKS.contains(&c.as_str())) {
-        eprintln!(
-            "unknown benchmark {unknown:?}; there are: {}",
-            BENCHMARKS.join(", ")
-        );
-        std::process::exit(2);
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    for name in BENCHMARKS {
-        if !chosen.is_empty() && !chosen.iter().any(|c| c == name) {
-            continue;
-        }
+    common::run(&BENCHMARKS, |name| async move {
         match name {
-            "outage" => runtime.block_on(outage()),
-            _ => runtime.block_on(rabbitmq()),
+            "outage" => outage().await,
+            _ => rabbitmq().await,
         }
-    }
+    });
 }
 
 /// Connects `devices` devices of a new product, waits until `metric` counts their online

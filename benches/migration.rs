@@ -2,6 +2,8 @@
 //! 50,000-device product through the engine, on a file store with fsync, at the default rate
 //! and unthrottled. `cargo bench -p fleetgate --bench migration`.
 
+mod common;
+
 use fleetgate::clock::Clock;
 use fleetgate::metrics::Metrics;
 use fleetgate::migration::{
@@ -19,12 +21,7 @@ fn op() -> Actor {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(full_migration_50k());
+    common::run(&["full_migration_50k"], |_| full_migration_50k());
 }
 
 /// Benchmark (docs/BENCHMARKS.md): full migration of a 50,000-device product, registry only

@@ -3,6 +3,8 @@
 //! pusher (the engine tests' harness, reduced to what the benchmark uses).
 //! `cargo bench -p fleetgate --bench ota`.
 
+mod common;
+
 use fleetgate::clock::Clock;
 use fleetgate::metrics::Metrics;
 use fleetgate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
@@ -20,12 +22,7 @@ use tempfile::TempDir;
 const T0: i64 = 1_700_000_000_000;
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(progress_throughput());
+    common::run(&["progress_throughput"], |_| progress_throughput());
 }
 
 #[derive(Default)]
