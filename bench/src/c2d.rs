@@ -197,48 +197,18 @@ async fn rrpc_gateway(
             async move { caller.call(&d, k).await }
         }
     };
-    let load = load1();
-    // Warm-up: one call per device (connections, the router's first delivery to each).
-    let warm = drive(devs, devs.len(), args.rrpc_concurrency, 0, call.clone()).await;
-    ensure!(
-        warm.ok == devs.len() as u64,
-        "rrpc warm-up through the gateway: {} of {} answered: {:?}",
-        warm.ok,
-        devs.len(),
-        warm.errors
-    );
-    let (broker_cpu, bench_cpu) = (server.cpu_s()?, procs::self_cpu_s()?);
-    let out = drive(
-        devs,
-        args.rrpc_calls,
-        args.rrpc_concurrency,
-        devs.len(),
-        call,
-    )
-    .await;
-    let broker_cpu = server.cpu_s()? - broker_cpu;
-    let bench_cpu = procs::self_cpu_s()? - bench_cpu;
-    let rss = server.rss_kib()?;
+    let (warm_ok, row) = warm_then_measure(args, devs, &server, GATEWAY, run, call).await?;
     let replied = api
         .metric("fleetgate_downlinks_total{kind=\"rrpc\",outcome=\"replied\"}")
         .await?;
     resp.close().await;
     server.stop().await?;
     ensure!(
-        replied as u64 >= out.ok + warm.ok,
+        replied as u64 >= row.ok + warm_ok,
         "the gateway counted {replied} RRPC replies, the caller {}",
-        out.ok + warm.ok
+        row.ok + warm_ok
     );
-    Ok(out.row(
-        GATEWAY,
-        run,
-        devs.len(),
-        args,
-        broker_cpu,
-        bench_cpu,
-        rss,
-        load,
-    ))
+    Ok(row)
 }
 
 async fn rrpc_bare(
@@ -257,11 +227,34 @@ async fn rrpc_bare(
             async move { requester.call(&d, k).await }
         }
     };
+    let (_, row) = warm_then_measure(args, devs, &server, BARE, run, call).await?;
+    requester.close();
+    resp.close().await;
+    server.stop().await?;
+    Ok(row)
+}
+
+/// One path's calls: the warm-up (one call per device: connections, the router's first delivery
+/// to each; every one must be answered), then the measured calls, with the broker's and this
+/// process's CPU over them and the broker's RSS after. Returns the warm-up's answered calls and
+/// the measured row.
+async fn warm_then_measure<F, Fut>(
+    args: &Args,
+    devs: &[Device],
+    server: &Server,
+    path: &str,
+    run: usize,
+    call: F,
+) -> anyhow::Result<(u64, RrpcRow)>
+where
+    F: Fn(Device, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
     let load = load1();
     let warm = drive(devs, devs.len(), args.rrpc_concurrency, 0, call.clone()).await;
     ensure!(
         warm.ok == devs.len() as u64,
-        "rrpc warm-up through bare rumqttd: {} of {} answered: {:?}",
+        "rrpc warm-up ({path}): {} of {} answered: {:?}",
         warm.ok,
         devs.len(),
         warm.errors
@@ -278,11 +271,8 @@ async fn rrpc_bare(
     let broker_cpu = server.cpu_s()? - broker_cpu;
     let bench_cpu = procs::self_cpu_s()? - bench_cpu;
     let rss = server.rss_kib()?;
-    requester.close();
-    resp.close().await;
-    server.stop().await?;
-    Ok(out.row(
-        BARE,
+    let row = out.row(
+        path,
         run,
         devs.len(),
         args,
@@ -290,7 +280,8 @@ async fn rrpc_bare(
         bench_cpu,
         rss,
         load,
-    ))
+    );
+    Ok((warm.ok, row))
 }
 
 /// The request payload of call `k` and the answer the device gives to it.
