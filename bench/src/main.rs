@@ -189,6 +189,14 @@ struct Args {
     /// Cluster: HAProxy's `nbthread` (default: HAProxy's own, one thread per CPU).
     #[arg(long)]
     haproxy_threads: Option<u16>,
+    /// Cluster: a line added to HAProxy's `global` section (repeatable), e.g.
+    /// `--haproxy-global "tune.maxpollevents 1000"`.
+    #[arg(long)]
+    haproxy_global: Vec<String>,
+    /// Cluster: a line added to HAProxy's `defaults` section (repeatable), e.g.
+    /// `--haproxy-defaults "option splice-auto"`.
+    #[arg(long)]
+    haproxy_defaults: Vec<String>,
     /// Cluster: devices connected through HAProxy (≤ ~9,000: two descriptors each there).
     #[arg(long, default_value_t = 8_000)]
     cluster_connect_devices: usize,

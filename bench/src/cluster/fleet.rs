@@ -29,6 +29,8 @@ impl Fleet3 {
             nats: args.nats_url.clone(),
             haproxy: args.haproxy.clone(),
             haproxy_threads: args.haproxy_threads,
+            haproxy_global: args.haproxy_global.clone(),
+            haproxy_defaults: args.haproxy_defaults.clone(),
         };
         let db = Database::fresh(&svc.pg_admin).await?;
         let cluster = format!("benchota{}", std::process::id());
@@ -121,6 +123,9 @@ pub(super) struct Services {
     pub(super) haproxy: PathBuf,
     /// HAProxy's `nbthread` (`None`: its default, one thread per CPU).
     pub(super) haproxy_threads: Option<u16>,
+    /// Extra lines of HAProxy's `global` and `defaults` sections (experiments).
+    pub(super) haproxy_global: Vec<String>,
+    pub(super) haproxy_defaults: Vec<String>,
 }
 
 /// A fresh PostgreSQL database, dropped (with `FORCE`) by [`Database::drop_now`].
@@ -257,11 +262,15 @@ impl Haproxy {
         let threads = svc
             .haproxy_threads
             .map_or(String::new(), |n| format!("    nbthread {n}\n"));
+        let lines = |extra: &[String]| -> String {
+            extra.iter().map(|l| format!("    {l}\n")).collect()
+        };
+        let (global, defaults) = (lines(&svc.haproxy_global), lines(&svc.haproxy_defaults));
         // deploy/haproxy.cfg's MQTT frontend and backend, with this run's addresses.
         let config = format!(
-            "global\n    maxconn 9000\n{threads}\
+            "global\n    maxconn 9000\n{threads}{global}\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10m\n    \
-             timeout server 10m\n    retries 3\n    option redispatch\n\
+             timeout server 10m\n    retries 3\n    option redispatch\n{defaults}\
              frontend mqtt\n    bind {addr}\n    tcp-request inspect-delay 5s\n    \
              tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n    \
              tcp-request content set-var(sess.mqtt_user) req.payload(0,0),mqtt_field_value(connect,username)\n    \
