@@ -229,8 +229,8 @@ pub async fn run(args: &Args, bins: &Bins, results: &mut Results) -> anyhow::Res
         nats: args.nats_url.clone(),
         haproxy: args.haproxy.clone(),
         haproxy_threads: args.haproxy_threads,
-            haproxy_global: args.haproxy_global.clone(),
-            haproxy_defaults: args.haproxy_defaults.clone(),
+        haproxy_global: args.haproxy_global.clone(),
+        haproxy_defaults: args.haproxy_defaults.clone(),
     };
     let n_connect = args.cluster_connect_devices;
     let n_ingest = args.cluster_ingest_devices;

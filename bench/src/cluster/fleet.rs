@@ -262,9 +262,8 @@ impl Haproxy {
         let threads = svc
             .haproxy_threads
             .map_or(String::new(), |n| format!("    nbthread {n}\n"));
-        let lines = |extra: &[String]| -> String {
-            extra.iter().map(|l| format!("    {l}\n")).collect()
-        };
+        let lines =
+            |extra: &[String]| -> String { extra.iter().map(|l| format!("    {l}\n")).collect() };
         let (global, defaults) = (lines(&svc.haproxy_global), lines(&svc.haproxy_defaults));
         // deploy/haproxy.cfg's MQTT frontend and backend, with this run's addresses.
         let config = format!(
