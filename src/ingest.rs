@@ -433,7 +433,8 @@ impl Ingest {
                         let (pk, dn) = (topic.product_key(), topic.device_name());
                         if let Some(commands) = &self.commands {
                             let items = req.items(received.max(0) as u64);
-                            commands.properties().record(pk, dn, items, received);
+                            let properties = commands.properties();
+                            properties.record(pk, dn, session.conn_id, items, received);
                         }
                         let reply_id = req.wants_reply().then(|| req.id.as_str().to_owned());
                         return self

@@ -84,6 +84,12 @@ impl EpochClock {
         }
     }
 
+    /// The highest epoch drawn or observed so far (with this node's id): every epoch drawn
+    /// after this call is higher, every one drawn before is not.
+    pub fn current(&self) -> u64 {
+        self.last.load(Ordering::Relaxed) | u64::from(self.node)
+    }
+
     /// Records an epoch drawn elsewhere: later epochs of this clock are higher.
     pub fn observe(&self, epoch: u64) {
         self.last.fetch_max(epoch & !NODE_MASK, Ordering::Relaxed);

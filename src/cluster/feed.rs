@@ -144,6 +144,14 @@ impl Item {
                 kind: (*kind).to_owned(),
                 id: id.clone(),
             },
+            Op::PutDeviceProperties {
+                product_key,
+                device_name,
+                ..
+            } => Item::Doc {
+                kind: crate::store::DEVICE_PROPERTIES.to_owned(),
+                id: crate::store::device_doc_id(product_key, device_name),
+            },
             Op::FeedMark { .. } | Op::Fence { .. } => return None,
         })
     }

@@ -196,7 +196,9 @@ impl Receiver {
                 .collect();
             for pk in keys {
                 let record = found.remove(&pk);
-                self.registry.refresh_product(&pk, record);
+                for ended in self.registry.refresh_product(&pk, record).await {
+                    self.end_local(&ended, DisconnectReason::Kicked);
+                }
             }
         }
         if !devices.is_empty() {

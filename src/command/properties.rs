@@ -8,8 +8,11 @@
 //! since it last ran, in one submission. Property posts therefore never wait for the store (they
 //! are the gateway's hottest path), and a device posting 100 times a second costs one write per
 //! flush. What a crash can lose is the last flush interval of snapshot updates; a clean stop
-//! flushes ([`LatestProperties::flush`]). Loaded at start; a deleted device's document goes with
-//! it (the registry's observer).
+//! flushes ([`LatestProperties::flush`]). Loaded at start. A deleted device's document goes with
+//! it: in the store transaction that deletes the device ([`Op::DeleteDevice`]), and from memory
+//! through the registry's observer; a document write for a device the store no longer has
+//! writes nothing ([`Op::PutDeviceProperties`]), so a crash anywhere in between leaves no
+//! snapshot behind.
 //!
 //! # One writer of the documents
 //!
@@ -26,19 +29,21 @@
 //!
 //! # Deleted devices stay deleted
 //!
-//! A property post can still be in ingest when its device is deleted. [`LatestProperties::record`]
-//! therefore creates a device's snapshot only while the registry still has the device, and
-//! checks that under the snapshot map's entry lock: a deletion removes the device from the
-//! registry before its observer removes the snapshot ([`LatestProperties::forget`], under the
-//! same lock), so a late post either lands before that removal (and goes with it) or finds
-//! the device gone and changes nothing — it never puts a snapshot back in memory, nor (through
-//! the next flush) in the store.
+//! A property post can still be in ingest when its device is deleted, and even when a device
+//! is created again under the name. [`LatestProperties::record`] therefore applies a post only
+//! while the registry has the device *the posting session connected as* (created before the
+//! session began, [`Registry::device_predates`]), and checks that under the snapshot map's
+//! entry lock: a deletion removes the device from the registry before its observer removes the
+//! snapshot ([`LatestProperties::forget`], under the same lock), so a late post either lands
+//! before that removal (and goes with it) or finds its device gone — or replaced by a newer one
+//! of the name — and changes nothing: it never puts the old device's values back in memory,
+//! nor (through the next flush) in the store.
 //!
 //! A value replaces the stored one unless the stored one carries a newer device time (a device
 //! sending buffered, older readings after fresh ones does not roll the snapshot back).
 
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
-use crate::store::{Op, Store, StoreError};
+use crate::store::{device_doc_id, Op, Store, StoreError};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use fleetgate_topics::Item;
@@ -49,7 +54,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 /// The document kind in the store.
-pub const DOC_KIND: &str = "device.properties";
+pub const DOC_KIND: &str = crate::store::DEVICE_PROPERTIES;
 
 /// One property's latest value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -118,13 +123,15 @@ impl LatestProperties {
         }))
     }
 
-    /// Applies a property post received at `received_at_ms`; a post of a device the registry
-    /// no longer has (deleted while the post was in ingest) changes nothing (see the module
-    /// docs). Returns whether it was applied.
+    /// Applies a property post received at `received_at_ms` from the session with epoch
+    /// `session`; a post of a device the registry no longer has, or has again as a newer
+    /// device (deleted, or deleted and created again, while the post was in ingest) changes
+    /// nothing (see the module docs). Returns whether it was applied.
     pub fn record(
         &self,
         pk: &str,
         dn: &str,
+        session: u64,
         items: BTreeMap<String, Item>,
         received_at_ms: i64,
     ) -> bool {
@@ -133,17 +140,16 @@ impl LatestProperties {
         }
         let id = (pk.to_owned(), dn.to_owned());
         {
-            // The existence check runs under the entry's lock, which `forget` takes to remove
-            // the snapshot. An existing snapshot means `forget` has not run yet (it will
-            // remove what this post adds), so only a new one needs the check.
-            let mut entry = match self.devices.entry(id.clone()) {
+            // The device check runs under the entry's lock, which `forget` takes to remove
+            // the snapshot. An existing snapshot may be a newer device's of the name, so both
+            // cases need it.
+            let entry = self.devices.entry(id.clone());
+            if !self.registry.device_predates(pk, dn, session) {
+                return false;
+            }
+            let mut entry = match entry {
                 Entry::Occupied(entry) => entry.into_ref(),
-                Entry::Vacant(entry) => {
-                    if !self.registry.has_device(pk, dn) {
-                        return false;
-                    }
-                    entry.insert(BTreeMap::new())
-                }
+                Entry::Vacant(entry) => entry.insert(BTreeMap::new()),
             };
             for (name, item) in items {
                 let newer = entry.get(&name).is_none_or(|old| old.time <= item.time);
@@ -201,7 +207,7 @@ impl LatestProperties {
 
     /// The write that makes the device's document match memory.
     fn write_op(&self, (pk, dn): &DeviceId) -> Op {
-        let id = format!("{pk}/{dn}");
+        let id = device_doc_id(pk, dn);
         let properties = self
             .devices
             .get(&(pk.clone(), dn.clone()))
@@ -213,9 +219,10 @@ impl LatestProperties {
                     device_name: dn.clone(),
                     properties,
                 };
-                Op::PutDoc {
-                    kind: DOC_KIND,
-                    id,
+                // Written only while the device exists in the store.
+                Op::PutDeviceProperties {
+                    product_key: pk.clone(),
+                    device_name: dn.clone(),
                     body: serde_json::to_string(&doc).unwrap_or_default(),
                 }
             }
@@ -372,8 +379,9 @@ mod tests {
             failing: failing.clone(),
         };
         let store = Store::with_backend(backend, Arc::new(Metrics::new())).expect("store");
-        let (_registry, properties) = with_devices(&store, 2).await;
-        assert!(properties.record("pk1", "dev1", items(1), 1));
+        let (registry, properties) = with_devices(&store, 2).await;
+        let session = registry.epochs().next();
+        assert!(properties.record("pk1", "dev1", session, items(1), 1));
         assert_eq!(properties.flush().await.expect("flush"), 1);
         assert_eq!(stored(&store), ["pk1/dev1"]);
 
@@ -392,10 +400,11 @@ mod tests {
         const DEVICES: usize = 300;
         for round in 0..3 {
             let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
-            let (_registry, properties) = with_devices(&store, DEVICES).await;
+            let (registry, properties) = with_devices(&store, DEVICES).await;
+            let session = registry.epochs().next();
             for i in 0..DEVICES {
                 // Big snapshots: the flush spends a while reading and encoding them.
-                properties.record("pk1", &format!("dev{i}"), items(100), 1);
+                properties.record("pk1", &format!("dev{i}"), session, items(100), 1);
             }
             let start = Arc::new(tokio::sync::Barrier::new(2));
             let flusher = tokio::spawn({
@@ -433,20 +442,21 @@ mod tests {
     async fn a_post_landing_after_its_device_was_deleted_puts_nothing_back() {
         let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
         let (registry, properties) = with_devices(&store, 2).await;
-        assert!(properties.record("pk1", "dev1", items(2), 1));
+        let session = registry.epochs().next();
+        assert!(properties.record("pk1", "dev1", session, items(2), 1));
         properties.flush().await.expect("flush");
         assert_eq!(stored(&store), ["pk1/dev1"]);
 
         registry.delete_device("pk1", "dev1").await.expect("delete");
         assert!(stored(&store).is_empty(), "{:?}", stored(&store));
         // The late post.
-        assert!(!properties.record("pk1", "dev1", items(3), 2));
+        assert!(!properties.record("pk1", "dev1", session, items(3), 2));
         assert!(properties.get("pk1", "dev1").is_empty());
         properties.flush().await.expect("flush");
         assert!(stored(&store).is_empty(), "{:?}", stored(&store));
         // The other device is untouched, and a device created again under the name starts
         // empty and takes posts again.
-        assert!(properties.record("pk1", "dev0", items(1), 3));
+        assert!(properties.record("pk1", "dev0", session, items(1), 3));
         registry
             .create_device(
                 "pk1",
@@ -458,10 +468,54 @@ mod tests {
             .await
             .expect("create again");
         assert!(properties.get("pk1", "dev1").is_empty());
-        assert!(properties.record("pk1", "dev1", items(1), 4));
+        // The old device's session has no say in the new one's snapshot; a session of the
+        // new one has.
+        assert!(!properties.record("pk1", "dev1", session, items(2), 4));
+        assert!(properties.get("pk1", "dev1").is_empty());
+        let session = registry.epochs().next();
+        assert!(properties.record("pk1", "dev1", session, items(1), 4));
         properties.flush().await.expect("flush");
         let mut left = stored(&store);
         left.sort();
         assert_eq!(left, ["pk1/dev0", "pk1/dev1"]);
+    }
+
+    /// A post of a device deleted and created again under its name while the post was in
+    /// ingest, landing after the new device posted: the old device's values must not appear
+    /// in the new device's snapshot (in memory or in the store).
+    #[tokio::test]
+    async fn a_late_post_of_an_earlier_device_of_the_name_changes_nothing() {
+        let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
+        let (registry, properties) = with_devices(&store, 1).await;
+        let old = registry.epochs().next();
+        assert!(properties.record("pk1", "dev0", old, items(1), 1));
+        registry.delete_device("pk1", "dev0").await.expect("delete");
+        let again = NewDevice {
+            device_name: "dev0".into(),
+            ..NewDevice::default()
+        };
+        registry
+            .create_device("pk1", again)
+            .await
+            .expect("create again");
+        let new = registry.epochs().next();
+        let fresh = |name: &str| {
+            let item = Item {
+                value: json!(name),
+                time: 1_700_000_000_000,
+            };
+            BTreeMap::from([(name.to_owned(), item)])
+        };
+        // The old session's posts, before the new device's first one and after it.
+        assert!(!properties.record("pk1", "dev0", old, fresh("Stale"), 2));
+        assert!(properties.get("pk1", "dev0").is_empty());
+        assert!(properties.record("pk1", "dev0", new, fresh("Fresh"), 3));
+        assert!(!properties.record("pk1", "dev0", old, fresh("Stale"), 4));
+        let names: Vec<String> = properties.get("pk1", "dev0").into_keys().collect();
+        assert_eq!(names, ["Fresh"]);
+        properties.flush().await.expect("flush");
+        let docs = store.load_documents(DOC_KIND).expect("documents");
+        assert_eq!(docs.len(), 1);
+        assert!(!docs[0].1.contains("Stale"), "{}", docs[0].1);
     }
 }

@@ -31,6 +31,8 @@ impl Registry {
             versions: BTreeMap::new(),
             created_at_ms: now_ms(),
             generation: self.next_generation(),
+            // Set again when the device is inserted (under the index lock).
+            created_epoch: self.epochs.current(),
         };
         Ok((new.device_name, state))
     }
@@ -53,7 +55,7 @@ impl Registry {
     /// once durable (DYNAMIC OTA jobs may take it).
     pub async fn create_device(&self, pk: &str, new: NewDevice) -> Result<Device> {
         let entry = self.product_or_not_found(pk)?;
-        let (name, state) = self.prepare_device(&entry, new)?;
+        let (name, mut state) = self.prepare_device(&entry, new)?;
         let device = state.to_device(pk, &name);
         let generation = state.generation;
         let ticket = {
@@ -73,6 +75,8 @@ impl Registry {
             let ticket = self
                 .store
                 .submit(vec![Op::PutDevice(state.record(pk, &name))]);
+            // After an earlier device of the name was deleted (it is not in the index).
+            state.created_epoch = self.epochs.current();
             index.names.insert(name.clone());
             entry.devices.insert(name.clone(), state);
             ticket
@@ -129,7 +133,7 @@ impl Registry {
                     error_code: e.code().to_owned(),
                     message: e.to_string(),
                 };
-                let (name, state) = match outcome {
+                let (name, mut state) = match outcome {
                     Ok(ok) => ok,
                     Err(e) => {
                         results.push(failed(e));
@@ -154,6 +158,7 @@ impl Registry {
                 ops.push(Op::PutDevice(state.record(pk, &name)));
                 results.push(RowResult::Created(state.to_device(pk, &name)));
                 created.push((name.clone(), state.generation));
+                state.created_epoch = self.epochs.current();
                 index.names.insert(name.clone());
                 entry.devices.insert(name, state);
             }

@@ -14,11 +14,14 @@ impl Registry {
         })
     }
 
-    /// Whether the device exists (a deleted one is gone from memory before its observers
-    /// hear of the deletion).
-    pub fn has_device(&self, pk: &str, dn: &str) -> bool {
+    /// Whether the device exists and is the one the session with epoch `session` (this
+    /// node's) connected as: created, or learned of from another node, before the session
+    /// began. `false` for a session of an earlier device of the name (deleted and created
+    /// again since; a message of it may still be in ingest).
+    pub fn device_predates(&self, pk: &str, dn: &str, session: u64) -> bool {
         self.product(pk)
-            .is_some_and(|entry| entry.devices.contains_key(dn))
+            .and_then(|entry| entry.devices.get(dn).map(|d| d.created_epoch < session))
+            .unwrap_or(false)
     }
 
     pub(super) fn went_offline(&self) {

@@ -163,6 +163,10 @@ struct DeviceState {
     created_at_ms: i64,
     /// Process-unique creation stamp, so a failed create only undoes itself.
     generation: u64,
+    /// The node's epoch clock when this node created or learned of the device (this
+    /// creation of the name): sessions drawn later are above it, a session of an earlier
+    /// device of the name is not ([`Registry::device_predates`]).
+    created_epoch: u64,
 }
 
 impl DeviceState {

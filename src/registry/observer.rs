@@ -24,10 +24,9 @@ pub enum DeviceChange {
         product_key: String,
         device_name: String,
     },
-    /// The device was disabled (it was enabled before). Told for changes made through this
-    /// node's registry (the API, an import); in cluster mode a device another node disabled is
-    /// not (nothing that listens for it runs there: one-way messages are not kept in cluster
-    /// mode).
+    /// The device was disabled (it was enabled before): through this node's registry (the
+    /// API, an import) or, in cluster mode, through another node (applied from the change
+    /// feed or a resync).
     Disabled {
         product_key: String,
         device_name: String,

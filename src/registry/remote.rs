@@ -12,8 +12,9 @@
 //! - **Resync** ([`Registry::resync`]) replaces everything with a snapshot of the store, after
 //!   a node missed feed messages.
 //!
-//! Observers hear of devices created, re-tagged or deleted elsewhere, as they do of local
-//! changes. Same locking rules as the rest of the registry: product index → device shard, no
+//! Observers hear of devices created, re-tagged, disabled or deleted elsewhere (a device
+//! deleted and created again: of both; a removed product: of each device it still had here),
+//! as they do of local changes. Same locking rules as the rest of the registry: product index → device shard, no
 //! guard across an await.
 
 use super::*;
@@ -166,67 +167,108 @@ impl Registry {
 
     /// A product as the store has it now (`None`: it is gone). Its devices are refreshed on
     /// their own; a product is only removed here once it has none (the store refuses to delete
-    /// a product with devices, so they are gone or going).
-    pub fn refresh_product(&self, pk: &str, record: Option<ProductRecord>) {
+    /// a product with devices, so they are gone or going). Devices this node still had under
+    /// a removed product (their own deletions arrive in the same feed message, after the
+    /// product's, or were missed before a resync) are deleted here as by
+    /// [`refresh_device`](Self::refresh_device): observers hear of each, and their sessions
+    /// are returned for the caller to end.
+    pub async fn refresh_product(
+        &self,
+        pk: &str,
+        record: Option<ProductRecord>,
+    ) -> Vec<Superseded> {
+        let (changes, ended) = self.refresh_product_now(pk, record);
+        for change in changes {
+            self.notify(change).await;
+        }
+        ended
+    }
+
+    fn refresh_product_now(
+        &self,
+        pk: &str,
+        record: Option<ProductRecord>,
+    ) -> (Vec<DeviceChange>, Vec<Superseded>) {
         match record {
             Some(record) => {
+                let mut gone = (Vec::new(), Vec::new());
                 if let Some(entry) = self.product(pk) {
                     if entry.product.created_at_ms == record.created_at_ms {
-                        return;
+                        return gone;
                     }
                     // Deleted and created again elsewhere: the old entry goes first.
-                    self.forget_product(pk, &entry);
+                    gone = self.forget_product(pk, &entry);
                 }
                 let entry = product_entry(record);
                 let order_key = (entry.product.name.clone(), pk.to_owned());
                 self.products.insert(pk.to_owned(), Arc::new(entry));
                 write(&self.product_order).insert(order_key);
+                gone
             }
-            None => {
-                if let Some(entry) = self.product(pk) {
-                    self.forget_product(pk, &entry);
-                }
-            }
+            None => match self.product(pk) {
+                Some(entry) => self.forget_product(pk, &entry),
+                None => (Vec::new(), Vec::new()),
+            },
         }
     }
 
-    fn forget_product(&self, pk: &str, entry: &Arc<ProductEntry>) {
+    /// Removes a product and the devices it still has: their deletions (for observers) and
+    /// their sessions (to end).
+    fn forget_product(
+        &self,
+        pk: &str,
+        entry: &Arc<ProductEntry>,
+    ) -> (Vec<DeviceChange>, Vec<Superseded>) {
+        let (mut changes, mut ended) = (Vec::new(), Vec::new());
         let mut index = write(&entry.index);
         index.deleted = true;
         for name in std::mem::take(&mut index.names) {
             if let Some((_, d)) = entry.devices.remove(&name) {
-                if d.session.is_some() {
+                if let Some(epoch) = d.session {
                     self.online.fetch_sub(1, Ordering::Relaxed);
+                    ended.push(Superseded {
+                        product_key: pk.to_owned(),
+                        device_name: name.clone(),
+                        epoch,
+                    });
                 }
+                changes.push(DeviceChange::Deleted {
+                    product_key: pk.to_owned(),
+                    device_name: name,
+                    instance_id: d.instance_id,
+                });
             }
         }
         self.products.remove_if(pk, |_, v| Arc::ptr_eq(v, entry));
         write(&self.product_order).remove(&(entry.product.name.clone(), pk.to_owned()));
+        (changes, ended)
     }
 
     /// A device as the store has it now (`None`: it is gone). Observers hear of a creation, a
-    /// deletion or new tags; a session of this node that may no longer stand (the device was
-    /// deleted, disabled, re-keyed or moved to another instance) is returned for the caller
-    /// to end.
+    /// deletion, a disabling or new tags, as they do of the same change made through this
+    /// node; a session of this node that may no longer stand (the device was deleted,
+    /// disabled, re-keyed or moved to another instance) is returned for the caller to end.
     pub async fn refresh_device(
         &self,
         pk: &str,
         dn: &str,
         stored: Option<StoredDevice>,
     ) -> Option<Superseded> {
-        let (change, revoked) = self.refresh_device_now(pk, dn, stored);
-        if let Some(change) = change {
+        let (changes, revoked) = self.refresh_device_now(pk, dn, stored);
+        for change in changes {
             self.notify(change).await;
         }
         revoked
     }
 
+    /// The changes for observers are in the order a local update tells them (a disabling
+    /// before new tags).
     fn refresh_device_now(
         &self,
         pk: &str,
         dn: &str,
         stored: Option<StoredDevice>,
-    ) -> (Option<DeviceChange>, Option<Superseded>) {
+    ) -> (Vec<DeviceChange>, Option<Superseded>) {
         let superseded = |epoch: Option<u64>| {
             epoch.map(|epoch| Superseded {
                 product_key: pk.to_owned(),
@@ -235,12 +277,12 @@ impl Registry {
             })
         };
         let Some(entry) = self.product(pk) else {
-            return (None, None);
+            return (Vec::new(), None);
         };
         let mut index = write(&entry.index);
         let Some(stored) = stored else {
             let Some((_, old)) = entry.devices.remove(dn) else {
-                return (None, None);
+                return (Vec::new(), None);
             };
             index.names.remove(dn);
             if old.session.is_some() {
@@ -251,7 +293,7 @@ impl Registry {
                 device_name: dn.to_owned(),
                 instance_id: old.instance_id,
             };
-            return (Some(change), superseded(old.session));
+            return (vec![change], superseded(old.session));
         };
         let record = stored.record.clone();
         // Same device (same creation) still here: its configured fields change in place.
@@ -263,41 +305,61 @@ impl Registry {
                 let revoked = !record.enabled
                     || record.device_secret != d.device_secret
                     || record.instance_id != d.instance_id;
+                let disabled = d.enabled && !record.enabled;
                 let tags_changed = record.tags != d.tags;
                 d.device_secret = record.device_secret.clone();
                 d.instance_id = record.instance_id.clone();
                 d.enabled = record.enabled;
                 d.tags = record.tags.clone();
-                let change = tags_changed.then(|| DeviceChange::TagsChanged {
-                    product_key: pk.to_owned(),
-                    device_name: dn.to_owned(),
-                });
-                (change, if revoked { d.session } else { None })
+                let mut changes = Vec::new();
+                if disabled {
+                    changes.push(DeviceChange::Disabled {
+                        product_key: pk.to_owned(),
+                        device_name: dn.to_owned(),
+                    });
+                }
+                if tags_changed {
+                    changes.push(DeviceChange::TagsChanged {
+                        product_key: pk.to_owned(),
+                        device_name: dn.to_owned(),
+                    });
+                }
+                (changes, if revoked { d.session } else { None })
             });
-        if let Some((change, revoked)) = updated {
-            return (change, superseded(revoked));
+        if let Some((changes, revoked)) = updated {
+            return (changes, superseded(revoked));
         }
         // New here, or deleted and created again elsewhere since this node saw it.
         let state = self.device_state(stored);
         let online = state.session.is_some();
-        let old_session = match entry.devices.insert(dn.to_owned(), state) {
+        let (old_session, old_instance) = match entry.devices.insert(dn.to_owned(), state) {
             Some(old) => {
                 if old.session.is_some() {
                     self.online.fetch_sub(1, Ordering::Relaxed);
                 }
-                old.session
+                (old.session, Some(old.instance_id))
             }
-            None => None,
+            None => (None, None),
         };
         if online {
             self.online.fetch_add(1, Ordering::Relaxed);
         }
         index.names.insert(dn.to_owned());
-        let change = DeviceChange::Created {
+        let mut changes = Vec::new();
+        if let Some(old) = &old_instance {
+            // Deleted and created again elsewhere: observers hear of both, as they would have
+            // from the two feed messages.
+            changes.push(DeviceChange::Deleted {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                instance_id: old.clone(),
+            });
+        }
+        changes.push(DeviceChange::Created {
             product_key: pk.to_owned(),
             device_names: vec![dn.to_owned()],
-        };
-        (Some(change), superseded(old_session))
+        });
+        (changes, superseded(old_session))
     }
 
     /// Makes memory equal to `snapshot` (a consistent read of the store), after this node
@@ -323,10 +385,15 @@ impl Registry {
             self.forget_instance(&id);
         }
         let mut stored_products: HashSet<String> = HashSet::new();
+        let mut ended = Vec::new();
+        let mut changes = Vec::new();
         for product in snapshot.products {
             stored_products.insert(product.product_key.clone());
             let pk = product.product_key.clone();
-            self.refresh_product(&pk, Some(product));
+            // Deleted and created again elsewhere: the old one's devices go.
+            let (gone, revoked) = self.refresh_product_now(&pk, Some(product));
+            changes.extend(gone);
+            ended.extend(revoked);
         }
         let mut by_product: BTreeMap<String, BTreeMap<String, StoredDevice>> = BTreeMap::new();
         for d in snapshot.devices {
@@ -335,8 +402,6 @@ impl Registry {
                 .or_default()
                 .insert(d.record.device_name.clone(), d);
         }
-        let mut ended = Vec::new();
-        let mut changes = Vec::new();
         let mut versions = Vec::new();
         let known: Vec<String> = self.products.iter().map(|e| e.key().clone()).collect();
         for pk in known {
@@ -351,7 +416,9 @@ impl Registry {
                     changes.extend(change);
                     ended.extend(revoked);
                 }
-                self.refresh_product(&pk, None);
+                let (gone, revoked) = self.refresh_product_now(&pk, None);
+                changes.extend(gone);
+                ended.extend(revoked);
                 continue;
             }
             let mut stored = by_product.remove(&pk).unwrap_or_default();
@@ -466,6 +533,7 @@ impl Registry {
             versions: stored.versions,
             created_at_ms: stored.record.created_at_ms,
             generation: self.next_generation(),
+            created_epoch: self.epochs.current(),
         }
     }
 }

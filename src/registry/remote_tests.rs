@@ -397,3 +397,167 @@ async fn an_instance_deleted_elsewhere_is_forgotten() {
     r.forget_instance("iot-none");
     assert_eq!(r.list_instances().len(), 1);
 }
+
+/// Records what observers are told.
+#[derive(Default)]
+struct Heard(std::sync::Mutex<Vec<DeviceChange>>);
+
+impl Heard {
+    fn on(r: &Registry) -> Arc<Heard> {
+        let heard = Arc::new(Heard::default());
+        r.add_observer(heard.clone());
+        heard
+    }
+
+    fn take(&self) -> Vec<DeviceChange> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl DeviceObserver for Heard {
+    fn device_changed<'a>(&'a self, change: &'a DeviceChange) -> ObserverFuture<'a> {
+        self.0.lock().unwrap().push(change.clone());
+        Box::pin(async {})
+    }
+}
+
+fn disabled(pk: &str, dn: &str) -> DeviceChange {
+    DeviceChange::Disabled {
+        product_key: pk.into(),
+        device_name: dn.into(),
+    }
+}
+
+fn deleted(pk: &str, dn: &str) -> DeviceChange {
+    DeviceChange::Deleted {
+        product_key: pk.into(),
+        device_name: dn.into(),
+        instance_id: DEFAULT_INSTANCE_ID.into(),
+    }
+}
+
+fn created(pk: &str, dn: &str) -> DeviceChange {
+    DeviceChange::Created {
+        product_key: pk.into(),
+        device_names: vec![dn.into()],
+    }
+}
+
+/// Observers hear of a device another node disabled as of a local disabling (the offline
+/// queue's reaper drops what was kept for it): once, when it goes from enabled to disabled,
+/// before new tags, from the change feed and from a resync alike.
+#[tokio::test]
+async fn a_device_disabled_elsewhere_is_told_as_a_local_disabling() {
+    // The local change, for comparison.
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    r.update_device(
+        &pk,
+        "dev1",
+        DeviceUpdate {
+            enabled: Some(false),
+            tags: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(heard.take(), vec![disabled(&pk, "dev1")]);
+
+    // From the feed.
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    let mut s = stored(&pk, "dev1", &r);
+    s.record.enabled = false;
+    s.record.tags.insert("floor".into(), "2".into());
+    r.refresh_device(&pk, "dev1", Some(s.clone())).await;
+    let tagged = DeviceChange::TagsChanged {
+        product_key: pk.clone(),
+        device_name: "dev1".into(),
+    };
+    assert_eq!(heard.take(), vec![disabled(&pk, "dev1"), tagged]);
+    // Told again (a replay, or a later read) or enabled again: no disabling.
+    r.refresh_device(&pk, "dev1", Some(s.clone())).await;
+    assert_eq!(heard.take(), vec![]);
+    s.record.enabled = true;
+    r.refresh_device(&pk, "dev1", Some(s)).await;
+    assert_eq!(heard.take(), vec![]);
+
+    // From a resync.
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    let mut s = stored(&pk, "dev1", &r);
+    s.record.enabled = false;
+    let snapshot = Snapshot {
+        instances: vec![instance_record(
+            &r.get_instance(DEFAULT_INSTANCE_ID).unwrap(),
+        )],
+        products: vec![product_record(&r.get_product(&pk).unwrap())],
+        devices: vec![s],
+        feed_cuts: BTreeMap::new(),
+    };
+    r.resync(snapshot).await;
+    assert_eq!(heard.take(), vec![disabled(&pk, "dev1")]);
+    assert!(!r.get_device(&pk, "dev1").unwrap().enabled);
+}
+
+/// A deletion applied from elsewhere is told as a local one (with the instance that owned the
+/// device), also when it is only seen as a device created again under the name, or as its
+/// product gone or created again: the old device's observers' records and its session go.
+#[tokio::test]
+async fn deletions_elsewhere_are_told_as_local_ones() {
+    // The local delete, for comparison.
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    r.delete_device(&pk, "dev1").await.unwrap();
+    assert_eq!(heard.take(), vec![deleted(&pk, "dev1")]);
+
+    // From the feed.
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    r.refresh_device(&pk, "dev1", None).await;
+    assert_eq!(heard.take(), vec![deleted(&pk, "dev1")]);
+
+    // Deleted and created again elsewhere (another creation), seen as one refresh.
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    let mut again = stored(&pk, "dev1", &r);
+    again.record.created_at_ms += 1;
+    r.refresh_device(&pk, "dev1", Some(again)).await;
+    assert_eq!(
+        heard.take(),
+        vec![deleted(&pk, "dev1"), created(&pk, "dev1")]
+    );
+
+    // Its product deleted and created again elsewhere (the device's own deletion missed, or
+    // in the same feed message after the product's): the device goes with the old product,
+    // and a session of it here is returned to end.
+    let (r, pk) = node1().await;
+    let local = r.epochs().next();
+    r.device_connected(&pk, "dev1", local, IP, 10);
+    let heard = Heard::on(&r);
+    let mut product = product_record(&r.get_product(&pk).unwrap());
+    product.created_at_ms += 1;
+    let ended = r.refresh_product(&pk, Some(product.clone())).await;
+    assert_eq!(ended.iter().map(|e| e.epoch).collect::<Vec<_>>(), [local]);
+    assert_eq!(heard.take(), vec![deleted(&pk, "dev1")]);
+    assert!(r.get_device(&pk, "dev1").is_err());
+    assert_eq!(r.online_count(), 0);
+
+    // The same through a resync, and a product the store no longer has.
+    for gone in [true, false] {
+        let (r, pk) = node1().await;
+        let heard = Heard::on(&r);
+        let mut product = product_record(&r.get_product(&pk).unwrap());
+        product.created_at_ms += 1;
+        let snapshot = Snapshot {
+            instances: vec![instance_record(
+                &r.get_instance(DEFAULT_INSTANCE_ID).unwrap(),
+            )],
+            products: if gone { vec![] } else { vec![product] },
+            devices: vec![],
+            feed_cuts: BTreeMap::new(),
+        };
+        r.resync(snapshot).await;
+        assert_eq!(heard.take(), vec![deleted(&pk, "dev1")], "gone: {gone}");
+    }
+}

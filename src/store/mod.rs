@@ -220,6 +220,15 @@ pub struct Snapshot {
     pub feed_cuts: BTreeMap<u16, u64>,
 }
 
+/// The document kind of a device's latest properties (`crate::command::properties`), which
+/// [`Op::PutDeviceProperties`] writes and [`Op::DeleteDevice`] deletes.
+pub const DEVICE_PROPERTIES: &str = "device.properties";
+
+/// The id of a device's document of a per-device kind ([`DEVICE_PROPERTIES`]).
+pub fn device_doc_id(product_key: &str, device_name: &str) -> String {
+    format!("{product_key}/{device_name}")
+}
+
 /// One write. Extend this enum (and each backend's `match`) for new tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -233,7 +242,8 @@ pub enum Op {
     DeleteProduct { product_key: String },
     /// Insert or update a device's configured columns (secret, instance, enabled, tags).
     PutDevice(DeviceRecord),
-    /// Delete a device and its reported versions.
+    /// Delete a device, its reported versions and its latest-properties document
+    /// ([`DEVICE_PROPERTIES`]), in the one transaction.
     DeleteDevice {
         product_key: String,
         device_name: String,
@@ -273,6 +283,16 @@ pub enum Op {
     },
     /// Delete a document; a missing one is a no-op.
     DeleteDoc { kind: &'static str, id: String },
+    /// Insert or replace a device's latest-properties document ([`DEVICE_PROPERTIES`], id
+    /// [`device_doc_id`]) while the device exists; a write for a device that no longer does
+    /// (deleted while the write was queued, or by another node) writes nothing. With
+    /// [`Op::DeleteDevice`] deleting the document, no snapshot outlives its device in the store
+    /// (to be read back by a device created again under the name).
+    PutDeviceProperties {
+        product_key: String,
+        device_name: String,
+        body: String,
+    },
     /// The change feed's position (cluster mode): the transaction that carries it is message
     /// `seq` of node `node`'s feed, so a snapshot read with [`Snapshot::feed_cuts`] says
     /// exactly which feed messages it already contains. A single node ignores it.

@@ -17,8 +17,8 @@
 //! is refused rather than guessed at.
 
 use super::{
-    DeviceRecord, InstanceRecord, Op, ProductRecord, Snapshot, StoreBackend, StoreError,
-    StoredDevice,
+    device_doc_id, DeviceRecord, InstanceRecord, Op, ProductRecord, Snapshot, StoreBackend,
+    StoreError, StoredDevice, DEVICE_PROPERTIES,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::{BTreeMap, HashMap};
@@ -223,6 +223,11 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
         } => {
             conn.prepare_cached("DELETE FROM devices WHERE product_key = ?1 AND device_name = ?2")?
                 .execute([product_key, device_name])?;
+            conn.prepare_cached("DELETE FROM documents WHERE kind = ?1 AND id = ?2")?
+                .execute(params![
+                    DEVICE_PROPERTIES,
+                    device_doc_id(product_key, device_name)
+                ])?;
         }
         Op::SetConnection {
             product_key,
@@ -263,6 +268,25 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
         Op::DeleteDoc { kind, id } => {
             conn.prepare_cached("DELETE FROM documents WHERE kind = ?1 AND id = ?2")?
                 .execute(params![kind, id])?;
+        }
+        Op::PutDeviceProperties {
+            product_key,
+            device_name,
+            body,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO documents (kind, id, body)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS
+                     (SELECT 1 FROM devices WHERE product_key = ?4 AND device_name = ?5)
+                 ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+            )?
+            .execute(params![
+                DEVICE_PROPERTIES,
+                device_doc_id(product_key, device_name),
+                body,
+                product_key,
+                device_name
+            ])?;
         }
     }
     Ok(())

@@ -240,6 +240,75 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A device's latest-properties document is written only while the device exists and is
+    /// deleted in the transaction that deletes the device, so no crash can leave it behind
+    /// for a device created again under the name.
+    #[tokio::test]
+    async fn device_properties_never_outlive_their_device(db) {
+        let store = db.open(metrics());
+        let props = |dn: &str, body: &str| Op::PutDeviceProperties {
+            product_key: "pk1".into(),
+            device_name: dn.into(),
+            body: body.into(),
+        };
+        let delete = |dn: &str| Op::DeleteDevice {
+            product_key: "pk1".into(),
+            device_name: dn.into(),
+        };
+        store
+            .submit(vec![
+                Op::PutInstance(instance("default")),
+                Op::PutProduct(product("pk1", "default")),
+                Op::PutDevice(device("pk1", "dev1")),
+                Op::PutDevice(device("pk1", "dev2")),
+                // Another module's document with the same id stays.
+                Op::PutDoc {
+                    kind: "ota.task",
+                    id: "pk1/dev1".into(),
+                    body: "{}".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        store
+            .submit(vec![props("dev1", "{\"v\":1}"), props("dev2", "{\"v\":2}"), props("dev9", "{}")])
+            .await
+            .unwrap();
+        store.submit(vec![props("dev1", "{\"v\":3}")]).await.unwrap();
+        let docs = |store: &Store| store.load_documents(DEVICE_PROPERTIES).unwrap();
+        assert_eq!(
+            docs(&store),
+            [
+                ("pk1/dev1".to_owned(), "{\"v\":3}".to_owned()),
+                ("pk1/dev2".to_owned(), "{\"v\":2}".to_owned())
+            ]
+        );
+        // The device's delete takes its document; a write queued after it writes nothing,
+        // in the same transaction or a later one.
+        store.submit(vec![delete("dev1"), props("dev1", "{\"late\":1}")]).await.unwrap();
+        store.submit(vec![props("dev1", "{\"late\":2}")]).await.unwrap();
+        let (a, b) = (
+            store.submit(vec![delete("dev2")]),
+            store.submit(vec![props("dev2", "{\"late\":3}")]),
+        );
+        a.await.unwrap();
+        b.await.unwrap();
+        assert!(docs(&store).is_empty(), "{:?}", docs(&store));
+        assert_eq!(store.load_documents("ota.task").unwrap().len(), 1);
+        // Created again: written again.
+        store.submit(vec![Op::PutDevice(device("pk1", "dev1"))]).await.unwrap();
+        store.submit(vec![props("dev1", "{\"v\":4}")]).await.unwrap();
+        store.close();
+        let store = db.open(metrics());
+        assert_eq!(
+            docs(&store),
+            [("pk1/dev1".to_owned(), "{\"v\":4}".to_owned())]
+        );
+        store.close();
+    }
+}
+
 #[tokio::test]
 async fn database_uses_wal() {
     let dir = tempfile::tempdir().unwrap();

@@ -56,7 +56,7 @@ pub use url::PostgresUrl;
 
 use super::{
     DeviceRecord, InstanceRecord, Op, ProductRecord, Snapshot, StoreBackend, StoreError,
-    StoredDevice,
+    StoredDevice, DEVICE_PROPERTIES,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use plan::{plan, Single, Step};
@@ -105,12 +105,14 @@ struct Prepared {
     put_device: Statement,
     delete_device: Statement,
     delete_doc: Statement,
+    delete_device_properties: Statement,
     release_node: Statement,
     feed_mark: Statement,
     fence: Statement,
     set_connections: Statement,
     set_versions: Statement,
     put_docs: Statement,
+    put_device_properties: Statement,
 }
 
 impl Prepared {
@@ -163,6 +165,25 @@ impl Prepared {
                  ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
             ),
         )?;
+        // A device's properties document (`Op::PutDeviceProperties`): written only while the
+        // device exists, whose row is locked (KEY SHARE: device updates and connection events
+        // do not wait) so that a concurrent delete of the device waits for this write and
+        // then deletes the document too (`Single::DeleteDeviceProperties`), or this write
+        // waits for the delete and finds no device.
+        let (put_device_properties, delete_device_properties) = tokio::try_join!(
+            client.prepare(
+                "INSERT INTO documents (kind, id, body)
+                 SELECT $1::text, u.product_key || '/' || u.device_name, u.body
+                 FROM unnest($2::text[], $3::text[], $4::text[]) AS u (product_key, device_name, body)
+                 WHERE EXISTS (SELECT 1 FROM devices d
+                     WHERE d.product_key = u.product_key AND d.device_name = u.device_name
+                     FOR KEY SHARE)
+                 ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+            ),
+            client.prepare(
+                "DELETE FROM documents WHERE kind = $1::text AND id = $2::text || '/' || $3::text"
+            ),
+        )?;
         let (release_node, feed_mark, fence, delete_instance) = tokio::try_join!(
             client.prepare(
                 "UPDATE devices SET conn_epoch = NULL, conn_node = NULL, last_seen_ms = $3
@@ -189,6 +210,8 @@ impl Prepared {
             set_connections,
             set_versions,
             put_docs,
+            put_device_properties,
+            delete_device_properties,
         })
     }
 }
@@ -416,6 +439,11 @@ fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<
         ),
         Step::Single(Single::DeleteDevice(pk, dn)) => statement(client, &p.delete_device, [pk, dn]),
         Step::Single(Single::DeleteDoc(kind, id)) => statement(client, &p.delete_doc, [kind, id]),
+        Step::Single(Single::DeleteDeviceProperties(pk, dn)) => statement(
+            client,
+            &p.delete_device_properties,
+            [&DEVICE_PROPERTIES, pk, dn],
+        ),
         Step::Single(Single::ReleaseNode(node, before_ms, at_ms)) => {
             statement(client, &p.release_node, [node, before_ms, at_ms])
         }
@@ -456,6 +484,15 @@ fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<
             [product_key, device_name, module, version, reported_at_ms],
         ),
         Step::Docs { kind, id, body } => statement(client, &p.put_docs, [kind, id, body]),
+        Step::DeviceProperties {
+            product_key,
+            device_name,
+            body,
+        } => statement(
+            client,
+            &p.put_device_properties,
+            [&DEVICE_PROPERTIES, product_key, device_name, body],
+        ),
     }
 }
 

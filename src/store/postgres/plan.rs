@@ -2,17 +2,20 @@
 //!
 //! The hot path is a drain of thousands of connection events and version reports. One statement
 //! per op would cost a server round of parse/bind/execute each; instead, ops of the *batchable*
-//! kinds ([`Op::SetConnection`], [`Op::SetVersion`], [`Op::PutDoc`]) that follow each other are
+//! kinds ([`Op::SetConnection`], [`Op::SetVersion`], [`Op::PutDoc`],
+//! [`Op::PutDeviceProperties`]) that follow each other are
 //! gathered and sent as ONE multi-row statement per kind (`unnest` of column arrays). Every
 //! other op is a statement of its own and ends the gathering, so order is kept wherever it
 //! matters.
 //!
 //! Why gathering across kinds keeps the meaning of applying the ops in order, as long as the
 //! whole group commits (a failure is replayed op by op, see the parent module):
-//! - the three kinds write disjoint things (`devices.last_seen_ms`/`client_ip`,
-//!   `device_versions`, `documents`) and none creates or deletes a row another one depends on
-//!   (a connection event on a missing device is a no-op, a version report needs its device, which
-//!   only [`Op::PutDevice`]/[`Op::DeleteDevice`] change, and those end the group);
+//! - the kinds write disjoint things (`devices.last_seen_ms`/`client_ip`, `device_versions`,
+//!   `documents` of other kinds, `documents` of kind [`DEVICE_PROPERTIES`](crate::store::DEVICE_PROPERTIES)) and none creates or
+//!   deletes a row another one depends on (a connection event on a missing device is a no-op, a
+//!   version report needs its device and a properties document is written only while its
+//!   device exists, which only [`Op::PutDevice`]/[`Op::DeleteDevice`] change, and those end the
+//!   group);
 //! - within a kind every op overwrites every column it writes, so of several ops on one row the
 //!   last one is the result. Only that one is sent: `ON CONFLICT DO UPDATE` (and `UPDATE …
 //!   FROM`) cannot touch one row twice in a statement.
@@ -52,6 +55,14 @@ pub(super) enum Step<'a> {
         id: Vec<&'a str>,
         body: Vec<&'a str>,
     },
+    /// `PutDeviceProperties` rows: one `INSERT INTO documents … SELECT … FROM unnest(…)` of
+    /// the rows whose device exists (its row locked against a concurrent delete, so the
+    /// delete's own removal of the document runs after this insert commits), `ON CONFLICT`.
+    DeviceProperties {
+        product_key: Vec<&'a str>,
+        device_name: Vec<&'a str>,
+        body: Vec<&'a str>,
+    },
 }
 
 /// An op sent as a statement of its own.
@@ -64,6 +75,8 @@ pub(super) enum Single<'a> {
     /// With its tags as the JSON text stored in `devices.tags`.
     PutDevice(&'a DeviceRecord, String),
     DeleteDevice(&'a str, &'a str),
+    /// The device's [`DEVICE_PROPERTIES`](crate::store::DEVICE_PROPERTIES) document; sent right after its `DeleteDevice`.
+    DeleteDeviceProperties(&'a str, &'a str),
     DeleteDoc(&'a str, &'a str),
     /// `(node, before_ms, at_ms)`.
     ReleaseNode(i16, i64, i64),
@@ -86,6 +99,7 @@ struct Group<'a> {
     connections: BTreeMap<(&'a str, &'a str), (i64, Option<&'a str>, Session)>,
     versions: BTreeMap<(&'a str, &'a str, &'a str), (&'a str, i64)>,
     docs: BTreeMap<(&'a str, &'a str), &'a str>,
+    device_properties: BTreeMap<(&'a str, &'a str), &'a str>,
 }
 
 impl<'a> Group<'a> {
@@ -156,6 +170,25 @@ impl<'a> Group<'a> {
             }
             steps.push(Step::Docs { kind, id, body });
         }
+        let device_properties = std::mem::take(&mut self.device_properties);
+        if !device_properties.is_empty() {
+            let n = device_properties.len();
+            let (mut product_key, mut device_name, mut body) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for ((pk, dn), b) in device_properties {
+                product_key.push(pk);
+                device_name.push(dn);
+                body.push(b);
+            }
+            steps.push(Step::DeviceProperties {
+                product_key,
+                device_name,
+                body,
+            });
+        }
     }
 }
 
@@ -208,6 +241,16 @@ pub(super) fn plan<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Result<Vec<Step
                 group.docs.insert((kind, id), body);
                 continue;
             }
+            Op::PutDeviceProperties {
+                product_key,
+                device_name,
+                body,
+            } => {
+                group
+                    .device_properties
+                    .insert((product_key, device_name), body);
+                continue;
+            }
             Op::PutInstance(i) => Single::PutInstance(i),
             Op::DeleteInstance { instance_id } => Single::DeleteInstance(instance_id),
             Op::PutProduct(p) => Single::PutProduct(p),
@@ -222,7 +265,14 @@ pub(super) fn plan<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Result<Vec<Step
             Op::DeleteDevice {
                 product_key,
                 device_name,
-            } => Single::DeleteDevice(product_key, device_name),
+            } => {
+                group.flush_into(&mut steps);
+                // The device's row first: a concurrent properties write (another node) that
+                // locked it has committed when the document's delete runs, and one that comes
+                // later finds no device (see `Step::DeviceProperties`).
+                steps.push(Step::Single(Single::DeleteDevice(product_key, device_name)));
+                Single::DeleteDeviceProperties(product_key, device_name)
+            }
             Op::DeleteDoc { kind, id } => Single::DeleteDoc(kind, id),
             Op::ReleaseNode {
                 node,
@@ -266,6 +316,14 @@ mod tests {
         }
     }
 
+    fn properties(dn: &str, body: &str) -> Op {
+        Op::PutDeviceProperties {
+            product_key: "pk".into(),
+            device_name: dn.into(),
+            body: body.into(),
+        }
+    }
+
     #[test]
     fn interleaved_reports_become_one_statement_per_kind_with_the_last_write_per_row() {
         let ops = vec![
@@ -277,7 +335,10 @@ mod tests {
             version("pk", "b", "MCU", "2"),
             connection("b", 3),
             doc("t1", "{\"n\":1}"),
+            properties("b", "{\"n\":1}"),
             version("pk", "a", "default", "9"),
+            properties("a", "{}"),
+            properties("b", "{\"n\":2}"),
         ];
         let steps = plan(&ops).unwrap();
         assert_eq!(
@@ -303,6 +364,11 @@ mod tests {
                     kind: vec!["ota.task"],
                     id: vec!["t1"],
                     body: vec!["{\"n\":1}"],
+                },
+                Step::DeviceProperties {
+                    product_key: vec!["pk", "pk"],
+                    device_name: vec!["a", "b"],
+                    body: vec!["{}", "{\"n\":2}"],
                 },
             ]
         );
@@ -345,6 +411,7 @@ mod tests {
             vec![
                 versions("1"),
                 Step::Single(Single::DeleteDevice("pk", "a")),
+                Step::Single(Single::DeleteDeviceProperties("pk", "a")),
                 versions("2"),
                 put_device(),
                 put_device(),
