@@ -289,8 +289,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
+        // Before the gateway starts: a stop asked for while it starts is a clean stop.
+        let stop = fleetgate::app::StopSignal::install()?;
         let app = Application::build(settings).await?;
-        app.run_until_stopped().await
+        app.run_until_stopped(stop).await
     })
 }
 

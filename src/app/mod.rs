@@ -35,7 +35,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod signal;
 mod steps;
+pub use signal::StopSignal;
 use steps::*;
 
 /// A running gateway.
@@ -299,9 +301,10 @@ impl Application {
         self.budgets
     }
 
-    /// Serve until ctrl-c or SIGTERM, then shut down cleanly.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        shutdown_signal().await;
+    /// Serve until `stop` (ctrl-c or SIGTERM, installed before the build), then shut down
+    /// cleanly.
+    pub async fn run_until_stopped(self, stop: StopSignal) -> anyhow::Result<()> {
+        stop.recv().await;
         tracing::info!("shutting down");
         self.shutdown().await
     }
