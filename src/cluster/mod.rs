@@ -220,48 +220,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Cluster>, Pending), ClusterError> {
         let node = settings.node_id;
-        let url = settings
-            .nats_url
-            .as_ref()
-            .map(|u| u.expose().to_owned())
-            .unwrap_or_default();
-        let (event_tx, events) = mpsc::unbounded_channel();
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("fleetgate-{}-{node}", settings.name))
-            .event_callback(move |event| {
-                let event_tx = event_tx.clone();
-                async move {
-                    let _ = event_tx.send(event);
-                }
-            })
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url.as_str())
-            .await
-            .map_err(|e| ClusterError::Connect {
-                url: redact(&url),
-                message: e.to_string(),
-            })?;
-        let subjects = Subjects::new(&settings.name);
-        let subscribe = |subject: String| {
-            let client = client.clone();
-            async move {
-                client
-                    .subscribe(subject)
-                    .await
-                    .map_err(|e| ClusterError::Nats(e.to_string()))
-            }
-        };
-        let pending = Pending {
-            feed: subscribe(subjects.feed.clone()).await?,
-            heartbeat: subscribe(subjects.heartbeat.clone()).await?,
-            settle: subscribe(subjects.settle.clone()).await?,
-            node: subscribe(subjects.node(node)).await?,
-            events,
-        };
-        client
-            .flush()
-            .await
-            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let (client, subjects, pending) = connect(&settings).await?;
 
         let last = shared.feed_position(node).await?;
         let committed = Arc::new(AtomicU64::new(last));
@@ -491,6 +450,57 @@ impl Cluster {
             t.abort();
         }
     }
+}
+
+/// Connects to NATS as node `settings.node_id` and subscribes to the cluster's subjects
+/// (before the registry is loaded, so nothing published meanwhile is lost).
+async fn connect(
+    settings: &ClusterSettings,
+) -> Result<(async_nats::Client, Subjects, Pending), ClusterError> {
+    let node = settings.node_id;
+    let url = settings
+        .nats_url
+        .as_ref()
+        .map(|u| u.expose().to_owned())
+        .unwrap_or_default();
+    let (event_tx, events) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("fleetgate-{}-{node}", settings.name))
+        .event_callback(move |event| {
+            let event_tx = event_tx.clone();
+            async move {
+                let _ = event_tx.send(event);
+            }
+        })
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url.as_str())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            url: redact(&url),
+            message: e.to_string(),
+        })?;
+    let subjects = Subjects::new(&settings.name);
+    let subscribe = |subject: String| {
+        let client = client.clone();
+        async move {
+            client
+                .subscribe(subject)
+                .await
+                .map_err(|e| ClusterError::Nats(e.to_string()))
+        }
+    };
+    let pending = Pending {
+        feed: subscribe(subjects.feed.clone()).await?,
+        heartbeat: subscribe(subjects.heartbeat.clone()).await?,
+        settle: subscribe(subjects.settle.clone()).await?,
+        node: subscribe(subjects.node(node)).await?,
+        events,
+    };
+    client
+        .flush()
+        .await
+        .map_err(|e| ClusterError::Nats(e.to_string()))?;
+    Ok((client, subjects, pending))
 }
 
 /// A URL without its password, for logs.
