@@ -18,20 +18,15 @@ mod helpers;
 mod common;
 
 use fleetgate::config::Secret;
-use fleetgate::forwarder::testing::{self, Proxy};
+use fleetgate::forwarder::testing::{self, eventually, rabbit, Fixture, Proxy};
 use fleetgate::forwarder::{
-    AmqpSettings, AmqpStatus, ClusterOutbox, ForwardMessage, Forwarder, ForwarderConfig,
-    NewConsumerGroup, OnFull, OutboxRow, QueueType,
+    AmqpSettings, AmqpStatus, ClusterOutbox, Forwarder, ForwarderConfig, NewConsumerGroup, OnFull,
+    OutboxRow, QueueType,
 };
-use fleetgate::metrics::Metrics;
-use fleetgate::registry::{NewDevice, NewInstance, NewProduct, Registry};
-use fleetgate::store::{PostgresBackend, PostgresReader, PostgresUrl, Store};
+use fleetgate::store::{PostgresBackend, PostgresReader, PostgresUrl};
 use helpers::PgTestDatabase;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
-use rand::Rng;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,160 +40,6 @@ fn main() {
             _ => shared_outbox().await,
         }
     });
-}
-
-/// Generous bound for anything that should happen "soon" (only to avoid hanging).
-const PATIENCE: Duration = Duration::from_secs(60);
-
-struct Rabbit {
-    pub url: String,
-    pub conn: Connection,
-    pub addr: SocketAddr,
-}
-
-impl Rabbit {
-    /// The broker's URL with host and port replaced (to go through a [`Proxy`]).
-    pub fn url_via(&self, addr: SocketAddr) -> String {
-        testing::url_via(&self.url, addr)
-    }
-}
-
-/// Connects to the test broker; fails the test when it is missing (see
-/// [`testing::test_amqp_url`]).
-async fn rabbit(test: &str) -> Rabbit {
-    let url = testing::test_amqp_url(test).await;
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let addr = testing::broker_addr(&url).await;
-    Rabbit { url, conn, addr }
-}
-
-/// Polls `f` until it holds; panics after [`PATIENCE`] (only to avoid hanging).
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A registry with one instance, one product and `devices` devices, plus unique names.
-struct Fixture {
-    pub rabbit: Rabbit,
-    pub dir: tempfile::TempDir,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub iid: String,
-    pub pk: String,
-    pub devices: Vec<String>,
-    pub prefix: String,
-}
-
-impl Fixture {
-    pub async fn new(rabbit: Rabbit, devices: usize) -> Fixture {
-        let suffix: String = rand::thread_rng()
-            .sample_iter(&rand::distributions::Alphanumeric)
-            .take(8)
-            .map(char::from)
-            .collect::<String>()
-            .to_lowercase();
-        let metrics = Arc::new(Metrics::new());
-        let store = Store::open_in_memory(metrics.clone()).unwrap();
-        let registry = Registry::open(store, metrics.clone()).unwrap();
-        let iid = format!("inst-{suffix}");
-        registry
-            .create_instance(NewInstance {
-                instance_id: Some(iid.clone()),
-                name: "test".into(),
-            })
-            .await
-            .unwrap();
-        let pk = format!("pk{suffix}");
-        registry
-            .create_product(NewProduct {
-                name: "P".into(),
-                product_key: Some(pk.clone()),
-                instance_id: Some(iid.clone()),
-                description: None,
-            })
-            .await
-            .unwrap();
-        let mut names = Vec::new();
-        for i in 0..devices {
-            let dn = format!("dev{i:04}");
-            registry
-                .create_device(
-                    &pk,
-                    NewDevice {
-                        device_name: dn.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            names.push(dn);
-        }
-        Fixture {
-            rabbit,
-            dir: tempfile::tempdir().unwrap(),
-            registry,
-            metrics,
-            iid,
-            pk,
-            devices: names,
-            prefix: format!("fgtest-{suffix}"),
-        }
-    }
-
-    pub fn settings(&self, url: &str) -> AmqpSettings {
-        AmqpSettings {
-            url: Some(Secret::new(url)),
-            exchange_prefix: self.prefix.clone(),
-            reconnect_initial_ms: 50,
-            reconnect_max_ms: 500,
-            stats_interval_secs: 1,
-            ..Default::default()
-        }
-    }
-
-    pub fn config(&self, url: &str) -> ForwarderConfig {
-        ForwarderConfig::new(self.settings(url)).unwrap()
-    }
-
-    pub fn queue(&self, gid: &str) -> String {
-        format!("{}.{}.{gid}", self.prefix, self.iid)
-    }
-
-    /// A property post from device `d` whose `requestId` is `i`.
-    pub fn post(&self, d: usize, i: usize) -> ForwardMessage {
-        let req = fleetgate_topics::PropertyPostRequest::parse(
-            format!(r#"{{"id":"{i}","params":{{"Seq":{i}}}}}"#).as_bytes(),
-        )
-        .unwrap();
-        ForwardMessage::property_post(
-            &self.pk,
-            &self.devices[d],
-            &req,
-            1_700_000_000_000 + i as i64,
-        )
-    }
-
-    /// Deletes the test's queues and exchange.
-    pub async fn cleanup(&self, groups: &[&str]) {
-        let ch = self.rabbit.conn.create_channel().await.unwrap();
-        for g in groups {
-            let _ = ch
-                .queue_delete(self.queue(g).into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = ch
-            .exchange_delete(
-                format!("{}.{}", self.prefix, self.iid).into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-    }
 }
 
 /// Creates consumer group `gid` in instance `iid`.

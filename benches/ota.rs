@@ -1,176 +1,20 @@
 //! Benchmark of the OTA engine (docs/BENCHMARKS.md, "OTA"): progress reports of 10,000
 //! devices through the state machine into the store, on a manual clock with a recording
-//! pusher (the engine tests' harness, reduced to what the benchmark uses).
+//! pusher (the engine tests' harness, `fleetgate::testing::ota`).
 //! `cargo bench -p fleetgate --bench ota`.
 
 mod common;
 
-use fleetgate::clock::Clock;
-use fleetgate::metrics::Metrics;
-use fleetgate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
-use fleetgate::ota::model::{JobSpec, JobType, Selection, TargetKind};
 use fleetgate::ota::task::TaskStatus;
-use fleetgate::ota::{EngineConfig, OtaEngine, Pusher};
-use fleetgate::registry::{NewDevice, NewProduct, Page, Registry};
-use fleetgate::store::Store;
+use fleetgate::ota::{EngineConfig, OtaEngine};
+use fleetgate::registry::{NewDevice, Page};
+use fleetgate::testing::ota::H;
 use fleetgate_topics::{ProgressRequest, ProgressStep};
-use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use tempfile::TempDir;
-
-const T0: i64 = 1_700_000_000_000;
+use std::sync::Arc;
 
 fn main() {
     common::run(&["progress_throughput"], |_| progress_throughput());
-}
-
-#[derive(Default)]
-struct FakePusher {
-    connected: Mutex<HashSet<String>>,
-    published: Mutex<Vec<(String, Vec<u8>)>>,
-}
-
-impl Pusher for FakePusher {
-    fn is_connected(&self, _pk: &str, dn: &str) -> bool {
-        self.connected.lock().unwrap().contains(dn)
-    }
-    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
-        self.published.lock().unwrap().push((topic, payload));
-        Ok(())
-    }
-}
-
-impl FakePusher {
-    fn total(&self) -> usize {
-        self.published.lock().unwrap().len()
-    }
-}
-
-struct H {
-    dir: TempDir,
-    clock: Clock,
-    pusher: Arc<FakePusher>,
-    registry: Arc<Registry>,
-    firmware: Arc<FirmwareRepo>,
-    engine: OtaEngine,
-    metrics: Arc<Metrics>,
-    pk: String,
-}
-
-fn open(
-    dir: &TempDir,
-    clock: &Clock,
-    pusher: &Arc<FakePusher>,
-) -> (Arc<Registry>, Arc<FirmwareRepo>, OtaEngine, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).unwrap();
-    let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
-    let firmware =
-        FirmwareRepo::open(dir.path(), store.clone(), "http://gw.test".into(), 1 << 20).unwrap();
-    let config = EngineConfig {
-        connect_push_delay_ms: 1_000,
-        ..EngineConfig::default()
-    };
-    let engine = OtaEngine::open(
-        registry.clone(),
-        store,
-        firmware.clone(),
-        pusher.clone(),
-        clock.clone(),
-        config,
-        metrics.clone(),
-    )
-    .unwrap();
-    (registry, firmware, engine, metrics)
-}
-
-impl H {
-    async fn new() -> H {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Clock::manual(T0);
-        let pusher = Arc::new(FakePusher::default());
-        let (registry, firmware, engine, metrics) = open(&dir, &clock, &pusher);
-        let pk = registry
-            .create_product(NewProduct {
-                name: "meter".into(),
-                product_key: None,
-                instance_id: None,
-                description: None,
-            })
-            .await
-            .unwrap()
-            .product_key;
-        H {
-            dir,
-            clock,
-            pusher,
-            registry,
-            firmware,
-            engine,
-            metrics,
-            pk,
-        }
-    }
-
-    /// Simulates `kill -9`: no shutdown, no flush of coalesced progress; only what was
-    /// submitted to the store survives.
-    fn crash(&mut self) {
-        let (registry, firmware, engine, metrics) = open(&self.dir, &self.clock, &self.pusher);
-        self.pusher.connected.lock().unwrap().clear();
-        self.registry = registry;
-        self.firmware = firmware;
-        self.engine = engine;
-        self.metrics = metrics;
-        self.engine.start();
-    }
-
-    async fn firmware(&self, version: &str, verified: bool) -> String {
-        let mut new = NewFirmware::new(self.pk.clone(), version);
-        new.src_versions = vec![];
-        let p = self
-            .firmware
-            .create_from_bytes(new, format!("firmware {version}").as_bytes())
-            .await
-            .unwrap();
-        if verified {
-            self.firmware
-                .set_status(&p.firmware_id, FirmwareStatus::Verified)
-                .await
-                .unwrap();
-        }
-        p.firmware_id
-    }
-
-    fn spec(&self, fid: &str) -> JobSpec {
-        JobSpec {
-            firmware_id: fid.into(),
-            job_type: JobType::UpgradeFirmware,
-            selection: Selection::Static,
-            target: TargetKind::All,
-            device_names: vec![],
-            gray_percent: None,
-            target_tags: vec![],
-            src_versions: None,
-            rate: None,
-            start_at_ms: None,
-            finish_by_ms: None,
-            timeout_seconds: None,
-            stall_seconds: None,
-            retry_interval_seconds: None,
-            retry_count: None,
-            retry_backoff: None,
-            retry_max_interval_seconds: None,
-            retry_jitter_percent: None,
-            overwrite: false,
-            need_confirm: false,
-            force: false,
-            abort: None,
-            tags: BTreeMap::new(),
-            name: None,
-            description: None,
-        }
-    }
 }
 
 /// Throughput of progress reports through the state machine into the store
