@@ -18,20 +18,15 @@ mod helpers;
 mod common;
 
 use fleetgate::config::Secret;
-use fleetgate::forwarder::testing::{self, Proxy};
+use fleetgate::forwarder::testing::{self, eventually, rabbit, Fixture, Proxy};
 use fleetgate::forwarder::{
-    AmqpSettings, AmqpStatus, ClusterOutbox, ForwardMessage, Forwarder, ForwarderConfig,
-    NewConsumerGroup, OnFull, OutboxRow, QueueType,
+    AmqpSettings, AmqpStatus, ClusterOutbox, Forwarder, ForwarderConfig, NewConsumerGroup, OnFull,
+    OutboxRow, QueueType,
 };
-use fleetgate::metrics::Metrics;
-use fleetgate::registry::{NewDevice, NewInstance, NewProduct, Registry};
-use fleetgate::store::{PostgresBackend, PostgresReader, PostgresUrl, Store};
+use fleetgate::store::{PostgresBackend, PostgresReader, PostgresUrl};
 use helpers::PgTestDatabase;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
-use rand::Rng;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,160 +40,6 @@ fn main() {
             _ => shared_outbox().await,
         }
     });
-}
-
-/// Generous bound for anything that should happen "soon" (only to avoid hanging).
-const PATIENCE: Duration = Duration::from_secs(60);
-
-struct Rabbit {
-    pub url: String,
-    pub conn: Connection,
-    pub addr: SocketAddr,
-}
-
-impl Rabbit {
-    /// The broker's URL with host and port replaced (to go through a [`Proxy`]).
-    pub fn url_via(&self, addr: SocketAddr) -> String {
-        testing::url_via(&self.url, addr)
-    }
-}
-
-/// Connects to the test broker; fails the test when it is missing (see
-/// [`testing::test_amqp_url`]).
-async fn rabbit(test: &str) -> Rabbit {
-    let url = testing::test_amqp_url(test).await;
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let addr = testing::broker_addr(&url).await;
-    Rabbit { url, conn, addr }
-}
-
-/// Polls `f` until it holds; panics after [`PATIENCE`] (only to avoid hanging).
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A registry with one instance, one product and `devices` devices, plus unique names.
-struct Fixture {
-    pub rabbit: Rabbit,
-    pub dir: tempfile::TempDir,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub iid: String,
-    pub pk: String,
-    pub devices: Vec<String>,
-    pub prefix: String,
-}
-
-impl Fixture {
-    pub async fn new(rabbit: Rabbit, devices: usize) -> Fixture {
-        let suffix: String = rand::thread_rng()
-            .sample_iter(&rand::distributions::Alphanumeric)
-            .take(8)
-            .map(char::from)
-            .collect::<String>()
-            .to_lowercase();
-        let metrics = Arc::new(Metrics::new());
-        let store = Store::open_in_memory(metrics.clone()).unwrap();
-        let registry = Registry::open(store, metrics.clone()).unwrap();
-        let iid = format!("inst-{suffix}");
-        registry
-            .create_instance(NewInstance {
-                instance_id: Some(iid.clone()),
-                name: "test".into(),
-            })
-            .await
-            .unwrap();
-        let pk = format!("pk{suffix}");
-        registry
-            .create_product(NewProduct {
-                name: "P".into(),
-                product_key: Some(pk.clone()),
-                instance_id: Some(iid.clone()),
-                description: None,
-            })
-            .await
-            .unwrap();
-        let mut names = Vec::new();
-        for i in 0..devices {
-            let dn = format!("dev{i:04}");
-            registry
-                .create_device(
-                    &pk,
-                    NewDevice {
-                        device_name: dn.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            names.push(dn);
-        }
-        Fixture {
-            rabbit,
-            dir: tempfile::tempdir().unwrap(),
-            registry,
-            metrics,
-            iid,
-            pk,
-            devices: names,
-            prefix: format!("fgtest-{suffix}"),
-        }
-    }
-
-    pub fn settings(&self, url: &str) -> AmqpSettings {
-        AmqpSettings {
-            url: Some(Secret::new(url)),
-            exchange_prefix: self.prefix.clone(),
-            reconnect_initial_ms: 50,
-            reconnect_max_ms: 500,
-            stats_interval_secs: 1,
-            ..Default::default()
-        }
-    }
-
-    pub fn config(&self, url: &str) -> ForwarderConfig {
-        ForwarderConfig::new(self.settings(url)).unwrap()
-    }
-
-    pub fn queue(&self, gid: &str) -> String {
-        format!("{}.{}.{gid}", self.prefix, self.iid)
-    }
-
-    /// A property post from device `d` whose `requestId` is `i`.
-    pub fn post(&self, d: usize, i: usize) -> ForwardMessage {
-        let req = fleetgate_topics::PropertyPostRequest::parse(
-            format!(r#"{{"id":"{i}","params":{{"Seq":{i}}}}}"#).as_bytes(),
-        )
-        .unwrap();
-        ForwardMessage::property_post(
-            &self.pk,
-            &self.devices[d],
-            &req,
-            1_700_000_000_000 + i as i64,
-        )
-    }
-
-    /// Deletes the test's queues and exchange.
-    pub async fn cleanup(&self, groups: &[&str]) {
-        let ch = self.rabbit.conn.create_channel().await.unwrap();
-        for g in groups {
-            let _ = ch
-                .queue_delete(self.queue(g).into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = ch
-            .exchange_delete(
-                format!("{}.{}", self.prefix, self.iid).into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-    }
 }
 
 /// Creates consumer group `gid` in instance `iid`.
@@ -233,6 +74,69 @@ async fn throughput() {
     let fx = Fixture::new(rabbit, 64).await;
     let body = fx.post(0, 0).body;
 
+    let (bare, enveloped) = bare_rates(&fx, n, &body).await;
+
+    // (b) forwarder, enqueue → confirmed.
+    let config = AmqpSettings {
+        inflight_window: window,
+        ..fx.settings(&fx.rabbit.url.clone())
+    };
+    let fwd = Forwarder::open(
+        ForwarderConfig::new(config.clone()).unwrap(),
+        fx.dir.path(),
+        fx.registry.store().clone(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
+    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
+    group(&fwd, &fx.iid, "bench").await;
+    let started = Instant::now();
+    let fx = Arc::new(fx);
+    enqueue_all(&fwd, &fx, n).await;
+    let enqueue_rate = n as f64 / started.elapsed().as_secs_f64();
+    let published_before = fx.metrics.forwarder_published.get();
+    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
+    let end_to_end = n as f64 / started.elapsed().as_secs_f64();
+    assert!(published_before <= n as u64);
+    fwd.shutdown().await;
+    drop(fwd);
+
+    // (c) outage: fill the outbox while the broker is unreachable, then measure the drain.
+    let proxy = Proxy::start(fx.rabbit.addr).await;
+    proxy.cut();
+    let cut_config = AmqpSettings {
+        url: Some(Secret::new(fx.rabbit.url_via(proxy.addr))),
+        ..config
+    };
+    let fwd = Forwarder::open(
+        ForwarderConfig::new(cut_config).unwrap(),
+        fx.dir.path(),
+        fx.registry.store().clone(),
+        fx.registry.clone(),
+        fx.metrics.clone(),
+    )
+    .unwrap();
+    enqueue_all(&fwd, &fx, n).await;
+    assert_eq!(fwd.outbox().unwrap().len(), n as u64);
+    let started = Instant::now();
+    proxy.restore();
+    eventually("outbox drained after the outage", || {
+        fwd.outbox().unwrap().is_empty()
+    })
+    .await;
+    let drain = n as f64 / started.elapsed().as_secs_f64();
+    fwd.shutdown().await;
+
+    println!(
+        "BENCH n={n} window={window}\n  (a) bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  (a') bare lapin, 1000 in flight, forwarder envelope (headers, fanout, mandatory): {enveloped:.0} msg/s\n  (b) forwarder enqueue (64 devices, durable outbox): {enqueue_rate:.0} msg/s; enqueue → broker-confirmed: {end_to_end:.0} msg/s\n  (c) outbox drain after an outage ({n} queued): {drain:.0} msg/s"
+    );
+    fx.cleanup(&["bench"]).await;
+}
+
+/// (a) A bare lapin publisher, 1,000 confirms in flight, persistent, into a durable queue;
+/// (a') the same with the forwarder's envelope. `n` messages each; msg/s of both.
+async fn bare_rates(fx: &Fixture, n: usize, body: &[u8]) -> (f64, f64) {
     // (a) bare lapin: 1,000 confirms in flight, persistent, into a durable queue.
     let bare_queue = format!("{}.bare", fx.prefix);
     let ch = fx.rabbit.conn.create_channel().await.unwrap();
@@ -246,7 +150,7 @@ async fn throughput() {
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let bare = testing::bare_publish(&ch, "", &bare_queue, false, n, &body, |_| {
+    let bare = testing::bare_publish(&ch, "", &bare_queue, false, n, body, |_| {
         lapin::BasicProperties::default().with_delivery_mode(2)
     })
     .await;
@@ -274,7 +178,7 @@ async fn throughput() {
         target: fx.iid.clone(),
         msg: Arc::new(fx.post(0, 0)),
     };
-    let enveloped = testing::bare_publish(&ch, &bare_exchange, "", true, n, &body, |i| {
+    let enveloped = testing::bare_publish(&ch, &bare_exchange, "", true, n, body, |i| {
         let mut row = template.clone();
         row.seq = i as i64;
         testing::envelope(&row)
@@ -289,87 +193,59 @@ async fn throughput() {
             ExchangeDeleteOptions::default(),
         )
         .await;
+    (bare, enveloped)
+}
 
-    // (b) forwarder, enqueue → confirmed.
-    let config = AmqpSettings {
-        inflight_window: window,
-        ..fx.settings(&fx.rabbit.url.clone())
-    };
-    let fwd = Forwarder::open(
-        ForwarderConfig::new(config.clone()).unwrap(),
-        fx.dir.path(),
-        fx.registry.store().clone(),
-        fx.registry.clone(),
-        fx.metrics.clone(),
-    )
-    .unwrap();
-    eventually("connected", || fwd.status() == AmqpStatus::Connected).await;
-    group(&fwd, &fx.iid, "bench").await;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    let fx = Arc::new(fx);
-    for d in 0..64 {
-        let fwd = fwd.clone();
-        let fx = fx.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (d..n).step_by(64) {
-                fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
-            }
-        }));
-    }
+/// 64 concurrent "devices" enqueue `n` property posts between them.
+async fn enqueue_all(fwd: &Arc<Forwarder>, fx: &Arc<Fixture>, n: usize) {
+    let tasks: Vec<_> = (0..64)
+        .map(|d| {
+            let (fwd, fx) = (fwd.clone(), fx.clone());
+            tokio::spawn(async move {
+                for i in (d..n).step_by(64) {
+                    fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
+                }
+            })
+        })
+        .collect();
     for t in tasks {
         t.await.unwrap();
     }
-    let enqueue_rate = n as f64 / started.elapsed().as_secs_f64();
-    let published_before = fx.metrics.forwarder_published.get();
-    eventually("outbox drained", || fwd.outbox().unwrap().is_empty()).await;
-    let end_to_end = n as f64 / started.elapsed().as_secs_f64();
-    assert!(published_before <= n as u64);
-    fwd.shutdown().await;
-    drop(fwd);
+}
 
-    // (c) outage: fill the outbox while the broker is unreachable, then measure the drain.
-    let proxy = Proxy::start(fx.rabbit.addr).await;
-    proxy.cut();
-    let cut_config = AmqpSettings {
-        url: Some(Secret::new(fx.rabbit.url_via(proxy.addr))),
-        ..config
-    };
-    let fwd = Forwarder::open(
-        ForwarderConfig::new(cut_config).unwrap(),
-        fx.dir.path(),
-        fx.registry.store().clone(),
-        fx.registry.clone(),
-        fx.metrics.clone(),
-    )
-    .unwrap();
-    let mut tasks = Vec::new();
-    for d in 0..64 {
-        let fwd = fwd.clone();
-        let fx = fx.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (d..n).step_by(64) {
-                fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
-            }
-        }));
+/// A forwarder with the node's SQLite outbox, or (`pg`) cluster mode's PostgreSQL one with
+/// this node as node 1.
+async fn open_forwarder(
+    fx: &Fixture,
+    config: ForwarderConfig,
+    pg: Option<&PostgresUrl>,
+) -> Arc<Forwarder> {
+    match pg {
+        Some(pg_url) => {
+            let leases = PostgresReader::connect(pg_url).await.unwrap();
+            Forwarder::open_clustered(
+                config,
+                ClusterOutbox {
+                    url: pg_url.clone(),
+                    node: 1,
+                    lease_ttl: Duration::from_secs(2),
+                    leases: Arc::new(leases),
+                },
+                fx.registry.store().clone(),
+                fx.registry.clone(),
+                fx.metrics.clone(),
+            )
+            .unwrap()
+        }
+        None => Forwarder::open(
+            config,
+            fx.dir.path(),
+            fx.registry.store().clone(),
+            fx.registry.clone(),
+            fx.metrics.clone(),
+        )
+        .unwrap(),
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(fwd.outbox().unwrap().len(), n as u64);
-    let started = Instant::now();
-    proxy.restore();
-    eventually("outbox drained after the outage", || {
-        fwd.outbox().unwrap().is_empty()
-    })
-    .await;
-    let drain = n as f64 / started.elapsed().as_secs_f64();
-    fwd.shutdown().await;
-
-    println!(
-        "BENCH n={n} window={window}\n  (a) bare lapin, 1000 in flight, persistent: {bare:.0} msg/s\n  (a') bare lapin, 1000 in flight, forwarder envelope (headers, fanout, mandatory): {enveloped:.0} msg/s\n  (b) forwarder enqueue (64 devices, durable outbox): {enqueue_rate:.0} msg/s; enqueue → broker-confirmed: {end_to_end:.0} msg/s\n  (c) outbox drain after an outage ({n} queued): {drain:.0} msg/s"
-    );
-    fx.cleanup(&["bench"]).await;
 }
 
 /// CPU seconds (user + system) of the processes whose `/proc/{pid}/stat` `comm` is `name`, or
@@ -426,31 +302,7 @@ async fn shared_outbox() {
     let mut lines = Vec::new();
     for round in 0..rounds {
         for shared in [false, true] {
-            let fwd = if shared {
-                let leases = PostgresReader::connect(&pg_url).await.unwrap();
-                Forwarder::open_clustered(
-                    config.clone(),
-                    ClusterOutbox {
-                        url: pg_url.clone(),
-                        node: 1,
-                        lease_ttl: Duration::from_secs(2),
-                        leases: Arc::new(leases),
-                    },
-                    fx.registry.store().clone(),
-                    fx.registry.clone(),
-                    fx.metrics.clone(),
-                )
-                .unwrap()
-            } else {
-                Forwarder::open(
-                    config.clone(),
-                    fx.dir.path(),
-                    fx.registry.store().clone(),
-                    fx.registry.clone(),
-                    fx.metrics.clone(),
-                )
-                .unwrap()
-            };
+            let fwd = open_forwarder(&fx, config.clone(), shared.then_some(&pg_url)).await;
             eventually("connected and draining", || {
                 fwd.status() == AmqpStatus::Connected
                     // The node's own file is always its own to drain; the shared table only
@@ -468,19 +320,7 @@ async fn shared_outbox() {
                 cpu_seconds(Some("postgres")),
                 Instant::now(),
             );
-            let tasks: Vec<_> = (0..64)
-                .map(|d| {
-                    let (fwd, fx) = (fwd.clone(), fx.clone());
-                    tokio::spawn(async move {
-                        for i in (d..n).step_by(64) {
-                            fwd.enqueue(fx.post(d, i), OnFull::Refuse).await.unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
+            enqueue_all(&fwd, &fx, n).await;
             let enqueued = started.elapsed().as_secs_f64();
             eventually("every post confirmed", || {
                 fx.metrics.forwarder_published.get() - before >= n as u64

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const TARGET: &str = "iot-target";
+/// Devices of the product.
+const N: usize = 50_000;
 
 fn op() -> Actor {
     Actor::api("operator", "0123456789ab")
@@ -28,38 +30,10 @@ fn main() {
 /// (devices offline), on a file store with fsync, at the default rate and unthrottled.
 /// `cargo bench -p fleetgate --bench migration`
 async fn full_migration_50k() {
-    const N: usize = 50_000;
     for rate in [EngineConfig::default().devices_per_sec, 0] {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::new());
-        let store = Store::open(&Store::db_path(dir.path()), m.clone()).unwrap();
-        let registry = Registry::open(store, m.clone()).unwrap();
-        registry
-            .create_instance(NewInstance {
-                instance_id: Some(TARGET.into()),
-                name: "Target".into(),
-            })
-            .await
-            .unwrap();
-        let pk = registry
-            .create_product(NewProduct {
-                name: "Bench".into(),
-                product_key: None,
-                instance_id: None,
-                description: None,
-            })
-            .await
-            .unwrap()
-            .product_key;
-        for chunk in 0..N / 10_000 {
-            let rows = (0..10_000)
-                .map(|i| NewDevice {
-                    device_name: format!("dev{:06}", chunk * 10_000 + i),
-                    ..Default::default()
-                })
-                .collect();
-            registry.batch_create_devices(&pk, rows).await.unwrap();
-        }
+        let (registry, pk) = product_of_50k(&dir, &m).await;
         let engine = MigrationEngine::start(
             registry.clone(),
             registry.store().clone(),
@@ -126,4 +100,38 @@ async fn full_migration_50k() {
         );
         engine.shutdown().await;
     }
+}
+
+/// A registry on a file store in `dir` with the target instance and a product of [`N`]
+/// devices; the registry and the product's key.
+async fn product_of_50k(dir: &tempfile::TempDir, m: &Arc<Metrics>) -> (Arc<Registry>, String) {
+    let store = Store::open(&Store::db_path(dir.path()), m.clone()).unwrap();
+    let registry = Registry::open(store, m.clone()).unwrap();
+    registry
+        .create_instance(NewInstance {
+            instance_id: Some(TARGET.into()),
+            name: "Target".into(),
+        })
+        .await
+        .unwrap();
+    let pk = registry
+        .create_product(NewProduct {
+            name: "Bench".into(),
+            product_key: None,
+            instance_id: None,
+            description: None,
+        })
+        .await
+        .unwrap()
+        .product_key;
+    for chunk in 0..N / 10_000 {
+        let rows = (0..10_000)
+            .map(|i| NewDevice {
+                device_name: format!("dev{:06}", chunk * 10_000 + i),
+                ..Default::default()
+            })
+            .collect();
+        registry.batch_create_devices(&pk, rows).await.unwrap();
+    }
+    (registry, pk)
 }

@@ -1,176 +1,20 @@
 //! Benchmark of the OTA engine (docs/BENCHMARKS.md, "OTA"): progress reports of 10,000
 //! devices through the state machine into the store, on a manual clock with a recording
-//! pusher (the engine tests' harness, reduced to what the benchmark uses).
+//! pusher (the engine tests' harness, `fleetgate::testing::ota`).
 //! `cargo bench -p fleetgate --bench ota`.
 
 mod common;
 
-use fleetgate::clock::Clock;
-use fleetgate::metrics::Metrics;
-use fleetgate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
-use fleetgate::ota::model::{JobSpec, JobType, Selection, TargetKind};
 use fleetgate::ota::task::TaskStatus;
-use fleetgate::ota::{EngineConfig, OtaEngine, Pusher};
-use fleetgate::registry::{NewDevice, NewProduct, Page, Registry};
-use fleetgate::store::Store;
+use fleetgate::ota::{EngineConfig, OtaEngine};
+use fleetgate::registry::{NewDevice, Page};
+use fleetgate::testing::ota::H;
 use fleetgate_topics::{ProgressRequest, ProgressStep};
-use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use tempfile::TempDir;
-
-const T0: i64 = 1_700_000_000_000;
+use std::sync::Arc;
 
 fn main() {
     common::run(&["progress_throughput"], |_| progress_throughput());
-}
-
-#[derive(Default)]
-struct FakePusher {
-    connected: Mutex<HashSet<String>>,
-    published: Mutex<Vec<(String, Vec<u8>)>>,
-}
-
-impl Pusher for FakePusher {
-    fn is_connected(&self, _pk: &str, dn: &str) -> bool {
-        self.connected.lock().unwrap().contains(dn)
-    }
-    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
-        self.published.lock().unwrap().push((topic, payload));
-        Ok(())
-    }
-}
-
-impl FakePusher {
-    fn total(&self) -> usize {
-        self.published.lock().unwrap().len()
-    }
-}
-
-struct H {
-    dir: TempDir,
-    clock: Clock,
-    pusher: Arc<FakePusher>,
-    registry: Arc<Registry>,
-    firmware: Arc<FirmwareRepo>,
-    engine: OtaEngine,
-    metrics: Arc<Metrics>,
-    pk: String,
-}
-
-fn open(
-    dir: &TempDir,
-    clock: &Clock,
-    pusher: &Arc<FakePusher>,
-) -> (Arc<Registry>, Arc<FirmwareRepo>, OtaEngine, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&dir.path().join("fleetgate.db"), metrics.clone()).unwrap();
-    let registry = Registry::open(store.clone(), metrics.clone()).unwrap();
-    let firmware =
-        FirmwareRepo::open(dir.path(), store.clone(), "http://gw.test".into(), 1 << 20).unwrap();
-    let config = EngineConfig {
-        connect_push_delay_ms: 1_000,
-        ..EngineConfig::default()
-    };
-    let engine = OtaEngine::open(
-        registry.clone(),
-        store,
-        firmware.clone(),
-        pusher.clone(),
-        clock.clone(),
-        config,
-        metrics.clone(),
-    )
-    .unwrap();
-    (registry, firmware, engine, metrics)
-}
-
-impl H {
-    async fn new() -> H {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Clock::manual(T0);
-        let pusher = Arc::new(FakePusher::default());
-        let (registry, firmware, engine, metrics) = open(&dir, &clock, &pusher);
-        let pk = registry
-            .create_product(NewProduct {
-                name: "meter".into(),
-                product_key: None,
-                instance_id: None,
-                description: None,
-            })
-            .await
-            .unwrap()
-            .product_key;
-        H {
-            dir,
-            clock,
-            pusher,
-            registry,
-            firmware,
-            engine,
-            metrics,
-            pk,
-        }
-    }
-
-    /// Simulates `kill -9`: no shutdown, no flush of coalesced progress; only what was
-    /// submitted to the store survives.
-    fn crash(&mut self) {
-        let (registry, firmware, engine, metrics) = open(&self.dir, &self.clock, &self.pusher);
-        self.pusher.connected.lock().unwrap().clear();
-        self.registry = registry;
-        self.firmware = firmware;
-        self.engine = engine;
-        self.metrics = metrics;
-        self.engine.start();
-    }
-
-    async fn firmware(&self, version: &str, verified: bool) -> String {
-        let mut new = NewFirmware::new(self.pk.clone(), version);
-        new.src_versions = vec![];
-        let p = self
-            .firmware
-            .create_from_bytes(new, format!("firmware {version}").as_bytes())
-            .await
-            .unwrap();
-        if verified {
-            self.firmware
-                .set_status(&p.firmware_id, FirmwareStatus::Verified)
-                .await
-                .unwrap();
-        }
-        p.firmware_id
-    }
-
-    fn spec(&self, fid: &str) -> JobSpec {
-        JobSpec {
-            firmware_id: fid.into(),
-            job_type: JobType::UpgradeFirmware,
-            selection: Selection::Static,
-            target: TargetKind::All,
-            device_names: vec![],
-            gray_percent: None,
-            target_tags: vec![],
-            src_versions: None,
-            rate: None,
-            start_at_ms: None,
-            finish_by_ms: None,
-            timeout_seconds: None,
-            stall_seconds: None,
-            retry_interval_seconds: None,
-            retry_count: None,
-            retry_backoff: None,
-            retry_max_interval_seconds: None,
-            retry_jitter_percent: None,
-            overwrite: false,
-            need_confirm: false,
-            force: false,
-            abort: None,
-            tags: BTreeMap::new(),
-            name: None,
-            description: None,
-        }
-    }
 }
 
 /// Throughput of progress reports through the state machine into the store
@@ -184,60 +28,14 @@ impl H {
 /// counts the time until the last update is committed; afterwards the engine is reopened from
 /// the store (as after `kill -9`) and every task must show the last reported percent.
 async fn progress_throughput() {
-    const DEVICES: usize = 10_000;
-    const ROUNDS: u8 = 50;
-    const WORKERS: usize = 4;
     let mut h = H::new().await;
-    let mut rows = Vec::with_capacity(DEVICES);
-    for i in 0..DEVICES {
-        rows.push(NewDevice {
-            device_name: format!("dev-{i:05}"),
-            device_secret: None,
-            tags: Default::default(),
-        });
-    }
-    h.registry.batch_create_devices(&h.pk, rows).await.unwrap();
-    for i in 0..DEVICES {
-        h.pusher
-            .connected
-            .lock()
-            .unwrap()
-            .insert(format!("dev-{i:05}"));
-    }
-    let fid = h.firmware("2.0", true).await;
-    let started = std::time::Instant::now();
-    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
-    println!("create job with {DEVICES} tasks: {:?}", started.elapsed());
-    let started = std::time::Instant::now();
-    h.engine.run_due().await;
-    println!(
-        "push {DEVICES}: {:?} ({} published)",
-        started.elapsed(),
-        h.pusher.total()
-    );
     let names: Arc<Vec<String>> = Arc::new((0..DEVICES).map(|i| format!("dev-{i:05}")).collect());
-    let payload = |step: u8| {
-        ProgressRequest::new(7u64, ProgressStep::Percent(step), None, "default").to_vec()
-    };
+    let jid = pushed_job(&h, &names).await;
 
     // First progress of every device: a noted transition (NOTIFIED → IN_PROGRESS), awaited
     // in the store before the call returns (write-ahead).
     let started = std::time::Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    let first = Arc::new(payload(1));
-    for w in 0..8 {
-        let (engine, pk, names, first) =
-            (h.engine.clone(), h.pk.clone(), names.clone(), first.clone());
-        set.spawn(async move {
-            for dn in names.iter().skip(w).step_by(8) {
-                let req = ProgressRequest::parse(&first).unwrap();
-                engine
-                    .on_progress(&pk, dn, &req.params.module, req.params.step)
-                    .await;
-            }
-        });
-    }
-    while set.join_next().await.is_some() {}
+    report_all(&h, &names, Arc::new(vec![progress(1)]), 8, false).await;
     let e = started.elapsed();
     println!(
         "first progress (durable, 8 sequential workers): {:.0}/s",
@@ -249,47 +47,11 @@ async fn progress_throughput() {
     );
 
     // Percent updates 2..=ROUNDS+1 from every device, with the periodic batched flush running.
-    let payloads: Arc<Vec<Vec<u8>>> = Arc::new((2..ROUNDS + 2).map(payload).collect());
+    let payloads: Arc<Vec<Vec<u8>>> = Arc::new((2..ROUNDS + 2).map(progress).collect());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flusher = {
-        let (engine, stop) = (h.engine.clone(), stop.clone());
-        let every = std::time::Duration::from_millis(
-            u64::try_from(EngineConfig::default().progress_flush_ms).unwrap(),
-        );
-        tokio::spawn(async move {
-            let mut flushes = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                tokio::time::sleep(every).await;
-                engine.flush_dirty().await;
-                flushes += 1;
-            }
-            flushes
-        })
-    };
+    let flusher = periodic_flush(h.engine.clone(), stop.clone());
     let started = std::time::Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for w in 0..WORKERS {
-        let (engine, pk, names, payloads) = (
-            h.engine.clone(),
-            h.pk.clone(),
-            names.clone(),
-            payloads.clone(),
-        );
-        set.spawn(async move {
-            for p in payloads.iter() {
-                for dn in names.iter().skip(w).step_by(WORKERS) {
-                    let req = ProgressRequest::parse(p).unwrap();
-                    engine
-                        .on_progress(&pk, dn, &req.params.module, req.params.step)
-                        .await;
-                    // A percent update never waits; in the gateway every message follows a
-                    // socket read, which lets other tasks (the flush) run in between.
-                    tokio::task::yield_now().await;
-                }
-            }
-        });
-    }
-    while set.join_next().await.is_some() {}
+    report_all(&h, &names, payloads, WORKERS, true).await;
     let applied = started.elapsed();
     stop.store(true, Ordering::SeqCst);
     let flushes = flusher.await.unwrap();
@@ -305,18 +67,120 @@ async fn progress_throughput() {
 
     // What reached the store: reopen without a shutdown (no final flush by the engine).
     h.crash();
+    check_reopened(&h, &jid);
+}
+
+const DEVICES: usize = 10_000;
+const ROUNDS: u8 = 50;
+const WORKERS: usize = 4;
+
+/// `names` as connected devices of the product, and a job for all of them with every push
+/// sent; the job's id.
+async fn pushed_job(h: &H, names: &[String]) -> String {
+    let rows = names
+        .iter()
+        .map(|dn| NewDevice {
+            device_name: dn.clone(),
+            device_secret: None,
+            tags: Default::default(),
+        })
+        .collect();
+    h.registry.batch_create_devices(&h.pk, rows).await.unwrap();
+    h.pusher
+        .connected
+        .lock()
+        .unwrap()
+        .extend(names.iter().cloned());
+    let fid = h.firmware("2.0", true).await;
+    let started = std::time::Instant::now();
+    let jid = h.engine.create_job(h.spec(&fid)).await.unwrap().job.job_id;
+    println!("create job with {DEVICES} tasks: {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    h.engine.run_due().await;
+    println!(
+        "push {DEVICES}: {:?} ({} published)",
+        started.elapsed(),
+        h.pusher.total()
+    );
+    jid
+}
+
+/// A progress report of `step` percent, as a device sends it.
+fn progress(step: u8) -> Vec<u8> {
+    ProgressRequest::new(7u64, ProgressStep::Percent(step), None, "default").to_vec()
+}
+
+/// Every device reports each of `payloads` in turn (parsed as ingest does), split over
+/// `workers` tasks; `yielding` lets other tasks run after each report, as a socket read does
+/// in the gateway.
+async fn report_all(
+    h: &H,
+    names: &Arc<Vec<String>>,
+    payloads: Arc<Vec<Vec<u8>>>,
+    workers: usize,
+    yielding: bool,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (engine, pk, names, payloads) = (
+            h.engine.clone(),
+            h.pk.clone(),
+            names.clone(),
+            payloads.clone(),
+        );
+        set.spawn(async move {
+            for p in payloads.iter() {
+                for dn in names.iter().skip(w).step_by(workers) {
+                    let req = ProgressRequest::parse(p).unwrap();
+                    engine
+                        .on_progress(&pk, dn, &req.params.module, req.params.step)
+                        .await;
+                    if yielding {
+                        // A percent update never waits; in the gateway every message follows
+                        // a socket read, which lets other tasks (the flush) run in between.
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// The batched flush every `progress_flush_ms`, as the deadline task runs it, until `stop`;
+/// the number of flushes.
+fn periodic_flush(
+    engine: OtaEngine,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u32> {
+    let every = std::time::Duration::from_millis(
+        u64::try_from(EngineConfig::default().progress_flush_ms).unwrap(),
+    );
+    tokio::spawn(async move {
+        let mut flushes = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(every).await;
+            engine.flush_dirty().await;
+            flushes += 1;
+        }
+        flushes
+    })
+}
+
+/// After a reopen: every task of job `jid` in progress at the last reported percent.
+fn check_reopened(h: &H, jid: &str) {
     let tasks = h
         .engine
-        .list_tasks(&jid, None, Page::new(1, 100).unwrap())
+        .list_tasks(jid, None, Page::new(1, 100).unwrap())
         .unwrap();
     assert_eq!(tasks.total, DEVICES as u64);
     for i in 0..DEVICES {
-        let t = h.engine.get_task(&jid, &format!("dev-{i:05}")).unwrap();
+        let t = h.engine.get_task(jid, &format!("dev-{i:05}")).unwrap();
         assert_eq!(t.status, TaskStatus::InProgress);
         assert_eq!(t.progress, Some(ROUNDS + 1), "dev-{i:05}");
     }
     assert_eq!(
-        h.engine.get_job(&jid).unwrap().counters.in_progress,
+        h.engine.get_job(jid).unwrap().counters.in_progress,
         DEVICES as u64
     );
 }

@@ -367,6 +367,45 @@ impl Ingest {
         outcome
     }
 
+    /// The answer to a `firmware/get`: the device's pending upgrade of the module, none, or
+    /// the error of an unreadable request.
+    async fn firmware_get(
+        &self,
+        session: &Session,
+        topic: &Topic<'_>,
+        payload: &[u8],
+    ) -> FirmwareGetReply {
+        let req = match FirmwareGetRequest::parse(payload) {
+            Ok(req) => req,
+            Err(e) => {
+                self.malformed(TopicKind::FirmwareGet, session, &e);
+                return FirmwareGetReply::Error {
+                    id: loose_id(payload),
+                    code: e.reply_code(),
+                    message: e.to_string(),
+                };
+            }
+        };
+        let pending = match &self.ota {
+            Some(ota) => {
+                // Boxed: rare, and its state would enlarge every report's future (see
+                // `ingest_run`).
+                Box::pin(ota.pending_upgrade(
+                    topic.product_key(),
+                    topic.device_name(),
+                    req.module(),
+                ))
+                .await
+            }
+            None => None,
+        };
+        let id = req.id.as_str().to_owned();
+        match pending {
+            Some(data) => FirmwareGetReply::Upgrade { id, data },
+            None => FirmwareGetReply::NoUpgrade { id },
+        }
+    }
+
     /// Handles one message; only a forwarded post can be [`PublishOutcome::Withheld`].
     async fn handle(
         &self,
@@ -394,36 +433,7 @@ impl Ingest {
                 Err(e) => self.malformed(kind, session, &e),
             },
             TopicKind::FirmwareGet => {
-                let reply = match FirmwareGetRequest::parse(payload) {
-                    Ok(req) => {
-                        let pending = match &self.ota {
-                            Some(ota) => {
-                                // Boxed: rare, and its state would enlarge every
-                                // report's future (see `ingest_run`).
-                                Box::pin(ota.pending_upgrade(
-                                    topic.product_key(),
-                                    topic.device_name(),
-                                    req.module(),
-                                ))
-                                .await
-                            }
-                            None => None,
-                        };
-                        let id = req.id.as_str().to_owned();
-                        match pending {
-                            Some(data) => FirmwareGetReply::Upgrade { id, data },
-                            None => FirmwareGetReply::NoUpgrade { id },
-                        }
-                    }
-                    Err(e) => {
-                        self.malformed(kind, session, &e);
-                        FirmwareGetReply::Error {
-                            id: loose_id(payload),
-                            code: e.reply_code(),
-                            message: e.to_string(),
-                        }
-                    }
-                };
+                let reply = self.firmware_get(session, &topic, payload).await;
                 self.reply(&topic, reply.to_vec());
             }
             TopicKind::PropertyPost => {

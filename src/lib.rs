@@ -47,3 +47,5 @@ pub mod registry;
 pub mod schema;
 pub mod store;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

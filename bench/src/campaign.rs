@@ -205,110 +205,23 @@ pub async fn run_once(
     deployment: Deployment,
 ) -> anyhow::Result<CampaignRow> {
     let load_start = load1();
-    let dir = args.work_dir.join(match deployment {
-        Deployment::Single => format!("ota-{run}"),
-        Deployment::Cluster => format!("ota-cluster-{run}"),
-    });
-    crate::fresh_dir(&dir)?;
-    let (server, api) = Gateway::start(deployment, args, bins, &dir, s.devices, &[]).await?;
-    let devs = devices(PRODUCT, s.devices);
-    api.provision(PRODUCT, &devs).await?;
-    // Random-looking bytes (the simulator verifies the digest for real).
-    let firmware: Vec<u8> = (0..s.firmware_kib * 1024)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
-        .collect();
-    let fid = api
-        .upload_firmware(PRODUCT, TARGET_VERSION, firmware)
-        .await?;
-
-    let t = Instant::now();
-    let mut sim = Sim::start(sim_bin, &dir, "ota", &scenario(s), &devs, &server.mqtt()).await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        sim.check_running()?;
-        if api.online().await? >= s.devices as u64 {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {} devices online after 300 s",
-            api.online().await?,
-            s.devices
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let connect_secs = t.elapsed().as_secs_f64();
-    eprintln!(
-        "ota run {run}: {} devices online in {connect_secs:.1} s",
-        s.devices
-    );
+    let (server, api, mut sim, fid, connect_secs) =
+        prepare(args, bins, sim_bin, s, run, deployment).await?;
     // Let the connect storm's transient allocations settle (informs, subscriptions).
     tokio::time::sleep(Duration::from_secs(10)).await;
     let rss_before = server.rss_kib()?;
 
-    let job = api
-        .post(
-            "/api/v1/ota/jobs",
-            &json!({
-                "firmware_id": fid,
-                "target": "ALL",
-                "force": true,
-                "name": "bench campaign",
-                "rate": {"per_minute": s.rate_per_minute},
-                "timeout_seconds": s.timeout_seconds,
-            }),
-        )
-        .await?;
-    let jid = job["job_id"].as_str().context("no job_id")?.to_owned();
+    let jid = create_job(&api, &fid, s).await?;
     let pg_start = (Instant::now(), server.pg_counters().await?);
-    ensure!(
-        job["counters"]["total"] == s.devices,
-        "job has {} tasks, expected {}",
-        job["counters"]["total"],
-        s.devices
-    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_with_tasks = server.rss_kib()?;
-    let mut rss_peak = rss_with_tasks;
-    let mut sim_rss = sim.rss_kib()?;
-
-    let push_secs = s.devices as f64 / f64::from(s.rate_per_minute) * 60.0;
-    let limit = Duration::from_secs_f64(push_secs * 2.0 + f64::from(s.timeout_seconds) + 300.0);
-    let started = Instant::now();
-    let mut last_log = Instant::now();
-    let job = loop {
-        sim.check_running()?;
-        let j = api.get(&format!("/api/v1/ota/jobs/{jid}"), &[]).await?;
-        rss_peak = rss_peak.max(server.rss_kib()?);
-        sim_rss = sim_rss.max(sim.rss_kib()?);
-        if j["status"] != "IN_PROGRESS" && j["status"] != "PLANNED" {
-            break j;
-        }
-        if last_log.elapsed() > Duration::from_secs(30) {
-            last_log = Instant::now();
-            eprintln!(
-                "ota run {run}: {:.0} s {} (load {:.1})",
-                started.elapsed().as_secs_f64(),
-                j["counters"],
-                load1()
-            );
-        }
-        ensure!(
-            started.elapsed() < limit,
-            "job {jid} not finished after {:.0} s: {}",
-            limit.as_secs_f64(),
-            j
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut peaks = Peaks {
+        gateway_rss_kib: rss_with_tasks,
+        sim_rss_kib: sim.rss_kib()?,
     };
+    let job = wait_finished(&mut sim, &api, &server, &jid, s, run, &mut peaks).await?;
     let rss_after = server.rss_kib()?;
-    let (pg_commits_per_s, pg_rows_per_s) = match (pg_start, server.pg_counters().await?) {
-        ((at, Some((c0, r0))), Some((c1, r1))) => {
-            let secs = at.elapsed().as_secs_f64().max(1e-3);
-            (Some((c1 - c0) as f64 / secs), Some((r1 - r0) as f64 / secs))
-        }
-        _ => (None, None),
-    };
+    let (pg_commits_per_s, pg_rows_per_s) = pg_rates(pg_start, server.pg_counters().await?);
     let completion_secs = (job["finished_at_ms"].as_i64().unwrap_or(0)
         - job["created_at_ms"].as_i64().unwrap_or(0)) as f64
         / 1000.0;
@@ -365,27 +278,181 @@ pub async fn run_once(
         mean_rate_per_minute: 0.0,
         gateway_rss_before_kib: rss_before,
         gateway_rss_with_tasks_kib: rss_with_tasks,
-        gateway_rss_peak_kib: rss_peak,
+        gateway_rss_peak_kib: peaks.gateway_rss_kib,
         gateway_rss_after_kib: rss_after,
         mib_per_10k_tasks: rss_with_tasks.saturating_sub(rss_before) as f64
             / 1024.0
             / s.devices as f64
             * 10_000.0,
-        sim_rss_kib: sim_rss,
+        sim_rss_kib: peaks.sim_rss_kib,
         sim_summary_ota: summary["ota"].clone(),
         gateway_warnings: warnings,
     };
+    push_rates(&mut row, s.rate_per_minute);
+    cross_check(&mut row, &tasks, &summary)?;
+    Ok(row)
+}
+
+/// The campaign's deployment with its devices provisioned and the firmware uploaded, and the
+/// simulated fleet started and online: (gateway, its API, the fleet, firmware id, seconds
+/// until every device was online).
+async fn prepare(
+    args: &crate::Args,
+    bins: &Bins,
+    sim_bin: &Path,
+    s: &Settings,
+    run: usize,
+    deployment: Deployment,
+) -> anyhow::Result<(Gateway, Api, Sim, String, f64)> {
+    let dir = args.work_dir.join(match deployment {
+        Deployment::Single => format!("ota-{run}"),
+        Deployment::Cluster => format!("ota-cluster-{run}"),
+    });
+    crate::fresh_dir(&dir)?;
+    let (server, api) = Gateway::start(deployment, args, bins, &dir, s.devices, &[]).await?;
+    let devs = devices(PRODUCT, s.devices);
+    api.provision(PRODUCT, &devs).await?;
+    let fid = api
+        .upload_firmware(PRODUCT, TARGET_VERSION, firmware(s.firmware_kib))
+        .await?;
+
+    let t = Instant::now();
+    let mut sim = Sim::start(sim_bin, &dir, "ota", &scenario(s), &devs, &server.mqtt()).await?;
+    wait_online(&mut sim, &api, s.devices).await?;
+    let connect_secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "ota run {run}: {} devices online in {connect_secs:.1} s",
+        s.devices
+    );
+    Ok((server, api, sim, fid, connect_secs))
+}
+
+/// The row's push rates: the largest deviation of a whole minute from `rate_per_minute`, and
+/// the mean rate from the first to the last push.
+fn push_rates(row: &mut CampaignRow, rate_per_minute: u32) {
     row.max_minute_deviation_pct = row
         .pushes_per_minute
         .iter()
-        .map(|&n| (n as f64 / f64::from(s.rate_per_minute) - 1.0).abs() * 100.0)
+        .map(|&n| (n as f64 / f64::from(rate_per_minute) - 1.0).abs() * 100.0)
         .fold(0.0, f64::max);
     if row.push_span_secs > 0.0 {
         row.mean_rate_per_minute =
             (row.pushes.saturating_sub(1)) as f64 / row.push_span_secs * 60.0;
     }
-    cross_check(&mut row, &tasks, &summary)?;
-    Ok(row)
+}
+
+/// Random-looking bytes (the simulator verifies the digest for real).
+fn firmware(kib: usize) -> Vec<u8> {
+    (0..kib * 1024)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
+        .collect()
+}
+
+/// Waits up to 300 s until the gateway counts `n` devices online (the simulator still running).
+async fn wait_online(sim: &mut Sim, api: &Api, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        sim.check_running()?;
+        if api.online().await? >= n as u64 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {} devices online after 300 s",
+            api.online().await?,
+            n
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Creates the campaign's job (every device, at the settings' rate) and checks it has a task
+/// per device; its id.
+async fn create_job(api: &Api, fid: &str, s: &Settings) -> anyhow::Result<String> {
+    let job = api
+        .post(
+            "/api/v1/ota/jobs",
+            &json!({
+                "firmware_id": fid,
+                "target": "ALL",
+                "force": true,
+                "name": "bench campaign",
+                "rate": {"per_minute": s.rate_per_minute},
+                "timeout_seconds": s.timeout_seconds,
+            }),
+        )
+        .await?;
+    let jid = job["job_id"].as_str().context("no job_id")?.to_owned();
+    ensure!(
+        job["counters"]["total"] == s.devices,
+        "job has {} tasks, expected {}",
+        job["counters"]["total"],
+        s.devices
+    );
+    Ok(jid)
+}
+
+/// The highest resident memory seen while the job ran.
+struct Peaks {
+    gateway_rss_kib: u64,
+    sim_rss_kib: u64,
+}
+
+/// Polls job `jid` every 2 s until it is neither IN_PROGRESS nor PLANNED (logging its
+/// counters every 30 s), noting the memory peaks; the finished job. Fails when it takes more
+/// than twice the pushes' time plus a timeout plus 5 minutes.
+async fn wait_finished(
+    sim: &mut Sim,
+    api: &Api,
+    server: &Gateway,
+    jid: &str,
+    s: &Settings,
+    run: usize,
+    peaks: &mut Peaks,
+) -> anyhow::Result<Value> {
+    let push_secs = s.devices as f64 / f64::from(s.rate_per_minute) * 60.0;
+    let limit = Duration::from_secs_f64(push_secs * 2.0 + f64::from(s.timeout_seconds) + 300.0);
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    loop {
+        sim.check_running()?;
+        let j = api.get(&format!("/api/v1/ota/jobs/{jid}"), &[]).await?;
+        peaks.gateway_rss_kib = peaks.gateway_rss_kib.max(server.rss_kib()?);
+        peaks.sim_rss_kib = peaks.sim_rss_kib.max(sim.rss_kib()?);
+        if j["status"] != "IN_PROGRESS" && j["status"] != "PLANNED" {
+            return Ok(j);
+        }
+        if last_log.elapsed() > Duration::from_secs(30) {
+            last_log = Instant::now();
+            eprintln!(
+                "ota run {run}: {:.0} s {} (load {:.1})",
+                started.elapsed().as_secs_f64(),
+                j["counters"],
+                load1()
+            );
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "job {jid} not finished after {:.0} s: {}",
+            limit.as_secs_f64(),
+            j
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// PostgreSQL commits/s and rows/s between two counter samples (cluster only).
+fn pg_rates(
+    (at, start): (Instant, Option<(i64, i64)>),
+    end: Option<(i64, i64)>,
+) -> (Option<f64>, Option<f64>) {
+    match (start, end) {
+        (Some((c0, r0)), Some((c1, r1))) => {
+            let secs = at.elapsed().as_secs_f64().max(1e-3);
+            (Some((c1 - c0) as f64 / secs), Some((r1 - r0) as f64 / secs))
+        }
+        _ => (None, None),
+    }
 }
 
 /// `pushed` entry times (sorted) and the number of `repushed` entries, from every task's

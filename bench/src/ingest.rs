@@ -1,6 +1,6 @@
 //! Part 2, ingest: connected devices publishing QoS1 reports with an in-flight window against
 //! the gateway, and the bare rumqttd relay with the same load generator.
-use crate::api::{devices, Api};
+use crate::api::{devices, Api, Device};
 use crate::loadgen::{self, FloodStats, PayloadKind, Subscriber, SubscriberStats};
 use crate::procs::{Bins, Kind, Server};
 use crate::{load1, provision, Args, Results, TOKEN};
@@ -90,76 +90,9 @@ pub(crate) async fn benchmark(
     bins: &Bins,
     results: &mut Results,
 ) -> anyhow::Result<()> {
-    let (d, m) = (args.ingest_devices, args.ingest_messages);
-    let (p, pm) = (args.relay_publishers, args.relay_messages);
-    let mut scenarios = vec![
-        Scenario::Gateway {
-            devices: d,
-            messages: m,
-            kind: PayloadKind::Inform,
-            tmpfs: false,
-            jemalloc: false,
-        },
-        Scenario::Gateway {
-            devices: d,
-            messages: m,
-            kind: PayloadKind::Progress,
-            tmpfs: false,
-            jemalloc: false,
-        },
-        Scenario::Gateway {
-            devices: p,
-            messages: pm,
-            kind: PayloadKind::Inform,
-            tmpfs: false,
-            jemalloc: false,
-        },
-        Scenario::Relay {
-            broker: Kind::Rumqttd,
-            publishers: p,
-            messages: pm,
-        },
-        Scenario::Relay {
-            broker: Kind::Rumqttd,
-            publishers: d,
-            messages: m,
-        },
-    ];
+    let (d, p) = (args.ingest_devices, args.relay_publishers);
     let use_tmpfs = !args.no_tmpfs;
-    if use_tmpfs {
-        scenarios.insert(
-            1,
-            Scenario::Gateway {
-                devices: d,
-                messages: m,
-                kind: PayloadKind::Inform,
-                tmpfs: true,
-                jemalloc: false,
-            },
-        );
-    }
-    if bins.jemalloc.is_some() {
-        scenarios.insert(
-            1,
-            Scenario::Gateway {
-                devices: d,
-                messages: m,
-                kind: PayloadKind::Inform,
-                tmpfs: false,
-                jemalloc: true,
-            },
-        );
-    }
-    if bins.mosquitto.is_some() {
-        scenarios.push(Scenario::Relay {
-            broker: Kind::Mosquitto,
-            publishers: p,
-            messages: pm,
-        });
-    }
-    if !args.only.is_empty() {
-        scenarios.retain(|s| args.only.iter().any(|o| s.name().contains(o.as_str())));
-    }
+    let scenarios = scenarios(args, bins);
     let need = d.max(p);
     let disk = args.work_dir.join("ingest-data");
     provision(bins, &disk, &[(INGEST_PRODUCT, need)]).await?;
@@ -198,31 +131,110 @@ pub(crate) async fn benchmark(
                 load1: load,
                 ..row
             };
-            eprintln!(
-                "ingest {:<48} run {run}: {:>8.0} msg/s, broker CPU {:.2} µs/msg, PUBACK p50 {:.1} ms p99 {:.1} ms, \
-                 sent {} acked {} processed {} lost {} stored_ok {:?}/{:?} malformed {:?} acl_denied {:?} warnings {}",
-                row.scenario,
-                row.rate,
-                row.cpu_us_per_msg,
-                row.flood.latency.p50_ms,
-                row.flood.latency.p99_ms,
-                row.flood.sent,
-                row.flood.acked,
-                row.processed,
-                row.lost,
-                row.stored_ok,
-                row.devices_checked,
-                row.malformed,
-                row.acl_denied,
-                row.warnings_logged,
-            );
-            if !row.flood.client_errors.is_empty() {
-                eprintln!("    client errors: {:?}", row.flood.client_errors);
-            }
+            print_row(&row, run);
             results.ingest.push(row);
         }
     }
     Ok(())
+}
+
+/// The scenarios of part 2, in order: the gateway's (with tmpfs and jemalloc variants when
+/// available), then the relays; only those named by `--only` when given.
+fn scenarios(args: &Args, bins: &Bins) -> Vec<Scenario> {
+    let (d, m) = (args.ingest_devices, args.ingest_messages);
+    let (p, pm) = (args.relay_publishers, args.relay_messages);
+    let mut scenarios = vec![
+        Scenario::Gateway {
+            devices: d,
+            messages: m,
+            kind: PayloadKind::Inform,
+            tmpfs: false,
+            jemalloc: false,
+        },
+        Scenario::Gateway {
+            devices: d,
+            messages: m,
+            kind: PayloadKind::Progress,
+            tmpfs: false,
+            jemalloc: false,
+        },
+        Scenario::Gateway {
+            devices: p,
+            messages: pm,
+            kind: PayloadKind::Inform,
+            tmpfs: false,
+            jemalloc: false,
+        },
+        Scenario::Relay {
+            broker: Kind::Rumqttd,
+            publishers: p,
+            messages: pm,
+        },
+        Scenario::Relay {
+            broker: Kind::Rumqttd,
+            publishers: d,
+            messages: m,
+        },
+    ];
+    if !args.no_tmpfs {
+        scenarios.insert(
+            1,
+            Scenario::Gateway {
+                devices: d,
+                messages: m,
+                kind: PayloadKind::Inform,
+                tmpfs: true,
+                jemalloc: false,
+            },
+        );
+    }
+    if bins.jemalloc.is_some() {
+        scenarios.insert(
+            1,
+            Scenario::Gateway {
+                devices: d,
+                messages: m,
+                kind: PayloadKind::Inform,
+                tmpfs: false,
+                jemalloc: true,
+            },
+        );
+    }
+    if bins.mosquitto.is_some() {
+        scenarios.push(Scenario::Relay {
+            broker: Kind::Mosquitto,
+            publishers: p,
+            messages: pm,
+        });
+    }
+    if !args.only.is_empty() {
+        scenarios.retain(|s| args.only.iter().any(|o| s.name().contains(o.as_str())));
+    }
+    scenarios
+}
+
+fn print_row(row: &IngestRow, run: usize) {
+    eprintln!(
+        "ingest {:<48} run {run}: {:>8.0} msg/s, broker CPU {:.2} µs/msg, PUBACK p50 {:.1} ms p99 {:.1} ms, \
+         sent {} acked {} processed {} lost {} stored_ok {:?}/{:?} malformed {:?} acl_denied {:?} warnings {}",
+        row.scenario,
+        row.rate,
+        row.cpu_us_per_msg,
+        row.flood.latency.p50_ms,
+        row.flood.latency.p99_ms,
+        row.flood.sent,
+        row.flood.acked,
+        row.processed,
+        row.lost,
+        row.stored_ok,
+        row.devices_checked,
+        row.malformed,
+        row.acl_denied,
+        row.warnings_logged,
+    );
+    if !row.flood.client_errors.is_empty() {
+        eprintln!("    client errors: {:?}", row.flood.client_errors);
+    }
 }
 
 /// The version device `dev` reports in message `seq` of a scenario run.
@@ -290,30 +302,14 @@ async fn gateway_ingest(
     let malformed = (api.metric(&malformed_counter).await? - malformed_before) as u64;
     let acl_denied = (api.metric(acl_counter).await? - acl_before) as u64;
     let rss = server.rss_kib()?;
-    let warnings = server
-        .log
-        .warnings
-        .load(std::sync::atomic::Ordering::Relaxed);
-    if warnings > 0 {
-        if let Ok(s) = server.log.samples.lock() {
-            eprintln!("    gateway warnings: {s:?}");
-        }
-    }
+    let warnings = warnings_logged(&server);
     let processed = (after - before) as u64;
 
     // Durability: PUBACK for an inform means committed. Kill without any shutdown, restart on
     // the same data dir, and compare every device's stored version with its last report.
     let (stored_ok, checked) = if kind == PayloadKind::Inform {
         server.kill9().await?;
-        let server = Server::fleetgate(bins, dir, TOKEN, None).await?;
-        let api = Api::new(server.http.context("no http")?, TOKEN);
-        let stored = api.versions(INGEST_PRODUCT, "MCU").await?;
-        let want = version_of(tag, messages - 1);
-        let ok = devs
-            .iter()
-            .filter(|d| stored.get(&d.device_name).and_then(|v| v.as_deref()) == Some(&want))
-            .count();
-        server.stop().await?;
+        let ok = stored_after_restart(bins, dir, &devs, &version_of(tag, messages - 1)).await?;
         (Some(ok), Some(n))
     } else {
         server.stop().await?;
@@ -339,6 +335,38 @@ async fn gateway_ingest(
         load1: f64::NAN,
         flood,
     })
+}
+
+/// Restarts the gateway on `dir` and counts the devices whose stored version is `want`.
+async fn stored_after_restart(
+    bins: &Bins,
+    dir: &Path,
+    devs: &[Device],
+    want: &str,
+) -> anyhow::Result<usize> {
+    let server = Server::fleetgate(bins, dir, TOKEN, None).await?;
+    let api = Api::new(server.http.context("no http")?, TOKEN);
+    let stored = api.versions(INGEST_PRODUCT, "MCU").await?;
+    let ok = devs
+        .iter()
+        .filter(|d| stored.get(&d.device_name).and_then(|v| v.as_deref()) == Some(want))
+        .count();
+    server.stop().await?;
+    Ok(ok)
+}
+
+/// The warnings the gateway logged (a sample of them printed).
+fn warnings_logged(server: &Server) -> u64 {
+    let warnings = server
+        .log
+        .warnings
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if warnings > 0 {
+        if let Ok(s) = server.log.samples.lock() {
+            eprintln!("    gateway warnings: {s:?}");
+        }
+    }
+    warnings
 }
 
 async fn relay(

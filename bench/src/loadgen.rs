@@ -254,6 +254,64 @@ pub struct FloodStats {
     pub complete_clients: usize,
 }
 
+/// One flooding client: publishes `messages` QoS 1 messages (`make(index, seq)`) and counts
+/// its PUBACKs until they are all in, its connection fails or `give_up` comes.
+async fn flood_one(
+    index: usize,
+    c: Connected,
+    messages: usize,
+    make: MessageFn,
+    give_up: tokio::time::Instant,
+) -> ClientOutcome {
+    let Connected {
+        client,
+        mut eventloop,
+    } = c;
+    let producer = tokio::spawn(async move {
+        for seq in 0..messages {
+            let (topic, payload) = make(index, seq);
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        // Keep `client` (the request channel) alive until the event loop is done.
+        std::future::pending::<()>().await;
+    });
+    let mut out = ClientOutcome::default();
+    let mut sent_at: HashMap<u16, Instant> = HashMap::new();
+    while out.acked < messages as u64 {
+        match tokio::time::timeout_at(give_up, eventloop.poll()).await {
+            Err(_) => {
+                out.error = Some("deadline".into());
+                break;
+            }
+            Ok(Err(e)) => {
+                out.error = Some(short_error(&e.to_string()));
+                break;
+            }
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                out.sent += 1;
+                sent_at.insert(pkid, Instant::now());
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                if let Some(t) = sent_at.remove(&ack.pkid) {
+                    out.acked += 1;
+                    out.latencies
+                        .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    out.last_ack = Some(Instant::now());
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    producer.abort();
+    out
+}
+
 /// Every client publishes `messages` QoS1 messages. Stops at `deadline` at the latest.
 pub async fn flood(
     clients: Vec<Connected>,
@@ -267,55 +325,7 @@ pub async fn flood(
     let mut tasks = Vec::with_capacity(n);
     for (index, c) in clients.into_iter().enumerate() {
         let make = Arc::clone(&make);
-        tasks.push(tokio::spawn(async move {
-            let Connected {
-                client,
-                mut eventloop,
-            } = c;
-            let producer = tokio::spawn(async move {
-                for seq in 0..messages {
-                    let (topic, payload) = make(index, seq);
-                    if client
-                        .publish(topic, QoS::AtLeastOnce, false, payload)
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                // Keep `client` (the request channel) alive until the event loop is done.
-                std::future::pending::<()>().await;
-            });
-            let mut out = ClientOutcome::default();
-            let mut sent_at: HashMap<u16, Instant> = HashMap::new();
-            while out.acked < messages as u64 {
-                match tokio::time::timeout_at(give_up, eventloop.poll()).await {
-                    Err(_) => {
-                        out.error = Some("deadline".into());
-                        break;
-                    }
-                    Ok(Err(e)) => {
-                        out.error = Some(short_error(&e.to_string()));
-                        break;
-                    }
-                    Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        out.sent += 1;
-                        sent_at.insert(pkid, Instant::now());
-                    }
-                    Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(t) = sent_at.remove(&ack.pkid) {
-                            out.acked += 1;
-                            out.latencies
-                                .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                            out.last_ack = Some(Instant::now());
-                        }
-                    }
-                    Ok(Ok(_)) => {}
-                }
-            }
-            producer.abort();
-            out
-        }));
+        tasks.push(tokio::spawn(flood_one(index, c, messages, make, give_up)));
     }
     let mut stats = FloodStats {
         clients: n,

@@ -293,14 +293,9 @@ struct Results {
     broadcast: Vec<c2d::BroadcastRow>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let nofile = procs::raise_nofile();
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .context("no exe dir")?
-        .to_owned();
+/// The binaries the run starts, from the arguments or beside this one; the gateway's and
+/// stock rumqttd's must exist.
+fn bins(args: &Args, exe_dir: &std::path::Path) -> anyhow::Result<Bins> {
     let bins = Bins {
         fleetgate: args
             .fleetgate_bin
@@ -329,24 +324,22 @@ async fn main() -> anyhow::Result<()> {
             b.display()
         );
     }
-    let mut results = Results {
-        machine: Some(machine::machine(nofile)),
-        args: std::env::args().collect::<Vec<_>>().join(" "),
-        ..Results::default()
-    };
-    if let Some(m) = &results.machine {
-        eprintln!(
-            "machine: {} cores, {} MiB, kernel {}, {}; open files {}, ephemeral ports {}",
-            m.nproc, m.mem_total_mib, m.kernel, m.cpu_model, m.nofile_limit, m.ephemeral_ports
-        );
-    }
-    fresh_dir(&args.work_dir)?;
+    Ok(bins)
+}
 
+/// Runs the parts `--parts` names, in their fixed order, into `results`.
+async fn run_parts(
+    args: &Args,
+    bins: &Bins,
+    exe_dir: &std::path::Path,
+    nofile: u64,
+    results: &mut Results,
+) -> anyhow::Result<()> {
     if args.parts.contains(&Part::Connect) {
-        connect::benchmark(&args, &bins, nofile, &mut results).await?;
+        connect::benchmark(args, bins, nofile, results).await?;
     }
     if args.parts.contains(&Part::Ingest) {
-        ingest::benchmark(&args, &bins, &mut results).await?;
+        ingest::benchmark(args, bins, results).await?;
     }
     let sim_bin = args
         .firmware_sim_bin
@@ -365,11 +358,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Ota) {
         campaign::benchmark(
-            &args,
-            &bins,
+            args,
+            bins,
             &sim_bin,
             &[deployment::Deployment::Single],
-            &mut results,
+            results,
         )
         .await?;
     }
@@ -378,26 +371,52 @@ async fn main() -> anyhow::Result<()> {
             deployment::Deployment::Cluster,
             deployment::Deployment::Single,
         ];
-        campaign::benchmark(&args, &bins, &sim_bin, &both, &mut results).await?;
+        campaign::benchmark(args, bins, &sim_bin, &both, results).await?;
     }
     if args.parts.contains(&Part::Migration) {
-        migrate::benchmark(&args, &bins, &sim_bin, &mut results).await?;
+        migrate::benchmark(args, bins, &sim_bin, results).await?;
     }
     if args.parts.contains(&Part::Cluster) {
-        cluster::run(&args, &bins, &mut results).await?;
+        cluster::run(args, bins, results).await?;
     }
     if args.parts.contains(&Part::Forward) {
-        forward::benchmark(&args, &bins, &mut results).await?;
+        forward::benchmark(args, bins, results).await?;
     }
     if args.parts.contains(&Part::Console) {
-        console::benchmark(&args, &bins, &mut results).await?;
+        console::benchmark(args, bins, results).await?;
     }
     if args.parts.contains(&Part::Rrpc) {
-        c2d::rrpc(&args, &bins, &mut results).await?;
+        c2d::rrpc(args, bins, results).await?;
     }
     if args.parts.contains(&Part::Broadcast) {
-        c2d::broadcast(&args, &bins, &mut results).await?;
+        c2d::broadcast(args, bins, results).await?;
     }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let nofile = procs::raise_nofile();
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("no exe dir")?
+        .to_owned();
+    let bins = bins(&args, &exe_dir)?;
+    let mut results = Results {
+        machine: Some(machine::machine(nofile)),
+        args: std::env::args().collect::<Vec<_>>().join(" "),
+        ..Results::default()
+    };
+    if let Some(m) = &results.machine {
+        eprintln!(
+            "machine: {} cores, {} MiB, kernel {}, {}; open files {}, ephemeral ports {}",
+            m.nproc, m.mem_total_mib, m.kernel, m.cpu_model, m.nofile_limit, m.ephemeral_ports
+        );
+    }
+    fresh_dir(&args.work_dir)?;
+
+    run_parts(&args, &bins, &exe_dir, nofile, &mut results).await?;
 
     report::print(&args, &results);
     if let Some(path) = &args.json_out {

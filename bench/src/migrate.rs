@@ -8,7 +8,7 @@
 //! online (the migration device list), and reconnected (the simulator's per-device CONNACK
 //! count ≥ 2, no refused CONNECT).
 
-use crate::api::{devices, Api};
+use crate::api::{devices, Api, Device};
 use crate::procs::{Bins, Server};
 use crate::sim::Sim;
 use anyhow::{ensure, Context};
@@ -99,15 +99,7 @@ pub async fn run_once(
     let label = rate.map_or_else(|| "default".to_owned(), |r| r.to_string());
     let dir = work.join(format!("migration-{label}-{run}"));
     crate::fresh_dir(&dir)?;
-    let mut bins = bins.clone();
-    if let Some(r) = rate {
-        let conf = dir.join("fleetgate.toml");
-        std::fs::write(&conf, format!("[migration]\ndevices_per_sec = {r}\n"))?;
-        bins.gateway_env
-            .push(("FLEETGATE_CONFIG".into(), conf.display().to_string()));
-    }
-    let server = Server::fleetgate(&bins, &dir.join("data"), crate::TOKEN, None).await?;
-    let api = Api::new(server.http.context("no http")?, crate::TOKEN);
+    let (server, api) = start_gateway(bins, &dir, rate).await?;
     let devs = devices(PRODUCT, n);
     api.provision(PRODUCT, &devs).await?;
     api.post(
@@ -138,59 +130,20 @@ pub async fn run_once(
     let connect_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let task = api
-        .post(
-            "/api/v1/migrations",
-            &json!({"product_key": PRODUCT, "target_instance_id": TARGET}),
-        )
-        .await?;
-    let tid = task["task_id"].as_str().context("no task_id")?.to_owned();
-    api.post(
-        &format!("/api/v1/migrations/{tid}/canary"),
-        &json!({"device_names": [devs[0].device_name]}),
-    )
-    .await?;
-    wait_state(&api, &tid, "CANARY_COMPLETED", Duration::from_secs(60)).await?;
-    // The canary device reconnects before the full migration starts.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while api.online().await? < n as u64 {
-        ensure!(Instant::now() < deadline, "canary device not back online");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let tid = create_with_canary(&api, &devs).await?;
 
     let rss_before = server.rss_kib()?;
     let limit =
         Duration::from_secs_f64(n as f64 / f64::from(rate.unwrap_or(500).max(50)) * 3.0 + 120.0);
-    let full_at = now_ms();
-    let full_started = Instant::now();
-    api.post(&format!("/api/v1/migrations/{tid}/full"), &Value::Null)
-        .await?;
-    let done = wait_state(&api, &tid, "COMPLETED", limit).await?;
-    let completed_ms = done["completed_at_ms"]
-        .as_i64()
-        .context("no completed_at_ms")?;
-    let full_to_completed_secs = (completed_ms - full_at) as f64 / 1000.0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while api.online().await? < n as u64 {
-        sim.check_running()?;
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {n} devices online 120 s after COMPLETED",
-            api.online().await?
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let full_to_all_online_secs = full_started.elapsed().as_secs_f64();
+    let (full_to_completed_secs, full_to_all_online_secs) =
+        full(&api, &mut sim, &tid, n, limit).await?;
     // Settle, then read every device's status from the migration API.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rows = api
         .all_items(&format!("/api/v1/migrations/{tid}/devices"), &[])
         .await?;
     let migrated = rows.iter().filter(|d| d["status"] == "MIGRATED").count() as u64;
-    let online_in_target = rows
-        .iter()
-        .filter(|d| d["status"] == "MIGRATED" && d["instance_id"] == TARGET && d["online"] == true)
-        .count() as u64;
+    let online_in_target = online_in_target(&rows);
     let kicks = api.metric("fleetgate_migration_kicks_total").await?;
     let rss = server.rss_kib()?;
     let final_task = api.get(&format!("/api/v1/migrations/{tid}"), &[]).await?;
@@ -199,18 +152,7 @@ pub async fn run_once(
     } else {
         None
     };
-    let summary = sim.stop().await?;
-    let outcomes = summary["devices"]
-        .as_array()
-        .context("no devices in summary")?;
-    let reconnected = outcomes
-        .iter()
-        .filter(|d| d["connects"].as_u64().unwrap_or(0) >= 2)
-        .count() as u64;
-    let refused = outcomes
-        .iter()
-        .map(|d| d["connect_refused"].as_u64().unwrap_or(0))
-        .sum();
+    let (reconnected, refused) = reconnects(&sim.stop().await?)?;
     let warnings = server
         .log
         .warnings
@@ -238,6 +180,106 @@ pub async fn run_once(
         gateway_rss_after_rollback_kib: rss_after_rollback,
         gateway_warnings: warnings,
     })
+}
+
+/// Starts the full migration of task `tid` and waits for COMPLETED (within `limit`), then
+/// for all `n` devices back online: (seconds to COMPLETED by the server's clock, seconds until
+/// every device was online).
+async fn full(
+    api: &Api,
+    sim: &mut Sim,
+    tid: &str,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let full_at = now_ms();
+    let full_started = Instant::now();
+    api.post(&format!("/api/v1/migrations/{tid}/full"), &Value::Null)
+        .await?;
+    let done = wait_state(api, tid, "COMPLETED", limit).await?;
+    let completed_ms = done["completed_at_ms"]
+        .as_i64()
+        .context("no completed_at_ms")?;
+    let full_to_completed_secs = (completed_ms - full_at) as f64 / 1000.0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.online().await? < n as u64 {
+        sim.check_running()?;
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} devices online 120 s after COMPLETED",
+            api.online().await?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let full_to_all_online_secs = full_started.elapsed().as_secs_f64();
+    Ok((full_to_completed_secs, full_to_all_online_secs))
+}
+
+/// Devices migrated, in the target instance and online.
+fn online_in_target(rows: &[Value]) -> u64 {
+    rows.iter()
+        .filter(|d| d["status"] == "MIGRATED" && d["instance_id"] == TARGET && d["online"] == true)
+        .count() as u64
+}
+
+/// A gateway in `dir` (with `[migration] devices_per_sec = rate` when given).
+async fn start_gateway(
+    bins: &Bins,
+    dir: &Path,
+    rate: Option<u32>,
+) -> anyhow::Result<(Server, Api)> {
+    let mut bins = bins.clone();
+    if let Some(r) = rate {
+        let conf = dir.join("fleetgate.toml");
+        std::fs::write(&conf, format!("[migration]\ndevices_per_sec = {r}\n"))?;
+        bins.gateway_env
+            .push(("FLEETGATE_CONFIG".into(), conf.display().to_string()));
+    }
+    let server = Server::fleetgate(&bins, &dir.join("data"), crate::TOKEN, None).await?;
+    let api = Api::new(server.http.context("no http")?, crate::TOKEN);
+    Ok((server, api))
+}
+
+/// Creates the migration of the product to [`TARGET`] and migrates the first device as its
+/// canary; the task id once the canary is back online (every device of `devs` online).
+async fn create_with_canary(api: &Api, devs: &[Device]) -> anyhow::Result<String> {
+    let task = api
+        .post(
+            "/api/v1/migrations",
+            &json!({"product_key": PRODUCT, "target_instance_id": TARGET}),
+        )
+        .await?;
+    let tid = task["task_id"].as_str().context("no task_id")?.to_owned();
+    api.post(
+        &format!("/api/v1/migrations/{tid}/canary"),
+        &json!({"device_names": [devs[0].device_name]}),
+    )
+    .await?;
+    wait_state(api, &tid, "CANARY_COMPLETED", Duration::from_secs(60)).await?;
+    // The canary device reconnects before the full migration starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.online().await? < devs.len() as u64 {
+        ensure!(Instant::now() < deadline, "canary device not back online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(tid)
+}
+
+/// From the simulator's summary: the devices that connected again (at least twice), and the
+/// CONNECTs refused in all.
+fn reconnects(summary: &Value) -> anyhow::Result<(u64, u64)> {
+    let outcomes = summary["devices"]
+        .as_array()
+        .context("no devices in summary")?;
+    let reconnected = outcomes
+        .iter()
+        .filter(|d| d["connects"].as_u64().unwrap_or(0) >= 2)
+        .count() as u64;
+    let refused = outcomes
+        .iter()
+        .map(|d| d["connect_refused"].as_u64().unwrap_or(0))
+        .sum();
+    Ok((reconnected, refused))
 }
 
 /// Rolls every device back to the source (each reconnects once more) and returns the

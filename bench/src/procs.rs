@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, Command};
 
 /// Which broker a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -90,6 +90,70 @@ pub const GATEWAY_LIMITS: [(&str, &str); 5] = [
     ("FLEETGATE_MQTT_PRESSURE_UNAUTHENTICATED", "1000000"),
 ];
 
+/// The gateway's MQTT and HTTP addresses, from its "fleetgate listening" log line (within
+/// 60 s).
+async fn listening(
+    lines: &mut Lines<BufReader<ChildStderr>>,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .context("fleetgate did not report its addresses within 60 s")??
+            .context("fleetgate exited before listening")?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let fields = &v["fields"];
+        if fields["message"] == "fleetgate listening" {
+            let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+                fields[k]
+                    .as_str()
+                    .with_context(|| format!("no `{k}` in {line}"))?
+                    .parse()
+                    .with_context(|| format!("bad `{k}` in {line}"))
+            };
+            return Ok((addr("mqtt")?, addr("http")?));
+        }
+    }
+}
+
+/// Drains the gateway's log into `file`, keeping its console requests and a sample of its
+/// warnings in `tap`.
+async fn tap_log(
+    mut lines: Lines<BufReader<ChildStderr>>,
+    mut file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    tap: Arc<LogTap>,
+) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(f) = file.as_mut() {
+            if f.write_all(line.as_bytes()).await.is_err()
+                || f.write_all(b"\n").await.is_err()
+                || f.flush().await.is_err()
+            {
+                file = None;
+            }
+        }
+        let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
+        if let Some(request) = parsed.as_ref().and_then(console_request) {
+            if let Ok(mut kept) = tap.console_requests.lock() {
+                if kept.len() < CONSOLE_REQUESTS_KEPT {
+                    kept.push(request);
+                }
+            }
+        }
+        let level = parsed.and_then(|v| v["level"].as_str().map(str::to_owned));
+        if matches!(level.as_deref(), Some("WARN" | "ERROR")) {
+            tap.warnings.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut s) = tap.samples.lock() {
+                if s.len() < 5 {
+                    s.push(line);
+                }
+            }
+        }
+    }
+}
+
 impl Server {
     /// `fleetgate serve` on 127.0.0.1 port 0 (MQTT and HTTP); the bound addresses come from its
     /// JSON start-up log line (on stderr).
@@ -140,64 +204,15 @@ impl Server {
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
         let log = Arc::new(LogTap::default());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let (mqtt, http) = loop {
-            let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
-                .await
-                .context("fleetgate did not report its addresses within 60 s")??
-                .context("fleetgate exited before listening")?;
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let fields = &v["fields"];
-            if fields["message"] == "fleetgate listening" {
-                let addr = |k: &str| -> anyhow::Result<SocketAddr> {
-                    fields[k]
-                        .as_str()
-                        .with_context(|| format!("no `{k}` in {line}"))?
-                        .parse()
-                        .with_context(|| format!("bad `{k}` in {line}"))
-                };
-                break (addr("mqtt")?, addr("http")?);
-            }
-        };
+        let (mqtt, http) = listening(&mut lines).await?;
         // Keep draining the pipe (a full pipe would block the gateway's logging), keep
         // warnings such as rumqttd's "Read cursor start jumped", and keep the whole log beside
         // the node's data (`fleetgate.log`) to read after a run.
-        let tap = Arc::clone(&log);
-        let mut file = tokio::fs::File::create(data_dir.join("fleetgate.log"))
+        let file = tokio::fs::File::create(data_dir.join("fleetgate.log"))
             .await
             .map(tokio::io::BufWriter::new)
             .ok();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(f) = file.as_mut() {
-                    if f.write_all(line.as_bytes()).await.is_err()
-                        || f.write_all(b"\n").await.is_err()
-                        || f.flush().await.is_err()
-                    {
-                        file = None;
-                    }
-                }
-                let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
-                if let Some(request) = parsed.as_ref().and_then(console_request) {
-                    if let Ok(mut kept) = tap.console_requests.lock() {
-                        if kept.len() < CONSOLE_REQUESTS_KEPT {
-                            kept.push(request);
-                        }
-                    }
-                }
-                let level = parsed.and_then(|v| v["level"].as_str().map(str::to_owned));
-                if matches!(level.as_deref(), Some("WARN" | "ERROR")) {
-                    tap.warnings.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut s) = tap.samples.lock() {
-                        if s.len() < 5 {
-                            s.push(line);
-                        }
-                    }
-                }
-            }
-        });
+        tokio::spawn(tap_log(lines, file, Arc::clone(&log)));
         Ok(Server {
             kind: if preload.is_some() {
                 Kind::FleetgateJemalloc

@@ -3,8 +3,7 @@
 //! (429 `FG.0429` "too many requests" with `Retry-After`).
 
 use axum::body::Body;
-use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::{Multipart, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -13,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Caller, RequireOperator, Role};
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::extract::{ApiJson, ApiMultipart, ApiPath, ApiQuery, MultipartForm};
 use super::ApiState;
 use crate::export::{
     ConflictPolicy, ExportError, ExportJob, ExportRequest, JobKind, JobRecord, Limited,
@@ -312,18 +311,14 @@ pub struct ImportForm {
     pub name: Option<String>,
 }
 
-fn multipart_error(e: MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+/// The form's 413 names the package: the route's body limit is `export.max_package_bytes`.
+impl MultipartForm for ImportForm {
+    fn too_large() -> ApiError {
         ApiError::new(
             ErrorCode::PayloadTooLarge,
             "the package is larger than export.max_package_bytes",
         )
         .with_field("package")
-    } else {
-        ApiError::bad_request(format!(
-            "could not read the multipart body: {}",
-            e.body_text()
-        ))
     }
 }
 
@@ -355,7 +350,7 @@ pub async fn start_import(
     State(state): State<ApiState>,
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
-    multipart: Result<Multipart, MultipartRejection>,
+    multipart: Result<ApiMultipart<ImportForm>, ApiError>,
 ) -> Result<Response, ApiError> {
     let svc = &state.export;
     svc.limiter().check_start().map_err(too_many)?;
@@ -375,8 +370,7 @@ pub async fn start_import(
             }));
         }
     }
-    let mut multipart =
-        multipart.map_err(|_| ApiError::unsupported_media_type("multipart/form-data"))?;
+    let mut multipart = multipart?;
     let ImportFields {
         package,
         key,
@@ -401,42 +395,29 @@ struct ImportFields {
 
 /// Reads the import form: `package` up to `max` bytes, the short text fields up to 4 KiB.
 /// `Err`: the answer to a malformed, oversized or unknown field.
-async fn read_import_form(multipart: &mut Multipart, max: u64) -> Result<ImportFields, ApiError> {
+async fn read_import_form(
+    multipart: &mut ApiMultipart<ImportForm>,
+    max: u64,
+) -> Result<ImportFields, ApiError> {
     let mut package: Option<Vec<u8>> = None;
     let mut key = None;
     let mut policy = ConflictPolicy::Skip;
     let mut name = None;
-    loop {
-        let mut field = match multipart.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return Err(multipart_error(e)),
+    while let Some(part) = multipart.next_part().await? {
+        let field_name = part.name().to_owned();
+        let buf = if field_name == "package" {
+            part.bytes_up_to(max, |_| {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the package is larger than export.max_package_bytes ({max})"),
+                )
+                .with_field("package")
+            })
+            .await?
+        } else {
+            part.bytes_up_to(4096, |name| ApiError::invalid_field(name, "too long"))
+                .await?
         };
-        let field_name = field.name().unwrap_or_default().to_owned();
-        let limit = if field_name == "package" { max } else { 4096 };
-        let mut buf = Vec::new();
-        loop {
-            match field.chunk().await {
-                Ok(Some(chunk)) => {
-                    if (buf.len() + chunk.len()) as u64 > limit {
-                        return Err(if field_name == "package" {
-                            ApiError::new(
-                                ErrorCode::PayloadTooLarge,
-                                format!(
-                                    "the package is larger than export.max_package_bytes ({max})"
-                                ),
-                            )
-                            .with_field("package")
-                        } else {
-                            ApiError::invalid_field(field_name, "too long")
-                        });
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(multipart_error(e)),
-            }
-        }
         let text = || String::from_utf8(buf.clone()).map(|s| s.trim().to_owned());
         match field_name.as_str() {
             "package" => package = Some(buf),

@@ -2,7 +2,11 @@
 //! blames (`devices[3].device_name`, `page`, …) instead of axum's plain-text rejections.
 //!
 //! Use [`ApiJson`], [`ApiQuery`] and [`ApiPath`] in handlers instead of axum's `Json`, `Query`
-//! and `Path`.
+//! and `Path`, and [`ApiMultipart`] instead of axum's `Multipart`.
+
+mod multipart;
+
+pub use multipart::{ApiMultipart, MultipartForm, Part};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};

@@ -21,8 +21,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
-use axum::extract::{Multipart, RawQuery, Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -33,7 +32,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::RequireOperator;
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ApiPath, ApiQuery};
+use super::extract::{ApiMultipart, ApiPath, ApiQuery, MultipartForm};
 use super::{ApiState, ItemsPage};
 use crate::ota::firmware::{FirmwareError, FirmwarePackage, NewFirmware, MAX_SRC_VERSIONS};
 use crate::registry::Page;
@@ -89,7 +88,8 @@ impl From<FirmwareError> for ApiError {
     }
 }
 
-/// The parts of `POST /api/v1/firmware` (documentation only; the handler streams them).
+/// The parts of `POST /api/v1/firmware` (documentation, and how the form's failures read:
+/// [`MultipartForm`]; the handler streams the parts).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
@@ -210,29 +210,11 @@ impl Form {
     }
 }
 
-fn multipart_error(e: MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+/// The form's 413 names the package: the route's body limit is `ota.max_firmware_bytes`.
+impl MultipartForm for FirmwareUploadForm {
+    fn too_large() -> ApiError {
         ApiError::new(ErrorCode::FirmwareTooLarge, "the upload is too large").with_field("file")
-    } else {
-        ApiError::bad_request(format!(
-            "could not read the multipart body: {}",
-            e.body_text()
-        ))
     }
-}
-
-async fn read_text(mut field: Field<'_>, name: &str) -> Result<String, ApiError> {
-    let mut buf = Vec::new();
-    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-        if buf.len() + chunk.len() > MAX_TEXT_PART {
-            return Err(ApiError::invalid_field(
-                name,
-                format!("longer than {MAX_TEXT_PART} bytes"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    String::from_utf8(buf).map_err(|_| ApiError::invalid_field(name, "not UTF-8"))
 }
 
 /// Checks what is already known before the bytes arrive, so a wrong product or field fails
@@ -274,16 +256,18 @@ fn precheck(state: &ApiState, form: &Form) -> Result<(), ApiError> {
 pub async fn upload_firmware(
     _operator: RequireOperator,
     State(state): State<ApiState>,
-    multipart: Result<Multipart, MultipartRejection>,
+    mut multipart: ApiMultipart<FirmwareUploadForm>,
 ) -> Result<(StatusCode, Json<FirmwarePackage>), ApiError> {
-    let mut multipart =
-        multipart.map_err(|_| ApiError::unsupported_media_type("multipart/form-data"))?;
     let mut form = Form::default();
     let mut staged = None;
-    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
-        let name = field.name().unwrap_or_default().to_owned();
-        if name != "file" {
-            let value = read_text(field, &name).await?;
+    while let Some(mut part) = multipart.next_part().await? {
+        if part.name() != "file" {
+            let name = part.name().to_owned();
+            let value = part
+                .text_up_to(MAX_TEXT_PART as u64, |name| {
+                    ApiError::invalid_field(name, format!("longer than {MAX_TEXT_PART} bytes"))
+                })
+                .await?;
             form.accept(&name, value)?;
             continue;
         }
@@ -292,7 +276,7 @@ pub async fn upload_firmware(
         }
         precheck(&state, &form)?;
         let mut writer = state.firmware.begin_upload().await?;
-        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        while let Some(chunk) = part.chunk().await? {
             writer.write(&chunk).await.map_err(FirmwareError::from)?;
         }
         if writer.size() == 0 {

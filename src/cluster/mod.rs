@@ -28,6 +28,7 @@
 //! Subjects are prefixed with the cluster's name so several clusters (or test runs) can share
 //! one NATS server.
 
+mod delivery;
 pub mod engines;
 pub mod epoch;
 pub mod feed;
@@ -37,21 +38,22 @@ pub mod members;
 mod metrics;
 mod receiver;
 pub mod settings;
+mod settle;
 
+pub use delivery::{CommandHandler, Delivered};
 pub use follow::{DocFollower, Document};
 pub use metrics::ClusterMetrics;
 pub use settings::ClusterSettings;
+pub(crate) use settle::SettleRequest;
 
-use crate::broker::{DeviceKey, Downlink};
+use crate::broker::Downlink;
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{InstanceRecord, ProductRecord, Snapshot, Store, StoreError, StoredDevice};
-use bytes::Bytes;
 use feed::{FeedMessage, FeedWriter};
 use futures_util::future::BoxFuture;
 use members::{Heartbeat, Member, Members};
-use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -149,58 +151,6 @@ impl Subjects {
     }
 }
 
-/// A settle request: "have you applied my feed up to `seq`?".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct SettleRequest {
-    pub origin: u16,
-    pub seq: u64,
-}
-
-/// A message for a device held by another node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Delivery {
-    pub product_key: String,
-    pub device_name: String,
-    #[serde(flatten)]
-    pub message: DeliveryKind,
-}
-
-/// What a [`Delivery`] carries: the kinds of node-directed messages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub(crate) enum DeliveryKind {
-    /// A message to publish to the device; answered with [`Delivered`].
-    Publish {
-        topic: String,
-        payload: Vec<u8>,
-        /// QoS 1 through the router (kept for a persistent session), else QoS 0.
-        qos1: bool,
-    },
-    /// A command the holder carries out itself (cloud-to-device calls that wait for the
-    /// device's answer): an opaque body for the holder's [`CommandHandler`], answered with
-    /// the body it returns.
-    Command { body: Vec<u8> },
-}
-
-/// Carries out [`Cluster::command`]s for devices this node holds (the app installs
-/// `command::Commands`). Bodies are the handler's own; the cluster only transports them.
-pub trait CommandHandler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        device: DeviceKey,
-        body: Vec<u8>,
-    ) -> futures_util::future::BoxFuture<'static, Vec<u8>>;
-}
-
-/// Where [`Cluster::deliver`] left a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Delivered {
-    /// Handed to the session of the node that holds the device.
-    Sent { node: u16 },
-    /// No node holds the device.
-    Offline,
-}
-
 /// This node's part of the cluster.
 pub struct Cluster {
     settings: ClusterSettings,
@@ -270,48 +220,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Cluster>, Pending), ClusterError> {
         let node = settings.node_id;
-        let url = settings
-            .nats_url
-            .as_ref()
-            .map(|u| u.expose().to_owned())
-            .unwrap_or_default();
-        let (event_tx, events) = mpsc::unbounded_channel();
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("fleetgate-{}-{node}", settings.name))
-            .event_callback(move |event| {
-                let event_tx = event_tx.clone();
-                async move {
-                    let _ = event_tx.send(event);
-                }
-            })
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url.as_str())
-            .await
-            .map_err(|e| ClusterError::Connect {
-                url: redact(&url),
-                message: e.to_string(),
-            })?;
-        let subjects = Subjects::new(&settings.name);
-        let subscribe = |subject: String| {
-            let client = client.clone();
-            async move {
-                client
-                    .subscribe(subject)
-                    .await
-                    .map_err(|e| ClusterError::Nats(e.to_string()))
-            }
-        };
-        let pending = Pending {
-            feed: subscribe(subjects.feed.clone()).await?,
-            heartbeat: subscribe(subjects.heartbeat.clone()).await?,
-            settle: subscribe(subjects.settle.clone()).await?,
-            node: subscribe(subjects.node(node)).await?,
-            events,
-        };
-        client
-            .flush()
-            .await
-            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let (client, subjects, pending) = connect(&settings).await?;
 
         let last = shared.feed_position(node).await?;
         let committed = Arc::new(AtomicU64::new(last));
@@ -469,177 +378,6 @@ impl Cluster {
             .list()
     }
 
-    /// Waits until every live node has applied this node's feed up to what is committed now
-    /// (so a write the caller just committed is visible everywhere), or `settle_timeout_ms`
-    /// passed. Returns the nodes that did not confirm in time.
-    pub async fn settle(&self) -> Vec<u16> {
-        let seq = self.committed.load(Ordering::Acquire);
-        let timeout = Duration::from_millis(self.settings.settle_timeout_ms);
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut expected: Vec<u16> = self
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .ids()
-            .into_iter()
-            .filter(|&n| n != self.node)
-            .collect();
-        if seq == 0 || expected.is_empty() {
-            return Vec::new();
-        }
-        let mut published = self.published.subscribe();
-        if tokio::time::timeout_at(deadline, published.wait_for(|&p| p >= seq))
-            .await
-            .is_err()
-        {
-            return expected;
-        }
-        let inbox = self.client.new_inbox();
-        let Ok(mut replies) = self.client.subscribe(inbox.clone()).await else {
-            return expected;
-        };
-        let request = serde_json::to_vec(&SettleRequest {
-            origin: self.node,
-            seq,
-        })
-        .unwrap_or_default();
-        if self
-            .client
-            .publish_with_reply(self.subjects.settle.clone(), inbox, request.into())
-            .await
-            .is_err()
-        {
-            return expected;
-        }
-        use futures_util::StreamExt;
-        while !expected.is_empty() {
-            match tokio::time::timeout_at(deadline, replies.next()).await {
-                Ok(Some(reply)) => {
-                    if let Ok(node) = serde_json::from_slice::<u16>(&reply.payload) {
-                        expected.retain(|&n| n != node);
-                    }
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if !expected.is_empty() {
-            self.metrics.cluster.settle_timeouts.inc();
-            tracing::warn!(nodes = ?expected, seq, "nodes did not confirm a change in time");
-        }
-        expected
-    }
-
-    /// Sends a message to a device through the node that holds it. A device held here is
-    /// served by the local downlink.
-    pub async fn deliver(
-        &self,
-        device: &DeviceKey,
-        topic: String,
-        payload: Bytes,
-        qos1: bool,
-    ) -> Result<Delivered, ClusterError> {
-        let Some(attached) = self.attached.get() else {
-            return Ok(Delivered::Offline);
-        };
-        let Some(epoch) = attached
-            .registry
-            .session_of(&device.product_key, &device.device_name)
-        else {
-            return Ok(Delivered::Offline);
-        };
-        let node = epoch::node_of(epoch);
-        if node == self.node {
-            return Ok(deliver_here(
-                self.node,
-                &attached.downlink,
-                device,
-                topic,
-                payload,
-                qos1,
-            ));
-        }
-        let delivery = Delivery {
-            product_key: device.product_key.clone(),
-            device_name: device.device_name.clone(),
-            message: DeliveryKind::Publish {
-                topic,
-                payload: payload.to_vec(),
-                qos1,
-            },
-        };
-        let body = serde_json::to_vec(&delivery).unwrap_or_default();
-        match self
-            .client
-            .request(self.subjects.node(node), body.into())
-            .await
-        {
-            Ok(reply) => Ok(serde_json::from_slice(&reply.payload).unwrap_or(Delivered::Offline)),
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
-                Ok(Delivered::Offline)
-            }
-            Err(e) => Err(ClusterError::Nats(e.to_string())),
-        }
-    }
-
-    /// Installs what carries out [`Cluster::command`]s sent to this node (once).
-    pub fn set_command_handler(&self, handler: Arc<dyn CommandHandler>) {
-        let _ = self.commands.set(handler);
-    }
-
-    /// Sends a command body to the node that holds `device` and returns that node's answer,
-    /// waiting at most `timeout`. `Ok(None)`: no other node holds the device (a device held
-    /// here is the caller's to serve). See [`Cluster::command_on`].
-    pub async fn command(
-        &self,
-        device: &DeviceKey,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, ClusterError> {
-        let Some(attached) = self.attached.get() else {
-            return Ok(None);
-        };
-        let Some(epoch) = attached
-            .registry
-            .session_of(&device.product_key, &device.device_name)
-        else {
-            return Ok(None);
-        };
-        let node = epoch::node_of(epoch);
-        if node == self.node {
-            return Ok(None);
-        }
-        self.command_on(node, device, body, timeout).await
-    }
-
-    /// Sends a command body about `device` to node `node`, whether or not it holds the device
-    /// (e.g. to read what it keeps about the device), and returns its answer, waiting at most
-    /// `timeout`. `Ok(None)`: the node is not there.
-    pub async fn command_on(
-        &self,
-        node: u16,
-        device: &DeviceKey,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, ClusterError> {
-        let delivery = Delivery {
-            product_key: device.product_key.clone(),
-            device_name: device.device_name.clone(),
-            message: DeliveryKind::Command { body },
-        };
-        let request = async_nats::Request::new()
-            .payload(serde_json::to_vec(&delivery).unwrap_or_default().into())
-            .timeout(Some(timeout));
-        match self
-            .client
-            .send_request(self.subjects.node(node), request)
-            .await
-        {
-            Ok(reply) => Ok(Some(reply.payload.to_vec())),
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(None),
-            Err(e) => Err(ClusterError::Nats(e.to_string())),
-        }
-    }
-
     /// Publishes the feed: messages from the store's writer, in order, split to fit NATS.
     async fn publish(self: Arc<Self>, mut out: mpsc::UnboundedReceiver<FeedMessage>) {
         let max = self.client.server_info().max_payload.max(64 * 1024);
@@ -696,58 +434,6 @@ impl Cluster {
         }
     }
 
-    /// Serves `fg.{name}.node.{id}`: messages for devices this node holds.
-    async fn serve_deliveries(
-        self: Arc<Self>,
-        mut requests: async_nats::Subscriber,
-        _registry: Arc<Registry>,
-        downlink: Downlink,
-    ) {
-        use futures_util::StreamExt;
-        while let Some(request) = requests.next().await {
-            let Some(reply) = request.reply.clone() else {
-                continue;
-            };
-            let outcome = match serde_json::from_slice::<Delivery>(&request.payload) {
-                Ok(d) => {
-                    let device = DeviceKey {
-                        product_key: d.product_key,
-                        device_name: d.device_name,
-                    };
-                    match d.message {
-                        DeliveryKind::Publish {
-                            topic,
-                            payload,
-                            qos1,
-                        } => {
-                            deliver_here(self.node, &downlink, &device, topic, payload.into(), qos1)
-                        }
-                        DeliveryKind::Command { body } => {
-                            // Off the loop: a command may wait seconds for the device.
-                            if let Some(handler) = self.commands.get() {
-                                let answer = handler.handle(device, body);
-                                let client = self.client.clone();
-                                tokio::spawn(async move {
-                                    let _ = client.publish(reply, answer.await.into()).await;
-                                });
-                            } else {
-                                // An empty answer: the caller reports it instead of waiting.
-                                let _ = self.client.publish(reply, Bytes::new()).await;
-                            }
-                            continue;
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "malformed delivery request");
-                    Delivered::Offline
-                }
-            };
-            let body = serde_json::to_vec(&outcome).unwrap_or_default();
-            let _ = self.client.publish(reply, body.into()).await;
-        }
-    }
-
     /// Stops the cluster's tasks once the feed's last committed message is published (or
     /// after 2 s).
     pub async fn shutdown(&self) {
@@ -766,28 +452,55 @@ impl Cluster {
     }
 }
 
-/// Hands a message to a session of this node.
-fn deliver_here(
-    node: u16,
-    downlink: &Downlink,
-    device: &DeviceKey,
-    topic: String,
-    payload: Bytes,
-    qos1: bool,
-) -> Delivered {
-    if !downlink.is_connected(device) {
-        return Delivered::Offline;
-    }
-    let sent = if qos1 {
-        downlink.publish(topic, payload).is_ok()
-    } else {
-        downlink.publish_qos0(topic, payload).is_ok()
+/// Connects to NATS as node `settings.node_id` and subscribes to the cluster's subjects
+/// (before the registry is loaded, so nothing published meanwhile is lost).
+async fn connect(
+    settings: &ClusterSettings,
+) -> Result<(async_nats::Client, Subjects, Pending), ClusterError> {
+    let node = settings.node_id;
+    let url = settings
+        .nats_url
+        .as_ref()
+        .map(|u| u.expose().to_owned())
+        .unwrap_or_default();
+    let (event_tx, events) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("fleetgate-{}-{node}", settings.name))
+        .event_callback(move |event| {
+            let event_tx = event_tx.clone();
+            async move {
+                let _ = event_tx.send(event);
+            }
+        })
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url.as_str())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            url: redact(&url),
+            message: e.to_string(),
+        })?;
+    let subjects = Subjects::new(&settings.name);
+    let subscribe = |subject: String| {
+        let client = client.clone();
+        async move {
+            client
+                .subscribe(subject)
+                .await
+                .map_err(|e| ClusterError::Nats(e.to_string()))
+        }
     };
-    if sent {
-        Delivered::Sent { node }
-    } else {
-        Delivered::Offline
-    }
+    let pending = Pending {
+        feed: subscribe(subjects.feed.clone()).await?,
+        heartbeat: subscribe(subjects.heartbeat.clone()).await?,
+        settle: subscribe(subjects.settle.clone()).await?,
+        node: subscribe(subjects.node(node)).await?,
+        events,
+    };
+    client
+        .flush()
+        .await
+        .map_err(|e| ClusterError::Nats(e.to_string()))?;
+    Ok((client, subjects, pending))
 }
 
 /// A URL without its password, for logs.

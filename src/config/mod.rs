@@ -352,29 +352,36 @@ impl Settings {
         if let Some(v) = o.http_proxy_trusted {
             self.http.proxy_trusted = v;
         }
-        match (o.mqtt_tls_listen, o.tls_cert, o.tls_key) {
-            (None, None, None) => {}
-            (listen, cert, key) => {
-                let current = self.mqtt.tls.take();
-                let listen = listen
-                    .or(current.as_ref().map(|t| t.listen))
-                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8883)));
-                let cert = cert.or(current.as_ref().map(|t| t.cert.clone()));
-                let key = key.or(current.as_ref().map(|t| t.key.clone()));
-                match (cert, key) {
-                    (Some(cert), Some(key)) => {
-                        self.mqtt.tls = Some(TlsSettings { listen, cert, key })
-                    }
-                    _ => {
-                        return Err(ConfigError::Invalid {
-                            field: "mqtt.tls",
-                            message: "the TLS listener needs both a certificate and a key".into(),
-                        })
-                    }
-                }
-            }
+        self.apply_tls(o.mqtt_tls_listen, o.tls_cert, o.tls_key)
+    }
+
+    /// The TLS listener's overrides, over what the file set: both a certificate and a key in
+    /// the end, or an error.
+    fn apply_tls(
+        &mut self,
+        listen: Option<SocketAddr>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<(), ConfigError> {
+        if listen.is_none() && cert.is_none() && key.is_none() {
+            return Ok(());
         }
-        Ok(())
+        let current = self.mqtt.tls.take();
+        let listen = listen
+            .or(current.as_ref().map(|t| t.listen))
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8883)));
+        let cert = cert.or(current.as_ref().map(|t| t.cert.clone()));
+        let key = key.or(current.as_ref().map(|t| t.key.clone()));
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                self.mqtt.tls = Some(TlsSettings { listen, cert, key });
+                Ok(())
+            }
+            _ => Err(ConfigError::Invalid {
+                field: "mqtt.tls",
+                message: "the TLS listener needs both a certificate and a key".into(),
+            }),
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -403,6 +410,26 @@ impl Settings {
                 });
             }
         }
+        self.validate_mqtt()?;
+        self.validate_http()?;
+        self.validate_ota()?;
+        if let Err(ForwarderError::Invalid { field, message }) = self.amqp.validate() {
+            return Err(ConfigError::Invalid { field, message });
+        }
+        self.validate_export_and_store()?;
+        self.validate_commands()?;
+        if self.migration.batch_size == 0 || self.migration.batch_size > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "migration.batch_size",
+                message: "must be 1..=10000".into(),
+            });
+        }
+        self.validate_tokens()?;
+        Ok(())
+    }
+
+    /// The `[mqtt]` sizes and the CONNECT timestamp window.
+    fn validate_mqtt(&self) -> Result<(), ConfigError> {
         if self.mqtt.max_payload_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 field: "mqtt.max_payload_bytes",
@@ -429,6 +456,11 @@ impl Settings {
                 message: "must be at most 4294967295 (0 turns the check off)".into(),
             });
         }
+        Ok(())
+    }
+
+    /// The `[http]` public URL and body limits.
+    fn validate_http(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.http.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid {
@@ -454,6 +486,11 @@ impl Settings {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// The `[ota]` section.
+    fn validate_ota(&self) -> Result<(), ConfigError> {
         if self.ota.max_firmware_bytes == 0 {
             return Err(ConfigError::Invalid {
                 field: "ota.max_firmware_bytes",
@@ -478,9 +515,11 @@ impl Settings {
                 message: "must be 10..=10000".into(),
             });
         }
-        if let Err(ForwarderError::Invalid { field, message }) = self.amqp.validate() {
-            return Err(ConfigError::Invalid { field, message });
-        }
+        Ok(())
+    }
+
+    /// The `[export]` unpacking limits and the `[store]` section.
+    fn validate_export_and_store(&self) -> Result<(), ConfigError> {
         if self.export.max_unpacked_entry_bytes == 0 {
             return Err(ConfigError::Invalid {
                 field: "export.max_unpacked_entry_bytes",
@@ -513,6 +552,11 @@ impl Settings {
                 message: "must be at least 1".into(),
             });
         }
+        Ok(())
+    }
+
+    /// The `[commands]` section.
+    fn validate_commands(&self) -> Result<(), ConfigError> {
         if self.commands.broadcast_per_sec == 0 {
             return Err(ConfigError::Invalid {
                 field: "commands.broadcast_per_sec",
@@ -531,12 +575,11 @@ impl Settings {
                 message: "must be at least 1".into(),
             });
         }
-        if self.migration.batch_size == 0 || self.migration.batch_size > 10_000 {
-            return Err(ConfigError::Invalid {
-                field: "migration.batch_size",
-                message: "must be 1..=10000".into(),
-            });
-        }
+        Ok(())
+    }
+
+    /// The roles and lengths of `[[api.tokens]]`.
+    fn validate_tokens(&self) -> Result<(), ConfigError> {
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "admin" | "operator" | "viewer") {
                 return Err(ConfigError::Invalid {

@@ -9,10 +9,10 @@ use maud::{html, Markup};
 use super::view::{self, Nav};
 use super::{Console, Sess};
 use crate::migration::engine::TaskFilter;
-use crate::migration::model::SummaryStatus;
+use crate::migration::model::{SummaryStatus, TaskDetails};
 use crate::ota::engine::JobFilter;
 use crate::ota::model::{JobStatus, JobView};
-use crate::registry::{DeviceFilter, Page};
+use crate::registry::{DeviceFilter, Page, Product};
 
 /// Products shown on the dashboard (the products page pages through all of them).
 const PRODUCTS_SHOWN: u32 = 50;
@@ -59,48 +59,7 @@ fn live_block(c: &Console) -> Markup {
             .unwrap_or(0);
         total += p.device_count;
         online += on;
-        let chart = c
-            .api_state
-            .ota
-            .version_distribution(&p.product_key, MODULE)
-            .ok()
-            .map(|d| {
-                let mut rows: Vec<(String, u64)> = d
-                    .versions
-                    .iter()
-                    .take(TOP_VERSIONS)
-                    .map(|v| (v.version.clone(), v.devices))
-                    .collect();
-                let others: u64 = d
-                    .versions
-                    .iter()
-                    .skip(TOP_VERSIONS)
-                    .map(|v| v.devices)
-                    .sum();
-                if others > 0 {
-                    rows.push(("others".into(), others));
-                }
-                if d.unknown > 0 {
-                    rows.push(("not reported".into(), d.unknown));
-                }
-                rows
-            });
-        cards.push(html! {
-            section.card aria-labelledby=(format!("p-{}", p.product_key)) {
-                h3 id=(format!("p-{}", p.product_key)) {
-                    a id=(format!("dp-{}", p.product_key)) href=(format!("/console/products/{}", view::enc(&p.product_key))) { (p.name) }
-                    " " span.small { (p.product_key) }
-                }
-                div.kpis {
-                    div.kpi { strong { (p.device_count) } "devices" }
-                    div.kpi { strong.online { (on) } "online" }
-                    div.kpi { strong { (p.device_count.saturating_sub(on)) } "offline" }
-                }
-                @if let Some(rows) = chart.filter(|r| !r.is_empty()) {
-                    (view::bar_chart(&format!("Versions of module {MODULE} in {}", p.name), &rows))
-                }
-            }
-        });
+        cards.push(product_card(p, on, version_rows(c, &p.product_key)));
     }
     let jobs = running_jobs(c);
     let migrations = c
@@ -125,13 +84,81 @@ fn live_block(c: &Console) -> Markup {
             }
         }
         h2 { "Running OTA jobs" }
+        (jobs_table(&jobs))
+        h2 { "Running migrations" }
+        (migrations_table(&migrations))
+        h2 { "Products" }
+        @if cards.is_empty() {
+            p { "No products yet. " a #d-create-product href="/console/products" { "Create one" } }
+        }
+        div.grid { @for card in cards { (card) } }
+        @if products.total > u64::from(PRODUCTS_SHOWN) {
+            p.small { "The first " (PRODUCTS_SHOWN) " products; " a #d-all-products href="/console/products" { "all products" } }
+        }
+        }
+    }
+}
+
+/// The rows of a product's version chart: the top versions of [`MODULE`], the rest summed,
+/// and the devices that reported none.
+fn version_rows(c: &Console, product_key: &str) -> Option<Vec<(String, u64)>> {
+    c.api_state
+        .ota
+        .version_distribution(product_key, MODULE)
+        .ok()
+        .map(|d| {
+            let mut rows: Vec<(String, u64)> = d
+                .versions
+                .iter()
+                .take(TOP_VERSIONS)
+                .map(|v| (v.version.clone(), v.devices))
+                .collect();
+            let others: u64 = d
+                .versions
+                .iter()
+                .skip(TOP_VERSIONS)
+                .map(|v| v.devices)
+                .sum();
+            if others > 0 {
+                rows.push(("others".into(), others));
+            }
+            if d.unknown > 0 {
+                rows.push(("not reported".into(), d.unknown));
+            }
+            rows
+        })
+}
+
+/// A product's card: its device counts and version chart.
+fn product_card(p: &Product, on: u64, chart: Option<Vec<(String, u64)>>) -> Markup {
+    html! {
+        section.card aria-labelledby=(format!("p-{}", p.product_key)) {
+            h3 id=(format!("p-{}", p.product_key)) {
+                a id=(format!("dp-{}", p.product_key)) href=(format!("/console/products/{}", view::enc(&p.product_key))) { (p.name) }
+                " " span.small { (p.product_key) }
+            }
+            div.kpis {
+                div.kpi { strong { (p.device_count) } "devices" }
+                div.kpi { strong.online { (on) } "online" }
+                div.kpi { strong { (p.device_count.saturating_sub(on)) } "offline" }
+            }
+            @if let Some(rows) = chart.filter(|r| !r.is_empty()) {
+                (view::bar_chart(&format!("Versions of module {MODULE} in {}", p.name), &rows))
+            }
+        }
+    }
+}
+
+/// The running jobs' table, or a line saying there is none.
+fn jobs_table(jobs: &[JobView]) -> Markup {
+    html! {
         @if jobs.is_empty() {
             p.small { "No job is running. " a #d-jobs href="/console/ota" { "Jobs" } }
         } @else {
             div.table-wrap { table {
                 thead { tr { th { "Job" } th { "Product" } th { "Target" } th { "Status" } th { "Progress" } } }
                 tbody {
-                    @for j in &jobs {
+                    @for j in jobs {
                         @let c = &j.counters;
                         tr {
                             td { a id=(format!("dj-{}", j.job.job_id)) href=(format!("/console/ota/jobs/{}", j.job.job_id)) { (j.job.spec.name.as_deref().unwrap_or(&j.job.job_id)) } }
@@ -144,14 +171,19 @@ fn live_block(c: &Console) -> Markup {
                 }
             } }
         }
-        h2 { "Running migrations" }
+    }
+}
+
+/// The migrations moving devices, or a line saying there is none.
+fn migrations_table(migrations: &[TaskDetails]) -> Markup {
+    html! {
         @if migrations.is_empty() {
             p.small { "No migration is moving devices. " a #d-migrations href="/console/migrations" { "Migrations" } }
         } @else {
             div.table-wrap { table {
                 thead { tr { th { "Migration" } th { "Product" } th { "State" } th { "Progress" } } }
                 tbody {
-                    @for t in &migrations {
+                    @for t in migrations {
                         tr {
                             td { a id=(format!("dm-{}", t.task_id)) href=(format!("/console/migrations/{}", t.task_id)) { (t.name) } }
                             td { (t.product_key) }
@@ -161,15 +193,6 @@ fn live_block(c: &Console) -> Markup {
                     }
                 }
             } }
-        }
-        h2 { "Products" }
-        @if cards.is_empty() {
-            p { "No products yet. " a #d-create-product href="/console/products" { "Create one" } }
-        }
-        div.grid { @for card in cards { (card) } }
-        @if products.total > u64::from(PRODUCTS_SHOWN) {
-            p.small { "The first " (PRODUCTS_SHOWN) " products; " a #d-all-products href="/console/products" { "all products" } }
-        }
         }
     }
 }

@@ -176,16 +176,7 @@ async fn product_page(
     let online = q.online.as_deref().unwrap_or("");
     let tag_key = q.tag_key.as_deref().unwrap_or("");
     let tag_value = q.tag_value.as_deref().unwrap_or("");
-    let mut filter = String::new();
-    if online == "true" || online == "false" {
-        filter.push_str(&format!("&online={online}"));
-    }
-    if !tag_key.is_empty() {
-        filter.push_str(&format!("&tag_key={}", enc(tag_key)));
-        if !tag_value.is_empty() {
-            filter.push_str(&format!("&tag_value={}", enc(tag_value)));
-        }
-    }
+    let filter = device_filter(online, tag_key, tag_value);
     let d = c
         .api
         .get(
@@ -231,6 +222,35 @@ async fn product_page(
             label { "Tag value" input name="tag_value" value=(tag_value); }
             button type="submit" { "Search" }
         }
+        (devices_table(&d, &pk_enc, page, &filter))
+        @if session.may_operate() { (new_device_forms(session, &pk_enc)) }
+    };
+    ok_page(
+        session,
+        &format!("Product {}", s(&p.body["name"])),
+        Nav::Products,
+        body,
+    )
+}
+
+/// The device list's filter as query parameters (`&online=…&tag_key=…&tag_value=…`).
+fn device_filter(online: &str, tag_key: &str, tag_value: &str) -> String {
+    let mut filter = String::new();
+    if online == "true" || online == "false" {
+        filter.push_str(&format!("&online={online}"));
+    }
+    if !tag_key.is_empty() {
+        filter.push_str(&format!("&tag_key={}", enc(tag_key)));
+        if !tag_value.is_empty() {
+            filter.push_str(&format!("&tag_value={}", enc(tag_value)));
+        }
+    }
+    filter
+}
+
+/// One page of the product's devices (`d`, the API's answer), with the pager.
+fn devices_table(d: &ApiAnswer, pk_enc: &str, page: u32, filter: &str) -> Markup {
+    html! {
         @if !d.ok() {
             p.error role="alert" { (d.error_msg()) }
         } @else {
@@ -252,29 +272,27 @@ async fn product_page(
             } }
             (view::pager(page, 50, d.body["total"].as_u64().unwrap_or(0), |n| format!("/console/products/{pk_enc}?page={n}{filter}")))
         }
-        @if session.may_operate() {
-            h2 { "New device" }
-            form.row method="post" action=(format!("/console/products/{pk_enc}/devices")) {
-                (view::csrf(session))
-                label { "Device name" input name="device_name" required minlength="4" maxlength="32"; }
-                label { "Secret (empty: generated)" input name="device_secret" autocomplete="off"; }
-                button type="submit" { "Create device" }
-            }
-            h2 { "Import devices from CSV" }
-            p.small { "Header " code { "DeviceName[,DeviceSecret]" } ", up to 10,000 rows; each row is reported." }
-            form.row method="post" enctype="multipart/form-data"
-                action=(format!("/console/products/{pk_enc}/devices/import?csrf={}", enc(&session.csrf))) {
-                label { "CSV file" input type="file" name="file" accept=".csv,text/csv" required; }
-                button type="submit" { "Import" }
-            }
+    }
+}
+
+/// The forms that create a device and import devices from CSV.
+fn new_device_forms(session: &Session, pk_enc: &str) -> Markup {
+    html! {
+        h2 { "New device" }
+        form.row method="post" action=(format!("/console/products/{pk_enc}/devices")) {
+            (view::csrf(session))
+            label { "Device name" input name="device_name" required minlength="4" maxlength="32"; }
+            label { "Secret (empty: generated)" input name="device_secret" autocomplete="off"; }
+            button type="submit" { "Create device" }
         }
-    };
-    ok_page(
-        session,
-        &format!("Product {}", s(&p.body["name"])),
-        Nav::Products,
-        body,
-    )
+        h2 { "Import devices from CSV" }
+        p.small { "Header " code { "DeviceName[,DeviceSecret]" } ", up to 10,000 rows; each row is reported." }
+        form.row method="post" enctype="multipart/form-data"
+            action=(format!("/console/products/{pk_enc}/devices/import?csrf={}", enc(&session.csrf))) {
+            label { "CSV file" input type="file" name="file" accept=".csv,text/csv" required; }
+            button type="submit" { "Import" }
+        }
+    }
 }
 
 fn kv(v: &Value) -> String {

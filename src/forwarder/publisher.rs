@@ -399,11 +399,9 @@ async fn publish_loop(
     let mut term_open = true;
     let window = fwd.config.inflight_window.max(1);
     let mut cursor = 0i64;
-    let mut pending: VecDeque<OutboxRow> = VecDeque::new();
-    let mut inflight: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+    let mut rows = Rows::default();
     let mut exchanges = Exchanges::new(fwd);
     let mut draining = false;
-    let mut deletes = Deletes::default();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -412,61 +410,48 @@ async fn publish_loop(
     // dropped from a full tail, or taken by an earlier session), from the file.
     let mut more = true;
     loop {
-        if !draining && more && pending.len() < MAX_PENDING - READ_BATCH {
-            refill(outbox, reader, &mut cursor, &mut more, &mut pending).await?;
+        if !draining && more && rows.pending.len() < MAX_PENDING - READ_BATCH {
+            refill(outbox, reader, &mut cursor, &mut more, &mut rows.pending).await?;
         }
 
-        let mut wake = None;
-        while !draining && inflight.len() < window {
-            let Some(i) = pick(fwd, &pending, &mut wake) else {
-                break;
-            };
-            let Some(row) = pending.remove(i) else {
-                break;
-            };
-            if !exchanges.ready(fwd, ch, &row, &mut deletes).await? {
-                continue;
-            }
-            let confirm = publish_row(fwd, ch, row).await;
-            inflight.push(confirm);
-            if pending.len() < READ_BATCH && more {
-                // Refill before the buffer runs dry.
-                break;
-            }
-        }
+        let wake = if draining {
+            None
+        } else {
+            publish_ready(fwd, ch, &mut exchanges, &mut rows, window, more).await?
+        };
 
-        if draining && inflight.is_empty() {
+        if draining && rows.inflight.is_empty() {
             // A nack: everything not acked is still in the outbox; start over from the oldest.
-            deletes.flush(outbox, epoch);
+            rows.deletes.flush(outbox, epoch);
             outbox.flush().await;
             cursor = 0;
-            pending.clear();
+            rows.pending.clear();
             more = true;
             draining = false;
             tokio::time::sleep(NACK_PAUSE).await;
             continue;
         }
-        deletes.flush(outbox, epoch);
+        rows.deletes.flush(outbox, epoch);
 
-        let can_publish_more = !draining && inflight.len() < window;
-        if can_publish_more && more && pending.len() < MAX_PENDING - READ_BATCH {
+        let can_publish_more = !draining && rows.inflight.len() < window;
+        if can_publish_more && more && rows.pending.len() < MAX_PENDING - READ_BATCH {
             continue;
         }
-        if can_publish_more && !pending.is_empty() && wake.is_none() {
+        if can_publish_more && !rows.pending.is_empty() && wake.is_none() {
             continue;
         }
 
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                settle_for_stop(fwd, outbox, epoch, &mut inflight, &mut deletes).await;
+                settle_for_stop(fwd, outbox, epoch, &mut rows.inflight, &mut rows.deletes).await;
                 return Ok(SessionEnd::Stopped);
             }
-            Some((sent, res)) = inflight.next(), if !inflight.is_empty() => {
-                draining |= on_confirm(fwd, sent, res, &mut deletes)?;
+            Some((sent, res)) = rows.inflight.next(), if !rows.inflight.is_empty() => {
+                draining |= on_confirm(fwd, sent, res, &mut rows.deletes)?;
                 // Take every confirm already resolved before publishing again.
-                while let Some(Some((sent, res))) = inflight.next().now_or_never() {
-                    draining |= on_confirm(fwd, sent, res, &mut deletes)?;
+                while let Some(Some((sent, res))) = rows.inflight.next().now_or_never() {
+                    draining |= on_confirm(fwd, sent, res, &mut rows.deletes)?;
                 }
             }
             // New rows committed: the loop takes them from the fresh tail.
@@ -478,7 +463,7 @@ async fn publish_loop(
                 Ok(()) if *term.borrow() != Some(epoch) => {
                     // Confirms still in flight are forgotten: their rows stay in the table and
                     // the next holder publishes them again (same message ids).
-                    deletes.flush(outbox, epoch);
+                    rows.deletes.flush(outbox, epoch);
                     return Ok(SessionEnd::TermEnded);
                 }
                 Ok(()) => {}
@@ -493,6 +478,47 @@ async fn publish_loop(
             }
         }
     }
+}
+
+/// A session's rows: read and waiting, published and waiting for their confirm, confirmed
+/// and waiting to be deleted.
+#[derive(Default)]
+struct Rows {
+    pending: VecDeque<OutboxRow>,
+    inflight: FuturesUnordered<ConfirmFuture>,
+    deletes: Deletes,
+}
+
+/// Publishes the pending rows the rate limits let go, until `window` confirms are in flight
+/// (or, while `more` rows wait to be read, the buffer runs low). Returns when the first row
+/// held back by a rate limit may go.
+async fn publish_ready(
+    fwd: &Arc<Forwarder>,
+    ch: &Channel,
+    exchanges: &mut Exchanges,
+    rows: &mut Rows,
+    window: usize,
+    more: bool,
+) -> Result<Option<tokio::time::Instant>, SessionError> {
+    let mut wake = None;
+    while rows.inflight.len() < window {
+        let Some(i) = pick(fwd, &rows.pending, &mut wake) else {
+            break;
+        };
+        let Some(row) = rows.pending.remove(i) else {
+            break;
+        };
+        if !exchanges.ready(fwd, ch, &row, &mut rows.deletes).await? {
+            continue;
+        }
+        let confirm = publish_row(fwd, ch, row).await;
+        rows.inflight.push(confirm);
+        if rows.pending.len() < READ_BATCH && more {
+            // Refill before the buffer runs dry.
+            break;
+        }
+    }
+    Ok(wake)
 }
 
 /// Stopping: takes the confirms that arrive within [`STOP_GRACE`], then commits the deletes.

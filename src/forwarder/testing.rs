@@ -1,7 +1,8 @@
-//! Test support shared by the library's tests and the integration tests: finding the test
-//! RabbitMQ, a TCP proxy that simulates its outages, and the bare-publisher baseline of the
-//! benchmarks (and what they publish beside it: [`envelope`], [`declare_group`]). Not part of
-//! the gateway's API.
+//! Test support shared by the library's tests, the integration tests and the benchmarks:
+//! finding the test RabbitMQ, a TCP proxy that simulates its outages, the bare-publisher
+//! baseline of the benchmarks (and what they publish beside it: [`envelope`],
+//! [`declare_group`]), and (for the unit tests and with the `testing` feature) a forwarder's
+//! surroundings: [`Fixture`], [`rabbit`], [`eventually`]. Not part of the gateway's API.
 
 use futures_util::StreamExt;
 use std::net::SocketAddr;
@@ -9,6 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+
+#[cfg(any(test, feature = "testing"))]
+mod fixture;
+#[cfg(any(test, feature = "testing"))]
+pub use fixture::{eventually, rabbit, Fixture, Rabbit, PATIENCE};
 
 /// The default test broker.
 pub const DEFAULT_TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

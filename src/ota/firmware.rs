@@ -211,6 +211,31 @@ fn generate_id() -> String {
     format!("fw-{tail}")
 }
 
+/// The package an upload becomes (a new id, UNVERIFIED), with the digests of its staged bytes.
+fn new_package(new: NewFirmware, staged: &StagedBlob) -> Result<FirmwarePackage, FirmwareError> {
+    let (module, name, sign_method, src_versions) = normalise(&new)?;
+    let sign = match sign_method {
+        FirmwareSignMethod::Sha256 => staged.sha256.clone(),
+        FirmwareSignMethod::Md5 => staged.md5.clone(),
+    };
+    Ok(FirmwarePackage {
+        firmware_id: generate_id(),
+        product_key: new.product_key,
+        name,
+        version: new.version,
+        module,
+        src_versions,
+        size: staged.size,
+        sha256: staged.sha256.clone(),
+        md5: staged.md5.clone(),
+        sign_method,
+        sign,
+        status: FirmwareStatus::Unverified,
+        description: new.description.filter(|d| !d.is_empty()),
+        created_at_ms: crate::clock::now_ms(),
+    })
+}
+
 /// Seconds since the Unix epoch: download links expire on the wall clock.
 fn now_secs() -> u64 {
     (crate::clock::now_ms().max(0) / 1000) as u64
@@ -523,27 +548,7 @@ impl FirmwareRepo {
         new: NewFirmware,
         staged: StagedBlob,
     ) -> Result<FirmwarePackage, FirmwareError> {
-        let (module, name, sign_method, src_versions) = normalise(&new)?;
-        let sign = match sign_method {
-            FirmwareSignMethod::Sha256 => staged.sha256.clone(),
-            FirmwareSignMethod::Md5 => staged.md5.clone(),
-        };
-        let package = FirmwarePackage {
-            firmware_id: generate_id(),
-            product_key: new.product_key,
-            name,
-            version: new.version,
-            module,
-            src_versions,
-            size: staged.size,
-            sha256: staged.sha256.clone(),
-            md5: staged.md5.clone(),
-            sign_method,
-            sign,
-            status: FirmwareStatus::Unverified,
-            description: new.description.filter(|d| !d.is_empty()),
-            created_at_ms: crate::clock::now_ms(),
-        };
+        let package = new_package(new, &staged)?;
         let body = serde_json::to_string(&package).map_err(|e| FirmwareError::Corrupt {
             id: package.firmware_id.clone(),
             message: e.to_string(),

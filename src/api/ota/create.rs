@@ -3,14 +3,17 @@
 
 use crate::api::auth::RequireOperator;
 use crate::api::error::{ApiError, ErrorBody};
-use crate::api::extract::{is_json, media_type, parse_json, read_body};
+use crate::api::extract::{
+    is_json, media_type, parse_json, read_body, ApiMultipart, MultipartForm,
+};
 use crate::api::ApiState;
 use crate::ota::model::{JobSpec, JobView, TargetKind, MAX_DEVICE_NAMES, MAX_VERIFY_DEVICES};
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::schema::{Object, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
@@ -49,7 +52,8 @@ pub(in crate::api) fn parse_device_list(text: &str) -> Result<Vec<String>, ApiEr
     Ok(names)
 }
 
-/// Parts of the multipart form of `POST /api/v1/ota/jobs` (documentation only).
+/// Parts of the multipart form of `POST /api/v1/ota/jobs` (documentation, and how the form's
+/// failures read: [`MultipartForm`]).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
@@ -69,139 +73,152 @@ pub struct JobUploadForm {
 /// [`JobSpec`].)
 pub struct JobRequest;
 
+/// One variant of [`JobRequest`]: (target, job_type values, selection values, required
+/// fields, the target-specific fields it takes).
+type Shape = (
+    &'static str,
+    &'static [&'static str],
+    Option<&'static [&'static str]>,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+const SHAPES: [Shape; 5] = [
+    ("ALL", &["UPGRADE_FIRMWARE"], None, &[], &[]),
+    (
+        "GRAY",
+        &["UPGRADE_FIRMWARE"],
+        None,
+        &["gray_percent"],
+        &["gray_percent"],
+    ),
+    (
+        "TAG",
+        &["UPGRADE_FIRMWARE"],
+        None,
+        &["target_tags"],
+        &["target_tags"],
+    ),
+    (
+        "SPECIFIC",
+        &["UPGRADE_FIRMWARE"],
+        None,
+        &["device_names"],
+        &["device_names"],
+    ),
+    (
+        "SPECIFIC",
+        &["VERIFY_FIRMWARE"],
+        Some(&["STATIC"]),
+        &["device_names", "job_type"],
+        &["device_names"],
+    ),
+];
+
 impl utoipa::PartialSchema for JobRequest {
     fn schema() -> RefOr<Schema> {
         let RefOr::T(Schema::Object(base)) = <JobSpec as utoipa::PartialSchema>::schema() else {
             return <JobSpec as utoipa::PartialSchema>::schema();
         };
-        let strings = |values: &[&str]| -> RefOr<Schema> {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .enum_values(Some(values.iter().copied()))
-                .into()
-        };
-        let names = |max: usize| -> RefOr<Schema> {
-            let mut list = crate::schema::string_list(
-                "The devices, each named once, 1..=64 characters.",
-                false,
-                max,
-                crate::schema::text(1, 64, None),
-                true,
-            );
-            list.min_items = Some(1);
-            list.into()
-        };
-        // (target, job_type values, selection values, required fields, fields it takes).
-        type Shape<'a> = (
-            &'a str,
-            &'a [&'a str],
-            Option<&'a [&'a str]>,
-            &'a [&'a str],
-            &'a [&'a str],
-        );
-        let shapes: [Shape; 5] = [
-            ("ALL", &["UPGRADE_FIRMWARE"], None, &[], &[]),
-            (
-                "GRAY",
-                &["UPGRADE_FIRMWARE"],
-                None,
-                &["gray_percent"],
-                &["gray_percent"],
-            ),
-            (
-                "TAG",
-                &["UPGRADE_FIRMWARE"],
-                None,
-                &["target_tags"],
-                &["target_tags"],
-            ),
-            (
-                "SPECIFIC",
-                &["UPGRADE_FIRMWARE"],
-                None,
-                &["device_names"],
-                &["device_names"],
-            ),
-            (
-                "SPECIFIC",
-                &["VERIFY_FIRMWARE"],
-                Some(&["STATIC"]),
-                &["device_names", "job_type"],
-                &["device_names"],
-            ),
-        ];
         let mut one_of = OneOfBuilder::new().description(Some(
             "A job: the fields a `target` takes depend on it (see the variants); \
              `finish_by_ms` is in the future and after `start_at_ms`; \
              `retry_interval_seconds` is required with a `retry_count` above 0; \
              `rate.ramp.max_per_minute` is at least `rate.per_minute`.",
         ));
-        for (target, job_types, selections, required, takes) in shapes {
-            let mut o = base.clone();
-            for field in ["device_names", "gray_percent", "target_tags"] {
-                if !takes.contains(&field) {
-                    o.properties.remove(field);
-                }
-            }
-            o.properties.insert("target".into(), strings(&[target]));
-            o.properties.insert("job_type".into(), strings(job_types));
-            if let Some(values) = selections {
-                o.properties.insert("selection".into(), strings(values));
-            }
-            if takes.contains(&"device_names") {
-                let max = if job_types == ["VERIFY_FIRMWARE"] {
-                    MAX_VERIFY_DEVICES
-                } else {
-                    MAX_DEVICE_NAMES
-                };
-                o.properties.insert("device_names".into(), names(max));
-            }
-            if let Some(RefOr::T(Schema::Object(p))) = o.properties.get_mut("gray_percent") {
-                p.schema_type = SchemaType::Type(Type::Number);
-            }
-            if let Some(RefOr::T(Schema::Array(a))) = o.properties.get_mut("target_tags") {
-                a.min_items = Some(1);
-            }
-            for field in required {
-                if !o.required.iter().any(|r| r == field) {
-                    o.required.push((*field).to_owned());
-                }
-            }
-            o.title = Some(format!("{target} ({})", job_types.join(", ")));
-            o.description = None;
-            one_of = one_of.item(o);
+        for shape in SHAPES {
+            one_of = one_of.item(variant(&base, shape));
         }
         RefOr::T(Schema::OneOf(one_of.build()))
     }
 }
 
+/// [`JobSpec`]'s schema narrowed to one [`Shape`].
+fn variant(base: &Object, (target, job_types, selections, required, takes): Shape) -> Object {
+    let mut o = base.clone();
+    for field in ["device_names", "gray_percent", "target_tags"] {
+        if !takes.contains(&field) {
+            o.properties.remove(field);
+        }
+    }
+    o.properties.insert("target".into(), strings(&[target]));
+    o.properties.insert("job_type".into(), strings(job_types));
+    if let Some(values) = selections {
+        o.properties.insert("selection".into(), strings(values));
+    }
+    if takes.contains(&"device_names") {
+        let max = if job_types == ["VERIFY_FIRMWARE"] {
+            MAX_VERIFY_DEVICES
+        } else {
+            MAX_DEVICE_NAMES
+        };
+        o.properties.insert("device_names".into(), names(max));
+    }
+    if let Some(RefOr::T(Schema::Object(p))) = o.properties.get_mut("gray_percent") {
+        p.schema_type = SchemaType::Type(Type::Number);
+    }
+    if let Some(RefOr::T(Schema::Array(a))) = o.properties.get_mut("target_tags") {
+        a.min_items = Some(1);
+    }
+    for field in required {
+        if !o.required.iter().any(|r| r == field) {
+            o.required.push((*field).to_owned());
+        }
+    }
+    o.title = Some(format!("{target} ({})", job_types.join(", ")));
+    o.description = None;
+    o
+}
+
+/// A string that is one of `values`.
+fn strings(values: &[&str]) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .into()
+}
+
+/// A list of 1..=`max` device names.
+fn names(max: usize) -> RefOr<Schema> {
+    let mut list = crate::schema::string_list(
+        "The devices, each named once, 1..=64 characters.",
+        false,
+        max,
+        crate::schema::text(1, 64, None),
+        true,
+    );
+    list.min_items = Some(1);
+    list.into()
+}
+
 impl ToSchema for JobRequest {}
 
-/// A multipart failure: 413 when the body went over the route's limit, 400 otherwise.
-fn multipart_error(status: StatusCode, what: String) -> ApiError {
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::payload_too_large()
-    } else {
-        ApiError::malformed(what)
+/// The form's failures: 413 when the body went over the route's limit, 400 (FG.1004 naming
+/// where) otherwise — also for a `multipart/form-data` body without a boundary.
+impl MultipartForm for JobUploadForm {
+    fn not_multipart(rejection: &MultipartRejection) -> ApiError {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large()
+        } else {
+            ApiError::malformed(format!("multipart body: {}", rejection.body_text()))
+        }
+    }
+
+    fn malformed(part: Option<&str>, error: &MultipartError) -> ApiError {
+        match part {
+            Some(name) => ApiError::malformed(format!("multipart part {name}: {error}")),
+            None => ApiError::malformed(format!("multipart body: {error}")),
+        }
     }
 }
 
 async fn spec_from_multipart(req: Request, state: &ApiState) -> Result<JobSpec, ApiError> {
-    let mut form = Multipart::from_request(req, state)
-        .await
-        .map_err(|e| multipart_error(e.status(), format!("multipart body: {}", e.body_text())))?;
+    let mut form = ApiMultipart::<JobUploadForm>::from_request(req, state).await?;
     let mut spec: Option<JobSpec> = None;
     let mut names: Option<Vec<String>> = None;
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| multipart_error(e.status(), format!("multipart body: {e}")))?
-    {
-        let name = field.name().unwrap_or_default().to_owned();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| multipart_error(e.status(), format!("multipart part {name}: {e}")))?;
+    while let Some(part) = form.next_part().await? {
+        let name = part.name().to_owned();
+        let bytes = part.bytes().await?;
         match name.as_str() {
             "job" => spec = Some(parse_json(&bytes)?),
             "device_list" => {

@@ -59,17 +59,7 @@ where
         refuse(&shared, conn, peer, Refusal::Limit).await;
         return None;
     }
-    let will = will.and_then(|w| {
-        let own = own_will(&device, w);
-        if own.is_none() {
-            shared
-                .metrics
-                .acl_denied
-                .get_or_create(&[("kind", "will")])
-                .inc();
-        }
-        own
-    });
+    let will = will.and_then(|w| will_checked(&shared, &device, w));
 
     let conn_id = shared.config.epochs.next();
     tracing::Span::current().record("conn", conn_id).record(
@@ -114,16 +104,7 @@ where
     shared.metrics.connects.inc();
     hooks.on_connect(&live.session);
     tracing::debug!(session_present, clean = connect.clean_session, "connected");
-    let connack = Packet::ConnAck(
-        ConnAck {
-            session_present,
-            code: ConnectReturnCode::Success,
-        },
-        None,
-    );
-    if conn.queue(connack).is_err() || conn.flush().await.is_err() {
-        return None;
-    }
+    accept(conn, session_present).await?;
 
     let flow = if auth.auto_subscribe {
         auto_subscribe(&shared, &live, &device).await?
@@ -334,6 +315,34 @@ pub(crate) fn open<H: DeviceHooks + ?Sized>(
         },
         Err(refusal) => Opening::Refused(refusal),
     }
+}
+
+/// [`own_will`], counting a will on a foreign topic as an ACL denial.
+fn will_checked(shared: &Shared, device: &DeviceKey, will: LastWill) -> Option<(String, Bytes)> {
+    let own = own_will(device, will);
+    if own.is_none() {
+        shared
+            .metrics
+            .acl_denied
+            .get_or_create(&[("kind", "will")])
+            .inc();
+    }
+    own
+}
+
+/// Writes the accepting CONNACK. `None`: the connection is gone.
+async fn accept<S: Socket>(conn: &mut Conn<S>, session_present: bool) -> Option<()> {
+    let connack = Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        None,
+    );
+    if conn.queue(connack).is_err() || conn.flush().await.is_err() {
+        return None;
+    }
+    Some(())
 }
 
 /// The last will the gateway publishes on an unclean end: `None` unless its topic belongs to
