@@ -126,13 +126,7 @@ impl H {
     /// Simulates a restart: a new registry, firmware repo and engine on the same data dir.
     pub async fn restart(&mut self) {
         self.engine.shutdown().await;
-        let (registry, firmware, engine, metrics) = open(&self.dir, &self.clock, &self.pusher);
-        lock(&self.pusher.connected).clear();
-        self.registry = registry;
-        self.firmware = firmware;
-        self.engine = engine;
-        self.metrics = metrics;
-        self.engine.start();
+        self.crash();
     }
 
     /// Simulates `kill -9`: no shutdown, no flush of coalesced progress; only what was
