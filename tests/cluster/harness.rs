@@ -187,7 +187,11 @@ impl Node {
             || ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
             |(m, h)| (m.to_string(), h.to_string()),
         );
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        // `FLEETGATE_TEST_BIN` runs another build of the gateway (e.g. a copy kept while the
+        // tree changes).
+        let bin = std::env::var_os("FLEETGATE_TEST_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_fleetgate").into());
+        let mut command = Command::new(bin);
         command.arg("serve");
         if let Some(config) = &options.config {
             let path = data_dir.path().join("test.toml");
@@ -223,7 +227,12 @@ impl Node {
             // HAProxy sends PROXY v2 headers (`send-proxy-v2`, haproxy.cfg.in).
             .env("FLEETGATE_MQTT_PROXY_PROTOCOL", "trusted")
             .env("FLEETGATE_MQTT_PROXY_TRUSTED", HAPROXY_SOURCE)
-            .env("RUST_LOG", "info")
+            // `FLEETGATE_TEST_NODE_LOG` replaces the nodes' log filter (e.g.
+            // `info,fleetgate::cluster=debug` to chase a flaky test).
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETGATE_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -14,7 +14,22 @@ use std::time::Duration;
 /// CONNACK, and upgrades when pushed to (progress 50, then the new version a moment later).
 pub(crate) struct SimDevice {
     pub(crate) pushes: Arc<AtomicU32>,
+    /// What the device did (wall ms, what), for a failure's report.
+    pub(crate) trail: Arc<Mutex<Vec<(i64, String)>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl SimDevice {
+    /// The device's trail, one line per step.
+    pub(crate) fn trail(&self) -> String {
+        self.trail
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, what)| format!("{at} {what}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 impl Drop for SimDevice {
@@ -55,12 +70,19 @@ pub(crate) fn sim_device_with(
     let pushes = Arc::new(AtomicU32::new(0));
     let (pk, dn, secret) = (pk.to_owned(), dn.to_owned(), secret.to_owned());
     let counted = pushes.clone();
+    let trail: Arc<Mutex<Vec<(i64, String)>>> = Arc::default();
+    let note = {
+        let trail = trail.clone();
+        move |what: String| trail.lock().unwrap().push((wall_ms(), what))
+    };
     let task = tokio::spawn(async move {
         let version = Arc::new(Mutex::new("1.0.0".to_owned()));
         let upgrade = format!("/ota/device/upgrade/{pk}/{dn}");
         let inform = format!("/ota/device/inform/{pk}/{dn}");
         let progress = format!("/ota/device/progress/{pk}/{dn}");
+        let mut conn = 0u32;
         loop {
+            conn += 1;
             // Fresh credentials per connection (their timestamp is checked).
             let creds = credentials(&pk, &dn, &secret);
             let mut opts =
@@ -73,11 +95,13 @@ pub(crate) fn sim_device_with(
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = client.try_subscribe(upgrade.clone(), QoS::AtLeastOnce);
                         let v = version.lock().unwrap().clone();
+                        note(format!("#{conn} connack, reports {v}"));
                         let body = json!({"id": "1", "params": {"version": v}}).to_string();
                         let _ = client.try_publish(inform.clone(), QoS::AtLeastOnce, false, body);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == upgrade => {
                         counted.fetch_add(1, Ordering::SeqCst);
+                        note(format!("#{conn} push"));
                         let (first, then) = match behaviour {
                             Behaviour::Upgrade => (50, None),
                             Behaviour::Fail(code) => (10, Some(code)),
@@ -98,25 +122,40 @@ pub(crate) fn sim_device_with(
                             Behaviour::WrongVersion => "7.7.7",
                             Behaviour::Fail(_) | Behaviour::Hang => continue,
                         };
-                        let (client, version, inform) =
-                            (client.clone(), version.clone(), inform.clone());
+                        let (client, version, inform, note, on) = (
+                            client.clone(),
+                            version.clone(),
+                            inform.clone(),
+                            note.clone(),
+                            conn,
+                        );
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(300)).await;
                             *version.lock().unwrap() = new_version.into();
                             let body = json!({"id": "3", "params": {"version": new_version}});
-                            let _ = client
+                            let sent = client
                                 .publish(inform, QoS::AtLeastOnce, false, body.to_string())
                                 .await;
+                            note(format!(
+                                "upgraded to {new_version}, report on #{on}: {sent:?}"
+                            ));
                         });
                     }
                     Ok(_) => {}
-                    Err(_) => break,
+                    Err(error) => {
+                        note(format!("#{conn} connection ended: {error}"));
+                        break;
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    SimDevice { pushes, task }
+    SimDevice {
+        pushes,
+        trail,
+        task,
+    }
 }
 
 /// 1. A campaign over devices spread over 3 nodes (behind HAProxy), created and watched
@@ -244,7 +283,7 @@ async fn an_ota_campaign_survives_the_kill_of_the_node_that_drives_it() {
 }
 
 /// Every task of a job (all pages), through whichever node answers.
-async fn all_tasks(api: &Api, jid: &str) -> Vec<Value> {
+pub(crate) async fn all_tasks(api: &Api, jid: &str) -> Vec<Value> {
     let mut tasks = Vec::new();
     for page in 1.. {
         let body = call_retrying(
