@@ -22,10 +22,15 @@ const T0: i64 = 1_700_000_000_000;
 struct FakePusher {
     connected: Mutex<HashSet<String>>,
     published: Mutex<Vec<(String, Vec<u8>)>>,
+    /// Connected devices the next look does not see yet (their connect is on its way).
+    unseen_once: Mutex<HashSet<String>>,
 }
 
 impl Pusher for FakePusher {
     fn is_connected(&self, _pk: &str, dn: &str) -> bool {
+        if lock(&self.unseen_once).remove(dn) {
+            return false;
+        }
         lock(&self.connected).contains(dn)
     }
     fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
@@ -1686,4 +1691,46 @@ fn catch_up_owes_the_current_minutes_missed_pushes_only() {
     // At the pace, or before any push: nothing.
     assert_eq!(catch_up(&pushes, 60.0, 1, t0, t0 + 31_500), None);
     assert_eq!(catch_up(&[], 60.0, 1, t0, t0 + 31_500), None);
+}
+
+#[tokio::test]
+async fn a_device_whose_connect_the_push_pass_missed_is_not_left_offline() {
+    // The push pass looks at a device just before its connect is visible, and queues its task
+    // OFFLINE after the connect was told to the engine (which found the task waiting for its
+    // push and left it alone): the task must not wait for a connect that already happened.
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: Some(1),
+        ramp: None,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 1, "the burst");
+    // dev-0001 reconnects; the engine hears of it while its task waits for the rate.
+    h.disconnect("dev-0001");
+    h.connect("dev-0001").await;
+    lock(&h.pusher.unseen_once).insert("dev-0001".into());
+    // Its slot and its connect delay: +1 s, when the pass does not see it connected.
+    for _ in 0..4 {
+        h.advance(250).await;
+    }
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(
+        (t.status, t.queue_reason),
+        (TaskStatus::Queued, Some(QueueReason::RateLimited)),
+        "queued for a push again: {t:?}"
+    );
+    h.advance(1_000).await;
+    assert_eq!(
+        h.pusher.pushes_to("dev-0001"),
+        1,
+        "pushed after the connect delay"
+    );
+    assert_eq!(h.status(&jid, "dev-0001"), TaskStatus::Notified);
 }
