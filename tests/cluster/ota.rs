@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A simulated device behind HAProxy: reconnects by itself, reports its version after every
-/// CONNACK, and upgrades when pushed to (progress 50, then the new version a moment later).
+/// CONNACK, and upgrades when pushed to (progress 50, then the new version a moment later,
+/// reported on the connection it has then — as a device that reboots into its new firmware
+/// does — not on the one the push came on, which may be gone).
 pub(crate) struct SimDevice {
     pub(crate) pushes: Arc<AtomicU32>,
     /// What the device did (wall ms, what), for a failure's report.
@@ -77,6 +79,8 @@ pub(crate) fn sim_device_with(
     };
     let task = tokio::spawn(async move {
         let version = Arc::new(Mutex::new("1.0.0".to_owned()));
+        // The connection the device has now (a report queued on a closed one is lost).
+        let current: Arc<Mutex<Option<AsyncClient>>> = Arc::default();
         let upgrade = format!("/ota/device/upgrade/{pk}/{dn}");
         let inform = format!("/ota/device/inform/{pk}/{dn}");
         let progress = format!("/ota/device/progress/{pk}/{dn}");
@@ -90,6 +94,7 @@ pub(crate) fn sim_device_with(
             opts.set_credentials(creds.username.clone(), creds.password.clone());
             opts.set_keep_alive(Duration::from_secs(5));
             let (client, mut eventloop) = AsyncClient::new(opts, 64);
+            *current.lock().unwrap() = Some(client.clone());
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -122,23 +127,25 @@ pub(crate) fn sim_device_with(
                             Behaviour::WrongVersion => "7.7.7",
                             Behaviour::Fail(_) | Behaviour::Hang => continue,
                         };
-                        let (client, version, inform, note, on) = (
-                            client.clone(),
+                        let (current, version, inform, note) = (
+                            current.clone(),
                             version.clone(),
                             inform.clone(),
                             note.clone(),
-                            conn,
                         );
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(300)).await;
+                            // The version first: a connection made from now on reports it
+                            // after its CONNACK; one made before carries this report.
                             *version.lock().unwrap() = new_version.into();
+                            let client = current.lock().unwrap().clone();
                             let body = json!({"id": "3", "params": {"version": new_version}});
-                            let sent = client
-                                .publish(inform, QoS::AtLeastOnce, false, body.to_string())
-                                .await;
-                            note(format!(
-                                "upgraded to {new_version}, report on #{on}: {sent:?}"
-                            ));
+                            if let Some(client) = client {
+                                let sent = client
+                                    .publish(inform, QoS::AtLeastOnce, false, body.to_string())
+                                    .await;
+                                note(format!("upgraded to {new_version}, reported: {sent:?}"));
+                            }
                         });
                     }
                     Ok(_) => {}
