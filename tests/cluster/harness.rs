@@ -287,6 +287,11 @@ impl Node {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// The node's data directory (`--data-dir`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
+    }
+
     pub fn api(&self) -> Api {
         Api::new(self.http)
     }
