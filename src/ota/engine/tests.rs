@@ -1734,3 +1734,61 @@ async fn a_device_whose_connect_the_push_pass_missed_is_not_left_offline() {
     );
     assert_eq!(h.status(&jid, "dev-0001"), TaskStatus::Notified);
 }
+
+#[tokio::test]
+async fn a_report_relayed_to_a_node_whose_term_ended_is_not_applied_there() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    h.connect("dev-0000").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.retry_count = Some(1);
+    spec.retry_interval_seconds = Some(60);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    let failed = DeviceReport::Progress {
+        pk: h.pk.clone(),
+        dn: "dev-0000".into(),
+        module: "default".into(),
+        step: ProgressStep::Failed(FailureCode::DownloadFailed),
+    };
+
+    // A node that drives the engine through a fenced store handle, whose term ends (the fence
+    // is cleared at once; the engine stops a moment later).
+    let fence = Arc::new(crate::store::FenceSlot::default());
+    fence.set(Some(("engines", 1, 1)));
+    let holder = OtaEngine::open_standby(
+        h.registry.clone(),
+        h.registry.store().fenced(fence.clone()),
+        h.firmware.clone(),
+        h.pusher.clone(),
+        h.clock.clone(),
+        EngineConfig::default(),
+        Arc::new(Metrics::new()),
+        Arc::new(FakeRelay::default()),
+    );
+    h.engine.deactivate().await;
+    holder.activate().await.unwrap();
+    fence.set(None);
+    assert!(holder.driving());
+    assert_eq!(
+        holder.handle_relayed(failed.clone()).await,
+        Handled::NotApplied,
+        "the failure was not stored: the sender must ask the next holder"
+    );
+    holder.deactivate().await;
+    assert_eq!(
+        holder.handle_relayed(failed.clone()).await,
+        Handled::NotApplied,
+        "not the holder"
+    );
+
+    // The next holder applies it.
+    h.engine.activate().await.unwrap();
+    assert_eq!(
+        h.engine.handle_relayed(failed).await,
+        Handled::Applied(None)
+    );
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t.retries_used, 1, "{t:?}");
+}
