@@ -147,6 +147,12 @@ impl Node {
     /// until it listens.
     pub fn restart(&mut self) {
         self.stop();
+        self.start_again();
+    }
+
+    /// Starts a node that was [`stop`](Node::stop)ped again — same id, data directory and
+    /// ports — and waits until it listens.
+    pub fn start_again(&mut self) {
         let listen = Some((self.mqtt, self.http));
         let replacement = Node::spawn(self.id, self.start.clone(), self._data_dir.clone(), listen);
         let old = std::mem::replace(self, replacement);
