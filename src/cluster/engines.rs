@@ -20,7 +20,9 @@
 //!   (no holder during a takeover) means nobody applied it: the follower asks again until the
 //!   next holder answers (for up to twice the lease's TTL plus the answer timeout, then it is
 //!   dropped and counted), so a failure code reported in the middle of a takeover is not lost;
-//!   the next holder reconciles versions and connects from the registry.
+//!   a holder whose term ended while it applied one answers "not applied" (`NOT_APPLIED`),
+//!   and the follower asks again the same way. The next holder reconciles versions and
+//!   connects from the registry.
 //! - **Pushes** ([`ClusterPusher`]): the holder publishes an upgrade through the node that
 //!   holds the device's connection ([`Cluster::deliver`]); "online" means online on any node.
 //! - **API** (`crate::api::cluster::engines_proxy`): OTA, firmware, migration and
@@ -32,7 +34,7 @@ use super::Cluster;
 use crate::broker::DeviceKey;
 use crate::export::ExportService;
 use crate::migration::MigrationEngine;
-use crate::ota::{DeviceReport, OtaEngine, Pusher, Relay};
+use crate::ota::{DeviceReport, Handled, OtaEngine, Pusher, Relay};
 use crate::registry::Registry;
 use fleetgate_topics::UpgradeData;
 use futures_util::future::BoxFuture;
@@ -50,6 +52,9 @@ const WORKERS: usize = 16;
 const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a follower asks again while no node holds the engines' lease.
 const NO_HOLDER_RETRY: Duration = Duration::from_millis(100);
+/// The holder's answer to a relayed report it did not apply ([`Handled::NotApplied`]: its term
+/// ended meanwhile). Any other answer is the report's answer, an `Option<UpgradeData>`.
+const NOT_APPLIED: &[u8] = br#"{"not_applied":true}"#;
 
 /// Where the OTA engine is driven, as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +148,19 @@ impl Relay for EnginesRelay {
                     .client
                     .request(self.cluster.subjects.engines.clone(), body.clone());
                 match tokio::time::timeout(RELAY_TIMEOUT, request).await {
+                    // The node answering lost the lease while applying it: asked again, like
+                    // no holder, so the next holder applies it.
+                    Ok(Ok(reply))
+                        if reply.payload.as_ref() == NOT_APPLIED
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(NO_HOLDER_RETRY).await;
+                    }
+                    Ok(Ok(reply)) if reply.payload.as_ref() == NOT_APPLIED => {
+                        self.cluster.metrics.cluster.engine_reports_dropped.inc();
+                        tracing::warn!(?report, "report not applied by the engines' node in time");
+                        return None;
+                    }
                     Ok(Ok(reply)) => {
                         self.cluster.metrics.cluster.engine_reports_relayed.inc();
                         return serde_json::from_slice::<Option<UpgradeData>>(&reply.payload)
@@ -339,11 +357,17 @@ async fn serve(
         let (cluster, ota) = (cluster.clone(), ota.clone());
         handles.push(tokio::spawn(async move {
             while let Some((report, reply)) = rx.recv().await {
-                let answer = ota.handle_report(report).await;
-                if let Some(reply) = reply {
-                    let body = serde_json::to_vec(&answer).unwrap_or_default();
-                    let _ = cluster.client.publish(reply, body.into()).await;
-                }
+                let Some(reply) = reply else {
+                    // From this node's feed receiver: a report lost to the end of the term is
+                    // covered by the next holder's reconcile.
+                    ota.handle_report(report).await;
+                    continue;
+                };
+                let body = match ota.handle_relayed(report).await {
+                    Handled::Applied(answer) => serde_json::to_vec(&answer).unwrap_or_default(),
+                    Handled::NotApplied => NOT_APPLIED.to_vec(),
+                };
+                let _ = cluster.client.publish(reply, body.into()).await;
             }
         }));
         workers.push(tx);

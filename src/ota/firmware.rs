@@ -40,6 +40,7 @@
 //! here for packages, URLs and [`UpgradeData`]).
 
 mod blob;
+mod cache;
 mod download;
 mod shared;
 pub mod token;
@@ -443,7 +444,13 @@ impl FirmwareRepo {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Largest package accepted, bytes.
+    /// Cluster mode: the follower of the `ota.firmware` documents other nodes write, which
+    /// keeps this node's blob cache free of deleted packages (`cache`; register it with
+    /// `Cluster::follow_docs`).
+    pub fn cache_follower(&self) -> Arc<dyn crate::cluster::DocFollower> {
+        Arc::new(cache::CacheFollower::new(self.blob_dir.clone()))
+    }
+
     /// Installs `staged` under its content address on a blocking thread (rename and fsyncs).
     async fn install(&self, staged: StagedBlob) -> Result<PathBuf, FirmwareError> {
         let installed = tokio::task::spawn_blocking(move || staged.install())
@@ -458,6 +465,7 @@ impl FirmwareRepo {
         Ok(installed)
     }
 
+    /// Largest package accepted, bytes.
     pub fn max_size(&self) -> u64 {
         self.max_size
     }

@@ -28,7 +28,7 @@ pub mod model;
 pub mod rate;
 pub mod task;
 
-pub use engine::{DeviceReport, EngineConfig, OtaEngine, Pusher, Relay};
+pub use engine::{DeviceReport, EngineConfig, Handled, OtaEngine, Pusher, Relay};
 pub use events::{TaskEvent, TaskEventSink};
 pub use firmware::{FirmwareError, FirmwarePackage, FirmwareRepo, FirmwareStatus};
 pub use model::*;

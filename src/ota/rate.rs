@@ -6,6 +6,13 @@
 //! the last `burst` push times and the engine rebuilds it after a restart from the persisted
 //! `notified_at_ms` of the job's tasks, so a restart neither grants a fresh burst nor forgets
 //! the rate.
+//!
+//! Catch-up ([`catch_up`]): while no engine runs (a restart; in a cluster, the takeover after
+//! the driving node died) nothing is pushed. The engine that loads a running job gives its
+//! bucket what the rate allowed in the job's current minute (minutes counted from its first
+//! push) and was not pushed, beyond the bucket's own burst; that credit is pushed at once and
+//! expires with the minute. So the minute a restart or takeover falls in still pushes its rate,
+//! and no minute gets more than its rate plus the burst.
 
 use super::model::RateSpec;
 use governor::clock::Clock as GovClock;
@@ -86,6 +93,9 @@ pub struct PushLimiter {
     burst: u32,
     /// The last `burst` push times, to rebuild the bucket when the rate changes.
     recent: VecDeque<i64>,
+    /// Pushes allowed beyond the bucket before `catch_up_until` ([`catch_up`]).
+    catch_up: u32,
+    catch_up_until: i64,
 }
 
 impl std::fmt::Debug for PushLimiter {
@@ -123,6 +133,24 @@ impl PushLimiter {
             per_minute,
             burst,
             recent,
+            catch_up: 0,
+            catch_up_until: i64::MIN,
+        }
+    }
+
+    /// The same bucket with `n` pushes allowed beyond it until `until_ms` ([`catch_up`]).
+    pub fn with_catch_up(mut self, n: u32, until_ms: i64) -> PushLimiter {
+        self.catch_up = n;
+        self.catch_up_until = until_ms;
+        self
+    }
+
+    /// Pushes still allowed beyond the bucket at `now_ms`.
+    pub fn catch_up_left(&self, now_ms: i64) -> u32 {
+        if now_ms < self.catch_up_until {
+            self.catch_up
+        } else {
+            0
         }
     }
 
@@ -133,12 +161,22 @@ impl PushLimiter {
     /// The same bucket at another rate (keeps the recent pushes).
     pub fn with_rate(&self, per_minute: f64, burst: u32) -> PushLimiter {
         PushLimiter::new(per_minute, burst, self.recent.iter().copied())
+            .with_catch_up(self.catch_up, self.catch_up_until)
     }
 
     /// Takes one push slot at `now`, or says when the next one opens.
     pub fn try_take(&mut self, now_ms: i64) -> Result<(), i64> {
         self.clock.0.store(now_ms, Ordering::Relaxed);
-        match self.limiter.check() {
+        let granted = match self.limiter.check() {
+            Ok(()) => Ok(()),
+            // What the rate allowed while no engine ran: beyond the bucket, not charged to it.
+            Err(_) if self.catch_up_left(now_ms) > 0 => {
+                self.catch_up -= 1;
+                Ok(())
+            }
+            Err(not_until) => Err(not_until),
+        };
+        match granted {
             Ok(()) => {
                 self.recent.push_back(now_ms);
                 while self.recent.len() > self.burst as usize {
@@ -158,6 +196,41 @@ impl PushLimiter {
     pub fn consume(&mut self, now_ms: i64) {
         let _ = self.try_take(now_ms);
     }
+}
+
+/// The catch-up of a running job whose engine was just loaded (a restart, a takeover): what the
+/// rate allowed and was not pushed in the job's current minute — minutes counted from its first
+/// push (the earliest of `push_times`), and only since `since_ms` (the job's last change: a
+/// resume, so a paused stretch is not made up) — less the `burst` the bucket grants anyway
+/// after such a pause. Returns the count and when it expires (the minute's end); `None` when
+/// nothing is owed.
+///
+/// No minute gets more than `per_minute` plus the burst from it: the credit is the minute's
+/// budget so far minus what it pushed, and after it the bucket allows only the pace.
+pub fn catch_up(
+    push_times: &[i64],
+    per_minute: f64,
+    burst: u32,
+    since_ms: i64,
+    now_ms: i64,
+) -> Option<(u32, i64)> {
+    let first = push_times.iter().copied().min()?;
+    if now_ms <= first {
+        return None;
+    }
+    let minute = first + (now_ms - first) / 60_000 * 60_000;
+    let from = minute.max(since_ms);
+    if from >= now_ms {
+        return None;
+    }
+    let allowed = (per_minute * (now_ms - from) as f64 / 60_000.0).floor();
+    let pushed = push_times
+        .iter()
+        .filter(|&&t| from <= t && t < now_ms)
+        .count();
+    let owed = (allowed as i64 - pushed as i64 - i64::from(burst)).max(0);
+    let owed = u32::try_from(owed).unwrap_or(u32::MAX);
+    (owed > 0).then_some((owed, minute + 60_000))
 }
 
 #[cfg(test)]

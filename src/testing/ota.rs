@@ -28,10 +28,15 @@ pub const T0: i64 = 1_700_000_000_000;
 pub struct FakePusher {
     pub connected: Mutex<HashSet<String>>,
     pub published: Mutex<Vec<(String, Vec<u8>)>>,
+    /// Connected devices the next look does not see yet (their connect is on its way).
+    pub unseen_once: Mutex<HashSet<String>>,
 }
 
 impl Pusher for FakePusher {
     fn is_connected(&self, _pk: &str, dn: &str) -> bool {
+        if lock(&self.unseen_once).remove(dn) {
+            return false;
+        }
         lock(&self.connected).contains(dn)
     }
     fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {

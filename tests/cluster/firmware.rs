@@ -178,3 +178,53 @@ async fn an_export_package_survives_the_node_that_wrote_it() {
     let job = export(cluster.node(next), objects).await;
     assert_eq!(job["status"]["state"], "SUCCESSFUL", "{job}");
 }
+
+/// A package deleted through a follower (the holder deletes it) leaves every node's blob cache:
+/// the followers, which cached it by serving a download, remove their copy when the change
+/// feed announces the deletion — not at their next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_package_leaves_the_cache_of_every_node() {
+    let cluster = Cluster::start(3).await;
+    let holder = engines_node(&cluster, &[1, 2, 3]).await;
+    let followers: Vec<u16> = [1, 2, 3].into_iter().filter(|&n| n != holder).collect();
+    let api = cluster.node(followers[0]).api();
+    let pk = api.create_product("fw-cache").await;
+    let image = b"image 3.0.0 cached on every node".to_vec();
+    let fid = upload(cluster.node(followers[0]), &pk, "3.0.0", &image).await;
+    let sha = hex::encode(Sha256::digest(&image));
+    let path = link(cluster.node(holder), &fid).await;
+    for &id in &[1, 2, 3] {
+        assert_eq!(download(cluster.node(id), &path).await, image);
+        let cached = cluster.node(id).data_dir().join("firmware").join(&sha);
+        assert!(cached.exists(), "node {id} cached {}", cached.display());
+    }
+
+    let (status, body) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/firmware/{fid}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for &id in &[1, 2, 3] {
+        let cached = cluster.node(id).data_dir().join("firmware").join(&sha);
+        while cached.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} still caches the deleted package ({})",
+                cached.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let resp = reqwest::get(format!("http://{}{path}", cluster.node(followers[1]).http))
+        .await
+        .unwrap();
+    assert_ne!(
+        resp.status().as_u16(),
+        200,
+        "the package is gone everywhere"
+    );
+}

@@ -147,6 +147,12 @@ impl Node {
     /// until it listens.
     pub fn restart(&mut self) {
         self.stop();
+        self.start_again();
+    }
+
+    /// Starts a node that was [`stop`](Node::stop)ped again — same id, data directory and
+    /// ports — and waits until it listens.
+    pub fn start_again(&mut self) {
         let listen = Some((self.mqtt, self.http));
         let replacement = Node::spawn(self.id, self.start.clone(), self._data_dir.clone(), listen);
         let old = std::mem::replace(self, replacement);
@@ -187,7 +193,11 @@ impl Node {
             || ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
             |(m, h)| (m.to_string(), h.to_string()),
         );
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        // `FLEETGATE_TEST_BIN` runs another build of the gateway (e.g. a copy kept while the
+        // tree changes).
+        let bin = std::env::var_os("FLEETGATE_TEST_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_fleetgate").into());
+        let mut command = Command::new(bin);
         command.arg("serve");
         if let Some(config) = &options.config {
             let path = data_dir.path().join("test.toml");
@@ -223,7 +233,12 @@ impl Node {
             // HAProxy sends PROXY v2 headers (`send-proxy-v2`, haproxy.cfg.in).
             .env("FLEETGATE_MQTT_PROXY_PROTOCOL", "trusted")
             .env("FLEETGATE_MQTT_PROXY_TRUSTED", HAPROXY_SOURCE)
-            .env("RUST_LOG", "info")
+            // `FLEETGATE_TEST_NODE_LOG` replaces the nodes' log filter (e.g.
+            // `info,fleetgate::cluster=debug` to chase a flaky test).
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETGATE_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -276,6 +291,11 @@ impl Node {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// The node's data directory (`--data-dir`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
     }
 
     pub fn api(&self) -> Api {

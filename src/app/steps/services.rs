@@ -58,14 +58,19 @@ pub(in crate::app) async fn open_firmware(
         }
         _ => Backing::Local,
     };
-    FirmwareRepo::open_with(
+    let repo = FirmwareRepo::open_with(
         &settings.data_dir,
         core.store.clone(),
         public_url,
         settings.ota.max_firmware_bytes,
         backing,
     )
-    .context("cannot open the firmware repository")
+    .context("cannot open the firmware repository")?;
+    // Cluster mode: packages deleted through another node leave this node's cache too.
+    if let Some(joined) = joined {
+        joined.cluster.follow_docs(repo.cache_follower());
+    }
+    Ok(repo)
 }
 
 /// What the forwarder runs with: `[amqp]` with its exchange prefix resolved — the configured

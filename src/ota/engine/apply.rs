@@ -121,6 +121,9 @@ impl OtaEngine {
                 // Memory is ahead of the disk; the next write of this task carries the state.
                 // Acting now (a push) would break write-ahead, so do not.
                 tracing::error!(error = %e, job = %p.key.job_id, dn = %p.key.dn, "task change not stored");
+                self.inner
+                    .unstored
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return false;
             }
         }

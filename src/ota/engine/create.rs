@@ -115,12 +115,19 @@ impl OtaEngine {
         let ticket = self.inner.store.submit(ops);
         self.insert_job(job.job_id.clone(), Arc::clone(&entry));
         let mut ready = Vec::new();
+        let mut offline = Vec::new();
         for (key, slot) in created {
+            if slot.state.queue_reason == Some(QueueReason::Offline) {
+                offline.push(key.clone());
+            }
             self.install(&entry, key, slot, now, &mut ready);
         }
         if let Err(e) = ticket.await {
             self.forget_job(&entry);
             return Err(e.into());
+        }
+        for key in &offline {
+            self.recheck_offline(key).await;
         }
         if job.spec.job_type == JobType::VerifyFirmware {
             if let Err(e) = self

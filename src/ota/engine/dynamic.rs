@@ -94,6 +94,9 @@ impl OtaEngine {
                 if self.registry().get_device(pk, &key.dn).is_err() {
                     // Deleted while it was joining (after the deletion swept its tasks).
                     self.apply(key, Event::DeviceDeleted, now).await;
+                } else {
+                    // Connected while it was joining (its connect found no task).
+                    self.recheck_offline(key).await;
                 }
             }
             tracing::debug!(job = %job.job_id, devices = keys.len(), "devices joined a dynamic job");

@@ -55,7 +55,9 @@ impl OtaEngine {
             } else {
                 QueueReason::Offline
             };
-            self.apply(&key, Event::Queue(reason), now).await;
+            if self.apply(&key, Event::Queue(reason), now).await && reason == QueueReason::Offline {
+                self.recheck_offline(&key).await;
+            }
         }
         self.arm_push(entry, now);
     }
@@ -208,6 +210,9 @@ impl OtaEngine {
             };
             if self.apply(&key, Event::Confirm { queue }, now).await {
                 n += 1;
+                if queue == QueueReason::Offline {
+                    self.recheck_offline(&key).await;
+                }
             }
         }
         Ok(n)

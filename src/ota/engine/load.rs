@@ -5,7 +5,7 @@
 use super::internal_events::TaskCounted;
 use super::{lock, Due, JobEntry, OtaEngine, TaskKey, TaskSlot, JOB_DOC, TASK_DOC};
 use crate::ota::model::{Job, JobStatus, Selection, TaskRecord};
-use crate::ota::rate::PushLimiter;
+use crate::ota::rate::{catch_up, PushLimiter};
 use crate::ota::task::{next_deadline, TaskStatus};
 use crate::ota::OtaError;
 use std::collections::HashMap;
@@ -110,9 +110,23 @@ impl OtaEngine {
             let succeeded = job.counters()[TaskStatus::Succeeded.index()];
             let level = plan.level(started, now, succeeded);
             let per_minute = plan.per_minute(level);
+            let burst = plan.burst(per_minute);
+            // Nothing was pushed while no engine ran: the minute's missed pushes are owed.
+            let owed = (j.status == JobStatus::InProgress)
+                .then(|| catch_up(&times, per_minute, burst, j.updated_at_ms, now))
+                .flatten();
+            let mut limiter = PushLimiter::new(per_minute, burst, times);
+            if let Some((pushes, until)) = owed {
+                tracing::info!(
+                    job = %job.job_id,
+                    pushes,
+                    "push rate: the pushes the job's minute missed while no engine ran are made up"
+                );
+                limiter = limiter.with_catch_up(pushes, until);
+            }
             let mut q = lock(&job.push);
             q.level = level;
-            q.limiter = Some(PushLimiter::new(per_minute, plan.burst(per_minute), times));
+            q.limiter = Some(limiter);
         }
         if j.status == JobStatus::Planned {
             if let Some(at) = j.spec.start_at_ms {

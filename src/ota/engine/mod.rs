@@ -59,7 +59,7 @@ mod query;
 mod relay;
 mod series;
 
-pub use relay::{DeviceReport, Relay};
+pub use relay::{DeviceReport, Handled, Relay};
 
 pub use query::{DeviceJob, FirmwareStatistics, JobFilter, TimelineEntry};
 pub use series::PushSeries;
@@ -183,6 +183,9 @@ pub(crate) struct Inner {
     term: AtomicU64,
     /// Cluster mode: where reports go while this node does not drive the engine.
     relay: RwLock<Option<Arc<dyn Relay>>>,
+    /// Task changes whose write failed (cluster mode: refused by the lease's fence once the
+    /// term ended): a relayed report during which one failed is answered "not applied".
+    unstored: AtomicU64,
 }
 
 /// The OTA engine. Cheap to clone (an `Arc` inside).
@@ -262,6 +265,7 @@ impl OtaEngine {
             driving: AtomicBool::new(true),
             term: AtomicU64::new(0),
             relay: RwLock::new(None),
+            unstored: AtomicU64::new(0),
         });
         OtaEngine { inner }
     }

@@ -54,6 +54,29 @@ impl OtaEngine {
         self.apply(key, event, now).await;
     }
 
+    /// `key`'s task was just queued OFFLINE because its device was not connected when the
+    /// engine looked. A device that connected since then may have been told to the engine while
+    /// the task still waited for its push — and a connect changes nothing for such a task — so
+    /// it is looked at again now: a device connected by now gets its connect for this task
+    /// (a push after the connect delay) instead of waiting for a connect that already happened.
+    /// A connect told after this look finds the task OFFLINE and queues it itself.
+    pub(super) async fn recheck_offline(&self, key: &TaskKey) {
+        if !self.inner.pusher.is_connected(&key.pk, &key.dn) {
+            return;
+        }
+        let now = self.now();
+        match self.inner.tasks.get_mut(key) {
+            Some(mut slot)
+                if slot.state.status == TaskStatus::Queued
+                    && slot.state.queue_reason == Some(QueueReason::Offline) =>
+            {
+                slot.ready_at = now + self.inner.config.connect_push_delay_ms.max(0);
+            }
+            _ => return,
+        }
+        self.apply(key, Event::DeviceOnline, now).await;
+    }
+
     /// One pass over a job's push queue: pushes as many ready tasks as the rate allows now,
     /// marks offline ones OFFLINE, and arms the next pass.
     pub(super) async fn push_pass(&self, job: &Arc<JobEntry>, now: i64) {
@@ -125,9 +148,12 @@ impl OtaEngine {
                 next = None;
             }
         }
-        for key in offline {
-            self.apply(&key, Event::Queue(QueueReason::Offline), now)
+        for key in &offline {
+            self.apply(key, Event::Queue(QueueReason::Offline), now)
                 .await;
+        }
+        for key in &offline {
+            self.recheck_offline(key).await;
         }
         // Write-ahead: every NOTIFIED is submitted, the one group commit awaited, then each
         // push is published.

@@ -83,6 +83,16 @@ impl DeviceReport {
     }
 }
 
+/// What the driving node did with a relayed report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Applied (what it changed is stored); the answer of a `firmware/get`.
+    Applied(Option<UpgradeData>),
+    /// This node does not drive the engine (any more), or a change it made could not be
+    /// stored (the lease's term ended meanwhile): the sender should ask the next holder.
+    NotApplied,
+}
+
 /// Takes reports to the node that drives the engine. The answer matters only for
 /// [`DeviceReport::FirmwareGet`]; `None` when there is no upgrade, or no holder right now (the
 /// next holder reconciles from the registry when it takes over).
@@ -260,9 +270,30 @@ impl OtaEngine {
     /// applied as if it were connected here. A node that does not drive the engine (the lease
     /// moved meanwhile) answers `None` and changes nothing.
     pub async fn handle_report(&self, report: DeviceReport) -> Option<UpgradeData> {
-        if !self.driving() {
-            return None;
+        match self.handle_relayed(report).await {
+            Handled::Applied(answer) => answer,
+            Handled::NotApplied => None,
         }
+    }
+
+    /// [`Self::handle_report`], saying whether the report was applied: not when this node
+    /// does not drive the engine, nor when a write made meanwhile was refused (the lease's term
+    /// ended while the report was applied — the engine stops a moment later). The sender then
+    /// asks the next holder; a report applied twice changes nothing more (a progress step or a
+    /// failure code of a task that has it already is ignored, a `firmware/get` answers again).
+    pub async fn handle_relayed(&self, report: DeviceReport) -> Handled {
+        if !self.driving() {
+            return Handled::NotApplied;
+        }
+        let unstored = self.inner.unstored.load(Ordering::SeqCst);
+        let answer = self.apply_report(report).await;
+        if !self.driving() || self.inner.unstored.load(Ordering::SeqCst) != unstored {
+            return Handled::NotApplied;
+        }
+        Handled::Applied(answer)
+    }
+
+    async fn apply_report(&self, report: DeviceReport) -> Option<UpgradeData> {
         match report {
             DeviceReport::Online { pk, dn } => self.device_online(&pk, &dn).await,
             DeviceReport::Progress {

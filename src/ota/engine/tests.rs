@@ -1337,3 +1337,212 @@ async fn a_standby_engine_relays_reports_and_takes_over_the_campaign_when_activa
     );
     assert_eq!(h.pusher.total(), 2, "no push repeated by the takeover");
 }
+
+/// First pushes of `jid` per whole minute since `from` (from the tasks' `notified_at_ms`).
+fn first_pushes_per_minute(engine: &OtaEngine, jid: &str, from: i64, minutes: i64) -> Vec<usize> {
+    let tasks = engine
+        .list_tasks(
+            jid,
+            None,
+            Page {
+                page: 1,
+                page_size: 10_000,
+            },
+        )
+        .unwrap()
+        .items;
+    (0..minutes)
+        .map(|m| {
+            let (a, b) = (from + m * 60_000, from + (m + 1) * 60_000);
+            tasks
+                .iter()
+                .filter_map(|t| t.notified_at_ms)
+                .filter(|&t| a <= t && t < b)
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_takeover_after_a_pause_still_pushes_the_minutes_rate() {
+    // 60/min, default burst (1); the engine driving it stops 30 s into the first minute and
+    // the next one takes over 13 s later (a dead holder's default lease: 10 s, plus a third,
+    // plus the load).
+    let h = H::new().await;
+    let names = h.devices(200, "1.0").await;
+    for dn in &names {
+        lock(&h.pusher.connected).insert(dn.clone());
+    }
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: None,
+        ramp: None,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    let first = h.clock.now_ms();
+    for _ in 0..120 {
+        h.advance(250).await;
+    }
+    h.engine.deactivate().await;
+    h.clock.advance_ms(13_000);
+
+    let next = OtaEngine::open_standby(
+        h.registry.clone(),
+        h.registry.store().clone(),
+        h.firmware.clone(),
+        h.pusher.clone(),
+        h.clock.clone(),
+        EngineConfig::default(),
+        Arc::new(Metrics::new()),
+        Arc::new(FakeRelay::default()),
+    );
+    next.activate().await.unwrap();
+    // Two more minutes on the new engine.
+    while h.clock.now_ms() < first + 3 * 60_000 {
+        h.clock.advance_ms(250);
+        next.run_due().await;
+    }
+    let minutes = first_pushes_per_minute(&next, &jid, first, 3);
+    // The minute of the takeover made up its pause; none pushed more than the rate (+ burst).
+    for (m, &n) in minutes.iter().enumerate() {
+        assert!(
+            (57..=61).contains(&n),
+            "minute {} pushed {n}, not 60 ± 5% (every minute: {minutes:?})",
+            m + 1
+        );
+    }
+    assert_eq!(
+        h.pusher.total(),
+        minutes.iter().sum::<usize>(),
+        "one push per task"
+    );
+}
+
+#[test]
+fn catch_up_owes_the_current_minutes_missed_pushes_only() {
+    use crate::ota::rate::catch_up;
+    let t0 = 1_000_000;
+    // One a second from t0 to t0 + 30 s, then nothing until t0 + 43 s.
+    let pushes: Vec<i64> = (0..=30).map(|s| t0 + s * 1_000).collect();
+    // 43 allowed so far this minute, 31 pushed, 1 the bucket grants itself.
+    assert_eq!(
+        catch_up(&pushes, 60.0, 1, t0, t0 + 43_000),
+        Some((11, t0 + 60_000))
+    );
+    // The job resumed at +40 s: only the 3 s since then count.
+    assert_eq!(
+        catch_up(&pushes, 60.0, 1, t0 + 40_000, t0 + 43_000),
+        Some((2, t0 + 60_000))
+    );
+    // A pause across the minute's end: only the new minute's part is owed.
+    assert_eq!(
+        catch_up(&pushes, 60.0, 1, t0, t0 + 65_000),
+        Some((4, t0 + 120_000))
+    );
+    // At the pace, or before any push: nothing.
+    assert_eq!(catch_up(&pushes, 60.0, 1, t0, t0 + 31_500), None);
+    assert_eq!(catch_up(&[], 60.0, 1, t0, t0 + 31_500), None);
+}
+
+#[tokio::test]
+async fn a_device_whose_connect_the_push_pass_missed_is_not_left_offline() {
+    // The push pass looks at a device just before its connect is visible, and queues its task
+    // OFFLINE after the connect was told to the engine (which found the task waiting for its
+    // push and left it alone): the task must not wait for a connect that already happened.
+    let h = H::new().await;
+    h.devices(2, "1.0").await;
+    h.connect("dev-0000").await;
+    h.connect("dev-0001").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.rate = Some(RateSpec {
+        per_minute: 60,
+        burst: Some(1),
+        ramp: None,
+    });
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    assert_eq!(h.pusher.total(), 1, "the burst");
+    // dev-0001 reconnects; the engine hears of it while its task waits for the rate.
+    h.disconnect("dev-0001");
+    h.connect("dev-0001").await;
+    lock(&h.pusher.unseen_once).insert("dev-0001".into());
+    // Its slot and its connect delay: +1 s, when the pass does not see it connected.
+    for _ in 0..4 {
+        h.advance(250).await;
+    }
+    let t = h.engine.get_task(&jid, "dev-0001").unwrap();
+    assert_eq!(
+        (t.status, t.queue_reason),
+        (TaskStatus::Queued, Some(QueueReason::RateLimited)),
+        "queued for a push again: {t:?}"
+    );
+    h.advance(1_000).await;
+    assert_eq!(
+        h.pusher.pushes_to("dev-0001"),
+        1,
+        "pushed after the connect delay"
+    );
+    assert_eq!(h.status(&jid, "dev-0001"), TaskStatus::Notified);
+}
+
+#[tokio::test]
+async fn a_report_relayed_to_a_node_whose_term_ended_is_not_applied_there() {
+    let h = H::new().await;
+    h.devices(1, "1.0").await;
+    h.connect("dev-0000").await;
+    let fid = h.firmware("2.0", true).await;
+    let mut spec = h.spec(&fid);
+    spec.retry_count = Some(1);
+    spec.retry_interval_seconds = Some(60);
+    let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
+    h.engine.run_due().await;
+    let failed = DeviceReport::Progress {
+        pk: h.pk.clone(),
+        dn: "dev-0000".into(),
+        module: "default".into(),
+        step: ProgressStep::Failed(FailureCode::DownloadFailed),
+    };
+
+    // A node that drives the engine through a fenced store handle, whose term ends (the fence
+    // is cleared at once; the engine stops a moment later).
+    let fence = Arc::new(crate::store::FenceSlot::default());
+    fence.set(Some(("engines", 1, 1)));
+    let holder = OtaEngine::open_standby(
+        h.registry.clone(),
+        h.registry.store().fenced(fence.clone()),
+        h.firmware.clone(),
+        h.pusher.clone(),
+        h.clock.clone(),
+        EngineConfig::default(),
+        Arc::new(Metrics::new()),
+        Arc::new(FakeRelay::default()),
+    );
+    h.engine.deactivate().await;
+    holder.activate().await.unwrap();
+    fence.set(None);
+    assert!(holder.driving());
+    assert_eq!(
+        holder.handle_relayed(failed.clone()).await,
+        Handled::NotApplied,
+        "the failure was not stored: the sender must ask the next holder"
+    );
+    holder.deactivate().await;
+    assert_eq!(
+        holder.handle_relayed(failed.clone()).await,
+        Handled::NotApplied,
+        "not the holder"
+    );
+
+    // The next holder applies it.
+    h.engine.activate().await.unwrap();
+    assert_eq!(
+        h.engine.handle_relayed(failed).await,
+        Handled::Applied(None)
+    );
+    let t = h.engine.get_task(&jid, "dev-0000").unwrap();
+    assert_eq!(t.retries_used, 1, "{t:?}");
+}
