@@ -433,6 +433,7 @@ fn deleted(pk: &str, dn: &str) -> DeviceChange {
         product_key: pk.into(),
         device_name: dn.into(),
         instance_id: DEFAULT_INSTANCE_ID.into(),
+        elsewhere: true,
     }
 }
 
