@@ -421,6 +421,31 @@ impl DeviceObserver for Heard {
     }
 }
 
+/// An import's overwrite of a device is told as an update is: a disabling, then new tags
+/// (DYNAMIC OTA jobs targeting tags follow them); the same tags again tell nothing.
+#[tokio::test]
+async fn an_overwrite_tells_a_disabling_and_new_tags() {
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    let tags = BTreeMap::from([("room".to_owned(), "hall".to_owned())]);
+    r.overwrite_device(&pk, "dev1", None, false, tags.clone())
+        .await
+        .unwrap();
+    let tagged = DeviceChange::TagsChanged {
+        product_key: pk.clone(),
+        device_name: "dev1".into(),
+    };
+    assert_eq!(heard.take(), vec![disabled(&pk, "dev1"), tagged.clone()]);
+    r.overwrite_device(&pk, "dev1", None, false, tags)
+        .await
+        .unwrap();
+    assert_eq!(heard.take(), vec![]);
+    r.overwrite_device(&pk, "dev1", None, true, BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(heard.take(), vec![tagged]);
+}
+
 fn disabled(pk: &str, dn: &str) -> DeviceChange {
     DeviceChange::Disabled {
         product_key: pk.into(),
