@@ -421,7 +421,9 @@ pub async fn rrpc(
     }))
 }
 
-/// A device's latest properties (value, device time, receive time per property).
+/// A device's latest properties (value, device time, receive time per property). In cluster
+/// mode every node answers the same: the posts another node received show once it flushed
+/// them (`commands.properties_flush_ms`).
 #[utoipa::path(
     get,
     path = "/api/v1/products/{pk}/devices/{dn}/properties",
@@ -441,7 +443,13 @@ pub async fn get_properties(
     ApiPath((pk, dn)): ApiPath<(String, String)>,
 ) -> Result<Json<PropertiesResponse>, ApiError> {
     state.registry.get_device(&pk, &dn)?;
-    let properties = state.commands.properties().get(&pk, &dn);
+    // Cluster mode reads the stored snapshot (another node may have received the posts).
+    let properties = state
+        .commands
+        .properties()
+        .snapshot(&pk, &dn)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot read the latest properties: {e}")))?;
     Ok(Json(PropertiesResponse {
         product_key: pk,
         device_name: dn,

@@ -113,7 +113,7 @@ impl Application {
             joined.as_ref(),
         )
         .await?;
-        let commands = start_commands(core, &downlink, &forwarder)?;
+        let commands = start_commands(core, &downlink, &forwarder, joined.as_ref()).await?;
         let ingest = ingest(core, &downlink, &ota, &forwarder, &commands);
         let broker = accept_mqtt(broker, ingest, listeners.mqtt).await?;
         let addresses = (broker.mqtt_addr(), http_addr);

@@ -5,7 +5,10 @@
 //! Updated by ingest for every valid property post, in memory (a `DashMap` per device), and
 //! written to the store as one document per device (`device.properties`, id `{pk}/{dn}`) by a
 //! flusher that wakes every `commands.properties_flush_ms` and writes the devices that changed
-//! since it last ran, in one submission. Property posts therefore never wait for the store (they
+//! since it last ran, in one submission. The store merges each write with the stored document
+//! per property ([`Op::PutDeviceProperties`]: the newer device time stays), so in cluster mode,
+//! where several nodes write a device's document (it moved, or reconnected elsewhere), no
+//! node's flush replaces a newer value another node stored or drops a property it never saw. Property posts therefore never wait for the store (they
 //! are the gateway's hottest path), and a device posting 100 times a second costs one write per
 //! flush. What a crash can lose is the last flush interval of snapshot updates; a clean stop
 //! flushes ([`LatestProperties::flush`]). Loaded at start. A deleted device's document goes with
@@ -14,10 +17,23 @@
 //! writes nothing ([`Op::PutDeviceProperties`]), so a crash anywhere in between leaves no
 //! snapshot behind.
 //!
+//! # Cluster mode
+//!
+//! A node's memory has what it loaded at start and the posts it received itself, so in cluster
+//! mode [`LatestProperties::snapshot`] reads the stored document (a reading connection of its
+//! own, [`LatestProperties::share`]) and merges the node's memory into it: every node answers
+//! the same, the posts other nodes received showing once those nodes flushed them (about one
+//! flush interval). A single node answers from memory.
+//!
+//! A deletion made through another node removes the snapshot from memory only: that node's
+//! transaction deleted the stored document with the device, and a delete from here could
+//! remove the document of a device created again under the name meanwhile.
+//!
 //! # One writer of the documents
 //!
 //! Only [`LatestProperties::flush`] writes documents: a changed device that is still in memory
-//! is put, one that is no longer there (deleted) is deleted. A device deletion removes the
+//! is put, one that is no longer there because it was deleted through this node is deleted. A
+//! device deletion removes the
 //! device from memory, marks it changed and then flushes. Flushes take turns (`writing`) from
 //! reading the changed set to queueing their submission, and the store commits submissions in
 //! the order they were queued, so the last write of a document always reflects memory at or
@@ -42,52 +58,38 @@
 //! A value replaces the stored one unless the stored one carries a newer device time (a device
 //! sending buffered, older readings after fresh ones does not roll the snapshot back).
 
+use crate::cluster::SharedStore;
 use crate::registry::{DeviceChange, DeviceObserver, ObserverFuture, Registry};
+use crate::store::device_properties::{merge_properties, PropertiesDocument as Document};
 use crate::store::{device_doc_id, Op, Store, StoreError};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use fleetgate_topics::Item;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
+
+pub use crate::store::device_properties::PropertySnapshot;
 
 /// The document kind in the store.
 pub const DOC_KIND: &str = crate::store::DEVICE_PROPERTIES;
 
-/// One property's latest value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PropertySnapshot {
-    #[schema(value_type = Object)]
-    pub value: Value,
-    /// The device's time of the value (its `time`, or the receive time when it sent none), ms
-    /// since the Unix epoch.
-    pub time: u64,
-    /// When the gateway received it, ms since the Unix epoch.
-    pub received_at_ms: i64,
-}
-
 type DeviceId = (String, String);
-
-#[derive(Serialize, Deserialize)]
-struct Document {
-    product_key: String,
-    device_name: String,
-    properties: BTreeMap<String, PropertySnapshot>,
-}
 
 /// See the module docs.
 pub struct LatestProperties {
     devices: DashMap<DeviceId, BTreeMap<String, PropertySnapshot>>,
-    /// Devices changed since the last flush (deleted ones included). A std mutex: held only to
-    /// insert or swap.
-    dirty: Mutex<HashSet<DeviceId>>,
+    /// Devices changed since the last flush, with whether the device was deleted through this
+    /// node (a device no longer in memory then has its document deleted; one deleted through
+    /// another node has none to delete). A std mutex: held only to insert or swap.
+    dirty: Mutex<HashMap<DeviceId, bool>>,
     /// Held by a flush from taking `dirty` to queueing its submission (see the module docs).
     writing: tokio::sync::Mutex<()>,
     store: Store,
     /// Whether a device still exists (see "Deleted devices stay deleted").
     registry: Arc<Registry>,
+    /// Cluster mode: where the stored documents are read (see "Cluster mode").
+    shared: OnceLock<Arc<dyn SharedStore>>,
 }
 
 impl std::fmt::Debug for LatestProperties {
@@ -116,11 +118,18 @@ impl LatestProperties {
         }
         Ok(Arc::new(LatestProperties {
             devices,
-            dirty: Mutex::new(HashSet::new()),
+            dirty: Mutex::new(HashMap::new()),
             writing: tokio::sync::Mutex::new(()),
             store,
             registry,
+            shared: OnceLock::new(),
         }))
+    }
+
+    /// Cluster mode: [`LatestProperties::snapshot`] reads the stored documents through
+    /// `shared` (see "Cluster mode" in the module docs).
+    pub fn share(&self, shared: Arc<dyn SharedStore>) {
+        let _ = self.shared.set(shared);
     }
 
     /// Applies a property post received at `received_at_ms` from the session with epoch
@@ -152,7 +161,9 @@ impl LatestProperties {
                 Entry::Vacant(entry) => entry.insert(BTreeMap::new()),
             };
             for (name, item) in items {
-                let newer = entry.get(&name).is_none_or(|old| old.time <= item.time);
+                let newer = entry
+                    .get(&name)
+                    .is_none_or(|old| old.replaced_by(item.time));
                 if newer {
                     entry.insert(
                         name,
@@ -168,16 +179,44 @@ impl LatestProperties {
         self.dirty
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id);
+            .entry(id)
+            .or_insert(false);
         true
     }
 
-    /// The device's snapshot (empty when it never posted).
+    /// The device's snapshot in this node's memory (empty when it never posted).
     pub fn get(&self, pk: &str, dn: &str) -> BTreeMap<String, PropertySnapshot> {
         self.devices
             .get(&(pk.to_owned(), dn.to_owned()))
             .map(|d| d.value().clone())
             .unwrap_or_default()
+    }
+
+    /// The device's snapshot as the API shows it: this node's memory on a single node; in
+    /// cluster mode the stored document with this node's memory merged into it (see "Cluster
+    /// mode" in the module docs).
+    pub async fn snapshot(
+        &self,
+        pk: &str,
+        dn: &str,
+    ) -> Result<BTreeMap<String, PropertySnapshot>, StoreError> {
+        let Some(shared) = self.shared.get() else {
+            return Ok(self.get(pk, dn));
+        };
+        let stored = shared
+            .documents(vec![(DOC_KIND.to_owned(), device_doc_id(pk, dn))])
+            .await?;
+        let mut properties = BTreeMap::new();
+        for doc in stored {
+            match serde_json::from_str::<Document>(&doc.body) {
+                Ok(doc) => properties = doc.properties,
+                Err(error) => {
+                    tracing::warn!(id = %doc.id, %error, "unreadable properties snapshot skipped")
+                }
+            }
+        }
+        merge_properties(&mut properties, self.get(pk, dn));
+        Ok(properties)
     }
 
     /// Writes every changed snapshot (and deletes those of deleted devices); resolves once
@@ -190,23 +229,27 @@ impl LatestProperties {
             if dirty.is_empty() {
                 return Ok(0);
             }
-            let ops: Vec<Op> = dirty.iter().map(|id| self.write_op(id)).collect();
+            let ops: Vec<Op> = dirty
+                .iter()
+                .filter_map(|(id, deleted)| self.write_op(id, *deleted))
+                .collect();
             // Queued before the turn ends: submission order is flush order.
             (dirty, self.store.submit(ops))
         };
         if let Err(e) = ticket.await {
             // Written again (from memory as it is then) at the next flush.
-            self.dirty
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(dirty);
+            let mut again = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+            for (id, deleted) in dirty {
+                *again.entry(id).or_insert(false) |= deleted;
+            }
             return Err(e);
         }
         Ok(dirty.len())
     }
 
-    /// The write that makes the device's document match memory.
-    fn write_op(&self, (pk, dn): &DeviceId) -> Op {
+    /// The write that brings memory to the device's document: a put of what memory has, the
+    /// delete of a device deleted through this node, nothing for one deleted elsewhere.
+    fn write_op(&self, (pk, dn): &DeviceId, deleted_here: bool) -> Option<Op> {
         let id = device_doc_id(pk, dn);
         let properties = self
             .devices
@@ -219,14 +262,16 @@ impl LatestProperties {
                     device_name: dn.clone(),
                     properties,
                 };
-                // Written only while the device exists in the store.
-                Op::PutDeviceProperties {
+                // Written only while the device exists in the store, merged with the stored
+                // document.
+                Some(Op::PutDeviceProperties {
                     product_key: pk.clone(),
                     device_name: dn.clone(),
                     body: serde_json::to_string(&doc).unwrap_or_default(),
-                }
+                })
             }
-            None => Op::DeleteDoc { kind: DOC_KIND, id },
+            None if deleted_here => Some(Op::DeleteDoc { kind: DOC_KIND, id }),
+            None => None,
         }
     }
 
@@ -248,8 +293,14 @@ impl LatestProperties {
         });
     }
 
-    /// Drops a deleted device's snapshot from memory and then from the store (through a
-    /// flush, see the module docs).
+    /// Drops a deleted device's snapshot from memory only: it was deleted through another
+    /// node, whose transaction deleted the stored document (see "Cluster mode").
+    fn forget_in_memory(&self, pk: &str, dn: &str) {
+        self.devices.remove(&(pk.to_owned(), dn.to_owned()));
+    }
+
+    /// Drops a device deleted through this node's snapshot from memory and then from the
+    /// store (through a flush, see the module docs).
     async fn forget(&self, pk: &str, dn: &str) {
         let id = (pk.to_owned(), dn.to_owned());
         // Memory first, then the mark: a flush that takes the mark reads memory without it.
@@ -257,7 +308,7 @@ impl LatestProperties {
         self.dirty
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id);
+            .insert(id, true);
         if let Err(error) = self.flush().await {
             tracing::warn!(%error, pk, dn, "cannot delete a properties snapshot (retried)");
         }
@@ -273,11 +324,16 @@ impl DeviceObserver for PropertiesReaper {
             if let DeviceChange::Deleted {
                 product_key,
                 device_name,
+                elsewhere,
                 ..
             } = change
             {
                 if let Some(properties) = self.0.upgrade() {
-                    properties.forget(product_key, device_name).await;
+                    if *elsewhere {
+                        properties.forget_in_memory(product_key, device_name);
+                    } else {
+                        properties.forget(product_key, device_name).await;
+                    }
                 }
             }
         })
@@ -478,6 +534,62 @@ mod tests {
         let mut left = stored(&store);
         left.sort();
         assert_eq!(left, ["pk1/dev0", "pk1/dev1"]);
+    }
+
+    /// A deletion made through another node drops the snapshot from memory only: that node
+    /// deleted the stored document with the device, and by the time this node hears of it the
+    /// name may be a new device's, whose document a delete from here would remove.
+    #[tokio::test]
+    async fn a_deletion_through_another_node_leaves_the_store_alone() {
+        let store = Store::open_in_memory(Arc::new(Metrics::new())).expect("store");
+        let (registry, properties) = with_devices(&store, 1).await;
+        let session = registry.epochs().next();
+        assert!(properties.record("pk1", "dev0", session, items(2), 1));
+        properties.flush().await.expect("flush");
+        // Unflushed values of the old device when the deletion is heard of.
+        assert!(properties.record("pk1", "dev0", session, items(3), 2));
+        // Another node deleted the device and created it again, and the new device's
+        // document is stored.
+        let doc = Document {
+            product_key: "pk1".into(),
+            device_name: "dev0".into(),
+            properties: BTreeMap::new(),
+        };
+        let device = registry.get_device("pk1", "dev0").expect("device");
+        store
+            .submit(vec![
+                Op::DeleteDevice {
+                    product_key: "pk1".into(),
+                    device_name: "dev0".into(),
+                },
+                Op::PutDevice(crate::store::DeviceRecord {
+                    product_key: "pk1".into(),
+                    device_name: "dev0".into(),
+                    device_secret: device.device_secret.clone(),
+                    instance_id: device.instance_id.clone(),
+                    enabled: true,
+                    tags: BTreeMap::new(),
+                    created_at_ms: 2,
+                }),
+                Op::PutDeviceProperties {
+                    product_key: "pk1".into(),
+                    device_name: "dev0".into(),
+                    body: serde_json::to_string(&doc).expect("json"),
+                },
+            ])
+            .await
+            .expect("elsewhere");
+        let reaper = PropertiesReaper(Arc::downgrade(&properties));
+        let deleted = DeviceChange::Deleted {
+            product_key: "pk1".into(),
+            device_name: "dev0".into(),
+            instance_id: device.instance_id.clone(),
+            elsewhere: true,
+        };
+        reaper.device_changed(&deleted).await;
+        assert!(properties.get("pk1", "dev0").is_empty());
+        properties.flush().await.expect("flush");
+        assert_eq!(stored(&store), ["pk1/dev0"]);
     }
 
     /// A post of a device deleted and created again under its name while the post was in

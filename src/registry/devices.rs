@@ -313,6 +313,7 @@ impl Registry {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
             instance_id,
+            elsewhere: false,
         })
         .await;
         Ok(())

@@ -38,6 +38,10 @@ pub enum DeviceChange {
         /// The instance that owned it until then (its data's destination), which the registry
         /// no longer knows once the device is gone.
         instance_id: String,
+        /// Deleted through another node (cluster mode: applied from the change feed or a
+        /// resync): that node's transaction already removed what the store had of the device,
+        /// so an observer only drops what it keeps in memory.
+        elsewhere: bool,
     },
 }
 

@@ -236,6 +236,7 @@ impl Registry {
                     product_key: pk.to_owned(),
                     device_name: name,
                     instance_id: d.instance_id,
+                    elsewhere: true,
                 });
             }
         }
@@ -292,6 +293,7 @@ impl Registry {
                 product_key: pk.to_owned(),
                 device_name: dn.to_owned(),
                 instance_id: old.instance_id,
+                elsewhere: true,
             };
             return (vec![change], superseded(old.session));
         };
@@ -353,6 +355,7 @@ impl Registry {
                 product_key: pk.to_owned(),
                 device_name: dn.to_owned(),
                 instance_id: old.clone(),
+                elsewhere: true,
             });
         }
         changes.push(DeviceChange::Created {

@@ -421,6 +421,31 @@ impl DeviceObserver for Heard {
     }
 }
 
+/// An import's overwrite of a device is told as an update is: a disabling, then new tags
+/// (DYNAMIC OTA jobs targeting tags follow them); the same tags again tell nothing.
+#[tokio::test]
+async fn an_overwrite_tells_a_disabling_and_new_tags() {
+    let (r, pk) = node1().await;
+    let heard = Heard::on(&r);
+    let tags = BTreeMap::from([("room".to_owned(), "hall".to_owned())]);
+    r.overwrite_device(&pk, "dev1", None, false, tags.clone())
+        .await
+        .unwrap();
+    let tagged = DeviceChange::TagsChanged {
+        product_key: pk.clone(),
+        device_name: "dev1".into(),
+    };
+    assert_eq!(heard.take(), vec![disabled(&pk, "dev1"), tagged.clone()]);
+    r.overwrite_device(&pk, "dev1", None, false, tags)
+        .await
+        .unwrap();
+    assert_eq!(heard.take(), vec![]);
+    r.overwrite_device(&pk, "dev1", None, true, BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(heard.take(), vec![tagged]);
+}
+
 fn disabled(pk: &str, dn: &str) -> DeviceChange {
     DeviceChange::Disabled {
         product_key: pk.into(),
@@ -433,6 +458,7 @@ fn deleted(pk: &str, dn: &str) -> DeviceChange {
         product_key: pk.into(),
         device_name: dn.into(),
         instance_id: DEFAULT_INSTANCE_ID.into(),
+        elsewhere: true,
     }
 }
 
@@ -501,15 +527,20 @@ async fn a_device_disabled_elsewhere_is_told_as_a_local_disabling() {
 }
 
 /// A deletion applied from elsewhere is told as a local one (with the instance that owned the
-/// device), also when it is only seen as a device created again under the name, or as its
-/// product gone or created again: the old device's observers' records and its session go.
+/// device, marked as made elsewhere), also when it is only seen as a device created again
+/// under the name, or as its product gone or created again: the old device's observers'
+/// records and its session go.
 #[tokio::test]
 async fn deletions_elsewhere_are_told_as_local_ones() {
     // The local delete, for comparison.
     let (r, pk) = node1().await;
     let heard = Heard::on(&r);
     r.delete_device(&pk, "dev1").await.unwrap();
-    assert_eq!(heard.take(), vec![deleted(&pk, "dev1")]);
+    let mut local = deleted(&pk, "dev1");
+    if let DeviceChange::Deleted { elsewhere, .. } = &mut local {
+        *elsewhere = false;
+    }
+    assert_eq!(heard.take(), vec![local]);
 
     // From the feed.
     let (r, pk) = node1().await;

@@ -75,7 +75,8 @@ impl Registry {
 
     /// Replaces an existing device's secret (when `Some`), `enabled` and tags. Returns the
     /// device before and after, taken under the same lock, so the caller can tell whether a
-    /// connected device must be disconnected. Observers hear of a disabling.
+    /// connected device must be disconnected. Observers hear of a disabling and of new tags
+    /// (in that order, as from an update: DYNAMIC OTA jobs targeting tags may take the device).
     pub async fn overwrite_device(
         &self,
         pk: &str,
@@ -107,6 +108,13 @@ impl Registry {
         let (before, after) = &device;
         if before.enabled && !after.enabled {
             self.notify(DeviceChange::Disabled {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+            })
+            .await;
+        }
+        if before.tags != after.tags {
+            self.notify(DeviceChange::TagsChanged {
                 product_key: pk.to_owned(),
                 device_name: dn.to_owned(),
             })

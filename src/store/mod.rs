@@ -49,6 +49,7 @@
 //!
 //! This module knows nothing of the registry's in-memory model; it stores plain records.
 
+pub mod device_properties;
 mod postgres;
 mod sqlite;
 mod writer;
@@ -283,9 +284,13 @@ pub enum Op {
     },
     /// Delete a document; a missing one is a no-op.
     DeleteDoc { kind: &'static str, id: String },
-    /// Insert or replace a device's latest-properties document ([`DEVICE_PROPERTIES`], id
+    /// Write a device's latest-properties document ([`DEVICE_PROPERTIES`], id
     /// [`device_doc_id`]) while the device exists; a write for a device that no longer does
-    /// (deleted while the write was queued, or by another node) writes nothing. With
+    /// (deleted while the write was queued, or by another node) writes nothing. Merged with
+    /// the stored one, per property, in the transaction
+    /// ([`device_properties::merged_body`]: the newer device time stays), so a node that
+    /// writes what it has cannot replace newer values another node wrote, nor drop properties
+    /// it never saw (PostgreSQL: read and written with the document's row locked). With
     /// [`Op::DeleteDevice`] deleting the document, no snapshot outlives its device in the store
     /// (to be read back by a device created again under the name).
     PutDeviceProperties {

@@ -274,6 +274,16 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             device_name,
             body,
         } => {
+            // One writer: read, merge and write need no lock of their own.
+            let id = device_doc_id(product_key, device_name);
+            let stored: Option<String> = conn
+                .prepare_cached("SELECT body FROM documents WHERE kind = ?1 AND id = ?2")?
+                .query_row(params![DEVICE_PROPERTIES, id], |r| r.get(0))
+                .optional()?;
+            let body = match stored {
+                Some(stored) => super::device_properties::merged_body(&stored, body),
+                None => body.clone(),
+            };
             conn.prepare_cached(
                 "INSERT INTO documents (kind, id, body)
                  SELECT ?1, ?2, ?3 WHERE EXISTS
@@ -282,7 +292,7 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             )?
             .execute(params![
                 DEVICE_PROPERTIES,
-                device_doc_id(product_key, device_name),
+                id,
                 body,
                 product_key,
                 device_name

@@ -309,6 +309,90 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A latest-properties write merges with the stored document per property: the newer
+    /// device time stays (a tie goes to the write), and properties the writer does not have
+    /// stay. Cluster mode: a node that holds a device again after another node did writes
+    /// what it has, which must not replace the newer values the other node stored.
+    #[tokio::test]
+    async fn device_properties_writes_merge_per_property(db) {
+        use crate::store::device_properties::{PropertiesDocument, PropertySnapshot};
+        let store = db.open(metrics());
+        store
+            .submit(vec![
+                Op::PutInstance(instance("default")),
+                Op::PutProduct(product("pk1", "default")),
+                Op::PutDevice(device("pk1", "dev1")),
+                Op::PutDevice(device("pk1", "dev2")),
+            ])
+            .await
+            .unwrap();
+        let write = |dn: &str, properties: &[(&str, i64, u64)]| {
+            let properties = properties
+                .iter()
+                .map(|&(name, value, time)| {
+                    let snapshot = PropertySnapshot {
+                        value: value.into(),
+                        time,
+                        received_at_ms: time as i64,
+                    };
+                    (name.to_owned(), snapshot)
+                })
+                .collect();
+            let doc = PropertiesDocument {
+                product_key: "pk1".into(),
+                device_name: dn.into(),
+                properties,
+            };
+            Op::PutDeviceProperties {
+                product_key: "pk1".into(),
+                device_name: dn.into(),
+                body: serde_json::to_string(&doc).unwrap(),
+            }
+        };
+        let stored = |store: &Store, dn: &str| -> Vec<(String, i64, u64)> {
+            let docs = store.load_documents(DEVICE_PROPERTIES).unwrap();
+            let (_, body) = docs
+                .iter()
+                .find(|(id, _)| *id == format!("pk1/{dn}"))
+                .unwrap_or_else(|| panic!("no document for {dn}: {docs:?}"));
+            let doc: PropertiesDocument = serde_json::from_str(body).unwrap();
+            doc.properties
+                .into_iter()
+                .map(|(name, p)| (name, p.value.as_i64().unwrap(), p.time))
+                .collect()
+        };
+        let want = |rows: &[(&str, i64, u64)]| -> Vec<(String, i64, u64)> {
+            rows.iter().map(|&(n, v, t)| (n.to_owned(), v, t)).collect()
+        };
+        // One node stored A and B; another, which knew only an older A, writes it with C.
+        store.submit(vec![write("dev1", &[("A", 2, 20), ("B", 1, 10)])]).await.unwrap();
+        store.submit(vec![write("dev1", &[("A", 1, 15), ("C", 3, 30)])]).await.unwrap();
+        assert_eq!(stored(&store, "dev1"), want(&[("A", 2, 20), ("B", 1, 10), ("C", 3, 30)]));
+        // A newer value and a tie replace the stored ones.
+        store.submit(vec![write("dev1", &[("A", 5, 21), ("B", 6, 10)])]).await.unwrap();
+        assert_eq!(stored(&store, "dev1"), want(&[("A", 5, 21), ("B", 6, 10), ("C", 3, 30)]));
+        // Several writes of one document in one transaction (PostgreSQL: one statement) and
+        // in one submission merge too, new document or not.
+        let (a, b) = (
+            store.submit(vec![write("dev2", &[("X", 1, 1)]), write("dev1", &[("D", 4, 1)])]),
+            store.submit(vec![write("dev2", &[("Y", 2, 1)]), write("dev1", &[("E", 7, 1)])]),
+        );
+        a.await.unwrap();
+        b.await.unwrap();
+        store
+            .submit(vec![write("dev2", &[("Z", 3, 1)]), write("dev2", &[("X", 0, 0)])])
+            .await
+            .unwrap();
+        assert_eq!(stored(&store, "dev2"), want(&[("X", 1, 1), ("Y", 2, 1), ("Z", 3, 1)]));
+        assert_eq!(
+            stored(&store, "dev1"),
+            want(&[("A", 5, 21), ("B", 6, 10), ("C", 3, 30), ("D", 4, 1), ("E", 7, 1)])
+        );
+        store.close();
+    }
+}
+
 #[tokio::test]
 async fn database_uses_wal() {
     let dir = tempfile::tempdir().unwrap();

@@ -794,6 +794,80 @@ async fn commands_reach_a_device_held_by_another_node() {
     }
 }
 
+/// The latest properties: every node shows what a device posted, whichever node it posted
+/// through, and a device that posts through another node later keeps what it posted before
+/// (docs/COMMANDS.md, "Latest properties").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_node_shows_the_latest_properties_of_a_device_that_moved() {
+    let cluster = Cluster::start(3).await;
+    let one = cluster.node(1).api();
+    let pk = one.create_product("props").await;
+    let secret = one.create_device(&pk, "meter-01").await;
+    let creds = credentials(&pk, "meter-01", &secret);
+    let post = |params: Value| async move {
+        let body = json!({"id": "1", "version": "1.0", "params": params,
+            "method": "thing.event.property.post"});
+        serde_json::to_vec(&body).unwrap()
+    };
+    let path = format!("/api/v1/products/{pk}/devices/meter-01/properties");
+    // The flush interval (1 s by default) and a busy machine.
+    let within = Duration::from_secs(10);
+
+    let device = connect(cluster.node(1).mqtt, &creds).await;
+    one.wait_device(&pk, "meter-01", "online at node 1", online_at(1))
+        .await;
+    device
+        .client
+        .publish(
+            format!("/sys/{pk}/meter-01/thing/event/property/post"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            post(json!({"Temp": {"value": 21.5, "time": 1_765_000_000_000u64}})).await,
+        )
+        .await
+        .unwrap();
+    for node in [1, 2, 3] {
+        let api = cluster.node(node).api();
+        let v = wait_for(&api, &path, "Temp shown", within, |v| {
+            v["properties"]["Temp"]["value"] == 21.5
+        })
+        .await;
+        assert_eq!(v["properties"]["Temp"]["time"], 1_765_000_000_000u64, "{v}");
+    }
+
+    // Through node 2 now (its memory never saw Temp): a different property.
+    device.client.disconnect().await.unwrap();
+    drop(device);
+    let device = connect(cluster.node(2).mqtt, &creds).await;
+    one.wait_device(&pk, "meter-01", "online at node 2", online_at(2))
+        .await;
+    device
+        .client
+        .publish(
+            format!("/sys/{pk}/meter-01/thing/event/property/post"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            post(json!({"Power": "on"})).await,
+        )
+        .await
+        .unwrap();
+    for node in [1, 2, 3] {
+        let api = cluster.node(node).api();
+        wait_for(&api, &path, "Power shown", within, |v| {
+            v["properties"]["Power"]["value"] == "on"
+        })
+        .await;
+    }
+    // Node 2's flush has written its document by now (node 1 and 3 show Power): Temp is
+    // still there, on every node.
+    for node in [1, 2, 3] {
+        let (status, v) = cluster.node(node).api().get(&path).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["properties"]["Temp"]["value"], 21.5, "node {node}: {v}");
+        assert_eq!(v["properties"]["Power"]["value"], "on", "node {node}: {v}");
+    }
+}
+
 /// How long a node may take to show what another node wrote. The write's answer already
 /// waited for every node to apply it (settle); this only absorbs a busy machine.
 const FOLLOW: Duration = Duration::from_secs(3);

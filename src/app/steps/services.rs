@@ -353,15 +353,22 @@ pub(in crate::app) async fn open_export(
 }
 
 /// Cloud-to-device commands, with the latest-properties snapshots loaded and flushed
-/// periodically.
-pub(in crate::app) fn start_commands(
+/// periodically (cluster mode: read from the shared store, on a connection of their own).
+pub(in crate::app) async fn start_commands(
     core: Core<'_>,
     downlink: &Downlink,
     forwarder: &Arc<Forwarder>,
+    joined: Option<&Joined>,
 ) -> anyhow::Result<Arc<Commands>> {
     let settings = &core.settings.commands;
     let properties = LatestProperties::load(core.store.clone(), core.registry.clone())
         .context("cannot load the latest-properties snapshots")?;
+    if let (Some(_), Some(url)) = (joined, &core.settings.store.url) {
+        let shared = PostgresReader::connect(url)
+            .await
+            .context("cannot open a latest-properties connection to PostgreSQL")?;
+        properties.share(Arc::new(shared));
+    }
     LatestProperties::spawn_flusher(
         &properties,
         Duration::from_millis(settings.properties_flush_ms),

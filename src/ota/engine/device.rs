@@ -287,6 +287,7 @@ impl DeviceObserver for DeviceObserverImpl {
                         product_key,
                         device_name,
                         instance_id,
+                        ..
                     } => DeviceReport::Deleted {
                         pk: product_key.clone(),
                         dn: device_name.clone(),
@@ -318,6 +319,7 @@ impl DeviceObserver for DeviceObserverImpl {
                     product_key,
                     device_name,
                     instance_id,
+                    ..
                 } => {
                     engine
                         .device_deleted(product_key, device_name, Some(instance_id))

@@ -23,7 +23,10 @@
 //! If a statement failed, the drain is replayed in a new transaction with one `SAVEPOINT` per
 //! submission: still pipelined, resuming after each failing submission, so only
 //! that submission gets its `Err` (the contract SQLite keeps with its savepoints). A drain of
-//! 1,000 connection events and version reports is `BEGIN`, 2 statements, `COMMIT`.
+//! 1,000 connection events and version reports is `BEGIN`, 2 statements, `COMMIT`. Writes of
+//! latest-properties documents are the exception: they are merged with the stored documents
+//! (read with their rows locked), so the statements after them wait for that read's answer
+//! (up to two more round trips, at most once per flush of the snapshots).
 //!
 //! # Durability
 //!
@@ -112,7 +115,9 @@ struct Prepared {
     set_connections: Statement,
     set_versions: Statement,
     put_docs: Statement,
-    put_device_properties: Statement,
+    insert_device_properties: Statement,
+    lock_device_properties: Statement,
+    update_device_properties: Statement,
 }
 
 impl Prepared {
@@ -165,12 +170,19 @@ impl Prepared {
                  ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
             ),
         )?;
-        // A device's properties document (`Op::PutDeviceProperties`): written only while the
-        // device exists, whose row is locked (KEY SHARE: device updates and connection events
-        // do not wait) so that a concurrent delete of the device waits for this write and
-        // then deletes the document too (`Single::DeleteDeviceProperties`), or this write
-        // waits for the delete and finds no device.
-        let (put_device_properties, delete_device_properties) = tokio::try_join!(
+        // A device's properties document (`Op::PutDeviceProperties`, see
+        // `put_device_properties`): written only while the device exists, whose row is locked
+        // (KEY SHARE: device updates and connection events do not wait) so that a concurrent
+        // delete of the device waits for this write and then deletes the document too
+        // (`Single::DeleteDeviceProperties`), or this write waits for the delete and finds no
+        // device. New documents are inserted; existing ones are locked, read, merged and
+        // updated.
+        let (
+            insert_device_properties,
+            lock_device_properties,
+            update_device_properties,
+            delete_device_properties,
+        ) = tokio::try_join!(
             client.prepare(
                 "INSERT INTO documents (kind, id, body)
                  SELECT $1::text, u.product_key || '/' || u.device_name, u.body
@@ -178,7 +190,20 @@ impl Prepared {
                  WHERE EXISTS (SELECT 1 FROM devices d
                      WHERE d.product_key = u.product_key AND d.device_name = u.device_name
                      FOR KEY SHARE)
-                 ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+                 ON CONFLICT (kind, id) DO NOTHING
+                 RETURNING id",
+            ),
+            client.prepare(
+                "SELECT id, body FROM documents WHERE kind = $1::text AND id = ANY($2::text[])
+                 ORDER BY id FOR UPDATE",
+            ),
+            client.prepare(
+                "UPDATE documents AS doc SET body = u.body
+                 FROM unnest($2::text[], $3::text[], $4::text[]) AS u (product_key, device_name, body)
+                 WHERE doc.kind = $1::text AND doc.id = u.product_key || '/' || u.device_name
+                     AND EXISTS (SELECT 1 FROM devices d
+                         WHERE d.product_key = u.product_key AND d.device_name = u.device_name
+                         FOR KEY SHARE)",
             ),
             client.prepare(
                 "DELETE FROM documents WHERE kind = $1::text AND id = $2::text || '/' || $3::text"
@@ -210,7 +235,9 @@ impl Prepared {
             set_connections,
             set_versions,
             put_docs,
-            put_device_properties,
+            insert_device_properties,
+            lock_device_properties,
+            update_device_properties,
             delete_device_properties,
         })
     }
@@ -360,10 +387,18 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-/// One request of a pipeline.
-type Call<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + 'a>>;
+/// What a call of a pipeline runs.
+type Request<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + 'a>>;
 
-/// Sends every call before awaiting any answer and returns the answers in call order.
+/// One request of a pipeline, or (a barrier) a series of requests that needs the answers of
+/// its first ones: the calls after a barrier are sent only once it is done.
+struct Call<'a> {
+    request: Request<'a>,
+    barrier: bool,
+}
+
+/// Sends every call before awaiting any answer (up to a barrier, see [`Call`]) and returns
+/// the answers in call order.
 ///
 /// tokio-postgres sends a request on its future's first poll and the server runs requests in
 /// the order received, so the first polls happen here, in order, one by one; only then are the
@@ -374,25 +409,36 @@ async fn pipeline(calls: Vec<Call<'_>>) -> Vec<Result<(), tokio_postgres::Error>
         .take(calls.len())
         .collect();
     let mut pending = FuturesUnordered::new();
-    let mut calls = calls.into_iter().enumerate();
-    std::future::poll_fn(|cx| {
-        for (i, mut call) in calls.by_ref() {
-            match call.as_mut().poll(cx) {
-                Poll::Ready(result) => results[i] = result,
-                Poll::Pending => pending.push(async move { (i, call.await) }),
+    let mut calls = calls.into_iter().enumerate().peekable();
+    while calls.peek().is_some() {
+        std::future::poll_fn(|cx| {
+            for (i, mut call) in calls.by_ref() {
+                match call.request.as_mut().poll(cx) {
+                    Poll::Ready(result) => results[i] = result,
+                    Poll::Pending => {
+                        let request = call.request;
+                        pending.push(async move { (i, request.await) });
+                    }
+                }
+                if call.barrier {
+                    break;
+                }
             }
+            Poll::Ready(())
+        })
+        .await;
+        while let Some((i, result)) = pending.next().await {
+            results[i] = result;
         }
-        Poll::Ready(())
-    })
-    .await;
-    while let Some((i, result)) = pending.next().await {
-        results[i] = result;
     }
     results
 }
 
 fn control<'a>(client: &'a Client, sql: &'static str) -> Call<'a> {
-    Box::pin(client.batch_execute(sql))
+    Call {
+        request: Box::pin(client.batch_execute(sql)),
+        barrier: false,
+    }
 }
 
 fn statement<'a, const N: usize>(
@@ -400,7 +446,70 @@ fn statement<'a, const N: usize>(
     statement: &'a Statement,
     params: [&'a (dyn ToSql + Sync); N],
 ) -> Call<'a> {
-    Box::pin(async move { client.execute_raw(statement, params).await.map(drop) })
+    Call {
+        request: Box::pin(async move { client.execute_raw(statement, params).await.map(drop) }),
+        barrier: false,
+    }
+}
+
+/// Writes properties documents merged with the stored ones ([`Op::PutDeviceProperties`]):
+/// inserts those that do not exist (whose device does), then locks the others (in key
+/// order), reads them and writes the merge. A document another node inserts meanwhile makes
+/// the insert wait for that node's commit and then counts as existing, so no write replaces
+/// what another node wrote without merging it. Three round trips at most: a barrier.
+fn put_device_properties<'a>(
+    client: &'a Client,
+    p: &'a Prepared,
+    product_key: &'a [&'a str],
+    device_name: &'a [&'a str],
+    body: &'a [std::borrow::Cow<'a, str>],
+) -> Call<'a> {
+    let request = async move {
+        let body: Vec<&str> = body.iter().map(|b| b.as_ref()).collect();
+        let inserted: std::collections::HashSet<String> = client
+            .query(
+                &p.insert_device_properties,
+                &[&DEVICE_PROPERTIES, &product_key, &device_name, &body],
+            )
+            .await?
+            .iter()
+            .map(|row| row.try_get::<_, String>(0))
+            .collect::<Result<_, _>>()?;
+        // The rest exist already (or have no device, which the update skips).
+        let rest: HashMap<String, usize> = (0..body.len())
+            .map(|i| (super::device_doc_id(product_key[i], device_name[i]), i))
+            .filter(|(id, _)| !inserted.contains(id))
+            .collect();
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rest.keys().map(String::as_str).collect();
+        let stored = client
+            .query(&p.lock_device_properties, &[&DEVICE_PROPERTIES, &ids])
+            .await?;
+        let (mut pks, mut dns, mut merged) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &stored {
+            let (id, stored): (&str, &str) = (row.try_get(0)?, row.try_get(1)?);
+            let Some(&i) = rest.get(id) else { continue };
+            pks.push(product_key[i]);
+            dns.push(device_name[i]);
+            merged.push(super::device_properties::merged_body(stored, body[i]));
+        }
+        if merged.is_empty() {
+            return Ok(());
+        }
+        client
+            .execute(
+                &p.update_device_properties,
+                &[&DEVICE_PROPERTIES, &pks, &dns, &merged],
+            )
+            .await
+            .map(drop)
+    };
+    Call {
+        request: Box::pin(request),
+        barrier: true,
+    }
 }
 
 fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<'a> {
@@ -488,11 +597,7 @@ fn execute<'a>(client: &'a Client, p: &'a Prepared, step: &'a Step<'a>) -> Call<
             product_key,
             device_name,
             body,
-        } => statement(
-            client,
-            &p.put_device_properties,
-            [&DEVICE_PROPERTIES, product_key, device_name, body],
-        ),
+        } => put_device_properties(client, p, product_key, device_name, body),
     }
 }
 

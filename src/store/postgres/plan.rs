@@ -18,12 +18,16 @@
 //!   group);
 //! - within a kind every op overwrites every column it writes, so of several ops on one row the
 //!   last one is the result. Only that one is sent: `ON CONFLICT DO UPDATE` (and `UPDATE …
-//!   FROM`) cannot touch one row twice in a statement.
+//!   FROM`) cannot touch one row twice in a statement. Properties documents are merged rather
+//!   than overwritten ([`merged_body`]): several writes of one document become their merge,
+//!   which is what writing them in order leaves.
 //!
 //! Rows are sent sorted by key, so two nodes writing overlapping rows lock them in the same
 //! order. Pure: tested without a database.
 
+use crate::store::device_properties::merged_body;
 use crate::store::{DeviceRecord, InstanceRecord, Op, ProductRecord, SessionWrite, StoreError};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// One statement.
@@ -55,13 +59,14 @@ pub(super) enum Step<'a> {
         id: Vec<&'a str>,
         body: Vec<&'a str>,
     },
-    /// `PutDeviceProperties` rows: one `INSERT INTO documents … SELECT … FROM unnest(…)` of
-    /// the rows whose device exists (its row locked against a concurrent delete, so the
-    /// delete's own removal of the document runs after this insert commits), `ON CONFLICT`.
+    /// `PutDeviceProperties` rows, merged with the stored documents (see the parent module's
+    /// `put_device_properties`): only rows whose device exists (its row locked against a
+    /// concurrent delete, so the delete's own removal of the document runs after this write
+    /// commits).
     DeviceProperties {
         product_key: Vec<&'a str>,
         device_name: Vec<&'a str>,
-        body: Vec<&'a str>,
+        body: Vec<Cow<'a, str>>,
     },
 }
 
@@ -99,7 +104,7 @@ struct Group<'a> {
     connections: BTreeMap<(&'a str, &'a str), (i64, Option<&'a str>, Session)>,
     versions: BTreeMap<(&'a str, &'a str, &'a str), (&'a str, i64)>,
     docs: BTreeMap<(&'a str, &'a str), &'a str>,
-    device_properties: BTreeMap<(&'a str, &'a str), &'a str>,
+    device_properties: BTreeMap<(&'a str, &'a str), Cow<'a, str>>,
 }
 
 impl<'a> Group<'a> {
@@ -246,6 +251,10 @@ pub(super) fn plan<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Result<Vec<Step
                 device_name,
                 body,
             } => {
+                let body = match group.device_properties.remove(&(product_key, device_name)) {
+                    Some(earlier) => Cow::Owned(merged_body(&earlier, body)),
+                    None => Cow::Borrowed(body.as_str()),
+                };
                 group
                     .device_properties
                     .insert((product_key, device_name), body);
@@ -368,7 +377,7 @@ mod tests {
                 Step::DeviceProperties {
                     product_key: vec!["pk", "pk"],
                     device_name: vec!["a", "b"],
-                    body: vec!["{}", "{\"n\":2}"],
+                    body: vec![Cow::from("{}"), Cow::from("{\"n\":2}")],
                 },
             ]
         );
