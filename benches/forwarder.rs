@@ -16,6 +16,9 @@
 mod helpers;
 
 mod common;
+// The harness's reader of /proc CPU times (std only).
+#[path = "../bench/src/proc_cpu.rs"]
+mod proc_cpu;
 
 use fleetgate::config::Secret;
 use fleetgate::forwarder::testing::{self, eventually, rabbit, Fixture, Proxy};
@@ -27,6 +30,7 @@ use fleetgate::store::{PostgresBackend, PostgresReader, PostgresUrl};
 use helpers::PgTestDatabase;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
+use proc_cpu::cpu_seconds;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -246,32 +250,6 @@ async fn open_forwarder(
         )
         .unwrap(),
     }
-}
-
-/// CPU seconds (user + system) of the processes whose `/proc/{pid}/stat` `comm` is `name`, or
-/// of this process (`None`). Linux clock ticks are 1/100 s.
-fn cpu_seconds(name: Option<&str>) -> f64 {
-    let ticks = |stat: &str| -> Option<u64> {
-        // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-    };
-    let total: u64 = match name {
-        None => std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| ticks(&s))
-            .unwrap_or(0),
-        Some(name) => std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-            .filter(|s| s.contains(&format!("({name})")))
-            .filter_map(|s| ticks(&s))
-            .sum(),
-    };
-    total as f64 / 100.0
 }
 
 /// `cargo bench -p fleetgate --bench forwarder -- shared_outbox` (docs/BENCHMARKS.md, "Shared

@@ -49,6 +49,7 @@ mod ingest;
 mod loadgen;
 mod machine;
 mod migrate;
+mod proc_cpu;
 mod procs;
 mod report;
 mod sim;

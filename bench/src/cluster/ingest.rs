@@ -7,6 +7,7 @@ use super::fleet::{Database, Node};
 use super::PRODUCT;
 use crate::api::{Api, Device};
 use crate::loadgen::{self, FloodStats, PayloadKind};
+use crate::proc_cpu::cpu_seconds;
 use crate::procs::{Bins, Server};
 use crate::stats::median;
 use crate::{fresh_dir, load1, version_of, Args, Results, TOKEN};
@@ -47,35 +48,6 @@ const CLUSTER_OTHERS: [(&str, Option<&str>); 4] = [
     ("nats-server", Some("nats-server")),
     ("haproxy", Some("haproxy")),
 ];
-
-/// CPU seconds (user + system) of every process whose `/proc/{pid}/stat` `comm` is `name`, or of
-/// this process (`None`). Processes that ended in between are not counted (the nodes hold their
-/// PostgreSQL connections for the whole run).
-fn cpu_seconds(name: Option<&str>) -> f64 {
-    let ticks = |stat: &str| -> Option<u64> {
-        // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-    };
-    let total: u64 = match name {
-        None => std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| ticks(&s))
-            .unwrap_or(0),
-        Some(name) => std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-            .filter(|s| s.contains(&format!("({name})")))
-            .filter_map(|s| ticks(&s))
-            .sum(),
-    };
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    total as f64 / hz
-}
 
 /// CPU µs per message of `others` between two [`cpu_seconds`] samples.
 fn others_per_msg(
