@@ -6,7 +6,7 @@
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::ota::firmware::{FirmwareRepo, FirmwareStatus, NewFirmware};
-use crate::ota::model::{JobSpec, JobType, Selection, TargetKind};
+use crate::ota::model::{JobSpec, JobType, RateSpec, Selection, TargetKind};
 use crate::ota::task::TaskStatus;
 use crate::ota::{EngineConfig, OtaEngine, Pusher};
 use crate::registry::{NewDevice, NewProduct, Registry};
@@ -181,6 +181,13 @@ impl H {
         names
     }
 
+    /// [`devices`](Self::devices), each one connected as the pusher sees it (no connect hook).
+    pub async fn connected_devices(&self, n: usize, version: &str) -> Vec<String> {
+        let names = self.devices(n, version).await;
+        lock(&self.pusher.connected).extend(names.iter().cloned());
+        names
+    }
+
     /// Device `dn` connects (the engine's connect hook).
     pub async fn connect(&self, dn: &str) {
         lock(&self.pusher.connected).insert(dn.to_owned());
@@ -210,6 +217,18 @@ impl H {
     }
 
     /// A STATIC job for every device of the product with package `fid`, nothing else set.
+    /// [`spec`](Self::spec) at `per_minute` with `burst` (no ramp).
+    pub fn spec_at_rate(&self, fid: &str, per_minute: u32, burst: Option<u32>) -> JobSpec {
+        JobSpec {
+            rate: Some(RateSpec {
+                per_minute,
+                burst,
+                ramp: None,
+            }),
+            ..self.spec(fid)
+        }
+    }
+
     pub fn spec(&self, fid: &str) -> JobSpec {
         JobSpec {
             firmware_id: fid.into(),

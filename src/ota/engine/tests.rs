@@ -334,17 +334,9 @@ async fn retry_then_success_and_retry_exhausted() {
 #[tokio::test]
 async fn push_rate_is_honoured_with_its_burst() {
     let h = H::new().await;
-    let names = h.devices(200, "1.0").await;
-    for dn in &names {
-        lock(&h.pusher.connected).insert(dn.clone());
-    }
+    h.connected_devices(200, "1.0").await;
     let fid = h.firmware("2.0", true).await;
-    let mut spec = h.spec(&fid);
-    spec.rate = Some(RateSpec {
-        per_minute: 60,
-        burst: Some(5),
-        ramp: None,
-    });
+    let spec = h.spec_at_rate(&fid, 60, Some(5));
     let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
     h.engine.run_due().await;
     assert_eq!(h.pusher.total(), 5, "the burst");
@@ -1369,17 +1361,9 @@ async fn a_takeover_after_a_pause_still_pushes_the_minutes_rate() {
     // the next one takes over 13 s later (a dead holder's default lease: 10 s, plus a third,
     // plus the load).
     let h = H::new().await;
-    let names = h.devices(200, "1.0").await;
-    for dn in &names {
-        lock(&h.pusher.connected).insert(dn.clone());
-    }
+    h.connected_devices(200, "1.0").await;
     let fid = h.firmware("2.0", true).await;
-    let mut spec = h.spec(&fid);
-    spec.rate = Some(RateSpec {
-        per_minute: 60,
-        burst: None,
-        ramp: None,
-    });
+    let spec = h.spec_at_rate(&fid, 60, None);
     let jid = h.engine.create_job(spec).await.unwrap().job.job_id;
     h.engine.run_due().await;
     let first = h.clock.now_ms();
