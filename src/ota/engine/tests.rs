@@ -1201,6 +1201,21 @@ impl Relay for FakeRelay {
     }
 }
 
+/// A second node's engine in standby on `store` (the harness's store, or a fenced handle of it),
+/// with the harness's registry, firmware, pusher and clock.
+fn standby(h: &H, store: Store, metrics: Arc<Metrics>, relay: Arc<FakeRelay>) -> OtaEngine {
+    OtaEngine::open_standby(
+        h.registry.clone(),
+        store,
+        h.firmware.clone(),
+        h.pusher.clone(),
+        h.clock.clone(),
+        EngineConfig::default(),
+        metrics,
+        relay,
+    )
+}
+
 fn gauge_total(metrics: &Metrics) -> i64 {
     TaskStatus::ALL
         .iter()
@@ -1228,13 +1243,9 @@ async fn a_standby_engine_relays_reports_and_takes_over_the_campaign_when_activa
     // Cluster mode: a second node's engine, in standby on the same store.
     let relay = Arc::new(FakeRelay::default());
     let metrics = Arc::new(Metrics::new());
-    let standby = OtaEngine::open_standby(
-        h.registry.clone(),
+    let standby = standby(
+        &h,
         h.registry.store().clone(),
-        h.firmware.clone(),
-        h.pusher.clone(),
-        h.clock.clone(),
-        EngineConfig::default(),
         metrics.clone(),
         relay.clone(),
     );
@@ -1373,15 +1384,11 @@ async fn a_takeover_after_a_pause_still_pushes_the_minutes_rate() {
     h.engine.deactivate().await;
     h.clock.advance_ms(13_000);
 
-    let next = OtaEngine::open_standby(
-        h.registry.clone(),
+    let next = standby(
+        &h,
         h.registry.store().clone(),
-        h.firmware.clone(),
-        h.pusher.clone(),
-        h.clock.clone(),
-        EngineConfig::default(),
         Arc::new(Metrics::new()),
-        Arc::new(FakeRelay::default()),
+        Arc::default(),
     );
     next.activate().await.unwrap();
     // Two more minutes on the new engine.
@@ -1495,15 +1502,11 @@ async fn a_report_relayed_to_a_node_whose_term_ended_is_not_applied_there() {
     // is cleared at once; the engine stops a moment later).
     let fence = Arc::new(crate::store::FenceSlot::default());
     fence.set(Some(("engines", 1, 1)));
-    let holder = OtaEngine::open_standby(
-        h.registry.clone(),
+    let holder = standby(
+        &h,
         h.registry.store().fenced(fence.clone()),
-        h.firmware.clone(),
-        h.pusher.clone(),
-        h.clock.clone(),
-        EngineConfig::default(),
         Arc::new(Metrics::new()),
-        Arc::new(FakeRelay::default()),
+        Arc::default(),
     );
     h.engine.deactivate().await;
     holder.activate().await.unwrap();
