@@ -19,9 +19,9 @@
 //!
 //! # Cluster mode
 //!
-//! A node's memory has what it loaded at start and the posts it received itself, so in cluster
-//! mode [`LatestProperties::snapshot`] reads the stored document (a reading connection of its
-//! own, [`LatestProperties::share`]) and merges the node's memory into it: every node answers
+//! A node's memory has only the posts it received itself (a node starts empty,
+//! [`LatestProperties::on_shared`]), so in cluster mode [`LatestProperties::snapshot`] reads the
+//! stored document (a reading connection of its own) and merges the node's memory into it: every node answers
 //! the same, the posts other nodes received showing once those nodes flushed them (about one
 //! flush interval). A single node answers from memory.
 //!
@@ -116,20 +116,34 @@ impl LatestProperties {
                 Err(error) => tracing::warn!(%id, %error, "unreadable properties snapshot skipped"),
             }
         }
-        Ok(Arc::new(LatestProperties {
+        Ok(LatestProperties::with(store, registry, devices, None))
+    }
+
+    /// Cluster mode: starts empty — [`LatestProperties::snapshot`] reads the stored documents
+    /// through `shared` and every write merges with them (see "Cluster mode" in the module
+    /// docs), so loading every snapshot at start would only cost time and memory.
+    pub fn on_shared(
+        store: Store,
+        registry: Arc<Registry>,
+        shared: Arc<dyn SharedStore>,
+    ) -> Arc<LatestProperties> {
+        LatestProperties::with(store, registry, DashMap::new(), Some(shared))
+    }
+
+    fn with(
+        store: Store,
+        registry: Arc<Registry>,
+        devices: DashMap<DeviceId, BTreeMap<String, PropertySnapshot>>,
+        shared: Option<Arc<dyn SharedStore>>,
+    ) -> Arc<LatestProperties> {
+        Arc::new(LatestProperties {
             devices,
             dirty: Mutex::new(HashMap::new()),
             writing: tokio::sync::Mutex::new(()),
             store,
             registry,
-            shared: OnceLock::new(),
-        }))
-    }
-
-    /// Cluster mode: [`LatestProperties::snapshot`] reads the stored documents through
-    /// `shared` (see "Cluster mode" in the module docs).
-    pub fn share(&self, shared: Arc<dyn SharedStore>) {
-        let _ = self.shared.set(shared);
+            shared: shared.map_or_else(OnceLock::new, OnceLock::from),
+        })
     }
 
     /// Applies a property post received at `received_at_ms` from the session with epoch

@@ -361,14 +361,16 @@ pub(in crate::app) async fn start_commands(
     joined: Option<&Joined>,
 ) -> anyhow::Result<Arc<Commands>> {
     let settings = &core.settings.commands;
-    let properties = LatestProperties::load(core.store.clone(), core.registry.clone())
-        .context("cannot load the latest-properties snapshots")?;
-    if let (Some(_), Some(url)) = (joined, &core.settings.store.url) {
-        let shared = PostgresReader::connect(url)
-            .await
-            .context("cannot open a latest-properties connection to PostgreSQL")?;
-        properties.share(Arc::new(shared));
-    }
+    let properties = match (joined, &core.settings.store.url) {
+        (Some(_), Some(url)) => {
+            let shared = PostgresReader::connect(url)
+                .await
+                .context("cannot open a latest-properties connection to PostgreSQL")?;
+            LatestProperties::on_shared(core.store.clone(), core.registry.clone(), Arc::new(shared))
+        }
+        _ => LatestProperties::load(core.store.clone(), core.registry.clone())
+            .context("cannot load the latest-properties snapshots")?,
+    };
     LatestProperties::spawn_flusher(
         &properties,
         Duration::from_millis(settings.properties_flush_ms),
