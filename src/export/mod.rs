@@ -654,18 +654,7 @@ fn export_job(
         status: Status::new(JobState::InProgress, "In Progress"),
         objects: items
             .iter()
-            .map(|i| JobObject {
-                id: i.id.clone(),
-                name: i.name.clone(),
-                path: i.path.clone(),
-                object_type: i.object_type,
-                status: Status {
-                    state: JobState::InProgress,
-                    message: None,
-                },
-                result: None,
-                target_id: None,
-            })
+            .map(|i| JobObject::in_progress(&i.id, &i.name, &i.path, i.object_type))
             .collect(),
         log: Vec::new(),
         package_size: None,

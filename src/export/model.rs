@@ -229,6 +229,24 @@ pub struct JobObject {
     pub target_id: Option<String>,
 }
 
+impl JobObject {
+    /// An object a job has just started on (in progress, no result yet).
+    pub fn in_progress(id: &str, name: &str, path: &str, object_type: ObjectType) -> JobObject {
+        JobObject {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            path: path.to_owned(),
+            object_type,
+            status: Status {
+                state: JobState::InProgress,
+                message: None,
+            },
+            result: None,
+            target_id: None,
+        }
+    }
+}
+
 /// `EXPORT` or `IMPORT`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

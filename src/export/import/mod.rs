@@ -122,17 +122,9 @@ impl ExportService {
             objects: verified
                 .objects
                 .iter()
-                .map(|o| JobObject {
-                    id: o.meta.id.clone(),
-                    name: o.meta.name.clone(),
-                    path: o.meta.path.clone(),
-                    object_type: o.meta.object_type,
-                    status: Status {
-                        state: JobState::InProgress,
-                        message: None,
-                    },
-                    result: None,
-                    target_id: None,
+                .map(|o| {
+                    let m = &o.meta;
+                    JobObject::in_progress(&m.id, &m.name, &m.path, m.object_type)
                 })
                 .collect(),
             log: Vec::new(),
