@@ -54,6 +54,7 @@ mod procs;
 mod report;
 mod sim;
 mod stats;
+mod syscalls;
 
 use anyhow::{ensure, Context};
 use api::{devices, Api};
@@ -207,6 +208,11 @@ struct Args {
     /// Cluster: reports per device in the ingest comparison.
     #[arg(long, default_value_t = 200)]
     cluster_ingest_messages: usize,
+    /// Cluster ingest: count each process's system calls during the floods (`perf stat`,
+    /// needs root or `kernel.perf_event_paranoid` ≤ -1); the ingest rows then carry the calls
+    /// per message (`syscalls_per_msg`).
+    #[arg(long)]
+    count_syscalls: bool,
     /// Cluster: devices on the node that is killed in the failover measurement.
     #[arg(long, default_value_t = 10_000)]
     failover_devices: usize,

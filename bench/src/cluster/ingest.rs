@@ -10,6 +10,7 @@ use crate::loadgen::{self, FloodStats, PayloadKind};
 use crate::proc_cpu::cpu_seconds;
 use crate::procs::{Bins, Server};
 use crate::stats::median;
+use crate::syscalls::{comm_of, SyscallCount};
 use crate::{fresh_dir, load1, version_of, Args, Results, TOKEN};
 use anyhow::{ensure, Context};
 use serde::Serialize;
@@ -37,6 +38,10 @@ pub struct ClusterIngestRow {
     /// process), NATS and HAProxy. With the gateway's, where the machine's two cores went.
     #[serde(default)]
     pub others_cpu_us_per_msg: Vec<(String, f64)>,
+    /// With `--count-syscalls`: per process (as in `others_cpu_us_per_msg`, the gateway nodes
+    /// as `node N`), system calls per acknowledged message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub syscalls_per_msg: crate::syscalls::PerMessage,
     pub load1: f64,
 }
 
@@ -77,6 +82,40 @@ fn inform_messages(tag: &str, size: usize) -> loadgen::MessageFn {
     })
 }
 
+/// With `--count-syscalls`, starts counting into the work dir's `syscalls-{tag}.csv`.
+fn syscalls_start(args: &Args, tag: &str) -> anyhow::Result<Option<SyscallCount>> {
+    args.count_syscalls
+        .then(|| SyscallCount::start(&args.work_dir.join(format!("syscalls-{tag}.csv"))))
+        .transpose()
+}
+
+/// The calls per message of the gateway nodes (`(id, pid)`; id 0 is the single node), the
+/// load generator and the [`CLUSTER_OTHERS`] services.
+fn syscalls_finish(
+    counting: Option<SyscallCount>,
+    nodes: &[(u16, u32)],
+    acked: u64,
+) -> anyhow::Result<crate::syscalls::PerMessage> {
+    let Some(counting) = counting else {
+        return Ok(Vec::new());
+    };
+    let me = std::process::id();
+    let label_of = |pid: u32| -> Option<String> {
+        if pid == me {
+            return Some("load generator".into());
+        }
+        if let Some((id, _)) = nodes.iter().find(|(_, p)| *p == pid) {
+            return Some(if *id == 0 {
+                "node".into()
+            } else {
+                format!("node {id}")
+            });
+        }
+        comm_of(pid).filter(|c| CLUSTER_OTHERS.iter().any(|(_, o)| *o == Some(c.as_str())))
+    };
+    counting.finish(&label_of, acked)
+}
+
 const INFORM: &str = "fleetgate_mqtt_messages_total{kind=\"inform\"}";
 
 /// How the ingest's devices reach the cluster.
@@ -86,6 +125,15 @@ pub(super) enum Via<'a> {
     Haproxy(SocketAddr),
     /// Device i straight to node `i mod n`.
     Direct(&'a [SocketAddr]),
+}
+
+impl Via<'_> {
+    fn tag(&self) -> &'static str {
+        match self {
+            Via::Haproxy(_) => "haproxy",
+            Via::Direct(_) => "direct",
+        }
+    }
 }
 
 pub(super) async fn cluster_ingest(
@@ -125,6 +173,7 @@ pub(super) async fn cluster_ingest(
     for n in nodes {
         before.push((n.api.metric(INFORM).await?, n.server.cpu_s()?));
     }
+    let counting = syscalls_start(args, &format!("c{run}-{}", via.tag()))?;
     let commits_before = db.commits().await?;
     let others_before: Vec<f64> = CLUSTER_OTHERS
         .iter()
@@ -138,6 +187,11 @@ pub(super) async fn cluster_ingest(
     )
     .await;
     let others = others_per_msg(&CLUSTER_OTHERS, &others_before, flood.acked);
+    let node_pids: Vec<(u16, u32)> = nodes
+        .iter()
+        .map(|n| Ok((n.id, n.server.pid()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let syscalls = syscalls_finish(counting, &node_pids, flood.acked)?;
     let commits = db.commits().await? - commits_before;
     let mut per_node = Vec::new();
     let mut cpu_total = 0.0;
@@ -162,6 +216,7 @@ pub(super) async fn cluster_ingest(
         cpu_us_per_msg: cpu_total * 1e6 / flood.acked.max(1) as f64,
         pg_commits_per_s: Some(commits as f64 / flood.elapsed_s.max(1e-9)),
         others_cpu_us_per_msg: others,
+        syscalls_per_msg: syscalls,
         flood,
         processed,
         per_node,
@@ -190,6 +245,7 @@ pub(super) async fn single_ingest(
     );
     let (m0, c0) = (api.metric(INFORM).await?, server.cpu_s()?);
     let single_others = &CLUSTER_OTHERS[..1];
+    let counting = syscalls_start(args, &format!("s{run}"))?;
     let others_before: Vec<f64> = single_others.iter().map(|(_, c)| cpu_seconds(*c)).collect();
     let flood = loadgen::flood(
         clients.into_iter().flatten().collect(),
@@ -199,6 +255,7 @@ pub(super) async fn single_ingest(
     )
     .await;
     let others = others_per_msg(single_others, &others_before, flood.acked);
+    let syscalls = syscalls_finish(counting, &[(0, server.pid()?)], flood.acked)?;
     let processed = (api.metric(INFORM).await? - m0) as u64;
     let cpu = server.cpu_s()? - c0;
     server.stop().await?;
@@ -208,6 +265,7 @@ pub(super) async fn single_ingest(
         cpu_us_per_msg: cpu * 1e6 / flood.acked.max(1) as f64,
         pg_commits_per_s: None,
         others_cpu_us_per_msg: others,
+        syscalls_per_msg: syscalls,
         flood,
         processed,
         per_node: vec![(0, processed, cpu * 1e6 / processed.max(1) as f64)],
@@ -235,6 +293,13 @@ pub(super) fn print_ingest(row: &ClusterIngestRow) {
             .map(|(p, us)| format!("{p} {us:.1}"))
             .collect::<Vec<_>>(),
     );
+    for (process, calls) in &row.syscalls_per_msg {
+        let calls: Vec<String> = calls.iter().map(|(c, n)| format!("{c} {n:.2}")).collect();
+        eprintln!(
+            "  system calls per message, {process}: {}",
+            calls.join(", ")
+        );
+    }
 }
 
 /// The ingest table (median of runs).
