@@ -172,7 +172,7 @@ async fn one_run(
     let cluster = format!("bench{}r{run}", std::process::id());
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(start_node(bins, work, db, svc, &cluster, id, &[]).await?);
+        nodes.push(start_node(bins, work, db, svc, &cluster, id, &args.cluster_node_arg).await?);
     }
     wait_members(&nodes.iter().collect::<Vec<_>>()).await?;
     let t = Instant::now();

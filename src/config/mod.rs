@@ -532,7 +532,7 @@ impl Settings {
                 message: "must be at least export.max_unpacked_entry_bytes".into(),
             });
         }
-        if self.store.commit_delay_us > 100_000 {
+        if self.store.commit_delay_us.is_some_and(|us| us > 100_000) {
             return Err(ConfigError::Invalid {
                 field: "store.commit_delay_us",
                 message: "must be at most 100000 (0 turns the delay off)".into(),

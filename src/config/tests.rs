@@ -173,17 +173,24 @@ fn store_section_from_file_and_checked() {
     let s = load("[store]\nsynchronous = \"normal\"\ncommit_delay_us = 0\ncommit_siblings = 3\n")
         .unwrap();
     assert_eq!(s.store.synchronous, crate::store::Synchronous::Normal);
-    assert_eq!(s.store.commit_delay_us, 0);
+    assert_eq!(s.store.commit_delay_us, Some(0));
+    assert_eq!(s.store.commit_delay(), 0);
     assert_eq!(s.store.commit_siblings, 3);
     assert_eq!(
         Settings::default().store,
         crate::store::StoreSettings {
             url: None,
             synchronous: crate::store::Synchronous::Full,
-            commit_delay_us: 2_000,
+            commit_delay_us: None,
             commit_siblings: 8
         }
     );
+    // Unset, the delay is the backend's: 2 ms on SQLite, 4 ms on PostgreSQL.
+    assert_eq!(Settings::default().store.commit_delay(), 2_000);
+    let pg = load("[store]\nurl = \"postgres://db/fg\"\n").unwrap();
+    assert_eq!(pg.store.commit_delay(), 4_000);
+    let pg = load("[store]\nurl = \"postgres://db/fg\"\ncommit_delay_us = 1500\n").unwrap();
+    assert_eq!(pg.store.commit_delay(), 1_500);
     assert!(load("[store]\nsynchronous = \"off\"\n").is_err());
     for (toml, field) in [
         (

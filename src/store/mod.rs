@@ -475,15 +475,20 @@ impl std::fmt::Debug for Store {
 /// carried at least `commit_siblings` submissions (the store is busy), the writer waits
 /// `commit_delay_us` before starting the next one, so that one gathers more submissions and the
 /// per-commit cost (WAL frames, fsync, waking the writer) is shared by more of them. Under light
-/// load nothing waits. `commit_delay_us = 0` turns it off. The default, 2 ms, is an A/B choice
-/// (docs/BENCHMARKS.md): a busy transaction's pages are the same few whatever it carries, so
-/// waiting longer saves CPU per message, and it only adds latency when the store is busy.
+/// load nothing waits. `commit_delay_us = 0` turns it off. The defaults are A/B choices
+/// (docs/BENCHMARKS.md), one per backend: 2 ms on SQLite (a busy transaction's pages are the
+/// same few whatever it carries, so waiting longer saves CPU per message, and it only adds
+/// latency when the store is busy) and 4 ms on PostgreSQL, where a transaction also costs a
+/// round trip, the server's own work per transaction and, in a cluster, a change-feed message
+/// every other node decodes and applies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
     pub url: Option<PostgresUrl>,
     pub synchronous: Synchronous,
-    pub commit_delay_us: u64,
+    /// Unset: the backend's default ([`StoreSettings::commit_delay`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_delay_us: Option<u64>,
     pub commit_siblings: usize,
 }
 
@@ -492,17 +497,31 @@ impl Default for StoreSettings {
         StoreSettings {
             url: None,
             synchronous: Synchronous::Full,
-            commit_delay_us: 2_000,
+            commit_delay_us: None,
             commit_siblings: 8,
         }
     }
 }
 
+/// The group-commit delay on SQLite when `commit_delay_us` is not set.
+pub const SQLITE_COMMIT_DELAY_US: u64 = 2_000;
+/// The group-commit delay on PostgreSQL when `commit_delay_us` is not set.
+pub const POSTGRES_COMMIT_DELAY_US: u64 = 4_000;
+
 impl StoreSettings {
+    /// The group-commit delay, µs: `commit_delay_us`, or the backend's default.
+    pub fn commit_delay(&self) -> u64 {
+        self.commit_delay_us.unwrap_or(match self.url {
+            Some(_) => POSTGRES_COMMIT_DELAY_US,
+            None => SQLITE_COMMIT_DELAY_US,
+        })
+    }
+
     /// The delay before the next transaction after one of `submissions` submissions.
     pub(crate) fn delay_after(&self, submissions: usize) -> Option<std::time::Duration> {
-        (self.commit_delay_us > 0 && submissions >= self.commit_siblings.max(1))
-            .then(|| std::time::Duration::from_micros(self.commit_delay_us))
+        let delay = self.commit_delay();
+        (delay > 0 && submissions >= self.commit_siblings.max(1))
+            .then(|| std::time::Duration::from_micros(delay))
     }
 
     /// Where the store lives with these settings and this data directory.

@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn the_commit_delay_follows_only_busy_transactions() {
         let settings = StoreSettings {
-            commit_delay_us: 1_000,
+            commit_delay_us: Some(1_000),
             commit_siblings: 8,
             ..StoreSettings::default()
         };
