@@ -283,7 +283,7 @@ mod tests {
             Some(std::time::Duration::from_millis(1))
         );
         let off = StoreSettings {
-            commit_delay_us: 0,
+            commit_delay_us: Some(0),
             ..settings
         };
         assert_eq!(off.delay_after(10_000), None);
