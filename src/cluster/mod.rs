@@ -41,7 +41,7 @@ pub mod settings;
 mod settle;
 
 pub use delivery::{CommandHandler, Delivered};
-pub use follow::{DocFollower, Document};
+pub use follow::{DocFollower, DocWrite, DocWrites, Document};
 pub use metrics::ClusterMetrics;
 pub use settings::ClusterSettings;
 pub(crate) use settle::SettleRequest;

@@ -3,6 +3,7 @@
 
 mod campaign;
 mod console;
+mod documents;
 mod firmware;
 mod harness;
 mod migration;
