@@ -372,12 +372,19 @@ impl Receiver {
             return None;
         }
         let (origin, seq) = (hb.node, hb.seq);
-        let heard = self
-            .cluster
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .heard(hb.clone(), now_ms());
+        let (heard, let_go) = {
+            let mut members = self
+                .cluster
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let held = members.drives_engines(origin);
+            let heard = members.heard(hb.clone(), now_ms());
+            (heard, held && !members.drives_engines(origin))
+        };
+        if let_go {
+            self.cluster.engines_let_go(origin);
+        }
         match heard {
             Heard::Joined => tracing::info!(node = origin, mqtt = %hb.mqtt, "node joined"),
             Heard::Restarted { boot_ms } => {

@@ -5,6 +5,7 @@ mod campaign;
 mod console;
 mod documents;
 mod firmware;
+mod handover;
 mod harness;
 mod migration;
 mod ota;
