@@ -312,6 +312,9 @@ impl Application {
     /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http.stop.send(());
+        // Cluster mode, first: the engines stop and their lease is released, so another node
+        // drives them while this one is still ending its sessions.
+        self.engines_lease.hand_over().await;
         // Before the broker and the store: the batch in flight finishes and is durable.
         self.parts.migration.shutdown().await;
         self.broker.shutdown().await;
@@ -322,12 +325,6 @@ impl Application {
         }
         // After the broker: no device event can reach the engine any more.
         self.parts.ota.shutdown().await;
-        // Cluster mode: the engine's last writes are in; the lease is released so another node
-        // takes over at once instead of after its expiry.
-        let _ = self.engines_lease.stop.send(true);
-        for task in self.engines_lease.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
         // After the broker: no property post can change a snapshot any more.
         if let Err(error) = self.parts.commands.properties().flush().await {
             tracing::warn!(%error, "cannot write the latest-properties snapshots");

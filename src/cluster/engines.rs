@@ -109,14 +109,35 @@ impl Cluster {
             .unwrap_or_else(PoisonError::into_inner) = reports;
     }
 
-    /// A keeper of the engines' lease for this node (`lease_ttl_ms`).
+    /// This node's keeper of the engines' lease (`lease_ttl_ms`).
     pub fn engines_lease(&self) -> Arc<LeaseKeeper> {
-        Arc::new(LeaseKeeper::new(
-            ENGINES,
-            self.node,
-            Duration::from_millis(self.settings.lease_ttl_ms),
-            self.shared.clone(),
-        ))
+        self.engines_keeper
+            .get_or_init(|| {
+                Arc::new(LeaseKeeper::new(
+                    ENGINES,
+                    self.node,
+                    Duration::from_millis(self.settings.lease_ttl_ms),
+                    self.shared.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// This node stopped its engines and released their lease (a clean stop): it says so in a
+    /// heartbeat now, and every node hearing it tries to take the lease at once.
+    pub async fn engines_released(&self) {
+        self.engines_held.store(false, Ordering::Release);
+        self.beat().await;
+        let _ = self.client.flush().await;
+    }
+
+    /// Node `node` announced it no longer drives the engines: this node's keeper tries to take
+    /// the lease now (it fails, harmlessly, if the lease is not free yet).
+    pub(super) fn engines_let_go(&self, node: u16) {
+        if let Some(keeper) = self.engines_keeper.get() {
+            tracing::info!(node, "the engines' node let them go; taking the lease over");
+            keeper.try_now();
+        }
     }
 }
 
@@ -256,8 +277,10 @@ pub struct Engines {
 }
 
 /// Follows the lease: activates the engines for each term this node holds it and serves relayed
-/// reports meanwhile; deactivates them when the term ends. Runs until `stop` (then the keeper,
-/// run by the caller, releases the lease).
+/// reports meanwhile; deactivates them when the term ends. Runs until `stop`: then the engines
+/// stop — the OTA engine's progress written and its deadline task ended, the migration
+/// actor's batch finished — before it returns, and only then may the keeper release the lease
+/// ([`hand_over`]), so nothing of this term is pushed or moved after another node took it.
 pub async fn drive(
     cluster: Arc<Cluster>,
     keeper: Arc<LeaseKeeper>,
@@ -333,9 +356,11 @@ pub async fn drive(
             task.abort();
         }
         if !changed {
+            // Still announced as the holder until the lease is released (`hand_over`): the
+            // others try to take it as soon as this node says it no longer holds it.
             cluster.set_engine_reports(None);
-            cluster.engines_held.store(false, Ordering::Release);
-            // Before the keeper releases the lease: no batch of this term after it.
+            ota.shutdown().await;
+            ota.deactivate().await;
             migration.shutdown().await;
             return;
         }

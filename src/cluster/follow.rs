@@ -22,6 +22,18 @@
 //! The receiver skips this node's own messages: a module's own writes are in its memory
 //! already, and a reload hands them back unchanged.
 //!
+//! **Own writes against re-reads.** A module applies its own write to memory after the commit,
+//! and the receiver applies what it read from the store: unordered, a node that wrote a
+//! document could end with the older of two values written through two nodes at once (its own
+//! apply landing after the receiver applied another node's newer value, or the receiver
+//! applying a read taken just before the node's own commit after it). So a follower whose
+//! module writes its documents names its [`DocWrites`] ([`DocFollower::writes`]); the module
+//! holds it from before its commit until memory is updated ([`DocWrites::begin`]), and the
+//! receiver holds it from before its read until the follower has what it read. Each side
+//! touches the store once inside, so memory is changed in the order of the store's commits
+//! and reads: the last change applied is the last commit or a read taken after it — the
+//! store's value — on every node, including the ones that wrote.
+//!
 //! [`Op::PutDoc`]: crate::store::Op::PutDoc
 
 use super::SharedStore;
@@ -40,6 +52,53 @@ pub trait DocFollower: Send + Sync + 'static {
     fn changed(&self, kind: &str, id: &str, body: Option<&str>);
     /// After a resync (this node may have missed changes): every document of `kind` now.
     fn reloaded(&self, kind: &str, docs: &[(String, String)]);
+    /// What its module holds while it writes these documents and updates its memory (see the
+    /// module docs); the receiver holds it from its read to its calls. `None`: the module
+    /// never writes them on this node while the receiver runs.
+    fn writes(&self) -> Option<&DocWrites> {
+        None
+    }
+}
+
+/// Orders a module's own writes of the documents it follows with the feed receiver's re-reads
+/// of them (see the module docs).
+#[derive(Debug, Default)]
+pub struct DocWrites(tokio::sync::Mutex<()>);
+
+/// A write in progress ([`DocWrites::begin`]): keep it until memory holds what was committed.
+#[derive(Debug)]
+pub struct DocWrite<'a> {
+    _held: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl DocWrites {
+    /// Waits until no re-read is being applied, and keeps the next ones out until the write is
+    /// dropped.
+    pub async fn begin(&self) -> DocWrite<'_> {
+        DocWrite {
+            _held: self.0.lock().await,
+        }
+    }
+}
+
+/// `follower`'s writes held, if it has any ([`DocFollower::writes`]).
+async fn hold(follower: &dyn DocFollower) -> Option<DocWrite<'_>> {
+    match follower.writes() {
+        Some(writes) => Some(writes.begin().await),
+        None => None,
+    }
+}
+
+/// Takes a follower on: hands it every document of its kinds, read now (its writes held from
+/// the read to the hand-over).
+pub(super) async fn take_on(
+    shared: &dyn SharedStore,
+    follower: &dyn DocFollower,
+) -> Result<(), StoreError> {
+    let _writes = hold(follower).await;
+    let kinds = follower.kinds().into_iter().map(str::to_owned).collect();
+    Reload::read(shared, kinds).await?.deliver_to(follower);
+    Ok(())
 }
 
 /// One stored document (see [`SharedStore::documents`]).
@@ -54,6 +113,9 @@ pub struct Document {
 #[derive(Default)]
 pub(super) struct Followers {
     by_kind: HashMap<String, Vec<Arc<dyn DocFollower>>>,
+    /// Every follower, in the order taken on: the order their writes are held in (a writer
+    /// holds only its own, so the receiver holding several never deadlocks).
+    all: Vec<Arc<dyn DocFollower>>,
 }
 
 /// Every document of some kinds, read for [`DocFollower::reloaded`].
@@ -75,6 +137,7 @@ impl Followers {
 
     /// Takes `follower` on; it hears of changes from now on (reload it first: [`Reload`]).
     pub fn add(&mut self, follower: Arc<dyn DocFollower>) {
+        self.all.push(follower.clone());
         let kinds: BTreeSet<&'static str> = follower.kinds().into_iter().collect();
         for kind in kinds {
             self.by_kind
@@ -98,8 +161,20 @@ impl Followers {
             .collect()
     }
 
+    /// The writes of the followers `concerned` says, held in the order they were taken on.
+    async fn hold_writes(&self, concerned: impl Fn(&dyn DocFollower) -> bool) -> Vec<DocWrite<'_>> {
+        let mut held = Vec::new();
+        for follower in &self.all {
+            if concerned(follower.as_ref()) {
+                held.extend(hold(follower.as_ref()).await);
+            }
+        }
+        held
+    }
+
     /// Re-reads `keys` in one batch and tells each key's followers its body now (a key not
-    /// found was deleted), in the order of `keys`.
+    /// found was deleted), in the order of `keys`. Their followers' writes are held from
+    /// before the read until every follower has what it read.
     pub async fn apply(
         &self,
         shared: &dyn SharedStore,
@@ -108,6 +183,10 @@ impl Followers {
         if keys.is_empty() {
             return Ok(());
         }
+        let kinds: HashSet<&str> = keys.iter().map(|(kind, _)| kind.as_str()).collect();
+        let _writes = self
+            .hold_writes(|f| f.kinds().iter().any(|k| kinds.contains(k)))
+            .await;
         let mut found: HashMap<(String, String), String> = shared
             .documents(keys.clone())
             .await?
@@ -120,6 +199,14 @@ impl Followers {
                 follower.changed(&key.0, &key.1, body.as_deref());
             }
         }
+        Ok(())
+    }
+
+    /// Hands every follower all of its kinds' documents, read now (every follower's writes
+    /// held from the read to the hand-over): after a resynchronisation.
+    pub async fn reload(&self, shared: &dyn SharedStore) -> Result<(), StoreError> {
+        let _writes = self.hold_writes(|_| true).await;
+        Reload::read(shared, self.kinds()).await?.deliver(self);
         Ok(())
     }
 }
@@ -323,6 +410,88 @@ mod tests {
                 .unwrap()
                 .push(format!("{kind}:[{}]", docs.join(",")));
         }
+    }
+
+    /// A module that writes the documents it follows: its memory, and its writes.
+    #[derive(Default)]
+    struct Module {
+        writes: DocWrites,
+        memory: Mutex<BTreeMap<String, String>>,
+    }
+
+    impl Module {
+        fn holds(&self, id: &str) -> Option<String> {
+            self.memory.lock().unwrap().get(id).cloned()
+        }
+
+        fn set(&self, id: &str, body: Option<&str>) {
+            let mut memory = self.memory.lock().unwrap();
+            match body {
+                Some(body) => memory.insert(id.to_owned(), body.to_owned()),
+                None => memory.remove(id),
+            };
+        }
+    }
+
+    impl DocFollower for Module {
+        fn kinds(&self) -> Vec<&'static str> {
+            vec!["a"]
+        }
+        fn changed(&self, _: &str, id: &str, body: Option<&str>) {
+            self.set(id, body);
+        }
+        fn reloaded(&self, _: &str, docs: &[(String, String)]) {
+            *self.memory.lock().unwrap() = docs.iter().cloned().collect();
+        }
+        fn writes(&self) -> Option<&DocWrites> {
+            Some(&self.writes)
+        }
+    }
+
+    /// The race of two writes of one document through two nodes, as the node that wrote first
+    /// sees it: its write committed, then another node's, whose feed message this node's
+    /// receiver applies (`receive`, polled as far as it goes) before the first write reaches
+    /// memory. Memory must end with the store's value, the other node's.
+    async fn own_write_racing(
+        store: &Docs,
+        module: &Module,
+        receive: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) {
+        let mut receive = std::pin::pin!(receive);
+        let write = module.writes.begin().await;
+        store.put("a", "1", "mine");
+        store.put("a", "1", "theirs");
+        let early = futures_util::poll!(&mut receive);
+        module.set("1", Some("mine"));
+        drop(write);
+        match early {
+            std::task::Poll::Ready(done) => done.unwrap(),
+            std::task::Poll::Pending => receive.await.unwrap(),
+        }
+        assert_eq!(
+            module.holds("1").as_deref(),
+            Some("theirs"),
+            "the store's value"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_own_write_and_the_re_reads_of_another_nodes_write_apply_in_the_stores_order() {
+        let store = Docs::default();
+        let module = Arc::new(Module::default());
+        let mut followers = Followers::default();
+        followers.add(module.clone());
+        // A feed message naming the document.
+        let keys = followers.keys([("a", "1")]);
+        own_write_racing(&store, &module, followers.apply(&store, keys)).await;
+        // A resynchronisation's reload.
+        store.delete("a", "1");
+        module.set("1", None);
+        own_write_racing(&store, &module, followers.reload(&store)).await;
+        // A follower taken on.
+        store.delete("a", "1");
+        module.set("1", None);
+        own_write_racing(&store, &module, take_on(&store, module.as_ref())).await;
     }
 
     #[tokio::test]

@@ -17,13 +17,15 @@
 //!   the next holder does.
 //!
 //! A node that dies holding a lease is replaced after at most `ttl` plus one attempt period;
-//! a node that stops cleanly releases its leases, and another takes them at its next attempt.
+//! a node that stops cleanly releases its leases, and another takes them at its next attempt —
+//! for the engines' lease at once: the holder's last heartbeat says it released it, and every
+//! node that hears it makes an attempt then ([`LeaseKeeper::try_now`]).
 
 use super::SharedStore;
 use crate::store::FenceSlot;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 /// The lease the OTA and migration engines and export/import jobs run under.
@@ -42,6 +44,8 @@ pub struct LeaseKeeper {
     shared: Arc<dyn SharedStore>,
     fence: Arc<FenceSlot>,
     term: watch::Sender<Term>,
+    /// Wakes the keeper for an attempt now ([`LeaseKeeper::try_now`]).
+    nudge: Notify,
 }
 
 impl LeaseKeeper {
@@ -59,7 +63,14 @@ impl LeaseKeeper {
             shared,
             fence: Arc::new(FenceSlot::default()),
             term,
+            nudge: Notify::new(),
         }
+    }
+
+    /// Makes the next attempt now instead of at the end of the period (the holder said it
+    /// released the lease: a clean stop).
+    pub fn try_now(&self) {
+        self.nudge.notify_one();
     }
 
     pub fn name(&self) -> &'static str {
@@ -148,6 +159,7 @@ impl LeaseKeeper {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.nudge.notified() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
         }

@@ -94,6 +94,11 @@ impl Members {
     }
 
     /// The nodes heard from, in id order.
+    /// Whether `node` announced in its last heartbeat that it drives the engines.
+    pub fn drives_engines(&self, node: u16) -> bool {
+        self.nodes.get(&node).is_some_and(|m| m.engines)
+    }
+
     pub fn list(&self) -> Vec<Member> {
         self.nodes.values().cloned().collect()
     }
@@ -132,6 +137,15 @@ mod tests {
         assert_eq!(m.heard(hb(2, 100), 6_100), Heard::Known);
         assert_eq!(m.list()[0].boot_ms, 5_000);
         assert_eq!(m.ids(), vec![2, 3]);
+        assert!(!m.drives_engines(2));
+        m.heard(
+            Heartbeat {
+                engines: true,
+                ..hb(2, 5_000)
+            },
+            6_200,
+        );
+        assert!(m.drives_engines(2) && !m.drives_engines(3) && !m.drives_engines(9));
         let gone = m.expire(12_500, 10_000);
         assert_eq!(gone.iter().map(|g| g.node).collect::<Vec<_>>(), vec![3]);
         assert_eq!(m.ids(), vec![2]);

@@ -41,7 +41,7 @@ pub mod settings;
 mod settle;
 
 pub use delivery::{CommandHandler, Delivered};
-pub use follow::{DocFollower, Document};
+pub use follow::{DocFollower, DocWrite, DocWrites, Document};
 pub use metrics::ClusterMetrics;
 pub use settings::ClusterSettings;
 pub(crate) use settle::SettleRequest;
@@ -174,6 +174,9 @@ pub struct Cluster {
     attached: OnceLock<Attached>,
     /// This node holds the engines' lease and its engine is active (announced in heartbeats).
     engines_held: AtomicBool,
+    /// This node's keeper of the engines' lease ([`Cluster::engines_lease`]): the receiver
+    /// makes it try at once when the holder announces it let the lease go.
+    engines_keeper: OnceLock<Arc<lease::LeaseKeeper>>,
     /// While this node holds the engines' lease: where the feed receiver hands the other
     /// nodes' connects and version reports to the engine (see [`engines`]).
     engine_reports: Mutex<Option<mpsc::UnboundedSender<crate::ota::DeviceReport>>>,
@@ -251,6 +254,7 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             attached: OnceLock::new(),
             engines_held: AtomicBool::new(false),
+            engines_keeper: OnceLock::new(),
             engine_reports: Mutex::new(None),
             commands: OnceLock::new(),
             follow,
@@ -407,14 +411,18 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let hb = self.this_node();
-            if let Ok(body) = serde_json::to_vec(&hb) {
-                let _ = self
-                    .client
-                    .publish(self.subjects.heartbeat.clone(), body.into())
-                    .await;
-            }
+            self.beat().await;
             self.check_link();
+        }
+    }
+
+    /// Publishes this node's heartbeat.
+    async fn beat(&self) {
+        if let Ok(body) = serde_json::to_vec(&self.this_node()) {
+            let _ = self
+                .client
+                .publish(self.subjects.heartbeat.clone(), body.into())
+                .await;
         }
     }
 

@@ -4,7 +4,7 @@
 //! resynchronises from the store whenever it may have missed something.
 
 use super::feed::{self, FeedMessage, Item, Position, Verdict};
-use super::follow::{DocFollower, Followers, Reload};
+use super::follow::{self, DocFollower, Followers};
 use super::members::{Heard, Heartbeat};
 use super::{epoch, Cluster, SettleRequest};
 use crate::broker::{DeviceKey, DisconnectReason, Downlink};
@@ -283,12 +283,8 @@ impl Receiver {
     /// A failed read makes the receiver resynchronise, which reloads every follower.
     async fn take_on(&mut self, follower: Arc<dyn DocFollower>) -> Option<Resync> {
         self.followers.add(follower.clone());
-        let kinds = follower.kinds().into_iter().map(str::to_owned).collect();
-        match Reload::read(self.cluster.shared.as_ref(), kinds).await {
-            Ok(reload) => {
-                reload.deliver_to(follower.as_ref());
-                None
-            }
+        match follow::take_on(self.cluster.shared.as_ref(), follower.as_ref()).await {
+            Ok(()) => None,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the documents of a new follower");
                 Some(Resync::Failed)
@@ -376,12 +372,19 @@ impl Receiver {
             return None;
         }
         let (origin, seq) = (hb.node, hb.seq);
-        let heard = self
-            .cluster
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .heard(hb.clone(), now_ms());
+        let (heard, let_go) = {
+            let mut members = self
+                .cluster
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let held = members.drives_engines(origin);
+            let heard = members.heard(hb.clone(), now_ms());
+            (heard, held && !members.drives_engines(origin))
+        };
+        if let_go {
+            self.cluster.engines_let_go(origin);
+        }
         match heard {
             Heard::Joined => tracing::info!(node = origin, mqtt = %hb.mqtt, "node joined"),
             Heard::Restarted { boot_ms } => {
@@ -476,17 +479,9 @@ impl Receiver {
         self.cluster.ready.store(false, Ordering::Release);
         tracing::warn!(?why, "resynchronising the registry from the store");
         let mut backoff = Duration::from_millis(100);
-        // The followers' documents are read after the snapshot: what they get is at least as
-        // recent as the feed positions the receiver continues from.
-        let (snapshot, reload) = loop {
-            let read = async {
-                let snapshot = self.cluster.shared.snapshot().await?;
-                let reload =
-                    Reload::read(self.cluster.shared.as_ref(), self.followers.kinds()).await?;
-                Ok::<_, StoreError>((snapshot, reload))
-            };
-            match read.await {
-                Ok(both) => break both,
+        let snapshot = loop {
+            match self.cluster.shared.snapshot().await {
+                Ok(snapshot) => break snapshot,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the store to resynchronise; retrying");
                     tokio::time::sleep(backoff).await;
@@ -510,7 +505,14 @@ impl Receiver {
                 version: v.version,
             });
         }
-        reload.deliver(&self.followers);
+        // The followers' documents are read after the snapshot: what they get is at least as
+        // recent as the feed positions the receiver continues from.
+        let mut backoff = Duration::from_millis(100);
+        while let Err(error) = self.followers.reload(self.cluster.shared.as_ref()).await {
+            tracing::warn!(%error, "cannot read the followed documents to resynchronise; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
         // Positions only move forward: messages applied after the snapshot was read stay
         // applied (their numbers are above the cut).
         for (origin, at) in positions(cuts) {

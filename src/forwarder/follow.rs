@@ -25,7 +25,11 @@
 //!
 //! The feed receiver skips this node's own feed messages, so its own writes are applied once
 //! (by the API call that made them); a reload hands them back as they are, which changes
-//! nothing.
+//! nothing. Every write of these documents holds the forwarder's [`DocWrites`] from before its
+//! commit until memory follows it, and the receiver holds it while it applies the others'
+//! writes, so memory changes in the store's order: two writes of one group id or one rate
+//! limit racing through two nodes leave every node — both writers included — with the
+//! store's value ([`crate::cluster::follow`]).
 
 use super::*;
 use crate::cluster::DocFollower;
@@ -255,6 +259,10 @@ impl DocFollower for ForwarderFollower {
 
     fn changed(&self, kind: &str, id: &str, body: Option<&str>) {
         self.send(self.fwd.follow(kind, id, body));
+    }
+
+    fn writes(&self) -> Option<&DocWrites> {
+        Some(&self.fwd.doc_writes)
     }
 
     fn reloaded(&self, kind: &str, docs: &[(String, String)]) {

@@ -50,6 +50,8 @@ impl Forwarder {
             }
         })?;
         let _serial = self.groups_admin.lock().await;
+        // Until memory holds it: no other node's write of the group is applied meanwhile.
+        let write = self.doc_writes.begin().await;
         // Again under the lock: the instance may have been deleted while we waited.
         self.check_instance(instance_id)?;
         let key = (instance_id.to_owned(), group_id.clone());
@@ -88,12 +90,6 @@ impl Forwarder {
             .await?;
         let link = {
             let mut st = lock(&self.groups);
-            // Held already: our own document, handed back by a cluster reload (`follow.rs`)
-            // between the commit and here, or another node's create of the same id that
-            // committed meanwhile.
-            if st.groups.get(&key).is_some_and(|e| e.group != group) {
-                return Err(exists());
-            }
             st.tombstones.remove(&id);
             st.groups.insert(
                 key,
@@ -106,6 +102,7 @@ impl Forwarder {
             );
             st.link.clone()
         };
+        drop(write);
         if let Some(link) = link {
             let exchange = self.topology.exchange(instance_id);
             let queue = self.topology.queue(instance_id, &group_id);
@@ -198,6 +195,7 @@ impl Forwarder {
         group_id: &str,
     ) -> Result<(), ForwarderError> {
         let _serial = self.groups_admin.lock().await;
+        let write = self.doc_writes.begin().await;
         self.check_instance(instance_id)?;
         self.group(instance_id, group_id)?;
         let id = groups::doc_id(instance_id, group_id);
@@ -222,6 +220,7 @@ impl Forwarder {
             st.tombstones.insert(id.clone(), queue.clone());
             st.link.clone()
         };
+        drop(write);
         self.forget_group_metrics(&id);
         if let Some(link) = link {
             match delete_on(&link, &queue).await {

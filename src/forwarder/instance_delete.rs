@@ -76,8 +76,10 @@ impl Forwarder {
                 )
             })
             .collect();
+        let write = self.doc_writes.begin().await;
         commit(removal_ops(instance_id, &queues, &exchange)).await?;
         let link = self.forget_instance(instance_id, &group_ids, &queues, &exchange);
+        drop(write);
         let amqp = match link {
             None if !self.enabled() => "disabled",
             None => "pending",

@@ -17,6 +17,8 @@ impl Forwarder {
     ) -> Result<InstanceRateLimit, ForwarderError> {
         self.check_instance(instance_id)?;
         let _serial = self.limits_admin.lock().await;
+        // Until memory holds it: no other node's write of the limit is applied meanwhile.
+        let _write = self.doc_writes.begin().await;
         let had_override = lock(&self.limits).has_override(instance_id);
         let op = match limit {
             Some(l) => Some(Op::PutDoc {

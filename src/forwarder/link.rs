@@ -226,6 +226,7 @@ impl Forwarder {
             delete_exchange_on(link, exchange).await?;
             tracing::info!(instance_id, %exchange, "deleted instance's exchange deleted in RabbitMQ");
         }
+        let _write = self.doc_writes.begin().await;
         let forgotten = self
             .registry
             .store()
@@ -252,6 +253,7 @@ impl Forwarder {
     }
 
     pub(super) async fn forget_tombstone(&self, id: &str) -> Result<(), ForwarderError> {
+        let _write = self.doc_writes.begin().await;
         self.store
             .submit(vec![Op::DeleteDoc {
                 kind: TOMBSTONE_DOC_KIND,

@@ -108,6 +108,7 @@ pub use pg_outbox::SharedOutboxSettings;
 pub use settings::{AmqpSettings, ForwarderConfig, QueueType};
 
 use crate::clock::now_ms;
+use crate::cluster::DocWrites;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::store::{Op, Store, StoreError};
@@ -327,6 +328,10 @@ pub struct Forwarder {
     /// Serializes consumer-group creates and deletes against deleting an instance, so no group
     /// is created for an instance being deleted.
     groups_admin: tokio::sync::Mutex<()>,
+    /// Held by every write of this forwarder's documents from before its commit until memory
+    /// follows it; in cluster mode the feed receiver holds it while it applies the other
+    /// nodes' writes (`follow.rs`), so memory ends with the store's value.
+    doc_writes: DocWrites,
     /// Bumped whenever an instance's exchange is deleted: the publisher then forgets which
     /// exchanges it declared (a row for a deleted instance is dropped, not re-declared).
     exchanges_deleted: AtomicU64,
@@ -494,6 +499,7 @@ impl Forwarder {
             limits: Mutex::new(limits),
             limits_admin: tokio::sync::Mutex::new(()),
             groups_admin: tokio::sync::Mutex::new(()),
+            doc_writes: DocWrites::default(),
             exchanges_deleted: AtomicU64::new(0),
             limits_changed: tokio::sync::Notify::new(),
             mirror_limits: Mutex::new(HashMap::new()),

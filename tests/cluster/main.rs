@@ -3,7 +3,9 @@
 
 mod campaign;
 mod console;
+mod documents;
 mod firmware;
+mod handover;
 mod harness;
 mod migration;
 mod ota;

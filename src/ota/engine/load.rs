@@ -72,6 +72,9 @@ impl OtaEngine {
             .fetch_add(u64::from(rec.state.retries_used), Ordering::Relaxed);
         job.pushes
             .fetch_add(u64::from(rec.state.pushes), Ordering::Relaxed);
+        // Exactly the pushes that took a slot of the job's rate: a task takes one in its life,
+        // with its first push or pull (QUEUED → NOTIFIED, which no task goes through twice);
+        // the re-pushes of retries and reconnects never take one.
         if let Some(t) = rec.state.notified_at_ms {
             push_times.entry(rec.job_id.clone()).or_default().push(t);
         }

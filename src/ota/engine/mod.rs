@@ -181,6 +181,9 @@ pub(crate) struct Inner {
     /// Bumped on every activation and deactivation: the deadline task of an earlier term
     /// ends.
     term: AtomicU64,
+    /// Cluster mode: the deadline task of the current term, awaited when the term ends (no
+    /// push of a term after [`OtaEngine::deactivate`]).
+    term_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cluster mode: where reports go while this node does not drive the engine.
     relay: RwLock<Option<Arc<dyn Relay>>>,
     /// Task changes whose write failed (cluster mode: refused by the lease's fence once the
@@ -264,6 +267,7 @@ impl OtaEngine {
             last_flush: std::sync::atomic::AtomicI64::new(now),
             driving: AtomicBool::new(true),
             term: AtomicU64::new(0),
+            term_task: Mutex::new(None),
             relay: RwLock::new(None),
             unstored: AtomicU64::new(0),
         });

@@ -16,7 +16,7 @@
 //! [`OtaEngine::handle_report`] is the holder's side of the relay: it applies a forwarded
 //! report exactly as if the device were connected here.
 
-use super::{Inner, OtaEngine};
+use super::{lock, Inner, OtaEngine};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::ota::firmware::FirmwareRepo;
@@ -159,7 +159,7 @@ impl OtaEngine {
         .map_err(|e| OtaError::Conflict(format!("loading the OTA engine failed: {e}")))??;
         self.inner.term.fetch_add(1, Ordering::SeqCst);
         self.inner.driving.store(true, Ordering::Release);
-        self.start();
+        *lock(&self.inner.term_task) = self.start();
         let (tasks, online) = self.reconcile().await;
         tracing::info!(
             jobs = self.inner.jobs.len(),
@@ -171,8 +171,9 @@ impl OtaEngine {
         Ok(())
     }
 
-    /// This node lost (or gave up) the lease: the deadline task of its term ends and the
-    /// engine empties; reports go to the relay again.
+    /// This node lost (or gives up) the lease: the deadline task of its term ends — awaited,
+    /// so a push pass under way has published what it will — and the engine empties; reports
+    /// go to the relay again.
     pub async fn deactivate(&self) {
         if !self.inner.driving.swap(false, Ordering::AcqRel) {
             return;
@@ -180,6 +181,12 @@ impl OtaEngine {
         self.inner.term.fetch_add(1, Ordering::SeqCst);
         self.inner.stop.notify_waiters();
         self.inner.wake.notify_one();
+        let task = lock(&self.inner.term_task).take();
+        if let Some(task) = task {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "the OTA deadline task failed");
+            }
+        }
         self.reset();
         tracing::warn!("OTA engine in standby on this node (another node drives it)");
     }
