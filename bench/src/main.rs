@@ -199,8 +199,8 @@ struct Args {
     /// `--haproxy-defaults "option splice-auto"`.
     #[arg(long)]
     haproxy_defaults: Vec<String>,
-    /// Cluster: an argument added to every cluster node's `serve` command line in the cluster
-    /// part (repeatable), e.g. `--cluster-node-arg=--config --cluster-node-arg=node.toml`.
+    /// Cluster: an argument added to every cluster node's `serve` command line (repeatable;
+    /// every part that starts three nodes), e.g. `--cluster-node-arg=--config --cluster-node-arg=node.toml`.
     #[arg(long, allow_hyphen_values = true)]
     cluster_node_arg: Vec<String>,
     /// Cluster: devices connected through HAProxy (≤ ~9,000: two descriptors each there).

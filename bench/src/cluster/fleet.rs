@@ -34,9 +34,14 @@ impl Fleet3 {
         };
         let db = Database::fresh(&svc.pg_admin).await?;
         let cluster = format!("benchota{}", std::process::id());
+        let extra: Vec<String> = extra
+            .iter()
+            .chain(&args.cluster_node_arg)
+            .cloned()
+            .collect();
         let mut nodes = Vec::new();
         for id in 1..=3 {
-            match start_node(bins, work, &db, &svc, &cluster, id, extra).await {
+            match start_node(bins, work, &db, &svc, &cluster, id, &extra).await {
                 Ok(node) => nodes.push(node),
                 Err(e) => {
                     db.drop_now().await;
