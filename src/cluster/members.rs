@@ -93,12 +93,12 @@ impl Members {
             .collect()
     }
 
-    /// The nodes heard from, in id order.
     /// Whether `node` announced in its last heartbeat that it drives the engines.
     pub fn drives_engines(&self, node: u16) -> bool {
         self.nodes.get(&node).is_some_and(|m| m.engines)
     }
 
+    /// The nodes heard from, in id order.
     pub fn list(&self) -> Vec<Member> {
         self.nodes.values().cloned().collect()
     }
