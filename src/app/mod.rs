@@ -312,9 +312,17 @@ impl Application {
     /// Stop accepting, end every session, stop forwarding, flush the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.http.stop.send(());
-        // Cluster mode, first: the engines stop and their lease is released, so another node
-        // drives them while this one is still ending its sessions.
-        self.engines_lease.hand_over().await;
+        // Cluster mode with other nodes up, first: the engines stop and their lease is
+        // released, so another node drives them while this one is still ending its sessions.
+        // With no other node up there is nobody to hand them to (a report relayed now would
+        // find no holder and be dropped after the relay's patience): the engines go on serving
+        // this node's devices until the broker has stopped, and are handed over after it.
+        let mut engines_lease = Some(self.engines_lease);
+        if engines_lease.as_ref().is_some_and(EnginesLease::others_up) {
+            if let Some(lease) = engines_lease.take() {
+                lease.hand_over().await;
+            }
+        }
         // Before the broker and the store: the batch in flight finishes and is durable.
         self.parts.migration.shutdown().await;
         self.broker.shutdown().await;
@@ -325,6 +333,9 @@ impl Application {
         }
         // After the broker: no device event can reach the engine any more.
         self.parts.ota.shutdown().await;
+        if let Some(lease) = engines_lease {
+            lease.hand_over().await;
+        }
         // After the broker: no property post can change a snapshot any more.
         if let Err(error) = self.parts.commands.properties().flush().await {
             tracing::warn!(%error, "cannot write the latest-properties snapshots");

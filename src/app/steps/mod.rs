@@ -97,6 +97,12 @@ pub(super) struct EnginesLease {
 }
 
 impl EnginesLease {
+    /// Cluster mode: another node is up (heard from within the node timeout) to take the
+    /// engines over.
+    pub(super) fn others_up(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| !c.members().is_empty())
+    }
+
     /// Cluster mode, first thing on a clean stop: the engines stop (no push, batch or timer of
     /// this node after it), then the lease is released and the others hear of it at once, so
     /// one of them drives the engines within moments instead of after the lease's TTL.
