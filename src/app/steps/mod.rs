@@ -100,7 +100,9 @@ impl EnginesLease {
     /// Cluster mode: another node is up (heard from within the node timeout) to take the
     /// engines over.
     pub(super) fn others_up(&self) -> bool {
-        self.cluster.as_ref().is_some_and(|c| !c.members().is_empty())
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| !c.members().is_empty())
     }
 
     /// Cluster mode, first thing on a clean stop: the engines stop (no push, batch or timer of
