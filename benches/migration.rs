@@ -115,12 +115,7 @@ async fn product_of_50k(dir: &tempfile::TempDir, m: &Arc<Metrics>) -> (Arc<Regis
         .await
         .unwrap();
     let pk = registry
-        .create_product(NewProduct {
-            name: "Bench".into(),
-            product_key: None,
-            instance_id: None,
-            description: None,
-        })
+        .create_product(NewProduct::named("Bench"))
         .await
         .unwrap()
         .product_key;

@@ -100,12 +100,7 @@ impl Env {
     async fn product(&self, n: usize) -> String {
         let pk = self
             .registry
-            .create_product(NewProduct {
-                name: "Lamp".into(),
-                product_key: None,
-                instance_id: None,
-                description: None,
-            })
+            .create_product(NewProduct::named("Lamp"))
             .await
             .unwrap()
             .product_key;

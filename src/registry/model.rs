@@ -104,6 +104,18 @@ pub struct NewProduct {
     pub description: Option<String>,
 }
 
+impl NewProduct {
+    /// A product of the default instance with generated key and secret and no description.
+    pub fn named(name: impl Into<String>) -> NewProduct {
+        NewProduct {
+            name: name.into(),
+            product_key: None,
+            instance_id: None,
+            description: None,
+        }
+    }
+}
+
 /// A device as the registry holds it, secret included (the API decides who sees what).
 /// `Debug` leaves the secret out.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq, ToSchema)]

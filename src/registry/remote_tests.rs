@@ -21,12 +21,7 @@ async fn node1() -> (Arc<Registry>, String) {
     )
     .unwrap();
     let pk = r
-        .create_product(NewProduct {
-            name: "Lamp".into(),
-            product_key: None,
-            instance_id: None,
-            description: None,
-        })
+        .create_product(NewProduct::named("Lamp"))
         .await
         .unwrap()
         .product_key;

@@ -12,12 +12,7 @@ fn registry() -> Arc<Registry> {
 }
 
 fn new_product(name: &str) -> NewProduct {
-    NewProduct {
-        name: name.into(),
-        product_key: None,
-        instance_id: None,
-        description: None,
-    }
+    NewProduct::named(name)
 }
 
 fn new_device(name: &str) -> NewDevice {

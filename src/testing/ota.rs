@@ -107,12 +107,7 @@ impl H {
         let pusher = Arc::new(FakePusher::default());
         let (registry, firmware, engine, metrics) = open(&dir, &clock, &pusher);
         let pk = registry
-            .create_product(NewProduct {
-                name: "meter".into(),
-                product_key: None,
-                instance_id: None,
-                description: None,
-            })
+            .create_product(NewProduct::named("meter"))
             .await
             .unwrap()
             .product_key;

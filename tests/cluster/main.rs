@@ -796,6 +796,21 @@ async fn commands_reach_a_device_held_by_another_node() {
     }
 }
 
+/// `thing.event.property.post` of `params` as device `dn` of `pk`, QoS 1.
+async fn post_properties(client: &rumqttc::AsyncClient, pk: &str, dn: &str, params: Value) {
+    let body = json!({"id": "1", "version": "1.0", "params": params,
+        "method": "thing.event.property.post"});
+    client
+        .publish(
+            format!("/sys/{pk}/{dn}/thing/event/property/post"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
 /// The latest properties: every node shows what a device posted, whichever node it posted
 /// through, and a device that posts through another node later keeps what it posted before
 /// (docs/COMMANDS.md, "Latest properties").
@@ -806,11 +821,6 @@ async fn every_node_shows_the_latest_properties_of_a_device_that_moved() {
     let pk = one.create_product("props").await;
     let secret = one.create_device(&pk, "meter-01").await;
     let creds = credentials(&pk, "meter-01", &secret);
-    let post = |params: Value| async move {
-        let body = json!({"id": "1", "version": "1.0", "params": params,
-            "method": "thing.event.property.post"});
-        serde_json::to_vec(&body).unwrap()
-    };
     let path = format!("/api/v1/products/{pk}/devices/meter-01/properties");
     // The flush interval (1 s by default) and a busy machine.
     let within = Duration::from_secs(10);
@@ -818,16 +828,13 @@ async fn every_node_shows_the_latest_properties_of_a_device_that_moved() {
     let device = connect(cluster.node(1).mqtt, &creds).await;
     one.wait_device(&pk, "meter-01", "online at node 1", online_at(1))
         .await;
-    device
-        .client
-        .publish(
-            format!("/sys/{pk}/meter-01/thing/event/property/post"),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            post(json!({"Temp": {"value": 21.5, "time": 1_765_000_000_000u64}})).await,
-        )
-        .await
-        .unwrap();
+    post_properties(
+        &device.client,
+        &pk,
+        "meter-01",
+        json!({"Temp": {"value": 21.5, "time": 1_765_000_000_000u64}}),
+    )
+    .await;
     for node in [1, 2, 3] {
         let api = cluster.node(node).api();
         let v = wait_for(&api, &path, "Temp shown", within, |v| {
@@ -843,16 +850,7 @@ async fn every_node_shows_the_latest_properties_of_a_device_that_moved() {
     let device = connect(cluster.node(2).mqtt, &creds).await;
     one.wait_device(&pk, "meter-01", "online at node 2", online_at(2))
         .await;
-    device
-        .client
-        .publish(
-            format!("/sys/{pk}/meter-01/thing/event/property/post"),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            post(json!({"Power": "on"})).await,
-        )
-        .await
-        .unwrap();
+    post_properties(&device.client, &pk, "meter-01", json!({"Power": "on"})).await;
     for node in [1, 2, 3] {
         let api = cluster.node(node).api();
         wait_for(&api, &path, "Power shown", within, |v| {
