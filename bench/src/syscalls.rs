@@ -36,7 +36,7 @@ pub type PerMessage = Vec<(String, Vec<(String, f64)>)>;
 
 impl SyscallCount {
     /// Starts counting, writing to `out`.
-    pub fn start(out: &Path) -> anyhow::Result<SyscallCount> {
+    pub async fn start(out: &Path) -> anyhow::Result<SyscallCount> {
         let events: Vec<&str> = EVENTS.iter().map(|(_, e)| *e).collect();
         let child = Command::new("perf")
             .args(["stat", "-x,", "--per-thread", "-a", "-e"])
@@ -49,7 +49,7 @@ impl SyscallCount {
             .spawn()
             .context("--count-syscalls needs `perf` on the PATH")?;
         // perf opens its counters on every CPU before it counts anything.
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         Ok(SyscallCount {
             child,
             out: out.to_owned(),
@@ -63,8 +63,7 @@ impl SyscallCount {
         label_of: &dyn Fn(u32) -> Option<String>,
         messages: u64,
     ) -> anyhow::Result<PerMessage> {
-        // SAFETY: kill(2) on our own child's pid; it has not been waited for yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        crate::procs::signal(self.child.id(), libc::SIGINT);
         self.child.wait()?;
         let text = std::fs::read_to_string(&self.out)
             .with_context(|| format!("reading {}", self.out.display()))?;

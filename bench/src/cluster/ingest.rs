@@ -83,10 +83,12 @@ fn inform_messages(tag: &str, size: usize) -> loadgen::MessageFn {
 }
 
 /// With `--count-syscalls`, starts counting into the work dir's `syscalls-{tag}.csv`.
-fn syscalls_start(args: &Args, tag: &str) -> anyhow::Result<Option<SyscallCount>> {
-    args.count_syscalls
-        .then(|| SyscallCount::start(&args.work_dir.join(format!("syscalls-{tag}.csv"))))
-        .transpose()
+async fn syscalls_start(args: &Args, tag: &str) -> anyhow::Result<Option<SyscallCount>> {
+    if !args.count_syscalls {
+        return Ok(None);
+    }
+    let out = args.work_dir.join(format!("syscalls-{tag}.csv"));
+    Ok(Some(SyscallCount::start(&out).await?))
 }
 
 /// The calls per message of the gateway nodes (`(id, pid)`; id 0 is the single node), the
@@ -173,7 +175,7 @@ pub(super) async fn cluster_ingest(
     for n in nodes {
         before.push((n.api.metric(INFORM).await?, n.server.cpu_s()?));
     }
-    let counting = syscalls_start(args, &format!("c{run}-{}", via.tag()))?;
+    let counting = syscalls_start(args, &format!("c{run}-{}", via.tag())).await?;
     let commits_before = db.commits().await?;
     let others_before: Vec<f64> = CLUSTER_OTHERS
         .iter()
@@ -245,7 +247,7 @@ pub(super) async fn single_ingest(
     );
     let (m0, c0) = (api.metric(INFORM).await?, server.cpu_s()?);
     let single_others = &CLUSTER_OTHERS[..1];
-    let counting = syscalls_start(args, &format!("s{run}"))?;
+    let counting = syscalls_start(args, &format!("s{run}")).await?;
     let others_before: Vec<f64> = single_others.iter().map(|(_, c)| cpu_seconds(*c)).collect();
     let flood = loadgen::flood(
         clients.into_iter().flatten().collect(),
