@@ -13,6 +13,7 @@ const ROUNDS: u32 = 100;
 const FOLLOW: Duration = Duration::from_secs(3);
 const LIMIT: &str = "/api/v1/instances/default/forwarding/rate-limit";
 const GROUPS: &str = "/api/v1/instances/default/consumer-groups";
+const GROUP_LIST: &str = "/api/v1/instances/default/consumer-groups?page_size=100";
 
 /// The body of document `kind`/`id` in the database (`Null`: none).
 async fn stored(pg: &tokio_postgres::Client, kind: &str, id: &str) -> Value {
@@ -27,41 +28,32 @@ async fn stored(pg: &tokio_postgres::Client, kind: &str, id: &str) -> Value {
     })
 }
 
-/// Waits (at most [`FOLLOW`]) until every node's `view` is `want`. A node left with another
-/// value keeps it (nothing else changes the document), so the bound only covers settling.
-async fn all_nodes_hold<F, Fut>(cluster: &Cluster, round: u32, want: &Value, view: F)
-where
-    F: Fn(Api) -> Fut,
-    Fut: std::future::Future<Output = Value>,
-{
+/// Waits (at most [`FOLLOW`]) until every node's `view` of its `path` is `want`. A node left
+/// with another value keeps it (nothing else changes the document), so the bound only covers
+/// settling.
+async fn all_nodes_hold(
+    cluster: &Cluster,
+    round: u32,
+    want: &Value,
+    path: &str,
+    view: fn(&Value) -> Value,
+) {
     for node in &cluster.nodes {
-        let deadline = tokio::time::Instant::now() + FOLLOW;
-        loop {
-            let seen = view(node.api()).await;
-            if &seen == want {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "round {round}: node {} holds {seen}, the database {want}",
-                node.id
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let what = format!(
+            "round {round}: node {} holding the database's {want}",
+            node.id
+        );
+        wait_for(&node.api(), path, &what, FOLLOW, |v| &view(v) == want).await;
     }
 }
 
 /// The rate limit a node runs with, as stored: `{"msgs_per_sec": …}`.
-async fn limit_of(api: Api) -> Value {
-    let (status, body) = api.get(LIMIT).await;
-    assert_eq!(status, 200, "{body}");
+fn limit_of(body: &Value) -> Value {
     json!({ "msgs_per_sec": body["msgs_per_sec"] })
 }
 
 /// Group `raced` as a node lists it: `{"name": …, "created_at_ms": …}` (`Null`: not listed).
-async fn raced_group_of(api: Api) -> Value {
-    let (status, body) = api.get(&format!("{GROUPS}?page_size=100")).await;
-    assert_eq!(status, 200, "{body}");
+fn raced_group_of(body: &Value) -> Value {
     body["items"]
         .as_array()
         .and_then(|items| items.iter().find(|g| g["group_id"] == "raced"))
@@ -100,7 +92,7 @@ async fn writes_of_one_document_racing_through_two_nodes_leave_every_node_with_t
         assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
         let kept = stored(&pg, "amqp.rate_limit", "default").await;
         let want = json!({ "msgs_per_sec": kept["msgs_per_sec"] });
-        all_nodes_hold(&cluster, round, &want, limit_of).await;
+        all_nodes_hold(&cluster, round, &want, LIMIT, limit_of).await;
     }
 
     for round in 0..ROUNDS {
@@ -121,12 +113,12 @@ async fn writes_of_one_document_racing_through_two_nodes_leave_every_node_with_t
         assert!(a.0 == 201 || b.0 == 201, "{a:?} {b:?}");
         let kept = stored(&pg, "amqp.group", "default/raced").await;
         let want = json!({ "name": kept["name"], "created_at_ms": kept["created_at_ms"] });
-        all_nodes_hold(&cluster, round, &want, raced_group_of).await;
+        all_nodes_hold(&cluster, round, &want, GROUP_LIST, raced_group_of).await;
 
         let (status, body) = three
             .call(Method::DELETE, &format!("{GROUPS}/raced"), None)
             .await;
         assert_eq!(status, 204, "{body}");
-        all_nodes_hold(&cluster, round, &Value::Null, raced_group_of).await;
+        all_nodes_hold(&cluster, round, &Value::Null, GROUP_LIST, raced_group_of).await;
     }
 }
